@@ -1,0 +1,236 @@
+"""Wire messages exchanged over NATS (MessagePack via msgspec).
+
+Every request/reply and published state is a tagged Struct defined here (or in
+`mesh.compiled` for compiled proxy config), so any language with a MessagePack
+library can speak to the mesh: a message is a map whose `type` key names its Struct.
+A request handler replies either with its result type or with `ErrorReply`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import msgspec
+
+InstanceStatus = Literal["healthy", "draining"]
+
+
+class Struct(msgspec.Struct, tag_field="type", tag=True, omit_defaults=True):
+    """Base of every bus message: tagged by class name under the key `type`."""
+
+
+# ---------------------------------------------------------------- errors
+
+
+class ErrorReply(Struct):
+    """A request that failed. `code` is HTTP-like (400 bad request, 404, 409, 503...)."""
+
+    code: int
+    message: str
+    # dotted path of the offending field, when the error is about one
+    field: str = ""
+    # per-document errors for multi-document requests
+    details: list[str] = []
+
+
+# ---------------------------------------------------------------- registry
+
+
+class Instance(Struct, kw_only=True):
+    """One workload instance: a sidecar and its app."""
+
+    namespace: str
+    service: str
+    instance: str  # unique id, e.g. "reviews-v2-7f3a"
+    address: str  # host:port of the sidecar's inbound listener
+    version: str = ""
+    labels: dict[str, str] = {}
+    service_account: str = ""
+    identity: str = ""  # spiffe://<td>/ns/<ns>/sa/<sa>
+    tcp_ports: list[int] = []
+    admin: str = ""  # http://host:port of the sidecar admin listener
+    status: InstanceStatus = "healthy"
+
+
+class RegisterRequest(Struct, kw_only=True):
+    instance: Instance
+    ttl: int = 10  # seconds the record lives without a heartbeat
+    # re-register (e.g. to change status) keeping the same lease
+    lease_id: int = 0
+
+
+class RegisterReply(Struct):
+    lease_id: int
+    ttl: int
+    revision: int
+
+
+class HeartbeatRequest(Struct):
+    lease_id: int
+    namespace: str
+    service: str
+    instance: str
+
+
+class HeartbeatReply(Struct):
+    ttl: int
+
+
+class DeregisterRequest(Struct):
+    namespace: str
+    service: str
+    instance: str
+    lease_id: int = 0
+
+
+class DeregisterReply(Struct):
+    revision: int
+
+
+class Endpoint(Struct, kw_only=True):
+    """What a client proxy needs of one instance of a destination."""
+
+    instance: str
+    address: str
+    labels: dict[str, str] = {}
+    identity: str = ""
+    version: str = ""
+    tcp_ports: list[int] = []
+    status: InstanceStatus = "healthy"
+
+
+class EndpointSet(Struct, kw_only=True):
+    """All instances of one service at one etcd revision (published on every change)."""
+
+    namespace: str
+    service: str
+    revision: int
+    endpoints: list[Endpoint] = []
+    prev_revision: int = 0
+
+
+class EndpointsGetRequest(Struct):
+    """Empty namespace/service = all."""
+
+    namespace: str = ""
+    service: str = ""
+
+
+class EndpointsGetReply(Struct):
+    revision: int
+    sets: list[EndpointSet] = []
+
+
+# ---------------------------------------------------------------- config
+
+
+class ResourceDocument(Struct, kw_only=True):
+    """One YAML document as parsed by the client, with where it came from."""
+
+    source: str  # file name or "-"
+    index: int  # 0-based document index within the source
+    body: dict[str, Any]
+
+
+class ResourceRef(Struct, kw_only=True):
+    kind: str
+    namespace: str
+    name: str
+
+
+class ApplyRequest(Struct, kw_only=True):
+    documents: list[ResourceDocument]
+    dry_run: bool = False
+
+
+class AppliedResource(Struct, kw_only=True):
+    ref: ResourceRef
+    action: Literal["created", "configured", "unchanged"]
+
+
+class ApplyReply(Struct, kw_only=True):
+    revision: int
+    results: list[AppliedResource] = []
+
+
+class DeleteRequest(Struct, kw_only=True):
+    refs: list[ResourceRef]
+
+
+class DeleteReply(Struct, kw_only=True):
+    revision: int
+    deleted: list[ResourceRef] = []
+    not_found: list[ResourceRef] = []
+
+
+class GetResourcesRequest(Struct, kw_only=True):
+    kind: str = ""  # empty = all kinds
+    namespace: str = ""  # empty = all namespaces
+    name: str = ""
+
+
+class StoredResource(Struct, kw_only=True):
+    ref: ResourceRef
+    revision: int  # etcd mod_revision: the resource version
+    body: dict[str, Any]  # apiVersion/kind/metadata/spec as applied
+
+
+class GetResourcesReply(Struct, kw_only=True):
+    revision: int
+    resources: list[StoredResource] = []
+
+
+class FetchRequest(Struct, kw_only=True):
+    """Ask for the current compiled config of one destination or one gateway."""
+
+    kind: Literal["route", "gateway"] = "route"
+    namespace: str
+    name: str  # service name, or gateway proxy's workload name
+    # labels of the requesting proxy (gateway selection)
+    labels: dict[str, str] = {}
+
+
+class SubscriptionStatus(Struct, kw_only=True):
+    subject: str
+    revision: int  # applied revision (0 = none yet)
+    state: Literal["ACK", "NACK"] = "ACK"
+    reason: str = ""  # why the last config was rejected
+    rejected_revision: int = 0
+
+
+class ProxyStatus(Struct, kw_only=True):
+    """A proxy's full report: sent after every apply/reject and periodically."""
+
+    proxy: str  # instance id
+    namespace: str
+    service: str
+    version: str = ""
+    subscriptions: list[SubscriptionStatus] = []
+    sent_at: float = 0.0
+
+
+class ProxyStatusRequest(Struct):
+    pass
+
+
+class ProxyStatusEntry(Struct, kw_only=True):
+    proxy: str
+    namespace: str
+    service: str
+    subject: str
+    applied_revision: int
+    latest_revision: int
+    state: Literal["SYNCED", "STALE", "REJECTED", "NOT SENT"]
+    reason: str = ""
+    age_s: float = 0.0
+
+
+class ProxyStatusReply(Struct, kw_only=True):
+    entries: list[ProxyStatusEntry] = []
+
+
+def encode(msg: msgspec.Struct) -> bytes:
+    return _encoder.encode(msg)
+
+
+_encoder = msgspec.msgpack.Encoder()
