@@ -1,0 +1,135 @@
+"""`meshctl up`, `down`, `status`: the local cluster and the control plane's health."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from mesh import devcluster
+from mesh.cli.common import CLIError, add_output_flag, emit, print_table, progress, read_cluster, state_dir
+from mesh.cli.serve import available_services
+from mesh.servers import ServerError
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    up = sub.add_parser("up", help="start a local cluster: nats-server, etcd and the control plane")
+    up.add_argument("--replicas", type=int, default=1, help="replicas of each control-plane service")
+    up.add_argument("--detach", action="store_true", help="return once everything is ready")
+    up.add_argument("--demo", action="store_true", help="also run the demo application (when available)")
+    up.add_argument("--demo-load", type=float, default=3.0, help="demo background load in requests/s")
+    up.set_defaults(func=cmd_up)
+
+    down = sub.add_parser("down", help="stop everything `meshctl up` started")
+    down.set_defaults(func=cmd_down)
+
+    st = sub.add_parser("status", help="control-plane replicas, their health and leaders")
+    add_output_flag(st, ("table", "json"))
+    st.set_defaults(func=cmd_status)
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    if args.replicas < 1:
+        raise CLIError("--replicas must be at least 1")
+    services = [s for s in devcluster.SERVICE_ORDER if s in available_services()]
+    cluster = devcluster.DevCluster(state_dir(args), replicas=args.replicas, services=services, report=progress)
+    progress(f"meshctl up: {args.replicas} replica(s) of {', '.join(services)} in {cluster.state_dir}/")
+    if args.demo:
+        progress("  note: the demo application is not part of this build yet; starting the control plane only")
+    try:
+        cluster.start()
+    except ServerError as e:
+        raise CLIError(f"meshctl up failed: {e}") from None
+    print_summary(cluster.cluster_document(), cluster.state_dir)
+    if args.detach:
+        return 0
+    progress("running in the foreground; Ctrl-C (or `meshctl down`) stops everything")
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        while not stop.wait(0.5):
+            dead = [p.name for p in cluster.processes if not p.alive()]
+            if dead:
+                progress(f"  warning: exited: {', '.join(dead)} (see {cluster.state_dir}/logs/)")
+                cluster.processes = [p for p in cluster.processes if p.alive()]
+    finally:
+        progress("stopping ...")
+        cluster.stop()
+        (cluster.state_dir / devcluster.CLUSTER_FILE).unlink(missing_ok=True)
+        progress("stopped")
+    return 0
+
+
+def print_summary(doc: dict[str, Any], where: Any) -> None:
+    print("Meshwork local cluster")
+    print(f"  nats:      {', '.join(doc['nats'])}")
+    print(f"  etcd:      {', '.join(doc['etcd'])}")
+    for service, replicas in doc["services"].items():
+        print(f"  {service + ':':<10} " + ", ".join(f"{r['replica']} {r['http']}" for r in replicas))
+    if "telemetry" in doc:
+        print(f"  metrics:   {doc['telemetry']['metrics']}")
+    if doc.get("ingress"):
+        print(f"  ingress:   {doc['ingress']}")
+    print(f"  state:     {where}/cluster.json")
+    sys.stdout.flush()
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    d = state_dir(args)
+    progress(f"meshctl down: {d}/")
+    devcluster.down(d, progress)
+    progress("everything stopped")
+    return 0
+
+
+def _health(url: str) -> dict[str, Any] | None:
+    try:
+        with urllib.request.urlopen(url + "/healthz", timeout=2) as r:
+            return dict(json.loads(r.read()))
+    except Exception:
+        return None
+
+
+def collect_status(doc: dict[str, Any]) -> dict[str, Any]:
+    replicas = [(svc, r) for svc, rs in doc.get("services", {}).items() for r in rs]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        healths = list(pool.map(lambda sr: _health(sr[1]["http"]), replicas))
+    services: dict[str, list[dict[str, Any]]] = {}
+    for (svc, r), h in zip(replicas, healths, strict=True):
+        services.setdefault(svc, []).append(
+            {
+                "replica": r["replica"],
+                "pid": r["pid"],
+                "http": r["http"],
+                "healthy": bool(h and h.get("ready")),
+                "leader": bool(h and h.get("leader")),
+                "uptime_s": h.get("uptime_s") if h else None,
+            }
+        )
+    return {"nats": doc.get("nats", []), "etcd": doc.get("etcd", []), "services": services}
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    status = collect_status(read_cluster(args))
+    healthy = all(r["healthy"] for rs in status["services"].values() for r in rs)
+
+    def table() -> None:
+        print(f"NATS: {', '.join(status['nats'])}")
+        print(f"etcd: {', '.join(status['etcd'])}\n")
+        rows = []
+        for svc, rs in status["services"].items():
+            for r in rs:
+                rows.append(
+                    [svc, r["replica"], r["pid"], "healthy" if r["healthy"] else "DOWN",
+                     "leader" if r["leader"] else "", r["http"]]
+                )
+        print_table(rows, ["SERVICE", "REPLICA", "PID", "HEALTH", "ROLE", "HTTP"])
+
+    emit(status, args.output, table)
+    return 0 if healthy else 1

@@ -1,0 +1,136 @@
+"""What every meshctl command shares: finding the cluster, talking to it, printing."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mesh import errors
+from mesh.bus import Bus
+
+DEFAULT_STATE_DIR = ".mesh"
+
+
+class CLIError(Exception):
+    """A user-facing failure: printed without a traceback, exit code 1 (or `code`)."""
+
+    def __init__(self, message: str, code: int = 1):
+        super().__init__(message)
+        self.code = code
+
+
+def state_dir(args: argparse.Namespace) -> Path:
+    return Path(getattr(args, "state_dir", None) or os.environ.get("MESH_STATE_DIR") or DEFAULT_STATE_DIR)
+
+
+def read_cluster(args: argparse.Namespace, required: bool = True) -> dict[str, Any]:
+    path = state_dir(args) / "cluster.json"
+    try:
+        return dict(json.loads(path.read_text()))
+    except FileNotFoundError:
+        if required:
+            raise CLIError(
+                f"no cluster found: {path} does not exist (start one with `meshctl up`, "
+                "or point at one with --state-dir / MESH_STATE_DIR / --nats)"
+            ) from None
+        return {}
+    except json.JSONDecodeError as e:
+        raise CLIError(f"{path} is not valid JSON: {e}") from None
+
+
+def nats_urls(args: argparse.Namespace) -> list[str]:
+    explicit = getattr(args, "nats", None) or os.environ.get("MESH_NATS")
+    if explicit:
+        return [u for u in explicit.split(",") if u]
+    return list(read_cluster(args)["nats"])
+
+
+def nats_credentials(args: argparse.Namespace, role: str = "admin") -> tuple[str | None, str | None]:
+    """Credentials for `role` from cluster.json (clusters with bus authentication), if any."""
+    cluster = read_cluster(args, required=False)
+    creds = cluster.get("credentials", {}).get(role)
+    if creds:
+        return creds.get("user"), creds.get("password")
+    return os.environ.get("MESH_NATS_USER"), os.environ.get("MESH_NATS_PASSWORD")
+
+
+def prefix(args: argparse.Namespace) -> str:
+    return str(getattr(args, "prefix", None) or read_cluster(args, required=False).get("prefix") or "mesh")
+
+
+async def connect_bus(args: argparse.Namespace, name: str = "meshctl") -> Bus:
+    user, password = nats_credentials(args)
+    try:
+        return await Bus.connect(nats_urls(args), name=name, prefix=prefix(args), user=user, password=password)
+    except errors.Unavailable as e:
+        raise CLIError(str(e)) from None
+
+
+def with_bus(fn: Callable[[Bus], Awaitable[int]]) -> Callable[[argparse.Namespace], int]:
+    """Run `fn(bus)` on a fresh connection; map mesh errors to clean CLI errors."""
+
+    def runner(args: argparse.Namespace) -> int:
+        async def main() -> int:
+            bus = await connect_bus(args)
+            try:
+                return await fn(bus)
+            finally:
+                await bus.close()
+
+        return run_async(main())
+
+    return runner
+
+
+def run_async(coro: Awaitable[int]) -> int:
+    try:
+        return asyncio.run(coro)  # type: ignore[arg-type]
+    except errors.RemoteError as e:
+        detail = "".join(f"\n  {d}" for d in e.details)
+        raise CLIError(f"error: {e.message}{detail}") from None
+    except errors.NoResponders as e:
+        raise CLIError(f"error: {e} (is the control plane running? try `meshctl status`)") from None
+    except errors.MeshError as e:
+        raise CLIError(f"error: {e}") from None
+
+
+# ---------------------------------------------------------------- output
+
+
+def add_output_flag(p: argparse.ArgumentParser, choices: Sequence[str] = ("table", "json", "yaml")) -> None:
+    p.add_argument("-o", "--output", choices=list(choices), default="table", help="output format")
+
+
+def print_table(rows: Sequence[Sequence[Any]], headers: Sequence[str], out: Any = None) -> None:
+    out = out or sys.stdout
+    text_rows = [[("" if c is None else str(c)) for c in row] for row in rows]
+    widths = [len(h) for h in headers]
+    for row in text_rows:
+        for i, c in enumerate(row):
+            widths[i] = max(widths[i], len(c))
+    fmt = "   ".join(f"{{:<{w}}}" for w in widths)
+    print(fmt.format(*headers).rstrip(), file=out)
+    for row in text_rows:
+        print(fmt.format(*row).rstrip(), file=out)
+
+
+def emit(data: Any, output: str, table: Callable[[], None]) -> None:
+    if output == "json":
+        print(json.dumps(data, indent=2, sort_keys=False, default=str))
+    elif output == "yaml":
+        print(yaml.safe_dump(data, sort_keys=False, default_flow_style=False).rstrip())
+    else:
+        table()
+
+
+def progress(message: str) -> None:
+    """Progress for people, on stderr (stdout stays parseable)."""
+    print(message, file=sys.stderr, flush=True)

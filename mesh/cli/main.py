@@ -1,0 +1,45 @@
+"""`meshctl` entry point: one parser, one module per group of commands."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from mesh import __version__
+from mesh.cli import cluster, resources, serve
+from mesh.cli.common import CLIError
+
+COMMAND_MODULES = [cluster, serve, resources]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="meshctl", description="Meshwork service mesh CLI")
+    parser.add_argument("--state-dir", help="local cluster state directory (env MESH_STATE_DIR, default .mesh)")
+    parser.add_argument("--nats", help="NATS URLs, comma-separated (overrides cluster.json; env MESH_NATS)")
+    parser.add_argument("--prefix", help="subject prefix (default from cluster.json, else mesh)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    v = sub.add_parser("version", help="print the version")
+    v.set_defaults(func=lambda _a: print(f"meshctl {__version__}") or 0)
+    for module in COMMAND_MODULES:
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except CLIError as e:
+        print(str(e), file=sys.stderr)
+        return e.code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

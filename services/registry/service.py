@@ -1,0 +1,182 @@
+"""The registry service: instances under etcd leases, endpoint sets pushed on change.
+
+Any replica answers register/deregister/heartbeat/get (NATS queue group); only the
+elected replica watches etcd and publishes `mesh.registry.endpoints.<ns>.<svc>`, so
+each change is published once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from mesh import errors, messages, validate
+from mesh.messages import (
+    DeregisterReply,
+    DeregisterRequest,
+    EndpointsGetReply,
+    EndpointsGetRequest,
+    HeartbeatReply,
+    HeartbeatRequest,
+    RegisterReply,
+    RegisterRequest,
+)
+from mesh.service import ControlPlaneService
+from mesh.store import WatchCompacted
+from mesh.subjects import REGISTRY_QUEUE
+from services.registry.index import EndpointIndex, instance_key, sets_from_listing
+
+MAX_TTL = 300
+# changes arriving within this window are published together, once per service
+COALESCE_S = 0.005
+
+
+def validate_registration(req: RegisterRequest) -> None:
+    inst = req.instance
+    validate.dns_label(inst.namespace, "instance.namespace")
+    validate.dns_label(inst.service, "instance.service")
+    validate.instance_id(inst.instance, "instance.instance")
+    validate.host_port(inst.address, "instance.address")
+    validate.labels(inst.labels, "instance.labels")
+    for i, p in enumerate(inst.tcp_ports):
+        validate.port(p, f"instance.tcp_ports[{i}]")
+    if not 1 <= req.ttl <= MAX_TTL:
+        raise errors.BadRequest(f"ttl: must be between 1 and {MAX_TTL} seconds, got {req.ttl}", field="ttl")
+
+
+class RegistryService(ControlPlaneService):
+    name = "registry"
+    has_leader_work = True
+
+    async def setup(self) -> None:
+        s = self.bus.subjects
+        await self.bus.serve(s.registry_register, RegisterRequest, self.register, queue=REGISTRY_QUEUE)
+        await self.bus.serve(s.registry_heartbeat, HeartbeatRequest, self.heartbeat, queue=REGISTRY_QUEUE)
+        await self.bus.serve(s.registry_deregister, DeregisterRequest, self.deregister, queue=REGISTRY_QUEUE)
+        await self.bus.serve(s.registry_get, EndpointsGetRequest, self.get, queue=REGISTRY_QUEUE)
+
+    def _key(self, ns: str, svc: str, inst: str) -> str:
+        return instance_key(self.store.prefix, ns, svc, inst)
+
+    # ------------------------------------------------------------ requests
+
+    async def register(self, req: RegisterRequest) -> RegisterReply:
+        try:
+            validate_registration(req)
+        except errors.BadRequest:
+            self.requests.labels("register", "invalid").inc()
+            raise
+        inst = req.instance
+        lease_id = req.lease_id
+        ttl = req.ttl
+        if lease_id:
+            try:
+                ttl = await self.store.keepalive(lease_id)
+            except errors.NotFound:
+                lease_id = 0
+        if not lease_id:
+            lease_id = await self.store.grant_lease(req.ttl)
+        revision = await self.store.put(
+            self._key(inst.namespace, inst.service, inst.instance), messages.encode(inst), lease=lease_id
+        )
+        self.requests.labels("register", "ok").inc()
+        self.log.info(
+            "registry.registered",
+            namespace=inst.namespace,
+            service=inst.service,
+            instance=inst.instance,
+            status=inst.status,
+            revision=revision,
+        )
+        return RegisterReply(lease_id=lease_id, ttl=ttl, revision=revision)
+
+    async def heartbeat(self, req: HeartbeatRequest) -> HeartbeatReply:
+        key = self._key(req.namespace, req.service, req.instance)
+        try:
+            ttl = await self.store.keepalive(req.lease_id)
+        except errors.NotFound:
+            self.requests.labels("heartbeat", "expired").inc()
+            raise errors.NotFound(f"instance {req.instance} is not registered (lease expired); register again") from None
+        kv = await self.store.get(key)
+        if kv is None or kv.lease != req.lease_id:
+            self.requests.labels("heartbeat", "unknown").inc()
+            raise errors.NotFound(f"instance {req.instance} is not registered; register again")
+        self.requests.labels("heartbeat", "ok").inc()
+        return HeartbeatReply(ttl=ttl)
+
+    async def deregister(self, req: DeregisterRequest) -> DeregisterReply:
+        _, revision = await self.store.delete(self._key(req.namespace, req.service, req.instance))
+        if req.lease_id:
+            await self.store.revoke_lease(req.lease_id)
+        self.requests.labels("deregister", "ok").inc()
+        self.log.info("registry.deregistered", namespace=req.namespace, service=req.service, instance=req.instance)
+        return DeregisterReply(revision=revision)
+
+    async def get(self, req: EndpointsGetRequest) -> EndpointsGetReply:
+        prefix = self.store.key("registry") + "/"
+        if req.namespace:
+            prefix += validate.dns_label(req.namespace, "namespace") + "/"
+            if req.service:
+                prefix += validate.dns_label(req.service, "service") + "/"
+        kvs, revision = await self.store.get_prefix(prefix)
+        sets = sets_from_listing(self.store.prefix, [(kv.key, kv.value, kv.mod_revision) for kv in kvs], revision)
+        if req.service:
+            sets = [s for s in sets if s.service == req.service]
+            if not sets and req.namespace:
+                sets = [messages.EndpointSet(namespace=req.namespace, service=req.service, revision=revision)]
+        self.requests.labels("get", "ok").inc()
+        return EndpointsGetReply(revision=revision, sets=sets)
+
+    # ------------------------------------------------------------ leader: publish changes
+
+    async def leader_work(self, token: int) -> None:
+        while True:
+            try:
+                await self._publish_changes()
+            except WatchCompacted as e:
+                self.log.warning("registry.watch_compacted", revision=e.compacted_revision)
+
+    async def _publish_changes(self) -> None:
+        index = EndpointIndex(self.store.prefix)
+        published: dict[tuple[str, str], int] = {}
+        prefix = self.store.key("registry") + "/"
+        kvs, revision = await self.store.get_prefix(prefix)
+        for svc in index.load([(kv.key, kv.value) for kv in kvs], revision):
+            await self._publish(index, svc, published)
+        pending: set[tuple[str, str]] = set()
+        ready = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        scheduled = False
+
+        def fire() -> None:
+            nonlocal scheduled
+            scheduled = False
+            ready.set()
+
+        async def publisher() -> None:
+            while True:
+                await ready.wait()
+                ready.clear()
+                batch = set(pending)
+                pending.clear()
+                for svc in sorted(batch):
+                    await self._publish(index, svc, published)
+
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(publisher(), name="registry:publisher")
+            async for ev in self.store.watch_prefix(prefix, revision + 1):
+                changed = index.apply(ev.kind, ev.key, ev.value, ev.revision)
+                if changed is None:
+                    continue
+                pending.add(changed)
+                if not scheduled:
+                    scheduled = True
+                    loop.call_later(COALESCE_S, fire)
+
+    async def _publish(self, index: EndpointIndex, svc: tuple[str, str], published: dict[tuple[str, str], int]) -> None:
+        ns, name = svc
+        eps = index.endpoint_set(ns, name, prev_revision=published.get(svc, 0))
+        if published.get(svc) == eps.revision:
+            return
+        await self.bus.publish(self.bus.subjects.endpoints(ns, name), eps)
+        published[svc] = eps.revision
+        self.log.debug("registry.published", namespace=ns, service=name, revision=eps.revision, endpoints=len(eps.endpoints))

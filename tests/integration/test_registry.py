@@ -1,0 +1,212 @@
+"""The registry against real nats-server and etcd processes."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+
+from mesh import errors
+from mesh.bus import Bus
+from mesh.messages import (
+    DeregisterReply,
+    DeregisterRequest,
+    EndpointsGetReply,
+    EndpointsGetRequest,
+    EndpointSet,
+    HeartbeatReply,
+    HeartbeatRequest,
+    Instance,
+    RegisterReply,
+    RegisterRequest,
+)
+from services.registry import RegistryService
+from tests.support import ServiceProcess, eventually, running, service_config
+
+
+def instance(name: str = "reviews-v1-0", service: str = "reviews", port: int = 9080, **kw: object) -> Instance:
+    return Instance(
+        namespace="default",
+        service=service,
+        instance=name,
+        address=f"127.0.0.1:{port}",
+        version="v1",
+        labels={"app": service, "version": "v1"},
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+class EndpointWatcher:
+    """Collects every endpoint set published for a service."""
+
+    def __init__(self) -> None:
+        self.sets: list[EndpointSet] = []
+
+    async def __call__(self, msg: EndpointSet, _subject: str) -> None:
+        self.sets.append(msg)
+
+    def latest_instances(self) -> set[str]:
+        return {e.instance for e in self.sets[-1].endpoints} if self.sets else set()
+
+
+async def test_register_lookup_and_event(nats_server, etcd_server, prefix) -> None:
+    cfg = service_config(nats_server.url, etcd_server.url, prefix)
+    async with running(RegistryService(cfg)):
+        bus = await Bus.connect([nats_server.url], name="test", prefix=prefix)
+        watcher = EndpointWatcher()
+        await bus.subscribe(bus.subjects.endpoints("default", "reviews"), EndpointSet, watcher)
+        reply = await bus.request(
+            bus.subjects.registry_register, RegisterRequest(instance=instance()), RegisterReply
+        )
+        assert reply.lease_id and reply.ttl == 10 and reply.revision > 0
+
+        got = await bus.request(
+            bus.subjects.registry_get, EndpointsGetRequest("default", "reviews"), EndpointsGetReply
+        )
+        assert [e.address for e in got.sets[0].endpoints] == ["127.0.0.1:9080"]
+        assert got.sets[0].endpoints[0].labels == {"app": "reviews", "version": "v1"}
+
+        await eventually(lambda: watcher.latest_instances() == {"reviews-v1-0"})
+        assert watcher.sets[-1].revision >= reply.revision
+
+        # draining status re-registered under the same lease is published
+        draining = instance(status="draining")
+        await bus.request(
+            bus.subjects.registry_register,
+            RegisterRequest(instance=draining, lease_id=reply.lease_id),
+            RegisterReply,
+        )
+        await eventually(lambda: watcher.sets[-1].endpoints[0].status == "draining")
+
+        await bus.request(
+            bus.subjects.registry_deregister,
+            DeregisterRequest("default", "reviews", "reviews-v1-0", reply.lease_id),
+            DeregisterReply,
+        )
+        await eventually(lambda: watcher.sets[-1].endpoints == [])
+        await bus.close()
+
+
+async def test_instance_expires_without_heartbeats(nats_server, etcd_server, prefix) -> None:
+    cfg = service_config(nats_server.url, etcd_server.url, prefix)
+    async with running(RegistryService(cfg)):
+        bus = await Bus.connect([nats_server.url], name="test", prefix=prefix)
+        watcher = EndpointWatcher()
+        await bus.subscribe(bus.subjects.endpoints("default", "ratings"), EndpointSet, watcher)
+        reply = await bus.request(
+            bus.subjects.registry_register,
+            RegisterRequest(instance=instance("ratings-0", "ratings"), ttl=2),
+            RegisterReply,
+        )
+        # heartbeats keep it alive past its TTL
+        for _ in range(4):
+            await asyncio.sleep(0.7)
+            hb = await bus.request(
+                bus.subjects.registry_heartbeat,
+                HeartbeatRequest(reply.lease_id, "default", "ratings", "ratings-0"),
+                HeartbeatReply,
+            )
+            assert hb.ttl > 0
+        assert watcher.latest_instances() == {"ratings-0"}
+        # then it stops: the instance disappears by itself
+        started = time.monotonic()
+        await eventually(lambda: watcher.sets and watcher.latest_instances() == set(), timeout=10)
+        assert time.monotonic() - started < 6
+        with pytest.raises(errors.RemoteError) as e:
+            await bus.request(
+                bus.subjects.registry_heartbeat,
+                HeartbeatRequest(reply.lease_id, "default", "ratings", "ratings-0"),
+                HeartbeatReply,
+            )
+        assert e.value.code == 404
+        await bus.close()
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"namespace": "Bad_NS"}, "instance.namespace"),
+        ({"service": ""}, "instance.service"),
+        ({"address": "127.0.0.1"}, "instance.address"),
+        ({"address": "127.0.0.1:99999"}, "instance.address"),
+        ({"labels": {"app": "x y"}}, "instance.labels.app"),
+        ({"instance": "a/b"}, "instance.instance"),
+    ],
+)
+async def test_malformed_registration_rejected_with_field(nats_server, etcd_server, prefix, change, field) -> None:
+    cfg = service_config(nats_server.url, etcd_server.url, prefix)
+    async with running(RegistryService(cfg)):
+        bus = await Bus.connect([nats_server.url], name="test", prefix=prefix)
+        fields = {
+            "namespace": "default", "service": "reviews", "instance": "r-0",
+            "address": "127.0.0.1:9080", "labels": {"app": "reviews"},
+        }  # fmt: skip
+        fields.update(change)
+        with pytest.raises(errors.RemoteError) as e:
+            await bus.request(
+                bus.subjects.registry_register, RegisterRequest(instance=Instance(**fields)), RegisterReply
+            )
+        assert e.value.code == 400
+        assert e.value.field == field
+        assert field in e.value.message
+        # the registry keeps serving
+        ok = await bus.request(
+            bus.subjects.registry_register, RegisterRequest(instance=instance()), RegisterReply
+        )
+        assert ok.lease_id
+        await bus.close()
+
+
+async def test_wrong_types_rejected_with_field(nats_server, etcd_server, prefix) -> None:
+    cfg = service_config(nats_server.url, etcd_server.url, prefix)
+    async with running(RegistryService(cfg)):
+        bus = await Bus.connect([nats_server.url], name="test", prefix=prefix)
+        import msgspec
+
+        raw = msgspec.msgpack.encode({"type": "RegisterRequest", "instance": {"type": "Instance", "namespace": 5}})
+        resp = await bus.nc.request(bus.subjects.registry_register, raw, timeout=2)
+        err = msgspec.msgpack.decode(resp.data)
+        assert err["type"] == "ErrorReply" and err["code"] == 400
+        assert err["field"] == "instance.namespace"
+        await bus.close()
+
+
+async def test_three_replicas_survive_killing_the_leader(nats_server, etcd_server, prefix, tmp_path: Path) -> None:
+    replicas = [
+        ServiceProcess("registry", nats_server.url, etcd_server.url, prefix, f"registry-{i}", tmp_path).start()
+        for i in range(3)
+    ]
+    try:
+        await eventually(lambda: all(r.ready() for r in replicas), timeout=30)
+        leaders = await eventually(lambda: [r for r in replicas if (r.health() or {}).get("leader")], timeout=15)
+        assert len(leaders) == 1
+        bus = await Bus.connect([nats_server.url], name="test", prefix=prefix)
+        watcher = EndpointWatcher()
+        await bus.subscribe(bus.subjects.endpoints("default", "details"), EndpointSet, watcher)
+
+        async def register(i: int) -> RegisterReply:
+            return await bus.request(
+                bus.subjects.registry_register,
+                RegisterRequest(instance=instance(f"details-{i}", "details", 9000 + i)),
+                RegisterReply,
+            )
+
+        await register(0)
+        await eventually(lambda: watcher.latest_instances() == {"details-0"})
+
+        leaders[0].process.kill()
+        # every request is still answered while the others take over
+        for i in range(1, 21):
+            await register(i)
+        new_leader = await eventually(
+            lambda: [r for r in replicas if r is not leaders[0] and (r.health() or {}).get("leader")], timeout=15
+        )
+        assert len(new_leader) == 1
+        # and endpoint events keep flowing from the new leader
+        await eventually(lambda: watcher.latest_instances() == {f"details-{i}" for i in range(21)}, timeout=15)
+        await bus.close()
+    finally:
+        for r in replicas:
+            r.process.stop()
