@@ -86,7 +86,7 @@ class Bus:
         holder: dict[str, Bus] = {}
 
         async def on_disconnect() -> None:
-            if "bus" in holder:
+            if "bus" in holder and holder["bus"].state is not ConnectionState.CLOSED:
                 holder["bus"].state = ConnectionState.RECONNECTING
                 log.warning("bus.disconnected", name=name)
 
@@ -151,6 +151,7 @@ class Bus:
         """Drain subscriptions (in-flight handlers finish), then close."""
         if self.nc.is_closed:
             return
+        self.state = ConnectionState.CLOSED
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.nc.drain(), timeout=5)
         for task in list(self._tasks):

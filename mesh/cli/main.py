@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from mesh import __version__
+from mesh import __version__, logs
 from mesh.cli import cluster, resources, serve
 from mesh.cli.common import CLIError
 
@@ -29,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command != "serve" and args.command not in ("sidecar", "gateway"):
+        logs.configure(level="warning", stream=sys.stderr)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
