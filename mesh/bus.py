@@ -206,11 +206,11 @@ class Bus:
         queue: str = "",
         concurrency: int = 16,
         max_pending: int = 4096,
-    ) -> Awaitable[None]:
+    ) -> Awaitable[Any]:
         """Answer requests on `subject` (in a queue group when `queue` is set).
 
-        Returns an awaitable that completes once the subscription is registered with the
-        server. Up to `concurrency` handlers run at once; requests beyond `max_pending`
+        Returns an awaitable giving the subscription once the server has registered it
+        (pass it to `unsubscribe` to stop). Up to `concurrency` handlers run at once; requests beyond `max_pending`
         queued are dropped by the client (the caller times out and retries elsewhere).
         """
         dec = self._decoder(request_type)
@@ -245,7 +245,7 @@ class Bus:
         queue: str = "",
         concurrency: int = 1,
         max_pending: int = 4096,
-    ) -> Awaitable[None]:
+    ) -> Awaitable[Any]:
         """Consume published messages: `handler(decoded, subject)`. Undecodable messages
         are logged and skipped; a failing handler does not stop the subscription."""
         dec = self._decoder(msg_type)
@@ -270,7 +270,7 @@ class Bus:
         handle: Callable[[Msg], Awaitable[None]],
         concurrency: int,
         max_pending: int,
-    ) -> None:
+    ) -> Any:
         sub = await self.nc.subscribe(subject, queue=queue, pending_msgs_limit=max_pending)
         self._subs.append(sub)
 
@@ -296,6 +296,14 @@ class Bus:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         await self.nc.flush()
+        return sub
+
+    async def unsubscribe(self, sub: Any) -> None:
+        """Stop one subscription; its running handlers finish."""
+        if sub in self._subs:
+            self._subs.remove(sub)
+        with contextlib.suppress(Exception):
+            await sub.drain()
 
     async def unsubscribe_all(self) -> None:
         """Stop taking new messages; handlers already running finish."""

@@ -205,6 +205,8 @@ class ProxyStatus(Struct, kw_only=True):
     namespace: str
     service: str
     version: str = ""
+    kind: Literal["sidecar", "gateway"] = "sidecar"
+    labels: dict[str, str] = {}
     subscriptions: list[SubscriptionStatus] = []
     sent_at: float = 0.0
 

@@ -1,0 +1,230 @@
+"""Per-destination config in the sidecar: route table + endpoints, fetched on first use
+and followed on their subjects from then on (Linkerd's per-destination model).
+
+A config is applied only when its revision is newer than the one in force; one that
+cannot be compiled is rejected (NACK) and the last good one keeps serving. Every
+apply or rejection is reported on `mesh.proxy.status`. After a reconnect, and
+periodically, every followed destination is fetched again, so a lost publish cannot
+leave the proxy stale for long.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+
+from mesh import errors
+from mesh.bus import Bus
+from mesh.compiled import RouteTable
+from mesh.hosts import ServiceRef
+from mesh.logs import get_logger
+from mesh.messages import (
+    EndpointsGetReply,
+    EndpointsGetRequest,
+    EndpointSet,
+    FetchRequest,
+    SubscriptionStatus,
+)
+from proxy.routing import (
+    Balancer,
+    CompiledRoutes,
+    InvalidRouteConfig,
+    build_balancer,
+    compile_routes,
+    resolve_subset,
+    subset_endpoints,
+)
+
+log = get_logger("proxy.destinations")
+
+RESYNC_S = 30.0
+FETCH_TIMEOUT_S = 2.0
+
+
+def is_newer(current: int, incoming: int) -> bool:
+    """Published states are full states: the newest wins; equal or older ones are dropped
+    (duplicates, or a lagging replica's answer to a fetch)."""
+    return incoming > current
+
+
+@dataclass
+class Destination:
+    """Everything needed to send to one service, swapped as a whole on change."""
+
+    ref: ServiceRef
+    table: RouteTable | None = None
+    routes: CompiledRoutes | None = None
+    endpoints: EndpointSet | None = None
+    balancers: dict[str, Balancer] = field(default_factory=dict)
+    route_status: SubscriptionStatus | None = None
+    endpoints_status: SubscriptionStatus | None = None
+    loaded: asyncio.Event = field(default_factory=asyncio.Event)
+    error: str = ""
+
+    def balancer(self, subset_name: str, rand: random.Random) -> Balancer | None:
+        """The balancer of a subset ("" = whole service); None when the subset is unknown."""
+        found = self.balancers.get(subset_name)
+        if found is not None:
+            return found
+        if self.table is None:
+            return None
+        subset = resolve_subset(self.table, subset_name)
+        if subset is None:
+            return None
+        eps = subset_endpoints(self.endpoints.endpoints if self.endpoints else [], subset.labels)
+        found = build_balancer(eps, subset.traffic_policy.load_balancer, rand)
+        self.balancers[subset_name] = found
+        return found
+
+
+class DestinationCache:
+    def __init__(self, bus: Bus, on_change: Callable[[], None], rand: random.Random | None = None):
+        self.bus = bus
+        self.on_change = on_change
+        self.rand = rand or random.Random()
+        self.destinations: dict[ServiceRef, Destination] = {}
+        self._loading: dict[ServiceRef, asyncio.Task[Destination]] = {}
+        self._subscribed: set[ServiceRef] = set()
+
+    # ------------------------------------------------------------ lookup
+
+    async def get(self, ref: ServiceRef) -> Destination:
+        """The destination's state, fetching and subscribing on first use."""
+        dest = self.destinations.get(ref)
+        if dest is not None and dest.loaded.is_set():
+            return dest
+        task = self._loading.get(ref)
+        if task is None:
+            task = asyncio.create_task(self._load(ref), name=f"proxy:load:{ref}")
+            self._loading[ref] = task
+        return await asyncio.shield(task)
+
+    async def _load(self, ref: ServiceRef) -> Destination:
+        try:
+            dest = self.destinations.get(ref) or Destination(ref)
+            self.destinations[ref] = dest
+            s = self.bus.subjects
+            if ref not in self._subscribed:
+                # subscribe before fetching, so nothing published in between is missed
+                await self.bus.subscribe(s.route(ref.namespace, ref.name), RouteTable, self._on_route)
+                await self.bus.subscribe(s.endpoints(ref.namespace, ref.name), EndpointSet, self._on_endpoints)
+                self._subscribed.add(ref)
+            await self.refresh(dest)
+            if dest.table is None or dest.endpoints is None:
+                # nothing known yet: do not cache the failure, so the next request retries
+                self.destinations.pop(ref, None)
+                raise errors.Unavailable(dest.error or f"no config for {ref}")
+            dest.loaded.set()
+            return dest
+        finally:
+            self._loading.pop(ref, None)
+
+    async def refresh(self, dest: Destination) -> None:
+        """Fetch the current route table and endpoints, applying whichever is newer."""
+        s = self.bus.subjects
+        ref = dest.ref
+        route, eps = await asyncio.gather(
+            self.bus.request(
+                s.config_fetch, FetchRequest(namespace=ref.namespace, name=ref.name), RouteTable,
+                timeout=FETCH_TIMEOUT_S,
+            ),
+            self.bus.request(
+                s.registry_get, EndpointsGetRequest(ref.namespace, ref.name), EndpointsGetReply,
+                timeout=FETCH_TIMEOUT_S,
+            ),
+            return_exceptions=True,
+        )
+        if isinstance(route, RouteTable):
+            self.apply_route(route)
+        elif isinstance(route, BaseException):
+            dest.error = f"config for {ref} unavailable: {route}"
+        if isinstance(eps, EndpointsGetReply):
+            found = next((e for e in eps.sets if e.namespace == ref.namespace and e.service == ref.name), None)
+            self.apply_endpoints(found or EndpointSet(namespace=ref.namespace, service=ref.name, revision=eps.revision))
+        elif isinstance(eps, BaseException):
+            dest.error = f"endpoints of {ref} unavailable: {eps}"
+
+    async def resync(self) -> None:
+        """Fetch every followed destination again (after a reconnect, or periodically)."""
+        for dest in list(self.destinations.values()):
+            try:
+                await self.refresh(dest)
+            except Exception as e:
+                log.debug("destinations.resync_failed", destination=str(dest.ref), error=str(e))
+
+    async def resync_forever(self) -> None:
+        while True:
+            await asyncio.sleep(RESYNC_S * self.rand.uniform(0.8, 1.2))
+            await self.resync()
+
+    # ------------------------------------------------------------ updates
+
+    async def _on_route(self, table: RouteTable, _subject: str) -> None:
+        self.apply_route(table)
+
+    async def _on_endpoints(self, eps: EndpointSet, _subject: str) -> None:
+        self.apply_endpoints(eps)
+
+    def apply_route(self, table: RouteTable) -> bool:
+        dest = self.destinations.get(ServiceRef(table.namespace, table.service))
+        if dest is None:
+            return False
+        current = dest.table.revision if dest.table else 0
+        if not is_newer(current, table.revision):
+            return False
+        subject = self.bus.subjects.route(table.namespace, table.service)
+        try:
+            routes = compile_routes(table)
+        except InvalidRouteConfig as e:
+            dest.route_status = SubscriptionStatus(
+                subject=subject, revision=current, state="NACK", reason=str(e), rejected_revision=table.revision
+            )
+            log.warning("config.rejected", subject=subject, revision=table.revision, reason=str(e))
+            self.on_change()
+            return False
+        # one assignment each: requests in flight keep the objects they started with
+        dest.table, dest.routes = table, routes
+        dest.balancers = {}
+        dest.route_status = SubscriptionStatus(subject=subject, revision=table.revision)
+        log.info("config.applied", subject=subject, revision=table.revision)
+        self.on_change()
+        return True
+
+    def apply_endpoints(self, eps: EndpointSet) -> bool:
+        dest = self.destinations.get(ServiceRef(eps.namespace, eps.service))
+        if dest is None:
+            return False
+        current = dest.endpoints.revision if dest.endpoints else 0
+        if not is_newer(current, eps.revision) and dest.endpoints is not None:
+            return False
+        dest.endpoints = eps
+        dest.balancers = {}
+        subject = self.bus.subjects.endpoints(eps.namespace, eps.service)
+        dest.endpoints_status = SubscriptionStatus(subject=subject, revision=eps.revision)
+        self.on_change()
+        return True
+
+    # ------------------------------------------------------------ reporting
+
+    def subscription_statuses(self) -> list[SubscriptionStatus]:
+        out = []
+        for dest in self.destinations.values():
+            if dest.route_status is not None:
+                out.append(dest.route_status)
+        return out
+
+    def dump(self) -> dict[str, Any]:
+        """For /config_dump: tables, endpoints and revisions in force."""
+        out: dict[str, Any] = {}
+        for ref, dest in sorted(self.destinations.items()):
+            out[str(ref)] = {
+                "route_table": msgspec.to_builtins(dest.table) if dest.table else None,
+                "endpoints": msgspec.to_builtins(dest.endpoints) if dest.endpoints else None,
+                "route_status": msgspec.to_builtins(dest.route_status) if dest.route_status else None,
+            }
+        return out

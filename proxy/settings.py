@@ -1,0 +1,45 @@
+"""The sidecar's settings, from `meshctl sidecar` flags."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from dataclasses import dataclass, field
+
+
+@dataclass
+class SidecarSettings:
+    service: str
+    namespace: str = "default"
+    version: str = ""
+    app_port: int = 0
+    labels: dict[str, str] = field(default_factory=dict)
+    tcp_ports: list[int] = field(default_factory=list)
+    nats: list[str] = field(default_factory=lambda: ["nats://127.0.0.1:4222"])
+    prefix: str = "mesh"
+    bind_host: str = "127.0.0.1"
+    inbound_port: int = 0
+    outbound_port: int = 0
+    admin_port: int = 0
+    instance: str = ""
+    service_account: str = ""
+    trust_domain: str = "cluster.local"
+    register_ttl: int = 10
+    drain_timeout: float = 10.0
+    gateway: bool = False
+    gateway_port: int = 0
+    nats_user: str | None = None
+    nats_password: str | None = None
+
+    def __post_init__(self) -> None:
+        self.labels = {"app": self.service, **({"version": self.version} if self.version else {}), **self.labels}
+        if not self.service_account:
+            self.service_account = self.service
+        if not self.instance:
+            host = socket.gethostname().split(".")[0].lower()
+            self.instance = f"{self.service}-{self.version or 'x'}-{host}-{os.getpid()}-{uuid.uuid4().hex[:4]}"
+
+    @property
+    def identity(self) -> str:
+        return f"spiffe://{self.trust_domain}/ns/{self.namespace}/sa/{self.service_account}"

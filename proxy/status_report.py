@@ -1,0 +1,58 @@
+"""The sidecar's status reports on `mesh.proxy.status`: after every apply or rejection
+(coalesced) and every few seconds, so a restarted config replica learns them all."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from collections.abc import Callable
+
+from mesh.bus import Bus
+from mesh.messages import ProxyStatus, SubscriptionStatus
+
+PERIOD_S = 10.0
+COALESCE_S = 0.002
+
+
+class StatusReporter:
+    def __init__(
+        self,
+        bus: Bus,
+        *,
+        proxy: str,
+        namespace: str,
+        service: str,
+        version: str,
+        labels: dict[str, str],
+        kind: str,
+        statuses: Callable[[], list[SubscriptionStatus]],
+    ):
+        self.bus = bus
+        self.template = dict(proxy=proxy, namespace=namespace, service=service, version=version,
+                             labels=labels, kind=kind)
+        self.statuses = statuses
+        self._wake = asyncio.Event()
+
+    def changed(self) -> None:
+        self._wake.set()
+
+    def report(self) -> ProxyStatus:
+        return ProxyStatus(**self.template, subscriptions=self.statuses(), sent_at=time.time())  # type: ignore[arg-type]
+
+    async def run(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), PERIOD_S * random.uniform(0.9, 1.1))
+                await asyncio.sleep(COALESCE_S)
+            self._wake.clear()
+            with contextlib.suppress(Exception):
+                await self.bus.publish(self.bus.subjects.proxy_status, self.report())
+
+    async def goodbye(self) -> None:
+        """Tell the config service we are gone, so proxy-status drops us at once."""
+        msg = ProxyStatus(**self.template, subscriptions=[], sent_at=-1.0)  # type: ignore[arg-type]
+        with contextlib.suppress(Exception):
+            await self.bus.publish(self.bus.subjects.proxy_status, msg)
+            await self.bus.nc.flush(timeout=1)

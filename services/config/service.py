@@ -1,0 +1,282 @@
+"""The config service: validates and stores resources, compiles and pushes proxy config.
+
+Every replica answers apply/delete/get/fetch (queue group) and keeps a snapshot of the
+resources (list + watch). The elected replica publishes: on each change (coalesced
+for a few milliseconds) it recompiles every destination and gateway it knows and
+publishes those whose compiled content changed; it alone answers proxy-status,
+because it knows what it published.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+
+import msgspec
+
+from mesh import errors
+from mesh.compiled import GatewayConfig, RouteTable
+from mesh.hosts import ServiceRef
+from mesh.messages import (
+    AppliedResource,
+    ApplyReply,
+    ApplyRequest,
+    DeleteReply,
+    DeleteRequest,
+    FetchRequest,
+    GetResourcesReply,
+    GetResourcesRequest,
+    ProxyStatus,
+    ProxyStatusReply,
+    ProxyStatusRequest,
+    ResourceRef,
+    StoredResource,
+)
+from mesh.resources import KINDS, ResourceError, parse_documents, resolve_kind, to_dict
+from mesh.service import ControlPlaneService
+from mesh.store import Delete, Put, WatchCompacted
+from mesh.subjects import CONFIG_QUEUE, parse_service_subject
+from services.config.compile import compile_gateway_config, compile_route_table, services_named
+from services.config.snapshot import ResourceSnapshot, parse_resource_key, resource_key
+from services.config.status import ProxyStatusTable
+
+# changes within this window are compiled and pushed together
+COALESCE_S = 0.005
+MAX_DOCUMENTS = 500
+
+
+def _content(table: msgspec.Struct) -> bytes:
+    """Compiled content without its revisions, to tell real changes from re-publishes."""
+    return msgspec.msgpack.encode(msgspec.structs.replace(table, revision=0, prev_revision=0))  # type: ignore[type-var]
+
+
+class ConfigService(ControlPlaneService):
+    name = "config"
+    has_leader_work = True
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.snapshot: ResourceSnapshot
+        self.changed = asyncio.Event()
+        self.status = ProxyStatusTable()
+        # leader state: subject -> (revision, content) of the last publish
+        self.published: dict[str, tuple[int, bytes]] = {}
+
+    # ------------------------------------------------------------ set-up
+
+    async def setup(self) -> None:
+        self.snapshot = ResourceSnapshot(self.store.prefix)
+        await self._load_snapshot()
+        s = self.bus.subjects
+        await self.bus.serve(s.config_apply, ApplyRequest, self.apply, queue=CONFIG_QUEUE)
+        await self.bus.serve(s.config_delete, DeleteRequest, self.delete, queue=CONFIG_QUEUE)
+        await self.bus.serve(s.config_get, GetResourcesRequest, self.get, queue=CONFIG_QUEUE)
+        await self.bus.serve(s.config_fetch, FetchRequest, self.fetch, queue=CONFIG_QUEUE, concurrency=64)
+        await self.bus.subscribe(s.proxy_status, ProxyStatus, self._on_proxy_status, max_pending=65536)
+
+    def background(self) -> list[tuple[str, Any]]:
+        return [("follow-resources", self._follow), ("expire-status", self._expire_status)]
+
+    def health_details(self) -> dict[str, object]:
+        return {"revision": self.snapshot.revision if hasattr(self, "snapshot") else 0,
+                "resources": len(self.snapshot.entries) if hasattr(self, "snapshot") else 0}
+
+    async def _load_snapshot(self) -> None:
+        kvs, revision = await self.store.get_prefix(self.store.key("resources") + "/")
+        self.snapshot.load([(kv.key, kv.value, kv.create_revision, kv.mod_revision) for kv in kvs], revision)
+
+    async def _follow(self) -> None:
+        prefix = self.store.key("resources") + "/"
+        while True:
+            try:
+                async for ev in self.store.watch_prefix(prefix, self.snapshot.revision + 1):
+                    if ev.kind == "put":
+                        touched = self.snapshot.put(ev.key, ev.value, ev.create_revision, ev.revision)
+                    else:
+                        touched = self.snapshot.delete(ev.key, ev.revision)
+                    if touched:
+                        self.changed.set()
+            except WatchCompacted:
+                await self._load_snapshot()
+                self.changed.set()
+
+    async def _expire_status(self) -> None:
+        while True:
+            await asyncio.sleep(5)
+            self.status.expire(time.monotonic())
+
+    async def _on_proxy_status(self, report: ProxyStatus, _subject: str) -> None:
+        if not report.subscriptions and report.sent_at < 0:
+            self.status.forget(report.proxy)  # a proxy saying goodbye
+            return
+        known = self.status.followed_subjects()
+        self.status.record(report, time.monotonic())
+        if any(s.subject not in known for s in report.subscriptions) or report.kind == "gateway":
+            # a destination nobody followed before: make sure the leader tracks it
+            self.changed.set()
+
+    # ------------------------------------------------------------ requests
+
+    async def apply(self, req: ApplyRequest) -> ApplyReply:
+        if not req.documents:
+            raise errors.BadRequest("no documents to apply")
+        if len(req.documents) > MAX_DOCUMENTS:
+            raise errors.BadRequest(f"too many documents in one apply: {len(req.documents)} > {MAX_DOCUMENTS}")
+        batch = parse_documents(req.documents)
+        if batch.errors:
+            self.requests.labels("apply", "invalid").inc()
+            details = [str(e) for e in batch.errors]
+            raise errors.BadRequest(
+                f"{len(batch.errors)} error(s); nothing was applied", field=batch.errors[0].path, details=details
+            )
+        refs = [r.ref for r in batch.resources]
+        seen: set[tuple[str, str, str]] = set()
+        for doc, ref in zip(req.documents, refs, strict=True):
+            if ref in seen:
+                raise errors.BadRequest(
+                    f"{doc.source}: document {doc.index}: {ref.kind} {ref.namespace}/{ref.name} appears twice"
+                    " in one apply; nothing was applied"
+                )
+            seen.add(ref)
+        results: list[AppliedResource] = []
+        ops: list[Put | Delete] = []
+        for resource in batch.resources:
+            kind, ns, name = resource.ref
+            key = resource_key(self.store.prefix, kind, ns, name)
+            value = json.dumps(to_dict(resource), sort_keys=True).encode()
+            current = await self.store.get(key)
+            if current is not None and current.value == value:
+                action = "unchanged"
+            else:
+                action = "configured" if current is not None else "created"
+                ops.append(Put(key, value))
+            results.append(AppliedResource(ref=ResourceRef(kind=kind, namespace=ns, name=name), action=action))  # type: ignore[arg-type]
+        revision = self.snapshot.revision
+        if ops and not req.dry_run:
+            # all-or-nothing: one transaction for the whole batch
+            revision = (await self.store.txn([], ops)).revision
+        self.requests.labels("apply", "ok").inc()
+        self.log.info("config.applied", resources=len(results), changed=len(ops), revision=revision, dry_run=req.dry_run)
+        return ApplyReply(revision=revision, results=results)
+
+    async def delete(self, req: DeleteRequest) -> DeleteReply:
+        deleted: list[ResourceRef] = []
+        missing: list[ResourceRef] = []
+        ops: list[Put | Delete] = []
+        for ref in req.refs:
+            kind = self._kind(ref.kind)
+            canonical = ResourceRef(kind=kind, namespace=ref.namespace or "default", name=ref.name)
+            key = resource_key(self.store.prefix, kind, canonical.namespace, canonical.name)
+            if await self.store.get(key) is None:
+                missing.append(canonical)
+            else:
+                deleted.append(canonical)
+                ops.append(Delete(key))
+        revision = self.snapshot.revision
+        if ops:
+            revision = (await self.store.txn([], ops)).revision
+        self.log.info("config.deleted", deleted=len(deleted), not_found=len(missing), revision=revision)
+        return DeleteReply(revision=revision, deleted=deleted, not_found=missing)
+
+    def _kind(self, name: str) -> str:
+        try:
+            return resolve_kind(name)
+        except ResourceError as e:
+            raise errors.BadRequest(str(e.message), field="kind") from None
+
+    async def get(self, req: GetResourcesRequest) -> GetResourcesReply:
+        prefix = self.store.key("resources") + "/"
+        if req.kind:
+            prefix += self._kind(req.kind) + "/"
+            if req.namespace:
+                prefix += req.namespace + "/"
+        kvs, revision = await self.store.get_prefix(prefix)
+        out: list[StoredResource] = []
+        for kv in kvs:
+            ref = parse_resource_key(self.store.prefix, kv.key)
+            if ref is None:
+                continue
+            kind, ns, name = ref
+            if (req.namespace and ns != req.namespace) or (req.name and name != req.name):
+                continue
+            out.append(
+                StoredResource(
+                    ref=ResourceRef(kind=kind, namespace=ns, name=name),
+                    revision=kv.mod_revision,
+                    body=json.loads(kv.value),
+                )
+            )
+        if req.name and not out:
+            kind = self._kind(req.kind) if req.kind else "resource"
+            raise errors.NotFound(f"{kind} {req.namespace or 'default'}/{req.name} not found")
+        return GetResourcesReply(revision=revision, resources=out)
+
+    async def fetch(self, req: FetchRequest) -> RouteTable | GatewayConfig:
+        resources = self.snapshot.resources()
+        if req.kind == "gateway":
+            return compile_gateway_config(resources, req.namespace, req.labels, self.snapshot.revision)
+        return compile_route_table(resources, ServiceRef(req.namespace, req.name), self.snapshot.revision)
+
+    # ------------------------------------------------------------ leader
+
+    async def leader_work(self, token: int) -> None:
+        self.published.clear()
+        sub = await self.bus.serve(
+            self.bus.subjects.config_proxy_status, ProxyStatusRequest, self.proxy_status
+        )
+        try:
+            # catch up with anything that happened before we led, then follow changes
+            await self._load_snapshot()
+            while True:
+                await self._publish_all()
+                await self.changed.wait()
+                await asyncio.sleep(COALESCE_S)
+                self.changed.clear()
+        finally:
+            await self.bus.unsubscribe(sub)
+
+    def _destinations(self, resources: list[Any]) -> set[ServiceRef]:
+        wanted = set(services_named(resources))
+        route_base = f"{self.bus.subjects.prefix}.config.route"
+        for subject in [*self.status.followed_subjects(), *self.published]:
+            parsed = parse_service_subject(subject, route_base)
+            if parsed:
+                wanted.add(ServiceRef(*parsed))
+        return wanted
+
+    async def _publish_all(self) -> None:
+        resources = self.snapshot.resources()
+        revision = self.snapshot.revision
+        subjects = self.bus.subjects
+        started = time.perf_counter()
+        pushed = 0
+        for ref in sorted(self._destinations(resources)):
+            table = compile_route_table(resources, ref, revision)
+            pushed += await self._publish_if_changed(subjects.route(ref.namespace, ref.name), table)
+        for gw in self.status.gateways():
+            config = compile_gateway_config(resources, gw.namespace, gw.labels, revision)
+            pushed += await self._publish_if_changed(subjects.gateway(gw.namespace, gw.service), config)
+        if pushed:
+            self.log.info(
+                "config.pushed", subjects=pushed, revision=revision,
+                compile_ms=round((time.perf_counter() - started) * 1000, 2),
+            )
+
+    async def _publish_if_changed(self, subject: str, table: RouteTable | GatewayConfig) -> int:
+        content = _content(table)
+        previous = self.published.get(subject)
+        if previous is not None and previous[1] == content:
+            return 0
+        table = msgspec.structs.replace(table, prev_revision=previous[0] if previous else 0)
+        await self.bus.publish(subject, table)
+        self.published[subject] = (table.revision, content)
+        return 1
+
+    async def proxy_status(self, _req: ProxyStatusRequest) -> ProxyStatusReply:
+        latest = {subject: rev for subject, (rev, _) in self.published.items()}
+        return ProxyStatusReply(entries=self.status.entries(latest, time.monotonic()))
+
+
+__all__ = ["KINDS", "ConfigService"]

@@ -1,0 +1,67 @@
+"""Pure proxy-status bookkeeping: what each proxy applied vs what was last published."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from mesh.messages import ProxyStatus, ProxyStatusEntry
+
+# a proxy that has not reported for this long is gone
+EXPIRE_S = 35.0
+
+
+@dataclass
+class ProxyStatusTable:
+    reports: dict[str, tuple[ProxyStatus, float]] = field(default_factory=dict)
+
+    def record(self, report: ProxyStatus, now: float) -> None:
+        current = self.reports.get(report.proxy)
+        if current is not None and current[0].sent_at > report.sent_at:
+            return  # an older report delivered late
+        self.reports[report.proxy] = (report, now)
+
+    def forget(self, proxy: str) -> None:
+        self.reports.pop(proxy, None)
+
+    def expire(self, now: float) -> None:
+        for proxy, (_, seen) in list(self.reports.items()):
+            if now - seen > EXPIRE_S:
+                del self.reports[proxy]
+
+    def followed_subjects(self) -> set[str]:
+        return {s.subject for report, _ in self.reports.values() for s in report.subscriptions}
+
+    def gateways(self) -> list[ProxyStatus]:
+        return [r for r, _ in self.reports.values() if r.kind == "gateway"]
+
+    def entries(self, latest: dict[str, int], now: float) -> list[ProxyStatusEntry]:
+        """One row per proxy and subject. SYNCED when the proxy applied the latest published
+        revision (or a newer one it fetched), STALE when behind, REJECTED when its last
+        config was refused, NOT SENT when nothing has been published for it yet."""
+        out: list[ProxyStatusEntry] = []
+        for proxy in sorted(self.reports):
+            report, seen = self.reports[proxy]
+            for sub in sorted(report.subscriptions, key=lambda s: s.subject):
+                want = latest.get(sub.subject, 0)
+                if sub.state == "NACK" and sub.rejected_revision >= max(want, sub.revision):
+                    state = "REJECTED"
+                elif sub.revision == 0:
+                    state = "NOT SENT"
+                elif sub.revision >= want:
+                    state = "SYNCED"
+                else:
+                    state = "STALE"
+                out.append(
+                    ProxyStatusEntry(
+                        proxy=proxy,
+                        namespace=report.namespace,
+                        service=report.service,
+                        subject=sub.subject,
+                        applied_revision=sub.revision,
+                        latest_revision=want,
+                        state=state,  # type: ignore[arg-type]
+                        reason=sub.reason,
+                        age_s=round(now - seen, 1),
+                    )
+                )
+        return out
