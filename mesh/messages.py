@@ -97,6 +97,7 @@ class Endpoint(Struct, kw_only=True):
     version: str = ""
     tcp_ports: list[int] = []
     status: InstanceStatus = "healthy"
+    admin: str = ""
 
 
 class EndpointSet(Struct, kw_only=True):

@@ -8,11 +8,13 @@ from typing import Any
 import msgspec
 
 from mesh.bus import Bus
+from mesh.cli import config_cmds
 from mesh.cli.common import add_output_flag, emit, print_table, with_bus
 from mesh.messages import EndpointsGetReply, EndpointsGetRequest
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    config_cmds.add_parsers(sub)
     get = sub.add_parser("get", help="show endpoints or resources")
     get.add_argument("kind", help="endpoints | a resource kind (vs, dr, gw, ...)")
     get.add_argument("name", nargs="?", default="", help="service or resource name")
@@ -25,9 +27,7 @@ def cmd_get(args: argparse.Namespace) -> int:
     kind = args.kind.lower()
     if kind in ("endpoints", "endpoint", "ep"):
         return with_bus(lambda bus: get_endpoints(bus, args))(args)
-    from mesh.cli.config_cmds import get_resources
-
-    return with_bus(lambda bus: get_resources(bus, args))(args)
+    return with_bus(lambda bus: config_cmds.get_resources(bus, args))(args)
 
 
 async def get_endpoints(bus: Bus, args: argparse.Namespace) -> int:

@@ -34,7 +34,7 @@ from mesh.messages import (
     ResourceRef,
     StoredResource,
 )
-from mesh.resources import KINDS, ResourceError, parse_documents, resolve_kind, to_dict
+from mesh.resources import ResourceError, parse_documents, resolve_kind, to_dict
 from mesh.service import ControlPlaneService
 from mesh.store import Delete, Put, WatchCompacted
 from mesh.subjects import CONFIG_QUEUE, parse_service_subject
@@ -279,4 +279,4 @@ class ConfigService(ControlPlaneService):
         return ProxyStatusReply(entries=self.status.entries(latest, time.monotonic()))
 
 
-__all__ = ["KINDS", "ConfigService"]
+__all__ = ["ConfigService"]

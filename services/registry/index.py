@@ -39,6 +39,7 @@ def endpoint_of(inst: Instance) -> Endpoint:
         version=inst.version,
         tcp_ports=inst.tcp_ports,
         status=inst.status,
+        admin=inst.admin,
     )
 
 

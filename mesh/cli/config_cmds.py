@@ -1,0 +1,298 @@
+"""`meshctl apply`, `get <kind>`, `delete`, `proxy-status`, `proxy-config`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from mesh.bus import Bus
+from mesh.cli.common import CLIError, add_output_flag, emit, print_table, with_bus
+from mesh.messages import (
+    ApplyReply,
+    ApplyRequest,
+    DeleteReply,
+    DeleteRequest,
+    EndpointsGetReply,
+    EndpointsGetRequest,
+    GetResourcesReply,
+    GetResourcesRequest,
+    ProxyStatusReply,
+    ProxyStatusRequest,
+    ResourceDocument,
+    ResourceRef,
+)
+from mesh.resources import KINDS, ResourceError, load_yaml, resolve_kind
+
+YAML_SUFFIXES = (".yaml", ".yml", ".json")
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    ap = sub.add_parser("apply", help="create or update resources from YAML (all-or-nothing)")
+    ap.add_argument("-f", "--filename", action="append", required=True, help="file, directory or - (repeatable)")
+    ap.add_argument("--dry-run", action="store_true", help="validate only")
+    ap.add_argument("-o", "--output", choices=["text", "json"], default="text")
+    ap.set_defaults(func=cmd_apply)
+
+    de = sub.add_parser("delete", help="delete resources: -f FILE, or KIND NAME")
+    de.add_argument("kind", nargs="?", default="")
+    de.add_argument("names", nargs="*")
+    de.add_argument("-f", "--filename", action="append", default=[])
+    de.add_argument("-n", "--namespace", default="default")
+    de.add_argument("--ignore-not-found", action="store_true")
+    de.set_defaults(func=cmd_delete)
+
+    ps = sub.add_parser("proxy-status", help="each proxy's config sync state, per subject")
+    add_output_flag(ps, ("table", "json"))
+    ps.set_defaults(func=cmd_proxy_status)
+
+    pc = sub.add_parser("proxy-config", help="routes / endpoints in force in one proxy")
+    pc.add_argument("what", choices=["routes", "endpoints", "all"])
+    pc.add_argument("proxy", help="proxy instance id (or a unique prefix of it)")
+    pc.add_argument("--admin", help="admin URL of the proxy (default: looked up in the registry)")
+    add_output_flag(pc, ("table", "json"))
+    pc.set_defaults(func=cmd_proxy_config)
+
+
+# ---------------------------------------------------------------- apply
+
+
+def read_documents(paths: list[str]) -> list[ResourceDocument]:
+    files: list[tuple[str, str]] = []
+    for p in paths:
+        if p == "-":
+            files.append(("-", sys.stdin.read()))
+            continue
+        path = Path(p)
+        if path.is_dir():
+            for f in sorted(path.iterdir()):
+                if f.suffix in YAML_SUFFIXES and f.is_file():
+                    files.append((str(f), f.read_text()))
+        elif path.is_file():
+            files.append((str(path), path.read_text()))
+        else:
+            raise CLIError(f"error: {p}: no such file or directory")
+    docs: list[ResourceDocument] = []
+    problems: list[str] = []
+    for source, text in files:
+        try:
+            for i, body in enumerate(load_yaml(text, source)):
+                docs.append(ResourceDocument(source=source, index=i, body=body))
+        except ResourceError as e:
+            problems.append(str(e))
+    if problems:
+        raise CLIError("error: " + "\n".join(problems) + "\nnothing was applied")
+    if not docs:
+        raise CLIError(f"error: no resources found in {', '.join(paths)}")
+    return docs
+
+
+def _kind_label(kind: str) -> str:
+    info = KINDS.get(kind)
+    group = info.group if info is not None else ""
+    return f"{kind.lower()}.{group}" if group else kind.lower()
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    docs = read_documents(args.filename)
+
+    async def run(bus: Bus) -> int:
+        reply = await bus.request(
+            bus.subjects.config_apply, ApplyRequest(documents=docs, dry_run=args.dry_run), ApplyReply, timeout=10
+        )
+        if args.output == "json":
+            print(json.dumps(_plain(reply), indent=2))
+            return 0
+        suffix = " (dry run)" if args.dry_run else ""
+        for r in reply.results:
+            print(f"{_kind_label(r.ref.kind)}/{r.ref.name} {r.action}{suffix}")
+        return 0
+
+    return with_bus(run)(args)
+
+
+# ---------------------------------------------------------------- get
+
+
+def _summary(kind: str, body: dict[str, Any]) -> str:
+    spec = body.get("spec", {})
+    if kind == "VirtualService":
+        gws = ",".join(spec.get("gateways", []))
+        return f"hosts={','.join(spec.get('hosts', []))}" + (f" gateways={gws}" if gws else "")
+    if kind == "DestinationRule":
+        subsets = ",".join(s.get("name", "") for s in spec.get("subsets", []))
+        return f"host={spec.get('host', '')}" + (f" subsets={subsets}" if subsets else "")
+    if kind == "Gateway":
+        sel = ",".join(f"{k}={v}" for k, v in spec.get("selector", {}).items())
+        return f"selector={sel}"
+    return ""
+
+
+async def get_resources(bus: Bus, args: argparse.Namespace) -> int:
+    try:
+        kind = resolve_kind(args.kind)
+    except ResourceError as e:
+        raise CLIError(f"error: {e.message}") from None
+    reply = await bus.request(
+        bus.subjects.config_get,
+        GetResourcesRequest(kind=kind, namespace=args.namespace or ("default" if args.name else ""), name=args.name),
+        GetResourcesReply,
+    )
+    if args.output in ("json", "yaml"):
+        items = [r.body for r in reply.resources]
+        data: Any = items[0] if args.name and len(items) == 1 else {"apiVersion": "v1", "kind": "List", "items": items}
+        emit(data, args.output, lambda: None)
+        return 0
+    rows = [[r.ref.namespace, r.ref.name, r.revision, _summary(kind, r.body)] for r in reply.resources]
+    if not rows:
+        print(f"No {kind} resources found.", file=sys.stderr)
+        return 0
+    print_table(rows, ["NAMESPACE", "NAME", "REVISION", "SUMMARY"])
+    return 0
+
+
+# ---------------------------------------------------------------- delete
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    refs: list[ResourceRef] = []
+    if args.filename:
+        for doc in read_documents(args.filename):
+            meta = doc.body.get("metadata") or {}
+            refs.append(
+                ResourceRef(
+                    kind=str(doc.body.get("kind", "")),
+                    namespace=str(meta.get("namespace") or "default"),
+                    name=str(meta.get("name", "")),
+                )
+            )
+    elif args.kind and args.names:
+        refs = [ResourceRef(kind=args.kind, namespace=args.namespace, name=n) for n in args.names]
+    else:
+        raise CLIError("error: give -f FILE, or KIND NAME [NAME ...]")
+
+    async def run(bus: Bus) -> int:
+        reply = await bus.request(bus.subjects.config_delete, DeleteRequest(refs=refs), DeleteReply, timeout=10)
+        for r in reply.deleted:
+            print(f"{_kind_label(r.kind)}/{r.name} deleted")
+        for r in reply.not_found:
+            print(f"error: {r.kind} {r.namespace}/{r.name} not found", file=sys.stderr)
+        return 1 if reply.not_found and not args.ignore_not_found else 0
+
+    return with_bus(run)(args)
+
+
+# ---------------------------------------------------------------- proxy-status / proxy-config
+
+
+def cmd_proxy_status(args: argparse.Namespace) -> int:
+    async def run(bus: Bus) -> int:
+        reply = await bus.request(bus.subjects.config_proxy_status, ProxyStatusRequest(), ProxyStatusReply)
+        entries = reply.entries
+
+        def table() -> None:
+            if not entries:
+                print("No proxies have reported yet.", file=sys.stderr)
+                return
+            rows = [
+                [e.proxy, f"{e.service}.{e.namespace}", _subject_label(e.subject), e.state,
+                 e.applied_revision, e.latest_revision, e.reason]
+                for e in entries
+            ]
+            print_table(rows, ["PROXY", "SERVICE", "DESTINATION", "STATE", "APPLIED", "LATEST", "REASON"])
+
+        emit([_plain(e) for e in entries], args.output, table)
+        return 0
+
+    return with_bus(run)(args)
+
+
+def _subject_label(subject: str) -> str:
+    parts = subject.split(".")
+    return f"{parts[-2]}/{parts[-1]} ({parts[-3]})" if len(parts) >= 4 else subject
+
+
+def _plain(msg: msgspec.Struct) -> Any:
+    data = msgspec.to_builtins(msg)
+    return _strip_type(data)
+
+
+def _strip_type(data: Any) -> Any:
+    if isinstance(data, dict):
+        return {k: _strip_type(v) for k, v in data.items() if k != "type"}
+    if isinstance(data, list):
+        return [_strip_type(v) for v in data]
+    return data
+
+
+def _admin_url(bus: Bus, proxy: str) -> Any:
+    async def find() -> str:
+        reply = await bus.request(bus.subjects.registry_get, EndpointsGetRequest(), EndpointsGetReply)
+        matches = [e for s in reply.sets for e in s.endpoints if e.instance == proxy or e.instance.startswith(proxy)]
+        if not matches:
+            raise CLIError(f"error: no registered proxy named {proxy!r} (see `meshctl get endpoints`)")
+        if len(matches) > 1 and not any(e.instance == proxy for e in matches):
+            names = ", ".join(e.instance for e in matches)
+            raise CLIError(f"error: {proxy!r} is ambiguous: {names}")
+        exact = next((e for e in matches if e.instance == proxy), matches[0])
+        if not exact.admin:
+            raise CLIError(f"error: proxy {exact.instance} registered no admin address")
+        return exact.admin
+
+    return find()
+
+
+def _http_json(url: str) -> Any:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return json.loads(r.read())
+    except OSError as e:
+        raise CLIError(f"error: cannot read {url}: {e}") from None
+
+
+def cmd_proxy_config(args: argparse.Namespace) -> int:
+    async def run(bus: Bus) -> int:
+        admin = args.admin or await _admin_url(bus, args.proxy)
+        if args.what == "endpoints":
+            data = _http_json(f"{admin}/clusters")
+        else:
+            data = _http_json(f"{admin}/config_dump")
+            if args.what == "routes":
+                data = {k: v.get("route_table") for k, v in data.get("destinations", {}).items()}
+
+        def table() -> None:
+            if args.what == "endpoints":
+                rows = [
+                    [c["destination"], c.get("subset") or "-", e["instance"], e["address"], e["health"],
+                     e.get("active_requests", 0)]
+                    for c in data.get("clusters", [])
+                    for e in c.get("endpoints", [])
+                ]
+                print_table(rows, ["DESTINATION", "SUBSET", "INSTANCE", "ADDRESS", "HEALTH", "ACTIVE"])
+            elif args.what == "routes":
+                rows = []
+                for dest, table_ in data.items():
+                    if not table_:
+                        continue
+                    http = table_.get("http") or [{"name": "default", "route": [{"destination": {"host": table_["host"]}}]}]
+                    for rule in http:
+                        targets = ",".join(
+                            f"{r['destination']['host']}"
+                            + (f"/{r['destination']['subset']}" if r["destination"].get("subset") else "")
+                            + (f" {r.get('weight', 100)}%" if len(rule.get("route", [])) > 1 else "")
+                            for r in rule.get("route", [])
+                        ) or ("redirect" if rule.get("redirect") else "direct-response")
+                        rows.append([dest, rule.get("name", ""), len(rule.get("match", [])), targets, table_["revision"]])
+                print_table(rows, ["DESTINATION", "RULE", "MATCHES", "ROUTE", "REVISION"])
+            else:
+                print(json.dumps(data, indent=2))
+
+        emit(data, args.output, table)
+        return 0
+
+    return with_bus(run)(args)

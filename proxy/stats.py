@@ -1,0 +1,44 @@
+"""The proxy's own counters, exposed at the admin `/stats/prometheus`.
+
+Envoy-style response flags say why a request failed locally: NR no route, UH no
+healthy upstream, UF upstream connection failure, UC upstream connection
+termination, UT upstream timeout, NC no cluster (unknown subset), DC downstream
+connection termination.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+
+class ProxyStats:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "meshwork_proxy_requests_total",
+            "Requests handled by the proxy, by listener, status code and response flags",
+            ["listener", "response_code", "response_flags"],
+            registry=self.registry,
+        )
+        self.config_applied = Counter(
+            "meshwork_proxy_config_applied_total", "Configs applied, by kind", ["kind"], registry=self.registry
+        )
+        self.config_rejected = Counter(
+            "meshwork_proxy_config_rejected_total", "Configs rejected (kept the last good one)", ["kind"],
+            registry=self.registry,
+        )
+        self.active = Gauge(
+            "meshwork_proxy_active_requests", "Requests in flight", ["listener"], registry=self.registry
+        )
+        self.destinations = Gauge(
+            "meshwork_proxy_destinations", "Destinations this proxy follows", registry=self.registry
+        )
+        self._children: dict[tuple[str, int, str], Counter] = {}
+
+    def count(self, listener: str, status: int, flags: str) -> None:
+        key = (listener, status, flags)
+        child = self._children.get(key)
+        if child is None:
+            child = self.requests.labels(listener, str(status), flags or "-")
+            self._children[key] = child
+        child.inc()
