@@ -155,8 +155,10 @@ class RouteTable(msgspec.Struct, frozen=True, omit_defaults=True, tag=True):
     # request that matches no rule gets 404 NR, as in Istio
     has_virtual_service: bool = False
     # revision of the previous publish for this destination by the same leader (0 =
-    # unknown); a receiver whose applied revision differs has missed one and refetches
+    # unknown), for observability: tables are full states, the newest always wins
     prev_revision: int = 0
+    # True when some resource names this service (set by the config service)
+    exists: bool = False
 
 
 class GatewayServer(msgspec.Struct, frozen=True, omit_defaults=True):

@@ -138,7 +138,7 @@ def _re2_unsupported(pattern: str) -> str | None:
     return _walk(parser.parse(pattern), parser.SubPattern)
 
 
-def _walk(node: Any, subpattern: type) -> str | None:
+def _walk(node: Any, subpattern: Any) -> str | None:
     if isinstance(node, subpattern):
         for op, arg in node:
             construct = _RE2_UNSUPPORTED.get(str(op))

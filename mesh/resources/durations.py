@@ -15,15 +15,18 @@ from decimal import Decimal
 _MS_PER_UNIT = {
     "ns": Decimal("0.000001"),
     "us": Decimal("0.001"),
-    "µs": Decimal("0.001"),  # noqa: RUF001 - Go accepts the micro sign
-    "μs": Decimal("0.001"),  # noqa: RUF001 - and the Greek mu
+    "µs": Decimal("0.001"),  # Go accepts the micro sign
+    "μs": Decimal("0.001"),  # and the Greek mu
     "ms": Decimal(1),
     "s": Decimal(1000),
     "m": Decimal(60_000),
     "h": Decimal(3_600_000),
 }
-_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")  # noqa: RUF001
+_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
 _FORMAT_HINT = "a duration such as 1.5s, 100ms or 2m"
+# protobuf Duration's range (10,000 years), which Istio inherits; it also keeps the
+# compiled value within MessagePack's 64-bit integers
+MAX_DURATION_MS = 315_576_000_000 * 1000
 
 
 def parse_duration_ms(text: str) -> int:
@@ -42,4 +45,6 @@ def parse_duration_ms(text: str) -> int:
             raise ValueError(f"must be {_FORMAT_HINT}, got {text!r}")
         total += Decimal(m.group(1)) * _MS_PER_UNIT[m.group(2)]
         pos = m.end()
+    if total > MAX_DURATION_MS:
+        raise ValueError(f"must be at most 315576000000s (10000 years), got {text!r}")
     return math.ceil(total)

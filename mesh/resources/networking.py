@@ -29,7 +29,7 @@ class Model(
 # ---------------------------------------------------------------- VirtualService
 
 
-class StringMatch(Model):
+class StringMatch(Model, frozen=True):
     """Exactly one of the three must be set (checked in validation)."""
 
     exact: str | None = None
@@ -37,7 +37,7 @@ class StringMatch(Model):
     regex: str | None = None
 
 
-class HTTPMatchRequest(Model):
+class HTTPMatchRequest(Model, frozen=True):
     name: str = ""
     uri: StringMatch | None = None
     scheme: StringMatch | None = None
@@ -53,35 +53,35 @@ class HTTPMatchRequest(Model):
     gateways: tuple[str, ...] = ()
 
 
-class PortSelector(Model):
+class PortSelector(Model, frozen=True):
     number: int
 
 
-class Destination(Model):
+class Destination(Model, frozen=True):
     host: str
     subset: str = ""
     port: PortSelector | None = None
 
 
-class HeaderOperations(Model):
+class HeaderOperations(Model, frozen=True):
     set: dict[str, str] = {}
     add: dict[str, str] = {}
     remove: tuple[str, ...] = ()
 
 
-class Headers(Model):
+class Headers(Model, frozen=True):
     request: HeaderOperations | None = None
     response: HeaderOperations | None = None
 
 
-class HTTPRouteDestination(Model):
+class HTTPRouteDestination(Model, frozen=True):
     destination: Destination
     # Istio: an omitted weight is 0; with a single destination it is ignored
     weight: int = 0
     headers: Headers | None = None
 
 
-class HTTPRedirect(Model):
+class HTTPRedirect(Model, frozen=True):
     uri: str | None = None
     authority: str | None = None
     port: int | None = None
@@ -90,21 +90,21 @@ class HTTPRedirect(Model):
     redirect_code: int | None = None
 
 
-class HTTPBody(Model):
+class HTTPBody(Model, frozen=True):
     string: str
 
 
-class HTTPDirectResponse(Model):
+class HTTPDirectResponse(Model, frozen=True):
     status: int
     body: HTTPBody | None = None
 
 
-class HTTPRewrite(Model):
+class HTTPRewrite(Model, frozen=True):
     uri: str | None = None
     authority: str | None = None
 
 
-class HTTPRoute(Model):
+class HTTPRoute(Model, frozen=True):
     name: str = ""
     match: tuple[HTTPMatchRequest, ...] = ()
     route: tuple[HTTPRouteDestination, ...] = ()
@@ -116,7 +116,7 @@ class HTTPRoute(Model):
     timeout: str | None = None
 
 
-class VirtualServiceSpec(Model):
+class VirtualServiceSpec(Model, frozen=True):
     hosts: tuple[str, ...] = ()
     gateways: tuple[str, ...] = ()
     http: tuple[HTTPRoute, ...] = ()
@@ -125,13 +125,13 @@ class VirtualServiceSpec(Model):
 # ---------------------------------------------------------------- DestinationRule
 
 
-class HTTPCookie(Model):
+class HTTPCookie(Model, frozen=True):
     name: str
     path: str = ""
     ttl: str | None = None
 
 
-class ConsistentHashLB(Model):
+class ConsistentHashLB(Model, frozen=True):
     http_header_name: str = ""
     http_cookie: HTTPCookie | None = None
     use_source_ip: bool = False
@@ -139,23 +139,23 @@ class ConsistentHashLB(Model):
     minimum_ring_size: int | None = None
 
 
-class LoadBalancerSettings(Model):
+class LoadBalancerSettings(Model, frozen=True):
     # ROUND_ROBIN, LEAST_REQUEST, LEAST_CONN (alias of LEAST_REQUEST) or RANDOM
     simple: str | None = None
     consistent_hash: ConsistentHashLB | None = None
 
 
-class TrafficPolicy(Model):
+class TrafficPolicy(Model, frozen=True):
     load_balancer: LoadBalancerSettings | None = None
 
 
-class Subset(Model):
+class Subset(Model, frozen=True):
     name: str
     labels: dict[str, str] = {}
     traffic_policy: TrafficPolicy | None = None
 
 
-class DestinationRuleSpec(Model):
+class DestinationRuleSpec(Model, frozen=True):
     host: str = ""
     traffic_policy: TrafficPolicy | None = None
     subsets: tuple[Subset, ...] = ()
@@ -164,19 +164,19 @@ class DestinationRuleSpec(Model):
 # ---------------------------------------------------------------- Gateway
 
 
-class Port(Model):
+class Port(Model, frozen=True):
     number: int
     name: str = ""
     # empty = HTTP; kept as written so `meshctl get` shows what was applied
     protocol: str = ""
 
 
-class Server(Model):
+class Server(Model, frozen=True):
     port: Port
     hosts: tuple[str, ...] = ()
     name: str = ""
 
 
-class GatewaySpec(Model):
+class GatewaySpec(Model, frozen=True):
     selector: dict[str, str] = {}
     servers: tuple[Server, ...] = ()

@@ -217,7 +217,13 @@ class ConfigService(ControlPlaneService):
         resources = self.snapshot.resources()
         if req.kind == "gateway":
             return compile_gateway_config(resources, req.namespace, req.labels, self.snapshot.revision)
-        return compile_route_table(resources, ServiceRef(req.namespace, req.name), self.snapshot.revision)
+        ref = ServiceRef(req.namespace, req.name)
+        return self._route_table(resources, ref, self.snapshot.revision, services_named(resources))
+
+    @staticmethod
+    def _route_table(resources: list[Any], ref: ServiceRef, revision: int, named: set[ServiceRef]) -> RouteTable:
+        table = compile_route_table(resources, ref, revision)
+        return msgspec.structs.replace(table, exists=ref in named) if ref in named else table
 
     # ------------------------------------------------------------ leader
 
@@ -237,8 +243,8 @@ class ConfigService(ControlPlaneService):
         finally:
             await self.bus.unsubscribe(sub)
 
-    def _destinations(self, resources: list[Any]) -> set[ServiceRef]:
-        wanted = set(services_named(resources))
+    def _destinations(self, named: set[ServiceRef]) -> set[ServiceRef]:
+        wanted = set(named)
         route_base = f"{self.bus.subjects.prefix}.config.route"
         for subject in [*self.status.followed_subjects(), *self.published]:
             parsed = parse_service_subject(subject, route_base)
@@ -252,8 +258,9 @@ class ConfigService(ControlPlaneService):
         subjects = self.bus.subjects
         started = time.perf_counter()
         pushed = 0
-        for ref in sorted(self._destinations(resources)):
-            table = compile_route_table(resources, ref, revision)
+        named = services_named(resources)
+        for ref in sorted(self._destinations(named)):
+            table = self._route_table(resources, ref, revision, named)
             pushed += await self._publish_if_changed(subjects.route(ref.namespace, ref.name), table)
         for gw in self.status.gateways():
             config = compile_gateway_config(resources, gw.namespace, gw.labels, revision)

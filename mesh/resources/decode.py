@@ -1,0 +1,142 @@
+"""Typed decoding with msgspec, its errors rewritten in the resource path notation.
+
+msgspec reports `Object contains unknown field `corsPolicy` - at `$.http[0]``; users
+need `spec.http[0].corsPolicy is not supported`. msgspec also hides map keys
+(`$.headers[...]`), which hides the one thing a user must fix in the common mistake
+`end-user: jason` (instead of `end-user: {exact: jason}`), so the key is recovered by
+re-checking the map's values against the field's type in order, as msgspec did.
+"""
+
+from __future__ import annotations
+
+import re
+import types
+import typing
+from typing import Any, TypeVar
+
+import msgspec
+
+from mesh.resources.errors import Issue, field, item, key, required, unsupported
+
+T = TypeVar("T")
+
+_LOCATION = re.compile(
+    r"^(?P<message>.*?)(?: - at `(?P<at>[^`]*)`(?: in `(?P<container>[^`]*)`)?)?$"
+)
+_TOKEN = re.compile(r"\.(?P<field>[^.\[]+)|\[(?P<index>\d+)\]|(?P<anykey>\[\.\.\.\])")
+_UNKNOWN = re.compile(r"Object contains unknown field `(?P<name>[^`]*)`")
+_MISSING = re.compile(r"Object missing required field `(?P<name>[^`]*)`")
+_EXPECTED = re.compile(r"Expected `(?P<want>[^`]*)`, got `(?P<got>[^`]*)`")
+_TYPE_NAMES = {
+    "str": "a string",
+    "int": "an integer",
+    "float": "a number",
+    "bool": "a boolean",
+    "object": "a mapping",
+    "array": "a list",
+    "null": "null",
+}
+
+
+def decode(value: Any, type_: type[T], path: str) -> T | Issue:
+    """`value` converted to `type_`, or the first problem msgspec found, at its path."""
+    try:
+        return msgspec.convert(value, type_)
+    except msgspec.ValidationError as exc:
+        return translate(str(exc), value, type_, path)
+
+
+def translate(error: str, value: Any, type_: Any, base: str) -> Issue:
+    """Rewrite one msgspec validation message for `value` decoded as `type_` at `base`."""
+    m = _LOCATION.match(error)
+    assert m is not None  # the pattern accepts any string
+    message, at, container = m["message"], m["at"], m["container"]
+    if container is not None:
+        # "... - at `key` in `$.labels`": a non-string map key
+        path, mapping = _resolve(container, value, type_, base)
+        keys = mapping if isinstance(mapping, dict) else {}
+        bad = next((k for k in keys if not isinstance(k, str)), None)
+        return Issue(path, f"keys must be strings, got {_describe_value(bad)}")
+    path, _ = _resolve(at or "$", value, type_, base)
+    if (unknown := _UNKNOWN.fullmatch(message)) is not None:
+        return unsupported(field(path, unknown["name"]))
+    if (missing := _MISSING.fullmatch(message)) is not None:
+        return required(field(path, missing["name"]))
+    if (expected := _EXPECTED.fullmatch(message)) is not None:
+        want, got = _describe(expected["want"]), _describe(expected["got"])
+        return Issue(path, f"must be {want}, got {got}")
+    return Issue(path, message[:1].lower() + message[1:])
+
+
+def _resolve(at: str, value: Any, type_: Any, base: str) -> tuple[str, Any]:
+    """Follow a msgspec path (`$.http[0].headers[...]`) through the data and the types."""
+    path = base
+    for token in _TOKEN.finditer(at.removeprefix("$")):
+        type_ = _unwrap_optional(type_)
+        if token["field"] is not None:
+            name = token["field"]
+            path = field(path, name)
+            type_ = _field_type(type_, name)
+            value = value.get(name) if isinstance(value, dict) else None
+        elif token["index"] is not None:
+            index = int(token["index"])
+            path = item(path, index)
+            type_ = _item_type(type_)
+            value = value[index] if isinstance(value, list | tuple) and index < len(value) else None
+        else:
+            type_ = _value_type(type_)
+            bad = _first_invalid_entry(value, type_)
+            if bad is None:
+                path = f"{path}[...]"
+                value = None
+            else:
+                path = key(path, bad)
+                value = value[bad]
+    return path, value
+
+
+def _first_invalid_entry(mapping: Any, value_type: Any) -> str | None:
+    if not isinstance(mapping, dict) or value_type is Any:
+        return None
+    for name, entry in mapping.items():
+        try:
+            msgspec.convert(entry, value_type)
+        except msgspec.ValidationError:
+            return str(name)
+    return None
+
+
+def _unwrap_optional(type_: Any) -> Any:
+    if typing.get_origin(type_) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(type_) if a is not type(None)]
+        return args[0] if len(args) == 1 else Any
+    return type_
+
+
+def _field_type(type_: Any, name: str) -> Any:
+    if isinstance(type_, type) and issubclass(type_, msgspec.Struct):
+        for info in msgspec.structs.fields(type_):
+            if info.encode_name == name:
+                return info.type
+    return Any
+
+
+def _item_type(type_: Any) -> Any:
+    args = typing.get_args(type_)
+    return args[0] if typing.get_origin(type_) in (list, tuple) and args else Any
+
+
+def _value_type(type_: Any) -> Any:
+    args = typing.get_args(type_)
+    return args[1] if typing.get_origin(type_) is dict and len(args) == 2 else Any
+
+
+def _describe(msgspec_type: str) -> str:
+    names = [n.strip() for n in msgspec_type.split("|")]
+    if len(names) > 1:
+        names = [n for n in names if n != "null"]
+    return " or ".join(_TYPE_NAMES.get(n, n) for n in names)
+
+
+def _describe_value(value: Any) -> str:
+    return f"{_TYPE_NAMES.get(type(value).__name__, type(value).__name__)} ({value!r})"
