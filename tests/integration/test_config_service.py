@@ -1,0 +1,175 @@
+"""The config service against real nats-server and etcd: apply/get/delete, all-or-nothing,
+compiled tables fetched and pushed live."""
+
+from __future__ import annotations
+
+import pytest
+
+from mesh import errors
+from mesh.bus import Bus
+from mesh.compiled import RouteTable
+from mesh.messages import (
+    ApplyReply,
+    ApplyRequest,
+    DeleteReply,
+    DeleteRequest,
+    FetchRequest,
+    GetResourcesReply,
+    GetResourcesRequest,
+    ResourceDocument,
+    ResourceRef,
+)
+from mesh.resources import load_yaml
+from services.config import ConfigService
+from tests.support import eventually, running, service_config
+
+REVIEWS_V1 = """
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews}
+spec:
+  hosts: [reviews]
+  http:
+  - route:
+    - destination: {host: reviews, subset: v1}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews}
+spec:
+  host: reviews
+  subsets:
+  - {name: v1, labels: {version: v1}}
+  - {name: v2, labels: {version: v2}}
+"""
+
+REVIEWS_SPLIT = """
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews}
+spec:
+  hosts: [reviews]
+  http:
+  - route:
+    - destination: {host: reviews, subset: v1}
+      weight: 80
+    - destination: {host: reviews, subset: v2}
+      weight: 20
+"""
+
+INVALID = """
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews}
+spec:
+  hosts: [reviews]
+  http:
+  - corsPolicy: {allowOrigins: [{exact: "*"}]}
+    route:
+    - destination: {host: reviews, subset: v2}
+"""
+
+
+def docs(text: str, source: str = "test.yaml") -> list[ResourceDocument]:
+    return [ResourceDocument(source=source, index=i, body=b) for i, b in enumerate(load_yaml(text, source))]
+
+
+async def apply(bus: Bus, text: str, source: str = "test.yaml") -> ApplyReply:
+    return await bus.request(bus.subjects.config_apply, ApplyRequest(documents=docs(text, source)), ApplyReply)
+
+
+async def fetch(bus: Bus, name: str = "reviews") -> RouteTable:
+    return await bus.request(bus.subjects.config_fetch, FetchRequest(namespace="default", name=name), RouteTable)
+
+
+@pytest.fixture
+async def config_bus(nats_server, etcd_server, prefix):
+    async with running(ConfigService(service_config(nats_server.url, etcd_server.url, prefix))) as svc:
+        bus = await Bus.connect([nats_server.url], name="test", prefix=prefix)
+        yield bus, svc
+        await bus.close()
+
+
+async def test_apply_get_fetch_and_push(config_bus) -> None:
+    bus, _svc = config_bus
+    pushed: list[RouteTable] = []
+
+    async def on_route(table: RouteTable, _s: str) -> None:
+        pushed.append(table)
+
+    await bus.subscribe(bus.subjects.route("default", "reviews"), RouteTable, on_route)
+    reply = await apply(bus, REVIEWS_V1)
+    assert [(r.ref.kind, r.action) for r in reply.results] == [
+        ("VirtualService", "created"), ("DestinationRule", "created"),
+    ]  # fmt: skip
+    again = await apply(bus, REVIEWS_V1)
+    assert {r.action for r in again.results} == {"unchanged"}
+
+    table = await eventually(lambda: fetch(bus))
+    assert table.host == "reviews.default.svc.cluster.local"
+    assert table.exists and table.has_virtual_service
+    assert table.http[0].route[0].destination.subset == "v1"
+    assert {s.name: s.labels for s in table.subsets} == {"v1": {"version": "v1"}, "v2": {"version": "v2"}}
+
+    # the leader pushes the change on the destination's subject
+    await apply(bus, REVIEWS_SPLIT)
+    await eventually(lambda: pushed and [w.weight for w in pushed[-1].http[0].route] == [80, 20])
+    assert pushed[-1].revision >= table.revision
+
+    got = await bus.request(
+        bus.subjects.config_get, GetResourcesRequest(kind="vs", namespace="default"), GetResourcesReply
+    )
+    assert [r.ref.name for r in got.resources] == ["reviews"]
+    assert got.resources[0].body["spec"]["http"][0]["route"][1]["weight"] == 20
+
+
+async def test_invalid_resource_rejected_and_previous_config_kept(config_bus) -> None:
+    bus, _svc = config_bus
+    await apply(bus, REVIEWS_V1)
+    before = await eventually(lambda: fetch(bus))
+    with pytest.raises(errors.RemoteError) as e:
+        await apply(bus, INVALID, "bad.yaml")
+    assert e.value.code == 400
+    assert "bad.yaml: document 0: spec.http[0].corsPolicy is not supported" in e.value.details
+    after = await fetch(bus)
+    assert after.http == before.http
+
+
+async def test_multi_document_apply_is_all_or_nothing(config_bus) -> None:
+    bus, _svc = config_bus
+    good_and_bad = REVIEWS_V1 + "---\n" + INVALID.replace("name: reviews", "name: other")
+    with pytest.raises(errors.RemoteError) as e:
+        await apply(bus, good_and_bad, "mixed.yaml")
+    assert any("document 2" in d for d in e.value.details)
+    got = await bus.request(bus.subjects.config_get, GetResourcesRequest(), GetResourcesReply)
+    assert got.resources == []
+
+
+async def test_unsupported_kind_rejected(config_bus) -> None:
+    bus, _svc = config_bus
+    text = "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: x}\nspec: {hosts: [a.com]}\n"
+    with pytest.raises(errors.RemoteError) as e:
+        await apply(bus, text)
+    assert "kind ServiceEntry is not supported" in "\n".join(e.value.details)
+
+
+async def test_delete_returns_to_default_route(config_bus) -> None:
+    bus, _svc = config_bus
+    pushed: list[RouteTable] = []
+
+    async def on_route(table: RouteTable, _s: str) -> None:
+        pushed.append(table)
+
+    await bus.subscribe(bus.subjects.route("default", "reviews"), RouteTable, on_route)
+    await apply(bus, REVIEWS_V1)
+    await eventually(lambda: pushed and pushed[-1].has_virtual_service)
+    reply = await bus.request(
+        bus.subjects.config_delete,
+        DeleteRequest(refs=[ResourceRef(kind="virtualservice", namespace="default", name="reviews"),
+                            ResourceRef(kind="vs", namespace="default", name="missing")]),
+        DeleteReply,
+    )
+    assert [r.name for r in reply.deleted] == ["reviews"]
+    assert [r.name for r in reply.not_found] == ["missing"]
+    await eventually(lambda: pushed and not pushed[-1].has_virtual_service)
+    assert pushed[-1].http == ()
