@@ -93,3 +93,114 @@ class ServiceProcess:
 
     def ready(self) -> bool:
         return http_ok(self.http + "/readyz")
+
+
+# ---------------------------------------------------------------- sidecars and apps
+
+
+class EchoApp:
+    """A small upstream app: answers JSON naming its service/version and what it saw."""
+
+    def __init__(self, service: str, version: str):
+        self.service = service
+        self.version = version
+        self.requests = 0
+        self.port = 0
+        self.runner: Any = None
+        self.seen_headers: list[dict[str, str]] = []
+
+    async def start(self) -> EchoApp:
+        from aiohttp import web
+
+        async def handle(request: web.Request) -> web.Response:
+            self.requests += 1
+            self.seen_headers.append(dict(request.headers))
+            body = await request.read()
+            return web.json_response(
+                {
+                    "service": self.service, "version": self.version, "path": request.path_qs,
+                    "method": request.method, "host": request.host, "body_len": len(body),
+                    "headers": dict(request.headers),
+                }
+            )
+
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", handle)
+        self.runner = web.AppRunner(app, access_log=None)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        return self
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+
+
+class MeshHarness:
+    """Registry + config services in this event loop, and sidecars with echo apps."""
+
+    def __init__(self, nats_url: str, etcd_url: str, prefix: str):
+        self.nats_url = nats_url
+        self.etcd_url = etcd_url
+        self.prefix = prefix
+        self.stack = contextlib.AsyncExitStack()
+        self.sidecars: list[Any] = []
+        self.tasks: list[asyncio.Task[int]] = []
+        self.apps: list[EchoApp] = []
+        self.bus: Any = None
+
+    async def __aenter__(self) -> MeshHarness:
+        from mesh.bus import Bus
+        from services.config import ConfigService
+        from services.registry import RegistryService
+
+        await self.stack.enter_async_context(running(RegistryService(service_config(self.nats_url, self.etcd_url, self.prefix))))
+        await self.stack.enter_async_context(running(ConfigService(service_config(self.nats_url, self.etcd_url, self.prefix))))
+        self.bus = await Bus.connect([self.nats_url], name="test", prefix=self.prefix)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for sc in self.sidecars:
+            sc.stop()
+        for t in self.tasks:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(t, 15)
+        for app in self.apps:
+            await app.stop()
+        if self.bus is not None:
+            await self.bus.close()
+        await self.stack.aclose()
+
+    async def sidecar(self, service: str, version: str = "v1", *, app: bool = True, **settings: Any) -> Any:
+        from proxy.settings import SidecarSettings
+        from proxy.sidecar import Sidecar
+
+        echo = None
+        if app:
+            echo = await EchoApp(service, version).start()
+            self.apps.append(echo)
+        s = SidecarSettings(
+            service=service, version=version, app_port=echo.port if echo else 1,
+            nats=[self.nats_url], prefix=self.prefix, drain_timeout=2.0, **settings,
+        )
+        sc = Sidecar(s)
+        sc.echo = echo
+        self.sidecars.append(sc)
+        self.tasks.append(asyncio.create_task(sc.run(), name=f"sidecar:{s.instance}"))
+        await eventually(lambda: sc.ready, timeout=15)
+        return sc
+
+    async def apply(self, text: str, source: str = "test.yaml") -> Any:
+        from mesh.messages import ApplyReply, ApplyRequest, ResourceDocument
+        from mesh.resources import load_yaml
+
+        docs = [ResourceDocument(source=source, index=i, body=b) for i, b in enumerate(load_yaml(text, source))]
+        return await self.bus.request(self.bus.subjects.config_apply, ApplyRequest(documents=docs), ApplyReply)
+
+    async def proxy_status(self) -> list[Any]:
+        from mesh.messages import ProxyStatusReply, ProxyStatusRequest
+
+        reply = await self.bus.request(self.bus.subjects.config_proxy_status, ProxyStatusRequest(), ProxyStatusReply)
+        return list(reply.entries)

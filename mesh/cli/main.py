@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from mesh import __version__, logs
-from mesh.cli import cluster, resources, serve
+from mesh.cli import cluster, resources, serve, sidecar_cmds
 from mesh.cli.common import CLIError
 
 COMMAND_MODULES = [cluster, serve, resources]
@@ -23,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.set_defaults(func=lambda _a: print(f"meshctl {__version__}") or 0)
     for module in COMMAND_MODULES:
         module.add_parser(sub)
+    sidecar_cmds.add_parsers(sub)
     return parser
 
 

@@ -157,6 +157,7 @@ class ConfigService(ControlPlaneService):
         if ops and not req.dry_run:
             # all-or-nothing: one transaction for the whole batch
             revision = (await self.store.txn([], ops)).revision
+            await self._caught_up(revision)
         self.requests.labels("apply", "ok").inc()
         self.log.info("config.applied", resources=len(results), changed=len(ops), revision=revision, dry_run=req.dry_run)
         return ApplyReply(revision=revision, results=results)
@@ -177,8 +178,16 @@ class ConfigService(ControlPlaneService):
         revision = self.snapshot.revision
         if ops:
             revision = (await self.store.txn([], ops)).revision
+            await self._caught_up(revision)
         self.log.info("config.deleted", deleted=len(deleted), not_found=len(missing), revision=revision)
         return DeleteReply(revision=revision, deleted=deleted, not_found=missing)
+
+    async def _caught_up(self, revision: int, timeout: float = 1.0) -> None:
+        """Read-your-writes: return once this replica's snapshot reflects `revision`, so a
+        fetch answered here right after the reply sees the change (bounded wait)."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while self.snapshot.revision < revision and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.001)
 
     def _kind(self, name: str) -> str:
         try:

@@ -1,0 +1,100 @@
+"""The admin listener: `/ready`, `/stats/prometheus`, `/config_dump`, `/clusters`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from proxy.destinations import DestinationCache
+from proxy.stats import ProxyStats
+
+
+class AdminServer:
+    def __init__(
+        self,
+        *,
+        ready: Callable[[], bool],
+        stats: ProxyStats,
+        cache: Callable[[], DestinationCache | None],
+        info: Callable[[], dict[str, Any]],
+        extra_metrics: Callable[[], bytes] | None = None,
+    ):
+        self.ready = ready
+        self.stats = stats
+        self.cache = cache
+        self.info = info
+        self.extra_metrics = extra_metrics
+        self.runner: web.AppRunner | None = None
+        self.port = 0
+
+    async def start(self, host: str, port: int) -> int:
+        app = web.Application()
+        app.router.add_get("/ready", self._ready)
+        app.router.add_get("/stats/prometheus", self._stats)
+        app.router.add_get("/config_dump", self._config_dump)
+        app.router.add_get("/clusters", self._clusters)
+        self.runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, host, port)
+        await site.start()
+        server: Any = site._server
+        self.port = server.sockets[0].getsockname()[1] if server and server.sockets else port
+        return self.port
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+
+    async def _ready(self, _r: web.Request) -> web.Response:
+        if self.ready():
+            return web.Response(text="LIVE\n")
+        return web.Response(text="NOT READY\n", status=503)
+
+    async def _stats(self, _r: web.Request) -> web.Response:
+        cache = self.cache()
+        self.stats.destinations.set(len(cache.destinations) if cache else 0)
+        body = generate_latest(self.stats.registry)
+        if self.extra_metrics is not None:
+            body += self.extra_metrics()
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def _config_dump(self, _r: web.Request) -> web.Response:
+        cache = self.cache()
+        return web.json_response({**self.info(), "destinations": cache.dump() if cache else {}})
+
+    async def _clusters(self, _r: web.Request) -> web.Response:
+        clusters: list[dict[str, Any]] = []
+        cache = self.cache()
+        if cache is None:
+            return web.json_response({"clusters": clusters})
+        for ref, dest in sorted(cache.destinations.items()):
+            eps = dest.endpoints.endpoints if dest.endpoints else []
+            subsets = [""] + [s.name for s in (dest.table.subsets if dest.table else ())]
+            for subset in subsets:
+                balancer = dest.balancer(subset, cache.rand)
+                members = {e.instance for e in balancer.endpoints} if balancer is not None else set()
+                active = getattr(balancer, "active_requests", None)
+                clusters.append(
+                    {
+                        "destination": str(ref),
+                        "subset": subset,
+                        "load_balancer": type(balancer).__name__ if balancer else None,
+                        "endpoints": [
+                            {
+                                "instance": e.instance,
+                                "address": e.address,
+                                "version": e.version,
+                                "health": "draining" if e.status == "draining" else "healthy",
+                                "in_rotation": e.instance in members,
+                                "active_requests": active(e.instance) if active else 0,
+                            }
+                            for e in eps
+                            if e.instance in members or not subset
+                        ],
+                    }
+                )
+        return web.json_response({"clusters": clusters})

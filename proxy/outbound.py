@@ -1,0 +1,169 @@
+"""Outbound (and gateway) routing: resolve the destination, apply its route table,
+pick a subset and an endpoint, forward to that endpoint's sidecar.
+
+The decisions are the routing core's (`proxy.routing`); this module only gathers the
+request's attributes, asks, and carries out the answer.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from mesh import errors
+from mesh.compiled import HTTPRoute
+from mesh.hosts import ServiceRef, canonical_host, service_of_host, strip_port
+from proxy.destinations import Destination, DestinationCache
+from proxy.forward import Outcome, PoolSet, forward, local_reply
+from proxy.http import Exchange, Request, append_forwarded_for, ensure_request_id, strip_hop_by_hop
+from proxy.routing import (
+    CompiledRoutes,
+    HashContext,
+    NoDestinationError,
+    RequestAttrs,
+    RouteMatch,
+    apply_request_header_ops,
+    apply_response_header_ops,
+    pick_destination,
+    redirect_location,
+    request_authority,
+    rewrite_path,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who is sending: the workload this proxy fronts (labels match `sourceLabels`)."""
+
+    namespace: str
+    labels: dict[str, str]
+    gateway: str = ""  # "<ns>/<name>" in gateway mode
+
+
+def header_map(headers: list[tuple[str, str]]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for name, value in headers:
+        out[name] = f"{out[name]},{value}" if name in out else value
+    return out
+
+
+class RouteHandler:
+    """Routes requests to mesh services: the sidecar's outbound listener, or a gateway
+    (then `routes_for` gives the gateway's compiled virtual hosts)."""
+
+    def __init__(self, caller: Caller, cache: DestinationCache, pools: PoolSet, rand: random.Random | None = None):
+        self.caller = caller
+        self.cache = cache
+        self.pools = pools
+        self.rand = rand or random.Random()
+        self.gateway_routes: CompiledRoutes | None = None
+        self.gateway_mode = False
+
+    async def handle(self, req: Request, ex: Exchange) -> Outcome:
+        authority = req.authority
+        if not authority:
+            return await local_reply(ex, 400, "", "missing Host header")
+        headers = header_map(req.headers)
+        attrs = RequestAttrs(
+            method=req.method,
+            scheme=req.scheme,
+            authority=authority,
+            path=req.path,
+            headers=headers,
+            port=_port_of(authority),
+            source_labels=self.caller.labels,
+            source_namespace=self.caller.namespace,
+            gateway=self.caller.gateway,
+        )
+        if self.gateway_mode:
+            if self.gateway_routes is None:
+                return await local_reply(ex, 503, "NC", "gateway has no configuration yet")
+            match = self.gateway_routes.select(attrs)
+            if match is None:
+                return await local_reply(ex, 404, "NR", f"no route for {authority}{req.path}")
+            return await self._route(req, ex, attrs, match)
+
+        ref = service_of_host(canonical_host(authority, self.caller.namespace))
+        if ref is None or ref.name == "*":
+            return await local_reply(ex, 502, "NR", f"unknown host {strip_port(authority)!r}: not a mesh service")
+        try:
+            dest = await self.cache.get(ref)
+        except errors.MeshError as e:
+            return await local_reply(ex, 503, "UH", f"no configuration for {ref}: {e}")
+        if not _exists(dest):
+            return await local_reply(ex, 502, "NR", f"unknown host {strip_port(authority)!r}: no such service")
+        assert dest.routes is not None
+        match = dest.routes.select(attrs)
+        if match is None:
+            return await local_reply(ex, 404, "NR", f"no route matched {req.method} {req.path}")
+        return await self._route(req, ex, attrs, match)
+
+    async def _route(self, req: Request, ex: Exchange, attrs: RequestAttrs, match: RouteMatch) -> Outcome:
+        route: HTTPRoute = match.route
+        if route.direct_response is not None:
+            dr = route.direct_response
+            await ex.respond(dr.status, [("content-type", "text/plain; charset=utf-8")], (dr.body or "").encode())
+            return Outcome(dr.status)
+        if route.redirect is not None:
+            status, location = redirect_location(route.redirect, req.scheme, attrs.authority, req.path)
+            await ex.respond(status, [("location", location)], b"")
+            return Outcome(status)
+        try:
+            chosen = pick_destination(route, self.rand.random())
+        except NoDestinationError as e:
+            return await local_reply(ex, 503, "NC", str(e))
+        target_ref = service_of_host(chosen.destination.host)
+        if target_ref is None:
+            return await local_reply(ex, 502, "NR", f"route destination {chosen.destination.host} is not a mesh service")
+        try:
+            target = await self.cache.get(target_ref)
+        except errors.MeshError as e:
+            return await local_reply(ex, 503, "UH", f"no configuration for {target_ref}: {e}")
+        balancer = target.balancer(chosen.destination.subset, self.rand)
+        if balancer is None:
+            return await local_reply(ex, 503, "NC", f"unknown subset {chosen.destination.subset!r} of {target_ref}")
+        peer_ip = req.peer[0] if req.peer else ""
+        hash_ctx = HashContext(headers=attrs.headers, path=req.path, source_ip=peer_ip,
+                               source_port=req.peer[1] if req.peer else 0)
+        endpoint = balancer.choose(hash_ctx)
+        if endpoint is None:
+            return await local_reply(ex, 503, "UH", f"no healthy upstream for {target_ref}")
+
+        path = rewrite_path(route, match.match, req.path)
+        authority = request_authority(route, chosen, attrs.authority)
+        out_headers = strip_hop_by_hop(req.headers)
+        out_headers = apply_request_header_ops(out_headers, route, chosen)
+        out_headers = [(n, v) for n, v in out_headers if n != "host"]
+        out_headers.append(("host", authority))
+        out_headers = append_forwarded_for(out_headers, peer_ip)
+        out_headers, _request_id = ensure_request_id(out_headers)
+        cookie = balancer.cookie_to_set(hash_ctx)
+
+        def response_headers(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
+            headers = apply_response_header_ops(headers, route, chosen)
+            if cookie:
+                headers.append(("set-cookie", cookie))
+            return headers
+
+        balancer.on_request_start(endpoint.instance)
+        try:
+            return await forward(
+                ex, req, self.pools.get(endpoint.address),
+                method=req.method, path=path, headers=out_headers, timeout_ms=route.timeout_ms,
+                response_headers=response_headers, upstream=endpoint.address,
+            )
+        finally:
+            balancer.on_request_end(endpoint.instance)
+
+
+def _exists(dest: Destination) -> bool:
+    known = dest.table is not None and (dest.table.exists or dest.table.has_virtual_service)
+    return known or bool(dest.endpoints and dest.endpoints.endpoints)
+
+
+def _port_of(authority: str) -> int:
+    _, sep, port = authority.rpartition(":")
+    return int(port) if sep and port.isdigit() else 0
+
+
+__all__ = ["Caller", "RouteHandler", "ServiceRef"]
