@@ -48,6 +48,8 @@ class Instance(Struct, kw_only=True):
     service_account: str = ""
     identity: str = ""  # spiffe://<td>/ns/<ns>/sa/<sa>
     tcp_ports: list[int] = []
+    # app TCP port (as a string) -> host:port of the sidecar's TCP relay for it
+    tcp_listeners: dict[str, str] = {}
     admin: str = ""  # http://host:port of the sidecar admin listener
     status: InstanceStatus = "healthy"
 
@@ -96,6 +98,7 @@ class Endpoint(Struct, kw_only=True):
     identity: str = ""
     version: str = ""
     tcp_ports: list[int] = []
+    tcp_listeners: dict[str, str] = {}
     status: InstanceStatus = "healthy"
     admin: str = ""
 

@@ -38,6 +38,7 @@ def endpoint_of(inst: Instance) -> Endpoint:
         identity=inst.identity,
         version=inst.version,
         tcp_ports=inst.tcp_ports,
+        tcp_listeners=inst.tcp_listeners,
         status=inst.status,
         admin=inst.admin,
     )
