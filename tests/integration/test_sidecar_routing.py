@@ -259,3 +259,56 @@ def _raw_exchange(port: int, data: bytes) -> bytes:
             if not chunk:  # the proxy closed the connection
                 return b"".join(chunks)
             chunks.append(chunk)
+
+
+GATEWAY = """
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: bookinfo-gateway}
+spec:
+  selector: {istio: ingressgateway}
+  servers:
+  - port: {number: 8080, name: http, protocol: HTTP}
+    hosts: ["*"]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: bookinfo}
+spec:
+  hosts: ["*"]
+  gateways: [bookinfo-gateway]
+  http:
+  - match:
+    - uri: {prefix: /reviews}
+    route:
+    - destination: {host: reviews, subset: v2}
+"""
+
+
+async def test_gateway_routes_by_bound_virtual_services(mesh: MeshHarness) -> None:
+    from mesh.servers import free_port
+
+    await mesh.sidecar("reviews", "v1")
+    await mesh.sidecar("reviews", "v2")
+    await mesh.apply(SUBSETS)
+    port = free_port()
+    gateway = await mesh.sidecar(
+        "ingressgateway", "", app=False, gateway=True, gateway_port=port, labels={"istio": "ingressgateway"}
+    )
+    url = f"http://127.0.0.1:{port}"
+    async with aiohttp.ClientSession() as session:
+        # nothing bound yet: no route
+        async with session.get(f"{url}/reviews/1") as r:
+            assert r.status == 404 and r.headers["x-mesh-response-flags"] == "NR"
+        await mesh.apply(GATEWAY)
+
+        async def routed() -> bool:
+            async with session.get(f"{url}/reviews/1", headers={"Host": "bookinfo.example.com"}) as r:
+                return r.status == 200 and (await r.json())["version"] == "v2"
+
+        await eventually(routed, timeout=10)
+        async with session.get(f"{url}/other") as r:
+            assert r.status == 404
+    entries = await mesh.proxy_status()
+    gw = [e for e in entries if e.proxy == gateway.settings.instance]
+    assert gw and gw[0].state == "SYNCED" and ".config.gateway." in gw[0].subject
