@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import sys
 import time
 from collections.abc import Callable
@@ -131,7 +132,20 @@ class DevCluster:
             time.sleep(0.05)
 
     def service_args(self, service: str) -> list[str]:
-        return list(self.extra.get("service_args", {}).get(service, []))
+        args = list(self.extra.get("service_args", {}).get(service, []))
+        if service == "ca":
+            args += ["--set", f"kek-file={self.ca_kek_file()}"]
+        return args
+
+    def ca_kek_file(self) -> Path:
+        """The CA's key-encryption key for this local cluster: generated once, kept
+        (0600) in the state dir so the root CA survives `down`/`up`."""
+        path = self.state_dir / "ca-kek"
+        if not path.exists():
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_hex(32) + "\n")
+        return path
 
     def cluster_document(self) -> dict[str, Any]:
         services: dict[str, list[dict[str, Any]]] = {}

@@ -214,6 +214,7 @@ class Sidecar:
             MESH_SERVICE=self.settings.service, MESH_NAMESPACE=self.settings.namespace,
             MESH_VERSION=self.settings.version, MESH_INSTANCE=self.settings.instance,
             PORT=str(self.settings.app_port),
+            MESH_ADMIN=f"http://{self.settings.bind_host}:{self.ports['admin']}",
         )
         return env
 

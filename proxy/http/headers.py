@@ -1,0 +1,100 @@
+"""Pure header logic shared by the listeners: no I/O, no state.
+
+Header lists are `list[tuple[str, str]]` in wire order. Lists produced by the engine
+have lower-case names; these helpers also accept mixed-case names from handlers.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable
+
+Headers = list[tuple[str, str]]
+
+# RFC 9110 §7.6.1: fields meaningful only for a single connection. `te` goes too, even
+# `te: trailers`: this engine never relays trailers, so it must not promise them.
+HOP_BY_HOP: frozenset[str] = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+
+REQUEST_ID = "x-request-id"
+FORWARDED_FOR = "x-forwarded-for"
+
+
+def get_header(headers: Iterable[tuple[str, str]], name: str) -> str | None:
+    """The value of the first field called `name` (case-insensitive), or None."""
+    wanted = name.lower()
+    for field_name, value in headers:
+        if field_name.lower() == wanted:
+            return value
+    return None
+
+
+def connection_tokens(headers: Iterable[tuple[str, str]]) -> frozenset[str]:
+    """The lower-case options listed in every `Connection` field."""
+    tokens: set[str] = set()
+    for name, value in headers:
+        if name.lower() == "connection":
+            tokens.update(t.strip().lower() for t in value.split(","))
+    tokens.discard("")
+    return frozenset(tokens)
+
+
+def hop_by_hop_names(headers: Iterable[tuple[str, str]]) -> frozenset[str]:
+    """`HOP_BY_HOP` plus every field the message's `Connection` header nominates."""
+    nominated = connection_tokens(headers)
+    return HOP_BY_HOP | nominated if nominated else HOP_BY_HOP
+
+
+def strip_hop_by_hop(headers: Iterable[tuple[str, str]]) -> Headers:
+    """A copy of `headers` without hop-by-hop fields (RFC 9110 §7.6.1)."""
+    headers = list(headers)
+    drop = hop_by_hop_names(headers)
+    return [(name, value) for name, value in headers if name.lower() not in drop]
+
+
+def append_forwarded_for(headers: Iterable[tuple[str, str]], client_ip: str) -> Headers:
+    """A copy with `client_ip` appended to X-Forwarded-For.
+
+    Several X-Forwarded-For lines form one list (RFC 9110 §5.3); they are merged into
+    a single field at the position of the first, so the upstream sees the whole chain.
+    """
+    result: Headers = []
+    chain: list[str] = []
+    position = -1
+    for name, value in headers:
+        if name.lower() == FORWARDED_FOR:
+            if position < 0:
+                position = len(result)
+                result.append((FORWARDED_FOR, ""))
+            chain.extend(hop.strip() for hop in value.split(",") if hop.strip())
+        else:
+            result.append((name, value))
+    chain.append(client_ip)
+    if position < 0:
+        result.append((FORWARDED_FOR, ", ".join(chain)))
+    else:
+        result[position] = (FORWARDED_FOR, ", ".join(chain))
+    return result
+
+
+def ensure_request_id(headers: Headers) -> tuple[Headers, str]:
+    """The request id the client sent, or a new uuid4 appended as X-Request-Id.
+
+    When the id is present, `headers` is returned as is (no copy).
+    """
+    existing = get_header(headers, REQUEST_ID)
+    if existing:
+        return headers, existing
+    request_id = str(uuid.uuid4())
+    result = [(name, value) for name, value in headers if name.lower() != REQUEST_ID]
+    result.append((REQUEST_ID, request_id))
+    return result, request_id

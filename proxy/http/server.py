@@ -1,0 +1,620 @@
+"""The downstream side: an asyncio Protocol parsing requests with httptools (llhttp).
+
+One task per connection runs the handler loop; the protocol callbacks parse, queue
+requests (pipelining) and feed body streams. Malformed requests never reach the
+handler: they are answered 400/431/408 with `Connection: close` and the connection
+is closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Awaitable, Callable
+from http import HTTPStatus
+from typing import TYPE_CHECKING, NoReturn, cast
+
+import structlog
+from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
+
+from .body import BodyStream
+from .errors import DownstreamError, UpstreamError
+from .exchange import Exchange
+from .flow import ReadGate, WriteGate
+from .limits import Limits
+from .request import Request
+from .tunnel import Tunnel
+from .wire import (
+    CONTINUE_100,
+    parse_content_length,
+    parse_request_target,
+    request_is_chunked,
+    status_line,
+)
+
+if TYPE_CHECKING:
+    from .listen import ConnectionSet
+
+Handler = Callable[[Request, Exchange], Awaitable[None]]
+
+log = structlog.get_logger("proxy.http")
+
+# Connection modes.
+_HTTP = 0  # parsing requests
+_UPGRADED = 1  # an upgrade/CONNECT request was parsed; later bytes are held for a tunnel
+_TUNNEL = 2  # relaying raw bytes
+_FAILED = 3  # a request was malformed: answer what is queued, then close
+_CLOSING = 4  # closing or closed
+
+# After an error answer, keep reading (and discarding) this long so the client gets the
+# answer instead of a reset caused by unread bytes.
+_LINGER_SECONDS = 2.0
+
+# Header names the request parser acts on, mapped to small codes.
+_CONTENT_LENGTH, _TRANSFER_ENCODING, _HOST, _UPGRADE, _EXPECT = 1, 2, 3, 4, 5
+_SPECIAL = {
+    "content-length": _CONTENT_LENGTH,
+    "transfer-encoding": _TRANSFER_ENCODING,
+    "host": _HOST,
+    "upgrade": _UPGRADE,
+    "expect": _EXPECT,
+}
+
+# Owners of read pauses, besides body streams and tunnels.
+_PIPELINE = object()  # too many parsed requests waiting for the handler
+_HELD = object()  # too many bytes held after an upgrade request
+_FAILED_OWNER = object()  # nothing more will be parsed
+
+_NAME_CACHE: dict[bytes, str] = {}
+_NAME_CACHE_MAX = 512
+_METHODS: dict[bytes, str] = {}
+
+
+def _error_response(status: int) -> bytes:
+    text = f"{HTTPStatus(status).phrase}\n".encode("ascii")
+    fields = (
+        "content-type: text/plain; charset=utf-8\r\n"
+        f"content-length: {len(text)}\r\n"
+        "connection: close\r\n\r\n"
+    )
+    return status_line(status) + fields.encode("ascii") + text
+
+
+_ERROR_RESPONSES = {status: _error_response(status) for status in (400, 408, 431, 500, 502)}
+
+
+class _Rejection:
+    """Queued in place of a request that must be answered with an error."""
+
+    __slots__ = ("status",)
+
+    def __init__(self, status: int) -> None:
+        self.status = status
+
+
+class _Rejected(Exception):
+    """Raised from a parser callback to stop parsing; the status is on the protocol."""
+
+
+class HttpServerProtocol(asyncio.Protocol):
+    """One client connection."""
+
+    def __init__(
+        self, handler: Handler, limits: Limits, connections: ConnectionSet | None = None
+    ) -> None:
+        self._handler = handler
+        self._limits = limits
+        self._connections = connections
+        self._loop = asyncio.get_running_loop()
+        self._transport: asyncio.Transport | None = None
+        self._read_gate: ReadGate | None = None
+        self._write_gate = WriteGate()
+        self._parser = HttpRequestParser(self)
+        self._mode = _HTTP
+        self._queue: deque[Request | _Rejection] = deque()
+        self._pipeline_paused = False
+        self._task: asyncio.Task[None] | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._active: Exchange | None = None
+        self._current: Request | None = None  # the request whose body is being parsed
+        self._tunnel: Tunnel | None = None
+        self._held: list[bytes] = []  # bytes after an upgrade request, until the tunnel
+        self._held_bytes = 0
+        self._peer: tuple[str, int] = ("", 0)
+        self._local: tuple[str, int] = ("", 0)
+        self._ssl_object = None
+        self._closed = False
+        self._client_eof = False
+        self._draining = False
+        self._reject_status = 400
+        self._progress = False
+        self._quiet_bytes = 0
+        self._timer: asyncio.TimerHandle | None = None
+        self._linger: asyncio.TimerHandle | None = None
+        self._timer_period = min(limits.header_timeout, limits.idle_timeout)
+        now = self._loop.time()
+        self._last_read = now
+        self._head_started: float | None = now  # a new connection must send a head
+        self._idle_since: float | None = None
+        self._reset_head()
+
+    def _reset_head(self) -> None:
+        self._in_head = False
+        self._url = b""
+        self._headers: list[tuple[str, str]] = []
+        self._head_bytes = 0
+        self._content_lengths: list[str] | None = None
+        self._transfer_encodings: list[str] | None = None
+        self._hosts: list[str] | None = None
+        self._upgrade: str | None = None
+        self._expect_continue = False
+        self._trailer_count = 0
+
+    # -- what Exchange uses ----------------------------------------------------------------
+
+    @property
+    def transport(self) -> asyncio.Transport:
+        assert self._transport is not None
+        return self._transport
+
+    @property
+    def read_gate(self) -> ReadGate:
+        assert self._read_gate is not None
+        return self._read_gate
+
+    @property
+    def write_gate(self) -> WriteGate:
+        return self._write_gate
+
+    def will_close(self, request: Request) -> bool:
+        """Whether the connection must close after answering `request`."""
+        return (
+            not request.keep_alive
+            or self._mode != _HTTP
+            or self._draining
+            or not request.body.complete  # the client is still sending: cannot resync
+        )
+
+    def start_tunnel(self, tunnel: Tunnel) -> None:
+        self._mode = _TUNNEL
+        self._tunnel = tunnel
+        held, self._held = self._held, []
+        self._held_bytes = 0
+        self.read_gate.resume(_HELD)
+        for data in held:
+            tunnel.from_downstream(data)
+        if self._write_gate.paused:
+            tunnel.downstream_write_paused()
+        if self._closed:
+            tunnel.close()
+
+    # -- lifecycle used by ConnectionSet -----------------------------------------------------
+
+    def close_when_idle(self) -> None:
+        """Graceful shutdown: close now if idle, else after the current response."""
+        self._draining = True
+        if self._active is None and not self._queue and not self._in_head:
+            self._close()
+
+    def abort(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
+
+    # -- asyncio.Protocol --------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport = cast(asyncio.Transport, transport)  # uvloop transports do not subclass asyncio.Transport
+        self._transport = transport
+        self._read_gate = ReadGate(transport)
+        peer = transport.get_extra_info("peername") or ("", 0)
+        local = transport.get_extra_info("sockname") or ("", 0)
+        self._peer = (peer[0], peer[1])
+        self._local = (local[0], local[1])
+        self._ssl_object = transport.get_extra_info("ssl_object")
+        self._timer = self._loop.call_at(self._loop.time() + self._timer_period, self._on_timer)
+        if self._connections is not None:
+            self._connections.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        if self._mode != _HTTP:
+            self._data_outside_http(data)
+            return
+        self._last_read = self._loop.time()
+        self._progress = False
+        try:
+            self._parser.feed_data(data)
+        except HttpParserUpgrade as upgrade:
+            self._mode = _UPGRADED
+            self._hold(data[upgrade.args[0] :])
+            return
+        except HttpParserError:
+            self._fail(self._reject_status)
+            return
+        if self._progress:
+            self._quiet_bytes = 0
+        else:
+            # A head (or chunk extension, or trailer) that never ends: httptools buffers
+            # it whole, so stop once it exceeds the header budget.
+            self._quiet_bytes += len(data)
+            if self._quiet_bytes > self._limits.max_header_bytes:
+                self._fail(431 if self._in_head else 400)
+
+    def eof_received(self) -> bool:
+        if self._tunnel is not None:
+            self._tunnel.close()
+            return False
+        self._client_eof = True
+        current = self._current
+        if current is not None:
+            current.body.set_exception(DownstreamError("client closed mid-body"))
+            self._current = None
+        # Keep the socket open for answers still owed; otherwise close.
+        return self._active is not None or bool(self._queue)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed = True
+        self._mode = _CLOSING
+        for timer in (self._timer, self._linger):
+            if timer is not None:
+                timer.cancel()
+        self._write_gate.fail(DownstreamError("client connection lost"))
+        current = self._current
+        if current is not None:
+            current.body.set_exception(DownstreamError("client connection lost"))
+        if self._tunnel is not None:
+            self._tunnel.close()
+        task = self._task
+        if task is not None and not task.done():
+            task.cancel()  # the client is gone: stop the handler and its upstream work
+        if self._connections is not None:
+            self._connections.discard(self)
+
+    def pause_writing(self) -> None:
+        self._write_gate.pause(self.transport.get_write_buffer_size())
+        if self._tunnel is not None:
+            self._tunnel.downstream_write_paused()
+
+    def resume_writing(self) -> None:
+        self._write_gate.resume()
+        if self._tunnel is not None:
+            self._tunnel.downstream_write_resumed()
+
+    # -- httptools callbacks -----------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._reset_head()
+        self._in_head = True
+        if self._head_started is None:
+            self._head_started = self._last_read
+        self._idle_since = None
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        self._head_bytes += len(url)
+        if self._head_bytes > self._limits.max_header_bytes:
+            self._reject(431)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self._in_head:
+            self._on_trailer(name, value)
+            return
+        self._head_bytes += len(name) + len(value) + 4
+        headers = self._headers
+        limits = self._limits
+        if len(headers) >= limits.max_header_count or self._head_bytes > limits.max_header_bytes:
+            self._reject(431)
+        lowered = _NAME_CACHE.get(name)
+        if lowered is None:
+            lowered = name.decode("latin-1").lower()
+            if len(_NAME_CACHE) < _NAME_CACHE_MAX:
+                _NAME_CACHE[name] = lowered
+        # llhttp drops leading whitespace but keeps trailing; the value excludes both.
+        text = value.decode("latin-1").strip(" \t")
+        headers.append((lowered, text))
+        special = _SPECIAL.get(lowered)
+        if special is None:
+            return
+        if special == _CONTENT_LENGTH:
+            if self._content_lengths is None:
+                self._content_lengths = []
+            self._content_lengths.append(text)
+        elif special == _TRANSFER_ENCODING:
+            if self._transfer_encodings is None:
+                self._transfer_encodings = []
+            self._transfer_encodings.append(text)
+        elif special == _HOST:
+            if self._hosts is None:
+                self._hosts = []
+            self._hosts.append(text)
+        elif special == _UPGRADE:
+            self._upgrade = text
+        elif text.lower() == "100-continue":
+            self._expect_continue = True
+
+    def _on_trailer(self, name: bytes, value: bytes) -> None:
+        # Trailers are not relayed, but they still count against the head budget.
+        self._trailer_count += 1
+        self._head_bytes += len(name) + len(value) + 4
+        limits = self._limits
+        if (
+            self._trailer_count > limits.max_header_count
+            or self._head_bytes > limits.max_header_bytes
+        ):
+            self._reject(431)
+
+    def on_headers_complete(self) -> None:
+        self._progress = True
+        self._in_head = False
+        self._head_started = None
+        parser = self._parser
+        version = parser.get_http_version()
+        if version != "1.1" and version != "1.0":
+            self._reject(400)
+        raw_method = parser.get_method()
+        method = _METHODS.get(raw_method)
+        if method is None:
+            method = _METHODS[raw_method] = raw_method.decode("ascii")
+        content_length: int | None = None
+        if self._content_lengths is not None:
+            if len(self._content_lengths) != 1:
+                self._reject(400)
+            try:
+                content_length = parse_content_length(self._content_lengths[0])
+            except ValueError:
+                self._reject(400)
+        chunked = False
+        if self._transfer_encodings is not None:
+            # RFC 9112 §6.1: Transfer-Encoding in HTTP/1.0, or with Content-Length, is
+            # faulty framing; only a lone `chunked` is accepted.
+            if content_length is not None or version == "1.0":
+                self._reject(400)
+            try:
+                chunked = request_is_chunked(self._transfer_encodings)
+            except ValueError:
+                self._reject(400)
+        hosts = self._hosts
+        if hosts is None:
+            if version == "1.1":
+                self._reject(400)  # RFC 9112 §3.2
+            host = None
+        elif len(hosts) != 1:
+            self._reject(400)
+        else:
+            host = hosts[0]
+        target_text = self._url.decode("latin-1")
+        try:
+            target = parse_request_target(method, target_text, host)
+        except ValueError:
+            self._reject(400)
+        upgrading = parser.should_upgrade()
+        if upgrading and (chunked or content_length):
+            # llhttp treats whatever follows an upgrade head as tunnel bytes; a body
+            # would be misread, so such requests are refused.
+            self._reject(400)
+        if chunked or content_length:
+            body = BodyStream(
+                length=content_length,
+                chunked=chunked,
+                gate=self._read_gate,
+                high_water=self._limits.max_body_buffer,
+            )
+        else:
+            body = BodyStream.empty()
+        request = Request(
+            method,
+            target_text,
+            target.absolute_form,
+            target.scheme,
+            target.authority,
+            target.path,
+            self._headers,
+            version,
+            parser.should_keep_alive(),
+            self._upgrade if upgrading and method != "CONNECT" else None,
+            self._peer,
+            self._local,
+            self._ssl_object,
+            content_length,
+            chunked,
+            body,
+        )
+        if self._expect_continue and version == "1.1" and not body.complete:
+            body.on_first_wait(lambda: self._send_continue(request))
+        self._current = request
+        self._dispatch(request)
+
+    def on_body(self, data: bytes) -> None:
+        self._progress = True
+        current = self._current
+        if current is not None:
+            current.body.feed(data)
+
+    def on_chunk_header(self) -> None:
+        self._progress = True
+
+    def on_message_complete(self) -> None:
+        self._progress = True
+        current = self._current
+        if current is not None:
+            current.body.feed_eof()
+            self._current = None
+
+    def _reject(self, status: int) -> NoReturn:
+        self._reject_status = status
+        raise _Rejected
+
+    # -- parsing outcomes --------------------------------------------------------------------
+
+    def _dispatch(self, request: Request) -> None:
+        queue = self._queue
+        queue.append(request)
+        if len(queue) >= self._limits.max_pipelined_requests and not self._pipeline_paused:
+            self._pipeline_paused = True
+            self.read_gate.pause(_PIPELINE)
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._task is None:
+            self._task = self._loop.create_task(self._serve(), name=f"http-conn-{self._peer}")
+            return
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def _fail(self, status: int, reason: str = "malformed request body") -> None:
+        """The request stream is broken: answer `status` in order, then close."""
+        self._mode = _FAILED
+        self.read_gate.pause(_FAILED_OWNER)
+        self._in_head = False
+        self._head_started = None
+        current, self._current = self._current, None
+        if current is not None and self._queue and self._queue[-1] is current:
+            # Its body turned out malformed before the handler saw it: it never will.
+            self._queue.pop()
+            current = None
+        if current is not None:
+            # The handler is already reading this body: fail it; the engine answers
+            # `status` if the handler has not responded yet.
+            current.body.set_exception(DownstreamError(reason, status))
+        else:
+            self._queue.append(_Rejection(status))
+        self._wake()
+
+    def _hold(self, data: bytes) -> None:
+        """Keep bytes sent after an upgrade request until the tunnel is up."""
+        if data:
+            self._held.append(data)
+            self._held_bytes += len(data)
+            if self._held_bytes > self._limits.max_body_buffer:
+                self.read_gate.pause(_HELD)
+
+    def _data_outside_http(self, data: bytes) -> None:
+        mode = self._mode
+        if mode == _TUNNEL and self._tunnel is not None:
+            self._tunnel.from_downstream(data)
+        elif mode == _UPGRADED:
+            self._hold(data)
+        # _FAILED and _CLOSING: discard (lingering close).
+
+    def _send_continue(self, request: Request) -> None:
+        active = self._active
+        if active is not None and not active.responded and self._mode == _HTTP:
+            self.transport.write(CONTINUE_100)
+
+    # -- the handler loop --------------------------------------------------------------------
+
+    async def _serve(self) -> None:
+        queue = self._queue
+        try:
+            while True:
+                if not queue:
+                    if self._mode != _HTTP or self._client_eof or self._draining:
+                        self._close()
+                        return
+                    if self._head_started is None:
+                        self._idle_since = self._loop.time()
+                    waiter = self._waiter = self._loop.create_future()
+                    await waiter
+                    continue
+                item = queue.popleft()
+                if self._pipeline_paused and len(queue) < self._limits.max_pipelined_requests:
+                    self._pipeline_paused = False
+                    self.read_gate.resume(_PIPELINE)
+                if isinstance(item, _Rejection):
+                    self._answer_error(item.status)
+                    return
+                if not await self._handle(item):
+                    return
+        except Exception:
+            log.exception("http.connection_error", peer=self._peer)
+            self.abort()
+
+    async def _handle(self, request: Request) -> bool:
+        """Run the handler for one request; True when the connection stays open."""
+        exchange = Exchange(self, request)
+        self._active = exchange
+        try:
+            await self._handler(request, exchange)
+        except DownstreamError as error:
+            return self._after_failure(exchange, error.status)
+        except UpstreamError as error:
+            log.info("http.upstream_error", error=str(error), peer=self._peer)
+            return self._after_failure(exchange, 502)
+        except Exception:
+            log.exception("http.handler_error", method=request.method, path=request.path)
+            return self._after_failure(exchange, 500)
+        finally:
+            self._active = None
+        if not exchange.finished:
+            log.error("http.handler_no_response", method=request.method, path=request.path)
+            return self._after_failure(exchange, 500)
+        if exchange.closing or self._mode != _HTTP:
+            self._close(linger=not request.body.complete)
+            return False
+        return True
+
+    def _after_failure(self, exchange: Exchange, status: int | None) -> bool:
+        if exchange.responded or status is None or self._closed:
+            # Part of a response is out (or the client is gone): only a reset tells the
+            # client the response is incomplete.
+            self.abort()
+        else:
+            self._answer_error(status)
+        return False
+
+    def _answer_error(self, status: int) -> None:
+        if self._transport is None or self._transport.is_closing():
+            return
+        self._transport.write(_ERROR_RESPONSES[status])
+        self._close(linger=True)
+
+    def _close(self, linger: bool = False) -> None:
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        self._mode = _CLOSING
+        if linger and transport.can_write_eof():
+            # Half-close after the answer and drain what the client still sends, so its
+            # unread bytes do not turn our close into a reset that destroys the answer.
+            transport.write_eof()
+            self.read_gate.release_all()
+            self._linger = self._loop.call_later(_LINGER_SECONDS, transport.close)
+        else:
+            transport.close()
+
+    # -- timeouts ----------------------------------------------------------------------------
+
+    def _on_timer(self) -> None:
+        """Runs at least every header_timeout; each state's deadline is a timestamp, so
+        state changes never reschedule the timer."""
+        self._timer = None
+        if self._mode == _CLOSING or self._mode == _TUNNEL:
+            return
+        limits = self._limits
+        now = self._loop.time()
+        next_check = now + self._timer_period
+        if self._mode == _HTTP and self._head_started is not None:
+            deadline = self._head_started + limits.header_timeout
+            if now >= deadline:
+                if self._in_head:
+                    self._fail(408)
+                else:
+                    self._close()  # not a byte of a request: nothing to answer
+                return
+            next_check = min(next_check, deadline)
+        elif self._idle_since is not None and self._active is None and not self._queue:
+            deadline = self._idle_since + limits.idle_timeout
+            if now >= deadline:
+                self._close()
+                return
+            next_check = min(next_check, deadline)
+        current = self._current
+        if current is not None and not self.read_gate.paused:
+            deadline = self._last_read + limits.idle_timeout
+            if now >= deadline:
+                self._fail(408, "request body stalled")
+                return
+            next_check = min(next_check, deadline)
+        self._timer = self._loop.call_at(next_check, self._on_timer)
