@@ -1,0 +1,1 @@
+"""Benchmarks (not tests): every figure is a ratio against a baseline measured in the same run."""
