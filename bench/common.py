@@ -26,7 +26,9 @@ def ensure_wrk() -> str:
     return found
 
 
-def run_wrk(url: str, *, seconds: int, connections: int, threads: int = 1, host: str = "") -> dict[str, float]:
+def run_wrk(
+    url: str, *, seconds: int, connections: int, threads: int = 1, host: str = ""
+) -> dict[str, float]:
     args = [ensure_wrk(), f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--latency"]
     if host:
         args += ["-H", f"Host: {host}"]
@@ -38,7 +40,9 @@ def run_wrk(url: str, *, seconds: int, connections: int, threads: int = 1, host:
         m = re.search(rf"\s{pct}%\s+([\d.]+)(us|ms|s)", out)
         if m:
             value, unit = float(m.group(1)), m.group(2)
-            lat[f"p{pct}_ms"] = value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
+            lat[f"p{pct}_ms"] = (
+                value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
+            )
     return {"rps": rps, "non_2xx": float(errors.group(1)) if errors else 0.0, **lat}
 
 

@@ -53,7 +53,9 @@ spec:
 
 async def convergence(bus: Bus, nats_url: str, n: int, repeats: int) -> dict[str, float]:
     sidecars = [
-        Sidecar(SidecarSettings(service=f"client{i}", app_port=9, nats=[nats_url], drain_timeout=0.5))
+        Sidecar(
+            SidecarSettings(service=f"client{i}", app_port=9, nats=[nats_url], drain_timeout=0.5)
+        )
         for i in range(n)
     ]
     tasks = [asyncio.create_task(s.run()) for s in sidecars]
@@ -65,22 +67,36 @@ async def convergence(bus: Bus, nats_url: str, n: int, repeats: int) -> dict[str
         applied_ms: list[float] = []
         synced_ms: list[float] = []
         for r in range(repeats):
-            docs = [ResourceDocument(source="bench", index=0, body=load_yaml(VS.format(ms=1000 + r), "bench")[0])]
+            docs = [
+                ResourceDocument(
+                    source="bench", index=0, body=load_yaml(VS.format(ms=1000 + r), "bench")[0]
+                )
+            ]
             t0 = time.perf_counter()
-            reply = await bus.request(bus.subjects.config_apply, ApplyRequest(documents=docs), ApplyReply)
+            reply = await bus.request(
+                bus.subjects.config_apply, ApplyRequest(documents=docs), ApplyReply
+            )
             t_reply = time.perf_counter()
             local_done = False
             while True:
                 if not local_done and all(
-                    (d := s.cache.destinations.get(ref)) and d.table and d.table.revision >= reply.revision
+                    (d := s.cache.destinations.get(ref))
+                    and d.table
+                    and d.table.revision >= reply.revision
                     for s in sidecars
                 ):
                     applied_ms.append((time.perf_counter() - t_reply) * 1000)
                     local_done = True
                 if local_done:
-                    status = await bus.request(bus.subjects.config_proxy_status, ProxyStatusRequest(), ProxyStatusReply)
-                    rows = [e for e in status.entries if e.subject.endswith("route.default.reviews")]
-                    if len(rows) == n and all(e.state == "SYNCED" and e.applied_revision >= reply.revision for e in rows):
+                    status = await bus.request(
+                        bus.subjects.config_proxy_status, ProxyStatusRequest(), ProxyStatusReply
+                    )
+                    rows = [
+                        e for e in status.entries if e.subject.endswith("route.default.reviews")
+                    ]
+                    if len(rows) == n and all(
+                        e.state == "SYNCED" and e.applied_revision >= reply.revision for e in rows
+                    ):
                         synced_ms.append((time.perf_counter() - t_reply) * 1000)
                         break
                 await asyncio.sleep(0.001)
@@ -113,23 +129,50 @@ async def registry_latency(bus: Bus, samples: int) -> dict[str, float]:
         t0 = time.perf_counter()
         await bus.request(
             bus.subjects.registry_register,
-            RegisterRequest(instance=Instance(namespace="default", service="latency", instance=name,
-                                              address=f"127.0.0.1:{10000 + i}"), ttl=30),
+            RegisterRequest(
+                instance=Instance(
+                    namespace="default",
+                    service="latency",
+                    instance=name,
+                    address=f"127.0.0.1:{10000 + i}",
+                ),
+                ttl=30,
+            ),
             RegisterReply,
         )
         while name not in arrived:
             await asyncio.sleep(0.0005)
         lat.append((arrived[name] - t0) * 1000)
-    return {"samples": samples, "p50_ms": round(median(lat), 2), "p99_ms": round(percentile(lat, 99), 2)}
+    return {
+        "samples": samples,
+        "p50_ms": round(median(lat), 2),
+        "p99_ms": round(percentile(lat, 99), 2),
+    }
 
 
 def up_time(replicas: int) -> float:
     state = temp_dir() / "mesh"
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "mesh.cli.main", "--state-dir", str(state), "up", "--detach",
-                    "--replicas", str(replicas)], check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mesh.cli.main",
+            "--state-dir",
+            str(state),
+            "up",
+            "--detach",
+            "--replicas",
+            str(replicas),
+        ],
+        check=True,
+        capture_output=True,
+    )
     elapsed = time.perf_counter() - t0
-    subprocess.run([sys.executable, "-m", "mesh.cli.main", "--state-dir", str(state), "down"], capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "mesh.cli.main", "--state-dir", str(state), "down"],
+        capture_output=True,
+    )
     return round(elapsed, 2)
 
 
@@ -141,8 +184,23 @@ async def run(proxies: list[int], repeats: int, samples: int) -> dict[str, objec
     try:
         for svc in ("registry", "config"):
             port = free_port()
-            p = ManagedProcess(svc, [sys.executable, "-m", "mesh.cli.main", "serve", svc, "--nats", nats.url,
-                                     "--etcd", etcd.url, "--http-port", str(port)], work / f"{svc}.log")
+            p = ManagedProcess(
+                svc,
+                [
+                    sys.executable,
+                    "-m",
+                    "mesh.cli.main",
+                    "serve",
+                    svc,
+                    "--nats",
+                    nats.url,
+                    "--etcd",
+                    etcd.url,
+                    "--http-port",
+                    str(port),
+                ],
+                work / f"{svc}.log",
+            )
             p.start()
             procs.append(p)
             while not http_ok(f"http://127.0.0.1:{port}/readyz"):
@@ -168,12 +226,25 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     ap.add_argument("--up-replicas", type=int, default=3)
     args = ap.parse_args(argv)
     result = asyncio.run(run([int(x) for x in args.proxies.split(",")], args.repeats, args.samples))
-    result["up_to_healthy_s"] = {"replicas_1": up_time(1), f"replicas_{args.up_replicas}": up_time(args.up_replicas)}
+    result["up_to_healthy_s"] = {
+        "replicas_1": up_time(1),
+        f"replicas_{args.up_replicas}": up_time(args.up_replicas),
+    }
     write_result("convergence", result)
     rows = []
     for c in result["convergence"]:  # type: ignore[attr-defined]
-        rows.append((f"{c['proxies']} proxies: applied p50/p99 ms", f"{c['applied_p50_ms']} / {c['applied_p99_ms']}"))
-        rows.append((f"{c['proxies']} proxies: SYNCED p50/p99 ms", f"{c['synced_p50_ms']} / {c['synced_p99_ms']}"))
+        rows.append(
+            (
+                f"{c['proxies']} proxies: applied p50/p99 ms",
+                f"{c['applied_p50_ms']} / {c['applied_p99_ms']}",
+            )
+        )
+        rows.append(
+            (
+                f"{c['proxies']} proxies: SYNCED p50/p99 ms",
+                f"{c['synced_p50_ms']} / {c['synced_p99_ms']}",
+            )
+        )
     reg = result["registry_event"]
     rows.append(("register -> endpoint event p50/p99 ms", f"{reg['p50_ms']} / {reg['p99_ms']}"))  # type: ignore[index]
     for k, v in result["up_to_healthy_s"].items():  # type: ignore[attr-defined]

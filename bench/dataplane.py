@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 import urllib.request
@@ -39,8 +38,24 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     try:
         for svc in ("registry", "config"):
             port = free_port()
-            procs.append(start(svc, [py, "-m", "mesh.cli.main", "serve", svc, *common, "--etcd", etcd.url,
-                                     "--http-port", str(port)], work))
+            procs.append(
+                start(
+                    svc,
+                    [
+                        py,
+                        "-m",
+                        "mesh.cli.main",
+                        "serve",
+                        svc,
+                        *common,
+                        "--etcd",
+                        etcd.url,
+                        "--http-port",
+                        str(port),
+                    ],
+                    work,
+                )
+            )
             deadline = time.monotonic() + 30
             while not http_ok(f"http://127.0.0.1:{port}/readyz"):
                 if time.monotonic() > deadline:
@@ -48,14 +63,53 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
                 time.sleep(0.05)
         app_port, outbound, admin_c, admin_s = free_port(), free_port(), free_port(), free_port()
         procs.append(start("upstream", [py, "-m", "bench.upstream", str(app_port)], work))
-        procs.append(start("server-sidecar", [py, "-m", "mesh.cli.main", *common, "sidecar", "--service", "app",
-                                              "--version", "v1", "--app-port", str(app_port),
-                                              "--admin-port", str(admin_s)], work))
-        procs.append(start("client-sidecar", [py, "-m", "mesh.cli.main", *common, "sidecar", "--service", "client",
-                                              "--app-port", "9", "--outbound-port", str(outbound),
-                                              "--admin-port", str(admin_c)], work))
+        procs.append(
+            start(
+                "server-sidecar",
+                [
+                    py,
+                    "-m",
+                    "mesh.cli.main",
+                    *common,
+                    "sidecar",
+                    "--service",
+                    "app",
+                    "--version",
+                    "v1",
+                    "--app-port",
+                    str(app_port),
+                    "--admin-port",
+                    str(admin_s),
+                ],
+                work,
+            )
+        )
+        procs.append(
+            start(
+                "client-sidecar",
+                [
+                    py,
+                    "-m",
+                    "mesh.cli.main",
+                    *common,
+                    "sidecar",
+                    "--service",
+                    "client",
+                    "--app-port",
+                    "9",
+                    "--outbound-port",
+                    str(outbound),
+                    "--admin-port",
+                    str(admin_c),
+                ],
+                work,
+            )
+        )
         deadline = time.monotonic() + 30
-        while not (http_ok(f"http://127.0.0.1:{admin_s}/ready") and http_ok(f"http://127.0.0.1:{admin_c}/ready")):
+        while not (
+            http_ok(f"http://127.0.0.1:{admin_s}/ready")
+            and http_ok(f"http://127.0.0.1:{admin_c}/ready")
+        ):
             if time.monotonic() > deadline:
                 raise SystemExit("sidecars did not become ready")
             time.sleep(0.05)
@@ -74,9 +128,22 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
             time.sleep(0.1)
         direct, meshed = [], []
         for _ in range(args.repeats):
-            direct.append(run_wrk(f"http://127.0.0.1:{app_port}/", seconds=args.seconds, connections=args.connections))
-            meshed.append(run_wrk(f"http://127.0.0.1:{outbound}/", seconds=args.seconds,
-                                  connections=args.connections, host="app"))
+            direct.append(
+                run_wrk(
+                    f"http://127.0.0.1:{app_port}/",
+                    seconds=args.seconds,
+                    connections=args.connections,
+                )
+            )
+            meshed.append(
+                run_wrk(
+                    f"http://127.0.0.1:{outbound}/",
+                    seconds=args.seconds,
+                    connections=args.connections,
+                    host="app",
+                )
+            )
+
         def med(rows: list[dict[str, float]], key: str) -> float:
             return median([r.get(key, 0.0) for r in rows])
 
@@ -85,14 +152,19 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
             "seconds": args.seconds,
             "repeats": args.repeats,
             "direct": {k: med(direct, k) for k in ("rps", "p50_ms", "p90_ms", "p99_ms")},
-            "sidecar_pair": {k: med(meshed, k) for k in ("rps", "p50_ms", "p90_ms", "p99_ms", "non_2xx")},
+            "sidecar_pair": {
+                k: med(meshed, k) for k in ("rps", "p50_ms", "p90_ms", "p99_ms", "non_2xx")
+            },
         }
-        result["rps_ratio_sidecar_over_direct"] = round(result["sidecar_pair"]["rps"] / result["direct"]["rps"], 3)  # type: ignore[index]
+        result["rps_ratio_sidecar_over_direct"] = round(
+            result["sidecar_pair"]["rps"] / result["direct"]["rps"], 3
+        )  # type: ignore[index]
         for p in ("p50_ms", "p99_ms"):
             result[f"added_{p}"] = round(result["sidecar_pair"][p] - result["direct"][p], 3)  # type: ignore[index]
         write_result("dataplane", result)
         print_rows(
-            f"data plane: wrk, {args.connections} connections, {args.seconds}s x {args.repeats} (medians)",
+            f"data plane: wrk, {args.connections} connections, "
+            f"{args.seconds}s x {args.repeats} (medians)",
             [
                 ("direct requests/s", f"{result['direct']['rps']:.0f}"),  # type: ignore[index]
                 ("sidecar pair requests/s", f"{result['sidecar_pair']['rps']:.0f}"),  # type: ignore[index]

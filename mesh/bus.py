@@ -40,7 +40,9 @@ class ConnectionState(enum.Enum):
     CLOSED = "closed"
 
 
-def reconnect_delay(attempt: int, *, base: float = 0.1, cap: float = 5.0, rnd: random.Random | None = None) -> float:
+def reconnect_delay(
+    attempt: int, *, base: float = 0.1, cap: float = 5.0, rnd: random.Random | None = None
+) -> float:
     """Capped exponential backoff with full jitter, so reconnects of many clients spread out."""
     r = rnd or random
     return r.uniform(0.0, min(cap, base * (2 ** min(attempt, 16))))
@@ -123,7 +125,9 @@ class Bus:
                 break
             except (nats.errors.NoServersError, OSError, TimeoutError) as e:
                 if not wait_for_server:
-                    raise errors.Unavailable(f"cannot reach NATS at {', '.join(servers)}: {e}") from e
+                    raise errors.Unavailable(
+                        f"cannot reach NATS at {', '.join(servers)}: {e}"
+                    ) from e
                 attempt += 1
                 await asyncio.sleep(reconnect_delay(attempt, base=0.2, cap=3.0))
         bus = cls(nc, Subjects(prefix), name)
@@ -136,7 +140,11 @@ class Bus:
 
     async def _reconnected(self) -> None:
         self.state = ConnectionState.CONNECTED
-        log.info("bus.reconnected", name=self.name, server=str(self.nc.connected_url.netloc if self.nc.connected_url else ""))
+        log.info(
+            "bus.reconnected",
+            name=self.name,
+            server=str(self.nc.connected_url.netloc if self.nc.connected_url else ""),
+        )
         for listener in list(self._reconnect_listeners):
             try:
                 await listener()
@@ -174,10 +182,14 @@ class Bus:
 
     # ------------------------------------------------------------ publish / request
 
-    async def publish(self, subject: str, msg: msgspec.Struct, headers: dict[str, str] | None = None) -> None:
+    async def publish(
+        self, subject: str, msg: msgspec.Struct, headers: dict[str, str] | None = None
+    ) -> None:
         await self.nc.publish(subject, messages.encode(msg), headers=headers)
 
-    async def request(self, subject: str, msg: msgspec.Struct, reply_type: type[R], *, timeout: float = 2.0) -> R:
+    async def request(
+        self, subject: str, msg: msgspec.Struct, reply_type: type[R], *, timeout: float = 2.0
+    ) -> R:
         """Send a request; return the typed reply or raise RemoteError/BusTimeout/NoResponders."""
         try:
             resp = await self.nc.request(subject, messages.encode(msg), timeout=timeout)
@@ -192,7 +204,9 @@ class Bus:
         except msgspec.DecodeError as e:
             raise errors.RemoteError(502, f"malformed reply on {subject}: {e}") from e
         if isinstance(reply, messages.ErrorReply):
-            raise errors.RemoteError(reply.code, reply.message, field=reply.field, details=reply.details)
+            raise errors.RemoteError(
+                reply.code, reply.message, field=reply.field, details=reply.details
+            )
         return reply
 
     # ------------------------------------------------------------ serving
@@ -210,7 +224,8 @@ class Bus:
         """Answer requests on `subject` (in a queue group when `queue` is set).
 
         Returns an awaitable giving the subscription once the server has registered it
-        (pass it to `unsubscribe` to stop). Up to `concurrency` handlers run at once; requests beyond `max_pending`
+        (pass it to `unsubscribe` to stop). Up to `concurrency` handlers run at once;
+        requests beyond `max_pending`
         queued are dropped by the client (the caller times out and retries elsewhere).
         """
         dec = self._decoder(request_type)
@@ -219,7 +234,9 @@ class Bus:
             try:
                 req = dec.decode(msg.data)
             except msgspec.ValidationError as e:
-                reply: msgspec.Struct = messages.ErrorReply(400, f"invalid request: {e}", field=_field_of(e))
+                reply: msgspec.Struct = messages.ErrorReply(
+                    400, f"invalid request: {e}", field=_field_of(e)
+                )
             except msgspec.DecodeError as e:
                 reply = messages.ErrorReply(400, f"undecodable request: {e}")
             else:

@@ -64,7 +64,9 @@ class DevCluster:
     def start(self) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         existing = self.state_dir / CLUSTER_FILE
-        if existing.exists() and any(pid_alive(p["pid"]) for p in _all_pids(json.loads(existing.read_text()))):
+        if existing.exists() and any(
+            pid_alive(p["pid"]) for p in _all_pids(json.loads(existing.read_text()))
+        ):
             raise ServerError(
                 f"a cluster is already running from {self.state_dir} (stop it with `meshctl down`)"
             )
@@ -78,7 +80,7 @@ class DevCluster:
             raise
         self.report(f"control plane ready in {time.monotonic() - t0:.1f}s")
 
-    def _step(self, label: str, fn: Callable[[], None]) -> None:
+    def _step(self, label: str, fn: Callable[[], object]) -> None:
         t = time.monotonic()
         self.report(f"  starting {label} ...")
         fn()
@@ -113,10 +115,14 @@ class DevCluster:
                 proc = ManagedProcess(replica, args, logs_dir / f"{replica}.log", env=env)
                 proc.start()
                 self.processes.append(proc)
-                info = ReplicaInfo(service, replica, proc.pid, f"http://127.0.0.1:{port}", str(proc.log_path))
+                info = ReplicaInfo(
+                    service, replica, proc.pid, f"http://127.0.0.1:{port}", str(proc.log_path)
+                )
                 self.replica_info.append(info)
                 pending.append((info, proc))
-        self.report(f"  starting {len(pending)} control-plane replicas: {', '.join(self.services)} ...")
+        self.report(
+            f"  starting {len(pending)} control-plane replicas: {', '.join(self.services)} ..."
+        )
         deadline = time.monotonic() + 60
         waiting = list(pending)
         while waiting:
@@ -159,9 +165,17 @@ class DevCluster:
             "prefix": self.prefix,
             "services": services,
             "servers": {
-                "nats": [{"name": s.name, "pid": s.process.pid if s.process else 0,
-                          "monitor": f"http://{s.host}:{s.monitor_port}"} for s in self.nats],
-                "etcd": [{"name": s.name, "pid": s.process.pid if s.process else 0} for s in self.etcd],
+                "nats": [
+                    {
+                        "name": s.name,
+                        "pid": s.process.pid if s.process else 0,
+                        "monitor": f"http://{s.host}:{s.monitor_port}",
+                    }
+                    for s in self.nats
+                ],
+                "etcd": [
+                    {"name": s.name, "pid": s.process.pid if s.process else 0} for s in self.etcd
+                ],
             },
             "sidecars": {},
             "supervisor_pid": os.getpid(),
@@ -183,8 +197,10 @@ class DevCluster:
         """Stop everything this object started, services first, servers last."""
         for proc in reversed(self.processes):
             proc.stop(timeout=10)
-        for server in [*self.etcd, *self.nats]:
-            server.stop()
+        for etcd in self.etcd:
+            etcd.stop()
+        for nats in self.nats:
+            nats.stop()
 
 
 def _all_pids(doc: dict[str, Any]) -> list[dict[str, Any]]:
@@ -213,7 +229,12 @@ def down(state_dir: Path, report: Callable[[str], None]) -> int:
         return 0
     doc = json.loads(path.read_text())
     supervisor = doc.get("supervisor_pid")
-    if supervisor and supervisor != os.getpid() and pid_alive(supervisor) and _is_meshctl(supervisor):
+    if (
+        supervisor
+        and supervisor != os.getpid()
+        and pid_alive(supervisor)
+        and _is_meshctl(supervisor)
+    ):
         # a foreground `meshctl up` owns the processes: ask it to stop them in order
         stop_pid(supervisor, timeout=30)
     stopped = 0
@@ -222,7 +243,11 @@ def down(state_dir: Path, report: Callable[[str], None]) -> int:
         if pid_alive(pid):
             stopped += 1
             ok = stop_pid(pid, timeout=10)
-            report(f"  stopped {entry['name']} (pid {pid})" if ok else f"  could not stop {entry['name']} (pid {pid})")
+            report(
+                f"  stopped {entry['name']} (pid {pid})"
+                if ok
+                else f"  could not stop {entry['name']} (pid {pid})"
+            )
     path.unlink(missing_ok=True)
     return stopped
 

@@ -51,7 +51,9 @@ class Election:
             )
             if result.succeeded:
                 self.token = result.revision
-                log.info("election.won", election=self.name, candidate=self.candidate, token=self.token)
+                log.info(
+                    "election.won", election=self.name, candidate=self.candidate, token=self.token
+                )
                 return self.token
             current = result.gets[0][0] if result.gets and result.gets[0] else None
             if current is not None and current.lease == self._lease:
@@ -143,7 +145,9 @@ class Election:
                 token = await self.campaign()
                 async with asyncio.TaskGroup() as tg:
                     holder = tg.create_task(self.hold(), name=f"election:{self.name}:hold")
-                    worker = tg.create_task(self._guard(work, token), name=f"election:{self.name}:work")
+                    worker = tg.create_task(
+                        self._guard(work, token), name=f"election:{self.name}:work"
+                    )
                     await asyncio.wait({holder, worker}, return_when=asyncio.FIRST_COMPLETED)
                     holder.cancel()
                     worker.cancel()

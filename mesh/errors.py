@@ -43,7 +43,9 @@ class Unavailable(MeshError):
 class RemoteError(MeshError):
     """An error reply received from a remote service; keeps the remote code."""
 
-    def __init__(self, code: int, message: str, *, field: str = "", details: list[str] | None = None):
+    def __init__(
+        self, code: int, message: str, *, field: str = "", details: list[str] | None = None
+    ):
         super().__init__(message, field=field, details=details)
         self.code = code
 

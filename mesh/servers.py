@@ -105,7 +105,7 @@ class ManagedProcess:
 
     def start(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child from here on
+        log = open(self.log_path, "ab")
         try:
             self.proc = subprocess.Popen(
                 self.args,
@@ -186,7 +186,12 @@ class NatsServer:
             "-sd", str(self.data_dir / "jetstream"),
         ]  # fmt: skip
         if self.cluster_port:
-            args += ["--cluster_name", "mesh", "--cluster", f"nats://{self.host}:{self.cluster_port}"]
+            args += [
+                "--cluster_name",
+                "mesh",
+                "--cluster",
+                f"nats://{self.host}:{self.cluster_port}",
+            ]
             if self.routes:
                 args += ["--routes", ",".join(self.routes)]
         if self.config_file:
@@ -275,7 +280,9 @@ class EtcdServer:
             if http_ok(f"{self.url}/health"):
                 return
             time.sleep(0.05)
-        raise ServerError(f"etcd not ready after {timeout}s:\n{self.process.log_tail() if self.process else ''}")
+        raise ServerError(
+            f"etcd not ready after {timeout}s:\n{self.process.log_tail() if self.process else ''}"
+        )
 
     def stop(self) -> None:
         if self.process:

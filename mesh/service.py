@@ -16,8 +16,9 @@ import signal
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
@@ -90,7 +91,7 @@ class ControlPlaneService:
         """Singleton work; runs while this replica leads. `token` fences its writes."""
         await asyncio.Event().wait()
 
-    def background(self) -> list[tuple[str, Callable[[], Awaitable[None]]]]:
+    def background(self) -> list[tuple[str, Callable[[], Coroutine[Any, Any, None]]]]:
         """(name, coroutine function) pairs every replica runs until shutdown."""
         return []
 
@@ -138,7 +139,9 @@ class ControlPlaneService:
             async with asyncio.TaskGroup() as tg:
                 tasks = []
                 if self.election is not None:
-                    tasks.append(tg.create_task(self.election.lead(self._lead), name=f"{self.name}:lead"))
+                    tasks.append(
+                        tg.create_task(self.election.lead(self._lead), name=f"{self.name}:lead")
+                    )
                 for task_name, fn in self.background():
                     tasks.append(tg.create_task(fn(), name=f"{self.name}:{task_name}"))
                 await self._stopping.wait()
@@ -186,7 +189,7 @@ class ControlPlaneService:
         await runner.setup()
         site = web.TCPSite(runner, self.config.http_host, self.config.http_port)
         await site.start()
-        server = site._server
+        server: Any = site._server
         if server is not None and getattr(server, "sockets", None):
             self.http_port = server.sockets[0].getsockname()[1]
         return runner
@@ -213,4 +216,6 @@ class ControlPlaneService:
         return web.json_response({"ready": False}, status=503)
 
     async def _metrics(self, _request: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+        return web.Response(
+            body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
+        )

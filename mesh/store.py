@@ -57,6 +57,7 @@ class WatchCompacted(errors.StoreError):
 
 # ---------------------------------------------------------------- transactions
 
+
 @dataclass(frozen=True, slots=True)
 class Compare:
     key: str
@@ -143,14 +144,18 @@ def _compare_msg(c: Compare) -> Any:
 
 def _op_msg(op: Op) -> Any:
     if isinstance(op, Put):
-        return rpc.RequestOp(request_put=rpc.PutRequest(key=op.key.encode(), value=op.value, lease=op.lease))
+        return rpc.RequestOp(
+            request_put=rpc.PutRequest(key=op.key.encode(), value=op.value, lease=op.lease)
+        )
     if isinstance(op, Delete):
         key = op.key.encode()
         req = rpc.DeleteRangeRequest(key=key, range_end=prefix_range_end(key) if op.prefix else b"")
         return rpc.RequestOp(request_delete_range=req)
     key = op.key.encode()
     return rpc.RequestOp(
-        request_range=rpc.RangeRequest(key=key, range_end=prefix_range_end(key) if op.prefix else b"")
+        request_range=rpc.RangeRequest(
+            key=key, range_end=prefix_range_end(key) if op.prefix else b""
+        )
     )
 
 
@@ -310,7 +315,9 @@ class Store:
             for r in resp.responses
             if r.WhichOneof("response") == "response_range"
         ]
-        return TxnResult(succeeded=bool(resp.succeeded), revision=int(resp.header.revision), gets=gets)
+        return TxnResult(
+            succeeded=bool(resp.succeeded), revision=int(resp.header.revision), gets=gets
+        )
 
     # ------------------------------------------------------------ leases
 
@@ -387,7 +394,9 @@ class Store:
                 raise WatchCompacted(e.compacted_revision) from e
             except (aex.ClientError, rpc.AioRpcError, errors.StoreError) as e:
                 backoff += 1
-                log.warning("store.watch_interrupted", prefix=prefix, resume_from=resume_from, error=str(e))
+                log.warning(
+                    "store.watch_interrupted", prefix=prefix, resume_from=resume_from, error=str(e)
+                )
                 if client is not None:
                     await self._failover(client)
                 await asyncio.sleep(min(2.0, 0.05 * 2**backoff) * random.uniform(0.5, 1.0))

@@ -76,7 +76,9 @@ class AdminServer:
             subsets = [""] + [s.name for s in (dest.table.subsets if dest.table else ())]
             for subset in subsets:
                 balancer = dest.balancer(subset, cache.rand)
-                members = {e.instance for e in balancer.endpoints} if balancer is not None else set()
+                members = (
+                    {e.instance for e in balancer.endpoints} if balancer is not None else set()
+                )
                 active = getattr(balancer, "active_requests", None)
                 clusters.append(
                     {

@@ -24,9 +24,9 @@ from mesh.compiled import RouteTable
 from mesh.hosts import ServiceRef
 from mesh.logs import get_logger
 from mesh.messages import (
+    EndpointSet,
     EndpointsGetReply,
     EndpointsGetRequest,
-    EndpointSet,
     FetchRequest,
     SubscriptionStatus,
 )
@@ -111,8 +111,12 @@ class DestinationCache:
             s = self.bus.subjects
             if ref not in self._subscribed:
                 # subscribe before fetching, so nothing published in between is missed
-                await self.bus.subscribe(s.route(ref.namespace, ref.name), RouteTable, self._on_route)
-                await self.bus.subscribe(s.endpoints(ref.namespace, ref.name), EndpointSet, self._on_endpoints)
+                await self.bus.subscribe(
+                    s.route(ref.namespace, ref.name), RouteTable, self._on_route
+                )
+                await self.bus.subscribe(
+                    s.endpoints(ref.namespace, ref.name), EndpointSet, self._on_endpoints
+                )
                 self._subscribed.add(ref)
             await self.refresh(dest)
             if dest.table is None or dest.endpoints is None:
@@ -130,11 +134,15 @@ class DestinationCache:
         ref = dest.ref
         route, eps = await asyncio.gather(
             self.bus.request(
-                s.config_fetch, FetchRequest(namespace=ref.namespace, name=ref.name), RouteTable,
+                s.config_fetch,
+                FetchRequest(namespace=ref.namespace, name=ref.name),
+                RouteTable,
                 timeout=FETCH_TIMEOUT_S,
             ),
             self.bus.request(
-                s.registry_get, EndpointsGetRequest(ref.namespace, ref.name), EndpointsGetReply,
+                s.registry_get,
+                EndpointsGetRequest(ref.namespace, ref.name),
+                EndpointsGetReply,
                 timeout=FETCH_TIMEOUT_S,
             ),
             return_exceptions=True,
@@ -144,8 +152,14 @@ class DestinationCache:
         elif isinstance(route, BaseException):
             dest.error = f"config for {ref} unavailable: {route}"
         if isinstance(eps, EndpointsGetReply):
-            found = next((e for e in eps.sets if e.namespace == ref.namespace and e.service == ref.name), None)
-            self.apply_endpoints(found or EndpointSet(namespace=ref.namespace, service=ref.name, revision=eps.revision))
+            found = next(
+                (e for e in eps.sets if e.namespace == ref.namespace and e.service == ref.name),
+                None,
+            )
+            self.apply_endpoints(
+                found
+                or EndpointSet(namespace=ref.namespace, service=ref.name, revision=eps.revision)
+            )
         elif isinstance(eps, BaseException):
             dest.error = f"endpoints of {ref} unavailable: {eps}"
 
@@ -182,7 +196,11 @@ class DestinationCache:
             routes = compile_routes(table)
         except InvalidRouteConfig as e:
             dest.route_status = SubscriptionStatus(
-                subject=subject, revision=current, state="NACK", reason=str(e), rejected_revision=table.revision
+                subject=subject,
+                revision=current,
+                state="NACK",
+                reason=str(e),
+                rejected_revision=table.revision,
             )
             log.warning("config.rejected", subject=subject, revision=table.revision, reason=str(e))
             self.on_change()
@@ -225,6 +243,8 @@ class DestinationCache:
             out[str(ref)] = {
                 "route_table": msgspec.to_builtins(dest.table) if dest.table else None,
                 "endpoints": msgspec.to_builtins(dest.endpoints) if dest.endpoints else None,
-                "route_status": msgspec.to_builtins(dest.route_status) if dest.route_status else None,
+                "route_status": msgspec.to_builtins(dest.route_status)
+                if dest.route_status
+                else None,
             }
         return out

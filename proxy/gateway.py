@@ -40,8 +40,12 @@ class GatewayFollower:
         try:
             config = await self.bus.request(
                 self.bus.subjects.config_fetch,
-                FetchRequest(kind="gateway", namespace=self.settings.namespace, name=self.settings.service,
-                             labels=self.settings.labels),
+                FetchRequest(
+                    kind="gateway",
+                    namespace=self.settings.namespace,
+                    name=self.settings.service,
+                    labels=self.settings.labels,
+                ),
                 GatewayConfig,
             )
         except errors.MeshError as e:
@@ -60,7 +64,11 @@ class GatewayFollower:
             compiled = compile_gateway(config)
         except InvalidRouteConfig as e:
             self.status = SubscriptionStatus(
-                subject=self.subject, revision=current, state="NACK", reason=str(e), rejected_revision=config.revision
+                subject=self.subject,
+                revision=current,
+                state="NACK",
+                reason=str(e),
+                rejected_revision=config.revision,
             )
             self.on_change()
             return False

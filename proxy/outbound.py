@@ -51,7 +51,13 @@ class RouteHandler:
     """Routes requests to mesh services: the sidecar's outbound listener, or a gateway
     (then `routes_for` gives the gateway's compiled virtual hosts)."""
 
-    def __init__(self, caller: Caller, cache: DestinationCache, pools: PoolSet, rand: random.Random | None = None):
+    def __init__(
+        self,
+        caller: Caller,
+        cache: DestinationCache,
+        pools: PoolSet,
+        rand: random.Random | None = None,
+    ):
         self.caller = caller
         self.cache = cache
         self.pools = pools
@@ -85,27 +91,37 @@ class RouteHandler:
 
         ref = service_of_host(canonical_host(authority, self.caller.namespace))
         if ref is None or ref.name == "*":
-            return await local_reply(ex, 502, "NR", f"unknown host {strip_port(authority)!r}: not a mesh service")
+            return await local_reply(
+                ex, 502, "NR", f"unknown host {strip_port(authority)!r}: not a mesh service"
+            )
         try:
             dest = await self.cache.get(ref)
         except errors.MeshError as e:
             return await local_reply(ex, 503, "UH", f"no configuration for {ref}: {e}")
         if not _exists(dest):
-            return await local_reply(ex, 502, "NR", f"unknown host {strip_port(authority)!r}: no such service")
+            return await local_reply(
+                ex, 502, "NR", f"unknown host {strip_port(authority)!r}: no such service"
+            )
         assert dest.routes is not None
         match = dest.routes.select(attrs)
         if match is None:
             return await local_reply(ex, 404, "NR", f"no route matched {req.method} {req.path}")
         return await self._route(req, ex, attrs, match)
 
-    async def _route(self, req: Request, ex: Exchange, attrs: RequestAttrs, match: RouteMatch) -> Outcome:
+    async def _route(
+        self, req: Request, ex: Exchange, attrs: RequestAttrs, match: RouteMatch
+    ) -> Outcome:
         route: HTTPRoute = match.route
         if route.direct_response is not None:
             dr = route.direct_response
-            await ex.respond(dr.status, [("content-type", "text/plain; charset=utf-8")], (dr.body or "").encode())
+            await ex.respond(
+                dr.status, [("content-type", "text/plain; charset=utf-8")], (dr.body or "").encode()
+            )
             return Outcome(dr.status)
         if route.redirect is not None:
-            status, location = redirect_location(route.redirect, req.scheme, attrs.authority, req.path)
+            status, location = redirect_location(
+                route.redirect, req.scheme, attrs.authority, req.path
+            )
             await ex.respond(status, [("location", location)], b"")
             return Outcome(status)
         try:
@@ -114,17 +130,25 @@ class RouteHandler:
             return await local_reply(ex, 503, "NC", str(e))
         target_ref = service_of_host(chosen.destination.host)
         if target_ref is None:
-            return await local_reply(ex, 502, "NR", f"route destination {chosen.destination.host} is not a mesh service")
+            return await local_reply(
+                ex, 502, "NR", f"route destination {chosen.destination.host} is not a mesh service"
+            )
         try:
             target = await self.cache.get(target_ref)
         except errors.MeshError as e:
             return await local_reply(ex, 503, "UH", f"no configuration for {target_ref}: {e}")
         balancer = target.balancer(chosen.destination.subset, self.rand)
         if balancer is None:
-            return await local_reply(ex, 503, "NC", f"unknown subset {chosen.destination.subset!r} of {target_ref}")
+            return await local_reply(
+                ex, 503, "NC", f"unknown subset {chosen.destination.subset!r} of {target_ref}"
+            )
         peer_ip = req.peer[0] if req.peer else ""
-        hash_ctx = HashContext(headers=attrs.headers, path=req.path, source_ip=peer_ip,
-                               source_port=req.peer[1] if req.peer else 0)
+        hash_ctx = HashContext(
+            headers=attrs.headers,
+            path=req.path,
+            source_ip=peer_ip,
+            source_port=req.peer[1] if req.peer else 0,
+        )
         endpoint = balancer.choose(hash_ctx)
         if endpoint is None:
             return await local_reply(ex, 503, "UH", f"no healthy upstream for {target_ref}")
@@ -148,9 +172,15 @@ class RouteHandler:
         balancer.on_request_start(endpoint.instance)
         try:
             return await forward(
-                ex, req, self.pools.get(endpoint.address),
-                method=req.method, path=path, headers=out_headers, timeout_ms=route.timeout_ms,
-                response_headers=response_headers, upstream=endpoint.address,
+                ex,
+                req,
+                self.pools.get(endpoint.address),
+                method=req.method,
+                path=path,
+                headers=out_headers,
+                timeout_ms=route.timeout_ms,
+                response_headers=response_headers,
+                upstream=endpoint.address,
             )
         finally:
             balancer.on_request_end(endpoint.instance)

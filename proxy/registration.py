@@ -48,7 +48,9 @@ class Registration:
         )
         self.lease_id = reply.lease_id
         self.registered.set()
-        log.info("registration.registered", instance=self.instance.instance, status=self.instance.status)
+        log.info(
+            "registration.registered", instance=self.instance.instance, status=self.instance.status
+        )
 
     async def register_until_done(self) -> None:
         """Keep trying until the registry accepts us (it may not be up yet)."""
@@ -69,7 +71,12 @@ class Registration:
             try:
                 await self.bus.request(
                     self.bus.subjects.registry_heartbeat,
-                    HeartbeatRequest(self.lease_id, self.instance.namespace, self.instance.service, self.instance.instance),
+                    HeartbeatRequest(
+                        self.lease_id,
+                        self.instance.namespace,
+                        self.instance.service,
+                        self.instance.instance,
+                    ),
                     HeartbeatReply,
                     timeout=3,
                 )
@@ -86,7 +93,10 @@ class Registration:
             await self.bus.request(
                 self.bus.subjects.registry_deregister,
                 DeregisterRequest(
-                    self.instance.namespace, self.instance.service, self.instance.instance, self.lease_id
+                    self.instance.namespace,
+                    self.instance.service,
+                    self.instance.instance,
+                    self.lease_id,
                 ),
                 DeregisterReply,
                 timeout=3,

@@ -33,12 +33,18 @@ class SidecarSettings:
     nats_password: str | None = None
 
     def __post_init__(self) -> None:
-        self.labels = {"app": self.service, **({"version": self.version} if self.version else {}), **self.labels}
+        self.labels = {
+            "app": self.service,
+            **({"version": self.version} if self.version else {}),
+            **self.labels,
+        }
         if not self.service_account:
             self.service_account = self.service
         if not self.instance:
             host = socket.gethostname().split(".")[0].lower()
-            self.instance = f"{self.service}-{self.version or 'x'}-{host}-{os.getpid()}-{uuid.uuid4().hex[:4]}"
+            self.instance = (
+                f"{self.service}-{self.version or 'x'}-{host}-{os.getpid()}-{uuid.uuid4().hex[:4]}"
+            )
 
     @property
     def identity(self) -> str:

@@ -37,7 +37,12 @@ Handler = Callable[[Request, Exchange], Awaitable[None]]
 
 
 class Sidecar:
-    def __init__(self, settings: SidecarSettings, app_command: list[str] | None = None, limits: Limits | None = None):
+    def __init__(
+        self,
+        settings: SidecarSettings,
+        app_command: list[str] | None = None,
+        limits: Limits | None = None,
+    ):
         self.settings = settings
         self.app_command = app_command or []
         self.limits = limits or Limits()
@@ -57,7 +62,9 @@ class Sidecar:
 
     # ------------------------------------------------------------ handlers
 
-    def _counted(self, listener: str, handle: Callable[[Request, Exchange], Awaitable[Outcome]]) -> Handler:
+    def _counted(
+        self, listener: str, handle: Callable[[Request, Exchange], Awaitable[Outcome]]
+    ) -> Handler:
         async def handler(req: Request, ex: Exchange) -> None:
             self.active += 1
             outcome: Outcome | None = None
@@ -83,8 +90,13 @@ class Sidecar:
         if self.settings.app_port == 0:
             return await local_reply(ex, 503, "UH", "this sidecar has no app port")
         return await forward(
-            ex, req, self.app_pools.get(f"127.0.0.1:{self.settings.app_port}"),
-            method=req.method, path=req.path, headers=headers, upstream=f"127.0.0.1:{self.settings.app_port}",
+            ex,
+            req,
+            self.app_pools.get(f"127.0.0.1:{self.settings.app_port}"),
+            method=req.method,
+            path=req.path,
+            headers=headers,
+            upstream=f"127.0.0.1:{self.settings.app_port}",
         )
 
     # ------------------------------------------------------------ lifecycle
@@ -102,8 +114,14 @@ class Sidecar:
     def info(self) -> dict[str, Any]:
         s = self.settings
         return {
-            "instance": s.instance, "service": s.service, "namespace": s.namespace, "version": s.version,
-            "labels": s.labels, "identity": s.identity, "ready": self.ready, "draining": self.draining,
+            "instance": s.instance,
+            "service": s.service,
+            "namespace": s.namespace,
+            "version": s.version,
+            "labels": s.labels,
+            "identity": s.identity,
+            "ready": self.ready,
+            "draining": self.draining,
             "listeners": self.ports,
         }
 
@@ -117,13 +135,22 @@ class Sidecar:
         self.pools = PoolSet(self.limits)
         self.bus_ready = asyncio.Event()
         admin = AdminServer(
-            ready=lambda: self.ready, stats=self.stats, cache=lambda: getattr(self, "cache", None), info=self.info
+            ready=lambda: self.ready,
+            stats=self.stats,
+            cache=lambda: getattr(self, "cache", None),
+            info=self.info,
         )
         self.ports["admin"] = await admin.start(s.bind_host, s.admin_port)
         try:
             connect = asyncio.create_task(
-                Bus.connect(s.nats, name=f"sidecar:{s.instance}", prefix=s.prefix, user=s.nats_user,
-                            password=s.nats_password, wait_for_server=True),
+                Bus.connect(
+                    s.nats,
+                    name=f"sidecar:{s.instance}",
+                    prefix=s.prefix,
+                    user=s.nats_user,
+                    password=s.nats_password,
+                    wait_for_server=True,
+                ),
                 name="sidecar:connect",
             )
             stop_wait = asyncio.create_task(self._stop.wait(), name="sidecar:stop-wait")
@@ -145,8 +172,14 @@ class Sidecar:
             self.gateway = GatewayFollower(self.bus, s, on_change=lambda: self.reporter.changed())
             statuses = lambda: [*self.cache.subscription_statuses(), *self.gateway.statuses()]  # type: ignore[union-attr]  # noqa: E731
         self.reporter = StatusReporter(
-            self.bus, proxy=s.instance, namespace=s.namespace, service=s.service, version=s.version,
-            labels=s.labels, kind="gateway" if s.gateway else "sidecar", statuses=statuses,
+            self.bus,
+            proxy=s.instance,
+            namespace=s.namespace,
+            service=s.service,
+            version=s.version,
+            labels=s.labels,
+            kind="gateway" if s.gateway else "sidecar",
+            statuses=statuses,
         )
         self.bus.on_reconnect(self._resync)
         caller = Caller(namespace=s.namespace, labels=s.labels)
@@ -154,20 +187,34 @@ class Sidecar:
         if s.gateway:
             assert self.gateway is not None
             self.gateway.attach(routes)
-            address_port = await self._listen("gateway", self._counted("gateway", routes.handle), s.gateway_port, s.bind_host)
+            address_port = await self._listen(
+                "gateway", self._counted("gateway", routes.handle), s.gateway_port, s.bind_host
+            )
         else:
-            address_port = await self._listen("inbound", self._counted("inbound", self._inbound), s.inbound_port, s.bind_host)
-            await self._listen("outbound", self._counted("outbound", routes.handle), s.outbound_port, "127.0.0.1")
+            address_port = await self._listen(
+                "inbound", self._counted("inbound", self._inbound), s.inbound_port, s.bind_host
+            )
+            await self._listen(
+                "outbound", self._counted("outbound", routes.handle), s.outbound_port, "127.0.0.1"
+            )
         instance = Instance(
-            namespace=s.namespace, service=s.service, instance=s.instance,
-            address=f"{s.bind_host}:{address_port}", version=s.version, labels=s.labels,
-            service_account=s.service_account, identity=s.identity, tcp_ports=s.tcp_ports,
+            namespace=s.namespace,
+            service=s.service,
+            instance=s.instance,
+            address=f"{s.bind_host}:{address_port}",
+            version=s.version,
+            labels=s.labels,
+            service_account=s.service_account,
+            identity=s.identity,
+            tcp_ports=s.tcp_ports,
             admin=f"http://{s.bind_host}:{self.ports['admin']}",
         )
         registration = Registration(self.bus, instance, ttl=s.register_ttl)
         try:
             async with asyncio.TaskGroup() as tg:
-                registering = tg.create_task(self._become_ready(registration), name="sidecar:register")
+                registering = tg.create_task(
+                    self._become_ready(registration), name="sidecar:register"
+                )
                 stop_wait = tg.create_task(self._stop.wait(), name="sidecar:stop-wait")
                 await asyncio.wait({registering, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
                 if self._stop.is_set():
@@ -181,7 +228,9 @@ class Sidecar:
                 if self.gateway is not None:
                     await self.gateway.start()
                 if self.app_command:
-                    self.app = await asyncio.create_subprocess_exec(*self.app_command, env=self._app_env())
+                    self.app = await asyncio.create_subprocess_exec(
+                        *self.app_command, env=self._app_env()
+                    )
                     tasks.append(tg.create_task(self._watch_app(self.app), name="sidecar:app"))
                 log.info("sidecar.ready", instance=s.instance, listeners=self.ports)
                 await self._stop.wait()
@@ -210,9 +259,14 @@ class Sidecar:
         proxy = f"http://127.0.0.1:{self.ports['outbound']}"
         env = dict(os.environ)
         env.update(
-            HTTP_PROXY=proxy, http_proxy=proxy, NO_PROXY="localhost,127.0.0.1", no_proxy="localhost,127.0.0.1",
-            MESH_SERVICE=self.settings.service, MESH_NAMESPACE=self.settings.namespace,
-            MESH_VERSION=self.settings.version, MESH_INSTANCE=self.settings.instance,
+            HTTP_PROXY=proxy,
+            http_proxy=proxy,
+            NO_PROXY="localhost,127.0.0.1",
+            no_proxy="localhost,127.0.0.1",
+            MESH_SERVICE=self.settings.service,
+            MESH_NAMESPACE=self.settings.namespace,
+            MESH_VERSION=self.settings.version,
+            MESH_INSTANCE=self.settings.instance,
             PORT=str(self.settings.app_port),
             MESH_ADMIN=f"http://{self.settings.bind_host}:{self.ports['admin']}",
         )
@@ -246,4 +300,3 @@ class Sidecar:
         await registration.deregister()
         await self.reporter.goodbye()
         log.info("sidecar.stopped", instance=s.instance, unfinished=self.active)
-

@@ -21,14 +21,22 @@ class ProxyStats:
             registry=self.registry,
         )
         self.config_applied = Counter(
-            "meshwork_proxy_config_applied_total", "Configs applied, by kind", ["kind"], registry=self.registry
+            "meshwork_proxy_config_applied_total",
+            "Configs applied, by kind",
+            ["kind"],
+            registry=self.registry,
         )
         self.config_rejected = Counter(
-            "meshwork_proxy_config_rejected_total", "Configs rejected (kept the last good one)", ["kind"],
+            "meshwork_proxy_config_rejected_total",
+            "Configs rejected (kept the last good one)",
+            ["kind"],
             registry=self.registry,
         )
         self.active = Gauge(
-            "meshwork_proxy_active_requests", "Requests in flight", ["listener"], registry=self.registry
+            "meshwork_proxy_active_requests",
+            "Requests in flight",
+            ["listener"],
+            registry=self.registry,
         )
         self.destinations = Gauge(
             "meshwork_proxy_destinations", "Destinations this proxy follows", registry=self.registry

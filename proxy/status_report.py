@@ -30,8 +30,14 @@ class StatusReporter:
         statuses: Callable[[], list[SubscriptionStatus]],
     ):
         self.bus = bus
-        self.template = dict(proxy=proxy, namespace=namespace, service=service, version=version,
-                             labels=labels, kind=kind)
+        self.template = dict(
+            proxy=proxy,
+            namespace=namespace,
+            service=service,
+            version=version,
+            labels=labels,
+            kind=kind,
+        )
         self.statuses = statuses
         self._wake = asyncio.Event()
 

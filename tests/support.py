@@ -16,7 +16,9 @@ from mesh.servers import ManagedProcess, free_port, http_ok
 from mesh.service import ControlPlaneService, ServiceConfig
 
 
-async def eventually(check: Callable[[], Awaitable[Any] | Any], timeout: float = 10.0, interval: float = 0.05) -> Any:
+async def eventually(
+    check: Callable[[], Awaitable[Any] | Any], timeout: float = 10.0, interval: float = 0.05
+) -> Any:
     """Poll `check` until it returns a truthy value (and return it) or fail with the last error."""
     deadline = time.monotonic() + timeout
     last: Any = None
@@ -50,7 +52,9 @@ async def running(service: ControlPlaneService) -> AsyncIterator[ControlPlaneSer
             await asyncio.wait_for(task, 15)
 
 
-def service_config(nats_url: str, etcd_url: str, prefix: str, replica: str = "", **options: str) -> ServiceConfig:
+def service_config(
+    nats_url: str, etcd_url: str, prefix: str, replica: str = "", **options: str
+) -> ServiceConfig:
     return ServiceConfig(
         nats=[nats_url],
         etcd=[etcd_url],
@@ -65,7 +69,16 @@ def service_config(nats_url: str, etcd_url: str, prefix: str, replica: str = "",
 class ServiceProcess:
     """A control-plane replica in its own process (`meshctl serve`), killable for fault tests."""
 
-    def __init__(self, name: str, nats_url: str, etcd_url: str, prefix: str, replica: str, log_dir: Path, *extra: str):
+    def __init__(
+        self,
+        name: str,
+        nats_url: str,
+        etcd_url: str,
+        prefix: str,
+        replica: str,
+        log_dir: Path,
+        *extra: str,
+    ):
         self.name = name
         self.replica = replica
         self.port = free_port()
@@ -118,8 +131,12 @@ class EchoApp:
             body = await request.read()
             return web.json_response(
                 {
-                    "service": self.service, "version": self.version, "path": request.path_qs,
-                    "method": request.method, "host": request.host, "body_len": len(body),
+                    "service": self.service,
+                    "version": self.version,
+                    "path": request.path_qs,
+                    "method": request.method,
+                    "host": request.host,
+                    "body_len": len(body),
                     "headers": dict(request.headers),
                 }
             )
@@ -156,8 +173,12 @@ class MeshHarness:
         from services.config import ConfigService
         from services.registry import RegistryService
 
-        await self.stack.enter_async_context(running(RegistryService(service_config(self.nats_url, self.etcd_url, self.prefix))))
-        await self.stack.enter_async_context(running(ConfigService(service_config(self.nats_url, self.etcd_url, self.prefix))))
+        await self.stack.enter_async_context(
+            running(RegistryService(service_config(self.nats_url, self.etcd_url, self.prefix)))
+        )
+        await self.stack.enter_async_context(
+            running(ConfigService(service_config(self.nats_url, self.etcd_url, self.prefix)))
+        )
         self.bus = await Bus.connect([self.nats_url], name="test", prefix=self.prefix)
         return self
 
@@ -173,7 +194,9 @@ class MeshHarness:
             await self.bus.close()
         await self.stack.aclose()
 
-    async def sidecar(self, service: str, version: str = "v1", *, app: bool = True, **settings: Any) -> Any:
+    async def sidecar(
+        self, service: str, version: str = "v1", *, app: bool = True, **settings: Any
+    ) -> Any:
         from proxy.settings import SidecarSettings
         from proxy.sidecar import Sidecar
 
@@ -182,8 +205,13 @@ class MeshHarness:
             echo = await EchoApp(service, version).start()
             self.apps.append(echo)
         s = SidecarSettings(
-            service=service, version=version, app_port=echo.port if echo else 1,
-            nats=[self.nats_url], prefix=self.prefix, drain_timeout=2.0, **settings,
+            service=service,
+            version=version,
+            app_port=echo.port if echo else 1,
+            nats=[self.nats_url],
+            prefix=self.prefix,
+            drain_timeout=2.0,
+            **settings,
         )
         sc = Sidecar(s)
         sc.echo = echo
@@ -196,11 +224,18 @@ class MeshHarness:
         from mesh.messages import ApplyReply, ApplyRequest, ResourceDocument
         from mesh.resources import load_yaml
 
-        docs = [ResourceDocument(source=source, index=i, body=b) for i, b in enumerate(load_yaml(text, source))]
-        return await self.bus.request(self.bus.subjects.config_apply, ApplyRequest(documents=docs), ApplyReply)
+        docs = [
+            ResourceDocument(source=source, index=i, body=b)
+            for i, b in enumerate(load_yaml(text, source))
+        ]
+        return await self.bus.request(
+            self.bus.subjects.config_apply, ApplyRequest(documents=docs), ApplyReply
+        )
 
     async def proxy_status(self) -> list[Any]:
         from mesh.messages import ProxyStatusReply, ProxyStatusRequest
 
-        reply = await self.bus.request(self.bus.subjects.config_proxy_status, ProxyStatusRequest(), ProxyStatusReply)
+        reply = await self.bus.request(
+            self.bus.subjects.config_proxy_status, ProxyStatusRequest(), ProxyStatusReply
+        )
         return list(reply.entries)

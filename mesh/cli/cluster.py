@@ -12,17 +12,31 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from mesh import devcluster
-from mesh.cli.common import CLIError, add_output_flag, emit, print_table, progress, read_cluster, state_dir
+from mesh.cli.common import (
+    CLIError,
+    add_output_flag,
+    emit,
+    print_table,
+    progress,
+    read_cluster,
+    state_dir,
+)
 from mesh.cli.serve import available_services
 from mesh.servers import ServerError
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     up = sub.add_parser("up", help="start a local cluster: nats-server, etcd and the control plane")
-    up.add_argument("--replicas", type=int, default=1, help="replicas of each control-plane service")
+    up.add_argument(
+        "--replicas", type=int, default=1, help="replicas of each control-plane service"
+    )
     up.add_argument("--detach", action="store_true", help="return once everything is ready")
-    up.add_argument("--demo", action="store_true", help="also run the demo application (when available)")
-    up.add_argument("--demo-load", type=float, default=3.0, help="demo background load in requests/s")
+    up.add_argument(
+        "--demo", action="store_true", help="also run the demo application (when available)"
+    )
+    up.add_argument(
+        "--demo-load", type=float, default=3.0, help="demo background load in requests/s"
+    )
     up.set_defaults(func=cmd_up)
 
     down = sub.add_parser("down", help="stop everything `meshctl up` started")
@@ -37,10 +51,17 @@ def cmd_up(args: argparse.Namespace) -> int:
     if args.replicas < 1:
         raise CLIError("--replicas must be at least 1")
     services = [s for s in devcluster.SERVICE_ORDER if s in available_services()]
-    cluster = devcluster.DevCluster(state_dir(args), replicas=args.replicas, services=services, report=progress)
-    progress(f"meshctl up: {args.replicas} replica(s) of {', '.join(services)} in {cluster.state_dir}/")
+    cluster = devcluster.DevCluster(
+        state_dir(args), replicas=args.replicas, services=services, report=progress
+    )
+    progress(
+        f"meshctl up: {args.replicas} replica(s) of {', '.join(services)} in {cluster.state_dir}/"
+    )
     if args.demo:
-        progress("  note: the demo application is not part of this build yet; starting the control plane only")
+        progress(
+            "  note: the demo application is not part of this build yet;"
+            " starting the control plane only"
+        )
     try:
         cluster.start()
     except ServerError as e:
@@ -71,7 +92,9 @@ def print_summary(doc: dict[str, Any], where: Any) -> None:
     print(f"  nats:      {', '.join(doc['nats'])}")
     print(f"  etcd:      {', '.join(doc['etcd'])}")
     for service, replicas in doc["services"].items():
-        print(f"  {service + ':':<10} " + ", ".join(f"{r['replica']} {r['http']}" for r in replicas))
+        print(
+            f"  {service + ':':<10} " + ", ".join(f"{r['replica']} {r['http']}" for r in replicas)
+        )
     if "telemetry" in doc:
         print(f"  metrics:   {doc['telemetry']['metrics']}")
     if doc.get("ingress"):
@@ -126,8 +149,14 @@ def cmd_status(args: argparse.Namespace) -> int:
         for svc, rs in status["services"].items():
             for r in rs:
                 rows.append(
-                    [svc, r["replica"], r["pid"], "healthy" if r["healthy"] else "DOWN",
-                     "leader" if r["leader"] else "", r["http"]]
+                    [
+                        svc,
+                        r["replica"],
+                        r["pid"],
+                        "healthy" if r["healthy"] else "DOWN",
+                        "leader" if r["leader"] else "",
+                        r["http"],
+                    ]
                 )
         print_table(rows, ["SERVICE", "REPLICA", "PID", "HEALTH", "ROLE", "HTTP"])
 

@@ -28,7 +28,9 @@ class CLIError(Exception):
 
 
 def state_dir(args: argparse.Namespace) -> Path:
-    return Path(getattr(args, "state_dir", None) or os.environ.get("MESH_STATE_DIR") or DEFAULT_STATE_DIR)
+    return Path(
+        getattr(args, "state_dir", None) or os.environ.get("MESH_STATE_DIR") or DEFAULT_STATE_DIR
+    )
 
 
 def read_cluster(args: argparse.Namespace, required: bool = True) -> dict[str, Any]:
@@ -53,7 +55,9 @@ def nats_urls(args: argparse.Namespace) -> list[str]:
     return list(read_cluster(args)["nats"])
 
 
-def nats_credentials(args: argparse.Namespace, role: str = "admin") -> tuple[str | None, str | None]:
+def nats_credentials(
+    args: argparse.Namespace, role: str = "admin"
+) -> tuple[str | None, str | None]:
     """Credentials for `role` from cluster.json (clusters with bus authentication), if any."""
     cluster = read_cluster(args, required=False)
     creds = cluster.get("credentials", {}).get(role)
@@ -63,13 +67,17 @@ def nats_credentials(args: argparse.Namespace, role: str = "admin") -> tuple[str
 
 
 def prefix(args: argparse.Namespace) -> str:
-    return str(getattr(args, "prefix", None) or read_cluster(args, required=False).get("prefix") or "mesh")
+    return str(
+        getattr(args, "prefix", None) or read_cluster(args, required=False).get("prefix") or "mesh"
+    )
 
 
 async def connect_bus(args: argparse.Namespace, name: str = "meshctl") -> Bus:
     user, password = nats_credentials(args)
     try:
-        return await Bus.connect(nats_urls(args), name=name, prefix=prefix(args), user=user, password=password)
+        return await Bus.connect(
+            nats_urls(args), name=name, prefix=prefix(args), user=user, password=password
+        )
     except errors.Unavailable as e:
         raise CLIError(str(e)) from None
 
@@ -105,7 +113,9 @@ def run_async(coro: Awaitable[int]) -> int:
 # ---------------------------------------------------------------- output
 
 
-def add_output_flag(p: argparse.ArgumentParser, choices: Sequence[str] = ("table", "json", "yaml")) -> None:
+def add_output_flag(
+    p: argparse.ArgumentParser, choices: Sequence[str] = ("table", "json", "yaml")
+) -> None:
     p.add_argument("-o", "--output", choices=list(choices), default="table", help="output format")
 
 

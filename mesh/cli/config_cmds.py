@@ -34,7 +34,9 @@ YAML_SUFFIXES = (".yaml", ".yml", ".json")
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     ap = sub.add_parser("apply", help="create or update resources from YAML (all-or-nothing)")
-    ap.add_argument("-f", "--filename", action="append", required=True, help="file, directory or - (repeatable)")
+    ap.add_argument(
+        "-f", "--filename", action="append", required=True, help="file, directory or - (repeatable)"
+    )
     ap.add_argument("--dry-run", action="store_true", help="validate only")
     ap.add_argument("-o", "--output", choices=["text", "json"], default="text")
     ap.set_defaults(func=cmd_apply)
@@ -103,7 +105,10 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
     async def run(bus: Bus) -> int:
         reply = await bus.request(
-            bus.subjects.config_apply, ApplyRequest(documents=docs, dry_run=args.dry_run), ApplyReply, timeout=10
+            bus.subjects.config_apply,
+            ApplyRequest(documents=docs, dry_run=args.dry_run),
+            ApplyReply,
+            timeout=10,
         )
         if args.output == "json":
             print(json.dumps(_plain(reply), indent=2))
@@ -140,15 +145,23 @@ async def get_resources(bus: Bus, args: argparse.Namespace) -> int:
         raise CLIError(f"error: {e.message}") from None
     reply = await bus.request(
         bus.subjects.config_get,
-        GetResourcesRequest(kind=kind, namespace=args.namespace or ("default" if args.name else ""), name=args.name),
+        GetResourcesRequest(
+            kind=kind, namespace=args.namespace or ("default" if args.name else ""), name=args.name
+        ),
         GetResourcesReply,
     )
     if args.output in ("json", "yaml"):
         items = [r.body for r in reply.resources]
-        data: Any = items[0] if args.name and len(items) == 1 else {"apiVersion": "v1", "kind": "List", "items": items}
+        data: Any = (
+            items[0]
+            if args.name and len(items) == 1
+            else {"apiVersion": "v1", "kind": "List", "items": items}
+        )
         emit(data, args.output, lambda: None)
         return 0
-    rows = [[r.ref.namespace, r.ref.name, r.revision, _summary(kind, r.body)] for r in reply.resources]
+    rows = [
+        [r.ref.namespace, r.ref.name, r.revision, _summary(kind, r.body)] for r in reply.resources
+    ]
     if not rows:
         print(f"No {kind} resources found.", file=sys.stderr)
         return 0
@@ -177,7 +190,9 @@ def cmd_delete(args: argparse.Namespace) -> int:
         raise CLIError("error: give -f FILE, or KIND NAME [NAME ...]")
 
     async def run(bus: Bus) -> int:
-        reply = await bus.request(bus.subjects.config_delete, DeleteRequest(refs=refs), DeleteReply, timeout=10)
+        reply = await bus.request(
+            bus.subjects.config_delete, DeleteRequest(refs=refs), DeleteReply, timeout=10
+        )
         for r in reply.deleted:
             print(f"{_kind_label(r.kind)}/{r.name} deleted")
         for r in reply.not_found:
@@ -192,7 +207,9 @@ def cmd_delete(args: argparse.Namespace) -> int:
 
 def cmd_proxy_status(args: argparse.Namespace) -> int:
     async def run(bus: Bus) -> int:
-        reply = await bus.request(bus.subjects.config_proxy_status, ProxyStatusRequest(), ProxyStatusReply)
+        reply = await bus.request(
+            bus.subjects.config_proxy_status, ProxyStatusRequest(), ProxyStatusReply
+        )
         entries = reply.entries
 
         def table() -> None:
@@ -200,11 +217,20 @@ def cmd_proxy_status(args: argparse.Namespace) -> int:
                 print("No proxies have reported yet.", file=sys.stderr)
                 return
             rows = [
-                [e.proxy, f"{e.service}.{e.namespace}", _subject_label(e.subject), e.state,
-                 e.applied_revision, e.latest_revision, e.reason]
+                [
+                    e.proxy,
+                    f"{e.service}.{e.namespace}",
+                    _subject_label(e.subject),
+                    e.state,
+                    e.applied_revision,
+                    e.latest_revision,
+                    e.reason,
+                ]
                 for e in entries
             ]
-            print_table(rows, ["PROXY", "SERVICE", "DESTINATION", "STATE", "APPLIED", "LATEST", "REASON"])
+            print_table(
+                rows, ["PROXY", "SERVICE", "DESTINATION", "STATE", "APPLIED", "LATEST", "REASON"]
+            )
 
         emit([_plain(e) for e in entries], args.output, table)
         return 0
@@ -232,10 +258,19 @@ def _strip_type(data: Any) -> Any:
 
 def _admin_url(bus: Bus, proxy: str) -> Any:
     async def find() -> str:
-        reply = await bus.request(bus.subjects.registry_get, EndpointsGetRequest(), EndpointsGetReply)
-        matches = [e for s in reply.sets for e in s.endpoints if e.instance == proxy or e.instance.startswith(proxy)]
+        reply = await bus.request(
+            bus.subjects.registry_get, EndpointsGetRequest(), EndpointsGetReply
+        )
+        matches = [
+            e
+            for s in reply.sets
+            for e in s.endpoints
+            if e.instance == proxy or e.instance.startswith(proxy)
+        ]
         if not matches:
-            raise CLIError(f"error: no registered proxy named {proxy!r} (see `meshctl get endpoints`)")
+            raise CLIError(
+                f"error: no registered proxy named {proxy!r} (see `meshctl get endpoints`)"
+            )
         if len(matches) > 1 and not any(e.instance == proxy for e in matches):
             names = ", ".join(e.instance for e in matches)
             raise CLIError(f"error: {proxy!r} is ambiguous: {names}")
@@ -268,26 +303,52 @@ def cmd_proxy_config(args: argparse.Namespace) -> int:
         def table() -> None:
             if args.what == "endpoints":
                 rows = [
-                    [c["destination"], c.get("subset") or "-", e["instance"], e["address"], e["health"],
-                     e.get("active_requests", 0)]
+                    [
+                        c["destination"],
+                        c.get("subset") or "-",
+                        e["instance"],
+                        e["address"],
+                        e["health"],
+                        e.get("active_requests", 0),
+                    ]
                     for c in data.get("clusters", [])
                     for e in c.get("endpoints", [])
                 ]
-                print_table(rows, ["DESTINATION", "SUBSET", "INSTANCE", "ADDRESS", "HEALTH", "ACTIVE"])
+                print_table(
+                    rows, ["DESTINATION", "SUBSET", "INSTANCE", "ADDRESS", "HEALTH", "ACTIVE"]
+                )
             elif args.what == "routes":
                 rows = []
                 for dest, table_ in data.items():
                     if not table_:
                         continue
-                    http = table_.get("http") or [{"name": "default", "route": [{"destination": {"host": table_["host"]}}]}]
+                    http = table_.get("http") or [
+                        {"name": "default", "route": [{"destination": {"host": table_["host"]}}]}
+                    ]
                     for rule in http:
                         targets = ",".join(
                             f"{r['destination']['host']}"
-                            + (f"/{r['destination']['subset']}" if r["destination"].get("subset") else "")
-                            + (f" {r.get('weight', 100)}%" if len(rule.get("route", [])) > 1 else "")
+                            + (
+                                f"/{r['destination']['subset']}"
+                                if r["destination"].get("subset")
+                                else ""
+                            )
+                            + (
+                                f" {r.get('weight', 100)}%"
+                                if len(rule.get("route", [])) > 1
+                                else ""
+                            )
                             for r in rule.get("route", [])
                         ) or ("redirect" if rule.get("redirect") else "direct-response")
-                        rows.append([dest, rule.get("name", ""), len(rule.get("match", [])), targets, table_["revision"]])
+                        rows.append(
+                            [
+                                dest,
+                                rule.get("name", ""),
+                                len(rule.get("match", [])),
+                                targets,
+                                table_["revision"],
+                            ]
+                        )
                 print_table(rows, ["DESTINATION", "RULE", "MATCHES", "ROUTE", "REVISION"])
             else:
                 print(json.dumps(data, indent=2))

@@ -15,8 +15,12 @@ COMMAND_MODULES = [cluster, serve, resources]
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="meshctl", description="Meshwork service mesh CLI")
-    parser.add_argument("--state-dir", help="local cluster state directory (env MESH_STATE_DIR, default .mesh)")
-    parser.add_argument("--nats", help="NATS URLs, comma-separated (overrides cluster.json; env MESH_NATS)")
+    parser.add_argument(
+        "--state-dir", help="local cluster state directory (env MESH_STATE_DIR, default .mesh)"
+    )
+    parser.add_argument(
+        "--nats", help="NATS URLs, comma-separated (overrides cluster.json; env MESH_NATS)"
+    )
     parser.add_argument("--prefix", help="subject prefix (default from cluster.json, else mesh)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     v = sub.add_parser("version", help="print the version")

@@ -52,8 +52,12 @@ async def get_endpoints(bus: Bus, args: argparse.Namespace) -> int:
         for s in sets:
             for e in s.endpoints:
                 labels = ",".join(f"{k}={v}" for k, v in sorted(e.labels.items()))
-                rows.append([s.namespace, s.service, e.instance, e.address, e.status, e.version, labels])
-        print_table(rows, ["NAMESPACE", "SERVICE", "INSTANCE", "ADDRESS", "STATUS", "VERSION", "LABELS"])
+                rows.append(
+                    [s.namespace, s.service, e.instance, e.address, e.status, e.version, labels]
+                )
+        print_table(
+            rows, ["NAMESPACE", "SERVICE", "INSTANCE", "ADDRESS", "STATUS", "VERSION", "LABELS"]
+        )
 
     emit({"revision": reply.revision, "services": data}, args.output, table)
     return 0

@@ -26,7 +26,9 @@ def service_class(name: str) -> type[ControlPlaneService]:
         module = importlib.import_module(module_name)
         return getattr(module, attr)  # type: ignore[no-any-return]
     except (ImportError, AttributeError) as e:
-        raise SystemExit(f"meshctl serve: service {name!r} is not available in this build: {e}") from None
+        raise SystemExit(
+            f"meshctl serve: service {name!r} is not available in this build: {e}"
+        ) from None
 
 
 def available_services() -> list[str]:
@@ -44,18 +46,36 @@ def available_services() -> list[str]:
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("serve", help="run one control-plane service replica")
     p.add_argument("service", choices=sorted(SERVICES))
-    p.add_argument("--nats", default=os.environ.get("MESH_NATS", "nats://127.0.0.1:4222"),
-                   help="NATS URLs, comma-separated (env MESH_NATS)")
-    p.add_argument("--etcd", default=os.environ.get("MESH_ETCD", "http://127.0.0.1:2379"),
-                   help="etcd URLs, comma-separated (env MESH_ETCD)")
-    p.add_argument("--prefix", default=os.environ.get("MESH_PREFIX", "mesh"),
-                   help="subject prefix; the etcd key prefix is /<prefix>/")
+    p.add_argument(
+        "--nats",
+        default=os.environ.get("MESH_NATS", "nats://127.0.0.1:4222"),
+        help="NATS URLs, comma-separated (env MESH_NATS)",
+    )
+    p.add_argument(
+        "--etcd",
+        default=os.environ.get("MESH_ETCD", "http://127.0.0.1:2379"),
+        help="etcd URLs, comma-separated (env MESH_ETCD)",
+    )
+    p.add_argument(
+        "--prefix",
+        default=os.environ.get("MESH_PREFIX", "mesh"),
+        help="subject prefix; the etcd key prefix is /<prefix>/",
+    )
     p.add_argument("--http-host", default=os.environ.get("MESH_HTTP_HOST", "127.0.0.1"))
     p.add_argument("--http-port", type=int, default=int(os.environ.get("MESH_HTTP_PORT", "0")))
-    p.add_argument("--replica", default=os.environ.get("MESH_REPLICA", ""), help="replica id (default: host-pid)")
+    p.add_argument(
+        "--replica",
+        default=os.environ.get("MESH_REPLICA", ""),
+        help="replica id (default: host-pid)",
+    )
     p.add_argument("--election-ttl", type=int, default=5, help="leader lease TTL in seconds")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="service-specific option (repeatable)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="service-specific option (repeatable)",
+    )
     p.set_defaults(func=run)
 
 

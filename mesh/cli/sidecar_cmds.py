@@ -33,11 +33,17 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    sc = sub.add_parser("sidecar", help="run a sidecar proxy next to an app (optionally starting the app)")
+    sc = sub.add_parser(
+        "sidecar", help="run a sidecar proxy next to an app (optionally starting the app)"
+    )
     sc.add_argument("--service", required=True)
     sc.add_argument("--version", default="")
-    sc.add_argument("--app-port", type=int, required=True, help="port the app listens on (127.0.0.1)")
-    sc.add_argument("--tcp-port", type=int, action="append", default=[], help="declared TCP port (repeatable)")
+    sc.add_argument(
+        "--app-port", type=int, required=True, help="port the app listens on (127.0.0.1)"
+    )
+    sc.add_argument(
+        "--tcp-port", type=int, action="append", default=[], help="declared TCP port (repeatable)"
+    )
     sc.add_argument("--inbound-port", type=int, default=0)
     sc.add_argument("--outbound-port", type=int, default=0)
     sc.add_argument("--service-account", default="")
@@ -46,7 +52,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     sc.set_defaults(func=cmd_sidecar)
 
     gw = sub.add_parser("gateway", help="run an ingress gateway (no app)")
-    gw.add_argument("--port", type=int, required=True, help="plaintext listener for traffic entering the mesh")
+    gw.add_argument(
+        "--port", type=int, required=True, help="plaintext listener for traffic entering the mesh"
+    )
     gw.add_argument("--name", default="ingressgateway", help="gateway workload name")
     _common(gw)
     gw.set_defaults(func=cmd_gateway)
@@ -67,9 +75,18 @@ def _settings(args: argparse.Namespace, **kw: Any) -> Any:
     settings_mod = importlib.import_module("proxy.settings")
     user, password = nats_credentials(args, role="sidecar")
     return settings_mod.SidecarSettings(
-        namespace=args.namespace, labels=args.labels, nats=nats_urls(args), prefix=prefix(args),
-        bind_host=args.bind, admin_port=args.admin_port, instance=args.instance, register_ttl=args.ttl,
-        drain_timeout=args.drain_timeout, nats_user=user, nats_password=password, **kw,
+        namespace=args.namespace,
+        labels=args.labels,
+        nats=nats_urls(args),
+        prefix=prefix(args),
+        bind_host=args.bind,
+        admin_port=args.admin_port,
+        instance=args.instance,
+        register_ttl=args.ttl,
+        drain_timeout=args.drain_timeout,
+        nats_user=user,
+        nats_password=password,
+        **kw,
     )
 
 
@@ -81,8 +98,14 @@ def cmd_sidecar(args: argparse.Namespace) -> int:
     if not 0 < args.app_port < 65536:
         raise CLIError(f"--app-port must be in 1..65535, got {args.app_port}")
     settings = _settings(
-        args, service=args.service, version=args.version, app_port=args.app_port, tcp_ports=args.tcp_port,
-        inbound_port=args.inbound_port, outbound_port=args.outbound_port, service_account=args.service_account,
+        args,
+        service=args.service,
+        version=args.version,
+        app_port=args.app_port,
+        tcp_ports=args.tcp_port,
+        inbound_port=args.inbound_port,
+        outbound_port=args.outbound_port,
+        service_account=args.service_account,
     )
     return _run(settings, app)
 

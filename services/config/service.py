@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 
@@ -73,19 +73,27 @@ class ConfigService(ControlPlaneService):
         await self.bus.serve(s.config_apply, ApplyRequest, self.apply, queue=CONFIG_QUEUE)
         await self.bus.serve(s.config_delete, DeleteRequest, self.delete, queue=CONFIG_QUEUE)
         await self.bus.serve(s.config_get, GetResourcesRequest, self.get, queue=CONFIG_QUEUE)
-        await self.bus.serve(s.config_fetch, FetchRequest, self.fetch, queue=CONFIG_QUEUE, concurrency=64)
-        await self.bus.subscribe(s.proxy_status, ProxyStatus, self._on_proxy_status, max_pending=65536)
+        await self.bus.serve(
+            s.config_fetch, FetchRequest, self.fetch, queue=CONFIG_QUEUE, concurrency=64
+        )
+        await self.bus.subscribe(
+            s.proxy_status, ProxyStatus, self._on_proxy_status, max_pending=65536
+        )
 
     def background(self) -> list[tuple[str, Any]]:
         return [("follow-resources", self._follow), ("expire-status", self._expire_status)]
 
     def health_details(self) -> dict[str, object]:
-        return {"revision": self.snapshot.revision if hasattr(self, "snapshot") else 0,
-                "resources": len(self.snapshot.entries) if hasattr(self, "snapshot") else 0}
+        return {
+            "revision": self.snapshot.revision if hasattr(self, "snapshot") else 0,
+            "resources": len(self.snapshot.entries) if hasattr(self, "snapshot") else 0,
+        }
 
     async def _load_snapshot(self) -> None:
         kvs, revision = await self.store.get_prefix(self.store.key("resources") + "/")
-        self.snapshot.load([(kv.key, kv.value, kv.create_revision, kv.mod_revision) for kv in kvs], revision)
+        self.snapshot.load(
+            [(kv.key, kv.value, kv.create_revision, kv.mod_revision) for kv in kvs], revision
+        )
 
     async def _follow(self) -> None:
         prefix = self.store.key("resources") + "/"
@@ -93,7 +101,9 @@ class ConfigService(ControlPlaneService):
             try:
                 async for ev in self.store.watch_prefix(prefix, self.snapshot.revision + 1):
                     if ev.kind == "put":
-                        touched = self.snapshot.put(ev.key, ev.value, ev.create_revision, ev.revision)
+                        touched = self.snapshot.put(
+                            ev.key, ev.value, ev.create_revision, ev.revision
+                        )
                     else:
                         touched = self.snapshot.delete(ev.key, ev.revision)
                     if touched:
@@ -123,20 +133,25 @@ class ConfigService(ControlPlaneService):
         if not req.documents:
             raise errors.BadRequest("no documents to apply")
         if len(req.documents) > MAX_DOCUMENTS:
-            raise errors.BadRequest(f"too many documents in one apply: {len(req.documents)} > {MAX_DOCUMENTS}")
+            raise errors.BadRequest(
+                f"too many documents in one apply: {len(req.documents)} > {MAX_DOCUMENTS}"
+            )
         batch = parse_documents(req.documents)
         if batch.errors:
             self.requests.labels("apply", "invalid").inc()
             details = [str(e) for e in batch.errors]
             raise errors.BadRequest(
-                f"{len(batch.errors)} error(s); nothing was applied", field=batch.errors[0].path, details=details
+                f"{len(batch.errors)} error(s); nothing was applied",
+                field=batch.errors[0].path,
+                details=details,
             )
         refs = [r.ref for r in batch.resources]
         seen: set[tuple[str, str, str]] = set()
         for doc, ref in zip(req.documents, refs, strict=True):
             if ref in seen:
                 raise errors.BadRequest(
-                    f"{doc.source}: document {doc.index}: {ref.kind} {ref.namespace}/{ref.name} appears twice"
+                    f"{doc.source}: document {doc.index}: "
+                    f"{ref.kind} {ref.namespace}/{ref.name} appears twice"
                     " in one apply; nothing was applied"
                 )
             seen.add(ref)
@@ -147,19 +162,28 @@ class ConfigService(ControlPlaneService):
             key = resource_key(self.store.prefix, kind, ns, name)
             value = json.dumps(to_dict(resource), sort_keys=True).encode()
             current = await self.store.get(key)
+            action: Literal["created", "configured", "unchanged"]
             if current is not None and current.value == value:
                 action = "unchanged"
             else:
                 action = "configured" if current is not None else "created"
                 ops.append(Put(key, value))
-            results.append(AppliedResource(ref=ResourceRef(kind=kind, namespace=ns, name=name), action=action))  # type: ignore[arg-type]
+            results.append(
+                AppliedResource(ref=ResourceRef(kind=kind, namespace=ns, name=name), action=action)
+            )
         revision = self.snapshot.revision
         if ops and not req.dry_run:
             # all-or-nothing: one transaction for the whole batch
             revision = (await self.store.txn([], ops)).revision
             await self._caught_up(revision)
         self.requests.labels("apply", "ok").inc()
-        self.log.info("config.applied", resources=len(results), changed=len(ops), revision=revision, dry_run=req.dry_run)
+        self.log.info(
+            "config.applied",
+            resources=len(results),
+            changed=len(ops),
+            revision=revision,
+            dry_run=req.dry_run,
+        )
         return ApplyReply(revision=revision, results=results)
 
     async def delete(self, req: DeleteRequest) -> DeleteReply:
@@ -179,7 +203,9 @@ class ConfigService(ControlPlaneService):
         if ops:
             revision = (await self.store.txn([], ops)).revision
             await self._caught_up(revision)
-        self.log.info("config.deleted", deleted=len(deleted), not_found=len(missing), revision=revision)
+        self.log.info(
+            "config.deleted", deleted=len(deleted), not_found=len(missing), revision=revision
+        )
         return DeleteReply(revision=revision, deleted=deleted, not_found=missing)
 
     async def _caught_up(self, revision: int, timeout: float = 1.0) -> None:
@@ -225,12 +251,16 @@ class ConfigService(ControlPlaneService):
     async def fetch(self, req: FetchRequest) -> RouteTable | GatewayConfig:
         resources = self.snapshot.resources()
         if req.kind == "gateway":
-            return compile_gateway_config(resources, req.namespace, req.labels, self.snapshot.revision)
+            return compile_gateway_config(
+                resources, req.namespace, req.labels, self.snapshot.revision
+            )
         ref = ServiceRef(req.namespace, req.name)
         return self._route_table(resources, ref, self.snapshot.revision, services_named(resources))
 
     @staticmethod
-    def _route_table(resources: list[Any], ref: ServiceRef, revision: int, named: set[ServiceRef]) -> RouteTable:
+    def _route_table(
+        resources: list[Any], ref: ServiceRef, revision: int, named: set[ServiceRef]
+    ) -> RouteTable:
         table = compile_route_table(resources, ref, revision)
         return msgspec.structs.replace(table, exists=ref in named) if ref in named else table
 
@@ -273,10 +303,14 @@ class ConfigService(ControlPlaneService):
             pushed += await self._publish_if_changed(subjects.route(ref.namespace, ref.name), table)
         for gw in self.status.gateways():
             config = compile_gateway_config(resources, gw.namespace, gw.labels, revision)
-            pushed += await self._publish_if_changed(subjects.gateway(gw.namespace, gw.service), config)
+            pushed += await self._publish_if_changed(
+                subjects.gateway(gw.namespace, gw.service), config
+            )
         if pushed:
             self.log.info(
-                "config.pushed", subjects=pushed, revision=revision,
+                "config.pushed",
+                subjects=pushed,
+                revision=revision,
                 compile_ms=round((time.perf_counter() - started) * 1000, 2),
             )
 

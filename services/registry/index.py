@@ -108,7 +108,9 @@ class EndpointIndex:
         )
 
 
-def sets_from_listing(prefix: str, records: list[tuple[str, bytes, int]], revision: int) -> list[EndpointSet]:
+def sets_from_listing(
+    prefix: str, records: list[tuple[str, bytes, int]], revision: int
+) -> list[EndpointSet]:
     """Endpoint sets from a point-in-time listing (key, value, mod_revision).
 
     A set's revision is the listing revision: the state it reflects."""

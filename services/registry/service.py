@@ -40,7 +40,9 @@ def validate_registration(req: RegisterRequest) -> None:
     for i, p in enumerate(inst.tcp_ports):
         validate.port(p, f"instance.tcp_ports[{i}]")
     if not 1 <= req.ttl <= MAX_TTL:
-        raise errors.BadRequest(f"ttl: must be between 1 and {MAX_TTL} seconds, got {req.ttl}", field="ttl")
+        raise errors.BadRequest(
+            f"ttl: must be between 1 and {MAX_TTL} seconds, got {req.ttl}", field="ttl"
+        )
 
 
 class RegistryService(ControlPlaneService):
@@ -49,9 +51,15 @@ class RegistryService(ControlPlaneService):
 
     async def setup(self) -> None:
         s = self.bus.subjects
-        await self.bus.serve(s.registry_register, RegisterRequest, self.register, queue=REGISTRY_QUEUE)
-        await self.bus.serve(s.registry_heartbeat, HeartbeatRequest, self.heartbeat, queue=REGISTRY_QUEUE)
-        await self.bus.serve(s.registry_deregister, DeregisterRequest, self.deregister, queue=REGISTRY_QUEUE)
+        await self.bus.serve(
+            s.registry_register, RegisterRequest, self.register, queue=REGISTRY_QUEUE
+        )
+        await self.bus.serve(
+            s.registry_heartbeat, HeartbeatRequest, self.heartbeat, queue=REGISTRY_QUEUE
+        )
+        await self.bus.serve(
+            s.registry_deregister, DeregisterRequest, self.deregister, queue=REGISTRY_QUEUE
+        )
         await self.bus.serve(s.registry_get, EndpointsGetRequest, self.get, queue=REGISTRY_QUEUE)
 
     def _key(self, ns: str, svc: str, inst: str) -> str:
@@ -76,7 +84,9 @@ class RegistryService(ControlPlaneService):
         if not lease_id:
             lease_id = await self.store.grant_lease(req.ttl)
         revision = await self.store.put(
-            self._key(inst.namespace, inst.service, inst.instance), messages.encode(inst), lease=lease_id
+            self._key(inst.namespace, inst.service, inst.instance),
+            messages.encode(inst),
+            lease=lease_id,
         )
         self.requests.labels("register", "ok").inc()
         self.log.info(
@@ -95,7 +105,9 @@ class RegistryService(ControlPlaneService):
             ttl = await self.store.keepalive(req.lease_id)
         except errors.NotFound:
             self.requests.labels("heartbeat", "expired").inc()
-            raise errors.NotFound(f"instance {req.instance} is not registered (lease expired); register again") from None
+            raise errors.NotFound(
+                f"instance {req.instance} is not registered (lease expired); register again"
+            ) from None
         kv = await self.store.get(key)
         if kv is None or kv.lease != req.lease_id:
             self.requests.labels("heartbeat", "unknown").inc()
@@ -108,7 +120,12 @@ class RegistryService(ControlPlaneService):
         if req.lease_id:
             await self.store.revoke_lease(req.lease_id)
         self.requests.labels("deregister", "ok").inc()
-        self.log.info("registry.deregistered", namespace=req.namespace, service=req.service, instance=req.instance)
+        self.log.info(
+            "registry.deregistered",
+            namespace=req.namespace,
+            service=req.service,
+            instance=req.instance,
+        )
         return DeregisterReply(revision=revision)
 
     async def get(self, req: EndpointsGetRequest) -> EndpointsGetReply:
@@ -118,11 +135,17 @@ class RegistryService(ControlPlaneService):
             if req.service:
                 prefix += validate.dns_label(req.service, "service") + "/"
         kvs, revision = await self.store.get_prefix(prefix)
-        sets = sets_from_listing(self.store.prefix, [(kv.key, kv.value, kv.mod_revision) for kv in kvs], revision)
+        sets = sets_from_listing(
+            self.store.prefix, [(kv.key, kv.value, kv.mod_revision) for kv in kvs], revision
+        )
         if req.service:
             sets = [s for s in sets if s.service == req.service]
             if not sets and req.namespace:
-                sets = [messages.EndpointSet(namespace=req.namespace, service=req.service, revision=revision)]
+                sets = [
+                    messages.EndpointSet(
+                        namespace=req.namespace, service=req.service, revision=revision
+                    )
+                ]
         self.requests.labels("get", "ok").inc()
         return EndpointsGetReply(revision=revision, sets=sets)
 
@@ -172,11 +195,19 @@ class RegistryService(ControlPlaneService):
                     scheduled = True
                     loop.call_later(COALESCE_S, fire)
 
-    async def _publish(self, index: EndpointIndex, svc: tuple[str, str], published: dict[tuple[str, str], int]) -> None:
+    async def _publish(
+        self, index: EndpointIndex, svc: tuple[str, str], published: dict[tuple[str, str], int]
+    ) -> None:
         ns, name = svc
         eps = index.endpoint_set(ns, name, prev_revision=published.get(svc, 0))
         if published.get(svc) == eps.revision:
             return
         await self.bus.publish(self.bus.subjects.endpoints(ns, name), eps)
         published[svc] = eps.revision
-        self.log.debug("registry.published", namespace=ns, service=name, revision=eps.revision, endpoints=len(eps.endpoints))
+        self.log.debug(
+            "registry.published",
+            namespace=ns,
+            service=name,
+            revision=eps.revision,
+            endpoints=len(eps.endpoints),
+        )

@@ -59,7 +59,9 @@ def meshctl(state: Path, *args: str, check: bool = True) -> subprocess.Completed
         [*MESHCTL, "--state-dir", str(state), *args], capture_output=True, text=True, timeout=90
     )
     if check and proc.returncode != 0:
-        raise AssertionError(f"meshctl {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+        raise AssertionError(
+            f"meshctl {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+        )
     return proc
 
 
@@ -71,14 +73,16 @@ def wait_for(check, timeout: float = 20.0):  # type: ignore[no-untyped-def]
             last = check()
             if last:
                 return last
-        except Exception as e:  # noqa: BLE001 - retried until the deadline
+        except Exception as e:
             last = e
         time.sleep(0.1)
     raise AssertionError(f"not met within {timeout}s: {last!r}")
 
 
 def get_via(proxy_port: int, url: str) -> dict[str, str]:
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({"http": f"http://127.0.0.1:{proxy_port}"}))
+    opener = urllib.request.build_opener(
+        urllib.request.ProxyHandler({"http": f"http://127.0.0.1:{proxy_port}"})
+    )
     with opener.open(url, timeout=5) as r:
         return dict(json.loads(r.read()))
 
@@ -92,12 +96,14 @@ def cluster(tmp_path: Path):
     meshctl(state, "down", check=False)
 
 
-def start_sidecar(tmp_path: Path, state: Path, service: str, version: str, **ports: int) -> subprocess.Popen[bytes]:
+def start_sidecar(
+    tmp_path: Path, state: Path, service: str, version: str, **ports: int
+) -> subprocess.Popen[bytes]:
     app_port = free_port()
     app = tmp_path / "app.py"
     app.write_text(APP)
     extra = [f"--{k.replace('_', '-')}={v}" for k, v in ports.items()]
-    log = open(tmp_path / f"{service}-{version}.log", "wb")  # noqa: SIM115
+    log = open(tmp_path / f"{service}-{version}.log", "wb")
     return subprocess.Popen(
         [*MESHCTL, "--state-dir", str(state), "sidecar", "--service", service, "--version", version,
          "--app-port", str(app_port), *extra, "--", sys.executable, str(app), str(app_port)],
@@ -121,8 +127,18 @@ def test_meshctl_up_route_and_down(cluster, tmp_path: Path) -> None:
         start_sidecar(tmp_path, state, "reviews", "v2"),
     ]
     try:
-        wait_for(lambda: len(json.loads(meshctl(state, "get", "endpoints", "-o", "json").stdout)["services"]) == 2)
-        seen = wait_for(lambda: {get_via(outbound, "http://reviews:9080/")["version"] for _ in range(20)} == {"v1", "v2"})
+        wait_for(
+            lambda: (
+                len(json.loads(meshctl(state, "get", "endpoints", "-o", "json").stdout)["services"])
+                == 2
+            )
+        )
+        seen = wait_for(
+            lambda: (
+                {get_via(outbound, "http://reviews:9080/")["version"] for _ in range(20)}
+                == {"v1", "v2"}
+            )
+        )
         assert seen
 
         routes = tmp_path / "routes.yaml"
@@ -132,7 +148,9 @@ def test_meshctl_up_route_and_down(cluster, tmp_path: Path) -> None:
             "destinationrule.networking.istio.io/reviews created",
             "virtualservice.networking.istio.io/reviews created",
         ]
-        wait_for(lambda: all(get_via(outbound, "http://reviews/")["version"] == "v2" for _ in range(10)))
+        wait_for(
+            lambda: all(get_via(outbound, "http://reviews/")["version"] == "v2" for _ in range(10))
+        )
         ps = wait_for(lambda: _synced(state))
         assert any(e["subject"].endswith("route.default.reviews") for e in ps)
         table = meshctl(state, "proxy-status").stdout
@@ -149,7 +167,11 @@ def test_meshctl_up_route_and_down(cluster, tmp_path: Path) -> None:
         assert get_via(outbound, "http://reviews/")["version"] == "v2"
 
         assert meshctl(state, "delete", "-f", str(routes)).returncode == 0
-        wait_for(lambda: {get_via(outbound, "http://reviews/")["version"] for _ in range(20)} == {"v1", "v2"})
+        wait_for(
+            lambda: (
+                {get_via(outbound, "http://reviews/")["version"] for _ in range(20)} == {"v1", "v2"}
+            )
+        )
     finally:
         for p in procs:
             p.send_signal(signal.SIGTERM)

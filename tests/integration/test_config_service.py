@@ -71,20 +71,29 @@ spec:
 
 
 def docs(text: str, source: str = "test.yaml") -> list[ResourceDocument]:
-    return [ResourceDocument(source=source, index=i, body=b) for i, b in enumerate(load_yaml(text, source))]
+    return [
+        ResourceDocument(source=source, index=i, body=b)
+        for i, b in enumerate(load_yaml(text, source))
+    ]
 
 
 async def apply(bus: Bus, text: str, source: str = "test.yaml") -> ApplyReply:
-    return await bus.request(bus.subjects.config_apply, ApplyRequest(documents=docs(text, source)), ApplyReply)
+    return await bus.request(
+        bus.subjects.config_apply, ApplyRequest(documents=docs(text, source)), ApplyReply
+    )
 
 
 async def fetch(bus: Bus, name: str = "reviews") -> RouteTable:
-    return await bus.request(bus.subjects.config_fetch, FetchRequest(namespace="default", name=name), RouteTable)
+    return await bus.request(
+        bus.subjects.config_fetch, FetchRequest(namespace="default", name=name), RouteTable
+    )
 
 
 @pytest.fixture
 async def config_bus(nats_server, etcd_server, prefix):
-    async with running(ConfigService(service_config(nats_server.url, etcd_server.url, prefix))) as svc:
+    async with running(
+        ConfigService(service_config(nats_server.url, etcd_server.url, prefix))
+    ) as svc:
         bus = await Bus.connect([nats_server.url], name="test", prefix=prefix)
         yield bus, svc
         await bus.close()
@@ -109,7 +118,10 @@ async def test_apply_get_fetch_and_push(config_bus) -> None:
     assert table.host == "reviews.default.svc.cluster.local"
     assert table.exists and table.has_virtual_service
     assert table.http[0].route[0].destination.subset == "v1"
-    assert {s.name: s.labels for s in table.subsets} == {"v1": {"version": "v1"}, "v2": {"version": "v2"}}
+    assert {s.name: s.labels for s in table.subsets} == {
+        "v1": {"version": "v1"},
+        "v2": {"version": "v2"},
+    }
 
     # the leader pushes the change on the destination's subject
     await apply(bus, REVIEWS_SPLIT)
@@ -117,7 +129,9 @@ async def test_apply_get_fetch_and_push(config_bus) -> None:
     assert pushed[-1].revision >= table.revision
 
     got = await bus.request(
-        bus.subjects.config_get, GetResourcesRequest(kind="vs", namespace="default"), GetResourcesReply
+        bus.subjects.config_get,
+        GetResourcesRequest(kind="vs", namespace="default"),
+        GetResourcesReply,
     )
     assert [r.ref.name for r in got.resources] == ["reviews"]
     assert got.resources[0].body["spec"]["http"][0]["route"][1]["weight"] == 20
@@ -165,8 +179,12 @@ async def test_delete_returns_to_default_route(config_bus) -> None:
     await eventually(lambda: pushed and pushed[-1].has_virtual_service)
     reply = await bus.request(
         bus.subjects.config_delete,
-        DeleteRequest(refs=[ResourceRef(kind="virtualservice", namespace="default", name="reviews"),
-                            ResourceRef(kind="vs", namespace="default", name="missing")]),
+        DeleteRequest(
+            refs=[
+                ResourceRef(kind="virtualservice", namespace="default", name="reviews"),
+                ResourceRef(kind="vs", namespace="default", name="missing"),
+            ]
+        ),
         DeleteReply,
     )
     assert [r.name for r in reply.deleted] == ["reviews"]

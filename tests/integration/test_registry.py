@@ -13,9 +13,9 @@ from mesh.bus import Bus
 from mesh.messages import (
     DeregisterReply,
     DeregisterRequest,
+    EndpointSet,
     EndpointsGetReply,
     EndpointsGetRequest,
-    EndpointSet,
     HeartbeatReply,
     HeartbeatRequest,
     Instance,
@@ -26,7 +26,9 @@ from services.registry import RegistryService
 from tests.support import ServiceProcess, eventually, running, service_config
 
 
-def instance(name: str = "reviews-v1-0", service: str = "reviews", port: int = 9080, **kw: object) -> Instance:
+def instance(
+    name: str = "reviews-v1-0", service: str = "reviews", port: int = 9080, **kw: object
+) -> Instance:
     return Instance(
         namespace="default",
         service=service,
@@ -135,7 +137,9 @@ async def test_instance_expires_without_heartbeats(nats_server, etcd_server, pre
         ({"instance": "a/b"}, "instance.instance"),
     ],
 )
-async def test_malformed_registration_rejected_with_field(nats_server, etcd_server, prefix, change, field) -> None:
+async def test_malformed_registration_rejected_with_field(
+    nats_server, etcd_server, prefix, change, field
+) -> None:
     cfg = service_config(nats_server.url, etcd_server.url, prefix)
     async with running(RegistryService(cfg)):
         bus = await Bus.connect([nats_server.url], name="test", prefix=prefix)
@@ -146,7 +150,9 @@ async def test_malformed_registration_rejected_with_field(nats_server, etcd_serv
         fields.update(change)
         with pytest.raises(errors.RemoteError) as e:
             await bus.request(
-                bus.subjects.registry_register, RegisterRequest(instance=Instance(**fields)), RegisterReply
+                bus.subjects.registry_register,
+                RegisterRequest(instance=Instance(**fields)),
+                RegisterReply,
             )
         assert e.value.code == 400
         assert e.value.field == field
@@ -165,7 +171,9 @@ async def test_wrong_types_rejected_with_field(nats_server, etcd_server, prefix)
         bus = await Bus.connect([nats_server.url], name="test", prefix=prefix)
         import msgspec
 
-        raw = msgspec.msgpack.encode({"type": "RegisterRequest", "instance": {"type": "Instance", "namespace": 5}})
+        raw = msgspec.msgpack.encode(
+            {"type": "RegisterRequest", "instance": {"type": "Instance", "namespace": 5}}
+        )
         resp = await bus.nc.request(bus.subjects.registry_register, raw, timeout=2)
         err = msgspec.msgpack.decode(resp.data)
         assert err["type"] == "ErrorReply" and err["code"] == 400
@@ -173,14 +181,20 @@ async def test_wrong_types_rejected_with_field(nats_server, etcd_server, prefix)
         await bus.close()
 
 
-async def test_three_replicas_survive_killing_the_leader(nats_server, etcd_server, prefix, tmp_path: Path) -> None:
+async def test_three_replicas_survive_killing_the_leader(
+    nats_server, etcd_server, prefix, tmp_path: Path
+) -> None:
     replicas = [
-        ServiceProcess("registry", nats_server.url, etcd_server.url, prefix, f"registry-{i}", tmp_path).start()
+        ServiceProcess(
+            "registry", nats_server.url, etcd_server.url, prefix, f"registry-{i}", tmp_path
+        ).start()
         for i in range(3)
     ]
     try:
         await eventually(lambda: all(r.ready() for r in replicas), timeout=30)
-        leaders = await eventually(lambda: [r for r in replicas if (r.health() or {}).get("leader")], timeout=15)
+        leaders = await eventually(
+            lambda: [r for r in replicas if (r.health() or {}).get("leader")], timeout=15
+        )
         assert len(leaders) == 1
         bus = await Bus.connect([nats_server.url], name="test", prefix=prefix)
         watcher = EndpointWatcher()
@@ -201,11 +215,16 @@ async def test_three_replicas_survive_killing_the_leader(nats_server, etcd_serve
         for i in range(1, 21):
             await register(i)
         new_leader = await eventually(
-            lambda: [r for r in replicas if r is not leaders[0] and (r.health() or {}).get("leader")], timeout=15
+            lambda: [
+                r for r in replicas if r is not leaders[0] and (r.health() or {}).get("leader")
+            ],
+            timeout=15,
         )
         assert len(new_leader) == 1
         # and endpoint events keep flowing from the new leader
-        await eventually(lambda: watcher.latest_instances() == {f"details-{i}" for i in range(21)}, timeout=15)
+        await eventually(
+            lambda: watcher.latest_instances() == {f"details-{i}" for i in range(21)}, timeout=15
+        )
         await bus.close()
     finally:
         for r in replicas:

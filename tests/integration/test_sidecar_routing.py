@@ -89,10 +89,16 @@ def outbound(sc) -> str:
 
 async def get_json(session: aiohttp.ClientSession, sc, url: str, **kw):
     async with session.get(url, proxy=outbound(sc), **kw) as r:
-        return r.status, (await r.json() if r.content_type == "application/json" else await r.text()), r.headers
+        return (
+            r.status,
+            (await r.json() if r.content_type == "application/json" else await r.text()),
+            r.headers,
+        )
 
 
-async def versions(session, client, n: int, url: str = "http://reviews:9080/", **kw) -> Counter[str]:
+async def versions(
+    session, client, n: int, url: str = "http://reviews:9080/", **kw
+) -> Counter[str]:
     seen: Counter[str] = Counter()
     for _ in range(n):
         status, body, _ = await get_json(session, client, url, **kw)
@@ -104,7 +110,9 @@ async def versions(session, client, n: int, url: str = "http://reviews:9080/", *
 async def until_synced(mesh: MeshHarness, revision: int) -> None:
     async def synced() -> bool:
         entries = [e for e in await mesh.proxy_status() if ".config.route." in e.subject]
-        return bool(entries) and all(e.state == "SYNCED" and e.applied_revision >= revision for e in entries)
+        return bool(entries) and all(
+            e.state == "SYNCED" and e.applied_revision >= revision for e in entries
+        )
 
     await eventually(synced, timeout=10)
 
@@ -141,18 +149,28 @@ async def test_header_uri_redirect_direct_response(mesh: MeshHarness) -> None:
         await mesh.apply(SUBSETS)
         reply = await mesh.apply(MATCHES)
         await until_synced(mesh, reply.revision)
-        assert await versions(session, client, 10, headers={"end-user": "jason"}) == Counter({"v2": 10})
-        assert await versions(session, client, 10, headers={"end-user": "bob"}) == Counter({"v1": 10})
+        assert await versions(session, client, 10, headers={"end-user": "jason"}) == Counter(
+            {"v2": 10}
+        )
+        assert await versions(session, client, 10, headers={"end-user": "bob"}) == Counter(
+            {"v1": 10}
+        )
         status, body, headers = await get_json(session, client, "http://reviews:9080/plain")
-        assert body["version"] == "v1" and headers["x-routed-by"] == "meshwork"
-        status, body, _ = await get_json(session, client, "http://reviews.default.svc.cluster.local/v2api/items?x=1")
+        assert status == 200 and body["version"] == "v1" and headers["x-routed-by"] == "meshwork"
+        _status, body, _ = await get_json(
+            session, client, "http://reviews.default.svc.cluster.local/v2api/items?x=1"
+        )
         assert (body["version"], body["path"]) == ("v2", "/api/items?x=1")
-        async with session.get("http://reviews/moved", proxy=outbound(client), allow_redirects=False) as r:
+        async with session.get(
+            "http://reviews/moved", proxy=outbound(client), allow_redirects=False
+        ) as r:
             assert r.status == 301 and r.headers["location"] == "http://reviews/new-home"
         async with session.get("http://reviews/static/x.css", proxy=outbound(client)) as r:
             assert r.status == 418 and await r.text() == "teapot"
         # origin-form with Host works too (plain requests routed by Host)
-        async with session.get(f"{outbound(client)}/plain", headers={"Host": "reviews.default"}) as r:
+        async with session.get(
+            f"{outbound(client)}/plain", headers={"Host": "reviews.default"}
+        ) as r:
             assert (await r.json())["version"] == "v1"
 
 
@@ -215,7 +233,7 @@ async def test_invalid_resource_keeps_previous_config_serving(mesh: MeshHarness)
     await mesh.sidecar("reviews", "v1")
     await mesh.sidecar("reviews", "v2")
     await mesh.apply(SUBSETS)
-    reply = await mesh.apply(ALL_V2)
+    await mesh.apply(ALL_V2)
     bad = ALL_V2.replace("subset: v2}", "subset: v1}\n      weight: 120")
     with pytest.raises(errors.RemoteError) as e:
         await mesh.apply(bad, "bad.yaml")
@@ -293,7 +311,12 @@ async def test_gateway_routes_by_bound_virtual_services(mesh: MeshHarness) -> No
     await mesh.apply(SUBSETS)
     port = free_port()
     gateway = await mesh.sidecar(
-        "ingressgateway", "", app=False, gateway=True, gateway_port=port, labels={"istio": "ingressgateway"}
+        "ingressgateway",
+        "",
+        app=False,
+        gateway=True,
+        gateway_port=port,
+        labels={"istio": "ingressgateway"},
     )
     url = f"http://127.0.0.1:{port}"
     async with aiohttp.ClientSession() as session:
@@ -303,7 +326,9 @@ async def test_gateway_routes_by_bound_virtual_services(mesh: MeshHarness) -> No
         await mesh.apply(GATEWAY)
 
         async def routed() -> bool:
-            async with session.get(f"{url}/reviews/1", headers={"Host": "bookinfo.example.com"}) as r:
+            async with session.get(
+                f"{url}/reviews/1", headers={"Host": "bookinfo.example.com"}
+            ) as r:
                 return r.status == 200 and (await r.json())["version"] == "v2"
 
         await eventually(routed, timeout=10)

@@ -64,20 +64,37 @@ def test_prefix_range_end() -> None:
 
 def _inst(name: str, svc: str = "reviews", status: str = "healthy") -> bytes:
     return messages.encode(
-        Instance(namespace="default", service=svc, instance=name, address="127.0.0.1:1", status=status)  # type: ignore[arg-type]
+        Instance(
+            namespace="default", service=svc, instance=name, address="127.0.0.1:1", status=status
+        )  # type: ignore[arg-type]
     )
 
 
 def test_endpoint_index_folds_events_into_sets() -> None:
     idx = EndpointIndex("/m/")
-    changed = idx.load([(instance_key("/m/", "default", "reviews", "r1"), _inst("r1"))], revision=10)
+    changed = idx.load(
+        [(instance_key("/m/", "default", "reviews", "r1"), _inst("r1"))], revision=10
+    )
     assert changed == {("default", "reviews")}
-    assert idx.apply("put", instance_key("/m/", "default", "reviews", "r2"), _inst("r2"), 11) == ("default", "reviews")
+    assert idx.apply("put", instance_key("/m/", "default", "reviews", "r2"), _inst("r2"), 11) == (
+        "default",
+        "reviews",
+    )
     assert idx.apply("put", "/m/registry/bad-key", b"x", 12) is None
-    assert idx.apply("put", instance_key("/m/", "default", "reviews", "r3"), b"not msgpack", 13) is None
+    assert (
+        idx.apply("put", instance_key("/m/", "default", "reviews", "r3"), b"not msgpack", 13)
+        is None
+    )
     s = idx.endpoint_set("default", "reviews", prev_revision=10)
-    assert [e.instance for e in s.endpoints] == ["r1", "r2"] and s.revision == 11 and s.prev_revision == 10
-    assert idx.apply("delete", instance_key("/m/", "default", "reviews", "r1"), b"", 14) == ("default", "reviews")
+    assert (
+        [e.instance for e in s.endpoints] == ["r1", "r2"]
+        and s.revision == 11
+        and s.prev_revision == 10
+    )
+    assert idx.apply("delete", instance_key("/m/", "default", "reviews", "r1"), b"", 14) == (
+        "default",
+        "reviews",
+    )
     assert idx.apply("delete", instance_key("/m/", "default", "reviews", "r1"), b"", 15) is None
     # reload drops services that are gone, reporting them as changed
     assert idx.load([], revision=20) == {("default", "reviews")}
@@ -85,7 +102,9 @@ def test_endpoint_index_folds_events_into_sets() -> None:
 
 
 def _report(proxy: str, sent_at: float, *subs: SubscriptionStatus) -> ProxyStatus:
-    return ProxyStatus(proxy=proxy, namespace="default", service="pp", subscriptions=list(subs), sent_at=sent_at)
+    return ProxyStatus(
+        proxy=proxy, namespace="default", service="pp", subscriptions=list(subs), sent_at=sent_at
+    )
 
 
 @pytest.mark.parametrize(
@@ -95,8 +114,20 @@ def _report(proxy: str, sent_at: float, *subs: SubscriptionStatus) -> ProxyStatu
         (SubscriptionStatus(subject="s", revision=12), 10, "SYNCED"),
         (SubscriptionStatus(subject="s", revision=8), 10, "STALE"),
         (SubscriptionStatus(subject="s", revision=0), 10, "NOT SENT"),
-        (SubscriptionStatus(subject="s", revision=8, state="NACK", reason="bad", rejected_revision=10), 10, "REJECTED"),
-        (SubscriptionStatus(subject="s", revision=12, state="NACK", reason="old", rejected_revision=10), 12, "SYNCED"),
+        (
+            SubscriptionStatus(
+                subject="s", revision=8, state="NACK", reason="bad", rejected_revision=10
+            ),
+            10,
+            "REJECTED",
+        ),
+        (
+            SubscriptionStatus(
+                subject="s", revision=12, state="NACK", reason="old", rejected_revision=10
+            ),
+            12,
+            "SYNCED",
+        ),
     ],
 )
 def test_proxy_status_states(sub: SubscriptionStatus, latest: int, state: str) -> None:
