@@ -6,6 +6,7 @@ ports, in its own data directory, and is stopped (then killed) on request.
 
 from __future__ import annotations
 
+import abc
 import os
 import shutil
 import signal
@@ -156,8 +157,32 @@ class ManagedProcess:
             return ""
 
 
+class _ServerProcess(abc.ABC):
+    """Stop, kill and restart, shared by the server wrappers."""
+
+    process: ManagedProcess | None
+
+    @abc.abstractmethod
+    def wait_ready(self, timeout: float) -> None: ...
+
+    def stop(self) -> None:
+        if self.process:
+            self.process.stop()
+
+    def kill(self) -> None:
+        if self.process:
+            self.process.kill()
+
+    def restart(self, timeout: float = 20.0) -> None:
+        """Same ports, same data directory."""
+        self.stop()
+        assert self.process is not None
+        self.process.start()
+        self.wait_ready(timeout)
+
+
 @dataclass
-class NatsServer:
+class NatsServer(_ServerProcess):
     data_dir: Path
     host: str = "127.0.0.1"
     port: int = 0
@@ -211,23 +236,10 @@ class NatsServer:
             time.sleep(0.05)
         raise ServerError(f"nats-server not ready after {timeout}s")
 
-    def stop(self) -> None:
-        if self.process:
-            self.process.stop()
-
-    def kill(self) -> None:
-        if self.process:
-            self.process.kill()
-
-    def restart(self, timeout: float = 15.0) -> None:
-        self.stop()
-        assert self.process is not None
-        self.process.start()
-        self.wait_ready(timeout)
 
 
 @dataclass
-class EtcdServer:
+class EtcdServer(_ServerProcess):
     data_dir: Path
     host: str = "127.0.0.1"
     client_port: int = 0
@@ -284,16 +296,3 @@ class EtcdServer:
             f"etcd not ready after {timeout}s:\n{self.process.log_tail() if self.process else ''}"
         )
 
-    def stop(self) -> None:
-        if self.process:
-            self.process.stop()
-
-    def kill(self) -> None:
-        if self.process:
-            self.process.kill()
-
-    def restart(self, timeout: float = 20.0) -> None:
-        self.stop()
-        assert self.process is not None
-        self.process.start()
-        self.wait_ready(timeout)
