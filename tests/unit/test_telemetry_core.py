@@ -1,0 +1,705 @@
+"""Telemetry without sockets: the recorder's aggregation and batches, histogram math,
+Prometheus exposition, the exactly-once ledger, trace context and sampling, views."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from mesh import telemetry as wire
+from mesh.cli import telemetry_cmds
+from mesh.cli.common import CLIError
+from mesh.errors import BadRequest
+from mesh.telemetry import (
+    DURATION_BUCKETS_MS,
+    CounterDelta,
+    HistogramDelta,
+    MetricBatch,
+    MetricTotals,
+    Span,
+    bucket_index,
+    histogram_quantile,
+)
+from proxy.telemetry import (
+    RequestRecord,
+    Sampler,
+    TcpRecord,
+    TelemetryRecorder,
+    Workload,
+    decode_peer_metadata,
+    encode_peer_metadata,
+    extract_trace,
+    finish_span,
+    parse_b3_single,
+    parse_traceparent,
+    replace_trace_headers,
+    split_service_host,
+    start_span,
+    workload_name,
+)
+from services.telemetry.ledger import (
+    MeshMirror,
+    ReporterState,
+    add_applied,
+    apply_batches,
+    archive_key,
+    fold,
+    fresh_state,
+    is_applied,
+    prune_tombstones,
+    reporter_key,
+)
+from services.telemetry.settings import TelemetrySettings
+from services.telemetry.views import GraphWindow, TraceIndex, assemble, edge_snapshot
+
+PRODUCTPAGE = Workload(
+    "productpage-v1",
+    "default",
+    "spiffe://cluster.local/ns/default/sa/productpage",
+    "productpage",
+    "v1",
+)
+REVIEWS = Workload(
+    "reviews-v2", "default", "spiffe://cluster.local/ns/default/sa/reviews", "reviews", "v2"
+)
+REVIEWS_HOST = "reviews.default.svc.cluster.local"
+TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
+PARENT = "00f067aa0ba902b7"
+
+
+def request(
+    status: int = 200, duration: float = 3.0, reporter: str = "source", **kw: object
+) -> RequestRecord:
+    fields: dict[str, object] = {
+        "reporter": reporter, "source": PRODUCTPAGE, "destination": REVIEWS, "destination_service": REVIEWS_HOST,
+        "method": "GET", "authority": "reviews:9080", "path": "/reviews/1", "status": status,
+        "duration_ms": duration, "request_bytes": 0, "response_bytes": 120,
+    }  # fmt: skip
+    fields.update(kw)
+    return RequestRecord(**fields)  # type: ignore[arg-type]
+
+
+def recorder(**kw: object) -> TelemetryRecorder:
+    clock = iter(range(10**9, 10**12, 10**6))
+    args: dict[str, object] = {
+        "reporter_id": "productpage-v1-0_0000abcd", "namespace": "default", "service": "productpage",
+        "instance": "productpage-v1-0", "clock_ns": lambda: next(clock),
+    }  # fmt: skip
+    args.update(kw)
+    return TelemetryRecorder(**args)  # type: ignore[arg-type]
+
+
+def decode_batch(payload: bytes) -> wire.TelemetryMessage:
+    return wire.decode(payload)
+
+
+# ---------------------------------------------------------------- histogram math
+
+
+@pytest.mark.parametrize(
+    ("value", "index"),
+    [(0.0, 0), (0.5, 0), (0.51, 1), (1.0, 1), (4.9, 2), (5.0, 2), (3_600_000, 18), (3_600_001, 19)],
+)
+def test_bucket_index_is_prometheus_le(value: float, index: int) -> None:
+    assert bucket_index(DURATION_BUCKETS_MS, value) == index
+
+
+@pytest.mark.parametrize(
+    ("q", "counts", "expected"),
+    [
+        (0.5, [0, 10, 0], 1.5),  # all in (1, 2]: median interpolates to the middle
+        (0.5, [10, 0, 0], 0.5),  # first bucket interpolates from 0
+        (0.99, [0, 0, 10], 2.0),  # +Inf bucket: highest finite bound
+        (0.5, [5, 5, 0], 1.0),
+        (0.9, [5, 5, 0], 1.8),
+    ],
+)
+def test_histogram_quantile(q: float, counts: list[int], expected: float) -> None:
+    assert histogram_quantile(q, [1.0, 2.0], counts) == pytest.approx(expected)
+
+
+def test_histogram_quantile_without_observations() -> None:
+    assert histogram_quantile(0.5, [1.0], [0, 0]) is None
+
+
+def test_metric_totals_merge_subtract_and_round_trip() -> None:
+    t = MetricTotals()
+    t.add(CounterDelta(name="c_total", labels={"a": "1"}, value=2))
+    t.add(
+        HistogramDelta(name="h", labels={"a": "1"}, bounds=[1.0], counts=[1, 2], sum=5.0, count=3)
+    )
+    again = MetricTotals.from_series(t.to_series())
+    assert again.counters == t.counters
+    assert again.histograms[("h", (("a", "1"),))].counts == [1, 2]
+    t.merge(again)
+    t.merge(again, -1)
+    assert t.counters[("c_total", (("a", "1"),))] == 2
+    # mismatched bounds or bucket count are refused, not mis-added
+    assert not t.add(
+        HistogramDelta(name="h", labels={"a": "1"}, bounds=[2.0], counts=[1, 0], sum=1, count=1)
+    )
+    assert not t.add(
+        HistogramDelta(name="h", labels={"a": "1"}, bounds=[1.0], counts=[1], sum=1, count=1)
+    )
+    assert t.rejected == 2
+
+
+# ---------------------------------------------------------------- recorder: aggregation and batches
+
+
+def test_requests_aggregate_into_istio_series() -> None:
+    rec = recorder()
+    for d in (0.3, 0.5, 0.7, 3.0, 10_000_000.0):
+        rec.record_request(request(duration=d))
+    rec.record_request(request(status=503, flags="UH"))
+    totals = rec.totals()
+    ok_labels = dict(
+        next(lbl for (n, lbl) in totals.counters if dict(lbl)["response_code"] == "200")
+    )
+    assert ok_labels == {
+        "reporter": "source",
+        "source_workload": "productpage-v1",
+        "source_workload_namespace": "default",
+        "source_principal": "spiffe://cluster.local/ns/default/sa/productpage",
+        "source_app": "productpage",
+        "source_version": "v1",
+        "destination_workload": "reviews-v2",
+        "destination_workload_namespace": "default",
+        "destination_principal": "spiffe://cluster.local/ns/default/sa/reviews",
+        "destination_service": REVIEWS_HOST,
+        "destination_service_name": "reviews",
+        "destination_service_namespace": "default",
+        "destination_app": "reviews",
+        "destination_version": "v2",
+        "request_protocol": "http",
+        "response_code": "200",
+        "response_flags": "-",
+        "connection_security_policy": "unknown",
+    }
+    assert set(ok_labels) == set(wire.HTTP_LABELS)
+    key = wire.series_key(wire.REQUESTS_TOTAL, ok_labels)
+    assert totals.counters[key] == 5
+    hist = totals.histograms[wire.series_key(wire.REQUEST_DURATION_MS, ok_labels)]
+    assert hist.counts[:3] == [2, 1, 1] and hist.counts[-1] == 1 and hist.count == 5
+    assert hist.sum == pytest.approx(0.3 + 0.5 + 0.7 + 3.0 + 10_000_000.0)
+    resp = totals.histograms[wire.series_key(wire.RESPONSE_BYTES, ok_labels)]
+    assert resp.counts[bucket_index(wire.BYTES_BUCKETS, 120)] == 5 and resp.sum == 600
+
+
+def test_deltas_cover_each_request_once() -> None:
+    rec = recorder()
+    for _ in range(3):
+        rec.record_request(request())
+    first = rec.metric_deltas()
+    assert [d.value for d in first if isinstance(d, CounterDelta)] == [3]
+    rec.record_request(request())
+    rec.record_request(request(duration=700.0))
+    second = rec.metric_deltas()
+    counter = next(d for d in second if isinstance(d, CounterDelta))
+    hist = next(
+        d for d in second if isinstance(d, HistogramDelta) and d.name == wire.REQUEST_DURATION_MS
+    )
+    assert counter.value == 2
+    assert (
+        hist.count == 2
+        and sum(hist.counts) == 2
+        and hist.counts[bucket_index(DURATION_BUCKETS_MS, 700)] == 1
+    )
+    assert rec.metric_deltas() == []
+    # cumulative view is unaffected by flushing
+    assert sum(rec.totals().counters.values()) == 5
+
+
+def test_pending_batch_is_resent_unchanged_until_acknowledged() -> None:
+    rec = recorder()
+    rec.record_request(request())
+    first = next(o for o in rec.outgoing() if o.kind == "metrics")
+    rec.record_request(request())  # arrives while the batch is in flight
+    again = next(o for o in rec.outgoing() if o.kind == "metrics")
+    assert again == first  # same msg id, same bytes: the stream deduplicates a re-send
+    batch = decode_batch(first.payload)
+    assert isinstance(batch, MetricBatch) and batch.seq == 1 and first.records == 1
+    assert first.msg_id == f"metrics:{rec.reporter_id}:1"
+    rec.acknowledge("metrics")
+    nxt = next(o for o in rec.outgoing() if o.kind == "metrics")
+    batch2 = decode_batch(nxt.payload)
+    assert isinstance(batch2, MetricBatch) and batch2.seq == 2 and nxt.records == 1
+    assert batch2.window_start_ns == batch.window_end_ns
+    rec.acknowledge("metrics")
+    assert [o for o in rec.outgoing() if o.kind == "metrics"] == []
+    assert rec.published["metrics"] == 2
+
+
+def test_access_records_and_spans_are_batched_and_bounded() -> None:
+    rec = recorder(max_buffered=5, max_batch_records=3)
+    for i in range(8):
+        rec.record_request(request(request_id=f"r{i}", trace_id=TRACE))
+    assert rec.dropped["access"] == 3
+    out = {o.kind: o for o in rec.outgoing()}
+    access = decode_batch(out["access"].payload)
+    assert isinstance(access, wire.AccessBatch)
+    assert [r.request_id for r in access.records] == ["r0", "r1", "r2"]
+    r0 = access.records[0]
+    assert (r0.status, r0.source_workload, r0.destination_service, r0.trace_id) == (200, "productpage-v1",
+                                                                                   REVIEWS_HOST, TRACE)  # fmt: skip
+    rec.acknowledge("access")
+    out = {o.kind: o for o in rec.outgoing()}
+    access2 = decode_batch(out["access"].payload)
+    assert isinstance(access2, wire.AccessBatch) and [r.request_id for r in access2.records] == [
+        "r3",
+        "r4",
+    ]
+    # the metrics counted all 8 requests: only the access log dropped
+    assert sum(rec.totals().counters.values()) == 8
+    span = Span(trace_id=TRACE, span_id=PARENT, name="x", kind="client", service="s", namespace="n", instance="i",
+                start_ns=1, end_ns=2)  # fmt: skip
+    for _ in range(7):
+        rec.record_span(span)
+    assert rec.dropped["spans"] == 2
+
+
+def test_large_deltas_are_split_across_batches() -> None:
+    rec = recorder(max_batch_series=8)
+    for code in range(200, 205):
+        rec.record_request(request(status=code))
+    seen: list[int] = []
+    while out := [o for o in rec.outgoing() if o.kind == "metrics"]:
+        batch = decode_batch(out[0].payload)
+        assert isinstance(batch, MetricBatch) and len(batch.series) <= 8
+        seen.append(out[0].records)
+        rec.acknowledge("metrics")
+    assert seen == [2, 2, 1]  # 4 series per label set; every request exactly once
+
+
+def test_series_cardinality_is_bounded() -> None:
+    rec = recorder(max_series=2)
+    for code in (200, 201, 202, 203):
+        rec.record_request(request(status=code))
+    assert len(rec.totals().counters) == 2 and rec.dropped["series"] == 2
+
+
+def test_tcp_counters() -> None:
+    rec = recorder()
+    conn = TcpRecord("source", PRODUCTPAGE, REVIEWS, REVIEWS_HOST, "mutual_tls")
+    rec.record_tcp_opened(conn)
+    rec.record_tcp_bytes(conn, 100, 40)
+    rec.record_tcp_closed(conn, 5, 1)
+    values = {d.name: d.value for d in rec.metric_deltas() if isinstance(d, CounterDelta)}
+    assert values == {
+        wire.TCP_OPENED: 1,
+        wire.TCP_CLOSED: 1,
+        wire.TCP_SENT_BYTES: 105,
+        wire.TCP_RECEIVED_BYTES: 41,
+    }
+    labels = next(iter(rec.totals().counters))[1]
+    assert dict(labels)["request_protocol"] == "tcp" and "response_code" not in dict(labels)
+
+
+def test_exposition_parses_with_prometheus_parser() -> None:
+    rec = recorder()
+    rec.record_request(request(duration=3.0))
+    rec.record_request(request(duration=30.0, reporter="destination", security_policy="mutual_tls"))
+    registry = CollectorRegistry()
+    registry.register(rec)
+    text = generate_latest(registry).decode()
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    requests = families["istio_requests"]
+    assert requests.type == "counter"
+    by_reporter = {
+        s.labels["reporter"]: s for s in requests.samples if s.name == "istio_requests_total"
+    }
+    assert by_reporter["destination"].labels["connection_security_policy"] == "mutual_tls"
+    assert by_reporter["source"].value == 1
+    duration = families["istio_request_duration_milliseconds"]
+    assert duration.type == "histogram"
+    buckets = {
+        s.labels["le"]: s.value
+        for s in duration.samples
+        if s.name.endswith("_bucket") and s.labels["reporter"] == "destination"
+    }
+    assert buckets["10.0"] == 0 and buckets["50.0"] == 1 and buckets["+Inf"] == 1
+    assert "meshwork_telemetry_dropped" in families
+
+
+# ---------------------------------------------------------------- the ledger
+
+
+@pytest.mark.parametrize(
+    ("ranges", "seq", "expected"),
+    [
+        ([], 1, [(1, 1)]),
+        ([(1, 3)], 4, [(1, 4)]),
+        ([(1, 3)], 6, [(1, 3), (6, 6)]),
+        ([(1, 3), (5, 7)], 4, [(1, 7)]),
+        ([(2, 3)], 1, [(1, 3)]),
+        ([(5, 6)], 1, [(1, 1), (5, 6)]),
+        ([(1, 3)], 2, [(1, 3)]),
+    ],
+)
+def test_applied_ranges(
+    ranges: list[tuple[int, int]], seq: int, expected: list[tuple[int, int]]
+) -> None:
+    merged = add_applied(ranges, seq)
+    assert merged == expected
+    assert is_applied(merged, seq)
+
+
+def batch(seq: int, requests: int = 1, reporter: str = "p-1_00000001") -> MetricBatch:
+    labels = {"reporter": "source", "response_code": "200"}
+    return MetricBatch(
+        reporter=reporter, seq=seq, namespace="default", service="productpage",
+        window_start_ns=seq, window_end_ns=seq + 1,
+        series=[CounterDelta(name=wire.REQUESTS_TOTAL, labels=labels, value=requests)],
+    )  # fmt: skip
+
+
+def total_requests(t: MetricTotals) -> float:
+    return sum(v for (name, _), v in t.counters.items() if name == wire.REQUESTS_TOTAL)
+
+
+def test_apply_batches_counts_each_batch_once() -> None:
+    base = fresh_state("p-1_00000001", "default", "productpage", [])
+    first = apply_batches(base, [batch(1, 3), batch(2, 4), batch(2, 4)], now_ns=10)
+    assert first.state is not None and first.applied == [1, 2] and first.duplicates == [2]
+    assert total_requests(first.state.totals) == 7 and first.requests == 7
+    assert total_requests(base.totals) == 0  # the base is never modified
+    redelivered = apply_batches(first.state, [batch(1, 3), batch(2, 4)], now_ns=11)
+    assert redelivered.state is None and redelivered.duplicates == [1, 2]
+    out_of_order = apply_batches(first.state, [batch(4, 1), batch(3, 1)], now_ns=12)
+    assert out_of_order.state is not None and out_of_order.state.applied == [(1, 4)]
+    # the stored form round-trips
+    again = ReporterState.decode(out_of_order.state.encode())
+    assert again.applied == [(1, 4)] and total_requests(again.totals) == 9
+
+
+def test_mirror_is_exact_through_updates_and_retirement() -> None:
+    mirror = MeshMirror()
+    a = apply_batches(
+        fresh_state("p-1_00000001", "default", "productpage", []), [batch(1, 5)], 1
+    ).state
+    b = apply_batches(
+        fresh_state("p-2_00000002", "default", "productpage", []), [batch(1, 7, "p-2_00000002")], 1
+    )
+    assert a is not None and b.state is not None
+    ka, kb, karch = (
+        reporter_key(a.reporter),
+        reporter_key(b.state.reporter),
+        archive_key("default", "productpage"),
+    )
+    mirror.apply(ka, 1, a.encode())
+    mirror.apply(kb, 2, b.state.encode())
+    assert total_requests(mirror.total) == 12
+    a2 = apply_batches(a, [batch(2, 1)], 2).state
+    assert a2 is not None
+    mirror.apply(ka, 3, a2.encode())
+    assert total_requests(mirror.total) == 13
+    # retire a: flag (rev 4), fold into the archive (rev 5), delete (rev 6)
+    flagged = ReporterState.decode(a2.encode())
+    flagged.retired = True
+    mirror.apply(ka, 4, flagged.encode())
+    assert total_requests(mirror.total) == 13
+    archive = fold(None, flagged, 4, now_ns=100)
+    assert archive is not None and fold(archive, flagged, 4, now_ns=101) is None  # idempotent
+    mirror.apply(karch, 5, archive.encode())
+    assert total_requests(mirror.total) == 13
+    mirror.apply(ka, 6, None)
+    assert total_requests(mirror.total) == 13 and mirror.counted_reporters() == 1
+    # the reporter comes back: its tombstone floor keeps old batches out
+    floor = archive.retired[a.reporter].high_seq
+    assert floor == 2
+    revived = apply_batches(
+        fresh_state(a.reporter, "default", "productpage", [(1, floor)]), [batch(2), batch(3, 2)], 7
+    )
+    assert revived.applied == [3] and revived.duplicates == [2] and revived.state is not None
+    mirror.apply(ka, 7, revived.state.encode())
+    assert total_requests(mirror.total) == 15
+    # tombstones of live reporters stay; old ones of gone reporters go
+    assert prune_tombstones(archive, {a.reporter}, before_ns=10**12) is None
+    pruned = prune_tombstones(archive, set(), before_ns=10**12)
+    assert pruned is not None and pruned.retired == {}
+
+
+def test_mirror_ignores_stale_updates() -> None:
+    mirror = MeshMirror()
+    s1 = apply_batches(
+        fresh_state("p-1_00000001", "default", "productpage", []), [batch(1, 5)], 1
+    ).state
+    assert s1 is not None
+    s2 = apply_batches(s1, [batch(2, 5)], 2).state
+    assert s2 is not None
+    mirror.apply("r.p-1_00000001", 9, s2.encode())
+    mirror.apply("r.p-1_00000001", 8, s1.encode())
+    assert total_requests(mirror.total) == 10
+
+
+# ---------------------------------------------------------------- trace context
+
+
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [
+        (f"00-{TRACE}-{PARENT}-01", (TRACE, PARENT, True)),
+        (f"00-{TRACE}-{PARENT}-00", (TRACE, PARENT, False)),
+        (
+            f"01-{TRACE}-{PARENT}-03-future",
+            (TRACE, PARENT, True),
+        ),  # later versions: read what we know
+        (f"00-{TRACE}-{PARENT}-01-extra", None),  # version 00 is exactly 55 characters
+        (f"ff-{TRACE}-{PARENT}-01", None),
+        (f"00-{'0' * 32}-{PARENT}-01", None),
+        (f"00-{TRACE}-{'0' * 16}-01", None),
+        (f"00-{TRACE.upper()}-{PARENT}-01", None),
+        ("garbage", None),
+    ],
+)
+def test_parse_traceparent(header: str, expected: tuple[str, str, bool] | None) -> None:
+    assert parse_traceparent(header) == expected
+
+
+def test_b3_multi_header_with_64_bit_id() -> None:
+    got = extract_trace(
+        [("x-b3-traceid", "a3ce929d0e0e4736"), ("x-b3-spanid", PARENT), ("x-b3-sampled", "1")]
+    )
+    assert (
+        got.trace_id == "0" * 16 + "a3ce929d0e0e4736"
+        and got.span_id == PARENT
+        and got.sampled is True
+    )
+
+
+@pytest.mark.parametrize(
+    ("value", "trace_id", "span_id", "sampled"),
+    [
+        (f"{TRACE}-{PARENT}-1", TRACE, PARENT, True),
+        (f"{TRACE}-{PARENT}-d-e457b5a2e4d86bd1", TRACE, PARENT, True),
+        (f"{TRACE}-{PARENT}", TRACE, PARENT, None),
+        (f"{TRACE}-{PARENT}-0", TRACE, PARENT, False),
+        ("0", "", "", False),
+    ],
+)
+def test_b3_single_header(value: str, trace_id: str, span_id: str, sampled: bool | None) -> None:
+    got = parse_b3_single(value)
+    assert got is not None and (got.trace_id, got.span_id, got.sampled) == (
+        trace_id,
+        span_id,
+        sampled,
+    )
+
+
+def test_w3c_wins_over_b3_and_tracestate_follows_it() -> None:
+    got = extract_trace(
+        [
+            ("traceparent", f"00-{TRACE}-{PARENT}-01"),
+            ("tracestate", "congo=t61rcWkgMzE"),
+            ("x-b3-traceid", "1" * 32),
+            ("x-b3-spanid", "2" * 16),
+        ]
+    )
+    assert (got.trace_id, got.span_id, got.tracestate) == (TRACE, PARENT, "congo=t61rcWkgMzE")
+    # an invalid traceparent falls back to B3, and its tracestate is discarded
+    got = extract_trace(
+        [
+            ("traceparent", "bogus"),
+            ("tracestate", "x=y"),
+            ("x-b3-traceid", "1" * 32),
+            ("x-b3-spanid", "2" * 16),
+        ]
+    )
+    assert (got.trace_id, got.tracestate) == ("1" * 32, "")
+
+
+def span_args() -> dict[str, Any]:
+    return {
+        "name": "reviews:9080/*",
+        "service": "productpage",
+        "namespace": "default",
+        "instance": "pp-0",
+    }
+
+
+def test_start_span_continues_incoming_trace_and_forwards_both_formats() -> None:
+    incoming = [
+        ("traceparent", f"00-{TRACE}-{PARENT}-01"),
+        ("tracestate", "a=b"),
+        ("b3", f"{TRACE}-{PARENT}-1"),
+    ]
+    ctx, fwd = start_span(
+        incoming, "client", sampler=Sampler(0.0), rng=random.Random(1), **span_args()
+    )
+    assert (
+        ctx.trace_id == TRACE and ctx.parent_span_id == PARENT and ctx.sampled
+    )  # incoming decision wins
+    headers = dict(fwd)
+    assert headers["traceparent"] == f"00-{TRACE}-{ctx.span_id}-01"
+    assert headers["tracestate"] == "a=b"
+    assert (headers["x-b3-traceid"], headers["x-b3-spanid"]) == (TRACE, ctx.span_id)
+    assert headers["x-b3-parentspanid"] == PARENT and headers["x-b3-sampled"] == "1"
+    assert headers["b3"] == f"{TRACE}-{ctx.span_id}-1-{PARENT}"
+    out = replace_trace_headers(
+        [("host", "reviews"), ("Traceparent", "old"), ("x-b3-flags", "1")], fwd
+    )
+    assert [n for n, _ in out].count("traceparent") == 1 and ("Traceparent", "old") not in out
+    assert ("host", "reviews") in out and all(n != "x-b3-flags" for n, _ in out)
+
+
+def test_start_span_honours_unsampled_and_starts_new_roots() -> None:
+    ctx, fwd = start_span(
+        [("traceparent", f"00-{TRACE}-{PARENT}-00")], "server", sampler=Sampler(1.0), **span_args()
+    )
+    assert not ctx.sampled and dict(fwd)["x-b3-sampled"] == "0"
+    assert finish_span(ctx, status_code=200) is None
+    root, fwd = start_span([], "client", sampler=Sampler(1.0), **span_args())
+    assert root.sampled and root.parent_span_id == "" and "x-b3-parentspanid" not in dict(fwd)
+    assert "b3" not in dict(fwd)
+    span = finish_span(root, status_code=503, end_ns=root.start_ns + 2_000_000)
+    assert (
+        span is not None and span.error and span.kind == "client" and span.trace_id == root.trace_id
+    )
+
+
+def test_sampler_rate() -> None:
+    rng = random.Random(7)
+    ids = [f"{rng.getrandbits(128):032x}" for _ in range(20_000)]
+    assert not any(Sampler(0.0).decide(t) for t in ids)
+    assert all(Sampler(1.0).decide(t) for t in ids)
+    share = sum(Sampler(0.01).decide(t) for t in ids) / len(ids)
+    assert 0.005 < share < 0.015
+    with pytest.raises(ValueError):
+        Sampler(1.5)
+
+
+def test_peer_metadata_never_carries_identity() -> None:
+    value = encode_peer_metadata(REVIEWS)
+    got = decode_peer_metadata(value, principal="spiffe://cluster.local/ns/default/sa/reviews")
+    assert got == REVIEWS
+    assert decode_peer_metadata(None).name == "unknown"
+
+
+def test_workload_names() -> None:
+    assert workload_name("reviews", "v2") == "reviews-v2" == REVIEWS.name
+    assert workload_name("ratings") == "ratings"
+
+
+def test_service_host_split() -> None:
+    assert split_service_host(REVIEWS_HOST) == ("reviews", "default")
+    assert split_service_host("api.example.com") == ("api.example.com", "unknown")
+
+
+def test_reporter_ids() -> None:
+    rid = wire.new_reporter_id("reviews-v2.pod..x", 0xABC)
+    assert rid == "reviews-v2.pod.x_00000abc" and wire.valid_reporter(rid)
+    assert (
+        not wire.valid_reporter("a..b")
+        and not wire.valid_reporter("a b")
+        and not wire.valid_reporter("")
+    )
+
+
+def test_stream_name_and_subject_kind() -> None:
+    assert wire.stream_name("mesh") == "MESH_TELEMETRY"
+    assert wire.stream_name("t1.x") == "T1_X_TELEMETRY"
+    assert wire.subject_kind("mesh.telemetry.spans.default.reviews", "mesh") == "spans"
+    assert wire.subject_kind("mesh.config.route.default.reviews", "mesh") is None
+
+
+# ---------------------------------------------------------------- views
+
+
+def test_graph_window_rates_and_percentiles() -> None:
+    window = GraphWindow(max_window_s=60)
+    totals = MetricTotals()
+    rec = recorder()
+    window.sample(0.0, edge_snapshot(totals))
+    for i in range(100):
+        rec.record_request(
+            request(duration=3.0 if i < 90 else 800.0, status=200 if i < 98 else 503)
+        )
+        rec.record_request(request(reporter="destination", duration=2.0))
+    totals.add_all(rec.metric_deltas())
+    window.sample(10.0, edge_snapshot(totals))
+    graph = window.graph(60)
+    assert len(graph["edges"]) == 1  # both reporters, one edge: the client's view
+    edge = graph["edges"][0]
+    assert edge["reporter"] == "source" and edge["requests"] == 100 and edge["rps"] == 10.0
+    assert edge["success_rate"] == 0.98 and edge["error_rate"] == 0.02
+    assert 1.0 < edge["p50_ms"] <= 5.0 and 500 < edge["p99_ms"] <= 1000
+    assert {n["id"] for n in graph["nodes"]} == {"productpage-v1.default", "reviews-v2.default"}
+    # an idle window shows no edges
+    window.sample(20.0, edge_snapshot(totals))
+    assert window.edges(5) == []
+
+
+def make_span(span_id: str, parent: str, service: str, kind: str, start: int, end: int) -> Span:
+    return Span(trace_id=TRACE, span_id=span_id, parent_span_id=parent, name=f"{service}-{kind}",
+                kind=kind, service=service, namespace="default", instance=f"{service}-0",  # type: ignore[arg-type]
+                start_ns=start, end_ns=end, status_code=200)  # fmt: skip
+
+
+def test_trace_assembles_as_a_tree() -> None:
+    spans = [
+        make_span("c" * 16, "b" * 16, "b", "client", 30, 80),
+        make_span("a" * 16, "", "a", "client", 0, 100),
+        make_span("b" * 16, "a" * 16, "b", "server", 10, 90),
+        make_span("d" * 16, "c" * 16, "c", "server", 40, 70),
+        make_span("e" * 16, "f" * 16, "x", "server", 50, 60),  # parent never arrived
+    ]
+    roots = assemble(spans)
+    assert [r["span_id"] for r in roots] == ["a" * 16, "e" * 16] and roots[1]["orphan"]
+    chain = [roots[0]]
+    while chain[-1]["children"]:
+        chain.append(chain[-1]["children"][0])
+    assert [n["service"] + ":" + n["kind"] for n in chain] == [
+        "a:client",
+        "b:server",
+        "b:client",
+        "c:server",
+    ]
+    index = TraceIndex(max_traces=1)
+    for s in spans + spans:
+        index.add(s)
+    tree = index.tree(TRACE)
+    assert tree is not None and tree["spans"] == 5 and tree["duration_ms"] == 0.0
+    index.add(msgspec.structs.replace(spans[0], trace_id="1" * 32))
+    assert index.tree(TRACE) is None  # evicted: only the newest trace is kept
+
+
+def test_settings_are_validated() -> None:
+    s = TelemetrySettings.from_options({"stream-replicas": "3", "history-s": "60"})
+    assert s.stream_replicas == 3 and s.history_s == 60.0
+    assert s.effective_retire_after_s >= s.stream_max_age_s
+    with pytest.raises(BadRequest):
+        TelemetrySettings.from_options({"no-such": "1"})
+    with pytest.raises(BadRequest):
+        TelemetrySettings.from_options({"fetch-batch": "many"})
+
+
+# ---------------------------------------------------------------- meshctl
+
+
+def test_meshctl_finds_the_telemetry_service(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("MESH_TELEMETRY", raising=False)
+    args = argparse.Namespace(telemetry=None, state_dir=str(tmp_path))
+    cluster = tmp_path / "cluster.json"
+    cluster.write_text(json.dumps({"telemetry": {"metrics": "http://127.0.0.1:9104/metrics"}}))
+    assert telemetry_cmds.telemetry_url(args) == "http://127.0.0.1:9104"
+    cluster.write_text(
+        json.dumps({"services": {"telemetry": [{"pid": 1, "http": "http://127.0.0.1:9105/"}]}})
+    )
+    assert telemetry_cmds.telemetry_url(args) == "http://127.0.0.1:9105"
+    cluster.write_text(json.dumps({"services": {}}))
+    with pytest.raises(CLIError):
+        telemetry_cmds.telemetry_url(args)
+    monkeypatch.setenv("MESH_TELEMETRY", "http://env:1/")
+    assert telemetry_cmds.telemetry_url(args) == "http://env:1"
+    args.telemetry = "http://flag:2"
+    assert telemetry_cmds.telemetry_url(args) == "http://flag:2"
