@@ -16,6 +16,8 @@ class SidecarSettings:
     app_port: int = 0
     labels: dict[str, str] = field(default_factory=dict)
     tcp_ports: list[int] = field(default_factory=list)
+    # `--tcp-upstream SERVICE[.NS]:PORT=LOCALPORT` specs, parsed by proxy.tcp
+    tcp_upstreams: list[str] = field(default_factory=list)
     nats: list[str] = field(default_factory=lambda: ["nats://127.0.0.1:4222"])
     prefix: str = "mesh"
     bind_host: str = "127.0.0.1"

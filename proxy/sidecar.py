@@ -30,6 +30,7 @@ from proxy.registration import Registration
 from proxy.settings import SidecarSettings
 from proxy.stats import ProxyStats
 from proxy.status_report import StatusReporter
+from proxy.tcp import TcpRelays, parse_tcp_upstream
 
 log = get_logger("proxy.sidecar")
 
@@ -184,6 +185,14 @@ class Sidecar:
         self.bus.on_reconnect(self._resync)
         caller = Caller(namespace=s.namespace, labels=s.labels)
         routes = RouteHandler(caller, self.cache, self.pools)
+        self.tcp = TcpRelays(self.cache, self.stats.registry)
+        tcp_listeners: dict[str, str] = {}
+        if s.tcp_ports:
+            tcp_listeners = await self.tcp.start_inbound(s.bind_host, s.tcp_ports)
+        if s.tcp_upstreams:
+            upstreams = [parse_tcp_upstream(spec, s.namespace) for spec in s.tcp_upstreams]
+            await self.tcp.start_outbound(upstreams)
+        self.ports.update(self.tcp.ports)
         if s.gateway:
             assert self.gateway is not None
             self.gateway.attach(routes)
@@ -207,6 +216,7 @@ class Sidecar:
             service_account=s.service_account,
             identity=s.identity,
             tcp_ports=s.tcp_ports,
+            tcp_listeners=tcp_listeners,
             admin=f"http://{s.bind_host}:{self.ports['admin']}",
         )
         registration = Registration(self.bus, instance, ttl=s.register_ttl)
@@ -240,6 +250,8 @@ class Sidecar:
         finally:
             for server in self.servers:
                 server.close()
+            if hasattr(self, "tcp"):
+                self.tcp.close()
             self.pools.close()
             self.app_pools.close()
             await self.bus.close()
@@ -295,7 +307,9 @@ class Sidecar:
         deadline = time.monotonic() + s.drain_timeout
         # give clients a moment to see the draining status, then wait for in-flight requests
         await asyncio.sleep(min(0.5, s.drain_timeout))
-        while self.active > 0 and time.monotonic() < deadline:
+        while (
+            self.active > 0 or self.tcp.active_connections() > 0
+        ) and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
         await registration.deregister()
         await self.reporter.goodbye()

@@ -42,7 +42,18 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
         "--app-port", type=int, required=True, help="port the app listens on (127.0.0.1)"
     )
     sc.add_argument(
-        "--tcp-port", type=int, action="append", default=[], help="declared TCP port (repeatable)"
+        "--tcp-port",
+        type=int,
+        action="append",
+        default=[],
+        help="TCP port the app serves on 127.0.0.1, relayed from the mesh (repeatable)",
+    )
+    sc.add_argument(
+        "--tcp-upstream",
+        action="append",
+        default=[],
+        metavar="SERVICE[.NS]:PORT=LOCALPORT",
+        help="relay 127.0.0.1:LOCALPORT to SERVICE's TCP PORT, load balanced (repeatable)",
     )
     sc.add_argument("--inbound-port", type=int, default=0)
     sc.add_argument("--outbound-port", type=int, default=0)
@@ -97,12 +108,19 @@ def cmd_sidecar(args: argparse.Namespace) -> int:
         app = app[1:]
     if not 0 < args.app_port < 65536:
         raise CLIError(f"--app-port must be in 1..65535, got {args.app_port}")
+    tcp = importlib.import_module("proxy.tcp")
+    for spec in args.tcp_upstream:
+        try:
+            tcp.parse_tcp_upstream(spec, args.namespace)
+        except ValueError as e:
+            raise CLIError(f"--tcp-upstream {spec!r}: {e}") from None
     settings = _settings(
         args,
         service=args.service,
         version=args.version,
         app_port=args.app_port,
         tcp_ports=args.tcp_port,
+        tcp_upstreams=args.tcp_upstream,
         inbound_port=args.inbound_port,
         outbound_port=args.outbound_port,
         service_account=args.service_account,

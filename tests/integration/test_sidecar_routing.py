@@ -337,3 +337,31 @@ async def test_gateway_routes_by_bound_virtual_services(mesh: MeshHarness) -> No
     entries = await mesh.proxy_status()
     gw = [e for e in entries if e.proxy == gateway.settings.instance]
     assert gw and gw[0].state == "SYNCED" and ".config.gateway." in gw[0].subject
+
+
+async def test_tcp_relay_between_sidecars(mesh: MeshHarness) -> None:
+    from mesh.servers import free_port
+
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+        writer.close()
+
+    app = await asyncio.start_server(echo, "127.0.0.1", 0)
+    app_port = app.sockets[0].getsockname()[1]
+    await mesh.sidecar("cache", "v1", app=False, tcp_ports=[app_port])
+    local = free_port()
+    await mesh.sidecar("client", "v1", app=False, tcp_upstreams=[f"cache:{app_port}={local}"])
+
+    async def roundtrip() -> bool:
+        reader, writer = await asyncio.open_connection("127.0.0.1", local)
+        payload = b"ping" * 10_000
+        writer.write(payload)
+        writer.write_eof()
+        got = await asyncio.wait_for(reader.read(-1), 5)
+        writer.close()
+        return got == payload
+
+    assert await eventually(roundtrip, timeout=10)
+    app.close()

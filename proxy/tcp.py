@@ -1,0 +1,638 @@
+"""The sidecar's L4 TCP relays: raw bytes, load-balanced per connection.
+
+Inbound: one listener per TCP port the app declares (`--tcp-port 6379`), on the
+sidecar's bind host and an OS-chosen port, relaying to 127.0.0.1:6379. The instance
+registers where these listeners are (`Instance.tcp_listeners`: app port -> host:port).
+
+Outbound: for each `--tcp-upstream SERVICE[.NAMESPACE]:PORT=LOCALPORT`, a listener on
+127.0.0.1:LOCALPORT relaying each accepted connection to the listener that one endpoint
+of SERVICE registered for PORT: round robin over the serving endpoints that declare
+PORT (draining ones only when all are draining); when a connect fails, the next
+endpoint is tried, up to `CONNECT_ATTEMPTS` in all, else the client is closed. The
+endpoints come from the `DestinationCache`, which follows them live.
+
+A relayed connection is two protocols writing into each other: full duplex; a FIN from
+one side is passed on as a FIN to the other (half-close) and the sockets close once
+both directions are finished; reading from one side pauses while the other side's
+write buffer is over `HIGH_WATER`; an error on either side resets both.
+
+Endpoint choice (`tcp_endpoints`, `relay_address`, `TcpBalancers`) and upstream parsing
+(`parse_tcp_upstream`) are pure; `TcpRelays` does the I/O.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import re
+import socket
+import struct
+import time
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import cast
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from mesh import errors
+from mesh.hosts import ServiceRef, canonical_host, service_of_host
+from mesh.logs import get_logger
+from mesh.messages import Endpoint, EndpointSet
+from proxy.destinations import DestinationCache
+from proxy.routing import Balancer, RoundRobinBalancer, subset_endpoints
+
+log = get_logger("proxy.tcp")
+
+APP_HOST = "127.0.0.1"
+CONNECT_ATTEMPTS = 3
+CONNECT_TIMEOUT_S = 5.0
+# How long an endpoint that failed a connect is tried only after the others.
+AVOID_AFTER_FAILURE_S = 10.0
+# Per-socket write buffer above which the other side stops being read.
+HIGH_WATER = 256 * 1024
+_LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends an RST
+
+_UPSTREAM_FORM = "SERVICE[.NAMESPACE]:PORT=LOCALPORT"
+_HOST_CHARS = re.compile(r"[A-Za-z0-9.-]+")
+_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+
+
+# ---------------------------------------------------------------- pure core
+
+
+@dataclass(frozen=True, slots=True)
+class TcpUpstream:
+    """`--tcp-upstream`: relay 127.0.0.1:`local_port` to `service`'s TCP port `port`."""
+
+    service: ServiceRef
+    port: int
+    local_port: int  # 0 = OS-chosen (tests); `parse_tcp_upstream` requires a real port
+
+    @property
+    def listener(self) -> str:
+        """The listener's name in stats and `TcpRelays.ports`."""
+        return f"tcp-outbound:{self.service.name}.{self.service.namespace}:{self.port}"
+
+
+def _parse_port(text: str, what: str, spec: str) -> int:
+    if not (text.isascii() and text.isdigit()) or not 0 < int(text) < 65536:
+        raise ValueError(
+            f"--tcp-upstream {spec!r}: {what} must be a port in 1..65535, got {text!r}"
+        )
+    return int(text)
+
+
+def parse_tcp_upstream(text: str, default_namespace: str) -> TcpUpstream:
+    """`redis:6379=16379`, `redis.cache:6379=16379` (or the service's FQDN) -> TcpUpstream.
+
+    A service without a namespace is in `default_namespace` (the sidecar's own).
+    """
+    spec = text.strip()
+    target, sep, local = spec.partition("=")
+    if not sep or not target:
+        raise ValueError(f"--tcp-upstream {text!r}: expected {_UPSTREAM_FORM}")
+    host, sep, port = target.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"--tcp-upstream {text!r}: expected {_UPSTREAM_FORM} (missing :PORT)")
+    if not _HOST_CHARS.fullmatch(host):
+        raise ValueError(f"--tcp-upstream {text!r}: {host!r} is not a service name")
+    ref = service_of_host(canonical_host(host, default_namespace))
+    if ref is None or not (_DNS_LABEL.fullmatch(ref.name) and _DNS_LABEL.fullmatch(ref.namespace)):
+        raise ValueError(
+            f"--tcp-upstream {text!r}: {host!r} is not a mesh service "
+            "(SERVICE, SERVICE.NAMESPACE or SERVICE.NAMESPACE.svc.cluster.local)"
+        )
+    return TcpUpstream(
+        service=ref,
+        port=_parse_port(port, "PORT", text),
+        local_port=_parse_port(local, "LOCALPORT", text),
+    )
+
+
+def tcp_endpoints(endpoints: Iterable[Endpoint], port: int) -> list[Endpoint]:
+    """The endpoints with a TCP listener for `port`; draining ones are left out unless
+    all of those are draining (as for HTTP subsets)."""
+    key = str(port)
+    return subset_endpoints([ep for ep in endpoints if key in ep.tcp_listeners], {})
+
+
+def relay_address(endpoint: Endpoint, port: int) -> tuple[str, int]:
+    """Host and port of the TCP listener `endpoint` registered for `port`.
+
+    Raises ValueError when there is none or it is not host:port (a bad registration
+    must not take the relay down: the caller tries another endpoint).
+    """
+    text = endpoint.tcp_listeners.get(str(port), "")
+    host, sep, port_text = text.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not sep or not host or not (port_text.isascii() and port_text.isdigit()):
+        raise ValueError(f"{endpoint.instance}: bad TCP listener {text!r} for port {port}")
+    number = int(port_text)
+    if not 0 < number < 65536:
+        raise ValueError(f"{endpoint.instance}: bad TCP listener {text!r} for port {port}")
+    return host, number
+
+
+def listener_address(host: str, port: int) -> str:
+    """host:port as registered, bracketing IPv6 literals."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class TcpBalancers:
+    """Endpoint choice per (destination, port): round robin, skipping what this
+    connection already tried and, while others remain, what recently refused.
+
+    Without the second rule, round robin would send every other new connection to a
+    dead endpoint first (and, when its connects time out rather than being refused,
+    make each of them wait `CONNECT_TIMEOUT_S`) until the registry drops it.
+
+    A balancer is kept while the destination's endpoint set is the same object and
+    rebuilt when the cache swaps in a new one. `now` is a monotonic time in seconds.
+    """
+
+    def __init__(self, rand: random.Random, avoid_s: float = AVOID_AFTER_FAILURE_S) -> None:
+        self._rand = rand
+        self._avoid_s = avoid_s
+        self._built: dict[tuple[ServiceRef, int], tuple[EndpointSet | None, Balancer]] = {}
+        # (destination, port) -> instance -> when to stop avoiding it
+        self._failed: dict[tuple[ServiceRef, int], dict[str, float]] = {}
+
+    def balancer(self, ref: ServiceRef, endpoints: EndpointSet | None, port: int) -> Balancer:
+        key = (ref, port)
+        built = self._built.get(key)
+        if built is not None and built[0] is endpoints:
+            return built[1]
+        balancer = RoundRobinBalancer(
+            tcp_endpoints(endpoints.endpoints if endpoints else (), port), self._rand
+        )
+        self._built[key] = (endpoints, balancer)
+        return balancer
+
+    def choose(
+        self,
+        ref: ServiceRef,
+        endpoints: EndpointSet | None,
+        port: int,
+        tried: frozenset[str],
+        now: float,
+    ) -> Endpoint | None:
+        """The endpoint for the next connect attempt; None when every one was tried."""
+        balancer = self.balancer(ref, endpoints, port)
+        exclude = tried | self._avoided(ref, port, now)
+        if all(ep.instance in exclude for ep in balancer.endpoints):
+            exclude = tried  # a recently failed endpoint is better than none
+        endpoint = balancer.choose(exclude=exclude)
+        # the balancer repeats an excluded endpoint only when nothing else is left
+        if endpoint is None or endpoint.instance in exclude:
+            return None
+        return endpoint
+
+    def failed(self, ref: ServiceRef, port: int, instance: str, now: float) -> None:
+        self._failed.setdefault((ref, port), {})[instance] = now + self._avoid_s
+
+    def connected(self, ref: ServiceRef, port: int, instance: str) -> None:
+        failed = self._failed.get((ref, port))
+        if failed is not None:
+            failed.pop(instance, None)
+
+    def _avoided(self, ref: ServiceRef, port: int, now: float) -> frozenset[str]:
+        failed = self._failed.get((ref, port))
+        if not failed:
+            return frozenset()
+        for instance in [i for i, until in failed.items() if until <= now]:
+            del failed[instance]
+        return frozenset(failed)
+
+
+# ---------------------------------------------------------------- stats
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerCounters:
+    """The metric children of one listener, bound once so the data path only increments."""
+
+    opened: Counter
+    closed: Counter
+    sent: Counter
+    received: Counter
+    connect_failures: Counter
+    active: Gauge
+
+
+class TcpStats:
+    """Per-listener TCP counters, on the proxy's registry (one `TcpStats` per registry).
+
+    "sent" is downstream -> upstream (what the accepted connection wrote), "received"
+    upstream -> downstream.
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        labels = ["listener"]
+        self.opened = Counter(
+            "meshwork_proxy_tcp_connections_opened_total",
+            "TCP connections accepted, by listener",
+            labels,
+            registry=registry,
+        )
+        self.closed = Counter(
+            "meshwork_proxy_tcp_connections_closed_total",
+            "TCP connections finished, by listener",
+            labels,
+            registry=registry,
+        )
+        self.sent = Counter(
+            "meshwork_proxy_tcp_sent_bytes_total",
+            "Bytes relayed from downstream to upstream, by listener",
+            labels,
+            registry=registry,
+        )
+        self.received = Counter(
+            "meshwork_proxy_tcp_received_bytes_total",
+            "Bytes relayed from upstream to downstream, by listener",
+            labels,
+            registry=registry,
+        )
+        self.connect_failures = Counter(
+            "meshwork_proxy_tcp_upstream_connect_failures_total",
+            "Upstream connects that failed (refused, unreachable, timed out), by listener",
+            labels,
+            registry=registry,
+        )
+        self.active = Gauge(
+            "meshwork_proxy_tcp_active_connections",
+            "TCP connections being relayed, by listener",
+            labels,
+            registry=registry,
+        )
+
+    def listener(self, name: str) -> ListenerCounters:
+        return ListenerCounters(
+            opened=self.opened.labels(name),
+            closed=self.closed.labels(name),
+            sent=self.sent.labels(name),
+            received=self.received.labels(name),
+            connect_failures=self.connect_failures.labels(name),
+            active=self.active.labels(name),
+        )
+
+
+# ---------------------------------------------------------------- relaying
+
+
+class _Side(asyncio.Protocol):
+    """One socket of a relayed connection: what it reads is written to its peer.
+
+    Reading starts paused and is resumed when both sides are linked, so nothing is read
+    before there is somewhere to write it.
+    """
+
+    def __init__(self, conn: _Connection, counted: Counter) -> None:
+        self.conn = conn
+        self.counted = counted  # bytes read on this side
+        self.transport: asyncio.Transport | None = None
+        self.peer: _Side | None = None
+        self.reading_paused = False
+        self.eof_in = False  # this socket sent us a FIN
+        self.eof_out = False  # we sent this socket a FIN
+        self.closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.set_write_buffer_limits(high=HIGH_WATER)
+        self.pause_reading()
+        self.conn.side_made(self)
+
+    def data_received(self, data: bytes) -> None:
+        peer = self.peer
+        if peer is None or peer.transport is None or peer.transport.is_closing():
+            return  # the peer failed: this side is being reset too
+        peer.transport.write(data)
+        self.counted.inc(len(data))
+
+    def eof_received(self) -> bool:
+        self.eof_in = True
+        if self.peer is None:
+            return False
+        self.peer.send_eof()
+        self._close_if_done()
+        # keep the socket open: the other direction may still be sending
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self.peer is not None:
+            self.peer.peer_lost(exc)
+        self.conn.side_lost(self)
+
+    # flow control: our write buffer is what the peer's reads fill
+    def pause_writing(self) -> None:
+        if self.peer is not None:
+            self.peer.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.peer is not None:
+            self.peer.resume_reading()
+
+    def pause_reading(self) -> None:
+        # After a FIN the selector transport would re-arm its reader on resume and
+        # report the FIN again: leave a finished direction alone.
+        t = self.transport
+        if self.reading_paused or self.eof_in or t is None or t.is_closing():
+            return
+        self.reading_paused = True
+        t.pause_reading()
+
+    def resume_reading(self) -> None:
+        t = self.transport
+        if not self.reading_paused or self.eof_in or t is None or t.is_closing():
+            return
+        self.reading_paused = False
+        t.resume_reading()
+
+    def send_eof(self) -> None:
+        t = self.transport
+        if self.eof_out or t is None or t.is_closing():
+            return
+        self.eof_out = True
+        if t.can_write_eof():
+            t.write_eof()
+            self._close_if_done()
+        else:
+            t.close()
+
+    def peer_lost(self, exc: Exception | None) -> None:
+        """The other socket is gone: flush and close after a clean end, reset after an error."""
+        t = self.transport
+        if t is None or t.is_closing():
+            return
+        if exc is None:
+            t.close()
+        else:
+            self.reset()
+
+    def reset(self) -> None:
+        """Abort with an RST rather than a FIN: a cut stream must not look finished to the
+        other end (a truncated upload followed by a FIN reads as a complete one)."""
+        t = self.transport
+        if t is None or self.closed:
+            return
+        sock = t.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+        t.abort()
+
+    def _close_if_done(self) -> None:
+        if self.eof_in and self.eof_out and self.transport is not None:
+            self.transport.close()
+
+
+Opener = Callable[["_Connection"], Awaitable[bool]]
+
+
+class _Connection:
+    """One accepted connection and the upstream connection opened for it."""
+
+    def __init__(
+        self, relays: TcpRelays, name: str, counters: ListenerCounters, opener: Opener
+    ) -> None:
+        self.relays = relays
+        self.name = name
+        self.counters = counters
+        self.opener = opener
+        self.downstream = _Side(self, counters.sent)
+        self.upstream: _Side | None = None
+        self.connecting = False
+        self.finished = False
+
+    def side_made(self, side: _Side) -> None:
+        if side is self.downstream:
+            self.counters.opened.inc()
+            self.counters.active.inc()
+            self.connecting = True
+            self.relays._accepted(self)
+
+    def link(self, upstream: _Side) -> None:
+        self.upstream = upstream
+        upstream.peer, self.downstream.peer = self.downstream, upstream
+        self.downstream.resume_reading()
+        upstream.resume_reading()
+
+    def connect_done(self, linked: bool) -> None:
+        self.connecting = False
+        if not linked:
+            # an RST: the client must not take the connection for one that was served
+            self.downstream.reset()
+        self._finish_if_done()
+
+    def side_lost(self, side: _Side) -> None:
+        if side is self.downstream and self.connecting:
+            self.relays._cancel_connect(self)
+        self._finish_if_done()
+
+    def reset(self) -> None:
+        self.downstream.reset()
+        if self.upstream is not None:
+            self.upstream.reset()
+
+    def _finish_if_done(self) -> None:
+        if self.finished or self.connecting or not self.downstream.closed:
+            return
+        if self.upstream is not None and not self.upstream.closed:
+            return
+        self.finished = True
+        self.counters.closed.inc()
+        self.counters.active.dec()
+        self.relays._finished(self)
+
+
+class TcpRelays:
+    """The sidecar's TCP listeners (inbound and outbound) and their relayed connections.
+
+    `start_inbound` / `start_outbound` add listeners (on failure, those already started
+    stay until `close()`); `close()` stops accepting and resets what is left, after the
+    sidecar has waited for `active_connections()` to drop during its drain.
+    """
+
+    def __init__(
+        self,
+        cache: DestinationCache,
+        stats_registry: CollectorRegistry,
+        rand: random.Random | None = None,
+        *,
+        app_host: str = APP_HOST,
+    ) -> None:
+        self.cache = cache
+        self.stats = TcpStats(stats_registry)
+        self.balancers = TcpBalancers(rand or random.Random())
+        self.app_host = app_host
+        self.ports: dict[str, int] = {}  # listener name -> bound port
+        self._servers: list[asyncio.Server] = []
+        self._connections: set[_Connection] = set()
+        self._connect_tasks: dict[_Connection, asyncio.Task[bool]] = {}
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    # ------------------------------------------------------------ listeners
+
+    async def start_inbound(self, bind_host: str, app_ports: Sequence[int]) -> dict[str, str]:
+        """A listener per app TCP port; returns the `tcp_listeners` to register
+        (app port as a string -> host:port of its listener)."""
+        listeners: dict[str, str] = {}
+        for app_port in dict.fromkeys(app_ports):
+            if not 0 < app_port < 65536:
+                raise ValueError(f"TCP port must be in 1..65535, got {app_port}")
+            opener = partial(self._open_app, app_port)
+            bound = await self._listen(f"tcp-inbound:{app_port}", bind_host, 0, opener)
+            listeners[str(app_port)] = listener_address(bind_host, bound)
+        return listeners
+
+    async def start_outbound(self, upstreams: Sequence[TcpUpstream]) -> None:
+        """A listener on 127.0.0.1:local_port per upstream."""
+        for upstream in upstreams:
+            opener = partial(self._open_service, upstream)
+            await self._listen(upstream.listener, "127.0.0.1", upstream.local_port, opener)
+
+    async def _listen(self, name: str, host: str, port: int, opener: Opener) -> int:
+        counters = self.stats.listener(name)
+
+        def accept() -> asyncio.Protocol:
+            return _Connection(self, name, counters, opener).downstream
+
+        server = await asyncio.get_running_loop().create_server(accept, host, port, backlog=1024)
+        self._servers.append(server)
+        bound = int(server.sockets[0].getsockname()[1])
+        self.ports[name] = bound
+        log.info("tcp.listening", listener=name, address=listener_address(host, bound))
+        return bound
+
+    # ------------------------------------------------------------ connections
+
+    def active_connections(self) -> int:
+        return len(self._connections)
+
+    def _accepted(self, conn: _Connection) -> None:
+        self._connections.add(conn)
+        self._idle.clear()
+        task = asyncio.create_task(self._connect(conn), name=f"tcp:connect:{conn.name}")
+        self._connect_tasks[conn] = task
+        # a callback rather than a `finally`: it also runs for a task cancelled before it started
+        task.add_done_callback(partial(self._connect_ended, conn))
+
+    def _cancel_connect(self, conn: _Connection) -> None:
+        task = self._connect_tasks.get(conn)
+        if task is not None:
+            task.cancel()
+
+    def _connect_ended(self, conn: _Connection, task: asyncio.Task[bool]) -> None:
+        self._connect_tasks.pop(conn, None)
+        conn.connect_done(not task.cancelled() and task.result())
+
+    def _finished(self, conn: _Connection) -> None:
+        self._connections.discard(conn)
+        if not self._connections:
+            self._idle.set()
+
+    async def _connect(self, conn: _Connection) -> bool:
+        try:
+            return await conn.opener(conn)
+        except Exception as e:
+            log.exception("tcp.connect_crashed", listener=conn.name, error=str(e))
+            return False
+
+    async def _open_app(self, app_port: int, conn: _Connection) -> bool:
+        return await self._open(conn, self.app_host, app_port, "app")
+
+    async def _open_service(self, upstream: TcpUpstream, conn: _Connection) -> bool:
+        ref = upstream.service
+        try:
+            dest = await self.cache.get(ref)
+        except errors.MeshError as e:
+            log.warning("tcp.no_destination", listener=conn.name, service=str(ref), error=str(e))
+            return False
+        port = upstream.port
+        tried: set[str] = set()
+        for _ in range(CONNECT_ATTEMPTS):
+            # chosen per attempt: the endpoints may have changed while a connect was pending
+            endpoint = self.balancers.choose(
+                ref, dest.endpoints, port, frozenset(tried), time.monotonic()
+            )
+            if endpoint is None:
+                break
+            tried.add(endpoint.instance)
+            try:
+                host, relay_port = relay_address(endpoint, port)
+            except ValueError as e:
+                log.warning("tcp.bad_endpoint", listener=conn.name, error=str(e))
+                self.balancers.failed(ref, port, endpoint.instance, time.monotonic())
+                continue
+            if await self._open(conn, host, relay_port, endpoint.instance):
+                self.balancers.connected(ref, port, endpoint.instance)
+                return True
+            self.balancers.failed(ref, port, endpoint.instance, time.monotonic())
+        log.warning(
+            "tcp.no_upstream", listener=conn.name, service=str(ref), port=port, tried=sorted(tried)
+        )
+        return False
+
+    async def _open(self, conn: _Connection, host: str, port: int, target: str) -> bool:
+        """Connect to host:port and link it to `conn`; False when the connect failed."""
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(CONNECT_TIMEOUT_S):
+                _, upstream = await loop.create_connection(
+                    lambda: _Side(conn, conn.counters.received), host, port
+                )
+        except OSError as e:  # refused, unreachable, TimeoutError
+            conn.counters.connect_failures.inc()
+            log.debug(
+                "tcp.connect_failed",
+                listener=conn.name,
+                target=target,
+                address=f"{host}:{port}",
+                error=repr(e),
+            )
+            return False
+        if conn.downstream.closed:
+            upstream.reset()  # the client left while we were connecting
+        else:
+            conn.link(upstream)
+        return True
+
+    # ------------------------------------------------------------ shutdown
+
+    def stop_accepting(self) -> None:
+        for server in self._servers:
+            server.close()
+
+    def close(self) -> None:
+        """Stop accepting, give up pending connects and reset every relayed connection."""
+        self.stop_accepting()
+        for task in list(self._connect_tasks.values()):
+            task.cancel()
+        for conn in list(self._connections):
+            conn.reset()
+
+    async def wait_closed(self) -> None:
+        """After `close()`: wait until every connection has ended and the listeners are shut."""
+        await asyncio.gather(*self._connect_tasks.values(), return_exceptions=True)
+        await self._idle.wait()
+        for server in self._servers:
+            await server.wait_closed()
+
+
+__all__ = [
+    "CONNECT_ATTEMPTS",
+    "HIGH_WATER",
+    "ListenerCounters",
+    "TcpBalancers",
+    "TcpRelays",
+    "TcpStats",
+    "TcpUpstream",
+    "listener_address",
+    "parse_tcp_upstream",
+    "relay_address",
+    "tcp_endpoints",
+]

@@ -1,0 +1,235 @@
+"""The TCP relay's pure core (proxy.tcp): `--tcp-upstream` parsing and endpoint choice."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import pytest
+
+from mesh.hosts import ServiceRef
+from mesh.messages import Endpoint, EndpointSet
+from proxy.tcp import (
+    TcpBalancers,
+    TcpUpstream,
+    listener_address,
+    parse_tcp_upstream,
+    relay_address,
+    tcp_endpoints,
+)
+
+# ---------------------------------------------------------------- parsing
+
+
+@pytest.mark.parametrize(
+    ("text", "namespace", "service", "port", "local_port"),
+    [
+        ("redis:6379=16379", "default", ServiceRef("default", "redis"), 6379, 16379),
+        ("redis:6379=16379", "shop", ServiceRef("shop", "redis"), 6379, 16379),
+        ("redis.cache:6379=16379", "shop", ServiceRef("cache", "redis"), 6379, 16379),
+        ("redis.cache.svc:1=65535", "shop", ServiceRef("cache", "redis"), 1, 65535),
+        ("redis.cache.svc.cluster.local:6379=7000", "x", ServiceRef("cache", "redis"), 6379, 7000),
+        ("  Redis:6379=16379 ", "default", ServiceRef("default", "redis"), 6379, 16379),
+        ("pg-main:5432=5432", "default", ServiceRef("default", "pg-main"), 5432, 5432),
+    ],
+)
+def test_parse_tcp_upstream(
+    text: str, namespace: str, service: ServiceRef, port: int, local_port: int
+) -> None:
+    assert parse_tcp_upstream(text, namespace) == TcpUpstream(service, port, local_port)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("", "expected SERVICE[.NAMESPACE]:PORT=LOCALPORT"),
+        ("redis:6379", "expected SERVICE[.NAMESPACE]:PORT=LOCALPORT"),
+        ("=16379", "expected SERVICE[.NAMESPACE]:PORT=LOCALPORT"),
+        ("redis=16379", "missing :PORT"),
+        (":6379=16379", "missing :PORT"),
+        ("redis:=16379", "PORT must be a port in 1..65535, got ''"),
+        ("redis:0=16379", "PORT must be a port in 1..65535, got '0'"),
+        ("redis:65536=16379", "PORT must be a port in 1..65535, got '65536'"),
+        ("redis:-1=16379", "PORT must be a port in 1..65535, got '-1'"),
+        ("redis:http=16379", "PORT must be a port in 1..65535, got 'http'"),
+        ("redis:6379=", "LOCALPORT must be a port in 1..65535, got ''"),
+        ("redis:6379=0", "LOCALPORT must be a port in 1..65535, got '0'"),
+        ("redis:6379=99999", "LOCALPORT must be a port in 1..65535, got '99999'"),
+        ("redis:6379=16379=1", "LOCALPORT must be a port in 1..65535, got '16379=1'"),
+        ("redis:6379:1=16379", "'redis:6379' is not a service name"),
+        ("re dis:6379=16379", "'re dis' is not a service name"),
+        ("api.example.com:443=8443", "'api.example.com' is not a mesh service"),
+        ("redis..cache:6379=1", "'redis..cache' is not a mesh service"),
+        ("-redis:6379=16379", "'-redis' is not a mesh service"),
+        ("redis.cache.svc.other.domain:1=2", "is not a mesh service"),
+    ],
+)
+def test_parse_tcp_upstream_rejects(text: str, message: str) -> None:
+    with pytest.raises(ValueError, match=r"^--tcp-upstream ") as e:
+        parse_tcp_upstream(text, "default")
+    assert message in str(e.value)
+    assert repr(text) in str(e.value)
+
+
+def test_listener_name_names_service_namespace_and_port() -> None:
+    upstream = parse_tcp_upstream("redis.cache:6379=16379", "default")
+    assert upstream.listener == "tcp-outbound:redis.cache:6379"
+
+
+# ---------------------------------------------------------------- endpoints
+
+
+def endpoint(instance: str, status: str = "healthy", **listeners: str) -> Endpoint:
+    return Endpoint(
+        instance=instance,
+        address=f"{instance}:15006",
+        tcp_listeners={k.removeprefix("p"): v for k, v in listeners.items()},
+        status=status,  # type: ignore[arg-type]
+    )
+
+
+def names(eps: list[Endpoint]) -> list[str]:
+    return [ep.instance for ep in eps]
+
+
+@pytest.mark.parametrize(
+    ("eps", "port", "expected"),
+    [
+        ([], 6379, []),
+        ([endpoint("a", p6379="h:1"), endpoint("b", p5432="h:2")], 6379, ["a"]),
+        ([endpoint("a", p6379="h:1"), endpoint("b", p5432="h:2")], 5432, ["b"]),
+        ([endpoint("a", p6379="h:1")], 80, []),
+        # draining ones are left out while some other one serves...
+        (
+            [endpoint("a", "draining", p6379="h:1"), endpoint("b", p6379="h:2")],
+            6379,
+            ["b"],
+        ),
+        # ...an endpoint serving another port does not count as serving this one...
+        (
+            [endpoint("a", "draining", p6379="h:1"), endpoint("b", p5432="h:2")],
+            6379,
+            ["a"],
+        ),
+        # ...and when all are draining, all are kept: they still answer
+        (
+            [endpoint("a", "draining", p6379="h:1"), endpoint("b", "draining", p6379="h:2")],
+            6379,
+            ["a", "b"],
+        ),
+    ],
+)
+def test_tcp_endpoints(eps: list[Endpoint], port: int, expected: list[str]) -> None:
+    assert names(tcp_endpoints(eps, port)) == expected
+
+
+@pytest.mark.parametrize(
+    ("listener", "expected"),
+    [
+        ("10.0.0.7:40123", ("10.0.0.7", 40123)),
+        ("node-3.local:1", ("node-3.local", 1)),
+        ("[::1]:65535", ("::1", 65535)),
+    ],
+)
+def test_relay_address(listener: str, expected: tuple[str, int]) -> None:
+    assert relay_address(endpoint("a", p6379=listener), 6379) == expected
+
+
+@pytest.mark.parametrize("listener", ["", "10.0.0.7", ":80", "h:0", "h:70000", "h:x", "[]:80"])
+def test_relay_address_rejects_bad_registrations(listener: str) -> None:
+    with pytest.raises(ValueError, match=r"^a: bad TCP listener"):
+        relay_address(endpoint("a", p6379=listener), 6379)
+
+
+def test_relay_address_of_undeclared_port() -> None:
+    with pytest.raises(ValueError, match="for port 5432"):
+        relay_address(endpoint("a", p6379="h:1"), 5432)
+
+
+def test_listener_address_brackets_ipv6() -> None:
+    assert listener_address("127.0.0.1", 5) == "127.0.0.1:5"
+    assert listener_address("::1", 5) == "[::1]:5"
+
+
+# ---------------------------------------------------------------- balancers
+
+REF = ServiceRef("default", "redis")
+
+
+def endpoint_set(revision: int, *eps: Endpoint) -> EndpointSet:
+    return EndpointSet(namespace="default", service="redis", revision=revision, endpoints=list(eps))
+
+
+def choices(
+    balancers: TcpBalancers, eps: EndpointSet | None, n: int, now: float = 0.0
+) -> list[str]:
+    out = []
+    for _ in range(n):
+        ep = balancers.choose(REF, eps, 6379, frozenset(), now)
+        out.append(ep.instance if ep else "-")
+    return out
+
+
+def test_round_robin_over_endpoints_declaring_the_port() -> None:
+    eps = endpoint_set(
+        1, endpoint("a", p6379="h:1"), endpoint("b", p6379="h:2"), endpoint("c", p5432="h:3")
+    )
+    assert Counter(choices(TcpBalancers(random.Random(3)), eps, 10)) == Counter({"a": 5, "b": 5})
+
+
+def test_balancer_kept_for_the_same_set_and_rebuilt_for_a_new_one() -> None:
+    balancers = TcpBalancers(random.Random(3))
+    first = endpoint_set(1, endpoint("a", p6379="h:1"), endpoint("b", p6379="h:2"))
+    balancer = balancers.balancer(REF, first, 6379)
+    assert balancers.balancer(REF, first, 6379) is balancer
+    # per port: the same set gives another balancer for another port
+    assert list(balancers.balancer(REF, first, 5432).endpoints) == []
+    # the cache swapped in a new set: b is gone
+    second = endpoint_set(2, endpoint("a", p6379="h:1"))
+    assert balancers.balancer(REF, second, 6379) is not balancer
+    assert choices(balancers, second, 3) == ["a", "a", "a"]
+
+
+def test_no_endpoints_chooses_none() -> None:
+    balancers = TcpBalancers(random.Random(3))
+    assert choices(balancers, None, 1) == ["-"]
+    assert choices(balancers, endpoint_set(1), 1) == ["-"]
+
+
+def test_tried_endpoints_are_not_chosen_again() -> None:
+    eps = endpoint_set(1, endpoint("a", p6379="h:1"), endpoint("b", p6379="h:2"))
+    balancers = TcpBalancers(random.Random(3))
+    first = balancers.choose(REF, eps, 6379, frozenset(), 0.0)
+    assert first is not None
+    second = balancers.choose(REF, eps, 6379, frozenset({first.instance}), 0.0)
+    assert second is not None and second.instance != first.instance
+    # everything tried: give up rather than connect to a refusing endpoint again
+    assert balancers.choose(REF, eps, 6379, frozenset({"a", "b"}), 0.0) is None
+
+
+def test_failed_endpoint_avoided_while_others_remain_then_retried() -> None:
+    eps = endpoint_set(
+        1, endpoint("a", p6379="h:1"), endpoint("b", p6379="h:2"), endpoint("c", p6379="h:3")
+    )
+    balancers = TcpBalancers(random.Random(3), avoid_s=10.0)
+    balancers.failed(REF, 6379, "b", now=100.0)
+    assert set(choices(balancers, eps, 6, now=105.0)) == {"a", "c"}
+    # only for this port
+    assert balancers.choose(REF, eps, 5432, frozenset(), 105.0) is None
+    # the avoided one is still better than nothing
+    last_resort = balancers.choose(REF, eps, 6379, frozenset({"a", "c"}), 105.0)
+    assert last_resort is not None and last_resort.instance == "b"
+    # the avoidance expires...
+    assert set(choices(balancers, eps, 6, now=110.0)) == {"a", "b", "c"}
+    # ...and a successful connect ends it early
+    balancers.failed(REF, 6379, "c", now=200.0)
+    balancers.connected(REF, 6379, "c")
+    assert set(choices(balancers, eps, 6, now=201.0)) == {"a", "b", "c"}
+
+
+def test_all_failed_recently_still_tries_them() -> None:
+    eps = endpoint_set(1, endpoint("a", p6379="h:1"), endpoint("b", p6379="h:2"))
+    balancers = TcpBalancers(random.Random(3))
+    balancers.failed(REF, 6379, "a", now=0.0)
+    balancers.failed(REF, 6379, "b", now=0.0)
+    assert set(choices(balancers, eps, 4, now=1.0)) == {"a", "b"}
