@@ -31,6 +31,8 @@ from .wire import (
 if TYPE_CHECKING:
     from .tunnel import Tunnel
 
+_HELD = object()  # read-pause owner: too many bytes held before a tunnel starts
+
 _NAME_CACHE: dict[bytes, str] = {}
 _NAME_CACHE_MAX = 512
 
@@ -132,6 +134,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._dead = False  # seen something that forbids reuse
         self._tunnel: Tunnel | None = None
         self._held: list[bytes] = []  # bytes after a 101 head, until the tunnel starts
+        self._held_bytes = 0
         self._body_task: asyncio.Task[None] | None = None
         self._reset_exchange()
 
@@ -179,7 +182,8 @@ class UpstreamConnection(asyncio.Protocol):
     # -- asyncio.Protocol ------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        transport = cast(asyncio.Transport, transport)  # uvloop transports do not subclass asyncio.Transport
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        transport = cast(asyncio.Transport, transport)
         self._transport = transport
         self._read_gate = ReadGate(transport)
         peer = transport.get_extra_info("peername") or ("", 0)
@@ -193,7 +197,7 @@ class UpstreamConnection(asyncio.Protocol):
             self._tunnel.from_upstream(data)
             return
         if self._upgraded:
-            self._held.append(data)
+            self._hold(data)
             return
         if self._head_future is None or self._response_done:
             # Bytes nobody asked for: the connection's framing can no longer be trusted.
@@ -204,7 +208,7 @@ class UpstreamConnection(asyncio.Protocol):
         try:
             self._parser.feed_data(data)
         except HttpParserUpgrade as upgrade:
-            self._held.append(data[upgrade.args[0] :])
+            self._hold(data[upgrade.args[0] :])
             return
         except HttpParserError as error:
             cause = error.__context__
@@ -295,10 +299,14 @@ class UpstreamConnection(asyncio.Protocol):
             response = await future
         except BaseException:
             # Cancelled, or the request body failed: the upstream holds a partial request.
+            if not future.done():
+                future.cancel()
+            elif not future.cancelled():
+                future.exception()  # already reported through the raised error
             self.abort()
             raise
-        if self._response_done:
-            self._maybe_release()
+        if self._head_future is future and self._response_done:
+            self._maybe_release()  # a complete answer that arrived while we were sending
         return response
 
     async def _send_body(self, transport: asyncio.Transport, head: bytes, body: BodyStream) -> bool:
@@ -402,10 +410,19 @@ class UpstreamConnection(asyncio.Protocol):
 
     # -- tunnel ----------------------------------------------------------------------------
 
+    def _hold(self, data: bytes) -> None:
+        """Keep bytes that follow a 101 head until the tunnel starts (bounded)."""
+        if data:
+            self._held.append(data)
+            self._held_bytes += len(data)
+            if self._held_bytes > self._limits.max_body_buffer:
+                self.read_gate.pause(_HELD)
+
     def start_tunnel(self, tunnel: Tunnel) -> None:
         """Switch to relaying raw bytes; replay what arrived after the 101 head."""
         self._tunnel = tunnel
         held, self._held = self._held, []
+        self.read_gate.resume(_HELD)
         for data in held:
             if data:
                 tunnel.from_upstream(data)

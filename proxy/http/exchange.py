@@ -78,6 +78,10 @@ class Exchange:
         self.started_at = time.monotonic()
         self.finished_at: float | None = None
 
+    @property
+    def request(self) -> Request:
+        return self._request
+
     # -- telemetry -------------------------------------------------------------------------
 
     @property
@@ -203,6 +207,8 @@ class Exchange:
         nominated = connection_tokens(response.headers)
         skip = HOP_BY_HOP | nominated if nominated else HOP_BY_HOP
         try:
+            if self._state != _NEW:
+                raise RuntimeError("a response was already sent for this request")
             head = status_line(101) + encode_fields(response.headers, skip, extra)
         except BaseException:
             response.close()
@@ -245,6 +251,8 @@ class Exchange:
         announce: int | None,
         reason: str = "",
     ) -> bytes:
+        if self._state != _NEW:
+            raise RuntimeError("a response was already sent for this request")
         closing = (
             self.close_after
             or framing is Framing.CLOSE

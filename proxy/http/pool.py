@@ -168,6 +168,8 @@ class UpstreamPool:
         return None
 
     async def _connect(self) -> UpstreamConnection:
+        if self._closed:
+            raise UpstreamConnectError("upstream pool is closed")
         loop = self._get_loop()
         limits = self._limits
         try:

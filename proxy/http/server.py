@@ -24,13 +24,7 @@ from .flow import ReadGate, WriteGate
 from .limits import Limits
 from .request import Request
 from .tunnel import Tunnel
-from .wire import (
-    CONTINUE_100,
-    parse_content_length,
-    parse_request_target,
-    request_is_chunked,
-    status_line,
-)
+from .wire import CONTINUE_100, check_request_head, status_line
 
 if TYPE_CHECKING:
     from .listen import ConnectionSet
@@ -170,9 +164,11 @@ class HttpServerProtocol(asyncio.Protocol):
         """Whether the connection must close after answering `request`."""
         return (
             not request.keep_alive
-            or self._mode != _HTTP
             or self._draining
             or not request.body.complete  # the client is still sending: cannot resync
+            # Parsing stopped (upgrade, malformed input): nothing follows this answer
+            # unless an error answer is queued behind it.
+            or (self._mode != _HTTP and not self._queue)
         )
 
     def start_tunnel(self, tunnel: Tunnel) -> None:
@@ -185,7 +181,7 @@ class HttpServerProtocol(asyncio.Protocol):
             tunnel.from_downstream(data)
         if self._write_gate.paused:
             tunnel.downstream_write_paused()
-        if self._closed:
+        if self._closed or self._client_eof:
             tunnel.close()
 
     # -- lifecycle used by ConnectionSet -----------------------------------------------------
@@ -203,7 +199,8 @@ class HttpServerProtocol(asyncio.Protocol):
     # -- asyncio.Protocol --------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        transport = cast(asyncio.Transport, transport)  # uvloop transports do not subclass asyncio.Transport
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        transport = cast(asyncio.Transport, transport)
         self._transport = transport
         self._read_gate = ReadGate(transport)
         peer = transport.get_extra_info("peername") or ("", 0)
@@ -264,8 +261,11 @@ class HttpServerProtocol(asyncio.Protocol):
         if self._tunnel is not None:
             self._tunnel.close()
         task = self._task
-        if task is not None and not task.done():
-            task.cancel()  # the client is gone: stop the handler and its upstream work
+        if task is not None and not task.done() and self._tunnel is None:
+            # The client is gone: stop the handler and its upstream work. A tunnelling
+            # handler is not cancelled: the tunnel's end returns it normally, so it can
+            # still record what was relayed.
+            task.cancel()
         if self._connections is not None:
             self._connections.discard(self)
 
@@ -348,49 +348,25 @@ class HttpServerProtocol(asyncio.Protocol):
         self._head_started = None
         parser = self._parser
         version = parser.get_http_version()
-        if version != "1.1" and version != "1.0":
-            self._reject(400)
         raw_method = parser.get_method()
         method = _METHODS.get(raw_method)
         if method is None:
             method = _METHODS[raw_method] = raw_method.decode("ascii")
-        content_length: int | None = None
-        if self._content_lengths is not None:
-            if len(self._content_lengths) != 1:
-                self._reject(400)
-            try:
-                content_length = parse_content_length(self._content_lengths[0])
-            except ValueError:
-                self._reject(400)
-        chunked = False
-        if self._transfer_encodings is not None:
-            # RFC 9112 §6.1: Transfer-Encoding in HTTP/1.0, or with Content-Length, is
-            # faulty framing; only a lone `chunked` is accepted.
-            if content_length is not None or version == "1.0":
-                self._reject(400)
-            try:
-                chunked = request_is_chunked(self._transfer_encodings)
-            except ValueError:
-                self._reject(400)
-        hosts = self._hosts
-        if hosts is None:
-            if version == "1.1":
-                self._reject(400)  # RFC 9112 §3.2
-            host = None
-        elif len(hosts) != 1:
-            self._reject(400)
-        else:
-            host = hosts[0]
         target_text = self._url.decode("latin-1")
+        upgrading = parser.should_upgrade()
         try:
-            target = parse_request_target(method, target_text, host)
+            head = check_request_head(
+                version,
+                method,
+                target_text,
+                self._content_lengths,
+                self._transfer_encodings,
+                self._hosts,
+                upgrading,
+            )
         except ValueError:
             self._reject(400)
-        upgrading = parser.should_upgrade()
-        if upgrading and (chunked or content_length):
-            # llhttp treats whatever follows an upgrade head as tunnel bytes; a body
-            # would be misread, so such requests are refused.
-            self._reject(400)
+        content_length, chunked, target = head.content_length, head.chunked, head.target
         if chunked or content_length:
             body = BodyStream(
                 length=content_length,
@@ -499,8 +475,14 @@ class HttpServerProtocol(asyncio.Protocol):
         # _FAILED and _CLOSING: discard (lingering close).
 
     def _send_continue(self, request: Request) -> None:
+        """The handler wants the body of a request sent with `Expect: 100-continue`."""
         active = self._active
-        if active is not None and not active.responded and self._mode == _HTTP:
+        if (
+            active is not None
+            and active.request is request
+            and not active.responded
+            and self._mode == _HTTP
+        ):
             self.transport.write(CONTINUE_100)
 
     # -- the handler loop --------------------------------------------------------------------
@@ -550,7 +532,7 @@ class HttpServerProtocol(asyncio.Protocol):
         if not exchange.finished:
             log.error("http.handler_no_response", method=request.method, path=request.path)
             return self._after_failure(exchange, 500)
-        if exchange.closing or self._mode != _HTTP:
+        if exchange.closing or (self._mode != _HTTP and not self._queue):
             self._close(linger=not request.body.complete)
             return False
         return True

@@ -147,6 +147,58 @@ def parse_content_length(value: str) -> int:
     return length
 
 
+@dataclass(frozen=True, slots=True)
+class RequestHead:
+    """What the engine needs to know about a request head, once validated."""
+
+    target: RequestTarget
+    content_length: int | None
+    chunked: bool
+
+
+def check_request_head(
+    version: str,
+    method: str,
+    target: str,
+    content_lengths: list[str] | None,
+    transfer_encodings: list[str] | None,
+    hosts: list[str] | None,
+    upgrading: bool,
+) -> RequestHead:
+    """Validate the parts of a request head llhttp lets through; ValueError -> 400.
+
+    llhttp already refused conflicting or malformed Content-Length and most bad
+    Transfer-Encodings; these are the rules it does not enforce.
+    """
+    if version != "1.1" and version != "1.0":
+        raise ValueError(f"HTTP version {version} is not served")
+    content_length: int | None = None
+    if content_lengths is not None:
+        if len(content_lengths) != 1:
+            raise ValueError("several Content-Length fields")
+        content_length = parse_content_length(content_lengths[0])
+    chunked = False
+    if transfer_encodings is not None:
+        # RFC 9112 §6.1: Transfer-Encoding with Content-Length, or in HTTP/1.0, is
+        # faulty framing.
+        if content_length is not None or version == "1.0":
+            raise ValueError("Transfer-Encoding with Content-Length or in HTTP/1.0")
+        chunked = request_is_chunked(transfer_encodings)
+    if hosts is None:
+        if version == "1.1":
+            raise ValueError("HTTP/1.1 request without Host")  # RFC 9112 §3.2
+        host = None
+    elif len(hosts) != 1:
+        raise ValueError("several Host fields")
+    else:
+        host = hosts[0]
+    if upgrading and (chunked or content_length):
+        # llhttp hands whatever follows an upgrade head to the tunnel: a body would be
+        # relayed as protocol bytes.
+        raise ValueError("upgrade request with a body")
+    return RequestHead(parse_request_target(method, target, host), content_length, chunked)
+
+
 def parse_request_target(method: str, target: str, host: str | None) -> RequestTarget:
     """Split a request-target into scheme, authority and path (RFC 9112 §3.2).
 
