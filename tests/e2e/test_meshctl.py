@@ -155,6 +155,15 @@ def test_meshctl_up_route_and_down(cluster, tmp_path: Path) -> None:
         assert any(e["subject"].endswith("route.default.reviews") for e in ps)
         table = meshctl(state, "proxy-status").stdout
         assert "SYNCED" in table and "reviews" in table
+        routes_out = meshctl(state, "proxy-config", "routes", "productpage").stdout
+        assert (
+            "default/reviews" in routes_out and "reviews.default.svc.cluster.local/v2" in routes_out
+        )
+        eps = json.loads(
+            meshctl(state, "proxy-config", "endpoints", "productpage", "-o", "json").stdout
+        )
+        v2 = [c for c in eps["clusters"] if c["subset"] == "v2"]
+        assert [e["version"] for e in v2[0]["endpoints"]] == ["v2"]
 
         got = json.loads(meshctl(state, "get", "vs", "reviews", "-o", "json").stdout)
         assert got["spec"]["http"][0]["route"][0]["destination"]["subset"] == "v2"

@@ -252,6 +252,21 @@ async def test_proxy_status_reports_synced(mesh: MeshHarness) -> None:
     entries = await mesh.proxy_status()
     assert [e.proxy for e in entries] == [client.settings.instance]
     assert entries[0].subject.endswith(".config.route.default.reviews")
+    admin = f"http://127.0.0.1:{client.ports['admin']}"
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{admin}/ready") as r:
+            assert r.status == 200
+        async with session.get(f"{admin}/config_dump") as r:
+            dump = await r.json()
+        assert dump["destinations"]["default/reviews"]["route_table"]["revision"] >= reply.revision
+        async with session.get(f"{admin}/clusters") as r:
+            clusters = (await r.json())["clusters"]
+        assert [e["version"] for c in clusters if c["subset"] == "v1" for e in c["endpoints"]] == [
+            "v1"
+        ]
+        async with session.get(f"{admin}/stats/prometheus") as r:
+            stats = await r.text()
+        assert 'meshwork_proxy_requests_total{listener="outbound",response_code="200"' in stats
 
 
 async def test_malformed_request_rejected_before_upstream(mesh: MeshHarness) -> None:
