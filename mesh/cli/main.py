@@ -7,10 +7,10 @@ import sys
 from collections.abc import Sequence
 
 from mesh import __version__, logs
-from mesh.cli import cluster, resources, serve, sidecar_cmds, telemetry_cmds
+from mesh.cli import ca_cmds, cluster, resources, serve, sidecar_cmds, telemetry_cmds
 from mesh.cli.common import CLIError
 
-COMMAND_MODULES = [cluster, serve, resources, telemetry_cmds]
+COMMAND_MODULES = [cluster, serve, resources, telemetry_cmds, ca_cmds]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,184 @@
+"""`meshctl token create`, `meshctl ca status | bundle | rotate-root | rotate`."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import sys
+from typing import Any
+
+import msgspec
+
+from mesh.bus import Bus
+from mesh.ca_messages import (
+    BundleGetRequest,
+    CAStatusReply,
+    CAStatusRequest,
+    CASubjects,
+    RootInfo,
+    RotateRootReply,
+    RotateRootRequest,
+    RotateWorkloadsReply,
+    RotateWorkloadsRequest,
+    TokenCreateReply,
+    TokenCreateRequest,
+    TrustBundle,
+)
+from mesh.cli.common import CLIError, add_output_flag, emit, print_table, progress, with_bus
+from mesh.resources.durations import parse_duration_ms
+
+# a root rotation waits for the new root to settle in every sidecar's bundle
+ROTATE_TIMEOUT_S = 60.0
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    token = sub.add_parser("token", help="bootstrap tokens for sidecars")
+    token_sub = token.add_subparsers(dest="token_command", metavar="COMMAND", required=True)
+    create = token_sub.add_parser(
+        "create", help="create a token allowing one identity (printed once)"
+    )
+    create.add_argument("-n", "--namespace", default="default")
+    create.add_argument("--service-account", "--sa", required=True, dest="service_account")
+    create.add_argument("--ttl", default="1h", help="how long the token may be used (default 1h)")
+    create.add_argument("-o", "--output", choices=["token", "json"], default="token")
+    create.set_defaults(func=lambda args: with_bus(lambda bus: token_create(bus, args))(args))
+
+    ca = sub.add_parser("ca", help="the certificate authority: status, trust bundle, rotation")
+    ca_sub = ca.add_subparsers(dest="ca_command", metavar="COMMAND", required=True)
+    status = ca_sub.add_parser("status", help="roots in force and their expiry")
+    add_output_flag(status, ("table", "json"))
+    status.set_defaults(func=lambda args: with_bus(lambda bus: ca_status(bus, args))(args))
+
+    bundle = ca_sub.add_parser(
+        "bundle", help="the trust bundle as PEM (for openssl verify -CAfile)"
+    )
+    bundle.set_defaults(func=lambda args: with_bus(lambda bus: ca_bundle(bus, args))(args))
+
+    rotate_root = ca_sub.add_parser(
+        "rotate-root", help="replace the root CA; the old one is kept for --overlap"
+    )
+    rotate_root.add_argument(
+        "--overlap", default="", help="how long the old root stays trusted (default: the CA's)"
+    )
+    add_output_flag(rotate_root, ("table", "json"))
+    rotate_root.set_defaults(
+        func=lambda args: with_bus(lambda bus: ca_rotate_root(bus, args))(args)
+    )
+
+    rotate = ca_sub.add_parser("rotate", help="make workloads renew their certificates now")
+    rotate.add_argument("-n", "--namespace", default="")
+    rotate.add_argument("--service-account", "--sa", default="", dest="service_account")
+    rotate.add_argument("--all", action="store_true", help="every workload in the mesh")
+    rotate.add_argument("--reason", default="")
+    rotate.set_defaults(func=lambda args: with_bus(lambda bus: ca_rotate(bus, args))(args))
+
+
+add_parser = add_parsers  # the name `mesh.cli.main.COMMAND_MODULES` calls
+
+
+def _seconds(text: str, flag: str) -> float:
+    try:
+        ms = parse_duration_ms(text)
+    except ValueError as e:
+        raise CLIError(f"error: {flag}: {e}") from None
+    if ms < 1000:
+        raise CLIError(f"error: {flag}: must be at least 1s, got {text!r}")
+    return ms / 1000
+
+
+def _iso(ts: float) -> str:
+    return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ") if ts else ""
+
+
+def _root_rows(roots: list[RootInfo]) -> list[list[str]]:
+    return [
+        [
+            r.serial[:16],
+            r.state,
+            _iso(r.not_after),
+            _iso(r.retire_at),
+            r.fingerprint[:16],
+            r.subject,
+        ]
+        for r in roots
+    ]
+
+
+_ROOT_HEADERS = ["SERIAL", "STATE", "NOT AFTER", "RETIRES", "SHA256", "SUBJECT"]
+
+
+async def token_create(bus: Bus, args: argparse.Namespace) -> int:
+    req = TokenCreateRequest(
+        namespace=args.namespace,
+        service_account=args.service_account,
+        ttl_s=_seconds(args.ttl, "--ttl"),
+    )
+    reply = await bus.request(
+        CASubjects.of(bus.subjects).token_create, req, TokenCreateReply, timeout=5
+    )
+    if args.output == "json":
+        emit(msgspec.to_builtins(reply), "json", lambda: None)
+    else:
+        print(reply.token)
+        progress(f"token for {reply.identity}, valid until {_iso(reply.expires_at)}")
+    return 0
+
+
+async def ca_status(bus: Bus, args: argparse.Namespace) -> int:
+    reply = await bus.request(
+        CASubjects.of(bus.subjects).status, CAStatusRequest(), CAStatusReply, timeout=5
+    )
+    data: dict[str, Any] = msgspec.to_builtins(reply)
+    data.pop("type", None)
+
+    def table() -> None:
+        print(
+            f"trust domain {reply.trust_domain}   mode {reply.mode}   "
+            f"bundle revision {reply.revision}   workload TTL {reply.workload_ttl_s:g}s"
+        )
+        print_table(_root_rows(reply.roots), _ROOT_HEADERS)
+
+    emit(data, args.output, table)
+    return 0
+
+
+async def ca_bundle(bus: Bus, _args: argparse.Namespace) -> int:
+    bundle = await bus.request(
+        bus.subjects.ca_bundle_get, BundleGetRequest(), TrustBundle, timeout=5
+    )
+    sys.stdout.write("".join(bundle.roots))
+    return 0
+
+
+async def ca_rotate_root(bus: Bus, args: argparse.Namespace) -> int:
+    overlap = _seconds(args.overlap, "--overlap") if args.overlap else 0.0
+    progress("adding a new root; it signs once every sidecar trusts it...")
+    reply = await bus.request(
+        CASubjects.of(bus.subjects).rotate_root,
+        RotateRootRequest(overlap_s=overlap),
+        RotateRootReply,
+        timeout=ROTATE_TIMEOUT_S,
+    )
+    data: dict[str, Any] = msgspec.to_builtins(reply)
+    data.pop("type", None)
+
+    def table() -> None:
+        print_table(_root_rows([reply.active, *reply.retiring]), _ROOT_HEADERS)
+
+    emit(data, args.output, table)
+    return 0
+
+
+async def ca_rotate(bus: Bus, args: argparse.Namespace) -> int:
+    if args.all == bool(args.namespace or args.service_account):
+        raise CLIError("error: give --namespace and --service-account, or --all")
+    if not args.all and not (args.namespace and args.service_account):
+        raise CLIError("error: give both --namespace and --service-account")
+    req = RotateWorkloadsRequest(
+        namespace=args.namespace, service_account=args.service_account, reason=args.reason
+    )
+    reply = await bus.request(
+        CASubjects.of(bus.subjects).rotate_workloads, req, RotateWorkloadsReply, timeout=5
+    )
+    print(f"renewal requested on {reply.subject}")
+    return 0
