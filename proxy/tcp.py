@@ -8,7 +8,7 @@ Outbound: for each `--tcp-upstream SERVICE[.NAMESPACE]:PORT=LOCALPORT`, a listen
 127.0.0.1:LOCALPORT relaying each accepted connection to the listener that one endpoint
 of SERVICE registered for PORT: round robin over the serving endpoints that declare
 PORT (draining ones only when all are draining); when a connect fails, the next
-endpoint is tried, up to `CONNECT_ATTEMPTS` in all, else the client is closed. The
+endpoint is tried, up to `CONNECT_ATTEMPTS` in all, else the client is reset. The
 endpoints come from the `DestinationCache`, which follows them live.
 
 A relayed connection is two protocols writing into each other: full duplex; a FIN from
@@ -76,38 +76,36 @@ class TcpUpstream:
         return f"tcp-outbound:{self.service.name}.{self.service.namespace}:{self.port}"
 
 
-def _parse_port(text: str, what: str, spec: str) -> int:
+def _parse_port(text: str, what: str) -> int:
     if not (text.isascii() and text.isdigit()) or not 0 < int(text) < 65536:
-        raise ValueError(
-            f"--tcp-upstream {spec!r}: {what} must be a port in 1..65535, got {text!r}"
-        )
+        raise ValueError(f"{what} must be a port in 1..65535, got {text!r}")
     return int(text)
 
 
 def parse_tcp_upstream(text: str, default_namespace: str) -> TcpUpstream:
     """`redis:6379=16379`, `redis.cache:6379=16379` (or the service's FQDN) -> TcpUpstream.
 
-    A service without a namespace is in `default_namespace` (the sidecar's own).
+    A service without a namespace is in `default_namespace` (the sidecar's own). The
+    ValueError says what is wrong with the spec; the caller names the flag and the spec
+    (`meshctl sidecar` prints "--tcp-upstream 'redis:0=1': PORT must be ...").
     """
     spec = text.strip()
     target, sep, local = spec.partition("=")
     if not sep or not target:
-        raise ValueError(f"--tcp-upstream {text!r}: expected {_UPSTREAM_FORM}")
+        raise ValueError(f"expected {_UPSTREAM_FORM}")
     host, sep, port = target.rpartition(":")
     if not sep or not host:
-        raise ValueError(f"--tcp-upstream {text!r}: expected {_UPSTREAM_FORM} (missing :PORT)")
+        raise ValueError(f"expected {_UPSTREAM_FORM} (missing :PORT)")
     if not _HOST_CHARS.fullmatch(host):
-        raise ValueError(f"--tcp-upstream {text!r}: {host!r} is not a service name")
+        raise ValueError(f"{host!r} is not a service name")
     ref = service_of_host(canonical_host(host, default_namespace))
     if ref is None or not (_DNS_LABEL.fullmatch(ref.name) and _DNS_LABEL.fullmatch(ref.namespace)):
         raise ValueError(
-            f"--tcp-upstream {text!r}: {host!r} is not a mesh service "
+            f"{host!r} is not a mesh service "
             "(SERVICE, SERVICE.NAMESPACE or SERVICE.NAMESPACE.svc.cluster.local)"
         )
     return TcpUpstream(
-        service=ref,
-        port=_parse_port(port, "PORT", text),
-        local_port=_parse_port(local, "LOCALPORT", text),
+        service=ref, port=_parse_port(port, "PORT"), local_port=_parse_port(local, "LOCALPORT")
     )
 
 
@@ -284,8 +282,10 @@ class TcpStats:
 class _Side(asyncio.Protocol):
     """One socket of a relayed connection: what it reads is written to its peer.
 
-    Reading starts paused and is resumed when both sides are linked, so nothing is read
-    before there is somewhere to write it.
+    Until the two sides are linked (while the upstream connect is pending, or between
+    the upstream's `connection_made` and the link), what is read is held, up to
+    `HIGH_WATER`, and reading pauses beyond that. Pausing in `connection_made` would be
+    simpler but uvloop starts reading accepted sockets after that call regardless.
     """
 
     def __init__(self, conn: _Connection, counted: Counter) -> None:
@@ -293,7 +293,8 @@ class _Side(asyncio.Protocol):
         self.counted = counted  # bytes read on this side
         self.transport: asyncio.Transport | None = None
         self.peer: _Side | None = None
-        self.reading_paused = False
+        self.held: list[bytes] = []  # read before the link
+        self.held_size = 0
         self.eof_in = False  # this socket sent us a FIN
         self.eof_out = False  # we sent this socket a FIN
         self.closed = False
@@ -301,22 +302,22 @@ class _Side(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
         self.transport.set_write_buffer_limits(high=HIGH_WATER)
-        self.pause_reading()
         self.conn.side_made(self)
 
     def data_received(self, data: bytes) -> None:
-        peer = self.peer
-        if peer is None or peer.transport is None or peer.transport.is_closing():
-            return  # the peer failed: this side is being reset too
-        peer.transport.write(data)
-        self.counted.inc(len(data))
+        if self.peer is None:
+            self.held.append(data)
+            self.held_size += len(data)
+            if self.held_size >= HIGH_WATER:
+                self.pause_reading()
+            return
+        self._forward(data)
 
     def eof_received(self) -> bool:
         self.eof_in = True
-        if self.peer is None:
-            return False
-        self.peer.send_eof()
-        self._close_if_done()
+        if self.peer is not None:
+            self.peer.send_eof()
+            self._close_if_done()
         # keep the socket open: the other direction may still be sending
         return True
 
@@ -325,6 +326,23 @@ class _Side(asyncio.Protocol):
         if self.peer is not None:
             self.peer.peer_lost(exc)
         self.conn.side_lost(self)
+
+    def linked(self) -> None:
+        """Both sides know their peer: pass on what was held, then relay as it comes."""
+        self.resume_reading()  # first: the flush below may pause it again (flow control)
+        held, self.held, self.held_size = self.held, [], 0
+        if held:
+            self._forward(b"".join(held))
+        if self.eof_in and self.peer is not None:
+            self.peer.send_eof()
+            self._close_if_done()
+
+    def _forward(self, data: bytes) -> None:
+        peer = self.peer
+        if peer is None or peer.transport is None or peer.transport.is_closing():
+            return  # the peer failed: this side is being reset too
+        peer.transport.write(data)
+        self.counted.inc(len(data))
 
     # flow control: our write buffer is what the peer's reads fill
     def pause_writing(self) -> None:
@@ -339,16 +357,14 @@ class _Side(asyncio.Protocol):
         # After a FIN the selector transport would re-arm its reader on resume and
         # report the FIN again: leave a finished direction alone.
         t = self.transport
-        if self.reading_paused or self.eof_in or t is None or t.is_closing():
+        if self.eof_in or t is None or t.is_closing() or not t.is_reading():
             return
-        self.reading_paused = True
         t.pause_reading()
 
     def resume_reading(self) -> None:
         t = self.transport
-        if not self.reading_paused or self.eof_in or t is None or t.is_closing():
+        if self.eof_in or t is None or t.is_closing() or t.is_reading():
             return
-        self.reading_paused = False
         t.resume_reading()
 
     def send_eof(self) -> None:
@@ -417,8 +433,8 @@ class _Connection:
     def link(self, upstream: _Side) -> None:
         self.upstream = upstream
         upstream.peer, self.downstream.peer = self.downstream, upstream
-        self.downstream.resume_reading()
-        upstream.resume_reading()
+        self.downstream.linked()
+        upstream.linked()
 
     def connect_done(self, linked: bool) -> None:
         self.connecting = False

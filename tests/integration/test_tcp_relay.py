@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import os
 import random
 import socket
@@ -153,15 +154,21 @@ class TcpMesh:
             app.close()
 
 
-@pytest.fixture
-async def tcp(nats_server, etcd_server, prefix) -> AsyncIterator[TcpMesh]:
-    async with MeshHarness(nats_server.url, etcd_server.url, prefix) as mesh:
+@contextlib.asynccontextmanager
+async def tcp_mesh(nats_url: str, etcd_url: str, prefix: str) -> AsyncIterator[TcpMesh]:
+    async with MeshHarness(nats_url, etcd_url, prefix) as mesh:
         env = TcpMesh(mesh)
         try:
             await env.start_client()
             yield env
         finally:
             await env.close()
+
+
+@pytest.fixture
+async def tcp(nats_server, etcd_server, prefix) -> AsyncIterator[TcpMesh]:
+    async with tcp_mesh(nats_server.url, etcd_server.url, prefix) as env:
+        yield env
 
 
 async def exchange(port: int, data: bytes) -> bytes:
@@ -215,8 +222,6 @@ async def test_round_trip_spread_over_instances_and_counted(tcp: TcpMesh) -> Non
     server = tcp.server_stats["redis-a"].registry
     inbound = {"listener": f"tcp-inbound:{tcp.apps['redis-a'].port}"}
     assert server.get_sample_value("meshwork_proxy_tcp_connections_opened_total", inbound) == 5
-    # the outbound listener is named after the upstream it relays to
-    assert UPSTREAM.listener == "tcp-outbound:redis.default:6379"
 
 
 async def test_five_megabytes_stream_both_ways(tcp: TcpMesh) -> None:
@@ -233,7 +238,7 @@ async def test_five_megabytes_stream_both_ways(tcp: TcpMesh) -> None:
         writer.write_eof()
 
     sending = asyncio.create_task(send())
-    # read while sending: the echo comes back while the upload is still going
+    # read while sending: an echo that nobody reads would stall the upload (flow control)
     reply = await asyncio.wait_for(reader.read(), 30)
     await sending
     writer.close()
@@ -418,3 +423,25 @@ async def test_close_aborts_relayed_connections_and_stops_accepting(tcp: TcpMesh
     with pytest.raises(ConnectionRefusedError):
         await asyncio.open_connection("127.0.0.1", tcp.port)
     writer.close()
+
+
+# `meshctl sidecar` runs on uvloop, which schedules reads differently (it starts reading
+# an accepted socket whatever `connection_made` did): every scenario above, again on it.
+SCENARIOS = {
+    name: fn
+    for name, fn in list(globals().items())
+    if name.startswith("test_") and inspect.iscoroutinefunction(fn)
+}
+
+
+@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
+def test_on_uvloop(nats_server, etcd_server, prefix, scenario: str) -> None:
+    uvloop = pytest.importorskip("uvloop")
+
+    async def run() -> None:
+        assert type(asyncio.get_running_loop()).__module__.startswith("uvloop")
+        async with tcp_mesh(nats_server.url, etcd_server.url, prefix) as env:
+            await SCENARIOS[scenario](env)
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(run())

