@@ -21,6 +21,7 @@ from proxy.routing import (
     HashContext,
     NoDestinationError,
     RequestAttrs,
+    RingHashBalancer,
     RouteMatch,
     apply_request_header_ops,
     apply_response_header_ops,
@@ -64,6 +65,18 @@ class RouteHandler:
         self.rand = rand or random.Random()
         self.gateway_routes: CompiledRoutes | None = None
         self.gateway_mode = False
+        # host as sent -> mesh service; a handful of distinct hosts per proxy, so a
+        # small memo spares canonicalising strings on every request
+        self._services: dict[str, ServiceRef | None] = {}
+
+    def _service(self, host: str) -> ServiceRef | None:
+        ref = self._services.get(host, _UNRESOLVED)
+        if ref is _UNRESOLVED:
+            if len(self._services) >= _MAX_MEMO:
+                self._services.clear()
+            ref = service_of_host(canonical_host(host, self.caller.namespace))
+            self._services[host] = ref
+        return ref  # type: ignore[return-value]
 
     async def handle(self, req: Request, ex: Exchange) -> Outcome:
         authority = req.authority
@@ -89,7 +102,7 @@ class RouteHandler:
                 return await local_reply(ex, 404, "NR", f"no route for {authority}{req.path}")
             return await self._route(req, ex, attrs, match)
 
-        ref = service_of_host(canonical_host(authority, self.caller.namespace))
+        ref = self._service(authority)
         if ref is None or ref.name == "*":
             return await local_reply(
                 ex, 502, "NR", f"unknown host {strip_port(authority)!r}: not a mesh service"
@@ -128,7 +141,7 @@ class RouteHandler:
             chosen = pick_destination(route, self.rand.random())
         except NoDestinationError as e:
             return await local_reply(ex, 503, "NC", str(e))
-        target_ref = service_of_host(chosen.destination.host)
+        target_ref = self._service(chosen.destination.host)
         if target_ref is None:
             return await local_reply(
                 ex, 502, "NR", f"route destination {chosen.destination.host} is not a mesh service"
@@ -143,12 +156,14 @@ class RouteHandler:
                 ex, 503, "NC", f"unknown subset {chosen.destination.subset!r} of {target_ref}"
             )
         peer_ip = req.peer[0] if req.peer else ""
-        hash_ctx = HashContext(
-            headers=attrs.headers,
-            path=req.path,
-            source_ip=peer_ip,
-            source_port=req.peer[1] if req.peer else 0,
-        )
+        hash_ctx = None
+        if isinstance(balancer, RingHashBalancer):
+            hash_ctx = HashContext(
+                headers=attrs.headers,
+                path=req.path,
+                source_ip=peer_ip,
+                source_port=req.peer[1] if req.peer else 0,
+            )
         endpoint = balancer.choose(hash_ctx)
         if endpoint is None:
             return await local_reply(ex, 503, "UH", f"no healthy upstream for {target_ref}")
@@ -161,7 +176,7 @@ class RouteHandler:
         out_headers.append(("host", authority))
         out_headers = append_forwarded_for(out_headers, peer_ip)
         out_headers, _request_id = ensure_request_id(out_headers)
-        cookie = balancer.cookie_to_set(hash_ctx)
+        cookie = balancer.cookie_to_set(hash_ctx) if hash_ctx is not None else None
 
         def response_headers(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
             headers = apply_response_header_ops(headers, route, chosen)
@@ -184,6 +199,10 @@ class RouteHandler:
             )
         finally:
             balancer.on_request_end(endpoint.instance)
+
+
+_UNRESOLVED = object()
+_MAX_MEMO = 1024
 
 
 def _exists(dest: Destination) -> bool:

@@ -250,8 +250,7 @@ class Sidecar:
         finally:
             for server in self.servers:
                 server.close()
-            if hasattr(self, "tcp"):
-                self.tcp.close()
+            self.tcp.close()
             self.pools.close()
             self.app_pools.close()
             await self.bus.close()
