@@ -22,9 +22,10 @@ from mesh.logs import get_logger
 from mesh.messages import Instance
 from proxy.admin import AdminServer
 from proxy.destinations import DestinationCache
-from proxy.forward import Outcome, PoolSet, forward, local_reply
+from proxy.forward import Outcome, PoolSet
 from proxy.gateway import GatewayFollower
-from proxy.http import Exchange, Limits, Request, ensure_request_id, serve, strip_hop_by_hop
+from proxy.http import Exchange, Limits, Request, serve
+from proxy.inbound import InboundHandler
 from proxy.outbound import Caller, RouteHandler
 from proxy.registration import Registration
 from proxy.settings import SidecarSettings
@@ -82,23 +83,6 @@ class Sidecar:
                     self.stats.count(listener, 0, "DC")
 
         return handler
-
-    async def _inbound(self, req: Request, ex: Exchange) -> Outcome:
-        headers = strip_hop_by_hop(req.headers)
-        headers, _ = ensure_request_id(headers)
-        if not any(n == "host" for n, _ in headers) and req.authority:
-            headers.append(("host", req.authority))
-        if self.settings.app_port == 0:
-            return await local_reply(ex, 503, "UH", "this sidecar has no app port")
-        return await forward(
-            ex,
-            req,
-            self.app_pools.get(f"127.0.0.1:{self.settings.app_port}"),
-            method=req.method,
-            path=req.path,
-            headers=headers,
-            upstream=f"127.0.0.1:{self.settings.app_port}",
-        )
 
     # ------------------------------------------------------------ lifecycle
 
@@ -200,8 +184,9 @@ class Sidecar:
                 "gateway", self._counted("gateway", routes.handle), s.gateway_port, s.bind_host
             )
         else:
+            inbound = InboundHandler(s, self.app_pools)
             address_port = await self._listen(
-                "inbound", self._counted("inbound", self._inbound), s.inbound_port, s.bind_host
+                "inbound", self._counted("inbound", inbound.handle), s.inbound_port, s.bind_host
             )
             await self._listen(
                 "outbound", self._counted("outbound", routes.handle), s.outbound_port, "127.0.0.1"
