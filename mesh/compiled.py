@@ -184,3 +184,92 @@ class GatewayConfig(msgspec.Struct, frozen=True, omit_defaults=True, tag=True):
     servers: tuple[GatewayServer, ...] = ()
     virtual_hosts: tuple[VirtualHost, ...] = ()
     prev_revision: int = 0
+
+
+# ================================================================ inbound policy
+# `mesh.config.inbound.<ns>.<svc>`: what the *server* sidecars of one service enforce.
+# Selectors are kept: instances of one service differ in labels (version), so each
+# sidecar keeps the policies whose selector matches its own labels.
+
+MtlsMode = Literal["UNSET", "STRICT", "PERMISSIVE", "DISABLE"]
+
+
+class PeerAuthn(msgspec.Struct, frozen=True, omit_defaults=True):
+    """One PeerAuthentication. `scope` orders specificity: a workload policy (with a
+    selector) beats the namespace one, which beats the mesh-wide one (root namespace).
+    UNSET inherits from the next wider scope; the mesh default is PERMISSIVE."""
+
+    name: str
+    namespace: str
+    scope: Literal["mesh", "namespace", "workload"]
+    selector: dict[str, str] = {}
+    mode: MtlsMode = "UNSET"
+    # port of the *app* (the workload port, as in Istio) -> mode; only workload scope
+    port_modes: dict[int, MtlsMode] = {}
+    create_revision: int = 0  # oldest wins among equals, as Istio does
+
+
+class Source(msgspec.Struct, frozen=True, omit_defaults=True):
+    """`rules[].from[].source`: every field set must hold (AND); values within a field
+    are ORed. Principals use Istio's form `cluster.local/ns/N/sa/SA` (`*` prefix/suffix)."""
+
+    principals: tuple[str, ...] = ()
+    not_principals: tuple[str, ...] = ()
+    namespaces: tuple[str, ...] = ()
+    not_namespaces: tuple[str, ...] = ()
+    ip_blocks: tuple[str, ...] = ()
+    not_ip_blocks: tuple[str, ...] = ()
+
+
+class Operation(msgspec.Struct, frozen=True, omit_defaults=True):
+    """`rules[].to[].operation`; ports are strings as in Istio."""
+
+    methods: tuple[str, ...] = ()
+    not_methods: tuple[str, ...] = ()
+    paths: tuple[str, ...] = ()
+    not_paths: tuple[str, ...] = ()
+    hosts: tuple[str, ...] = ()
+    not_hosts: tuple[str, ...] = ()
+    ports: tuple[str, ...] = ()
+    not_ports: tuple[str, ...] = ()
+
+
+class Condition(msgspec.Struct, frozen=True, omit_defaults=True):
+    """`rules[].when[]`: key is one of the documented keys (validated at apply)."""
+
+    key: str
+    values: tuple[str, ...] = ()
+    not_values: tuple[str, ...] = ()
+
+
+class AuthzRule(msgspec.Struct, frozen=True, omit_defaults=True):
+    """A rule matches when any `from` matches (or none given), any `to` matches (or
+    none given) and every `when` holds."""
+
+    sources: tuple[Source, ...] = ()
+    operations: tuple[Operation, ...] = ()
+    when: tuple[Condition, ...] = ()
+
+
+class AuthzPolicy(msgspec.Struct, frozen=True, omit_defaults=True):
+    """One AuthorizationPolicy. `rules` empty: matches nothing (so an ALLOW policy with
+    an empty spec allows nothing, and denies everything, as in Istio)."""
+
+    name: str
+    namespace: str
+    action: Literal["ALLOW", "DENY", "AUDIT"] = "ALLOW"
+    selector: dict[str, str] = {}
+    # True for a policy in the root namespace (applies mesh-wide)
+    mesh_wide: bool = False
+    rules: tuple[AuthzRule, ...] = ()
+
+
+class InboundPolicy(msgspec.Struct, frozen=True, omit_defaults=True, tag=True):
+    """Everything the server sidecars of one service enforce on inbound requests."""
+
+    namespace: str
+    service: str
+    revision: int
+    peer_authentication: tuple[PeerAuthn, ...] = ()
+    authorization: tuple[AuthzPolicy, ...] = ()
+    prev_revision: int = 0

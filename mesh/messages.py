@@ -185,9 +185,12 @@ class GetResourcesReply(Struct, kw_only=True):
 
 
 class FetchRequest(Struct, kw_only=True):
-    """Ask for the current compiled config of one destination or one gateway."""
+    """Ask for the current compiled config of one destination or one gateway.
 
-    kind: Literal["route", "gateway"] = "route"
+    `route` -> `RouteTable` of destination `name`; `gateway` -> `GatewayConfig`;
+    `inbound` -> `InboundPolicy` the server sidecars of service `name` enforce."""
+
+    kind: Literal["route", "gateway", "inbound"] = "route"
     namespace: str
     name: str  # service name, or gateway proxy's workload name
     # labels of the requesting proxy (gateway selection)

@@ -90,19 +90,20 @@ def _resolve(at: str, value: Any, type_: Any, base: str) -> tuple[str, Any]:
                 path = f"{path}[...]"
                 value = None
             else:
-                path = key(path, bad)
+                path = key(path, str(bad))
                 value = value[bad]
     return path, value
 
 
-def _first_invalid_entry(mapping: Any, value_type: Any) -> str | None:
+def _first_invalid_entry(mapping: Any, value_type: Any) -> Any:
+    """The key (as found: int keys stay ints) of the first entry that does not convert."""
     if not isinstance(mapping, dict) or value_type is Any:
         return None
     for name, entry in mapping.items():
         try:
             msgspec.convert(entry, value_type)
         except msgspec.ValidationError:
-            return str(name)
+            return name
     return None
 
 

@@ -7,9 +7,16 @@ from typing import Any, NamedTuple
 import msgspec
 
 from mesh.resources.networking import DestinationRuleSpec, GatewaySpec, Model, VirtualServiceSpec
+from mesh.resources.security import AuthorizationPolicySpec, PeerAuthenticationSpec
 
 # the typed spec of every registered kind; extend together with `registry.KINDS`
-Spec = VirtualServiceSpec | DestinationRuleSpec | GatewaySpec
+Spec = (
+    VirtualServiceSpec
+    | DestinationRuleSpec
+    | GatewaySpec
+    | PeerAuthenticationSpec
+    | AuthorizationPolicySpec
+)
 
 
 class Metadata(Model, frozen=True):

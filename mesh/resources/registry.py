@@ -2,7 +2,7 @@
 
 Each entry names the kind as users type it (`VirtualService`, `virtualservices`,
 `vs`), the apiVersions accepted for it, its typed spec and its semantic validator.
-Kinds not listed (ServiceEntry, AuthorizationPolicy, ...) are rejected at apply time.
+Kinds not listed (ServiceEntry, RequestAuthentication, ...) are rejected at apply time.
 """
 
 from __future__ import annotations
@@ -13,14 +13,21 @@ from typing import Any, NamedTuple
 
 from mesh.resources.errors import Issue, ResourceError
 from mesh.resources.networking import DestinationRuleSpec, GatewaySpec, VirtualServiceSpec
+from mesh.resources.security import AuthorizationPolicySpec, PeerAuthenticationSpec
 from mesh.resources.validate import (
     validate_destination_rule,
     validate_gateway,
     validate_virtual_service,
 )
+from mesh.resources.validate_security import (
+    validate_authorization_policy,
+    validate_peer_authentication,
+)
 
 NETWORKING_GROUP = "networking.istio.io"
 NETWORKING_VERSIONS = ("v1", "v1beta1", "v1alpha3")
+SECURITY_GROUP = "security.istio.io"
+SECURITY_VERSIONS = ("v1", "v1beta1")
 
 
 class KindInfo(NamedTuple):
@@ -70,6 +77,24 @@ KINDS: Mapping[str, KindInfo] = _entries(
         versions=NETWORKING_VERSIONS,
         spec_type=GatewaySpec,
         validate=validate_gateway,
+    ),
+    KindInfo(
+        kind="PeerAuthentication",
+        plural="peerauthentications",
+        short_names=("pa",),
+        group=SECURITY_GROUP,
+        versions=SECURITY_VERSIONS,
+        spec_type=PeerAuthenticationSpec,
+        validate=validate_peer_authentication,
+    ),
+    KindInfo(
+        kind="AuthorizationPolicy",
+        plural="authorizationpolicies",
+        short_names=("ap",),
+        group=SECURITY_GROUP,
+        versions=SECURITY_VERSIONS,
+        spec_type=AuthorizationPolicySpec,
+        validate=validate_authorization_policy,
     ),
 )
 

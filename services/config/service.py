@@ -2,9 +2,13 @@
 
 Every replica answers apply/delete/get/fetch (queue group) and keeps a snapshot of the
 resources (list + watch). The elected replica publishes: on each change (coalesced
-for a few milliseconds) it recompiles every destination and gateway it knows and
-publishes those whose compiled content changed; it alone answers proxy-status,
-because it knows what it published.
+for a few milliseconds) it recompiles every destination, gateway and inbound policy
+it knows and publishes those whose compiled content changed; it alone answers
+proxy-status, because it knows what it published.
+
+Inbound policy (`mesh.config.inbound.<ns>.<svc>`) is published for every service
+whose proxies report status, every service a resource names, and every service it
+was published for before (so a deleted policy is published as gone).
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from typing import Any, Literal
 import msgspec
 
 from mesh import errors
-from mesh.compiled import GatewayConfig, RouteTable
+from mesh.compiled import GatewayConfig, InboundPolicy, RouteTable
 from mesh.hosts import ServiceRef
 from mesh.messages import (
     AppliedResource,
@@ -34,17 +38,22 @@ from mesh.messages import (
     ResourceRef,
     StoredResource,
 )
-from mesh.resources import ResourceError, parse_documents, resolve_kind, to_dict
+from mesh.resources import Resource, ResourceError, parse_documents, resolve_kind, to_dict
 from mesh.service import ControlPlaneService
 from mesh.store import Delete, Put, WatchCompacted
 from mesh.subjects import CONFIG_QUEUE, parse_service_subject
 from services.config.compile import compile_gateway_config, compile_route_table, services_named
+from services.config.compile_security import compile_inbound_policy
+from services.config.settings import ConfigSettings
 from services.config.snapshot import ResourceSnapshot, parse_resource_key, resource_key
 from services.config.status import ProxyStatusTable
 
 # changes within this window are compiled and pushed together
 COALESCE_S = 0.005
 MAX_DOCUMENTS = 500
+
+
+CompiledConfig = RouteTable | GatewayConfig | InboundPolicy
 
 
 def _content(table: msgspec.Struct) -> bytes:
@@ -58,6 +67,7 @@ class ConfigService(ControlPlaneService):
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
+        self.settings = ConfigSettings.from_options(self.config.options)
         self.snapshot: ResourceSnapshot
         self.changed = asyncio.Event()
         self.status = ProxyStatusTable()
@@ -87,6 +97,7 @@ class ConfigService(ControlPlaneService):
         return {
             "revision": self.snapshot.revision if hasattr(self, "snapshot") else 0,
             "resources": len(self.snapshot.entries) if hasattr(self, "snapshot") else 0,
+            "root_namespace": self.settings.root_namespace,
         }
 
     async def _load_snapshot(self) -> None:
@@ -122,9 +133,15 @@ class ConfigService(ControlPlaneService):
             self.status.forget(report.proxy)  # a proxy saying goodbye
             return
         known = self.status.followed_subjects()
+        new_service = (report.namespace, report.service) not in self.status.services()
         self.status.record(report, time.monotonic())
-        if any(s.subject not in known for s in report.subscriptions) or report.kind == "gateway":
-            # a destination nobody followed before: make sure the leader tracks it
+        if (
+            new_service
+            or any(s.subject not in known for s in report.subscriptions)
+            or report.kind == "gateway"
+        ):
+            # a destination nobody followed before, or a service whose inbound policy
+            # was never published: make sure the leader tracks it
             self.changed.set()
 
     # ------------------------------------------------------------ requests
@@ -248,13 +265,15 @@ class ConfigService(ControlPlaneService):
             raise errors.NotFound(f"{kind} {req.namespace or 'default'}/{req.name} not found")
         return GetResourcesReply(revision=revision, resources=out)
 
-    async def fetch(self, req: FetchRequest) -> RouteTable | GatewayConfig:
+    async def fetch(self, req: FetchRequest) -> CompiledConfig:
         resources = self.snapshot.resources()
         if req.kind == "gateway":
             return compile_gateway_config(
                 resources, req.namespace, req.labels, self.snapshot.revision
             )
         ref = ServiceRef(req.namespace, req.name)
+        if req.kind == "inbound":
+            return self._inbound_policy(resources, ref, self.snapshot.revision)
         return self._route_table(resources, ref, self.snapshot.revision, services_named(resources))
 
     @staticmethod
@@ -263,6 +282,23 @@ class ConfigService(ControlPlaneService):
     ) -> RouteTable:
         table = compile_route_table(resources, ref, revision)
         return msgspec.structs.replace(table, exists=ref in named) if ref in named else table
+
+    def _inbound_policy(
+        self,
+        resources: list[Resource],
+        ref: ServiceRef,
+        revision: int,
+        create_revisions: dict[tuple[str, str, str], int] | None = None,
+    ) -> InboundPolicy:
+        return compile_inbound_policy(
+            resources,
+            ref,
+            revision,
+            self.settings.root_namespace,
+            create_revisions=(
+                self.snapshot.create_revisions() if create_revisions is None else create_revisions
+            ),
+        )
 
     # ------------------------------------------------------------ leader
 
@@ -291,6 +327,16 @@ class ConfigService(ControlPlaneService):
                 wanted.add(ServiceRef(*parsed))
         return wanted
 
+    def _inbound_services(self, named: set[ServiceRef]) -> set[ServiceRef]:
+        wanted = set(named)
+        wanted.update(ServiceRef(ns, svc) for ns, svc in self.status.services())
+        inbound_base = f"{self.bus.subjects.prefix}.config.inbound"
+        for subject in [*self.status.followed_subjects(), *self.published]:
+            parsed = parse_service_subject(subject, inbound_base)
+            if parsed:
+                wanted.add(ServiceRef(*parsed))
+        return wanted
+
     async def _publish_all(self) -> None:
         resources = self.snapshot.resources()
         revision = self.snapshot.revision
@@ -306,6 +352,14 @@ class ConfigService(ControlPlaneService):
             pushed += await self._publish_if_changed(
                 subjects.gateway(gw.namespace, gw.service), config
             )
+        created = self.snapshot.create_revisions()
+        for ref in sorted(self._inbound_services(named)):
+            try:
+                subject = subjects.inbound(ref.namespace, ref.name)
+            except ValueError:
+                continue  # a status report naming no valid subject token (empty, dotted)
+            policy = self._inbound_policy(resources, ref, revision, created)
+            pushed += await self._publish_if_changed(subject, policy)
         if pushed:
             self.log.info(
                 "config.pushed",
@@ -314,7 +368,7 @@ class ConfigService(ControlPlaneService):
                 compile_ms=round((time.perf_counter() - started) * 1000, 2),
             )
 
-    async def _publish_if_changed(self, subject: str, table: RouteTable | GatewayConfig) -> int:
+    async def _publish_if_changed(self, subject: str, table: CompiledConfig) -> int:
         content = _content(table)
         previous = self.published.get(subject)
         if previous is not None and previous[1] == content:

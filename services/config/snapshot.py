@@ -81,6 +81,11 @@ class ResourceSnapshot:
         self.revision = max(self.revision, revision)
         return self.entries.pop(ref, None) is not None
 
+    def create_revisions(self) -> dict[tuple[str, str, str], int]:
+        """(kind, namespace, name) -> the etcd revision that created the resource (Istio
+        breaks ties between equally specific policies by creation time)."""
+        return {ref: entry.create_revision for ref, entry in self.entries.items()}
+
     def resources(self) -> list[Resource]:
         """In creation order (oldest first), as the compiler expects."""
         ordered = sorted(self.entries.values(), key=lambda e: (e.create_revision, e.resource.ref))

@@ -31,6 +31,11 @@ class ProxyStatusTable:
     def followed_subjects(self) -> set[str]:
         return {s.subject for report, _ in self.reports.values() for s in report.subscriptions}
 
+    def services(self) -> set[tuple[str, str]]:
+        """(namespace, service) of every reporting proxy: the services whose sidecars
+        need inbound policy."""
+        return {(report.namespace, report.service) for report, _ in self.reports.values()}
+
     def gateways(self) -> list[ProxyStatus]:
         return [r for r, _ in self.reports.values() if r.kind == "gateway"]
 

@@ -455,7 +455,7 @@ def test_unsupported_field_is_rejected_with_its_path(body: dict[str, Any], path:
 
 
 @pytest.mark.parametrize(
-    "kind", ["AuthorizationPolicy", "PeerAuthentication", "ServiceEntry", "RateLimitPolicy", "Pod"]
+    "kind", ["RequestAuthentication", "ServiceEntry", "RateLimitPolicy", "Pod"]
 )
 def test_unsupported_kind_is_rejected(kind: str) -> None:
     body = {
@@ -945,10 +945,10 @@ def test_resolve_kind_accepts_kubectl_style_names(name: str, kind: str) -> None:
 
 def test_resolve_kind_rejects_unknown_names_listing_the_known_ones() -> None:
     with pytest.raises(ResourceError) as info:
-        resolve_kind("authorizationpolicies")
+        resolve_kind("serviceentries")
     assert str(info.value) == (
-        "unknown resource kind 'authorizationpolicies'; known kinds: VirtualService (vs), "
-        "DestinationRule (dr), Gateway (gw)"
+        "unknown resource kind 'serviceentries'; known kinds: VirtualService (vs), "
+        "DestinationRule (dr), Gateway (gw), PeerAuthentication (pa), AuthorizationPolicy (ap)"
     )
 
 
@@ -957,6 +957,8 @@ def test_kind_registry_lists_names_and_versions() -> None:
         "VirtualService": ("virtualservices", ("vs",)),
         "DestinationRule": ("destinationrules", ("dr",)),
         "Gateway": ("gateways", ("gw",)),
+        "PeerAuthentication": ("peerauthentications", ("pa",)),
+        "AuthorizationPolicy": ("authorizationpolicies", ("ap",)),
     }
     assert KINDS["Gateway"].api_versions == (
         "networking.istio.io/v1",

@@ -1,0 +1,103 @@
+"""Typed models of the `security.istio.io` kinds we support, field for field.
+
+As in `networking`, only the fields Meshwork enforces exist here and every model
+forbids unknown fields: for a policy an ignored field is a security hole (a dropped
+`requestPrincipals` would turn "only these JWT subjects" into "anyone"). Fields Istio
+has and we refuse on purpose, so that users get `... is not supported` with their
+path: `requestPrincipals`, `notRequestPrincipals`, `remoteIpBlocks`,
+`notRemoteIpBlocks`, `serviceAccounts`, `targetRef`, `targetRefs`, `provider`.
+
+Scalars that have an Istio default (`action`, `mode`) default to None, so `meshctl get`
+shows back exactly what was applied.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from mesh.resources.networking import Model
+
+
+class WorkloadSelector(Model, frozen=True):
+    match_labels: dict[str, str] = {}
+
+
+# ---------------------------------------------------------------- PeerAuthentication
+
+
+class MutualTLS(Model, frozen=True):
+    # UNSET, STRICT, PERMISSIVE or DISABLE (checked in validation); None = UNSET
+    mode: str | None = None
+
+
+class PeerAuthenticationSpec(Model, frozen=True):
+    selector: WorkloadSelector | None = None
+    mtls: MutualTLS | None = None
+    # YAML keys are integers (`8080:`), JSON ones (stored, or sent over the wire) are
+    # strings: both are accepted and digit strings become ints, so a stored resource
+    # parses back equal to the applied one; anything else is refused in validation
+    port_level_mtls: dict[int | str, MutualTLS] | None = None
+
+    def __post_init__(self) -> None:
+        if self.port_level_mtls and any(isinstance(k, str) for k in self.port_level_mtls):
+            normalised = {_port_key(k): v for k, v in self.port_level_mtls.items()}
+            msgspec.structs.force_setattr(self, "port_level_mtls", normalised)
+
+
+def _port_key(value: int | str) -> int | str:
+    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 5:
+        return int(value)
+    return value
+
+
+# ---------------------------------------------------------------- AuthorizationPolicy
+
+
+class Source(Model, frozen=True):
+    principals: tuple[str, ...] = ()
+    not_principals: tuple[str, ...] = ()
+    namespaces: tuple[str, ...] = ()
+    not_namespaces: tuple[str, ...] = ()
+    ip_blocks: tuple[str, ...] = ()
+    not_ip_blocks: tuple[str, ...] = ()
+
+
+class RuleFrom(Model, frozen=True):
+    source: Source | None = None
+
+
+class Operation(Model, frozen=True):
+    methods: tuple[str, ...] = ()
+    not_methods: tuple[str, ...] = ()
+    paths: tuple[str, ...] = ()
+    not_paths: tuple[str, ...] = ()
+    hosts: tuple[str, ...] = ()
+    not_hosts: tuple[str, ...] = ()
+    # strings of digits, as in Istio
+    ports: tuple[str, ...] = ()
+    not_ports: tuple[str, ...] = ()
+
+
+class RuleTo(Model, frozen=True):
+    operation: Operation | None = None
+
+
+class Condition(Model, frozen=True):
+    key: str
+    values: tuple[str, ...] = ()
+    not_values: tuple[str, ...] = ()
+
+
+class Rule(Model, frozen=True):
+    # None (absent) differs from [] (refused, as Istio does): an empty `from` would
+    # otherwise read as "from anyone"
+    from_: tuple[RuleFrom, ...] | None = msgspec.field(default=None, name="from")
+    to: tuple[RuleTo, ...] | None = None
+    when: tuple[Condition, ...] = ()
+
+
+class AuthorizationPolicySpec(Model, frozen=True):
+    selector: WorkloadSelector | None = None
+    # ALLOW, DENY or AUDIT (checked in validation); None = ALLOW
+    action: str | None = None
+    rules: tuple[Rule, ...] = ()

@@ -1,0 +1,281 @@
+"""Semantic validation of the security kinds: Istio's own rules, plus refusals where
+we enforce less than Istio and would otherwise ignore part of a policy.
+
+Follows `pkg/config/validation` of Istio (empty sources and operations, empty values,
+IPs and ports, `when` keys, DENY without rules, port-level mTLS only with a selector),
+and in addition refuses what the sidecar does not evaluate: `when` keys other than the
+five below, `action: CUSTOM`, and `*` anywhere but at the start or end of a value
+(Istio matches `a*b` literally; here it is almost certainly a mistake in a policy).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Callable, Iterable, Mapping
+
+from mesh.resources import checks
+from mesh.resources.errors import Issue, field, item, key, required
+from mesh.resources.security import (
+    AuthorizationPolicySpec,
+    Condition,
+    MutualTLS,
+    Operation,
+    PeerAuthenticationSpec,
+    Rule,
+    Source,
+    WorkloadSelector,
+)
+
+MTLS_MODES = ("UNSET", "STRICT", "PERMISSIVE", "DISABLE")
+AUTHZ_ACTIONS = ("ALLOW", "DENY", "AUDIT")
+# `when` keys the sidecar evaluates; `request.headers[<name>]` is a family
+WHEN_KEYS = ("source.principal", "source.namespace", "source.ip", "destination.port")
+HEADER_KEY = re.compile(r"request\.headers\[(?P<name>[^\]]*)\]")
+SUPPORTED_WHEN_KEYS = ("request.headers[<name>]", *WHEN_KEYS)
+
+# a value -> None when acceptable, else what is wrong with it
+_Check = Callable[[str], str | None]
+
+_SOURCE_FIELDS = (
+    "principals", "notPrincipals", "namespaces", "notNamespaces", "ipBlocks", "notIpBlocks",
+)  # fmt: skip
+_OPERATION_FIELDS = (
+    "methods", "notMethods", "paths", "notPaths", "hosts", "notHosts", "ports", "notPorts",
+)  # fmt: skip
+
+
+def validate_peer_authentication(spec: PeerAuthenticationSpec, path: str = "spec") -> list[Issue]:
+    out: list[Issue] = []
+    has_selector = _selector(spec.selector, field(path, "selector"), out)
+    if spec.mtls is not None:
+        _mtls(spec.mtls, field(path, "mtls"), out)
+    if spec.port_level_mtls is not None:
+        ports_path = field(path, "portLevelMtls")
+        if not has_selector:
+            # Istio: a mesh or namespace policy cannot have port-level settings
+            out.append(
+                Issue(
+                    ports_path,
+                    f"{ports_path} requires {field(path, 'selector')} with matchLabels "
+                    "(port-level mTLS applies to selected workloads only)",
+                )
+            )
+        if not spec.port_level_mtls:
+            out.append(Issue(ports_path, "must list at least one port"))
+        for port, mtls in spec.port_level_mtls.items():
+            port_path = key(ports_path, str(port))
+            if not isinstance(port, int) or not 1 <= port <= 65535:
+                out.append(Issue(port_path, f"port must be between 1 and 65535, got {port!r}"))
+            _mtls(mtls, port_path, out)
+    return out
+
+
+def validate_authorization_policy(spec: AuthorizationPolicySpec, path: str = "spec") -> list[Issue]:
+    out: list[Issue] = []
+    _selector(spec.selector, field(path, "selector"), out)
+    action_path = field(path, "action")
+    if spec.action == "CUSTOM":
+        # CUSTOM delegates to an external authorizer (ext_authz) we do not have
+        supported = _one_of(AUTHZ_ACTIONS)
+        out.append(Issue(action_path, f"{action_path} CUSTOM is not supported (use {supported})"))
+    elif spec.action is not None and spec.action not in AUTHZ_ACTIONS:
+        out.append(
+            Issue(action_path, f"must be one of {_one_of(AUTHZ_ACTIONS)}, got {spec.action!r}")
+        )
+    rules_path = field(path, "rules")
+    if spec.action == "DENY" and not spec.rules:
+        out.append(
+            Issue(
+                rules_path,
+                "a DENY policy without rules never applies; add an empty rule {} to deny "
+                "every request",
+            )
+        )
+    for i, rule in enumerate(spec.rules):
+        _rule(rule, item(rules_path, i), out)
+    return out
+
+
+# ---------------------------------------------------------------- parts
+
+
+def _selector(selector: WorkloadSelector | None, path: str, out: list[Issue]) -> bool:
+    """Checks the labels; True when the selector selects (Istio: non-empty matchLabels)."""
+    if selector is None:
+        return False
+    labels_path = field(path, "matchLabels")
+    for name, value in selector.match_labels.items():
+        _add(out, key(labels_path, name), checks.label_key(name) or checks.label_value(value))
+    return bool(selector.match_labels)
+
+
+def _mtls(mtls: MutualTLS, path: str, out: list[Issue]) -> None:
+    if mtls.mode is not None and mtls.mode not in MTLS_MODES:
+        out.append(
+            Issue(field(path, "mode"), f"must be one of {_one_of(MTLS_MODES)}, got {mtls.mode!r}")
+        )
+
+
+def _rule(rule: Rule, path: str, out: list[Issue]) -> None:
+    from_path = field(path, "from")
+    if rule.from_ is not None and not rule.from_:
+        out.append(Issue(from_path, "must not be empty (omit it to match any source)"))
+    for j, entry in enumerate(rule.from_ or ()):
+        source_path = field(item(from_path, j), "source")
+        if entry.source is None:
+            out.append(required(source_path))
+        else:
+            _source(entry.source, source_path, out)
+    to_path = field(path, "to")
+    if rule.to is not None and not rule.to:
+        out.append(Issue(to_path, "must not be empty (omit it to match any operation)"))
+    for j, target in enumerate(rule.to or ()):
+        operation_path = field(item(to_path, j), "operation")
+        if target.operation is None:
+            out.append(required(operation_path))
+        else:
+            _operation(target.operation, operation_path, out)
+    for j, condition in enumerate(rule.when):
+        _condition(condition, item(field(path, "when"), j), out)
+
+
+def _source(source: Source, path: str, out: list[Issue]) -> None:
+    values = dict(
+        zip(
+            _SOURCE_FIELDS,
+            (
+                source.principals, source.not_principals,
+                source.namespaces, source.not_namespaces,
+                source.ip_blocks, source.not_ip_blocks,
+            ),
+            strict=True,
+        )
+    )  # fmt: skip
+    _at_least_one(values, path, out)
+    for name in ("principals", "notPrincipals", "namespaces", "notNamespaces"):
+        _each(values[name], field(path, name), _pattern, out)
+    for name in ("ipBlocks", "notIpBlocks"):
+        _each(values[name], field(path, name), _ip_or_cidr, out)
+
+
+def _operation(operation: Operation, path: str, out: list[Issue]) -> None:
+    values = dict(
+        zip(
+            _OPERATION_FIELDS,
+            (
+                operation.methods, operation.not_methods,
+                operation.paths, operation.not_paths,
+                operation.hosts, operation.not_hosts,
+                operation.ports, operation.not_ports,
+            ),
+            strict=True,
+        )
+    )  # fmt: skip
+    _at_least_one(values, path, out)
+    for name in ("methods", "notMethods", "hosts", "notHosts"):
+        _each(values[name], field(path, name), _pattern, out)
+    for name in ("paths", "notPaths"):
+        _each(values[name], field(path, name), _path_pattern, out)
+    for name in ("ports", "notPorts"):
+        _each(values[name], field(path, name), _port, out)
+
+
+def _condition(condition: Condition, path: str, out: list[Issue]) -> None:
+    key_path = field(path, "key")
+    name = condition.key
+    check = _pattern
+    if not name:
+        out.append(Issue(key_path, "must not be empty"))
+        return
+    header = HEADER_KEY.fullmatch(name)
+    if header is not None:
+        problem = checks.header_name(header["name"])
+        if problem is not None:
+            out.append(Issue(key_path, f"header in {name!r} {problem}"))
+    elif name.startswith("request.headers"):
+        out.append(Issue(key_path, f"must be request.headers[<name>], got {name!r}"))
+    elif name not in WHEN_KEYS:
+        out.append(
+            Issue(
+                key_path,
+                f"{key_path} {name!r} is not supported "
+                f"(supported keys: {', '.join(SUPPORTED_WHEN_KEYS)})",
+            )
+        )
+        return
+    elif name == "source.ip":
+        check = _ip_or_cidr
+    elif name == "destination.port":
+        check = _port
+    if not condition.values and not condition.not_values:
+        out.append(Issue(path, "must set values or notValues"))
+    _each(condition.values, field(path, "values"), check, out)
+    _each(condition.not_values, field(path, "notValues"), check, out)
+
+
+# ---------------------------------------------------------------- single values
+
+
+def _pattern(value: str) -> str | None:
+    """Istio's string match: exact, `*`, prefix `abc*` or suffix `*abc`."""
+    if not value:
+        return "must not be empty"
+    stars = value.count("*")
+    if stars == 0 or value == "*":
+        return None
+    if stars == 1 and (value.startswith("*") or value.endswith("*")):
+        return None
+    return (
+        "must be an exact value, '*', a prefix ('abc*') or a suffix ('*abc'): '*' is only "
+        f"allowed at the start or the end, got {value!r}"
+    )
+
+
+def _path_pattern(value: str) -> str | None:
+    problem = _pattern(value)
+    if problem is not None and "{" in value:
+        return f"{problem} (path templates such as {{*}} and {{**}} are not supported)"
+    return problem
+
+
+def _ip_or_cidr(value: str) -> str | None:
+    """An IP address or a CIDR range; host bits may be set (`10.1.2.3/16`), as in Istio."""
+    address, slash, bits = value.partition("/")
+    try:
+        ipaddress.ip_address(address)
+        if slash:
+            if not (bits.isascii() and bits.isdigit()):
+                raise ValueError(bits)
+            ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        return f"must be an IP address or a CIDR range (e.g. 10.1.0.0/16), got {value!r}"
+    return None
+
+
+def _port(value: str) -> str | None:
+    if not (value.isascii() and value.isdigit() and 1 <= int(value) <= 65535):
+        return f"must be a port number between 1 and 65535 (as a string), got {value!r}"
+    return None
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _at_least_one(values: Mapping[str, tuple[str, ...]], path: str, out: list[Issue]) -> None:
+    if not any(values.values()):
+        out.append(Issue(path, f"must set at least one of {_one_of(tuple(values))}"))
+
+
+def _each(values: Iterable[str], path: str, check: _Check, out: list[Issue]) -> None:
+    for i, value in enumerate(values):
+        _add(out, item(path, i), check(value))
+
+
+def _add(out: list[Issue], path: str, problem: str | None) -> None:
+    if problem is not None:
+        out.append(Issue(path, problem))
+
+
+def _one_of(values: tuple[str, ...]) -> str:
+    return values[0] if len(values) == 1 else f"{', '.join(values[:-1])} or {values[-1]}"
