@@ -1,0 +1,443 @@
+"""Istio AuthorizationPolicy evaluation for one workload: pure, built once per config.
+
+`Authorizer.build` keeps the policies whose selector matches the sidecar's labels and
+precompiles their patterns (value sets, CIDR networks, condition keys), so `decide`
+does no parsing beyond the caller's IP, and only when a policy looks at IPs.
+
+Evaluation order is Istio's: AUDIT policies only mark the decision; any matching DENY
+policy denies; with no ALLOW policy the request is allowed; otherwise an ALLOW policy
+must match.
+
+Entries the sidecar cannot evaluate (an unknown `when` key, a condition with neither
+values nor notValues, an unparseable CIDR, a caller address that is not an IP) should
+not pass validation. If one arrives anyway it fails closed in both directions: in an
+ALLOW policy it never matches (the rule allows less); in a DENY (and AUDIT) policy it
+always matches (the rule denies more). This is what Istio does with rule fields a
+proxy cannot enforce. For the negated fields (`notIpBlocks`, `notValues`) the same
+outcome means the opposite answer: an unevaluable entry excludes every request in an
+ALLOW policy and excludes none in a DENY policy.
+"""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+import re
+from collections.abc import Iterable, Mapping
+from typing import NamedTuple
+
+from mesh.compiled import AuthzPolicy, AuthzRule, Condition, InboundPolicy, Operation, Source
+
+# An address as (IP version, integer value) and a network as (version, network
+# integer, mask integer): membership is then two integer operations, much cheaper than
+# `ipaddress`'s `in`.
+_IP = tuple[int, int]
+_Network = tuple[int, int, int]
+
+_HEADER_KEY = re.compile(r"request\.headers\[([^\[\]]+)\]")
+
+
+class RequestFacts(NamedTuple):
+    """What authorization looks at, built by the inbound I/O layer per request.
+
+    `principal` is Istio's form `cluster.local/ns/N/sa/SA` and `namespace` the caller's
+    namespace, both from its verified certificate and both empty for a plaintext
+    caller. `path` is already normalised (`normalize_path`); a query string, if still
+    attached, is ignored. `host` is the authority as sent; `port` the workload port.
+    `headers` maps lower-case names to values, repeated headers joined with ",".
+    """
+
+    principal: str
+    namespace: str
+    source_ip: str
+    method: str
+    path: str
+    host: str
+    port: int
+    headers: Mapping[str, str]
+
+
+class Decision(NamedTuple):
+    """The outcome: `policy` is the deciding `ns/name` ("" when none decided)."""
+
+    allowed: bool
+    reason: str
+    policy: str
+    audit: bool
+
+
+_NO_POLICY = Decision(True, "no authorization policy applies", "", False)
+
+
+class _Request:
+    """Per-request values derived lazily from `RequestFacts`, shared by all rules."""
+
+    __slots__ = ("_hosts", "_ip", "_ip_parsed", "facts", "path", "port")
+
+    def __init__(self, facts: RequestFacts) -> None:
+        self.facts = facts
+        path = facts.path
+        query = path.find("?")
+        self.path = path if query < 0 else path[:query]
+        self.port = str(facts.port)
+        self._hosts: tuple[str, ...] | None = None
+        self._ip: _IP | None = None
+        self._ip_parsed = False
+
+    def hosts(self) -> tuple[str, ...]:
+        """The authority lower-cased, and again without `:port` when it has one."""
+        if self._hosts is None:
+            host = self.facts.host.lower()
+            stripped = _strip_port(host)
+            self._hosts = (host,) if stripped == host else (host, stripped)
+        return self._hosts
+
+    def ip(self) -> _IP | None:
+        if not self._ip_parsed:
+            self._ip_parsed = True
+            self._ip = _parse_ip(self.facts.source_ip)
+        return self._ip
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_ip(text: str) -> _IP | None:
+    # Cached: callers are few and reconnect from the same addresses, and parsing is
+    # most of the cost of a decision that looks at IPs.
+    try:
+        ip = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        # A dual-stack listener reports IPv4 callers as ::ffff:a.b.c.d.
+        ip = ip.ipv4_mapped
+    return ip.version, int(ip)
+
+
+def _strip_port(host: str) -> str:
+    colon = host.rfind(":")
+    if colon < 0 or not host[colon + 1 :].isdigit():
+        return host
+    if host.startswith("["):
+        # `[v6]:port`; a colon inside the brackets is part of the address
+        return host[:colon] if host[colon - 1] == "]" else host
+    if host.count(":") > 1:  # bare IPv6 literal, no port
+        return host
+    return host[:colon]
+
+
+class _Values:
+    """Istio string patterns: exact, `*` (any non-empty), `prefix*`, `*suffix`."""
+
+    __slots__ = ("any", "exact", "prefixes", "suffixes")
+
+    def __init__(self, patterns: Iterable[str], *, lower: bool = False) -> None:
+        exact: set[str] = set()
+        prefixes: list[str] = []
+        suffixes: list[str] = []
+        self.any = False
+        for pattern in patterns:
+            if lower:
+                pattern = pattern.lower()
+            # Istio's order (StringMatcherWithPrefix): "*" first, then a leading "*"
+            # (suffix match), then a trailing "*" (prefix match).
+            if pattern == "*":
+                self.any = True
+            elif pattern.startswith("*"):
+                suffixes.append(pattern[1:])
+            elif pattern.endswith("*"):
+                prefixes.append(pattern[:-1])
+            else:
+                exact.add(pattern)
+        self.exact = frozenset(exact)
+        self.prefixes = tuple(prefixes)
+        self.suffixes = tuple(suffixes)
+
+    def matches(self, value: str) -> bool:
+        return (
+            value in self.exact
+            or (self.any and value != "")
+            or value.startswith(self.prefixes)
+            or value.endswith(self.suffixes)
+        )
+
+
+def _values(patterns: tuple[str, ...], *, lower: bool = False) -> _Values | None:
+    return _Values(patterns, lower=lower) if patterns else None
+
+
+class _Addresses:
+    """IPs and CIDRs parsed once. `unevaluable` is what an unparseable entry, or a
+    caller address that is not an IP, counts as (see the module doc)."""
+
+    __slots__ = ("networks", "poisoned", "unevaluable")
+
+    def __init__(self, entries: Iterable[str], *, unevaluable: bool) -> None:
+        networks: list[_Network] = []
+        poisoned = False
+        for entry in entries:
+            try:
+                network = ipaddress.ip_network(entry.strip(), strict=False)
+            except ValueError:
+                poisoned = True
+                continue
+            networks.append((network.version, int(network.network_address), int(network.netmask)))
+        self.networks = tuple(networks)
+        self.unevaluable = unevaluable
+        self.poisoned = poisoned and unevaluable
+
+    def contains(self, ip: _IP | None) -> bool:
+        if ip is None:
+            return self.unevaluable
+        if self.poisoned:
+            return True
+        version, value = ip
+        return any(
+            version == net_version and value & mask == net
+            for net_version, net, mask in self.networks
+        )
+
+
+def _addresses(entries: tuple[str, ...], *, unevaluable: bool) -> _Addresses | None:
+    return _Addresses(entries, unevaluable=unevaluable) if entries else None
+
+
+class _SourceMatch:
+    __slots__ = (
+        "ip_blocks",
+        "namespaces",
+        "not_ip_blocks",
+        "not_namespaces",
+        "not_principals",
+        "principals",
+    )
+
+    def __init__(self, source: Source, *, lenient: bool) -> None:
+        self.principals = _values(source.principals)
+        self.not_principals = _values(source.not_principals)
+        self.namespaces = _values(source.namespaces)
+        self.not_namespaces = _values(source.not_namespaces)
+        self.ip_blocks = _addresses(source.ip_blocks, unevaluable=lenient)
+        self.not_ip_blocks = _addresses(source.not_ip_blocks, unevaluable=not lenient)
+
+    def matches(self, request: _Request) -> bool:
+        facts = request.facts
+        # An empty principal/namespace (plaintext caller) matches no pattern, not even
+        # "*": Istio's `principals: ["*"]` means "any authenticated caller".
+        principal = facts.principal
+        if self.principals is not None and not (principal and self.principals.matches(principal)):
+            return False
+        if self.not_principals is not None and principal and self.not_principals.matches(principal):
+            return False
+        namespace = facts.namespace
+        if self.namespaces is not None and not (namespace and self.namespaces.matches(namespace)):
+            return False
+        if self.not_namespaces is not None and namespace and self.not_namespaces.matches(namespace):
+            return False
+        if self.ip_blocks is not None and not self.ip_blocks.contains(request.ip()):
+            return False
+        return self.not_ip_blocks is None or not self.not_ip_blocks.contains(request.ip())
+
+
+class _OperationMatch:
+    __slots__ = (
+        "hosts",
+        "methods",
+        "not_hosts",
+        "not_methods",
+        "not_paths",
+        "not_ports",
+        "paths",
+        "ports",
+    )
+
+    def __init__(self, operation: Operation) -> None:
+        # Istio builds method matchers like header matchers, so "*"/prefix/suffix work
+        # there too; values are compared case-sensitively.
+        self.methods = _values(operation.methods)
+        self.not_methods = _values(operation.not_methods)
+        self.paths = _values(operation.paths)
+        self.not_paths = _values(operation.not_paths)
+        self.hosts = _values(operation.hosts, lower=True)
+        self.not_hosts = _values(operation.not_hosts, lower=True)
+        self.ports = frozenset(operation.ports) if operation.ports else None
+        self.not_ports = frozenset(operation.not_ports) if operation.not_ports else None
+
+    def matches(self, request: _Request) -> bool:
+        method = request.facts.method
+        if self.methods is not None and not self.methods.matches(method):
+            return False
+        if self.not_methods is not None and self.not_methods.matches(method):
+            return False
+        if self.paths is not None and not self.paths.matches(request.path):
+            return False
+        if self.not_paths is not None and self.not_paths.matches(request.path):
+            return False
+        if self.hosts is not None and not any(map(self.hosts.matches, request.hosts())):
+            return False
+        if self.not_hosts is not None and any(map(self.not_hosts.matches, request.hosts())):
+            return False
+        if self.ports is not None and request.port not in self.ports:
+            return False
+        return self.not_ports is None or request.port not in self.not_ports
+
+
+_CONDITION_KEYS = frozenset(
+    ("source.principal", "source.namespace", "source.ip", "destination.port")
+)
+
+
+class _ConditionMatch:
+    """One `when` entry: (values empty or any matches) and no notValue matches."""
+
+    __slots__ = (
+        "addresses",
+        "header",
+        "kind",
+        "not_addresses",
+        "not_values",
+        "unevaluable_holds",
+        "values",
+    )
+
+    def __init__(self, condition: Condition, *, lenient: bool) -> None:
+        self.values = _values(condition.values)
+        self.not_values = _values(condition.not_values)
+        self.addresses: _Addresses | None = None
+        self.not_addresses: _Addresses | None = None
+        self.header = ""
+        # kind "" is an unevaluable condition (unknown key, nothing to compare): it
+        # holds in DENY/AUDIT policies and fails in ALLOW ones (see the module doc).
+        self.kind = ""
+        self.unevaluable_holds = lenient
+        header = _HEADER_KEY.fullmatch(condition.key)
+        if not condition.values and not condition.not_values:
+            pass
+        elif header is not None:
+            self.kind, self.header = "header", header.group(1).strip().lower()
+        elif condition.key in _CONDITION_KEYS:
+            self.kind = condition.key
+        if self.kind == "source.ip":
+            self.addresses = _addresses(condition.values, unevaluable=lenient)
+            self.not_addresses = _addresses(condition.not_values, unevaluable=not lenient)
+
+    def holds(self, request: _Request) -> bool:
+        kind = self.kind
+        if kind == "source.ip":
+            ip = request.ip()
+            if self.addresses is not None and not self.addresses.contains(ip):
+                return False
+            return self.not_addresses is None or not self.not_addresses.contains(ip)
+        value: str | None
+        if kind == "header":
+            value = request.facts.headers.get(self.header)
+        elif kind == "source.principal":
+            value = request.facts.principal or None
+        elif kind == "source.namespace":
+            value = request.facts.namespace or None
+        elif kind == "destination.port":
+            value = request.port
+        else:
+            return self.unevaluable_holds
+        # An absent value (header not sent, plaintext caller) matches no value and no
+        # notValue.
+        if self.values is not None and (value is None or not self.values.matches(value)):
+            return False
+        return self.not_values is None or value is None or not self.not_values.matches(value)
+
+
+class _RuleMatch:
+    __slots__ = ("conditions", "operations", "sources")
+
+    def __init__(self, rule: AuthzRule, *, lenient: bool) -> None:
+        self.sources = tuple(_SourceMatch(s, lenient=lenient) for s in rule.sources)
+        self.operations = tuple(_OperationMatch(o) for o in rule.operations)
+        self.conditions = tuple(_ConditionMatch(c, lenient=lenient) for c in rule.when)
+
+    def matches(self, request: _Request) -> bool:
+        # Plain loops rather than any()/all() over generators: on this path creating
+        # the generators costs more than the checks themselves.
+        if self.sources:
+            for source in self.sources:
+                if source.matches(request):
+                    break
+            else:
+                return False
+        if self.operations:
+            for operation in self.operations:
+                if operation.matches(request):
+                    break
+            else:
+                return False
+        for condition in self.conditions:
+            if not condition.holds(request):
+                return False
+        return True
+
+
+class _PolicyMatch:
+    __slots__ = ("ref", "rules")
+
+    def __init__(self, policy: AuthzPolicy) -> None:
+        self.ref = f"{policy.namespace}/{policy.name}"
+        lenient = policy.action != "ALLOW"
+        self.rules = tuple(_RuleMatch(r, lenient=lenient) for r in policy.rules)
+
+    def matches(self, request: _Request) -> bool:
+        # No rules: matches nothing (an empty ALLOW policy allows nothing).
+        for rule in self.rules:
+            if rule.matches(request):
+                return True
+        return False
+
+
+def _selects(selector: Mapping[str, str], labels: Mapping[str, str]) -> bool:
+    return all(labels.get(key) == value for key, value in selector.items())
+
+
+class Authorizer:
+    """The AuthorizationPolicies applying to one workload, ready to evaluate."""
+
+    __slots__ = ("_allow", "_audit", "_deny", "applied")
+
+    def __init__(
+        self,
+        audit: tuple[_PolicyMatch, ...] = (),
+        deny: tuple[_PolicyMatch, ...] = (),
+        allow: tuple[_PolicyMatch, ...] = (),
+    ) -> None:
+        self._audit = audit
+        self._deny = deny
+        self._allow = allow
+        # `ns/name` of every policy kept, for the admin config dump
+        self.applied: tuple[str, ...] = tuple(p.ref for p in (*audit, *deny, *allow))
+
+    @classmethod
+    def build(cls, policy: InboundPolicy | None, labels: Mapping[str, str]) -> Authorizer:
+        """Keep the policies whose selector is empty or a subset of `labels`."""
+        if policy is None:
+            return cls()
+        by_action: dict[str, list[_PolicyMatch]] = {"AUDIT": [], "DENY": [], "ALLOW": []}
+        for authz in policy.authorization:
+            if _selects(authz.selector, labels):
+                by_action[authz.action].append(_PolicyMatch(authz))
+        return cls(tuple(by_action["AUDIT"]), tuple(by_action["DENY"]), tuple(by_action["ALLOW"]))
+
+    @property
+    def empty(self) -> bool:
+        """True when no policy applies: every request is allowed, facts are not needed."""
+        return not (self._audit or self._deny or self._allow)
+
+    def decide(self, facts: RequestFacts) -> Decision:
+        if self.empty:
+            return _NO_POLICY
+        request = _Request(facts)
+        audit = bool(self._audit) and any(p.matches(request) for p in self._audit)
+        for policy in self._deny:
+            if policy.matches(request):
+                return Decision(False, f"denied by DENY policy {policy.ref}", policy.ref, audit)
+        if not self._allow:
+            return Decision(True, "no ALLOW policy applies", "", audit)
+        for policy in self._allow:
+            if policy.matches(request):
+                return Decision(True, f"allowed by ALLOW policy {policy.ref}", policy.ref, audit)
+        return Decision(False, "no ALLOW policy matched", "", audit)
