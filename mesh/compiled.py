@@ -86,6 +86,85 @@ class DirectResponse(msgspec.Struct, frozen=True, omit_defaults=True):
     body: str | None = None
 
 
+# ---------------------------------------------------------------- resilience (routes)
+
+# `retryOn` conditions a RetryPolicy may carry (Istio's validation list minus
+# `http3-post-connect-failure`); numeric codes travel in `retriable_status_codes`
+RETRY_ON_CONDITIONS = frozenset(
+    {
+        # x-envoy-retry-on
+        "5xx",
+        "gateway-error",
+        "reset",
+        "reset-before-request",
+        "connect-failure",
+        "retriable-4xx",
+        "refused-stream",
+        "retriable-status-codes",
+        "retriable-headers",
+        "envoy-ratelimited",
+        # x-envoy-retry-grpc-on (from the response's grpc-status)
+        "cancelled",
+        "deadline-exceeded",
+        "internal",
+        "resource-exhausted",
+        "unavailable",
+    }
+)
+# Istio's policy for routes whose rule has no `retries` (pilot `retry.DefaultPolicy`)
+DEFAULT_RETRY_ON = ("connect-failure", "refused-stream", "unavailable", "cancelled",
+                    "retriable-status-codes")  # fmt: skip
+DEFAULT_RETRIABLE_STATUS_CODES = (503,)
+
+
+class RetryPolicy(msgspec.Struct, frozen=True, omit_defaults=True):
+    """A rule's `retries`, resolved the way Istio builds Envoy's retry policy.
+
+    `attempts` counts retries after the first try (at most 1 + attempts requests);
+    0 disables retries. A `retries` without `retryOn` keeps Istio's default conditions;
+    numeric codes in `retryOn` become `retriable_status_codes` (and
+    `retriable-status-codes` is added to `retry_on`, as Istio does).
+    """
+
+    attempts: int = 2
+    # 0 = no per-try limit (only the route's `timeout_ms` bounds the attempt)
+    per_try_timeout_ms: int = 0
+    retry_on: tuple[str, ...] = DEFAULT_RETRY_ON
+    retriable_status_codes: tuple[int, ...] = DEFAULT_RETRIABLE_STATUS_CODES
+    # prefer endpoints not tried yet for this request (Envoy's previous_hosts predicate)
+    ignore_previous_hosts: bool = True
+    # base of the jittered exponential backoff; the cap is 10x (Envoy's default)
+    backoff_base_ms: int = 25
+
+
+class FaultDelay(msgspec.Struct, frozen=True, omit_defaults=True):
+    fixed_delay_ms: int
+    # share of matching requests delayed, in [0, 100]; Istio: unset is 0
+    percentage: float = 0.0
+
+
+class FaultAbort(msgspec.Struct, frozen=True, omit_defaults=True):
+    http_status: int
+    # share of matching requests aborted, in [0, 100]; Istio: unset is 0
+    percentage: float = 0.0
+
+
+class FaultInjection(msgspec.Struct, frozen=True, omit_defaults=True):
+    """A rule's `fault`: the delay (flag `DI`) applies first, then the abort (`FI`)."""
+
+    delay: FaultDelay | None = None
+    abort: FaultAbort | None = None
+
+
+class Mirror(msgspec.Struct, frozen=True, omit_defaults=True):
+    """A rule's `mirror` + `mirrorPercentage` (Istio's default: 100)."""
+
+    host: str
+    subset: str = ""
+    port: int = 0
+    percentage: float = 100.0
+
+
 class HTTPRoute(msgspec.Struct, frozen=True, omit_defaults=True):
     """One VirtualService `http[]` rule. The first route whose matches hold wins."""
 
@@ -101,6 +180,11 @@ class HTTPRoute(msgspec.Struct, frozen=True, omit_defaults=True):
     timeout_ms: int = 0
     # "<kind>/<ns>/<name>" of the VirtualService this rule came from, for config_dump
     origin: str = ""
+    # None: the rule has no `retries`, so Istio's default policy applies
+    # (`proxy.resilience.retry.default_policy()`); `attempts=0` disables retries
+    retries: RetryPolicy | None = None
+    fault: FaultInjection | None = None
+    mirror: Mirror | None = None
 
 
 class HTTPCookie(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -124,8 +208,53 @@ class LoadBalancer(msgspec.Struct, frozen=True, omit_defaults=True):
     consistent_hash: ConsistentHash | None = None
 
 
+# Istio's default for every circuit-breaker threshold (2^32-1: effectively unlimited)
+UNLIMITED = 4_294_967_295
+
+
+class ConnectionPool(msgspec.Struct, frozen=True, omit_defaults=True):
+    """DestinationRule `connectionPool`, Istio defaults filled in (0 in the resource
+    means the default, as in Istio). Thresholds are per destination (+ subset) and
+    per sidecar; overflowing one is answered 503 at once, flag `UO`."""
+
+    max_connections: int = UNLIMITED
+    connect_timeout_ms: int = 10_000
+    # requests queued while waiting for a connection
+    http1_max_pending_requests: int = UNLIMITED
+    # concurrent requests (the name is Istio's; it applies to HTTP/1.1 too)
+    http2_max_requests: int = UNLIMITED
+    # 0 = unlimited; 1 disables keep-alive
+    max_requests_per_connection: int = 0
+    # concurrent retries
+    max_retries: int = UNLIMITED
+    idle_timeout_ms: int = 3_600_000
+
+
+class OutlierDetection(msgspec.Struct, frozen=True, omit_defaults=True):
+    """DestinationRule `outlierDetection`, Istio/Envoy defaults filled in.
+
+    A threshold of 0 disables that detector. Without `split_external_local_origin_errors`,
+    locally originated failures (connect failure, reset, timeout) count as 503/504 for
+    the 5xx and gateway counters; with it they count only towards
+    `consecutive_local_origin_failures`.
+    """
+
+    consecutive_5xx_errors: int = 5
+    consecutive_gateway_errors: int = 0
+    consecutive_local_origin_failures: int = 5
+    split_external_local_origin_errors: bool = False
+    interval_ms: int = 10_000
+    base_ejection_time_ms: int = 30_000
+    max_ejection_percent: int = 10
+    # below this share of healthy endpoints, ejection is ignored (panic); 0 = never
+    min_health_percent: int = 0
+
+
 class TrafficPolicy(msgspec.Struct, frozen=True, omit_defaults=True):
     load_balancer: LoadBalancer = LoadBalancer()
+    # None: not configured (Istio defaults: no limits; outlier detection off)
+    connection_pool: ConnectionPool | None = None
+    outlier_detection: OutlierDetection | None = None
 
 
 class Subset(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -264,6 +393,26 @@ class AuthzPolicy(msgspec.Struct, frozen=True, omit_defaults=True):
     rules: tuple[AuthzRule, ...] = ()
 
 
+class RateLimitOverride(msgspec.Struct, frozen=True, omit_defaults=True):
+    """Each listed principal (Istio form) gets its own bucket at `rps`, instead of the
+    policy's `identity_rps`."""
+
+    principals: tuple[str, ...]
+    rps: int
+
+
+class RateLimit(msgspec.Struct, frozen=True, omit_defaults=True):
+    """One RateLimitPolicy (`meshwork.io/v1`); see `mesh.resources.meshwork` for the
+    semantics. A rate of 0 means that limit is not set."""
+
+    name: str
+    namespace: str
+    selector: dict[str, str] = {}
+    total_rps: int = 0
+    identity_rps: int = 0
+    overrides: tuple[RateLimitOverride, ...] = ()
+
+
 class InboundPolicy(msgspec.Struct, frozen=True, omit_defaults=True, tag=True):
     """Everything the server sidecars of one service enforce on inbound requests."""
 
@@ -273,3 +422,6 @@ class InboundPolicy(msgspec.Struct, frozen=True, omit_defaults=True, tag=True):
     peer_authentication: tuple[PeerAuthn, ...] = ()
     authorization: tuple[AuthzPolicy, ...] = ()
     prev_revision: int = 0
+    # RateLimitPolicies of the service's namespace; each sidecar keeps those whose
+    # selector matches its labels
+    rate_limits: tuple[RateLimit, ...] = ()

@@ -31,8 +31,13 @@ MAX_DURATION_MS = 315_576_000_000 * 1000
 
 def parse_duration_ms(text: str) -> int:
     """Milliseconds in `text`, rounded up; raises ValueError naming the expected format."""
+    return math.ceil(parse_duration_exact_ms(text))
+
+
+def parse_duration_exact_ms(text: str) -> Decimal:
+    """Milliseconds in `text`, exactly (`1.5ms` is 1.5), for checks that need precision."""
     if text == "0":
-        return 0
+        return Decimal(0)
     if not text:
         raise ValueError(f"must be {_FORMAT_HINT}, got an empty string")
     if text.startswith("-"):
@@ -47,4 +52,4 @@ def parse_duration_ms(text: str) -> int:
         pos = m.end()
     if total > MAX_DURATION_MS:
         raise ValueError(f"must be at most 315576000000s (10000 years), got {text!r}")
-    return math.ceil(total)
+    return total

@@ -6,6 +6,7 @@ from typing import Any, NamedTuple
 
 import msgspec
 
+from mesh.resources.meshwork import RateLimitPolicySpec
 from mesh.resources.networking import DestinationRuleSpec, GatewaySpec, Model, VirtualServiceSpec
 from mesh.resources.security import AuthorizationPolicySpec, PeerAuthenticationSpec
 
@@ -16,6 +17,7 @@ Spec = (
     | GatewaySpec
     | PeerAuthenticationSpec
     | AuthorizationPolicySpec
+    | RateLimitPolicySpec
 )
 
 

@@ -1,13 +1,15 @@
 """Typed models of the `networking.istio.io` kinds we support, field for field.
 
 Only the fields Meshwork implements exist here. Every model forbids unknown fields,
-so a field Istio has and we do not (`corsPolicy`, `retries`, `connectionPool`, ...)
-is rejected with its path instead of being dropped: an ignored policy field would
-silently weaken what the user asked for.
+so a field Istio has and we do not (`corsPolicy`, `tls`, `retryRemoteLocalities`,
+`mirrors`, ...) is rejected with its path instead of being dropped: an ignored policy
+field would silently weaken what the user asked for.
 
 Attribute names are snake_case; the YAML names are Istio's camelCase (`rename`).
 Optional scalars whose zero value is not valid (ports, codes) default to None so
-validation can tell "absent" from an explicit 0.
+validation can tell "absent" from an explicit 0. The same holds for the resilience
+settings whose Istio meaning differs between unset and 0 (`consecutive5xxErrors`: unset
+is 5, 0 disables). Durations stay strings as written; validation checks them.
 """
 
 from __future__ import annotations
@@ -104,6 +106,48 @@ class HTTPRewrite(Model, frozen=True):
     authority: str | None = None
 
 
+class Percent(Model, frozen=True):
+    """Istio `Percent`: a double in [0, 100] (checked in validation)."""
+
+    value: float = 0.0
+
+
+class HTTPRetry(Model, frozen=True):
+    """Istio `HTTPRetry`. `attempts` counts *retries* (at most 1 + attempts requests);
+    absent or 0 disables retries, Istio's default policy applying only when the whole
+    `retries` field is absent. `retryRemoteLocalities` is refused (no localities here)."""
+
+    attempts: int | None = None
+    per_try_timeout: str | None = None
+    # comma-separated Envoy conditions and HTTP status codes, as in Istio
+    retry_on: str | None = None
+    # Istio 1.26+: None = true (a retry prefers hosts not tried yet)
+    retry_ignore_previous_hosts: bool | None = None
+    # Istio 1.26+: base interval of the exponential backoff; None = 25ms
+    backoff: str | None = None
+
+
+class FaultDelay(Model, frozen=True):
+    """`fault.delay`: `exponentialDelay` is refused, as Istio does."""
+
+    fixed_delay: str | None = None
+    percentage: Percent | None = None
+    # deprecated integer form, used only when `percentage` is absent
+    percent: int | None = None
+
+
+class FaultAbort(Model, frozen=True):
+    """`fault.abort`: only `httpStatus` (no `grpcStatus` / `http2Error`)."""
+
+    http_status: int | None = None
+    percentage: Percent | None = None
+
+
+class HTTPFaultInjection(Model, frozen=True):
+    delay: FaultDelay | None = None
+    abort: FaultAbort | None = None
+
+
 class HTTPRoute(Model, frozen=True):
     name: str = ""
     match: tuple[HTTPMatchRequest, ...] = ()
@@ -114,6 +158,11 @@ class HTTPRoute(Model, frozen=True):
     headers: Headers | None = None
     # Go-style duration string, kept as written so `meshctl get` shows what was applied
     timeout: str | None = None
+    retries: HTTPRetry | None = None
+    fault: HTTPFaultInjection | None = None
+    mirror: Destination | None = None
+    # None = 100% when `mirror` is set (Istio's default)
+    mirror_percentage: Percent | None = None
 
 
 class VirtualServiceSpec(Model, frozen=True):
@@ -145,8 +194,47 @@ class LoadBalancerSettings(Model, frozen=True):
     consistent_hash: ConsistentHashLB | None = None
 
 
+class TCPSettings(Model, frozen=True):
+    """`connectionPool.tcp`; 0 or absent means Istio's default (unlimited, 10s)."""
+
+    max_connections: int | None = None
+    connect_timeout: str | None = None
+
+
+class HTTPSettings(Model, frozen=True):
+    """`connectionPool.http`; 0 or absent means Istio's default (unlimited, 1h idle)."""
+
+    http1_max_pending_requests: int | None = None
+    http2_max_requests: int | None = None
+    max_requests_per_connection: int | None = None
+    max_retries: int | None = None
+    idle_timeout: str | None = None
+
+
+class ConnectionPoolSettings(Model, frozen=True):
+    tcp: TCPSettings | None = None
+    http: HTTPSettings | None = None
+
+
+class OutlierDetection(Model, frozen=True):
+    """Istio `OutlierDetection` (consecutive-error ejection; the deprecated
+    `consecutiveErrors` is refused). None = Istio's default for that field."""
+
+    # msgspec's camel case would spell it `consecutive5XxErrors`
+    consecutive_5xx_errors: int | None = msgspec.field(default=None, name="consecutive5xxErrors")
+    consecutive_gateway_errors: int | None = None
+    consecutive_local_origin_failures: int | None = None
+    split_external_local_origin_errors: bool = False
+    interval: str | None = None
+    base_ejection_time: str | None = None
+    max_ejection_percent: int | None = None
+    min_health_percent: int | None = None
+
+
 class TrafficPolicy(Model, frozen=True):
     load_balancer: LoadBalancerSettings | None = None
+    connection_pool: ConnectionPoolSettings | None = None
+    outlier_detection: OutlierDetection | None = None
 
 
 class Subset(Model, frozen=True):

@@ -12,6 +12,7 @@ from types import MappingProxyType
 from typing import Any, NamedTuple
 
 from mesh.resources.errors import Issue, ResourceError
+from mesh.resources.meshwork import RateLimitPolicySpec
 from mesh.resources.networking import DestinationRuleSpec, GatewaySpec, VirtualServiceSpec
 from mesh.resources.security import AuthorizationPolicySpec, PeerAuthenticationSpec
 from mesh.resources.validate import (
@@ -19,6 +20,7 @@ from mesh.resources.validate import (
     validate_gateway,
     validate_virtual_service,
 )
+from mesh.resources.validate_meshwork import validate_rate_limit_policy
 from mesh.resources.validate_security import (
     validate_authorization_policy,
     validate_peer_authentication,
@@ -28,6 +30,8 @@ NETWORKING_GROUP = "networking.istio.io"
 NETWORKING_VERSIONS = ("v1", "v1beta1", "v1alpha3")
 SECURITY_GROUP = "security.istio.io"
 SECURITY_VERSIONS = ("v1", "v1beta1")
+MESHWORK_GROUP = "meshwork.io"
+MESHWORK_VERSIONS = ("v1",)
 
 
 class KindInfo(NamedTuple):
@@ -95,6 +99,15 @@ KINDS: Mapping[str, KindInfo] = _entries(
         versions=SECURITY_VERSIONS,
         spec_type=AuthorizationPolicySpec,
         validate=validate_authorization_policy,
+    ),
+    KindInfo(
+        kind="RateLimitPolicy",
+        plural="ratelimitpolicies",
+        short_names=("rlp",),
+        group=MESHWORK_GROUP,
+        versions=MESHWORK_VERSIONS,
+        spec_type=RateLimitPolicySpec,
+        validate=validate_rate_limit_policy,
     ),
 )
 

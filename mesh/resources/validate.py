@@ -4,7 +4,8 @@ Each `validate_*` function takes a decoded spec and returns every problem found,
 `Issue(path, message)`, so one apply can report all mistakes of a document at once.
 The rules follow Istio's own validation where Istio has one (weights, exactly one
 action per rule, 3xx redirects, unique subsets), so YAML that passes here also
-passes in Istio.
+passes in Istio. Retries, fault injection, mirroring, connection pools and outlier
+detection are checked in `validate_resilience`.
 """
 
 from __future__ import annotations
@@ -28,6 +29,10 @@ from mesh.resources.networking import (
     StringMatch,
     TrafficPolicy,
     VirtualServiceSpec,
+)
+from mesh.resources.validate_resilience import (
+    validate_route_resilience,
+    validate_traffic_policy_resilience,
 )
 
 MESH_GATEWAY = "mesh"
@@ -145,6 +150,7 @@ def _http_route(rule: HTTPRoute, path: str, out: list[Issue]) -> None:
         _headers(rule.headers, field(path, "headers"), out)
     if rule.timeout is not None:
         _duration(rule.timeout, field(path, "timeout"), out)
+    validate_route_resilience(rule, path, out)
 
 
 def _match(match: HTTPMatchRequest, path: str, out: list[Issue]) -> None:
@@ -258,6 +264,7 @@ def _header_ops(ops: HeaderOperations, path: str, out: list[Issue]) -> None:
 def _traffic_policy(policy: TrafficPolicy, path: str, out: list[Issue]) -> None:
     if policy.load_balancer is not None:
         _load_balancer(policy.load_balancer, field(path, "loadBalancer"), out)
+    validate_traffic_policy_resilience(policy.connection_pool, policy.outlier_detection, path, out)
 
 
 def _load_balancer(lb: LoadBalancerSettings, path: str, out: list[Issue]) -> None:

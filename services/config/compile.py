@@ -12,7 +12,11 @@ Istio semantics kept here:
   resource that names them;
 - several VirtualServices for one host contribute rules oldest first;
 - a subset's traffic policy replaces the destination-level one field by field
-  (`loadBalancer` is the only field we support, so: subset's if set, else top-level).
+  (`loadBalancer`, `connectionPool`, `outlierDetection`: each the subset's if set,
+  else the top-level one, as Istio's `MergeTrafficPolicy` does).
+
+Retries, faults, mirrors, connection pools and outlier detection compile in
+`compile_resilience`.
 """
 
 from __future__ import annotations
@@ -37,6 +41,13 @@ from mesh.resources import (
     TrafficPolicy,
     VirtualServiceSpec,
     parse_duration_ms,
+)
+from services.config.compile_resilience import (
+    compile_connection_pool,
+    compile_fault,
+    compile_mirror,
+    compile_outlier_detection,
+    compile_retries,
 )
 
 __all__ = ["compile_gateway_config", "compile_route_table", "services_named"]
@@ -136,9 +147,25 @@ def _destination_policy(
 def _traffic_policy(
     policy: TrafficPolicy | None, inherited: compiled.TrafficPolicy
 ) -> compiled.TrafficPolicy:
-    if policy is None or policy.load_balancer is None:
+    if policy is None:
         return inherited
-    return compiled.TrafficPolicy(load_balancer=_load_balancer(policy.load_balancer))
+    return compiled.TrafficPolicy(
+        load_balancer=(
+            inherited.load_balancer
+            if policy.load_balancer is None
+            else _load_balancer(policy.load_balancer)
+        ),
+        connection_pool=(
+            inherited.connection_pool
+            if policy.connection_pool is None
+            else compile_connection_pool(policy.connection_pool)
+        ),
+        outlier_detection=(
+            inherited.outlier_detection
+            if policy.outlier_detection is None
+            else compile_outlier_detection(policy.outlier_detection)
+        ),
+    )
 
 
 def _load_balancer(lb: LoadBalancerSettings) -> compiled.LoadBalancer:
@@ -249,7 +276,7 @@ def _exposed_hosts(vs_hosts: Iterable[str], exposed: Sequence[str]) -> tuple[str
 
 
 def services_named(resources: Sequence[Resource]) -> set[ServiceRef]:
-    """Every mesh service a resource names: VS hosts and destinations, DR hosts.
+    """Every mesh service a resource names: VS hosts, destinations and mirrors, DR hosts.
 
     Wildcards and hosts outside the mesh domain name no single service and are left
     out; the caller recompiles those services' tables when they are first asked for.
@@ -264,6 +291,11 @@ def services_named(resources: Sequence[Resource]) -> set[ServiceRef]:
                 canonical_host(d.destination.host, namespace)
                 for rule in spec.http
                 for d in rule.route
+            )
+            hosts.extend(
+                canonical_host(rule.mirror.host, namespace)
+                for rule in spec.http
+                if rule.mirror is not None
             )
         elif isinstance(spec, DestinationRuleSpec):
             hosts.append(canonical_host(spec.host, namespace))
@@ -340,6 +372,9 @@ def _http_route(
         headers=_headers(rule.headers),
         timeout_ms=parse_duration_ms(rule.timeout) if rule.timeout is not None else 0,
         origin=origin,
+        retries=compile_retries(rule.retries),
+        fault=compile_fault(rule.fault),
+        mirror=compile_mirror(rule.mirror, rule.mirror_percentage, namespace),
     )
 
 

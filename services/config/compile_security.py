@@ -1,5 +1,6 @@
-"""Pure compiler for inbound policy: PeerAuthentication and AuthorizationPolicy
-resources -> the `InboundPolicy` the server sidecars of one service enforce.
+"""Pure compiler for inbound policy: PeerAuthentication, AuthorizationPolicy and
+RateLimitPolicy resources -> the `InboundPolicy` the server sidecars of one service
+enforce.
 
 Which resources reach a service follows Istio:
 - PeerAuthentication: the selector-less one in the root namespace is mesh-wide; one in
@@ -8,6 +9,10 @@ Which resources reach a service follows Istio:
   workloads in the root namespace (Istio ignores it elsewhere).
 - AuthorizationPolicy: those of the service's namespace and of the root namespace (the
   latter mesh-wide, its selector matched against workloads of every namespace).
+- RateLimitPolicy (`meshwork.io`): those of the service's namespace. Every one of them
+  may match: the compiler knows the service, not its instances' labels (`app` defaults
+  to the service name but `--labels` may change it), so filtering on `app` here could
+  drop a limit a sidecar should enforce.
 
 Selectors are kept rather than resolved here: the instances of one service differ in
 labels (version), so each sidecar keeps the policies that select it. Output order is
@@ -26,6 +31,8 @@ from mesh.resources import (
     AuthorizationPolicySpec,
     MutualTLS,
     PeerAuthenticationSpec,
+    RateLimitPolicySpec,
+    RequestRate,
     Resource,
     Rule,
     WorkloadSelector,
@@ -63,6 +70,7 @@ def compile_inbound_policy(
     created = create_revisions or {}
     peer: list[compiled.PeerAuthn] = []
     authz: list[compiled.AuthzPolicy] = []
+    rate_limits: list[compiled.RateLimit] = []
     for resource in sorted(resources, key=lambda r: (r.metadata.namespace, r.metadata.name)):
         spec = resource.spec
         if isinstance(spec, PeerAuthenticationSpec):
@@ -73,12 +81,16 @@ def compile_inbound_policy(
             namespace = resource.metadata.namespace
             if namespace in (ref.namespace, root_namespace):
                 authz.append(_authz_policy(resource, spec, mesh_wide=namespace == root_namespace))
+        elif isinstance(spec, RateLimitPolicySpec):
+            if resource.metadata.namespace == ref.namespace:
+                rate_limits.append(_rate_limit(resource, spec))
     return compiled.InboundPolicy(
         namespace=ref.namespace,
         service=ref.name,
         revision=revision,
         peer_authentication=tuple(peer),
         authorization=tuple(authz),
+        rate_limits=tuple(rate_limits),
     )
 
 
@@ -166,6 +178,32 @@ def _rule(rule: Rule) -> compiled.AuthzRule:
         compiled.Condition(key=c.key, values=c.values, not_values=c.not_values) for c in rule.when
     )
     return compiled.AuthzRule(sources=sources, operations=operations, when=when)
+
+
+# ---------------------------------------------------------------- RateLimitPolicy
+
+
+def _rate_limit(resource: Resource, spec: RateLimitPolicySpec) -> compiled.RateLimit:
+    # validation guarantees every rate is set and positive and every override has
+    # principals, so 0 below only ever means "not configured"
+    return compiled.RateLimit(
+        name=resource.metadata.name,
+        namespace=resource.metadata.namespace,
+        selector=_labels(spec.selector),
+        total_rps=_rps(spec.total),
+        identity_rps=_rps(spec.identity),
+        overrides=tuple(
+            compiled.RateLimitOverride(
+                principals=o.client_refs.principals if o.client_refs is not None else (),
+                rps=o.requests_per_second or 0,
+            )
+            for o in spec.overrides
+        ),
+    )
+
+
+def _rps(rate: RequestRate | None) -> int:
+    return 0 if rate is None else rate.requests_per_second or 0
 
 
 def _labels(selector: WorkloadSelector | None) -> dict[str, str]:

@@ -8,9 +8,13 @@ import msgspec
 import pytest
 
 from mesh.compiled import (
+    ConnectionPool,
     ConsistentHash,
     Destination,
     DirectResponse,
+    FaultAbort,
+    FaultDelay,
+    FaultInjection,
     GatewayConfig,
     GatewayServer,
     HeaderOps,
@@ -19,7 +23,10 @@ from mesh.compiled import (
     HTTPMatch,
     HTTPRoute,
     LoadBalancer,
+    Mirror,
+    OutlierDetection,
     Redirect,
+    RetryPolicy,
     Rewrite,
     RouteTable,
     StringMatch,
@@ -582,3 +589,304 @@ def test_compiled_tables_are_deterministic_and_survive_the_wire() -> None:
     config = compile_gateway_config(resources, "default", INGRESS_LABELS, 5)
     assert config == compile_gateway_config(list(resources), "default", dict(INGRESS_LABELS), 5)
     assert msgspec.msgpack.decode(msgspec.msgpack.encode(config), type=GatewayConfig) == config
+
+
+# ---------------------------------------------------------------- resilience (issue 6)
+
+
+def route_rule(**fields: Any) -> dict[str, Any]:
+    return {"route": [to("reviews")], **fields}
+
+
+def only_rule(**fields: Any) -> HTTPRoute:
+    table = compile_route_table(
+        [vs("reviews", hosts=["reviews"], http=[route_rule(**fields)])], REVIEWS, revision=1
+    )
+    return table.http[0]
+
+
+@pytest.mark.parametrize(
+    ("retries", "expected"),
+    [
+        # no `retries`: None, the proxy applies Istio's default policy
+        (None, None),
+        # attempts absent or 0: retries disabled
+        ({}, RetryPolicy(attempts=0)),
+        ({"attempts": 0}, RetryPolicy(attempts=0)),
+        # attempts alone keep Istio's default conditions and 503
+        ({"attempts": 5}, RetryPolicy(attempts=5)),
+        (
+            {"attempts": 3, "perTryTimeout": "2s", "retryOn": "gateway-error,connect-failure"},
+            RetryPolicy(
+                attempts=3,
+                per_try_timeout_ms=2000,
+                retry_on=("gateway-error", "connect-failure"),
+                retriable_status_codes=(),
+            ),
+        ),
+        # numeric codes become retriable_status_codes and add retriable-status-codes
+        (
+            {"attempts": 2, "retryOn": "5xx,429,503"},
+            RetryPolicy(
+                attempts=2,
+                retry_on=("5xx", "retriable-status-codes"),
+                retriable_status_codes=(429, 503),
+            ),
+        ),
+        (
+            {"attempts": 2, "retryOn": "retriable-status-codes,409"},
+            RetryPolicy(
+                attempts=2, retry_on=("retriable-status-codes",), retriable_status_codes=(409,)
+            ),
+        ),
+        (
+            {"attempts": 1, "retryIgnorePreviousHosts": False, "backoff": "100ms"},
+            RetryPolicy(attempts=1, ignore_previous_hosts=False, backoff_base_ms=100),
+        ),
+    ],
+)
+def test_retries(retries: dict[str, Any] | None, expected: RetryPolicy | None) -> None:
+    fields = {} if retries is None else {"retries": retries}
+    assert only_rule(**fields).retries == expected
+
+
+@pytest.mark.parametrize(
+    ("fault", "expected"),
+    [
+        (
+            {"delay": {"fixedDelay": "7s", "percentage": {"value": 100}}},
+            FaultInjection(delay=FaultDelay(fixed_delay_ms=7000, percentage=100.0)),
+        ),
+        # the deprecated integer percent is used when percentage is absent
+        (
+            {"delay": {"fixedDelay": "500ms", "percent": 25}},
+            FaultInjection(delay=FaultDelay(fixed_delay_ms=500, percentage=25.0)),
+        ),
+        # Istio: no percentage, no request affected
+        (
+            {"abort": {"httpStatus": 503}},
+            FaultInjection(abort=FaultAbort(http_status=503, percentage=0.0)),
+        ),
+        (
+            {
+                "delay": {"fixedDelay": "1s", "percentage": {"value": 10}},
+                "abort": {"httpStatus": 500, "percentage": {"value": 50.5}},
+            },
+            FaultInjection(
+                delay=FaultDelay(fixed_delay_ms=1000, percentage=10.0),
+                abort=FaultAbort(http_status=500, percentage=50.5),
+            ),
+        ),
+    ],
+)
+def test_fault(fault: dict[str, Any], expected: FaultInjection) -> None:
+    assert only_rule(fault=fault).fault == expected
+
+
+FAULT_JASON = """
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: ratings}
+spec:
+  hosts: [ratings]
+  http:
+  - match: [{headers: {end-user: {exact: jason}}}]
+    fault: {delay: {percentage: {value: 100.0}, fixedDelay: 7s}}
+    route: [{destination: {host: ratings, subset: v1}}]
+  - route: [{destination: {host: ratings, subset: v1}}]
+"""
+
+
+def test_fault_is_scoped_by_the_rule_match() -> None:
+    table = compile_route_table(parse(FAULT_JASON), ServiceRef("default", "ratings"), 1)
+    jason, everyone = table.http
+    assert jason.match[0].headers == {"end-user": StringMatch(kind="exact", value="jason")}
+    assert jason.fault == FaultInjection(delay=FaultDelay(fixed_delay_ms=7000, percentage=100.0))
+    assert everyone.fault is None
+
+
+@pytest.mark.parametrize(
+    ("fields", "namespace", "expected"),
+    [
+        (
+            {"mirror": {"host": "reviews", "subset": "v2"}},
+            "default",
+            Mirror(host=REVIEWS_FQDN, subset="v2", percentage=100.0),
+        ),
+        (
+            {
+                "mirror": {"host": "ratings.prod", "port": {"number": 9080}},
+                "mirrorPercentage": {"value": 25},
+            },
+            "default",
+            Mirror(host="ratings.prod.svc.cluster.local", port=9080, percentage=25.0),
+        ),
+        # resolved in the VirtualService's namespace
+        (
+            {"mirror": {"host": "shadow"}, "mirrorPercentage": {"value": 0}},
+            "prod",
+            Mirror(host="shadow.prod.svc.cluster.local", percentage=0.0),
+        ),
+    ],
+)
+def test_mirror(fields: dict[str, Any], namespace: str, expected: Mirror) -> None:
+    ref = ServiceRef(namespace, "reviews")
+    resources = [vs("reviews", namespace, hosts=["reviews"], http=[route_rule(**fields)])]
+    assert compile_route_table(resources, ref, 1).http[0].mirror == expected
+
+
+def test_mirror_hosts_are_services_named() -> None:
+    resources = [vs("reviews", hosts=["reviews"], http=[route_rule(mirror={"host": "shadow"})])]
+    assert ServiceRef("default", "shadow") in services_named(resources)
+
+
+def test_connection_pool_defaults_are_istios() -> None:
+    table = compile_route_table(
+        [
+            dr(
+                "reviews",
+                host="reviews",
+                trafficPolicy={"connectionPool": {"tcp": {"maxConnections": 0}}},
+            )
+        ],
+        REVIEWS,
+        1,
+    )
+    assert table.traffic_policy.connection_pool == ConnectionPool()
+    assert ConnectionPool() == ConnectionPool(
+        max_connections=2**32 - 1,
+        connect_timeout_ms=10_000,
+        http1_max_pending_requests=2**32 - 1,
+        http2_max_requests=2**32 - 1,
+        max_requests_per_connection=0,
+        max_retries=2**32 - 1,
+        idle_timeout_ms=3_600_000,
+    )
+
+
+def test_connection_pool_and_outlier_detection() -> None:
+    pool = {
+        "tcp": {"maxConnections": 1, "connectTimeout": "30ms"},
+        "http": {
+            "http1MaxPendingRequests": 2,
+            "http2MaxRequests": 3,
+            "maxRequestsPerConnection": 1,
+            "maxRetries": 4,
+            "idleTimeout": "1m",
+        },
+    }
+    outlier = {
+        "consecutive5xxErrors": 7,
+        "consecutiveGatewayErrors": 2,
+        "splitExternalLocalOriginErrors": True,
+        "consecutiveLocalOriginFailures": 3,
+        "interval": "5s",
+        "baseEjectionTime": "1m",
+        "maxEjectionPercent": 50,
+        "minHealthPercent": 20,
+    }
+    table = compile_route_table(
+        [
+            dr(
+                "reviews",
+                host="reviews",
+                trafficPolicy={"connectionPool": pool, "outlierDetection": outlier},
+            )
+        ],
+        REVIEWS,
+        1,
+    )
+    assert table.traffic_policy == TrafficPolicy(
+        connection_pool=ConnectionPool(
+            max_connections=1,
+            connect_timeout_ms=30,
+            http1_max_pending_requests=2,
+            http2_max_requests=3,
+            max_requests_per_connection=1,
+            max_retries=4,
+            idle_timeout_ms=60_000,
+        ),
+        outlier_detection=OutlierDetection(
+            consecutive_5xx_errors=7,
+            consecutive_gateway_errors=2,
+            consecutive_local_origin_failures=3,
+            split_external_local_origin_errors=True,
+            interval_ms=5000,
+            base_ejection_time_ms=60_000,
+            max_ejection_percent=50,
+            min_health_percent=20,
+        ),
+    )
+
+
+@pytest.mark.parametrize(
+    ("outlier", "expected"),
+    [
+        ({}, OutlierDetection()),
+        # 0 disables a consecutive-error detector, as Istio passes it to Envoy
+        ({"consecutive5xxErrors": 0}, OutlierDetection(consecutive_5xx_errors=0)),
+        # but maxEjectionPercent 0 is Istio's default 10%
+        ({"maxEjectionPercent": 0}, OutlierDetection(max_ejection_percent=10)),
+        (
+            {"splitExternalLocalOriginErrors": True, "consecutiveLocalOriginFailures": 0},
+            OutlierDetection(split_external_local_origin_errors=True),
+        ),
+    ],
+)
+def test_outlier_detection_defaults(outlier: dict[str, Any], expected: OutlierDetection) -> None:
+    table = compile_route_table(
+        [dr("reviews", host="reviews", trafficPolicy={"outlierDetection": outlier})], REVIEWS, 1
+    )
+    assert table.traffic_policy.outlier_detection == expected
+
+
+def test_subset_policy_replaces_the_destination_policy_field_by_field() -> None:
+    resources = [
+        dr(
+            "reviews",
+            host="reviews",
+            trafficPolicy={
+                "loadBalancer": {"simple": "RANDOM"},
+                "connectionPool": {"http": {"http2MaxRequests": 100}},
+                "outlierDetection": {"consecutive5xxErrors": 5},
+            },
+            subsets=[
+                {"name": "v1", "labels": {"version": "v1"}},
+                {
+                    "name": "v2",
+                    "labels": {"version": "v2"},
+                    "trafficPolicy": {"outlierDetection": {"consecutive5xxErrors": 1}},
+                },
+                {
+                    "name": "v3",
+                    "labels": {"version": "v3"},
+                    "trafficPolicy": {"connectionPool": {"tcp": {"maxConnections": 1}}},
+                },
+            ],
+        )
+    ]
+    table = compile_route_table(resources, REVIEWS, 1)
+    top = table.traffic_policy
+    v1, v2, v3 = (s.traffic_policy for s in table.subsets)
+    assert v1 == top
+    assert v2.outlier_detection == OutlierDetection(consecutive_5xx_errors=1)
+    assert (v2.load_balancer, v2.connection_pool) == (top.load_balancer, top.connection_pool)
+    # a subset's connectionPool replaces the whole top-level one, as in Istio
+    assert v3.connection_pool == ConnectionPool(max_connections=1)
+    assert (v3.load_balancer, v3.outlier_detection) == (top.load_balancer, top.outlier_detection)
+
+
+def test_resilience_fields_survive_the_wire_and_old_tables_still_decode() -> None:
+    rule = only_rule(
+        retries={"attempts": 3, "retryOn": "5xx,429"},
+        fault={"abort": {"httpStatus": 503, "percentage": {"value": 1}}},
+        mirror={"host": "shadow"},
+        timeout="2s",
+    )
+    assert msgspec.msgpack.decode(msgspec.msgpack.encode(rule), type=HTTPRoute) == rule
+    # a table encoded before these fields existed decodes with their defaults
+    old = {"name": "r", "timeout_ms": 100}
+    decoded = msgspec.msgpack.decode(msgspec.msgpack.encode(old), type=HTTPRoute)
+    assert (decoded.retries, decoded.fault, decoded.mirror) == (None, None, None)
+    policy = msgspec.msgpack.decode(msgspec.msgpack.encode({}), type=TrafficPolicy)
+    assert (policy.connection_pool, policy.outlier_detection) == (None, None)

@@ -15,6 +15,8 @@ from mesh.compiled import (
     InboundPolicy,
     Operation,
     PeerAuthn,
+    RateLimit,
+    RateLimitOverride,
     Source,
 )
 from mesh.hosts import ServiceRef
@@ -284,3 +286,82 @@ def test_bad_settings_are_refused(options: dict[str, str], message: str) -> None
     with pytest.raises(ConfigSettingsError) as info:
         ConfigSettings.from_options(options)
     assert str(info.value).startswith(message)
+
+
+# ---------------------------------------------------------------- RateLimitPolicy (issue 6)
+
+RATE_LIMITS = """
+apiVersion: meshwork.io/v1
+kind: RateLimitPolicy
+metadata: {name: reviews, namespace: default}
+spec:
+  selector: {matchLabels: {app: reviews}}
+  total: {requestsPerSecond: 100}
+  identity: {requestsPerSecond: 20}
+  overrides:
+  - requestsPerSecond: 50
+    clientRefs:
+      principals: [cluster.local/ns/default/sa/productpage, cluster.local/ns/shop/sa/cart]
+---
+apiVersion: meshwork.io/v1
+kind: RateLimitPolicy
+metadata: {name: all-workloads, namespace: default}
+spec:
+  identity: {requestsPerSecond: 5}
+---
+apiVersion: meshwork.io/v1
+kind: RateLimitPolicy
+metadata: {name: ratings, namespace: default}
+spec:
+  selector: {matchLabels: {app: ratings}}
+  total: {requestsPerSecond: 10}
+---
+apiVersion: meshwork.io/v1
+kind: RateLimitPolicy
+metadata: {name: elsewhere, namespace: shop}
+spec:
+  total: {requestsPerSecond: 1}
+---
+apiVersion: meshwork.io/v1
+kind: RateLimitPolicy
+metadata: {name: root, namespace: istio-system}
+spec:
+  total: {requestsPerSecond: 1}
+"""
+
+
+def test_rate_limit_policies_of_the_service_namespace() -> None:
+    policy = compile_inbound_policy(resources(POLICIES + "---" + RATE_LIMITS), REVIEWS, 1, ROOT)
+    # every policy of the namespace may select some instance of the service: the
+    # sidecar keeps the ones matching its labels; other namespaces' never apply
+    assert policy.rate_limits == (
+        RateLimit(name="all-workloads", namespace="default", identity_rps=5),
+        RateLimit(name="ratings", namespace="default", selector={"app": "ratings"},
+                  total_rps=10),
+        RateLimit(
+            name="reviews",
+            namespace="default",
+            selector={"app": "reviews"},
+            total_rps=100,
+            identity_rps=20,
+            overrides=(
+                RateLimitOverride(
+                    principals=("cluster.local/ns/default/sa/productpage",
+                                "cluster.local/ns/shop/sa/cart"),
+                    rps=50,
+                ),
+            ),
+        ),
+    )  # fmt: skip
+    # authorization and peer authentication are unchanged by rate limits
+    without = compile_inbound_policy(resources(), REVIEWS, 1, ROOT)
+    assert msgspec.structs.replace(policy, rate_limits=()) == without
+
+
+def test_rate_limits_survive_the_wire_and_old_policies_still_decode() -> None:
+    policy = compile_inbound_policy(resources(RATE_LIMITS), ServiceRef("shop", "cart"), 2, ROOT)
+    assert [r.name for r in policy.rate_limits] == ["elsewhere"]
+    assert msgspec.msgpack.decode(msgspec.msgpack.encode(policy), type=InboundPolicy) == policy
+    old = {"type": "InboundPolicy", "namespace": "default", "service": "reviews", "revision": 1}
+    decoded = msgspec.msgpack.decode(msgspec.msgpack.encode(old), type=InboundPolicy)
+    assert decoded.rate_limits == ()

@@ -410,9 +410,20 @@ def test_explicit_namespace_wins_over_the_default() -> None:
 
 UNSUPPORTED_FIELDS = [
     (vs(http=[rule(corsPolicy={"allowOrigins": [{"exact": "*"}]})]), "spec.http[0].corsPolicy"),
-    (vs(http=[rule(retries={"attempts": 3})]), "spec.http[0].retries"),
-    (vs(http=[rule(fault={"abort": {"httpStatus": 500}})]), "spec.http[0].fault"),
-    (vs(http=[rule(mirror={"host": "reviews"})]), "spec.http[0].mirror"),
+    (
+        vs(http=[rule(retries={"attempts": 3, "retryRemoteLocalities": True})]),
+        "spec.http[0].retries.retryRemoteLocalities",
+    ),
+    (
+        vs(http=[rule(fault={"abort": {"grpcStatus": "UNAVAILABLE"}})]),
+        "spec.http[0].fault.abort.grpcStatus",
+    ),
+    (
+        vs(http=[rule(fault={"delay": {"exponentialDelay": "1s"}})]),
+        "spec.http[0].fault.delay.exponentialDelay",
+    ),
+    (vs(http=[rule(mirrors=[{"destination": {"host": "reviews"}}])]), "spec.http[0].mirrors"),
+    (vs(http=[rule(mirror={"host": "reviews"}, mirrorPercent=5)]), "spec.http[0].mirrorPercent"),
     (vs(http=[rule(rout=[])]), "spec.http[0].rout"),
     (vs(exportTo=["."], http=[rule()]), "spec.exportTo"),
     (vs(tcp=[{"route": []}]), "spec.tcp"),
@@ -430,8 +441,19 @@ UNSUPPORTED_FIELDS = [
         vs(http=[{"route": [{"destination": {"host": "reviews"}, "mirror": {}}]}]),
         "spec.http[0].route[0].mirror",
     ),
-    (dr(trafficPolicy={"connectionPool": {}}), "spec.trafficPolicy.connectionPool"),
-    (dr(trafficPolicy={"outlierDetection": {}}), "spec.trafficPolicy.outlierDetection"),
+    (
+        dr(trafficPolicy={"connectionPool": {"tcp": {"tcpKeepalive": {"time": "7200s"}}}}),
+        "spec.trafficPolicy.connectionPool.tcp.tcpKeepalive",
+    ),
+    (
+        dr(trafficPolicy={"connectionPool": {"http": {"h2UpgradePolicy": "UPGRADE"}}}),
+        "spec.trafficPolicy.connectionPool.http.h2UpgradePolicy",
+    ),
+    (
+        dr(trafficPolicy={"outlierDetection": {"consecutiveErrors": 5}}),
+        "spec.trafficPolicy.outlierDetection.consecutiveErrors",
+    ),
+    (dr(trafficPolicy={"retryBudget": {}}), "spec.trafficPolicy.retryBudget"),
     (dr(trafficPolicy={"tls": {"mode": "DISABLE"}}), "spec.trafficPolicy.tls"),
     (lb(localityLbSetting={}), "spec.trafficPolicy.loadBalancer.localityLbSetting"),
     (
@@ -454,9 +476,7 @@ def test_unsupported_field_is_rejected_with_its_path(body: dict[str, Any], path:
     assert str(error) == f"t.yaml: document 3: {path} is not supported"
 
 
-@pytest.mark.parametrize(
-    "kind", ["RequestAuthentication", "ServiceEntry", "RateLimitPolicy", "Pod"]
-)
+@pytest.mark.parametrize("kind", ["RequestAuthentication", "ServiceEntry", "EnvoyFilter", "Pod"])
 def test_unsupported_kind_is_rejected(kind: str) -> None:
     body = {
         "apiVersion": "security.istio.io/v1",
@@ -806,7 +826,7 @@ def test_batch_reports_every_error_of_every_document() -> None:
             }
         ]
     )
-    unsupported = vs(http=[rule(fault={})])
+    unsupported = vs(http=[rule(corsPolicy={})])
     batch = parse_documents(
         [
             ResourceDocument(source="a.yaml", index=0, body=good),
@@ -820,7 +840,7 @@ def test_batch_reports_every_error_of_every_document() -> None:
         "a.yaml: document 1: spec.http[0].route: weights must add up to 100, got 140",
         "a.yaml: document 1: spec.http[0].timeout: must be a duration such as 1.5s, 100ms or 2m, "
         "got 'soon'",
-        "b.yaml: document 0: spec.http[0].fault is not supported",
+        "b.yaml: document 0: spec.http[0].corsPolicy is not supported",
     ]
 
 
@@ -948,7 +968,8 @@ def test_resolve_kind_rejects_unknown_names_listing_the_known_ones() -> None:
         resolve_kind("serviceentries")
     assert str(info.value) == (
         "unknown resource kind 'serviceentries'; known kinds: VirtualService (vs), "
-        "DestinationRule (dr), Gateway (gw), PeerAuthentication (pa), AuthorizationPolicy (ap)"
+        "DestinationRule (dr), Gateway (gw), PeerAuthentication (pa), AuthorizationPolicy (ap), "
+        "RateLimitPolicy (rlp)"
     )
 
 
@@ -959,6 +980,7 @@ def test_kind_registry_lists_names_and_versions() -> None:
         "Gateway": ("gateways", ("gw",)),
         "PeerAuthentication": ("peerauthentications", ("pa",)),
         "AuthorizationPolicy": ("authorizationpolicies", ("ap",)),
+        "RateLimitPolicy": ("ratelimitpolicies", ("rlp",)),
     }
     assert KINDS["Gateway"].api_versions == (
         "networking.istio.io/v1",
@@ -990,3 +1012,437 @@ def test_durations(text: str, ms: int) -> None:
 def test_bad_durations(text: str) -> None:
     with pytest.raises(ValueError):
         parse_duration_ms(text)
+
+
+# ---------------------------------------------------------------- resilience (issue 6)
+
+
+def rlp(**spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "meshwork.io/v1",
+        "kind": "RateLimitPolicy",
+        "metadata": {"name": "ratings"},
+        "spec": spec,
+    }
+
+
+RESILIENT_VS = vs(
+    http=[
+        {
+            "match": [{"headers": {"end-user": {"exact": "jason"}}}],
+            "route": [{"destination": {"host": "reviews", "subset": "v1"}}],
+            "timeout": "10s",
+            "retries": {
+                "attempts": 3,
+                "perTryTimeout": "2s",
+                "retryOn": "5xx,gateway-error,reset,connect-failure,refused-stream,"
+                "retriable-4xx,retriable-status-codes,unavailable,cancelled,"
+                "deadline-exceeded,resource-exhausted,internal,envoy-ratelimited,"
+                "retriable-headers,reset-before-request,503,429",
+                "retryIgnorePreviousHosts": False,
+                "backoff": "50ms",
+            },
+            "fault": {
+                "delay": {"fixedDelay": "7s", "percentage": {"value": 0.5}},
+                "abort": {"httpStatus": 503, "percentage": {"value": 100}},
+            },
+            "mirror": {"host": "reviews", "subset": "v2", "port": {"number": 9080}},
+            "mirrorPercentage": {"value": 0.0001},
+        },
+        {"route": [{"destination": {"host": "reviews"}}], "retries": {"attempts": 0}},
+        {
+            "route": [{"destination": {"host": "reviews"}}],
+            "fault": {"delay": {"fixedDelay": "1ms", "percent": 10}},
+        },
+    ]
+)
+RESILIENT_DR = dr(
+    trafficPolicy={
+        "connectionPool": {
+            "tcp": {"maxConnections": 100, "connectTimeout": "30ms"},
+            "http": {
+                "http1MaxPendingRequests": 0,
+                "http2MaxRequests": 1000,
+                "maxRequestsPerConnection": 1,
+                "maxRetries": 3,
+                "idleTimeout": "1h",
+            },
+        },
+        "outlierDetection": {
+            "consecutive5xxErrors": 0,
+            "consecutiveGatewayErrors": 5,
+            "consecutiveLocalOriginFailures": 2,
+            "splitExternalLocalOriginErrors": True,
+            "interval": "10s",
+            "baseEjectionTime": "30s",
+            "maxEjectionPercent": 100,
+            "minHealthPercent": 0,
+        },
+    },
+    subsets=[
+        {
+            "name": "v1",
+            "trafficPolicy": {
+                "connectionPool": {"http": {"http2MaxRequests": 1}},
+                "outlierDetection": {"consecutive5xxErrors": 1},
+            },
+        }
+    ],
+)
+RATE_LIMIT_POLICY = rlp(
+    selector={"matchLabels": {"app": "ratings"}},
+    total={"requestsPerSecond": 100},
+    identity={"requestsPerSecond": 20},
+    overrides=[
+        {
+            "requestsPerSecond": 100,
+            "clientRefs": {"principals": ["cluster.local/ns/default/sa/reviews"]},
+        }
+    ],
+)
+
+
+@pytest.mark.parametrize("body", [RESILIENT_VS, RESILIENT_DR, RATE_LIMIT_POLICY])
+def test_resilience_fields_are_accepted_and_round_trip(body: dict[str, Any]) -> None:
+    resource = parse_resource(copy.deepcopy(body), source="-", index=0)
+    assert parse_resource(to_dict(resource), source="-", index=0) == resource
+    assert to_dict(resource)["spec"] == body["spec"]
+
+
+def test_rate_limit_policy_kind() -> None:
+    resource = parse_resource(RATE_LIMIT_POLICY, source="-", index=0)
+    assert resource.ref == ("RateLimitPolicy", "default", "ratings")
+    assert resolve_kind("rlp") == resolve_kind("ratelimitpolicies.meshwork.io") == "RateLimitPolicy"
+    assert KINDS["RateLimitPolicy"].api_versions == ("meshwork.io/v1",)
+    error = rejection({**RATE_LIMIT_POLICY, "apiVersion": "networking.istio.io/v1"})
+    assert error.message == (
+        "apiVersion networking.istio.io/v1 is not supported for kind RateLimitPolicy "
+        "(use meshwork.io/v1)"
+    )
+
+
+RESILIENCE_REJECTIONS = [
+    # retries
+    (
+        vs(http=[rule(retries={"attempts": -1})]),
+        "spec.http[0].retries.attempts",
+        "must not be negative, got -1",
+    ),
+    (
+        vs(http=[rule(retries={"perTryTimeout": "2s", "retryOn": "5xx"})]),
+        "spec.http[0].retries.attempts",
+        "must be at least 1 when perTryTimeout and retryOn are set (attempts absent or 0 "
+        "disables retries)",
+    ),
+    (
+        vs(http=[rule(retries={"attempts": 2, "retryOn": "5xx,bogus"})]),
+        "spec.http[0].retries.retryOn",
+        "'bogus' is not a valid retryOn condition (use a comma-separated list, without spaces, "
+        "of HTTP status codes or: 5xx, cancelled, connect-failure, deadline-exceeded, "
+        "envoy-ratelimited, gateway-error, internal, refused-stream, reset, "
+        "reset-before-request, resource-exhausted, retriable-4xx, retriable-headers, "
+        "retriable-status-codes, unavailable)",
+    ),
+    (
+        vs(http=[rule(retries={"attempts": 2, "retryOn": "5xx, reset"})]),
+        "spec.http[0].retries.retryOn",
+        "' reset' is not a valid retryOn condition",
+    ),
+    (
+        vs(http=[rule(retries={"attempts": 2, "retryOn": "599"})]),
+        "spec.http[0].retries.retryOn",
+        "'599' is not a valid retryOn condition",
+    ),
+    (
+        vs(http=[rule(retries={"attempts": 2, "retryOn": "http3-post-connect-failure"})]),
+        "spec.http[0].retries.retryOn",
+        "'http3-post-connect-failure' is not a valid retryOn condition",
+    ),
+    (
+        vs(http=[rule(retries={"attempts": 2, "perTryTimeout": "0s"})]),
+        "spec.http[0].retries.perTryTimeout",
+        "must be at least 1ms, got '0s'",
+    ),
+    (
+        vs(http=[rule(retries={"attempts": 2, "backoff": "1.5ms"})]),
+        "spec.http[0].retries.backoff",
+        "must be a whole number of milliseconds, got '1.5ms'",
+    ),
+    (
+        vs(http=[{"redirect": {"uri": "/"}, "retries": {"attempts": 1}}]),
+        "spec.http[0].retries",
+        "can only be used with route",
+    ),
+    # fault
+    (vs(http=[rule(fault={})]), "spec.http[0].fault", "must set delay, abort or both"),
+    (
+        vs(http=[{"directResponse": {"status": 200}, "fault": {"abort": {"httpStatus": 500}}}]),
+        "spec.http[0].fault",
+        "can only be used with route",
+    ),
+    (
+        vs(http=[rule(fault={"delay": {"percentage": {"value": 10}}})]),
+        "spec.http[0].fault.delay.fixedDelay",
+        "spec.http[0].fault.delay.fixedDelay is required",
+    ),
+    (
+        vs(http=[rule(fault={"delay": {"fixedDelay": "soon"}})]),
+        "spec.http[0].fault.delay.fixedDelay",
+        "must be a duration such as 1.5s, 100ms or 2m, got 'soon'",
+    ),
+    (
+        vs(http=[rule(fault={"delay": {"fixedDelay": "1s", "percentage": {"value": 101}}})]),
+        "spec.http[0].fault.delay.percentage.value",
+        "must be between 0 and 100, got 101.0",
+    ),
+    (
+        vs(http=[rule(fault={"delay": {"fixedDelay": "1s", "percent": 120}})]),
+        "spec.http[0].fault.delay.percent",
+        "must be between 0 and 100, got 120",
+    ),
+    (
+        vs(
+            http=[
+                rule(
+                    fault={"delay": {"fixedDelay": "1s", "percent": 5, "percentage": {"value": 5}}}
+                )
+            ]
+        ),
+        "spec.http[0].fault.delay.percent",
+        "must not be set together with percentage (percent is deprecated)",
+    ),
+    (
+        vs(http=[rule(fault={"abort": {"percentage": {"value": 5}}})]),
+        "spec.http[0].fault.abort.httpStatus",
+        "spec.http[0].fault.abort.httpStatus is required",
+    ),
+    (
+        vs(http=[rule(fault={"abort": {"httpStatus": 600}})]),
+        "spec.http[0].fault.abort.httpStatus",
+        "must be between 200 and 599, got 600",
+    ),
+    (
+        vs(http=[rule(fault={"abort": {"httpStatus": 500, "percentage": {"value": -1}}})]),
+        "spec.http[0].fault.abort.percentage.value",
+        "must be between 0 and 100, got -1.0",
+    ),
+    (
+        vs(http=[rule(fault={"abort": {"httpStatus": 500, "percentage": {"value": 0.00001}}})]),
+        "spec.http[0].fault.abort.percentage.value",
+        "must be 0 or at least 0.0001, got 1e-05",
+    ),
+    (
+        vs(http=[rule(fault={"abort": {"httpStatus": 500, "percentage": {"value": ".nan"}}})]),
+        "spec.http[0].fault.abort.percentage.value",
+        "must be a number, got a string",
+    ),
+    (
+        vs(
+            http=[rule(fault={"abort": {"httpStatus": 500, "percentage": {"value": float("nan")}}})]
+        ),
+        "spec.http[0].fault.abort.percentage.value",
+        "must be between 0 and 100, got nan",
+    ),
+    # mirror
+    (
+        vs(http=[rule(mirror={"host": "*.example.com"})]),
+        "spec.http[0].mirror.host",
+        "must name a service, not a wildcard, got '*.example.com'",
+    ),
+    (
+        vs(http=[rule(mirror={"host": "reviews", "subset": "V2"})]),
+        "spec.http[0].mirror.subset",
+        "must be a DNS-1123 label",
+    ),
+    (
+        vs(http=[rule(mirror={"host": "reviews", "port": {"number": 0}})]),
+        "spec.http[0].mirror.port.number",
+        "must be between 1 and 65535, got 0",
+    ),
+    (
+        vs(http=[rule(mirrorPercentage={"value": 50})]),
+        "spec.http[0].mirrorPercentage",
+        "spec.http[0].mirrorPercentage requires spec.http[0].mirror",
+    ),
+    (
+        vs(http=[rule(mirror={"host": "reviews"}, mirrorPercentage={"value": 150})]),
+        "spec.http[0].mirrorPercentage.value",
+        "must be between 0 and 100, got 150.0",
+    ),
+    (
+        vs(http=[rule(mirror={})]),
+        "spec.http[0].mirror.host",
+        "spec.http[0].mirror.host is required",
+    ),
+    # connectionPool
+    (
+        dr(trafficPolicy={"connectionPool": {}}),
+        "spec.trafficPolicy.connectionPool",
+        "must set tcp, http or both",
+    ),
+    (
+        dr(trafficPolicy={"connectionPool": {"tcp": {"maxConnections": -1}}}),
+        "spec.trafficPolicy.connectionPool.tcp.maxConnections",
+        "must be between 0 and 2147483647, got -1",
+    ),
+    (
+        dr(trafficPolicy={"connectionPool": {"tcp": {"connectTimeout": "500us"}}}),
+        "spec.trafficPolicy.connectionPool.tcp.connectTimeout",
+        "must be at least 1ms, got '500us'",
+    ),
+    (
+        dr(trafficPolicy={"connectionPool": {"http": {"http2MaxRequests": 2**31}}}),
+        "spec.trafficPolicy.connectionPool.http.http2MaxRequests",
+        "must be between 0 and 2147483647, got 2147483648",
+    ),
+    (
+        dr(trafficPolicy={"connectionPool": {"http": {"idleTimeout": "-1s"}}}),
+        "spec.trafficPolicy.connectionPool.http.idleTimeout",
+        "must not be negative, got '-1s'",
+    ),
+    (
+        dr(trafficPolicy={"connectionPool": {"http": {"maxRetries": "3"}}}),
+        "spec.trafficPolicy.connectionPool.http.maxRetries",
+        "must be an integer, got a string",
+    ),
+    # outlierDetection
+    (
+        dr(trafficPolicy={"outlierDetection": {"consecutive5xxErrors": -1}}),
+        "spec.trafficPolicy.outlierDetection.consecutive5xxErrors",
+        "must be between 0 and 4294967295, got -1",
+    ),
+    (
+        dr(trafficPolicy={"outlierDetection": {"consecutiveLocalOriginFailures": 3}}),
+        "spec.trafficPolicy.outlierDetection.consecutiveLocalOriginFailures",
+        "spec.trafficPolicy.outlierDetection.consecutiveLocalOriginFailures takes effect only "
+        "with splitExternalLocalOriginErrors: true",
+    ),
+    (
+        dr(trafficPolicy={"outlierDetection": {"interval": "0s"}}),
+        "spec.trafficPolicy.outlierDetection.interval",
+        "must be at least 1ms, got '0s'",
+    ),
+    (
+        dr(trafficPolicy={"outlierDetection": {"baseEjectionTime": "30"}}),
+        "spec.trafficPolicy.outlierDetection.baseEjectionTime",
+        "must be a duration such as 1.5s, 100ms or 2m, got '30'",
+    ),
+    (
+        dr(trafficPolicy={"outlierDetection": {"maxEjectionPercent": 101}}),
+        "spec.trafficPolicy.outlierDetection.maxEjectionPercent",
+        "must be between 0 and 100, got 101",
+    ),
+    (
+        dr(
+            subsets=[
+                {"name": "v1", "trafficPolicy": {"outlierDetection": {"minHealthPercent": -5}}}
+            ]
+        ),
+        "spec.subsets[0].trafficPolicy.outlierDetection.minHealthPercent",
+        "must be between 0 and 100, got -5",
+    ),
+    # RateLimitPolicy
+    (rlp(), "spec", "must set at least one of total, identity or overrides"),
+    (rlp(total={}), "spec.total.requestsPerSecond", "spec.total.requestsPerSecond is required"),
+    (
+        rlp(total={"requestsPerSecond": 0}),
+        "spec.total.requestsPerSecond",
+        "must be between 1 and 1000000, got 0",
+    ),
+    (
+        rlp(total={"requestsPerSecond": 1.5}),
+        "spec.total.requestsPerSecond",
+        "must be an integer, got a number",
+    ),
+    (
+        rlp(total={"requestsPerSecond": 10}, identity={"requestsPerSecond": 20}),
+        "spec.identity.requestsPerSecond",
+        "must not be greater than spec.total.requestsPerSecond (10), got 20",
+    ),
+    (
+        rlp(
+            total={"requestsPerSecond": 10},
+            overrides=[{"requestsPerSecond": 11, "clientRefs": {"principals": ["td/ns/a/sa/b"]}}],
+        ),
+        "spec.overrides[0].requestsPerSecond",
+        "must not be greater than spec.total.requestsPerSecond (10), got 11",
+    ),
+    (
+        rlp(overrides=[{"requestsPerSecond": 1}]),
+        "spec.overrides[0].clientRefs.principals",
+        "must list at least one principal",
+    ),
+    (
+        rlp(overrides=[{"requestsPerSecond": 1, "clientRefs": {"principals": ["reviews"]}}]),
+        "spec.overrides[0].clientRefs.principals[0]",
+        "must be a principal <trust-domain>/ns/<namespace>/sa/<service-account> "
+        "(e.g. 'cluster.local/ns/default/sa/reviews'), got 'reviews'",
+    ),
+    (
+        rlp(
+            overrides=[
+                {
+                    "requestsPerSecond": 1,
+                    "clientRefs": {"principals": ["spiffe://cluster.local/ns/a/sa/b"]},
+                }
+            ]
+        ),
+        "spec.overrides[0].clientRefs.principals[0]",
+        "must be Istio's principal form without spiffe:// (e.g. 'cluster.local/ns/a/sa/b')",
+    ),
+    (
+        rlp(
+            overrides=[
+                {"requestsPerSecond": 1, "clientRefs": {"principals": ["td/ns/a/sa/b"]}},
+                {"requestsPerSecond": 2, "clientRefs": {"principals": ["td/ns/a/sa/b"]}},
+            ]
+        ),
+        "spec.overrides[1].clientRefs.principals[0]",
+        "'td/ns/a/sa/b' is already listed at spec.overrides[0].clientRefs.principals[0]",
+    ),
+    (
+        rlp(total={"requestsPerSecond": 1}, selector={"matchLabels": {"app": "a b"}}),
+        "spec.selector.matchLabels.app",
+        "must be a label value",
+    ),
+    (
+        rlp(total={"requestsPerSecond": 1}, targetRef={"kind": "Server", "name": "x"}),
+        "spec.targetRef",
+        "spec.targetRef is not supported",
+    ),
+    (
+        rlp(
+            total={"requestsPerSecond": 1},
+            overrides=[{"requestsPerSecond": 1, "clientRefs": [{"kind": "ServiceAccount"}]}],
+        ),
+        "spec.overrides[0].clientRefs",
+        "must be a mapping, got a list",
+    ),
+]
+
+
+@pytest.mark.parametrize(("body", "path", "message"), RESILIENCE_REJECTIONS)
+def test_resilience_rejection_names_the_field(
+    body: dict[str, Any], path: str, message: str
+) -> None:
+    error = rejection(body)
+    assert error.path == path
+    assert error.message.startswith(message)
+
+
+def test_every_resilience_problem_of_a_document_is_reported() -> None:
+    body = vs(
+        http=[
+            rule(
+                retries={"attempts": 0, "perTryTimeout": "1s"},
+                fault={"abort": {"httpStatus": 99}},
+                mirrorPercentage={"value": 5},
+            )
+        ]
+    )
+    batch = parse_documents([ResourceDocument(source="r.yaml", index=0, body=body)])
+    assert [e.path for e in batch.errors] == [
+        "spec.http[0].retries.attempts",
+        "spec.http[0].fault.abort.httpStatus",
+        "spec.http[0].mirrorPercentage",
+    ]

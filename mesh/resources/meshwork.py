@@ -1,0 +1,60 @@
+"""Typed models of the `meshwork.io` kinds: what Istio lacks, shaped after prior art.
+
+`RateLimitPolicy` (`meshwork.io/v1`, plural `ratelimitpolicies`, short `rlp`) is local
+rate limiting in the *server* sidecars, shaped like Linkerd's HTTPLocalRateLimitPolicy
+(`total`, `identity`, `overrides`), but attached to workloads the way Istio policies
+are, by a label selector in the policy's namespace (no selector: every workload of
+the namespace)::
+
+    apiVersion: meshwork.io/v1
+    kind: RateLimitPolicy
+    metadata: {name: ratings, namespace: default}
+    spec:
+      selector: {matchLabels: {app: ratings}}
+      total: {requestsPerSecond: 100}       # every caller together, per sidecar
+      identity: {requestsPerSecond: 20}     # each caller principal on its own
+      overrides:                            # these principals instead of `identity`
+      - requestsPerSecond: 50
+        clientRefs:
+          principals: ["cluster.local/ns/default/sa/reviews"]
+
+Semantics (enforced by the inbound sidecar, one token bucket per limit, capacity =
+requestsPerSecond, so a burst of up to one second's worth passes at once):
+- a request must pass `total` (when set) and its caller's own limit: the override
+  listing its principal, else `identity` (when set);
+- each principal of an override has its own bucket at the override's rate;
+- callers without a principal (plaintext) are one caller for `identity`, as Linkerd
+  treats unmeshed sources;
+- limits are per sidecar (local), not per service: N instances admit N times the rate;
+- beyond a limit the sidecar answers 429 with `x-ratelimit-*` headers, flag `RL`.
+
+Validation follows Linkerd's rules (no limit above `total`) and refuses a policy that
+limits nothing. Principals use Istio's form `<trust-domain>/ns/<namespace>/sa/<sa>`.
+"""
+
+from __future__ import annotations
+
+from mesh.resources.networking import Model
+from mesh.resources.security import WorkloadSelector
+
+
+class RequestRate(Model, frozen=True):
+    """`{requestsPerSecond: N}`; None is refused in validation with its path."""
+
+    requests_per_second: int | None = None
+
+
+class ClientRefs(Model, frozen=True):
+    principals: tuple[str, ...] = ()
+
+
+class RateLimitOverride(Model, frozen=True):
+    requests_per_second: int | None = None
+    client_refs: ClientRefs | None = None
+
+
+class RateLimitPolicySpec(Model, frozen=True):
+    selector: WorkloadSelector | None = None
+    total: RequestRate | None = None
+    identity: RequestRate | None = None
+    overrides: tuple[RateLimitOverride, ...] = ()
