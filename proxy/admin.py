@@ -1,4 +1,4 @@
-"""The admin listener: `/ready`, `/stats/prometheus`, `/config_dump`, `/clusters`."""
+"""The admin listener: `/ready`, `/stats/prometheus`, `/config_dump`, `/clusters`, `/certs`."""
 
 from __future__ import annotations
 
@@ -22,12 +22,14 @@ class AdminServer:
         cache: Callable[[], DestinationCache | None],
         info: Callable[[], dict[str, Any]],
         extra_metrics: Callable[[], bytes] | None = None,
+        certs: Callable[[], dict[str, Any] | None] | None = None,
     ):
         self.ready = ready
         self.stats = stats
         self.cache = cache
         self.info = info
         self.extra_metrics = extra_metrics
+        self.certs = certs
         self.runner: web.AppRunner | None = None
         self.port = 0
 
@@ -37,6 +39,7 @@ class AdminServer:
         app.router.add_get("/stats/prometheus", self._stats)
         app.router.add_get("/config_dump", self._config_dump)
         app.router.add_get("/clusters", self._clusters)
+        app.router.add_get("/certs", self._certs)
         self.runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self.runner.setup()
         site = web.TCPSite(self.runner, host, port)
@@ -65,6 +68,14 @@ class AdminServer:
     async def _config_dump(self, _r: web.Request) -> web.Response:
         cache = self.cache()
         return web.json_response({**self.info(), "destinations": cache.dump() if cache else {}})
+
+    async def _certs(self, _r: web.Request) -> web.Response:
+        """The workload certificate: chain, SPIFFE ID, serial, dates, next renewal
+        (never the key). 404 when the sidecar runs without mTLS."""
+        info = self.certs() if self.certs is not None else None
+        if info is None:
+            return web.json_response({"error": "this proxy runs without mTLS"}, status=404)
+        return web.json_response(info)
 
     async def _clusters(self, _r: web.Request) -> web.Response:
         clusters: list[dict[str, Any]] = []

@@ -9,9 +9,10 @@ subset), and are counted with their flags.
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Protocol
 
 from proxy.http import (
     Exchange,
@@ -23,6 +24,9 @@ from proxy.http import (
     UpstreamResetError,
 )
 
+if TYPE_CHECKING:
+    from proxy.telemetry import SpanContext, Workload
+
 FLAGS_HEADER = "x-mesh-response-flags"
 
 # hop-by-hop handling happens in the engine; these are what a proxy adds or rewrites
@@ -31,9 +35,22 @@ _SERVER = ("server", "meshwork")
 
 @dataclass(slots=True)
 class Outcome:
+    """What became of one request: the status sent (0: none), Envoy response flags
+    ("" for none) and the upstream address it went to.
+
+    For telemetry, a routing handler also notes what it learns on the way: `service`
+    (canonical host of the destination service) and `destination` (the chosen
+    endpoint's workload), and once it forwards, the client span and request id it sent
+    (`trace`, `request_id`); empty when the request was answered before that.
+    """
+
     status: int
     flags: str = ""
     upstream: str = ""
+    service: str = ""
+    destination: Workload | None = None
+    trace: SpanContext | None = None
+    request_id: str = ""
 
 
 async def local_reply(ex: Exchange, status: int, flags: str, message: str) -> Outcome:
@@ -43,27 +60,47 @@ async def local_reply(ex: Exchange, status: int, flags: str, message: str) -> Ou
     return Outcome(status, flags)
 
 
+class UpstreamTls(Protocol):
+    """Client-side mTLS for pools: a context per new connection (the certificate in
+    force), and the check that the server is the identity the registry lists."""
+
+    def client_context(self) -> ssl.SSLContext: ...
+
+    def verifier(self, expected_identity: str) -> Callable[[ssl.SSLObject | None], object]: ...
+
+
 class PoolSet:
-    """One upstream connection pool per endpoint address, created on first use and
-    closed when the endpoint leaves every endpoint set."""
+    """One upstream connection pool per (endpoint address, expected identity), created
+    on first use. With `tls`, an endpoint that registered an identity is reached over
+    mTLS and must present exactly that identity; one without (no sidecar) in plaintext."""
 
-    def __init__(self, limits: Limits, ssl_for: Callable[[str], Any] | None = None):
+    def __init__(self, limits: Limits, tls: UpstreamTls | None = None):
         self.limits = limits
-        self.ssl_for = ssl_for
-        self.pools: dict[str, UpstreamPool] = {}
+        self.tls = tls
+        self.pools: dict[tuple[str, str], UpstreamPool] = {}
 
-    def get(self, address: str) -> UpstreamPool:
-        pool = self.pools.get(address)
+    def get(self, address: str, identity: str = "") -> UpstreamPool:
+        key = (address, identity)
+        pool = self.pools.get(key)
         if pool is None:
             host, _, port = address.rpartition(":")
-            pool = UpstreamPool(host.strip("[]"), int(port), limits=self.limits)
-            self.pools[address] = pool
+            if identity and self.tls is not None:
+                pool = UpstreamPool(
+                    host.strip("[]"),
+                    int(port),
+                    limits=self.limits,
+                    ssl=self.tls.client_context,
+                    verify_peer=self.tls.verifier(identity),
+                )
+            else:
+                pool = UpstreamPool(host.strip("[]"), int(port), limits=self.limits)
+            self.pools[key] = pool
         return pool
 
     def retain(self, addresses: set[str]) -> None:
-        for address in list(self.pools):
-            if address not in addresses:
-                self.pools.pop(address).close()
+        for key in list(self.pools):
+            if key[0] not in addresses:
+                self.pools.pop(key).close()
 
     def close(self) -> None:
         for pool in self.pools.values():

@@ -10,22 +10,50 @@ from __future__ import annotations
 
 from proxy.forward import Outcome, PoolSet, forward, local_reply
 from proxy.http import Exchange, Request, ensure_request_id, strip_hop_by_hop
-from proxy.peer import peer_of
+from proxy.inbound_policy import InboundPolicyFollower
+from proxy.peer import Peer, peer_of
+from proxy.policy import PathError, RequestFacts, normalize_path
 from proxy.settings import SidecarSettings
+from proxy.stats import ProxyStats
 
 XFCC = "x-forwarded-client-cert"
+# Envoy's flag for a request denied by RBAC (authorization policy)
+DENIED_FLAG = "RBAC"
 
 
 class InboundHandler:
-    def __init__(self, settings: SidecarSettings, app_pools: PoolSet):
+    def __init__(
+        self,
+        settings: SidecarSettings,
+        app_pools: PoolSet,
+        policy: InboundPolicyFollower,
+        stats: ProxyStats,
+    ):
         self.settings = settings
         self.app_pools = app_pools
+        self.policy = policy
+        self.stats = stats
         self.app_address = f"127.0.0.1:{settings.app_port}"
 
     async def handle(self, req: Request, ex: Exchange) -> Outcome:
         if self.settings.app_port == 0:
             return await local_reply(ex, 503, "UH", "this sidecar has no app port")
         peer = peer_of(req.ssl_object)
+        if not peer.mtls and self.policy.mode(self.settings.app_port) == "STRICT":
+            # accepted as plaintext before the mode became STRICT: not any more
+            ex.close_after = True
+            return await local_reply(
+                ex, 403, DENIED_FLAG, "mTLS required: PeerAuthentication mode is STRICT"
+            )
+        try:
+            path = normalize_path(req.path)
+        except PathError as e:
+            ex.close_after = True
+            return await local_reply(ex, 400, "", f"bad request path: {e}")
+        denied = self._authorize(req, peer, path)
+        if denied is not None:
+            self.stats.authz_denied.labels(policy=denied[0]).inc()
+            return await local_reply(ex, 403, DENIED_FLAG, f"RBAC: access denied ({denied[1]})")
         headers = [(n, v) for n, v in strip_hop_by_hop(req.headers) if n != XFCC]
         headers, _ = ensure_request_id(headers)
         if req.authority and not any(n == "host" for n, _ in headers):
@@ -37,7 +65,32 @@ class InboundHandler:
             req,
             self.app_pools.get(self.app_address),
             method=req.method,
-            path=req.path,
+            path=path,
             headers=headers,
             upstream=self.app_address,
         )
+
+    def _authorize(self, req: Request, peer: Peer, path: str) -> tuple[str, str] | None:
+        """None when allowed; else (the denying policy or "none", message)."""
+        authorizer = self.policy.authorizer
+        if authorizer.empty:
+            return None
+        headers: dict[str, str] = {}
+        for name, value in req.headers:
+            headers[name] = f"{headers[name]},{value}" if name in headers else value
+        query = path.find("?")
+        decision = authorizer.decide(
+            RequestFacts(
+                principal=peer.principal,
+                namespace=peer.namespace,
+                source_ip=req.peer[0] if req.peer else "",
+                method=req.method,
+                path=path if query < 0 else path[:query],
+                host=req.authority or headers.get("host", ""),
+                port=self.settings.app_port,
+                headers=headers,
+            )
+        )
+        if decision.allowed:
+            return None
+        return (decision.policy or "none", decision.reason)

@@ -3,6 +3,10 @@ pick a subset and an endpoint, forward to that endpoint's sidecar.
 
 The decisions are the routing core's (`proxy.routing`); this module only gathers the
 request's attributes, asks, and carries out the answer.
+
+With telemetry, every request is recorded with `reporter="source"` (local replies too,
+with their flags); a forwarded one leaves with a client span's trace headers and this
+proxy's peer metadata (`SidecarTelemetry.client_headers`, `outbound_done`).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from proxy.routing import (
     request_authority,
     rewrite_path,
 )
+from proxy.telemetry import SidecarTelemetry
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,11 +63,13 @@ class RouteHandler:
         cache: DestinationCache,
         pools: PoolSet,
         rand: random.Random | None = None,
+        telemetry: SidecarTelemetry | None = None,
     ):
         self.caller = caller
         self.cache = cache
         self.pools = pools
         self.rand = rand or random.Random()
+        self.telemetry = telemetry
         self.gateway_routes: CompiledRoutes | None = None
         self.gateway_mode = False
         # host as sent -> mesh service; a handful of distinct hosts per proxy, so a
@@ -79,6 +86,22 @@ class RouteHandler:
         return ref  # type: ignore[return-value]
 
     async def handle(self, req: Request, ex: Exchange) -> Outcome:
+        telemetry = self.telemetry
+        if telemetry is None:
+            return await self._handle(req, ex, None)
+        # what routing learns on the way; recorded as is (status 0, flags DC) when the
+        # handler ends by an exception, e.g. the client went away
+        seen = Outcome(0, "DC")
+        try:
+            result = await self._handle(req, ex, seen)
+        except BaseException:
+            telemetry.outbound_done(req, ex, seen)
+            raise
+        seen.status, seen.flags, seen.upstream = result.status, result.flags, result.upstream
+        telemetry.outbound_done(req, ex, seen)
+        return result
+
+    async def _handle(self, req: Request, ex: Exchange, seen: Outcome | None) -> Outcome:
         authority = req.authority
         if not authority:
             return await local_reply(ex, 400, "", "missing Host header")
@@ -100,13 +123,15 @@ class RouteHandler:
             match = self.gateway_routes.select(attrs)
             if match is None:
                 return await local_reply(ex, 404, "NR", f"no route for {authority}{req.path}")
-            return await self._route(req, ex, attrs, match)
+            return await self._route(req, ex, attrs, match, seen)
 
         ref = self._service(authority)
         if ref is None or ref.name == "*":
             return await local_reply(
                 ex, 502, "NR", f"unknown host {strip_port(authority)!r}: not a mesh service"
             )
+        if seen is not None:
+            seen.service = ref.fqdn
         try:
             dest = await self.cache.get(ref)
         except errors.MeshError as e:
@@ -119,10 +144,15 @@ class RouteHandler:
         match = dest.routes.select(attrs)
         if match is None:
             return await local_reply(ex, 404, "NR", f"no route matched {req.method} {req.path}")
-        return await self._route(req, ex, attrs, match)
+        return await self._route(req, ex, attrs, match, seen)
 
     async def _route(
-        self, req: Request, ex: Exchange, attrs: RequestAttrs, match: RouteMatch
+        self,
+        req: Request,
+        ex: Exchange,
+        attrs: RequestAttrs,
+        match: RouteMatch,
+        seen: Outcome | None,
     ) -> Outcome:
         route: HTTPRoute = match.route
         if route.direct_response is not None:
@@ -146,6 +176,8 @@ class RouteHandler:
             return await local_reply(
                 ex, 502, "NR", f"route destination {chosen.destination.host} is not a mesh service"
             )
+        if seen is not None:
+            seen.service = target_ref.fqdn
         try:
             target = await self.cache.get(target_ref)
         except errors.MeshError as e:
@@ -167,6 +199,8 @@ class RouteHandler:
         endpoint = balancer.choose(hash_ctx)
         if endpoint is None:
             return await local_reply(ex, 503, "UH", f"no healthy upstream for {target_ref}")
+        if seen is not None and self.telemetry is not None:
+            seen.destination = self.telemetry.destination_of(target_ref, endpoint)
 
         path = rewrite_path(route, match.match, req.path)
         authority = request_authority(route, chosen, attrs.authority)
@@ -176,6 +210,8 @@ class RouteHandler:
         out_headers.append(("host", authority))
         out_headers = append_forwarded_for(out_headers, peer_ip)
         out_headers, _request_id = ensure_request_id(out_headers)
+        if seen is not None and self.telemetry is not None:
+            out_headers = self.telemetry.client_headers(out_headers, seen)
         cookie = balancer.cookie_to_set(hash_ctx) if hash_ctx is not None else None
 
         def response_headers(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
@@ -189,7 +225,7 @@ class RouteHandler:
             return await forward(
                 ex,
                 req,
-                self.pools.get(endpoint.address),
+                self.pools.get(endpoint.address, endpoint.identity),
                 method=req.method,
                 path=path,
                 headers=out_headers,

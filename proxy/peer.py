@@ -4,15 +4,12 @@ keep-alive connection's requests do not parse the same certificate again."""
 
 from __future__ import annotations
 
-from typing import NamedTuple, Protocol
+import ssl
+from typing import NamedTuple
 
 from cryptography import x509
 
 from mesh import identity
-
-
-class _PeerCertSource(Protocol):
-    def getpeercert(self, binary_form: bool = ...) -> object: ...
 
 
 class Peer(NamedTuple):
@@ -30,7 +27,7 @@ _MAX = 4096
 _seen: dict[bytes, Peer] = {}
 
 
-def peer_of(ssl_object: _PeerCertSource | None) -> Peer:
+def peer_of(ssl_object: ssl.SSLObject | None) -> Peer:
     """The verified peer of a TLS connection (PLAINTEXT when not TLS). A certificate
     whose SAN is not one SPIFFE ID counts as no identity: policy treats it as plaintext."""
     if ssl_object is None:

@@ -32,6 +32,14 @@ class SidecarSettings:
     gateway: bool = False
     gateway_port: int = 0
     nats_user: str | None = None
+    # mTLS between sidecars (DESIGN §7); off only with `--no-mtls` (development)
+    mtls: bool = True
+    # bootstrap token for the first certificate (from --token/--token-file/MESH_TOKEN)
+    token: str = ""
+    # telemetry (DESIGN §8): off only with `--no-telemetry` (to measure what it costs);
+    # percentage of new traces sampled (an incoming sampling decision wins)
+    telemetry: bool = True
+    trace_sampling: float = 1.0
     nats_password: str | None = None
 
     def __post_init__(self) -> None:

@@ -12,26 +12,41 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
 import signal
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from mesh.bus import Bus
+from mesh.hosts import ServiceRef
 from mesh.logs import get_logger
-from mesh.messages import Instance
+from mesh.messages import Instance, SubscriptionStatus
+from mesh.telemetry import new_reporter_id
 from proxy.admin import AdminServer
 from proxy.destinations import DestinationCache
 from proxy.forward import Outcome, PoolSet
 from proxy.gateway import GatewayFollower
 from proxy.http import Exchange, Limits, Request, serve
+from proxy.http.server import HttpServerProtocol
+from proxy.identity_client import IdentityRefused, WorkloadIdentity
 from proxy.inbound import InboundHandler
+from proxy.inbound_policy import InboundPolicyFollower
+from proxy.listener import MeshListener
+from proxy.mtls import MeshTls
 from proxy.outbound import Caller, RouteHandler
 from proxy.registration import Registration
 from proxy.settings import SidecarSettings
 from proxy.stats import ProxyStats
 from proxy.status_report import StatusReporter
 from proxy.tcp import TcpRelays, parse_tcp_upstream
+from proxy.telemetry import (
+    Sampler,
+    SidecarTelemetry,
+    TelemetryPublisher,
+    TelemetryRecorder,
+    own_workload,
+)
 
 log = get_logger("proxy.sidecar")
 
@@ -61,6 +76,9 @@ class Sidecar:
         self.cache: DestinationCache
         self.reporter: StatusReporter
         self.gateway: GatewayFollower | None = None
+        self.identity: WorkloadIdentity | None = None
+        self.inbound_policy: InboundPolicyFollower | None = None
+        self.servers_extra: list[MeshListener] = []
 
     # ------------------------------------------------------------ handlers
 
@@ -104,7 +122,9 @@ class Sidecar:
             "namespace": s.namespace,
             "version": s.version,
             "labels": s.labels,
-            "identity": s.identity,
+            "identity": s.identity if s.mtls else "",
+            "mtls": s.mtls,
+            "inbound_policy": self.inbound_policy.dump() if self.inbound_policy else None,
             "ready": self.ready,
             "draining": self.draining,
             "listeners": self.ports,
@@ -124,6 +144,7 @@ class Sidecar:
             stats=self.stats,
             cache=lambda: getattr(self, "cache", None),
             info=self.info,
+            certs=self._certs,
         )
         self.ports["admin"] = await admin.start(s.bind_host, s.admin_port)
         try:
@@ -152,10 +173,20 @@ class Sidecar:
     async def _run_connected(self, admin: AdminServer) -> int:
         s = self.settings
         self.cache = DestinationCache(self.bus, on_change=lambda: self.reporter.changed())
-        statuses = self.cache.subscription_statuses
         if s.gateway:
             self.gateway = GatewayFollower(self.bus, s, on_change=lambda: self.reporter.changed())
-            statuses = lambda: [*self.cache.subscription_statuses(), *self.gateway.statuses()]  # type: ignore[union-attr]  # noqa: E731
+        else:
+            self.inbound_policy = InboundPolicyFollower(
+                self.bus, s, on_change=lambda: self.reporter.changed()
+            )
+
+        def statuses() -> list[SubscriptionStatus]:
+            out = self.cache.subscription_statuses()
+            for follower in (self.gateway, self.inbound_policy):
+                if follower is not None:
+                    out.extend(follower.statuses())
+            return out
+
         self.reporter = StatusReporter(
             self.bus,
             proxy=s.instance,
@@ -167,9 +198,23 @@ class Sidecar:
             statuses=statuses,
         )
         self.bus.on_reconnect(self._resync)
+        if s.mtls:
+            if not await self._obtain_identity():
+                return self._exit_code
         caller = Caller(namespace=s.namespace, labels=s.labels)
-        routes = RouteHandler(caller, self.cache, self.pools)
-        self.tcp = TcpRelays(self.cache, self.stats.registry)
+        telemetry = self._telemetry()
+        routes = RouteHandler(caller, self.cache, self.pools, telemetry=telemetry)
+        if self.inbound_policy is not None:
+            await self.inbound_policy.start()
+        identity, policy = self.identity, self.inbound_policy
+        self.tcp = TcpRelays(
+            self.cache,
+            self.stats.registry,
+            telemetry=telemetry,
+            tls=self.pools.tls if isinstance(self.pools.tls, MeshTls) else None,
+            inbound_context=(lambda: identity.inbound_context()) if identity else None,
+            inbound_mode=policy.mode if policy is not None else None,
+        )
         tcp_listeners: dict[str, str] = {}
         if s.tcp_ports:
             tcp_listeners = await self.tcp.start_inbound(s.bind_host, s.tcp_ports)
@@ -184,10 +229,10 @@ class Sidecar:
                 "gateway", self._counted("gateway", routes.handle), s.gateway_port, s.bind_host
             )
         else:
-            inbound = InboundHandler(s, self.app_pools)
-            address_port = await self._listen(
-                "inbound", self._counted("inbound", inbound.handle), s.inbound_port, s.bind_host
-            )
+            assert self.inbound_policy is not None
+            inbound = InboundHandler(s, self.app_pools, self.inbound_policy, self.stats)
+            handle = inbound.handle if telemetry is None else telemetry.inbound(inbound.handle)
+            address_port = await self._listen_inbound(self._counted("inbound", handle))
             await self._listen(
                 "outbound", self._counted("outbound", routes.handle), s.outbound_port, "127.0.0.1"
             )
@@ -199,7 +244,7 @@ class Sidecar:
             version=s.version,
             labels=s.labels,
             service_account=s.service_account,
-            identity=s.identity,
+            identity=s.identity if s.mtls else "",
             tcp_ports=s.tcp_ports,
             tcp_listeners=tcp_listeners,
             admin=f"http://{s.bind_host}:{self.ports['admin']}",
@@ -220,6 +265,15 @@ class Sidecar:
                     tg.create_task(self.reporter.run(), name="sidecar:status"),
                     tg.create_task(self.cache.resync_forever(), name="sidecar:resync"),
                 ]
+                if telemetry is not None:
+                    # cancelled last, after the drain: its final flush (bounded) sends
+                    # what the drained requests recorded
+                    publisher = TelemetryPublisher(
+                        telemetry.recorder, self.bus, before_flush=self.tcp.report_telemetry
+                    )
+                    tasks.append(tg.create_task(publisher.run(), name="sidecar:telemetry"))
+                if self.identity is not None:
+                    tasks.append(tg.create_task(self.identity.run(), name="sidecar:identity"))
                 if self.gateway is not None:
                     await self.gateway.start()
                 if self.app_command:
@@ -235,11 +289,90 @@ class Sidecar:
         finally:
             for server in self.servers:
                 server.close()
+            for listener in self.servers_extra:
+                listener.close()
+            if self.identity is not None:
+                await self.identity.close()
             self.tcp.close()
             self.pools.close()
             self.app_pools.close()
             await self.bus.close()
         return self._exit_code
+
+    async def _obtain_identity(self) -> bool:
+        """The first workload certificate, before any listener opens (retrying while
+        the CA is unreachable; a stop request ends the wait). False: do not start."""
+        s = self.settings
+        self.identity = WorkloadIdentity(
+            self.bus,
+            namespace=s.namespace,
+            service_account=s.service_account,
+            trust_domain=s.trust_domain,
+            token=s.token,
+        )
+        obtain = asyncio.create_task(self.identity.start(), name="sidecar:certificate")
+        stop_wait = asyncio.create_task(self._stop.wait(), name="sidecar:stop-wait")
+        await asyncio.wait({obtain, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+        stop_wait.cancel()
+        if not obtain.done():
+            obtain.cancel()
+            return False
+        try:
+            snapshot = obtain.result()
+        except IdentityRefused as e:
+            log.error("sidecar.identity_refused", identity=s.identity, error=e.message)
+            self._exit_code = 1
+            return False
+        self.pools.tls = MeshTls(self.identity)
+        log.info("sidecar.certificate", identity=snapshot.spiffe_id, serial=snapshot.serial)
+        return True
+
+    async def _listen_inbound(self, handler: Handler) -> int:
+        """The inbound listener: mTLS, plaintext or both, as PeerAuthentication says."""
+        s = self.settings
+        identity = self.identity
+        policy = self.inbound_policy
+        assert policy is not None
+        listener = MeshListener(
+            lambda: HttpServerProtocol(handler, self.limits),
+            context=(lambda: identity.inbound_context()) if identity is not None else lambda: None,
+            mode=lambda: policy.mode(s.app_port),
+            name="inbound",
+        )
+        port = await listener.start(s.bind_host, s.inbound_port)
+        self.servers_extra.append(listener)
+        self.ports["inbound"] = port
+        return port
+
+    def _certs(self) -> dict[str, Any] | None:
+        return self.identity.certs_info() if self.identity is not None else None
+
+    def _telemetry(self) -> SidecarTelemetry | None:
+        """The recorder (its `istio_*` series on the admin `/stats/prometheus`) and what
+        the listeners call per request; None with `--no-telemetry`."""
+        s = self.settings
+        if not s.telemetry:
+            return None
+        recorder = TelemetryRecorder(
+            reporter_id=new_reporter_id(s.instance, random.getrandbits(32)),
+            namespace=s.namespace,
+            service=s.service,
+            instance=s.instance,
+        )
+        self.stats.registry.register(recorder)
+        workload = own_workload(
+            service=s.service,
+            namespace=s.namespace,
+            version=s.version,
+            labels=s.labels,
+            identity=s.identity if s.mtls else "",
+        )
+        return SidecarTelemetry(
+            recorder,
+            workload=workload,
+            service_host=ServiceRef(s.namespace, s.service).fqdn,
+            sampler=Sampler(s.trace_sampling / 100.0),
+        )
 
     async def _become_ready(self, registration: Registration) -> None:
         await registration.register_until_done()
@@ -249,6 +382,8 @@ class Sidecar:
         await self.cache.resync()
         if self.gateway is not None:
             await self.gateway.refresh()
+        if self.inbound_policy is not None:
+            await self.inbound_policy.refresh()
         self.reporter.changed()
 
     def _app_env(self) -> dict[str, str]:

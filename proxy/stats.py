@@ -38,6 +38,13 @@ class ProxyStats:
             ["listener"],
             registry=self.registry,
         )
+        self.authz_denied = Counter(
+            "meshwork_proxy_authz_denied_total",
+            "Inbound requests denied by authorization (403, flag RBAC), by the deciding "
+            'policy ("none": no ALLOW policy matched)',
+            ["policy"],
+            registry=self.registry,
+        )
         self.destinations = Gauge(
             "meshwork_proxy_destinations", "Destinations this proxy follows", registry=self.registry
         )

@@ -18,6 +18,12 @@ write buffer is over `HIGH_WATER`; an error on either side resets both.
 
 Endpoint choice (`tcp_endpoints`, `relay_address`, `TcpBalancers`) and upstream parsing
 (`parse_tcp_upstream`) are pure; `TcpRelays` does the I/O.
+
+With telemetry, each relayed connection is counted in Istio's `istio_tcp_*` metrics
+(reporter "destination" on inbound relays, "source" on outbound ones): opened once
+linked, bytes as they flow (`report_telemetry`, called before each telemetry flush)
+and closed at the end; a connection no upstream accepted counts as opened and closed
+with flags UF.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import contextlib
 import random
 import re
 import socket
+import ssl
 import struct
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -41,7 +48,10 @@ from mesh.hosts import ServiceRef, canonical_host, service_of_host
 from mesh.logs import get_logger
 from mesh.messages import Endpoint, EndpointSet
 from proxy.destinations import DestinationCache
+from proxy.listener import MeshListener
+from proxy.mtls import MeshTls
 from proxy.routing import Balancer, RoundRobinBalancer, subset_endpoints
+from proxy.telemetry import SidecarTelemetry, TcpRecord
 
 log = get_logger("proxy.tcp")
 
@@ -53,6 +63,10 @@ AVOID_AFTER_FAILURE_S = 10.0
 # Per-socket write buffer above which the other side stops being read.
 HIGH_WATER = 256 * 1024
 _LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends an RST
+# relay-to-relay frames over mTLS: 4-byte big-endian payload length, then the payload;
+# length 0 is a FIN (half-close), which TLS transports cannot send themselves
+_FRAME = struct.Struct("!I")
+_MAX_FRAME = 1 << 20  # we send reads as they come (at most a few hundred KiB)
 
 _UPSTREAM_FORM = "SERVICE[.NAMESPACE]:PORT=LOCALPORT"
 _HOST_CHARS = re.compile(r"[A-Za-z0-9.-]+")
@@ -279,6 +293,12 @@ class TcpStats:
 # ---------------------------------------------------------------- relaying
 
 
+def _ssl_object(side: _Side) -> object | None:
+    """The TLS object of a side's connection (None for plaintext)."""
+    t = side.transport
+    return t.get_extra_info("ssl_object") if t is not None else None
+
+
 class _Side(asyncio.Protocol):
     """One socket of a relayed connection: what it reads is written to its peer.
 
@@ -291,6 +311,7 @@ class _Side(asyncio.Protocol):
     def __init__(self, conn: _Connection, counted: Counter) -> None:
         self.conn = conn
         self.counted = counted  # bytes read on this side
+        self.relayed = 0  # bytes read on this side and passed to the peer (telemetry)
         self.transport: asyncio.Transport | None = None
         self.peer: _Side | None = None
         self.held: list[bytes] = []  # read before the link
@@ -298,13 +319,52 @@ class _Side(asyncio.Protocol):
         self.eof_in = False  # this socket sent us a FIN
         self.eof_out = False  # we sent this socket a FIN
         self.closed = False
+        # a TLS side (relay to relay, mTLS) carries frames: TLS transports cannot
+        # half-close, so a FIN travels as an empty frame (see `_FRAME`)
+        self.framed = False
+        self._rx = bytearray()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
         self.transport.set_write_buffer_limits(high=HIGH_WATER)
+        self.framed = transport.get_extra_info("ssl_object") is not None
         self.conn.side_made(self)
 
     def data_received(self, data: bytes) -> None:
+        if not self.framed:
+            self._received(data)
+            return
+        rx = self._rx
+        rx += data
+        offset = 0
+        while len(rx) - offset >= _FRAME.size:
+            (length,) = _FRAME.unpack_from(rx, offset)
+            if length == 0:  # the sender's FIN
+                offset += _FRAME.size
+                del rx[:offset]
+                if rx:  # nothing may follow a FIN
+                    self.conn.reset()
+                    return
+                self._eof()
+                return
+            if length > _MAX_FRAME:
+                self.conn.reset()
+                return
+            end = offset + _FRAME.size + length
+            if len(rx) < end:
+                break
+            self._received(bytes(rx[offset + _FRAME.size : end]))
+            offset = end
+        del rx[:offset]
+
+    def write(self, data: bytes) -> None:
+        assert self.transport is not None
+        if self.framed:
+            self.transport.writelines((_FRAME.pack(len(data)), data))
+        else:
+            self.transport.write(data)
+
+    def _received(self, data: bytes) -> None:
         if self.peer is None:
             self.held.append(data)
             self.held_size += len(data)
@@ -313,13 +373,21 @@ class _Side(asyncio.Protocol):
             return
         self._forward(data)
 
-    def eof_received(self) -> bool:
+    def eof_received(self) -> bool | None:
+        if self.framed:
+            if not self.eof_in:
+                # the TLS stream ended without our FIN frame: truncated, not finished
+                self.conn.reset()
+            return None
+        self._eof()
+        # keep the socket open: the other direction may still be sending
+        return True
+
+    def _eof(self) -> None:
         self.eof_in = True
         if self.peer is not None:
             self.peer.send_eof()
             self._close_if_done()
-        # keep the socket open: the other direction may still be sending
-        return True
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -341,8 +409,9 @@ class _Side(asyncio.Protocol):
         peer = self.peer
         if peer is None or peer.transport is None or peer.transport.is_closing():
             return  # the peer failed: this side is being reset too
-        peer.transport.write(data)
+        peer.write(data)
         self.counted.inc(len(data))
+        self.relayed += len(data)
 
     # flow control: our write buffer is what the peer's reads fill
     def pause_writing(self) -> None:
@@ -372,7 +441,10 @@ class _Side(asyncio.Protocol):
         if self.eof_out or t is None or t.is_closing():
             return
         self.eof_out = True
-        if t.can_write_eof():
+        if self.framed:
+            t.write(_FRAME.pack(0))
+            self._close_if_done()
+        elif t.can_write_eof():
             t.write_eof()
             self._close_if_done()
         else:
@@ -422,6 +494,17 @@ class _Connection:
         self.upstream: _Side | None = None
         self.connecting = False
         self.finished = False
+        self.telemetry: TcpRecord | None = None  # set once the connect is decided
+        self.telemetry_opened = False
+        self.reported = (0, 0)  # bytes already reported: downstream->, upstream->
+
+    def unreported_bytes(self) -> tuple[int, int]:
+        """(request direction, response direction) bytes relayed since last asked."""
+        up = self.downstream.relayed
+        down = self.upstream.relayed if self.upstream is not None else 0
+        last_up, last_down = self.reported
+        self.reported = (up, down)
+        return up - last_up, down - last_down
 
     def side_made(self, side: _Side) -> None:
         if side is self.downstream:
@@ -462,6 +545,7 @@ class _Connection:
         self.counters.closed.inc()
         self.counters.active.dec()
         self.relays._finished(self)
+        self.relays._telemetry_closed(self)
 
 
 class TcpRelays:
@@ -479,13 +563,23 @@ class TcpRelays:
         rand: random.Random | None = None,
         *,
         app_host: str = APP_HOST,
+        telemetry: SidecarTelemetry | None = None,
+        tls: MeshTls | None = None,
+        inbound_context: Callable[[], ssl.SSLContext | None] | None = None,
+        inbound_mode: Callable[[int], str] | None = None,
     ) -> None:
         self.cache = cache
+        # mTLS: outbound relays connect with the workload certificate and check the
+        # endpoint's identity; inbound listeners accept per PeerAuthentication
+        self.tls = tls
+        self.inbound_context = inbound_context
+        self.inbound_mode = inbound_mode
+        self.telemetry = telemetry
         self.stats = TcpStats(stats_registry)
         self.balancers = TcpBalancers(rand or random.Random())
         self.app_host = app_host
         self.ports: dict[str, int] = {}  # listener name -> bound port
-        self._servers: list[asyncio.Server] = []
+        self._servers: list[asyncio.Server | MeshListener] = []
         self._connections: set[_Connection] = set()
         self._connect_tasks: dict[_Connection, asyncio.Task[bool]] = {}
         self._idle = asyncio.Event()
@@ -501,7 +595,9 @@ class TcpRelays:
             if not 0 < app_port < 65536:
                 raise ValueError(f"TCP port must be in 1..65535, got {app_port}")
             opener = partial(self._open_app, app_port)
-            bound = await self._listen(f"tcp-inbound:{app_port}", bind_host, 0, opener)
+            bound = await self._listen(
+                f"tcp-inbound:{app_port}", bind_host, 0, opener, app_port=app_port
+            )
             listeners[str(app_port)] = listener_address(bind_host, bound)
         return listeners
 
@@ -511,15 +607,25 @@ class TcpRelays:
             opener = partial(self._open_service, upstream)
             await self._listen(upstream.listener, "127.0.0.1", upstream.local_port, opener)
 
-    async def _listen(self, name: str, host: str, port: int, opener: Opener) -> int:
+    async def _listen(
+        self, name: str, host: str, port: int, opener: Opener, *, app_port: int = 0
+    ) -> int:
         counters = self.stats.listener(name)
 
         def accept() -> asyncio.Protocol:
             return _Connection(self, name, counters, opener).downstream
 
-        server = await asyncio.get_running_loop().create_server(accept, host, port, backlog=1024)
-        self._servers.append(server)
-        bound = int(server.sockets[0].getsockname()[1])
+        if app_port and self.inbound_mode is not None:
+            mode, context = self.inbound_mode, self.inbound_context or (lambda: None)
+            listener = MeshListener(accept, context, lambda: mode(app_port), name=name)
+            bound = await listener.start(host, port)
+            self._servers.append(listener)
+        else:
+            server = await asyncio.get_running_loop().create_server(
+                accept, host, port, backlog=1024
+            )
+            self._servers.append(server)
+            bound = int(server.sockets[0].getsockname()[1])
         self.ports[name] = bound
         log.info("tcp.listening", listener=name, address=listener_address(host, bound))
         return bound
@@ -559,7 +665,13 @@ class TcpRelays:
             return False
 
     async def _open_app(self, app_port: int, conn: _Connection) -> bool:
-        return await self._open(conn, self.app_host, app_port, "app")
+        linked = await self._open(conn, self.app_host, app_port, "app")
+        if self.telemetry is not None:
+            ssl_object = _ssl_object(conn.downstream)
+            self._telemetry_decided(
+                conn, self.telemetry.tcp_inbound(ssl_object, "-" if linked else "UF")
+            )
+        return linked
 
     async def _open_service(self, upstream: TcpUpstream, conn: _Connection) -> bool:
         ref = upstream.service
@@ -567,6 +679,8 @@ class TcpRelays:
             dest = await self.cache.get(ref)
         except errors.MeshError as e:
             log.warning("tcp.no_destination", listener=conn.name, service=str(ref), error=str(e))
+            if self.telemetry is not None:
+                self._telemetry_decided(conn, self.telemetry.tcp_outbound(ref, None, "UH"))
             return False
         port = upstream.port
         tried: set[str] = set()
@@ -584,24 +698,45 @@ class TcpRelays:
                 log.warning("tcp.bad_endpoint", listener=conn.name, error=str(e))
                 self.balancers.failed(ref, port, endpoint.instance, time.monotonic())
                 continue
-            if await self._open(conn, host, relay_port, endpoint.instance):
+            if await self._open(conn, host, relay_port, endpoint.instance, endpoint.identity):
                 self.balancers.connected(ref, port, endpoint.instance)
+                if self.telemetry is not None:
+                    self._telemetry_decided(conn, self.telemetry.tcp_outbound(ref, endpoint))
                 return True
             self.balancers.failed(ref, port, endpoint.instance, time.monotonic())
         log.warning(
             "tcp.no_upstream", listener=conn.name, service=str(ref), port=port, tried=sorted(tried)
         )
+        if self.telemetry is not None:
+            self._telemetry_decided(conn, self.telemetry.tcp_outbound(ref, None, "UF"))
         return False
 
-    async def _open(self, conn: _Connection, host: str, port: int, target: str) -> bool:
-        """Connect to host:port and link it to `conn`; False when the connect failed."""
+    async def _open(
+        self, conn: _Connection, host: str, port: int, target: str, identity: str = ""
+    ) -> bool:
+        """Connect to host:port and link it to `conn`; False when the connect failed.
+        With an `identity` (an endpoint with a sidecar) the connection is mTLS and the
+        server must present exactly that identity; never plaintext instead."""
         loop = asyncio.get_running_loop()
+        context = None
         try:
+            if identity and self.tls is not None:
+                context = self.tls.client_context()
             async with asyncio.timeout(CONNECT_TIMEOUT_S):
-                _, upstream = await loop.create_connection(
-                    lambda: _Side(conn, conn.counters.received), host, port
+                transport, upstream = await loop.create_connection(
+                    lambda: _Side(conn, conn.counters.received),
+                    host,
+                    port,
+                    ssl=context,
+                    server_hostname="" if context is not None else None,
                 )
-        except OSError as e:  # refused, unreachable, TimeoutError
+            if context is not None and self.tls is not None:
+                try:
+                    self.tls.verifier(identity)(transport.get_extra_info("ssl_object"))
+                except errors.MeshError:
+                    upstream.reset()
+                    raise
+        except (OSError, errors.MeshError) as e:  # refused, unreachable, TLS, identity
             conn.counters.connect_failures.inc()
             log.debug(
                 "tcp.connect_failed",
@@ -616,6 +751,37 @@ class TcpRelays:
         else:
             conn.link(upstream)
         return True
+
+    # ------------------------------------------------------------ telemetry
+
+    def report_telemetry(self) -> None:
+        """Report the bytes open connections relayed since the last call."""
+        if self.telemetry is None:
+            return
+        recorder = self.telemetry.recorder
+        for conn in self._connections:
+            if conn.telemetry is not None and conn.upstream is not None:
+                request, response = conn.unreported_bytes()
+                if request or response:
+                    recorder.record_tcp_bytes(conn.telemetry, sent=response, received=request)
+
+    def _telemetry_decided(self, conn: _Connection, record: TcpRecord) -> None:
+        assert self.telemetry is not None
+        conn.telemetry = record
+        if conn.upstream is not None:
+            self.telemetry.recorder.record_tcp_opened(record)
+            conn.telemetry_opened = True
+
+    def _telemetry_closed(self, conn: _Connection) -> None:
+        record = conn.telemetry
+        if self.telemetry is None or record is None:
+            return  # no telemetry, or the client left before a connect was decided
+        recorder = self.telemetry.recorder
+        if not conn.telemetry_opened:
+            recorder.record_tcp_opened(record)  # never linked: counted opened and closed
+        request, response = conn.unreported_bytes()
+        # Istio: "sent" is the response direction, "received" the request direction
+        recorder.record_tcp_closed(record, sent=response, received=request)
 
     # ------------------------------------------------------------ shutdown
 
@@ -636,7 +802,8 @@ class TcpRelays:
         await asyncio.gather(*self._connect_tasks.values(), return_exceptions=True)
         await self._idle.wait()
         for server in self._servers:
-            await server.wait_closed()
+            if isinstance(server, asyncio.Server):
+                await server.wait_closed()
 
 
 __all__ = [

@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import secrets
+import shutil
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -156,12 +159,28 @@ class EchoApp:
 
 
 class MeshHarness:
-    """Registry + config services in this event loop, and sidecars with echo apps."""
+    """Registry + config + CA services in this event loop, and sidecars with echo apps.
 
-    def __init__(self, nats_url: str, etcd_url: str, prefix: str):
+    Sidecars get a bootstrap token each and run with mTLS, as in production; pass
+    `mtls=False` to `sidecar()` for a plaintext one, `ca=False` for no CA at all (then
+    every sidecar is plaintext), `ca_options` for CA settings (e.g. workload-ttl)."""
+
+    def __init__(
+        self,
+        nats_url: str,
+        etcd_url: str,
+        prefix: str,
+        *,
+        ca: bool = True,
+        ca_options: dict[str, str] | None = None,
+    ):
         self.nats_url = nats_url
         self.etcd_url = etcd_url
         self.prefix = prefix
+        self.with_ca = ca
+        self.ca_options = ca_options or {}
+        self.ca: Any = None
+        self.state_dir = Path(tempfile.mkdtemp(prefix="mesh-harness-"))
         self.stack = contextlib.AsyncExitStack()
         self.sidecars: list[Any] = []
         self.tasks: list[asyncio.Task[int]] = []
@@ -179,8 +198,38 @@ class MeshHarness:
         await self.stack.enter_async_context(
             running(ConfigService(service_config(self.nats_url, self.etcd_url, self.prefix)))
         )
+        if self.with_ca:
+            await self.start_ca()
         self.bus = await Bus.connect([self.nats_url], name="test", prefix=self.prefix)
         return self
+
+    async def start_ca(self, replica: str = "") -> Any:
+        from services.ca import CAService
+
+        kek = self.state_dir / "ca-kek"
+        if not kek.exists():
+            kek.write_text(secrets.token_hex(32))
+            kek.chmod(0o600)
+        options = {"kek-file": str(kek), **self.ca_options}
+        ca = CAService(
+            service_config(self.nats_url, self.etcd_url, self.prefix, replica, **options)
+        )
+        await self.stack.enter_async_context(running(ca))
+        await eventually(lambda: ca.authority is not None and ca.authority.issuer is not None)
+        self.ca = ca
+        return ca
+
+    async def token(
+        self, service_account: str, namespace: str = "default", ttl_s: float = 600
+    ) -> str:
+        from mesh.ca_messages import CASubjects, TokenCreateReply, TokenCreateRequest
+
+        reply = await self.bus.request(
+            CASubjects.of(self.bus.subjects).token_create,
+            TokenCreateRequest(namespace=namespace, service_account=service_account, ttl_s=ttl_s),
+            TokenCreateReply,
+        )
+        return str(reply.token)
 
     async def __aexit__(self, *exc: object) -> None:
         for sc in self.sidecars:
@@ -193,6 +242,7 @@ class MeshHarness:
         if self.bus is not None:
             await self.bus.close()
         await self.stack.aclose()
+        shutil.rmtree(self.state_dir, ignore_errors=True)
 
     async def sidecar(
         self, service: str, version: str = "v1", *, app: bool = True, **settings: Any
@@ -204,6 +254,11 @@ class MeshHarness:
         if app:
             echo = await EchoApp(service, version).start()
             self.apps.append(echo)
+        settings.setdefault("mtls", self.with_ca)
+        if settings["mtls"] and "token" not in settings:
+            settings["token"] = await self.token(
+                settings.get("service_account") or service, settings.get("namespace", "default")
+            )
         s = SidecarSettings(
             service=service,
             version=version,
@@ -239,3 +294,59 @@ class MeshHarness:
             self.bus.subjects.config_proxy_status, ProxyStatusRequest(), ProxyStatusReply
         )
         return list(reply.entries)
+
+
+# ---------------------------------------------------------------- telemetry (appended)
+
+
+class ForwardingApp:
+    """An app that calls the next hop through its sidecar's outbound listener, as an app
+    honouring HTTP_PROXY does, forwarding only the W3C `traceparent` it received; it
+    answers with the headers it saw and the next hop's answer."""
+
+    def __init__(self, next_url: str, proxy: str):
+        self.next_url = next_url
+        self.proxy = proxy
+        self.port = 0
+        self.runner: Any = None
+
+    async def start(self, port: int = 0) -> ForwardingApp:
+        import aiohttp
+        from aiohttp import web
+
+        async def handle(request: web.Request) -> web.Response:
+            forward = {}
+            if "traceparent" in request.headers:
+                forward["traceparent"] = request.headers["traceparent"]
+            async with (
+                aiohttp.ClientSession() as session,
+                session.get(self.next_url, proxy=self.proxy, headers=forward) as r,
+            ):
+                body = await r.json() if r.content_type == "application/json" else {}
+                status = r.status
+            return web.json_response(
+                {"headers": dict(request.headers), "next_status": status, "next": body}
+            )
+
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", handle)
+        self.runner = web.AppRunner(app, access_log=None)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", port)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        return self
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+
+
+async def replace_app(mesh: MeshHarness, sidecar: Any, app: ForwardingApp) -> ForwardingApp:
+    """Serve `app` on the port of the echo app `mesh.sidecar()` started for `sidecar`."""
+    echo = sidecar.echo
+    await echo.stop()
+    mesh.apps.remove(echo)
+    await app.start(echo.port)
+    mesh.apps.append(app)  # type: ignore[arg-type]
+    return app

@@ -1,14 +1,16 @@
-"""`meshctl token create`, `meshctl ca status | bundle | rotate-root | rotate`."""
+"""`meshctl token create`, `meshctl ca status | bundle | rotate-root | rotate`, `meshctl cert`."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import datetime as dt
 import sys
 from typing import Any
 
 import msgspec
 
+from mesh import errors
 from mesh.bus import Bus
 from mesh.ca_messages import (
     BundleGetRequest,
@@ -24,7 +26,15 @@ from mesh.ca_messages import (
     TokenCreateRequest,
     TrustBundle,
 )
-from mesh.cli.common import CLIError, add_output_flag, emit, print_table, progress, with_bus
+from mesh.cli.common import (
+    CLIError,
+    add_output_flag,
+    connect_bus,
+    emit,
+    print_table,
+    progress,
+    with_bus,
+)
 from mesh.resources.durations import parse_duration_ms
 
 # a root rotation waits for the new root to settle in every sidecar's bundle
@@ -71,6 +81,16 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     rotate.add_argument("--all", action="store_true", help="every workload in the mesh")
     rotate.add_argument("--reason", default="")
     rotate.set_defaults(func=lambda args: with_bus(lambda bus: ca_rotate(bus, args))(args))
+
+
+    cert = sub.add_parser(
+        "cert", help="the workload certificate a proxy holds (its admin /certs)"
+    )
+    cert.add_argument("proxy", help="proxy instance id (or a unique prefix of it)")
+    cert.add_argument("--admin", help="admin URL of the proxy (default: looked up in the registry)")
+    cert.add_argument("--pem", action="store_true", help="print the certificate chain as PEM")
+    add_output_flag(cert, ("table", "json"))
+    cert.set_defaults(func=lambda args: with_bus(lambda bus: cert_show(bus, args))(args))
 
 
 add_parser = add_parsers  # the name `mesh.cli.main.COMMAND_MODULES` calls
@@ -182,3 +202,61 @@ async def ca_rotate(bus: Bus, args: argparse.Namespace) -> int:
     )
     print(f"renewal requested on {reply.subject}")
     return 0
+
+
+async def cert_show(bus: Bus, args: argparse.Namespace) -> int:
+    from mesh.cli.config_cmds import admin_url, http_json
+
+    admin = args.admin or await admin_url(bus, args.proxy)
+    data = http_json(f"{admin}/certs", allow_status=(404,))
+    if data.get("error"):
+        raise CLIError(f"error: {args.proxy}: {data['error']}")
+    if args.pem:
+        sys.stdout.write(data.get("chain_pem") or "")
+        return 0
+
+    def table() -> None:
+        if not data.get("certificate", True):
+            print(f"{data.get('identity')}: no certificate yet ({data.get('last_error') or '-'})")
+            return
+        rows = [
+            ["IDENTITY", data["identity"]],
+            ["SERIAL", data["serial"]],
+            ["NOT BEFORE", data["not_before"]],
+            ["NOT AFTER", data["not_after"]],
+            ["EXPIRED", "yes" if data["expired"] else "no"],
+            ["NEXT RENEWAL", data.get("next_renewal") or "-"],
+            ["BUNDLE REVISION", data["trust_bundle"]["revision"]],
+            ["ROOTS", ", ".join(r["fingerprint"][:16] for r in data["trust_bundle"]["roots"])],
+            ["LAST ERROR", data.get("last_error") or "-"],
+        ]
+        for name, value in rows:
+            print(f"{name + ':':<17}{value}")
+
+    emit(data, args.output, table)
+    return 0
+
+
+def mint_token(args: argparse.Namespace, namespace: str, service_account: str) -> str:
+    """A short-lived bootstrap token for one identity, from the cluster's CA."""
+
+    async def create(bus: Bus) -> str:
+        reply = await bus.request(
+            CASubjects.of(bus.subjects).token_create,
+            TokenCreateRequest(namespace=namespace, service_account=service_account, ttl_s=600),
+            TokenCreateReply,
+            timeout=10,
+        )
+        return str(reply.token)
+
+    async def main() -> str:
+        bus = await connect_bus(args, name="meshctl-token")
+        try:
+            return await create(bus)
+        finally:
+            await bus.close()
+
+    try:
+        return asyncio.run(main())
+    except errors.MeshError as e:
+        raise CLIError(f"cannot get a bootstrap token from the cluster's CA: {e}") from None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -135,7 +136,18 @@ def _summary(kind: str, body: dict[str, Any]) -> str:
     if kind == "Gateway":
         sel = ",".join(f"{k}={v}" for k, v in spec.get("selector", {}).items())
         return f"selector={sel}"
-    return ""
+    labels = (spec.get("selector") or {}).get("matchLabels", {})
+    sel = ",".join(f"{k}={v}" for k, v in labels.items())
+    scope = f" selector={sel}" if sel else ""
+    if kind == "PeerAuthentication":
+        ports = ",".join(
+            f"{p}:{m.get('mode', 'UNSET')}" for p, m in (spec.get("portLevelMtls") or {}).items()
+        )
+        mode = (spec.get("mtls") or {}).get("mode", "UNSET")
+        return f"mode={mode}" + (f" ports={ports}" if ports else "") + scope
+    if kind == "AuthorizationPolicy":
+        return f"action={spec.get('action', 'ALLOW')} rules={len(spec.get('rules') or [])}" + scope
+    return scope.strip()
 
 
 async def get_resources(bus: Bus, args: argparse.Namespace) -> int:
@@ -256,7 +268,7 @@ def _strip_type(data: Any) -> Any:
     return data
 
 
-def _admin_url(bus: Bus, proxy: str) -> Any:
+def admin_url(bus: Bus, proxy: str) -> Any:
     async def find() -> str:
         reply = await bus.request(
             bus.subjects.registry_get, EndpointsGetRequest(), EndpointsGetReply
@@ -282,21 +294,25 @@ def _admin_url(bus: Bus, proxy: str) -> Any:
     return find()
 
 
-def _http_json(url: str) -> Any:
+def http_json(url: str, allow_status: tuple[int, ...] = ()) -> Any:
     try:
         with urllib.request.urlopen(url, timeout=5) as r:
             return json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        if e.code in allow_status:
+            return json.loads(e.read())
+        raise CLIError(f"error: cannot read {url}: {e}") from None
     except OSError as e:
         raise CLIError(f"error: cannot read {url}: {e}") from None
 
 
 def cmd_proxy_config(args: argparse.Namespace) -> int:
     async def run(bus: Bus) -> int:
-        admin = args.admin or await _admin_url(bus, args.proxy)
+        admin = args.admin or await admin_url(bus, args.proxy)
         if args.what == "endpoints":
-            data = _http_json(f"{admin}/clusters")
+            data = http_json(f"{admin}/clusters")
         else:
-            data = _http_json(f"{admin}/config_dump")
+            data = http_json(f"{admin}/config_dump")
             if args.what == "routes":
                 data = {k: v.get("route_table") for k, v in data.get("destinations", {}).items()}
 

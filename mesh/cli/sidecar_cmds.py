@@ -9,7 +9,7 @@ import os
 from typing import Any
 
 from mesh import logs
-from mesh.cli.common import CLIError, nats_credentials, nats_urls, prefix
+from mesh.cli.common import CLIError, nats_credentials, nats_urls, prefix, read_cluster
 
 
 def _labels(text: str) -> dict[str, str]:
@@ -22,6 +22,16 @@ def _labels(text: str) -> dict[str, str]:
     return out
 
 
+def _percent(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a percentage, got {text!r}") from None
+    if not 0.0 <= value <= 100.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 100, got {text}")
+    return value
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--namespace", "-n", default=os.environ.get("MESH_NAMESPACE", "default"))
     p.add_argument("--labels", type=_labels, default={}, help="extra labels k=v,k=v")
@@ -30,6 +40,26 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--instance", default="", help="instance id (default: generated)")
     p.add_argument("--ttl", type=int, default=10, help="registration TTL in seconds")
     p.add_argument("--drain-timeout", type=float, default=10.0)
+    p.add_argument("--token", default=None, help="bootstrap token for the first certificate")
+    p.add_argument("--token-file", default=None, help="read the bootstrap token from a file")
+    p.add_argument(
+        "--no-mtls",
+        action="store_true",
+        help="plaintext between sidecars, no certificate (development only)",
+    )
+    p.add_argument("--trust-domain", default=os.environ.get("MESH_TRUST_DOMAIN", "cluster.local"))
+    p.add_argument(
+        "--trace-sampling",
+        type=_percent,
+        default=os.environ.get("MESH_TRACE_SAMPLING", "1"),
+        metavar="PERCENT",
+        help="percentage of new traces sampled (default 1, or MESH_TRACE_SAMPLING)",
+    )
+    p.add_argument(
+        "--no-telemetry",
+        action="store_true",
+        help="record no metrics, spans or access logs (to measure what telemetry costs)",
+    )
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -82,9 +112,34 @@ def _run(settings: Any, app: list[str]) -> int:
         return int(asyncio.run(sidecar.run()))
 
 
+def _bootstrap_token(args: argparse.Namespace, service_account: str) -> str:
+    """--token, --token-file or MESH_TOKEN; else, next to a cluster started by
+    `meshctl up` (its cluster.json), mint one from that cluster's CA: the local
+    development path, so `meshctl sidecar ...` works with no extra step."""
+    identity_client = importlib.import_module("proxy.identity_client")
+    errors = importlib.import_module("mesh.errors")
+    try:
+        token = str(identity_client.resolve_token(args.token, args.token_file, os.environ))
+    except errors.MeshError as e:
+        raise CLIError(str(e)) from None
+    if token:
+        return token
+    if not read_cluster(args, required=False).get("services", {}).get("ca"):
+        raise CLIError(
+            "no bootstrap token: pass --token, --token-file or MESH_TOKEN "
+            "(`meshctl token create -n NAMESPACE --sa SERVICE_ACCOUNT`), or --no-mtls"
+        )
+    ca_cmds = importlib.import_module("mesh.cli.ca_cmds")
+    return str(ca_cmds.mint_token(args, args.namespace, service_account))
+
+
 def _settings(args: argparse.Namespace, **kw: Any) -> Any:
     settings_mod = importlib.import_module("proxy.settings")
     user, password = nats_credentials(args, role="sidecar")
+    mtls = not args.no_mtls
+    if mtls:
+        account = kw.get("service_account") or kw["service"]
+        kw["token"] = _bootstrap_token(args, account)
     return settings_mod.SidecarSettings(
         namespace=args.namespace,
         labels=args.labels,
@@ -97,6 +152,10 @@ def _settings(args: argparse.Namespace, **kw: Any) -> Any:
         drain_timeout=args.drain_timeout,
         nats_user=user,
         nats_password=password,
+        mtls=mtls,
+        trust_domain=args.trust_domain,
+        telemetry=not args.no_telemetry,
+        trace_sampling=args.trace_sampling,
         **kw,
     )
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl as ssl_module
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .body import BodyStream
@@ -41,16 +42,21 @@ class UpstreamPool:
         host: str,
         port: int,
         *,
-        ssl: ssl_module.SSLContext | None = None,
+        ssl: ssl_module.SSLContext | Callable[[], ssl_module.SSLContext] | None = None,
         server_hostname: str | None = None,
+        verify_peer: Callable[[ssl_module.SSLObject | None], object] | None = None,
         limits: Limits,
         connect_timeout: float = 5.0,
         max_idle: int = 64,
     ) -> None:
         self.host = host
         self.port = port
+        # a callable is asked per connection (renewed certificates apply to new ones)
         self._ssl = ssl
         self._server_hostname = server_hostname
+        # called after each TLS handshake with the connection's SSLObject; raising
+        # refuses the connection before anything is sent on it
+        self._verify_peer = verify_peer
         self._limits = limits
         self._connect_timeout = connect_timeout
         self._max_idle = max_idle
@@ -79,6 +85,8 @@ class UpstreamPool:
         """
         if self._closed:
             raise UpstreamConnectError("upstream pool is closed")
+        if callable(self._ssl):
+            self._tls_context()  # refuses when no client certificate is in force
         head, upgrade = self._encode_head(method, path, headers, body)
         head_request = method == "HEAD"
         connection = self._take_idle()
@@ -172,25 +180,45 @@ class UpstreamPool:
             raise UpstreamConnectError("upstream pool is closed")
         loop = self._get_loop()
         limits = self._limits
+        context = self._tls_context() if callable(self._ssl) else self._ssl
         try:
             async with asyncio.timeout(self._connect_timeout):
-                _, connection = await loop.create_connection(
+                transport, connection = await loop.create_connection(
                     lambda: UpstreamConnection(self, limits),
                     self.host,
                     self.port,
-                    ssl=self._ssl,
-                    server_hostname=self._server_hostname if self._ssl is not None else None,
+                    ssl=context,
+                    server_hostname=self._server_hostname if context is not None else None,
                 )
         except TimeoutError as error:
             raise UpstreamConnectError(f"connect to {self._authority} timed out") from error
         except OSError as error:  # refused, unreachable, TLS handshake/verification
             raise UpstreamConnectError(f"connect to {self._authority} failed: {error}") from error
+        if self._verify_peer is not None:
+            try:
+                self._verify_peer(transport.get_extra_info("ssl_object"))
+            except Exception as error:
+                connection.abort()
+                raise UpstreamConnectError(
+                    f"connect to {self._authority} refused: {error}"
+                ) from error
         self._opened += 1
         if self._closed:
             connection.abort()
             raise UpstreamConnectError("upstream pool is closed")
         self._active.add(connection)
         return connection
+
+    def _tls_context(self) -> ssl_module.SSLContext:
+        assert callable(self._ssl)
+        try:
+            return self._ssl()
+        except Exception as error:
+            # fail closed: drop the connections made with the old certificate too
+            idle, self._idle = self._idle, []
+            for connection in idle:
+                connection.close()
+            raise UpstreamConnectError(f"no TLS to {self._authority}: {error}") from error
 
     def _get_loop(self) -> asyncio.AbstractEventLoop:
         if self._loop is None:

@@ -250,8 +250,12 @@ async def test_proxy_status_reports_synced(mesh: MeshHarness) -> None:
     reply = await mesh.apply(SUBSETS)
     await until_synced(mesh, reply.revision)
     entries = await mesh.proxy_status()
-    assert [e.proxy for e in entries] == [client.settings.instance]
-    assert entries[0].subject.endswith(".config.route.default.reviews")
+    routes = [e for e in entries if ".config.route." in e.subject]
+    assert [e.proxy for e in routes] == [client.settings.instance]
+    assert routes[0].subject.endswith(".config.route.default.reviews")
+    # every sidecar follows its own service's inbound policy too
+    inbound = sorted(e.subject.rsplit(".", 1)[1] for e in entries if ".config.inbound." in e.subject)
+    assert inbound == ["productpage", "reviews"]
     admin = f"http://127.0.0.1:{client.ports['admin']}"
     async with aiohttp.ClientSession() as session:
         async with session.get(f"{admin}/ready") as r:

@@ -445,3 +445,41 @@ def test_on_uvloop(nats_server, etcd_server, prefix, scenario: str) -> None:
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(run())
+
+
+async def test_relay_between_sidecars_is_mtls_and_strict_refuses_plaintext(
+    nats_server, etcd_server, prefix
+) -> None:
+    """Real sidecars with certificates: the client relay reaches the server's TCP
+    listener over mTLS (the server listener counts a TLS connection and no plaintext);
+    under STRICT a plaintext client straight to that listener gets nothing."""
+    app = await EchoServer("redis-0").start()
+    local = free_port()
+    try:
+        async with MeshHarness(nats_server.url, etcd_server.url, prefix) as mesh:
+            server = await mesh.sidecar("redis", app=False, tcp_ports=[app.port])
+            client = await mesh.sidecar(
+                "worker", tcp_upstreams=[f"redis:{app.port}={local}"]
+            )
+            assert client.identity is not None and server.identity is not None
+            reply = await exchange(local, b"ping")
+            assert served_by(reply, b"ping") == "redis-0"
+            (listener,) = [
+                x for x in server.tcp._servers if getattr(x, "name", "").startswith("tcp-inbound")
+            ]
+            assert listener.counts.tls >= 1
+            assert listener.counts.plaintext == 0
+            relay_port = server.tcp.ports[f"tcp-inbound:{app.port}"]
+
+            await mesh.apply(
+                "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\n"
+                "metadata: {name: default, namespace: default}\nspec: {mtls: {mode: STRICT}}\n"
+            )
+            await eventually(lambda: server.inbound_policy.mode(app.port) == "STRICT", timeout=5)
+            before = app.connections
+            assert await closed_without_reply(relay_port, b"plain")
+            assert app.connections == before
+            # the mesh path still works under STRICT
+            assert served_by(await exchange(local, b"again"), b"again") == "redis-0"
+    finally:
+        app.close()

@@ -18,6 +18,8 @@ from mesh import telemetry as wire
 from mesh.cli import telemetry_cmds
 from mesh.cli.common import CLIError
 from mesh.errors import BadRequest
+from mesh.hosts import ServiceRef
+from mesh.messages import Endpoint
 from mesh.telemetry import (
     DURATION_BUCKETS_MS,
     CounterDelta,
@@ -28,9 +30,12 @@ from mesh.telemetry import (
     bucket_index,
     histogram_quantile,
 )
+from proxy.forward import Outcome
+from proxy.http import BodyStream, Request
 from proxy.telemetry import (
     RequestRecord,
     Sampler,
+    SidecarTelemetry,
     TcpRecord,
     TelemetryRecorder,
     Workload,
@@ -38,6 +43,7 @@ from proxy.telemetry import (
     encode_peer_metadata,
     extract_trace,
     finish_span,
+    own_workload,
     parse_b3_single,
     parse_traceparent,
     replace_trace_headers,
@@ -608,6 +614,153 @@ def test_stream_name_and_subject_kind() -> None:
     assert wire.stream_name("t1.x") == "T1_X_TELEMETRY"
     assert wire.subject_kind("mesh.telemetry.spans.default.reviews", "mesh") == "spans"
     assert wire.subject_kind("mesh.config.route.default.reviews", "mesh") is None
+
+
+# ---------------------------------------------------------------- the data path's glue
+
+
+class FakeExchange:
+    """What `SidecarTelemetry` reads of an Exchange once the response is out."""
+
+    def __init__(self, request_bytes: int = 0, response_bytes: int = 0) -> None:
+        self.started_at = 100.0
+        self.finished_at: float | None = 100.004
+        self.request_bytes = request_bytes
+        self.response_bytes = response_bytes
+
+
+def http_request(headers: list[tuple[str, str]], ssl_object: Any = None) -> Request:
+    return Request(
+        method="POST", target="/reviews/1", absolute_form=False, scheme="http",
+        authority="reviews:9080", path="/reviews/1", headers=headers, http_version="1.1",
+        keep_alive=True, upgrade=None, peer=("127.0.0.1", 5000), local=("127.0.0.1", 80),
+        ssl_object=ssl_object, content_length=None, chunked=False, body=BodyStream.empty(),
+    )  # fmt: skip
+
+
+def sidecar_telemetry(rate: float = 1.0, **kw: Any) -> SidecarTelemetry:
+    return SidecarTelemetry(
+        recorder(**kw), workload=PRODUCTPAGE, service_host="productpage.default.svc.cluster.local",
+        sampler=Sampler(rate),
+    )  # fmt: skip
+
+
+def test_own_workload_is_named_as_peers_name_it() -> None:
+    mine = own_workload(
+        service="reviews", namespace="default", version="v2",
+        labels={"app": "reviews", "version": "v2"}, identity=REVIEWS.principal,
+    )  # fmt: skip
+    assert mine == REVIEWS
+    endpoint = Endpoint(
+        instance="reviews-v2-0", address="10.0.0.1:80", labels={"app": "reviews"},
+        identity=REVIEWS.principal, version="v2",
+    )  # fmt: skip
+    t = sidecar_telemetry()
+    seen = t.destination_of(ServiceRef("default", "reviews"), endpoint)
+    assert seen == mine
+    assert t.destination_of(ServiceRef("default", "reviews"), endpoint) is seen  # memoised
+    bare = own_workload(service="gw", namespace="ns", version="", labels={}, identity="")
+    assert bare == Workload("gw", "ns", "unknown", "gw", "unknown")
+
+
+def test_outbound_swaps_trace_and_peer_headers_and_records_the_source_side() -> None:
+    t = sidecar_telemetry(rate=1.0)
+    incoming = f"00-{TRACE}-{PARENT}-01"
+    req = http_request([("host", "reviews:9080"), ("traceparent", incoming)])
+    routed = [
+        ("host", "reviews:9080"), ("traceparent", incoming), ("x-b3-traceid", "1" * 32),
+        ("x-meshwork-peer", "workload=spoofed"), ("x-request-id", "rid-1"),
+    ]  # fmt: skip
+    outcome = Outcome(0, "DC", "", REVIEWS_HOST, REVIEWS)
+    sent = t.client_headers(routed, outcome)
+    span = outcome.trace
+    assert span is not None and outcome.request_id == "rid-1"
+    assert span.trace_id == TRACE and span.parent_span_id == PARENT and span.kind == "client"
+    # between sidecars: W3C only, and this proxy's metadata instead of the app's claim
+    assert sent == [
+        ("host", "reviews:9080"), ("x-request-id", "rid-1"),
+        ("traceparent", f"00-{TRACE}-{span.span_id}-01"),
+        ("x-meshwork-peer", encode_peer_metadata(PRODUCTPAGE)),
+    ]  # fmt: skip
+    outcome.status, outcome.flags, outcome.upstream = 200, "", "10.0.0.1:80"
+    t.outbound_done(req, FakeExchange(100, 250), outcome)  # type: ignore[arg-type]
+    (series,) = t.recorder._http.values()
+    assert series.requests == 1 and series.request_size.sum == 100
+    assert series.labels["reporter"] == "source"
+    assert series.labels["destination_workload"] == "reviews-v2"
+    assert series.labels["connection_security_policy"] == "unknown"
+    (access,) = t.recorder._access
+    assert access[0].duration_ms == pytest.approx(4.0)
+    assert (access[0].upstream_host, access[0].request_id, access[0].trace_id) == (
+        "10.0.0.1:80", "rid-1", TRACE,
+    )  # fmt: skip
+    (recorded,) = t.recorder._spans
+    assert recorded.name == "reviews:9080/*" and recorded.attributes["request_id"] == "rid-1"
+
+
+def test_local_reply_is_recorded_with_its_flags_and_trace() -> None:
+    t = sidecar_telemetry(rate=0.0)
+    req = http_request([("host", "reviews"), ("traceparent", f"00-{TRACE}-{PARENT}-01")])
+    t.outbound_done(req, FakeExchange(), Outcome(503, "UH"))  # type: ignore[arg-type]
+    (series,) = t.recorder._http.values()
+    assert series.labels["response_flags"] == "UH"
+    assert series.labels["destination_workload"] == "unknown"
+    (access,) = t.recorder._access
+    assert access[0].trace_id == TRACE and access[0].request_id  # one made up for the log
+    (span,) = t.recorder._spans  # the incoming decision: sampled
+    assert span.parent_span_id == PARENT and span.status_code == 503 and span.error
+    unsampled = sidecar_telemetry(rate=0.0)
+    unsampled.outbound_done(http_request([]), FakeExchange(), Outcome(404, "NR"))  # type: ignore[arg-type]
+    assert not unsampled.recorder._spans and len(unsampled.recorder._access) == 1
+
+
+async def test_inbound_wrapper_records_the_destination_side() -> None:
+    t = sidecar_telemetry(rate=0.0)
+    seen_by_app: list[list[tuple[str, str]]] = []
+
+    async def app(req: Request, ex: Any) -> Outcome:
+        seen_by_app.append(req.headers)
+        if req.path == "/fail":
+            raise ConnectionResetError("client left")
+        return Outcome(200, "", "127.0.0.1:9080")
+
+    handle = t.inbound(app)
+    metadata = encode_peer_metadata(REVIEWS)
+    req = http_request([("x-meshwork-peer", metadata), ("traceparent", f"00-{TRACE}-{PARENT}-01")])
+    assert (await handle(req, FakeExchange(0, 10))).status == 200  # type: ignore[arg-type]
+    headers = dict(seen_by_app[0])
+    assert "x-meshwork-peer" not in headers and headers["traceparent"].startswith(f"00-{TRACE}-")
+    assert headers["x-b3-traceid"] == TRACE and headers["x-b3-sampled"] == "1"  # apps get both
+    (series,) = t.recorder._http.values()
+    labels = series.labels
+    assert labels["reporter"] == "destination" and labels["source_workload"] == "reviews-v2"
+    # plaintext: no certificate, so no principal and no namespace, whatever the header says
+    assert labels["source_principal"] == "unknown" and labels["source_workload_namespace"] == (
+        "unknown"
+    )
+    assert labels["connection_security_policy"] == "none"
+    assert labels["destination_workload"] == "productpage-v1"
+    (span,) = t.recorder._spans  # sampled upstream: the incoming decision wins
+    assert span.kind == "server" and span.parent_span_id == PARENT
+    failing = http_request([])
+    failing.path = "/fail"
+    with pytest.raises(ConnectionResetError):
+        await handle(failing, FakeExchange())  # type: ignore[arg-type]
+    dc = [s for s in t.recorder._http.values() if s.labels["response_flags"] == "DC"]
+    assert len(dc) == 1 and dc[0].labels["response_code"] == "0"
+
+
+def test_tcp_records() -> None:
+    t = sidecar_telemetry()
+    inbound = t.tcp_inbound(None)
+    assert inbound.reporter == "destination" and inbound.security_policy == "none"
+    assert inbound.destination == PRODUCTPAGE and inbound.source.name == "unknown"
+    failed = t.tcp_outbound(ServiceRef("default", "reviews"), None, "UF")
+    assert failed.destination_service == REVIEWS_HOST and failed.flags == "UF"
+    t.recorder.record_tcp_opened(failed)
+    t.recorder.record_tcp_closed(failed, sent=10, received=20)
+    totals = t.recorder.totals().counters
+    assert sum(v for (name, _), v in totals.items() if name == wire.TCP_SENT_BYTES) == 10
 
 
 # ---------------------------------------------------------------- views

@@ -1,0 +1,472 @@
+"""`TelemetryRecorder`: the sidecar's in-process aggregation (pure, no I/O).
+
+Called by the data path once per request (`record_request(RequestRecord(...))`) and
+per TCP connection (`record_tcp_*`). It aggregates into label-keyed counters and
+histograms, kept cumulative for the admin `/stats/prometheus` (register the recorder
+in a prometheus_client `CollectorRegistry`) and cut into delta batches for the bus.
+Access records and spans wait in bounded buffers; past the bound they are dropped and
+counted (`meshwork_telemetry_dropped_total{kind}`). Metric deltas are never dropped
+while the bus is down: they keep accumulating and leave in the next batch that gets
+through.
+"""
+
+from __future__ import annotations
+
+import time
+from bisect import bisect_left as _bisect
+from collections import deque
+from collections.abc import Callable, Iterable
+
+import msgspec
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from mesh import telemetry as wire
+from mesh.telemetry import (
+    BYTES_BUCKETS,
+    DURATION_BUCKETS_MS,
+    AccessBatch,
+    AccessRecord,
+    CounterDelta,
+    HistogramDelta,
+    Kind,
+    MetricBatch,
+    MetricTotals,
+    SeriesDelta,
+    Span,
+    SpanBatch,
+)
+
+from .records import UNKNOWN, Outgoing, RequestRecord, TcpRecord, Workload, split_service_host
+
+
+def _v(value: str) -> str:
+    return value or UNKNOWN
+
+
+def _identity_labels(reporter: str, src: Workload, dst: Workload, service: str) -> dict[str, str]:
+    name, ns = split_service_host(service)
+    return {
+        "reporter": reporter,
+        "source_workload": _v(src.name),
+        "source_workload_namespace": _v(src.namespace),
+        "source_principal": _v(src.principal),
+        "source_app": _v(src.app),
+        "source_version": _v(src.version),
+        "destination_workload": _v(dst.name),
+        "destination_workload_namespace": _v(dst.namespace),
+        "destination_principal": _v(dst.principal),
+        "destination_service": _v(service),
+        "destination_service_name": name,
+        "destination_service_namespace": ns,
+        "destination_app": _v(dst.app),
+        "destination_version": _v(dst.version),
+    }
+
+
+# ================================================================ in-process aggregation
+
+_DUR = DURATION_BUCKETS_MS
+_BYTES = BYTES_BUCKETS
+_DUR_LIST = [float(b) for b in _DUR]
+_BYTES_LIST = [float(b) for b in _BYTES]
+
+
+class _Hist:
+    """A histogram with what was already sent, so a flush takes the difference."""
+
+    __slots__ = ("count", "counts", "sent_count", "sent_counts", "sent_sum", "sum")
+
+    def __init__(self, buckets: int):
+        self.counts = [0] * (buckets + 1)
+        self.sum = 0.0
+        self.count = 0
+        self.sent_counts = [0] * (buckets + 1)
+        self.sent_sum = 0.0
+        self.sent_count = 0
+
+    def delta(self, name: str, labels: dict[str, str], bounds: list[float]) -> HistogramDelta:
+        d = HistogramDelta(
+            name=name,
+            labels=labels,
+            bounds=bounds,
+            counts=[a - b for a, b in zip(self.counts, self.sent_counts, strict=True)],
+            sum=self.sum - self.sent_sum,
+            count=self.count - self.sent_count,
+        )
+        self.sent_counts = list(self.counts)
+        self.sent_sum = self.sum
+        self.sent_count = self.count
+        return d
+
+
+class _HttpSeries:
+    __slots__ = ("duration", "labels", "request_size", "requests", "response_size", "sent_requests")
+
+    def __init__(self, labels: dict[str, str]):
+        self.labels = labels
+        self.requests = 0
+        self.sent_requests = 0
+        self.duration = _Hist(len(_DUR))
+        self.request_size = _Hist(len(_BYTES))
+        self.response_size = _Hist(len(_BYTES))
+
+
+class _TcpSeries:
+    __slots__ = ("labels", "now", "sent")
+
+    def __init__(self, labels: dict[str, str]):
+        self.labels = labels
+        # opened, closed, sent bytes, received bytes: cumulative, and as last flushed
+        self.now = [0, 0, 0, 0]
+        self.sent = [0, 0, 0, 0]
+
+
+_TCP_NAMES = (wire.TCP_OPENED, wire.TCP_CLOSED, wire.TCP_SENT_BYTES, wire.TCP_RECEIVED_BYTES)
+
+
+class TelemetryRecorder(Collector):
+    """Aggregates one proxy's telemetry; every method is synchronous and cheap.
+
+    `reporter_id` must be unique per proxy process (`mesh.telemetry.new_reporter_id`).
+    """
+
+    def __init__(
+        self,
+        *,
+        reporter_id: str,
+        namespace: str,
+        service: str,
+        instance: str,
+        max_series: int = 2_000,
+        max_buffered: int = 10_000,
+        max_batch_records: int = 1_000,
+        max_batch_series: int = 400,
+        access_log: bool = True,
+        clock_ns: Callable[[], int] = time.time_ns,
+    ):
+        if not wire.valid_reporter(reporter_id):
+            raise ValueError(f"invalid reporter id {reporter_id!r}")
+        self.reporter_id = reporter_id
+        self.namespace = namespace
+        self.service = service
+        self.instance = instance
+        self.max_series = max_series
+        self.max_buffered = max_buffered
+        self.max_batch_records = max_batch_records
+        self.max_batch_series = max_batch_series
+        self.access_log = access_log
+        self._clock_ns = clock_ns
+        self._http: dict[tuple[object, ...], _HttpSeries] = {}
+        self._tcp: dict[TcpRecord, _TcpSeries] = {}
+        self._access: deque[tuple[RequestRecord, int]] = deque()
+        self._spans: deque[Span] = deque()
+        self._pending: dict[Kind, Outgoing | None] = {
+            "metrics": None,
+            "spans": None,
+            "access": None,
+        }
+        self._seq: dict[Kind, int] = {"metrics": 0, "spans": 0, "access": 0}
+        self._window_start_ns = clock_ns()
+        self.dropped: dict[str, int] = {"access": 0, "spans": 0, "series": 0}
+        self.published: dict[Kind, int] = {"metrics": 0, "spans": 0, "access": 0}
+        self.publish_failures = 0
+
+    # ------------------------------------------------------------ data path (hot)
+
+    def record_request(self, r: RequestRecord) -> None:
+        key = (
+            r.reporter,
+            r.source,
+            r.destination,
+            r.destination_service,
+            r.status,
+            r.flags,
+            r.protocol,
+            r.security_policy,
+        )
+        s = self._http.get(key)
+        if s is None:
+            s = self._new_http_series(r, key)
+        if s is not None:
+            s.requests += 1
+            d = r.duration_ms
+            h = s.duration
+            h.counts[_bisect(_DUR, d)] += 1
+            h.sum += d
+            h.count += 1
+            n = r.request_bytes
+            h = s.request_size
+            h.counts[_bisect(_BYTES, n)] += 1
+            h.sum += n
+            h.count += 1
+            n = r.response_bytes
+            h = s.response_size
+            h.counts[_bisect(_BYTES, n)] += 1
+            h.sum += n
+            h.count += 1
+        if self.access_log:
+            if len(self._access) < self.max_buffered:
+                self._access.append((r, r.start_ns or self._clock_ns() - int(r.duration_ms * 1e6)))
+            else:
+                self.dropped["access"] += 1
+
+    def _new_http_series(self, r: RequestRecord, key: tuple[object, ...]) -> _HttpSeries | None:
+        if len(self._http) + len(self._tcp) >= self.max_series:
+            self.dropped["series"] += 1
+            return None
+        labels = _identity_labels(r.reporter, r.source, r.destination, r.destination_service)
+        labels["request_protocol"] = r.protocol or "http"
+        labels["response_code"] = str(r.status)
+        labels["response_flags"] = r.flags or "-"
+        labels["connection_security_policy"] = r.security_policy or UNKNOWN
+        s = self._http[key] = _HttpSeries(labels)
+        return s
+
+    def _tcp_series(self, c: TcpRecord) -> _TcpSeries | None:
+        s = self._tcp.get(c)
+        if s is None:
+            if len(self._http) + len(self._tcp) >= self.max_series:
+                self.dropped["series"] += 1
+                return None
+            labels = _identity_labels(c.reporter, c.source, c.destination, c.destination_service)
+            labels["request_protocol"] = "tcp"
+            labels["response_flags"] = c.flags or "-"
+            labels["connection_security_policy"] = c.security_policy or UNKNOWN
+            s = self._tcp[c] = _TcpSeries(labels)
+        return s
+
+    def record_tcp_opened(self, c: TcpRecord) -> None:
+        s = self._tcp_series(c)
+        if s is not None:
+            s.now[0] += 1
+
+    def record_tcp_bytes(self, c: TcpRecord, sent: int, received: int) -> None:
+        """Bytes relayed so far on an open connection (call as often as convenient)."""
+        s = self._tcp_series(c)
+        if s is not None:
+            s.now[2] += sent
+            s.now[3] += received
+
+    def record_tcp_closed(self, c: TcpRecord, sent: int = 0, received: int = 0) -> None:
+        """The connection ended; `sent`/`received` are bytes not yet reported."""
+        s = self._tcp_series(c)
+        if s is not None:
+            s.now[1] += 1
+            s.now[2] += sent
+            s.now[3] += received
+
+    def record_span(self, span: Span) -> None:
+        if len(self._spans) < self.max_buffered:
+            self._spans.append(span)
+        else:
+            self.dropped["spans"] += 1
+
+    # ------------------------------------------------------------ batches for the bus
+
+    def outgoing(self) -> list[Outgoing]:
+        """What to publish now: per kind, the batch not yet acknowledged, else a new
+        one cut from what accumulated (nothing when there is nothing new)."""
+        out: list[Outgoing] = []
+        for kind in wire.KINDS:
+            pending = self._pending[kind]
+            if pending is None:
+                pending = self._pending[kind] = self._cut(kind)
+            if pending is not None:
+                out.append(pending)
+        return out
+
+    def acknowledge(self, kind: Kind) -> None:
+        """The stream stored the pending batch of `kind`."""
+        if self._pending[kind] is not None:
+            self._pending[kind] = None
+            self.published[kind] += 1
+
+    def publish_failed(self, kind: Kind) -> None:
+        self.publish_failures += 1
+
+    def _cut(self, kind: Kind) -> Outgoing | None:
+        if kind == "metrics":
+            return self._cut_metrics()
+        if kind == "spans":
+            return self._cut_spans()
+        return self._cut_access()
+
+    def _next(self, kind: Kind) -> int:
+        self._seq[kind] += 1
+        return self._seq[kind]
+
+    def metric_deltas(self, limit: int = 0) -> list[SeriesDelta]:
+        """What was counted since it was last taken, marking it taken. With `limit`,
+        at most about that many series (a label set's series stay together); the rest
+        wait for the next call, so a batch stays well under the bus's payload limit."""
+        series: list[SeriesDelta] = []
+        for s in self._http.values():
+            if s.requests == s.sent_requests:
+                continue
+            if limit and len(series) >= limit:
+                return series
+            series.append(
+                CounterDelta(
+                    name=wire.REQUESTS_TOTAL, labels=s.labels, value=s.requests - s.sent_requests
+                )
+            )
+            s.sent_requests = s.requests
+            series.append(s.duration.delta(wire.REQUEST_DURATION_MS, s.labels, _DUR_LIST))
+            series.append(s.request_size.delta(wire.REQUEST_BYTES, s.labels, _BYTES_LIST))
+            series.append(s.response_size.delta(wire.RESPONSE_BYTES, s.labels, _BYTES_LIST))
+        for t in self._tcp.values():
+            if t.now == t.sent:
+                continue
+            if limit and len(series) >= limit:
+                return series
+            for i, name in enumerate(_TCP_NAMES):
+                if t.now[i] != t.sent[i]:
+                    series.append(
+                        CounterDelta(name=name, labels=t.labels, value=t.now[i] - t.sent[i])
+                    )
+                    t.sent[i] = t.now[i]
+        return series
+
+    def _cut_metrics(self) -> Outgoing | None:
+        series = self.metric_deltas(self.max_batch_series)
+        if not series:
+            return None
+        now = self._clock_ns()
+        seq = self._next("metrics")
+        batch = MetricBatch(
+            reporter=self.reporter_id,
+            seq=seq,
+            namespace=self.namespace,
+            service=self.service,
+            window_start_ns=self._window_start_ns,
+            window_end_ns=now,
+            series=series,
+        )
+        self._window_start_ns = now
+        requests = sum(
+            int(d.value)
+            for d in series
+            if isinstance(d, CounterDelta) and d.name == wire.REQUESTS_TOTAL
+        )
+        return Outgoing(
+            "metrics", wire.message_id("metrics", self.reporter_id, seq), _encode(batch), requests
+        )
+
+    def _cut_spans(self) -> Outgoing | None:
+        if not self._spans:
+            return None
+        spans = [
+            self._spans.popleft() for _ in range(min(len(self._spans), self.max_batch_records))
+        ]
+        seq = self._next("spans")
+        batch = SpanBatch(
+            reporter=self.reporter_id,
+            seq=seq,
+            namespace=self.namespace,
+            service=self.service,
+            spans=spans,
+        )
+        return Outgoing(
+            "spans", wire.message_id("spans", self.reporter_id, seq), _encode(batch), len(spans)
+        )
+
+    def _cut_access(self) -> Outgoing | None:
+        if not self._access:
+            return None
+        take = min(len(self._access), self.max_batch_records)
+        records = [_access_record(*self._access.popleft()) for _ in range(take)]
+        seq = self._next("access")
+        batch = AccessBatch(
+            reporter=self.reporter_id,
+            seq=seq,
+            namespace=self.namespace,
+            service=self.service,
+            records=records,
+        )
+        return Outgoing(
+            "access", wire.message_id("access", self.reporter_id, seq), _encode(batch), take
+        )
+
+    # ------------------------------------------------------------ /stats/prometheus
+
+    def totals(self) -> MetricTotals:
+        """Cumulative totals since the proxy started."""
+        totals = MetricTotals()
+        for s in self._http.values():
+            totals.add(CounterDelta(name=wire.REQUESTS_TOTAL, labels=s.labels, value=s.requests))
+            for name, h, bounds in (
+                (wire.REQUEST_DURATION_MS, s.duration, _DUR_LIST),
+                (wire.REQUEST_BYTES, s.request_size, _BYTES_LIST),
+                (wire.RESPONSE_BYTES, s.response_size, _BYTES_LIST),
+            ):
+                totals.add(
+                    HistogramDelta(
+                        name=name,
+                        labels=s.labels,
+                        bounds=bounds,
+                        counts=h.counts,
+                        sum=h.sum,
+                        count=h.count,
+                    )
+                )
+        for t in self._tcp.values():
+            for i, name in enumerate(_TCP_NAMES):
+                totals.add(CounterDelta(name=name, labels=t.labels, value=t.now[i]))
+        return totals
+
+    def describe(self) -> Iterable[Metric]:
+        # registering must not run collect(); names are fixed and do not collide
+        return []
+
+    def collect(self) -> Iterable[Metric]:
+        yield from self.totals().families()
+        dropped = CounterMetricFamily(
+            "meshwork_telemetry_dropped_total",
+            "Telemetry dropped in the proxy: buffer full (access, spans) or too many series",
+            labels=["kind"],
+        )
+        for kind, n in self.dropped.items():
+            dropped.add_metric([kind], n)
+        yield dropped
+        published = CounterMetricFamily(
+            "meshwork_telemetry_batches_published_total",
+            "Telemetry batches stored by the stream",
+            labels=["kind"],
+        )
+        for kind, n in self.published.items():
+            published.add_metric([kind], n)
+        yield published
+
+
+_encoder = msgspec.msgpack.Encoder()
+
+
+def _encode(batch: MetricBatch | SpanBatch | AccessBatch) -> bytes:
+    return bytes(_encoder.encode(batch))
+
+
+def _access_record(r: RequestRecord, start_ns: int) -> AccessRecord:
+    return AccessRecord(
+        time_ns=start_ns,
+        reporter="source" if r.reporter == "source" else "destination",
+        method=r.method,
+        authority=r.authority,
+        path=r.path,
+        protocol=r.protocol or "http",
+        status=r.status,
+        response_flags=r.flags or "-",
+        duration_ms=round(r.duration_ms, 3),
+        bytes_received=r.request_bytes,
+        bytes_sent=r.response_bytes,
+        upstream_host=r.upstream_host,
+        source_principal=_v(r.source.principal),
+        destination_principal=_v(r.destination.principal),
+        source_workload=_v(r.source.name),
+        source_namespace=_v(r.source.namespace),
+        destination_workload=_v(r.destination.name),
+        destination_namespace=_v(r.destination.namespace),
+        destination_service=_v(r.destination_service),
+        request_id=r.request_id,
+        trace_id=r.trace_id,
+    )
