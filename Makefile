@@ -13,8 +13,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	@touch $(STAMP)
 
+# the control plane + bookinfo behind sidecars and an ingress gateway; Ctrl-C stops it
+# all (e.g. `make demo DEMO_ARGS="--demo-load 0 --ingress-port 9080"`)
 demo: $(STAMP)
-	$(VENV)/bin/meshctl up --demo
+	$(VENV)/bin/meshctl up --demo $(DEMO_ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -p no:cacheprovider tests

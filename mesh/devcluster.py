@@ -1,15 +1,21 @@
 """`meshctl up`: a whole local cluster — nats-server, etcd, every control-plane service
-(N replicas each) — started from the binaries in this environment, described in
+(N replicas each) and, with `--demo`, the bookinfo application behind sidecars and an
+ingress gateway — started from the binaries in this environment, described in
 `<state-dir>/cluster.json` (DESIGN §9), and stopped again by `meshctl down`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
+import signal
+import socket
+import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,11 +30,26 @@ from mesh.servers import (
     http_ok,
     pid_alive,
     stop_pid,
+    wait_tcp,
 )
 
 CLUSTER_FILE = "cluster.json"
 # start order; `down` stops in reverse
 SERVICE_ORDER = ["registry", "ca", "config", "telemetry"]
+
+# the demo: examples/bookinfo in a source checkout (not part of the installed packages)
+BOOKINFO_DIR = Path(__file__).resolve().parents[1] / "examples" / "bookinfo"
+BOOKINFO_WORKLOADS = [
+    ("productpage", "v1"),
+    ("details", "v1"),
+    ("reviews", "v1"),
+    ("reviews", "v2"),
+    ("reviews", "v3"),
+    ("ratings", "v1"),
+]
+BOOKINFO_RESOURCES = ["destination-rule-all.yaml", "bookinfo-gateway.yaml"]
+DEFAULT_INGRESS_PORT = 8080
+DEMO_READY_TIMEOUT = 60.0
 
 
 @dataclass
@@ -38,6 +59,27 @@ class ReplicaInfo:
     pid: int
     http: str
     log: str
+
+
+@dataclass
+class DemoSettings:
+    """`meshctl up --demo`: requests/s of background load (0: none), the share of traces
+    the demo's proxies sample (percent), the ingress port (0: 8080 if free, else any)."""
+
+    load_rps: float = 3.0
+    trace_sampling: float = 100.0
+    ingress_port: int = 0
+    apps_dir: Path = BOOKINFO_DIR
+
+
+@dataclass
+class DemoProcess:
+    """A process the demo runs, and its entry in cluster.json."""
+
+    name: str
+    kind: str  # "sidecar" | "gateway" | "load"
+    proc: ManagedProcess
+    record: dict[str, Any]
 
 
 @dataclass
@@ -52,6 +94,9 @@ class DevCluster:
     processes: list[ManagedProcess] = field(default_factory=list)
     replica_info: list[ReplicaInfo] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
+    demo: DemoSettings | None = None
+    demo_processes: list[DemoProcess] = field(default_factory=list)
+    ingress: str = ""
 
     @property
     def nats_urls(self) -> list[str]:
@@ -75,10 +120,17 @@ class DevCluster:
             self._start_servers()
             self._start_services()
             self.write_cluster_file()
+            self.report(f"control plane ready in {time.monotonic() - t0:.1f}s")
+            if self.demo is not None:
+                t1 = time.monotonic()
+                # the demo's sidecars find the cluster (NATS, the CA) through cluster.json
+                self._start_demo(self.demo)
+                self.write_cluster_file()
+                self.report(f"demo ready in {time.monotonic() - t1:.1f}s")
         except BaseException:
             self.stop()
+            (self.state_dir / CLUSTER_FILE).unlink(missing_ok=True)
             raise
-        self.report(f"control plane ready in {time.monotonic() - t0:.1f}s")
 
     def _step(self, label: str, fn: Callable[[], object]) -> None:
         t = time.monotonic()
@@ -137,6 +189,140 @@ class DevCluster:
                 raise ServerError(f"not ready after 60s: {names}")
             time.sleep(0.05)
 
+    # ---------------------------------------------------------------- the demo
+
+    def _start_demo(self, demo: DemoSettings) -> None:
+        if not (demo.apps_dir / "productpage.py").exists():
+            raise ServerError(
+                f"the demo application is not in this installation ({demo.apps_dir} is "
+                "missing); run `meshctl up --demo` from a source checkout"
+            )
+        if demo.ingress_port and not _port_free(demo.ingress_port):
+            raise ServerError(f"--ingress-port {demo.ingress_port} is in use")
+        port = demo.ingress_port or (
+            DEFAULT_INGRESS_PORT if _port_free(DEFAULT_INGRESS_PORT) else free_port()
+        )
+        self._apply([demo.apps_dir / name for name in BOOKINFO_RESOURCES])
+        self.ingress = f"http://127.0.0.1:{port}"
+        names = ", ".join(f"{s}-{v}" for s, v in BOOKINFO_WORKLOADS)
+        self.report(f"  starting bookinfo under sidecars: {names}; ingress gateway ...")
+        for service, version in BOOKINFO_WORKLOADS:
+            self.demo_processes.append(self._start_sidecar(demo, service, version))
+        self.demo_processes.append(self._start_gateway(demo, port))
+        self._wait_demo_ready()
+        self._wait_productpage(self.ingress + "/productpage")
+        if demo.load_rps > 0:
+            load = ManagedProcess(
+                "demo-load",
+                [sys.executable, str(demo.apps_dir / "loadgen.py"),
+                 self.ingress + "/productpage", "--rps", str(demo.load_rps)],
+                self.state_dir / "logs" / "demo-load.log",
+            )  # fmt: skip
+            load.start()
+            self.demo_processes.append(
+                DemoProcess("demo-load", "load", load, {"name": "demo-load", "pid": load.pid})
+            )
+            self.report(f"  background load: {demo.load_rps:g} requests/s on /productpage")
+
+    def _meshctl(self) -> list[str]:
+        return [sys.executable, "-m", "mesh.cli.main", "--state-dir", str(self.state_dir.resolve())]
+
+    def _apply(self, files: list[Path]) -> None:
+        args = [*self._meshctl(), "apply"]
+        for f in files:
+            args += ["-f", str(f)]
+        done = subprocess.run(args, capture_output=True, text=True, timeout=60)
+        if done.returncode != 0:
+            raise ServerError(f"applying the demo's resources failed:\n{done.stderr}")
+        self.report(f"  applied {', '.join(f.name for f in files)}")
+
+    def _start_sidecar(self, demo: DemoSettings, service: str, version: str) -> DemoProcess:
+        name = f"{service}-{version}"
+        app_port, admin, inbound, outbound = (free_port() for _ in range(4))
+        args = [
+            *self._meshctl(), "sidecar",
+            "--service", service, "--version", version,
+            # Istio's bookinfo service accounts, so its AuthorizationPolicies apply as written
+            "--service-account", f"bookinfo-{service}",
+            "--instance", f"{name}-0",
+            "--app-port", str(app_port),
+            "--admin-port", str(admin),
+            "--inbound-port", str(inbound),
+            "--outbound-port", str(outbound),
+            "--trace-sampling", f"{demo.trace_sampling:g}",
+            "--", sys.executable, str(demo.apps_dir / f"{service}.py"),
+        ]  # fmt: skip
+        proc = ManagedProcess(name, args, self.state_dir / "logs" / f"{name}.log")
+        proc.start()
+        record = {
+            "service": service,
+            "version": version,
+            "pid": proc.pid,
+            "admin": f"http://127.0.0.1:{admin}",
+            "inbound": f"127.0.0.1:{inbound}",
+            "outbound": f"127.0.0.1:{outbound}",
+            "app": f"127.0.0.1:{app_port}",
+            "log": str(proc.log_path),
+        }
+        return DemoProcess(f"{name}-0", "sidecar", proc, record)
+
+    def _start_gateway(self, demo: DemoSettings, port: int) -> DemoProcess:
+        admin = free_port()
+        args = [
+            *self._meshctl(), "gateway",
+            "--port", str(port),
+            "--admin-port", str(admin),
+            "--instance", "ingressgateway-0",
+            "--trace-sampling", f"{demo.trace_sampling:g}",
+        ]  # fmt: skip
+        proc = ManagedProcess(
+            "ingressgateway", args, self.state_dir / "logs" / "ingressgateway.log"
+        )
+        proc.start()
+        record = {
+            "pid": proc.pid,
+            "admin": f"http://127.0.0.1:{admin}",
+            "http": f"http://127.0.0.1:{port}",
+            "log": str(proc.log_path),
+        }
+        return DemoProcess("ingressgateway", "gateway", proc, record)
+
+    def _wait_demo_ready(self) -> None:
+        deadline = time.monotonic() + DEMO_READY_TIMEOUT
+        waiting = list(self.demo_processes)
+        while waiting:
+            for d in list(waiting):
+                if not d.proc.alive():
+                    raise ServerError(f"{d.name} exited during start-up:\n{d.proc.log_tail()}")
+                if http_ok(d.record["admin"] + "/ready") and _app_listening(d.record):
+                    waiting.remove(d)
+                    where = d.record.get("inbound") or d.record.get("http")
+                    self.report(f"  {d.name} ready ({where})")
+            if time.monotonic() > deadline:
+                names = ", ".join(d.name for d in waiting)
+                raise ServerError(f"not ready after {DEMO_READY_TIMEOUT:g}s: {names}")
+            time.sleep(0.05)
+
+    def _wait_productpage(self, url: str) -> None:
+        """Until a page comes back whole (details and reviews answered) through the
+        ingress: the gateway and productpage's sidecar learn their routes on demand."""
+        deadline = time.monotonic() + DEMO_READY_TIMEOUT
+        last = ""
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(url, timeout=5) as r:
+                    page = json.loads(r.read())
+                if not any("error" in page.get(part, {}) for part in ("details", "reviews")):
+                    self.report(f"  ingress serves {url}")
+                    return
+                last = f"incomplete page: {page}"
+            except Exception as e:
+                last = str(e)
+            time.sleep(0.25)
+        raise ServerError(
+            f"{url} did not serve the product page in {DEMO_READY_TIMEOUT:g}s: {last}"
+        )
+
     def service_args(self, service: str) -> list[str]:
         args = list(self.extra.get("service_args", {}).get(service, []))
         if service == "ca":
@@ -177,9 +363,17 @@ class DevCluster:
                     {"name": s.name, "pid": s.process.pid if s.process else 0} for s in self.etcd
                 ],
             },
-            "sidecars": {},
+            "sidecars": {d.name: d.record for d in self.demo_processes if d.kind == "sidecar"},
             "supervisor_pid": os.getpid(),
         }
+        gateways = {d.name: d.record for d in self.demo_processes if d.kind == "gateway"}
+        if gateways:
+            doc["gateways"] = gateways
+        if self.ingress:
+            doc["ingress"] = self.ingress
+        load = [d.record for d in self.demo_processes if d.kind == "load"]
+        if load:
+            doc["processes"] = load
         if "telemetry" in services:
             first = services["telemetry"][0]["http"]
             doc["telemetry"] = {"metrics": f"{first}/metrics", "dashboard": f"{first}/"}
@@ -193,8 +387,18 @@ class DevCluster:
         tmp.replace(path)
         return path
 
+    def exited(self) -> list[str]:
+        """Names of the processes that have exited since the last call (and forget them)."""
+        dead = [p.name for p in self.processes if not p.alive()]
+        dead += [d.name for d in self.demo_processes if not d.proc.alive()]
+        self.processes = [p for p in self.processes if p.alive()]
+        self.demo_processes = [d for d in self.demo_processes if d.proc.alive()]
+        return dead
+
     def stop(self) -> None:
-        """Stop everything this object started, services first, servers last."""
+        """Stop everything this object started: the demo (all at once: load, gateway,
+        sidecars, which stop their apps), then services, servers last."""
+        stop_together([d.proc for d in self.demo_processes], timeout=15)
         for proc in reversed(self.processes):
             proc.stop(timeout=10)
         for etcd in self.etcd:
@@ -203,22 +407,81 @@ class DevCluster:
             nats.stop()
 
 
-def _all_pids(doc: dict[str, Any]) -> list[dict[str, Any]]:
-    """Every process a cluster.json names, in the order `down` stops them."""
-    out: list[dict[str, Any]] = []
+def _app_listening(record: dict[str, Any]) -> bool:
+    """The sidecar starts its app once it is ready; the app then takes a moment."""
+    if "app" not in record:
+        return True
+    host, _, port = record["app"].rpartition(":")
+    return wait_tcp(host, int(port), 0.05)
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def stop_together(procs: list[ManagedProcess], timeout: float) -> None:
+    """SIGTERM to all at once (each drains in parallel), SIGKILL to what is left after
+    `timeout`; then clear each one's process group, so an app whose sidecar had to be
+    killed does not outlive it (every ManagedProcess leads its own group)."""
+    for p in procs:
+        if p.alive() and p.proc is not None:
+            p.proc.terminate()
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        if p.proc is None:
+            continue
+        try:
+            p.proc.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+        _kill_group(p.proc.pid)
+
+
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _stages(doc: dict[str, Any]) -> list[list[dict[str, Any]]]:
+    """Every process a cluster.json names, in the order `down` stops them: the demo
+    (load, gateways, sidecars) together, then each service, then etcd and nats."""
+    demo: list[dict[str, Any]] = []
+    for extra in doc.get("processes", []):
+        demo.append({**extra, "group": True})
+    for name, gw in doc.get("gateways", {}).items():
+        if gw.get("pid"):
+            demo.append({"name": name, "pid": gw["pid"], "group": True})
     for name, sc in doc.get("sidecars", {}).items():
         if sc.get("pid"):
-            out.append({"name": name, "pid": sc["pid"]})
-    for extra in doc.get("processes", []):
-        out.append(extra)
+            demo.append({"name": name, "pid": sc["pid"], "group": True})
+    stages = [demo]
     for service in reversed(SERVICE_ORDER):
-        for r in doc.get("services", {}).get(service, []):
-            out.append({"name": r.get("replica", service), "pid": r["pid"]})
+        stages.append(
+            [
+                {"name": r.get("replica", service), "pid": r["pid"]}
+                for r in doc.get("services", {}).get(service, [])
+            ]
+        )
     for kind in ("etcd", "nats"):
-        for s in doc.get("servers", {}).get(kind, []):
-            if s.get("pid"):
-                out.append({"name": s["name"], "pid": s["pid"]})
-    return out
+        stages.append(
+            [
+                {"name": s["name"], "pid": s["pid"]}
+                for s in doc.get("servers", {}).get(kind, [])
+                if s.get("pid")
+            ]
+        )
+    return [stage for stage in stages if stage]
+
+
+def _all_pids(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    return [entry for stage in _stages(doc) for entry in stage]
 
 
 def down(state_dir: Path, report: Callable[[str], None]) -> int:
@@ -238,11 +501,22 @@ def down(state_dir: Path, report: Callable[[str], None]) -> int:
         # a foreground `meshctl up` owns the processes: ask it to stop them in order
         stop_pid(supervisor, timeout=30)
     stopped = 0
-    for entry in _all_pids(doc):
-        pid = entry["pid"]
-        if pid_alive(pid):
+    for stage in _stages(doc):
+        # a stage stops together: SIGTERM to all, wait for all, SIGKILL what is left
+        running = [e for e in stage if pid_alive(e["pid"])]
+        for entry in running:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(entry["pid"], signal.SIGTERM)
+        deadline = time.monotonic() + 15
+        for entry in running:
+            pid = entry["pid"]
             stopped += 1
-            ok = stop_pid(pid, timeout=10)
+            while pid_alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            ok = stop_pid(pid, timeout=1) if pid_alive(pid) else True
+            if entry.get("group"):
+                # it led its own process group (a sidecar and its app): clear the group
+                _kill_group(pid)
             report(
                 f"  stopped {entry['name']} (pid {pid})"
                 if ok

@@ -32,10 +32,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     )
     up.add_argument("--detach", action="store_true", help="return once everything is ready")
     up.add_argument(
-        "--demo", action="store_true", help="also run the demo application (when available)"
+        "--demo",
+        action="store_true",
+        help="also run the bookinfo demo: its services under sidecars, an ingress gateway",
     )
     up.add_argument(
-        "--demo-load", type=float, default=3.0, help="demo background load in requests/s"
+        "--demo-load",
+        type=float,
+        default=3.0,
+        metavar="RPS",
+        help="with --demo: background requests/s on the product page (default 3, 0: none)",
+    )
+    up.add_argument(
+        "--ingress-port",
+        type=int,
+        default=0,
+        help="with --demo: the ingress gateway's port (default 8080 if free, else any)",
     )
     up.set_defaults(func=cmd_up)
 
@@ -50,18 +62,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
 def cmd_up(args: argparse.Namespace) -> int:
     if args.replicas < 1:
         raise CLIError("--replicas must be at least 1")
+    if args.demo_load < 0:
+        raise CLIError("--demo-load must be 0 (off) or more requests/s")
     services = [s for s in devcluster.SERVICE_ORDER if s in available_services()]
+    demo = None
+    if args.demo:
+        missing = {"registry", "ca", "config"} - set(services)
+        if missing:
+            raise CLIError(f"--demo needs the {', '.join(sorted(missing))} service(s)")
+        demo = devcluster.DemoSettings(load_rps=args.demo_load, ingress_port=args.ingress_port)
     cluster = devcluster.DevCluster(
-        state_dir(args), replicas=args.replicas, services=services, report=progress
+        state_dir(args), replicas=args.replicas, services=services, report=progress, demo=demo
     )
     progress(
         f"meshctl up: {args.replicas} replica(s) of {', '.join(services)} in {cluster.state_dir}/"
+        + (" + the bookinfo demo" if demo else "")
     )
-    if args.demo:
-        progress(
-            "  note: the demo application is not part of this build yet;"
-            " starting the control plane only"
-        )
     try:
         cluster.start()
     except ServerError as e:
@@ -75,10 +91,9 @@ def cmd_up(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: stop.set())
     try:
         while not stop.wait(0.5):
-            dead = [p.name for p in cluster.processes if not p.alive()]
+            dead = cluster.exited()
             if dead:
                 progress(f"  warning: exited: {', '.join(dead)} (see {cluster.state_dir}/logs/)")
-                cluster.processes = [p for p in cluster.processes if p.alive()]
     finally:
         progress("stopping ...")
         cluster.stop()
@@ -99,7 +114,12 @@ def print_summary(doc: dict[str, Any], where: Any) -> None:
         print(f"  metrics:   {doc['telemetry']['metrics']}")
     if doc.get("ingress"):
         print(f"  ingress:   {doc['ingress']}")
+    for name, sc in doc.get("sidecars", {}).items():
+        print(f"  {'sidecar:':<10} {name} admin {sc['admin']} inbound {sc['inbound']}")
     print(f"  state:     {where}/cluster.json")
+    if doc.get("ingress"):
+        print(f"\nBookinfo: {doc['ingress']}/productpage  (HTML: ?format=html)")
+        print('  try: meshctl top   |   the tour: README.md, "Demo: bookinfo"')
     sys.stdout.flush()
 
 
