@@ -34,6 +34,7 @@ def run_wrk(
         args += ["-H", f"Host: {host}"]
     out = subprocess.run([*args, url], capture_output=True, text=True, check=True).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    total = re.search(r"(\d+) requests in", out)
     errors = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
     lat = {}
     for pct in ("50", "90", "99"):
@@ -43,7 +44,12 @@ def run_wrk(
             lat[f"p{pct}_ms"] = (
                 value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
             )
-    return {"rps": rps, "non_2xx": float(errors.group(1)) if errors else 0.0, **lat}
+    return {
+        "rps": rps,
+        "requests": float(total.group(1)) if total else 0.0,
+        "non_2xx": float(errors.group(1)) if errors else 0.0,
+        **lat,
+    }
 
 
 def median(values: list[float]) -> float:

@@ -52,9 +52,12 @@ spec:
 
 
 async def convergence(bus: Bus, nats_url: str, n: int, repeats: int) -> dict[str, float]:
+    # config push does not depend on certificates: no CA here, plaintext sidecars
     sidecars = [
         Sidecar(
-            SidecarSettings(service=f"client{i}", app_port=9, nats=[nats_url], drain_timeout=0.5)
+            SidecarSettings(
+                service=f"client{i}", app_port=9, nats=[nats_url], drain_timeout=0.5, mtls=False
+            )
         )
         for i in range(n)
     ]
