@@ -52,11 +52,17 @@ spec:
 
 
 async def convergence(bus: Bus, nats_url: str, n: int, repeats: int) -> dict[str, float]:
-    # config push does not depend on certificates: no CA here, plaintext sidecars
+    # config push does not depend on certificates: no CA here, plaintext sidecars, and
+    # no trust bundle to verify config signatures with (the push is signed all the same)
     sidecars = [
         Sidecar(
             SidecarSettings(
-                service=f"client{i}", app_port=9, nats=[nats_url], drain_timeout=0.5, mtls=False
+                service=f"client{i}",
+                app_port=9,
+                nats=[nats_url],
+                drain_timeout=0.5,
+                mtls=False,
+                config_signatures=False,
             )
         )
         for i in range(n)

@@ -4,11 +4,18 @@ subscriptions consumed by named tasks; JetStream helpers.
 Wire format is MessagePack of the tagged Structs in `mesh.messages`. A request handler
 returns its reply Struct or raises `MeshError`, which crosses as an `ErrorReply` and is
 raised again on the caller's side as `RemoteError` with the same code.
+
+Signatures (`mesh.signing`): a control-plane bus `sign_with(signer)` signs what it
+publishes, and its replies, on the subjects `SignedSubjects` names; a proxy's bus
+`require_signatures(keys)` drops what arrives there without a valid signature (counted,
+logged once per subject) before decoding it, and a request whose reply fails raises
+`SignatureRejected`. Call sites do not change.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import enum
 import random
@@ -25,12 +32,16 @@ from nats.js.api import StorageType, StreamConfig
 
 from mesh import errors, messages
 from mesh.logs import get_logger
+from mesh.signing import SIGNATURE_HEADER, SignatureRejected, SignedSubjects, Signer, TrustedKeys
 from mesh.subjects import Subjects
 
 log = get_logger("bus")
 
 T = TypeVar("T", bound=msgspec.Struct)
 R = TypeVar("R", bound=msgspec.Struct)
+
+# called with (kind, subject, reason) for each message dropped for its signature
+RejectListener = Callable[[str, str, str], None]
 
 
 class ConnectionState(enum.Enum):
@@ -68,6 +79,13 @@ class Bus:
         self._tasks: set[asyncio.Task[None]] = set()
         self._subs: list[Any] = []
         self._decoders: dict[Any, msgspec.msgpack.Decoder[Any]] = {}
+        self._signed = SignedSubjects(subjects.prefix)
+        self._signer: Signer | None = None
+        self._trusted: TrustedKeys | None = None
+        self._on_reject: RejectListener | None = None
+        self._reject_logged: set[str] = set()
+        # (kind, reason) -> messages dropped for their signature
+        self.signature_rejections: collections.Counter[tuple[str, str]] = collections.Counter()
 
     # ------------------------------------------------------------ connection
 
@@ -82,10 +100,15 @@ class Bus:
         password: str | None = None,
         connect_timeout: float = 2.0,
         wait_for_server: bool = False,
+        inbox_prefix: str = "_INBOX",
     ) -> Bus:
         """Connect to any of `servers`. With `wait_for_server`, keep trying (with backoff)
-        until one answers, instead of failing at once."""
+        until one answers, instead of failing at once. `inbox_prefix`: where replies to
+        this client's requests go (`mesh.bus_permissions`: each role has its own, so
+        one role cannot read another's replies)."""
         holder: dict[str, Bus] = {}
+        # set when the server refuses our login during the first connect
+        refusals: list[asyncio.Future[str]] = []
 
         async def on_disconnect() -> None:
             if "bus" in holder and holder["bus"].state is not ConnectionState.CLOSED:
@@ -97,7 +120,17 @@ class Bus:
                 await holder["bus"]._reconnected()
 
         async def on_error(e: Exception) -> None:
-            log.debug("bus.error", name=name, error=str(e) or type(e).__name__)
+            text = str(e) or type(e).__name__
+            if "authorization violation" in text.lower():
+                if "bus" in holder:  # on a reconnect: nats-py keeps trying
+                    log.warning("bus.refused", name=name, user=user, error=text)
+                elif refusals and not refusals[-1].done():
+                    refusals[-1].set_result(text)
+            elif "permissions violation" in text.lower():
+                # this client's NATS user may not use a subject (mesh.bus_permissions)
+                log.warning("bus.permission_denied", name=name, user=user, error=text)
+            else:
+                log.debug("bus.error", name=name, error=text)
 
         async def on_closed() -> None:
             if "bus" in holder:
@@ -105,13 +138,19 @@ class Bus:
 
         attempt = 0
         while True:
-            try:
-                nc = await nats.connect(
+            nc = NATS()
+            # nats-py retries a refused login forever (its error callback sees each
+            # refusal): wrong or missing credentials do not get better, so stop there
+            refused: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+            refusals.append(refused)
+            connecting = asyncio.ensure_future(
+                nc.connect(
                     servers=list(servers),
                     name=name,
                     user=user,
                     password=password,
-                    connect_timeout=connect_timeout,
+                    inbox_prefix=inbox_prefix,
+                    connect_timeout=connect_timeout,  # type: ignore[arg-type]
                     allow_reconnect=True,
                     max_reconnect_attempts=-1,
                     reconnect_to_server_handler=_pick_server,
@@ -122,6 +161,25 @@ class Bus:
                     ping_interval=5,
                     max_outstanding_pings=3,
                 )
+            )
+            waiters: set[asyncio.Future[Any]] = {connecting, refused}
+            try:
+                await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            except asyncio.CancelledError:
+                connecting.cancel()
+                raise
+            if not connecting.done():
+                connecting.cancel()
+                with contextlib.suppress(BaseException):
+                    await connecting
+                with contextlib.suppress(Exception):
+                    await nc.close()
+                raise errors.Forbidden(
+                    f"NATS at {', '.join(servers)} refused the credentials"
+                    + (f" of user {user!r}" if user else " (none given; the server needs a user)")
+                )
+            try:
+                connecting.result()
                 break
             except (nats.errors.NoServersError, OSError, TimeoutError) as e:
                 if not wait_for_server:
@@ -160,16 +218,69 @@ class Bus:
         if self.nc.is_closed:
             return
         self.state = ConnectionState.CLOSED
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.nc.drain(), timeout=5)
+        # Every step is bounded with asyncio.wait, which (unlike wait_for) does not
+        # wait for a cancelled step to finish: nats-py's drain can swallow a
+        # cancellation and keep flushing, and shutdown must never hang on the bus.
+        await _bounded(self.nc.drain(), DRAIN_TIMEOUT_S, "drain")
         for task in list(self._tasks):
             task.cancel()
-        for task in list(self._tasks):
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-        with contextlib.suppress(Exception):
-            await self.nc.close()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=CLOSE_TIMEOUT_S)
+        await _bounded(self.nc.close(), CLOSE_TIMEOUT_S, "close")
         self.state = ConnectionState.CLOSED
+
+    # ------------------------------------------------------------ signatures
+
+    def sign_with(self, signer: Signer) -> None:
+        """Sign what this bus publishes and replies on the signed subjects (the control
+        plane)."""
+        self._signer = signer
+
+    def require_signatures(
+        self, keys: TrustedKeys, on_reject: RejectListener | None = None
+    ) -> None:
+        """From now on, drop messages on the signed subjects (and refuse replies to
+        signed requests) unless `keys` verifies them; `keys` may change later (a new
+        trust bundle). Until `keys` holds a key, only the bootstrap replies (`ca.sign`,
+        `ca.bundle.get`) pass, unverified: they bring the first key."""
+        self._trusted = keys
+        self._on_reject = on_reject
+
+    @property
+    def verifying(self) -> bool:
+        return self._trusted is not None
+
+    def _signature_headers(
+        self, subject: str, payload: bytes, headers: dict[str, str] | None
+    ) -> dict[str, str]:
+        assert self._signer is not None
+        return {**(headers or {}), SIGNATURE_HEADER: self._signer.sign(subject, payload)}
+
+    def _check_signature(self, kind: str, msg: Msg, about: str) -> SignatureRejected | None:
+        """None if `msg` may be used; else count it, log once per `about` (the subject,
+        or the request subject of a reply), and say why."""
+        assert self._trusted is not None
+        header = msg.headers.get(SIGNATURE_HEADER) if msg.headers else None
+        try:
+            self._trusted.verify(msg.subject, msg.data, header)
+        except SignatureRejected as e:
+            self._rejected(kind, about, e)
+            return e
+        return None
+
+    def _rejected(self, kind: str, subject: str, e: SignatureRejected) -> None:
+        self.signature_rejections[(kind, e.reason)] += 1
+        if subject not in self._reject_logged:
+            self._reject_logged.add(subject)
+            log.warning(
+                "bus.signature_rejected", subject=subject, kind=kind, reason=e.reason,
+                detail=e.message, note="logged once per subject; counted every time",
+            )  # fmt: skip
+        if self._on_reject is not None:
+            try:
+                self._on_reject(kind, subject, e.reason)
+            except Exception:  # a metrics hook must not break message handling
+                log.exception("bus.reject_listener_failed")
 
     # ------------------------------------------------------------ codec
 
@@ -185,7 +296,10 @@ class Bus:
     async def publish(
         self, subject: str, msg: msgspec.Struct, headers: dict[str, str] | None = None
     ) -> None:
-        await self.nc.publish(subject, messages.encode(msg), headers=headers)
+        payload = messages.encode(msg)
+        if self._signer is not None and self._signed.published_kind(subject):
+            headers = self._signature_headers(subject, payload, headers)
+        await self.nc.publish(subject, payload, headers=headers)
 
     async def request(
         self, subject: str, msg: msgspec.Struct, reply_type: type[R], *, timeout: float = 2.0
@@ -199,6 +313,8 @@ class Bus:
             raise errors.BusTimeout(f"no reply on {subject} within {timeout:g}s") from e
         except nats.errors.ConnectionClosedError as e:
             raise errors.Unavailable("bus connection closed") from e
+        if self._trusted is not None:
+            self._check_reply(subject, resp)
         try:
             reply = self._decoder(reply_type | messages.ErrorReply).decode(resp.data)
         except msgspec.DecodeError as e:
@@ -208,6 +324,17 @@ class Bus:
                 reply.code, reply.message, field=reply.field, details=reply.details
             )
         return reply
+
+    def _check_reply(self, subject: str, resp: Msg) -> None:
+        assert self._trusted is not None
+        kind = self._signed.reply_kind(subject)
+        if kind is None or (not self._trusted.ready and self._signed.bootstrap(subject)):
+            return
+        rejected = self._check_signature(kind, resp, f"reply to {subject}")
+        if rejected is not None:
+            raise SignatureRejected(
+                rejected.reason, f"the reply to {subject} failed verification: {rejected}"
+            )
 
     # ------------------------------------------------------------ serving
 
@@ -229,6 +356,7 @@ class Bus:
         queued are dropped by the client (the caller times out and retries elsewhere).
         """
         dec = self._decoder(request_type)
+        signed_replies = self._signed.reply_kind(subject) is not None
 
         async def handle(msg: Msg) -> None:
             try:
@@ -248,8 +376,15 @@ class Bus:
                     log.exception("bus.handler_failed", subject=subject)
                     reply = messages.ErrorReply(500, f"internal error: {type(e).__name__}: {e}")
             if msg.reply:
+                data = messages.encode(reply)
+                # signed over the requester's reply subject: unique to this request
+                headers = (
+                    self._signature_headers(msg.reply, data, None)
+                    if signed_replies and self._signer is not None
+                    else None
+                )
                 with contextlib.suppress(Exception):
-                    await msg.respond(messages.encode(reply))
+                    await self.nc.publish(msg.reply, data, headers=headers)
 
         return self._consume(subject, queue, handle, concurrency, max_pending)
 
@@ -268,6 +403,10 @@ class Bus:
         dec = self._decoder(msg_type)
 
         async def handle(msg: Msg) -> None:
+            if self._trusted is not None:
+                kind = self._signed.published_kind(msg.subject)
+                if kind is not None and self._check_signature(kind, msg, msg.subject) is not None:
+                    return
             try:
                 decoded = dec.decode(msg.data)
             except (msgspec.DecodeError, msgspec.ValidationError) as e:
@@ -364,3 +503,23 @@ def _field_of(e: msgspec.ValidationError) -> str:
     if marker in text:
         return text.split(marker, 1)[1].rstrip("`")
     return ""
+
+
+DRAIN_TIMEOUT_S = 5.0
+CLOSE_TIMEOUT_S = 2.0
+
+
+async def _bounded(step: Awaitable[object], timeout: float, what: str) -> None:
+    task = asyncio.ensure_future(step)
+    done, _ = await asyncio.wait({task}, timeout=timeout)
+    if not done:
+        task.cancel()
+        task.add_done_callback(_retrieve)
+        log.warning("bus.shutdown_step_timed_out", step=what, timeout_s=timeout)
+        return
+    _retrieve(task)
+
+
+def _retrieve(task: asyncio.Future[object]) -> None:
+    if not task.cancelled():
+        task.exception()  # retrieved: a failed drain/close at shutdown is not news

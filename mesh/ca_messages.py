@@ -17,6 +17,9 @@ current key (`proof`), never the key.
 | `<p>.ca.status`           | request (queue)  | CAStatusRequest -> CAStatusReply               |
 | `<p>.ca.rotate_root`      | request (leader) | RotateRootRequest -> RotateRootReply           |
 | `<p>.ca.rotate_workloads` | request (queue)  | RotateWorkloadsRequest -> RotateWorkloadsReply |
+
+The bundle (published and answered), rotation notices and sign replies carry a
+`Mesh-Signature` header by the control plane's key (`mesh.signing`).
 """
 
 from __future__ import annotations
@@ -61,9 +64,23 @@ class CASubjects:
 # ---------------------------------------------------------------- trust bundle
 
 
+class SigningKey(Struct, kw_only=True):
+    """A key the control plane signs config with (`mesh.signing`): Ed25519, raw 32-byte
+    public key; `key_id` is the first 16 hex digits of its SHA-256 (the id in the
+    `Mesh-Signature` header)."""
+
+    key_id: str
+    public_key: bytes
+
+
 class TrustBundle(Struct, kw_only=True):
     """Every root in force (PEM, oldest first). During a root rotation the old and the
-    new root are both here, so certificates from either verify."""
+    new root are both here, so certificates from either verify.
+
+    `signing_keys`: the keys proxies accept control-plane messages from (route tables,
+    inbound policy, gateway config, endpoint sets, this bundle). A proxy takes them from
+    its first bundle (the reply to its first `ca.sign` or `ca.bundle.get`); every later
+    bundle must be signed by a key it already trusts."""
 
     trust_domain: str
     roots: list[str]
@@ -73,6 +90,7 @@ class TrustBundle(Struct, kw_only=True):
     signing_root: str = ""
     # a holder of a certificate from another root renews at a random time within this
     renew_spread_s: float = 0.0
+    signing_keys: list[SigningKey] = []
 
 
 class BundleGetRequest(Struct):

@@ -2,6 +2,15 @@
 (N replicas each) and, with `--demo`, the bookinfo application behind sidecars and an
 ingress gateway — started from the binaries in this environment, described in
 `<state-dir>/cluster.json` (DESIGN §9), and stopped again by `meshctl down`.
+
+Security: nats-server runs with one user per role (`mesh.bus_permissions`: admin for
+`meshctl`, control for the services, sidecar for proxies), new random passwords at
+every `up`, kept in `cluster.json` (mode 0600) under `credentials.<role>`. With
+`etcd_auth` (`--replicas` above 1, or `--secure`) etcd has authentication on: a root
+user and a `mesh` user that may read and write `/<prefix>/` only, whose credentials
+only the control-plane services get (`etcd_credentials` in cluster.json); they are
+generated once and kept in `<state-dir>/etcd-auth.json` (0600), since etcd's data, and
+its users, survive `down`/`up`.
 """
 
 from __future__ import annotations
@@ -21,19 +30,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mesh.bus_permissions import ROLES, authorization_conf
 from mesh.servers import (
     EtcdServer,
     ManagedProcess,
     NatsServer,
     ServerError,
+    enable_etcd_auth,
     free_port,
     http_ok,
     pid_alive,
     stop_pid,
     wait_tcp,
+    write_private,
 )
 
 CLUSTER_FILE = "cluster.json"
+ETCD_AUTH_FILE = "etcd-auth.json"
 # start order; `down` stops in reverse
 SERVICE_ORDER = ["registry", "ca", "config", "telemetry"]
 
@@ -97,6 +110,12 @@ class DevCluster:
     demo: DemoSettings | None = None
     demo_processes: list[DemoProcess] = field(default_factory=list)
     ingress: str = ""
+    # etcd authentication (cluster mode); also on if an earlier `up` turned it on
+    etcd_auth: bool = False
+    # NATS users: role -> {"user", "password"} (new at every start)
+    credentials: dict[str, dict[str, str]] = field(default_factory=dict)
+    # the control plane's etcd user, when etcd authentication is on
+    etcd_credentials: dict[str, str] = field(default_factory=dict)
 
     @property
     def nats_urls(self) -> list[str]:
@@ -140,12 +159,63 @@ class DevCluster:
 
     def _start_servers(self) -> None:
         data = self.state_dir / "data"
-        nats = NatsServer(data / "nats", name="nats-0")
-        self._step("nats-server (JetStream)", lambda: nats.start())
+        auth = self.nats_auth_file(data / "nats")
+        nats = NatsServer(data / "nats", name="nats-0", config_file=auth)
+        self._step("nats-server (JetStream, per-role permissions)", lambda: nats.start())
         self.nats.append(nats)
         etcd = EtcdServer(data / "etcd", name="etcd-0")
         self._step("etcd", lambda: etcd.start())
         self.etcd.append(etcd)
+        if self.etcd_auth or (self.state_dir / ETCD_AUTH_FILE).exists():
+            self._step("etcd authentication", self._secure_etcd)
+
+    def nats_auth_file(self, where: Path) -> Path:
+        """nats-server's authorization config: a user per role, fresh random passwords."""
+        self.credentials = {
+            role: {"user": role, "password": secrets.token_urlsafe(24)} for role in ROLES
+        }
+        users = {role: (c["user"], c["password"]) for role, c in self.credentials.items()}
+        return write_private(where / "auth.conf", authorization_conf(self.prefix, users))
+
+    def _secure_etcd(self) -> None:
+        path = self.state_dir / ETCD_AUTH_FILE
+        if path.exists():
+            saved = json.loads(path.read_text())
+        else:
+            saved = {
+                "root": {"user": "root", "password": secrets.token_urlsafe(24)},
+                "mesh": {"user": "mesh", "password": secrets.token_urlsafe(24)},
+            }
+            write_private(path, json.dumps(saved, indent=2) + "\n")
+        enable_etcd_auth(
+            self.etcd_urls[0],
+            key_prefix=f"/{self.prefix}/",
+            root_password=saved["root"]["password"],
+            user=saved["mesh"]["user"],
+            password=saved["mesh"]["password"],
+        )
+        self.etcd_credentials = dict(saved["mesh"])
+
+    def service_env(self) -> dict[str, str]:
+        """What every control-plane replica gets: the control role's NATS user and, with
+        etcd authentication, the etcd user (nobody else gets that one)."""
+        env = dict(os.environ, MESH_LOG_FORMAT="json")
+        for name in (
+            "MESH_NATS_USER",
+            "MESH_NATS_PASSWORD",
+            "MESH_ETCD_USER",
+            "MESH_ETCD_PASSWORD",
+        ):
+            env.pop(name, None)
+        control = self.credentials.get("control")
+        if control:
+            env.update(MESH_NATS_USER=control["user"], MESH_NATS_PASSWORD=control["password"])
+        if self.etcd_credentials:
+            env.update(
+                MESH_ETCD_USER=self.etcd_credentials["user"],
+                MESH_ETCD_PASSWORD=self.etcd_credentials["password"],
+            )
+        return env
 
     def _start_services(self) -> None:
         logs_dir = self.state_dir / "logs"
@@ -163,8 +233,9 @@ class DevCluster:
                     "--replica", replica,
                     *self.service_args(service),
                 ]  # fmt: skip
-                env = dict(os.environ, MESH_LOG_FORMAT="json")
-                proc = ManagedProcess(replica, args, logs_dir / f"{replica}.log", env=env)
+                proc = ManagedProcess(
+                    replica, args, logs_dir / f"{replica}.log", env=self.service_env()
+                )
                 proc.start()
                 self.processes.append(proc)
                 info = ReplicaInfo(
@@ -366,6 +437,11 @@ class DevCluster:
             "sidecars": {d.name: d.record for d in self.demo_processes if d.kind == "sidecar"},
             "supervisor_pid": os.getpid(),
         }
+        if self.credentials:
+            # NATS users by role (mesh.bus_permissions): meshctl uses admin, sidecars sidecar
+            doc["credentials"] = self.credentials
+        if self.etcd_credentials:
+            doc["etcd_credentials"] = self.etcd_credentials
         gateways = {d.name: d.record for d in self.demo_processes if d.kind == "gateway"}
         if gateways:
             doc["gateways"] = gateways
@@ -381,11 +457,10 @@ class DevCluster:
         return doc
 
     def write_cluster_file(self) -> Path:
-        path = self.state_dir / CLUSTER_FILE
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.cluster_document(), indent=2) + "\n")
-        tmp.replace(path)
-        return path
+        # 0600: it holds the NATS passwords
+        return write_private(
+            self.state_dir / CLUSTER_FILE, json.dumps(self.cluster_document(), indent=2) + "\n"
+        )
 
     def exited(self) -> list[str]:
         """Names of the processes that have exited since the last call (and forget them)."""

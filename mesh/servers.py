@@ -7,6 +7,8 @@ ports, in its own data directory, and is stopped (then killed) on request.
 from __future__ import annotations
 
 import abc
+import base64
+import json
 import os
 import shutil
 import signal
@@ -14,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,6 +63,18 @@ def http_ok(url: str, timeout: float = 0.5) -> bool:
             return 200 <= r.status < 300
     except Exception:
         return False
+
+
+def write_private(path: Path, text: str) -> Path:
+    """Write a file only its owner may read (0600), replacing it atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    tmp.replace(path)
+    return path
 
 
 def stop_pid(pid: int, timeout: float = 10.0) -> bool:
@@ -237,7 +252,6 @@ class NatsServer(_ServerProcess):
         raise ServerError(f"nats-server not ready after {timeout}s")
 
 
-
 @dataclass
 class EtcdServer(_ServerProcess):
     data_dir: Path
@@ -296,3 +310,88 @@ class EtcdServer(_ServerProcess):
             f"etcd not ready after {timeout}s:\n{self.process.log_tail() if self.process else ''}"
         )
 
+
+# ---------------------------------------------------------------- etcd authentication
+
+
+def _etcd_call(url: str, path: str, body: dict[str, object], token: str = "") -> dict[str, object]:
+    """One call to etcd's JSON gateway (`/v3/...`); raises ServerError with etcd's message."""
+    req = urllib.request.Request(
+        f"{url}/v3/{path}",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json", **({"Authorization": token} if token else {})},
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return dict(json.loads(r.read() or b"{}"))
+    except urllib.error.HTTPError as e:
+        try:
+            message = str(json.loads(e.read()).get("message", e))
+        except ValueError:
+            message = str(e)
+        raise ServerError(message) from None
+
+
+def _b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
+
+
+def prefix_range_end(prefix: str) -> str:
+    """The end of etcd's key range for `prefix` (its last byte plus one)."""
+    return prefix[:-1] + chr(ord(prefix[-1]) + 1)
+
+
+def etcd_auth_enabled(url: str) -> bool:
+    try:
+        _etcd_call(url, "kv/range", {"key": _b64("/"), "limit": 1})
+    except ServerError as e:
+        if "user name is empty" in str(e) or "invalid auth token" in str(e):
+            return True
+        raise
+    return False
+
+
+def enable_etcd_auth(
+    url: str, *, key_prefix: str, root_password: str, user: str, password: str
+) -> bool:
+    """Turn on etcd authentication (idempotent): a `root` user, and `user` whose role
+    (named like it) may read and write `key_prefix` and nothing else. Returns False if
+    it was on already (then `user`'s password is checked)."""
+    if etcd_auth_enabled(url):
+        try:
+            _etcd_call(url, "auth/authenticate", {"name": user, "password": password})
+        except ServerError as e:
+            raise ServerError(
+                f"etcd at {url} has authentication on, and refuses {user!r}'s password: {e}"
+            ) from None
+        return False
+
+    def ensure(path: str, body: dict[str, object]) -> None:
+        try:
+            _etcd_call(url, path, body)
+        except ServerError as e:
+            if "already exists" not in str(e) and "already granted" not in str(e):
+                raise
+
+    # (a user left by an earlier, interrupted attempt gets the password we hold now)
+    ensure("auth/user/add", {"name": "root", "password": root_password})
+    _etcd_call(url, "auth/user/changepw", {"name": "root", "password": root_password})
+    ensure("auth/user/grant", {"user": "root", "role": "root"})
+    ensure("auth/role/add", {"name": user})
+    ensure(
+        "auth/role/grant",
+        {
+            "name": user,
+            "perm": {
+                "permType": "READWRITE",
+                "key": _b64(key_prefix),
+                "range_end": _b64(prefix_range_end(key_prefix)),
+            },
+        },
+    )
+    ensure("auth/user/add", {"name": user, "password": password})
+    _etcd_call(url, "auth/user/changepw", {"name": user, "password": password})
+    ensure("auth/user/grant", {"user": user, "role": user})
+    _etcd_call(url, "auth/enable", {})
+    return True

@@ -235,6 +235,12 @@ class Store:
                 if attempt + 1 < attempts:
                     await asyncio.sleep(0.05 * (attempt + 1))
             except aex.UnauthenticatedError as e:
+                # etcd forgets a token unused for --auth-token-ttl (5 min): authenticate
+                # again on a fresh connection. Wrong credentials stay an error.
+                if "invalid auth token" in str(e) and attempt + 1 < attempts:
+                    last = e
+                    await self._failover(client)
+                    continue
                 raise errors.StoreError(f"etcd refused our credentials: {e}") from e
             except aex.ClientError as e:
                 raise errors.StoreError(f"etcd request failed: {e}") from e

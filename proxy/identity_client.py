@@ -23,6 +23,11 @@ Wiring into listeners (nothing here opens a socket):
     tr, pr = await loop.create_connection(factory, host, port, ssl=ident.client_context(),
                                           server_hostname="")
     check_peer(tr.get_extra_info("ssl_object"), endpoint.identity)   # raises VerificationError
+
+`ConfigTrust` holds the control plane's message-signing keys from the trust bundle
+(`mesh.signing`) and makes the bus verify config before it is used: pass
+`on_bundle=trust.install` to `WorkloadIdentity`, or, with no certificate (`--no-mtls`),
+`await trust.obtain()` (the bundle from `ca.bundle.get`).
 """
 
 from __future__ import annotations
@@ -40,11 +45,13 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
+from prometheus_client import CollectorRegistry, Counter
 
 from mesh import errors, identity
 from mesh.bus import Bus
 from mesh.ca_messages import BundleGetRequest, RotateNotice, SignReply, SignRequest, TrustBundle
 from mesh.logs import get_logger
+from mesh.signing import TrustedKeys
 
 log = get_logger("proxy.identity")
 
@@ -159,9 +166,12 @@ class WorkloadIdentity:
         clock: Callable[[], float] = time.time,
         rand: Callable[[], float] = random.random,
         request_timeout: float = 5.0,
+        on_bundle: Callable[[TrustBundle], None] | None = None,
     ):
         self.bus = bus
         self.namespace = namespace
+        # told every trust bundle put in force (ConfigTrust.install)
+        self._on_bundle_change = on_bundle
         self.service_account = service_account
         self.spiffe_id = identity.spiffe_id(trust_domain, namespace, service_account)
         self._token = token
@@ -405,6 +415,8 @@ class WorkloadIdentity:
         self._snapshot = self._snapshot_of(
             chain, key, bundle, not_before, not_after, identity.serial_hex(leaf), renew_at
         )
+        if self._on_bundle_change is not None:
+            self._on_bundle_change(bundle)
         self._next_attempt = None
         self.last_error = ""
         self.failures = 0
@@ -466,6 +478,8 @@ class WorkloadIdentity:
                 snap.renew_at,
             )
             log.info("identity.bundle_updated", revision=bundle.revision, roots=len(bundle.roots))
+            if self._on_bundle_change is not None:
+                self._on_bundle_change(bundle)
             if not _chain_verifies(snap.chain_pem, _roots(bundle), now):
                 # our certificate's root has left the bundle: peers no longer accept it
                 self.renew_soon(0.0, "root removed")
@@ -501,3 +515,109 @@ class WorkloadIdentity:
             log.warning("identity.bundle_resync_failed", error=e.message)
             return
         self._apply_bundle(bundle)
+
+
+# ---------------------------------------------------------------- signed config
+
+
+class ConfigTrust:
+    """The control-plane signing keys this proxy accepts messages from: those of the
+    newest trust bundle it holds. From construction on, the bus drops route tables,
+    inbound policy, gateway config, endpoint sets, bundles and rotation notices that
+    no trusted key signed (until the first bundle: everything but that bundle), and
+    counts them in `meshwork_proxy_unsigned_rejected_total{kind,reason}`."""
+
+    def __init__(
+        self,
+        bus: Bus,
+        registry: CollectorRegistry | None = None,
+        *,
+        request_timeout: float = 5.0,
+        rand: Callable[[], float] = random.random,
+    ):
+        self.bus = bus
+        self.keys = TrustedKeys()
+        self.revision = 0
+        self._timeout = request_timeout
+        self._rand = rand
+        self._sub: Any = None
+        self.rejected = Counter(
+            "meshwork_proxy_unsigned_rejected_total",
+            "Control-plane messages dropped because their signature was missing or did not "
+            "verify, by kind (route, inbound, gateway, endpoints, bundle, rotate, config, "
+            "certificate) and reason",
+            ["kind", "reason"],
+            registry=registry,
+        )
+        bus.require_signatures(self.keys, on_reject=self._count)
+
+    def _count(self, kind: str, _subject: str, reason: str) -> None:
+        self.rejected.labels(kind, reason).inc()
+
+    @property
+    def ready(self) -> bool:
+        return self.keys.ready
+
+    def install(self, bundle: TrustBundle) -> None:
+        """Trust the signing keys of `bundle` unless an older one than we hold."""
+        if bundle.revision < self.revision:
+            return
+        if not bundle.signing_keys:
+            log.error(
+                "identity.bundle_without_signing_keys",
+                revision=bundle.revision,
+                effect="control-plane messages cannot be verified and are dropped",
+            )
+            return
+        before = self.keys.key_ids
+        try:
+            self.keys.replace((k.key_id, k.public_key) for k in bundle.signing_keys)
+        except ValueError as e:
+            log.error("identity.bad_signing_key", revision=bundle.revision, error=str(e))
+            return
+        self.revision = bundle.revision
+        if self.keys.key_ids != before:
+            log.info("identity.signing_keys", key_ids=self.keys.key_ids, revision=bundle.revision)
+
+    async def obtain(self) -> None:
+        """Without a certificate: follow `ca.bundle`, and get the bundle now from
+        `ca.bundle.get`, retrying while the CA is unreachable (a proxy applies no
+        config before it can verify it)."""
+        s = self.bus.subjects
+        if self._sub is None:
+            self._sub = await self.bus.subscribe(s.ca_bundle, TrustBundle, self._on_bundle)
+            self.bus.on_reconnect(self._refetch)
+        attempt = 0
+        while True:
+            try:
+                await self._fetch()
+                if self.ready:
+                    return
+                raise errors.Unavailable("the CA's trust bundle names no signing key")
+            except errors.MeshError as e:
+                attempt += 1
+                delay = retry_delay(attempt, self._rand(), remaining_s=0.0)
+                log.warning(
+                    "identity.bundle_fetch_failed", error=e.message, retry_in=round(delay, 2)
+                )
+                await asyncio.sleep(delay)
+
+    async def _fetch(self) -> None:
+        bundle = await self.bus.request(
+            self.bus.subjects.ca_bundle_get, BundleGetRequest(), TrustBundle, timeout=self._timeout
+        )
+        self.install(bundle)
+
+    async def _on_bundle(self, bundle: TrustBundle, _subject: str) -> None:
+        self.install(bundle)
+
+    async def _refetch(self) -> None:
+        try:
+            await self._fetch()
+        except errors.MeshError as e:
+            log.warning("identity.bundle_resync_failed", error=e.message)
+
+    async def close(self) -> None:
+        sub, self._sub = self._sub, None
+        if sub is not None:
+            await self.bus.unsubscribe(sub)

@@ -32,6 +32,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     )
     up.add_argument("--detach", action="store_true", help="return once everything is ready")
     up.add_argument(
+        "--secure",
+        action="store_true",
+        help="etcd with authentication, only the control plane holding credentials "
+        "(always on with --replicas above 1; NATS always has per-role users)",
+    )
+    up.add_argument(
         "--demo",
         action="store_true",
         help="also run the bookinfo demo: its services under sidecars, an ingress gateway",
@@ -72,7 +78,12 @@ def cmd_up(args: argparse.Namespace) -> int:
             raise CLIError(f"--demo needs the {', '.join(sorted(missing))} service(s)")
         demo = devcluster.DemoSettings(load_rps=args.demo_load, ingress_port=args.ingress_port)
     cluster = devcluster.DevCluster(
-        state_dir(args), replicas=args.replicas, services=services, report=progress, demo=demo
+        state_dir(args),
+        replicas=args.replicas,
+        services=services,
+        report=progress,
+        demo=demo,
+        etcd_auth=args.secure or args.replicas > 1,
     )
     progress(
         f"meshctl up: {args.replicas} replica(s) of {', '.join(services)} in {cluster.state_dir}/"
@@ -116,7 +127,10 @@ def print_summary(doc: dict[str, Any], where: Any) -> None:
         print(f"  ingress:   {doc['ingress']}")
     for name, sc in doc.get("sidecars", {}).items():
         print(f"  {'sidecar:':<10} {name} admin {sc['admin']} inbound {sc['inbound']}")
-    print(f"  state:     {where}/cluster.json")
+    if doc.get("credentials"):
+        etcd = ", etcd authentication on" if doc.get("etcd_credentials") else ""
+        print(f"  security:  NATS users per role (admin, control, sidecar){etcd}")
+    print(f"  state:     {where}/cluster.json (0600: it holds the passwords)")
     if doc.get("ingress"):
         print(f"\nBookinfo: {doc['ingress']}/productpage  (HTML: ?format=html)")
         print('  try: meshctl top   |   the tour: README.md, "Demo: bookinfo"')

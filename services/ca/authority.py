@@ -6,13 +6,14 @@ of one CA state revision. Rebuilt whenever the state changes; immutable.
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from mesh import identity
-from mesh.ca_messages import SignReply, TrustBundle
+from mesh.ca_messages import SigningKey, SignReply, TrustBundle
 from services.ca.sealing import unseal_key
 from services.ca.settings import CASettings
 from services.ca.state import CAState, bundle_of, signing_root
@@ -43,8 +44,14 @@ class Authority:
         )
 
 
-def open_authority(state: CAState, revision: int, settings: CASettings) -> Authority:
-    """Raises UnsealError when the KEK does not open the signing root's key."""
+def open_authority(
+    state: CAState,
+    revision: int,
+    settings: CASettings,
+    signing_keys: Sequence[SigningKey] = (),
+) -> Authority:
+    """Raises UnsealError when the KEK does not open the signing root's key.
+    `signing_keys`: the control plane's message-signing keys, for the bundle."""
     roots = tuple(x509.load_pem_x509_certificate(r.cert.encode()) for r in state.roots)
     signer = signing_root(state)
     issuer: identity.Issuer | None = None
@@ -62,6 +69,6 @@ def open_authority(state: CAState, revision: int, settings: CASettings) -> Autho
         state=state,
         revision=revision,
         roots=roots,
-        bundle=bundle_of(state, revision, settings.rotate_spread_s),
+        bundle=bundle_of(state, revision, settings.rotate_spread_s, signing_keys),
         issuer=issuer,
     )

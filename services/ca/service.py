@@ -31,6 +31,7 @@ from mesh.ca_messages import (
     RotateRootRequest,
     RotateWorkloadsReply,
     RotateWorkloadsRequest,
+    SigningKey,
     SignReply,
     SignRequest,
     TokenCreateReply,
@@ -38,6 +39,7 @@ from mesh.ca_messages import (
     TrustBundle,
 )
 from mesh.service import ControlPlaneService, ServiceConfig
+from mesh.signing import control_plane_signer
 from mesh.store import Compare, Put, WatchCompacted
 from mesh.subjects import CA_QUEUE
 from services.ca import tokens
@@ -78,6 +80,8 @@ class CAService(ControlPlaneService):
         except CAConfigError as e:
             raise SystemExit(f"meshctl serve ca: {e}") from None
         self.authority: Authority | None = None
+        # the control plane's message-signing key(s), published in the trust bundle
+        self.signing_keys: list[SigningKey] = []
         self._authority_changed = asyncio.Event()
         self._reload_lock = asyncio.Lock()
         self._leader_lock = asyncio.Lock()
@@ -117,6 +121,11 @@ class CAService(ControlPlaneService):
         return self.store.key("tokens", tokens.token_hash(token))
 
     async def setup(self) -> None:
+        # the bundle, rotation notices and sign replies are signed (mesh.signing), and
+        # the bundle is how proxies learn the public key
+        signer = await control_plane_signer(self.store)
+        self.bus.sign_with(signer)
+        self.signing_keys = [SigningKey(key_id=signer.key_id, public_key=signer.public_key)]
         # a replica whose KEK cannot open the stored root key fails here, at start
         await self._reload()
         s, cs = self.bus.subjects, self.ca_subjects
@@ -170,13 +179,13 @@ class CAService(ControlPlaneService):
         return None, store_revision
 
     def _bundle(self, state: CAState, revision: int) -> TrustBundle:
-        return bundle_of(state, revision, self.settings.rotate_spread_s)
+        return bundle_of(state, revision, self.settings.rotate_spread_s, self.signing_keys)
 
     def _install(self, state: CAState, revision: int) -> None:
         current = self.authority
         if current is not None and revision <= current.revision:
             return
-        self.authority = open_authority(state, revision, self.settings)
+        self.authority = open_authority(state, revision, self.settings, self.signing_keys)
         self.signing_root_expiry.set(signing_root(state).not_after)
         self.roots_in_force.set(len(state.roots))
         self._authority_changed.set()

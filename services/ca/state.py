@@ -12,13 +12,14 @@ writes it (fenced).
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Sequence
 from typing import Literal
 
 import msgspec
 from cryptography import x509
 
 from mesh import identity
-from mesh.ca_messages import RootInfo, TrustBundle
+from mesh.ca_messages import RootInfo, SigningKey, TrustBundle
 
 StateChange = Literal["create", "rotate", "activate"]
 
@@ -166,13 +167,19 @@ def needed_change(
     return None
 
 
-def bundle_of(state: CAState, revision: int, renew_spread_s: float = 0.0) -> TrustBundle:
+def bundle_of(
+    state: CAState,
+    revision: int,
+    renew_spread_s: float = 0.0,
+    signing_keys: Sequence[SigningKey] = (),
+) -> TrustBundle:
     return TrustBundle(
         trust_domain=state.trust_domain,
         roots=[r.cert for r in state.roots],
         revision=revision,
         signing_root=signing_root(state).fingerprint,
         renew_spread_s=renew_spread_s,
+        signing_keys=list(signing_keys),
     )
 
 

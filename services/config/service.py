@@ -40,6 +40,7 @@ from mesh.messages import (
 )
 from mesh.resources import Resource, ResourceError, parse_documents, resolve_kind, to_dict
 from mesh.service import ControlPlaneService
+from mesh.signing import control_plane_signer
 from mesh.store import Delete, Put, WatchCompacted
 from mesh.subjects import CONFIG_QUEUE, parse_service_subject
 from services.config.compile import compile_gateway_config, compile_route_table, services_named
@@ -77,6 +78,8 @@ class ConfigService(ControlPlaneService):
     # ------------------------------------------------------------ set-up
 
     async def setup(self) -> None:
+        # compiled config (published, and answered to fetch) is signed (mesh.signing)
+        self.bus.sign_with(await control_plane_signer(self.store))
         self.snapshot = ResourceSnapshot(self.store.prefix)
         await self._load_snapshot()
         s = self.bus.subjects

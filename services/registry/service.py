@@ -21,6 +21,7 @@ from mesh.messages import (
     RegisterRequest,
 )
 from mesh.service import ControlPlaneService
+from mesh.signing import control_plane_signer
 from mesh.store import WatchCompacted
 from mesh.subjects import REGISTRY_QUEUE
 from services.registry.index import EndpointIndex, instance_key, sets_from_listing
@@ -50,6 +51,8 @@ class RegistryService(ControlPlaneService):
     has_leader_work = True
 
     async def setup(self) -> None:
+        # endpoint sets (published, and answered to registry.get) are signed (mesh.signing)
+        self.bus.sign_with(await control_plane_signer(self.store))
         s = self.bus.subjects
         await self.bus.serve(
             s.registry_register, RegisterRequest, self.register, queue=REGISTRY_QUEUE
