@@ -1,7 +1,14 @@
-"""The admin listener: `/ready`, `/stats/prometheus`, `/config_dump`, `/clusters`, `/certs`."""
+"""The admin listener: `/ready`, `/stats/prometheus`, `/config_dump`, `/clusters`, `/certs`.
+
+`/clusters` lists, per destination and subset (one Envoy cluster each), the endpoints
+in rotation with, when the DestinationRule sets `outlierDetection`, each one's
+ejection state (`outlier`: ejected, until when, how often), and the cluster's circuit
+breaker thresholds, counts and overflows, retry budget and retry/timeout counters.
+"""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -23,6 +30,7 @@ class AdminServer:
         info: Callable[[], dict[str, Any]],
         extra_metrics: Callable[[], bytes] | None = None,
         certs: Callable[[], dict[str, Any] | None] | None = None,
+        mirrors: Callable[[], dict[str, Any] | None] | None = None,
     ):
         self.ready = ready
         self.stats = stats
@@ -30,6 +38,7 @@ class AdminServer:
         self.info = info
         self.extra_metrics = extra_metrics
         self.certs = certs
+        self.mirrors = mirrors
         self.runner: web.AppRunner | None = None
         self.port = 0
 
@@ -80,34 +89,45 @@ class AdminServer:
     async def _clusters(self, _r: web.Request) -> web.Response:
         clusters: list[dict[str, Any]] = []
         cache = self.cache()
+        mirrors = self.mirrors() if self.mirrors is not None else None
+        out: dict[str, Any] = {"clusters": clusters}
+        if mirrors is not None:
+            out["mirrors"] = mirrors
         if cache is None:
-            return web.json_response({"clusters": clusters})
+            return web.json_response(out)
+        now = time.monotonic()
         for ref, dest in sorted(cache.destinations.items()):
             eps = dest.endpoints.endpoints if dest.endpoints else []
             subsets = [""] + [s.name for s in (dest.table.subsets if dest.table else ())]
             for subset in subsets:
-                balancer = dest.balancer(subset, cache.rand)
+                cluster = dest.cluster(subset, cache.rand)
+                balancer = cluster.balancer if cluster is not None else None
                 members = (
                     {e.instance for e in balancer.endpoints} if balancer is not None else set()
                 )
                 active = getattr(balancer, "active_requests", None)
+                state = cluster.snapshot(now) if cluster is not None else {}
+                health = state.pop("endpoint_health", {})
                 clusters.append(
                     {
                         "destination": str(ref),
                         "subset": subset,
                         "load_balancer": type(balancer).__name__ if balancer else None,
+                        **state,
                         "endpoints": [
                             {
                                 "instance": e.instance,
                                 "address": e.address,
                                 "version": e.version,
                                 "health": "draining" if e.status == "draining" else "healthy",
-                                "in_rotation": e.instance in members,
+                                "in_rotation": e.instance in members
+                                and not (health.get(e.instance) or {}).get("ejected"),
                                 "active_requests": active(e.instance) if active else 0,
+                                "outlier": health.get(e.instance),
                             }
                             for e in eps
                             if e.instance in members or not subset
                         ],
                     }
                 )
-        return web.json_response({"clusters": clusters})
+        return web.json_response(out)

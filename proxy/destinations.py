@@ -30,6 +30,7 @@ from mesh.messages import (
     FetchRequest,
     SubscriptionStatus,
 )
+from proxy.clusters import Cluster
 from proxy.routing import (
     Balancer,
     CompiledRoutes,
@@ -54,13 +55,18 @@ def is_newer(current: int, incoming: int) -> bool:
 
 @dataclass
 class Destination:
-    """Everything needed to send to one service, swapped as a whole on change."""
+    """Everything needed to send to one service, swapped as a whole on change.
+
+    `balancers` are rebuilt after each change; `clusters` (per subset, "" = the whole
+    service) are kept, so circuit-breaker counts and ejections survive config and
+    endpoint updates."""
 
     ref: ServiceRef
     table: RouteTable | None = None
     routes: CompiledRoutes | None = None
     endpoints: EndpointSet | None = None
     balancers: dict[str, Balancer] = field(default_factory=dict)
+    clusters: dict[str, Cluster] = field(default_factory=dict)
     route_status: SubscriptionStatus | None = None
     endpoints_status: SubscriptionStatus | None = None
     loaded: asyncio.Event = field(default_factory=asyncio.Event)
@@ -68,18 +74,30 @@ class Destination:
 
     def balancer(self, subset_name: str, rand: random.Random) -> Balancer | None:
         """The balancer of a subset ("" = whole service); None when the subset is unknown."""
-        found = self.balancers.get(subset_name)
-        if found is not None:
-            return found
+        cluster = self.cluster(subset_name, rand)
+        return cluster.balancer if cluster is not None else None
+
+    def cluster(self, subset_name: str, rand: random.Random) -> Cluster | None:
+        """The cluster of a subset ("" = whole service), its balancer up to date with
+        the endpoints and policy in force; None when the subset is unknown."""
+        if subset_name in self.balancers:
+            return self.clusters[subset_name]
         if self.table is None:
             return None
         subset = resolve_subset(self.table, subset_name)
         if subset is None:
             return None
         eps = subset_endpoints(self.endpoints.endpoints if self.endpoints else [], subset.labels)
-        found = build_balancer(eps, subset.traffic_policy.load_balancer, rand)
-        self.balancers[subset_name] = found
-        return found
+        policy = subset.traffic_policy
+        cluster = self.clusters.get(subset_name)
+        previous = cluster.balancer if cluster is not None else None
+        balancer = build_balancer(eps, policy.load_balancer, rand, previous)
+        if cluster is None:
+            cluster = self.clusters[subset_name] = Cluster(self.ref, subset_name, policy, balancer)
+        else:
+            cluster.update(policy, balancer)
+        self.balancers[subset_name] = balancer
+        return cluster
 
 
 class DestinationCache:
@@ -208,6 +226,8 @@ class DestinationCache:
         # one assignment each: requests in flight keep the objects they started with
         dest.table, dest.routes = table, routes
         dest.balancers = {}
+        known = {"", *(s.name for s in table.subsets)}
+        dest.clusters = {k: c for k, c in dest.clusters.items() if k in known}
         dest.route_status = SubscriptionStatus(subject=subject, revision=table.revision)
         log.info("config.applied", subject=subject, revision=table.revision)
         self.on_change()

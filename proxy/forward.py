@@ -3,7 +3,9 @@ stream the answer back, and turn upstream failures into Envoy-style local replie
 
 Local replies carry `x-mesh-response-flags`, so a 503 always says why (UH no healthy
 upstream, UF connect failure, UC upstream closed, UT timeout, NR no route, NC no such
-subset), and are counted with their flags.
+subset, UO circuit breaker overflow, URX retries exhausted, DI/FI fault injected, RL
+rate limited), and are counted with their flags. Several flags are joined with commas
+in Envoy's order (`UF,URX`).
 """
 
 from __future__ import annotations
@@ -22,15 +24,36 @@ from proxy.http import (
     UpstreamError,
     UpstreamPool,
     UpstreamResetError,
+    UpstreamResponse,
 )
 
 if TYPE_CHECKING:
+    from proxy.clusters import PoolOptions
     from proxy.telemetry import SpanContext, Workload
 
 FLAGS_HEADER = "x-mesh-response-flags"
 
 # hop-by-hop handling happens in the engine; these are what a proxy adds or rewrites
 _SERVER = ("server", "meshwork")
+
+# Envoy's order of response flags (its ResponseFlag enum), for joined flags
+_FLAG_ORDER = {
+    flag: i
+    for i, flag in enumerate(
+        ("LH", "UH", "UT", "LR", "UR", "UF", "UC", "UO", "NR", "DI", "FI", "RL", "UAEX",
+         "RLSE", "DC", "URX", "SI", "IH", "DPE", "UMSDR", "RFCF", "NFCF", "DT", "UPE", "NC",
+         "OM", "DF", "DO", "DR", "RBAC")
+    )
+}  # fmt: skip
+
+
+def join_flags(*flags: str) -> str:
+    """Response flags as Envoy prints them: comma-joined, each once, in Envoy's order
+    ("" when there are none). Arguments may themselves be joined flags."""
+    found = {f for flag in flags if flag for f in flag.split(",")}
+    if len(found) <= 1:
+        return next(iter(found), "")
+    return ",".join(sorted(found, key=lambda f: _FLAG_ORDER.get(f, len(_FLAG_ORDER))))
 
 
 @dataclass(slots=True)
@@ -53,9 +76,17 @@ class Outcome:
     request_id: str = ""
 
 
-async def local_reply(ex: Exchange, status: int, flags: str, message: str) -> Outcome:
+async def local_reply(
+    ex: Exchange,
+    status: int,
+    flags: str,
+    message: str,
+    extra_headers: list[tuple[str, str]] | None = None,
+) -> Outcome:
     body = (message.rstrip("\n") + "\n").encode()
     headers = [("content-type", "text/plain; charset=utf-8"), (FLAGS_HEADER, flags), _SERVER]
+    if extra_headers:
+        headers += extra_headers
     await ex.respond(status, headers, body)
     return Outcome(status, flags)
 
@@ -72,40 +103,58 @@ class UpstreamTls(Protocol):
 class PoolSet:
     """One upstream connection pool per (endpoint address, expected identity), created
     on first use. With `tls`, an endpoint that registered an identity is reached over
-    mTLS and must present exactly that identity; one without (no sidecar) in plaintext."""
+    mTLS and must present exactly that identity; one without (no sidecar) in plaintext.
+
+    A cluster with a `connectionPool` (`options`) gets pools of its own, made and
+    limited as it says; every other cluster shares the default pools."""
 
     def __init__(self, limits: Limits, tls: UpstreamTls | None = None):
         self.limits = limits
         self.tls = tls
-        self.pools: dict[tuple[str, str], UpstreamPool] = {}
+        self.pools: dict[tuple[str, str, str], UpstreamPool] = {}
+        self._options: dict[tuple[str, str, str], PoolOptions] = {}
 
-    def get(self, address: str, identity: str = "") -> UpstreamPool:
-        key = (address, identity)
+    def get(
+        self, address: str, identity: str = "", options: PoolOptions | None = None
+    ) -> UpstreamPool:
+        key = (address, identity, options.owner if options is not None else "")
         pool = self.pools.get(key)
         if pool is None:
-            host, _, port = address.rpartition(":")
-            if identity and self.tls is not None:
-                pool = UpstreamPool(
-                    host.strip("[]"),
-                    int(port),
-                    limits=self.limits,
-                    ssl=self.tls.client_context,
-                    verify_peer=self.tls.verifier(identity),
-                )
-            else:
-                pool = UpstreamPool(host.strip("[]"), int(port), limits=self.limits)
+            pool = self._new_pool(address, identity)
             self.pools[key] = pool
+        if options is not None and self._options.get(key) is not options:
+            self._options[key] = options
+            pool.configure(
+                connect_timeout=options.connect_timeout_s,
+                idle_timeout=options.idle_timeout_s,
+                max_requests_per_connection=options.max_requests_per_connection,
+                connection_limit=options.limit,
+            )
         return pool
+
+    def _new_pool(self, address: str, identity: str) -> UpstreamPool:
+        host, _, port = address.rpartition(":")
+        if identity and self.tls is not None:
+            return UpstreamPool(
+                host.strip("[]"),
+                int(port),
+                limits=self.limits,
+                ssl=self.tls.client_context,
+                verify_peer=self.tls.verifier(identity),
+            )
+        return UpstreamPool(host.strip("[]"), int(port), limits=self.limits)
 
     def retain(self, addresses: set[str]) -> None:
         for key in list(self.pools):
             if key[0] not in addresses:
                 self.pools.pop(key).close()
+                self._options.pop(key, None)
 
     def close(self) -> None:
         for pool in self.pools.values():
             pool.close()
         self.pools.clear()
+        self._options.clear()
 
 
 async def forward(
@@ -135,10 +184,19 @@ async def forward(
         return await local_reply(ex, 503, "UC", f"upstream connection closed: {e}")
     except UpstreamError as e:
         return await local_reply(ex, 502, "UPE", f"upstream protocol error: {e}")
+    await relay(ex, resp, response_headers)
+    return Outcome(resp.status, "", upstream)
+
+
+async def relay(
+    ex: Exchange,
+    resp: UpstreamResponse,
+    response_headers: Callable[[list[tuple[str, str]]], list[tuple[str, str]]] | None = None,
+) -> None:
+    """Stream an upstream response (or a tunnel after 101) to the client."""
     if response_headers is not None:
         resp.headers = response_headers(resp.headers)
     if resp.status == 101:
         await ex.tunnel(resp)
     else:
         await ex.forward(resp)
-    return Outcome(resp.status, "", upstream)

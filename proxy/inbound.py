@@ -1,5 +1,5 @@
-"""The inbound listener's request path: identify the caller, authorize, forward to the
-app on localhost.
+"""The inbound listener's request path: identify the caller, authorize, rate-limit,
+forward to the app on localhost.
 
 The caller's identity is the SPIFFE ID of its client certificate (mTLS) and nothing
 else: headers claiming an identity (`x-forwarded-client-cert`) are removed and
@@ -8,17 +8,22 @@ replaced by the one the handshake proved.
 
 from __future__ import annotations
 
+import time
+
 from proxy.forward import Outcome, PoolSet, forward, local_reply
 from proxy.http import Exchange, Request, ensure_request_id, strip_hop_by_hop
 from proxy.inbound_policy import InboundPolicyFollower
 from proxy.peer import Peer, peer_of
 from proxy.policy import PathError, RequestFacts, normalize_path
+from proxy.resilience import ratelimit_headers
 from proxy.settings import SidecarSettings
 from proxy.stats import ProxyStats
 
 XFCC = "x-forwarded-client-cert"
 # Envoy's flag for a request denied by RBAC (authorization policy)
 DENIED_FLAG = "RBAC"
+# Envoy's flag for a request refused by a (local) rate limit
+RATE_LIMITED_FLAG = "RL"
 
 
 class InboundHandler:
@@ -54,6 +59,21 @@ class InboundHandler:
         if denied is not None:
             self.stats.authz_denied.labels(policy=denied[0]).inc()
             return await local_reply(ex, 403, DENIED_FLAG, f"RBAC: access denied ({denied[1]})")
+        limited_headers = None
+        limiter = self.policy.rate_limiter
+        if limiter:
+            # after authorization, as Envoy's filter chain orders them: a denied caller
+            # does not spend anyone's tokens
+            decision = limiter.check(peer.principal, time.monotonic())
+            limited_headers = ratelimit_headers(decision)
+            if not decision.allowed:
+                return await local_reply(
+                    ex,
+                    429,
+                    RATE_LIMITED_FLAG,
+                    f"local rate limit exceeded ({decision.policy}, {decision.scope})",
+                    limited_headers,
+                )
         headers = [(n, v) for n, v in strip_hop_by_hop(req.headers) if n != XFCC]
         headers, _ = ensure_request_id(headers)
         if req.authority and not any(n == "host" for n, _ in headers):
@@ -68,6 +88,7 @@ class InboundHandler:
             path=path,
             headers=headers,
             upstream=self.app_address,
+            response_headers=(lambda h: h + limited_headers) if limited_headers else None,
         )
 
     def _authorize(self, req: Request, peer: Peer, path: str) -> tuple[str, str] | None:

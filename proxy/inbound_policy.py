@@ -1,10 +1,13 @@
 """Follow the compiled inbound policy of this sidecar's service
-(`mesh.config.inbound.<ns>.<svc>`): authorization and peer authentication.
+(`mesh.config.inbound.<ns>.<svc>`): authorization, peer authentication and local
+rate limits.
 
 Policies are compiled for the whole service, selectors kept; this follower keeps what
 selects this workload's labels, builds the authorizer once per revision, and swaps it
 in one assignment, so requests in flight finish on the policy they started with. A
-policy that cannot be applied is NACKed and the last good one stays in force.
+policy that cannot be applied is NACKed and the last good one stays in force. The rate
+limiter is rebuilt with each revision, keeping the token buckets of RateLimitPolicies
+that did not change, so a push (of any inbound policy) does not refill them.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from mesh.compiled import InboundPolicy
 from mesh.logs import get_logger
 from mesh.messages import FetchRequest, SubscriptionStatus
 from proxy.policy import Authorizer, effective_mtls
+from proxy.resilience import InboundRateLimiter
 from proxy.settings import SidecarSettings
 
 log = get_logger("proxy.inbound_policy")
@@ -30,6 +34,7 @@ class InboundPolicyFollower:
         self.subject = bus.subjects.inbound(settings.namespace, settings.service)
         self.policy: InboundPolicy | None = None
         self.authorizer = Authorizer.build(None, settings.labels)
+        self.rate_limiter = InboundRateLimiter()
         self.status = SubscriptionStatus(subject=self.subject, revision=0)
         self._modes: dict[int, str] = {}
 
@@ -69,6 +74,9 @@ class InboundPolicyFollower:
                 port: effective_mtls(policy.peer_authentication, self.settings.labels, port)
                 for port in self._ports()
             }
+            limiter = InboundRateLimiter.build(
+                policy.rate_limits, self.settings.labels, previous=self.rate_limiter
+            )
         except (ValueError, TypeError, KeyError, errors.MeshError) as e:
             self.status = SubscriptionStatus(
                 subject=self.subject,
@@ -81,12 +89,14 @@ class InboundPolicyFollower:
             self.on_change()
             return False
         self.policy, self.authorizer, self._modes = policy, authorizer, modes
+        self.rate_limiter = limiter
         self.status = SubscriptionStatus(subject=self.subject, revision=policy.revision)
         log.info(
             "inbound_policy.applied",
             revision=policy.revision,
             authorization=len(policy.authorization),
             peer_authentication=len(policy.peer_authentication),
+            rate_limits=list(limiter.policies),
             modes=modes,
         )
         self.on_change()
@@ -114,4 +124,5 @@ class InboundPolicyFollower:
             "revision": self.policy.revision if self.policy else 0,
             "modes": {str(p): self.mode(p) for p in self._ports()},
             "authorization": list(self.authorizer.applied),
+            "rate_limits": list(self.rate_limiter.policies),
         }

@@ -2,7 +2,10 @@
 pick a subset and an endpoint, forward to that endpoint's sidecar.
 
 The decisions are the routing core's (`proxy.routing`); this module only gathers the
-request's attributes, asks, and carries out the answer.
+request's attributes, asks, and carries out the answer. Per routed request, in order:
+the rule's fault injection (`fault`: delay, flag `DI`; abort, a local reply with
+flag `FI`), its mirror copy (`proxy.mirroring`), then the request itself through
+`proxy.attempts` (circuit breaker, timeouts, retries, outlier detection).
 
 With telemetry, every request is recorded with `reporter="source"` (local replies too,
 with their flags); a forwarded one leaves with a client span's trace headers and this
@@ -11,15 +14,27 @@ proxy's peer metadata (`SidecarTelemetry.client_headers`, `outbound_done`).
 
 from __future__ import annotations
 
+import asyncio
 import random
 from dataclasses import dataclass
 
 from mesh import errors
-from mesh.compiled import HTTPRoute
+from mesh.compiled import HTTPRoute, Mirror
 from mesh.hosts import ServiceRef, canonical_host, service_of_host, strip_port
+from mesh.messages import Endpoint
+from proxy import attempts
 from proxy.destinations import Destination, DestinationCache
-from proxy.forward import Outcome, PoolSet, forward, local_reply
-from proxy.http import Exchange, Request, append_forwarded_for, ensure_request_id, strip_hop_by_hop
+from proxy.forward import Outcome, PoolSet, join_flags, local_reply
+from proxy.http import (
+    BodyStream,
+    Exchange,
+    Request,
+    append_forwarded_for,
+    ensure_request_id,
+    strip_hop_by_hop,
+)
+from proxy.mirroring import MIRROR_TIMEOUT_S, Mirrors
+from proxy.resilience import decide_fault, should_mirror
 from proxy.routing import (
     CompiledRoutes,
     HashContext,
@@ -72,6 +87,7 @@ class RouteHandler:
         self.telemetry = telemetry
         self.gateway_routes: CompiledRoutes | None = None
         self.gateway_mode = False
+        self.mirrors = Mirrors(cache, pools, self.rand)
         # host as sent -> mesh service; a handful of distinct hosts per proxy, so a
         # small memo spares canonicalising strings on every request
         self._services: dict[str, ServiceRef | None] = {}
@@ -84,6 +100,10 @@ class RouteHandler:
             ref = service_of_host(canonical_host(host, self.caller.namespace))
             self._services[host] = ref
         return ref  # type: ignore[return-value]
+
+    def close(self) -> None:
+        """Cancel the mirror copies still in flight."""
+        self.mirrors.close()
 
     async def handle(self, req: Request, ex: Exchange) -> Outcome:
         telemetry = self.telemetry
@@ -178,15 +198,24 @@ class RouteHandler:
             )
         if seen is not None:
             seen.service = target_ref.fqdn
+        fault_flags = ""
+        if route.fault is not None:
+            fault = decide_fault(route.fault, self.rand.random(), self.rand.random())
+            if fault.delay_ms:
+                await asyncio.sleep(fault.delay_ms / 1000)
+            fault_flags = ",".join(fault.flags)
+            if fault.abort_status:
+                return await local_reply(ex, fault.abort_status, fault_flags, "fault filter abort")
         try:
             target = await self.cache.get(target_ref)
         except errors.MeshError as e:
             return await local_reply(ex, 503, "UH", f"no configuration for {target_ref}: {e}")
-        balancer = target.balancer(chosen.destination.subset, self.rand)
-        if balancer is None:
+        cluster = target.cluster(chosen.destination.subset, self.rand)
+        if cluster is None:
             return await local_reply(
                 ex, 503, "NC", f"unknown subset {chosen.destination.subset!r} of {target_ref}"
             )
+        balancer = cluster.balancer
         peer_ip = req.peer[0] if req.peer else ""
         hash_ctx = None
         if isinstance(balancer, RingHashBalancer):
@@ -196,11 +225,6 @@ class RouteHandler:
                 source_ip=peer_ip,
                 source_port=req.peer[1] if req.peer else 0,
             )
-        endpoint = balancer.choose(hash_ctx)
-        if endpoint is None:
-            return await local_reply(ex, 503, "UH", f"no healthy upstream for {target_ref}")
-        if seen is not None and self.telemetry is not None:
-            seen.destination = self.telemetry.destination_of(target_ref, endpoint)
 
         path = rewrite_path(route, match.match, req.path)
         authority = request_authority(route, chosen, attrs.authority)
@@ -220,21 +244,64 @@ class RouteHandler:
                 headers.append(("set-cookie", cookie))
             return headers
 
-        balancer.on_request_start(endpoint.instance)
-        try:
-            return await forward(
-                ex,
-                req,
-                self.pools.get(endpoint.address, endpoint.identity),
-                method=req.method,
-                path=path,
-                headers=out_headers,
-                timeout_ms=route.timeout_ms,
-                response_headers=response_headers,
-                upstream=endpoint.address,
-            )
-        finally:
-            balancer.on_request_end(endpoint.instance)
+        mirror = route.mirror
+        if mirror is not None and not should_mirror(mirror.percentage, self.rand.random()):
+            mirror = None
+        body: bytes | BodyStream = req.body
+        if (route.retries is not None or mirror is not None) and not req.upgrade:
+            # kept in memory (up to 64 KiB) so that it can be sent more than once
+            body = await attempts.buffered_body(req.body)
+        if mirror is not None:
+            self._mirror(mirror, route, req.method, path, out_headers, authority, body)
+
+        on_endpoint = None
+        if seen is not None and self.telemetry is not None:
+            telemetry, outcome = self.telemetry, seen
+
+            def on_endpoint(endpoint: Endpoint) -> None:
+                outcome.destination = telemetry.destination_of(target_ref, endpoint)
+
+        result = await attempts.send(
+            ex,
+            attempts.Request(
+                req.method,
+                path,
+                out_headers,
+                body,
+                grpc=attrs.headers.get("content-type", "").startswith("application/grpc"),
+            ),
+            cluster=cluster,
+            pools=self.pools,
+            route=route,
+            hash_ctx=hash_ctx,
+            rand=self.rand,
+            response_headers=response_headers,
+            on_endpoint=on_endpoint,
+        )
+        if fault_flags:
+            result.flags = join_flags(fault_flags, result.flags)
+        return result
+
+    def _mirror(
+        self,
+        mirror: Mirror,
+        route: HTTPRoute,
+        method: str,
+        path: str,
+        headers: list[tuple[str, str]],
+        authority: str,
+        body: bytes | BodyStream,
+    ) -> None:
+        ref = self._service(mirror.host)
+        if ref is None:
+            return
+        if isinstance(body, BodyStream):
+            if not (body.complete and body.length == 0):
+                self.mirrors.skipped_body()
+                return
+            body = b""
+        timeout_s = route.timeout_ms / 1000 if route.timeout_ms else MIRROR_TIMEOUT_S
+        self.mirrors.send(ref, mirror.subset, method, path, headers, authority, body, timeout_s)
 
 
 _UNRESOLVED = object()

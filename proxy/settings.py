@@ -41,6 +41,9 @@ class SidecarSettings:
     telemetry: bool = True
     trace_sampling: float = 1.0
     nats_password: str | None = None
+    # verify the control plane's signature on config, endpoints and the trust bundle
+    # (mesh.signing); off only with `--no-config-signatures`, for a mesh without a CA
+    config_signatures: bool = True
 
     def __post_init__(self) -> None:
         self.labels = {

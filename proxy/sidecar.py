@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from mesh.bus import Bus
+from mesh.bus_permissions import sidecar_inbox
 from mesh.hosts import ServiceRef
 from mesh.logs import get_logger
 from mesh.messages import Instance, SubscriptionStatus
@@ -29,7 +30,7 @@ from proxy.forward import Outcome, PoolSet
 from proxy.gateway import GatewayFollower
 from proxy.http import Exchange, Limits, Request, serve
 from proxy.http.server import HttpServerProtocol
-from proxy.identity_client import IdentityRefused, WorkloadIdentity
+from proxy.identity_client import ConfigTrust, IdentityRefused, WorkloadIdentity
 from proxy.inbound import InboundHandler
 from proxy.inbound_policy import InboundPolicyFollower
 from proxy.listener import MeshListener
@@ -41,6 +42,7 @@ from proxy.stats import ProxyStats
 from proxy.status_report import StatusReporter
 from proxy.tcp import TcpRelays, parse_tcp_upstream
 from proxy.telemetry import (
+    InboundSeen,
     Sampler,
     SidecarTelemetry,
     TelemetryPublisher,
@@ -77,14 +79,22 @@ class Sidecar:
         self.reporter: StatusReporter
         self.gateway: GatewayFollower | None = None
         self.identity: WorkloadIdentity | None = None
+        self.trust: ConfigTrust | None = None
         self.inbound_policy: InboundPolicyFollower | None = None
         self.servers_extra: list[MeshListener] = []
+        self.routes: RouteHandler | None = None
 
     # ------------------------------------------------------------ handlers
 
     def _counted(
-        self, listener: str, handle: Callable[[Request, Exchange], Awaitable[Outcome]]
+        self,
+        listener: str,
+        handle: Callable[[Request, Exchange], Awaitable[Outcome]],
+        telemetry: SidecarTelemetry | None = None,
     ) -> Handler:
+        if telemetry is not None:
+            return self._counted_traced(listener, handle, telemetry)
+
         async def handler(req: Request, ex: Exchange) -> None:
             self.active += 1
             outcome: Outcome | None = None
@@ -99,6 +109,35 @@ class Sidecar:
                     self.stats.count(listener, outcome.status, outcome.flags)
                 else:
                     self.stats.count(listener, 0, "DC")
+
+        return handler
+
+    def _counted_traced(
+        self,
+        listener: str,
+        handle: Callable[[Request, Exchange], Awaitable[Outcome]],
+        telemetry: SidecarTelemetry,
+    ) -> Handler:
+        """`_counted` with the inbound telemetry (`SidecarTelemetry.inbound`) done in
+        the same coroutine: one coroutine fewer per request."""
+
+        async def handler(req: Request, ex: Exchange) -> None:
+            self.active += 1
+            outcome: Outcome | None = None
+            seen: InboundSeen | None = None
+            try:
+                seen = telemetry.inbound_start(req)
+                if self.draining:
+                    ex.close_after = True
+                outcome = await handle(req, ex)
+            finally:
+                self.active -= 1
+                if outcome is not None:
+                    self.stats.count(listener, outcome.status, outcome.flags)
+                else:
+                    self.stats.count(listener, 0, "DC")
+                if seen is not None:
+                    telemetry.inbound_done(req, ex, outcome, seen)
 
         return handler
 
@@ -145,6 +184,7 @@ class Sidecar:
             cache=lambda: getattr(self, "cache", None),
             info=self.info,
             certs=self._certs,
+            mirrors=lambda: self.routes.mirrors.snapshot() if self.routes is not None else None,
         )
         self.ports["admin"] = await admin.start(s.bind_host, s.admin_port)
         try:
@@ -156,6 +196,7 @@ class Sidecar:
                     user=s.nats_user,
                     password=s.nats_password,
                     wait_for_server=True,
+                    inbox_prefix=sidecar_inbox(s.prefix),
                 ),
                 name="sidecar:connect",
             )
@@ -198,12 +239,23 @@ class Sidecar:
             statuses=statuses,
         )
         self.bus.on_reconnect(self._resync)
+        if s.config_signatures:
+            # from here on, config must be signed by a key from the trust bundle
+            self.trust = ConfigTrust(self.bus, self.stats.registry)
+        else:
+            log.warning(
+                "sidecar.config_signatures_off",
+                detail="config and endpoints are applied without verifying the control "
+                "plane's signature (--no-config-signatures: a mesh without a CA)",
+            )
         if s.mtls:
             if not await self._obtain_identity():
                 return self._exit_code
+        elif self.trust is not None and not await self._until_stopped(self.trust.obtain()):
+            return 0
         caller = Caller(namespace=s.namespace, labels=s.labels)
         telemetry = self._telemetry()
-        routes = RouteHandler(caller, self.cache, self.pools, telemetry=telemetry)
+        routes = self.routes = RouteHandler(caller, self.cache, self.pools, telemetry=telemetry)
         if self.inbound_policy is not None:
             await self.inbound_policy.start()
         identity, policy = self.identity, self.inbound_policy
@@ -231,8 +283,9 @@ class Sidecar:
         else:
             assert self.inbound_policy is not None
             inbound = InboundHandler(s, self.app_pools, self.inbound_policy, self.stats)
-            handle = inbound.handle if telemetry is None else telemetry.inbound(inbound.handle)
-            address_port = await self._listen_inbound(self._counted("inbound", handle))
+            address_port = await self._listen_inbound(
+                self._counted("inbound", inbound.handle, telemetry)
+            )
             await self._listen(
                 "outbound", self._counted("outbound", routes.handle), s.outbound_port, "127.0.0.1"
             )
@@ -294,6 +347,7 @@ class Sidecar:
             if self.identity is not None:
                 await self.identity.close()
             self.tcp.close()
+            routes.close()
             self.pools.close()
             self.app_pools.close()
             await self.bus.close()
@@ -309,6 +363,7 @@ class Sidecar:
             service_account=s.service_account,
             trust_domain=s.trust_domain,
             token=s.token,
+            on_bundle=self.trust.install if self.trust is not None else None,
         )
         obtain = asyncio.create_task(self.identity.start(), name="sidecar:certificate")
         stop_wait = asyncio.create_task(self._stop.wait(), name="sidecar:stop-wait")
@@ -325,6 +380,18 @@ class Sidecar:
             return False
         self.pools.tls = MeshTls(self.identity)
         log.info("sidecar.certificate", identity=snapshot.spiffe_id, serial=snapshot.serial)
+        return True
+
+    async def _until_stopped(self, work: Awaitable[None]) -> bool:
+        """Run `work` unless a stop request comes first (then False)."""
+        task = asyncio.ensure_future(work)
+        stop_wait = asyncio.create_task(self._stop.wait(), name="sidecar:stop-wait")
+        await asyncio.wait({task, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+        stop_wait.cancel()
+        if not task.done():
+            task.cancel()
+            return False
+        task.result()
         return True
 
     async def _listen_inbound(self, handler: Handler) -> int:

@@ -49,8 +49,11 @@ class StatusReporter:
 
     async def run(self) -> None:
         while True:
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation
+            # that races with the event being set, and the sidecar would never stop
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), PERIOD_S * random.uniform(0.9, 1.1))
+                async with asyncio.timeout(PERIOD_S * random.uniform(0.9, 1.1)):
+                    await self._wake.wait()
                 await asyncio.sleep(COALESCE_S)
             self._wake.clear()
             with contextlib.suppress(Exception):

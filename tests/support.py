@@ -350,3 +350,184 @@ async def replace_app(mesh: MeshHarness, sidecar: Any, app: ForwardingApp) -> Fo
     await app.start(echo.port)
     mesh.apps.append(app)  # type: ignore[arg-type]
     return app
+
+
+# ---------------------------------------------------------------- bus security (appended)
+
+_sidecar_with_signatures = MeshHarness.sidecar
+
+
+async def _sidecar_unsigned_without_ca(
+    self: MeshHarness, service: str, version: str = "v1", *, app: bool = True, **settings: Any
+) -> Any:
+    """`MeshHarness(ca=False)`: no CA, so no trust bundle and no key to verify config
+    with: such sidecars run with `config_signatures=False`, explicitly (and log it)."""
+    if not self.with_ca:
+        settings.setdefault("config_signatures", False)
+    return await _sidecar_with_signatures(self, service, version, app=app, **settings)
+
+
+MeshHarness.sidecar = _sidecar_unsigned_without_ca  # type: ignore[method-assign]
+
+
+def cluster_credentials(doc: dict[str, Any], role: str = "admin") -> tuple[str | None, str | None]:
+    """The NATS user and password of `role` in a `meshctl up` cluster.json (None, None
+    if the cluster has no bus authentication)."""
+    creds = doc.get("credentials", {}).get(role)
+    return (creds["user"], creds["password"]) if creds else (None, None)
+
+
+async def connect_cluster_bus(doc: dict[str, Any], role: str = "admin", name: str = "test") -> Any:
+    """A Bus to a `meshctl up` cluster as `role` (admin: what meshctl is)."""
+    from mesh.bus import Bus
+    from mesh.bus_permissions import sidecar_inbox
+
+    user, password = cluster_credentials(doc, role)
+    prefix = doc.get("prefix", "mesh")
+    return await Bus.connect(
+        doc["nats"],
+        name=name,
+        prefix=prefix,
+        user=user,
+        password=password,
+        inbox_prefix=sidecar_inbox(prefix) if role == "sidecar" else "_INBOX",
+    )
+
+
+def cluster_store(doc: dict[str, Any]) -> Any:
+    """A Store on a `meshctl up` cluster's etcd, with the control plane's etcd user when
+    etcd authentication is on (`--secure`, `--replicas` above 1)."""
+    from mesh.store import Store
+
+    creds = doc.get("etcd_credentials") or {}
+    return Store(
+        doc["etcd"],
+        prefix=f"/{doc.get('prefix', 'mesh')}/",
+        user=creds.get("user"),
+        password=creds.get("password"),
+    )
+
+
+# ---------------------------------------------------------------- resilience (appended)
+
+
+class FaultyApp:
+    """An upstream app that fails on command, for resilience tests.
+
+    `mode`: "ok" (200 with JSON naming the service, version, host, path and body length),
+    "status" (answers `status`, e.g. 503), "reset" (drops the connection without an
+    answer), "hang" (never answers). `delay` (seconds) holds each answer back.
+    `refuse()` stops listening (connections are refused) and `accept()` listens again
+    on the same port. `requests` counts requests received, `hosts` the Host of each.
+    Plain HTTP/1.1 with keep-alive over asyncio streams, so every failure is exact."""
+
+    def __init__(self, service: str = "app", version: str = "v1"):
+        self.service = service
+        self.version = version
+        self.mode = "ok"
+        self.status = 503
+        self.delay = 0.0
+        self.requests = 0
+        self.hosts: list[str] = []
+        self.bodies: list[int] = []
+        self.port = 0
+        self._server: asyncio.AbstractServer | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._handlers: set[asyncio.Task[Any]] = set()
+
+    async def start(self, port: int = 0) -> FaultyApp:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", port)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def refuse(self) -> None:
+        """Stop listening and drop open connections: new connections are refused."""
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        for writer in list(self._writers):
+            writer.transport.abort()
+
+    async def accept(self) -> None:
+        if self._server is None:
+            await self.start(self.port)
+
+    async def stop(self) -> None:
+        await self.refuse()
+        for task in list(self._handlers):
+            task.cancel()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.add(writer)
+        task = asyncio.current_task()
+        if task is not None:
+            self._handlers.add(task)
+        try:
+            while True:
+                try:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+                    return
+                lines = head.decode("latin-1").split("\r\n")
+                method, path, _ = lines[0].split(" ", 2)
+                headers = {}
+                for line in lines[1:]:
+                    if ":" in line:
+                        name, _, value = line.partition(":")
+                        headers[name.strip().lower()] = value.strip()
+                length = int(headers.get("content-length", "0") or 0)
+                body = await reader.readexactly(length) if length else b""
+                self.requests += 1
+                self.hosts.append(headers.get("host", ""))
+                self.bodies.append(len(body))
+                mode = self.mode
+                if mode == "reset":
+                    writer.transport.abort()
+                    return
+                if mode == "hang":
+                    await asyncio.sleep(3600)
+                    return
+                if self.delay:
+                    await asyncio.sleep(self.delay)
+                status = self.status if mode == "status" else 200
+                payload = json.dumps(
+                    {"service": self.service, "version": self.version, "path": path,
+                     "method": method, "host": headers.get("host", ""), "body_len": len(body)}
+                ).encode()  # fmt: skip
+                writer.write(
+                    f"HTTP/1.1 {status} X\r\ncontent-type: application/json\r\n"
+                    f"content-length: {len(payload)}\r\n\r\n".encode()
+                    + payload
+                )
+                await writer.drain()
+        except (ConnectionError, asyncio.CancelledError):
+            return
+        finally:
+            self._writers.discard(writer)
+            if task is not None:
+                self._handlers.discard(task)
+            writer.transport.abort()
+
+
+async def faulty_sidecar(
+    mesh: MeshHarness, service: str, version: str = "v1", **settings: Any
+) -> tuple[Any, FaultyApp]:
+    """A sidecar whose app is a `FaultyApp` (on the port its echo app had)."""
+    sc = await mesh.sidecar(service, version, **settings)
+    app = FaultyApp(service, version)
+    echo = sc.echo
+    await echo.stop()
+    mesh.apps.remove(echo)
+    await app.start(echo.port)
+    mesh.apps.append(app)  # type: ignore[arg-type]
+    sc.echo = app
+    return sc, app
+
+
+async def admin_json(sidecar: Any, path: str) -> Any:
+    """GET a sidecar's admin endpoint (`/clusters`, `/config_dump`, ...) as JSON."""
+    import aiohttp
+
+    url = f"http://127.0.0.1:{sidecar.ports['admin']}{path}"
+    async with aiohttp.ClientSession() as session, session.get(url) as r:
+        return await r.json()

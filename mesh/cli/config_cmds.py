@@ -306,6 +306,19 @@ def http_json(url: str, allow_status: tuple[int, ...] = ()) -> Any:
         raise CLIError(f"error: cannot read {url}: {e}") from None
 
 
+def _outlier_state(outlier: dict[str, Any] | None) -> str:
+    """The OUTLIER column: `-` without outlier detection, `ok`, or `EJECTED <left>s`;
+    with how many times the endpoint was ejected so far (`(2x)`)."""
+    if not outlier:
+        return "-"
+    times = outlier.get("times_ejected", 0)
+    suffix = f" ({times}x)" if times else ""
+    if outlier.get("ejected"):
+        left = outlier.get("ejected_for_s") or 0
+        return f"EJECTED {left:.0f}s{suffix}"
+    return f"ok{suffix}"
+
+
 def cmd_proxy_config(args: argparse.Namespace) -> int:
     async def run(bus: Bus) -> int:
         admin = args.admin or await admin_url(bus, args.proxy)
@@ -326,12 +339,14 @@ def cmd_proxy_config(args: argparse.Namespace) -> int:
                         e["address"],
                         e["health"],
                         e.get("active_requests", 0),
+                        _outlier_state(e.get("outlier")),
                     ]
                     for c in data.get("clusters", [])
                     for e in c.get("endpoints", [])
                 ]
                 print_table(
-                    rows, ["DESTINATION", "SUBSET", "INSTANCE", "ADDRESS", "HEALTH", "ACTIVE"]
+                    rows,
+                    ["DESTINATION", "SUBSET", "INSTANCE", "ADDRESS", "HEALTH", "ACTIVE", "OUTLIER"],
                 )
             elif args.what == "routes":
                 rows = []

@@ -47,6 +47,12 @@ def _common(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="plaintext between sidecars, no certificate (development only)",
     )
+    p.add_argument(
+        "--no-config-signatures",
+        action="store_true",
+        help="apply config without verifying the control plane's signature "
+        "(development only: a mesh without a CA)",
+    )
     p.add_argument("--trust-domain", default=os.environ.get("MESH_TRUST_DOMAIN", "cluster.local"))
     p.add_argument(
         "--trace-sampling",
@@ -156,6 +162,7 @@ def _settings(args: argparse.Namespace, **kw: Any) -> Any:
         trust_domain=args.trust_domain,
         telemetry=not args.no_telemetry,
         trace_sampling=args.trace_sampling,
+        config_signatures=not args.no_config_signatures,
         **kw,
     )
 
