@@ -15,7 +15,8 @@ so the comparison is made twice:
 - side by side (A/B): both pairs loaded at once by two wrk processes, so whatever
   else runs on the machine weighs on both alike. Their requests/s ratio is the
   headline figure, and the CPU time each pair's two sidecars spent per request
-  (/proc/<pid>/stat) says what telemetry costs them.
+  (/proc/<pid>/stat) says what telemetry costs them: the median, over the A/B rounds,
+  of each round's difference (a round on a busier machine costs both pairs more).
 
     python -m bench.dataplane [--seconds 5] [--connections 16] [--repeats 3] [--no-mtls]
 """
@@ -285,7 +286,10 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         ab_on, ab_off = ab_result["telemetry"], ab_result["no_telemetry"]
         result["ab_rps_ratio_telemetry_on_over_off"] = round(ab_on["rps"] / ab_off["rps"], 3)
         on_cpu, off_cpu = ab_on["cpu_us_per_request"], ab_off["cpu_us_per_request"]
-        result["telemetry_sidecar_cpu_us_per_request"] = round(on_cpu - off_cpu, 1)
+        paired = [
+            a - b for a, b in zip(ab_cpu_us["telemetry"], ab_cpu_us["no_telemetry"], strict=True)
+        ]
+        result["telemetry_sidecar_cpu_us_per_request"] = round(median(paired), 1)
         for p in ("p50_ms", "p99_ms"):
             result[f"added_{p}"] = round(pair[p] - base[p], 3)
             result[f"telemetry_added_{p}"] = round(pair[p] - bare[p], 3)

@@ -8,12 +8,13 @@ Pure core, thin I/O shell:
   `/stats/prometheus` and as delta batches for the bus.
 - `publisher`: `TelemetryPublisher` (I/O) publishes those batches to JetStream every
   second and re-sends what was not acknowledged, under the same `Nats-Msg-Id`.
-- `tracing`: W3C trace context and B3, sampling, spans (pure).
+- `tracing`: W3C trace context and B3, sampling, spans (pure); `TracePropagator`,
+  what a proxy runs per request (unsampled requests open no span).
 - `peer_metadata`: the header a source proxy sends about its workload.
 - `datapath`: `SidecarTelemetry`, what the listeners call per request and connection.
 """
 
-from .datapath import SidecarTelemetry, own_workload
+from .datapath import InboundSeen, SidecarTelemetry, own_workload
 from .peer_metadata import PEER_METADATA_HEADER, decode_peer_metadata, encode_peer_metadata
 from .publisher import TelemetryPublisher
 from .recorder import TelemetryRecorder
@@ -41,6 +42,7 @@ from .tracing import (
     IncomingTrace,
     Sampler,
     SpanContext,
+    TracePropagator,
     continue_trace,
     extract_trace,
     finish_span,
@@ -69,6 +71,7 @@ __all__ = [
     "X_B3_SPANID",
     "X_B3_TRACEID",
     "Headers",
+    "InboundSeen",
     "IncomingTrace",
     "Outgoing",
     "RequestRecord",
@@ -78,6 +81,7 @@ __all__ = [
     "TcpRecord",
     "TelemetryPublisher",
     "TelemetryRecorder",
+    "TracePropagator",
     "Workload",
     "continue_trace",
     "decode_peer_metadata",

@@ -2,11 +2,12 @@
 relayed TCP connection into one `RequestRecord` / `TcpRecord` for the recorder, and
 rewrites a request's trace and peer-metadata headers on its way through.
 
-No I/O. Per request: one pass over the headers, one span context (the ids are needed
-to propagate the trace even when it is not sampled), one `RequestRecord`, one dict
-lookup in the recorder. The other side's `Workload` is memoised: per endpoint on the
-source side, per (metadata header, certificate identity) on the destination side.
-Recording runs once the response is out, and never raises into the request.
+No I/O. Per request: one pass over the headers, one `TracePropagator.step` (an
+unsampled request draws at most one random number and builds no span), one
+`RequestRecord`, one dict lookup in the recorder. The other side's `Workload` is
+memoised: per endpoint on the source side, per (metadata header, certificate
+identity) on the destination side. Recording runs once the response is out, and never
+raises into the request.
 
 Principals in labels are SPIFFE URIs (`spiffe://cluster.local/ns/N/sa/SA`), as Istio's
 standard metrics carry them (`source_principal`, `destination_principal`); the
@@ -17,12 +18,13 @@ from __future__ import annotations
 
 import random
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from mesh.hosts import ServiceRef
 from mesh.logs import get_logger
-from proxy.peer import Peer, peer_of
+from proxy.peer import PLAINTEXT, Peer, peer_of
 
 from .peer_metadata import PEER_METADATA_HEADER, decode_peer_metadata, encode_peer_metadata
 from .recorder import TelemetryRecorder
@@ -33,9 +35,8 @@ from .tracing import (
     Headers,
     Sampler,
     SpanContext,
-    continue_trace,
+    TracePropagator,
     finish_span,
-    incoming_trace,
 )
 
 if TYPE_CHECKING:
@@ -51,10 +52,14 @@ NO_WORKLOAD = Workload()
 _REPLACED: frozenset[str] = TRACE_HEADERS | {PEER_METADATA_HEADER}
 _MAX_MEMO = 4096
 _rng = random.Random()
+_new_tuple = tuple.__new__
 # RFC 9562 variant bits (10xx) for the first hex digit of the fourth group
 _VARIANT = {d: "89ab"[int(d, 16) & 3] for d in "0123456789abcdef"}
 
 InboundHandle = Callable[["Request", "Exchange"], Awaitable["Outcome"]]
+# what `inbound_start` hands `inbound_done`: the caller's workload, the connection
+# security policy, the trace context and the request id (a plain tuple: per request)
+InboundSeen = tuple[Workload, str, SpanContext, str]
 
 
 def own_workload(
@@ -79,12 +84,12 @@ def new_request_id() -> str:
     return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:]}"
 
 
-def _split_headers(headers: Headers) -> tuple[Headers, dict[str, str], str | None, str]:
-    """One pass: the headers to keep, the trace headers (first value of each), the peer
-    metadata value and the request id (added when missing). Header names are
-    lower-case (the engine's)."""
+def _split_headers(headers: Headers) -> tuple[Headers, dict[str, str] | None, str | None, str]:
+    """One pass: the headers to keep, the trace headers (first value of each; None
+    when there is none), the peer metadata value and the request id (added when
+    missing). Header names are lower-case (the engine's)."""
     kept: Headers = []
-    found: dict[str, str] = {}
+    found: dict[str, str] | None = None
     metadata: str | None = None
     request_id = ""
     for item in headers:
@@ -93,6 +98,8 @@ def _split_headers(headers: Headers) -> tuple[Headers, dict[str, str], str | Non
             if name == PEER_METADATA_HEADER:
                 if metadata is None:
                     metadata = item[1]
+            elif found is None:
+                found = {name: item[1]}
             elif name not in found:
                 found[name] = item[1]
             continue
@@ -122,9 +129,17 @@ class SidecarTelemetry:
         self.workload = workload
         self.service_host = service_host  # e.g. reviews.default.svc.cluster.local
         self.sampler = sampler
+        self.tracer = TracePropagator(
+            service=recorder.service,
+            namespace=recorder.namespace,
+            instance=recorder.instance,
+            sampler=sampler,
+        )
         self.peer_header = (PEER_METADATA_HEADER, encode_peer_metadata(workload))
         self._destinations: dict[str, tuple[Endpoint, Workload]] = {}
         self._sources: dict[tuple[str | None, Peer], Workload] = {}
+        self._callers: dict[tuple[str | None, Peer], tuple[Workload, str]] = {}
+        self._peers: dict[int, tuple[weakref.ref[Any], Peer]] = {}
         self.failures = 0
 
     # ------------------------------------------------------------ naming the other side
@@ -145,6 +160,33 @@ class SidecarTelemetry:
         if len(self._destinations) >= _MAX_MEMO:
             self._destinations.clear()
         self._destinations[endpoint.instance] = (endpoint, found)
+        return found
+
+    def _peer(self, ssl_object: Any) -> Peer:
+        """`peer_of`, memoised per connection: it copies the peer's certificate out of
+        OpenSSL and hashes it, for every request on a keep-alive connection."""
+        if ssl_object is None:
+            return PLAINTEXT
+        key = id(ssl_object)
+        hit = self._peers.get(key)
+        if hit is not None and hit[0]() is ssl_object:
+            return hit[1]
+        peer = peer_of(ssl_object)
+        if len(self._peers) >= _MAX_MEMO:
+            self._peers.clear()
+        # a weak reference: an id is reused once its connection is gone
+        self._peers[key] = (weakref.ref(ssl_object), peer)
+        return peer
+
+    def _caller(self, metadata: str | None, peer: Peer) -> tuple[Workload, str]:
+        """`source_of` and the connection security policy, memoised together."""
+        key = (metadata, peer)
+        found = self._callers.get(key)
+        if found is None:
+            found = self.source_of(metadata, peer), "mutual_tls" if peer.mtls else "none"
+            if len(self._callers) >= _MAX_MEMO:
+                self._callers.clear()
+            self._callers[key] = found
         return found
 
     def source_of(self, metadata: str | None, peer: Peer) -> Workload:
@@ -172,7 +214,7 @@ class SidecarTelemetry:
         sidecar reads them and gives its app both W3C and B3 (four headers fewer to
         write, encrypt and parse on every hop)."""
         kept, found, _, outcome.request_id = _split_headers(headers)
-        outcome.trace, forward = self._continue(found, "client", b3=False)
+        outcome.trace, forward = self.tracer.step(found, "client", b3=False)
         kept += forward
         kept.append(self.peer_header)
         return kept
@@ -186,7 +228,7 @@ class SidecarTelemetry:
             if span is None:  # answered before it was forwarded: a local reply
                 _, found, _, request_id = _split_headers(req.headers)
                 started = time.time_ns() - int((time.monotonic() - ex.started_at) * 1e9)
-                span = self._continue(found, "client", now_ns=started)[0]
+                span = self.tracer.step(found, "client", now_ns=started)[0]
             self._record(
                 "source", self.workload, outcome.destination or NO_WORKLOAD, outcome.service,
                 req, ex, outcome, span, request_id, UNKNOWN,
@@ -199,35 +241,49 @@ class SidecarTelemetry:
     def inbound(self, handle: InboundHandle) -> InboundHandle:
         """Wrap the inbound handler: the app gets the server span's trace headers and no
         peer metadata; the request is recorded once it is answered (status 0, flags DC
-        when the handler ended by an exception, e.g. the client left)."""
+        when the handler ended by an exception, e.g. the client left). A listener that
+        has a wrapper of its own calls `inbound_start` and `inbound_done` from it
+        instead (one coroutine less per request)."""
 
         async def handler(req: Request, ex: Exchange) -> Outcome:
-            peer = peer_of(req.ssl_object)
-            headers, found, metadata, request_id = _split_headers(req.headers)
-            span, forward = self._continue(found, "server")
-            headers += forward
-            req.headers = headers
+            seen = self.inbound_start(req)
             outcome: Outcome | None = None
             try:
                 outcome = await handle(req, ex)
                 return outcome
             finally:
-                try:
-                    self._record(
-                        "destination", self.source_of(metadata, peer), self.workload,
-                        self.service_host, req, ex, outcome, span, request_id,
-                        "mutual_tls" if peer.mtls else "none",
-                    )  # fmt: skip
-                except Exception as e:
-                    self._failed(e)
+                self.inbound_done(req, ex, outcome, seen)
 
         return handler
+
+    def inbound_start(self, req: Request) -> InboundSeen:
+        """Before the inbound handler runs: swap the request's trace headers for the
+        server span's, drop the peer metadata; what `inbound_done` needs."""
+        headers, found, metadata, request_id = _split_headers(req.headers)
+        span, forward = self.tracer.step(found, "server")
+        headers += forward
+        req.headers = headers
+        source, policy = self._caller(metadata, self._peer(req.ssl_object))
+        return source, policy, span, request_id
+
+    def inbound_done(
+        self, req: Request, ex: Exchange, outcome: Outcome | None, seen: InboundSeen
+    ) -> None:
+        """Record a request the inbound handler answered (`outcome` None: it ended by
+        an exception). Never raises."""
+        try:
+            self._record(
+                "destination", seen[0], self.workload, self.service_host, req, ex, outcome,
+                seen[2], seen[3], seen[1],
+            )  # fmt: skip
+        except Exception as e:
+            self._failed(e)
 
     # ------------------------------------------------------------ TCP
 
     def tcp_inbound(self, ssl_object: Any, flags: str = "-") -> TcpRecord:
         """A connection relayed to the app; the caller from its certificate, if any."""
-        peer = peer_of(ssl_object)
+        peer = self._peer(ssl_object)
         return TcpRecord(
             "destination",
             self.source_of(None, peer),
@@ -245,23 +301,6 @@ class SidecarTelemetry:
         return TcpRecord("source", self.workload, destination, ref.fqdn, UNKNOWN, flags)
 
     # ------------------------------------------------------------ internals
-
-    def _continue(
-        self, found: dict[str, str], kind: str, *, b3: bool = True, now_ns: int | None = None
-    ) -> tuple[SpanContext, Headers]:
-        r = self.recorder
-        # named when it finishes: only sampled spans need a name
-        return continue_trace(
-            incoming_trace(found),
-            kind,
-            name="",
-            service=r.service,
-            namespace=r.namespace,
-            instance=r.instance,
-            sampler=self.sampler,
-            now_ns=now_ns,
-            b3=b3,
-        )
 
     def _record(
         self,
@@ -282,12 +321,15 @@ class SidecarTelemetry:
             status, flags, upstream = outcome.status, outcome.flags or "-", outcome.upstream
         finished = ex.finished_at
         ended = finished if finished is not None else time.monotonic()
+        duration_ms = (ended - ex.started_at) * 1000.0
+        # every field, in order (RequestRecord(...) itself is a Python-level call)
         self.recorder.record_request(
-            RequestRecord(
+            _new_tuple(RequestRecord, (
                 reporter, source, destination, service or UNKNOWN, req.method, req.authority,
-                req.path, status, (ended - ex.started_at) * 1000.0, ex.request_bytes,
-                ex.response_bytes, flags, upstream, request_id, span.trace_id, "http", policy,
-            )
+                req.path, status, duration_ms, ex.request_bytes, ex.response_bytes, flags,
+                upstream, request_id, span.trace_id, "http", policy,
+                time.time_ns() - int(duration_ms * 1e6),
+            ))
         )  # fmt: skip
         if span.sampled:
             name = f"{req.authority or service}/*"

@@ -78,6 +78,9 @@ class TelemetryPublisher:
         first failure (the bus or the stream is unavailable) and retries next time."""
         if self.before_flush is not None:
             self.before_flush()
+        # aggregate what was recorded, even when nothing can be sent: the metrics keep
+        # accumulating while the bus is down, the requests' list does not
+        self.recorder.fold()
         if not self.bus.connected:
             return 0
         js = self.bus.nc.jetstream()

@@ -1,7 +1,14 @@
 """Trace context (pure): W3C `traceparent`/`tracestate` and B3 (multi and single
 header) in, both out; `Sampler` (default 1 %, an incoming decision wins);
 `start_span(headers, kind, ...) -> (SpanContext, headers_to_forward)`,
-`replace_trace_headers`, `finish_span`.
+`replace_trace_headers`, `finish_span`; `TracePropagator`, what a proxy runs per
+request.
+
+Only sampled requests open a span. An unsampled one (99 % at the default rate) opens
+none, as Envoy's unsampled requests do not: the caller's context is passed on as it
+came (same trace id and parent id, decision "not sampled"), and a request without one
+gets a new trace id and parent id, so the decision still travels to the next hops and
+the trace id still reaches the access log. No span id to draw, no clock to read.
 """
 
 from __future__ import annotations
@@ -39,6 +46,8 @@ TRACE_HEADERS: frozenset[str] = frozenset(
 )
 
 _TRACEPARENT_RE = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?")
+# what sidecars send: version 00, exactly 55 characters (no groups: sliced instead)
+_TRACEPARENT_00 = re.compile(r"00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
 _HEX16 = re.compile(r"[0-9a-f]{16}")
 _HEX32 = re.compile(r"[0-9a-f]{32}")
 _ZERO16 = "0" * 16
@@ -60,6 +69,10 @@ NO_TRACE = IncomingTrace()
 
 
 class SpanContext(NamedTuple):
+    """The span a request opened, or for an unsampled request (`sampled` false) just
+    the context passed on: `span_id` is then the parent id sent to the next hop (the
+    caller's own, when it sent one), with no parent and no start time."""
+
     trace_id: str
     span_id: str
     parent_span_id: str
@@ -180,7 +193,10 @@ class Sampler:
         self._threshold = int(rate * (1 << 64))
 
     def decide(self, trace_id: str) -> bool:
-        return int(trace_id[16:32], 16) < self._threshold
+        threshold = self._threshold
+        if not threshold:  # rate 0
+            return False
+        return int(trace_id[16:32], 16) < threshold
 
 
 DEFAULT_SAMPLER = Sampler(0.01)
@@ -193,6 +209,114 @@ def new_trace_id(rng: random.Random | None = None) -> str:
 
 def new_span_id(rng: random.Random | None = None) -> str:
     return f"{(rng or _rng).getrandbits(64) or 1:016x}"
+
+
+def _new_ids(rng: random.Random) -> tuple[str, str]:
+    """A new trace id and span id from one draw of the PRNG."""
+    h = f"{rng.getrandbits(192):048x}"
+    trace_id, span_id = h[:32], h[32:]
+    if trace_id == _ZERO32 or span_id == _ZERO16:  # all-zero ids are invalid
+        return new_trace_id(rng), new_span_id(rng)
+    return trace_id, span_id
+
+
+# a NamedTuple's own constructor is a Python function; this builds one from a complete
+# tuple of its fields in C, for what runs per request
+_new_tuple = tuple.__new__
+
+
+def _unsampled(
+    trace_id: str, span_id: str, kind: str, b3: bool, traceparent: str = ""
+) -> tuple[SpanContext, Headers]:
+    """The context of a request that opens no span, and what it forwards (what
+    `trace_headers` gives for it, built directly). `traceparent`: the incoming one,
+    when it is exactly what would be sent."""
+    ctx = _new_tuple(SpanContext, (trace_id, span_id, "", False, kind, "", "", "", "", 0, ""))
+    header = (TRACEPARENT, traceparent or f"00-{trace_id}-{span_id}-00")
+    if not b3:
+        return ctx, [header]
+    return ctx, [header, (X_B3_TRACEID, trace_id), (X_B3_SPANID, span_id), (X_B3_SAMPLED, "0")]
+
+
+class TracePropagator:
+    """One per proxy: continues the trace of each request through it (`step`).
+
+    The common cases are decided without building an `IncomingTrace`: no trace header
+    at all (a new root), and a lone valid `traceparent`; anything else (B3, a
+    `tracestate`, an invalid `traceparent`) goes through `continue_trace`.
+    """
+
+    __slots__ = ("instance", "namespace", "rng", "sampler", "service")
+
+    def __init__(
+        self,
+        *,
+        service: str,
+        namespace: str,
+        instance: str,
+        sampler: Sampler = DEFAULT_SAMPLER,
+        rng: random.Random | None = None,
+    ):
+        self.service = service
+        self.namespace = namespace
+        self.instance = instance
+        self.sampler = sampler
+        self.rng = rng or _rng
+
+    def step(
+        self,
+        found: Mapping[str, str] | None,
+        kind: str,
+        *,
+        b3: bool = True,
+        now_ns: int | None = None,
+    ) -> tuple[SpanContext, Headers]:
+        """The context for a request that arrived with the trace headers `found` (the
+        first value of each, lower-case names; None when it had none) and the trace
+        headers to send on. `b3=False`: W3C only (between two sidecars)."""
+        if found is None:  # a new root
+            trace_id, span_id = _new_ids(self.rng)
+            if self.sampler.decide(trace_id):
+                return self._open(trace_id, span_id, "", kind, now_ns, b3)
+            return _unsampled(trace_id, span_id, kind, b3)
+        if len(found) == 1:
+            value = found.get(TRACEPARENT)
+            if value is not None and _TRACEPARENT_00.fullmatch(value):
+                # as one sidecar sends it to the next (the general path checks the same)
+                trace_id, parent_id, flags = value[3:35], value[36:52], value[53:55]
+                if trace_id != _ZERO32 and parent_id != _ZERO16:
+                    if not int(flags, 16) & 1:
+                        return _unsampled(trace_id, parent_id, kind, b3, value)
+                    return self._open(trace_id, new_span_id(self.rng), parent_id, kind, now_ns, b3)
+        return continue_trace(
+            incoming_trace(found),
+            kind,
+            name="",
+            service=self.service,
+            namespace=self.namespace,
+            instance=self.instance,
+            sampler=self.sampler,
+            now_ns=now_ns,
+            rng=self.rng,
+            b3=b3,
+        )
+
+    def _open(
+        self, trace_id: str, span_id: str, parent_id: str, kind: str, now_ns: int | None, b3: bool
+    ) -> tuple[SpanContext, Headers]:
+        ctx = SpanContext(
+            trace_id,
+            span_id,
+            parent_id,
+            True,
+            kind,
+            "",  # named when it finishes
+            self.service,
+            self.namespace,
+            self.instance,
+            time.time_ns() if now_ns is None else now_ns,
+        )
+        return ctx, trace_headers(ctx, b3=b3)
 
 
 def start_span(
@@ -238,16 +362,33 @@ def continue_trace(
     b3: bool = True,
 ) -> tuple[SpanContext, Headers]:
     """`start_span` for a context already extracted (`incoming_trace`); `b3=False`
-    forwards W3C headers only (between two sidecars, which both read W3C)."""
+    forwards W3C headers only (between two sidecars, which both read W3C).
+
+    Unsampled, no span is opened: the incoming ids are passed on unchanged (a new
+    root still gets ids), and the context has no parent and no start time."""
     trace_id = incoming.trace_id or new_trace_id(rng)
     sampled = incoming.sampled if incoming.sampled is not None else sampler.decide(trace_id)
     continued = bool(incoming.trace_id)
-    # positional: this runs for every request, sampled or not
+    if not sampled:
+        ctx = SpanContext(
+            trace_id,
+            incoming.span_id if continued else new_span_id(rng),
+            "",
+            False,
+            kind,
+            name,
+            service,
+            namespace,
+            instance,
+            0,
+            incoming.tracestate if continued else "",
+        )
+        return ctx, trace_headers(ctx, b3_single=incoming.b3_single, b3=b3)
     ctx = SpanContext(
         trace_id,
         new_span_id(rng),
         incoming.span_id if continued else "",
-        sampled,
+        True,
         kind,
         name,
         service,

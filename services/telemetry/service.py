@@ -19,6 +19,8 @@ Exactly-once, mesh-wide metrics with N replicas
 - Every replica watches the bucket and folds its updates, in order, into mesh-wide
   totals (`MeshMirror`), so every replica's `/metrics` shows the same exact mesh total
   (`istio_*` series, no replica label), which survives restarts of any or all replicas.
+  After the bus reconnects, the watch resumes from the last revision folded
+  (`watch.py`): a restarted nats-server has lost the watch's consumer.
 - The leader folds ledgers of proxies idle past the stream's retention into a
   per-workload archive (see `ledger.py`); every step is a compare-and-set, so a
   deposed leader cannot double count.
@@ -76,9 +78,14 @@ from services.telemetry.ledger import (
 )
 from services.telemetry.settings import TelemetrySettings
 from services.telemetry.views import AccessEntry, AccessLog, GraphWindow, TraceIndex, edge_snapshot
+from services.telemetry.watch import BucketUpdate, BucketWatch
 
 DURABLE = "telemetry-metrics"
 MAX_ATTEMPTS = 8
+SYNC_TIMEOUT_S = 30.0  # folding the bucket's content before serving
+# spans and access records: the views' consumers send a heartbeat this often, and
+# nats-py recreates one silent for two (after a nats-server restart)
+VIEWS_HEARTBEAT_S = 1.0
 _metric_decoder = msgspec.msgpack.Decoder(MetricBatch)
 _span_decoder = msgspec.msgpack.Decoder(SpanBatch)
 _access_decoder = msgspec.msgpack.Decoder(AccessBatch)
@@ -126,7 +133,7 @@ class TelemetryService(ControlPlaneService):
         self._apply_gate = asyncio.Semaphore(64)
         self.kv: KeyValue
         self._pull: Any = None
-        self._watcher: Any = None
+        self._watch: BucketWatch
         r = self.registry
         self.batches = Counter(
             "meshwork_telemetry_batches_total",
@@ -208,8 +215,9 @@ class TelemetryService(ControlPlaneService):
             )
         except nats.js.errors.BadRequestError:
             self.kv = await js.key_value(bucket)
-        self._watcher = await self.kv.watchall()
-        await self._sync_mirror()
+        self._watch = BucketWatch(js, bucket)
+        await self._sync_mirror(await self._watch.start())
+        self.bus.on_reconnect(self._on_reconnect)
         self._pull = await js.pull_subscribe(
             f"{prefix}.telemetry.metrics.>",
             durable=DURABLE,
@@ -229,22 +237,34 @@ class TelemetryService(ControlPlaneService):
             reporters=len(self.mirror.reporters),
         )
 
-    async def _sync_mirror(self) -> None:
-        """Fold the bucket's current content before serving."""
-        while True:
-            entry = await self._watcher.updates(timeout=30)
-            if entry is None:
+    async def _sync_mirror(self, revision: int) -> None:
+        """Fold the bucket's content up to `revision` (its last one) before serving."""
+        deadline = asyncio.get_running_loop().time() + SYNC_TIMEOUT_S
+        while self._watch.revision < revision:
+            remaining = deadline - asyncio.get_running_loop().time()
+            try:
+                update = await asyncio.wait_for(self._watch.next(), max(remaining, 0.0))
+            except TimeoutError:
+                # e.g. the last revision was removed meanwhile: serve, keep folding
+                self.log.warning(
+                    "telemetry.mirror_sync_incomplete",
+                    revision=self._watch.revision,
+                    expected=revision,
+                )
                 return
-            self._fold_update(entry)
+            self._fold_update(update)
 
-    def _fold_update(self, entry: Any) -> None:
-        value = None if entry.operation in ("DEL", "PURGE") else entry.value
-        overlay = self._overlay.get(entry.key)
+    async def _on_reconnect(self) -> None:
+        self._watch.restart()
+
+    def _fold_update(self, update: BucketUpdate) -> None:
+        key, revision = update.key, update.revision
+        overlay = self._overlay.get(key)
         # our own write coming back: reuse the state we wrote rather than decode it
-        own = overlay[1] if overlay is not None and overlay[0] == entry.revision else None
-        self.mirror.apply(entry.key, entry.revision, value, own)
-        if overlay is not None and overlay[0] <= entry.revision:
-            del self._overlay[entry.key]
+        own = overlay[1] if overlay is not None and overlay[0] == revision else None
+        self.mirror.apply(key, revision, update.value, own)
+        if overlay is not None and overlay[0] <= revision:
+            del self._overlay[key]
 
     def background(self) -> list[tuple[str, Callable[[], Coroutine[Any, Any, None]]]]:
         return [
@@ -258,12 +278,10 @@ class TelemetryService(ControlPlaneService):
 
     async def _mirror_loop(self) -> None:
         try:
-            async for entry in self._watcher:
-                if entry is not None:
-                    self._fold_update(entry)
+            while True:
+                self._fold_update(await self._watch.next())
         finally:
-            with contextlib.suppress(Exception):
-                await self._watcher.stop()
+            await self._watch.stop()
 
     async def _graph_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -274,23 +292,30 @@ class TelemetryService(ControlPlaneService):
     # ------------------------------------------------------------ applying metric batches
 
     async def _apply_loop(self) -> None:
-        while True:
-            try:
-                msgs = await self._pull.fetch(self.settings.fetch_batch, timeout=1.0)
-            except TimeoutError:  # nothing to fetch (nats-py raises both flavours)
-                continue
-            except nats.errors.Error as e:
-                self.log.warning("telemetry.fetch_failed", error=repr(e))
-                await asyncio.sleep(0.5)
-                continue
-            started = time.perf_counter()
-            try:
-                await self._apply_messages(msgs)
-            except Exception:
-                # unacknowledged messages come back after ack-wait; keep consuming
-                self.log.exception("telemetry.apply_crashed", messages=len(msgs))
-                await asyncio.sleep(0.5)
-            self.apply_seconds.observe(time.perf_counter() - started)
+        try:
+            while True:
+                try:
+                    msgs = await self._pull.fetch(self.settings.fetch_batch, timeout=1.0)
+                except TimeoutError:  # nothing to fetch (nats-py raises both flavours)
+                    continue
+                except nats.errors.Error as e:
+                    self.log.warning("telemetry.fetch_failed", error=repr(e))
+                    await asyncio.sleep(0.5)
+                    continue
+                started = time.perf_counter()
+                try:
+                    await self._apply_messages(msgs)
+                except Exception:
+                    # unacknowledged messages come back after ack-wait; keep consuming
+                    self.log.exception("telemetry.apply_crashed", messages=len(msgs))
+                    await asyncio.sleep(0.5)
+                self.apply_seconds.observe(time.perf_counter() - started)
+        finally:
+            # not left to the connection's drain: a fetch cut short by the shutdown can
+            # leave a reply in this subscription's queue that nothing will ever read,
+            # and the drain would wait for it until its timeout
+            with contextlib.suppress(Exception):
+                await self._pull.unsubscribe()
 
     async def _apply_messages(self, msgs: list[Msg]) -> None:
         by_reporter: dict[str, list[tuple[Msg, MetricBatch]]] = {}
@@ -505,9 +530,15 @@ class TelemetryService(ControlPlaneService):
                         stream=self.stream,
                         cb=cb,
                         ordered_consumer=True,
+                        idle_heartbeat=VIEWS_HEARTBEAT_S,
                         config=cfg,
                     )
                 )
+                # nats-py keeps this config to recreate the consumer (after missed
+                # heartbeats, e.g. a nats-server restart) from the next sequence, but
+                # leaves the start time in it, which the server refuses: the views
+                # would stop for good (fixed in nats.go #1341, not in nats-py 2.16)
+                cfg.opt_start_time = None
             await asyncio.Event().wait()
         finally:
             self.views.close_followers()

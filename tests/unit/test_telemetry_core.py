@@ -11,6 +11,7 @@ from typing import Any
 
 import msgspec
 import pytest
+from nats.aio.msg import Msg
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -38,6 +39,7 @@ from proxy.telemetry import (
     SidecarTelemetry,
     TcpRecord,
     TelemetryRecorder,
+    TracePropagator,
     Workload,
     decode_peer_metadata,
     encode_peer_metadata,
@@ -49,6 +51,7 @@ from proxy.telemetry import (
     replace_trace_headers,
     split_service_host,
     start_span,
+    trace_headers,
     workload_name,
 )
 from services.telemetry.ledger import (
@@ -65,6 +68,7 @@ from services.telemetry.ledger import (
 )
 from services.telemetry.settings import TelemetrySettings
 from services.telemetry.views import GraphWindow, TraceIndex, assemble, edge_snapshot
+from services.telemetry.watch import BucketUpdate, bucket_update
 
 PRODUCTPAGE = Workload(
     "productpage-v1",
@@ -272,6 +276,48 @@ def test_access_records_and_spans_are_batched_and_bounded() -> None:
     assert rec.dropped["spans"] == 2
 
 
+def test_recorded_requests_reach_every_reader_and_stay_bounded() -> None:
+    rec = recorder(max_pending=10)
+    for _ in range(25):
+        rec.record_request(request())
+    assert len(rec._requests) < 10  # folded as they accumulate, not only when read
+    assert sum(rec.totals().counters.values()) == 25  # a reader folds what is pending
+    rec.record_request(request())
+    assert [d.value for d in rec.metric_deltas() if isinstance(d, CounterDelta)] == [26]
+    rec.record_request(request(request_id="last"))
+    out = {o.kind: o for o in rec.outgoing()}
+    assert out["metrics"].records == 1 and out["access"].records == 27
+
+
+def test_access_records_carry_every_field_and_leave_defaults_out() -> None:
+    rec = recorder()
+    rec.record_request(
+        request(status=503, duration=2.34567, flags="UF", upstream_host="10.0.0.1:80",
+                request_id="rid", trace_id=TRACE, request_bytes=7, start_ns=1234,
+                security_policy="mutual_tls", reporter="destination")
+    )  # fmt: skip
+    rec.record_request(
+        request(reporter="source", source=Workload(), destination=Workload(), response_bytes=0,
+                destination_service="", start_ns=99)
+    )  # fmt: skip
+    payload = next(o for o in rec.outgoing() if o.kind == "access").payload
+    full, bare = msgspec.msgpack.decode(payload)["records"]
+    assert full == {
+        "type": "AccessRecord", "time_ns": 1234, "reporter": "destination", "method": "GET",
+        "authority": "reviews:9080", "path": "/reviews/1", "status": 503, "duration_ms": 2.346,
+        "response_flags": "UF", "bytes_received": 7, "bytes_sent": 120,
+        "upstream_host": "10.0.0.1:80", "source_principal": PRODUCTPAGE.principal,
+        "destination_principal": REVIEWS.principal, "source_workload": "productpage-v1",
+        "source_namespace": "default", "destination_workload": "reviews-v2",
+        "destination_namespace": "default", "destination_service": REVIEWS_HOST,
+        "request_id": "rid", "trace_id": TRACE,
+    }  # fmt: skip
+    assert bare == {
+        "type": "AccessRecord", "time_ns": 99, "reporter": "source", "method": "GET",
+        "authority": "reviews:9080", "path": "/reviews/1", "status": 200, "duration_ms": 3.0,
+    }  # fmt: skip
+
+
 def test_large_deltas_are_split_across_batches() -> None:
     rec = recorder(max_batch_series=8)
     for code in range(200, 205):
@@ -446,6 +492,26 @@ def test_mirror_ignores_stale_updates() -> None:
     assert total_requests(mirror.total) == 10
 
 
+@pytest.mark.parametrize(
+    ("subject", "headers", "expected"),
+    [
+        ("$KV.B.r.p-1_00000001", None, BucketUpdate("r.p-1_00000001", 42, b"state")),
+        ("$KV.B.a.default.reviews", {"KV-Operation": "DEL"}, BucketUpdate("a.default.reviews", 42, None)),
+        ("$KV.B.r.x", {"KV-Operation": "PURGE"}, BucketUpdate("r.x", 42, None)),
+        ("$KV.B.r.x", {"Nats-Marker-Reason": "MaxAge"}, BucketUpdate("r.x", 42, None)),
+        ("$KV.B.r.x", {"Nats-Marker-Reason": "SomethingNew"}, None),  # not understood: skipped
+        ("$KV.OTHER.r.x", None, None),
+    ],
+)  # fmt: skip
+def test_bucket_updates_from_stream_messages(
+    subject: str, headers: dict[str, str] | None, expected: BucketUpdate | None
+) -> None:
+    # the ack subject carries the stream sequence, i.e. the KV revision (42)
+    reply = "$JS.ACK.KV_B.consumer.1.42.7.1700000000000000000.0"
+    msg = Msg(None, subject=subject, reply=reply, data=b"state", headers=headers)  # type: ignore[arg-type]
+    assert bucket_update(msg, "$KV.B.") == expected
+
+
 # ---------------------------------------------------------------- trace context
 
 
@@ -571,6 +637,74 @@ def test_start_span_honours_unsampled_and_starts_new_roots() -> None:
     )
 
 
+def propagator(rate: float) -> TracePropagator:
+    args = span_args()
+    return TracePropagator(
+        service=args["service"], namespace=args["namespace"], instance=args["instance"],
+        sampler=Sampler(rate), rng=random.Random(3),
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("found", "b3", "forwarded"),
+    [
+        # the caller decided "not sampled": its context goes on as it came, no span
+        ({"traceparent": f"00-{TRACE}-{PARENT}-00"}, False, [("traceparent", f"00-{TRACE}-{PARENT}-00")]),
+        ({"traceparent": f"00-{TRACE}-{PARENT}-00"}, True, [
+            ("traceparent", f"00-{TRACE}-{PARENT}-00"), ("x-b3-traceid", TRACE),
+            ("x-b3-spanid", PARENT), ("x-b3-sampled", "0"),
+        ]),
+        # a later version is passed on as version 00
+        ({"traceparent": f"01-{TRACE}-{PARENT}-00-future"}, False, [("traceparent", f"00-{TRACE}-{PARENT}-00")]),
+        # B3 in (multi and single header), tracestate: the general path, same rule
+        ({"x-b3-traceid": TRACE, "x-b3-spanid": PARENT, "x-b3-sampled": "0"}, False,
+         [("traceparent", f"00-{TRACE}-{PARENT}-00")]),
+        ({"b3": f"{TRACE}-{PARENT}-0"}, True, [
+            ("traceparent", f"00-{TRACE}-{PARENT}-00"), ("x-b3-traceid", TRACE),
+            ("x-b3-spanid", PARENT), ("x-b3-sampled", "0"), ("b3", f"{TRACE}-{PARENT}-0"),
+        ]),
+        ({"traceparent": f"00-{TRACE}-{PARENT}-00", "tracestate": "a=b"}, False,
+         [("traceparent", f"00-{TRACE}-{PARENT}-00"), ("tracestate", "a=b")]),
+    ],
+)  # fmt: skip
+def test_an_unsampled_request_opens_no_span_and_passes_its_context_on(
+    found: dict[str, str], b3: bool, forwarded: list[tuple[str, str]]
+) -> None:
+    ctx, fwd = propagator(1.0).step(found, "server", b3=b3)  # the caller's decision wins
+    assert (ctx.trace_id, ctx.span_id, ctx.sampled, ctx.start_ns) == (TRACE, PARENT, False, 0)
+    assert fwd == forwarded
+    assert finish_span(ctx, status_code=200) is None
+
+
+def test_a_new_unsampled_root_still_propagates_its_decision() -> None:
+    tracer = propagator(0.0)
+    ctx, fwd = tracer.step(None, "client", b3=True)
+    assert not ctx.sampled and ctx.parent_span_id == "" and ctx.start_ns == 0
+    assert parse_traceparent(dict(fwd)["traceparent"]) == (ctx.trace_id, ctx.span_id, False)
+    assert fwd == trace_headers(ctx)  # what the general path would send for it
+    # the next hop follows: still not sampled, same trace, nothing drawn or recorded
+    nxt, _ = propagator(1.0).step({"traceparent": dict(fwd)["traceparent"]}, "server")
+    assert (nxt.trace_id, nxt.sampled) == (ctx.trace_id, False)
+    ids = {tracer.step(None, "client")[0].trace_id for _ in range(100)}
+    assert len(ids) == 100
+
+
+def test_sampled_requests_open_spans_on_every_path() -> None:
+    tracer = propagator(1.0)
+    root, fwd = tracer.step(None, "client", b3=False, now_ns=5)
+    assert root.sampled and root.parent_span_id == "" and root.start_ns == 5
+    assert fwd == [("traceparent", f"00-{root.trace_id}-{root.span_id}-01")]
+    child, fwd = tracer.step({"traceparent": fwd[0][1]}, "server")
+    assert (child.trace_id, child.parent_span_id, child.sampled) == (
+        root.trace_id, root.span_id, True,
+    )  # fmt: skip
+    assert child.span_id != root.span_id and child.service == "productpage"
+    assert dict(fwd)["x-b3-parentspanid"] == root.span_id
+    # a sampled B3 caller takes the general path: same result
+    b3_child, _ = tracer.step({"b3": f"{TRACE}-{PARENT}-1"}, "server")
+    assert (b3_child.trace_id, b3_child.parent_span_id, b3_child.sampled) == (TRACE, PARENT, True)
+
+
 def test_sampler_rate() -> None:
     rng = random.Random(7)
     ids = [f"{rng.getrandbits(128):032x}" for _ in range(20_000)]
@@ -684,14 +818,15 @@ def test_outbound_swaps_trace_and_peer_headers_and_records_the_source_side() -> 
     ]  # fmt: skip
     outcome.status, outcome.flags, outcome.upstream = 200, "", "10.0.0.1:80"
     t.outbound_done(req, FakeExchange(100, 250), outcome)  # type: ignore[arg-type]
+    t.recorder.fold()
     (series,) = t.recorder._http.values()
     assert series.requests == 1 and series.request_size.sum == 100
     assert series.labels["reporter"] == "source"
     assert series.labels["destination_workload"] == "reviews-v2"
     assert series.labels["connection_security_policy"] == "unknown"
     (access,) = t.recorder._access
-    assert access[0].duration_ms == pytest.approx(4.0)
-    assert (access[0].upstream_host, access[0].request_id, access[0].trace_id) == (
+    assert access.duration_ms == pytest.approx(4.0)
+    assert (access.upstream_host, access.request_id, access.trace_id) == (
         "10.0.0.1:80", "rid-1", TRACE,
     )  # fmt: skip
     (recorded,) = t.recorder._spans
@@ -702,15 +837,17 @@ def test_local_reply_is_recorded_with_its_flags_and_trace() -> None:
     t = sidecar_telemetry(rate=0.0)
     req = http_request([("host", "reviews"), ("traceparent", f"00-{TRACE}-{PARENT}-01")])
     t.outbound_done(req, FakeExchange(), Outcome(503, "UH"))  # type: ignore[arg-type]
+    t.recorder.fold()
     (series,) = t.recorder._http.values()
     assert series.labels["response_flags"] == "UH"
     assert series.labels["destination_workload"] == "unknown"
     (access,) = t.recorder._access
-    assert access[0].trace_id == TRACE and access[0].request_id  # one made up for the log
+    assert access.trace_id == TRACE and access.request_id  # one made up for the log
     (span,) = t.recorder._spans  # the incoming decision: sampled
     assert span.parent_span_id == PARENT and span.status_code == 503 and span.error
     unsampled = sidecar_telemetry(rate=0.0)
     unsampled.outbound_done(http_request([]), FakeExchange(), Outcome(404, "NR"))  # type: ignore[arg-type]
+    unsampled.recorder.fold()
     assert not unsampled.recorder._spans and len(unsampled.recorder._access) == 1
 
 
@@ -731,6 +868,7 @@ async def test_inbound_wrapper_records_the_destination_side() -> None:
     headers = dict(seen_by_app[0])
     assert "x-meshwork-peer" not in headers and headers["traceparent"].startswith(f"00-{TRACE}-")
     assert headers["x-b3-traceid"] == TRACE and headers["x-b3-sampled"] == "1"  # apps get both
+    t.recorder.fold()
     (series,) = t.recorder._http.values()
     labels = series.labels
     assert labels["reporter"] == "destination" and labels["source_workload"] == "reviews-v2"
@@ -746,8 +884,33 @@ async def test_inbound_wrapper_records_the_destination_side() -> None:
     failing.path = "/fail"
     with pytest.raises(ConnectionResetError):
         await handle(failing, FakeExchange())  # type: ignore[arg-type]
+    t.recorder.fold()
     dc = [s for s in t.recorder._http.values() if s.labels["response_flags"] == "DC"]
     assert len(dc) == 1 and dc[0].labels["response_code"] == "0"
+
+
+async def test_an_unsampled_request_keeps_its_trace_context_from_app_to_app() -> None:
+    client, server = sidecar_telemetry(rate=1.0), sidecar_telemetry(rate=1.0)
+    unsampled = f"00-{TRACE}-{PARENT}-00"
+    outcome = Outcome(0, "DC", "", REVIEWS_HOST, REVIEWS)
+    sent = client.client_headers([("host", "reviews"), ("traceparent", unsampled)], outcome)
+    assert ("traceparent", unsampled) in sent and outcome.trace is not None
+    seen_by_app: list[list[tuple[str, str]]] = []
+
+    async def app(req: Request, ex: Any) -> Outcome:
+        seen_by_app.append(req.headers)
+        return Outcome(200)
+
+    await server.inbound(app)(http_request(sent), FakeExchange())  # type: ignore[arg-type]
+    headers = dict(seen_by_app[0])
+    assert headers["traceparent"] == unsampled
+    assert (headers["x-b3-traceid"], headers["x-b3-spanid"], headers["x-b3-sampled"]) == (
+        TRACE, PARENT, "0",
+    )  # fmt: skip
+    client.outbound_done(http_request([]), FakeExchange(), outcome)  # type: ignore[arg-type]
+    for t in (client, server):
+        t.recorder.fold()
+        assert not t.recorder._spans and [a.trace_id for a in t.recorder._access] == [TRACE]
 
 
 def test_tcp_records() -> None:
