@@ -82,10 +82,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     rotate.add_argument("--reason", default="")
     rotate.set_defaults(func=lambda args: with_bus(lambda bus: ca_rotate(bus, args))(args))
 
-
-    cert = sub.add_parser(
-        "cert", help="the workload certificate a proxy holds (its admin /certs)"
-    )
+    cert = sub.add_parser("cert", help="the workload certificate a proxy holds (its admin /certs)")
     cert.add_argument("proxy", help="proxy instance id (or a unique prefix of it)")
     cert.add_argument("--admin", help="admin URL of the proxy (default: looked up in the registry)")
     cert.add_argument("--pem", action="store_true", help="print the certificate chain as PEM")

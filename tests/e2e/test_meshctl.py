@@ -294,7 +294,9 @@ def test_meshctl_certificates_strict_mtls_and_authorization(cluster, tmp_path: P
             args = ["openssl", "verify", "-CAfile", str(bundle)]
             if certs[1:]:
                 args += ["-untrusted", str(tmp_path / "chain.pem")]
-            verified = subprocess.run([*args, str(tmp_path / "leaf.pem")], capture_output=True, text=True)
+            verified = subprocess.run(
+                [*args, str(tmp_path / "leaf.pem")], capture_output=True, text=True
+            )
             assert verified.returncode == 0 and ": OK" in verified.stdout, verified.stderr
             san = certs[0].extensions.get_extension_for_class(x509.SubjectAlternativeName).value
             uris = san.get_values_for_type(x509.UniformResourceIdentifier)

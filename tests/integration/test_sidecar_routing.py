@@ -254,7 +254,9 @@ async def test_proxy_status_reports_synced(mesh: MeshHarness) -> None:
     assert [e.proxy for e in routes] == [client.settings.instance]
     assert routes[0].subject.endswith(".config.route.default.reviews")
     # every sidecar follows its own service's inbound policy too
-    inbound = sorted(e.subject.rsplit(".", 1)[1] for e in entries if ".config.inbound." in e.subject)
+    inbound = sorted(
+        e.subject.rsplit(".", 1)[1] for e in entries if ".config.inbound." in e.subject
+    )
     assert inbound == ["productpage", "reviews"]
     admin = f"http://127.0.0.1:{client.ports['admin']}"
     async with aiohttp.ClientSession() as session:

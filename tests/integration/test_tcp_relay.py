@@ -458,9 +458,7 @@ async def test_relay_between_sidecars_is_mtls_and_strict_refuses_plaintext(
     try:
         async with MeshHarness(nats_server.url, etcd_server.url, prefix) as mesh:
             server = await mesh.sidecar("redis", app=False, tcp_ports=[app.port])
-            client = await mesh.sidecar(
-                "worker", tcp_upstreams=[f"redis:{app.port}={local}"]
-            )
+            client = await mesh.sidecar("worker", tcp_upstreams=[f"redis:{app.port}={local}"])
             assert client.identity is not None and server.identity is not None
             reply = await exchange(local, b"ping")
             assert served_by(reply, b"ping") == "redis-0"
