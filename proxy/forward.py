@@ -144,12 +144,6 @@ class PoolSet:
             )
         return UpstreamPool(host.strip("[]"), int(port), limits=self.limits)
 
-    def retain(self, addresses: set[str]) -> None:
-        for key in list(self.pools):
-            if key[0] not in addresses:
-                self.pools.pop(key).close()
-                self._options.pop(key, None)
-
     def close(self) -> None:
         for pool in self.pools.values():
             pool.close()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 
 from proxy.forward import Outcome, PoolSet, forward, local_reply
-from proxy.http import Exchange, Request, ensure_request_id, strip_hop_by_hop
+from proxy.http import Exchange, Request, ensure_request_id, header_map, strip_hop_by_hop
 from proxy.inbound_policy import InboundPolicyFollower
 from proxy.peer import Peer, peer_of
 from proxy.policy import PathError, RequestFacts, normalize_path
@@ -96,9 +96,7 @@ class InboundHandler:
         authorizer = self.policy.authorizer
         if authorizer.empty:
             return None
-        headers: dict[str, str] = {}
-        for name, value in req.headers:
-            headers[name] = f"{headers[name]},{value}" if name in headers else value
+        headers = header_map(req.headers)
         query = path.find("?")
         decision = authorizer.decide(
             RequestFacts(

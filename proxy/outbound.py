@@ -31,6 +31,7 @@ from proxy.http import (
     Request,
     append_forwarded_for,
     ensure_request_id,
+    header_map,
     strip_hop_by_hop,
 )
 from proxy.mirroring import MIRROR_TIMEOUT_S, Mirrors
@@ -59,13 +60,6 @@ class Caller:
     namespace: str
     labels: dict[str, str]
     gateway: str = ""  # "<ns>/<name>" in gateway mode
-
-
-def header_map(headers: list[tuple[str, str]]) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for name, value in headers:
-        out[name] = f"{out[name]},{value}" if name in out else value
-    return out
 
 
 class RouteHandler:

@@ -21,6 +21,7 @@ from .headers import (
     append_forwarded_for,
     ensure_request_id,
     get_header,
+    header_map,
     strip_hop_by_hop,
 )
 from .limits import Limits
@@ -51,6 +52,7 @@ __all__ = [
     "append_forwarded_for",
     "ensure_request_id",
     "get_header",
+    "header_map",
     "install_uvloop",
     "serve",
     "strip_hop_by_hop",

@@ -38,6 +38,15 @@ def get_header(headers: Iterable[tuple[str, str]], name: str) -> str | None:
     return None
 
 
+def header_map(headers: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """Name -> value, repeated fields joined with "," (RFC 9110 §5.3): what route
+    matching and authorization look at."""
+    out: dict[str, str] = {}
+    for name, value in headers:
+        out[name] = f"{out[name]},{value}" if name in out else value
+    return out
+
+
 def connection_tokens(headers: Iterable[tuple[str, str]]) -> frozenset[str]:
     """The lower-case options listed in every `Connection` field."""
     tokens: set[str] = set()

@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import random
 import time
-import weakref
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from mesh.hosts import ServiceRef
 from mesh.logs import get_logger
-from proxy.peer import PLAINTEXT, Peer, peer_of
+from proxy.peer import Peer, peer_of
 
 from .peer_metadata import PEER_METADATA_HEADER, decode_peer_metadata, encode_peer_metadata
 from .recorder import TelemetryRecorder
@@ -139,7 +138,6 @@ class SidecarTelemetry:
         self._destinations: dict[str, tuple[Endpoint, Workload]] = {}
         self._sources: dict[tuple[str | None, Peer], Workload] = {}
         self._callers: dict[tuple[str | None, Peer], tuple[Workload, str]] = {}
-        self._peers: dict[int, tuple[weakref.ref[Any], Peer]] = {}
         self.failures = 0
 
     # ------------------------------------------------------------ naming the other side
@@ -161,22 +159,6 @@ class SidecarTelemetry:
             self._destinations.clear()
         self._destinations[endpoint.instance] = (endpoint, found)
         return found
-
-    def _peer(self, ssl_object: Any) -> Peer:
-        """`peer_of`, memoised per connection: it copies the peer's certificate out of
-        OpenSSL and hashes it, for every request on a keep-alive connection."""
-        if ssl_object is None:
-            return PLAINTEXT
-        key = id(ssl_object)
-        hit = self._peers.get(key)
-        if hit is not None and hit[0]() is ssl_object:
-            return hit[1]
-        peer = peer_of(ssl_object)
-        if len(self._peers) >= _MAX_MEMO:
-            self._peers.clear()
-        # a weak reference: an id is reused once its connection is gone
-        self._peers[key] = (weakref.ref(ssl_object), peer)
-        return peer
 
     def _caller(self, metadata: str | None, peer: Peer) -> tuple[Workload, str]:
         """`source_of` and the connection security policy, memoised together."""
@@ -263,7 +245,7 @@ class SidecarTelemetry:
         span, forward = self.tracer.step(found, "server")
         headers += forward
         req.headers = headers
-        source, policy = self._caller(metadata, self._peer(req.ssl_object))
+        source, policy = self._caller(metadata, peer_of(req.ssl_object))
         return source, policy, span, request_id
 
     def inbound_done(
@@ -283,7 +265,7 @@ class SidecarTelemetry:
 
     def tcp_inbound(self, ssl_object: Any, flags: str = "-") -> TcpRecord:
         """A connection relayed to the app; the caller from its certificate, if any."""
-        peer = self._peer(ssl_object)
+        peer = peer_of(ssl_object)
         return TcpRecord(
             "destination",
             self.source_of(None, peer),
