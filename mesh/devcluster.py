@@ -157,17 +157,83 @@ class DevCluster:
         fn()
         self.report(f"  {label} ready ({time.monotonic() - t:.2f}s)")
 
+    @property
+    def server_nodes(self) -> int:
+        """nats-server and etcd nodes: three (a quorum survives losing one) once the
+        control plane is replicated three times or more, else one."""
+        return 3 if self.replicas >= 3 else 1
+
     def _start_servers(self) -> None:
         data = self.state_dir / "data"
         auth = self.nats_auth_file(data / "nats")
-        nats = NatsServer(data / "nats", name="nats-0", config_file=auth)
-        self._step("nats-server (JetStream, per-role permissions)", lambda: nats.start())
-        self.nats.append(nats)
-        etcd = EtcdServer(data / "etcd", name="etcd-0")
-        self._step("etcd", lambda: etcd.start())
-        self.etcd.append(etcd)
+        if self.server_nodes == 1:
+            nats = NatsServer(data / "nats", name="nats-0", config_file=auth)
+            self._step("nats-server (JetStream, per-role permissions)", lambda: nats.start())
+            self.nats.append(nats)
+            etcd = EtcdServer(data / "etcd", name="etcd-0")
+            self._step("etcd", lambda: etcd.start())
+            self.etcd.append(etcd)
+        else:
+            self._start_server_clusters(data, auth)
         if self.etcd_auth or (self.state_dir / ETCD_AUTH_FILE).exists():
             self._step("etcd authentication", self._secure_etcd)
+
+    def _start_server_clusters(self, data: Path, auth: Path) -> None:
+        """A NATS cluster (JetStream replicated across its nodes) and an etcd cluster,
+        `server_nodes` each. Their ports are kept in `data/ports.json`: etcd members know
+        each other by peer URL, so a cluster restarted by a later `up` needs the same ones."""
+        n = self.server_nodes
+        ports = _load_ports(data / "ports.json", n)
+        nats_nodes = [
+            NatsServer(
+                data / f"nats-{i}",
+                name=f"nats-{i}",
+                config_file=auth,
+                port=ports["nats"][i]["port"],
+                monitor_port=ports["nats"][i]["monitor_port"],
+                cluster_port=ports["nats"][i]["cluster_port"],
+                routes=[
+                    f"nats://127.0.0.1:{ports['nats'][j]['cluster_port']}"
+                    for j in range(n)
+                    if j != i
+                ],
+            )
+            for i in range(n)
+        ]
+        etcd_nodes = [
+            EtcdServer(
+                data / "etcd",
+                name=f"etcd-{i}",
+                client_port=ports["etcd"][i]["client_port"],
+                peer_port=ports["etcd"][i]["peer_port"],
+            )
+            for i in range(n)
+        ]
+        initial = ",".join(f"{e.name}={e.peer_url}" for e in etcd_nodes)
+        for e in etcd_nodes:
+            e.initial_cluster = initial
+        for port in [p for node in ports["nats"] + ports["etcd"] for p in node.values()]:
+            if not _port_free(port):
+                raise ServerError(
+                    f"port {port}, which this cluster's servers had before "
+                    f"({data / 'ports.json'}), is in use; free it or remove that file "
+                    "and the data directory to start afresh"
+                )
+
+        def start_all(nodes: list[NatsServer] | list[EtcdServer]) -> None:
+            for node in nodes:
+                node.start(wait=False)
+            for node in nodes:
+                node.wait_ready(30.0)
+
+        self._step(
+            f"{n}-node NATS cluster (JetStream, per-role permissions)",
+            lambda: start_all(nats_nodes),
+        )
+        self.nats.extend(nats_nodes)
+        self._step(f"{n}-member etcd cluster", lambda: start_all(etcd_nodes))
+        self.etcd.extend(etcd_nodes)
+        write_private(data / "ports.json", json.dumps(ports, indent=2) + "\n")
 
     def nats_auth_file(self, where: Path) -> Path:
         """nats-server's authorization config: a user per role, fresh random passwords."""
@@ -371,7 +437,8 @@ class DevCluster:
                     self.report(f"  {d.name} ready ({where})")
             if time.monotonic() > deadline:
                 names = ", ".join(d.name for d in waiting)
-                raise ServerError(f"not ready after {DEMO_READY_TIMEOUT:g}s: {names}")
+                tails = "\n".join(f"--- {d.name} ---\n{d.proc.log_tail(15)}" for d in waiting)
+                raise ServerError(f"not ready after {DEMO_READY_TIMEOUT:g}s: {names}\n{tails}")
             time.sleep(0.05)
 
     def _wait_productpage(self, url: str) -> None:
@@ -398,6 +465,9 @@ class DevCluster:
         args = list(self.extra.get("service_args", {}).get(service, []))
         if service == "ca":
             args += ["--set", f"kek-file={self.ca_kek_file()}"]
+        if service == "telemetry" and self.server_nodes > 1:
+            # the telemetry stream and its ledgers on every NATS node: losing one loses none
+            args += ["--set", f"stream-replicas={self.server_nodes}"]
         return args
 
     def ca_kek_file(self) -> Path:
@@ -490,8 +560,26 @@ def _app_listening(record: dict[str, Any]) -> bool:
     return wait_tcp(host, int(port), 0.05)
 
 
+def _load_ports(path: Path, n: int) -> dict[str, list[dict[str, int]]]:
+    """The server ports an earlier `up` used (same node count), else new free ones."""
+    with contextlib.suppress(OSError, ValueError, KeyError):
+        saved = json.loads(path.read_text())
+        if len(saved["nats"]) == n and len(saved["etcd"]) == n:
+            return {"nats": list(saved["nats"]), "etcd": list(saved["etcd"])}
+    return {
+        "nats": [
+            {"port": free_port(), "monitor_port": free_port(), "cluster_port": free_port()}
+            for _ in range(n)
+        ],
+        "etcd": [{"client_port": free_port(), "peer_port": free_port()} for _ in range(n)],
+    }
+
+
 def _port_free(port: int) -> bool:
+    """Whether a server could listen on `port` now (servers set SO_REUSEADDR, so the
+    connections a previous one left in TIME_WAIT do not count)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError:

@@ -10,6 +10,7 @@ import abc
 import base64
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -40,7 +41,34 @@ def find_binary(name: str) -> str:
     )
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+_given: set[int] = set()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
+    """A port to listen on, free now. Taken below the kernel's ephemeral range when
+    possible: a port from that range may be handed to some outgoing connection as its
+    source port between this call and the server's bind (on a busy machine it is)."""
+    low, _high = _ephemeral_range()
+    candidates = random.sample(range(10000, low), k=min(64, max(0, low - 10000)))
+    for port in candidates:
+        if port in _given:  # not twice from one process: the first may not be bound yet
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            _given.add(port)
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
@@ -212,7 +240,7 @@ class NatsServer(_ServerProcess):
     def url(self) -> str:
         return f"nats://{self.host}:{self.port}"
 
-    def start(self, timeout: float = 15.0) -> NatsServer:
+    def start(self, timeout: float = 15.0, wait: bool = True) -> NatsServer:
         self.port = self.port or free_port()
         self.monitor_port = self.monitor_port or free_port()
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -238,7 +266,8 @@ class NatsServer(_ServerProcess):
             args += ["-c", str(self.config_file)]
         self.process = ManagedProcess(self.name, args, self.data_dir / f"{self.name}.log")
         self.process.start()
-        self.wait_ready(timeout)
+        if wait:
+            self.wait_ready(timeout)
         return self
 
     def wait_ready(self, timeout: float = 15.0) -> None:

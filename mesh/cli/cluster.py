@@ -11,7 +11,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from mesh import devcluster
+from mesh import devcluster, serverstatus
 from mesh.cli.common import (
     CLIError,
     add_output_flag,
@@ -169,16 +169,48 @@ def collect_status(doc: dict[str, Any]) -> dict[str, Any]:
                 "uptime_s": h.get("uptime_s") if h else None,
             }
         )
-    return {"nats": doc.get("nats", []), "etcd": doc.get("etcd", []), "services": services}
+    servers = serverstatus.servers_status(doc)
+    return {
+        "nats": doc.get("nats", []),
+        "etcd": doc.get("etcd", []),
+        "nats_nodes": servers["nats"],
+        "etcd_members": servers["etcd"],
+        "services": services,
+    }
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     status = collect_status(read_cluster(args))
-    healthy = all(r["healthy"] for rs in status["services"].values() for r in rs)
+    healthy = all(r["healthy"] for rs in status["services"].values() for r in rs) and all(
+        n["healthy"] for n in status["nats_nodes"] + status["etcd_members"]
+    )
 
     def table() -> None:
-        print(f"NATS: {', '.join(status['nats'])}")
-        print(f"etcd: {', '.join(status['etcd'])}\n")
+        nats_rows = [
+            [
+                n["name"],
+                n["url"],
+                "healthy" if n["healthy"] else "DOWN",
+                "" if n["connections"] is None else n["connections"],
+                ",".join(n["routes_to"]) or "-",
+                n["jetstream_leader"] or "-",
+            ]
+            for n in status["nats_nodes"]
+        ]
+        print_table(nats_rows, ["NATS", "URL", "HEALTH", "CONNS", "ROUTES TO", "JS META LEADER"])
+        print()
+        etcd_rows = [
+            [
+                m["name"],
+                m["url"],
+                "healthy" if m["healthy"] else "DOWN",
+                "leader" if m["leader"] else "",
+                "" if m["raft_term"] is None else m["raft_term"],
+            ]
+            for m in status["etcd_members"]
+        ]
+        print_table(etcd_rows, ["ETCD", "URL", "HEALTH", "ROLE", "RAFT TERM"])
+        print()
         rows = []
         for svc, rs in status["services"].items():
             for r in rs:

@@ -338,11 +338,15 @@ def test_foreground_demo_with_load_stops_on_ctrl_c(tmp_path: Path) -> None:
     """What `make demo` runs: the background load shows in `meshctl top` with no
     request of ours, and Ctrl-C stops every process."""
     state = tmp_path / "mesh"
-    up = subprocess.Popen(
-        [*MESHCTL, "--state-dir", str(state), "up", "--demo", "--demo-load", "5",
-         "--ingress-port", str(free_port())],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    # Files, not pipes: nobody reads a pipe while the cluster runs, and a full pipe
+    # would block `meshctl up` in a write.
+    out_path, err_path = tmp_path / "up.out", tmp_path / "up.err"
+    with out_path.open("w") as out_file, err_path.open("w") as err_file:
+        up = subprocess.Popen(
+            [*MESHCTL, "--state-dir", str(state), "up", "--demo", "--demo-load", "5",
+             "--ingress-port", str(free_port())],
+            stdout=out_file, stderr=err_file, text=True,
+        )  # fmt: skip
     try:
         doc = wait_for(
             lambda: (
@@ -350,7 +354,7 @@ def test_foreground_demo_with_load_stops_on_ctrl_c(tmp_path: Path) -> None:
                 if "processes" in (state / "cluster.json").read_text()
                 else None
             ),
-            timeout=60,
+            timeout=150,  # `meshctl up` itself gives up after 60 s of each wait
         )
         assert [p["name"] for p in doc["processes"]] == ["demo-load"]
 
@@ -364,9 +368,18 @@ def test_foreground_demo_with_load_stops_on_ctrl_c(tmp_path: Path) -> None:
 
         wait_for(load_seen, timeout=20)
         pids = descendants([*recorded_pids(doc), up.pid])
+    except AssertionError as e:
+        logs = "".join(
+            f"--- {log.name} ---\n{log.read_text(errors='replace')[-1500:]}\n"
+            for log in sorted((state / "logs").glob("*.log"))
+        )
+        raise AssertionError(
+            f"{e}\nmeshctl up stderr:\n{err_path.read_text()[-4000:]}\n{logs}"
+        ) from e
     finally:
         up.send_signal(signal.SIGINT)
-        _out, err = up.communicate(timeout=60)
+        up.wait(timeout=60)
+    err = err_path.read_text()
     assert up.returncode == 0, err
     assert "stopped" in err
     wait_for(lambda: not any(pid_alive(p) for p in pids), timeout=10)
