@@ -83,6 +83,7 @@ def role_permissions(role: str, prefix: str) -> Permissions:
                 f"{p}.registry.endpoints.>",
                 f"{p}.ca.bundle",
                 f"{p}.ca.rotate.>",
+                f"{p}.proxy.status.request",
             ),
             subscribe_allow=(
                 f"{p}.registry.endpoints.>",
@@ -91,6 +92,7 @@ def role_permissions(role: str, prefix: str) -> Permissions:
                 f"{p}.config.gateway.>",
                 f"{p}.ca.bundle",
                 f"{p}.ca.rotate.>",
+                f"{p}.proxy.status.request",
                 f"{sidecar_inbox(p)}.>",
             ),
         )

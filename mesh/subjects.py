@@ -92,6 +92,12 @@ class Subjects:
     def proxy_status(self) -> str:
         return f"{self.prefix}.proxy.status"
 
+    @property
+    def proxy_status_request(self) -> str:
+        """Published by a config replica that starts: every proxy reports its status
+        (each after a random delay, so they do not all answer at once)."""
+        return f"{self.prefix}.proxy.status.request"
+
     # ca
     @property
     def ca_sign(self) -> str:

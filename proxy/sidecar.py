@@ -52,6 +52,10 @@ from proxy.telemetry import (
 
 log = get_logger("proxy.sidecar")
 
+# how long a stopping sidecar keeps serving after announcing `draining`, for the
+# registry event to reach every client proxy before its listeners stop mattering
+DRAIN_ANNOUNCE_S = 1.0
+
 Handler = Callable[[Request, Exchange], Awaitable[None]]
 
 
@@ -238,6 +242,7 @@ class Sidecar:
             kind="gateway" if s.gateway else "sidecar",
             statuses=statuses,
         )
+        await self.reporter.listen_for_requests()
         self.bus.on_reconnect(self._resync)
         if s.config_signatures:
             # from here on, config must be signed by a key from the trust bundle
@@ -478,25 +483,28 @@ class Sidecar:
             self.stop()
 
     async def _shutdown(self, registration: Registration) -> None:
+        """Drain, then stop: announce `draining` (clients stop choosing this instance
+        and close their connections to it on their next response), keep serving while
+        that spreads and in-flight requests finish, and only then stop the app and
+        deregister, so no client request meets a stopped app."""
         s = self.settings
         log.info("sidecar.stopping", instance=s.instance)
-        if self.app is not None and self.app.returncode is None:
-            self.app.terminate()
-            try:
-                await asyncio.wait_for(self.app.wait(), s.drain_timeout)
-            except TimeoutError:
-                self.app.kill()
         self.draining = True
         self.ready = False
         with contextlib.suppress(Exception):
             await registration.register(status="draining")
         deadline = time.monotonic() + s.drain_timeout
-        # give clients a moment to see the draining status, then wait for in-flight requests
-        await asyncio.sleep(min(0.5, s.drain_timeout))
+        await asyncio.sleep(min(DRAIN_ANNOUNCE_S, s.drain_timeout))
         while (
             self.active > 0 or self.tcp.active_connections() > 0
         ) and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
+        if self.app is not None and self.app.returncode is None:
+            self.app.terminate()
+            try:
+                await asyncio.wait_for(self.app.wait(), max(1.0, deadline - time.monotonic()))
+            except TimeoutError:
+                self.app.kill()
         await registration.deregister()
         await self.reporter.goodbye()
         log.info("sidecar.stopped", instance=s.instance, unfinished=self.active)

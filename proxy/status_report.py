@@ -10,10 +10,12 @@ import time
 from collections.abc import Callable
 
 from mesh.bus import Bus
-from mesh.messages import ProxyStatus, SubscriptionStatus
+from mesh.messages import ProxyStatus, ProxyStatusRequest, SubscriptionStatus
 
 PERIOD_S = 10.0
 COALESCE_S = 0.002
+# a config replica that starts asks every proxy at once; each answers within this
+REQUEST_SPREAD_S = 2.0
 
 
 class StatusReporter:
@@ -43,6 +45,19 @@ class StatusReporter:
 
     def changed(self) -> None:
         self._wake.set()
+
+    async def listen_for_requests(self) -> None:
+        """Report when a config replica asks (`proxy.status.request`), after a random
+        delay: thousands of proxies must not answer in the same millisecond."""
+
+        async def on_request(_req: ProxyStatusRequest, _subject: str) -> None:
+            asyncio.get_running_loop().call_later(
+                random.uniform(0, REQUEST_SPREAD_S), self._wake.set
+            )
+
+        await self.bus.subscribe(
+            self.bus.subjects.proxy_status_request, ProxyStatusRequest, on_request
+        )
 
     def report(self) -> ProxyStatus:
         return ProxyStatus(**self.template, subscriptions=self.statuses(), sent_at=time.time())  # type: ignore[arg-type]

@@ -46,7 +46,12 @@ from mesh.subjects import CONFIG_QUEUE, parse_service_subject
 from services.config.compile import compile_gateway_config, compile_route_table, services_named
 from services.config.compile_security import compile_inbound_policy
 from services.config.settings import ConfigSettings
-from services.config.snapshot import ResourceSnapshot, parse_resource_key, resource_key
+from services.config.snapshot import (
+    ResourceSnapshot,
+    change_marker_key,
+    parse_resource_key,
+    resource_key,
+)
 from services.config.status import ProxyStatusTable
 
 # changes within this window are compiled and pushed together
@@ -92,6 +97,8 @@ class ConfigService(ControlPlaneService):
         await self.bus.subscribe(
             s.proxy_status, ProxyStatus, self._on_proxy_status, max_pending=65536
         )
+        # a replica that starts knows no proxy yet: ask them all (they answer spread out)
+        await self.bus.publish(s.proxy_status_request, ProxyStatusRequest())
 
     def background(self) -> list[tuple[str, Any]]:
         return [("follow-resources", self._follow), ("expire-status", self._expire_status)]
@@ -113,7 +120,7 @@ class ConfigService(ControlPlaneService):
         prefix = self.store.key("resources") + "/"
         while True:
             try:
-                async for ev in self.store.watch_prefix(prefix, self.snapshot.revision + 1):
+                async for ev in self.store.watch_prefix(prefix, self.snapshot.watch_revision + 1):
                     if ev.kind == "put":
                         touched = self.snapshot.put(
                             ev.key, ev.value, ev.create_revision, ev.revision
@@ -135,14 +142,9 @@ class ConfigService(ControlPlaneService):
         if not report.subscriptions and report.sent_at < 0:
             self.status.forget(report.proxy)  # a proxy saying goodbye
             return
-        known = self.status.followed_subjects()
-        new_service = (report.namespace, report.service) not in self.status.services()
+        known = self.status.is_known(report)
         self.status.record(report, time.monotonic())
-        if (
-            new_service
-            or any(s.subject not in known for s in report.subscriptions)
-            or report.kind == "gateway"
-        ):
+        if not known or report.kind == "gateway":
             # a destination nobody followed before, or a service whose inbound policy
             # was never published: make sure the leader tracks it
             self.changed.set()
@@ -194,6 +196,7 @@ class ConfigService(ControlPlaneService):
         revision = self.snapshot.revision
         if ops and not req.dry_run:
             # all-or-nothing: one transaction for the whole batch
+            ops.append(Put(change_marker_key(self.store.prefix), b"{}"))
             revision = (await self.store.txn([], ops)).revision
             await self._caught_up(revision)
         self.requests.labels("apply", "ok").inc()
@@ -221,6 +224,7 @@ class ConfigService(ControlPlaneService):
                 ops.append(Delete(key))
         revision = self.snapshot.revision
         if ops:
+            ops.append(Put(change_marker_key(self.store.prefix), b"{}"))
             revision = (await self.store.txn([], ops)).revision
             await self._caught_up(revision)
         self.log.info(

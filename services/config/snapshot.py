@@ -18,6 +18,12 @@ def resource_key(prefix: str, kind: str, namespace: str, name: str) -> str:
     return f"{prefix}{RESOURCES}/{kind}/{namespace}/{name}"
 
 
+def change_marker_key(prefix: str) -> str:
+    """Written in the same transaction as every apply and delete: the revision of the
+    last change to the resources, deletes included, read back by every replica alike."""
+    return f"{prefix}{RESOURCES}/.changed"
+
+
 def parse_resource_key(prefix: str, key: str) -> tuple[str, str, str] | None:
     base = f"{prefix}{RESOURCES}/"
     if not key.startswith(base):
@@ -47,7 +53,12 @@ def decode_stored(key: str, value: bytes) -> Resource | None:
 @dataclass
 class ResourceSnapshot:
     prefix: str
+    # the revision of the last change to the resources (the same on every replica that
+    # has seen it: compiled config carries it, and proxy-status compares it)
     revision: int = 0
+    # where a watch resumes: the store revision the listing was read at, or any later
+    # event's
+    watch_revision: int = 0
     entries: dict[tuple[str, str, str], StoredEntry] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
 
@@ -55,11 +66,18 @@ class ResourceSnapshot:
         """Replace everything with a listing: (key, value, create_revision, mod_revision)."""
         self.entries.clear()
         self.skipped.clear()
+        self.revision = 0
         for key, value, create, mod in records:
             self.put(key, value, create, mod)
-        self.revision = revision
+        # 1 for an empty store: compiled config always carries a revision above 0
+        self.revision = max(self.revision, 1)
+        self.watch_revision = revision
 
     def put(self, key: str, value: bytes, create_revision: int, mod_revision: int) -> bool:
+        self.watch_revision = max(self.watch_revision, mod_revision)
+        if key == change_marker_key(self.prefix):
+            self.revision = max(self.revision, mod_revision)
+            return False
         ref = parse_resource_key(self.prefix, key)
         if ref is None:
             return False
@@ -74,6 +92,7 @@ class ResourceSnapshot:
         return True
 
     def delete(self, key: str, revision: int) -> bool:
+        self.watch_revision = max(self.watch_revision, revision)
         ref = parse_resource_key(self.prefix, key)
         if ref is None:
             return False

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from mesh.messages import ProxyStatus, ProxyStatusEntry
+
+K = TypeVar("K")
 
 # a proxy that has not reported for this long is gone
 EXPIRE_S = 35.0
@@ -13,28 +17,49 @@ EXPIRE_S = 35.0
 @dataclass
 class ProxyStatusTable:
     reports: dict[str, tuple[ProxyStatus, float]] = field(default_factory=dict)
+    # how many reporting proxies follow each subject / run each service: kept as
+    # reports come and go, so a report costs its own subscriptions, not the fleet's
+    _subjects: Counter[str] = field(default_factory=Counter)
+    _services: Counter[tuple[str, str]] = field(default_factory=Counter)
 
     def record(self, report: ProxyStatus, now: float) -> None:
         current = self.reports.get(report.proxy)
         if current is not None and current[0].sent_at > report.sent_at:
             return  # an older report delivered late
+        if current is not None:
+            self._uncount(current[0])
         self.reports[report.proxy] = (report, now)
+        self._subjects.update(s.subject for s in report.subscriptions)
+        self._services[(report.namespace, report.service)] += 1
+
+    def is_known(self, report: ProxyStatus) -> bool:
+        """Whether its service and every subject it follows were known before it."""
+        return (report.namespace, report.service) in self._services and all(
+            s.subject in self._subjects for s in report.subscriptions
+        )
+
+    def _uncount(self, report: ProxyStatus) -> None:
+        for sub in report.subscriptions:
+            _drop(self._subjects, sub.subject)
+        _drop(self._services, (report.namespace, report.service))
 
     def forget(self, proxy: str) -> None:
-        self.reports.pop(proxy, None)
+        gone = self.reports.pop(proxy, None)
+        if gone is not None:
+            self._uncount(gone[0])
 
     def expire(self, now: float) -> None:
         for proxy, (_, seen) in list(self.reports.items()):
             if now - seen > EXPIRE_S:
-                del self.reports[proxy]
+                self.forget(proxy)
 
     def followed_subjects(self) -> set[str]:
-        return {s.subject for report, _ in self.reports.values() for s in report.subscriptions}
+        return set(self._subjects)
 
     def services(self) -> set[tuple[str, str]]:
         """(namespace, service) of every reporting proxy: the services whose sidecars
         need inbound policy."""
-        return {(report.namespace, report.service) for report, _ in self.reports.values()}
+        return set(self._services)
 
     def gateways(self) -> list[ProxyStatus]:
         return [r for r, _ in self.reports.values() if r.kind == "gateway"]
@@ -70,3 +95,9 @@ class ProxyStatusTable:
                     )
                 )
         return out
+
+
+def _drop(counter: Counter[K], key: K) -> None:
+    counter[key] -= 1
+    if counter[key] <= 0:
+        del counter[key]

@@ -326,3 +326,17 @@ def test_systemd_analyze_accepts_the_units(tmp_path: Path) -> None:
             if line.strip() and "is not executable" not in line
         ]  # fmt: skip
         assert not problems, problems
+
+
+def test_deployed_nats_permissions_match_the_generated_ones() -> None:
+    """deploy/nats/auth.conf and the Kubernetes NATS config hold, for each role, every
+    subject `meshctl up` grants or denies it (they are kept by hand: no drift)."""
+    from mesh.bus_permissions import ROLES, role_permissions
+
+    for path in (ROOT / "deploy" / "nats" / "auth.conf", K8S / "nats.yaml"):
+        text = path.read_text()
+        for role in ROLES:
+            perms = role_permissions(role, "mesh")
+            block = text.split(f"{role.upper()}_PERMISSIONS", 1)[1].split("_PERMISSIONS", 1)[0]
+            for subject in (*perms.publish_allow, *perms.publish_deny, *perms.subscribe_allow):
+                assert f'"{subject}"' in block, (path.name, role, subject)
