@@ -208,9 +208,25 @@ class Store:
                 try:
                     await client.connect()
                 except aex.ClientError as e:
+                    # nothing was sent there: the next caller tries the next endpoint
+                    # (else a client whose failover landed on a dead member stays on it)
+                    self._index = (self._index + 1) % len(self.endpoints)
+                    with contextlib.suppress(Exception):
+                        await client.close()
                     raise errors.StoreError(f"cannot connect to etcd at {host}:{port}: {e}") from e
                 self._client = client
             return self._client
+
+    async def _connected_client(self) -> aetcd.Client:
+        """A client on an endpoint that accepts us: one that refuses the connection is
+        skipped for the next (safe for any call, transactions too: nothing was sent)."""
+        for left in range(len(self.endpoints) - 1, -1, -1):
+            try:
+                return await self._get_client()
+            except errors.StoreError:
+                if not left:
+                    raise
+        raise AssertionError("unreachable")
 
     async def _failover(self, failed: aetcd.Client | None) -> None:
         async with self._lock:
@@ -226,7 +242,7 @@ class Store:
         attempts = retries if retries is not None else max(2, len(self.endpoints))
         last: Exception | None = None
         for attempt in range(attempts):
-            client = await self._get_client()
+            client = await self._connected_client()
             try:
                 return await fn(client)
             except (aex.ConnectionFailedError, aex.ConnectionTimeoutError) as e:
@@ -371,7 +387,7 @@ class Store:
         while True:
             client: aetcd.Client | None = None
             try:
-                client = await self._get_client()
+                client = await self._connected_client()
                 watch = await client.watch_prefix(prefix.encode(), start_revision=resume_from)
                 backoff = 0
                 try:

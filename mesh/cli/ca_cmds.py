@@ -11,7 +11,7 @@ from typing import Any
 import msgspec
 
 from mesh import errors
-from mesh.bus import Bus
+from mesh.bus import Bus, reconnect_delay
 from mesh.ca_messages import (
     BundleGetRequest,
     CAStatusReply,
@@ -234,8 +234,12 @@ async def cert_show(bus: Bus, args: argparse.Namespace) -> int:
     return 0
 
 
-def mint_token(args: argparse.Namespace, namespace: str, service_account: str) -> str:
-    """A short-lived bootstrap token for one identity, from the cluster's CA."""
+def mint_token(
+    args: argparse.Namespace, namespace: str, service_account: str, wait: bool = False
+) -> str:
+    """A short-lived bootstrap token for one identity, from the cluster's CA; with
+    `wait`, for as long as it takes the CA to answer (a sidecar started while the
+    control plane is down waits for it rather than failing)."""
 
     async def create(bus: Bus) -> str:
         reply = await bus.request(
@@ -249,7 +253,17 @@ def mint_token(args: argparse.Namespace, namespace: str, service_account: str) -
     async def main() -> str:
         bus = await connect_bus(args, name="meshctl-token")
         try:
-            return await create(bus)
+            attempt = 0
+            while True:
+                try:
+                    return await create(bus)
+                except errors.Unavailable as e:
+                    if not wait:
+                        raise
+                    attempt += 1
+                    if attempt == 1:
+                        progress(f"waiting for the CA to mint a bootstrap token ({e}) ...")
+                    await asyncio.sleep(reconnect_delay(attempt, base=0.2, cap=2.0))
         finally:
             await bus.close()
 

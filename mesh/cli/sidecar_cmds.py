@@ -136,7 +136,7 @@ def _bootstrap_token(args: argparse.Namespace, service_account: str) -> str:
             "(`meshctl token create -n NAMESPACE --sa SERVICE_ACCOUNT`), or --no-mtls"
         )
     ca_cmds = importlib.import_module("mesh.cli.ca_cmds")
-    return str(ca_cmds.mint_token(args, args.namespace, service_account))
+    return str(ca_cmds.mint_token(args, args.namespace, service_account, wait=True))
 
 
 def _settings(args: argparse.Namespace, **kw: Any) -> Any:
