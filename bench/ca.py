@@ -418,7 +418,7 @@ async def with_ca(
     return ca, bus
 
 
-async def run(sidecars: int, sign_seconds: float, work: Path) -> dict[str, Any]:
+async def run(sidecars: int, sign_seconds: float, work: Path, only: str = "") -> dict[str, Any]:
     kek = work / "ca-kek"
     kek.write_text(secrets.token_hex(32))
     kek.chmod(0o600)
@@ -426,6 +426,7 @@ async def run(sidecars: int, sign_seconds: float, work: Path) -> dict[str, Any]:
         ("default", {"kek-file": str(kek)}),
         ("spread_0s", {"kek-file": str(kek), "rotate-spread": "0s"}),
     ]
+    runs = [r for r in runs if not only or r[0] == only]
     nats, etcd = NatsServer(work / "nats"), EtcdServer(work / "etcd")
     ca: CAReplica | None = None
     bus: Bus | None = None
@@ -527,11 +528,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sidecars", type=int, default=100)
     ap.add_argument("--sign-seconds", type=float, default=5.0)
+    ap.add_argument("--only", choices=("default", "spread_0s"), default="", help="one rotation run")
     args = ap.parse_args(argv)
     quiet_sidecar_logs()
     work = temp_dir()
     try:
-        result = asyncio.run(run(args.sidecars, args.sign_seconds, work))
+        result = asyncio.run(run(args.sidecars, args.sign_seconds, work, args.only))
     except KeyboardInterrupt:
         shutil.rmtree(work, ignore_errors=True)
         raise

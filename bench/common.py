@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import statistics
@@ -12,7 +13,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-RESULTS = Path(__file__).parent / "results"
+# MESH_BENCH_RESULTS sends results elsewhere (the smoke test does, to keep the real ones)
+RESULTS = Path(os.environ.get("MESH_BENCH_RESULTS") or Path(__file__).parent / "results")
 
 
 def ensure_wrk() -> str:
@@ -27,9 +29,17 @@ def ensure_wrk() -> str:
 
 
 def run_wrk(
-    url: str, *, seconds: int, connections: int, threads: int = 1, host: str = ""
+    url: str,
+    *,
+    seconds: int,
+    connections: int,
+    threads: int = 1,
+    host: str = "",
+    prefix: list[str] | None = None,
 ) -> dict[str, float]:
-    args = [ensure_wrk(), f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--latency"]
+    """wrk's figures; `prefix` runs it under another command (e.g. `taskset -c 0`)."""
+    args = [*(prefix or []), ensure_wrk(), f"-t{threads}", f"-c{connections}"]
+    args += [f"-d{seconds}s", "--latency"]
     if host:
         args += ["-H", f"Host: {host}"]
     out = subprocess.run([*args, url], capture_output=True, text=True, check=True).stdout

@@ -1,13 +1,22 @@
 """Control plane: config convergence and registry event latency.
 
-- convergence: N sidecars follow one destination; time from `apply` returning to
-  (a) every proxy having applied the new table and (b) `proxy-status` showing every
-  proxy SYNCED — p50/p99 over repeats. Sidecars run in this process (one event loop),
-  the registry and config services in their own processes.
+- convergence, real sidecars: N `Sidecar`s (this process, one event loop, one NATS
+  connection each) follow one destination; time from `apply` returning to (a) every
+  proxy having applied the new table and (b) `proxy-status` showing every proxy
+  SYNCED, p50/p99 over repeats.
+- convergence, simulated proxies (`bench.simproxy`, N = 10, 100, 1,000): the sidecar's
+  own destination cache and status reporter over a few connections; the same two
+  figures, plus (c) the last proxy's SYNCED report seen on `proxy.status`, and the
+  time from a registry endpoint change (a new instance registered) to every proxy
+  holding it. The simulator's own CPU per proxy per update is reported beside them:
+  here N proxies share one core, in a mesh each has its own.
 - registry: time from a register request to its endpoint event arriving, p50/p99.
 - up: time from `meshctl up --detach` to all-healthy.
 
-    python -m bench.convergence [--proxies 2,20] [--repeats 20]
+Registry, config and CA run as their own processes; config is signed and every proxy
+verifies it against the CA's trust bundle, as deployed.
+
+    python -m bench.convergence [--proxies 10] [--simulated 10,100,1000] [--repeats 20]
 """
 
 from __future__ import annotations
@@ -20,6 +29,8 @@ import sys
 import time
 
 from bench.common import median, percentile, print_rows, temp_dir, write_result
+from bench.simproxy import Fleet, Target
+from mesh import logs
 from mesh.bus import Bus
 from mesh.hosts import ServiceRef
 from mesh.messages import (
@@ -27,6 +38,7 @@ from mesh.messages import (
     ApplyRequest,
     EndpointSet,
     Instance,
+    ProxyStatus,
     ProxyStatusReply,
     ProxyStatusRequest,
     RegisterReply,
@@ -52,8 +64,8 @@ spec:
 
 
 async def convergence(bus: Bus, nats_url: str, n: int, repeats: int) -> dict[str, float]:
-    # config push does not depend on certificates: no CA here, plaintext sidecars, and
-    # no trust bundle to verify config signatures with (the push is signed all the same)
+    # config push does not depend on certificates: plaintext sidecars, which verify the
+    # config's signatures against the CA's trust bundle all the same
     sidecars = [
         Sidecar(
             SidecarSettings(
@@ -62,7 +74,6 @@ async def convergence(bus: Bus, nats_url: str, n: int, repeats: int) -> dict[str
                 nats=[nats_url],
                 drain_timeout=0.5,
                 mtls=False,
-                config_signatures=False,
             )
         )
         for i in range(n)
@@ -122,6 +133,117 @@ async def convergence(bus: Bus, nats_url: str, n: int, repeats: int) -> dict[str
         for s in sidecars:
             s.stop()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def vs_docs(ms: int) -> list[ResourceDocument]:
+    return [ResourceDocument(source="bench", index=0, body=load_yaml(VS.format(ms=ms), "bench")[0])]
+
+
+async def all_synced(bus: Bus, names: set[str], subject: str, revision: int) -> bool:
+    status = await bus.request(
+        bus.subjects.config_proxy_status, ProxyStatusRequest(), ProxyStatusReply, timeout=10
+    )
+    rows = [e for e in status.entries if e.proxy in names and e.subject == subject]
+    return len(rows) == len(names) and all(
+        e.state == "SYNCED" and e.applied_revision >= revision for e in rows
+    )
+
+
+async def simulated(
+    bus: Bus, nats_url: str, n: int, repeats: int, connections: int, timeout: float = 60.0
+) -> dict[str, object]:
+    ref = ServiceRef("default", "reviews")
+    subject = bus.subjects.route(ref.namespace, ref.name)
+    fleet = Fleet(nats_url, n, ref, connections=connections)
+    t_start = time.perf_counter()
+    await fleet.start()
+    started_s = time.perf_counter() - t_start
+    names = {p.name for p in fleet.proxies}
+    reported = Target()
+
+    async def on_status(report: ProxyStatus, _s: str) -> None:
+        if report.proxy in names and any(
+            s.subject == subject and s.revision >= reported.route_revision
+            for s in report.subscriptions
+        ):
+            reported.mark(report.proxy)
+
+    sub = await bus.subscribe(bus.subjects.proxy_status, ProxyStatus, on_status)
+    fig: dict[str, list[float]] = {k: [] for k in ("applied", "reported", "synced", "cpu")}
+    endpoints_ms: list[float] = []
+    endpoints_cpu: list[float] = []
+    try:
+        for r in range(repeats):
+            # anything newer than the table every proxy holds is this repeat's
+            current = max(
+                (d.table.revision for p in fleet.proxies
+                 if (d := p.cache.destinations.get(ref)) and d.table), default=0,
+            )  # fmt: skip
+            fleet.target.reset(n, route_revision=current + 1)
+            reported.reset(n, route_revision=current + 1)
+            cpu0 = time.process_time()
+            reply = await bus.request(
+                bus.subjects.config_apply, ApplyRequest(documents=vs_docs(2000 + r)), ApplyReply
+            )
+            t_reply = time.perf_counter()
+            async with asyncio.timeout(timeout):
+                await fleet.target.done.wait()
+                await reported.done.wait()
+                # a proxy-status answer lists every proxy: polled gently, so the config
+                # service spends its time on the reports, not on our questions
+                while not await all_synced(bus, names, subject, reply.revision):
+                    await asyncio.sleep(max(0.002, n / 100_000))
+            t_synced = time.perf_counter()
+            fig["applied"].append((max(fleet.target.seen.values()) - t_reply) * 1000)
+            fig["reported"].append((max(reported.seen.values()) - t_reply) * 1000)
+            fig["synced"].append((t_synced - t_reply) * 1000)
+            fig["cpu"].append((time.process_time() - cpu0) * 1e6 / n)
+            await asyncio.sleep(0.05)  # let the coalesced reports settle
+        for r in range(repeats):
+            name = f"reviews-new-{n}-{r}"
+            fleet.target.reset(n, instance=name)
+            cpu0 = time.process_time()
+            t0 = time.perf_counter()
+            await bus.request(
+                bus.subjects.registry_register,
+                RegisterRequest(
+                    instance=Instance(
+                        namespace="default", service="reviews", instance=name,
+                        address=f"127.0.0.1:{20000 + r}", version="v1",
+                    ),
+                    ttl=60,
+                ),
+                RegisterReply,
+            )  # fmt: skip
+            async with asyncio.timeout(timeout):
+                await fleet.target.done.wait()
+            endpoints_ms.append((max(fleet.target.seen.values()) - t0) * 1000)
+            endpoints_cpu.append((time.process_time() - cpu0) * 1e6 / n)
+            await asyncio.sleep(0.05)
+    finally:
+        await bus.unsubscribe(sub)
+        await fleet.stop()
+
+    def p(values: list[float], pct: float) -> float:
+        return round(percentile(values, pct), 2)
+
+    return {
+        "proxies": n,
+        "connections": len(fleet.buses),
+        "repeats": repeats,
+        "fleet_start_s": round(started_s, 2),
+        "applied_p50_ms": p(fig["applied"], 50),
+        "applied_p99_ms": p(fig["applied"], 99),
+        "reported_p50_ms": p(fig["reported"], 50),
+        "reported_p99_ms": p(fig["reported"], 99),
+        "synced_p50_ms": p(fig["synced"], 50),
+        "synced_p99_ms": p(fig["synced"], 99),
+        "endpoints_p50_ms": p(endpoints_ms, 50),
+        "endpoints_p99_ms": p(endpoints_ms, 99),
+        # this process's CPU per proxy per update: what N proxies cost one core here
+        "sim_cpu_us_per_proxy_route": round(median(fig["cpu"]), 1),
+        "sim_cpu_us_per_proxy_endpoints": round(median(endpoints_cpu), 1),
+    }
 
 
 async def registry_latency(bus: Bus, samples: int) -> dict[str, float]:
@@ -185,13 +307,19 @@ def up_time(replicas: int) -> float:
     return round(elapsed, 2)
 
 
-async def run(proxies: list[int], repeats: int, samples: int) -> dict[str, object]:
+async def run(
+    proxies: list[int], sims: list[int], repeats: int, samples: int, connections: int
+) -> dict[str, object]:
     work = temp_dir()
     nats = NatsServer(work / "nats").start()
     etcd = EtcdServer(work / "etcd").start()
     procs = []
+    kek = work / "ca-kek"
+    kek.write_text("11" * 32 + "\n")
+    kek.chmod(0o600)
     try:
-        for svc in ("registry", "config"):
+        for svc in ("ca", "registry", "config"):
+            extra = ["--set", f"kek-file={kek}"] if svc == "ca" else []
             port = free_port()
             p = ManagedProcess(
                 svc,
@@ -207,6 +335,7 @@ async def run(proxies: list[int], repeats: int, samples: int) -> dict[str, objec
                     etcd.url,
                     "--http-port",
                     str(port),
+                    *extra,
                 ],
                 work / f"{svc}.log",
             )
@@ -217,9 +346,14 @@ async def run(proxies: list[int], repeats: int, samples: int) -> dict[str, objec
         bus = await Bus.connect([nats.url], name="bench")
         await asyncio.sleep(2.5)  # elections settle
         results = [await convergence(bus, nats.url, n, repeats) for n in proxies]
+        simulated_results = [await simulated(bus, nats.url, n, repeats, connections) for n in sims]
         reg = await registry_latency(bus, samples)
         await bus.close()
-        return {"convergence": results, "registry_event": reg}
+        return {
+            "convergence": results,
+            "simulated": simulated_results,
+            "registry_event": reg,
+        }
     finally:
         for p in procs:
             p.stop(timeout=5)
@@ -229,16 +363,26 @@ async def run(proxies: list[int], repeats: int, samples: int) -> dict[str, objec
 
 def main(argv: list[str] | None = None) -> dict[str, object]:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--proxies", default="2,20")
+    ap.add_argument("--proxies", default="10", help="real sidecars (comma list; '' none)")
+    ap.add_argument("--simulated", default="10,100,1000", help="simulated proxies (comma list)")
+    ap.add_argument("--connections", type=int, default=4, help="NATS connections of the sims")
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--samples", type=int, default=200)
-    ap.add_argument("--up-replicas", type=int, default=3)
+    ap.add_argument("--up-replicas", type=int, default=3, help="0: skip the meshctl up timing")
     args = ap.parse_args(argv)
-    result = asyncio.run(run([int(x) for x in args.proxies.split(",")], args.repeats, args.samples))
-    result["up_to_healthy_s"] = {
-        "replicas_1": up_time(1),
-        f"replicas_{args.up_replicas}": up_time(args.up_replicas),
-    }
+    logs.configure("warning")  # 1,000 proxies' info events would drown the table
+
+    def ints(text: str) -> list[int]:
+        return [int(x) for x in text.split(",") if x.strip()]
+
+    result = asyncio.run(
+        run(ints(args.proxies), ints(args.simulated), args.repeats, args.samples, args.connections)
+    )
+    if args.up_replicas:
+        result["up_to_healthy_s"] = {
+            "replicas_1": up_time(1),
+            f"replicas_{args.up_replicas}": up_time(args.up_replicas),
+        }
     write_result("convergence", result)
     rows = []
     for c in result["convergence"]:  # type: ignore[attr-defined]
@@ -254,9 +398,39 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
                 f"{c['synced_p50_ms']} / {c['synced_p99_ms']}",
             )
         )
+    for c in result["simulated"]:  # type: ignore[attr-defined]
+        head = f"{c['proxies']} simulated proxies"
+        rows.append(
+            (f"{head}: applied p50/p99 ms", f"{c['applied_p50_ms']} / {c['applied_p99_ms']}")
+        )
+        rows.append(
+            (
+                f"{head}: last SYNCED report p50/p99 ms",
+                f"{c['reported_p50_ms']} / {c['reported_p99_ms']}",
+            )
+        )
+        rows.append(
+            (
+                f"{head}: proxy-status SYNCED p50/p99 ms",
+                f"{c['synced_p50_ms']} / {c['synced_p99_ms']}",
+            )
+        )
+        rows.append(
+            (
+                f"{head}: endpoint change seen p50/p99 ms",
+                f"{c['endpoints_p50_ms']} / {c['endpoints_p99_ms']}",
+            )
+        )
+        rows.append(
+            (
+                f"{head}: simulator CPU us/proxy/update",
+                f"{c['sim_cpu_us_per_proxy_route']} (route), "
+                f"{c['sim_cpu_us_per_proxy_endpoints']} (endpoints)",
+            )
+        )
     reg = result["registry_event"]
     rows.append(("register -> endpoint event p50/p99 ms", f"{reg['p50_ms']} / {reg['p99_ms']}"))  # type: ignore[index]
-    for k, v in result["up_to_healthy_s"].items():  # type: ignore[attr-defined]
+    for k, v in result.get("up_to_healthy_s", {}).items():  # type: ignore[attr-defined]
         rows.append((f"meshctl up to healthy ({k})", f"{v} s"))
     print_rows("control plane", rows)
     return result

@@ -158,12 +158,28 @@ def applied_requests(telemetry: str) -> float:
     )
 
 
+def telemetry_lag(outbound: int, host: str, telemetry: str, samples: int) -> list[float]:
+    """Seconds from one request through the pair to the telemetry service's /metrics
+    counting it (both reporters): the sidecars' flush interval plus the pipeline."""
+    lags = []
+    for _ in range(samples):
+        before = applied_requests(telemetry)
+        t0 = time.monotonic()
+        if not routed(outbound, host):
+            continue
+        while applied_requests(telemetry) < before + 2 and time.monotonic() - t0 < 30:
+            time.sleep(0.02)
+        lags.append(time.monotonic() - t0)
+    return lags
+
+
 def main(argv: list[str] | None = None) -> dict[str, object]:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=int, default=5)
     ap.add_argument("--connections", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-mtls", action="store_true", help="plaintext between the sidecars")
+    ap.add_argument("--lag-samples", type=int, default=5, help="request -> /metrics samples")
     args = ap.parse_args(argv)
     mtls = not args.no_mtls
     services = ("registry", "config", "telemetry") + (("ca",) if mtls else ())
@@ -245,6 +261,10 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
                 break
             time.sleep(0.5)
 
+        lags = telemetry_lag(
+            outbound["telemetry"], "app", cluster.http["telemetry"], args.lag_samples
+        )
+
         def med(rows: list[dict[str, float]], key: str) -> float:
             return median([r.get(key, 0.0) for r in rows])
 
@@ -276,6 +296,9 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
             # both reporters; wrk's count misses requests in flight when it stops
             "telemetry_requests_counted": counted,
             "telemetry_requests_sent_x2": sent,
+            # one request through the pair -> counted on the telemetry service's /metrics
+            "telemetry_lag_p50_s": round(median(lags), 3),
+            "telemetry_lag_max_s": round(max(lags, default=0.0), 3),
         }
         ab_result: dict[str, dict[str, float]] = result["ab"]  # type: ignore[assignment]
         pair: dict[str, float] = result["sidecar_pair"]  # type: ignore[assignment]
@@ -326,6 +349,10 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
                     str(result["telemetry_service_cpu_us_per_request"]),
                 ),
                 ("requests counted by telemetry / sent x2", f"{counted:.0f} / {sent:.0f}"),
+                (
+                    "request -> counted on telemetry /metrics, p50 / max s",
+                    f"{result['telemetry_lag_p50_s']} / {result['telemetry_lag_max_s']}",
+                ),
             ],
         )
         return result

@@ -1,0 +1,108 @@
+"""The benchmarks keep working: `python -m bench --smoke` runs each with tiny sizes (real
+nats-server, etcd, services, sidecars; nginx, hey, wrk and Envoy when installed, else
+the Python stand-ins, and the Envoy leg skipped). Checks shapes and sane values, never
+timings. Results go to a temporary directory, not bench/results/."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.loadgen import parse_hey
+from bench.profile import top_functions
+
+ROOT = Path(__file__).resolve().parents[2]
+
+HEY_OUTPUT = """
+Summary:
+  Total:\t1.0011 secs
+  Requests/sec:\t998.2
+
+Latency distribution:
+  10% in 0.0004 secs
+  50% in 0.0007 secs
+  90% in 0.0012 secs
+  99% in 0.0031 secs
+
+Status code distribution:
+  [200]\t995 responses
+  [503]\t4 responses
+"""
+
+
+def test_parse_hey() -> None:
+    fig = parse_hey(HEY_OUTPUT)
+    assert fig["rps"] == 998.2
+    assert fig["requests"] == 995
+    assert fig["errors"] == 4
+    assert fig["p50_ms"] == pytest.approx(0.7)
+    assert fig["p99_ms"] == pytest.approx(3.1)
+
+
+def test_top_functions_from_collapsed_stacks() -> None:
+    collapsed = (
+        "run (uvloop/__init__.py:1);handle (/work/main/proxy/outbound.py:10);"
+        "write (ssl.py:5) 3\n"
+        "run (uvloop/__init__.py:1);handle (/work/main/proxy/outbound.py:10) 1\n"
+    )
+    top = top_functions(collapsed)
+    assert top["self"][0] == ("ssl.py:write", 75.0)
+    assert ("proxy/outbound.py:handle", 100.0) in top["total"]
+    assert not any(f.startswith("uvloop") for f, _ in top["total"])
+
+
+@pytest.mark.timeout(400)
+def test_every_benchmark_runs_small(tmp_path: Path) -> None:
+    env = {**os.environ, "MESH_BENCH_RESULTS": str(tmp_path), "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--smoke"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=380,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for name in ("vs_envoy", "dataplane", "convergence", "ca", "telemetry", "summary"):
+        assert (tmp_path / f"{name}.json").exists(), name
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["smoke"] is True and summary["machine"]
+    assert "ratio" in summary["table"][0] and len(summary["table"]) > 10
+
+    v = summary["vs_envoy"]
+    for path in ("direct", "ours"):
+        for c in v["connections"]:
+            fixed = v[path][f"fixed_rate_c{c}"]
+            assert fixed["requests"] > 0 and fixed["p99_ms"] >= fixed["p50_ms"] > 0
+        assert v[path]["max"]["rps"] > 0
+    assert v["ours"]["rss_idle_mib"] > 10 and v["ours"]["max"]["cpu_s_per_1000"] > 0
+    if "envoy" in v:  # Envoy installed: the same figures, and the ratios
+        assert v["envoy"]["max"]["rps"] > 0
+        r = v["ratios_ours_over_envoy"]
+        assert r["max_rps_per_core"] > 0 and r["rss_idle"] > 0
+    else:
+        assert v["envoy_version"].startswith("skipped")
+        assert "SKIPPING the Envoy leg" in proc.stdout
+
+    d = summary["dataplane"]
+    assert d["sidecar_pair"]["rps"] > 0 and d["direct"]["rps"] > 0
+    assert d["telemetry_lag_p50_s"] > 0
+
+    c = summary["convergence"]
+    sim = c["simulated"][0]
+    assert sim["proxies"] == 10
+    assert 0 < sim["applied_p50_ms"] <= sim["synced_p50_ms"]
+    assert sim["endpoints_p99_ms"] > 0 and sim["sim_cpu_us_per_proxy_route"] > 0
+    assert c["convergence"][0]["synced_p99_ms"] > 0
+
+    ca = summary["ca"]
+    assert ca["signing"]["bootstrap_16_in_flight"]["per_s"] > 0
+    assert ca["rotation"][0]["sidecar_failures"] == 0
+
+    t = summary["telemetry"]
+    assert t["requests_counted_per_s"] > 0 and t["access_records"] == 2 * 2 * 10
