@@ -12,7 +12,8 @@ from typing import Any, Literal
 
 import msgspec
 
-InstanceStatus = Literal["healthy", "draining"]
+# starting: registered, its app not listening yet (no traffic); draining: stopping
+InstanceStatus = Literal["healthy", "starting", "draining"]
 
 
 class Struct(msgspec.Struct, tag_field="type", tag=True, omit_defaults=True):

@@ -119,7 +119,7 @@ class AdminServer:
                                 "instance": e.instance,
                                 "address": e.address,
                                 "version": e.version,
-                                "health": "draining" if e.status == "draining" else "healthy",
+                                "health": e.status,
                                 "in_rotation": e.instance in members
                                 and not (health.get(e.instance) or {}).get("ejected"),
                                 "active_requests": active(e.instance) if active else 0,

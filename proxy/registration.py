@@ -52,12 +52,12 @@ class Registration:
             "registration.registered", instance=self.instance.instance, status=self.instance.status
         )
 
-    async def register_until_done(self) -> None:
+    async def register_until_done(self, status: InstanceStatus | None = None) -> None:
         """Keep trying until the registry accepts us (it may not be up yet)."""
         attempt = 0
         while True:
             try:
-                await self.register()
+                await self.register(status)
                 return
             except errors.MeshError as e:
                 if isinstance(e, errors.RemoteError) and e.code == 400:

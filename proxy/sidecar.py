@@ -55,6 +55,8 @@ log = get_logger("proxy.sidecar")
 # how long a stopping sidecar keeps serving after announcing `draining`, for the
 # registry event to reach every client proxy before its listeners stop mattering
 DRAIN_ANNOUNCE_S = 1.0
+# how often a sidecar checks whether the app it started listens yet
+APP_POLL_S = 0.05
 
 Handler = Callable[[Request, Exchange], Awaitable[None]]
 
@@ -306,6 +308,8 @@ class Sidecar:
             tcp_ports=s.tcp_ports,
             tcp_listeners=tcp_listeners,
             admin=f"http://{s.bind_host}:{self.ports['admin']}",
+            # an app we start gets traffic once it listens (see _serving_when_app_listens)
+            status="starting" if self.app_command else "healthy",
         )
         registration = Registration(self.bus, instance, ttl=s.register_ttl)
         try:
@@ -339,6 +343,11 @@ class Sidecar:
                         *self.app_command, env=self._app_env()
                     )
                     tasks.append(tg.create_task(self._watch_app(self.app), name="sidecar:app"))
+                    tasks.append(
+                        tg.create_task(
+                            self._serving_when_app_listens(registration), name="sidecar:serving"
+                        )
+                    )
                 log.info("sidecar.ready", instance=s.instance, listeners=self.ports)
                 await self._stop.wait()
                 await self._shutdown(registration)
@@ -474,6 +483,26 @@ class Sidecar:
             MESH_ADMIN=f"http://{self.settings.bind_host}:{self.ports['admin']}",
         )
         return env
+
+    async def _serving_when_app_listens(self, registration: Registration) -> None:
+        """Registered as `starting` (clients send it nothing), the instance becomes
+        `healthy` once its app accepts connections on the app port: a client never
+        meets an app that is not listening yet. An app that never listens (a job)
+        stays out of load balancing."""
+        port = self.settings.app_port
+        while not self.draining:
+            try:
+                _reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            except OSError:
+                await asyncio.sleep(APP_POLL_S)
+                continue
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+            break
+        if not self.draining:
+            log.info("sidecar.app_listening", port=port)
+            await registration.register_until_done(status="healthy")
 
     async def _watch_app(self, app: asyncio.subprocess.Process) -> None:
         code = await app.wait()

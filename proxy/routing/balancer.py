@@ -51,15 +51,17 @@ def _has_labels(endpoint: Endpoint, labels: Mapping[str, str]) -> bool:
 def subset_endpoints(
     endpoints: Iterable[Endpoint], subset_labels: Mapping[str, str]
 ) -> list[Endpoint]:
-    """The endpoints carrying every label of the subset. Draining endpoints are left
-    out unless all the matching ones are draining: then they are all kept, because a
-    draining instance still answers and an empty set would fail every request."""
+    """The endpoints carrying every label of the subset. Starting ones (their app not
+    listening yet) are left out. Draining endpoints are left out unless all the
+    matching ones are draining: then they are kept, because a draining instance still
+    answers and an empty set would fail every request."""
     if subset_labels:
         selected = [ep for ep in endpoints if _has_labels(ep, subset_labels)]
     else:
         selected = list(endpoints)
-    serving = [ep for ep in selected if ep.status != "draining"]
-    return serving if serving else selected
+    live = [ep for ep in selected if ep.status != "starting"]
+    serving = [ep for ep in live if ep.status != "draining"]
+    return serving if serving else live
 
 
 class Balancer(abc.ABC):

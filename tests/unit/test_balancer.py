@@ -94,6 +94,17 @@ def test_subset_selects_version_registered_as_a_field() -> None:
     assert [ep.instance for ep in subset_endpoints(eps, {"version": "v2"})] == ["a", "c"]
 
 
+def test_starting_endpoints_get_no_traffic_draining_ones_only_as_a_last_resort() -> None:
+    def ep(name: str, status: str) -> Endpoint:
+        return Endpoint(instance=name, address=f"10.0.0.{len(name)}:1", status=status)  # type: ignore[arg-type]
+
+    mixed = [ep("a", "healthy"), ep("b", "starting"), ep("c", "draining")]
+    assert [e.instance for e in subset_endpoints(mixed, {})] == ["a"]
+    assert [e.instance for e in subset_endpoints(mixed[1:], {})] == ["c"]
+    # an app that does not listen yet would refuse every request: nothing beats it
+    assert subset_endpoints([ep("b", "starting")], {}) == []
+
+
 def test_resolve_subset() -> None:
     service_policy = TrafficPolicy(load_balancer=LoadBalancer(simple="RANDOM"))
     v2_policy = TrafficPolicy(load_balancer=LoadBalancer(simple="LEAST_REQUEST"))
