@@ -84,6 +84,7 @@ def role_permissions(role: str, prefix: str) -> Permissions:
                 f"{p}.ca.bundle",
                 f"{p}.ca.rotate.>",
                 f"{p}.proxy.status.request",
+                f"{p}.registry.resync",
             ),
             subscribe_allow=(
                 f"{p}.registry.endpoints.>",
@@ -93,6 +94,7 @@ def role_permissions(role: str, prefix: str) -> Permissions:
                 f"{p}.ca.bundle",
                 f"{p}.ca.rotate.>",
                 f"{p}.proxy.status.request",
+                f"{p}.registry.resync",
                 f"{sidecar_inbox(p)}.>",
             ),
         )

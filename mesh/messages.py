@@ -223,6 +223,10 @@ class ProxyStatusRequest(Struct):
     pass
 
 
+class RegistryResync(Struct):
+    """`registry.resync`: register again now (the registry lost track of leases)."""
+
+
 class ProxyStatusEntry(Struct, kw_only=True):
     proxy: str
     namespace: str

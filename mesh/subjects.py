@@ -41,6 +41,12 @@ class Subjects:
     def registry_get(self) -> str:
         return f"{self.prefix}.registry.get"
 
+    @property
+    def registry_resync(self) -> str:
+        """Published by a registry leader that starts after an outage long enough for
+        leases to lapse: every sidecar registers again (each after a random delay)."""
+        return f"{self.prefix}.registry.resync"
+
     def endpoints(self, namespace: str, service: str) -> str:
         return f"{self.prefix}.registry.endpoints.{_token(namespace)}.{_token(service)}"
 

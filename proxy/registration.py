@@ -8,6 +8,7 @@ error for the data path: the sidecar keeps serving and keeps trying.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 
 import msgspec
@@ -24,9 +25,13 @@ from mesh.messages import (
     InstanceStatus,
     RegisterReply,
     RegisterRequest,
+    RegistryResync,
 )
 
 log = get_logger("proxy.registration")
+
+# after `registry.resync`, each sidecar registers again within this
+RESYNC_SPREAD_S = 2.0
 
 
 class Registration:
@@ -64,6 +69,18 @@ class Registration:
                     raise
                 attempt += 1
                 await asyncio.sleep(min(3.0, 0.1 * 2**attempt) * random.uniform(0.5, 1.0))
+
+    async def listen_for_resync(self) -> None:
+        """On `registry.resync` (the registry was gone long enough for leases to lapse),
+        register again, after a random delay so the fleet does not answer at once."""
+
+        async def on_resync(_msg: RegistryResync, _subject: str) -> None:
+            if self.registered.is_set():
+                await asyncio.sleep(random.uniform(0, RESYNC_SPREAD_S))
+                with contextlib.suppress(errors.MeshError):
+                    await self.register()
+
+        await self.bus.subscribe(self.bus.subjects.registry_resync, RegistryResync, on_resync)
 
     async def heartbeat_forever(self) -> None:
         while True:

@@ -312,6 +312,7 @@ class Sidecar:
             status="starting" if self.app_command else "healthy",
         )
         registration = Registration(self.bus, instance, ttl=s.register_ttl)
+        await registration.listen_for_resync()
         try:
             async with asyncio.TaskGroup() as tg:
                 registering = tg.create_task(

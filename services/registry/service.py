@@ -29,6 +29,10 @@ from services.registry.index import EndpointIndex, instance_key, sets_from_listi
 MAX_TTL = 300
 # changes arriving within this window are published together, once per service
 COALESCE_S = 0.005
+# the leader's liveness key: gone this long without a leader, leases may have lapsed
+ALIVE_TTL_S = 3
+# after such an outage: sidecars answer the resync within RESYNC_SPREAD_S (proxy side)
+RESYNC_GRACE_S = 3.0
 
 
 def validate_registration(req: RegisterRequest) -> None:
@@ -155,11 +159,45 @@ class RegistryService(ControlPlaneService):
     # ------------------------------------------------------------ leader: publish changes
 
     async def leader_work(self, token: int) -> None:
-        while True:
-            try:
-                await self._publish_changes()
-            except WatchCompacted as e:
-                self.log.warning("registry.watch_compacted", revision=e.compacted_revision)
+        async with asyncio.TaskGroup() as tg:
+            if await self._mark_alive(tg):
+                await self._resync_after_outage()
+            while True:
+                try:
+                    await self._publish_changes()
+                except WatchCompacted as e:
+                    self.log.warning("registry.watch_compacted", revision=e.compacted_revision)
+
+    async def _mark_alive(self, tg: asyncio.TaskGroup) -> bool:
+        """Keep `registry-alive` (leased, ALIVE_TTL_S) while leading. True when the
+        registry has led before (`registry-seen`) but nobody kept that key alive: no
+        leader for long enough that instances' leases may have lapsed unrenewed."""
+        alive, seen = self.store.key("registry-alive"), self.store.key("registry-seen")
+        outage = await self.store.get(seen) is not None and await self.store.get(alive) is None
+        lease = await self.store.grant_lease(ALIVE_TTL_S)
+        await self.store.put(alive, self.config.replica.encode(), lease=lease)
+        await self.store.put(seen, b"1")
+
+        async def keep() -> None:
+            nonlocal lease
+            while True:
+                await asyncio.sleep(ALIVE_TTL_S / 3)
+                try:
+                    await self.store.keepalive(lease)
+                except errors.NotFound:
+                    lease = await self.store.grant_lease(ALIVE_TTL_S)
+                    await self.store.put(alive, self.config.replica.encode(), lease=lease)
+
+        tg.create_task(keep(), name="registry:alive")
+        return outage
+
+    async def _resync_after_outage(self) -> None:
+        """Ask every sidecar to register again, and publish nothing until they have had
+        the time to: a listing taken now may lack instances whose leases lapsed while
+        no registry ran, and publishing it would take live endpoints from the proxies."""
+        self.log.warning("registry.resync_after_outage", grace_s=RESYNC_GRACE_S)
+        await self.bus.publish(self.bus.subjects.registry_resync, messages.RegistryResync())
+        await asyncio.sleep(RESYNC_GRACE_S)
 
     async def _publish_changes(self) -> None:
         index = EndpointIndex(self.store.prefix)

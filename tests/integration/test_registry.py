@@ -229,3 +229,38 @@ async def test_three_replicas_survive_killing_the_leader(
     finally:
         for r in replicas:
             r.process.stop()
+
+
+async def test_after_an_outage_longer_than_the_leases_no_live_instance_is_dropped(
+    nats_server, etcd_server, prefix
+) -> None:
+    """No registry for longer than the instances' TTL: their leases lapse unrenewed. The
+    leader that returns asks every sidecar to register again (`registry.resync`) and
+    publishes nothing until they have: a proxy never sees a set without a live one."""
+    from proxy.registration import Registration
+
+    cfg = service_config(nats_server.url, etcd_server.url, prefix)
+    bus = await Bus.connect([nats_server.url], name="test", prefix=prefix)
+    watcher = EndpointWatcher()
+    await bus.subscribe(bus.subjects.endpoints("default", "reviews"), EndpointSet, watcher)
+    old = Registration(bus, instance("reviews-v1-0", port=9080), ttl=2)
+    await old.listen_for_resync()
+    try:
+        async with running(RegistryService(cfg)):
+            await old.register()
+            await eventually(lambda: watcher.latest_instances() == {"reviews-v1-0"})
+        # every registry gone: the lease (2 s) and the leader's liveness key (3 s) lapse
+        await asyncio.sleep(4.5)
+        watcher.sets.clear()
+        async with running(RegistryService(cfg)):
+            new = Registration(bus, instance("reviews-v1-1", port=9081), ttl=10)
+            await new.register_until_done()
+            await eventually(
+                lambda: watcher.latest_instances() == {"reviews-v1-0", "reviews-v1-1"},
+                timeout=10,
+            )
+        assert all("reviews-v1-0" in {e.instance for e in s.endpoints} for s in watcher.sets), [
+            [e.instance for e in s.endpoints] for s in watcher.sets
+        ]
+    finally:
+        await bus.close()
