@@ -1,9 +1,11 @@
 """The sidecar process: listeners, registration, config following, the app's lifecycle.
 
-Start order (DESIGN §7): admin listener (not ready), bus, data listeners, register,
-ready — and only then the app, with HTTP_PROXY pointing at the outbound listener, so
-the app never runs before the mesh is ready. SIGTERM: stop the app, mark the
-instance draining, finish in-flight requests (bounded), deregister, exit. An app that
+Start order (DESIGN §7): admin listener (not ready), bus, certificate, data
+listeners, register, ready — and only then the app, with HTTP_PROXY pointing at the
+outbound listener, so the app never runs before the mesh is ready. An app the sidecar
+starts is registered `starting` (no traffic) until it accepts connections, then
+`healthy`. SIGTERM: mark the instance draining, keep serving while clients see that
+and in-flight requests finish (bounded), stop the app, deregister, exit. An app that
 exits by itself makes the sidecar exit with the app's exit code.
 """
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import http.client
 import json
 import secrets
 import shutil
@@ -17,6 +18,22 @@ from typing import Any
 
 from mesh.servers import ManagedProcess, free_port, http_ok
 from mesh.service import ControlPlaneService, ServiceConfig
+
+
+def wait_for(check: Callable[[], Any], timeout: float = 20.0, every: float = 0.05) -> Any:
+    """Poll `check` (from a thread, not a loop) until it returns something true; an
+    AssertionError or I/O error it raises counts as "not yet" and is shown on timeout."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            last = check()
+            if last:
+                return last
+        except (AssertionError, OSError, ValueError, http.client.HTTPException) as e:
+            last = e
+        time.sleep(every)
+    raise AssertionError(f"not met within {timeout}s: {last!r}")
 
 
 async def eventually(

@@ -15,30 +15,17 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from mesh.devcluster import DevCluster
 from mesh.servers import EtcdServer, ManagedProcess, NatsServer, free_port, http_ok
+from tests.support import wait_for
 
 MESHCTL = [sys.executable, "-m", "mesh.cli.main"]
 ECHO_APP = Path(__file__).with_name("echo_app.py")
-
-
-def wait_for(check: Callable[[], Any], timeout: float = 20.0, every: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = check()
-            if last:
-                return last
-        except (AssertionError, OSError, ValueError, http.client.HTTPException) as e:
-            last = e
-        time.sleep(every)
-    raise AssertionError(f"not met within {timeout}s: {last!r}")
 
 
 @dataclass

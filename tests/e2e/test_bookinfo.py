@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 
 from mesh.servers import free_port, pid_alive
+from tests.support import wait_for
 
 MESHCTL = [sys.executable, "-m", "mesh.cli.main"]
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "bookinfo"
@@ -40,20 +41,6 @@ def meshctl(state: Path, *args: str, check: bool = True) -> subprocess.Completed
             f"meshctl {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
         )
     return proc
-
-
-def wait_for(check: Callable[[], Any], timeout: float = 15.0) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = check()
-            if last:
-                return last
-        except (AssertionError, OSError, http.client.HTTPException, ValueError) as e:
-            last = e
-        time.sleep(0.1)
-    raise AssertionError(f"not met within {timeout}s: {last!r}")
 
 
 def get(url: str, timeout: float = 10.0, **headers: str) -> tuple[int, bytes]:

@@ -251,6 +251,7 @@ async def test_after_an_outage_longer_than_the_leases_no_live_instance_is_droppe
             await eventually(lambda: watcher.latest_instances() == {"reviews-v1-0"})
         # every registry gone: the lease (2 s) and the leader's liveness key (3 s) lapse
         await asyncio.sleep(4.5)
+        old.ttl = 10  # what it registers with next: outlives the registry's grace
         watcher.sets.clear()
         async with running(RegistryService(cfg)):
             new = Registration(bus, instance("reviews-v1-1", port=9081), ttl=10)
