@@ -20,7 +20,6 @@ import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -40,6 +39,7 @@ from mesh.servers import (
     free_port,
     http_ok,
     pid_alive,
+    port_free,
     stop_pid,
     wait_tcp,
     write_private,
@@ -213,7 +213,7 @@ class DevCluster:
         for e in etcd_nodes:
             e.initial_cluster = initial
         for port in [p for node in ports["nats"] + ports["etcd"] for p in node.values()]:
-            if not _port_free(port):
+            if not port_free(port):
                 raise ServerError(
                     f"port {port}, which this cluster's servers had before "
                     f"({data / 'ports.json'}), is in use; free it or remove that file "
@@ -334,10 +334,10 @@ class DevCluster:
                 f"the demo application is not in this installation ({demo.apps_dir} is "
                 "missing); run `meshctl up --demo` from a source checkout"
             )
-        if demo.ingress_port and not _port_free(demo.ingress_port):
+        if demo.ingress_port and not port_free(demo.ingress_port):
             raise ServerError(f"--ingress-port {demo.ingress_port} is in use")
         port = demo.ingress_port or (
-            DEFAULT_INGRESS_PORT if _port_free(DEFAULT_INGRESS_PORT) else free_port()
+            DEFAULT_INGRESS_PORT if port_free(DEFAULT_INGRESS_PORT) else free_port()
         )
         self._apply([demo.apps_dir / name for name in BOOKINFO_RESOURCES])
         self.ingress = f"http://127.0.0.1:{port}"
@@ -573,18 +573,6 @@ def _load_ports(path: Path, n: int) -> dict[str, list[dict[str, int]]]:
         ],
         "etcd": [{"client_port": free_port(), "peer_port": free_port()} for _ in range(n)],
     }
-
-
-def _port_free(port: int) -> bool:
-    """Whether a server could listen on `port` now (servers set SO_REUSEADDR, so the
-    connections a previous one left in TIME_WAIT do not count)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 def stop_together(procs: list[ManagedProcess], timeout: float) -> None:

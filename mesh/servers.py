@@ -52,21 +52,26 @@ def _ephemeral_range() -> tuple[int, int]:
 _given: set[int] = set()
 
 
+def port_free(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether a server could listen on `port` now (servers set SO_REUSEADDR, so the
+    connections a previous one left in TIME_WAIT do not count)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A port to listen on, free now. Taken below the kernel's ephemeral range when
     possible: a port from that range may be handed to some outgoing connection as its
     source port between this call and the server's bind (on a busy machine it is)."""
     low, _high = _ephemeral_range()
-    candidates = random.sample(range(10000, low), k=min(64, max(0, low - 10000)))
-    for port in candidates:
-        if port in _given:  # not twice from one process: the first may not be bound yet
-            continue
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                s.bind((host, port))
-            except OSError:
-                continue
+    for port in random.sample(range(10000, low), k=min(64, max(0, low - 10000))):
+        # not twice from one process: the first may not be bound yet
+        if port not in _given and port_free(port, host):
             _given.add(port)
             return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

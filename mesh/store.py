@@ -220,13 +220,10 @@ class Store:
     async def _connected_client(self) -> aetcd.Client:
         """A client on an endpoint that accepts us: one that refuses the connection is
         skipped for the next (safe for any call, transactions too: nothing was sent)."""
-        for left in range(len(self.endpoints) - 1, -1, -1):
-            try:
+        for _ in range(len(self.endpoints) - 1):
+            with contextlib.suppress(errors.StoreError):
                 return await self._get_client()
-            except errors.StoreError:
-                if not left:
-                    raise
-        raise AssertionError("unreachable")
+        return await self._get_client()
 
     async def _failover(self, failed: aetcd.Client | None) -> None:
         async with self._lock:

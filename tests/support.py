@@ -20,6 +20,33 @@ from mesh.servers import ManagedProcess, free_port, http_ok
 from mesh.service import ControlPlaneService, ServiceConfig
 
 
+def destination_rule_yaml(host: str, versions: tuple[str, ...] = ("v1", "v2")) -> str:
+    """The DestinationRule most tests start from: one subset per version label."""
+    subsets = "".join(f"  - {{name: {v}, labels: {{version: {v}}}}}\n" for v in versions)
+    return f"""
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: {host}}}
+spec:
+  host: {host}
+  subsets:
+{subsets}"""
+
+
+def route_all_yaml(host: str, subset: str) -> str:
+    """A VirtualService sending every request for `host` to one subset."""
+    return f"""
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: {host}}}
+spec:
+  hosts: [{host}]
+  http:
+  - route:
+    - destination: {{host: {host}, subset: {subset}}}
+"""
+
+
 def wait_for(check: Callable[[], Any], timeout: float = 20.0, every: float = 0.05) -> Any:
     """Poll `check` (from a thread, not a loop) until it returns something true; an
     AssertionError or I/O error it raises counts as "not yet" and is shown on timeout."""

@@ -22,6 +22,7 @@ from typing import Any
 
 from mesh.devcluster import DevCluster
 from mesh.servers import EtcdServer, ManagedProcess, NatsServer, free_port, http_ok
+from mesh.serverstatus import etcd_member, nats_node
 from tests.support import wait_for
 
 MESHCTL = [sys.executable, "-m", "mesh.cli.main"]
@@ -49,6 +50,7 @@ class Sidecar:
 class ChaosCluster:
     state: Path
     dev: DevCluster
+    sidecars: list[Sidecar] = field(default_factory=list)
 
     @classmethod
     @contextlib.contextmanager
@@ -66,8 +68,6 @@ class ChaosCluster:
                 if proc.alive():
                     proc.resume()
             dev.stop()
-
-    sidecars: list[Sidecar] = field(default_factory=list)
 
     # ------------------------------------------------------------ the control plane
 
@@ -105,16 +105,13 @@ class ChaosCluster:
         return self.dev.etcd
 
     def etcd_leader(self) -> EtcdServer | None:
-        for node in self.etcd:
-            try:
-                req = urllib.request.Request(node.url + "/v3/maintenance/status", data=b"{}")
-                with urllib.request.urlopen(req, timeout=1) as r:
-                    status = json.loads(r.read())
-            except Exception:
-                continue
-            if status.get("leader") and status["leader"] == status["header"]["member_id"]:
-                return node
-        return None
+        return next((n for n in self.etcd if etcd_member(n.name, n.url)["leader"]), None)
+
+    def nats_connections(self, node: NatsServer) -> int:
+        return int(
+            nats_node(node.name, node.url, f"http://{node.host}:{node.monitor_port}")["connections"]
+            or 0
+        )
 
     # ------------------------------------------------------------ meshctl
 

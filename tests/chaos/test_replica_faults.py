@@ -12,31 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.chaos.harness import ChaosCluster, Load, wait_for
+from tests.chaos.harness import ChaosCluster, Load
+from tests.support import destination_rule_yaml, route_all_yaml, wait_for
 
 pytestmark = pytest.mark.timeout(420)
 
 SERVICES = ["registry", "ca", "config", "telemetry"]
 
-ROUTE_V2 = """
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {name: echo}
-spec:
-  host: echo
-  subsets:
-  - {name: v1, labels: {version: v1}}
-  - {name: v2, labels: {version: v2}}
----
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: echo}
-spec:
-  hosts: [echo]
-  http:
-  - route:
-    - destination: {host: echo, subset: v2}
-"""
+ROUTE_V2 = destination_rule_yaml("echo") + "---" + route_all_yaml("echo", "v2")
 
 
 def _mesh(cluster: ChaosCluster) -> tuple[int, list[str]]:
@@ -165,7 +148,7 @@ def test_kill_a_nats_node_under_traffic(tmp_path: Path) -> None:
         with Load(port, "echo") as load:
             load.wait_sent(200)
             # the node with the most clients
-            victim = max(cluster.nats, key=lambda n: _connections(n.monitor_port))
+            victim = max(cluster.nats, key=cluster.nats_connections)
             t_kill = time.monotonic()
             victim.kill()
             # every proxy reports again (through another node): the control plane sees them
@@ -184,14 +167,6 @@ def test_kill_a_nats_node_under_traffic(tmp_path: Path) -> None:
         load.report(f"kill NATS node {victim.name}", recovery_s)
         victim.process.start()  # type: ignore[union-attr]
         victim.wait_ready()
-
-
-def _connections(monitor_port: int) -> int:
-    import json
-    import urllib.request
-
-    with urllib.request.urlopen(f"http://127.0.0.1:{monitor_port}/varz", timeout=2) as r:
-        return int(json.loads(r.read())["connections"])
 
 
 def test_restart_a_sidecar_under_traffic(tmp_path: Path) -> None:

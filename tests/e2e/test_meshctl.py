@@ -19,6 +19,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 
 from mesh.servers import free_port, pid_alive
+from tests.support import destination_rule_yaml, route_all_yaml
 
 MESHCTL = [sys.executable, "-m", "mesh.cli.main"]
 
@@ -36,25 +37,7 @@ APP = textwrap.dedent(
     """
 )
 
-ROUTES = """
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {name: reviews}
-spec:
-  host: reviews
-  subsets:
-  - {name: v1, labels: {version: v1}}
-  - {name: v2, labels: {version: v2}}
----
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: reviews}
-spec:
-  hosts: [reviews]
-  http:
-  - route:
-    - destination: {host: reviews, subset: v2}
-"""
+ROUTES = destination_rule_yaml("reviews") + "---" + route_all_yaml("reviews", "v2")
 
 
 def meshctl(state: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:

@@ -9,18 +9,9 @@ from collections import Counter
 import aiohttp
 import pytest
 
-from tests.support import MeshHarness, eventually
+from tests.support import MeshHarness, destination_rule_yaml, eventually, route_all_yaml
 
-SUBSETS = """
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {name: reviews}
-spec:
-  host: reviews
-  subsets:
-  - {name: v1, labels: {version: v1}}
-  - {name: v2, labels: {version: v2}}
-"""
+SUBSETS = destination_rule_yaml("reviews")
 
 SPLIT_80_20 = """
 apiVersion: networking.istio.io/v1
@@ -36,16 +27,7 @@ spec:
       weight: 20
 """
 
-ALL_V2 = """
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: reviews}
-spec:
-  hosts: [reviews]
-  http:
-  - route:
-    - destination: {host: reviews, subset: v2}
-"""
+ALL_V2 = route_all_yaml("reviews", "v2")
 
 MATCHES = """
 apiVersion: networking.istio.io/v1
