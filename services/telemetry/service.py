@@ -42,7 +42,7 @@ import datetime
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import replace
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 import nats.errors
@@ -56,6 +56,7 @@ from prometheus_client.core import Metric
 from prometheus_client.registry import Collector
 
 from mesh import errors
+from mesh.bus import reconnect_delay
 from mesh.service import ControlPlaneService, ServiceConfig
 from mesh.telemetry import (
     AccessBatch,
@@ -79,6 +80,10 @@ from services.telemetry.ledger import (
 from services.telemetry.settings import TelemetrySettings
 from services.telemetry.views import AccessEntry, AccessLog, GraphWindow, TraceIndex, edge_snapshot
 from services.telemetry.watch import BucketUpdate, BucketWatch
+
+T = TypeVar("T")
+# JetStream API calls at start-up are retried this many times (a few seconds of backoff)
+JETSTREAM_SETUP_ATTEMPTS = 12
 
 DURABLE = "telemetry-metrics"
 MAX_ATTEMPTS = 8
@@ -194,39 +199,66 @@ class TelemetryService(ControlPlaneService):
 
     # ------------------------------------------------------------ setup
 
-    async def setup(self) -> None:
-        s = self.settings
-        prefix = self.bus.subjects.prefix
-        await self.bus.ensure_stream(
-            self.stream,
-            [self.bus.subjects.telemetry_all],
-            max_age_s=s.stream_max_age_s,
-            max_bytes=s.stream_max_bytes,
-            replicas=s.stream_replicas,
-            duplicate_window_s=s.duplicate_window_s,
-        )
-        js = self.bus.nc.jetstream()
-        bucket = f"{self.stream}_TOTALS"
+    async def _once_jetstream_answers(
+        self, step: str, call: Callable[[], Coroutine[Any, Any, T]]
+    ) -> T:
+        """`call()`, again (with backoff) while JetStream does not answer: a NATS cluster
+        that has just started may still be electing its JetStream leaders."""
+        attempt = 0
+        while True:
+            try:
+                return await call()
+            except (nats.errors.TimeoutError, nats.errors.NoRespondersError,
+                    nats.js.errors.ServiceUnavailableError) as e:  # fmt: skip
+                attempt += 1
+                if attempt >= JETSTREAM_SETUP_ATTEMPTS:
+                    raise
+                self.log.warning("telemetry.jetstream_not_ready", step=step, error=repr(e))
+                await asyncio.sleep(reconnect_delay(attempt, base=0.2, cap=2.0))
+
+    async def _bucket(self, js: Any, bucket: str) -> KeyValue:
+        replicas = self.settings.stream_replicas
         try:
-            self.kv = await js.create_key_value(
+            return await js.create_key_value(
                 KeyValueConfig(
-                    bucket=bucket, history=1, replicas=s.stream_replicas, storage=StorageType.FILE
+                    bucket=bucket, history=1, replicas=replicas, storage=StorageType.FILE
                 )
             )
         except nats.js.errors.BadRequestError:
-            self.kv = await js.key_value(bucket)
+            return await js.key_value(bucket)
+
+    async def setup(self) -> None:
+        s = self.settings
+        prefix = self.bus.subjects.prefix
+        await self._once_jetstream_answers(
+            "stream",
+            lambda: self.bus.ensure_stream(
+                self.stream,
+                [self.bus.subjects.telemetry_all],
+                max_age_s=s.stream_max_age_s,
+                max_bytes=s.stream_max_bytes,
+                replicas=s.stream_replicas,
+                duplicate_window_s=s.duplicate_window_s,
+            ),
+        )
+        js = self.bus.nc.jetstream()
+        bucket = f"{self.stream}_TOTALS"
+        self.kv = await self._once_jetstream_answers("bucket", lambda: self._bucket(js, bucket))
         self._watch = BucketWatch(js, bucket)
-        await self._sync_mirror(await self._watch.start())
+        await self._sync_mirror(await self._once_jetstream_answers("watch", self._watch.start))
         self.bus.on_reconnect(self._on_reconnect)
-        self._pull = await js.pull_subscribe(
-            f"{prefix}.telemetry.metrics.>",
-            durable=DURABLE,
-            stream=self.stream,
-            config=ConsumerConfig(
-                ack_policy=AckPolicy.EXPLICIT,
-                ack_wait=s.ack_wait_s,
-                max_ack_pending=50_000,
-                deliver_policy=DeliverPolicy.ALL,
+        self._pull = await self._once_jetstream_answers(
+            "consumer",
+            lambda: js.pull_subscribe(
+                f"{prefix}.telemetry.metrics.>",
+                durable=DURABLE,
+                stream=self.stream,
+                config=ConsumerConfig(
+                    ack_policy=AckPolicy.EXPLICIT,
+                    ack_wait=s.ack_wait_s,
+                    max_ack_pending=50_000,
+                    deliver_policy=DeliverPolicy.ALL,
+                ),
             ),
         )
         self.log.info(
