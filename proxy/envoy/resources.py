@@ -1,0 +1,41 @@
+"""The set of Envoy resources one proxy is given: the contract between the translator
+(`proxy.envoy.translate`, pure) and the xDS server (`proxy.envoy.xds_server`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from google.protobuf.message import Message
+
+LISTENER = "type.googleapis.com/envoy.config.listener.v3.Listener"
+ROUTE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
+CLUSTER = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
+ENDPOINT = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
+SECRET = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
+
+# SDS secret names, as Istio names them: the workload's certificate and key, and the
+# trust bundle (every root in force) peers are verified against
+WORKLOAD_CERT = "default"
+TRUST_BUNDLE = "ROOTCA"
+
+
+@dataclass(frozen=True)
+class XdsResources:
+    """Every resource of one proxy by type, each keyed by its name. A value of this
+    type is a complete snapshot: the xDS server serves exactly these, so a resource
+    left out is removed from Envoy."""
+
+    listeners: dict[str, Message] = field(default_factory=dict)
+    routes: dict[str, Message] = field(default_factory=dict)
+    clusters: dict[str, Message] = field(default_factory=dict)
+    endpoints: dict[str, Message] = field(default_factory=dict)
+    secrets: dict[str, Message] = field(default_factory=dict)
+
+    def by_type(self) -> dict[str, dict[str, Message]]:
+        return {
+            LISTENER: self.listeners,
+            ROUTE: self.routes,
+            CLUSTER: self.clusters,
+            ENDPOINT: self.endpoints,
+            SECRET: self.secrets,
+        }
