@@ -1,7 +1,7 @@
 """`meshctl up`: a whole local cluster — nats-server, etcd, every control-plane service
 (N replicas each) and, with `--demo`, the bookinfo application behind sidecars and an
 ingress gateway — started from the binaries in this environment, described in
-`<state-dir>/cluster.json` (DESIGN §9), and stopped again by `meshctl down`.
+`<state-dir>/cluster.json` (docs/architecture.md §2), and stopped again by `meshctl down`.
 
 Security: nats-server runs with one user per role (`mesh.bus_permissions`: admin for
 `meshctl`, control for the services, sidecar for proxies), new random passwords at

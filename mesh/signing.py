@@ -157,7 +157,7 @@ class TrustedKeys:
 
 @dataclass(frozen=True)
 class SignedSubjects:
-    """Where the control plane signs and proxies verify (DESIGN §5 subjects).
+    """Where the control plane signs and proxies verify (docs/architecture.md §3).
 
     Published: route, inbound and gateway config, endpoint sets, the trust bundle and
     rotation notices. Replies: to `config.fetch`, `registry.get`, `ca.bundle.get`

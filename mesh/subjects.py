@@ -1,4 +1,4 @@
-"""Every NATS subject name, in one place (DESIGN §5).
+"""Every NATS subject name, in one place (docs/architecture.md §3).
 
 The prefix (default `mesh`) is configurable so two meshes can share one NATS.
 """

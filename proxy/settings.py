@@ -32,11 +32,11 @@ class SidecarSettings:
     gateway: bool = False
     gateway_port: int = 0
     nats_user: str | None = None
-    # mTLS between sidecars (DESIGN §7); off only with `--no-mtls` (development)
+    # mTLS between sidecars (docs/architecture.md §5); off only with `--no-mtls` (development)
     mtls: bool = True
     # bootstrap token for the first certificate (from --token/--token-file/MESH_TOKEN)
     token: str = ""
-    # telemetry (DESIGN §8): off only with `--no-telemetry` (to measure what it costs);
+    # telemetry (docs/architecture.md §7): off only with `--no-telemetry` (to measure what it costs);
     # percentage of new traces sampled (an incoming sampling decision wins)
     telemetry: bool = True
     trace_sampling: float = 1.0

@@ -1,5 +1,5 @@
 """`meshctl top`, `stat`, `logs`, `trace`, `graph`: the telemetry service's HTTP API
-for people (DESIGN §8).
+for people (docs/architecture.md §7).
 
 The service is found through `--telemetry URL`, else `MESH_TELEMETRY`, else
 cluster.json (`telemetry.metrics` without `/metrics`, or the first

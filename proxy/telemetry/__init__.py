@@ -1,4 +1,4 @@
-"""The sidecar's telemetry: Istio-named metrics, access records and spans (DESIGN §8).
+"""The sidecar's telemetry: Istio-named metrics, access records and spans (docs/architecture.md §7).
 
 Pure core, thin I/O shell:
 
