@@ -1,8 +1,8 @@
 """etcd access (aetcd): get/put/delete, transactions, leases, and a watch that resumes
 from the last revision it saw after a disconnect or an etcd restart.
 
-Keys are strings under a configurable prefix (default `/mesh/`, docs/architecture.md §4); values
-are bytes. Every aetcd/gRPC failure is translated here, where it enters, into
+Keys are strings under a configurable prefix (default `/mesh/`, docs/architecture.md
+§4); values are bytes. Every aetcd/gRPC failure is translated here, where it enters, into
 `StoreError` (etcd unreachable) — callers never see gRPC types. With several etcd
 endpoints, a connection failure moves the client to the next one.
 """

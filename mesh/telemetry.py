@@ -2,8 +2,8 @@
 pure aggregation math the sidecar and the telemetry service share.
 
 Every message on `<prefix>.telemetry.<kind>.<namespace>.<service>` is one MessagePack
-map (msgspec Structs, docs/architecture.md §7), readable from any language. The key `type` names the
-message; `<namespace>.<service>` in the subject are the *reporting* proxy's own.
+map (msgspec Structs, docs/architecture.md §7), readable from any language. The key
+`type` names the message; `<namespace>.<service>` in the subject are the *reporting* proxy's own.
 
 `MetricBatch` (kind `metrics`), what one proxy counted since its previous batch::
 

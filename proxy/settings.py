@@ -36,7 +36,8 @@ class SidecarSettings:
     mtls: bool = True
     # bootstrap token for the first certificate (from --token/--token-file/MESH_TOKEN)
     token: str = ""
-    # telemetry (docs/architecture.md §7): off only with `--no-telemetry` (to measure what it costs);
+    # telemetry (docs/architecture.md §7): off only with `--no-telemetry` (to measure
+    # what it costs);
     # percentage of new traces sampled (an incoming sampling decision wins)
     telemetry: bool = True
     trace_sampling: float = 1.0
