@@ -184,7 +184,17 @@ async def test_principal_based_allow_over_mtls(nats_server, etcd_server, prefix)
             await served(from_sleep, app, b"sleep")
             await refused(from_other, app, b"other")  # another principal
             await refused(relay, app, b"plaintext")  # no certificate, no principal
-            assert denied_total(server, app.port, "none") >= 2
+            assert denied_total(server, app.port, "none") == 2
+
+            # ipBlocks see the caller's address: loopback callers are allowed again
+            spec = (
+                "  selector: {matchLabels: {app: tcp-echo}}\n  rules:\n"
+                '  - from:\n    - source: {ipBlocks: ["127.0.0.0/8", "::1/128"]}\n'
+            )
+            await mesh.apply(policy("from-loopback", spec))
+            await applied(server, "default/from-loopback")
+            await served(from_other, app, b"other from loopback")
+            await served(relay, app, b"plaintext from loopback")
     finally:
         app.close()
 
