@@ -391,6 +391,9 @@ class AuthzPolicy(msgspec.Struct, frozen=True, omit_defaults=True):
     # True for a policy in the root namespace (applies mesh-wide)
     mesh_wide: bool = False
     rules: tuple[AuthzRule, ...] = ()
+    # `istio.io/dry-run: "true"`: evaluated in shadow only, never changes a decision
+    # (absent on the wire when False, so older sidecars decode it unchanged)
+    dry_run: bool = False
 
 
 class RateLimitOverride(msgspec.Struct, frozen=True, omit_defaults=True):

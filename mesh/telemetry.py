@@ -196,6 +196,13 @@ class AccessRecord(Struct):
     destination_service: str = "unknown"
     request_id: str = ""
     trace_id: str = ""
+    # dry-run (`istio.io/dry-run`) AuthorizationPolicies, as Envoy's shadow rules
+    # report them (`istio_dry_run_*_shadow_engine_result` / `..._effective_policy_id`):
+    # "allowed" or "denied", "" when none applies; the deciding dry-run policy `ns/name`
+    # ("" when none decided, e.g. no dry-run ALLOW policy matched). Absent on the wire
+    # when empty, so records from older proxies decode unchanged.
+    dry_run_result: str = ""
+    dry_run_policy: str = ""
 
 
 class AccessBatch(Struct, kw_only=True):

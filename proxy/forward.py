@@ -29,6 +29,7 @@ from proxy.http import (
 
 if TYPE_CHECKING:
     from proxy.clusters import PoolOptions
+    from proxy.policy import ShadowDecision
     from proxy.telemetry import SpanContext, Workload
 
 FLAGS_HEADER = "x-mesh-response-flags"
@@ -65,6 +66,8 @@ class Outcome:
     (canonical host of the destination service) and `destination` (the chosen
     endpoint's workload), and once it forwards, the client span and request id it sent
     (`trace`, `request_id`); empty when the request was answered before that.
+    The inbound handler notes what dry-run AuthorizationPolicies would have decided
+    (`authz_shadow`).
     """
 
     status: int
@@ -74,6 +77,8 @@ class Outcome:
     destination: Workload | None = None
     trace: SpanContext | None = None
     request_id: str = ""
+    # the inbound handler's dry-run authorization result, for the access record
+    authz_shadow: ShadowDecision | None = None
 
 
 async def local_reply(

@@ -14,7 +14,7 @@ from proxy.forward import Outcome, PoolSet, forward, local_reply
 from proxy.http import Exchange, Request, ensure_request_id, header_map, strip_hop_by_hop
 from proxy.inbound_policy import InboundPolicyFollower
 from proxy.peer import Peer, peer_of
-from proxy.policy import PathError, RequestFacts, normalize_path
+from proxy.policy import Decision, PathError, RequestFacts, normalize_path
 from proxy.resilience import ratelimit_headers
 from proxy.settings import SidecarSettings
 from proxy.stats import ProxyStats
@@ -55,10 +55,15 @@ class InboundHandler:
         except PathError as e:
             ex.close_after = True
             return await local_reply(ex, 400, "", f"bad request path: {e}")
-        denied = self._authorize(req, peer, path)
-        if denied is not None:
-            self.stats.authz_denied.labels(policy=denied[0]).inc()
-            return await local_reply(ex, 403, DENIED_FLAG, f"RBAC: access denied ({denied[1]})")
+        authz = self._authorize(req, peer, path)
+        if authz is not None and not authz.allowed:
+            self.stats.authz_denied.labels(policy=authz.policy or "none").inc()
+            outcome = await local_reply(
+                ex, 403, DENIED_FLAG, f"RBAC: access denied ({authz.reason})"
+            )
+            outcome.authz_shadow = authz.shadow
+            return outcome
+        shadow = authz.shadow if authz is not None else None
         limited_headers = None
         limiter = self.policy.rate_limiter
         if limiter:
@@ -67,20 +72,22 @@ class InboundHandler:
             decision = limiter.check(peer.principal, time.monotonic())
             limited_headers = ratelimit_headers(decision)
             if not decision.allowed:
-                return await local_reply(
+                outcome = await local_reply(
                     ex,
                     429,
                     RATE_LIMITED_FLAG,
                     f"local rate limit exceeded ({decision.policy}, {decision.scope})",
                     limited_headers,
                 )
+                outcome.authz_shadow = shadow
+                return outcome
         headers = [(n, v) for n, v in strip_hop_by_hop(req.headers) if n != XFCC]
         headers, _ = ensure_request_id(headers)
         if req.authority and not any(n == "host" for n, _ in headers):
             headers.append(("host", req.authority))
         if peer.mtls:
             headers.append((XFCC, f"By={self.settings.identity};URI={peer.spiffe_id}"))
-        return await forward(
+        outcome = await forward(
             ex,
             req,
             self.app_pools.get(self.app_address),
@@ -90,9 +97,12 @@ class InboundHandler:
             upstream=self.app_address,
             response_headers=(lambda h: h + limited_headers) if limited_headers else None,
         )
+        outcome.authz_shadow = shadow
+        return outcome
 
-    def _authorize(self, req: Request, peer: Peer, path: str) -> tuple[str, str] | None:
-        """None when allowed; else (the denying policy or "none", message)."""
+    def _authorize(self, req: Request, peer: Peer, path: str) -> Decision | None:
+        """None when no policy applies (dry-run ones included); else the decision,
+        its dry-run shadow counted (`meshwork_proxy_authz_dry_run_total`)."""
         authorizer = self.policy.authorizer
         if authorizer.empty:
             return None
@@ -110,6 +120,6 @@ class InboundHandler:
                 headers=headers,
             )
         )
-        if decision.allowed:
-            return None
-        return (decision.policy or "none", decision.reason)
+        if decision.shadow is not None:
+            self.stats.count_dry_run("http", decision.shadow)
+        return decision

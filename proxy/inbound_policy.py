@@ -124,5 +124,6 @@ class InboundPolicyFollower:
             "revision": self.policy.revision if self.policy else 0,
             "modes": {str(p): self.mode(p) for p in self._ports()},
             "authorization": list(self.authorizer.applied),
+            "authorization_dry_run": list(self.authorizer.dry_run),
             "rate_limits": list(self.rate_limiter.policies),
         }

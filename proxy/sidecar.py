@@ -275,6 +275,8 @@ class Sidecar:
             tls=self.pools.tls if isinstance(self.pools.tls, MeshTls) else None,
             inbound_context=(lambda: identity.inbound_context()) if identity else None,
             inbound_mode=policy.mode if policy is not None else None,
+            authorizer=(lambda: policy.authorizer) if policy is not None else None,
+            count_dry_run=self.stats.count_dry_run,
         )
         tcp_listeners: dict[str, str] = {}
         if s.tcp_ports:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from proxy.policy import ShadowDecision
+
 
 class ProxyStats:
     def __init__(self) -> None:
@@ -45,6 +47,18 @@ class ProxyStats:
             ["policy"],
             registry=self.registry,
         )
+        # Envoy counts shadow results per RBAC filter (`<prefix>rbac.
+        # istio_dry_run_allow_shadow_allowed` / `..._shadow_denied`, Istio's stat prefix
+        # for dry-run rules); one counter here, labelled like `authz_denied` above
+        self.authz_dry_run = Counter(
+            "meshwork_proxy_authz_dry_run_total",
+            "Inbound requests and TCP connections evaluated against dry-run "
+            "(istio.io/dry-run) AuthorizationPolicies, by protocol, shadow result "
+            '(allowed, denied) and deciding dry-run policy ("none": no dry-run policy '
+            "decided)",
+            ["protocol", "result", "policy"],
+            registry=self.registry,
+        )
         self.destinations = Gauge(
             "meshwork_proxy_destinations", "Destinations this proxy follows", registry=self.registry
         )
@@ -57,3 +71,8 @@ class ProxyStats:
             child = self.requests.labels(listener, str(status), flags or "-")
             self._children[key] = child
         child.inc()
+
+    def count_dry_run(self, protocol: str, shadow: ShadowDecision) -> None:
+        """One request ("http") or connection ("tcp") with a dry-run shadow result."""
+        result = "allowed" if shadow.allowed else "denied"
+        self.authz_dry_run.labels(protocol, result, shadow.policy or "none").inc()

@@ -24,6 +24,13 @@ With telemetry, each relayed connection is counted in Istio's `istio_tcp_*` metr
 linked, bytes as they flow (`report_telemetry`, called before each telemetry flush)
 and closed at the end; a connection no upstream accepted counts as opened and closed
 with flags UF.
+
+Inbound relays authorize every connection before connecting to the app
+(`Authorizer.decide_connection`, the workload's AuthorizationPolicies with Istio's
+rules for TCP): a denied connection is reset at once, nothing it sent reaches the
+app, and it is counted (`meshwork_proxy_tcp_connections_denied_total`, and in the
+`istio_tcp_*` metrics as opened and closed with flags RBAC) and logged with the
+deciding policy. Dry-run policies only add a shadow result, logged and counted.
 """
 
 from __future__ import annotations
@@ -50,6 +57,8 @@ from mesh.messages import Endpoint, EndpointSet
 from proxy.destinations import DestinationCache
 from proxy.listener import MeshListener
 from proxy.mtls import MeshTls
+from proxy.peer import peer_of
+from proxy.policy import Authorizer, ConnectionFacts, ShadowDecision
 from proxy.routing import Balancer, RoundRobinBalancer, subset_endpoints
 from proxy.telemetry import SidecarTelemetry, TcpRecord
 
@@ -62,6 +71,8 @@ CONNECT_TIMEOUT_S = 5.0
 AVOID_AFTER_FAILURE_S = 10.0
 # Per-socket write buffer above which the other side stops being read.
 HIGH_WATER = 256 * 1024
+# Envoy's flag for a connection denied by RBAC (authorization policy)
+DENIED_FLAG = "RBAC"
 _LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends an RST
 # relay-to-relay frames over mTLS: 4-byte big-endian payload length, then the payload;
 # length 0 is a FIN (half-close), which TLS transports cannot send themselves
@@ -231,6 +242,7 @@ class ListenerCounters:
     received: Counter
     connect_failures: Counter
     active: Gauge
+    denied: Counter  # by policy: `.labels(policy)` on the (rare) denial
 
 
 class TcpStats:
@@ -278,6 +290,13 @@ class TcpStats:
             labels,
             registry=registry,
         )
+        self.denied = Counter(
+            "meshwork_proxy_tcp_connections_denied_total",
+            "Inbound TCP connections denied by authorization (reset, flag RBAC), by "
+            'listener and deciding policy ("none": no ALLOW policy matched)',
+            ["listener", "policy"],
+            registry=registry,
+        )
 
     def listener(self, name: str) -> ListenerCounters:
         return ListenerCounters(
@@ -287,6 +306,7 @@ class TcpStats:
             received=self.received.labels(name),
             connect_failures=self.connect_failures.labels(name),
             active=self.active.labels(name),
+            denied=self.denied,
         )
 
 
@@ -297,6 +317,13 @@ def _ssl_object(side: _Side) -> object | None:
     """The TLS object of a side's connection (None for plaintext)."""
     t = side.transport
     return t.get_extra_info("ssl_object") if t is not None else None
+
+
+def _peer_ip(side: _Side) -> str:
+    """The caller's address as the socket reports it ("" when unknown)."""
+    t = side.transport
+    peername = t.get_extra_info("peername") if t is not None else None
+    return str(peername[0]) if isinstance(peername, tuple) and peername else ""
 
 
 class _Side(asyncio.Protocol):
@@ -567,6 +594,8 @@ class TcpRelays:
         tls: MeshTls | None = None,
         inbound_context: Callable[[], ssl.SSLContext | None] | None = None,
         inbound_mode: Callable[[int], str] | None = None,
+        authorizer: Callable[[], Authorizer] | None = None,
+        count_dry_run: Callable[[str, ShadowDecision], None] | None = None,
     ) -> None:
         self.cache = cache
         # mTLS: outbound relays connect with the workload certificate and check the
@@ -574,6 +603,10 @@ class TcpRelays:
         self.tls = tls
         self.inbound_context = inbound_context
         self.inbound_mode = inbound_mode
+        # the workload's current authorizer (swapped on each policy revision); None:
+        # no inbound policy is followed (an outbound-only relay set, tests)
+        self.authorizer = authorizer
+        self.count_dry_run = count_dry_run
         self.telemetry = telemetry
         self.stats = TcpStats(stats_registry)
         self.balancers = TcpBalancers(rand or random.Random())
@@ -665,6 +698,11 @@ class TcpRelays:
             return False
 
     async def _open_app(self, app_port: int, conn: _Connection) -> bool:
+        if self._denied(app_port, conn):
+            if self.telemetry is not None:
+                ssl_object = _ssl_object(conn.downstream)
+                self._telemetry_decided(conn, self.telemetry.tcp_inbound(ssl_object, DENIED_FLAG))
+            return False  # reset, before any byte reached the app
         linked = await self._open(conn, self.app_host, app_port, "app")
         if self.telemetry is not None:
             ssl_object = _ssl_object(conn.downstream)
@@ -672,6 +710,53 @@ class TcpRelays:
                 conn, self.telemetry.tcp_inbound(ssl_object, "-" if linked else "UF")
             )
         return linked
+
+    def _denied(self, app_port: int, conn: _Connection) -> bool:
+        """Authorize an inbound connection to `app_port`; True when it must be refused.
+        Logs carry the caller's identity and address, never payload bytes."""
+        authorizer = self.authorizer() if self.authorizer is not None else None
+        if authorizer is None or authorizer.empty:
+            return False
+        side = conn.downstream
+        peer = peer_of(cast(ssl.SSLObject | None, _ssl_object(side)))
+        source_ip = _peer_ip(side)
+        decision = authorizer.decide_connection(
+            ConnectionFacts(peer.principal, peer.namespace, source_ip, app_port)
+        )
+        shadow = decision.shadow
+        if shadow is not None:
+            if self.count_dry_run is not None:
+                self.count_dry_run("tcp", shadow)
+            log.info(
+                "tcp.authz_dry_run",
+                listener=conn.name,
+                result="allowed" if shadow.allowed else "denied",
+                policy=shadow.policy or "none",
+                reason=shadow.reason,
+                source_principal=peer.principal or "-",
+                source_ip=source_ip,
+            )
+        if decision.audit:
+            log.info(
+                "tcp.authz_audit",
+                listener=conn.name,
+                allowed=decision.allowed,
+                source_principal=peer.principal or "-",
+                source_ip=source_ip,
+            )
+        if decision.allowed:
+            return False
+        policy = decision.policy or "none"
+        conn.counters.denied.labels(conn.name, policy).inc()
+        log.info(
+            "tcp.authz_denied",
+            listener=conn.name,
+            policy=policy,
+            reason=decision.reason,
+            source_principal=peer.principal or "-",
+            source_ip=source_ip,
+        )
+        return True
 
     async def _open_service(self, upstream: TcpUpstream, conn: _Connection) -> bool:
         ref = upstream.service
@@ -808,6 +893,7 @@ class TcpRelays:
 
 __all__ = [
     "CONNECT_ATTEMPTS",
+    "DENIED_FLAG",
     "HIGH_WATER",
     "ListenerCounters",
     "TcpBalancers",

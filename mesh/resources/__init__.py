@@ -60,6 +60,7 @@ from mesh.resources.networking import (
 )
 from mesh.resources.registry import KINDS, KindInfo, resolve_kind
 from mesh.resources.security import (
+    DRY_RUN_ANNOTATION,
     AuthorizationPolicySpec,
     Condition,
     MutualTLS,
@@ -74,6 +75,7 @@ from mesh.resources.security import (
 from mesh.resources.validate import MESH_GATEWAY
 
 __all__ = [
+    "DRY_RUN_ANNOTATION",
     "KINDS",
     "MESH_GATEWAY",
     "AuthorizationPolicySpec",

@@ -168,6 +168,8 @@ def _parse(body: Any, default_namespace: str) -> tuple[Resource | None, list[Iss
             )
         )
     metadata = _decode_metadata(body.get("metadata"), default_namespace, issues)
+    if metadata is not None and info.validate_metadata is not None:
+        issues.extend(info.validate_metadata(metadata, "metadata"))
     spec: Any = None
     if "spec" not in body:
         issues.append(required("spec"))

@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 
 from mesh.resources.errors import Issue, ResourceError
 from mesh.resources.meshwork import RateLimitPolicySpec
+from mesh.resources.model import Metadata
 from mesh.resources.networking import DestinationRuleSpec, GatewaySpec, VirtualServiceSpec
 from mesh.resources.security import AuthorizationPolicySpec, PeerAuthenticationSpec
 from mesh.resources.validate import (
@@ -22,6 +23,7 @@ from mesh.resources.validate import (
 )
 from mesh.resources.validate_meshwork import validate_rate_limit_policy
 from mesh.resources.validate_security import (
+    validate_authorization_metadata,
     validate_authorization_policy,
     validate_peer_authentication,
 )
@@ -44,6 +46,8 @@ class KindInfo(NamedTuple):
     # (spec of `spec_type`, path of the spec) -> problems; Any because each entry's
     # validator takes its own spec type
     validate: Callable[[Any, str], list[Issue]]
+    # kind-specific checks of the metadata (annotations), on top of the shared ones
+    validate_metadata: Callable[[Metadata, str], list[Issue]] | None = None
 
     @property
     def api_versions(self) -> tuple[str, ...]:
@@ -99,6 +103,7 @@ KINDS: Mapping[str, KindInfo] = _entries(
         versions=SECURITY_VERSIONS,
         spec_type=AuthorizationPolicySpec,
         validate=validate_authorization_policy,
+        validate_metadata=validate_authorization_metadata,
     ),
     KindInfo(
         kind="RateLimitPolicy",

@@ -52,6 +52,11 @@ def _port_key(value: int | str) -> int | str:
 
 # ---------------------------------------------------------------- AuthorizationPolicy
 
+# metadata.annotations key: "true" evaluates the policy in shadow only (logged and
+# counted, never enforced), as Istio does; "false" or absent enforces it
+DRY_RUN_ANNOTATION = "istio.io/dry-run"
+DRY_RUN_VALUES = ("true", "false")
+
 
 class Source(Model, frozen=True):
     principals: tuple[str, ...] = ()

@@ -16,7 +16,10 @@ from collections.abc import Callable, Iterable, Mapping
 
 from mesh.resources import checks
 from mesh.resources.errors import Issue, field, item, key, required
+from mesh.resources.model import Metadata
 from mesh.resources.security import (
+    DRY_RUN_ANNOTATION,
+    DRY_RUN_VALUES,
     AuthorizationPolicySpec,
     Condition,
     MutualTLS,
@@ -95,6 +98,17 @@ def validate_authorization_policy(spec: AuthorizationPolicySpec, path: str = "sp
     for i, rule in enumerate(spec.rules):
         _rule(rule, item(rules_path, i), out)
     return out
+
+
+def validate_authorization_metadata(metadata: Metadata, path: str = "metadata") -> list[Issue]:
+    """`istio.io/dry-run` must be "true" or "false": a typo such as "True" or "yes"
+    would otherwise enforce a policy its author meant only to try."""
+    value = metadata.annotations.get(DRY_RUN_ANNOTATION)
+    if value is None or value in DRY_RUN_VALUES:
+        return []
+    annotation_path = key(field(path, "annotations"), DRY_RUN_ANNOTATION)
+    allowed = _one_of(tuple(f"'{v}'" for v in DRY_RUN_VALUES))
+    return [Issue(annotation_path, f"must be {allowed}, got {value!r}")]
 
 
 # ---------------------------------------------------------------- parts

@@ -8,6 +8,19 @@ Evaluation order is Istio's: AUDIT policies only mark the decision; any matching
 policy denies; with no ALLOW policy the request is allowed; otherwise an ALLOW policy
 must match.
 
+TCP connections (`decide_connection`) are decided by the same policies, built a
+second time with Istio's rules for fields that only exist in HTTP (`methods`,
+`paths`, `hosts`, their `not*` forms and `request.headers[...]` conditions): an
+ALLOW rule naming one never matches a connection (the rule allows less), while a
+DENY or AUDIT rule drops them and matches on the fields that remain (the rule
+denies more: `to: [{operation: {methods: [GET], ports: ["9000"]}}]` denies every
+connection to port 9000). This is Istio's `forTCP` generation, where an HTTP-only
+field is an error that skips an ALLOW rule and is ignored in a DENY or AUDIT one.
+
+Policies annotated `istio.io/dry-run: "true"` (`AuthzPolicy.dry_run`) never change
+a decision: they are left out of it and evaluated apart, in the same order, as
+Envoy's `shadow_rules`; their would-be outcome is `Decision.shadow`.
+
 Entries the sidecar cannot evaluate (an unknown `when` key, a condition with neither
 values nor notValues, an unparseable CIDR, a caller address that is not an IP) should
 not pass validation. If one arrives anyway it fails closed in both directions: in an
@@ -57,13 +70,35 @@ class RequestFacts(NamedTuple):
     headers: Mapping[str, str]
 
 
+class ConnectionFacts(NamedTuple):
+    """What authorization looks at for a TCP connection, built by the relay when it
+    accepts one: the caller as in `RequestFacts`, and the workload port it reached."""
+
+    principal: str
+    namespace: str
+    source_ip: str
+    port: int
+
+
+class ShadowDecision(NamedTuple):
+    """What the dry-run policies alone would have decided (they decide nothing):
+    `policy` is the dry-run policy that decided (`ns/name`, "" when none did, e.g. no
+    dry-run ALLOW policy matched)."""
+
+    allowed: bool
+    reason: str
+    policy: str
+
+
 class Decision(NamedTuple):
-    """The outcome: `policy` is the deciding `ns/name` ("" when none decided)."""
+    """The outcome: `policy` is the deciding `ns/name` ("" when none decided).
+    `shadow` is the dry-run outcome, None when no dry-run policy applies."""
 
     allowed: bool
     reason: str
     policy: str
     audit: bool
+    shadow: ShadowDecision | None = None
 
 
 _NO_POLICY = Decision(True, "no authorization policy applies", "", False)
@@ -250,9 +285,13 @@ class _OperationMatch:
         "ports",
     )
 
-    def __init__(self, operation: Operation) -> None:
+    def __init__(self, operation: Operation, *, tcp: bool = False) -> None:
         # Istio builds method matchers like header matchers, so "*"/prefix/suffix work
         # there too; values are compared case-sensitively.
+        if tcp:
+            # only reached for DENY/AUDIT rules (an ALLOW rule naming these fields is
+            # dropped whole): the HTTP-only fields are left out, the ports remain
+            operation = Operation(ports=operation.ports, not_ports=operation.not_ports)
         self.methods = _values(operation.methods)
         self.not_methods = _values(operation.not_methods)
         self.paths = _values(operation.paths)
@@ -299,7 +338,7 @@ class _ConditionMatch:
         "values",
     )
 
-    def __init__(self, condition: Condition, *, lenient: bool) -> None:
+    def __init__(self, condition: Condition, *, lenient: bool, tcp: bool = False) -> None:
         self.values = _values(condition.values)
         self.not_values = _values(condition.not_values)
         self.addresses: _Addresses | None = None
@@ -312,6 +351,9 @@ class _ConditionMatch:
         header = _HEADER_KEY.fullmatch(condition.key)
         if not condition.values and not condition.not_values:
             pass
+        elif header is not None and tcp:
+            # a DENY/AUDIT rule on a connection: dropped, i.e. always holds
+            self.kind, self.unevaluable_holds = "", True
         elif header is not None:
             self.kind, self.header = "header", header.group(1).strip().lower()
         elif condition.key in _CONDITION_KEYS:
@@ -345,15 +387,27 @@ class _ConditionMatch:
         return self.not_values is None or value is None or not self.not_values.matches(value)
 
 
-class _RuleMatch:
-    __slots__ = ("conditions", "operations", "sources")
+def _http_only(rule: AuthzRule) -> bool:
+    """Whether the rule names a field a TCP connection does not have."""
+    return any(
+        o.methods or o.not_methods or o.paths or o.not_paths or o.hosts or o.not_hosts
+        for o in rule.operations
+    ) or any(_HEADER_KEY.fullmatch(c.key) is not None for c in rule.when)
 
-    def __init__(self, rule: AuthzRule, *, lenient: bool) -> None:
+
+class _RuleMatch:
+    __slots__ = ("conditions", "never", "operations", "sources")
+
+    def __init__(self, rule: AuthzRule, *, lenient: bool, tcp: bool = False) -> None:
+        # an ALLOW rule with HTTP-only fields never matches a connection (module doc)
+        self.never = tcp and not lenient and _http_only(rule)
         self.sources = tuple(_SourceMatch(s, lenient=lenient) for s in rule.sources)
-        self.operations = tuple(_OperationMatch(o) for o in rule.operations)
-        self.conditions = tuple(_ConditionMatch(c, lenient=lenient) for c in rule.when)
+        self.operations = tuple(_OperationMatch(o, tcp=tcp) for o in rule.operations)
+        self.conditions = tuple(_ConditionMatch(c, lenient=lenient, tcp=tcp) for c in rule.when)
 
     def matches(self, request: _Request) -> bool:
+        if self.never:
+            return False
         # Plain loops rather than any()/all() over generators: on this path creating
         # the generators costs more than the checks themselves.
         if self.sources:
@@ -377,10 +431,10 @@ class _RuleMatch:
 class _PolicyMatch:
     __slots__ = ("ref", "rules")
 
-    def __init__(self, policy: AuthzPolicy) -> None:
+    def __init__(self, policy: AuthzPolicy, *, tcp: bool = False) -> None:
         self.ref = f"{policy.namespace}/{policy.name}"
         lenient = policy.action != "ALLOW"
-        self.rules = tuple(_RuleMatch(r, lenient=lenient) for r in policy.rules)
+        self.rules = tuple(_RuleMatch(r, lenient=lenient, tcp=tcp) for r in policy.rules)
 
     def matches(self, request: _Request) -> bool:
         # No rules: matches nothing (an empty ALLOW policy allows nothing).
@@ -394,50 +448,106 @@ def _selects(selector: Mapping[str, str], labels: Mapping[str, str]) -> bool:
     return all(labels.get(key) == value for key, value in selector.items())
 
 
-class Authorizer:
-    """The AuthorizationPolicies applying to one workload, ready to evaluate."""
+class _Engine:
+    """One set of policies in Istio's evaluation order: AUDIT marks, DENY first, then
+    ALLOW when there is one. Built per protocol, and apart for dry-run policies."""
 
-    __slots__ = ("_allow", "_audit", "_deny", "applied")
+    __slots__ = ("allow", "audit", "deny")
+
+    def __init__(self, policies: Iterable[AuthzPolicy], *, tcp: bool) -> None:
+        by_action: dict[str, list[_PolicyMatch]] = {"AUDIT": [], "DENY": [], "ALLOW": []}
+        for authz in policies:
+            by_action[authz.action].append(_PolicyMatch(authz, tcp=tcp))
+        self.audit = tuple(by_action["AUDIT"])
+        self.deny = tuple(by_action["DENY"])
+        self.allow = tuple(by_action["ALLOW"])
+
+    @property
+    def empty(self) -> bool:
+        return not (self.audit or self.deny or self.allow)
+
+    @property
+    def refs(self) -> tuple[str, ...]:
+        return tuple(p.ref for p in (*self.audit, *self.deny, *self.allow))
+
+    def decide(self, request: _Request, kind: str = "") -> Decision:
+        """`kind` ("dry-run ") qualifies the policies in the reasons."""
+        audit = bool(self.audit) and any(p.matches(request) for p in self.audit)
+        for policy in self.deny:
+            if policy.matches(request):
+                return Decision(
+                    False, f"denied by {kind}DENY policy {policy.ref}", policy.ref, audit
+                )
+        if not self.allow:
+            return Decision(True, f"no {kind}ALLOW policy applies", "", audit)
+        for policy in self.allow:
+            if policy.matches(request):
+                return Decision(
+                    True, f"allowed by {kind}ALLOW policy {policy.ref}", policy.ref, audit
+                )
+        return Decision(False, f"no {kind}ALLOW policy matched", "", audit)
+
+
+_NO_ENGINE = _Engine((), tcp=False)
+
+
+class Authorizer:
+    """The AuthorizationPolicies applying to one workload, ready to evaluate requests
+    (`decide`) and TCP connections (`decide_connection`)."""
+
+    __slots__ = ("_http", "_shadow_http", "_shadow_tcp", "_tcp", "applied", "dry_run")
 
     def __init__(
         self,
-        audit: tuple[_PolicyMatch, ...] = (),
-        deny: tuple[_PolicyMatch, ...] = (),
-        allow: tuple[_PolicyMatch, ...] = (),
+        enforced: tuple[AuthzPolicy, ...] = (),
+        dry_run: tuple[AuthzPolicy, ...] = (),
     ) -> None:
-        self._audit = audit
-        self._deny = deny
-        self._allow = allow
+        self._http = _Engine(enforced, tcp=False) if enforced else _NO_ENGINE
+        self._tcp = _Engine(enforced, tcp=True) if enforced else _NO_ENGINE
+        self._shadow_http = _Engine(dry_run, tcp=False) if dry_run else None
+        self._shadow_tcp = _Engine(dry_run, tcp=True) if dry_run else None
         # `ns/name` of every policy kept, for the admin config dump
-        self.applied: tuple[str, ...] = tuple(p.ref for p in (*audit, *deny, *allow))
+        self.applied: tuple[str, ...] = self._http.refs
+        self.dry_run: tuple[str, ...] = self._shadow_http.refs if self._shadow_http else ()
 
     @classmethod
     def build(cls, policy: InboundPolicy | None, labels: Mapping[str, str]) -> Authorizer:
         """Keep the policies whose selector is empty or a subset of `labels`."""
         if policy is None:
             return cls()
-        by_action: dict[str, list[_PolicyMatch]] = {"AUDIT": [], "DENY": [], "ALLOW": []}
-        for authz in policy.authorization:
-            if _selects(authz.selector, labels):
-                by_action[authz.action].append(_PolicyMatch(authz))
-        return cls(tuple(by_action["AUDIT"]), tuple(by_action["DENY"]), tuple(by_action["ALLOW"]))
+        kept = [authz for authz in policy.authorization if _selects(authz.selector, labels)]
+        return cls(
+            tuple(authz for authz in kept if not authz.dry_run),
+            tuple(authz for authz in kept if authz.dry_run),
+        )
 
     @property
     def empty(self) -> bool:
-        """True when no policy applies: every request is allowed, facts are not needed."""
-        return not (self._audit or self._deny or self._allow)
+        """True when no policy applies, dry-run ones included: every request is
+        allowed, facts are not needed."""
+        return self._http.empty and self._shadow_http is None
 
     def decide(self, facts: RequestFacts) -> Decision:
         if self.empty:
             return _NO_POLICY
         request = _Request(facts)
-        audit = bool(self._audit) and any(p.matches(request) for p in self._audit)
-        for policy in self._deny:
-            if policy.matches(request):
-                return Decision(False, f"denied by DENY policy {policy.ref}", policy.ref, audit)
-        if not self._allow:
-            return Decision(True, "no ALLOW policy applies", "", audit)
-        for policy in self._allow:
-            if policy.matches(request):
-                return Decision(True, f"allowed by ALLOW policy {policy.ref}", policy.ref, audit)
-        return Decision(False, "no ALLOW policy matched", "", audit)
+        return self._decide(request, self._http, self._shadow_http)
+
+    def decide_connection(self, facts: ConnectionFacts) -> Decision:
+        """A TCP connection: the same policies, with Istio's rules for HTTP-only fields."""
+        if self.empty:
+            return _NO_POLICY
+        request = _Request(
+            RequestFacts(
+                facts.principal, facts.namespace, facts.source_ip, "", "", "", facts.port, {}
+            )
+        )
+        return self._decide(request, self._tcp, self._shadow_tcp)
+
+    @staticmethod
+    def _decide(request: _Request, engine: _Engine, shadow: _Engine | None) -> Decision:
+        decision = _NO_POLICY if engine.empty else engine.decide(request)
+        if shadow is None:
+            return decision
+        would = shadow.decide(request, "dry-run ")
+        return decision._replace(shadow=ShadowDecision(would.allowed, would.reason, would.policy))

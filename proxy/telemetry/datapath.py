@@ -297,10 +297,15 @@ class SidecarTelemetry:
         request_id: str,
         policy: str,
     ) -> None:
+        dry_run_result = dry_run_policy = ""
         if outcome is None:
             status, flags, upstream = 0, "DC", ""
         else:
             status, flags, upstream = outcome.status, outcome.flags or "-", outcome.upstream
+            shadow = outcome.authz_shadow
+            if shadow is not None:
+                dry_run_result = "allowed" if shadow.allowed else "denied"
+                dry_run_policy = shadow.policy
         finished = ex.finished_at
         ended = finished if finished is not None else time.monotonic()
         duration_ms = (ended - ex.started_at) * 1000.0
@@ -309,8 +314,8 @@ class SidecarTelemetry:
             _new_tuple(RequestRecord, (
                 reporter, source, destination, service or UNKNOWN, req.method, req.authority,
                 req.path, status, duration_ms, ex.request_bytes, ex.response_bytes, flags,
-                upstream, request_id, span.trace_id, "http", policy,
-                time.time_ns() - int(duration_ms * 1e6),
+                upstream, request_id, span.trace_id, "http", policy, dry_run_result,
+                dry_run_policy, time.time_ns() - int(duration_ms * 1e6),
             ))
         )  # fmt: skip
         if span.sampled:

@@ -517,4 +517,6 @@ def _access_record(r: RequestRecord) -> AccessRecord:
         r.destination_service or UNKNOWN,
         r.request_id,
         r.trace_id,
+        r.dry_run_result,
+        r.dry_run_policy,
     )

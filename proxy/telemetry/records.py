@@ -50,7 +50,11 @@ class RequestRecord(NamedTuple):
     trace_id: str = ""
     protocol: str = "http"
     security_policy: str = UNKNOWN
-    start_ns: int = 0  # unix ns; 0 = now minus the duration
+    # what dry-run AuthorizationPolicies would have decided: "allowed", "denied", or ""
+    # when none applies; and the dry-run policy that decided (`ns/name`, "" if none)
+    dry_run_result: str = ""
+    dry_run_policy: str = ""
+    start_ns: int = 0  # unix ns; 0 = now minus the duration (the last field)
 
 
 class TcpRecord(NamedTuple):

@@ -28,6 +28,7 @@ from typing import Literal
 from mesh import compiled
 from mesh.hosts import ServiceRef
 from mesh.resources import (
+    DRY_RUN_ANNOTATION,
     AuthorizationPolicySpec,
     MutualTLS,
     PeerAuthenticationSpec,
@@ -144,6 +145,8 @@ def _authz_policy(
         selector=_labels(spec.selector),
         mesh_wide=mesh_wide,
         rules=tuple(_rule(rule) for rule in spec.rules),
+        # validation admits only "true" and "false"
+        dry_run=resource.metadata.annotations.get(DRY_RUN_ANNOTATION) == "true",
     )
 
 

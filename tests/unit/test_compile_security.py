@@ -365,3 +365,49 @@ def test_rate_limits_survive_the_wire_and_old_policies_still_decode() -> None:
     old = {"type": "InboundPolicy", "namespace": "default", "service": "reviews", "revision": 1}
     decoded = msgspec.msgpack.decode(msgspec.msgpack.encode(old), type=InboundPolicy)
     assert decoded.rate_limits == ()
+
+
+DRY_RUN = """
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: deny-all
+  namespace: default
+  annotations:
+    istio.io/dry-run: "true"
+spec:
+  action: DENY
+  rules:
+  - {}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: enforced
+  namespace: default
+  annotations:
+    istio.io/dry-run: "false"
+spec: {}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: plain
+  namespace: default
+spec: {}
+"""
+
+
+def test_dry_run_annotation_compiles_to_the_dry_run_flag() -> None:
+    policy = compile_inbound_policy(resources(DRY_RUN), REVIEWS, 1, ROOT)
+    assert policy.authorization == (
+        AuthzPolicy(name="deny-all", namespace="default", action="DENY", rules=(AuthzRule(),),
+                    dry_run=True),
+        AuthzPolicy(name="enforced", namespace="default"),
+        AuthzPolicy(name="plain", namespace="default"),
+    )  # fmt: skip
+    # a sidecar that predates the flag decodes enforced policies as before: the field
+    # is absent on the wire unless set
+    wire = msgspec.msgpack.encode(policy.authorization[1])
+    assert b"dry_run" not in wire
+    assert b"dry_run" in msgspec.msgpack.encode(policy.authorization[0])

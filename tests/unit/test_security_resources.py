@@ -511,3 +511,32 @@ def test_refusal_names_the_field(body: dict[str, Any], path: str, message: str) 
     assert (error.path, error.message) == (path, message)
     assert str(error).startswith("t.yaml: document 0: ")
     assert path in str(error)
+
+
+# ---------------------------------------------------------------- istio.io/dry-run
+
+
+def dry_run(value: object) -> dict[str, Any]:
+    body = ap(rules=[{}], action="DENY")
+    body["metadata"]["annotations"] = {"istio.io/dry-run": value}
+    return body
+
+
+@pytest.mark.parametrize("value", ["true", "false"])
+def test_dry_run_annotation_values_are_accepted(value: str) -> None:
+    resource = parse_resource(dry_run(value), source="t.yaml", index=0)
+    assert resource.metadata.annotations == {"istio.io/dry-run": value}
+    assert to_dict(resource)["metadata"]["annotations"] == {"istio.io/dry-run": value}
+
+
+@pytest.mark.parametrize("value", ["True", "yes", "1", "", " true"])
+def test_dry_run_annotation_other_values_are_refused(value: str) -> None:
+    error = rejection(dry_run(value))
+    assert error.path == 'metadata.annotations["istio.io/dry-run"]'
+    assert error.message == f"must be 'true' or 'false', got {value!r}"
+
+
+def test_dry_run_annotation_is_only_checked_on_authorization_policies() -> None:
+    body = pa(mtls={"mode": "STRICT"})
+    body["metadata"]["annotations"] = {"istio.io/dry-run": "maybe"}
+    assert parse_resource(body, source="t.yaml", index=0).kind == "PeerAuthentication"

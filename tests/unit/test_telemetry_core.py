@@ -1019,3 +1019,24 @@ def test_meshctl_finds_the_telemetry_service(
     assert telemetry_cmds.telemetry_url(args) == "http://env:1"
     args.telemetry = "http://flag:2"
     assert telemetry_cmds.telemetry_url(args) == "http://flag:2"
+
+
+def test_access_records_carry_the_dry_run_shadow_result() -> None:
+    rec = recorder()
+    rec.record_request(
+        request(reporter="destination", dry_run_result="denied",
+                dry_run_policy="default/deny-all", start_ns=5)
+    )  # fmt: skip
+    rec.record_request(request(reporter="destination", start_ns=6))
+    payload = next(o for o in rec.outgoing() if o.kind == "access").payload
+    shadowed, plain = msgspec.msgpack.decode(payload)["records"]
+    assert (shadowed["dry_run_result"], shadowed["dry_run_policy"]) == (
+        "denied",
+        "default/deny-all",
+    )
+    assert "dry_run_result" not in plain and "dry_run_policy" not in plain
+    # a record from a proxy without the fields decodes with empty defaults
+    batch = wire.decode(payload)
+    assert isinstance(batch, wire.AccessBatch)
+    assert (batch.records[1].dry_run_result, batch.records[1].dry_run_policy) == ("", "")
+    assert batch.records[0].dry_run_policy == "default/deny-all"
