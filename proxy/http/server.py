@@ -24,10 +24,9 @@ from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 from typing import TYPE_CHECKING, NoReturn, cast
 
-import structlog
 from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
 
-from mesh.logs import LogRateLimiter, exception_fields
+from mesh.logs import LogRateLimiter, exception_fields, get_logger
 
 from .body import BodyStream
 from .errors import DownstreamError, UpstreamError
@@ -50,7 +49,7 @@ if TYPE_CHECKING:
 
 Handler = Callable[[Request, Exchange], Awaitable[None]]
 
-log = structlog.get_logger("proxy.http")
+log = get_logger("proxy.http")
 # unhandled errors of every connection of this process share one budget per kind
 _error_logs = LogRateLimiter()
 
