@@ -9,6 +9,12 @@ from structlog's defaults (every level, console format, stdout) and keeps them, 
 `get_logger` returns a `MeshLogger` instead: it builds its structlog logger on first
 use and again after every `configure()`, and keeps it in between (structlog's
 `cache_logger_on_first_use`, per configuration).
+
+Exceptions are rendered without local variables, in both formats: a frame's locals
+hold requests, headers and credentials (structlog's `dict_tracebacks` and rich show
+them by default). Code that logs errors a client can trigger at will uses
+`exception_fields` (type, short message, locals-free traceback) and a
+`LogRateLimiter`, so one request cannot turn into pages of log.
 """
 
 from __future__ import annotations
@@ -16,9 +22,13 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
+import traceback
+from collections.abc import Callable, Hashable
 from typing import Any
 
 import structlog
+from structlog.tracebacks import ExceptionDictTransformer
 
 # bumped by every `configure()`: loggers built under an older one are rebuilt
 _generation = 0
@@ -37,9 +47,16 @@ def configure(level: str | None = None, *, json: bool | None = None, stream: Any
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
     if json:
-        processors += [structlog.processors.dict_tracebacks, structlog.processors.JSONRenderer()]
+        processors += [
+            structlog.processors.ExceptionRenderer(ExceptionDictTransformer(show_locals=False)),
+            structlog.processors.JSONRenderer(),
+        ]
     else:
-        processors += [structlog.dev.ConsoleRenderer(colors=stream.isatty())]
+        processors += [
+            structlog.dev.ConsoleRenderer(
+                colors=stream.isatty(), exception_formatter=structlog.dev.plain_traceback
+            )
+        ]
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(
@@ -98,3 +115,69 @@ def get_logger(name: str, **fields: Any) -> Any:
     """A logger whose events carry `component=name` and `fields`; safe to create at
     import, before `configure()`."""
     return MeshLogger({"component": name, **fields})
+
+
+# longest error message kept in a log record: enough to tell what went wrong, too short
+# to carry a request
+MAX_ERROR_MESSAGE = 200
+
+
+def exception_fields(error: BaseException) -> dict[str, str]:
+    """Log fields describing `error`: `error_type`, `error` (its message, cut to
+    `MAX_ERROR_MESSAGE`), `at` (file:line where it was raised) and `traceback` (the
+    frames, without local variables)."""
+    message = str(error)
+    if len(message) > MAX_ERROR_MESSAGE:
+        message = message[:MAX_ERROR_MESSAGE] + "..."
+    frames = traceback.extract_tb(error.__traceback__)
+    at = f"{frames[-1].filename}:{frames[-1].lineno}" if frames else ""
+    return {
+        "error_type": type(error).__name__,
+        "error": message,
+        "at": at,
+        "traceback": "".join(frames.format()),
+    }
+
+
+class LogRateLimiter:
+    """At most `burst` records per key in each `window` seconds; the rest are counted.
+
+    `admit(key)` returns None when the record must be dropped, else how many records
+    of that key were dropped since the last one admitted (to log with it). Pure state,
+    clock injected; at most `max_keys` keys are tracked (beyond that the table starts
+    over, losing only counts).
+    """
+
+    __slots__ = ("_burst", "_clock", "_keys", "_max_keys", "_window")
+
+    def __init__(
+        self,
+        burst: int = 5,
+        window: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+        max_keys: int = 1024,
+    ) -> None:
+        if burst < 1 or window <= 0:
+            raise ValueError("LogRateLimiter needs burst >= 1 and window > 0")
+        self._burst = burst
+        self._window = window
+        self._clock = clock
+        self._max_keys = max_keys
+        # key -> [window start, admitted in window, dropped since last admitted]
+        self._keys: dict[Hashable, list[float]] = {}
+
+    def admit(self, key: Hashable) -> int | None:
+        now = self._clock()
+        state = self._keys.get(key)
+        if state is None:
+            if len(self._keys) >= self._max_keys:
+                self._keys.clear()
+            state = self._keys[key] = [now, 0, 0]
+        elif now - state[0] >= self._window:
+            state[0], state[1] = now, 0
+        if state[1] >= self._burst:
+            state[2] += 1
+            return None
+        state[1] += 1
+        dropped, state[2] = int(state[2]), 0
+        return dropped

@@ -14,12 +14,15 @@ from proxy.forward import Outcome, PoolSet, forward, local_reply
 from proxy.http import Exchange, Request, ensure_request_id, header_map, strip_hop_by_hop
 from proxy.inbound_policy import InboundPolicyFollower
 from proxy.peer import Peer, peer_of
-from proxy.policy import Decision, PathError, RequestFacts, normalize_path
+from proxy.policy import Decision, RequestFacts
 from proxy.resilience import ratelimit_headers
 from proxy.settings import SidecarSettings
 from proxy.stats import ProxyStats
 
 XFCC = "x-forwarded-client-cert"
+# Envoy's flag for "no route": a CONNECT request has no path to route (Envoy answers
+# 404 to a CONNECT without a `connect_matcher` route), and no listener tunnels CONNECT
+NO_ROUTE_FLAG = "NR"
 # Envoy's flag for a request denied by RBAC (authorization policy)
 DENIED_FLAG = "RBAC"
 # Envoy's flag for a request refused by a (local) rate limit
@@ -43,6 +46,8 @@ class InboundHandler:
     async def handle(self, req: Request, ex: Exchange) -> Outcome:
         if self.settings.app_port == 0:
             return await local_reply(ex, 503, "UH", "this sidecar has no app port")
+        if req.method == "CONNECT":
+            return await local_reply(ex, 404, NO_ROUTE_FLAG, "CONNECT is not routed")
         peer = peer_of(req.ssl_object)
         if not peer.mtls and self.policy.mode(self.settings.app_port) == "STRICT":
             # accepted as plaintext before the mode became STRICT: not any more
@@ -50,11 +55,9 @@ class InboundHandler:
             return await local_reply(
                 ex, 403, DENIED_FLAG, "mTLS required: PeerAuthentication mode is STRICT"
             )
-        try:
-            path = normalize_path(req.path)
-        except PathError as e:
-            ex.close_after = True
-            return await local_reply(ex, 400, "", f"bad request path: {e}")
+        # the engine normalised the path and Host before any handler ran
+        # (proxy.http.target): authorized as forwarded
+        path = req.path
         authz = self._authorize(req, peer, path)
         if authz is not None and not authz.allowed:
             self.stats.authz_denied.labels(policy=authz.policy or "none").inc()

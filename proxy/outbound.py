@@ -116,6 +116,12 @@ class RouteHandler:
         return result
 
     async def _handle(self, req: Request, ex: Exchange, seen: Outcome | None) -> Outcome:
+        if req.method == "CONNECT":
+            # Envoy answers 404 (no route) to a CONNECT without a `connect_matcher`
+            # route; no route here tunnels CONNECT
+            return await local_reply(ex, 404, "NR", "CONNECT is not routed")
+        # path and authority were normalised and validated by the engine
+        # (proxy.http.target) before routing: routed as forwarded
         authority = req.authority
         if not authority:
             return await local_reply(ex, 400, "", "missing Host header")

@@ -29,6 +29,7 @@ from .listen import ConnectionSet, install_uvloop, serve
 from .pool import PoolStats, UpstreamPool
 from .request import Request
 from .server import Handler
+from .target import InvalidTarget, Normalization
 
 __all__ = [
     "HOP_BY_HOP",
@@ -40,7 +41,9 @@ __all__ = [
     "Exchange",
     "Handler",
     "HttpEngineError",
+    "InvalidTarget",
     "Limits",
+    "Normalization",
     "PoolStats",
     "Request",
     "UpstreamConnectError",

@@ -8,6 +8,7 @@ import ssl as ssl_module
 
 from .limits import Limits
 from .server import Handler, HttpServerProtocol
+from .target import DEFAULT_NORMALIZATION, Normalization
 
 
 class ConnectionSet:
@@ -66,16 +67,18 @@ async def serve(
     sock: socket.socket | None = None,
     connections: ConnectionSet | None = None,
     backlog: int = 1024,
+    normalization: Normalization = DEFAULT_NORMALIZATION,
 ) -> asyncio.Server:
     """Listen on host:port (or `sock`) and run `handler` for every request.
 
-    Pass a ConnectionSet to be able to drain the listener's connections on shutdown.
+    Pass a ConnectionSet to be able to drain the listener's connections on shutdown;
+    `normalization` chooses how request paths and Hosts are normalised.
     """
     loop = asyncio.get_running_loop()
     resolved = limits if limits is not None else Limits()
 
     def protocol_factory() -> HttpServerProtocol:
-        return HttpServerProtocol(handler, resolved, connections)
+        return HttpServerProtocol(handler, resolved, connections, normalization)
 
     if sock is not None:
         return await loop.create_server(protocol_factory, sock=sock, ssl=ssl, backlog=backlog)

@@ -4,6 +4,16 @@ One task per connection runs the handler loop; the protocol callbacks parse, que
 requests (pipelining) and feed body streams. Malformed requests never reach the
 handler: they are answered 400/431/408 with `Connection: close` and the connection
 is closed.
+
+Every request head is normalised here, once, before any handler sees it
+(`proxy.http.target`): `Request.path` and `Request.authority` are what the listeners
+route, authorize and forward, and the Host field is rewritten to the authority (an
+absolute-form URI's authority replaces Host, RFC 9112 §3.2.2). An invalid path or
+Host is answered 400 with a short reason naming what is wrong.
+
+A handler that raises is answered with a generic 500 (no detail on the wire) and
+logged without local variables or header values, at most a few times per second per
+kind of error (`mesh.logs.LogRateLimiter`).
 """
 
 from __future__ import annotations
@@ -14,8 +24,9 @@ from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 from typing import TYPE_CHECKING, NoReturn, cast
 
-import structlog
 from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
+
+from mesh.logs import LogRateLimiter, exception_fields, get_logger
 
 from .body import BodyStream
 from .errors import DownstreamError, UpstreamError
@@ -23,6 +34,13 @@ from .exchange import Exchange
 from .flow import ReadGate, WriteGate
 from .limits import Limits
 from .request import Request
+from .target import (
+    DEFAULT_NORMALIZATION,
+    OVERRIDE_HEADERS,
+    InvalidTarget,
+    Normalization,
+    normalize_request_target,
+)
 from .tunnel import Tunnel
 from .wire import CONTINUE_100, check_request_head, status_line
 
@@ -31,7 +49,9 @@ if TYPE_CHECKING:
 
 Handler = Callable[[Request, Exchange], Awaitable[None]]
 
-log = structlog.get_logger("proxy.http")
+log = get_logger("proxy.http")
+# unhandled errors of every connection of this process share one budget per kind
+_error_logs = LogRateLimiter()
 
 # Connection modes.
 _HTTP = 0  # parsing requests
@@ -45,13 +65,14 @@ _CLOSING = 4  # closing or closed
 _LINGER_SECONDS = 2.0
 
 # Header names the request parser acts on, mapped to small codes.
-_CONTENT_LENGTH, _TRANSFER_ENCODING, _HOST, _UPGRADE, _EXPECT = 1, 2, 3, 4, 5
+_CONTENT_LENGTH, _TRANSFER_ENCODING, _HOST, _UPGRADE, _EXPECT, _OVERRIDE = 1, 2, 3, 4, 5, 6
 _SPECIAL = {
     "content-length": _CONTENT_LENGTH,
     "transfer-encoding": _TRANSFER_ENCODING,
     "host": _HOST,
     "upgrade": _UPGRADE,
     "expect": _EXPECT,
+    **dict.fromkeys(OVERRIDE_HEADERS, _OVERRIDE),
 }
 
 # Owners of read pauses, besides body streams and tunnels.
@@ -64,8 +85,10 @@ _NAME_CACHE_MAX = 512
 _METHODS: dict[bytes, str] = {}
 
 
-def _error_response(status: int) -> bytes:
-    text = f"{HTTPStatus(status).phrase}\n".encode("ascii")
+def _error_response(status: int, reason: str = "") -> bytes:
+    """A complete error answer; `reason` is our own text (never request data)."""
+    phrase = HTTPStatus(status).phrase
+    text = (f"{phrase}: {reason}\n" if reason else f"{phrase}\n").encode("ascii")
     fields = (
         "content-type: text/plain; charset=utf-8\r\n"
         f"content-length: {len(text)}\r\n"
@@ -80,10 +103,11 @@ _ERROR_RESPONSES = {status: _error_response(status) for status in (400, 408, 431
 class _Rejection:
     """Queued in place of a request that must be answered with an error."""
 
-    __slots__ = ("status",)
+    __slots__ = ("reason", "status")
 
-    def __init__(self, status: int) -> None:
+    def __init__(self, status: int, reason: str = "") -> None:
         self.status = status
+        self.reason = reason
 
 
 class _Rejected(Exception):
@@ -94,10 +118,15 @@ class HttpServerProtocol(asyncio.Protocol):
     """One client connection."""
 
     def __init__(
-        self, handler: Handler, limits: Limits, connections: ConnectionSet | None = None
+        self,
+        handler: Handler,
+        limits: Limits,
+        connections: ConnectionSet | None = None,
+        normalization: Normalization = DEFAULT_NORMALIZATION,
     ) -> None:
         self._handler = handler
         self._limits = limits
+        self._normalization = normalization
         self._connections = connections
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
@@ -121,6 +150,7 @@ class HttpServerProtocol(asyncio.Protocol):
         self._client_eof = False
         self._draining = False
         self._reject_status = 400
+        self._reject_reason = ""
         self._progress = False
         self._quiet_bytes = 0
         self._timer: asyncio.TimerHandle | None = None
@@ -142,6 +172,7 @@ class HttpServerProtocol(asyncio.Protocol):
         self._hosts: list[str] | None = None
         self._upgrade: str | None = None
         self._expect_continue = False
+        self._override_headers = False
         self._trailer_count = 0
 
     # -- what Exchange uses ----------------------------------------------------------------
@@ -225,7 +256,7 @@ class HttpServerProtocol(asyncio.Protocol):
             self._hold(data[upgrade.args[0] :])
             return
         except HttpParserError:
-            self._fail(self._reject_status)
+            self._fail(self._reject_status, head_reason=self._reject_reason)
             return
         if self._progress:
             self._quiet_bytes = 0
@@ -328,6 +359,8 @@ class HttpServerProtocol(asyncio.Protocol):
             self._hosts.append(text)
         elif special == _UPGRADE:
             self._upgrade = text
+        elif special == _OVERRIDE:
+            self._override_headers = True
         elif text.lower() == "100-continue":
             self._expect_continue = True
 
@@ -366,7 +399,19 @@ class HttpServerProtocol(asyncio.Protocol):
             )
         except ValueError:
             self._reject(400)
-        content_length, chunked, target = head.content_length, head.chunked, head.target
+        hosts = self._hosts
+        host = hosts[0] if hosts else None
+        rules = self._normalization
+        try:
+            target = normalize_request_target(method, head.target, host, rules)
+        except InvalidTarget as error:
+            self._reject(400, str(error))
+        headers = self._headers
+        if target.authority != (host or ""):
+            headers = _with_host(headers, target.authority)
+        if self._override_headers and rules.drop_override_headers:
+            headers = [(n, v) for n, v in headers if n not in OVERRIDE_HEADERS]
+        content_length, chunked = head.content_length, head.chunked
         if chunked or content_length:
             body = BodyStream(
                 length=content_length,
@@ -383,7 +428,7 @@ class HttpServerProtocol(asyncio.Protocol):
             target.scheme,
             target.authority,
             target.path,
-            self._headers,
+            headers,
             version,
             parser.should_keep_alive(),
             self._upgrade if upgrading and method != "CONNECT" else None,
@@ -415,8 +460,9 @@ class HttpServerProtocol(asyncio.Protocol):
             current.body.feed_eof()
             self._current = None
 
-    def _reject(self, status: int) -> NoReturn:
+    def _reject(self, status: int, reason: str = "") -> NoReturn:
         self._reject_status = status
+        self._reject_reason = reason
         raise _Rejected
 
     # -- parsing outcomes --------------------------------------------------------------------
@@ -439,8 +485,12 @@ class HttpServerProtocol(asyncio.Protocol):
             if not waiter.done():
                 waiter.set_result(None)
 
-    def _fail(self, status: int, reason: str = "malformed request body") -> None:
-        """The request stream is broken: answer `status` in order, then close."""
+    def _fail(
+        self, status: int, reason: str = "malformed request body", head_reason: str = ""
+    ) -> None:
+        """The request stream is broken: answer `status` in order, then close.
+
+        `head_reason` is told to the client when the broken part is a request head."""
         self._mode = _FAILED
         self.read_gate.pause(_FAILED_OWNER)
         self._in_head = False
@@ -455,7 +505,7 @@ class HttpServerProtocol(asyncio.Protocol):
             # `status` if the handler has not responded yet.
             current.body.set_exception(DownstreamError(reason, status))
         else:
-            self._queue.append(_Rejection(status))
+            self._queue.append(_Rejection(status, head_reason))
         self._wake()
 
     def _hold(self, data: bytes) -> None:
@@ -505,12 +555,12 @@ class HttpServerProtocol(asyncio.Protocol):
                     self._pipeline_paused = False
                     self.read_gate.resume(_PIPELINE)
                 if isinstance(item, _Rejection):
-                    self._answer_error(item.status)
+                    self._answer_error(item.status, item.reason)
                     return
                 if not await self._handle(item):
                     return
-        except Exception:
-            log.exception("http.connection_error", peer=self._peer)
+        except Exception as error:
+            _log_unhandled("http.connection_error", error, peer=self._peer)
             self.abort()
 
     async def _handle(self, request: Request) -> bool:
@@ -524,8 +574,10 @@ class HttpServerProtocol(asyncio.Protocol):
         except UpstreamError as error:
             log.info("http.upstream_error", error=str(error), peer=self._peer)
             return self._after_failure(exchange, 502)
-        except Exception:
-            log.exception("http.handler_error", method=request.method, path=request.path)
+        except Exception as error:
+            # the path without its query (which may carry tokens), never the headers
+            path = request.path.partition("?")[0]
+            _log_unhandled("http.handler_error", error, method=request.method, path=path)
             return self._after_failure(exchange, 500)
         finally:
             self._active = None
@@ -546,10 +598,12 @@ class HttpServerProtocol(asyncio.Protocol):
             self._answer_error(status)
         return False
 
-    def _answer_error(self, status: int) -> None:
+    def _answer_error(self, status: int, reason: str = "") -> None:
         if self._transport is None or self._transport.is_closing():
             return
-        self._transport.write(_ERROR_RESPONSES[status])
+        self._transport.write(
+            _error_response(status, reason) if reason else _ERROR_RESPONSES[status]
+        )
         self._close(linger=True)
 
     def _close(self, linger: bool = False) -> None:
@@ -600,3 +654,22 @@ class HttpServerProtocol(asyncio.Protocol):
                 return
             next_check = min(next_check, deadline)
         self._timer = self._loop.call_at(next_check, self._on_timer)
+
+
+def _with_host(headers: list[tuple[str, str]], authority: str) -> list[tuple[str, str]]:
+    """`headers` with the Host field's value replaced by `authority` (added when there
+    was none); the head has at most one Host field by now."""
+    out = [(n, authority) if n == "host" else (n, v) for n, v in headers]
+    if authority and not any(n == "host" for n, _ in headers):
+        out.append(("host", authority))
+    return out
+
+
+def _log_unhandled(event: str, error: BaseException, **fields: object) -> None:
+    """Log an unexpected error: its type, a short message and a traceback without
+    local variables (`mesh.logs.exception_fields`), rate-limited per kind of error."""
+    fields_of_error = exception_fields(error)
+    suppressed = _error_logs.admit((event, fields_of_error["error_type"], fields_of_error["at"]))
+    if suppressed is None:
+        return
+    log.error(event, **fields, **fields_of_error, suppressed=suppressed)

@@ -372,11 +372,13 @@ async def test_request_fields_for_origin_form(engine: Engine) -> None:
     assert response.status == 200
     (request,) = engine.seen
     assert (request.method, request.target, request.path) == ("GET", "/echo?a=1", "/echo?a=1")
+    # the host name is case-insensitive: normalised to lower case, Host field too
     assert (request.absolute_form, request.scheme, request.authority) == (
         False,
         "http",
-        "Reviews:9080",
+        "reviews:9080",
     )
+    assert ("host", "reviews:9080") in request.headers
     assert request.headers[-3:] == [("x-multi", "1"), ("x-multi", "2"), ("connection", "close")]
     assert (request.http_version, request.keep_alive, request.upgrade) == ("1.1", False, None)
     assert request.peer[0] == LOCAL and request.local[1] == engine.port
