@@ -14,6 +14,9 @@ from typing import Any
 import pytest
 
 from mesh.compiled import (
+    AuthzPolicy,
+    AuthzRule,
+    Condition,
     ConnectionPool,
     ConsistentHash,
     Destination,
@@ -21,27 +24,38 @@ from mesh.compiled import (
     FaultAbort,
     FaultDelay,
     FaultInjection,
+    GatewayConfig,
+    GatewayServer,
     HeaderOps,
     Headers,
     HTTPCookie,
     HTTPMatch,
     HTTPRoute,
+    InboundPolicy,
     LoadBalancer,
     Mirror,
+    Operation,
     OutlierDetection,
+    PeerAuthn,
+    RateLimit,
+    RateLimitOverride,
     Redirect,
     RetryPolicy,
     Rewrite,
     RouteTable,
+    Source,
     StringMatch,
     Subset,
     TrafficPolicy,
+    VirtualHost,
     WeightedDestination,
 )
+from mesh.hosts import ServiceRef
 from mesh.messages import Endpoint, EndpointSet
 from proxy.envoy.resources import XdsResources
 from proxy.envoy.translate import MeshView, ProxyNode, translate
 from proxy.envoy.translate.protos import to_dict
+from proxy.tcp import TcpUpstream
 
 GOLDEN_DIR = Path(__file__).resolve().parents[1] / "golden" / "envoy"
 TD = "cluster.local"
@@ -288,9 +302,207 @@ def case_outbound_routing() -> tuple[ProxyNode, MeshView]:
     )
 
 
+def reviews_inbound_policy() -> InboundPolicy:
+    return InboundPolicy(
+        namespace="default",
+        service="reviews",
+        revision=21,
+        peer_authentication=(
+            PeerAuthn(name="default", namespace="istio-system", scope="mesh", mode="PERMISSIVE"),
+            PeerAuthn(name="strict", namespace="default", scope="namespace", mode="STRICT"),
+            PeerAuthn(
+                name="redis-open",
+                namespace="default",
+                scope="workload",
+                selector={"app": "reviews"},
+                port_modes={6379: "PERMISSIVE"},
+            ),
+        ),
+        authorization=(
+            AuthzPolicy(
+                name="audit-admin",
+                namespace="default",
+                action="AUDIT",
+                rules=(AuthzRule(operations=(Operation(paths=("/admin*",)),)),),
+            ),
+            AuthzPolicy(
+                name="deny-outsiders",
+                namespace="default",
+                action="DENY",
+                rules=(
+                    AuthzRule(
+                        sources=(
+                            Source(
+                                not_namespaces=("default", "team-*"), not_ip_blocks=("10.9.0.0/16",)
+                            ),
+                        ),
+                    ),
+                    AuthzRule(
+                        operations=(Operation(methods=("DELETE",), not_paths=("/public/*",)),),
+                        when=(Condition(key="request.headers[x-debug]", values=("1",)),),
+                    ),
+                ),
+            ),
+            AuthzPolicy(
+                name="productpage-reads",
+                namespace="default",
+                selector={"app": "reviews"},
+                rules=(
+                    AuthzRule(
+                        sources=(
+                            Source(principals=("cluster.local/ns/default/sa/productpage",)),
+                            Source(
+                                namespaces=("frontend",), ip_blocks=("10.0.0.0/8", "192.168.1.7")
+                            ),
+                        ),
+                        operations=(
+                            Operation(
+                                methods=("GET", "HEAD"),
+                                paths=("/reviews/*", "/health"),
+                                hosts=("reviews", "*.example.com"),
+                            ),
+                            Operation(ports=("6379",)),
+                        ),
+                        when=(
+                            Condition(key="source.principal", not_values=("*/sa/blocked",)),
+                            Condition(key="destination.port", values=("9080", "6379")),
+                        ),
+                    ),
+                    AuthzRule(
+                        sources=(Source(principals=("*",)),),
+                        operations=(Operation(ports=("1234",)),),
+                    ),
+                ),
+            ),
+            # selects other workloads: not applied here
+            AuthzPolicy(name="ratings-only", namespace="default", selector={"app": "ratings"}),
+        ),
+        rate_limits=(
+            RateLimit(
+                name="reviews-limit",
+                namespace="default",
+                selector={"app": "reviews"},
+                total_rps=100,
+                identity_rps=10,
+                overrides=(
+                    RateLimitOverride(
+                        principals=("cluster.local/ns/default/sa/productpage",), rps=50
+                    ),
+                ),
+            ),
+        ),
+    )
+
+
+def case_inbound_strict() -> tuple[ProxyNode, MeshView]:
+    """A server sidecar under STRICT (a port-level PERMISSIVE for its TCP port), with
+    AUDIT/DENY/ALLOW policies, a rate limit, TCP relays both ways and access logs."""
+    node = sidecar(
+        service="reviews",
+        labels={"app": "reviews", "version": "v2"},
+        identity=spiffe("default", "reviews"),
+        tcp_upstreams=(
+            TcpUpstream(service=ServiceRef("cache", "redis"), port=6379, local_port=16379),
+        ),
+        tcp_inbound=((6379, ("0.0.0.0", 15379)),),
+        access_log_cluster="meshwork_access_log",
+    )
+    redis = EndpointSet(
+        namespace="cache",
+        service="redis",
+        revision=4,
+        endpoints=[
+            endpoint(
+                "redis-a",
+                "10.0.2.1",
+                15006,
+                identity=spiffe("cache", "redis"),
+                tcp_listeners={"6379": "10.0.2.1:15379"},
+            ),
+            # no TCP listener for 6379: not an endpoint of the relay
+            endpoint("redis-b", "10.0.2.2", 15006, identity=spiffe("cache", "redis")),
+        ],
+    )
+    return node, MeshView(
+        destinations={RATINGS: (None, ratings_endpoints()), REDIS: (None, redis)},
+        inbound=reviews_inbound_policy(),
+    )
+
+
+def case_inbound_permissive_no_app() -> tuple[ProxyNode, MeshView]:
+    """No inbound policy at all (PERMISSIVE, no authorization) and no app port."""
+    return sidecar(app_port=0, outbound=None), MeshView(destinations={})
+
+
+def case_gateway() -> tuple[ProxyNode, MeshView]:
+    """An ingress gateway: two plaintext listeners, virtual hosts by exact, wildcard
+    and short names, a rule limited to this gateway and one limited to the mesh."""
+    gateway = GatewayConfig(
+        namespace="default",
+        name="default/bookinfo-gateway",
+        revision=5,
+        selector={"istio": "ingressgateway"},
+        servers=(GatewayServer(port=8080, hosts=("*",)),),
+        virtual_hosts=(
+            VirtualHost(
+                hosts=("reviews.default.svc.cluster.local", "bookinfo.example.com"),
+                http=(
+                    HTTPRoute(
+                        name="reviews-at-gateway",
+                        match=(
+                            HTTPMatch(
+                                uri=StringMatch(kind="prefix", value="/reviews"),
+                                gateways=("default/bookinfo-gateway",),
+                            ),
+                            HTTPMatch(
+                                uri=StringMatch(kind="prefix", value="/mesh-only"),
+                                gateways=("mesh",),
+                            ),
+                        ),
+                        route=(
+                            WeightedDestination(destination=Destination(host=REVIEWS, subset="v1")),
+                        ),
+                    ),
+                ),
+            ),
+            VirtualHost(
+                hosts=("*.example.com", "bookinfo.example.com"),
+                http=(
+                    HTTPRoute(
+                        name="ratings",
+                        route=(WeightedDestination(destination=Destination(host=RATINGS)),),
+                        timeout_ms=3000,
+                    ),
+                ),
+            ),
+        ),
+    )
+    node = sidecar(
+        service="istio-ingressgateway",
+        labels={"istio": "ingressgateway"},
+        identity=spiffe("default", "istio-ingressgateway"),
+        role="gateway",
+        inbound=None,
+        outbound=None,
+        app_port=0,
+        gateway_listeners=(("0.0.0.0", 8080), ("0.0.0.0", 8081)),
+        access_log_cluster="meshwork_access_log",
+    )
+    return node, MeshView(
+        destinations={
+            REVIEWS: (reviews_table(), reviews_endpoints()),
+            RATINGS: (None, ratings_endpoints()),
+        },
+        gateway=gateway,
+    )
+
+
 CASES: dict[str, Callable[[], tuple[ProxyNode, MeshView]]] = {
     "outbound_default": case_outbound_default,
     "outbound_routing": case_outbound_routing,
+    "inbound_strict": case_inbound_strict,
+    "inbound_permissive_no_app": case_inbound_permissive_no_app,
+    "gateway": case_gateway,
 }
 
 
