@@ -318,7 +318,7 @@ def test_an_endpoint_address_that_is_not_ip_port_is_refused() -> None:
         revision=1,
         endpoints=[ep("bad", address="reviews-1.local:15006")],
     )
-    with pytest.raises(TranslationError, match="bad.*reviews-1.local:15006"):
+    with pytest.raises(TranslationError, match=r"bad.*reviews-1\.local:15006"):
         translate(sidecar(), MeshView(destinations={REVIEWS: (None, eps)}))
 
 
