@@ -272,7 +272,32 @@ def _live_mesh(app_port: int, inbound_port: int, outbound_port: int) -> tuple[Pr
         outbound=("127.0.0.1", outbound_port),
         app_port=app_port,
     )
-    return node, MeshView(destinations={fqdn: (table, endpoints)}, inbound=inbound)
+
+    def via_own_inbound(service: str, peer: str) -> EndpointSet:
+        # an endpoint that registered an identity is reached over mTLS
+        return EndpointSet(
+            namespace="default",
+            service=service,
+            revision=1,
+            endpoints=[
+                Endpoint(
+                    instance=f"{service}-1",
+                    address=f"127.0.0.1:{inbound_port}",
+                    identity=identity.spiffe_id(TD, "default", peer),
+                )
+            ],
+        )
+
+    return node, MeshView(
+        destinations={
+            fqdn: (table, endpoints),
+            # our own certificate is productpage's: the identity check passes
+            "ratings.default.svc.cluster.local": (None, via_own_inbound("ratings", "productpage")),
+            # the endpoint claims another identity than the one its certificate proves
+            "details.default.svc.cluster.local": (None, via_own_inbound("details", "details")),
+        },
+        inbound=inbound,
+    )
 
 
 @pytest.fixture
@@ -289,7 +314,9 @@ def test_envoy_serves_translated_routes_and_policies(app_server: int, tmp_path: 
     """Envoy run on a translation answers as the Python sidecar would: direct
     responses, prefix rewrite with a withoutHeaders/authority match, destination
     header ops, a rule for other callers left out, RBAC DENY at the inbound side,
-    502 for hosts outside the mesh, absolute-form requests, no XFCC for plaintext."""
+    502 for hosts outside the mesh, absolute-form requests, no XFCC for plaintext,
+    mTLS with the SDS certificate and the endpoint's identity checked, XFCC set from
+    the verified client certificate."""
     envoy = _envoy()
     inbound_port, outbound_port = free_port(), free_port()
     node, view = _live_mesh(app_server, inbound_port, outbound_port)
@@ -322,6 +349,15 @@ def test_envoy_serves_translated_routes_and_policies(app_server: int, tmp_path: 
 
         status, _, _ = _request(outbound_port, "/", "example.com")
         assert status == 502
+
+        status, _, body = _request(outbound_port, "/r", "ratings")
+        assert status == 200, body
+        xfcc = json.loads(body)["xfcc"]
+        assert xfcc.startswith(f"By={node.identity};Hash=") and xfcc.endswith(
+            f";URI={node.identity}"
+        )
+        status, _, _ = _request(outbound_port, "/d", "details")
+        assert status == 503  # the peer is not who the registry says: never sent
 
         # absolute-form (HTTP_PROXY): the URL's host is the authority, not Host
         status, _, body = _request(outbound_port, "http://reviews:9080/api/a", "ignored")
