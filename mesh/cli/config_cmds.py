@@ -7,13 +7,22 @@ import json
 import sys
 import urllib.error
 import urllib.request
-from pathlib import Path
 from typing import Any
 
 import msgspec
 
+from mesh.analysis import Message, ResourceName, parse_files
 from mesh.bus import Bus
-from mesh.cli.common import CLIError, add_output_flag, emit, print_table, with_bus
+from mesh.cli.analyze_cmd import print_messages, run_analysis
+from mesh.cli.common import (
+    CLIError,
+    add_output_flag,
+    emit,
+    print_table,
+    read_documents,
+    with_bus,
+)
+from mesh.errors import MeshError
 from mesh.messages import (
     ApplyReply,
     ApplyRequest,
@@ -28,9 +37,7 @@ from mesh.messages import (
     ResourceDocument,
     ResourceRef,
 )
-from mesh.resources import KINDS, ResourceError, load_yaml, resolve_kind
-
-YAML_SUFFIXES = (".yaml", ".yml", ".json")
+from mesh.resources import KINDS, ResourceError, resolve_kind
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -65,36 +72,6 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
 # ---------------------------------------------------------------- apply
 
 
-def read_documents(paths: list[str]) -> list[ResourceDocument]:
-    files: list[tuple[str, str]] = []
-    for p in paths:
-        if p == "-":
-            files.append(("-", sys.stdin.read()))
-            continue
-        path = Path(p)
-        if path.is_dir():
-            for f in sorted(path.iterdir()):
-                if f.suffix in YAML_SUFFIXES and f.is_file():
-                    files.append((str(f), f.read_text()))
-        elif path.is_file():
-            files.append((str(path), path.read_text()))
-        else:
-            raise CLIError(f"error: {p}: no such file or directory")
-    docs: list[ResourceDocument] = []
-    problems: list[str] = []
-    for source, text in files:
-        try:
-            for i, body in enumerate(load_yaml(text, source)):
-                docs.append(ResourceDocument(source=source, index=i, body=body))
-        except ResourceError as e:
-            problems.append(str(e))
-    if problems:
-        raise CLIError("error: " + "\n".join(problems) + "\nnothing was applied")
-    if not docs:
-        raise CLIError(f"error: no resources found in {', '.join(paths)}")
-    return docs
-
-
 def _kind_label(kind: str) -> str:
     info = KINDS.get(kind)
     group = info.group if info is not None else ""
@@ -111,15 +88,34 @@ def cmd_apply(args: argparse.Namespace) -> int:
             ApplyReply,
             timeout=10,
         )
+        messages = await _analyze_applied(bus, docs, reply)
         if args.output == "json":
-            print(json.dumps(_plain(reply), indent=2))
+            data = _plain(reply)
+            data["analysis"] = [m.as_dict() for m in messages]
+            print(json.dumps(data, indent=2))
             return 0
         suffix = " (dry run)" if args.dry_run else ""
         for r in reply.results:
             print(f"{_kind_label(r.ref.kind)}/{r.ref.name} {r.action}{suffix}")
+        print_messages(messages)
         return 0
 
     return with_bus(run)(args)
+
+
+async def _analyze_applied(
+    bus: Bus, docs: list[ResourceDocument], reply: ApplyReply
+) -> list[Message]:
+    """Analyzer messages about the resources just applied (or dry-run applied: the
+    documents are laid over the live config either way). The apply has succeeded
+    whatever this finds; an analysis that cannot run is reported, not fatal."""
+    applied = [ResourceName(r.ref.kind, r.ref.namespace, r.ref.name) for r in reply.results]
+    files, _ = parse_files(docs)
+    try:
+        return await run_analysis(bus, files, only=applied)
+    except MeshError as e:
+        print(f"note: could not analyze the applied resources: {e}", file=sys.stderr)
+        return []
 
 
 # ---------------------------------------------------------------- get

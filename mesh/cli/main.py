@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 from mesh import __version__, logs
 from mesh.cli import (
+    analyze_cmd,
     ca_cmds,
     cluster,
     explain_cmd,
@@ -20,7 +21,15 @@ from mesh.cli import (
 )
 from mesh.cli.common import CLIError
 
-COMMAND_MODULES = [cluster, serve, resources, explain_cmd, telemetry_cmds, ca_cmds]
+COMMAND_MODULES = [
+    cluster,
+    serve,
+    resources,
+    analyze_cmd,
+    explain_cmd,
+    telemetry_cmds,
+    ca_cmds,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
