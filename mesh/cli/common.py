@@ -31,9 +31,21 @@ class CLIError(Exception):
 
 
 def state_dir(args: argparse.Namespace) -> Path:
-    return Path(
-        getattr(args, "state_dir", None) or os.environ.get("MESH_STATE_DIR") or DEFAULT_STATE_DIR
-    )
+    """--state-dir, else MESH_STATE_DIR, else the nearest running cluster found from
+    the current directory up (as git finds `.git`), else `./.mesh`."""
+    explicit = getattr(args, "state_dir", None) or os.environ.get("MESH_STATE_DIR")
+    if explicit:
+        return Path(explicit)
+    return find_state_dir(Path.cwd()) or Path(DEFAULT_STATE_DIR)
+
+
+def find_state_dir(start: Path) -> Path | None:
+    """The first `<dir>/.mesh` holding a `cluster.json`, from `start` up to the root."""
+    for directory in (start, *start.parents):
+        candidate = directory / DEFAULT_STATE_DIR
+        if (candidate / "cluster.json").is_file():
+            return candidate
+    return None
 
 
 def read_cluster(args: argparse.Namespace, required: bool = True) -> dict[str, Any]:
