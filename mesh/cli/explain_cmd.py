@@ -31,6 +31,7 @@ from mesh.cli.simulate import (
     explain_outbound,
     final_refusal,
     parse_request,
+    refused_share,
     target_service,
 )
 from mesh.compiled import InboundPolicy, RouteTable
@@ -273,6 +274,7 @@ def to_report(args: argparse.Namespace, caller: Caller, route: RouteVerdict) -> 
         "destinations": [_dest_report(d) for d in route.destinations],
         "verdict": {
             "refused": refusal is not None,
+            "refused_percent": round(refused_share(route), 1),
             "status": refusal.status if refusal else None,
             "flag": refusal.flag if refusal else "",
             "reason": refusal.reason if refusal else "",
@@ -359,11 +361,11 @@ def render(report: dict[str, Any]) -> str:
         )
         if d["refusal"]:
             r = d["refusal"]
-            lines.append(f"  REFUSED {r['status']} {r['flag']}: {r['reason']}")
+            lines.append(f"  REFUSED {r['status']} [{r['flag']}] {r['reason']}")
         for e in d["endpoints"]:
             health = f" {e['health']}" if e["health"] else ""
             lines.append(f"  endpoint {e['instance']} {e['address']} {e['status']}{health}")
-            lines.append(f"    mTLS {e['mtls_mode']} ({e['mtls_source']})")
+            lines.append(f"    mTLS {e['mtls_mode']}, set by {e['mtls_source']}")
             authz = e["authorization"]
             lines.append(
                 f"    authorization: {'ALLOW' if authz['allowed'] else 'DENY'} - {authz['reason']}"
@@ -380,7 +382,7 @@ def render(report: dict[str, Any]) -> str:
                 )
             if e["refusal"]:
                 r = e["refusal"]
-                lines.append(f"    REFUSED {r['status']} {r['flag']}: {r['reason']}")
+                lines.append(f"    REFUSED {r['status']} [{r['flag']}] {r['reason']}")
     verdict = report["verdict"]
     lines.append("")
     if verdict["refused"]:

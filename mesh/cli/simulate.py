@@ -375,6 +375,14 @@ def _labels(labels: Mapping[str, str]) -> str:
     return ",".join(f"{k}={v}" for k, v in sorted(labels.items())) or "any labels"
 
 
+def refused_share(route: RouteVerdict) -> float:
+    """Percent of requests refused: all of them when the route itself refuses, else
+    the shares of the destinations that refuse."""
+    if route.refusal is not None:
+        return 100.0
+    return sum(d.share for d in route.destinations if d.refusal is not None)
+
+
 def final_refusal(route: RouteVerdict) -> Refusal | None:
     """The refusal the request meets: the route's own, else the first destination
     that receives traffic and refuses (a weighted split refuses part of the traffic)."""

@@ -11,6 +11,7 @@ from mesh.cli.simulate import (
     explain_outbound,
     final_refusal,
     parse_request,
+    refused_share,
 )
 from mesh.compiled import (
     AuthzPolicy,
@@ -408,6 +409,7 @@ def test_simulation_refuses_a_subset_no_destination_rule_defines_with_503_nc() -
     assert "subsets defined: v1, v2" in refusal.reason  # type: ignore[attr-defined]
     shares = [(d.destination.destination.subset, d.share) for d in route.destinations]  # type: ignore[attr-defined]
     assert shares == [("v1", 90.0), ("v3", 10.0)]
+    assert refused_share(route) == 10.0  # type: ignore[arg-type]
 
 
 def test_simulation_refuses_403_when_authorization_denies_every_endpoint() -> None:
