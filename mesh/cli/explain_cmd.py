@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import urllib.error
 import urllib.request
 from typing import Any
@@ -46,6 +47,8 @@ from mesh.messages import (
 )
 
 EXIT_REFUSED = 3
+# `reviews-v2`: a trailing `-v<digits>...` names the version
+_VERSION = re.compile(r"v\d[\w.]*")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -171,7 +174,10 @@ def resolve_caller(
     if not rest:
         raise CLIError("error: --from: give a proxy instance, SERVICE or NS/SERVICE[-VERSION]")
     # not registered: the labels and identity a sidecar of that service would have
-    service, _, version = rest.partition("-") if "-" in rest else (rest, "", "")
+    service, version = rest, ""
+    head, _, tail = rest.rpartition("-")
+    if head and _VERSION.fullmatch(tail):
+        service, version = head, tail
     return _caller(namespace, service, version, None, extra), None
 
 
@@ -236,18 +242,25 @@ def _attach_health(route: RouteVerdict, admin: str) -> None:
             data = json.loads(r.read())
     except (OSError, urllib.error.URLError, ValueError):
         return
-    states: dict[tuple[str, str], str] = {}
-    for cluster in data.get("clusters", []):
+    attach_health(route, data)
+
+
+def attach_health(route: RouteVerdict, clusters: dict[str, Any]) -> None:
+    """Mark each candidate endpoint with the state the caller's sidecar holds for it
+    (`healthy`, `EJECTED 25s`), from its admin `/clusters` document."""
+    states: dict[tuple[str, str, str], str] = {}
+    for cluster in clusters.get("clusters", []):
         for e in cluster.get("endpoints", []):
             outlier = e.get("outlier") or {}
             state = e.get("health", "")
             if outlier.get("ejected"):
                 state = f"EJECTED {outlier.get('ejected_for_s') or 0:.0f}s"
-            states[(cluster.get("subset") or "", e.get("instance", ""))] = state
+            key = (cluster.get("destination", ""), cluster.get("subset") or "")
+            states[(*key, e.get("instance", ""))] = state
     for dest in route.destinations:
         subset = dest.destination.destination.subset
         for ev in dest.endpoints:
-            ev.health = states.get((subset, ev.endpoint.instance), "")
+            ev.health = states.get((dest.service, subset, ev.endpoint.instance), "")
 
 
 # ---------------------------------------------------------------- report

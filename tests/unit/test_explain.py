@@ -468,3 +468,73 @@ def test_parse_request_rejects_bad_input_naming_it(
 ) -> None:
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
         parse_request("GET", url, headers)
+
+
+# ---------------------------------------------------------------- --from
+
+
+def test_from_resolves_instances_services_and_unregistered_names() -> None:
+    from mesh.cli.common import CLIError
+    from mesh.cli.explain_cmd import resolve_caller
+
+    pages = EndpointSet(
+        namespace="default",
+        service="productpage",
+        revision=1,
+        endpoints=[
+            Endpoint(
+                instance="productpage-v1-host-1",
+                address="h:1",
+                labels={"app": "productpage", "version": "v1", "team": "web"},
+                version="v1",
+                identity="spiffe://cluster.local/ns/default/sa/bookinfo-productpage",
+            )
+        ],
+    )
+    sets = [pages, ENDPOINTS]
+    caller, ep = resolve_caller("productpage-v1", sets, {})
+    assert ep is not None and caller.instance == "productpage-v1-host-1"
+    assert caller.principal == "cluster.local/ns/default/sa/bookinfo-productpage"
+    assert caller.labels["team"] == "web"
+    caller, _ = resolve_caller("default/reviews-v2", sets, {"extra": "1"})
+    assert (caller.instance, caller.labels["version"], caller.labels["extra"]) == (
+        "reviews-v2-a",
+        "v2",
+        "1",
+    )
+    caller, ep = resolve_caller("prod/my-svc", sets, {})
+    assert ep is None
+    assert (caller.namespace, dict(caller.labels)) == ("prod", {"app": "my-svc"})
+    assert caller.principal == "cluster.local/ns/prod/sa/my-svc"
+    caller, _ = resolve_caller("prod/my-svc-v3", sets, {})
+    assert dict(caller.labels) == {"app": "my-svc", "version": "v3"}
+    with pytest.raises(CLIError, match="ambiguous"):
+        resolve_caller("reviews-v", sets, {})
+
+
+def test_health_comes_from_the_caller_sidecar_s_clusters() -> None:
+    from mesh.cli.explain_cmd import attach_health
+
+    route, _ = _simulate(["end-user: jason"])
+    clusters = {
+        "clusters": [
+            {
+                "destination": "default/reviews",
+                "subset": "v2",
+                "endpoints": [
+                    {
+                        "instance": "reviews-v2-a",
+                        "health": "healthy",
+                        "outlier": {"ejected": True, "ejected_for_s": 24.6},
+                    }
+                ],
+            },
+            {
+                "destination": "default/ratings",
+                "subset": "v2",
+                "endpoints": [{"instance": "reviews-v2-a", "health": "draining"}],
+            },
+        ]
+    }
+    attach_health(route, clusters)  # type: ignore[arg-type]
+    assert [e.health for e in route.destinations[0].endpoints] == ["EJECTED 25s"]  # type: ignore[attr-defined]
