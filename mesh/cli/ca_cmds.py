@@ -47,10 +47,24 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     create = token_sub.add_parser(
         "create", help="create a token allowing one identity (printed once)"
     )
-    create.add_argument("-n", "--namespace", default="default")
-    create.add_argument("--service-account", "--sa", required=True, dest="service_account")
+    create.add_argument(
+        "-n", "--namespace", default="default", help="namespace of the identity (default: default)"
+    )
+    create.add_argument(
+        "--service-account",
+        "--sa",
+        required=True,
+        dest="service_account",
+        help="service account of the identity the token allows",
+    )
     create.add_argument("--ttl", default="1h", help="how long the token may be used (default 1h)")
-    create.add_argument("-o", "--output", choices=["token", "json"], default="token")
+    create.add_argument(
+        "-o",
+        "--output",
+        choices=["token", "json"],
+        default="token",
+        help="output format: the bare token, or JSON with its expiry",
+    )
     create.set_defaults(func=lambda args: with_bus(lambda bus: token_create(bus, args))(args))
 
     ca = sub.add_parser("ca", help="the certificate authority: status, trust bundle, rotation")
@@ -76,10 +90,16 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     )
 
     rotate = ca_sub.add_parser("rotate", help="make workloads renew their certificates now")
-    rotate.add_argument("-n", "--namespace", default="")
-    rotate.add_argument("--service-account", "--sa", default="", dest="service_account")
+    rotate.add_argument("-n", "--namespace", default="", help="only workloads of this namespace")
+    rotate.add_argument(
+        "--service-account",
+        "--sa",
+        default="",
+        dest="service_account",
+        help="only workloads of this service account",
+    )
     rotate.add_argument("--all", action="store_true", help="every workload in the mesh")
-    rotate.add_argument("--reason", default="")
+    rotate.add_argument("--reason", default="", help="why, recorded in the CA's log")
     rotate.set_defaults(func=lambda args: with_bus(lambda bus: ca_rotate(bus, args))(args))
 
     cert = sub.add_parser("cert", help="the workload certificate a proxy holds (its admin /certs)")

@@ -15,8 +15,11 @@ import yaml
 
 from mesh import errors
 from mesh.bus import Bus
+from mesh.messages import ResourceDocument
+from mesh.resources import ResourceError, load_yaml
 
 DEFAULT_STATE_DIR = ".mesh"
+YAML_SUFFIXES = (".yaml", ".yml", ".json")
 
 
 class CLIError(Exception):
@@ -28,9 +31,21 @@ class CLIError(Exception):
 
 
 def state_dir(args: argparse.Namespace) -> Path:
-    return Path(
-        getattr(args, "state_dir", None) or os.environ.get("MESH_STATE_DIR") or DEFAULT_STATE_DIR
-    )
+    """--state-dir, else MESH_STATE_DIR, else the nearest running cluster found from
+    the current directory up (as git finds `.git`), else `./.mesh`."""
+    explicit = getattr(args, "state_dir", None) or os.environ.get("MESH_STATE_DIR")
+    if explicit:
+        return Path(explicit)
+    return find_state_dir(Path.cwd()) or Path(DEFAULT_STATE_DIR)
+
+
+def find_state_dir(start: Path) -> Path | None:
+    """The first `<dir>/.mesh` holding a `cluster.json`, from `start` up to the root."""
+    for directory in (start, *start.parents):
+        candidate = directory / DEFAULT_STATE_DIR
+        if (candidate / "cluster.json").is_file():
+            return candidate
+    return None
 
 
 def read_cluster(args: argparse.Namespace, required: bool = True) -> dict[str, Any]:
@@ -144,3 +159,36 @@ def emit(data: Any, output: str, table: Callable[[], None]) -> None:
 def progress(message: str) -> None:
     """Progress for people, on stderr (stdout stays parseable)."""
     print(message, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------- input
+
+
+def read_documents(paths: list[str]) -> list[ResourceDocument]:
+    files: list[tuple[str, str]] = []
+    for p in paths:
+        if p == "-":
+            files.append(("-", sys.stdin.read()))
+            continue
+        path = Path(p)
+        if path.is_dir():
+            for f in sorted(path.iterdir()):
+                if f.suffix in YAML_SUFFIXES and f.is_file():
+                    files.append((str(f), f.read_text()))
+        elif path.is_file():
+            files.append((str(path), path.read_text()))
+        else:
+            raise CLIError(f"error: {p}: no such file or directory")
+    docs: list[ResourceDocument] = []
+    problems: list[str] = []
+    for source, text in files:
+        try:
+            for i, body in enumerate(load_yaml(text, source)):
+                docs.append(ResourceDocument(source=source, index=i, body=body))
+        except ResourceError as e:
+            problems.append(str(e))
+    if problems:
+        raise CLIError("error: " + "\n".join(problems) + "\nnothing was applied")
+    if not docs:
+        raise CLIError(f"error: no resources found in {', '.join(paths)}")
+    return docs

@@ -7,13 +7,22 @@ import json
 import sys
 import urllib.error
 import urllib.request
-from pathlib import Path
 from typing import Any
 
 import msgspec
 
+from mesh.analysis import Message, ResourceName, parse_files
 from mesh.bus import Bus
-from mesh.cli.common import CLIError, add_output_flag, emit, print_table, with_bus
+from mesh.cli.analyze_cmd import print_messages, run_analysis
+from mesh.cli.common import (
+    CLIError,
+    add_output_flag,
+    emit,
+    print_table,
+    read_documents,
+    with_bus,
+)
+from mesh.errors import MeshError
 from mesh.messages import (
     ApplyReply,
     ApplyRequest,
@@ -23,14 +32,13 @@ from mesh.messages import (
     EndpointsGetRequest,
     GetResourcesReply,
     GetResourcesRequest,
+    ProxyStatusEntry,
     ProxyStatusReply,
     ProxyStatusRequest,
     ResourceDocument,
     ResourceRef,
 )
-from mesh.resources import KINDS, ResourceError, load_yaml, resolve_kind
-
-YAML_SUFFIXES = (".yaml", ".yml", ".json")
+from mesh.resources import KINDS, ResourceError, resolve_kind
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -39,23 +47,42 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
         "-f", "--filename", action="append", required=True, help="file, directory or - (repeatable)"
     )
     ap.add_argument("--dry-run", action="store_true", help="validate only")
-    ap.add_argument("-o", "--output", choices=["text", "json"], default="text")
+    ap.add_argument(
+        "-o", "--output", choices=["text", "json"], default="text", help="output format"
+    )
     ap.set_defaults(func=cmd_apply)
 
     de = sub.add_parser("delete", help="delete resources: -f FILE, or KIND NAME")
-    de.add_argument("kind", nargs="?", default="")
-    de.add_argument("names", nargs="*")
-    de.add_argument("-f", "--filename", action="append", default=[])
-    de.add_argument("-n", "--namespace", default="default")
-    de.add_argument("--ignore-not-found", action="store_true")
+    de.add_argument("kind", nargs="?", default="", help="resource kind (vs, dr, gw, ...)")
+    de.add_argument("names", nargs="*", help="names of the resources to delete")
+    de.add_argument(
+        "-f",
+        "--filename",
+        action="append",
+        default=[],
+        help="delete the resources these files define (repeatable)",
+    )
+    de.add_argument("-n", "--namespace", default="default", help="namespace (default: default)")
+    de.add_argument(
+        "--ignore-not-found", action="store_true", help="exit 0 when a resource does not exist"
+    )
     de.set_defaults(func=cmd_delete)
 
-    ps = sub.add_parser("proxy-status", help="each proxy's config sync state, per subject")
+    ps = sub.add_parser(
+        "proxy-status",
+        help="each proxy's config sync state, per subject",
+        description="Per proxy and config subject: APPLIED, the revision the proxy applied; "
+        "CHANGED, the revision at which the control plane last published a different "
+        "config for it; STATE: SYNCED, STALE (applied rN, latest rM), REJECTED: reason, "
+        "or WAITING.",
+    )
     add_output_flag(ps, ("table", "json"))
     ps.set_defaults(func=cmd_proxy_status)
 
     pc = sub.add_parser("proxy-config", help="routes / endpoints in force in one proxy")
-    pc.add_argument("what", choices=["routes", "endpoints", "all"])
+    pc.add_argument(
+        "what", choices=["routes", "endpoints", "all"], help="what to show: routes, endpoints, all"
+    )
     pc.add_argument("proxy", help="proxy instance id (or a unique prefix of it)")
     pc.add_argument("--admin", help="admin URL of the proxy (default: looked up in the registry)")
     add_output_flag(pc, ("table", "json"))
@@ -63,36 +90,6 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
 
 
 # ---------------------------------------------------------------- apply
-
-
-def read_documents(paths: list[str]) -> list[ResourceDocument]:
-    files: list[tuple[str, str]] = []
-    for p in paths:
-        if p == "-":
-            files.append(("-", sys.stdin.read()))
-            continue
-        path = Path(p)
-        if path.is_dir():
-            for f in sorted(path.iterdir()):
-                if f.suffix in YAML_SUFFIXES and f.is_file():
-                    files.append((str(f), f.read_text()))
-        elif path.is_file():
-            files.append((str(path), path.read_text()))
-        else:
-            raise CLIError(f"error: {p}: no such file or directory")
-    docs: list[ResourceDocument] = []
-    problems: list[str] = []
-    for source, text in files:
-        try:
-            for i, body in enumerate(load_yaml(text, source)):
-                docs.append(ResourceDocument(source=source, index=i, body=body))
-        except ResourceError as e:
-            problems.append(str(e))
-    if problems:
-        raise CLIError("error: " + "\n".join(problems) + "\nnothing was applied")
-    if not docs:
-        raise CLIError(f"error: no resources found in {', '.join(paths)}")
-    return docs
 
 
 def _kind_label(kind: str) -> str:
@@ -111,15 +108,34 @@ def cmd_apply(args: argparse.Namespace) -> int:
             ApplyReply,
             timeout=10,
         )
+        messages = await _analyze_applied(bus, docs, reply)
         if args.output == "json":
-            print(json.dumps(_plain(reply), indent=2))
+            data = _plain(reply)
+            data["analysis"] = [m.as_dict() for m in messages]
+            print(json.dumps(data, indent=2))
             return 0
         suffix = " (dry run)" if args.dry_run else ""
         for r in reply.results:
             print(f"{_kind_label(r.ref.kind)}/{r.ref.name} {r.action}{suffix}")
+        print_messages(messages)
         return 0
 
     return with_bus(run)(args)
+
+
+async def _analyze_applied(
+    bus: Bus, docs: list[ResourceDocument], reply: ApplyReply
+) -> list[Message]:
+    """Analyzer messages about the resources just applied (or dry-run applied: the
+    documents are laid over the live config either way). The apply has succeeded
+    whatever this finds; an analysis that cannot run is reported, not fatal."""
+    applied = [ResourceName(r.ref.kind, r.ref.namespace, r.ref.name) for r in reply.results]
+    files, _ = parse_files(docs)
+    try:
+        return await run_analysis(bus, files, only=applied)
+    except MeshError as e:
+        print(f"note: could not analyze the applied resources: {e}", file=sys.stderr)
+        return []
 
 
 # ---------------------------------------------------------------- get
@@ -217,6 +233,43 @@ def cmd_delete(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- proxy-status / proxy-config
 
 
+PROXY_STATUS_HEADERS = ["PROXY", "SERVICE", "CONFIG", "APPLIED", "CHANGED", "STATE"]
+
+
+def sync_state(e: ProxyStatusEntry) -> str:
+    """The plain-language state of one subscription.
+
+    APPLIED is the revision of the config the proxy applied; CHANGED the revision at
+    which the control plane last published a different config for that subject. A
+    proxy that fetched (at start, after a reconnect, every ~30 s) gets the unchanged
+    config stamped with the newest revision of the whole config, so APPLIED is often
+    above CHANGED: that is in sync, not ahead (the former LATEST column read as if
+    the proxy were ahead of the control plane).
+    """
+    if e.state == "SYNCED":
+        return "SYNCED"
+    if e.state == "STALE":
+        return f"STALE (applied r{e.applied_revision}, latest r{e.latest_revision})"
+    if e.state == "REJECTED":
+        kept = f"r{e.applied_revision} in force" if e.applied_revision else "nothing applied"
+        return f"REJECTED: {e.reason or 'no reason given'} ({kept})"
+    return "WAITING (nothing applied yet)"
+
+
+def proxy_status_rows(entries: list[ProxyStatusEntry]) -> list[list[str]]:
+    return [
+        [
+            e.proxy,
+            f"{e.service}.{e.namespace}",
+            _subject_label(e.subject),
+            f"r{e.applied_revision}" if e.applied_revision else "-",
+            f"r{e.latest_revision}" if e.latest_revision else "-",
+            sync_state(e),
+        ]
+        for e in entries
+    ]
+
+
 def cmd_proxy_status(args: argparse.Namespace) -> int:
     async def run(bus: Bus) -> int:
         reply = await bus.request(
@@ -228,23 +281,9 @@ def cmd_proxy_status(args: argparse.Namespace) -> int:
             if not entries:
                 print("No proxies have reported yet.", file=sys.stderr)
                 return
-            rows = [
-                [
-                    e.proxy,
-                    f"{e.service}.{e.namespace}",
-                    _subject_label(e.subject),
-                    e.state,
-                    e.applied_revision,
-                    e.latest_revision,
-                    e.reason,
-                ]
-                for e in entries
-            ]
-            print_table(
-                rows, ["PROXY", "SERVICE", "DESTINATION", "STATE", "APPLIED", "LATEST", "REASON"]
-            )
+            print_table(proxy_status_rows(entries), PROXY_STATUS_HEADERS)
 
-        emit([_plain(e) for e in entries], args.output, table)
+        emit([{**_plain(e), "summary": sync_state(e)} for e in entries], args.output, table)
         return 0
 
     return with_bus(run)(args)

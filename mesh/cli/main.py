@@ -9,16 +9,43 @@ import sys
 from collections.abc import Sequence
 
 from mesh import __version__, logs
-from mesh.cli import ca_cmds, cluster, resources, serve, sidecar_cmds, telemetry_cmds
+from mesh.cli import (
+    analyze_cmd,
+    ca_cmds,
+    cluster,
+    explain_cmd,
+    resources,
+    serve,
+    sidecar_cmds,
+    telemetry_cmds,
+)
 from mesh.cli.common import CLIError
 
-COMMAND_MODULES = [cluster, serve, resources, telemetry_cmds, ca_cmds]
+COMMAND_MODULES = [
+    cluster,
+    serve,
+    resources,
+    analyze_cmd,
+    explain_cmd,
+    telemetry_cmds,
+    ca_cmds,
+]
+
+
+# flags of meshctl itself, accepted before or after the command (kubectl's convention)
+GLOBAL_FLAGS = ("--state-dir", "--nats", "--prefix")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="meshctl", description="Meshwork service mesh CLI")
+    parser = argparse.ArgumentParser(
+        prog="meshctl",
+        description="Meshwork service mesh CLI. Global flags (--state-dir, --nats, --prefix) "
+        "may be given before or after the command.",
+    )
     parser.add_argument(
-        "--state-dir", help="local cluster state directory (env MESH_STATE_DIR, default .mesh)"
+        "--state-dir",
+        help="local cluster state directory (env MESH_STATE_DIR; default: the first "
+        ".mesh/ holding a cluster.json in this directory or a parent, else ./.mesh)",
     )
     parser.add_argument(
         "--nats", help="NATS URLs, comma-separated (overrides cluster.json; env MESH_NATS)"
@@ -33,9 +60,60 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _subcommand_options(parser: argparse.ArgumentParser) -> set[str]:
+    """Every option string of `parser` and of its nested subcommands."""
+    found: set[str] = set()
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                found |= _subcommand_options(child)
+        else:
+            found.update(action.option_strings)
+    return found
+
+
+def hoist_global_flags(parser: argparse.ArgumentParser, argv: Sequence[str]) -> list[str]:
+    """Move global flags written after the command in front of it, so that
+    `meshctl get vs --state-dir X` means `meshctl --state-dir X get vs`. A command with
+    an option of the same name keeps it (`meshctl serve --nats URL` is serve's own)."""
+    args = list(argv)
+    commands = next(a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    position = 0
+    while position < len(args):
+        token = args[position]
+        if token in commands:
+            break
+        name = token.split("=", 1)[0]
+        position += 2 if name in GLOBAL_FLAGS and "=" not in token else 1
+    else:
+        return args
+    own = _subcommand_options(commands[args[position]])
+    front: list[str] = []
+    rest: list[str] = []
+    i = position + 1
+    while i < len(args):
+        token = args[i]
+        if token == "--":
+            rest.extend(args[i:])
+            break
+        name = token.split("=", 1)[0]
+        if name in GLOBAL_FLAGS and name not in own:
+            if "=" in token:
+                front.append(token)
+                i += 1
+                continue
+            if i + 1 < len(args):
+                front.extend(args[i : i + 2])
+                i += 2
+                continue
+        rest.append(token)
+        i += 1
+    return args[:position] + front + [args[position]] + rest
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(hoist_global_flags(parser, sys.argv[1:] if argv is None else argv))
     if args.command != "serve" and args.command not in ("sidecar", "gateway"):
         logs.configure(level="warning", stream=sys.stderr)
     if not getattr(args, "func", None):

@@ -9,7 +9,7 @@ import msgspec
 
 from mesh.bus import Bus
 from mesh.cli import config_cmds
-from mesh.cli.common import add_output_flag, emit, print_table, with_bus
+from mesh.cli.common import CLIError, add_output_flag, emit, print_table, with_bus
 from mesh.messages import EndpointsGetReply, EndpointsGetRequest
 
 
@@ -41,6 +41,10 @@ async def get_endpoints(bus: Bus, args: argparse.Namespace) -> int:
         EndpointsGetReply,
     )
     sets = [s for s in reply.sets if not name or s.service == name]
+    if name and not any(s.endpoints for s in sets):
+        # not found is exit 1, as for `get vs nosuch` (kubectl's convention)
+        where = f"{namespace}/{name}" if namespace else name
+        raise CLIError(f"error: no endpoints found for service {where}")
     data: list[dict[str, Any]] = [msgspec.to_builtins(s) for s in sets]
     for d in data:
         d.pop("type", None)

@@ -53,19 +53,25 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     logs.add_argument(
         "--tail", type=int, default=50, help="recent records to print first (default 50)"
     )
-    logs.add_argument("-o", "--output", choices=["text", "json"], default="text")
+    logs.add_argument(
+        "-o", "--output", choices=["text", "json"], default="text", help="output format"
+    )
     logs.set_defaults(func=cmd_logs)
 
     trace = sub.add_parser("trace", help="one trace as a tree of spans with durations")
     _common(trace)
-    trace.add_argument("trace_id")
-    trace.add_argument("-o", "--output", choices=["tree", "json"], default="tree")
+    trace.add_argument("trace_id", help="trace id (from `meshctl logs` or x-b3-traceid)")
+    trace.add_argument(
+        "-o", "--output", choices=["tree", "json"], default="tree", help="output format"
+    )
     trace.set_defaults(func=cmd_trace)
 
     graph = sub.add_parser("graph", help="the service graph (Graphviz dot or JSON)")
     _common(graph)
-    graph.add_argument("--window", type=float, default=60.0)
-    graph.add_argument("-o", "--output", choices=["dot", "json"], default="dot")
+    graph.add_argument("--window", type=float, default=60.0, help="seconds of traffic (default 60)")
+    graph.add_argument(
+        "-o", "--output", choices=["dot", "json"], default="dot", help="output format"
+    )
     graph.set_defaults(func=cmd_graph)
 
 
