@@ -63,7 +63,7 @@ VIRTUAL_SERVICE_INEFFECTIVE_MATCH = ("IST0131", "VirtualServiceIneffectiveMatch"
 SUBSET_MATCHES_NO_INSTANCE = ("MW0101", "DestinationRuleSubsetNoInstance", "Warning")
 AUTHORIZATION_DENIES_ALL = ("MW0102", "AuthorizationPolicyDeniesAll", "Warning")
 STRICT_WITH_PLAINTEXT_CALLERS = ("MW0103", "StrictMtlsWithPlaintextCallers", "Warning")
-DRY_RUN_NOT_SUPPORTED = ("MW0104", "DryRunAnnotationIgnored", "Warning")
+DRY_RUN_POLICY = ("MW0104", "DryRunPolicy", "Info")
 
 MessageType = tuple[str, str, str]
 

@@ -13,7 +13,7 @@ from mesh.resources import (
 from .context import Context, Workload, name_of, selects
 from .messages import (
     AUTHORIZATION_DENIES_ALL,
-    DRY_RUN_NOT_SUPPORTED,
+    DRY_RUN_POLICY,
     NO_MATCHING_WORKLOADS_FOUND,
     STRICT_WITH_PLAINTEXT_CALLERS,
     Message,
@@ -136,18 +136,21 @@ def strict_with_plaintext_callers(ctx: Context) -> list[Message]:
 
 
 def dry_run(ctx: Context) -> list[Message]:
-    """MW0104: `istio.io/dry-run` is not implemented here: the policy is enforced."""
+    """MW0104: a policy in dry-run is evaluated in shadow and never enforced: worth
+    saying, since a user may have left the annotation on by mistake."""
     out: list[Message] = []
     for resource in ctx.of_kind("AuthorizationPolicy"):
         value = resource.metadata.annotations.get(DRY_RUN_ANNOTATION)
-        if value is None:
+        if value != "true":
             continue
         out.append(
             message(
-                DRY_RUN_NOT_SUPPORTED,
+                DRY_RUN_POLICY,
                 name_of(resource),
-                f"Annotation {DRY_RUN_ANNOTATION}={value} is not supported by Meshwork: this "
-                "policy is enforced, not only evaluated.",
+                f"Annotation {DRY_RUN_ANNOTATION}=true: this policy is evaluated in shadow "
+                "and never enforced; its would-be decisions are counted in "
+                "meshwork_proxy_authz_dry_run_total and recorded in access records "
+                "(dry_run_result, dry_run_policy).",
             )
         )
     return out

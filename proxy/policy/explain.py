@@ -142,19 +142,33 @@ def explain_authorization(
     policy: InboundPolicy | None, labels: Mapping[str, str], facts: RequestFacts
 ) -> AuthzExplanation:
     """The decision the workload with `labels` reaches for `facts`, and every
-    applicable policy's verdict in evaluation order (AUDIT, DENY, ALLOW)."""
+    applicable policy's verdict in evaluation order (AUDIT, DENY, ALLOW), then the
+    dry-run policies' (evaluated in shadow: they never change the decision)."""
     authorizer = Authorizer.build(policy, labels)
     decision = authorizer.decide(facts)
     request = _Request(facts)
+    enforced = authorizer._http
     verdicts = [
         _policy_verdict(p, action, request)
         for action, group in (
-            ("AUDIT", authorizer._audit),
-            ("DENY", authorizer._deny),
-            ("ALLOW", authorizer._allow),
+            ("AUDIT", enforced.audit),
+            ("DENY", enforced.deny),
+            ("ALLOW", enforced.allow),
         )
         for p in group
     ]
+    # dry-run policies never decide; shown after the enforced ones, marked as such
+    shadow = authorizer._shadow_http
+    if shadow is not None:
+        verdicts += [
+            _policy_verdict(p, f"{action} (dry-run)", request)
+            for action, group in (
+                ("AUDIT", shadow.audit),
+                ("DENY", shadow.deny),
+                ("ALLOW", shadow.allow),
+            )
+            for p in group
+        ]
     return AuthzExplanation(decision, tuple(verdicts))
 
 

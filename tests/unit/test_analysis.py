@@ -294,10 +294,12 @@ CASES = [
         [
             (
                 "MW0104",
-                "Warning",
+                "Info",
                 "AuthorizationPolicy trial.default",
-                "Annotation istio.io/dry-run=true is not supported by Meshwork: this policy is "
-                "enforced, not only evaluated.",
+                "Annotation istio.io/dry-run=true: this policy is evaluated in shadow and never "
+                "enforced; its would-be decisions are counted in "
+                "meshwork_proxy_authz_dry_run_total and recorded in access records "
+                "(dry_run_result, dry_run_policy).",
             )
         ],
     ),

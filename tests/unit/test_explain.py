@@ -538,3 +538,18 @@ def test_health_comes_from_the_caller_sidecar_s_clusters() -> None:
     }
     attach_health(route, clusters)  # type: ignore[arg-type]
     assert [e.health for e in route.destinations[0].endpoints] == ["EJECTED 25s"]  # type: ignore[attr-defined]
+
+
+def test_a_dry_run_policy_is_explained_but_never_decides() -> None:
+    import msgspec
+
+    trial = msgspec.structs.replace(DENY_ADMIN, name="trial-deny", dry_run=True)
+    explanation = explain_authorization(
+        _policy(trial), {"app": "reviews"}, _facts(path="/admin/users")
+    )
+    assert explanation.decision.allowed is True
+    assert explanation.decision.shadow is not None
+    assert explanation.decision.shadow.allowed is False
+    assert [(p.policy, p.action, p.matched) for p in explanation.policies] == [
+        ("default/trial-deny", "DENY (dry-run)", True)
+    ]
