@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import base_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
@@ -10,8 +11,6 @@ from envoy.config.route.v3 import route_pb2
 from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 from google.rpc import status_pb2
-
-import pytest
 
 from proxy.envoy.ads_protocol import AdsState, AdsStream, ApplyState, Nack, XdsError
 from proxy.envoy.resources import CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET, XdsResources
@@ -54,10 +53,18 @@ def snapshot(**kinds: dict) -> XdsResources:
 
 
 def request(
-    type_url: str, names: tuple[str, ...] = (), *, version: str = "", nonce: str = "", error: str = ""
+    type_url: str,
+    names: tuple[str, ...] = (),
+    *,
+    version: str = "",
+    nonce: str = "",
+    error: str = "",
 ) -> discovery_pb2.DiscoveryRequest:
     req = discovery_pb2.DiscoveryRequest(
-        type_url=type_url, resource_names=list(names), version_info=version, response_nonce=nonce,
+        type_url=type_url,
+        resource_names=list(names),
+        version_info=version,
+        response_nonce=nonce,
         node=base_pb2.Node(id="sidecar~reviews-1"),
     )
     if error:
@@ -68,8 +75,13 @@ def request(
 def names_of(response: discovery_pb2.DiscoveryResponse) -> list[str]:
     out = []
     for any_ in response.resources:
-        for kind in (cluster_pb2.Cluster, listener_pb2.Listener, route_pb2.RouteConfiguration,
-                     endpoint_pb2.ClusterLoadAssignment, secret_pb2.Secret):
+        for kind in (
+            cluster_pb2.Cluster,
+            listener_pb2.Listener,
+            route_pb2.RouteConfiguration,
+            endpoint_pb2.ClusterLoadAssignment,
+            secret_pb2.Secret,
+        ):
             if any_.type_url.endswith(kind.DESCRIPTOR.full_name):
                 msg = kind()
                 any_.Unpack(msg)
@@ -77,7 +89,9 @@ def names_of(response: discovery_pb2.DiscoveryResponse) -> list[str]:
     return out
 
 
-def ack(stream: AdsStream, response: discovery_pb2.DiscoveryResponse, names: tuple[str, ...] = ()) -> list:
+def ack(
+    stream: AdsStream, response: discovery_pb2.DiscoveryResponse, names: tuple[str, ...] = ()
+) -> list:
     return stream.on_request(
         request(response.type_url, names, version=response.version_info, nonce=response.nonce)
     )
@@ -97,7 +111,11 @@ def test_first_requests_get_the_snapshot_and_acks_are_recorded():
     state.set_resources(BASE)
     stream = AdsStream(state)
     [cds] = stream.on_request(request(CLUSTER))
-    assert (cds.type_url, cds.version_info, names_of(cds)) == (CLUSTER, "1", ["outbound|9080||reviews"])
+    assert (cds.type_url, cds.version_info, names_of(cds)) == (
+        CLUSTER,
+        "1",
+        ["outbound|9080||reviews"],
+    )
     assert cds.nonce
     assert state.status[CLUSTER].state is ApplyState.PENDING
     # Envoy ACKs CDS and asks for the endpoints of the cluster it got
@@ -143,7 +161,9 @@ def test_nack_keeps_last_good_version_records_message_and_is_not_resent():
     [lds] = stream.on_request(request(LISTENER))
     ack(stream, lds)
     steps = state.set_resources(
-        snapshot(**{**BASE.__dict__, "listeners": {"virtualOutbound": listener("virtualOutbound", 1)}})
+        snapshot(
+            **{**BASE.__dict__, "listeners": {"virtualOutbound": listener("virtualOutbound", 1)}}
+        )
     )
     [lds2] = stream.on_push(steps)
     assert lds2.version_info == "2"
@@ -167,7 +187,9 @@ def test_stale_nonce_is_ignored():
     state.set_resources(BASE)
     stream = AdsStream(state)
     [lds1] = stream.on_request(request(LISTENER))
-    changed = snapshot(**{**BASE.__dict__, "listeners": {"virtualOutbound": listener("virtualOutbound", 2)}})
+    changed = snapshot(
+        **{**BASE.__dict__, "listeners": {"virtualOutbound": listener("virtualOutbound", 2)}}
+    )
     [lds2] = stream.on_push(state.set_resources(changed))
     # the ACK of the first response arrives after the second was sent: not an ACK of "2"
     assert stream.on_request(request(LISTENER, version="1", nonce=lds1.nonce)) == []
@@ -180,8 +202,13 @@ def test_only_changed_types_are_pushed_with_their_own_version():
     state = AdsState()
     state.set_resources(BASE)
     stream = AdsStream(state)
-    for t, names in ((CLUSTER, ()), (ENDPOINT, ("outbound|9080||reviews",)), (LISTENER, ()),
-                     (ROUTE, ("9080",)), (SECRET, ("default",))):
+    for t, names in (
+        (CLUSTER, ()),
+        (ENDPOINT, ("outbound|9080||reviews",)),
+        (LISTENER, ()),
+        (ROUTE, ("9080",)),
+        (SECRET, ("default",)),
+    ):
         [r] = stream.on_request(request(t, names))
         ack(stream, r, names)
     # byte-identical snapshot (fresh message objects): nothing to push
@@ -204,7 +231,12 @@ def test_push_order_is_make_before_break_with_removals_last():
     state = AdsState()
     state.set_resources(BASE)
     stream = AdsStream(state)
-    subscribed = {CLUSTER: (), ENDPOINT: ("outbound|9080||reviews",), LISTENER: (), ROUTE: ("9080",)}
+    subscribed = {
+        CLUSTER: (),
+        ENDPOINT: ("outbound|9080||reviews",),
+        LISTENER: (),
+        ROUTE: ("9080",),
+    }
     for t, names in subscribed.items():
         [r] = stream.on_request(request(t, names))
         ack(stream, r, names)
@@ -227,7 +259,12 @@ def test_push_order_is_make_before_break_with_removals_last():
     ]
     # EDS for the new cluster: sent when Envoy asks for it (it learns the name from CDS)
     [eds] = stream.on_request(
-        request(ENDPOINT, ("outbound|9080|v2|reviews",), version="1", nonce=stream._subscriptions[ENDPOINT].nonce)
+        request(
+            ENDPOINT,
+            ("outbound|9080|v2|reviews",),
+            version="1",
+            nonce=stream._subscriptions[ENDPOINT].nonce,
+        )
     )
     assert names_of(eds) == ["outbound|9080|v2|reviews"]
     assert [r.version_info for r in out] == ["2", "2", "2", "3", "3"]
@@ -271,14 +308,27 @@ def test_named_subscription_grows_on_ack_and_unchanged_names_are_not_resent():
     assert sorted(names_of(eds2)) == ["a", "b"]
     assert ack(stream, eds2, ("a", "b")) == []
     # a change to "b" only: pushed; a change to a name nobody asked for: not pushed
-    out = stream.on_push(state.set_resources(snapshot(endpoints={"a": endpoints("a"), "b": endpoints("b", 1), "c": endpoints("c")})))
+    out = stream.on_push(
+        state.set_resources(
+            snapshot(endpoints={"a": endpoints("a"), "b": endpoints("b", 1), "c": endpoints("c")})
+        )
+    )
     assert [sorted(names_of(r)) for r in out] == [["a", "b"]]
     ack(stream, out[0], ("a", "b"))
-    assert stream.on_push(state.set_resources(snapshot(endpoints={"a": endpoints("a"), "b": endpoints("b", 1), "c": endpoints("c", 2)}))) == []
+    assert (
+        stream.on_push(
+            state.set_resources(
+                snapshot(
+                    endpoints={"a": endpoints("a"), "b": endpoints("b", 1), "c": endpoints("c", 2)}
+                )
+            )
+        )
+        == []
+    )
 
 
 def test_resource_of_the_wrong_type_is_refused_naming_it():
-    with pytest.raises(XdsError, match="'x' is a envoy.config.cluster.v3.Cluster"):
+    with pytest.raises(XdsError, match=r"'x' is a envoy\.config\.cluster\.v3\.Cluster"):
         AdsState().set_resources(snapshot(listeners={"x": cluster("x")}))
 
 
@@ -289,5 +339,6 @@ def test_status_changes_are_collected_for_callbacks():
     [cds] = stream.on_request(request(CLUSTER))
     ack(stream, cds)
     assert [(s.type_url, s.state) for s in stream.status_changes] == [
-        (CLUSTER, ApplyState.PENDING), (CLUSTER, ApplyState.APPLIED)
+        (CLUSTER, ApplyState.PENDING),
+        (CLUSTER, ApplyState.APPLIED),
     ]
