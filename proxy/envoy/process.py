@@ -30,7 +30,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -74,8 +74,8 @@ class EnvoyOptions:
     state_dir: Path  # private to this sidecar: bootstrap, log, state file
     concurrency: int = 2
     log_level: str = "warn"
-    drain_time_s: float = 5.0
-    parent_shutdown_time_s: float = 10.0
+    drain_time_s: int = 5  # Envoy takes whole seconds
+    parent_shutdown_time_s: int = 10
     ready_timeout_s: float = 30.0
     stop_timeout_s: float = 10.0  # SIGTERM to SIGKILL
     restart_base_s: float = 0.5
@@ -87,6 +87,8 @@ class EnvoyOptions:
     def __post_init__(self) -> None:
         if self.concurrency < 1:
             raise ValueError(f"envoy concurrency must be >= 1, not {self.concurrency}")
+        if self.drain_time_s < 0:
+            raise ValueError(f"envoy drain_time_s must be >= 0, not {self.drain_time_s}")
         if self.parent_shutdown_time_s <= self.drain_time_s:
             raise ValueError("envoy parent_shutdown_time_s must exceed drain_time_s")
         if self.log_level not in {"trace", "debug", "info", "warn", "warning", "error",
@@ -284,21 +286,25 @@ class _StopRequest:
     leave_running: bool = False
 
 
-@dataclass
 class EnvoyProcess:
     """Starts (or adopts), supervises and stops one Envoy. See the module docstring."""
 
-    options: EnvoyOptions
-    on_exit: Callable[[EnvoyExit], None] | None = None
-    restarts: int = 0
-    exits: list[EnvoyExit] = field(default_factory=list)
-    adopted: bool = False  # the current Envoy was left running by a previous sidecar
-    _running: _Running | None = None
-    _ready: asyncio.Event = field(default_factory=asyncio.Event)
-    _stop_requested: asyncio.Event = field(default_factory=asyncio.Event)
-    _stop: _StopRequest = field(default_factory=_StopRequest)
-    _drained: bool = False
-    _task: asyncio.Task[None] | None = None
+    def __init__(
+        self, options: EnvoyOptions, *, on_exit: Callable[[EnvoyExit], None] | None = None
+    ):
+        self.options = options
+        self.on_exit = on_exit  # called for each unexpected exit, before the restart
+        self.restarts = 0
+        self.exits: list[EnvoyExit] = []
+        self.adopted = False  # the current Envoy was left running by a previous sidecar
+        self._running: _Running | None = None
+        self._ready = asyncio.Event()
+        self._stop_requested = asyncio.Event()
+        self._stop = _StopRequest()
+        self._drained = False
+        self._task: asyncio.Task[None] | None = None  # when start() runs the supervisor
+        self._supervising = False
+        self._finished = asyncio.Event()
 
     # ------------------------------------------------------------- public
 
@@ -346,6 +352,8 @@ class EnvoyProcess:
         if self._task is not None:
             task, self._task = self._task, None
             await task
+        elif self._supervising:  # run() is a task of the caller's
+            await self._finished.wait()
 
     async def __aenter__(self) -> EnvoyProcess:
         await self.start()
@@ -375,6 +383,10 @@ class EnvoyProcess:
     async def run(self) -> None:
         """Start or adopt Envoy, then supervise it until `stop()`. Raises EnvoyError if
         the first Envoy never becomes ready; later exits are restarted and reported."""
+        if self._supervising:
+            raise EnvoyError("this EnvoyProcess runs already")
+        self._supervising = True
+        self._finished.clear()
         self.options.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         backoff = RestartBackoff(
             self.options.restart_base_s, self.options.restart_max_s, self.options.stable_after_s
@@ -395,7 +407,11 @@ class EnvoyProcess:
                     break
                 await self._restart_after_exit(running, backoff)
         finally:
-            await self._shutdown()
+            try:
+                await self._shutdown()
+            finally:
+                self._supervising = False
+                self._finished.set()
 
     # ------------------------------------------------------------- internals
 
@@ -469,8 +485,8 @@ class EnvoyProcess:
             "-c", str(bootstrap_path),
             "--concurrency", str(options.concurrency),
             "--log-level", options.log_level,
-            "--drain-time-s", str(int(options.drain_time_s)),
-            "--parent-shutdown-time-s", str(int(options.parent_shutdown_time_s)),
+            "--drain-time-s", str(options.drain_time_s),
+            "--parent-shutdown-time-s", str(options.parent_shutdown_time_s),
             "--drain-strategy", "immediate",
             # no shared memory: any number of Envoys on one machine, nothing left in
             # /dev/shm by a killed one (hot restart is not used: a new sidecar adopts)
