@@ -46,6 +46,7 @@ STATE_FILE = "envoy.json"
 BOOTSTRAP_FILE = "envoy-bootstrap.json"
 LOG_FILE = "envoy.log"
 _LOG_ROTATE_BYTES = 4 * 1024 * 1024
+_VERBOSE = frozenset({"debug", "trace"})
 
 
 class EnvoyError(Exception):
@@ -364,7 +365,9 @@ class EnvoyProcess:
 
     async def drain(self) -> None:
         """Ask Envoy to drain its listeners gracefully and wait the drain time: new
-        connections are still accepted meanwhile, existing ones are told to close."""
+        connections are still accepted meanwhile and every connection is told to close
+        (HTTP/1.1 `Connection: close`, HTTP/2 GOAWAY); after it the listeners are
+        closed. Call it when stopping, before the app stops."""
         running = self._running
         if running is None or running.exited() or self._drained:
             return
@@ -429,7 +432,9 @@ class EnvoyProcess:
             returncode=returncode,
             restarts=self.restarts,
             restart_in_s=round(delay, 2),
-            log_tail=report.log_tail,
+            # Envoy's debug and trace lines carry request headers: not into our logs
+            log_tail=report.log_tail if self.options.log_level not in _VERBOSE else "",
+            log=str(self.log_path),
         )
         if self.on_exit is not None:
             try:
