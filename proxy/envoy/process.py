@@ -165,6 +165,7 @@ class _Running:
         self.child = child
         self.started = time.monotonic()
         self._exit: asyncio.Future[int | None] | None = None
+        self._reaper: asyncio.Task[None] | None = None  # waits for our child
 
     def _exit_future(self) -> asyncio.Future[int | None]:
         if self._exit is None:
@@ -193,14 +194,18 @@ class _Running:
             fut.set_result(None)
             return
 
-        def on_exit() -> None:
-            loop.remove_reader(fd)
-            os.close(fd)
+        def on_exit() -> None:  # the pidfd is readable once the process is gone
             if not fut.done():
                 fut.set_result(None)
 
         loop.add_reader(fd, on_exit)
-        fut.add_done_callback(lambda _: _close_quietly(loop, fd))
+
+        def release(_: object) -> None:
+            # once, whichever way the future ends: a second close could hit a reused fd
+            loop.remove_reader(fd)
+            os.close(fd)
+
+        fut.add_done_callback(release)
 
     async def wait(self) -> int | None:
         return await asyncio.shield(self._exit_future())
@@ -215,19 +220,13 @@ class _Running:
             os.kill(self.pid, sig)
 
     async def close(self) -> None:
-        reaper = getattr(self, "_reaper", None)
+        reaper = self._reaper
         if reaper is not None and not reaper.done():
             reaper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await reaper
         if self._exit is not None and not self._exit.done():
             self._exit.cancel()
-
-
-def _close_quietly(loop: asyncio.AbstractEventLoop, fd: int) -> None:
-    with contextlib.suppress(OSError, ValueError):
-        loop.remove_reader(fd)
-        os.close(fd)
 
 
 @dataclass(frozen=True)
