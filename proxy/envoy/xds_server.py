@@ -159,10 +159,18 @@ class XdsServer:
         self, predicate: Callable[[Mapping[str, TypeStatus]], bool], timeout: float
     ) -> dict[str, TypeStatus]:
         """Wait until `predicate(status)` holds; TimeoutError (naming the status) if not."""
-        async with asyncio.timeout(timeout):
-            while not predicate(self._state.status):
-                self._changed.clear()
-                await self._changed.wait()
+        try:
+            async with asyncio.timeout(timeout):
+                while not predicate(self._state.status):
+                    self._changed.clear()
+                    await self._changed.wait()
+        except TimeoutError:
+            summary = ", ".join(
+                f"{s.short_name}: {s.state.value} sent={s.version_sent or '-'} "
+                f"acked={s.version_acked or '-'}"
+                for s in self._state.status.values()
+            )
+            raise TimeoutError(f"xDS status not reached within {timeout}s ({summary})") from None
         return self.status()
 
     def applied(self, *type_urls: str) -> bool:

@@ -467,3 +467,16 @@ async def test_every_stream_gets_the_snapshot_and_pushes_until_it_closes():
         await xds.stop()
         shutil.rmtree(base, ignore_errors=True)
     assert not xds.socket_path.exists()
+
+
+async def test_waiting_for_a_status_that_never_comes_names_the_status():
+    base = Path(tempfile.mkdtemp(prefix="xds-", dir="/tmp"))
+    xds = XdsServer(base / "xds.sock")
+    try:
+        await xds.start()
+        xds.set_resources(XdsResources())
+        with pytest.raises(TimeoutError, match=r"LDS: NOT_SENT sent=- acked=-"):
+            await xds.wait_until(lambda _: xds.applied(), timeout=0.2)
+    finally:
+        await xds.stop()
+        shutil.rmtree(base, ignore_errors=True)
