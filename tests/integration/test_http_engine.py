@@ -40,6 +40,7 @@ from proxy.http import (
     serve,
     strip_hop_by_hop,
 )
+from tests.support import eventually
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -943,33 +944,69 @@ async def test_upstream_closes_mid_body() -> None:
                         await client_response.read()
 
 
-@pytest.mark.parametrize(
-    "answer",
-    [
-        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nhi",
-        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\nhi",
-        b"HTTP/1.1 200 OK\nContent-Length: 2\n\nhi",
-        b"HTTP/2.0 200 OK\r\nContent-Length: 2\r\n\r\nhi",
+# Raw upstream answers that must each end as a protocol error: a 502 to the client and
+# the upstream connection closed (never a hang, never reused).
+MALFORMED_UPSTREAM = [
+    ("duplicate-cl", b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nhi"),
+    ("same-cl-twice", b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\nhi"),
+    ("cl-and-te", b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\nhi"),
+    ("negative-cl", b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n"),
+    ("non-numeric-cl", b"HTTP/1.1 200 OK\r\nContent-Length: 2x\r\n\r\nhi"),
+    ("bare-lf", b"HTTP/1.1 200 OK\nContent-Length: 2\n\nhi"),
+    ("http2", b"HTTP/2.0 200 OK\r\nContent-Length: 2\r\n\r\nhi"),
+    (
+        "unrequested-101",
         b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: x\r\n\r\n",
-        b"SSH-2.0-OpenSSH_9.0\r\n\r\n",
-    ],
-    ids=["duplicate-cl", "cl-and-te", "bare-lf", "http2", "unrequested-101", "not-http"],
-)
+    ),
+    ("not-http", b"SSH-2.0-OpenSSH_9.0\r\n\r\n"),
+    ("no-status-line", b"Content-Length: 2\r\n\r\nhi"),
+    ("status-099", b"HTTP/1.1 099 Weird\r\nContent-Length: 2\r\n\r\nhi"),
+    ("status-000", b"HTTP/1.1 000 Zero\r\n\r\n"),
+    ("status-600", b"HTTP/1.1 600 Nope\r\nContent-Length: 2\r\n\r\nhi"),
+    ("status-999", b"HTTP/1.1 999 Nope\r\nContent-Length: 2\r\n\r\nhi"),
+    ("two-digit-status", b"HTTP/1.1 20 OK\r\nContent-Length: 2\r\n\r\nhi"),
+    ("100-then-099", b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 099 Weird\r\n\r\n"),
+    (
+        "1xx-with-body",
+        b"HTTP/1.1 100 Continue\r\nContent-Length: 5\r\n\r\nhello"
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi",
+    ),
+    ("endless-1xx", b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n" * 64),
+    ("head-too-large", b"HTTP/1.1 200 OK\r\nX-Big: " + b"v" * 70_000 + b"\r\n\r\n"),
+    ("head-never-ends", b"HTTP/1.1 200 OK\r\nX-Endless: " + b"v" * 200_000),
+    (
+        "too-many-fields",
+        b"HTTP/1.1 200 OK\r\n" + b"".join(b"X-F%d: v\r\n" % i for i in range(200)) + b"\r\n",
+    ),
+]
+
+
+@pytest.mark.parametrize("answer", [pytest.param(a, id=i) for i, a in MALFORMED_UPSTREAM])
 async def test_malformed_upstream_response_is_a_protocol_error(answer: bytes) -> None:
+    closed: list[bool] = []
+
     async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await read_head(reader)
         writer.write(answer)
         await writer.drain()
-        await reader.read()
+        try:
+            rest = await reader.read()
+        except ConnectionError:  # aborted: a reset is a close too
+            rest = b""
+        closed.append(rest == b"")  # the proxy closed it without sending anything more
 
     async with running_raw_upstream(upstream) as port:
         pool = UpstreamPool(LOCAL, port, limits=Limits())
         with pytest.raises(UpstreamProtocolError):
-            await pool.request("GET", "/", [("host", "u")])
+            await asyncio.wait_for(pool.request("GET", "/", [("host", "u")]), 10)
+        await eventually(lambda: closed == [True])
+        assert pool.stats().active == 0 and pool.stats().idle == 0
         pool.close()
         async with running_engine(port) as engine:
             data = await exchange_raw(engine.port, b"GET / HTTP/1.1\r\nHost: u\r\n\r\n")
             assert data.startswith(b"HTTP/1.1 502 ")
+            await eventually(lambda: closed == [True, True])
+            assert engine.pool.stats().active == 0 and engine.pool.stats().idle == 0
 
 
 async def test_stale_pooled_connection_is_retried_once_when_replayable() -> None:
