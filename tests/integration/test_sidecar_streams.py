@@ -1,0 +1,276 @@
+"""Long-lived and abandoned exchanges through real sidecars (mTLS between them), with
+real NATS, etcd, registry, config and CA services: WebSocket upgrades on every listener,
+clients that leave before their answer, and upstreams that answer outside HTTP.
+
+Assertions are about what the apps and the clients saw and what telemetry recorded;
+waits are bounded by `eventually`, never compared with thresholds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import WSMsgType, web
+
+from mesh.servers import free_port
+from tests.support import MeshHarness, eventually
+
+pytestmark = pytest.mark.timeout(120)
+
+LOCAL = "127.0.0.1"
+
+
+@pytest.fixture
+async def mesh(nats_server, etcd_server, prefix):
+    async with MeshHarness(nats_server.url, etcd_server.url, prefix) as h:
+        yield h
+
+
+def outbound(sc: Any) -> str:
+    return f"http://{LOCAL}:{sc.ports['outbound']}"
+
+
+async def metrics_of(sc: Any) -> str:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://{LOCAL}:{sc.ports['admin']}/stats/prometheus") as r,
+    ):
+        return await r.text()
+
+
+def series_total(metrics: str, name: str, **labels: str) -> float:
+    """The sum of the `name` series carrying `labels`."""
+    total = 0.0
+    for line in metrics.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+async def applied(mesh: MeshHarness, text: str, *sidecars: Any) -> None:
+    """Apply `text` and wait until every proxy in `sidecars` runs that revision."""
+    revision = (await mesh.apply(text)).revision
+
+    async def synced() -> bool:
+        entries = await mesh.proxy_status()
+        wanted = {sc.settings.instance for sc in sidecars}
+        mine = [e for e in entries if e.proxy in wanted]
+        return (
+            bool(mine)
+            and all(e.state == "SYNCED" for e in mine)
+            and any(e.applied_revision >= revision for e in mine)
+        )
+
+    await eventually(synced, timeout=10)
+
+
+async def swap_app(mesh: MeshHarness, sidecar: Any, app: Any) -> Any:
+    """Serve `app` on the port of the echo app `mesh.sidecar()` started for `sidecar`."""
+    echo = sidecar.echo
+    await echo.stop()
+    mesh.apps.remove(echo)
+    await app.start(echo.port)
+    mesh.apps.append(app)
+    sidecar.echo = app
+    return app
+
+
+# ---------------------------------------------------------------- WebSocket
+
+
+class WebSocketEchoApp:
+    """aiohttp app: `/ws...` upgrades WebSocket requests and greets with what the upgrade
+    request looked like (path, Host, a routed header), then echoes text and binary
+    messages; any other path answers a plain 200 (so a dropped upgrade shows)."""
+
+    def __init__(self) -> None:
+        self.port = 0
+        self.runner: web.AppRunner | None = None
+        self.upgrades = 0
+        self.closed = 0
+
+    async def start(self, port: int = 0) -> WebSocketEchoApp:
+        async def handle(request: web.Request) -> web.StreamResponse:
+            upgrade = request.headers.get("Upgrade", "").lower() == "websocket"
+            if not (upgrade and request.path.startswith("/ws")):
+                return web.json_response({"path": request.path, "upgraded": False})
+            ws = web.WebSocketResponse()
+            await ws.prepare(request)
+            self.upgrades += 1
+            await ws.send_json(
+                {
+                    "path": request.path_qs,
+                    "host": request.host,
+                    "x-routed": request.headers.get("x-routed", ""),
+                }
+            )
+            async for msg in ws:
+                if msg.type == WSMsgType.TEXT:
+                    await ws.send_str("echo:" + msg.data)
+                elif msg.type == WSMsgType.BINARY:
+                    await ws.send_bytes(msg.data[::-1])
+            self.closed += 1
+            return ws
+
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", handle)
+        self.runner = web.AppRunner(app, access_log=None)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, LOCAL, port)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        return self
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+
+
+async def chat(ws: aiohttp.ClientWebSocketResponse) -> dict[str, Any]:
+    """The greeting, then several messages both ways, in order."""
+    greeting = await ws.receive_json(timeout=10)
+    for i in range(5):
+        await ws.send_str(f"m{i}")
+        assert await ws.receive_str(timeout=10) == f"echo:m{i}"
+    payload = bytes(range(256)) * 400  # 100 KiB: several TLS records, several reads
+    await ws.send_bytes(payload)
+    assert await ws.receive_bytes(timeout=10) == payload[::-1]
+    return dict(greeting)
+
+
+CHAT_ROUTES = """
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: chat}
+spec:
+  hosts: [chat]
+  http:
+  - match:
+    - uri: {prefix: /live}
+    rewrite: {uri: /ws/live}
+    headers:
+      request:
+        set: {x-routed: outbound-rule}
+    route:
+    - destination: {host: chat}
+  - route:
+    - destination: {host: chat}
+"""
+
+DENY_ADMIN_WS = """
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: chat-deny-admin, namespace: default}
+spec:
+  selector: {matchLabels: {app: chat}}
+  action: DENY
+  rules:
+  - to:
+    - operation: {paths: ["/ws/admin"]}
+"""
+
+GATEWAY = """
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: edge}
+spec:
+  selector: {istio: ingressgateway}
+  servers:
+  - port: {number: 8080, name: http, protocol: HTTP}
+    hosts: ["*"]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: edge-chat}
+spec:
+  hosts: ["*"]
+  gateways: [edge]
+  http:
+  - match:
+    - uri: {prefix: /chat}
+    rewrite: {uri: /ws/gateway}
+    headers:
+      request:
+        set: {x-routed: gateway-rule}
+    route:
+    - destination: {host: chat}
+"""
+
+
+async def test_websocket_upgrade_through_outbound_mtls_and_inbound(mesh: MeshHarness) -> None:
+    server = await mesh.sidecar("chat", labels={"app": "chat"})
+    app = await swap_app(mesh, server, WebSocketEchoApp())
+    client = await mesh.sidecar("web", app=False)
+    async with aiohttp.ClientSession() as session:
+
+        async def reachable() -> bool:
+            async with session.get("http://chat/plain", proxy=outbound(client)) as r:
+                return r.status == 200
+
+        await eventually(reachable, timeout=10)  # the client's proxy follows chat now
+        await applied(mesh, CHAT_ROUTES, client)
+        # client -> outbound sidecar -> mTLS -> inbound sidecar -> app, and back
+        async with session.ws_connect("http://chat/ws/direct", proxy=outbound(client)) as ws:
+            greeting = await chat(ws)
+        assert greeting == {"path": "/ws/direct", "host": "chat", "x-routed": ""}
+        # the route's rewrite and header operations apply to the upgrade request
+        async with session.ws_connect("http://chat/live?room=1", proxy=outbound(client)) as ws:
+            greeting = await chat(ws)
+        assert greeting == {"path": "/ws/live?room=1", "host": "chat", "x-routed": "outbound-rule"}
+        await eventually(lambda: app.closed == 2)  # the client's close reached the app
+
+        # authorization applies to the upgrade request on the inbound side
+        await applied(mesh, DENY_ADMIN_WS, server)
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await session.ws_connect("http://chat/ws/admin", proxy=outbound(client))
+        assert refused.value.status == 403
+        async with session.get("http://chat/ws/admin", proxy=outbound(client)) as r:
+            assert r.status == 403 and r.headers["x-mesh-response-flags"] == "RBAC"
+        assert app.upgrades == 2
+        # a non-101 answer to an upgrade request is relayed as a normal response
+        async with session.get(
+            "http://chat/plain",
+            proxy=outbound(client),
+            headers={"Connection": "Upgrade", "Upgrade": "websocket"},
+        ) as r:
+            assert r.status == 200 and (await r.json()) == {"path": "/plain", "upgraded": False}
+
+
+async def test_websocket_upgrade_through_the_gateway(mesh: MeshHarness) -> None:
+    server = await mesh.sidecar("chat", labels={"app": "chat"})
+    app = await swap_app(mesh, server, WebSocketEchoApp())
+    port = free_port()
+    gateway = await mesh.sidecar(
+        "ingressgateway",
+        "",
+        app=False,
+        gateway=True,
+        gateway_port=port,
+        labels={"istio": "ingressgateway"},
+    )
+    await applied(mesh, GATEWAY, gateway)
+    url = f"http://{LOCAL}:{port}"
+    async with aiohttp.ClientSession() as session:
+
+        async def reachable() -> bool:
+            async with session.get(f"{url}/chat") as r:
+                return r.status == 200  # the plain request reaches the app
+
+        await eventually(reachable, timeout=10)
+        async with session.ws_connect(f"{url}/chat", headers={"Host": "chat.example.com"}) as ws:
+            greeting = await chat(ws)
+        assert greeting["path"] == "/ws/gateway" and greeting["x-routed"] == "gateway-rule"
+        await eventually(lambda: app.closed == 1)
+        # the gateway's route policy: no route, no upgrade
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await session.ws_connect(f"{url}/elsewhere")
+        assert refused.value.status == 404
+        await applied(mesh, DENY_ADMIN_WS.replace("/ws/admin", "/ws/gateway"), server)
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await session.ws_connect(f"{url}/chat")
+        assert refused.value.status == 403
+    assert app.upgrades == 1
