@@ -1039,6 +1039,36 @@ async def test_malformed_upstream_response_is_a_protocol_error(answer: bytes) ->
             assert engine.pool.stats().active == 0 and engine.pool.stats().idle == 0
 
 
+@pytest.mark.parametrize("leave", ["close", "half-close"])
+async def test_client_leaving_cancels_its_upstream_exchange(leave: str) -> None:
+    # HTTP/1.1 has no half-close: an end of the client's stream before its answer means
+    # it left (Envoy: DC, nginx: 499). The handler is cancelled, its mid-exchange
+    # upstream connection closed, and pipelined requests behind it never run.
+    asked: list[bytes] = []
+    closed = asyncio.Event()
+
+    async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        asked.append(await read_head(reader))
+        with contextlib.suppress(ConnectionError):
+            while await reader.read(65536):
+                pass
+        closed.set()
+
+    async with running_raw_upstream(upstream) as port, running_engine(port) as engine:
+        reader, writer = await asyncio.open_connection(LOCAL, engine.port)
+        writer.write(b"GET /a HTTP/1.1\r\nHost: u\r\n\r\nGET /b HTTP/1.1\r\nHost: u\r\n\r\n")
+        await eventually(lambda: len(asked) == 1)
+        if leave == "close":
+            writer.close()
+        else:
+            writer.write_eof()
+        await asyncio.wait_for(closed.wait(), 10)
+        assert await asyncio.wait_for(reader.read(), 10) == b""  # no answer, closed
+        writer.close()
+        assert [request.path for request in engine.seen] == ["/a"]
+        assert engine.pool.stats().active == 0 and engine.pool.stats().idle == 0
+
+
 async def test_stale_pooled_connection_is_retried_once_when_replayable() -> None:
     async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await read_head(reader)

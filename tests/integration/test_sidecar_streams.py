@@ -274,3 +274,124 @@ async def test_websocket_upgrade_through_the_gateway(mesh: MeshHarness) -> None:
             await session.ws_connect(f"{url}/chat")
         assert refused.value.status == 403
     assert app.upgrades == 1
+
+
+# ---------------------------------------------------------------- a client that leaves
+
+
+class SlowApp:
+    """Raw HTTP/1.1 app: `/ready` answers 200 at once; any other request is never
+    answered, and the app notes when the proxy closes that connection. `requests`
+    counts the slow requests received, `closed` the connections closed under them."""
+
+    def __init__(self) -> None:
+        self.port = 0
+        self.requests = 0
+        self.closed = 0
+        self._server: asyncio.AbstractServer | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    async def start(self, port: int = 0) -> SlowApp:
+        self._server = await asyncio.start_server(self._serve, LOCAL, port)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                if head.startswith(b"GET /ready "):
+                    writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                    await writer.drain()
+                    continue
+                self.requests += 1
+                with contextlib.suppress(ConnectionError):
+                    while await reader.read(65536):
+                        pass  # never answers; waits for the proxy to give up
+                self.closed += 1
+                return
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
+            return
+        finally:
+            self._tasks.discard(task)
+            writer.transport.abort()
+
+
+RETRY_EVERYTHING = """
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: slow}
+spec:
+  hosts: [slow]
+  http:
+  - route: [{destination: {host: slow}}]
+    retries: {attempts: 4, perTryTimeout: 0.5s, retryOn: "5xx,reset,connect-failure"}
+"""
+
+
+async def leave_after_upstream_got_it(client: Any, app: SlowApp, path: str) -> None:
+    """Send a request through the client's outbound listener; close the connection once
+    the app has the request (before any answer)."""
+    before = app.requests
+    _reader, writer = await asyncio.open_connection(LOCAL, client.ports["outbound"])
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: slow\r\n\r\n".encode())
+    await writer.drain()
+    await eventually(lambda: app.requests == before + 1)
+    writer.close()
+    await writer.wait_closed()
+
+
+async def test_client_that_leaves_cancels_the_upstream_request_and_its_retries(
+    mesh: MeshHarness,
+) -> None:
+    server = await mesh.sidecar("slow")
+    app = await swap_app(mesh, server, SlowApp())
+    client = await mesh.sidecar("web", app=False)
+    async with aiohttp.ClientSession() as session:
+
+        async def reachable() -> bool:
+            async with session.get("http://slow/ready", proxy=outbound(client)) as r:
+                return r.status == 200
+
+        await eventually(reachable, timeout=10)
+
+        # no timeout anywhere: only the client's departure can end the exchange
+        await leave_after_upstream_got_it(client, app, "/hang")
+        await eventually(lambda: app.closed == 1)  # cancelled through both sidecars
+
+        # with retries on every failure and a per-try timeout, none goes out after the
+        # client left: the cancelled request makes no further attempt
+        await applied(mesh, RETRY_EVERYTHING, client)
+        await leave_after_upstream_got_it(client, app, "/hang-with-retries")
+        await eventually(lambda: app.closed == 2)
+        # longer than every per-try timeout and backoff of the 4 attempts together
+        await asyncio.sleep(4 * 0.5 + 1.0)
+        assert app.requests == 2 and app.closed == 2
+
+    # both abandoned requests are counted with Envoy's flag DC, on both sidecars
+    async def counted_dc() -> bool:
+        client_metrics, server_metrics = await metrics_of(client), await metrics_of(server)
+        return (
+            series_total(
+                client_metrics, "meshwork_proxy_requests_total",
+                listener="outbound", response_flags="DC",
+            ) == 2
+            and series_total(
+                client_metrics, "istio_requests_total", reporter="source", response_flags="DC"
+            ) == 2
+            and series_total(
+                server_metrics, "istio_requests_total",
+                reporter="destination", response_flags="DC",
+            ) == 2
+        )  # fmt: skip
+
+    await eventually(counted_dc, timeout=10)
