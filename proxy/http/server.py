@@ -3,7 +3,8 @@
 One task per connection runs the handler loop; the protocol callbacks parse, queue
 requests (pipelining) and feed body streams. Malformed requests never reach the
 handler: they are answered 400/431/408 with `Connection: close` and the connection
-is closed.
+is closed. A client that ends its stream before its answer has left (HTTP/1.1 has no
+half-close): its handler task is cancelled, and with it the upstream exchange.
 """
 
 from __future__ import annotations
