@@ -395,3 +395,73 @@ async def test_client_that_leaves_cancels_the_upstream_request_and_its_retries(
         )  # fmt: skip
 
     await eventually(counted_dc, timeout=10)
+
+
+# ---------------------------------------------------------------- an upstream outside HTTP
+
+
+class RawAnswerApp:
+    """Raw app: `/ready` answers 200; any other request gets `answer` verbatim, after
+    which the app waits for the proxy to close the connection (`closed` counts them)."""
+
+    def __init__(self, answer: bytes) -> None:
+        self.answer = answer
+        self.port = 0
+        self.closed = 0
+        self._server: asyncio.AbstractServer | None = None
+
+    async def start(self, port: int = 0) -> RawAnswerApp:
+        self._server = await asyncio.start_server(self._serve, LOCAL, port)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                if head.startswith(b"GET /ready "):
+                    writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                    continue
+                writer.write(self.answer)
+                with contextlib.suppress(ConnectionError):
+                    while await reader.read(65536):
+                        pass
+                self.closed += 1
+                return
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return
+        finally:
+            writer.transport.abort()
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 099 Weird\r\ncontent-length: 2\r\n\r\nhi",
+        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 099 Weird\r\n\r\n",
+        b"HTTP/1.1 600 Beyond\r\ncontent-length: 2\r\n\r\nhi",
+    ],
+    ids=["099", "100-then-099", "600"],
+)
+async def test_status_outside_100_599_is_a_502_upe_and_closes_the_connection(
+    mesh: MeshHarness, answer: bytes
+) -> None:
+    server = await mesh.sidecar("weird")
+    app = await swap_app(mesh, server, RawAnswerApp(answer))
+    client = await mesh.sidecar("web", app=False)
+    async with aiohttp.ClientSession() as session:
+
+        async def reachable() -> bool:
+            async with session.get("http://weird/ready", proxy=outbound(client)) as r:
+                return r.status == 200
+
+        await eventually(reachable, timeout=10)
+        hang = aiohttp.ClientTimeout(total=20)  # bounds a hang (the bug) for the report
+        async with session.get("http://weird/x", proxy=outbound(client), timeout=hang) as r:
+            # the inbound sidecar's local reply, relayed by the outbound one
+            assert r.status == 502 and r.headers["x-mesh-response-flags"] == "UPE"
+    await eventually(lambda: app.closed == 1)  # closed, not kept for reuse
