@@ -245,9 +245,8 @@ def forwarding_handler(
 
     async def handler(request: Request, exchange: Exchange) -> None:
         seen.append(request)
-        headers = append_forwarded_for(strip_hop_by_hop(request.headers), request.peer[0])
-        if request.upgrade is not None:
-            headers += [("connection", "upgrade"), ("upgrade", request.upgrade)]
+        headers = strip_hop_by_hop(request.headers, request.upgrade)
+        headers = append_forwarded_for(headers, request.peer[0])
         response = await pool.request(request.method, request.path, headers, request.body)
         exchanges.append((exchange, response))
         if response.status == 101:
