@@ -84,7 +84,7 @@ class InboundHandler:
                 )
                 outcome.authz_shadow = shadow
                 return outcome
-        headers = [(n, v) for n, v in strip_hop_by_hop(req.headers) if n != XFCC]
+        headers = [(n, v) for n, v in strip_hop_by_hop(req.headers, req.upgrade) if n != XFCC]
         headers, _ = ensure_request_id(headers)
         if req.authority and not any(n == "host" for n, _ in headers):
             headers.append(("host", req.authority))

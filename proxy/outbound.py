@@ -228,7 +228,7 @@ class RouteHandler:
 
         path = rewrite_path(route, match.match, req.path)
         authority = request_authority(route, chosen, attrs.authority)
-        out_headers = strip_hop_by_hop(req.headers)
+        out_headers = strip_hop_by_hop(req.headers, req.upgrade)
         out_headers = apply_request_header_ops(out_headers, route, chosen)
         out_headers = [(n, v) for n, v in out_headers if n != "host"]
         out_headers.append(("host", authority))
@@ -245,8 +245,10 @@ class RouteHandler:
             return headers
 
         mirror = route.mirror
-        if mirror is not None and not should_mirror(mirror.percentage, self.rand.random()):
-            mirror = None
+        if mirror is not None and (
+            req.upgrade or not should_mirror(mirror.percentage, self.rand.random())
+        ):
+            mirror = None  # a copy of an upgrade would open a tunnel nobody reads
         body: bytes | BodyStream = req.body
         if (route.retries is not None or mirror is not None) and not req.upgrade:
             # kept in memory (up to 64 KiB) so that it can be sent more than once

@@ -33,6 +33,9 @@ if TYPE_CHECKING:
 
 _HELD = object()  # read-pause owner: too many bytes held before a tunnel starts
 
+# 1xx heads accepted before the final response (Envoy drops repeats; nobody sends many).
+_MAX_INTERIM_RESPONSES = 16
+
 _NAME_CACHE: dict[bytes, str] = {}
 _NAME_CACHE_MAX = 512
 
@@ -151,6 +154,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._keep_alive = False
         self._replace_parser = False
         self._got_bytes = False
+        self._interim = 0
         self._reset_head()
 
     def _reset_head(self) -> None:
@@ -487,8 +491,17 @@ class UpstreamConnection(asyncio.Protocol):
         self._in_head = False
         parser = self._parser
         status = parser.get_status_code()
+        if not 100 <= status <= 599:
+            # llhttp takes any three digits; below 100 would pass for interim and leave
+            # the exchange waiting forever.
+            raise UpstreamProtocolError(f"response status {status} outside 100-599")
         if status < 200 and status != 101:
-            return  # interim (100 Continue, 103 Early Hints): wait for the final one
+            # interim (100 Continue, 103 Early Hints): wait for the final one, but not
+            # through an endless stream of them
+            self._interim += 1
+            if self._interim > _MAX_INTERIM_RESPONSES:
+                raise UpstreamProtocolError("too many interim responses")
+            return
         version = parser.get_http_version()
         if version != "1.1" and version != "1.0":
             raise UpstreamProtocolError(f"unsupported HTTP version {version}")

@@ -63,11 +63,19 @@ def hop_by_hop_names(headers: Iterable[tuple[str, str]]) -> frozenset[str]:
     return HOP_BY_HOP | nominated if nominated else HOP_BY_HOP
 
 
-def strip_hop_by_hop(headers: Iterable[tuple[str, str]]) -> Headers:
-    """A copy of `headers` without hop-by-hop fields (RFC 9110 §7.6.1)."""
+def strip_hop_by_hop(headers: Iterable[tuple[str, str]], upgrade: str | None = None) -> Headers:
+    """A copy of `headers` without hop-by-hop fields (RFC 9110 §7.6.1).
+
+    `upgrade` is the request's valid Upgrade value (`Request.upgrade`): a proxy passing
+    the upgrade on must ask the next hop for it too, so `Connection: upgrade` and that
+    `Upgrade` field are kept (as the only connection options that are).
+    """
     headers = list(headers)
     drop = hop_by_hop_names(headers)
-    return [(name, value) for name, value in headers if name.lower() not in drop]
+    kept = [(name, value) for name, value in headers if name.lower() not in drop]
+    if upgrade:
+        kept += [("connection", "upgrade"), ("upgrade", upgrade)]
+    return kept
 
 
 def append_forwarded_for(headers: Iterable[tuple[str, str]], client_ip: str) -> Headers:

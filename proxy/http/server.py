@@ -3,7 +3,8 @@
 One task per connection runs the handler loop; the protocol callbacks parse, queue
 requests (pipelining) and feed body streams. Malformed requests never reach the
 handler: they are answered 400/431/408 with `Connection: close` and the connection
-is closed.
+is closed. A client that ends its stream before its answer has left (HTTP/1.1 has no
+half-close): its handler task is cancelled, and with it the upstream exchange.
 
 Every request head is normalised here, once, before any handler sees it
 (`proxy.http.target`): `Request.path` and `Request.authority` are what the listeners
@@ -276,8 +277,16 @@ class HttpServerProtocol(asyncio.Protocol):
         if current is not None:
             current.body.set_exception(DownstreamError("client closed mid-body"))
             self._current = None
-        # Keep the socket open for answers still owed; otherwise close.
-        return self._active is not None or bool(self._queue)
+        active = self._active
+        if self._mode != _FAILED and ((active is not None and not active.finished) or self._queue):
+            # The client went away before its answer. HTTP/1.1 has no half-close: as
+            # Envoy (flag DC) and nginx (499) do, give the request up. Closing leads to
+            # connection_lost, which cancels the handler and with it the upstream
+            # exchange, its retries and their timers.
+            self._queue.clear()
+            return False
+        # Keep the socket open for an error answer still owed; otherwise close.
+        return active is not None or bool(self._queue)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True

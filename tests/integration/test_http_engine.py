@@ -40,6 +40,7 @@ from proxy.http import (
     serve,
     strip_hop_by_hop,
 )
+from tests.support import eventually
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -157,12 +158,26 @@ def pattern_block() -> bytes:
     return bytes(range(256)) * 256  # 64 KiB, not all one byte value
 
 
+def small_receive_buffer(sock: socket.socket) -> socket.socket:
+    """Fix the socket's receive buffer at 64 KiB (no autotuning, which can grow to tens of
+    MiB on loopback): a slow reader then pushes back after a bounded amount, so flow
+    control in the engine must engage whatever the kernel's settings."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    return sock
+
+
 @contextlib.asynccontextmanager
-async def running_app_upstream() -> AsyncIterator[AppUpstream]:
+async def running_app_upstream(small_buffers: bool = False) -> AsyncIterator[AppUpstream]:
     state = AppUpstream(port=0)
     runner = web.AppRunner(build_app(state), access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, LOCAL, 0)
+    site: web.BaseSite
+    if small_buffers:
+        listening = small_receive_buffer(socket.socket())  # inherited by accepted sockets
+        listening.bind((LOCAL, 0))
+        site = web.SockSite(runner, listening)
+    else:
+        site = web.TCPSite(runner, LOCAL, 0)
     await site.start()
     assert runner.addresses
     state.port = runner.addresses[0][1]
@@ -230,9 +245,8 @@ def forwarding_handler(
 
     async def handler(request: Request, exchange: Exchange) -> None:
         seen.append(request)
-        headers = append_forwarded_for(strip_hop_by_hop(request.headers), request.peer[0])
-        if request.upgrade is not None:
-            headers += [("connection", "upgrade"), ("upgrade", request.upgrade)]
+        headers = strip_hop_by_hop(request.headers, request.upgrade)
+        headers = append_forwarded_for(headers, request.peer[0])
         response = await pool.request(request.method, request.path, headers, request.body)
         exchanges.append((exchange, response))
         if response.status == 101:
@@ -526,10 +540,13 @@ async def test_content_length_response_keeps_its_length(engine: Engine) -> None:
     assert response.complete and len(response.body) == 100000
 
 
-async def test_10mb_upload_streams_with_bounded_buffers(app_upstream: AppUpstream) -> None:
+async def test_10mb_upload_streams_with_bounded_buffers() -> None:
     limits = Limits(max_body_buffer=32 * 1024)
     payload = pattern_block() * 160  # 10 MiB
-    async with running_engine(app_upstream.port, limits) as engine:
+    async with (
+        running_app_upstream(small_buffers=True) as app_upstream,
+        running_engine(app_upstream.port, limits) as engine,
+    ):
         async with ClientSession() as session:
             async with session.post(
                 f"http://{LOCAL}:{engine.port}/slow-upload", data=payload
@@ -555,7 +572,9 @@ async def test_10mb_download_to_a_slow_client_with_bounded_buffers(
     limits = Limits(max_body_buffer=32 * 1024)
     size = 10 * MiB
     async with running_engine(app_upstream.port, limits) as engine:
-        reader, writer = await asyncio.open_connection(LOCAL, engine.port, limit=64 * 1024)
+        client = small_receive_buffer(socket.socket())
+        client.connect((LOCAL, engine.port))
+        reader, writer = await asyncio.open_connection(sock=client, limit=64 * 1024)
         query = f"size={size}&chunked={int(chunked)}"
         writer.write(f"GET /big?{query} HTTP/1.1\r\nHost: u\r\nConnection: close\r\n\r\n".encode())
         received = bytearray()
@@ -866,19 +885,30 @@ async def test_too_many_header_bytes_gets_431(engine: Engine) -> None:
 
 
 async def test_endless_header_is_cut_off_with_431(engine: Engine) -> None:
-    # The head never ends: the engine must answer before buffering it all.
+    # The head never ends: the engine must answer 431 and close while the client is
+    # still sending. The client keeps writing until the answer has arrived (however much
+    # the kernel's buffers absorb); a cap far beyond any loopback buffering only keeps
+    # an engine that reads forever from hanging the test.
+    cap = 256 * MiB
     reader, writer = await asyncio.open_connection(LOCAL, engine.port)
     writer.write(b"GET /echo HTTP/1.1\r\nHost: u\r\nX-Endless: ")
+    answer = asyncio.ensure_future(reader.read())  # complete once the server closes
     sent = 0
-    answer = asyncio.ensure_future(reader.read())
-    while not answer.done() and sent < 4 * MiB:
-        writer.write(b"v" * 16384)
-        await writer.drain()
-        sent += 16384
+    block = b"v" * 65536
+    try:
+        while not answer.done() and sent < cap:
+            writer.write(block)
+            await writer.drain()
+            sent += len(block)
+            await asyncio.sleep(0)  # drain() need not yield: let the reader see the answer
+    except ConnectionError:
+        pass  # the server closed (its linger ended) before the reader task ran
     data = await asyncio.wait_for(answer, 10)
     writer.close()
-    assert data.startswith(b"HTTP/1.1 431 ")
-    assert sent < 4 * MiB
+    assert data.startswith(b"HTTP/1.1 431 "), data[:80]
+    assert b"\r\nconnection: close\r\n" in data
+    assert answer.done() and sent < cap  # answered while the header was still coming
+    assert engine.seen == []
 
 
 async def test_slow_head_gets_408(app_upstream: AppUpstream) -> None:
@@ -945,33 +975,99 @@ async def test_upstream_closes_mid_body() -> None:
                         await client_response.read()
 
 
-@pytest.mark.parametrize(
-    "answer",
-    [
-        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nhi",
-        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\nhi",
-        b"HTTP/1.1 200 OK\nContent-Length: 2\n\nhi",
-        b"HTTP/2.0 200 OK\r\nContent-Length: 2\r\n\r\nhi",
+# Raw upstream answers that must each end as a protocol error: a 502 to the client and
+# the upstream connection closed (never a hang, never reused).
+MALFORMED_UPSTREAM = [
+    ("duplicate-cl", b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nhi"),
+    ("same-cl-twice", b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\nhi"),
+    ("cl-and-te", b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\nhi"),
+    ("negative-cl", b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n"),
+    ("non-numeric-cl", b"HTTP/1.1 200 OK\r\nContent-Length: 2x\r\n\r\nhi"),
+    ("bare-lf", b"HTTP/1.1 200 OK\nContent-Length: 2\n\nhi"),
+    ("http2", b"HTTP/2.0 200 OK\r\nContent-Length: 2\r\n\r\nhi"),
+    (
+        "unrequested-101",
         b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: x\r\n\r\n",
-        b"SSH-2.0-OpenSSH_9.0\r\n\r\n",
-    ],
-    ids=["duplicate-cl", "cl-and-te", "bare-lf", "http2", "unrequested-101", "not-http"],
-)
+    ),
+    ("not-http", b"SSH-2.0-OpenSSH_9.0\r\n\r\n"),
+    ("no-status-line", b"Content-Length: 2\r\n\r\nhi"),
+    ("status-099", b"HTTP/1.1 099 Weird\r\nContent-Length: 2\r\n\r\nhi"),
+    ("status-000", b"HTTP/1.1 000 Zero\r\n\r\n"),
+    ("status-600", b"HTTP/1.1 600 Nope\r\nContent-Length: 2\r\n\r\nhi"),
+    ("status-999", b"HTTP/1.1 999 Nope\r\nContent-Length: 2\r\n\r\nhi"),
+    ("two-digit-status", b"HTTP/1.1 20 OK\r\nContent-Length: 2\r\n\r\nhi"),
+    ("100-then-099", b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 099 Weird\r\n\r\n"),
+    (
+        "1xx-with-body",
+        b"HTTP/1.1 100 Continue\r\nContent-Length: 5\r\n\r\nhello"
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi",
+    ),
+    ("endless-1xx", b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n" * 64),
+    ("head-too-large", b"HTTP/1.1 200 OK\r\nX-Big: " + b"v" * 70_000 + b"\r\n\r\n"),
+    ("head-never-ends", b"HTTP/1.1 200 OK\r\nX-Endless: " + b"v" * 200_000),
+    (
+        "too-many-fields",
+        b"HTTP/1.1 200 OK\r\n" + b"".join(b"X-F%d: v\r\n" % i for i in range(200)) + b"\r\n",
+    ),
+]
+
+
+@pytest.mark.parametrize("answer", [pytest.param(a, id=i) for i, a in MALFORMED_UPSTREAM])
 async def test_malformed_upstream_response_is_a_protocol_error(answer: bytes) -> None:
+    closed: list[bool] = []
+
     async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await read_head(reader)
         writer.write(answer)
         await writer.drain()
-        await reader.read()
+        try:
+            rest = await reader.read()
+        except ConnectionError:  # aborted: a reset is a close too
+            rest = b""
+        closed.append(rest == b"")  # the proxy closed it without sending anything more
 
     async with running_raw_upstream(upstream) as port:
         pool = UpstreamPool(LOCAL, port, limits=Limits())
         with pytest.raises(UpstreamProtocolError):
-            await pool.request("GET", "/", [("host", "u")])
+            await asyncio.wait_for(pool.request("GET", "/", [("host", "u")]), 10)
+        await eventually(lambda: closed == [True])
+        assert pool.stats().active == 0 and pool.stats().idle == 0
         pool.close()
         async with running_engine(port) as engine:
             data = await exchange_raw(engine.port, b"GET / HTTP/1.1\r\nHost: u\r\n\r\n")
             assert data.startswith(b"HTTP/1.1 502 ")
+            await eventually(lambda: closed == [True, True])
+            assert engine.pool.stats().active == 0 and engine.pool.stats().idle == 0
+
+
+@pytest.mark.parametrize("leave", ["close", "half-close"])
+async def test_client_leaving_cancels_its_upstream_exchange(leave: str) -> None:
+    # HTTP/1.1 has no half-close: an end of the client's stream before its answer means
+    # it left (Envoy: DC, nginx: 499). The handler is cancelled, its mid-exchange
+    # upstream connection closed, and pipelined requests behind it never run.
+    asked: list[bytes] = []
+    closed = asyncio.Event()
+
+    async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        asked.append(await read_head(reader))
+        with contextlib.suppress(ConnectionError):
+            while await reader.read(65536):
+                pass
+        closed.set()
+
+    async with running_raw_upstream(upstream) as port, running_engine(port) as engine:
+        reader, writer = await asyncio.open_connection(LOCAL, engine.port)
+        writer.write(b"GET /a HTTP/1.1\r\nHost: u\r\n\r\nGET /b HTTP/1.1\r\nHost: u\r\n\r\n")
+        await eventually(lambda: len(asked) == 1)
+        if leave == "close":
+            writer.close()
+        else:
+            writer.write_eof()
+        await asyncio.wait_for(closed.wait(), 10)
+        assert await asyncio.wait_for(reader.read(), 10) == b""  # no answer, closed
+        writer.close()
+        assert [request.path for request in engine.seen] == ["/a"]
+        assert engine.pool.stats().active == 0 and engine.pool.stats().idle == 0
 
 
 async def test_stale_pooled_connection_is_retried_once_when_replayable() -> None:

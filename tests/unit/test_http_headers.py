@@ -49,6 +49,24 @@ def test_strip_removes_each_hop_by_hop_field(name: str) -> None:
     assert strip_hop_by_hop(headers) == [("host", "a"), ("accept", "*/*")]
 
 
+def test_strip_keeps_the_upgrade_of_an_upgrade_request() -> None:
+    headers = [
+        ("host", "a"),
+        ("connection", "Upgrade, X-Secret, keep-alive"),
+        ("upgrade", "websocket"),
+        ("x-secret", "s"),
+        ("sec-websocket-key", "k"),
+    ]
+    assert strip_hop_by_hop(headers, "websocket") == [
+        ("host", "a"),
+        ("sec-websocket-key", "k"),
+        ("connection", "upgrade"),
+        ("upgrade", "websocket"),
+    ]
+    # not an upgrade (Request.upgrade is None): both go, as every hop-by-hop field
+    assert strip_hop_by_hop(headers) == [("host", "a"), ("sec-websocket-key", "k")]
+
+
 def test_strip_drops_te_trailers_too() -> None:
     assert strip_hop_by_hop([("te", "trailers"), ("x", "1")]) == [("x", "1")]
 
