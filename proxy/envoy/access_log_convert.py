@@ -12,7 +12,11 @@ access batches and publishing are then shared with the Python data plane.
 How the other side is named, as `proxy.telemetry.datapath` names it:
 - the caller (inbound): principal and namespace from the SPIFFE ID in its client
   certificate's URI SAN (Envoy's `tls_properties.peer_certificate_properties`), never
-  from a header; workload, app and version from its `x-meshwork-peer` header;
+  from a header; workload, app and version from its `x-meshwork-peer` header. The
+  inbound HCM must strip that header before the app, and a removed header is gone from
+  the access log too (route or upstream-filter removal alike, measured on Envoy 1.40):
+  `peer_metadata_filter()` moves it into dynamic metadata instead, which the log
+  carries; a logged header is the fallback;
 - the destination (outbound): the service from the upstream cluster's Istio-style name
   (`outbound|<port>|<subset>|<fqdn>`), else from the request's authority; the endpoint
   Envoy chose (`upstream_remote_address`) looked up among the registry's endpoints of
@@ -28,7 +32,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 from envoy.config.core.v3 import address_pb2, base_pb2
 from envoy.data.accesslog.v3 import accesslog_pb2
@@ -94,7 +98,37 @@ _RBAC_METADATA = "envoy.filters.http.rbac"
 _SHADOW_RESULT = "shadow_engine_result"
 _SHADOW_POLICY = "shadow_effective_policy_id"
 
+# where `peer_metadata_filter` puts the caller's `x-meshwork-peer` value
+PEER_METADATA_NAMESPACE = "meshwork"
+PEER_METADATA_KEY = "peer"
+HEADER_TO_METADATA = (
+    "type.googleapis.com/envoy.extensions.filters.http.header_to_metadata.v3.Config"
+)
+
 _MAX_MEMO = 4096
+
+
+def peer_metadata_filter() -> dict[str, Any]:
+    """The inbound HCM's first HTTP filter: moves the caller's `x-meshwork-peer` header
+    into dynamic metadata (`meshwork`/`peer`), so the app never sees it and the access
+    log still carries it."""
+    return {
+        "name": "envoy.filters.http.header_to_metadata",
+        "typedConfig": {
+            "@type": HEADER_TO_METADATA,
+            "requestRules": [
+                {
+                    "header": PEER_METADATA_HEADER,
+                    "onHeaderPresent": {
+                        "metadataNamespace": PEER_METADATA_NAMESPACE,
+                        "key": PEER_METADATA_KEY,
+                        "type": "STRING",
+                    },
+                    "remove": True,
+                }
+            ],
+        },
+    }
 
 
 class AccessLogError(ValueError):
@@ -177,6 +211,17 @@ def _method(value: int) -> str:
     if value == base_pb2.METHOD_UNSPECIFIED:
         return "-"
     return str(base_pb2.RequestMethod.Name(value))
+
+
+def _peer_metadata(common: accesslog_pb2.AccessLogCommon, headers: Mapping[str, str]) -> str:
+    """The caller's `x-meshwork-peer` value: from the dynamic metadata
+    `peer_metadata_filter` wrote, else from the logged request headers."""
+    meta = common.metadata.filter_metadata
+    if PEER_METADATA_NAMESPACE in meta:
+        value = meta[PEER_METADATA_NAMESPACE].fields.get(PEER_METADATA_KEY)
+        if value is not None and value.string_value:
+            return str(value.string_value)
+    return headers.get(PEER_METADATA_HEADER, "")
 
 
 def _dry_run(common: accesslog_pb2.AccessLogCommon) -> tuple[str, str]:
@@ -268,7 +313,7 @@ class AccessLogConverter:
             spiffe = (
                 peer_spiffe_id(common.tls_properties) if common.HasField("tls_properties") else ""
             )
-            source = self.caller(headers.get(PEER_METADATA_HEADER, ""), spiffe)
+            source = self.caller(_peer_metadata(common, headers), spiffe)
             destination = self.local.workload
             policy = "mutual_tls" if spiffe else "none"
         status = response.response_code.value if response.HasField("response_code") else 0

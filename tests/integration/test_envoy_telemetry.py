@@ -38,7 +38,7 @@ from mesh import telemetry as wire
 from mesh.bus import Bus
 from mesh.messages import Endpoint, EndpointSet
 from mesh.servers import free_port
-from proxy.envoy.access_log_convert import AccessLogConverter, LocalProxy
+from proxy.envoy.access_log_convert import AccessLogConverter, LocalProxy, peer_metadata_filter
 from proxy.envoy.access_log_service import AccessLogIngest, AccessLogServer
 from proxy.envoy.translate.access_log import http_access_log, tcp_access_log
 from proxy.telemetry import TelemetryPublisher, TelemetryRecorder, own_workload
@@ -121,7 +121,9 @@ def _static_cluster(name: str, *ports: int) -> dict[str, Any]:
     return cluster
 
 
-def _hcm(log_name: str, routes: list[dict[str, Any]]) -> dict[str, Any]:
+def _hcm(
+    log_name: str, routes: list[dict[str, Any]], filters: tuple[dict[str, Any], ...] = ()
+) -> dict[str, Any]:
     return _typed(
         "envoy.filters.network.http_connection_manager",
         "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
@@ -132,11 +134,12 @@ def _hcm(log_name: str, routes: list[dict[str, Any]]) -> dict[str, Any]:
                 "virtual_hosts": [{"name": "all", "domains": ["*"], "routes": routes}],
             },
             "http_filters": [
+                *filters,
                 _typed(
                     "envoy.filters.http.router",
                     "envoy.extensions.filters.http.router.v3.Router",
                     {},
-                )
+                ),
             ],
             # the translator's logger, as every translated HCM carries it
             "access_log": http_access_log(log_name, ALS_CLUSTER),
@@ -209,7 +212,7 @@ def bootstrap(
                 _listener(
                     "inbound_http",
                     ports["inbound"],
-                    [_hcm("inbound", [route("/", "inbound|9080||")])],
+                    [_hcm("inbound", [route("/", "inbound|9080||")], (peer_metadata_filter(),))],
                     transport_socket=downstream_tls,
                 ),
                 _listener("outbound_tcp", ports["tcp"], [tcp_proxy]),
@@ -261,6 +264,7 @@ class Running:
     recorder: TelemetryRecorder
     ports: dict[str, int]
     pki: Pki
+    peer_headers_seen: list[str]  # paths where the app got `x-meshwork-peer`
 
 
 @pytest.fixture
@@ -277,7 +281,11 @@ async def envoy_with_access_logs(workdir: Path) -> AsyncIterator[Running]:
     envoy = _envoy()
     app = web.Application()
 
+    peer_headers_seen: list[str] = []
+
     async def answer(request: web.Request) -> web.Response:
+        if "x-meshwork-peer" in request.headers:
+            peer_headers_seen.append(request.path)
         return web.Response(body=b"x" * 50)
 
     app.router.add_route("*", "/{tail:.*}", answer)
@@ -331,7 +339,7 @@ async def envoy_with_access_logs(workdir: Path) -> AsyncIterator[Running]:
             lambda: all(_listening(p) for p in http_ports) or proc.returncode is not None, 30
         )
         assert proc.returncode is None, (workdir / "envoy.log").read_text()
-        yield Running(server, recorder, ports, pki)
+        yield Running(server, recorder, ports, pki, peer_headers_seen)
     finally:
         proc.terminate()
         await asyncio.wait_for(proc.wait(), 30)
@@ -451,6 +459,7 @@ async def test_envoy_access_logs_become_exact_records_with_flags_and_labels(
             "response_code": "200",
         }
         assert counter(rec, total, **inbound) == N_INBOUND
+        assert env.peer_headers_seen == []  # moved into metadata before the app
 
         tcp = {"reporter": "source", "destination_workload": "ratings-v1", "response_flags": "-"}
         assert counter(rec, wire.TCP_OPENED, **tcp) == N_TCP

@@ -10,8 +10,9 @@ from typing import Any
 import pytest
 from envoy.config.core.v3 import address_pb2, base_pb2
 from envoy.data.accesslog.v3 import accesslog_pb2
+from envoy.extensions.filters.http.header_to_metadata.v3 import header_to_metadata_pb2
 from envoy.service.accesslog.v3 import als_pb2
-from google.protobuf import struct_pb2
+from google.protobuf import json_format, struct_pb2
 
 from mesh import telemetry as wire
 from mesh.messages import Endpoint, EndpointSet
@@ -21,6 +22,7 @@ from proxy.envoy.access_log_convert import (
     AccessLogError,
     LocalProxy,
     cluster_service,
+    peer_metadata_filter,
     response_flags,
 )
 from proxy.envoy.access_log_service import AccessLogIngest
@@ -574,3 +576,30 @@ def test_ingest_tcp_counts_connections_and_bytes() -> None:
     assert counter(rec, wire.TCP_CLOSED) == 2
     assert counter(rec, wire.TCP_SENT_BYTES, connection_security_policy="mutual_tls") == 300
     assert counter(rec, wire.TCP_RECEIVED_BYTES) == 32
+
+
+def test_caller_metadata_from_dynamic_metadata_wins_over_a_logged_header() -> None:
+    """`peer_metadata_filter` moves the header into metadata (the app must not get it);
+    a logged header is only the fallback."""
+    entry = http_entry(
+        authority="reviews",
+        tls_properties=peer_tls(PRODUCTPAGE_ID),
+        headers={"x-meshwork-peer": "workload=stale-v0"},
+    )
+    meta = struct_pb2.Struct()
+    meta.update({"peer": "workload=productpage-v1;app=productpage;version=v1"})
+    entry.common_properties.metadata.filter_metadata["meshwork"].CopyFrom(meta)
+    record, _ = converter().http("inbound", entry)
+    assert (record.source.name, record.source.version) == ("productpage-v1", "v1")
+
+
+def test_peer_metadata_filter_is_a_valid_header_to_metadata_config() -> None:
+    body = dict(peer_metadata_filter()["typedConfig"])
+    assert body.pop("@type").endswith("header_to_metadata.v3.Config")
+    config = json_format.ParseDict(body, header_to_metadata_pb2.Config())
+    rule = config.request_rules[0]
+    assert (rule.header, rule.remove) == ("x-meshwork-peer", True)
+    assert (rule.on_header_present.metadata_namespace, rule.on_header_present.key) == (
+        "meshwork",
+        "peer",
+    )
