@@ -19,9 +19,11 @@ sampled context (Envoy does not start traces) open none.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import socket
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,8 +105,9 @@ class AccessLogIngest:
 
 
 class _AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):
-    def __init__(self, ingest: AccessLogIngest):
+    def __init__(self, ingest: AccessLogIngest, server: AccessLogServer):
         self._ingest = ingest
+        self._server = server
 
     async def StreamAccessLogs(
         self,
@@ -113,6 +116,7 @@ class _AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):
     ) -> als_pb2.StreamAccessLogsResponse:
         log_name = ""
         async for message in request_iterator:
+            self._server.last_message_at = time.monotonic()
             log_name = self._ingest.on_message(log_name, message)
         return als_pb2.StreamAccessLogsResponse()
 
@@ -124,6 +128,7 @@ class AccessLogServer:
         self.socket_path = Path(socket_path)
         self.ingest = ingest
         self._server: grpc.aio.Server | None = None
+        self.last_message_at = 0.0  # time.monotonic() of the last message received
 
     @property
     def counts(self) -> IngestCounts:
@@ -137,7 +142,9 @@ class AccessLogServer:
                 raise AccessLogServerError(f"another access-log service is serving on {path}")
             path.unlink()  # left by a sidecar process that died
         server = grpc.aio.server()
-        als_pb2_grpc.add_AccessLogServiceServicer_to_server(_AccessLogServicer(self.ingest), server)
+        als_pb2_grpc.add_AccessLogServiceServicer_to_server(
+            _AccessLogServicer(self.ingest, self), server
+        )
         old_umask = os.umask(0o177)  # no window between bind and chmod
         try:
             bound = server.add_insecure_port(f"unix:{path}")
@@ -151,10 +158,28 @@ class AccessLogServer:
         self._server = server
         log.info("access_log.started", socket=str(path))
 
+    async def wait_quiet(self, quiet: float = 1.5, timeout: float = 10.0) -> bool:
+        """Wait until no message has arrived for `quiet` seconds since this call and
+        since the last message (False if that did not happen within `timeout`).
+        Envoy sends what it buffered every second (`buffer_flush_interval`) and drops
+        its buffer when it exits: once its
+        listeners are drained and no request is in flight, a quiet second and a half
+        means every entry is here, and Envoy can be stopped without losing counts."""
+        called = time.monotonic()
+        deadline = called + timeout
+        while True:
+            now = time.monotonic()
+            left = max(self.last_message_at, called) + quiet - now
+            if left <= 0:
+                return True
+            if now + left > deadline:
+                return False
+            await asyncio.sleep(left)
+
     async def stop(self, grace: float = 1.0) -> None:
         """Stop serving. `grace`: how long streams may finish what Envoy already sent
-        (Envoy buffers entries up to its flush interval, 1 s by default, and re-sends
-        nothing: stop Envoy first for exact counts)."""
+        (Envoy buffers entries up to its flush interval, 1 s by default, and drops
+        them when it exits: drain Envoy, `wait_quiet`, stop Envoy, then this)."""
         server, self._server = self._server, None
         if server is not None:
             await server.stop(grace)

@@ -39,7 +39,7 @@ from mesh.bus import Bus
 from mesh.messages import Endpoint, EndpointSet
 from mesh.servers import free_port
 from proxy.envoy.access_log_convert import AccessLogConverter, LocalProxy, peer_metadata_filter
-from proxy.envoy.access_log_service import AccessLogIngest, AccessLogServer
+from proxy.envoy.access_log_service import AccessLogIngest, AccessLogServer, AccessLogServerError
 from proxy.envoy.translate.access_log import http_access_log, tcp_access_log
 from proxy.telemetry import TelemetryPublisher, TelemetryRecorder, own_workload
 from services.telemetry import TelemetryService
@@ -568,3 +568,42 @@ async def test_envoy_requests_counted_exactly_by_the_telemetry_service(
             assert sum(1 for r in records if r.get("response_flags") == "UF") == N_UF
         finally:
             await bus.close()
+
+
+async def test_wait_quiet_lets_envoy_stop_without_losing_entries(workdir: Path) -> None:
+    """Envoy drops the entries it buffered when it exits (measured: all of them when
+    stopped right after the traffic): waiting for a quiet access-log stream first
+    loses none."""
+    async with envoy_with_access_logs(workdir) as env:
+        await send_traffic(env)
+        assert await env.server.wait_quiet()
+        counts = env.server.counts
+        assert (counts.http, counts.tcp) == (N_HTTP, N_TCP)
+
+
+async def test_a_second_service_on_the_same_socket_is_refused(workdir: Path) -> None:
+    """Two sidecars must never share an access-log socket; a stale one is replaced."""
+    path = workdir / "als.sock"
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(path))  # left by a process that died: nobody listens
+    stale.close()
+
+    def server() -> AccessLogServer:
+        converter = AccessLogConverter(
+            LocalProxy(
+                workload=own_workload(
+                    service="reviews", namespace="default", version="", labels={}, identity=""
+                ),
+                service_host=REVIEWS,
+                namespace="default",
+                service="reviews",
+                instance="reviews-0",
+            )
+        )
+        return AccessLogServer(path, AccessLogIngest(converter, new_recorder()))
+
+    async with server():
+        assert path.stat().st_mode & 0o777 == 0o600
+        with pytest.raises(AccessLogServerError, match=str(path)):
+            await server().start()
+    assert not path.exists()
