@@ -1,0 +1,206 @@
+"""The sidecar's gRPC access-log service (`envoy.service.accesslog.v3.AccessLogService`)
+for its Envoy: on a Unix socket private to the sidecar, it receives every HTTP and TCP
+access-log entry, converts it (`access_log_convert`) and feeds the same
+`TelemetryRecorder` the Python data plane feeds, so the metrics, access records and
+spans reach the telemetry service over the same stream, counted once.
+
+    converter = AccessLogConverter(LocalProxy(...), endpoints=lambda fqdn: ...)
+    async with AccessLogServer(socket_path, AccessLogIngest(converter, recorder)):
+        ...  # Envoy's bootstrap names the socket as the `access_log_cluster`
+
+`AccessLogIngest` is the part without I/O (one stream's messages in, recorder calls
+out); `AccessLogServer` is the grpc.aio shell around it.
+
+Spans: Envoy is not configured with a tracer, so it forwards the trace context a
+request arrived with unchanged. A sampled request's hop becomes a span that is a child
+of that context's span id, with Envoy's start time and duration; requests without a
+sampled context (Envoy does not start traces) open none.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
+
+from mesh.logs import get_logger
+from proxy.telemetry.recorder import TelemetryRecorder
+
+from .access_log_convert import AccessLogConverter, AccessLogError
+
+log = get_logger("proxy.envoy.access_log")
+
+__all__ = ["AccessLogIngest", "AccessLogServer", "AccessLogServerError", "IngestCounts"]
+
+
+class AccessLogServerError(Exception):
+    """The access-log service cannot serve (its socket is taken or cannot be bound)."""
+
+
+@dataclass
+class IngestCounts:
+    http: int = 0  # HTTP entries recorded
+    tcp: int = 0  # TCP entries recorded
+    failed: int = 0  # entries that could not be converted (dropped, counted)
+
+
+class AccessLogIngest:
+    """Converts one Envoy's access-log messages and records them (no I/O).
+
+    Envoy names a stream once, in its first message (`identifier.log_name`); each
+    stream's state is the log name it was given, kept by the caller and passed back."""
+
+    def __init__(self, converter: AccessLogConverter, recorder: TelemetryRecorder):
+        self.converter = converter
+        self.recorder = recorder
+        self.counts = IngestCounts()
+
+    def on_message(self, log_name: str, message: als_pb2.StreamAccessLogsMessage) -> str:
+        """Record the entries of `message`; returns the stream's log name from now on.
+        Never raises: an entry that cannot be converted is counted and logged (its
+        field values never reach the log)."""
+        if message.HasField("identifier") and message.identifier.log_name:
+            log_name = message.identifier.log_name
+        recorder, convert = self.recorder, self.converter
+        for http_entry in message.http_logs.log_entry:
+            try:
+                http = convert.http(log_name, http_entry)
+            except Exception as e:
+                self._failed(log_name, e)
+                continue
+            recorder.record_request(http.record)
+            if http.span is not None:
+                recorder.record_span(http.span)
+            self.counts.http += 1
+        for tcp_entry in message.tcp_logs.log_entry:
+            try:
+                tcp = convert.tcp(log_name, tcp_entry)
+            except Exception as e:
+                self._failed(log_name, e)
+                continue
+            if tcp.opened:
+                recorder.record_tcp_opened(tcp.record)
+            if tcp.closed:
+                recorder.record_tcp_closed(tcp.record, tcp.sent, tcp.received)
+            else:
+                recorder.record_tcp_bytes(tcp.record, tcp.sent, tcp.received)
+            self.counts.tcp += 1
+        return log_name
+
+    def _failed(self, log_name: str, error: Exception) -> None:
+        self.counts.failed += 1
+        failed = self.counts.failed
+        if failed == 1 or failed % 10_000 == 0:
+            # AccessLogError names the log; anything else is a bug: its type, not values
+            reason = str(error) if isinstance(error, AccessLogError) else type(error).__name__
+            log.error("access_log.entry_dropped", log_name=log_name, failed=failed, error=reason)
+
+
+class _AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):
+    def __init__(self, ingest: AccessLogIngest, server: AccessLogServer):
+        self._ingest = ingest
+        self._server = server
+
+    async def StreamAccessLogs(
+        self,
+        request_iterator: AsyncIterator[als_pb2.StreamAccessLogsMessage],
+        context: grpc.aio.ServicerContext,
+    ) -> als_pb2.StreamAccessLogsResponse:
+        log_name = ""
+        async for message in request_iterator:
+            self._server.last_message_at = time.monotonic()
+            log_name = self._ingest.on_message(log_name, message)
+        return als_pb2.StreamAccessLogsResponse()
+
+
+class AccessLogServer:
+    """The access-log service on `socket_path` (created 0600, removed on stop)."""
+
+    def __init__(self, socket_path: Path | str, ingest: AccessLogIngest):
+        self.socket_path = Path(socket_path)
+        self.ingest = ingest
+        self._server: grpc.aio.Server | None = None
+        self.last_message_at = 0.0  # time.monotonic() of the last message received
+
+    @property
+    def counts(self) -> IngestCounts:
+        return self.ingest.counts
+
+    async def start(self) -> None:
+        path = self.socket_path
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if path.exists() or path.is_socket():
+            if _someone_listens(path):
+                raise AccessLogServerError(f"another access-log service is serving on {path}")
+            path.unlink()  # left by a sidecar process that died
+        server = grpc.aio.server()
+        als_pb2_grpc.add_AccessLogServiceServicer_to_server(
+            _AccessLogServicer(self.ingest, self), server
+        )
+        old_umask = os.umask(0o177)  # no window between bind and chmod
+        try:
+            bound = server.add_insecure_port(f"unix:{path}")
+        finally:
+            os.umask(old_umask)
+        if not bound:
+            raise AccessLogServerError(f"cannot listen on unix socket {path}")
+        await server.start()
+        with contextlib.suppress(OSError):
+            path.chmod(0o600)
+        self._server = server
+        log.info("access_log.started", socket=str(path))
+
+    async def wait_quiet(self, quiet: float = 1.5, timeout: float = 10.0) -> bool:
+        """Wait until no message has arrived for `quiet` seconds since this call and
+        since the last message (False if that did not happen within `timeout`).
+        Envoy sends what it buffered every second (`buffer_flush_interval`) and drops
+        its buffer when it exits: once its
+        listeners are drained and no request is in flight, a quiet second and a half
+        means every entry is here, and Envoy can be stopped without losing counts."""
+        called = time.monotonic()
+        deadline = called + timeout
+        while True:
+            now = time.monotonic()
+            left = max(self.last_message_at, called) + quiet - now
+            if left <= 0:
+                return True
+            if now + left > deadline:
+                return False
+            await asyncio.sleep(left)
+
+    async def stop(self, grace: float = 1.0) -> None:
+        """Stop serving. `grace`: how long streams may finish what Envoy already sent
+        (Envoy buffers entries up to its flush interval, 1 s by default, and drops
+        them when it exits: drain Envoy, `wait_quiet`, stop Envoy, then this)."""
+        server, self._server = self._server, None
+        if server is not None:
+            await server.stop(grace)
+            log.info("access_log.stopped", socket=str(self.socket_path), **vars(self.counts))
+        with contextlib.suppress(FileNotFoundError):
+            self.socket_path.unlink()
+
+    async def __aenter__(self) -> AccessLogServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+
+def _someone_listens(path: Path) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return True
