@@ -529,3 +529,27 @@ def test_every_http_listener_relays_websocket_upgrades() -> None:
     for name in ("outbound_http", "inbound_http"):
         hcm = to_dict(out.listeners[name])["filterChains"][0]["filters"][0]["typedConfig"]
         assert hcm["upgradeConfigs"] == [{"upgradeType": "websocket"}], name
+
+
+def test_dry_run_policies_become_shadow_rules_and_are_never_enforced() -> None:
+    """A dry-run DENY-all must not deny on Envoy either (`istio.io/dry-run`): Istio
+    translates it to `shadow_rules`, whose result Envoy only writes to metadata."""
+    dry_deny = AuthzPolicy(
+        name="trial", namespace="default", action="DENY", dry_run=True, rules=(AuthzRule(),)
+    )
+    dry_audit = AuthzPolicy(
+        name="look", namespace="default", action="AUDIT", dry_run=True, rules=(AuthzRule(),)
+    )
+    (f,) = rbac_filters(inbound_listener(policy(authorization=(dry_deny, dry_audit))))
+    assert "rules" not in f
+    assert f["shadowRules"]["action"] == "DENY"
+    assert list(f["shadowRules"]["policies"]) == ["default/trial[0]"]
+    assert f["shadowRulesStatPrefix"].endswith("_dry_run_deny_")
+
+
+def test_the_inbound_moves_the_peer_metadata_header_out_of_the_apps_sight() -> None:
+    hcm = inbound_listener(policy())["filterChains"][0]["filters"][0]["typedConfig"]
+    first = hcm["httpFilters"][0]
+    assert first["name"] == "envoy.filters.http.header_to_metadata"
+    (rule,) = first["typedConfig"]["requestRules"]
+    assert rule["header"] == "x-meshwork-peer" and rule["remove"] is True

@@ -13,6 +13,7 @@ from proxy.envoy.resources import XdsResources
 from . import listeners, routes
 from .model import MeshView, ProxyNode, TranslationError
 from .names import GATEWAY_ROUTE, gateway_listener
+from .outbound import peer_metadata_header
 from .protos import Json, parse
 
 
@@ -88,9 +89,9 @@ def add_gateway(
                 server.protocol,
                 "only plaintext HTTP gateway servers are translated",
             )
-    out.routes[GATEWAY_ROUTE] = parse(
-        route_pb2.RouteConfiguration, gateway_route_config(config, ctx)
-    )
+    route_config = gateway_route_config(config, ctx)
+    route_config["requestHeadersToAdd"] = [peer_metadata_header(node)]
+    out.routes[GATEWAY_ROUTE] = parse(route_pb2.RouteConfiguration, route_config)
     for address, port in node.gateway_listeners:
         name = gateway_listener(address, port)
         hcm = listeners.http_connection_manager(

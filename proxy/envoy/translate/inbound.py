@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from envoy.config.route.v3 import route_pb2
 
+from proxy.envoy.access_log_convert import peer_metadata_filter
 from proxy.envoy.resources import XdsResources
 from proxy.policy.peer import effective_mtls
 
@@ -82,6 +83,9 @@ def add_inbound_http(node: ProxyNode, view: MeshView, out: XdsResources) -> None
     policies = rbac.selected(view.inbound, node.labels)
     # authorization first, then rate limits, as the Python inbound path orders them
     http_filters = [
+        # the caller's peer metadata moves into dynamic metadata: the app never sees
+        # it, the access log still carries it (a header removed is gone from the log)
+        peer_metadata_filter(),
         *rbac.rbac_filters(policies, port, tcp=False, stat_prefix="inbound"),
         *ratelimit.ratelimit_filters(ratelimit.selected(view.inbound, node.labels)),
     ]

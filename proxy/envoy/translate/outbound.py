@@ -8,6 +8,7 @@ from envoy.config.route.v3 import route_pb2
 from mesh.compiled import RouteTable
 from mesh.messages import EndpointSet
 from proxy.envoy.resources import XdsResources
+from proxy.telemetry import PEER_METADATA_HEADER, encode_peer_metadata, own_workload
 
 from . import clusters, listeners, routes
 from .model import MeshView, ProxyNode
@@ -35,6 +36,23 @@ def exists(table: RouteTable | None, endpoints: EndpointSet | None) -> bool:
     """Does the mesh know this destination (`proxy.outbound._exists`)?"""
     known = table is not None and (table.exists or table.has_virtual_service)
     return known or bool(endpoints and endpoints.endpoints)
+
+
+def peer_metadata_header(node: ProxyNode) -> Json:
+    """`x-meshwork-peer` about this proxy's own workload, on every request it sends, as
+    the Python proxy sends it (`proxy.telemetry.SidecarTelemetry`): the destination's
+    telemetry names the caller's workload from it (never its identity)."""
+    workload = own_workload(
+        service=node.service,
+        namespace=node.namespace,
+        version=node.version,
+        labels=node.labels,
+        identity=node.identity,
+    )
+    return {
+        "header": {"key": PEER_METADATA_HEADER, "value": encode_peer_metadata(workload)},
+        "appendAction": "OVERWRITE_IF_EXISTS_OR_ADD",
+    }
 
 
 def route_context(node: ProxyNode, view: MeshView, gateway: str = "") -> routes.RouteContext:
@@ -65,6 +83,7 @@ def outbound_route_config(node: ProxyNode, view: MeshView, ctx: routes.RouteCont
     return {
         "name": OUTBOUND_HTTP_ROUTE,
         "virtualHosts": vhosts,
+        "requestHeadersToAdd": [peer_metadata_header(node)],
         "ignorePortInHostMatching": True,
         # a route naming an unknown subset is answered 503 (NC), as by the Python proxy
         "validateClusters": False,

@@ -9,6 +9,7 @@ from typing import Any
 # the descriptor pool for `ParseDict` to resolve it.
 import envoy.extensions.access_loggers.grpc.v3.als_pb2
 import envoy.extensions.filters.http.fault.v3.fault_pb2
+import envoy.extensions.filters.http.header_to_metadata.v3.header_to_metadata_pb2
 import envoy.extensions.filters.http.local_ratelimit.v3.local_rate_limit_pb2
 import envoy.extensions.filters.http.rbac.v3.rbac_pb2
 import envoy.extensions.filters.http.router.v3.router_pb2

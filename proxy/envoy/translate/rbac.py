@@ -51,28 +51,53 @@ def selected(policy: InboundPolicy | None, labels: Mapping[str, str]) -> list[Au
 def rbac_filters(
     policies: Sequence[AuthzPolicy], port: int, *, tcp: bool, stat_prefix: str
 ) -> list[Json]:
-    """The RBAC filters (HTTP, or network for `tcp`) enforcing `policies` on `port`."""
+    """The RBAC filters (HTTP, or network for `tcp`) enforcing `policies` on `port`.
+
+    Policies annotated `istio.io/dry-run` are never enforced: they become filters with
+    `shadow_rules` only (as Istio translates them), whose would-be result Envoy writes
+    to dynamic metadata (`<prefix>shadow_engine_result`,
+    `<prefix>shadow_effective_policy_id`) for the access log to carry. AUDIT has no
+    shadow form: it decides nothing."""
+    enforced = [p for p in policies if not p.dry_run]
+    dry_run = [p for p in policies if p.dry_run]
     out = []
     for action, envoy_action in _ACTIONS:
-        chosen = [p for p in policies if p.action == action]
-        if not chosen:
-            continue
-        lenient = action != "ALLOW"
-        rules: dict[str, Json] = {}
-        for p in chosen:
-            for i, rule in enumerate(p.rules):
-                built = _policy(rule, port, tcp=tcp, lenient=lenient)
-                if built is not None:
-                    rules[f"{p.namespace}/{p.name}[{i}]"] = built
-        body: Json = {"rules": {"action": envoy_action, "policies": rules}}
-        if tcp:
-            body["statPrefix"] = f"{stat_prefix}_{action.lower()}_"
-            out.append(
-                {"name": "envoy.filters.network.rbac", "typedConfig": typed(NETWORK_RBAC, body)}
-            )
-        else:
-            out.append({"name": "envoy.filters.http.rbac", "typedConfig": typed(HTTP_RBAC, body)})
+        chosen = [p for p in enforced if p.action == action]
+        if chosen:
+            rules = _rules(chosen, action, port, tcp=tcp)
+            body: Json = {"rules": {"action": envoy_action, "policies": rules}}
+            if tcp:
+                body["statPrefix"] = f"{stat_prefix}_{action.lower()}_"
+            out.append(_filter(body, tcp=tcp))
+    for action, envoy_action in _ACTIONS:
+        chosen = [p for p in dry_run if p.action == action]
+        if chosen and action != "AUDIT":
+            rules = _rules(chosen, action, port, tcp=tcp)
+            body = {
+                "shadowRules": {"action": envoy_action, "policies": rules},
+                "shadowRulesStatPrefix": f"{stat_prefix}_dry_run_{action.lower()}_",
+            }
+            if tcp:
+                body["statPrefix"] = f"{stat_prefix}_dry_run_{action.lower()}_"
+            out.append(_filter(body, tcp=tcp))
     return out
+
+
+def _rules(chosen: Sequence[AuthzPolicy], action: str, port: int, *, tcp: bool) -> dict[str, Json]:
+    lenient = action != "ALLOW"
+    rules: dict[str, Json] = {}
+    for p in chosen:
+        for i, rule in enumerate(p.rules):
+            built = _policy(rule, port, tcp=tcp, lenient=lenient)
+            if built is not None:
+                rules[f"{p.namespace}/{p.name}[{i}]"] = built
+    return rules
+
+
+def _filter(body: Json, *, tcp: bool) -> Json:
+    if tcp:
+        return {"name": "envoy.filters.network.rbac", "typedConfig": typed(NETWORK_RBAC, body)}
+    return {"name": "envoy.filters.http.rbac", "typedConfig": typed(HTTP_RBAC, body)}
 
 
 def _policy(rule: AuthzRule, port: int, *, tcp: bool, lenient: bool) -> Json | None:
