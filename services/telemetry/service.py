@@ -77,7 +77,9 @@ from services.telemetry.ledger import (
     prune_tombstones,
     reporter_key,
 )
+from services.telemetry.lookups import BusLookups
 from services.telemetry.settings import TelemetrySettings
+from services.telemetry.timeseries import SeriesRing, detail_snapshot
 from services.telemetry.views import AccessEntry, AccessLog, GraphWindow, TraceIndex, edge_snapshot
 from services.telemetry.watch import BucketUpdate, BucketWatch
 
@@ -132,6 +134,9 @@ class TelemetryService(ControlPlaneService):
             graph=GraphWindow(self.settings.graph_window_s),
             traces=TraceIndex(self.settings.max_traces),
             access=AccessLog(self.settings.access_records),
+            series=SeriesRing(max_buckets=int(self.settings.series_buckets)),
+            lookups=BusLookups(lambda: self.bus),
+            clock=time.time,
         )
         # writes (own, or re-read after a conflict) newer than what the watch delivered
         self._overlay: dict[str, tuple[int, ReporterState | ArchiveState | None]] = {}
@@ -319,6 +324,8 @@ class TelemetryService(ControlPlaneService):
         loop = asyncio.get_running_loop()
         while True:
             self.views.graph.sample(loop.time(), edge_snapshot(self.mirror.total))
+            # wall-clock buckets: the charts label them with the time of day
+            self.views.series.observe(time.time(), detail_snapshot(self.mirror.total))
             await asyncio.sleep(1.0)
 
     # ------------------------------------------------------------ applying metric batches

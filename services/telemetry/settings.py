@@ -23,6 +23,8 @@ class TelemetrySettings:
     max_traces: int = 10_000
     access_records: int = 10_000
     graph_window_s: float = 600.0
+    # the dashboard's charts: this many 10 s buckets per series (360: one hour)
+    series_buckets: int = 360
     # ledgers idle this long are folded into their workload's archive (never less than
     # the stream's max age plus a margin: a batch still in the stream must find its ledger)
     retire_after_s: float = 0.0
