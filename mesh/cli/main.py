@@ -9,10 +9,18 @@ import sys
 from collections.abc import Sequence
 
 from mesh import __version__, logs
-from mesh.cli import ca_cmds, cluster, resources, serve, sidecar_cmds, telemetry_cmds
+from mesh.cli import (
+    ca_cmds,
+    cluster,
+    dashboard_cmds,
+    resources,
+    serve,
+    sidecar_cmds,
+    telemetry_cmds,
+)
 from mesh.cli.common import CLIError
 
-COMMAND_MODULES = [cluster, serve, resources, telemetry_cmds, ca_cmds]
+COMMAND_MODULES = [cluster, serve, resources, telemetry_cmds, ca_cmds, dashboard_cmds]
 
 
 def build_parser() -> argparse.ArgumentParser:

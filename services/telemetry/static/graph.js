@@ -58,7 +58,7 @@ export function drawGraph(graph, { onNode, onEdge }) {
     const x2 = b.x - (dx / len) * r, y2 = b.y - (dy / len) * r;
     const mx = (x1 + x2) / 2 - (dy / len) * 18, my = (y1 + y2) / 2 + (dx / len) * 18;
     const d = `M${x1},${y1} Q${mx},${my} ${x2},${y2}`;
-    const mtls = e.mtls === null || e.mtls === undefined ? "mTLS ?" : e.mtls >= 1 ? "🔒 mTLS"
+    const mtls = e.mtls === null || e.mtls === undefined ? "mTLS ?" : e.mtls >= 1 ? "mTLS"
       : e.mtls > 0 ? `mTLS ${(e.mtls * 100).toFixed(0)} %` : "plaintext";
     const g = s("g", { class: "edge " + cls, "data-from": e.from, "data-to": e.to,
       "data-success": e.success_rate, "data-mtls": e.mtls ?? "",
