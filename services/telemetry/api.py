@@ -79,6 +79,9 @@ class Views:
     # one queue per following client; None tells it to end (service stopping)
     followers: set[asyncio.Queue[AccessEntry | None]] = field(default_factory=set)
     follower_drops: int = 0
+    # set when the service stops: the event streams end rather than hold the HTTP
+    # server's clean-up until its timeout
+    closing: asyncio.Event = field(default_factory=asyncio.Event)
 
     def add_access(self, entry: AccessEntry) -> None:
         self.access.add(entry)
@@ -90,6 +93,7 @@ class Views:
                 self.follower_drops += 1
 
     def close_followers(self) -> None:
+        self.closing.set()
         for q in self.followers:
             with contextlib.suppress(asyncio.QueueEmpty):
                 while q.full():
@@ -185,9 +189,11 @@ def add_api_routes(app: web.Application, views: Views) -> None:
         window = _number(request, "window", 60.0, 1.0, views.graph.max_window_s)
         resp = await _event_stream(request)
         with contextlib.suppress(ConnectionError):
-            while True:
+            while not views.closing.is_set():
                 await resp.write(_sse("graph", views.graph.graph(window)))
-                await asyncio.sleep(GRAPH_EVERY_S)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(views.closing.wait(), GRAPH_EVERY_S)
+            await resp.write_eof()
         return resp
 
     async def series(request: web.Request) -> web.Response:

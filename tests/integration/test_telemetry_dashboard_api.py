@@ -144,3 +144,30 @@ async def test_dashboard_api_against_a_running_mesh(nats_server, etcd_server, pr
                     "http://www.w3.org/2000/svg", ""
                 )
         await asyncio.sleep(0)
+
+
+async def test_open_event_streams_end_when_the_service_stops(
+    nats_server, etcd_server, prefix
+) -> None:
+    """A browser left open on the dashboard does not hold the service's shutdown."""
+    from services.telemetry import TelemetryService
+    from tests.support import running, service_config
+
+    async with running(
+        TelemetryService(service_config(nats_server.url, etcd_server.url, prefix, "tel-0"))
+    ) as tel:
+        url = f"http://127.0.0.1:{tel.http_port}"
+        session = aiohttp.ClientSession()
+        graph = await session.get(f"{url}/api/events")
+        access = await session.get(f"{url}/api/access/events")
+        assert (await graph.content.readuntil(b"\n\n")).startswith(b"event: graph")
+    try:
+        # the service has stopped (`running` waited for it); both streams were ended
+        rest = await asyncio.wait_for(graph.content.read(), 5)
+        assert b"event: graph" not in rest or rest.endswith(b"\n\n")
+        assert await asyncio.wait_for(access.content.read(), 5) == b""
+        assert graph.content.at_eof() and access.content.at_eof()
+    finally:
+        graph.close()
+        access.close()
+        await session.close()
