@@ -211,3 +211,31 @@ async def test_a_trace_searched_by_id_shows_its_spans_in_order(running_mesh: Sma
         await until(driver, lambda d: attrs.is_displayed())
         assert "http.method" in attrs.text and "GET" in attrs.text
         await on(driver, lambda: driver.save_screenshot(str(SHOTS / "trace.png")))
+
+
+async def test_access_log_tails_live_with_a_flag_filter_and_config_lists_resources(
+    running_mesh: SmallMesh,
+) -> None:
+    m = running_mesh
+    await m.mesh.apply(REVIEWS_ABORT_YAML)
+    with chromium() as driver:
+        await on(driver, lambda: driver.get(m.url + "/#/access?flag=FI"))
+        await until(driver, lambda d: css(d, "#access-log"))
+        async with traffic(m):  # records arrive while the page is open
+            rows = await until(driver, lambda d: len(css(d, "#access-log tbody tr")) >= 3
+                               and css(d, "#access-log tbody tr"))  # fmt: skip
+        assert {(r.get_attribute("data-status"), r.get_attribute("data-flags")) for r in rows} == {
+            ("500", "FI")
+        }
+        # fields a record leaves at their default show empty, not as "undefined"
+        assert "undefined" not in await on(driver, lambda: css(driver, "#access-log")[0].text)
+        await on(driver, lambda: driver.save_screenshot(str(SHOTS / "access.png")))
+
+        await on(driver, lambda: driver.get(m.url + "/#/config"))
+        vs = await until(
+            driver, lambda d: css(d, 'tr[data-kind="VirtualService"][data-name="reviews"]')
+        )
+        assert vs
+        page = await on(driver, lambda: css(driver, "#config")[0].text)
+        assert "Proxy status" in page and "SYNCED" in page and "undefined" not in page
+        await on(driver, lambda: driver.save_screenshot(str(SHOTS / "config.png")))

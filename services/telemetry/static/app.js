@@ -34,7 +34,8 @@ function table(headers, rows, attrs = {}) {
     h("tbody", {}, ...rows));
 }
 
-function td(text, cls) { return h("td", { class: cls || "" }, String(text)); }
+// fields left at their default are omitted from the records: shown empty
+function td(text, cls) { return h("td", { class: cls || "" }, text === undefined || text === null ? "" : String(text)); }
 
 function ago(ns) {
   return new Date(ns / 1e6).toLocaleTimeString();
