@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench clean browser
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,8 +18,17 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/meshctl up --demo $(DEMO_ARGS)
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(PY) -m pytest -p no:cacheprovider tests
+
+# the dashboard's browser tests (tests/e2e/test_dashboard_browser.py) drive Debian's
+# Chromium with Selenium: installed here when running as root on Debian and missing;
+# elsewhere the tests skip and say why
+browser:
+	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then :; \
+	 elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	   apt-get update -qq && apt-get install -y -qq chromium chromium-driver; \
+	 else echo "browser tests will skip: chromium/chromedriver missing (not root or not Debian)"; fi
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check mesh services proxy tests bench examples

@@ -123,6 +123,7 @@ def print_summary(doc: dict[str, Any], where: Any) -> None:
         )
     if "telemetry" in doc:
         print(f"  metrics:   {doc['telemetry']['metrics']}")
+        print(f"  dashboard: {doc['telemetry']['metrics'].removesuffix('/metrics')}/")
     if doc.get("ingress"):
         print(f"  ingress:   {doc['ingress']}")
     for name, sc in doc.get("sidecars", {}).items():

@@ -13,6 +13,7 @@ from mesh.cli import (
     analyze_cmd,
     ca_cmds,
     cluster,
+    dashboard_cmds,
     explain_cmd,
     resources,
     serve,
@@ -29,6 +30,7 @@ COMMAND_MODULES = [
     explain_cmd,
     telemetry_cmds,
     ca_cmds,
+    dashboard_cmds,
 ]
 
 

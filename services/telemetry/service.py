@@ -39,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import random
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import replace
@@ -66,6 +67,7 @@ from mesh.telemetry import (
     valid_reporter,
 )
 from services.telemetry.api import Views, add_api_routes
+from services.telemetry.exporter import ExportStatsCollector, OtlpExporter
 from services.telemetry.ledger import (
     ArchiveState,
     MeshMirror,
@@ -77,7 +79,10 @@ from services.telemetry.ledger import (
     prune_tombstones,
     reporter_key,
 )
+from services.telemetry.lookups import BusLookups
+from services.telemetry.otlp import ExportQueue
 from services.telemetry.settings import TelemetrySettings
+from services.telemetry.timeseries import SeriesRing, detail_snapshot
 from services.telemetry.views import AccessEntry, AccessLog, GraphWindow, TraceIndex, edge_snapshot
 from services.telemetry.watch import BucketUpdate, BucketWatch
 
@@ -86,6 +91,8 @@ T = TypeVar("T")
 JETSTREAM_SETUP_ATTEMPTS = 12
 
 DURABLE = "telemetry-metrics"
+# spans for OTLP export: one durable consumer shared by the replicas (exporter.py)
+OTLP_DURABLE = "telemetry-otlp"
 MAX_ATTEMPTS = 8
 SYNC_TIMEOUT_S = 30.0  # folding the bucket's content before serving
 # spans and access records: the views' consumers send a heartbeat this often, and
@@ -132,6 +139,9 @@ class TelemetryService(ControlPlaneService):
             graph=GraphWindow(self.settings.graph_window_s),
             traces=TraceIndex(self.settings.max_traces),
             access=AccessLog(self.settings.access_records),
+            series=SeriesRing(max_buckets=int(self.settings.series_buckets)),
+            lookups=BusLookups(lambda: self.bus),
+            clock=time.time,
         )
         # writes (own, or re-read after a conflict) newer than what the watch delivered
         self._overlay: dict[str, tuple[int, ReporterState | ArchiveState | None]] = {}
@@ -182,6 +192,21 @@ class TelemetryService(ControlPlaneService):
             lambda: len(self.views.traces)
         )
         r.register(_TotalsCollector(self.mirror))
+        self.exporter: OtlpExporter | None = None
+        self._otlp_pull: Any = None
+        s = self.settings
+        if s.otlp_endpoint:
+            queue = ExportQueue(
+                capacity=s.otlp_buffer_spans,
+                batch_spans=s.otlp_batch_spans,
+                max_attempts=s.otlp_max_attempts,
+                backoff_cap_s=s.otlp_backoff_cap_s,
+                jitter=lambda: random.uniform(0.8, 1.2),
+            )
+            self.exporter = OtlpExporter(
+                s.otlp_url, s.otlp_header_pairs, queue, timeout_s=s.otlp_timeout_s, log=self.log
+            )
+            r.register(ExportStatsCollector(queue))
 
     @property
     def stream(self) -> str:
@@ -261,12 +286,28 @@ class TelemetryService(ControlPlaneService):
                 ),
             ),
         )
+        if self.exporter is not None:
+            self._otlp_pull = await self._once_jetstream_answers(
+                "otlp consumer",
+                lambda: js.pull_subscribe(
+                    f"{prefix}.telemetry.spans.>",
+                    durable=OTLP_DURABLE,
+                    stream=self.stream,
+                    config=ConsumerConfig(
+                        ack_policy=AckPolicy.EXPLICIT,
+                        ack_wait=s.ack_wait_s,
+                        # spans recorded from when export was first configured
+                        deliver_policy=DeliverPolicy.NEW,
+                    ),
+                ),
+            )
         self.log.info(
             "telemetry.consuming",
             stream=self.stream,
             durable=DURABLE,
             bucket=bucket,
             reporters=len(self.mirror.reporters),
+            otlp=self.exporter is not None,
         )
 
     async def _sync_mirror(self, revision: int) -> None:
@@ -299,12 +340,46 @@ class TelemetryService(ControlPlaneService):
             del self._overlay[key]
 
     def background(self) -> list[tuple[str, Callable[[], Coroutine[Any, Any, None]]]]:
-        return [
+        tasks: list[tuple[str, Callable[[], Coroutine[Any, Any, None]]]] = [
             ("apply", self._apply_loop),
             ("mirror", self._mirror_loop),
             ("views", self._views_loop),
             ("graph", self._graph_loop),
         ]
+        if self.exporter is not None:
+            tasks += [("otlp-take", self._otlp_take_loop), ("otlp-export", self.exporter.run)]
+        return tasks
+
+    async def _otlp_take_loop(self) -> None:
+        """Spans from the shared durable consumer into this replica's export queue;
+        each message acknowledged once its spans are queued (or counted as dropped)."""
+        assert self.exporter is not None
+        try:
+            while True:
+                try:
+                    msgs = await self._otlp_pull.fetch(self.settings.fetch_batch, timeout=1.0)
+                except TimeoutError:
+                    continue
+                except nats.errors.Error as e:
+                    self.log.warning("otlp.fetch_failed", error=repr(e))
+                    await asyncio.sleep(0.5)
+                    continue
+                for msg in msgs:
+                    try:
+                        batch = _span_decoder.decode(msg.data)
+                    except (msgspec.DecodeError, msgspec.ValidationError) as e:
+                        self.log.warning(
+                            "otlp.undecodable", subject=msg.subject, error=str(e)[:300]
+                        )
+                        with contextlib.suppress(nats.errors.Error):
+                            await msg.term()
+                        continue
+                    self.exporter.offer(batch.spans)
+                    with contextlib.suppress(nats.errors.Error):
+                        await msg.ack()
+        finally:
+            with contextlib.suppress(Exception):
+                await self._otlp_pull.unsubscribe()
 
     # ------------------------------------------------------------ the mesh-wide mirror
 
@@ -319,6 +394,8 @@ class TelemetryService(ControlPlaneService):
         loop = asyncio.get_running_loop()
         while True:
             self.views.graph.sample(loop.time(), edge_snapshot(self.mirror.total))
+            # wall-clock buckets: the charts label them with the time of day
+            self.views.series.observe(time.time(), detail_snapshot(self.mirror.total))
             await asyncio.sleep(1.0)
 
     # ------------------------------------------------------------ applying metric batches

@@ -3,6 +3,8 @@ and validated once at start-up."""
 
 from __future__ import annotations
 
+import re
+import urllib.parse
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -23,6 +25,30 @@ class TelemetrySettings:
     max_traces: int = 10_000
     access_records: int = 10_000
     graph_window_s: float = 600.0
+    # the dashboard's charts: this many 10 s buckets per series (360: one hour)
+    series_buckets: int = 360
+    # OTLP/HTTP export of spans (`otlp.py`): the collector's URL (e.g.
+    # http://collector:4318, `/v1/traces` added when it has no path), and headers sent
+    # with every export (`k=v,k2=v2`, e.g. for auth); empty: no export
+    otlp_endpoint: str = ""
+    otlp_headers: str = ""
+    otlp_buffer_spans: int = 10_000
+    otlp_batch_spans: int = 512
+    otlp_max_attempts: int = 6
+    otlp_backoff_cap_s: float = 10.0
+    otlp_timeout_s: float = 10.0
+
+    @property
+    def otlp_url(self) -> str:
+        url = self.otlp_endpoint.rstrip("/")
+        if url and urllib.parse.urlsplit(url).path in ("", "/"):
+            url += "/v1/traces"
+        return url
+
+    @property
+    def otlp_header_pairs(self) -> tuple[tuple[str, str], ...]:
+        return _header_pairs(self.otlp_headers)
+
     # ledgers idle this long are folded into their workload's archive (never less than
     # the stream's max age plus a margin: a batch still in the stream must find its ledger)
     retire_after_s: float = 0.0
@@ -44,6 +70,9 @@ class TelemetrySettings:
                     f"unknown telemetry option {key!r} (known: {', '.join(sorted(known))})",
                     field=key,
                 )
+            if f.type in ("str", str):
+                values[f.name] = _checked_text(key, raw)
+                continue
             kind = int if f.type in ("int", int) else float
             try:
                 value = kind(raw)
@@ -55,3 +84,41 @@ class TelemetrySettings:
                 raise BadRequest(f"option {key}: must be positive, got {raw!r}", field=key)
             values[f.name] = value
         return cls(**values)
+
+
+_HEADER_NAME = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]{1,128}")
+
+
+def _header_pairs(text: str) -> tuple[tuple[str, str], ...]:
+    pairs = []
+    for i, item in enumerate(p for p in text.split(",") if p.strip()):
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        # header values (credentials) never appear in an error: only the position
+        if not sep or not _HEADER_NAME.fullmatch(key):
+            raise BadRequest(
+                f"option otlp-headers: entry {i + 1} is not NAME=VALUE with a header name",
+                field="otlp-headers",
+            )
+        if any(c in value for c in "\r\n\0"):
+            raise BadRequest(
+                f"option otlp-headers: the value of entry {i + 1} has a control character",
+                field="otlp-headers",
+            )
+        pairs.append((key, value.strip()))
+    return tuple(pairs)
+
+
+def _checked_text(key: str, raw: str) -> str:
+    if key == "otlp-endpoint" and raw:
+        parts = urllib.parse.urlsplit(raw)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise BadRequest(
+                # not echoed: a URL may carry credentials
+                "option otlp-endpoint: expected an http(s) URL with a host, such as "
+                "http://collector:4318",
+                field=key,
+            )
+    if key == "otlp-headers":
+        _header_pairs(raw)
+    return raw

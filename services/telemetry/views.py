@@ -37,11 +37,12 @@ class EdgeKey(NamedTuple):
 class EdgeCounts:
     """Cumulative counts of one edge as seen by one reporter."""
 
-    __slots__ = ("duration", "errors", "requests")
+    __slots__ = ("duration", "errors", "mtls", "requests")
 
     def __init__(self) -> None:
         self.requests = 0.0
         self.errors = 0.0
+        self.mtls = 0.0  # requests over a mutual-TLS connection (the server side knows)
         self.duration = [0] * (len(_BOUNDS) + 1)
 
 
@@ -77,6 +78,8 @@ def edge_snapshot(total: MetricTotals) -> dict[EdgeKey, EdgeCounts]:
         e.requests += value
         if is_error(d.get("response_code", "")):
             e.errors += value
+        if d.get("connection_security_policy") == "mutual_tls":
+            e.mtls += value
     for (name, labels), h in total.histograms.items():
         if name != REQUEST_DURATION_MS or h.bounds != _BOUNDS:
             continue
@@ -123,6 +126,8 @@ class GraphWindow:
         t1, new = self._samples[-1]
         elapsed = max(t1 - t0, 1e-9)
         chosen: dict[tuple[str, str, str, str, str], dict[str, Any]] = {}
+        # the share of the edge's requests over mTLS, as its server side saw them
+        mtls: dict[tuple[str, str, str, str, str], float] = {}
         for key, now in new.items():
             before = old.get(key)
             requests = now.requests - (before.requests if before else 0.0)
@@ -139,6 +144,9 @@ class GraphWindow:
                 key.destination_namespace,
                 key.destination_service,
             )
+            if key.reporter == "destination":
+                mutual = now.mtls - (before.mtls if before else 0.0)
+                mtls[edge_id] = round(mutual / requests, 4)
             if edge_id in chosen and not (
                 key.reporter == "source" and chosen[edge_id]["reporter"] != "source"
             ):
@@ -159,6 +167,9 @@ class GraphWindow:
                 "p90_ms": _ms(p[0.9]),
                 "p99_ms": _ms(p[0.99]),
             }
+        for edge_id, edge in chosen.items():
+            # None: no server-side report in the window (e.g. the server is not in the mesh)
+            edge["mtls"] = mtls.get(edge_id)
         return sorted(chosen.values(), key=lambda e: (-e["rps"], e["source"], e["destination"]))
 
     def graph(self, window_s: float) -> dict[str, Any]:
@@ -222,13 +233,31 @@ class TraceIndex:
             self._traces.get(trace_id, {}).values(), key=lambda s: (s.start_ns, s.span_id)
         )
 
-    def summaries(self, service: str = "", limit: int = 20) -> list[dict[str, Any]]:
+    def summaries(
+        self,
+        service: str = "",
+        limit: int = 20,
+        *,
+        min_duration_ms: float = 0.0,
+        errors_only: bool = False,
+        trace_id: str = "",
+    ) -> list[dict[str, Any]]:
+        """Recent traces, newest first: those with a span of `service`, lasting at
+        least `min_duration_ms`, with an error span when `errors_only`, or the one
+        whose id starts with `trace_id`."""
         out: list[dict[str, Any]] = []
-        for trace_id in reversed(self._traces):
-            spans = list(self._traces[trace_id].values())
+        for tid in reversed(self._traces):
+            if trace_id and not tid.startswith(trace_id):
+                continue
+            spans = list(self._traces[tid].values())
             if service and not any(s.service == service for s in spans):
                 continue
-            out.append(_summary(trace_id, spans))
+            if errors_only and not any(s.error for s in spans):
+                continue
+            summary = _summary(tid, spans)
+            if summary["duration_ms"] < min_duration_ms:
+                continue
+            out.append(summary)
             if len(out) >= limit:
                 break
         return out
@@ -299,10 +328,35 @@ def access_json(entry: AccessEntry) -> dict[str, Any]:
     return out
 
 
-def access_matches(entry: AccessEntry, service: str) -> bool:
-    """`service` filters on the reporting proxy's service (as `kubectl logs` of its
-    istio-proxy would); empty matches all."""
-    return not service or entry.service == service
+class AccessFilter(NamedTuple):
+    """Which access records a reader wants; an empty field matches all.
+
+    `service` is the reporting proxy's service (as `kubectl logs` of its istio-proxy
+    would show); `status` an exact code or a class such as `5xx`; `flag` one response
+    flag (`FI` matches `FI` and `UF,URX`-style lists containing it); `path` a substring
+    of the request path."""
+
+    service: str = ""
+    status: str = ""
+    flag: str = ""
+    path: str = ""
+
+
+def access_matches(entry: AccessEntry, wanted: AccessFilter | str) -> bool:
+    f = AccessFilter(service=wanted) if isinstance(wanted, str) else wanted
+    r = entry.record
+    if f.service and entry.service != f.service:
+        return False
+    if f.status:
+        code = str(r.status)
+        if f.status.endswith("xx"):
+            if not code.startswith(f.status[0]) or len(code) != 3:
+                return False
+        elif code != f.status:
+            return False
+    if f.flag and f.flag not in r.response_flags.split(","):
+        return False
+    return not f.path or f.path in r.path
 
 
 class AccessLog:
@@ -315,7 +369,7 @@ class AccessLog:
     def add(self, entry: AccessEntry) -> None:
         self._records.append(entry)
 
-    def recent(self, service: str = "", limit: int = 100) -> list[AccessEntry]:
+    def recent(self, service: AccessFilter | str = "", limit: int = 100) -> list[AccessEntry]:
         out: list[AccessEntry] = []
         for entry in reversed(self._records):
             if access_matches(entry, service):

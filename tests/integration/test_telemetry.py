@@ -387,7 +387,9 @@ async def test_trace_across_three_services_and_access_records(
             ]  # fmt: skip
             assert tree["duration_ms"] == 8.0 and tree["services"] == ["svc-a", "svc-b", "svc-c"]
             async with s.get(f"{base}/") as r:
-                assert r.status == 200 and "/api/graph" in await r.text()
+                assert r.status == 200 and "/ui/app.js" in await r.text()
+            async with s.get(f"{base}/ui/app.js") as r:
+                assert r.status == 200 and "/api/events" in await r.text()
             async with s.get(f"{base}/api/traces/nothex") as r:
                 assert r.status == 400
             async with s.get(f"{base}/api/traces?service=svc-c") as r:
