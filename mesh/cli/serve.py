@@ -61,8 +61,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         default=os.environ.get("MESH_PREFIX", "mesh"),
         help="subject prefix; the etcd key prefix is /<prefix>/",
     )
-    p.add_argument("--http-host", default=os.environ.get("MESH_HTTP_HOST", "127.0.0.1"))
-    p.add_argument("--http-port", type=int, default=int(os.environ.get("MESH_HTTP_PORT", "0")))
+    p.add_argument(
+        "--http-host",
+        default=os.environ.get("MESH_HTTP_HOST", "127.0.0.1"),
+        help="address of /healthz, /readyz, /metrics (and the dashboard) (env MESH_HTTP_HOST)",
+    )
+    p.add_argument(
+        "--http-port",
+        type=int,
+        default=int(os.environ.get("MESH_HTTP_PORT", "0")),
+        help="port of that HTTP listener; 0 picks a free one (env MESH_HTTP_PORT)",
+    )
     p.add_argument(
         "--replica",
         default=os.environ.get("MESH_REPLICA", ""),
@@ -76,6 +85,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         metavar="KEY=VALUE",
         help="service-specific option (repeatable)",
     )
+    p.add_argument(
+        "--otlp-endpoint",
+        default=os.environ.get("MESH_OTLP_ENDPOINT", ""),
+        metavar="URL",
+        help="telemetry: export spans over OTLP/HTTP to this collector, e.g. "
+        "http://127.0.0.1:4318 (env MESH_OTLP_ENDPOINT)",
+    )
+    p.add_argument(
+        "--otlp-header",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="telemetry: a header sent with every OTLP export, e.g. for auth (repeatable)",
+    )
     p.set_defaults(func=run)
 
 
@@ -87,6 +110,15 @@ def run(args: argparse.Namespace) -> int:
         if not sep:
             raise SystemExit(f"meshctl serve: --set expects KEY=VALUE, got {item!r}")
         options[key] = value
+    if args.otlp_endpoint:
+        options["otlp-endpoint"] = args.otlp_endpoint
+    if args.otlp_header:
+        for item in args.otlp_header:
+            if "=" not in item:
+                raise SystemExit(
+                    "meshctl serve: --otlp-header expects NAME=VALUE (entry without =)"
+                )
+        options["otlp-headers"] = ",".join(args.otlp_header)
     config = ServiceConfig(
         nats=[u for u in args.nats.split(",") if u],
         etcd=[u for u in args.etcd.split(",") if u],

@@ -66,3 +66,22 @@ def test_up_prints_the_dashboard_url(capsys, tmp_path) -> None:
     }
     cluster.print_summary(doc, tmp_path)
     assert "  dashboard: http://127.0.0.1:9464/\n" in capsys.readouterr().out
+
+
+def test_serve_takes_the_otlp_collector_as_flags() -> None:
+    from mesh.cli.main import build_parser
+
+    args = build_parser().parse_args(
+        [
+            "serve",
+            "telemetry",
+            "--otlp-endpoint",
+            "http://127.0.0.1:4318",
+            "--otlp-header",
+            "authorization=Bearer x",
+            "--otlp-header",
+            "x-tenant=a",
+        ]
+    )
+    assert args.otlp_endpoint == "http://127.0.0.1:4318"
+    assert args.otlp_header == ["authorization=Bearer x", "x-tenant=a"]
