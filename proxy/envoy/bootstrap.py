@@ -1,0 +1,139 @@
+"""Envoy's bootstrap for a Meshwork sidecar or gateway: everything comes over ADS on
+the sidecar's Unix socket; admin on loopback; limits sane for a sidecar.
+
+The bootstrap is a plain dict in Envoy's JSON form (what `envoy -c file.json` reads),
+built from a typed, frozen `BootstrapOptions`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+XDS_CLUSTER = "xds-grpc"
+_HTTP2_OPTIONS = {
+    "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+        "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+        "explicit_http_config": {"http2_protocol_options": {}},
+    }
+}
+
+
+@dataclass(frozen=True)
+class BootstrapOptions:
+    node_id: str  # our instance id: how the xDS server and logs name this Envoy
+    cluster: str  # the service this Envoy serves
+    xds_socket: Path  # the sidecar's ADS server
+    admin_port: int
+    admin_address: str = "127.0.0.1"
+    # the sidecar's gRPC access-log service, when it runs one: (cluster name, socket)
+    access_log_cluster: str = ""
+    access_log_socket: Path | None = None
+    max_downstream_connections: int = 50_000
+    # how fast Envoy comes back to the sidecar's socket once it went away (the sidecar
+    # restarting): Envoy's default backoff grows to 30 s
+    xds_retry_base_ms: int = 250
+    xds_retry_max_ms: int = 5_000
+    metadata: tuple[tuple[str, str], ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.node_id:
+            raise ValueError("bootstrap: node_id is empty")
+        if not self.cluster:
+            raise ValueError("bootstrap: cluster (the service name) is empty")
+        if not 0 < self.admin_port < 65536:
+            raise ValueError(f"bootstrap: admin_port {self.admin_port} is not a TCP port")
+        if bool(self.access_log_cluster) != (self.access_log_socket is not None):
+            raise ValueError("bootstrap: access_log_cluster and access_log_socket go together")
+        if self.max_downstream_connections < 1:
+            raise ValueError("bootstrap: max_downstream_connections must be positive")
+
+
+def _grpc_pipe_cluster(name: str, socket_path: Path) -> dict[str, Any]:
+    return {
+        "name": name,
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "typed_extension_protocol_options": _HTTP2_OPTIONS,
+        "load_assignment": {
+            "cluster_name": name,
+            "endpoints": [
+                {"lb_endpoints": [{"endpoint": {"address": {"pipe": {"path": str(socket_path)}}}}]}
+            ],
+        },
+    }
+
+
+def build_bootstrap(options: BootstrapOptions) -> dict[str, Any]:
+    ads_source = {"ads": {}, "resource_api_version": "V3"}
+    clusters = [_grpc_pipe_cluster(XDS_CLUSTER, options.xds_socket)]
+    if options.access_log_socket is not None:
+        clusters.append(_grpc_pipe_cluster(options.access_log_cluster, options.access_log_socket))
+    return {
+        "node": {
+            "id": options.node_id,
+            "cluster": options.cluster,
+            "metadata": dict(options.metadata),
+        },
+        "dynamic_resources": {
+            "ads_config": {
+                "api_type": "GRPC",
+                "transport_api_version": "V3",
+                "set_node_on_first_message_only": True,
+                "grpc_services": [
+                    {
+                        "envoy_grpc": {"cluster_name": XDS_CLUSTER},
+                        "retry_policy": {
+                            "retry_back_off": {
+                                "base_interval": f"{options.xds_retry_base_ms / 1000}s",
+                                "max_interval": f"{options.xds_retry_max_ms / 1000}s",
+                            }
+                        },
+                    }
+                ],
+            },
+            "lds_config": ads_source,
+            "cds_config": ads_source,
+        },
+        "static_resources": {"clusters": clusters},
+        "admin": {
+            "address": {
+                "socket_address": {
+                    "address": options.admin_address,
+                    "port_value": options.admin_port,
+                }
+            }
+        },
+        "overload_manager": {
+            "resource_monitors": [
+                {
+                    "name": "envoy.resource_monitors.global_downstream_max_connections",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.resource_monitors."
+                        "downstream_connections.v3.DownstreamConnectionsConfig",
+                        "max_active_downstream_connections": options.max_downstream_connections,
+                    },
+                }
+            ]
+        },
+        "layered_runtime": {
+            "layers": [
+                # an operator may flip a runtime flag while debugging (admin
+                # /runtime_modify); nothing is set statically
+                {"name": "static", "static_layer": {}},
+                {"name": "admin", "admin_layer": {}},
+            ]
+        },
+    }
+
+
+def bootstrap_json(bootstrap: dict[str, Any]) -> str:
+    return json.dumps(bootstrap, indent=2, sort_keys=True)
+
+
+def bootstrap_digest(bootstrap: dict[str, Any]) -> str:
+    """Identifies a bootstrap: an Envoy started from another one is not adopted."""
+    return hashlib.sha256(bootstrap_json(bootstrap).encode()).hexdigest()[:16]

@@ -1,0 +1,59 @@
+"""Access logs to the sidecar agent's gRPC access-log service, which turns them into
+Meshwork's telemetry records."""
+
+from __future__ import annotations
+
+from .protos import HTTP_GRPC_ACCESS_LOG, TCP_GRPC_ACCESS_LOG, Json, typed
+
+# request headers the telemetry records need: request id, W3C and B3 trace context,
+# the caller's peer metadata
+TELEMETRY_REQUEST_HEADERS = (
+    "x-request-id",
+    "traceparent",
+    "tracestate",
+    "b3",
+    "x-b3-traceid",
+    "x-b3-spanid",
+    "x-b3-parentspanid",
+    "x-b3-sampled",
+    "x-b3-flags",
+    "x-meshwork-peer",
+)
+
+
+def _common(log_name: str, cluster: str) -> Json:
+    return {
+        "logName": log_name,
+        "transportApiVersion": "V3",
+        "grpcService": {"envoyGrpc": {"clusterName": cluster}},
+    }
+
+
+def http_access_log(log_name: str, cluster: str) -> list[Json]:
+    """HCM `access_log`; `log_name` tells the agent which listener (and so which
+    reporter: outbound is `source`, inbound `destination`) a record comes from."""
+    if not cluster:
+        return []
+    return [
+        {
+            "name": "envoy.access_loggers.http_grpc",
+            "typedConfig": typed(
+                HTTP_GRPC_ACCESS_LOG,
+                {
+                    "commonConfig": _common(log_name, cluster),
+                    "additionalRequestHeadersToLog": list(TELEMETRY_REQUEST_HEADERS),
+                },
+            ),
+        }
+    ]
+
+
+def tcp_access_log(log_name: str, cluster: str) -> list[Json]:
+    if not cluster:
+        return []
+    return [
+        {
+            "name": "envoy.access_loggers.tcp_grpc",
+            "typedConfig": typed(TCP_GRPC_ACCESS_LOG, {"commonConfig": _common(log_name, cluster)}),
+        }
+    ]

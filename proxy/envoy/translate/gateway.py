@@ -1,0 +1,104 @@
+"""Gateway mode: plaintext listeners sharing one route configuration built from the
+GatewayConfig's virtual hosts, matched as `proxy.routing.match.compile_virtual_hosts`
+does."""
+
+from __future__ import annotations
+
+from envoy.config.route.v3 import route_pb2
+
+from mesh.compiled import GatewayConfig
+from mesh.hosts import service_of_host
+from proxy.envoy.resources import XdsResources
+
+from . import listeners, routes
+from .model import MeshView, ProxyNode, TranslationError
+from .names import GATEWAY_ROUTE, gateway_listener
+from .protos import Json, parse
+
+
+def _aliases(host: str, namespace: str) -> list[str]:
+    """Short names a Host may use for a mesh FQDN, resolved in the gateway's
+    namespace as `canonical_host` would."""
+    ref = service_of_host(host)
+    if ref is None:
+        return []
+    names = [f"{ref.name}.{ref.namespace}", f"{ref.name}.{ref.namespace}.svc"]
+    if ref.namespace == namespace:
+        names.insert(0, ref.name)
+    return names
+
+
+def gateway_route_config(config: GatewayConfig, ctx: routes.RouteContext) -> Json:
+    """One virtual host per GatewayConfig virtual host. A name listed by an earlier
+    virtual host stays with it (the first wins, as in the Python gateway); short
+    aliases of FQDNs come after every name listed as written."""
+    listed: set[str] = set()
+    domains_of: list[list[str]] = []
+    for vh in config.virtual_hosts:
+        domains = []
+        for pattern in vh.hosts:
+            host = pattern.lower()
+            if host not in listed:
+                listed.add(host)
+                domains.append(host)
+        domains_of.append(domains)
+    for vh, domains in zip(config.virtual_hosts, domains_of, strict=True):
+        for pattern in vh.hosts:
+            for alias in _aliases(pattern.lower(), config.namespace):
+                if alias not in listed:
+                    listed.add(alias)
+                    domains.append(alias)
+    vhosts = []
+    for i, (vh, domains) in enumerate(zip(config.virtual_hosts, domains_of, strict=True)):
+        if not domains:
+            continue
+        vhosts.append(
+            {
+                "name": f"{i}:{vh.hosts[0] if vh.hosts else ''}",
+                "domains": domains,
+                "routes": routes.http_routes(
+                    vh.http, ctx, f"GatewayConfig {config.name}.virtual_hosts[{i}]"
+                ),
+            }
+        )
+    return {
+        "name": GATEWAY_ROUTE,
+        "virtualHosts": vhosts,
+        "ignorePortInHostMatching": True,
+        "validateClusters": False,
+    }
+
+
+def add_gateway(
+    node: ProxyNode, view: MeshView, out: XdsResources, ctx: routes.RouteContext
+) -> None:
+    config = view.gateway
+    if config is None:
+        raise TranslationError(
+            f"gateway {node.namespace}/{node.service}",
+            "view.gateway",
+            None,
+            "a gateway needs its GatewayConfig",
+        )
+    for i, server in enumerate(config.servers):
+        if server.protocol.upper() not in ("HTTP", "HTTP2", "GRPC"):
+            raise TranslationError(
+                f"GatewayConfig {config.name}",
+                f"servers[{i}].protocol",
+                server.protocol,
+                "only plaintext HTTP gateway servers are translated",
+            )
+    out.routes[GATEWAY_ROUTE] = parse(
+        route_pb2.RouteConfiguration, gateway_route_config(config, ctx)
+    )
+    for address, port in node.gateway_listeners:
+        name = gateway_listener(address, port)
+        hcm = listeners.http_connection_manager(
+            f"gateway_{port}",
+            route_config_name=GATEWAY_ROUTE,
+            http_filters=[listeners.fault_filter()],
+            access_log_name="gateway",
+            access_log_cluster=node.access_log_cluster,
+            extra={"useRemoteAddress": True},
+        )
+        out.listeners[name] = listeners.listener(name, (address, port), [{"filters": [hcm]}])

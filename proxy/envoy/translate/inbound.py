@@ -1,0 +1,138 @@
+"""The inbound side of a sidecar: the mTLS listener in front of the app (HTTP), the
+TCP relay listeners in front of its TCP ports, and the local clusters they forward to.
+
+The PeerAuthentication mode of each port picks the filter chains (`proxy.listener`):
+STRICT has only a TLS chain, which requires a client certificate; PERMISSIVE and
+DISABLE add a plaintext chain, chosen by the TLS inspector for non-TLS connections.
+"""
+
+from __future__ import annotations
+
+from envoy.config.route.v3 import route_pb2
+
+from proxy.envoy.resources import XdsResources
+from proxy.policy.peer import effective_mtls
+
+from . import clusters, listeners, ratelimit, rbac, tls
+from .model import MeshView, ProxyNode
+from .names import (
+    INBOUND_HTTP_LISTENER,
+    INBOUND_HTTP_ROUTE,
+    inbound_cluster,
+    inbound_tcp_listener,
+)
+from .protos import Json, parse
+
+APP_HOST = "127.0.0.1"
+
+
+def mode_of(node: ProxyNode, view: MeshView, port: int) -> str:
+    peer = view.inbound.peer_authentication if view.inbound is not None else ()
+    return effective_mtls(peer, node.labels, port)
+
+
+def _chains(
+    mode: str, filters_for: dict[bool, list[Json]], trust_domain: str, alpn: list[str] | None
+) -> list[Json]:
+    chains = [
+        {
+            "name": "mtls",
+            "filterChainMatch": {"transportProtocol": "tls"},
+            "transportSocket": tls.downstream_mtls(trust_domain, alpn),
+            "filters": filters_for[True],
+        }
+    ]
+    if mode != "STRICT":
+        chains.append(
+            {
+                "name": "plaintext",
+                "filterChainMatch": {"transportProtocol": "raw_buffer"},
+                "filters": filters_for[False],
+            }
+        )
+    return chains
+
+
+def inbound_route_config(node: ProxyNode) -> Json:
+    if node.app_port:
+        action: Json = {"route": {"cluster": inbound_cluster(node.app_port), "timeout": "0s"}}
+    else:
+        action = {
+            "directResponse": {
+                "status": 503,
+                "body": {"inlineString": "this sidecar has no app port"},
+            }
+        }
+    return {
+        "name": INBOUND_HTTP_ROUTE,
+        "virtualHosts": [
+            {
+                "name": "inbound",
+                "domains": ["*"],
+                "routes": [{"name": "app", "match": {"prefix": "/"}, **action}],
+            }
+        ],
+        "validateClusters": False,
+    }
+
+
+def add_inbound_http(node: ProxyNode, view: MeshView, out: XdsResources) -> None:
+    assert node.inbound is not None
+    port = node.app_port
+    policies = rbac.selected(view.inbound, node.labels)
+    # authorization first, then rate limits, as the Python inbound path orders them
+    http_filters = [
+        *rbac.rbac_filters(policies, port, tcp=False, stat_prefix="inbound"),
+        *ratelimit.ratelimit_filters(ratelimit.selected(view.inbound, node.labels)),
+    ]
+    filters = {}
+    for mtls in (True, False):
+        filters[mtls] = [
+            listeners.http_connection_manager(
+                f"inbound_{port}",
+                route_config_name=INBOUND_HTTP_ROUTE,
+                http_filters=http_filters,
+                access_log_name="inbound",
+                access_log_cluster=node.access_log_cluster,
+                # the caller's identity is what its certificate proves, nothing else
+                extra={
+                    "forwardClientCertDetails": "SANITIZE_SET",
+                    "setCurrentClientCertDetails": {"uri": True},
+                },
+            )
+        ]
+    mode = mode_of(node, view, port)
+    out.listeners[INBOUND_HTTP_LISTENER] = listeners.listener(
+        INBOUND_HTTP_LISTENER,
+        node.inbound,
+        _chains(mode, filters, node.trust_domain, tls.MESH_ALPN),
+        listener_filters=[listeners.tls_inspector()],
+    )
+    out.routes[INBOUND_HTTP_ROUTE] = parse(route_pb2.RouteConfiguration, inbound_route_config(node))
+    if port:
+        name = inbound_cluster(port)
+        out.clusters[name] = clusters.static_cluster(name, APP_HOST, port, http=True)
+
+
+def add_inbound_tcp(node: ProxyNode, view: MeshView, out: XdsResources) -> None:
+    """A relay per app TCP port: network RBAC (the port's policies, with Istio's
+    rules for HTTP-only fields), then the app's port on localhost."""
+    policies = rbac.selected(view.inbound, node.labels)
+    for port, bind in node.tcp_inbound:
+        name = inbound_tcp_listener(port)
+        cluster = inbound_cluster(port)
+        network = [
+            *rbac.rbac_filters(policies, port, tcp=True, stat_prefix=f"inbound_tcp_{port}"),
+            listeners.tcp_proxy(
+                f"inbound_tcp_{port}", cluster, "inbound_tcp", node.access_log_cluster
+            ),
+        ]
+        out.listeners[name] = listeners.listener(
+            name,
+            bind,
+            _chains(
+                mode_of(node, view, port), {True: network, False: network}, node.trust_domain, None
+            ),
+            listener_filters=[listeners.tls_inspector()],
+        )
+        out.clusters[cluster] = clusters.static_cluster(cluster, APP_HOST, port, http=False)

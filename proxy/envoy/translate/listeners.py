@@ -1,0 +1,96 @@
+"""Listeners: the app's outbound HTTP proxy, the inbound mTLS listener, TCP relays
+and gateway listeners, each with its filter chain."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from envoy.config.listener.v3 import listener_pb2
+
+from . import access_log
+from .protos import (
+    ADS,
+    FAULT,
+    FAULT_FILTER,
+    HCM,
+    ROUTER,
+    TCP_PROXY,
+    TLS_INSPECTOR,
+    Json,
+    parse,
+    typed,
+)
+
+
+def address(host: str, port: int) -> Json:
+    return {"socketAddress": {"address": host, "portValue": port}}
+
+
+def router_filter() -> Json:
+    return {"name": "envoy.filters.http.router", "typedConfig": typed(ROUTER)}
+
+
+def fault_filter() -> Json:
+    """The fault filter with no fault of its own: routes carry theirs."""
+    return {"name": FAULT_FILTER, "typedConfig": typed(FAULT)}
+
+
+def http_connection_manager(
+    stat_prefix: str,
+    *,
+    route_config_name: str = "",
+    route_config: Json | None = None,
+    http_filters: Sequence[Json] = (),
+    access_log_name: str,
+    access_log_cluster: str,
+    extra: Json | None = None,
+) -> Json:
+    """An HCM normalising paths the way the Python sidecar does (RFC 3986 dot
+    segments, merged slashes, encoded slashes rejected) and accepting absolute-form
+    requests (the app's HTTP_PROXY). Routes come over RDS (ADS) by name, or inline."""
+    body: Json = {
+        "statPrefix": stat_prefix,
+        "codecType": "AUTO",
+        "httpProtocolOptions": {"allowAbsoluteUrl": True},
+        "normalizePath": True,
+        "mergeSlashes": True,
+        "pathWithEscapedSlashesAction": "REJECT_REQUEST",
+        "httpFilters": [*http_filters, router_filter()],
+    }
+    if route_config is not None:
+        body["routeConfig"] = route_config
+    else:
+        body["rds"] = {"configSource": ADS, "routeConfigName": route_config_name}
+    logs = access_log.http_access_log(access_log_name, access_log_cluster)
+    if logs:
+        body["accessLog"] = logs
+    body.update(extra or {})
+    return {
+        "name": "envoy.filters.network.http_connection_manager",
+        "typedConfig": typed(HCM, body),
+    }
+
+
+def tcp_proxy(stat_prefix: str, cluster: str, log_name: str, log_cluster: str) -> Json:
+    body: Json = {"statPrefix": stat_prefix, "cluster": cluster}
+    logs = access_log.tcp_access_log(log_name, log_cluster)
+    if logs:
+        body["accessLog"] = logs
+    return {"name": "envoy.filters.network.tcp_proxy", "typedConfig": typed(TCP_PROXY, body)}
+
+
+def tls_inspector() -> Json:
+    return {"name": "envoy.filters.listener.tls_inspector", "typedConfig": typed(TLS_INSPECTOR)}
+
+
+def listener(
+    name: str,
+    bind: tuple[str, int],
+    filter_chains: list[Json],
+    *,
+    listener_filters: Sequence[Json] = (),
+) -> listener_pb2.Listener:
+    body: Json = {"name": name, "address": address(*bind), "filterChains": filter_chains}
+    if listener_filters:
+        body["listenerFilters"] = list(listener_filters)
+    return parse(listener_pb2.Listener, body)  # type: ignore[return-value]

@@ -1,0 +1,62 @@
+"""The translator's inputs: the proxy being configured (`ProxyNode`) and what the
+mesh tells it (`MeshView`), plus the error every module raises for input it cannot
+express in Envoy's terms."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+from mesh.compiled import GatewayConfig, InboundPolicy, RouteTable
+from mesh.messages import EndpointSet
+from proxy.tcp import TcpUpstream
+
+
+class TranslationError(Exception):
+    """Compiled configuration the translator cannot express in Envoy: never dropped
+    silently (an ignored policy is a security hole). The message names the resource,
+    the field path and the value."""
+
+    def __init__(self, resource: str, field: str, value: object, reason: str) -> None:
+        super().__init__(f"{resource}: {field}={value!r}: {reason}")
+        self.resource = resource
+        self.field = field
+        self.value = value
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class ProxyNode:
+    """The proxy being configured: everything about it the translation depends on."""
+
+    namespace: str
+    service: str
+    version: str
+    labels: Mapping[str, str]
+    identity: str  # our SPIFFE ID, spiffe://<td>/ns/<ns>/sa/<sa>
+    trust_domain: str
+    role: Literal["sidecar", "gateway"]
+    # bind address of the inbound (mTLS) listener; None for a gateway
+    inbound: tuple[str, int] | None
+    # 127.0.0.1:<port>, the plaintext HTTP proxy listener the app uses
+    outbound: tuple[str, int] | None
+    app_port: int  # 0 = no app
+    # outbound TCP listeners: 127.0.0.1:local_port -> mesh service's TCP port
+    tcp_upstreams: tuple[TcpUpstream, ...] = ()
+    # app tcp port -> bind address of the inbound tcp relay listener
+    tcp_inbound: tuple[tuple[int, tuple[str, int]], ...] = ()
+    # gateway mode: plaintext listeners
+    gateway_listeners: tuple[tuple[str, int], ...] = ()
+    # when set, HTTP and TCP access logs go to this gRPC cluster (defined by the bootstrap)
+    access_log_cluster: str = ""
+
+
+@dataclass(frozen=True)
+class MeshView:
+    """What the mesh says, as this proxy follows it."""
+
+    # fqdn -> compiled routes and endpoints
+    destinations: Mapping[str, tuple[RouteTable | None, EndpointSet | None]]
+    inbound: InboundPolicy | None = None
+    gateway: GatewayConfig | None = None

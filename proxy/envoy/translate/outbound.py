@@ -1,0 +1,119 @@
+"""The app's outbound HTTP proxy: one listener, one route configuration with a virtual
+host per destination, and the clusters and endpoints every route names."""
+
+from __future__ import annotations
+
+from envoy.config.route.v3 import route_pb2
+
+from mesh.compiled import RouteTable
+from mesh.messages import EndpointSet
+from proxy.envoy.resources import XdsResources
+
+from . import clusters, listeners, routes
+from .model import MeshView, ProxyNode
+from .names import OUTBOUND_HTTP_LISTENER, OUTBOUND_HTTP_ROUTE, outbound_cluster, service_domains
+from .protos import Json, parse
+
+# A Host that names no known mesh service: the Python proxy's answer (502, flag NR)
+UNKNOWN_HOST: Json = {
+    "name": "unknown_host",
+    "domains": ["*"],
+    "routes": [
+        {
+            "name": "unknown_host",
+            "match": {"prefix": "/"},
+            "directResponse": {
+                "status": 502,
+                "body": {"inlineString": "unknown host: not a mesh service"},
+            },
+        }
+    ],
+}
+
+
+def exists(table: RouteTable | None, endpoints: EndpointSet | None) -> bool:
+    """Does the mesh know this destination (`proxy.outbound._exists`)?"""
+    known = table is not None and (table.exists or table.has_virtual_service)
+    return known or bool(endpoints and endpoints.endpoints)
+
+
+def route_context(node: ProxyNode, view: MeshView, gateway: str = "") -> routes.RouteContext:
+    return routes.RouteContext(
+        namespace=node.namespace,
+        labels=node.labels,
+        gateway=gateway,
+        tables={fqdn: table for fqdn, (table, _) in view.destinations.items()},
+    )
+
+
+def outbound_route_config(node: ProxyNode, view: MeshView, ctx: routes.RouteContext) -> Json:
+    vhosts = []
+    for fqdn in sorted(view.destinations):
+        table, endpoints = view.destinations[fqdn]
+        if not exists(table, endpoints):
+            continue
+        vhosts.append(
+            {
+                "name": fqdn,
+                "domains": service_domains(fqdn, node.namespace),
+                "routes": routes.http_routes(
+                    routes.table_routes(table, fqdn), ctx, f"RouteTable {fqdn}"
+                ),
+            }
+        )
+    vhosts.append(UNKNOWN_HOST)
+    return {
+        "name": OUTBOUND_HTTP_ROUTE,
+        "virtualHosts": vhosts,
+        "ignorePortInHostMatching": True,
+        # a route naming an unknown subset is answered 503 (NC), as by the Python proxy
+        "validateClusters": False,
+    }
+
+
+def add_outbound(node: ProxyNode, view: MeshView, out: XdsResources) -> routes.RouteContext:
+    ctx = route_context(node, view)
+    config = outbound_route_config(node, view, ctx)
+    out.routes[OUTBOUND_HTTP_ROUTE] = parse(route_pb2.RouteConfiguration, config)
+    assert node.outbound is not None
+    hcm = listeners.http_connection_manager(
+        "outbound_http",
+        route_config_name=OUTBOUND_HTTP_ROUTE,
+        http_filters=[listeners.fault_filter()],
+        access_log_name="outbound",
+        access_log_cluster=node.access_log_cluster,
+        # the Python proxy appends the app's address to x-forwarded-for
+        extra={"useRemoteAddress": True},
+    )
+    out.listeners[OUTBOUND_HTTP_LISTENER] = listeners.listener(
+        OUTBOUND_HTTP_LISTENER, node.outbound, [{"filters": [hcm]}]
+    )
+    return ctx
+
+
+def add_http_clusters(view: MeshView, ctx: routes.RouteContext, out: XdsResources) -> None:
+    """A cluster (and its endpoints) for each known destination and each of its
+    subsets, and for every (host, subset) a route names that can exist."""
+    wanted: set[tuple[str, str]] = set()
+    for fqdn, (table, _) in view.destinations.items():
+        wanted.add((fqdn, ""))
+        if table is not None:
+            wanted.update((fqdn, s.name) for s in table.subsets)
+    wanted.update(ctx.referenced)
+    for fqdn, subset in sorted(wanted):
+        policy = ctx.policy_of(fqdn, subset)
+        if policy is None:
+            continue  # unknown subset: no such cluster, requests get 503 NC
+        table, endpoint_set = view.destinations.get(fqdn, (None, None))
+        labels: dict[str, str] = {}
+        if subset and table is not None:
+            labels = next(s.labels for s in table.subsets if s.name == subset)
+        name = outbound_cluster(fqdn, subset)
+        eps = [
+            ep
+            for ep in (endpoint_set.endpoints if endpoint_set is not None else [])
+            if clusters.has_labels(ep, labels)
+        ]
+        lb = clusters.lb_endpoints(eps, lambda ep: ep.address, f"ClusterLoadAssignment {name}")
+        out.clusters[name] = clusters.eds_cluster(name, policy, lb, http=True)
+        out.endpoints[name] = clusters.load_assignment(name, lb)

@@ -1,0 +1,308 @@
+"""AuthorizationPolicy -> Envoy RBAC, with Istio's translation rules and the Python
+sidecar's semantics (`proxy.policy.authz`).
+
+One RBAC filter per action, in Istio's order: AUDIT (Envoy action LOG), DENY, ALLOW.
+No ALLOW policy: no ALLOW filter (everything not denied is allowed); ALLOW policies
+without rules leave an ALLOW filter with no policy, which denies everything.
+
+- `source.principal` is the peer certificate's URI SAN without `spiffe://` (Istio's
+  form `td/ns/N/sa/SA`); patterns are matched against the SAN with `spiffe://`
+  prepended. `*` means "any authenticated caller": a plaintext caller has no principal
+  and matches no pattern.
+- `namespaces` become regexes on the principal's `/ns/<N>/` segment.
+- `ipBlocks` compare the direct peer address (`direct_remote_ip`), as the Python
+  sidecar compares the connection's address.
+- `ports` and `destination.port` are decided here: the port of the listener (the
+  workload's app port) is known.
+- On TCP, a rule using HTTP-only fields (methods, paths, hosts, request headers)
+  never matches in an ALLOW policy and has those fields removed in DENY/AUDIT ones
+  (Istio's rule: either way, less is allowed).
+- Entries the Python sidecar cannot evaluate (an unknown `when` key, a condition with
+  no values, an unparseable CIDR) fail closed exactly as there: in ALLOW they match
+  nothing, in DENY/AUDIT they match everything.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Mapping, Sequence
+
+from mesh.compiled import AuthzPolicy, AuthzRule, Condition, InboundPolicy, Operation, Source
+
+from .protos import HTTP_RBAC, NETWORK_RBAC, Json, typed
+
+ANY: Json = {"any": True}
+NOTHING: Json = {"notRule": {"any": True}}
+NOBODY: Json = {"notId": {"any": True}}
+_HEADER_KEY = re.compile(r"request\.headers\[([^\[\]]+)\]")
+_ACTIONS = (("AUDIT", "LOG"), ("DENY", "DENY"), ("ALLOW", "ALLOW"))
+
+
+def selected(policy: InboundPolicy | None, labels: Mapping[str, str]) -> list[AuthzPolicy]:
+    """The policies whose selector is empty or a subset of `labels`."""
+    if policy is None:
+        return []
+    return [
+        p for p in policy.authorization if all(labels.get(k) == v for k, v in p.selector.items())
+    ]
+
+
+def rbac_filters(
+    policies: Sequence[AuthzPolicy], port: int, *, tcp: bool, stat_prefix: str
+) -> list[Json]:
+    """The RBAC filters (HTTP, or network for `tcp`) enforcing `policies` on `port`."""
+    out = []
+    for action, envoy_action in _ACTIONS:
+        chosen = [p for p in policies if p.action == action]
+        if not chosen:
+            continue
+        lenient = action != "ALLOW"
+        rules: dict[str, Json] = {}
+        for p in chosen:
+            for i, rule in enumerate(p.rules):
+                built = _policy(rule, port, tcp=tcp, lenient=lenient)
+                if built is not None:
+                    rules[f"{p.namespace}/{p.name}[{i}]"] = built
+        body: Json = {"rules": {"action": envoy_action, "policies": rules}}
+        if tcp:
+            body["statPrefix"] = f"{stat_prefix}_{action.lower()}_"
+            out.append(
+                {"name": "envoy.filters.network.rbac", "typedConfig": typed(NETWORK_RBAC, body)}
+            )
+        else:
+            out.append({"name": "envoy.filters.http.rbac", "typedConfig": typed(HTTP_RBAC, body)})
+    return out
+
+
+def _policy(rule: AuthzRule, port: int, *, tcp: bool, lenient: bool) -> Json | None:
+    """One rule as an Envoy Policy: some source, some operation and every `when`.
+    None when the rule can never match (left out: it allows or denies nothing)."""
+    if tcp and _http_only(rule):
+        if not lenient:
+            return None
+        rule = _without_http_fields(rule)
+    permissions: list[Json] = []
+    principals: list[Json] = []
+    if rule.operations:
+        ops = [op for op in (_operation(o, port) for o in rule.operations) if op is not None]
+        if not ops:
+            return None
+        permissions.append(_or("orRules", ops))
+    if rule.sources:
+        principals.append(_or("orIds", [_source(s, lenient) for s in rule.sources]))
+    for condition in rule.when:
+        kind, matcher = _condition(condition, port, lenient)
+        (permissions if kind == "permission" else principals).append(matcher)
+    return {
+        "permissions": [_and("andRules", permissions) if permissions else ANY],
+        "principals": [_and("andIds", principals) if principals else ANY],
+    }
+
+
+def _or(key: str, items: list[Json]) -> Json:
+    return items[0] if len(items) == 1 else {key: {"rules" if key == "orRules" else "ids": items}}
+
+
+def _and(key: str, items: list[Json]) -> Json:
+    return items[0] if len(items) == 1 else {key: {"rules" if key == "andRules" else "ids": items}}
+
+
+def _http_only(rule: AuthzRule) -> bool:
+    ops = any(
+        o.methods or o.not_methods or o.paths or o.not_paths or o.hosts or o.not_hosts
+        for o in rule.operations
+    )
+    return ops or any(_HEADER_KEY.fullmatch(c.key) for c in rule.when)
+
+
+def _without_http_fields(rule: AuthzRule) -> AuthzRule:
+    return AuthzRule(
+        sources=rule.sources,
+        operations=tuple(Operation(ports=o.ports, not_ports=o.not_ports) for o in rule.operations),
+        when=tuple(c for c in rule.when if not _HEADER_KEY.fullmatch(c.key)),
+    )
+
+
+# ---------------------------------------------------------------- string patterns
+
+
+def _pattern(value: str, *, prefix: str = "") -> Json:
+    """Istio's pattern rules (`*`, `*suffix`, `prefix*`, exact) as a StringMatcher on
+    `prefix + value`; `*` alone means any non-empty value."""
+    if value == "*":
+        return {"safeRegex": {"regex": re.escape(prefix) + ".+"}}
+    if value.startswith("*"):
+        return {"suffix": value[1:]}
+    if value.endswith("*"):
+        return {"prefix": prefix + value[:-1]}
+    return {"exact": prefix + value}
+
+
+def _principal(value: str) -> Json:
+    return {"authenticated": {"principalName": _pattern(value, prefix="spiffe://")}}
+
+
+def _namespace(value: str) -> Json:
+    if value == "*":
+        ns = "[^/]+"
+    elif value.startswith("*"):
+        ns = "[^/]*" + re.escape(value[1:])
+    elif value.endswith("*"):
+        ns = re.escape(value[:-1]) + "[^/]*"
+    else:
+        ns = re.escape(value)
+    regex = f"spiffe://[^/]+/ns/{ns}/sa/[^/]+"
+    return {"authenticated": {"principalName": {"safeRegex": {"regex": regex}}}}
+
+
+def _host(value: str) -> Json:
+    """`hosts`: the authority compared case-insensitively, with or without its port."""
+    value = value.lower()
+    port = "(?::[0-9]+)?"
+    if value == "*":
+        regex = ".+"
+    elif value.startswith("*"):
+        regex = "(?i).*" + re.escape(value[1:]) + port
+    elif value.endswith("*"):
+        regex = "(?i)" + re.escape(value[:-1]) + ".*"
+    else:
+        regex = "(?i)" + re.escape(value) + port
+    return {"header": {"name": ":authority", "stringMatch": {"safeRegex": {"regex": regex}}}}
+
+
+def _method(value: str) -> Json:
+    return {"header": {"name": ":method", "stringMatch": _pattern(value)}}
+
+
+def _path(value: str) -> Json:
+    return {"urlPath": {"path": _pattern(value)}}
+
+
+def _cidrs(entries: Sequence[str], *, poisoned_matches: bool) -> list[Json] | None:
+    """CIDR ranges; None when an unparseable entry makes the field match every
+    address (`poisoned_matches`), else unparseable entries are skipped."""
+    out = []
+    for entry in entries:
+        try:
+            net = ipaddress.ip_network(entry.strip(), strict=False)
+        except ValueError:
+            if poisoned_matches:
+                return None
+            continue
+        out.append(
+            {
+                "directRemoteIp": {
+                    "addressPrefix": str(net.network_address),
+                    "prefixLen": net.prefixlen,
+                }
+            }
+        )
+    return out
+
+
+def _ip_field(entries: Sequence[str], lenient: bool, *, negated: bool) -> Json:
+    """`ipBlocks` (or `notIpBlocks` when `negated`) as one principal."""
+    # an unparseable entry makes "contains" true in DENY/AUDIT for ipBlocks and in
+    # ALLOW for notIpBlocks (see the module doc)
+    ranges = _cidrs(entries, poisoned_matches=lenient != negated)
+    if ranges is None:
+        return NOBODY if negated else ANY
+    if not ranges:
+        return ANY if negated else NOBODY
+    matched = _or("orIds", ranges)
+    return {"notId": matched} if negated else matched
+
+
+# ---------------------------------------------------------------- rule parts
+
+
+def _source(source: Source, lenient: bool) -> Json:
+    parts: list[Json] = []
+    if source.principals:
+        parts.append(_or("orIds", [_principal(p) for p in source.principals]))
+    if source.not_principals:
+        parts.append({"notId": _or("orIds", [_principal(p) for p in source.not_principals])})
+    if source.namespaces:
+        parts.append(_or("orIds", [_namespace(n) for n in source.namespaces]))
+    if source.not_namespaces:
+        parts.append({"notId": _or("orIds", [_namespace(n) for n in source.not_namespaces])})
+    if source.ip_blocks:
+        parts.append(_ip_field(source.ip_blocks, lenient, negated=False))
+    if source.not_ip_blocks:
+        parts.append(_ip_field(source.not_ip_blocks, lenient, negated=True))
+    return _and("andIds", parts) if parts else ANY
+
+
+def _operation(op: Operation, port: int) -> Json | None:
+    """One `to.operation`; None when its ports rule out this listener's port."""
+    if op.ports and str(port) not in op.ports:
+        return None
+    if op.not_ports and str(port) in op.not_ports:
+        return None
+    parts: list[Json] = []
+    for values, build, negated in (
+        (op.methods, _method, False),
+        (op.not_methods, _method, True),
+        (op.paths, _path, False),
+        (op.not_paths, _path, True),
+        (op.hosts, _host, False),
+        (op.not_hosts, _host, True),
+    ):
+        if values:
+            matched = _or("orRules", [build(v) for v in values])
+            parts.append({"notRule": matched} if negated else matched)
+    return _and("andRules", parts) if parts else ANY
+
+
+def _condition(c: Condition, port: int, lenient: bool) -> tuple[str, Json]:
+    """("permission" | "principal", matcher) for one `when` entry."""
+    unevaluable = ("permission", ANY if lenient else NOTHING)
+    if not c.values and not c.not_values:
+        return unevaluable
+    header = _HEADER_KEY.fullmatch(c.key)
+    if header is not None:
+        name = header.group(1).strip().lower()
+
+        def build(v: str) -> Json:
+            return {"header": {"name": name, "stringMatch": _pattern(v)}}
+
+        return "permission", _values_match(c, build, "orRules", "andRules", "notRule")
+    if c.key == "source.principal":
+        return "principal", _values_match(c, _principal, "orIds", "andIds", "notId")
+    if c.key == "source.namespace":
+        return "principal", _values_match(c, _namespace, "orIds", "andIds", "notId")
+    if c.key == "source.ip":
+        parts = []
+        if c.values:
+            parts.append(_ip_field(c.values, lenient, negated=False))
+        if c.not_values:
+            parts.append(_ip_field(c.not_values, lenient, negated=True))
+        return "principal", _and("andIds", parts)
+    if c.key == "destination.port":
+        holds = (not c.values or _port_matches(c.values, port)) and not (
+            c.not_values and _port_matches(c.not_values, port)
+        )
+        return "permission", ANY if holds else NOTHING
+    return unevaluable
+
+
+def _port_matches(patterns: Sequence[str], port: int) -> bool:
+    text = str(port)
+    for p in patterns:
+        if p == "*" or p == text:
+            return True
+        if p.startswith("*") and text.endswith(p[1:]):
+            return True
+        if p.endswith("*") and text.startswith(p[:-1]):
+            return True
+    return False
+
+
+def _values_match(c: Condition, build, or_key: str, and_key: str, not_key: str) -> Json:  # type: ignore[no-untyped-def]
+    parts = []
+    if c.values:
+        parts.append(_or(or_key, [build(v) for v in c.values]))
+    if c.not_values:
+        parts.append({not_key: _or(or_key, [build(v) for v in c.not_values])})
+    return _and(and_key, parts)

@@ -1,0 +1,229 @@
+"""The ADS server the sidecar runs for its Envoy: gRPC on a Unix socket private to the
+sidecar, serving listeners, routes, clusters, endpoints and SDS secrets on one
+aggregated stream (state of the world).
+
+The decisions (what to answer, ACK/NACK bookkeeping, push order) are in
+`proxy.envoy.ads_protocol`; this module moves messages between them and gRPC.
+
+    async with XdsServer(socket_path, on_status=report) as xds:
+        xds.set_resources(snapshot)          # pushes what changed to every Envoy
+        await xds.wait_until(lambda s: ...)  # e.g. every type APPLIED
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import os
+import socket
+from collections.abc import AsyncIterator, Callable, Mapping
+from pathlib import Path
+
+import grpc
+from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+
+from mesh.logs import get_logger
+from proxy.envoy.ads_protocol import AdsState, AdsStream, ApplyState, TypeStatus, XdsError
+from proxy.envoy.resources import XdsResources
+
+log = get_logger("proxy.envoy.xds")
+
+StatusCallback = Callable[[TypeStatus], None]
+
+__all__ = ["ApplyState", "StatusCallback", "TypeStatus", "XdsError", "XdsServer"]
+
+
+class _Connection:
+    """One Envoy stream: the protocol state and the queue of responses to write."""
+
+    def __init__(self, stream: AdsStream):
+        self.stream = stream
+        self.outbox: asyncio.Queue[discovery_pb2.DiscoveryResponse | None] = asyncio.Queue()
+
+    def send(self, responses: list[discovery_pb2.DiscoveryResponse]) -> None:
+        for response in responses:
+            self.outbox.put_nowait(response)
+
+
+class _AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
+    def __init__(self, server: XdsServer):
+        self._server = server
+
+    async def StreamAggregatedResources(
+        self,
+        request_iterator: AsyncIterator[discovery_pb2.DiscoveryRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> None:
+        await self._server._serve_stream(request_iterator, context)
+
+    async def DeltaAggregatedResources(
+        self, request_iterator: AsyncIterator[object], context: grpc.aio.ServicerContext
+    ) -> None:
+        # the bootstrap asks for state of the world (GRPC); delta is not served
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "delta xDS is not served")
+
+
+class XdsServer:
+    """ADS over `socket_path` (created 0600, removed on stop)."""
+
+    def __init__(self, socket_path: Path | str, *, on_status: StatusCallback | None = None):
+        self.socket_path = Path(socket_path)
+        self._state = AdsState()
+        self._callbacks: list[StatusCallback] = [on_status] if on_status else []
+        self._connections: set[_Connection] = set()
+        self._stream_ids = itertools.count(1)
+        self._server: grpc.aio.Server | None = None
+        self._changed = asyncio.Event()
+
+    # ------------------------------------------------------------- lifecycle
+
+    async def start(self) -> None:
+        path = self.socket_path
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if path.exists() or path.is_socket():
+            if _someone_listens(path):
+                raise XdsError(f"another xDS server is serving on {path}")
+            path.unlink()  # left by a sidecar process that died
+        server = grpc.aio.server()
+        ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(_AdsServicer(self), server)
+        # umask covers the window between bind and chmod
+        old_umask = os.umask(0o177)
+        try:
+            bound = server.add_insecure_port(f"unix:{path}")
+        finally:
+            os.umask(old_umask)
+        if not bound:
+            raise XdsError(f"cannot listen on unix socket {path}")
+        await server.start()
+        with contextlib.suppress(OSError):
+            path.chmod(0o600)
+        self._server = server
+        log.info("xds.started", socket=str(path))
+
+    async def stop(self, grace: float = 1.0) -> None:
+        """Stop serving: streams end (Envoy keeps its configuration and reconnects to
+        whatever serves this path next), the socket file is removed."""
+        server, self._server = self._server, None
+        if server is not None:
+            await server.stop(grace)
+            log.info("xds.stopped", socket=str(self.socket_path))
+        with contextlib.suppress(FileNotFoundError):
+            self.socket_path.unlink()
+
+    async def __aenter__(self) -> XdsServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    # ------------------------------------------------------------- the agent's API
+
+    def set_resources(self, snapshot: XdsResources) -> None:
+        """Serve `snapshot` (complete: what it leaves out is removed) from now on and
+        push the types that changed to every connected Envoy."""
+        steps = self._state.set_resources(snapshot)
+        if steps:
+            log.info(
+                "xds.snapshot",
+                types={self._state.status[s.type_url].short_name: s.version for s in steps},
+                streams=len(self._connections),
+            )
+        for connection in list(self._connections):
+            connection.send(connection.stream.on_push(steps))
+            self._publish(connection.stream)
+
+    def status(self) -> dict[str, TypeStatus]:
+        """Per type URL: the version sent, the version ACKed, the last NACK."""
+        return dict(self._state.status)
+
+    def add_status_callback(self, callback: StatusCallback) -> None:
+        self._callbacks.append(callback)
+
+    @property
+    def connected(self) -> int:
+        """How many Envoy streams are open."""
+        return len(self._connections)
+
+    async def wait_until(
+        self, predicate: Callable[[Mapping[str, TypeStatus]], bool], timeout: float
+    ) -> dict[str, TypeStatus]:
+        """Wait until `predicate(status)` holds; TimeoutError (naming the status) if not."""
+        async with asyncio.timeout(timeout):
+            while not predicate(self._state.status):
+                self._changed.clear()
+                await self._changed.wait()
+        return self.status()
+
+    def applied(self, *type_urls: str) -> bool:
+        """Whether every given type (all by default) has what was last sent ACKed; a
+        type never sent (nothing subscribed to it) counts as applied."""
+        status = self._state.status
+        return all(
+            status[t].state in (ApplyState.APPLIED, ApplyState.NOT_SENT)
+            for t in (type_urls or status)
+        )
+
+    # ------------------------------------------------------------- the stream shell
+
+    def _publish(self, stream: AdsStream) -> None:
+        changes, stream.status_changes = stream.status_changes, []
+        for status in changes:
+            if status.last_nack is not None and status.state is ApplyState.REJECTED:
+                log.warning(
+                    "xds.nack",
+                    type=status.short_name,
+                    version=status.last_nack.version,
+                    error=status.last_nack.message,
+                    node=stream.node_id,
+                )
+            for callback in self._callbacks:
+                try:
+                    callback(status)
+                except Exception:
+                    log.exception("xds.status_callback_failed", type=status.short_name)
+        if changes:
+            self._changed.set()
+
+    async def _serve_stream(
+        self,
+        requests: AsyncIterator[discovery_pb2.DiscoveryRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> None:
+        connection = _Connection(AdsStream(self._state, next(self._stream_ids)))
+        stream = connection.stream
+        self._connections.add(connection)
+        log.info("xds.stream_opened", stream=stream.stream_id)
+
+        async def read() -> None:
+            try:
+                async for request in requests:
+                    connection.send(stream.on_request(request))
+                    self._publish(stream)
+            finally:
+                connection.outbox.put_nowait(None)  # the writer ends with the stream
+
+        async def write() -> None:
+            while (response := await connection.outbox.get()) is not None:
+                await context.write(response)
+
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                tasks.create_task(read(), name=f"xds-read-{stream.stream_id}")
+                tasks.create_task(write(), name=f"xds-write-{stream.stream_id}")
+        except* (grpc.aio.AioRpcError, grpc.aio.UsageError, ConnectionError) as errors:
+            log.info("xds.stream_broken", stream=stream.stream_id, error=str(errors.exceptions[0]))
+        finally:
+            self._connections.discard(connection)
+            log.info("xds.stream_closed", stream=stream.stream_id, node=stream.node_id)
+
+
+def _someone_listens(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(0.5)
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return False
+    return True
