@@ -152,6 +152,7 @@ class Sidecar:
                 inbound_policy=self.inbound_policy,
                 gateway=self.gateway,
                 identity=self.identity,
+                status_changed=self.reporter.changed,
             )
         )
         self.ports.update(addresses.listeners)
@@ -317,8 +318,7 @@ class Sidecar:
         for follower in (self.gateway, self.inbound_policy):
             if follower is not None:
                 out.extend(follower.statuses())
-        out.extend(self.dataplane.statuses())
-        return out
+        return self.dataplane.statuses(out)
 
     async def _resync(self) -> None:
         await self.cache.resync()

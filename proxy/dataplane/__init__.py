@@ -56,6 +56,9 @@ class DataPlaneContext:
     inbound_policy: InboundPolicyFollower | None
     gateway: GatewayFollower | None
     identity: WorkloadIdentity | None
+    # the data plane's view of the config changed (e.g. Envoy ACKed or NACKed a push):
+    # the agent sends a status report
+    status_changed: Callable[[], None]
 
 
 @dataclass(frozen=True)
@@ -97,9 +100,9 @@ class DataPlane(Protocol):
         """Close everything; safe after a partial or failed start."""
         ...
 
-    def statuses(self) -> list[SubscriptionStatus]:
-        """The data plane's own entries for the proxy-status report (beyond the
-        followers'), e.g. whether Envoy accepted the pushed configuration."""
+    def statuses(self, followed: list[SubscriptionStatus]) -> list[SubscriptionStatus]:
+        """The proxy-status entries as this data plane runs them: `followed` are the
+        followers' (what the agent accepted); Envoy's are what Envoy ACKed."""
         ...
 
     def info(self) -> dict[str, Any]:

@@ -136,8 +136,9 @@ class PythonDataPlane:
         self.pools.close()
         self.app_pools.close()
 
-    def statuses(self) -> list[SubscriptionStatus]:
-        return []
+    def statuses(self, followed: list[SubscriptionStatus]) -> list[SubscriptionStatus]:
+        """The listeners read the followers' state per request: applied as accepted."""
+        return followed
 
     def info(self) -> dict[str, Any]:
         return {"dataplane": "python", "draining": self.draining, "active": self.active}

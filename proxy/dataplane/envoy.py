@@ -1,0 +1,436 @@
+"""The Envoy data plane: an Envoy process configured over xDS by this sidecar.
+
+The agent's followers keep the config; this module turns it into Envoy resources
+(`proxy.envoy.translate`) on every change (debounced) and serves them on the
+sidecar's private ADS socket (`proxy.envoy.xds_server`), with the workload certificate
+and trust bundle over SDS on every install (rotation without an Envoy restart).
+Envoy's ACK/NACK becomes the proxy-status report (`envoy_view.ApplyTracker`); a push
+Envoy refuses, or one the translator cannot make, is reported as NACK and the last
+good configuration keeps serving.
+
+Destinations: Envoy cannot ask for a destination on first request the way the Python
+proxy does (on-demand discovery is not done yet), so this data plane follows every
+service the registry knows (`registry.get` for all, then every new endpoint set on
+`registry.endpoints.>`) and every host the routes name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from cryptography.hazmat.primitives import serialization
+
+from mesh import errors
+from mesh.hosts import ServiceRef, service_of_host
+from mesh.logs import get_logger
+from mesh.messages import EndpointSet, EndpointsGetReply, EndpointsGetRequest, SubscriptionStatus
+from mesh.servers import free_port
+from proxy.admin import AdminRoute
+from proxy.dataplane import Addresses, Background, DataPlaneContext
+from proxy.dataplane.envoy_view import ApplyTracker, EnvoyPorts, mesh_view, proxy_node
+from proxy.envoy.bootstrap import BootstrapOptions, build_bootstrap
+from proxy.envoy.process import EnvoyExit, EnvoyOptions, EnvoyProcess
+from proxy.envoy.resources import CLUSTER, LISTENER, XdsResources
+from proxy.envoy.translate import (
+    ProxyNode,
+    TranslationError,
+    referenced_hosts,
+    tls_secrets,
+    translate,
+)
+from proxy.envoy.xds_server import ApplyState, TypeStatus, XdsServer
+
+log = get_logger("proxy.dataplane.envoy")
+
+# changes that arrive together become one push
+DEBOUNCE_S = 0.005
+# how long start() waits for Envoy to take its first configuration and listen
+FIRST_CONFIG_TIMEOUT_S = 30.0
+LISTEN_POLL_S = 0.05
+DRAIN_POLL_S = 0.1
+ADMIN_TIMEOUT_S = 5.0
+
+
+class EnvoyDataPlane:
+    def __init__(self) -> None:
+        self._ctx: DataPlaneContext | None = None
+        self._dir: Path | None = None
+        self._xds: XdsServer | None = None
+        self._envoy: EnvoyProcess | None = None
+        self._node: ProxyNode | None = None
+        self._ports: EnvoyPorts | None = None
+        self._tracker = ApplyTracker()
+        self._secrets: dict[str, Any] = {}
+        self._resources = XdsResources()
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._following: set[ServiceRef] = set()
+        self._session: aiohttp.ClientSession | None = None
+        self.pushes = 0
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def start(self, ctx: DataPlaneContext) -> Addresses:
+        self._ctx = ctx
+        s = ctx.settings
+        if ctx.identity is None:
+            raise errors.BadRequest(
+                "--dataplane envoy needs mTLS (a certificate from the CA): drop --no-mtls"
+            )
+        self._dir = Path(tempfile.mkdtemp(prefix=f"meshwork-envoy-{s.instance[:40]}-"))
+        self._dir.chmod(0o700)
+        ports = self._ports = _choose_ports(ctx)
+        self._node = proxy_node(s, ports)
+        self._xds = XdsServer(self._dir / "xds.sock", on_status=self._on_xds_status)
+        await self._xds.start()
+        self._secrets = self._current_secrets()
+        await self._follow_every_service()
+        self._push()
+        self._tasks.append(asyncio.create_task(self._push_loop(), name="envoy:push"))
+        bootstrap = build_bootstrap(
+            BootstrapOptions(
+                node_id=s.instance,
+                cluster=s.service,
+                xds_socket=self._dir / "xds.sock",
+                admin_port=ports.admin,
+            )
+        )
+        self._envoy = EnvoyProcess(
+            EnvoyOptions(
+                bootstrap=bootstrap,
+                admin_port=ports.admin,
+                state_dir=self._dir,
+                # listeners close when the sidecar's drain ends, not before: the app
+                # still calls out while its inbound drains
+                drain_time_s=s.drain_timeout,
+                parent_shutdown_time_s=s.drain_timeout + 5.0,
+                # a sidecar started anew gets new ports: nothing to adopt
+                adopt=False,
+            ),
+            on_exit=self._envoy_exited,
+        )
+        await self._envoy.start()
+        await self._until_listening(ports)
+        listeners = {"envoy-admin": ports.admin}
+        if s.gateway:
+            listeners["gateway"] = ports.gateway
+        else:
+            listeners.update(inbound=ports.inbound, outbound=ports.outbound)
+        for app_port, port in ports.tcp_inbound.items():
+            listeners[f"tcp-inbound:{app_port}"] = port
+        log.info("envoy.serving", pid=self._envoy.pid, listeners=listeners)
+        return Addresses(
+            service_port=ports.gateway if s.gateway else ports.inbound,
+            listeners=listeners,
+            tcp_listeners={
+                str(app_port): f"{s.bind_host}:{port}"
+                for app_port, port in ports.tcp_inbound.items()
+            },
+        )
+
+    def background(self) -> Background:
+        # the EnvoyProcess supervises (restarts) Envoy in a task it owns
+        return []
+
+    def config_changed(self) -> None:
+        self._wake.set()
+
+    def identity_changed(self) -> None:
+        if self._xds is None:
+            return
+        self._secrets = self._current_secrets()
+        self._wake.set()
+
+    async def drain(self, deadline: float) -> None:
+        """Envoy's graceful drain of its listeners (keep-alive clients are told to
+        close), then wait until no request is active or `deadline`."""
+        if self._envoy is None or self._ports is None:
+            return
+        with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+            await self._admin("POST", "/drain_listeners?graceful")
+        while time.monotonic() < deadline:
+            try:
+                if await self._active_requests() == 0:
+                    return
+            except (aiohttp.ClientError, TimeoutError):
+                return
+            await asyncio.sleep(DRAIN_POLL_S)
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._envoy is not None:
+            # drained already (drain()), or stopping after a failed start
+            await self._envoy.stop(drain=False)
+        if self._xds is not None:
+            await self._xds.stop()
+        if self._session is not None:
+            await self._session.close()
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+
+    def statuses(self, followed: list[SubscriptionStatus]) -> list[SubscriptionStatus]:
+        return self._tracker.statuses(followed)
+
+    def info(self) -> dict[str, Any]:
+        xds = self._xds
+        return {
+            "dataplane": "envoy",
+            "pid": self._envoy.pid if self._envoy is not None else None,
+            "restarts": self._envoy.restarts if self._envoy is not None else 0,
+            "pushes": self.pushes,
+            "following": sorted(str(ref) for ref in self._following),
+            "xds": {
+                status.short_name: {
+                    "state": status.state.value,
+                    "sent": status.version_sent,
+                    "acked": status.version_acked,
+                    "nack": status.last_nack.message if status.last_nack else "",
+                }
+                for status in (xds.status().values() if xds is not None else ())
+            },
+            "rejection": self._tracker.rejection,
+        }
+
+    def mirrors(self) -> dict[str, Any] | None:
+        return None
+
+    def admin_routes(self) -> dict[str, AdminRoute]:
+        return {
+            "/config_dump": self._proxied("/config_dump"),
+            "/stats/prometheus": self._proxied("/stats/prometheus"),
+            "/clusters": self._proxied("/clusters?format=json"),
+        }
+
+    # ------------------------------------------------------------ config
+
+    async def _push_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            await asyncio.sleep(DEBOUNCE_S)
+            self._wake.clear()
+            self._push()
+            await self._follow_referenced()
+
+    def _push(self) -> None:
+        """Translate the followers' state and serve it; a translation error is a
+        rejection (reported), the last good resources keep serving."""
+        ctx, node, xds = self._ctx, self._node, self._xds
+        assert ctx is not None and node is not None and xds is not None
+        followed = self._followed_revisions(ctx)
+        view = self._view(ctx)
+        try:
+            resources = translate(node, view)
+        except TranslationError as e:
+            log.warning("envoy.translation_rejected", error=str(e))
+            self._tracker = self._tracker.rejected(followed, f"translation: {e}")
+            # the certificate still rotates with the last good configuration
+            resources = self._resources
+        else:
+            self._resources = resources
+            self._tracker = self._tracker.translated(followed)
+        xds.set_resources(
+            XdsResources(
+                listeners=resources.listeners,
+                routes=resources.routes,
+                clusters=resources.clusters,
+                endpoints=resources.endpoints,
+                secrets=dict(self._secrets),
+            )
+        )
+        self.pushes += 1
+        self._on_xds_status(None)
+
+    def _envoy_exited(self, exit: EnvoyExit) -> None:
+        log.warning("envoy.restarting", pid=exit.pid, code=exit.returncode, restarts=exit.restarts)
+
+    def _on_xds_status(self, _status: TypeStatus | None) -> None:
+        xds, ctx = self._xds, self._ctx
+        if xds is None or ctx is None:
+            return
+        statuses = xds.status()
+        if any(t.state is ApplyState.PENDING for t in statuses.values()):
+            return
+        if not xds.connected or any(
+            statuses[t].state is ApplyState.NOT_SENT for t in (LISTENER, CLUSTER)
+        ):
+            return  # Envoy has not taken anything yet
+        rejected = [t for t in statuses.values() if t.state is ApplyState.REJECTED]
+        before = self._tracker
+        if rejected:
+            reason = "; ".join(
+                f"{t.short_name}: {t.last_nack.message}" for t in rejected if t.last_nack
+            )
+            self._tracker = before.rejected(before.pushed, reason)
+        elif not before.rejection:
+            self._tracker = before.acked()
+        if self._tracker != before:
+            ctx.status_changed()
+
+    def _view(self, ctx: DataPlaneContext) -> Any:
+        policy = ctx.inbound_policy.policy if ctx.inbound_policy is not None else None
+        gateway = ctx.gateway.config if ctx.gateway is not None else None
+        return mesh_view(ctx.destinations.destinations, policy, gateway)
+
+    @staticmethod
+    def _followed_revisions(ctx: DataPlaneContext) -> dict[str, int]:
+        out = {s.subject: s.revision for s in ctx.destinations.subscription_statuses()}
+        for follower in (ctx.gateway, ctx.inbound_policy):
+            if follower is not None:
+                out.update({s.subject: s.revision for s in follower.statuses()})
+        return out
+
+    def _current_secrets(self) -> dict[str, Any]:
+        ctx = self._ctx
+        assert ctx is not None and ctx.identity is not None
+        snap = ctx.identity.current()
+        key = snap.key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        ).decode()
+        return dict(tls_secrets(snap.chain_pem.decode(), key, "".join(snap.bundle.roots)))
+
+    # ------------------------------------------------------------ destinations
+
+    async def _follow_every_service(self) -> None:
+        """Every service the registry knows now, and every one that appears later."""
+        ctx = self._ctx
+        assert ctx is not None
+        bus = ctx.bus
+        await bus.subscribe(bus.subjects.endpoints_all, EndpointSet, self._on_any_endpoints)
+        try:
+            reply = await bus.request(
+                bus.subjects.registry_get, EndpointsGetRequest(), EndpointsGetReply
+            )
+        except errors.MeshError as e:
+            log.warning("envoy.registry_list_failed", error=str(e))
+            return
+        await self._follow(ServiceRef(eps.namespace, eps.service) for eps in reply.sets)
+
+    async def _on_any_endpoints(self, eps: EndpointSet, _subject: str) -> None:
+        ref = ServiceRef(eps.namespace, eps.service)
+        if ref not in self._following:
+            await self._follow([ref])
+            self._wake.set()
+
+    async def _follow_referenced(self) -> None:
+        """Hosts the routes name (a VirtualService sending to another service) that are
+        not followed yet: followed, then pushed again."""
+        ctx, node = self._ctx, self._node
+        assert ctx is not None and node is not None
+        try:
+            hosts = referenced_hosts(node, self._view(ctx))
+        except TranslationError:
+            return
+        refs = {ref for host in hosts if (ref := service_of_host(host)) is not None}
+        if refs - self._following:
+            await self._follow(refs - self._following)
+            self._wake.set()
+
+    async def _follow(self, refs: Any) -> None:
+        ctx = self._ctx
+        assert ctx is not None
+        for ref in set(refs) - self._following:
+            self._following.add(ref)
+            try:
+                await ctx.destinations.get(ref)
+            except errors.MeshError as e:
+                # nothing published for it yet: its endpoint event brings it later
+                self._following.discard(ref)
+                log.info("envoy.destination_unavailable", destination=str(ref), error=str(e))
+
+    # ------------------------------------------------------------ Envoy's admin
+
+    async def _until_listening(self, ports: EnvoyPorts) -> None:
+        """Envoy has taken the first configuration and binds its listeners."""
+        ctx = self._ctx
+        assert ctx is not None and self._xds is not None
+        s = ctx.settings
+        wanted = [(s.bind_host, ports.gateway)] if s.gateway else [(s.bind_host, ports.inbound)]
+        if not s.gateway:
+            wanted.append(("127.0.0.1", ports.outbound))
+        async with asyncio.timeout(FIRST_CONFIG_TIMEOUT_S):
+            for host, port in wanted:
+                while not await _accepts(host, port):
+                    if self._tracker.rejection:
+                        raise errors.Unavailable(
+                            f"Envoy refused its first configuration: {self._tracker.rejection}"
+                        )
+                    await asyncio.sleep(LISTEN_POLL_S)
+
+    async def _active_requests(self) -> int:
+        text = await self._admin("GET", "/stats?filter=downstream_rq_active$")
+        total = 0
+        for line in text.splitlines():
+            _name, _, value = line.partition(": ")
+            with contextlib.suppress(ValueError):
+                total += int(value)
+        return total
+
+    async def _admin(self, method: str, path: str) -> str:
+        assert self._ports is not None
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=ADMIN_TIMEOUT_S)
+            )
+        url = f"http://127.0.0.1:{self._ports.admin}{path}"
+        async with self._session.request(method, url) as response:
+            return await response.text()
+
+    def _proxied(self, path: str) -> AdminRoute:
+        async def handler(_request: web.Request) -> web.StreamResponse:
+            if self._ports is None or self._envoy is None:
+                return web.json_response({"error": "Envoy is not running yet"}, status=503)
+            try:
+                body = await self._admin("GET", path)
+            except (aiohttp.ClientError, TimeoutError) as e:
+                return web.json_response(
+                    {"error": f"Envoy's admin did not answer: {type(e).__name__}"}, status=502
+                )
+            content_type = "application/json" if path != "/stats/prometheus" else "text/plain"
+            return web.Response(text=body, content_type=content_type)
+
+        return handler
+
+
+def _choose_ports(ctx: DataPlaneContext) -> EnvoyPorts:
+    """The settings' ports, or free ones: Envoy binds them when its listeners arrive."""
+    s = ctx.settings
+    host = s.bind_host
+
+    def port(wanted: int, bind: str = host) -> int:
+        return wanted or free_port(bind)
+
+    tcp: Mapping[int, int] = {app_port: free_port(host) for app_port in s.tcp_ports}
+    if s.gateway:
+        return EnvoyPorts(admin=free_port(), gateway=port(s.gateway_port), tcp_inbound=tcp)
+    return EnvoyPorts(
+        admin=free_port(),
+        inbound=port(s.inbound_port),
+        outbound=port(s.outbound_port, "127.0.0.1"),
+        tcp_inbound=tcp,
+    )
+
+
+async def _accepts(host: str, port: int) -> bool:
+    try:
+        _reader, writer = await asyncio.open_connection(host, port)
+    except OSError:
+        return False
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return True
