@@ -10,7 +10,7 @@ import aiohttp
 import pytest
 
 from mesh.servers import find_binary
-from tests.support import MeshHarness, eventually
+from tests.support import MeshHarness, destination_rule_yaml, eventually, route_all_yaml
 
 try:
     find_binary("envoy")
@@ -55,3 +55,201 @@ async def test_app_to_app_through_two_envoys_over_mtls(nats_server, etcd_server,
         xfcc = headers.get("x-forwarded-client-cert", "")
         assert "spiffe://cluster.local/ns/default/sa/productpage" in xfcc, headers
         assert server.dataplane.info()["pid"] is not None
+
+
+async def reaches(client: Any, url: str, expect: int = 200) -> bool:
+    try:
+        status, _ = await call(client, url)
+    except aiohttp.ClientError:
+        return False
+    return status == expect
+
+
+async def plaintext_status(server: Any, path: str = "/plain") -> int | None:
+    """A plaintext request straight to the server's inbound listener (no client
+    certificate): its status, or None when the connection is refused or reset."""
+    url = f"http://127.0.0.1:{server.ports['inbound']}{path}"
+    try:
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session,
+            session.get(url) as r,
+        ):
+            return r.status
+    except (aiohttp.ClientError, TimeoutError):
+        return None
+
+
+async def proxy_status_of(mesh: MeshHarness, sc: Any) -> list[Any]:
+    return [e for e in await mesh.proxy_status() if e.proxy == sc.settings.instance]
+
+
+async def admin_get(sc: Any, path: str) -> tuple[int, str]:
+    url = f"http://127.0.0.1:{sc.ports['admin']}{path}"
+    async with aiohttp.ClientSession() as session, session.get(url) as r:
+        return r.status, await r.text()
+
+
+async def test_proxy_status_and_admin_show_what_envoy_runs(
+    nats_server, etcd_server, prefix
+) -> None:
+    async with MeshHarness(nats_server.url, etcd_server.url, prefix) as mesh:
+        await mesh.sidecar("reviews", dataplane="envoy")
+        client = await mesh.sidecar("productpage", dataplane="envoy")
+        await eventually(lambda: reaches(client, "http://reviews:9080/"), timeout=20)
+
+        async def all_synced() -> bool:
+            entries = await proxy_status_of(mesh, client)
+            subjects = {e.subject for e in entries}
+            reviews = [s for s in subjects if s.endswith(".default.reviews")]
+            assert reviews, subjects
+            assert all(e.state == "SYNCED" for e in entries), entries
+            return True
+
+        await eventually(all_synced, timeout=20, interval=0.2)
+        # the admin listener shows Envoy's own config dump and metrics
+        status, text = await admin_get(client, "/config_dump")
+        assert status == 200 and "type.googleapis.com/envoy.admin.v3" in text
+        assert "outbound|0||reviews.default.svc.cluster.local" in text
+        status, text = await admin_get(client, "/stats/prometheus")
+        assert status == 200 and "envoy_cluster_upstream_rq" in text
+
+
+VS_SPLIT_TWO_HASH_KEYS = """
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews}
+spec:
+  host: reviews
+  subsets:
+  - name: v1
+    labels: {version: v1}
+    trafficPolicy: {loadBalancer: {consistentHash: {httpHeaderName: x-user}}}
+  - name: v2
+    labels: {version: v2}
+    trafficPolicy: {loadBalancer: {consistentHash: {httpHeaderName: x-session}}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews}
+spec:
+  hosts: [reviews]
+  http:
+  - route:
+    - destination: {host: reviews, subset: v1}
+      weight: 50
+    - destination: {host: reviews, subset: v2}
+      weight: 50
+"""
+
+
+async def test_virtual_service_changes_apply_live_and_a_rejection_keeps_the_last_good(
+    nats_server, etcd_server, prefix
+) -> None:
+    async with MeshHarness(nats_server.url, etcd_server.url, prefix) as mesh:
+        await mesh.sidecar("reviews", "v1", dataplane="envoy")
+        await mesh.sidecar("reviews", "v2", dataplane="envoy")
+        client = await mesh.sidecar("productpage", dataplane="envoy")
+        pid = client.dataplane.info()["pid"]
+        await eventually(lambda: reaches(client, "http://reviews:9080/"), timeout=20)
+
+        async def versions(n: int = 12) -> set[str]:
+            seen = set()
+            for _ in range(n):
+                status, body = await call(client, "http://reviews:9080/v")
+                assert status == 200, body
+                seen.add(body["version"])
+            return seen
+
+        reply = await mesh.apply(
+            destination_rule_yaml("reviews") + "---" + route_all_yaml("reviews", "v1")
+        )
+        assert reply.revision > 0, reply
+
+        async def only(version: str) -> bool:
+            return await versions() == {version}
+
+        await eventually(lambda: only("v1"), timeout=20, interval=0.2)
+        await mesh.apply(route_all_yaml("reviews", "v2"))
+        await eventually(lambda: only("v2"), timeout=20, interval=0.2)
+        assert client.dataplane.info()["pid"] == pid  # applied over xDS, no restart
+
+        # config the translator cannot express: REJECTED with the reason, v2 still served
+        reply = await mesh.apply(VS_SPLIT_TWO_HASH_KEYS)
+        assert reply.revision > 0, reply
+
+        async def rejected() -> Any:
+            entries = await proxy_status_of(mesh, client)
+            bad = [e for e in entries if e.state == "REJECTED"]
+            assert bad, entries
+            return bad
+
+        (bad,) = await eventually(rejected, timeout=20, interval=0.2)
+        assert "different keys" in bad.reason and ".reviews" in bad.subject
+        assert await versions() == {"v2"}
+        assert client.dataplane.info()["pid"] == pid
+
+
+STRICT_NAMESPACE = """
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: default, namespace: default}
+spec:
+  mtls: {mode: STRICT}
+"""
+
+DENY_ADMIN = """
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-admin, namespace: default}
+spec:
+  action: DENY
+  rules:
+  - to:
+    - operation: {paths: ["/admin", "/admin/*"]}
+"""
+
+
+async def test_strict_refuses_plaintext_and_deny_answers_403(
+    nats_server, etcd_server, prefix
+) -> None:
+    async with MeshHarness(nats_server.url, etcd_server.url, prefix) as mesh:
+        server = await mesh.sidecar("reviews", dataplane="envoy")
+        client = await mesh.sidecar("productpage", dataplane="envoy")
+        await eventually(lambda: reaches(client, "http://reviews:9080/"), timeout=20)
+        # PERMISSIVE (the default): plaintext is served too
+        assert await plaintext_status(server) == 200
+
+        await mesh.apply(STRICT_NAMESPACE)
+        await eventually(lambda: plaintext_status(server) is None, timeout=20, interval=0.2)
+        requests = server.echo.requests
+        assert await plaintext_status(server) is None
+        assert server.echo.requests == requests
+        status, body = await call(client, "http://reviews:9080/still")
+        assert status == 200, body
+
+        await mesh.apply(DENY_ADMIN)
+        await eventually(
+            lambda: reaches(client, "http://reviews:9080/admin", expect=403), timeout=20
+        )
+        requests = server.echo.requests
+        assert await reaches(client, "http://reviews:9080/admin/users", expect=403)
+        assert server.echo.requests == requests  # refused before the app
+        assert await reaches(client, "http://reviews:9080/adminx")
+
+
+async def test_python_and_envoy_sidecars_call_each_other(nats_server, etcd_server, prefix) -> None:
+    """The same mTLS wire: a Python sidecar calls an Envoy one and the reverse."""
+    async with MeshHarness(nats_server.url, etcd_server.url, prefix) as mesh:
+        envoy_side = await mesh.sidecar("ratings", dataplane="envoy")
+        python_side = await mesh.sidecar("details")
+        await eventually(lambda: reaches(python_side, "http://ratings:9080/"), timeout=20)
+        status, body = await call(python_side, "http://ratings:9080/from-python")
+        assert status == 200 and body["service"] == "ratings", body
+        await eventually(lambda: reaches(envoy_side, "http://details:9080/"), timeout=20)
+        status, body = await call(envoy_side, "http://details:9080/from-envoy")
+        assert status == 200 and body["service"] == "details", body
+        headers = {k.lower(): v for k, v in body["headers"].items()}
+        # the Python server sidecar saw the Envoy client's certificate
+        assert headers.get("x-forwarded-client-cert", "").endswith(
+            "URI=spiffe://cluster.local/ns/default/sa/ratings"
+        ), headers
