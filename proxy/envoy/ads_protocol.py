@@ -236,10 +236,14 @@ class AdsStream:
     def _send(
         self, type_url: str, sub: _Subscription, version: str, resources: Encoded
     ) -> discovery_pb2.DiscoveryResponse:
+        if not sub.nonce:
+            # this Envoy (new, or reconnected) has ACKed nothing of this type yet
+            self._record(type_url, version_sent=version, version_acked="")
+        else:
+            self._record(type_url, version_sent=version)
         sub.nonce = f"{self.stream_id}-{next(self._nonces)}"
         sub.sent_version = version
         sub.sent = resources
-        self._record(type_url, version_sent=version)
         return _response(type_url, version, sub.nonce, resources)
 
     def on_request(

@@ -333,7 +333,8 @@ class EnvoyProcess:
         finally:
             ready.cancel()
         if self._task.done():
-            self._task.result()  # raises why it ended
+            task, self._task = self._task, None
+            task.result()  # raises why it ended
             raise EnvoyError("envoy supervisor ended before envoy was ready")
 
     async def stop(self, *, drain: bool = True, leave_running: bool = False) -> None:

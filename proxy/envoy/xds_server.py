@@ -24,7 +24,14 @@ import grpc
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 
 from mesh.logs import get_logger
-from proxy.envoy.ads_protocol import AdsState, AdsStream, ApplyState, TypeStatus, XdsError
+from proxy.envoy.ads_protocol import (
+    WILDCARD_TYPES,
+    AdsState,
+    AdsStream,
+    ApplyState,
+    TypeStatus,
+    XdsError,
+)
 from proxy.envoy.resources import XdsResources
 
 log = get_logger("proxy.envoy.xds")
@@ -157,11 +164,13 @@ class XdsServer:
         return self.status()
 
     def applied(self, *type_urls: str) -> bool:
-        """Whether every given type (all by default) has what was last sent ACKed; a
-        type never sent (nothing subscribed to it) counts as applied."""
+        """Whether every given type (all by default) has what was last sent ACKed.
+        Listeners and clusters must have been sent (every Envoy subscribes to them); a
+        named type never sent (nothing asked for it) counts as applied."""
         status = self._state.status
         return all(
-            status[t].state in (ApplyState.APPLIED, ApplyState.NOT_SENT)
+            status[t].state is ApplyState.APPLIED
+            or (status[t].state is ApplyState.NOT_SENT and t not in WILDCARD_TYPES)
             for t in (type_urls or status)
         )
 

@@ -11,17 +11,42 @@ mode has no ADS stream).
 from __future__ import annotations
 
 import datetime as dt
+import http.client
+import http.server
 import json
 import shutil
+import socket
 import subprocess
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from mesh import identity
-from proxy.envoy.translate import tls_secrets, translate
+from mesh.compiled import (
+    AuthzPolicy,
+    AuthzRule,
+    Destination,
+    DirectResponse,
+    HeaderOps,
+    Headers,
+    HTTPMatch,
+    HTTPRoute,
+    InboundPolicy,
+    Operation,
+    Rewrite,
+    RouteTable,
+    StringMatch,
+    Subset,
+    WeightedDestination,
+)
+from mesh.messages import Endpoint, EndpointSet
+from mesh.servers import free_port
+from proxy.envoy.translate import MeshView, ProxyNode, tls_secrets, translate
 from proxy.envoy.translate.protos import to_dict
+from tests.support import wait_for
 from tests.unit.test_envoy_translate_golden import CASES, TD, resources_json
 
 ENVOY = Path("/work/main/.venv/bin/envoy")
@@ -76,6 +101,10 @@ def _make_static(node: Any, routes: dict[str, Any]) -> None:
 
 def bootstrap(case: str) -> dict[str, Any]:
     node, view = CASES[case]()
+    return static_bootstrap(node, view, f"validate-{case}")
+
+
+def static_bootstrap(node: ProxyNode, view: MeshView, node_id: str) -> dict[str, Any]:
     resources = resources_json(translate(node, view))
     listeners = list(resources["listeners"].values())
     _make_static(listeners, resources["routes"])
@@ -101,7 +130,7 @@ def bootstrap(case: str) -> dict[str, Any]:
     if node.access_log_cluster:
         clusters.append({**grpc_cluster, "name": node.access_log_cluster})
     return {
-        "node": {"id": f"validate-{case}", "cluster": node.service},
+        "node": {"id": node_id, "cluster": node.service},
         "staticResources": {
             "listeners": listeners,
             "clusters": clusters,
@@ -122,3 +151,231 @@ def test_envoy_validates_translation(case: str, tmp_path: Path) -> None:
         timeout=120,
     )
     assert result.returncode == 0, f"envoy rejected {case}:\n{result.stdout}\n{result.stderr}"
+
+
+# ---------------------------------------------------------------- live traffic
+
+
+class _App(http.server.BaseHTTPRequestHandler):
+    """The app behind the sidecar: answers what it received, as JSON."""
+
+    def do_GET(self) -> None:
+        body = json.dumps(
+            {
+                "path": self.path,
+                "host": self.headers.get("host", ""),
+                "xfcc": self.headers.get("x-forwarded-client-cert", ""),
+                "x-subset": self.headers.get("x-subset", ""),
+            }
+        ).encode()
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def _request(
+    port: int, target: str, host: str, headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP/1.1 request on a fresh connection; `target` may be absolute-form."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.putrequest("GET", target, skip_host=True)
+        conn.putheader("host", host)
+        for name, value in (headers or {}).items():
+            conn.putheader(name, value)
+        conn.endheaders()
+        response = conn.getresponse()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+    finally:
+        conn.close()
+
+
+def _live_mesh(app_port: int, inbound_port: int, outbound_port: int) -> tuple[ProxyNode, MeshView]:
+    """One sidecar calling `reviews`, whose only endpoint is this sidecar's own
+    inbound listener (plaintext: the endpoint registered no identity)."""
+    fqdn = "reviews.default.svc.cluster.local"
+    v1 = WeightedDestination(destination=Destination(host=fqdn, subset="v1"))
+    table = RouteTable(
+        namespace="default",
+        service="reviews",
+        host=fqdn,
+        revision=1,
+        exists=True,
+        has_virtual_service=True,
+        subsets=(Subset(name="v1", labels={"version": "v1"}),),
+        http=(
+            HTTPRoute(
+                name="teapot",
+                match=(HTTPMatch(uri=StringMatch(kind="exact", value="/teapot")),),
+                direct_response=DirectResponse(status=418, body="short and stout"),
+            ),
+            HTTPRoute(
+                name="api",
+                match=(
+                    HTTPMatch(
+                        uri=StringMatch(kind="prefix", value="/api"),
+                        without_headers={"x-canary": StringMatch(kind="exact", value="1")},
+                        authority=StringMatch(kind="exact", value="reviews"),
+                    ),
+                ),
+                route=(
+                    WeightedDestination(
+                        destination=Destination(host=fqdn, subset="v1"),
+                        headers=Headers(request=HeaderOps(set={"x-subset": "v1"})),
+                    ),
+                ),
+                rewrite=Rewrite(uri="/v2"),
+            ),
+            HTTPRoute(
+                name="tester-only",
+                match=(HTTPMatch(source_labels={"app": "tester"}),),
+                direct_response=DirectResponse(status=599),
+            ),
+            HTTPRoute(name="rest", route=(v1,)),
+        ),
+    )
+    endpoints = EndpointSet(
+        namespace="default",
+        service="reviews",
+        revision=1,
+        endpoints=[
+            Endpoint(instance="reviews-1", address=f"127.0.0.1:{inbound_port}", version="v1")
+        ],
+    )
+    inbound = InboundPolicy(
+        namespace="default",
+        service="productpage",
+        revision=1,
+        authorization=(
+            AuthzPolicy(
+                name="no-admin",
+                namespace="default",
+                action="DENY",
+                rules=(AuthzRule(operations=(Operation(paths=("/admin*",)),)),),
+            ),
+        ),
+    )
+    node = ProxyNode(
+        namespace="default",
+        service="productpage",
+        version="v1",
+        labels={"app": "productpage"},
+        identity=identity.spiffe_id(TD, "default", "productpage"),
+        trust_domain=TD,
+        role="sidecar",
+        inbound=("127.0.0.1", inbound_port),
+        outbound=("127.0.0.1", outbound_port),
+        app_port=app_port,
+    )
+
+    def via_own_inbound(service: str, peer: str) -> EndpointSet:
+        # an endpoint that registered an identity is reached over mTLS
+        return EndpointSet(
+            namespace="default",
+            service=service,
+            revision=1,
+            endpoints=[
+                Endpoint(
+                    instance=f"{service}-1",
+                    address=f"127.0.0.1:{inbound_port}",
+                    identity=identity.spiffe_id(TD, "default", peer),
+                )
+            ],
+        )
+
+    return node, MeshView(
+        destinations={
+            fqdn: (table, endpoints),
+            # our own certificate is productpage's: the identity check passes
+            "ratings.default.svc.cluster.local": (None, via_own_inbound("ratings", "productpage")),
+            # the endpoint claims another identity than the one its certificate proves
+            "details.default.svc.cluster.local": (None, via_own_inbound("details", "details")),
+        },
+        inbound=inbound,
+    )
+
+
+@pytest.fixture
+def app_server() -> Iterator[int]:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _App)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield int(server.server_address[1])
+    server.shutdown()
+    server.server_close()
+
+
+def test_envoy_serves_translated_routes_and_policies(app_server: int, tmp_path: Path) -> None:
+    """Envoy run on a translation answers as the Python sidecar would: direct
+    responses, prefix rewrite with a withoutHeaders/authority match, destination
+    header ops, a rule for other callers left out, RBAC DENY at the inbound side,
+    502 for hosts outside the mesh, absolute-form requests, no XFCC for plaintext,
+    mTLS with the SDS certificate and the endpoint's identity checked, XFCC set from
+    the verified client certificate."""
+    envoy = _envoy()
+    inbound_port, outbound_port = free_port(), free_port()
+    node, view = _live_mesh(app_server, inbound_port, outbound_port)
+    config = tmp_path / "live.json"
+    config.write_text(json.dumps(static_bootstrap(node, view, "live")))
+    log = (tmp_path / "envoy.log").open("w")
+    proc = subprocess.Popen(
+        [envoy, "-c", str(config), "--use-dynamic-base-id", "--log-level", "warn"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_for(lambda: _listening(outbound_port) and _listening(inbound_port), timeout=30)
+        status, _, body = _request(outbound_port, "/teapot", "reviews:9080")
+        assert (status, body) == (418, b"short and stout")
+
+        status, _, body = _request(outbound_port, "/api/items?x=1", "reviews:9080")
+        seen = json.loads(body)
+        assert status == 200, body
+        assert seen["path"] == "/v2/items?x=1" and seen["x-subset"] == "v1"
+        assert seen["xfcc"] == ""  # plaintext caller: no identity claimed for it
+
+        status, _, body = _request(
+            outbound_port, "/api/items", "reviews.default", {"x-canary": "1"}
+        )
+        assert status == 200 and json.loads(body)["path"] == "/api/items"
+
+        status, _, body = _request(outbound_port, "/admin/x", "reviews")
+        assert status == 403, body
+
+        status, _, _ = _request(outbound_port, "/", "example.com")
+        assert status == 502
+
+        status, _, body = _request(outbound_port, "/r", "ratings")
+        assert status == 200, body
+        xfcc = json.loads(body)["xfcc"]
+        assert xfcc.startswith(f"By={node.identity};Hash=") and xfcc.endswith(
+            f";URI={node.identity}"
+        )
+        status, _, _ = _request(outbound_port, "/d", "details")
+        assert status == 503  # the peer is not who the registry says: never sent
+
+        # absolute-form (HTTP_PROXY): the URL's host is the authority, not Host
+        status, _, body = _request(outbound_port, "http://reviews:9080/api/a", "ignored")
+        assert status == 200 and json.loads(body)["path"] == "/v2/a"
+        status, _, body = _request(
+            outbound_port, "http://reviews.default.svc.cluster.local/api/a", "ignored"
+        )
+        # `authority: {exact: reviews}` does not hold for the FQDN: the next rule
+        assert status == 200 and json.loads(body)["path"] == "/api/a"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
+
+
+def _listening(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        return False
+    return True

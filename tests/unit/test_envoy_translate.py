@@ -521,3 +521,11 @@ def test_tls_secrets_are_named_for_sds_and_refuse_non_pem() -> None:
     with pytest.raises(TranslationError, match="private_key_pem") as err:
         tls_secrets(pem, "not a key", pem)
     assert "not a key" not in str(err.value)  # key material never reaches a message
+
+
+def test_every_http_listener_relays_websocket_upgrades() -> None:
+    node = sidecar(tcp_inbound=())
+    out = translate(node, MeshView(destinations={}))
+    for name in ("outbound_http", "inbound_http"):
+        hcm = to_dict(out.listeners[name])["filterChains"][0]["filters"][0]["typedConfig"]
+        assert hcm["upgradeConfigs"] == [{"upgradeType": "websocket"}], name

@@ -342,3 +342,18 @@ def test_status_changes_are_collected_for_callbacks():
         (CLUSTER, ApplyState.PENDING),
         (CLUSTER, ApplyState.APPLIED),
     ]
+
+
+def test_a_new_stream_is_pending_until_it_acks_what_it_was_given():
+    state = AdsState()
+    state.set_resources(BASE)
+    old = AdsStream(state, 1)
+    [lds] = old.on_request(request(LISTENER))
+    ack(old, lds)
+    assert state.status[LISTENER].state is ApplyState.APPLIED
+    # Envoy restarted: the new process has not ACKed anything yet
+    new = AdsStream(state, 2)
+    [lds_new] = new.on_request(request(LISTENER))
+    assert state.status[LISTENER].state is ApplyState.PENDING
+    ack(new, lds_new)
+    assert state.status[LISTENER].state is ApplyState.APPLIED

@@ -55,6 +55,8 @@ def http_connection_manager(
         "normalizePath": True,
         "mergeSlashes": True,
         "pathWithEscapedSlashesAction": "REJECT_REQUEST",
+        # the Python proxies relay upgraded connections (WebSocket) too
+        "upgradeConfigs": [{"upgradeType": "websocket"}],
         "httpFilters": [*http_filters, router_filter()],
     }
     if route_config is not None:
