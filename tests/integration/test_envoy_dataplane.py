@@ -220,7 +220,10 @@ async def test_strict_refuses_plaintext_and_deny_answers_403(
         assert await plaintext_status(server) == 200
 
         await mesh.apply(STRICT_NAMESPACE)
-        await eventually(lambda: plaintext_status(server) is None, timeout=20, interval=0.2)
+        async def plaintext_refused() -> bool:
+            return await plaintext_status(server) is None
+
+        await eventually(plaintext_refused, timeout=20, interval=0.2)
         requests = server.echo.requests
         assert await plaintext_status(server) is None
         assert server.echo.requests == requests
