@@ -141,6 +141,8 @@ class Sidecar:
         await self._obtain_identity(started)
         if self.inbound_policy is not None:
             await self.inbound_policy.start()
+        if self.gateway is not None:
+            await self.gateway.start()
         started.push_async_callback(self.dataplane.stop)
         addresses = await self.dataplane.start(
             DataPlaneContext(
@@ -251,8 +253,6 @@ class Sidecar:
             if self.identity is not None:
                 work.append(("identity", self.identity.run))
             tasks = [tg.create_task(fn(), name=f"sidecar:{name}") for name, fn in work]
-            if self.gateway is not None:
-                await self.gateway.start()
             if self.app is not None:
                 await self.app.start(
                     app_env(

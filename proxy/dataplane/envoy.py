@@ -30,6 +30,7 @@ from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 
 from mesh import errors
+from mesh.compiled import GatewayConfig
 from mesh.hosts import ServiceRef, service_of_host
 from mesh.logs import get_logger
 from mesh.messages import EndpointSet, EndpointsGetReply, EndpointsGetRequest, SubscriptionStatus
@@ -282,6 +283,11 @@ class EnvoyDataPlane:
     def _view(self, ctx: DataPlaneContext) -> Any:
         policy = ctx.inbound_policy.policy if ctx.inbound_policy is not None else None
         gateway = ctx.gateway.config if ctx.gateway is not None else None
+        if ctx.gateway is not None and gateway is None:
+            # nothing fetched yet (control plane unreachable): no server bound, as a
+            # Gateway resource selecting nothing would give
+            s = ctx.settings
+            gateway = GatewayConfig(namespace=s.namespace, name=s.service, revision=0)
         return mesh_view(ctx.destinations.destinations, policy, gateway)
 
     @staticmethod

@@ -4,12 +4,13 @@ behind them. app -> outbound Envoy -> mTLS -> inbound Envoy -> app."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import aiohttp
 import pytest
 
-from mesh.servers import find_binary
+from mesh.servers import find_binary, free_port
 from tests.support import MeshHarness, destination_rule_yaml, eventually, route_all_yaml
 
 try:
@@ -220,6 +221,7 @@ async def test_strict_refuses_plaintext_and_deny_answers_403(
         assert await plaintext_status(server) == 200
 
         await mesh.apply(STRICT_NAMESPACE)
+
         async def plaintext_refused() -> bool:
             return await plaintext_status(server) is None
 
@@ -256,3 +258,122 @@ async def test_python_and_envoy_sidecars_call_each_other(nats_server, etcd_serve
         assert headers.get("x-forwarded-client-cert", "").endswith(
             "URI=spiffe://cluster.local/ns/default/sa/ratings"
         ), headers
+
+
+GATEWAY = """
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: bookinfo-gateway}
+spec:
+  selector: {istio: ingressgateway}
+  servers:
+  - port: {number: 8080, name: http, protocol: HTTP}
+    hosts: ["*"]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: bookinfo}
+spec:
+  hosts: ["*"]
+  gateways: [bookinfo-gateway]
+  http:
+  - match:
+    - uri: {prefix: /reviews}
+    route:
+    - destination: {host: reviews, subset: v2}
+"""
+
+
+async def test_gateway_on_envoy_routes_by_bound_virtual_services(
+    nats_server, etcd_server, prefix
+) -> None:
+    async with MeshHarness(nats_server.url, etcd_server.url, prefix) as mesh:
+        await mesh.sidecar("reviews", "v1", dataplane="envoy")
+        await mesh.sidecar("reviews", "v2")  # a Python sidecar behind an Envoy gateway
+        await mesh.apply(destination_rule_yaml("reviews"))
+        port = free_port()
+        await mesh.sidecar(
+            "ingressgateway",
+            "",
+            app=False,
+            gateway=True,
+            gateway_port=port,
+            labels={"istio": "ingressgateway"},
+            dataplane="envoy",
+        )
+        await mesh.apply(GATEWAY)
+        url = f"http://127.0.0.1:{port}/reviews/1"
+
+        async def routed() -> bool:
+            try:
+                async with (
+                    aiohttp.ClientSession() as session,
+                    session.get(url, headers={"Host": "bookinfo.example.com"}) as r,
+                ):
+                    return r.status == 200 and (await r.json())["version"] == "v2"
+            except aiohttp.ClientError:
+                return False
+
+        await eventually(routed, timeout=20, interval=0.2)
+
+
+async def test_tcp_relay_between_envoy_sidecars(nats_server, etcd_server, prefix) -> None:
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+        writer.close()
+
+    app = await asyncio.start_server(echo, "127.0.0.1", 0)
+    app_port = app.sockets[0].getsockname()[1]
+    try:
+        async with MeshHarness(nats_server.url, etcd_server.url, prefix) as mesh:
+            await mesh.sidecar("cache", "v1", app=False, tcp_ports=[app_port], dataplane="envoy")
+            local = free_port()
+            await mesh.sidecar(
+                "client",
+                "v1",
+                app=False,
+                tcp_upstreams=[f"cache:{app_port}={local}"],
+                dataplane="envoy",
+            )
+
+            async def roundtrip() -> bool:
+                try:
+                    reader, writer = await asyncio.open_connection("127.0.0.1", local)
+                except OSError:
+                    return False
+                payload = b"ping" * 10_000
+                writer.write(payload)
+                writer.write_eof()
+                got = await asyncio.wait_for(reader.read(-1), 5)
+                writer.close()
+                return got == payload
+
+            assert await eventually(roundtrip, timeout=20, interval=0.2)
+    finally:
+        app.close()
+
+
+async def test_a_renewed_certificate_reaches_envoy_without_a_restart(
+    nats_server, etcd_server, prefix
+) -> None:
+    async with MeshHarness(nats_server.url, etcd_server.url, prefix) as mesh:
+        server = await mesh.sidecar("reviews", dataplane="envoy")
+        client = await mesh.sidecar("productpage", dataplane="envoy")
+        await eventually(lambda: reaches(client, "http://reviews:9080/"), timeout=20)
+        pid = server.dataplane.info()["pid"]
+        old = server.identity.current().serial
+        server.identity.renew_soon(0.0, "test")
+        await eventually(lambda: server.identity.current().serial != old, timeout=10)
+        new = server.identity.current().serial
+
+        async def envoy_serves(serial: str) -> bool:
+            url = f"http://127.0.0.1:{server.ports['envoy-admin']}/certs"
+            async with aiohttp.ClientSession() as session, session.get(url) as r:
+                return serial.lower() in (await r.text()).lower()
+
+        await eventually(lambda: envoy_serves(new), timeout=20, interval=0.2)
+        assert server.dataplane.info()["pid"] == pid
+        status, body = await call(client, "http://reviews:9080/after-rotation")
+        assert status == 200, body
