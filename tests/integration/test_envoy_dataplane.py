@@ -377,3 +377,26 @@ async def test_a_renewed_certificate_reaches_envoy_without_a_restart(
         assert server.dataplane.info()["pid"] == pid
         status, body = await call(client, "http://reviews:9080/after-rotation")
         assert status == 200, body
+
+
+async def test_envoy_that_dies_is_restarted_and_served_its_configuration_again(
+    nats_server, etcd_server, prefix
+) -> None:
+    import os
+    import signal
+
+    async with MeshHarness(nats_server.url, etcd_server.url, prefix) as mesh:
+        await mesh.sidecar("reviews", dataplane="envoy")
+        client = await mesh.sidecar("productpage", dataplane="envoy")
+        await eventually(lambda: reaches(client, "http://reviews:9080/"), timeout=20)
+        pid = client.dataplane.info()["pid"]
+        os.kill(pid, signal.SIGKILL)
+
+        async def replaced() -> bool:
+            new = client.dataplane.info()["pid"]
+            return new is not None and new != pid
+
+        await eventually(replaced, timeout=20, interval=0.1)
+        # the new Envoy got listeners, routes, clusters, endpoints and secrets again
+        await eventually(lambda: reaches(client, "http://reviews:9080/again"), timeout=20)
+        assert client.dataplane.info()["restarts"] == 1
