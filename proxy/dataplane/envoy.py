@@ -28,6 +28,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 from cryptography.hazmat.primitives import serialization
+from prometheus_client import generate_latest
 
 from mesh import errors
 from mesh.compiled import GatewayConfig
@@ -37,7 +38,9 @@ from mesh.messages import EndpointSet, EndpointsGetReply, EndpointsGetRequest, S
 from mesh.servers import free_port
 from proxy.admin import AdminRoute
 from proxy.dataplane import Addresses, Background, DataPlaneContext
+from proxy.dataplane.envoy_telemetry import AccessLogService, endpoint_at, request_record
 from proxy.dataplane.envoy_view import ApplyTracker, EnvoyPorts, mesh_view, proxy_node
+from proxy.dataplane.python import sidecar_telemetry
 from proxy.envoy.bootstrap import BootstrapOptions, build_bootstrap
 from proxy.envoy.process import EnvoyExit, EnvoyOptions, EnvoyProcess
 from proxy.envoy.resources import CLUSTER, LISTENER, XdsResources
@@ -49,6 +52,8 @@ from proxy.envoy.translate import (
     translate,
 )
 from proxy.envoy.xds_server import ApplyState, TypeStatus, XdsServer
+from proxy.telemetry import SidecarTelemetry, TelemetryPublisher
+from proxy.telemetry.records import Workload
 
 log = get_logger("proxy.dataplane.envoy")
 
@@ -59,6 +64,8 @@ FIRST_CONFIG_TIMEOUT_S = 30.0
 LISTEN_POLL_S = 0.05
 DRAIN_POLL_S = 0.1
 ADMIN_TIMEOUT_S = 5.0
+# the bootstrap's cluster for the sidecar's access-log service
+ACCESS_LOG_CLUSTER = "meshwork-access-log"
 
 
 class EnvoyDataPlane:
@@ -77,6 +84,8 @@ class EnvoyDataPlane:
         self._following: set[ServiceRef] = set()
         self._session: aiohttp.ClientSession | None = None
         self.pushes = 0
+        self.telemetry: SidecarTelemetry | None = None
+        self._als: AccessLogService | None = None
 
     # ------------------------------------------------------------ lifecycle
 
@@ -90,7 +99,11 @@ class EnvoyDataPlane:
         self._dir = Path(tempfile.mkdtemp(prefix=f"meshwork-envoy-{s.instance[:40]}-"))
         self._dir.chmod(0o700)
         ports = self._ports = _choose_ports(ctx)
-        self._node = proxy_node(s, ports)
+        self.telemetry = sidecar_telemetry(ctx)
+        if self.telemetry is not None:
+            self._als = AccessLogService(self._dir / "als.sock", self._on_access_log)
+            await self._als.start()
+        self._node = proxy_node(s, ports, ACCESS_LOG_CLUSTER if self._als else "")
         self._xds = XdsServer(self._dir / "xds.sock", on_status=self._on_xds_status)
         await self._xds.start()
         self._secrets = self._current_secrets()
@@ -103,6 +116,8 @@ class EnvoyDataPlane:
                 cluster=s.service,
                 xds_socket=self._dir / "xds.sock",
                 admin_port=ports.admin,
+                access_log_cluster=ACCESS_LOG_CLUSTER if self._als else "",
+                access_log_socket=self._als.socket_path if self._als else None,
             )
         )
         self._envoy = EnvoyProcess(
@@ -139,8 +154,13 @@ class EnvoyDataPlane:
         )
 
     def background(self) -> Background:
-        # the EnvoyProcess supervises (restarts) Envoy in a task it owns
-        return []
+        # the EnvoyProcess supervises (restarts) Envoy in a task it owns; the telemetry
+        # publisher is cancelled after the drain: its final flush sends what the
+        # drained requests recorded
+        if self.telemetry is None or self._ctx is None:
+            return []
+        publisher = TelemetryPublisher(self.telemetry.recorder, self._ctx.bus)
+        return [("telemetry", publisher.run)]
 
     def config_changed(self) -> None:
         self._wake.set()
@@ -177,6 +197,8 @@ class EnvoyDataPlane:
             await self._envoy.stop(drain=False)
         if self._xds is not None:
             await self._xds.stop()
+        if self._als is not None:
+            await self._als.stop()
         if self._session is not None:
             await self._session.close()
         if self._dir is not None:
@@ -203,6 +225,7 @@ class EnvoyDataPlane:
                 for status in (xds.status().values() if xds is not None else ())
             },
             "rejection": self._tracker.rejection,
+            "access_log_entries": self._als.entries if self._als is not None else 0,
         }
 
     def mirrors(self) -> dict[str, Any] | None:
@@ -309,6 +332,31 @@ class EnvoyDataPlane:
         ).decode()
         return dict(tls_secrets(snap.chain_pem.decode(), key, "".join(snap.bundle.roots)))
 
+    # ------------------------------------------------------------ telemetry
+
+    def _on_access_log(self, entry: Any, log_name: str) -> None:
+        telemetry, ctx = self.telemetry, self._ctx
+        if telemetry is None or ctx is None:
+            return
+        record = request_record(
+            entry,
+            log_name,
+            workload=telemetry.workload,
+            service_host=telemetry.service_host,
+            destination_of=self._destination_workload,
+        )
+        if record is not None:
+            telemetry.recorder.record_request(record)
+
+    def _destination_workload(self, ref: ServiceRef, address: str) -> Workload | None:
+        telemetry, ctx = self.telemetry, self._ctx
+        assert telemetry is not None and ctx is not None
+        dest = ctx.destinations.destinations.get(ref)
+        if dest is None or dest.endpoints is None:
+            return None
+        endpoint = endpoint_at(dest.endpoints.endpoints, address)
+        return telemetry.destination_of(ref, endpoint) if endpoint is not None else None
+
     # ------------------------------------------------------------ destinations
 
     async def _follow_every_service(self) -> None:
@@ -406,8 +454,12 @@ class EnvoyDataPlane:
                 return web.json_response(
                     {"error": f"Envoy's admin did not answer: {type(e).__name__}"}, status=502
                 )
-            content_type = "application/json" if path != "/stats/prometheus" else "text/plain"
-            return web.Response(text=body, content_type=content_type)
+            if path == "/stats/prometheus":
+                assert self._ctx is not None
+                # Envoy's series, then ours (istio_* from the access logs, config trust)
+                ours = generate_latest(self._ctx.stats.registry).decode()
+                return web.Response(text=body + ours, content_type="text/plain")
+            return web.Response(text=body, content_type="application/json")
 
         return handler
 

@@ -29,7 +29,9 @@ class EnvoyPorts:
     tcp_inbound: Mapping[int, int] = field(default_factory=dict)
 
 
-def proxy_node(settings: SidecarSettings, ports: EnvoyPorts) -> ProxyNode:
+def proxy_node(
+    settings: SidecarSettings, ports: EnvoyPorts, access_log_cluster: str = ""
+) -> ProxyNode:
     s = settings
     gateway = s.gateway
     return ProxyNode(
@@ -48,6 +50,7 @@ def proxy_node(settings: SidecarSettings, ports: EnvoyPorts) -> ProxyNode:
             (app_port, (s.bind_host, port)) for app_port, port in sorted(ports.tcp_inbound.items())
         ),
         gateway_listeners=((s.bind_host, ports.gateway),) if gateway else (),
+        access_log_cluster=access_log_cluster,
     )
 
 

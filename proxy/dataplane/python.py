@@ -60,7 +60,7 @@ class PythonDataPlane:
         identity, policy = ctx.identity, ctx.inbound_policy
         if identity is not None:
             self.pools.tls = MeshTls(identity)
-        telemetry = self.telemetry = self._telemetry(ctx)
+        telemetry = self.telemetry = sidecar_telemetry(ctx)
         routes = self.routes = RouteHandler(
             Caller(namespace=s.namespace, labels=s.labels),
             ctx.destinations,
@@ -245,30 +245,30 @@ class PythonDataPlane:
         assert self._ctx is not None
         return self._ctx.stats
 
-    @staticmethod
-    def _telemetry(ctx: DataPlaneContext) -> SidecarTelemetry | None:
-        """The recorder (its `istio_*` series on the admin `/stats/prometheus`) and what
-        the listeners call per request; None with `--no-telemetry`."""
-        s = ctx.settings
-        if not s.telemetry:
-            return None
-        recorder = TelemetryRecorder(
-            reporter_id=new_reporter_id(s.instance, random.getrandbits(32)),
-            namespace=s.namespace,
-            service=s.service,
-            instance=s.instance,
-        )
-        ctx.stats.registry.register(recorder)
-        workload = own_workload(
-            service=s.service,
-            namespace=s.namespace,
-            version=s.version,
-            labels=s.labels,
-            identity=s.identity if s.mtls else "",
-        )
-        return SidecarTelemetry(
-            recorder,
-            workload=workload,
-            service_host=ServiceRef(s.namespace, s.service).fqdn,
-            sampler=Sampler(s.trace_sampling / 100.0),
-        )
+
+def sidecar_telemetry(ctx: DataPlaneContext) -> SidecarTelemetry | None:
+    """The recorder (its `istio_*` series on the admin `/stats/prometheus`) and what
+    the listeners call per request; None with `--no-telemetry`."""
+    s = ctx.settings
+    if not s.telemetry:
+        return None
+    recorder = TelemetryRecorder(
+        reporter_id=new_reporter_id(s.instance, random.getrandbits(32)),
+        namespace=s.namespace,
+        service=s.service,
+        instance=s.instance,
+    )
+    ctx.stats.registry.register(recorder)
+    workload = own_workload(
+        service=s.service,
+        namespace=s.namespace,
+        version=s.version,
+        labels=s.labels,
+        identity=s.identity if s.mtls else "",
+    )
+    return SidecarTelemetry(
+        recorder,
+        workload=workload,
+        service_host=ServiceRef(s.namespace, s.service).fqdn,
+        sampler=Sampler(s.trace_sampling / 100.0),
+    )

@@ -400,3 +400,37 @@ async def test_envoy_that_dies_is_restarted_and_served_its_configuration_again(
         # the new Envoy got listeners, routes, clusters, endpoints and secrets again
         await eventually(lambda: reaches(client, "http://reviews:9080/again"), timeout=20)
         assert client.dataplane.info()["restarts"] == 1
+
+
+async def test_envoy_access_logs_become_istio_metrics(nats_server, etcd_server, prefix) -> None:
+    """Both reporters count the requests, from Envoy's access-log service, on the
+    admin /stats/prometheus next to Envoy's own series."""
+    async with MeshHarness(nats_server.url, etcd_server.url, prefix) as mesh:
+        server = await mesh.sidecar("reviews", "v1", dataplane="envoy")
+        client = await mesh.sidecar("productpage", dataplane="envoy")
+        await eventually(lambda: reaches(client, "http://reviews:9080/"), timeout=20)
+        for _ in range(5):
+            status, _ = await call(client, "http://reviews:9080/counted")
+            assert status == 200
+
+        def requests(sc: Any, reporter: str) -> float:
+            assert sc.dataplane.telemetry is not None
+            total = 0.0
+            for metric in sc.dataplane.telemetry.recorder.collect():
+                for sample in metric.samples:
+                    labels = sample.labels
+                    if (
+                        sample.name == "istio_requests_total"
+                        and labels.get("reporter") == reporter
+                        and labels.get("response_code") == "200"
+                        and labels.get("destination_workload") == "reviews-v1"
+                    ):
+                        total += sample.value
+            return total
+
+        await eventually(lambda: requests(client, "source") >= 5, timeout=15)
+        await eventually(lambda: requests(server, "destination") >= 5, timeout=15)
+        status, text = await admin_get(server, "/stats/prometheus")
+        assert status == 200 and "envoy_cluster_upstream_rq" in text
+        assert "istio_requests_total{" in text and 'reporter="destination"' in text
+        assert 'source_principal="spiffe://cluster.local/ns/default/sa/productpage"' in text
