@@ -21,6 +21,7 @@ import contextlib
 import time
 from typing import Any
 
+from mesh import errors
 from mesh.bus import Bus
 from mesh.bus_permissions import sidecar_inbox
 from mesh.ca_messages import TrustBundle
@@ -107,6 +108,10 @@ class Sidecar:
                 registration = await self._start(started)
             except StopRequested:
                 return self._exit_code
+            except errors.MeshError as e:
+                # e.g. the data plane could not start: said once, no traceback
+                log.error("sidecar.start_failed", instance=self.settings.instance, error=str(e))
+                return 1
             await self._serve(registration)
         return self._exit_code
 

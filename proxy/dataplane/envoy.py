@@ -42,7 +42,7 @@ from proxy.dataplane.envoy_telemetry import AccessLogService, endpoint_at, reque
 from proxy.dataplane.envoy_view import ApplyTracker, EnvoyPorts, mesh_view, proxy_node
 from proxy.dataplane.python import sidecar_telemetry
 from proxy.envoy.bootstrap import BootstrapOptions, build_bootstrap
-from proxy.envoy.process import EnvoyExit, EnvoyOptions, EnvoyProcess
+from proxy.envoy.process import EnvoyError, EnvoyExit, EnvoyOptions, EnvoyProcess
 from proxy.envoy.resources import CLUSTER, LISTENER, XdsResources
 from proxy.envoy.translate import (
     ProxyNode,
@@ -51,7 +51,7 @@ from proxy.envoy.translate import (
     tls_secrets,
     translate,
 )
-from proxy.envoy.xds_server import ApplyState, TypeStatus, XdsServer
+from proxy.envoy.xds_server import ApplyState, TypeStatus, XdsError, XdsServer
 from proxy.telemetry import SidecarTelemetry, TelemetryPublisher
 from proxy.telemetry.records import Workload
 
@@ -80,6 +80,8 @@ class EnvoyDataPlane:
         self._secrets: dict[str, Any] = {}
         self._resources = XdsResources()
         self._wake = asyncio.Event()
+        # set once Envoy ACKed a whole push (its listeners are in place)
+        self._envoy_took_config = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._following: set[ServiceRef] = set()
         self._session: aiohttp.ClientSession | None = None
@@ -105,7 +107,10 @@ class EnvoyDataPlane:
             await self._als.start()
         self._node = proxy_node(s, ports, ACCESS_LOG_CLUSTER if self._als else "")
         self._xds = XdsServer(self._dir / "xds.sock", on_status=self._on_xds_status)
-        await self._xds.start()
+        try:
+            await self._xds.start()
+        except XdsError as e:
+            raise errors.Unavailable(f"the xDS server did not start: {e}") from None
         self._secrets = self._current_secrets()
         await self._follow_every_service()
         self._push()
@@ -134,7 +139,10 @@ class EnvoyDataPlane:
             ),
             on_exit=self._envoy_exited,
         )
-        await self._envoy.start()
+        try:
+            await self._envoy.start()
+        except EnvoyError as e:
+            raise errors.Unavailable(f"Envoy did not start: {e}") from None
         await self._until_listening(ports)
         listeners = {"envoy-admin": ports.admin}
         if s.gateway:
@@ -245,8 +253,12 @@ class EnvoyDataPlane:
             await self._wake.wait()
             await asyncio.sleep(DEBOUNCE_S)
             self._wake.clear()
-            self._push()
-            await self._follow_referenced()
+            try:
+                self._push()
+                await self._follow_referenced()
+            except errors.MeshError as e:
+                # the last good configuration keeps serving; the next change retries
+                log.error("envoy.push_failed", error=str(e))
 
     def _push(self) -> None:
         """Translate the followers' state and serve it; a translation error is a
@@ -265,15 +277,18 @@ class EnvoyDataPlane:
         else:
             self._resources = resources
             self._tracker = self._tracker.translated(followed)
-        xds.set_resources(
-            XdsResources(
-                listeners=resources.listeners,
-                routes=resources.routes,
-                clusters=resources.clusters,
-                endpoints=resources.endpoints,
-                secrets=dict(self._secrets),
-            )
+        snapshot = XdsResources(
+            listeners=resources.listeners,
+            routes=resources.routes,
+            clusters=resources.clusters,
+            endpoints=resources.endpoints,
+            secrets=dict(self._secrets),
         )
+        try:
+            xds.set_resources(snapshot)
+        except XdsError as e:
+            log.error("envoy.snapshot_refused", error=str(e))
+            self._tracker = self._tracker.rejected(followed, f"xDS snapshot: {e}")
         self.pushes += 1
         self._on_xds_status(None)
 
@@ -285,21 +300,23 @@ class EnvoyDataPlane:
         if xds is None or ctx is None:
             return
         statuses = xds.status()
-        if any(t.state is ApplyState.PENDING for t in statuses.values()):
-            return
-        if not xds.connected or any(
-            statuses[t].state is ApplyState.NOT_SENT for t in (LISTENER, CLUSTER)
-        ):
-            return  # Envoy has not taken anything yet
         rejected = [t for t in statuses.values() if t.state is ApplyState.REJECTED]
         before = self._tracker
         if rejected:
+            # a type Envoy refused: the whole push is rejected, whatever else is pending
             reason = "; ".join(
-                f"{t.short_name}: {t.last_nack.message}" for t in rejected if t.last_nack
+                f"{t.short_name}: {t.last_nack.message.strip()}" for t in rejected if t.last_nack
             )
             self._tracker = before.rejected(before.pushed, reason)
+        elif any(t.state is ApplyState.PENDING for t in statuses.values()):
+            return
+        elif not xds.connected or any(
+            statuses[t].state is ApplyState.NOT_SENT for t in (LISTENER, CLUSTER)
+        ):
+            return  # Envoy has not taken anything yet
         elif not before.rejection:
             self._tracker = before.acked()
+            self._envoy_took_config.set()
         if self._tracker != before:
             ctx.status_changed()
 
@@ -416,14 +433,23 @@ class EnvoyDataPlane:
         wanted = [(s.bind_host, ports.gateway)] if s.gateway else [(s.bind_host, ports.inbound)]
         if not s.gateway:
             wanted.append(("127.0.0.1", ports.outbound))
-        async with asyncio.timeout(FIRST_CONFIG_TIMEOUT_S):
-            for host, port in wanted:
-                while not await _accepts(host, port):
-                    if self._tracker.rejection:
-                        raise errors.Unavailable(
-                            f"Envoy refused its first configuration: {self._tracker.rejection}"
-                        )
-                    await asyncio.sleep(LISTEN_POLL_S)
+        try:
+            await asyncio.wait_for(self._first_config(wanted), FIRST_CONFIG_TIMEOUT_S)
+        except TimeoutError:
+            raise errors.Unavailable(
+                f"Envoy did not take its first configuration within {FIRST_CONFIG_TIMEOUT_S}s"
+            ) from None
+
+    async def _first_config(self, wanted: list[tuple[str, int]]) -> None:
+        while not self._envoy_took_config.is_set():
+            if self._tracker.rejection:
+                raise errors.Unavailable(
+                    f"Envoy refused its first configuration: {self._tracker.rejection}"
+                )
+            await asyncio.sleep(LISTEN_POLL_S)
+        for host, port in wanted:
+            while not await _accepts(host, port):
+                await asyncio.sleep(LISTEN_POLL_S)
 
     async def _active_requests(self) -> int:
         text = await self._admin("GET", "/stats?filter=downstream_rq_active$")

@@ -434,3 +434,37 @@ async def test_envoy_access_logs_become_istio_metrics(nats_server, etcd_server, 
         assert status == 200 and "envoy_cluster_upstream_rq" in text
         assert "istio_requests_total{" in text and 'reporter="destination"' in text
         assert 'source_principal="spiffe://cluster.local/ns/default/sa/productpage"' in text
+
+
+async def test_a_listener_envoy_refuses_at_start_ends_the_sidecar_with_envoys_reason(
+    nats_server, etcd_server, prefix, caplog
+) -> None:
+    """The inbound port is taken: Envoy NACKs the listener with its own message, the
+    sidecar says so and exits 1 (no traceback, no Envoy left running)."""
+    import socket
+
+    from proxy.settings import SidecarSettings
+    from proxy.sidecar import Sidecar
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    try:
+        async with MeshHarness(nats_server.url, etcd_server.url, prefix) as mesh:
+            sc = Sidecar(
+                SidecarSettings(
+                    service="reviews",
+                    app_port=free_port(),
+                    nats=[nats_server.url],
+                    prefix=prefix,
+                    inbound_port=port,
+                    token=await mesh.token("reviews", "default"),
+                    dataplane="envoy",
+                )
+            )
+            assert await asyncio.wait_for(sc.run(), 60) == 1
+            assert not sc.ready and sc.dataplane.info()["pid"] is None
+            assert "Address already in use" in sc.dataplane.info()["rejection"]
+    finally:
+        taken.close()
