@@ -104,6 +104,10 @@ def encode(type_url: str, resources: Mapping[str, Message]) -> Encoded:
             raise XdsError(
                 f"resource {name!r} is a {message.DESCRIPTOR.full_name}, not a {expected}"
             )
+        own_name = getattr(message, "cluster_name" if type_url == ENDPOINT else "name")
+        if own_name != name:
+            # Envoy knows a resource by its own name; a mismatch would go unanswered
+            raise XdsError(f"resource {name!r} names itself {own_name!r}")
         out[name] = message.SerializeToString(deterministic=True)
     return out
 

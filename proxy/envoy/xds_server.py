@@ -108,7 +108,7 @@ class XdsServer:
         self._server = server
         log.info("xds.started", socket=str(path))
 
-    async def stop(self, grace: float = 1.0) -> None:
+    async def stop(self, grace: float = 0.0) -> None:
         """Stop serving: streams end (Envoy keeps its configuration and reconnects to
         whatever serves this path next), the socket file is removed."""
         server, self._server = self._server, None
@@ -129,7 +129,9 @@ class XdsServer:
 
     def set_resources(self, snapshot: XdsResources) -> None:
         """Serve `snapshot` (complete: what it leaves out is removed) from now on and
-        push the types that changed to every connected Envoy."""
+        push the types that changed to every connected Envoy. Call it from the event
+        loop the server runs in; it may be called before `start`. XdsError names a
+        resource of the wrong type (the previous snapshot stays)."""
         steps = self._state.set_resources(snapshot)
         if steps:
             log.info(
@@ -157,10 +159,18 @@ class XdsServer:
         self, predicate: Callable[[Mapping[str, TypeStatus]], bool], timeout: float
     ) -> dict[str, TypeStatus]:
         """Wait until `predicate(status)` holds; TimeoutError (naming the status) if not."""
-        async with asyncio.timeout(timeout):
-            while not predicate(self._state.status):
-                self._changed.clear()
-                await self._changed.wait()
+        try:
+            async with asyncio.timeout(timeout):
+                while not predicate(self._state.status):
+                    self._changed.clear()
+                    await self._changed.wait()
+        except TimeoutError:
+            summary = ", ".join(
+                f"{s.short_name}: {s.state.value} sent={s.version_sent or '-'} "
+                f"acked={s.version_acked or '-'}"
+                for s in self._state.status.values()
+            )
+            raise TimeoutError(f"xDS status not reached within {timeout}s ({summary})") from None
         return self.status()
 
     def applied(self, *type_urls: str) -> bool:

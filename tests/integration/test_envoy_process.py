@@ -9,8 +9,11 @@ import json
 import os
 import signal
 import subprocess
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
+import aiohttp
 import pytest
 
 from mesh.servers import free_port, pid_alive
@@ -113,16 +116,36 @@ async def test_a_bad_binary_is_a_clear_error(tmp_path: Path):
         await EnvoyProcess(options).start()
 
 
-async def test_stop_drains_then_terminates_and_removes_the_state_file(rig: EnvoyRig):
+async def test_drain_tells_clients_to_close_then_stop_ends_envoy(rig: EnvoyRig):
+    rig.envoy = EnvoyProcess(replace(rig.options, drain_time_s=3.5, parent_shutdown_time_s=6))
     await rig.envoy.start()
     await rig.applied()
     pid = rig.envoy.pid
     assert pid is not None
-    await rig.envoy.stop()
+
+    async def connection_header() -> str:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"http://127.0.0.1:{rig.port}/") as response,
+        ):
+            await response.read()
+            return response.headers.get("connection", "")
+
+    assert await connection_header() != "close"
+    draining = asyncio.create_task(rig.envoy.drain(), name="test-drain")
+    try:
+        # while draining, Envoy still answers and tells every client to close
+        assert await eventually(lambda: _equals(connection_header(), "close"), timeout=3)
+    finally:
+        await draining
+    await rig.envoy.stop()  # already drained: SIGTERM right away
     assert not pid_alive(pid)
     assert not (rig.options.state_dir / STATE_FILE).exists()
-    # its log says it was drained through the admin API
     assert rig.envoy.pid is None
+
+
+async def _equals(value: Any, expected: str) -> bool:
+    return bool(await value == expected)
 
 
 async def test_left_running_envoy_serves_alone_and_is_adopted_by_the_next_sidecar(
@@ -173,8 +196,6 @@ async def test_envoy_with_another_bootstrap_is_replaced_not_adopted(rig: EnvoyRi
 
     changed = dict(rig.options.bootstrap)
     changed["node"] = {**changed["node"], "id": "sidecar~other"}
-    from dataclasses import replace
-
     rig.envoy = EnvoyProcess(replace(rig.options, bootstrap=changed))
     await rig.envoy.start()
     assert not rig.envoy.adopted and rig.envoy.pid != old_pid

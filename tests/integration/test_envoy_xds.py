@@ -49,7 +49,6 @@ except Exception as e:  # the reason is printed by pytest's skip summary
 else:
     SKIP_REASON = ""
 
-pytestmark = pytest.mark.skipif(ENVOY is None, reason=SKIP_REASON or "envoy present")
 
 ADS = {"ads": {}, "resource_api_version": "V3"}
 
@@ -249,6 +248,8 @@ def first_snapshot(rig: EnvoyRig, body: str = "hello v1") -> XdsResources:
 @pytest.fixture
 async def rig() -> AsyncIterator[EnvoyRig]:
     # a short path: a Unix socket path is limited to 107 bytes
+    if ENVOY is None:
+        pytest.skip(SKIP_REASON)
     base = Path(tempfile.mkdtemp(prefix="envoy-", dir="/tmp"))
     rig = EnvoyRig(base)
     try:
@@ -418,3 +419,64 @@ async def test_socket_is_private_and_a_second_server_on_it_is_refused(rig: Envoy
     assert rig.socket.stat().st_mode & 0o777 == 0o600
     with pytest.raises(XdsError, match="another xDS server is serving"):
         await XdsServer(rig.socket).start()
+
+
+async def test_every_stream_gets_the_snapshot_and_pushes_until_it_closes():
+    """The gRPC shell with a plain gRPC client (two "Envoys"), no Envoy needed."""
+    import grpc
+    from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+
+    from proxy.envoy.resources import CLUSTER
+
+    base = Path(tempfile.mkdtemp(prefix="xds-", dir="/tmp"))
+    xds = XdsServer(base / "xds.sock")
+    try:
+        await xds.start()
+        xds.set_resources(XdsResources(clusters={"a": eds_cluster("a")}))
+        async with grpc.aio.insecure_channel(f"unix:{xds.socket_path}") as channel:
+            stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
+            calls = [stub.StreamAggregatedResources() for _ in range(2)]
+            for n, call in enumerate(calls):
+                request = discovery_pb2.DiscoveryRequest(type_url=CLUSTER)
+                request.node.id = f"envoy-{n}"
+                await call.write(request)
+            first = [await call.read() for call in calls]
+            assert [r.version_info for r in first] == ["1", "1"]
+            assert len({r.nonce for r in first}) == 2  # each stream its own nonces
+            for call, response in zip(calls, first, strict=True):
+                await call.write(
+                    discovery_pb2.DiscoveryRequest(
+                        type_url=CLUSTER, version_info="1", response_nonce=response.nonce
+                    )
+                )
+            await eventually(lambda: xds.status()[CLUSTER].version_acked == "1")
+            assert xds.connected == 2
+
+            xds.set_resources(XdsResources(clusters={"a": eds_cluster("a"), "b": eds_cluster("b")}))
+            pushed = [await call.read() for call in calls]
+            assert [(r.version_info, len(r.resources)) for r in pushed] == [("2", 2), ("2", 2)]
+
+            calls[0].cancel()
+            await eventually(lambda: xds.connected == 1)
+
+            delta = stub.DeltaAggregatedResources()
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await delta.read()
+            assert raised.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    finally:
+        await xds.stop()
+        shutil.rmtree(base, ignore_errors=True)
+    assert not xds.socket_path.exists()
+
+
+async def test_waiting_for_a_status_that_never_comes_names_the_status():
+    base = Path(tempfile.mkdtemp(prefix="xds-", dir="/tmp"))
+    xds = XdsServer(base / "xds.sock")
+    try:
+        await xds.start()
+        xds.set_resources(XdsResources())
+        with pytest.raises(TimeoutError, match=r"LDS: NOT_SENT sent=- acked=-"):
+            await xds.wait_until(lambda _: xds.applied(), timeout=0.2)
+    finally:
+        await xds.stop()
+        shutil.rmtree(base, ignore_errors=True)

@@ -357,3 +357,13 @@ def test_a_new_stream_is_pending_until_it_acks_what_it_was_given():
     assert state.status[LISTENER].state is ApplyState.PENDING
     ack(new, lds_new)
     assert state.status[LISTENER].state is ApplyState.APPLIED
+
+
+def test_resource_keyed_under_another_name_is_refused_and_the_snapshot_kept():
+    state = AdsState()
+    state.set_resources(BASE)
+    with pytest.raises(XdsError, match="'a' names itself 'b'"):
+        state.set_resources(snapshot(clusters={"a": cluster("b")}))
+    with pytest.raises(XdsError, match="'a' names itself 'b'"):
+        state.set_resources(snapshot(endpoints={"a": endpoints("b")}))
+    assert set(state.snapshot[CLUSTER].resources) == {"outbound|9080||reviews"}

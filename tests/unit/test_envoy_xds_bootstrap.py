@@ -1,0 +1,89 @@
+"""The bootstrap: a valid Envoy Bootstrap message, ADS over the sidecar's socket."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from envoy.config.bootstrap.v3 import bootstrap_pb2
+from envoy.extensions.resource_monitors.downstream_connections.v3 import (  # noqa: F401
+    downstream_connections_pb2,
+)
+from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2  # noqa: F401
+from google.protobuf import json_format
+
+from proxy.envoy.bootstrap import (
+    XDS_CLUSTER,
+    BootstrapOptions,
+    bootstrap_digest,
+    bootstrap_json,
+    build_bootstrap,
+)
+
+
+def options(**overrides: object) -> BootstrapOptions:
+    base: dict[str, object] = dict(
+        node_id="sidecar~10.0.0.7~reviews-v1-abc", cluster="reviews",
+        xds_socket=Path("/run/mesh/reviews/xds.sock"), admin_port=15000,
+    )  # fmt: skip
+    return BootstrapOptions(**{**base, **overrides})  # type: ignore[arg-type]
+
+
+def as_message(bootstrap: dict) -> bootstrap_pb2.Bootstrap:
+    return json_format.Parse(bootstrap_json(bootstrap), bootstrap_pb2.Bootstrap())
+
+
+def test_bootstrap_is_an_envoy_bootstrap_with_ads_over_the_socket():
+    message = as_message(build_bootstrap(options()))
+    assert (message.node.id, message.node.cluster) == ("sidecar~10.0.0.7~reviews-v1-abc", "reviews")
+    ads = message.dynamic_resources.ads_config
+    assert ads.api_type == ads.GRPC and ads.grpc_services[0].envoy_grpc.cluster_name == XDS_CLUSTER
+    assert message.dynamic_resources.lds_config.HasField("ads")
+    assert message.dynamic_resources.cds_config.HasField("ads")
+    [xds] = message.static_resources.clusters
+    address = xds.load_assignment.endpoints[0].lb_endpoints[0].endpoint.address
+    assert address.pipe.path == "/run/mesh/reviews/xds.sock"
+    assert (
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+        in xds.typed_extension_protocol_options
+    )
+    admin = message.admin.address.socket_address
+    assert (admin.address, admin.port_value) == ("127.0.0.1", 15000)
+    assert message.overload_manager.resource_monitors[0].name.endswith("max_connections")
+
+
+def test_access_log_service_gets_its_own_pipe_cluster():
+    message = as_message(
+        build_bootstrap(options(access_log_cluster="als", access_log_socket=Path("/run/als.sock")))
+    )
+    names = [c.name for c in message.static_resources.clusters]
+    assert names == [XDS_CLUSTER, "als"]
+    als = message.static_resources.clusters[1]
+    assert (
+        als.load_assignment.endpoints[0].lb_endpoints[0].endpoint.address.pipe.path
+        == "/run/als.sock"
+    )
+
+
+@pytest.mark.parametrize(
+    ("overrides", "error"),
+    [
+        ({"node_id": ""}, "node_id is empty"),
+        ({"cluster": ""}, "cluster"),
+        ({"admin_port": 0}, "admin_port 0 is not a TCP port"),
+        ({"access_log_cluster": "als"}, "go together"),
+        ({"max_downstream_connections": 0}, "max_downstream_connections"),
+    ],
+)
+def test_bad_options_are_refused_naming_the_field(overrides: dict, error: str):
+    with pytest.raises(ValueError, match=error):
+        options(**overrides)
+
+
+def test_digest_identifies_the_bootstrap():
+    assert bootstrap_digest(build_bootstrap(options())) == bootstrap_digest(
+        build_bootstrap(options())
+    )
+    assert bootstrap_digest(build_bootstrap(options())) != bootstrap_digest(
+        build_bootstrap(options(admin_port=15001))
+    )
