@@ -18,7 +18,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import json
+import os
+import re
 import shutil
+import stat
 import tempfile
 import time
 from collections.abc import Mapping
@@ -42,7 +47,13 @@ from proxy.dataplane.envoy_telemetry import AccessLogService, endpoint_at, reque
 from proxy.dataplane.envoy_view import ApplyTracker, EnvoyPorts, mesh_view, proxy_node
 from proxy.dataplane.python import sidecar_telemetry
 from proxy.envoy.bootstrap import BootstrapOptions, build_bootstrap
-from proxy.envoy.process import EnvoyError, EnvoyExit, EnvoyOptions, EnvoyProcess
+from proxy.envoy.process import (
+    EnvoyError,
+    EnvoyExit,
+    EnvoyOptions,
+    EnvoyProcess,
+    find_running_envoy,
+)
 from proxy.envoy.resources import CLUSTER, LISTENER, XdsResources
 from proxy.envoy.translate import (
     ProxyNode,
@@ -98,9 +109,11 @@ class EnvoyDataPlane:
             raise errors.BadRequest(
                 "--dataplane envoy needs mTLS (a certificate from the CA): drop --no-mtls"
             )
-        self._dir = Path(tempfile.mkdtemp(prefix=f"meshwork-envoy-{s.instance[:40]}-"))
-        self._dir.chmod(0o700)
-        ports = self._ports = _choose_ports(ctx)
+        self._dir = private_state_dir(s.instance)
+        # an Envoy a previous sidecar of this instance left running (it died): adopted,
+        # so the app's traffic never stopped; same admin port, same bootstrap
+        left = find_running_envoy(self._dir)
+        ports = self._ports = _choose_ports(ctx, left.admin_port if left else 0)
         self.telemetry = sidecar_telemetry(ctx)
         if self.telemetry is not None:
             self._als = AccessLogService(self._dir / "als.sock", self._on_access_log)
@@ -134,8 +147,7 @@ class EnvoyDataPlane:
                 # still calls out while its inbound drains
                 drain_time_s=s.drain_timeout,
                 parent_shutdown_time_s=s.drain_timeout + 5.0,
-                # a sidecar started anew gets new ports: nothing to adopt
-                adopt=False,
+                adopt=True,
             ),
             on_exit=self._envoy_exited,
         )
@@ -485,12 +497,37 @@ class EnvoyDataPlane:
                 # Envoy's series, then ours (istio_* from the access logs, config trust)
                 ours = generate_latest(self._ctx.stats.registry).decode()
                 return web.Response(text=body + ours, content_type="text/plain")
+            if path == "/config_dump":
+                # Envoy's dump, and what the sidecar knows about its Envoy
+                with contextlib.suppress(ValueError):
+                    return web.json_response({**json.loads(body), "dataplane": self.info()})
             return web.Response(text=body, content_type="application/json")
 
         return handler
 
 
-def _choose_ports(ctx: DataPlaneContext) -> EnvoyPorts:
+def private_state_dir(instance: str) -> Path:
+    """The instance's directory for Envoy's bootstrap, log, state file and the ADS and
+    access-log sockets: the same for a sidecar restarted under the same `--instance`
+    (so it finds the Envoy its predecessor left), private to this user."""
+    base = Path(os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir())
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", instance)
+    if len(name) > 48:  # unix socket paths are short (108 bytes)
+        name = name[:32] + "-" + hashlib.sha256(instance.encode()).hexdigest()[:15]
+    path = base / f"meshwork-envoy-{name}"
+    try:
+        path.mkdir(mode=0o700)
+    except FileExistsError:
+        st = path.lstat()
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+            raise errors.Unavailable(
+                f"{path} exists and is not a directory private to this user: "
+                "remove it or run under another --instance"
+            ) from None
+    return path
+
+
+def _choose_ports(ctx: DataPlaneContext, admin_port: int = 0) -> EnvoyPorts:
     """The settings' ports, or free ones: Envoy binds them when its listeners arrive."""
     s = ctx.settings
     host = s.bind_host
@@ -500,9 +537,11 @@ def _choose_ports(ctx: DataPlaneContext) -> EnvoyPorts:
 
     tcp: Mapping[int, int] = {app_port: free_port(host) for app_port in s.tcp_ports}
     if s.gateway:
-        return EnvoyPorts(admin=free_port(), gateway=port(s.gateway_port), tcp_inbound=tcp)
+        return EnvoyPorts(
+            admin=admin_port or free_port(), gateway=port(s.gateway_port), tcp_inbound=tcp
+        )
     return EnvoyPorts(
-        admin=free_port(),
+        admin=admin_port or free_port(),
         inbound=port(s.inbound_port),
         outbound=port(s.outbound_port, "127.0.0.1"),
         tcp_inbound=tcp,

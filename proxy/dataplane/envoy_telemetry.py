@@ -207,6 +207,9 @@ class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):
         self._server: grpc.aio.Server | None = None
 
     async def start(self) -> None:
+        # a socket left by a sidecar of this instance that died (its Envoy reconnects)
+        with contextlib.suppress(FileNotFoundError):
+            self.socket_path.unlink()
         server = grpc.aio.server()
         als_pb2_grpc.add_AccessLogServiceServicer_to_server(self, server)
         old_umask = os.umask(0o177)

@@ -468,3 +468,74 @@ async def test_a_listener_envoy_refuses_at_start_ends_the_sidecar_with_envoys_re
             assert "Address already in use" in sc.dataplane.info()["rejection"]
     finally:
         taken.close()
+
+
+async def test_envoy_keeps_serving_when_the_sidecar_process_dies_and_is_adopted_again(
+    nats_server, etcd_server, prefix, tmp_path
+) -> None:
+    """`meshctl sidecar --dataplane envoy` killed with SIGKILL: its Envoy serves the
+    last configuration meanwhile; the sidecar started again under the same instance
+    adopts that Envoy (same pid) and serves it configuration again."""
+    import json
+    import os
+    import sys
+
+    from mesh.servers import ManagedProcess
+
+    async with MeshHarness(nats_server.url, etcd_server.url, prefix) as mesh:
+        await mesh.sidecar("reviews", dataplane="envoy")
+        outbound_port, admin_port = free_port(), free_port()
+        instance = f"productpage-{prefix}"
+        args = [
+            sys.executable, "-m", "mesh.cli.main", "--nats", nats_server.url, "--prefix", prefix,
+            "sidecar", "--dataplane", "envoy", "--service", "productpage",
+            "--instance", instance, "--app-port", str(free_port()),
+            "--outbound-port", str(outbound_port), "--admin-port", str(admin_port),
+            "--drain-timeout", "1",
+        ]  # fmt: skip
+        env = {**os.environ, "MESH_TOKEN": await mesh.token("productpage", "default")}
+        proxy_url = f"http://127.0.0.1:{outbound_port}"
+
+        async def via_outbound() -> bool:
+            try:
+                async with (
+                    aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session,
+                    session.get("http://reviews:9080/x", proxy=proxy_url) as r,
+                ):
+                    return r.status == 200
+            except aiohttp.ClientError:
+                return False
+
+        async def envoy_pid() -> int | None:
+            url = f"http://127.0.0.1:{admin_port}/config_dump"
+            try:
+                async with aiohttp.ClientSession() as session, session.get(url) as r:
+                    return int(json.loads(await r.text())["dataplane"]["pid"])
+            except (aiohttp.ClientError, KeyError, ValueError, TypeError):
+                return None
+
+        first = ManagedProcess("sidecar-1", args, tmp_path / "sidecar-1.log", env=env)
+        first.start()
+        second = ManagedProcess("sidecar-2", args, tmp_path / "sidecar-2.log", env=env)
+        try:
+            await eventually(via_outbound, timeout=30, interval=0.2)
+            pid = await envoy_pid()
+            assert pid is not None
+            first.kill()  # SIGKILL: no drain, no cleanup
+            for _ in range(5):
+                assert await via_outbound()  # the orphaned Envoy still serves
+            second.start()
+            await eventually(lambda: envoy_pid(), timeout=30, interval=0.2)
+            assert await envoy_pid() == pid  # adopted, not restarted
+            assert await via_outbound()
+        finally:
+            first.kill()
+            second.stop()
+        # a clean stop stops the adopted Envoy too
+        await eventually(lambda: not _pid_alive(pid), timeout=15)
+
+
+def _pid_alive(pid: int) -> bool:
+    from mesh.servers import pid_alive
+
+    return pid_alive(pid)
