@@ -539,3 +539,50 @@ def _pid_alive(pid: int) -> bool:
     from mesh.servers import pid_alive
 
     return pid_alive(pid)
+
+
+class SlowApp:
+    """Answers each request after `delay_s`."""
+
+    def __init__(self, delay_s: float):
+        self.delay_s = delay_s
+        self.runner: Any = None
+
+    async def start(self, port: int) -> SlowApp:
+        from aiohttp import web
+
+        async def handle(_request: web.Request) -> web.Response:
+            await asyncio.sleep(self.delay_s)
+            return web.json_response({"service": "reviews", "slow": True})
+
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", handle)
+        self.runner = web.AppRunner(app, access_log=None)
+        await self.runner.setup()
+        await web.TCPSite(self.runner, "127.0.0.1", port).start()
+        return self
+
+    async def stop(self) -> None:
+        await self.runner.cleanup()
+
+
+async def test_a_stopping_envoy_sidecar_finishes_the_request_in_flight(
+    nats_server, etcd_server, prefix
+) -> None:
+    async with MeshHarness(nats_server.url, etcd_server.url, prefix) as mesh:
+        server = await mesh.sidecar("reviews", dataplane="envoy")
+        client = await mesh.sidecar("productpage", dataplane="envoy")
+        await eventually(lambda: reaches(client, "http://reviews:9080/"), timeout=20)
+        echo = server.echo
+        await echo.stop()
+        mesh.apps.remove(echo)
+        slow = await SlowApp(1.0).start(echo.port)
+        try:
+            in_flight = asyncio.create_task(call(client, "http://reviews:9080/slow"))
+            await asyncio.sleep(0.3)
+            server.stop()  # drain: the request in flight is answered, then Envoy stops
+            status, body = await in_flight
+            assert status == 200 and body["slow"], body
+            await eventually(lambda: server.dataplane.info()["pid"] is None, timeout=15)
+        finally:
+            await slow.stop()
