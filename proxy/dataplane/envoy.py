@@ -396,6 +396,14 @@ class EnvoyDataPlane:
         assert ctx is not None
         bus = ctx.bus
         await bus.subscribe(bus.subjects.endpoints_all, EndpointSet, self._on_any_endpoints)
+        # services that appeared while the bus was away are listed again on reconnect
+        bus.on_reconnect(self._list_services)
+        await self._list_services()
+
+    async def _list_services(self) -> None:
+        ctx = self._ctx
+        assert ctx is not None
+        bus = ctx.bus
         try:
             reply = await bus.request(
                 bus.subjects.registry_get, EndpointsGetRequest(), EndpointsGetReply
@@ -403,7 +411,10 @@ class EnvoyDataPlane:
         except errors.MeshError as e:
             log.warning("envoy.registry_list_failed", error=str(e))
             return
+        before = len(self._following)
         await self._follow(ServiceRef(eps.namespace, eps.service) for eps in reply.sets)
+        if len(self._following) != before:
+            self._wake.set()
 
     async def _on_any_endpoints(self, eps: EndpointSet, _subject: str) -> None:
         ref = ServiceRef(eps.namespace, eps.service)
