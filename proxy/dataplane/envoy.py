@@ -12,21 +12,21 @@ Destinations: Envoy cannot ask for a destination on first request the way the Py
 proxy does (on-demand discovery is not done yet), so this data plane follows every
 service the registry knows (`registry.get` for all, then every new endpoint set on
 `registry.endpoints.>`) and every host the routes name.
+
+Telemetry: Envoy's gRPC access logs come to the sidecar (`envoy_telemetry`) and become
+the same records the Python data plane publishes. Envoy runs in the instance's own
+state directory (`envoy_host`): a sidecar restarted under the same `--instance` adopts
+the Envoy its predecessor left serving.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
-import os
-import re
 import shutil
-import stat
-import tempfile
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -40,9 +40,9 @@ from mesh.compiled import GatewayConfig
 from mesh.hosts import ServiceRef, service_of_host
 from mesh.logs import get_logger
 from mesh.messages import EndpointSet, EndpointsGetReply, EndpointsGetRequest, SubscriptionStatus
-from mesh.servers import free_port
 from proxy.admin import AdminRoute
 from proxy.dataplane import Addresses, Background, DataPlaneContext
+from proxy.dataplane.envoy_host import accepts, choose_ports, private_state_dir
 from proxy.dataplane.envoy_telemetry import AccessLogService, endpoint_at, request_record
 from proxy.dataplane.envoy_view import ApplyTracker, EnvoyPorts, mesh_view, proxy_node
 from proxy.dataplane.python import sidecar_telemetry
@@ -115,7 +115,7 @@ class EnvoyDataPlane:
         # an Envoy a previous sidecar of this instance left running (it died): adopted,
         # so the app's traffic never stopped; same admin port, same bootstrap
         left = find_running_envoy(self._dir)
-        ports = self._ports = _choose_ports(ctx, left.admin_port if left else 0)
+        ports = self._ports = choose_ports(ctx, left.admin_port if left else 0)
         self.telemetry = sidecar_telemetry(ctx)
         if self.telemetry is not None:
             self._als = AccessLogService(self._dir / "als.sock", self._on_access_log)
@@ -483,7 +483,7 @@ class EnvoyDataPlane:
                 )
             await asyncio.sleep(LISTEN_POLL_S)
         for host, port in wanted:
-            while not await _accepts(host, port):
+            while not await accepts(host, port):
                 await asyncio.sleep(LISTEN_POLL_S)
 
     async def _active_requests(self) -> int:
@@ -527,56 +527,3 @@ class EnvoyDataPlane:
             return web.Response(text=body, content_type="application/json")
 
         return handler
-
-
-def private_state_dir(instance: str) -> Path:
-    """The instance's directory for Envoy's bootstrap, log, state file and the ADS and
-    access-log sockets: the same for a sidecar restarted under the same `--instance`
-    (so it finds the Envoy its predecessor left), private to this user."""
-    base = Path(os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir())
-    name = re.sub(r"[^A-Za-z0-9._-]", "_", instance)
-    if len(name) > 48:  # unix socket paths are short (108 bytes)
-        name = name[:32] + "-" + hashlib.sha256(instance.encode()).hexdigest()[:15]
-    path = base / f"meshwork-envoy-{name}"
-    try:
-        path.mkdir(mode=0o700)
-    except FileExistsError:
-        st = path.lstat()
-        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
-            raise errors.Unavailable(
-                f"{path} exists and is not a directory private to this user: "
-                "remove it or run under another --instance"
-            ) from None
-    return path
-
-
-def _choose_ports(ctx: DataPlaneContext, admin_port: int = 0) -> EnvoyPorts:
-    """The settings' ports, or free ones: Envoy binds them when its listeners arrive."""
-    s = ctx.settings
-    host = s.bind_host
-
-    def port(wanted: int, bind: str = host) -> int:
-        return wanted or free_port(bind)
-
-    tcp: Mapping[int, int] = {app_port: free_port(host) for app_port in s.tcp_ports}
-    if s.gateway:
-        return EnvoyPorts(
-            admin=admin_port or free_port(), gateway=port(s.gateway_port), tcp_inbound=tcp
-        )
-    return EnvoyPorts(
-        admin=admin_port or free_port(),
-        inbound=port(s.inbound_port),
-        outbound=port(s.outbound_port, "127.0.0.1"),
-        tcp_inbound=tcp,
-    )
-
-
-async def _accepts(host: str, port: int) -> bool:
-    try:
-        _reader, writer = await asyncio.open_connection(host, port)
-    except OSError:
-        return False
-    writer.close()
-    with contextlib.suppress(OSError):
-        await writer.wait_closed()
-    return True
