@@ -43,7 +43,12 @@ from mesh.messages import EndpointSet, EndpointsGetReply, EndpointsGetRequest, S
 from proxy.admin import AdminRoute
 from proxy.dataplane import Addresses, Background, DataPlaneContext
 from proxy.dataplane.envoy_host import accepts, choose_ports, private_state_dir
-from proxy.dataplane.envoy_telemetry import AccessLogService, endpoint_at, request_record
+from proxy.dataplane.envoy_telemetry import (
+    AccessLogService,
+    endpoint_at,
+    request_record,
+    tcp_record,
+)
 from proxy.dataplane.envoy_view import ApplyTracker, EnvoyPorts, mesh_view, proxy_node
 from proxy.dataplane.python import sidecar_telemetry
 from proxy.envoy.bootstrap import BootstrapOptions, build_bootstrap
@@ -118,7 +123,9 @@ class EnvoyDataPlane:
         ports = self._ports = choose_ports(ctx, left.admin_port if left else 0)
         self.telemetry = sidecar_telemetry(ctx)
         if self.telemetry is not None:
-            self._als = AccessLogService(self._dir / "als.sock", self._on_access_log)
+            self._als = AccessLogService(
+                self._dir / "als.sock", self._on_access_log, self._on_tcp_access_log
+            )
             await self._als.start()
         self._node = proxy_node(s, ports, ACCESS_LOG_CLUSTER if self._als else "")
         self._xds = XdsServer(self._dir / "xds.sock", on_status=self._on_xds_status)
@@ -378,6 +385,22 @@ class EnvoyDataPlane:
         )
         if record is not None:
             telemetry.recorder.record_request(record)
+
+    def _on_tcp_access_log(self, entry: Any, log_name: str) -> None:
+        telemetry = self.telemetry
+        if telemetry is None:
+            return
+        found = tcp_record(
+            entry,
+            log_name,
+            workload=telemetry.workload,
+            service_host=telemetry.service_host,
+            destination_of=self._destination_workload,
+        )
+        if found is not None:
+            record, sent, received = found
+            telemetry.recorder.record_tcp_opened(record)
+            telemetry.recorder.record_tcp_closed(record, sent=sent, received=received)
 
     def _destination_workload(self, ref: ServiceRef, address: str) -> Workload | None:
         telemetry, ctx = self.telemetry, self._ctx

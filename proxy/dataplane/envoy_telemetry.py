@@ -5,9 +5,10 @@ recorded, so `istio_*` metrics and access records reach the telemetry service th
 way on both data planes.
 
 `request_record` is pure (tested with entries built in memory); `AccessLogService` is
-the gRPC shell. Not converted yet: spans (Envoy's tracer is not configured), TCP
-connection records, and the caller's app/version labels on the server side (an Envoy
-client sends no peer-metadata header: the source is named by its certificate only).
+the gRPC shell. TCP connections are logged when they close (counted opened and closed
+then). Not converted yet: spans (Envoy's tracer is not configured) and the caller's
+app/version labels on the server side (an Envoy client sends no peer-metadata header:
+the source is named by its certificate only).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import contextlib
 import os
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 from envoy.config.core.v3 import base_pb2
@@ -26,7 +28,7 @@ from mesh.hosts import ServiceRef, service_of_host
 from mesh.identity import IdentityError, parse_spiffe_id
 from mesh.logs import get_logger
 from mesh.messages import Endpoint
-from proxy.telemetry.records import UNKNOWN, RequestRecord, Workload
+from proxy.telemetry.records import UNKNOWN, RequestRecord, TcpRecord, Workload
 
 log = get_logger("proxy.dataplane.envoy_telemetry")
 
@@ -186,10 +188,48 @@ def _source_of(principal: str) -> Workload:
 
 
 def endpoint_at(endpoints: list[Endpoint], address: str) -> Endpoint | None:
+    """The endpoint listening at `address` (its HTTP listener or a TCP relay)."""
     for endpoint in endpoints:
-        if endpoint.address == address:
+        if endpoint.address == address or address in endpoint.tcp_listeners.values():
             return endpoint
     return None
+
+
+# the TCP access-log names the translator gives each listener
+REPORTER_OF_TCP_LOG = {"outbound_tcp": "source", "inbound_tcp": "destination"}
+
+
+def tcp_record(
+    entry: accesslog_pb2.TCPAccessLogEntry,
+    log_name: str,
+    *,
+    workload: Workload,
+    service_host: str,
+    destination_of: Callable[[ServiceRef, str], Workload | None],
+) -> tuple[TcpRecord, int, int] | None:
+    """One closed TCP connection Envoy relayed: its record and the bytes sent (the
+    response direction) and received (the request direction), as Istio counts them.
+    Envoy logs a connection when it closes, so it is counted opened and closed then."""
+    reporter = REPORTER_OF_TCP_LOG.get(log_name)
+    if reporter is None:
+        return None
+    common = entry.common_properties
+    flags = response_flags(common.response_flags)
+    if reporter == "source":
+        ref = _cluster_service(common.upstream_cluster)
+        upstream = _address(common.upstream_remote_address)
+        found = destination_of(ref, upstream) if ref is not None and upstream else None
+        record = TcpRecord(
+            "source", workload, found or Workload(), ref.fqdn if ref else UNKNOWN, UNKNOWN, flags
+        )
+    else:
+        principal = _peer_principal(common)
+        policy = "mutual_tls" if principal else "none"
+        record = TcpRecord(
+            "destination", _source_of(principal), workload, service_host, policy, flags
+        )
+    props = entry.connection_properties
+    return record, props.sent_bytes, props.received_bytes
 
 
 class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):
@@ -199,9 +239,11 @@ class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):
         self,
         socket_path: Path,
         on_entry: Callable[[accesslog_pb2.HTTPAccessLogEntry, str], None],
+        on_tcp_entry: Callable[[accesslog_pb2.TCPAccessLogEntry, str], None],
     ):
         self.socket_path = socket_path
         self.on_entry = on_entry
+        self.on_tcp_entry = on_tcp_entry
         self.entries = 0
         self.failures = 0
         self._server: grpc.aio.Server | None = None
@@ -237,11 +279,16 @@ class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):
             if message.HasField("identifier"):
                 log_name = message.identifier.log_name
             for entry in message.http_logs.log_entry:
-                self.entries += 1
-                try:
-                    self.on_entry(entry, log_name)
-                except Exception as e:
-                    self.failures += 1
-                    if self.failures == 1 or self.failures % 10_000 == 0:
-                        log.error("envoy.access_log_failed", failures=self.failures, error=repr(e))
+                self._handle(self.on_entry, entry, log_name)
+            for tcp_entry in message.tcp_logs.log_entry:
+                self._handle(self.on_tcp_entry, tcp_entry, log_name)
         return als_pb2.StreamAccessLogsResponse()
+
+    def _handle(self, handler: Callable[[Any, str], None], entry: Any, log_name: str) -> None:
+        self.entries += 1
+        try:
+            handler(entry, log_name)
+        except Exception as e:
+            self.failures += 1
+            if self.failures == 1 or self.failures % 10_000 == 0:
+                log.error("envoy.access_log_failed", failures=self.failures, error=repr(e))

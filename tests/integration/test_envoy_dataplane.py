@@ -328,9 +328,11 @@ async def test_tcp_relay_between_envoy_sidecars(nats_server, etcd_server, prefix
     app_port = app.sockets[0].getsockname()[1]
     try:
         async with MeshHarness(nats_server.url, etcd_server.url, prefix) as mesh:
-            await mesh.sidecar("cache", "v1", app=False, tcp_ports=[app_port], dataplane="envoy")
+            server = await mesh.sidecar(
+                "cache", "v1", app=False, tcp_ports=[app_port], dataplane="envoy"
+            )
             local = free_port()
-            await mesh.sidecar(
+            client = await mesh.sidecar(
                 "client",
                 "v1",
                 app=False,
@@ -351,6 +353,21 @@ async def test_tcp_relay_between_envoy_sidecars(nats_server, etcd_server, prefix
                 return got == payload
 
             assert await eventually(roundtrip, timeout=20, interval=0.2)
+
+            def tcp_closed(sc: Any, reporter: str) -> float:
+                total = 0.0
+                for metric in sc.dataplane.telemetry.recorder.collect():
+                    for sample in metric.samples:
+                        if (
+                            sample.name == "istio_tcp_connections_closed_total"
+                            and sample.labels.get("reporter") == reporter
+                        ):
+                            total += sample.value
+                return total
+
+            # Envoy's TCP access logs: each side counts the relayed connections
+            await eventually(lambda: tcp_closed(client, "source") >= 1, timeout=15)
+            await eventually(lambda: tcp_closed(server, "destination") >= 1, timeout=15)
     finally:
         app.close()
 

@@ -77,3 +77,28 @@ def test_flags_use_envoys_short_names_and_unknown_logs_are_skipped() -> None:
     e.common_properties.upstream_remote_address.socket_address.port_value = 1
     r = request_record(e, "outbound", workload=ME, service_host=HOST, destination_of=lookup)
     assert r is not None and r.destination == Workload()
+
+
+def test_a_tcp_entry_counts_bytes_as_istio_does() -> None:
+    from proxy.dataplane.envoy_telemetry import tcp_record
+
+    e = accesslog_pb2.TCPAccessLogEntry()
+    e.common_properties.upstream_cluster = "outbound|6379||cache.default.svc.cluster.local"
+    e.common_properties.upstream_remote_address.socket_address.address = "127.0.0.1"
+    e.common_properties.upstream_remote_address.socket_address.port_value = 15006
+    e.connection_properties.received_bytes = 10  # from the client: the request direction
+    e.connection_properties.sent_bytes = 99  # to the client: the response direction
+
+    def cache(ref: ServiceRef, address: str) -> Workload | None:
+        return REVIEWS_V2 if ref == ServiceRef("default", "cache") else None
+
+    found = tcp_record(e, "outbound_tcp", workload=ME, service_host=HOST, destination_of=cache)
+    assert found is not None
+    record, sent, received = found
+    assert (record.reporter, record.source, record.destination) == ("source", ME, REVIEWS_V2)
+    assert record.destination_service == "cache.default.svc.cluster.local"
+    assert (sent, received) == (99, 10)
+    inbound = tcp_record(e, "inbound_tcp", workload=ME, service_host=HOST, destination_of=cache)
+    assert inbound is not None and inbound[0].security_policy == "none"
+    assert inbound[0].destination == ME and inbound[0].destination_service == HOST
+    assert tcp_record(e, "inbound", workload=ME, service_host=HOST, destination_of=cache) is None
