@@ -83,6 +83,8 @@ class DemoSettings:
     trace_sampling: float = 100.0
     ingress_port: int = 0
     apps_dir: Path = BOOKINFO_DIR
+    # the data plane of every demo sidecar and the gateway (`--dataplane`)
+    dataplane: str = "python"
 
 
 @dataclass
@@ -387,6 +389,7 @@ class DevCluster:
             "--inbound-port", str(inbound),
             "--outbound-port", str(outbound),
             "--trace-sampling", f"{demo.trace_sampling:g}",
+            "--dataplane", demo.dataplane,
             "--", sys.executable, str(demo.apps_dir / f"{service}.py"),
         ]  # fmt: skip
         proc = ManagedProcess(name, args, self.state_dir / "logs" / f"{name}.log")
@@ -394,6 +397,7 @@ class DevCluster:
         record = {
             "service": service,
             "version": version,
+            "dataplane": demo.dataplane,
             "pid": proc.pid,
             "admin": f"http://127.0.0.1:{admin}",
             "inbound": f"127.0.0.1:{inbound}",
@@ -411,6 +415,7 @@ class DevCluster:
             "--admin-port", str(admin),
             "--instance", "ingressgateway-0",
             "--trace-sampling", f"{demo.trace_sampling:g}",
+            "--dataplane", demo.dataplane,
         ]  # fmt: skip
         proc = ManagedProcess(
             "ingressgateway", args, self.state_dir / "logs" / "ingressgateway.log"
@@ -418,6 +423,7 @@ class DevCluster:
         proc.start()
         record = {
             "pid": proc.pid,
+            "dataplane": demo.dataplane,
             "admin": f"http://127.0.0.1:{admin}",
             "http": f"http://127.0.0.1:{port}",
             "log": str(proc.log_path),

@@ -34,9 +34,24 @@ from structlog.tracebacks import ExceptionDictTransformer
 _generation = 0
 
 
+class _CurrentStderr:
+    """Whatever `sys.stderr` is when a line is written, not when `configure()` ran: a
+    process (or a test harness) may replace it later, and a logger must never write to
+    a stream that was closed since."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+    def isatty(self) -> bool:
+        return sys.stderr.isatty()
+
+
 def configure(level: str | None = None, *, json: bool | None = None, stream: Any = None) -> None:
     global _generation
-    stream = stream or sys.stderr
+    stream = stream or _CurrentStderr()
     level_name = (level or os.environ.get("MESH_LOG_LEVEL", "info")).upper()
     if json is None:
         env = os.environ.get("MESH_LOG_FORMAT")

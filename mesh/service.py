@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import signal
 import socket
 import time
 import uuid
@@ -26,6 +25,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from mesh.bus import Bus
 from mesh.election import Election
+from mesh.lifecycle import StopSignal
 from mesh.logs import get_logger
 from mesh.store import Store
 
@@ -79,7 +79,7 @@ class ControlPlaneService:
         self.election: Election | None = None
         self.ready = False
         self.started_at = time.time()
-        self._stopping = asyncio.Event()
+        self._stopping = StopSignal()
         self.http_port = config.http_port
 
     # ------------------------------------------------------------ hooks
@@ -105,13 +105,10 @@ class ControlPlaneService:
         return self.election is not None and self.election.is_leader
 
     def stop(self) -> None:
-        self._stopping.set()
+        self._stopping.request()
 
     async def run(self) -> None:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop.add_signal_handler(sig, self.stop)
+        self._stopping.install()
         runner = await self._start_http()
         self.store = Store(
             self.config.etcd,

@@ -9,7 +9,7 @@ breaker thresholds, counts and overflows, retry budget and retry/timeout counter
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from aiohttp import web
@@ -18,6 +18,8 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from proxy.destinations import DestinationCache
 from proxy.stats import ProxyStats
+
+AdminRoute = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 class AdminServer:
@@ -31,6 +33,7 @@ class AdminServer:
         extra_metrics: Callable[[], bytes] | None = None,
         certs: Callable[[], dict[str, Any] | None] | None = None,
         mirrors: Callable[[], dict[str, Any] | None] | None = None,
+        overrides: Mapping[str, AdminRoute] | None = None,
     ):
         self.ready = ready
         self.stats = stats
@@ -39,16 +42,22 @@ class AdminServer:
         self.extra_metrics = extra_metrics
         self.certs = certs
         self.mirrors = mirrors
+        # paths the data plane serves itself (Envoy's own config dump and stats)
+        self.overrides = dict(overrides or {})
         self.runner: web.AppRunner | None = None
         self.port = 0
 
     async def start(self, host: str, port: int) -> int:
         app = web.Application()
-        app.router.add_get("/ready", self._ready)
-        app.router.add_get("/stats/prometheus", self._stats)
-        app.router.add_get("/config_dump", self._config_dump)
-        app.router.add_get("/clusters", self._clusters)
-        app.router.add_get("/certs", self._certs)
+        routes: dict[str, AdminRoute] = {
+            "/ready": self._ready,
+            "/stats/prometheus": self._stats,
+            "/config_dump": self._config_dump,
+            "/clusters": self._clusters,
+            "/certs": self._certs,
+        }
+        for path, handler in {**routes, **self.overrides}.items():
+            app.router.add_get(path, handler)
         self.runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self.runner.setup()
         site = web.TCPSite(self.runner, host, port)

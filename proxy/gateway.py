@@ -12,7 +12,7 @@ from mesh.compiled import GatewayConfig
 from mesh.logs import get_logger
 from mesh.messages import FetchRequest, SubscriptionStatus
 from proxy.outbound import RouteHandler
-from proxy.routing import InvalidRouteConfig, compile_gateway
+from proxy.routing import CompiledRoutes, InvalidRouteConfig, compile_gateway
 from proxy.settings import SidecarSettings
 
 log = get_logger("proxy.gateway")
@@ -29,8 +29,12 @@ class GatewayFollower:
         self.routes: RouteHandler | None = None
 
     def attach(self, routes: RouteHandler) -> None:
+        """The Python data plane's route handler serves the gateway's routes, those
+        applied already (the follower starts before the data plane) and every later."""
         self.routes = routes
         routes.gateway_mode = True
+        if self.config is not None:
+            self._install(self.config, compile_gateway(self.config))
 
     async def start(self) -> None:
         await self.bus.subscribe(self.subject, GatewayConfig, self._on_config)
@@ -73,13 +77,16 @@ class GatewayFollower:
             self.on_change()
             return False
         self.config = config
-        if self.routes is not None:
-            self.routes.caller = dataclasses.replace(self.routes.caller, gateway=config.name)
-            self.routes.gateway_routes = compiled
+        self._install(config, compiled)
         self.status = SubscriptionStatus(subject=self.subject, revision=config.revision)
         log.info("gateway.applied", revision=config.revision, gateways=config.name)
         self.on_change()
         return True
+
+    def _install(self, config: GatewayConfig, compiled: CompiledRoutes) -> None:
+        if self.routes is not None:
+            self.routes.caller = dataclasses.replace(self.routes.caller, gateway=config.name)
+            self.routes.gateway_routes = compiled
 
     def statuses(self) -> list[SubscriptionStatus]:
         return [self.status]

@@ -7,6 +7,9 @@ import socket
 import uuid
 from dataclasses import dataclass, field
 
+# the data planes a sidecar can drive (proxy.dataplane)
+DATAPLANES = ("python", "envoy")
+
 
 @dataclass
 class SidecarSettings:
@@ -45,8 +48,15 @@ class SidecarSettings:
     # verify the control plane's signature on config, endpoints and the trust bundle
     # (mesh.signing); off only with `--no-config-signatures`, for a mesh without a CA
     config_signatures: bool = True
+    # which data plane carries the traffic (proxy.dataplane): our Python listeners or
+    # an Envoy process configured over xDS
+    dataplane: str = "python"
 
     def __post_init__(self) -> None:
+        if self.dataplane not in DATAPLANES:
+            raise ValueError(
+                f"dataplane must be one of {', '.join(DATAPLANES)}, got {self.dataplane!r}"
+            )
         self.labels = {
             "app": self.service,
             **({"version": self.version} if self.version else {}),

@@ -1,66 +1,51 @@
-"""The sidecar process: listeners, registration, config following, the app's lifecycle.
+"""The sidecar agent: identity, registration, config following, status reports and the
+app's lifecycle, driving a data plane (`proxy.dataplane`: our Python listeners or
+Envoy) that carries the traffic.
 
-Start order (DESIGN §7): admin listener (not ready), bus, certificate, data
-listeners, register, ready — and only then the app, with HTTP_PROXY pointing at the
-outbound listener, so the app never runs before the mesh is ready. An app the sidecar
-starts is registered `starting` (no traffic) until it accepts connections, then
-`healthy`. SIGTERM: mark the instance draining, keep serving while clients see that
-and in-flight requests finish (bounded), stop the app, deregister, exit. An app that
-exits by itself makes the sidecar exit with the app's exit code.
+One lifecycle, ordered (DESIGN §7). Start: admin listener (not ready), bus, followers
+and status reporter, certificate, data plane, register, ready — and only then the app,
+with HTTP_PROXY pointing at the outbound listener, so the app never runs before the
+mesh is ready. An app the sidecar starts is registered `starting` (no traffic) until
+it accepts connections, then `healthy`. Every step that has started registers its
+cleanup on one exit stack: a stop at any point (SIGTERM, SIGINT, `stop()`, the app
+exiting) unwinds exactly what started, in reverse order. Stop once serving: mark the
+instance draining, let the data plane drain while clients see that (bounded), stop
+the app, deregister, then close the data plane, identity, bus and admin listener. An
+app that exits by itself makes the sidecar exit with the app's exit code.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import random
-import signal
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
+from mesh import errors
 from mesh.bus import Bus
 from mesh.bus_permissions import sidecar_inbox
-from mesh.hosts import ServiceRef
+from mesh.ca_messages import TrustBundle
+from mesh.lifecycle import StopRequested, StopSignal
 from mesh.logs import get_logger
 from mesh.messages import Instance, SubscriptionStatus
-from mesh.telemetry import new_reporter_id
 from proxy.admin import AdminServer
+from proxy.app_process import ManagedApp, app_env, healthy_when_listening
+from proxy.dataplane import Addresses, DataPlane, DataPlaneContext, make_dataplane
 from proxy.destinations import DestinationCache
-from proxy.forward import Outcome, PoolSet
 from proxy.gateway import GatewayFollower
-from proxy.http import Exchange, Limits, Request, serve
-from proxy.http.server import HttpServerProtocol
+from proxy.http import Limits
 from proxy.identity_client import ConfigTrust, IdentityRefused, WorkloadIdentity
-from proxy.inbound import InboundHandler
 from proxy.inbound_policy import InboundPolicyFollower
-from proxy.listener import MeshListener
-from proxy.mtls import MeshTls
-from proxy.outbound import Caller, RouteHandler
 from proxy.registration import Registration
 from proxy.settings import SidecarSettings
 from proxy.stats import ProxyStats
 from proxy.status_report import StatusReporter
-from proxy.tcp import TcpRelays, parse_tcp_upstream
-from proxy.telemetry import (
-    InboundSeen,
-    Sampler,
-    SidecarTelemetry,
-    TelemetryPublisher,
-    TelemetryRecorder,
-    own_workload,
-)
 
 log = get_logger("proxy.sidecar")
 
 # how long a stopping sidecar keeps serving after announcing `draining`, for the
 # registry event to reach every client proxy before its listeners stop mattering
 DRAIN_ANNOUNCE_S = 1.0
-# how often a sidecar checks whether the app it started listens yet
-APP_POLL_S = 0.05
-
-Handler = Callable[[Request, Exchange], Awaitable[None]]
 
 
 class Sidecar:
@@ -69,18 +54,17 @@ class Sidecar:
         settings: SidecarSettings,
         app_command: list[str] | None = None,
         limits: Limits | None = None,
+        dataplane: DataPlane | None = None,
     ):
         self.settings = settings
-        self.app_command = app_command or []
         self.limits = limits or Limits()
         self.stats = ProxyStats()
+        self.dataplane = dataplane or make_dataplane(settings.dataplane, self.limits)
+        self.app = ManagedApp(app_command, settings.app_port) if app_command else None
         self.ready = False
         self.draining = False
-        self.active = 0
-        self.app: asyncio.subprocess.Process | None = None
-        self.servers: list[asyncio.AbstractServer] = []
         self.ports: dict[str, int] = {}
-        self._stop = asyncio.Event()
+        self._stop = StopSignal()
         self._exit_code = 0
         self.bus: Bus
         self.cache: DestinationCache
@@ -89,77 +73,14 @@ class Sidecar:
         self.identity: WorkloadIdentity | None = None
         self.trust: ConfigTrust | None = None
         self.inbound_policy: InboundPolicyFollower | None = None
-        self.servers_extra: list[MeshListener] = []
-        self.routes: RouteHandler | None = None
 
-    # ------------------------------------------------------------ handlers
-
-    def _counted(
-        self,
-        listener: str,
-        handle: Callable[[Request, Exchange], Awaitable[Outcome]],
-        telemetry: SidecarTelemetry | None = None,
-    ) -> Handler:
-        if telemetry is not None:
-            return self._counted_traced(listener, handle, telemetry)
-
-        async def handler(req: Request, ex: Exchange) -> None:
-            self.active += 1
-            outcome: Outcome | None = None
-            try:
-                if self.draining:
-                    # tell keep-alive clients to reconnect (to another instance)
-                    ex.close_after = True
-                outcome = await handle(req, ex)
-            finally:
-                self.active -= 1
-                if outcome is not None:
-                    self.stats.count(listener, outcome.status, outcome.flags)
-                else:
-                    self.stats.count(listener, 0, "DC")
-
-        return handler
-
-    def _counted_traced(
-        self,
-        listener: str,
-        handle: Callable[[Request, Exchange], Awaitable[Outcome]],
-        telemetry: SidecarTelemetry,
-    ) -> Handler:
-        """`_counted` with the inbound telemetry (`SidecarTelemetry.inbound`) done in
-        the same coroutine: one coroutine fewer per request."""
-
-        async def handler(req: Request, ex: Exchange) -> None:
-            self.active += 1
-            outcome: Outcome | None = None
-            seen: InboundSeen | None = None
-            try:
-                seen = telemetry.inbound_start(req)
-                if self.draining:
-                    ex.close_after = True
-                outcome = await handle(req, ex)
-            finally:
-                self.active -= 1
-                if outcome is not None:
-                    self.stats.count(listener, outcome.status, outcome.flags)
-                else:
-                    self.stats.count(listener, 0, "DC")
-                if seen is not None:
-                    telemetry.inbound_done(req, ex, outcome, seen)
-
-        return handler
-
-    # ------------------------------------------------------------ lifecycle
+    @property
+    def pools(self) -> Any:
+        """The Python data plane's upstream connection pools (tests and benchmarks)."""
+        return getattr(self.dataplane, "pools", None)
 
     def stop(self) -> None:
-        self._stop.set()
-
-    async def _listen(self, name: str, handler: Handler, port: int, host: str) -> int:
-        server = await serve(handler, host, port, limits=self.limits)
-        self.servers.append(server)
-        bound = int(server.sockets[0].getsockname()[1])
-        self.ports[name] = bound
-        return bound
+        self._stop.request()
 
     def info(self) -> dict[str, Any]:
         s = self.settings
@@ -175,67 +96,88 @@ class Sidecar:
             "ready": self.ready,
             "draining": self.draining,
             "listeners": self.ports,
+            "dataplane": self.dataplane.info(),
         }
 
+    # ------------------------------------------------------------ lifecycle
+
     async def run(self) -> int:
+        self._stop.install()
+        async with contextlib.AsyncExitStack() as started:
+            try:
+                registration = await self._start(started)
+            except StopRequested:
+                return self._exit_code
+            except errors.MeshError as e:
+                # e.g. the data plane could not start: said once, no traceback
+                log.error("sidecar.start_failed", instance=self.settings.instance, error=str(e))
+                return 1
+            await self._serve(registration)
+        return self._exit_code
+
+    async def _start(self, started: contextlib.AsyncExitStack) -> Registration:
+        """Every start-up step, in order; each pushes its own cleanup on `started`. A
+        stop request during a wait raises StopRequested."""
         s = self.settings
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop.add_signal_handler(sig, self.stop)
-        self.app_pools = PoolSet(self.limits)
-        self.pools = PoolSet(self.limits)
-        self.bus_ready = asyncio.Event()
         admin = AdminServer(
             ready=lambda: self.ready,
             stats=self.stats,
             cache=lambda: getattr(self, "cache", None),
             info=self.info,
             certs=self._certs,
-            mirrors=lambda: self.routes.mirrors.snapshot() if self.routes is not None else None,
+            mirrors=self.dataplane.mirrors,
+            overrides=self.dataplane.admin_routes(),
         )
         self.ports["admin"] = await admin.start(s.bind_host, s.admin_port)
-        try:
-            connect = asyncio.create_task(
-                Bus.connect(
-                    s.nats,
-                    name=f"sidecar:{s.instance}",
-                    prefix=s.prefix,
-                    user=s.nats_user,
-                    password=s.nats_password,
-                    wait_for_server=True,
-                    inbox_prefix=sidecar_inbox(s.prefix),
-                ),
-                name="sidecar:connect",
+        started.push_async_callback(admin.stop)
+        self.bus = await self._stop.unless_stopped(
+            Bus.connect(
+                s.nats,
+                name=f"sidecar:{s.instance}",
+                prefix=s.prefix,
+                user=s.nats_user,
+                password=s.nats_password,
+                wait_for_server=True,
+                inbox_prefix=sidecar_inbox(s.prefix),
             )
-            stop_wait = asyncio.create_task(self._stop.wait(), name="sidecar:stop-wait")
-            await asyncio.wait({connect, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
-            if not connect.done():
-                connect.cancel()
-                return 0
-            stop_wait.cancel()
-            self.bus = connect.result()
-            return await self._run_connected(admin)
-        finally:
-            await admin.stop()
+        )
+        started.push_async_callback(self.bus.close)
+        await self._follow_config()
+        await self._obtain_identity(started)
+        if self.inbound_policy is not None:
+            await self.inbound_policy.start()
+        if self.gateway is not None:
+            await self.gateway.start()
+        started.push_async_callback(self.dataplane.stop)
+        addresses = await self.dataplane.start(
+            DataPlaneContext(
+                settings=s,
+                bus=self.bus,
+                stats=self.stats,
+                limits=self.limits,
+                destinations=self.cache,
+                inbound_policy=self.inbound_policy,
+                gateway=self.gateway,
+                identity=self.identity,
+                status_changed=self.reporter.changed,
+            )
+        )
+        self.ports.update(addresses.listeners)
+        registration = Registration(self.bus, self._instance(addresses), ttl=s.register_ttl)
+        await registration.listen_for_resync()
+        await self._stop.unless_stopped(registration.register_until_done())
+        self.ready = True
+        return registration
 
-    async def _run_connected(self, admin: AdminServer) -> int:
+    async def _follow_config(self) -> None:
+        """Destinations (on demand), the inbound policy or the gateway's config, the
+        status reporter, and signature checking."""
         s = self.settings
-        self.cache = DestinationCache(self.bus, on_change=lambda: self.reporter.changed())
+        self.cache = DestinationCache(self.bus, on_change=self._config_changed)
         if s.gateway:
-            self.gateway = GatewayFollower(self.bus, s, on_change=lambda: self.reporter.changed())
+            self.gateway = GatewayFollower(self.bus, s, on_change=self._config_changed)
         else:
-            self.inbound_policy = InboundPolicyFollower(
-                self.bus, s, on_change=lambda: self.reporter.changed()
-            )
-
-        def statuses() -> list[SubscriptionStatus]:
-            out = self.cache.subscription_statuses()
-            for follower in (self.gateway, self.inbound_policy):
-                if follower is not None:
-                    out.extend(follower.statuses())
-            return out
-
+            self.inbound_policy = InboundPolicyFollower(self.bus, s, on_change=self._config_changed)
         self.reporter = StatusReporter(
             self.bus,
             proxy=s.instance,
@@ -244,7 +186,7 @@ class Sidecar:
             version=s.version,
             labels=s.labels,
             kind="gateway" if s.gateway else "sidecar",
-            statuses=statuses,
+            statuses=self._statuses,
         )
         await self.reporter.listen_for_requests()
         self.bus.on_reconnect(self._resync)
@@ -257,212 +199,131 @@ class Sidecar:
                 detail="config and endpoints are applied without verifying the control "
                 "plane's signature (--no-config-signatures: a mesh without a CA)",
             )
-        if s.mtls:
-            if not await self._obtain_identity():
-                return self._exit_code
-        elif self.trust is not None and not await self._until_stopped(self.trust.obtain()):
-            return 0
-        caller = Caller(namespace=s.namespace, labels=s.labels)
-        telemetry = self._telemetry()
-        routes = self.routes = RouteHandler(caller, self.cache, self.pools, telemetry=telemetry)
-        if self.inbound_policy is not None:
-            await self.inbound_policy.start()
-        identity, policy = self.identity, self.inbound_policy
-        self.tcp = TcpRelays(
-            self.cache,
-            self.stats.registry,
-            telemetry=telemetry,
-            tls=self.pools.tls if isinstance(self.pools.tls, MeshTls) else None,
-            inbound_context=(lambda: identity.inbound_context()) if identity else None,
-            inbound_mode=policy.mode if policy is not None else None,
-            authorizer=(lambda: policy.authorizer) if policy is not None else None,
-            count_dry_run=self.stats.count_dry_run,
-        )
-        tcp_listeners: dict[str, str] = {}
-        if s.tcp_ports:
-            tcp_listeners = await self.tcp.start_inbound(s.bind_host, s.tcp_ports)
-        if s.tcp_upstreams:
-            upstreams = [parse_tcp_upstream(spec, s.namespace) for spec in s.tcp_upstreams]
-            await self.tcp.start_outbound(upstreams)
-        self.ports.update(self.tcp.ports)
-        if s.gateway:
-            assert self.gateway is not None
-            self.gateway.attach(routes)
-            address_port = await self._listen(
-                "gateway", self._counted("gateway", routes.handle), s.gateway_port, s.bind_host
-            )
-        else:
-            assert self.inbound_policy is not None
-            inbound = InboundHandler(s, self.app_pools, self.inbound_policy, self.stats)
-            address_port = await self._listen_inbound(
-                self._counted("inbound", inbound.handle, telemetry)
-            )
-            await self._listen(
-                "outbound", self._counted("outbound", routes.handle), s.outbound_port, "127.0.0.1"
-            )
-        instance = Instance(
-            namespace=s.namespace,
-            service=s.service,
-            instance=s.instance,
-            address=f"{s.bind_host}:{address_port}",
-            version=s.version,
-            labels=s.labels,
-            service_account=s.service_account,
-            identity=s.identity if s.mtls else "",
-            tcp_ports=s.tcp_ports,
-            tcp_listeners=tcp_listeners,
-            admin=f"http://{s.bind_host}:{self.ports['admin']}",
-            # an app we start gets traffic once it listens (see _serving_when_app_listens)
-            status="starting" if self.app_command else "healthy",
-        )
-        registration = Registration(self.bus, instance, ttl=s.register_ttl)
-        await registration.listen_for_resync()
-        try:
-            async with asyncio.TaskGroup() as tg:
-                registering = tg.create_task(
-                    self._become_ready(registration), name="sidecar:register"
-                )
-                stop_wait = tg.create_task(self._stop.wait(), name="sidecar:stop-wait")
-                await asyncio.wait({registering, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
-                if self._stop.is_set():
-                    registering.cancel()
-                    return 0
-                tasks = [
-                    tg.create_task(registration.heartbeat_forever(), name="sidecar:heartbeat"),
-                    tg.create_task(self.reporter.run(), name="sidecar:status"),
-                    tg.create_task(self.cache.resync_forever(), name="sidecar:resync"),
-                ]
-                if telemetry is not None:
-                    # cancelled last, after the drain: its final flush (bounded) sends
-                    # what the drained requests recorded
-                    publisher = TelemetryPublisher(
-                        telemetry.recorder, self.bus, before_flush=self.tcp.report_telemetry
-                    )
-                    tasks.append(tg.create_task(publisher.run(), name="sidecar:telemetry"))
-                if self.identity is not None:
-                    tasks.append(tg.create_task(self.identity.run(), name="sidecar:identity"))
-                if self.gateway is not None:
-                    await self.gateway.start()
-                if self.app_command:
-                    self.app = await asyncio.create_subprocess_exec(
-                        *self.app_command, env=self._app_env()
-                    )
-                    tasks.append(tg.create_task(self._watch_app(self.app), name="sidecar:app"))
-                    tasks.append(
-                        tg.create_task(
-                            self._serving_when_app_listens(registration), name="sidecar:serving"
-                        )
-                    )
-                log.info("sidecar.ready", instance=s.instance, listeners=self.ports)
-                await self._stop.wait()
-                await self._shutdown(registration)
-                for task in tasks:
-                    task.cancel()
-        finally:
-            for server in self.servers:
-                server.close()
-            for listener in self.servers_extra:
-                listener.close()
-            if self.identity is not None:
-                await self.identity.close()
-            self.tcp.close()
-            routes.close()
-            self.pools.close()
-            self.app_pools.close()
-            await self.bus.close()
-        return self._exit_code
 
-    async def _obtain_identity(self) -> bool:
-        """The first workload certificate, before any listener opens (retrying while
-        the CA is unreachable; a stop request ends the wait). False: do not start."""
+    async def _obtain_identity(self, started: contextlib.AsyncExitStack) -> None:
+        """The first workload certificate, before the data plane starts (retrying while
+        the CA is unreachable); without mTLS, the trust bundle that config signatures
+        are checked against. A refused certificate stops the sidecar with exit code 1."""
         s = self.settings
+        if not s.mtls:
+            if self.trust is not None:
+                await self._stop.unless_stopped(self.trust.obtain())
+            return
         self.identity = WorkloadIdentity(
             self.bus,
             namespace=s.namespace,
             service_account=s.service_account,
             trust_domain=s.trust_domain,
             token=s.token,
-            on_bundle=self.trust.install if self.trust is not None else None,
+            on_bundle=self._identity_changed,
         )
-        obtain = asyncio.create_task(self.identity.start(), name="sidecar:certificate")
-        stop_wait = asyncio.create_task(self._stop.wait(), name="sidecar:stop-wait")
-        await asyncio.wait({obtain, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
-        stop_wait.cancel()
-        if not obtain.done():
-            obtain.cancel()
-            return False
+        started.push_async_callback(self.identity.close)
         try:
-            snapshot = obtain.result()
+            snapshot = await self._stop.unless_stopped(self.identity.start())
         except IdentityRefused as e:
             log.error("sidecar.identity_refused", identity=s.identity, error=e.message)
             self._exit_code = 1
-            return False
-        self.pools.tls = MeshTls(self.identity)
+            raise StopRequested from None
         log.info("sidecar.certificate", identity=snapshot.spiffe_id, serial=snapshot.serial)
-        return True
 
-    async def _until_stopped(self, work: Awaitable[None]) -> bool:
-        """Run `work` unless a stop request comes first (then False)."""
-        task = asyncio.ensure_future(work)
-        stop_wait = asyncio.create_task(self._stop.wait(), name="sidecar:stop-wait")
-        await asyncio.wait({task, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
-        stop_wait.cancel()
-        if not task.done():
-            task.cancel()
-            return False
-        task.result()
-        return True
-
-    async def _listen_inbound(self, handler: Handler) -> int:
-        """The inbound listener: mTLS, plaintext or both, as PeerAuthentication says."""
+    def _instance(self, addresses: Addresses) -> Instance:
         s = self.settings
-        identity = self.identity
-        policy = self.inbound_policy
-        assert policy is not None
-        listener = MeshListener(
-            lambda: HttpServerProtocol(handler, self.limits),
-            context=(lambda: identity.inbound_context()) if identity is not None else lambda: None,
-            mode=lambda: policy.mode(s.app_port),
-            name="inbound",
-        )
-        port = await listener.start(s.bind_host, s.inbound_port)
-        self.servers_extra.append(listener)
-        self.ports["inbound"] = port
-        return port
-
-    def _certs(self) -> dict[str, Any] | None:
-        return self.identity.certs_info() if self.identity is not None else None
-
-    def _telemetry(self) -> SidecarTelemetry | None:
-        """The recorder (its `istio_*` series on the admin `/stats/prometheus`) and what
-        the listeners call per request; None with `--no-telemetry`."""
-        s = self.settings
-        if not s.telemetry:
-            return None
-        recorder = TelemetryRecorder(
-            reporter_id=new_reporter_id(s.instance, random.getrandbits(32)),
+        return Instance(
             namespace=s.namespace,
             service=s.service,
             instance=s.instance,
-        )
-        self.stats.registry.register(recorder)
-        workload = own_workload(
-            service=s.service,
-            namespace=s.namespace,
+            address=f"{s.bind_host}:{addresses.service_port}",
             version=s.version,
             labels=s.labels,
+            service_account=s.service_account,
             identity=s.identity if s.mtls else "",
-        )
-        return SidecarTelemetry(
-            recorder,
-            workload=workload,
-            service_host=ServiceRef(s.namespace, s.service).fqdn,
-            sampler=Sampler(s.trace_sampling / 100.0),
+            tcp_ports=s.tcp_ports,
+            tcp_listeners=addresses.tcp_listeners,
+            admin=f"http://{s.bind_host}:{self.ports['admin']}",
+            # an app we start gets traffic once it listens (see healthy_when_listening)
+            status="starting" if self.app is not None else "healthy",
         )
 
-    async def _become_ready(self, registration: Registration) -> None:
-        await registration.register_until_done()
-        self.ready = True
+    async def _serve(self, registration: Registration) -> None:
+        """Registered and ready: the background tasks and the app run until a stop
+        request; then drain and leave, and cancel the tasks."""
+        s = self.settings
+        async with asyncio.TaskGroup() as tg:
+            work = [
+                ("heartbeat", registration.heartbeat_forever),
+                ("status", self.reporter.run),
+                ("resync", self.cache.resync_forever),
+                *self.dataplane.background(),
+            ]
+            if self.identity is not None:
+                work.append(("identity", self.identity.run))
+            tasks = [tg.create_task(fn(), name=f"sidecar:{name}") for name, fn in work]
+            if self.app is not None:
+                await self.app.start(
+                    app_env(
+                        s,
+                        outbound=f"http://127.0.0.1:{self.ports['outbound']}",
+                        admin=f"http://{s.bind_host}:{self.ports['admin']}",
+                    )
+                )
+                tasks.append(tg.create_task(self._watch_app(self.app), name="sidecar:app"))
+                healthy = healthy_when_listening(
+                    self.app,
+                    stopping=lambda: self.draining,
+                    mark_healthy=lambda: registration.register_until_done(status="healthy"),
+                )
+                tasks.append(tg.create_task(healthy, name="sidecar:serving"))
+            log.info("sidecar.ready", instance=s.instance, listeners=self.ports)
+            await self._stop.wait()
+            await self._drain_and_leave(registration)
+            for task in tasks:
+                task.cancel()
+
+    async def _drain_and_leave(self, registration: Registration) -> None:
+        """Drain, then stop: announce `draining` (clients stop choosing this instance
+        and close their connections to it on their next response), let the data plane
+        serve while that spreads and in-flight requests finish, and only then stop the
+        app and deregister, so no client request meets a stopped app."""
+        s = self.settings
+        log.info("sidecar.stopping", instance=s.instance)
+        self.draining = True
+        self.ready = False
+        deadline = time.monotonic() + s.drain_timeout
+        drained = asyncio.create_task(self.dataplane.drain(deadline), name="sidecar:drain")
+        with contextlib.suppress(Exception):
+            await registration.register(status="draining")
+        await asyncio.gather(asyncio.sleep(min(DRAIN_ANNOUNCE_S, s.drain_timeout)), drained)
+        if self.app is not None:
+            await self.app.stop(max(1.0, deadline - time.monotonic()))
+        await registration.deregister()
+        await self.reporter.goodbye()
+        log.info("sidecar.stopped", instance=s.instance, dataplane=self.dataplane.info())
+
+    async def _watch_app(self, app: ManagedApp) -> None:
+        code = await app.wait_exit()
+        if not self._stop.is_set():
+            log.info("sidecar.app_exited", code=code)
+            self._exit_code = code
+            self.stop()
+
+    # ------------------------------------------------------------ followers
+
+    def _config_changed(self) -> None:
+        self.reporter.changed()
+        self.dataplane.config_changed()
+
+    def _identity_changed(self, bundle: TrustBundle) -> None:
+        """A certificate or trust bundle was installed (called by WorkloadIdentity)."""
+        if self.trust is not None:
+            self.trust.install(bundle)
+        self.dataplane.identity_changed()
+
+    def _statuses(self) -> list[SubscriptionStatus]:
+        out = self.cache.subscription_statuses()
+        for follower in (self.gateway, self.inbound_policy):
+            if follower is not None:
+                out.extend(follower.statuses())
+        return self.dataplane.statuses(out)
 
     async def _resync(self) -> None:
         await self.cache.resync()
@@ -472,73 +333,5 @@ class Sidecar:
             await self.inbound_policy.refresh()
         self.reporter.changed()
 
-    def _app_env(self) -> dict[str, str]:
-        proxy = f"http://127.0.0.1:{self.ports['outbound']}"
-        env = dict(os.environ)
-        env.update(
-            HTTP_PROXY=proxy,
-            http_proxy=proxy,
-            NO_PROXY="localhost,127.0.0.1",
-            no_proxy="localhost,127.0.0.1",
-            MESH_SERVICE=self.settings.service,
-            MESH_NAMESPACE=self.settings.namespace,
-            MESH_VERSION=self.settings.version,
-            MESH_INSTANCE=self.settings.instance,
-            PORT=str(self.settings.app_port),
-            MESH_ADMIN=f"http://{self.settings.bind_host}:{self.ports['admin']}",
-        )
-        return env
-
-    async def _serving_when_app_listens(self, registration: Registration) -> None:
-        """Registered as `starting` (clients send it nothing), the instance becomes
-        `healthy` once its app accepts connections on the app port: a client never
-        meets an app that is not listening yet. An app that never listens (a job)
-        stays out of load balancing."""
-        port = self.settings.app_port
-        while not self.draining:
-            try:
-                _reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            except OSError:
-                await asyncio.sleep(APP_POLL_S)
-                continue
-            writer.close()
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
-            break
-        if not self.draining:
-            log.info("sidecar.app_listening", port=port)
-            await registration.register_until_done(status="healthy")
-
-    async def _watch_app(self, app: asyncio.subprocess.Process) -> None:
-        code = await app.wait()
-        if not self._stop.is_set():
-            log.info("sidecar.app_exited", code=code)
-            self._exit_code = code if code >= 0 else 128 - code
-            self.stop()
-
-    async def _shutdown(self, registration: Registration) -> None:
-        """Drain, then stop: announce `draining` (clients stop choosing this instance
-        and close their connections to it on their next response), keep serving while
-        that spreads and in-flight requests finish, and only then stop the app and
-        deregister, so no client request meets a stopped app."""
-        s = self.settings
-        log.info("sidecar.stopping", instance=s.instance)
-        self.draining = True
-        self.ready = False
-        with contextlib.suppress(Exception):
-            await registration.register(status="draining")
-        deadline = time.monotonic() + s.drain_timeout
-        await asyncio.sleep(min(DRAIN_ANNOUNCE_S, s.drain_timeout))
-        while (
-            self.active > 0 or self.tcp.active_connections() > 0
-        ) and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
-        if self.app is not None and self.app.returncode is None:
-            self.app.terminate()
-            try:
-                await asyncio.wait_for(self.app.wait(), max(1.0, deadline - time.monotonic()))
-            except TimeoutError:
-                self.app.kill()
-        await registration.deregister()
-        await self.reporter.goodbye()
-        log.info("sidecar.stopped", instance=s.instance, unfinished=self.active)
+    def _certs(self) -> dict[str, Any] | None:
+        return self.identity.certs_info() if self.identity is not None else None

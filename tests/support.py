@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import http.client
 import json
+import os
 import secrets
 import shutil
 import sys
@@ -299,6 +300,9 @@ class MeshHarness:
             echo = await EchoApp(service, version).start()
             self.apps.append(echo)
         settings.setdefault("mtls", self.with_ca)
+        # MESH_TEST_DATAPLANE=envoy runs a suite's certificate-holding sidecars on Envoy
+        if settings["mtls"]:
+            settings.setdefault("dataplane", os.environ.get("MESH_TEST_DATAPLANE", "python"))
         if settings["mtls"] and "token" not in settings:
             settings["token"] = await self.token(
                 settings.get("service_account") or service, settings.get("namespace", "default")

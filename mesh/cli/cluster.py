@@ -23,6 +23,7 @@ from mesh.cli.common import (
 )
 from mesh.cli.serve import available_services
 from mesh.servers import ServerError
+from proxy.settings import DATAPLANES
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -55,6 +56,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         default=0,
         help="with --demo: the ingress gateway's port (default 8080 if free, else any)",
     )
+    up.add_argument(
+        "--dataplane",
+        choices=DATAPLANES,
+        default="python",
+        help="with --demo: the data plane of every demo sidecar and the gateway: our Python "
+        "proxy (default) or Envoy configured over xDS",
+    )
     up.set_defaults(func=cmd_up)
 
     down = sub.add_parser("down", help="stop everything `meshctl up` started")
@@ -76,7 +84,11 @@ def cmd_up(args: argparse.Namespace) -> int:
         missing = {"registry", "ca", "config"} - set(services)
         if missing:
             raise CLIError(f"--demo needs the {', '.join(sorted(missing))} service(s)")
-        demo = devcluster.DemoSettings(load_rps=args.demo_load, ingress_port=args.ingress_port)
+        demo = devcluster.DemoSettings(
+            load_rps=args.demo_load, ingress_port=args.ingress_port, dataplane=args.dataplane
+        )
+    elif args.dataplane != "python":
+        raise CLIError("--dataplane applies to the demo's proxies: add --demo")
     cluster = devcluster.DevCluster(
         state_dir(args),
         replicas=args.replicas,

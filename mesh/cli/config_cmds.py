@@ -13,6 +13,7 @@ import msgspec
 
 from mesh.analysis import Message, ResourceName, parse_files
 from mesh.bus import Bus
+from mesh.cli import envoy_views
 from mesh.cli.analyze_cmd import print_messages, run_analysis
 from mesh.cli.common import (
     CLIError,
@@ -365,11 +366,21 @@ def cmd_proxy_config(args: argparse.Namespace) -> int:
             data = http_json(f"{admin}/clusters")
         else:
             data = http_json(f"{admin}/config_dump")
-            if args.what == "routes":
+            if args.what == "routes" and not envoy_views.is_envoy_dump(data):
                 data = {k: v.get("route_table") for k, v in data.get("destinations", {}).items()}
 
         def table() -> None:
-            if args.what == "endpoints":
+            if envoy_views.is_envoy_clusters(data):
+                print_table(
+                    envoy_views.endpoint_rows(data),
+                    ["DESTINATION", "SUBSET", "INSTANCE", "ADDRESS", "HEALTH", "ACTIVE", "OUTLIER"],
+                )
+            elif envoy_views.is_envoy_dump(data) and args.what == "routes":
+                print_table(
+                    envoy_views.route_rows(data),
+                    ["DESTINATION", "RULE", "MATCHES", "ROUTE", "REVISION"],
+                )
+            elif args.what == "endpoints":
                 rows = [
                     [
                         c["destination"],

@@ -117,7 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(hoist_global_flags(parser, sys.argv[1:] if argv is None else argv))
     if args.command != "serve" and args.command not in ("sidecar", "gateway"):
-        logs.configure(level="warning", stream=sys.stderr)
+        logs.configure(level="warning")
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -10,6 +10,7 @@ from typing import Any
 
 from mesh import logs
 from mesh.cli.common import CLIError, nats_credentials, nats_urls, prefix, read_cluster
+from proxy.settings import DATAPLANES
 
 
 def _labels(text: str) -> dict[str, str]:
@@ -33,13 +34,28 @@ def _percent(text: str) -> float:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--namespace", "-n", default=os.environ.get("MESH_NAMESPACE", "default"))
+    p.add_argument(
+        "--namespace",
+        "-n",
+        default=os.environ.get("MESH_NAMESPACE", "default"),
+        help="namespace of the workload (default: MESH_NAMESPACE or default)",
+    )
     p.add_argument("--labels", type=_labels, default={}, help="extra labels k=v,k=v")
     p.add_argument("--bind", default="127.0.0.1", help="address of the inbound/gateway listener")
-    p.add_argument("--admin-port", type=int, default=0)
+    p.add_argument(
+        "--admin-port",
+        type=int,
+        default=0,
+        help="port of the admin listener (/ready, /stats/prometheus, /config_dump; 0: any)",
+    )
     p.add_argument("--instance", default="", help="instance id (default: generated)")
     p.add_argument("--ttl", type=int, default=10, help="registration TTL in seconds")
-    p.add_argument("--drain-timeout", type=float, default=10.0)
+    p.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=10.0,
+        help="seconds a stopping proxy keeps serving in-flight requests (default 10)",
+    )
     p.add_argument("--token", default=None, help="bootstrap token for the first certificate")
     p.add_argument("--token-file", default=None, help="read the bootstrap token from a file")
     p.add_argument(
@@ -53,13 +69,24 @@ def _common(p: argparse.ArgumentParser) -> None:
         help="apply config without verifying the control plane's signature "
         "(development only: a mesh without a CA)",
     )
-    p.add_argument("--trust-domain", default=os.environ.get("MESH_TRUST_DOMAIN", "cluster.local"))
+    p.add_argument(
+        "--trust-domain",
+        default=os.environ.get("MESH_TRUST_DOMAIN", "cluster.local"),
+        help="SPIFFE trust domain of the mesh (default: MESH_TRUST_DOMAIN or cluster.local)",
+    )
     p.add_argument(
         "--trace-sampling",
         type=_percent,
         default=os.environ.get("MESH_TRACE_SAMPLING", "1"),
         metavar="PERCENT",
         help="percentage of new traces sampled (default 1, or MESH_TRACE_SAMPLING)",
+    )
+    p.add_argument(
+        "--dataplane",
+        choices=DATAPLANES,
+        default=os.environ.get("MESH_DATAPLANE", "python"),
+        help="what carries the traffic: our Python proxy (default, or MESH_DATAPLANE) or an "
+        "Envoy process this sidecar configures over xDS (needs mTLS)",
     )
     p.add_argument(
         "--no-telemetry",
@@ -72,8 +99,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     sc = sub.add_parser(
         "sidecar", help="run a sidecar proxy next to an app (optionally starting the app)"
     )
-    sc.add_argument("--service", required=True)
-    sc.add_argument("--version", default="")
+    sc.add_argument("--service", required=True, help="name of the service the app serves")
+    sc.add_argument("--version", default="", help="version label of this instance (e.g. v1)")
     sc.add_argument(
         "--app-port", type=int, required=True, help="port the app listens on (127.0.0.1)"
     )
@@ -91,9 +118,20 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
         metavar="SERVICE[.NS]:PORT=LOCALPORT",
         help="relay 127.0.0.1:LOCALPORT to SERVICE's TCP PORT, load balanced (repeatable)",
     )
-    sc.add_argument("--inbound-port", type=int, default=0)
-    sc.add_argument("--outbound-port", type=int, default=0)
-    sc.add_argument("--service-account", default="")
+    sc.add_argument(
+        "--inbound-port", type=int, default=0, help="port of the mesh-facing listener (0: any)"
+    )
+    sc.add_argument(
+        "--outbound-port",
+        type=int,
+        default=0,
+        help="port of the app's HTTP proxy on 127.0.0.1 (HTTP_PROXY; 0: any)",
+    )
+    sc.add_argument(
+        "--service-account",
+        default="",
+        help="service account in the workload's SPIFFE ID (default: the service name)",
+    )
     _common(sc)
     sc.add_argument("app", nargs=argparse.REMAINDER, help="-- command to run the app")
     sc.set_defaults(func=cmd_sidecar)
@@ -143,6 +181,8 @@ def _settings(args: argparse.Namespace, **kw: Any) -> Any:
     settings_mod = importlib.import_module("proxy.settings")
     user, password = nats_credentials(args, role="sidecar")
     mtls = not args.no_mtls
+    if args.dataplane == "envoy" and not mtls:
+        raise CLIError("--dataplane envoy needs mTLS: drop --no-mtls")
     if mtls:
         account = kw.get("service_account") or kw["service"]
         kw["token"] = _bootstrap_token(args, account)
@@ -163,6 +203,7 @@ def _settings(args: argparse.Namespace, **kw: Any) -> Any:
         telemetry=not args.no_telemetry,
         trace_sampling=args.trace_sampling,
         config_signatures=not args.no_config_signatures,
+        dataplane=args.dataplane,
         **kw,
     )
 

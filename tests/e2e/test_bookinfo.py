@@ -63,9 +63,16 @@ def get_via(proxy: str, url: str) -> int:
 
 
 class Demo:
-    def __init__(self, state: Path, doc: dict[str, Any], up: subprocess.CompletedProcess[str]):
+    def __init__(
+        self,
+        state: Path,
+        doc: dict[str, Any],
+        up: subprocess.CompletedProcess[str],
+        dataplane: str,
+    ):
         self.state, self.doc, self.up = state, doc, up
         self.ingress = doc["ingress"]
+        self.dataplane = dataplane
 
     def page(self, user: str = "") -> dict[str, Any]:
         """GET /productpage through the ingress; it always answers 200."""
@@ -80,12 +87,16 @@ class Demo:
         return dict(self.doc["sidecars"][name])
 
 
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Demo]:
-    state = tmp_path_factory.mktemp("bookinfo") / "mesh"
-    up = meshctl(state, "up", "--demo", "--demo-load", "0", "--detach")
+@pytest.fixture(scope="module", params=["python", "envoy"])
+def demo(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[Demo]:
+    """The tour on each data plane: `meshctl up --demo --dataplane python|envoy`."""
+    dataplane = request.param
+    state = tmp_path_factory.mktemp(f"bookinfo-{dataplane}") / "mesh"
+    up = meshctl(state, "up", "--demo", "--demo-load", "0", "--detach", "--dataplane", dataplane)
     doc = json.loads((state / "cluster.json").read_text())
-    yield Demo(state, doc, up)
+    yield Demo(state, doc, up, dataplane)
     meshctl(state, "down", check=False)
 
 
@@ -169,6 +180,8 @@ def test_demo_serves_the_product_page_through_the_ingress(demo: Demo) -> None:
 
 def test_trace_follows_a_request_across_the_services(demo: Demo) -> None:
     """The apps forward the trace headers, so the sidecars' spans join one trace."""
+    if demo.dataplane == "envoy":
+        pytest.xfail("Envoy sidecars record no spans yet (no tracer configured)")
     trace_id = os.urandom(16).hex()
     status, _ = get(
         demo.ingress + "/productpage", traceparent=f"00-{trace_id}-{os.urandom(8).hex()}-01"

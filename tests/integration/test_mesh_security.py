@@ -330,7 +330,7 @@ async def test_call_between_sidecars_is_mtls_and_the_app_sees_the_callers_princi
                 # exactly one XFCC: the one the server sidecar made from the client's
                 # certificate; the client app's claim is gone
                 assert app.xfcc() == [real]
-                counts = server.servers_extra[0].counts
+                counts = server.dataplane.inbound_listener.counts
                 assert (counts.tls, counts.plaintext, counts.failed) == (1, 0, 0)
 
                 # what the client sidecar does on a new connection: TLS 1.3, and the
@@ -373,7 +373,7 @@ async def test_foreign_ca_client_and_wrong_server_identity_are_refused(
         server = await mesh.sidecar("reviews")
         client = await mesh.sidecar("productpage")
         inbound = server.ports["inbound"]
-        counts = server.servers_extra[0].counts
+        counts = server.dataplane.inbound_listener.counts
         roots = "".join((await trust_bundle(mesh)).roots)
 
         # a client certificate for a mesh identity, signed by a foreign CA: the handshake
@@ -437,7 +437,7 @@ async def test_short_lived_certificates_renew_under_traffic_without_failures(
         serials: dict[str, set[str]] = {name: set() for name in sidecars}
         # server certificate -> handshake counts of its listener seen while it was in force
         handshakes: dict[str, set[int]] = {}
-        counts = server.servers_extra[0].counts
+        counts = server.dataplane.inbound_listener.counts
         traffic = Traffic(client, fresh).start()
         try:
             async with aiohttp.ClientSession() as session:
@@ -524,9 +524,9 @@ async def test_root_rotation_under_traffic_without_failures(
                     return True
 
                 await eventually(all_on_new_root, timeout=5)
-                tls_before = server.servers_extra[0].counts.tls
+                tls_before = server.dataplane.inbound_listener.counts.tls
                 await asyncio.sleep(1.5)  # traffic on the new root alone, new connections too
-                assert server.servers_extra[0].counts.tls >= tls_before + 2
+                assert server.dataplane.inbound_listener.counts.tls >= tls_before + 2
         finally:
             await traffic.stop()
         assert traffic.failures == []
@@ -542,7 +542,7 @@ async def test_root_rotation_under_traffic_without_failures(
             assert (
                 identity.verify_chain(chain[0], chain[1:], new_roots, now) == sc.settings.identity
             )
-        assert server.servers_extra[0].counts.failed == 0
+        assert server.dataplane.inbound_listener.counts.failed == 0
 
 
 # ---------------------------------------------------------------- 5. CA gone past expiry
@@ -556,7 +556,7 @@ async def test_ca_down_past_expiry_fails_closed_and_recovers(
     ) as mesh:
         server = await mesh.sidecar("reviews")
         client = await mesh.sidecar("productpage")
-        counts = server.servers_extra[0].counts
+        counts = server.dataplane.inbound_listener.counts
         async with aiohttp.ClientSession() as session:
             status, _, _ = await via(session, client, "http://reviews/before")
             assert status == 200
@@ -641,7 +641,7 @@ async def test_strict_refuses_plaintext_permissive_accepts_both_live(
         server = await mesh.sidecar("reviews")
         client = await mesh.sidecar("productpage")
         legacy = await mesh.sidecar("legacy", mtls=False)  # a sidecar without a certificate
-        counts = server.servers_extra[0].counts
+        counts = server.dataplane.inbound_listener.counts
         async with aiohttp.ClientSession() as session, aiohttp.ClientSession() as direct:
 
             async def mesh_status() -> int:

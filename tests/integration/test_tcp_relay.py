@@ -463,11 +463,13 @@ async def test_relay_between_sidecars_is_mtls_and_strict_refuses_plaintext(
             reply = await exchange(local, b"ping")
             assert served_by(reply, b"ping") == "redis-0"
             (listener,) = [
-                x for x in server.tcp._servers if getattr(x, "name", "").startswith("tcp-inbound")
+                x
+                for x in server.dataplane.tcp._servers
+                if getattr(x, "name", "").startswith("tcp-inbound")
             ]
             assert listener.counts.tls >= 1
             assert listener.counts.plaintext == 0
-            relay_port = server.tcp.ports[f"tcp-inbound:{app.port}"]
+            relay_port = server.dataplane.tcp.ports[f"tcp-inbound:{app.port}"]
 
             await mesh.apply(
                 "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\n"

@@ -12,6 +12,12 @@ from .protos import ADS, DOWNSTREAM_TLS, RAW_BUFFER, UPSTREAM_TLS, Json, parse, 
 
 # What the Python sidecars speak over mTLS (h2 may come later)
 MESH_ALPN = ["http/1.1"]
+# TLS 1.3 only, both ways, as the Python sidecars (`mesh.identity._base_context`):
+# Envoy's upstream default stops at TLS 1.2, which a Python sidecar refuses
+MESH_TLS_PARAMS: Json = {
+    "tlsMinimumProtocolVersion": "TLSv1_3",
+    "tlsMaximumProtocolVersion": "TLSv1_3",
+}
 
 
 def _certificate() -> list[Json]:
@@ -33,6 +39,7 @@ def upstream_mtls(identity: str, alpn: list[str] | None) -> Json:
     against the trust bundle and its URI SAN exactly `identity` (what
     `identity.check_peer` checks in the Python sidecar)."""
     common: Json = {
+        "tlsParams": MESH_TLS_PARAMS,
         "tlsCertificateSdsSecretConfigs": _certificate(),
         "combinedValidationContext": _validation(
             [{"sanType": "URI", "matcher": {"exact": identity}}]
@@ -50,6 +57,7 @@ def downstream_mtls(trust_domain: str, alpn: list[str] | None) -> Json:
     """The server side: a client certificate is required and must chain to the trust
     bundle and name a SPIFFE ID of our trust domain."""
     common: Json = {
+        "tlsParams": MESH_TLS_PARAMS,
         "tlsCertificateSdsSecretConfigs": _certificate(),
         "combinedValidationContext": _validation(
             [{"sanType": "URI", "matcher": {"prefix": f"spiffe://{trust_domain}/"}}]

@@ -1,0 +1,552 @@
+"""The Envoy data plane: an Envoy process configured over xDS by this sidecar.
+
+The agent's followers keep the config; this module turns it into Envoy resources
+(`proxy.envoy.translate`) on every change (debounced) and serves them on the
+sidecar's private ADS socket (`proxy.envoy.xds_server`), with the workload certificate
+and trust bundle over SDS on every install (rotation without an Envoy restart).
+Envoy's ACK/NACK becomes the proxy-status report (`envoy_view.ApplyTracker`); a push
+Envoy refuses, or one the translator cannot make, is reported as NACK and the last
+good configuration keeps serving.
+
+Destinations: Envoy cannot ask for a destination on first request the way the Python
+proxy does (on-demand discovery is not done yet), so this data plane follows every
+service the registry knows (`registry.get` for all, then every new endpoint set on
+`registry.endpoints.>`) and every host the routes name.
+
+Telemetry: Envoy's gRPC access logs come to the sidecar (`envoy_telemetry`) and become
+the same records the Python data plane publishes. Envoy runs in the instance's own
+state directory (`envoy_host`): a sidecar restarted under the same `--instance` adopts
+the Envoy its predecessor left serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import shutil
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from cryptography.hazmat.primitives import serialization
+from prometheus_client import generate_latest
+
+from mesh import errors
+from mesh.compiled import GatewayConfig
+from mesh.hosts import ServiceRef, service_of_host
+from mesh.logs import get_logger
+from mesh.messages import EndpointSet, EndpointsGetReply, EndpointsGetRequest, SubscriptionStatus
+from proxy.admin import AdminRoute
+from proxy.dataplane import Addresses, Background, DataPlaneContext
+from proxy.dataplane.envoy_host import accepts, choose_ports, private_state_dir
+from proxy.dataplane.envoy_telemetry import (
+    AccessLogService,
+    endpoint_at,
+    request_record,
+    tcp_record,
+)
+from proxy.dataplane.envoy_view import ApplyTracker, EnvoyPorts, mesh_view, proxy_node
+from proxy.dataplane.python import sidecar_telemetry
+from proxy.envoy.bootstrap import BootstrapOptions, build_bootstrap
+from proxy.envoy.process import (
+    EnvoyError,
+    EnvoyExit,
+    EnvoyOptions,
+    EnvoyProcess,
+    find_running_envoy,
+)
+from proxy.envoy.resources import CLUSTER, LISTENER, XdsResources
+from proxy.envoy.translate import (
+    ProxyNode,
+    TranslationError,
+    referenced_hosts,
+    tls_secrets,
+    translate,
+)
+from proxy.envoy.xds_server import ApplyState, TypeStatus, XdsError, XdsServer
+from proxy.telemetry import SidecarTelemetry, TelemetryPublisher
+from proxy.telemetry.records import Workload
+
+log = get_logger("proxy.dataplane.envoy")
+
+# changes that arrive together become one push
+DEBOUNCE_S = 0.005
+# how long start() waits for Envoy to take its first configuration and listen
+FIRST_CONFIG_TIMEOUT_S = 30.0
+LISTEN_POLL_S = 0.05
+DRAIN_POLL_S = 0.1
+ADMIN_TIMEOUT_S = 5.0
+# destinations fetched at once while following every service
+FOLLOW_CONCURRENCY = 32
+# the bootstrap's cluster for the sidecar's access-log service
+ACCESS_LOG_CLUSTER = "meshwork-access-log"
+
+
+class EnvoyDataPlane:
+    def __init__(self) -> None:
+        self._ctx: DataPlaneContext | None = None
+        self._dir: Path | None = None
+        self._xds: XdsServer | None = None
+        self._envoy: EnvoyProcess | None = None
+        self._node: ProxyNode | None = None
+        self._ports: EnvoyPorts | None = None
+        self._tracker = ApplyTracker()
+        self._secrets: dict[str, Any] = {}
+        self._resources = XdsResources()
+        self._wake = asyncio.Event()
+        # set once Envoy ACKed a whole push (its listeners are in place)
+        self._envoy_took_config = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._following: set[ServiceRef] = set()
+        self._session: aiohttp.ClientSession | None = None
+        self.pushes = 0
+        self.telemetry: SidecarTelemetry | None = None
+        self._als: AccessLogService | None = None
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def start(self, ctx: DataPlaneContext) -> Addresses:
+        self._ctx = ctx
+        s = ctx.settings
+        if ctx.identity is None:
+            raise errors.BadRequest(
+                "--dataplane envoy needs mTLS (a certificate from the CA): drop --no-mtls"
+            )
+        self._dir = private_state_dir(s.instance)
+        # an Envoy a previous sidecar of this instance left running (it died): adopted,
+        # so the app's traffic never stopped; same admin port, same bootstrap
+        left = find_running_envoy(self._dir)
+        ports = self._ports = choose_ports(ctx, left.admin_port if left else 0)
+        self.telemetry = sidecar_telemetry(ctx)
+        if self.telemetry is not None:
+            self._als = AccessLogService(
+                self._dir / "als.sock", self._on_access_log, self._on_tcp_access_log
+            )
+            await self._als.start()
+        self._node = proxy_node(s, ports, ACCESS_LOG_CLUSTER if self._als else "")
+        self._xds = XdsServer(self._dir / "xds.sock", on_status=self._on_xds_status)
+        try:
+            await self._xds.start()
+        except XdsError as e:
+            raise errors.Unavailable(f"the xDS server did not start: {e}") from None
+        self._secrets = self._current_secrets()
+        await self._follow_every_service()
+        self._push()
+        self._tasks.append(asyncio.create_task(self._push_loop(), name="envoy:push"))
+        bootstrap = build_bootstrap(
+            BootstrapOptions(
+                node_id=s.instance,
+                cluster=s.service,
+                xds_socket=self._dir / "xds.sock",
+                admin_port=ports.admin,
+                access_log_cluster=ACCESS_LOG_CLUSTER if self._als else "",
+                access_log_socket=self._als.socket_path if self._als else None,
+            )
+        )
+        self._envoy = EnvoyProcess(
+            EnvoyOptions(
+                bootstrap=bootstrap,
+                admin_port=ports.admin,
+                state_dir=self._dir,
+                # listeners close when the sidecar's drain ends, not before: the app
+                # still calls out while its inbound drains
+                drain_time_s=s.drain_timeout,
+                parent_shutdown_time_s=s.drain_timeout + 5.0,
+                adopt=True,
+            ),
+            on_exit=self._envoy_exited,
+        )
+        try:
+            await self._envoy.start()
+        except EnvoyError as e:
+            raise errors.Unavailable(f"Envoy did not start: {e}") from None
+        await self._until_listening(ports)
+        listeners = {"envoy-admin": ports.admin}
+        if s.gateway:
+            listeners["gateway"] = ports.gateway
+        else:
+            listeners.update(inbound=ports.inbound, outbound=ports.outbound)
+        for app_port, port in ports.tcp_inbound.items():
+            listeners[f"tcp-inbound:{app_port}"] = port
+        log.info("envoy.serving", pid=self._envoy.pid, listeners=listeners)
+        return Addresses(
+            service_port=ports.gateway if s.gateway else ports.inbound,
+            listeners=listeners,
+            tcp_listeners={
+                str(app_port): f"{s.bind_host}:{port}"
+                for app_port, port in ports.tcp_inbound.items()
+            },
+        )
+
+    def background(self) -> Background:
+        # the EnvoyProcess supervises (restarts) Envoy in a task it owns; the telemetry
+        # publisher is cancelled after the drain: its final flush sends what the
+        # drained requests recorded
+        if self.telemetry is None or self._ctx is None:
+            return []
+        publisher = TelemetryPublisher(self.telemetry.recorder, self._ctx.bus)
+        return [("telemetry", publisher.run)]
+
+    def config_changed(self) -> None:
+        self._wake.set()
+
+    def identity_changed(self) -> None:
+        if self._xds is None:
+            return
+        self._secrets = self._current_secrets()
+        self._wake.set()
+
+    async def drain(self, deadline: float) -> None:
+        """Envoy's graceful drain of its listeners (keep-alive clients are told to
+        close), then wait until no request is active or `deadline`."""
+        if self._envoy is None or self._ports is None:
+            return
+        with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+            await self._admin("POST", "/drain_listeners?graceful")
+        while time.monotonic() < deadline:
+            try:
+                if await self._active_requests() == 0:
+                    return
+            except (aiohttp.ClientError, TimeoutError):
+                return
+            await asyncio.sleep(DRAIN_POLL_S)
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._envoy is not None:
+            # drained already (drain()), or stopping after a failed start
+            await self._envoy.stop(drain=False)
+        if self._xds is not None:
+            await self._xds.stop()
+        if self._als is not None:
+            await self._als.stop()
+        if self._session is not None:
+            await self._session.close()
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+
+    def statuses(self, followed: list[SubscriptionStatus]) -> list[SubscriptionStatus]:
+        return self._tracker.statuses(followed)
+
+    def info(self) -> dict[str, Any]:
+        xds = self._xds
+        return {
+            "dataplane": "envoy",
+            "pid": self._envoy.pid if self._envoy is not None else None,
+            "restarts": self._envoy.restarts if self._envoy is not None else 0,
+            "pushes": self.pushes,
+            "following": sorted(str(ref) for ref in self._following),
+            "xds": {
+                status.short_name: {
+                    "state": status.state.value,
+                    "sent": status.version_sent,
+                    "acked": status.version_acked,
+                    "nack": status.last_nack.message if status.last_nack else "",
+                }
+                for status in (xds.status().values() if xds is not None else ())
+            },
+            "rejection": self._tracker.rejection,
+            "access_log_entries": self._als.entries if self._als is not None else 0,
+        }
+
+    def mirrors(self) -> dict[str, Any] | None:
+        return None
+
+    def admin_routes(self) -> dict[str, AdminRoute]:
+        return {
+            "/config_dump": self._proxied("/config_dump"),
+            "/stats/prometheus": self._proxied("/stats/prometheus"),
+            "/clusters": self._proxied("/clusters?format=json"),
+        }
+
+    # ------------------------------------------------------------ config
+
+    async def _push_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            await asyncio.sleep(DEBOUNCE_S)
+            self._wake.clear()
+            try:
+                self._push()
+                await self._follow_referenced()
+            except errors.MeshError as e:
+                # the last good configuration keeps serving; the next change retries
+                log.error("envoy.push_failed", error=str(e))
+
+    def _push(self) -> None:
+        """Translate the followers' state and serve it; a translation error is a
+        rejection (reported), the last good resources keep serving."""
+        ctx, node, xds = self._ctx, self._node, self._xds
+        assert ctx is not None and node is not None and xds is not None
+        followed = self._followed_revisions(ctx)
+        view = self._view(ctx)
+        try:
+            resources = translate(node, view)
+        except TranslationError as e:
+            log.warning("envoy.translation_rejected", error=str(e))
+            self._tracker = self._tracker.rejected(followed, f"translation: {e}")
+            # the certificate still rotates with the last good configuration
+            resources = self._resources
+        else:
+            self._resources = resources
+            self._tracker = self._tracker.translated(followed)
+        snapshot = XdsResources(
+            listeners=resources.listeners,
+            routes=resources.routes,
+            clusters=resources.clusters,
+            endpoints=resources.endpoints,
+            secrets=dict(self._secrets),
+        )
+        try:
+            xds.set_resources(snapshot)
+        except XdsError as e:
+            log.error("envoy.snapshot_refused", error=str(e))
+            self._tracker = self._tracker.rejected(followed, f"xDS snapshot: {e}")
+        self.pushes += 1
+        self._on_xds_status(None)
+
+    def _envoy_exited(self, exit: EnvoyExit) -> None:
+        log.warning("envoy.restarting", pid=exit.pid, code=exit.returncode, restarts=exit.restarts)
+
+    def _on_xds_status(self, _status: TypeStatus | None) -> None:
+        xds, ctx = self._xds, self._ctx
+        if xds is None or ctx is None:
+            return
+        statuses = xds.status()
+        rejected = [t for t in statuses.values() if t.state is ApplyState.REJECTED]
+        before = self._tracker
+        if rejected:
+            # a type Envoy refused: the whole push is rejected, whatever else is pending
+            reason = "; ".join(
+                f"{t.short_name}: {t.last_nack.message.strip()}" for t in rejected if t.last_nack
+            )
+            self._tracker = before.rejected(before.pushed, reason)
+        elif any(t.state is ApplyState.PENDING for t in statuses.values()):
+            return
+        elif not xds.connected or any(
+            statuses[t].state is ApplyState.NOT_SENT for t in (LISTENER, CLUSTER)
+        ):
+            return  # Envoy has not taken anything yet
+        elif not before.rejection:
+            self._tracker = before.acked()
+            self._envoy_took_config.set()
+        if self._tracker != before:
+            ctx.status_changed()
+
+    def _view(self, ctx: DataPlaneContext) -> Any:
+        policy = ctx.inbound_policy.policy if ctx.inbound_policy is not None else None
+        gateway = ctx.gateway.config if ctx.gateway is not None else None
+        if ctx.gateway is not None and gateway is None:
+            # nothing fetched yet (control plane unreachable): no server bound, as a
+            # Gateway resource selecting nothing would give
+            s = ctx.settings
+            gateway = GatewayConfig(namespace=s.namespace, name=s.service, revision=0)
+        return mesh_view(ctx.destinations.destinations, policy, gateway)
+
+    @staticmethod
+    def _followed_revisions(ctx: DataPlaneContext) -> dict[str, int]:
+        out = {s.subject: s.revision for s in ctx.destinations.subscription_statuses()}
+        for follower in (ctx.gateway, ctx.inbound_policy):
+            if follower is not None:
+                out.update({s.subject: s.revision for s in follower.statuses()})
+        return out
+
+    def _current_secrets(self) -> dict[str, Any]:
+        ctx = self._ctx
+        assert ctx is not None and ctx.identity is not None
+        snap = ctx.identity.current()
+        key = snap.key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        ).decode()
+        return dict(tls_secrets(snap.chain_pem.decode(), key, "".join(snap.bundle.roots)))
+
+    # ------------------------------------------------------------ telemetry
+
+    def _on_access_log(self, entry: Any, log_name: str) -> None:
+        telemetry, ctx = self.telemetry, self._ctx
+        if telemetry is None or ctx is None:
+            return
+        record = request_record(
+            entry,
+            log_name,
+            workload=telemetry.workload,
+            service_host=telemetry.service_host,
+            destination_of=self._destination_workload,
+        )
+        if record is not None:
+            telemetry.recorder.record_request(record)
+
+    def _on_tcp_access_log(self, entry: Any, log_name: str) -> None:
+        telemetry = self.telemetry
+        if telemetry is None:
+            return
+        found = tcp_record(
+            entry,
+            log_name,
+            workload=telemetry.workload,
+            service_host=telemetry.service_host,
+            destination_of=self._destination_workload,
+        )
+        if found is not None:
+            record, sent, received = found
+            telemetry.recorder.record_tcp_opened(record)
+            telemetry.recorder.record_tcp_closed(record, sent=sent, received=received)
+
+    def _destination_workload(self, ref: ServiceRef, address: str) -> Workload | None:
+        telemetry, ctx = self.telemetry, self._ctx
+        assert telemetry is not None and ctx is not None
+        dest = ctx.destinations.destinations.get(ref)
+        if dest is None or dest.endpoints is None:
+            return None
+        endpoint = endpoint_at(dest.endpoints.endpoints, address)
+        return telemetry.destination_of(ref, endpoint) if endpoint is not None else None
+
+    # ------------------------------------------------------------ destinations
+
+    async def _follow_every_service(self) -> None:
+        """Every service the registry knows now, and every one that appears later."""
+        ctx = self._ctx
+        assert ctx is not None
+        bus = ctx.bus
+        await bus.subscribe(bus.subjects.endpoints_all, EndpointSet, self._on_any_endpoints)
+        # services that appeared while the bus was away are listed again on reconnect
+        bus.on_reconnect(self._list_services)
+        await self._list_services()
+
+    async def _list_services(self) -> None:
+        ctx = self._ctx
+        assert ctx is not None
+        bus = ctx.bus
+        try:
+            reply = await bus.request(
+                bus.subjects.registry_get, EndpointsGetRequest(), EndpointsGetReply
+            )
+        except errors.MeshError as e:
+            log.warning("envoy.registry_list_failed", error=str(e))
+            return
+        before = len(self._following)
+        await self._follow(ServiceRef(eps.namespace, eps.service) for eps in reply.sets)
+        if len(self._following) != before:
+            self._wake.set()
+
+    async def _on_any_endpoints(self, eps: EndpointSet, _subject: str) -> None:
+        ref = ServiceRef(eps.namespace, eps.service)
+        if ref not in self._following:
+            await self._follow([ref])
+            self._wake.set()
+
+    async def _follow_referenced(self) -> None:
+        """Hosts the routes name (a VirtualService sending to another service) that are
+        not followed yet: followed, then pushed again."""
+        ctx, node = self._ctx, self._node
+        assert ctx is not None and node is not None
+        try:
+            hosts = referenced_hosts(node, self._view(ctx))
+        except TranslationError:
+            return
+        refs = {ref for host in hosts if (ref := service_of_host(host)) is not None}
+        if refs - self._following:
+            await self._follow(refs - self._following)
+            self._wake.set()
+
+    async def _follow(self, refs: Iterable[ServiceRef]) -> None:
+        """Fetch and subscribe to each destination, a bounded number at a time (a mesh
+        of 1,000 services is 2,000 requests at start)."""
+        ctx = self._ctx
+        assert ctx is not None
+        new = sorted(set(refs) - self._following)
+        self._following.update(new)
+        for i in range(0, len(new), FOLLOW_CONCURRENCY):
+            batch = new[i : i + FOLLOW_CONCURRENCY]
+            results = await asyncio.gather(
+                *(ctx.destinations.get(ref) for ref in batch), return_exceptions=True
+            )
+            for ref, result in zip(batch, results, strict=True):
+                if isinstance(result, errors.MeshError):
+                    # nothing published for it yet: its endpoint event brings it later
+                    self._following.discard(ref)
+                    log.info(
+                        "envoy.destination_unavailable", destination=str(ref), error=str(result)
+                    )
+                elif isinstance(result, BaseException):
+                    raise result
+
+    # ------------------------------------------------------------ Envoy's admin
+
+    async def _until_listening(self, ports: EnvoyPorts) -> None:
+        """Envoy has taken the first configuration and binds its listeners."""
+        ctx = self._ctx
+        assert ctx is not None and self._xds is not None
+        s = ctx.settings
+        wanted = [(s.bind_host, ports.gateway)] if s.gateway else [(s.bind_host, ports.inbound)]
+        if not s.gateway:
+            wanted.append(("127.0.0.1", ports.outbound))
+        try:
+            await asyncio.wait_for(self._first_config(wanted), FIRST_CONFIG_TIMEOUT_S)
+        except TimeoutError:
+            raise errors.Unavailable(
+                f"Envoy did not take its first configuration within {FIRST_CONFIG_TIMEOUT_S}s"
+            ) from None
+
+    async def _first_config(self, wanted: list[tuple[str, int]]) -> None:
+        while not self._envoy_took_config.is_set():
+            if self._tracker.rejection:
+                raise errors.Unavailable(
+                    f"Envoy refused its first configuration: {self._tracker.rejection}"
+                )
+            await asyncio.sleep(LISTEN_POLL_S)
+        for host, port in wanted:
+            while not await accepts(host, port):
+                await asyncio.sleep(LISTEN_POLL_S)
+
+    async def _active_requests(self) -> int:
+        text = await self._admin("GET", "/stats?filter=downstream_rq_active$")
+        total = 0
+        for line in text.splitlines():
+            _name, _, value = line.partition(": ")
+            with contextlib.suppress(ValueError):
+                total += int(value)
+        return total
+
+    async def _admin(self, method: str, path: str) -> str:
+        assert self._ports is not None
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=ADMIN_TIMEOUT_S)
+            )
+        url = f"http://127.0.0.1:{self._ports.admin}{path}"
+        async with self._session.request(method, url) as response:
+            return await response.text()
+
+    def _proxied(self, path: str) -> AdminRoute:
+        async def handler(_request: web.Request) -> web.StreamResponse:
+            if self._ports is None or self._envoy is None:
+                return web.json_response({"error": "Envoy is not running yet"}, status=503)
+            try:
+                body = await self._admin("GET", path)
+            except (aiohttp.ClientError, TimeoutError) as e:
+                return web.json_response(
+                    {"error": f"Envoy's admin did not answer: {type(e).__name__}"}, status=502
+                )
+            if path == "/stats/prometheus":
+                assert self._ctx is not None
+                # Envoy's series, then ours (istio_* from the access logs, config trust)
+                ours = generate_latest(self._ctx.stats.registry).decode()
+                return web.Response(text=body + ours, content_type="text/plain")
+            if path == "/config_dump":
+                # Envoy's dump, and what the sidecar knows about its Envoy
+                with contextlib.suppress(ValueError):
+                    return web.json_response({**json.loads(body), "dataplane": self.info()})
+            return web.Response(text=body, content_type="application/json")
+
+        return handler

@@ -1,0 +1,120 @@
+"""The Envoy data plane's pure parts: the translator's inputs built from the agent's
+state (`proxy_node`, `mesh_view`) and what the proxy-status report says once Envoy
+has answered a push (`ApplyTracker`). No I/O: tested with tables of inputs."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from mesh.compiled import GatewayConfig, InboundPolicy
+from mesh.hosts import ServiceRef
+from mesh.messages import SubscriptionStatus
+from proxy.destinations import Destination
+from proxy.envoy.translate import MeshView, ProxyNode
+from proxy.settings import SidecarSettings
+from proxy.tcp import parse_tcp_upstream
+
+
+@dataclass(frozen=True)
+class EnvoyPorts:
+    """The ports the agent chose for Envoy's listeners (Envoy binds them itself)."""
+
+    admin: int
+    inbound: int = 0
+    outbound: int = 0
+    gateway: int = 0
+    # app TCP port -> the mesh-facing relay listener's port
+    tcp_inbound: Mapping[int, int] = field(default_factory=dict)
+
+
+def proxy_node(
+    settings: SidecarSettings, ports: EnvoyPorts, access_log_cluster: str = ""
+) -> ProxyNode:
+    s = settings
+    gateway = s.gateway
+    return ProxyNode(
+        namespace=s.namespace,
+        service=s.service,
+        version=s.version,
+        labels=dict(s.labels),
+        identity=s.identity,
+        trust_domain=s.trust_domain,
+        role="gateway" if gateway else "sidecar",
+        inbound=None if gateway else (s.bind_host, ports.inbound),
+        outbound=None if gateway else ("127.0.0.1", ports.outbound),
+        app_port=0 if gateway else s.app_port,
+        tcp_upstreams=tuple(parse_tcp_upstream(spec, s.namespace) for spec in s.tcp_upstreams),
+        tcp_inbound=tuple(
+            (app_port, (s.bind_host, port)) for app_port, port in sorted(ports.tcp_inbound.items())
+        ),
+        gateway_listeners=((s.bind_host, ports.gateway),) if gateway else (),
+        access_log_cluster=access_log_cluster,
+    )
+
+
+def mesh_view(
+    destinations: Mapping[ServiceRef, Destination],
+    inbound: InboundPolicy | None,
+    gateway: GatewayConfig | None,
+) -> MeshView:
+    return MeshView(
+        destinations={
+            ref.fqdn: (dest.table, dest.endpoints)
+            for ref, dest in sorted(destinations.items())
+            if dest.table is not None or dest.endpoints is not None
+        },
+        inbound=inbound,
+        gateway=gateway,
+    )
+
+
+@dataclass(frozen=True)
+class ApplyTracker:
+    """Which config revisions Envoy runs. `pushed`: the subject revisions the last
+    translation was made from; `applied`: those of the last push Envoy ACKed in every
+    type; `rejection`: why the last push was refused (Envoy's NACK message or the
+    translator's error), empty once a later push is applied."""
+
+    pushed: Mapping[str, int] = field(default_factory=dict)
+    applied: Mapping[str, int] = field(default_factory=dict)
+    rejection: str = ""
+
+    def translated(self, revisions: Mapping[str, int]) -> ApplyTracker:
+        """A translation of these revisions was pushed (ACK pending: its subjects show
+        the revision applied before until Envoy answers)."""
+        return dataclasses.replace(self, pushed=dict(revisions), rejection="")
+
+    def acked(self) -> ApplyTracker:
+        """Envoy ACKed every type of the last push."""
+        return ApplyTracker(pushed=self.pushed, applied=self.pushed, rejection="")
+
+    def rejected(self, revisions: Mapping[str, int], reason: str) -> ApplyTracker:
+        """The push made from `revisions` was refused; the last good one keeps serving."""
+        return ApplyTracker(pushed=dict(revisions), applied=self.applied, rejection=reason)
+
+    def statuses(self, followed: list[SubscriptionStatus]) -> list[SubscriptionStatus]:
+        """The followers' entries as Envoy runs them: a revision counts as applied once
+        Envoy ACKed it; a refused push shows NACK with the reason on the subjects whose
+        revision it changed. An entry the agent itself rejected stays as it is."""
+        out: list[SubscriptionStatus] = []
+        for sub in followed:
+            if sub.state == "NACK":
+                out.append(sub)
+                continue
+            applied = self.applied.get(sub.subject, 0)
+            pushed = self.pushed.get(sub.subject, 0)
+            if self.rejection and pushed != applied:
+                out.append(
+                    SubscriptionStatus(
+                        subject=sub.subject,
+                        revision=applied,
+                        state="NACK",
+                        reason=self.rejection,
+                        rejected_revision=pushed,
+                    )
+                )
+            else:
+                out.append(SubscriptionStatus(subject=sub.subject, revision=applied))
+        return out

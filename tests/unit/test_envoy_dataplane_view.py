@@ -1,0 +1,96 @@
+"""The Envoy data plane's pure parts: the translator's inputs from the agent's state,
+and the proxy-status entries once Envoy answered a push."""
+
+from __future__ import annotations
+
+from mesh.hosts import ServiceRef
+from mesh.messages import EndpointSet, SubscriptionStatus
+from proxy.dataplane.envoy_view import ApplyTracker, EnvoyPorts, mesh_view, proxy_node
+from proxy.destinations import Destination
+from proxy.settings import SidecarSettings
+
+ROUTE = "mesh.config.route.default.reviews"
+EPS = "mesh.registry.endpoints.default.reviews"
+INBOUND = "mesh.config.inbound.default.productpage"
+
+
+def followed(**revisions: int) -> list[SubscriptionStatus]:
+    names = {"route": ROUTE, "eps": EPS, "inbound": INBOUND}
+    return [SubscriptionStatus(subject=names[k], revision=v) for k, v in revisions.items()]
+
+
+def by_subject(entries: list[SubscriptionStatus]) -> dict[str, SubscriptionStatus]:
+    return {e.subject: e for e in entries}
+
+
+def test_nothing_counts_as_applied_before_envoy_acks() -> None:
+    tracker = ApplyTracker().translated({ROUTE: 3, EPS: 5})
+    out = by_subject(tracker.statuses(followed(route=3, eps=5)))
+    assert out[ROUTE].revision == 0 and out[ROUTE].state == "ACK"
+    assert out[EPS].revision == 0
+
+
+def test_an_ack_applies_the_revisions_the_push_was_made_from() -> None:
+    tracker = ApplyTracker().translated({ROUTE: 3, EPS: 5}).acked()
+    # the followers moved on meanwhile (route 4): Envoy runs 3 until the next ACK
+    out = by_subject(tracker.statuses(followed(route=4, eps=5)))
+    assert (out[ROUTE].revision, out[EPS].revision) == (3, 5)
+    assert all(e.state == "ACK" for e in out.values())
+
+
+def test_a_nack_shows_the_reason_on_the_subjects_it_changed_and_keeps_the_last_good() -> None:
+    good = ApplyTracker().translated({ROUTE: 3, EPS: 5}).acked()
+    bad = good.translated({ROUTE: 4, EPS: 5}).rejected({ROUTE: 4, EPS: 5}, "LDS: bad filter")
+    out = by_subject(bad.statuses(followed(route=4, eps=5)))
+    assert out[ROUTE].state == "NACK" and out[ROUTE].reason == "LDS: bad filter"
+    assert (out[ROUTE].revision, out[ROUTE].rejected_revision) == (3, 4)
+    assert out[EPS].state == "ACK" and out[EPS].revision == 5
+    # the next push that Envoy takes clears the rejection
+    fixed = bad.translated({ROUTE: 6, EPS: 5}).acked()
+    out = by_subject(fixed.statuses(followed(route=6, eps=5)))
+    assert out[ROUTE].state == "ACK" and out[ROUTE].revision == 6
+
+
+def test_an_entry_the_agent_rejected_itself_is_reported_as_it_is() -> None:
+    agent_nack = SubscriptionStatus(
+        subject=ROUTE, revision=2, state="NACK", reason="bad signature", rejected_revision=3
+    )
+    tracker = ApplyTracker().translated({ROUTE: 2}).acked()
+    assert tracker.statuses([agent_nack]) == [agent_nack]
+
+
+def test_proxy_node_of_a_sidecar_and_of_a_gateway() -> None:
+    s = SidecarSettings(
+        service="productpage",
+        version="v1",
+        app_port=9080,
+        bind_host="127.0.0.2",
+        tcp_ports=[6379],
+        tcp_upstreams=["redis:6379=16379"],
+        instance="pp-0",
+    )
+    node = proxy_node(s, EnvoyPorts(admin=1, inbound=2, outbound=3, tcp_inbound={6379: 4}))
+    assert node.role == "sidecar" and node.app_port == 9080
+    assert node.inbound == ("127.0.0.2", 2) and node.outbound == ("127.0.0.1", 3)
+    assert node.identity == "spiffe://cluster.local/ns/default/sa/productpage"
+    assert node.tcp_inbound == ((6379, ("127.0.0.2", 4)),)
+    assert [u.local_port for u in node.tcp_upstreams] == [16379]
+    assert node.labels == {"app": "productpage", "version": "v1"}
+
+    gw = SidecarSettings(service="ingressgateway", gateway=True, gateway_port=8080, instance="g")
+    node = proxy_node(gw, EnvoyPorts(admin=1, gateway=8080))
+    assert node.role == "gateway" and node.inbound is None and node.outbound is None
+    assert node.gateway_listeners == (("127.0.0.1", 8080),)
+
+
+def test_mesh_view_keys_destinations_by_fqdn_and_leaves_out_unknown_ones() -> None:
+    known = Destination(ServiceRef("default", "reviews"))
+    known.endpoints = EndpointSet(namespace="default", service="reviews", revision=7)
+    empty = Destination(ServiceRef("default", "nothing"))
+    view = mesh_view(
+        {known.ref: known, empty.ref: empty},
+        inbound=None,
+        gateway=None,
+    )
+    assert list(view.destinations) == ["reviews.default.svc.cluster.local"]
+    assert view.destinations["reviews.default.svc.cluster.local"] == (None, known.endpoints)
