@@ -136,7 +136,7 @@ class H2Connection:
             client_side=client, header_encoding=None, validate_inbound_headers=True
         )
         self._h2 = h2.connection.H2Connection(config=config)
-        settings: dict[int, int] = {
+        settings: dict[h2.settings.SettingCodes, int] = {
             h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: limits.max_concurrent_streams,
             h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: limits.max_header_list_size,
             h2.settings.SettingCodes.HEADER_TABLE_SIZE: limits.header_table_size,
