@@ -183,7 +183,7 @@ class Sidecar:
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self.stop)
-        self.app_pools = PoolSet(self.limits)
+        self.app_pools = PoolSet(self.limits, h2c=s.app_speaks_h2)
         self.pools = PoolSet(self.limits)
         self.bus_ready = asyncio.Event()
         admin = AdminServer(
@@ -382,6 +382,8 @@ class Sidecar:
             service_account=s.service_account,
             trust_domain=s.trust_domain,
             token=s.token,
+            # the inbound listener serves HTTP/2 to callers that negotiate it
+            alpn=("h2", "http/1.1"),
             on_bundle=self.trust.install if self.trust is not None else None,
         )
         obtain = asyncio.create_task(self.identity.start(), name="sidecar:certificate")

@@ -1,0 +1,54 @@
+"""One endpoint reached over HTTP/2 when it can be, HTTP/1.1 otherwise.
+
+Upgrade requests (WebSocket) always take HTTP/1.1: extended CONNECT (RFC 8441) is not
+implemented. Over TLS, an endpoint that does not negotiate ALPN h2 is remembered and
+reached over HTTP/1.1 from then on (an older sidecar, or one without h2).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..body import BodyStream
+from ..client import UpstreamResponse
+from ..pool import UpstreamPool
+from .client import H2NotNegotiated, H2UpstreamPool
+
+
+class NegotiatingPool:
+    """`UpstreamPool`'s interface over an HTTP/2 pool and an HTTP/1.1 one."""
+
+    def __init__(self, h2: H2UpstreamPool, h1: UpstreamPool) -> None:
+        self.h2 = h2
+        self.h1 = h1
+        self.h2_refused = False
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        headers: list[tuple[str, str]],
+        body: BodyStream | bytes | None = None,
+    ) -> UpstreamResponse:
+        if self.h2_refused or _is_upgrade(headers):
+            return await self.h1.request(method, path, headers, body)
+        try:
+            return await self.h2.request(method, path, headers, body)
+        except H2NotNegotiated:
+            self.h2_refused = True
+        return await self.h1.request(method, path, headers, body)
+
+    def configure(self, **settings: Any) -> None:
+        self.h1.configure(**settings)
+        self.h2.configure(connect_timeout=settings.get("connect_timeout"))
+
+    def close(self) -> None:
+        self.h2.close()
+        self.h1.close()
+
+
+def _is_upgrade(headers: list[tuple[str, str]]) -> bool:
+    for name, _ in headers:
+        if name.lower() == "upgrade":
+            return True
+    return False
