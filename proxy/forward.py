@@ -133,7 +133,9 @@ class PoolSet:
     HTTP/1.1 otherwise.
 
     A cluster with a `connectionPool` (`options`) gets pools of its own, made and
-    limited as it says; every other cluster shares the default pools."""
+    limited as it says (over HTTP/1.1, except gRPC requests, which need HTTP/2: the
+    HTTP/2 pool does not enforce connection limits yet); every other cluster shares the
+    default pools."""
 
     def __init__(self, limits: Limits, tls: UpstreamTls | None = None, *, h2c: bool = False):
         self.limits = limits
@@ -148,7 +150,7 @@ class PoolSet:
         key = (address, identity, options.owner if options is not None else "")
         pool = self.pools.get(key)
         if pool is None:
-            pool = self._new_pool(address, identity)
+            pool = self._new_pool(address, identity, limited=options is not None)
             self.pools[key] = pool
         if options is not None and self._options.get(key) is not options:
             self._options[key] = options
@@ -160,7 +162,7 @@ class PoolSet:
             )
         return pool
 
-    def _new_pool(self, address: str, identity: str) -> UpstreamPool:
+    def _new_pool(self, address: str, identity: str, *, limited: bool = False) -> UpstreamPool:
         host, _, port = address.rpartition(":")
         host = host.strip("[]")
         if identity and self.tls is not None:
@@ -175,8 +177,9 @@ class PoolSet:
                 ssl=self.tls.h2_client_context,
                 verify_peer=verify,
             )
-            # quacks like UpstreamPool (request, configure, close)
-            return cast(UpstreamPool, NegotiatingPool(h2, h1))
+            # quacks like UpstreamPool (request, configure, close); a cluster with a
+            # connectionPool keeps HTTP/1.1 (whose limits it enforces) but for gRPC
+            return cast(UpstreamPool, NegotiatingPool(h2, h1, grpc_only=limited))
         h1 = UpstreamPool(host, int(port), limits=self.limits)
         if self.h2c:
             return cast(

@@ -1,8 +1,12 @@
 """One endpoint reached over HTTP/2 when it can be, HTTP/1.1 otherwise.
 
 Upgrade requests (WebSocket) always take HTTP/1.1: extended CONNECT (RFC 8441) is not
-implemented. Over TLS, an endpoint that does not negotiate ALPN h2 is remembered and
-reached over HTTP/1.1 from then on (an older sidecar, or one without h2).
+implemented. With `grpc_only`, only gRPC requests take HTTP/2 (they need trailers):
+for clusters with a DestinationRule `connectionPool`, whose connection and pending
+limits the HTTP/1.1 pool implements and the HTTP/2 pool does not yet.
+
+Over TLS, an endpoint that does not negotiate ALPN h2 is remembered and reached over
+HTTP/1.1 from then on (an older sidecar, or one without h2).
 """
 
 from __future__ import annotations
@@ -18,9 +22,10 @@ from .client import H2NotNegotiated, H2UpstreamPool
 class NegotiatingPool:
     """`UpstreamPool`'s interface over an HTTP/2 pool and an HTTP/1.1 one."""
 
-    def __init__(self, h2: H2UpstreamPool, h1: UpstreamPool) -> None:
+    def __init__(self, h2: H2UpstreamPool, h1: UpstreamPool, *, grpc_only: bool = False) -> None:
         self.h2 = h2
         self.h1 = h1
+        self.grpc_only = grpc_only
         self.h2_refused = False
 
     async def request(
@@ -30,7 +35,7 @@ class NegotiatingPool:
         headers: list[tuple[str, str]],
         body: BodyStream | bytes | None = None,
     ) -> UpstreamResponse:
-        if self.h2_refused or _is_upgrade(headers):
+        if self.h2_refused or _takes_h1(headers, self.grpc_only):
             return await self.h1.request(method, path, headers, body)
         try:
             return await self.h2.request(method, path, headers, body)
@@ -47,8 +52,12 @@ class NegotiatingPool:
         self.h1.close()
 
 
-def _is_upgrade(headers: list[tuple[str, str]]) -> bool:
-    for name, _ in headers:
-        if name.lower() == "upgrade":
+def _takes_h1(headers: list[tuple[str, str]], grpc_only: bool) -> bool:
+    grpc = False
+    for name, value in headers:
+        lowered = name.lower()
+        if lowered == "upgrade":
             return True
-    return False
+        if lowered == "content-type":
+            grpc = value.startswith("application/grpc")
+    return grpc_only and not grpc
