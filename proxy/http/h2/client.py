@@ -28,6 +28,7 @@ from ..client import ConnectionInfo, UpstreamResponse
 from ..errors import UpstreamConnectError, UpstreamError, UpstreamProtocolError, UpstreamResetError
 from ..headers import HOP_BY_HOP
 from ..limits import Limits
+from ..pool import PoolStats
 from .connection import CANCEL, H2Connection, H2Limits, StreamGone
 from .events import (
     ConnectionFailed,
@@ -89,14 +90,22 @@ class _Stream:
 
 
 class H2UpstreamConnection(asyncio.Protocol):
-    def __init__(self, limits: H2Limits, on_lost: Callable[[H2UpstreamConnection], None]) -> None:
+    def __init__(
+        self,
+        limits: H2Limits,
+        on_lost: Callable[[H2UpstreamConnection], None],
+        idle_timeout: float,
+    ) -> None:
         self.loop = asyncio.get_running_loop()
+        self._idle_timeout = idle_timeout
+        self._idle_timer: asyncio.TimerHandle | None = None
         self._h2 = H2Connection(client=True, limits=limits)
         self._on_lost = on_lost
         self._transport: asyncio.Transport | None = None
         self._streams: dict[int, _Stream] = {}
         self._write_paused = False
         self._closed = False
+        self.context: ssl_module.SSLContext | None = None  # what it was made with
         self.info = ConnectionInfo(("", 0), ("", 0), None)
 
     # -- state the pool reads --------------------------------------------------------------
@@ -135,6 +144,18 @@ class H2UpstreamConnection(asyncio.Protocol):
         )
         self._h2.initiate()
         self._flush()
+        self._went_idle()
+
+    def _went_idle(self) -> None:
+        """No stream left: close after `idle_timeout` unless one starts meanwhile."""
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+        self._idle_timer = self.loop.call_later(self._idle_timeout, self._on_idle)
+
+    def _on_idle(self) -> None:
+        self._idle_timer = None
+        if not self._streams:
+            self.close()
 
     def data_received(self, data: bytes) -> None:
         for event in self._h2.receive(data, self.loop.time()):
@@ -174,6 +195,8 @@ class H2UpstreamConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
         self._fail_all(UpstreamResetError("upstream connection closed"))
         self._on_lost(self)
 
@@ -217,6 +240,9 @@ class H2UpstreamConnection(asyncio.Protocol):
             empty = not body.trailers
         stream_id = self._h2.open_stream(fields, end_stream=empty)
         stream = self._streams[stream_id] = _Stream(self, stream_id)
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
         if not empty:
             if isinstance(body, BodyStream):
                 stream.sender = self.loop.create_task(
@@ -272,7 +298,7 @@ class H2UpstreamConnection(asyncio.Protocol):
         self._flush()
 
     def _forget(self, stream: _Stream) -> None:
-        self._streams.pop(stream.stream_id, None)
+        self._drop(stream.stream_id)
         if stream.sender is not None and not stream.sender.done():
             stream.sender.cancel()
         body = stream.body
@@ -321,14 +347,20 @@ class H2UpstreamConnection(asyncio.Protocol):
         if stream.sender is None or stream.sender.done():
             if stream.body is None or stream.body.complete:
                 # everything arrived: what is unread stays readable in the body
-                self._streams.pop(stream.stream_id, None)
+                self._drop(stream.stream_id)
                 if stream.body is not None:
                     unread = stream.body.release_flow()
                     if unread:
                         self._h2.consumed(stream.stream_id, unread)
 
-    def _fail_stream(self, stream_id: int, error: UpstreamError) -> None:
+    def _drop(self, stream_id: int) -> _Stream | None:
         stream = self._streams.pop(stream_id, None)
+        if stream is not None and not self._streams and not self._closed:
+            self._went_idle()
+        return stream
+
+    def _fail_stream(self, stream_id: int, error: UpstreamError) -> None:
+        stream = self._drop(stream_id)
         if stream is None:
             return
         if not stream.head.done():
@@ -401,8 +433,18 @@ class H2UpstreamPool:
             if name.lower() == "host":
                 authority = value
                 break
-        connection = await self._connection()
+        context = self._context()  # refuses when no certificate is in force (fails closed)
+        connection = await self._connection(context)
         return await connection.request(method, self._scheme, authority, path, headers, body)
+
+    def stats(self) -> PoolStats:
+        active = sum(1 for c in self._connections if not c.idle)
+        return PoolStats(
+            active=active,
+            idle=len(self._connections) - active,
+            opened=self.opened,
+            peak_write_buffer=0,
+        )
 
     def configure(self, *, connect_timeout: float | None = None, **_ignored: object) -> None:
         if connect_timeout is not None:
@@ -414,7 +456,16 @@ class H2UpstreamPool:
             connection.close()
         self._connections.clear()
 
-    async def _connection(self) -> H2UpstreamConnection:
+    def _context(self) -> ssl_module.SSLContext | None:
+        try:
+            return self._ssl() if callable(self._ssl) else self._ssl
+        except Exception as e:
+            raise UpstreamConnectError(str(e)) from None
+
+    async def _connection(self, context: ssl_module.SSLContext | None) -> H2UpstreamConnection:
+        """A connection with room for one more stream (opened if need be)."""
+        # A renewed certificate applies to new connections; open ones stay (as Envoy's
+        # and our HTTP/1.1 pools do), so renewals never interrupt traffic.
         for connection in self._connections:
             if connection.has_room:
                 return connection
@@ -423,7 +474,7 @@ class H2UpstreamPool:
         future: asyncio.Future[H2UpstreamConnection] = asyncio.get_running_loop().create_future()
         self._connecting = future
         try:
-            connection = await self._open()
+            connection = await self._open(context)
         except BaseException as error:
             future.set_exception(error)
             future.exception()  # retrieved: waiters get it through shield
@@ -433,16 +484,14 @@ class H2UpstreamPool:
         future.set_result(connection)
         return connection
 
-    async def _open(self) -> H2UpstreamConnection:
+    async def _open(self, context: ssl_module.SSLContext | None) -> H2UpstreamConnection:
         loop = asyncio.get_running_loop()
-        try:
-            context = self._ssl() if callable(self._ssl) else self._ssl
-        except Exception as e:
-            raise UpstreamConnectError(str(e)) from None
         try:
             async with asyncio.timeout(self._connect_timeout):
                 _, connection = await loop.create_connection(
-                    lambda: H2UpstreamConnection(self._h2_limits, self._lost),
+                    lambda: H2UpstreamConnection(
+                        self._h2_limits, self._lost, self._limits.upstream_idle_timeout
+                    ),
                     self.host,
                     self.port,
                     ssl=context,
@@ -463,6 +512,7 @@ class H2UpstreamPool:
                 connection.close()
                 raise H2NotNegotiated(f"{self._authority} did not negotiate h2")
         self.opened += 1
+        connection.context = context
         self._connections.append(connection)
         return connection
 

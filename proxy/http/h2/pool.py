@@ -15,7 +15,7 @@ from typing import Any
 
 from ..body import BodyStream
 from ..client import UpstreamResponse
-from ..pool import UpstreamPool
+from ..pool import PoolStats, UpstreamPool
 from .client import H2NotNegotiated, H2UpstreamPool
 
 
@@ -46,6 +46,15 @@ class NegotiatingPool:
     def configure(self, **settings: Any) -> None:
         self.h1.configure(**settings)
         self.h2.configure(connect_timeout=settings.get("connect_timeout"))
+
+    def stats(self) -> PoolStats:
+        h1, h2 = self.h1.stats(), self.h2.stats()
+        return PoolStats(
+            active=h1.active + h2.active,
+            idle=h1.idle + h2.idle,
+            opened=h1.opened + h2.opened,
+            peak_write_buffer=max(h1.peak_write_buffer, h2.peak_write_buffer),
+        )
 
     def close(self) -> None:
         self.h2.close()
