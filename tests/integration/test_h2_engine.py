@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 import pytest
@@ -110,3 +111,94 @@ async def test_http1_client_on_the_same_listener(chain: tuple[int, EchoService])
     head = await reader.readuntil(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 403")
     writer.close()
+
+
+# -- the HTTP/2 shell's protections, over a real socket --------------------------------------
+
+
+async def _h2_client(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, Any]:
+    import h2.config
+    import h2.connection
+
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    peer = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    peer.initiate_connection()
+    writer.write(peer.data_to_send())
+    return reader, writer, peer
+
+
+REQUEST_HEAD = [
+    (":method", "GET"),
+    (":scheme", "http"),
+    (":authority", "svc"),
+    (":path", "/big"),
+]
+
+
+async def test_rapid_reset_flood_gets_goaway_enhance_your_calm() -> None:
+    import h2.events
+
+    async def handler(req: Request, ex: Exchange) -> None:
+        await asyncio.sleep(5)  # slow, so that resets arrive while streams are open
+        await ex.respond(200, [], b"late")
+
+    server = await serve(handler, "127.0.0.1", 0, limits=Limits())
+    port = server.sockets[0].getsockname()[1]
+    reader, writer, peer = await _h2_client(port)
+    try:
+        for i in range(300):
+            stream_id = 1 + 2 * i
+            peer.send_headers(stream_id, REQUEST_HEAD, end_stream=True)
+            peer.reset_stream(stream_id)
+        writer.write(peer.data_to_send())
+        terminated = None
+        while terminated is None:
+            data = await asyncio.wait_for(reader.read(65536), 10)
+            assert data, "closed without GOAWAY"
+            for event in peer.receive_data(data):
+                if isinstance(event, h2.events.ConnectionTerminated):
+                    terminated = event
+        assert terminated.error_code == 11  # ENHANCE_YOUR_CALM
+    finally:
+        writer.close()
+        server.close()
+
+
+async def test_a_client_that_does_not_read_holds_back_the_upstream_body() -> None:
+    """The client opens no window: the response body waits in bounded buffers, and the
+    handler's writer waits instead of queueing the whole body in memory."""
+    sent = 0
+    stalled = asyncio.Event()
+
+    async def chunks() -> AsyncIterator[bytes]:
+        nonlocal sent
+        for _ in range(200):  # 200 x 16 KiB = 3.2 MiB offered
+            sent += 16 * 1024
+            yield b"z" * (16 * 1024)
+
+    async def handler(req: Request, ex: Exchange) -> None:
+        try:
+            await ex.respond(200, [("content-type", "application/octet-stream")], chunks())
+        finally:
+            stalled.set()
+
+    server = await serve(handler, "127.0.0.1", 0, limits=Limits())
+    port = server.sockets[0].getsockname()[1]
+    reader, writer, peer = await _h2_client(port)
+    try:
+        peer.send_headers(1, REQUEST_HEAD, end_stream=True)
+        writer.write(peer.data_to_send())
+        received = 0
+        # read what the window allows (65535 bytes by default), acknowledging nothing
+        while received < 65_535:
+            data = await asyncio.wait_for(reader.read(65536), 10)
+            for event in peer.receive_data(data):
+                if hasattr(event, "flow_controlled_length") and event.data:
+                    received += len(event.data)
+        await asyncio.sleep(0.3)
+        # what was produced: the window, the stream's send buffer, one chunk in flight
+        assert sent <= 65_535 + 64 * 1024 + 2 * 16 * 1024, sent
+        assert not stalled.is_set()
+    finally:
+        writer.close()
+        server.close()
