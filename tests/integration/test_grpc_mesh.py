@@ -211,3 +211,92 @@ spec:
         return found if {"0", "14", "7"} <= found else set()
 
     await eventually(statuses, timeout=10)
+
+
+GRPC_GATEWAY = f"""
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {{name: grpc-gateway}}
+spec:
+  selector: {{istio: ingressgateway}}
+  servers:
+  - port: {{number: 8080, name: http, protocol: HTTP}}
+    hosts: ["*"]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: grpc-ingress}}
+spec:
+  hosts: ["*"]
+  gateways: [grpc-gateway]
+  http:
+  - route:
+    - destination: {{host: {HOST}}}
+"""
+
+
+async def test_gateway_h1_to_h2_app_and_h2c_to_h1_app(grpc_mesh: GrpcMesh) -> None:
+    from mesh.servers import free_port
+    from proxy.http import Exchange, Limits, Request, serve
+    from proxy.http.h2.client import H2UpstreamPool
+
+    world = grpc_mesh
+    # a gRPC client at the ingress gateway (h2c prior knowledge on its listener)
+    gateway = await world.mesh.sidecar(
+        "ingressgateway",
+        "",
+        app=False,
+        gateway=True,
+        gateway_port=free_port(),
+        labels={"istio": "ingressgateway"},
+    )
+    await world.mesh.apply(GRPC_GATEWAY)
+    at_gateway = EchoClient(f"127.0.0.1:{gateway.settings.gateway_port}")
+    try:
+
+        async def through_gateway() -> bool:
+            try:
+                reply = await asyncio.to_thread(at_gateway.unary, b"ingress", timeout=5)
+            except grpc.RpcError:
+                return False
+            return reply.endswith(b":ingress")
+
+        await eventually(through_gateway, timeout=15)
+    finally:
+        at_gateway.close()
+
+    # an HTTP/1.1 client calling an app that speaks HTTP/2 only to its sidecar
+    versions: list[str] = []
+
+    async def h2_app(req: Request, ex: Exchange) -> None:
+        versions.append(req.http_version)
+        await ex.respond(200, [("content-type", "text/plain")], b"from h2 app")
+
+    app_server = await serve(h2_app, "127.0.0.1", 0, limits=Limits())
+    try:
+        await world.mesh.sidecar(
+            "modern", app=False, app_port=app_server.sockets[0].getsockname()[1],
+            app_protocol="http2",
+        )  # fmt: skip
+        async with aiohttp.ClientSession() as session:
+            async with session.get(
+                "http://modern.default:8080/x",
+                proxy=f"http://127.0.0.1:{world.client_sc.ports['outbound']}",
+            ) as resp:
+                assert resp.status == 200
+                assert await resp.read() == b"from h2 app"
+        assert versions == ["2"]
+    finally:
+        app_server.close()
+
+    # and the reverse: an h2c client (prior knowledge) calling an HTTP/1.1 app
+    legacy = await world.mesh.sidecar("legacy")
+    pool = H2UpstreamPool("127.0.0.1", world.client_sc.ports["outbound"], limits=Limits())
+    try:
+        resp = await pool.request("GET", "/y", [("host", "legacy.default:8080")], b"")
+        body = await resp.body.read_all(1 << 20)
+        assert resp.status == 200 and resp.http_version == "2"
+        assert b'"service": "legacy"' in body or b'"service":"legacy"' in body
+        assert legacy.echo.requests == 1
+    finally:
+        pool.close()
