@@ -300,3 +300,31 @@ async def test_gateway_h1_to_h2_app_and_h2c_to_h1_app(grpc_mesh: GrpcMesh) -> No
         assert legacy.echo.requests == 1
     finally:
         pool.close()
+
+
+async def test_stock_client_with_only_the_sidecars_environment(grpc_mesh: GrpcMesh) -> None:
+    """A grpcio app started with the environment the sidecar gives its app (HTTP_PROXY
+    and friends, nothing else mesh-specific) reaches the service by name."""
+    import os
+    import sys
+
+    env = grpc_mesh.client_sc._app_env()
+    assert "http_proxy" in env
+    script = (
+        "import grpc\n"
+        "ch = grpc.insecure_channel('reviews.default:9080')\n"
+        "call = ch.unary_unary('/mesh.test.Echo/Unary')\n"
+        "print(call(b'from-app', timeout=10).decode())\n"
+    )
+    env = {**env, "PYTHONPATH": os.environ.get("PYTHONPATH", "")}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        script,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 0, err.decode()[-2000:]
+    assert out.decode().strip().endswith(":from-app")
