@@ -14,7 +14,7 @@ import asyncio
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, cast
 
 from proxy.http import (
     Exchange,
@@ -26,6 +26,9 @@ from proxy.http import (
     UpstreamResetError,
     UpstreamResponse,
 )
+from proxy.http.h2.client import H2UpstreamPool
+from proxy.http.h2.pool import NegotiatingPool
+from proxy.http.local_reply import grpc_local_reply, is_grpc
 
 if TYPE_CHECKING:
     from proxy.clusters import PoolOptions
@@ -88,6 +91,17 @@ async def local_reply(
     message: str,
     extra_headers: list[tuple[str, str]] | None = None,
 ) -> Outcome:
+    if is_grpc(ex.request.headers):
+        # gRPC clients read the status from grpc-status, not from HTTP: a
+        # trailers-only answer, as Envoy's local replies to gRPC requests are
+        reply_status, headers = grpc_local_reply(status, flags, message)
+        headers += [(FLAGS_HEADER, flags), _SERVER]
+        if extra_headers:
+            headers += extra_headers
+        await ex.respond(reply_status, headers, b"")
+        # recorded with the HTTP status Envoy reports for it (its response_code is the
+        # local reply's code, 200 on the wire)
+        return Outcome(reply_status, flags)
     body = (message.rstrip("\n") + "\n").encode()
     headers = [("content-type", "text/plain; charset=utf-8"), (FLAGS_HEADER, flags), _SERVER]
     if extra_headers:
@@ -102,6 +116,8 @@ class UpstreamTls(Protocol):
 
     def client_context(self) -> ssl.SSLContext: ...
 
+    def h2_client_context(self) -> ssl.SSLContext: ...
+
     def verifier(self, expected_identity: str) -> Callable[[ssl.SSLObject | None], object]: ...
 
 
@@ -110,12 +126,21 @@ class PoolSet:
     on first use. With `tls`, an endpoint that registered an identity is reached over
     mTLS and must present exactly that identity; one without (no sidecar) in plaintext.
 
-    A cluster with a `connectionPool` (`options`) gets pools of its own, made and
-    limited as it says; every other cluster shares the default pools."""
+    Protocol: between sidecars (mTLS) HTTP/2, one multiplexed connection per endpoint,
+    when the peer negotiates ALPN h2 (HTTP/1.1 otherwise, and always for upgrades);
+    HTTP/1.1 requests of the app travel over it too. In plaintext, HTTP/2 with prior
+    knowledge (h2c) when `h2c` is set (the app declared `--app-protocol grpc|http2`),
+    HTTP/1.1 otherwise.
 
-    def __init__(self, limits: Limits, tls: UpstreamTls | None = None):
+    A cluster with a `connectionPool` (`options`) gets pools of its own, made and
+    limited as it says (over HTTP/1.1, except gRPC requests, which need HTTP/2: the
+    HTTP/2 pool does not enforce connection limits yet); every other cluster shares the
+    default pools."""
+
+    def __init__(self, limits: Limits, tls: UpstreamTls | None = None, *, h2c: bool = False):
         self.limits = limits
         self.tls = tls
+        self.h2c = h2c
         self.pools: dict[tuple[str, str, str], UpstreamPool] = {}
         self._options: dict[tuple[str, str, str], PoolOptions] = {}
 
@@ -125,7 +150,7 @@ class PoolSet:
         key = (address, identity, options.owner if options is not None else "")
         pool = self.pools.get(key)
         if pool is None:
-            pool = self._new_pool(address, identity)
+            pool = self._new_pool(address, identity, limited=options is not None)
             self.pools[key] = pool
         if options is not None and self._options.get(key) is not options:
             self._options[key] = options
@@ -137,17 +162,31 @@ class PoolSet:
             )
         return pool
 
-    def _new_pool(self, address: str, identity: str) -> UpstreamPool:
+    def _new_pool(self, address: str, identity: str, *, limited: bool = False) -> UpstreamPool:
         host, _, port = address.rpartition(":")
+        host = host.strip("[]")
         if identity and self.tls is not None:
-            return UpstreamPool(
-                host.strip("[]"),
+            verify = self.tls.verifier(identity)
+            h1 = UpstreamPool(
+                host, int(port), limits=self.limits, ssl=self.tls.client_context, verify_peer=verify
+            )
+            h2 = H2UpstreamPool(
+                host,
                 int(port),
                 limits=self.limits,
-                ssl=self.tls.client_context,
-                verify_peer=self.tls.verifier(identity),
+                ssl=self.tls.h2_client_context,
+                verify_peer=verify,
             )
-        return UpstreamPool(host.strip("[]"), int(port), limits=self.limits)
+            # quacks like UpstreamPool (request, configure, close); a cluster with a
+            # connectionPool keeps HTTP/1.1 (whose limits it enforces) but for gRPC
+            return cast(UpstreamPool, NegotiatingPool(h2, h1, grpc_only=limited))
+        h1 = UpstreamPool(host, int(port), limits=self.limits)
+        if self.h2c:
+            return cast(
+                UpstreamPool,
+                NegotiatingPool(H2UpstreamPool(host, int(port), limits=self.limits), h1),
+            )
+        return h1
 
     def close(self) -> None:
         for pool in self.pools.values():

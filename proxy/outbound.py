@@ -100,6 +100,8 @@ class RouteHandler:
         self.mirrors.close()
 
     async def handle(self, req: Request, ex: Exchange) -> Outcome:
+        if req.method == "CONNECT":
+            return await self._connect(req, ex)
         telemetry = self.telemetry
         if telemetry is None:
             return await self._handle(req, ex, None)
@@ -115,11 +117,26 @@ class RouteHandler:
         telemetry.outbound_done(req, ex, seen)
         return result
 
-    async def _handle(self, req: Request, ex: Exchange, seen: Outcome | None) -> Outcome:
-        if req.method == "CONNECT":
-            # Envoy answers 404 (no route) to a CONNECT without a `connect_matcher`
-            # route; no route here tunnels CONNECT
+    async def _connect(self, req: Request, ex: Exchange) -> Outcome:
+        """CONNECT to a mesh service's host:port (what gRPC clients send when given the
+        sidecar's `http_proxy`): answered 200, and the tunnelled connection is served
+        by this listener as HTTP/1.1 or h2c, so each request in it is routed, retried,
+        authorized and counted like any other (not relayed as opaque bytes). Anything
+        else is answered 404 `NR`, as Envoy does without a `connect_matcher` route."""
+        authority = req.authority
+        ref = self._service(authority) if authority and not self.gateway_mode else None
+        if ref is None or ref.name == "*" or req.http_version != "1.1" or not _port_of(authority):
             return await local_reply(ex, 404, "NR", "CONNECT is not routed")
+        try:
+            dest = await self.cache.get(ref)
+        except errors.MeshError as e:
+            return await local_reply(ex, 503, "UH", f"no configuration for {ref}: {e}")
+        if not _exists(dest):
+            return await local_reply(ex, 404, "NR", "CONNECT is not routed")
+        await ex.accept_connect()
+        return Outcome(200, "", "", ref.fqdn)
+
+    async def _handle(self, req: Request, ex: Exchange, seen: Outcome | None) -> Outcome:
         # path and authority were normalised and validated by the engine
         # (proxy.http.target) before routing: routed as forwarded
         authority = req.authority

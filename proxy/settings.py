@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 # the data planes a sidecar can drive (proxy.dataplane)
 DATAPLANES = ("python", "envoy")
+APP_PROTOCOLS = ("http", "http2", "grpc")
 
 
 @dataclass
@@ -17,6 +18,8 @@ class SidecarSettings:
     namespace: str = "default"
     version: str = ""
     app_port: int = 0
+    # what the app speaks: "http" (HTTP/1.1), "http2" or "grpc" (h2c to the app)
+    app_protocol: str = "http"
     labels: dict[str, str] = field(default_factory=dict)
     tcp_ports: list[int] = field(default_factory=list)
     # `--tcp-upstream SERVICE[.NS]:PORT=LOCALPORT` specs, parsed by proxy.tcp
@@ -57,6 +60,10 @@ class SidecarSettings:
             raise ValueError(
                 f"dataplane must be one of {', '.join(DATAPLANES)}, got {self.dataplane!r}"
             )
+        if self.app_protocol not in APP_PROTOCOLS:
+            raise ValueError(
+                f"app_protocol must be one of {', '.join(APP_PROTOCOLS)}, got {self.app_protocol!r}"
+            )
         self.labels = {
             "app": self.service,
             **({"version": self.version} if self.version else {}),
@@ -69,6 +76,10 @@ class SidecarSettings:
             self.instance = (
                 f"{self.service}-{self.version or 'x'}-{host}-{os.getpid()}-{uuid.uuid4().hex[:4]}"
             )
+
+    @property
+    def app_speaks_h2(self) -> bool:
+        return self.app_protocol in ("http2", "grpc")
 
     @property
     def identity(self) -> str:

@@ -59,7 +59,9 @@ class Sidecar:
         self.settings = settings
         self.limits = limits or Limits()
         self.stats = ProxyStats()
-        self.dataplane = dataplane or make_dataplane(settings.dataplane, self.limits)
+        self.dataplane = dataplane or make_dataplane(
+            settings.dataplane, self.limits, app_h2c=settings.app_speaks_h2
+        )
         self.app = ManagedApp(app_command, settings.app_port) if app_command else None
         self.ready = False
         self.draining = False
@@ -216,6 +218,8 @@ class Sidecar:
             trust_domain=s.trust_domain,
             token=s.token,
             on_bundle=self._identity_changed,
+            # our listeners speak HTTP/2 between sidecars when both sides offer it
+            alpn=("h2", "http/1.1"),
         )
         started.push_async_callback(self.identity.close)
         try:

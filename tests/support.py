@@ -310,7 +310,7 @@ class MeshHarness:
         s = SidecarSettings(
             service=service,
             version=version,
-            app_port=echo.port if echo else 1,
+            app_port=settings.pop("app_port", echo.port if echo else 1),
             nats=[self.nats_url],
             prefix=self.prefix,
             drain_timeout=2.0,

@@ -132,6 +132,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
         default="",
         help="service account in the workload's SPIFFE ID (default: the service name)",
     )
+    sc.add_argument(
+        "--app-protocol",
+        choices=("http", "http2", "grpc"),
+        default="http",
+        help="what the app speaks on --app-port: HTTP/1.1 (http), or HTTP/2 cleartext "
+        "(http2, grpc), like Istio's port naming",
+    )
     _common(sc)
     sc.add_argument("app", nargs=argparse.REMAINDER, help="-- command to run the app")
     sc.set_defaults(func=cmd_sidecar)
@@ -231,6 +238,7 @@ def cmd_sidecar(args: argparse.Namespace) -> int:
         inbound_port=args.inbound_port,
         outbound_port=args.outbound_port,
         service_account=args.service_account,
+        app_protocol=args.app_protocol,
     )
     return _run(settings, app)
 

@@ -119,12 +119,13 @@ class DataPlane(Protocol):
         ...
 
 
-def make_dataplane(name: str, limits: Limits) -> DataPlane:
-    """The data plane called `name` (`--dataplane`)."""
+def make_dataplane(name: str, limits: Limits, *, app_h2c: bool = False) -> DataPlane:
+    """The data plane called `name` (`--dataplane`); `app_h2c`: the app speaks HTTP/2
+    cleartext (`--app-protocol http2|grpc`)."""
     if name == "python":
         from proxy.dataplane.python import PythonDataPlane
 
-        return PythonDataPlane(limits)
+        return PythonDataPlane(limits, app_h2c=app_h2c)
     if name == "envoy":
         from proxy.dataplane.envoy import EnvoyDataPlane
 

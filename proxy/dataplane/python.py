@@ -38,11 +38,12 @@ DRAIN_POLL_S = 0.02
 
 
 class PythonDataPlane:
-    def __init__(self, limits: Limits):
+    def __init__(self, limits: Limits, *, app_h2c: bool = False):
         self.limits = limits
         self.draining = False
         self.active = 0
-        self.app_pools = PoolSet(limits)
+        # to the app: HTTP/2 cleartext when it says it speaks it, else HTTP/1.1
+        self.app_pools = PoolSet(limits, h2c=app_h2c)
         self.pools = PoolSet(limits)
         self.routes: RouteHandler | None = None
         self.tcp: TcpRelays | None = None

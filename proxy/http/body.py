@@ -24,6 +24,10 @@ class BodyStream:
 
     `length` is the declared Content-Length, or None when the body is chunked (or, for
     responses, delimited by the connection's close).
+
+    HTTP/2 streams pass `on_consumed`: told the size of every chunk the consumer takes,
+    it re-opens the peer's flow-control window only as fast as the body is read.
+    `trailers` are the trailing fields that ended the body (HTTP/2), set before EOF.
     """
 
     __slots__ = (
@@ -34,6 +38,7 @@ class BodyStream:
         "_gate",
         "_high_water",
         "_interrupted",
+        "_on_consumed",
         "_on_first_wait",
         "_paused",
         "_waiter",
@@ -41,6 +46,7 @@ class BodyStream:
         "chunked",
         "length",
         "peak_buffered",
+        "trailers",
     )
 
     def __init__(
@@ -50,8 +56,11 @@ class BodyStream:
         chunked: bool = False,
         gate: ReadGate | None = None,
         high_water: int = 64 * 1024,
+        on_consumed: Callable[[int], None] | None = None,
     ) -> None:
         self.length = length
+        self.trailers: list[tuple[str, str]] | None = None
+        self._on_consumed = on_consumed
         self.chunked = chunked
         self.bytes_received = 0
         self.peak_buffered = 0
@@ -141,6 +150,12 @@ class BodyStream:
         self._interrupted = True
         self._wake()
 
+    def release_flow(self) -> int:
+        """Stop reporting consumption; the bytes still buffered (the producer gives
+        their window back itself, as nobody will read them through this stream)."""
+        self._on_consumed = None
+        return self._buffered
+
     def _detach(self) -> None:
         # The producer is done with this stream: it must no longer hold the socket.
         if self._paused and self._gate is not None:
@@ -186,7 +201,9 @@ class BodyStream:
         """Every chunk already buffered, without waiting (to coalesce writes)."""
         chunks = list(self._chunks)
         self._chunks.clear()
-        self._buffered = 0
+        taken, self._buffered = self._buffered, 0
+        if self._on_consumed is not None and taken:
+            self._on_consumed(taken)
         if self._paused and self._gate is not None:
             self._paused = False
             self._gate.resume(self)
@@ -206,6 +223,8 @@ class BodyStream:
     def _take(self) -> bytes:
         chunk = self._chunks.popleft()
         self._buffered -= len(chunk)
+        if self._on_consumed is not None:
+            self._on_consumed(len(chunk))
         if self._paused and self._buffered <= self._high_water >> 1 and self._gate is not None:
             self._paused = False
             self._gate.resume(self)

@@ -10,6 +10,7 @@ from typing import Protocol
 from .body import BodyStream
 from .client import UpstreamResponse
 from .flow import ReadGate, WriteGate
+from .h2.exchange import grpc_status_of
 from .headers import HOP_BY_HOP, connection_tokens, get_header
 from .request import Request
 from .tunnel import Tunnel
@@ -42,6 +43,7 @@ class Downstream(Protocol):
     def write_gate(self) -> WriteGate: ...
     def will_close(self, request: Request) -> bool: ...
     def start_tunnel(self, tunnel: Tunnel) -> None: ...
+    def serve_tunnelled(self) -> None: ...
 
 
 class Exchange:
@@ -61,6 +63,7 @@ class Exchange:
         "_tunnel",
         "close_after",
         "finished_at",
+        "grpc_status",
         "response_bytes",
         "started_at",
         "status",
@@ -74,6 +77,9 @@ class Exchange:
         self._tunnel: Tunnel | None = None
         self.close_after = False
         self.status: int | None = None
+        # the answer's grpc-status ("" if none), for the grpc_response_status label;
+        # trailers do not travel over HTTP/1.1, a trailers-only answer's status does
+        self.grpc_status = ""
         self.response_bytes = 0
         self.started_at = time.monotonic()
         self.finished_at: float | None = None
@@ -123,6 +129,7 @@ class Exchange:
         """
         if not 200 <= status <= 999:
             raise ValueError(f"cannot respond with status {status}")
+        self.grpc_status = grpc_status_of(headers)
         head_request = self._request.method == "HEAD"
         transport = self._downstream.transport
         if isinstance(body, bytes | bytearray | memoryview):
@@ -185,12 +192,16 @@ class Exchange:
                 status, response.headers, skip, framing, announce, response.reason
             )
             self._begin(status)
+            self.grpc_status = grpc_status_of(response.headers)
             transport = self._downstream.transport
             if framing is Framing.NONE:
                 transport.write(head)
                 response.close()  # a body the client must not get (HEAD sent upstream as GET)
             else:
                 await self._forward_body(head, response.body, framing)
+                trailed = grpc_status_of(response.body.trailers)
+                if trailed:
+                    self.grpc_status = trailed
         except BaseException:
             response.close()
             raise
@@ -228,6 +239,18 @@ class Exchange:
         finally:
             tunnel.close()
             self.response_bytes = tunnel.bytes_down
+        self._finish()
+
+    async def accept_connect(self) -> None:
+        """Answer a CONNECT with 200 and serve what the client sends through it as a
+        new HTTP/1.1 or h2c connection on this listener (its requests routed one by
+        one, like any other); this exchange ends here."""
+        if self._request.method != "CONNECT":
+            raise ValueError("accept_connect() answers a CONNECT request")
+        self._begin(200)
+        self._closing = True
+        self._downstream.transport.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        self._downstream.serve_tunnelled()
         self._finish()
 
     # -- internals -------------------------------------------------------------------------

@@ -5,10 +5,18 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl as ssl_module
+from typing import Protocol
 
 from .limits import Limits
 from .server import Handler, HttpServerProtocol
 from .target import DEFAULT_NORMALIZATION, Normalization
+
+
+class Drainable(Protocol):
+    """A served connection, HTTP/1.1 or HTTP/2."""
+
+    def close_when_idle(self) -> None: ...
+    def abort(self) -> None: ...
 
 
 class ConnectionSet:
@@ -20,16 +28,16 @@ class ConnectionSet:
     """
 
     def __init__(self) -> None:
-        self._protocols: set[HttpServerProtocol] = set()
+        self._protocols: set[Drainable] = set()
         self._empty: asyncio.Event | None = None
 
     def __len__(self) -> int:
         return len(self._protocols)
 
-    def add(self, protocol: HttpServerProtocol) -> None:
+    def add(self, protocol: Drainable) -> None:
         self._protocols.add(protocol)
 
-    def discard(self, protocol: HttpServerProtocol) -> None:
+    def discard(self, protocol: Drainable) -> None:
         self._protocols.discard(protocol)
         if not self._protocols and self._empty is not None:
             self._empty.set()

@@ -6,6 +6,11 @@ handler: they are answered 400/431/408 with `Connection: close` and the connecti
 is closed. A client that ends its stream before its answer has left (HTTP/1.1 has no
 half-close): its handler task is cancelled, and with it the upstream exchange.
 
+Protocol choice: a connection whose TLS handshake chose ALPN `h2`, or a plaintext one
+whose first bytes are the HTTP/2 client preface (h2c prior knowledge), is handed to the
+HTTP/2 shell (`proxy.http.h2.server`) before any byte is parsed here; every listener
+built on this protocol (outbound, inbound, gateway) serves both.
+
 Every request head is normalised here, once, before any handler sees it
 (`proxy.http.target`): `Request.path` and `Request.authority` are what the listeners
 route, authorize and forward, and the Host field is rewritten to the authority (an
@@ -33,6 +38,7 @@ from .body import BodyStream
 from .errors import DownstreamError, UpstreamError
 from .exchange import Exchange
 from .flow import ReadGate, WriteGate
+from .h2.connection import PREFACE
 from .limits import Limits
 from .request import Request
 from .target import (
@@ -60,6 +66,7 @@ _UPGRADED = 1  # an upgrade/CONNECT request was parsed; later bytes are held for
 _TUNNEL = 2  # relaying raw bytes
 _FAILED = 3  # a request was malformed: answer what is queued, then close
 _CLOSING = 4  # closing or closed
+_HANDED_OFF = 5  # a CONNECT was accepted: the transport belongs to a new protocol
 
 # After an error answer, keep reading (and discarding) this long so the client gets the
 # answer instead of a reset caused by unread bytes.
@@ -157,6 +164,8 @@ class HttpServerProtocol(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._linger: asyncio.TimerHandle | None = None
         self._timer_period = min(limits.header_timeout, limits.idle_timeout)
+        # bytes of a possible HTTP/2 preface, until the first bytes decide (None: HTTP/1)
+        self._sniffed: bytes | None = b""
         now = self._loop.time()
         self._last_read = now
         self._head_started: float | None = now  # a new connection must send a head
@@ -216,6 +225,28 @@ class HttpServerProtocol(asyncio.Protocol):
         if self._closed or self._client_eof:
             tunnel.close()
 
+    def serve_tunnelled(self) -> None:
+        """After a CONNECT answered 200: the bytes that follow are a new HTTP
+        connection (HTTP/1.1 or h2c) served by this listener's handler, on a protocol
+        of its own that takes the transport over."""
+        held, self._held = self._held, []
+        self._held_bytes = 0
+        self._mode = _HANDED_OFF
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._connections is not None:
+            self._connections.discard(self)
+        transport = self.transport
+        self.read_gate.release_all()
+        inner = HttpServerProtocol(
+            self._handler, self._limits, self._connections, self._normalization
+        )
+        transport.set_protocol(inner)
+        inner.connection_made(transport)
+        for data in held:
+            inner.data_received(data)
+
     # -- lifecycle used by ConnectionSet -----------------------------------------------------
 
     def close_when_idle(self) -> None:
@@ -233,6 +264,10 @@ class HttpServerProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
         transport = cast(asyncio.Transport, transport)
+        ssl_object = transport.get_extra_info("ssl_object")
+        if ssl_object is not None and ssl_object.selected_alpn_protocol() == "h2":
+            self._switch_to_h2(transport, b"")
+            return
         self._transport = transport
         self._read_gate = ReadGate(transport)
         peer = transport.get_extra_info("peername") or ("", 0)
@@ -245,6 +280,10 @@ class HttpServerProtocol(asyncio.Protocol):
             self._connections.add(self)
 
     def data_received(self, data: bytes) -> None:
+        if self._sniffed is not None:
+            data = self._sniff(data)
+            if not data:
+                return
         if self._mode != _HTTP:
             self._data_outside_http(data)
             return
@@ -318,6 +357,40 @@ class HttpServerProtocol(asyncio.Protocol):
         self._write_gate.resume()
         if self._tunnel is not None:
             self._tunnel.downstream_write_resumed()
+
+    # -- protocol choice -------------------------------------------------------------------
+
+    def _sniff(self, data: bytes) -> bytes:
+        """The bytes to parse as HTTP/1; b"" while they may still be an HTTP/2 preface
+        or once the connection went to the HTTP/2 shell."""
+        seen = self._sniffed + data if self._sniffed else data
+        if seen[:3] != PREFACE[:3] or not PREFACE.startswith(seen[: len(PREFACE)]):
+            self._sniffed = None
+            return seen
+        if len(seen) < len(PREFACE):
+            self._sniffed = seen
+            return b""
+        self._sniffed = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._connections is not None:
+            self._connections.discard(self)
+        self._switch_to_h2(self.transport, seen)
+        return b""
+
+    def _switch_to_h2(self, transport: asyncio.Transport, data: bytes) -> None:
+        from .h2.server import H2ServerProtocol
+
+        self._mode = _CLOSING
+        self._sniffed = None
+        protocol = H2ServerProtocol(
+            self._handler, self._limits, self._connections, self._normalization
+        )
+        transport.set_protocol(protocol)
+        protocol.connection_made(transport)
+        if data:
+            protocol.data_received(data)
 
     # -- httptools callbacks -----------------------------------------------------------------
 
@@ -617,7 +690,7 @@ class HttpServerProtocol(asyncio.Protocol):
 
     def _close(self, linger: bool = False) -> None:
         transport = self._transport
-        if transport is None or transport.is_closing():
+        if transport is None or transport.is_closing() or self._mode == _HANDED_OFF:
             return
         self._mode = _CLOSING
         if linger and transport.can_write_eof():
@@ -635,7 +708,7 @@ class HttpServerProtocol(asyncio.Protocol):
         """Runs at least every header_timeout; each state's deadline is a timestamp, so
         state changes never reschedule the timer."""
         self._timer = None
-        if self._mode == _CLOSING or self._mode == _TUNNEL:
+        if self._mode == _CLOSING or self._mode == _TUNNEL or self._mode == _HANDED_OFF:
             return
         limits = self._limits
         now = self._loop.time()

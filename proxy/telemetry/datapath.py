@@ -306,6 +306,9 @@ class SidecarTelemetry:
             if shadow is not None:
                 dry_run_result = "allowed" if shadow.allowed else "denied"
                 dry_run_policy = shadow.policy
+        grpc_status: str = getattr(ex, "grpc_status", "")  # exchanges of either protocol
+        # Istio's request_protocol: "grpc" for gRPC requests, else "http"
+        protocol = "grpc" if grpc_status or _is_grpc(req.headers) else "http"
         finished = ex.finished_at
         ended = finished if finished is not None else time.monotonic()
         duration_ms = (ended - ex.started_at) * 1000.0
@@ -314,8 +317,8 @@ class SidecarTelemetry:
             _new_tuple(RequestRecord, (
                 reporter, source, destination, service or UNKNOWN, req.method, req.authority,
                 req.path, status, duration_ms, ex.request_bytes, ex.response_bytes, flags,
-                upstream, request_id, span.trace_id, "http", policy, dry_run_result,
-                dry_run_policy, time.time_ns() - int(duration_ms * 1e6),
+                upstream, request_id, span.trace_id, protocol, policy, dry_run_result,
+                dry_run_policy, grpc_status, time.time_ns() - int(duration_ms * 1e6),
             ))
         )  # fmt: skip
         if span.sampled:
@@ -340,3 +343,10 @@ class SidecarTelemetry:
         self.failures += 1
         if self.failures == 1 or self.failures % 10_000 == 0:
             log.error("telemetry.record_failed", failures=self.failures, error=repr(error))
+
+
+def _is_grpc(headers: list[tuple[str, str]]) -> bool:
+    for name, value in headers:
+        if name == "content-type":
+            return value.startswith("application/grpc")
+    return False

@@ -144,6 +144,7 @@ _series_key: Callable[[RequestRecord], tuple[object, ...]] = itemgetter(
             "flags",
             "protocol",
             "security_policy",
+            "grpc_status",
         )
     )
 )
@@ -264,6 +265,9 @@ class TelemetryRecorder(Collector):
         labels["response_code"] = str(r.status)
         labels["response_flags"] = r.flags or "-"
         labels["connection_security_policy"] = r.security_policy or UNKNOWN
+        if r.protocol == "grpc":
+            # Istio: present on gRPC requests only
+            labels["grpc_response_status"] = r.grpc_status or UNKNOWN
         s = self._http[key] = _HttpSeries(labels)
         return s
 

@@ -54,6 +54,8 @@ class RequestRecord(NamedTuple):
     # when none applies; and the dry-run policy that decided (`ns/name`, "" if none)
     dry_run_result: str = ""
     dry_run_policy: str = ""
+    # the answer's grpc-status ("" for non-gRPC answers): Istio's grpc_response_status
+    grpc_status: str = ""
     start_ns: int = 0  # unix ns; 0 = now minus the duration (the last field)
 
 

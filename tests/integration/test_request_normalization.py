@@ -13,6 +13,7 @@ the echo app records the method, path and Host it received.
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 from collections.abc import AsyncIterator, Iterator
@@ -339,11 +340,40 @@ async def test_connect_is_answered_404_without_a_traceback(mesh: Mesh, listener:
         lambda: _status(mesh, "gateway", request("GET", "/x", "a.example.com"), 200), timeout=10
     )
     before = mesh.app.requests
-    # Envoy answers 404 to a CONNECT that no `connect_matcher` route accepts
-    reply = await send(mesh, listener, request("CONNECT", "reviews:9080", "reviews:9080"))
+    # Envoy answers 404 to a CONNECT that no `connect_matcher` route accepts; the
+    # outbound listener accepts CONNECT to mesh services only (the test below)
+    target = "unknown.example:443" if listener == "outbound" else "reviews:9080"
+    reply = await send(mesh, listener, request("CONNECT", target, target))
     assert reply.status == 404 and reply.flags == "NR", (reply.status, reply.body)
     assert mesh.app.requests == before
     assert_clean(mesh, reply)
+
+
+async def test_outbound_connect_to_a_mesh_service_serves_the_tunnel_as_http(mesh: Mesh) -> None:
+    """What gRPC and other proxy-aware clients send given the sidecar's http_proxy:
+    the requests inside the tunnel are normalised and routed one by one."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", mesh.port("outbound"))
+    try:
+        writer.write(b"CONNECT reviews:9080 HTTP/1.1\r\nHost: reviews:9080\r\n\r\n")
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200"), head
+        before = mesh.app.requests
+        for _ in range(2):  # keep-alive inside the tunnel
+            writer.write(b"GET /a/../echo HTTP/1.1\r\nHost: reviews:9080\r\n\r\n")
+            head = await reader.readuntil(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200"), head
+            length = int(
+                next(
+                    line.split(b":", 1)[1]
+                    for line in head.split(b"\r\n")
+                    if line.lower().startswith(b"content-length:")
+                )
+            )
+            body = json.loads(await reader.readexactly(length))
+            assert body["path"] == "/echo"
+        assert mesh.app.requests == before + 2
+    finally:
+        writer.close()
 
 
 async def test_handler_error_is_a_generic_500_logged_without_locals_or_headers(
@@ -352,7 +382,7 @@ async def test_handler_error_is_a_generic_500_logged_without_locals_or_headers(
     def broken(host: str) -> None:
         raise RuntimeError("injected routing failure")
 
-    monkeypatch.setattr(mesh.client.routes, "_service", broken)
+    monkeypatch.setattr(mesh.client.dataplane.routes, "_service", broken)
     replies = [
         await send(mesh, "outbound", request("GET", "http://reviews:9080/echo", "reviews"))
         for _ in range(20)
