@@ -171,7 +171,7 @@ async def test_principal_based_allow_over_mtls(nats_server, etcd_server, prefix)
                 namespace="other",
                 tcp_upstreams=[f"tcp-echo.default:{app.port}={from_other}"],
             )
-            relay = server.tcp.ports[f"tcp-inbound:{app.port}"]
+            relay = server.dataplane.tcp.ports[f"tcp-inbound:{app.port}"]
             await served(from_other, app, b"before other")
             await served(relay, app, b"before plaintext")  # PERMISSIVE: plaintext accepted
 
