@@ -348,6 +348,9 @@ class Source(msgspec.Struct, frozen=True, omit_defaults=True):
     not_namespaces: tuple[str, ...] = ()
     ip_blocks: tuple[str, ...] = ()
     not_ip_blocks: tuple[str, ...] = ()
+    # `<iss>/<sub>` of the request's validated JWT (RequestAuthentication)
+    request_principals: tuple[str, ...] = ()
+    not_request_principals: tuple[str, ...] = ()
 
 
 class Operation(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -428,3 +431,42 @@ class InboundPolicy(msgspec.Struct, frozen=True, omit_defaults=True, tag=True):
     # RateLimitPolicies of the service's namespace; each sidecar keeps those whose
     # selector matches its labels
     rate_limits: tuple[RateLimit, ...] = ()
+    # RequestAuthentications of the service's namespace and the root namespace;
+    # each sidecar keeps those whose selector matches its labels
+    request_authentication: tuple[RequestAuthn, ...] = ()
+
+
+class JwtFromHeader(msgspec.Struct, frozen=True, omit_defaults=True):
+    name: str
+    prefix: str = ""
+
+
+class ClaimHeader(msgspec.Struct, frozen=True, omit_defaults=True):
+    header: str
+    claim: str  # nested claims joined with "."
+
+
+class JwtRule(msgspec.Struct, frozen=True, omit_defaults=True):
+    """One `jwtRules[]` entry. Empty `from_headers`/`from_params`/`from_cookies`
+    together mean Istio's default locations (`Authorization: Bearer`, `access_token`)."""
+
+    issuer: str
+    audiences: tuple[str, ...] = ()
+    jwks: str = ""  # inline JSON Web Key Set
+    jwks_uri: str = ""
+    from_headers: tuple[JwtFromHeader, ...] = ()
+    from_params: tuple[str, ...] = ()
+    from_cookies: tuple[str, ...] = ()
+    output_payload_to_header: str = ""
+    output_claim_to_headers: tuple[ClaimHeader, ...] = ()
+    forward_original_token: bool = False
+    timeout_ms: int = 5000
+
+
+class RequestAuthn(msgspec.Struct, frozen=True, omit_defaults=True):
+    """One RequestAuthentication."""
+
+    name: str
+    namespace: str
+    selector: dict[str, str] = {}
+    rules: tuple[JwtRule, ...] = ()

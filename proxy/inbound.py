@@ -1,5 +1,6 @@
-"""The inbound listener's request path: identify the caller, authorize, rate-limit,
-forward to the app on localhost.
+"""The inbound listener's request path: identify the caller (its certificate; the end
+user's JWT, RequestAuthentication: 401 when invalid), authorize, rate-limit, forward
+to the app on localhost.
 
 The caller's identity is the SPIFFE ID of its client certificate (mTLS) and nothing
 else: headers claiming an identity (`x-forwarded-client-cert`) are removed and
@@ -14,7 +15,8 @@ from proxy.forward import Outcome, PoolSet, forward, local_reply
 from proxy.http import Exchange, Request, ensure_request_id, header_map, strip_hop_by_hop
 from proxy.inbound_policy import InboundPolicyFollower
 from proxy.peer import Peer, peer_of
-from proxy.policy import Decision, RequestFacts
+from proxy.policy import AuthIdentity, Decision, RequestFacts
+from proxy.request_authn import reply_unauthenticated
 from proxy.resilience import ratelimit_headers
 from proxy.settings import SidecarSettings
 from proxy.stats import ProxyStats
@@ -55,10 +57,15 @@ class InboundHandler:
             return await local_reply(
                 ex, 403, DENIED_FLAG, "mTLS required: PeerAuthentication mode is STRICT"
             )
+        # JWT first (Envoy's jwt_authn runs before RBAC); it may remove the token from
+        # the headers or the query (`forwardOriginalToken: false`)
+        verdict = await self.policy.authentication.authenticate(req)
+        if verdict.error:
+            return await reply_unauthenticated(req, ex, verdict)
         # the engine normalised the path and Host before any handler ran
         # (proxy.http.target): authorized as forwarded
         path = req.path
-        authz = self._authorize(req, peer, path)
+        authz = self._authorize(req, peer, path, verdict.identity)
         if authz is not None and not authz.allowed:
             self.stats.authz_denied.labels(policy=authz.policy or "none").inc()
             outcome = await local_reply(
@@ -103,7 +110,9 @@ class InboundHandler:
         outcome.authz_shadow = shadow
         return outcome
 
-    def _authorize(self, req: Request, peer: Peer, path: str) -> Decision | None:
+    def _authorize(
+        self, req: Request, peer: Peer, path: str, auth: AuthIdentity | None
+    ) -> Decision | None:
         """None when no policy applies (dry-run ones included); else the decision,
         its dry-run shadow counted (`meshwork_proxy_authz_dry_run_total`)."""
         authorizer = self.policy.authorizer
@@ -121,6 +130,7 @@ class InboundHandler:
                 host=req.authority or headers.get("host", ""),
                 port=self.settings.app_port,
                 headers=headers,
+                auth=auth,
             )
         )
         if decision.shadow is not None:

@@ -45,6 +45,9 @@ class SidecarSettings:
     # verify the control plane's signature on config, endpoints and the trust bundle
     # (mesh.signing); off only with `--no-config-signatures`, for a mesh without a CA
     config_signatures: bool = True
+    # CA bundle (PEM) that RequestAuthentication `jwksUri` servers are verified
+    # against; empty: the system's CAs
+    jwks_ca_file: str = field(default_factory=lambda: os.environ.get("MESH_JWKS_CA_FILE", ""))
 
     def __post_init__(self) -> None:
         self.labels = {

@@ -30,6 +30,7 @@ from proxy.admin import AdminServer
 from proxy.destinations import DestinationCache
 from proxy.forward import Outcome, PoolSet
 from proxy.gateway import GatewayFollower
+from proxy.gateway_policy import GatewayAdmission
 from proxy.http import Exchange, Limits, Request, serve
 from proxy.http.server import HttpServerProtocol
 from proxy.identity_client import ConfigTrust, IdentityRefused, WorkloadIdentity
@@ -224,10 +225,10 @@ class Sidecar:
         self.cache = DestinationCache(self.bus, on_change=lambda: self.reporter.changed())
         if s.gateway:
             self.gateway = GatewayFollower(self.bus, s, on_change=lambda: self.reporter.changed())
-        else:
-            self.inbound_policy = InboundPolicyFollower(
-                self.bus, s, on_change=lambda: self.reporter.changed()
-            )
+        # a gateway too: RequestAuthentication/AuthorizationPolicy selecting it (issue 17)
+        self.inbound_policy = InboundPolicyFollower(
+            self.bus, s, on_change=lambda: self.reporter.changed()
+        )
 
         def statuses() -> list[SubscriptionStatus]:
             out = self.cache.subscription_statuses()
@@ -288,6 +289,8 @@ class Sidecar:
         if s.gateway:
             assert self.gateway is not None
             self.gateway.attach(routes)
+            assert self.inbound_policy is not None
+            routes.admission = GatewayAdmission(self.inbound_policy, self.stats, s.gateway_port)
             address_port = await self._listen(
                 "gateway", self._counted("gateway", routes.handle), s.gateway_port, s.bind_host
             )
@@ -356,6 +359,8 @@ class Sidecar:
                 log.info("sidecar.ready", instance=s.instance, listeners=self.ports)
                 await self._stop.wait()
                 await self._shutdown(registration)
+                if self.inbound_policy is not None:
+                    await self.inbound_policy.close()  # JWKS fetches (issue 17)
                 for task in tasks:
                     task.cancel()
         finally:

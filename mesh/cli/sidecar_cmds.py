@@ -62,6 +62,11 @@ def _common(p: argparse.ArgumentParser) -> None:
         help="percentage of new traces sampled (default 1, or MESH_TRACE_SAMPLING)",
     )
     p.add_argument(
+        "--jwks-ca-file",
+        default=os.environ.get("MESH_JWKS_CA_FILE", ""),
+        help="CA bundle (PEM) for RequestAuthentication jwksUri servers (default: the system's)",
+    )
+    p.add_argument(
         "--no-telemetry",
         action="store_true",
         help="record no metrics, spans or access logs (to measure what telemetry costs)",
@@ -163,6 +168,7 @@ def _settings(args: argparse.Namespace, **kw: Any) -> Any:
         telemetry=not args.no_telemetry,
         trace_sampling=args.trace_sampling,
         config_signatures=not args.no_config_signatures,
+        jwks_ca_file=args.jwks_ca_file,
         **kw,
     )
 

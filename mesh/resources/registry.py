@@ -2,7 +2,7 @@
 
 Each entry names the kind as users type it (`VirtualService`, `virtualservices`,
 `vs`), the apiVersions accepted for it, its typed spec and its semantic validator.
-Kinds not listed (ServiceEntry, RequestAuthentication, ...) are rejected at apply time.
+Kinds not listed (ServiceEntry, Sidecar, ...) are rejected at apply time.
 """
 
 from __future__ import annotations
@@ -15,7 +15,11 @@ from mesh.resources.errors import Issue, ResourceError
 from mesh.resources.meshwork import RateLimitPolicySpec
 from mesh.resources.model import Metadata
 from mesh.resources.networking import DestinationRuleSpec, GatewaySpec, VirtualServiceSpec
-from mesh.resources.security import AuthorizationPolicySpec, PeerAuthenticationSpec
+from mesh.resources.security import (
+    AuthorizationPolicySpec,
+    PeerAuthenticationSpec,
+    RequestAuthenticationSpec,
+)
 from mesh.resources.validate import (
     validate_destination_rule,
     validate_gateway,
@@ -26,6 +30,7 @@ from mesh.resources.validate_security import (
     validate_authorization_metadata,
     validate_authorization_policy,
     validate_peer_authentication,
+    validate_request_authentication,
 )
 
 NETWORKING_GROUP = "networking.istio.io"
@@ -104,6 +109,15 @@ KINDS: Mapping[str, KindInfo] = _entries(
         spec_type=AuthorizationPolicySpec,
         validate=validate_authorization_policy,
         validate_metadata=validate_authorization_metadata,
+    ),
+    KindInfo(
+        kind="RequestAuthentication",
+        plural="requestauthentications",
+        short_names=("ra",),
+        group=SECURITY_GROUP,
+        versions=SECURITY_VERSIONS,
+        spec_type=RequestAuthenticationSpec,
+        validate=validate_request_authentication,
     ),
     KindInfo(
         kind="RateLimitPolicy",

@@ -8,9 +8,17 @@ Evaluation order is Istio's: AUDIT policies only mark the decision; any matching
 policy denies; with no ALLOW policy the request is allowed; otherwise an ALLOW policy
 must match.
 
+End-user identity comes from RequestAuthentication (`RequestFacts.auth`, a validated
+JWT): `requestPrincipals` (`<iss>/<sub>`, Istio's patterns, `*` meaning "any valid
+token") and the `when` keys `request.auth.principal`, `request.auth.audiences`,
+`request.auth.presenter` and `request.auth.claims[a][b]` (a list-valued claim matches
+when any of its strings does). A request without a valid token has none of them: it
+matches no value and no notValue, as an absent header does.
+
 TCP connections (`decide_connection`) are decided by the same policies, built a
 second time with Istio's rules for fields that only exist in HTTP (`methods`,
-`paths`, `hosts`, their `not*` forms and `request.headers[...]` conditions): an
+`paths`, `hosts`, `requestPrincipals`, their `not*` forms and `request.headers[...]`
+and `request.auth.*` conditions): an
 ALLOW rule naming one never matches a connection (the rule allows less), while a
 DENY or AUDIT rule drops them and matches on the fields that remain (the rule
 denies more: `to: [{operation: {methods: [GET], ports: ["9000"]}}]` denies every
@@ -39,7 +47,11 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import NamedTuple
 
+import msgspec
+
 from mesh.compiled import AuthzPolicy, AuthzRule, Condition, InboundPolicy, Operation, Source
+
+from .jwt import AuthIdentity, claim_at, claim_strings
 
 # An address as (IP version, integer value) and a network as (version, network
 # integer, mask integer): membership is then two integer operations, much cheaper than
@@ -48,6 +60,10 @@ _IP = tuple[int, int]
 _Network = tuple[int, int, int]
 
 _HEADER_KEY = re.compile(r"request\.headers\[([^\[\]]+)\]")
+_CLAIM_KEY = re.compile(r"request\.auth\.claims((?:\[[^\[\]]+\])+)")
+_AUTH_KEYS = frozenset(
+    ("request.auth.principal", "request.auth.audiences", "request.auth.presenter")
+)
 
 
 class RequestFacts(NamedTuple):
@@ -58,6 +74,7 @@ class RequestFacts(NamedTuple):
     caller. `path` is already normalised (`normalize_path`); a query string, if still
     attached, is ignored. `host` is the authority as sent; `port` the workload port.
     `headers` maps lower-case names to values, repeated headers joined with ",".
+    `auth` is the end user of a JWT validated by RequestAuthentication, None without.
     """
 
     principal: str
@@ -68,6 +85,7 @@ class RequestFacts(NamedTuple):
     host: str
     port: int
     headers: Mapping[str, str]
+    auth: AuthIdentity | None = None
 
 
 class ConnectionFacts(NamedTuple):
@@ -243,12 +261,21 @@ class _SourceMatch:
         "not_ip_blocks",
         "not_namespaces",
         "not_principals",
+        "not_request_principals",
         "principals",
+        "request_principals",
     )
 
-    def __init__(self, source: Source, *, lenient: bool) -> None:
+    def __init__(self, source: Source, *, lenient: bool, tcp: bool = False) -> None:
+        if tcp:
+            # only reached for DENY/AUDIT rules: the HTTP-only fields are dropped
+            source = msgspec.structs.replace(
+                source, request_principals=(), not_request_principals=()
+            )
         self.principals = _values(source.principals)
         self.not_principals = _values(source.not_principals)
+        self.request_principals = _values(source.request_principals)
+        self.not_request_principals = _values(source.not_request_principals)
         self.namespaces = _values(source.namespaces)
         self.not_namespaces = _values(source.not_namespaces)
         self.ip_blocks = _addresses(source.ip_blocks, unevaluable=lenient)
@@ -263,6 +290,17 @@ class _SourceMatch:
             return False
         if self.not_principals is not None and principal and self.not_principals.matches(principal):
             return False
+        if self.request_principals is not None or self.not_request_principals is not None:
+            # no valid token: no request principal, matching no pattern, not even "*"
+            auth = facts.auth
+            user = auth.principal if auth is not None else ""
+            if self.request_principals is not None and not (
+                user and self.request_principals.matches(user)
+            ):
+                return False
+            if self.not_request_principals is not None and user:
+                if self.not_request_principals.matches(user):
+                    return False
         namespace = facts.namespace
         if self.namespaces is not None and not (namespace and self.namespaces.matches(namespace)):
             return False
@@ -330,6 +368,7 @@ class _ConditionMatch:
 
     __slots__ = (
         "addresses",
+        "claim",
         "header",
         "kind",
         "not_addresses",
@@ -344,18 +383,25 @@ class _ConditionMatch:
         self.addresses: _Addresses | None = None
         self.not_addresses: _Addresses | None = None
         self.header = ""
+        self.claim: tuple[str, ...] = ()
         # kind "" is an unevaluable condition (unknown key, nothing to compare): it
         # holds in DENY/AUDIT policies and fails in ALLOW ones (see the module doc).
         self.kind = ""
         self.unevaluable_holds = lenient
         header = _HEADER_KEY.fullmatch(condition.key)
+        claim = _CLAIM_KEY.fullmatch(condition.key)
         if not condition.values and not condition.not_values:
             pass
-        elif header is not None and tcp:
+        elif tcp and _http_only_key(condition.key):
             # a DENY/AUDIT rule on a connection: dropped, i.e. always holds
             self.kind, self.unevaluable_holds = "", True
         elif header is not None:
             self.kind, self.header = "header", header.group(1).strip().lower()
+        elif claim is not None:
+            self.kind = "claim"
+            self.claim = tuple(part.strip() for part in claim.group(1)[1:-1].split("]["))
+        elif condition.key in _AUTH_KEYS:
+            self.kind = condition.key
         elif condition.key in _CONDITION_KEYS:
             self.kind = condition.key
         if self.kind == "source.ip":
@@ -369,6 +415,8 @@ class _ConditionMatch:
             if self.addresses is not None and not self.addresses.contains(ip):
                 return False
             return self.not_addresses is None or not self.not_addresses.contains(ip)
+        if kind == "claim" or kind in _AUTH_KEYS:
+            return self._holds_for_auth(request.facts.auth)
         value: str | None
         if kind == "header":
             value = request.facts.headers.get(self.header)
@@ -386,13 +434,42 @@ class _ConditionMatch:
             return False
         return self.not_values is None or value is None or not self.not_values.matches(value)
 
+    def _holds_for_auth(self, auth: AuthIdentity | None) -> bool:
+        """A `request.auth.*` key: several values (audiences, a list claim) hold when
+        any of them matches, as Istio's list matchers do; no token, no value."""
+        if auth is None:
+            found: tuple[str, ...] = ()
+        elif self.kind == "claim":
+            found = claim_strings(claim_at(auth.claims, self.claim))
+        elif self.kind == "request.auth.principal":
+            found = (auth.principal,)
+        elif self.kind == "request.auth.audiences":
+            found = auth.audiences
+        else:
+            found = (auth.presenter,) if auth.presenter else ()
+        if self.values is not None and not any(map(self.values.matches, found)):
+            return False
+        return self.not_values is None or not any(map(self.not_values.matches, found))
+
+
+def _http_only_key(key: str) -> bool:
+    return (
+        _HEADER_KEY.fullmatch(key) is not None
+        or _CLAIM_KEY.fullmatch(key) is not None
+        or key in _AUTH_KEYS
+    )
+
 
 def _http_only(rule: AuthzRule) -> bool:
     """Whether the rule names a field a TCP connection does not have."""
-    return any(
-        o.methods or o.not_methods or o.paths or o.not_paths or o.hosts or o.not_hosts
-        for o in rule.operations
-    ) or any(_HEADER_KEY.fullmatch(c.key) is not None for c in rule.when)
+    return (
+        any(
+            o.methods or o.not_methods or o.paths or o.not_paths or o.hosts or o.not_hosts
+            for o in rule.operations
+        )
+        or any(s.request_principals or s.not_request_principals for s in rule.sources)
+        or any(_http_only_key(c.key) for c in rule.when)
+    )
 
 
 class _RuleMatch:
@@ -401,7 +478,7 @@ class _RuleMatch:
     def __init__(self, rule: AuthzRule, *, lenient: bool, tcp: bool = False) -> None:
         # an ALLOW rule with HTTP-only fields never matches a connection (module doc)
         self.never = tcp and not lenient and _http_only(rule)
-        self.sources = tuple(_SourceMatch(s, lenient=lenient) for s in rule.sources)
+        self.sources = tuple(_SourceMatch(s, lenient=lenient, tcp=tcp) for s in rule.sources)
         self.operations = tuple(_OperationMatch(o, tcp=tcp) for o in rule.operations)
         self.conditions = tuple(_ConditionMatch(c, lenient=lenient, tcp=tcp) for c in rule.when)
 

@@ -9,6 +9,10 @@ Which resources reach a service follows Istio:
   workloads in the root namespace (Istio ignores it elsewhere).
 - AuthorizationPolicy: those of the service's namespace and of the root namespace (the
   latter mesh-wide, its selector matched against workloads of every namespace).
+- RequestAuthentication: as PeerAuthentication, without the ordering: the root
+  namespace's selector-less ones are mesh-wide, the service namespace's apply (with
+  their selectors), a root-namespace one with a selector applies only in the root
+  namespace (the ingress gateway's); every one that applies contributes its jwtRules.
 - RateLimitPolicy (`meshwork.io`): those of the service's namespace. Every one of them
   may match: the compiler knows the service, not its instances' labels (`app` defaults
   to the service name but `--labels` may change it), so filtering on `app` here could
@@ -30,13 +34,16 @@ from mesh.hosts import ServiceRef
 from mesh.resources import (
     DRY_RUN_ANNOTATION,
     AuthorizationPolicySpec,
+    JwtRule,
     MutualTLS,
     PeerAuthenticationSpec,
     RateLimitPolicySpec,
+    RequestAuthenticationSpec,
     RequestRate,
     Resource,
     Rule,
     WorkloadSelector,
+    parse_duration_ms,
 )
 
 __all__ = ["DEFAULT_ROOT_NAMESPACE", "compile_inbound_policy"]
@@ -72,6 +79,7 @@ def compile_inbound_policy(
     peer: list[compiled.PeerAuthn] = []
     authz: list[compiled.AuthzPolicy] = []
     rate_limits: list[compiled.RateLimit] = []
+    request_authn: list[compiled.RequestAuthn] = []
     for resource in sorted(resources, key=lambda r: (r.metadata.namespace, r.metadata.name)):
         spec = resource.spec
         if isinstance(spec, PeerAuthenticationSpec):
@@ -82,6 +90,10 @@ def compile_inbound_policy(
             namespace = resource.metadata.namespace
             if namespace in (ref.namespace, root_namespace):
                 authz.append(_authz_policy(resource, spec, mesh_wide=namespace == root_namespace))
+        elif isinstance(spec, RequestAuthenticationSpec):
+            authn_policy = _request_authn(resource, spec, ref, root_namespace)
+            if authn_policy is not None:
+                request_authn.append(authn_policy)
         elif isinstance(spec, RateLimitPolicySpec):
             if resource.metadata.namespace == ref.namespace:
                 rate_limits.append(_rate_limit(resource, spec))
@@ -92,6 +104,7 @@ def compile_inbound_policy(
         peer_authentication=tuple(peer),
         authorization=tuple(authz),
         rate_limits=tuple(rate_limits),
+        request_authentication=tuple(request_authn),
     )
 
 
@@ -159,6 +172,8 @@ def _rule(rule: Rule) -> compiled.AuthzRule:
             not_namespaces=s.not_namespaces,
             ip_blocks=s.ip_blocks,
             not_ip_blocks=s.not_ip_blocks,
+            request_principals=s.request_principals,
+            not_request_principals=s.not_request_principals,
         )
         for entry in rule.from_ or ()
         if (s := entry.source) is not None
@@ -181,6 +196,47 @@ def _rule(rule: Rule) -> compiled.AuthzRule:
         compiled.Condition(key=c.key, values=c.values, not_values=c.not_values) for c in rule.when
     )
     return compiled.AuthzRule(sources=sources, operations=operations, when=when)
+
+
+# ---------------------------------------------------------------- RequestAuthentication
+
+
+def _request_authn(
+    resource: Resource, spec: RequestAuthenticationSpec, ref: ServiceRef, root_namespace: str
+) -> compiled.RequestAuthn | None:
+    namespace = resource.metadata.namespace
+    selector = _labels(spec.selector)
+    mesh_wide = namespace == root_namespace and not selector
+    if not mesh_wide and namespace != ref.namespace:
+        return None
+    return compiled.RequestAuthn(
+        name=resource.metadata.name,
+        namespace=namespace,
+        selector=selector,
+        rules=tuple(_jwt_rule(rule) for rule in spec.jwt_rules),
+    )
+
+
+def _jwt_rule(rule: JwtRule) -> compiled.JwtRule:
+    # validation guarantees an issuer, one key source and a positive timeout
+    return compiled.JwtRule(
+        issuer=rule.issuer,
+        audiences=rule.audiences,
+        jwks=rule.jwks,
+        jwks_uri=rule.jwks_uri,
+        from_headers=tuple(
+            compiled.JwtFromHeader(name=h.name.lower(), prefix=h.prefix) for h in rule.from_headers
+        ),
+        from_params=rule.from_params,
+        from_cookies=rule.from_cookies,
+        output_payload_to_header=rule.output_payload_to_header.lower(),
+        output_claim_to_headers=tuple(
+            compiled.ClaimHeader(header=c.header.lower(), claim=c.claim)
+            for c in rule.output_claim_to_headers
+        ),
+        forward_original_token=rule.forward_original_token,
+        timeout_ms=parse_duration_ms(rule.timeout) if rule.timeout else 5000,
+    )
 
 
 # ---------------------------------------------------------------- RateLimitPolicy

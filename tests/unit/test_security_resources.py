@@ -413,14 +413,11 @@ def test_valid_edge_values_are_accepted(body: dict[str, Any]) -> None:
 
 
 UNSUPPORTED = [
-    (src(requestPrincipals=["*"]), "spec.rules[0].from[0].source.requestPrincipals"),
-    (src(notRequestPrincipals=["x"]), "spec.rules[0].from[0].source.notRequestPrincipals"),
     (src(remoteIpBlocks=["1.2.3.4"]), "spec.rules[0].from[0].source.remoteIpBlocks"),
     (src(notRemoteIpBlocks=["1.2.3.4"]), "spec.rules[0].from[0].source.notRemoteIpBlocks"),
     (src(serviceAccounts=["default/sleep"]), "spec.rules[0].from[0].source.serviceAccounts"),
     (ap(targetRef={"kind": "Gateway", "name": "g"}), "spec.targetRef"),
     (ap(targetRefs=[{"kind": "Service", "name": "s"}]), "spec.targetRefs"),
-    (ap(action="CUSTOM", provider={"name": "ext"}), "spec.provider"),
     (ap(rules=[{"to": [{"operation": {"methods": ["GET"], "verbs": ["x"]}}]}]), "spec.rules[0].to[0].operation.verbs"),
     (ap(rules=[{"when": [{"key": "source.ip", "values": ["1.2.3.4"], "ignore": True}]}]), "spec.rules[0].when[0].ignore"),
     (ap(rules=[{"from": [{"source": {"namespaces": ["a"]}, "extra": 1}]}]), "spec.rules[0].from[0].extra"),
@@ -445,21 +442,23 @@ PATTERN = (
     "at the start or the end, got "
 )
 SUPPORTED_KEYS = (
-    "request.headers[<name>], source.principal, source.namespace, source.ip, destination.port"
+    "request.headers[<name>], request.auth.claims[<name>], source.principal, source.namespace, "
+    "source.ip, destination.port, request.auth.principal, request.auth.audiences, "
+    "request.auth.presenter"
 )
 
 REFUSED = [
     # AuthorizationPolicy: action
-    (ap(action="CUSTOM"), "spec.action", "spec.action CUSTOM is not supported (use ALLOW, DENY or AUDIT)"),
-    (ap(action="allow"), "spec.action", "must be one of ALLOW, DENY or AUDIT, got 'allow'"),
+    (ap(action="CUSTOM"), "spec.action", "spec.action CUSTOM is not supported yet"),
+    (ap(action="allow"), "spec.action", "must be one of ALLOW, DENY, AUDIT or CUSTOM, got 'allow'"),
     (ap(action="DENY"), "spec.rules", "a DENY policy without rules never applies; add an empty rule {} to deny every request"),
     # empty from / to / source / operation
     (ap(rules=[{"from": []}]), "spec.rules[0].from", "must not be empty (omit it to match any source)"),
     (ap(rules=[{"to": []}]), "spec.rules[0].to", "must not be empty (omit it to match any operation)"),
     (ap(rules=[{"from": [{}]}]), "spec.rules[0].from[0].source", "spec.rules[0].from[0].source is required"),
     (ap(rules=[{"to": [{}]}]), "spec.rules[0].to[0].operation", "spec.rules[0].to[0].operation is required"),
-    (src(), "spec.rules[0].from[0].source", "must set at least one of principals, notPrincipals, namespaces, notNamespaces, ipBlocks or notIpBlocks"),
-    (src(principals=[]), "spec.rules[0].from[0].source", "must set at least one of principals, notPrincipals, namespaces, notNamespaces, ipBlocks or notIpBlocks"),
+    (src(), "spec.rules[0].from[0].source", "must set at least one of principals, notPrincipals, requestPrincipals, notRequestPrincipals, namespaces, notNamespaces, ipBlocks or notIpBlocks"),
+    (src(principals=[]), "spec.rules[0].from[0].source", "must set at least one of principals, notPrincipals, requestPrincipals, notRequestPrincipals, namespaces, notNamespaces, ipBlocks or notIpBlocks"),
     (op(), "spec.rules[0].to[0].operation", "must set at least one of methods, notMethods, paths, notPaths, hosts, notHosts, ports or notPorts"),
     # patterns
     (src(principals=["cluster.local/*/sa/sleep"]), "spec.rules[0].from[0].source.principals[0]", PATTERN + "'cluster.local/*/sa/sleep'"),
@@ -478,7 +477,9 @@ REFUSED = [
     (op(ports=["http"]), "spec.rules[0].to[0].operation.ports[0]", "must be a port number between 1 and 65535 (as a string), got 'http'"),
     (op(ports=[8080]), "spec.rules[0].to[0].operation.ports[0]", "must be a string, got an integer"),
     # when
-    (when(key="request.auth.claims[iss]", values=["x"]), "spec.rules[0].when[0].key", f"spec.rules[0].when[0].key 'request.auth.claims[iss]' is not supported (supported keys: {SUPPORTED_KEYS})"),
+    (when(key="connection.sni", values=["x"]), "spec.rules[0].when[0].key", f"spec.rules[0].when[0].key 'connection.sni' is not supported (supported keys: {SUPPORTED_KEYS})"),
+    (when(key="request.auth.claims", values=["x"]), "spec.rules[0].when[0].key", "must be request.auth.claims[<name>] (nested: [a][b]), got 'request.auth.claims'"),
+    (when(key="request.auth.claims[]", values=["x"]), "spec.rules[0].when[0].key", "must be request.auth.claims[<name>] (nested: [a][b]), got 'request.auth.claims[]'"),
     (when(key="request.method", values=["GET"]), "spec.rules[0].when[0].key", f"spec.rules[0].when[0].key 'request.method' is not supported (supported keys: {SUPPORTED_KEYS})"),
     (when(key="destination.ip", values=["10.0.0.1"]), "spec.rules[0].when[0].key", f"spec.rules[0].when[0].key 'destination.ip' is not supported (supported keys: {SUPPORTED_KEYS})"),
     (when(key="", values=["x"]), "spec.rules[0].when[0].key", "must not be empty"),

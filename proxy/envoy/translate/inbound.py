@@ -14,7 +14,7 @@ from proxy.envoy.resources import XdsResources
 from proxy.policy.peer import effective_mtls
 
 from . import clusters, listeners, ratelimit, rbac, tls
-from .model import MeshView, ProxyNode
+from .model import MeshView, ProxyNode, TranslationError
 from .names import (
     INBOUND_HTTP_LISTENER,
     INBOUND_HTTP_ROUTE,
@@ -80,6 +80,14 @@ def add_inbound_http(node: ProxyNode, view: MeshView, out: XdsResources) -> None
     assert node.inbound is not None
     port = node.app_port
     policies = rbac.selected(view.inbound, node.labels)
+    for authn in view.inbound.request_authentication if view.inbound is not None else ():
+        if all(node.labels.get(k) == v for k, v in authn.selector.items()):
+            raise TranslationError(
+                f"RequestAuthentication {authn.namespace}/{authn.name}",
+                "jwtRules",
+                len(authn.rules),
+                "not translated to Envoy yet",
+            )
     # authorization first, then rate limits, as the Python inbound path orders them
     http_filters = [
         *rbac.rbac_filters(policies, port, tcp=False, stat_prefix="inbound"),

@@ -30,6 +30,7 @@ from collections.abc import Mapping, Sequence
 
 from mesh.compiled import AuthzPolicy, AuthzRule, Condition, InboundPolicy, Operation, Source
 
+from .model import TranslationError
 from .protos import HTTP_RBAC, NETWORK_RBAC, Json, typed
 
 ANY: Json = {"any": True}
@@ -218,6 +219,11 @@ def _ip_field(entries: Sequence[str], lenient: bool, *, negated: bool) -> Json:
 
 
 def _source(source: Source, lenient: bool) -> Json:
+    if source.request_principals or source.not_request_principals:
+        raise TranslationError(
+            "AuthorizationPolicy", "source.requestPrincipals", source.request_principals,
+            "not translated to Envoy yet",
+        )  # fmt: skip
     parts: list[Json] = []
     if source.principals:
         parts.append(_or("orIds", [_principal(p) for p in source.principals]))

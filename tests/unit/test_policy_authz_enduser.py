@@ -1,0 +1,110 @@
+"""AuthorizationPolicy on end-user identity (RequestAuthentication's validated JWT):
+requestPrincipals, request.auth.* conditions, and their TCP rules."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import pytest
+
+from mesh.compiled import AuthzPolicy, AuthzRule, Condition, InboundPolicy, Source
+from proxy.policy import AuthIdentity, Authorizer, ConnectionFacts, RequestFacts
+
+USER = AuthIdentity(
+    principal="testing@secure.istio.io/user-1",
+    audiences=("app-a", "app-b"),
+    presenter="web-client",
+    claims={
+        "iss": "testing@secure.istio.io",
+        "sub": "user-1",
+        "groups": ["group1", "group2"],
+        "org": {"team": "payments", "level": 3},
+        "role": "admin",
+    },
+)
+
+
+def facts(auth: AuthIdentity | None) -> RequestFacts:
+    return RequestFacts("", "", "10.0.0.5", "GET", "/headers", "httpbin", 8000, {}, auth)
+
+
+def decide(
+    rule: AuthzRule, auth: AuthIdentity | None, action: Literal["ALLOW", "DENY"] = "ALLOW"
+) -> bool:
+    policy = AuthzPolicy(name="p", namespace="foo", action=action, rules=(rule,))
+    authorizer = Authorizer.build(
+        InboundPolicy(namespace="foo", service="httpbin", revision=1, authorization=(policy,)), {}
+    )
+    return authorizer.decide(facts(auth)).allowed
+
+
+def src(**fields: Any) -> AuthzRule:
+    return AuthzRule(sources=(Source(**fields),))
+
+
+def when(key: str, values: tuple[str, ...] = (), not_values: tuple[str, ...] = ()) -> AuthzRule:
+    return AuthzRule(when=(Condition(key=key, values=values, not_values=not_values),))
+
+
+# rule in an ALLOW policy, identity -> allowed?
+MATRIX: list[tuple[str, AuthzRule, AuthIdentity | None, bool]] = [
+    ("any principal, valid token", src(request_principals=("*",)), USER, True),
+    ("any principal, no token", src(request_principals=("*",)), None, False),
+    ("exact principal", src(request_principals=("testing@secure.istio.io/user-1",)), USER, True),
+    ("other principal", src(request_principals=("testing@secure.istio.io/x",)), USER, False),
+    ("issuer prefix", src(request_principals=("testing@secure.istio.io/*",)), USER, True),
+    ("subject suffix", src(request_principals=("*/user-1",)), USER, True),
+    ("notRequestPrincipals match", src(not_request_principals=("*/user-1",)), USER, False),
+    ("notRequestPrincipals other", src(not_request_principals=("*/x",)), USER, True),
+    # Istio: no principal is not excluded by notRequestPrincipals
+    ("notRequestPrincipals no token", src(not_request_principals=("*",)), None, True),
+    ("claim list element", when("request.auth.claims[groups]", ("group1",)), USER, True),
+    ("claim list other", when("request.auth.claims[groups]", ("group3",)), USER, False),
+    ("claim list notValues", when("request.auth.claims[groups]", (), ("group2",)), USER, False),
+    ("claim string", when("request.auth.claims[role]", ("adm*",)), USER, True),
+    ("claim nested", when("request.auth.claims[org][team]", ("payments",)), USER, True),
+    ("claim nested number", when("request.auth.claims[org][level]", ("3",)), USER, False),
+    ("claim absent", when("request.auth.claims[missing]", ("*",)), USER, False),
+    ("claim no token", when("request.auth.claims[groups]", ("group1",)), None, False),
+    ("principal key", when("request.auth.principal", ("*/user-1",)), USER, True),
+    ("audiences any", when("request.auth.audiences", ("app-b",)), USER, True),
+    ("audiences none", when("request.auth.audiences", ("app-c",)), USER, False),
+    ("presenter", when("request.auth.presenter", ("web-client",)), USER, True),
+    ("presenter no token", when("request.auth.presenter", (), ("x",)), None, True),
+]
+
+
+@pytest.mark.parametrize(
+    ("rule", "auth", "allowed"), [pytest.param(*c[1:], id=c[0]) for c in MATRIX]
+)
+def test_allow_matrix(rule: AuthzRule, auth: AuthIdentity | None, allowed: bool) -> None:
+    assert decide(rule, auth) is allowed
+
+
+@pytest.mark.parametrize(
+    ("rule", "auth", "allowed"), [pytest.param(*c[1:], id=c[0]) for c in MATRIX]
+)
+def test_deny_matrix_is_the_mirror(
+    rule: AuthzRule, auth: AuthIdentity | None, allowed: bool
+) -> None:
+    assert decide(rule, auth, "DENY") is (not allowed)
+
+
+def test_tcp_allow_with_request_principals_never_matches_and_deny_drops_them() -> None:
+    rule = AuthzRule(sources=(Source(request_principals=("*",), namespaces=("foo",)),))
+    conditions = AuthzRule(
+        sources=(Source(namespaces=("foo",)),),
+        when=(Condition(key="request.auth.claims[groups]", values=("g",)),),
+    )
+    connection = ConnectionFacts("cluster.local/ns/foo/sa/sleep", "foo", "10.0.0.5", 9000)
+    for r in (rule, conditions):
+        allow = AuthzPolicy(name="a", namespace="foo", rules=(r,))
+        deny = AuthzPolicy(name="d", namespace="foo", action="DENY", rules=(r,))
+        build = lambda p: Authorizer.build(  # noqa: E731
+            InboundPolicy(namespace="foo", service="s", revision=1, authorization=(p,)), {}
+        )
+        assert not build(allow).decide_connection(connection).allowed
+        # the HTTP-only part is dropped: the DENY applies to every caller from foo
+        assert not build(deny).decide_connection(connection).allowed
+        other = connection._replace(namespace="bar", principal="cluster.local/ns/bar/sa/x")
+        assert build(deny).decide_connection(other).allowed
