@@ -389,11 +389,13 @@ class AuthzPolicy(msgspec.Struct, frozen=True, omit_defaults=True):
 
     name: str
     namespace: str
-    action: Literal["ALLOW", "DENY", "AUDIT"] = "ALLOW"
+    action: Literal["ALLOW", "DENY", "AUDIT", "CUSTOM"] = "ALLOW"
     selector: dict[str, str] = {}
     # True for a policy in the root namespace (applies mesh-wide)
     mesh_wide: bool = False
     rules: tuple[AuthzRule, ...] = ()
+    # CUSTOM: the extension provider (`InboundPolicy.extension_providers`) to ask
+    provider: str = ""
     # `istio.io/dry-run: "true"`: evaluated in shadow only, never changes a decision
     # (absent on the wire when False, so older sidecars decode it unchanged)
     dry_run: bool = False
@@ -434,6 +436,24 @@ class InboundPolicy(msgspec.Struct, frozen=True, omit_defaults=True, tag=True):
     # RequestAuthentications of the service's namespace and the root namespace;
     # each sidecar keeps those whose selector matches its labels
     request_authentication: tuple[RequestAuthn, ...] = ()
+    # the MeshConfig extension providers CUSTOM policies of this service name
+    extension_providers: tuple[ExtAuthzProvider, ...] = ()
+
+
+class ExtAuthzProvider(msgspec.Struct, frozen=True, omit_defaults=True):
+    """One `extensionProviders[]` entry with `envoyExtAuthzHttp` (Envoy's HTTP
+    ext_authz service semantics). Header names are lower-case."""
+
+    name: str
+    service: str  # a mesh host
+    port: int
+    timeout_ms: int = 600_000  # Istio's default
+    path_prefix: str = ""
+    fail_open: bool = False
+    status_on_error: int = 403
+    include_request_headers: tuple[str, ...] = ()
+    headers_to_upstream_on_allow: tuple[str, ...] = ()
+    headers_to_downstream_on_deny: tuple[str, ...] = ()
 
 
 class JwtFromHeader(msgspec.Struct, frozen=True, omit_defaults=True):

@@ -1,8 +1,9 @@
 """The ingress gateway's request policy: RequestAuthentication (JWT), then
-AuthorizationPolicy, for the policies selecting the gateway workload (Istio applies
-both to `istio-ingressgateway` like to any workload; the gateway is the common place
-for JWT). The gateway follows its own service's inbound policy for them
-(`InboundPolicyFollower`), and `RouteHandler` asks `admit` before routing.
+AuthorizationPolicy (CUSTOM's external authorizer first), for the policies selecting
+the gateway workload. Istio applies both to `istio-ingressgateway` like to any
+workload; the gateway is the common place for JWT. The gateway follows its own
+service's inbound policy for them (`InboundPolicyFollower`), and `RouteHandler` asks
+`admit` before routing.
 
 Callers of the gateway are outside the mesh: no peer certificate, so `principals`
 and `namespaces` never match there; `requestPrincipals`, `request.auth.*`, `ipBlocks`,
@@ -11,10 +12,12 @@ paths, hosts and headers do.
 
 from __future__ import annotations
 
+from proxy.ext_authz import check_custom
 from proxy.forward import Outcome, local_reply
 from proxy.http import Exchange, Request, header_map
 from proxy.inbound_policy import InboundPolicyFollower
 from proxy.policy import RequestFacts
+from proxy.policy.ext_authz import with_upstream_headers
 from proxy.request_authn import reply_unauthenticated
 from proxy.stats import ProxyStats
 
@@ -50,6 +53,20 @@ class GatewayAdmission:
         )
         if decision.shadow is not None:
             self.stats.count_dry_run("http", decision.shadow)
+        if decision.custom:
+            # CUSTOM first (Istio's order): the external authorizer's denial wins
+            refused, checked = await check_custom(
+                self.policy.ext_authz,
+                self.policy.providers,
+                decision.custom,
+                decision.custom_policy,
+                req,
+                ex,
+            )
+            if refused is not None:
+                return refused
+            assert checked is not None
+            req.headers = with_upstream_headers(req.headers, checked)
         if decision.allowed:
             return None
         self.stats.authz_denied.labels(policy=decision.policy or "none").inc()

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import time
 
+from proxy.ext_authz import check_custom
 from proxy.forward import Outcome, PoolSet, forward, local_reply
 from proxy.http import Exchange, Request, ensure_request_id, header_map, strip_hop_by_hop
 from proxy.inbound_policy import InboundPolicyFollower
 from proxy.peer import Peer, peer_of
 from proxy.policy import AuthIdentity, Decision, RequestFacts
+from proxy.policy.ext_authz import with_upstream_headers
 from proxy.request_authn import reply_unauthenticated
 from proxy.resilience import ratelimit_headers
 from proxy.settings import SidecarSettings
@@ -66,6 +68,22 @@ class InboundHandler:
         # (proxy.http.target): authorized as forwarded
         path = req.path
         authz = self._authorize(req, peer, path, verdict.identity)
+        shadow = authz.shadow if authz is not None else None
+        if authz is not None and authz.custom:
+            # CUSTOM first (Istio's order): the external authorizer's denial wins
+            refused, checked = await check_custom(
+                self.policy.ext_authz,
+                self.policy.providers,
+                authz.custom,
+                authz.custom_policy,
+                req,
+                ex,
+            )
+            if refused is not None:
+                refused.authz_shadow = shadow
+                return refused
+            assert checked is not None
+            req.headers = with_upstream_headers(req.headers, checked)
         if authz is not None and not authz.allowed:
             self.stats.authz_denied.labels(policy=authz.policy or "none").inc()
             outcome = await local_reply(
@@ -73,7 +91,6 @@ class InboundHandler:
             )
             outcome.authz_shadow = authz.shadow
             return outcome
-        shadow = authz.shadow if authz is not None else None
         limited_headers = None
         limiter = self.policy.rate_limiter
         if limiter:

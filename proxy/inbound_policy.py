@@ -18,9 +18,10 @@ from collections.abc import Callable
 
 from mesh import errors
 from mesh.bus import Bus
-from mesh.compiled import InboundPolicy
+from mesh.compiled import ExtAuthzProvider, InboundPolicy
 from mesh.logs import get_logger
 from mesh.messages import FetchRequest, SubscriptionStatus
+from proxy.ext_authz import ExtAuthzClient
 from proxy.jwks_fetch import JwksFetcher
 from proxy.policy import Authenticator, Authorizer, effective_mtls
 from proxy.request_authn import RequestAuthentication
@@ -40,6 +41,10 @@ class InboundPolicyFollower:
         self.authorizer = Authorizer.build(None, settings.labels)
         self.rate_limiter = InboundRateLimiter()
         self.authentication = RequestAuthentication(JwksFetcher(settings.jwks_ca_file))
+        # CUSTOM policies: the authorizer client (set by the sidecar, which owns the
+        # destination cache and pools) and the providers the policy defines
+        self.ext_authz: ExtAuthzClient | None = None
+        self.providers: dict[str, ExtAuthzProvider] = {}
         self.status = SubscriptionStatus(subject=self.subject, revision=0)
         self._modes: dict[int, str] = {}
 
@@ -96,6 +101,7 @@ class InboundPolicyFollower:
             return False
         self.policy, self.authorizer, self._modes = policy, authorizer, modes
         self.authentication.update(authenticator)
+        self.providers = {p.name: p for p in policy.extension_providers}
         self.rate_limiter = limiter
         self.status = SubscriptionStatus(subject=self.subject, revision=policy.revision)
         log.info(

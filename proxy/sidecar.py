@@ -28,6 +28,7 @@ from mesh.messages import Instance, SubscriptionStatus
 from mesh.telemetry import new_reporter_id
 from proxy.admin import AdminServer
 from proxy.destinations import DestinationCache
+from proxy.ext_authz import ExtAuthzClient
 from proxy.forward import Outcome, PoolSet
 from proxy.gateway import GatewayFollower
 from proxy.gateway_policy import GatewayAdmission
@@ -267,6 +268,8 @@ class Sidecar:
         telemetry = self._telemetry()
         routes = self.routes = RouteHandler(caller, self.cache, self.pools, telemetry=telemetry)
         if self.inbound_policy is not None:
+            # CUSTOM policies reach their authorizer like any mesh call (issue 17)
+            self.inbound_policy.ext_authz = ExtAuthzClient(self.cache, self.pools, s.namespace)
             await self.inbound_policy.start()
         identity, policy = self.identity, self.inbound_policy
         self.tcp = TcpRelays(

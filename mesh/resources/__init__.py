@@ -20,6 +20,9 @@ from mesh.resources.loader import (
 )
 from mesh.resources.meshwork import (
     ClientRefs,
+    ExtAuthzHttp,
+    ExtensionProvider,
+    MeshConfigSpec,
     RateLimitOverride,
     RateLimitPolicySpec,
     RequestRate,
@@ -90,6 +93,8 @@ __all__ = [
     "ConsistentHashLB",
     "Destination",
     "DestinationRuleSpec",
+    "ExtAuthzHttp",
+    "ExtensionProvider",
     "FaultAbort",
     "FaultDelay",
     "GatewaySpec",
@@ -110,6 +115,7 @@ __all__ = [
     "JwtRule",
     "KindInfo",
     "LoadBalancerSettings",
+    "MeshConfigSpec",
     "Metadata",
     "MutualTLS",
     "Operation",

@@ -12,7 +12,7 @@ from types import MappingProxyType
 from typing import Any, NamedTuple
 
 from mesh.resources.errors import Issue, ResourceError
-from mesh.resources.meshwork import RateLimitPolicySpec
+from mesh.resources.meshwork import MeshConfigSpec, RateLimitPolicySpec
 from mesh.resources.model import Metadata
 from mesh.resources.networking import DestinationRuleSpec, GatewaySpec, VirtualServiceSpec
 from mesh.resources.security import (
@@ -25,7 +25,7 @@ from mesh.resources.validate import (
     validate_gateway,
     validate_virtual_service,
 )
-from mesh.resources.validate_meshwork import validate_rate_limit_policy
+from mesh.resources.validate_meshwork import validate_mesh_config, validate_rate_limit_policy
 from mesh.resources.validate_security import (
     validate_authorization_metadata,
     validate_authorization_policy,
@@ -127,6 +127,15 @@ KINDS: Mapping[str, KindInfo] = _entries(
         versions=MESHWORK_VERSIONS,
         spec_type=RateLimitPolicySpec,
         validate=validate_rate_limit_policy,
+    ),
+    KindInfo(
+        kind="MeshConfig",
+        plural="meshconfigs",
+        short_names=("mc",),
+        group=MESHWORK_GROUP,
+        versions=MESHWORK_VERSIONS,
+        spec_type=MeshConfigSpec,
+        validate=validate_mesh_config,
     ),
 )
 

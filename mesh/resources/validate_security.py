@@ -100,7 +100,6 @@ def validate_authorization_policy(spec: AuthorizationPolicySpec, path: str = "sp
             Issue(action_path, f"must be one of {_one_of(AUTHZ_ACTIONS)}, got {spec.action!r}")
         )
     if spec.action == "CUSTOM":
-        out.append(Issue(action_path, f"{action_path} CUSTOM is not supported yet"))
         if spec.provider is None or not spec.provider.name:
             out.append(
                 Issue(

@@ -4,9 +4,12 @@
 precompiles their patterns (value sets, CIDR networks, condition keys), so `decide`
 does no parsing beyond the caller's IP, and only when a policy looks at IPs.
 
-Evaluation order is Istio's: AUDIT policies only mark the decision; any matching DENY
-policy denies; with no ALLOW policy the request is allowed; otherwise an ALLOW policy
-must match.
+Evaluation order is Istio's: a matching CUSTOM policy names the external authorizer
+to ask first (`Decision.custom`: the caller asks it, and its denial wins); AUDIT
+policies only mark the decision; any matching DENY policy denies; with no ALLOW
+policy the request is allowed; otherwise an ALLOW policy must match. A workload may be
+selected by CUSTOM policies of one provider only (Istio's rule; `build` refuses more).
+On a TCP connection a matching CUSTOM policy denies it: its authorizer speaks HTTP.
 
 End-user identity comes from RequestAuthentication (`RequestFacts.auth`, a validated
 JWT): `requestPrincipals` (`<iss>/<sub>`, Istio's patterns, `*` meaning "any valid
@@ -110,13 +113,17 @@ class ShadowDecision(NamedTuple):
 
 class Decision(NamedTuple):
     """The outcome: `policy` is the deciding `ns/name` ("" when none decided).
-    `shadow` is the dry-run outcome, None when no dry-run policy applies."""
+    `shadow` is the dry-run outcome, None when no dry-run policy applies. `custom` is
+    the extension provider a matching CUSTOM policy (`custom_policy`) asks to check
+    the request before `allowed` counts ("" when none matched)."""
 
     allowed: bool
     reason: str
     policy: str
     audit: bool
     shadow: ShadowDecision | None = None
+    custom: str = ""
+    custom_policy: str = ""
 
 
 _NO_POLICY = Decision(True, "no authorization policy applies", "", False)
@@ -506,10 +513,11 @@ class _RuleMatch:
 
 
 class _PolicyMatch:
-    __slots__ = ("ref", "rules")
+    __slots__ = ("provider", "ref", "rules")
 
     def __init__(self, policy: AuthzPolicy, *, tcp: bool = False) -> None:
         self.ref = f"{policy.namespace}/{policy.name}"
+        self.provider = policy.provider
         lenient = policy.action != "ALLOW"
         self.rules = tuple(_RuleMatch(r, lenient=lenient, tcp=tcp) for r in policy.rules)
 
@@ -529,26 +537,43 @@ class _Engine:
     """One set of policies in Istio's evaluation order: AUDIT marks, DENY first, then
     ALLOW when there is one. Built per protocol, and apart for dry-run policies."""
 
-    __slots__ = ("allow", "audit", "deny")
+    __slots__ = ("allow", "audit", "custom", "deny")
 
     def __init__(self, policies: Iterable[AuthzPolicy], *, tcp: bool) -> None:
-        by_action: dict[str, list[_PolicyMatch]] = {"AUDIT": [], "DENY": [], "ALLOW": []}
+        by_action: dict[str, list[_PolicyMatch]] = {
+            "CUSTOM": [], "AUDIT": [], "DENY": [], "ALLOW": [],
+        }  # fmt: skip
         for authz in policies:
             by_action[authz.action].append(_PolicyMatch(authz, tcp=tcp))
+        self.custom = tuple(by_action["CUSTOM"])
         self.audit = tuple(by_action["AUDIT"])
         self.deny = tuple(by_action["DENY"])
         self.allow = tuple(by_action["ALLOW"])
+        providers = sorted({p.provider for p in self.custom})
+        if len(providers) > 1:
+            refs = ", ".join(p.ref for p in self.custom)
+            raise ValueError(
+                f"CUSTOM policies {refs} select one workload with different providers "
+                f"({', '.join(providers)}): only one provider per workload is supported"
+            )
 
     @property
     def empty(self) -> bool:
-        return not (self.audit or self.deny or self.allow)
+        return not (self.custom or self.audit or self.deny or self.allow)
 
     @property
     def refs(self) -> tuple[str, ...]:
-        return tuple(p.ref for p in (*self.audit, *self.deny, *self.allow))
+        return tuple(p.ref for p in (*self.custom, *self.audit, *self.deny, *self.allow))
 
     def decide(self, request: _Request, kind: str = "") -> Decision:
         """`kind` ("dry-run ") qualifies the policies in the reasons."""
+        decision = self._decide(request, kind)
+        for policy in self.custom:
+            if policy.matches(request):
+                return decision._replace(custom=policy.provider, custom_policy=policy.ref)
+        return decision
+
+    def _decide(self, request: _Request, kind: str) -> Decision:
         audit = bool(self.audit) and any(p.matches(request) for p in self.audit)
         for policy in self.deny:
             if policy.matches(request):
@@ -619,7 +644,15 @@ class Authorizer:
                 facts.principal, facts.namespace, facts.source_ip, "", "", "", facts.port, {}
             )
         )
-        return self._decide(request, self._tcp, self._shadow_tcp)
+        decision = self._decide(request, self._tcp, self._shadow_tcp)
+        if decision.custom:
+            return decision._replace(
+                allowed=False,
+                reason=f"CUSTOM policy {decision.custom_policy} cannot check a TCP connection "
+                f"(provider {decision.custom} is an HTTP authorizer)",
+                policy=decision.custom_policy,
+            )
+        return decision
 
     @staticmethod
     def _decide(request: _Request, engine: _Engine, shadow: _Engine | None) -> Decision:

@@ -34,7 +34,9 @@ from mesh.hosts import ServiceRef
 from mesh.resources import (
     DRY_RUN_ANNOTATION,
     AuthorizationPolicySpec,
+    ExtAuthzHttp,
     JwtRule,
+    MeshConfigSpec,
     MutualTLS,
     PeerAuthenticationSpec,
     RateLimitPolicySpec,
@@ -56,9 +58,14 @@ _MTLS_MODES: Mapping[str, compiled.MtlsMode] = {
     "PERMISSIVE": "PERMISSIVE",
     "DISABLE": "DISABLE",
 }
-_Action = Literal["ALLOW", "DENY", "AUDIT"]
+_Action = Literal["ALLOW", "DENY", "AUDIT", "CUSTOM"]
 _Scope = Literal["mesh", "namespace", "workload"]
-_ACTIONS: Mapping[str, _Action] = {"ALLOW": "ALLOW", "DENY": "DENY", "AUDIT": "AUDIT"}
+_ACTIONS: Mapping[str, _Action] = {
+    "ALLOW": "ALLOW",
+    "DENY": "DENY",
+    "AUDIT": "AUDIT",
+    "CUSTOM": "CUSTOM",
+}
 
 
 def compile_inbound_policy(
@@ -80,6 +87,7 @@ def compile_inbound_policy(
     authz: list[compiled.AuthzPolicy] = []
     rate_limits: list[compiled.RateLimit] = []
     request_authn: list[compiled.RequestAuthn] = []
+    providers: dict[str, compiled.ExtAuthzProvider] = {}
     for resource in sorted(resources, key=lambda r: (r.metadata.namespace, r.metadata.name)):
         spec = resource.spec
         if isinstance(spec, PeerAuthenticationSpec):
@@ -88,8 +96,17 @@ def compile_inbound_policy(
                 peer.append(authn)
         elif isinstance(spec, AuthorizationPolicySpec):
             namespace = resource.metadata.namespace
-            if namespace in (ref.namespace, root_namespace):
+            dry_run_custom = spec.action == "CUSTOM" and _dry_run(resource)
+            # Istio does not support dry-run for CUSTOM: such a policy is not applied
+            if namespace in (ref.namespace, root_namespace) and not dry_run_custom:
                 authz.append(_authz_policy(resource, spec, mesh_wide=namespace == root_namespace))
+        elif isinstance(spec, MeshConfigSpec):
+            if resource.metadata.namespace == root_namespace:
+                for provider in spec.extension_providers:
+                    if provider.envoy_ext_authz_http is not None:
+                        providers.setdefault(
+                            provider.name, _provider(provider.name, provider.envoy_ext_authz_http)
+                        )
         elif isinstance(spec, RequestAuthenticationSpec):
             authn_policy = _request_authn(resource, spec, ref, root_namespace)
             if authn_policy is not None:
@@ -105,6 +122,11 @@ def compile_inbound_policy(
         authorization=tuple(authz),
         rate_limits=tuple(rate_limits),
         request_authentication=tuple(request_authn),
+        extension_providers=tuple(
+            providers[name]
+            for name in sorted({p.provider for p in authz if p.action == "CUSTOM"})
+            if name in providers
+        ),
     )
 
 
@@ -158,8 +180,30 @@ def _authz_policy(
         selector=_labels(spec.selector),
         mesh_wide=mesh_wide,
         rules=tuple(_rule(rule) for rule in spec.rules),
-        # validation admits only "true" and "false"
-        dry_run=resource.metadata.annotations.get(DRY_RUN_ANNOTATION) == "true",
+        dry_run=_dry_run(resource),
+        provider=spec.provider.name if spec.action == "CUSTOM" and spec.provider else "",
+    )
+
+
+def _dry_run(resource: Resource) -> bool:
+    # validation admits only "true" and "false"
+    return resource.metadata.annotations.get(DRY_RUN_ANNOTATION) == "true"
+
+
+def _provider(name: str, http: ExtAuthzHttp) -> compiled.ExtAuthzProvider:
+    # validation guarantees a service, a port, a positive timeout and a status
+    lower = lambda names: tuple(n.lower() for n in names)  # noqa: E731
+    return compiled.ExtAuthzProvider(
+        name=name,
+        service=http.service,
+        port=int(http.port or 0),
+        timeout_ms=parse_duration_ms(http.timeout) if http.timeout else 600_000,
+        path_prefix=http.path_prefix,
+        fail_open=http.fail_open,
+        status_on_error=int(http.status_on_error) if http.status_on_error else 403,
+        include_request_headers=lower(http.include_request_headers_in_check),
+        headers_to_upstream_on_allow=lower(http.headers_to_upstream_on_allow),
+        headers_to_downstream_on_deny=lower(http.headers_to_downstream_on_deny),
     )
 
 

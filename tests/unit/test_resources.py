@@ -969,7 +969,7 @@ def test_resolve_kind_rejects_unknown_names_listing_the_known_ones() -> None:
     assert str(info.value) == (
         "unknown resource kind 'serviceentries'; known kinds: VirtualService (vs), "
         "DestinationRule (dr), Gateway (gw), PeerAuthentication (pa), AuthorizationPolicy (ap), "
-        "RequestAuthentication (ra), RateLimitPolicy (rlp)"
+        "RequestAuthentication (ra), RateLimitPolicy (rlp), MeshConfig (mc)"
     )
 
 
@@ -982,6 +982,7 @@ def test_kind_registry_lists_names_and_versions() -> None:
         "AuthorizationPolicy": ("authorizationpolicies", ("ap",)),
         "RequestAuthentication": ("requestauthentications", ("ra",)),
         "RateLimitPolicy": ("ratelimitpolicies", ("rlp",)),
+        "MeshConfig": ("meshconfigs", ("mc",)),
     }
     assert KINDS["Gateway"].api_versions == (
         "networking.istio.io/v1",

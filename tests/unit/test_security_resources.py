@@ -449,7 +449,7 @@ SUPPORTED_KEYS = (
 
 REFUSED = [
     # AuthorizationPolicy: action
-    (ap(action="CUSTOM"), "spec.action", "spec.action CUSTOM is not supported yet"),
+    (ap(action="CUSTOM"), "spec.provider.name", "spec.provider.name is required with action CUSTOM (an extension provider of the mesh's MeshConfig)"),
     (ap(action="allow"), "spec.action", "must be one of ALLOW, DENY, AUDIT or CUSTOM, got 'allow'"),
     (ap(action="DENY"), "spec.rules", "a DENY policy without rules never applies; add an empty rule {} to deny every request"),
     # empty from / to / source / operation

@@ -53,6 +53,12 @@ def rbac_filters(
     policies: Sequence[AuthzPolicy], port: int, *, tcp: bool, stat_prefix: str
 ) -> list[Json]:
     """The RBAC filters (HTTP, or network for `tcp`) enforcing `policies` on `port`."""
+    for p in policies:
+        if p.action == "CUSTOM":
+            raise TranslationError(
+                f"AuthorizationPolicy {p.namespace}/{p.name}", "action", p.action,
+                "CUSTOM (ext_authz) is not translated to Envoy yet",
+            )  # fmt: skip
     out = []
     for action, envoy_action in _ACTIONS:
         chosen = [p for p in policies if p.action == action]
