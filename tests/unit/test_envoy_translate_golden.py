@@ -16,6 +16,7 @@ import pytest
 from mesh.compiled import (
     AuthzPolicy,
     AuthzRule,
+    ClaimHeader,
     Condition,
     ConnectionPool,
     ConsistentHash,
@@ -32,6 +33,8 @@ from mesh.compiled import (
     HTTPMatch,
     HTTPRoute,
     InboundPolicy,
+    JwtFromHeader,
+    JwtRule,
     LoadBalancer,
     Mirror,
     Operation,
@@ -40,6 +43,7 @@ from mesh.compiled import (
     RateLimit,
     RateLimitOverride,
     Redirect,
+    RequestAuthn,
     RetryPolicy,
     Rewrite,
     RouteTable,
@@ -497,12 +501,96 @@ def case_gateway() -> tuple[ProxyNode, MeshView]:
     )
 
 
+# a fixed public key (RFC 7517 appendix A.1): the golden file must not change per run
+JWKS = (
+    '{"keys": [{"kty": "EC", "crv": "P-256", "kid": "1", '
+    '"x": "MKBCTNIcKUSDii11ySs3526iDZ8AiTo7Tu6KPAqv7D4", '
+    '"y": "4Etl6SRW2YiLUrN5vfvVHuhp7x8PxltmWWlbbM4IFyM"}]}'
+)
+
+
+def case_inbound_jwt() -> tuple[ProxyNode, MeshView]:
+    """Istio's authz-jwt task: a RequestAuthentication with inline keys, one with a
+    jwksUri, and ALLOW/DENY rules on request principals, claims and audiences."""
+    policy = InboundPolicy(
+        namespace="foo",
+        service="httpbin",
+        revision=3,
+        request_authentication=(
+            RequestAuthn(
+                name="jwt-example",
+                namespace="foo",
+                selector={"app": "httpbin"},
+                rules=(
+                    JwtRule(
+                        issuer="testing@secure.istio.io",
+                        jwks=JWKS,
+                        output_payload_to_header="x-jwt-payload",
+                    ),
+                    JwtRule(
+                        issuer="https://accounts.example.com",
+                        audiences=("httpbin",),
+                        jwks_uri="https://keys.example.com/.well-known/jwks.json",
+                        from_headers=(JwtFromHeader(name="x-jwt", prefix="Tok "),),
+                        from_params=("my_token",),
+                        from_cookies=("session",),
+                        output_claim_to_headers=(ClaimHeader(header="x-sub", claim="sub"),),
+                        forward_original_token=True,
+                        timeout_ms=2000,
+                    ),
+                ),
+            ),
+        ),
+        authorization=(
+            AuthzPolicy(
+                name="require-jwt",
+                namespace="foo",
+                selector={"app": "httpbin"},
+                rules=(
+                    AuthzRule(
+                        sources=(
+                            Source(
+                                request_principals=(
+                                    "testing@secure.istio.io/testing@secure.istio.io",
+                                    "https://accounts.example.com/*",
+                                    "*/admin",
+                                )
+                            ),
+                        ),
+                        when=(
+                            Condition(key="request.auth.claims[groups]", values=("group1",)),
+                            Condition(key="request.auth.claims[org][team]", not_values=("x*",)),
+                            Condition(key="request.auth.audiences", values=("httpbin",)),
+                        ),
+                    ),
+                ),
+            ),
+            AuthzPolicy(
+                name="deny-anonymous",
+                namespace="foo",
+                action="DENY",
+                rules=(AuthzRule(sources=(Source(not_request_principals=("*",)),)),),
+            ),
+        ),
+    )
+    node = sidecar(
+        namespace="foo",
+        service="httpbin",
+        labels={"app": "httpbin", "version": "v1"},
+        identity=spiffe("foo", "httpbin"),
+        app_port=8000,
+        jwks_ca_file="/etc/ssl/certs/ca-certificates.crt",
+    )
+    return node, MeshView(destinations={}, inbound=policy)
+
+
 CASES: dict[str, Callable[[], tuple[ProxyNode, MeshView]]] = {
     "outbound_default": case_outbound_default,
     "outbound_routing": case_outbound_routing,
     "inbound_strict": case_inbound_strict,
     "inbound_permissive_no_app": case_inbound_permissive_no_app,
     "gateway": case_gateway,
+    "inbound_jwt": case_inbound_jwt,
 }
 
 

@@ -8,13 +8,16 @@ DISABLE add a plaintext chain, chosen by the TLS inspector for non-TLS connectio
 
 from __future__ import annotations
 
+import ssl
+
+from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.route.v3 import route_pb2
 
 from proxy.envoy.resources import XdsResources
 from proxy.policy.peer import effective_mtls
 
-from . import clusters, listeners, ratelimit, rbac, tls
-from .model import MeshView, ProxyNode, TranslationError
+from . import clusters, jwt_authn, listeners, ratelimit, rbac, tls
+from .model import MeshView, ProxyNode
 from .names import (
     INBOUND_HTTP_LISTENER,
     INBOUND_HTTP_ROUTE,
@@ -24,6 +27,10 @@ from .names import (
 from .protos import Json, parse
 
 APP_HOST = "127.0.0.1"
+
+
+def jwks_ca_file(node: ProxyNode) -> str:
+    return node.jwks_ca_file or ssl.get_default_verify_paths().cafile or ""
 
 
 def mode_of(node: ProxyNode, view: MeshView, port: int) -> str:
@@ -80,17 +87,18 @@ def add_inbound_http(node: ProxyNode, view: MeshView, out: XdsResources) -> None
     assert node.inbound is not None
     port = node.app_port
     policies = rbac.selected(view.inbound, node.labels)
-    for authn in view.inbound.request_authentication if view.inbound is not None else ():
-        if all(node.labels.get(k) == v for k, v in authn.selector.items()):
-            raise TranslationError(
-                f"RequestAuthentication {authn.namespace}/{authn.name}",
-                "jwtRules",
-                len(authn.rules),
-                "not translated to Envoy yet",
-            )
-    # authorization first, then rate limits, as the Python inbound path orders them
+    authns = jwt_authn.selected(view.inbound, node.labels)
+    jwt_filters, jwks_clusters = jwt_authn.jwt_authn_filters(authns, jwks_ca_file(node))
+    # JWT, authorization, then rate limits, as the Python inbound path orders them
     http_filters = [
-        *rbac.rbac_filters(policies, port, tcp=False, stat_prefix="inbound"),
+        *jwt_filters,
+        *rbac.rbac_filters(
+            policies,
+            port,
+            tcp=False,
+            stat_prefix="inbound",
+            issuers=jwt_authn.issuers(authns),
+        ),
         *ratelimit.ratelimit_filters(ratelimit.selected(view.inbound, node.labels)),
     ]
     filters = {}
@@ -117,6 +125,8 @@ def add_inbound_http(node: ProxyNode, view: MeshView, out: XdsResources) -> None
         listener_filters=[listeners.tls_inspector()],
     )
     out.routes[INBOUND_HTTP_ROUTE] = parse(route_pb2.RouteConfiguration, inbound_route_config(node))
+    for name, cluster in jwks_clusters.items():
+        out.clusters[name] = parse(cluster_pb2.Cluster, cluster)
     if port:
         name = inbound_cluster(port)
         out.clusters[name] = clusters.static_cluster(name, APP_HOST, port, http=True)

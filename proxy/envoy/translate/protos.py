@@ -8,7 +8,9 @@ from typing import Any
 # Imported for their side effect: every message type an `Any` below names must be in
 # the descriptor pool for `ParseDict` to resolve it.
 import envoy.extensions.access_loggers.grpc.v3.als_pb2
+import envoy.extensions.filters.http.ext_authz.v3.ext_authz_pb2
 import envoy.extensions.filters.http.fault.v3.fault_pb2
+import envoy.extensions.filters.http.jwt_authn.v3.config_pb2
 import envoy.extensions.filters.http.local_ratelimit.v3.local_rate_limit_pb2
 import envoy.extensions.filters.http.rbac.v3.rbac_pb2
 import envoy.extensions.filters.http.router.v3.router_pb2

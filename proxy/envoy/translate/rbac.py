@@ -14,7 +14,13 @@ without rules leave an ALLOW filter with no policy, which denies everything.
   sidecar compares the connection's address.
 - `ports` and `destination.port` are decided here: the port of the listener (the
   workload's app port) is known.
-- On TCP, a rule using HTTP-only fields (methods, paths, hosts, request headers)
+- End-user identity (`requestPrincipals`, `request.auth.*`) is matched on the JWT
+  payload `jwt_authn` leaves in dynamic metadata: a principal `<iss>/<sub>` becomes
+  `iss` and `sub` matchers, split at one of the configured issuers (only their tokens
+  validate), claims match as a string or as any element of a list (Istio's rule).
+  A suffix pattern whose tail spans the issuer (`*a/b`) cannot be split: refused.
+- On TCP, a rule using HTTP-only fields (methods, paths, hosts, request headers,
+  request principals and `request.auth.*`)
   never matches in an ALLOW policy and has those fields removed in DENY/AUDIT ones
   (Istio's rule: either way, less is allowed).
 - Entries the Python sidecar cannot evaluate (an unknown `when` key, a condition with
@@ -28,6 +34,8 @@ import ipaddress
 import re
 from collections.abc import Mapping, Sequence
 
+import msgspec
+
 from mesh.compiled import AuthzPolicy, AuthzRule, Condition, InboundPolicy, Operation, Source
 
 from .model import TranslationError
@@ -37,6 +45,9 @@ ANY: Json = {"any": True}
 NOTHING: Json = {"notRule": {"any": True}}
 NOBODY: Json = {"notId": {"any": True}}
 _HEADER_KEY = re.compile(r"request\.headers\[([^\[\]]+)\]")
+_CLAIM_KEY = re.compile(r"request\.auth\.claims((?:\[[^\[\]]+\])+)")
+_AUTH_KEYS = ("request.auth.principal", "request.auth.audiences", "request.auth.presenter")
+JWT_FILTER = "envoy.filters.http.jwt_authn"
 _ACTIONS = (("AUDIT", "LOG"), ("DENY", "DENY"), ("ALLOW", "ALLOW"))
 
 
@@ -50,9 +61,15 @@ def selected(policy: InboundPolicy | None, labels: Mapping[str, str]) -> list[Au
 
 
 def rbac_filters(
-    policies: Sequence[AuthzPolicy], port: int, *, tcp: bool, stat_prefix: str
+    policies: Sequence[AuthzPolicy],
+    port: int,
+    *,
+    tcp: bool,
+    stat_prefix: str,
+    issuers: Sequence[str] = (),
 ) -> list[Json]:
-    """The RBAC filters (HTTP, or network for `tcp`) enforcing `policies` on `port`."""
+    """The RBAC filters (HTTP, or network for `tcp`) enforcing `policies` on `port`;
+    `issuers` are those of the RequestAuthentications in force (`jwt_authn`)."""
     for p in policies:
         if p.action == "CUSTOM":
             raise TranslationError(
@@ -68,7 +85,7 @@ def rbac_filters(
         rules: dict[str, Json] = {}
         for p in chosen:
             for i, rule in enumerate(p.rules):
-                built = _policy(rule, port, tcp=tcp, lenient=lenient)
+                built = _policy(rule, port, tcp=tcp, lenient=lenient, issuers=issuers)
                 if built is not None:
                     rules[f"{p.namespace}/{p.name}[{i}]"] = built
         body: Json = {"rules": {"action": envoy_action, "policies": rules}}
@@ -82,7 +99,9 @@ def rbac_filters(
     return out
 
 
-def _policy(rule: AuthzRule, port: int, *, tcp: bool, lenient: bool) -> Json | None:
+def _policy(
+    rule: AuthzRule, port: int, *, tcp: bool, lenient: bool, issuers: Sequence[str] = ()
+) -> Json | None:
     """One rule as an Envoy Policy: some source, some operation and every `when`.
     None when the rule can never match (left out: it allows or denies nothing)."""
     if tcp and _http_only(rule):
@@ -97,9 +116,9 @@ def _policy(rule: AuthzRule, port: int, *, tcp: bool, lenient: bool) -> Json | N
             return None
         permissions.append(_or("orRules", ops))
     if rule.sources:
-        principals.append(_or("orIds", [_source(s, lenient) for s in rule.sources]))
+        principals.append(_or("orIds", [_source(s, lenient, issuers) for s in rule.sources]))
     for condition in rule.when:
-        kind, matcher = _condition(condition, port, lenient)
+        kind, matcher = _condition(condition, port, lenient, issuers)
         (permissions if kind == "permission" else principals).append(matcher)
     return {
         "permissions": [_and("andRules", permissions) if permissions else ANY],
@@ -115,19 +134,27 @@ def _and(key: str, items: list[Json]) -> Json:
     return items[0] if len(items) == 1 else {key: {"rules" if key == "andRules" else "ids": items}}
 
 
+def _http_only_key(key: str) -> bool:
+    return bool(_HEADER_KEY.fullmatch(key) or _CLAIM_KEY.fullmatch(key) or key in _AUTH_KEYS)
+
+
 def _http_only(rule: AuthzRule) -> bool:
     ops = any(
         o.methods or o.not_methods or o.paths or o.not_paths or o.hosts or o.not_hosts
         for o in rule.operations
     )
-    return ops or any(_HEADER_KEY.fullmatch(c.key) for c in rule.when)
+    users = any(s.request_principals or s.not_request_principals for s in rule.sources)
+    return ops or users or any(_http_only_key(c.key) for c in rule.when)
 
 
 def _without_http_fields(rule: AuthzRule) -> AuthzRule:
     return AuthzRule(
-        sources=rule.sources,
+        sources=tuple(
+            msgspec.structs.replace(s, request_principals=(), not_request_principals=())
+            for s in rule.sources
+        ),
         operations=tuple(Operation(ports=o.ports, not_ports=o.not_ports) for o in rule.operations),
-        when=tuple(c for c in rule.when if not _HEADER_KEY.fullmatch(c.key)),
+        when=tuple(c for c in rule.when if not _http_only_key(c.key)),
     )
 
 
@@ -144,6 +171,59 @@ def _pattern(value: str, *, prefix: str = "") -> Json:
     if value.endswith("*"):
         return {"prefix": prefix + value[:-1]}
     return {"exact": prefix + value}
+
+
+def _payload(path: Sequence[str], value: Json) -> Json:
+    """A principal matching the validated JWT payload at `path` (jwt_authn metadata)."""
+    return {
+        "metadata": {
+            "filter": JWT_FILTER,
+            "path": [{"key": "payload"}, *({"key": k} for k in path)],
+            "value": value,
+        }
+    }
+
+
+def _claim(path: Sequence[str], value: str, *, lists: bool = True) -> Json:
+    """A claim holding `value` (a pattern): as a string, or as an element of a list."""
+    string = _payload(path, {"stringMatch": _pattern(value)})
+    if not lists:
+        return string
+    listed = _payload(path, {"listMatch": {"oneOf": {"stringMatch": _pattern(value)}}})
+    return {"orIds": {"ids": [string, listed]}}
+
+
+def _request_principal(value: str, issuers: Sequence[str]) -> Json:
+    """`<iss>/<sub>` patterns as `iss` and `sub` matchers (module doc)."""
+    if value == "*":
+        return _payload(["iss"], {"presentMatch": True})
+    options: list[Json] = []
+    if value.startswith("*"):
+        tail = value[1:]
+        if "/" not in tail:
+            return _payload(["sub"], {"stringMatch": {"suffix": tail}})
+        if tail.startswith("/") and "/" not in tail[1:] and tail[1:]:
+            exact = _payload(["sub"], {"stringMatch": {"exact": tail[1:]}})
+            suffix = _payload(["sub"], {"stringMatch": {"suffix": tail}})
+            return {"orIds": {"ids": [exact, suffix]}}
+        raise TranslationError(
+            "AuthorizationPolicy", "requestPrincipals", value,
+            "a suffix spanning the issuer and the subject is not translated to Envoy",
+        )  # fmt: skip
+    prefix = value.endswith("*")
+    text = value[:-1] if prefix else value
+    for issuer in issuers:
+        iss = _payload(["iss"], {"stringMatch": {"exact": issuer}})
+        head = issuer + "/"
+        if prefix and head.startswith(text):
+            options.append(iss)
+        elif text.startswith(head):
+            rest = text[len(head) :]
+            kind = "prefix" if prefix else "exact"
+            sub = _payload(["sub"], {"stringMatch": {kind: rest}})
+            options.append({"andIds": {"ids": [iss, sub]}})
+    # no configured issuer can produce such a principal: nobody matches
+    return _or("orIds", options) if options else NOBODY
 
 
 def _principal(value: str) -> Json:
@@ -224,13 +304,15 @@ def _ip_field(entries: Sequence[str], lenient: bool, *, negated: bool) -> Json:
 # ---------------------------------------------------------------- rule parts
 
 
-def _source(source: Source, lenient: bool) -> Json:
-    if source.request_principals or source.not_request_principals:
-        raise TranslationError(
-            "AuthorizationPolicy", "source.requestPrincipals", source.request_principals,
-            "not translated to Envoy yet",
-        )  # fmt: skip
+def _source(source: Source, lenient: bool, issuers: Sequence[str] = ()) -> Json:
     parts: list[Json] = []
+    if source.request_principals:
+        parts.append(
+            _or("orIds", [_request_principal(p, issuers) for p in source.request_principals])
+        )
+    if source.not_request_principals:
+        matched = [_request_principal(p, issuers) for p in source.not_request_principals]
+        parts.append({"notId": _or("orIds", matched)})
     if source.principals:
         parts.append(_or("orIds", [_principal(p) for p in source.principals]))
     if source.not_principals:
@@ -267,7 +349,9 @@ def _operation(op: Operation, port: int) -> Json | None:
     return _and("andRules", parts) if parts else ANY
 
 
-def _condition(c: Condition, port: int, lenient: bool) -> tuple[str, Json]:
+def _condition(
+    c: Condition, port: int, lenient: bool, issuers: Sequence[str] = ()
+) -> tuple[str, Json]:
     """("permission" | "principal", matcher) for one `when` entry."""
     unevaluable = ("permission", ANY if lenient else NOTHING)
     if not c.values and not c.not_values:
@@ -280,6 +364,22 @@ def _condition(c: Condition, port: int, lenient: bool) -> tuple[str, Json]:
             return {"header": {"name": name, "stringMatch": _pattern(v)}}
 
         return "permission", _values_match(c, build, "orRules", "andRules", "notRule")
+    claim = _CLAIM_KEY.fullmatch(c.key)
+    if claim is not None:
+        path = [part.strip() for part in claim.group(1)[1:-1].split("][")]
+        return "principal", _values_match(c, lambda v: _claim(path, v), "orIds", "andIds", "notId")
+    if c.key == "request.auth.principal":
+        return "principal", _values_match(
+            c, lambda v: _request_principal(v, issuers), "orIds", "andIds", "notId"
+        )
+    if c.key == "request.auth.audiences":
+        return "principal", _values_match(
+            c, lambda v: _claim(["aud"], v), "orIds", "andIds", "notId"
+        )
+    if c.key == "request.auth.presenter":
+        return "principal", _values_match(
+            c, lambda v: _claim(["azp"], v, lists=False), "orIds", "andIds", "notId"
+        )
     if c.key == "source.principal":
         return "principal", _values_match(c, _principal, "orIds", "andIds", "notId")
     if c.key == "source.namespace":
