@@ -22,6 +22,7 @@ from mesh.compiled import (
     ConsistentHash,
     Destination,
     DirectResponse,
+    ExtAuthzProvider,
     FaultAbort,
     FaultDelay,
     FaultInjection,
@@ -584,6 +585,70 @@ def case_inbound_jwt() -> tuple[ProxyNode, MeshView]:
     return node, MeshView(destinations={}, inbound=policy)
 
 
+EXT_AUTHZ = "ext-authz.foo.svc.cluster.local"
+
+
+def case_inbound_ext_authz() -> tuple[ProxyNode, MeshView]:
+    """Istio's authz-custom task: a CUSTOM policy on /headers with an HTTP ext_authz
+    provider (a mesh service), a CUSTOM policy naming an undefined provider (denies),
+    and a DENY policy after them."""
+    provider = ExtAuthzProvider(
+        name="sample-ext-authz-http",
+        service="ext-authz.foo.svc.cluster.local",
+        port=8000,
+        timeout_ms=500,
+        path_prefix="/check",
+        status_on_error=503,
+        include_request_headers=("x-ext-authz",),
+        headers_to_upstream_on_allow=("x-ext-authz-check-result",),
+        headers_to_downstream_on_deny=("x-ext-authz-check-result", "content-type"),
+    )
+    policy = InboundPolicy(
+        namespace="foo",
+        service="httpbin",
+        revision=4,
+        authorization=(
+            AuthzPolicy(
+                name="ext-authz",
+                namespace="foo",
+                action="CUSTOM",
+                provider="sample-ext-authz-http",
+                selector={"app": "httpbin"},
+                rules=(AuthzRule(operations=(Operation(paths=("/headers",)),)),),
+            ),
+            AuthzPolicy(
+                name="undefined-provider",
+                namespace="foo",
+                action="CUSTOM",
+                provider="not-in-mesh-config",
+                rules=(AuthzRule(operations=(Operation(paths=("/private*",)),)),),
+            ),
+            AuthzPolicy(
+                name="no-admin",
+                namespace="foo",
+                action="DENY",
+                rules=(AuthzRule(operations=(Operation(paths=("/admin*",)),)),),
+            ),
+        ),
+        extension_providers=(provider,),
+    )
+    authz_endpoints = EndpointSet(
+        namespace="foo",
+        service="ext-authz",
+        revision=2,
+        endpoints=[endpoint("ext-authz-1", "10.0.3.1", 15006, identity=spiffe("foo", "ext-authz"))],
+    )
+    node = sidecar(
+        namespace="foo",
+        service="httpbin",
+        labels={"app": "httpbin", "version": "v1"},
+        identity=spiffe("foo", "httpbin"),
+        app_port=8000,
+        outbound=None,
+    )
+    return node, MeshView(destinations={EXT_AUTHZ: (None, authz_endpoints)}, inbound=policy)
+
+
 CASES: dict[str, Callable[[], tuple[ProxyNode, MeshView]]] = {
     "outbound_default": case_outbound_default,
     "outbound_routing": case_outbound_routing,
@@ -591,6 +656,7 @@ CASES: dict[str, Callable[[], tuple[ProxyNode, MeshView]]] = {
     "inbound_permissive_no_app": case_inbound_permissive_no_app,
     "gateway": case_gateway,
     "inbound_jwt": case_inbound_jwt,
+    "inbound_ext_authz": case_inbound_ext_authz,
 }
 
 

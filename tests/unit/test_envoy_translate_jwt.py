@@ -7,7 +7,16 @@ from typing import Any
 
 import pytest
 
-from mesh.compiled import AuthzPolicy, AuthzRule, Condition, JwtRule, RequestAuthn, Source
+from mesh.compiled import (
+    AuthzPolicy,
+    AuthzRule,
+    Condition,
+    ExtAuthzProvider,
+    InboundPolicy,
+    JwtRule,
+    RequestAuthn,
+    Source,
+)
 from proxy.envoy.translate import TranslationError
 from proxy.envoy.translate.jwt_authn import jwt_authn_filters
 from proxy.envoy.translate.rbac import rbac_filters
@@ -114,3 +123,20 @@ def test_jwt_authn_filter_requires_any_provider_or_none() -> None:
     assert cluster["name"] == "jwks|10.0.0.9|8080" and cluster["type"] == "STATIC"
     assert "transportSocket" not in cluster
     assert jwt_authn_filters([], "/ca.pem") == ([], {})
+
+
+def test_custom_on_tcp_denies_what_it_matches_and_two_providers_are_refused() -> None:
+    custom = AuthzPolicy(
+        name="c", namespace="foo", action="CUSTOM", provider="p", rules=(AuthzRule(),)
+    )
+    (f,) = rbac_filters((custom,), 9000, tcp=True, stat_prefix="tcp")
+    rules = f["typedConfig"]["rules"]
+    assert rules["action"] == "DENY" and list(rules["policies"]) == ["foo/c[0]"]
+    other = AuthzPolicy(name="d", namespace="foo", action="CUSTOM", provider="q")
+    providers = (
+        ExtAuthzProvider(name="p", service="a.foo.svc.cluster.local", port=80),
+        ExtAuthzProvider(name="q", service="b.foo.svc.cluster.local", port=80),
+    )
+    inbound = InboundPolicy(namespace="foo", service="s", revision=1, extension_providers=providers)
+    with pytest.raises(TranslationError, match="one extension provider per workload"):
+        rbac_filters((custom, other), 80, tcp=False, stat_prefix="i", inbound=inbound)

@@ -104,7 +104,13 @@ def add_gateway(
     for address, port in node.gateway_listeners:
         name = gateway_listener(address, port)
         rbac_filters = rbac.rbac_filters(
-            policies, port, tcp=False, stat_prefix="gateway", issuers=jwt_authn.issuers(authns)
+            policies,
+            port,
+            tcp=False,
+            stat_prefix="gateway",
+            issuers=jwt_authn.issuers(authns),
+            inbound=view.inbound,
+            namespace=node.namespace,
         )
         hcm = listeners.http_connection_manager(
             f"gateway_{port}",

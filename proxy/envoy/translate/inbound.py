@@ -98,6 +98,8 @@ def add_inbound_http(node: ProxyNode, view: MeshView, out: XdsResources) -> None
             tcp=False,
             stat_prefix="inbound",
             issuers=jwt_authn.issuers(authns),
+            inbound=view.inbound,
+            namespace=node.namespace,
         ),
         *ratelimit.ratelimit_filters(ratelimit.selected(view.inbound, node.labels)),
     ]

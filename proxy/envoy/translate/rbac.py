@@ -38,6 +38,7 @@ import msgspec
 
 from mesh.compiled import AuthzPolicy, AuthzRule, Condition, InboundPolicy, Operation, Source
 
+from . import ext_authz
 from .model import TranslationError
 from .protos import HTTP_RBAC, NETWORK_RBAC, Json, typed
 
@@ -67,16 +68,30 @@ def rbac_filters(
     tcp: bool,
     stat_prefix: str,
     issuers: Sequence[str] = (),
+    inbound: InboundPolicy | None = None,
+    namespace: str = "",
 ) -> list[Json]:
     """The RBAC filters (HTTP, or network for `tcp`) enforcing `policies` on `port`;
-    `issuers` are those of the RequestAuthentications in force (`jwt_authn`)."""
-    for p in policies:
-        if p.action == "CUSTOM":
-            raise TranslationError(
-                f"AuthorizationPolicy {p.namespace}/{p.name}", "action", p.action,
-                "CUSTOM (ext_authz) is not translated to Envoy yet",
-            )  # fmt: skip
-    out = []
+    `issuers` are those of the RequestAuthentications in force (`jwt_authn`). CUSTOM
+    policies become the ext_authz filters first (`ext_authz`; their providers from
+    `inbound`, hosts resolved in `namespace`); on TCP they deny what they match, as
+    the Python sidecar does (their authorizer speaks HTTP)."""
+    out: list[Json] = []
+    if tcp:
+        policies = [
+            msgspec.structs.replace(p, action="DENY") if p.action == "CUSTOM" else p
+            for p in policies
+        ]
+    else:
+        policies, custom, provider = ext_authz.split_custom(policies, inbound)
+        shadow: dict[str, Json] = {}
+        for p in custom:
+            for i, rule in enumerate(p.rules):
+                built = _policy(rule, port, tcp=False, lenient=True, issuers=issuers)
+                if built is not None:
+                    name = f"{ext_authz.POLICY_PREFIX}-ns[{p.namespace}]-policy[{p.name}]-rule[{i}]"
+                    shadow[name] = built
+        out.extend(ext_authz.ext_authz_filters(custom, provider, namespace, shadow))
     for action, envoy_action in _ACTIONS:
         chosen = [p for p in policies if p.action == action]
         if not chosen:
