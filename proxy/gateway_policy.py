@@ -46,7 +46,8 @@ class GatewayAdmission:
                 method=req.method,
                 path=req.path.partition("?")[0],
                 host=req.authority or headers.get("host", ""),
-                port=self.port,
+                # the listener's port as bound (the setting may be 0: any free port)
+                port=req.local[1] if req.local else self.port,
                 headers=headers,
                 auth=verdict.identity,
             )

@@ -13,6 +13,11 @@ Which resources reach a service follows Istio:
   namespace's selector-less ones are mesh-wide, the service namespace's apply (with
   their selectors), a root-namespace one with a selector applies only in the root
   namespace (the ingress gateway's); every one that applies contributes its jwtRules.
+- MeshConfig (`meshwork.io`): those of the root namespace define the extension
+  providers; a service's policy carries those its CUSTOM policies name (the first
+  definition of a name wins, in (namespace, name) order; validation keeps names
+  unique within one MeshConfig). A dry-run CUSTOM policy is not applied (Istio does
+  not support dry-run for CUSTOM).
 - RateLimitPolicy (`meshwork.io`): those of the service's namespace. Every one of them
   may match: the compiler knows the service, not its instances' labels (`app` defaults
   to the service name but `--labels` may change it), so filtering on `app` here could
