@@ -351,6 +351,9 @@ class Source(msgspec.Struct, frozen=True, omit_defaults=True):
     # `<iss>/<sub>` of the request's validated JWT (RequestAuthentication)
     request_principals: tuple[str, ...] = ()
     not_request_principals: tuple[str, ...] = ()
+    # `<namespace>/<service account>` of the peer certificate, any trust domain
+    service_accounts: tuple[str, ...] = ()
+    not_service_accounts: tuple[str, ...] = ()
 
 
 class Operation(msgspec.Struct, frozen=True, omit_defaults=True):

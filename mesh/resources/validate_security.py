@@ -58,6 +58,7 @@ _Check = Callable[[str], str | None]
 _SOURCE_FIELDS = (
     "principals", "notPrincipals", "requestPrincipals", "notRequestPrincipals",
     "namespaces", "notNamespaces", "ipBlocks", "notIpBlocks",
+    "serviceAccounts", "notServiceAccounts",
 )  # fmt: skip
 _OPERATION_FIELDS = (
     "methods", "notMethods", "paths", "notPaths", "hosts", "notHosts", "ports", "notPorts",
@@ -284,6 +285,7 @@ def _source(source: Source, path: str, out: list[Issue]) -> None:
                 source.request_principals, source.not_request_principals,
                 source.namespaces, source.not_namespaces,
                 source.ip_blocks, source.not_ip_blocks,
+                source.service_accounts, source.not_service_accounts,
             ),
             strict=True,
         )
@@ -296,6 +298,8 @@ def _source(source: Source, path: str, out: list[Issue]) -> None:
         _each(values[name], field(path, name), _pattern, out)
     for name in ("ipBlocks", "notIpBlocks"):
         _each(values[name], field(path, name), _ip_or_cidr, out)
+    for name in ("serviceAccounts", "notServiceAccounts"):
+        _each(values[name], field(path, name), _service_account, out)
 
 
 def _operation(operation: Operation, path: str, out: list[Issue]) -> None:
@@ -377,11 +381,51 @@ def _pattern(value: str) -> str | None:
     )
 
 
+def _service_account(value: str) -> str | None:
+    """Istio's `<namespace>/<service account>`, no wildcards."""
+    namespace, slash, account = value.partition("/")
+    if (
+        not slash
+        or checks.dns_label(namespace) is not None
+        or checks.dns_subdomain(account) is not None
+    ):
+        return (
+            "must be <namespace>/<service account> without wildcards "
+            f"(e.g. 'default/sleep'), got {value!r}"
+        )
+    return None
+
+
+_TEMPLATE_LITERAL = re.compile(r"[A-Za-z0-9\-._~%!$&'()+,;:@=]*")
+
+
 def _path_pattern(value: str) -> str | None:
-    problem = _pattern(value)
-    if problem is not None and "{" in value:
-        return f"{problem} (path templates such as {{*}} and {{**}} are not supported)"
-    return problem
+    """Istio's patterns, or a path template (Envoy's URI template): `{*}` one path
+    segment, `{**}` any number of segments, each a whole segment, `{**}` last."""
+    if "{" not in value and "}" not in value:
+        return _pattern(value)
+    problem = (
+        "must be a path template: start with '/', use {*} and {**} as whole segments, "
+        f"{{**}} as the last operator, and no other '*', '{{' or '}}', got {value!r}"
+    )
+    if not value.startswith("/"):
+        return problem
+    segments = value.split("/")[1:]
+    operators = [s for s in segments if s in ("{*}", "{**}")]
+    for segment in segments:
+        if segment in ("{*}", "{**}"):
+            continue
+        if any(c in segment for c in "*{}"):
+            return problem
+        if not _TEMPLATE_LITERAL.fullmatch(segment):
+            # Envoy's URI template accepts only RFC 3986 path characters around them
+            return (
+                "must use only letters, digits and -._~%!$&'()+,;:@= in the segments of a "
+                f"path template, got {value!r}"
+            )
+    if "{**}" in operators[:-1]:
+        return problem
+    return None
 
 
 def _ip_or_cidr(value: str) -> str | None:

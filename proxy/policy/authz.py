@@ -225,6 +225,38 @@ def _values(patterns: tuple[str, ...], *, lower: bool = False) -> _Values | None
     return _Values(patterns, lower=lower) if patterns else None
 
 
+# Envoy's URI template (which Istio uses for `{*}`/`{**}` paths): a `{*}` is one or
+# more characters of a segment, `{**}` zero or more characters across segments, each
+# from RFC 3986's pchar set
+_SEGMENT_CHARS = r"A-Za-z0-9\-._~%!$&'()+,;:@="
+_TEMPLATE_PARTS = {"{*}": f"[{_SEGMENT_CHARS}]+", "{**}": f"[{_SEGMENT_CHARS}/]*"}
+
+
+def path_template(template: str) -> re.Pattern[str]:
+    """A validated path template as a regex for `fullmatch`."""
+    parts = re.split(r"(\{\*\*\}|\{\*\})", template)
+    return re.compile("".join(_TEMPLATE_PARTS.get(p) or re.escape(p) for p in parts))
+
+
+class _Paths:
+    """`paths`: Istio's patterns, and path templates when a value has `{`."""
+
+    __slots__ = ("templates", "values")
+
+    def __init__(self, patterns: tuple[str, ...]) -> None:
+        self.values = _values(tuple(p for p in patterns if "{" not in p))
+        self.templates = tuple(path_template(p) for p in patterns if "{" in p)
+
+    def matches(self, path: str) -> bool:
+        if self.values is not None and self.values.matches(path):
+            return True
+        return any(t.fullmatch(path) for t in self.templates)
+
+
+def _paths(patterns: tuple[str, ...]) -> _Paths | None:
+    return _Paths(patterns) if patterns else None
+
+
 class _Addresses:
     """IPs and CIDRs parsed once. `unevaluable` is what an unparseable entry, or a
     caller address that is not an IP, counts as (see the module doc)."""
@@ -269,8 +301,10 @@ class _SourceMatch:
         "not_namespaces",
         "not_principals",
         "not_request_principals",
+        "not_service_accounts",
         "principals",
         "request_principals",
+        "service_accounts",
     )
 
     def __init__(self, source: Source, *, lenient: bool, tcp: bool = False) -> None:
@@ -283,6 +317,13 @@ class _SourceMatch:
         self.not_principals = _values(source.not_principals)
         self.request_principals = _values(source.request_principals)
         self.not_request_principals = _values(source.not_request_principals)
+        # `ns/sa` compared with the principal without its trust domain
+        self.service_accounts = frozenset(f"ns/{n}/sa/{a}" for n, _, a in (
+            v.partition("/") for v in source.service_accounts
+        )) or None  # fmt: skip
+        self.not_service_accounts = frozenset(f"ns/{n}/sa/{a}" for n, _, a in (
+            v.partition("/") for v in source.not_service_accounts
+        )) or None  # fmt: skip
         self.namespaces = _values(source.namespaces)
         self.not_namespaces = _values(source.not_namespaces)
         self.ip_blocks = _addresses(source.ip_blocks, unevaluable=lenient)
@@ -297,6 +338,13 @@ class _SourceMatch:
             return False
         if self.not_principals is not None and principal and self.not_principals.matches(principal):
             return False
+        if self.service_accounts is not None or self.not_service_accounts is not None:
+            # no certificate, no service account: matches none, excluded by none
+            account = principal.partition("/")[2] if principal else ""
+            if self.service_accounts is not None and account not in self.service_accounts:
+                return False
+            if self.not_service_accounts is not None and account in self.not_service_accounts:
+                return False
         if self.request_principals is not None or self.not_request_principals is not None:
             # no valid token: no request principal, matching no pattern, not even "*"
             auth = facts.auth
@@ -339,8 +387,8 @@ class _OperationMatch:
             operation = Operation(ports=operation.ports, not_ports=operation.not_ports)
         self.methods = _values(operation.methods)
         self.not_methods = _values(operation.not_methods)
-        self.paths = _values(operation.paths)
-        self.not_paths = _values(operation.not_paths)
+        self.paths = _paths(operation.paths)
+        self.not_paths = _paths(operation.not_paths)
         self.hosts = _values(operation.hosts, lower=True)
         self.not_hosts = _values(operation.not_hosts, lower=True)
         self.ports = frozenset(operation.ports) if operation.ports else None

@@ -223,6 +223,8 @@ def _rule(rule: Rule) -> compiled.AuthzRule:
             not_ip_blocks=s.not_ip_blocks,
             request_principals=s.request_principals,
             not_request_principals=s.not_request_principals,
+            service_accounts=s.service_accounts,
+            not_service_accounts=s.not_service_accounts,
         )
         for entry in rule.from_ or ()
         if (s := entry.source) is not None

@@ -14,6 +14,7 @@ from mesh.compiled import (
     ExtAuthzProvider,
     InboundPolicy,
     JwtRule,
+    Operation,
     RequestAuthn,
     Source,
 )
@@ -140,3 +141,23 @@ def test_custom_on_tcp_denies_what_it_matches_and_two_providers_are_refused() ->
     inbound = InboundPolicy(namespace="foo", service="s", revision=1, extension_providers=providers)
     with pytest.raises(TranslationError, match="one extension provider per workload"):
         rbac_filters((custom, other), 80, tcp=False, stat_prefix="i", inbound=inbound)
+
+
+def test_service_accounts_and_path_templates() -> None:
+    rule = AuthzRule(
+        sources=(Source(service_accounts=("default/sleep",)),),
+        operations=(Operation(paths=("/api/{*}/info", "/static/*")),),
+    )
+    policy = AuthzPolicy(name="p", namespace="foo", rules=(rule,))
+    (f,) = rbac_filters((policy,), 8000, tcp=False, stat_prefix="inbound")
+    built = f["typedConfig"]["rules"]["policies"]["foo/p[0]"]
+    assert built["principals"] == [
+        {
+            "authenticated": {
+                "principalName": {"safeRegex": {"regex": "spiffe://[^/]+/ns/default/sa/sleep"}}
+            }
+        }
+    ]
+    template, prefix = built["permissions"][0]["orRules"]["rules"]
+    assert template["uriTemplate"]["typedConfig"]["pathTemplate"] == "/api/*/info"
+    assert prefix == {"urlPath": {"path": {"prefix": "/static/"}}}

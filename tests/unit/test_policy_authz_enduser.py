@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 import pytest
 
-from mesh.compiled import AuthzPolicy, AuthzRule, Condition, InboundPolicy, Source
+from mesh.compiled import AuthzPolicy, AuthzRule, Condition, InboundPolicy, Operation, Source
 from proxy.policy import AuthIdentity, Authorizer, ConnectionFacts, RequestFacts
 
 USER = AuthIdentity(
@@ -108,3 +108,74 @@ def test_tcp_allow_with_request_principals_never_matches_and_deny_drops_them() -
         assert not build(deny).decide_connection(connection).allowed
         other = connection._replace(namespace="bar", principal="cluster.local/ns/bar/sa/x")
         assert build(deny).decide_connection(other).allowed
+
+
+# ---------------------------------------------------------------- serviceAccounts, path templates
+
+
+def peer_facts(principal: str, path: str = "/") -> RequestFacts:
+    namespace = principal.split("/ns/")[1].split("/")[0] if principal else ""
+    return RequestFacts(principal, namespace, "10.0.0.5", "GET", path, "httpbin", 8000, {})
+
+
+@pytest.mark.parametrize(
+    ("principal", "accounts", "not_accounts", "allowed"),
+    [
+        ("cluster.local/ns/default/sa/sleep", ("default/sleep",), (), True),
+        ("other.domain/ns/default/sa/sleep", ("default/sleep",), (), True),  # any trust domain
+        ("cluster.local/ns/default/sa/sleepy", ("default/sleep",), (), False),
+        ("cluster.local/ns/foo/sa/sleep", ("default/sleep",), (), False),
+        ("", ("default/sleep",), (), False),  # plaintext: no service account
+        ("cluster.local/ns/default/sa/sleep", (), ("default/sleep",), False),
+        ("cluster.local/ns/default/sa/other", (), ("default/sleep",), True),
+        ("", (), ("default/sleep",), True),
+    ],
+)
+def test_service_accounts(
+    principal: str, accounts: tuple[str, ...], not_accounts: tuple[str, ...], allowed: bool
+) -> None:
+    rule = AuthzRule(
+        sources=(Source(service_accounts=accounts, not_service_accounts=not_accounts),)
+    )
+    policy = AuthzPolicy(name="p", namespace="foo", rules=(rule,))
+    authorizer = Authorizer.build(
+        InboundPolicy(namespace="foo", service="httpbin", revision=1, authorization=(policy,)), {}
+    )
+    assert authorizer.decide(peer_facts(principal)).allowed is allowed
+    # not HTTP-only: a TCP connection is decided the same way
+    connection = ConnectionFacts(principal, "", "10.0.0.5", 9000)
+    assert authorizer.decide_connection(connection).allowed is allowed
+
+
+TEMPLATES = [
+    ("/foo/{*}", "/foo/bar", True),
+    ("/foo/{*}", "/foo/bar/baz", False),
+    ("/foo/{*}", "/foo/", False),
+    ("/foo/{**}", "/foo/bar/baz", True),
+    ("/foo/{**}", "/foo/", True),
+    ("/foo/{*}/bar/{**}", "/foo/buzz/bar/", True),
+    ("/foo/{*}/bar/{**}", "/foo/buzz/bar/baz/qux", True),
+    ("/foo/{*}/bar/{**}", "/foo/a/b/bar/baz", False),
+    ("/api/{*}/info", "/api/v1/info", True),
+    ("/api/{*}/info", "/api/v1/info/x", False),
+    ("/api/{**}/info", "/api/v1/v2/info", True),
+    ("/api/{**}/info", "/api/v1/v2/details", False),
+]
+
+
+@pytest.mark.parametrize(("template", "path", "matches"), TEMPLATES)
+def test_path_templates(template: str, path: str, matches: bool) -> None:
+    allow = AuthzPolicy(
+        name="p", namespace="foo", rules=(AuthzRule(operations=(Operation(paths=(template,)),)),)
+    )
+    deny = AuthzPolicy(
+        name="d",
+        namespace="foo",
+        action="DENY",
+        rules=(AuthzRule(operations=(Operation(not_paths=(template,)),)),),
+    )
+    for policy, allowed in ((allow, matches), (deny, matches)):
+        authorizer = Authorizer.build(
+            InboundPolicy(namespace="foo", service="h", revision=1, authorization=(policy,)), {}
+        )
+        assert authorizer.decide(peer_facts("", path)).allowed is allowed

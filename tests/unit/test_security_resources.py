@@ -415,7 +415,6 @@ def test_valid_edge_values_are_accepted(body: dict[str, Any]) -> None:
 UNSUPPORTED = [
     (src(remoteIpBlocks=["1.2.3.4"]), "spec.rules[0].from[0].source.remoteIpBlocks"),
     (src(notRemoteIpBlocks=["1.2.3.4"]), "spec.rules[0].from[0].source.notRemoteIpBlocks"),
-    (src(serviceAccounts=["default/sleep"]), "spec.rules[0].from[0].source.serviceAccounts"),
     (ap(targetRef={"kind": "Gateway", "name": "g"}), "spec.targetRef"),
     (ap(targetRefs=[{"kind": "Service", "name": "s"}]), "spec.targetRefs"),
     (ap(rules=[{"to": [{"operation": {"methods": ["GET"], "verbs": ["x"]}}]}]), "spec.rules[0].to[0].operation.verbs"),
@@ -457,8 +456,8 @@ REFUSED = [
     (ap(rules=[{"to": []}]), "spec.rules[0].to", "must not be empty (omit it to match any operation)"),
     (ap(rules=[{"from": [{}]}]), "spec.rules[0].from[0].source", "spec.rules[0].from[0].source is required"),
     (ap(rules=[{"to": [{}]}]), "spec.rules[0].to[0].operation", "spec.rules[0].to[0].operation is required"),
-    (src(), "spec.rules[0].from[0].source", "must set at least one of principals, notPrincipals, requestPrincipals, notRequestPrincipals, namespaces, notNamespaces, ipBlocks or notIpBlocks"),
-    (src(principals=[]), "spec.rules[0].from[0].source", "must set at least one of principals, notPrincipals, requestPrincipals, notRequestPrincipals, namespaces, notNamespaces, ipBlocks or notIpBlocks"),
+    (src(), "spec.rules[0].from[0].source", "must set at least one of principals, notPrincipals, requestPrincipals, notRequestPrincipals, namespaces, notNamespaces, ipBlocks, notIpBlocks, serviceAccounts or notServiceAccounts"),
+    (src(principals=[]), "spec.rules[0].from[0].source", "must set at least one of principals, notPrincipals, requestPrincipals, notRequestPrincipals, namespaces, notNamespaces, ipBlocks, notIpBlocks, serviceAccounts or notServiceAccounts"),
     (op(), "spec.rules[0].to[0].operation", "must set at least one of methods, notMethods, paths, notPaths, hosts, notHosts, ports or notPorts"),
     # patterns
     (src(principals=["cluster.local/*/sa/sleep"]), "spec.rules[0].from[0].source.principals[0]", PATTERN + "'cluster.local/*/sa/sleep'"),
@@ -466,7 +465,12 @@ REFUSED = [
     (src(namespaces=[""]), "spec.rules[0].from[0].source.namespaces[0]", "must not be empty"),
     (op(hosts=["**"]), "spec.rules[0].to[0].operation.hosts[0]", PATTERN + "'**'"),
     (op(notMethods=["G*T"]), "spec.rules[0].to[0].operation.notMethods[0]", PATTERN + "'G*T'"),
-    (op(paths=["/api/{*}/info"]), "spec.rules[0].to[0].operation.paths[0]", PATTERN + "'/api/{*}/info' (path templates such as {*} and {**} are not supported)"),
+    (op(paths=["/api/{*}x/info"]), "spec.rules[0].to[0].operation.paths[0]", "must be a path template: start with '/', use {*} and {**} as whole segments, {**} as the last operator, and no other '*', '{' or '}', got '/api/{*}x/info'"),
+    (op(paths=["/a/{**}/{*}"]), "spec.rules[0].to[0].operation.paths[0]", "must be a path template: start with '/', use {*} and {**} as whole segments, {**} as the last operator, and no other '*', '{' or '}', got '/a/{**}/{*}'"),
+    (op(paths=["/a b/{*}"]), "spec.rules[0].to[0].operation.paths[0]", "must use only letters, digits and -._~%!$&'()+,;:@= in the segments of a path template, got '/a b/{*}'"),
+    (op(notPaths=["/*/b/{*}"]), "spec.rules[0].to[0].operation.notPaths[0]", "must be a path template: start with '/', use {*} and {**} as whole segments, {**} as the last operator, and no other '*', '{' or '}', got '/*/b/{*}'"),
+    (src(serviceAccounts=["sleep"]), "spec.rules[0].from[0].source.serviceAccounts[0]", "must be <namespace>/<service account> without wildcards (e.g. 'default/sleep'), got 'sleep'"),
+    (src(notServiceAccounts=["default/*"]), "spec.rules[0].from[0].source.notServiceAccounts[0]", "must be <namespace>/<service account> without wildcards (e.g. 'default/sleep'), got 'default/*'"),
     (op(notPaths=["/a*b"]), "spec.rules[0].to[0].operation.notPaths[0]", PATTERN + "'/a*b'"),
     # IPs and ports
     (src(ipBlocks=["10.0.0.0/33"]), "spec.rules[0].from[0].source.ipBlocks[0]", "must be an IP address or a CIDR range (e.g. 10.1.0.0/16), got '10.0.0.0/33'"),

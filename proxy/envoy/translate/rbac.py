@@ -277,8 +277,29 @@ def _method(value: str) -> Json:
     return {"header": {"name": ":method", "stringMatch": _pattern(value)}}
 
 
+URI_TEMPLATE = (
+    "type.googleapis.com/envoy.extensions.path.match.uri_template.v3.UriTemplateMatchConfig"
+)
+
+
 def _path(value: str) -> Json:
+    if "{" in value:
+        # Istio: a path with `{*}`/`{**}` is an Envoy URI template, whose operators
+        # are written bare (`{name}` would be a variable)
+        template = value.replace("{**}", "**").replace("{*}", "*")
+        return {
+            "uriTemplate": {
+                "name": "envoy.path.match.uri_template.uri_template_matcher",
+                "typedConfig": typed(URI_TEMPLATE, {"pathTemplate": template}),
+            }
+        }
     return {"urlPath": {"path": _pattern(value)}}
+
+
+def _service_account(value: str) -> Json:
+    namespace, _, account = value.partition("/")
+    regex = f"spiffe://[^/]+/ns/{re.escape(namespace)}/sa/{re.escape(account)}"
+    return {"authenticated": {"principalName": {"safeRegex": {"regex": regex}}}}
 
 
 def _cidrs(entries: Sequence[str], *, poisoned_matches: bool) -> list[Json] | None:
@@ -332,6 +353,11 @@ def _source(source: Source, lenient: bool, issuers: Sequence[str] = ()) -> Json:
         parts.append(_or("orIds", [_principal(p) for p in source.principals]))
     if source.not_principals:
         parts.append({"notId": _or("orIds", [_principal(p) for p in source.not_principals])})
+    if source.service_accounts:
+        parts.append(_or("orIds", [_service_account(a) for a in source.service_accounts]))
+    if source.not_service_accounts:
+        matched = [_service_account(a) for a in source.not_service_accounts]
+        parts.append({"notId": _or("orIds", matched)})
     if source.namespaces:
         parts.append(_or("orIds", [_namespace(n) for n in source.namespaces]))
     if source.not_namespaces:
