@@ -179,3 +179,26 @@ def test_path_templates(template: str, path: str, matches: bool) -> None:
             InboundPolicy(namespace="foo", service="h", revision=1, authorization=(policy,)), {}
         )
         assert authorizer.decide(peer_facts("", path)).allowed is allowed
+
+
+def test_explain_names_request_principals_and_custom_policies() -> None:
+    from proxy.policy.explain import explain_authorization
+
+    custom = AuthzPolicy(
+        name="ext", namespace="foo", action="CUSTOM", provider="p", rules=(AuthzRule(),)
+    )
+    require = AuthzPolicy(
+        name="require-jwt", namespace="foo", rules=(src(request_principals=("*",)),)
+    )
+    policy = InboundPolicy(
+        namespace="foo", service="httpbin", revision=1, authorization=(custom, require)
+    )
+    explained = explain_authorization(policy, {}, facts(None))
+    assert not explained.decision.allowed and explained.decision.custom == "p"
+    assert [(v.policy, v.action) for v in explained.policies] == [
+        ("foo/ext", "CUSTOM"),
+        ("foo/require-jwt", "ALLOW"),
+    ]
+    assert explained.policies[1].why == (
+        "rules[0] from: requestPrincipals: request principal none (no valid JWT) is not listed",
+    )
