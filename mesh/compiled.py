@@ -354,6 +354,9 @@ class Source(msgspec.Struct, frozen=True, omit_defaults=True):
     # `<namespace>/<service account>` of the peer certificate, any trust domain
     service_accounts: tuple[str, ...] = ()
     not_service_accounts: tuple[str, ...] = ()
+    # the original client (X-Forwarded-For past `InboundPolicy.num_trusted_proxies`)
+    remote_ip_blocks: tuple[str, ...] = ()
+    not_remote_ip_blocks: tuple[str, ...] = ()
 
 
 class Operation(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -441,6 +444,8 @@ class InboundPolicy(msgspec.Struct, frozen=True, omit_defaults=True, tag=True):
     request_authentication: tuple[RequestAuthn, ...] = ()
     # the MeshConfig extension providers CUSTOM policies of this service name
     extension_providers: tuple[ExtAuthzProvider, ...] = ()
+    # MeshConfig `numTrustedProxies`: which X-Forwarded-For entry is the client
+    num_trusted_proxies: int = 0
 
 
 class ExtAuthzProvider(msgspec.Struct, frozen=True, omit_defaults=True):

@@ -16,7 +16,7 @@ from proxy.ext_authz import check_custom
 from proxy.forward import Outcome, local_reply
 from proxy.http import Exchange, Request, header_map
 from proxy.inbound_policy import InboundPolicyFollower
-from proxy.policy import RequestFacts
+from proxy.policy import RequestFacts, original_client
 from proxy.policy.ext_authz import with_upstream_headers
 from proxy.request_authn import reply_unauthenticated
 from proxy.stats import ProxyStats
@@ -38,11 +38,13 @@ class GatewayAdmission:
         if authorizer.empty:
             return None
         headers = header_map(req.headers)
+        peer_ip = req.peer[0] if req.peer else ""
+        trusted = self.policy.policy.num_trusted_proxies if self.policy.policy else 0
         decision = authorizer.decide(
             RequestFacts(
                 principal="",
                 namespace="",
-                source_ip=req.peer[0] if req.peer else "",
+                source_ip=peer_ip,
                 method=req.method,
                 path=req.path.partition("?")[0],
                 host=req.authority or headers.get("host", ""),
@@ -50,6 +52,7 @@ class GatewayAdmission:
                 port=req.local[1] if req.local else self.port,
                 headers=headers,
                 auth=verdict.identity,
+                remote_ip=original_client(headers.get("x-forwarded-for", ""), peer_ip, trusted),
             )
         )
         if decision.shadow is not None:

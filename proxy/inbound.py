@@ -16,7 +16,7 @@ from proxy.forward import Outcome, PoolSet, forward, local_reply
 from proxy.http import Exchange, Request, ensure_request_id, header_map, strip_hop_by_hop
 from proxy.inbound_policy import InboundPolicyFollower
 from proxy.peer import Peer, peer_of
-from proxy.policy import AuthIdentity, Decision, RequestFacts
+from proxy.policy import AuthIdentity, Decision, RequestFacts, original_client
 from proxy.policy.ext_authz import with_upstream_headers
 from proxy.request_authn import reply_unauthenticated
 from proxy.resilience import ratelimit_headers
@@ -137,17 +137,21 @@ class InboundHandler:
             return None
         headers = header_map(req.headers)
         query = path.find("?")
+        peer_ip = req.peer[0] if req.peer else ""
+        inbound = self.policy.policy
+        trusted = inbound.num_trusted_proxies if inbound is not None else 0
         decision = authorizer.decide(
             RequestFacts(
                 principal=peer.principal,
                 namespace=peer.namespace,
-                source_ip=req.peer[0] if req.peer else "",
+                source_ip=peer_ip,
                 method=req.method,
                 path=path if query < 0 else path[:query],
                 host=req.authority or headers.get("host", ""),
                 port=self.settings.app_port,
                 headers=headers,
                 auth=auth,
+                remote_ip=original_client(headers.get("x-forwarded-for", ""), peer_ip, trusted),
             )
         )
         if decision.shadow is not None:

@@ -80,11 +80,24 @@ class ExtensionProvider(Model, frozen=True):
     envoy_ext_authz_http: ExtAuthzHttp | None = None
 
 
+class GatewayTopology(Model, frozen=True):
+    # how many proxies in front of the mesh append to X-Forwarded-For (Envoy's
+    # `xff_num_trusted_hops`): the client address `remoteIpBlocks` compares is the
+    # N-th from the right of that list (0: the connection's peer)
+    num_trusted_proxies: int | None = None
+
+
+class ProxyDefaults(Model, frozen=True):
+    gateway_topology: GatewayTopology | None = None
+
+
 class MeshConfigSpec(Model, frozen=True):
     """The mesh-wide settings Istio keeps in its meshConfig, as a resource: those in
-    the root namespace apply (`extensionProviders`, named by CUSTOM policies)."""
+    the root namespace apply (`extensionProviders`, named by CUSTOM policies;
+    `defaultConfig.gatewayTopology.numTrustedProxies`)."""
 
     extension_providers: tuple[ExtensionProvider, ...] = ()
+    default_config: ProxyDefaults | None = None
 
 
 # ---------------------------------------------------------------- RateLimitPolicy

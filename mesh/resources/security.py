@@ -4,7 +4,7 @@ As in `networking`, only the fields Meshwork enforces exist here and every model
 forbids unknown fields: for a policy an ignored field is a security hole (a dropped
 `requestPrincipals` would turn "only these JWT subjects" into "anyone"). Fields Istio
 has and we refuse on purpose, so that users get `... is not supported` with their
-path: `remoteIpBlocks`, `notRemoteIpBlocks`, `targetRef`,
+path: `targetRef`,
 `targetRefs`, and in RequestAuthentication `targetRef(s)` and
 `jwtRules[].outputClaimToHeaders[]` claims of other than string/number/bool type
 (checked by the proxy, not here).
@@ -69,6 +69,10 @@ class Source(Model, frozen=True):
     # `<namespace>/<service account>` of the peer certificate, any trust domain
     service_accounts: tuple[str, ...] = ()
     not_service_accounts: tuple[str, ...] = ()
+    # the original client's address, from X-Forwarded-For past the trusted proxies
+    # (MeshConfig `defaultConfig.gatewayTopology.numTrustedProxies`)
+    remote_ip_blocks: tuple[str, ...] = ()
+    not_remote_ip_blocks: tuple[str, ...] = ()
     namespaces: tuple[str, ...] = ()
     not_namespaces: tuple[str, ...] = ()
     ip_blocks: tuple[str, ...] = ()

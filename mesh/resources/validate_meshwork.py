@@ -19,6 +19,7 @@ from mesh.resources.meshwork import ExtAuthzHttp, MeshConfigSpec, RateLimitPolic
 _PRINCIPAL = re.compile(r"[^/\s]+/ns/[^/\s]+/sa/[^/\s]+")
 # a bucket holds one second's worth: keep it a sane allocation
 MAX_RPS = 1_000_000
+MAX_TRUSTED_PROXIES = 32
 
 
 def validate_rate_limit_policy(spec: RateLimitPolicySpec, path: str = "spec") -> list[Issue]:
@@ -98,6 +99,16 @@ def _principal(value: str) -> str | None:
 
 def validate_mesh_config(spec: MeshConfigSpec, path: str = "spec") -> list[Issue]:
     out: list[Issue] = []
+    topology = spec.default_config.gateway_topology if spec.default_config else None
+    if topology is not None and topology.num_trusted_proxies is not None:
+        hops = topology.num_trusted_proxies
+        if not 0 <= hops <= MAX_TRUSTED_PROXIES:
+            out.append(
+                Issue(
+                    field(path, "defaultConfig.gatewayTopology.numTrustedProxies"),
+                    f"must be between 0 and {MAX_TRUSTED_PROXIES}, got {hops}",
+                )
+            )
     seen: dict[str, str] = {}
     providers_path = field(path, "extensionProviders")
     for i, provider in enumerate(spec.extension_providers):

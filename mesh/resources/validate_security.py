@@ -58,7 +58,7 @@ _Check = Callable[[str], str | None]
 _SOURCE_FIELDS = (
     "principals", "notPrincipals", "requestPrincipals", "notRequestPrincipals",
     "namespaces", "notNamespaces", "ipBlocks", "notIpBlocks",
-    "serviceAccounts", "notServiceAccounts",
+    "serviceAccounts", "notServiceAccounts", "remoteIpBlocks", "notRemoteIpBlocks",
 )  # fmt: skip
 _OPERATION_FIELDS = (
     "methods", "notMethods", "paths", "notPaths", "hosts", "notHosts", "ports", "notPorts",
@@ -286,6 +286,7 @@ def _source(source: Source, path: str, out: list[Issue]) -> None:
                 source.namespaces, source.not_namespaces,
                 source.ip_blocks, source.not_ip_blocks,
                 source.service_accounts, source.not_service_accounts,
+                source.remote_ip_blocks, source.not_remote_ip_blocks,
             ),
             strict=True,
         )
@@ -296,7 +297,7 @@ def _source(source: Source, path: str, out: list[Issue]) -> None:
         "namespaces", "notNamespaces",
     ):  # fmt: skip
         _each(values[name], field(path, name), _pattern, out)
-    for name in ("ipBlocks", "notIpBlocks"):
+    for name in ("ipBlocks", "notIpBlocks", "remoteIpBlocks", "notRemoteIpBlocks"):
         _each(values[name], field(path, name), _ip_or_cidr, out)
     for name in ("serviceAccounts", "notServiceAccounts"):
         _each(values[name], field(path, name), _service_account, out)

@@ -13,7 +13,14 @@ per `InboundPolicy` like the authorizer) validates the request's JWT
 (RequestAuthentication); its identity becomes `RequestFacts.auth`.
 """
 
-from .authz import Authorizer, ConnectionFacts, Decision, RequestFacts, ShadowDecision
+from .authz import (
+    Authorizer,
+    ConnectionFacts,
+    Decision,
+    RequestFacts,
+    ShadowDecision,
+    original_client,
+)
 from .jwks import JwksCache
 from .jwt import Authenticator, AuthIdentity, KeysNeeded, Verdict
 from .paths import PathError, normalize_path
@@ -34,4 +41,5 @@ __all__ = [
     "Verdict",
     "effective_mtls",
     "normalize_path",
+    "original_client",
 ]

@@ -89,6 +89,19 @@ class RequestFacts(NamedTuple):
     port: int
     headers: Mapping[str, str]
     auth: AuthIdentity | None = None
+    # the original client (`remoteIpBlocks`), "" when it is `source_ip`
+    remote_ip: str = ""
+
+
+def original_client(forwarded_for: str, peer_ip: str, trusted_proxies: int) -> str:
+    """The client address `remoteIpBlocks` compares, as Envoy's `xff_num_trusted_hops`
+    (with `use_remote_address`) picks it: with N trusted proxies, the N-th entry of
+    X-Forwarded-For from the right; the peer's address when N is 0 or the list is
+    shorter."""
+    if trusted_proxies <= 0 or not forwarded_for:
+        return peer_ip
+    hops = [hop.strip() for hop in forwarded_for.split(",") if hop.strip()]
+    return hops[-trusted_proxies] if len(hops) >= trusted_proxies else peer_ip
 
 
 class ConnectionFacts(NamedTuple):
@@ -132,7 +145,7 @@ _NO_POLICY = Decision(True, "no authorization policy applies", "", False)
 class _Request:
     """Per-request values derived lazily from `RequestFacts`, shared by all rules."""
 
-    __slots__ = ("_hosts", "_ip", "_ip_parsed", "facts", "path", "port")
+    __slots__ = ("_hosts", "_ip", "_ip_parsed", "_remote", "facts", "path", "port")
 
     def __init__(self, facts: RequestFacts) -> None:
         self.facts = facts
@@ -143,6 +156,7 @@ class _Request:
         self._hosts: tuple[str, ...] | None = None
         self._ip: _IP | None = None
         self._ip_parsed = False
+        self._remote: tuple[_IP | None] | None = None
 
     def hosts(self) -> tuple[str, ...]:
         """The authority lower-cased, and again without `:port` when it has one."""
@@ -151,6 +165,13 @@ class _Request:
             stripped = _strip_port(host)
             self._hosts = (host,) if stripped == host else (host, stripped)
         return self._hosts
+
+    def remote_ip(self) -> _IP | None:
+        if not self.facts.remote_ip:
+            return self.ip()
+        if self._remote is None:
+            self._remote = (_parse_ip(self.facts.remote_ip),)
+        return self._remote[0]
 
     def ip(self) -> _IP | None:
         if not self._ip_parsed:
@@ -300,9 +321,11 @@ class _SourceMatch:
         "not_ip_blocks",
         "not_namespaces",
         "not_principals",
+        "not_remote_ip_blocks",
         "not_request_principals",
         "not_service_accounts",
         "principals",
+        "remote_ip_blocks",
         "request_principals",
         "service_accounts",
     )
@@ -328,6 +351,8 @@ class _SourceMatch:
         self.not_namespaces = _values(source.not_namespaces)
         self.ip_blocks = _addresses(source.ip_blocks, unevaluable=lenient)
         self.not_ip_blocks = _addresses(source.not_ip_blocks, unevaluable=not lenient)
+        self.remote_ip_blocks = _addresses(source.remote_ip_blocks, unevaluable=lenient)
+        self.not_remote_ip_blocks = _addresses(source.not_remote_ip_blocks, unevaluable=not lenient)
 
     def matches(self, request: _Request) -> bool:
         facts = request.facts
@@ -363,7 +388,14 @@ class _SourceMatch:
             return False
         if self.ip_blocks is not None and not self.ip_blocks.contains(request.ip()):
             return False
-        return self.not_ip_blocks is None or not self.not_ip_blocks.contains(request.ip())
+        if self.not_ip_blocks is not None and self.not_ip_blocks.contains(request.ip()):
+            return False
+        if self.remote_ip_blocks is not None:
+            if not self.remote_ip_blocks.contains(request.remote_ip()):
+                return False
+        if self.not_remote_ip_blocks is not None:
+            return not self.not_remote_ip_blocks.contains(request.remote_ip())
+        return True
 
 
 class _OperationMatch:

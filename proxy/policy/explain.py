@@ -85,6 +85,13 @@ def _source_miss(source: _SourceMatch, request: _Request) -> str:
         return f"ipBlocks: caller address {facts.source_ip or 'unknown'!r} is not listed"
     if source.not_ip_blocks is not None and source.not_ip_blocks.contains(request.ip()):
         return f"notIpBlocks: caller address {facts.source_ip!r} is excluded"
+    client = facts.remote_ip or facts.source_ip
+    if source.remote_ip_blocks is not None:
+        if not source.remote_ip_blocks.contains(request.remote_ip()):
+            return f"remoteIpBlocks: client address {client or 'unknown'!r} is not listed"
+    if source.not_remote_ip_blocks is not None:
+        if source.not_remote_ip_blocks.contains(request.remote_ip()):
+            return f"notRemoteIpBlocks: client address {client!r} is excluded"
     return ""
 
 

@@ -93,6 +93,7 @@ def compile_inbound_policy(
     rate_limits: list[compiled.RateLimit] = []
     request_authn: list[compiled.RequestAuthn] = []
     providers: dict[str, compiled.ExtAuthzProvider] = {}
+    trusted_proxies: int | None = None
     for resource in sorted(resources, key=lambda r: (r.metadata.namespace, r.metadata.name)):
         spec = resource.spec
         if isinstance(spec, PeerAuthenticationSpec):
@@ -107,6 +108,9 @@ def compile_inbound_policy(
                 authz.append(_authz_policy(resource, spec, mesh_wide=namespace == root_namespace))
         elif isinstance(spec, MeshConfigSpec):
             if resource.metadata.namespace == root_namespace:
+                topology = spec.default_config.gateway_topology if spec.default_config else None
+                if trusted_proxies is None and topology is not None:
+                    trusted_proxies = topology.num_trusted_proxies
                 for provider in spec.extension_providers:
                     if provider.envoy_ext_authz_http is not None:
                         providers.setdefault(
@@ -132,6 +136,7 @@ def compile_inbound_policy(
             for name in sorted({p.provider for p in authz if p.action == "CUSTOM"})
             if name in providers
         ),
+        num_trusted_proxies=trusted_proxies or 0,
     )
 
 
@@ -225,6 +230,8 @@ def _rule(rule: Rule) -> compiled.AuthzRule:
             not_request_principals=s.not_request_principals,
             service_accounts=s.service_accounts,
             not_service_accounts=s.not_service_accounts,
+            remote_ip_blocks=s.remote_ip_blocks,
+            not_remote_ip_blocks=s.not_remote_ip_blocks,
         )
         for entry in rule.from_ or ()
         if (s := entry.source) is not None

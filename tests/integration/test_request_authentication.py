@@ -403,3 +403,65 @@ async def test_authn_policy_task_at_the_ingress_gateway(nats_server, etcd_server
         assert denied.flags == "RBAC"
         assert (await send(PLAIN_TOKEN)).status == 200
         assert (await send(KEY.token(exp=1_000_000))).status == 401
+
+
+# ---------------------------------------------------------------- remoteIpBlocks
+
+TRUST_ONE_PROXY = """
+apiVersion: meshwork.io/v1
+kind: MeshConfig
+metadata: {name: mesh, namespace: istio-system}
+spec:
+  defaultConfig:
+    gatewayTopology: {numTrustedProxies: 1}
+"""
+
+DENY_REMOTE = """
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-remote, namespace: default}
+spec:
+  selector: {matchLabels: {istio: ingressgateway}}
+  action: DENY
+  rules:
+  - from:
+    - source:
+        remoteIpBlocks: ["203.0.113.0/24"]
+"""
+
+
+async def test_remote_ip_blocks_at_the_gateway_behind_a_trusted_proxy(
+    nats_server, etcd_server, prefix
+) -> None:
+    async with MeshHarness(nats_server.url, etcd_server.url, prefix) as mesh:
+        await mesh.sidecar("httpbin")
+        gateway = await mesh.sidecar(
+            "ingressgateway",
+            "",
+            app=False,
+            gateway=True,
+            gateway_port=free_port(),
+            labels={"istio": "ingressgateway"},
+        )
+        port = int(gateway.settings.gateway_port)
+
+        async def send(xff: str) -> int:
+            head = get("httpbin.example.com", "/headers").replace(
+                b"Connection: close", f"X-Forwarded-For: {xff}\r\nConnection: close".encode()
+            )
+            reply = await raw_http(port, head)
+            assert reply is not None
+            return reply.status
+
+        await mesh.apply(GATEWAY)
+        await mesh.apply(DENY_REMOTE)
+        await eventually(lambda: _is(send("198.51.100.1, 203.0.113.9"), 200), timeout=10)
+        # no trusted proxy: the client is the peer (127.0.0.1), XFF is not believed
+        assert await send("203.0.113.9") == 200
+        await mesh.apply(TRUST_ONE_PROXY)
+        await eventually(lambda: _is(send("198.51.100.1, 203.0.113.9"), 403), timeout=10)
+        assert await send("203.0.113.9, 198.51.100.1") == 200
+
+
+async def _is(status: Any, expected: int) -> bool:
+    return bool(await status == expected)

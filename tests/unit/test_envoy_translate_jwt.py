@@ -161,3 +161,13 @@ def test_service_accounts_and_path_templates() -> None:
     template, prefix = built["permissions"][0]["orRules"]["rules"]
     assert template["uriTemplate"]["typedConfig"]["pathTemplate"] == "/api/*/info"
     assert prefix == {"urlPath": {"path": {"prefix": "/static/"}}}
+
+
+def test_remote_ip_blocks_use_the_xff_client_only_with_trusted_proxies() -> None:
+    rule = AuthzRule(sources=(Source(remote_ip_blocks=("203.0.113.0/24",)),))
+    policy = AuthzPolicy(name="p", namespace="foo", rules=(rule,))
+    for hops, kind in ((0, "directRemoteIp"), (2, "remoteIp")):
+        inbound = InboundPolicy(namespace="foo", service="s", revision=1, num_trusted_proxies=hops)
+        (f,) = rbac_filters((policy,), 80, tcp=False, stat_prefix="i", inbound=inbound)
+        principal = f["typedConfig"]["rules"]["policies"]["foo/p[0]"]["principals"][0]
+        assert principal == {kind: {"addressPrefix": "203.0.113.0", "prefixLen": 24}}

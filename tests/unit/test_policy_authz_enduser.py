@@ -202,3 +202,37 @@ def test_explain_names_request_principals_and_custom_policies() -> None:
     assert explained.policies[1].why == (
         "rules[0] from: requestPrincipals: request principal none (no valid JWT) is not listed",
     )
+
+
+# ---------------------------------------------------------------- remoteIpBlocks
+
+
+@pytest.mark.parametrize(
+    ("xff", "peer", "trusted", "client"),
+    [
+        ("203.0.113.128, 203.0.113.10, 203.0.113.1", "192.0.2.5", 0, "192.0.2.5"),
+        ("203.0.113.128, 203.0.113.10, 203.0.113.1", "192.0.2.5", 1, "203.0.113.1"),
+        # Envoy's documented example: two trusted proxies
+        ("203.0.113.128, 203.0.113.10, 203.0.113.1", "192.0.2.5", 2, "203.0.113.10"),
+        ("203.0.113.1", "192.0.2.5", 2, "192.0.2.5"),  # fewer hops than trusted
+        ("", "192.0.2.5", 1, "192.0.2.5"),
+    ],
+)
+def test_original_client(xff: str, peer: str, trusted: int, client: str) -> None:
+    from proxy.policy import original_client
+
+    assert original_client(xff, peer, trusted) == client
+
+
+def test_remote_ip_blocks_compare_the_original_client() -> None:
+    rule = AuthzRule(sources=(Source(remote_ip_blocks=("203.0.113.0/24",)),))
+    not_rule = AuthzRule(sources=(Source(not_remote_ip_blocks=("203.0.113.0/24",)),))
+    for r, inside in ((rule, True), (not_rule, False)):
+        policy = AuthzPolicy(name="p", namespace="foo", rules=(r,))
+        authorizer = Authorizer.build(
+            InboundPolicy(namespace="foo", service="h", revision=1, authorization=(policy,)), {}
+        )
+        from_client = facts(None)._replace(source_ip="10.0.0.9", remote_ip="203.0.113.7")
+        assert authorizer.decide(from_client).allowed is inside
+        # without a remote address the peer is the client
+        assert authorizer.decide(facts(None)._replace(source_ip="10.0.0.9")).allowed is not inside

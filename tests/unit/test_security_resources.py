@@ -413,8 +413,6 @@ def test_valid_edge_values_are_accepted(body: dict[str, Any]) -> None:
 
 
 UNSUPPORTED = [
-    (src(remoteIpBlocks=["1.2.3.4"]), "spec.rules[0].from[0].source.remoteIpBlocks"),
-    (src(notRemoteIpBlocks=["1.2.3.4"]), "spec.rules[0].from[0].source.notRemoteIpBlocks"),
     (ap(targetRef={"kind": "Gateway", "name": "g"}), "spec.targetRef"),
     (ap(targetRefs=[{"kind": "Service", "name": "s"}]), "spec.targetRefs"),
     (ap(rules=[{"to": [{"operation": {"methods": ["GET"], "verbs": ["x"]}}]}]), "spec.rules[0].to[0].operation.verbs"),
@@ -456,8 +454,8 @@ REFUSED = [
     (ap(rules=[{"to": []}]), "spec.rules[0].to", "must not be empty (omit it to match any operation)"),
     (ap(rules=[{"from": [{}]}]), "spec.rules[0].from[0].source", "spec.rules[0].from[0].source is required"),
     (ap(rules=[{"to": [{}]}]), "spec.rules[0].to[0].operation", "spec.rules[0].to[0].operation is required"),
-    (src(), "spec.rules[0].from[0].source", "must set at least one of principals, notPrincipals, requestPrincipals, notRequestPrincipals, namespaces, notNamespaces, ipBlocks, notIpBlocks, serviceAccounts or notServiceAccounts"),
-    (src(principals=[]), "spec.rules[0].from[0].source", "must set at least one of principals, notPrincipals, requestPrincipals, notRequestPrincipals, namespaces, notNamespaces, ipBlocks, notIpBlocks, serviceAccounts or notServiceAccounts"),
+    (src(), "spec.rules[0].from[0].source", "must set at least one of principals, notPrincipals, requestPrincipals, notRequestPrincipals, namespaces, notNamespaces, ipBlocks, notIpBlocks, serviceAccounts, notServiceAccounts, remoteIpBlocks or notRemoteIpBlocks"),
+    (src(principals=[]), "spec.rules[0].from[0].source", "must set at least one of principals, notPrincipals, requestPrincipals, notRequestPrincipals, namespaces, notNamespaces, ipBlocks, notIpBlocks, serviceAccounts, notServiceAccounts, remoteIpBlocks or notRemoteIpBlocks"),
     (op(), "spec.rules[0].to[0].operation", "must set at least one of methods, notMethods, paths, notPaths, hosts, notHosts, ports or notPorts"),
     # patterns
     (src(principals=["cluster.local/*/sa/sleep"]), "spec.rules[0].from[0].source.principals[0]", PATTERN + "'cluster.local/*/sa/sleep'"),
@@ -469,6 +467,7 @@ REFUSED = [
     (op(paths=["/a/{**}/{*}"]), "spec.rules[0].to[0].operation.paths[0]", "must be a path template: start with '/', use {*} and {**} as whole segments, {**} as the last operator, and no other '*', '{' or '}', got '/a/{**}/{*}'"),
     (op(paths=["/a b/{*}"]), "spec.rules[0].to[0].operation.paths[0]", "must use only letters, digits and -._~%!$&'()+,;:@= in the segments of a path template, got '/a b/{*}'"),
     (op(notPaths=["/*/b/{*}"]), "spec.rules[0].to[0].operation.notPaths[0]", "must be a path template: start with '/', use {*} and {**} as whole segments, {**} as the last operator, and no other '*', '{' or '}', got '/*/b/{*}'"),
+    (src(remoteIpBlocks=["10.0.0.0/33"]), "spec.rules[0].from[0].source.remoteIpBlocks[0]", "must be an IP address or a CIDR range (e.g. 10.1.0.0/16), got '10.0.0.0/33'"),
     (src(serviceAccounts=["sleep"]), "spec.rules[0].from[0].source.serviceAccounts[0]", "must be <namespace>/<service account> without wildcards (e.g. 'default/sleep'), got 'sleep'"),
     (src(notServiceAccounts=["default/*"]), "spec.rules[0].from[0].source.notServiceAccounts[0]", "must be <namespace>/<service account> without wildcards (e.g. 'default/sleep'), got 'default/*'"),
     (op(notPaths=["/a*b"]), "spec.rules[0].to[0].operation.notPaths[0]", PATTERN + "'/a*b'"),

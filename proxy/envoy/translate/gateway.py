@@ -118,6 +118,9 @@ def add_gateway(
             http_filters=[*jwt_filters, *rbac_filters, listeners.fault_filter()],
             access_log_name="gateway",
             access_log_cluster=node.access_log_cluster,
-            extra={"useRemoteAddress": True},
+            extra={
+                "useRemoteAddress": True,
+                **({"xffNumTrustedHops": hops} if (hops := inbound.trusted_hops(view)) else {}),
+            },
         )
         out.listeners[name] = listeners.listener(name, (address, port), [{"filters": [hcm]}])

@@ -33,6 +33,17 @@ def jwks_ca_file(node: ProxyNode) -> str:
     return node.jwks_ca_file or ssl.get_default_verify_paths().cafile or ""
 
 
+def trusted_hops(view: MeshView) -> int:
+    return view.inbound.num_trusted_proxies if view.inbound is not None else 0
+
+
+def _trusted_hops(view: MeshView) -> Json:
+    """MeshConfig `numTrustedProxies`: the client `remoteIpBlocks` sees is taken from
+    X-Forwarded-For past that many proxies (none set: the peer, as before)."""
+    hops = trusted_hops(view)
+    return {"useRemoteAddress": True, "xffNumTrustedHops": hops} if hops else {}
+
+
 def mode_of(node: ProxyNode, view: MeshView, port: int) -> str:
     peer = view.inbound.peer_authentication if view.inbound is not None else ()
     return effective_mtls(peer, node.labels, port)
@@ -116,6 +127,7 @@ def add_inbound_http(node: ProxyNode, view: MeshView, out: XdsResources) -> None
                 extra={
                     "forwardClientCertDetails": "SANITIZE_SET",
                     "setCurrentClientCertDetails": {"uri": True},
+                    **_trusted_hops(view),
                 },
             )
         ]

@@ -77,6 +77,8 @@ def rbac_filters(
     `inbound`, hosts resolved in `namespace`); on TCP they deny what they match, as
     the Python sidecar does (their authorizer speaks HTTP)."""
     out: list[Json] = []
+    # TCP has no X-Forwarded-For: its client is the peer
+    trusted = inbound.num_trusted_proxies if inbound is not None and not tcp else 0
     if tcp:
         policies = [
             msgspec.structs.replace(p, action="DENY") if p.action == "CUSTOM" else p
@@ -87,7 +89,9 @@ def rbac_filters(
         shadow: dict[str, Json] = {}
         for p in custom:
             for i, rule in enumerate(p.rules):
-                built = _policy(rule, port, tcp=False, lenient=True, issuers=issuers)
+                built = _policy(
+                    rule, port, tcp=False, lenient=True, issuers=issuers, trusted_proxies=trusted
+                )
                 if built is not None:
                     name = f"{ext_authz.POLICY_PREFIX}-ns[{p.namespace}]-policy[{p.name}]-rule[{i}]"
                     shadow[name] = built
@@ -100,7 +104,9 @@ def rbac_filters(
         rules: dict[str, Json] = {}
         for p in chosen:
             for i, rule in enumerate(p.rules):
-                built = _policy(rule, port, tcp=tcp, lenient=lenient, issuers=issuers)
+                built = _policy(
+                    rule, port, tcp=tcp, lenient=lenient, issuers=issuers, trusted_proxies=trusted
+                )
                 if built is not None:
                     rules[f"{p.namespace}/{p.name}[{i}]"] = built
         body: Json = {"rules": {"action": envoy_action, "policies": rules}}
@@ -115,7 +121,13 @@ def rbac_filters(
 
 
 def _policy(
-    rule: AuthzRule, port: int, *, tcp: bool, lenient: bool, issuers: Sequence[str] = ()
+    rule: AuthzRule,
+    port: int,
+    *,
+    tcp: bool,
+    lenient: bool,
+    issuers: Sequence[str] = (),
+    trusted_proxies: int = 0,
 ) -> Json | None:
     """One rule as an Envoy Policy: some source, some operation and every `when`.
     None when the rule can never match (left out: it allows or denies nothing)."""
@@ -131,7 +143,9 @@ def _policy(
             return None
         permissions.append(_or("orRules", ops))
     if rule.sources:
-        principals.append(_or("orIds", [_source(s, lenient, issuers) for s in rule.sources]))
+        principals.append(
+            _or("orIds", [_source(s, lenient, issuers, trusted_proxies) for s in rule.sources])
+        )
     for condition in rule.when:
         kind, matcher = _condition(condition, port, lenient, issuers)
         (permissions if kind == "permission" else principals).append(matcher)
@@ -302,7 +316,9 @@ def _service_account(value: str) -> Json:
     return {"authenticated": {"principalName": {"safeRegex": {"regex": regex}}}}
 
 
-def _cidrs(entries: Sequence[str], *, poisoned_matches: bool) -> list[Json] | None:
+def _cidrs(
+    entries: Sequence[str], *, poisoned_matches: bool, kind: str = "directRemoteIp"
+) -> list[Json] | None:
     """CIDR ranges; None when an unparseable entry makes the field match every
     address (`poisoned_matches`), else unparseable entries are skipped."""
     out = []
@@ -313,22 +329,18 @@ def _cidrs(entries: Sequence[str], *, poisoned_matches: bool) -> list[Json] | No
             if poisoned_matches:
                 return None
             continue
-        out.append(
-            {
-                "directRemoteIp": {
-                    "addressPrefix": str(net.network_address),
-                    "prefixLen": net.prefixlen,
-                }
-            }
-        )
+        out.append({kind: {"addressPrefix": str(net.network_address), "prefixLen": net.prefixlen}})
     return out
 
 
-def _ip_field(entries: Sequence[str], lenient: bool, *, negated: bool) -> Json:
-    """`ipBlocks` (or `notIpBlocks` when `negated`) as one principal."""
+def _ip_field(
+    entries: Sequence[str], lenient: bool, *, negated: bool, kind: str = "directRemoteIp"
+) -> Json:
+    """`ipBlocks` (or `notIpBlocks` when `negated`) as one principal; `kind`
+    `remoteIp` for `remoteIpBlocks` (the XFF client past the trusted hops)."""
     # an unparseable entry makes "contains" true in DENY/AUDIT for ipBlocks and in
     # ALLOW for notIpBlocks (see the module doc)
-    ranges = _cidrs(entries, poisoned_matches=lenient != negated)
+    ranges = _cidrs(entries, poisoned_matches=lenient != negated, kind=kind)
     if ranges is None:
         return NOBODY if negated else ANY
     if not ranges:
@@ -340,7 +352,9 @@ def _ip_field(entries: Sequence[str], lenient: bool, *, negated: bool) -> Json:
 # ---------------------------------------------------------------- rule parts
 
 
-def _source(source: Source, lenient: bool, issuers: Sequence[str] = ()) -> Json:
+def _source(
+    source: Source, lenient: bool, issuers: Sequence[str] = (), trusted_proxies: int = 0
+) -> Json:
     parts: list[Json] = []
     if source.request_principals:
         parts.append(
@@ -366,6 +380,12 @@ def _source(source: Source, lenient: bool, issuers: Sequence[str] = ()) -> Json:
         parts.append(_ip_field(source.ip_blocks, lenient, negated=False))
     if source.not_ip_blocks:
         parts.append(_ip_field(source.not_ip_blocks, lenient, negated=True))
+    # with no trusted proxy the client is the peer, as the Python proxy decides it
+    remote = "remoteIp" if trusted_proxies else "directRemoteIp"
+    if source.remote_ip_blocks:
+        parts.append(_ip_field(source.remote_ip_blocks, lenient, negated=False, kind=remote))
+    if source.not_remote_ip_blocks:
+        parts.append(_ip_field(source.not_remote_ip_blocks, lenient, negated=True, kind=remote))
     return _and("andIds", parts) if parts else ANY
 
 
