@@ -4,10 +4,9 @@ As in `networking`, only the fields Meshwork enforces exist here and every model
 forbids unknown fields: for a policy an ignored field is a security hole (a dropped
 `requestPrincipals` would turn "only these JWT subjects" into "anyone"). Fields Istio
 has and we refuse on purpose, so that users get `... is not supported` with their
-path: `targetRef`,
-`targetRefs`, and in RequestAuthentication `targetRef(s)` and
-`jwtRules[].outputClaimToHeaders[]` claims of other than string/number/bool type
-(checked by the proxy, not here).
+path: `targetRef` and `targetRefs` (both kinds), RequestAuthentication's
+`jwksRefresh`-style extensions. (An `outputClaimToHeaders` claim that is not a
+string, number or boolean is not copied, as Envoy does.)
 
 Scalars that have an Istio default (`action`, `mode`) default to None, so `meshctl get`
 shows back exactly what was applied.
