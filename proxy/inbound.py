@@ -61,13 +61,17 @@ class InboundHandler:
             )
         # JWT first (Envoy's jwt_authn runs before RBAC); it may remove the token from
         # the headers or the query (`forwardOriginalToken: false`)
-        verdict = await self.policy.authentication.authenticate(req)
-        if verdict.error:
-            return await reply_unauthenticated(req, ex, verdict)
+        authentication = self.policy.authentication
+        identity = None
+        if not authentication.authenticator.empty:  # no coroutine per request otherwise
+            verdict = await authentication.authenticate(req)
+            if verdict.error:
+                return await reply_unauthenticated(req, ex, verdict)
+            identity = verdict.identity
         # the engine normalised the path and Host before any handler ran
         # (proxy.http.target): authorized as forwarded
         path = req.path
-        authz = self._authorize(req, peer, path, verdict.identity)
+        authz = self._authorize(req, peer, path, identity)
         shadow = authz.shadow if authz is not None else None
         if authz is not None and authz.custom:
             # CUSTOM first (Istio's order): the external authorizer's denial wins
