@@ -307,3 +307,40 @@ def test_forged_output_headers_are_dropped_without_a_token() -> None:
 
 def test_challenge_is_envoys() -> None:
     assert challenge("http://h/p") == 'Bearer realm="http://h/p", error="invalid_token"'
+
+
+def test_a_verified_token_is_reused_only_while_its_key_set_is_in_force() -> None:
+    uri = "https://keys.example/jwks.json"
+    authenticator = Authenticator((rule(jwks_uri=uri),))
+    token = KEY.token(exp=int(NOW) + 100)
+    keys = parse_jwks(jwks(KEY))
+    first = authenticator.authenticate(bearer(token), "/", NOW, lambda _u: keys)
+    assert isinstance(first, Verdict) and first.identity is not None
+    # cached: expiry is still checked on every use
+    later = authenticator.authenticate(bearer(token), "/", NOW + 161, lambda _u: keys)
+    assert isinstance(later, Verdict) and later.error == "Jwt is expired"
+    # a refetched set without the key: the cached verification no longer counts
+    rotated = parse_jwks(jwks(SigningKey("RS256", "k2")))
+    gone = authenticator.authenticate(bearer(token), "/", NOW, lambda _u: rotated, frozenset({uri}))
+    assert isinstance(gone, Verdict)
+    assert gone.error == "Jwks doesn't have key to match kid or alg from Jwt"
+
+
+def test_a_token_seen_again_is_not_verified_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    import proxy.policy.jwt as jwt_module
+
+    verified: list[str] = []
+    decode = jwt_module.pyjwt.decode
+
+    def counting(token: str, *args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("key") is not None:
+            verified.append(token)
+        return decode(token, *args, **kwargs)
+
+    monkeypatch.setattr(jwt_module.pyjwt, "decode", counting)
+    authenticator = Authenticator((rule(),))
+    token = KEY.token()
+    for _ in range(3):
+        verdict = authenticator.authenticate(bearer(token), "/", NOW, no_keys)
+        assert isinstance(verdict, Verdict) and verdict.identity is not None
+    assert verified == [token]
