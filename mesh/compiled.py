@@ -348,6 +348,15 @@ class Source(msgspec.Struct, frozen=True, omit_defaults=True):
     not_namespaces: tuple[str, ...] = ()
     ip_blocks: tuple[str, ...] = ()
     not_ip_blocks: tuple[str, ...] = ()
+    # `<iss>/<sub>` of the request's validated JWT (RequestAuthentication)
+    request_principals: tuple[str, ...] = ()
+    not_request_principals: tuple[str, ...] = ()
+    # `<namespace>/<service account>` of the peer certificate, any trust domain
+    service_accounts: tuple[str, ...] = ()
+    not_service_accounts: tuple[str, ...] = ()
+    # the original client (X-Forwarded-For past `InboundPolicy.num_trusted_proxies`)
+    remote_ip_blocks: tuple[str, ...] = ()
+    not_remote_ip_blocks: tuple[str, ...] = ()
 
 
 class Operation(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -386,11 +395,13 @@ class AuthzPolicy(msgspec.Struct, frozen=True, omit_defaults=True):
 
     name: str
     namespace: str
-    action: Literal["ALLOW", "DENY", "AUDIT"] = "ALLOW"
+    action: Literal["ALLOW", "DENY", "AUDIT", "CUSTOM"] = "ALLOW"
     selector: dict[str, str] = {}
     # True for a policy in the root namespace (applies mesh-wide)
     mesh_wide: bool = False
     rules: tuple[AuthzRule, ...] = ()
+    # CUSTOM: the extension provider (`InboundPolicy.extension_providers`) to ask
+    provider: str = ""
     # `istio.io/dry-run: "true"`: evaluated in shadow only, never changes a decision
     # (absent on the wire when False, so older sidecars decode it unchanged)
     dry_run: bool = False
@@ -428,3 +439,62 @@ class InboundPolicy(msgspec.Struct, frozen=True, omit_defaults=True, tag=True):
     # RateLimitPolicies of the service's namespace; each sidecar keeps those whose
     # selector matches its labels
     rate_limits: tuple[RateLimit, ...] = ()
+    # RequestAuthentications of the service's namespace and the root namespace;
+    # each sidecar keeps those whose selector matches its labels
+    request_authentication: tuple[RequestAuthn, ...] = ()
+    # the MeshConfig extension providers CUSTOM policies of this service name
+    extension_providers: tuple[ExtAuthzProvider, ...] = ()
+    # MeshConfig `numTrustedProxies`: which X-Forwarded-For entry is the client
+    num_trusted_proxies: int = 0
+
+
+class ExtAuthzProvider(msgspec.Struct, frozen=True, omit_defaults=True):
+    """One `extensionProviders[]` entry with `envoyExtAuthzHttp` (Envoy's HTTP
+    ext_authz service semantics). Header names are lower-case."""
+
+    name: str
+    service: str  # a mesh host
+    port: int
+    timeout_ms: int = 600_000  # Istio's default
+    path_prefix: str = ""
+    fail_open: bool = False
+    status_on_error: int = 403
+    include_request_headers: tuple[str, ...] = ()
+    headers_to_upstream_on_allow: tuple[str, ...] = ()
+    headers_to_downstream_on_deny: tuple[str, ...] = ()
+
+
+class JwtFromHeader(msgspec.Struct, frozen=True, omit_defaults=True):
+    name: str
+    prefix: str = ""
+
+
+class ClaimHeader(msgspec.Struct, frozen=True, omit_defaults=True):
+    header: str
+    claim: str  # nested claims joined with "."
+
+
+class JwtRule(msgspec.Struct, frozen=True, omit_defaults=True):
+    """One `jwtRules[]` entry. Empty `from_headers`/`from_params`/`from_cookies`
+    together mean Istio's default locations (`Authorization: Bearer`, `access_token`)."""
+
+    issuer: str
+    audiences: tuple[str, ...] = ()
+    jwks: str = ""  # inline JSON Web Key Set
+    jwks_uri: str = ""
+    from_headers: tuple[JwtFromHeader, ...] = ()
+    from_params: tuple[str, ...] = ()
+    from_cookies: tuple[str, ...] = ()
+    output_payload_to_header: str = ""
+    output_claim_to_headers: tuple[ClaimHeader, ...] = ()
+    forward_original_token: bool = False
+    timeout_ms: int = 5000
+
+
+class RequestAuthn(msgspec.Struct, frozen=True, omit_defaults=True):
+    """One RequestAuthentication."""
+
+    name: str
+    namespace: str
+    selector: dict[str, str] = {}
+    rules: tuple[JwtRule, ...] = ()

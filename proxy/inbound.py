@@ -1,5 +1,6 @@
-"""The inbound listener's request path: identify the caller, authorize, rate-limit,
-forward to the app on localhost.
+"""The inbound listener's request path: identify the caller (its certificate; the end
+user's JWT, RequestAuthentication: 401 when invalid), authorize, rate-limit, forward
+to the app on localhost.
 
 The caller's identity is the SPIFFE ID of its client certificate (mTLS) and nothing
 else: headers claiming an identity (`x-forwarded-client-cert`) are removed and
@@ -10,11 +11,14 @@ from __future__ import annotations
 
 import time
 
+from proxy.ext_authz import check_custom
 from proxy.forward import Outcome, PoolSet, forward, local_reply
 from proxy.http import Exchange, Request, ensure_request_id, header_map, strip_hop_by_hop
 from proxy.inbound_policy import InboundPolicyFollower
 from proxy.peer import Peer, peer_of
-from proxy.policy import Decision, RequestFacts
+from proxy.policy import AuthIdentity, Decision, RequestFacts, original_client
+from proxy.policy.ext_authz import with_upstream_headers
+from proxy.request_authn import reply_unauthenticated
 from proxy.resilience import ratelimit_headers
 from proxy.settings import SidecarSettings
 from proxy.stats import ProxyStats
@@ -55,10 +59,35 @@ class InboundHandler:
             return await local_reply(
                 ex, 403, DENIED_FLAG, "mTLS required: PeerAuthentication mode is STRICT"
             )
+        # JWT first (Envoy's jwt_authn runs before RBAC); it may remove the token from
+        # the headers or the query (`forwardOriginalToken: false`)
+        authentication = self.policy.authentication
+        identity = None
+        if not authentication.authenticator.empty:  # no coroutine per request otherwise
+            verdict = await authentication.authenticate(req)
+            if verdict.error:
+                return await reply_unauthenticated(req, ex, verdict)
+            identity = verdict.identity
         # the engine normalised the path and Host before any handler ran
         # (proxy.http.target): authorized as forwarded
         path = req.path
-        authz = self._authorize(req, peer, path)
+        authz = self._authorize(req, peer, path, identity)
+        shadow = authz.shadow if authz is not None else None
+        if authz is not None and authz.custom:
+            # CUSTOM first (Istio's order): the external authorizer's denial wins
+            refused, checked = await check_custom(
+                self.policy.ext_authz,
+                self.policy.providers,
+                authz.custom,
+                authz.custom_policy,
+                req,
+                ex,
+            )
+            if refused is not None:
+                refused.authz_shadow = shadow
+                return refused
+            assert checked is not None
+            req.headers = with_upstream_headers(req.headers, checked)
         if authz is not None and not authz.allowed:
             self.stats.authz_denied.labels(policy=authz.policy or "none").inc()
             outcome = await local_reply(
@@ -66,7 +95,6 @@ class InboundHandler:
             )
             outcome.authz_shadow = authz.shadow
             return outcome
-        shadow = authz.shadow if authz is not None else None
         limited_headers = None
         limiter = self.policy.rate_limiter
         if limiter:
@@ -103,7 +131,9 @@ class InboundHandler:
         outcome.authz_shadow = shadow
         return outcome
 
-    def _authorize(self, req: Request, peer: Peer, path: str) -> Decision | None:
+    def _authorize(
+        self, req: Request, peer: Peer, path: str, auth: AuthIdentity | None
+    ) -> Decision | None:
         """None when no policy applies (dry-run ones included); else the decision,
         its dry-run shadow counted (`meshwork_proxy_authz_dry_run_total`)."""
         authorizer = self.policy.authorizer
@@ -111,16 +141,21 @@ class InboundHandler:
             return None
         headers = header_map(req.headers)
         query = path.find("?")
+        peer_ip = req.peer[0] if req.peer else ""
+        inbound = self.policy.policy
+        trusted = inbound.num_trusted_proxies if inbound is not None else 0
         decision = authorizer.decide(
             RequestFacts(
                 principal=peer.principal,
                 namespace=peer.namespace,
-                source_ip=req.peer[0] if req.peer else "",
+                source_ip=peer_ip,
                 method=req.method,
                 path=path if query < 0 else path[:query],
                 host=req.authority or headers.get("host", ""),
                 port=self.settings.app_port,
                 headers=headers,
+                auth=auth,
+                remote_ip=original_client(headers.get("x-forwarded-for", ""), peer_ip, trusted),
             )
         )
         if decision.shadow is not None:

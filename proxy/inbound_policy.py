@@ -1,6 +1,8 @@
 """Follow the compiled inbound policy of this sidecar's service
-(`mesh.config.inbound.<ns>.<svc>`): authorization, peer authentication and local
-rate limits.
+(`mesh.config.inbound.<ns>.<svc>`): request authentication (JWT), authorization,
+peer authentication and local rate limits. A gateway follows its own service's
+inbound policy too, for the RequestAuthentications and AuthorizationPolicies that
+select it.
 
 Policies are compiled for the whole service, selectors kept; this follower keeps what
 selects this workload's labels, builds the authorizer once per revision, and swaps it
@@ -16,10 +18,13 @@ from collections.abc import Callable
 
 from mesh import errors
 from mesh.bus import Bus
-from mesh.compiled import InboundPolicy
+from mesh.compiled import ExtAuthzProvider, InboundPolicy
 from mesh.logs import get_logger
 from mesh.messages import FetchRequest, SubscriptionStatus
-from proxy.policy import Authorizer, effective_mtls
+from proxy.ext_authz import ExtAuthzClient
+from proxy.jwks_fetch import JwksFetcher
+from proxy.policy import Authenticator, Authorizer, effective_mtls
+from proxy.request_authn import RequestAuthentication
 from proxy.resilience import InboundRateLimiter
 from proxy.settings import SidecarSettings
 
@@ -35,6 +40,11 @@ class InboundPolicyFollower:
         self.policy: InboundPolicy | None = None
         self.authorizer = Authorizer.build(None, settings.labels)
         self.rate_limiter = InboundRateLimiter()
+        self.authentication = RequestAuthentication(JwksFetcher(settings.jwks_ca_file))
+        # CUSTOM policies: the authorizer client (set by the sidecar, which owns the
+        # destination cache and pools) and the providers the policy defines
+        self.ext_authz: ExtAuthzClient | None = None
+        self.providers: dict[str, ExtAuthzProvider] = {}
         self.status = SubscriptionStatus(subject=self.subject, revision=0)
         self._modes: dict[int, str] = {}
 
@@ -68,6 +78,7 @@ class InboundPolicyFollower:
             return False
         try:
             authorizer = Authorizer.build(policy, self.settings.labels)
+            authenticator = Authenticator.build(policy, self.settings.labels)
             # resolve the modes of the ports we serve now: a policy that cannot be
             # evaluated is rejected here, not on the first connection
             modes: dict[int, str] = {
@@ -89,12 +100,15 @@ class InboundPolicyFollower:
             self.on_change()
             return False
         self.policy, self.authorizer, self._modes = policy, authorizer, modes
+        self.authentication.update(authenticator)
+        self.providers = {p.name: p for p in policy.extension_providers}
         self.rate_limiter = limiter
         self.status = SubscriptionStatus(subject=self.subject, revision=policy.revision)
         log.info(
             "inbound_policy.applied",
             revision=policy.revision,
             authorization=len(policy.authorization),
+            request_authentication=list(authenticator.policies),
             peer_authentication=len(policy.peer_authentication),
             rate_limits=list(limiter.policies),
             modes=modes,
@@ -126,4 +140,10 @@ class InboundPolicyFollower:
             "authorization": list(self.authorizer.applied),
             "authorization_dry_run": list(self.authorizer.dry_run),
             "rate_limits": list(self.rate_limiter.policies),
+            "request_authentication": list(self.authentication.authenticator.policies),
+            "jwks": self.authentication.fetcher.cache.status(),
         }
+
+    async def close(self) -> None:
+        """Stop fetching JWKS (the refresher and fetches in flight)."""
+        await self.authentication.fetcher.close()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import random
 from dataclasses import dataclass
+from typing import Protocol
 
 from mesh import errors
 from mesh.compiled import HTTPRoute, Mirror
@@ -53,6 +54,13 @@ from proxy.routing import (
 from proxy.telemetry import SidecarTelemetry
 
 
+class Admission(Protocol):
+    """A gateway's request policy (`proxy.gateway_policy`): None lets the request on
+    (possibly rewritten: a JWT removed, claims added), else the reply it was given."""
+
+    async def admit(self, req: Request, ex: Exchange) -> Outcome | None: ...
+
+
 @dataclass(frozen=True, slots=True)
 class Caller:
     """Who is sending: the workload this proxy fronts (labels match `sourceLabels`)."""
@@ -81,6 +89,8 @@ class RouteHandler:
         self.telemetry = telemetry
         self.gateway_routes: CompiledRoutes | None = None
         self.gateway_mode = False
+        # gateway mode: RequestAuthentication and AuthorizationPolicy before routing
+        self.admission: Admission | None = None
         self.mirrors = Mirrors(cache, pools, self.rand)
         # host as sent -> mesh service; a handful of distinct hosts per proxy, so a
         # small memo spares canonicalising strings on every request
@@ -142,6 +152,12 @@ class RouteHandler:
         authority = req.authority
         if not authority:
             return await local_reply(ex, 400, "", "missing Host header")
+        if self.admission is not None and self.gateway_mode:
+            # before routing, as Envoy's jwt_authn and RBAC filters precede the router;
+            # routing then sees the request as forwarded (token removed, claims added)
+            refused = await self.admission.admit(req, ex)
+            if refused is not None:
+                return refused
         headers = header_map(req.headers)
         attrs = RequestAttrs(
             method=req.method,

@@ -54,6 +54,9 @@ class SidecarSettings:
     # which data plane carries the traffic (proxy.dataplane): our Python listeners or
     # an Envoy process configured over xDS
     dataplane: str = "python"
+    # CA bundle (PEM) that RequestAuthentication `jwksUri` servers are verified
+    # against; empty: the system's CAs
+    jwks_ca_file: str = field(default_factory=lambda: os.environ.get("MESH_JWKS_CA_FILE", ""))
 
     def __post_init__(self) -> None:
         if self.dataplane not in DATAPLANES:

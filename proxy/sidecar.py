@@ -147,6 +147,8 @@ class Sidecar:
         await self._follow_config()
         await self._obtain_identity(started)
         if self.inbound_policy is not None:
+            # its JWKS fetches end with the sidecar
+            started.push_async_callback(self.inbound_policy.close)
             await self.inbound_policy.start()
         if self.gateway is not None:
             await self.gateway.start()
@@ -178,8 +180,9 @@ class Sidecar:
         self.cache = DestinationCache(self.bus, on_change=self._config_changed)
         if s.gateway:
             self.gateway = GatewayFollower(self.bus, s, on_change=self._config_changed)
-        else:
-            self.inbound_policy = InboundPolicyFollower(self.bus, s, on_change=self._config_changed)
+        # a gateway too: RequestAuthentication and AuthorizationPolicy selecting it apply
+        # there before routing, as in Istio
+        self.inbound_policy = InboundPolicyFollower(self.bus, s, on_change=self._config_changed)
         self.reporter = StatusReporter(
             self.bus,
             proxy=s.instance,

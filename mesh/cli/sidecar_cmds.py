@@ -89,6 +89,11 @@ def _common(p: argparse.ArgumentParser) -> None:
         "Envoy process this sidecar configures over xDS (needs mTLS)",
     )
     p.add_argument(
+        "--jwks-ca-file",
+        default=os.environ.get("MESH_JWKS_CA_FILE", ""),
+        help="CA bundle (PEM) for RequestAuthentication jwksUri servers (default: the system's)",
+    )
+    p.add_argument(
         "--no-telemetry",
         action="store_true",
         help="record no metrics, spans or access logs (to measure what telemetry costs)",
@@ -211,6 +216,7 @@ def _settings(args: argparse.Namespace, **kw: Any) -> Any:
         trace_sampling=args.trace_sampling,
         config_signatures=not args.no_config_signatures,
         dataplane=args.dataplane,
+        jwks_ca_file=args.jwks_ca_file,
         **kw,
     )
 

@@ -1,5 +1,25 @@
 """Typed models of the `meshwork.io` kinds: what Istio lacks, shaped after prior art.
 
+`MeshConfig` (`meshwork.io/v1`, plural `meshconfigs`) holds what Istio configures in
+its meshConfig rather than in resources; only `extensionProviders[]` (the external
+authorizers of `action: CUSTOM` policies), in Istio's shape::
+
+    apiVersion: meshwork.io/v1
+    kind: MeshConfig
+    metadata: {name: mesh, namespace: istio-system}     # the root namespace
+    spec:
+      extensionProviders:
+      - name: sample-ext-authz-http
+        envoyExtAuthzHttp:
+          service: ext-authz.foo.svc.cluster.local
+          port: 8000
+          includeRequestHeadersInCheck: ["x-ext-authz"]
+
+Only MeshConfigs in the root namespace count; a provider name must be unique across
+them. `envoyExtAuthzGrpc`, `headersToDownstreamOnAllow`,
+`includeAdditionalHeadersInCheck` and `includeRequestBodyInCheck` are not supported
+yet (refused with their path).
+
 `RateLimitPolicy` (`meshwork.io/v1`, plural `ratelimitpolicies`, short `rlp`) is local
 rate limiting in the *server* sidecars, shaped like Linkerd's HTTPLocalRateLimitPolicy
 (`total`, `identity`, `overrides`), but attached to workloads the way Istio policies
@@ -36,6 +56,51 @@ from __future__ import annotations
 
 from mesh.resources.networking import Model
 from mesh.resources.security import WorkloadSelector
+
+# ---------------------------------------------------------------- MeshConfig
+
+
+class ExtAuthzHttp(Model, frozen=True):
+    """Istio's `envoyExtAuthzHttp` (Envoy's ext_authz HTTP service)."""
+
+    service: str = ""
+    # Istio's task writes `port: "8000"` (protobuf JSON accepts a string)
+    port: int | str | None = None
+    timeout: str | None = None
+    path_prefix: str = ""
+    fail_open: bool = False
+    status_on_error: str = ""
+    include_request_headers_in_check: tuple[str, ...] = ()
+    headers_to_upstream_on_allow: tuple[str, ...] = ()
+    headers_to_downstream_on_deny: tuple[str, ...] = ()
+
+
+class ExtensionProvider(Model, frozen=True):
+    name: str = ""
+    envoy_ext_authz_http: ExtAuthzHttp | None = None
+
+
+class GatewayTopology(Model, frozen=True):
+    # how many proxies in front of the mesh append to X-Forwarded-For (Envoy's
+    # `xff_num_trusted_hops`): the client address `remoteIpBlocks` compares is the
+    # N-th from the right of that list (0: the connection's peer)
+    num_trusted_proxies: int | None = None
+
+
+class ProxyDefaults(Model, frozen=True):
+    gateway_topology: GatewayTopology | None = None
+
+
+class MeshConfigSpec(Model, frozen=True):
+    """The mesh-wide settings Istio keeps in its meshConfig, as a resource: those in
+    the root namespace apply (`extensionProviders`, named by CUSTOM policies;
+    `defaultConfig.gatewayTopology.numTrustedProxies`)."""
+
+    extension_providers: tuple[ExtensionProvider, ...] = ()
+    default_config: ProxyDefaults | None = None
+
+
+# ---------------------------------------------------------------- RateLimitPolicy
 
 
 class RequestRate(Model, frozen=True):

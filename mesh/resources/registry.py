@@ -2,7 +2,7 @@
 
 Each entry names the kind as users type it (`VirtualService`, `virtualservices`,
 `vs`), the apiVersions accepted for it, its typed spec and its semantic validator.
-Kinds not listed (ServiceEntry, RequestAuthentication, ...) are rejected at apply time.
+Kinds not listed (ServiceEntry, Sidecar, ...) are rejected at apply time.
 """
 
 from __future__ import annotations
@@ -12,20 +12,25 @@ from types import MappingProxyType
 from typing import Any, NamedTuple
 
 from mesh.resources.errors import Issue, ResourceError
-from mesh.resources.meshwork import RateLimitPolicySpec
+from mesh.resources.meshwork import MeshConfigSpec, RateLimitPolicySpec
 from mesh.resources.model import Metadata
 from mesh.resources.networking import DestinationRuleSpec, GatewaySpec, VirtualServiceSpec
-from mesh.resources.security import AuthorizationPolicySpec, PeerAuthenticationSpec
+from mesh.resources.security import (
+    AuthorizationPolicySpec,
+    PeerAuthenticationSpec,
+    RequestAuthenticationSpec,
+)
 from mesh.resources.validate import (
     validate_destination_rule,
     validate_gateway,
     validate_virtual_service,
 )
-from mesh.resources.validate_meshwork import validate_rate_limit_policy
+from mesh.resources.validate_meshwork import validate_mesh_config, validate_rate_limit_policy
 from mesh.resources.validate_security import (
     validate_authorization_metadata,
     validate_authorization_policy,
     validate_peer_authentication,
+    validate_request_authentication,
 )
 
 NETWORKING_GROUP = "networking.istio.io"
@@ -106,6 +111,15 @@ KINDS: Mapping[str, KindInfo] = _entries(
         validate_metadata=validate_authorization_metadata,
     ),
     KindInfo(
+        kind="RequestAuthentication",
+        plural="requestauthentications",
+        short_names=("ra",),
+        group=SECURITY_GROUP,
+        versions=SECURITY_VERSIONS,
+        spec_type=RequestAuthenticationSpec,
+        validate=validate_request_authentication,
+    ),
+    KindInfo(
         kind="RateLimitPolicy",
         plural="ratelimitpolicies",
         short_names=("rlp",),
@@ -113,6 +127,15 @@ KINDS: Mapping[str, KindInfo] = _entries(
         versions=MESHWORK_VERSIONS,
         spec_type=RateLimitPolicySpec,
         validate=validate_rate_limit_policy,
+    ),
+    KindInfo(
+        kind="MeshConfig",
+        plural="meshconfigs",
+        short_names=("mc",),
+        group=MESHWORK_GROUP,
+        versions=MESHWORK_VERSIONS,
+        spec_type=MeshConfigSpec,
+        validate=validate_mesh_config,
     ),
 )
 

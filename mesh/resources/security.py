@@ -4,8 +4,9 @@ As in `networking`, only the fields Meshwork enforces exist here and every model
 forbids unknown fields: for a policy an ignored field is a security hole (a dropped
 `requestPrincipals` would turn "only these JWT subjects" into "anyone"). Fields Istio
 has and we refuse on purpose, so that users get `... is not supported` with their
-path: `requestPrincipals`, `notRequestPrincipals`, `remoteIpBlocks`,
-`notRemoteIpBlocks`, `serviceAccounts`, `targetRef`, `targetRefs`, `provider`.
+path: `targetRef` and `targetRefs` (both kinds), RequestAuthentication's
+`jwksRefresh`-style extensions. (An `outputClaimToHeaders` claim that is not a
+string, number or boolean is not copied, as Envoy does.)
 
 Scalars that have an Istio default (`action`, `mode`) default to None, so `meshctl get`
 shows back exactly what was applied.
@@ -61,6 +62,16 @@ DRY_RUN_VALUES = ("true", "false")
 class Source(Model, frozen=True):
     principals: tuple[str, ...] = ()
     not_principals: tuple[str, ...] = ()
+    # `<iss>/<sub>` of a JWT validated by RequestAuthentication
+    request_principals: tuple[str, ...] = ()
+    not_request_principals: tuple[str, ...] = ()
+    # `<namespace>/<service account>` of the peer certificate, any trust domain
+    service_accounts: tuple[str, ...] = ()
+    not_service_accounts: tuple[str, ...] = ()
+    # the original client's address, from X-Forwarded-For past the trusted proxies
+    # (MeshConfig `defaultConfig.gatewayTopology.numTrustedProxies`)
+    remote_ip_blocks: tuple[str, ...] = ()
+    not_remote_ip_blocks: tuple[str, ...] = ()
     namespaces: tuple[str, ...] = ()
     not_namespaces: tuple[str, ...] = ()
     ip_blocks: tuple[str, ...] = ()
@@ -101,8 +112,55 @@ class Rule(Model, frozen=True):
     when: tuple[Condition, ...] = ()
 
 
+class ExtensionProviderRef(Model, frozen=True):
+    """`provider: {name: ...}` of a CUSTOM policy: a mesh-wide extension provider."""
+
+    name: str = ""
+
+
 class AuthorizationPolicySpec(Model, frozen=True):
     selector: WorkloadSelector | None = None
-    # ALLOW, DENY or AUDIT (checked in validation); None = ALLOW
+    # ALLOW, DENY, AUDIT or CUSTOM (checked in validation); None = ALLOW
     action: str | None = None
+    # CUSTOM only: the ext_authz provider (MeshConfig `extensionProviders[].name`)
+    provider: ExtensionProviderRef | None = None
     rules: tuple[Rule, ...] = ()
+
+
+# ---------------------------------------------------------------- RequestAuthentication
+
+
+class JwtHeader(Model, frozen=True):
+    """`fromHeaders[]`: the header carrying the token and the prefix before it
+    (`Bearer `); the prefix is removed before validation."""
+
+    name: str = ""
+    prefix: str = ""
+
+
+class ClaimToHeader(Model, frozen=True):
+    """`outputClaimToHeaders[]`: copy claim `claim` (nested with `.`) to `header`."""
+
+    header: str = ""
+    claim: str = ""
+
+
+class JwtRule(Model, frozen=True):
+    issuer: str = ""
+    audiences: tuple[str, ...] = ()
+    jwks_uri: str = ""
+    # inline JSON Web Key Set (a JSON document, as Istio takes it)
+    jwks: str = ""
+    from_headers: tuple[JwtHeader, ...] = ()
+    from_params: tuple[str, ...] = ()
+    from_cookies: tuple[str, ...] = ()
+    output_payload_to_header: str = ""
+    output_claim_to_headers: tuple[ClaimToHeader, ...] = ()
+    forward_original_token: bool = False
+    # how long fetching `jwksUri` may take (Istio's default: 5s)
+    timeout: str | None = None
+
+
+class RequestAuthenticationSpec(Model, frozen=True):
+    selector: WorkloadSelector | None = None
+    jwt_rules: tuple[JwtRule, ...] = ()

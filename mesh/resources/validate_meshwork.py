@@ -11,13 +11,15 @@ from __future__ import annotations
 import re
 
 from mesh.resources import checks
+from mesh.resources.durations import parse_duration_ms
 from mesh.resources.errors import Issue, field, item, key, required
-from mesh.resources.meshwork import RateLimitPolicySpec, RequestRate
+from mesh.resources.meshwork import ExtAuthzHttp, MeshConfigSpec, RateLimitPolicySpec, RequestRate
 
 # Istio's principal form, as AuthorizationPolicy uses it and the sidecar reports it
 _PRINCIPAL = re.compile(r"[^/\s]+/ns/[^/\s]+/sa/[^/\s]+")
 # a bucket holds one second's worth: keep it a sane allocation
 MAX_RPS = 1_000_000
+MAX_TRUSTED_PROXIES = 32
 
 
 def validate_rate_limit_policy(spec: RateLimitPolicySpec, path: str = "spec") -> list[Issue]:
@@ -93,3 +95,89 @@ def _principal(value: str) -> str | None:
             f"(e.g. 'cluster.local/ns/default/sa/reviews'), got {value!r}"
         )
     return None
+
+
+def validate_mesh_config(spec: MeshConfigSpec, path: str = "spec") -> list[Issue]:
+    out: list[Issue] = []
+    topology = spec.default_config.gateway_topology if spec.default_config else None
+    if topology is not None and topology.num_trusted_proxies is not None:
+        hops = topology.num_trusted_proxies
+        if not 0 <= hops <= MAX_TRUSTED_PROXIES:
+            out.append(
+                Issue(
+                    field(path, "defaultConfig.gatewayTopology.numTrustedProxies"),
+                    f"must be between 0 and {MAX_TRUSTED_PROXIES}, got {hops}",
+                )
+            )
+    seen: dict[str, str] = {}
+    providers_path = field(path, "extensionProviders")
+    for i, provider in enumerate(spec.extension_providers):
+        p_path = item(providers_path, i)
+        name_path = field(p_path, "name")
+        if not provider.name:
+            out.append(required(name_path))
+        elif provider.name in seen:
+            out.append(
+                Issue(name_path, f"{provider.name!r} is already defined at {seen[provider.name]}")
+            )
+        else:
+            seen[provider.name] = name_path
+        http = provider.envoy_ext_authz_http
+        if http is None:
+            out.append(required(field(p_path, "envoyExtAuthzHttp")))
+            continue
+        _ext_authz_http(http, field(p_path, "envoyExtAuthzHttp"), out)
+    return out
+
+
+def _ext_authz_http(http: ExtAuthzHttp, path: str, out: list[Issue]) -> None:
+    service_path = field(path, "service")
+    if not http.service:
+        out.append(required(service_path))
+    else:
+        problem = checks.host(http.service, wildcard=False)
+        if problem is not None:
+            out.append(Issue(service_path, problem))
+    port_path = field(path, "port")
+    if http.port is None:
+        out.append(required(port_path))
+    elif isinstance(http.port, str) and not (http.port.isascii() and http.port.isdigit()):
+        out.append(Issue(port_path, f"must be a port number, got {http.port!r}"))
+    elif (problem := checks.port(int(http.port))) is not None:
+        out.append(Issue(port_path, problem))
+    if http.timeout is not None:
+        timeout_path = field(path, "timeout")
+        try:
+            if parse_duration_ms(http.timeout) <= 0:
+                out.append(Issue(timeout_path, f"must be positive, got {http.timeout!r}"))
+        except ValueError as e:
+            out.append(Issue(timeout_path, str(e)))
+    if http.path_prefix and not http.path_prefix.startswith("/"):
+        out.append(
+            Issue(field(path, "pathPrefix"), f"must start with '/', got {http.path_prefix!r}")
+        )
+    if http.status_on_error and not (
+        http.status_on_error.isascii()
+        and http.status_on_error.isdigit()
+        and 200 <= int(http.status_on_error) <= 599
+    ):
+        out.append(
+            Issue(
+                field(path, "statusOnError"),
+                f"must be an HTTP status code (200-599), got {http.status_on_error!r}",
+            )
+        )
+    for name in (
+        "includeRequestHeadersInCheck",
+        "headersToUpstreamOnAllow",
+        "headersToDownstreamOnDeny",
+    ):
+        values = {
+            "includeRequestHeadersInCheck": http.include_request_headers_in_check,
+            "headersToUpstreamOnAllow": http.headers_to_upstream_on_allow,
+            "headersToDownstreamOnDeny": http.headers_to_downstream_on_deny,
+        }[name]
+        for j, header in enumerate(values):
+            problem = checks.header_name(header)
+            if problem is not None:
+                out.append(Issue(item(field(path, name), j), problem))

@@ -3,18 +3,25 @@ we enforce less than Istio and would otherwise ignore part of a policy.
 
 Follows `pkg/config/validation` of Istio (empty sources and operations, empty values,
 IPs and ports, `when` keys, DENY without rules, port-level mTLS only with a selector),
-and in addition refuses what the sidecar does not evaluate: `when` keys other than the
-five below, `action: CUSTOM`, and `*` anywhere but at the start or end of a value
-(Istio matches `a*b` literally; here it is almost certainly a mistake in a policy).
+and in addition refuses what the sidecar does not evaluate: `when` keys other than
+those below, and `*` anywhere but at the start or end of a value (Istio matches `a*b`
+literally; here it is almost certainly a mistake in a policy).
+
+RequestAuthentication follows Istio's checks (an issuer per rule, a valid `jwksUri`,
+header names) and refuses a rule without `jwks` or `jwksUri` (we do not discover keys
+from the issuer's OpenID configuration) or with both (which one wins is not obvious).
 """
 
 from __future__ import annotations
 
 import ipaddress
+import json
 import re
+import urllib.parse
 from collections.abc import Callable, Iterable, Mapping
 
 from mesh.resources import checks
+from mesh.resources.durations import parse_duration_ms
 from mesh.resources.errors import Issue, field, item, key, required
 from mesh.resources.model import Metadata
 from mesh.resources.security import (
@@ -22,26 +29,36 @@ from mesh.resources.security import (
     DRY_RUN_VALUES,
     AuthorizationPolicySpec,
     Condition,
+    JwtRule,
     MutualTLS,
     Operation,
     PeerAuthenticationSpec,
+    RequestAuthenticationSpec,
     Rule,
     Source,
     WorkloadSelector,
 )
 
 MTLS_MODES = ("UNSET", "STRICT", "PERMISSIVE", "DISABLE")
-AUTHZ_ACTIONS = ("ALLOW", "DENY", "AUDIT")
-# `when` keys the sidecar evaluates; `request.headers[<name>]` is a family
-WHEN_KEYS = ("source.principal", "source.namespace", "source.ip", "destination.port")
+AUTHZ_ACTIONS = ("ALLOW", "DENY", "AUDIT", "CUSTOM")
+# `when` keys the sidecar evaluates; `request.headers[<name>]` and
+# `request.auth.claims[<name>]...` are families
+WHEN_KEYS = (
+    "source.principal", "source.namespace", "source.ip", "destination.port",
+    "request.auth.principal", "request.auth.audiences", "request.auth.presenter",
+)  # fmt: skip
 HEADER_KEY = re.compile(r"request\.headers\[(?P<name>[^\]]*)\]")
-SUPPORTED_WHEN_KEYS = ("request.headers[<name>]", *WHEN_KEYS)
+# Istio: `request.auth.claims[groups]`, nested `request.auth.claims[a][b]`
+CLAIM_KEY = re.compile(r"request\.auth\.claims(?P<path>(?:\[[^\[\]]+\])+)")
+SUPPORTED_WHEN_KEYS = ("request.headers[<name>]", "request.auth.claims[<name>]", *WHEN_KEYS)
 
 # a value -> None when acceptable, else what is wrong with it
 _Check = Callable[[str], str | None]
 
 _SOURCE_FIELDS = (
-    "principals", "notPrincipals", "namespaces", "notNamespaces", "ipBlocks", "notIpBlocks",
+    "principals", "notPrincipals", "requestPrincipals", "notRequestPrincipals",
+    "namespaces", "notNamespaces", "ipBlocks", "notIpBlocks",
+    "serviceAccounts", "notServiceAccounts", "remoteIpBlocks", "notRemoteIpBlocks",
 )  # fmt: skip
 _OPERATION_FIELDS = (
     "methods", "notMethods", "paths", "notPaths", "hosts", "notHosts", "ports", "notPorts",
@@ -78,14 +95,22 @@ def validate_authorization_policy(spec: AuthorizationPolicySpec, path: str = "sp
     out: list[Issue] = []
     _selector(spec.selector, field(path, "selector"), out)
     action_path = field(path, "action")
-    if spec.action == "CUSTOM":
-        # CUSTOM delegates to an external authorizer (ext_authz) we do not have
-        supported = _one_of(AUTHZ_ACTIONS)
-        out.append(Issue(action_path, f"{action_path} CUSTOM is not supported (use {supported})"))
-    elif spec.action is not None and spec.action not in AUTHZ_ACTIONS:
+    provider_path = field(path, "provider")
+    if spec.action is not None and spec.action not in AUTHZ_ACTIONS:
         out.append(
             Issue(action_path, f"must be one of {_one_of(AUTHZ_ACTIONS)}, got {spec.action!r}")
         )
+    if spec.action == "CUSTOM":
+        if spec.provider is None or not spec.provider.name:
+            out.append(
+                Issue(
+                    field(provider_path, "name"),
+                    f"{field(provider_path, 'name')} is required with action CUSTOM (an "
+                    "extension provider of the mesh's MeshConfig)",
+                )
+            )
+    elif spec.provider is not None:
+        out.append(Issue(provider_path, f"{provider_path} is only allowed with action CUSTOM"))
     rules_path = field(path, "rules")
     if spec.action == "DENY" and not spec.rules:
         out.append(
@@ -111,7 +136,104 @@ def validate_authorization_metadata(metadata: Metadata, path: str = "metadata") 
     return [Issue(annotation_path, f"must be {allowed}, got {value!r}")]
 
 
+def validate_request_authentication(
+    spec: RequestAuthenticationSpec, path: str = "spec"
+) -> list[Issue]:
+    out: list[Issue] = []
+    _selector(spec.selector, field(path, "selector"), out)
+    for i, rule in enumerate(spec.jwt_rules):
+        _jwt_rule(rule, item(field(path, "jwtRules"), i), out)
+    return out
+
+
 # ---------------------------------------------------------------- parts
+
+
+def _jwt_rule(rule: JwtRule, path: str, out: list[Issue]) -> None:
+    if not rule.issuer:
+        out.append(required(field(path, "issuer")))
+    _each(rule.audiences, field(path, "audiences"), _non_empty, out)
+    uri_path, jwks_path = field(path, "jwksUri"), field(path, "jwks")
+    if rule.jwks and rule.jwks_uri:
+        out.append(Issue(path, f"set only one of {jwks_path} or {uri_path}"))
+    elif not rule.jwks and not rule.jwks_uri:
+        out.append(
+            Issue(
+                path,
+                f"must set {jwks_path} or {uri_path} (keys are not discovered from the "
+                "issuer's OpenID configuration)",
+            )
+        )
+    if rule.jwks_uri:
+        _add(out, uri_path, _jwks_uri(rule.jwks_uri))
+    if rule.jwks:
+        _add(out, jwks_path, _inline_jwks(rule.jwks))
+    headers_path = field(path, "fromHeaders")
+    for j, header in enumerate(rule.from_headers):
+        entry = item(headers_path, j)
+        if not header.name:
+            out.append(required(field(entry, "name")))
+        else:
+            _add(out, field(entry, "name"), checks.header_name(header.name))
+        _add(out, field(entry, "prefix"), checks.header_value(header.prefix))
+    _each(rule.from_params, field(path, "fromParams"), _non_empty, out)
+    _each(rule.from_cookies, field(path, "fromCookies"), _cookie_name, out)
+    if rule.output_payload_to_header:
+        _add(
+            out,
+            field(path, "outputPayloadToHeader"),
+            checks.header_name(rule.output_payload_to_header),
+        )
+    claims_path = field(path, "outputClaimToHeaders")
+    for j, claim in enumerate(rule.output_claim_to_headers):
+        entry = item(claims_path, j)
+        if not claim.header:
+            out.append(required(field(entry, "header")))
+        else:
+            _add(out, field(entry, "header"), checks.header_name(claim.header))
+        if not claim.claim:
+            out.append(required(field(entry, "claim")))
+    if rule.timeout is not None:
+        timeout_path = field(path, "timeout")
+        try:
+            if parse_duration_ms(rule.timeout) <= 0:
+                out.append(Issue(timeout_path, f"must be positive, got {rule.timeout!r}"))
+        except ValueError as e:
+            out.append(Issue(timeout_path, str(e)))
+
+
+def _jwks_uri(value: str) -> str | None:
+    parsed = urllib.parse.urlsplit(value)
+    if parsed.scheme not in ("https", "http") or not parsed.hostname:
+        return f"must be an https:// (or http://) URL with a host, got {value!r}"
+    return None
+
+
+def _inline_jwks(value: str) -> str | None:
+    try:
+        document = json.loads(value)
+    except ValueError as e:
+        return f"must be a JSON Web Key Set (JSON with a 'keys' list): {e}"
+    keys = document.get("keys") if isinstance(document, dict) else None
+    if not isinstance(keys, list) or not keys:
+        return "must be a JSON Web Key Set: an object with a non-empty 'keys' list"
+    for i, jwk in enumerate(keys):
+        if not isinstance(jwk, dict) or not isinstance(jwk.get("kty"), str):
+            return f"keys[{i}] must be a JSON Web Key (an object with 'kty')"
+    return None
+
+
+def _non_empty(value: str) -> str | None:
+    return None if value else "must not be empty"
+
+
+_COOKIE_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+
+
+def _cookie_name(value: str) -> str | None:
+    if not _COOKIE_NAME.fullmatch(value):
+        return f"must be a cookie name (an RFC 6265 token), got {value!r}"
+    return None
 
 
 def _selector(selector: WorkloadSelector | None, path: str, out: list[Issue]) -> bool:
@@ -160,17 +282,25 @@ def _source(source: Source, path: str, out: list[Issue]) -> None:
             _SOURCE_FIELDS,
             (
                 source.principals, source.not_principals,
+                source.request_principals, source.not_request_principals,
                 source.namespaces, source.not_namespaces,
                 source.ip_blocks, source.not_ip_blocks,
+                source.service_accounts, source.not_service_accounts,
+                source.remote_ip_blocks, source.not_remote_ip_blocks,
             ),
             strict=True,
         )
     )  # fmt: skip
     _at_least_one(values, path, out)
-    for name in ("principals", "notPrincipals", "namespaces", "notNamespaces"):
+    for name in (
+        "principals", "notPrincipals", "requestPrincipals", "notRequestPrincipals",
+        "namespaces", "notNamespaces",
+    ):  # fmt: skip
         _each(values[name], field(path, name), _pattern, out)
-    for name in ("ipBlocks", "notIpBlocks"):
+    for name in ("ipBlocks", "notIpBlocks", "remoteIpBlocks", "notRemoteIpBlocks"):
         _each(values[name], field(path, name), _ip_or_cidr, out)
+    for name in ("serviceAccounts", "notServiceAccounts"):
+        _each(values[name], field(path, name), _service_account, out)
 
 
 def _operation(operation: Operation, path: str, out: list[Issue]) -> None:
@@ -209,6 +339,12 @@ def _condition(condition: Condition, path: str, out: list[Issue]) -> None:
             out.append(Issue(key_path, f"header in {name!r} {problem}"))
     elif name.startswith("request.headers"):
         out.append(Issue(key_path, f"must be request.headers[<name>], got {name!r}"))
+    elif CLAIM_KEY.fullmatch(name) is not None:
+        pass
+    elif name.startswith("request.auth.claims"):
+        out.append(
+            Issue(key_path, f"must be request.auth.claims[<name>] (nested: [a][b]), got {name!r}")
+        )
     elif name not in WHEN_KEYS:
         out.append(
             Issue(
@@ -246,11 +382,51 @@ def _pattern(value: str) -> str | None:
     )
 
 
+def _service_account(value: str) -> str | None:
+    """Istio's `<namespace>/<service account>`, no wildcards."""
+    namespace, slash, account = value.partition("/")
+    if (
+        not slash
+        or checks.dns_label(namespace) is not None
+        or checks.dns_subdomain(account) is not None
+    ):
+        return (
+            "must be <namespace>/<service account> without wildcards "
+            f"(e.g. 'default/sleep'), got {value!r}"
+        )
+    return None
+
+
+_TEMPLATE_LITERAL = re.compile(r"[A-Za-z0-9\-._~%!$&'()+,;:@=]*")
+
+
 def _path_pattern(value: str) -> str | None:
-    problem = _pattern(value)
-    if problem is not None and "{" in value:
-        return f"{problem} (path templates such as {{*}} and {{**}} are not supported)"
-    return problem
+    """Istio's patterns, or a path template (Envoy's URI template): `{*}` one path
+    segment, `{**}` any number of segments, each a whole segment, `{**}` last."""
+    if "{" not in value and "}" not in value:
+        return _pattern(value)
+    problem = (
+        "must be a path template: start with '/', use {*} and {**} as whole segments, "
+        f"{{**}} as the last operator, and no other '*', '{{' or '}}', got {value!r}"
+    )
+    if not value.startswith("/"):
+        return problem
+    segments = value.split("/")[1:]
+    operators = [s for s in segments if s in ("{*}", "{**}")]
+    for segment in segments:
+        if segment in ("{*}", "{**}"):
+            continue
+        if any(c in segment for c in "*{}"):
+            return problem
+        if not _TEMPLATE_LITERAL.fullmatch(segment):
+            # Envoy's URI template accepts only RFC 3986 path characters around them
+            return (
+                "must use only letters, digits and -._~%!$&'()+,;:@= in the segments of a "
+                f"path template, got {value!r}"
+            )
+    if "{**}" in operators[:-1]:
+        return problem
+    return None
 
 
 def _ip_or_cidr(value: str) -> str | None:

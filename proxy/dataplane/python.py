@@ -13,7 +13,9 @@ from mesh.hosts import ServiceRef
 from mesh.messages import SubscriptionStatus
 from mesh.telemetry import new_reporter_id
 from proxy.dataplane import Addresses, AdminRoute, Background, DataPlaneContext
+from proxy.ext_authz import ExtAuthzClient
 from proxy.forward import Outcome, PoolSet
+from proxy.gateway_policy import GatewayAdmission
 from proxy.http import Exchange, Limits, Request, serve
 from proxy.http.server import HttpServerProtocol
 from proxy.inbound import InboundHandler
@@ -68,6 +70,9 @@ class PythonDataPlane:
             self.pools,
             telemetry=telemetry,
         )
+        if policy is not None:
+            # CUSTOM policies reach their authorizer like any mesh call
+            policy.ext_authz = ExtAuthzClient(ctx.destinations, self.pools, s.namespace)
         self.tcp = TcpRelays(
             ctx.destinations,
             ctx.stats.registry,
@@ -87,6 +92,8 @@ class PythonDataPlane:
         self._ports.update(self.tcp.ports)
         if ctx.gateway is not None:
             ctx.gateway.attach(routes)
+            if policy is not None:
+                routes.admission = GatewayAdmission(policy, ctx.stats, s.gateway_port)
             service_port = await self._listen(
                 "gateway", self._counted("gateway", routes.handle), s.gateway_port, s.bind_host
             )

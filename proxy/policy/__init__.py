@@ -8,21 +8,38 @@ with `effective_mtls` when the config changes; and, unless `Authorizer.empty`, b
 on each `InboundPolicy`) for a `Decision`, answering 403 when it is not allowed. The
 TCP relay asks `Authorizer.decide_connection` with `ConnectionFacts` once per accepted
 connection and closes a denied one at once. `Decision.shadow` is what dry-run policies
-would have decided (log and count it).
+would have decided (log and count it). Before authorization, `Authenticator` (built
+per `InboundPolicy` like the authorizer) validates the request's JWT
+(RequestAuthentication); its identity becomes `RequestFacts.auth`.
 """
 
-from .authz import Authorizer, ConnectionFacts, Decision, RequestFacts, ShadowDecision
+from .authz import (
+    Authorizer,
+    ConnectionFacts,
+    Decision,
+    RequestFacts,
+    ShadowDecision,
+    original_client,
+)
+from .jwks import JwksCache
+from .jwt import Authenticator, AuthIdentity, KeysNeeded, Verdict
 from .paths import PathError, normalize_path
 from .peer import EffectiveMode, effective_mtls
 
 __all__ = [
+    "AuthIdentity",
+    "Authenticator",
     "Authorizer",
     "ConnectionFacts",
     "Decision",
     "EffectiveMode",
+    "JwksCache",
+    "KeysNeeded",
     "PathError",
     "RequestFacts",
     "ShadowDecision",
+    "Verdict",
     "effective_mtls",
     "normalize_path",
+    "original_client",
 ]

@@ -4,13 +4,24 @@
 precompiles their patterns (value sets, CIDR networks, condition keys), so `decide`
 does no parsing beyond the caller's IP, and only when a policy looks at IPs.
 
-Evaluation order is Istio's: AUDIT policies only mark the decision; any matching DENY
-policy denies; with no ALLOW policy the request is allowed; otherwise an ALLOW policy
-must match.
+Evaluation order is Istio's: a matching CUSTOM policy names the external authorizer
+to ask first (`Decision.custom`: the caller asks it, and its denial wins); AUDIT
+policies only mark the decision; any matching DENY policy denies; with no ALLOW
+policy the request is allowed; otherwise an ALLOW policy must match. A workload may be
+selected by CUSTOM policies of one provider only (Istio's rule; `build` refuses more).
+On a TCP connection a matching CUSTOM policy denies it: its authorizer speaks HTTP.
+
+End-user identity comes from RequestAuthentication (`RequestFacts.auth`, a validated
+JWT): `requestPrincipals` (`<iss>/<sub>`, Istio's patterns, `*` meaning "any valid
+token") and the `when` keys `request.auth.principal`, `request.auth.audiences`,
+`request.auth.presenter` and `request.auth.claims[a][b]` (a list-valued claim matches
+when any of its strings does). A request without a valid token has none of them: it
+matches no value and no notValue, as an absent header does.
 
 TCP connections (`decide_connection`) are decided by the same policies, built a
 second time with Istio's rules for fields that only exist in HTTP (`methods`,
-`paths`, `hosts`, their `not*` forms and `request.headers[...]` conditions): an
+`paths`, `hosts`, `requestPrincipals`, their `not*` forms and `request.headers[...]`
+and `request.auth.*` conditions): an
 ALLOW rule naming one never matches a connection (the rule allows less), while a
 DENY or AUDIT rule drops them and matches on the fields that remain (the rule
 denies more: `to: [{operation: {methods: [GET], ports: ["9000"]}}]` denies every
@@ -39,7 +50,11 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import NamedTuple
 
+import msgspec
+
 from mesh.compiled import AuthzPolicy, AuthzRule, Condition, InboundPolicy, Operation, Source
+
+from .jwt import AuthIdentity, claim_at, claim_strings
 
 # An address as (IP version, integer value) and a network as (version, network
 # integer, mask integer): membership is then two integer operations, much cheaper than
@@ -48,6 +63,10 @@ _IP = tuple[int, int]
 _Network = tuple[int, int, int]
 
 _HEADER_KEY = re.compile(r"request\.headers\[([^\[\]]+)\]")
+_CLAIM_KEY = re.compile(r"request\.auth\.claims((?:\[[^\[\]]+\])+)")
+_AUTH_KEYS = frozenset(
+    ("request.auth.principal", "request.auth.audiences", "request.auth.presenter")
+)
 
 
 class RequestFacts(NamedTuple):
@@ -58,6 +77,7 @@ class RequestFacts(NamedTuple):
     caller. `path` is already normalised (`normalize_path`); a query string, if still
     attached, is ignored. `host` is the authority as sent; `port` the workload port.
     `headers` maps lower-case names to values, repeated headers joined with ",".
+    `auth` is the end user of a JWT validated by RequestAuthentication, None without.
     """
 
     principal: str
@@ -68,6 +88,20 @@ class RequestFacts(NamedTuple):
     host: str
     port: int
     headers: Mapping[str, str]
+    auth: AuthIdentity | None = None
+    # the original client (`remoteIpBlocks`), "" when it is `source_ip`
+    remote_ip: str = ""
+
+
+def original_client(forwarded_for: str, peer_ip: str, trusted_proxies: int) -> str:
+    """The client address `remoteIpBlocks` compares, as Envoy's `xff_num_trusted_hops`
+    (with `use_remote_address`) picks it: with N trusted proxies, the N-th entry of
+    X-Forwarded-For from the right; the peer's address when N is 0 or the list is
+    shorter."""
+    if trusted_proxies <= 0 or not forwarded_for:
+        return peer_ip
+    hops = [hop.strip() for hop in forwarded_for.split(",") if hop.strip()]
+    return hops[-trusted_proxies] if len(hops) >= trusted_proxies else peer_ip
 
 
 class ConnectionFacts(NamedTuple):
@@ -92,13 +126,17 @@ class ShadowDecision(NamedTuple):
 
 class Decision(NamedTuple):
     """The outcome: `policy` is the deciding `ns/name` ("" when none decided).
-    `shadow` is the dry-run outcome, None when no dry-run policy applies."""
+    `shadow` is the dry-run outcome, None when no dry-run policy applies. `custom` is
+    the extension provider a matching CUSTOM policy (`custom_policy`) asks to check
+    the request before `allowed` counts ("" when none matched)."""
 
     allowed: bool
     reason: str
     policy: str
     audit: bool
     shadow: ShadowDecision | None = None
+    custom: str = ""
+    custom_policy: str = ""
 
 
 _NO_POLICY = Decision(True, "no authorization policy applies", "", False)
@@ -107,7 +145,7 @@ _NO_POLICY = Decision(True, "no authorization policy applies", "", False)
 class _Request:
     """Per-request values derived lazily from `RequestFacts`, shared by all rules."""
 
-    __slots__ = ("_hosts", "_ip", "_ip_parsed", "facts", "path", "port")
+    __slots__ = ("_hosts", "_ip", "_ip_parsed", "_remote", "facts", "path", "port")
 
     def __init__(self, facts: RequestFacts) -> None:
         self.facts = facts
@@ -118,6 +156,7 @@ class _Request:
         self._hosts: tuple[str, ...] | None = None
         self._ip: _IP | None = None
         self._ip_parsed = False
+        self._remote: tuple[_IP | None] | None = None
 
     def hosts(self) -> tuple[str, ...]:
         """The authority lower-cased, and again without `:port` when it has one."""
@@ -126,6 +165,13 @@ class _Request:
             stripped = _strip_port(host)
             self._hosts = (host,) if stripped == host else (host, stripped)
         return self._hosts
+
+    def remote_ip(self) -> _IP | None:
+        if not self.facts.remote_ip:
+            return self.ip()
+        if self._remote is None:
+            self._remote = (_parse_ip(self.facts.remote_ip),)
+        return self._remote[0]
 
     def ip(self) -> _IP | None:
         if not self._ip_parsed:
@@ -200,6 +246,38 @@ def _values(patterns: tuple[str, ...], *, lower: bool = False) -> _Values | None
     return _Values(patterns, lower=lower) if patterns else None
 
 
+# Envoy's URI template (which Istio uses for `{*}`/`{**}` paths): a `{*}` is one or
+# more characters of a segment, `{**}` zero or more characters across segments, each
+# from RFC 3986's pchar set
+_SEGMENT_CHARS = r"A-Za-z0-9\-._~%!$&'()+,;:@="
+_TEMPLATE_PARTS = {"{*}": f"[{_SEGMENT_CHARS}]+", "{**}": f"[{_SEGMENT_CHARS}/]*"}
+
+
+def path_template(template: str) -> re.Pattern[str]:
+    """A validated path template as a regex for `fullmatch`."""
+    parts = re.split(r"(\{\*\*\}|\{\*\})", template)
+    return re.compile("".join(_TEMPLATE_PARTS.get(p) or re.escape(p) for p in parts))
+
+
+class _Paths:
+    """`paths`: Istio's patterns, and path templates when a value has `{`."""
+
+    __slots__ = ("templates", "values")
+
+    def __init__(self, patterns: tuple[str, ...]) -> None:
+        self.values = _values(tuple(p for p in patterns if "{" not in p))
+        self.templates = tuple(path_template(p) for p in patterns if "{" in p)
+
+    def matches(self, path: str) -> bool:
+        if self.values is not None and self.values.matches(path):
+            return True
+        return any(t.fullmatch(path) for t in self.templates)
+
+
+def _paths(patterns: tuple[str, ...]) -> _Paths | None:
+    return _Paths(patterns) if patterns else None
+
+
 class _Addresses:
     """IPs and CIDRs parsed once. `unevaluable` is what an unparseable entry, or a
     caller address that is not an IP, counts as (see the module doc)."""
@@ -243,16 +321,38 @@ class _SourceMatch:
         "not_ip_blocks",
         "not_namespaces",
         "not_principals",
+        "not_remote_ip_blocks",
+        "not_request_principals",
+        "not_service_accounts",
         "principals",
+        "remote_ip_blocks",
+        "request_principals",
+        "service_accounts",
     )
 
-    def __init__(self, source: Source, *, lenient: bool) -> None:
+    def __init__(self, source: Source, *, lenient: bool, tcp: bool = False) -> None:
+        if tcp:
+            # only reached for DENY/AUDIT rules: the HTTP-only fields are dropped
+            source = msgspec.structs.replace(
+                source, request_principals=(), not_request_principals=()
+            )
         self.principals = _values(source.principals)
         self.not_principals = _values(source.not_principals)
+        self.request_principals = _values(source.request_principals)
+        self.not_request_principals = _values(source.not_request_principals)
+        # `ns/sa` compared with the principal without its trust domain
+        self.service_accounts = frozenset(f"ns/{n}/sa/{a}" for n, _, a in (
+            v.partition("/") for v in source.service_accounts
+        )) or None  # fmt: skip
+        self.not_service_accounts = frozenset(f"ns/{n}/sa/{a}" for n, _, a in (
+            v.partition("/") for v in source.not_service_accounts
+        )) or None  # fmt: skip
         self.namespaces = _values(source.namespaces)
         self.not_namespaces = _values(source.not_namespaces)
         self.ip_blocks = _addresses(source.ip_blocks, unevaluable=lenient)
         self.not_ip_blocks = _addresses(source.not_ip_blocks, unevaluable=not lenient)
+        self.remote_ip_blocks = _addresses(source.remote_ip_blocks, unevaluable=lenient)
+        self.not_remote_ip_blocks = _addresses(source.not_remote_ip_blocks, unevaluable=not lenient)
 
     def matches(self, request: _Request) -> bool:
         facts = request.facts
@@ -263,6 +363,24 @@ class _SourceMatch:
             return False
         if self.not_principals is not None and principal and self.not_principals.matches(principal):
             return False
+        if self.service_accounts is not None or self.not_service_accounts is not None:
+            # no certificate, no service account: matches none, excluded by none
+            account = principal.partition("/")[2] if principal else ""
+            if self.service_accounts is not None and account not in self.service_accounts:
+                return False
+            if self.not_service_accounts is not None and account in self.not_service_accounts:
+                return False
+        if self.request_principals is not None or self.not_request_principals is not None:
+            # no valid token: no request principal, matching no pattern, not even "*"
+            auth = facts.auth
+            user = auth.principal if auth is not None else ""
+            if self.request_principals is not None and not (
+                user and self.request_principals.matches(user)
+            ):
+                return False
+            if self.not_request_principals is not None and user:
+                if self.not_request_principals.matches(user):
+                    return False
         namespace = facts.namespace
         if self.namespaces is not None and not (namespace and self.namespaces.matches(namespace)):
             return False
@@ -270,7 +388,14 @@ class _SourceMatch:
             return False
         if self.ip_blocks is not None and not self.ip_blocks.contains(request.ip()):
             return False
-        return self.not_ip_blocks is None or not self.not_ip_blocks.contains(request.ip())
+        if self.not_ip_blocks is not None and self.not_ip_blocks.contains(request.ip()):
+            return False
+        if self.remote_ip_blocks is not None:
+            if not self.remote_ip_blocks.contains(request.remote_ip()):
+                return False
+        if self.not_remote_ip_blocks is not None:
+            return not self.not_remote_ip_blocks.contains(request.remote_ip())
+        return True
 
 
 class _OperationMatch:
@@ -294,8 +419,8 @@ class _OperationMatch:
             operation = Operation(ports=operation.ports, not_ports=operation.not_ports)
         self.methods = _values(operation.methods)
         self.not_methods = _values(operation.not_methods)
-        self.paths = _values(operation.paths)
-        self.not_paths = _values(operation.not_paths)
+        self.paths = _paths(operation.paths)
+        self.not_paths = _paths(operation.not_paths)
         self.hosts = _values(operation.hosts, lower=True)
         self.not_hosts = _values(operation.not_hosts, lower=True)
         self.ports = frozenset(operation.ports) if operation.ports else None
@@ -330,6 +455,7 @@ class _ConditionMatch:
 
     __slots__ = (
         "addresses",
+        "claim",
         "header",
         "kind",
         "not_addresses",
@@ -344,18 +470,25 @@ class _ConditionMatch:
         self.addresses: _Addresses | None = None
         self.not_addresses: _Addresses | None = None
         self.header = ""
+        self.claim: tuple[str, ...] = ()
         # kind "" is an unevaluable condition (unknown key, nothing to compare): it
         # holds in DENY/AUDIT policies and fails in ALLOW ones (see the module doc).
         self.kind = ""
         self.unevaluable_holds = lenient
         header = _HEADER_KEY.fullmatch(condition.key)
+        claim = _CLAIM_KEY.fullmatch(condition.key)
         if not condition.values and not condition.not_values:
             pass
-        elif header is not None and tcp:
+        elif tcp and _http_only_key(condition.key):
             # a DENY/AUDIT rule on a connection: dropped, i.e. always holds
             self.kind, self.unevaluable_holds = "", True
         elif header is not None:
             self.kind, self.header = "header", header.group(1).strip().lower()
+        elif claim is not None:
+            self.kind = "claim"
+            self.claim = tuple(part.strip() for part in claim.group(1)[1:-1].split("]["))
+        elif condition.key in _AUTH_KEYS:
+            self.kind = condition.key
         elif condition.key in _CONDITION_KEYS:
             self.kind = condition.key
         if self.kind == "source.ip":
@@ -369,6 +502,8 @@ class _ConditionMatch:
             if self.addresses is not None and not self.addresses.contains(ip):
                 return False
             return self.not_addresses is None or not self.not_addresses.contains(ip)
+        if kind == "claim" or kind in _AUTH_KEYS:
+            return self._holds_for_auth(request.facts.auth)
         value: str | None
         if kind == "header":
             value = request.facts.headers.get(self.header)
@@ -386,13 +521,42 @@ class _ConditionMatch:
             return False
         return self.not_values is None or value is None or not self.not_values.matches(value)
 
+    def _holds_for_auth(self, auth: AuthIdentity | None) -> bool:
+        """A `request.auth.*` key: several values (audiences, a list claim) hold when
+        any of them matches, as Istio's list matchers do; no token, no value."""
+        if auth is None:
+            found: tuple[str, ...] = ()
+        elif self.kind == "claim":
+            found = claim_strings(claim_at(auth.claims, self.claim))
+        elif self.kind == "request.auth.principal":
+            found = (auth.principal,)
+        elif self.kind == "request.auth.audiences":
+            found = auth.audiences
+        else:
+            found = (auth.presenter,) if auth.presenter else ()
+        if self.values is not None and not any(map(self.values.matches, found)):
+            return False
+        return self.not_values is None or not any(map(self.not_values.matches, found))
+
+
+def _http_only_key(key: str) -> bool:
+    return (
+        _HEADER_KEY.fullmatch(key) is not None
+        or _CLAIM_KEY.fullmatch(key) is not None
+        or key in _AUTH_KEYS
+    )
+
 
 def _http_only(rule: AuthzRule) -> bool:
     """Whether the rule names a field a TCP connection does not have."""
-    return any(
-        o.methods or o.not_methods or o.paths or o.not_paths or o.hosts or o.not_hosts
-        for o in rule.operations
-    ) or any(_HEADER_KEY.fullmatch(c.key) is not None for c in rule.when)
+    return (
+        any(
+            o.methods or o.not_methods or o.paths or o.not_paths or o.hosts or o.not_hosts
+            for o in rule.operations
+        )
+        or any(s.request_principals or s.not_request_principals for s in rule.sources)
+        or any(_http_only_key(c.key) for c in rule.when)
+    )
 
 
 class _RuleMatch:
@@ -401,7 +565,7 @@ class _RuleMatch:
     def __init__(self, rule: AuthzRule, *, lenient: bool, tcp: bool = False) -> None:
         # an ALLOW rule with HTTP-only fields never matches a connection (module doc)
         self.never = tcp and not lenient and _http_only(rule)
-        self.sources = tuple(_SourceMatch(s, lenient=lenient) for s in rule.sources)
+        self.sources = tuple(_SourceMatch(s, lenient=lenient, tcp=tcp) for s in rule.sources)
         self.operations = tuple(_OperationMatch(o, tcp=tcp) for o in rule.operations)
         self.conditions = tuple(_ConditionMatch(c, lenient=lenient, tcp=tcp) for c in rule.when)
 
@@ -429,10 +593,11 @@ class _RuleMatch:
 
 
 class _PolicyMatch:
-    __slots__ = ("ref", "rules")
+    __slots__ = ("provider", "ref", "rules")
 
     def __init__(self, policy: AuthzPolicy, *, tcp: bool = False) -> None:
         self.ref = f"{policy.namespace}/{policy.name}"
+        self.provider = policy.provider
         lenient = policy.action != "ALLOW"
         self.rules = tuple(_RuleMatch(r, lenient=lenient, tcp=tcp) for r in policy.rules)
 
@@ -452,26 +617,43 @@ class _Engine:
     """One set of policies in Istio's evaluation order: AUDIT marks, DENY first, then
     ALLOW when there is one. Built per protocol, and apart for dry-run policies."""
 
-    __slots__ = ("allow", "audit", "deny")
+    __slots__ = ("allow", "audit", "custom", "deny")
 
     def __init__(self, policies: Iterable[AuthzPolicy], *, tcp: bool) -> None:
-        by_action: dict[str, list[_PolicyMatch]] = {"AUDIT": [], "DENY": [], "ALLOW": []}
+        by_action: dict[str, list[_PolicyMatch]] = {
+            "CUSTOM": [], "AUDIT": [], "DENY": [], "ALLOW": [],
+        }  # fmt: skip
         for authz in policies:
             by_action[authz.action].append(_PolicyMatch(authz, tcp=tcp))
+        self.custom = tuple(by_action["CUSTOM"])
         self.audit = tuple(by_action["AUDIT"])
         self.deny = tuple(by_action["DENY"])
         self.allow = tuple(by_action["ALLOW"])
+        providers = sorted({p.provider for p in self.custom})
+        if len(providers) > 1:
+            refs = ", ".join(p.ref for p in self.custom)
+            raise ValueError(
+                f"CUSTOM policies {refs} select one workload with different providers "
+                f"({', '.join(providers)}): only one provider per workload is supported"
+            )
 
     @property
     def empty(self) -> bool:
-        return not (self.audit or self.deny or self.allow)
+        return not (self.custom or self.audit or self.deny or self.allow)
 
     @property
     def refs(self) -> tuple[str, ...]:
-        return tuple(p.ref for p in (*self.audit, *self.deny, *self.allow))
+        return tuple(p.ref for p in (*self.custom, *self.audit, *self.deny, *self.allow))
 
     def decide(self, request: _Request, kind: str = "") -> Decision:
         """`kind` ("dry-run ") qualifies the policies in the reasons."""
+        decision = self._decide(request, kind)
+        for policy in self.custom:
+            if policy.matches(request):
+                return decision._replace(custom=policy.provider, custom_policy=policy.ref)
+        return decision
+
+    def _decide(self, request: _Request, kind: str) -> Decision:
         audit = bool(self.audit) and any(p.matches(request) for p in self.audit)
         for policy in self.deny:
             if policy.matches(request):
@@ -542,7 +724,15 @@ class Authorizer:
                 facts.principal, facts.namespace, facts.source_ip, "", "", "", facts.port, {}
             )
         )
-        return self._decide(request, self._tcp, self._shadow_tcp)
+        decision = self._decide(request, self._tcp, self._shadow_tcp)
+        if decision.custom:
+            return decision._replace(
+                allowed=False,
+                reason=f"CUSTOM policy {decision.custom_policy} cannot check a TCP connection "
+                f"(provider {decision.custom} is an HTTP authorizer)",
+                policy=decision.custom_policy,
+            )
+        return decision
 
     @staticmethod
     def _decide(request: _Request, engine: _Engine, shadow: _Engine | None) -> Decision:

@@ -61,6 +61,20 @@ def _source_miss(source: _SourceMatch, request: _Request) -> str:
         return f"principals: caller principal {who} is not listed"
     if source.not_principals is not None and principal and source.not_principals.matches(principal):
         return f"notPrincipals: caller principal {principal!r} is excluded"
+    account = principal.partition("/")[2] if principal else ""
+    if source.service_accounts is not None and account not in source.service_accounts:
+        return f"serviceAccounts: caller {account or 'none (plaintext caller)'!r} is not listed"
+    if source.not_service_accounts is not None and account in source.not_service_accounts:
+        return f"notServiceAccounts: caller {account!r} is excluded"
+    user = facts.auth.principal if facts.auth is not None else ""
+    if source.request_principals is not None and not (
+        user and source.request_principals.matches(user)
+    ):
+        who = repr(user) if user else "none (no valid JWT)"
+        return f"requestPrincipals: request principal {who} is not listed"
+    if source.not_request_principals is not None and user:
+        if source.not_request_principals.matches(user):
+            return f"notRequestPrincipals: request principal {user!r} is excluded"
     namespace = facts.namespace
     if source.namespaces is not None and not (namespace and source.namespaces.matches(namespace)):
         who = repr(namespace) if namespace else "none (plaintext caller)"
@@ -71,6 +85,13 @@ def _source_miss(source: _SourceMatch, request: _Request) -> str:
         return f"ipBlocks: caller address {facts.source_ip or 'unknown'!r} is not listed"
     if source.not_ip_blocks is not None and source.not_ip_blocks.contains(request.ip()):
         return f"notIpBlocks: caller address {facts.source_ip!r} is excluded"
+    client = facts.remote_ip or facts.source_ip
+    if source.remote_ip_blocks is not None:
+        if not source.remote_ip_blocks.contains(request.remote_ip()):
+            return f"remoteIpBlocks: client address {client or 'unknown'!r} is not listed"
+    if source.not_remote_ip_blocks is not None:
+        if source.not_remote_ip_blocks.contains(request.remote_ip()):
+            return f"notRemoteIpBlocks: client address {client!r} is excluded"
     return ""
 
 
@@ -142,7 +163,8 @@ def explain_authorization(
     policy: InboundPolicy | None, labels: Mapping[str, str], facts: RequestFacts
 ) -> AuthzExplanation:
     """The decision the workload with `labels` reaches for `facts`, and every
-    applicable policy's verdict in evaluation order (AUDIT, DENY, ALLOW), then the
+    applicable policy's verdict in evaluation order (CUSTOM: whether the external
+    authorizer is asked; AUDIT, DENY, ALLOW), then the
     dry-run policies' (evaluated in shadow: they never change the decision)."""
     authorizer = Authorizer.build(policy, labels)
     decision = authorizer.decide(facts)
@@ -151,6 +173,7 @@ def explain_authorization(
     verdicts = [
         _policy_verdict(p, action, request)
         for action, group in (
+            ("CUSTOM", enforced.custom),
             ("AUDIT", enforced.audit),
             ("DENY", enforced.deny),
             ("ALLOW", enforced.allow),

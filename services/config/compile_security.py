@@ -9,6 +9,15 @@ Which resources reach a service follows Istio:
   workloads in the root namespace (Istio ignores it elsewhere).
 - AuthorizationPolicy: those of the service's namespace and of the root namespace (the
   latter mesh-wide, its selector matched against workloads of every namespace).
+- RequestAuthentication: as PeerAuthentication, without the ordering: the root
+  namespace's selector-less ones are mesh-wide, the service namespace's apply (with
+  their selectors), a root-namespace one with a selector applies only in the root
+  namespace (the ingress gateway's); every one that applies contributes its jwtRules.
+- MeshConfig (`meshwork.io`): those of the root namespace define the extension
+  providers; a service's policy carries those its CUSTOM policies name (the first
+  definition of a name wins, in (namespace, name) order; validation keeps names
+  unique within one MeshConfig). A dry-run CUSTOM policy is not applied (Istio does
+  not support dry-run for CUSTOM).
 - RateLimitPolicy (`meshwork.io`): those of the service's namespace. Every one of them
   may match: the compiler knows the service, not its instances' labels (`app` defaults
   to the service name but `--labels` may change it), so filtering on `app` here could
@@ -30,13 +39,18 @@ from mesh.hosts import ServiceRef
 from mesh.resources import (
     DRY_RUN_ANNOTATION,
     AuthorizationPolicySpec,
+    ExtAuthzHttp,
+    JwtRule,
+    MeshConfigSpec,
     MutualTLS,
     PeerAuthenticationSpec,
     RateLimitPolicySpec,
+    RequestAuthenticationSpec,
     RequestRate,
     Resource,
     Rule,
     WorkloadSelector,
+    parse_duration_ms,
 )
 
 __all__ = ["DEFAULT_ROOT_NAMESPACE", "compile_inbound_policy"]
@@ -49,9 +63,14 @@ _MTLS_MODES: Mapping[str, compiled.MtlsMode] = {
     "PERMISSIVE": "PERMISSIVE",
     "DISABLE": "DISABLE",
 }
-_Action = Literal["ALLOW", "DENY", "AUDIT"]
+_Action = Literal["ALLOW", "DENY", "AUDIT", "CUSTOM"]
 _Scope = Literal["mesh", "namespace", "workload"]
-_ACTIONS: Mapping[str, _Action] = {"ALLOW": "ALLOW", "DENY": "DENY", "AUDIT": "AUDIT"}
+_ACTIONS: Mapping[str, _Action] = {
+    "ALLOW": "ALLOW",
+    "DENY": "DENY",
+    "AUDIT": "AUDIT",
+    "CUSTOM": "CUSTOM",
+}
 
 
 def compile_inbound_policy(
@@ -72,6 +91,9 @@ def compile_inbound_policy(
     peer: list[compiled.PeerAuthn] = []
     authz: list[compiled.AuthzPolicy] = []
     rate_limits: list[compiled.RateLimit] = []
+    request_authn: list[compiled.RequestAuthn] = []
+    providers: dict[str, compiled.ExtAuthzProvider] = {}
+    trusted_proxies: int | None = None
     for resource in sorted(resources, key=lambda r: (r.metadata.namespace, r.metadata.name)):
         spec = resource.spec
         if isinstance(spec, PeerAuthenticationSpec):
@@ -80,8 +102,24 @@ def compile_inbound_policy(
                 peer.append(authn)
         elif isinstance(spec, AuthorizationPolicySpec):
             namespace = resource.metadata.namespace
-            if namespace in (ref.namespace, root_namespace):
+            dry_run_custom = spec.action == "CUSTOM" and _dry_run(resource)
+            # Istio does not support dry-run for CUSTOM: such a policy is not applied
+            if namespace in (ref.namespace, root_namespace) and not dry_run_custom:
                 authz.append(_authz_policy(resource, spec, mesh_wide=namespace == root_namespace))
+        elif isinstance(spec, MeshConfigSpec):
+            if resource.metadata.namespace == root_namespace:
+                topology = spec.default_config.gateway_topology if spec.default_config else None
+                if trusted_proxies is None and topology is not None:
+                    trusted_proxies = topology.num_trusted_proxies
+                for provider in spec.extension_providers:
+                    if provider.envoy_ext_authz_http is not None:
+                        providers.setdefault(
+                            provider.name, _provider(provider.name, provider.envoy_ext_authz_http)
+                        )
+        elif isinstance(spec, RequestAuthenticationSpec):
+            authn_policy = _request_authn(resource, spec, ref, root_namespace)
+            if authn_policy is not None:
+                request_authn.append(authn_policy)
         elif isinstance(spec, RateLimitPolicySpec):
             if resource.metadata.namespace == ref.namespace:
                 rate_limits.append(_rate_limit(resource, spec))
@@ -92,6 +130,13 @@ def compile_inbound_policy(
         peer_authentication=tuple(peer),
         authorization=tuple(authz),
         rate_limits=tuple(rate_limits),
+        request_authentication=tuple(request_authn),
+        extension_providers=tuple(
+            providers[name]
+            for name in sorted({p.provider for p in authz if p.action == "CUSTOM"})
+            if name in providers
+        ),
+        num_trusted_proxies=trusted_proxies or 0,
     )
 
 
@@ -145,8 +190,30 @@ def _authz_policy(
         selector=_labels(spec.selector),
         mesh_wide=mesh_wide,
         rules=tuple(_rule(rule) for rule in spec.rules),
-        # validation admits only "true" and "false"
-        dry_run=resource.metadata.annotations.get(DRY_RUN_ANNOTATION) == "true",
+        dry_run=_dry_run(resource),
+        provider=spec.provider.name if spec.action == "CUSTOM" and spec.provider else "",
+    )
+
+
+def _dry_run(resource: Resource) -> bool:
+    # validation admits only "true" and "false"
+    return resource.metadata.annotations.get(DRY_RUN_ANNOTATION) == "true"
+
+
+def _provider(name: str, http: ExtAuthzHttp) -> compiled.ExtAuthzProvider:
+    # validation guarantees a service, a port, a positive timeout and a status
+    lower = lambda names: tuple(n.lower() for n in names)  # noqa: E731
+    return compiled.ExtAuthzProvider(
+        name=name,
+        service=http.service,
+        port=int(http.port or 0),
+        timeout_ms=parse_duration_ms(http.timeout) if http.timeout else 600_000,
+        path_prefix=http.path_prefix,
+        fail_open=http.fail_open,
+        status_on_error=int(http.status_on_error) if http.status_on_error else 403,
+        include_request_headers=lower(http.include_request_headers_in_check),
+        headers_to_upstream_on_allow=lower(http.headers_to_upstream_on_allow),
+        headers_to_downstream_on_deny=lower(http.headers_to_downstream_on_deny),
     )
 
 
@@ -159,6 +226,12 @@ def _rule(rule: Rule) -> compiled.AuthzRule:
             not_namespaces=s.not_namespaces,
             ip_blocks=s.ip_blocks,
             not_ip_blocks=s.not_ip_blocks,
+            request_principals=s.request_principals,
+            not_request_principals=s.not_request_principals,
+            service_accounts=s.service_accounts,
+            not_service_accounts=s.not_service_accounts,
+            remote_ip_blocks=s.remote_ip_blocks,
+            not_remote_ip_blocks=s.not_remote_ip_blocks,
         )
         for entry in rule.from_ or ()
         if (s := entry.source) is not None
@@ -181,6 +254,47 @@ def _rule(rule: Rule) -> compiled.AuthzRule:
         compiled.Condition(key=c.key, values=c.values, not_values=c.not_values) for c in rule.when
     )
     return compiled.AuthzRule(sources=sources, operations=operations, when=when)
+
+
+# ---------------------------------------------------------------- RequestAuthentication
+
+
+def _request_authn(
+    resource: Resource, spec: RequestAuthenticationSpec, ref: ServiceRef, root_namespace: str
+) -> compiled.RequestAuthn | None:
+    namespace = resource.metadata.namespace
+    selector = _labels(spec.selector)
+    mesh_wide = namespace == root_namespace and not selector
+    if not mesh_wide and namespace != ref.namespace:
+        return None
+    return compiled.RequestAuthn(
+        name=resource.metadata.name,
+        namespace=namespace,
+        selector=selector,
+        rules=tuple(_jwt_rule(rule) for rule in spec.jwt_rules),
+    )
+
+
+def _jwt_rule(rule: JwtRule) -> compiled.JwtRule:
+    # validation guarantees an issuer, one key source and a positive timeout
+    return compiled.JwtRule(
+        issuer=rule.issuer,
+        audiences=rule.audiences,
+        jwks=rule.jwks,
+        jwks_uri=rule.jwks_uri,
+        from_headers=tuple(
+            compiled.JwtFromHeader(name=h.name.lower(), prefix=h.prefix) for h in rule.from_headers
+        ),
+        from_params=rule.from_params,
+        from_cookies=rule.from_cookies,
+        output_payload_to_header=rule.output_payload_to_header.lower(),
+        output_claim_to_headers=tuple(
+            compiled.ClaimHeader(header=c.header.lower(), claim=c.claim)
+            for c in rule.output_claim_to_headers
+        ),
+        forward_original_token=rule.forward_original_token,
+        timeout_ms=parse_duration_ms(rule.timeout) if rule.timeout else 5000,
+    )
 
 
 # ---------------------------------------------------------------- RateLimitPolicy

@@ -65,10 +65,11 @@ apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
 metadata: {name: reviews-viewer, namespace: default}
 spec:
+  targetRefs: [{kind: Gateway, name: ingress}]
   rules:
   - from:
     - source:
-        requestPrincipals: ["*"]
+        namespaces: ["default"]
 ---
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
@@ -76,8 +77,8 @@ metadata: {name: ratings, namespace: default}
 spec:
   rules:
   - when:
-    - key: request.auth.claims[iss]
-      values: ["https://accounts.google.com"]
+    - key: connection.sni
+      values: ["www.example.com"]
 """
 
 
@@ -242,12 +243,13 @@ async def test_invalid_policy_is_refused_with_its_path_and_nothing_stored(config
         await apply(bus, POLICIES + "---\n" + INVALID, "bad.yaml")
     assert e.value.code == 400
     assert e.value.details == [
-        "bad.yaml: document 2: spec.rules[0].from[0].source.requestPrincipals is not supported",
-        "bad.yaml: document 3: spec.rules[0].when[0].key 'request.auth.claims[iss]' is not "
-        "supported (supported keys: request.headers[<name>], source.principal, "
-        "source.namespace, source.ip, destination.port)",
+        "bad.yaml: document 2: spec.targetRefs is not supported",
+        "bad.yaml: document 3: spec.rules[0].when[0].key 'connection.sni' is not "
+        "supported (supported keys: request.headers[<name>], request.auth.claims[<name>], "
+        "source.principal, source.namespace, source.ip, destination.port, "
+        "request.auth.principal, request.auth.audiences, request.auth.presenter)",
     ]
-    assert e.value.field == "spec.rules[0].from[0].source.requestPrincipals"
+    assert e.value.field == "spec.targetRefs"
     got = await bus.request(bus.subjects.config_get, GetResourcesRequest(), GetResourcesReply)
     assert got.resources == []
     policy = await fetch_inbound(bus)

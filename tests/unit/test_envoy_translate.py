@@ -459,7 +459,7 @@ def test_ports_are_decided_for_the_listeners_port() -> None:
 
 
 def test_unevaluable_conditions_fail_closed_both_ways() -> None:
-    when = (Condition(key="request.auth.claims[iss]", values=("x",)),)
+    when = (Condition(key="connection.sni", values=("x",)),)
     allow = AuthzPolicy(name="a", namespace="default", rules=(AuthzRule(when=when),))
     deny = AuthzPolicy(name="d", namespace="default", action="DENY", rules=(AuthzRule(when=when),))
     filters = rbac_filters(inbound_listener(policy(authorization=(allow, deny))))

@@ -16,11 +16,13 @@ import pytest
 from mesh.compiled import (
     AuthzPolicy,
     AuthzRule,
+    ClaimHeader,
     Condition,
     ConnectionPool,
     ConsistentHash,
     Destination,
     DirectResponse,
+    ExtAuthzProvider,
     FaultAbort,
     FaultDelay,
     FaultInjection,
@@ -32,6 +34,8 @@ from mesh.compiled import (
     HTTPMatch,
     HTTPRoute,
     InboundPolicy,
+    JwtFromHeader,
+    JwtRule,
     LoadBalancer,
     Mirror,
     Operation,
@@ -40,6 +44,7 @@ from mesh.compiled import (
     RateLimit,
     RateLimitOverride,
     Redirect,
+    RequestAuthn,
     RetryPolicy,
     Rewrite,
     RouteTable,
@@ -497,12 +502,161 @@ def case_gateway() -> tuple[ProxyNode, MeshView]:
     )
 
 
+# a fixed public key (RFC 7517 appendix A.1): the golden file must not change per run
+JWKS = (
+    '{"keys": [{"kty": "EC", "crv": "P-256", "kid": "1", '
+    '"x": "MKBCTNIcKUSDii11ySs3526iDZ8AiTo7Tu6KPAqv7D4", '
+    '"y": "4Etl6SRW2YiLUrN5vfvVHuhp7x8PxltmWWlbbM4IFyM"}]}'
+)
+
+
+def case_inbound_jwt() -> tuple[ProxyNode, MeshView]:
+    """Istio's authz-jwt task: a RequestAuthentication with inline keys, one with a
+    jwksUri, and ALLOW/DENY rules on request principals, claims and audiences."""
+    policy = InboundPolicy(
+        namespace="foo",
+        service="httpbin",
+        revision=3,
+        request_authentication=(
+            RequestAuthn(
+                name="jwt-example",
+                namespace="foo",
+                selector={"app": "httpbin"},
+                rules=(
+                    JwtRule(
+                        issuer="testing@secure.istio.io",
+                        jwks=JWKS,
+                        output_payload_to_header="x-jwt-payload",
+                    ),
+                    JwtRule(
+                        issuer="https://accounts.example.com",
+                        audiences=("httpbin",),
+                        jwks_uri="https://keys.example.com/.well-known/jwks.json",
+                        from_headers=(JwtFromHeader(name="x-jwt", prefix="Tok "),),
+                        from_params=("my_token",),
+                        from_cookies=("session",),
+                        output_claim_to_headers=(ClaimHeader(header="x-sub", claim="sub"),),
+                        forward_original_token=True,
+                        timeout_ms=2000,
+                    ),
+                ),
+            ),
+        ),
+        authorization=(
+            AuthzPolicy(
+                name="require-jwt",
+                namespace="foo",
+                selector={"app": "httpbin"},
+                rules=(
+                    AuthzRule(
+                        sources=(
+                            Source(
+                                request_principals=(
+                                    "testing@secure.istio.io/testing@secure.istio.io",
+                                    "https://accounts.example.com/*",
+                                    "*/admin",
+                                )
+                            ),
+                        ),
+                        when=(
+                            Condition(key="request.auth.claims[groups]", values=("group1",)),
+                            Condition(key="request.auth.claims[org][team]", not_values=("x*",)),
+                            Condition(key="request.auth.audiences", values=("httpbin",)),
+                        ),
+                    ),
+                ),
+            ),
+            AuthzPolicy(
+                name="deny-anonymous",
+                namespace="foo",
+                action="DENY",
+                rules=(AuthzRule(sources=(Source(not_request_principals=("*",)),)),),
+            ),
+        ),
+    )
+    node = sidecar(
+        namespace="foo",
+        service="httpbin",
+        labels={"app": "httpbin", "version": "v1"},
+        identity=spiffe("foo", "httpbin"),
+        app_port=8000,
+        jwks_ca_file="/etc/ssl/certs/ca-certificates.crt",
+    )
+    return node, MeshView(destinations={}, inbound=policy)
+
+
+EXT_AUTHZ = "ext-authz.foo.svc.cluster.local"
+
+
+def case_inbound_ext_authz() -> tuple[ProxyNode, MeshView]:
+    """Istio's authz-custom task: a CUSTOM policy on /headers with an HTTP ext_authz
+    provider (a mesh service), a CUSTOM policy naming an undefined provider (denies),
+    and a DENY policy after them."""
+    provider = ExtAuthzProvider(
+        name="sample-ext-authz-http",
+        service="ext-authz.foo.svc.cluster.local",
+        port=8000,
+        timeout_ms=500,
+        path_prefix="/check",
+        status_on_error=503,
+        include_request_headers=("x-ext-authz",),
+        headers_to_upstream_on_allow=("x-ext-authz-check-result",),
+        headers_to_downstream_on_deny=("x-ext-authz-check-result", "content-type"),
+    )
+    policy = InboundPolicy(
+        namespace="foo",
+        service="httpbin",
+        revision=4,
+        authorization=(
+            AuthzPolicy(
+                name="ext-authz",
+                namespace="foo",
+                action="CUSTOM",
+                provider="sample-ext-authz-http",
+                selector={"app": "httpbin"},
+                rules=(AuthzRule(operations=(Operation(paths=("/headers",)),)),),
+            ),
+            AuthzPolicy(
+                name="undefined-provider",
+                namespace="foo",
+                action="CUSTOM",
+                provider="not-in-mesh-config",
+                rules=(AuthzRule(operations=(Operation(paths=("/private*",)),)),),
+            ),
+            AuthzPolicy(
+                name="no-admin",
+                namespace="foo",
+                action="DENY",
+                rules=(AuthzRule(operations=(Operation(paths=("/admin*",)),)),),
+            ),
+        ),
+        extension_providers=(provider,),
+    )
+    authz_endpoints = EndpointSet(
+        namespace="foo",
+        service="ext-authz",
+        revision=2,
+        endpoints=[endpoint("ext-authz-1", "10.0.3.1", 15006, identity=spiffe("foo", "ext-authz"))],
+    )
+    node = sidecar(
+        namespace="foo",
+        service="httpbin",
+        labels={"app": "httpbin", "version": "v1"},
+        identity=spiffe("foo", "httpbin"),
+        app_port=8000,
+        outbound=None,
+    )
+    return node, MeshView(destinations={EXT_AUTHZ: (None, authz_endpoints)}, inbound=policy)
+
+
 CASES: dict[str, Callable[[], tuple[ProxyNode, MeshView]]] = {
     "outbound_default": case_outbound_default,
     "outbound_routing": case_outbound_routing,
     "inbound_strict": case_inbound_strict,
     "inbound_permissive_no_app": case_inbound_permissive_no_app,
     "gateway": case_gateway,
+    "inbound_jwt": case_inbound_jwt,
+    "inbound_ext_authz": case_inbound_ext_authz,
 }
 
 

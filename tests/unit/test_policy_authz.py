@@ -227,7 +227,7 @@ MATRIX: list[tuple[str, AuthzRule, dict[str, Any], bool]] = [
     ("when destination.port", when("destination.port", ("9080",)), {}, True),
     ("when destination.port other", when("destination.port", ("8080",)), {}, False),
     # ---- unevaluable conditions fail closed in an ALLOW policy
-    ("when unknown key", when("request.auth.claims[iss]", ("*",)), {}, False),
+    ("when unknown key", when("connection.sni", ("*",)), {}, False),
     ("when unknown key notValues", when("connection.sni", (), ("x",)), {}, False),
     ("when no values at all", when("source.namespace"), {}, False),
     # ---- rule structure
@@ -447,7 +447,7 @@ def test_unknown_condition_key_in_deny_policy_denies() -> None:
     deny = policy(
         AuthzRule(
             operations=(Operation(paths=("/admin",)),),
-            when=(Condition(key="request.auth.claims[groups]", values=("admins",)),),
+            when=(Condition(key="connection.sni", values=("admins",)),),
         ),
         action="DENY",
     )

@@ -476,7 +476,7 @@ def test_unsupported_field_is_rejected_with_its_path(body: dict[str, Any], path:
     assert str(error) == f"t.yaml: document 3: {path} is not supported"
 
 
-@pytest.mark.parametrize("kind", ["RequestAuthentication", "ServiceEntry", "EnvoyFilter", "Pod"])
+@pytest.mark.parametrize("kind", ["ServiceEntry", "EnvoyFilter", "Pod"])
 def test_unsupported_kind_is_rejected(kind: str) -> None:
     body = {
         "apiVersion": "security.istio.io/v1",
@@ -969,7 +969,7 @@ def test_resolve_kind_rejects_unknown_names_listing_the_known_ones() -> None:
     assert str(info.value) == (
         "unknown resource kind 'serviceentries'; known kinds: VirtualService (vs), "
         "DestinationRule (dr), Gateway (gw), PeerAuthentication (pa), AuthorizationPolicy (ap), "
-        "RateLimitPolicy (rlp)"
+        "RequestAuthentication (ra), RateLimitPolicy (rlp), MeshConfig (mc)"
     )
 
 
@@ -980,7 +980,9 @@ def test_kind_registry_lists_names_and_versions() -> None:
         "Gateway": ("gateways", ("gw",)),
         "PeerAuthentication": ("peerauthentications", ("pa",)),
         "AuthorizationPolicy": ("authorizationpolicies", ("ap",)),
+        "RequestAuthentication": ("requestauthentications", ("ra",)),
         "RateLimitPolicy": ("ratelimitpolicies", ("rlp",)),
+        "MeshConfig": ("meshconfigs", ("mc",)),
     }
     assert KINDS["Gateway"].api_versions == (
         "networking.istio.io/v1",

@@ -413,14 +413,8 @@ def test_valid_edge_values_are_accepted(body: dict[str, Any]) -> None:
 
 
 UNSUPPORTED = [
-    (src(requestPrincipals=["*"]), "spec.rules[0].from[0].source.requestPrincipals"),
-    (src(notRequestPrincipals=["x"]), "spec.rules[0].from[0].source.notRequestPrincipals"),
-    (src(remoteIpBlocks=["1.2.3.4"]), "spec.rules[0].from[0].source.remoteIpBlocks"),
-    (src(notRemoteIpBlocks=["1.2.3.4"]), "spec.rules[0].from[0].source.notRemoteIpBlocks"),
-    (src(serviceAccounts=["default/sleep"]), "spec.rules[0].from[0].source.serviceAccounts"),
     (ap(targetRef={"kind": "Gateway", "name": "g"}), "spec.targetRef"),
     (ap(targetRefs=[{"kind": "Service", "name": "s"}]), "spec.targetRefs"),
-    (ap(action="CUSTOM", provider={"name": "ext"}), "spec.provider"),
     (ap(rules=[{"to": [{"operation": {"methods": ["GET"], "verbs": ["x"]}}]}]), "spec.rules[0].to[0].operation.verbs"),
     (ap(rules=[{"when": [{"key": "source.ip", "values": ["1.2.3.4"], "ignore": True}]}]), "spec.rules[0].when[0].ignore"),
     (ap(rules=[{"from": [{"source": {"namespaces": ["a"]}, "extra": 1}]}]), "spec.rules[0].from[0].extra"),
@@ -445,21 +439,23 @@ PATTERN = (
     "at the start or the end, got "
 )
 SUPPORTED_KEYS = (
-    "request.headers[<name>], source.principal, source.namespace, source.ip, destination.port"
+    "request.headers[<name>], request.auth.claims[<name>], source.principal, source.namespace, "
+    "source.ip, destination.port, request.auth.principal, request.auth.audiences, "
+    "request.auth.presenter"
 )
 
 REFUSED = [
     # AuthorizationPolicy: action
-    (ap(action="CUSTOM"), "spec.action", "spec.action CUSTOM is not supported (use ALLOW, DENY or AUDIT)"),
-    (ap(action="allow"), "spec.action", "must be one of ALLOW, DENY or AUDIT, got 'allow'"),
+    (ap(action="CUSTOM"), "spec.provider.name", "spec.provider.name is required with action CUSTOM (an extension provider of the mesh's MeshConfig)"),
+    (ap(action="allow"), "spec.action", "must be one of ALLOW, DENY, AUDIT or CUSTOM, got 'allow'"),
     (ap(action="DENY"), "spec.rules", "a DENY policy without rules never applies; add an empty rule {} to deny every request"),
     # empty from / to / source / operation
     (ap(rules=[{"from": []}]), "spec.rules[0].from", "must not be empty (omit it to match any source)"),
     (ap(rules=[{"to": []}]), "spec.rules[0].to", "must not be empty (omit it to match any operation)"),
     (ap(rules=[{"from": [{}]}]), "spec.rules[0].from[0].source", "spec.rules[0].from[0].source is required"),
     (ap(rules=[{"to": [{}]}]), "spec.rules[0].to[0].operation", "spec.rules[0].to[0].operation is required"),
-    (src(), "spec.rules[0].from[0].source", "must set at least one of principals, notPrincipals, namespaces, notNamespaces, ipBlocks or notIpBlocks"),
-    (src(principals=[]), "spec.rules[0].from[0].source", "must set at least one of principals, notPrincipals, namespaces, notNamespaces, ipBlocks or notIpBlocks"),
+    (src(), "spec.rules[0].from[0].source", "must set at least one of principals, notPrincipals, requestPrincipals, notRequestPrincipals, namespaces, notNamespaces, ipBlocks, notIpBlocks, serviceAccounts, notServiceAccounts, remoteIpBlocks or notRemoteIpBlocks"),
+    (src(principals=[]), "spec.rules[0].from[0].source", "must set at least one of principals, notPrincipals, requestPrincipals, notRequestPrincipals, namespaces, notNamespaces, ipBlocks, notIpBlocks, serviceAccounts, notServiceAccounts, remoteIpBlocks or notRemoteIpBlocks"),
     (op(), "spec.rules[0].to[0].operation", "must set at least one of methods, notMethods, paths, notPaths, hosts, notHosts, ports or notPorts"),
     # patterns
     (src(principals=["cluster.local/*/sa/sleep"]), "spec.rules[0].from[0].source.principals[0]", PATTERN + "'cluster.local/*/sa/sleep'"),
@@ -467,7 +463,13 @@ REFUSED = [
     (src(namespaces=[""]), "spec.rules[0].from[0].source.namespaces[0]", "must not be empty"),
     (op(hosts=["**"]), "spec.rules[0].to[0].operation.hosts[0]", PATTERN + "'**'"),
     (op(notMethods=["G*T"]), "spec.rules[0].to[0].operation.notMethods[0]", PATTERN + "'G*T'"),
-    (op(paths=["/api/{*}/info"]), "spec.rules[0].to[0].operation.paths[0]", PATTERN + "'/api/{*}/info' (path templates such as {*} and {**} are not supported)"),
+    (op(paths=["/api/{*}x/info"]), "spec.rules[0].to[0].operation.paths[0]", "must be a path template: start with '/', use {*} and {**} as whole segments, {**} as the last operator, and no other '*', '{' or '}', got '/api/{*}x/info'"),
+    (op(paths=["/a/{**}/{*}"]), "spec.rules[0].to[0].operation.paths[0]", "must be a path template: start with '/', use {*} and {**} as whole segments, {**} as the last operator, and no other '*', '{' or '}', got '/a/{**}/{*}'"),
+    (op(paths=["/a b/{*}"]), "spec.rules[0].to[0].operation.paths[0]", "must use only letters, digits and -._~%!$&'()+,;:@= in the segments of a path template, got '/a b/{*}'"),
+    (op(notPaths=["/*/b/{*}"]), "spec.rules[0].to[0].operation.notPaths[0]", "must be a path template: start with '/', use {*} and {**} as whole segments, {**} as the last operator, and no other '*', '{' or '}', got '/*/b/{*}'"),
+    (src(remoteIpBlocks=["10.0.0.0/33"]), "spec.rules[0].from[0].source.remoteIpBlocks[0]", "must be an IP address or a CIDR range (e.g. 10.1.0.0/16), got '10.0.0.0/33'"),
+    (src(serviceAccounts=["sleep"]), "spec.rules[0].from[0].source.serviceAccounts[0]", "must be <namespace>/<service account> without wildcards (e.g. 'default/sleep'), got 'sleep'"),
+    (src(notServiceAccounts=["default/*"]), "spec.rules[0].from[0].source.notServiceAccounts[0]", "must be <namespace>/<service account> without wildcards (e.g. 'default/sleep'), got 'default/*'"),
     (op(notPaths=["/a*b"]), "spec.rules[0].to[0].operation.notPaths[0]", PATTERN + "'/a*b'"),
     # IPs and ports
     (src(ipBlocks=["10.0.0.0/33"]), "spec.rules[0].from[0].source.ipBlocks[0]", "must be an IP address or a CIDR range (e.g. 10.1.0.0/16), got '10.0.0.0/33'"),
@@ -478,7 +480,9 @@ REFUSED = [
     (op(ports=["http"]), "spec.rules[0].to[0].operation.ports[0]", "must be a port number between 1 and 65535 (as a string), got 'http'"),
     (op(ports=[8080]), "spec.rules[0].to[0].operation.ports[0]", "must be a string, got an integer"),
     # when
-    (when(key="request.auth.claims[iss]", values=["x"]), "spec.rules[0].when[0].key", f"spec.rules[0].when[0].key 'request.auth.claims[iss]' is not supported (supported keys: {SUPPORTED_KEYS})"),
+    (when(key="connection.sni", values=["x"]), "spec.rules[0].when[0].key", f"spec.rules[0].when[0].key 'connection.sni' is not supported (supported keys: {SUPPORTED_KEYS})"),
+    (when(key="request.auth.claims", values=["x"]), "spec.rules[0].when[0].key", "must be request.auth.claims[<name>] (nested: [a][b]), got 'request.auth.claims'"),
+    (when(key="request.auth.claims[]", values=["x"]), "spec.rules[0].when[0].key", "must be request.auth.claims[<name>] (nested: [a][b]), got 'request.auth.claims[]'"),
     (when(key="request.method", values=["GET"]), "spec.rules[0].when[0].key", f"spec.rules[0].when[0].key 'request.method' is not supported (supported keys: {SUPPORTED_KEYS})"),
     (when(key="destination.ip", values=["10.0.0.1"]), "spec.rules[0].when[0].key", f"spec.rules[0].when[0].key 'destination.ip' is not supported (supported keys: {SUPPORTED_KEYS})"),
     (when(key="", values=["x"]), "spec.rules[0].when[0].key", "must not be empty"),

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from proxy.envoy.resources import XdsResources
 
-from . import gateway, inbound, outbound, tcp
+from . import ext_authz, gateway, inbound, outbound, tcp
 from .model import MeshView, ProxyNode, TranslationError
 from .tls import tls_secrets
 
@@ -41,6 +41,8 @@ def translate(node: ProxyNode, view: MeshView) -> XdsResources:
             inbound.add_inbound_http(node, view, out)
         inbound.add_inbound_tcp(node, view, out)
     tcp.add_outbound_tcp(node, view, out)
+    # CUSTOM policies' authorizers are mesh services too
+    ctx.referenced.update((h, "") for h in ext_authz.provider_hosts(view.inbound, node.namespace))
     outbound.add_http_clusters(view, ctx, out)
     return out
 
@@ -55,4 +57,6 @@ def referenced_hosts(node: ProxyNode, view: MeshView) -> set[str]:
     else:
         ctx = outbound.route_context(node, view)
         outbound.outbound_route_config(node, view, ctx)
-    return {host for host, _ in ctx.referenced}
+    return {host for host, _ in ctx.referenced} | ext_authz.provider_hosts(
+        view.inbound, node.namespace
+    )

@@ -1,16 +1,19 @@
 """Gateway mode: plaintext listeners sharing one route configuration built from the
 GatewayConfig's virtual hosts, matched as `proxy.routing.match.compile_virtual_hosts`
-does."""
+does. RequestAuthentication (`jwt_authn`) and AuthorizationPolicy (RBAC) selecting the
+gateway run before the router when the agent gives the gateway's inbound policy in
+`MeshView.inbound`."""
 
 from __future__ import annotations
 
+from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.route.v3 import route_pb2
 
 from mesh.compiled import GatewayConfig
 from mesh.hosts import service_of_host
 from proxy.envoy.resources import XdsResources
 
-from . import listeners, routes
+from . import inbound, jwt_authn, listeners, rbac, routes
 from .model import MeshView, ProxyNode, TranslationError
 from .names import GATEWAY_ROUTE, gateway_listener
 from .outbound import peer_metadata_header
@@ -92,14 +95,33 @@ def add_gateway(
     route_config = gateway_route_config(config, ctx)
     route_config["requestHeadersToAdd"] = [peer_metadata_header(node)]
     out.routes[GATEWAY_ROUTE] = parse(route_pb2.RouteConfiguration, route_config)
+    # RequestAuthentication and AuthorizationPolicy selecting the gateway (its own
+    # service's inbound policy, as the Python gateway follows it), before routing
+    authns = jwt_authn.selected(view.inbound, node.labels)
+    jwt_filters, jwks_clusters = jwt_authn.jwt_authn_filters(authns, inbound.jwks_ca_file(node))
+    for cluster_name, cluster in jwks_clusters.items():
+        out.clusters[cluster_name] = parse(cluster_pb2.Cluster, cluster)
+    policies = rbac.selected(view.inbound, node.labels)
     for address, port in node.gateway_listeners:
         name = gateway_listener(address, port)
+        rbac_filters = rbac.rbac_filters(
+            policies,
+            port,
+            tcp=False,
+            stat_prefix="gateway",
+            issuers=jwt_authn.issuers(authns),
+            inbound=view.inbound,
+            namespace=node.namespace,
+        )
         hcm = listeners.http_connection_manager(
             f"gateway_{port}",
             route_config_name=GATEWAY_ROUTE,
-            http_filters=[listeners.fault_filter()],
+            http_filters=[*jwt_filters, *rbac_filters, listeners.fault_filter()],
             access_log_name="gateway",
             access_log_cluster=node.access_log_cluster,
-            extra={"useRemoteAddress": True},
+            extra={
+                "useRemoteAddress": True,
+                **({"xffNumTrustedHops": hops} if (hops := inbound.trusted_hops(view)) else {}),
+            },
         )
         out.listeners[name] = listeners.listener(name, (address, port), [{"filters": [hcm]}])

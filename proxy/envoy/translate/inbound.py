@@ -8,13 +8,16 @@ DISABLE add a plaintext chain, chosen by the TLS inspector for non-TLS connectio
 
 from __future__ import annotations
 
+import ssl
+
+from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.route.v3 import route_pb2
 
 from proxy.envoy.access_log_convert import peer_metadata_filter
 from proxy.envoy.resources import XdsResources
 from proxy.policy.peer import effective_mtls
 
-from . import clusters, listeners, ratelimit, rbac, tls
+from . import clusters, jwt_authn, listeners, ratelimit, rbac, tls
 from .model import MeshView, ProxyNode
 from .names import (
     INBOUND_HTTP_LISTENER,
@@ -25,6 +28,21 @@ from .names import (
 from .protos import Json, parse
 
 APP_HOST = "127.0.0.1"
+
+
+def jwks_ca_file(node: ProxyNode) -> str:
+    return node.jwks_ca_file or ssl.get_default_verify_paths().cafile or ""
+
+
+def trusted_hops(view: MeshView) -> int:
+    return view.inbound.num_trusted_proxies if view.inbound is not None else 0
+
+
+def _trusted_hops(view: MeshView) -> Json:
+    """MeshConfig `numTrustedProxies`: the client `remoteIpBlocks` sees is taken from
+    X-Forwarded-For past that many proxies (none set: the peer, as before)."""
+    hops = trusted_hops(view)
+    return {"useRemoteAddress": True, "xffNumTrustedHops": hops} if hops else {}
 
 
 def mode_of(node: ProxyNode, view: MeshView, port: int) -> str:
@@ -81,12 +99,23 @@ def add_inbound_http(node: ProxyNode, view: MeshView, out: XdsResources) -> None
     assert node.inbound is not None
     port = node.app_port
     policies = rbac.selected(view.inbound, node.labels)
-    # authorization first, then rate limits, as the Python inbound path orders them
+    authns = jwt_authn.selected(view.inbound, node.labels)
+    jwt_filters, jwks_clusters = jwt_authn.jwt_authn_filters(authns, jwks_ca_file(node))
+    # JWT, authorization, then rate limits, as the Python inbound path orders them
     http_filters = [
         # the caller's peer metadata moves into dynamic metadata: the app never sees
         # it, the access log still carries it (a header removed is gone from the log)
         peer_metadata_filter(),
-        *rbac.rbac_filters(policies, port, tcp=False, stat_prefix="inbound"),
+        *jwt_filters,
+        *rbac.rbac_filters(
+            policies,
+            port,
+            tcp=False,
+            stat_prefix="inbound",
+            issuers=jwt_authn.issuers(authns),
+            inbound=view.inbound,
+            namespace=node.namespace,
+        ),
         *ratelimit.ratelimit_filters(ratelimit.selected(view.inbound, node.labels)),
     ]
     filters = {}
@@ -102,6 +131,7 @@ def add_inbound_http(node: ProxyNode, view: MeshView, out: XdsResources) -> None
                 extra={
                     "forwardClientCertDetails": "SANITIZE_SET",
                     "setCurrentClientCertDetails": {"uri": True},
+                    **_trusted_hops(view),
                 },
             )
         ]
@@ -113,6 +143,8 @@ def add_inbound_http(node: ProxyNode, view: MeshView, out: XdsResources) -> None
         listener_filters=[listeners.tls_inspector()],
     )
     out.routes[INBOUND_HTTP_ROUTE] = parse(route_pb2.RouteConfiguration, inbound_route_config(node))
+    for name, cluster in jwks_clusters.items():
+        out.clusters[name] = parse(cluster_pb2.Cluster, cluster)
     if port:
         name = inbound_cluster(port)
         out.clusters[name] = clusters.static_cluster(name, APP_HOST, port, http=True)

@@ -50,6 +50,8 @@ class ProxyNode:
     gateway_listeners: tuple[tuple[str, int], ...] = ()
     # when set, HTTP and TCP access logs go to this gRPC cluster (defined by the bootstrap)
     access_log_cluster: str = ""
+    # CA bundle for RequestAuthentication `jwksUri` servers (https); "" = the system's
+    jwks_ca_file: str = ""
 
 
 @dataclass(frozen=True)

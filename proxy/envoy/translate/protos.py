@@ -8,8 +8,10 @@ from typing import Any
 # Imported for their side effect: every message type an `Any` below names must be in
 # the descriptor pool for `ParseDict` to resolve it.
 import envoy.extensions.access_loggers.grpc.v3.als_pb2
+import envoy.extensions.filters.http.ext_authz.v3.ext_authz_pb2
 import envoy.extensions.filters.http.fault.v3.fault_pb2
 import envoy.extensions.filters.http.header_to_metadata.v3.header_to_metadata_pb2
+import envoy.extensions.filters.http.jwt_authn.v3.config_pb2
 import envoy.extensions.filters.http.local_ratelimit.v3.local_rate_limit_pb2
 import envoy.extensions.filters.http.rbac.v3.rbac_pb2
 import envoy.extensions.filters.http.router.v3.router_pb2
@@ -17,6 +19,7 @@ import envoy.extensions.filters.listener.tls_inspector.v3.tls_inspector_pb2
 import envoy.extensions.filters.network.http_connection_manager.v3.http_connection_manager_pb2
 import envoy.extensions.filters.network.rbac.v3.rbac_pb2
 import envoy.extensions.filters.network.tcp_proxy.v3.tcp_proxy_pb2
+import envoy.extensions.path.match.uri_template.v3.uri_template_match_pb2
 import envoy.extensions.retry.host.previous_hosts.v3.previous_hosts_pb2
 import envoy.extensions.transport_sockets.raw_buffer.v3.raw_buffer_pb2
 import envoy.extensions.transport_sockets.tls.v3.tls_pb2

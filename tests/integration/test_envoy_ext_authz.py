@@ -1,0 +1,170 @@
+"""The Envoy data plane on CUSTOM authorization: a real Envoy run on the translation
+(shadow RBAC marking the CUSTOM rules, ext_authz through the provider's mesh
+cluster) answers Istio's authz-custom flow as the Python sidecar does
+(tests/integration/test_ext_authz.py): the sample authorizer's denial and headers,
+its allowed header upstream, unmatched paths unchecked, statusOnError on timeout."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mesh import identity
+from mesh.compiled import (
+    AuthzPolicy,
+    AuthzRule,
+    ExtAuthzProvider,
+    InboundPolicy,
+    Operation,
+)
+from mesh.messages import Endpoint, EndpointSet
+from mesh.servers import free_port
+from proxy.envoy.translate import MeshView, ProxyNode, referenced_hosts
+from tests.integration.test_envoy_jwt import _HeadersApp
+from tests.integration.test_envoy_translate_validate import (
+    TD,
+    _envoy,
+    _listening,
+    _request,
+    static_bootstrap,
+)
+from tests.support import wait_for
+
+CHECK_RESULT = "x-ext-authz-check-result"
+AUTHZ_HOST = "ext-authz.foo.svc.cluster.local"
+
+
+class _SampleExtAuthz(http.server.BaseHTTPRequestHandler):
+    """Istio's sample ext-authz: allow with `x-ext-authz: allow`; /slow waits 2 s."""
+
+    def do_GET(self) -> None:
+        if self.path.startswith("/slow"):
+            time.sleep(2)
+        if self.headers.get("x-ext-authz") == "allow":
+            self.send_response(200)
+            self.send_header(CHECK_RESULT, "allowed")
+            self.send_header("content-length", "0")
+            self.end_headers()
+            return
+        body = b"denied by ext_authz for not found header `x-ext-authz: allow` in the request"
+        self.send_response(403)
+        self.send_header(CHECK_RESULT, "denied")
+        self.send_header("x-not-for-client", "1")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def _serve(handler: type[http.server.BaseHTTPRequestHandler]) -> Iterator[int]:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield int(server.server_address[1])
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture
+def app_port() -> Iterator[int]:
+    yield from _serve(_HeadersApp)
+
+
+@pytest.fixture
+def authz_port() -> Iterator[int]:
+    yield from _serve(_SampleExtAuthz)
+
+
+def _node_and_view(app_port: int, inbound_port: int, authz_port: int) -> tuple[ProxyNode, MeshView]:
+    provider = ExtAuthzProvider(
+        name="sample-ext-authz-http",
+        service=AUTHZ_HOST,
+        port=8000,
+        timeout_ms=500,
+        status_on_error=503,
+        include_request_headers=("x-ext-authz",),
+        headers_to_upstream_on_allow=(CHECK_RESULT,),
+        headers_to_downstream_on_deny=(CHECK_RESULT, "content-type"),
+    )
+    policy = InboundPolicy(
+        namespace="foo",
+        service="httpbin",
+        revision=1,
+        authorization=(
+            AuthzPolicy(
+                name="ext-authz",
+                namespace="foo",
+                action="CUSTOM",
+                provider=provider.name,
+                rules=(AuthzRule(operations=(Operation(paths=("/headers", "/slow*")),)),),
+            ),
+        ),
+        extension_providers=(provider,),
+    )
+    node = ProxyNode(
+        namespace="foo",
+        service="httpbin",
+        version="v1",
+        labels={"app": "httpbin"},
+        identity=identity.spiffe_id(TD, "foo", "httpbin"),
+        trust_domain=TD,
+        role="sidecar",
+        inbound=("127.0.0.1", inbound_port),
+        outbound=None,
+        app_port=app_port,
+    )
+    # the authorizer registered no identity: reached in plaintext
+    authz = EndpointSet(
+        namespace="foo",
+        service="ext-authz",
+        revision=1,
+        endpoints=[Endpoint(instance="ext-authz-1", address=f"127.0.0.1:{authz_port}")],
+    )
+    view = MeshView(destinations={AUTHZ_HOST: (None, authz)}, inbound=policy)
+    assert AUTHZ_HOST in referenced_hosts(node, view)
+    return node, view
+
+
+def test_envoy_asks_the_ext_authz_provider_for_custom_rules(
+    app_port: int, authz_port: int, tmp_path: Path
+) -> None:
+    envoy = _envoy()
+    inbound_port = free_port()
+    node, view = _node_and_view(app_port, inbound_port, authz_port)
+    config = tmp_path / "ext_authz.json"
+    config.write_text(json.dumps(static_bootstrap(node, view, "ext-authz")))
+    log = (tmp_path / "envoy.log").open("w")
+    proc = subprocess.Popen(
+        [envoy, "-c", str(config), "--use-dynamic-base-id", "--log-level", "warn"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+
+    def get(path: str, **headers: str) -> tuple[int, dict[str, str], bytes]:
+        return _request(inbound_port, path, "httpbin.foo:8000", headers)
+
+    try:
+        wait_for(lambda: _listening(inbound_port), timeout=30)
+        status, headers, body = get("/headers", **{"x-ext-authz": "deny"})
+        assert status == 403
+        assert body.startswith(b"denied by ext_authz for not found header")
+        assert headers[CHECK_RESULT] == "denied" and "x-not-for-client" not in headers
+        status, _, body = get("/headers", **{"x-ext-authz": "allow", CHECK_RESULT: "forged"})
+        assert status == 200, body
+        assert json.loads(body)[CHECK_RESULT] == "allowed"
+        assert get("/ip")[0] == 200  # not matched by the CUSTOM policy: not checked
+        assert get("/slow", **{"x-ext-authz": "allow"})[0] == 503  # timeout: statusOnError
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
