@@ -413,7 +413,10 @@ class H2UpstreamPool:
         self._h2_limits = H2Limits(max_header_list_size=limits.max_header_bytes)
         self._connect_timeout = connect_timeout
         self._authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        self._scheme = "https" if ssl is not None else "http"
+        # The request's scheme, not the hop's: mTLS between sidecars is the mesh's
+        # transport, and the app (and what it is told, e.g. a 401's realm) sees the
+        # `http` request its caller made, as over HTTP/1.1 and as in Istio.
+        self._scheme = "http"
         self._connections: list[H2UpstreamConnection] = []
         self._connecting: asyncio.Future[H2UpstreamConnection] | None = None
         self._closed = False
