@@ -5,9 +5,8 @@ relayed connection to the sidecar's access-log service, on a stream named by the
 logger's `log_name` (`proxy.envoy.translate.access_log`): `outbound`, `gateway` and
 `outbound_tcp` are reported as `source`, `inbound` and `inbound_tcp` as `destination`.
 `AccessLogConverter` turns each entry into what the Python data path hands the same
-`TelemetryRecorder`: a `RequestRecord` (with the trace id the request carried; its
-spans come from Envoy's tracer, `otlp_spans`), or the `TcpRecord` of a connection with
-its bytes. Aggregation,
+`TelemetryRecorder`: a `RequestRecord` (plus a `Span` when the request carries a
+sampled trace context), or the `TcpRecord` of a connection with its bytes. Aggregation,
 access batches and publishing are then shared with the Python data plane.
 
 How the other side is named, as `proxy.telemetry.datapath` names it:
@@ -30,6 +29,7 @@ adds `RBAC`, as the Python proxies flag it: Envoy itself sets no flag for it.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
@@ -40,9 +40,10 @@ from envoy.data.accesslog.v3 import accesslog_pb2
 from mesh import identity
 from mesh.hosts import canonical_host, service_of_host
 from mesh.messages import Endpoint, EndpointSet
+from mesh.telemetry import Span
 from proxy.telemetry.peer_metadata import PEER_METADATA_HEADER, decode_peer_metadata
 from proxy.telemetry.records import UNKNOWN, RequestRecord, TcpRecord, Workload, workload_name
-from proxy.telemetry.tracing import TRACE_HEADERS, incoming_trace
+from proxy.telemetry.tracing import TRACE_HEADERS, incoming_trace, new_span_id
 
 Reporter = Literal["source", "destination"]
 
@@ -244,6 +245,11 @@ def _dry_run(common: accesslog_pb2.AccessLogCommon) -> tuple[str, str]:
     return result, policy
 
 
+class HttpConversion(NamedTuple):
+    record: RequestRecord
+    span: Span | None  # only for a request whose trace context is sampled
+
+
 class TcpConversion(NamedTuple):
     """What one TCP entry means for the recorder: `opened` (first seen), bytes relayed
     since the connection's last entry, and `closed` (its final entry)."""
@@ -273,16 +279,23 @@ class AccessLogConverter:
     certificate), and for TCP the bytes already reported per open connection (Envoy's
     periodic entries carry running totals)."""
 
-    def __init__(self, local: LocalProxy, *, endpoints: EndpointLookup = no_endpoints):
+    def __init__(
+        self,
+        local: LocalProxy,
+        *,
+        endpoints: EndpointLookup = no_endpoints,
+        rng: random.Random | None = None,
+    ):
         self.local = local
         self.endpoints = endpoints
+        self._rng = rng
         self._destinations: dict[tuple[str, str], tuple[EndpointSet, Workload]] = {}
         self._callers: dict[tuple[str, str], Workload] = {}
         self._open_tcp: dict[str, tuple[int, int]] = {}
 
     # ------------------------------------------------------------ HTTP
 
-    def http(self, log_name: str, entry: accesslog_pb2.HTTPAccessLogEntry) -> RequestRecord:
+    def http(self, log_name: str, entry: accesslog_pb2.HTTPAccessLogEntry) -> HttpConversion:
         reporter = HTTP_LOG_REPORTERS.get(log_name)
         if reporter is None:
             raise AccessLogError(
@@ -335,7 +348,42 @@ class AccessLogConverter:
             dry_run_policy=dry_policy,
             start_ns=start_ns,  # 0 (never logged): the recorder takes now minus the duration
         )
-        return record
+        span = None
+        if trace.sampled and trace.trace_id and trace.span_id:
+            span = self._span(record, trace.span_id, start_ns, duration_ms)
+        return HttpConversion(record, span)
+
+    def _span(
+        self, record: RequestRecord, parent_span_id: str, start_ns: int, duration_ms: float
+    ) -> Span:
+        """The span of this hop: a child of the span id the request arrived with
+        (Envoy without a tracer forwards that context unchanged, see the report in
+        `proxy.envoy.access_log_service`)."""
+        peer = record.destination if record.reporter == "source" else record.source
+        status = record.status
+        return Span(
+            trace_id=record.trace_id,
+            span_id=new_span_id(self._rng),
+            parent_span_id=parent_span_id,
+            name=f"{record.authority or record.destination_service}/*",
+            kind="client" if record.reporter == "source" else "server",
+            service=self.local.service,
+            namespace=self.local.namespace,
+            instance=self.local.instance,
+            start_ns=start_ns,
+            end_ns=start_ns + int(duration_ms * 1e6),
+            status_code=status,
+            error=status == 0 or status >= 500,
+            attributes={
+                "http.method": record.method,
+                "http.url": f"http://{record.authority}{record.path}",
+                "http.status_code": str(status),
+                "response_flags": record.flags,
+                "upstream_host": record.upstream_host,
+                "request_id": record.request_id,
+                "peer.workload": peer.name,
+            },
+        )
 
     # ------------------------------------------------------------ TCP
 

@@ -11,8 +11,9 @@ spans reach the telemetry service over the same stream, counted once.
 `AccessLogIngest` is the part without I/O (one stream's messages in, recorder calls
 out); `AccessLogServer` is the grpc.aio shell around it.
 
-Spans come from Envoy's OpenTelemetry tracer (`trace_service`), not from these logs:
-a record keeps the request's trace id only.
+Spans: a sampled request's hop becomes a span that is a child of the context it
+arrived with (Envoy runs without a tracer by default: `proxy.dataplane.envoy.
+ENVOY_TRACER`). The OTLP receiver for Envoy's tracer is `trace_service`.
 """
 
 from __future__ import annotations
@@ -66,11 +67,13 @@ class AccessLogIngest:
         recorder, convert = self.recorder, self.converter
         for http_entry in message.http_logs.log_entry:
             try:
-                record = convert.http(log_name, http_entry)
+                http = convert.http(log_name, http_entry)
             except Exception as e:
                 self._failed(log_name, e)
                 continue
-            recorder.record_request(record)
+            recorder.record_request(http.record)
+            if http.span is not None:
+                recorder.record_span(http.span)
             self.counts.http += 1
         for tcp_entry in message.tcp_logs.log_entry:
             try:

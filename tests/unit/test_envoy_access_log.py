@@ -1,9 +1,10 @@
 """Envoy access-log entries -> telemetry records (pure): response flags as Envoy prints
-them, both reporters' Istio labels, the logged trace id (no spans: Envoy's tracer), TCP
+them, both reporters' Istio labels, spans from the logged trace context, TCP
 connections with periodic entries, and the ingest step that feeds the recorder."""
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
 import pytest
@@ -25,7 +26,7 @@ from proxy.envoy.access_log_convert import (
     response_flags,
 )
 from proxy.envoy.access_log_service import AccessLogIngest
-from proxy.telemetry import RequestRecord, TelemetryRecorder, Workload, own_workload
+from proxy.telemetry import TelemetryRecorder, Workload, own_workload
 
 REVIEWS = "reviews.default.svc.cluster.local"
 RATINGS = "ratings.default.svc.cluster.local"
@@ -68,7 +69,7 @@ RATINGS_SET = EndpointSet(
 
 def converter() -> AccessLogConverter:
     sets = {RATINGS: RATINGS_SET}
-    return AccessLogConverter(LOCAL, endpoints=sets.get)
+    return AccessLogConverter(LOCAL, endpoints=sets.get, rng=random.Random(1))
 
 
 def address(ip: str, port: int) -> address_pb2.Address:
@@ -175,7 +176,8 @@ def test_outbound_request_names_the_chosen_endpoint() -> None:
         upstream_remote_address=address("10.0.0.5", 15006),
         headers={"x-request-id": "ignored-request-id-wins"},
     )
-    record = converter().http("outbound", entry)
+    record, span = converter().http("outbound", entry)
+    assert span is None  # no trace context: Envoy opened no trace
     assert record.reporter == "source"
     assert record.source == REVIEWS_V2
     assert record.destination == Workload(
@@ -207,7 +209,7 @@ def test_outbound_no_route_takes_the_service_from_the_authority() -> None:
         details="route_not_found",
         response_flags=accesslog_pb2.ResponseFlags(no_route_found=True),
     )
-    record = converter().http("outbound", entry)
+    record, _ = converter().http("outbound", entry)
     assert (record.status, record.flags) == (404, "NR")
     assert record.destination_service == RATINGS
     assert record.destination == Workload()  # no endpoint chosen
@@ -216,7 +218,7 @@ def test_outbound_no_route_takes_the_service_from_the_authority() -> None:
 
 def test_outbound_host_outside_the_mesh_is_unknown() -> None:
     entry = http_entry(status=502, authority="api.example.com")
-    record = converter().http("gateway", entry)
+    record, _ = converter().http("gateway", entry)
     assert record.reporter == "source"
     assert record.destination_service == "unknown"
 
@@ -227,7 +229,7 @@ def test_outbound_no_healthy_upstream_keeps_the_cluster_service() -> None:
         upstream_cluster=f"outbound|0||{RATINGS}",
         response_flags=accesslog_pb2.ResponseFlags(no_healthy_upstream=True),
     )
-    record = converter().http("outbound", entry)
+    record, _ = converter().http("outbound", entry)
     assert (record.status, record.flags, record.destination_service) == (503, "UH", RATINGS)
     assert record.destination == Workload()
 
@@ -237,7 +239,7 @@ def test_outbound_endpoint_not_listed_is_unknown() -> None:
         upstream_cluster=f"outbound|0||{RATINGS}",
         upstream_remote_address=address("10.9.9.9", 15006),
     )
-    assert converter().http("outbound", entry).destination == Workload()
+    assert converter().http("outbound", entry).record.destination == Workload()
 
 
 def test_client_reset_has_no_status_and_flag_dc() -> None:
@@ -246,14 +248,14 @@ def test_client_reset_has_no_status_and_flag_dc() -> None:
         upstream_cluster=f"outbound|0||{RATINGS}",
         response_flags=accesslog_pb2.ResponseFlags(downstream_connection_termination=True),
     )
-    record = converter().http("outbound", entry)
+    record, _ = converter().http("outbound", entry)
     assert (record.status, record.flags) == (0, "DC")
 
 
 def test_method_outside_envoys_enum_is_a_dash() -> None:
     entry = http_entry()
     entry.request.request_method = base_pb2.METHOD_UNSPECIFIED
-    assert converter().http("outbound", entry).method == "-"
+    assert converter().http("outbound", entry).record.method == "-"
 
 
 # ---------------------------------------------------------------- HTTP, reporter destination
@@ -270,7 +272,7 @@ def test_inbound_caller_from_certificate_and_metadata_header() -> None:
             "x-meshwork-peer": "workload=productpage-v1;namespace=evil;app=productpage;version=v1"
         },
     )
-    record = converter().http("inbound", entry)
+    record, _ = converter().http("inbound", entry)
     assert record.reporter == "destination"
     assert record.source == Workload(
         name="productpage-v1",
@@ -286,7 +288,7 @@ def test_inbound_caller_from_certificate_and_metadata_header() -> None:
 
 
 def test_inbound_plaintext_caller() -> None:
-    record = converter().http("inbound", http_entry(authority="reviews"))
+    record, _ = converter().http("inbound", http_entry(authority="reviews"))
     assert record.security_policy == "none"
     assert record.source == Workload()
 
@@ -303,7 +305,7 @@ def test_inbound_certificate_without_one_spiffe_id_counts_as_no_identity(
     uris: tuple[str, ...],
 ) -> None:
     entry = http_entry(authority="reviews", tls_properties=peer_tls(*uris))
-    record = converter().http("inbound", entry)
+    record, _ = converter().http("inbound", entry)
     assert record.security_policy == "none"
     assert record.source.principal == "unknown"
 
@@ -315,7 +317,7 @@ def test_inbound_rbac_denial_is_flagged_as_the_python_proxy_does() -> None:
         details="rbac_access_denied_matched_policy[default/deny-admin[0]]",
         tls_properties=peer_tls(PRODUCTPAGE_ID),
     )
-    record = converter().http("inbound", entry)
+    record, _ = converter().http("inbound", entry)
     assert (record.status, record.flags) == (403, "RBAC")
 
 
@@ -330,7 +332,7 @@ def test_dry_run_result_from_shadow_rbac_metadata() -> None:
         }
     )
     entry.common_properties.metadata.filter_metadata["envoy.filters.http.rbac"].CopyFrom(meta)
-    record = converter().http("inbound", entry)
+    record, _ = converter().http("inbound", entry)
     assert (record.dry_run_result, record.dry_run_policy) == ("denied", "default/no-admin")
 
 
@@ -356,11 +358,9 @@ def test_unknown_log_name_is_an_error_naming_it() -> None:
         ({"b3": f"{TRACE_ID[16:]}-{PARENT_ID}-1"}, "0" * 16 + TRACE_ID[16:], PARENT_ID),
     ],
 )
-def test_a_request_keeps_the_trace_id_it_was_logged_with_and_opens_no_span(
+def test_sampled_request_gives_a_span_of_this_hop(
     headers: dict[str, str], trace_id: str, parent: str
 ) -> None:
-    """Spans come from Envoy's tracer (proxy.envoy.otlp_spans): a log-derived span
-    would count the hop twice."""
     entry = http_entry(
         status=503,
         headers=headers,
@@ -368,14 +368,32 @@ def test_a_request_keeps_the_trace_id_it_was_logged_with_and_opens_no_span(
         upstream_remote_address=address("10.0.0.5", 15006),
         response_flags=accesslog_pb2.ResponseFlags(upstream_connection_failure=True),
     )
-    record = converter().http("outbound", entry)
-    assert isinstance(record, RequestRecord)
-    assert record.trace_id == trace_id and record.flags == "UF"
+    record, span = converter().http("outbound", entry)
+    assert span is not None
+    assert record.trace_id == trace_id == span.trace_id
+    assert span.parent_span_id == parent and span.span_id != parent and len(span.span_id) == 16
+    assert span.kind == "client"
+    assert (span.service, span.namespace, span.instance) == ("reviews", "default", "reviews-v2-abc")
+    assert (span.start_ns, span.end_ns) == (START_NS, START_NS + 12_000_000)
+    assert (span.status_code, span.error) == (503, True)
+    assert span.name == "ratings:9080/*"
+    assert span.attributes["response_flags"] == "UF"
+    assert span.attributes["peer.workload"] == "ratings-v1"
 
 
-def test_unsampled_request_keeps_its_trace_id() -> None:
+def test_inbound_sampled_request_gives_a_server_span() -> None:
+    entry = http_entry(
+        authority="reviews", headers={"traceparent": f"00-{TRACE_ID}-{PARENT_ID}-01"}
+    )
+    _, span = converter().http("inbound", entry)
+    assert span is not None and span.kind == "server" and not span.error
+
+
+def test_unsampled_request_opens_no_span_but_keeps_its_trace_id() -> None:
     entry = http_entry(headers={"traceparent": f"00-{TRACE_ID}-{PARENT_ID}-00"})
-    assert converter().http("outbound", entry).trace_id == TRACE_ID
+    record, span = converter().http("outbound", entry)
+    assert span is None
+    assert record.trace_id == TRACE_ID
 
 
 # ---------------------------------------------------------------- TCP
@@ -520,7 +538,8 @@ def test_ingest_records_each_entry_once_with_istio_labels() -> None:
     access = wire.decode(kinds["access"].payload)
     assert isinstance(access, wire.AccessBatch) and len(access.records) == 4
     assert access.records[0].time_ns == START_NS and access.records[1].response_flags == "UH"
-    assert "spans" not in kinds  # Envoy's tracer reports them (otlp_spans)
+    spans = wire.decode(kinds["spans"].payload)
+    assert isinstance(spans, wire.SpanBatch) and len(spans.spans) == 3
 
 
 def test_ingest_counts_an_entry_it_cannot_convert_and_goes_on() -> None:
@@ -570,7 +589,7 @@ def test_caller_metadata_from_dynamic_metadata_wins_over_a_logged_header() -> No
     meta = struct_pb2.Struct()
     meta.update({"peer": "workload=productpage-v1;app=productpage;version=v1"})
     entry.common_properties.metadata.filter_metadata["meshwork"].CopyFrom(meta)
-    record = converter().http("inbound", entry)
+    record, _ = converter().http("inbound", entry)
     assert (record.source.name, record.source.version) == ("productpage-v1", "v1")
 
 
