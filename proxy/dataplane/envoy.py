@@ -13,8 +13,12 @@ proxy does (on-demand discovery is not done yet), so this data plane follows eve
 service the registry knows (`registry.get` for all, then every new endpoint set on
 `registry.endpoints.>`) and every host the routes name.
 
-Telemetry: Envoy's gRPC access logs come to the sidecar (`envoy_telemetry`) and become
-the same records the Python data plane publishes. Envoy runs in the instance's own
+Telemetry: Envoy's gRPC access logs come to the sidecar's access-log service
+(`proxy.envoy.access_log_service`, converted by `access_log_convert`) and become the same
+records the Python data plane publishes, through the same recorder and publisher.
+Envoy drops the entries it buffered when it exits, so `stop()` runs in this order:
+(Envoy drained by `drain()`), wait until no entry arrived for a while, stop Envoy, stop
+the access-log service, and only then the publisher's final flush. Envoy runs in the instance's own
 state directory (`envoy_host`): a sidecar restarted under the same `--instance` adopts
 the Envoy its predecessor left serving.
 """
@@ -43,15 +47,19 @@ from mesh.messages import EndpointSet, EndpointsGetReply, EndpointsGetRequest, S
 from proxy.admin import AdminRoute
 from proxy.dataplane import Addresses, Background, DataPlaneContext
 from proxy.dataplane.envoy_host import accepts, choose_ports, private_state_dir
-from proxy.dataplane.envoy_telemetry import (
-    AccessLogService,
-    endpoint_at,
-    request_record,
-    tcp_record,
+from proxy.dataplane.envoy_view import (
+    ApplyTracker,
+    EnvoyPorts,
+    mesh_view,
+    proxy_node,
+    view_endpoints,
 )
-from proxy.dataplane.envoy_view import ApplyTracker, EnvoyPorts, mesh_view, proxy_node
 from proxy.dataplane.python import sidecar_telemetry
+from proxy.envoy.access_log_convert import AccessLogConverter, LocalProxy
+from proxy.envoy.access_log_service import AccessLogIngest, AccessLogServer
 from proxy.envoy.bootstrap import BootstrapOptions, build_bootstrap
+from proxy.envoy.otlp_spans import OtlpSpanConverter
+from proxy.envoy.private_grpc import PrivateGrpcServer, PrivateSocketError, wait_quiet
 from proxy.envoy.process import (
     EnvoyError,
     EnvoyExit,
@@ -60,7 +68,9 @@ from proxy.envoy.process import (
     find_running_envoy,
 )
 from proxy.envoy.resources import CLUSTER, LISTENER, XdsResources
+from proxy.envoy.trace_service import SpanIngest, TraceServer
 from proxy.envoy.translate import (
+    MeshView,
     ProxyNode,
     TranslationError,
     referenced_hosts,
@@ -69,7 +79,6 @@ from proxy.envoy.translate import (
 )
 from proxy.envoy.xds_server import ApplyState, TypeStatus, XdsError, XdsServer
 from proxy.telemetry import SidecarTelemetry, TelemetryPublisher
-from proxy.telemetry.records import Workload
 
 log = get_logger("proxy.dataplane.envoy")
 
@@ -84,6 +93,17 @@ ADMIN_TIMEOUT_S = 5.0
 FOLLOW_CONCURRENCY = 32
 # the bootstrap's cluster for the sidecar's access-log service
 ACCESS_LOG_CLUSTER = "meshwork-access-log"
+# the bootstrap's cluster for the sidecar's OTLP trace receiver (Envoy's tracer)
+TRACING_CLUSTER = "meshwork-traces"
+# Envoy's OpenTelemetry tracer is off: a sampled `traceparent` the app forwards is not
+# followed by its outbound Envoy unless its tracing decision says so (it decides from
+# x-request-id and random sampling), so a middle hop loses the trace; until that is
+# solved spans come from the access logs (children of the incoming context)
+ENVOY_TRACER = False
+# stopping: how long no access-log entry must have arrived before Envoy is stopped
+# (Envoy flushes its buffer every second), and the most the sidecar waits for that
+LOGS_QUIET_S = 1.5
+LOGS_QUIET_TIMEOUT_S = 10.0
 
 
 class EnvoyDataPlane:
@@ -105,7 +125,11 @@ class EnvoyDataPlane:
         self._session: aiohttp.ClientSession | None = None
         self.pushes = 0
         self.telemetry: SidecarTelemetry | None = None
-        self._als: AccessLogService | None = None
+        self._als: AccessLogServer | None = None
+        self._traces: TraceServer | None = None
+        self._publisher: asyncio.Task[None] | None = None
+        # the view the last push was translated from: the endpoints Envoy may choose
+        self._mesh_view: MeshView | None = None
 
     # ------------------------------------------------------------ lifecycle
 
@@ -123,11 +147,13 @@ class EnvoyDataPlane:
         ports = self._ports = choose_ports(ctx, left.admin_port if left else 0)
         self.telemetry = sidecar_telemetry(ctx)
         if self.telemetry is not None:
-            self._als = AccessLogService(
-                self._dir / "als.sock", self._on_access_log, self._on_tcp_access_log
-            )
-            await self._als.start()
-        self._node = proxy_node(s, ports, ACCESS_LOG_CLUSTER if self._als else "")
+            await self._start_telemetry(ctx, self.telemetry)
+        self._node = proxy_node(
+            s,
+            ports,
+            ACCESS_LOG_CLUSTER if self._als else "",
+            TRACING_CLUSTER if self._traces else "",
+        )
         self._xds = XdsServer(self._dir / "xds.sock", on_status=self._on_xds_status)
         try:
             await self._xds.start()
@@ -145,6 +171,8 @@ class EnvoyDataPlane:
                 admin_port=ports.admin,
                 access_log_cluster=ACCESS_LOG_CLUSTER if self._als else "",
                 access_log_socket=self._als.socket_path if self._als else None,
+                tracing_cluster=TRACING_CLUSTER if self._traces else "",
+                tracing_socket=self._traces.socket_path if self._traces else None,
             )
         )
         self._envoy = EnvoyProcess(
@@ -184,12 +212,8 @@ class EnvoyDataPlane:
 
     def background(self) -> Background:
         # the EnvoyProcess supervises (restarts) Envoy in a task it owns; the telemetry
-        # publisher is cancelled after the drain: its final flush sends what the
-        # drained requests recorded
-        if self.telemetry is None or self._ctx is None:
-            return []
-        publisher = TelemetryPublisher(self.telemetry.recorder, self._ctx.bus)
-        return [("telemetry", publisher.run)]
+        # publisher is this data plane's own task: it must outlive Envoy (stop())
+        return []
 
     def config_changed(self) -> None:
         self._wake.set()
@@ -216,18 +240,32 @@ class EnvoyDataPlane:
             await asyncio.sleep(DRAIN_POLL_S)
 
     async def stop(self) -> None:
+        """Stop in the order that loses no telemetry: Envoy (drained already by
+        `drain()`, or stopping after a failed start) has sent every buffered entry once
+        none arrived for `LOGS_QUIET_S`; then Envoy stops, then the access-log service
+        (finishing what it received), then the publisher's final flush."""
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        receivers = [r for r in (self._als, self._traces) if r is not None]
+        if receivers and self._envoy is not None and self._envoy.pid is not None:
+            last = lambda: max(r.last_message_at for r in receivers)  # noqa: E731
+            if not await wait_quiet(last, LOGS_QUIET_S, LOGS_QUIET_TIMEOUT_S):
+                log.warning("envoy.telemetry_not_quiet", timeout_s=LOGS_QUIET_TIMEOUT_S)
         if self._envoy is not None:
-            # drained already (drain()), or stopping after a failed start
             await self._envoy.stop(drain=False)
         if self._xds is not None:
             await self._xds.stop()
-        if self._als is not None:
-            await self._als.stop()
+        for receiver in receivers:
+            await receiver.stop()
+        publisher, self._publisher = self._publisher, None
+        if publisher is not None:
+            # its final flush sends what the last entries recorded (the bus is still up)
+            publisher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await publisher
         if self._session is not None:
             await self._session.close()
         if self._dir is not None:
@@ -254,7 +292,8 @@ class EnvoyDataPlane:
                 for status in (xds.status().values() if xds is not None else ())
             },
             "rejection": self._tracker.rejection,
-            "access_log_entries": self._als.entries if self._als is not None else 0,
+            "access_log": vars(self._als.counts) if self._als is not None else {},
+            "spans": vars(self._traces.counts) if self._traces is not None else {},
         }
 
     def mirrors(self) -> dict[str, Any] | None:
@@ -287,7 +326,7 @@ class EnvoyDataPlane:
         ctx, node, xds = self._ctx, self._node, self._xds
         assert ctx is not None and node is not None and xds is not None
         followed = self._followed_revisions(ctx)
-        view = self._view(ctx)
+        view = self._mesh_view = self._view(ctx)
         try:
             resources = translate(node, view)
         except TranslationError as e:
@@ -341,7 +380,7 @@ class EnvoyDataPlane:
         if self._tracker != before:
             ctx.status_changed()
 
-    def _view(self, ctx: DataPlaneContext) -> Any:
+    def _view(self, ctx: DataPlaneContext) -> MeshView:
         policy = ctx.inbound_policy.policy if ctx.inbound_policy is not None else None
         gateway = ctx.gateway.config if ctx.gateway is not None else None
         if ctx.gateway is not None and gateway is None:
@@ -372,44 +411,43 @@ class EnvoyDataPlane:
 
     # ------------------------------------------------------------ telemetry
 
-    def _on_access_log(self, entry: Any, log_name: str) -> None:
-        telemetry, ctx = self.telemetry, self._ctx
-        if telemetry is None or ctx is None:
-            return
-        record = request_record(
-            entry,
-            log_name,
-            workload=telemetry.workload,
-            service_host=telemetry.service_host,
-            destination_of=self._destination_workload,
+    async def _start_telemetry(self, ctx: DataPlaneContext, telemetry: SidecarTelemetry) -> None:
+        """The access-log service and the OTLP trace receiver Envoy sends to, and the
+        publisher of what they record (the Python data plane's recorder and wire
+        schema)."""
+        assert self._dir is not None
+        s = ctx.settings
+        converter = AccessLogConverter(
+            LocalProxy(
+                workload=telemetry.workload,
+                service_host=telemetry.service_host,
+                namespace=s.namespace,
+                service=s.service,
+                instance=s.instance,
+            ),
+            endpoints=self._endpoints_of,
         )
-        if record is not None:
-            telemetry.recorder.record_request(record)
-
-    def _on_tcp_access_log(self, entry: Any, log_name: str) -> None:
-        telemetry = self.telemetry
-        if telemetry is None:
-            return
-        found = tcp_record(
-            entry,
-            log_name,
-            workload=telemetry.workload,
-            service_host=telemetry.service_host,
-            destination_of=self._destination_workload,
+        self._als = AccessLogServer(
+            self._dir / "als.sock", AccessLogIngest(converter, telemetry.recorder)
         )
-        if found is not None:
-            record, sent, received = found
-            telemetry.recorder.record_tcp_opened(record)
-            telemetry.recorder.record_tcp_closed(record, sent=sent, received=received)
+        if ENVOY_TRACER:
+            self._traces = TraceServer(
+                self._dir / "traces.sock",
+                SpanIngest(OtlpSpanConverter(converter), telemetry.recorder),
+            )
+        server: PrivateGrpcServer | None
+        for server in (self._als, self._traces):
+            if server is None:
+                continue
+            try:
+                await server.start()
+            except PrivateSocketError as e:
+                raise errors.Unavailable(f"the {server.what} did not start: {e}") from None
+        publisher = TelemetryPublisher(telemetry.recorder, ctx.bus)
+        self._publisher = asyncio.create_task(publisher.run(), name="envoy:telemetry")
 
-    def _destination_workload(self, ref: ServiceRef, address: str) -> Workload | None:
-        telemetry, ctx = self.telemetry, self._ctx
-        assert telemetry is not None and ctx is not None
-        dest = ctx.destinations.destinations.get(ref)
-        if dest is None or dest.endpoints is None:
-            return None
-        endpoint = endpoint_at(dest.endpoints.endpoints, address)
-        return telemetry.destination_of(ref, endpoint) if endpoint is not None else None
+    def _endpoints_of(self, fqdn: str) -> EndpointSet | None:
+        return view_endpoints(self._mesh_view, fqdn)
 
     # ------------------------------------------------------------ destinations
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from mesh.compiled import GatewayConfig, InboundPolicy
 from mesh.hosts import ServiceRef
-from mesh.messages import SubscriptionStatus
+from mesh.messages import EndpointSet, SubscriptionStatus
 from proxy.destinations import Destination
 from proxy.envoy.translate import MeshView, ProxyNode
 from proxy.settings import SidecarSettings
@@ -30,7 +30,10 @@ class EnvoyPorts:
 
 
 def proxy_node(
-    settings: SidecarSettings, ports: EnvoyPorts, access_log_cluster: str = ""
+    settings: SidecarSettings,
+    ports: EnvoyPorts,
+    access_log_cluster: str = "",
+    tracing_cluster: str = "",
 ) -> ProxyNode:
     s = settings
     gateway = s.gateway
@@ -51,6 +54,8 @@ def proxy_node(
         ),
         gateway_listeners=((s.bind_host, ports.gateway),) if gateway else (),
         access_log_cluster=access_log_cluster,
+        tracing_cluster=tracing_cluster,
+        trace_sampling=s.trace_sampling,
     )
 
 
@@ -68,6 +73,15 @@ def mesh_view(
         inbound=inbound,
         gateway=gateway,
     )
+
+
+def view_endpoints(view: MeshView | None, fqdn: str) -> EndpointSet | None:
+    """The endpoints of `fqdn` in `view` (the one Envoy was last configured from: the
+    upstream address Envoy logs for a request is one of them); None when not followed."""
+    if view is None:
+        return None
+    found = view.destinations.get(fqdn)
+    return found[1] if found is not None else None
 
 
 @dataclass(frozen=True)

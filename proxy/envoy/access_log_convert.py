@@ -101,6 +101,8 @@ _SHADOW_POLICY = "shadow_effective_policy_id"
 # where `peer_metadata_filter` puts the caller's `x-meshwork-peer` value
 PEER_METADATA_NAMESPACE = "meshwork"
 PEER_METADATA_KEY = "peer"
+# the span tag the inbound HCM's tracer fills from that metadata (proxy.envoy.otlp_spans)
+PEER_SPAN_TAG = "meshwork.peer"
 HEADER_TO_METADATA = (
     "type.googleapis.com/envoy.extensions.filters.http.header_to_metadata.v3.Config"
 )

@@ -11,19 +11,13 @@ spans reach the telemetry service over the same stream, counted once.
 `AccessLogIngest` is the part without I/O (one stream's messages in, recorder calls
 out); `AccessLogServer` is the grpc.aio shell around it.
 
-Spans: Envoy is not configured with a tracer, so it forwards the trace context a
-request arrived with unchanged. A sampled request's hop becomes a span that is a child
-of that context's span id, with Envoy's start time and duration; requests without a
-sampled context (Envoy does not start traces) open none.
+Spans: a sampled request's hop becomes a span that is a child of the context it
+arrived with (Envoy runs without a tracer by default: `proxy.dataplane.envoy.
+ENVOY_TRACER`). The OTLP receiver for Envoy's tracer is `trace_service`.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import os
-import socket
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,14 +29,15 @@ from mesh.logs import get_logger
 from proxy.telemetry.recorder import TelemetryRecorder
 
 from .access_log_convert import AccessLogConverter, AccessLogError
+from .private_grpc import PrivateGrpcServer, PrivateSocketError
 
 log = get_logger("proxy.envoy.access_log")
 
 __all__ = ["AccessLogIngest", "AccessLogServer", "AccessLogServerError", "IngestCounts"]
 
 
-class AccessLogServerError(Exception):
-    """The access-log service cannot serve (its socket is taken or cannot be bound)."""
+# the access-log service cannot serve (its socket is taken or cannot be bound)
+AccessLogServerError = PrivateSocketError
 
 
 @dataclass
@@ -105,7 +100,7 @@ class AccessLogIngest:
 
 
 class _AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):
-    def __init__(self, ingest: AccessLogIngest, server: AccessLogServer):
+    def __init__(self, ingest: AccessLogIngest, server: PrivateGrpcServer):
         self._ingest = ingest
         self._server = server
 
@@ -116,76 +111,35 @@ class _AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):
     ) -> als_pb2.StreamAccessLogsResponse:
         log_name = ""
         async for message in request_iterator:
-            self._server.last_message_at = time.monotonic()
+            self._server.touch()
             log_name = self._ingest.on_message(log_name, message)
         return als_pb2.StreamAccessLogsResponse()
 
 
-class AccessLogServer:
-    """The access-log service on `socket_path` (created 0600, removed on stop)."""
+class AccessLogServer(PrivateGrpcServer):
+    """The access-log service on `socket_path` (created 0600, removed on stop).
+    Stopping: drain Envoy, `wait_quiet`, stop Envoy, then `stop()` (Envoy buffers
+    entries up to its flush interval, 1 s by default, and drops them when it exits)."""
 
     def __init__(self, socket_path: Path | str, ingest: AccessLogIngest):
-        self.socket_path = Path(socket_path)
         self.ingest = ingest
-        self._server: grpc.aio.Server | None = None
-        self.last_message_at = 0.0  # time.monotonic() of the last message received
+        super().__init__(
+            socket_path,
+            "access-log service",
+            lambda server: als_pb2_grpc.add_AccessLogServiceServicer_to_server(
+                _AccessLogServicer(ingest, self), server
+            ),
+        )
 
     @property
     def counts(self) -> IngestCounts:
         return self.ingest.counts
 
-    async def start(self) -> None:
-        path = self.socket_path
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        if path.exists() or path.is_socket():
-            if _someone_listens(path):
-                raise AccessLogServerError(f"another access-log service is serving on {path}")
-            path.unlink()  # left by a sidecar process that died
-        server = grpc.aio.server()
-        als_pb2_grpc.add_AccessLogServiceServicer_to_server(
-            _AccessLogServicer(self.ingest, self), server
-        )
-        old_umask = os.umask(0o177)  # no window between bind and chmod
-        try:
-            bound = server.add_insecure_port(f"unix:{path}")
-        finally:
-            os.umask(old_umask)
-        if not bound:
-            raise AccessLogServerError(f"cannot listen on unix socket {path}")
-        await server.start()
-        with contextlib.suppress(OSError):
-            path.chmod(0o600)
-        self._server = server
-        log.info("access_log.started", socket=str(path))
-
-    async def wait_quiet(self, quiet: float = 1.5, timeout: float = 10.0) -> bool:
-        """Wait until no message has arrived for `quiet` seconds since this call and
-        since the last message (False if that did not happen within `timeout`).
-        Envoy sends what it buffered every second (`buffer_flush_interval`) and drops
-        its buffer when it exits: once its
-        listeners are drained and no request is in flight, a quiet second and a half
-        means every entry is here, and Envoy can be stopped without losing counts."""
-        called = time.monotonic()
-        deadline = called + timeout
-        while True:
-            now = time.monotonic()
-            left = max(self.last_message_at, called) + quiet - now
-            if left <= 0:
-                return True
-            if now + left > deadline:
-                return False
-            await asyncio.sleep(left)
-
-    async def stop(self, grace: float = 1.0) -> None:
-        """Stop serving. `grace`: how long streams may finish what Envoy already sent
-        (Envoy buffers entries up to its flush interval, 1 s by default, and drops
-        them when it exits: drain Envoy, `wait_quiet`, stop Envoy, then this)."""
-        server, self._server = self._server, None
-        if server is not None:
-            await server.stop(grace)
+    async def stop(self, grace: float = 1.0) -> bool:
+        stopped = await super().stop(grace)
+        if stopped:
             log.info("access_log.stopped", socket=str(self.socket_path), **vars(self.counts))
-        with contextlib.suppress(FileNotFoundError):
-            self.socket_path.unlink()
+        return stopped
 
     async def __aenter__(self) -> AccessLogServer:
         await self.start()
@@ -193,14 +147,3 @@ class AccessLogServer:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
-
-
-def _someone_listens(path: Path) -> bool:
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(str(path))
-    except OSError:
-        return False
-    finally:
-        probe.close()
-    return True

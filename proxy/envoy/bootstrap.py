@@ -32,6 +32,12 @@ class BootstrapOptions:
     # the sidecar's gRPC access-log service, when it runs one: (cluster name, socket)
     access_log_cluster: str = ""
     access_log_socket: Path | None = None
+    # the sidecar's OTLP trace receiver, when it runs one: (cluster name, socket)
+    tracing_cluster: str = ""
+    tracing_socket: Path | None = None
+    # how often Envoy's OpenTelemetry tracer exports what it sampled (Envoy's default:
+    # 5 s, and a stopping sidecar waits for a quiet socket before stopping Envoy)
+    tracing_flush_interval_ms: int = 1_000
     max_downstream_connections: int = 50_000
     # how fast Envoy comes back to the sidecar's socket once it went away (the sidecar
     # restarting): Envoy's default backoff grows to 30 s
@@ -48,6 +54,10 @@ class BootstrapOptions:
             raise ValueError(f"bootstrap: admin_port {self.admin_port} is not a TCP port")
         if bool(self.access_log_cluster) != (self.access_log_socket is not None):
             raise ValueError("bootstrap: access_log_cluster and access_log_socket go together")
+        if bool(self.tracing_cluster) != (self.tracing_socket is not None):
+            raise ValueError("bootstrap: tracing_cluster and tracing_socket go together")
+        if self.tracing_flush_interval_ms < 1:
+            raise ValueError("bootstrap: tracing_flush_interval_ms must be positive")
         if self.max_downstream_connections < 1:
             raise ValueError("bootstrap: max_downstream_connections must be positive")
 
@@ -72,6 +82,12 @@ def build_bootstrap(options: BootstrapOptions) -> dict[str, Any]:
     clusters = [_grpc_pipe_cluster(XDS_CLUSTER, options.xds_socket)]
     if options.access_log_socket is not None:
         clusters.append(_grpc_pipe_cluster(options.access_log_cluster, options.access_log_socket))
+    static_runtime: dict[str, Any] = {}
+    if options.tracing_socket is not None:
+        clusters.append(_grpc_pipe_cluster(options.tracing_cluster, options.tracing_socket))
+        static_runtime["tracing.opentelemetry.flush_interval_ms"] = (
+            options.tracing_flush_interval_ms
+        )
     return {
         "node": {
             "id": options.node_id,
@@ -122,8 +138,8 @@ def build_bootstrap(options: BootstrapOptions) -> dict[str, Any]:
         "layered_runtime": {
             "layers": [
                 # an operator may flip a runtime flag while debugging (admin
-                # /runtime_modify); nothing is set statically
-                {"name": "static", "static_layer": {}},
+                # /runtime_modify); statically only the tracer's flush interval
+                {"name": "static", "static_layer": static_runtime},
                 {"name": "admin", "admin_layer": {}},
             ]
         },

@@ -127,8 +127,9 @@ def static_bootstrap(node: ProxyNode, view: MeshView, node_id: str) -> dict[str,
             }
         },
     }
-    if node.access_log_cluster:
-        clusters.append({**grpc_cluster, "name": node.access_log_cluster})
+    for grpc_service in (node.access_log_cluster, node.tracing_cluster):
+        if grpc_service:
+            clusters.append({**grpc_cluster, "name": grpc_service})
     return {
         "node": {"id": node_id, "cluster": node.service},
         "staticResources": {

@@ -5,7 +5,13 @@ from __future__ import annotations
 
 from mesh.hosts import ServiceRef
 from mesh.messages import EndpointSet, SubscriptionStatus
-from proxy.dataplane.envoy_view import ApplyTracker, EnvoyPorts, mesh_view, proxy_node
+from proxy.dataplane.envoy_view import (
+    ApplyTracker,
+    EnvoyPorts,
+    mesh_view,
+    proxy_node,
+    view_endpoints,
+)
 from proxy.destinations import Destination
 from proxy.settings import SidecarSettings
 
@@ -94,3 +100,12 @@ def test_mesh_view_keys_destinations_by_fqdn_and_leaves_out_unknown_ones() -> No
     )
     assert list(view.destinations) == ["reviews.default.svc.cluster.local"]
     assert view.destinations["reviews.default.svc.cluster.local"] == (None, known.endpoints)
+
+
+def test_access_logs_name_endpoints_from_the_view_envoy_was_configured_from() -> None:
+    known = Destination(ServiceRef("default", "reviews"))
+    known.endpoints = EndpointSet(namespace="default", service="reviews", revision=7)
+    view = mesh_view({known.ref: known}, inbound=None, gateway=None)
+    assert view_endpoints(view, "reviews.default.svc.cluster.local") is known.endpoints
+    assert view_endpoints(view, "ratings.default.svc.cluster.local") is None
+    assert view_endpoints(None, "reviews.default.svc.cluster.local") is None  # nothing pushed

@@ -135,7 +135,7 @@ def case_outbound_default() -> tuple[ProxyNode, MeshView]:
     unknown = RouteTable(
         namespace="default", service="nope", host="nope.default.svc.cluster.local", revision=1
     )
-    return sidecar(), MeshView(
+    return sidecar(tracing_cluster="meshwork_traces"), MeshView(
         destinations={
             RATINGS: (None, ratings_endpoints()),
             DETAILS: (details, None),
@@ -411,6 +411,8 @@ def case_inbound_strict() -> tuple[ProxyNode, MeshView]:
         ),
         tcp_inbound=((6379, ("0.0.0.0", 15379)),),
         access_log_cluster="meshwork_access_log",
+        tracing_cluster="meshwork_traces",
+        trace_sampling=2.5,
     )
     redis = EndpointSet(
         namespace="cache",
@@ -492,6 +494,7 @@ def case_gateway() -> tuple[ProxyNode, MeshView]:
         app_port=0,
         gateway_listeners=(("0.0.0.0", 8080), ("0.0.0.0", 8081)),
         access_log_cluster="meshwork_access_log",
+        tracing_cluster="meshwork_traces",
     )
     return node, MeshView(
         destinations={

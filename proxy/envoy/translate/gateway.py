@@ -119,9 +119,13 @@ def add_gateway(
             http_filters=[*jwt_filters, *rbac_filters, listeners.fault_filter()],
             access_log_name="gateway",
             access_log_cluster=node.access_log_cluster,
+            tracing=listeners.tracing(node.tracing_cluster, node.service, node.trace_sampling),
             extra={
                 "useRemoteAddress": True,
                 **({"xffNumTrustedHops": hops} if (hops := inbound.trusted_hops(view)) else {}),
             },
         )
-        out.listeners[name] = listeners.listener(name, (address, port), [{"filters": [hcm]}])
+        # the gateway reports as a source (client spans), as the Python gateway does
+        out.listeners[name] = listeners.listener(
+            name, (address, port), [{"filters": [hcm]}], direction="OUTBOUND"
+        )

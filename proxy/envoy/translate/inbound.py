@@ -13,7 +13,12 @@ import ssl
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.route.v3 import route_pb2
 
-from proxy.envoy.access_log_convert import peer_metadata_filter
+from proxy.envoy.access_log_convert import (
+    PEER_METADATA_KEY,
+    PEER_METADATA_NAMESPACE,
+    PEER_SPAN_TAG,
+    peer_metadata_filter,
+)
 from proxy.envoy.resources import XdsResources
 from proxy.policy.peer import effective_mtls
 
@@ -127,6 +132,12 @@ def add_inbound_http(node: ProxyNode, view: MeshView, out: XdsResources) -> None
                 http_filters=http_filters,
                 access_log_name="inbound",
                 access_log_cluster=node.access_log_cluster,
+                tracing=listeners.tracing(
+                    node.tracing_cluster,
+                    node.service,
+                    node.trace_sampling,
+                    peer_tag=(PEER_SPAN_TAG, PEER_METADATA_NAMESPACE, PEER_METADATA_KEY),
+                ),
                 # the caller's identity is what its certificate proves, nothing else
                 extra={
                     "forwardClientCertDetails": "SANITIZE_SET",
@@ -141,6 +152,7 @@ def add_inbound_http(node: ProxyNode, view: MeshView, out: XdsResources) -> None
         node.inbound,
         _chains(mode, filters, node.trust_domain, tls.MESH_ALPN),
         listener_filters=[listeners.tls_inspector()],
+        direction="INBOUND",
     )
     out.routes[INBOUND_HTTP_ROUTE] = parse(route_pb2.RouteConfiguration, inbound_route_config(node))
     for name, cluster in jwks_clusters.items():

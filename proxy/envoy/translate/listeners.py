@@ -13,6 +13,7 @@ from .protos import (
     FAULT,
     FAULT_FILTER,
     HCM,
+    OPENTELEMETRY,
     ROUTER,
     TCP_PROXY,
     TLS_INSPECTOR,
@@ -43,6 +44,7 @@ def http_connection_manager(
     http_filters: Sequence[Json] = (),
     access_log_name: str,
     access_log_cluster: str,
+    tracing: Json | None = None,
     extra: Json | None = None,
 ) -> Json:
     """An HCM normalising paths the way the Python sidecar does (RFC 3986 dot
@@ -66,11 +68,49 @@ def http_connection_manager(
     logs = access_log.http_access_log(access_log_name, access_log_cluster)
     if logs:
         body["accessLog"] = logs
+    if tracing:
+        body["tracing"] = tracing
     body.update(extra or {})
     return {
         "name": "envoy.filters.network.http_connection_manager",
         "typedConfig": typed(HCM, body),
     }
+
+
+def tracing(
+    cluster: str, service: str, sampling: float, *, peer_tag: tuple[str, str, str] | None = None
+) -> Json | None:
+    """HCM `tracing` with Envoy's OpenTelemetry tracer (W3C trace context), exporting
+    over OTLP gRPC to `cluster` (the sidecar's trace receiver, None when it runs none).
+    A request that arrives with a sampling decision keeps it; one without is traced
+    with probability `sampling` percent. Each HCM opens one span per request (no
+    separate upstream span): its kind follows the listener's traffic direction.
+    `peer_tag`: (tag, metadata namespace, key): a span tag filled from the request's
+    dynamic metadata (the caller's peer metadata on the inbound)."""
+    if not cluster:
+        return None
+    config: Json = {
+        "randomSampling": {"value": sampling},
+        "provider": {
+            "name": "envoy.tracers.opentelemetry",
+            "typedConfig": typed(
+                OPENTELEMETRY,
+                {"grpcService": {"envoyGrpc": {"clusterName": cluster}}, "serviceName": service},
+            ),
+        },
+    }
+    if peer_tag is not None:
+        tag, namespace, key = peer_tag
+        config["customTags"] = [
+            {
+                "tag": tag,
+                "metadata": {
+                    "kind": {"request": {}},
+                    "metadataKey": {"key": namespace, "path": [{"key": key}]},
+                },
+            }
+        ]
+    return config
 
 
 def tcp_proxy(stat_prefix: str, cluster: str, log_name: str, log_cluster: str) -> Json:
@@ -91,8 +131,13 @@ def listener(
     filter_chains: list[Json],
     *,
     listener_filters: Sequence[Json] = (),
+    direction: str = "",
 ) -> listener_pb2.Listener:
+    """`direction`: `INBOUND` or `OUTBOUND`, Envoy's traffic direction (the kind of
+    the spans its HCM opens: server or client)."""
     body: Json = {"name": name, "address": address(*bind), "filterChains": filter_chains}
     if listener_filters:
         body["listenerFilters"] = list(listener_filters)
+    if direction:
+        body["trafficDirection"] = direction
     return parse(listener_pb2.Listener, body)  # type: ignore[return-value]

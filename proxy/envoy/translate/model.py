@@ -50,6 +50,11 @@ class ProxyNode:
     gateway_listeners: tuple[tuple[str, int], ...] = ()
     # when set, HTTP and TCP access logs go to this gRPC cluster (defined by the bootstrap)
     access_log_cluster: str = ""
+    # when set, every HCM traces with Envoy's OpenTelemetry tracer, exporting to this
+    # gRPC cluster (defined by the bootstrap), and starts a trace for this percentage
+    # of the requests that arrive without a sampling decision
+    tracing_cluster: str = ""
+    trace_sampling: float = 1.0
     # CA bundle for RequestAuthentication `jwksUri` servers (https); "" = the system's
     jwks_ca_file: str = ""
 

@@ -101,11 +101,12 @@ def add_outbound(node: ProxyNode, view: MeshView, out: XdsResources) -> routes.R
         http_filters=[listeners.fault_filter()],
         access_log_name="outbound",
         access_log_cluster=node.access_log_cluster,
+        tracing=listeners.tracing(node.tracing_cluster, node.service, node.trace_sampling),
         # the Python proxy appends the app's address to x-forwarded-for
         extra={"useRemoteAddress": True},
     )
     out.listeners[OUTBOUND_HTTP_LISTENER] = listeners.listener(
-        OUTBOUND_HTTP_LISTENER, node.outbound, [{"filters": [hcm]}]
+        OUTBOUND_HTTP_LISTENER, node.outbound, [{"filters": [hcm]}], direction="OUTBOUND"
     )
     return ctx
 

@@ -7,6 +7,7 @@ from typing import Any
 
 # Imported for their side effect: every message type an `Any` below names must be in
 # the descriptor pool for `ParseDict` to resolve it.
+import envoy.config.trace.v3.opentelemetry_pb2
 import envoy.extensions.access_loggers.grpc.v3.als_pb2
 import envoy.extensions.filters.http.ext_authz.v3.ext_authz_pb2
 import envoy.extensions.filters.http.fault.v3.fault_pb2
@@ -45,6 +46,7 @@ HTTP_PROTOCOL_OPTIONS = _PREFIX + "envoy.extensions.upstreams.http.v3.HttpProtoc
 PREVIOUS_HOSTS = _PREFIX + "envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"
 HTTP_GRPC_ACCESS_LOG = _PREFIX + "envoy.extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig"
 TCP_GRPC_ACCESS_LOG = _PREFIX + "envoy.extensions.access_loggers.grpc.v3.TcpGrpcAccessLogConfig"
+OPENTELEMETRY = _PREFIX + "envoy.config.trace.v3.OpenTelemetryConfig"
 
 # Envoy's name for the HTTP filters, used as keys of `typed_per_filter_config`
 FAULT_FILTER = "envoy.filters.http.fault"

