@@ -191,3 +191,79 @@ async def test_delete_returns_to_default_route(config_bus) -> None:
     assert [r.name for r in reply.not_found] == ["missing"]
     await eventually(lambda: pushed and not pushed[-1].has_virtual_service)
     assert pushed[-1].http == ()
+
+
+THREE_SERVICES = "".join(
+    f"""
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: {name}}}
+spec:
+  hosts: [{name}]
+  http:
+  - route:
+    - destination: {{host: {name}}}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: {name}}}
+spec: {{host: {name}}}
+"""
+    for name in ("reviews", "ratings", "details")
+)
+
+REVIEWS_TIMEOUT = """
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews}
+spec:
+  hosts: [reviews]
+  http:
+  - route:
+    - destination: {host: reviews}
+    timeout: 3s
+"""
+
+
+def compiled_counts(svc: ConfigService) -> dict[str, float]:
+    return {
+        kind: svc.registry.get_sample_value("mesh_config_tables_compiled_total", {"kind": kind})
+        or 0.0
+        for kind in ("route", "gateway", "inbound")
+    }
+
+
+def push_idle(svc: ConfigService) -> bool:
+    return svc.pushes.queue_depth == 0 and not svc.pushes.debouncer.in_flight
+
+
+async def test_one_virtual_service_recompiles_only_the_destinations_it_names(config_bus) -> None:
+    bus, svc = config_bus
+    pushed: list[RouteTable] = []
+
+    async def on_route(table: RouteTable, _s: str) -> None:
+        pushed.append(table)
+
+    await bus.subscribe(bus.subjects.route_all, RouteTable, on_route)
+    await eventually(lambda: svc.leading)
+    await apply(bus, THREE_SERVICES)
+    await eventually(lambda: {t.service for t in pushed} >= {"reviews", "ratings", "details"})
+    await eventually(lambda: push_idle(svc))
+    before = compiled_counts(svc)
+    pushes_before = svc.registry.get_sample_value("mesh_config_push_latency_seconds_count")
+
+    await apply(bus, REVIEWS_TIMEOUT)
+    await eventually(lambda: pushed[-1].service == "reviews" and pushed[-1].http[0].timeout_ms)
+    await eventually(lambda: push_idle(svc))
+    after = compiled_counts(svc)
+    # one route table compiled (reviews): not ratings' nor details', no inbound policy
+    assert {k: after[k] - before[k] for k in after} == {"route": 1, "gateway": 0, "inbound": 0}
+    assert [t.service for t in pushed[-1:]] == ["reviews"]
+    assert svc.registry.get_sample_value("mesh_config_tables_compiled_last_push") == 1
+    pushes_after = svc.registry.get_sample_value("mesh_config_push_latency_seconds_count")
+    assert pushes_before is not None and pushes_after == pushes_before + 1
+    assert svc.registry.get_sample_value("mesh_config_push_queue_depth") == 0
+    # fetch still answers the new table, and the others are as they were
+    assert (await fetch(bus, "reviews")).http[0].timeout_ms == 3000
+    assert (await fetch(bus, "ratings")).http[0].timeout_ms == 0
