@@ -43,6 +43,7 @@ from mesh.messages import (
     EndpointsGetReply,
     EndpointsGetRequest,
     Instance,
+    ProxyStatus,
     RegisterReply,
     RegisterRequest,
 )
@@ -116,6 +117,45 @@ def nats_varz(monitor_port: int) -> dict[str, Any]:
     return varz
 
 
+class Reports:
+    """Every proxy's status report naming the revision expected, seen on proxy.status."""
+
+    def __init__(self, names: set[str]):
+        self.names = names
+        self.subject = ""
+        self.revision = 1 << 62
+        self.seen: set[str] = set()
+        self.done = asyncio.Event()
+        self.at = 0.0
+
+    def expect(self, revision: int) -> None:
+        self.revision, self.seen, self.done = revision, set(), asyncio.Event()
+
+    async def on_status(self, report: ProxyStatus, _s: str) -> None:
+        if report.proxy not in self.names or report.proxy in self.seen:
+            return
+        if any(
+            s.subject == self.subject and s.revision >= self.revision for s in report.subscriptions
+        ):
+            self.seen.add(report.proxy)
+            if len(self.seen) == len(self.names):
+                self.at = time.perf_counter()
+                self.done.set()
+
+
+def push_metrics(http_port: int) -> dict[str, float]:
+    """The config leader's push latency histogram totals, from its /metrics."""
+    url = f"http://127.0.0.1:{http_port}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as r:
+        text = r.read().decode()
+    out = {"sum": 0.0, "count": 0.0}
+    for line in text.splitlines():
+        for key in out:
+            if line.startswith(f"mesh_config_push_latency_seconds_{key} "):
+                out[key] = float(line.split()[1])
+    return out
+
+
 def instance(name: str, port: int) -> Instance:
     ns, svc = DEST
     return Instance(
@@ -148,8 +188,15 @@ async def one_size(
     names = {f"client{i % 20}-v1-{i}" for i in range(n)}
     subject = bus.subjects.route(*DEST)
     applied, synced, cpu_ms, nats_msgs, nats_mb, etcd_cpu_ms = [], [], [], [], [], []
+    reported, sim_cpu_us = [], []
+    want = Reports(names)
+    want.subject = subject
+    on_status = want.on_status
+    sub = await bus.subscribe(bus.subjects.proxy_status, ProxyStatus, on_status)
+    push0 = push_metrics(cp["config_http"])
     try:
         for r in range(args.repeats):
+            sim0 = sum(w["cpu_s"] for w in await workers.ask({"cmd": "cpu"}))
             cpu0, ecpu0, varz0 = (
                 cpu_seconds([config_pid]),
                 cpu_seconds([etcd_pid]),
@@ -161,14 +208,24 @@ async def one_size(
                 ApplyReply,
             )
             t_reply = time.perf_counter()
+            want.expect(reply.revision)
             ask = asyncio.create_task(workers.ask({"cmd": "route", "revision": reply.revision}))
-            while not await all_synced(bus, names, subject, reply.revision):
-                await asyncio.sleep(max(0.005, n / 100_000))
+            # every proxy's report of the new revision seen on proxy.status, then the
+            # config service's proxy-status confirms all SYNCED (polled only from then:
+            # a poll lists every proxy, and costs the leader what it costs)
+            async with asyncio.timeout(args.timeout):
+                await want.done.wait()
+                while not await all_synced(bus, names, subject, reply.revision):
+                    await asyncio.sleep(0.02)
             t_synced = time.perf_counter()
-            times = [t for w in await ask for t in w["times"]]
+            replies = await ask
+            times = [t for w in replies for t in w["times"]]
             applied.append((max(times) - t_reply) * 1000)
+            reported.append((want.at - t_reply) * 1000)
             synced.append((t_synced - t_reply) * 1000)
             await asyncio.sleep(0.2)  # the coalesced status reports settle
+            sim1 = sum(w["cpu_s"] for w in await workers.ask({"cmd": "cpu"}))
+            sim_cpu_us.append((sim1 - sim0) * 1e6 / n)
             cpu_ms.append((cpu_seconds([config_pid]) - cpu0) * 1000)
             etcd_cpu_ms.append((cpu_seconds([etcd_pid]) - ecpu0) * 1000)
             varz1 = nats_varz(nats.monitor_port)
@@ -184,7 +241,10 @@ async def one_size(
             ]
             endpoints.append((max(times) - t0) * 1000)
     finally:
+        await bus.unsubscribe(sub)
         await workers.stop()
+    push1 = push_metrics(cp["config_http"])
+    pushes = push1["count"] - push0["count"]
     return {
         "proxies": n,
         "processes": len(workers.procs),
@@ -193,10 +253,20 @@ async def one_size(
         "fleet_start_s": round(start_s, 2),
         "applied_p50_ms": p(applied, 50),
         "applied_p99_ms": p(applied, 99),
+        "reported_p50_ms": p(reported, 50),
+        "reported_p99_ms": p(reported, 99),
         "synced_p50_ms": p(synced, 50),
         "synced_p99_ms": p(synced, 99),
         "endpoints_p50_ms": p(endpoints, 50),
         "endpoints_p99_ms": p(endpoints, 99),
+        # the leader's own push latency (oldest change -> last publish), from its /metrics
+        "config_push_mean_ms": round((push1["sum"] - push0["sum"]) * 1000 / pushes, 2)
+        if pushes
+        else 0.0,
+        "config_pushes": int(pushes),
+        # what one update costs the simulator processes, per proxy (the data the
+        # curve's shape comes from: here every proxy shares 2 cores)
+        "sim_cpu_us_per_proxy_update": p(sim_cpu_us, 50),
         # per route update, including its N status reports and our proxy-status polls
         "config_cpu_ms_per_update": p(cpu_ms, 50),
         "config_rss_mib": round(rss_after, 1),
@@ -234,8 +304,15 @@ async def churn(bus: Bus, cp: dict[str, Any], args: argparse.Namespace) -> dict[
                 )
                 revision = dreply.revision
             changes.append([revision, sent])
-        achieved = total / (time.perf_counter() - started)
-        await asyncio.sleep(2.0)  # the last publish reaches everyone
+        ended = time.perf_counter()
+        achieved = total / (ended - started)
+        last = int(max(r for r, _ in changes)) if changes else 0
+        # until every proxy holds the last change (bounded): what is then still missing
+        # is lost, not late
+        behind = sum(
+            int(w["behind"]) for w in await workers.ask({"cmd": "endpoints", "revision": last})
+        )
+        settled_s = time.perf_counter() - ended
         got = await bus.request(
             bus.subjects.registry_get, EndpointsGetRequest(*DEST), EndpointsGetReply
         )
@@ -265,6 +342,8 @@ async def churn(bus: Bus, cp: dict[str, Any], args: argparse.Namespace) -> dict[
         "lag_p50_ms": pct(50),
         "lag_p99_ms": pct(99),
         "lag_max_ms": float(samples[-1][0]) if samples else 0.0,
+        "settle_after_last_change_s": round(settled_s, 2),
+        "proxies_behind_at_timeout": behind,
         "never_seen": sum(w["missing"] for w in reports),
         "proxies_with_registry_set": sum(w["exact"] for w in reports),
         "final_instances": len(final),
@@ -279,6 +358,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     kek.write_text("11" * 32 + "\n")
     kek.chmod(0o600)
     procs: dict[str, ManagedProcess] = {}
+    ports: dict[str, int] = {}
     try:
         for svc in ("ca", "registry", "config"):
             extra = ["--set", f"kek-file={kek}"] if svc == "ca" else []
@@ -291,10 +371,16 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             )  # fmt: skip
             proc.start()
             procs[svc] = proc
+            ports[svc] = port
             while not http_ok(f"http://127.0.0.1:{port}/readyz"):
                 await asyncio.sleep(0.05)
         assert etcd.process is not None
-        cp = {"config_pid": procs["config"].pid, "etcd_pid": etcd.process.pid, "nats": nats}
+        cp = {
+            "config_pid": procs["config"].pid,
+            "config_http": ports["config"],
+            "etcd_pid": etcd.process.pid,
+            "nats": nats,
+        }
         bus = await Bus.connect([nats.url], name="bench-scale")
         await asyncio.sleep(2.5)  # elections settle
         await register(bus, "reviews-base", 19999)
@@ -330,6 +416,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--churn-proxies", type=int, default=1000, help="0: no churn phase")
     ap.add_argument("--churn-rate", type=float, default=100.0, help="instance changes/s")
     ap.add_argument("--churn-seconds", type=float, default=10.0)
+    ap.add_argument("--timeout", type=float, default=120.0, help="per update, seconds")
     ap.add_argument("--name", default="scale", help="bench/results/<name>.json")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes: check that it works")
     args = ap.parse_args(argv)

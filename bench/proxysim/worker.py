@@ -11,7 +11,10 @@ proxy, minus the per-connection framing.
 
 Commands: {"cmd": "route", "revision": R} and {"cmd": "instance", "name": X} answer
 when every proxy here holds it ({"times": [...]}: monotonic seconds, comparable
-across processes on Linux); {"cmd": "track"} starts recording every endpoint set
+across processes on Linux); {"cmd": "endpoints", "revision": R} when every proxy holds
+an endpoint set that recent ({"behind": proxies still behind at the timeout});
+{"cmd": "cpu"} answers only this process's CPU seconds, as every answer carries them
+("cpu_s"); {"cmd": "track"} starts recording every endpoint set
 arrival; {"cmd": "churn", "changes": [[revision, sent_at], ...], "final": [...]}
 answers the lag histogram (ms -> count) and how many proxies end with `final`;
 {"cmd": "stop"} says goodbye and exits.
@@ -27,12 +30,16 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+from nats.errors import Error as NatsError
+
 from bench.simproxy import SERVICES, START_IN_FLIGHT, SimProxy, Target
-from mesh import logs
+from mesh import errors, logs
 from mesh.bus import Bus
 from mesh.bus_permissions import sidecar_inbox
 from mesh.hosts import ServiceRef
 from proxy.identity_client import ConfigTrust
+
+START_ATTEMPTS = 5
 
 
 class TrackedProxy(SimProxy):
@@ -52,6 +59,16 @@ class TrackedProxy(SimProxy):
                 rev = dest.endpoints.revision
                 if not self.arrivals or self.arrivals[-1][0] < rev:
                     self.arrivals.append((rev, time.perf_counter()))
+
+    async def start(self) -> None:
+        # started again after a failed fetch: one status reporter all the same
+        if self.task is None:
+            self.task = asyncio.create_task(self.reporter.run(), name=f"sim:{self.name}:status")
+        await self.cache.get(self.ref)
+
+    def endpoints_revision(self) -> int:
+        dest = self.cache.destinations.get(self.ref)
+        return 0 if dest is None or dest.endpoints is None else dest.endpoints.revision
 
     def instances(self) -> set[str]:
         dest = self.cache.destinations.get(self.ref)
@@ -89,7 +106,16 @@ class WorkerFleet:
 
         async def start(p: TrackedProxy) -> None:
             async with gate:
-                await p.start()
+                for attempt in range(START_ATTEMPTS):
+                    try:
+                        await p.start()
+                        return
+                    except (errors.MeshError, TimeoutError, NatsError):
+                        # a loaded control plane answers a fetch late: try again, as a
+                        # sidecar's next request would
+                        if attempt == START_ATTEMPTS - 1:
+                            raise
+                        await asyncio.sleep(0.5 * (attempt + 1))
 
         await asyncio.gather(*(start(p) for p in self.proxies))
 
@@ -100,6 +126,15 @@ class WorkerFleet:
         async with asyncio.timeout(timeout):
             await self.target.done.wait()
         return sorted(self.target.seen.values())
+
+    async def wait_endpoints(self, revision: int, timeout: float) -> list[float]:
+        """Until every proxy here holds an endpoint set of `revision` or later."""
+        deadline = time.monotonic() + timeout
+        while True:
+            behind = [p for p in self.proxies if p.endpoints_revision() < revision]
+            if not behind or time.monotonic() > deadline:
+                return [float(len(behind))]
+            await asyncio.sleep(0.05)
 
     def churn_report(self, changes: list[list[float]], final: set[str]) -> dict[str, object]:
         """Per (proxy, change): from the change's request to the first endpoint set
@@ -127,8 +162,9 @@ class WorkerFleet:
         await asyncio.gather(*(b.close() for b in self.buses), return_exceptions=True)
 
 
-def say(obj: object) -> None:
-    sys.stdout.write(json.dumps(obj) + "\n")
+def say(obj: dict[str, object]) -> None:
+    # this process's CPU so far: the coordinator tells the simulator's cost per update
+    sys.stdout.write(json.dumps({**obj, "cpu_s": time.process_time()}) + "\n")
     sys.stdout.flush()
 
 
@@ -149,6 +185,11 @@ async def serve(args: argparse.Namespace) -> None:
                     say({"times": await fleet.wait(args.timeout, route_revision=cmd["revision"])})
                 elif cmd["cmd"] == "instance":
                     say({"times": await fleet.wait(args.timeout, instance=cmd["name"])})
+                elif cmd["cmd"] == "endpoints":
+                    behind = await fleet.wait_endpoints(cmd["revision"], args.timeout)
+                    say({"behind": behind[0]})
+                elif cmd["cmd"] == "cpu":
+                    say({})
                 elif cmd["cmd"] == "track":
                     TrackedProxy.tracking = True
                     say({"tracking": True})

@@ -27,14 +27,14 @@ def test_a_burst_becomes_one_publish_per_service_with_everything() -> None:
     )
     now = 0.0
     rounds: list[frozenset[tuple[str, str]]] = []
-    for i in range(300):  # 300 changes, 1 ms apart: 300 ms of churn
+    for i in range(300):  # 300 changes, 2 ms apart: 600 ms of churn
         changed = put(index, ("reviews", "ratings", "details")[i % 3], i, revision=i + 1)
         assert changed is not None
         pending.add(frozenset({changed}), now)
         if (batch := pending.take(now)) is not None:
             rounds.append(batch.request)
             pending.done()
-        now += 0.001
+        now += 0.002
     if (batch := pending.take(now + PUBLISH_QUIET_S)) is not None:
         rounds.append(batch.request)
     # the maximum delay bounds how stale a set gets under steady churn: one round per
