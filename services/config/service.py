@@ -60,6 +60,8 @@ from services.config.snapshot import (
 from services.config.status import ProxyStatusTable
 
 MAX_DOCUMENTS = 500
+# room left in a reply for its headers (signature) and framing
+REPLY_HEADROOM = 4096
 
 
 CompiledConfig = RouteTable | GatewayConfig | InboundPolicy
@@ -473,9 +475,25 @@ class ConfigService(ControlPlaneService):
         self.published[subject] = (table.revision, content)
         return 1
 
-    async def proxy_status(self, _req: ProxyStatusRequest) -> ProxyStatusReply:
+    async def proxy_status(self, req: ProxyStatusRequest) -> ProxyStatusReply:
+        if req.offset < 0 or req.limit < 0:
+            raise errors.BadRequest("offset and limit must be 0 or more", field="limit")
         latest = {subject: rev for subject, (rev, _) in self.published.items()}
-        return ProxyStatusReply(entries=self.status.entries(latest, time.monotonic()))
+        rows = self.status.entries(latest, time.monotonic(), subject=req.subject)
+        end = req.offset + req.limit if req.limit else len(rows)
+        reply = ProxyStatusReply(entries=rows[req.offset : end], total=len(rows))
+        # a reply over the bus's maximum payload would never arrive: say so instead
+        size = len(msgspec.msgpack.encode(reply))
+        room = self.bus.nc.max_payload - REPLY_HEADROOM
+        if size > room:
+            rows_fit = max(1, len(reply.entries) * room // size)
+            raise errors.BadRequest(
+                f"proxy-status: {len(reply.entries)} rows are {size} bytes, more than one "
+                f"bus message carries ({room}); ask for one subject, or pages of at most "
+                f"about {rows_fit} rows (limit, offset)",
+                field="limit",
+            )
+        return reply
 
 
 __all__ = ["ConfigService"]

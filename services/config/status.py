@@ -64,14 +64,19 @@ class ProxyStatusTable:
     def gateways(self) -> list[ProxyStatus]:
         return [r for r, _ in self.reports.values() if r.kind == "gateway"]
 
-    def entries(self, latest: dict[str, int], now: float) -> list[ProxyStatusEntry]:
-        """One row per proxy and subject. SYNCED when the proxy applied the latest published
-        revision (or a newer one it fetched), STALE when behind, REJECTED when its last
-        config was refused, NOT SENT when nothing has been published for it yet."""
+    def entries(
+        self, latest: dict[str, int], now: float, subject: str = ""
+    ) -> list[ProxyStatusEntry]:
+        """One row per proxy and subject (only `subject`'s when given). SYNCED when the
+        proxy applied the latest published revision (or a newer one it fetched), STALE
+        when behind, REJECTED when its last config was refused, NOT SENT when nothing
+        has been published for it yet."""
         out: list[ProxyStatusEntry] = []
         for proxy in sorted(self.reports):
             report, seen = self.reports[proxy]
             for sub in sorted(report.subscriptions, key=lambda s: s.subject):
+                if subject and sub.subject != subject:
+                    continue
                 want = latest.get(sub.subject, 0)
                 if sub.state == "NACK" and sub.rejected_revision >= max(want, sub.revision):
                     state = "REJECTED"

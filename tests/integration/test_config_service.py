@@ -16,10 +16,15 @@ from mesh.messages import (
     FetchRequest,
     GetResourcesReply,
     GetResourcesRequest,
+    ProxyStatus,
+    ProxyStatusReply,
+    ProxyStatusRequest,
     ResourceDocument,
     ResourceRef,
+    SubscriptionStatus,
 )
 from mesh.resources import load_yaml
+from mesh.servers import NatsServer
 from services.config import ConfigService
 from tests.support import eventually, running, service_config
 
@@ -267,3 +272,71 @@ async def test_one_virtual_service_recompiles_only_the_destinations_it_names(con
     # fetch still answers the new table, and the others are as they were
     assert (await fetch(bus, "reviews")).http[0].timeout_ms == 3000
     assert (await fetch(bus, "ratings")).http[0].timeout_ms == 0
+
+
+async def test_proxy_status_pages_filters_and_refuses_what_one_message_cannot_carry(
+    tmp_path, etcd_server, prefix
+) -> None:
+    """A fleet's proxy-status table can outgrow one NATS message (10,000 proxies do at
+    the default 1 MB): the reply used to vanish (a timeout); now the request names a
+    subject or a page, and a reply too large is a clear error."""
+    conf = tmp_path / "nats.conf"
+    conf.write_text("max_payload: 32768\n")
+    nats = NatsServer(tmp_path / "nats", config_file=conf).start()
+    try:
+        async with running(ConfigService(service_config(nats.url, etcd_server.url, prefix))) as svc:
+            bus = await Bus.connect([nats.url], name="test", prefix=prefix)
+            await eventually(lambda: svc.leading)
+            route = bus.subjects.route("default", "reviews")
+            other = bus.subjects.route("default", "ratings")
+            for i in range(150):
+                await bus.publish(
+                    bus.subjects.proxy_status,
+                    ProxyStatus(
+                        proxy=f"client-{i:03d}",
+                        namespace="default",
+                        service="client",
+                        subscriptions=[
+                            SubscriptionStatus(subject=route, revision=1),
+                            SubscriptionStatus(subject=other, revision=1),
+                        ],
+                        sent_at=1.0,
+                    ),
+                )
+            await eventually(lambda: len(svc.status.reports) == 150)
+
+            with pytest.raises(errors.RemoteError) as e:
+                await bus.request(
+                    bus.subjects.config_proxy_status, ProxyStatusRequest(), ProxyStatusReply
+                )
+            assert e.value.code == 400 and "300 rows" in e.value.message
+            assert "limit, offset" in e.value.message
+
+            one = await bus.request(
+                bus.subjects.config_proxy_status,
+                ProxyStatusRequest(subject=route, offset=10, limit=50),
+                ProxyStatusReply,
+            )
+            assert one.total == 150 and len(one.entries) == 50
+            assert {r.subject for r in one.entries} == {route}
+            assert one.entries[0].proxy == "client-010"
+            pages = []
+            for offset in range(0, 300, 100):
+                page = await bus.request(
+                    bus.subjects.config_proxy_status,
+                    ProxyStatusRequest(offset=offset, limit=100),
+                    ProxyStatusReply,
+                )
+                assert page.total == 300
+                pages += page.entries
+            assert len({(r.proxy, r.subject) for r in pages}) == 300
+
+            with pytest.raises(errors.RemoteError, match="0 or more"):
+                await bus.request(
+                    bus.subjects.config_proxy_status,
+                    ProxyStatusRequest(limit=-1),
+                    ProxyStatusReply,
+                )
+            await bus.close()
+    finally:
+        nats.kill()
