@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from mesh.debounce import DebounceSettings, Debouncer
+from mesh.debounce import Debouncer, DebounceSettings
 from mesh.hosts import ServiceRef
 from mesh.resources import Resource, load_yaml, parse_resource
 from services.config.push import PushScheduler, PushScope, scope_of_change
