@@ -143,6 +143,15 @@ class Reports:
                 self.done.set()
 
 
+def metric(http_port: int, name: str) -> float:
+    """One unlabelled sample from a service's /metrics."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=5) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+    return 0.0
+
+
 def push_metrics(http_port: int) -> dict[str, float]:
     """The config leader's push latency histogram totals, from its /metrics."""
     url = f"http://127.0.0.1:{http_port}/metrics"
@@ -277,12 +286,14 @@ async def one_size(
     }
 
 
-async def churn(bus: Bus, cp: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
-    n = args.churn_proxies
+async def churn(bus: Bus, cp: dict[str, Any], args: argparse.Namespace, n: int) -> dict[str, Any]:
     workers = await Workers.start(cp["nats"].url, n, args.processes, args.connections)
     try:
         await asyncio.sleep(1.0)
-        await workers.ask({"cmd": "track"})
+        sim0 = sum(w["cpu_s"] for w in await workers.ask({"cmd": "track"}))
+        reg0 = cpu_seconds([cp["registry_pid"]])
+        sets0 = metric(cp["registry_http"], "mesh_registry_endpoint_sets_published_total")
+        wall0 = time.perf_counter()
         live: list[tuple[str, int]] = []
         changes: list[list[float]] = []
         total = int(args.churn_rate * args.churn_seconds)
@@ -313,6 +324,10 @@ async def churn(bus: Bus, cp: dict[str, Any], args: argparse.Namespace) -> dict[
             int(w["behind"]) for w in await workers.ask({"cmd": "endpoints", "revision": last})
         )
         settled_s = time.perf_counter() - ended
+        wall = time.perf_counter() - wall0
+        sim_cpu = sum(w["cpu_s"] for w in await workers.ask({"cmd": "cpu"})) - sim0
+        reg_cpu = cpu_seconds([cp["registry_pid"]]) - reg0
+        sets = metric(cp["registry_http"], "mesh_registry_endpoint_sets_published_total") - sets0
         got = await bus.request(
             bus.subjects.registry_get, EndpointsGetRequest(*DEST), EndpointsGetReply
         )
@@ -343,6 +358,12 @@ async def churn(bus: Bus, cp: dict[str, Any], args: argparse.Namespace) -> dict[
         "lag_p99_ms": pct(99),
         "lag_max_ms": float(samples[-1][0]) if samples else 0.0,
         "settle_after_last_change_s": round(settled_s, 2),
+        # the registry published this many sets for the churned service (coalesced)
+        "endpoint_sets_published": int(sets),
+        # CPU during the churn, as cores busy: the simulator's share says whether the
+        # lag is the control plane's or the simulator's backlog
+        "sim_cores_busy": round(sim_cpu / wall, 2),
+        "registry_cores_busy": round(reg_cpu / wall, 2),
         "proxies_behind_at_timeout": behind,
         "never_seen": sum(w["missing"] for w in reports),
         "proxies_with_registry_set": sum(w["exact"] for w in reports),
@@ -378,6 +399,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         cp = {
             "config_pid": procs["config"].pid,
             "config_http": ports["config"],
+            "registry_pid": procs["registry"].pid,
+            "registry_http": ports["registry"],
             "etcd_pid": etcd.process.pid,
             "nats": nats,
         }
@@ -393,7 +416,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 sizes.append({"proxies": n, "failed": f"{type(e).__name__}: {e}"})
                 break
             print(json.dumps(sizes[-1]), file=sys.stderr)
-        churned = await churn(bus, cp, args) if args.churn_proxies else {}
+        churned = [await churn(bus, cp, args, n) for n in args.churn_proxies]
         await bus.close()
         return {
             "sizes": sizes,
@@ -413,7 +436,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--processes", type=int, default=4, help="simulator processes")
     ap.add_argument("--connections", type=int, default=2, help="NATS connections per process")
     ap.add_argument("--repeats", type=int, default=10)
-    ap.add_argument("--churn-proxies", type=int, default=1000, help="0: no churn phase")
+    ap.add_argument("--churn-proxies", default="1000", help="proxies (comma list; '' none)")
     ap.add_argument("--churn-rate", type=float, default=100.0, help="instance changes/s")
     ap.add_argument("--churn-seconds", type=float, default=10.0)
     ap.add_argument("--timeout", type=float, default=120.0, help="per update, seconds")
@@ -421,9 +444,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--smoke", action="store_true", help="tiny sizes: check that it works")
     args = ap.parse_args(argv)
     args.sizes = [int(x) for x in args.sizes.split(",") if x.strip()]
+    args.churn_proxies = [int(x) for x in args.churn_proxies.split(",") if x.strip()]
     if args.smoke:
         args.sizes, args.processes, args.repeats = [6], 2, 2
-        args.churn_proxies, args.churn_rate, args.churn_seconds = 4, 20.0, 0.5
+        args.churn_proxies, args.churn_rate, args.churn_seconds = [4], 20.0, 0.5
     logs.configure("warning")
     result = asyncio.run(run(args))
     result["smoke"] = args.smoke
@@ -450,8 +474,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 f"{s['config_kib_per_proxy']}, {s['config_cpu_ms_per_update']}",
             )
         )
-    if result["churn"]:
-        c = result["churn"]
+    for c in result["churn"]:
         rows.append(
             (
                 f"churn {c['rate_per_s']}/s x {c['proxies']} proxies: lag p50/p99/max ms",
