@@ -479,9 +479,10 @@ class ConfigService(ControlPlaneService):
         if req.offset < 0 or req.limit < 0:
             raise errors.BadRequest("offset and limit must be 0 or more", field="limit")
         latest = {subject: rev for subject, (rev, _) in self.published.items()}
-        rows = self.status.entries(latest, time.monotonic(), subject=req.subject)
-        end = req.offset + req.limit if req.limit else len(rows)
-        reply = ProxyStatusReply(entries=rows[req.offset : end], total=len(rows))
+        rows, total = self.status.page(
+            latest, time.monotonic(), req.subject, offset=req.offset, limit=req.limit
+        )
+        reply = ProxyStatusReply(entries=rows, total=total)
         # a reply over the bus's maximum payload would never arrive: say so instead
         size = len(msgspec.msgpack.encode(reply))
         room = self.bus.nc.max_payload - REPLY_HEADROOM
