@@ -33,6 +33,7 @@ from typing import Any
 from bench.common import percentile, print_rows, temp_dir, write_result
 from bench.convergence import all_synced, vs_docs
 from bench.procstat import cpu_seconds, rss_mib
+from bench.simproxy import SERVICES
 from mesh import logs
 from mesh.bus import Bus
 from mesh.messages import (
@@ -194,7 +195,7 @@ async def one_size(
     start_s = time.perf_counter() - t0
     await asyncio.sleep(1.0)  # the proxies' first status reports settle
     rss_after = rss_mib([config_pid])
-    names = {f"client{i % 20}-v1-{i}" for i in range(n)}
+    names = {f"client{i % SERVICES}-v1-{i}" for i in range(n)}  # as bench.proxysim names them
     subject = bus.subjects.route(*DEST)
     applied, synced, cpu_ms, nats_msgs, nats_mb, etcd_cpu_ms = [], [], [], [], [], []
     reported, sim_cpu_us = [], []
