@@ -51,6 +51,19 @@ class TrackedProxy(SimProxy):
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self.arrivals: list[tuple[int, float]] = []
 
+    def check_target(self) -> None:
+        """Mark the target if this proxy already holds it (without the status report
+        that an apply sends: checking is not applying)."""
+        dest = self.cache.destinations.get(self.ref)
+        t = self.target
+        if dest is None:
+            return
+        if t.route_revision and dest.table is not None and dest.table.revision >= t.route_revision:
+            t.mark(self.name)
+        if t.instance and dest.endpoints is not None:
+            if any(e.instance == t.instance for e in dest.endpoints.endpoints):
+                t.mark(self.name)
+
     def _changed(self) -> None:
         super()._changed()
         if TrackedProxy.tracking:
@@ -122,7 +135,7 @@ class WorkerFleet:
     async def wait(self, timeout: float, **target: object) -> list[float]:
         self.target.reset(len(self.proxies), **target)  # type: ignore[arg-type]
         for p in self.proxies:  # what is already held counts (arrived before the command)
-            p._changed()
+            p.check_target()
         async with asyncio.timeout(timeout):
             await self.target.done.wait()
         return sorted(self.target.seen.values())
