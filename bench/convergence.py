@@ -39,6 +39,7 @@ from mesh.messages import (
     EndpointSet,
     Instance,
     ProxyStatus,
+    ProxyStatusEntry,
     ProxyStatusReply,
     ProxyStatusRequest,
     RegisterReply,
@@ -139,11 +140,23 @@ def vs_docs(ms: int) -> list[ResourceDocument]:
     return [ResourceDocument(source="bench", index=0, body=load_yaml(VS.format(ms=ms), "bench")[0])]
 
 
+# proxy-status rows per request: a whole fleet's table does not fit one NATS message
+STATUS_PAGE = 2000
+
+
 async def all_synced(bus: Bus, names: set[str], subject: str, revision: int) -> bool:
-    status = await bus.request(
-        bus.subjects.config_proxy_status, ProxyStatusRequest(), ProxyStatusReply, timeout=10
-    )
-    rows = [e for e in status.entries if e.proxy in names and e.subject == subject]
+    rows: list[ProxyStatusEntry] = []
+    while True:
+        page = await bus.request(
+            bus.subjects.config_proxy_status,
+            ProxyStatusRequest(subject=subject, offset=len(rows), limit=STATUS_PAGE),
+            ProxyStatusReply,
+            timeout=10,
+        )
+        rows += page.entries
+        if not page.entries or len(rows) >= page.total:
+            break
+    rows = [e for e in rows if e.proxy in names]
     return len(rows) == len(names) and all(
         e.state == "SYNCED" and e.applied_revision >= revision for e in rows
     )

@@ -220,7 +220,12 @@ class ProxyStatus(Struct, kw_only=True):
 
 
 class ProxyStatusRequest(Struct):
-    pass
+    """proxy-status (and, broadcast to proxies, "report now"). A large fleet's table
+    outgrows one bus message: ask for one subject's rows, or a page of them."""
+
+    subject: str = ""  # only the rows of this subject; "" all
+    offset: int = 0
+    limit: int = 0  # rows from `offset`; 0: all the rest
 
 
 class RegistryResync(Struct):
@@ -241,6 +246,7 @@ class ProxyStatusEntry(Struct, kw_only=True):
 
 class ProxyStatusReply(Struct, kw_only=True):
     entries: list[ProxyStatusEntry] = []
+    total: int = 0  # rows matching the request's subject, before paging
 
 
 def encode(msg: msgspec.Struct) -> bytes:

@@ -1,10 +1,13 @@
 """The config service: validates and stores resources, compiles and pushes proxy config.
 
 Every replica answers apply/delete/get/fetch (queue group) and keeps a snapshot of the
-resources (list + watch). The elected replica publishes: on each change (coalesced
-for a few milliseconds) it recompiles every destination, gateway and inbound policy
-it knows and publishes those whose compiled content changed; it alone answers
-proxy-status, because it knows what it published.
+resources (list + watch). The elected replica publishes: each change becomes a push
+scope (`services.config.push`: the route tables, gateway configs and inbound policies
+it can affect); scopes are
+merged and debounced (quiet period, maximum delay, one push in flight), and a push
+recompiles only what its scope names, plus every wanted subject never published yet,
+and publishes those whose compiled content changed. It alone answers proxy-status,
+because it knows what it published.
 
 Inbound policy (`mesh.config.inbound.<ns>.<svc>`) is published for every service
 whose proxies report status, every service a resource names, and every service it
@@ -19,6 +22,7 @@ import time
 from typing import Any, Literal
 
 import msgspec
+from prometheus_client import Counter, Gauge, Histogram
 
 from mesh import errors
 from mesh.compiled import GatewayConfig, InboundPolicy, RouteTable
@@ -45,6 +49,7 @@ from mesh.store import Delete, Put, WatchCompacted
 from mesh.subjects import CONFIG_QUEUE, parse_service_subject
 from services.config.compile import compile_gateway_config, compile_route_table, services_named
 from services.config.compile_security import compile_inbound_policy
+from services.config.push import PushScheduler, PushScope
 from services.config.settings import ConfigSettings
 from services.config.snapshot import (
     ResourceSnapshot,
@@ -54,9 +59,9 @@ from services.config.snapshot import (
 )
 from services.config.status import ProxyStatusTable
 
-# changes within this window are compiled and pushed together
-COALESCE_S = 0.005
 MAX_DOCUMENTS = 500
+# room left in a reply for its headers (signature) and framing
+REPLY_HEADROOM = 4096
 
 
 CompiledConfig = RouteTable | GatewayConfig | InboundPolicy
@@ -76,9 +81,39 @@ class ConfigService(ControlPlaneService):
         self.settings = ConfigSettings.from_options(self.config.options)
         self.snapshot: ResourceSnapshot
         self.changed = asyncio.Event()
+        self.clock = time.monotonic
+        self.pushes = PushScheduler(self.settings.push_debounce, self.settings.root_namespace)
+        self.leading = False
         self.status = ProxyStatusTable()
         # leader state: subject -> (revision, content) of the last publish
         self.published: dict[str, tuple[int, bytes]] = {}
+        self.push_latency = Histogram(
+            "mesh_config_push_latency_seconds",
+            "From the oldest change a push holds to the end of its publishing",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=self.registry,
+        )
+        self.push_queue_depth = Gauge(
+            "mesh_config_push_queue_depth",
+            "Changes merged into the next push, not yet taken",
+            registry=self.registry,
+        )
+        self.tables_compiled = Counter(
+            "mesh_config_tables_compiled_total",
+            "Compiled configs computed by the leader's pushes, by kind",
+            ["kind"],
+            registry=self.registry,
+        )
+        self.tables_compiled_last = Gauge(
+            "mesh_config_tables_compiled_last_push",
+            "Compiled configs computed by the last push (all kinds)",
+            registry=self.registry,
+        )
+        self.subjects_published = Counter(
+            "mesh_config_subjects_published_total",
+            "Compiled configs published (content changed or first publish)",
+            registry=self.registry,
+        )
 
     # ------------------------------------------------------------ set-up
 
@@ -121,6 +156,8 @@ class ConfigService(ControlPlaneService):
         while True:
             try:
                 async for ev in self.store.watch_prefix(prefix, self.snapshot.watch_revision + 1):
+                    ref = parse_resource_key(self.store.prefix, ev.key)
+                    before = self.snapshot.entries.get(ref) if ref else None
                     if ev.kind == "put":
                         touched = self.snapshot.put(
                             ev.key, ev.value, ev.create_revision, ev.revision
@@ -128,10 +165,25 @@ class ConfigService(ControlPlaneService):
                     else:
                         touched = self.snapshot.delete(ev.key, ev.revision)
                     if touched:
-                        self.changed.set()
+                        after = self.snapshot.entries.get(ref) if ref else None
+                        self.pushes.resources_changed(
+                            before.resource if before else None,
+                            after.resource if after else None,
+                            self.clock(),
+                        )
+                        self._wake()
             except WatchCompacted:
                 await self._load_snapshot()
-                self.changed.set()
+                self.pushes.everything(self.clock())
+                self._wake()
+
+    def _wake(self) -> None:
+        if not self.leading:
+            # only the leader pushes; it starts with a full push when it takes over
+            self.pushes = PushScheduler(self.settings.push_debounce, self.settings.root_namespace)
+            return
+        self.push_queue_depth.set(self.pushes.queue_depth)
+        self.changed.set()
 
     async def _expire_status(self) -> None:
         while True:
@@ -147,7 +199,8 @@ class ConfigService(ControlPlaneService):
         if not known or report.kind == "gateway":
             # a destination nobody followed before, or a service whose inbound policy
             # was never published: make sure the leader tracks it
-            self.changed.set()
+            self.pushes.subjects_appeared(self.clock(), gateways=report.kind == "gateway")
+            self._wake()
 
     # ------------------------------------------------------------ requests
 
@@ -317,12 +370,30 @@ class ConfigService(ControlPlaneService):
         try:
             # catch up with anything that happened before we led, then follow changes
             await self._load_snapshot()
+            self.leading = True
+            self.pushes = PushScheduler(self.settings.push_debounce, self.settings.root_namespace)
+            self.pushes.everything(self.clock())
             while True:
-                await self._publish_all()
-                await self.changed.wait()
-                await asyncio.sleep(COALESCE_S)
-                self.changed.clear()
+                batch = self.pushes.take(self.clock())
+                if batch is None:
+                    # nothing due: sleep until the debouncer's deadline or a new change
+                    # (no await between take() and clear(): no change can slip by)
+                    self.changed.clear()
+                    due = self.pushes.due_at()
+                    timeout = None if due is None else max(0.0, due - self.clock())
+                    try:
+                        await asyncio.wait_for(self.changed.wait(), timeout)
+                    except TimeoutError:
+                        pass
+                    continue
+                self.push_queue_depth.set(self.pushes.queue_depth)
+                try:
+                    await self._push(batch.request)
+                finally:
+                    self.pushes.done()
+                self.push_latency.observe(self.clock() - batch.first_at)
         finally:
+            self.leading = False
             await self.bus.unsubscribe(sub)
 
     def _destinations(self, named: set[ServiceRef]) -> set[ServiceRef]:
@@ -344,33 +415,52 @@ class ConfigService(ControlPlaneService):
                 wanted.add(ServiceRef(*parsed))
         return wanted
 
-    async def _publish_all(self) -> None:
+    async def _push(self, scope: PushScope) -> None:
+        """Recompile what `scope` names among the subjects the leader serves, plus every
+        served subject never published yet; publish what changed."""
         resources = self.snapshot.resources()
         revision = self.snapshot.revision
         subjects = self.bus.subjects
         started = time.perf_counter()
         pushed = 0
+        compiled = {"route": 0, "gateway": 0, "inbound": 0}
         named = services_named(resources)
-        for ref in sorted(self._destinations(named)):
+        destinations = self._destinations(named)
+        due = scope.routes_among(destinations) & destinations
+        due.update(d for d in destinations if subjects.route(*d) not in self.published)
+        for ref in sorted(due):
             table = self._route_table(resources, ref, revision, named)
+            compiled["route"] += 1
             pushed += await self._publish_if_changed(subjects.route(ref.namespace, ref.name), table)
         for gw in self.status.gateways():
+            subject = subjects.gateway(gw.namespace, gw.service)
+            if not (scope.full or scope.gateways or subject not in self.published):
+                continue
             config = compile_gateway_config(resources, gw.namespace, gw.labels, revision)
-            pushed += await self._publish_if_changed(
-                subjects.gateway(gw.namespace, gw.service), config
-            )
+            compiled["gateway"] += 1
+            pushed += await self._publish_if_changed(subject, config)
         created = self.snapshot.create_revisions()
-        for ref in sorted(self._inbound_services(named)):
+        services = self._inbound_services(named)
+        affected = scope.inbound_among(services)
+        for ref in sorted(services):
             try:
                 subject = subjects.inbound(ref.namespace, ref.name)
             except ValueError:
                 continue  # a status report naming no valid subject token (empty, dotted)
+            if ref not in affected and subject in self.published:
+                continue
             policy = self._inbound_policy(resources, ref, revision, created)
+            compiled["inbound"] += 1
             pushed += await self._publish_if_changed(subject, policy)
+        for kind, count in compiled.items():
+            self.tables_compiled.labels(kind).inc(count)
+        self.tables_compiled_last.set(sum(compiled.values()))
+        self.subjects_published.inc(pushed)
         if pushed:
             self.log.info(
                 "config.pushed",
                 subjects=pushed,
+                compiled=sum(compiled.values()),
                 revision=revision,
                 compile_ms=round((time.perf_counter() - started) * 1000, 2),
             )
@@ -385,9 +475,26 @@ class ConfigService(ControlPlaneService):
         self.published[subject] = (table.revision, content)
         return 1
 
-    async def proxy_status(self, _req: ProxyStatusRequest) -> ProxyStatusReply:
+    async def proxy_status(self, req: ProxyStatusRequest) -> ProxyStatusReply:
+        if req.offset < 0 or req.limit < 0:
+            raise errors.BadRequest("offset and limit must be 0 or more", field="limit")
         latest = {subject: rev for subject, (rev, _) in self.published.items()}
-        return ProxyStatusReply(entries=self.status.entries(latest, time.monotonic()))
+        rows, total = self.status.page(
+            latest, time.monotonic(), req.subject, offset=req.offset, limit=req.limit
+        )
+        reply = ProxyStatusReply(entries=rows, total=total)
+        # a reply over the bus's maximum payload would never arrive: say so instead
+        size = len(msgspec.msgpack.encode(reply))
+        room = self.bus.nc.max_payload - REPLY_HEADROOM
+        if size > room:
+            rows_fit = max(1, len(reply.entries) * room // size)
+            raise errors.BadRequest(
+                f"proxy-status: {len(reply.entries)} rows are {size} bytes, more than one "
+                f"bus message carries ({room}); ask for one subject, or pages of at most "
+                f"about {rows_fit} rows (limit, offset)",
+                field="limit",
+            )
+        return reply
 
 
 __all__ = ["ConfigService"]

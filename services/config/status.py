@@ -64,14 +64,35 @@ class ProxyStatusTable:
     def gateways(self) -> list[ProxyStatus]:
         return [r for r, _ in self.reports.values() if r.kind == "gateway"]
 
-    def entries(self, latest: dict[str, int], now: float) -> list[ProxyStatusEntry]:
-        """One row per proxy and subject. SYNCED when the proxy applied the latest published
-        revision (or a newer one it fetched), STALE when behind, REJECTED when its last
-        config was refused, NOT SENT when nothing has been published for it yet."""
+    def entries(
+        self, latest: dict[str, int], now: float, subject: str = ""
+    ) -> list[ProxyStatusEntry]:
+        """One row per proxy and subject (only `subject`'s when given). SYNCED when the
+        proxy applied the latest published revision (or a newer one it fetched), STALE
+        when behind, REJECTED when its last config was refused, NOT SENT when nothing
+        has been published for it yet."""
+        return self.page(latest, now, subject)[0]
+
+    def page(
+        self, latest: dict[str, int], now: float, subject: str = "", offset: int = 0, limit: int = 0
+    ) -> tuple[list[ProxyStatusEntry], int]:
+        """Rows `offset` .. `offset + limit` (limit 0: to the end) of `entries`, and how
+        many rows there are in all. Only the page's rows are built: a fleet's table is
+        asked for page by page, and each page costs its rows, not the fleet's."""
+        end = offset + limit if limit else None
         out: list[ProxyStatusEntry] = []
+        total = 0
         for proxy in sorted(self.reports):
             report, seen = self.reports[proxy]
-            for sub in sorted(report.subscriptions, key=lambda s: s.subject):
+            subs = report.subscriptions
+            if subject:
+                subs = [s for s in subs if s.subject == subject]
+            elif len(subs) > 1:
+                subs = sorted(subs, key=lambda s: s.subject)
+            for sub in subs:
+                index, total = total, total + 1
+                if index < offset or (end is not None and index >= end):
+                    continue
                 want = latest.get(sub.subject, 0)
                 if sub.state == "NACK" and sub.rejected_revision >= max(want, sub.revision):
                     state = "REJECTED"
@@ -94,7 +115,7 @@ class ProxyStatusTable:
                         age_s=round(now - seen, 1),
                     )
                 )
-        return out
+        return out, total
 
 
 def _drop(counter: Counter[K], key: K) -> None:

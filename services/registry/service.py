@@ -3,13 +3,25 @@
 Any replica answers register/deregister/heartbeat/get (NATS queue group); only the
 elected replica watches etcd and publishes `mesh.registry.endpoints.<ns>.<svc>`, so
 each change is published once.
+
+Churn is coalesced (`mesh.debounce`): instance changes are merged into the set of
+services they touch, published once no change has arrived for PUBLISH_QUIET_S, or
+PUBLISH_MAX_DELAY_S after the oldest under a steady stream; one publish round runs at
+a time, and what changes meanwhile goes in the next. Each service's endpoint set is
+built when it is published, so a burst of hundreds of instances starting or stopping
+becomes one publish per service holding all of them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
+from typing import Any
+
+from prometheus_client import Counter, Histogram
 
 from mesh import errors, messages, validate
+from mesh.debounce import Debouncer, DebounceSettings
 from mesh.messages import (
     DeregisterReply,
     DeregisterRequest,
@@ -27,8 +39,13 @@ from mesh.subjects import REGISTRY_QUEUE
 from services.registry.index import EndpointIndex, instance_key, sets_from_listing
 
 MAX_TTL = 300
-# changes arriving within this window are published together, once per service
-COALESCE_S = 0.005
+# instance changes are published together, once per service, when none has arrived for
+# the quiet period, and at most the maximum delay after the oldest. A steady stream of
+# changes closer together than the quiet period (100/s: every 10 ms) is published
+# every PUBLISH_MAX_DELAY_S, not once per change: each publish costs every proxy that
+# follows the service a decode, a signature check and a recompile.
+PUBLISH_QUIET_S = 0.025
+PUBLISH_MAX_DELAY_S = 0.200
 # the leader's liveness key: gone this long without a leader, leases may have lapsed
 ALIVE_TTL_S = 3
 # after such an outage: sidecars answer the resync within RESYNC_SPREAD_S (proxy side)
@@ -53,6 +70,27 @@ def validate_registration(req: RegisterRequest) -> None:
 class RegistryService(ControlPlaneService):
     name = "registry"
     has_leader_work = True
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.clock = time.monotonic
+        self.publish_debounce = DebounceSettings(PUBLISH_QUIET_S, PUBLISH_MAX_DELAY_S)
+        self.instance_changes = Counter(
+            "mesh_registry_instance_changes_total",
+            "Instance changes the leader saw (watch events that changed an endpoint set)",
+            registry=self.registry,
+        )
+        self.sets_published = Counter(
+            "mesh_registry_endpoint_sets_published_total",
+            "Endpoint sets published (one per service per publish round)",
+            registry=self.registry,
+        )
+        self.publish_latency = Histogram(
+            "mesh_registry_publish_latency_seconds",
+            "From the oldest instance change a publish round holds to its end",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+            registry=self.registry,
+        )
 
     async def setup(self) -> None:
         # endpoint sets (published, and answered to registry.get) are signed (mesh.signing)
@@ -206,24 +244,30 @@ class RegistryService(ControlPlaneService):
         kvs, revision = await self.store.get_prefix(prefix)
         for svc in index.load([(kv.key, kv.value) for kv in kvs], revision):
             await self._publish(index, svc, published)
-        pending: set[tuple[str, str]] = set()
-        ready = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        scheduled = False
-
-        def fire() -> None:
-            nonlocal scheduled
-            scheduled = False
-            ready.set()
+        pending: Debouncer[frozenset[tuple[str, str]]] = Debouncer(
+            self.publish_debounce, frozenset.union
+        )
+        wake = asyncio.Event()
 
         async def publisher() -> None:
             while True:
-                await ready.wait()
-                ready.clear()
-                batch = set(pending)
-                pending.clear()
-                for svc in sorted(batch):
-                    await self._publish(index, svc, published)
+                batch = pending.take(self.clock())
+                if batch is None:
+                    # no await between take() and clear(): no change can slip by
+                    wake.clear()
+                    due = pending.due_at()
+                    timeout = None if due is None else max(0.0, due - self.clock())
+                    try:
+                        await asyncio.wait_for(wake.wait(), timeout)
+                    except TimeoutError:
+                        pass
+                    continue
+                try:
+                    for svc in sorted(batch.request):
+                        await self._publish(index, svc, published)
+                finally:
+                    pending.done()
+                self.publish_latency.observe(self.clock() - batch.first_at)
 
         async with asyncio.TaskGroup() as tg:
             tg.create_task(publisher(), name="registry:publisher")
@@ -231,10 +275,9 @@ class RegistryService(ControlPlaneService):
                 changed = index.apply(ev.kind, ev.key, ev.value, ev.revision)
                 if changed is None:
                     continue
-                pending.add(changed)
-                if not scheduled:
-                    scheduled = True
-                    loop.call_later(COALESCE_S, fire)
+                self.instance_changes.inc()
+                pending.add(frozenset({changed}), self.clock())
+                wake.set()
 
     async def _publish(
         self, index: EndpointIndex, svc: tuple[str, str], published: dict[tuple[str, str], int]
@@ -245,6 +288,7 @@ class RegistryService(ControlPlaneService):
             return
         await self.bus.publish(self.bus.subjects.endpoints(ns, name), eps)
         published[svc] = eps.revision
+        self.sets_published.inc()
         self.log.debug(
             "registry.published",
             namespace=ns,

@@ -111,3 +111,31 @@ def test_every_benchmark_runs_small(tmp_path: Path) -> None:
 
     t = summary["telemetry"]
     assert t["requests_counted_per_s"] > 0 and t["access_records"] == 2 * 2 * 10
+
+
+@pytest.mark.timeout(60)
+def test_scale_bench_runs_small(tmp_path: Path) -> None:
+    """`python -m bench.scale --smoke`: a few proxies over two simulator processes,
+    through apply -> SYNCED, an endpoint change and a short churn; every proxy ends
+    with the registry's set and no change goes unseen."""
+    env = {**os.environ, "MESH_BENCH_RESULTS": str(tmp_path), "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.scale", "--smoke"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=50,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((tmp_path / "scale.json").read_text())
+    assert result["smoke"] is True
+    [size] = result["sizes"]
+    assert "failed" not in size, size
+    assert size["proxies"] == 6 and size["processes"] == 2
+    assert 0 < size["applied_p50_ms"] <= size["synced_p99_ms"]
+    assert size["endpoints_p99_ms"] > 0 and size["nats_out_msgs_per_update"] >= 6
+    [churn] = result["churn"]
+    assert churn["changes"] == 10 and churn["never_seen"] == 0
+    assert churn["proxies_with_registry_set"] == churn["proxies"] == 4
+    assert churn["final_instances"] >= 1 and churn["endpoint_sets_published"] >= 1

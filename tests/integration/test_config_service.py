@@ -16,10 +16,15 @@ from mesh.messages import (
     FetchRequest,
     GetResourcesReply,
     GetResourcesRequest,
+    ProxyStatus,
+    ProxyStatusReply,
+    ProxyStatusRequest,
     ResourceDocument,
     ResourceRef,
+    SubscriptionStatus,
 )
 from mesh.resources import load_yaml
+from mesh.servers import NatsServer
 from services.config import ConfigService
 from tests.support import eventually, running, service_config
 
@@ -191,3 +196,147 @@ async def test_delete_returns_to_default_route(config_bus) -> None:
     assert [r.name for r in reply.not_found] == ["missing"]
     await eventually(lambda: pushed and not pushed[-1].has_virtual_service)
     assert pushed[-1].http == ()
+
+
+THREE_SERVICES = "".join(
+    f"""
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: {name}}}
+spec:
+  hosts: [{name}]
+  http:
+  - route:
+    - destination: {{host: {name}}}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: {name}}}
+spec: {{host: {name}}}
+"""
+    for name in ("reviews", "ratings", "details")
+)
+
+REVIEWS_TIMEOUT = """
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews}
+spec:
+  hosts: [reviews]
+  http:
+  - route:
+    - destination: {host: reviews}
+    timeout: 3s
+"""
+
+
+def compiled_counts(svc: ConfigService) -> dict[str, float]:
+    return {
+        kind: svc.registry.get_sample_value("mesh_config_tables_compiled_total", {"kind": kind})
+        or 0.0
+        for kind in ("route", "gateway", "inbound")
+    }
+
+
+def push_idle(svc: ConfigService) -> bool:
+    return svc.pushes.queue_depth == 0 and not svc.pushes.debouncer.in_flight
+
+
+async def test_one_virtual_service_recompiles_only_the_destinations_it_names(config_bus) -> None:
+    bus, svc = config_bus
+    pushed: list[RouteTable] = []
+
+    async def on_route(table: RouteTable, _s: str) -> None:
+        pushed.append(table)
+
+    await bus.subscribe(bus.subjects.route_all, RouteTable, on_route)
+    await eventually(lambda: svc.leading)
+    await apply(bus, THREE_SERVICES)
+    await eventually(lambda: {t.service for t in pushed} >= {"reviews", "ratings", "details"})
+    await eventually(lambda: push_idle(svc))
+    before = compiled_counts(svc)
+    pushes_before = svc.registry.get_sample_value("mesh_config_push_latency_seconds_count")
+
+    await apply(bus, REVIEWS_TIMEOUT)
+    await eventually(lambda: pushed[-1].service == "reviews" and pushed[-1].http[0].timeout_ms)
+    await eventually(lambda: push_idle(svc))
+    after = compiled_counts(svc)
+    # one route table compiled (reviews): not ratings' nor details', no inbound policy
+    assert {k: after[k] - before[k] for k in after} == {"route": 1, "gateway": 0, "inbound": 0}
+    assert [t.service for t in pushed[-1:]] == ["reviews"]
+    assert svc.registry.get_sample_value("mesh_config_tables_compiled_last_push") == 1
+    pushes_after = svc.registry.get_sample_value("mesh_config_push_latency_seconds_count")
+    assert pushes_before is not None and pushes_after == pushes_before + 1
+    assert svc.registry.get_sample_value("mesh_config_push_queue_depth") == 0
+    # fetch still answers the new table, and the others are as they were
+    assert (await fetch(bus, "reviews")).http[0].timeout_ms == 3000
+    assert (await fetch(bus, "ratings")).http[0].timeout_ms == 0
+
+
+async def test_proxy_status_pages_filters_and_refuses_what_one_message_cannot_carry(
+    tmp_path, etcd_server, prefix
+) -> None:
+    """A fleet's proxy-status table can outgrow one NATS message (10,000 proxies do at
+    the default 1 MB): the reply used to vanish (a timeout); now the request names a
+    subject or a page, and a reply too large is a clear error."""
+    conf = tmp_path / "nats.conf"
+    conf.write_text("max_payload: 32768\n")
+    nats = NatsServer(tmp_path / "nats", config_file=conf).start()
+    try:
+        async with running(ConfigService(service_config(nats.url, etcd_server.url, prefix))) as svc:
+            bus = await Bus.connect([nats.url], name="test", prefix=prefix)
+            await eventually(lambda: svc.leading)
+            route = bus.subjects.route("default", "reviews")
+            other = bus.subjects.route("default", "ratings")
+            for i in range(150):
+                await bus.publish(
+                    bus.subjects.proxy_status,
+                    ProxyStatus(
+                        proxy=f"client-{i:03d}",
+                        namespace="default",
+                        service="client",
+                        subscriptions=[
+                            SubscriptionStatus(subject=route, revision=1),
+                            SubscriptionStatus(subject=other, revision=1),
+                        ],
+                        sent_at=1.0,
+                    ),
+                )
+            await eventually(lambda: len(svc.status.reports) == 150)
+
+            with pytest.raises(errors.RemoteError) as e:
+                await bus.request(
+                    bus.subjects.config_proxy_status, ProxyStatusRequest(), ProxyStatusReply
+                )
+            assert e.value.code == 400 and "300 rows" in e.value.message
+            assert "limit, offset" in e.value.message
+
+            one = await bus.request(
+                bus.subjects.config_proxy_status,
+                ProxyStatusRequest(subject=route, offset=10, limit=50),
+                ProxyStatusReply,
+            )
+            assert one.total == 150 and len(one.entries) == 50
+            assert {r.subject for r in one.entries} == {route}
+            assert one.entries[0].proxy == "client-010"
+            pages = []
+            for offset in range(0, 300, 100):
+                page = await bus.request(
+                    bus.subjects.config_proxy_status,
+                    ProxyStatusRequest(offset=offset, limit=100),
+                    ProxyStatusReply,
+                )
+                assert page.total == 300
+                pages += page.entries
+            assert len({(r.proxy, r.subject) for r in pages}) == 300
+
+            with pytest.raises(errors.RemoteError, match="0 or more"):
+                await bus.request(
+                    bus.subjects.config_proxy_status,
+                    ProxyStatusRequest(limit=-1),
+                    ProxyStatusReply,
+                )
+            await bus.close()
+    finally:
+        nats.kill()

@@ -825,6 +825,9 @@ async def test_authorization_matrix_with_real_sidecars(nats_server, etcd_server,
         async def denied(caller: str, path: str) -> bool:
             return (await send(caller, path)).status == 403
 
+        async def allowed(caller: str, path: str) -> bool:
+            return (await send(caller, path)).status == 200
+
         took = await takes_effect(lambda: denied("productpage", "/anything"))
         assert took < LIVE_S, took
         matrix = [
@@ -887,6 +890,10 @@ async def test_authorization_matrix_with_real_sidecars(nats_server, etcd_server,
 
         await delete(mesh, "AuthorizationPolicy", "api-readers")
         await delete(mesh, "AuthorizationPolicy", "deny-admin")
+        # the deletions in force first: otherwise the root-namespace check below could
+        # pass on the deleted DENY (pushes are debounced, so all four changes may go out
+        # as one push)
+        await takes_effect(lambda: allowed("other-ns", "/admin"))
         # scopes: another namespace's policy does not apply here, a root-namespace
         # (mesh-wide) one does
         await mesh.apply(ALLOW_NOTHING.replace("namespace: default", "namespace: other"))

@@ -265,3 +265,42 @@ async def test_after_an_outage_longer_than_the_leases_no_live_instance_is_droppe
         ]
     finally:
         await bus.close()
+
+
+async def test_a_burst_of_registrations_is_coalesced(nats_server, etcd_server, prefix) -> None:
+    """200 instances starting at once: far fewer publishes than registrations, and the
+    last set published for each service is the registry's own."""
+    cfg = service_config(nats_server.url, etcd_server.url, prefix)
+    async with running(RegistryService(cfg)) as svc:
+        bus = await Bus.connect([nats_server.url], name="test", prefix=prefix)
+        watchers = {name: EndpointWatcher() for name in ("reviews", "ratings")}
+        for name, watcher in watchers.items():
+            await bus.subscribe(bus.subjects.endpoints("default", name), EndpointSet, watcher)
+        await eventually(lambda: svc.leader_gauge._value.get() == 1)
+        gate = asyncio.Semaphore(50)
+
+        async def register(i: int) -> None:
+            name = ("reviews", "ratings")[i % 2]
+            async with gate:
+                await bus.request(
+                    bus.subjects.registry_register,
+                    RegisterRequest(instance=instance(f"{name}-{i}", name, 10_000 + i)),
+                    RegisterReply,
+                )
+
+        await asyncio.gather(*(register(i) for i in range(200)))
+        for name, watcher in watchers.items():
+            got = await bus.request(
+                bus.subjects.registry_get, EndpointsGetRequest("default", name), EndpointsGetReply
+            )
+            want = {e.instance for e in got.sets[0].endpoints}
+            assert len(want) == 100
+            await eventually(lambda w=watcher, want=want: w.latest_instances() == want)  # type: ignore[misc]
+        published = sum(len(w.sets) for w in watchers.values())
+        changes = svc.registry.get_sample_value("mesh_registry_instance_changes_total")
+        assert changes == 200
+        assert published == svc.registry.get_sample_value(
+            "mesh_registry_endpoint_sets_published_total"
+        )
+        assert published < 200 / 4, published  # coalesced: far fewer than one per change
+        await bus.close()
