@@ -194,3 +194,54 @@ def origin(path: str, host: str, method: str = "GET") -> bytes:
 
 async def gather_calls(n: int, make: Any) -> list[Any]:
     return list(await asyncio.gather(*(make() for _ in range(n)), return_exceptions=True))
+
+
+class TcpEcho:
+    """A TCP app echoing what it reads, counting connections and bytes received; once
+    the client half-closes it sends `|<name>` and closes."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.port = 0
+        self.connections = 0
+        self.received = 0
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> TcpEcho:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            while chunk := await reader.read(65536):
+                self.received += len(chunk)
+                writer.write(chunk)
+                await writer.drain()
+            writer.write(b"|" + self.name.encode())
+            await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+
+async def tcp_exchange(port: int, data: bytes) -> bytes | None:
+    """Send `data`, half-close, read to EOF: the reply, None when reset or refused."""
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    except OSError:
+        return None
+    try:
+        writer.write(data)
+        writer.write_eof()
+        return await asyncio.wait_for(reader.read(), 10)
+    except ConnectionError:
+        return None
+    finally:
+        writer.close()
