@@ -156,12 +156,14 @@ class Scenario:
         admin `/stats/prometheus`."""
         return metric_sum(await self.admin(sc, "/stats/prometheus"), "istio_requests_total", labels)
 
-    async def counted(
-        self, sc: Any, at_least: float, *, timeout: float = 15, **labels: str
-    ) -> float:
+    async def counted(self, sc: Any, at_least: float, **labels: str) -> float:
         """Wait until `sc` has counted `at_least` requests with `labels` (Envoy's counts
         arrive over its access-log stream, a moment after the answer)."""
+        return await self.counted_within(15, sc, at_least, labels)
 
+    async def counted_within(
+        self, timeout: float, sc: Any, at_least: float, labels: dict[str, str]
+    ) -> float:
         async def enough() -> float | None:
             value = await self.istio_requests(sc, **labels)
             assert value >= at_least, (value, labels)

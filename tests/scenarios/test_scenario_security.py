@@ -41,13 +41,17 @@ class Env:
         return reply.status if reply is not None else 0
 
     async def until(self, status: int, path: str, *callers: str, method: str = "GET") -> None:
-        """Wait until every one of `callers` gets `status` (a policy change has reached
-        the server, and on Envoy the callers' connections opened before it are gone:
-        see test_a_policy_change_applies_to_open_connections)."""
+        """Wait until every one of `callers` gets `status` five times in a row (a policy
+        change has reached the server, and on Envoy the pooled connections the callers'
+        sidecars opened before it are gone: each serves one more request under the old
+        policy, see test_a_policy_change_applies_to_open_connections)."""
         for caller in callers:
 
             async def check(c: str = caller) -> bool:
-                return await self.send(c, path, method) == status
+                for _ in range(5):
+                    if await self.send(c, path, method) != status:
+                        return False
+                return True
 
             await eventually(check, timeout=20, interval=0.1)
 
@@ -64,8 +68,7 @@ async def env(scenario: Scenario) -> Env:
     ratings = await scenario.sidecar("ratings")
     legacy = await scenario.sidecar("legacy", mtls=False, dataplane="python")
     e = Env(scenario, server, productpage, ratings, legacy)
-    for caller in ("productpage", "ratings", "legacy"):
-        await eventually(lambda c=caller: _status_is(e, c, "/", 200), timeout=20)
+    await e.until(200, "/", "productpage", "ratings", "legacy")
     return e
 
 
@@ -192,6 +195,7 @@ async def test_allow_and_deny_on_path_method_and_principal(env: Env) -> None:
 
 async def test_dry_run_never_denies(env: Env) -> None:
     s = env.s
+    await env.until(200, "/dry", "productpage", "ratings", "legacy")
     revision = await s.apply(DRY_RUN_DENY_ALL)
 
     async def followed() -> bool:

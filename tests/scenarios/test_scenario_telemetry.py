@@ -71,7 +71,7 @@ async def test_the_destination_reporter_names_the_source_workload(
     }
     before = await s.istio_requests(env.reviews, **labels)
     assert (await s.call(env.client, "http://reviews:9080/who")).status == 200
-    await s.counted(env.reviews, before + 1, timeout=5, **labels)
+    await s.counted_within(5, env.reviews, before + 1, labels)
 
 
 NO_HEALTHY_SUBSET = (
@@ -165,4 +165,4 @@ async def test_a_403_from_authorization_is_flagged_rbac_at_the_destination(
     labels = {"reporter": "destination", "response_code": "403", "response_flags": "RBAC"}
     before = await s.istio_requests(env.reviews, **labels)
     await _denied_once(env)
-    await s.counted(env.reviews, before + 1, timeout=5, **labels)
+    await s.counted_within(5, env.reviews, before + 1, labels)
