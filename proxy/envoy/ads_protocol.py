@@ -291,13 +291,37 @@ class AdsStream:
     def on_push(self, steps: Iterable[PushStep]) -> list[discovery_pb2.DiscoveryResponse]:
         """A new snapshot: the responses this stream gets, in push order. A stream that
         has not subscribed to a type yet gets it when it asks."""
+        steps = list(steps)
         out: list[discovery_pb2.DiscoveryResponse] = []
+        rewarming: set[str] = set()
         for step in steps:
             sub = self._subscriptions.get(step.type_url)
             if sub is None or not (sub.nonce or sub.wildcard or sub.names):
                 continue
             matching = self._matching(sub, step.resources)
-            if not sub.wildcard and not self._has_news(sub, matching):
+            if step.type_url == ENDPOINT and rewarming & sub.names:
+                pass  # a changed cluster waits for its endpoints, changed or not
+            elif not sub.wildcard and not self._has_news(sub, matching):
                 continue  # none of the resources this Envoy asked for changed
+            if step.type_url == CLUSTER:
+                rewarming |= {n for n, v in matching.items() if n in sub.sent and sub.sent[n] != v}
             out.append(self._send(step.type_url, sub, step.version, matching))
+            if step.type_url == CLUSTER and all(st.type_url != ENDPOINT for st in steps):
+                out.extend(self._rewarm_endpoints(rewarming))
         return out
+
+    def _rewarm_endpoints(
+        self, changed_clusters: set[str]
+    ) -> list[discovery_pb2.DiscoveryResponse]:
+        """Envoy replaces a changed cluster with a new one that warms until its EDS
+        subscription gets an answer; the re-subscription names the same resources with
+        the last nonce, which reads as an ACK with nothing new, so without this the
+        cluster would wait for Envoy's `initial_fetch_timeout` (15 s) with its old
+        settings in force. So a push that changes clusters but not endpoints resends
+        the endpoints right after the clusters (one that changes endpoints too sends
+        them to this stream in its own EDS step)."""
+        sub = self._subscriptions.get(ENDPOINT)
+        if sub is None or not sub.nonce or not (changed_clusters & sub.names):
+            return []
+        current = self.state.snapshot[ENDPOINT]
+        return [self._send(ENDPOINT, sub, current.version, self._matching(sub, current.resources))]

@@ -367,3 +367,38 @@ def test_resource_keyed_under_another_name_is_refused_and_the_snapshot_kept():
     with pytest.raises(XdsError, match="'a' names itself 'b'"):
         state.set_resources(snapshot(endpoints={"a": endpoints("b")}))
     assert set(state.snapshot[CLUSTER].resources) == {"outbound|9080||reviews"}
+
+
+def test_a_changed_cluster_gets_its_endpoints_again_so_it_finishes_warming():
+    """Envoy replaces a changed EDS cluster with one that warms until its endpoints
+    arrive; its re-subscription reads as an ACK, so the server resends the endpoints
+    right after the clusters (else the new cluster settings, e.g. circuit breakers or
+    outlier detection, would wait for Envoy's 15 s initial_fetch_timeout)."""
+    state = AdsState()
+    state.set_resources(BASE)
+    stream = AdsStream(state)
+    for t, names in ((CLUSTER, ()), (ENDPOINT, ("outbound|9080||reviews",))):
+        [r] = stream.on_request(request(t, names))
+        ack(stream, r, names)
+    name = "outbound|9080||reviews"
+    changed = snapshot(**{**BASE.__dict__, "clusters": {name: cluster(name, timeout_s=5)}})
+    cds, eds = stream.on_push(state.set_resources(changed))
+    assert (cds.type_url, names_of(cds)) == (CLUSTER, [name])
+    assert (eds.type_url, eds.version_info, names_of(eds)) == (ENDPOINT, "1", [name])
+    # Envoy's re-subscription with the previous nonce is stale: nothing more is sent
+    assert stream.on_request(request(ENDPOINT, (name,), version="1", nonce=cds.nonce)) == []
+    assert ack(stream, eds, (name,)) == []
+    # a cluster and its endpoints changing together: one EDS response, in push order
+    both = snapshot(
+        **{
+            **changed.__dict__,
+            "clusters": {name: cluster(name, timeout_s=7)},
+            "endpoints": {name: endpoints(name, port=9090)},
+        }
+    )
+    out = stream.on_push(state.set_resources(both))
+    assert [r.type_url for r in out] == [CLUSTER, ENDPOINT]
+    # a cluster this Envoy has no endpoints subscription for: clusters only
+    other = "outbound|9080|v2|reviews"
+    added = snapshot(**{**both.__dict__, "clusters": {**both.clusters, other: cluster(other)}})
+    assert [r.type_url for r in stream.on_push(state.set_resources(added))] == [CLUSTER]
