@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
-from tests.scenarios.helpers import Scenario, known_difference
+from tests.scenarios.helpers import Scenario
 from tests.support import destination_rule_yaml
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -49,17 +49,7 @@ async def test_a_200_is_counted_by_both_reporters(env: Env) -> None:
     )
 
 
-SOURCE_UNKNOWN = (
-    "bug: the Envoy data plane's destination reporter labels every caller "
-    "source_workload/source_app/source_version 'unknown' (proxy/dataplane/envoy_telemetry.py "
-    "knows only the certificate); Python and Istio name the caller's workload"
-)
-
-
-async def test_the_destination_reporter_names_the_source_workload(
-    env: Env, request: pytest.FixtureRequest, dataplane: str
-) -> None:
-    known_difference(request, dataplane, "envoy", SOURCE_UNKNOWN)
+async def test_the_destination_reporter_names_the_source_workload(env: Env) -> None:
     s = env.s
     labels = {
         "reporter": "destination",
@@ -150,17 +140,7 @@ async def test_a_403_from_authorization_is_counted_by_both_reporters(env: Env) -
     await s.counted(env.client, before_s + 1, **source)
 
 
-RBAC_UNFLAGGED = (
-    "bug: the Envoy data plane's telemetry (proxy/dataplane/envoy_telemetry.py) counts an "
-    "RBAC denial with response_flags '-'; Python flags it RBAC (proxy/envoy/"
-    "access_log_convert.py derives it from rbac_access_denied details but is not in use)"
-)
-
-
-async def test_a_403_from_authorization_is_flagged_rbac_at_the_destination(
-    env: Env, request: pytest.FixtureRequest, dataplane: str
-) -> None:
-    known_difference(request, dataplane, "envoy", RBAC_UNFLAGGED)
+async def test_a_403_from_authorization_is_flagged_rbac_at_the_destination(env: Env) -> None:
     s = env.s
     labels = {"reporter": "destination", "response_code": "403", "response_flags": "RBAC"}
     before = await s.istio_requests(env.reviews, **labels)
