@@ -8,6 +8,7 @@ import contextlib
 import os
 from collections.abc import Awaitable, Callable
 
+import mesh
 from mesh.logs import get_logger
 from proxy.settings import SidecarSettings
 
@@ -21,6 +22,8 @@ def app_env(settings: SidecarSettings, *, outbound: str, admin: str) -> dict[str
     """The app's environment: HTTP_PROXY at the sidecar's outbound listener and the
     MESH_* facts about its instance."""
     env = dict(os.environ)
+    if mesh.FORK_SUPPORT_SET_BY_US:
+        env.pop("GRPC_ENABLE_FORK_SUPPORT", None)  # ours, not the app's
     env.update(
         HTTP_PROXY=outbound,
         http_proxy=outbound,
