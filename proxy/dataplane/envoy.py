@@ -140,7 +140,7 @@ class EnvoyDataPlane:
             raise errors.BadRequest(
                 "--dataplane envoy needs mTLS (a certificate from the CA): drop --no-mtls"
             )
-        self._dir = private_state_dir(s.instance)
+        self._dir = private_state_dir(s.instance, cluster=f"{s.prefix}|{','.join(sorted(s.nats))}")
         # an Envoy a previous sidecar of this instance left running (it died): adopted,
         # so the app's traffic never stopped; same admin port, same bootstrap
         left = find_running_envoy(self._dir)

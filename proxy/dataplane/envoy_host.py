@@ -19,15 +19,18 @@ from proxy.dataplane import DataPlaneContext
 from proxy.dataplane.envoy_view import EnvoyPorts
 
 
-def private_state_dir(instance: str) -> Path:
+def private_state_dir(instance: str, cluster: str) -> Path:
     """The instance's directory for Envoy's bootstrap, log, state file and the ADS and
     access-log sockets: the same for a sidecar restarted under the same `--instance`
-    (so it finds the Envoy its predecessor left), private to this user."""
+    against the same mesh (`cluster`: its NATS URLs and subject prefix), so it finds the
+    Envoy its predecessor left; never shared by two meshes on one host whose instances
+    happen to have the same names (two demos, parallel tests). Private to this user."""
     base = Path(os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir())
+    mesh_id = hashlib.sha256(cluster.encode()).hexdigest()[:8]
     name = re.sub(r"[^A-Za-z0-9._-]", "_", instance)
-    if len(name) > 48:  # unix socket paths are short (108 bytes)
-        name = name[:32] + "-" + hashlib.sha256(instance.encode()).hexdigest()[:15]
-    path = base / f"meshwork-envoy-{name}"
+    if len(name) > 40:  # unix socket paths are short (108 bytes)
+        name = name[:24] + "-" + hashlib.sha256(instance.encode()).hexdigest()[:15]
+    path = base / f"meshwork-envoy-{mesh_id}-{name}"
     try:
         path.mkdir(mode=0o700)
     except FileExistsError:
