@@ -169,12 +169,13 @@ class DevCluster:
         data = self.state_dir / "data"
         auth = self.nats_auth_file(data / "nats")
         if self.server_nodes == 1:
+            # recorded before they start: a stop signal during start-up stops them too
             nats = NatsServer(data / "nats", name="nats-0", config_file=auth)
-            self._step("nats-server (JetStream, per-role permissions)", lambda: nats.start())
             self.nats.append(nats)
+            self._step("nats-server (JetStream, per-role permissions)", lambda: nats.start())
             etcd = EtcdServer(data / "etcd", name="etcd-0")
-            self._step("etcd", lambda: etcd.start())
             self.etcd.append(etcd)
+            self._step("etcd", lambda: etcd.start())
         else:
             self._start_server_clusters(data, auth)
         if self.etcd_auth or (self.state_dir / ETCD_AUTH_FILE).exists():
@@ -228,13 +229,13 @@ class DevCluster:
             for node in nodes:
                 node.wait_ready(30.0)
 
+        self.nats.extend(nats_nodes)
         self._step(
             f"{n}-node NATS cluster (JetStream, per-role permissions)",
             lambda: start_all(nats_nodes),
         )
-        self.nats.extend(nats_nodes)
-        self._step(f"{n}-member etcd cluster", lambda: start_all(etcd_nodes))
         self.etcd.extend(etcd_nodes)
+        self._step(f"{n}-member etcd cluster", lambda: start_all(etcd_nodes))
         write_private(data / "ports.json", json.dumps(ports, indent=2) + "\n")
 
     def nats_auth_file(self, where: Path) -> Path:
@@ -304,8 +305,8 @@ class DevCluster:
                 proc = ManagedProcess(
                     replica, args, logs_dir / f"{replica}.log", env=self.service_env()
                 )
-                proc.start()
                 self.processes.append(proc)
+                proc.start()
                 info = ReplicaInfo(
                     service, replica, proc.pid, f"http://127.0.0.1:{port}", str(proc.log_path)
                 )
@@ -346,8 +347,8 @@ class DevCluster:
         names = ", ".join(f"{s}-{v}" for s, v in BOOKINFO_WORKLOADS)
         self.report(f"  starting bookinfo under sidecars: {names}; ingress gateway ...")
         for service, version in BOOKINFO_WORKLOADS:
-            self.demo_processes.append(self._start_sidecar(demo, service, version))
-        self.demo_processes.append(self._start_gateway(demo, port))
+            self._launch(self._sidecar_process(demo, service, version))
+        self._launch(self._gateway_process(demo, port))
         self._wait_demo_ready()
         self._wait_productpage(self.ingress + "/productpage")
         if demo.load_rps > 0:
@@ -357,10 +358,7 @@ class DevCluster:
                  self.ingress + "/productpage", "--rps", str(demo.load_rps)],
                 self.state_dir / "logs" / "demo-load.log",
             )  # fmt: skip
-            load.start()
-            self.demo_processes.append(
-                DemoProcess("demo-load", "load", load, {"name": "demo-load", "pid": load.pid})
-            )
+            self._launch(DemoProcess("demo-load", "load", load, {"name": "demo-load"}))
             self.report(f"  background load: {demo.load_rps:g} requests/s on /productpage")
 
     def _meshctl(self) -> list[str]:
@@ -375,7 +373,14 @@ class DevCluster:
             raise ServerError(f"applying the demo's resources failed:\n{done.stderr}")
         self.report(f"  applied {', '.join(f.name for f in files)}")
 
-    def _start_sidecar(self, demo: DemoSettings, service: str, version: str) -> DemoProcess:
+    def _launch(self, process: DemoProcess) -> None:
+        """Start a demo process, recorded first: a stop signal arriving during start-up
+        stops it too."""
+        self.demo_processes.append(process)
+        process.proc.start()
+        process.record["pid"] = process.proc.pid
+
+    def _sidecar_process(self, demo: DemoSettings, service: str, version: str) -> DemoProcess:
         name = f"{service}-{version}"
         app_port, admin, inbound, outbound = (free_port() for _ in range(4))
         args = [
@@ -393,12 +398,10 @@ class DevCluster:
             "--", sys.executable, str(demo.apps_dir / f"{service}.py"),
         ]  # fmt: skip
         proc = ManagedProcess(name, args, self.state_dir / "logs" / f"{name}.log")
-        proc.start()
         record = {
             "service": service,
             "version": version,
             "dataplane": demo.dataplane,
-            "pid": proc.pid,
             "admin": f"http://127.0.0.1:{admin}",
             "inbound": f"127.0.0.1:{inbound}",
             "outbound": f"127.0.0.1:{outbound}",
@@ -407,7 +410,7 @@ class DevCluster:
         }
         return DemoProcess(f"{name}-0", "sidecar", proc, record)
 
-    def _start_gateway(self, demo: DemoSettings, port: int) -> DemoProcess:
+    def _gateway_process(self, demo: DemoSettings, port: int) -> DemoProcess:
         admin = free_port()
         args = [
             *self._meshctl(), "gateway",
@@ -420,9 +423,7 @@ class DevCluster:
         proc = ManagedProcess(
             "ingressgateway", args, self.state_dir / "logs" / "ingressgateway.log"
         )
-        proc.start()
         record = {
-            "pid": proc.pid,
             "dataplane": demo.dataplane,
             "admin": f"http://127.0.0.1:{admin}",
             "http": f"http://127.0.0.1:{port}",
