@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from mesh.bus_permissions import ROLES, authorization_conf
+from mesh.proxy_records import stop_recorded_proxies
 from mesh.servers import (
     EtcdServer,
     ManagedProcess,
@@ -548,9 +549,16 @@ class DevCluster:
         return dead
 
     def stop(self) -> None:
-        """Stop everything this object started: the demo (all at once: load, gateway,
-        sidecars, which stop their apps), then services, servers last."""
+        """Stop everything: the proxies others started against this cluster (`meshctl
+        sidecar/gateway`, recorded in the state dir), the demo (all at once: load,
+        gateway, sidecars, which stop their apps), then services, servers last."""
+        demo_pids = frozenset(d.proc.pid for d in self.demo_processes if d.proc.proc)
+        others = stop_recorded_proxies(self.state_dir, self.report, skip_pids=demo_pids)
+        if others:
+            self.report(f"  stopped {others} proxies started with meshctl sidecar/gateway")
         stop_together([d.proc for d in self.demo_processes], timeout=15)
+        # what a killed demo sidecar left behind (its Envoy runs in its own session)
+        stop_recorded_proxies(self.state_dir, self.report, timeout=5)
         for proc in reversed(self.processes):
             proc.stop(timeout=10)
         for etcd in self.etcd:
@@ -647,8 +655,15 @@ def down(state_dir: Path, report: Callable[[str], None]) -> int:
     path = state_dir / CLUSTER_FILE
     if not path.exists():
         report(f"no cluster recorded in {path}")
-        return 0
+        # proxies recorded against it may still run (the cluster itself was killed)
+        return stop_recorded_proxies(state_dir, report, timeout=5)
     doc = json.loads(path.read_text())
+    # first the proxies started against the cluster (while it runs, so that they
+    # deregister); the demo's own are stopped with the rest of the cluster
+    demo_pids = frozenset(e["pid"] for e in _all_pids(doc) if e.get("group"))
+    proxies = stop_recorded_proxies(state_dir, report, skip_pids=demo_pids)
+    if proxies:
+        report(f"  stopped {proxies} proxies started with meshctl sidecar/gateway")
     supervisor = doc.get("supervisor_pid")
     if (
         supervisor
@@ -680,8 +695,10 @@ def down(state_dir: Path, report: Callable[[str], None]) -> int:
                 if ok
                 else f"  could not stop {entry['name']} (pid {pid})"
             )
+    # what a killed demo sidecar left behind (its Envoy runs in its own session)
+    stopped += stop_recorded_proxies(state_dir, report, timeout=5)
     path.unlink(missing_ok=True)
-    return stopped
+    return stopped + proxies
 
 
 def _is_meshctl(pid: int) -> bool:

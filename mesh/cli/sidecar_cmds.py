@@ -9,7 +9,14 @@ import os
 from typing import Any
 
 from mesh import logs
-from mesh.cli.common import CLIError, nats_credentials, nats_urls, prefix, read_cluster
+from mesh.cli.common import (
+    CLIError,
+    nats_credentials,
+    nats_urls,
+    prefix,
+    read_cluster,
+    state_dir,
+)
 from proxy.settings import DATAPLANES
 
 
@@ -189,6 +196,19 @@ def _bootstrap_token(args: argparse.Namespace, service_account: str) -> str:
     return str(ca_cmds.mint_token(args, args.namespace, service_account, wait=True))
 
 
+def _cluster_state_dir(args: argparse.Namespace) -> str:
+    """The state dir of the local cluster this proxy runs against, where it records
+    itself for `meshctl down`: only when the cluster's NATS is the one used (a sidecar
+    given only `--nats` of some other mesh has none)."""
+    cluster = read_cluster(args, required=False)
+    if not cluster:
+        return ""
+    used = set(nats_urls(args))
+    if not used & set(cluster.get("nats", [])):
+        return ""
+    return str(state_dir(args).resolve())
+
+
 def _settings(args: argparse.Namespace, **kw: Any) -> Any:
     settings_mod = importlib.import_module("proxy.settings")
     user, password = nats_credentials(args, role="sidecar")
@@ -217,6 +237,7 @@ def _settings(args: argparse.Namespace, **kw: Any) -> Any:
         config_signatures=not args.no_config_signatures,
         dataplane=args.dataplane,
         jwks_ca_file=args.jwks_ca_file,
+        cluster_state_dir=_cluster_state_dir(args),
         **kw,
     )
 

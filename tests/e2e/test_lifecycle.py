@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from mesh.servers import pid_alive
+from mesh.servers import free_port, pid_alive
 
 MESHCTL = [sys.executable, "-m", "mesh.cli.main"]
 
@@ -133,3 +133,127 @@ def test_a_stop_signal_during_start_up_stops_what_had_started(tmp_path: Path) ->
         if up.poll() is None:
             up.kill()
         kill_leftovers(processes_naming(state))
+
+
+# ------------------------------------------------- proxies started against a cluster
+
+APP = (
+    "import sys\n"
+    "from http.server import BaseHTTPRequestHandler, HTTPServer\n"
+    "class H(BaseHTTPRequestHandler):\n"
+    "    def do_GET(self):\n"
+    "        self.send_response(200); self.send_header('content-length', '2')\n"
+    "        self.end_headers(); self.wfile.write(b'ok')\n"
+    "HTTPServer(('127.0.0.1', int(sys.argv[1])), H).serve_forever()\n"
+)
+
+
+@pytest.fixture
+def detached_cluster(tmp_path: Path) -> Any:
+    state = tmp_path / "mesh"
+    done = subprocess.run(
+        [*MESHCTL, "--state-dir", str(state), "up", "--detach"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    doc = json.loads((state / "cluster.json").read_text())
+    yield state
+    subprocess.run([*MESHCTL, "--state-dir", str(state), "down"], capture_output=True, timeout=120)
+    kill_leftovers(recorded_pids(doc))
+
+
+def start_proxy(tmp_path: Path, state: Path, instance: str, *extra: str) -> subprocess.Popen[bytes]:
+    """`meshctl sidecar` with an app, as a user starts one next to `meshctl up`."""
+    app_port = free_port()
+    app = tmp_path / "app.py"
+    app.write_text(APP)
+    log = open(tmp_path / f"{instance}.log", "wb")
+    return subprocess.Popen(
+        [*MESHCTL, "sidecar", "--state-dir", str(state), "--service", "web",
+         "--instance", instance, "--app-port", str(app_port), *extra,
+         "--", sys.executable, str(app), str(app_port)],
+        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+
+
+def wait_record(state: Path, instance: str, roles: set[str], timeout: float = 60.0) -> Any:
+    path = state / "proxies" / f"{instance}.json"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            record = json.loads(path.read_text())
+            if roles <= {p["role"] for p in record["processes"]}:
+                return record
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"{path} never recorded {roles}")
+
+
+def down(state: Path) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run(
+        [*MESHCTL, "--state-dir", str(state), "down"], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    return done
+
+
+def test_down_stops_sidecars_started_against_the_cluster(
+    detached_cluster: Path, tmp_path: Path
+) -> None:
+    state = detached_cluster
+    sidecar = start_proxy(tmp_path, state, "web-a")
+    try:
+        record = wait_record(state, "web-a", {"sidecar", "app"})
+        pids = [p["pid"] for p in record["processes"]]
+        assert sidecar.pid in pids
+        out = down(state)
+        assert "stopped 1 proxies started with meshctl sidecar/gateway" in out.stderr
+        assert sidecar.wait(30) == 0  # it stopped in order (drained, deregistered)
+        assert wait_gone(pids, timeout=10) == []
+        assert list((state / "proxies").glob("*.json")) == []
+    finally:
+        if sidecar.poll() is None:
+            sidecar.kill()
+
+
+def test_a_sidecar_removes_its_record_when_it_exits(detached_cluster: Path, tmp_path: Path) -> None:
+    state = detached_cluster
+    sidecar = start_proxy(tmp_path, state, "web-b")
+    try:
+        wait_record(state, "web-b", {"sidecar", "app"})
+        sidecar.send_signal(signal.SIGTERM)
+        assert sidecar.wait(30) == 0
+        assert not (state / "proxies" / "web-b.json").exists()
+    finally:
+        if sidecar.poll() is None:
+            sidecar.kill()
+
+
+def test_down_stops_the_envoy_a_killed_sidecar_left_behind(
+    detached_cluster: Path, tmp_path: Path
+) -> None:
+    """Envoy runs in its own session and outlives its sidecar by design (a new sidecar
+    adopts it); `meshctl down` still stops it, and the orphaned app."""
+    state = detached_cluster
+    sidecar = start_proxy(tmp_path, state, "web-envoy", "--dataplane", "envoy")
+    others: list[int] = []
+    try:
+        record = wait_record(state, "web-envoy", {"sidecar", "envoy", "app"}, timeout=90)
+        others = [p["pid"] for p in record["processes"] if p["role"] != "sidecar"]
+        sidecar.kill()
+        sidecar.wait(10)
+        time.sleep(0.5)
+        assert all(pid_alive(p) for p in others)  # left running by the killed sidecar
+        out = down(state)
+        assert "sidecar web-envoy" in out.stderr
+        assert wait_gone(others, timeout=10) == []
+        assert list((state / "proxies").glob("*.json")) == []
+    finally:
+        if sidecar.poll() is None:
+            sidecar.kill()
+        for pid in others:
+            if pid_alive(pid):
+                os.kill(pid, signal.SIGKILL)
