@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mesh import cluster_state
 from mesh.bus_permissions import ROLES, authorization_conf
 from mesh.proxy_records import stop_recorded_proxies
 from mesh.servers import (
@@ -119,6 +120,10 @@ class DevCluster:
     credentials: dict[str, dict[str, str]] = field(default_factory=dict)
     # the control plane's etcd user, when etcd authentication is on
     etcd_credentials: dict[str, str] = field(default_factory=dict)
+    # `up --fresh`: wipe what an earlier cluster kept here before starting
+    fresh: bool = False
+    # resources found in etcd at start (by kind): what an earlier cluster left
+    kept_resources: dict[str, int] = field(default_factory=dict)
 
     @property
     def nats_urls(self) -> list[str]:
@@ -137,12 +142,18 @@ class DevCluster:
             raise ServerError(
                 f"a cluster is already running from {self.state_dir} (stop it with `meshctl down`)"
             )
+        if self.fresh:
+            removed = cluster_state.purge(self.state_dir)
+            if removed:
+                self.report(f"--fresh: removed {', '.join(removed)} from {self.state_dir}/")
+            self.state_dir.mkdir(parents=True, exist_ok=True)
         t0 = time.monotonic()
         try:
             self._start_servers()
             self._start_services()
-            self.write_cluster_file()
             self.report(f"control plane ready in {time.monotonic() - t0:.1f}s")
+            self._say_what_was_kept()
+            self.write_cluster_file()
             if self.demo is not None:
                 t1 = time.monotonic()
                 # the demo's sidecars find the cluster (NATS, the CA) through cluster.json
@@ -153,6 +164,22 @@ class DevCluster:
             self.stop()
             (self.state_dir / CLUSTER_FILE).unlink(missing_ok=True)
             raise
+
+    def _say_what_was_kept(self) -> None:
+        """Resources an earlier cluster left in etcd (before the demo applies its own)."""
+        try:
+            kinds = cluster_state.count_resources(
+                self.etcd_urls,
+                self.prefix,
+                self.etcd_credentials.get("user"),
+                self.etcd_credentials.get("password"),
+            )
+        except Exception as e:  # informative only: never fails the start
+            self.report(f"  (could not count the resources kept in etcd: {e})")
+            return
+        self.kept_resources = dict(kinds)
+        if kinds:
+            self.report(cluster_state.describe_kept(kinds, self.state_dir))
 
     def _step(self, label: str, fn: Callable[[], object]) -> None:
         t = time.monotonic()
@@ -514,6 +541,7 @@ class DevCluster:
             },
             "sidecars": {d.name: d.record for d in self.demo_processes if d.kind == "sidecar"},
             "supervisor_pid": os.getpid(),
+            "kept_resources": self.kept_resources,
         }
         if self.credentials:
             # NATS users by role (mesh.bus_permissions): meshctl uses admin, sidecars sidecar

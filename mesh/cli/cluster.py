@@ -10,7 +10,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from mesh import devcluster, serverstatus
+from mesh import cluster_state, devcluster, serverstatus
 from mesh.cli.common import (
     CLIError,
     add_output_flag,
@@ -63,9 +63,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         help="with --demo: the data plane of every demo sidecar and the gateway: our Python "
         "proxy (default) or Envoy configured over xDS",
     )
+    up.add_argument(
+        "--fresh",
+        action="store_true",
+        help="start clean: remove what an earlier cluster kept in the state dir (etcd and "
+        "NATS data: applied resources, CA roots, tokens) before starting",
+    )
     up.set_defaults(func=cmd_up)
 
     down = sub.add_parser("down", help="stop everything `meshctl up` started")
+    down.add_argument(
+        "--purge",
+        action="store_true",
+        help="also remove the cluster's kept state (etcd and NATS data, logs) after stopping, "
+        "so the next `meshctl up` starts clean",
+    )
     down.set_defaults(func=cmd_down)
 
     st = sub.add_parser("status", help="control-plane replicas, their health and leaders")
@@ -114,6 +126,7 @@ def _run_cluster(
         report=say,
         demo=demo,
         etcd_auth=args.secure or args.replicas > 1,
+        fresh=args.fresh,
     )
     say(
         f"meshctl up: {args.replicas} replica(s) of {', '.join(services)} in {cluster.state_dir}/"
@@ -174,6 +187,13 @@ def cmd_down(args: argparse.Namespace) -> int:
     say(f"meshctl down: {d}/")
     devcluster.down(d, say)
     say("everything stopped")
+    if args.purge:
+        removed = cluster_state.purge(d)
+        say(
+            f"purged {', '.join(removed)} from {d}/: the next `meshctl up` starts clean"
+            if removed
+            else f"nothing to purge in {d}/"
+        )
     return 0
 
 

@@ -257,3 +257,57 @@ def test_down_stops_the_envoy_a_killed_sidecar_left_behind(
         for pid in others:
             if pid_alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+# ------------------------------------------------------------ state is visible
+
+ROUTE = """
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews}
+spec:
+  hosts: [reviews]
+  http:
+  - route:
+    - destination: {host: reviews}
+"""
+
+
+def meshctl(state: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run(
+        [*MESHCTL, "--state-dir", str(state), *args], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode in (0, 1), done.stderr
+    return done
+
+
+def test_up_says_what_it_resumed_and_fresh_and_purge_start_clean(tmp_path: Path) -> None:
+    state = tmp_path / "mesh"
+    route = tmp_path / "route.yaml"
+    route.write_text(ROUTE)
+    try:
+        first = meshctl(state, "up", "--detach")
+        assert "resource(s) from before" not in first.stderr  # nothing kept on a first start
+        assert meshctl(state, "apply", "-f", str(route)).returncode == 0
+        meshctl(state, "down")
+
+        again = meshctl(state, "up", "--detach")
+        assert "1 resource(s) from before (1 VirtualService)" in again.stderr, again.stderr
+        assert "meshctl up --fresh" in again.stderr and "meshctl down --purge" in again.stderr
+        doc = json.loads((state / "cluster.json").read_text())
+        assert doc["kept_resources"] == {"VirtualService": 1}
+        meshctl(state, "down")
+
+        fresh = meshctl(state, "up", "--fresh", "--detach")
+        assert "resource(s) from before" not in fresh.stderr
+        assert meshctl(state, "get", "vs", "reviews").returncode == 1  # gone
+        assert meshctl(state, "apply", "-f", str(route)).returncode == 0
+        purged = meshctl(state, "down", "--purge")
+        assert "purged" in purged.stderr
+        assert not (state / "data").exists()
+
+        clean = meshctl(state, "up", "--detach")
+        assert "resource(s) from before" not in clean.stderr
+        assert meshctl(state, "get", "vs", "reviews").returncode == 1
+    finally:
+        meshctl(state, "down")
