@@ -31,6 +31,7 @@ from typing import Any
 
 from mesh import cluster_state
 from mesh.bus_permissions import ROLES, authorization_conf
+from mesh.port_owner import port_in_use
 from mesh.proxy_records import stop_recorded_proxies
 from mesh.servers import (
     EtcdServer,
@@ -365,8 +366,9 @@ class DevCluster:
                 f"the demo application is not in this installation ({demo.apps_dir} is "
                 "missing); run `meshctl up --demo` from a source checkout"
             )
-        if demo.ingress_port and not port_free(demo.ingress_port):
-            raise ServerError(f"--ingress-port {demo.ingress_port} is in use")
+        taken = port_in_use("--ingress-port", demo.ingress_port)
+        if taken:
+            raise ServerError(taken)
         port = demo.ingress_port or (
             DEFAULT_INGRESS_PORT if port_free(DEFAULT_INGRESS_PORT) else free_port()
         )

@@ -30,6 +30,7 @@ from mesh.ca_messages import TrustBundle
 from mesh.lifecycle import StopRequested, StopSignal
 from mesh.logs import get_logger
 from mesh.messages import Instance, SubscriptionStatus
+from mesh.port_owner import port_in_use
 from mesh.proxy_records import ProxyRecord
 from proxy.admin import AdminServer
 from proxy.app_process import ManagedApp, app_env, healthy_when_listening
@@ -126,6 +127,11 @@ class Sidecar:
         """Every start-up step, in order; each pushes its own cleanup on `started`. A
         stop request during a wait raises StopRequested."""
         s = self.settings
+        if self.app is not None:
+            # another process there would be registered, and marked healthy, as our app
+            taken = port_in_use("app port", s.app_port)
+            if taken:
+                raise errors.Unavailable(f"{taken}: the app this sidecar starts listens there")
         self._record_in_cluster(started)
         admin = AdminServer(
             ready=lambda: self.ready,

@@ -22,6 +22,7 @@ from mesh.cli.common import (
 )
 from mesh.cli.foreground import StopRequested, StopSignals, run_tolerant, tolerant
 from mesh.cli.serve import available_services
+from mesh.port_owner import port_in_use
 from mesh.servers import ServerError
 from proxy.settings import DATAPLANES
 
@@ -101,6 +102,9 @@ def cmd_up(args: argparse.Namespace) -> int:
         )
     elif args.dataplane != "python":
         raise CLIError("--dataplane applies to the demo's proxies: add --demo")
+    taken = port_in_use("--ingress-port", args.ingress_port) if args.demo else None
+    if taken:
+        raise CLIError(taken)
     with StopSignals().installed() as signals:
         try:
             return _run_cluster(args, services, demo, signals)

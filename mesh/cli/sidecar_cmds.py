@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import importlib
 import os
 from typing import Any
@@ -17,6 +18,7 @@ from mesh.cli.common import (
     read_cluster,
     state_dir,
 )
+from mesh.port_owner import port_in_use
 from proxy.settings import DATAPLANES
 
 
@@ -164,15 +166,29 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     gw.set_defaults(func=cmd_gateway)
 
 
+def _check_ports(ports: list[tuple[str, int, str]]) -> None:
+    """Each (flag, port, host) free, else an error naming the flag, the port and who
+    holds it: said before anything starts, instead of a traceback from the bind."""
+    taken = [msg for flag, port, host in ports if (msg := port_in_use(flag, port, host))]
+    if taken:
+        raise CLIError("\n".join(taken))
+
+
 def _run(settings: Any, app: list[str]) -> int:
     proxy = importlib.import_module("proxy.sidecar")
     sidecar = proxy.Sidecar(settings, app)
     try:
-        import uvloop
+        try:
+            import uvloop
 
-        return int(uvloop.run(sidecar.run()))
-    except ImportError:
-        return int(asyncio.run(sidecar.run()))
+            return int(uvloop.run(sidecar.run()))
+        except ImportError:
+            return int(asyncio.run(sidecar.run()))
+    except OSError as e:
+        if e.errno != errno.EADDRINUSE:
+            raise
+        # taken between the check and the bind
+        raise CLIError(f"a port is in use: {e.strerror or e}") from None
 
 
 def _bootstrap_token(args: argparse.Namespace, service_account: str) -> str:
@@ -255,6 +271,16 @@ def cmd_sidecar(args: argparse.Namespace) -> int:
             tcp.parse_tcp_upstream(spec, args.namespace)
         except ValueError as e:
             raise CLIError(f"--tcp-upstream {spec!r}: {e}") from None
+    ports = [
+        ("--admin-port", args.admin_port, args.bind),
+        ("--inbound-port", args.inbound_port, args.bind),
+        ("--outbound-port", args.outbound_port, "127.0.0.1"),
+    ]
+    if app:
+        # the sidecar starts the app there: another process holding it would be
+        # registered in its place (and marked healthy once it accepts connections)
+        ports.append(("--app-port", args.app_port, "127.0.0.1"))
+    _check_ports(ports)
     settings = _settings(
         args,
         service=args.service,
@@ -274,5 +300,6 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     logs.configure()
     labels = {"istio": args.name, **args.labels}
     args.labels = labels
+    _check_ports([("--port", args.port, args.bind), ("--admin-port", args.admin_port, args.bind)])
     settings = _settings(args, service=args.name, gateway=True, gateway_port=args.port)
     return _run(settings, [])
