@@ -27,7 +27,18 @@ FULL: dict[str, list[str]] = {
     "profile": ["--seconds", "10"],
 }
 SMOKE: dict[str, list[str]] = {
-    "vs_envoy": ["--seconds", "0.5", "--repeats", "1", "--connections", "4"],
+    "vs_envoy": [
+        "--seconds",
+        "0.5",
+        "--repeats",
+        "1",
+        "--connections",
+        "4",
+        "--grpc-concurrency",
+        "4",
+        "--stream-concurrency",
+        "2",
+    ],
     "dataplane": ["--seconds", "1", "--repeats", "1", "--lag-samples", "2"],
     "convergence": [
         "--proxies",
@@ -118,6 +129,87 @@ def dataplane_rows(v: dict[str, Any], d: dict[str, Any]) -> list[Row]:
     return rows
 
 
+def mesh_envoy_rows(v: dict[str, Any]) -> list[Row]:
+    """Meshwork on Envoy against the static Envoy pair, with issue 14's goals."""
+    goals = v.get("goals_mesh_envoy")
+    if not goals:
+        reason = (v.get("mesh_envoy") or {}).get("skipped", "not run")
+        return [("Meshwork on Envoy / static Envoy pair", "-", f"skipped: {reason}", "-", "")]
+    me, env = v["mesh_envoy"], v["envoy"]
+    top = f"fixed_rate_c{max(v['connections'])}"
+
+    def verdict(key: str) -> str:
+        g = goals[key]
+        return f"{g['goal']} ({'met' if g['met'] else 'NOT met'})"
+
+    rows: list[Row] = [(
+        "Meshwork on Envoy: max req/s, pair pinned to one core (/ static Envoy)",
+        fmt(goals["max_rps_per_core"]["value"]), fmt(me["max"]["rps"], 0),
+        fmt(env["max"]["rps"], 0), verdict("max_rps_per_core"),
+    )]  # fmt: skip
+    for c in v["connections"]:
+        key = f"fixed_rate_c{c}"
+        rows.append((
+            f"Meshwork on Envoy: added p99 ms, {v['rate']:.0f} req/s, {c} conns (/ static Envoy)",
+            fmt(goals[f"added_p99_c{c}"]["value"]), fmt(me[key]["added_p99_ms"]),
+            fmt(env[key]["added_p99_ms"]), verdict(f"added_p99_c{c}"),
+        ))  # fmt: skip
+    rows.append((
+        "Meshwork on Envoy: RSS MiB idle, 2 agents + 2 Envoys (/ 2 static Envoys)",
+        fmt(goals["rss_idle"]["value"]), fmt(me["rss_idle_mib"], 1),
+        fmt(env["rss_idle_mib"], 1), verdict("rss_idle"),
+    ))  # fmt: skip
+    rows.append((
+        "Meshwork on Envoy: RSS MiB under load (/ static Envoys)",
+        fmt(goals["rss_under_load"]["value"]), fmt(me["max"]["rss_peak_mib"], 1),
+        fmt(env["max"]["rss_peak_mib"], 1), verdict("rss_under_load"),
+    ))  # fmt: skip
+    for key, row, label in (("fixed_rate", me[top], f"at {v['rate']:.0f} req/s"),
+                            ("max", me["max"], "flat out")):  # fmt: skip
+        rows.append((
+            f"Meshwork on Envoy: agent CPU, % of its Envoy's, {label} (ratio: / 100)",
+            fmt(row["agent_cpu_pct_of_envoy"] / 100, 3),
+            f"{row['agent_cpu_s']:.2f} s", f"Envoys {row['envoy_cpu_s']:.2f} s",
+            verdict(f"agent_cpu_pct_of_envoy_{key}"),
+        ))  # fmt: skip
+    return rows
+
+
+def grpc_rows(v: dict[str, Any]) -> list[Row]:
+    """gRPC unary and streaming through the pairs, over the static Envoy pair's."""
+    g = v.get("grpc")
+    if not g:
+        return []
+    env = g.get("envoy") or {}
+    ref = "envoy" if "unary" in env else "(no envoy)"
+    rows: list[Row] = []
+    for name, label in (("ours", "our pair"), ("mesh_envoy", "Meshwork on Envoy")):
+        fig = g.get(name) or {}
+        if "unary" not in fig:
+            err = fig.get("error", "not run")
+            rows.append((f"gRPC through {label}", "-", f"left out: {err}"[:120], "-", ""))
+            continue
+        r = g.get(f"ratios_{name}_over_envoy") or {}
+        u, s = fig["unary"], fig["stream"]
+        c = g["concurrency"]
+        rows += [
+            (f"gRPC unary calls/s, {c} in flight, {label} (/ {ref})", fmt(r.get("unary_rps")),
+             fmt(u["rps"], 0), fmt(env["unary"]["rps"], 0) if ref == "envoy" else "-", ""),
+            (f"gRPC unary p99 ms, {c} in flight, {label} (/ {ref})", fmt(r.get("unary_p99")),
+             fmt(u["p99_ms"]), fmt(env["unary"]["p99_ms"]) if ref == "envoy" else "-", ""),
+            (f"gRPC server-stream msgs/s, {g['stream_concurrency']} streams, {label} (/ {ref})",
+             fmt(r.get("stream_messages_per_s")), fmt(s["messages_per_s"], 0),
+             fmt(env["stream"]["messages_per_s"], 0) if ref == "envoy" else "-", ""),
+        ]  # fmt: skip
+    d = g.get("direct") or {}
+    if "unary" in d:
+        rows.append((
+            "gRPC direct (no proxy): unary calls/s; stream msgs/s", "",
+            f"{d['unary']['rps']:.0f}; {d['stream']['messages_per_s']:.0f}", "", "",
+        ))  # fmt: skip
+    return rows
+
+
 def control_rows(
     c: dict[str, Any], a: dict[str, Any], t: dict[str, Any], d: dict[str, Any]
 ) -> list[Row]:
@@ -201,6 +293,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rows: list[Row] = []
     if "vs_envoy" in out and "dataplane" in out:
         rows += dataplane_rows(out["vs_envoy"], out["dataplane"])
+    if "vs_envoy" in out:
+        rows += mesh_envoy_rows(out["vs_envoy"]) + grpc_rows(out["vs_envoy"])
     if all(k in out for k in ("convergence", "ca", "telemetry", "dataplane")):
         rows += control_rows(out["convergence"], out["ca"], out["telemetry"], out["dataplane"])
     out["table"] = [dict(zip(("figure", "ratio", "ours", "reference", "goal"), r, strict=True))
