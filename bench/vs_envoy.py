@@ -69,6 +69,7 @@ class Path:
     fixed: dict[int, list[Figures]] = field(default_factory=dict)
     flat_out: list[Figures] = field(default_factory=list)
     rss_idle_mib: float = 0.0
+    rss_idle_agents_mib: float = 0.0  # of that, the agents' (Meshwork on Envoy)
 
 
 def measure(load: LoadGen, path: Path, kind: str, **kw: float) -> Figures:
@@ -117,6 +118,8 @@ def summarise(paths: dict[str, Path], conns: list[int]) -> dict[str, object]:
         }
         if p.pids:
             fig["rss_idle_mib"] = round(p.rss_idle_mib, 1)
+        if p.agent_pids:
+            fig["rss_idle_agents_mib"] = round(p.rss_idle_agents_mib, 1)
         out[name] = fig
     return out
 
@@ -236,6 +239,7 @@ def table(r: dict[str, Any], conns: list[int]) -> list[tuple[str, str]]:
                 f"RSS MiB idle {idle:.1f} load {m['rss_peak_mib']:.1f}"
             )
             if "agent_cpu_pct_of_envoy" in m:
+                extra += f" (agents {r[n]['rss_idle_agents_mib']:.1f})"
                 extra += (
                     f", agent CPU % of Envoy's {m['agent_cpu_pct_of_envoy']:.1f} (fixed rate "
                     f"{fixed['agent_cpu_pct_of_envoy']:.1f})"
@@ -339,6 +343,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         time.sleep(1.0)
         for p in paths.values():
             p.rss_idle_mib = rss_mib(p.pids)
+            p.rss_idle_agents_mib = rss_mib(p.agent_pids)
 
         order = list(paths.values())
         for i in range(args.repeats):

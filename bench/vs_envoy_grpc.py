@@ -102,7 +102,7 @@ def _run(p: GrpcPath, kind: str, load: GrpcLoad, core: int | None) -> None:
         row = run_load(kind, p.target, authority=p.authority, seconds=load.seconds,
                        concurrency=conc, core=core)  # fmt: skip
     except RuntimeError as e:
-        p.error = str(e)
+        p.error = str(e).split(" failed: ", 1)[-1]
         print(f"bench.vs_envoy: gRPC through {p.name} FAILED, left out: {e}", flush=True)
         return
     (p.unary if kind == "unary" else p.stream).append(row)
