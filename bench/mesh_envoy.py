@@ -83,13 +83,18 @@ def start_sidecar(cluster: Cluster, service: str, args: list[str]) -> tuple[int,
     return proc.pid, envoy_of(proc.pid)  # type: ignore[return-value]
 
 
-def start_pair(cluster: Cluster, app_port: int, *, service: str, client: str) -> MeshEnvoyPair:
+def start_pair(
+    cluster: Cluster, app_port: int, *, service: str, client: str, extra: tuple[str, ...] = ()
+) -> MeshEnvoyPair:
     """`service`'s sidecar in front of the (HTTP/1.1) app on `app_port`, `client`'s
-    with an outbound listener, both `--dataplane envoy`; ready and routed."""
+    with an outbound listener, both `--dataplane envoy` (and `extra` flags); ready and
+    routed."""
     outbound = free_port()
     started = [
-        start_sidecar(cluster, service, ["--version", "v1", "--app-port", str(app_port)]),
-        start_sidecar(cluster, client, ["--app-port", "9", "--outbound-port", str(outbound)]),
+        start_sidecar(cluster, service, ["--version", "v1", "--app-port", str(app_port), *extra]),
+        start_sidecar(
+            cluster, client, ["--app-port", "9", "--outbound-port", str(outbound), *extra]
+        ),
     ]
     pair = MeshEnvoyPair(outbound, service, [a for a, _ in started], [e for _, e in started])
     wait_until(lambda: routed(outbound, service), "route through the Envoy sidecars", 60)

@@ -283,6 +283,11 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     ap.add_argument("--no-envoy", action="store_true")
     ap.add_argument("--no-mesh-envoy", action="store_true", help="leave out Meshwork on Envoy")
     ap.add_argument("--no-grpc", action="store_true", help="leave out the gRPC figures")
+    ap.add_argument(
+        "--mesh-envoy-no-telemetry",
+        action="store_true",
+        help="Meshwork on Envoy with --no-telemetry (what telemetry costs its agents)",
+    )
     ap.add_argument("--grpc-seconds", type=float, default=0, help="default: --seconds")
     ap.add_argument("--grpc-concurrency", type=int, default=16, help="unary calls in flight")
     ap.add_argument("--stream-concurrency", type=int, default=4, help="server streams at once")
@@ -324,7 +329,10 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
             envoy = start_pair(envoy_bin, work, app_port, client, server, core=proxy_core)
             paths["envoy"] = Path("envoy", f"http://127.0.0.1:{envoy.port}/", "", envoy.pids)
         if not mesh_skipped:
-            on_envoy = mesh_envoy.start_pair(cluster, app_port, service="app-e", client="client-e")
+            on_envoy = mesh_envoy.start_pair(
+                cluster, app_port, service="app-e", client="client-e",
+                extra=("--no-telemetry",) if args.mesh_envoy_no_telemetry else (),
+            )  # fmt: skip
             paths["mesh_envoy"] = Path(
                 "mesh_envoy", f"http://127.0.0.1:{on_envoy.outbound}/", on_envoy.host,
                 on_envoy.pids, on_envoy.agent_pids,
@@ -370,6 +378,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
             "upstream": upstream_kind,
             "loadgen": load.names,
             "envoy_version": "skipped: " + skipped if skipped else envoy_version(envoy_bin),
+            "mesh_envoy_telemetry": not args.mesh_envoy_no_telemetry,
             **figures,
         }
         if "envoy" in figures:
