@@ -77,6 +77,8 @@ def fmt(x: object, digits: int = 2) -> str:
 
 
 def dataplane_rows(v: dict[str, Any], d: dict[str, Any]) -> list[Row]:
+    """Our Python pair against the static Envoy pair; goals from issue 15 (requests/s
+    per core >= 0.55x, added p99 <= 2x, memory <= 1.0x)."""
     rows: list[Row] = []
     r = v.get("ratios_ours_over_envoy") or {}
     ours, env = v["ours"], v.get("envoy")
@@ -89,12 +91,12 @@ def dataplane_rows(v: dict[str, Any], d: dict[str, Any]) -> list[Row]:
                 fmt(r.get(f"added_{pct}_c{c}")),
                 fmt(ours[key][f"added_{pct}_ms"]),
                 fmt(env[key][f"added_{pct}_ms"]) if env else "-",
-                "<= 1" if pct == "p99" else "",
+                "<= 2" if pct == "p99" else "",
             ))  # fmt: skip
     rows.append((
         "max req/s, pair pinned to one core" if v["pinned"] else "max req/s, pair (not pinned)",
         fmt(r.get("max_rps_per_core")), fmt(ours["max"]["rps"], 0),
-        fmt(env["max"]["rps"], 0) if env else "-", ">= 1",
+        fmt(env["max"]["rps"], 0) if env else "-", ">= 0.55",
     ))  # fmt: skip
     top = f"fixed_rate_c{max(v['connections'])}"
     rows.append((
@@ -109,12 +111,12 @@ def dataplane_rows(v: dict[str, Any], d: dict[str, Any]) -> list[Row]:
     ))  # fmt: skip
     rows.append((
         "RSS MiB idle (pair)", fmt(r.get("rss_idle")), fmt(ours["rss_idle_mib"], 1),
-        fmt(env["rss_idle_mib"], 1) if env else "-", "<= 0.5",
+        fmt(env["rss_idle_mib"], 1) if env else "-", "<= 1.0",
     ))  # fmt: skip
     rows.append((
         "RSS MiB under load (pair)", fmt(r.get("rss_under_load")),
         fmt(ours["max"]["rss_peak_mib"], 1), fmt(env["max"]["rss_peak_mib"], 1) if env else "-",
-        "<= 0.5",
+        "<= 1.0",
     ))  # fmt: skip
     rows.append((
         "max req/s, our pair / direct (wrk, 16 conns, not pinned)",
