@@ -220,7 +220,7 @@ def title(r: dict[str, object]) -> str:
 
 def table(r: dict[str, Any], conns: list[int]) -> list[tuple[str, str]]:
     rows: list[tuple[str, str]] = []
-    names = [n for n in ("direct", "ours", "envoy", "mesh_envoy") if n in r]
+    names = [n for n in ("direct", "ours", "envoy", "mesh_envoy") if "max" in r.get(n, {})]
     for c in conns:
         for n in names:
             f = r[n][f"fixed_rate_c{c}"]

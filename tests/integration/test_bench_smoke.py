@@ -16,6 +16,7 @@ import pytest
 
 from bench.loadgen import parse_hey
 from bench.profile import top_functions
+from bench.vs_envoy import table
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -55,6 +56,29 @@ def test_top_functions_from_collapsed_stacks() -> None:
     assert top["self"][0] == ("ssl.py:write", 75.0)
     assert ("proxy/outbound.py:handle", 100.0) in top["total"]
     assert not any(f.startswith("uvloop") for f, _ in top["total"])
+
+
+def test_table_of_a_run_without_envoy_names_what_was_left_out() -> None:
+    lat = {"p50_ms": 1.0, "p90_ms": 2.0, "p99_ms": 3.0}
+    added = {"added_p50_ms": 0.5, "added_p90_ms": 1.0, "added_p99_ms": 1.5}
+    run = {
+        "rate": 1000.0,
+        "direct": {"fixed_rate_c4": lat, "max": {"rps": 9000.0}},
+        "ours": {
+            "fixed_rate_c4": {**lat, **added, "cpu_s_per_1000": 1.0},
+            "max": {"rps": 900.0, "cpu_s_per_1000": 1.0, "rss_peak_mib": 80.0},
+            "rss_idle_mib": 75.0,
+        },
+        "mesh_envoy": {"skipped": "envoy not installed"},
+        "grpc": {
+            "direct": {"unary": {"rps": 1000.0, **lat}, "stream": {"messages_per_s": 5000.0}},
+            "mesh_envoy": {"error": "skipped: no Meshwork-on-Envoy pair in this run"},
+        },
+    }
+    rows = dict(table(run, [4]))
+    assert "max req/s, ours" in rows and not any("mesh_envoy:" in k for k in rows)
+    assert rows["gRPC mesh_envoy"].startswith("left out: skipped")
+    assert rows["gRPC direct: unary calls/s, p50/p90/p99 ms; stream msgs/s"].startswith("1000,")
 
 
 @pytest.mark.timeout(400)
