@@ -3,7 +3,7 @@
     python -m bench [--smoke]
 
 `--smoke` runs each with tiny sizes (a second or less of load, 10 simulated proxies),
-to check that they work, not to measure: `tests/unit/test_bench_smoke.py` runs it.
+to check that they work, not to measure: `tests/integration/test_bench_smoke.py` runs it.
 """
 
 from __future__ import annotations
