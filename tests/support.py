@@ -48,6 +48,30 @@ spec:
 """
 
 
+def ingress_gateway_yaml(gateway: str, virtual_service: str, http: str) -> str:
+    """A Gateway `gateway` for the ingress gateways (`istio: ingressgateway`) on port
+    8080, any host, and a VirtualService `virtual_service` bound to it whose `http:`
+    routes are `http` (YAML list items, each line indented two spaces)."""
+    return f"""
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {{name: {gateway}}}
+spec:
+  selector: {{istio: ingressgateway}}
+  servers:
+  - port: {{number: 8080, name: http, protocol: HTTP}}
+    hosts: ["*"]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: {virtual_service}}}
+spec:
+  hosts: ["*"]
+  gateways: [{gateway}]
+  http:
+{http}"""
+
+
 def wait_for(check: Callable[[], Any], timeout: float = 20.0, every: float = 0.05) -> Any:
     """Poll `check` (from a thread, not a loop) until it returns something true; an
     AssertionError or I/O error it raises counts as "not yet" and is shown on timeout."""

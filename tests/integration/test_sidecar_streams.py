@@ -17,7 +17,7 @@ import pytest
 from aiohttp import WSMsgType, web
 
 from mesh.servers import free_port
-from tests.support import MeshHarness, applied, eventually, replace_app
+from tests.support import MeshHarness, applied, eventually, ingress_gateway_yaml, replace_app
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -145,23 +145,10 @@ spec:
     - operation: {paths: ["/ws/admin"]}
 """
 
-GATEWAY = """
-apiVersion: networking.istio.io/v1
-kind: Gateway
-metadata: {name: edge}
-spec:
-  selector: {istio: ingressgateway}
-  servers:
-  - port: {number: 8080, name: http, protocol: HTTP}
-    hosts: ["*"]
----
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: edge-chat}
-spec:
-  hosts: ["*"]
-  gateways: [edge]
-  http:
+GATEWAY = ingress_gateway_yaml(
+    "edge",
+    "edge-chat",
+    """\
   - match:
     - uri: {prefix: /chat}
     rewrite: {uri: /ws/gateway}
@@ -170,7 +157,8 @@ spec:
         set: {x-routed: gateway-rule}
     route:
     - destination: {host: chat}
-"""
+""",
+)
 
 
 async def test_websocket_upgrade_through_outbound_mtls_and_inbound(mesh: MeshHarness) -> None:
