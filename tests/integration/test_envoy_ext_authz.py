@@ -15,7 +15,6 @@ from typing import Any
 
 import pytest
 
-from mesh import identity
 from mesh.compiled import (
     AuthzPolicy,
     AuthzRule,
@@ -27,7 +26,10 @@ from mesh.messages import Endpoint, EndpointSet
 from mesh.servers import free_port
 from proxy.envoy.translate import MeshView, ProxyNode, referenced_hosts
 from tests.envoy_support import HeadersApp, http_get, serve_http, static_envoy
-from tests.integration.test_envoy_translate_validate import TD, static_bootstrap
+from tests.integration.test_envoy_translate_validate import (
+    httpbin_inbound_node,
+    static_bootstrap,
+)
 
 CHECK_RESULT = "x-ext-authz-check-result"
 AUTHZ_HOST = "ext-authz.foo.svc.cluster.local"
@@ -93,18 +95,7 @@ def _node_and_view(app_port: int, inbound_port: int, authz_port: int) -> tuple[P
         ),
         extension_providers=(provider,),
     )
-    node = ProxyNode(
-        namespace="foo",
-        service="httpbin",
-        version="v1",
-        labels={"app": "httpbin"},
-        identity=identity.spiffe_id(TD, "foo", "httpbin"),
-        trust_domain=TD,
-        role="sidecar",
-        inbound=("127.0.0.1", inbound_port),
-        outbound=None,
-        app_port=app_port,
-    )
+    node = httpbin_inbound_node(inbound_port, app_port)
     # the authorizer registered no identity: reached in plaintext
     authz = EndpointSet(
         namespace="foo",

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from mesh import identity
 from mesh.compiled import (
     AuthzPolicy,
     AuthzRule,
@@ -25,7 +24,10 @@ from mesh.compiled import (
 from mesh.servers import free_port
 from proxy.envoy.translate import MeshView, ProxyNode
 from tests.envoy_support import HeadersApp, http_get, serve_http, static_envoy
-from tests.integration.test_envoy_translate_validate import TD, static_bootstrap
+from tests.integration.test_envoy_translate_validate import (
+    httpbin_inbound_node,
+    static_bootstrap,
+)
 from tests.jwt_support import ISSUER, SigningKey, jwks
 
 KEY = SigningKey("RS256", "k1")
@@ -67,18 +69,7 @@ def _node_and_view(app_port: int, inbound_port: int) -> tuple[ProxyNode, MeshVie
             ),
         ),
     )
-    node = ProxyNode(
-        namespace="foo",
-        service="httpbin",
-        version="v1",
-        labels={"app": "httpbin"},
-        identity=identity.spiffe_id(TD, "foo", "httpbin"),
-        trust_domain=TD,
-        role="sidecar",
-        inbound=("127.0.0.1", inbound_port),
-        outbound=None,
-        app_port=app_port,
-    )
+    node = httpbin_inbound_node(inbound_port, app_port)
     return node, MeshView(destinations={}, inbound=policy)
 
 

@@ -9,12 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from mesh import identity
 from mesh.compiled import AuthzPolicy, AuthzRule, Condition, InboundPolicy, Operation
 from mesh.servers import free_port
-from proxy.envoy.translate import MeshView, ProxyNode
+from proxy.envoy.translate import MeshView
 from tests.envoy_support import HeadersApp, http_get, serve_http, static_envoy
-from tests.integration.test_envoy_translate_validate import TD, static_bootstrap
+from tests.integration.test_envoy_translate_validate import (
+    httpbin_inbound_node,
+    static_bootstrap,
+)
 from tests.unit.test_policy_authz_enduser import TEMPLATES
 
 
@@ -39,18 +41,7 @@ def test_envoy_matches_path_templates_like_python(app_port: int, tmp_path: Path)
         revision=1,
         authorization=(AuthzPolicy(name="templates", namespace="foo", rules=rules),),
     )
-    node = ProxyNode(
-        namespace="foo",
-        service="httpbin",
-        version="v1",
-        labels={"app": "httpbin"},
-        identity=identity.spiffe_id(TD, "foo", "httpbin"),
-        trust_domain=TD,
-        role="sidecar",
-        inbound=("127.0.0.1", inbound_port),
-        outbound=None,
-        app_port=app_port,
-    )
+    node = httpbin_inbound_node(inbound_port, app_port)
     bootstrap = static_bootstrap(node, MeshView({}, inbound=policy), "tpl")
     with static_envoy(tmp_path, "templates", bootstrap, (inbound_port,)):
         got = []
@@ -80,18 +71,7 @@ def test_envoy_remote_ip_blocks_with_trusted_proxies(app_port: int, tmp_path: Pa
             ),
         ),
     )
-    node = ProxyNode(
-        namespace="foo",
-        service="httpbin",
-        version="v1",
-        labels={"app": "httpbin"},
-        identity=identity.spiffe_id(TD, "foo", "httpbin"),
-        trust_domain=TD,
-        role="sidecar",
-        inbound=("127.0.0.1", inbound_port),
-        outbound=None,
-        app_port=app_port,
-    )
+    node = httpbin_inbound_node(inbound_port, app_port)
     bootstrap = static_bootstrap(node, MeshView({}, inbound=policy), "rip")
     with static_envoy(tmp_path, "remote", bootstrap, (inbound_port,)):
         cases = {

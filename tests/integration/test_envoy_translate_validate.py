@@ -126,6 +126,22 @@ def static_bootstrap(node: ProxyNode, view: MeshView, node_id: str) -> dict[str,
     }
 
 
+def httpbin_inbound_node(inbound_port: int, app_port: int) -> ProxyNode:
+    """An inbound-only sidecar of `foo/httpbin` (v1) in front of the app on `app_port`."""
+    return ProxyNode(
+        namespace="foo",
+        service="httpbin",
+        version="v1",
+        labels={"app": "httpbin"},
+        identity=identity.spiffe_id(TD, "foo", "httpbin"),
+        trust_domain=TD,
+        role="sidecar",
+        inbound=("127.0.0.1", inbound_port),
+        outbound=None,
+        app_port=app_port,
+    )
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_envoy_validates_translation(case: str, tmp_path: Path) -> None:
     envoy = envoy_binary()
