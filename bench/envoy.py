@@ -34,6 +34,7 @@ HCM = (
     "HttpConnectionManager"
 )
 ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+HTTP_OPTIONS = "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 
 
 def find_envoy() -> str | None:
@@ -82,8 +83,10 @@ def obtain_certs(nats_url: str, token: str, service_account: str, out: Path) -> 
     return CertFiles(chain, key, roots, snap.spiffe_id)
 
 
-def _tls_common(certs: CertFiles, peer_id: str) -> dict[str, Any]:
+def _tls_common(certs: CertFiles, peer_id: str, h2: bool = False) -> dict[str, Any]:
+    alpn = {"alpn_protocols": ["h2"]} if h2 else {}
     return {
+        **alpn,
         "tls_certificates": [
             {
                 "certificate_chain": {"filename": str(certs.chain)},
@@ -97,7 +100,7 @@ def _tls_common(certs: CertFiles, peer_id: str) -> dict[str, Any]:
     }
 
 
-def _cluster(name: str, port: int, tls: dict[str, Any] | None) -> dict[str, Any]:
+def _cluster(name: str, port: int, tls: dict[str, Any] | None, h2: bool = False) -> dict[str, Any]:
     cluster: dict[str, Any] = {
         "name": name,
         "type": "STATIC",
@@ -119,6 +122,13 @@ def _cluster(name: str, port: int, tls: dict[str, Any] | None) -> dict[str, Any]
             ],
         },
     }
+    if h2:  # HTTP/2 to the peer (over TLS, ALPN h2) or to the app (h2c)
+        cluster["typed_extension_protocol_options"] = {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": HTTP_OPTIONS,
+                "explicit_http_config": {"http2_protocol_options": {}},
+            }
+        }
     if tls is not None:
         cluster["transport_socket"] = {
             "name": "envoy.transport_sockets.tls",
@@ -129,12 +139,13 @@ def _cluster(name: str, port: int, tls: dict[str, Any] | None) -> dict[str, Any]
 
 def bootstrap(
     *, admin_port: int, listen_port: int, upstream_port: int, certs: CertFiles, peer_id: str,
-    server_side: bool,
+    server_side: bool, h2: bool = False,
 ) -> dict[str, Any]:  # fmt: skip
     """Static bootstrap of one Envoy of the pair: the client side listens in plaintext
     and sends over mTLS; the server side requires a client certificate and forwards in
-    plaintext to the app."""
-    tls = _tls_common(certs, peer_id)
+    plaintext to the app. `h2`: HTTP/2 end to end (gRPC): h2c accepted from the client
+    (the listeners' codec is AUTO), h2 by ALPN between the Envoys, h2c to the app."""
+    tls = _tls_common(certs, peer_id, h2)
     chain: dict[str, Any] = {
         "filters": [
             {
@@ -183,7 +194,7 @@ def bootstrap(
                     "filter_chains": [chain],
                 }
             ],
-            "clusters": [_cluster("upstream", upstream_port, None if server_side else tls)],
+            "clusters": [_cluster("upstream", upstream_port, None if server_side else tls, h2)],
         },
     }
 
@@ -206,8 +217,9 @@ class EnvoyPair:
 
 def start_pair(
     binary: str, work: Path, app_port: int, client: CertFiles, server: CertFiles,
-    *, core: int | None = None,
+    *, core: int | None = None, h2: bool = False,
 ) -> EnvoyPair:  # fmt: skip
+    """The pair in front of the app on `app_port`; `h2`: HTTP/2 end to end (a gRPC app)."""
     server_port, client_port = free_port(), free_port()
     sides = [
         ("server", server, client.spiffe_id, server_port, app_port, True),
@@ -218,18 +230,19 @@ def start_pair(
     try:
         for name, certs, peer, listen, upstream, server_side in sides:
             admin = free_port()
-            conf = work / f"envoy-{name}.yaml"
+            tag = f"{name}-h2" if h2 else name
+            conf = work / f"envoy-{tag}.yaml"
             conf.write_text(
                 yaml.safe_dump(
                     bootstrap(
                         admin_port=admin, listen_port=listen, upstream_port=upstream,
-                        certs=certs, peer_id=peer, server_side=server_side,
+                        certs=certs, peer_id=peer, server_side=server_side, h2=h2,
                     )
                 )
             )  # fmt: skip
             args = [binary, "-c", str(conf), "--concurrency", "1", "--disable-hot-restart"]
             args += ["--log-level", "warn", "--base-id", str(free_port())]
-            proc = ManagedProcess(f"envoy-{name}", pinned(args, core), work / f"envoy-{name}.log")
+            proc = ManagedProcess(f"envoy-{tag}", pinned(args, core), work / f"envoy-{tag}.log")
             proc.start()
             procs.append(proc)
             admins.append(f"http://127.0.0.1:{admin}/ready")

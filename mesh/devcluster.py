@@ -29,7 +29,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mesh import cluster_state
 from mesh.bus_permissions import ROLES, authorization_conf
+from mesh.port_owner import port_in_use
+from mesh.proxy_records import stop_recorded_proxies
 from mesh.servers import (
     EtcdServer,
     ManagedProcess,
@@ -118,6 +121,10 @@ class DevCluster:
     credentials: dict[str, dict[str, str]] = field(default_factory=dict)
     # the control plane's etcd user, when etcd authentication is on
     etcd_credentials: dict[str, str] = field(default_factory=dict)
+    # `up --fresh`: wipe what an earlier cluster kept here before starting
+    fresh: bool = False
+    # resources found in etcd at start (by kind): what an earlier cluster left
+    kept_resources: dict[str, int] = field(default_factory=dict)
 
     @property
     def nats_urls(self) -> list[str]:
@@ -136,12 +143,18 @@ class DevCluster:
             raise ServerError(
                 f"a cluster is already running from {self.state_dir} (stop it with `meshctl down`)"
             )
+        if self.fresh:
+            removed = cluster_state.purge(self.state_dir)
+            if removed:
+                self.report(f"--fresh: removed {', '.join(removed)} from {self.state_dir}/")
+            self.state_dir.mkdir(parents=True, exist_ok=True)
         t0 = time.monotonic()
         try:
             self._start_servers()
             self._start_services()
-            self.write_cluster_file()
             self.report(f"control plane ready in {time.monotonic() - t0:.1f}s")
+            self._say_what_was_kept()
+            self.write_cluster_file()
             if self.demo is not None:
                 t1 = time.monotonic()
                 # the demo's sidecars find the cluster (NATS, the CA) through cluster.json
@@ -152,6 +165,22 @@ class DevCluster:
             self.stop()
             (self.state_dir / CLUSTER_FILE).unlink(missing_ok=True)
             raise
+
+    def _say_what_was_kept(self) -> None:
+        """Resources an earlier cluster left in etcd (before the demo applies its own)."""
+        try:
+            kinds = cluster_state.count_resources(
+                self.etcd_urls,
+                self.prefix,
+                self.etcd_credentials.get("user"),
+                self.etcd_credentials.get("password"),
+            )
+        except Exception as e:  # informative only: never fails the start
+            self.report(f"  (could not count the resources kept in etcd: {e})")
+            return
+        self.kept_resources = dict(kinds)
+        if kinds:
+            self.report(cluster_state.describe_kept(kinds, self.state_dir))
 
     def _step(self, label: str, fn: Callable[[], object]) -> None:
         t = time.monotonic()
@@ -169,12 +198,13 @@ class DevCluster:
         data = self.state_dir / "data"
         auth = self.nats_auth_file(data / "nats")
         if self.server_nodes == 1:
+            # recorded before they start: a stop signal during start-up stops them too
             nats = NatsServer(data / "nats", name="nats-0", config_file=auth)
-            self._step("nats-server (JetStream, per-role permissions)", lambda: nats.start())
             self.nats.append(nats)
+            self._step("nats-server (JetStream, per-role permissions)", lambda: nats.start())
             etcd = EtcdServer(data / "etcd", name="etcd-0")
-            self._step("etcd", lambda: etcd.start())
             self.etcd.append(etcd)
+            self._step("etcd", lambda: etcd.start())
         else:
             self._start_server_clusters(data, auth)
         if self.etcd_auth or (self.state_dir / ETCD_AUTH_FILE).exists():
@@ -228,13 +258,13 @@ class DevCluster:
             for node in nodes:
                 node.wait_ready(30.0)
 
+        self.nats.extend(nats_nodes)
         self._step(
             f"{n}-node NATS cluster (JetStream, per-role permissions)",
             lambda: start_all(nats_nodes),
         )
-        self.nats.extend(nats_nodes)
-        self._step(f"{n}-member etcd cluster", lambda: start_all(etcd_nodes))
         self.etcd.extend(etcd_nodes)
+        self._step(f"{n}-member etcd cluster", lambda: start_all(etcd_nodes))
         write_private(data / "ports.json", json.dumps(ports, indent=2) + "\n")
 
     def nats_auth_file(self, where: Path) -> Path:
@@ -304,8 +334,8 @@ class DevCluster:
                 proc = ManagedProcess(
                     replica, args, logs_dir / f"{replica}.log", env=self.service_env()
                 )
-                proc.start()
                 self.processes.append(proc)
+                proc.start()
                 info = ReplicaInfo(
                     service, replica, proc.pid, f"http://127.0.0.1:{port}", str(proc.log_path)
                 )
@@ -336,8 +366,9 @@ class DevCluster:
                 f"the demo application is not in this installation ({demo.apps_dir} is "
                 "missing); run `meshctl up --demo` from a source checkout"
             )
-        if demo.ingress_port and not port_free(demo.ingress_port):
-            raise ServerError(f"--ingress-port {demo.ingress_port} is in use")
+        taken = port_in_use("--ingress-port", demo.ingress_port)
+        if taken:
+            raise ServerError(taken)
         port = demo.ingress_port or (
             DEFAULT_INGRESS_PORT if port_free(DEFAULT_INGRESS_PORT) else free_port()
         )
@@ -346,8 +377,8 @@ class DevCluster:
         names = ", ".join(f"{s}-{v}" for s, v in BOOKINFO_WORKLOADS)
         self.report(f"  starting bookinfo under sidecars: {names}; ingress gateway ...")
         for service, version in BOOKINFO_WORKLOADS:
-            self.demo_processes.append(self._start_sidecar(demo, service, version))
-        self.demo_processes.append(self._start_gateway(demo, port))
+            self._launch(self._sidecar_process(demo, service, version))
+        self._launch(self._gateway_process(demo, port))
         self._wait_demo_ready()
         self._wait_productpage(self.ingress + "/productpage")
         if demo.load_rps > 0:
@@ -357,10 +388,7 @@ class DevCluster:
                  self.ingress + "/productpage", "--rps", str(demo.load_rps)],
                 self.state_dir / "logs" / "demo-load.log",
             )  # fmt: skip
-            load.start()
-            self.demo_processes.append(
-                DemoProcess("demo-load", "load", load, {"name": "demo-load", "pid": load.pid})
-            )
+            self._launch(DemoProcess("demo-load", "load", load, {"name": "demo-load"}))
             self.report(f"  background load: {demo.load_rps:g} requests/s on /productpage")
 
     def _meshctl(self) -> list[str]:
@@ -375,7 +403,14 @@ class DevCluster:
             raise ServerError(f"applying the demo's resources failed:\n{done.stderr}")
         self.report(f"  applied {', '.join(f.name for f in files)}")
 
-    def _start_sidecar(self, demo: DemoSettings, service: str, version: str) -> DemoProcess:
+    def _launch(self, process: DemoProcess) -> None:
+        """Start a demo process, recorded first: a stop signal arriving during start-up
+        stops it too."""
+        self.demo_processes.append(process)
+        process.proc.start()
+        process.record["pid"] = process.proc.pid
+
+    def _sidecar_process(self, demo: DemoSettings, service: str, version: str) -> DemoProcess:
         name = f"{service}-{version}"
         app_port, admin, inbound, outbound = (free_port() for _ in range(4))
         args = [
@@ -393,12 +428,10 @@ class DevCluster:
             "--", sys.executable, str(demo.apps_dir / f"{service}.py"),
         ]  # fmt: skip
         proc = ManagedProcess(name, args, self.state_dir / "logs" / f"{name}.log")
-        proc.start()
         record = {
             "service": service,
             "version": version,
             "dataplane": demo.dataplane,
-            "pid": proc.pid,
             "admin": f"http://127.0.0.1:{admin}",
             "inbound": f"127.0.0.1:{inbound}",
             "outbound": f"127.0.0.1:{outbound}",
@@ -407,7 +440,7 @@ class DevCluster:
         }
         return DemoProcess(f"{name}-0", "sidecar", proc, record)
 
-    def _start_gateway(self, demo: DemoSettings, port: int) -> DemoProcess:
+    def _gateway_process(self, demo: DemoSettings, port: int) -> DemoProcess:
         admin = free_port()
         args = [
             *self._meshctl(), "gateway",
@@ -420,9 +453,7 @@ class DevCluster:
         proc = ManagedProcess(
             "ingressgateway", args, self.state_dir / "logs" / "ingressgateway.log"
         )
-        proc.start()
         record = {
-            "pid": proc.pid,
             "dataplane": demo.dataplane,
             "admin": f"http://127.0.0.1:{admin}",
             "http": f"http://127.0.0.1:{port}",
@@ -512,6 +543,7 @@ class DevCluster:
             },
             "sidecars": {d.name: d.record for d in self.demo_processes if d.kind == "sidecar"},
             "supervisor_pid": os.getpid(),
+            "kept_resources": self.kept_resources,
         }
         if self.credentials:
             # NATS users by role (mesh.bus_permissions): meshctl uses admin, sidecars sidecar
@@ -547,9 +579,16 @@ class DevCluster:
         return dead
 
     def stop(self) -> None:
-        """Stop everything this object started: the demo (all at once: load, gateway,
-        sidecars, which stop their apps), then services, servers last."""
+        """Stop everything: the proxies others started against this cluster (`meshctl
+        sidecar/gateway`, recorded in the state dir), the demo (all at once: load,
+        gateway, sidecars, which stop their apps), then services, servers last."""
+        demo_pids = frozenset(d.proc.pid for d in self.demo_processes if d.proc.proc)
+        others = stop_recorded_proxies(self.state_dir, self.report, skip_pids=demo_pids)
+        if others:
+            self.report(f"  stopped {others} proxies started with meshctl sidecar/gateway")
         stop_together([d.proc for d in self.demo_processes], timeout=15)
+        # what a killed demo sidecar left behind (its Envoy runs in its own session)
+        stop_recorded_proxies(self.state_dir, self.report, timeout=5)
         for proc in reversed(self.processes):
             proc.stop(timeout=10)
         for etcd in self.etcd:
@@ -646,8 +685,15 @@ def down(state_dir: Path, report: Callable[[str], None]) -> int:
     path = state_dir / CLUSTER_FILE
     if not path.exists():
         report(f"no cluster recorded in {path}")
-        return 0
+        # proxies recorded against it may still run (the cluster itself was killed)
+        return stop_recorded_proxies(state_dir, report, timeout=5)
     doc = json.loads(path.read_text())
+    # first the proxies started against the cluster (while it runs, so that they
+    # deregister); the demo's own are stopped with the rest of the cluster
+    demo_pids = frozenset(e["pid"] for e in _all_pids(doc) if e.get("group"))
+    proxies = stop_recorded_proxies(state_dir, report, skip_pids=demo_pids)
+    if proxies:
+        report(f"  stopped {proxies} proxies started with meshctl sidecar/gateway")
     supervisor = doc.get("supervisor_pid")
     if (
         supervisor
@@ -679,8 +725,10 @@ def down(state_dir: Path, report: Callable[[str], None]) -> int:
                 if ok
                 else f"  could not stop {entry['name']} (pid {pid})"
             )
+    # what a killed demo sidecar left behind (its Envoy runs in its own session)
+    stopped += stop_recorded_proxies(state_dir, report, timeout=5)
     path.unlink(missing_ok=True)
-    return stopped
+    return stopped + proxies
 
 
 def _is_meshctl(pid: int) -> bool:

@@ -57,6 +57,9 @@ class SidecarSettings:
     # CA bundle (PEM) that RequestAuthentication `jwksUri` servers are verified
     # against; empty: the system's CAs
     jwks_ca_file: str = field(default_factory=lambda: os.environ.get("MESH_JWKS_CA_FILE", ""))
+    # the state dir of the local cluster this proxy runs against (`meshctl up`), where
+    # it records itself for `meshctl down` (mesh.proxy_records); empty: none
+    cluster_state_dir: str = ""
 
     def __post_init__(self) -> None:
         if self.dataplane not in DATAPLANES:

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
+from pathlib import Path
 from typing import Any
 
 from mesh import errors
@@ -28,9 +30,12 @@ from mesh.ca_messages import TrustBundle
 from mesh.lifecycle import StopRequested, StopSignal
 from mesh.logs import get_logger
 from mesh.messages import Instance, SubscriptionStatus
+from mesh.port_owner import port_in_use
+from mesh.proxy_records import ProxyRecord
 from proxy.admin import AdminServer
 from proxy.app_process import ManagedApp, app_env, healthy_when_listening
 from proxy.dataplane import Addresses, DataPlane, DataPlaneContext, make_dataplane
+from proxy.dataplane.envoy_host import private_state_dir
 from proxy.destinations import DestinationCache
 from proxy.gateway import GatewayFollower
 from proxy.http import Limits
@@ -75,6 +80,7 @@ class Sidecar:
         self.identity: WorkloadIdentity | None = None
         self.trust: ConfigTrust | None = None
         self.inbound_policy: InboundPolicyFollower | None = None
+        self.record: ProxyRecord | None = None
 
     @property
     def pools(self) -> Any:
@@ -121,6 +127,12 @@ class Sidecar:
         """Every start-up step, in order; each pushes its own cleanup on `started`. A
         stop request during a wait raises StopRequested."""
         s = self.settings
+        if self.app is not None:
+            # another process there would be registered, and marked healthy, as our app
+            taken = port_in_use("app port", s.app_port)
+            if taken:
+                raise errors.Unavailable(f"{taken}: the app this sidecar starts listens there")
+        self._record_in_cluster(started)
         admin = AdminServer(
             ready=lambda: self.ready,
             stats=self.stats,
@@ -167,11 +179,29 @@ class Sidecar:
             )
         )
         self.ports.update(addresses.listeners)
+        if self.record is not None and s.dataplane == "envoy":
+            # Envoy outlives a killed sidecar: `meshctl down` must find it
+            self.record.add("envoy", self.dataplane.info().get("pid"))
         registration = Registration(self.bus, self._instance(addresses), ttl=s.register_ttl)
         await registration.listen_for_resync()
         await self._stop.unless_stopped(registration.register_until_done())
         self.ready = True
         return registration
+
+    def _record_in_cluster(self, started: contextlib.AsyncExitStack) -> None:
+        """Next to a local cluster, record this process in its state dir (removed on
+        exit, last), so that `meshctl down` stops it (mesh.proxy_records)."""
+        s = self.settings
+        if not s.cluster_state_dir:
+            return
+        kind = "gateway" if s.gateway else "sidecar"
+        self.record = ProxyRecord(
+            Path(s.cluster_state_dir), s.instance, kind, s.service, s.dataplane
+        )
+        started.callback(self.record.remove)
+        self.record.add(kind, os.getpid())
+        if s.dataplane == "envoy":
+            self.record.set(envoy_dir=str(private_state_dir(s.instance)))
 
     async def _follow_config(self) -> None:
         """Destinations (on demand), the inbound policy or the gateway's config, the
@@ -274,6 +304,8 @@ class Sidecar:
                     )
                 )
                 tasks.append(tg.create_task(self._watch_app(self.app), name="sidecar:app"))
+                if self.record is not None and self.app.process is not None:
+                    self.record.add("app", self.app.process.pid)
                 healthy = healthy_when_listening(
                     self.app,
                     stopping=lambda: self.draining,

@@ -15,7 +15,7 @@ import time
 import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from mesh.servers import ManagedProcess, free_port, http_ok
 from mesh.service import ControlPlaneService, ServiceConfig
@@ -46,6 +46,30 @@ spec:
   - route:
     - destination: {{host: {host}, subset: {subset}}}
 """
+
+
+def ingress_gateway_yaml(gateway: str, virtual_service: str, http: str) -> str:
+    """A Gateway `gateway` for the ingress gateways (`istio: ingressgateway`) on port
+    8080, any host, and a VirtualService `virtual_service` bound to it whose `http:`
+    routes are `http` (YAML list items, each line indented two spaces)."""
+    return f"""
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {{name: {gateway}}}
+spec:
+  selector: {{istio: ingressgateway}}
+  servers:
+  - port: {{number: 8080, name: http, protocol: HTTP}}
+    hosts: ["*"]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: {virtual_service}}}
+spec:
+  hosts: ["*"]
+  gateways: [{gateway}]
+  http:
+{http}"""
 
 
 def wait_for(check: Callable[[], Any], timeout: float = 20.0, every: float = 0.05) -> Any:
@@ -352,6 +376,9 @@ class ForwardingApp:
     honouring HTTP_PROXY does, forwarding only the W3C `traceparent` it received; it
     answers with the headers it saw and the next hop's answer."""
 
+    # the request headers passed on to the next hop
+    forwarded_headers: tuple[str, ...] = ("traceparent",)
+
     def __init__(self, next_url: str, proxy: str):
         self.next_url = next_url
         self.proxy = proxy
@@ -363,9 +390,11 @@ class ForwardingApp:
         from aiohttp import web
 
         async def handle(request: web.Request) -> web.Response:
-            forward = {}
-            if "traceparent" in request.headers:
-                forward["traceparent"] = request.headers["traceparent"]
+            forward = {
+                name: request.headers[name]
+                for name in self.forwarded_headers
+                if name in request.headers
+            }
             async with (
                 aiohttp.ClientSession() as session,
                 session.get(self.next_url, proxy=self.proxy, headers=forward) as r,
@@ -390,14 +419,37 @@ class ForwardingApp:
             await self.runner.cleanup()
 
 
-async def replace_app(mesh: MeshHarness, sidecar: Any, app: ForwardingApp) -> ForwardingApp:
-    """Serve `app` on the port of the echo app `mesh.sidecar()` started for `sidecar`."""
+AppT = TypeVar("AppT")
+
+
+async def replace_app(mesh: MeshHarness, sidecar: Any, app: AppT) -> AppT:
+    """Serve `app` (anything with `start(port)` and `stop()`) on the port of the echo
+    app `mesh.sidecar()` started for `sidecar`, which then names it `sidecar.echo`."""
     echo = sidecar.echo
     await echo.stop()
     mesh.apps.remove(echo)
-    await app.start(echo.port)
+    await app.start(echo.port)  # type: ignore[attr-defined]
     mesh.apps.append(app)  # type: ignore[arg-type]
+    sidecar.echo = app
     return app
+
+
+async def applied(mesh: MeshHarness, text: str, *sidecars: Any) -> None:
+    """Apply `text` and wait until every proxy in `sidecars` runs that revision (or a
+    later one)."""
+    revision = (await mesh.apply(text)).revision
+
+    async def synced() -> bool:
+        entries = await mesh.proxy_status()
+        wanted = {sc.settings.instance for sc in sidecars}
+        mine = [e for e in entries if e.proxy in wanted]
+        return (
+            bool(mine)
+            and all(e.state == "SYNCED" for e in mine)
+            and any(e.applied_revision >= revision for e in mine)
+        )
+
+    await eventually(synced, timeout=10)
 
 
 # ---------------------------------------------------------------- bus security (appended)
@@ -562,13 +614,7 @@ async def faulty_sidecar(
 ) -> tuple[Any, FaultyApp]:
     """A sidecar whose app is a `FaultyApp` (on the port its echo app had)."""
     sc = await mesh.sidecar(service, version, **settings)
-    app = FaultyApp(service, version)
-    echo = sc.echo
-    await echo.stop()
-    mesh.apps.remove(echo)
-    await app.start(echo.port)
-    mesh.apps.append(app)  # type: ignore[arg-type]
-    sc.echo = app
+    app = await replace_app(mesh, sc, FaultyApp(service, version))
     return sc, app
 
 

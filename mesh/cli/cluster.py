@@ -6,12 +6,11 @@ import argparse
 import json
 import signal
 import sys
-import threading
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from mesh import devcluster, serverstatus
+from mesh import cluster_state, devcluster, serverstatus
 from mesh.cli.common import (
     CLIError,
     add_output_flag,
@@ -21,7 +20,9 @@ from mesh.cli.common import (
     read_cluster,
     state_dir,
 )
+from mesh.cli.foreground import StopRequested, StopSignals, run_tolerant, tolerant
 from mesh.cli.serve import available_services
+from mesh.port_owner import port_in_use
 from mesh.servers import ServerError
 from proxy.settings import DATAPLANES
 
@@ -63,9 +64,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         help="with --demo: the data plane of every demo sidecar and the gateway: our Python "
         "proxy (default) or Envoy configured over xDS",
     )
+    up.add_argument(
+        "--fresh",
+        action="store_true",
+        help="start clean: remove what an earlier cluster kept in the state dir (etcd and "
+        "NATS data: applied resources, CA roots, tokens) before starting",
+    )
     up.set_defaults(func=cmd_up)
 
     down = sub.add_parser("down", help="stop everything `meshctl up` started")
+    down.add_argument(
+        "--purge",
+        action="store_true",
+        help="also remove the cluster's kept state (etcd and NATS data, logs) after stopping, "
+        "so the next `meshctl up` starts clean",
+    )
     down.set_defaults(func=cmd_down)
 
     st = sub.add_parser("status", help="control-plane replicas, their health and leaders")
@@ -89,15 +102,37 @@ def cmd_up(args: argparse.Namespace) -> int:
         )
     elif args.dataplane != "python":
         raise CLIError("--dataplane applies to the demo's proxies: add --demo")
+    taken = port_in_use("--ingress-port", args.ingress_port) if args.demo else None
+    if taken:
+        raise CLIError(taken)
+    with StopSignals().installed() as signals:
+        try:
+            return _run_cluster(args, services, demo, signals)
+        except StopRequested as e:
+            # a stop signal during start-up: what had started is stopped already
+            tolerant(progress)(f"stopped ({signal.Signals(e.signum).name} during start-up)")
+            return 128 + e.signum
+
+
+def _run_cluster(
+    args: argparse.Namespace,
+    services: list[str],
+    demo: devcluster.DemoSettings | None,
+    signals: StopSignals,
+) -> int:
+    """Start the cluster, then (unless --detach) wait for a stop signal and stop it.
+    Output failing (EPIPE, a closed terminal) never skips the stop."""
+    say = tolerant(progress)
     cluster = devcluster.DevCluster(
         state_dir(args),
         replicas=args.replicas,
         services=services,
-        report=progress,
+        report=say,
         demo=demo,
         etcd_auth=args.secure or args.replicas > 1,
+        fresh=args.fresh,
     )
-    progress(
+    say(
         f"meshctl up: {args.replicas} replica(s) of {', '.join(services)} in {cluster.state_dir}/"
         + (" + the bookinfo demo" if demo else "")
     )
@@ -105,23 +140,23 @@ def cmd_up(args: argparse.Namespace) -> int:
         cluster.start()
     except ServerError as e:
         raise CLIError(f"meshctl up failed: {e}") from None
-    print_summary(cluster.cluster_document(), cluster.state_dir)
-    if args.detach:
-        return 0
-    progress("running in the foreground; Ctrl-C (or `meshctl down`) stops everything")
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
     try:
-        while not stop.wait(0.5):
+        run_tolerant(lambda: print_summary(cluster.cluster_document(), cluster.state_dir))
+        if args.detach:
+            return 0
+        signals.raising = False
+        say("running in the foreground; Ctrl-C (or `meshctl down`) stops everything")
+        while not signals.requested.wait(0.5):
             dead = cluster.exited()
             if dead:
-                progress(f"  warning: exited: {', '.join(dead)} (see {cluster.state_dir}/logs/)")
+                say(f"  warning: exited: {', '.join(dead)} (see {cluster.state_dir}/logs/)")
     finally:
-        progress("stopping ...")
-        cluster.stop()
-        (cluster.state_dir / devcluster.CLUSTER_FILE).unlink(missing_ok=True)
-        progress("stopped")
+        if not args.detach or signals.requested.is_set():
+            signals.raising = False
+            say("stopping ...")
+            cluster.stop()
+            (cluster.state_dir / devcluster.CLUSTER_FILE).unlink(missing_ok=True)
+            say("stopped")
     return 0
 
 
@@ -152,9 +187,17 @@ def print_summary(doc: dict[str, Any], where: Any) -> None:
 
 def cmd_down(args: argparse.Namespace) -> int:
     d = state_dir(args)
-    progress(f"meshctl down: {d}/")
-    devcluster.down(d, progress)
-    progress("everything stopped")
+    say = tolerant(progress)  # `meshctl down | head -1` still stops everything
+    say(f"meshctl down: {d}/")
+    devcluster.down(d, say)
+    say("everything stopped")
+    if args.purge:
+        removed = cluster_state.purge(d)
+        say(
+            f"purged {', '.join(removed)} from {d}/: the next `meshctl up` starts clean"
+            if removed
+            else f"nothing to purge in {d}/"
+        )
     return 0
 
 

@@ -9,6 +9,8 @@ import importlib
 import os
 
 from mesh import logs
+from mesh.cli.common import CLIError
+from mesh.port_owner import port_in_use
 from mesh.service import ControlPlaneService, ServiceConfig
 
 # registry of implementations, imported by name so the core imports no component
@@ -119,6 +121,9 @@ def run(args: argparse.Namespace) -> int:
                     "meshctl serve: --otlp-header expects NAME=VALUE (entry without =)"
                 )
         options["otlp-headers"] = ",".join(args.otlp_header)
+    taken = port_in_use("--http-port", args.http_port, args.http_host)
+    if taken:
+        raise CLIError(taken)
     config = ServiceConfig(
         nats=[u for u in args.nats.split(",") if u],
         etcd=[u for u in args.etcd.split(",") if u],

@@ -4,12 +4,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import importlib
 import os
 from typing import Any
 
 from mesh import logs
-from mesh.cli.common import CLIError, nats_credentials, nats_urls, prefix, read_cluster
+from mesh.cli.common import (
+    CLIError,
+    nats_credentials,
+    nats_urls,
+    prefix,
+    read_cluster,
+    state_dir,
+)
+from mesh.port_owner import port_in_use
 from proxy.settings import DATAPLANES
 
 
@@ -157,15 +166,29 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     gw.set_defaults(func=cmd_gateway)
 
 
+def _check_ports(ports: list[tuple[str, int, str]]) -> None:
+    """Each (flag, port, host) free, else an error naming the flag, the port and who
+    holds it: said before anything starts, instead of a traceback from the bind."""
+    taken = [msg for flag, port, host in ports if (msg := port_in_use(flag, port, host))]
+    if taken:
+        raise CLIError("\n".join(taken))
+
+
 def _run(settings: Any, app: list[str]) -> int:
     proxy = importlib.import_module("proxy.sidecar")
     sidecar = proxy.Sidecar(settings, app)
     try:
-        import uvloop
+        try:
+            import uvloop
 
-        return int(uvloop.run(sidecar.run()))
-    except ImportError:
-        return int(asyncio.run(sidecar.run()))
+            return int(uvloop.run(sidecar.run()))
+        except ImportError:
+            return int(asyncio.run(sidecar.run()))
+    except OSError as e:
+        if e.errno != errno.EADDRINUSE:
+            raise
+        # taken between the check and the bind
+        raise CLIError(f"a port is in use: {e.strerror or e}") from None
 
 
 def _bootstrap_token(args: argparse.Namespace, service_account: str) -> str:
@@ -187,6 +210,19 @@ def _bootstrap_token(args: argparse.Namespace, service_account: str) -> str:
         )
     ca_cmds = importlib.import_module("mesh.cli.ca_cmds")
     return str(ca_cmds.mint_token(args, args.namespace, service_account, wait=True))
+
+
+def _cluster_state_dir(args: argparse.Namespace) -> str:
+    """The state dir of the local cluster this proxy runs against, where it records
+    itself for `meshctl down`: only when the cluster's NATS is the one used (a sidecar
+    given only `--nats` of some other mesh has none)."""
+    cluster = read_cluster(args, required=False)
+    if not cluster:
+        return ""
+    used = set(nats_urls(args))
+    if not used & set(cluster.get("nats", [])):
+        return ""
+    return str(state_dir(args).resolve())
 
 
 def _settings(args: argparse.Namespace, **kw: Any) -> Any:
@@ -217,6 +253,7 @@ def _settings(args: argparse.Namespace, **kw: Any) -> Any:
         config_signatures=not args.no_config_signatures,
         dataplane=args.dataplane,
         jwks_ca_file=args.jwks_ca_file,
+        cluster_state_dir=_cluster_state_dir(args),
         **kw,
     )
 
@@ -234,6 +271,16 @@ def cmd_sidecar(args: argparse.Namespace) -> int:
             tcp.parse_tcp_upstream(spec, args.namespace)
         except ValueError as e:
             raise CLIError(f"--tcp-upstream {spec!r}: {e}") from None
+    ports = [
+        ("--admin-port", args.admin_port, args.bind),
+        ("--inbound-port", args.inbound_port, args.bind),
+        ("--outbound-port", args.outbound_port, "127.0.0.1"),
+    ]
+    if app:
+        # the sidecar starts the app there: another process holding it would be
+        # registered in its place (and marked healthy once it accepts connections)
+        ports.append(("--app-port", args.app_port, "127.0.0.1"))
+    _check_ports(ports)
     settings = _settings(
         args,
         service=args.service,
@@ -253,5 +300,6 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     logs.configure()
     labels = {"istio": args.name, **args.labels}
     args.labels = labels
+    _check_ports([("--port", args.port, args.bind), ("--admin-port", args.admin_port, args.bind)])
     settings = _settings(args, service=args.name, gateway=True, gateway_port=args.port)
     return _run(settings, [])

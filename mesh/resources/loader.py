@@ -13,7 +13,7 @@ from typing import Any, NamedTuple, Protocol
 import msgspec
 import yaml
 
-from mesh.resources.decode import decode
+from mesh.resources.decode import decode_all, nearest
 from mesh.resources.errors import Issue, ResourceError, required, unsupported
 from mesh.resources.model import Metadata, Resource
 from mesh.resources.registry import KINDS, resolve_kind
@@ -149,7 +149,7 @@ def parse_documents(
 def _parse(body: Any, default_namespace: str) -> tuple[Resource | None, list[Issue]]:
     if not isinstance(body, Mapping):
         return None, [Issue("", _not_a_mapping(body))]
-    issues = [unsupported(str(k)) for k in body if k not in _TOP_LEVEL]
+    issues = [_unknown_top_level(str(k)) for k in body if k not in _TOP_LEVEL]
     kind = body.get("kind")
     if kind is None:
         return None, [*issues, required("kind")]
@@ -174,9 +174,9 @@ def _parse(body: Any, default_namespace: str) -> tuple[Resource | None, list[Iss
     if "spec" not in body:
         issues.append(required("spec"))
     else:
-        spec = decode(body["spec"], info.spec_type, "spec")
-        if isinstance(spec, Issue):
-            issues.append(spec)
+        spec = decode_all(body["spec"], info.spec_type, "spec")
+        if isinstance(spec, list):
+            issues.extend(spec)
             spec = None
         else:
             issues.extend(info.validate(spec, "spec"))
@@ -189,9 +189,9 @@ def _decode_metadata(raw: Any, default_namespace: str, issues: list[Issue]) -> M
     if raw is None:
         issues.append(required("metadata.name"))
         return None
-    metadata = decode(raw, Metadata, "metadata")
-    if isinstance(metadata, Issue):
-        issues.append(metadata)
+    metadata = decode_all(raw, Metadata, "metadata")
+    if isinstance(metadata, list):
+        issues.extend(metadata)
         return None
     if not metadata.namespace:
         metadata = msgspec.structs.replace(metadata, namespace=default_namespace)
@@ -205,8 +205,14 @@ def _kind_hint(kind: object) -> str:
     try:
         canonical = resolve_kind(kind)
     except ResourceError:
-        return ""
-    return f" (did you mean {canonical}?)"
+        canonical = nearest(kind, list(KINDS))  # a typo: VirtualServce
+    return f" (did you mean {canonical}?)" if canonical else ""
+
+
+def _unknown_top_level(name: str) -> Issue:
+    issue = unsupported(name)
+    hint = nearest(name, list(_TOP_LEVEL))
+    return Issue(issue.path, f"{issue.message} (did you mean {hint}?)") if hint else issue
 
 
 def _one_of(values: tuple[str, ...]) -> str:

@@ -1,6 +1,7 @@
 """A grpc.aio server on a Unix socket private to the sidecar (0600, created with no
 window before the mode is set, removed on stop): how the sidecar serves its Envoy the
-access-log service and the OTLP trace receiver, each on its own socket.
+access-log service and the OTLP trace receiver, each on its own socket
+(`start_private_server` also starts the xDS server's socket).
 
 Envoy buffers what it sends there (access-log entries up to a second, spans until its
 tracer's flush) and drops it when it exits, so a stopping sidecar waits until neither
@@ -45,26 +46,8 @@ class PrivateGrpcServer:
         self.last_message_at = time.monotonic()
 
     async def start(self) -> None:
-        path = self.socket_path
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        if path.exists() or path.is_socket():
-            if _someone_listens(path):
-                raise PrivateSocketError(f"another {self.what} is serving on {path}")
-            path.unlink()  # left by a sidecar process that died
-        server = grpc.aio.server()
-        self._add_services(server)
-        old_umask = os.umask(0o177)  # no window between bind and chmod
-        try:
-            bound = server.add_insecure_port(f"unix:{path}")
-        finally:
-            os.umask(old_umask)
-        if not bound:
-            raise PrivateSocketError(f"{self.what}: cannot listen on unix socket {path}")
-        await server.start()
-        with contextlib.suppress(OSError):
-            path.chmod(0o600)
-        self._server = server
-        log.info("private_grpc.started", service=self.what, socket=str(path))
+        self._server = await start_private_server(self.socket_path, self.what, self._add_services)
+        log.info("private_grpc.started", service=self.what, socket=str(self.socket_path))
 
     async def stop(self, grace: float = 1.0) -> bool:
         """Stop serving; `grace`: how long open streams may finish what Envoy already
@@ -78,6 +61,40 @@ class PrivateGrpcServer:
 
     async def wait_quiet(self, quiet: float = 1.5, timeout: float = 10.0) -> bool:
         return await wait_quiet(lambda: self.last_message_at, quiet, timeout)
+
+
+async def start_private_server(
+    path: Path, what: str, add_services: Callable[[grpc.aio.Server], None]
+) -> grpc.aio.Server:
+    """A started grpc.aio server with `add_services` registered, listening on the Unix
+    socket `path` (0600, its folder 0700; a socket left by a dead process is replaced).
+    PrivateSocketError, naming `what`, if another process serves there or the socket
+    cannot be bound."""
+    server = _bind_private_socket(path, what, add_services)
+    await server.start()
+    with contextlib.suppress(OSError):
+        os.chmod(path, 0o600)
+    return server
+
+
+def _bind_private_socket(
+    path: Path, what: str, add_services: Callable[[grpc.aio.Server], None]
+) -> grpc.aio.Server:
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if path.exists() or path.is_socket():
+        if _someone_listens(path):
+            raise PrivateSocketError(f"another {what} is serving on {path}")
+        path.unlink()  # left by a sidecar process that died
+    server = grpc.aio.server()
+    add_services(server)
+    old_umask = os.umask(0o177)  # no window between bind and chmod
+    try:
+        bound = server.add_insecure_port(f"unix:{path}")
+    finally:
+        os.umask(old_umask)
+    if not bound:
+        raise PrivateSocketError(f"{what}: cannot listen on unix socket {path}")
+    return server
 
 
 async def wait_quiet(
@@ -101,11 +118,10 @@ async def wait_quiet(
 
 
 def _someone_listens(path: Path) -> bool:
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(str(path))
-    except OSError:
-        return False
-    finally:
-        probe.close()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(0.5)
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return False
     return True

@@ -15,8 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import os
-import socket
 from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 
@@ -32,6 +30,7 @@ from proxy.envoy.ads_protocol import (
     TypeStatus,
     XdsError,
 )
+from proxy.envoy.private_grpc import PrivateSocketError, start_private_server
 from proxy.envoy.resources import XdsResources
 
 log = get_logger("proxy.envoy.xds")
@@ -86,27 +85,16 @@ class XdsServer:
     # ------------------------------------------------------------- lifecycle
 
     async def start(self) -> None:
-        path = self.socket_path
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        if path.exists() or path.is_socket():
-            if _someone_listens(path):
-                raise XdsError(f"another xDS server is serving on {path}")
-            path.unlink()  # left by a sidecar process that died
-        server = grpc.aio.server()
-        ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(_AdsServicer(self), server)
-        # umask covers the window between bind and chmod
-        old_umask = os.umask(0o177)
+        def add_services(server: grpc.aio.Server) -> None:
+            ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(
+                _AdsServicer(self), server
+            )
+
         try:
-            bound = server.add_insecure_port(f"unix:{path}")
-        finally:
-            os.umask(old_umask)
-        if not bound:
-            raise XdsError(f"cannot listen on unix socket {path}")
-        await server.start()
-        with contextlib.suppress(OSError):
-            path.chmod(0o600)
-        self._server = server
-        log.info("xds.started", socket=str(path))
+            self._server = await start_private_server(self.socket_path, "xDS server", add_services)
+        except PrivateSocketError as e:
+            raise XdsError(str(e)) from None
+        log.info("xds.started", socket=str(self.socket_path))
 
     async def stop(self, grace: float = 0.0) -> None:
         """Stop serving: streams end (Envoy keeps its configuration and reconnects to
@@ -236,13 +224,3 @@ class XdsServer:
         finally:
             self._connections.discard(connection)
             log.info("xds.stream_closed", stream=stream.stream_id, node=stream.node_id)
-
-
-def _someone_listens(path: Path) -> bool:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        probe.settimeout(0.5)
-        try:
-            probe.connect(str(path))
-        except OSError:
-            return False
-    return True

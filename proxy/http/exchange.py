@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterable
 from typing import Protocol
 
 from .body import BodyStream
 from .client import UpstreamResponse
+from .exchange_state import ExchangeState, check_local_status, discard_body, grpc_status_of
 from .flow import ReadGate, WriteGate
-from .h2.exchange import grpc_status_of
 from .headers import HOP_BY_HOP, connection_tokens, get_header
 from .request import Request
 from .tunnel import Tunnel
@@ -25,8 +24,6 @@ from .wire import (
     response_framing,
     status_line,
 )
-
-_NEW, _STARTED, _DONE = 0, 1, 2
 
 # The engine owns framing and connection management of every response it writes.
 _SKIP_FIELDS: frozenset[str] = HOP_BY_HOP | {"content-length"}
@@ -46,47 +43,23 @@ class Downstream(Protocol):
     def serve_tunnelled(self) -> None: ...
 
 
-class Exchange:
+class Exchange(ExchangeState):
     """The response side of one request.
 
     Exactly one of `respond`, `forward` or `tunnel` is awaited per request; each returns
     once the last byte was handed to the transport (with backpressure on the way).
     Telemetry: `status`, `request_bytes` and `response_bytes` (body bytes, or relayed
-    bytes for a tunnel), `started_at`/`finished_at` (time.monotonic()).
+    bytes for a tunnel), `started_at`/`finished_at` (time.monotonic()), `grpc_status`
+    (trailers do not travel over HTTP/1.1, a trailers-only answer's status does).
     """
 
-    __slots__ = (
-        "_closing",
-        "_downstream",
-        "_request",
-        "_state",
-        "_tunnel",
-        "close_after",
-        "finished_at",
-        "grpc_status",
-        "response_bytes",
-        "started_at",
-        "status",
-    )
+    __slots__ = ("_closing", "_downstream", "_tunnel")
 
     def __init__(self, downstream: Downstream, request: Request) -> None:
+        super().__init__(request)
         self._downstream = downstream
-        self._request = request
-        self._state = _NEW
         self._closing = False
         self._tunnel: Tunnel | None = None
-        self.close_after = False
-        self.status: int | None = None
-        # the answer's grpc-status ("" if none), for the grpc_response_status label;
-        # trailers do not travel over HTTP/1.1, a trailers-only answer's status does
-        self.grpc_status = ""
-        self.response_bytes = 0
-        self.started_at = time.monotonic()
-        self.finished_at: float | None = None
-
-    @property
-    def request(self) -> Request:
-        return self._request
 
     # -- telemetry -------------------------------------------------------------------------
 
@@ -99,14 +72,6 @@ class Exchange:
     def peak_write_buffer(self) -> int:
         """Largest write buffer the client connection has held (bounded by flow control)."""
         return self._downstream.write_gate.peak
-
-    @property
-    def responded(self) -> bool:
-        return self._state != _NEW
-
-    @property
-    def finished(self) -> bool:
-        return self._state == _DONE
 
     @property
     def closing(self) -> bool:
@@ -127,8 +92,7 @@ class Exchange:
         carry a Content-Length (then exactly that many bytes must follow), or delimited
         by closing the connection for an HTTP/1.0 client.
         """
-        if not 200 <= status <= 999:
-            raise ValueError(f"cannot respond with status {status}")
+        check_local_status(status)
         self.grpc_status = grpc_status_of(headers)
         head_request = self._request.method == "HEAD"
         transport = self._downstream.transport
@@ -159,9 +123,7 @@ class Exchange:
         self._begin(status)
         transport.write(head)
         if framing is Framing.NONE:
-            aclose = getattr(body, "aclose", None)
-            if aclose is not None:
-                await aclose()
+            await discard_body(body)
         else:
             await self._stream(body, framing, declared)
         self._finish()
@@ -218,8 +180,7 @@ class Exchange:
         nominated = connection_tokens(response.headers)
         skip = HOP_BY_HOP | nominated if nominated else HOP_BY_HOP
         try:
-            if self._state != _NEW:
-                raise RuntimeError("a response was already sent for this request")
+            self._check_unanswered()
             head = status_line(101) + encode_fields(response.headers, skip, extra)
         except BaseException:
             response.close()
@@ -255,16 +216,6 @@ class Exchange:
 
     # -- internals -------------------------------------------------------------------------
 
-    def _begin(self, status: int) -> None:
-        if self._state != _NEW:
-            raise RuntimeError("a response was already sent for this request")
-        self._state = _STARTED
-        self.status = status
-
-    def _finish(self) -> None:
-        self._state = _DONE
-        self.finished_at = time.monotonic()
-
     def _encode_head(
         self,
         status: int,
@@ -274,8 +225,7 @@ class Exchange:
         announce: int | None,
         reason: str = "",
     ) -> bytes:
-        if self._state != _NEW:
-            raise RuntimeError("a response was already sent for this request")
+        self._check_unanswered()
         closing = (
             self.close_after
             or framing is Framing.CLOSE

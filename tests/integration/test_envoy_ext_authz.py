@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import http.server
 import json
-import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +15,6 @@ from typing import Any
 
 import pytest
 
-from mesh import identity
 from mesh.compiled import (
     AuthzPolicy,
     AuthzRule,
@@ -28,15 +25,11 @@ from mesh.compiled import (
 from mesh.messages import Endpoint, EndpointSet
 from mesh.servers import free_port
 from proxy.envoy.translate import MeshView, ProxyNode, referenced_hosts
-from tests.integration.test_envoy_jwt import _HeadersApp
+from tests.envoy_support import HeadersApp, http_get, serve_http, static_envoy
 from tests.integration.test_envoy_translate_validate import (
-    TD,
-    _envoy,
-    _listening,
-    _request,
+    httpbin_inbound_node,
     static_bootstrap,
 )
-from tests.support import wait_for
 
 CHECK_RESULT = "x-ext-authz-check-result"
 AUTHZ_HOST = "ext-authz.foo.svc.cluster.local"
@@ -66,23 +59,14 @@ class _SampleExtAuthz(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def _serve(handler: type[http.server.BaseHTTPRequestHandler]) -> Iterator[int]:
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield int(server.server_address[1])
-    server.shutdown()
-    server.server_close()
-
-
 @pytest.fixture
 def app_port() -> Iterator[int]:
-    yield from _serve(_HeadersApp)
+    yield from serve_http(HeadersApp)
 
 
 @pytest.fixture
 def authz_port() -> Iterator[int]:
-    yield from _serve(_SampleExtAuthz)
+    yield from serve_http(_SampleExtAuthz)
 
 
 def _node_and_view(app_port: int, inbound_port: int, authz_port: int) -> tuple[ProxyNode, MeshView]:
@@ -111,18 +95,7 @@ def _node_and_view(app_port: int, inbound_port: int, authz_port: int) -> tuple[P
         ),
         extension_providers=(provider,),
     )
-    node = ProxyNode(
-        namespace="foo",
-        service="httpbin",
-        version="v1",
-        labels={"app": "httpbin"},
-        identity=identity.spiffe_id(TD, "foo", "httpbin"),
-        trust_domain=TD,
-        role="sidecar",
-        inbound=("127.0.0.1", inbound_port),
-        outbound=None,
-        app_port=app_port,
-    )
+    node = httpbin_inbound_node(inbound_port, app_port)
     # the authorizer registered no identity: reached in plaintext
     authz = EndpointSet(
         namespace="foo",
@@ -138,23 +111,14 @@ def _node_and_view(app_port: int, inbound_port: int, authz_port: int) -> tuple[P
 def test_envoy_asks_the_ext_authz_provider_for_custom_rules(
     app_port: int, authz_port: int, tmp_path: Path
 ) -> None:
-    envoy = _envoy()
     inbound_port = free_port()
     node, view = _node_and_view(app_port, inbound_port, authz_port)
-    config = tmp_path / "ext_authz.json"
-    config.write_text(json.dumps(static_bootstrap(node, view, "ext-authz")))
-    log = (tmp_path / "envoy.log").open("w")
-    proc = subprocess.Popen(
-        [envoy, "-c", str(config), "--use-dynamic-base-id", "--log-level", "warn"],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+    bootstrap = static_bootstrap(node, view, "ext-authz")
 
     def get(path: str, **headers: str) -> tuple[int, dict[str, str], bytes]:
-        return _request(inbound_port, path, "httpbin.foo:8000", headers)
+        return http_get(inbound_port, path, "httpbin.foo:8000", headers)
 
-    try:
-        wait_for(lambda: _listening(inbound_port), timeout=30)
+    with static_envoy(tmp_path, "ext_authz", bootstrap, (inbound_port,)):
         status, headers, body = get("/headers", **{"x-ext-authz": "deny"})
         assert status == 403
         assert body.startswith(b"denied by ext_authz for not found header")
@@ -164,7 +128,3 @@ def test_envoy_asks_the_ext_authz_provider_for_custom_rules(
         assert json.loads(body)[CHECK_RESULT] == "allowed"
         assert get("/ip")[0] == 200  # not matched by the CUSTOM policy: not checked
         assert get("/slow", **{"x-ext-authz": "allow"})[0] == 503  # timeout: statusOnError
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        log.close()

@@ -6,17 +6,12 @@ required principal or claim, 200 with them, the token not forwarded."""
 
 from __future__ import annotations
 
-import http.server
 import json
-import subprocess
-import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from mesh import identity
 from mesh.compiled import (
     AuthzPolicy,
     AuthzRule,
@@ -28,40 +23,19 @@ from mesh.compiled import (
 )
 from mesh.servers import free_port
 from proxy.envoy.translate import MeshView, ProxyNode
+from tests.envoy_support import HeadersApp, http_get, serve_http, static_envoy
 from tests.integration.test_envoy_translate_validate import (
-    TD,
-    _envoy,
-    _listening,
-    _request,
+    httpbin_inbound_node,
     static_bootstrap,
 )
 from tests.jwt_support import ISSUER, SigningKey, jwks
-from tests.support import wait_for
 
 KEY = SigningKey("RS256", "k1")
 
 
-class _HeadersApp(http.server.BaseHTTPRequestHandler):
-    def do_GET(self) -> None:
-        body = json.dumps({k.lower(): v for k, v in self.headers.items()}).encode()
-        self.send_response(200)
-        self.send_header("content-type", "application/json")
-        self.send_header("content-length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-
 @pytest.fixture
 def app_port() -> Iterator[int]:
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _HeadersApp)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield int(server.server_address[1])
-    server.shutdown()
-    server.server_close()
+    yield from serve_http(HeadersApp)
 
 
 def _node_and_view(app_port: int, inbound_port: int) -> tuple[ProxyNode, MeshView]:
@@ -95,42 +69,22 @@ def _node_and_view(app_port: int, inbound_port: int) -> tuple[ProxyNode, MeshVie
             ),
         ),
     )
-    node = ProxyNode(
-        namespace="foo",
-        service="httpbin",
-        version="v1",
-        labels={"app": "httpbin"},
-        identity=identity.spiffe_id(TD, "foo", "httpbin"),
-        trust_domain=TD,
-        role="sidecar",
-        inbound=("127.0.0.1", inbound_port),
-        outbound=None,
-        app_port=app_port,
-    )
+    node = httpbin_inbound_node(inbound_port, app_port)
     return node, MeshView(destinations={}, inbound=policy)
 
 
 def test_envoy_enforces_request_authentication_and_principals(
     app_port: int, tmp_path: Path
 ) -> None:
-    envoy = _envoy()
     inbound_port = free_port()
     node, view = _node_and_view(app_port, inbound_port)
-    config = tmp_path / "jwt.json"
-    config.write_text(json.dumps(static_bootstrap(node, view, "jwt")))
-    log = (tmp_path / "envoy.log").open("w")
-    proc = subprocess.Popen(
-        [envoy, "-c", str(config), "--use-dynamic-base-id", "--log-level", "warn"],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+    bootstrap = static_bootstrap(node, view, "jwt")
 
     def get(token: str | None) -> tuple[int, dict[str, str], bytes]:
         headers = {"authorization": f"Bearer {token}"} if token else {}
-        return _request(inbound_port, "/headers", "httpbin.foo:8000", headers)
+        return http_get(inbound_port, "/headers", "httpbin.foo:8000", headers)
 
-    try:
-        wait_for(lambda: _listening(inbound_port), timeout=30)
+    with static_envoy(tmp_path, "jwt", bootstrap, (inbound_port,)):
         status, headers, _ = get("deadbeef")
         assert status == 401
         assert headers["www-authenticate"] == (
@@ -146,7 +100,3 @@ def test_envoy_enforces_request_authentication_and_principals(
         assert "authorization" not in seen and seen["x-jwt-payload"]
         assert get(KEY.token(sub="other-user"))[0] == 200
         assert get(KEY.token(sub="someone"))[0] == 403
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        log.close()

@@ -43,9 +43,9 @@ from proxy.envoy.access_log_service import AccessLogIngest, AccessLogServer, Acc
 from proxy.envoy.translate.access_log import http_access_log, tcp_access_log
 from proxy.telemetry import TelemetryPublisher, TelemetryRecorder, own_workload
 from services.telemetry import TelemetryService
+from tests.envoy_support import envoy_binary
 from tests.support import eventually, running, service_config
 
-ENVOY = Path("/work/main/.venv/bin/envoy")
 TD = "cluster.local"
 ALS_CLUSTER = "meshwork_access_log"
 RATINGS = "ratings.default.svc.cluster.local"
@@ -61,15 +61,6 @@ TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 # what the test sends, and what each must be counted as
 N_OK, N_UF, N_UH, N_NR, N_DIRECT, N_INBOUND, N_TCP = 7, 3, 2, 2, 1, 4, 2
 N_HTTP = N_OK + N_UF + N_UH + N_NR + N_DIRECT + N_INBOUND
-
-
-def _envoy() -> str:
-    if ENVOY.exists():
-        return str(ENVOY)
-    found = shutil.which("envoy")
-    if found is None:
-        pytest.skip(f"no envoy binary at {ENVOY} or on PATH")
-    return found
 
 
 # ---------------------------------------------------------------- certificates
@@ -278,7 +269,7 @@ def workdir() -> Iterator[Path]:
 @contextlib.asynccontextmanager
 async def envoy_with_access_logs(workdir: Path) -> AsyncIterator[Running]:
     """An app, the sidecar's access-log service and recorder, and Envoy logging to it."""
-    envoy = _envoy()
+    envoy = envoy_binary()
     app = web.Application()
 
     peer_headers_seen: list[str] = []

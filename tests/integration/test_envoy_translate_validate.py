@@ -14,10 +14,7 @@ import datetime as dt
 import http.client
 import http.server
 import json
-import shutil
-import socket
 import subprocess
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -46,19 +43,8 @@ from mesh.messages import Endpoint, EndpointSet
 from mesh.servers import free_port
 from proxy.envoy.translate import MeshView, ProxyNode, tls_secrets, translate
 from proxy.envoy.translate.protos import to_dict
-from tests.support import wait_for
+from tests.envoy_support import envoy_binary, http_get, serve_http, static_envoy
 from tests.unit.test_envoy_translate_golden import CASES, TD, resources_json
-
-ENVOY = Path("/work/main/.venv/bin/envoy")
-
-
-def _envoy() -> str:
-    if ENVOY.exists():
-        return str(ENVOY)
-    found = shutil.which("envoy")
-    if found is None:
-        pytest.skip(f"no envoy binary at {ENVOY} or on PATH: cannot validate translations")
-    return found
 
 
 def _pem_secrets() -> list[dict[str, Any]]:
@@ -140,9 +126,25 @@ def static_bootstrap(node: ProxyNode, view: MeshView, node_id: str) -> dict[str,
     }
 
 
+def httpbin_inbound_node(inbound_port: int, app_port: int) -> ProxyNode:
+    """An inbound-only sidecar of `foo/httpbin` (v1) in front of the app on `app_port`."""
+    return ProxyNode(
+        namespace="foo",
+        service="httpbin",
+        version="v1",
+        labels={"app": "httpbin"},
+        identity=identity.spiffe_id(TD, "foo", "httpbin"),
+        trust_domain=TD,
+        role="sidecar",
+        inbound=("127.0.0.1", inbound_port),
+        outbound=None,
+        app_port=app_port,
+    )
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_envoy_validates_translation(case: str, tmp_path: Path) -> None:
-    envoy = _envoy()
+    envoy = envoy_binary()
     config = tmp_path / f"{case}.json"
     config.write_text(json.dumps(bootstrap(case), indent=1))
     result = subprocess.run(
@@ -177,23 +179,6 @@ class _App(http.server.BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:
         pass
-
-
-def _request(
-    port: int, target: str, host: str, headers: dict[str, str] | None = None
-) -> tuple[int, dict[str, str], bytes]:
-    """One HTTP/1.1 request on a fresh connection; `target` may be absolute-form."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    try:
-        conn.putrequest("GET", target, skip_host=True)
-        conn.putheader("host", host)
-        for name, value in (headers or {}).items():
-            conn.putheader(name, value)
-        conn.endheaders()
-        response = conn.getresponse()
-        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
-    finally:
-        conn.close()
 
 
 def _live_mesh(app_port: int, inbound_port: int, outbound_port: int) -> tuple[ProxyNode, MeshView]:
@@ -303,12 +288,7 @@ def _live_mesh(app_port: int, inbound_port: int, outbound_port: int) -> tuple[Pr
 
 @pytest.fixture
 def app_server() -> Iterator[int]:
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _App)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield int(server.server_address[1])
-    server.shutdown()
-    server.server_close()
+    yield from serve_http(_App)
 
 
 def test_envoy_serves_translated_routes_and_policies(app_server: int, tmp_path: Path) -> None:
@@ -318,65 +298,44 @@ def test_envoy_serves_translated_routes_and_policies(app_server: int, tmp_path: 
     502 for hosts outside the mesh, absolute-form requests, no XFCC for plaintext,
     mTLS with the SDS certificate and the endpoint's identity checked, XFCC set from
     the verified client certificate."""
-    envoy = _envoy()
     inbound_port, outbound_port = free_port(), free_port()
     node, view = _live_mesh(app_server, inbound_port, outbound_port)
-    config = tmp_path / "live.json"
-    config.write_text(json.dumps(static_bootstrap(node, view, "live")))
-    log = (tmp_path / "envoy.log").open("w")
-    proc = subprocess.Popen(
-        [envoy, "-c", str(config), "--use-dynamic-base-id", "--log-level", "warn"],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        wait_for(lambda: _listening(outbound_port) and _listening(inbound_port), timeout=30)
-        status, _, body = _request(outbound_port, "/teapot", "reviews:9080")
+    bootstrap = static_bootstrap(node, view, "live")
+    with static_envoy(tmp_path, "live", bootstrap, (outbound_port, inbound_port)):
+        status, _, body = http_get(outbound_port, "/teapot", "reviews:9080")
         assert (status, body) == (418, b"short and stout")
 
-        status, _, body = _request(outbound_port, "/api/items?x=1", "reviews:9080")
+        status, _, body = http_get(outbound_port, "/api/items?x=1", "reviews:9080")
         seen = json.loads(body)
         assert status == 200, body
         assert seen["path"] == "/v2/items?x=1" and seen["x-subset"] == "v1"
         assert seen["xfcc"] == ""  # plaintext caller: no identity claimed for it
 
-        status, _, body = _request(
+        status, _, body = http_get(
             outbound_port, "/api/items", "reviews.default", {"x-canary": "1"}
         )
         assert status == 200 and json.loads(body)["path"] == "/api/items"
 
-        status, _, body = _request(outbound_port, "/admin/x", "reviews")
+        status, _, body = http_get(outbound_port, "/admin/x", "reviews")
         assert status == 403, body
 
-        status, _, _ = _request(outbound_port, "/", "example.com")
+        status, _, _ = http_get(outbound_port, "/", "example.com")
         assert status == 502
 
-        status, _, body = _request(outbound_port, "/r", "ratings")
+        status, _, body = http_get(outbound_port, "/r", "ratings")
         assert status == 200, body
         xfcc = json.loads(body)["xfcc"]
         assert xfcc.startswith(f"By={node.identity};Hash=") and xfcc.endswith(
             f";URI={node.identity}"
         )
-        status, _, _ = _request(outbound_port, "/d", "details")
+        status, _, _ = http_get(outbound_port, "/d", "details")
         assert status == 503  # the peer is not who the registry says: never sent
 
         # absolute-form (HTTP_PROXY): the URL's host is the authority, not Host
-        status, _, body = _request(outbound_port, "http://reviews:9080/api/a", "ignored")
+        status, _, body = http_get(outbound_port, "http://reviews:9080/api/a", "ignored")
         assert status == 200 and json.loads(body)["path"] == "/v2/a"
-        status, _, body = _request(
+        status, _, body = http_get(
             outbound_port, "http://reviews.default.svc.cluster.local/api/a", "ignored"
         )
         # `authority: {exact: reviews}` does not hold for the FQDN: the next rule
         assert status == 200 and json.loads(body)["path"] == "/api/a"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        log.close()
-
-
-def _listening(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-    except OSError:
-        return False
-    return True

@@ -19,7 +19,7 @@ from aiohttp import web
 
 from mesh.servers import free_port
 from tests.integration.test_mesh_security import RawReply, raw_http
-from tests.support import MeshHarness, eventually
+from tests.support import MeshHarness, eventually, ingress_gateway_yaml
 
 CHECK_RESULT = "x-ext-authz-check-result"
 
@@ -199,26 +199,14 @@ async def test_custom_at_the_ingress_gateway(mesh: Mesh) -> None:
     )
     port = int(gateway.settings.gateway_port)
     await mesh.harness.apply(
-        """
-apiVersion: networking.istio.io/v1
-kind: Gateway
-metadata: {name: httpbin-gateway}
-spec:
-  selector: {istio: ingressgateway}
-  servers:
-  - port: {number: 8080, name: http, protocol: HTTP}
-    hosts: ["*"]
----
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: httpbin}
-spec:
-  hosts: ["*"]
-  gateways: [httpbin-gateway]
-  http:
+        ingress_gateway_yaml(
+            "httpbin-gateway",
+            "httpbin",
+            """\
   - route:
     - destination: {host: httpbin}
-"""
+""",
+        )
     )
     await mesh.harness.apply(mesh_config())
     await mesh.harness.apply(custom_policy("{istio: ingressgateway}", '["/*"]'))

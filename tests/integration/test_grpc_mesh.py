@@ -20,7 +20,13 @@ import pytest
 
 from proxy.app_process import app_env
 from tests.grpc_support import EchoClient, EchoService
-from tests.support import MeshHarness, destination_rule_yaml, eventually, route_all_yaml
+from tests.support import (
+    MeshHarness,
+    destination_rule_yaml,
+    eventually,
+    ingress_gateway_yaml,
+    route_all_yaml,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -214,26 +220,14 @@ spec:
     await eventually(statuses, timeout=10)
 
 
-GRPC_GATEWAY = f"""
-apiVersion: networking.istio.io/v1
-kind: Gateway
-metadata: {{name: grpc-gateway}}
-spec:
-  selector: {{istio: ingressgateway}}
-  servers:
-  - port: {{number: 8080, name: http, protocol: HTTP}}
-    hosts: ["*"]
----
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {{name: grpc-ingress}}
-spec:
-  hosts: ["*"]
-  gateways: [grpc-gateway]
-  http:
+GRPC_GATEWAY = ingress_gateway_yaml(
+    "grpc-gateway",
+    "grpc-ingress",
+    f"""\
   - route:
     - destination: {{host: {HOST}}}
-"""
+""",
+)
 
 
 async def test_gateway_h1_to_h2_app_and_h2c_to_h1_app(grpc_mesh: GrpcMesh) -> None:

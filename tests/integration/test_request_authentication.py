@@ -28,7 +28,7 @@ from cryptography.x509.oid import NameOID
 from mesh.servers import free_port
 from tests.integration.test_mesh_security import RawReply, raw_http
 from tests.jwt_support import ISSUER, SigningKey, jwks
-from tests.support import MeshHarness, eventually
+from tests.support import MeshHarness, eventually, ingress_gateway_yaml
 
 KEY = SigningKey("RS256", "DHFbpoIUqrY8t2zpA2qXfCmr5VO5ZEr4RzHU_-envvQ")
 GROUPS_TOKEN = KEY.token({"groups": ["group1", "group2"]})
@@ -325,26 +325,14 @@ async def _admin(sidecar: Any, path: str) -> Any:
 
 # ---------------------------------------------------------------- ingress gateway
 
-GATEWAY = """
-apiVersion: networking.istio.io/v1
-kind: Gateway
-metadata: {name: httpbin-gateway}
-spec:
-  selector: {istio: ingressgateway}
-  servers:
-  - port: {number: 8080, name: http, protocol: HTTP}
-    hosts: ["*"]
----
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: httpbin}
-spec:
-  hosts: ["*"]
-  gateways: [httpbin-gateway]
-  http:
+GATEWAY = ingress_gateway_yaml(
+    "httpbin-gateway",
+    "httpbin",
+    """\
   - route:
     - destination: {host: httpbin}
-"""
+""",
+)
 
 GATEWAY_REQUIRE_JWT = """
 apiVersion: security.istio.io/v1

@@ -26,32 +26,20 @@ import structlog
 from mesh import logs
 from mesh.servers import free_port
 from tests.integration.test_mesh_security import RawReply, raw_http
-from tests.support import EchoApp, MeshHarness, eventually
+from tests.support import EchoApp, MeshHarness, eventually, ingress_gateway_yaml
 
 SECRET = "SECRET-d7c1e9"
 
-GATEWAY_PUBLIC_ONLY = """
-apiVersion: networking.istio.io/v1
-kind: Gateway
-metadata: {name: public-gateway}
-spec:
-  selector: {istio: ingressgateway}
-  servers:
-  - port: {number: 8080, name: http, protocol: HTTP}
-    hosts: ["*"]
----
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: public-only}
-spec:
-  hosts: ["*"]
-  gateways: [public-gateway]
-  http:
+GATEWAY_PUBLIC_ONLY = ingress_gateway_yaml(
+    "public-gateway",
+    "public-only",
+    """\
   - match:
     - uri: {prefix: /public}
     route:
     - destination: {host: reviews}
-"""
+""",
+)
 
 # the mesh route of `reviews` (outbound listeners): only /public goes to the app
 OUTBOUND_PUBLIC_ONLY = """

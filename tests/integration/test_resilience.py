@@ -26,7 +26,14 @@ from mesh.compiled import ConnectionPool
 from proxy.http import Limits, UpstreamConnectError, UpstreamPool
 from proxy.http.pool import PoolOverflowError
 from proxy.resilience import CircuitBreaker, Threshold
-from tests.support import FaultyApp, MeshHarness, admin_json, eventually, faulty_sidecar
+from tests.support import (
+    FaultyApp,
+    MeshHarness,
+    admin_json,
+    applied,
+    eventually,
+    faulty_sidecar,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -78,23 +85,6 @@ async def calls(
 
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     return answers
-
-
-async def applied(mesh: MeshHarness, text: str, *sidecars: Any) -> None:
-    """Apply `text` and wait until every proxy that follows a changed subject has it."""
-    revision = (await mesh.apply(text)).revision
-
-    async def synced() -> bool:
-        entries = await mesh.proxy_status()
-        wanted = {sc.settings.instance for sc in sidecars}
-        mine = [e for e in entries if e.proxy in wanted]
-        return (
-            bool(mine)
-            and all(e.state == "SYNCED" for e in mine)
-            and any(e.applied_revision >= revision for e in mine)
-        )
-
-    await eventually(synced, timeout=10)
 
 
 async def cluster_of(sc: Any, destination: str, subset: str = "") -> dict[str, Any]:

@@ -9,7 +9,13 @@ from collections import Counter
 import aiohttp
 import pytest
 
-from tests.support import MeshHarness, destination_rule_yaml, eventually, route_all_yaml
+from tests.support import (
+    MeshHarness,
+    destination_rule_yaml,
+    eventually,
+    ingress_gateway_yaml,
+    route_all_yaml,
+)
 
 SUBSETS = destination_rule_yaml("reviews")
 
@@ -282,28 +288,16 @@ def _raw_exchange(port: int, data: bytes) -> bytes:
             chunks.append(chunk)
 
 
-GATEWAY = """
-apiVersion: networking.istio.io/v1
-kind: Gateway
-metadata: {name: bookinfo-gateway}
-spec:
-  selector: {istio: ingressgateway}
-  servers:
-  - port: {number: 8080, name: http, protocol: HTTP}
-    hosts: ["*"]
----
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: bookinfo}
-spec:
-  hosts: ["*"]
-  gateways: [bookinfo-gateway]
-  http:
+GATEWAY = ingress_gateway_yaml(
+    "bookinfo-gateway",
+    "bookinfo",
+    """\
   - match:
     - uri: {prefix: /reviews}
     route:
     - destination: {host: reviews, subset: v2}
-"""
+""",
+)
 
 
 async def test_gateway_routes_by_bound_virtual_services(mesh: MeshHarness) -> None:

@@ -17,7 +17,7 @@ import pytest
 from aiohttp import WSMsgType, web
 
 from mesh.servers import free_port
-from tests.support import MeshHarness, eventually
+from tests.support import MeshHarness, applied, eventually, ingress_gateway_yaml, replace_app
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -49,34 +49,6 @@ def series_total(metrics: str, name: str, **labels: str) -> float:
         if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
             total += float(line.rsplit(" ", 1)[1])
     return total
-
-
-async def applied(mesh: MeshHarness, text: str, *sidecars: Any) -> None:
-    """Apply `text` and wait until every proxy in `sidecars` runs that revision."""
-    revision = (await mesh.apply(text)).revision
-
-    async def synced() -> bool:
-        entries = await mesh.proxy_status()
-        wanted = {sc.settings.instance for sc in sidecars}
-        mine = [e for e in entries if e.proxy in wanted]
-        return (
-            bool(mine)
-            and all(e.state == "SYNCED" for e in mine)
-            and any(e.applied_revision >= revision for e in mine)
-        )
-
-    await eventually(synced, timeout=10)
-
-
-async def swap_app(mesh: MeshHarness, sidecar: Any, app: Any) -> Any:
-    """Serve `app` on the port of the echo app `mesh.sidecar()` started for `sidecar`."""
-    echo = sidecar.echo
-    await echo.stop()
-    mesh.apps.remove(echo)
-    await app.start(echo.port)
-    mesh.apps.append(app)
-    sidecar.echo = app
-    return app
 
 
 # ---------------------------------------------------------------- WebSocket
@@ -173,23 +145,10 @@ spec:
     - operation: {paths: ["/ws/admin"]}
 """
 
-GATEWAY = """
-apiVersion: networking.istio.io/v1
-kind: Gateway
-metadata: {name: edge}
-spec:
-  selector: {istio: ingressgateway}
-  servers:
-  - port: {number: 8080, name: http, protocol: HTTP}
-    hosts: ["*"]
----
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: edge-chat}
-spec:
-  hosts: ["*"]
-  gateways: [edge]
-  http:
+GATEWAY = ingress_gateway_yaml(
+    "edge",
+    "edge-chat",
+    """\
   - match:
     - uri: {prefix: /chat}
     rewrite: {uri: /ws/gateway}
@@ -198,12 +157,13 @@ spec:
         set: {x-routed: gateway-rule}
     route:
     - destination: {host: chat}
-"""
+""",
+)
 
 
 async def test_websocket_upgrade_through_outbound_mtls_and_inbound(mesh: MeshHarness) -> None:
     server = await mesh.sidecar("chat", labels={"app": "chat"})
-    app = await swap_app(mesh, server, WebSocketEchoApp())
+    app = await replace_app(mesh, server, WebSocketEchoApp())
     client = await mesh.sidecar("web", app=False)
     async with aiohttp.ClientSession() as session:
 
@@ -242,7 +202,7 @@ async def test_websocket_upgrade_through_outbound_mtls_and_inbound(mesh: MeshHar
 
 async def test_websocket_upgrade_through_the_gateway(mesh: MeshHarness) -> None:
     server = await mesh.sidecar("chat", labels={"app": "chat"})
-    app = await swap_app(mesh, server, WebSocketEchoApp())
+    app = await replace_app(mesh, server, WebSocketEchoApp())
     port = free_port()
     gateway = await mesh.sidecar(
         "ingressgateway",
@@ -354,7 +314,7 @@ async def test_client_that_leaves_cancels_the_upstream_request_and_its_retries(
     mesh: MeshHarness,
 ) -> None:
     server = await mesh.sidecar("slow")
-    app = await swap_app(mesh, server, SlowApp())
+    app = await replace_app(mesh, server, SlowApp())
     client = await mesh.sidecar("web", app=False)
     async with aiohttp.ClientSession() as session:
 
@@ -451,7 +411,7 @@ async def test_status_outside_100_599_is_a_502_upe_and_closes_the_connection(
     mesh: MeshHarness, answer: bytes
 ) -> None:
     server = await mesh.sidecar("weird")
-    app = await swap_app(mesh, server, RawAnswerApp(answer))
+    app = await replace_app(mesh, server, RawAnswerApp(answer))
     client = await mesh.sidecar("web", app=False)
     async with aiohttp.ClientSession() as session:
 

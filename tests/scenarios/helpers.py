@@ -15,7 +15,7 @@ import aiohttp
 
 from mesh.messages import DeleteReply, DeleteRequest, ResourceRef
 from tests.integration.test_mesh_security import RawReply, raw_http
-from tests.support import FaultyApp, MeshHarness, eventually
+from tests.support import FaultyApp, MeshHarness, eventually, replace_app
 
 __all__ = ["RawReply", "Reply", "Scenario", "raw_http"]
 
@@ -67,13 +67,7 @@ class Scenario:
     async def faulty(self, service: str, version: str = "v1", **settings: Any) -> Any:
         """A sidecar whose app is a `FaultyApp` (sidecar.echo)."""
         sc = await self.sidecar(service, version, **settings)
-        app = FaultyApp(service, version)
-        echo = sc.echo
-        await echo.stop()
-        self.mesh.apps.remove(echo)
-        await app.start(echo.port)
-        self.mesh.apps.append(app)  # type: ignore[arg-type]
-        sc.echo = app
+        await replace_app(self.mesh, sc, FaultyApp(service, version))
         return sc
 
     async def apply(self, text: str) -> int:

@@ -472,8 +472,9 @@ UNSUPPORTED_FIELDS = [
 def test_unsupported_field_is_rejected_with_its_path(body: dict[str, Any], path: str) -> None:
     error = rejection(body, index=3)
     assert error.path == path
-    assert error.message == f"{path} is not supported"
-    assert str(error) == f"t.yaml: document 3: {path} is not supported"
+    # followed by the nearest supported name, when one is close (see test_resource_errors)
+    assert error.message.startswith(f"{path} is not supported")
+    assert str(error).startswith(f"t.yaml: document 3: {path} is not supported")
 
 
 @pytest.mark.parametrize("kind", ["ServiceEntry", "EnvoyFilter", "Pod"])

@@ -9,12 +9,17 @@ upgrades stay on HTTP/1.1).
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncIterable
 from http import HTTPStatus
 from typing import TYPE_CHECKING
 
 from ..body import BodyStream
+from ..exchange_state import (  # grpc_status_of: re-exported
+    ExchangeState,
+    check_local_status,
+    discard_body,
+    grpc_status_of,
+)
 from ..headers import HOP_BY_HOP, connection_tokens
 from ..request import Request
 from ..wire import no_body_status
@@ -23,52 +28,19 @@ if TYPE_CHECKING:
     from ..client import UpstreamResponse
     from .server import H2ServerProtocol
 
-_NEW, _STARTED, _DONE = 0, 1, 2
-
 # fields HTTP/2 forbids (RFC 9113 §8.2.2), and what the engine itself frames
 _SKIP_FIELDS: frozenset[str] = HOP_BY_HOP | {"content-length", "host"}
 
 
-def grpc_status_of(headers: list[tuple[str, str]] | None) -> str:
-    """The `grpc-status` value among `headers` ("" when absent or not a number)."""
-    if headers:
-        for name, value in headers:
-            if name == "grpc-status":
-                return value if value.isdigit() else ""
-    return ""
-
-
-class H2Exchange:
+class H2Exchange(ExchangeState):
     """Answers one HTTP/2 stream."""
 
-    __slots__ = (
-        "_protocol",
-        "_request",
-        "_state",
-        "_stream_id",
-        "close_after",
-        "finished_at",
-        "grpc_status",
-        "response_bytes",
-        "started_at",
-        "status",
-    )
+    __slots__ = ("_protocol", "_stream_id")
 
     def __init__(self, protocol: H2ServerProtocol, stream_id: int, request: Request) -> None:
+        super().__init__(request)  # close_after: meaningless per stream; kept for the handlers
         self._protocol = protocol
         self._stream_id = stream_id
-        self._request = request
-        self._state = _NEW
-        self.close_after = False  # meaningless per stream; kept for the handlers
-        self.status: int | None = None
-        self.grpc_status = ""
-        self.response_bytes = 0
-        self.started_at = time.monotonic()
-        self.finished_at: float | None = None
-
-    @property
-    def request(self) -> Request:
-        return self._request
 
     @property
     def request_bytes(self) -> int:
@@ -77,14 +49,6 @@ class H2Exchange:
     @property
     def peak_write_buffer(self) -> int:
         return 0
-
-    @property
-    def responded(self) -> bool:
-        return self._state != _NEW
-
-    @property
-    def finished(self) -> bool:
-        return self._state == _DONE
 
     @property
     def closing(self) -> bool:
@@ -98,8 +62,7 @@ class H2Exchange:
     ) -> None:
         """A local response; `grpc-status` among `headers` with no body makes it a
         gRPC trailers-only response (one HEADERS frame ending the stream)."""
-        if not 200 <= status <= 999:
-            raise ValueError(f"cannot respond with status {status}")
+        check_local_status(status)
         no_body = self._request.method == "HEAD" or no_body_status(status)
         if isinstance(body, bytes | bytearray | memoryview):
             data = bytes(body) if not no_body else b""
@@ -120,9 +83,7 @@ class H2Exchange:
         self._protocol.connection.send_head(self._stream_id, fields, end_stream=no_body)
         self._protocol.flush()
         if no_body:
-            aclose = getattr(body, "aclose", None)
-            if aclose is not None:
-                await aclose()
+            await discard_body(body)
         else:
             await self._stream(body)
             self._end(None)
@@ -188,8 +149,7 @@ class H2Exchange:
         length: int | None,
         nominated: frozenset[str] = frozenset(),
     ) -> list[tuple[str, str]]:
-        if self._state != _NEW:
-            raise RuntimeError("a response was already sent for this request")
+        self._check_unanswered()
         fields = [(":status", str(status))]
         skip = _SKIP_FIELDS | nominated if nominated else _SKIP_FIELDS
         for name, value in headers:
@@ -226,13 +186,3 @@ class H2Exchange:
                 self.grpc_status = status
         self._protocol.connection.end_stream(self._stream_id, trailers or None)
         self._protocol.flush()
-
-    def _begin(self, status: int) -> None:
-        if self._state != _NEW:
-            raise RuntimeError("a response was already sent for this request")
-        self._state = _STARTED
-        self.status = status
-
-    def _finish(self) -> None:
-        self._state = _DONE
-        self.finished_at = time.monotonic()
