@@ -35,7 +35,7 @@ from mesh.proxy_records import ProxyRecord
 from proxy.admin import AdminServer
 from proxy.app_process import ManagedApp, app_env, healthy_when_listening
 from proxy.dataplane import Addresses, DataPlane, DataPlaneContext, make_dataplane
-from proxy.dataplane.envoy_host import private_state_dir
+from proxy.dataplane.envoy_host import instance_state_dir
 from proxy.destinations import DestinationCache
 from proxy.gateway import GatewayFollower
 from proxy.http import Limits
@@ -201,7 +201,7 @@ class Sidecar:
         started.callback(self.record.remove)
         self.record.add(kind, os.getpid())
         if s.dataplane == "envoy":
-            self.record.set(envoy_dir=str(private_state_dir(s.instance)))
+            self.record.set(envoy_dir=str(instance_state_dir(s)))
 
     async def _follow_config(self) -> None:
         """Destinations (on demand), the inbound policy or the gateway's config, the

@@ -46,7 +46,7 @@ from mesh.logs import get_logger
 from mesh.messages import EndpointSet, EndpointsGetReply, EndpointsGetRequest, SubscriptionStatus
 from proxy.admin import AdminRoute
 from proxy.dataplane import Addresses, Background, DataPlaneContext
-from proxy.dataplane.envoy_host import accepts, choose_ports, private_state_dir
+from proxy.dataplane.envoy_host import accepts, choose_ports, instance_state_dir
 from proxy.dataplane.envoy_view import (
     ApplyTracker,
     EnvoyPorts,
@@ -140,7 +140,7 @@ class EnvoyDataPlane:
             raise errors.BadRequest(
                 "--dataplane envoy needs mTLS (a certificate from the CA): drop --no-mtls"
             )
-        self._dir = private_state_dir(s.instance, cluster=f"{s.prefix}|{','.join(sorted(s.nats))}")
+        self._dir = instance_state_dir(s)
         # an Envoy a previous sidecar of this instance left running (it died): adopted,
         # so the app's traffic never stopped; same admin port, same bootstrap
         left = find_running_envoy(self._dir)

@@ -17,6 +17,14 @@ from mesh import errors
 from mesh.servers import free_port
 from proxy.dataplane import DataPlaneContext
 from proxy.dataplane.envoy_view import EnvoyPorts
+from proxy.settings import SidecarSettings
+
+
+def instance_state_dir(settings: SidecarSettings) -> Path:
+    """`private_state_dir` of this sidecar: its instance in its mesh."""
+    return private_state_dir(
+        settings.instance, cluster=f"{settings.prefix}|{','.join(sorted(settings.nats))}"
+    )
 
 
 def private_state_dir(instance: str, cluster: str) -> Path:
