@@ -271,16 +271,6 @@ def cmd_sidecar(args: argparse.Namespace) -> int:
             tcp.parse_tcp_upstream(spec, args.namespace)
         except ValueError as e:
             raise CLIError(f"--tcp-upstream {spec!r}: {e}") from None
-    ports = [
-        ("--admin-port", args.admin_port, args.bind),
-        ("--inbound-port", args.inbound_port, args.bind),
-        ("--outbound-port", args.outbound_port, "127.0.0.1"),
-    ]
-    if app:
-        # the sidecar starts the app there: another process holding it would be
-        # registered in its place (and marked healthy once it accepts connections)
-        ports.append(("--app-port", args.app_port, "127.0.0.1"))
-    _check_ports(ports)
     settings = _settings(
         args,
         service=args.service,
@@ -293,6 +283,18 @@ def cmd_sidecar(args: argparse.Namespace) -> int:
         service_account=args.service_account,
         app_protocol=args.app_protocol,
     )
+    ports = [("--admin-port", args.admin_port, args.bind)]
+    if not _envoy_left_running(settings):
+        # else that Envoy holds them, and this sidecar adopts it (docs/architecture.md §5.2)
+        ports += [
+            ("--inbound-port", args.inbound_port, args.bind),
+            ("--outbound-port", args.outbound_port, "127.0.0.1"),
+        ]
+    if app:
+        # the sidecar starts the app there: another process holding it would be
+        # registered in its place (and marked healthy once it accepts connections)
+        ports.append(("--app-port", args.app_port, "127.0.0.1"))
+    _check_ports(ports)
     return _run(settings, app)
 
 
@@ -300,6 +302,19 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     logs.configure()
     labels = {"istio": args.name, **args.labels}
     args.labels = labels
-    _check_ports([("--port", args.port, args.bind), ("--admin-port", args.admin_port, args.bind)])
     settings = _settings(args, service=args.name, gateway=True, gateway_port=args.port)
+    ports = [("--admin-port", args.admin_port, args.bind)]
+    if not _envoy_left_running(settings):
+        ports.append(("--port", args.port, args.bind))
+    _check_ports(ports)
     return _run(settings, [])
+
+
+def _envoy_left_running(settings: Any) -> bool:
+    """An Envoy a previous sidecar of this instance left serving (it died): the new one
+    adopts it, listening ports included, so those are not "in use" by someone else."""
+    if settings.dataplane != "envoy":
+        return False
+    envoy_host = importlib.import_module("proxy.dataplane.envoy_host")
+    process = importlib.import_module("proxy.envoy.process")
+    return process.find_running_envoy(envoy_host.instance_state_dir(settings)) is not None
