@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean browser
+.PHONY: demo test lint bench clean browser nettools
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/meshctl up --demo $(DEMO_ARGS)
 
-test: $(STAMP) browser
+test: $(STAMP) browser nettools
 	$(PY) -m pytest -p no:cacheprovider tests
 
 # the dashboard's browser tests (tests/e2e/test_dashboard_browser.py) drive Debian's
@@ -30,6 +30,16 @@ browser:
 	   { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; } \
 	   || echo "browser tests will skip: installing chromium failed"; \
 	 else echo "browser tests will skip: chromium/chromedriver missing (not root or not Debian)"; fi
+
+# interception (meshctl sidecar --intercept) and the multi-host fault suite
+# (tests/hosts/) need nftables and iproute2 in network namespaces: installed here when
+# running as root on Debian and missing; elsewhere those tests skip and say why
+nettools:
+	@if command -v nft >/dev/null && command -v ip >/dev/null; then :; \
+	 elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	   { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nftables iproute2; } \
+	   || echo "interception and multi-host tests will skip: installing nftables failed"; \
+	 else echo "interception and multi-host tests will skip: nft/ip missing (not root or not Debian)"; fi
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check mesh services proxy tests bench examples
