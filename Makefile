@@ -19,7 +19,7 @@ demo: $(STAMP)
 	$(VENV)/bin/meshctl up --demo $(DEMO_ARGS)
 
 test: $(STAMP) browser nettools
-	$(PY) -m pytest -p no:cacheprovider tests
+	$(PY) -m pytest -p no:cacheprovider --durations=25 tests
 
 # the dashboard's browser tests (tests/e2e/test_dashboard_browser.py) drive Debian's
 # Chromium with Selenium: installed here when running as root on Debian and missing;
