@@ -34,12 +34,11 @@ from mesh.messages import (
     GetResourcesReply,
     GetResourcesRequest,
     ProxyStatusEntry,
-    ProxyStatusReply,
-    ProxyStatusRequest,
     ResourceDocument,
     ResourceRef,
 )
 from mesh.resources import KINDS, ResourceError, resolve_kind
+from mesh.status_pages import read_proxy_status
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -273,10 +272,7 @@ def proxy_status_rows(entries: list[ProxyStatusEntry]) -> list[list[str]]:
 
 def cmd_proxy_status(args: argparse.Namespace) -> int:
     async def run(bus: Bus) -> int:
-        reply = await bus.request(
-            bus.subjects.config_proxy_status, ProxyStatusRequest(), ProxyStatusReply
-        )
-        entries = reply.entries
+        entries = await read_proxy_status(bus)
 
         def table() -> None:
             if not entries:
