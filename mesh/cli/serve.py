@@ -8,7 +8,7 @@ import asyncio
 import importlib
 import os
 
-from mesh import logs
+from mesh import errors, logs
 from mesh.cli.common import CLIError
 from mesh.port_owner import port_in_use
 from mesh.service import ControlPlaneService, ServiceConfig
@@ -156,7 +156,12 @@ def run(args: argparse.Namespace) -> int:
         etcd_password=os.environ.get("MESH_ETCD_PASSWORD"),
         options=options,
     )
-    service = service_class(args.service)(config)
+    try:
+        service = service_class(args.service)(config)
+    except errors.BadRequest as e:
+        # an option refused (`--set`, `--otlp-*`, or OTEL_EXPORTER_OTLP_PROTOCOL): say
+        # which, without a traceback
+        raise CLIError(f"meshctl serve {args.service}: {e}") from None
     # the default loop on purpose: grpc.aio (etcd) is not supported on uvloop, and the
     # control plane is not the data path
     asyncio.run(service.run())

@@ -266,3 +266,19 @@ def test_no_series_no_export() -> None:
     exporter = MetricsExporter(transport, MetricTotals, interval_s=60, log=Log())
     asyncio.run(exporter.export_once())
     assert transport.sent == []
+
+
+def test_serve_refuses_an_unknown_otlp_protocol_from_the_environment_without_a_traceback(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from mesh.cli.main import main
+
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "thrift")
+    code = main(
+        ["serve", "telemetry", "--nats", "nats://127.0.0.1:1", "--etcd", "http://127.0.0.1:1",
+         "--http-port", "0", "--otlp-endpoint", "http://127.0.0.1:4318"]
+    )  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "otlp-protocol: expected one of http/protobuf, http/json, grpc, got 'thrift'" in err
+    assert "Traceback" not in err
