@@ -6,6 +6,9 @@ import argparse
 import asyncio
 import datetime as dt
 import sys
+from typing import Any
+
+from cryptography import x509
 
 from mesh import errors
 from mesh.bus import Bus, reconnect_delay
@@ -33,6 +36,7 @@ from mesh.cli.common import (
     with_bus,
 )
 from mesh.cli.output import plain
+from mesh.identity import fingerprint
 from mesh.resources.durations import parse_duration_ms
 
 # a root rotation waits for the new root to settle in every sidecar's bundle
@@ -72,6 +76,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
 
     bundle = ca_sub.add_parser(
         "bundle", help="the trust bundle as PEM (for openssl verify -CAfile)"
+    )
+    add_output_flag(
+        bundle,
+        extra=("pem",),
+        default="pem",
+        help_suffix="; pem: the roots as PEM; table: one row per root",
     )
     bundle.set_defaults(func=lambda args: with_bus(lambda bus: ca_bundle(bus, args))(args))
 
@@ -182,12 +192,51 @@ async def ca_status(bus: Bus, args: argparse.Namespace) -> int:
     return 0
 
 
-async def ca_bundle(bus: Bus, _args: argparse.Namespace) -> int:
+async def ca_bundle(bus: Bus, args: argparse.Namespace) -> int:
     bundle = await bus.request(
         bus.subjects.ca_bundle_get, BundleGetRequest(), TrustBundle, timeout=5
     )
-    sys.stdout.write("".join(bundle.roots))
+    if args.output == "pem":
+        sys.stdout.write("".join(bundle.roots))
+        return 0
+    roots = bundle_roots(bundle)
+    data = {
+        "trust_domain": bundle.trust_domain,
+        "revision": bundle.revision,
+        "signing_root": bundle.signing_root,
+        "roots": roots,
+    }
+
+    def table() -> None:
+        print_table(
+            [
+                [r["sha256"][:16], "signing" if r["signing"] else "", r["not_after"], r["subject"]]
+                for r in roots
+            ],
+            ["SHA256", "ROLE", "NOT AFTER", "SUBJECT"],
+        )
+
+    emit(data, args.output, table)
     return 0
+
+
+def bundle_roots(bundle: TrustBundle) -> list[dict[str, Any]]:
+    """Each root of a bundle: its fingerprint, subject, expiry, whether it signs new
+    certificates, and its PEM."""
+    out: list[dict[str, Any]] = []
+    for pem in bundle.roots:
+        cert = x509.load_pem_x509_certificate(pem.encode())
+        sha = fingerprint(cert)
+        out.append(
+            {
+                "sha256": sha,
+                "subject": cert.subject.rfc4514_string(),
+                "not_after": _iso(cert.not_valid_after_utc.timestamp()),
+                "signing": sha == bundle.signing_root,
+                "pem": pem,
+            }
+        )
+    return out
 
 
 async def ca_rotate_root(bus: Bus, args: argparse.Namespace) -> int:

@@ -37,6 +37,7 @@ READ_COMMANDS = [
     ["apply", "-f", "x.yaml"],
     ["token", "create", "--sa", "reviews"],
     ["ca", "rotate-root"],
+    ["ca", "bundle"],
 ]
 
 
@@ -65,6 +66,7 @@ def test_people_get_a_table_by_default() -> None:
     # printed bare so that `$(meshctl token create ...)` works
     assert defaults.pop("graph") == "dot"
     assert defaults.pop("token create --sa reviews") == "token"
+    assert defaults.pop("ca bundle") == "pem"  # for `openssl verify -CAfile`
     assert set(defaults.values()) == {"table"}
 
 
