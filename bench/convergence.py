@@ -48,6 +48,7 @@ from mesh.messages import (
 )
 from mesh.resources import load_yaml
 from mesh.servers import EtcdServer, ManagedProcess, NatsServer, free_port, http_ok
+from mesh.status_pages import read_proxy_status
 from proxy.settings import SidecarSettings
 from proxy.sidecar import Sidecar
 
@@ -109,11 +110,10 @@ async def convergence(bus: Bus, nats_url: str, n: int, repeats: int) -> dict[str
                     applied_ms.append((time.perf_counter() - t_reply) * 1000)
                     local_done = True
                 if local_done:
-                    status = await bus.request(
-                        bus.subjects.config_proxy_status, ProxyStatusRequest(), ProxyStatusReply
-                    )
                     rows = [
-                        e for e in status.entries if e.subject.endswith("route.default.reviews")
+                        e
+                        for e in await read_proxy_status(bus)
+                        if e.subject.endswith("route.default.reviews")
                     ]
                     if len(rows) == n and all(
                         e.state == "SYNCED" and e.applied_revision >= reply.revision for e in rows

@@ -226,6 +226,10 @@ class ProxyStatusRequest(Struct):
     subject: str = ""  # only the rows of this subject; "" all
     offset: int = 0
     limit: int = 0  # rows from `offset`; 0: all the rest
+    # keyset paging: only rows after this (proxy, subject), so proxies arriving or
+    # leaving between pages shift nothing (`offset` then counts from there)
+    after_proxy: str = ""
+    after_subject: str = ""
 
 
 class RegistryResync(Struct):

@@ -360,12 +360,9 @@ class MeshHarness:
         )
 
     async def proxy_status(self) -> list[Any]:
-        from mesh.messages import ProxyStatusReply, ProxyStatusRequest
+        from mesh.status_pages import read_proxy_status
 
-        reply = await self.bus.request(
-            self.bus.subjects.config_proxy_status, ProxyStatusRequest(), ProxyStatusReply
-        )
-        return list(reply.entries)
+        return await read_proxy_status(self.bus)
 
 
 # ---------------------------------------------------------------- telemetry (appended)

@@ -5,14 +5,14 @@ an Error, else 0. Also used by `meshctl apply` to warn about what it just applie
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Iterable, Sequence
 from typing import TextIO
 
 from mesh.analysis import Message, ResourceName, analyze, build_context, overlay, parse_files
 from mesh.bus import Bus
-from mesh.cli.common import print_table, read_documents, with_bus
+from mesh.cli.common import read_documents, with_bus
+from mesh.cli.output import add_output_flag, emit, print_table
 from mesh.messages import (
     EndpointsGetReply,
     EndpointsGetRequest,
@@ -41,9 +41,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         default=[],
         help="file, directory or - to analyze as if applied (repeatable)",
     )
-    p.add_argument(
-        "-o", "--output", choices=["table", "json"], default="table", help="output format"
-    )
+    add_output_flag(p)
     p.set_defaults(func=cmd_analyze)
 
 
@@ -77,15 +75,17 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
     async def run(bus: Bus) -> int:
         messages = problems + await run_analysis(bus, files)
-        if args.output == "json":
-            print(json.dumps([m.as_dict() for m in messages], indent=2))
-        elif not messages:
-            print("\u2714 No validation issues found when analyzing the live config.")
-        else:
+
+        def table() -> None:
+            if not messages:
+                print("\u2714 No validation issues found when analyzing the live config.")
+                return
             print_table(
                 [[m.code, m.level, str(m.resource), m.text] for m in messages],
                 ["CODE", "LEVEL", "RESOURCE", "MESSAGE"],
             )
+
+        emit([m.as_dict() for m in messages], args.output, table)
         return 1 if any(m.level == "Error" for m in messages) else 0
 
     return with_bus(run)(args)

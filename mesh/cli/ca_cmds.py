@@ -8,7 +8,7 @@ import datetime as dt
 import sys
 from typing import Any
 
-import msgspec
+from cryptography import x509
 
 from mesh import errors
 from mesh.bus import Bus, reconnect_delay
@@ -35,6 +35,8 @@ from mesh.cli.common import (
     progress,
     with_bus,
 )
+from mesh.cli.output import plain
+from mesh.identity import fingerprint
 from mesh.resources.durations import parse_duration_ms
 
 # a root rotation waits for the new root to settle in every sidecar's bundle
@@ -58,23 +60,28 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
         help="service account of the identity the token allows",
     )
     create.add_argument("--ttl", default="1h", help="how long the token may be used (default 1h)")
-    create.add_argument(
-        "-o",
-        "--output",
-        choices=["token", "json"],
+    add_output_flag(
+        create,
+        extra=("token",),
         default="token",
-        help="output format: the bare token, or JSON with its expiry",
+        help_suffix="; token: the bare token, table: the token and its expiry",
     )
     create.set_defaults(func=lambda args: with_bus(lambda bus: token_create(bus, args))(args))
 
     ca = sub.add_parser("ca", help="the certificate authority: status, trust bundle, rotation")
     ca_sub = ca.add_subparsers(dest="ca_command", metavar="COMMAND", required=True)
     status = ca_sub.add_parser("status", help="roots in force and their expiry")
-    add_output_flag(status, ("table", "json"))
+    add_output_flag(status)
     status.set_defaults(func=lambda args: with_bus(lambda bus: ca_status(bus, args))(args))
 
     bundle = ca_sub.add_parser(
         "bundle", help="the trust bundle as PEM (for openssl verify -CAfile)"
+    )
+    add_output_flag(
+        bundle,
+        extra=("pem",),
+        default="pem",
+        help_suffix="; pem: the roots as PEM; table: one row per root",
     )
     bundle.set_defaults(func=lambda args: with_bus(lambda bus: ca_bundle(bus, args))(args))
 
@@ -84,7 +91,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     rotate_root.add_argument(
         "--overlap", default="", help="how long the old root stays trusted (default: the CA's)"
     )
-    add_output_flag(rotate_root, ("table", "json"))
+    add_output_flag(rotate_root)
     rotate_root.set_defaults(
         func=lambda args: with_bus(lambda bus: ca_rotate_root(bus, args))(args)
     )
@@ -106,7 +113,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     cert.add_argument("proxy", help="proxy instance id (or a unique prefix of it)")
     cert.add_argument("--admin", help="admin URL of the proxy (default: looked up in the registry)")
     cert.add_argument("--pem", action="store_true", help="print the certificate chain as PEM")
-    add_output_flag(cert, ("table", "json"))
+    add_output_flag(cert)
     cert.set_defaults(func=lambda args: with_bus(lambda bus: cert_show(bus, args))(args))
 
 
@@ -153,11 +160,18 @@ async def token_create(bus: Bus, args: argparse.Namespace) -> int:
     reply = await bus.request(
         CASubjects.of(bus.subjects).token_create, req, TokenCreateReply, timeout=5
     )
-    if args.output == "json":
-        emit(msgspec.to_builtins(reply), "json", lambda: None)
-    else:
+    if args.output == "token":
         print(reply.token)
         progress(f"token for {reply.identity}, valid until {_iso(reply.expires_at)}")
+        return 0
+
+    def table() -> None:
+        print_table(
+            [[reply.identity, _iso(reply.expires_at), reply.token]],
+            ["IDENTITY", "EXPIRES", "TOKEN"],
+        )
+
+    emit(reply, args.output, table)
     return 0
 
 
@@ -165,8 +179,7 @@ async def ca_status(bus: Bus, args: argparse.Namespace) -> int:
     reply = await bus.request(
         CASubjects.of(bus.subjects).status, CAStatusRequest(), CAStatusReply, timeout=5
     )
-    data: dict[str, Any] = msgspec.to_builtins(reply)
-    data.pop("type", None)
+    data = plain(reply)
 
     def table() -> None:
         print(
@@ -179,12 +192,51 @@ async def ca_status(bus: Bus, args: argparse.Namespace) -> int:
     return 0
 
 
-async def ca_bundle(bus: Bus, _args: argparse.Namespace) -> int:
+async def ca_bundle(bus: Bus, args: argparse.Namespace) -> int:
     bundle = await bus.request(
         bus.subjects.ca_bundle_get, BundleGetRequest(), TrustBundle, timeout=5
     )
-    sys.stdout.write("".join(bundle.roots))
+    if args.output == "pem":
+        sys.stdout.write("".join(bundle.roots))
+        return 0
+    roots = bundle_roots(bundle)
+    data = {
+        "trust_domain": bundle.trust_domain,
+        "revision": bundle.revision,
+        "signing_root": bundle.signing_root,
+        "roots": roots,
+    }
+
+    def table() -> None:
+        print_table(
+            [
+                [r["sha256"][:16], "signing" if r["signing"] else "", r["not_after"], r["subject"]]
+                for r in roots
+            ],
+            ["SHA256", "ROLE", "NOT AFTER", "SUBJECT"],
+        )
+
+    emit(data, args.output, table)
     return 0
+
+
+def bundle_roots(bundle: TrustBundle) -> list[dict[str, Any]]:
+    """Each root of a bundle: its fingerprint, subject, expiry, whether it signs new
+    certificates, and its PEM."""
+    out: list[dict[str, Any]] = []
+    for pem in bundle.roots:
+        cert = x509.load_pem_x509_certificate(pem.encode())
+        sha = fingerprint(cert)
+        out.append(
+            {
+                "sha256": sha,
+                "subject": cert.subject.rfc4514_string(),
+                "not_after": _iso(cert.not_valid_after_utc.timestamp()),
+                "signing": sha == bundle.signing_root,
+                "pem": pem,
+            }
+        )
+    return out
 
 
 async def ca_rotate_root(bus: Bus, args: argparse.Namespace) -> int:
@@ -196,8 +248,7 @@ async def ca_rotate_root(bus: Bus, args: argparse.Namespace) -> int:
         RotateRootReply,
         timeout=ROTATE_TIMEOUT_S,
     )
-    data: dict[str, Any] = msgspec.to_builtins(reply)
-    data.pop("type", None)
+    data = plain(reply)
 
     def table() -> None:
         print_table(_root_rows([reply.active, *reply.retiring]), _ROOT_HEADERS)

@@ -82,7 +82,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     down.set_defaults(func=cmd_down)
 
     st = sub.add_parser("status", help="control-plane replicas, their health and leaders")
-    add_output_flag(st, ("table", "json"))
+    add_output_flag(st)
     st.set_defaults(func=cmd_status)
 
 

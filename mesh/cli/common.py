@@ -7,14 +7,13 @@ import asyncio
 import json
 import os
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from mesh import errors
 from mesh.bus import Bus
+from mesh.cli.output import add_output_flag, emit, print_table
 from mesh.messages import ResourceDocument
 from mesh.resources import ResourceError, load_yaml
 
@@ -126,34 +125,7 @@ def run_async(coro: Awaitable[int]) -> int:
 
 
 # ---------------------------------------------------------------- output
-
-
-def add_output_flag(
-    p: argparse.ArgumentParser, choices: Sequence[str] = ("table", "json", "yaml")
-) -> None:
-    p.add_argument("-o", "--output", choices=list(choices), default="table", help="output format")
-
-
-def print_table(rows: Sequence[Sequence[Any]], headers: Sequence[str], out: Any = None) -> None:
-    out = out or sys.stdout
-    text_rows = [[("" if c is None else str(c)) for c in row] for row in rows]
-    widths = [len(h) for h in headers]
-    for row in text_rows:
-        for i, c in enumerate(row):
-            widths[i] = max(widths[i], len(c))
-    fmt = "   ".join(f"{{:<{w}}}" for w in widths)
-    print(fmt.format(*headers).rstrip(), file=out)
-    for row in text_rows:
-        print(fmt.format(*row).rstrip(), file=out)
-
-
-def emit(data: Any, output: str, table: Callable[[], None]) -> None:
-    if output == "json":
-        print(json.dumps(data, indent=2, sort_keys=False, default=str))
-    elif output == "yaml":
-        print(yaml.safe_dump(data, sort_keys=False, default_flow_style=False).rstrip())
-    else:
-        table()
+# (printing lives in mesh/cli/output.py; these names stay importable from here)
 
 
 def progress(message: str) -> None:
@@ -192,3 +164,24 @@ def read_documents(paths: list[str]) -> list[ResourceDocument]:
     if not docs:
         raise CLIError(f"error: no resources found in {', '.join(paths)}")
     return docs
+
+
+__all__ = [
+    "DEFAULT_STATE_DIR",
+    "YAML_SUFFIXES",
+    "CLIError",
+    "add_output_flag",
+    "connect_bus",
+    "emit",
+    "find_state_dir",
+    "nats_credentials",
+    "nats_urls",
+    "prefix",
+    "print_table",
+    "progress",
+    "read_cluster",
+    "read_documents",
+    "run_async",
+    "state_dir",
+    "with_bus",
+]

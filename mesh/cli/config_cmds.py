@@ -23,6 +23,7 @@ from mesh.cli.common import (
     read_documents,
     with_bus,
 )
+from mesh.cli.output import plain
 from mesh.errors import MeshError
 from mesh.messages import (
     ApplyReply,
@@ -34,12 +35,11 @@ from mesh.messages import (
     GetResourcesReply,
     GetResourcesRequest,
     ProxyStatusEntry,
-    ProxyStatusReply,
-    ProxyStatusRequest,
     ResourceDocument,
     ResourceRef,
 )
 from mesh.resources import KINDS, ResourceError, resolve_kind
+from mesh.status_pages import read_proxy_status
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -48,9 +48,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
         "-f", "--filename", action="append", required=True, help="file, directory or - (repeatable)"
     )
     ap.add_argument("--dry-run", action="store_true", help="validate only")
-    ap.add_argument(
-        "-o", "--output", choices=["text", "json"], default="text", help="output format"
-    )
+    add_output_flag(ap, aliases={"text": "table"})
     ap.set_defaults(func=cmd_apply)
 
     de = sub.add_parser("delete", help="delete resources: -f FILE, or KIND NAME")
@@ -77,7 +75,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
         "config for it; STATE: SYNCED, STALE (applied rN, latest rM), REJECTED: reason, "
         "or WAITING.",
     )
-    add_output_flag(ps, ("table", "json"))
+    add_output_flag(ps)
     ps.set_defaults(func=cmd_proxy_status)
 
     pc = sub.add_parser("proxy-config", help="routes / endpoints in force in one proxy")
@@ -86,7 +84,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     )
     pc.add_argument("proxy", help="proxy instance id (or a unique prefix of it)")
     pc.add_argument("--admin", help="admin URL of the proxy (default: looked up in the registry)")
-    add_output_flag(pc, ("table", "json"))
+    add_output_flag(pc)
     pc.set_defaults(func=cmd_proxy_config)
 
 
@@ -110,10 +108,10 @@ def cmd_apply(args: argparse.Namespace) -> int:
             timeout=10,
         )
         messages = await _analyze_applied(bus, docs, reply)
-        if args.output == "json":
+        if args.output in ("json", "yaml"):
             data = _plain(reply)
             data["analysis"] = [m.as_dict() for m in messages]
-            print(json.dumps(data, indent=2))
+            emit(data, args.output, lambda: None)
             return 0
         suffix = " (dry run)" if args.dry_run else ""
         for r in reply.results:
@@ -273,10 +271,7 @@ def proxy_status_rows(entries: list[ProxyStatusEntry]) -> list[list[str]]:
 
 def cmd_proxy_status(args: argparse.Namespace) -> int:
     async def run(bus: Bus) -> int:
-        reply = await bus.request(
-            bus.subjects.config_proxy_status, ProxyStatusRequest(), ProxyStatusReply
-        )
-        entries = reply.entries
+        entries = await read_proxy_status(bus)
 
         def table() -> None:
             if not entries:
@@ -296,16 +291,7 @@ def _subject_label(subject: str) -> str:
 
 
 def _plain(msg: msgspec.Struct) -> Any:
-    data = msgspec.to_builtins(msg)
-    return _strip_type(data)
-
-
-def _strip_type(data: Any) -> Any:
-    if isinstance(data, dict):
-        return {k: _strip_type(v) for k, v in data.items() if k != "type"}
-    if isinstance(data, list):
-        return [_strip_type(v) for v in data]
-    return data
+    return plain(msg)
 
 
 def admin_url(bus: Bus, proxy: str) -> Any:

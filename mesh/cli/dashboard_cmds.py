@@ -9,6 +9,7 @@ import urllib.request
 import webbrowser
 
 from mesh.cli.common import CLIError
+from mesh.cli.output import add_output_flag, emit
 from mesh.cli.telemetry_cmds import HTTP_TIMEOUT, telemetry_url
 
 
@@ -26,6 +27,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         default="graph",
         help="the page to show (default graph)",
     )
+    add_output_flag(p)
     p.set_defaults(func=run)
 
 
@@ -41,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     except (urllib.error.URLError, OSError) as e:
         raise CLIError(f"the telemetry service at {base} does not answer ({e})") from None
     url = dashboard_url(base, args.page)
-    print(url)
+    emit({"url": url, "telemetry": base, "page": args.page}, args.output, lambda: print(url))
     if args.open and not webbrowser.open(url):
         raise CLIError("no browser to open here; open the URL above yourself")
     return 0

@@ -23,6 +23,7 @@ from typing import Any
 from mesh import errors
 from mesh.bus import Bus
 from mesh.cli.common import CLIError, with_bus
+from mesh.cli.output import add_output_flag, emit
 from mesh.cli.simulate import (
     Caller,
     DestinationVerdict,
@@ -88,7 +89,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         action="store_true",
         help="the caller has no sidecar: it connects without mTLS and has no principal",
     )
-    p.add_argument("-o", "--output", choices=["text", "json"], default="text", help="output format")
+    add_output_flag(p, aliases={"text": "table"})
     p.set_defaults(func=cmd_explain)
 
 
@@ -122,10 +123,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         if caller_endpoint is not None and caller_endpoint.admin:
             _attach_health(route, caller_endpoint.admin)
         report = to_report(args, caller, route)
-        if args.output == "json":
-            print(json.dumps(report, indent=2))
-        else:
-            print(render(report))
+        emit(report, args.output, lambda: print(render(report)))
         return EXIT_REFUSED if report["verdict"]["refused"] else 0
 
     return with_bus(run)(args)

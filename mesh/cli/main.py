@@ -21,6 +21,7 @@ from mesh.cli import (
     telemetry_cmds,
 )
 from mesh.cli.common import CLIError
+from mesh.cli.output import add_output_flag, emit
 
 COMMAND_MODULES = [
     cluster,
@@ -55,11 +56,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prefix", help="subject prefix (default from cluster.json, else mesh)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     v = sub.add_parser("version", help="print the version")
-    v.set_defaults(func=lambda _a: print(f"meshctl {__version__}") or 0)
+    add_output_flag(v)
+    v.set_defaults(func=cmd_version)
     for module in COMMAND_MODULES:
         module.add_parser(sub)
     sidecar_cmds.add_parsers(sub)
     return parser
+
+
+def cmd_version(args: argparse.Namespace) -> int:
+    emit(
+        {"name": "meshctl", "version": __version__},
+        args.output,
+        lambda: print(f"meshctl {__version__}"),
+    )
+    return 0
 
 
 def _subcommand_options(parser: argparse.ArgumentParser) -> set[str]:

@@ -5,11 +5,10 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-import msgspec
-
 from mesh.bus import Bus
 from mesh.cli import config_cmds
-from mesh.cli.common import CLIError, add_output_flag, emit, print_table, with_bus
+from mesh.cli.common import CLIError, with_bus
+from mesh.cli.output import add_output_flag, emit, plain, print_table
 from mesh.messages import EndpointsGetReply, EndpointsGetRequest
 
 
@@ -45,11 +44,7 @@ async def get_endpoints(bus: Bus, args: argparse.Namespace) -> int:
         # not found is exit 1, as for `get vs nosuch` (kubectl's convention)
         where = f"{namespace}/{name}" if namespace else name
         raise CLIError(f"error: no endpoints found for service {where}")
-    data: list[dict[str, Any]] = [msgspec.to_builtins(s) for s in sets]
-    for d in data:
-        d.pop("type", None)
-        for e in d.get("endpoints", []):
-            e.pop("type", None)
+    data: list[dict[str, Any]] = plain(sets)
 
     def table() -> None:
         rows = []

@@ -8,7 +8,7 @@ import asyncio
 import importlib
 import os
 
-from mesh import logs
+from mesh import errors, logs
 from mesh.cli.common import CLIError
 from mesh.port_owner import port_in_use
 from mesh.service import ControlPlaneService, ServiceConfig
@@ -91,8 +91,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         "--otlp-endpoint",
         default=os.environ.get("MESH_OTLP_ENDPOINT", ""),
         metavar="URL",
-        help="telemetry: export spans over OTLP/HTTP to this collector, e.g. "
-        "http://127.0.0.1:4318 (env MESH_OTLP_ENDPOINT)",
+        help="telemetry: export spans and request metrics over OTLP to this collector, "
+        "e.g. http://127.0.0.1:4318 (grpc: http://127.0.0.1:4317; https for TLS) "
+        "(env MESH_OTLP_ENDPOINT)",
+    )
+    p.add_argument(
+        "--otlp-protocol",
+        choices=("http/protobuf", "http/json", "grpc"),
+        default=os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
+        help="telemetry: OTLP transport (env OTEL_EXPORTER_OTLP_PROTOCOL; default http/protobuf)",
+    )
+    p.add_argument(
+        "--otlp-metrics-interval",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="telemetry: export the request metrics every this many seconds (default 60)",
     )
     p.add_argument(
         "--otlp-header",
@@ -114,6 +128,9 @@ def run(args: argparse.Namespace) -> int:
         options[key] = value
     if args.otlp_endpoint:
         options["otlp-endpoint"] = args.otlp_endpoint
+        options.setdefault("otlp-protocol", args.otlp_protocol)
+    if args.otlp_metrics_interval is not None:
+        options["otlp-metrics-interval-s"] = str(args.otlp_metrics_interval)
     if args.otlp_header:
         for item in args.otlp_header:
             if "=" not in item:
@@ -139,7 +156,12 @@ def run(args: argparse.Namespace) -> int:
         etcd_password=os.environ.get("MESH_ETCD_PASSWORD"),
         options=options,
     )
-    service = service_class(args.service)(config)
+    try:
+        service = service_class(args.service)(config)
+    except errors.BadRequest as e:
+        # an option refused (`--set`, `--otlp-*`, or OTEL_EXPORTER_OTLP_PROTOCOL): say
+        # which, without a traceback
+        raise CLIError(f"meshctl serve {args.service}: {e}") from None
     # the default loop on purpose: grpc.aio (etcd) is not supported on uvloop, and the
     # control plane is not the data path
     asyncio.run(service.run())

@@ -20,7 +20,8 @@ import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
-from mesh.cli.common import CLIError, add_output_flag, emit, print_table, read_cluster
+from mesh.cli.common import CLIError, read_cluster
+from mesh.cli.output import add_output_flag, emit, emit_record, print_table
 
 HTTP_TIMEOUT = 5.0
 
@@ -38,12 +39,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
         default=0,
         help="stop after this many refreshes (default: until Ctrl-C)",
     )
+    add_output_flag(top, help_suffix="; json/yaml: one document per refresh (JSON Lines)")
     top.set_defaults(func=cmd_top)
 
     stat = sub.add_parser("stat", help="one snapshot of the mesh's edges")
     _common(stat)
     stat.add_argument("--window", type=float, default=60.0, help="seconds of traffic (default 60)")
-    add_output_flag(stat, ("table", "json"))
+    add_output_flag(stat)
     stat.set_defaults(func=cmd_stat)
 
     logs = sub.add_parser("logs", help="access records of a service's proxies")
@@ -53,24 +55,27 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     logs.add_argument(
         "--tail", type=int, default=50, help="recent records to print first (default 50)"
     )
-    logs.add_argument(
-        "-o", "--output", choices=["text", "json"], default="text", help="output format"
+    add_output_flag(
+        logs,
+        aliases={"text": "table"},
+        help_suffix="; table: Envoy-style access-log lines; json: one object per line",
     )
     logs.set_defaults(func=cmd_logs)
 
     trace = sub.add_parser("trace", help="one trace as a tree of spans with durations")
     _common(trace)
     trace.add_argument("trace_id", help="trace id (from `meshctl logs` or x-b3-traceid)")
-    trace.add_argument(
-        "-o", "--output", choices=["tree", "json"], default="tree", help="output format"
-    )
+    add_output_flag(trace, aliases={"tree": "table"}, help_suffix="; table: a tree of spans")
     trace.set_defaults(func=cmd_trace)
 
     graph = sub.add_parser("graph", help="the service graph (Graphviz dot or JSON)")
     _common(graph)
     graph.add_argument("--window", type=float, default=60.0, help="seconds of traffic (default 60)")
-    graph.add_argument(
-        "-o", "--output", choices=["dot", "json"], default="dot", help="output format"
+    add_output_flag(
+        graph,
+        extra=("dot",),
+        default="dot",
+        help_suffix="; dot: Graphviz (pipe to `dot -Tsvg`); table: the edges",
     )
     graph.set_defaults(func=cmd_graph)
 
@@ -177,13 +182,20 @@ def cmd_top(args: argparse.Namespace) -> int:
     try:
         while True:
             graph = get_json(base, "/api/graph", window=args.window)
-            if tty:
-                print("\033[H\033[2J", end="")
-            stamp = datetime.datetime.now().strftime("%H:%M:%S")
-            edges = len(graph["edges"])
-            print(f"meshctl top — {stamp} — last {args.window:g}s — {edges} edges (Ctrl-C to stop)")
-            print_table(edge_rows(graph["edges"]), EDGE_HEADERS)
-            sys.stdout.flush()
+            if args.output == "table":
+                if tty:
+                    print("\033[H\033[2J", end="")
+                stamp = datetime.datetime.now().strftime("%H:%M:%S")
+                edges = len(graph["edges"])
+                print(
+                    f"meshctl top — {stamp} — last {args.window:g}s — {edges} edges "
+                    "(Ctrl-C to stop)"
+                )
+                print_table(edge_rows(graph["edges"]), EDGE_HEADERS)
+                sys.stdout.flush()
+            else:
+                record = {"time": time.time(), "window_s": args.window, "edges": graph["edges"]}
+                emit_record(record, args.output)
             shown += 1
             if args.count and shown >= args.count:
                 return 0
@@ -215,7 +227,10 @@ def cmd_logs(args: argparse.Namespace) -> int:
     base = telemetry_url(args)
 
     def show(r: dict[str, Any]) -> None:
-        print(json.dumps(r) if args.output == "json" else format_access(r), flush=True)
+        if args.output == "table":
+            print(format_access(r), flush=True)
+        else:
+            emit_record(r, args.output)
 
     try:
         if args.follow:
@@ -266,10 +281,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
     trace = get_json(
         telemetry_url(args), f"/api/traces/{urllib.parse.quote(args.trace_id.lower())}"
     )
-    if args.output == "json":
-        print(json.dumps(trace, indent=2))
-    else:
-        print("\n".join(format_tree(trace)))
+    emit(trace, args.output, lambda: print("\n".join(format_tree(trace))))
     return 0
 
 
@@ -294,5 +306,8 @@ def to_dot(graph: dict[str, Any]) -> str:
 
 def cmd_graph(args: argparse.Namespace) -> int:
     graph = get_json(telemetry_url(args), "/api/graph", window=args.window)
-    print(json.dumps(graph, indent=2) if args.output == "json" else to_dot(graph))
+    if args.output == "dot":
+        print(to_dot(graph))
+    else:
+        emit(graph, args.output, lambda: print_table(edge_rows(graph["edges"]), EDGE_HEADERS))
     return 0

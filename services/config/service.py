@@ -479,8 +479,9 @@ class ConfigService(ControlPlaneService):
         if req.offset < 0 or req.limit < 0:
             raise errors.BadRequest("offset and limit must be 0 or more", field="limit")
         latest = {subject: rev for subject, (rev, _) in self.published.items()}
+        after = (req.after_proxy, req.after_subject) if req.after_proxy else None
         rows, total = self.status.page(
-            latest, time.monotonic(), req.subject, offset=req.offset, limit=req.limit
+            latest, time.monotonic(), req.subject, offset=req.offset, limit=req.limit, after=after
         )
         reply = ProxyStatusReply(entries=rows, total=total)
         # a reply over the bus's maximum payload would never arrive: say so instead

@@ -74,14 +74,24 @@ class ProxyStatusTable:
         return self.page(latest, now, subject)[0]
 
     def page(
-        self, latest: dict[str, int], now: float, subject: str = "", offset: int = 0, limit: int = 0
+        self,
+        latest: dict[str, int],
+        now: float,
+        subject: str = "",
+        offset: int = 0,
+        limit: int = 0,
+        after: tuple[str, str] | None = None,
     ) -> tuple[list[ProxyStatusEntry], int]:
         """Rows `offset` .. `offset + limit` (limit 0: to the end) of `entries`, and how
         many rows there are in all. Only the page's rows are built: a fleet's table is
-        asked for page by page, and each page costs its rows, not the fleet's."""
+        asked for page by page, and each page costs its rows, not the fleet's. With
+        `after` (a row's (proxy, subject)), only rows sorted after it count for
+        `offset` (keyset paging: a reader continuing from its last row misses nothing
+        when proxies come or go between its pages)."""
         end = offset + limit if limit else None
         out: list[ProxyStatusEntry] = []
         total = 0
+        index = 0
         for proxy in sorted(self.reports):
             report, seen = self.reports[proxy]
             subs = report.subscriptions
@@ -90,8 +100,11 @@ class ProxyStatusTable:
             elif len(subs) > 1:
                 subs = sorted(subs, key=lambda s: s.subject)
             for sub in subs:
-                index, total = total, total + 1
-                if index < offset or (end is not None and index >= end):
+                total += 1
+                if after is not None and (proxy, sub.subject) <= after:
+                    continue
+                index += 1
+                if index - 1 < offset or (end is not None and index - 1 >= end):
                     continue
                 want = latest.get(sub.subject, 0)
                 if sub.state == "NACK" and sub.rejected_revision >= max(want, sub.revision):

@@ -1,6 +1,7 @@
-"""OTLP export, the I/O shell: takes spans from the `MESH_TELEMETRY` stream and POSTs
-them (OTLP/HTTP, protobuf) to the configured collector; `otlp.py` decides what to
-send, when to retry and what to drop.
+"""OTLP export, the I/O shell: takes spans from the `MESH_TELEMETRY` stream and sends
+them to the configured collector (`otlp_transport.py`: OTLP/HTTP protobuf or JSON, or
+OTLP/gRPC); `otlp.py` decides what to send, when to retry and what to drop. The
+leader also exports the request metrics periodically (`MetricsExporter`).
 
 Exactly once per span across replicas: every replica pulls spans from one durable
 consumer (`telemetry-otlp`, explicit ack), so each stream message goes to one replica,
@@ -15,36 +16,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Iterable
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
-    ExportTraceServiceResponse,
-)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from mesh.telemetry import Span
+from mesh.telemetry import MetricTotals, Span
 from services.telemetry.otlp import Batch, ExportQueue, export_request
-
-RETRYABLE = frozenset({408, 429, 500, 502, 503, 504})
+from services.telemetry.otlp_metrics import metrics_request
+from services.telemetry.otlp_transport import OtlpTransport, Outcome
 
 
 class OtlpExporter:
-    def __init__(
-        self,
-        endpoint: str,
-        headers: Iterable[tuple[str, str]],
-        queue: ExportQueue,
-        *,
-        timeout_s: float = 10.0,
-        log: Any,
-    ):
-        self.endpoint = endpoint
-        self.headers = {**dict(headers), "Content-Type": "application/x-protobuf"}
+    """Spans: batches from the export queue, one in flight, retried with backoff."""
+
+    def __init__(self, transport: OtlpTransport, queue: ExportQueue, *, log: Any):
+        self.transport = transport
         self.queue = queue
-        self.timeout_s = timeout_s
         self.log = log
         self._wake = asyncio.Event()
 
@@ -55,8 +45,7 @@ class OtlpExporter:
         self._wake.set()
 
     async def run(self) -> None:
-        timeout = aiohttp.ClientTimeout(total=self.timeout_s)
-        async with aiohttp.ClientSession(timeout=timeout) as session:
+        try:
             while True:
                 now = time.monotonic()
                 batch = self.queue.next_batch(now)
@@ -65,27 +54,21 @@ class OtlpExporter:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._wake.wait(), self.queue.wait_s(now))
                     continue
-                await self._send(session, batch)
+                await self._send(batch)
+        finally:
+            await self.transport.close()
 
-    async def _send(self, session: aiohttp.ClientSession, batch: Batch) -> None:
-        body = export_request(batch.spans).SerializeToString()
-        try:
-            async with session.post(self.endpoint, data=body, headers=self.headers) as r:
-                status = r.status
-                answer = await r.read()
-        except (aiohttp.ClientError, TimeoutError, OSError) as e:
-            self._retry(batch, f"{type(e).__name__}")
-            return
-        if 200 <= status < 300:
+    async def _send(self, batch: Batch) -> None:
+        result = await self.transport.send("traces", export_request(batch.spans))
+        if result.outcome is Outcome.OK:
             self.queue.succeeded(batch)
-            rejected = _rejected_spans(answer)
-            if rejected:
-                self.log.warning("otlp.partially_rejected", spans=rejected)
-        elif status in RETRYABLE:
-            self._retry(batch, f"HTTP {status}")
+            if result.rejected:
+                self.log.warning("otlp.partially_rejected", spans=result.rejected)
+        elif result.outcome is Outcome.RETRY:
+            self._retry(batch, result.detail)
         else:
             self.queue.rejected(batch)
-            self.log.warning("otlp.rejected", status=status, spans=len(batch.spans))
+            self.log.warning("otlp.rejected", error=result.detail, spans=len(batch.spans))
 
     def _retry(self, batch: Batch, error: str) -> None:
         delay = self.queue.failed(batch, time.monotonic())
@@ -100,20 +83,74 @@ class OtlpExporter:
             )
 
 
-def _rejected_spans(answer: bytes) -> int:
-    if not answer:
-        return 0
-    try:
-        return int(ExportTraceServiceResponse.FromString(answer).partial_success.rejected_spans)
-    except Exception:  # the collector's answer is advisory; a garbled one changes nothing
-        return 0
+@dataclass
+class MetricsExportStats:
+    exports: int = 0  # requests the collector took
+    failures: int = 0  # requests that failed (superseded by the next export)
+    data_points: int = 0  # data points in the last export taken
+
+
+class MetricsExporter:
+    """The request metrics, every `interval_s`: the current mesh-wide cumulative
+    totals, sent whole. Runs in the leader only, so the collector gets one writer per
+    series. A failed export is not retried: the next one carries the same totals and
+    newer (cumulative temporality), so nothing is lost but freshness."""
+
+    def __init__(
+        self,
+        transport: OtlpTransport,
+        totals: Callable[[], MetricTotals],
+        *,
+        interval_s: float,
+        log: Any,
+        clock_ns: Callable[[], int] = time.time_ns,
+    ):
+        self.transport = transport
+        self.totals = totals
+        self.interval_s = interval_s
+        self.log = log
+        self.clock_ns = clock_ns
+        self.stats = MetricsExportStats()
+        self.start_ns = 0
+
+    async def run(self) -> None:
+        self.start_ns = self.clock_ns()
+        try:
+            while True:
+                await asyncio.sleep(self.interval_s)
+                try:
+                    await self.export_once()
+                except Exception as e:  # a bug here must not end the leader's other work
+                    self.stats.failures += 1
+                    self.log.error("otlp.metrics_export_error", error=type(e).__name__)
+        finally:
+            await self.transport.close()
+
+    async def export_once(self) -> None:
+        totals = self.totals()
+        if not len(totals):
+            return
+        request = metrics_request(totals, self.start_ns or self.clock_ns(), self.clock_ns())
+        result = await self.transport.send("metrics", request)
+        if result.outcome is Outcome.OK:
+            self.stats.exports += 1
+            self.stats.data_points = len(totals)
+            if result.rejected:
+                self.log.warning("otlp.metrics_partially_rejected", points=result.rejected)
+        else:
+            self.stats.failures += 1
+            self.log.warning(
+                "otlp.metrics_export_failed", error=result.detail, outcome=result.outcome.value
+            )
 
 
 class ExportStatsCollector(Collector):
-    """`meshwork_telemetry_otlp_spans_total{outcome}` and the queue's length."""
+    """`meshwork_telemetry_otlp_spans_total{outcome}`, the queue's length and the
+    metrics exports of this replica (while it leads)."""
 
-    def __init__(self, queue: ExportQueue):
+    def __init__(self, queue: ExportQueue, metrics: MetricsExportStats | None = None):
         self.queue = queue
+        self.metrics = metrics
 
     def describe(self) -> list[Metric]:
         return []
@@ -141,4 +178,14 @@ class ExportStatsCollector(Collector):
             "meshwork_telemetry_otlp_buffered_spans", "Spans waiting for OTLP export"
         )
         buffered.add_metric([], len(self.queue))
-        return [spans, failures, buffered]
+        out: list[Metric] = [spans, failures, buffered]
+        if self.metrics is not None:
+            exports = CounterMetricFamily(
+                "meshwork_telemetry_otlp_metric_exports",
+                "OTLP metrics exports this replica sent, by outcome",
+                labels=["outcome"],
+            )
+            exports.add_metric(["ok"], self.metrics.exports)
+            exports.add_metric(["failed"], self.metrics.failures)
+            out.append(exports)
+        return out

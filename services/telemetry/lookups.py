@@ -17,9 +17,8 @@ from mesh.messages import (
     GetResourcesReply,
     GetResourcesRequest,
     ProxyStatusEntry,
-    ProxyStatusReply,
-    ProxyStatusRequest,
 )
+from mesh.status_pages import read_proxy_status
 
 LOOKUP_TIMEOUT_S = 2.0
 
@@ -101,13 +100,7 @@ class BusLookups:
 
     async def _proxy_status(self) -> list[ProxyStatusEntry]:
         bus = self._bus()
-        reply = await bus.request(
-            bus.subjects.config_proxy_status,
-            ProxyStatusRequest(),
-            ProxyStatusReply,
-            timeout=LOOKUP_TIMEOUT_S,
-        )
-        return list(reply.entries)
+        return await read_proxy_status(bus, timeout=LOOKUP_TIMEOUT_S)
 
     async def instances(self, namespace: str, service: str) -> dict[str, Any]:
         bus = self._bus()

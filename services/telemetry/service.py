@@ -67,7 +67,7 @@ from mesh.telemetry import (
     valid_reporter,
 )
 from services.telemetry.api import Views, add_api_routes
-from services.telemetry.exporter import ExportStatsCollector, OtlpExporter
+from services.telemetry.exporter import ExportStatsCollector, MetricsExporter, OtlpExporter
 from services.telemetry.ledger import (
     ArchiveState,
     MeshMirror,
@@ -81,6 +81,7 @@ from services.telemetry.ledger import (
 )
 from services.telemetry.lookups import BusLookups
 from services.telemetry.otlp import ExportQueue
+from services.telemetry.otlp_transport import OtlpTransport, transport_for
 from services.telemetry.settings import TelemetrySettings
 from services.telemetry.timeseries import SeriesRing, detail_snapshot
 from services.telemetry.views import AccessEntry, AccessLog, GraphWindow, TraceIndex, edge_snapshot
@@ -193,6 +194,7 @@ class TelemetryService(ControlPlaneService):
         )
         r.register(_TotalsCollector(self.mirror))
         self.exporter: OtlpExporter | None = None
+        self.metrics_exporter: MetricsExporter | None = None
         self._otlp_pull: Any = None
         s = self.settings
         if s.otlp_endpoint:
@@ -203,10 +205,20 @@ class TelemetryService(ControlPlaneService):
                 backoff_cap_s=s.otlp_backoff_cap_s,
                 jitter=lambda: random.uniform(0.8, 1.2),
             )
-            self.exporter = OtlpExporter(
-                s.otlp_url, s.otlp_header_pairs, queue, timeout_s=s.otlp_timeout_s, log=self.log
+            self.exporter = OtlpExporter(self._otlp_transport(), queue, log=self.log)
+            self.metrics_exporter = MetricsExporter(
+                self._otlp_transport(),
+                lambda: self.mirror.total.copy(),
+                interval_s=s.otlp_metrics_interval_s,
+                log=self.log,
             )
-            r.register(ExportStatsCollector(queue))
+            r.register(ExportStatsCollector(queue, self.metrics_exporter.stats))
+
+    def _otlp_transport(self) -> OtlpTransport:
+        s = self.settings
+        return transport_for(
+            s.otlp_protocol, s.otlp_endpoint, s.otlp_header_pairs, timeout_s=s.otlp_timeout_s
+        )
 
     @property
     def stream(self) -> str:
@@ -569,6 +581,14 @@ class TelemetryService(ControlPlaneService):
     # ------------------------------------------------------------ leader: retire idle ledgers
 
     async def leader_work(self, token: int) -> None:
+        # the request metrics are exported by the leader only: every replica holds the
+        # same mesh-wide totals, and a collector wants one writer per series
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._retire_loop(), name="telemetry:retire")
+            if self.metrics_exporter is not None:
+                tg.create_task(self.metrics_exporter.run(), name="telemetry:otlp-metrics")
+
+    async def _retire_loop(self) -> None:
         # every step is a compare-and-set on the key it changes, so `token` fencing is
         # not needed: a deposed leader's write fails like any lost race
         while True:

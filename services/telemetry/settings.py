@@ -9,6 +9,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from mesh.errors import BadRequest
+from services.telemetry.otlp_transport import PROTOCOLS, signal_url
 
 
 @dataclass(frozen=True)
@@ -27,11 +28,16 @@ class TelemetrySettings:
     graph_window_s: float = 600.0
     # the dashboard's charts: this many 10 s buckets per series (360: one hour)
     series_buckets: int = 360
-    # OTLP/HTTP export of spans (`otlp.py`): the collector's URL (e.g.
-    # http://collector:4318, `/v1/traces` added when it has no path), and headers sent
-    # with every export (`k=v,k2=v2`, e.g. for auth); empty: no export
+    # OTLP export of spans and request metrics: the collector's URL (e.g.
+    # http://collector:4318; `/v1/traces` and `/v1/metrics` added, see
+    # `otlp_transport.signal_url`; for grpc, http://collector:4317, https for TLS), and
+    # headers sent with every export (`k=v,k2=v2`, e.g. for auth); empty: no export
     otlp_endpoint: str = ""
     otlp_headers: str = ""
+    # http/protobuf | http/json | grpc (OTEL_EXPORTER_OTLP_PROTOCOL's values)
+    otlp_protocol: str = "http/protobuf"
+    # the request metrics go every this many seconds (from the leader only)
+    otlp_metrics_interval_s: float = 60.0
     otlp_buffer_spans: int = 10_000
     otlp_batch_spans: int = 512
     otlp_max_attempts: int = 6
@@ -40,10 +46,8 @@ class TelemetrySettings:
 
     @property
     def otlp_url(self) -> str:
-        url = self.otlp_endpoint.rstrip("/")
-        if url and urllib.parse.urlsplit(url).path in ("", "/"):
-            url += "/v1/traces"
-        return url
+        """Where OTLP/HTTP sends spans."""
+        return signal_url(self.otlp_endpoint, "traces") if self.otlp_endpoint else ""
 
     @property
     def otlp_header_pairs(self) -> tuple[tuple[str, str], ...]:
@@ -121,4 +125,9 @@ def _checked_text(key: str, raw: str) -> str:
             )
     if key == "otlp-headers":
         _header_pairs(raw)
+    if key == "otlp-protocol" and raw not in PROTOCOLS:
+        raise BadRequest(
+            f"option otlp-protocol: expected one of {', '.join(PROTOCOLS)}, got {raw!r}",
+            field=key,
+        )
     return raw

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
@@ -794,6 +795,15 @@ def test_two_replicas_create_one_root_and_meshctl(
         pem = run_cli(capsys, nats_server.url, prefix, "ca", "bundle")
         done = openssl_verify(tmp_path, pem, leaf.chain)
         assert done.returncode == 0, done.stderr
+        # -o yaml|json: the same roots, described (mesh/cli/output.py)
+        described = yaml.safe_load(
+            run_cli(capsys, nats_server.url, prefix, "ca", "bundle", "-o", "yaml")
+        )
+        [root] = described["roots"]
+        assert root["pem"] == pem and root["signing"] is True
+        assert root["sha256"] == status["roots"][0]["fingerprint"]
+        table = run_cli(capsys, nats_server.url, prefix, "ca", "bundle", "-o", "table")
+        assert table.startswith("SHA256") and root["sha256"][:16] in table
 
         out = json.loads(
             run_cli(

@@ -16,6 +16,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from mesh.bus import Bus
@@ -431,6 +432,25 @@ async def test_trace_across_three_services_and_access_records(
         assert '"productpage-v1.default" -> "reviews-v2.default"' in out
         out = await meshctl(capsys, "top", "--count", "1", "--telemetry", base)
         assert "productpage-v1.default" in out and "SUCCESS" in out
+        # -o json|yaml on each: the same document either way (mesh/cli/output.py)
+        for argv in (["trace", a_client.trace_id], ["stat"], ["graph"]):
+            doc = json.loads(await meshctl(capsys, *argv, "-o", "json", "--telemetry", base))
+            assert (
+                yaml.safe_load(await meshctl(capsys, *argv, "-o", "yaml", "--telemetry", base))
+                == doc
+            )
+        assert doc["edges"] and doc["nodes"]  # graph
+        out = await meshctl(capsys, "graph", "-o", "table", "--telemetry", base)
+        assert out.startswith("SOURCE") and "reviews-v2.default" in out
+        out = await meshctl(capsys, "logs", "svc-a", "-o", "yaml", "--telemetry", base)
+        assert [r["request_id"] for r in yaml.safe_load_all(out)][:3] == ["req-0", "req-1", "req-2"]
+        out = await meshctl(capsys, "logs", "svc-a", "-o", "json", "--telemetry", base)
+        assert json.loads(out.splitlines()[0])["request_id"] == "req-0"
+        out = await meshctl(
+            capsys, "top", "--count", "2", "--interval", "0.1", "-o", "json", "--telemetry", base
+        )
+        refreshes = [json.loads(line) for line in out.splitlines()]
+        assert len(refreshes) == 2 and refreshes[0]["edges"][0]["source"] == "productpage-v1"
         await bus.close()
 
 

@@ -49,3 +49,18 @@ def test_one_subject_page_and_states() -> None:
         ("p01", "STALE"), ("p02", "SYNCED"), ("p03", "STALE"),
     ]  # fmt: skip
     assert table(3).page({}, 101.0, offset=10) == ([], 6)
+
+
+def test_keyset_pages_continue_after_the_last_row_read() -> None:
+    t = table(5)
+    latest = {"route.a": 5, "route.b": 3}
+    first, total = t.page(latest, 101.0, limit=3)
+    assert [(r.proxy, r.subject) for r in first] == [
+        ("p00", "route.a"), ("p00", "route.b"), ("p01", "route.a"),
+    ]  # fmt: skip
+    del t.reports["p00"]  # a proxy leaves between pages: offset 3 would skip p01/route.b
+    rest, total = t.page(latest, 101.0, limit=3, after=("p01", "route.a"))
+    assert total == 8
+    assert [(r.proxy, r.subject) for r in rest] == [
+        ("p01", "route.b"), ("p02", "route.a"), ("p02", "route.b"),
+    ]  # fmt: skip
