@@ -144,7 +144,13 @@ class FaultDelay(msgspec.Struct, frozen=True, omit_defaults=True):
 
 
 class FaultAbort(msgspec.Struct, frozen=True, omit_defaults=True):
+    """The abort's local reply. A `grpcStatus` abort is `http_status` 200 with
+    `grpc_status` set, as Envoy's fault filter answers it: a gRPC request gets a
+    trailers-only reply with that status, any other request a plain 200."""
+
     http_status: int
+    # the gRPC status code of a `grpcStatus` abort; None for an `httpStatus` abort
+    grpc_status: int | None = None
     # share of matching requests aborted, in [0, 100]; Istio: unset is 0
     percentage: float = 0.0
 

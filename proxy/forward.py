@@ -90,11 +90,15 @@ async def local_reply(
     flags: str,
     message: str,
     extra_headers: list[tuple[str, str]] | None = None,
+    *,
+    grpc_status: int | None = None,
 ) -> Outcome:
+    """Our own answer. `grpc_status` overrides the status a gRPC request gets (a fault's
+    `grpcStatus`); other requests ignore it, as Envoy's `sendLocalReply` does."""
     if is_grpc(ex.request.headers):
         # gRPC clients read the status from grpc-status, not from HTTP: a
         # trailers-only answer, as Envoy's local replies to gRPC requests are
-        reply_status, headers = grpc_local_reply(status, flags, message)
+        reply_status, headers = grpc_local_reply(status, flags, message, grpc_status)
         headers += [(FLAGS_HEADER, flags), _SERVER]
         if extra_headers:
             headers += extra_headers

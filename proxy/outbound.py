@@ -238,7 +238,13 @@ class RouteHandler:
                 await asyncio.sleep(fault.delay_ms / 1000)
             fault_flags = ",".join(fault.flags)
             if fault.abort_status:
-                return await local_reply(ex, fault.abort_status, fault_flags, "fault filter abort")
+                return await local_reply(
+                    ex,
+                    fault.abort_status,
+                    fault_flags,
+                    "fault filter abort",
+                    grpc_status=fault.abort_grpc_status,
+                )
         try:
             target = await self.cache.get(target_ref)
         except errors.MeshError as e:

@@ -19,6 +19,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from mesh.compiled import HTTPRoute, InboundPolicy, RetryPolicy, RouteTable, WeightedDestination
+from mesh.grpc_status import grpc_status_label
 from mesh.hosts import ServiceRef, canonical_host, service_of_host
 from mesh.messages import Endpoint, EndpointSet
 from proxy.policy import RequestFacts, normalize_path
@@ -205,9 +206,11 @@ def explain_outbound(
     if route.fault is not None and route.fault.abort is not None:
         abort = route.fault.abort
         if abort.percentage >= 100:
-            verdict.refusal = Refusal(
-                abort.http_status, "FI", "fault injection aborts every request"
-            )
+            reason = "fault injection aborts every request"
+            if abort.grpc_status is not None:
+                name = grpc_status_label(str(abort.grpc_status))
+                reason += f" (a gRPC request gets grpc-status {abort.grpc_status} {name})"
+            verdict.refusal = Refusal(abort.http_status, "FI", reason)
     return verdict
 
 
@@ -351,6 +354,8 @@ def route_policy(route: HTTPRoute) -> dict[str, Any]:
                 "http_status": route.fault.abort.http_status,
                 "percentage": route.fault.abort.percentage,
             }
+            if route.fault.abort.grpc_status is not None:
+                fault["abort"]["grpc_status"] = route.fault.abort.grpc_status
         policy["fault"] = fault
     if route.mirror is not None:
         m = route.mirror

@@ -137,9 +137,11 @@ class FaultDelay(Model, frozen=True):
 
 
 class FaultAbort(Model, frozen=True):
-    """`fault.abort`: only `httpStatus` (no `grpcStatus` / `http2Error`)."""
+    """`fault.abort`: `httpStatus` or `grpcStatus` (a status name such as `UNAVAILABLE`),
+    exactly one; `http2Error` is refused."""
 
     http_status: int | None = None
+    grpc_status: str | None = None
     percentage: Percent | None = None
 
 

@@ -3,7 +3,8 @@
 Follows Istio's `pkg/config/validation` (`validateHTTPRetry`, `validateHTTPFaultInjection`,
 `validatePercentage`, `ValidateConnectionPool`, `validateOutlierDetection`): durations of
 at least 1ms with millisecond precision, percentages in range, `retryOn` tokens from
-Envoy's documented set or HTTP status codes, fault statuses in 200-599. Where Istio
+Envoy's documented set or HTTP status codes, fault statuses in 200-599 or a gRPC
+status name. Where Istio
 would accept a field that then has no effect, it is refused here with the reason, since
 an ignored field is never silent in Meshwork: settings next to `attempts: 0`,
 `mirrorPercentage` without `mirror`, `consecutiveLocalOriginFailures` without
@@ -17,6 +18,7 @@ import math
 from http import HTTPStatus
 
 from mesh.compiled import RETRY_ON_CONDITIONS
+from mesh.grpc_status import GRPC_STATUS_CODES
 from mesh.resources import checks
 from mesh.resources.durations import parse_duration_exact_ms
 from mesh.resources.errors import Issue, field, required
@@ -161,7 +163,20 @@ def _fault(fault: HTTPFaultInjection, path: str, out: list[Issue]) -> None:
         abort = fault.abort
         abort_path = field(path, "abort")
         status_path = field(abort_path, "httpStatus")
-        if abort.http_status is None:
+        grpc_path = field(abort_path, "grpcStatus")
+        if abort.http_status is not None and abort.grpc_status is not None:
+            # one field of Istio's `error_type` oneof
+            out.append(Issue(grpc_path, "must not be set together with httpStatus"))
+        elif abort.grpc_status is not None:
+            if abort.grpc_status not in GRPC_STATUS_CODES:
+                out.append(
+                    Issue(
+                        grpc_path,
+                        f"{abort.grpc_status!r} is not a gRPC status name "
+                        f"(one of: {', '.join(GRPC_STATUS_CODES)})",
+                    )
+                )
+        elif abort.http_status is None:
             out.append(required(status_path))
         elif not 200 <= abort.http_status <= 599:
             out.append(Issue(status_path, f"must be between 200 and 599, got {abort.http_status}"))

@@ -16,6 +16,7 @@ Semantics are Istio's, so a rule behaves as it would under Istio:
 from __future__ import annotations
 
 from mesh import compiled
+from mesh.grpc_status import GRPC_STATUS_CODES
 from mesh.hosts import canonical_host
 from mesh.resources import (
     ConnectionPoolSettings,
@@ -79,7 +80,14 @@ def compile_fault(fault: HTTPFaultInjection | None) -> compiled.FaultInjection |
         share = d.percentage.value if d.percentage is not None else float(d.percent or 0)
         delay = compiled.FaultDelay(fixed_delay_ms=_ms(d.fixed_delay), percentage=share)
     spec = fault.abort
-    if spec is not None and spec.http_status is not None:
+    if spec is not None and spec.grpc_status is not None:
+        # Envoy's fault filter answers a gRPC status abort with HTTP 200
+        abort = compiled.FaultAbort(
+            http_status=200,
+            grpc_status=GRPC_STATUS_CODES[spec.grpc_status],
+            percentage=_percentage(spec.percentage),
+        )
+    elif spec is not None and spec.http_status is not None:
         abort = compiled.FaultAbort(
             http_status=spec.http_status, percentage=_percentage(spec.percentage)
         )

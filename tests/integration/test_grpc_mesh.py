@@ -328,3 +328,69 @@ async def test_stock_client_with_only_the_sidecars_environment(grpc_mesh: GrpcMe
     out, err = await asyncio.wait_for(process.communicate(), 60)
     assert process.returncode == 0, err.decode()[-2000:]
     assert out.decode().strip().endswith(":from-app")
+
+
+async def test_fault_abort_with_a_grpc_status(grpc_mesh: GrpcMesh) -> None:
+    """`fault.abort.grpcStatus`: a gRPC call gets a trailers-only reply with that
+    status and never reaches the app; a plain HTTP request on the same rule gets the
+    HTTP 200 Envoy's fault filter answers."""
+    world = grpc_mesh
+    await world.mesh.apply(
+        f"""
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: {HOST}}}
+spec:
+  hosts: [{HOST}]
+  http:
+  - match: [{{headers: {{x-user: {{exact: jason}}}}}}]
+    fault: {{abort: {{grpcStatus: RESOURCE_EXHAUSTED, percentage: {{value: 100}}}}}}
+    route: [{{destination: {{host: {HOST}}}}}]
+  - route: [{{destination: {{host: {HOST}}}}}]
+"""
+    )
+
+    async def jason_code() -> grpc.StatusCode:
+        try:
+            await asyncio.to_thread(
+                world.client.unary.with_call, b"j", metadata=(("x-user", "jason"),), timeout=10
+            )
+        except grpc.RpcError as error:
+            return error.code()  # type: ignore[no-any-return]
+        return grpc.StatusCode.OK
+
+    async def aborted() -> bool:
+        return await jason_code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    await eventually(aborted, timeout=15)
+    calls_before = sum(app.calls for app in world.apps.values())
+    assert await jason_code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert sum(app.calls for app in world.apps.values()) == calls_before
+    # the rule's match scopes the fault
+    assert await world.code_of(b"other user") == grpc.StatusCode.OK
+
+    async with aiohttp.ClientSession() as session:
+        async with session.get(
+            f"http://{HOST}.default:9080/plain",
+            headers={"x-user": "jason"},
+            proxy=f"http://127.0.0.1:{world.client_sc.ports['outbound']}",
+        ) as resp:
+            assert resp.status == 200
+            assert resp.headers["x-mesh-response-flags"] == "FI"
+            assert await resp.text() == "fault filter abort\n"
+
+    # counted as gRPC with the injected status and the flag FI
+    async def counted() -> bool:
+        async with aiohttp.ClientSession() as session:
+            admin = f"http://127.0.0.1:{world.client_sc.ports['admin']}/stats/prometheus"
+            async with session.get(admin) as resp:
+                text = await resp.text()
+        return any(
+            line.startswith("istio_requests_total{")
+            and 'request_protocol="grpc"' in line
+            and 'grpc_response_status="8"' in line
+            and 'response_flags="FI"' in line
+            for line in text.splitlines()
+        )
+
+    await eventually(counted, timeout=10)

@@ -667,6 +667,11 @@ def test_retries(retries: dict[str, Any] | None, expected: RetryPolicy | None) -
             {"abort": {"httpStatus": 503}},
             FaultInjection(abort=FaultAbort(http_status=503, percentage=0.0)),
         ),
+        # a gRPC status abort is HTTP 200 with that status, as Envoy answers it
+        (
+            {"abort": {"grpcStatus": "RESOURCE_EXHAUSTED", "percentage": {"value": 100}}},
+            FaultInjection(abort=FaultAbort(http_status=200, grpc_status=8, percentage=100.0)),
+        ),
         (
             {
                 "delay": {"fixedDelay": "1s", "percentage": {"value": 10}},

@@ -33,6 +33,13 @@ ABORT = FaultAbort(http_status=500, percentage=10.0)
         # Istio: no percentage means no request is affected
         (FaultInjection(abort=FaultAbort(http_status=503)), 0.0, 0.0, NO_FAULT),
         (FaultInjection(delay=FaultDelay(fixed_delay_ms=5)), 0.0, 0.0, NO_FAULT),
+        # a gRPC status abort carries its code to the local reply
+        (
+            FaultInjection(abort=FaultAbort(http_status=200, grpc_status=14, percentage=100.0)),
+            0.0,
+            0.5,
+            FaultDecision(abort_status=200, abort_grpc_status=14),
+        ),
         # 100% always, whatever the draw
         (
             FaultInjection(abort=FaultAbort(http_status=503, percentage=100.0)),

@@ -415,8 +415,8 @@ UNSUPPORTED_FIELDS = [
         "spec.http[0].retries.retryRemoteLocalities",
     ),
     (
-        vs(http=[rule(fault={"abort": {"grpcStatus": "UNAVAILABLE"}})]),
-        "spec.http[0].fault.abort.grpcStatus",
+        vs(http=[rule(fault={"abort": {"http2Error": "CANCEL"}})]),
+        "spec.http[0].fault.abort.http2Error",
     ),
     (
         vs(http=[rule(fault={"delay": {"exponentialDelay": "1s"}})]),
@@ -1057,6 +1057,10 @@ RESILIENT_VS = vs(
             "route": [{"destination": {"host": "reviews"}}],
             "fault": {"delay": {"fixedDelay": "1ms", "percent": 10}},
         },
+        {
+            "route": [{"destination": {"host": "reviews"}}],
+            "fault": {"abort": {"grpcStatus": "UNAVAILABLE", "percentage": {"value": 5}}},
+        },
     ]
 )
 RESILIENT_DR = dr(
@@ -1223,6 +1227,21 @@ RESILIENCE_REJECTIONS = [
         vs(http=[rule(fault={"abort": {"httpStatus": 600}})]),
         "spec.http[0].fault.abort.httpStatus",
         "must be between 200 and 599, got 600",
+    ),
+    (
+        vs(http=[rule(fault={"abort": {"grpcStatus": "unavailable"}})]),
+        "spec.http[0].fault.abort.grpcStatus",
+        "'unavailable' is not a gRPC status name (one of: OK, CANCELLED,",
+    ),
+    (
+        vs(http=[rule(fault={"abort": {"grpcStatus": "14"}})]),
+        "spec.http[0].fault.abort.grpcStatus",
+        "'14' is not a gRPC status name",
+    ),
+    (
+        vs(http=[rule(fault={"abort": {"httpStatus": 503, "grpcStatus": "UNAVAILABLE"}})]),
+        "spec.http[0].fault.abort.grpcStatus",
+        "must not be set together with httpStatus",
     ),
     (
         vs(http=[rule(fault={"abort": {"httpStatus": 500, "percentage": {"value": -1}}})]),

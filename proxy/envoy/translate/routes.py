@@ -346,10 +346,14 @@ def _fault(fault: FaultInjection) -> Json:
             "percentage": percent(fault.delay.percentage),
         }
     if fault.abort is not None:
-        body["abort"] = {
-            "httpStatus": fault.abort.http_status,
-            "percentage": percent(fault.abort.percentage),
-        }
+        abort = fault.abort
+        # Envoy answers a grpc_status abort with HTTP 200 itself (FaultAbort's oneof)
+        status = (
+            {"httpStatus": abort.http_status}
+            if abort.grpc_status is None
+            else {"grpcStatus": abort.grpc_status}
+        )
+        body["abort"] = {**status, "percentage": percent(abort.percentage)}
     return typed(FAULT, body)
 
 
