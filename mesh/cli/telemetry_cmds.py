@@ -27,7 +27,9 @@ HTTP_TIMEOUT = 5.0
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    top = sub.add_parser("top", help="live table of the mesh's edges: requests/s, success, latency")
+    top = sub.add_parser(
+        "top", help="live table of the mesh's edges: requests/s, success, latency, gRPC statuses"
+    )
     _common(top)
     top.add_argument(
         "--window", type=float, default=10.0, help="seconds of traffic per row (default 10)"
@@ -151,6 +153,21 @@ def _ms(v: float | None) -> str:
     return "-" if v is None else f"{v:.1f}ms"
 
 
+GRPC_STATUSES_SHOWN = 3
+
+
+def grpc_cell(statuses: dict[str, int]) -> str:
+    """An edge's gRPC statuses as shares of its gRPC requests, most frequent first
+    (`OK 95.0% UNAVAILABLE 5.0%`); `-` without gRPC traffic."""
+    total = sum(statuses.values())
+    if not total:
+        return "-"
+    ranked = sorted(statuses.items(), key=lambda item: (-item[1], item[0]))
+    cell = " ".join(f"{name} {n / total * 100:.1f}%" for name, n in ranked[:GRPC_STATUSES_SHOWN])
+    hidden = len(ranked) - GRPC_STATUSES_SHOWN
+    return cell + (f" +{hidden} more" if hidden > 0 else "")
+
+
 def edge_rows(edges: list[dict[str, Any]]) -> list[list[str]]:
     return [
         [
@@ -161,12 +178,14 @@ def edge_rows(edges: list[dict[str, Any]]) -> list[list[str]]:
             _ms(e["p50_ms"]),
             _ms(e["p90_ms"]),
             _ms(e["p99_ms"]),
+            # a telemetry service older than the field sends none
+            grpc_cell(e.get("grpc_statuses") or {}),
         ]
         for e in edges
     ]
 
 
-EDGE_HEADERS = ["SOURCE", "DESTINATION", "RPS", "SUCCESS", "P50", "P90", "P99"]
+EDGE_HEADERS = ["SOURCE", "DESTINATION", "RPS", "SUCCESS", "P50", "P90", "P99", "GRPC"]
 
 
 def cmd_stat(args: argparse.Namespace) -> int:

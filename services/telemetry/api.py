@@ -3,7 +3,8 @@ the dashboard (`dashboard.py`) reads these; errors are JSON `{"error": ...}`.
 
 - `GET /api/graph?window=60`: nodes and edges (requests/s, success and error rates,
   p50/p90/p99 ms, `mtls`: the share of requests the server side saw over mutual TLS,
-  null when it did not report) over the last `window` seconds.
+  null when it did not report, `grpc_statuses`: gRPC requests by status name) over the
+  last `window` seconds.
 - `GET /api/events?window=60`: server-sent events; a `graph` event (the same JSON as
   `/api/graph`) now and every two seconds.
 - `GET /api/series?kind=workload|service&name=&namespace=default&direction=inbound|outbound

@@ -10,6 +10,7 @@ from typing import Any, NamedTuple
 
 import msgspec
 
+from mesh.grpc_status import grpc_status_label
 from mesh.telemetry import (
     DURATION_BUCKETS_MS,
     REQUEST_DURATION_MS,
@@ -37,13 +38,15 @@ class EdgeKey(NamedTuple):
 class EdgeCounts:
     """Cumulative counts of one edge as seen by one reporter."""
 
-    __slots__ = ("duration", "errors", "mtls", "requests")
+    __slots__ = ("duration", "errors", "grpc", "mtls", "requests")
 
     def __init__(self) -> None:
         self.requests = 0.0
         self.errors = 0.0
         self.mtls = 0.0  # requests over a mutual-TLS connection (the server side knows)
         self.duration = [0] * (len(_BOUNDS) + 1)
+        # gRPC requests by `grpc_response_status` ("14", "unknown" when none was seen)
+        self.grpc: dict[str, float] = {}
 
 
 def is_error(response_code: str) -> bool:
@@ -80,6 +83,9 @@ def edge_snapshot(total: MetricTotals) -> dict[EdgeKey, EdgeCounts]:
             e.errors += value
         if d.get("connection_security_policy") == "mutual_tls":
             e.mtls += value
+        if d.get("request_protocol") == "grpc":
+            status = d.get("grpc_response_status", "unknown")
+            e.grpc[status] = e.grpc.get(status, 0.0) + value
     for (name, labels), h in total.histograms.items():
         if name != REQUEST_DURATION_MS or h.bounds != _BOUNDS:
             continue
@@ -116,9 +122,10 @@ class GraphWindow:
 
     def edges(self, window_s: float) -> list[dict[str, Any]]:
         """Edge statistics over the last `window_s` seconds (as much as was sampled):
-        requests/s, success and error rates, p50/p90/p99 in ms. An edge both proxies
-        report is shown as its client side saw it (that includes failures to connect),
-        or as its server side saw it when the client is not in the mesh."""
+        requests/s, success and error rates, p50/p90/p99 in ms, gRPC requests by
+        status (`grpc_statuses`; success stays the HTTP notion of `is_error`). An edge
+        both proxies report is shown as its client side saw it (that includes failures
+        to connect), or as its server side saw it when the client is not in the mesh."""
         base = self._baseline(window_s)
         if base is None:
             return []
@@ -166,6 +173,7 @@ class GraphWindow:
                 "p50_ms": _ms(p[0.5]),
                 "p90_ms": _ms(p[0.9]),
                 "p99_ms": _ms(p[0.99]),
+                "grpc_statuses": _grpc_statuses(now.grpc, before.grpc if before else {}),
             }
         for edge_id, edge in chosen.items():
             # None: no server-side report in the window (e.g. the server is not in the mesh)
@@ -200,6 +208,19 @@ class GraphWindow:
 
 def _ms(v: float | None) -> float | None:
     return None if v is None else round(v, 3)
+
+
+def _grpc_statuses(now: dict[str, float], before: dict[str, float]) -> dict[str, int]:
+    """gRPC requests of the window by status name (`OK`, `UNAVAILABLE`; a code outside
+    gRPC's table, or `unknown`, as reported), most frequent first; empty for an edge
+    without gRPC traffic."""
+    counts: dict[str, int] = {}
+    for code, value in now.items():
+        n = int(value - before.get(code, 0.0))
+        if n > 0:
+            name = grpc_status_label(code)
+            counts[name] = counts.get(name, 0) + n
+    return dict(sorted(counts.items(), key=lambda item: (-item[1], item[0])))
 
 
 # ---------------------------------------------------------------- traces

@@ -11,21 +11,28 @@ h2c to their apps (`app_protocol="grpc"`)."""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import grpc
 import pytest
+import yaml
 
+from mesh.cli.telemetry_cmds import grpc_cell
 from proxy.app_process import app_env
+from services.telemetry import TelemetryService
 from tests.grpc_support import EchoClient, EchoService
+from tests.integration.test_telemetry import meshctl
 from tests.support import (
     MeshHarness,
     destination_rule_yaml,
     eventually,
     ingress_gateway_yaml,
     route_all_yaml,
+    running,
+    service_config,
 )
 
 pytestmark = pytest.mark.timeout(120)
@@ -394,3 +401,52 @@ spec:
         )
 
     await eventually(counted, timeout=10)
+
+
+async def test_meshctl_top_and_stat_show_grpc_statuses(
+    grpc_mesh: GrpcMesh, nats_server, etcd_server, prefix, capsys
+) -> None:
+    """gRPC calls through the sidecars reach the telemetry service, whose edges carry
+    the calls by gRPC status; `meshctl top` shows them as a GRPC column and in `-o
+    json|yaml`."""
+    world = grpc_mesh
+    async with running(
+        TelemetryService(service_config(nats_server.url, etcd_server.url, prefix))
+    ) as telemetry:
+        base = f"http://127.0.0.1:{telemetry.http_port}"
+        for _ in range(3):
+            assert await world.code_of(b"fine") == grpc.StatusCode.OK
+        assert await world.code_of(b"unavailable") == grpc.StatusCode.UNAVAILABLE
+
+        def statuses_from_productpage(edges: list[dict[str, Any]]) -> dict[str, int]:
+            """Summed over its edges to reviews-v1 and reviews-v2 (round robin)."""
+            total: dict[str, int] = {}
+            for edge in edges:
+                if edge["source"].startswith("productpage"):
+                    for name, n in edge["grpc_statuses"].items():
+                        total[name] = total.get(name, 0) + n
+            return total
+
+        async def counted() -> list[dict[str, Any]] | None:
+            out = await meshctl(
+                capsys, "stat", "--window", "600", "-o", "json", "--telemetry", base
+            )
+            edges: list[dict[str, Any]] = json.loads(out)
+            return (
+                edges if statuses_from_productpage(edges) == {"OK": 3, "UNAVAILABLE": 1} else None
+            )
+
+        edges = await eventually(counted, timeout=20, interval=0.5)
+        assert {e["destination_service"] for e in edges} == {"reviews.default.svc.cluster.local"}
+
+        out = await meshctl(
+            capsys, "top", "--count", "1", "--window", "600", "-o", "yaml", "--telemetry", base
+        )
+        (refresh,) = yaml.safe_load_all(out)
+        assert statuses_from_productpage(refresh["edges"]) == {"OK": 3, "UNAVAILABLE": 1}
+        out = await meshctl(capsys, "top", "--count", "1", "--window", "600", "--telemetry", base)
+        header, *rows = out.splitlines()[1:]
+        assert header.split()[-1] == "GRPC"
+        cells = {row.split(None, 7)[-1] for row in rows if row.startswith("productpage")}
+        expected = {grpc_cell(e["grpc_statuses"]) for e in refresh["edges"]}
+        assert cells == expected and any("UNAVAILABLE" in cell for cell in cells)

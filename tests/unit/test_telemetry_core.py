@@ -953,6 +953,33 @@ def test_graph_window_rates_and_percentiles() -> None:
     assert window.edges(5) == []
 
 
+def test_graph_edges_count_grpc_requests_by_status_name() -> None:
+    window = GraphWindow(max_window_s=60)
+    totals = MetricTotals()
+    rec = recorder()
+    # before the window: only the increase over the window is shown
+    rec.record_request(request(protocol="grpc", grpc_status="14"))
+    totals.add_all(rec.metric_deltas())
+    window.sample(0.0, edge_snapshot(totals))
+    for status in ["0"] * 6 + ["14"] * 3 + ["99"]:
+        rec.record_request(request(protocol="grpc", grpc_status=status))
+    rec.record_request(request(protocol="grpc"))  # no grpc-status at all
+    rec.record_request(request(status=503))  # plain HTTP on the same edge
+    totals.add_all(rec.metric_deltas())
+    window.sample(10.0, edge_snapshot(totals))
+    (edge,) = window.edges(60)
+    assert edge["grpc_statuses"] == {"OK": 6, "UNAVAILABLE": 3, "99": 1, "unknown": 1}
+    assert list(edge["grpc_statuses"]) == ["OK", "UNAVAILABLE", "99", "unknown"]
+    assert edge["requests"] == 12
+    # an edge without gRPC traffic has none
+    window.sample(20.0, edge_snapshot(totals))
+    rec.record_request(request())
+    totals.add_all(rec.metric_deltas())
+    window.sample(30.0, edge_snapshot(totals))
+    (edge,) = window.edges(5)
+    assert edge["grpc_statuses"] == {}
+
+
 def make_span(span_id: str, parent: str, service: str, kind: str, start: int, end: int) -> Span:
     return Span(trace_id=TRACE, span_id=span_id, parent_span_id=parent, name=f"{service}-{kind}",
                 kind=kind, service=service, namespace="default", instance=f"{service}-0",  # type: ignore[arg-type]
@@ -1019,6 +1046,28 @@ def test_meshctl_finds_the_telemetry_service(
     assert telemetry_cmds.telemetry_url(args) == "http://env:1"
     args.telemetry = "http://flag:2"
     assert telemetry_cmds.telemetry_url(args) == "http://flag:2"
+
+
+@pytest.mark.parametrize(
+    ("statuses", "cell"),
+    [
+        ({}, "-"),
+        ({"OK": 19, "UNAVAILABLE": 1}, "OK 95.0% UNAVAILABLE 5.0%"),
+        # most frequent first; beyond three, a count of the rest
+        (
+            {"OK": 1, "INTERNAL": 2, "UNAVAILABLE": 4, "NOT_FOUND": 2, "unknown": 1},
+            "UNAVAILABLE 40.0% INTERNAL 20.0% NOT_FOUND 20.0% +2 more",
+        ),
+    ],
+)
+def test_meshctl_top_shows_the_grpc_status_shares(statuses: dict[str, int], cell: str) -> None:
+    edge = {
+        "source": "productpage-v1", "source_namespace": "default", "destination": "reviews-v2",
+        "destination_namespace": "default", "rps": 2.0, "success_rate": 1.0, "p50_ms": 1.0,
+        "p90_ms": 2.0, "p99_ms": None, "grpc_statuses": statuses,
+    }  # fmt: skip
+    (row,) = telemetry_cmds.edge_rows([edge])
+    assert dict(zip(telemetry_cmds.EDGE_HEADERS, row, strict=True))["GRPC"] == cell
 
 
 def test_access_records_carry_the_dry_run_shadow_result() -> None:
