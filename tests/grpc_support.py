@@ -101,3 +101,37 @@ class EchoClient:
 
     def close(self) -> None:
         self.channel.close()
+
+
+async def http1_unary(
+    port: int, target: str, message: bytes, *, te_trailers: bool
+) -> tuple[bytes, bytes, list[tuple[str, str]]]:
+    """One `Unary` call as an HTTP/1.1 client makes it (raw bytes to 127.0.0.1:`port`,
+    request-target `target`): (response head, the chunked body decoded, the trailer
+    fields after the last chunk)."""
+    import asyncio
+    import struct
+
+    framed = b"\x00" + struct.pack(">I", len(message)) + message
+    head = (
+        f"POST {target} HTTP/1.1\r\nhost: {target.split('/')[2] if '://' in target else 'x'}"
+        f"\r\ncontent-type: application/grpc\r\ncontent-length: {len(framed)}\r\n"
+        + ("te: trailers\r\n" if te_trailers else "")
+        + "\r\n"
+    )
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(head.encode() + framed)
+        response_head = await reader.readuntil(b"\r\n\r\n")
+        assert b"transfer-encoding: chunked" in response_head.lower(), response_head
+        body = b""
+        while size := int((await reader.readuntil(b"\r\n")).strip(), 16):
+            body += await reader.readexactly(size)
+            assert await reader.readexactly(2) == b"\r\n"
+        trailers = []
+        while (line := await reader.readuntil(b"\r\n")) != b"\r\n":
+            name, _, value = line.decode("latin-1").partition(":")
+            trailers.append((name, value.strip()))
+        return response_head, body, trailers
+    finally:
+        writer.close()

@@ -10,7 +10,7 @@ from .body import BodyStream
 from .client import UpstreamResponse
 from .exchange_state import ExchangeState, check_local_status, discard_body, grpc_status_of
 from .flow import ReadGate, WriteGate
-from .headers import HOP_BY_HOP, connection_tokens, get_header
+from .headers import HOP_BY_HOP, accepts_trailers, connection_tokens, get_header
 from .request import Request
 from .tunnel import Tunnel
 from .wire import (
@@ -19,6 +19,7 @@ from .wire import (
     Framing,
     chunk_size_line,
     encode_fields,
+    last_chunk,
     no_body_status,
     parse_content_length,
     response_framing,
@@ -50,7 +51,11 @@ class Exchange(ExchangeState):
     once the last byte was handed to the transport (with backpressure on the way).
     Telemetry: `status`, `request_bytes` and `response_bytes` (body bytes, or relayed
     bytes for a tunnel), `started_at`/`finished_at` (time.monotonic()), `grpc_status`
-    (trailers do not travel over HTTP/1.1, a trailers-only answer's status does).
+    (of a trailers-only answer, or of the upstream's trailers).
+
+    An upstream's trailers (HTTP/2, gRPC) reach the client as chunked trailer fields
+    when it asked with `TE: trailers` and the body is chunked (as Envoy's
+    `enable_trailers`); otherwise they are dropped, as HTTP/1.1 allows.
     """
 
     __slots__ = ("_closing", "_downstream", "_tunnel")
@@ -259,16 +264,28 @@ class Exchange(ExchangeState):
         transport = self._downstream.transport
         if body.complete and not body.failed:
             if chunked:
-                parts.append(LAST_CHUNK)
+                parts.append(self._end_of_chunks(body))
             transport.writelines(parts)
             self.response_bytes = sent
             return
         transport.writelines(parts)
         self.response_bytes = sent
-        await self._stream(body, framing, None)
+        await self._stream(body, framing, None, trailers_of=body)
+
+    def _end_of_chunks(self, body: BodyStream) -> bytes:
+        """The last chunk, with the body's trailers when the client asked for them."""
+        trailers = body.trailers
+        if trailers and accepts_trailers(self._request.headers):
+            return last_chunk(trailers)
+        return LAST_CHUNK
 
     async def _stream(
-        self, chunks: AsyncIterable[bytes], framing: Framing, declared: int | None
+        self,
+        chunks: AsyncIterable[bytes],
+        framing: Framing,
+        declared: int | None,
+        *,
+        trailers_of: BodyStream | None = None,
     ) -> None:
         transport = self._downstream.transport
         gate = self._downstream.write_gate
@@ -280,7 +297,7 @@ class Exchange(ExchangeState):
                 self.response_bytes += len(chunk)
                 if gate.paused:
                     await gate.wait()
-            transport.write(LAST_CHUNK)
+            transport.write(LAST_CHUNK if trailers_of is None else self._end_of_chunks(trailers_of))
             return
         write = transport.write
         async for chunk in chunks:

@@ -12,7 +12,8 @@ from collections.abc import Iterable
 Headers = list[tuple[str, str]]
 
 # RFC 9110 §7.6.1: fields meaningful only for a single connection. `te` goes too, even
-# `te: trailers`: this engine never relays trailers, so it must not promise them.
+# `te: trailers`: each hop asks for trailers itself (the HTTP/2 client always does; an
+# HTTP/1.1 client's `te: trailers` decides whether it gets them, `accepts_trailers`).
 HOP_BY_HOP: frozenset[str] = frozenset(
     {
         "connection",
@@ -55,6 +56,17 @@ def connection_tokens(headers: Iterable[tuple[str, str]]) -> frozenset[str]:
             tokens.update(t.strip().lower() for t in value.split(","))
     tokens.discard("")
     return frozenset(tokens)
+
+
+def accepts_trailers(headers: Iterable[tuple[str, str]]) -> bool:
+    """The request's `TE` lists `trailers` (RFC 9110 §10.1.4): its sender takes trailer
+    fields at the end of a chunked response."""
+    for name, value in headers:
+        if name.lower() == "te":
+            for coding in value.split(","):
+                if coding.split(";", 1)[0].strip().lower() == "trailers":
+                    return True
+    return False
 
 
 def hop_by_hop_names(headers: Iterable[tuple[str, str]]) -> frozenset[str]:

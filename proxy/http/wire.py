@@ -96,6 +96,32 @@ def chunk_size_line(size: int) -> bytes:
     return b"%x\r\n" % size
 
 
+# Fields never sent as trailers: hop-by-hop ones and those that frame or route the
+# message (RFC 9110 §6.5.1), which a recipient must not learn after the body.
+TRAILER_SKIP: frozenset[str] = frozenset(
+    {
+        "connection",
+        "content-length",
+        "host",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+
+
+def last_chunk(trailers: Iterable[tuple[str, str]] | None) -> bytes:
+    """The end of a chunked body: the zero-size chunk, trailer fields (RFC 9112 §7.1.2)
+    without those in `TRAILER_SKIP`, the empty line. Raises ValueError as
+    `encode_fields` does."""
+    if not trailers:
+        return LAST_CHUNK
+    return b"0\r\n" + encode_fields(trailers, TRAILER_SKIP)
+
+
 def no_body_status(status: int) -> bool:
     """1xx, 204 and 304 responses never carry content (RFC 9112 §6.3)."""
     return status < 200 or status == 204 or status == 304

@@ -23,7 +23,7 @@ import yaml
 from mesh.cli.telemetry_cmds import grpc_cell
 from proxy.app_process import app_env
 from services.telemetry import TelemetryService
-from tests.grpc_support import EchoClient, EchoService
+from tests.grpc_support import EchoClient, EchoService, http1_unary
 from tests.integration.test_telemetry import meshctl
 from tests.support import (
     MeshHarness,
@@ -450,3 +450,21 @@ async def test_meshctl_top_and_stat_show_grpc_statuses(
         cells = {row.split(None, 7)[-1] for row in rows if row.startswith("productpage")}
         expected = {grpc_cell(e["grpc_statuses"]) for e in refresh["edges"]}
         assert cells == expected and any("UNAVAILABLE" in cell for cell in cells)
+
+
+async def test_http1_client_gets_grpc_trailers_when_it_sends_te_trailers(
+    grpc_mesh: GrpcMesh,
+) -> None:
+    """An HTTP/1.1 client calling the gRPC service through its sidecar (outbound,
+    HTTP/2 over mTLS, inbound, h2c to the app): with `TE: trailers` the app's
+    trailers end the chunked response; without, the body ends bare."""
+    world = grpc_mesh
+    port = world.client_sc.ports["outbound"]
+    target = f"http://{HOST}.default:9080/mesh.test.Echo/Unary"
+    head, body, trailers = await http1_unary(port, target, b"h1", te_trailers=True)
+    assert head.startswith(b"HTTP/1.1 200")
+    served_by = dict(trailers)["x-served-by"]
+    assert body[5:] == f"{served_by}:h1".encode()
+    assert ("grpc-status", "0") in trailers
+    _, body, trailers = await http1_unary(port, target, b"bare", te_trailers=False)
+    assert body.endswith(b":bare") and trailers == []
