@@ -234,6 +234,8 @@ class ConnectionPool(msgspec.Struct, frozen=True, omit_defaults=True):
     # concurrent retries
     max_retries: int = UNLIMITED
     idle_timeout_ms: int = 3_600_000
+    # streams at once on one HTTP/2 connection; 0 = what the peer's SETTINGS allow
+    max_concurrent_streams: int = 0
 
 
 class OutlierDetection(msgspec.Struct, frozen=True, omit_defaults=True):

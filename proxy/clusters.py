@@ -45,6 +45,8 @@ class PoolOptions:
     idle_timeout_s: float
     max_requests_per_connection: int
     limit: ConnectionLimit
+    # HTTP/2 connections only; 0 = the peer's SETTINGS
+    max_concurrent_streams: int = 0
 
 
 class Cluster:
@@ -209,4 +211,5 @@ def _pool_options(name: str, pool: ConnectionPool, limit: ConnectionLimit) -> Po
         idle_timeout_s=pool.idle_timeout_ms / 1000,
         max_requests_per_connection=pool.max_requests_per_connection,
         limit=limit,
+        max_concurrent_streams=pool.max_concurrent_streams,
     )

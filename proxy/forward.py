@@ -137,9 +137,10 @@ class PoolSet:
     HTTP/1.1 otherwise.
 
     A cluster with a `connectionPool` (`options`) gets pools of its own, made and
-    limited as it says (over HTTP/1.1, except gRPC requests, which need HTTP/2: the
-    HTTP/2 pool does not enforce connection limits yet); every other cluster shares the
-    default pools."""
+    limited as it says, both the HTTP/1.1 and the HTTP/2 one (`h2.streams`). Its
+    requests keep HTTP/1.1 between sidecars, except gRPC ones, which need HTTP/2: the
+    limits then count what Istio's sidecars count for HTTP/1.1 traffic (its default
+    `h2UpgradePolicy` keeps HTTP/1.1); every other cluster shares the default pools."""
 
     def __init__(self, limits: Limits, tls: UpstreamTls | None = None, *, h2c: bool = False):
         self.limits = limits
@@ -162,6 +163,7 @@ class PoolSet:
                 connect_timeout=options.connect_timeout_s,
                 idle_timeout=options.idle_timeout_s,
                 max_requests_per_connection=options.max_requests_per_connection,
+                max_concurrent_streams=options.max_concurrent_streams,
                 connection_limit=options.limit,
             )
         return pool
@@ -182,7 +184,7 @@ class PoolSet:
                 verify_peer=verify,
             )
             # quacks like UpstreamPool (request, configure, close); a cluster with a
-            # connectionPool keeps HTTP/1.1 (whose limits it enforces) but for gRPC
+            # connectionPool keeps HTTP/1.1 but for gRPC (see the class docstring)
             return cast(UpstreamPool, NegotiatingPool(h2, h1, grpc_only=limited))
         h1 = UpstreamPool(host, int(port), limits=self.limits)
         if self.h2c:

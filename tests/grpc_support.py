@@ -3,7 +3,8 @@
 `mesh.test.Echo`:
 - `Unary`: answers `<name>:<request>`; trailing metadata `x-served-by: <name>`;
   a request `unavailable` aborts with UNAVAILABLE (counted in `unavailable_sent`),
-  `sleep:<seconds>` sleeps first (deadlines).
+  `sleep:<seconds>` sleeps first (deadlines), `hold` waits until `release` is set
+  (calls kept in flight; `holding` counts them).
 - `ServerStream`: request `n` -> n messages `<name>:<i>`.
 - `ClientStream`: the requests joined with `,`.
 - `Bidi`: echoes each request as `<name>:<request>`.
@@ -33,6 +34,8 @@ class EchoService:
         self.fail_first = fail_first  # the first N unary calls answer UNAVAILABLE
         self.unavailable_sent = 0
         self.seen_metadata: list[dict[str, str]] = []
+        self.release = threading.Event()
+        self.holding = 0
         self._lock = threading.Lock()
         self.server: grpc.Server | None = None
         self.port = 0
@@ -49,6 +52,10 @@ class EchoService:
             context.abort(grpc.StatusCode.UNAVAILABLE, "try again")
         if request.startswith(b"sleep:"):
             time.sleep(float(request[6:]))
+        if request == b"hold":
+            with self._lock:
+                self.holding += 1
+            self.release.wait(timeout=60)
         context.set_trailing_metadata((("x-served-by", self.name),))
         return f"{self.name}:".encode() + request
 

@@ -211,6 +211,8 @@ class HTTPSettings(Model, frozen=True):
     max_requests_per_connection: int | None = None
     max_retries: int | None = None
     idle_timeout: str | None = None
+    # streams at once on one HTTP/2 upstream connection
+    max_concurrent_streams: int | None = None
 
 
 class ConnectionPoolSettings(Model, frozen=True):

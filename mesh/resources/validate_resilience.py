@@ -213,6 +213,7 @@ def _connection_pool(pool: ConnectionPoolSettings, path: str, out: list[Issue]) 
             ("http2MaxRequests", http.http2_max_requests),
             ("maxRequestsPerConnection", http.max_requests_per_connection),
             ("maxRetries", http.max_retries),
+            ("maxConcurrentStreams", http.max_concurrent_streams),
         ):
             _count(value, field(http_path, name), MAX_INT32, out)
         if http.idle_timeout is not None:

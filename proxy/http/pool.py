@@ -149,9 +149,11 @@ class UpstreamPool:
         idle_timeout: float | None = None,
         max_requests_per_connection: int | None = None,
         connection_limit: ConnectionLimit | None = None,
+        max_concurrent_streams: int | None = None,
     ) -> None:
         """New settings (a changed DestinationRule); they apply to what happens next,
-        connections already open stay."""
+        connections already open stay. `max_concurrent_streams` is HTTP/2's: an
+        HTTP/1.1 connection carries one request at a time anyway."""
         if connect_timeout is not None:
             self._connect_timeout = connect_timeout
         if idle_timeout is not None and idle_timeout != self._idle_timeout:

@@ -124,6 +124,7 @@ def compile_connection_pool(pool: ConnectionPoolSettings) -> compiled.Connection
         or d.max_requests_per_connection,
         max_retries=http.max_retries or d.max_retries,
         idle_timeout_ms=_ms(http.idle_timeout) or d.idle_timeout_ms,
+        max_concurrent_streams=http.max_concurrent_streams or d.max_concurrent_streams,
     )
 
 

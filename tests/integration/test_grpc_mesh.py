@@ -468,3 +468,60 @@ async def test_http1_client_gets_grpc_trailers_when_it_sends_te_trailers(
     assert ("grpc-status", "0") in trailers
     _, body, trailers = await http1_unary(port, target, b"bare", te_trailers=False)
     assert body.endswith(b":bare") and trailers == []
+
+
+async def test_connection_pool_limits_on_the_http2_pool(grpc_mesh: GrpcMesh) -> None:
+    """gRPC calls take the HTTP/2 pool between sidecars; its DestinationRule limits
+    hold there as on HTTP/1.1: one connection carrying one stream at a time
+    (`maxConcurrentStreams: 1`), one call pending, the rest answered at once with
+    503 `UO` (a trailers-only UNAVAILABLE), never reaching the app."""
+    world = grpc_mesh
+    await world.mesh.apply(
+        f"""
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: {HOST}}}
+spec:
+  host: {HOST}
+  trafficPolicy:
+    connectionPool:
+      tcp: {{maxConnections: 1}}
+      http: {{http1MaxPendingRequests: 1, maxConcurrentStreams: 1}}
+  subsets:
+  - {{name: v1, labels: {{version: v1}}}}
+  - {{name: v2, labels: {{version: v2}}}}
+"""
+    )
+    await world.mesh.apply(route_all_yaml(HOST, "v1"))
+    v1 = world.apps["v1"]
+
+    async def on_v1() -> bool:
+        # subset v1 exists only through the DestinationRule: its limits are in force
+        _, call = await world.unary(b"probe")
+        return dict(call.trailing_metadata())["x-served-by"] == "reviews-v1"
+
+    await eventually(on_v1, timeout=15)
+    calls_before = v1.calls
+
+    async def held_call() -> tuple[grpc.StatusCode, dict[str, str]]:
+        try:
+            _, call = await world.unary(b"hold", timeout=60)
+            return grpc.StatusCode.OK, dict(call.trailing_metadata())
+        except grpc.RpcError as error:
+            return error.code(), dict(error.trailing_metadata() or ())
+
+    calls = [asyncio.ensure_future(held_call()) for _ in range(4)]
+    try:
+        # two overflow at once, while one call is held by the app and one is pending
+        async def two_overflowed() -> bool:
+            return sum(c.done() for c in calls) == 2 and v1.holding == 1
+
+        await eventually(two_overflowed, timeout=20)
+        for overflowed in [c.result() for c in calls if c.done()]:
+            assert overflowed[0] == grpc.StatusCode.UNAVAILABLE
+            assert overflowed[1]["x-mesh-response-flags"] == "UO"
+    finally:
+        v1.release.set()
+    results = await asyncio.gather(*calls)
+    assert [code for code, _ in results].count(grpc.StatusCode.OK) == 2
+    assert v1.calls - calls_before == 2

@@ -766,6 +766,7 @@ def test_connection_pool_defaults_are_istios() -> None:
         max_requests_per_connection=0,
         max_retries=2**32 - 1,
         idle_timeout_ms=3_600_000,
+        max_concurrent_streams=0,
     )
 
 
@@ -778,6 +779,7 @@ def test_connection_pool_and_outlier_detection() -> None:
             "maxRequestsPerConnection": 1,
             "maxRetries": 4,
             "idleTimeout": "1m",
+            "maxConcurrentStreams": 8,
         },
     }
     outlier = {
@@ -810,6 +812,7 @@ def test_connection_pool_and_outlier_detection() -> None:
             max_requests_per_connection=1,
             max_retries=4,
             idle_timeout_ms=60_000,
+            max_concurrent_streams=8,
         ),
         outlier_detection=OutlierDetection(
             consecutive_5xx_errors=7,

@@ -1073,6 +1073,7 @@ RESILIENT_DR = dr(
                 "maxRequestsPerConnection": 1,
                 "maxRetries": 3,
                 "idleTimeout": "1h",
+                "maxConcurrentStreams": 100,
             },
         },
         "outlierDetection": {
@@ -1306,6 +1307,11 @@ RESILIENCE_REJECTIONS = [
         dr(trafficPolicy={"connectionPool": {"tcp": {"maxConnections": -1}}}),
         "spec.trafficPolicy.connectionPool.tcp.maxConnections",
         "must be between 0 and 2147483647, got -1",
+    ),
+    (
+        dr(trafficPolicy={"connectionPool": {"http": {"maxConcurrentStreams": -5}}}),
+        "spec.trafficPolicy.connectionPool.http.maxConcurrentStreams",
+        "must be between 0 and 2147483647, got -5",
     ),
     (
         dr(trafficPolicy={"connectionPool": {"tcp": {"connectTimeout": "500us"}}}),

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl as ssl_module
+from collections import deque
 from collections.abc import Callable
 from typing import cast
 
@@ -28,7 +29,7 @@ from ..client import ConnectionInfo, UpstreamResponse
 from ..errors import UpstreamConnectError, UpstreamError, UpstreamProtocolError, UpstreamResetError
 from ..headers import HOP_BY_HOP
 from ..limits import Limits
-from ..pool import PoolStats
+from ..pool import ConnectionLimit, PoolOverflowError, PoolStats
 from .connection import CANCEL, H2Connection, H2Limits, StreamGone
 from .events import (
     ConnectionFailed,
@@ -40,6 +41,7 @@ from .events import (
     StreamReset,
     Trailers,
 )
+from .streams import NO_STREAM_LIMITS, StreamLimits, exhausted, pick_connection
 
 log = get_logger("proxy.http.h2")
 
@@ -95,8 +97,12 @@ class H2UpstreamConnection(asyncio.Protocol):
         limits: H2Limits,
         on_lost: Callable[[H2UpstreamConnection], None],
         idle_timeout: float,
+        on_stream_done: Callable[[H2UpstreamConnection], None] | None = None,
     ) -> None:
         self.loop = asyncio.get_running_loop()
+        self._on_stream_done = on_stream_done
+        # streams opened in the connection's life (`maxRequestsPerConnection`)
+        self.streams_started = 0
         self._idle_timeout = idle_timeout
         self._idle_timer: asyncio.TimerHandle | None = None
         self._h2 = H2Connection(client=True, limits=limits)
@@ -127,6 +133,10 @@ class H2UpstreamConnection(asyncio.Protocol):
     @property
     def idle(self) -> bool:
         return not self._streams
+
+    @property
+    def active_streams(self) -> int:
+        return len(self._streams)
 
     def close(self) -> None:
         if self._transport is not None:
@@ -239,6 +249,7 @@ class H2UpstreamConnection(asyncio.Protocol):
         if isinstance(body, BodyStream) and body.complete and not body.buffered:
             empty = not body.trailers
         stream_id = self._h2.open_stream(fields, end_stream=empty)
+        self.streams_started += 1
         stream = self._streams[stream_id] = _Stream(self, stream_id)
         if self._idle_timer is not None:
             self._idle_timer.cancel()
@@ -355,8 +366,11 @@ class H2UpstreamConnection(asyncio.Protocol):
 
     def _drop(self, stream_id: int) -> _Stream | None:
         stream = self._streams.pop(stream_id, None)
-        if stream is not None and not self._streams and not self._closed:
-            self._went_idle()
+        if stream is not None:
+            if not self._streams and not self._closed:
+                self._went_idle()
+            if self._on_stream_done is not None:
+                self._on_stream_done(self)  # room for a pending request
         return stream
 
     def _fail_stream(self, stream_id: int, error: UpstreamError) -> None:
@@ -392,8 +406,15 @@ class H2UpstreamConnection(asyncio.Protocol):
 
 
 class H2UpstreamPool:
-    """HTTP/2 to one endpoint: one multiplexed connection (more only when the peer's
-    stream limit is reached), plaintext (h2c prior knowledge) or TLS with ALPN h2."""
+    """HTTP/2 to one endpoint: one multiplexed connection (more only when no open one
+    takes another stream), plaintext (h2c prior knowledge) or TLS with ALPN h2.
+
+    Optionally bounded by a DestinationRule's `connectionPool` (`configure`): the
+    per-connection stream limits of `streams.StreamLimits`, and a `ConnectionLimit`
+    shared by the cluster's pools (its circuit breaker) for connections and pending
+    requests. A request that finds no room waits as pending; beyond the pending limit
+    it fails with `PoolOverflowError` (503 `UO`), as the HTTP/1.1 pool's do. The first
+    connection of an endpoint is always allowed, as there."""
 
     def __init__(
         self,
@@ -412,6 +433,7 @@ class H2UpstreamPool:
         self._limits = limits
         self._h2_limits = H2Limits(max_header_list_size=limits.max_header_bytes)
         self._connect_timeout = connect_timeout
+        self._idle_timeout = limits.upstream_idle_timeout
         self._authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         # The request's scheme, not the hop's: mTLS between sidecars is the mesh's
         # transport, and the app (and what it is told, e.g. a 401's realm) sees the
@@ -419,6 +441,14 @@ class H2UpstreamPool:
         self._scheme = "http"
         self._connections: list[H2UpstreamConnection] = []
         self._connecting: asyncio.Future[H2UpstreamConnection] | None = None
+        self._stream_limits = NO_STREAM_LIMITS
+        self._limit: ConnectionLimit | None = None
+        # connections holding one of the limit's slots (released when they close)
+        self._slotted: dict[H2UpstreamConnection, ConnectionLimit] = {}
+        # pending requests, first come first served, woken when room may have appeared
+        self._waiters: deque[asyncio.Future[None]] = deque()
+        # waiters woken but not yet running: the room they were woken for is theirs
+        self._handoffs = 0
         self._closed = False
         self.opened = 0
 
@@ -438,7 +468,13 @@ class H2UpstreamPool:
                 break
         context = self._context()  # refuses when no certificate is in force (fails closed)
         connection = await self._connection(context)
+        # no await between choosing the connection and opening the stream on it
         return await connection.request(method, self._scheme, authority, path, headers, body)
+
+    @property
+    def pending(self) -> int:
+        """Requests waiting for room on a connection."""
+        return sum(1 for w in self._waiters if not w.done())
 
     def stats(self) -> PoolStats:
         active = sum(1 for c in self._connections if not c.idle)
@@ -449,15 +485,41 @@ class H2UpstreamPool:
             peak_write_buffer=0,
         )
 
-    def configure(self, *, connect_timeout: float | None = None, **_ignored: object) -> None:
+    def configure(
+        self,
+        *,
+        connect_timeout: float | None = None,
+        idle_timeout: float | None = None,
+        max_requests_per_connection: int | None = None,
+        max_concurrent_streams: int | None = None,
+        connection_limit: ConnectionLimit | None = None,
+    ) -> None:
+        """New settings (a changed DestinationRule): they apply to the next request;
+        connections already open stay (an idle timeout applies to new ones)."""
         if connect_timeout is not None:
             self._connect_timeout = connect_timeout
+        if idle_timeout is not None:
+            self._idle_timeout = idle_timeout
+        limits = self._stream_limits
+        self._stream_limits = StreamLimits(
+            max_concurrent_streams=limits.max_concurrent_streams
+            if max_concurrent_streams is None
+            else max_concurrent_streams,
+            max_requests_per_connection=limits.max_requests_per_connection
+            if max_requests_per_connection is None
+            else max_requests_per_connection,
+        )
+        if connection_limit is not None:
+            # slots taken under a previous limit go back to it as their connections close
+            self._limit = connection_limit
+        self._wake_waiters(all_of_them=True)  # looser limits may leave room now
 
     def close(self) -> None:
         self._closed = True
         for connection in list(self._connections):
             connection.close()
         self._connections.clear()
+        self._wake_waiters(all_of_them=True)
 
     def _context(self) -> ssl_module.SSLContext | None:
         try:
@@ -466,25 +528,69 @@ class H2UpstreamPool:
             raise UpstreamConnectError(str(e)) from None
 
     async def _connection(self, context: ssl_module.SSLContext | None) -> H2UpstreamConnection:
-        """A connection with room for one more stream (opened if need be)."""
+        """A connection that takes one more stream: an open one, a new one while the
+        cluster has a connection slot, else one that gets room while we wait."""
         # A renewed certificate applies to new connections; open ones stay (as Envoy's
         # and our HTTP/1.1 pools do), so renewals never interrupt traffic.
-        for connection in self._connections:
-            if connection.has_room:
-                return connection
-        if self._connecting is not None:
-            return await asyncio.shield(self._connecting)
+        woken = False
+        while True:
+            if self._closed:
+                raise UpstreamConnectError("upstream pool is closed")
+            limit = self._limit
+            # a newcomer queues behind pending requests: room that appears is theirs
+            if woken or limit is None or not (self._handoffs or self.pending):
+                connection = pick_connection(self._connections, self._stream_limits)
+                if connection is not None:
+                    return connection
+                if self._connecting is not None:
+                    # one connect at a time: it may have room for this request too
+                    await asyncio.shield(self._connecting)
+                    continue
+                if limit is None:
+                    return await self._connect(context, None)
+                if limit.try_acquire_connection():
+                    return await self._connect(context, limit)
+                if not self._connections:
+                    # the first connection of an endpoint is always allowed
+                    return await self._connect(context, None)
+            if not limit.try_acquire_pending():
+                raise PoolOverflowError(f"too many requests waiting for {self._authority}")
+            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            try:
+                await waiter
+            except BaseException:
+                if waiter.done() and not waiter.cancelled():
+                    self._handoffs -= 1
+                    self._wake_waiters()  # woken as we were cancelled: pass the turn on
+                raise
+            finally:
+                limit.release_pending()
+                if not waiter.done():
+                    waiter.cancel()
+            self._handoffs -= 1
+            woken = True
+
+    async def _connect(
+        self, context: ssl_module.SSLContext | None, slot: ConnectionLimit | None
+    ) -> H2UpstreamConnection:
         future: asyncio.Future[H2UpstreamConnection] = asyncio.get_running_loop().create_future()
         self._connecting = future
         try:
             connection = await self._open(context)
         except BaseException as error:
+            if slot is not None:
+                slot.release_connection()
             future.set_exception(error)
             future.exception()  # retrieved: waiters get it through shield
+            self._wake_waiters()
             raise
         finally:
             self._connecting = None
+        if slot is not None:
+            self._slotted[connection] = slot
         future.set_result(connection)
+        self._wake_waiters(all_of_them=True)  # a new connection may take several
         return connection
 
     async def _open(self, context: ssl_module.SSLContext | None) -> H2UpstreamConnection:
@@ -493,7 +599,7 @@ class H2UpstreamPool:
             async with asyncio.timeout(self._connect_timeout):
                 _, connection = await loop.create_connection(
                     lambda: H2UpstreamConnection(
-                        self._h2_limits, self._lost, self._limits.upstream_idle_timeout
+                        self._h2_limits, self._lost, self._idle_timeout, self._stream_done
                     ),
                     self.host,
                     self.port,
@@ -519,6 +625,25 @@ class H2UpstreamPool:
         self._connections.append(connection)
         return connection
 
+    def _stream_done(self, connection: H2UpstreamConnection) -> None:
+        if connection.idle and exhausted(connection, self._stream_limits):
+            connection.close()  # retired: its slot is released when it is gone
+        self._wake_waiters()
+
+    def _wake_waiters(self, *, all_of_them: bool = False) -> None:
+        """Tell the first pending request (or every one) to look for room again."""
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                self._handoffs += 1
+                if not all_of_them:
+                    return
+
     def _lost(self, connection: H2UpstreamConnection) -> None:
         if connection in self._connections:
             self._connections.remove(connection)
+        slot = self._slotted.pop(connection, None)
+        if slot is not None:
+            slot.release_connection()
+        self._wake_waiters()  # a connection slot, or the first connection, is free

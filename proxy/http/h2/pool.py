@@ -2,8 +2,9 @@
 
 Upgrade requests (WebSocket) always take HTTP/1.1: extended CONNECT (RFC 8441) is not
 implemented. With `grpc_only`, only gRPC requests take HTTP/2 (they need trailers):
-for clusters with a DestinationRule `connectionPool`, whose connection and pending
-limits the HTTP/1.1 pool implements and the HTTP/2 pool does not yet.
+for clusters with a DestinationRule `connectionPool`, whose limits then count HTTP/1.1
+connections for HTTP/1.1 traffic, as under Istio's default `h2UpgradePolicy`; both
+pools enforce them.
 
 Over TLS, an endpoint that does not negotiate ALPN h2 is remembered and reached over
 HTTP/1.1 from then on (an older sidecar, or one without h2).
@@ -45,7 +46,7 @@ class NegotiatingPool:
 
     def configure(self, **settings: Any) -> None:
         self.h1.configure(**settings)
-        self.h2.configure(connect_timeout=settings.get("connect_timeout"))
+        self.h2.configure(**settings)
 
     def stats(self) -> PoolStats:
         h1, h2 = self.h1.stats(), self.h2.stats()
