@@ -15,6 +15,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from urllib.parse import quote
 
+from proxy.response_flags import ResponseFlag
+
 OK = 0
 UNKNOWN = 2
 DEADLINE_EXCEEDED = 4
@@ -46,7 +48,7 @@ def is_grpc(headers: Iterable[tuple[str, str]]) -> bool:
 
 def grpc_status_for(http_status: int, flags: str) -> int:
     """The gRPC status of a local reply that would have been `http_status`."""
-    if "UT" in flags.split(","):
+    if ResponseFlag.UPSTREAM_REQUEST_TIMEOUT in flags.split(","):
         return DEADLINE_EXCEEDED
     return _FROM_HTTP.get(http_status, UNKNOWN)
 

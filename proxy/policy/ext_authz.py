@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 from mesh.compiled import ExtAuthzProvider
+from proxy.response_flags import ResponseFlag
 
 ALWAYS_SENT = ("host", "authorization")
 # never copied from the authorizer's denial to the client: hop-by-hop and framing
@@ -28,7 +29,7 @@ _NOT_FORWARDED = frozenset(
      "proxy-connection", "content-length", "host", "server", "date")
 )  # fmt: skip
 # Envoy's response flag for a request refused by the external authorizer
-EXT_AUTHZ_FLAG = "UAEX"
+EXT_AUTHZ_FLAG = ResponseFlag.UNAUTHORIZED_EXTERNAL_SERVICE
 
 
 class CheckRequest(NamedTuple):

@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from mesh.compiled import FaultInjection
+from proxy.response_flags import ResponseFlag
 
 from ._sampling import percent_hit
 
@@ -28,7 +29,8 @@ class FaultDecision(NamedTuple):
     @property
     def flags(self) -> tuple[str, ...]:
         """Envoy response flags for the access log and `response_flags`."""
-        return (("DI",) if self.delay_ms else ()) + (("FI",) if self.abort_status else ())
+        delayed = (ResponseFlag.DELAY_INJECTED,) if self.delay_ms else ()
+        return delayed + ((ResponseFlag.FAULT_INJECTED,) if self.abort_status else ())
 
 
 NO_FAULT = FaultDecision()

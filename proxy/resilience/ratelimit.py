@@ -24,6 +24,7 @@ from collections.abc import Iterable, Mapping
 from typing import NamedTuple
 
 from mesh.compiled import RateLimit
+from proxy.response_flags import ResponseFlag
 
 MAX_IDENTITIES = 10_000
 
@@ -85,7 +86,7 @@ class RateDecision(NamedTuple):
 
     @property
     def flag(self) -> str:
-        return "" if self.allowed else "RL"
+        return "" if self.allowed else ResponseFlag.RATE_LIMITED
 
 
 UNLIMITED = RateDecision(allowed=True)

@@ -35,6 +35,7 @@ import functools
 from typing import NamedTuple
 
 from mesh.compiled import RetryPolicy
+from proxy.response_flags import ResponseFlag
 
 # Envoy's defaults: 25 ms base interval, maximum 10x the base
 BACKOFF_BASE_MS = 25
@@ -115,7 +116,7 @@ class RetryVerdict(enum.StrEnum):
     @property
     def flag(self) -> str:
         """Envoy's response flag for this verdict ("" when none applies)."""
-        return "URX" if self is RetryVerdict.EXHAUSTED else ""
+        return ResponseFlag.UPSTREAM_RETRY_LIMIT_EXCEEDED if self is RetryVerdict.EXHAUSTED else ""
 
 
 def default_policy() -> RetryPolicy:
