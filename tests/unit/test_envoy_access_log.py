@@ -321,6 +321,37 @@ def test_inbound_rbac_denial_is_flagged_as_the_python_proxy_does() -> None:
     assert (record.status, record.flags) == (403, "RBAC")
 
 
+GRPC = {"content-type": "application/grpc"}
+
+
+@pytest.mark.parametrize(
+    ("headers", "response_headers", "trailers", "protocol", "grpc_status"),
+    [
+        # an answer from the app: the status in its trailers
+        (GRPC, {}, {"grpc-status": "14"}, "grpc", "14"),
+        # Envoy's trailers-only local reply (an RBAC denial): the status in the headers
+        (GRPC, {"grpc-status": "7"}, {}, "grpc", "7"),
+        ({"content-type": "application/grpc+proto"}, {}, {"grpc-status": "0"}, "grpc", "0"),
+        # a gRPC request whose answer had no status at all (a reset)
+        (GRPC, {}, {}, "grpc", ""),
+        ({"content-type": "application/json"}, {}, {}, "http", ""),
+        ({}, {}, {}, "http", ""),
+    ],
+)
+def test_grpc_requests_carry_their_protocol_and_grpc_status(
+    headers: dict[str, str],
+    response_headers: dict[str, str],
+    trailers: dict[str, str],
+    protocol: str,
+    grpc_status: str,
+) -> None:
+    entry = http_entry(headers=headers, upstream_cluster=f"outbound|0||{RATINGS}")
+    entry.response.response_headers.update(response_headers)
+    entry.response.response_trailers.update(trailers)
+    record, _ = converter().http("outbound", entry)
+    assert (record.protocol, record.grpc_status) == (protocol, grpc_status)
+
+
 def test_dry_run_result_from_shadow_rbac_metadata() -> None:
     entry = http_entry(authority="reviews")
     meta = struct_pb2.Struct()

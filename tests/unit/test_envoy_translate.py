@@ -296,7 +296,15 @@ def test_each_identity_gets_its_own_mtls_check_and_identityless_endpoints_plaint
     assert context["combinedValidationContext"]["defaultValidationContext"][
         "matchTypedSubjectAltNames"
     ] == [{"sanType": "URI", "matcher": {"exact": spiffe("default", "ratings")}}]
-    assert context["alpnProtocols"] == ["http/1.1"]
+    # no fixed ALPN: Envoy offers the protocol the request came in (h2 or http/1.1)
+    assert "alpnProtocols" not in context
+    protocol = cluster["typedExtensionProtocolOptions"][
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+    ]
+    assert set(protocol["useDownstreamProtocolConfig"]) == {
+        "httpProtocolOptions",
+        "http2ProtocolOptions",
+    }
     assert cluster["transportSocket"]["name"] == "envoy.transport_sockets.raw_buffer"
     untagged = [e for e in endpoints_of(out, f"outbound|0||{RATINGS}") if "metadata" not in e]
     assert [e["endpoint"]["hostname"] for e in untagged] == ["c"]

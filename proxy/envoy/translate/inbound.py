@@ -159,7 +159,9 @@ def add_inbound_http(node: ProxyNode, view: MeshView, out: XdsResources) -> None
         out.clusters[name] = parse(cluster_pb2.Cluster, cluster)
     if port:
         name = inbound_cluster(port)
-        out.clusters[name] = clusters.static_cluster(name, APP_HOST, port, http=True)
+        out.clusters[name] = clusters.static_cluster(
+            name, APP_HOST, port, http=True, h2c=node.app_h2c
+        )
 
 
 def add_inbound_tcp(node: ProxyNode, view: MeshView, out: XdsResources) -> None:
