@@ -216,3 +216,42 @@ spec:
             )
     finally:
         await s.delete("AuthorizationPolicy", "echo-deny")
+
+
+async def test_a_route_timeout_ends_the_call(env: Env) -> None:
+    s = env.s
+    await s.apply(
+        """
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: echo-timeout}
+spec:
+  hosts: [echo]
+  http:
+  - match: [{headers: {x-slow: {exact: "yes"}}}]
+    timeout: 0.5s
+    route: [{destination: {host: echo}}]
+  - route: [{destination: {host: echo}}]
+"""
+    )
+    client = env.client()
+    try:
+
+        async def code() -> grpc.StatusCode:
+            try:
+                await asyncio.to_thread(
+                    client.unary, b"sleep:2", metadata=(("x-slow", "yes"),), timeout=10
+                )
+            except grpc.RpcError as error:
+                return error.code()  # type: ignore[no-any-return]
+            return grpc.StatusCode.OK
+
+        async def timed_out() -> grpc.StatusCode | None:
+            got = await code()
+            return None if got == grpc.StatusCode.OK else got
+
+        got = await eventually(timed_out, timeout=30, interval=0.2)
+        assert got == grpc.StatusCode.DEADLINE_EXCEEDED, got
+    finally:
+        client.close()
+        await s.delete("VirtualService", "echo-timeout")

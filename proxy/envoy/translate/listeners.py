@@ -36,6 +36,40 @@ def fault_filter() -> Json:
     return {"name": FAULT_FILTER, "typedConfig": typed(FAULT)}
 
 
+# A gRPC request whose route timeout expired (flag UT) ends DEADLINE_EXCEEDED (4), as
+# on the Python data plane (`proxy/http/local_reply.py`); Envoy's own mapping of its
+# 504 would say UNAVAILABLE. Envoy keeps a grpc-status a mapper set on its trailers-only
+# local reply; every other local reply keeps Envoy's HTTP-to-gRPC mapping, which is
+# the Python proxy's.
+GRPC_LOCAL_REPLIES: Json = {
+    "mappers": [
+        {
+            "filter": {
+                "andFilter": {
+                    "filters": [
+                        {"responseFlagFilter": {"flags": ["UT"]}},
+                        {
+                            "headerFilter": {
+                                "header": {
+                                    "name": "content-type",
+                                    "stringMatch": {"prefix": "application/grpc"},
+                                }
+                            }
+                        },
+                    ]
+                }
+            },
+            "headersToAdd": [
+                {
+                    "header": {"key": "grpc-status", "value": "4"},
+                    "appendAction": "OVERWRITE_IF_EXISTS_OR_ADD",
+                }
+            ],
+        }
+    ]
+}
+
+
 def http_connection_manager(
     stat_prefix: str,
     *,
@@ -60,6 +94,7 @@ def http_connection_manager(
         # the Python proxies relay upgraded connections (WebSocket) too
         "upgradeConfigs": [{"upgradeType": "websocket"}],
         "httpFilters": [*http_filters, router_filter()],
+        "localReplyConfig": GRPC_LOCAL_REPLIES,
     }
     if route_config is not None:
         body["routeConfig"] = route_config

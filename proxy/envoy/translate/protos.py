@@ -35,6 +35,7 @@ HCM = _PREFIX + "envoy.extensions.filters.network.http_connection_manager.v3.Htt
 ROUTER = _PREFIX + "envoy.extensions.filters.http.router.v3.Router"
 FAULT = _PREFIX + "envoy.extensions.filters.http.fault.v3.HTTPFault"
 HTTP_RBAC = _PREFIX + "envoy.extensions.filters.http.rbac.v3.RBAC"
+HTTP_RBAC_PER_ROUTE = _PREFIX + "envoy.extensions.filters.http.rbac.v3.RBACPerRoute"
 NETWORK_RBAC = _PREFIX + "envoy.extensions.filters.network.rbac.v3.RBAC"
 LOCAL_RATELIMIT = _PREFIX + "envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit"
 TCP_PROXY = _PREFIX + "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy"
