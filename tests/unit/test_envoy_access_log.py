@@ -573,6 +573,26 @@ def test_ingest_records_each_entry_once_with_istio_labels() -> None:
     assert isinstance(spans, wire.SpanBatch) and len(spans.spans) == 3
 
 
+def test_ingest_leaves_spans_to_envoys_tracer_when_told() -> None:
+    """With Envoy's tracer on, its OTLP export gives the spans: the access logs of
+    sampled requests give counts and access records but no second span per hop."""
+    rec = recorder()
+    ingest = AccessLogIngest(converter(), rec, spans=False)
+    message = als_pb2.StreamAccessLogsMessage(
+        identifier=als_pb2.StreamAccessLogsMessage.Identifier(log_name="outbound")
+    )
+    message.http_logs.log_entry.append(
+        http_entry(
+            upstream_cluster=f"outbound|0|v1|{RATINGS}",
+            headers={"traceparent": f"00-{TRACE_ID}-{PARENT_ID}-01"},
+        )
+    )
+    ingest.on_message("", message)
+    assert counter(rec, wire.REQUESTS_TOTAL) == 1
+    kinds = {out.kind for out in rec.outgoing()}
+    assert "access" in kinds and "spans" not in kinds
+
+
 def test_ingest_counts_an_entry_it_cannot_convert_and_goes_on() -> None:
     rec = recorder()
     ingest = AccessLogIngest(converter(), rec)
