@@ -255,3 +255,25 @@ spec:
     finally:
         client.close()
         await s.delete("VirtualService", "echo-timeout")
+
+
+async def test_a_client_given_the_sidecars_http_proxy_tunnels_its_calls(env: Env) -> None:
+    """gRPC core given `http_proxy` opens `CONNECT echo.default:9080` to the outbound
+    listener and speaks h2c through it: each call is routed like any other request
+    (on Envoy through the internal listener `outbound_tunnel`)."""
+    proxy = f"http://127.0.0.1:{env.client_sc.ports['outbound']}"
+    client = EchoClient(f"dns:///{ECHO}", options=[("grpc.http_proxy", proxy)])
+    try:
+        reply, call = await asyncio.to_thread(client.unary.with_call, b"tunnelled", timeout=10)
+        assert reply == b"echo-v1:tunnelled"
+        assert dict(call.trailing_metadata())["x-served-by"] == "echo-v1"
+        streamed = await asyncio.to_thread(lambda: list(client.server_stream(b"3", timeout=10)))
+        assert streamed == [b"echo-v1:0", b"echo-v1:1", b"echo-v1:2"]
+    finally:
+        client.close()
+    # a CONNECT to a host that is no mesh service is refused (404, as without a route)
+    reply = await env.s.raw(
+        env.client_sc.ports["outbound"],
+        b"CONNECT nowhere.example:443 HTTP/1.1\r\nHost: nowhere.example:443\r\n\r\n",
+    )
+    assert reply is not None and reply.status == 404

@@ -41,6 +41,7 @@ from proxy.envoy.translate import (
     tls_secrets,
     translate,
 )
+from proxy.envoy.translate.connect import CONNECT_ROUTE
 from proxy.envoy.translate.protos import to_dict
 from tests.unit.test_envoy_translate_golden import RATINGS, REVIEWS, sidecar, spiffe
 
@@ -66,7 +67,10 @@ def reviews_routes(tbl: RouteTable, node: Any = None, **view: Any) -> list[dict[
     out = translate(node or sidecar(), MeshView(destinations={REVIEWS: (tbl, None)}, **view))
     config = to_dict(out.routes["outbound_http"])
     (vhost,) = [v for v in config["virtualHosts"] if v["name"] == REVIEWS]
-    return list(vhost.get("routes", []))
+    # every known service's first route terminates a CONNECT (tested on its own)
+    connect, *routes = vhost.get("routes", [])
+    assert connect == CONNECT_ROUTE
+    return routes
 
 
 def ep(instance: str, **kw: Any) -> Endpoint:
@@ -543,9 +547,38 @@ def test_tls_secrets_are_named_for_sds_and_refuse_non_pem() -> None:
 def test_every_http_listener_relays_websocket_upgrades() -> None:
     node = sidecar(tcp_inbound=())
     out = translate(node, MeshView(destinations={}))
-    for name in ("outbound_http", "inbound_http"):
+    for name, upgrades in (
+        ("outbound_http", ["websocket", "CONNECT"]),
+        ("outbound_tunnel", ["websocket"]),
+        ("inbound_http", ["websocket"]),
+    ):
         hcm = to_dict(out.listeners[name])["filterChains"][0]["filters"][0]["typedConfig"]
-        assert hcm["upgradeConfigs"] == [{"upgradeType": "websocket"}], name
+        assert [u["upgradeType"] for u in hcm["upgradeConfigs"]] == upgrades, name
+
+
+def test_a_connect_to_a_mesh_service_is_served_on_the_outbound_routes() -> None:
+    """CONNECT (gRPC clients given HTTP_PROXY) is terminated for every known service
+    and its tunnel served by an internal listener on the same route configuration;
+    the CONNECT itself stays out of the access log."""
+    node = sidecar(tcp_inbound=(), access_log_cluster="als")
+    out = translate(node, MeshView(destinations={REVIEWS: (table(), None)}))
+    config = to_dict(out.routes["outbound_http"])
+    by_name = {v["name"]: v["routes"] for v in config["virtualHosts"]}
+    assert by_name[REVIEWS][0]["match"] == {"connectMatcher": {}}
+    assert by_name[REVIEWS][0]["route"]["cluster"] == "outbound_tunnel"
+    # an unknown host has no CONNECT route: Envoy answers 404 (NR), as Python does
+    assert all("connectMatcher" not in r["match"] for r in by_name["unknown_host"])
+    tunnel = to_dict(out.listeners["outbound_tunnel"])
+    assert "internalListener" in tunnel
+    hcm = tunnel["filterChains"][0]["filters"][0]["typedConfig"]
+    assert hcm["rds"]["routeConfigName"] == "outbound_http"
+    cluster = to_dict(out.clusters["outbound_tunnel"])
+    address = cluster["loadAssignment"]["endpoints"][0]["lbEndpoints"][0]["endpoint"]["address"]
+    assert address == {"envoyInternalAddress": {"serverListenerName": "outbound_tunnel"}}
+    outbound = to_dict(out.listeners["outbound_http"])["filterChains"][0]["filters"][0]
+    (log,) = outbound["typedConfig"]["accessLog"]
+    assert log["filter"]["headerFilter"]["header"]["name"] == ":method"
+    assert log["filter"]["headerFilter"]["header"]["invertMatch"] is True
 
 
 def test_dry_run_policies_become_shadow_rules_and_are_never_enforced() -> None:
