@@ -95,11 +95,11 @@ FOLLOW_CONCURRENCY = 32
 ACCESS_LOG_CLUSTER = "meshwork-access-log"
 # the bootstrap's cluster for the sidecar's OTLP trace receiver (Envoy's tracer)
 TRACING_CLUSTER = "meshwork-traces"
-# Envoy's OpenTelemetry tracer is off: a sampled `traceparent` the app forwards is not
-# followed by its outbound Envoy unless its tracing decision says so (it decides from
-# x-request-id and random sampling), so a middle hop loses the trace; until that is
-# solved spans come from the access logs (children of the incoming context)
-ENVOY_TRACER = False
+# Envoy's OpenTelemetry tracer reports the spans (to the sidecar's OTLP receiver); it
+# samples by the W3C trace context, not the request id (`translate.listeners.tracing`),
+# so a middle hop whose app forwards only `traceparent` continues the trace. Off: the
+# spans come from the access logs (children of the incoming context)
+ENVOY_TRACER = True
 # stopping: how long no access-log entry must have arrived before Envoy is stopped
 # (Envoy flushes its buffer every second), and the most the sidecar waits for that
 LOGS_QUIET_S = 1.5
@@ -428,7 +428,8 @@ class EnvoyDataPlane:
             endpoints=self._endpoints_of,
         )
         self._als = AccessLogServer(
-            self._dir / "als.sock", AccessLogIngest(converter, telemetry.recorder)
+            self._dir / "als.sock",
+            AccessLogIngest(converter, telemetry.recorder, spans=not ENVOY_TRACER),
         )
         if ENVOY_TRACER:
             self._traces = TraceServer(

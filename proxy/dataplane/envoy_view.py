@@ -48,6 +48,7 @@ def proxy_node(
         inbound=None if gateway else (s.bind_host, ports.inbound),
         outbound=None if gateway else ("127.0.0.1", ports.outbound),
         app_port=0 if gateway else s.app_port,
+        app_h2c=s.app_speaks_h2,
         tcp_upstreams=tuple(parse_tcp_upstream(spec, s.namespace) for spec in s.tcp_upstreams),
         tcp_inbound=tuple(
             (app_port, (s.bind_host, port)) for app_port, port in sorted(ports.tcp_inbound.items())

@@ -108,6 +108,14 @@ HEADER_TO_METADATA = (
 )
 
 _MAX_MEMO = 4096
+# logged by `proxy.envoy.translate.access_log` (trailers, or the headers of a
+# trailers-only answer)
+GRPC_STATUS = "grpc-status"
+
+
+def _is_grpc(headers: Mapping[str, str]) -> bool:
+    """A gRPC request (`proxy.telemetry.datapath` decides the same way)."""
+    return headers.get("content-type", "").startswith("application/grpc")
 
 
 def peer_metadata_filter() -> dict[str, Any]:
@@ -326,6 +334,9 @@ class AccessLogConverter:
         start_ns = _ns(common.start_time.seconds, common.start_time.nanos)
         dry_result, dry_policy = _dry_run(common)
         upstream_host = socket_address(common.upstream_remote_address)
+        grpc_status = response.response_trailers.get(GRPC_STATUS) or response.response_headers.get(
+            GRPC_STATUS, ""
+        )
         record = RequestRecord(
             reporter=reporter,
             source=source,
@@ -342,11 +353,12 @@ class AccessLogConverter:
             upstream_host=upstream_host,
             request_id=request.request_id or headers.get("x-request-id", ""),
             trace_id=trace.trace_id,
-            protocol="http",
+            protocol="grpc" if grpc_status or _is_grpc(headers) else "http",
             security_policy=policy,
             dry_run_result=dry_result,
             dry_run_policy=dry_policy,
             start_ns=start_ns,  # 0 (never logged): the recorder takes now minus the duration
+            grpc_status=grpc_status,
         )
         span = None
         if trace.sampled and trace.trace_id and trace.span_id:

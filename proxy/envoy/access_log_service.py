@@ -11,9 +11,9 @@ spans reach the telemetry service over the same stream, counted once.
 `AccessLogIngest` is the part without I/O (one stream's messages in, recorder calls
 out); `AccessLogServer` is the grpc.aio shell around it.
 
-Spans: a sampled request's hop becomes a span that is a child of the context it
-arrived with (Envoy runs without a tracer by default: `proxy.dataplane.envoy.
-ENVOY_TRACER`). The OTLP receiver for Envoy's tracer is `trace_service`.
+Spans: with Envoy's tracer on (`proxy.dataplane.envoy.ENVOY_TRACER`), Envoy reports
+them to the OTLP receiver `trace_service` and the access logs give none; with it off,
+a sampled request's hop becomes a span that is a child of the context it arrived with.
 """
 
 from __future__ import annotations
@@ -53,9 +53,14 @@ class AccessLogIngest:
     Envoy names a stream once, in its first message (`identifier.log_name`); each
     stream's state is the log name it was given, kept by the caller and passed back."""
 
-    def __init__(self, converter: AccessLogConverter, recorder: TelemetryRecorder):
+    def __init__(
+        self, converter: AccessLogConverter, recorder: TelemetryRecorder, *, spans: bool = True
+    ):
+        """`spans`: record a span for each sampled request's hop; off while Envoy's own
+        tracer reports the spans (each hop would be recorded twice)."""
         self.converter = converter
         self.recorder = recorder
+        self.spans = spans
         self.counts = IngestCounts()
 
     def on_message(self, log_name: str, message: als_pb2.StreamAccessLogsMessage) -> str:
@@ -72,7 +77,7 @@ class AccessLogIngest:
                 self._failed(log_name, e)
                 continue
             recorder.record_request(http.record)
-            if http.span is not None:
+            if http.span is not None and self.spans:
                 recorder.record_span(http.span)
             self.counts.http += 1
         for tcp_entry in message.tcp_logs.log_entry:

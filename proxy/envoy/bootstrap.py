@@ -13,6 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+# the message `INTERNAL_LISTENERS` names, in the descriptor pool for whoever parses the
+# bootstrap into its proto (the tests, `meshctl proxy-config`)
+import envoy.extensions.bootstrap.internal_listener.v3.internal_listener_pb2  # noqa: F401
+
 XDS_CLUSTER = "xds-grpc"
 _HTTP2_OPTIONS = {
     "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
@@ -77,6 +81,17 @@ def _grpc_pipe_cluster(name: str, socket_path: Path) -> dict[str, Any]:
     }
 
 
+# internal listeners (`outbound_tunnel`: the connections the app opens with CONNECT,
+# `proxy.envoy.translate.connect`)
+INTERNAL_LISTENERS: dict[str, Any] = {
+    "name": "envoy.bootstrap.internal_listener",
+    "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.bootstrap."
+        "internal_listener.v3.InternalListener"
+    },
+}
+
+
 def build_bootstrap(options: BootstrapOptions) -> dict[str, Any]:
     ads_source = {"ads": {}, "resource_api_version": "V3"}
     clusters = [_grpc_pipe_cluster(XDS_CLUSTER, options.xds_socket)]
@@ -115,6 +130,7 @@ def build_bootstrap(options: BootstrapOptions) -> dict[str, Any]:
             "cds_config": ads_source,
         },
         "static_resources": {"clusters": clusters},
+        "bootstrap_extensions": [INTERNAL_LISTENERS],
         "admin": {
             "address": {
                 "socket_address": {

@@ -41,6 +41,7 @@ from mesh.compiled import (
 )
 from mesh.messages import Endpoint, EndpointSet
 from mesh.servers import free_port
+from proxy.envoy.bootstrap import INTERNAL_LISTENERS
 from proxy.envoy.translate import MeshView, ProxyNode, tls_secrets, translate
 from proxy.envoy.translate.protos import to_dict
 from tests.envoy_support import envoy_binary, http_get, serve_http, static_envoy
@@ -118,6 +119,7 @@ def static_bootstrap(node: ProxyNode, view: MeshView, node_id: str) -> dict[str,
             clusters.append({**grpc_cluster, "name": grpc_service})
     return {
         "node": {"id": node_id, "cluster": node.service},
+        "bootstrapExtensions": [INTERNAL_LISTENERS],
         "staticResources": {
             "listeners": listeners,
             "clusters": clusters,

@@ -42,9 +42,8 @@ class Env:
 
     async def until(self, status: int, path: str, *callers: str, method: str = "GET") -> None:
         """Wait until every one of `callers` gets `status` five times in a row (a policy
-        change has reached the server, and on Envoy the pooled connections the callers'
-        sidecars opened before it are gone: each serves one more request under the old
-        policy, see test_a_policy_change_applies_to_open_connections)."""
+        change has reached the server and every connection the callers' sidecars pool
+        to it)."""
         for caller in callers:
 
             async def check(c: str = caller) -> bool:
@@ -273,10 +272,10 @@ async def _keep_alive_get(reader: Any, writer: Any, path: str) -> int:
     return int(head.split()[1])
 
 
-@pytest.mark.usefixtures("envoy_keeps_old_filter_chains")
 async def test_a_policy_change_applies_to_open_connections(env: Env) -> None:
     """A DENY applied while a client holds a keep-alive connection to the server's
-    inbound listener: the next request on that connection is denied."""
+    inbound listener: the next request on that connection is denied (on Envoy the
+    rules travel per route, over RDS, `proxy.envoy.translate.rbac_route`)."""
     s = env.s
     reader, writer = await asyncio.open_connection("127.0.0.1", env.server.ports["inbound"])
     try:
@@ -294,24 +293,6 @@ async def test_a_policy_change_applies_to_open_connections(env: Env) -> None:
 
 async def _plaintext_is(e: Env, path: str, status: int) -> bool:
     return await e.plaintext(path) == status
-
-
-@pytest.fixture
-def envoy_keeps_old_filter_chains(request: pytest.FixtureRequest, dataplane: str) -> None:
-    if dataplane == "envoy":
-        request.applymarker(
-            pytest.mark.xfail(
-                strict=True,
-                reason=(
-                    "bug: on Envoy AuthorizationPolicy (RBAC) and PeerAuthentication live in "
-                    "the inbound listener (LDS), so a change drains the old filter chain and "
-                    "connections opened before it keep the old policy for up to the drain "
-                    "time (5 s); Python applies it to the next request on every connection. "
-                    "Fix: RBAC per route over RDS (RBACPerRoute), or close drained "
-                    "connections at once"
-                ),
-            )
-        )
 
 
 ALLOW_NOTHING_TCP = policy("tcp-nothing", "  selector: {matchLabels: {app: tcp-echo}}\n")

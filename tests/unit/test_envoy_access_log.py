@@ -321,6 +321,37 @@ def test_inbound_rbac_denial_is_flagged_as_the_python_proxy_does() -> None:
     assert (record.status, record.flags) == (403, "RBAC")
 
 
+GRPC = {"content-type": "application/grpc"}
+
+
+@pytest.mark.parametrize(
+    ("headers", "response_headers", "trailers", "protocol", "grpc_status"),
+    [
+        # an answer from the app: the status in its trailers
+        (GRPC, {}, {"grpc-status": "14"}, "grpc", "14"),
+        # Envoy's trailers-only local reply (an RBAC denial): the status in the headers
+        (GRPC, {"grpc-status": "7"}, {}, "grpc", "7"),
+        ({"content-type": "application/grpc+proto"}, {}, {"grpc-status": "0"}, "grpc", "0"),
+        # a gRPC request whose answer had no status at all (a reset)
+        (GRPC, {}, {}, "grpc", ""),
+        ({"content-type": "application/json"}, {}, {}, "http", ""),
+        ({}, {}, {}, "http", ""),
+    ],
+)
+def test_grpc_requests_carry_their_protocol_and_grpc_status(
+    headers: dict[str, str],
+    response_headers: dict[str, str],
+    trailers: dict[str, str],
+    protocol: str,
+    grpc_status: str,
+) -> None:
+    entry = http_entry(headers=headers, upstream_cluster=f"outbound|0||{RATINGS}")
+    entry.response.response_headers.update(response_headers)
+    entry.response.response_trailers.update(trailers)
+    record, _ = converter().http("outbound", entry)
+    assert (record.protocol, record.grpc_status) == (protocol, grpc_status)
+
+
 def test_dry_run_result_from_shadow_rbac_metadata() -> None:
     entry = http_entry(authority="reviews")
     meta = struct_pb2.Struct()
@@ -540,6 +571,26 @@ def test_ingest_records_each_entry_once_with_istio_labels() -> None:
     assert access.records[0].time_ns == START_NS and access.records[1].response_flags == "UH"
     spans = wire.decode(kinds["spans"].payload)
     assert isinstance(spans, wire.SpanBatch) and len(spans.spans) == 3
+
+
+def test_ingest_leaves_spans_to_envoys_tracer_when_told() -> None:
+    """With Envoy's tracer on, its OTLP export gives the spans: the access logs of
+    sampled requests give counts and access records but no second span per hop."""
+    rec = recorder()
+    ingest = AccessLogIngest(converter(), rec, spans=False)
+    message = als_pb2.StreamAccessLogsMessage(
+        identifier=als_pb2.StreamAccessLogsMessage.Identifier(log_name="outbound")
+    )
+    message.http_logs.log_entry.append(
+        http_entry(
+            upstream_cluster=f"outbound|0|v1|{RATINGS}",
+            headers={"traceparent": f"00-{TRACE_ID}-{PARENT_ID}-01"},
+        )
+    )
+    ingest.on_message("", message)
+    assert counter(rec, wire.REQUESTS_TOTAL) == 1
+    kinds = {out.kind for out in rec.outgoing()}
+    assert "access" in kinds and "spans" not in kinds
 
 
 def test_ingest_counts_an_entry_it_cannot_convert_and_goes_on() -> None:

@@ -3,6 +3,7 @@ output; these pin down the decisions that matter)."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -35,10 +36,12 @@ from proxy.envoy.resources import TRUST_BUNDLE, WORKLOAD_CERT
 from proxy.envoy.translate import (
     MeshView,
     TranslationError,
+    rbac_route,
     referenced_hosts,
     tls_secrets,
     translate,
 )
+from proxy.envoy.translate.connect import CONNECT_ROUTE
 from proxy.envoy.translate.protos import to_dict
 from tests.unit.test_envoy_translate_golden import RATINGS, REVIEWS, sidecar, spiffe
 
@@ -64,7 +67,10 @@ def reviews_routes(tbl: RouteTable, node: Any = None, **view: Any) -> list[dict[
     out = translate(node or sidecar(), MeshView(destinations={REVIEWS: (tbl, None)}, **view))
     config = to_dict(out.routes["outbound_http"])
     (vhost,) = [v for v in config["virtualHosts"] if v["name"] == REVIEWS]
-    return list(vhost.get("routes", []))
+    # every known service's first route terminates a CONNECT (tested on its own)
+    connect, *routes = vhost.get("routes", [])
+    assert connect == CONNECT_ROUTE
+    return routes
 
 
 def ep(instance: str, **kw: Any) -> Endpoint:
@@ -296,7 +302,15 @@ def test_each_identity_gets_its_own_mtls_check_and_identityless_endpoints_plaint
     assert context["combinedValidationContext"]["defaultValidationContext"][
         "matchTypedSubjectAltNames"
     ] == [{"sanType": "URI", "matcher": {"exact": spiffe("default", "ratings")}}]
-    assert context["alpnProtocols"] == ["http/1.1"]
+    # no fixed ALPN: Envoy offers the protocol the request came in (h2 or http/1.1)
+    assert "alpnProtocols" not in context
+    protocol = cluster["typedExtensionProtocolOptions"][
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+    ]
+    assert set(protocol["useDownstreamProtocolConfig"]) == {
+        "httpProtocolOptions",
+        "http2ProtocolOptions",
+    }
     assert cluster["transportSocket"]["name"] == "envoy.transport_sockets.raw_buffer"
     untagged = [e for e in endpoints_of(out, f"outbound|0||{RATINGS}") if "metadata" not in e]
     assert [e["endpoint"]["hostname"] for e in untagged] == ["c"]
@@ -375,9 +389,16 @@ def test_port_level_mode_applies_to_its_port_only() -> None:
     assert chains(inbound_listener(policy(peer_authentication=(workload,)), node)) == ["tls"]
 
 
-def rbac_filters(listener: dict[str, Any]) -> list[dict[str, Any]]:
-    hcm = listener["filterChains"][0]["filters"][0]["typedConfig"]
-    return [f["typedConfig"] for f in hcm["httpFilters"] if f["name"] == "envoy.filters.http.rbac"]
+def inbound_route(policy: InboundPolicy, node: Any = None) -> dict[str, Any]:
+    out = translate(node or sidecar(), MeshView(destinations={}, inbound=policy))
+    return to_dict(out.routes["inbound_http"])
+
+
+def rbac_filters(route: dict[str, Any]) -> list[dict[str, Any]]:
+    """The RBAC rules in force on the inbound, in the order their filters run: each
+    slot's per-route configuration (the listener's slots have no rules of their own)."""
+    per_filter = route["virtualHosts"][0].get("typedPerFilterConfig", {})
+    return [per_filter[name]["rbac"] for _, name in rbac_route.SLOTS if name in per_filter]
 
 
 def test_principals_are_istio_form_matched_against_the_spiffe_uri() -> None:
@@ -398,7 +419,7 @@ def test_principals_are_istio_form_matched_against_the_spiffe_uri() -> None:
             ),
         ),
     )
-    (f,) = rbac_filters(inbound_listener(policy(authorization=(allow,))))
+    (f,) = rbac_filters(inbound_route(policy(authorization=(allow,))))
     ids = f["rules"]["policies"]["default/a[0]"]["principals"][0]["orIds"]["ids"]
     assert [i["authenticated"]["principalName"] for i in ids] == [
         {"exact": "spiffe://cluster.local/ns/default/sa/reviews"},
@@ -420,7 +441,7 @@ def test_policy_order_and_selectors() -> None:
             rules=(AuthzRule(),),
         ),
     )
-    filters = rbac_filters(inbound_listener(policy(authorization=policies)))
+    filters = rbac_filters(inbound_route(policy(authorization=policies)))
     assert [
         (f["rules"].get("action", "ALLOW"), list(f["rules"].get("policies", {}))) for f in filters
     ] == [
@@ -432,7 +453,7 @@ def test_policy_order_and_selectors() -> None:
 
 def test_an_allow_policy_without_rules_denies_everything() -> None:
     (f,) = rbac_filters(
-        inbound_listener(policy(authorization=(AuthzPolicy(name="nothing", namespace="default"),)))
+        inbound_route(policy(authorization=(AuthzPolicy(name="nothing", namespace="default"),)))
     )
     assert f["rules"].get("policies", {}) == {}  # ALLOW with no policy: nothing allowed
 
@@ -440,7 +461,7 @@ def test_an_allow_policy_without_rules_denies_everything() -> None:
 def test_ports_are_decided_for_the_listeners_port() -> None:
     rule = AuthzRule(operations=(Operation(ports=("8000",)),))
     (f,) = rbac_filters(
-        inbound_listener(
+        inbound_route(
             policy(
                 authorization=(AuthzPolicy(name="other-port", namespace="default", rules=(rule,)),)
             )
@@ -448,7 +469,7 @@ def test_ports_are_decided_for_the_listeners_port() -> None:
     )
     assert f["rules"].get("policies", {}) == {}
     (f,) = rbac_filters(
-        inbound_listener(
+        inbound_route(
             policy(
                 authorization=(AuthzPolicy(name="other-port", namespace="default", rules=(rule,)),)
             ),
@@ -462,7 +483,7 @@ def test_unevaluable_conditions_fail_closed_both_ways() -> None:
     when = (Condition(key="connection.sni", values=("x",)),)
     allow = AuthzPolicy(name="a", namespace="default", rules=(AuthzRule(when=when),))
     deny = AuthzPolicy(name="d", namespace="default", action="DENY", rules=(AuthzRule(when=when),))
-    filters = rbac_filters(inbound_listener(policy(authorization=(allow, deny))))
+    filters = rbac_filters(inbound_route(policy(authorization=(allow, deny))))
     by_action = {f["rules"].get("action", "ALLOW"): f["rules"]["policies"] for f in filters}
     assert by_action["ALLOW"]["default/a[0]"]["permissions"] == [{"notRule": {"any": True}}]
     assert by_action["DENY"]["default/d[0]"]["permissions"] == [{"any": True}]
@@ -526,9 +547,38 @@ def test_tls_secrets_are_named_for_sds_and_refuse_non_pem() -> None:
 def test_every_http_listener_relays_websocket_upgrades() -> None:
     node = sidecar(tcp_inbound=())
     out = translate(node, MeshView(destinations={}))
-    for name in ("outbound_http", "inbound_http"):
+    for name, upgrades in (
+        ("outbound_http", ["websocket", "CONNECT"]),
+        ("outbound_tunnel", ["websocket"]),
+        ("inbound_http", ["websocket"]),
+    ):
         hcm = to_dict(out.listeners[name])["filterChains"][0]["filters"][0]["typedConfig"]
-        assert hcm["upgradeConfigs"] == [{"upgradeType": "websocket"}], name
+        assert [u["upgradeType"] for u in hcm["upgradeConfigs"]] == upgrades, name
+
+
+def test_a_connect_to_a_mesh_service_is_served_on_the_outbound_routes() -> None:
+    """CONNECT (gRPC clients given HTTP_PROXY) is terminated for every known service
+    and its tunnel served by an internal listener on the same route configuration;
+    the CONNECT itself stays out of the access log."""
+    node = sidecar(tcp_inbound=(), access_log_cluster="als")
+    out = translate(node, MeshView(destinations={REVIEWS: (table(), None)}))
+    config = to_dict(out.routes["outbound_http"])
+    by_name = {v["name"]: v["routes"] for v in config["virtualHosts"]}
+    assert by_name[REVIEWS][0]["match"] == {"connectMatcher": {}}
+    assert by_name[REVIEWS][0]["route"]["cluster"] == "outbound_tunnel"
+    # an unknown host has no CONNECT route: Envoy answers 404 (NR), as Python does
+    assert all("connectMatcher" not in r["match"] for r in by_name["unknown_host"])
+    tunnel = to_dict(out.listeners["outbound_tunnel"])
+    assert "internalListener" in tunnel
+    hcm = tunnel["filterChains"][0]["filters"][0]["typedConfig"]
+    assert hcm["rds"]["routeConfigName"] == "outbound_http"
+    cluster = to_dict(out.clusters["outbound_tunnel"])
+    address = cluster["loadAssignment"]["endpoints"][0]["lbEndpoints"][0]["endpoint"]["address"]
+    assert address == {"envoyInternalAddress": {"serverListenerName": "outbound_tunnel"}}
+    outbound = to_dict(out.listeners["outbound_http"])["filterChains"][0]["filters"][0]
+    (log,) = outbound["typedConfig"]["accessLog"]
+    assert log["filter"]["headerFilter"]["header"]["name"] == ":method"
+    assert log["filter"]["headerFilter"]["header"]["invertMatch"] is True
 
 
 def test_dry_run_policies_become_shadow_rules_and_are_never_enforced() -> None:
@@ -540,7 +590,7 @@ def test_dry_run_policies_become_shadow_rules_and_are_never_enforced() -> None:
     dry_audit = AuthzPolicy(
         name="look", namespace="default", action="AUDIT", dry_run=True, rules=(AuthzRule(),)
     )
-    (f,) = rbac_filters(inbound_listener(policy(authorization=(dry_deny, dry_audit))))
+    (f,) = rbac_filters(inbound_route(policy(authorization=(dry_deny, dry_audit))))
     assert "rules" not in f
     assert f["shadowRules"]["action"] == "DENY"
     assert list(f["shadowRules"]["policies"]) == ["default/trial[0]"]
@@ -553,3 +603,43 @@ def test_the_inbound_moves_the_peer_metadata_header_out_of_the_apps_sight() -> N
     assert first["name"] == "envoy.filters.http.header_to_metadata"
     (rule,) = first["typedConfig"]["requestRules"]
     assert rule["header"] == "x-meshwork-peer" and rule["remove"] is True
+
+
+def test_an_authorization_change_changes_the_route_configuration_not_the_listener() -> None:
+    """Envoy applies a new route configuration to the next request of every open
+    connection, a new listener only to new connections: a policy change must touch
+    only the inbound route configuration."""
+    deny = AuthzPolicy(name="d", namespace="default", action="DENY", rules=(AuthzRule(),))
+    audit = AuthzPolicy(name="au", namespace="default", action="AUDIT", rules=(AuthzRule(),))
+    dry = AuthzPolicy(
+        name="dry", namespace="default", action="ALLOW", dry_run=True, rules=(AuthzRule(),)
+    )
+    views = [
+        MeshView(destinations={}, inbound=policy(authorization=authz))
+        for authz in (
+            (),
+            (deny,),
+            (audit, deny, dry),
+            (AuthzPolicy(name="a", namespace="default"),),
+        )
+    ]
+    outs = [translate(sidecar(), view) for view in views]
+    assert all(out.listeners == outs[0].listeners for out in outs)
+    routes = [to_dict(out.routes["inbound_http"]) for out in outs]
+    assert len({json.dumps(r, sort_keys=True) for r in routes}) == len(routes)
+    assert rbac_filters(routes[0]) == []
+    assert [f["rules"]["action"] for f in rbac_filters(routes[1])] == ["DENY"]
+    assert [list(f) for f in rbac_filters(routes[2])] == [
+        ["rules"],
+        ["rules"],
+        ["shadowRules", "shadowRulesStatPrefix"],
+    ]
+
+
+def test_an_rbac_filter_the_route_cannot_carry_is_refused() -> None:
+    stray = {
+        "name": "envoy.filters.http.rbac",
+        "typedConfig": {"@type": "x", "rules": {"action": "DENY"}},
+    }
+    with pytest.raises(TranslationError, match=r"http_filters\[1\]"):
+        rbac_route.split([stray, stray])

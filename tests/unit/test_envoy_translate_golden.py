@@ -652,6 +652,12 @@ def case_inbound_ext_authz() -> tuple[ProxyNode, MeshView]:
     return node, MeshView(destinations={EXT_AUTHZ: (None, authz_endpoints)}, inbound=policy)
 
 
+def case_inbound_grpc_app() -> tuple[ProxyNode, MeshView]:
+    """A gRPC app (`--app-protocol grpc`): the inbound listener offers ALPN h2 and
+    the app is spoken to in HTTP/2 cleartext."""
+    return sidecar(app_h2c=True, outbound=None), MeshView(destinations={})
+
+
 CASES: dict[str, Callable[[], tuple[ProxyNode, MeshView]]] = {
     "outbound_default": case_outbound_default,
     "outbound_routing": case_outbound_routing,
@@ -660,6 +666,7 @@ CASES: dict[str, Callable[[], tuple[ProxyNode, MeshView]]] = {
     "gateway": case_gateway,
     "inbound_jwt": case_inbound_jwt,
     "inbound_ext_authz": case_inbound_ext_authz,
+    "inbound_grpc_app": case_inbound_grpc_app,
 }
 
 

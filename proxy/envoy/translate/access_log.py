@@ -18,7 +18,12 @@ TELEMETRY_REQUEST_HEADERS = (
     "x-b3-sampled",
     "x-b3-flags",
     "x-meshwork-peer",
+    # `application/grpc...` makes a request gRPC (Istio's request_protocol)
+    "content-type",
 )
+# a gRPC answer's status: in the trailers, or in the headers of a trailers-only answer
+# (Envoy's own local replies to gRPC requests)
+GRPC_STATUS_HEADERS = ("grpc-status",)
 
 
 def _common(log_name: str, cluster: str) -> Json:
@@ -42,6 +47,8 @@ def http_access_log(log_name: str, cluster: str) -> list[Json]:
                 {
                     "commonConfig": _common(log_name, cluster),
                     "additionalRequestHeadersToLog": list(TELEMETRY_REQUEST_HEADERS),
+                    "additionalResponseHeadersToLog": list(GRPC_STATUS_HEADERS),
+                    "additionalResponseTrailersToLog": list(GRPC_STATUS_HEADERS),
                 },
             ),
         }

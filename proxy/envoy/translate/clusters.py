@@ -23,6 +23,16 @@ DEFAULT_CONNECT_TIMEOUT_MS = 10_000
 # Envoy's retry budget as the Python breaker applies it without `maxRetries`
 RETRY_BUDGET_PERCENT = 20.0
 RETRY_BUDGET_MIN_CONCURRENCY = 3
+# Towards peer sidecars: the protocol the request arrived in (HTTP/2 and gRPC stay
+# HTTP/2, over ALPN h2; HTTP/1.1 stays HTTP/1.1, so connection-pool limits count
+# connections as the Python sidecar's HTTP/1.1 pool does). Envoy offers that protocol
+# as the TLS ALPN (the upstream contexts name none), which both data planes accept.
+UPSTREAM_PROTOCOL: Json = {
+    "useDownstreamProtocolConfig": {"httpProtocolOptions": {}, "http2ProtocolOptions": {}}
+}
+# Towards the local app: what it declared (`--app-protocol`)
+APP_HTTP1: Json = {"explicitHttpConfig": {"httpProtocolOptions": {}}}
+APP_H2C: Json = {"explicitHttpConfig": {"http2ProtocolOptions": {}}}
 # endpoint metadata key a cluster's transport_socket_matches select on
 SOCKET_MATCH = "envoy.transport_socket_match"
 
@@ -126,9 +136,8 @@ def eds_cluster(
         "edsClusterConfig": {"edsConfig": ADS, "serviceName": name},
         "connectTimeout": duration(pool.connect_timeout_ms if pool else DEFAULT_CONNECT_TIMEOUT_MS),
         "circuitBreakers": {"thresholds": [_thresholds(pool)]},
-        "transportSocketMatches": transport_socket_matches(
-            endpoints, tls.MESH_ALPN if http else None
-        ),
+        # no explicit ALPN: Envoy offers the protocol `UPSTREAM_PROTOCOL` picked
+        "transportSocketMatches": transport_socket_matches(endpoints, None),
         "transportSocket": tls.raw_buffer(),
         "commonLbConfig": {"healthyPanicThreshold": {"value": _panic_threshold(policy)}},
     }
@@ -144,8 +153,11 @@ def eds_cluster(
     return parse(cluster_pb2.Cluster, body)  # type: ignore[return-value]
 
 
-def static_cluster(name: str, host: str, port: int, *, http: bool) -> cluster_pb2.Cluster:
-    """The local app (inbound clusters): one fixed plaintext endpoint."""
+def static_cluster(
+    name: str, host: str, port: int, *, http: bool, h2c: bool = False
+) -> cluster_pb2.Cluster:
+    """The local app (inbound clusters): one fixed plaintext endpoint, spoken to in
+    HTTP/2 cleartext when `h2c` (the app declared `--app-protocol grpc|http2`)."""
     body: Json = {
         "name": name,
         "type": "STATIC",
@@ -169,7 +181,7 @@ def static_cluster(name: str, host: str, port: int, *, http: bool) -> cluster_pb
     if http:
         body["typedExtensionProtocolOptions"] = {
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": typed(
-                HTTP_PROTOCOL_OPTIONS, _http_options(None)
+                HTTP_PROTOCOL_OPTIONS, _http_options(None, APP_H2C if h2c else APP_HTTP1)
             )
         }
     return parse(cluster_pb2.Cluster, body)  # type: ignore[return-value]
@@ -205,12 +217,12 @@ def _thresholds(pool: ConnectionPool | None) -> Json:
     return out
 
 
-def _http_options(pool: ConnectionPool | None) -> Json:
+def _http_options(pool: ConnectionPool | None, protocol: Json | None = None) -> Json:
     pool = pool or ConnectionPool()
     common: Json = {"idleTimeout": duration(pool.idle_timeout_ms)}
     if pool.max_requests_per_connection:
         common["maxRequestsPerConnection"] = pool.max_requests_per_connection
-    return {"explicitHttpConfig": {"httpProtocolOptions": {}}, "commonHttpProtocolOptions": common}
+    return {**(protocol or UPSTREAM_PROTOCOL), "commonHttpProtocolOptions": common}
 
 
 def _enforcing(threshold: int) -> int:

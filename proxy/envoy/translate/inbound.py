@@ -22,7 +22,7 @@ from proxy.envoy.access_log_convert import (
 from proxy.envoy.resources import XdsResources
 from proxy.policy.peer import effective_mtls
 
-from . import clusters, jwt_authn, listeners, ratelimit, rbac, tls
+from . import clusters, jwt_authn, listeners, ratelimit, rbac, rbac_route, tls
 from .model import MeshView, ProxyNode
 from .names import (
     INBOUND_HTTP_LISTENER,
@@ -77,7 +77,9 @@ def _chains(
     return chains
 
 
-def inbound_route_config(node: ProxyNode) -> Json:
+def inbound_route_config(node: ProxyNode, per_filter: Json | None = None) -> Json:
+    """`per_filter`: the virtual host's `typedPerFilterConfig` (the RBAC rules in
+    force, `rbac_route`)."""
     if node.app_port:
         action: Json = {"route": {"cluster": inbound_cluster(node.app_port), "timeout": "0s"}}
     else:
@@ -87,17 +89,14 @@ def inbound_route_config(node: ProxyNode) -> Json:
                 "body": {"inlineString": "this sidecar has no app port"},
             }
         }
-    return {
-        "name": INBOUND_HTTP_ROUTE,
-        "virtualHosts": [
-            {
-                "name": "inbound",
-                "domains": ["*"],
-                "routes": [{"name": "app", "match": {"prefix": "/"}, **action}],
-            }
-        ],
-        "validateClusters": False,
+    vhost: Json = {
+        "name": "inbound",
+        "domains": ["*"],
+        "routes": [{"name": "app", "match": {"prefix": "/"}, **action}],
     }
+    if per_filter:
+        vhost["typedPerFilterConfig"] = per_filter
+    return {"name": INBOUND_HTTP_ROUTE, "virtualHosts": [vhost], "validateClusters": False}
 
 
 def add_inbound_http(node: ProxyNode, view: MeshView, out: XdsResources) -> None:
@@ -106,13 +105,9 @@ def add_inbound_http(node: ProxyNode, view: MeshView, out: XdsResources) -> None
     policies = rbac.selected(view.inbound, node.labels)
     authns = jwt_authn.selected(view.inbound, node.labels)
     jwt_filters, jwks_clusters = jwt_authn.jwt_authn_filters(authns, jwks_ca_file(node))
-    # JWT, authorization, then rate limits, as the Python inbound path orders them
-    http_filters = [
-        # the caller's peer metadata moves into dynamic metadata: the app never sees
-        # it, the access log still carries it (a header removed is gone from the log)
-        peer_metadata_filter(),
-        *jwt_filters,
-        *rbac.rbac_filters(
+    # authorization rules travel per route (RDS), so a change applies to open connections
+    authz_filters, authz_per_route = rbac_route.split(
+        rbac.rbac_filters(
             policies,
             port,
             tcp=False,
@@ -120,7 +115,15 @@ def add_inbound_http(node: ProxyNode, view: MeshView, out: XdsResources) -> None
             issuers=jwt_authn.issuers(authns),
             inbound=view.inbound,
             namespace=node.namespace,
-        ),
+        )
+    )
+    # JWT, authorization, then rate limits, as the Python inbound path orders them
+    http_filters = [
+        # the caller's peer metadata moves into dynamic metadata: the app never sees
+        # it, the access log still carries it (a header removed is gone from the log)
+        peer_metadata_filter(),
+        *jwt_filters,
+        *authz_filters,
         *ratelimit.ratelimit_filters(ratelimit.selected(view.inbound, node.labels)),
     ]
     filters = {}
@@ -154,12 +157,16 @@ def add_inbound_http(node: ProxyNode, view: MeshView, out: XdsResources) -> None
         listener_filters=[listeners.tls_inspector()],
         direction="INBOUND",
     )
-    out.routes[INBOUND_HTTP_ROUTE] = parse(route_pb2.RouteConfiguration, inbound_route_config(node))
+    out.routes[INBOUND_HTTP_ROUTE] = parse(
+        route_pb2.RouteConfiguration, inbound_route_config(node, authz_per_route)
+    )
     for name, cluster in jwks_clusters.items():
         out.clusters[name] = parse(cluster_pb2.Cluster, cluster)
     if port:
         name = inbound_cluster(port)
-        out.clusters[name] = clusters.static_cluster(name, APP_HOST, port, http=True)
+        out.clusters[name] = clusters.static_cluster(
+            name, APP_HOST, port, http=True, h2c=node.app_h2c
+        )
 
 
 def add_inbound_tcp(node: ProxyNode, view: MeshView, out: XdsResources) -> None:

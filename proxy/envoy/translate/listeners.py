@@ -14,11 +14,15 @@ from .protos import (
     FAULT_FILTER,
     HCM,
     OPENTELEMETRY,
+    PARENT_BASED_SAMPLER,
     ROUTER,
     TCP_PROXY,
     TLS_INSPECTOR,
+    TRACE_ID_RATIO_SAMPLER,
+    UUID_REQUEST_ID,
     Json,
     parse,
+    percent,
     typed,
 )
 
@@ -34,6 +38,40 @@ def router_filter() -> Json:
 def fault_filter() -> Json:
     """The fault filter with no fault of its own: routes carry theirs."""
     return {"name": FAULT_FILTER, "typedConfig": typed(FAULT)}
+
+
+# A gRPC request whose route timeout expired (flag UT) ends DEADLINE_EXCEEDED (4), as
+# on the Python data plane (`proxy/http/local_reply.py`); Envoy's own mapping of its
+# 504 would say UNAVAILABLE. Envoy keeps a grpc-status a mapper set on its trailers-only
+# local reply; every other local reply keeps Envoy's HTTP-to-gRPC mapping, which is
+# the Python proxy's.
+GRPC_LOCAL_REPLIES: Json = {
+    "mappers": [
+        {
+            "filter": {
+                "andFilter": {
+                    "filters": [
+                        {"responseFlagFilter": {"flags": ["UT"]}},
+                        {
+                            "headerFilter": {
+                                "header": {
+                                    "name": "content-type",
+                                    "stringMatch": {"prefix": "application/grpc"},
+                                }
+                            }
+                        },
+                    ]
+                }
+            },
+            "headersToAdd": [
+                {
+                    "header": {"key": "grpc-status", "value": "4"},
+                    "appendAction": "OVERWRITE_IF_EXISTS_OR_ADD",
+                }
+            ],
+        }
+    ]
+}
 
 
 def http_connection_manager(
@@ -60,6 +98,7 @@ def http_connection_manager(
         # the Python proxies relay upgraded connections (WebSocket) too
         "upgradeConfigs": [{"upgradeType": "websocket"}],
         "httpFilters": [*http_filters, router_filter()],
+        "localReplyConfig": GRPC_LOCAL_REPLIES,
     }
     if route_config is not None:
         body["routeConfig"] = route_config
@@ -70,10 +109,34 @@ def http_connection_manager(
         body["accessLog"] = logs
     if tracing:
         body["tracing"] = tracing
+        body["requestIdExtension"] = REQUEST_ID_NOT_FOR_SAMPLING
     body.update(extra or {})
     return {
         "name": "envoy.filters.network.http_connection_manager",
         "typedConfig": typed(HCM, body),
+    }
+
+
+# Tracing samples by the W3C trace context, not by Envoy's request id: the request
+# id's trace status is reset wherever Envoy takes a request as external (the app's
+# connection to the outbound listener is one), which would drop a sampled trace at a
+# middle hop whose app forwards only `traceparent` (all the Python proxy needs)
+REQUEST_ID_NOT_FOR_SAMPLING: Json = {
+    "typedConfig": typed(UUID_REQUEST_ID, {"useRequestIdForTraceSampling": False})
+}
+
+
+def sampler(sampling: float) -> Json:
+    """OpenTelemetry's parent-based sampler: a request whose `traceparent` carries a
+    decision keeps it; one without is sampled with probability `sampling` percent
+    (by trace id), as the Python proxy decides (`proxy.telemetry.tracing`)."""
+    ratio: Json = {
+        "name": "envoy.tracers.opentelemetry.samplers.trace_id_ratio_based",
+        "typedConfig": typed(TRACE_ID_RATIO_SAMPLER, {"samplingPercentage": percent(sampling)}),
+    }
+    return {
+        "name": "envoy.tracers.opentelemetry.samplers.parent_based",
+        "typedConfig": typed(PARENT_BASED_SAMPLER, {"wrappedSampler": ratio}),
     }
 
 
@@ -82,20 +145,24 @@ def tracing(
 ) -> Json | None:
     """HCM `tracing` with Envoy's OpenTelemetry tracer (W3C trace context), exporting
     over OTLP gRPC to `cluster` (the sidecar's trace receiver, None when it runs none).
-    A request that arrives with a sampling decision keeps it; one without is traced
-    with probability `sampling` percent. Each HCM opens one span per request (no
-    separate upstream span): its kind follows the listener's traffic direction.
-    `peer_tag`: (tag, metadata namespace, key): a span tag filled from the request's
-    dynamic metadata (the caller's peer metadata on the inbound)."""
+    The sampler decides (`sampler`); the HCM's own sampling lets every request reach it
+    (`http_connection_manager` turns off request-id sampling). Each HCM opens one span
+    per request (no separate upstream span): its kind follows the listener's traffic
+    direction. `peer_tag`: (tag, metadata namespace, key): a span tag filled from the
+    request's dynamic metadata (the caller's peer metadata on the inbound)."""
     if not cluster:
         return None
     config: Json = {
-        "randomSampling": {"value": sampling},
+        "randomSampling": {"value": 100.0},
         "provider": {
             "name": "envoy.tracers.opentelemetry",
             "typedConfig": typed(
                 OPENTELEMETRY,
-                {"grpcService": {"envoyGrpc": {"clusterName": cluster}}, "serviceName": service},
+                {
+                    "grpcService": {"envoyGrpc": {"clusterName": cluster}},
+                    "serviceName": service,
+                    "sampler": sampler(sampling),
+                },
             ),
         },
     }

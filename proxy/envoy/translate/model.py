@@ -55,6 +55,8 @@ class ProxyNode:
     # of the requests that arrive without a sampling decision
     tracing_cluster: str = ""
     trace_sampling: float = 1.0
+    # the app speaks HTTP/2 cleartext (`--app-protocol grpc|http2`), else HTTP/1.1
+    app_h2c: bool = False
     # CA bundle for RequestAuthentication `jwksUri` servers (https); "" = the system's
     jwks_ca_file: str = ""
 

@@ -10,7 +10,7 @@ from mesh.messages import EndpointSet
 from proxy.envoy.resources import XdsResources
 from proxy.telemetry import PEER_METADATA_HEADER, encode_peer_metadata, own_workload
 
-from . import clusters, listeners, routes
+from . import clusters, connect, listeners, routes
 from .model import MeshView, ProxyNode
 from .names import OUTBOUND_HTTP_LISTENER, OUTBOUND_HTTP_ROUTE, outbound_cluster, service_domains
 from .protos import Json, parse
@@ -74,9 +74,12 @@ def outbound_route_config(node: ProxyNode, view: MeshView, ctx: routes.RouteCont
             {
                 "name": fqdn,
                 "domains": service_domains(fqdn, node.namespace),
-                "routes": routes.http_routes(
-                    routes.table_routes(table, fqdn), ctx, f"RouteTable {fqdn}"
-                ),
+                "routes": [
+                    connect.CONNECT_ROUTE,
+                    *routes.http_routes(
+                        routes.table_routes(table, fqdn), ctx, f"RouteTable {fqdn}"
+                    ),
+                ],
             }
         )
     vhosts.append(UNKNOWN_HOST)
@@ -95,19 +98,26 @@ def add_outbound(node: ProxyNode, view: MeshView, out: XdsResources) -> routes.R
     config = outbound_route_config(node, view, ctx)
     out.routes[OUTBOUND_HTTP_ROUTE] = parse(route_pb2.RouteConfiguration, config)
     assert node.outbound is not None
-    hcm = listeners.http_connection_manager(
-        "outbound_http",
-        route_config_name=OUTBOUND_HTTP_ROUTE,
-        http_filters=[listeners.fault_filter()],
-        access_log_name="outbound",
-        access_log_cluster=node.access_log_cluster,
-        tracing=listeners.tracing(node.tracing_cluster, node.service, node.trace_sampling),
-        # the Python proxy appends the app's address to x-forwarded-for
-        extra={"useRemoteAddress": True},
-    )
+
+    def hcm(prefix: str, extra: Json) -> Json:
+        return listeners.http_connection_manager(
+            prefix,
+            route_config_name=OUTBOUND_HTTP_ROUTE,
+            http_filters=[listeners.fault_filter()],
+            access_log_name="outbound",
+            access_log_cluster=node.access_log_cluster,
+            tracing=listeners.tracing(node.tracing_cluster, node.service, node.trace_sampling),
+            extra=extra,
+        )
+
+    # the Python proxy appends the app's address to x-forwarded-for
+    outbound = connect.accepting_connect(hcm("outbound_http", {"useRemoteAddress": True}))
     out.listeners[OUTBOUND_HTTP_LISTENER] = listeners.listener(
-        OUTBOUND_HTTP_LISTENER, node.outbound, [{"filters": [hcm]}], direction="OUTBOUND"
+        OUTBOUND_HTTP_LISTENER, node.outbound, [{"filters": [outbound]}], direction="OUTBOUND"
     )
+    # connections the app tunnels with CONNECT, served on the same routes
+    out.listeners[connect.TUNNEL] = connect.tunnel_listener(hcm("outbound_tunnel", {}))
+    out.clusters[connect.TUNNEL] = connect.tunnel_cluster()
     return ctx
 
 

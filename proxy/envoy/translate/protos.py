@@ -21,7 +21,10 @@ import envoy.extensions.filters.network.http_connection_manager.v3.http_connecti
 import envoy.extensions.filters.network.rbac.v3.rbac_pb2
 import envoy.extensions.filters.network.tcp_proxy.v3.tcp_proxy_pb2
 import envoy.extensions.path.match.uri_template.v3.uri_template_match_pb2
+import envoy.extensions.request_id.uuid.v3.uuid_pb2
 import envoy.extensions.retry.host.previous_hosts.v3.previous_hosts_pb2
+import envoy.extensions.tracers.opentelemetry.samplers.v3.parent_based_sampler_pb2
+import envoy.extensions.tracers.opentelemetry.samplers.v3.trace_id_ratio_based_sampler_pb2
 import envoy.extensions.transport_sockets.raw_buffer.v3.raw_buffer_pb2
 import envoy.extensions.transport_sockets.tls.v3.tls_pb2
 import envoy.extensions.upstreams.http.v3.http_protocol_options_pb2  # noqa: F401
@@ -35,6 +38,7 @@ HCM = _PREFIX + "envoy.extensions.filters.network.http_connection_manager.v3.Htt
 ROUTER = _PREFIX + "envoy.extensions.filters.http.router.v3.Router"
 FAULT = _PREFIX + "envoy.extensions.filters.http.fault.v3.HTTPFault"
 HTTP_RBAC = _PREFIX + "envoy.extensions.filters.http.rbac.v3.RBAC"
+HTTP_RBAC_PER_ROUTE = _PREFIX + "envoy.extensions.filters.http.rbac.v3.RBACPerRoute"
 NETWORK_RBAC = _PREFIX + "envoy.extensions.filters.network.rbac.v3.RBAC"
 LOCAL_RATELIMIT = _PREFIX + "envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit"
 TCP_PROXY = _PREFIX + "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy"
@@ -47,6 +51,10 @@ PREVIOUS_HOSTS = _PREFIX + "envoy.extensions.retry.host.previous_hosts.v3.Previo
 HTTP_GRPC_ACCESS_LOG = _PREFIX + "envoy.extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig"
 TCP_GRPC_ACCESS_LOG = _PREFIX + "envoy.extensions.access_loggers.grpc.v3.TcpGrpcAccessLogConfig"
 OPENTELEMETRY = _PREFIX + "envoy.config.trace.v3.OpenTelemetryConfig"
+_SAMPLERS = _PREFIX + "envoy.extensions.tracers.opentelemetry.samplers.v3."
+UUID_REQUEST_ID = _PREFIX + "envoy.extensions.request_id.uuid.v3.UuidRequestIdConfig"
+PARENT_BASED_SAMPLER = _SAMPLERS + "ParentBasedSamplerConfig"
+TRACE_ID_RATIO_SAMPLER = _SAMPLERS + "TraceIdRatioBasedSamplerConfig"
 
 # Envoy's name for the HTTP filters, used as keys of `typed_per_filter_config`
 FAULT_FILTER = "envoy.filters.http.fault"

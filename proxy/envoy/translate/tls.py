@@ -10,8 +10,10 @@ from proxy.envoy.resources import TRUST_BUNDLE, WORKLOAD_CERT
 from .model import TranslationError
 from .protos import ADS, DOWNSTREAM_TLS, RAW_BUFFER, UPSTREAM_TLS, Json, parse, typed
 
-# What the Python sidecars speak over mTLS (h2 may come later)
-MESH_ALPN = ["http/1.1"]
+# What a sidecar's inbound listener offers over mTLS (the Python sidecars offer the
+# same). Upstream contexts name no ALPN of their own: Envoy offers the protocol it
+# chose for the request (`clusters.UPSTREAM_PROTOCOL`) as its ALPN fallback.
+MESH_ALPN = ["h2", "http/1.1"]
 # TLS 1.3 only, both ways, as the Python sidecars (`mesh.identity._base_context`):
 # Envoy's upstream default stops at TLS 1.2, which a Python sidecar refuses
 MESH_TLS_PARAMS: Json = {
