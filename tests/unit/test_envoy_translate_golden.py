@@ -170,6 +170,7 @@ def reviews_table() -> RouteTable:
                         http1_max_pending_requests=10,
                         http2_max_requests=50,
                         max_requests_per_connection=1,
+                        max_concurrent_streams=16,
                         max_retries=3,
                         connect_timeout_ms=2500,
                     ),

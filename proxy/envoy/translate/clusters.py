@@ -5,6 +5,7 @@ choose from."""
 
 from __future__ import annotations
 
+import copy
 import ipaddress
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
@@ -222,7 +223,16 @@ def _http_options(pool: ConnectionPool | None, protocol: Json | None = None) -> 
     common: Json = {"idleTimeout": duration(pool.idle_timeout_ms)}
     if pool.max_requests_per_connection:
         common["maxRequestsPerConnection"] = pool.max_requests_per_connection
-    return {**(protocol or UPSTREAM_PROTOCOL), "commonHttpProtocolOptions": common}
+    chosen: Json = copy.deepcopy(protocol or UPSTREAM_PROTOCOL)
+    if pool.max_concurrent_streams:
+        # DestinationRule `connectionPool.http.maxConcurrentStreams`: streams per h2
+        # connection, as the Python h2 pool limits them (proxy/http/h2/streams.py)
+        for config in chosen.values():
+            if "http2ProtocolOptions" in config:
+                config["http2ProtocolOptions"]["maxConcurrentStreams"] = (
+                    pool.max_concurrent_streams
+                )
+    return {**chosen, "commonHttpProtocolOptions": common}
 
 
 def _enforcing(threshold: int) -> int:

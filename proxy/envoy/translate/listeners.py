@@ -91,7 +91,10 @@ def http_connection_manager(
     body: Json = {
         "statPrefix": stat_prefix,
         "codecType": "AUTO",
-        "httpProtocolOptions": {"allowAbsoluteUrl": True},
+        # trailers reach HTTP/1.1 clients in the last chunk (gRPC status for an h1
+        # caller), as the Python engine does (architecture §5.3: it sends them only
+        # to a client that sent `TE: trailers`)
+        "httpProtocolOptions": {"allowAbsoluteUrl": True, "enableTrailers": True},
         "normalizePath": True,
         "mergeSlashes": True,
         "pathWithEscapedSlashesAction": "REJECT_REQUEST",
