@@ -1,0 +1,183 @@
+"""Transparent interception with real sidecars, NATS, etcd, registry, config and CA,
+in a real network namespace with real nftables rules (docs/architecture.md §5.4).
+
+An app that ignores HTTP_PROXY (`curl --noproxy '*'`, a raw socket) reaches mesh
+services by name (the sidecar's DNS answers the registry's virtual IP) or by an
+instance's IP, over mTLS, with routing and authorization applied; the namespace, veth,
+rules and resolv.conf are gone when the sidecar stops.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.integration.test_mesh_security import delete
+from tests.intercept_support import (
+    app_server_command,
+    gone,
+    in_namespace,
+    intercept_state_dir,
+    namespace_of,
+    python_in,
+    skip_without_interception,
+)
+from tests.support import (
+    MeshHarness,
+    destination_rule_yaml,
+    eventually,
+    free_port,
+    route_all_yaml,
+)
+
+pytestmark = pytest.mark.usefixtures("interception")
+
+
+@pytest.fixture
+def interception(tmp_path: Path) -> Path:
+    skip_without_interception()
+    return intercept_state_dir(tmp_path)
+
+
+def host_ip() -> str:
+    """A non-loopback address of this host (a mesh instance's raw IP is reached there)."""
+    out = subprocess.run(
+        ["ip", "-4", "-o", "addr", "show", "scope", "global"], capture_output=True, text=True
+    ).stdout
+    for line in out.splitlines():
+        address = line.split()[3].split("/")[0]
+        if not address.startswith("100.127."):  # our own veths
+            return address
+    pytest.skip("no global IPv4 address on this host for the raw-IP test")
+
+
+async def intercepted_client(mesh: MeshHarness, service: str = "productpage") -> Any:
+    """An intercepted sidecar whose app (an HTTP server on 127.0.0.1) runs in its own
+    namespace; the tests run their clients in that namespace too."""
+    from proxy.intercept.rules import InterceptSettings
+    from proxy.settings import SidecarSettings
+    from proxy.sidecar import Sidecar
+
+    port = free_port()
+    settings = SidecarSettings(
+        service=service,
+        version="v1",
+        app_port=port,
+        nats=[mesh.nats_url],
+        prefix=mesh.prefix,
+        drain_timeout=1.0,
+        token=await mesh.token(service),
+        intercept=True,
+        capture=InterceptSettings(),
+    )
+    import asyncio
+
+    sc = Sidecar(settings, app_server_command(port))
+    mesh.sidecars.append(sc)
+    mesh.tasks.append(asyncio.create_task(sc.run(), name=f"sidecar:{service}"))
+    await eventually(lambda: sc.ready, timeout=20)
+    return sc
+
+
+async def curl(namespace: str, url: str) -> tuple[int, dict[str, Any] | str]:
+    """`curl --noproxy '*'` in the namespace: (HTTP status, JSON body or text)."""
+    code, out = await in_namespace(
+        namespace, "curl", "-sS", "--noproxy", "*", "-m", "10", "-w", "\n%{http_code}", url
+    )
+    assert code == 0, out
+    body, _, status = out.rpartition("\n")
+    try:
+        return int(status), json.loads(body)
+    except ValueError:
+        return int(status), body
+
+
+async def test_app_without_proxy_reaches_mesh_services_by_name_and_by_ip(
+    nats_server, etcd_server, prefix
+) -> None:
+    async with MeshHarness(nats_server.url, etcd_server.url, prefix) as mesh:
+        bind = host_ip()
+        await mesh.sidecar("reviews", "v1", bind_host=bind)
+        v2 = await mesh.sidecar("reviews", "v2", bind_host=bind)
+        client = await intercepted_client(mesh)
+        ns = namespace_of(client)
+        # the app got no HTTP_PROXY, and a request by name is captured and routed
+        await mesh.apply(destination_rule_yaml("reviews") + "---" + route_all_yaml("reviews", "v2"))
+        code, out = await python_in(ns, "import os; print(os.environ.get('HTTP_PROXY', '-'))")
+        assert out.strip() == "-"
+
+        async def routed_to_v2() -> bool:
+            status, body = await curl(ns, "http://reviews:9080/page")
+            return status == 200 and isinstance(body, dict) and body["version"] == "v2"
+
+        await eventually(routed_to_v2, timeout=15)
+        status, body = await curl(ns, "http://reviews.default.svc.cluster.local:9080/x")
+        assert status == 200 and isinstance(body, dict)
+        assert body["service"] == "reviews" and body["version"] == "v2"
+        # over mTLS: the server sidecar saw the client's SPIFFE identity
+        seen = {k.lower(): v for k, v in v2.echo.seen_headers[-1].items()}
+        xfcc = seen.get("x-forwarded-client-cert", "")
+        assert "spiffe://cluster.local/ns/default/sa/productpage" in xfcc
+
+        # a raw IP of an instance (its registered address) is captured too
+        v1_address = mesh.sidecars[0]
+        address = f"{bind}:{v1_address.ports['inbound']}"
+        status, body = await curl(ns, f"http://{address}/raw")
+        assert status == 200 and isinstance(body, dict) and body["service"] == "reviews"
+
+        # authorization applies to captured traffic: deny productpage
+        await mesh.apply(
+            """
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-productpage}
+spec:
+  selector: {matchLabels: {app: reviews}}
+  action: DENY
+  rules:
+  - from:
+    - source: {principals: [cluster.local/ns/default/sa/productpage]}
+"""
+        )
+
+        async def denied() -> bool:
+            return (await curl(ns, "http://reviews:9080/"))[0] == 403
+
+        await eventually(denied, timeout=15)
+        assert (await curl(ns, f"http://{address}/raw"))[0] == 403
+        await delete(mesh, "AuthorizationPolicy", "deny-productpage")
+
+        # a name that is no mesh service is forwarded to the host's resolver, and an
+        # unknown destination is refused (REGISTRY_ONLY)
+        code, out = await python_in(
+            ns,
+            "import socket\n"
+            "s = socket.create_connection(('192.0.2.123', 4444), timeout=5)\n"
+            "s.settimeout(5)\n"
+            "print('data', s.recv(10))\n",
+        )
+        assert code != 0 and ("Connection reset" in out or "data b''" in out), out
+        refused = client.stats.registry.get_sample_value(
+            "meshwork_proxy_capture_connections_total", {"protocol": "tcp", "action": "refuse"}
+        )
+        assert refused == 1
+
+        # inbound: the mesh reaches the app in its namespace through the sidecar
+        page = await mesh.sidecar("caller", app=False)
+        import asyncio
+
+        reader, writer = await asyncio.open_connection("127.0.0.1", page.ports["outbound"])
+        writer.write(
+            b"GET http://productpage:9080/ HTTP/1.1\r\nHost: productpage:9080\r\n"
+            b"Connection: close\r\n\r\n"
+        )
+        reply = await reader.read()
+        writer.close()
+        assert reply.startswith(b"HTTP/1.1 200"), reply[:200]
+
+        client.stop()
+        await eventually(lambda: gone(ns), timeout=20)
