@@ -64,6 +64,34 @@ def app_server_command(port: int) -> list[str]:
     return [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"]
 
 
+async def intercepted_client(mesh: Any, service: str = "productpage", **capture: Any) -> Any:
+    """An intercepted sidecar (in this event loop) whose app, an HTTP server on
+    127.0.0.1, runs in its own namespace; tests run their clients in that namespace
+    too. `capture`: InterceptSettings fields (e.g. opaque_ports)."""
+    from proxy.intercept.rules import InterceptSettings
+    from proxy.settings import SidecarSettings
+    from proxy.sidecar import Sidecar
+    from tests.support import eventually
+
+    port = free_port()
+    settings = SidecarSettings(
+        service=service,
+        version="v1",
+        app_port=port,
+        nats=[mesh.nats_url],
+        prefix=mesh.prefix,
+        drain_timeout=1.0,
+        token=await mesh.token(service),
+        intercept=True,
+        capture=InterceptSettings(**capture),
+    )
+    sc = Sidecar(settings, app_server_command(port))
+    mesh.sidecars.append(sc)
+    mesh.tasks.append(asyncio.create_task(sc.run(), name=f"sidecar:{service}"))
+    await eventually(lambda: sc.ready, timeout=20)
+    return sc
+
+
 def namespace_of(sidecar: Any) -> str:
     return str(sidecar.interception.addresses.namespace)
 
@@ -91,6 +119,7 @@ __all__ = [
     "host_state",
     "in_namespace",
     "intercept_state_dir",
+    "intercepted_client",
     "namespace_of",
     "python_in",
     "skip_without_interception",

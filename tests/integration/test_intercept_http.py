@@ -9,6 +9,7 @@ rules and resolv.conf are gone when the sidecar stops.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 from pathlib import Path
@@ -18,10 +19,10 @@ import pytest
 
 from tests.integration.test_mesh_security import delete
 from tests.intercept_support import (
-    app_server_command,
     gone,
     in_namespace,
     intercept_state_dir,
+    intercepted_client,
     namespace_of,
     python_in,
     skip_without_interception,
@@ -30,7 +31,6 @@ from tests.support import (
     MeshHarness,
     destination_rule_yaml,
     eventually,
-    free_port,
     route_all_yaml,
 )
 
@@ -53,34 +53,6 @@ def host_ip() -> str:
         if not address.startswith("100.127."):  # our own veths
             return address
     pytest.skip("no global IPv4 address on this host for the raw-IP test")
-
-
-async def intercepted_client(mesh: MeshHarness, service: str = "productpage") -> Any:
-    """An intercepted sidecar whose app (an HTTP server on 127.0.0.1) runs in its own
-    namespace; the tests run their clients in that namespace too."""
-    from proxy.intercept.rules import InterceptSettings
-    from proxy.settings import SidecarSettings
-    from proxy.sidecar import Sidecar
-
-    port = free_port()
-    settings = SidecarSettings(
-        service=service,
-        version="v1",
-        app_port=port,
-        nats=[mesh.nats_url],
-        prefix=mesh.prefix,
-        drain_timeout=1.0,
-        token=await mesh.token(service),
-        intercept=True,
-        capture=InterceptSettings(),
-    )
-    import asyncio
-
-    sc = Sidecar(settings, app_server_command(port))
-    mesh.sidecars.append(sc)
-    mesh.tasks.append(asyncio.create_task(sc.run(), name=f"sidecar:{service}"))
-    await eventually(lambda: sc.ready, timeout=20)
-    return sc
 
 
 async def curl(namespace: str, url: str) -> tuple[int, dict[str, Any] | str]:
@@ -168,8 +140,6 @@ spec:
 
         # inbound: the mesh reaches the app in its namespace through the sidecar
         page = await mesh.sidecar("caller", app=False)
-        import asyncio
-
         reader, writer = await asyncio.open_connection("127.0.0.1", page.ports["outbound"])
         writer.write(
             b"GET http://productpage:9080/ HTTP/1.1\r\nHost: productpage:9080\r\n"
