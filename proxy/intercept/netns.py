@@ -15,6 +15,7 @@ import ipaddress
 import json
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 from pathlib import Path
@@ -151,6 +152,7 @@ def remove(addresses: NetnsAddresses) -> None:
     """Remove the host table, the veth pair, the namespace and the record; each step
     tolerates what is already gone."""
     steps = [
+        lambda: _kill_processes_in(addresses.namespace),
         lambda: load_rules(delete_table(addresses.table)),
         lambda: _delete_link(addresses.host_if),
         lambda: _delete_namespace(addresses.namespace),
@@ -163,6 +165,17 @@ def remove(addresses: NetnsAddresses) -> None:
     shutil.rmtree(Path("/etc/netns") / addresses.namespace, ignore_errors=True)
     _record_path(addresses).unlink(missing_ok=True)
     log.info("intercept.namespace_removed", namespace=addresses.namespace)
+
+
+def _kill_processes_in(namespace: str) -> None:
+    """What still runs in the namespace: the app of a sidecar that was SIGKILLed (a
+    stopping sidecar has stopped its app already)."""
+    if not Path(f"/run/netns/{namespace}").exists():
+        return
+    for pid in run(["ip", "netns", "pids", namespace]).split():
+        with contextlib.suppress(ProcessLookupError, ValueError):
+            os.kill(int(pid), signal.SIGKILL)
+            log.info("intercept.app_killed", namespace=namespace, pid=int(pid))
 
 
 def _delete_link(name: str) -> None:

@@ -130,3 +130,18 @@ def test_parse_ports() -> None:
     for bad in ("0", "65536", "ssh", "-1"):
         with pytest.raises(ValueError, match=f"--opaque-ports: '{bad}' is not a port"):
             parse_ports(bad, "--opaque-ports")
+
+
+def test_interception_without_privilege_is_refused_clearly(monkeypatch) -> None:
+    from proxy.intercept import netns
+
+    monkeypatch.setattr(netns.os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(netns, "_has_cap_net_admin", lambda: False)
+    monkeypatch.setattr(netns.shutil, "which", lambda tool: f"/usr/sbin/{tool}")
+    with pytest.raises(netns.InterceptError, match="needs root or CAP_NET_ADMIN"):
+        netns.require_net_admin()
+    monkeypatch.setattr(netns, "_has_cap_net_admin", lambda: True)
+    netns.require_net_admin()
+    monkeypatch.setattr(netns.shutil, "which", lambda tool: None if tool == "nft" else "/x")
+    with pytest.raises(netns.InterceptError, match="needs nft on PATH"):
+        netns.require_net_admin()
