@@ -26,7 +26,6 @@ from tests.intercept_support import (
 )
 from tests.support import MeshHarness, eventually, free_port
 
-
 ROOT = Path(__file__).resolve().parents[2]
 
 
