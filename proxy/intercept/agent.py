@@ -36,10 +36,14 @@ class Interception:
         s = self.settings
         await asyncio.to_thread(netns.require_net_admin)
         await asyncio.to_thread(netns.remove_stale)
-        addresses = await asyncio.to_thread(netns.allocate, uuid.uuid4().hex[:8])
-        started.push_async_callback(asyncio.to_thread, netns.remove, addresses)
         app_ports = [s.app_port, *s.tcp_ports, *s.capture.exclude_inbound_ports]
-        await asyncio.to_thread(netns.create, addresses, app_ports)
+
+        def created(addresses: NetnsAddresses) -> None:
+            started.push_async_callback(asyncio.to_thread, netns.remove, addresses)
+
+        addresses = await asyncio.to_thread(
+            netns.allocate_and_create, uuid.uuid4().hex[:8], app_ports, created
+        )
         self.addresses = addresses
         s.app_host = addresses.app_ip
         dns = DnsServer(self.vips.address_of, s.namespace, self.stats.registry)

@@ -29,6 +29,7 @@ from prometheus_client import CollectorRegistry, Counter
 from mesh.hosts import canonical_host, service_of_host
 from mesh.logs import get_logger
 from proxy.http import Exchange, Limits, Request
+from proxy.http.listen import ConnectionSet
 from proxy.http.server import HttpServerProtocol
 from proxy.intercept.detect import DETECT_TIMEOUT_S, MAX_DETECT_BYTES, Detected, detect
 from proxy.intercept.targets import Action, CaptureTargets, Target, decide
@@ -94,6 +95,9 @@ class CaptureListener:
         self._sock: socket.socket | None = None
         self._accepting: asyncio.Task[None] | None = None
         self._pending: set[asyncio.Task[None]] = set()
+        # captured HTTP connections, closed with the listener
+        self.http_connections = ConnectionSet()
+        self._own: tuple[str, int] = ("", 0)
 
     async def start(self, host: str, port: int = 0) -> int:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -107,6 +111,7 @@ class CaptureListener:
             raise
         self._sock = sock
         self.port = int(sock.getsockname()[1])
+        self._own = (host, self.port)
         self._accepting = asyncio.get_running_loop().create_task(
             self._accept_forever(sock), name="capture:accept"
         )
@@ -121,6 +126,7 @@ class CaptureListener:
             self._sock.close()
         for task in list(self._pending):
             task.cancel()
+        self.http_connections.abort()
 
     async def _accept_forever(self, sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
@@ -140,6 +146,12 @@ class CaptureListener:
     async def _dispatch(self, conn: socket.socket) -> None:
         try:
             host, port = original_destination(conn)
+            if (host, port) == self._own:
+                # not redirected: someone connected to this listener itself (it would
+                # route anything it is sent, as if captured)
+                log.info("capture.not_redirected", destination=f"{host}:{port}")
+                _reset(conn)
+                return
             target, protocol = await asyncio.gather(
                 self.targets.resolve(host, port), self._detect(conn, port)
             )
@@ -169,7 +181,7 @@ class CaptureListener:
         elif action is Action.ROUTE_HTTP:
             handler = self._http_for(target)
             await asyncio.get_running_loop().connect_accepted_socket(
-                lambda: HttpServerProtocol(handler, self.limits), conn
+                lambda: HttpServerProtocol(handler, self.limits, self.http_connections), conn
             )
         elif action is Action.RELAY_SERVICE:
             assert target.service is not None

@@ -5,6 +5,7 @@ per message, no compression in questions (stub resolvers send none)."""
 from __future__ import annotations
 
 import ipaddress
+import re
 import struct
 from dataclasses import dataclass
 
@@ -37,6 +38,7 @@ _RA = 0x0080
 _OPCODE = 0x7800
 _POINTER_TO_QUESTION = 0xC00C  # the question's name starts right after the header
 MAX_NAME = 255
+_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 
 
 class DnsFormatError(ValueError):
@@ -112,4 +114,7 @@ def mesh_service(name: str, namespace: str) -> ServiceRef | None:
     is the registry's answer (a two-label name such as `example.com` is asked too)."""
     if not name or name.endswith(".") or ".." in name:
         return None
-    return service_of_host(canonical_host(name, namespace))
+    ref = service_of_host(canonical_host(name, namespace))
+    if ref is None or not (_DNS_LABEL.fullmatch(ref.name) and _DNS_LABEL.fullmatch(ref.namespace)):
+        return None
+    return ref

@@ -11,6 +11,7 @@ cannot clean up), and removes its own on stop.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import ipaddress
 import json
 import os
@@ -18,6 +19,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from mesh import errors
@@ -91,8 +93,23 @@ def load_rules(ruleset: str, namespace: str = "") -> None:
     run([*prefix, "nft", "-f", "-"], stdin=ruleset)
 
 
+@contextlib.contextmanager
+def allocation_lock() -> Iterator[None]:
+    """Held from choosing a /30 until its veth has the address, so that sidecars
+    starting at once never choose the same one."""
+    directory = state_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def allocate(ident: str) -> NetnsAddresses:
-    """A /30 of VETH_POOL for `ident` that no interface on the host uses yet."""
+    """A /30 of VETH_POOL for `ident` that no interface on the host uses yet (call
+    with `allocation_lock` held until `create` has run)."""
     used = {
         ipaddress.ip_interface(word).network
         for line in run(["ip", "-4", "-o", "addr", "show"]).splitlines()
@@ -146,6 +163,18 @@ def create(addresses: NetnsAddresses, app_ports: list[int]) -> None:
     # `ip netns exec` mounts this over /etc/resolv.conf: the sidecar's DNS server
     (etc / "resolv.conf").write_text(f"nameserver {addresses.host_ip}\noptions ndots:1\n")
     log.info("intercept.namespace_created", namespace=ns, app_ip=addresses.app_ip)
+
+
+def allocate_and_create(
+    ident: str, app_ports: list[int], created: Callable[[NetnsAddresses], None]
+) -> NetnsAddresses:
+    """`allocate` then `create` under the allocation lock; `created(addresses)` is
+    called before `create`, so the caller can undo a half-made namespace."""
+    with allocation_lock():
+        addresses = allocate(ident)
+        created(addresses)
+        create(addresses, app_ports)
+    return addresses
 
 
 def remove(addresses: NetnsAddresses) -> None:
@@ -222,6 +251,7 @@ __all__ = [
     "APP_TABLE",
     "InterceptError",
     "allocate",
+    "allocate_and_create",
     "app_command",
     "create",
     "load_rules",

@@ -14,7 +14,9 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from mesh import errors
 from mesh.hosts import ServiceRef
+from mesh.logs import get_logger
 from mesh.messages import Endpoint, EndpointsGetReply, EndpointsGetRequest
 from proxy.intercept.detect import Detected
 
@@ -27,6 +29,8 @@ __all__ = [
     "Target",
     "decide",
 ]
+
+log = get_logger("proxy.intercept.targets")
 
 REGISTRY_ONLY = "REGISTRY_ONLY"
 ALLOW_ANY = "ALLOW_ANY"
@@ -131,7 +135,12 @@ class CaptureTargets:
             return Target(service=ref, port=port)
         now = self.clock()
         if self._addresses is None or now - self._addresses[0] > ADDRESSES_TTL_S:
-            self._addresses = (now, await self.endpoints(EndpointsGetRequest()))
+            try:
+                self._addresses = (now, await self.endpoints(EndpointsGetRequest()))
+            except errors.MeshError as e:
+                # the registry is away: unknown for now (HTTP is still routed by Host)
+                log.warning("capture.addresses_unavailable", error=str(e))
+                return Target(port=port)
         found = target_of_endpoints(self._addresses[1], host, port)
         if found is None:
             return Target(port=port)

@@ -10,6 +10,7 @@ rules and resolv.conf are gone when the sidecar stops.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import subprocess
 from pathlib import Path
@@ -148,6 +149,14 @@ spec:
         reply = await reader.read()
         writer.close()
         assert reply.startswith(b"HTTP/1.1 200"), reply[:200]
+
+        # the capture listener itself, connected to without a redirect, routes nothing
+        capture = (client.interception.addresses.host_ip, client.ports["capture"])
+        reader, writer = await asyncio.open_connection(*capture)
+        writer.write(b"GET / HTTP/1.1\r\nHost: reviews:9080\r\n\r\n")
+        with contextlib.suppress(ConnectionError):
+            assert await reader.read() == b""
+        writer.close()
 
         client.stop()
         await eventually(lambda: gone(ns), timeout=20)

@@ -133,6 +133,17 @@ async def test_targets_virtual_ip_then_instance_addresses() -> None:
     assert registry.asked == 2
 
 
+async def test_targets_are_unknown_while_the_registry_is_away() -> None:
+    from mesh import errors
+
+    async def away(_req: EndpointsGetRequest) -> EndpointsGetReply:
+        raise errors.BusTimeout("registry.get timed out")
+
+    targets = CaptureTargets(vip_service, away)
+    assert await targets.resolve("192.0.2.2", 4000) == Target(port=4000)
+    assert await targets.resolve("240.240.0.9", 80) == Target(REVIEWS, 80)
+
+
 def test_vip_candidates_are_stable_usable_pool_addresses() -> None:
     first = list(zip(range(5), candidates(REVIEWS), strict=False))
     again = list(zip(range(5), candidates(REVIEWS), strict=False))

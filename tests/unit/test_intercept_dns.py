@@ -77,6 +77,8 @@ def test_error_reply_keeps_the_id() -> None:
         ("reviews.prod.svc", ServiceRef("prod", "reviews")),
         ("reviews.prod.svc.cluster.local", ServiceRef("prod", "reviews")),
         ("api.example.org", None),
+        ("foo_bar", None),  # not a DNS label: never asked of the registry
+        ("reviews.Prod-", None),
         ("", None),
     ],
 )
