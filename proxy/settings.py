@@ -66,6 +66,10 @@ class SidecarSettings:
     # in its own network namespace and its outbound TCP and DNS are captured
     intercept: bool = False
     capture: InterceptSettings = field(default_factory=InterceptSettings)
+    # the pod form (`--capture-port`, `--dns-port`): `meshctl intercept-init` installed
+    # the rules in the namespace this sidecar shares with its app; 0: not used
+    capture_port: int = 0
+    dns_port: int = 0
     # where the app listens as the sidecar reaches it: 127.0.0.1, or the app's
     # namespace address when intercepting (set by the sidecar once it exists)
     app_host: str = "127.0.0.1"

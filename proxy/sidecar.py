@@ -174,6 +174,9 @@ class Sidecar:
             if self.app is not None:
                 self.app.command = self.interception.app_command(self.app.command)
                 self.app.host = s.app_host
+        elif s.capture_port:
+            self.interception = Interception(s, self.bus, self.stats)
+            capture = await self.interception.setup_pod(started)
         started.push_async_callback(self.dataplane.stop)
         addresses = await self.dataplane.start(
             DataPlaneContext(
@@ -190,7 +193,7 @@ class Sidecar:
             )
         )
         self.ports.update(addresses.listeners)
-        if self.interception is not None:
+        if self.interception is not None and s.intercept:
             await self.interception.capture(self.ports["capture"])
         if self.record is not None and s.dataplane == "envoy":
             # Envoy outlives a killed sidecar: `meshctl down` must find it
@@ -314,7 +317,7 @@ class Sidecar:
                         s,
                         # an intercepted app is given no proxy: its traffic is captured
                         outbound=""
-                        if s.intercept
+                        if self.interception is not None
                         else f"http://127.0.0.1:{self.ports['outbound']}",
                         admin=f"http://{s.bind_host}:{self.ports['admin']}",
                     )

@@ -160,6 +160,19 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
         "DNS (no HTTP_PROXY needed; Linux, root or CAP_NET_ADMIN)",
     )
     sc.add_argument(
+        "--capture-port",
+        type=int,
+        default=0,
+        help="pod form: the rules were installed by `meshctl intercept-init` in this "
+        "namespace; serve the capture listener on 127.0.0.1:PORT (its --capture-port)",
+    )
+    sc.add_argument(
+        "--dns-port",
+        type=int,
+        default=0,
+        help="pod form: serve the DNS server on 127.0.0.1:PORT (intercept-init's --dns-port)",
+    )
+    sc.add_argument(
         "--exclude-outbound-cidrs",
         default="",
         metavar="CIDR[,CIDR...]",
@@ -307,6 +320,8 @@ def cmd_sidecar(args: argparse.Namespace) -> int:
         args,
         intercept=args.intercept,
         capture=capture,
+        capture_port=args.capture_port,
+        dns_port=args.dns_port,
         service=args.service,
         version=args.version,
         app_port=args.app_port,
@@ -341,10 +356,33 @@ def _intercept_settings(args: argparse.Namespace, app: list[str]) -> Any:
         "--exclude-inbound-ports": args.exclude_inbound_ports,
         "--opaque-ports": args.opaque_ports,
     }
+    for flag, port in (("--capture-port", args.capture_port), ("--dns-port", args.dns_port)):
+        if not 0 <= port < 65536:
+            raise CLIError(f"{flag} must be in 1..65535, got {port}")
+    if args.intercept and args.capture_port:
+        raise CLIError(
+            "--intercept (the sidecar makes the app's namespace) and --capture-port (the "
+            "pod form, rules from intercept-init) exclude each other"
+        )
+    if args.dns_port and not args.capture_port:
+        raise CLIError("--dns-port belongs to the pod form: add --capture-port")
+    if args.capture_port:
+        if args.dataplane != "python":
+            raise CLIError("--capture-port runs on --dataplane python only")
+        # the rules live in intercept-init; only what the listener reads applies here
+        ruled = [f for f in flags if f != "--opaque-ports" and flags[f]]
+        if ruled:
+            raise CLIError(f"{', '.join(ruled)}: pass them to `meshctl intercept-init`")
+        try:
+            return rules.InterceptSettings(
+                opaque_ports=rules.parse_ports(args.opaque_ports, "--opaque-ports")
+            )
+        except ValueError as e:
+            raise CLIError(str(e)) from None
     if not args.intercept:
         given = [flag for flag, value in flags.items() if value]
         if given:
-            raise CLIError(f"{', '.join(given)} only apply with --intercept")
+            raise CLIError(f"{', '.join(given)} only apply with --intercept or --capture-port")
         return rules.InterceptSettings()
     if args.dataplane != "python":
         raise CLIError("--intercept runs on --dataplane python only (Envoy's is not built yet)")

@@ -213,7 +213,7 @@ class PythonDataPlane:
             policy=ctx.capture.outbound_policy,
             opaque_ports=s.capture.opaque_ports,
         )
-        self._ports["capture"] = await capture.start(ctx.capture.host)
+        self._ports["capture"] = await capture.start(ctx.capture.host, ctx.capture.port)
         self._captures.append(capture)
 
     # ------------------------------------------------------------ handlers

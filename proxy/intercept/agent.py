@@ -19,6 +19,8 @@ from proxy.settings import SidecarSettings
 from proxy.stats import ProxyStats
 
 LOOKUP_TIMEOUT_S = 2.0
+# the pod form's listeners: `redirect` in `output` sends to the loopback address
+POD_HOST = "127.0.0.1"
 
 
 class Interception:
@@ -54,6 +56,20 @@ class Interception:
             targets=CaptureTargets(self.vips.service_at, self._endpoints),
         )
 
+    async def setup_pod(self, started: contextlib.AsyncExitStack) -> CaptureContext:
+        """The pod form: `meshctl intercept-init` installed the rules in the namespace
+        this sidecar shares with its app; only the listeners are ours (127.0.0.1)."""
+        s = self.settings
+        if s.dns_port:
+            dns = DnsServer(self.vips.address_of, s.namespace, self.stats.registry)
+            self.dns_port = await dns.start(POD_HOST, s.dns_port)
+            started.callback(dns.close)
+        return CaptureContext(
+            host=POD_HOST,
+            port=s.capture_port,
+            targets=CaptureTargets(self.vips.service_at, self._endpoints),
+        )
+
     async def capture(self, capture_port: int) -> None:
         """Load the host-side rules: from here on the app's traffic is captured."""
         assert self.addresses is not None
@@ -69,8 +85,13 @@ class Interception:
     def info(self) -> dict[str, object]:
         a = self.addresses
         if a is None:
-            return {}
+            return {
+                "form": "pod",
+                "capture_port": self.settings.capture_port,
+                "dns_port": self.dns_port,
+            }
         return {
+            "form": "netns",
             "namespace": a.namespace,
             "app_ip": a.app_ip,
             "host_ip": a.host_ip,

@@ -111,6 +111,7 @@ class CaptureContext:
 
     host: str
     targets: CaptureTargets
+    port: int = 0  # 0: any (the netns form loads its rules with the port chosen)
     outbound_policy: Callable[[], str] = lambda: DEFAULT_OUTBOUND_POLICY
 
 
