@@ -64,7 +64,9 @@ def app_server_command(port: int) -> list[str]:
     return [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"]
 
 
-async def intercepted_client(mesh: Any, service: str = "productpage", **capture: Any) -> Any:
+async def intercepted_client(
+    mesh: Any, service: str = "productpage", dataplane: str = "python", **capture: Any
+) -> Any:
     """An intercepted sidecar (in this event loop) whose app, an HTTP server on
     127.0.0.1, runs in its own namespace; tests run their clients in that namespace
     too. `capture`: InterceptSettings fields (e.g. opaque_ports)."""
@@ -84,6 +86,7 @@ async def intercepted_client(mesh: Any, service: str = "productpage", **capture:
         token=await mesh.token(service),
         intercept=True,
         capture=InterceptSettings(**capture),
+        dataplane=dataplane,
     )
     sc = Sidecar(settings, app_server_command(port))
     mesh.sidecars.append(sc)

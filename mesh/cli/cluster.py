@@ -93,10 +93,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     st.set_defaults(func=cmd_status)
 
 
-def _check_intercept(dataplane: str) -> None:
+def _check_intercept() -> None:
     """Said before anything starts, rather than by every demo sidecar failing."""
-    if dataplane != "python":
-        raise CLIError("--intercept runs on --dataplane python only (Envoy's is not built yet)")
     netns = importlib.import_module("proxy.intercept.netns")
     try:
         netns.require_net_admin()
@@ -116,7 +114,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         if missing:
             raise CLIError(f"--demo needs the {', '.join(sorted(missing))} service(s)")
         if args.intercept:
-            _check_intercept(args.dataplane)
+            _check_intercept()
         demo = devcluster.DemoSettings(
             load_rps=args.demo_load,
             ingress_port=args.ingress_port,

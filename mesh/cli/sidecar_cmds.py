@@ -367,8 +367,6 @@ def _intercept_settings(args: argparse.Namespace, app: list[str]) -> Any:
     if args.dns_port and not args.capture_port:
         raise CLIError("--dns-port belongs to the pod form: add --capture-port")
     if args.capture_port:
-        if args.dataplane != "python":
-            raise CLIError("--capture-port runs on --dataplane python only")
         # the rules live in intercept-init; only what the listener reads applies here
         ruled = [f for f in flags if f != "--opaque-ports" and flags[f]]
         if ruled:
@@ -384,8 +382,6 @@ def _intercept_settings(args: argparse.Namespace, app: list[str]) -> Any:
         if given:
             raise CLIError(f"{', '.join(given)} only apply with --intercept or --capture-port")
         return rules.InterceptSettings()
-    if args.dataplane != "python":
-        raise CLIError("--intercept runs on --dataplane python only (Envoy's is not built yet)")
     if not app:
         raise CLIError("--intercept needs the app's command: meshctl sidecar ... -- APP")
     netns = importlib.import_module("proxy.intercept.netns")

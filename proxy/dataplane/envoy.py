@@ -200,6 +200,8 @@ class EnvoyDataPlane:
             listeners.update(inbound=ports.inbound, outbound=ports.outbound)
         for app_port, port in ports.tcp_inbound.items():
             listeners[f"tcp-inbound:{app_port}"] = port
+        if ports.capture:
+            listeners["capture"] = ports.capture
         log.info("envoy.serving", pid=self._envoy.pid, listeners=listeners)
         return Addresses(
             service_port=ports.gateway if s.gateway else ports.inbound,
@@ -529,6 +531,8 @@ class EnvoyDataPlane:
         wanted = [(s.bind_host, ports.gateway)] if s.gateway else [(s.bind_host, ports.inbound)]
         if not s.gateway:
             wanted.append(("127.0.0.1", ports.outbound))
+        if ports.capture:
+            wanted.append((ports.capture_host, ports.capture))
         try:
             await asyncio.wait_for(self._first_config(wanted), FIRST_CONFIG_TIMEOUT_S)
         except TimeoutError:

@@ -652,9 +652,19 @@ def case_inbound_ext_authz() -> tuple[ProxyNode, MeshView]:
     return node, MeshView(destinations={EXT_AUTHZ: (None, authz_endpoints)}, inbound=policy)
 
 
+def case_outbound_intercepted() -> tuple[ProxyNode, MeshView]:
+    """An intercepted app (docs/architecture.md §5.4): the capture listener on the host
+    side of the app's veth (original destination, HTTP detection, the outbound routes;
+    anything else to BlackHoleCluster), the app reached at its namespace address."""
+    return sidecar(capture=("100.127.0.1", 15001), app_host="100.127.0.2"), MeshView(
+        destinations={RATINGS: (None, ratings_endpoints())}
+    )
+
+
 CASES: dict[str, Callable[[], tuple[ProxyNode, MeshView]]] = {
     "outbound_default": case_outbound_default,
     "outbound_routing": case_outbound_routing,
+    "outbound_intercepted": case_outbound_intercepted,
     "inbound_strict": case_inbound_strict,
     "inbound_permissive_no_app": case_inbound_permissive_no_app,
     "gateway": case_gateway,

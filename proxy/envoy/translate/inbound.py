@@ -159,7 +159,7 @@ def add_inbound_http(node: ProxyNode, view: MeshView, out: XdsResources) -> None
         out.clusters[name] = parse(cluster_pb2.Cluster, cluster)
     if port:
         name = inbound_cluster(port)
-        out.clusters[name] = clusters.static_cluster(name, APP_HOST, port, http=True)
+        out.clusters[name] = clusters.static_cluster(name, node.app_host, port, http=True)
 
 
 def add_inbound_tcp(node: ProxyNode, view: MeshView, out: XdsResources) -> None:
@@ -183,4 +183,4 @@ def add_inbound_tcp(node: ProxyNode, view: MeshView, out: XdsResources) -> None:
             ),
             listener_filters=[listeners.tls_inspector()],
         )
-        out.clusters[cluster] = clusters.static_cluster(cluster, APP_HOST, port, http=False)
+        out.clusters[cluster] = clusters.static_cluster(cluster, node.app_host, port, http=False)

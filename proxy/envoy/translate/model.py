@@ -57,6 +57,10 @@ class ProxyNode:
     trace_sampling: float = 1.0
     # CA bundle for RequestAuthentication `jwksUri` servers (https); "" = the system's
     jwks_ca_file: str = ""
+    # where the app listens (its namespace's address when intercepted)
+    app_host: str = "127.0.0.1"
+    # an intercepted app (docs/architecture.md §5.4): the capture listener's address
+    capture: tuple[str, int] | None = None
 
 
 @dataclass(frozen=True)
