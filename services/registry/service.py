@@ -78,6 +78,8 @@ class RegistryService(ControlPlaneService):
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.clock = time.monotonic
+        # services whose virtual IP this replica has seen allocated (they never change)
+        self.vips_allocated: set[ServiceRef] = set()
         self.publish_debounce = DebounceSettings(PUBLISH_QUIET_S, PUBLISH_MAX_DELAY_S)
         self.instance_changes = Counter(
             "mesh_registry_instance_changes_total",
@@ -139,7 +141,10 @@ class RegistryService(ControlPlaneService):
             lease=lease_id,
         )
         # the service's virtual IP, once, with its first instance (docs/architecture.md §4)
-        await vips.allocate(self.store, ServiceRef(inst.namespace, inst.service))
+        ref = ServiceRef(inst.namespace, inst.service)
+        if ref not in self.vips_allocated:
+            await vips.allocate(self.store, ref)
+            self.vips_allocated.add(ref)
         self.requests.labels("register", "ok").inc()
         self.log.info(
             "registry.registered",
