@@ -183,3 +183,31 @@ def direct_address() -> str:
         if address.startswith(("192.0.2.", "10.")):
             return address
     pytest.skip("no host address in the excluded ranges (192.0.2.0/24, 10.0.0.0/8)")
+
+
+async def test_allow_any_passes_unknown_destinations_through(
+    nats_server, etcd_server, prefix, monkeypatch
+) -> None:
+    """ALLOW_ANY (the mesh-wide outbound traffic policy, once the config carries it):
+    a destination the mesh does not know is relayed as it is, from the host side."""
+    from proxy.intercept import targets
+
+    monkeypatch.setattr(targets, "DEFAULT_OUTBOUND_POLICY", targets.ALLOW_ANY)
+    outside = await BannerServer("0.0.0.0").start()
+    try:
+        async with MeshHarness(nats_server.url, etcd_server.url, prefix) as mesh:
+            client = await intercepted_client(mesh)
+            ns = namespace_of(client)
+            code, out = await python_in(ns, banner_client(direct_address(), outside.port))
+            assert code == 0, out
+            assert repr(BANNER) in out
+            # relayed by the sidecar: the server's peer is a host address, not the app's
+            assert outside.peers and outside.peers[0] != client.interception.addresses.app_ip
+            passed = metric(
+                client,
+                "meshwork_proxy_capture_connections_total",
+                {"protocol": "tcp", "action": "passthrough"},
+            )
+            assert passed == 1
+    finally:
+        outside.close()
