@@ -118,6 +118,15 @@ def _outbound_exclusions(settings: InterceptSettings, indent: str) -> list[str]:
     return lines
 
 
+def _dns_redirects(dns_port: int, indent: str) -> list[str]:
+    """DNS to the sidecar's resolver, over UDP and TCP (a truncated answer is asked
+    again over TCP)."""
+    return [
+        f"{indent}udp dport {DNS_PORT} redirect to :{dns_port}",
+        f"{indent}tcp dport {DNS_PORT} redirect to :{dns_port}",
+    ]
+
+
 def delete_table(table: str) -> str:
     """Removes `table` (nft -f); `add` first so that a missing table is no error."""
     return f"add table ip {table}\ndelete table ip {table}\n"
@@ -128,7 +137,7 @@ def host_ruleset(
 ) -> str:
     """The host namespace's table for one intercepted app (replaces an older one).
 
-    Connections the app makes arrive on `host_if`: UDP/53 goes to the DNS server
+    Connections the app makes arrive on `host_if`: DNS (UDP and TCP 53) goes to the DNS server
     (`dns_port`, 0: not captured), TCP to the capture listener, unless excluded.
     Excluded traffic is routed by the host (forwarded and masqueraded only where the
     host forwards, `net.ipv4.ip_forward`; we do not change that)."""
@@ -143,7 +152,7 @@ def host_ruleset(
         f'{i}iifname != "{addresses.host_if}" return',
     ]
     if dns_port:
-        lines.append(f"{i}udp dport {DNS_PORT} redirect to :{dns_port}")
+        lines += _dns_redirects(dns_port, i)
     lines += _outbound_exclusions(settings, i)
     lines += [
         f"{i}meta l4proto tcp redirect to :{capture_port}",
@@ -236,7 +245,7 @@ def pod_ruleset(pod: PodSettings) -> str:
         lines.append(f"{i}meta mark {pod.proxy_mark:#x} return")
     lines.append(f'{i}oifname "lo" return')
     if pod.dns_port:
-        lines.append(f"{i}udp dport {DNS_PORT} redirect to :{pod.dns_port}")
+        lines += _dns_redirects(pod.dns_port, i)
     lines += _outbound_exclusions(pod.intercept, i)
     lines += [f"{i}meta l4proto tcp redirect to :{pod.capture_port}", "    }", "}"]
     return "\n".join(lines) + "\n"

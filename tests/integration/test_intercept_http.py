@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from mesh.hosts import ServiceRef
 from tests.integration.test_mesh_security import delete
 from tests.intercept_support import (
     gone,
@@ -95,6 +96,21 @@ async def test_app_without_proxy_reaches_mesh_services_by_name_and_by_ip(
         seen = {k.lower(): v for k, v in v2.echo.seen_headers[-1].items()}
         xfcc = seen.get("x-forwarded-client-cert", "")
         assert "spiffe://cluster.local/ns/default/sa/productpage" in xfcc
+
+        # DNS over TCP (what a resolver does after a truncated answer) is captured too
+        code, out = await python_in(
+            ns,
+            "import socket, struct\n"
+            "q = bytes.fromhex('abcd01000001000000000000077265766965777300' '00010001')\n"
+            "ns = open('/etc/resolv.conf').read().split()[1]\n"
+            "s = socket.create_connection((ns, 53), timeout=5)\n"
+            "s.sendall(struct.pack('!H', len(q)) + q)\n"
+            "n = struct.unpack('!H', s.recv(2))[0]\n"
+            "r = s.recv(n)\n"
+            "print('.'.join(str(b) for b in r[-4:]))\n",
+        )
+        vip = await client.interception.vips.address_of(ServiceRef("default", "reviews"))
+        assert code == 0 and out.strip() == vip, out
 
         # a raw IP of an instance (its registered address) is captured too
         v1_address = mesh.sidecars[0]

@@ -40,6 +40,7 @@ def test_host_ruleset_captures_the_apps_tcp_and_dns_after_exclusions() -> None:
         "        type nat hook prerouting priority dstnat; policy accept;\n"
         '        iifname != "mwi0a1b2c3dh" return\n'
         "        udp dport 53 redirect to :15053\n"
+        "        tcp dport 53 redirect to :15053\n"
         "        ip daddr { 192.0.2.0/24 } return\n"
         "        tcp dport { 3306, 25 } return\n"
         "        meta l4proto tcp redirect to :15001\n"
@@ -90,6 +91,7 @@ def test_pod_ruleset_skips_the_proxys_own_traffic_first() -> None:
         "meta skgid 1337 return",
         'oifname "lo" return',
         "udp dport 53 redirect to :15053",
+        "tcp dport 53 redirect to :15053",
         "tcp dport { 5432 } return",
         "meta l4proto tcp redirect to :15001",
     ]
