@@ -627,8 +627,10 @@ def _intercepted_app_ip(admin: str) -> str:
             dump = json.loads(r.read())
     except (OSError, ValueError):
         return ""
+    # the agent's view (Python data plane), or Envoy's dump with its data plane's
     intercept = dump.get("intercept") or {}
-    return str(intercept.get("app_ip", ""))
+    dataplane = dump.get("dataplane") or {}
+    return str(intercept.get("app_ip") or dataplane.get("app_host", ""))
 
 
 def _load_ports(path: Path, n: int) -> dict[str, list[dict[str, int]]]:

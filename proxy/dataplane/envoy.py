@@ -280,6 +280,8 @@ class EnvoyDataPlane:
         xds = self._xds
         return {
             "dataplane": "envoy",
+            # where Envoy reaches the app (its namespace's address when intercepted)
+            "app_host": self._ctx.settings.app_host if self._ctx is not None else "",
             "pid": self._envoy.pid if self._envoy is not None else None,
             "restarts": self._envoy.restarts if self._envoy is not None else 0,
             "pushes": self.pushes,

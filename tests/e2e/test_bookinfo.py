@@ -160,8 +160,13 @@ def test_intercepted_apps_have_no_proxy(demo: Demo) -> None:
         pytest.skip("the apps are not intercepted in this variant")
     namespaces = set()
     for record in demo.doc["sidecars"].values():
-        app = [p for p in descendants([record["pid"]]) if p != record["pid"]]
-        assert app, record
+        # the app (not Envoy, which an Envoy sidecar starts too)
+        app = [
+            p
+            for p in descendants([record["pid"]]) - {record["pid"]}
+            if b"examples/bookinfo/" in Path(f"/proc/{p}/cmdline").read_bytes()
+        ]
+        assert len(app) == 1, record
         for pid in app:
             environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
             assert not [e for e in environ if e.lower().startswith(b"http_proxy=")]
