@@ -213,6 +213,7 @@ def cmd_down(args: argparse.Namespace) -> int:
     say = tolerant(progress)  # `meshctl down | head -1` still stops everything
     say(f"meshctl down: {d}/")
     devcluster.down(d, say)
+    _remove_stale_interception(say)
     say("everything stopped")
     if args.purge:
         removed = cluster_state.purge(d)
@@ -222,6 +223,19 @@ def cmd_down(args: argparse.Namespace) -> int:
             else f"nothing to purge in {d}/"
         )
     return 0
+
+
+def _remove_stale_interception(say: Any) -> None:
+    """Namespaces and rules of intercepted sidecars that had to be killed (they clean
+    up after themselves when they stop; docs/architecture.md §5.4)."""
+    netns = importlib.import_module("proxy.intercept.netns")
+    try:
+        netns.require_net_admin()
+    except netns.InterceptError:
+        return  # nothing of ours can be there
+    removed = netns.remove_stale()
+    if removed:
+        say(f"  removed the namespaces of killed intercepted sidecars: {', '.join(removed)}")
 
 
 def _health(url: str) -> dict[str, Any] | None:
