@@ -9,6 +9,7 @@ import contextlib
 import struct
 from collections.abc import AsyncIterator
 
+import pytest
 from prometheus_client import CollectorRegistry
 
 from mesh.hosts import ServiceRef
@@ -75,11 +76,18 @@ class Upstream(asyncio.DatagramProtocol):
 async def resolver(silent: bool = False) -> AsyncIterator[tuple[DnsServer, int, Upstream]]:
     loop = asyncio.get_running_loop()
     upstream = Upstream(silent)
-    transport, _ = await loop.create_datagram_endpoint(
-        lambda: upstream, local_addr=("127.0.0.1", 0)
-    )
-    port = transport.get_extra_info("sockname")[1]
-    tcp = await asyncio.start_server(upstream.tcp, "127.0.0.1", port)
+    for _attempt in range(8):  # a port number free for UDP may be taken for TCP
+        transport, _ = await loop.create_datagram_endpoint(
+            lambda: upstream, local_addr=("127.0.0.1", 0)
+        )
+        port = transport.get_extra_info("sockname")[1]
+        try:
+            tcp = await asyncio.start_server(upstream.tcp, "127.0.0.1", port)
+            break
+        except OSError:
+            transport.close()
+    else:
+        pytest.fail("no port number free for both UDP and TCP")
     server = DnsServer(address_of, "default", CollectorRegistry(), "127.0.0.1", port)
     bound = await server.start("127.0.0.1")
     try:
