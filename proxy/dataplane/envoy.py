@@ -122,6 +122,8 @@ class EnvoyDataPlane:
         self._envoy_took_config = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._following: set[ServiceRef] = set()
+        # an intercepted app: the virtual IPs of the services followed (fqdn -> address)
+        self._vips: dict[str, str] = {}
         self._session: aiohttp.ClientSession | None = None
         self.pushes = 0
         self.telemetry: SidecarTelemetry | None = None
@@ -392,7 +394,7 @@ class EnvoyDataPlane:
             # Gateway resource selecting nothing would give
             s = ctx.settings
             gateway = GatewayConfig(namespace=s.namespace, name=s.service, revision=0)
-        return mesh_view(ctx.destinations.destinations, policy, gateway)
+        return mesh_view(ctx.destinations.destinations, policy, gateway, self._vips)
 
     @staticmethod
     def _followed_revisions(ctx: DataPlaneContext) -> dict[str, int]:
@@ -522,6 +524,11 @@ class EnvoyDataPlane:
                     )
                 elif isinstance(result, BaseException):
                     raise result
+                elif ctx.capture is not None and ctx.capture.vips is not None:
+                    # for the capture listener's TCP chains (a lookup per new service)
+                    address = await ctx.capture.vips.address_of(ref)
+                    if address:
+                        self._vips[ref.fqdn] = address
 
     # ------------------------------------------------------------ Envoy's admin
 

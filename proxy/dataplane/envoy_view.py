@@ -68,8 +68,10 @@ def mesh_view(
     destinations: Mapping[ServiceRef, Destination],
     inbound: InboundPolicy | None,
     gateway: GatewayConfig | None,
+    vips: Mapping[str, str] | None = None,
 ) -> MeshView:
     return MeshView(
+        vips=dict(vips or {}),
         destinations={
             ref.fqdn: (dest.table, dest.endpoints)
             for ref, dest in sorted(destinations.items())

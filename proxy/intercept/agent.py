@@ -54,6 +54,7 @@ class Interception:
         return CaptureContext(
             host=addresses.host_ip,
             targets=CaptureTargets(self.vips.service_at, self._endpoints),
+            vips=self.vips,
         )
 
     async def setup_pod(self, started: contextlib.AsyncExitStack) -> CaptureContext:
@@ -68,6 +69,7 @@ class Interception:
             host=POD_HOST,
             port=s.capture_port,
             targets=CaptureTargets(self.vips.service_at, self._endpoints),
+            vips=self.vips,
         )
 
     async def capture(self, capture_port: int) -> None:

@@ -13,6 +13,7 @@ import enum
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from mesh import errors
 from mesh.hosts import ServiceRef
@@ -100,6 +101,12 @@ def target_of_endpoints(
 
 
 VipLookup = Callable[[str], Awaitable[ServiceRef | None]]
+
+
+class VipNames(Protocol):
+    async def address_of(self, ref: ServiceRef) -> str: ...
+
+
 Request = Callable[[EndpointsGetRequest], Awaitable[EndpointsGetReply]]
 
 
@@ -112,6 +119,8 @@ class CaptureContext:
     host: str
     targets: CaptureTargets
     port: int = 0  # 0: any (the netns form loads its rules with the port chosen)
+    # the services' virtual IPs by name (Envoy's capture listener matches on them)
+    vips: VipNames | None = None
     outbound_policy: Callable[[], str] = lambda: DEFAULT_OUTBOUND_POLICY
 
 

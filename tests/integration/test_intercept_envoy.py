@@ -1,7 +1,8 @@
 """Interception on the Envoy data plane (docs/architecture.md §5.4): the same namespace,
 rules and DNS as the Python one, Envoy's capture listener (`original_dst` +
-`http_inspector`) routing by Host over mTLS; a connection that is not HTTP is refused
-(BlackHoleCluster, REGISTRY_ONLY). Real Envoy, sidecars, control plane, nftables."""
+`http_inspector`) routing by Host over mTLS, TCP to a service's virtual IP relayed to
+its TCP listeners; any other connection that is not HTTP is refused (BlackHoleCluster,
+REGISTRY_ONLY). Real Envoy, sidecars, control plane, nftables."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.envoy_support import requires_envoy
+from tests.integration.test_intercept_tcp import BANNER, BannerServer, banner_client
 from tests.intercept_support import (
     gone,
     in_namespace,
@@ -33,6 +35,8 @@ def state(tmp_path: Path) -> Path:
 async def test_envoy_capture_routes_http_by_name(nats_server, etcd_server, prefix, state) -> None:
     async with MeshHarness(nats_server.url, etcd_server.url, prefix) as mesh:
         reviews = await mesh.sidecar("reviews", "v1")
+        banner = await BannerServer().start()
+        await mesh.sidecar("smtp", app=False, tcp_ports=[banner.port], dataplane="envoy")
         client = await intercepted_client(mesh, dataplane="envoy")
         ns = namespace_of(client)
 
@@ -47,6 +51,12 @@ async def test_envoy_capture_routes_http_by_name(nats_server, etcd_server, prefi
         assert seen["x-forwarded-client-cert"].endswith(
             "URI=spiffe://cluster.local/ns/default/sa/productpage"
         )
+        # TCP to a service's virtual IP and TCP port: relayed to its TCP listener (a
+        # server-first protocol: Envoy's http_inspector gives up after its timeout)
+        code, out = await python_in(ns, banner_client("smtp", banner.port))
+        assert code == 0 and repr(BANNER) in out, out
+        assert banner.peers == ["127.0.0.1"]  # through the smtp sidecar's relay
+
         # not HTTP (a silent client, then bytes): refused, never relayed anywhere
         _code, out = await python_in(
             ns,
@@ -59,3 +69,4 @@ async def test_envoy_capture_routes_http_by_name(nats_server, etcd_server, prefi
         assert "data b''" in out or "reset" in out.lower(), out
         client.stop()
         await eventually(lambda: gone(ns), timeout=30)
+        banner.close()

@@ -38,7 +38,7 @@ def translate(node: ProxyNode, view: MeshView) -> XdsResources:
         if node.outbound is not None:
             ctx = outbound.add_outbound(node, view, out)
             if node.capture is not None:
-                capture.add_capture(node, out)
+                capture.add_capture(node, view, out)
         if node.inbound is not None:
             inbound.add_inbound_http(node, view, out)
         inbound.add_inbound_tcp(node, view, out)

@@ -5,10 +5,13 @@ where the interception rules redirect the app's outbound TCP, as Istio's
 Listener filters: `original_dst` (the connection's local address becomes the original
 destination, from `SO_ORIGINAL_DST`) and `http_inspector` (HTTP/1.x or h2c prior
 knowledge), bounded by the same detection timeout as the Python capture listener.
-HTTP goes to the outbound HTTP route configuration (`outbound_http`, routed by Host or
-`:authority`, exactly as the HTTP_PROXY listener); anything else is refused
-(REGISTRY_ONLY: `BlackHoleCluster`, Istio's name). Not yet on Envoy: TCP to a
-service's virtual IP, raw-IP HTTP to an instance, ALLOW_ANY passthrough (§5.3).
+A connection to a service's virtual IP on one of its TCP ports (a filter chain per
+virtual IP and port, matched before the protocol) is relayed to the service's TCP
+listeners (`outbound|<port>||<fqdn>`, as `--tcp-upstream`); other HTTP goes to the
+outbound HTTP route configuration (`outbound_http`, routed by Host or `:authority`,
+exactly as the HTTP_PROXY listener); anything else is refused (REGISTRY_ONLY:
+`BlackHoleCluster`, Istio's name). Not yet on Envoy: raw-IP HTTP to an instance,
+ALLOW_ANY passthrough (§5.3).
 """
 
 from __future__ import annotations
@@ -19,8 +22,8 @@ from envoy.config.listener.v3 import listener_pb2
 from proxy.envoy.resources import XdsResources
 from proxy.intercept.detect import DETECT_TIMEOUT_S
 
-from . import listeners
-from .model import ProxyNode
+from . import listeners, tcp
+from .model import MeshView, ProxyNode
 from .names import OUTBOUND_HTTP_ROUTE
 from .protos import HTTP_INSPECTOR, ORIGINAL_DST, Json, parse, typed
 
@@ -42,7 +45,41 @@ def blackhole_cluster() -> cluster_pb2.Cluster:
     )
 
 
-def add_capture(node: ProxyNode, out: XdsResources) -> None:
+def tcp_chains(node: ProxyNode, view: MeshView, out: XdsResources) -> list[Json]:
+    """A filter chain per (virtual IP, TCP port) of the services followed."""
+    chains: list[Json] = []
+    for fqdn, vip in sorted(view.vips.items()):
+        _, endpoint_set = view.destinations.get(fqdn, (None, None))
+        ports = sorted(
+            {
+                int(port)
+                for ep in (endpoint_set.endpoints if endpoint_set is not None else [])
+                for port in ep.tcp_listeners
+            }
+        )
+        for port in ports:
+            cluster = tcp.add_tcp_cluster(view, fqdn, port, out)
+            chains.append(
+                {
+                    "name": f"capture_tcp|{port}|{fqdn}",
+                    "filterChainMatch": {
+                        "destinationPort": port,
+                        "prefixRanges": [{"addressPrefix": vip, "prefixLen": 32}],
+                    },
+                    "filters": [
+                        listeners.tcp_proxy(
+                            f"capture_tcp_{port}_{fqdn}",
+                            cluster,
+                            "outbound_tcp",
+                            node.access_log_cluster,
+                        )
+                    ],
+                }
+            )
+    return chains
+
+
+def add_capture(node: ProxyNode, view: MeshView, out: XdsResources) -> None:
     assert node.capture is not None
     hcm = listeners.http_connection_manager(
         "capture_http",
@@ -67,7 +104,8 @@ def add_capture(node: ProxyNode, out: XdsResources) -> None:
         # a silent client (a server-first protocol) is not HTTP: the default chain
         "continueOnListenerFiltersTimeout": True,
         "filterChains": [
-            {"filterChainMatch": {"applicationProtocols": HTTP_PROTOCOLS}, "filters": [hcm]}
+            *tcp_chains(node, view, out),
+            {"filterChainMatch": {"applicationProtocols": HTTP_PROTOCOLS}, "filters": [hcm]},
         ],
         "defaultFilterChain": {"filters": [refused]},
         "trafficDirection": "OUTBOUND",

@@ -5,7 +5,7 @@ express in Envoy's terms."""
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from mesh.compiled import GatewayConfig, InboundPolicy, RouteTable
@@ -71,3 +71,6 @@ class MeshView:
     destinations: Mapping[str, tuple[RouteTable | None, EndpointSet | None]]
     inbound: InboundPolicy | None = None
     gateway: GatewayConfig | None = None
+    # fqdn -> the service's virtual IP (an intercepted app's capture listener relays
+    # TCP to a virtual IP by it; docs/architecture.md §5.4)
+    vips: Mapping[str, str] = field(default_factory=dict)
