@@ -95,6 +95,17 @@ async def intercepted_client(
     return sc
 
 
+def host_address() -> str:
+    """The host's own address on its default route (skips without one): a mesh
+    instance's raw IP, or a destination outside the mesh, reached from a namespace."""
+    out = subprocess.run(
+        ["ip", "-4", "route", "get", "1.1.1.1"], capture_output=True, text=True
+    ).stdout.split()
+    if "src" not in out:
+        pytest.skip("no IPv4 default route on this host (its address is the test's target)")
+    return out[out.index("src") + 1]
+
+
 def namespace_of(sidecar: Any) -> str:
     return str(sidecar.interception.addresses.namespace)
 
@@ -119,6 +130,7 @@ __all__ = [
     "app_server_command",
     "free_port",
     "gone",
+    "host_address",
     "host_state",
     "in_namespace",
     "intercept_state_dir",

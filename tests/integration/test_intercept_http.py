@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ from mesh.hosts import ServiceRef
 from tests.integration.test_mesh_security import delete
 from tests.intercept_support import (
     gone,
+    host_address,
     in_namespace,
     intercept_state_dir,
     intercepted_client,
@@ -45,18 +45,6 @@ def interception(tmp_path: Path) -> Path:
     return intercept_state_dir(tmp_path)
 
 
-def host_ip() -> str:
-    """A non-loopback address of this host (a mesh instance's raw IP is reached there)."""
-    out = subprocess.run(
-        ["ip", "-4", "-o", "addr", "show", "scope", "global"], capture_output=True, text=True
-    ).stdout
-    for line in out.splitlines():
-        address = line.split()[3].split("/")[0]
-        if not address.startswith("100.127."):  # our own veths
-            return address
-    pytest.skip("no global IPv4 address on this host for the raw-IP test")
-
-
 async def curl(namespace: str, url: str) -> tuple[int, dict[str, Any] | str]:
     """`curl --noproxy '*'` in the namespace: (HTTP status, JSON body or text)."""
     code, out = await in_namespace(
@@ -74,7 +62,7 @@ async def test_app_without_proxy_reaches_mesh_services_by_name_and_by_ip(
     nats_server, etcd_server, prefix
 ) -> None:
     async with MeshHarness(nats_server.url, etcd_server.url, prefix) as mesh:
-        bind = host_ip()
+        bind = host_address()
         await mesh.sidecar("reviews", "v1", bind_host=bind)
         v2 = await mesh.sidecar("reviews", "v2", bind_host=bind)
         client = await intercepted_client(mesh)

@@ -15,6 +15,7 @@ import pytest
 
 from tests.grpc_support import EchoService
 from tests.intercept_support import (
+    host_address,
     intercept_state_dir,
     intercepted_client,
     namespace_of,
@@ -105,7 +106,7 @@ async def test_server_first_tcp_exclusions_and_grpc(nats_server, etcd_server, pr
             client = await intercepted_client(
                 mesh,
                 opaque_ports=(opaque.port,),
-                exclude_outbound_cidrs=("192.0.2.0/24", "10.0.0.0/8"),
+                exclude_outbound_cidrs=(f"{host_address()}/32",),
             )
             ns = namespace_of(client)
             app_ip = client.interception.addresses.app_ip
@@ -128,7 +129,7 @@ async def test_server_first_tcp_exclusions_and_grpc(nats_server, etcd_server, pr
 
             # an excluded destination is reached directly, from the app's own address
             before = captured_total(client)
-            host = direct_address()
+            host = host_address()
             code, out = await python_in(ns, banner_client(host, direct.port))
             assert code == 0, out
             assert direct.peers == [app_ip]
@@ -172,19 +173,6 @@ async def test_server_first_tcp_exclusions_and_grpc(nats_server, etcd_server, pr
         grpc_app.stop()
 
 
-def direct_address() -> str:
-    import subprocess
-
-    out = subprocess.run(
-        ["ip", "-4", "-o", "addr", "show", "scope", "global"], capture_output=True, text=True
-    ).stdout
-    for line in out.splitlines():
-        address = line.split()[3].split("/")[0]
-        if address.startswith(("192.0.2.", "10.")):
-            return address
-    pytest.skip("no host address in the excluded ranges (192.0.2.0/24, 10.0.0.0/8)")
-
-
 async def test_allow_any_passes_unknown_destinations_through(
     nats_server, etcd_server, prefix, monkeypatch
 ) -> None:
@@ -198,7 +186,7 @@ async def test_allow_any_passes_unknown_destinations_through(
         async with MeshHarness(nats_server.url, etcd_server.url, prefix) as mesh:
             client = await intercepted_client(mesh)
             ns = namespace_of(client)
-            code, out = await python_in(ns, banner_client(direct_address(), outside.port))
+            code, out = await python_in(ns, banner_client(host_address(), outside.port))
             assert code == 0, out
             assert repr(BANNER) in out
             # relayed by the sidecar: the server's peer is a host address, not the app's
