@@ -3,15 +3,17 @@ app's lifecycle, driving a data plane (`proxy.dataplane`: our Python listeners o
 Envoy) that carries the traffic.
 
 One lifecycle, ordered (DESIGN §7). Start: admin listener (not ready), bus, followers
-and status reporter, certificate, data plane, register, ready — and only then the app,
-with HTTP_PROXY pointing at the outbound listener, so the app never runs before the
-mesh is ready. An app the sidecar starts is registered `starting` (no traffic) until
-it accepts connections, then `healthy`. Every step that has started registers its
-cleanup on one exit stack: a stop at any point (SIGTERM, SIGINT, `stop()`, the app
-exiting) unwinds exactly what started, in reverse order. Stop once serving: mark the
-instance draining, let the data plane drain while clients see that (bounded), stop
-the app, deregister, then close the data plane, identity, bus and admin listener. An
-app that exits by itself makes the sidecar exit with the app's exit code.
+and status reporter, certificate, (with `--intercept`: the app's namespace and the DNS
+server), data plane, (the interception rules), register, ready — and only then the
+app, with HTTP_PROXY pointing at the outbound listener (an intercepted app gets none),
+so the app never runs before the mesh is ready. An app the sidecar starts is
+registered `starting` (no traffic) until it accepts connections, then `healthy`.
+Every step that has started registers its cleanup on one exit stack: a stop at any
+point (SIGTERM, SIGINT, `stop()`, the app exiting) unwinds exactly what started, in
+reverse order. Stop once serving: mark the instance draining, let the data plane
+drain while clients see that (bounded), stop the app, deregister, then close the data
+plane, identity, bus and admin listener. An app that exits by itself makes the
+sidecar exit with the app's exit code.
 """
 
 from __future__ import annotations
