@@ -69,6 +69,7 @@ def role_permissions(role: str, prefix: str) -> Permissions:
                 f"{p}.registry.deregister",
                 f"{p}.registry.heartbeat",
                 f"{p}.registry.get",
+                f"{p}.registry.vip",
                 f"{p}.config.fetch",
                 f"{p}.proxy.status",
                 f"{p}.ca.sign",

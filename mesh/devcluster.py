@@ -88,6 +88,9 @@ class DemoSettings:
     apps_dir: Path = BOOKINFO_DIR
     # the data plane of every demo sidecar and the gateway (`--dataplane`)
     dataplane: str = "python"
+    # `--intercept`: every app in its own network namespace, its traffic captured (no
+    # HTTP_PROXY; docs/architecture.md §5.4)
+    intercept: bool = False
 
 
 @dataclass
@@ -425,10 +428,11 @@ class DevCluster:
             "--outbound-port", str(outbound),
             "--trace-sampling", f"{demo.trace_sampling:g}",
             "--dataplane", demo.dataplane,
+            *(["--intercept"] if demo.intercept else []),
             "--", sys.executable, str(demo.apps_dir / f"{service}.py"),
         ]  # fmt: skip
         proc = ManagedProcess(name, args, self.state_dir / "logs" / f"{name}.log")
-        record = {
+        record: dict[str, Any] = {
             "service": service,
             "version": version,
             "dataplane": demo.dataplane,
@@ -438,6 +442,10 @@ class DevCluster:
             "app": f"127.0.0.1:{app_port}",
             "log": str(proc.log_path),
         }
+        if demo.intercept:
+            # the app listens in its namespace: its address there is known once the
+            # sidecar has made it (`_app_listening`)
+            record["intercept"] = True
         return DemoProcess(f"{name}-0", "sidecar", proc, record)
 
     def _gateway_process(self, demo: DemoSettings, port: int) -> DemoProcess:
@@ -602,7 +610,27 @@ def _app_listening(record: dict[str, Any]) -> bool:
     if "app" not in record:
         return True
     host, _, port = record["app"].rpartition(":")
+    if record.get("intercept") and host == "127.0.0.1":
+        # in the app's own namespace, reached at its address there (the sidecar's
+        # /config_dump names it); recorded so cluster.json says where the app is
+        app_ip = _intercepted_app_ip(record["admin"])
+        if not app_ip:
+            return False
+        record["app"] = f"{app_ip}:{port}"
+        host = app_ip
     return wait_tcp(host, int(port), 0.05)
+
+
+def _intercepted_app_ip(admin: str) -> str:
+    try:
+        with urllib.request.urlopen(admin + "/config_dump", timeout=2) as r:
+            dump = json.loads(r.read())
+    except (OSError, ValueError):
+        return ""
+    # the agent's view (Python data plane), or Envoy's dump with its data plane's
+    intercept = dump.get("intercept") or {}
+    dataplane = dump.get("dataplane") or {}
+    return str(intercept.get("app_ip") or dataplane.get("app_host", ""))
 
 
 def _load_ports(path: Path, n: int) -> dict[str, list[dict[str, int]]]:

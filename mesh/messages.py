@@ -126,6 +126,23 @@ class EndpointsGetReply(Struct):
     sets: list[EndpointSet] = []
 
 
+class VipRequest(Struct, kw_only=True):
+    """A service's virtual IP (`namespace` and `service`), or the service a virtual IP
+    belongs to (`address`) (docs/architecture.md §5.4)."""
+
+    namespace: str = ""
+    service: str = ""
+    address: str = ""
+
+
+class VipReply(Struct, kw_only=True):
+    """`address` "" / `service` "": none allocated."""
+
+    namespace: str = ""
+    service: str = ""
+    address: str = ""
+
+
 # ---------------------------------------------------------------- config
 
 

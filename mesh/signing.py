@@ -160,7 +160,7 @@ class SignedSubjects:
     """Where the control plane signs and proxies verify (docs/architecture.md §3).
 
     Published: route, inbound and gateway config, endpoint sets, the trust bundle and
-    rotation notices. Replies: to `config.fetch`, `registry.get`, `ca.bundle.get`
+    rotation notices. Replies: to `config.fetch`, `registry.get`, `registry.vip`, `ca.bundle.get`
     (the same states) and `ca.sign` (it carries the bundle). The replies to `ca.sign`
     and `ca.bundle.get` are a proxy's bootstrap: accepted unsigned until it trusts a
     key, since they are where the key comes from."""
@@ -193,6 +193,7 @@ class SignedSubjects:
         return {
             f"{p}.config.fetch": "config",
             f"{p}.registry.get": "endpoints",
+            f"{p}.registry.vip": "vip",
             f"{p}.ca.bundle.get": "bundle",
             f"{p}.ca.sign": "certificate",
         }.get(request_subject)

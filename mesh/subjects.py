@@ -42,6 +42,11 @@ class Subjects:
         return f"{self.prefix}.registry.get"
 
     @property
+    def registry_vip(self) -> str:
+        """A service's virtual IP, or the service of one (`VipRequest`)."""
+        return f"{self.prefix}.registry.vip"
+
+    @property
     def registry_resync(self) -> str:
         """Published by a registry leader that starts after an outage long enough for
         leases to lapse: every sidecar registers again (each after a random delay)."""

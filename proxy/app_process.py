@@ -19,16 +19,23 @@ APP_POLL_S = 0.05
 
 
 def app_env(settings: SidecarSettings, *, outbound: str, admin: str) -> dict[str, str]:
-    """The app's environment: HTTP_PROXY at the sidecar's outbound listener and the
+    """The app's environment: HTTP_PROXY at the sidecar's outbound listener (none
+    when `outbound` is "": an intercepted app, whose traffic is captured) and the
     MESH_* facts about its instance."""
     env = dict(os.environ)
     if mesh.FORK_SUPPORT_SET_BY_US:
         env.pop("GRPC_ENABLE_FORK_SUPPORT", None)  # ours, not the app's
+    if outbound:
+        env.update(
+            HTTP_PROXY=outbound,
+            http_proxy=outbound,
+            NO_PROXY="localhost,127.0.0.1",
+            no_proxy="localhost,127.0.0.1",
+        )
+    else:
+        for name in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY"):
+            env.pop(name, None)
     env.update(
-        HTTP_PROXY=outbound,
-        http_proxy=outbound,
-        NO_PROXY="localhost,127.0.0.1",
-        no_proxy="localhost,127.0.0.1",
         MESH_SERVICE=settings.service,
         MESH_NAMESPACE=settings.namespace,
         MESH_VERSION=settings.version,
@@ -45,9 +52,11 @@ def exit_code_of(returncode: int) -> int:
 
 
 class ManagedApp:
-    def __init__(self, command: list[str], port: int):
+    def __init__(self, command: list[str], port: int, host: str = "127.0.0.1"):
         self.command = command
         self.port = port
+        # where the sidecar reaches the app (its namespace's address when intercepted)
+        self.host = host
         self.process: asyncio.subprocess.Process | None = None
 
     async def start(self, env: dict[str, str]) -> None:
@@ -63,7 +72,7 @@ class ManagedApp:
         turns true first. An app that never listens (a job) never returns True."""
         while not stopping():
             try:
-                _reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+                _reader, writer = await asyncio.open_connection(self.host, self.port)
             except OSError:
                 await asyncio.sleep(APP_POLL_S)
                 continue

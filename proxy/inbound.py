@@ -45,7 +45,7 @@ class InboundHandler:
         self.app_pools = app_pools
         self.policy = policy
         self.stats = stats
-        self.app_address = f"127.0.0.1:{settings.app_port}"
+        self.app_address = f"{settings.app_host}:{settings.app_port}"
 
     async def handle(self, req: Request, ex: Exchange) -> Outcome:
         if self.settings.app_port == 0:

@@ -7,6 +7,8 @@ import socket
 import uuid
 from dataclasses import dataclass, field
 
+from proxy.intercept.rules import InterceptSettings
+
 # the data planes a sidecar can drive (proxy.dataplane)
 DATAPLANES = ("python", "envoy")
 APP_PROTOCOLS = ("http", "http2", "grpc")
@@ -60,6 +62,17 @@ class SidecarSettings:
     # the state dir of the local cluster this proxy runs against (`meshctl up`), where
     # it records itself for `meshctl down` (mesh.proxy_records); empty: none
     cluster_state_dir: str = ""
+    # transparent interception (`--intercept`, docs/architecture.md §5.4): the app runs
+    # in its own network namespace and its outbound TCP and DNS are captured
+    intercept: bool = False
+    capture: InterceptSettings = field(default_factory=InterceptSettings)
+    # the pod form (`--capture-port`, `--dns-port`): `meshctl intercept-init` installed
+    # the rules in the namespace this sidecar shares with its app; 0: not used
+    capture_port: int = 0
+    dns_port: int = 0
+    # where the app listens as the sidecar reaches it: 127.0.0.1, or the app's
+    # namespace address when intercepting (set by the sidecar once it exists)
+    app_host: str = "127.0.0.1"
 
     def __post_init__(self) -> None:
         if self.dataplane not in DATAPLANES:

@@ -3,15 +3,17 @@ app's lifecycle, driving a data plane (`proxy.dataplane`: our Python listeners o
 Envoy) that carries the traffic.
 
 One lifecycle, ordered (DESIGN §7). Start: admin listener (not ready), bus, followers
-and status reporter, certificate, data plane, register, ready — and only then the app,
-with HTTP_PROXY pointing at the outbound listener, so the app never runs before the
-mesh is ready. An app the sidecar starts is registered `starting` (no traffic) until
-it accepts connections, then `healthy`. Every step that has started registers its
-cleanup on one exit stack: a stop at any point (SIGTERM, SIGINT, `stop()`, the app
-exiting) unwinds exactly what started, in reverse order. Stop once serving: mark the
-instance draining, let the data plane drain while clients see that (bounded), stop
-the app, deregister, then close the data plane, identity, bus and admin listener. An
-app that exits by itself makes the sidecar exit with the app's exit code.
+and status reporter, certificate, (with `--intercept`: the app's namespace and the DNS
+server), data plane, (the interception rules), register, ready — and only then the
+app, with HTTP_PROXY pointing at the outbound listener (an intercepted app gets none),
+so the app never runs before the mesh is ready. An app the sidecar starts is
+registered `starting` (no traffic) until it accepts connections, then `healthy`.
+Every step that has started registers its cleanup on one exit stack: a stop at any
+point (SIGTERM, SIGINT, `stop()`, the app exiting) unwinds exactly what started, in
+reverse order. Stop once serving: mark the instance draining, let the data plane
+drain while clients see that (bounded), stop the app, deregister, then close the data
+plane, identity, bus and admin listener. An app that exits by itself makes the
+sidecar exit with the app's exit code.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from proxy.gateway import GatewayFollower
 from proxy.http import Limits
 from proxy.identity_client import ConfigTrust, IdentityRefused, WorkloadIdentity
 from proxy.inbound_policy import InboundPolicyFollower
+from proxy.intercept.agent import Interception
 from proxy.registration import Registration
 from proxy.settings import SidecarSettings
 from proxy.stats import ProxyStats
@@ -81,6 +84,7 @@ class Sidecar:
         self.trust: ConfigTrust | None = None
         self.inbound_policy: InboundPolicyFollower | None = None
         self.record: ProxyRecord | None = None
+        self.interception: Interception | None = None
 
     @property
     def pools(self) -> Any:
@@ -105,6 +109,7 @@ class Sidecar:
             "draining": self.draining,
             "listeners": self.ports,
             "dataplane": self.dataplane.info(),
+            "intercept": self.interception.info() if self.interception else None,
         }
 
     # ------------------------------------------------------------ lifecycle
@@ -127,7 +132,7 @@ class Sidecar:
         """Every start-up step, in order; each pushes its own cleanup on `started`. A
         stop request during a wait raises StopRequested."""
         s = self.settings
-        if self.app is not None:
+        if self.app is not None and not s.intercept:
             # another process there would be registered, and marked healthy, as our app
             taken = port_in_use("app port", s.app_port)
             if taken:
@@ -164,6 +169,16 @@ class Sidecar:
             await self.inbound_policy.start()
         if self.gateway is not None:
             await self.gateway.start()
+        capture = None
+        if s.intercept:
+            self.interception = Interception(s, self.bus, self.stats)
+            capture = await self.interception.setup(started)
+            if self.app is not None:
+                self.app.command = self.interception.app_command(self.app.command)
+                self.app.host = s.app_host
+        elif s.capture_port:
+            self.interception = Interception(s, self.bus, self.stats)
+            capture = await self.interception.setup_pod(started)
         started.push_async_callback(self.dataplane.stop)
         addresses = await self.dataplane.start(
             DataPlaneContext(
@@ -176,9 +191,12 @@ class Sidecar:
                 gateway=self.gateway,
                 identity=self.identity,
                 status_changed=self.reporter.changed,
+                capture=capture,
             )
         )
         self.ports.update(addresses.listeners)
+        if self.interception is not None and s.intercept:
+            await self.interception.capture(self.ports["capture"])
         if self.record is not None and s.dataplane == "envoy":
             # Envoy outlives a killed sidecar: `meshctl down` must find it
             self.record.add("envoy", self.dataplane.info().get("pid"))
@@ -299,7 +317,10 @@ class Sidecar:
                 await self.app.start(
                     app_env(
                         s,
-                        outbound=f"http://127.0.0.1:{self.ports['outbound']}",
+                        # an intercepted app is given no proxy: its traffic is captured
+                        outbound=""
+                        if self.interception is not None
+                        else f"http://127.0.0.1:{self.ports['outbound']}",
                         admin=f"http://{s.bind_host}:{self.ports['admin']}",
                     )
                 )

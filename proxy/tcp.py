@@ -663,6 +663,29 @@ class TcpRelays:
         log.info("tcp.listening", listener=name, address=listener_address(host, bound))
         return bound
 
+    # ------------------------------------------------------------ captured connections
+
+    async def adopt(self, sock: socket.socket, name: str, opener: Opener) -> None:
+        """Relay an already accepted socket (a captured connection,
+        `proxy.intercept.capture`) with `opener` choosing its upstream."""
+        counters = self.stats.listener(name)
+        await asyncio.get_running_loop().connect_accepted_socket(
+            lambda: _Connection(self, name, counters, opener).downstream, sock
+        )
+
+    def service_opener(self, upstream: TcpUpstream) -> Opener:
+        """Connects to one endpoint of `upstream.service` that serves `upstream.port`."""
+        return partial(self._open_service, upstream)
+
+    def address_opener(self, host: str, port: int, identity: str = "") -> Opener:
+        """Connects to host:port: mTLS requiring `identity` when given (a mesh
+        instance's TCP listener), else plaintext (a passthrough)."""
+
+        async def opener(conn: _Connection) -> bool:
+            return await self._open(conn, host, port, f"{host}:{port}", identity)
+
+        return opener
+
     # ------------------------------------------------------------ connections
 
     def active_connections(self) -> int:
@@ -896,6 +919,7 @@ __all__ = [
     "DENIED_FLAG",
     "HIGH_WATER",
     "ListenerCounters",
+    "Opener",
     "TcpBalancers",
     "TcpRelays",
     "TcpStats",

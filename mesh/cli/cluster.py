@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import signal
 import sys
@@ -65,6 +66,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         "proxy (default) or Envoy configured over xDS",
     )
     up.add_argument(
+        "--intercept",
+        action="store_true",
+        help="with --demo: run each app in its own network namespace with its traffic "
+        "captured, no HTTP_PROXY (Linux, root; `meshctl sidecar --intercept`)",
+    )
+    up.add_argument(
         "--fresh",
         action="store_true",
         help="start clean: remove what an earlier cluster kept in the state dir (etcd and "
@@ -86,6 +93,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     st.set_defaults(func=cmd_status)
 
 
+def _check_intercept() -> None:
+    """Said before anything starts, rather than by every demo sidecar failing."""
+    netns = importlib.import_module("proxy.intercept.netns")
+    try:
+        netns.require_net_admin()
+    except netns.InterceptError as e:
+        raise CLIError(str(e)) from None
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     if args.replicas < 1:
         raise CLIError("--replicas must be at least 1")
@@ -97,11 +113,18 @@ def cmd_up(args: argparse.Namespace) -> int:
         missing = {"registry", "ca", "config"} - set(services)
         if missing:
             raise CLIError(f"--demo needs the {', '.join(sorted(missing))} service(s)")
+        if args.intercept:
+            _check_intercept()
         demo = devcluster.DemoSettings(
-            load_rps=args.demo_load, ingress_port=args.ingress_port, dataplane=args.dataplane
+            load_rps=args.demo_load,
+            ingress_port=args.ingress_port,
+            dataplane=args.dataplane,
+            intercept=args.intercept,
         )
     elif args.dataplane != "python":
         raise CLIError("--dataplane applies to the demo's proxies: add --demo")
+    elif args.intercept:
+        raise CLIError("--intercept applies to the demo's apps: add --demo")
     taken = port_in_use("--ingress-port", args.ingress_port) if args.demo else None
     if taken:
         raise CLIError(taken)
@@ -190,6 +213,7 @@ def cmd_down(args: argparse.Namespace) -> int:
     say = tolerant(progress)  # `meshctl down | head -1` still stops everything
     say(f"meshctl down: {d}/")
     devcluster.down(d, say)
+    _remove_stale_interception(say)
     say("everything stopped")
     if args.purge:
         removed = cluster_state.purge(d)
@@ -199,6 +223,19 @@ def cmd_down(args: argparse.Namespace) -> int:
             else f"nothing to purge in {d}/"
         )
     return 0
+
+
+def _remove_stale_interception(say: Any) -> None:
+    """Namespaces and rules of intercepted sidecars that had to be killed (they clean
+    up after themselves when they stop; docs/architecture.md §5.4)."""
+    netns = importlib.import_module("proxy.intercept.netns")
+    try:
+        netns.require_net_admin()
+    except netns.InterceptError:
+        return  # nothing of ours can be there
+    removed = netns.remove_stale()
+    if removed:
+        say(f"  removed the namespaces of killed intercepted sidecars: {', '.join(removed)}")
 
 
 def _health(url: str) -> dict[str, Any] | None:

@@ -15,6 +15,7 @@ from mesh.cli import (
     cluster,
     dashboard_cmds,
     explain_cmd,
+    intercept_cmds,
     resources,
     serve,
     sidecar_cmds,
@@ -32,6 +33,7 @@ COMMAND_MODULES = [
     telemetry_cmds,
     ca_cmds,
     dashboard_cmds,
+    intercept_cmds,
 ]
 
 

@@ -153,6 +153,50 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
         help="what the app speaks on --app-port: HTTP/1.1 (http), or HTTP/2 cleartext "
         "(http2, grpc), like Istio's port naming",
     )
+    sc.add_argument(
+        "--intercept",
+        action="store_true",
+        help="run the app in its own network namespace and capture its outbound TCP and "
+        "DNS (no HTTP_PROXY needed; Linux, root or CAP_NET_ADMIN)",
+    )
+    sc.add_argument(
+        "--capture-port",
+        type=int,
+        default=0,
+        help="pod form: the rules were installed by `meshctl intercept-init` in this "
+        "namespace; serve the capture listener on 127.0.0.1:PORT (its --capture-port)",
+    )
+    sc.add_argument(
+        "--dns-port",
+        type=int,
+        default=0,
+        help="pod form: serve the DNS server on 127.0.0.1:PORT (intercept-init's --dns-port)",
+    )
+    sc.add_argument(
+        "--exclude-outbound-cidrs",
+        default="",
+        metavar="CIDR[,CIDR...]",
+        help="with --intercept: destinations not captured (Istio's excludeOutboundIPRanges)",
+    )
+    sc.add_argument(
+        "--exclude-ports",
+        default="",
+        metavar="PORT[,PORT...]",
+        help="with --intercept: outbound destination ports not captured",
+    )
+    sc.add_argument(
+        "--exclude-inbound-ports",
+        default="",
+        metavar="PORT[,PORT...]",
+        help="with --intercept: app ports host processes reach directly, not via the sidecar",
+    )
+    sc.add_argument(
+        "--opaque-ports",
+        default="",
+        metavar="PORT[,PORT...]",
+        help="with --intercept: destination ports relayed as TCP without protocol detection "
+        "(server-first protocols: MySQL, SMTP; Linkerd's opaque ports)",
+    )
     _common(sc)
     sc.add_argument("app", nargs=argparse.REMAINDER, help="-- command to run the app")
     sc.set_defaults(func=cmd_sidecar)
@@ -271,8 +315,13 @@ def cmd_sidecar(args: argparse.Namespace) -> int:
             tcp.parse_tcp_upstream(spec, args.namespace)
         except ValueError as e:
             raise CLIError(f"--tcp-upstream {spec!r}: {e}") from None
+    capture = _intercept_settings(args, app)
     settings = _settings(
         args,
+        intercept=args.intercept,
+        capture=capture,
+        capture_port=args.capture_port,
+        dns_port=args.dns_port,
         service=args.service,
         version=args.version,
         app_port=args.app_port,
@@ -290,12 +339,66 @@ def cmd_sidecar(args: argparse.Namespace) -> int:
             ("--inbound-port", args.inbound_port, args.bind),
             ("--outbound-port", args.outbound_port, "127.0.0.1"),
         ]
-    if app:
+    if app and not args.intercept:
         # the sidecar starts the app there: another process holding it would be
         # registered in its place (and marked healthy once it accepts connections)
         ports.append(("--app-port", args.app_port, "127.0.0.1"))
     _check_ports(ports)
     return _run(settings, app)
+
+
+def _intercept_settings(args: argparse.Namespace, app: list[str]) -> Any:
+    """The capture settings; with --intercept, a clear error where it cannot work."""
+    rules = importlib.import_module("proxy.intercept.rules")
+    flags = {
+        "--exclude-outbound-cidrs": args.exclude_outbound_cidrs,
+        "--exclude-ports": args.exclude_ports,
+        "--exclude-inbound-ports": args.exclude_inbound_ports,
+        "--opaque-ports": args.opaque_ports,
+    }
+    for flag, port in (("--capture-port", args.capture_port), ("--dns-port", args.dns_port)):
+        if not 0 <= port < 65536:
+            raise CLIError(f"{flag} must be in 1..65535, got {port}")
+    if args.intercept and args.capture_port:
+        raise CLIError(
+            "--intercept (the sidecar makes the app's namespace) and --capture-port (the "
+            "pod form, rules from intercept-init) exclude each other"
+        )
+    if args.dns_port and not args.capture_port:
+        raise CLIError("--dns-port belongs to the pod form: add --capture-port")
+    if args.capture_port:
+        # the rules live in intercept-init; only what the listener reads applies here
+        ruled = [f for f in flags if f != "--opaque-ports" and flags[f]]
+        if ruled:
+            raise CLIError(f"{', '.join(ruled)}: pass them to `meshctl intercept-init`")
+        try:
+            return rules.InterceptSettings(
+                opaque_ports=rules.parse_ports(args.opaque_ports, "--opaque-ports")
+            )
+        except ValueError as e:
+            raise CLIError(str(e)) from None
+    if not args.intercept:
+        given = [flag for flag, value in flags.items() if value]
+        if given:
+            raise CLIError(f"{', '.join(given)} only apply with --intercept or --capture-port")
+        return rules.InterceptSettings()
+    if not app:
+        raise CLIError("--intercept needs the app's command: meshctl sidecar ... -- APP")
+    netns = importlib.import_module("proxy.intercept.netns")
+    try:
+        netns.require_net_admin()
+        return rules.InterceptSettings(
+            exclude_outbound_cidrs=rules.parse_cidrs(
+                args.exclude_outbound_cidrs, "--exclude-outbound-cidrs"
+            ),
+            exclude_ports=rules.parse_ports(args.exclude_ports, "--exclude-ports"),
+            exclude_inbound_ports=rules.parse_ports(
+                args.exclude_inbound_ports, "--exclude-inbound-ports"
+            ),
+            opaque_ports=rules.parse_ports(args.opaque_ports, "--opaque-ports"),
+        )
+    except (ValueError, netns.InterceptError) as e:
+        raise CLIError(str(e)) from None
 
 
 def cmd_gateway(args: argparse.Namespace) -> int:

@@ -27,6 +27,7 @@ from proxy.gateway import GatewayFollower
 from proxy.http import Limits
 from proxy.identity_client import WorkloadIdentity
 from proxy.inbound_policy import InboundPolicyFollower
+from proxy.intercept.targets import CaptureContext
 from proxy.settings import DATAPLANES, SidecarSettings
 from proxy.stats import ProxyStats
 
@@ -59,6 +60,9 @@ class DataPlaneContext:
     # the data plane's view of the config changed (e.g. Envoy ACKed or NACKed a push):
     # the agent sends a status report
     status_changed: Callable[[], None]
+    # an intercepted app (`--intercept`): where the capture listener binds and how it
+    # maps original destinations; None otherwise
+    capture: CaptureContext | None = None
 
 
 @dataclass(frozen=True)

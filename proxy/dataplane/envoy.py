@@ -122,6 +122,8 @@ class EnvoyDataPlane:
         self._envoy_took_config = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._following: set[ServiceRef] = set()
+        # an intercepted app: the virtual IPs of the services followed (fqdn -> address)
+        self._vips: dict[str, str] = {}
         self._session: aiohttp.ClientSession | None = None
         self.pushes = 0
         self.telemetry: SidecarTelemetry | None = None
@@ -200,6 +202,8 @@ class EnvoyDataPlane:
             listeners.update(inbound=ports.inbound, outbound=ports.outbound)
         for app_port, port in ports.tcp_inbound.items():
             listeners[f"tcp-inbound:{app_port}"] = port
+        if ports.capture:
+            listeners["capture"] = ports.capture
         log.info("envoy.serving", pid=self._envoy.pid, listeners=listeners)
         return Addresses(
             service_port=ports.gateway if s.gateway else ports.inbound,
@@ -278,6 +282,8 @@ class EnvoyDataPlane:
         xds = self._xds
         return {
             "dataplane": "envoy",
+            # where Envoy reaches the app (its namespace's address when intercepted)
+            "app_host": self._ctx.settings.app_host if self._ctx is not None else "",
             "pid": self._envoy.pid if self._envoy is not None else None,
             "restarts": self._envoy.restarts if self._envoy is not None else 0,
             "pushes": self.pushes,
@@ -388,7 +394,7 @@ class EnvoyDataPlane:
             # Gateway resource selecting nothing would give
             s = ctx.settings
             gateway = GatewayConfig(namespace=s.namespace, name=s.service, revision=0)
-        return mesh_view(ctx.destinations.destinations, policy, gateway)
+        return mesh_view(ctx.destinations.destinations, policy, gateway, self._vips)
 
     @staticmethod
     def _followed_revisions(ctx: DataPlaneContext) -> dict[str, int]:
@@ -519,6 +525,11 @@ class EnvoyDataPlane:
                     )
                 elif isinstance(result, BaseException):
                     raise result
+                elif ctx.capture is not None and ctx.capture.vips is not None:
+                    # for the capture listener's TCP chains (a lookup per new service)
+                    address = await ctx.capture.vips.address_of(ref)
+                    if address:
+                        self._vips[ref.fqdn] = address
 
     # ------------------------------------------------------------ Envoy's admin
 
@@ -530,6 +541,8 @@ class EnvoyDataPlane:
         wanted = [(s.bind_host, ports.gateway)] if s.gateway else [(s.bind_host, ports.inbound)]
         if not s.gateway:
             wanted.append(("127.0.0.1", ports.outbound))
+        if ports.capture:
+            wanted.append((ports.capture_host, ports.capture))
         try:
             await asyncio.wait_for(self._first_config(wanted), FIRST_CONFIG_TIMEOUT_S)
         except TimeoutError:

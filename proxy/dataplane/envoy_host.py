@@ -64,11 +64,14 @@ def choose_ports(ctx: DataPlaneContext, admin_port: int = 0) -> EnvoyPorts:
         return EnvoyPorts(
             admin=admin_port or free_port(), gateway=port(s.gateway_port), tcp_inbound=tcp
         )
+    capture = ctx.capture
     return EnvoyPorts(
         admin=admin_port or free_port(),
         inbound=port(s.inbound_port),
         outbound=port(s.outbound_port, "127.0.0.1"),
         tcp_inbound=tcp,
+        capture_host=capture.host if capture else "",
+        capture=port(capture.port, capture.host) if capture else 0,
     )
 
 

@@ -27,6 +27,9 @@ class EnvoyPorts:
     gateway: int = 0
     # app TCP port -> the mesh-facing relay listener's port
     tcp_inbound: Mapping[int, int] = field(default_factory=dict)
+    # an intercepted app: the capture listener (docs/architecture.md §5.4)
+    capture_host: str = ""
+    capture: int = 0
 
 
 def proxy_node(
@@ -57,6 +60,8 @@ def proxy_node(
         access_log_cluster=access_log_cluster,
         tracing_cluster=tracing_cluster,
         trace_sampling=s.trace_sampling,
+        app_host=s.app_host,
+        capture=(ports.capture_host, ports.capture) if ports.capture else None,
     )
 
 
@@ -64,8 +69,10 @@ def mesh_view(
     destinations: Mapping[ServiceRef, Destination],
     inbound: InboundPolicy | None,
     gateway: GatewayConfig | None,
+    vips: Mapping[str, str] | None = None,
 ) -> MeshView:
     return MeshView(
+        vips=dict(vips or {}),
         destinations={
             ref.fqdn: (dest.table, dest.endpoints)
             for ref, dest in sorted(destinations.items())

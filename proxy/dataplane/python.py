@@ -19,6 +19,7 @@ from proxy.gateway_policy import GatewayAdmission
 from proxy.http import Exchange, Limits, Request, serve
 from proxy.http.server import HttpServerProtocol
 from proxy.inbound import InboundHandler
+from proxy.intercept.capture import CaptureListener
 from proxy.listener import MeshListener
 from proxy.mtls import MeshTls
 from proxy.outbound import Caller, RouteHandler
@@ -53,6 +54,7 @@ class PythonDataPlane:
         self._ctx: DataPlaneContext | None = None
         self._servers: list[asyncio.AbstractServer] = []
         self._listeners: list[MeshListener] = []
+        self._captures: list[CaptureListener] = []
         self._ports: dict[str, int] = {}
 
     # ------------------------------------------------------------ lifecycle
@@ -82,6 +84,7 @@ class PythonDataPlane:
             inbound_mode=policy.mode if policy is not None else None,
             authorizer=(lambda: policy.authorizer) if policy is not None else None,
             count_dry_run=ctx.stats.count_dry_run,
+            app_host=s.app_host,
         )
         tcp_listeners: dict[str, str] = {}
         if s.tcp_ports:
@@ -103,9 +106,10 @@ class PythonDataPlane:
             service_port = await self._listen_inbound(
                 ctx, self._counted("inbound", inbound.handle, telemetry)
             )
-            await self._listen(
-                "outbound", self._counted("outbound", routes.handle), s.outbound_port, "127.0.0.1"
-            )
+            outbound = self._counted("outbound", routes.handle)
+            await self._listen("outbound", outbound, s.outbound_port, "127.0.0.1")
+            if ctx.capture is not None:
+                await self._listen_capture(ctx, outbound)
         return Addresses(
             service_port=service_port, listeners=dict(self._ports), tcp_listeners=tcp_listeners
         )
@@ -139,6 +143,8 @@ class PythonDataPlane:
             server.close()
         for listener in self._listeners:
             listener.close()
+        for capture in self._captures:
+            capture.close()
         if self.tcp is not None:
             self.tcp.close()
         if self.routes is not None:
@@ -191,6 +197,24 @@ class PythonDataPlane:
         self._listeners.append(listener)
         self._ports["inbound"] = port
         return port
+
+    async def _listen_capture(self, ctx: DataPlaneContext, outbound: Handler) -> None:
+        """The capture listener of an intercepted app (docs/architecture.md §5.4): the
+        same router as the outbound listener, and the TCP relays."""
+        assert ctx.capture is not None and self.tcp is not None
+        s = ctx.settings
+        capture = CaptureListener(
+            http_handler=outbound,
+            limits=self.limits,
+            tcp=self.tcp,
+            targets=ctx.capture.targets,
+            registry=ctx.stats.registry,
+            namespace=s.namespace,
+            policy=ctx.capture.outbound_policy,
+            opaque_ports=s.capture.opaque_ports,
+        )
+        self._ports["capture"] = await capture.start(ctx.capture.host, ctx.capture.port)
+        self._captures.append(capture)
 
     # ------------------------------------------------------------ handlers
 

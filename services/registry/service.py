@@ -22,6 +22,7 @@ from prometheus_client import Counter, Histogram
 
 from mesh import errors, messages, validate
 from mesh.debounce import Debouncer, DebounceSettings
+from mesh.hosts import ServiceRef
 from mesh.messages import (
     DeregisterReply,
     DeregisterRequest,
@@ -31,11 +32,14 @@ from mesh.messages import (
     HeartbeatRequest,
     RegisterReply,
     RegisterRequest,
+    VipReply,
+    VipRequest,
 )
 from mesh.service import ControlPlaneService
 from mesh.signing import control_plane_signer
 from mesh.store import WatchCompacted
 from mesh.subjects import REGISTRY_QUEUE
+from services.registry import vips
 from services.registry.index import EndpointIndex, instance_key, sets_from_listing
 
 MAX_TTL = 300
@@ -74,6 +78,8 @@ class RegistryService(ControlPlaneService):
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.clock = time.monotonic
+        # services whose virtual IP this replica has seen allocated (they never change)
+        self.vips_allocated: set[ServiceRef] = set()
         self.publish_debounce = DebounceSettings(PUBLISH_QUIET_S, PUBLISH_MAX_DELAY_S)
         self.instance_changes = Counter(
             "mesh_registry_instance_changes_total",
@@ -106,6 +112,7 @@ class RegistryService(ControlPlaneService):
             s.registry_deregister, DeregisterRequest, self.deregister, queue=REGISTRY_QUEUE
         )
         await self.bus.serve(s.registry_get, EndpointsGetRequest, self.get, queue=REGISTRY_QUEUE)
+        await self.bus.serve(s.registry_vip, VipRequest, self.vip, queue=REGISTRY_QUEUE)
 
     def _key(self, ns: str, svc: str, inst: str) -> str:
         return instance_key(self.store.prefix, ns, svc, inst)
@@ -133,6 +140,11 @@ class RegistryService(ControlPlaneService):
             messages.encode(inst),
             lease=lease_id,
         )
+        # the service's virtual IP, once, with its first instance (docs/architecture.md §4)
+        ref = ServiceRef(inst.namespace, inst.service)
+        if ref not in self.vips_allocated:
+            await vips.allocate(self.store, ref)
+            self.vips_allocated.add(ref)
         self.requests.labels("register", "ok").inc()
         self.log.info(
             "registry.registered",
@@ -172,6 +184,20 @@ class RegistryService(ControlPlaneService):
             instance=req.instance,
         )
         return DeregisterReply(revision=revision)
+
+    async def vip(self, req: VipRequest) -> VipReply:
+        """A service's virtual IP, or the service a virtual IP belongs to."""
+        if req.address:
+            ref = await vips.service_at(self.store, req.address)
+            if ref is None:
+                return VipReply(address=req.address)
+            return VipReply(namespace=ref.namespace, service=ref.name, address=req.address)
+        ref = ServiceRef(
+            validate.dns_label(req.namespace, "namespace"),
+            validate.dns_label(req.service, "service"),
+        )
+        address = await vips.vip_of(self.store, ref)
+        return VipReply(namespace=ref.namespace, service=ref.name, address=address)
 
     async def get(self, req: EndpointsGetRequest) -> EndpointsGetReply:
         prefix = self.store.key("registry") + "/"

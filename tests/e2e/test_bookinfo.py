@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 
 from mesh.servers import free_port, pid_alive
+from tests.intercept_support import skip_without_interception
 from tests.support import wait_for
 
 MESHCTL = [sys.executable, "-m", "mesh.cli.main"]
@@ -87,14 +88,20 @@ class Demo:
         return dict(self.doc["sidecars"][name])
 
 
-@pytest.fixture(scope="module", params=["python", "envoy"])
+@pytest.fixture(scope="module", params=["python", "envoy", "python-intercept"])
 def demo(
     tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
 ) -> Iterator[Demo]:
-    """The tour on each data plane: `meshctl up --demo --dataplane python|envoy`."""
-    dataplane = request.param
-    state = tmp_path_factory.mktemp(f"bookinfo-{dataplane}") / "mesh"
-    up = meshctl(state, "up", "--demo", "--demo-load", "0", "--detach", "--dataplane", dataplane)
+    """The tour on each data plane: `meshctl up --demo --dataplane python|envoy`, and
+    with every app intercepted (`--intercept`: no HTTP_PROXY; root only)."""
+    dataplane, _, variant = str(request.param).partition("-")
+    extra = ["--intercept"] if variant == "intercept" else []
+    if extra:
+        skip_without_interception()
+    state = tmp_path_factory.mktemp(f"bookinfo-{request.param}") / "mesh"
+    up = meshctl(
+        state, "up", "--demo", "--demo-load", "0", "--detach", "--dataplane", dataplane, *extra
+    )
     doc = json.loads((state / "cluster.json").read_text())
     yield Demo(state, doc, up, dataplane)
     meshctl(state, "down", check=False)
@@ -145,6 +152,27 @@ def recorded_pids(doc: dict[str, Any]) -> list[int]:
 
 
 # ------------------------------------------------------------------ the tour
+
+
+def test_intercepted_apps_have_no_proxy(demo: Demo) -> None:
+    """`--intercept`: no app has HTTP_PROXY, and each runs in its own namespace."""
+    if not demo.doc["sidecars"]["productpage-v1-0"].get("intercept"):
+        pytest.skip("the apps are not intercepted in this variant")
+    namespaces = set()
+    for record in demo.doc["sidecars"].values():
+        # the app (not Envoy, which an Envoy sidecar starts too)
+        app = [
+            p
+            for p in descendants([record["pid"]]) - {record["pid"]}
+            if b"examples/bookinfo/" in Path(f"/proc/{p}/cmdline").read_bytes()
+        ]
+        assert len(app) == 1, record
+        for pid in app:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            assert not [e for e in environ if e.lower().startswith(b"http_proxy=")]
+            namespaces.add(os.readlink(f"/proc/{pid}/ns/net"))
+    assert len(namespaces) == len(demo.doc["sidecars"])
+    assert os.readlink("/proc/self/ns/net") not in namespaces
 
 
 def test_demo_serves_the_product_page_through_the_ingress(demo: Demo) -> None:

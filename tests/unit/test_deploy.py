@@ -235,7 +235,7 @@ def test_example_sidecar_arguments_are_meshctl_sidecar_flags() -> None:
     docs = build(K8S / "example")
     deployment = next(d for d in docs if d["kind"] == "Deployment")
     spec = deployment["spec"]["template"]["spec"]
-    (sidecar,) = spec["initContainers"]
+    init, sidecar = spec["initContainers"]
     assert sidecar["restartPolicy"] == "Always"  # a native sidecar: starts first, stops last
     env = {e["name"]: "x" for e in sidecar["env"]}
     args = build_parser().parse_args([_expand(a, env) for a in sidecar["args"]])
@@ -250,8 +250,17 @@ def test_example_sidecar_arguments_are_meshctl_sidecar_flags() -> None:
     (app,) = spec["containers"]
     app_env = {e["name"]: e.get("value") for e in app["env"]}
     assert app_env["PORT"] == str(args.app_port)
-    assert app_env["HTTP_PROXY"] == f"http://127.0.0.1:{args.outbound_port}"
     assert app["command"][-1].startswith("/opt/meshwork/examples/bookinfo/")
+    # intercepted (the pod form): no HTTP_PROXY; intercept-init's rules name the
+    # sidecar's capture, DNS and inbound ports, the app's port and the sidecar's uid
+    assert "HTTP_PROXY" not in app_env
+    rules = build_parser().parse_args(init["args"])
+    assert rules.command == "intercept-init" and "restartPolicy" not in init
+    assert (rules.capture_port, rules.dns_port) == (args.capture_port, args.dns_port)
+    assert rules.inbound_port == args.inbound_port
+    assert rules.inbound_ports == str(args.app_port)
+    assert rules.proxy_uid == sidecar["securityContext"]["runAsUser"]
+    assert init["securityContext"]["capabilities"]["add"] == ["NET_ADMIN"]
 
 
 def test_secrets_are_placeholders_to_replace() -> None:

@@ -659,9 +659,36 @@ def case_inbound_grpc_app() -> tuple[ProxyNode, MeshView]:
     return sidecar(app_h2c=True, outbound=None), MeshView(destinations={})
 
 
+def case_outbound_intercepted() -> tuple[ProxyNode, MeshView]:
+    """An intercepted app (docs/architecture.md §5.4): the capture listener on the host
+    side of the app's veth (original destination; a service's virtual IP and TCP port
+    to its TCP listeners; HTTP detected to the outbound routes; anything else to
+    BlackHoleCluster), the app reached at its namespace address."""
+    redis = EndpointSet(
+        namespace="cache",
+        service="redis",
+        revision=4,
+        endpoints=[
+            endpoint(
+                "redis-a",
+                "10.0.2.1",
+                15006,
+                identity=spiffe("cache", "redis"),
+                tcp_listeners={"6379": "10.0.2.1:15379"},
+            )
+        ],
+    )
+    return sidecar(capture=("100.127.0.1", 15001), app_host="100.127.0.2"), MeshView(
+        destinations={RATINGS: (None, ratings_endpoints()), REDIS: (None, redis)},
+        # ratings has no TCP port: no chain of its own (its HTTP goes by Host)
+        vips={REDIS: "240.240.3.4", RATINGS: "240.240.3.5"},
+    )
+
+
 CASES: dict[str, Callable[[], tuple[ProxyNode, MeshView]]] = {
     "outbound_default": case_outbound_default,
     "outbound_routing": case_outbound_routing,
+    "outbound_intercepted": case_outbound_intercepted,
     "inbound_strict": case_inbound_strict,
     "inbound_permissive_no_app": case_inbound_permissive_no_app,
     "gateway": case_gateway,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from proxy.envoy.resources import XdsResources
 
-from . import ext_authz, gateway, inbound, outbound, tcp
+from . import capture, ext_authz, gateway, inbound, outbound, tcp
 from .model import MeshView, ProxyNode, TranslationError
 from .tls import tls_secrets
 
@@ -37,6 +37,8 @@ def translate(node: ProxyNode, view: MeshView) -> XdsResources:
         ctx = outbound.route_context(node, view)
         if node.outbound is not None:
             ctx = outbound.add_outbound(node, view, out)
+            if node.capture is not None:
+                capture.add_capture(node, view, out)
         if node.inbound is not None:
             inbound.add_inbound_http(node, view, out)
         inbound.add_inbound_tcp(node, view, out)

@@ -229,9 +229,7 @@ def _http_options(pool: ConnectionPool | None, protocol: Json | None = None) -> 
         # connection, as the Python h2 pool limits them (proxy/http/h2/streams.py)
         for config in chosen.values():
             if "http2ProtocolOptions" in config:
-                config["http2ProtocolOptions"]["maxConcurrentStreams"] = (
-                    pool.max_concurrent_streams
-                )
+                config["http2ProtocolOptions"]["maxConcurrentStreams"] = pool.max_concurrent_streams
     return {**chosen, "commonHttpProtocolOptions": common}
 
 

@@ -32,8 +32,6 @@ from .names import (
 )
 from .protos import Json, parse
 
-APP_HOST = "127.0.0.1"
-
 
 def jwks_ca_file(node: ProxyNode) -> str:
     return node.jwks_ca_file or ssl.get_default_verify_paths().cafile or ""
@@ -165,7 +163,7 @@ def add_inbound_http(node: ProxyNode, view: MeshView, out: XdsResources) -> None
     if port:
         name = inbound_cluster(port)
         out.clusters[name] = clusters.static_cluster(
-            name, APP_HOST, port, http=True, h2c=node.app_h2c
+            name, node.app_host, port, http=True, h2c=node.app_h2c
         )
 
 
@@ -190,4 +188,4 @@ def add_inbound_tcp(node: ProxyNode, view: MeshView, out: XdsResources) -> None:
             ),
             listener_filters=[listeners.tls_inspector()],
         )
-        out.clusters[cluster] = clusters.static_cluster(cluster, APP_HOST, port, http=False)
+        out.clusters[cluster] = clusters.static_cluster(cluster, node.app_host, port, http=False)

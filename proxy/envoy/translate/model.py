@@ -5,7 +5,7 @@ express in Envoy's terms."""
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from mesh.compiled import GatewayConfig, InboundPolicy, RouteTable
@@ -59,6 +59,10 @@ class ProxyNode:
     app_h2c: bool = False
     # CA bundle for RequestAuthentication `jwksUri` servers (https); "" = the system's
     jwks_ca_file: str = ""
+    # where the app listens (its namespace's address when intercepted)
+    app_host: str = "127.0.0.1"
+    # an intercepted app (docs/architecture.md §5.4): the capture listener's address
+    capture: tuple[str, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -69,3 +73,6 @@ class MeshView:
     destinations: Mapping[str, tuple[RouteTable | None, EndpointSet | None]]
     inbound: InboundPolicy | None = None
     gateway: GatewayConfig | None = None
+    # fqdn -> the service's virtual IP (an intercepted app's capture listener relays
+    # TCP to a virtual IP by it; docs/architecture.md §5.4)
+    vips: Mapping[str, str] = field(default_factory=dict)

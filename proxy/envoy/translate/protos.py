@@ -16,6 +16,8 @@ import envoy.extensions.filters.http.jwt_authn.v3.config_pb2
 import envoy.extensions.filters.http.local_ratelimit.v3.local_rate_limit_pb2
 import envoy.extensions.filters.http.rbac.v3.rbac_pb2
 import envoy.extensions.filters.http.router.v3.router_pb2
+import envoy.extensions.filters.listener.http_inspector.v3.http_inspector_pb2
+import envoy.extensions.filters.listener.original_dst.v3.original_dst_pb2
 import envoy.extensions.filters.listener.tls_inspector.v3.tls_inspector_pb2
 import envoy.extensions.filters.network.http_connection_manager.v3.http_connection_manager_pb2
 import envoy.extensions.filters.network.rbac.v3.rbac_pb2
@@ -43,6 +45,8 @@ NETWORK_RBAC = _PREFIX + "envoy.extensions.filters.network.rbac.v3.RBAC"
 LOCAL_RATELIMIT = _PREFIX + "envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit"
 TCP_PROXY = _PREFIX + "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy"
 TLS_INSPECTOR = _PREFIX + "envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector"
+HTTP_INSPECTOR = _PREFIX + "envoy.extensions.filters.listener.http_inspector.v3.HttpInspector"
+ORIGINAL_DST = _PREFIX + "envoy.extensions.filters.listener.original_dst.v3.OriginalDst"
 UPSTREAM_TLS = _PREFIX + "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
 DOWNSTREAM_TLS = _PREFIX + "envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext"
 RAW_BUFFER = _PREFIX + "envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer"
