@@ -43,7 +43,7 @@ import socket
 import ssl
 import struct
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import cast
@@ -51,15 +51,25 @@ from typing import cast
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from mesh import errors
+from mesh.compiled import L4Route
 from mesh.hosts import ServiceRef, canonical_host, service_of_host
 from mesh.logs import get_logger
 from mesh.messages import Endpoint, EndpointSet
-from proxy.destinations import DestinationCache
+from proxy.destinations import Destination, DestinationCache
 from proxy.listener import MeshListener
 from proxy.mtls import MeshTls
 from proxy.peer import peer_of
 from proxy.policy import Authorizer, ConnectionFacts, ShadowDecision
-from proxy.routing import Balancer, RoundRobinBalancer, subset_endpoints
+from proxy.routing import (
+    Balancer,
+    ConnectionAttrs,
+    NoDestinationError,
+    RoundRobinBalancer,
+    pick_l4_destination,
+    resolve_subset,
+    select_l4_route,
+    subset_endpoints,
+)
 from proxy.telemetry import SidecarTelemetry, TcpRecord
 
 log = get_logger("proxy.tcp")
@@ -134,11 +144,46 @@ def parse_tcp_upstream(text: str, default_namespace: str) -> TcpUpstream:
     )
 
 
-def tcp_endpoints(endpoints: Iterable[Endpoint], port: int) -> list[Endpoint]:
-    """The endpoints with a TCP listener for `port`; draining ones are left out unless
-    all of those are draining (as for HTTP subsets)."""
+def tcp_endpoints(
+    endpoints: Iterable[Endpoint], port: int, labels: Mapping[str, str] | None = None
+) -> list[Endpoint]:
+    """The endpoints with a TCP listener for `port` (and every one of the subset's
+    `labels`); draining ones are left out unless all of those are draining (as for
+    HTTP subsets)."""
     key = str(port)
-    return subset_endpoints([ep for ep in endpoints if key in ep.tcp_listeners], {})
+    return subset_endpoints([ep for ep in endpoints if key in ep.tcp_listeners], labels or {})
+
+
+@dataclass(frozen=True, slots=True)
+class TcpTarget:
+    """Where one outbound connection goes: a service, a subset ("" = all) and a port."""
+
+    service: ServiceRef
+    subset: str
+    port: int
+    # the VirtualService rule that chose it ("" = no rule: the addressed service)
+    origin: str = ""
+
+
+def tcp_target(
+    routes: Sequence[L4Route], addressed: ServiceRef, conn: ConnectionAttrs, rand: float
+) -> TcpTarget:
+    """The destination of a connection to `addressed` on port `conn.port`.
+
+    The first `tcp` rule whose matches hold picks one of its weighted destinations
+    (port: the destination's, else the addressed one); with no rule matching, the
+    connection goes to the addressed service itself (Istio's default route). Raises
+    NoDestinationError when the chosen host is not a mesh service or no weight is
+    positive.
+    """
+    route = select_l4_route(routes, conn)
+    if route is None:
+        return TcpTarget(addressed, "", conn.port)
+    chosen = pick_l4_destination(route, rand).destination
+    ref = service_of_host(chosen.host)
+    if ref is None:
+        raise NoDestinationError(f"{route.origin}: {chosen.host} is not a mesh service")
+    return TcpTarget(ref, chosen.subset, chosen.port or conn.port, route.origin)
 
 
 def relay_address(endpoint: Endpoint, port: int) -> tuple[str, int]:
@@ -178,19 +223,32 @@ class TcpBalancers:
     def __init__(self, rand: random.Random, avoid_s: float = AVOID_AFTER_FAILURE_S) -> None:
         self._rand = rand
         self._avoid_s = avoid_s
-        self._built: dict[tuple[ServiceRef, int], tuple[EndpointSet | None, Balancer]] = {}
+        # (destination, subset, port) -> (the endpoint set and labels it was built from, balancer)
+        self._built: dict[
+            tuple[ServiceRef, str, int],
+            tuple[EndpointSet | None, Mapping[str, str], Balancer],
+        ] = {}
         # (destination, port) -> instance -> when to stop avoiding it
         self._failed: dict[tuple[ServiceRef, int], dict[str, float]] = {}
 
-    def balancer(self, ref: ServiceRef, endpoints: EndpointSet | None, port: int) -> Balancer:
-        key = (ref, port)
+    def balancer(
+        self,
+        ref: ServiceRef,
+        endpoints: EndpointSet | None,
+        port: int,
+        subset: str = "",
+        labels: Mapping[str, str] | None = None,
+    ) -> Balancer:
+        """Round robin over `ref`'s endpoints for `port` in `subset` (its `labels`)."""
+        key = (ref, subset, port)
+        wanted = labels or {}
         built = self._built.get(key)
-        if built is not None and built[0] is endpoints:
-            return built[1]
+        if built is not None and built[0] is endpoints and built[1] == wanted:
+            return built[2]
         balancer = RoundRobinBalancer(
-            tcp_endpoints(endpoints.endpoints if endpoints else (), port), self._rand
+            tcp_endpoints(endpoints.endpoints if endpoints else (), port, wanted), self._rand
         )
-        self._built[key] = (endpoints, balancer)
+        self._built[key] = (endpoints, wanted, balancer)
         return balancer
 
     def choose(
@@ -200,9 +258,11 @@ class TcpBalancers:
         port: int,
         tried: frozenset[str],
         now: float,
+        subset: str = "",
+        labels: Mapping[str, str] | None = None,
     ) -> Endpoint | None:
         """The endpoint for the next connect attempt; None when every one was tried."""
-        balancer = self.balancer(ref, endpoints, port)
+        balancer = self.balancer(ref, endpoints, port, subset, labels)
         exclude = tried | self._avoided(ref, port, now)
         if all(ep.instance in exclude for ep in balancer.endpoints):
             exclude = tried  # a recently failed endpoint is better than none
@@ -317,6 +377,13 @@ def _ssl_object(side: _Side) -> object | None:
     """The TLS object of a side's connection (None for plaintext)."""
     t = side.transport
     return t.get_extra_info("ssl_object") if t is not None else None
+
+
+def _local_ip(side: _Side) -> str:
+    """The address the client connected to ("" when unknown)."""
+    t = side.transport
+    sockname = t.get_extra_info("sockname") if t is not None else None
+    return str(sockname[0]) if isinstance(sockname, tuple) and sockname else ""
 
 
 def _peer_ip(side: _Side) -> str:
@@ -596,8 +663,13 @@ class TcpRelays:
         inbound_mode: Callable[[int], str] | None = None,
         authorizer: Callable[[], Authorizer] | None = None,
         count_dry_run: Callable[[str, ShadowDecision], None] | None = None,
+        source_labels: Mapping[str, str] | None = None,
+        source_namespace: str = "",
     ) -> None:
         self.cache = cache
+        # this workload, as VirtualService `tcp` matches (`sourceLabels`, ...) see it
+        self.source_labels: Mapping[str, str] = dict(source_labels or {})
+        self.source_namespace = source_namespace
         # mTLS: outbound relays connect with the workload certificate and check the
         # endpoint's identity; inbound listeners accept per PeerAuthentication
         self.tls = tls
@@ -609,7 +681,8 @@ class TcpRelays:
         self.count_dry_run = count_dry_run
         self.telemetry = telemetry
         self.stats = TcpStats(stats_registry)
-        self.balancers = TcpBalancers(rand or random.Random())
+        self.rand = rand or random.Random()
+        self.balancers = TcpBalancers(self.rand)
         self.app_host = app_host
         self.ports: dict[str, int] = {}  # listener name -> bound port
         self._servers: list[asyncio.Server | MeshListener] = []
@@ -767,12 +840,64 @@ class TcpRelays:
             if self.telemetry is not None:
                 self._telemetry_decided(conn, self.telemetry.tcp_outbound(ref, None, "UH"))
             return False
-        port = upstream.port
+        attrs = ConnectionAttrs(
+            port=upstream.port,
+            destination_ip=_local_ip(conn.downstream),
+            source_labels=self.source_labels,
+            source_namespace=self.source_namespace,
+        )
+        try:
+            target = tcp_target(
+                dest.table.tcp if dest.table is not None else (), ref, attrs, self.rand.random()
+            )
+        except NoDestinationError as e:
+            log.warning("tcp.no_route", listener=conn.name, service=str(ref), error=str(e))
+            if self.telemetry is not None:
+                self._telemetry_decided(conn, self.telemetry.tcp_outbound(ref, None, "NR"))
+            return False
+        return await self._connect_target(conn, target, dest if target.service == ref else None)
+
+    async def _connect_target(
+        self, conn: _Connection, target: TcpTarget, dest: Destination | None
+    ) -> bool:
+        """Connect `conn` to an endpoint of `target` (`dest`: its state, if at hand),
+        trying up to `CONNECT_ATTEMPTS` endpoints."""
+        ref, port = target.service, target.port
+        try:
+            if dest is None:
+                dest = await self.cache.get(ref)
+        except errors.MeshError as e:
+            log.warning("tcp.no_destination", listener=conn.name, service=str(ref), error=str(e))
+            if self.telemetry is not None:
+                self._telemetry_decided(conn, self.telemetry.tcp_outbound(ref, None, "UH"))
+            return False
+        labels: Mapping[str, str] = {}
+        if target.subset:
+            subset = resolve_subset(dest.table, target.subset) if dest.table else None
+            if subset is None:
+                # Envoy has no such cluster: the connection is closed, flag NC
+                log.warning(
+                    "tcp.unknown_subset",
+                    listener=conn.name,
+                    service=str(ref),
+                    subset=target.subset,
+                    rule=target.origin,
+                )
+                if self.telemetry is not None:
+                    self._telemetry_decided(conn, self.telemetry.tcp_outbound(ref, None, "NC"))
+                return False
+            labels = subset.labels
         tried: set[str] = set()
         for _ in range(CONNECT_ATTEMPTS):
             # chosen per attempt: the endpoints may have changed while a connect was pending
             endpoint = self.balancers.choose(
-                ref, dest.endpoints, port, frozenset(tried), time.monotonic()
+                ref,
+                dest.endpoints,
+                port,
+                frozenset(tried),
+                time.monotonic(),
+                target.subset,
+                labels,
             )
             if endpoint is None:
                 break
@@ -790,7 +915,12 @@ class TcpRelays:
                 return True
             self.balancers.failed(ref, port, endpoint.instance, time.monotonic())
         log.warning(
-            "tcp.no_upstream", listener=conn.name, service=str(ref), port=port, tried=sorted(tried)
+            "tcp.no_upstream",
+            listener=conn.name,
+            service=str(ref),
+            subset=target.subset,
+            port=port,
+            tried=sorted(tried),
         )
         if self.telemetry is not None:
             self._telemetry_decided(conn, self.telemetry.tcp_outbound(ref, None, "UF"))
@@ -899,9 +1029,11 @@ __all__ = [
     "TcpBalancers",
     "TcpRelays",
     "TcpStats",
+    "TcpTarget",
     "TcpUpstream",
     "listener_address",
     "parse_tcp_upstream",
     "relay_address",
     "tcp_endpoints",
+    "tcp_target",
 ]

@@ -30,6 +30,7 @@ from mesh.resources.networking import (
     TrafficPolicy,
     VirtualServiceSpec,
 )
+from mesh.resources.validate_l4 import validate_l4_routes
 from mesh.resources.validate_resilience import (
     validate_route_resilience,
     validate_traffic_policy_resilience,
@@ -58,6 +59,7 @@ def validate_virtual_service(spec: VirtualServiceSpec, path: str = "spec") -> li
     _gateway_refs(spec.gateways, field(path, "gateways"), out)
     for i, rule in enumerate(spec.http):
         _http_route(rule, item(field(path, "http"), i), out)
+    out.extend(validate_l4_routes(spec.tcp, spec.tls, spec.hosts, path))
     return out
 
 

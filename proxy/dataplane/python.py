@@ -82,6 +82,8 @@ class PythonDataPlane:
             inbound_mode=policy.mode if policy is not None else None,
             authorizer=(lambda: policy.authorizer) if policy is not None else None,
             count_dry_run=ctx.stats.count_dry_run,
+            source_labels=s.labels,
+            source_namespace=s.namespace,
         )
         tcp_listeners: dict[str, str] = {}
         if s.tcp_ports:

@@ -19,6 +19,7 @@ from .balancer import (
     subset_endpoints,
 )
 from .errors import InvalidRouteConfig, NoDestinationError, RoutingError
+from .l4 import ConnectionAttrs, pick_l4_destination, select_l4_route
 from .match import (
     MESH_GATEWAY,
     CompiledRoutes,
@@ -28,7 +29,7 @@ from .match import (
     compile_virtual_hosts,
     select_route,
 )
-from .pick import pick_destination
+from .pick import pick_destination, pick_weighted
 from .request import HashContext, RequestAttrs
 from .transform import (
     apply_header_ops,
@@ -43,6 +44,7 @@ __all__ = [
     "MESH_GATEWAY",
     "Balancer",
     "CompiledRoutes",
+    "ConnectionAttrs",
     "HashContext",
     "InvalidRouteConfig",
     "LeastRequestBalancer",
@@ -61,10 +63,13 @@ __all__ = [
     "compile_routes",
     "compile_virtual_hosts",
     "pick_destination",
+    "pick_l4_destination",
+    "pick_weighted",
     "redirect_location",
     "request_authority",
     "resolve_subset",
     "rewrite_path",
+    "select_l4_route",
     "select_route",
     "subset_endpoints",
 ]

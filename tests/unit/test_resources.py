@@ -426,7 +426,10 @@ UNSUPPORTED_FIELDS = [
     (vs(http=[rule(mirror={"host": "reviews"}, mirrorPercent=5)]), "spec.http[0].mirrorPercent"),
     (vs(http=[rule(rout=[])]), "spec.http[0].rout"),
     (vs(exportTo=["."], http=[rule()]), "spec.exportTo"),
-    (vs(tcp=[{"route": []}]), "spec.tcp"),
+    (
+        vs(tcp=[{"match": [{"sourceSubnet": "10.0.0.0/8"}], "route": []}]),
+        "spec.tcp[0].match[0].sourceSubnet",
+    ),
     (vs(http=[match_rule(statPrefix="x")]), "spec.http[0].match[0].statPrefix"),
     (
         vs(http=[{"directResponse": {"status": 200, "body": {"bytes": "aGk="}}}]),
