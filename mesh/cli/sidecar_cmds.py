@@ -298,10 +298,17 @@ def cmd_sidecar(args: argparse.Namespace) -> int:
     return _run(settings, app)
 
 
+def gateway_labels(name: str, labels: dict[str, str]) -> dict[str, str]:
+    """The labels of a gateway workload: Istio's, so the selectors of Istio's docs match
+    it (`istio: ingressgateway` and `app: istio-ingressgateway` for the default name);
+    `--labels` add to or override them."""
+    short = name.removeprefix("istio-")
+    return {"istio": short, "app": f"istio-{short}", **labels}
+
+
 def cmd_gateway(args: argparse.Namespace) -> int:
     logs.configure()
-    labels = {"istio": args.name, **args.labels}
-    args.labels = labels
+    args.labels = gateway_labels(args.name, args.labels)
     settings = _settings(args, service=args.name, gateway=True, gateway_port=args.port)
     ports = [("--admin-port", args.admin_port, args.bind)]
     if not _envoy_left_running(settings):

@@ -94,6 +94,9 @@ def validate_gateway(spec: GatewaySpec, path: str = "spec") -> list[Issue]:
         srv_path = item(servers_path, i)
         port_path = field(srv_path, "port")
         _add(out, field(port_path, "number"), checks.port(server.port.number))
+        if not server.port.name:
+            # Istio refuses it too ("port name must be set")
+            out.append(Issue(field(port_path, "name"), "must be set (Istio requires a port name)"))
         protocol = server.port.protocol.upper() or "HTTP"
         if protocol not in GATEWAY_PROTOCOLS:
             out.append(
@@ -272,7 +275,18 @@ def _traffic_policy(policy: TrafficPolicy, path: str, out: list[Issue]) -> None:
 def _load_balancer(lb: LoadBalancerSettings, path: str, out: list[Issue]) -> None:
     if lb.simple is not None and lb.consistent_hash is not None:
         out.append(Issue(path, "must set only one of simple or consistentHash"))
-    if lb.simple is not None and lb.simple not in LB_SIMPLE:
+    if lb.simple == "PASSTHROUGH":
+        # a valid Istio value (the caller's destination address as is) that we lack:
+        # refused as unsupported, not as a typo
+        simple_path = field(path, "simple")
+        out.append(
+            Issue(
+                simple_path,
+                f"{simple_path} PASSTHROUGH is not supported (endpoints always come from the "
+                f"registry; supported: {', '.join(LB_SIMPLE)})",
+            )
+        )
+    elif lb.simple is not None and lb.simple not in LB_SIMPLE:
         out.append(
             Issue(
                 field(path, "simple"),

@@ -698,9 +698,9 @@ SEMANTIC_REJECTIONS = [
         "starting and ending with a letter or digit), got 'V1'",
     ),
     (
-        lb(simple="PASSTHROUGH"),
+        lb(simple="FASTEST"),
         "spec.trafficPolicy.loadBalancer.simple",
-        "must be one of ROUND_ROBIN, LEAST_REQUEST, LEAST_CONN, RANDOM, got 'PASSTHROUGH'",
+        "must be one of ROUND_ROBIN, LEAST_REQUEST, LEAST_CONN, RANDOM, got 'FASTEST'",
     ),
     (
         lb(simple="RANDOM", consistentHash={"useSourceIp": True}),
