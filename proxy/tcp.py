@@ -23,7 +23,8 @@ With telemetry, each relayed connection is counted in Istio's `istio_tcp_*` metr
 (reporter "destination" on inbound relays, "source" on outbound ones): opened once
 linked, bytes as they flow (`report_telemetry`, called before each telemetry flush)
 and closed at the end; a connection no upstream accepted counts as opened and closed
-with flags UF.
+with flags UF. An inbound relay names an mTLS caller's workload, app and version from
+the registry (`_caller`, `caller_workload`), as TCP carries no peer metadata header.
 
 Inbound relays authorize every connection before connecting to the app
 (`Authorizer.decide_connection`, the workload's AuthorizationPolicies with Istio's
@@ -70,13 +71,15 @@ from proxy.routing import (
     select_l4_route,
     subset_endpoints,
 )
-from proxy.telemetry import SidecarTelemetry, TcpRecord
+from proxy.telemetry import SidecarTelemetry, TcpRecord, Workload, caller_workload
 
 log = get_logger("proxy.tcp")
 
 APP_HOST = "127.0.0.1"
 CONNECT_ATTEMPTS = 3
 CONNECT_TIMEOUT_S = 5.0
+# how long an inbound relay waits for the registry to name a caller (telemetry only)
+CALLER_LOOKUP_S = 1.0
 # How long an endpoint that failed a connect is tried only after the others.
 AVOID_AFTER_FAILURE_S = 10.0
 # Per-socket write buffer above which the other side stops being read.
@@ -774,15 +777,41 @@ class TcpRelays:
         if self._denied(app_port, conn):
             if self.telemetry is not None:
                 ssl_object = _ssl_object(conn.downstream)
-                self._telemetry_decided(conn, self.telemetry.tcp_inbound(ssl_object, DENIED_FLAG))
+                caller = await self._caller(conn)
+                self._telemetry_decided(
+                    conn, self.telemetry.tcp_inbound(ssl_object, DENIED_FLAG, caller)
+                )
             return False  # reset, before any byte reached the app
+        if self.telemetry is None:
+            return await self._open(conn, self.app_host, app_port, "app")
+        # before the app is connected: once linked, a short exchange can end (and
+        # cancel this task) before a pending lookup would; cached after the first
+        caller = await self._caller(conn)
         linked = await self._open(conn, self.app_host, app_port, "app")
-        if self.telemetry is not None:
-            ssl_object = _ssl_object(conn.downstream)
-            self._telemetry_decided(
-                conn, self.telemetry.tcp_inbound(ssl_object, "-" if linked else "UF")
-            )
+        ssl_object = _ssl_object(conn.downstream)
+        self._telemetry_decided(
+            conn, self.telemetry.tcp_inbound(ssl_object, "-" if linked else "UF", caller)
+        )
         return linked
+
+    async def _caller(self, conn: _Connection) -> Workload | None:
+        """The calling workload of an mTLS connection, for the `istio_tcp_*` source
+        labels: the registry's instances of the service named like the caller's
+        service account (Meshwork's default) holding its identity. None when
+        plaintext, not found, or not known within `CALLER_LOOKUP_S`."""
+        peer = peer_of(cast(ssl.SSLObject | None, _ssl_object(conn.downstream)))
+        account = peer.principal.rpartition("/sa/")[2]
+        if not peer.spiffe_id or not account or not peer.namespace:
+            return None
+        ref = ServiceRef(peer.namespace, account)
+        try:
+            async with asyncio.timeout(CALLER_LOOKUP_S):
+                dest = await self.cache.get(ref)
+        except (errors.MeshError, TimeoutError) as e:
+            log.debug("tcp.caller_unknown", listener=conn.name, service=str(ref), error=str(e))
+            return None
+        endpoints = dest.endpoints.endpoints if dest.endpoints is not None else ()
+        return caller_workload(ref, endpoints, peer.spiffe_id, _peer_ip(conn.downstream))
 
     def _denied(self, app_port: int, conn: _Connection) -> bool:
         """Authorize an inbound connection to `app_port`; True when it must be refused.

@@ -79,6 +79,12 @@ def _common(p: argparse.ArgumentParser) -> None:
         "(development only: a mesh without a CA)",
     )
     p.add_argument(
+        "--cluster-id",
+        default=os.environ.get("MESH_CLUSTER_ID", "Kubernetes"),
+        help="cluster name in the source_cluster/destination_cluster metric labels "
+        "(Istio's CLUSTER_ID; default: MESH_CLUSTER_ID or Kubernetes)",
+    )
+    p.add_argument(
         "--trust-domain",
         default=os.environ.get("MESH_TRUST_DOMAIN", "cluster.local"),
         help="SPIFFE trust domain of the mesh (default: MESH_TRUST_DOMAIN or cluster.local)",
@@ -248,6 +254,7 @@ def _settings(args: argparse.Namespace, **kw: Any) -> Any:
         nats_password=password,
         mtls=mtls,
         trust_domain=args.trust_domain,
+        cluster_id=args.cluster_id,
         telemetry=not args.no_telemetry,
         trace_sampling=args.trace_sampling,
         config_signatures=not args.no_config_signatures,

@@ -269,6 +269,7 @@ def sidecar_telemetry(ctx: DataPlaneContext) -> SidecarTelemetry | None:
         namespace=s.namespace,
         service=s.service,
         instance=s.instance,
+        cluster=s.cluster_id,
     )
     ctx.stats.registry.register(recorder)
     workload = own_workload(
