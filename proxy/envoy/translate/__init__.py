@@ -57,6 +57,8 @@ def referenced_hosts(node: ProxyNode, view: MeshView) -> set[str]:
     else:
         ctx = outbound.route_context(node, view)
         outbound.outbound_route_config(node, view, ctx)
-    return {host for host, _ in ctx.referenced} | ext_authz.provider_hosts(
-        view.inbound, node.namespace
+    return (
+        {host for host, _ in ctx.referenced}
+        | ext_authz.provider_hosts(view.inbound, node.namespace)
+        | tcp.l4_hosts(node, view)
     )

@@ -113,8 +113,21 @@ def tracing(
     return config
 
 
-def tcp_proxy(stat_prefix: str, cluster: str, log_name: str, log_cluster: str) -> Json:
-    body: Json = {"statPrefix": stat_prefix, "cluster": cluster}
+def tcp_proxy(
+    stat_prefix: str,
+    cluster: str,
+    log_name: str,
+    log_cluster: str,
+    *,
+    weighted: Sequence[tuple[str, int]] = (),
+) -> Json:
+    """To `cluster`, or with `weighted` (cluster, weight) pairs to one of them per
+    connection (`weighted_clusters`, VirtualService `tcp` weights)."""
+    body: Json = {"statPrefix": stat_prefix}
+    if weighted:
+        body["weightedClusters"] = {"clusters": [{"name": n, "weight": w} for n, w in weighted]}
+    else:
+        body["cluster"] = cluster
     logs = access_log.tcp_access_log(log_name, log_cluster)
     if logs:
         body["accessLog"] = logs

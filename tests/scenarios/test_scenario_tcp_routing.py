@@ -1,0 +1,107 @@
+"""VirtualService `tcp` rules on both data planes: Istio's tcp-traffic-shifting
+(100/0, then 80/20 between subsets) from a `sleep` sidecar's relay to tcp-echo v1/v2.
+
+On one test host the two versions' apps need ports of their own: v1 serves P1, v2
+serves P2, and the rules send to `subset: v1, port: P1` and `subset: v2, port: P2`
+(the destination's port replaces the addressed one, as in Istio)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import pytest_asyncio
+
+from mesh.servers import free_port
+from tests.scenarios.helpers import Scenario, TcpEcho, tcp_exchange
+from tests.support import applied, destination_rule_yaml, eventually
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+N = 100
+
+
+@dataclass
+class Env:
+    s: Scenario
+    v1: TcpEcho
+    v2: TcpEcho
+    local: int  # the sleep sidecar's relay for tcp-echo:P1
+    sleep: Any
+
+    async def apply(self, text: str) -> None:
+        """Apply and wait until the sleep sidecar runs it (on Envoy: ACKed)."""
+        await applied(self.s.mesh, text, self.sleep)
+
+    async def served_by(self, n: int) -> Counter[str]:
+        seen: Counter[str] = Counter()
+        for i in range(n):
+            payload = f"hello {i}".encode()
+            reply = await tcp_exchange(self.local, payload)
+            assert reply is not None and reply.startswith(payload + b"|"), reply
+            seen[reply[len(payload) + 1 :].decode()] += 1
+        return seen
+
+    def shift(self, v1_weight: int) -> str:
+        p1, p2 = self.v1.port, self.v2.port
+        destinations = f"""
+    - destination: {{host: tcp-echo, subset: v1, port: {{number: {p1}}}}}
+      weight: {v1_weight}"""
+        if v1_weight < 100:
+            destinations += f"""
+    - destination: {{host: tcp-echo, subset: v2, port: {{number: {p2}}}}}
+      weight: {100 - v1_weight}"""
+        return (
+            destination_rule_yaml("tcp-echo")
+            + f"""---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: tcp-echo}}
+spec:
+  hosts: [tcp-echo]
+  tcp:
+  - match: [{{port: {p1}}}]
+    route:{destinations}
+"""
+        )
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def env(scenario: Scenario) -> Any:
+    v1, v2 = await TcpEcho("one").start(), await TcpEcho("two").start()
+    local = free_port()
+    try:
+        await scenario.sidecar("tcp-echo", "v1", app=False, tcp_ports=[v1.port])
+        await scenario.sidecar("tcp-echo", "v2", app=False, tcp_ports=[v2.port])
+        sleep = await scenario.sidecar("sleep", tcp_upstreams=[f"tcp-echo:{v1.port}={local}"])
+        e = Env(scenario, v1, v2, local, sleep)
+
+        async def served() -> bool:
+            return await tcp_exchange(local, b"hi") == b"hi|one"
+
+        await eventually(served, timeout=30, interval=0.2)
+        yield e
+    finally:
+        v1.close()
+        v2.close()
+
+
+async def test_all_to_v1_then_80_20(env: Env) -> None:
+    await env.apply(env.shift(100))
+    assert await env.served_by(20) == Counter({"one": 20})
+
+    await env.apply(env.shift(80))
+    seen = await env.served_by(N)
+    # v2 ~ Binomial(100, 0.2): mean 20, sd 4; 6 sigma is [0, 44], and both sides seen
+    assert set(seen) == {"one", "two"}, seen
+    assert 1 <= seen["two"] <= 44, seen
+
+
+async def test_a_rule_for_another_port_leaves_the_default_route(env: Env) -> None:
+    half = env.shift(50)
+    await env.apply(half.replace(f"port: {env.v1.port}}}]", "port: 1}]", 1))
+    # the only rule matches port 1: connections to P1 take the default route (the
+    # service on P1, which only v1 serves); were the rule taken, half would reach v2
+    assert await env.served_by(N) == Counter({"one": N})
