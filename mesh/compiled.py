@@ -342,6 +342,10 @@ class GatewayConfig(msgspec.Struct, frozen=True, omit_defaults=True, tag=True):
     servers: tuple[GatewayServer, ...] = ()
     virtual_hosts: tuple[VirtualHost, ...] = ()
     prev_revision: int = 0
+    # VirtualService `tcp` rules bound to these Gateways, for the TCP servers, and
+    # `tls` rules (SNI) for the TLS PASSTHROUGH servers; matched with the server's port
+    tcp: tuple[L4Route, ...] = ()
+    tls: tuple[L4Route, ...] = ()
 
 
 # ================================================================ inbound policy

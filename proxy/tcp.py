@@ -52,7 +52,7 @@ from typing import cast
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from mesh import errors
-from mesh.compiled import L4Route
+from mesh.compiled import GatewayConfig, L4Route
 from mesh.hosts import ServiceRef, canonical_host, service_of_host
 from mesh.logs import get_logger
 from mesh.messages import Endpoint, EndpointSet
@@ -80,6 +80,11 @@ CONNECT_ATTEMPTS = 3
 CONNECT_TIMEOUT_S = 5.0
 # how long an inbound relay waits for the registry to name a caller (telemetry only)
 CALLER_LOOKUP_S = 1.0
+# how long a TLS PASSTHROUGH gateway server waits for the ClientHello (Envoy's
+# tls_inspector waits up to its listener filter timeout, 15 s)
+TLS_INSPECT_TIMEOUT_S = 15.0
+# the gateway server protocols the relays serve (HTTP ones are the gateway listener's)
+L4_GATEWAY_PROTOCOLS = ("TCP", "TLS")
 # How long an endpoint that failed a connect is tried only after the others.
 AVOID_AFTER_FAILURE_S = 10.0
 # Per-socket write buffer above which the other side stops being read.
@@ -168,6 +173,20 @@ class TcpTarget:
     origin: str = ""
 
 
+def route_target(routes: Sequence[L4Route], conn: ConnectionAttrs, rand: float) -> TcpTarget | None:
+    """The destination the first matching rule picks (port: the destination's, else
+    the connection's); None when no rule matches. Raises NoDestinationError when the
+    chosen host is not a mesh service or no weight is positive."""
+    route = select_l4_route(routes, conn)
+    if route is None:
+        return None
+    chosen = pick_l4_destination(route, rand).destination
+    ref = service_of_host(chosen.host)
+    if ref is None:
+        raise NoDestinationError(f"{route.origin}: {chosen.host} is not a mesh service")
+    return TcpTarget(ref, chosen.subset, chosen.port or conn.port, route.origin)
+
+
 def tcp_target(
     routes: Sequence[L4Route], addressed: ServiceRef, conn: ConnectionAttrs, rand: float
 ) -> TcpTarget:
@@ -179,14 +198,57 @@ def tcp_target(
     NoDestinationError when the chosen host is not a mesh service or no weight is
     positive.
     """
-    route = select_l4_route(routes, conn)
-    if route is None:
-        return TcpTarget(addressed, "", conn.port)
-    chosen = pick_l4_destination(route, rand).destination
-    ref = service_of_host(chosen.host)
-    if ref is None:
-        raise NoDestinationError(f"{route.origin}: {chosen.host} is not a mesh service")
-    return TcpTarget(ref, chosen.subset, chosen.port or conn.port, route.origin)
+    target = route_target(routes, conn, rand)
+    return target if target is not None else TcpTarget(addressed, "", conn.port)
+
+
+MORE = None  # `client_hello_sni`: not enough bytes yet
+
+
+def client_hello_sni(data: bytes) -> str | None:
+    """The SNI host name of the TLS ClientHello `data` starts with, lower-cased: ""
+    when `data` is not a TLS handshake or names no server, None (`MORE`) while the
+    first record is incomplete. Only the first record is read (a ClientHello split
+    over several records is rare; it reads as "no SNI"), as Envoy's tls_inspector
+    does within its buffer."""
+    if not data:
+        return MORE
+    if data[0] != 0x16:  # not a handshake record
+        return ""
+    if len(data) < 5:
+        return MORE
+    end = 5 + int.from_bytes(data[3:5], "big")
+    if len(data) < end:
+        return MORE
+    body = data[5:end]
+    try:
+        if body[0] != 0x01:  # not a ClientHello
+            return ""
+        pos = 4 + 2 + 32  # handshake header, client_version, random
+        pos += 1 + body[pos]  # session id
+        pos += 2 + int.from_bytes(body[pos : pos + 2], "big")  # cipher suites
+        pos += 1 + body[pos]  # compression methods
+        if pos + 2 > len(body):
+            return ""  # no extensions
+        ext_end = min(len(body), pos + 2 + int.from_bytes(body[pos : pos + 2], "big"))
+        pos += 2
+        while pos + 4 <= ext_end:
+            ext_type = int.from_bytes(body[pos : pos + 2], "big")
+            ext_len = int.from_bytes(body[pos + 2 : pos + 4], "big")
+            pos += 4
+            if ext_type == 0:  # server_name: list length, then (type, length, name)...
+                names = body[pos + 2 : pos + ext_len]
+                while len(names) >= 3:
+                    name_len = int.from_bytes(names[1:3], "big")
+                    if names[0] == 0:
+                        name = names[3 : 3 + name_len].decode("ascii")
+                        return name.lower().rstrip(".")
+                    names = names[3 + name_len :]
+                return ""
+            pos += ext_len
+    except (IndexError, UnicodeDecodeError):
+        return ""
+    return ""
 
 
 def relay_address(endpoint: Endpoint, port: int) -> tuple[str, int]:
@@ -467,6 +529,7 @@ class _Side(asyncio.Protocol):
             self.held_size += len(data)
             if self.held_size >= HIGH_WATER:
                 self.pause_reading()
+            self.conn.held_more.set()
             return
         self._forward(data)
 
@@ -482,6 +545,7 @@ class _Side(asyncio.Protocol):
 
     def _eof(self) -> None:
         self.eof_in = True
+        self.conn.held_more.set()  # whoever waits for bytes: no more are coming
         if self.peer is not None:
             self.peer.send_eof()
             self._close_if_done()
@@ -594,6 +658,9 @@ class _Connection:
         self.telemetry: TcpRecord | None = None  # set once the connect is decided
         self.telemetry_opened = False
         self.reported = (0, 0)  # bytes already reported: downstream->, upstream->
+        # set when the downstream sent more before the link (or its FIN): for an
+        # opener that routes on the first bytes (SNI)
+        self.held_more = asyncio.Event()
 
     def unreported_bytes(self) -> tuple[int, int]:
         """(request direction, response direction) bytes relayed since last asked."""
@@ -691,6 +758,9 @@ class TcpRelays:
         self._servers: list[asyncio.Server | MeshListener] = []
         self._connections: set[_Connection] = set()
         self._connect_tasks: dict[_Connection, asyncio.Task[bool]] = {}
+        # gateway mode: the config in force and a listener per TCP/TLS server port
+        self._gateway: GatewayConfig | None = None
+        self._gateway_listeners: dict[tuple[int, str], asyncio.Server] = {}
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -715,6 +785,34 @@ class TcpRelays:
         for upstream in upstreams:
             opener = partial(self._open_service, upstream)
             await self._listen(upstream.listener, "127.0.0.1", upstream.local_port, opener)
+
+    async def sync_gateway(self, bind_host: str, config: GatewayConfig | None) -> None:
+        """Gateway mode: serve `config`'s TCP and TLS (PASSTHROUGH) servers, each on
+        its port: listeners for new servers are opened, those of removed ones closed
+        (their open connections stay until they end). A port that cannot be bound is
+        logged and tried again on the next change."""
+        self._gateway = config
+        wanted = {
+            (server.port, server.protocol)
+            for server in (config.servers if config is not None else ())
+            if server.protocol in L4_GATEWAY_PROTOCOLS
+        }
+        for key in [k for k in self._gateway_listeners if k not in wanted]:
+            closing = self._gateway_listeners.pop(key)
+            closing.close()
+            self._servers.remove(closing)
+            log.info("tcp.gateway_listener_closed", port=key[0], protocol=key[1])
+        for port, protocol in sorted(wanted - self._gateway_listeners.keys()):
+            name = f"gateway-{protocol.lower()}:{port}"
+            opener = partial(self._open_gateway, port, protocol)
+            try:
+                await self._listen(name, bind_host, port, opener)
+            except OSError as e:
+                log.error("tcp.gateway_listen_failed", port=port, protocol=protocol, error=str(e))
+                continue
+            opened = self._servers[-1]
+            assert isinstance(opened, asyncio.Server)
+            self._gateway_listeners[(port, protocol)] = opened
 
     async def _listen(
         self, name: str, host: str, port: int, opener: Opener, *, app_port: int = 0
@@ -885,6 +983,56 @@ class TcpRelays:
                 self._telemetry_decided(conn, self.telemetry.tcp_outbound(ref, None, "NR"))
             return False
         return await self._connect_target(conn, target, dest if target.service == ref else None)
+
+    async def _open_gateway(self, port: int, protocol: str, conn: _Connection) -> bool:
+        """A connection to a gateway TCP server (routed by the `tcp` rules bound to
+        the gateway) or TLS PASSTHROUGH server (by the `tls` rules, on the SNI of the
+        ClientHello, relayed unchanged); no rule matching: closed, flag NR."""
+        config = self._gateway
+        if config is None:
+            return False
+        sni = ""
+        if protocol == "TLS":
+            sni = await self._client_hello_sni(conn)
+        attrs = ConnectionAttrs(
+            port=port,
+            destination_ip=_local_ip(conn.downstream),
+            source_labels=self.source_labels,
+            source_namespace=self.source_namespace,
+            gateway=config.name,
+            sni=sni,
+        )
+        routes = config.tls if protocol == "TLS" else config.tcp
+        try:
+            target = route_target(routes, attrs, self.rand.random())
+        except NoDestinationError as e:
+            target, problem = None, str(e)
+        else:
+            problem = "no rule matches"
+        if target is None:
+            log.info("tcp.no_route", listener=conn.name, sni=sni, error=problem)
+            if self.telemetry is not None:
+                unknown = ServiceRef("unknown", "unknown")
+                self._telemetry_decided(conn, self.telemetry.tcp_outbound(unknown, None, "NR"))
+            return False
+        return await self._connect_target(conn, target, None)
+
+    async def _client_hello_sni(self, conn: _Connection) -> str:
+        """The SNI of the ClientHello the client sends first ("" without one, or when
+        it is not TLS, or not complete within `TLS_INSPECT_TIMEOUT_S`)."""
+        side = conn.downstream
+        try:
+            async with asyncio.timeout(TLS_INSPECT_TIMEOUT_S):
+                while True:
+                    conn.held_more.clear()
+                    sni = client_hello_sni(b"".join(side.held))
+                    if sni is not MORE:
+                        return sni
+                    if side.eof_in or side.closed:
+                        return ""
+                    await conn.held_more.wait()
+        except TimeoutError:
+            return ""
 
     async def _connect_target(
         self, conn: _Connection, target: TcpTarget, dest: Destination | None
@@ -1060,9 +1208,11 @@ __all__ = [
     "TcpStats",
     "TcpTarget",
     "TcpUpstream",
+    "client_hello_sni",
     "listener_address",
     "parse_tcp_upstream",
     "relay_address",
+    "route_target",
     "tcp_endpoints",
     "tcp_target",
 ]

@@ -308,10 +308,18 @@ class Port(Model, frozen=True):
     protocol: str = ""
 
 
+class ServerTLSSettings(Model, frozen=True):
+    """`servers[].tls`: only `mode` (PASSTHROUGH: route by SNI, relay the TLS bytes
+    unchanged); certificates for terminating TLS are not supported."""
+
+    mode: str = ""
+
+
 class Server(Model, frozen=True):
     port: Port
     hosts: tuple[str, ...] = ()
     name: str = ""
+    tls: ServerTLSSettings | None = None
 
 
 class GatewaySpec(Model, frozen=True):

@@ -30,7 +30,7 @@ from mesh.resources.networking import (
     TrafficPolicy,
     VirtualServiceSpec,
 )
-from mesh.resources.validate_l4 import validate_l4_routes
+from mesh.resources.validate_l4 import validate_l4_routes, validate_server_tls
 from mesh.resources.validate_resilience import (
     validate_route_resilience,
     validate_traffic_policy_resilience,
@@ -38,7 +38,7 @@ from mesh.resources.validate_resilience import (
 
 MESH_GATEWAY = "mesh"
 LB_SIMPLE = ("ROUND_ROBIN", "LEAST_REQUEST", "LEAST_CONN", "RANDOM")
-GATEWAY_PROTOCOLS = ("HTTP",)
+GATEWAY_PROTOCOLS = ("HTTP", "TCP", "TLS")
 REDIRECT_SCHEMES = ("http", "https")
 # Envoy's upper bound for ring-hash rings
 MAX_RING_SIZE = 8_388_608
@@ -102,9 +102,11 @@ def validate_gateway(spec: GatewaySpec, path: str = "spec") -> list[Issue]:
             out.append(
                 Issue(
                     field(port_path, "protocol"),
-                    f"protocol {server.port.protocol} is not supported (supported: HTTP)",
+                    f"protocol {server.port.protocol} is not supported "
+                    f"(supported: {', '.join(GATEWAY_PROTOCOLS)})",
                 )
             )
+        out.extend(validate_server_tls(server, protocol, srv_path))
         hosts_path = field(srv_path, "hosts")
         if not server.hosts:
             out.append(Issue(hosts_path, "must list at least one host"))

@@ -17,6 +17,7 @@ from mesh.resources.errors import Issue, field, item, key
 from mesh.resources.networking import (
     L4MatchAttributes,
     RouteDestination,
+    Server,
     TCPRoute,
     TLSMatchAttributes,
     TLSRoute,
@@ -46,6 +47,42 @@ def validate_l4_routes(
             match_path = item(field(rule_path, "match"), j)
             _tls_match(tls_match, hosts, match_path, out)
         _route_destinations(tls_rule.route, field(rule_path, "route"), out)
+    return out
+
+
+# Istio's server TLS modes and what we do with them
+PASSTHROUGH = "PASSTHROUGH"
+_TERMINATING = ("SIMPLE", "MUTUAL", "ISTIO_MUTUAL", "OPTIONAL_MUTUAL")
+
+
+def validate_server_tls(server: Server, protocol: str, path: str) -> list[Issue]:
+    """A Gateway server's `tls`: protocol TLS needs `mode: PASSTHROUGH` (routed by SNI
+    with VirtualService `tls` rules); other modes are refused by name."""
+    out: list[Issue] = []
+    tls_path = field(path, "tls")
+    mode = server.tls.mode.upper() if server.tls is not None else ""
+    if protocol == "TLS" and server.tls is None:
+        out.append(Issue(tls_path, "a TLS server needs tls.mode: PASSTHROUGH"))
+    if server.tls is None:
+        return out
+    mode_path = field(tls_path, "mode")
+    if mode == "AUTO_PASSTHROUGH":
+        out.append(
+            Issue(
+                mode_path,
+                f"{mode_path} AUTO_PASSTHROUGH is not supported (it routes by Istio's "
+                "SNI naming of clusters, for multi-network east-west gateways); use "
+                "PASSTHROUGH with VirtualService tls rules",
+            )
+        )
+    elif mode in _TERMINATING:
+        out.append(
+            Issue(mode_path, f"{mode_path} {mode} is not supported (supported: PASSTHROUGH)")
+        )
+    elif mode != PASSTHROUGH:
+        out.append(Issue(mode_path, f"must be PASSTHROUGH, got {server.tls.mode!r}"))
+    elif protocol != "TLS":
+        out.append(Issue(mode_path, f"PASSTHROUGH needs port.protocol TLS, got {protocol}"))
     return out
 
 
@@ -156,4 +193,4 @@ def _route_destinations(routes: Sequence[RouteDestination], path: str, out: list
         out.append(Issue(path, f"weights must add up to 100, got {total}"))
 
 
-__all__ = ["validate_l4_routes"]
+__all__ = ["PASSTHROUGH", "validate_l4_routes", "validate_server_tls"]

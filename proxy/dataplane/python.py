@@ -54,6 +54,7 @@ class PythonDataPlane:
         self._servers: list[asyncio.AbstractServer] = []
         self._listeners: list[MeshListener] = []
         self._ports: dict[str, int] = {}
+        self._gateway_changed = asyncio.Event()
 
     # ------------------------------------------------------------ lifecycle
 
@@ -113,8 +114,13 @@ class PythonDataPlane:
         )
 
     def background(self) -> Background:
-        if self.telemetry is None or self._ctx is None:
+        if self._ctx is None:
             return []
+        tasks: Background = []
+        if self._ctx.gateway is not None:
+            tasks.append(("gateway-l4", self._serve_gateway_l4))
+        if self.telemetry is None:
+            return tasks
         # cancelled after the drain: its final flush (bounded) sends what the drained
         # requests recorded
         tcp = self.tcp
@@ -123,10 +129,22 @@ class PythonDataPlane:
             self._ctx.bus,
             before_flush=tcp.report_telemetry if tcp is not None else None,
         )
-        return [("telemetry", publisher.run)]
+        return [*tasks, ("telemetry", publisher.run)]
+
+    async def _serve_gateway_l4(self) -> None:
+        """Gateway mode: keep a TCP relay listener per TCP / TLS server of the
+        gateway's config, reconciled after every change."""
+        ctx, tcp = self._ctx, self.tcp
+        assert ctx is not None and ctx.gateway is not None and tcp is not None
+        while True:
+            self._gateway_changed.clear()
+            await tcp.sync_gateway(ctx.settings.bind_host, ctx.gateway.config)
+            await self._gateway_changed.wait()
 
     def config_changed(self) -> None:
-        """Nothing to do: the listeners read the followers' state per request."""
+        """HTTP listeners read the followers' state per request; a gateway's TCP and
+        TLS servers are listeners of their own, reconciled by `_serve_gateway_l4`."""
+        self._gateway_changed.set()
 
     def identity_changed(self) -> None:
         """Nothing to do: the TLS contexts come from the identity per connection."""

@@ -244,6 +244,8 @@ def compile_gateway_config(
         return kept or None
 
     virtual_hosts: dict[tuple[str, ...], list[compiled.HTTPRoute]] = {}
+    tcp_rules: list[compiled.L4Route] = []
+    tls_rules: list[compiled.L4Route] = []
     for resource, spec in _virtual_services(resources):
         vs_namespace = resource.metadata.namespace
         if not names.intersection(_gateway_name(g, vs_namespace) for g in spec.gateways):
@@ -252,6 +254,10 @@ def compile_gateway_config(
         rules = _http_routes(resource, spec, keep_for_gateway)
         if hosts and rules:
             virtual_hosts.setdefault(hosts, []).extend(rules)
+        if hosts:
+            tcp, tls = compile_l4_routes(resource, spec, keep_for_gateway)
+            tcp_rules.extend(tcp)
+            tls_rules.extend(tls)
     return compiled.GatewayConfig(
         namespace=namespace,
         name=",".join(selected),
@@ -262,6 +268,8 @@ def compile_gateway_config(
             compiled.VirtualHost(hosts=hosts, http=tuple(rules))
             for hosts, rules in virtual_hosts.items()
         ),
+        tcp=tuple(tcp_rules),
+        tls=tuple(tls_rules),
     )
 
 

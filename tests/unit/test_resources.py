@@ -464,7 +464,7 @@ UNSUPPORTED_FIELDS = [
         "spec.subsets[0].trafficPolicy.tls",
     ),
     (dr(workloadSelector={}), "spec.workloadSelector"),
-    (gw(tls={"mode": "SIMPLE"}), "spec.servers[0].tls"),
+    (gw(tls={"mode": "PASSTHROUGH", "credentialName": "c"}), "spec.servers[0].tls.credentialName"),
     (gw(bind="0.0.0.0"), "spec.servers[0].bind"),
     ({**vs(http=[rule()]), "status": {}}, "status"),
     ({**vs(http=[rule()]), "metadata": {"name": "r", "uid": "1"}}, "metadata.uid"),
@@ -732,7 +732,7 @@ SEMANTIC_REJECTIONS = [
     (
         gw(port={"number": 443, "name": "https", "protocol": "HTTPS"}),
         "spec.servers[0].port.protocol",
-        "protocol HTTPS is not supported (supported: HTTP)",
+        "protocol HTTPS is not supported (supported: HTTP, TCP, TLS)",
     ),
     (
         gw(hosts=["istio-system/bookinfo.example.com"]),

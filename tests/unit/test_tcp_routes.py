@@ -4,19 +4,20 @@ destination choice (pure; Istio's tcp-traffic-shifting semantics)."""
 from __future__ import annotations
 
 import random
+import ssl
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from mesh.compiled import Destination, L4Match, L4Route, WeightedDestination
+from mesh.compiled import Destination, GatewayServer, L4Match, L4Route, WeightedDestination
 from mesh.hosts import ServiceRef
 from mesh.messages import Endpoint, EndpointSet
 from mesh.resources import Resource, ResourceError, load_yaml, parse_resource
 from proxy.routing import ConnectionAttrs, NoDestinationError, select_l4_route
-from proxy.tcp import TcpBalancers, TcpTarget, tcp_target
-from services.config.compile import compile_route_table, services_named
+from proxy.tcp import TcpBalancers, TcpTarget, client_hello_sni, route_target, tcp_target
+from services.config.compile import compile_gateway_config, compile_route_table, services_named
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "tcp-echo"
 TCP_ECHO = ServiceRef("default", "tcp-echo")
@@ -282,3 +283,99 @@ def test_balancer_per_subset_only_picks_that_subsets_endpoints() -> None:
     assert picked == {"one", "uno"}
     v2 = balancers.choose(TCP_ECHO, eps, 9000, frozenset(), 0.0, "v2", {"version": "v2"})
     assert v2 is not None and v2.instance == "two"
+
+
+# ---------------------------------------------------------------- gateway servers
+
+
+def client_hello(server_hostname: str | None) -> bytes:
+    """The first flight of a real TLS client (Python's ssl), as a gateway reads it."""
+    context = ssl.create_default_context()
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing, server_hostname=server_hostname)
+    if server_hostname is None:
+        context.check_hostname = False
+    with pytest.raises(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return outgoing.read()
+
+
+def test_sni_of_a_real_client_hello() -> None:
+    hello = client_hello("A.Example.com")
+    assert client_hello_sni(hello) == "a.example.com"
+    # byte by byte, it asks for more until the first record is complete
+    assert all(client_hello_sni(hello[:n]) is None for n in range(0, len(hello) - 1, 37))
+    # a ClientHello without SNI (an IP literal), and bytes that are not TLS
+    assert client_hello_sni(client_hello("127.0.0.1")) == ""
+    assert client_hello_sni(b"GET / HTTP/1.1\r\n") == ""
+    assert client_hello_sni(b"\x16\x03\x01\x00\x05\x02\x00\x00\x01\x00") == ""
+
+
+def gateway_doc(server: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "apiVersion": "networking.istio.io/v1",
+        "kind": "Gateway",
+        "metadata": {"name": "gw"},
+        "spec": {"selector": {"istio": "ingressgateway"}, "servers": [server]},
+    }
+
+
+def test_tcp_and_tls_passthrough_servers_are_accepted() -> None:
+    for server in (
+        {"port": {"number": 31400, "name": "tcp", "protocol": "TCP"}, "hosts": ["*"]},
+        {
+            "port": {"number": 443, "name": "tls", "protocol": "TLS"},
+            "tls": {"mode": "PASSTHROUGH"},
+            "hosts": ["*.example.com"],
+        },
+    ):
+        parse_resource(gateway_doc(server), source="-", index=0)
+
+
+@pytest.mark.parametrize(
+    ("tls", "protocol", "path", "message"),
+    [
+        (None, "TLS", "spec.servers[0].tls", "needs tls.mode: PASSTHROUGH"),
+        (
+            {"mode": "AUTO_PASSTHROUGH"},
+            "TLS",
+            "spec.servers[0].tls.mode",
+            "AUTO_PASSTHROUGH is not",
+        ),
+        ({"mode": "SIMPLE"}, "HTTPS", "spec.servers[0].port.protocol", "HTTPS is not supported"),
+        ({"mode": "SIMPLE"}, "TLS", "spec.servers[0].tls.mode", "SIMPLE is not supported"),
+        ({"mode": "PASSTHROUGH"}, "TCP", "spec.servers[0].tls.mode", "needs port.protocol TLS"),
+    ],
+)
+def test_gateway_tls_modes_we_do_not_serve_are_refused_by_name(
+    tls: dict[str, str] | None, protocol: str, path: str, message: str
+) -> None:
+    server: dict[str, Any] = {
+        "port": {"number": 443, "name": "tls", "protocol": protocol},
+        "hosts": ["*"],
+    }
+    if tls is not None:
+        server["tls"] = tls
+    error = rejection(gateway_doc(server))
+    assert error.path == path
+    assert message in error.message
+
+
+def test_gateway_config_carries_the_tasks_tcp_rules() -> None:
+    resources = parse((EXAMPLES / "tcp-echo-all-v1.yaml").read_text())
+    labels = {"istio": "ingressgateway", "app": "istio-ingressgateway"}
+    config = compile_gateway_config(resources, "default", labels, 1)
+    assert config.servers == (GatewayServer(port=31400, protocol="TCP", hosts=("*",)),)
+    assert config.tcp == (
+        L4Route(
+            match=(L4Match(port=31400),),
+            route=(WeightedDestination(Destination(FQDN, "v1", 9000), weight=100),),
+            origin="VirtualService/default/tcp-echo",
+        ),
+    )
+    attrs = ConnectionAttrs(31400, gateway="default/tcp-echo-gateway")
+    assert route_target(config.tcp, attrs, 0.3) == TcpTarget(
+        TCP_ECHO, "v1", 9000, "VirtualService/default/tcp-echo"
+    )
+    # another port of the gateway: no rule, no default route at a gateway
+    assert route_target(config.tcp, ConnectionAttrs(31401, gateway=config.name), 0.3) is None
