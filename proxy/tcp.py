@@ -991,6 +991,12 @@ class TcpRelays:
         config = self._gateway
         if config is None:
             return False
+        if self._denied(port, conn):  # AuthorizationPolicies selecting the gateway
+            if self.telemetry is not None:
+                unknown = ServiceRef("unknown", "unknown")
+                record = self.telemetry.tcp_outbound(unknown, None, DENIED_FLAG)
+                self._telemetry_decided(conn, record)
+            return False
         sni = ""
         if protocol == "TLS":
             sni = await self._client_hello_sni(conn)

@@ -30,7 +30,14 @@ from cryptography.x509.oid import NameOID
 
 from mesh.cli.sidecar_cmds import gateway_labels
 from mesh.hosts import ServiceRef
-from mesh.messages import Instance, RegisterReply, RegisterRequest
+from mesh.messages import (
+    DeleteReply,
+    DeleteRequest,
+    Instance,
+    RegisterReply,
+    RegisterRequest,
+    ResourceRef,
+)
 from mesh.servers import free_port
 from proxy.destinations import DestinationCache
 from proxy.stats import ProxyStats
@@ -180,7 +187,8 @@ def task_yaml(name: str, port: int) -> str:
     return (EXAMPLES / name).read_text().replace("31400", str(port))
 
 
-async def gateway(env: TcpEchoMesh) -> Any:
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def gw(env: TcpEchoMesh) -> Any:
     """`meshctl gateway` as run by default: Istio's labels, which the task selects."""
     return await env.mesh.sidecar(
         "ingressgateway",
@@ -192,8 +200,7 @@ async def gateway(env: TcpEchoMesh) -> Any:
     )
 
 
-async def test_the_tasks_gateway_yaml_as_written(env: TcpEchoMesh) -> None:
-    gw = await gateway(env)
+async def test_the_tasks_gateway_yaml_as_written(env: TcpEchoMesh, gw: Any) -> None:
     port = free_port()
     await applied(env.mesh, task_yaml("tcp-echo-all-v1.yaml", port), gw)
 
@@ -210,6 +217,38 @@ async def test_the_tasks_gateway_yaml_as_written(env: TcpEchoMesh) -> None:
     seen = await prefixes(port, N)
     assert set(seen) == {"one", "two"}, seen
     assert 1 <= seen["two"] <= 44, seen
+
+    # an AuthorizationPolicy selecting the gateway applies to its TCP servers too
+    await applied(env.mesh, DENY_LOCAL.format(port=port), gw)
+
+    async def refused() -> bool:
+        try:
+            return await asyncio.wait_for(say(port, "denied"), 5) == ""
+        except (OSError, TimeoutError):
+            return True
+
+    await eventually(refused, timeout=20, interval=0.2)
+    bus = env.mesh.bus
+    await bus.request(
+        bus.subjects.config_delete,
+        DeleteRequest(
+            refs=[ResourceRef(kind="AuthorizationPolicy", namespace="default", name="no-local")]
+        ),
+        DeleteReply,
+    )
+
+
+DENY_LOCAL = """
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: no-local, namespace: default}}
+spec:
+  selector: {{matchLabels: {{istio: ingressgateway}}}}
+  action: DENY
+  rules:
+  - from: [{{source: {{ipBlocks: [127.0.0.0/8]}}}}]
+    to: [{{operation: {{ports: ["{port}"]}}}}]
+"""
 
 
 def certificate(host: str) -> tuple[bytes, bytes]:
@@ -277,13 +316,12 @@ spec:
 """
 
 
-async def test_tls_passthrough_routes_by_sni(env: TcpEchoMesh, tmp_path: Path) -> None:
+async def test_tls_passthrough_routes_by_sni(env: TcpEchoMesh, gw: Any, tmp_path: Path) -> None:
     apps = {h: await tls_app(h, tmp_path) for h in ("a.example.com", "b.example.com")}
     try:
         for host, (server, _) in apps.items():
             app_port = server.sockets[0].getsockname()[1]
             await env.register(f"tls-{host[0]}", "v1", app_port, 443)
-        gw = await gateway(env)
         port = free_port()
         await applied(env.mesh, PASSTHROUGH.format(port=port), gw)
 
