@@ -1,5 +1,6 @@
-"""VirtualService `tcp` rules on both data planes: Istio's tcp-traffic-shifting
-(100/0, then 80/20 between subsets) from a `sleep` sidecar's relay to tcp-echo v1/v2.
+"""VirtualService `tcp` / `tls` rules on both data planes: Istio's tcp-traffic-shifting
+(100/0, then 80/20 between subsets) from a `sleep` sidecar's relay to tcp-echo v1/v2,
+and a gateway's TCP server and TLS PASSTHROUGH server (routed by SNI).
 
 On one test host the two versions' apps need ports of their own: v1 serves P1, v2
 serves P2, and the rules send to `subset: v1, port: P1` and `subset: v2, port: P2`
@@ -7,6 +8,8 @@ serves P2, and the rules send to `subset: v1, port: P1` and `subset: v2, port: P
 
 from __future__ import annotations
 
+import contextlib
+import ssl
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -14,6 +17,7 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
+from mesh.cli.sidecar_cmds import gateway_labels
 from mesh.servers import free_port
 from tests.scenarios.helpers import Scenario, TcpEcho, tcp_exchange
 from tests.support import applied, destination_rule_yaml, eventually
@@ -105,3 +109,96 @@ async def test_a_rule_for_another_port_leaves_the_default_route(env: Env) -> Non
     # the only rule matches port 1: connections to P1 take the default route (the
     # service on P1, which only v1 serves); were the rule taken, half would reach v2
     assert await env.served_by(N) == Counter({"one": N})
+
+
+# ---------------------------------------------------------------- gateway servers
+
+
+def client_hello(host: str) -> bytes:
+    """The first flight of a real TLS client for `host` (what a passthrough gateway
+    reads the SNI from and relays unchanged)."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = ssl.create_default_context().wrap_bio(incoming, outgoing, server_hostname=host)
+    with contextlib.suppress(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return outgoing.read()
+
+
+async def exchange(port: int, data: bytes) -> bytes | None:
+    """`tcp_exchange`, None also when the connection was closed before the FIN."""
+    try:
+        return await tcp_exchange(port, data)
+    except OSError:
+        return None
+
+
+def gateway_yaml(tcp_port: int, tls_port: int, p1: int, p2: int) -> str:
+    return (
+        destination_rule_yaml("tcp-echo")
+        + f"""---
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {{name: edge}}
+spec:
+  selector: {{istio: ingressgateway}}
+  servers:
+  - port: {{number: {tcp_port}, name: tcp, protocol: TCP}}
+    hosts: ["*"]
+  - port: {{number: {tls_port}, name: tls, protocol: TLS}}
+    tls: {{mode: PASSTHROUGH}}
+    hosts: ["*.example.com"]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: edge-tcp}}
+spec:
+  hosts: ["*"]
+  gateways: [edge]
+  tcp:
+  - match: [{{port: {tcp_port}}}]
+    route: [{{destination: {{host: tcp-echo, subset: v1, port: {{number: {p1}}}}}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: edge-tls}}
+spec:
+  hosts: ["*.example.com"]
+  gateways: [edge]
+  tls:
+  - match: [{{port: {tls_port}, sniHosts: [a.example.com]}}]
+    route: [{{destination: {{host: tcp-echo, subset: v1, port: {{number: {p1}}}}}}}]
+  - match: [{{port: {tls_port}, sniHosts: ["*.b.example.com"]}}]
+    route: [{{destination: {{host: tcp-echo, subset: v2, port: {{number: {p2}}}}}}}]
+"""
+    )
+
+
+async def test_gateway_tcp_server_and_tls_passthrough_by_sni(env: Env) -> None:
+    s = env.s
+    gw = await s.sidecar(
+        "ingressgateway",
+        "",
+        app=False,
+        gateway=True,
+        gateway_port=free_port(),
+        labels=gateway_labels("ingressgateway", {}),
+    )
+    tcp_port, tls_port = free_port(), free_port()
+    await applied(s.mesh, gateway_yaml(tcp_port, tls_port, env.v1.port, env.v2.port), gw)
+
+    async def tcp_served() -> bool:
+        return await exchange(tcp_port, b"edge") == b"edge|one"
+
+    await eventually(tcp_served, timeout=30, interval=0.2)
+    a, b = client_hello("a.example.com"), client_hello("x.b.example.com")
+
+    async def tls_served() -> bool:
+        return await exchange(tls_port, a) == a + b"|one"
+
+    await eventually(tls_served, timeout=30, interval=0.2)
+    # the ClientHello reached the app byte for byte, and the SNI chose the version
+    assert await exchange(tls_port, b) == b + b"|two"
+    received = env.v1.received + env.v2.received
+    # no rule for this SNI: closed, nothing reaches an app
+    assert await exchange(tls_port, client_hello("c.example.com")) in (None, b"")
+    assert env.v1.received + env.v2.received == received

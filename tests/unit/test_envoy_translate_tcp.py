@@ -8,6 +8,8 @@ from typing import Any
 
 from mesh.compiled import (
     Destination,
+    GatewayConfig,
+    GatewayServer,
     L4Match,
     L4Route,
     RouteTable,
@@ -131,3 +133,60 @@ def test_rule_hosts_are_followed() -> None:
     routes = table(L4Route(route=(WeightedDestination(Destination(other), weight=100),)))
     view = MeshView(destinations={FQDN: (routes, echo_endpoints())})
     assert other in referenced_hosts(node, view)
+
+
+# ---------------------------------------------------------------- gateway servers
+
+
+def gateway_out(config: GatewayConfig) -> Any:
+    node = sidecar(
+        role="gateway",
+        service="ingressgateway",
+        labels={"istio": "ingressgateway"},
+        inbound=None,
+        outbound=None,
+        app_port=0,
+        gateway_listeners=(("127.0.0.1", 8080),),
+    )
+    view = MeshView(destinations={FQDN: (table(), echo_endpoints())}, gateway=config)
+    return translate(node, view)
+
+
+def test_tls_passthrough_server_routes_by_server_names() -> None:
+    config = GatewayConfig(
+        namespace="default",
+        name="default/edge",
+        revision=1,
+        servers=(GatewayServer(port=443, protocol="TLS", hosts=("*.example.com",)),),
+        tls=(
+            L4Route(
+                match=(L4Match(port=443, sni_hosts=("a.example.com",)),),
+                route=(to("v1", 100, port=9000),),
+            ),
+            L4Route(
+                match=(L4Match(port=8443, sni_hosts=("b.example.com",)),),
+                route=(to("v2", 100, port=9000),),
+            ),
+        ),
+    )
+    listener = to_dict(gateway_out(config).listeners["gateway|127.0.0.1|443"])
+    assert [f["name"] for f in listener["listenerFilters"]] == [
+        "envoy.filters.listener.tls_inspector"
+    ]
+    # the rule for port 8443 does not apply to this server; no chain: closed
+    (chain,) = listener["filterChains"]
+    assert chain["filterChainMatch"] == {"serverNames": ["a.example.com"]}
+    assert proxy_of(chain)["cluster"] == f"outbound|9000|v1|{FQDN}"
+
+
+def test_tcp_server_without_rules_closes_connections() -> None:
+    config = GatewayConfig(
+        namespace="default",
+        name="default/edge",
+        revision=1,
+        servers=(GatewayServer(port=31400, protocol="TCP", hosts=("*",)),),
+    )
+    out = gateway_out(config)
+    (chain,) = to_dict(out.listeners["gateway|127.0.0.1|31400"])["filterChains"]
+    assert proxy_of(chain)["cluster"] == "BlackHoleCluster"
+    assert "loadAssignment" not in to_dict(out.clusters["BlackHoleCluster"])

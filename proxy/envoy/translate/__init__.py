@@ -33,6 +33,7 @@ def translate(node: ProxyNode, view: MeshView) -> XdsResources:
     if node.role == "gateway":
         ctx = outbound.route_context(node, view, view.gateway.name if view.gateway else "")
         gateway.add_gateway(node, view, out, ctx)
+        tcp.add_gateway_l4(node, view, out)
     else:
         ctx = outbound.route_context(node, view)
         if node.outbound is not None:

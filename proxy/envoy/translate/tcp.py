@@ -25,10 +25,11 @@ from mesh.hosts import service_of_host
 from mesh.messages import Endpoint
 from proxy.envoy.resources import XdsResources
 from proxy.routing import subset_endpoints
+from proxy.routing.match import _at_gateway
 
-from . import clusters, listeners
+from . import clusters, listeners, rbac
 from .model import MeshView, ProxyNode, TranslationError
-from .names import outbound_cluster, outbound_tcp_listener
+from .names import gateway_listener, outbound_cluster, outbound_tcp_listener
 
 LOCAL_HOST = "127.0.0.1"
 Json = dict[str, object]
@@ -71,9 +72,114 @@ def add_outbound_tcp(node: ProxyNode, view: MeshView, out: XdsResources) -> None
         )
 
 
+BLACK_HOLE = "BlackHoleCluster"  # Istio's name: a cluster without endpoints
+L4_GATEWAY_PROTOCOLS = ("TCP", "TLS")
+
+
+def add_gateway_l4(node: ProxyNode, view: MeshView, out: XdsResources) -> None:
+    """The gateway's TCP and TLS (PASSTHROUGH) servers: a listener per server port on
+    the gateway's bind address. TCP: a chain per `tcp` rule for that port (subnets as
+    prefix ranges); TLS: `tls_inspector` and a chain per `tls` rule (its SNI hosts as
+    `serverNames`). No chain matching: Envoy closes the connection, as the Python
+    gateway does (no default route at a gateway). The AuthorizationPolicies selecting
+    the gateway run first (network RBAC)."""
+    config = view.gateway
+    if config is None:
+        return
+    bind = node.gateway_listeners[0][0] if node.gateway_listeners else "0.0.0.0"
+    policies = rbac.selected(view.inbound, node.labels)
+    done: set[int] = set()
+    for server in config.servers:
+        protocol = server.protocol.upper()
+        if protocol not in L4_GATEWAY_PROTOCOLS or server.port in done:
+            continue
+        done.add(server.port)
+        port = server.port
+        name = gateway_listener(bind, port)
+        guard = rbac.rbac_filters(
+            policies,
+            port,
+            tcp=True,
+            stat_prefix="gateway_tcp",
+            inbound=view.inbound,
+            namespace=node.namespace,
+        )
+        tls = protocol == "TLS"
+        chains: list[Json] = []
+        seen: set[tuple[tuple[str, ...], tuple[str, ...]]] = set()
+        routes = config.tls if tls else config.tcp
+        for route, subnets, names in _gateway_rules(routes, node, config.name, port):
+            if (subnets, names) in seen:
+                continue
+            seen.add((subnets, names))
+            match: Json = {}
+            if subnets:
+                match["prefixRanges"] = [_cidr(s) for s in subnets]
+            if names:
+                match["serverNames"] = list(names)
+            # logged as the Python gateway records them: reporter source
+            proxy = _tcp_proxy(node, view, out, name, route, port)
+            chain: Json = {"filters": [*guard, proxy]}
+            if match:
+                chain["filterChainMatch"] = match
+            chains.append(chain)
+            if not match:
+                break  # a catch-all: later rules are never taken
+        if not chains:
+            # Envoy needs a chain: one that closes every connection
+            out.clusters[BLACK_HOLE] = clusters.black_hole(BLACK_HOLE)
+            chains.append(
+                {
+                    "filters": [
+                        *guard,
+                        listeners.tcp_proxy(
+                            name, BLACK_HOLE, "outbound_tcp", node.access_log_cluster
+                        ),
+                    ]
+                }
+            )
+        out.listeners[name] = listeners.listener(
+            name,
+            (bind, port),
+            chains,
+            listener_filters=[listeners.tls_inspector()] if tls else (),
+            direction="OUTBOUND",
+        )
+
+
+def _gateway_rules(
+    routes: tuple[L4Route, ...], node: ProxyNode, gateway: str, port: int
+) -> Iterator[tuple[L4Route, tuple[str, ...], tuple[str, ...]]]:
+    """Each (rule, subnets, SNI names) that can apply on this gateway server, one per
+    match that holds here (() = any): a chain per match keeps subnets and names of
+    different matches from combining into conditions no match states."""
+    for route in routes:
+        if not route.match:
+            yield route, (), ()
+            continue
+        for m in route.match:
+            if _holds_at_gateway(m, node, gateway, port):
+                yield route, tuple(sorted(m.destination_subnets)), tuple(sorted(m.sni_hosts))
+
+
+def _holds_at_gateway(m: L4Match, node: ProxyNode, gateway: str, port: int) -> bool:
+    if m.port and m.port != port:
+        return False
+    if m.gateways and not _at_gateway(frozenset(m.gateways), gateway):
+        return False
+    if m.source_namespace and m.source_namespace != node.namespace:
+        return False
+    labels = _node_labels(node)
+    return all(labels.get(k) == v for k, v in m.source_labels.items())
+
+
 def l4_hosts(node: ProxyNode, view: MeshView) -> set[str]:
     """The hosts the `tcp` rules of this proxy's upstreams send to."""
     hosts: set[str] = set()
+    gw = view.gateway
+    if node.role == "gateway" and gw is not None:
+        for route in (*gw.tcp, *gw.tls):
+            hosts.update(d.destination.host for d in route.route)
     for upstream in node.tcp_upstreams:
         table, _ = view.destinations.get(upstream.service.fqdn, (None, None))
         for route, _subnets in _applicable(
