@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from mesh.analysis import analyze, build_context
 from mesh.compiled import Destination, GatewayServer, L4Match, L4Route, WeightedDestination
 from mesh.hosts import ServiceRef
 from mesh.messages import Endpoint, EndpointSet
@@ -18,6 +19,8 @@ from mesh.resources import Resource, ResourceError, load_yaml, parse_resource
 from proxy.routing import ConnectionAttrs, NoDestinationError, select_l4_route
 from proxy.tcp import TcpBalancers, TcpTarget, client_hello_sni, route_target, tcp_target
 from services.config.compile import compile_gateway_config, compile_route_table, services_named
+from tests.unit.test_analysis import BOOKINFO, DR_REVIEWS
+from tests.unit.test_analysis import _resources as analysis_resources
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "tcp-echo"
 TCP_ECHO = ServiceRef("default", "tcp-echo")
@@ -379,3 +382,23 @@ def test_gateway_config_carries_the_tasks_tcp_rules() -> None:
     )
     # another port of the gateway: no rule, no default route at a gateway
     assert route_target(config.tcp, ConnectionAttrs(31401, gateway=config.name), 0.3) is None
+
+
+def test_analysis_checks_the_subsets_tcp_rules_name() -> None:
+    text = (
+        DR_REVIEWS
+        + """---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews}
+spec:
+  hosts: [reviews]
+  tcp:
+  - route: [{destination: {host: reviews, subset: v3, port: {number: 9080}}}]
+"""
+    )
+    messages = analyze(build_context(analysis_resources(text), BOOKINFO))
+    assert [(m.code, str(m.resource)) for m in messages] == [
+        ("IST0101", "VirtualService reviews.default")
+    ]
+    assert '"reviews+v3"' in messages[0].text
