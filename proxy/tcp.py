@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import random
 import re
 import socket
@@ -973,10 +974,19 @@ class TcpRelays:
             source_labels=self.source_labels,
             source_namespace=self.source_namespace,
         )
+        table = dest.table
         try:
-            target = tcp_target(
-                dest.table.tcp if dest.table is not None else (), ref, attrs, self.rand.random()
-            )
+            target = None
+            if table is not None and table.tls:
+                # `tls` rules route TLS connections by SNI (the ClientHello is read
+                # first, as Envoy's tls_inspector does); other traffic takes `tcp` rules
+                sni = await self._client_hello_sni(conn)
+                if sni:
+                    with_sni = dataclasses.replace(attrs, sni=sni)
+                    target = route_target(table.tls, with_sni, self.rand.random())
+            if target is None:
+                tcp_rules = table.tcp if table is not None else ()
+                target = tcp_target(tcp_rules, ref, attrs, self.rand.random())
         except NoDestinationError as e:
             log.warning("tcp.no_route", listener=conn.name, service=str(ref), error=str(e))
             if self.telemetry is not None:

@@ -8,6 +8,7 @@ serves P2, and the rules send to `subset: v1, port: P1` and `subset: v2, port: P
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ssl
 from collections import Counter
@@ -125,11 +126,34 @@ def client_hello(host: str) -> bytes:
 
 
 async def exchange(port: int, data: bytes) -> bytes | None:
-    """`tcp_exchange`, None also when the connection was closed before the FIN."""
+    """As a TLS client would: send `data`, wait for the echo before the FIN (a client
+    does not half-close after its ClientHello; Envoy closes a connection whose peer
+    ends while its listener filters still inspect it), then read to EOF. None when
+    refused, reset or closed early."""
     try:
-        return await tcp_exchange(port, data)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
     except OSError:
         return None
+    try:
+        writer.write(data)
+        echoed = await asyncio.wait_for(reader.readexactly(len(data)), 10)
+        writer.write_eof()
+        return echoed + await asyncio.wait_for(reader.read(), 10)
+    except (OSError, asyncio.IncompleteReadError):
+        return None
+    finally:
+        writer.close()
+
+
+async def until_answered(port: int, data: bytes, reply: bytes) -> None:
+    """Wait until `data` sent to `port` gets `reply`. Envoy ACKs a push before the
+    clusters it adds have their endpoints (warming): a connection in between is
+    closed, so each destination is waited for, not only the push."""
+
+    async def answered() -> bool:
+        return await exchange(port, data) == reply
+
+    await eventually(answered, timeout=30, interval=0.2)
 
 
 def gateway_yaml(tcp_port: int, tls_port: int, p1: int, p2: int) -> str:
@@ -192,13 +216,41 @@ async def test_gateway_tcp_server_and_tls_passthrough_by_sni(env: Env) -> None:
     await eventually(tcp_served, timeout=30, interval=0.2)
     a, b = client_hello("a.example.com"), client_hello("x.b.example.com")
 
-    async def tls_served() -> bool:
-        return await exchange(tls_port, a) == a + b"|one"
-
-    await eventually(tls_served, timeout=30, interval=0.2)
-    # the ClientHello reached the app byte for byte, and the SNI chose the version
-    assert await exchange(tls_port, b) == b + b"|two"
+    # the ClientHello reaches the app byte for byte, and the SNI chooses the version
+    await until_answered(tls_port, a, a + b"|one")
+    await until_answered(tls_port, b, b + b"|two")
+    assert await exchange(tls_port, a) == a + b"|one"
     received = env.v1.received + env.v2.received
     # no rule for this SNI: closed, nothing reaches an app
     assert await exchange(tls_port, client_hello("c.example.com")) in (None, b"")
     assert env.v1.received + env.v2.received == received
+
+
+async def test_sidecar_tls_rules_route_by_sni_and_other_traffic_by_tcp_rules(env: Env) -> None:
+    p1, p2 = env.v1.port, env.v2.port
+    await env.apply(
+        destination_rule_yaml("tcp-echo")
+        + f"""---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: tcp-echo}}
+spec:
+  hosts: [tcp-echo, a.example.com]
+  tls:
+  - match: [{{port: {p1}, sniHosts: [a.example.com]}}]
+    route: [{{destination: {{host: tcp-echo, subset: v2, port: {{number: {p2}}}}}}}]
+  tcp:
+  - route: [{{destination: {{host: tcp-echo, subset: v1, port: {{number: {p1}}}}}}}]
+"""
+    )
+    hello = client_hello("a.example.com")
+    await until_answered(env.local, hello, hello + b"|two")
+    # another SNI, and bytes that are not TLS: the tcp rule
+    other = client_hello("b.example.com")
+    await until_answered(env.local, other, other + b"|one")
+    await until_answered(env.local, b"plain", b"plain|one")
+    # all of them settled: each goes its way every time
+    for _ in range(5):
+        assert await exchange(env.local, hello) == hello + b"|two"
+        assert await exchange(env.local, other) == other + b"|one"
+        assert await exchange(env.local, b"plain") == b"plain|one"

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgspec
+
 from mesh.compiled import (
     Destination,
     GatewayConfig,
@@ -190,3 +192,21 @@ def test_tcp_server_without_rules_closes_connections() -> None:
     (chain,) = to_dict(out.listeners["gateway|127.0.0.1|31400"])["filterChains"]
     assert proxy_of(chain)["cluster"] == "BlackHoleCluster"
     assert "loadAssignment" not in to_dict(out.clusters["BlackHoleCluster"])
+
+
+def test_sidecar_tls_rules_are_server_name_chains_before_the_tcp_ones() -> None:
+    tls_rule = L4Route(
+        match=(L4Match(port=9000, sni_hosts=("a.example.com",)),),
+        route=(to("v2", 100),),
+    )
+    node = sidecar(tcp_upstreams=(TcpUpstream(ECHO, 9000, 19000),))
+    routes = msgspec.structs.replace(table(), tls=(tls_rule,))
+    out = translate(node, MeshView(destinations={FQDN: (routes, echo_endpoints())}))
+    listener = to_dict(out.listeners[LISTENER])
+    assert [f["name"] for f in listener["listenerFilters"]] == [
+        "envoy.filters.listener.tls_inspector"
+    ]
+    by_sni, default = listener["filterChains"]
+    assert by_sni["filterChainMatch"] == {"serverNames": ["a.example.com"]}
+    assert proxy_of(by_sni)["cluster"] == f"outbound|9000|v2|{FQDN}"
+    assert proxy_of(default)["cluster"] == f"outbound|9000||{FQDN}"

@@ -9,6 +9,9 @@ destinations become `tcp_proxy.weighted_clusters`, one cluster per (service, sub
 port): `outbound|<port>|<subset>|<fqdn>`. With no rule matching, the connection goes
 to the addressed service (the default chain), as the Python relay does.
 
+The `tls` rules (SNI) come first, as chains with `serverNames` behind a
+`tls_inspector`: Envoy prefers them for TLS connections naming those hosts.
+
 Envoy picks the most specific chain, not the first listed: rules are emitted in
 order, and a rule whose subnets repeat an earlier rule's (or follow a catch-all) is
 left out, since the Python relay would never take it either.
@@ -19,6 +22,8 @@ from __future__ import annotations
 import functools
 import ipaddress
 from collections.abc import Iterator, Mapping
+
+import msgspec
 
 from mesh.compiled import L4Match, L4Route, RouteTable, TrafficPolicy
 from mesh.hosts import service_of_host
@@ -42,6 +47,20 @@ def add_outbound_tcp(node: ProxyNode, view: MeshView, out: XdsResources) -> None
         table, _ = view.destinations.get(fqdn, (None, None))
         listener = outbound_tcp_listener(fqdn, port)
         chains: list[Json] = []
+        # `tls` rules first: TLS connections with a matching SNI (Envoy prefers chains
+        # with server names for them); everything else falls to the `tcp` chains
+        named: set[tuple[tuple[str, ...], tuple[str, ...]]] = set()
+        tls_rules = table.tls if table is not None else ()
+        for route, subnets, names in _sidecar_tls_rules(tls_rules, node, port):
+            if (subnets, names) in named:
+                continue
+            named.add((subnets, names))
+            tls_match: Json = {"serverNames": list(names)}
+            if subnets:
+                tls_match["prefixRanges"] = [_cidr(s) for s in subnets]
+            proxy = _tcp_proxy(node, view, out, listener, route, port)
+            chains.append({"filterChainMatch": tls_match, "filters": [proxy]})
+        inspect_tls = bool(chains)
         seen: set[tuple[str, ...]] = set()
         catch_all = False
         for route, subnets in _applicable(table.tcp if table is not None else (), node, port):
@@ -68,7 +87,10 @@ def add_outbound_tcp(node: ProxyNode, view: MeshView, out: XdsResources) -> None
                 }
             )
         out.listeners[listener] = listeners.listener(
-            listener, (LOCAL_HOST, upstream.local_port), chains
+            listener,
+            (LOCAL_HOST, upstream.local_port),
+            chains,
+            listener_filters=[listeners.tls_inspector()] if inspect_tls else (),
         )
 
 
@@ -186,6 +208,10 @@ def l4_hosts(node: ProxyNode, view: MeshView) -> set[str]:
             table.tcp if table is not None else (), node, upstream.port
         ):
             hosts.update(d.destination.host for d in route.route)
+        for route, _subnets, _names in _sidecar_tls_rules(
+            table.tls if table is not None else (), node, upstream.port
+        ):
+            hosts.update(d.destination.host for d in route.route)
     return hosts
 
 
@@ -205,6 +231,18 @@ def _applicable(
             yield route, ()
         else:
             yield route, tuple(sorted({s for m in held for s in m.destination_subnets}))
+
+
+def _sidecar_tls_rules(
+    routes: tuple[L4Route, ...], node: ProxyNode, port: int
+) -> Iterator[tuple[L4Route, tuple[str, ...], tuple[str, ...]]]:
+    """Each (rule, subnets, SNI names) of the `tls` rules, one per match that holds
+    on this sidecar listener (a `tls` match always names SNI hosts)."""
+    for route in routes:
+        for m in route.match:
+            plain = msgspec.structs.replace(m, sni_hosts=())
+            if m.sni_hosts and _holds_here(plain, node, port):
+                yield route, tuple(sorted(m.destination_subnets)), tuple(sorted(m.sni_hosts))
 
 
 def _holds_here(m: L4Match, node: ProxyNode, port: int) -> bool:
