@@ -1003,8 +1003,7 @@ class TcpRelays:
             return False
         if self._denied(port, conn):  # AuthorizationPolicies selecting the gateway
             if self.telemetry is not None:
-                unknown = ServiceRef("unknown", "unknown")
-                record = self.telemetry.tcp_outbound(unknown, None, DENIED_FLAG)
+                record = self.telemetry.tcp_outbound(None, None, DENIED_FLAG)
                 self._telemetry_decided(conn, record)
             return False
         sni = ""
@@ -1028,8 +1027,7 @@ class TcpRelays:
         if target is None:
             log.info("tcp.no_route", listener=conn.name, sni=sni, error=problem)
             if self.telemetry is not None:
-                unknown = ServiceRef("unknown", "unknown")
-                self._telemetry_decided(conn, self.telemetry.tcp_outbound(unknown, None, "NR"))
+                self._telemetry_decided(conn, self.telemetry.tcp_outbound(None, None, "NR"))
             return False
         return await self._connect_target(conn, target, None)
 

@@ -316,9 +316,12 @@ class SidecarTelemetry:
         )
 
     def tcp_outbound(
-        self, ref: ServiceRef, endpoint: Endpoint | None, flags: str = "-"
+        self, ref: ServiceRef | None, endpoint: Endpoint | None, flags: str = "-"
     ) -> TcpRecord:
-        """A connection relayed to `endpoint` of `ref` (None: no endpoint accepted it)."""
+        """A connection relayed to `endpoint` of `ref` (None: no endpoint accepted it;
+        `ref` None: no destination was chosen, e.g. no rule at a gateway)."""
+        if ref is None:
+            return TcpRecord("source", self.workload, NO_WORKLOAD, UNKNOWN, UNKNOWN, flags)
         destination = self.destination_of(ref, endpoint) if endpoint is not None else NO_WORKLOAD
         return TcpRecord("source", self.workload, destination, ref.fqdn, UNKNOWN, flags)
 

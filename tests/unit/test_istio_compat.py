@@ -17,7 +17,13 @@ from mesh.messages import Endpoint
 from mesh.resources import Resource, ResourceError, parse_resource
 from proxy.settings import SidecarSettings
 from proxy.stats import ProxyStats
-from proxy.telemetry import TcpRecord, TelemetryRecorder, Workload, caller_workload
+from proxy.telemetry import (
+    SidecarTelemetry,
+    TcpRecord,
+    TelemetryRecorder,
+    Workload,
+    caller_workload,
+)
 from services.config.compile import compile_gateway_config
 
 
@@ -189,3 +195,15 @@ def test_caller_workload_from_the_registry(
 def test_no_instance_with_the_identity_is_no_caller() -> None:
     other = ep("a", "10.0.0.1:1", "v1", identity="spiffe://cluster.local/ns/default/sa/x")
     assert caller_workload(SLEEP, [other], ID, "10.0.0.1") is None
+
+
+def test_a_gateway_connection_no_rule_took_has_no_destination() -> None:
+    recorder = TelemetryRecorder(
+        reporter_id="g-0_0000abcd", namespace="default", service="g", instance="g-0"
+    )
+    telemetry = SidecarTelemetry(recorder, workload=CLIENT, service_host="g.default")
+    labels = tcp_labels(recorder, telemetry.tcp_outbound(None, None, "NR"))
+    assert labels["destination_service"] == "unknown"
+    assert labels["destination_workload"] == "unknown"
+    assert labels["destination_cluster"] == "unknown"
+    assert labels["response_flags"] == "NR"
