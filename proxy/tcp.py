@@ -53,7 +53,7 @@ from typing import cast
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from mesh import errors
-from mesh.compiled import GatewayConfig, L4Route
+from mesh.compiled import GatewayConfig
 from mesh.hosts import ServiceRef, canonical_host, service_of_host
 from mesh.logs import get_logger
 from mesh.messages import Endpoint, EndpointSet
@@ -67,11 +67,14 @@ from proxy.routing import (
     ConnectionAttrs,
     NoDestinationError,
     RoundRobinBalancer,
-    pick_l4_destination,
+    TcpTarget,
+    client_hello_sni,
     resolve_subset,
-    select_l4_route,
+    route_target,
     subset_endpoints,
+    tcp_target,
 )
+from proxy.routing.sni import MORE
 from proxy.telemetry import SidecarTelemetry, TcpRecord, Workload, caller_workload
 
 log = get_logger("proxy.tcp")
@@ -161,95 +164,6 @@ def tcp_endpoints(
     HTTP subsets)."""
     key = str(port)
     return subset_endpoints([ep for ep in endpoints if key in ep.tcp_listeners], labels or {})
-
-
-@dataclass(frozen=True, slots=True)
-class TcpTarget:
-    """Where one outbound connection goes: a service, a subset ("" = all) and a port."""
-
-    service: ServiceRef
-    subset: str
-    port: int
-    # the VirtualService rule that chose it ("" = no rule: the addressed service)
-    origin: str = ""
-
-
-def route_target(routes: Sequence[L4Route], conn: ConnectionAttrs, rand: float) -> TcpTarget | None:
-    """The destination the first matching rule picks (port: the destination's, else
-    the connection's); None when no rule matches. Raises NoDestinationError when the
-    chosen host is not a mesh service or no weight is positive."""
-    route = select_l4_route(routes, conn)
-    if route is None:
-        return None
-    chosen = pick_l4_destination(route, rand).destination
-    ref = service_of_host(chosen.host)
-    if ref is None:
-        raise NoDestinationError(f"{route.origin}: {chosen.host} is not a mesh service")
-    return TcpTarget(ref, chosen.subset, chosen.port or conn.port, route.origin)
-
-
-def tcp_target(
-    routes: Sequence[L4Route], addressed: ServiceRef, conn: ConnectionAttrs, rand: float
-) -> TcpTarget:
-    """The destination of a connection to `addressed` on port `conn.port`.
-
-    The first `tcp` rule whose matches hold picks one of its weighted destinations
-    (port: the destination's, else the addressed one); with no rule matching, the
-    connection goes to the addressed service itself (Istio's default route). Raises
-    NoDestinationError when the chosen host is not a mesh service or no weight is
-    positive.
-    """
-    target = route_target(routes, conn, rand)
-    return target if target is not None else TcpTarget(addressed, "", conn.port)
-
-
-MORE = None  # `client_hello_sni`: not enough bytes yet
-
-
-def client_hello_sni(data: bytes) -> str | None:
-    """The SNI host name of the TLS ClientHello `data` starts with, lower-cased: ""
-    when `data` is not a TLS handshake or names no server, None (`MORE`) while the
-    first record is incomplete. Only the first record is read (a ClientHello split
-    over several records is rare; it reads as "no SNI"), as Envoy's tls_inspector
-    does within its buffer."""
-    if not data:
-        return MORE
-    if data[0] != 0x16:  # not a handshake record
-        return ""
-    if len(data) < 5:
-        return MORE
-    end = 5 + int.from_bytes(data[3:5], "big")
-    if len(data) < end:
-        return MORE
-    body = data[5:end]
-    try:
-        if body[0] != 0x01:  # not a ClientHello
-            return ""
-        pos = 4 + 2 + 32  # handshake header, client_version, random
-        pos += 1 + body[pos]  # session id
-        pos += 2 + int.from_bytes(body[pos : pos + 2], "big")  # cipher suites
-        pos += 1 + body[pos]  # compression methods
-        if pos + 2 > len(body):
-            return ""  # no extensions
-        ext_end = min(len(body), pos + 2 + int.from_bytes(body[pos : pos + 2], "big"))
-        pos += 2
-        while pos + 4 <= ext_end:
-            ext_type = int.from_bytes(body[pos : pos + 2], "big")
-            ext_len = int.from_bytes(body[pos + 2 : pos + 4], "big")
-            pos += 4
-            if ext_type == 0:  # server_name: list length, then (type, length, name)...
-                names = body[pos + 2 : pos + ext_len]
-                while len(names) >= 3:
-                    name_len = int.from_bytes(names[1:3], "big")
-                    if names[0] == 0:
-                        name = names[3 : 3 + name_len].decode("ascii")
-                        return name.lower().rstrip(".")
-                    names = names[3 + name_len :]
-                return ""
-            pos += ext_len
-    except (IndexError, UnicodeDecodeError):
-        return ""
-    return ""
 
 
 def relay_address(endpoint: Endpoint, port: int) -> tuple[str, int]:

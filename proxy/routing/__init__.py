@@ -19,7 +19,14 @@ from .balancer import (
     subset_endpoints,
 )
 from .errors import InvalidRouteConfig, NoDestinationError, RoutingError
-from .l4 import ConnectionAttrs, pick_l4_destination, select_l4_route
+from .l4 import (
+    ConnectionAttrs,
+    TcpTarget,
+    pick_l4_destination,
+    route_target,
+    select_l4_route,
+    tcp_target,
+)
 from .match import (
     MESH_GATEWAY,
     CompiledRoutes,
@@ -31,6 +38,7 @@ from .match import (
 )
 from .pick import pick_destination, pick_weighted
 from .request import HashContext, RequestAttrs
+from .sni import client_hello_sni
 from .transform import (
     apply_header_ops,
     apply_request_header_ops,
@@ -55,10 +63,12 @@ __all__ = [
     "RoundRobinBalancer",
     "RouteMatch",
     "RoutingError",
+    "TcpTarget",
     "apply_header_ops",
     "apply_request_header_ops",
     "apply_response_header_ops",
     "build_balancer",
+    "client_hello_sni",
     "compile_gateway",
     "compile_routes",
     "compile_virtual_hosts",
@@ -69,7 +79,9 @@ __all__ = [
     "request_authority",
     "resolve_subset",
     "rewrite_path",
+    "route_target",
     "select_l4_route",
     "select_route",
     "subset_endpoints",
+    "tcp_target",
 ]

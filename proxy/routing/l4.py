@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from mesh.compiled import L4Match, L4Route, WeightedDestination
-from mesh.hosts import host_matches
+from mesh.hosts import ServiceRef, host_matches, service_of_host
 
 from .errors import NoDestinationError
 from .match import _at_gateway
@@ -39,6 +39,46 @@ class ConnectionAttrs:
     gateway: str = ""
     # lower-cased SNI of the ClientHello ("" when none was sent or it is not TLS)
     sni: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class TcpTarget:
+    """Where one outbound connection goes: a service, a subset ("" = all) and a port."""
+
+    service: ServiceRef
+    subset: str
+    port: int
+    # the VirtualService rule that chose it ("" = no rule: the addressed service)
+    origin: str = ""
+
+
+def route_target(routes: Sequence[L4Route], conn: ConnectionAttrs, rand: float) -> TcpTarget | None:
+    """The destination the first matching rule picks (port: the destination's, else
+    the connection's); None when no rule matches. Raises NoDestinationError when the
+    chosen host is not a mesh service or no weight is positive."""
+    route = select_l4_route(routes, conn)
+    if route is None:
+        return None
+    chosen = pick_l4_destination(route, rand).destination
+    ref = service_of_host(chosen.host)
+    if ref is None:
+        raise NoDestinationError(f"{route.origin}: {chosen.host} is not a mesh service")
+    return TcpTarget(ref, chosen.subset, chosen.port or conn.port, route.origin)
+
+
+def tcp_target(
+    routes: Sequence[L4Route], addressed: ServiceRef, conn: ConnectionAttrs, rand: float
+) -> TcpTarget:
+    """The destination of a connection to `addressed` on port `conn.port`.
+
+    The first `tcp` rule whose matches hold picks one of its weighted destinations
+    (port: the destination's, else the addressed one); with no rule matching, the
+    connection goes to the addressed service itself (Istio's default route). Raises
+    NoDestinationError when the chosen host is not a mesh service or no weight is
+    positive.
+    """
+    target = route_target(routes, conn, rand)
+    return target if target is not None else TcpTarget(addressed, "", conn.port)
 
 
 def select_l4_route(routes: Sequence[L4Route], conn: ConnectionAttrs) -> L4Route | None:
@@ -91,4 +131,11 @@ def _in_subnets(address: str, subnets: Sequence[str]) -> bool:
     return False
 
 
-__all__ = ["ConnectionAttrs", "pick_l4_destination", "select_l4_route"]
+__all__ = [
+    "ConnectionAttrs",
+    "TcpTarget",
+    "pick_l4_destination",
+    "route_target",
+    "select_l4_route",
+    "tcp_target",
+]
