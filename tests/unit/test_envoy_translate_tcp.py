@@ -206,6 +206,8 @@ def test_sidecar_tls_rules_are_server_name_chains_before_the_tcp_ones() -> None:
     assert [f["name"] for f in listener["listenerFilters"]] == [
         "envoy.filters.listener.tls_inspector"
     ]
+    # no ClientHello in time (a server-first protocol): the tcp rules, as in Python
+    assert listener["continueOnListenerFiltersTimeout"] is True
     by_sni, default = listener["filterChains"]
     assert by_sni["filterChainMatch"] == {"serverNames": ["a.example.com"]}
     assert proxy_of(by_sni)["cluster"] == f"outbound|9000|v2|{FQDN}"

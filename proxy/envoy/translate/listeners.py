@@ -145,12 +145,17 @@ def listener(
     *,
     listener_filters: Sequence[Json] = (),
     direction: str = "",
+    continue_after_filter_timeout: bool = False,
 ) -> listener_pb2.Listener:
     """`direction`: `INBOUND` or `OUTBOUND`, Envoy's traffic direction (the kind of
-    the spans its HCM opens: server or client)."""
+    the spans its HCM opens: server or client). `continue_after_filter_timeout`: a
+    connection the listener filters could not inspect in time (a server-first
+    protocol) goes on to the chains instead of being closed."""
     body: Json = {"name": name, "address": address(*bind), "filterChains": filter_chains}
     if listener_filters:
         body["listenerFilters"] = list(listener_filters)
+    if continue_after_filter_timeout:
+        body["continueOnListenerFiltersTimeout"] = True
     if direction:
         body["trafficDirection"] = direction
     return parse(listener_pb2.Listener, body)  # type: ignore[return-value]

@@ -91,6 +91,8 @@ def add_outbound_tcp(node: ProxyNode, view: MeshView, out: XdsResources) -> None
             (LOCAL_HOST, upstream.local_port),
             chains,
             listener_filters=[listeners.tls_inspector()] if inspect_tls else (),
+            # as the Python relay: no ClientHello in time, the `tcp` rules decide
+            continue_after_filter_timeout=inspect_tls,
         )
 
 
