@@ -272,6 +272,31 @@ class Subset(msgspec.Struct, frozen=True, omit_defaults=True):
     traffic_policy: TrafficPolicy = TrafficPolicy()
 
 
+class L4Match(msgspec.Struct, frozen=True, omit_defaults=True):
+    """One `tcp[].match[]` / `tls[].match[]`: every set condition must hold (AND)."""
+
+    # the service port the connection is addressed to; 0 = any
+    port: int = 0
+    # CIDRs (a bare IP as /32 or /128) the connection's destination address is in
+    destination_subnets: tuple[str, ...] = ()
+    # labels of the *calling* workload (the proxy applying the table)
+    source_labels: dict[str, str] = {}
+    source_namespace: str = ""
+    # canonical "<ns>/<name>" gateways (or "mesh") this match is limited to; empty = any
+    gateways: tuple[str, ...] = ()
+    # `tls` rules: the ClientHello's SNI must match one (`*.suffix` allowed)
+    sni_hosts: tuple[str, ...] = ()
+
+
+class L4Route(msgspec.Struct, frozen=True, omit_defaults=True):
+    """One VirtualService `tcp[]` or `tls[]` rule; the first whose matches hold wins
+    (no match = every connection). Each connection picks one weighted destination."""
+
+    match: tuple[L4Match, ...] = ()
+    route: tuple[WeightedDestination, ...] = ()
+    origin: str = ""
+
+
 class RouteTable(msgspec.Struct, frozen=True, omit_defaults=True, tag=True):
     """Everything a client proxy needs to send traffic to one destination service.
 
@@ -296,6 +321,10 @@ class RouteTable(msgspec.Struct, frozen=True, omit_defaults=True, tag=True):
     prev_revision: int = 0
     # True when some resource names this service (set by the config service)
     exists: bool = False
+    # VirtualService `tcp` / `tls` rules for `host` (applied by the TCP relays; with
+    # no rule matching, a connection goes to the service itself, as in Istio)
+    tcp: tuple[L4Route, ...] = ()
+    tls: tuple[L4Route, ...] = ()
 
 
 class GatewayServer(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -321,6 +350,10 @@ class GatewayConfig(msgspec.Struct, frozen=True, omit_defaults=True, tag=True):
     servers: tuple[GatewayServer, ...] = ()
     virtual_hosts: tuple[VirtualHost, ...] = ()
     prev_revision: int = 0
+    # VirtualService `tcp` rules bound to these Gateways, for the TCP servers, and
+    # `tls` rules (SNI) for the TLS PASSTHROUGH servers; matched with the server's port
+    tcp: tuple[L4Route, ...] = ()
+    tls: tuple[L4Route, ...] = ()
 
 
 # ================================================================ inbound policy

@@ -80,6 +80,10 @@ METRIC_HELP: dict[str, str] = {
     TCP_CLOSED: "TCP connections closed",
 }
 
+# Istio's CLUSTER_ID default: the value of `source_cluster` / `destination_cluster`
+# unless the proxy is given another (`meshctl sidecar --cluster-id`)
+DEFAULT_CLUSTER_ID = "Kubernetes"
+
 TCP_LABELS: tuple[str, ...] = (
     "reporter",
     "source_workload",
@@ -87,6 +91,8 @@ TCP_LABELS: tuple[str, ...] = (
     "source_principal",
     "source_app",
     "source_version",
+    "source_cluster",
+    "destination_cluster",
     "destination_workload",
     "destination_workload_namespace",
     "destination_principal",

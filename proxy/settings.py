@@ -35,6 +35,8 @@ class SidecarSettings:
     instance: str = ""
     service_account: str = ""
     trust_domain: str = "cluster.local"
+    # Istio's CLUSTER_ID: the source_cluster / destination_cluster metric labels
+    cluster_id: str = "Kubernetes"
     register_ttl: int = 10
     drain_timeout: float = 10.0
     gateway: bool = False

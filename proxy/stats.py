@@ -10,12 +10,24 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from mesh import __version__
 from proxy.policy import ShadowDecision
+
+# Istio's `component` label value for sidecars and gateways
+BUILD_COMPONENT = "proxy"
 
 
 class ProxyStats:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        # Istio's build gauge (its dashboards count proxies by version with it)
+        self.build = Gauge(
+            "istio_build",
+            "Istio component build info: 1 per proxy, tag = the Meshwork version",
+            ["component", "tag"],
+            registry=self.registry,
+        )
+        self.build.labels(BUILD_COMPONENT, __version__).set(1)
         self.requests = Counter(
             "meshwork_proxy_requests_total",
             "Requests handled by the proxy, by listener, status code and response flags",

@@ -23,7 +23,8 @@ With telemetry, each relayed connection is counted in Istio's `istio_tcp_*` metr
 (reporter "destination" on inbound relays, "source" on outbound ones): opened once
 linked, bytes as they flow (`report_telemetry`, called before each telemetry flush)
 and closed at the end; a connection no upstream accepted counts as opened and closed
-with flags UF.
+with flags UF. An inbound relay names an mTLS caller's workload, app and version from
+the registry (`_caller`, `caller_workload`), as TCP carries no peer metadata header.
 
 Inbound relays authorize every connection before connecting to the app
 (`Authorizer.decide_connection`, the workload's AuthorizationPolicies with Istio's
@@ -37,13 +38,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import random
 import re
 import socket
 import ssl
 import struct
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import cast
@@ -51,22 +53,42 @@ from typing import cast
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from mesh import errors
+from mesh.compiled import GatewayConfig
 from mesh.hosts import ServiceRef, canonical_host, service_of_host
 from mesh.logs import get_logger
 from mesh.messages import Endpoint, EndpointSet
-from proxy.destinations import DestinationCache
+from proxy.destinations import Destination, DestinationCache
 from proxy.listener import MeshListener
 from proxy.mtls import MeshTls
 from proxy.peer import peer_of
 from proxy.policy import Authorizer, ConnectionFacts, ShadowDecision
-from proxy.routing import Balancer, RoundRobinBalancer, subset_endpoints
-from proxy.telemetry import SidecarTelemetry, TcpRecord
+from proxy.routing import (
+    Balancer,
+    ConnectionAttrs,
+    NoDestinationError,
+    RoundRobinBalancer,
+    TcpTarget,
+    client_hello_sni,
+    resolve_subset,
+    route_target,
+    subset_endpoints,
+    tcp_target,
+)
+from proxy.routing.sni import MORE
+from proxy.telemetry import SidecarTelemetry, TcpRecord, Workload, caller_workload
 
 log = get_logger("proxy.tcp")
 
 APP_HOST = "127.0.0.1"
 CONNECT_ATTEMPTS = 3
 CONNECT_TIMEOUT_S = 5.0
+# how long an inbound relay waits for the registry to name a caller (telemetry only)
+CALLER_LOOKUP_S = 1.0
+# how long a TLS PASSTHROUGH gateway server waits for the ClientHello (Envoy's
+# tls_inspector waits up to its listener filter timeout, 15 s)
+TLS_INSPECT_TIMEOUT_S = 15.0
+# the gateway server protocols the relays serve (HTTP ones are the gateway listener's)
+L4_GATEWAY_PROTOCOLS = ("TCP", "TLS")
 # How long an endpoint that failed a connect is tried only after the others.
 AVOID_AFTER_FAILURE_S = 10.0
 # Per-socket write buffer above which the other side stops being read.
@@ -134,11 +156,14 @@ def parse_tcp_upstream(text: str, default_namespace: str) -> TcpUpstream:
     )
 
 
-def tcp_endpoints(endpoints: Iterable[Endpoint], port: int) -> list[Endpoint]:
-    """The endpoints with a TCP listener for `port`; draining ones are left out unless
-    all of those are draining (as for HTTP subsets)."""
+def tcp_endpoints(
+    endpoints: Iterable[Endpoint], port: int, labels: Mapping[str, str] | None = None
+) -> list[Endpoint]:
+    """The endpoints with a TCP listener for `port` (and every one of the subset's
+    `labels`); draining ones are left out unless all of those are draining (as for
+    HTTP subsets)."""
     key = str(port)
-    return subset_endpoints([ep for ep in endpoints if key in ep.tcp_listeners], {})
+    return subset_endpoints([ep for ep in endpoints if key in ep.tcp_listeners], labels or {})
 
 
 def relay_address(endpoint: Endpoint, port: int) -> tuple[str, int]:
@@ -178,19 +203,32 @@ class TcpBalancers:
     def __init__(self, rand: random.Random, avoid_s: float = AVOID_AFTER_FAILURE_S) -> None:
         self._rand = rand
         self._avoid_s = avoid_s
-        self._built: dict[tuple[ServiceRef, int], tuple[EndpointSet | None, Balancer]] = {}
+        # (destination, subset, port) -> (the endpoint set and labels it was built from, balancer)
+        self._built: dict[
+            tuple[ServiceRef, str, int],
+            tuple[EndpointSet | None, Mapping[str, str], Balancer],
+        ] = {}
         # (destination, port) -> instance -> when to stop avoiding it
         self._failed: dict[tuple[ServiceRef, int], dict[str, float]] = {}
 
-    def balancer(self, ref: ServiceRef, endpoints: EndpointSet | None, port: int) -> Balancer:
-        key = (ref, port)
+    def balancer(
+        self,
+        ref: ServiceRef,
+        endpoints: EndpointSet | None,
+        port: int,
+        subset: str = "",
+        labels: Mapping[str, str] | None = None,
+    ) -> Balancer:
+        """Round robin over `ref`'s endpoints for `port` in `subset` (its `labels`)."""
+        key = (ref, subset, port)
+        wanted = labels or {}
         built = self._built.get(key)
-        if built is not None and built[0] is endpoints:
-            return built[1]
+        if built is not None and built[0] is endpoints and built[1] == wanted:
+            return built[2]
         balancer = RoundRobinBalancer(
-            tcp_endpoints(endpoints.endpoints if endpoints else (), port), self._rand
+            tcp_endpoints(endpoints.endpoints if endpoints else (), port, wanted), self._rand
         )
-        self._built[key] = (endpoints, balancer)
+        self._built[key] = (endpoints, wanted, balancer)
         return balancer
 
     def choose(
@@ -200,9 +238,11 @@ class TcpBalancers:
         port: int,
         tried: frozenset[str],
         now: float,
+        subset: str = "",
+        labels: Mapping[str, str] | None = None,
     ) -> Endpoint | None:
         """The endpoint for the next connect attempt; None when every one was tried."""
-        balancer = self.balancer(ref, endpoints, port)
+        balancer = self.balancer(ref, endpoints, port, subset, labels)
         exclude = tried | self._avoided(ref, port, now)
         if all(ep.instance in exclude for ep in balancer.endpoints):
             exclude = tried  # a recently failed endpoint is better than none
@@ -319,6 +359,13 @@ def _ssl_object(side: _Side) -> object | None:
     return t.get_extra_info("ssl_object") if t is not None else None
 
 
+def _local_ip(side: _Side) -> str:
+    """The address the client connected to ("" when unknown)."""
+    t = side.transport
+    sockname = t.get_extra_info("sockname") if t is not None else None
+    return str(sockname[0]) if isinstance(sockname, tuple) and sockname else ""
+
+
 def _peer_ip(side: _Side) -> str:
     """The caller's address as the socket reports it ("" when unknown)."""
     t = side.transport
@@ -397,6 +444,7 @@ class _Side(asyncio.Protocol):
             self.held_size += len(data)
             if self.held_size >= HIGH_WATER:
                 self.pause_reading()
+            self.conn.held_more.set()
             return
         self._forward(data)
 
@@ -412,6 +460,7 @@ class _Side(asyncio.Protocol):
 
     def _eof(self) -> None:
         self.eof_in = True
+        self.conn.held_more.set()  # whoever waits for bytes: no more are coming
         if self.peer is not None:
             self.peer.send_eof()
             self._close_if_done()
@@ -524,6 +573,9 @@ class _Connection:
         self.telemetry: TcpRecord | None = None  # set once the connect is decided
         self.telemetry_opened = False
         self.reported = (0, 0)  # bytes already reported: downstream->, upstream->
+        # set when the downstream sent more before the link (or its FIN): for an
+        # opener that routes on the first bytes (SNI)
+        self.held_more = asyncio.Event()
 
     def unreported_bytes(self) -> tuple[int, int]:
         """(request direction, response direction) bytes relayed since last asked."""
@@ -596,8 +648,13 @@ class TcpRelays:
         inbound_mode: Callable[[int], str] | None = None,
         authorizer: Callable[[], Authorizer] | None = None,
         count_dry_run: Callable[[str, ShadowDecision], None] | None = None,
+        source_labels: Mapping[str, str] | None = None,
+        source_namespace: str = "",
     ) -> None:
         self.cache = cache
+        # this workload, as VirtualService `tcp` matches (`sourceLabels`, ...) see it
+        self.source_labels: Mapping[str, str] = dict(source_labels or {})
+        self.source_namespace = source_namespace
         # mTLS: outbound relays connect with the workload certificate and check the
         # endpoint's identity; inbound listeners accept per PeerAuthentication
         self.tls = tls
@@ -609,12 +666,16 @@ class TcpRelays:
         self.count_dry_run = count_dry_run
         self.telemetry = telemetry
         self.stats = TcpStats(stats_registry)
-        self.balancers = TcpBalancers(rand or random.Random())
+        self.rand = rand or random.Random()
+        self.balancers = TcpBalancers(self.rand)
         self.app_host = app_host
         self.ports: dict[str, int] = {}  # listener name -> bound port
         self._servers: list[asyncio.Server | MeshListener] = []
         self._connections: set[_Connection] = set()
         self._connect_tasks: dict[_Connection, asyncio.Task[bool]] = {}
+        # gateway mode: the config in force and a listener per TCP/TLS server port
+        self._gateway: GatewayConfig | None = None
+        self._gateway_listeners: dict[tuple[int, str], asyncio.Server] = {}
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -639,6 +700,34 @@ class TcpRelays:
         for upstream in upstreams:
             opener = partial(self._open_service, upstream)
             await self._listen(upstream.listener, "127.0.0.1", upstream.local_port, opener)
+
+    async def sync_gateway(self, bind_host: str, config: GatewayConfig | None) -> None:
+        """Gateway mode: serve `config`'s TCP and TLS (PASSTHROUGH) servers, each on
+        its port: listeners for new servers are opened, those of removed ones closed
+        (their open connections stay until they end). A port that cannot be bound is
+        logged and tried again on the next change."""
+        self._gateway = config
+        wanted = {
+            (server.port, server.protocol)
+            for server in (config.servers if config is not None else ())
+            if server.protocol in L4_GATEWAY_PROTOCOLS
+        }
+        for key in [k for k in self._gateway_listeners if k not in wanted]:
+            closing = self._gateway_listeners.pop(key)
+            closing.close()
+            self._servers.remove(closing)
+            log.info("tcp.gateway_listener_closed", port=key[0], protocol=key[1])
+        for port, protocol in sorted(wanted - self._gateway_listeners.keys()):
+            name = f"gateway-{protocol.lower()}:{port}"
+            opener = partial(self._open_gateway, port, protocol)
+            try:
+                await self._listen(name, bind_host, port, opener)
+            except OSError as e:
+                log.error("tcp.gateway_listen_failed", port=port, protocol=protocol, error=str(e))
+                continue
+            opened = self._servers[-1]
+            assert isinstance(opened, asyncio.Server)
+            self._gateway_listeners[(port, protocol)] = opened
 
     async def _listen(
         self, name: str, host: str, port: int, opener: Opener, *, app_port: int = 0
@@ -724,15 +813,41 @@ class TcpRelays:
         if self._denied(app_port, conn):
             if self.telemetry is not None:
                 ssl_object = _ssl_object(conn.downstream)
-                self._telemetry_decided(conn, self.telemetry.tcp_inbound(ssl_object, DENIED_FLAG))
+                caller = await self._caller(conn)
+                self._telemetry_decided(
+                    conn, self.telemetry.tcp_inbound(ssl_object, DENIED_FLAG, caller)
+                )
             return False  # reset, before any byte reached the app
+        if self.telemetry is None:
+            return await self._open(conn, self.app_host, app_port, "app")
+        # before the app is connected: once linked, a short exchange can end (and
+        # cancel this task) before a pending lookup would; cached after the first
+        caller = await self._caller(conn)
         linked = await self._open(conn, self.app_host, app_port, "app")
-        if self.telemetry is not None:
-            ssl_object = _ssl_object(conn.downstream)
-            self._telemetry_decided(
-                conn, self.telemetry.tcp_inbound(ssl_object, "-" if linked else "UF")
-            )
+        ssl_object = _ssl_object(conn.downstream)
+        self._telemetry_decided(
+            conn, self.telemetry.tcp_inbound(ssl_object, "-" if linked else "UF", caller)
+        )
         return linked
+
+    async def _caller(self, conn: _Connection) -> Workload | None:
+        """The calling workload of an mTLS connection, for the `istio_tcp_*` source
+        labels: the registry's instances of the service named like the caller's
+        service account (Meshwork's default) holding its identity. None when
+        plaintext, not found, or not known within `CALLER_LOOKUP_S`."""
+        peer = peer_of(cast(ssl.SSLObject | None, _ssl_object(conn.downstream)))
+        account = peer.principal.rpartition("/sa/")[2]
+        if not peer.spiffe_id or not account or not peer.namespace:
+            return None
+        ref = ServiceRef(peer.namespace, account)
+        try:
+            async with asyncio.timeout(CALLER_LOOKUP_S):
+                dest = await self.cache.get(ref)
+        except (errors.MeshError, TimeoutError) as e:
+            log.debug("tcp.caller_unknown", listener=conn.name, service=str(ref), error=str(e))
+            return None
+        endpoints = dest.endpoints.endpoints if dest.endpoints is not None else ()
+        return caller_workload(ref, endpoints, peer.spiffe_id, _peer_ip(conn.downstream))
 
     def _denied(self, app_port: int, conn: _Connection) -> bool:
         """Authorize an inbound connection to `app_port`; True when it must be refused.
@@ -790,12 +905,127 @@ class TcpRelays:
             if self.telemetry is not None:
                 self._telemetry_decided(conn, self.telemetry.tcp_outbound(ref, None, "UH"))
             return False
-        port = upstream.port
+        attrs = ConnectionAttrs(
+            port=upstream.port,
+            destination_ip=_local_ip(conn.downstream),
+            source_labels=self.source_labels,
+            source_namespace=self.source_namespace,
+        )
+        table = dest.table
+        try:
+            target = None
+            if table is not None and table.tls:
+                # `tls` rules route TLS connections by SNI (the ClientHello is read
+                # first, as Envoy's tls_inspector does); other traffic takes `tcp` rules
+                sni = await self._client_hello_sni(conn)
+                if sni:
+                    with_sni = dataclasses.replace(attrs, sni=sni)
+                    target = route_target(table.tls, with_sni, self.rand.random())
+            if target is None:
+                tcp_rules = table.tcp if table is not None else ()
+                target = tcp_target(tcp_rules, ref, attrs, self.rand.random())
+        except NoDestinationError as e:
+            log.warning("tcp.no_route", listener=conn.name, service=str(ref), error=str(e))
+            if self.telemetry is not None:
+                self._telemetry_decided(conn, self.telemetry.tcp_outbound(ref, None, "NR"))
+            return False
+        return await self._connect_target(conn, target, dest if target.service == ref else None)
+
+    async def _open_gateway(self, port: int, protocol: str, conn: _Connection) -> bool:
+        """A connection to a gateway TCP server (routed by the `tcp` rules bound to
+        the gateway) or TLS PASSTHROUGH server (by the `tls` rules, on the SNI of the
+        ClientHello, relayed unchanged); no rule matching: closed, flag NR."""
+        config = self._gateway
+        if config is None:
+            return False
+        if self._denied(port, conn):  # AuthorizationPolicies selecting the gateway
+            if self.telemetry is not None:
+                record = self.telemetry.tcp_outbound(None, None, DENIED_FLAG)
+                self._telemetry_decided(conn, record)
+            return False
+        sni = ""
+        if protocol == "TLS":
+            sni = await self._client_hello_sni(conn)
+        attrs = ConnectionAttrs(
+            port=port,
+            destination_ip=_local_ip(conn.downstream),
+            source_labels=self.source_labels,
+            source_namespace=self.source_namespace,
+            gateway=config.name,
+            sni=sni,
+        )
+        routes = config.tls if protocol == "TLS" else config.tcp
+        try:
+            target = route_target(routes, attrs, self.rand.random())
+        except NoDestinationError as e:
+            target, problem = None, str(e)
+        else:
+            problem = "no rule matches"
+        if target is None:
+            log.info("tcp.no_route", listener=conn.name, sni=sni, error=problem)
+            if self.telemetry is not None:
+                self._telemetry_decided(conn, self.telemetry.tcp_outbound(None, None, "NR"))
+            return False
+        return await self._connect_target(conn, target, None)
+
+    async def _client_hello_sni(self, conn: _Connection) -> str:
+        """The SNI of the ClientHello the client sends first ("" without one, or when
+        it is not TLS, or not complete within `TLS_INSPECT_TIMEOUT_S`)."""
+        side = conn.downstream
+        try:
+            async with asyncio.timeout(TLS_INSPECT_TIMEOUT_S):
+                while True:
+                    conn.held_more.clear()
+                    sni = client_hello_sni(b"".join(side.held))
+                    if sni is not MORE:
+                        return sni
+                    if side.eof_in or side.closed:
+                        return ""
+                    await conn.held_more.wait()
+        except TimeoutError:
+            return ""
+
+    async def _connect_target(
+        self, conn: _Connection, target: TcpTarget, dest: Destination | None
+    ) -> bool:
+        """Connect `conn` to an endpoint of `target` (`dest`: its state, if at hand),
+        trying up to `CONNECT_ATTEMPTS` endpoints."""
+        ref, port = target.service, target.port
+        try:
+            if dest is None:
+                dest = await self.cache.get(ref)
+        except errors.MeshError as e:
+            log.warning("tcp.no_destination", listener=conn.name, service=str(ref), error=str(e))
+            if self.telemetry is not None:
+                self._telemetry_decided(conn, self.telemetry.tcp_outbound(ref, None, "UH"))
+            return False
+        labels: Mapping[str, str] = {}
+        if target.subset:
+            subset = resolve_subset(dest.table, target.subset) if dest.table else None
+            if subset is None:
+                # Envoy has no such cluster: the connection is closed, flag NC
+                log.warning(
+                    "tcp.unknown_subset",
+                    listener=conn.name,
+                    service=str(ref),
+                    subset=target.subset,
+                    rule=target.origin,
+                )
+                if self.telemetry is not None:
+                    self._telemetry_decided(conn, self.telemetry.tcp_outbound(ref, None, "NC"))
+                return False
+            labels = subset.labels
         tried: set[str] = set()
         for _ in range(CONNECT_ATTEMPTS):
             # chosen per attempt: the endpoints may have changed while a connect was pending
             endpoint = self.balancers.choose(
-                ref, dest.endpoints, port, frozenset(tried), time.monotonic()
+                ref,
+                dest.endpoints,
+                port,
+                frozenset(tried),
+                time.monotonic(),
+                target.subset,
+                labels,
             )
             if endpoint is None:
                 break
@@ -813,7 +1043,12 @@ class TcpRelays:
                 return True
             self.balancers.failed(ref, port, endpoint.instance, time.monotonic())
         log.warning(
-            "tcp.no_upstream", listener=conn.name, service=str(ref), port=port, tried=sorted(tried)
+            "tcp.no_upstream",
+            listener=conn.name,
+            service=str(ref),
+            subset=target.subset,
+            port=port,
+            tried=sorted(tried),
         )
         if self.telemetry is not None:
             self._telemetry_decided(conn, self.telemetry.tcp_outbound(ref, None, "UF"))
@@ -923,9 +1158,13 @@ __all__ = [
     "TcpBalancers",
     "TcpRelays",
     "TcpStats",
+    "TcpTarget",
     "TcpUpstream",
+    "client_hello_sni",
     "listener_address",
     "parse_tcp_upstream",
     "relay_address",
+    "route_target",
     "tcp_endpoints",
+    "tcp_target",
 ]

@@ -76,10 +76,17 @@ def destination_references(ctx: Context) -> list[Message]:
                 text = f'Referenced gateway not found: "{gw}"'
                 out.append(message(REFERENCED_RESOURCE_NOT_FOUND, where, text))
         seen: set[tuple[str, str]] = set()
+        l4_targets = [
+            [(d.destination.host, d.destination.subset) for d in rule.route] for rule in spec.tcp
+        ] + [[(d.destination.host, d.destination.subset) for d in rule.route] for rule in spec.tls]
+        http_targets: list[list[tuple[str, str]]] = []
         for rule in spec.http:
             targets = [(d.destination.host, d.destination.subset) for d in rule.route]
             if rule.mirror is not None:
                 targets.append((rule.mirror.host, rule.mirror.subset))
+            http_targets.append(targets)
+        # `tcp` / `tls` rules send to hosts and subsets too (a missing subset: closed, NC)
+        for targets in (*http_targets, *l4_targets):
             for host, subset in targets:
                 if (host, subset) in seen:
                     continue

@@ -136,6 +136,30 @@ def progress(message: str) -> None:
 # ---------------------------------------------------------------- input
 
 
+def with_namespace(docs: list[ResourceDocument], namespace: str) -> list[ResourceDocument]:
+    """`-n NAMESPACE` as kubectl applies it: documents naming no namespace get it; a
+    document naming another one is refused (nothing is applied), with where it is.
+    An empty `namespace` (no -n) leaves the documents as they are."""
+    if not namespace:
+        return docs
+    out: list[ResourceDocument] = []
+    for doc in docs:
+        meta = doc.body.get("metadata")
+        if not isinstance(meta, dict):
+            out.append(doc)  # the config service names what is wrong with it
+            continue
+        named = meta.get("namespace")
+        if named and named != namespace:
+            raise CLIError(
+                f"error: {doc.source}: document {doc.index}: the namespace from the provided "
+                f"object {named!r} does not match the namespace {namespace!r} given with -n; "
+                f"pass -n {named} or remove the object's namespace\nnothing was applied"
+            )
+        body = {**doc.body, "metadata": {**meta, "namespace": namespace}}
+        out.append(ResourceDocument(source=doc.source, index=doc.index, body=body))
+    return out
+
+
 def read_documents(paths: list[str]) -> list[ResourceDocument]:
     files: list[tuple[str, str]] = []
     for p in paths:

@@ -22,6 +22,7 @@ from mesh.cli.common import (
     print_table,
     read_documents,
     with_bus,
+    with_namespace,
 )
 from mesh.cli.output import plain
 from mesh.errors import MeshError
@@ -47,6 +48,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     ap.add_argument(
         "-f", "--filename", action="append", required=True, help="file, directory or - (repeatable)"
     )
+    ap.add_argument(
+        "-n",
+        "--namespace",
+        default="",
+        help="namespace of the documents that name none (a document naming another is refused)",
+    )
     ap.add_argument("--dry-run", action="store_true", help="validate only")
     add_output_flag(ap, aliases={"text": "table"})
     ap.set_defaults(func=cmd_apply)
@@ -61,7 +68,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
         default=[],
         help="delete the resources these files define (repeatable)",
     )
-    de.add_argument("-n", "--namespace", default="default", help="namespace (default: default)")
+    de.add_argument(
+        "-n",
+        "--namespace",
+        default="",
+        help="namespace (default: default); with -f, of the documents that name none",
+    )
     de.add_argument(
         "--ignore-not-found", action="store_true", help="exit 0 when a resource does not exist"
     )
@@ -98,7 +110,7 @@ def _kind_label(kind: str) -> str:
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
-    docs = read_documents(args.filename)
+    docs = with_namespace(read_documents(args.filename), args.namespace)
 
     async def run(bus: Bus) -> int:
         reply = await bus.request(
@@ -202,7 +214,7 @@ async def get_resources(bus: Bus, args: argparse.Namespace) -> int:
 def cmd_delete(args: argparse.Namespace) -> int:
     refs: list[ResourceRef] = []
     if args.filename:
-        for doc in read_documents(args.filename):
+        for doc in with_namespace(read_documents(args.filename), args.namespace):
             meta = doc.body.get("metadata") or {}
             refs.append(
                 ResourceRef(
@@ -212,7 +224,8 @@ def cmd_delete(args: argparse.Namespace) -> int:
                 )
             )
     elif args.kind and args.names:
-        refs = [ResourceRef(kind=args.kind, namespace=args.namespace, name=n) for n in args.names]
+        namespace = args.namespace or "default"
+        refs = [ResourceRef(kind=args.kind, namespace=namespace, name=n) for n in args.names]
     else:
         raise CLIError("error: give -f FILE, or KIND NAME [NAME ...]")
 

@@ -79,6 +79,12 @@ def _common(p: argparse.ArgumentParser) -> None:
         "(development only: a mesh without a CA)",
     )
     p.add_argument(
+        "--cluster-id",
+        default=os.environ.get("MESH_CLUSTER_ID", "Kubernetes"),
+        help="cluster name in the source_cluster/destination_cluster metric labels "
+        "(Istio's CLUSTER_ID; default: MESH_CLUSTER_ID or Kubernetes)",
+    )
+    p.add_argument(
         "--trust-domain",
         default=os.environ.get("MESH_TRUST_DOMAIN", "cluster.local"),
         help="SPIFFE trust domain of the mesh (default: MESH_TRUST_DOMAIN or cluster.local)",
@@ -292,6 +298,7 @@ def _settings(args: argparse.Namespace, **kw: Any) -> Any:
         nats_password=password,
         mtls=mtls,
         trust_domain=args.trust_domain,
+        cluster_id=args.cluster_id,
         telemetry=not args.no_telemetry,
         trace_sampling=args.trace_sampling,
         config_signatures=not args.no_config_signatures,
@@ -401,10 +408,17 @@ def _intercept_settings(args: argparse.Namespace, app: list[str]) -> Any:
         raise CLIError(str(e)) from None
 
 
+def gateway_labels(name: str, labels: dict[str, str]) -> dict[str, str]:
+    """The labels of a gateway workload: Istio's, so the selectors of Istio's docs match
+    it (`istio: ingressgateway` and `app: istio-ingressgateway` for the default name);
+    `--labels` add to or override them."""
+    short = name.removeprefix("istio-")
+    return {"istio": short, "app": f"istio-{short}", **labels}
+
+
 def cmd_gateway(args: argparse.Namespace) -> int:
     logs.configure()
-    labels = {"istio": args.name, **args.labels}
-    args.labels = labels
+    args.labels = gateway_labels(args.name, args.labels)
     settings = _settings(args, service=args.name, gateway=True, gateway_port=args.port)
     ports = [("--admin-port", args.admin_port, args.bind)]
     if not _envoy_left_running(settings):

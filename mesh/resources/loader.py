@@ -160,6 +160,10 @@ def _parse(body: Any, default_namespace: str) -> tuple[Resource | None, list[Iss
     if api_version is None:
         issues.append(required("apiVersion"))
     elif api_version not in info.api_versions:
+        foreign = _same_name_other_api(kind, api_version, info.api_versions)
+        if foreign is not None:
+            # another API's kind of the same name: its spec would only add noise
+            return None, [*issues, foreign]
         issues.append(
             Issue(
                 "apiVersion",
@@ -197,6 +201,24 @@ def _decode_metadata(raw: Any, default_namespace: str, issues: list[Issue]) -> M
         metadata = msgspec.structs.replace(metadata, namespace=default_namespace)
     issues.extend(validate_metadata(metadata))
     return metadata
+
+
+# API groups whose kinds share a name with ours but are other resources
+_OTHER_APIS = {"gateway.networking.k8s.io": "the Kubernetes Gateway API"}
+
+
+def _same_name_other_api(kind: str, api_version: object, ours: tuple[str, ...]) -> Issue | None:
+    """`Gateway` of `gateway.networking.k8s.io/v1` is not Istio's `Gateway` with another
+    version: say which resource it is, rather than suggesting a version change."""
+    group = str(api_version).partition("/")[0]
+    api = _OTHER_APIS.get(group)
+    if api is None:
+        return None
+    return Issue(
+        "apiVersion",
+        f"kind {kind} of {api} ({api_version}) is not supported; this {kind} is "
+        f"Istio's ({_one_of(ours)}), a different resource with its own spec",
+    )
 
 
 def _kind_hint(kind: object) -> str:

@@ -1,7 +1,7 @@
 """Typed models of the `networking.istio.io` kinds we support, field for field.
 
 Only the fields Meshwork implements exist here. Every model forbids unknown fields,
-so a field Istio has and we do not (`corsPolicy`, `tls`, `retryRemoteLocalities`,
+so a field Istio has and we do not (`corsPolicy`, `retryRemoteLocalities`,
 `mirrors`, ...) is rejected with its path instead of being dropped: an ignored policy
 field would silently weaken what the user asked for.
 
@@ -167,10 +167,59 @@ class HTTPRoute(Model, frozen=True):
     mirror_percentage: Percent | None = None
 
 
+class RouteDestination(Model, frozen=True):
+    """A `tcp[]` / `tls[]` route destination: no header operations at L4."""
+
+    destination: Destination
+    # Istio: an omitted weight is 0; with a single destination it is ignored
+    weight: int = 0
+
+
+class L4MatchAttributes(Model, frozen=True):
+    """`tcp[].match[]`: every set condition must hold; a rule's matches are ORed.
+    `sourceSubnet` (deprecated in Istio) is refused as unknown."""
+
+    destination_subnets: tuple[str, ...] = ()
+    port: int | None = None
+    source_labels: dict[str, str] = {}
+    gateways: tuple[str, ...] = ()
+    source_namespace: str = ""
+
+
+class TLSMatchAttributes(Model, frozen=True):
+    """`tls[].match[]`: as `L4MatchAttributes`, plus the SNI hosts (required)."""
+
+    sni_hosts: tuple[str, ...] = ()
+    destination_subnets: tuple[str, ...] = ()
+    port: int | None = None
+    source_labels: dict[str, str] = {}
+    gateways: tuple[str, ...] = ()
+    source_namespace: str = ""
+
+
+class TCPRoute(Model, frozen=True):
+    match: tuple[L4MatchAttributes, ...] = ()
+    route: tuple[RouteDestination, ...] = ()
+
+
+class TLSRoute(Model, frozen=True):
+    """TLS passthrough: routed by SNI, the bytes relayed unchanged (no termination)."""
+
+    match: tuple[TLSMatchAttributes, ...] = ()
+    route: tuple[RouteDestination, ...] = ()
+
+
 class VirtualServiceSpec(Model, frozen=True):
     hosts: tuple[str, ...] = ()
     gateways: tuple[str, ...] = ()
     http: tuple[HTTPRoute, ...] = ()
+    tls: tuple[TLSRoute, ...] = ()
+    tcp: tuple[TCPRoute, ...] = ()
+
+    def l4_destination_hosts(self) -> list[str]:
+        """Destination hosts of the `tcp` and `tls` rules, as written."""
+        tcp = [d.destination.host for rule in self.tcp for d in rule.route]
+        return tcp + [d.destination.host for rule in self.tls for d in rule.route]
 
 
 # ---------------------------------------------------------------- DestinationRule
@@ -263,10 +312,18 @@ class Port(Model, frozen=True):
     protocol: str = ""
 
 
+class ServerTLSSettings(Model, frozen=True):
+    """`servers[].tls`: only `mode` (PASSTHROUGH: route by SNI, relay the TLS bytes
+    unchanged); certificates for terminating TLS are not supported."""
+
+    mode: str = ""
+
+
 class Server(Model, frozen=True):
     port: Port
     hosts: tuple[str, ...] = ()
     name: str = ""
+    tls: ServerTLSSettings | None = None
 
 
 class GatewaySpec(Model, frozen=True):

@@ -30,6 +30,7 @@ from mesh.resources.networking import (
     TrafficPolicy,
     VirtualServiceSpec,
 )
+from mesh.resources.validate_l4 import validate_l4_routes, validate_server_tls
 from mesh.resources.validate_resilience import (
     validate_route_resilience,
     validate_traffic_policy_resilience,
@@ -37,7 +38,7 @@ from mesh.resources.validate_resilience import (
 
 MESH_GATEWAY = "mesh"
 LB_SIMPLE = ("ROUND_ROBIN", "LEAST_REQUEST", "LEAST_CONN", "RANDOM")
-GATEWAY_PROTOCOLS = ("HTTP",)
+GATEWAY_PROTOCOLS = ("HTTP", "TCP", "TLS")
 REDIRECT_SCHEMES = ("http", "https")
 # Envoy's upper bound for ring-hash rings
 MAX_RING_SIZE = 8_388_608
@@ -58,6 +59,7 @@ def validate_virtual_service(spec: VirtualServiceSpec, path: str = "spec") -> li
     _gateway_refs(spec.gateways, field(path, "gateways"), out)
     for i, rule in enumerate(spec.http):
         _http_route(rule, item(field(path, "http"), i), out)
+    out.extend(validate_l4_routes(spec.tcp, spec.tls, spec.hosts, path))
     return out
 
 
@@ -92,14 +94,19 @@ def validate_gateway(spec: GatewaySpec, path: str = "spec") -> list[Issue]:
         srv_path = item(servers_path, i)
         port_path = field(srv_path, "port")
         _add(out, field(port_path, "number"), checks.port(server.port.number))
+        if not server.port.name:
+            # Istio refuses it too ("port name must be set")
+            out.append(Issue(field(port_path, "name"), "must be set (Istio requires a port name)"))
         protocol = server.port.protocol.upper() or "HTTP"
         if protocol not in GATEWAY_PROTOCOLS:
             out.append(
                 Issue(
                     field(port_path, "protocol"),
-                    f"protocol {server.port.protocol} is not supported (supported: HTTP)",
+                    f"protocol {server.port.protocol} is not supported "
+                    f"(supported: {', '.join(GATEWAY_PROTOCOLS)})",
                 )
             )
+        out.extend(validate_server_tls(server, protocol, srv_path))
         hosts_path = field(srv_path, "hosts")
         if not server.hosts:
             out.append(Issue(hosts_path, "must list at least one host"))
@@ -270,7 +277,18 @@ def _traffic_policy(policy: TrafficPolicy, path: str, out: list[Issue]) -> None:
 def _load_balancer(lb: LoadBalancerSettings, path: str, out: list[Issue]) -> None:
     if lb.simple is not None and lb.consistent_hash is not None:
         out.append(Issue(path, "must set only one of simple or consistentHash"))
-    if lb.simple is not None and lb.simple not in LB_SIMPLE:
+    if lb.simple == "PASSTHROUGH":
+        # a valid Istio value (the caller's destination address as is) that we lack:
+        # refused as unsupported, not as a typo
+        simple_path = field(path, "simple")
+        out.append(
+            Issue(
+                simple_path,
+                f"{simple_path} PASSTHROUGH is not supported (endpoints always come from the "
+                f"registry; supported: {', '.join(LB_SIMPLE)})",
+            )
+        )
+    elif lb.simple is not None and lb.simple not in LB_SIMPLE:
         out.append(
             Issue(
                 field(path, "simple"),

@@ -56,6 +56,7 @@ class PythonDataPlane:
         self._listeners: list[MeshListener] = []
         self._captures: list[CaptureListener] = []
         self._ports: dict[str, int] = {}
+        self._gateway_changed = asyncio.Event()
 
     # ------------------------------------------------------------ lifecycle
 
@@ -85,6 +86,8 @@ class PythonDataPlane:
             authorizer=(lambda: policy.authorizer) if policy is not None else None,
             count_dry_run=ctx.stats.count_dry_run,
             app_host=s.app_host,
+            source_labels=s.labels,
+            source_namespace=s.namespace,
         )
         tcp_listeners: dict[str, str] = {}
         if s.tcp_ports:
@@ -115,8 +118,13 @@ class PythonDataPlane:
         )
 
     def background(self) -> Background:
-        if self.telemetry is None or self._ctx is None:
+        if self._ctx is None:
             return []
+        tasks: Background = []
+        if self._ctx.gateway is not None:
+            tasks.append(("gateway-l4", self._serve_gateway_l4))
+        if self.telemetry is None:
+            return tasks
         # cancelled after the drain: its final flush (bounded) sends what the drained
         # requests recorded
         tcp = self.tcp
@@ -125,10 +133,22 @@ class PythonDataPlane:
             self._ctx.bus,
             before_flush=tcp.report_telemetry if tcp is not None else None,
         )
-        return [("telemetry", publisher.run)]
+        return [*tasks, ("telemetry", publisher.run)]
+
+    async def _serve_gateway_l4(self) -> None:
+        """Gateway mode: keep a TCP relay listener per TCP / TLS server of the
+        gateway's config, reconciled after every change."""
+        ctx, tcp = self._ctx, self.tcp
+        assert ctx is not None and ctx.gateway is not None and tcp is not None
+        while True:
+            self._gateway_changed.clear()
+            await tcp.sync_gateway(ctx.settings.bind_host, ctx.gateway.config)
+            await self._gateway_changed.wait()
 
     def config_changed(self) -> None:
-        """Nothing to do: the listeners read the followers' state per request."""
+        """HTTP listeners read the followers' state per request; a gateway's TCP and
+        TLS servers are listeners of their own, reconciled by `_serve_gateway_l4`."""
+        self._gateway_changed.set()
 
     def identity_changed(self) -> None:
         """Nothing to do: the TLS contexts come from the identity per connection."""
@@ -291,6 +311,7 @@ def sidecar_telemetry(ctx: DataPlaneContext) -> SidecarTelemetry | None:
         namespace=s.namespace,
         service=s.service,
         instance=s.instance,
+        cluster=s.cluster_id,
     )
     ctx.stats.registry.register(recorder)
     workload = own_workload(

@@ -38,9 +38,10 @@ from envoy.config.core.v3 import address_pb2, base_pb2
 from envoy.data.accesslog.v3 import accesslog_pb2
 
 from mesh import identity
-from mesh.hosts import canonical_host, service_of_host
+from mesh.hosts import ServiceRef, canonical_host, service_of_host
 from mesh.messages import Endpoint, EndpointSet
 from mesh.telemetry import Span
+from proxy.telemetry.datapath import caller_workload
 from proxy.telemetry.peer_metadata import PEER_METADATA_HEADER, decode_peer_metadata
 from proxy.telemetry.records import UNKNOWN, RequestRecord, TcpRecord, Workload, workload_name
 from proxy.telemetry.tracing import TRACE_HEADERS, incoming_trace, new_span_id
@@ -424,7 +425,7 @@ class AccessLogConverter:
             )
             record = TcpRecord(
                 "destination",
-                self.caller("", spiffe),
+                self.tcp_caller(spiffe, common.downstream_remote_address),
                 self.local.workload,
                 self.local.service_host,
                 "mutual_tls" if spiffe else "none",
@@ -501,6 +502,24 @@ class AccessLogConverter:
                 self._callers.clear()
             self._callers[key] = found
         return found
+
+    def tcp_caller(self, spiffe_id: str, downstream: address_pb2.Address) -> Workload:
+        """The caller of an inbound TCP connection: from its certificate, and its
+        workload, app and version from the registry (TCP carries no peer metadata
+        header; `proxy.telemetry.caller_workload`, as the Python relay does)."""
+        found = self.caller("", spiffe_id)
+        if not spiffe_id:
+            return found
+        spiffe = identity.parse_spiffe_id(spiffe_id)
+        ref = ServiceRef(spiffe.namespace, spiffe.service_account)
+        endpoint_set = self.endpoints(ref.fqdn)
+        if endpoint_set is None:
+            return found
+        host = socket_address(downstream).rpartition(":")[0].strip("[]")
+        named = caller_workload(ref, endpoint_set.endpoints, spiffe_id, host)
+        if named is None:
+            return found
+        return named._replace(principal=found.principal, namespace=found.namespace)
 
     def _service_of(self, authority: str) -> str:
         """The mesh service a request's authority names ("" outside the mesh)."""

@@ -19,6 +19,14 @@ from .balancer import (
     subset_endpoints,
 )
 from .errors import InvalidRouteConfig, NoDestinationError, RoutingError
+from .l4 import (
+    ConnectionAttrs,
+    TcpTarget,
+    pick_l4_destination,
+    route_target,
+    select_l4_route,
+    tcp_target,
+)
 from .match import (
     MESH_GATEWAY,
     CompiledRoutes,
@@ -28,8 +36,9 @@ from .match import (
     compile_virtual_hosts,
     select_route,
 )
-from .pick import pick_destination
+from .pick import pick_destination, pick_weighted
 from .request import HashContext, RequestAttrs
+from .sni import client_hello_sni
 from .transform import (
     apply_header_ops,
     apply_request_header_ops,
@@ -43,6 +52,7 @@ __all__ = [
     "MESH_GATEWAY",
     "Balancer",
     "CompiledRoutes",
+    "ConnectionAttrs",
     "HashContext",
     "InvalidRouteConfig",
     "LeastRequestBalancer",
@@ -53,18 +63,25 @@ __all__ = [
     "RoundRobinBalancer",
     "RouteMatch",
     "RoutingError",
+    "TcpTarget",
     "apply_header_ops",
     "apply_request_header_ops",
     "apply_response_header_ops",
     "build_balancer",
+    "client_hello_sni",
     "compile_gateway",
     "compile_routes",
     "compile_virtual_hosts",
     "pick_destination",
+    "pick_l4_destination",
+    "pick_weighted",
     "redirect_location",
     "request_authority",
     "resolve_subset",
     "rewrite_path",
+    "route_target",
+    "select_l4_route",
     "select_route",
     "subset_endpoints",
+    "tcp_target",
 ]

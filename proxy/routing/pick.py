@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from mesh.compiled import HTTPRoute, WeightedDestination
 
 from .errors import NoDestinationError
@@ -16,7 +18,13 @@ def pick_destination(route: HTTPRoute, rand: float) -> WeightedDestination:
     response: the caller should not ask) or whose weights are all 0 (Envoy rejects
     such a table; answering 503 beats guessing).
     """
-    destinations = route.route
+    return pick_weighted(route.route, rand, route.name or "<unnamed>")
+
+
+def pick_weighted(
+    destinations: Sequence[WeightedDestination], rand: float, rule: str
+) -> WeightedDestination:
+    """`pick_destination` for any rule's destinations (`rule` names it in errors)."""
     if len(destinations) == 1:
         return destinations[0]
     total = 0
@@ -24,7 +32,7 @@ def pick_destination(route: HTTPRoute, rand: float) -> WeightedDestination:
         if d.weight > 0:
             total += d.weight
     if total == 0:
-        raise NoDestinationError(f"route {route.name or '<unnamed>'} has no positive weight")
+        raise NoDestinationError(f"route {rule} has no positive weight")
     target = rand * total
     chosen: WeightedDestination | None = None
     cumulative = 0

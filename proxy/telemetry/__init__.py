@@ -14,7 +14,7 @@ Pure core, thin I/O shell:
 - `datapath`: `SidecarTelemetry`, what the listeners call per request and connection.
 """
 
-from .datapath import InboundSeen, SidecarTelemetry, own_workload
+from .datapath import InboundSeen, SidecarTelemetry, caller_workload, own_workload
 from .peer_metadata import PEER_METADATA_HEADER, decode_peer_metadata, encode_peer_metadata
 from .publisher import TelemetryPublisher
 from .recorder import TelemetryRecorder
@@ -83,6 +83,7 @@ __all__ = [
     "TelemetryRecorder",
     "TracePropagator",
     "Workload",
+    "caller_workload",
     "continue_trace",
     "decode_peer_metadata",
     "encode_peer_metadata",

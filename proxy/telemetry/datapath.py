@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from mesh.hosts import ServiceRef
@@ -73,6 +73,39 @@ def own_workload(
         app=labels.get("app", service) or UNKNOWN,
         version=version or UNKNOWN,
     )
+
+
+def caller_workload(
+    ref: ServiceRef, endpoints: Iterable[Endpoint], spiffe_id: str, peer_ip: str
+) -> Workload | None:
+    """The calling workload of an mTLS connection, from the registered instances of
+    `ref` (the service named like the caller's service account) that hold its
+    identity; among several, those on the caller's address. Fields the candidates
+    disagree on (two versions sharing an identity and a host) stay unknown; None
+    when no instance holds the identity."""
+    candidates = [ep for ep in endpoints if ep.identity == spiffe_id]
+    on_host = [ep for ep in candidates if peer_ip and _host_of(ep.address) == peer_ip]
+    candidates = on_host or candidates
+    if not candidates:
+        return None
+    versions = {ep.version or ep.labels.get("version", "") for ep in candidates}
+    apps = {ep.labels.get("app", ref.name) for ep in candidates}
+    one_version = len(versions) == 1
+    version = versions.pop() if one_version else ""
+    app = apps.pop() if len(apps) == 1 else ""
+    return Workload(
+        # named as that instance names itself (`own_workload`)
+        name=workload_name(ref.name, version) if one_version else UNKNOWN,
+        namespace=ref.namespace,
+        principal=spiffe_id,
+        app=app or UNKNOWN,
+        version=version or UNKNOWN,
+    )
+
+
+def _host_of(address: str) -> str:
+    host = address.rpartition(":")[0] if ":" in address else address
+    return host.removeprefix("[").removesuffix("]")
 
 
 def new_request_id() -> str:
@@ -263,12 +296,19 @@ class SidecarTelemetry:
 
     # ------------------------------------------------------------ TCP
 
-    def tcp_inbound(self, ssl_object: Any, flags: str = "-") -> TcpRecord:
-        """A connection relayed to the app; the caller from its certificate, if any."""
+    def tcp_inbound(
+        self, ssl_object: Any, flags: str = "-", caller: Workload | None = None
+    ) -> TcpRecord:
+        """A connection relayed to the app; the caller from its certificate, if any,
+        and its workload, app and version from `caller` (`caller_workload`: TCP carries
+        no peer metadata header, the registry knows the instance)."""
         peer = peer_of(ssl_object)
+        source = self.source_of(None, peer)
+        if caller is not None:
+            source = caller._replace(principal=source.principal, namespace=source.namespace)
         return TcpRecord(
             "destination",
-            self.source_of(None, peer),
+            source,
             self.workload,
             self.service_host,
             "mutual_tls" if peer.mtls else "none",
@@ -276,9 +316,12 @@ class SidecarTelemetry:
         )
 
     def tcp_outbound(
-        self, ref: ServiceRef, endpoint: Endpoint | None, flags: str = "-"
+        self, ref: ServiceRef | None, endpoint: Endpoint | None, flags: str = "-"
     ) -> TcpRecord:
-        """A connection relayed to `endpoint` of `ref` (None: no endpoint accepted it)."""
+        """A connection relayed to `endpoint` of `ref` (None: no endpoint accepted it;
+        `ref` None: no destination was chosen, e.g. no rule at a gateway)."""
+        if ref is None:
+            return TcpRecord("source", self.workload, NO_WORKLOAD, UNKNOWN, UNKNOWN, flags)
         destination = self.destination_of(ref, endpoint) if endpoint is not None else NO_WORKLOAD
         return TcpRecord("source", self.workload, destination, ref.fqdn, UNKNOWN, flags)
 

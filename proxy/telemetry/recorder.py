@@ -53,7 +53,9 @@ def _v(value: str) -> str:
     return value or UNKNOWN
 
 
-def _identity_labels(reporter: str, src: Workload, dst: Workload, service: str) -> dict[str, str]:
+def _identity_labels(
+    reporter: str, src: Workload, dst: Workload, service: str, cluster: str
+) -> dict[str, str]:
     name, ns = split_service_host(service)
     return {
         "reporter": reporter,
@@ -62,6 +64,9 @@ def _identity_labels(reporter: str, src: Workload, dst: Workload, service: str) 
         "source_principal": _v(src.principal),
         "source_app": _v(src.app),
         "source_version": _v(src.version),
+        # one cluster per mesh: a known workload is in it (Istio: its CLUSTER_ID)
+        "source_cluster": cluster if _known(src) else UNKNOWN,
+        "destination_cluster": cluster if _known(dst) else UNKNOWN,
         "destination_workload": _v(dst.name),
         "destination_workload_namespace": _v(dst.namespace),
         "destination_principal": _v(dst.principal),
@@ -71,6 +76,10 @@ def _identity_labels(reporter: str, src: Workload, dst: Workload, service: str) 
         "destination_app": _v(dst.app),
         "destination_version": _v(dst.version),
     }
+
+
+def _known(workload: Workload) -> bool:
+    return bool(workload.name) and workload.name != UNKNOWN
 
 
 # ================================================================ in-process aggregation
@@ -171,10 +180,13 @@ class TelemetryRecorder(Collector):
         max_pending: int = 4_096,
         access_log: bool = True,
         clock_ns: Callable[[], int] = time.time_ns,
+        cluster: str = wire.DEFAULT_CLUSTER_ID,
     ):
         if not wire.valid_reporter(reporter_id):
             raise ValueError(f"invalid reporter id {reporter_id!r}")
         self.reporter_id = reporter_id
+        # `source_cluster` / `destination_cluster` of every series
+        self.cluster = cluster or wire.DEFAULT_CLUSTER_ID
         self.namespace = namespace
         self.service = service
         self.instance = instance
@@ -260,7 +272,9 @@ class TelemetryRecorder(Collector):
         if len(self._http) + len(self._tcp) >= self.max_series:
             self.dropped["series"] += 1
             return None
-        labels = _identity_labels(r.reporter, r.source, r.destination, r.destination_service)
+        labels = _identity_labels(
+            r.reporter, r.source, r.destination, r.destination_service, self.cluster
+        )
         labels["request_protocol"] = r.protocol or "http"
         labels["response_code"] = str(r.status)
         labels["response_flags"] = r.flags or "-"
@@ -277,7 +291,9 @@ class TelemetryRecorder(Collector):
             if len(self._http) + len(self._tcp) >= self.max_series:
                 self.dropped["series"] += 1
                 return None
-            labels = _identity_labels(c.reporter, c.source, c.destination, c.destination_service)
+            labels = _identity_labels(
+                c.reporter, c.source, c.destination, c.destination_service, self.cluster
+            )
             labels["request_protocol"] = "tcp"
             labels["response_flags"] = c.flags or "-"
             labels["connection_security_policy"] = c.security_policy or UNKNOWN

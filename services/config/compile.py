@@ -42,6 +42,7 @@ from mesh.resources import (
     VirtualServiceSpec,
     parse_duration_ms,
 )
+from services.config.compile_l4 import compile_l4_routes
 from services.config.compile_resilience import (
     compile_connection_pool,
     compile_fault,
@@ -79,12 +80,17 @@ def compile_route_table(
     """
     fqdn = service.fqdn
     rules: list[compiled.HTTPRoute] = []
+    tcp_rules: list[compiled.L4Route] = []
+    tls_rules: list[compiled.L4Route] = []
     for resource, spec in _virtual_services(resources):
         namespace = resource.metadata.namespace
         if spec.gateways and MESH_GATEWAY not in spec.gateways:
             continue
         if any(host_matches(canonical_host(h, namespace), fqdn) for h in spec.hosts):
             rules.extend(_http_routes(resource, spec, _keep_for_mesh))
+            tcp, tls = compile_l4_routes(resource, spec, _keep_for_mesh)
+            tcp_rules.extend(tcp)
+            tls_rules.extend(tls)
     subsets, traffic_policy = _destination_policy(resources, service)
     return compiled.RouteTable(
         namespace=service.namespace,
@@ -95,6 +101,8 @@ def compile_route_table(
         subsets=subsets,
         traffic_policy=traffic_policy,
         has_virtual_service=bool(rules),
+        tcp=tuple(tcp_rules),
+        tls=tuple(tls_rules),
     )
 
 
@@ -236,6 +244,8 @@ def compile_gateway_config(
         return kept or None
 
     virtual_hosts: dict[tuple[str, ...], list[compiled.HTTPRoute]] = {}
+    tcp_rules: list[compiled.L4Route] = []
+    tls_rules: list[compiled.L4Route] = []
     for resource, spec in _virtual_services(resources):
         vs_namespace = resource.metadata.namespace
         if not names.intersection(_gateway_name(g, vs_namespace) for g in spec.gateways):
@@ -244,6 +254,10 @@ def compile_gateway_config(
         rules = _http_routes(resource, spec, keep_for_gateway)
         if hosts and rules:
             virtual_hosts.setdefault(hosts, []).extend(rules)
+        if hosts:
+            tcp, tls = compile_l4_routes(resource, spec, keep_for_gateway)
+            tcp_rules.extend(tcp)
+            tls_rules.extend(tls)
     return compiled.GatewayConfig(
         namespace=namespace,
         name=",".join(selected),
@@ -254,6 +268,8 @@ def compile_gateway_config(
             compiled.VirtualHost(hosts=hosts, http=tuple(rules))
             for hosts, rules in virtual_hosts.items()
         ),
+        tcp=tuple(tcp_rules),
+        tls=tuple(tls_rules),
     )
 
 
@@ -297,6 +313,7 @@ def services_named(resources: Sequence[Resource]) -> set[ServiceRef]:
                 for rule in spec.http
                 if rule.mirror is not None
             )
+            hosts.extend(canonical_host(h, namespace) for h in spec.l4_destination_hosts())
         elif isinstance(spec, DestinationRuleSpec):
             hosts.append(canonical_host(spec.host, namespace))
     # service_of_host would read `*.prod.svc.cluster.local` as a service named `*`

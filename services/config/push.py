@@ -109,6 +109,7 @@ def _scope_of(resource: Resource, root_namespace: str) -> PushScope:
         hosts = [canonical_host(h, namespace) for h in spec.hosts]
         hosts += [canonical_host(d.destination.host, namespace) for r in spec.http for d in r.route]
         hosts += [canonical_host(r.mirror.host, namespace) for r in spec.http if r.mirror]
+        hosts += [canonical_host(h, namespace) for h in spec.l4_destination_hosts()]
         routes, patterns = _split_hosts(hosts)
         bound_to_gateway = any(g != MESH_GATEWAY for g in spec.gateways)
         return PushScope(routes=routes, route_patterns=patterns, gateways=bound_to_gateway)

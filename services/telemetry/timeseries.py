@@ -287,7 +287,10 @@ def _matches(key: DetailKey, kind: NodeKind, name: str, ns: str, direction: Dire
         return key.destination_service == name and key.destination_namespace == ns
     if kind == "workload":
         return key.source == name and key.source_namespace == ns
-    return key.source_app == name and key.source_namespace == ns
+    # a service's calls: by its app label, or by its unversioned workload, which is
+    # named after the service (a gateway's app label is Istio's, `istio-ingressgateway`
+    # for the `ingressgateway` service)
+    return (key.source_app == name or key.source == name) and key.source_namespace == ns
 
 
 def _chosen_reporters(

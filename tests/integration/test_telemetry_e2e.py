@@ -22,6 +22,7 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from mesh import __version__ as mesh_version
 from mesh.servers import NatsServer, free_port
 from mesh.telemetry import DURATION_BUCKETS_MS
 from services.telemetry import TelemetryService
@@ -157,6 +158,8 @@ async def test_exactly_k_requests_on_both_reporters_with_istio_labels(
         "source_principal": "spiffe://cluster.local/ns/default/sa/productpage",
         "source_app": "productpage",
         "source_version": "v1",
+        "source_cluster": "Kubernetes",
+        "destination_cluster": "Kubernetes",
         "destination_workload": "reviews-v2",
         "destination_workload_namespace": "default",
         "destination_principal": "spiffe://cluster.local/ns/default/sa/reviews",
@@ -387,10 +390,19 @@ async def test_tcp_connections_counted_on_both_sides(mesh: MeshHarness) -> None:
             )
         }
         got = json.loads(labels)
-        assert got["source_workload"] == ("client-v1" if reporter == "source" else "unknown")
+        # the destination names the caller too: the registry knows the instance
+        # behind the certificate (it used to say "unknown")
+        assert got["source_workload"] == "client-v1"
+        assert got["source_app"] == "client"
+        assert got["source_version"] == "v1"
+        assert got["source_principal"] == "spiffe://cluster.local/ns/default/sa/client"
         assert got["destination_workload"] == "cache-v1"
         assert got["destination_service"] == "cache.default.svc.cluster.local"
         assert got["request_protocol"] == "tcp"
+        assert got["source_cluster"] == got["destination_cluster"] == "Kubernetes"
+        # Istio's build gauge, on every proxy
+        (build,) = samples(fams, "istio_build", "istio_build")
+        assert build.labels == {"component": "proxy", "tag": mesh_version} and build.value == 1
     app.close()
 
 

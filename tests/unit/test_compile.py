@@ -258,7 +258,7 @@ def test_matches_limited_to_gateways_do_not_apply_to_sidecars() -> None:
         "default",
         {
             "selector": {"istio": "ingressgateway"},
-            "servers": [{"port": {"number": 80}, "hosts": ["*"]}],
+            "servers": [{"port": {"number": 80, "name": "http"}, "hosts": ["*"]}],
         },
     )
     config = compile_gateway_config([ingress, *resources], "default", INGRESS_LABELS, 1)

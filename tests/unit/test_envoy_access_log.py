@@ -654,3 +654,26 @@ def test_peer_metadata_filter_is_a_valid_header_to_metadata_config() -> None:
         "meshwork",
         "peer",
     )
+
+
+def test_inbound_tcp_names_the_caller_from_the_registry() -> None:
+    # TCP carries no peer metadata header: the registry's instance holding the
+    # certificate's identity names the workload (it used to be "unknown")
+    entry = tcp_entry(
+        sent=5,
+        received=5,
+        tls_properties=peer_tls(RATINGS_ID),
+        downstream_remote_address=address("10.0.0.5", 40000),
+    )
+    record = converter().tcp("inbound_tcp", entry).record
+    assert (record.source.name, record.source.app, record.source.version) == (
+        "ratings-v1",
+        "ratings",
+        "v1",
+    )
+    assert record.source.principal == RATINGS_ID and record.source.namespace == "default"
+    # a caller the registry does not know stays unknown
+    unknown = converter().tcp(
+        "inbound_tcp", tcp_entry(sent=1, received=1, tls_properties=peer_tls(PRODUCTPAGE_ID))
+    )
+    assert unknown.record.source.name == "unknown"

@@ -426,7 +426,10 @@ UNSUPPORTED_FIELDS = [
     (vs(http=[rule(mirror={"host": "reviews"}, mirrorPercent=5)]), "spec.http[0].mirrorPercent"),
     (vs(http=[rule(rout=[])]), "spec.http[0].rout"),
     (vs(exportTo=["."], http=[rule()]), "spec.exportTo"),
-    (vs(tcp=[{"route": []}]), "spec.tcp"),
+    (
+        vs(tcp=[{"match": [{"sourceSubnet": "10.0.0.0/8"}], "route": []}]),
+        "spec.tcp[0].match[0].sourceSubnet",
+    ),
     (vs(http=[match_rule(statPrefix="x")]), "spec.http[0].match[0].statPrefix"),
     (
         vs(http=[{"directResponse": {"status": 200, "body": {"bytes": "aGk="}}}]),
@@ -461,7 +464,7 @@ UNSUPPORTED_FIELDS = [
         "spec.subsets[0].trafficPolicy.tls",
     ),
     (dr(workloadSelector={}), "spec.workloadSelector"),
-    (gw(tls={"mode": "SIMPLE"}), "spec.servers[0].tls"),
+    (gw(tls={"mode": "PASSTHROUGH", "credentialName": "c"}), "spec.servers[0].tls.credentialName"),
     (gw(bind="0.0.0.0"), "spec.servers[0].bind"),
     ({**vs(http=[rule()]), "status": {}}, "status"),
     ({**vs(http=[rule()]), "metadata": {"name": "r", "uid": "1"}}, "metadata.uid"),
@@ -695,9 +698,9 @@ SEMANTIC_REJECTIONS = [
         "starting and ending with a letter or digit), got 'V1'",
     ),
     (
-        lb(simple="PASSTHROUGH"),
+        lb(simple="FASTEST"),
         "spec.trafficPolicy.loadBalancer.simple",
-        "must be one of ROUND_ROBIN, LEAST_REQUEST, LEAST_CONN, RANDOM, got 'PASSTHROUGH'",
+        "must be one of ROUND_ROBIN, LEAST_REQUEST, LEAST_CONN, RANDOM, got 'FASTEST'",
     ),
     (
         lb(simple="RANDOM", consistentHash={"useSourceIp": True}),
@@ -729,7 +732,7 @@ SEMANTIC_REJECTIONS = [
     (
         gw(port={"number": 443, "name": "https", "protocol": "HTTPS"}),
         "spec.servers[0].port.protocol",
-        "protocol HTTPS is not supported (supported: HTTP)",
+        "protocol HTTPS is not supported (supported: HTTP, TCP, TLS)",
     ),
     (
         gw(hosts=["istio-system/bookinfo.example.com"]),

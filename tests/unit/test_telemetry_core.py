@@ -181,6 +181,8 @@ def test_requests_aggregate_into_istio_series() -> None:
         "source_principal": "spiffe://cluster.local/ns/default/sa/productpage",
         "source_app": "productpage",
         "source_version": "v1",
+        "source_cluster": "Kubernetes",
+        "destination_cluster": "Kubernetes",
         "destination_workload": "reviews-v2",
         "destination_workload_namespace": "default",
         "destination_principal": "spiffe://cluster.local/ns/default/sa/reviews",

@@ -141,3 +141,14 @@ def test_tcp_bytes_and_decreasing_totals() -> None:
 def test_a_ring_needs_a_bucket() -> None:
     with pytest.raises(ValueError, match="at least one bucket"):
         SeriesRing(max_buckets=0)
+
+
+def test_a_gateway_services_calls_are_found_though_its_app_label_is_istios() -> None:
+    ring = SeriesRing()
+    totals = MetricTotals()
+    ring.observe(0.0, detail_snapshot(totals))
+    gateway = labels("source", source_workload="ingressgateway", source_app="istio-ingressgateway")
+    totals.add(CounterDelta(name=REQUESTS_TOTAL, labels=gateway, value=4))
+    ring.observe(1.0, detail_snapshot(totals))
+    out = ring.query("service", "ingressgateway", "default", "outbound", 300, 5.0)
+    assert out["summary"]["requests"] == 4

@@ -33,6 +33,7 @@ def translate(node: ProxyNode, view: MeshView) -> XdsResources:
     if node.role == "gateway":
         ctx = outbound.route_context(node, view, view.gateway.name if view.gateway else "")
         gateway.add_gateway(node, view, out, ctx)
+        tcp.add_gateway_l4(node, view, out)
     else:
         ctx = outbound.route_context(node, view)
         if node.outbound is not None:
@@ -59,6 +60,8 @@ def referenced_hosts(node: ProxyNode, view: MeshView) -> set[str]:
     else:
         ctx = outbound.route_context(node, view)
         outbound.outbound_route_config(node, view, ctx)
-    return {host for host, _ in ctx.referenced} | ext_authz.provider_hosts(
-        view.inbound, node.namespace
+    return (
+        {host for host, _ in ctx.referenced}
+        | ext_authz.provider_hosts(view.inbound, node.namespace)
+        | tcp.l4_hosts(node, view)
     )

@@ -266,3 +266,10 @@ def _panic_threshold(policy: TrafficPolicy) -> float:
     spreads traffic over draining or ejected endpoints while a healthy one is left."""
     od = policy.outlier_detection
     return float(od.min_health_percent) if od is not None else 0.0
+
+
+def black_hole(name: str) -> cluster_pb2.Cluster:
+    """A cluster without endpoints: a tcp_proxy to it closes the connection (Istio's
+    `BlackHoleCluster`)."""
+    body: Json = {"name": name, "type": "STATIC", "connectTimeout": "10s"}
+    return parse(cluster_pb2.Cluster, body)  # type: ignore[return-value]

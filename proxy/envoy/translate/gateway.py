@@ -13,7 +13,7 @@ from mesh.compiled import GatewayConfig
 from mesh.hosts import service_of_host
 from proxy.envoy.resources import XdsResources
 
-from . import inbound, jwt_authn, listeners, rbac, routes
+from . import inbound, jwt_authn, listeners, rbac, routes, tcp
 from .model import MeshView, ProxyNode, TranslationError
 from .names import GATEWAY_ROUTE, gateway_listener
 from .outbound import peer_metadata_header
@@ -85,6 +85,8 @@ def add_gateway(
             "a gateway needs its GatewayConfig",
         )
     for i, server in enumerate(config.servers):
+        if server.protocol.upper() in tcp.L4_GATEWAY_PROTOCOLS:
+            continue  # their own listeners (`tcp.add_gateway_l4`)
         if server.protocol.upper() not in ("HTTP", "HTTP2", "GRPC"):
             raise TranslationError(
                 f"GatewayConfig {config.name}",

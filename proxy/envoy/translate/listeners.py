@@ -183,8 +183,21 @@ def tracing(
     return config
 
 
-def tcp_proxy(stat_prefix: str, cluster: str, log_name: str, log_cluster: str) -> Json:
-    body: Json = {"statPrefix": stat_prefix, "cluster": cluster}
+def tcp_proxy(
+    stat_prefix: str,
+    cluster: str,
+    log_name: str,
+    log_cluster: str,
+    *,
+    weighted: Sequence[tuple[str, int]] = (),
+) -> Json:
+    """To `cluster`, or with `weighted` (cluster, weight) pairs to one of them per
+    connection (`weighted_clusters`, VirtualService `tcp` weights)."""
+    body: Json = {"statPrefix": stat_prefix}
+    if weighted:
+        body["weightedClusters"] = {"clusters": [{"name": n, "weight": w} for n, w in weighted]}
+    else:
+        body["cluster"] = cluster
     logs = access_log.tcp_access_log(log_name, log_cluster)
     if logs:
         body["accessLog"] = logs
@@ -202,12 +215,17 @@ def listener(
     *,
     listener_filters: Sequence[Json] = (),
     direction: str = "",
+    continue_after_filter_timeout: bool = False,
 ) -> listener_pb2.Listener:
     """`direction`: `INBOUND` or `OUTBOUND`, Envoy's traffic direction (the kind of
-    the spans its HCM opens: server or client)."""
+    the spans its HCM opens: server or client). `continue_after_filter_timeout`: a
+    connection the listener filters could not inspect in time (a server-first
+    protocol) goes on to the chains instead of being closed."""
     body: Json = {"name": name, "address": address(*bind), "filterChains": filter_chains}
     if listener_filters:
         body["listenerFilters"] = list(listener_filters)
+    if continue_after_filter_timeout:
+        body["continueOnListenerFiltersTimeout"] = True
     if direction:
         body["trafficDirection"] = direction
     return parse(listener_pb2.Listener, body)  # type: ignore[return-value]

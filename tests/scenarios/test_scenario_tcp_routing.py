@@ -1,0 +1,256 @@
+"""VirtualService `tcp` / `tls` rules on both data planes: Istio's tcp-traffic-shifting
+(100/0, then 80/20 between subsets) from a `sleep` sidecar's relay to tcp-echo v1/v2,
+and a gateway's TCP server and TLS PASSTHROUGH server (routed by SNI).
+
+On one test host the two versions' apps need ports of their own: v1 serves P1, v2
+serves P2, and the rules send to `subset: v1, port: P1` and `subset: v2, port: P2`
+(the destination's port replaces the addressed one, as in Istio)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import pytest_asyncio
+
+from mesh.cli.sidecar_cmds import gateway_labels
+from mesh.servers import free_port
+from tests.scenarios.helpers import Scenario, TcpEcho, tcp_exchange
+from tests.support import applied, destination_rule_yaml, eventually
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+N = 100
+
+
+@dataclass
+class Env:
+    s: Scenario
+    v1: TcpEcho
+    v2: TcpEcho
+    local: int  # the sleep sidecar's relay for tcp-echo:P1
+    sleep: Any
+
+    async def apply(self, text: str) -> None:
+        """Apply and wait until the sleep sidecar runs it (on Envoy: ACKed)."""
+        await applied(self.s.mesh, text, self.sleep)
+
+    async def served_by(self, n: int) -> Counter[str]:
+        seen: Counter[str] = Counter()
+        for i in range(n):
+            payload = f"hello {i}".encode()
+            reply = await tcp_exchange(self.local, payload)
+            assert reply is not None and reply.startswith(payload + b"|"), reply
+            seen[reply[len(payload) + 1 :].decode()] += 1
+        return seen
+
+    def shift(self, v1_weight: int) -> str:
+        p1, p2 = self.v1.port, self.v2.port
+        destinations = f"""
+    - destination: {{host: tcp-echo, subset: v1, port: {{number: {p1}}}}}
+      weight: {v1_weight}"""
+        if v1_weight < 100:
+            destinations += f"""
+    - destination: {{host: tcp-echo, subset: v2, port: {{number: {p2}}}}}
+      weight: {100 - v1_weight}"""
+        return (
+            destination_rule_yaml("tcp-echo")
+            + f"""---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: tcp-echo}}
+spec:
+  hosts: [tcp-echo]
+  tcp:
+  - match: [{{port: {p1}}}]
+    route:{destinations}
+"""
+        )
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def env(scenario: Scenario) -> Any:
+    v1, v2 = await TcpEcho("one").start(), await TcpEcho("two").start()
+    local = free_port()
+    try:
+        await scenario.sidecar("tcp-echo", "v1", app=False, tcp_ports=[v1.port])
+        await scenario.sidecar("tcp-echo", "v2", app=False, tcp_ports=[v2.port])
+        sleep = await scenario.sidecar("sleep", tcp_upstreams=[f"tcp-echo:{v1.port}={local}"])
+        e = Env(scenario, v1, v2, local, sleep)
+
+        async def served() -> bool:
+            return await tcp_exchange(local, b"hi") == b"hi|one"
+
+        await eventually(served, timeout=30, interval=0.2)
+        yield e
+    finally:
+        v1.close()
+        v2.close()
+
+
+async def test_all_to_v1_then_80_20(env: Env) -> None:
+    await env.apply(env.shift(100))
+    assert await env.served_by(20) == Counter({"one": 20})
+
+    await env.apply(env.shift(80))
+    seen = await env.served_by(N)
+    # v2 ~ Binomial(100, 0.2): mean 20, sd 4; 6 sigma is [0, 44], and both sides seen
+    assert set(seen) == {"one", "two"}, seen
+    assert 1 <= seen["two"] <= 44, seen
+
+
+async def test_a_rule_for_another_port_leaves_the_default_route(env: Env) -> None:
+    half = env.shift(50)
+    await env.apply(half.replace(f"port: {env.v1.port}}}]", "port: 1}]", 1))
+    # the only rule matches port 1: connections to P1 take the default route (the
+    # service on P1, which only v1 serves); were the rule taken, half would reach v2
+    assert await env.served_by(N) == Counter({"one": N})
+
+
+# ---------------------------------------------------------------- gateway servers
+
+
+def client_hello(host: str) -> bytes:
+    """The first flight of a real TLS client for `host` (what a passthrough gateway
+    reads the SNI from and relays unchanged)."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = ssl.create_default_context().wrap_bio(incoming, outgoing, server_hostname=host)
+    with contextlib.suppress(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return outgoing.read()
+
+
+async def exchange(port: int, data: bytes) -> bytes | None:
+    """As a TLS client would: send `data`, wait for the echo before the FIN (a client
+    does not half-close after its ClientHello; Envoy closes a connection whose peer
+    ends while its listener filters still inspect it), then read to EOF. None when
+    refused, reset or closed early."""
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    except OSError:
+        return None
+    try:
+        writer.write(data)
+        echoed = await asyncio.wait_for(reader.readexactly(len(data)), 10)
+        writer.write_eof()
+        return echoed + await asyncio.wait_for(reader.read(), 10)
+    except (OSError, asyncio.IncompleteReadError):
+        return None
+    finally:
+        writer.close()
+
+
+async def until_answered(port: int, data: bytes, reply: bytes) -> None:
+    """Wait until `data` sent to `port` gets `reply`. Envoy ACKs a push before the
+    clusters it adds have their endpoints (warming): a connection in between is
+    closed, so each destination is waited for, not only the push."""
+
+    async def answered() -> bool:
+        return await exchange(port, data) == reply
+
+    await eventually(answered, timeout=30, interval=0.2)
+
+
+def gateway_yaml(tcp_port: int, tls_port: int, p1: int, p2: int) -> str:
+    return (
+        destination_rule_yaml("tcp-echo")
+        + f"""---
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {{name: edge}}
+spec:
+  selector: {{istio: ingressgateway}}
+  servers:
+  - port: {{number: {tcp_port}, name: tcp, protocol: TCP}}
+    hosts: ["*"]
+  - port: {{number: {tls_port}, name: tls, protocol: TLS}}
+    tls: {{mode: PASSTHROUGH}}
+    hosts: ["*.example.com"]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: edge-tcp}}
+spec:
+  hosts: ["*"]
+  gateways: [edge]
+  tcp:
+  - match: [{{port: {tcp_port}}}]
+    route: [{{destination: {{host: tcp-echo, subset: v1, port: {{number: {p1}}}}}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: edge-tls}}
+spec:
+  hosts: ["*.example.com"]
+  gateways: [edge]
+  tls:
+  - match: [{{port: {tls_port}, sniHosts: [a.example.com]}}]
+    route: [{{destination: {{host: tcp-echo, subset: v1, port: {{number: {p1}}}}}}}]
+  - match: [{{port: {tls_port}, sniHosts: ["*.b.example.com"]}}]
+    route: [{{destination: {{host: tcp-echo, subset: v2, port: {{number: {p2}}}}}}}]
+"""
+    )
+
+
+async def test_gateway_tcp_server_and_tls_passthrough_by_sni(env: Env) -> None:
+    s = env.s
+    gw = await s.sidecar(
+        "ingressgateway",
+        "",
+        app=False,
+        gateway=True,
+        gateway_port=free_port(),
+        labels=gateway_labels("ingressgateway", {}),
+    )
+    tcp_port, tls_port = free_port(), free_port()
+    await applied(s.mesh, gateway_yaml(tcp_port, tls_port, env.v1.port, env.v2.port), gw)
+
+    async def tcp_served() -> bool:
+        return await exchange(tcp_port, b"edge") == b"edge|one"
+
+    await eventually(tcp_served, timeout=30, interval=0.2)
+    a, b = client_hello("a.example.com"), client_hello("x.b.example.com")
+
+    # the ClientHello reaches the app byte for byte, and the SNI chooses the version
+    await until_answered(tls_port, a, a + b"|one")
+    await until_answered(tls_port, b, b + b"|two")
+    assert await exchange(tls_port, a) == a + b"|one"
+    received = env.v1.received + env.v2.received
+    # no rule for this SNI: closed, nothing reaches an app
+    assert await exchange(tls_port, client_hello("c.example.com")) in (None, b"")
+    assert env.v1.received + env.v2.received == received
+
+
+async def test_sidecar_tls_rules_route_by_sni_and_other_traffic_by_tcp_rules(env: Env) -> None:
+    p1, p2 = env.v1.port, env.v2.port
+    await env.apply(
+        destination_rule_yaml("tcp-echo")
+        + f"""---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: tcp-echo}}
+spec:
+  hosts: [tcp-echo, a.example.com]
+  tls:
+  - match: [{{port: {p1}, sniHosts: [a.example.com]}}]
+    route: [{{destination: {{host: tcp-echo, subset: v2, port: {{number: {p2}}}}}}}]
+  tcp:
+  - route: [{{destination: {{host: tcp-echo, subset: v1, port: {{number: {p1}}}}}}}]
+"""
+    )
+    hello = client_hello("a.example.com")
+    await until_answered(env.local, hello, hello + b"|two")
+    # another SNI, and bytes that are not TLS: the tcp rule
+    other = client_hello("b.example.com")
+    await until_answered(env.local, other, other + b"|one")
+    await until_answered(env.local, b"plain", b"plain|one")
+    # all of them settled: each goes its way every time
+    for _ in range(5):
+        assert await exchange(env.local, hello) == hello + b"|two"
+        assert await exchange(env.local, other) == other + b"|one"
+        assert await exchange(env.local, b"plain") == b"plain|one"
