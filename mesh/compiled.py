@@ -449,13 +449,23 @@ class InboundPolicy(msgspec.Struct, frozen=True, omit_defaults=True, tag=True):
 
 
 class ExtAuthzProvider(msgspec.Struct, frozen=True, omit_defaults=True):
-    """One `extensionProviders[]` entry with `envoyExtAuthzHttp` (Envoy's HTTP
-    ext_authz service semantics). Header names are lower-case."""
+    """One `extensionProviders[]` entry: `envoyExtAuthzHttp` (Envoy's HTTP ext_authz
+    service semantics; header names lower-case) or, with `protocol` "grpc",
+    `envoyExtAuthzGrpc` (Envoy's `envoy.service.auth.v3.Authorization/Check`, which
+    sends every request header and takes the header changes from the answer: the
+    header lists and `path_prefix` stay empty)."""
 
     name: str
     service: str  # a mesh host
     port: int
     timeout_ms: int = 600_000  # Istio's default
+    # absent on the wire for HTTP, so older sidecars decode HTTP providers unchanged
+    protocol: Literal["http", "grpc"] = "http"
+    # gRPC `includeRequestBodyInCheck`: 0 sends no body; else the request body is
+    # buffered up to this many bytes and sent in the check
+    max_request_bytes: int = 0
+    allow_partial_message: bool = False
+    pack_as_bytes: bool = False
     path_prefix: str = ""
     fail_open: bool = False
     status_on_error: int = 403

@@ -20,6 +20,7 @@ from mesh.resources.loader import (
 )
 from mesh.resources.meshwork import (
     ClientRefs,
+    ExtAuthzGrpc,
     ExtAuthzHttp,
     ExtensionProvider,
     MeshConfigSpec,
@@ -93,6 +94,7 @@ __all__ = [
     "ConsistentHashLB",
     "Destination",
     "DestinationRuleSpec",
+    "ExtAuthzGrpc",
     "ExtAuthzHttp",
     "ExtensionProvider",
     "FaultAbort",

@@ -15,10 +15,18 @@ authorizers of `action: CUSTOM` policies), in Istio's shape::
           port: 8000
           includeRequestHeadersInCheck: ["x-ext-authz"]
 
+or, for Envoy's gRPC `envoy.service.auth.v3.Authorization/Check`::
+
+      - name: sample-ext-authz-grpc
+        envoyExtAuthzGrpc:
+          service: ext-authz.foo.svc.cluster.local
+          port: 9000
+          timeout: 1s            # optional; failOpen and statusOnError as for HTTP
+
 Only MeshConfigs in the root namespace count; a provider name must be unique across
-them. `envoyExtAuthzGrpc`, `headersToDownstreamOnAllow`,
-`includeAdditionalHeadersInCheck` and `includeRequestBodyInCheck` are not supported
-yet (refused with their path).
+them, and each names exactly one of the two. `headersToDownstreamOnAllow`,
+`includeAdditionalHeadersInCheck`, HTTP's `includeRequestBodyInCheck` and gRPC's
+`clearRouteCache` are not supported yet (refused with their path).
 
 `RateLimitPolicy` (`meshwork.io/v1`, plural `ratelimitpolicies`, short `rlp`) is local
 rate limiting in the *server* sidecars, shaped like Linkerd's HTTPLocalRateLimitPolicy
@@ -75,9 +83,30 @@ class ExtAuthzHttp(Model, frozen=True):
     headers_to_downstream_on_deny: tuple[str, ...] = ()
 
 
+class RequestBodyInCheck(Model, frozen=True):
+    """Istio's `includeRequestBodyInCheck` (Envoy's `with_request_body`)."""
+
+    max_request_bytes: int | None = None
+    allow_partial_message: bool = False
+    pack_as_bytes: bool = False
+
+
+class ExtAuthzGrpc(Model, frozen=True):
+    """Istio's `envoyExtAuthzGrpc` (Envoy's ext_authz gRPC service,
+    `envoy.service.auth.v3.Authorization/Check`)."""
+
+    service: str = ""
+    port: int | str | None = None
+    timeout: str | None = None
+    fail_open: bool = False
+    status_on_error: str = ""
+    include_request_body_in_check: RequestBodyInCheck | None = None
+
+
 class ExtensionProvider(Model, frozen=True):
     name: str = ""
     envoy_ext_authz_http: ExtAuthzHttp | None = None
+    envoy_ext_authz_grpc: ExtAuthzGrpc | None = None
 
 
 class GatewayTopology(Model, frozen=True):

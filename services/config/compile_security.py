@@ -39,6 +39,7 @@ from mesh.hosts import ServiceRef
 from mesh.resources import (
     DRY_RUN_ANNOTATION,
     AuthorizationPolicySpec,
+    ExtAuthzGrpc,
     ExtAuthzHttp,
     JwtRule,
     MeshConfigSpec,
@@ -115,6 +116,11 @@ def compile_inbound_policy(
                     if provider.envoy_ext_authz_http is not None:
                         providers.setdefault(
                             provider.name, _provider(provider.name, provider.envoy_ext_authz_http)
+                        )
+                    elif provider.envoy_ext_authz_grpc is not None:
+                        providers.setdefault(
+                            provider.name,
+                            _grpc_provider(provider.name, provider.envoy_ext_authz_grpc),
                         )
         elif isinstance(spec, RequestAuthenticationSpec):
             authn_policy = _request_authn(resource, spec, ref, root_namespace)
@@ -214,6 +220,24 @@ def _provider(name: str, http: ExtAuthzHttp) -> compiled.ExtAuthzProvider:
         include_request_headers=lower(http.include_request_headers_in_check),
         headers_to_upstream_on_allow=lower(http.headers_to_upstream_on_allow),
         headers_to_downstream_on_deny=lower(http.headers_to_downstream_on_deny),
+    )
+
+
+def _grpc_provider(name: str, grpc: ExtAuthzGrpc) -> compiled.ExtAuthzProvider:
+    # validation guarantees a service, a port, a positive timeout, a status and a
+    # maxRequestBytes when the body is included
+    body = grpc.include_request_body_in_check
+    return compiled.ExtAuthzProvider(
+        name=name,
+        service=grpc.service,
+        port=int(grpc.port or 0),
+        timeout_ms=parse_duration_ms(grpc.timeout) if grpc.timeout else 600_000,
+        protocol="grpc",
+        fail_open=grpc.fail_open,
+        status_on_error=int(grpc.status_on_error) if grpc.status_on_error else 403,
+        max_request_bytes=(body.max_request_bytes or 0) if body is not None else 0,
+        allow_partial_message=body.allow_partial_message if body is not None else False,
+        pack_as_bytes=body.pack_as_bytes if body is not None else False,
     )
 
 
