@@ -49,7 +49,7 @@ class SampleGrpcExtAuthz(external_auth_pb2_grpc.AuthorizationServicer):
         self.server: grpc.Server | None = None
         self.port = 0
 
-    def Check(  # noqa: N802 (the gRPC method's name)
+    def Check(
         self, request: external_auth_pb2.CheckRequest, context: grpc.ServicerContext
     ) -> external_auth_pb2.CheckResponse:
         with self._lock:
