@@ -12,6 +12,7 @@ paths, hosts and headers do.
 
 from __future__ import annotations
 
+from mesh.identity import requested_server_name
 from proxy.ext_authz import check_custom
 from proxy.forward import Outcome, local_reply
 from proxy.http import Exchange, Request, header_map
@@ -53,6 +54,8 @@ class GatewayAdmission:
                 headers=headers,
                 auth=verdict.identity,
                 remote_ip=original_client(headers.get("x-forwarded-for", ""), peer_ip, trusted),
+                destination_ip=req.local[0] if req.local else "",
+                sni=requested_server_name(req.ssl_object),
             )
         )
         if decision.shadow is not None:

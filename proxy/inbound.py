@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 
+from mesh.identity import requested_server_name
 from proxy.ext_authz import check_custom
 from proxy.forward import Outcome, PoolSet, forward, local_reply
 from proxy.http import Exchange, Request, ensure_request_id, header_map, strip_hop_by_hop
@@ -156,6 +157,8 @@ class InboundHandler:
                 headers=headers,
                 auth=auth,
                 remote_ip=original_client(headers.get("x-forwarded-for", ""), peer_ip, trusted),
+                destination_ip=req.local[0] if req.local else "",
+                sni=requested_server_name(req.ssl_object),
             )
         )
         if decision.shadow is not None:

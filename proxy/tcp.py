@@ -52,6 +52,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from mesh import errors
 from mesh.hosts import ServiceRef, canonical_host, service_of_host
+from mesh.identity import requested_server_name
 from mesh.logs import get_logger
 from mesh.messages import Endpoint, EndpointSet
 from proxy.destinations import DestinationCache
@@ -324,6 +325,13 @@ def _peer_ip(side: _Side) -> str:
     t = side.transport
     peername = t.get_extra_info("peername") if t is not None else None
     return str(peername[0]) if isinstance(peername, tuple) and peername else ""
+
+
+def _local_ip(side: _Side) -> str:
+    """The address the caller reached ("" when unknown): `destination.ip`."""
+    t = side.transport
+    sockname = t.get_extra_info("sockname") if t is not None else None
+    return str(sockname[0]) if isinstance(sockname, tuple) and sockname else ""
 
 
 class _Side(asyncio.Protocol):
@@ -720,8 +728,16 @@ class TcpRelays:
         side = conn.downstream
         peer = peer_of(cast(ssl.SSLObject | None, _ssl_object(side)))
         source_ip = _peer_ip(side)
+        ssl_object = cast(ssl.SSLObject | None, _ssl_object(side))
         decision = authorizer.decide_connection(
-            ConnectionFacts(peer.principal, peer.namespace, source_ip, app_port)
+            ConnectionFacts(
+                peer.principal,
+                peer.namespace,
+                source_ip,
+                app_port,
+                destination_ip=_local_ip(side),
+                sni=requested_server_name(ssl_object),
+            )
         )
         shadow = decision.shadow
         if shadow is not None:

@@ -44,7 +44,8 @@ AUTHZ_ACTIONS = ("ALLOW", "DENY", "AUDIT", "CUSTOM")
 # `when` keys the sidecar evaluates; `request.headers[<name>]` and
 # `request.auth.claims[<name>]...` are families
 WHEN_KEYS = (
-    "source.principal", "source.namespace", "source.ip", "destination.port",
+    "source.principal", "source.namespace", "source.ip", "remote.ip", "destination.ip",
+    "destination.port", "connection.sni",
     "request.auth.principal", "request.auth.audiences", "request.auth.presenter",
 )  # fmt: skip
 HEADER_KEY = re.compile(r"request\.headers\[(?P<name>[^\]]*)\]")
@@ -354,7 +355,7 @@ def _condition(condition: Condition, path: str, out: list[Issue]) -> None:
             )
         )
         return
-    elif name == "source.ip":
+    elif name in ("source.ip", "remote.ip", "destination.ip"):
         check = _ip_or_cidr
     elif name == "destination.port":
         check = _port

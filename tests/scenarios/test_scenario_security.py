@@ -351,3 +351,42 @@ async def test_tcp_allow_nothing_refuses_connections_before_a_byte_reaches_the_a
         await eventually(served, timeout=20, interval=0.2)
     finally:
         app.close()
+
+
+DENY_BY_CONNECTION = policy(
+    "deny-by-connection",
+    """  selector: {matchLabels: {app: reviews}}
+  action: DENY
+  rules:
+  - to: [{operation: {paths: ["/dest-ip"]}}]
+    when: [{key: destination.ip, values: ["127.0.0.0/8"]}]
+  - to: [{operation: {paths: ["/dest-other"]}}]
+    when: [{key: destination.ip, values: ["10.255.0.0/16"]}]
+  - to: [{operation: {paths: ["/remote-ip"]}}]
+    when: [{key: remote.ip, values: ["127.0.0.1"]}]
+  - to: [{operation: {paths: ["/remote-other"]}}]
+    when: [{key: remote.ip, notValues: ["127.0.0.1"]}]
+  - to: [{operation: {paths: ["/sni"]}}]
+    when: [{key: connection.sni, values: ["*"]}]
+  - to: [{operation: {paths: ["/not-sni"]}}]
+    when: [{key: connection.sni, notValues: ["reviews.example.com"]}]
+""",
+)
+
+
+async def test_when_destination_ip_remote_ip_and_connection_sni(env: Env) -> None:
+    """Istio's `when` keys of the connection: the address the caller reached, the
+    original client, and the TLS server name (mesh sidecars send none, so `values:
+    ["*"]` never holds and a notValues always does)."""
+    s = env.s
+    await s.apply(DENY_BY_CONNECTION)
+    try:
+        await env.until(403, "/dest-ip", "productpage")
+        assert await env.send("productpage", "/dest-other") == 200
+        assert await env.send("productpage", "/remote-ip") == 403
+        assert await env.send("productpage", "/remote-other") == 200
+        assert await env.send("productpage", "/sni") == 200
+        assert await env.send("productpage", "/not-sni") == 403
+    finally:
+        await s.delete("AuthorizationPolicy", "deny-by-connection")
+    await env.until(200, "/dest-ip", "productpage")
