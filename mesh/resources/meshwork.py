@@ -23,6 +23,11 @@ or, for Envoy's gRPC `envoy.service.auth.v3.Authorization/Check`::
           port: 9000
           timeout: 1s            # optional; failOpen and statusOnError as for HTTP
 
+`trustDomain` and `trustDomainAliases` are Istio's trust domain migration: with
+`trustDomain: new-td` and `trustDomainAliases: [old-td]`, a policy principal
+`old-td/ns/foo/sa/bar`, `new-td/...` or `cluster.local/...` matches the workload in
+either trust domain; principals of other trust domains, and `*/...`, stay as written.
+
 Only MeshConfigs in the root namespace count; a provider name must be unique across
 them, and each names exactly one of the two. `headersToDownstreamOnAllow`,
 `includeAdditionalHeadersInCheck`, HTTP's `includeRequestBodyInCheck` and gRPC's
@@ -127,6 +132,11 @@ class MeshConfigSpec(Model, frozen=True):
 
     extension_providers: tuple[ExtensionProvider, ...] = ()
     default_config: ProxyDefaults | None = None
+    # the mesh's trust domain (the CA's, default "cluster.local") and the ones it was
+    # migrated from: a policy principal in any of them, or in "cluster.local", names
+    # the same workload in all of them (Istio's trust domain migration)
+    trust_domain: str = ""
+    trust_domain_aliases: tuple[str, ...] = ()
 
 
 # ---------------------------------------------------------------- RateLimitPolicy

@@ -21,6 +21,19 @@ from mesh.resources.meshwork import (
     RequestRate,
 )
 
+# a SPIFFE trust domain name (as `mesh.identity` accepts it)
+_TRUST_DOMAIN = re.compile(r"[a-z0-9._-]+")
+
+
+def _trust_domain(name: str) -> str | None:
+    if not _TRUST_DOMAIN.fullmatch(name):
+        return (
+            "must be a SPIFFE trust domain (lower-case letters, digits, '.', '-', '_'), "
+            f"got {name!r}"
+        )
+    return None
+
+
 # Istio's principal form, as AuthorizationPolicy uses it and the sidecar reports it
 _PRINCIPAL = re.compile(r"[^/\s]+/ns/[^/\s]+/sa/[^/\s]+")
 # a bucket holds one second's worth: keep it a sane allocation
@@ -115,6 +128,11 @@ def validate_mesh_config(spec: MeshConfigSpec, path: str = "spec") -> list[Issue
                     f"must be between 0 and {MAX_TRUSTED_PROXIES}, got {hops}",
                 )
             )
+    if spec.trust_domain and (problem := _trust_domain(spec.trust_domain)) is not None:
+        out.append(Issue(field(path, "trustDomain"), problem))
+    for i, alias in enumerate(spec.trust_domain_aliases):
+        if (problem := _trust_domain(alias)) is not None:
+            out.append(Issue(item(field(path, "trustDomainAliases"), i), problem))
     seen: dict[str, str] = {}
     providers_path = field(path, "extensionProviders")
     for i, provider in enumerate(spec.extension_providers):

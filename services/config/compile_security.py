@@ -95,6 +95,7 @@ def compile_inbound_policy(
     request_authn: list[compiled.RequestAuthn] = []
     providers: dict[str, compiled.ExtAuthzProvider] = {}
     trusted_proxies: int | None = None
+    trust_domains = trust_domain_bundle(resources, root_namespace)
     for resource in sorted(resources, key=lambda r: (r.metadata.namespace, r.metadata.name)):
         spec = resource.spec
         if isinstance(spec, PeerAuthenticationSpec):
@@ -106,7 +107,12 @@ def compile_inbound_policy(
             dry_run_custom = spec.action == "CUSTOM" and _dry_run(resource)
             # Istio does not support dry-run for CUSTOM: such a policy is not applied
             if namespace in (ref.namespace, root_namespace) and not dry_run_custom:
-                authz.append(_authz_policy(resource, spec, mesh_wide=namespace == root_namespace))
+                authz.append(
+                    _authz_policy(
+                        resource, spec, mesh_wide=namespace == root_namespace,
+                        trust_domains=trust_domains,
+                    )
+                )  # fmt: skip
         elif isinstance(spec, MeshConfigSpec):
             if resource.metadata.namespace == root_namespace:
                 topology = spec.default_config.gateway_topology if spec.default_config else None
@@ -187,7 +193,11 @@ def _mode(mtls: MutualTLS | None) -> compiled.MtlsMode:
 
 
 def _authz_policy(
-    resource: Resource, spec: AuthorizationPolicySpec, *, mesh_wide: bool
+    resource: Resource,
+    spec: AuthorizationPolicySpec,
+    *,
+    mesh_wide: bool,
+    trust_domains: tuple[str, ...] = (),
 ) -> compiled.AuthzPolicy:
     return compiled.AuthzPolicy(
         name=resource.metadata.name,
@@ -195,7 +205,7 @@ def _authz_policy(
         action=_ACTIONS[spec.action or "ALLOW"],
         selector=_labels(spec.selector),
         mesh_wide=mesh_wide,
-        rules=tuple(_rule(rule) for rule in spec.rules),
+        rules=tuple(_rule(rule, trust_domains) for rule in spec.rules),
         dry_run=_dry_run(resource),
         provider=spec.provider.name if spec.action == "CUSTOM" and spec.provider else "",
     )
@@ -241,11 +251,64 @@ def _grpc_provider(name: str, grpc: ExtAuthzGrpc) -> compiled.ExtAuthzProvider:
     )
 
 
-def _rule(rule: Rule) -> compiled.AuthzRule:
+DEFAULT_TRUST_DOMAIN = "cluster.local"
+
+
+def trust_domain_bundle(resources: Sequence[Resource], root_namespace: str) -> tuple[str, ...]:
+    """(the mesh's trust domain, its aliases) from the root namespace's MeshConfigs
+    (the first, by name, that sets them); () when none does: policies stay as written."""
+    for resource in sorted(resources, key=lambda r: r.metadata.name):
+        spec = resource.spec
+        if (
+            isinstance(spec, MeshConfigSpec)
+            and resource.metadata.namespace == root_namespace
+            and (spec.trust_domain or spec.trust_domain_aliases)
+        ):
+            own = spec.trust_domain or DEFAULT_TRUST_DOMAIN
+            return tuple(dict.fromkeys((own, *spec.trust_domain_aliases)))
+    return ()
+
+
+def with_trust_domain_aliases(principals: Sequence[str], bundle: Sequence[str]) -> tuple[str, ...]:
+    """Istio's `ReplaceTrustDomainAliases`: a principal `<td>/ns/<ns>/sa/<sa>` whose trust
+    domain is in `bundle` (the mesh's and its aliases) or is "cluster.local" stands for
+    the same workload in every trust domain of the bundle; a pattern trust domain
+    (`*-td`) is kept as written for the ones it matches. Other principals, `*/...` and
+    ones not of that form are kept as written."""
+    if not bundle:
+        return tuple(principals)
+    out: list[str] = []
+    for principal in principals:
+        parts = principal.split("/")
+        domain = parts[0]
+        if (
+            len(parts) != 5
+            or domain == "*"
+            or (domain != DEFAULT_TRUST_DOMAIN and not any(_matches(domain, td) for td in bundle))
+        ):
+            out.append(principal)
+            continue
+        for td in bundle:
+            kept = domain.startswith("*") and td.endswith(domain[1:])
+            out.append(principal if kept else "/".join((td, *parts[1:])))
+    return tuple(dict.fromkeys(out))
+
+
+def _matches(pattern: str, trust_domain: str) -> bool:
+    """Istio's string match of a principal's trust domain: exact, `*suffix`, `prefix*`."""
+    if pattern.startswith("*"):
+        return trust_domain.endswith(pattern[1:])
+    if pattern.endswith("*"):
+        return trust_domain.startswith(pattern[:-1])
+    return pattern == trust_domain
+
+
+def _rule(rule: Rule, trust_domains: Sequence[str] = ()) -> compiled.AuthzRule:
+    aliased = lambda principals: with_trust_domain_aliases(principals, trust_domains)  # noqa: E731
     sources = tuple(
         compiled.Source(
-            principals=s.principals,
-            not_principals=s.not_principals,
+            principals=aliased(s.principals),
+            not_principals=aliased(s.not_principals),
             namespaces=s.namespaces,
             not_namespaces=s.not_namespaces,
             ip_blocks=s.ip_blocks,
@@ -275,7 +338,10 @@ def _rule(rule: Rule) -> compiled.AuthzRule:
         if (o := entry.operation) is not None
     )
     when = tuple(
-        compiled.Condition(key=c.key, values=c.values, not_values=c.not_values) for c in rule.when
+        compiled.Condition(key=c.key, values=aliased(c.values), not_values=aliased(c.not_values))
+        if c.key == "source.principal"
+        else compiled.Condition(key=c.key, values=c.values, not_values=c.not_values)
+        for c in rule.when
     )
     return compiled.AuthzRule(sources=sources, operations=operations, when=when)
 

@@ -390,3 +390,40 @@ async def test_when_destination_ip_remote_ip_and_connection_sni(env: Env) -> Non
     finally:
         await s.delete("AuthorizationPolicy", "deny-by-connection")
     await env.until(200, "/dest-ip", "productpage")
+
+
+TRUST_DOMAIN_MIGRATED = """
+apiVersion: meshwork.io/v1
+kind: MeshConfig
+metadata: {name: trust-domain, namespace: istio-system}
+spec:
+  trustDomain: cluster.local
+  trustDomainAliases: [old-td]
+"""
+DENY_OLD_TD = policy(
+    "deny-old-td",
+    """  selector: {matchLabels: {app: reviews}}
+  action: DENY
+  rules:
+  - from: [{source: {principals: ["old-td/ns/default/sa/productpage"]}}]
+    to: [{operation: {paths: ["/td"]}}]
+""",
+)
+
+
+async def test_trust_domain_alias_carries_a_policy_across_a_migration(env: Env) -> None:
+    """Istio's authz-td-migration task: a policy written for the old trust domain
+    still applies to the workload, now in the mesh's trust domain, once the old one
+    is an alias."""
+    s = env.s
+    await s.apply(DENY_OLD_TD)
+    try:
+        # without the alias the principal names a foreign trust domain: nobody here
+        await env.until(200, "/td", "productpage")
+        await s.apply(TRUST_DOMAIN_MIGRATED)
+        await env.until(403, "/td", "productpage")
+        assert await env.send("ratings", "/td") == 200
+    finally:
+        await s.delete("AuthorizationPolicy", "deny-old-td")
+        await s.delete("MeshConfig", "trust-domain", "istio-system")
+    await env.until(200, "/td", "productpage")
