@@ -45,6 +45,7 @@ from mesh.resources import (
     MeshConfigSpec,
     MutualTLS,
     PeerAuthenticationSpec,
+    PolicyTargetReference,
     RateLimitPolicySpec,
     RequestAuthenticationSpec,
     RequestRate,
@@ -106,7 +107,18 @@ def compile_inbound_policy(
             namespace = resource.metadata.namespace
             dry_run_custom = spec.action == "CUSTOM" and _dry_run(resource)
             # Istio does not support dry-run for CUSTOM: such a policy is not applied
-            if namespace in (ref.namespace, root_namespace) and not dry_run_custom:
+            targeted = target_selectors(spec.target_ref, spec.target_refs, namespace, ref)
+            if targeted is not None:
+                # attached by reference: only there, never mesh-wide (Istio)
+                if not dry_run_custom:
+                    authz.extend(
+                        _authz_policy(
+                            resource, spec, mesh_wide=False, trust_domains=trust_domains,
+                            selector=selector,
+                        )
+                        for selector in targeted
+                    )  # fmt: skip
+            elif namespace in (ref.namespace, root_namespace) and not dry_run_custom:
                 authz.append(
                     _authz_policy(
                         resource, spec, mesh_wide=namespace == root_namespace,
@@ -129,9 +141,7 @@ def compile_inbound_policy(
                             _grpc_provider(provider.name, provider.envoy_ext_authz_grpc),
                         )
         elif isinstance(spec, RequestAuthenticationSpec):
-            authn_policy = _request_authn(resource, spec, ref, root_namespace)
-            if authn_policy is not None:
-                request_authn.append(authn_policy)
+            request_authn.extend(_request_authn(resource, spec, ref, root_namespace))
         elif isinstance(spec, RateLimitPolicySpec):
             if resource.metadata.namespace == ref.namespace:
                 rate_limits.append(_rate_limit(resource, spec))
@@ -198,12 +208,13 @@ def _authz_policy(
     *,
     mesh_wide: bool,
     trust_domains: tuple[str, ...] = (),
+    selector: dict[str, str] | None = None,
 ) -> compiled.AuthzPolicy:
     return compiled.AuthzPolicy(
         name=resource.metadata.name,
         namespace=resource.metadata.namespace,
         action=_ACTIONS[spec.action or "ALLOW"],
-        selector=_labels(spec.selector),
+        selector=_labels(spec.selector) if selector is None else selector,
         mesh_wide=mesh_wide,
         rules=tuple(_rule(rule, trust_domains) for rule in spec.rules),
         dry_run=_dry_run(resource),
@@ -351,18 +362,24 @@ def _rule(rule: Rule, trust_domains: Sequence[str] = ()) -> compiled.AuthzRule:
 
 def _request_authn(
     resource: Resource, spec: RequestAuthenticationSpec, ref: ServiceRef, root_namespace: str
-) -> compiled.RequestAuthn | None:
+) -> list[compiled.RequestAuthn]:
+    """The RequestAuthentication as `ref`'s workloads see it: one entry per selector
+    under which it applies (none when it does not)."""
     namespace = resource.metadata.namespace
-    selector = _labels(spec.selector)
-    mesh_wide = namespace == root_namespace and not selector
-    if not mesh_wide and namespace != ref.namespace:
-        return None
-    return compiled.RequestAuthn(
-        name=resource.metadata.name,
-        namespace=namespace,
-        selector=selector,
-        rules=tuple(_jwt_rule(rule) for rule in spec.jwt_rules),
-    )
+    targeted = target_selectors(spec.target_ref, spec.target_refs, namespace, ref)
+    if targeted is None:
+        selector = _labels(spec.selector)
+        mesh_wide = namespace == root_namespace and not selector
+        if not mesh_wide and namespace != ref.namespace:
+            return []
+        targeted = [selector]
+    rules = tuple(_jwt_rule(rule) for rule in spec.jwt_rules)
+    return [
+        compiled.RequestAuthn(
+            name=resource.metadata.name, namespace=namespace, selector=selector, rules=rules
+        )
+        for selector in targeted
+    ]
 
 
 def _jwt_rule(rule: JwtRule) -> compiled.JwtRule:
@@ -411,6 +428,32 @@ def _rate_limit(resource: Resource, spec: RateLimitPolicySpec) -> compiled.RateL
 
 def _rps(rate: RequestRate | None) -> int:
     return 0 if rate is None else rate.requests_per_second or 0
+
+
+# the label Istio puts on a Gateway API Gateway's deployment (its proxies)
+GATEWAY_NAME_LABEL = "gateway.networking.k8s.io/gateway-name"
+
+
+def target_selectors(
+    target_ref: PolicyTargetReference | None,
+    target_refs: Sequence[PolicyTargetReference],
+    namespace: str,
+    ref: ServiceRef,
+) -> list[dict[str, str]] | None:
+    """For a policy attached by `targetRef`/`targetRefs` (validation admits Service and
+    Gateway API Gateway, in the policy's namespace): the selectors under which it
+    applies to `ref`'s workloads ([] when it does not); None when it has no reference
+    (its `selector`, or none, decides). A Service reference means every workload of
+    that service; a Gateway reference the gateway proxies labelled with its name."""
+    refs = [target_ref] if target_ref is not None else list(target_refs)
+    if not refs:
+        return None
+    if namespace != ref.namespace:
+        return []
+    if any(r.kind == "Service" and r.name == ref.name for r in refs):
+        return [{}]
+    names = sorted({r.name for r in refs if r.kind == "Gateway"})
+    return [{GATEWAY_NAME_LABEL: name} for name in names]
 
 
 def _labels(selector: WorkloadSelector | None) -> dict[str, str]:

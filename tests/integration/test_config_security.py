@@ -243,7 +243,9 @@ async def test_invalid_policy_is_refused_with_its_path_and_nothing_stored(config
         await apply(bus, POLICIES + "---\n" + INVALID, "bad.yaml")
     assert e.value.code == 400
     assert e.value.details == [
-        "bad.yaml: document 2: spec.targetRefs is not supported",
+        "bad.yaml: document 2: spec.targetRefs[0].kind: a policy can target a Service "
+        '(group "") or a Gateway (group gateway.networking.k8s.io), got kind '
+        "'Gateway' in group ''",
         "bad.yaml: document 3: spec.rules[0].when[0].key "
         "'experimental.envoy.filters.network.mysql_proxy[db.table]' is not "
         "supported (supported keys: request.headers[<name>], request.auth.claims[<name>], "
@@ -251,7 +253,7 @@ async def test_invalid_policy_is_refused_with_its_path_and_nothing_stored(config
         "destination.port, connection.sni, "
         "request.auth.principal, request.auth.audiences, request.auth.presenter)",
     ]
-    assert e.value.field == "spec.targetRefs"
+    assert e.value.field == "spec.targetRefs[0].kind"
     got = await bus.request(bus.subjects.config_get, GetResourcesRequest(), GetResourcesReply)
     assert got.resources == []
     policy = await fetch_inbound(bus)

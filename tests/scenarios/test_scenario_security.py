@@ -427,3 +427,25 @@ async def test_trust_domain_alias_carries_a_policy_across_a_migration(env: Env) 
         await s.delete("AuthorizationPolicy", "deny-old-td")
         await s.delete("MeshConfig", "trust-domain", "istio-system")
     await env.until(200, "/td", "productpage")
+
+
+DENY_BY_REFERENCE = policy(
+    "deny-by-reference",
+    """  targetRefs: [{kind: Service, group: "", name: reviews}]
+  action: DENY
+  rules:
+  - to: [{operation: {paths: ["/targeted"]}}]
+""",
+)
+
+
+async def test_policy_attached_to_a_service_by_reference(env: Env) -> None:
+    """`targetRefs` naming the Service instead of a selector (Istio 1.22+)."""
+    s = env.s
+    await s.apply(DENY_BY_REFERENCE)
+    try:
+        await env.until(403, "/targeted", "productpage", "ratings")
+        assert await env.send("productpage", "/other") == 200
+    finally:
+        await s.delete("AuthorizationPolicy", "deny-by-reference")
+    await env.until(200, "/targeted", "productpage")

@@ -413,8 +413,6 @@ def test_valid_edge_values_are_accepted(body: dict[str, Any]) -> None:
 
 
 UNSUPPORTED = [
-    (ap(targetRef={"kind": "Gateway", "name": "g"}), "spec.targetRef"),
-    (ap(targetRefs=[{"kind": "Service", "name": "s"}]), "spec.targetRefs"),
     (ap(rules=[{"to": [{"operation": {"methods": ["GET"], "verbs": ["x"]}}]}]), "spec.rules[0].to[0].operation.verbs"),
     (ap(rules=[{"when": [{"key": "source.ip", "values": ["1.2.3.4"], "ignore": True}]}]), "spec.rules[0].when[0].ignore"),
     (ap(rules=[{"from": [{"source": {"namespaces": ["a"]}, "extra": 1}]}]), "spec.rules[0].from[0].extra"),
