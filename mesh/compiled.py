@@ -484,9 +484,18 @@ class ClaimHeader(msgspec.Struct, frozen=True, omit_defaults=True):
     claim: str  # nested claims joined with "."
 
 
+OIDC_DISCOVERY_PATH = "/.well-known/openid-configuration"
+
+
+def oidc_discovery_uri(issuer: str) -> str:
+    """Where an issuer's OpenID configuration lives (OpenID Connect Discovery 1.0 §4)."""
+    return issuer.rstrip("/") + OIDC_DISCOVERY_PATH
+
+
 class JwtRule(msgspec.Struct, frozen=True, omit_defaults=True):
     """One `jwtRules[]` entry. Empty `from_headers`/`from_params`/`from_cookies`
-    together mean Istio's default locations (`Authorization: Bearer`, `access_token`)."""
+    together mean Istio's default locations (`Authorization: Bearer`, `access_token`).
+    Neither `jwks` nor `jwks_uri`: the keys are found by OIDC discovery (`key_uri`)."""
 
     issuer: str
     audiences: tuple[str, ...] = ()
@@ -499,6 +508,15 @@ class JwtRule(msgspec.Struct, frozen=True, omit_defaults=True):
     output_claim_to_headers: tuple[ClaimHeader, ...] = ()
     forward_original_token: bool = False
     timeout_ms: int = 5000
+
+    @property
+    def key_uri(self) -> str:
+        """Where the proxy fetches this rule's keys: `jwks_uri`, or, without keys of
+        its own, the issuer's OpenID configuration (whose `jwks_uri` it follows, as
+        Istio does); "" with inline `jwks`."""
+        if self.jwks:
+            return ""
+        return self.jwks_uri or oidc_discovery_uri(self.issuer)
 
 
 class RequestAuthn(msgspec.Struct, frozen=True, omit_defaults=True):

@@ -207,14 +207,17 @@ def _jwt_rule(rule: JwtRule, path: str, out: list[Issue]) -> None:
     uri_path, jwks_path = field(path, "jwksUri"), field(path, "jwks")
     if rule.jwks and rule.jwks_uri:
         out.append(Issue(path, f"set only one of {jwks_path} or {uri_path}"))
-    elif not rule.jwks and not rule.jwks_uri:
-        out.append(
-            Issue(
-                path,
-                f"must set {jwks_path} or {uri_path} (keys are not discovered from the "
-                "issuer's OpenID configuration)",
+    elif not rule.jwks and not rule.jwks_uri and rule.issuer:
+        # keys by OIDC discovery: the issuer must be a URL to find them under
+        if _jwks_uri(rule.issuer) is not None:
+            out.append(
+                Issue(
+                    field(path, "issuer"),
+                    f"must be an https:// (or http://) URL with a host when neither "
+                    f"{jwks_path} nor {uri_path} is set (the keys are discovered from the "
+                    f"issuer's OpenID configuration), got {rule.issuer!r}",
+                )
             )
-        )
     if rule.jwks_uri:
         _add(out, uri_path, _jwks_uri(rule.jwks_uri))
     if rule.jwks:

@@ -53,6 +53,9 @@ def proxy_node(
             (app_port, (s.bind_host, port)) for app_port, port in sorted(ports.tcp_inbound.items())
         ),
         gateway_listeners=((s.bind_host, ports.gateway),) if gateway else (),
+        # `--jwks-ca-file`: Envoy verifies jwksUri servers against it, as the Python
+        # data plane's fetcher does (it was not passed before: Envoy used the system CAs)
+        jwks_ca_file=s.jwks_ca_file,
         access_log_cluster=access_log_cluster,
         tracing_cluster=tracing_cluster,
         trace_sampling=s.trace_sampling,
@@ -63,8 +66,10 @@ def mesh_view(
     destinations: Mapping[ServiceRef, Destination],
     inbound: InboundPolicy | None,
     gateway: GatewayConfig | None,
+    discovered_jwks: Mapping[str, str] | None = None,
 ) -> MeshView:
     return MeshView(
+        discovered_jwks=dict(discovered_jwks or {}),
         destinations={
             ref.fqdn: (dest.table, dest.endpoints)
             for ref, dest in sorted(destinations.items())

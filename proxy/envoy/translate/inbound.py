@@ -105,7 +105,9 @@ def add_inbound_http(node: ProxyNode, view: MeshView, out: XdsResources) -> None
     port = node.app_port
     policies = rbac.selected(view.inbound, node.labels)
     authns = jwt_authn.selected(view.inbound, node.labels)
-    jwt_filters, jwks_clusters = jwt_authn.jwt_authn_filters(authns, jwks_ca_file(node))
+    jwt_filters, jwks_clusters = jwt_authn.jwt_authn_filters(
+        authns, jwks_ca_file(node), view.discovered_jwks
+    )
     # JWT, authorization, then rate limits, as the Python inbound path orders them
     http_filters = [
         # the caller's peer metadata moves into dynamic metadata: the app never sees

@@ -5,7 +5,7 @@ express in Envoy's terms."""
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from mesh.compiled import GatewayConfig, InboundPolicy, RouteTable
@@ -67,3 +67,6 @@ class MeshView:
     destinations: Mapping[str, tuple[RouteTable | None, EndpointSet | None]]
     inbound: InboundPolicy | None = None
     gateway: GatewayConfig | None = None
+    # OIDC discovery done by the agent: an issuer's OpenID configuration URL
+    # (`JwtRule.key_uri`) -> the `jwks_uri` it named
+    discovered_jwks: Mapping[str, str] = field(default_factory=dict)
