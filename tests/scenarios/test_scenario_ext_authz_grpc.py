@@ -44,7 +44,7 @@ class SampleGrpcExtAuthz(external_auth_pb2_grpc.AuthorizationServicer):
 
     def __init__(self) -> None:
         self.checked: list[external_auth_pb2.CheckRequest] = []
-        self.delay_s = 3.0
+        self.delay_s = 1.0
         self._lock = threading.Lock()
         self.server: grpc.Server | None = None
         self.port = 0
