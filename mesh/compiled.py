@@ -461,8 +461,8 @@ class ExtAuthzProvider(msgspec.Struct, frozen=True, omit_defaults=True):
     timeout_ms: int = 600_000  # Istio's default
     # absent on the wire for HTTP, so older sidecars decode HTTP providers unchanged
     protocol: Literal["http", "grpc"] = "http"
-    # gRPC `includeRequestBodyInCheck`: 0 sends no body; else the request body is
-    # buffered up to this many bytes and sent in the check
+    # `includeRequestBodyInCheck`: 0 sends no body; else the request body is
+    # buffered up to this many bytes and sent in the check (`pack_as_bytes`: gRPC only)
     max_request_bytes: int = 0
     allow_partial_message: bool = False
     pack_as_bytes: bool = False

@@ -62,16 +62,18 @@ class ExtAuthzClient:
         # this workload's SPIFFE ID: the gRPC check's destination principal
         self.identity = identity
 
-    async def check(
-        self,
-        provider: ExtAuthzProvider,
-        method: str,
-        path: str,
-        headers: list[tuple[str, str]],
-    ) -> CheckResult:
-        request = check_request(provider, method, path, headers)
+    async def check(self, provider: ExtAuthzProvider, req: Request) -> CheckResult:
+        """One HTTP check about `req` (its body buffered first when the provider
+        includes it)."""
         try:
             async with asyncio.timeout(provider.timeout_ms / 1000):
+                peeked = await peek_body(provider, req)
+                if peeked is None:
+                    return TOO_LARGE
+                body, partial = peeked
+                request = check_request(
+                    provider, req.method, req.path, req.headers, body, partial_body=partial
+                )
                 status, answer_headers, body = await self._exchange(provider, request)
         except TimeoutError:
             return self._failed(provider, "timeout")
@@ -90,9 +92,7 @@ class ExtAuthzClient:
             async with asyncio.timeout(provider.timeout_ms / 1000):
                 facts = await self._facts(provider, req)
                 if facts is None:
-                    return GrpcCheckResult(
-                        CheckResult(False, 413, b"Payload Too Large"),
-                    )
+                    return GrpcCheckResult(TOO_LARGE)
                 message = ext_authz_grpc.check_request(provider, facts)
                 pool, authority = await self._pool(provider)
                 headers = ext_authz_grpc.grpc_headers(provider, authority)
@@ -116,21 +116,13 @@ class ExtAuthzClient:
         """What the check says of `req`; None when its body is larger than the
         provider's `maxRequestBytes` and a partial one is not allowed (Envoy answers
         413 without asking)."""
-        body, size, partial = (
-            b"",
-            req.content_length if req.content_length is not None else -1,
-            False,
-        )
-        if provider.max_request_bytes:
-            # left in the stream for the upstream; one byte more tells "larger"
-            peeked = await req.body.peek(provider.max_request_bytes + 1)
-            if len(peeked) > provider.max_request_bytes:
-                if not provider.allow_partial_message:
-                    return None
-                peeked, partial = peeked[: provider.max_request_bytes], True
-            body = peeked
-            if req.body.complete and not partial:
-                size = len(body)
+        peeked = await peek_body(provider, req)
+        if peeked is None:
+            return None
+        body, partial = peeked
+        size = req.content_length if req.content_length is not None else -1
+        if provider.max_request_bytes and req.body.complete and not partial:
+            size = len(body)
         return CheckFacts(
             method=req.method,
             path=req.path,
@@ -166,14 +158,34 @@ class ExtAuthzClient:
     async def _exchange(
         self, provider: ExtAuthzProvider, request: CheckRequest
     ) -> tuple[int, list[tuple[str, str]], bytes]:
-        method, path, headers = request
+        method, path, headers, body = request
         pool, _ = await self._pool(provider)
-        response = await pool.request(method, path, headers, b"")
+        response = await pool.request(method, path, headers, body)
         try:
             body = await _read(response.body)
             return response.status, list(response.headers), body
         finally:
             response.close()
+
+
+# Envoy's answer when the body is larger than `maxRequestBytes` and a partial one is
+# not allowed: the authorizer is not asked
+TOO_LARGE = CheckResult(False, 413, b"Payload Too Large")
+
+
+async def peek_body(provider: ExtAuthzProvider, req: Request) -> tuple[bytes, bool] | None:
+    """(the body to send in the check, whether it was cut short): nothing unless the
+    provider includes the body; None when it is larger than `maxRequestBytes` and a
+    partial one is not allowed. The body stays in the stream for the upstream."""
+    if not provider.max_request_bytes:
+        return b"", False
+    # one byte more than allowed tells "larger"
+    peeked = await req.body.peek(provider.max_request_bytes + 1)
+    if len(peeked) <= provider.max_request_bytes:
+        return peeked, False
+    if not provider.allow_partial_message:
+        return None
+    return peeked[: provider.max_request_bytes], True
 
 
 async def _read(stream: AsyncIterator[bytes]) -> bytes:
@@ -214,7 +226,7 @@ async def check_custom(
             req.headers = ext_authz_grpc.with_grpc_headers(req.headers, checked)
             return None, result._replace(upstream_headers=())
     else:
-        result = await client.check(provider, req.method, req.path, req.headers)
+        result = await client.check(provider, req)
     if result.allowed:
         return None, result
     if not result.body:

@@ -30,8 +30,8 @@ either trust domain; principals of other trust domains, and `*/...`, stay as wri
 
 Only MeshConfigs in the root namespace count; a provider name must be unique across
 them, and each names exactly one of the two. `headersToDownstreamOnAllow`,
-`includeAdditionalHeadersInCheck`, HTTP's `includeRequestBodyInCheck` and gRPC's
-`clearRouteCache` are not supported yet (refused with their path).
+`includeAdditionalHeadersInCheck` and gRPC's `clearRouteCache` are not supported yet
+(refused with their path).
 
 `RateLimitPolicy` (`meshwork.io/v1`, plural `ratelimitpolicies`, short `rlp`) is local
 rate limiting in the *server* sidecars, shaped like Linkerd's HTTPLocalRateLimitPolicy
@@ -73,6 +73,14 @@ from mesh.resources.security import WorkloadSelector
 # ---------------------------------------------------------------- MeshConfig
 
 
+class RequestBodyInCheck(Model, frozen=True):
+    """Istio's `includeRequestBodyInCheck` (Envoy's `with_request_body`)."""
+
+    max_request_bytes: int | None = None
+    allow_partial_message: bool = False
+    pack_as_bytes: bool = False
+
+
 class ExtAuthzHttp(Model, frozen=True):
     """Istio's `envoyExtAuthzHttp` (Envoy's ext_authz HTTP service)."""
 
@@ -86,14 +94,7 @@ class ExtAuthzHttp(Model, frozen=True):
     include_request_headers_in_check: tuple[str, ...] = ()
     headers_to_upstream_on_allow: tuple[str, ...] = ()
     headers_to_downstream_on_deny: tuple[str, ...] = ()
-
-
-class RequestBodyInCheck(Model, frozen=True):
-    """Istio's `includeRequestBodyInCheck` (Envoy's `with_request_body`)."""
-
-    max_request_bytes: int | None = None
-    allow_partial_message: bool = False
-    pack_as_bytes: bool = False
+    include_request_body_in_check: RequestBodyInCheck | None = None
 
 
 class ExtAuthzGrpc(Model, frozen=True):

@@ -18,6 +18,7 @@ from mesh.resources.meshwork import (
     ExtAuthzHttp,
     MeshConfigSpec,
     RateLimitPolicySpec,
+    RequestBodyInCheck,
     RequestRate,
 )
 
@@ -179,23 +180,29 @@ def _ext_authz_grpc(grpc: ExtAuthzGrpc, path: str, out: list[Issue]) -> None:
     _service_port_timeout_status(
         grpc.service, grpc.port, grpc.timeout, grpc.status_on_error, path, out
     )
-    body = grpc.include_request_body_in_check
-    if body is not None and body.max_request_bytes is None:
-        out.append(required(field(field(path, "includeRequestBodyInCheck"), "maxRequestBytes")))
-    elif body is not None and body.max_request_bytes is not None:
-        if not 1 <= body.max_request_bytes <= MAX_CHECK_BODY_BYTES:
-            out.append(
-                Issue(
-                    field(field(path, "includeRequestBodyInCheck"), "maxRequestBytes"),
-                    f"must be between 1 and {MAX_CHECK_BODY_BYTES}, got {body.max_request_bytes}",
-                )
+    _body_in_check(grpc.include_request_body_in_check, path, out)
+
+
+def _body_in_check(body: RequestBodyInCheck | None, path: str, out: list[Issue]) -> None:
+    max_path = field(field(path, "includeRequestBodyInCheck"), "maxRequestBytes")
+    if body is None:
+        return
+    if body.max_request_bytes is None:
+        out.append(required(max_path))
+    elif not 1 <= body.max_request_bytes <= MAX_CHECK_BODY_BYTES:
+        out.append(
+            Issue(
+                max_path,
+                f"must be between 1 and {MAX_CHECK_BODY_BYTES}, got {body.max_request_bytes}",
             )
+        )
 
 
 def _ext_authz_http(http: ExtAuthzHttp, path: str, out: list[Issue]) -> None:
     _service_port_timeout_status(
         http.service, http.port, http.timeout, http.status_on_error, path, out
     )
+    _body_in_check(http.include_request_body_in_check, path, out)
     if http.path_prefix and not http.path_prefix.startswith("/"):
         out.append(
             Issue(field(path, "pathPrefix"), f"must start with '/', got {http.path_prefix!r}")

@@ -229,6 +229,7 @@ def _dry_run(resource: Resource) -> bool:
 
 def _provider(name: str, http: ExtAuthzHttp) -> compiled.ExtAuthzProvider:
     # validation guarantees a service, a port, a positive timeout and a status
+    body = http.include_request_body_in_check
     lower = lambda names: tuple(n.lower() for n in names)  # noqa: E731
     return compiled.ExtAuthzProvider(
         name=name,
@@ -241,6 +242,8 @@ def _provider(name: str, http: ExtAuthzHttp) -> compiled.ExtAuthzProvider:
         include_request_headers=lower(http.include_request_headers_in_check),
         headers_to_upstream_on_allow=lower(http.headers_to_upstream_on_allow),
         headers_to_downstream_on_deny=lower(http.headers_to_downstream_on_deny),
+        max_request_bytes=(body.max_request_bytes or 0) if body is not None else 0,
+        allow_partial_message=body.allow_partial_message if body is not None else False,
     )
 
 

@@ -37,7 +37,13 @@ class SampleExtAuthz:
 
     async def start(self, port: int = 0) -> SampleExtAuthz:
         async def check(request: web.Request) -> web.Response:
-            self.checked.append({"path": request.path_qs, **dict(request.headers)})
+            self.checked.append(
+                {
+                    "path": request.path_qs,
+                    "body": (await request.read()).decode(),
+                    **dict(request.headers),
+                }
+            )
             if request.path.startswith("/slow"):
                 await asyncio.sleep(self.delay_s)
             if request.headers.get("x-ext-authz") == "allow":
@@ -179,6 +185,33 @@ async def test_timeout_status_on_error_and_fail_open(mesh: Mesh) -> None:
     assert reply.status == 503 and reply.flags == "UAEX"
     await mesh.harness.apply(mesh_config(timeout="300ms", failOpen=True))
     await mesh.until("/slow", 200, "x-ext-authz: deny")
+
+
+async def test_include_request_body_in_check(mesh: Mesh) -> None:
+    await mesh.harness.apply(mesh_config(includeRequestBodyInCheck={"maxRequestBytes": 16}))
+    await mesh.harness.apply(custom_policy("{app: httpbin}"))
+    await mesh.until("/headers", 403)
+
+    async def post(body: bytes) -> RawReply:
+        head = (
+            "POST http://httpbin.default:8000/headers HTTP/1.1\r\nHost: httpbin.default:8000\r\n"
+            f"x-ext-authz: allow\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        ).encode()
+        reply = await raw_http(mesh.client.ports["outbound"], head + body, timeout=15)
+        assert reply is not None
+        return reply
+
+    async def body_checked() -> RawReply | None:
+        reply = await post(b"hello authorizer")
+        return reply if mesh.authz.checked[-1]["body"] == "hello authorizer" else None
+
+    allowed: RawReply = await eventually(body_checked, timeout=10)
+    assert allowed.status == 200
+    # the authorizer saw the body and the app still got all of it
+    assert json.loads(allowed.body)["body_len"] == len(b"hello authorizer")
+    checks = len(mesh.authz.checked)
+    too_large = await post(b"x" * 17)
+    assert too_large.status == 413 and len(mesh.authz.checked) == checks
 
 
 async def test_undefined_provider_denies_what_the_policy_matches(mesh: Mesh) -> None:

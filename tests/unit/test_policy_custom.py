@@ -103,7 +103,9 @@ REFUSED = [
     (_with({}, {"headersToUpstreamOnAllow": ["bad header"]}),
      "spec.extensionProviders[0].envoyExtAuthzHttp.headersToUpstreamOnAllow[0]"),
     (_with({}, {"includeRequestBodyInCheck": {}}),
-     "spec.extensionProviders[0].envoyExtAuthzHttp.includeRequestBodyInCheck"),
+     "spec.extensionProviders[0].envoyExtAuthzHttp.includeRequestBodyInCheck.maxRequestBytes"),
+    (_with({}, {"includeRequestBodyInCheck": {"maxRequestBytes": 2_000_000}}),
+     "spec.extensionProviders[0].envoyExtAuthzHttp.includeRequestBodyInCheck.maxRequestBytes"),
     (_with({"envoyExtAuthzGrpc": {"service": "x", "port": 9000}}),
      "spec.extensionProviders[0].envoyExtAuthzGrpc"),
     (_with({"name": ""}), "spec.extensionProviders[0].name"),
@@ -203,6 +205,13 @@ def test_check_request_sends_only_the_allowed_headers() -> None:
         ("x-ext-authz", "allow"),
         ("content-length", "0"),
     ]
+
+
+def test_check_request_carries_the_body_when_included() -> None:
+    sent = check_request(PROVIDER, "POST", "/p", [("host", "h")], b"hello")
+    assert sent.body == b"hello" and ("content-length", "5") in sent.headers
+    cut = check_request(PROVIDER, "POST", "/p", [("host", "h")], b"he", partial_body=True)
+    assert ("x-envoy-auth-partial-body", "true") in cut.headers
 
 
 def test_answers() -> None:

@@ -11,7 +11,7 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.auth.v3 import external_auth_pb2
 from google.protobuf.wrappers_pb2 import BoolValue
 
-from mesh.compiled import ExtAuthzProvider
+from mesh.compiled import AuthzPolicy, ExtAuthzProvider
 from mesh.hosts import ServiceRef
 from mesh.resources import ResourceError, parse_resource
 from proxy.policy import ext_authz_grpc as core
@@ -208,3 +208,22 @@ def test_framing_and_failed_calls() -> None:
         core.call_status(200, [], [])
     with pytest.raises(core.GrpcCallError, match="undecodable"):
         core.check_response(PROVIDER, b"\xff\xff")
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_envoy_filter_carries_the_body_settings(protocol: str) -> None:
+    from proxy.envoy.translate.ext_authz import ext_authz_filters
+
+    provider = ExtAuthzProvider(
+        name="p", service="ext-authz.foo", port=9000, protocol=protocol,  # type: ignore[arg-type]
+        max_request_bytes=64, allow_partial_message=True,
+    )  # fmt: skip
+    custom = AuthzPolicy(name="c", namespace="foo", action="CUSTOM", provider="p")
+    _shadow, ext_authz = ext_authz_filters([custom], provider, "foo", {})
+    body = ext_authz["typedConfig"]
+    assert body["withRequestBody"] == {
+        "maxRequestBytes": 64,
+        "allowPartialMessage": True,
+        "packAsBytes": False,
+    }
+    assert ("grpcService" in body) is (protocol == "grpc")

@@ -108,11 +108,7 @@ def ext_authz_filters(
             "filterEnabledMetadata": enabled,
         }
         if provider.max_request_bytes:
-            grpc_body["withRequestBody"] = {
-                "maxRequestBytes": provider.max_request_bytes,
-                "allowPartialMessage": provider.allow_partial_message,
-                "packAsBytes": provider.pack_as_bytes,
-            }
+            grpc_body["withRequestBody"] = _with_request_body(provider)
         return [
             {"name": "envoy.filters.http.rbac", "typedConfig": typed(HTTP_RBAC, shadow)},
             {"name": "envoy.filters.http.ext_authz", "typedConfig": typed(EXT_AUTHZ, grpc_body)},
@@ -148,10 +144,21 @@ def ext_authz_filters(
         "statusOnError": {"code": provider.status_on_error},
         "filterEnabledMetadata": enabled,
     }
+    if provider.max_request_bytes:
+        body["withRequestBody"] = _with_request_body(provider)
     return [
         {"name": "envoy.filters.http.rbac", "typedConfig": typed(HTTP_RBAC, shadow)},
         {"name": "envoy.filters.http.ext_authz", "typedConfig": typed(EXT_AUTHZ, body)},
     ]
+
+
+def _with_request_body(provider: ExtAuthzProvider) -> Json:
+    """`includeRequestBodyInCheck` as Envoy's BufferSettings."""
+    return {
+        "maxRequestBytes": provider.max_request_bytes,
+        "allowPartialMessage": provider.allow_partial_message,
+        "packAsBytes": provider.pack_as_bytes,
+    }
 
 
 def grpc_cluster(fqdn: str) -> str:
