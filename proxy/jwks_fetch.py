@@ -97,11 +97,11 @@ class JwksFetcher:
         try:
             async with asyncio.timeout(timeout):
                 if uri in self._discovered:
-                    jwks_uri = jwks_uri_of(await self._get(uri, timeout))
+                    jwks_uri = jwks_uri_of(await self.fetch_document(uri, timeout))
                     log.debug("jwks.discovered", uri=uri, jwks_uri=jwks_uri)
-                    body = await self._get(jwks_uri, timeout)
+                    body = await self.fetch_document(jwks_uri, timeout)
                 else:
-                    body = await self._get(uri, timeout)
+                    body = await self.fetch_document(uri, timeout)
         except (aiohttp.ClientError, TimeoutError, OSError, ssl.SSLError, ValueError) as e:
             error = self.cache.failed(uri, f"{type(e).__name__}: {e}", self.clock())
             log.warning("jwks.fetch_failed", uri=uri, error=error)
@@ -112,7 +112,8 @@ class JwksFetcher:
         else:
             log.info("jwks.fetched", uri=uri, keys=len(self.cache.keys(uri) or ()))
 
-    async def _get(self, uri: str, timeout_s: float) -> bytes:
+    async def fetch_document(self, uri: str, timeout_s: float) -> bytes:
+        """GET `uri` (200 only, verified TLS, bounded in time and size)."""
         connector = aiohttp.TCPConnector(ssl=self._context())
         async with (
             aiohttp.ClientSession(
@@ -220,7 +221,7 @@ class OidcDiscovery:
 
     async def _resolve(self, uri: str) -> bool:
         try:
-            jwks_uri = jwks_uri_of(await self._fetcher._get(uri, DEFAULT_TIMEOUT_S))
+            jwks_uri = jwks_uri_of(await self._fetcher.fetch_document(uri, DEFAULT_TIMEOUT_S))
         except (aiohttp.ClientError, TimeoutError, OSError, ssl.SSLError, ValueError) as e:
             failures = self._failures[uri] = self._failures.get(uri, 0) + 1
             self._due[uri] = self._clock() + min(60.0, 2 ** (failures - 1))
