@@ -472,6 +472,8 @@ class ExtAuthzProvider(msgspec.Struct, frozen=True, omit_defaults=True):
     include_request_headers: tuple[str, ...] = ()
     headers_to_upstream_on_allow: tuple[str, ...] = ()
     headers_to_downstream_on_deny: tuple[str, ...] = ()
+    # sent to the client with the upstream's answer when the check allowed
+    headers_to_downstream_on_allow: tuple[str, ...] = ()
 
 
 class JwtFromHeader(msgspec.Struct, frozen=True, omit_defaults=True):

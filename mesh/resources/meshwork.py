@@ -29,9 +29,8 @@ or, for Envoy's gRPC `envoy.service.auth.v3.Authorization/Check`::
 either trust domain; principals of other trust domains, and `*/...`, stay as written.
 
 Only MeshConfigs in the root namespace count; a provider name must be unique across
-them, and each names exactly one of the two. `headersToDownstreamOnAllow`,
-`includeAdditionalHeadersInCheck` and gRPC's `clearRouteCache` are not supported yet
-(refused with their path).
+them, and each names exactly one of the two. `includeAdditionalHeadersInCheck` and
+gRPC's `clearRouteCache` are not supported yet (refused with their path).
 
 `RateLimitPolicy` (`meshwork.io/v1`, plural `ratelimitpolicies`, short `rlp`) is local
 rate limiting in the *server* sidecars, shaped like Linkerd's HTTPLocalRateLimitPolicy
@@ -94,6 +93,7 @@ class ExtAuthzHttp(Model, frozen=True):
     include_request_headers_in_check: tuple[str, ...] = ()
     headers_to_upstream_on_allow: tuple[str, ...] = ()
     headers_to_downstream_on_deny: tuple[str, ...] = ()
+    headers_to_downstream_on_allow: tuple[str, ...] = ()
     include_request_body_in_check: RequestBodyInCheck | None = None
 
 

@@ -211,11 +211,13 @@ def _ext_authz_http(http: ExtAuthzHttp, path: str, out: list[Issue]) -> None:
         "includeRequestHeadersInCheck",
         "headersToUpstreamOnAllow",
         "headersToDownstreamOnDeny",
+        "headersToDownstreamOnAllow",
     ):
         values = {
             "includeRequestHeadersInCheck": http.include_request_headers_in_check,
             "headersToUpstreamOnAllow": http.headers_to_upstream_on_allow,
             "headersToDownstreamOnDeny": http.headers_to_downstream_on_deny,
+            "headersToDownstreamOnAllow": http.headers_to_downstream_on_allow,
         }[name]
         for j, header in enumerate(values):
             problem = checks.header_name(header)

@@ -8,7 +8,8 @@ send, and what the answer means; `proxy.ext_authz` does the exchange.
   Envoy), or with `includeRequestBodyInCheck` the request body up to
   `maxRequestBytes` (`x-envoy-auth-partial-body: true` when cut short).
 - 200 allows: headers named in `headersToUpstreamOnAllow` are set on the request
-  forwarded upstream.
+  forwarded upstream, those named in `headersToDownstreamOnAllow` are added to the
+  upstream's answer to the client.
 - Any other status denies with that status and body; the authorizer's headers named
   in `headersToDownstreamOnDeny` reach the client (all but hop-by-hop and framing
   ones when the list is empty, as Envoy does).
@@ -74,6 +75,7 @@ def check_result(
         return CheckResult(
             True,
             upstream_headers=_named(headers, provider.headers_to_upstream_on_allow),
+            downstream_headers=_named(headers, provider.headers_to_downstream_on_allow),
         )
     if provider.headers_to_downstream_on_deny:
         downstream = _named(headers, provider.headers_to_downstream_on_deny)

@@ -9,10 +9,10 @@ CheckResponse means; `proxy.ext_authz` does the exchange over the mesh's HTTP/2 
   host, scheme, protocol and, with `includeRequestBodyInCheck`, the body buffered up
   to `maxRequestBytes` (`raw_body` with `packAsBytes`, else `body` as UTF-8).
 - `status.code` OK allows: `ok_response.headers` are set on the upstream request
-  (replacing the client's; `append: true` adds a value instead) and the names in
-  `headers_to_remove` are removed (never Host, framing or pseudo-headers).
-  `response_headers_to_add`, `query_parameters_to_set/remove` and
-  `dynamic_metadata` are not applied.
+  (replacing the client's; `append: true` adds a value instead), the names in
+  `headers_to_remove` are removed (never Host, framing or pseudo-headers), and
+  `response_headers_to_add` are added to the upstream's answer to the client.
+  `query_parameters_to_set/remove` and `dynamic_metadata` are not applied.
 - Any other code denies with `denied_response`: its HTTP status (403 when unset, as
   Envoy), headers and body go to the client.
 - No usable answer (a gRPC error status, transport failure, timeout, an undecodable
@@ -178,6 +178,11 @@ def check_response(provider: ExtAuthzProvider, message: bytes) -> GrpcCheckResul
             CheckResult(
                 True,
                 upstream_headers=tuple((n, v) for n, v, _ in set_headers),
+                downstream_headers=tuple(
+                    (h.header.key.lower(), _value(h.header))
+                    for h in ok.response_headers_to_add
+                    if _settable(h.header.key)
+                ),
             ),
             remove_headers=tuple(n.lower() for n in ok.headers_to_remove if _settable(n)),
             set_headers=set_headers,

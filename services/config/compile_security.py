@@ -242,6 +242,7 @@ def _provider(name: str, http: ExtAuthzHttp) -> compiled.ExtAuthzProvider:
         include_request_headers=lower(http.include_request_headers_in_check),
         headers_to_upstream_on_allow=lower(http.headers_to_upstream_on_allow),
         headers_to_downstream_on_deny=lower(http.headers_to_downstream_on_deny),
+        headers_to_downstream_on_allow=lower(http.headers_to_downstream_on_allow),
         max_request_bytes=(body.max_request_bytes or 0) if body is not None else 0,
         allow_partial_message=body.allow_partial_message if body is not None else False,
     )

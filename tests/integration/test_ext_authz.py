@@ -76,6 +76,7 @@ def mesh_config(**http: Any) -> str:
         "includeRequestHeadersInCheck": ["x-ext-authz"],
         "headersToUpstreamOnAllow": [CHECK_RESULT],
         "headersToDownstreamOnDeny": [CHECK_RESULT, "content-type"],
+        "headersToDownstreamOnAllow": [CHECK_RESULT],
         **http,
     }
     return f"""
@@ -164,6 +165,8 @@ async def test_authz_custom_task_allow_and_deny(mesh: Mesh) -> None:
     assert app.requests == before
     allowed = await mesh.send("/headers?x=1", "x-ext-authz: allow", "cookie: secret")
     assert allowed.status == 200
+    # headersToDownstreamOnAllow: the authorizer's header on the client's answer too
+    assert allowed.headers[CHECK_RESULT] == "allowed"
     seen = json.loads(allowed.body)["headers"]
     # the authorizer's header reached the app (headersToUpstreamOnAllow)
     assert seen[CHECK_RESULT] == "allowed"
@@ -255,4 +258,5 @@ async def test_custom_at_the_ingress_gateway(mesh: Mesh) -> None:
     await eventually(denied, timeout=10)
     allowed = await send("x-ext-authz: allow")
     assert allowed.status == 200
+    assert allowed.headers[CHECK_RESULT] == "allowed"  # headersToDownstreamOnAllow
     assert mesh.server.echo.seen_headers[-1][CHECK_RESULT] == "allowed"

@@ -40,7 +40,7 @@ class SampleGrpcExtAuthz(external_auth_pb2_grpc.AuthorizationServicer):
     """Istio's samples/extauthz gRPC server: OK with `x-ext-authz-check-result:
     allowed` when the request carries `x-ext-authz: allow`, else PERMISSION_DENIED
     with a 403 DeniedHttpResponse. On allow it also removes `x-remove-me` from the
-    request; paths under `/slow` answer after `delay_s` (to time out)."""
+    request and adds `x-ext-authz-note: welcome` to the answer; paths under `/slow` answer after `delay_s` (to time out)."""
 
     def __init__(self) -> None:
         self.checked: list[external_auth_pb2.CheckRequest] = []
@@ -63,6 +63,7 @@ class SampleGrpcExtAuthz(external_auth_pb2_grpc.AuthorizationServicer):
                 ok_response=external_auth_pb2.OkHttpResponse(
                     headers=[_header(CHECK_RESULT, "allowed")],
                     headers_to_remove=["x-remove-me"],
+                    response_headers_to_add=[_header("x-ext-authz-note", "welcome")],
                 ),
             )
         return external_auth_pb2.CheckResponse(
@@ -162,6 +163,8 @@ async def test_grpc_authorizer_allows_and_denies(env: Env) -> None:
         "/headers?x=1", **{"x-ext-authz": "allow", "x-remove-me": "1", "x-kept": "2"}
     )
     assert allowed.status == 200
+    # OkHttpResponse.response_headers_to_add: on the answer the client gets
+    assert allowed.headers["x-ext-authz-note"] == "welcome"
     seen = {k.lower(): v for k, v in app.seen_headers[-1].items()}
     # OkHttpResponse: its header set on the upstream request, the removed one gone
     assert seen[CHECK_RESULT] == "allowed"

@@ -236,3 +236,7 @@ def test_answers() -> None:
     assert check_failed(PROVIDER, "timeout") == (False, 403, b"", (), (), "timeout")
     open_provider = ExtAuthzProvider(name="p", service="s", port=1, fail_open=True)
     assert check_failed(open_provider, "timeout").allowed
+    to_client = ExtAuthzProvider(
+        name="p", service="s", port=1, headers_to_downstream_on_allow=("x-other",)
+    )
+    assert check_result(to_client, 200, answer, b"").downstream_headers == (("x-other", "1"),)

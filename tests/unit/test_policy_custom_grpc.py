@@ -166,10 +166,12 @@ def test_ok_response_sets_appends_and_removes_headers_but_never_host() -> None:
                 _option("host", "evil"),
             ],
             headers_to_remove=["x-drop", ":path", "host"],
+            response_headers_to_add=[_option("X-Note", "hi"), _option("content-length", "9")],
         )
     )
     checked = core.check_response(PROVIDER, answer.SerializeToString())
     assert checked.result.allowed
+    assert checked.result.downstream_headers == (("x-note", "hi"),)
     headers = [("host", "h"), ("x-user", "spoofed"), ("x-tag", "a"), ("x-drop", "1")]
     assert core.with_grpc_headers(headers, checked) == [
         ("host", "h"),

@@ -122,6 +122,10 @@ def ext_authz_filters(
         response["allowedUpstreamHeaders"] = patterns(provider.headers_to_upstream_on_allow)
     if provider.headers_to_downstream_on_deny:
         response["allowedClientHeaders"] = patterns(provider.headers_to_downstream_on_deny)
+    if provider.headers_to_downstream_on_allow:
+        response["allowedClientHeadersOnSuccess"] = patterns(
+            provider.headers_to_downstream_on_allow
+        )
     service: Json = {
         "serverUri": {
             "uri": f"http://{fqdn}",
