@@ -490,19 +490,31 @@ class InboundPolicy(msgspec.Struct, frozen=True, omit_defaults=True, tag=True):
 
 
 class ExtAuthzProvider(msgspec.Struct, frozen=True, omit_defaults=True):
-    """One `extensionProviders[]` entry with `envoyExtAuthzHttp` (Envoy's HTTP
-    ext_authz service semantics). Header names are lower-case."""
+    """One `extensionProviders[]` entry: `envoyExtAuthzHttp` (Envoy's HTTP ext_authz
+    service semantics; header names lower-case) or, with `protocol` "grpc",
+    `envoyExtAuthzGrpc` (Envoy's `envoy.service.auth.v3.Authorization/Check`, which
+    sends every request header and takes the header changes from the answer: the
+    header lists and `path_prefix` stay empty)."""
 
     name: str
     service: str  # a mesh host
     port: int
     timeout_ms: int = 600_000  # Istio's default
+    # absent on the wire for HTTP, so older sidecars decode HTTP providers unchanged
+    protocol: Literal["http", "grpc"] = "http"
+    # `includeRequestBodyInCheck`: 0 sends no body; else the request body is
+    # buffered up to this many bytes and sent in the check (`pack_as_bytes`: gRPC only)
+    max_request_bytes: int = 0
+    allow_partial_message: bool = False
+    pack_as_bytes: bool = False
     path_prefix: str = ""
     fail_open: bool = False
     status_on_error: int = 403
     include_request_headers: tuple[str, ...] = ()
     headers_to_upstream_on_allow: tuple[str, ...] = ()
     headers_to_downstream_on_deny: tuple[str, ...] = ()
+    # sent to the client with the upstream's answer when the check allowed
+    headers_to_downstream_on_allow: tuple[str, ...] = ()
 
 
 class JwtFromHeader(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -515,9 +527,18 @@ class ClaimHeader(msgspec.Struct, frozen=True, omit_defaults=True):
     claim: str  # nested claims joined with "."
 
 
+OIDC_DISCOVERY_PATH = "/.well-known/openid-configuration"
+
+
+def oidc_discovery_uri(issuer: str) -> str:
+    """Where an issuer's OpenID configuration lives (OpenID Connect Discovery 1.0 §4)."""
+    return issuer.rstrip("/") + OIDC_DISCOVERY_PATH
+
+
 class JwtRule(msgspec.Struct, frozen=True, omit_defaults=True):
     """One `jwtRules[]` entry. Empty `from_headers`/`from_params`/`from_cookies`
-    together mean Istio's default locations (`Authorization: Bearer`, `access_token`)."""
+    together mean Istio's default locations (`Authorization: Bearer`, `access_token`).
+    Neither `jwks` nor `jwks_uri`: the keys are found by OIDC discovery (`key_uri`)."""
 
     issuer: str
     audiences: tuple[str, ...] = ()
@@ -530,6 +551,15 @@ class JwtRule(msgspec.Struct, frozen=True, omit_defaults=True):
     output_claim_to_headers: tuple[ClaimHeader, ...] = ()
     forward_original_token: bool = False
     timeout_ms: int = 5000
+
+    @property
+    def key_uri(self) -> str:
+        """Where the proxy fetches this rule's keys: `jwks_uri`, or, without keys of
+        its own, the issuer's OpenID configuration (whose `jwks_uri` it follows, as
+        Istio does); "" with inline `jwks`."""
+        if self.jwks:
+            return ""
+        return self.jwks_uri or oidc_discovery_uri(self.issuer)
 
 
 class RequestAuthn(msgspec.Struct, frozen=True, omit_defaults=True):

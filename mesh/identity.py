@@ -24,6 +24,7 @@ import re
 import shutil
 import ssl
 import tempfile
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -633,8 +634,10 @@ def switching_server_context(
     front = _base_context(ssl.PROTOCOL_TLS_SERVER, alpn)
 
     def switch(
-        ssl_object: ssl.SSLObject | ssl.SSLSocket, _server_name: str | None, _ctx: ssl.SSLContext
+        ssl_object: ssl.SSLObject | ssl.SSLSocket, server_name: str | None, _ctx: ssl.SSLContext
     ) -> int | None:
+        if server_name:
+            _server_names[ssl_object] = server_name
         try:
             ssl_object.context = current()
         except errors.MeshError:
@@ -644,6 +647,20 @@ def switching_server_context(
 
     front.sni_callback = switch
     return front
+
+
+# the SNI each live server-side connection asked for (AuthorizationPolicy
+# `connection.sni`); the ClientHello callback of `switching_server_context` records it
+_server_names: weakref.WeakKeyDictionary[ssl.SSLObject | ssl.SSLSocket, str] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def requested_server_name(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> str:
+    """The server name the client sent in its ClientHello, "" when none (or not TLS)."""
+    if ssl_object is None:
+        return ""
+    return _server_names.get(ssl_object, "")
 
 
 def check_peer(ssl_object: _PeerCertSource | None, expected_identity: str | None = None) -> str:

@@ -12,10 +12,12 @@ paths, hosts and headers do.
 
 from __future__ import annotations
 
+from mesh.identity import requested_server_name
 from proxy.ext_authz import check_custom
-from proxy.forward import Outcome, local_reply
+from proxy.forward import local_reply
 from proxy.http import Exchange, Request, header_map
 from proxy.inbound_policy import InboundPolicyFollower
+from proxy.outbound import ADMITTED, Admitted
 from proxy.policy import RequestFacts, original_client
 from proxy.policy.ext_authz import with_upstream_headers
 from proxy.request_authn import reply_unauthenticated
@@ -30,13 +32,13 @@ class GatewayAdmission:
         self.stats = stats
         self.port = port
 
-    async def admit(self, req: Request, ex: Exchange) -> Outcome | None:
+    async def admit(self, req: Request, ex: Exchange) -> Admitted:
         verdict = await self.policy.authentication.authenticate(req)
         if verdict.error:
-            return await reply_unauthenticated(req, ex, verdict)
+            return Admitted(await reply_unauthenticated(req, ex, verdict))
         authorizer = self.policy.authorizer
         if authorizer.empty:
-            return None
+            return ADMITTED
         headers = header_map(req.headers)
         peer_ip = req.peer[0] if req.peer else ""
         trusted = self.policy.policy.num_trusted_proxies if self.policy.policy else 0
@@ -53,10 +55,13 @@ class GatewayAdmission:
                 headers=headers,
                 auth=verdict.identity,
                 remote_ip=original_client(headers.get("x-forwarded-for", ""), peer_ip, trusted),
+                destination_ip=req.local[0] if req.local else "",
+                sni=requested_server_name(req.ssl_object),
             )
         )
         if decision.shadow is not None:
             self.stats.count_dry_run("http", decision.shadow)
+        client_headers: tuple[tuple[str, str], ...] = ()
         if decision.custom:
             # CUSTOM first (Istio's order): the external authorizer's denial wins
             refused, checked = await check_custom(
@@ -68,14 +73,15 @@ class GatewayAdmission:
                 ex,
             )
             if refused is not None:
-                return refused
+                return Admitted(refused)
             assert checked is not None
             req.headers = with_upstream_headers(req.headers, checked)
+            client_headers = checked.downstream_headers
         if decision.allowed:
-            return None
+            return Admitted(client_headers=client_headers)
         self.stats.authz_denied.labels(policy=decision.policy or "none").inc()
         outcome = await local_reply(
             ex, 403, DENIED_FLAG, f"RBAC: access denied ({decision.reason})"
         )
         outcome.authz_shadow = decision.shadow
-        return outcome
+        return Admitted(outcome)

@@ -10,7 +10,9 @@ replaced by the one the handshake proved.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
+from mesh.identity import requested_server_name
 from proxy.ext_authz import check_custom
 from proxy.forward import Outcome, PoolSet, forward, local_reply
 from proxy.http import Exchange, Request, ensure_request_id, header_map, strip_hop_by_hop
@@ -73,6 +75,8 @@ class InboundHandler:
         path = req.path
         authz = self._authorize(req, peer, path, identity)
         shadow = authz.shadow if authz is not None else None
+        # the authorizer's headers for the client when it allowed (ext_authz)
+        allowed_headers: list[tuple[str, str]] = []
         if authz is not None and authz.custom:
             # CUSTOM first (Istio's order): the external authorizer's denial wins
             refused, checked = await check_custom(
@@ -88,6 +92,7 @@ class InboundHandler:
                 return refused
             assert checked is not None
             req.headers = with_upstream_headers(req.headers, checked)
+            allowed_headers = list(checked.downstream_headers)
         if authz is not None and not authz.allowed:
             self.stats.authz_denied.labels(policy=authz.policy or "none").inc()
             outcome = await local_reply(
@@ -126,7 +131,7 @@ class InboundHandler:
             path=path,
             headers=headers,
             upstream=self.app_address,
-            response_headers=(lambda h: h + limited_headers) if limited_headers else None,
+            response_headers=_adding((limited_headers or []) + allowed_headers),
         )
         outcome.authz_shadow = shadow
         return outcome
@@ -156,8 +161,20 @@ class InboundHandler:
                 headers=headers,
                 auth=auth,
                 remote_ip=original_client(headers.get("x-forwarded-for", ""), peer_ip, trusted),
+                destination_ip=req.local[0] if req.local else "",
+                sni=requested_server_name(req.ssl_object),
             )
         )
         if decision.shadow is not None:
             self.stats.count_dry_run("http", decision.shadow)
         return decision
+
+
+def _adding(
+    extra: list[tuple[str, str]],
+) -> Callable[[list[tuple[str, str]]], list[tuple[str, str]]] | None:
+    """The upstream answer's headers plus `extra` (rate-limit and ext_authz headers for
+    the client); None when there are none."""
+    if not extra:
+        return None
+    return lambda headers: headers + extra

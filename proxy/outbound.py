@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import random
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from mesh import errors
 from mesh.compiled import HTTPRoute, Mirror
@@ -54,11 +54,22 @@ from proxy.routing import (
 from proxy.telemetry import SidecarTelemetry
 
 
-class Admission(Protocol):
-    """A gateway's request policy (`proxy.gateway_policy`): None lets the request on
-    (possibly rewritten: a JWT removed, claims added), else the reply it was given."""
+class Admitted(NamedTuple):
+    """What a gateway's request policy decided: `refused`, the reply it gave, or None
+    to let the request on (possibly rewritten: a JWT removed, claims added) with
+    `client_headers` added to the answer (an external authorizer's)."""
 
-    async def admit(self, req: Request, ex: Exchange) -> Outcome | None: ...
+    refused: Outcome | None = None
+    client_headers: tuple[tuple[str, str], ...] = ()
+
+
+ADMITTED = Admitted()
+
+
+class Admission(Protocol):
+    """A gateway's request policy (`proxy.gateway_policy`)."""
+
+    async def admit(self, req: Request, ex: Exchange) -> Admitted: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,9 +166,12 @@ class RouteHandler:
         if self.admission is not None and self.gateway_mode:
             # before routing, as Envoy's jwt_authn and RBAC filters precede the router;
             # routing then sees the request as forwarded (token removed, claims added)
-            refused = await self.admission.admit(req, ex)
-            if refused is not None:
-                return refused
+            admitted = await self.admission.admit(req, ex)
+            if admitted.refused is not None:
+                return admitted.refused
+            client_headers = admitted.client_headers
+        else:
+            client_headers = ()
         headers = header_map(req.headers)
         attrs = RequestAttrs(
             method=req.method,
@@ -176,7 +190,7 @@ class RouteHandler:
             match = self.gateway_routes.select(attrs)
             if match is None:
                 return await local_reply(ex, 404, "NR", f"no route for {authority}{req.path}")
-            return await self._route(req, ex, attrs, match, seen)
+            return await self._route(req, ex, attrs, match, seen, client_headers)
 
         ref = self._service(authority)
         if ref is None or ref.name == "*":
@@ -206,6 +220,7 @@ class RouteHandler:
         attrs: RequestAttrs,
         match: RouteMatch,
         seen: Outcome | None,
+        client_headers: tuple[tuple[str, str], ...] = (),
     ) -> Outcome:
         route: HTTPRoute = match.route
         if route.direct_response is not None:
@@ -281,6 +296,7 @@ class RouteHandler:
             headers = apply_response_header_ops(headers, route, chosen)
             if cookie:
                 headers.append(("set-cookie", cookie))
+            headers.extend(client_headers)
             return headers
 
         mirror = route.mirror

@@ -35,8 +35,9 @@ class RequestAuthentication:
         self.authenticator = Authenticator()
 
     def update(self, authenticator: Authenticator) -> None:
-        timeouts = {r.jwks_uri: r.timeout_ms / 1000 for r in authenticator.rules if r.jwks_uri}
-        self.fetcher.track(authenticator.jwks_uris, timeouts)
+        timeouts = {r.key_uri: r.timeout_ms / 1000 for r in authenticator.rules if r.key_uri}
+        discovered = {r.key_uri for r in authenticator.rules if not r.jwks and not r.jwks_uri}
+        self.fetcher.track(authenticator.key_uris, timeouts, discovered)
         self.authenticator = authenticator
 
     async def authenticate(self, req: Request) -> Verdict:
@@ -53,7 +54,7 @@ class RequestAuthentication:
             if not isinstance(result, KeysNeeded):
                 break
             timeout_s = next(
-                (r.timeout_ms / 1000 for r in authenticator.rules if r.jwks_uri == result.uri),
+                (r.timeout_ms / 1000 for r in authenticator.rules if r.key_uri == result.uri),
                 5.0,
             )
             await self.fetcher.ensure(result.uri, result.kid, timeout_s)

@@ -55,6 +55,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from mesh import errors
 from mesh.compiled import GatewayConfig
 from mesh.hosts import ServiceRef, canonical_host, service_of_host
+from mesh.identity import requested_server_name
 from mesh.logs import get_logger
 from mesh.messages import Endpoint, EndpointSet
 from proxy.destinations import Destination, DestinationCache
@@ -360,7 +361,7 @@ def _ssl_object(side: _Side) -> object | None:
 
 
 def _local_ip(side: _Side) -> str:
-    """The address the client connected to ("" when unknown)."""
+    """The address the client connected to ("" when unknown): `destination.ip`."""
     t = side.transport
     sockname = t.get_extra_info("sockname") if t is not None else None
     return str(sockname[0]) if isinstance(sockname, tuple) and sockname else ""
@@ -858,8 +859,16 @@ class TcpRelays:
         side = conn.downstream
         peer = peer_of(cast(ssl.SSLObject | None, _ssl_object(side)))
         source_ip = _peer_ip(side)
+        ssl_object = cast(ssl.SSLObject | None, _ssl_object(side))
         decision = authorizer.decide_connection(
-            ConnectionFacts(peer.principal, peer.namespace, source_ip, app_port)
+            ConnectionFacts(
+                peer.principal,
+                peer.namespace,
+                source_ip,
+                app_port,
+                destination_ip=_local_ip(side),
+                sni=requested_server_name(ssl_object),
+            )
         )
         shadow = decision.shadow
         if shadow is not None:

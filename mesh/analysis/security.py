@@ -21,6 +21,8 @@ from .messages import (
 )
 
 DRY_RUN_ANNOTATION = "istio.io/dry-run"
+# the label of a Gateway API Gateway's proxies (services.config.compile_security)
+GATEWAY_NAME_LABEL = "gateway.networking.k8s.io/gateway-name"
 
 _Selected = AuthorizationPolicySpec | PeerAuthenticationSpec | RateLimitPolicySpec
 
@@ -39,6 +41,17 @@ def selected_workloads(ctx: Context, resource: Resource) -> list[Workload]:
     spec = resource.spec
     assert isinstance(spec, _Selected)
     ns = resource.metadata.namespace
+    if isinstance(spec, AuthorizationPolicySpec):
+        refs = [spec.target_ref] if spec.target_ref is not None else list(spec.target_refs)
+        if refs:  # attached by reference, in its own namespace only
+            services = {r.name for r in refs if r.kind == "Service"}
+            gateways = {r.name for r in refs if r.kind == "Gateway"}
+            return [
+                w
+                for w in ctx.workloads
+                if w.namespace == ns
+                and (w.service in services or w.labels.get(GATEWAY_NAME_LABEL) in gateways)
+            ]
     selector = _selector(spec)
     return [
         w
@@ -103,6 +116,9 @@ def denies_everything(ctx: Context) -> list[Message]:
 
 
 def _scope(resource: Resource, spec: AuthorizationPolicySpec) -> str:
+    refs = [spec.target_ref] if spec.target_ref is not None else list(spec.target_refs)
+    if refs:
+        return "the targets " + ", ".join(f"{r.kind} {r.name}" for r in refs)
     selector = _selector(spec)
     if selector:
         return "the workloads with " + ",".join(f"{k}={v}" for k, v in sorted(selector.items()))

@@ -20,6 +20,7 @@ from mesh.resources.loader import (
 )
 from mesh.resources.meshwork import (
     ClientRefs,
+    ExtAuthzGrpc,
     ExtAuthzHttp,
     ExtensionProvider,
     MeshConfigSpec,
@@ -72,6 +73,7 @@ from mesh.resources.security import (
     MutualTLS,
     Operation,
     PeerAuthenticationSpec,
+    PolicyTargetReference,
     RequestAuthenticationSpec,
     Rule,
     RuleFrom,
@@ -93,6 +95,7 @@ __all__ = [
     "ConsistentHashLB",
     "Destination",
     "DestinationRuleSpec",
+    "ExtAuthzGrpc",
     "ExtAuthzHttp",
     "ExtensionProvider",
     "FaultAbort",
@@ -123,6 +126,7 @@ __all__ = [
     "ParsedBatch",
     "PeerAuthenticationSpec",
     "Percent",
+    "PolicyTargetReference",
     "Port",
     "PortSelector",
     "RateLimitOverride",

@@ -15,10 +15,22 @@ authorizers of `action: CUSTOM` policies), in Istio's shape::
           port: 8000
           includeRequestHeadersInCheck: ["x-ext-authz"]
 
+or, for Envoy's gRPC `envoy.service.auth.v3.Authorization/Check`::
+
+      - name: sample-ext-authz-grpc
+        envoyExtAuthzGrpc:
+          service: ext-authz.foo.svc.cluster.local
+          port: 9000
+          timeout: 1s            # optional; failOpen and statusOnError as for HTTP
+
+`trustDomain` and `trustDomainAliases` are Istio's trust domain migration: with
+`trustDomain: new-td` and `trustDomainAliases: [old-td]`, a policy principal
+`old-td/ns/foo/sa/bar`, `new-td/...` or `cluster.local/...` matches the workload in
+either trust domain; principals of other trust domains, and `*/...`, stay as written.
+
 Only MeshConfigs in the root namespace count; a provider name must be unique across
-them. `envoyExtAuthzGrpc`, `headersToDownstreamOnAllow`,
-`includeAdditionalHeadersInCheck` and `includeRequestBodyInCheck` are not supported
-yet (refused with their path).
+them, and each names exactly one of the two. `includeAdditionalHeadersInCheck` and
+gRPC's `clearRouteCache` are not supported yet (refused with their path).
 
 `RateLimitPolicy` (`meshwork.io/v1`, plural `ratelimitpolicies`, short `rlp`) is local
 rate limiting in the *server* sidecars, shaped like Linkerd's HTTPLocalRateLimitPolicy
@@ -60,6 +72,14 @@ from mesh.resources.security import WorkloadSelector
 # ---------------------------------------------------------------- MeshConfig
 
 
+class RequestBodyInCheck(Model, frozen=True):
+    """Istio's `includeRequestBodyInCheck` (Envoy's `with_request_body`)."""
+
+    max_request_bytes: int | None = None
+    allow_partial_message: bool = False
+    pack_as_bytes: bool = False
+
+
 class ExtAuthzHttp(Model, frozen=True):
     """Istio's `envoyExtAuthzHttp` (Envoy's ext_authz HTTP service)."""
 
@@ -73,11 +93,26 @@ class ExtAuthzHttp(Model, frozen=True):
     include_request_headers_in_check: tuple[str, ...] = ()
     headers_to_upstream_on_allow: tuple[str, ...] = ()
     headers_to_downstream_on_deny: tuple[str, ...] = ()
+    headers_to_downstream_on_allow: tuple[str, ...] = ()
+    include_request_body_in_check: RequestBodyInCheck | None = None
+
+
+class ExtAuthzGrpc(Model, frozen=True):
+    """Istio's `envoyExtAuthzGrpc` (Envoy's ext_authz gRPC service,
+    `envoy.service.auth.v3.Authorization/Check`)."""
+
+    service: str = ""
+    port: int | str | None = None
+    timeout: str | None = None
+    fail_open: bool = False
+    status_on_error: str = ""
+    include_request_body_in_check: RequestBodyInCheck | None = None
 
 
 class ExtensionProvider(Model, frozen=True):
     name: str = ""
     envoy_ext_authz_http: ExtAuthzHttp | None = None
+    envoy_ext_authz_grpc: ExtAuthzGrpc | None = None
 
 
 class GatewayTopology(Model, frozen=True):
@@ -98,6 +133,11 @@ class MeshConfigSpec(Model, frozen=True):
 
     extension_providers: tuple[ExtensionProvider, ...] = ()
     default_config: ProxyDefaults | None = None
+    # the mesh's trust domain (the CA's, default "cluster.local") and the ones it was
+    # migrated from: a policy principal in any of them, or in "cluster.local", names
+    # the same workload in all of them (Istio's trust domain migration)
+    trust_domain: str = ""
+    trust_domain_aliases: tuple[str, ...] = ()
 
 
 # ---------------------------------------------------------------- RateLimitPolicy

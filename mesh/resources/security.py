@@ -4,8 +4,15 @@ As in `networking`, only the fields Meshwork enforces exist here and every model
 forbids unknown fields: for a policy an ignored field is a security hole (a dropped
 `requestPrincipals` would turn "only these JWT subjects" into "anyone"). Fields Istio
 has and we refuse on purpose, so that users get `... is not supported` with their
-path: `targetRef` and `targetRefs` (both kinds), RequestAuthentication's
-`jwksRefresh`-style extensions. (An `outputClaimToHeaders` claim that is not a
+path: RequestAuthentication's `jwksRefresh`-style extensions.
+
+`targetRef`/`targetRefs` (Istio 1.22+, both kinds) attach a policy by reference
+instead of `selector`: to a `Service` (group "" or "core": the workloads serving that
+service name in the policy's namespace) or a Gateway API `Gateway` (group
+`gateway.networking.k8s.io`: the gateway proxies labelled
+`gateway.networking.k8s.io/gateway-name: <name>`, the label Istio gives a Gateway's
+deployment). Other kinds (GatewayClass, ServiceEntry, ...) and cross-namespace
+references are refused with their path. (An `outputClaimToHeaders` claim that is not a
 string, number or boolean is not copied, as Envoy does.)
 
 Scalars that have an Istio default (`action`, `mode`) default to None, so `meshctl get`
@@ -21,6 +28,15 @@ from mesh.resources.networking import Model
 
 class WorkloadSelector(Model, frozen=True):
     match_labels: dict[str, str] = {}
+
+
+class PolicyTargetReference(Model, frozen=True):
+    """Istio's `PolicyTargetReference` (`targetRef`, `targetRefs[]`)."""
+
+    group: str = ""
+    kind: str = ""
+    name: str = ""
+    namespace: str = ""
 
 
 # ---------------------------------------------------------------- PeerAuthentication
@@ -120,6 +136,8 @@ class ExtensionProviderRef(Model, frozen=True):
 
 class AuthorizationPolicySpec(Model, frozen=True):
     selector: WorkloadSelector | None = None
+    target_ref: PolicyTargetReference | None = None
+    target_refs: tuple[PolicyTargetReference, ...] = ()
     # ALLOW, DENY, AUDIT or CUSTOM (checked in validation); None = ALLOW
     action: str | None = None
     # CUSTOM only: the ext_authz provider (MeshConfig `extensionProviders[].name`)
@@ -163,4 +181,6 @@ class JwtRule(Model, frozen=True):
 
 class RequestAuthenticationSpec(Model, frozen=True):
     selector: WorkloadSelector | None = None
+    target_ref: PolicyTargetReference | None = None
+    target_refs: tuple[PolicyTargetReference, ...] = ()
     jwt_rules: tuple[JwtRule, ...] = ()

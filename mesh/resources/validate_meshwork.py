@@ -13,7 +13,27 @@ import re
 from mesh.resources import checks
 from mesh.resources.durations import parse_duration_ms
 from mesh.resources.errors import Issue, field, item, key, required
-from mesh.resources.meshwork import ExtAuthzHttp, MeshConfigSpec, RateLimitPolicySpec, RequestRate
+from mesh.resources.meshwork import (
+    ExtAuthzGrpc,
+    ExtAuthzHttp,
+    MeshConfigSpec,
+    RateLimitPolicySpec,
+    RequestBodyInCheck,
+    RequestRate,
+)
+
+# a SPIFFE trust domain name (as `mesh.identity` accepts it)
+_TRUST_DOMAIN = re.compile(r"[a-z0-9._-]+")
+
+
+def _trust_domain(name: str) -> str | None:
+    if not _TRUST_DOMAIN.fullmatch(name):
+        return (
+            "must be a SPIFFE trust domain (lower-case letters, digits, '.', '-', '_'), "
+            f"got {name!r}"
+        )
+    return None
+
 
 # Istio's principal form, as AuthorizationPolicy uses it and the sidecar reports it
 _PRINCIPAL = re.compile(r"[^/\s]+/ns/[^/\s]+/sa/[^/\s]+")
@@ -109,6 +129,11 @@ def validate_mesh_config(spec: MeshConfigSpec, path: str = "spec") -> list[Issue
                     f"must be between 0 and {MAX_TRUSTED_PROXIES}, got {hops}",
                 )
             )
+    if spec.trust_domain and (problem := _trust_domain(spec.trust_domain)) is not None:
+        out.append(Issue(field(path, "trustDomain"), problem))
+    for i, alias in enumerate(spec.trust_domain_aliases):
+        if (problem := _trust_domain(alias)) is not None:
+            out.append(Issue(item(field(path, "trustDomainAliases"), i), problem))
     seen: dict[str, str] = {}
     providers_path = field(path, "extensionProviders")
     for i, provider in enumerate(spec.extension_providers):
@@ -123,61 +148,121 @@ def validate_mesh_config(spec: MeshConfigSpec, path: str = "spec") -> list[Issue
         else:
             seen[provider.name] = name_path
         http = provider.envoy_ext_authz_http
-        if http is None:
-            out.append(required(field(p_path, "envoyExtAuthzHttp")))
-            continue
-        _ext_authz_http(http, field(p_path, "envoyExtAuthzHttp"), out)
+        grpc = provider.envoy_ext_authz_grpc
+        if http is not None and grpc is not None:
+            out.append(
+                Issue(
+                    field(p_path, "envoyExtAuthzGrpc"),
+                    "a provider is either envoyExtAuthzHttp or envoyExtAuthzGrpc, not both",
+                )
+            )
+        elif http is not None:
+            _ext_authz_http(http, field(p_path, "envoyExtAuthzHttp"), out)
+        elif grpc is not None:
+            _ext_authz_grpc(grpc, field(p_path, "envoyExtAuthzGrpc"), out)
+        else:
+            out.append(
+                Issue(
+                    p_path,
+                    "required: envoyExtAuthzHttp or envoyExtAuthzGrpc "
+                    "(the only extension provider kinds supported)",
+                )
+            )
     return out
 
 
+# Envoy's default `with_request_body.max_request_bytes` cap we accept: the body is
+# buffered in the sidecar before the check
+MAX_CHECK_BODY_BYTES = 1024 * 1024
+
+
+def _ext_authz_grpc(grpc: ExtAuthzGrpc, path: str, out: list[Issue]) -> None:
+    _service_port_timeout_status(
+        grpc.service, grpc.port, grpc.timeout, grpc.status_on_error, path, out
+    )
+    _body_in_check(grpc.include_request_body_in_check, path, out)
+
+
+def _body_in_check(body: RequestBodyInCheck | None, path: str, out: list[Issue]) -> None:
+    max_path = field(field(path, "includeRequestBodyInCheck"), "maxRequestBytes")
+    if body is None:
+        return
+    if body.max_request_bytes is None:
+        out.append(required(max_path))
+    elif not 1 <= body.max_request_bytes <= MAX_CHECK_BODY_BYTES:
+        out.append(
+            Issue(
+                max_path,
+                f"must be between 1 and {MAX_CHECK_BODY_BYTES}, got {body.max_request_bytes}",
+            )
+        )
+
+
 def _ext_authz_http(http: ExtAuthzHttp, path: str, out: list[Issue]) -> None:
-    service_path = field(path, "service")
-    if not http.service:
-        out.append(required(service_path))
-    else:
-        problem = checks.host(http.service, wildcard=False)
-        if problem is not None:
-            out.append(Issue(service_path, problem))
-    port_path = field(path, "port")
-    if http.port is None:
-        out.append(required(port_path))
-    elif isinstance(http.port, str) and not (http.port.isascii() and http.port.isdigit()):
-        out.append(Issue(port_path, f"must be a port number, got {http.port!r}"))
-    elif (problem := checks.port(int(http.port))) is not None:
-        out.append(Issue(port_path, problem))
-    if http.timeout is not None:
-        timeout_path = field(path, "timeout")
-        try:
-            if parse_duration_ms(http.timeout) <= 0:
-                out.append(Issue(timeout_path, f"must be positive, got {http.timeout!r}"))
-        except ValueError as e:
-            out.append(Issue(timeout_path, str(e)))
+    _service_port_timeout_status(
+        http.service, http.port, http.timeout, http.status_on_error, path, out
+    )
+    _body_in_check(http.include_request_body_in_check, path, out)
     if http.path_prefix and not http.path_prefix.startswith("/"):
         out.append(
             Issue(field(path, "pathPrefix"), f"must start with '/', got {http.path_prefix!r}")
-        )
-    if http.status_on_error and not (
-        http.status_on_error.isascii()
-        and http.status_on_error.isdigit()
-        and 200 <= int(http.status_on_error) <= 599
-    ):
-        out.append(
-            Issue(
-                field(path, "statusOnError"),
-                f"must be an HTTP status code (200-599), got {http.status_on_error!r}",
-            )
         )
     for name in (
         "includeRequestHeadersInCheck",
         "headersToUpstreamOnAllow",
         "headersToDownstreamOnDeny",
+        "headersToDownstreamOnAllow",
     ):
         values = {
             "includeRequestHeadersInCheck": http.include_request_headers_in_check,
             "headersToUpstreamOnAllow": http.headers_to_upstream_on_allow,
             "headersToDownstreamOnDeny": http.headers_to_downstream_on_deny,
+            "headersToDownstreamOnAllow": http.headers_to_downstream_on_allow,
         }[name]
         for j, header in enumerate(values):
             problem = checks.header_name(header)
             if problem is not None:
                 out.append(Issue(item(field(path, name), j), problem))
+
+
+def _service_port_timeout_status(
+    service: str,
+    port: int | str | None,
+    timeout: str | None,
+    status_on_error: str,
+    path: str,
+    out: list[Issue],
+) -> None:
+    """The fields both provider kinds share."""
+    service_path = field(path, "service")
+    if not service:
+        out.append(required(service_path))
+    else:
+        problem = checks.host(service, wildcard=False)
+        if problem is not None:
+            out.append(Issue(service_path, problem))
+    port_path = field(path, "port")
+    if port is None:
+        out.append(required(port_path))
+    elif isinstance(port, str) and not (port.isascii() and port.isdigit()):
+        out.append(Issue(port_path, f"must be a port number, got {port!r}"))
+    elif (problem := checks.port(int(port))) is not None:
+        out.append(Issue(port_path, problem))
+    if timeout is not None:
+        timeout_path = field(path, "timeout")
+        try:
+            if parse_duration_ms(timeout) <= 0:
+                out.append(Issue(timeout_path, f"must be positive, got {timeout!r}"))
+        except ValueError as e:
+            out.append(Issue(timeout_path, str(e)))
+    if status_on_error and not (
+        status_on_error.isascii()
+        and status_on_error.isdigit()
+        and 200 <= int(status_on_error) <= 599
+    ):
+        out.append(
+            Issue(
+                field(path, "statusOnError"),
+                f"must be an HTTP status code (200-599), got {status_on_error!r}",
+            )
+        )

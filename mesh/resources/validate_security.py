@@ -18,7 +18,7 @@ import ipaddress
 import json
 import re
 import urllib.parse
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from mesh.resources import checks
 from mesh.resources.durations import parse_duration_ms
@@ -33,6 +33,7 @@ from mesh.resources.security import (
     MutualTLS,
     Operation,
     PeerAuthenticationSpec,
+    PolicyTargetReference,
     RequestAuthenticationSpec,
     Rule,
     Source,
@@ -44,7 +45,8 @@ AUTHZ_ACTIONS = ("ALLOW", "DENY", "AUDIT", "CUSTOM")
 # `when` keys the sidecar evaluates; `request.headers[<name>]` and
 # `request.auth.claims[<name>]...` are families
 WHEN_KEYS = (
-    "source.principal", "source.namespace", "source.ip", "destination.port",
+    "source.principal", "source.namespace", "source.ip", "remote.ip", "destination.ip",
+    "destination.port", "connection.sni",
     "request.auth.principal", "request.auth.audiences", "request.auth.presenter",
 )  # fmt: skip
 HEADER_KEY = re.compile(r"request\.headers\[(?P<name>[^\]]*)\]")
@@ -94,6 +96,7 @@ def validate_peer_authentication(spec: PeerAuthenticationSpec, path: str = "spec
 def validate_authorization_policy(spec: AuthorizationPolicySpec, path: str = "spec") -> list[Issue]:
     out: list[Issue] = []
     _selector(spec.selector, field(path, "selector"), out)
+    _targets(spec.selector, spec.target_ref, spec.target_refs, path, out)
     action_path = field(path, "action")
     provider_path = field(path, "provider")
     if spec.action is not None and spec.action not in AUTHZ_ACTIONS:
@@ -141,12 +144,60 @@ def validate_request_authentication(
 ) -> list[Issue]:
     out: list[Issue] = []
     _selector(spec.selector, field(path, "selector"), out)
+    _targets(spec.selector, spec.target_ref, spec.target_refs, path, out)
     for i, rule in enumerate(spec.jwt_rules):
         _jwt_rule(rule, item(field(path, "jwtRules"), i), out)
     return out
 
 
 # ---------------------------------------------------------------- parts
+
+# (group, kind) a policy may target, as Istio accepts them for sidecars and gateways
+GATEWAY_API_GROUP = "gateway.networking.k8s.io"
+_TARGET_KINDS = {("", "Service"), ("core", "Service"), (GATEWAY_API_GROUP, "Gateway")}
+
+
+def _targets(
+    selector: WorkloadSelector | None,
+    target_ref: PolicyTargetReference | None,
+    target_refs: Sequence[PolicyTargetReference],
+    path: str,
+    out: list[Issue],
+) -> None:
+    """`selector`, `targetRef` and `targetRefs` exclude each other (Istio); each
+    reference names a kind that maps to our workloads, in the policy's namespace."""
+    given = [
+        name
+        for name, value in (
+            ("selector", selector), ("targetRef", target_ref), ("targetRefs", target_refs)
+        )
+        if value
+    ]  # fmt: skip
+    if len(given) > 1:
+        out.append(
+            Issue(field(path, given[1]), f"set only one of {', '.join(given)} (Istio: exclusive)")
+        )
+    refs = [(field(path, "targetRef"), target_ref)] if target_ref is not None else []
+    refs += [(item(field(path, "targetRefs"), i), r) for i, r in enumerate(target_refs)]
+    for ref_path, ref in refs:
+        if not ref.name:
+            out.append(required(field(ref_path, "name")))
+        if (ref.group, ref.kind) not in _TARGET_KINDS:
+            out.append(
+                Issue(
+                    field(ref_path, "kind"),
+                    f'a policy can target a Service (group "") or a Gateway (group '
+                    f"{GATEWAY_API_GROUP}), got kind {ref.kind!r} in group {ref.group!r}",
+                )
+            )
+        if ref.namespace:
+            out.append(
+                Issue(
+                    field(ref_path, "namespace"),
+                    "cross-namespace references are not supported: leave it empty (the "
+                    f"policy's own namespace), got {ref.namespace!r}",
+                )
+            )
 
 
 def _jwt_rule(rule: JwtRule, path: str, out: list[Issue]) -> None:
@@ -156,14 +207,17 @@ def _jwt_rule(rule: JwtRule, path: str, out: list[Issue]) -> None:
     uri_path, jwks_path = field(path, "jwksUri"), field(path, "jwks")
     if rule.jwks and rule.jwks_uri:
         out.append(Issue(path, f"set only one of {jwks_path} or {uri_path}"))
-    elif not rule.jwks and not rule.jwks_uri:
-        out.append(
-            Issue(
-                path,
-                f"must set {jwks_path} or {uri_path} (keys are not discovered from the "
-                "issuer's OpenID configuration)",
+    elif not rule.jwks and not rule.jwks_uri and rule.issuer:
+        # keys by OIDC discovery: the issuer must be a URL to find them under
+        if _jwks_uri(rule.issuer) is not None:
+            out.append(
+                Issue(
+                    field(path, "issuer"),
+                    f"must be an https:// (or http://) URL with a host when neither "
+                    f"{jwks_path} nor {uri_path} is set (the keys are discovered from the "
+                    f"issuer's OpenID configuration), got {rule.issuer!r}",
+                )
             )
-        )
     if rule.jwks_uri:
         _add(out, uri_path, _jwks_uri(rule.jwks_uri))
     if rule.jwks:
@@ -354,7 +408,7 @@ def _condition(condition: Condition, path: str, out: list[Issue]) -> None:
             )
         )
         return
-    elif name == "source.ip":
+    elif name in ("source.ip", "remote.ip", "destination.ip"):
         check = _ip_or_cidr
     elif name == "destination.port":
         check = _port

@@ -73,11 +73,14 @@ from proxy.envoy.translate import (
     MeshView,
     ProxyNode,
     TranslationError,
+    jwt_authn,
     referenced_hosts,
     tls_secrets,
     translate,
 )
+from proxy.envoy.translate.jwt_authn import discovery_uris
 from proxy.envoy.xds_server import ApplyState, TypeStatus, XdsError, XdsServer
+from proxy.jwks_fetch import OidcDiscovery
 from proxy.telemetry import SidecarTelemetry, TelemetryPublisher
 
 log = get_logger("proxy.dataplane.envoy")
@@ -132,6 +135,8 @@ class EnvoyDataPlane:
         self._publisher: asyncio.Task[None] | None = None
         # the view the last push was translated from: the endpoints Envoy may choose
         self._mesh_view: MeshView | None = None
+        # OIDC discovery for RequestAuthentication rules with only an issuer
+        self._oidc: OidcDiscovery | None = None
 
     # ------------------------------------------------------------ lifecycle
 
@@ -162,6 +167,7 @@ class EnvoyDataPlane:
         except XdsError as e:
             raise errors.Unavailable(f"the xDS server did not start: {e}") from None
         self._secrets = self._current_secrets()
+        self._oidc = OidcDiscovery(s.jwks_ca_file, self._wake.set)
         await self._follow_every_service()
         self._push()
         self._tasks.append(asyncio.create_task(self._push_loop(), name="envoy:push"))
@@ -253,6 +259,8 @@ class EnvoyDataPlane:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if self._oidc is not None:
+            await self._oidc.close()
         receivers = [r for r in (self._als, self._traces) if r is not None]
         if receivers and self._envoy is not None and self._envoy.pid is not None:
             last = lambda: max(r.last_message_at for r in receivers)  # noqa: E731
@@ -394,7 +402,11 @@ class EnvoyDataPlane:
             # Gateway resource selecting nothing would give
             s = ctx.settings
             gateway = GatewayConfig(namespace=s.namespace, name=s.service, revision=0)
-        return mesh_view(ctx.destinations.destinations, policy, gateway, self._vips)
+        discovered: dict[str, str] = {}
+        if self._oidc is not None and self._node is not None:
+            self._oidc.want(discovery_uris(jwt_authn.selected(policy, self._node.labels)))
+            discovered = dict(self._oidc.resolved)
+        return mesh_view(ctx.destinations.destinations, policy, gateway, self._vips, discovered)
 
     @staticmethod
     def _followed_revisions(ctx: DataPlaneContext) -> dict[str, int]:

@@ -57,6 +57,9 @@ def proxy_node(
             (app_port, (s.bind_host, port)) for app_port, port in sorted(ports.tcp_inbound.items())
         ),
         gateway_listeners=((s.bind_host, ports.gateway),) if gateway else (),
+        # `--jwks-ca-file`: Envoy verifies jwksUri servers against it, as the Python
+        # data plane's fetcher does (it was not passed before: Envoy used the system CAs)
+        jwks_ca_file=s.jwks_ca_file,
         access_log_cluster=access_log_cluster,
         tracing_cluster=tracing_cluster,
         trace_sampling=s.trace_sampling,
@@ -70,9 +73,11 @@ def mesh_view(
     inbound: InboundPolicy | None,
     gateway: GatewayConfig | None,
     vips: Mapping[str, str] | None = None,
+    discovered_jwks: Mapping[str, str] | None = None,
 ) -> MeshView:
     return MeshView(
         vips=dict(vips or {}),
+        discovered_jwks=dict(discovered_jwks or {}),
         destinations={
             ref.fqdn: (dest.table, dest.endpoints)
             for ref, dest in sorted(destinations.items())

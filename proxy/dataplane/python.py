@@ -75,7 +75,9 @@ class PythonDataPlane:
         )
         if policy is not None:
             # CUSTOM policies reach their authorizer like any mesh call
-            policy.ext_authz = ExtAuthzClient(ctx.destinations, self.pools, s.namespace)
+            policy.ext_authz = ExtAuthzClient(
+                ctx.destinations, self.pools, s.namespace, identity=s.identity
+            )
         self.tcp = TcpRelays(
             ctx.destinations,
             ctx.stats.registry,

@@ -209,6 +209,23 @@ class BodyStream:
             self._gate.resume(self)
         return chunks
 
+    async def peek(self, size: int) -> bytes:
+        """Up to `size` bytes from the front of the body, left in place for whoever
+        forwards it: waits until that many are buffered or the body is complete. The
+        buffer may grow to `size` for it (ext_authz's `maxRequestBytes`). Over HTTP/2
+        the peer's flow-control window may stop it short of `size`: callers bound the
+        wait."""
+        if size > self._high_water:
+            self._high_water = size
+            if self._paused and self._gate is not None:
+                self._paused = False
+                self._gate.resume(self)
+        while self._buffered < size and not self._eof:
+            if self._error is not None:
+                raise self._error
+            await self._wait()
+        return b"".join(self._chunks)[:size]
+
     async def read_all(self, limit: int) -> bytes:
         """The whole body; raises BodyTooLargeError past `limit` bytes."""
         parts: list[bytes] = []

@@ -91,6 +91,10 @@ class RequestFacts(NamedTuple):
     auth: AuthIdentity | None = None
     # the original client (`remoteIpBlocks`), "" when it is `source_ip`
     remote_ip: str = ""
+    # the address the connection reached (`destination.ip`) and the TLS server name
+    # the caller asked for (`connection.sni`), "" when unknown or not sent
+    destination_ip: str = ""
+    sni: str = ""
 
 
 def original_client(forwarded_for: str, peer_ip: str, trusted_proxies: int) -> str:
@@ -112,6 +116,8 @@ class ConnectionFacts(NamedTuple):
     namespace: str
     source_ip: str
     port: int
+    destination_ip: str = ""
+    sni: str = ""
 
 
 class ShadowDecision(NamedTuple):
@@ -145,7 +151,7 @@ _NO_POLICY = Decision(True, "no authorization policy applies", "", False)
 class _Request:
     """Per-request values derived lazily from `RequestFacts`, shared by all rules."""
 
-    __slots__ = ("_hosts", "_ip", "_ip_parsed", "_remote", "facts", "path", "port")
+    __slots__ = ("_destination", "_hosts", "_ip", "_ip_parsed", "_remote", "facts", "path", "port")
 
     def __init__(self, facts: RequestFacts) -> None:
         self.facts = facts
@@ -157,6 +163,12 @@ class _Request:
         self._ip: _IP | None = None
         self._ip_parsed = False
         self._remote: tuple[_IP | None] | None = None
+        self._destination: tuple[_IP | None] | None = None
+
+    def destination_ip(self) -> _IP | None:
+        if self._destination is None:
+            self._destination = (_parse_ip(self.facts.destination_ip),)
+        return self._destination[0]
 
     def hosts(self) -> tuple[str, ...]:
         """The authority lower-cased, and again without `:port` when it has one."""
@@ -446,8 +458,10 @@ class _OperationMatch:
 
 
 _CONDITION_KEYS = frozenset(
-    ("source.principal", "source.namespace", "source.ip", "destination.port")
-)
+    ("source.principal", "source.namespace", "source.ip", "remote.ip", "destination.ip",
+     "destination.port", "connection.sni")
+)  # fmt: skip
+_ADDRESS_KEYS = frozenset(("source.ip", "remote.ip", "destination.ip"))
 
 
 class _ConditionMatch:
@@ -491,14 +505,19 @@ class _ConditionMatch:
             self.kind = condition.key
         elif condition.key in _CONDITION_KEYS:
             self.kind = condition.key
-        if self.kind == "source.ip":
+        if self.kind in _ADDRESS_KEYS:
             self.addresses = _addresses(condition.values, unevaluable=lenient)
             self.not_addresses = _addresses(condition.not_values, unevaluable=not lenient)
 
     def holds(self, request: _Request) -> bool:
         kind = self.kind
-        if kind == "source.ip":
-            ip = request.ip()
+        if kind in _ADDRESS_KEYS:
+            if kind == "source.ip":
+                ip = request.ip()
+            elif kind == "remote.ip":
+                ip = request.remote_ip()
+            else:
+                ip = request.destination_ip()
             if self.addresses is not None and not self.addresses.contains(ip):
                 return False
             return self.not_addresses is None or not self.not_addresses.contains(ip)
@@ -513,6 +532,8 @@ class _ConditionMatch:
             value = request.facts.namespace or None
         elif kind == "destination.port":
             value = request.port
+        elif kind == "connection.sni":
+            value = request.facts.sni or None
         else:
             return self.unevaluable_holds
         # An absent value (header not sent, plaintext caller) matches no value and no
@@ -721,7 +742,16 @@ class Authorizer:
             return _NO_POLICY
         request = _Request(
             RequestFacts(
-                facts.principal, facts.namespace, facts.source_ip, "", "", "", facts.port, {}
+                facts.principal,
+                facts.namespace,
+                facts.source_ip,
+                "",
+                "",
+                "",
+                facts.port,
+                {},
+                destination_ip=facts.destination_ip,
+                sni=facts.sni,
             )
         )
         decision = self._decide(request, self._tcp, self._shadow_tcp)

@@ -3,10 +3,13 @@ service semantics, as Istio configures them from `envoyExtAuthzHttp`. Pure: what
 send, and what the answer means; `proxy.ext_authz` does the exchange.
 
 - The check request has the original method, `pathPrefix` + the original path (query
-  included), no body, and only these headers: Host, Authorization, Content-Length: 0
-  (always, as Envoy), plus those named in `includeRequestHeadersInCheck`.
+  included) and only these headers: Host, Authorization, Content-Length, plus those
+  named in `includeRequestHeadersInCheck`. Its body is empty (Content-Length: 0, as
+  Envoy), or with `includeRequestBodyInCheck` the request body up to
+  `maxRequestBytes` (`x-envoy-auth-partial-body: true` when cut short).
 - 200 allows: headers named in `headersToUpstreamOnAllow` are set on the request
-  forwarded upstream.
+  forwarded upstream, those named in `headersToDownstreamOnAllow` are added to the
+  upstream's answer to the client.
 - Any other status denies with that status and body; the authorizer's headers named
   in `headersToDownstreamOnDeny` reach the client (all but hop-by-hop and framing
   ones when the list is empty, as Envoy does).
@@ -36,6 +39,7 @@ class CheckRequest(NamedTuple):
     method: str
     path: str
     headers: list[tuple[str, str]]
+    body: bytes = b""
 
 
 class CheckResult(NamedTuple):
@@ -49,12 +53,20 @@ class CheckResult(NamedTuple):
 
 
 def check_request(
-    provider: ExtAuthzProvider, method: str, path: str, headers: Sequence[tuple[str, str]]
+    provider: ExtAuthzProvider,
+    method: str,
+    path: str,
+    headers: Sequence[tuple[str, str]],
+    body: bytes = b"",
+    *,
+    partial_body: bool = False,
 ) -> CheckRequest:
     wanted = {*ALWAYS_SENT, *provider.include_request_headers}
     sent = [(n, v) for n, v in headers if n in wanted]
-    sent.append(("content-length", "0"))
-    return CheckRequest(method, provider.path_prefix + path, sent)
+    sent.append(("content-length", str(len(body))))
+    if partial_body:
+        sent.append(("x-envoy-auth-partial-body", "true"))
+    return CheckRequest(method, provider.path_prefix + path, sent, body)
 
 
 def check_result(
@@ -64,6 +76,7 @@ def check_result(
         return CheckResult(
             True,
             upstream_headers=_named(headers, provider.headers_to_upstream_on_allow),
+            downstream_headers=_named(headers, provider.headers_to_downstream_on_allow),
         )
     if provider.headers_to_downstream_on_deny:
         downstream = _named(headers, provider.headers_to_downstream_on_deny)

@@ -236,8 +236,8 @@ class Authenticator:
         return not self.rules
 
     @property
-    def jwks_uris(self) -> frozenset[str]:
-        return frozenset(r.jwks_uri for r in self.rules if r.jwks_uri)
+    def key_uris(self) -> frozenset[str]:
+        return frozenset(r.key_uri for r in self.rules if r.key_uri)
 
     @property
     def output_headers(self) -> frozenset[str]:
@@ -289,7 +289,7 @@ class Authenticator:
             return "Jwt is too long"
         seen = self._verified.get((index, token))
         if seen is not None:
-            in_force = self.inline.get(index, ()) if rule.jwks else keys_for(rule.jwks_uri)
+            in_force = self.inline.get(index, ()) if rule.jwks else keys_for(rule.key_uri)
             if in_force is seen[0]:
                 claims = seen[1]
                 problem = _check_times(claims, now) or _check_audience(claims, rule.audiences)
@@ -310,16 +310,16 @@ class Authenticator:
         if rule.jwks:
             keys = self.inline.get(index, ())
         else:
-            cached = keys_for(rule.jwks_uri)
+            cached = keys_for(rule.key_uri)
             if cached is None:
-                if rule.jwks_uri in fetched:
+                if rule.key_uri in fetched:
                     return "Jwks remote fetch failed"
-                return KeysNeeded(rule.jwks_uri, kid)
+                return KeysNeeded(rule.key_uri, kid)
             keys = cached
         candidates = [key for key_id, key in keys if (not kid or key_id == kid) and _fits(alg, key)]
         if not candidates:
-            if rule.jwks_uri and kid and rule.jwks_uri not in fetched:
-                return KeysNeeded(rule.jwks_uri, kid)
+            if rule.key_uri and kid and rule.key_uri not in fetched:
+                return KeysNeeded(rule.key_uri, kid)
             return "Jwks doesn't have key to match kid or alg from Jwt"
         for key in candidates:
             try:

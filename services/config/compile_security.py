@@ -39,11 +39,13 @@ from mesh.hosts import ServiceRef
 from mesh.resources import (
     DRY_RUN_ANNOTATION,
     AuthorizationPolicySpec,
+    ExtAuthzGrpc,
     ExtAuthzHttp,
     JwtRule,
     MeshConfigSpec,
     MutualTLS,
     PeerAuthenticationSpec,
+    PolicyTargetReference,
     RateLimitPolicySpec,
     RequestAuthenticationSpec,
     RequestRate,
@@ -94,6 +96,7 @@ def compile_inbound_policy(
     request_authn: list[compiled.RequestAuthn] = []
     providers: dict[str, compiled.ExtAuthzProvider] = {}
     trusted_proxies: int | None = None
+    trust_domains = trust_domain_bundle(resources, root_namespace)
     for resource in sorted(resources, key=lambda r: (r.metadata.namespace, r.metadata.name)):
         spec = resource.spec
         if isinstance(spec, PeerAuthenticationSpec):
@@ -104,8 +107,24 @@ def compile_inbound_policy(
             namespace = resource.metadata.namespace
             dry_run_custom = spec.action == "CUSTOM" and _dry_run(resource)
             # Istio does not support dry-run for CUSTOM: such a policy is not applied
-            if namespace in (ref.namespace, root_namespace) and not dry_run_custom:
-                authz.append(_authz_policy(resource, spec, mesh_wide=namespace == root_namespace))
+            targeted = target_selectors(spec.target_ref, spec.target_refs, namespace, ref)
+            if targeted is not None:
+                # attached by reference: only there, never mesh-wide (Istio)
+                if not dry_run_custom:
+                    authz.extend(
+                        _authz_policy(
+                            resource, spec, mesh_wide=False, trust_domains=trust_domains,
+                            selector=selector,
+                        )
+                        for selector in targeted
+                    )  # fmt: skip
+            elif namespace in (ref.namespace, root_namespace) and not dry_run_custom:
+                authz.append(
+                    _authz_policy(
+                        resource, spec, mesh_wide=namespace == root_namespace,
+                        trust_domains=trust_domains,
+                    )
+                )  # fmt: skip
         elif isinstance(spec, MeshConfigSpec):
             if resource.metadata.namespace == root_namespace:
                 topology = spec.default_config.gateway_topology if spec.default_config else None
@@ -116,10 +135,13 @@ def compile_inbound_policy(
                         providers.setdefault(
                             provider.name, _provider(provider.name, provider.envoy_ext_authz_http)
                         )
+                    elif provider.envoy_ext_authz_grpc is not None:
+                        providers.setdefault(
+                            provider.name,
+                            _grpc_provider(provider.name, provider.envoy_ext_authz_grpc),
+                        )
         elif isinstance(spec, RequestAuthenticationSpec):
-            authn_policy = _request_authn(resource, spec, ref, root_namespace)
-            if authn_policy is not None:
-                request_authn.append(authn_policy)
+            request_authn.extend(_request_authn(resource, spec, ref, root_namespace))
         elif isinstance(spec, RateLimitPolicySpec):
             if resource.metadata.namespace == ref.namespace:
                 rate_limits.append(_rate_limit(resource, spec))
@@ -181,15 +203,20 @@ def _mode(mtls: MutualTLS | None) -> compiled.MtlsMode:
 
 
 def _authz_policy(
-    resource: Resource, spec: AuthorizationPolicySpec, *, mesh_wide: bool
+    resource: Resource,
+    spec: AuthorizationPolicySpec,
+    *,
+    mesh_wide: bool,
+    trust_domains: tuple[str, ...] = (),
+    selector: dict[str, str] | None = None,
 ) -> compiled.AuthzPolicy:
     return compiled.AuthzPolicy(
         name=resource.metadata.name,
         namespace=resource.metadata.namespace,
         action=_ACTIONS[spec.action or "ALLOW"],
-        selector=_labels(spec.selector),
+        selector=_labels(spec.selector) if selector is None else selector,
         mesh_wide=mesh_wide,
-        rules=tuple(_rule(rule) for rule in spec.rules),
+        rules=tuple(_rule(rule, trust_domains) for rule in spec.rules),
         dry_run=_dry_run(resource),
         provider=spec.provider.name if spec.action == "CUSTOM" and spec.provider else "",
     )
@@ -202,6 +229,7 @@ def _dry_run(resource: Resource) -> bool:
 
 def _provider(name: str, http: ExtAuthzHttp) -> compiled.ExtAuthzProvider:
     # validation guarantees a service, a port, a positive timeout and a status
+    body = http.include_request_body_in_check
     lower = lambda names: tuple(n.lower() for n in names)  # noqa: E731
     return compiled.ExtAuthzProvider(
         name=name,
@@ -214,14 +242,88 @@ def _provider(name: str, http: ExtAuthzHttp) -> compiled.ExtAuthzProvider:
         include_request_headers=lower(http.include_request_headers_in_check),
         headers_to_upstream_on_allow=lower(http.headers_to_upstream_on_allow),
         headers_to_downstream_on_deny=lower(http.headers_to_downstream_on_deny),
+        headers_to_downstream_on_allow=lower(http.headers_to_downstream_on_allow),
+        max_request_bytes=(body.max_request_bytes or 0) if body is not None else 0,
+        allow_partial_message=body.allow_partial_message if body is not None else False,
     )
 
 
-def _rule(rule: Rule) -> compiled.AuthzRule:
+def _grpc_provider(name: str, grpc: ExtAuthzGrpc) -> compiled.ExtAuthzProvider:
+    # validation guarantees a service, a port, a positive timeout, a status and a
+    # maxRequestBytes when the body is included
+    body = grpc.include_request_body_in_check
+    return compiled.ExtAuthzProvider(
+        name=name,
+        service=grpc.service,
+        port=int(grpc.port or 0),
+        timeout_ms=parse_duration_ms(grpc.timeout) if grpc.timeout else 600_000,
+        protocol="grpc",
+        fail_open=grpc.fail_open,
+        status_on_error=int(grpc.status_on_error) if grpc.status_on_error else 403,
+        max_request_bytes=(body.max_request_bytes or 0) if body is not None else 0,
+        allow_partial_message=body.allow_partial_message if body is not None else False,
+        pack_as_bytes=body.pack_as_bytes if body is not None else False,
+    )
+
+
+DEFAULT_TRUST_DOMAIN = "cluster.local"
+
+
+def trust_domain_bundle(resources: Sequence[Resource], root_namespace: str) -> tuple[str, ...]:
+    """(the mesh's trust domain, its aliases) from the root namespace's MeshConfigs
+    (the first, by name, that sets them); () when none does: policies stay as written."""
+    for resource in sorted(resources, key=lambda r: r.metadata.name):
+        spec = resource.spec
+        if (
+            isinstance(spec, MeshConfigSpec)
+            and resource.metadata.namespace == root_namespace
+            and (spec.trust_domain or spec.trust_domain_aliases)
+        ):
+            own = spec.trust_domain or DEFAULT_TRUST_DOMAIN
+            return tuple(dict.fromkeys((own, *spec.trust_domain_aliases)))
+    return ()
+
+
+def with_trust_domain_aliases(principals: Sequence[str], bundle: Sequence[str]) -> tuple[str, ...]:
+    """Istio's `ReplaceTrustDomainAliases`: a principal `<td>/ns/<ns>/sa/<sa>` whose trust
+    domain is in `bundle` (the mesh's and its aliases) or is "cluster.local" stands for
+    the same workload in every trust domain of the bundle; a pattern trust domain
+    (`*-td`) is kept as written for the ones it matches. Other principals, `*/...` and
+    ones not of that form are kept as written."""
+    if not bundle:
+        return tuple(principals)
+    out: list[str] = []
+    for principal in principals:
+        parts = principal.split("/")
+        domain = parts[0]
+        if (
+            len(parts) != 5
+            or domain == "*"
+            or (domain != DEFAULT_TRUST_DOMAIN and not any(_matches(domain, td) for td in bundle))
+        ):
+            out.append(principal)
+            continue
+        for td in bundle:
+            kept = domain.startswith("*") and td.endswith(domain[1:])
+            out.append(principal if kept else "/".join((td, *parts[1:])))
+    return tuple(dict.fromkeys(out))
+
+
+def _matches(pattern: str, trust_domain: str) -> bool:
+    """Istio's string match of a principal's trust domain: exact, `*suffix`, `prefix*`."""
+    if pattern.startswith("*"):
+        return trust_domain.endswith(pattern[1:])
+    if pattern.endswith("*"):
+        return trust_domain.startswith(pattern[:-1])
+    return pattern == trust_domain
+
+
+def _rule(rule: Rule, trust_domains: Sequence[str] = ()) -> compiled.AuthzRule:
+    aliased = lambda principals: with_trust_domain_aliases(principals, trust_domains)  # noqa: E731
     sources = tuple(
         compiled.Source(
-            principals=s.principals,
-            not_principals=s.not_principals,
+            principals=aliased(s.principals),
+            not_principals=aliased(s.not_principals),
             namespaces=s.namespaces,
             not_namespaces=s.not_namespaces,
             ip_blocks=s.ip_blocks,
@@ -251,7 +353,10 @@ def _rule(rule: Rule) -> compiled.AuthzRule:
         if (o := entry.operation) is not None
     )
     when = tuple(
-        compiled.Condition(key=c.key, values=c.values, not_values=c.not_values) for c in rule.when
+        compiled.Condition(key=c.key, values=aliased(c.values), not_values=aliased(c.not_values))
+        if c.key == "source.principal"
+        else compiled.Condition(key=c.key, values=c.values, not_values=c.not_values)
+        for c in rule.when
     )
     return compiled.AuthzRule(sources=sources, operations=operations, when=when)
 
@@ -261,18 +366,24 @@ def _rule(rule: Rule) -> compiled.AuthzRule:
 
 def _request_authn(
     resource: Resource, spec: RequestAuthenticationSpec, ref: ServiceRef, root_namespace: str
-) -> compiled.RequestAuthn | None:
+) -> list[compiled.RequestAuthn]:
+    """The RequestAuthentication as `ref`'s workloads see it: one entry per selector
+    under which it applies (none when it does not)."""
     namespace = resource.metadata.namespace
-    selector = _labels(spec.selector)
-    mesh_wide = namespace == root_namespace and not selector
-    if not mesh_wide and namespace != ref.namespace:
-        return None
-    return compiled.RequestAuthn(
-        name=resource.metadata.name,
-        namespace=namespace,
-        selector=selector,
-        rules=tuple(_jwt_rule(rule) for rule in spec.jwt_rules),
-    )
+    targeted = target_selectors(spec.target_ref, spec.target_refs, namespace, ref)
+    if targeted is None:
+        selector = _labels(spec.selector)
+        mesh_wide = namespace == root_namespace and not selector
+        if not mesh_wide and namespace != ref.namespace:
+            return []
+        targeted = [selector]
+    rules = tuple(_jwt_rule(rule) for rule in spec.jwt_rules)
+    return [
+        compiled.RequestAuthn(
+            name=resource.metadata.name, namespace=namespace, selector=selector, rules=rules
+        )
+        for selector in targeted
+    ]
 
 
 def _jwt_rule(rule: JwtRule) -> compiled.JwtRule:
@@ -321,6 +432,32 @@ def _rate_limit(resource: Resource, spec: RateLimitPolicySpec) -> compiled.RateL
 
 def _rps(rate: RequestRate | None) -> int:
     return 0 if rate is None else rate.requests_per_second or 0
+
+
+# the label Istio puts on a Gateway API Gateway's deployment (its proxies)
+GATEWAY_NAME_LABEL = "gateway.networking.k8s.io/gateway-name"
+
+
+def target_selectors(
+    target_ref: PolicyTargetReference | None,
+    target_refs: Sequence[PolicyTargetReference],
+    namespace: str,
+    ref: ServiceRef,
+) -> list[dict[str, str]] | None:
+    """For a policy attached by `targetRef`/`targetRefs` (validation admits Service and
+    Gateway API Gateway, in the policy's namespace): the selectors under which it
+    applies to `ref`'s workloads ([] when it does not); None when it has no reference
+    (its `selector`, or none, decides). A Service reference means every workload of
+    that service; a Gateway reference the gateway proxies labelled with its name."""
+    refs = [target_ref] if target_ref is not None else list(target_refs)
+    if not refs:
+        return None
+    if namespace != ref.namespace:
+        return []
+    if any(r.kind == "Service" and r.name == ref.name for r in refs):
+        return [{}]
+    names = sorted({r.name for r in refs if r.kind == "Gateway"})
+    return [{GATEWAY_NAME_LABEL: name} for name in names]
 
 
 def _labels(selector: WorkloadSelector | None) -> dict[str, str]:

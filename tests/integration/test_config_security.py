@@ -77,7 +77,7 @@ metadata: {name: ratings, namespace: default}
 spec:
   rules:
   - when:
-    - key: connection.sni
+    - key: experimental.envoy.filters.network.mysql_proxy[db.table]
       values: ["www.example.com"]
 """
 
@@ -243,13 +243,17 @@ async def test_invalid_policy_is_refused_with_its_path_and_nothing_stored(config
         await apply(bus, POLICIES + "---\n" + INVALID, "bad.yaml")
     assert e.value.code == 400
     assert e.value.details == [
-        "bad.yaml: document 2: spec.targetRefs is not supported",
-        "bad.yaml: document 3: spec.rules[0].when[0].key 'connection.sni' is not "
+        "bad.yaml: document 2: spec.targetRefs[0].kind: a policy can target a Service "
+        '(group "") or a Gateway (group gateway.networking.k8s.io), got kind '
+        "'Gateway' in group ''",
+        "bad.yaml: document 3: spec.rules[0].when[0].key "
+        "'experimental.envoy.filters.network.mysql_proxy[db.table]' is not "
         "supported (supported keys: request.headers[<name>], request.auth.claims[<name>], "
-        "source.principal, source.namespace, source.ip, destination.port, "
+        "source.principal, source.namespace, source.ip, remote.ip, destination.ip, "
+        "destination.port, connection.sni, "
         "request.auth.principal, request.auth.audiences, request.auth.presenter)",
     ]
-    assert e.value.field == "spec.targetRefs"
+    assert e.value.field == "spec.targetRefs[0].kind"
     got = await bus.request(bus.subjects.config_get, GetResourcesRequest(), GetResourcesReply)
     assert got.resources == []
     policy = await fetch_inbound(bus)

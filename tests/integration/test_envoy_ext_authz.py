@@ -79,6 +79,7 @@ def _node_and_view(app_port: int, inbound_port: int, authz_port: int) -> tuple[P
         include_request_headers=("x-ext-authz",),
         headers_to_upstream_on_allow=(CHECK_RESULT,),
         headers_to_downstream_on_deny=(CHECK_RESULT, "content-type"),
+        headers_to_downstream_on_allow=(CHECK_RESULT,),
     )
     policy = InboundPolicy(
         namespace="foo",
@@ -123,8 +124,12 @@ def test_envoy_asks_the_ext_authz_provider_for_custom_rules(
         assert status == 403
         assert body.startswith(b"denied by ext_authz for not found header")
         assert headers[CHECK_RESULT] == "denied" and "x-not-for-client" not in headers
-        status, _, body = get("/headers", **{"x-ext-authz": "allow", CHECK_RESULT: "forged"})
+        status, allowed_headers, body = get(
+            "/headers", **{"x-ext-authz": "allow", CHECK_RESULT: "forged"}
+        )
         assert status == 200, body
+        # headersToDownstreamOnAllow (allowed_client_headers_on_success)
+        assert allowed_headers[CHECK_RESULT] == "allowed"
         assert json.loads(body)[CHECK_RESULT] == "allowed"
         assert get("/ip")[0] == 200  # not matched by the CUSTOM policy: not checked
         assert get("/slow", **{"x-ext-authz": "allow"})[0] == 503  # timeout: statusOnError

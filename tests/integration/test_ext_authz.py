@@ -37,7 +37,13 @@ class SampleExtAuthz:
 
     async def start(self, port: int = 0) -> SampleExtAuthz:
         async def check(request: web.Request) -> web.Response:
-            self.checked.append({"path": request.path_qs, **dict(request.headers)})
+            self.checked.append(
+                {
+                    "path": request.path_qs,
+                    "body": (await request.read()).decode(),
+                    **dict(request.headers),
+                }
+            )
             if request.path.startswith("/slow"):
                 await asyncio.sleep(self.delay_s)
             if request.headers.get("x-ext-authz") == "allow":
@@ -70,6 +76,7 @@ def mesh_config(**http: Any) -> str:
         "includeRequestHeadersInCheck": ["x-ext-authz"],
         "headersToUpstreamOnAllow": [CHECK_RESULT],
         "headersToDownstreamOnDeny": [CHECK_RESULT, "content-type"],
+        "headersToDownstreamOnAllow": [CHECK_RESULT],
         **http,
     }
     return f"""
@@ -158,6 +165,8 @@ async def test_authz_custom_task_allow_and_deny(mesh: Mesh) -> None:
     assert app.requests == before
     allowed = await mesh.send("/headers?x=1", "x-ext-authz: allow", "cookie: secret")
     assert allowed.status == 200
+    # headersToDownstreamOnAllow: the authorizer's header on the client's answer too
+    assert allowed.headers[CHECK_RESULT] == "allowed"
     seen = json.loads(allowed.body)["headers"]
     # the authorizer's header reached the app (headersToUpstreamOnAllow)
     assert seen[CHECK_RESULT] == "allowed"
@@ -179,6 +188,33 @@ async def test_timeout_status_on_error_and_fail_open(mesh: Mesh) -> None:
     assert reply.status == 503 and reply.flags == "UAEX"
     await mesh.harness.apply(mesh_config(timeout="300ms", failOpen=True))
     await mesh.until("/slow", 200, "x-ext-authz: deny")
+
+
+async def test_include_request_body_in_check(mesh: Mesh) -> None:
+    await mesh.harness.apply(mesh_config(includeRequestBodyInCheck={"maxRequestBytes": 16}))
+    await mesh.harness.apply(custom_policy("{app: httpbin}"))
+    await mesh.until("/headers", 403)
+
+    async def post(body: bytes) -> RawReply:
+        head = (
+            "POST http://httpbin.default:8000/headers HTTP/1.1\r\nHost: httpbin.default:8000\r\n"
+            f"x-ext-authz: allow\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        ).encode()
+        reply = await raw_http(mesh.client.ports["outbound"], head + body, timeout=15)
+        assert reply is not None
+        return reply
+
+    async def body_checked() -> RawReply | None:
+        reply = await post(b"hello authorizer")
+        return reply if mesh.authz.checked[-1]["body"] == "hello authorizer" else None
+
+    allowed: RawReply = await eventually(body_checked, timeout=10)
+    assert allowed.status == 200
+    # the authorizer saw the body and the app still got all of it
+    assert json.loads(allowed.body)["body_len"] == len(b"hello authorizer")
+    checks = len(mesh.authz.checked)
+    too_large = await post(b"x" * 17)
+    assert too_large.status == 413 and len(mesh.authz.checked) == checks
 
 
 async def test_undefined_provider_denies_what_the_policy_matches(mesh: Mesh) -> None:
@@ -222,4 +258,5 @@ async def test_custom_at_the_ingress_gateway(mesh: Mesh) -> None:
     await eventually(denied, timeout=10)
     allowed = await send("x-ext-authz: allow")
     assert allowed.status == 200
+    assert allowed.headers[CHECK_RESULT] == "allowed"  # headersToDownstreamOnAllow
     assert mesh.server.echo.seen_headers[-1][CHECK_RESULT] == "allowed"

@@ -186,6 +186,7 @@ class JwksServer:
     def __init__(self, directory: Path) -> None:
         self.document = jwks(KEY)
         self.fetches = 0
+        self.discoveries = 0
         self.port = free_port()
         self.runner: web.AppRunner | None = None
         self.ca_file = directory / "ca.pem"
@@ -241,13 +242,23 @@ class JwksServer:
     def uri(self) -> str:
         return f"https://127.0.0.1:{self.port}/jwks.json"
 
+    @property
+    def issuer(self) -> str:
+        """This server as an OpenID provider: its configuration names `uri`."""
+        return f"https://127.0.0.1:{self.port}"
+
     async def start(self) -> None:
         async def serve(_request: web.Request) -> web.Response:
             self.fetches += 1
             return web.Response(text=self.document, content_type="application/json")
 
+        async def discovery(_request: web.Request) -> web.Response:
+            self.discoveries += 1
+            return web.json_response({"issuer": self.issuer, "jwks_uri": self.uri})
+
         app = web.Application()
         app.router.add_get("/jwks.json", serve)
+        app.router.add_get("/.well-known/openid-configuration", discovery)
         self.runner = web.AppRunner(app, access_log=None)
         await self.runner.setup()
         await web.TCPSite(self.runner, "127.0.0.1", self.port, ssl_context=self._context).start()
@@ -295,6 +306,65 @@ async def test_jwks_uri_over_https_rotates_keys_and_survives_an_outage(
                 dump = await _admin(server, "/config_dump")
                 status = dump["inbound_policy"]["jwks"][keys.uri]
                 assert status["keys"] == 1 and status["failures"] >= 1
+        finally:
+            await keys.stop()
+
+
+@pytest.mark.parametrize("dataplane", ["python", "envoy"])
+async def test_oidc_discovery_finds_the_keys_and_an_unreachable_issuer_fails_tokens(
+    nats_server, etcd_server, prefix, dataplane: str
+) -> None:
+    """A jwtRule with only an `issuer`: the proxy reads the issuer's
+    `/.well-known/openid-configuration`, follows its `jwks_uri`, and validates with those
+    keys; an issuer that cannot be reached leaves its tokens invalid (401), as in
+    Istio, while requests without a token still reach authorization."""
+    with tempfile.TemporaryDirectory() as directory:
+        keys = JwksServer(Path(directory))
+        await keys.start()
+        unreachable = f"https://127.0.0.1:{free_port()}"
+        try:
+            async with MeshHarness(nats_server.url, etcd_server.url, prefix) as mesh:
+                server = await mesh.sidecar(
+                    "httpbin", jwks_ca_file=str(keys.ca_file), dataplane=dataplane
+                )
+                client = await mesh.sidecar("sleep")
+                flow = Flow(mesh, client, server)
+                await mesh.apply(f"""
+apiVersion: security.istio.io/v1
+kind: RequestAuthentication
+metadata: {{name: oidc, namespace: default}}
+spec:
+  selector: {{matchLabels: {{app: httpbin}}}}
+  jwtRules:
+  - issuer: "{keys.issuer}"
+  - issuer: "{unreachable}"
+""")
+                await mesh.apply(f"""
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: require-jwt, namespace: default}}
+spec:
+  selector: {{matchLabels: {{app: httpbin}}}}
+  rules:
+  - from: [{{source: {{requestPrincipals: ["{keys.issuer}/*"]}}}}]
+""")
+                await flow.until(None, 403)
+                token = KEY.token(iss=keys.issuer, sub="user-1")
+                # Envoy gets the discovered jwks_uri on the agent's next push
+                await flow.until(token, 200)
+                assert keys.discoveries >= 1 and keys.fetches >= 1
+                assert (
+                    await flow.send(SigningKey("RS256", "k9").token(iss=keys.issuer))
+                ).status == 401
+                reply = await flow.send(KEY.token(iss=unreachable))
+                assert reply.status == 401
+                if dataplane == "python":
+                    dump = await _admin(server, "/config_dump")
+                    status = dump["inbound_policy"]["jwks"]
+                    discovered = status[f"{keys.issuer}/.well-known/openid-configuration"]
+                    assert discovered["keys"] == 1
+                    unreached = status[f"{unreachable}/.well-known/openid-configuration"]
+                    assert unreached["failures"] >= 1
         finally:
             await keys.stop()
 

@@ -94,6 +94,7 @@ class Scenario:
         *,
         method: str = "GET",
         headers: dict[str, str] | None = None,
+        body: bytes | None = None,
     ) -> Reply:
         """`url` through `client`'s outbound listener, as an app honouring HTTP_PROXY."""
         assert self.session is not None
@@ -103,6 +104,7 @@ class Scenario:
             url,
             proxy=f"http://127.0.0.1:{client.ports['outbound']}",
             headers=headers,
+            data=body,
             allow_redirects=False,
         ) as r:
             body = await r.read()

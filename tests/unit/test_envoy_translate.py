@@ -480,7 +480,9 @@ def test_ports_are_decided_for_the_listeners_port() -> None:
 
 
 def test_unevaluable_conditions_fail_closed_both_ways() -> None:
-    when = (Condition(key="connection.sni", values=("x",)),)
+    when = (
+        Condition(key="experimental.envoy.filters.network.mysql_proxy[db.table]", values=("x",)),
+    )
     allow = AuthzPolicy(name="a", namespace="default", rules=(AuthzRule(when=when),))
     deny = AuthzPolicy(name="d", namespace="default", action="DENY", rules=(AuthzRule(when=when),))
     filters = rbac_filters(inbound_route(policy(authorization=(allow, deny))))

@@ -227,8 +227,18 @@ MATRIX: list[tuple[str, AuthzRule, dict[str, Any], bool]] = [
     ("when destination.port", when("destination.port", ("9080",)), {}, True),
     ("when destination.port other", when("destination.port", ("8080",)), {}, False),
     # ---- unevaluable conditions fail closed in an ALLOW policy
-    ("when unknown key", when("connection.sni", ("*",)), {}, False),
-    ("when unknown key notValues", when("connection.sni", (), ("x",)), {}, False),
+    (
+        "when unknown key",
+        when("experimental.envoy.filters.network.mysql_proxy[db.table]", ("*",)),
+        {},
+        False,
+    ),
+    (
+        "when unknown key notValues",
+        when("experimental.envoy.filters.network.mysql_proxy[db.table]", (), ("x",)),
+        {},
+        False,
+    ),
     ("when no values at all", when("source.namespace"), {}, False),
     # ---- rule structure
     ("empty rule matches everything", AuthzRule(), PLAINTEXT, True),
@@ -447,7 +457,12 @@ def test_unknown_condition_key_in_deny_policy_denies() -> None:
     deny = policy(
         AuthzRule(
             operations=(Operation(paths=("/admin",)),),
-            when=(Condition(key="connection.sni", values=("admins",)),),
+            when=(
+                Condition(
+                    key="experimental.envoy.filters.network.mysql_proxy[db.table]",
+                    values=("admins",),
+                ),
+            ),
         ),
         action="DENY",
     )

@@ -103,7 +103,9 @@ REFUSED = [
     (_with({}, {"headersToUpstreamOnAllow": ["bad header"]}),
      "spec.extensionProviders[0].envoyExtAuthzHttp.headersToUpstreamOnAllow[0]"),
     (_with({}, {"includeRequestBodyInCheck": {}}),
-     "spec.extensionProviders[0].envoyExtAuthzHttp.includeRequestBodyInCheck"),
+     "spec.extensionProviders[0].envoyExtAuthzHttp.includeRequestBodyInCheck.maxRequestBytes"),
+    (_with({}, {"includeRequestBodyInCheck": {"maxRequestBytes": 2_000_000}}),
+     "spec.extensionProviders[0].envoyExtAuthzHttp.includeRequestBodyInCheck.maxRequestBytes"),
     (_with({"envoyExtAuthzGrpc": {"service": "x", "port": 9000}}),
      "spec.extensionProviders[0].envoyExtAuthzGrpc"),
     (_with({"name": ""}), "spec.extensionProviders[0].name"),
@@ -205,6 +207,13 @@ def test_check_request_sends_only_the_allowed_headers() -> None:
     ]
 
 
+def test_check_request_carries_the_body_when_included() -> None:
+    sent = check_request(PROVIDER, "POST", "/p", [("host", "h")], b"hello")
+    assert sent.body == b"hello" and ("content-length", "5") in sent.headers
+    cut = check_request(PROVIDER, "POST", "/p", [("host", "h")], b"he", partial_body=True)
+    assert ("x-envoy-auth-partial-body", "true") in cut.headers
+
+
 def test_answers() -> None:
     answer = [("x-ext-authz-check-result", "allowed"), ("x-other", "1")]
     allowed = check_result(PROVIDER, 200, answer, b"")
@@ -227,3 +236,7 @@ def test_answers() -> None:
     assert check_failed(PROVIDER, "timeout") == (False, 403, b"", (), (), "timeout")
     open_provider = ExtAuthzProvider(name="p", service="s", port=1, fail_open=True)
     assert check_failed(open_provider, "timeout").allowed
+    to_client = ExtAuthzProvider(
+        name="p", service="s", port=1, headers_to_downstream_on_allow=("x-other",)
+    )
+    assert check_result(to_client, 200, answer, b"").downstream_headers == (("x-other", "1"),)

@@ -92,9 +92,10 @@ REFUSED = [
      "spec.jwtRules[0].issuer is required"),
     (ra(jwtRules=[jwt_rule(jwksUri="ftp://k.example/j")]), "spec.jwtRules[0].jwksUri",
      "must be an https:// (or http://) URL with a host, got 'ftp://k.example/j'"),
-    (ra(jwtRules=[{"issuer": "i"}]), "spec.jwtRules[0]",
-     "must set spec.jwtRules[0].jwks or spec.jwtRules[0].jwksUri (keys are not discovered "
-     "from the issuer's OpenID configuration)"),
+    (ra(jwtRules=[{"issuer": "i"}]), "spec.jwtRules[0].issuer",
+     "must be an https:// (or http://) URL with a host when neither spec.jwtRules[0].jwks "
+     "nor spec.jwtRules[0].jwksUri is set (the keys are discovered from the issuer's "
+     "OpenID configuration), got 'i'"),
     (ra(jwtRules=[jwt_rule(jwks=JWKS, jwksUri="https://k.example/j")]), "spec.jwtRules[0]",
      "set only one of spec.jwtRules[0].jwks or spec.jwtRules[0].jwksUri"),
     (ra(jwtRules=[{"issuer": "i", "jwks": "{"}]), "spec.jwtRules[0].jwks", None),
@@ -110,7 +111,9 @@ REFUSED = [
      "spec.jwtRules[0].outputClaimToHeaders[0].claim",
      "spec.jwtRules[0].outputClaimToHeaders[0].claim is required"),
     (ra(jwtRules=[jwt_rule(timeout="0s")]), "spec.jwtRules[0].timeout", "must be positive, got '0s'"),
-    (ra(targetRef={"kind": "Gateway", "name": "g"}), "spec.targetRef", "spec.targetRef is not supported"),
+    (ra(targetRef={"kind": "Gateway", "name": "g"}), "spec.targetRef.kind",
+     'a policy can target a Service (group "") or a Gateway (group gateway.networking.k8s.io), '
+     "got kind 'Gateway' in group ''"),
     (ra(jwtRules=[jwt_rule(jwksRefresh="1m")]), "spec.jwtRules[0].jwksRefresh",
      "spec.jwtRules[0].jwksRefresh is not supported"),
 ]  # fmt: skip

@@ -413,8 +413,6 @@ def test_valid_edge_values_are_accepted(body: dict[str, Any]) -> None:
 
 
 UNSUPPORTED = [
-    (ap(targetRef={"kind": "Gateway", "name": "g"}), "spec.targetRef"),
-    (ap(targetRefs=[{"kind": "Service", "name": "s"}]), "spec.targetRefs"),
     (ap(rules=[{"to": [{"operation": {"methods": ["GET"], "verbs": ["x"]}}]}]), "spec.rules[0].to[0].operation.verbs"),
     (ap(rules=[{"when": [{"key": "source.ip", "values": ["1.2.3.4"], "ignore": True}]}]), "spec.rules[0].when[0].ignore"),
     (ap(rules=[{"from": [{"source": {"namespaces": ["a"]}, "extra": 1}]}]), "spec.rules[0].from[0].extra"),
@@ -440,8 +438,8 @@ PATTERN = (
 )
 SUPPORTED_KEYS = (
     "request.headers[<name>], request.auth.claims[<name>], source.principal, source.namespace, "
-    "source.ip, destination.port, request.auth.principal, request.auth.audiences, "
-    "request.auth.presenter"
+    "source.ip, remote.ip, destination.ip, destination.port, connection.sni, "
+    "request.auth.principal, request.auth.audiences, request.auth.presenter"
 )
 
 REFUSED = [
@@ -480,11 +478,11 @@ REFUSED = [
     (op(ports=["http"]), "spec.rules[0].to[0].operation.ports[0]", "must be a port number between 1 and 65535 (as a string), got 'http'"),
     (op(ports=[8080]), "spec.rules[0].to[0].operation.ports[0]", "must be a string, got an integer"),
     # when
-    (when(key="connection.sni", values=["x"]), "spec.rules[0].when[0].key", f"spec.rules[0].when[0].key 'connection.sni' is not supported (supported keys: {SUPPORTED_KEYS})"),
+    (when(key="experimental.envoy.filters.network.mysql_proxy[db.table]", values=["x"]), "spec.rules[0].when[0].key", f"spec.rules[0].when[0].key 'experimental.envoy.filters.network.mysql_proxy[db.table]' is not supported (supported keys: {SUPPORTED_KEYS})"),
     (when(key="request.auth.claims", values=["x"]), "spec.rules[0].when[0].key", "must be request.auth.claims[<name>] (nested: [a][b]), got 'request.auth.claims'"),
     (when(key="request.auth.claims[]", values=["x"]), "spec.rules[0].when[0].key", "must be request.auth.claims[<name>] (nested: [a][b]), got 'request.auth.claims[]'"),
     (when(key="request.method", values=["GET"]), "spec.rules[0].when[0].key", f"spec.rules[0].when[0].key 'request.method' is not supported (supported keys: {SUPPORTED_KEYS})"),
-    (when(key="destination.ip", values=["10.0.0.1"]), "spec.rules[0].when[0].key", f"spec.rules[0].when[0].key 'destination.ip' is not supported (supported keys: {SUPPORTED_KEYS})"),
+    (when(key="destination.ip", values=["10.0.0.300"]), "spec.rules[0].when[0].values[0]", "must be an IP address or a CIDR range (e.g. 10.1.0.0/16), got '10.0.0.300'"),
     (when(key="", values=["x"]), "spec.rules[0].when[0].key", "must not be empty"),
     (when(key="request.headers", values=["x"]), "spec.rules[0].when[0].key", "must be request.headers[<name>], got 'request.headers'"),
     (when(key="request.headers[]", values=["x"]), "spec.rules[0].when[0].key", "header in 'request.headers[]' must be a valid HTTP header name, got ''"),

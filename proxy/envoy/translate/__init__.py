@@ -47,6 +47,7 @@ def translate(node: ProxyNode, view: MeshView) -> XdsResources:
     # CUSTOM policies' authorizers are mesh services too
     ctx.referenced.update((h, "") for h in ext_authz.provider_hosts(view.inbound, node.namespace))
     outbound.add_http_clusters(view, ctx, out)
+    ext_authz.add_grpc_clusters(view, node.namespace, out)
     return out
 
 

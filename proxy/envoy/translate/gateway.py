@@ -100,7 +100,9 @@ def add_gateway(
     # RequestAuthentication and AuthorizationPolicy selecting the gateway (its own
     # service's inbound policy, as the Python gateway follows it), before routing
     authns = jwt_authn.selected(view.inbound, node.labels)
-    jwt_filters, jwks_clusters = jwt_authn.jwt_authn_filters(authns, inbound.jwks_ca_file(node))
+    jwt_filters, jwks_clusters = jwt_authn.jwt_authn_filters(
+        authns, inbound.jwks_ca_file(node), view.discovered_jwks
+    )
     for cluster_name, cluster in jwks_clusters.items():
         out.clusters[cluster_name] = parse(cluster_pb2.Cluster, cluster)
     policies = rbac.selected(view.inbound, node.labels)

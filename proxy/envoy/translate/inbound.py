@@ -102,7 +102,9 @@ def add_inbound_http(node: ProxyNode, view: MeshView, out: XdsResources) -> None
     port = node.app_port
     policies = rbac.selected(view.inbound, node.labels)
     authns = jwt_authn.selected(view.inbound, node.labels)
-    jwt_filters, jwks_clusters = jwt_authn.jwt_authn_filters(authns, jwks_ca_file(node))
+    jwt_filters, jwks_clusters = jwt_authn.jwt_authn_filters(
+        authns, jwks_ca_file(node), view.discovered_jwks
+    )
     # authorization rules travel per route (RDS), so a change applies to open connections
     authz_filters, authz_per_route = rbac_route.split(
         rbac.rbac_filters(

@@ -11,14 +11,23 @@ metadata (`payload`), where RBAC matches `requestPrincipals` and `request.auth.*
 Keys: inline `jwks` as `local_jwks`; `jwksUri` as `remote_jwks` fetched by Envoy over
 a cluster of its own (`jwks|<host>|<port>`, TLS verified against `jwks_ca_file` for
 https), cached 10 minutes and refetched asynchronously (`async_fetch`), as the Python
-`JwksCache` refreshes on schedule.
+`JwksCache` refreshes on schedule. Neither (OIDC discovery): Envoy cannot discover, so
+the agent reads the issuer's OpenID configuration (`discovered`, from the view) and
+the provider fetches the `jwks_uri` it names; until then, or while the issuer cannot
+be reached, the provider holds `UNUSABLE_JWKS`, a key nobody can sign for, so its
+tokens get 401 (Istio inlines such a key set when istiod cannot resolve the keys).
 """
 
 from __future__ import annotations
 
+import base64
 import ipaddress
+import json
 import urllib.parse
 from collections.abc import Mapping, Sequence
+
+import msgspec
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from mesh.compiled import InboundPolicy, JwtRule, RequestAuthn
 
@@ -46,8 +55,29 @@ def issuers(authns: Sequence[RequestAuthn]) -> tuple[str, ...]:
     return tuple(sorted({rule.issuer for a in authns for rule in a.rules}))
 
 
+def _unusable_jwks() -> str:
+    """A key set of one EC P-256 public key whose private half is dropped at once (made
+    per process, never a published example key): it validates no token."""
+    private = ec.generate_private_key(ec.SECP256R1())
+    numbers = private.public_key().public_numbers()
+
+    def b64(n: int) -> str:
+        return base64.urlsafe_b64encode(n.to_bytes(32, "big")).rstrip(b"=").decode()
+
+    key = {"kty": "EC", "crv": "P-256", "kid": "meshwork-unresolved"}
+    return json.dumps({"keys": [{**key, "x": b64(numbers.x), "y": b64(numbers.y)}]})
+
+
+UNUSABLE_JWKS = _unusable_jwks()
+
+
+def discovery_uris(authns: Sequence[RequestAuthn]) -> set[str]:
+    """The OpenID configuration URLs the agent must read for these rules."""
+    return {r.key_uri for a in authns for r in a.rules if not r.jwks and not r.jwks_uri}
+
+
 def jwt_authn_filters(
-    authns: Sequence[RequestAuthn], ca_file: str
+    authns: Sequence[RequestAuthn], ca_file: str, discovered: Mapping[str, str] | None = None
 ) -> tuple[list[Json], dict[str, Json]]:
     """The filter (none without rules) and the clusters its remote JWKS need."""
     providers: dict[str, Json] = {}
@@ -55,6 +85,11 @@ def jwt_authn_filters(
     for authn in authns:
         for rule in authn.rules:
             name = f"origins-{len(providers)}"
+            if not rule.jwks and not rule.jwks_uri:
+                found = (discovered or {}).get(rule.key_uri)
+                rule = msgspec.structs.replace(
+                    rule, jwks_uri=found or "", jwks="" if found else UNUSABLE_JWKS
+                )
             providers[name] = _provider(authn, rule, ca_file, clusters)
     if not providers:
         return [], {}

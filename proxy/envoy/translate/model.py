@@ -76,3 +76,6 @@ class MeshView:
     # fqdn -> the service's virtual IP (an intercepted app's capture listener relays
     # TCP to a virtual IP by it; docs/architecture.md §5.4)
     vips: Mapping[str, str] = field(default_factory=dict)
+    # OIDC discovery done by the agent: an issuer's OpenID configuration URL
+    # (`JwtRule.key_uri`) -> the `jwks_uri` it named
+    discovered_jwks: Mapping[str, str] = field(default_factory=dict)

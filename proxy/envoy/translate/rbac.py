@@ -182,7 +182,7 @@ def _policy(
             _or("orIds", [_source(s, lenient, issuers, trusted_proxies) for s in rule.sources])
         )
     for condition in rule.when:
-        kind, matcher = _condition(condition, port, lenient, issuers)
+        kind, matcher = _condition(condition, port, lenient, issuers, trusted_proxies)
         (permissions if kind == "permission" else principals).append(matcher)
     return {
         "permissions": [_and("andRules", permissions) if permissions else ANY],
@@ -384,6 +384,18 @@ def _ip_field(
     return {"notId": matched} if negated else matched
 
 
+def _destination_ip(entries: Sequence[str], lenient: bool, *, negated: bool) -> Json:
+    """`destination.ip` values (notValues when `negated`) as one permission, with
+    `_ip_field`'s rules for unparseable entries."""
+    ranges = _cidrs(entries, poisoned_matches=lenient != negated, kind="destinationIp")
+    if ranges is None:
+        return NOTHING if negated else ANY
+    if not ranges:
+        return ANY if negated else NOTHING
+    matched = _or("orRules", ranges)
+    return {"notRule": matched} if negated else matched
+
+
 # ---------------------------------------------------------------- rule parts
 
 
@@ -446,7 +458,11 @@ def _operation(op: Operation, port: int) -> Json | None:
 
 
 def _condition(
-    c: Condition, port: int, lenient: bool, issuers: Sequence[str] = ()
+    c: Condition,
+    port: int,
+    lenient: bool,
+    issuers: Sequence[str] = (),
+    trusted_proxies: int = 0,
 ) -> tuple[str, Json]:
     """("permission" | "principal", matcher) for one `when` entry."""
     unevaluable = ("permission", ANY if lenient else NOTHING)
@@ -487,6 +503,26 @@ def _condition(
         if c.not_values:
             parts.append(_ip_field(c.not_values, lenient, negated=True))
         return "principal", _and("andIds", parts)
+    if c.key == "remote.ip":
+        # with no trusted proxy the client is the peer, as for remoteIpBlocks
+        remote = "remoteIp" if trusted_proxies else "directRemoteIp"
+        parts = []
+        if c.values:
+            parts.append(_ip_field(c.values, lenient, negated=False, kind=remote))
+        if c.not_values:
+            parts.append(_ip_field(c.not_values, lenient, negated=True, kind=remote))
+        return "principal", _and("andIds", parts)
+    if c.key == "destination.ip":
+        parts = []
+        if c.values:
+            parts.append(_destination_ip(c.values, lenient, negated=False))
+        if c.not_values:
+            parts.append(_destination_ip(c.not_values, lenient, negated=True))
+        return "permission", _and("andRules", parts)
+    if c.key == "connection.sni":
+        return "permission", _values_match(
+            c, lambda v: {"requestedServerName": _pattern(v)}, "orRules", "andRules", "notRule"
+        )
     if c.key == "destination.port":
         holds = (not c.values or _port_matches(c.values, port)) and not (
             c.not_values and _port_matches(c.not_values, port)
