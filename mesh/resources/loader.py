@@ -206,6 +206,8 @@ def _kind_hint(kind: object) -> str:
         canonical = resolve_kind(kind)
     except ResourceError:
         canonical = nearest(kind, list(KINDS))  # a typo: VirtualServce
+        if canonical and kind.startswith(canonical):
+            canonical = ""  # another kind with a longer name (ServiceEntry), not a typo
     return f" (did you mean {canonical}?)" if canonical else ""
 
 

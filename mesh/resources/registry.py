@@ -12,6 +12,8 @@ from types import MappingProxyType
 from typing import Any, NamedTuple
 
 from mesh.resources.errors import Issue, ResourceError
+from mesh.resources.gateway_api import GATEWAY_API_GROUP, GRPCRouteSpec, HTTPRouteSpec
+from mesh.resources.kubernetes import ServiceSpec, validate_service
 from mesh.resources.meshwork import MeshConfigSpec, RateLimitPolicySpec
 from mesh.resources.model import Metadata
 from mesh.resources.networking import DestinationRuleSpec, GatewaySpec, VirtualServiceSpec
@@ -25,6 +27,7 @@ from mesh.resources.validate import (
     validate_gateway,
     validate_virtual_service,
 )
+from mesh.resources.validate_gateway_api import validate_grpc_route, validate_http_route
 from mesh.resources.validate_meshwork import validate_mesh_config, validate_rate_limit_policy
 from mesh.resources.validate_security import (
     validate_authorization_metadata,
@@ -39,6 +42,9 @@ SECURITY_GROUP = "security.istio.io"
 SECURITY_VERSIONS = ("v1", "v1beta1")
 MESHWORK_GROUP = "meshwork.io"
 MESHWORK_VERSIONS = ("v1",)
+GATEWAY_API_VERSIONS = ("v1", "v1beta1")
+# Kubernetes' core group: its apiVersion is the bare version (`v1`)
+CORE_GROUP = ""
 
 
 class KindInfo(NamedTuple):
@@ -56,7 +62,7 @@ class KindInfo(NamedTuple):
 
     @property
     def api_versions(self) -> tuple[str, ...]:
-        return tuple(f"{self.group}/{v}" for v in self.versions)
+        return tuple(f"{self.group}/{v}" if self.group else v for v in self.versions)
 
 
 def _entries(*infos: KindInfo) -> Mapping[str, KindInfo]:
@@ -137,6 +143,33 @@ KINDS: Mapping[str, KindInfo] = _entries(
         spec_type=MeshConfigSpec,
         validate=validate_mesh_config,
     ),
+    KindInfo(
+        kind="HTTPRoute",
+        plural="httproutes",
+        short_names=("hr",),
+        group=GATEWAY_API_GROUP,
+        versions=GATEWAY_API_VERSIONS,
+        spec_type=HTTPRouteSpec,
+        validate=validate_http_route,
+    ),
+    KindInfo(
+        kind="GRPCRoute",
+        plural="grpcroutes",
+        short_names=("gr",),
+        group=GATEWAY_API_GROUP,
+        versions=GATEWAY_API_VERSIONS,
+        spec_type=GRPCRouteSpec,
+        validate=validate_grpc_route,
+    ),
+    KindInfo(
+        kind="Service",
+        plural="services",
+        short_names=("svc",),
+        group=CORE_GROUP,
+        versions=("v1",),
+        spec_type=ServiceSpec,
+        validate=validate_service,
+    ),
 )
 
 
@@ -146,7 +179,8 @@ def _aliases() -> Mapping[str, str]:
         for name in (info.kind.lower(), info.plural, *info.short_names):
             table[name] = info.kind
             # kubectl's fully qualified form: virtualservices.networking.istio.io
-            table[f"{name}.{info.group}"] = info.kind
+            if info.group:
+                table[f"{name}.{info.group}"] = info.kind
     return MappingProxyType(table)
 
 

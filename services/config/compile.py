@@ -42,6 +42,12 @@ from mesh.resources import (
     VirtualServiceSpec,
     parse_duration_ms,
 )
+from services.config.compile_gateway_api import (
+    gateway_api_routes,
+    kubernetes_default_route,
+    kubernetes_subsets,
+    services_named_by_gateway_api,
+)
 from services.config.compile_resilience import (
     compile_connection_pool,
     compile_fault,
@@ -85,7 +91,12 @@ def compile_route_table(
             continue
         if any(host_matches(canonical_host(h, namespace), fqdn) for h in spec.hosts):
             rules.extend(_http_routes(resource, spec, _keep_for_mesh))
+    # Gateway API routes attached to the service come after its VirtualService rules
+    rules.extend(gateway_api_routes(resources, service))
+    if not rules and (k8s_route := kubernetes_default_route(resources, service)) is not None:
+        rules.append(k8s_route)
     subsets, traffic_policy = _destination_policy(resources, service)
+    subsets += kubernetes_subsets(resources, service, traffic_policy)
     return compiled.RouteTable(
         namespace=service.namespace,
         service=service.name,
@@ -301,7 +312,7 @@ def services_named(resources: Sequence[Resource]) -> set[ServiceRef]:
             hosts.append(canonical_host(spec.host, namespace))
     # service_of_host would read `*.prod.svc.cluster.local` as a service named `*`
     named = (service_of_host(h) for h in hosts if not h.startswith("*"))
-    return {ref for ref in named if ref is not None}
+    return {ref for ref in named if ref is not None} | services_named_by_gateway_api(resources)
 
 
 # ---------------------------------------------------------------- VirtualService rules

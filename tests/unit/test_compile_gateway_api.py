@@ -1,0 +1,320 @@
+"""HTTPRoute / GRPCRoute / Kubernetes Service -> RouteTable, checked through the
+sidecar's own routing core (which rule a request selects, where it goes, the path
+sent upstream), as a sidecar would apply the table."""
+
+from __future__ import annotations
+
+import pytest
+
+from mesh.hosts import ServiceRef
+from mesh.resources import Resource, ResourceError, load_yaml, parse_resource
+from proxy.routing import RequestAttrs, compile_routes, rewrite_path, select_route
+from services.config.compile import compile_route_table, services_named
+
+ECHO = ServiceRef("mesh", "echo")
+
+
+def resources(text: str) -> list[Resource]:
+    return [
+        parse_resource(d, source="t.yaml", index=i, default_namespace="mesh")
+        for i, d in enumerate(load_yaml(text, "t.yaml"))
+    ]
+
+
+def route(rules: str, name: str = "r", namespace: str = "mesh", parent: str = "echo") -> str:
+    return f"""
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: {name}, namespace: {namespace}}}
+spec:
+  parentRefs: [{{group: "", kind: Service, name: {parent}, namespace: mesh}}]
+  rules:
+{rules}
+---
+"""
+
+
+def pick(
+    text: str,
+    path: str,
+    *,
+    method: str = "GET",
+    headers: dict[str, str] | None = None,
+    source_namespace: str = "mesh",
+    service: ServiceRef = ECHO,
+) -> tuple[str, str, str] | None:
+    """(origin rule name, destination host/subset, upstream path) for a request."""
+    table = compile_route_table(resources(text), service, 1)
+    chosen = select_route(
+        compile_routes(table),
+        RequestAttrs(
+            method=method,
+            scheme="http",
+            authority=service.name,
+            path=path,
+            headers=headers or {},
+            source_namespace=source_namespace,
+        ),
+    )
+    if chosen is None:
+        return None
+    r = chosen.route
+    if r.direct_response is not None:
+        return (r.name, f"direct:{r.direct_response.status}", "")
+    dest = r.route[0].destination
+    target = f"{dest.host.split('.')[0]}/{dest.subset}" if dest.subset else dest.host.split(".")[0]
+    return (r.name, target, rewrite_path(r, chosen.match, path))
+
+
+MATCHING = route("""\
+  - matches:
+    - path: {type: PathPrefix, value: /}
+    - headers: [{name: version, value: one}]
+    backendRefs: [{name: echo-v1, port: 8080}]
+  - matches:
+    - path: {type: PathPrefix, value: /v2}
+    - headers: [{name: version, value: two}]
+    backendRefs: [{name: echo-v2, port: 8080}]
+""")
+
+
+@pytest.mark.parametrize(
+    ("path", "headers", "expect"),
+    [
+        ("/", {}, "echo-v1"),
+        ("/v2", {}, "echo-v2"),
+        ("/v2/example", {}, "echo-v2"),
+        # PathPrefix matches whole path elements
+        ("/v2example", {}, "echo-v1"),
+        ("/", {"version": "one"}, "echo-v1"),
+        ("/", {"version": "two"}, "echo-v2"),
+    ],
+)
+def test_longest_prefix_wins_and_prefix_matches_path_elements(
+    path: str, headers: dict[str, str], expect: str
+) -> None:
+    got = pick(MATCHING, path, headers=headers)
+    assert got is not None and got[1] == expect, got
+
+
+def test_exact_beats_prefix_then_method_then_header_count_then_age() -> None:
+    text = route(
+        """\
+  - matches: [{path: {type: PathPrefix, value: /a}}]
+    backendRefs: [{name: prefix, port: 80}]
+  - matches: [{path: {type: PathPrefix, value: /a}, method: POST}]
+    backendRefs: [{name: method, port: 80}]
+  - matches: [{path: {type: PathPrefix, value: /a}, headers: [{name: x, value: "1"}]}]
+    backendRefs: [{name: header, port: 80}]
+""",
+        name="older",
+    ) + route(
+        """\
+  - matches: [{path: {type: Exact, value: /a/b}}]
+    backendRefs: [{name: exact, port: 80}]
+  - matches: [{path: {type: PathPrefix, value: /a}}]
+    backendRefs: [{name: newer, port: 80}]
+""",
+        name="newer",
+    )
+    assert pick(text, "/a/b")[1] == "exact"  # type: ignore[index]
+    assert pick(text, "/a/c", method="POST", headers={"x": "1"})[1] == "method"  # type: ignore[index]
+    assert pick(text, "/a/c", headers={"x": "1"})[1] == "header"  # type: ignore[index]
+    # equal precedence: the older route's rule first
+    assert pick(text, "/a/c")[1] == "prefix"  # type: ignore[index]
+
+
+def test_no_match_is_not_found() -> None:
+    text = route("""\
+  - matches: [{path: {type: Exact, value: /only}}]
+    backendRefs: [{name: echo-v1, port: 80}]
+""")
+    assert pick(text, "/other") is None
+
+
+def test_weights_are_relative_and_zero_takes_nothing() -> None:
+    text = route("""\
+  - backendRefs:
+    - {name: echo-v1, port: 8080, weight: 70}
+    - {name: echo-v2, port: 8080, weight: 30}
+    - {name: echo-v3, port: 8080, weight: 0}
+""")
+    table = compile_route_table(resources(text), ECHO, 1)
+    [rule] = table.http
+    assert [(d.destination.host, d.weight) for d in rule.route] == [
+        ("echo-v1.mesh.svc.cluster.local", 70),
+        ("echo-v2.mesh.svc.cluster.local", 30),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("path", "upstream"),
+    [
+        ("/prefix/one/two", "/one/two"),
+        ("/prefix/one", "/one"),
+        ("/strip-prefix/three?x=1", "/three?x=1"),
+        ("/strip-prefix", "/"),
+        ("/full/one/two", "/one"),
+        ("/full/one", "/one"),
+    ],
+)
+def test_url_rewrite_prefix_and_full_path(path: str, upstream: str) -> None:
+    text = route("""\
+  - matches: [{path: {type: PathPrefix, value: /prefix/one}}]
+    filters: [{type: URLRewrite, urlRewrite: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /one}}}]
+    backendRefs: [{name: echo-v1, port: 80}]
+  - matches: [{path: {type: PathPrefix, value: /strip-prefix}}]
+    filters: [{type: URLRewrite, urlRewrite: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /}}}]
+    backendRefs: [{name: echo-v1, port: 80}]
+  - matches: [{path: {type: PathPrefix, value: /full/one}}]
+    filters: [{type: URLRewrite, urlRewrite: {path: {type: ReplaceFullPath, replaceFullPath: /one}}}]
+    backendRefs: [{name: echo-v1, port: 80}]
+""")
+    got = pick(text, path)
+    assert got is not None and got[2] == upstream, got
+
+
+def test_consumer_route_replaces_producer_routes_for_its_namespace_only() -> None:
+    text = route(
+        "  - backendRefs: [{name: echo-v1, port: 80}]\n", name="producer"
+    ) + route(
+        """\
+  - matches: [{path: {type: PathPrefix, value: /api}}]
+    backendRefs: [{name: echo-v2, namespace: mesh, port: 80}]
+""",
+        name="consumer",
+        namespace="client",
+    )
+    assert pick(text, "/api/x", source_namespace="client")[1] == "echo-v2"  # type: ignore[index]
+    # the consumer route does not match: not found, not the producer's rule
+    assert pick(text, "/other", source_namespace="client")[1] == "direct:404"  # type: ignore[index]
+    assert pick(text, "/api/x", source_namespace="mesh")[1] == "echo-v1"  # type: ignore[index]
+    assert pick(text, "/api/x", source_namespace="elsewhere")[1] == "echo-v1"  # type: ignore[index]
+
+
+KUBE_SERVICES = """
+apiVersion: v1
+kind: Service
+metadata: {name: reviews, namespace: mesh}
+spec:
+  ports: [{port: 9080, name: http}]
+  selector: {app: reviews}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: reviews-v1, namespace: mesh}
+spec:
+  ports: [{port: 9080, name: http}]
+  selector: {app: reviews, version: v1}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: reviews-v2, namespace: mesh}
+spec:
+  ports: [{port: 9080, name: http}]
+  selector: {app: reviews, version: v2}
+---
+"""
+
+
+def test_kubernetes_services_select_instances_of_their_app() -> None:
+    text = KUBE_SERVICES + route(
+        """\
+  - backendRefs:
+    - {name: reviews-v1, port: 9080, weight: 90}
+    - {name: reviews-v2, port: 9080, weight: 10}
+""",
+        parent="reviews",
+    )
+    reviews = ServiceRef("mesh", "reviews")
+    table = compile_route_table(resources(text), reviews, 1)
+    assert {s.name: s.labels for s in table.subsets} == {
+        "k8s-reviews-v1": {"app": "reviews", "version": "v1"},
+        "k8s-reviews-v2": {"app": "reviews", "version": "v2"},
+    }
+    [rule] = table.http
+    assert [(d.destination.host, d.destination.subset, d.weight) for d in rule.route] == [
+        ("reviews.mesh.svc.cluster.local", "k8s-reviews-v1", 90),
+        ("reviews.mesh.svc.cluster.local", "k8s-reviews-v2", 10),
+    ]
+    # calling reviews-v1 directly reaches reviews' v1 instances
+    direct = pick(text, "/", service=ServiceRef("mesh", "reviews-v1"))
+    assert direct is not None and direct[1] == "reviews/k8s-reviews-v1", direct
+    named = services_named(resources(text))
+    assert {ServiceRef("mesh", n) for n in ("reviews", "reviews-v1", "reviews-v2")} <= named
+
+
+def test_grpc_method_match() -> None:
+    text = """
+apiVersion: gateway.networking.k8s.io/v1
+kind: GRPCRoute
+metadata: {name: g, namespace: mesh}
+spec:
+  parentRefs: [{group: "", kind: Service, name: echo}]
+  rules:
+  - matches: [{method: {service: grpc.Echo, method: Reverse}}]
+    backendRefs: [{name: echo-v2, port: 80}]
+  - matches: [{method: {type: RegularExpression, service: "grpc\\\\.Ec.*"}}]
+    backendRefs: [{name: echo-v3, port: 80}]
+  - backendRefs: [{name: echo-v1, port: 80}]
+"""
+    assert pick(text, "/grpc.Echo/Reverse", method="POST")[1] == "echo-v2"  # type: ignore[index]
+    assert pick(text, "/grpc.Echo/Say", method="POST")[1] == "echo-v3"  # type: ignore[index]
+    assert pick(text, "/other.Svc/Say", method="POST")[1] == "echo-v1"  # type: ignore[index]
+
+
+@pytest.mark.parametrize(
+    ("spec", "path", "message"),
+    [
+        (
+            "parentRefs: [{name: gw}]",
+            "spec.parentRefs[0]",
+            "a Gateway parent is not supported yet",
+        ),
+        (
+            'parentRefs: [{group: "", kind: Service, name: e}]\n  rules: [{backendRefs: [{name: b}]}]',
+            "spec.rules[0].backendRefs[0].port",
+            "is required for a Service backend",
+        ),
+        (
+            'parentRefs: [{group: "", kind: Service, name: e}]\n'
+            "  rules: [{filters: [{type: ExtensionRef}]}]",
+            "spec.rules[0].filters[0].type",
+            "filter type ExtensionRef is not supported",
+        ),
+        (
+            'parentRefs: [{group: "", kind: Service, name: e}]\n'
+            "  rules: [{sessionPersistence: {}}]",
+            "spec.rules[0].sessionPersistence",
+            "is not supported",
+        ),
+        (
+            'parentRefs: [{group: "", kind: Service, name: e}]\n  hostnames: [a.example]',
+            "spec.hostnames",
+            "hostnames with a Service parent is not supported",
+        ),
+    ],
+)
+def test_refused_with_the_field_path(spec: str, path: str, message: str) -> None:
+    text = f"""
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: bad}}
+spec:
+  {spec}
+"""
+    with pytest.raises(ResourceError) as caught:
+        resources(text)
+    assert caught.value.path == path and message in caught.value.message, str(caught.value)
+
+
+def test_kubernetes_service_without_app_selector_is_refused() -> None:
+    text = """
+apiVersion: v1
+kind: Service
+metadata: {name: s}
+spec: {selector: {tier: web}, ports: [{port: 80}]}
+"""
+    with pytest.raises(ResourceError) as caught:
+        resources(text)
+    assert caught.value.path == "spec.selector" and "app" in caught.value.message
