@@ -41,6 +41,9 @@ class HTTPMatch(msgspec.Struct, frozen=True, omit_defaults=True):
     source_labels: dict[str, str] = {}
     source_namespace: str = ""
     port: int = 0
+    # True: a Host without a port also matches `port` (the Gateway API's parentRef
+    # port: a client sending to `http://echo` asked for the service's port 80)
+    port_implicit: bool = False
     # gateway names (canonical "<ns>/<name>") this match is limited to; empty = any
     gateways: tuple[str, ...] = ()
 
@@ -288,6 +291,10 @@ class RouteTable(msgspec.Struct, frozen=True, omit_defaults=True, tag=True):
     prev_revision: int = 0
     # True when some resource names this service (set by the config service)
     exists: bool = False
+    # hosts of the Kubernetes Services that select a part of this service's instances
+    # (`reviews-v1` for `reviews`): data planes that build every host up front (Envoy)
+    # follow them, as they follow the services the registry lists
+    aliases: tuple[str, ...] = ()
 
 
 class GatewayServer(msgspec.Struct, frozen=True, omit_defaults=True):

@@ -44,6 +44,7 @@ from mesh.resources import (
 )
 from services.config.compile_gateway_api import (
     gateway_api_routes,
+    kubernetes_aliases,
     kubernetes_default_route,
     kubernetes_subsets,
     services_named_by_gateway_api,
@@ -106,6 +107,7 @@ def compile_route_table(
         subsets=subsets,
         traffic_policy=traffic_policy,
         has_virtual_service=bool(rules),
+        aliases=kubernetes_aliases(resources, service),
     )
 
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import msgspec
 
@@ -52,12 +52,14 @@ from mesh.resources.validate_gateway_api import is_service_parent
 
 __all__ = [
     "gateway_api_routes",
+    "kubernetes_aliases",
     "kubernetes_default_route",
     "kubernetes_subsets",
     "services_named_by_gateway_api",
 ]
 
 K8S_SUBSET_PREFIX = "k8s-"
+HTTP_DEFAULT_PORT = 80
 # the Gateway API's answer when a rule has no backend that can take the request
 _NO_BACKEND = compiled.DirectResponse(status=500, body="no backend for this route")
 
@@ -111,6 +113,18 @@ def kubernetes_subsets(
         if ref.namespace == service.namespace
         and backing_service(spec) == service.name
         and _narrows(ref.name, spec)
+    )
+
+
+def kubernetes_aliases(resources: Sequence[Resource], service: ServiceRef) -> tuple[str, ...]:
+    """The hosts of the Kubernetes Services that narrow `service` (`reviews-v1`)."""
+    return tuple(
+        ref.fqdn
+        for ref, spec in sorted(_k8s_services(resources).items())
+        if ref.namespace == service.namespace
+        and backing_service(spec) == service.name
+        and _narrows(ref.name, spec)
+        and ref != service
     )
 
 
@@ -170,6 +184,7 @@ def gateway_api_routes(
     consumer routes first (see the module docstring). `resources` in creation order."""
     services = _k8s_services(resources)
     by_namespace: dict[str, list[_Entry]] = {}
+    ports_of: dict[str, set[int]] = {}
     for resource in resources:
         spec = resource.spec
         if not isinstance(spec, HTTPRouteSpec | GRPCRouteSpec):
@@ -177,9 +192,12 @@ def gateway_api_routes(
         ports = [port for parent, port in _parent_services(resource, spec) if parent == service]
         if not ports:
             continue
-        entries = by_namespace.setdefault(resource.metadata.namespace, [])
+        namespace = resource.metadata.namespace
+        entries = by_namespace.setdefault(namespace, [])
         # a route attached twice (two ports) is served on each; no port: every port
-        for port in sorted(set(ports)) if 0 not in ports else [0]:
+        attached = [0] if 0 in ports else sorted(set(ports))
+        ports_of.setdefault(namespace, set()).update(attached)
+        for port in attached:
             entries.extend(_route_entries(resource, spec, port, services, len(entries)))
     out: list[compiled.HTTPRoute] = []
     for namespace in sorted(by_namespace):
@@ -187,8 +205,24 @@ def gateway_api_routes(
             continue
         ordered = _ordered(by_namespace[namespace])
         out.extend(_for_consumers(r, namespace) for r in ordered)
-        out.append(_consumer_fallthrough(namespace))
-    out.extend(_ordered(by_namespace.get(service.namespace, [])))
+        out.extend(_not_found(ports_of[namespace], namespace))
+    if service.namespace in by_namespace:
+        producer_ports = ports_of[service.namespace]
+        out.extend(_ordered(by_namespace[service.namespace]))
+        out.extend(_not_found(producer_ports, "") if 0 not in producer_ports else [])
+    if out and 0 not in ports_of.get(service.namespace, set()):
+        # a port (or client namespace) no route is attached to: the service as if
+        # there were no routes
+        host, subset = resolve_backend(services, service.name, service.namespace)
+        out.append(
+            compiled.HTTPRoute(
+                name="default",
+                route=(
+                    compiled.WeightedDestination(destination=compiled.Destination(host, subset)),
+                ),
+                origin=f"Service/{service.namespace}/{service.name}",
+            )
+        )
     return tuple(out)
 
 
@@ -201,15 +235,19 @@ def _for_consumers(route: compiled.HTTPRoute, namespace: str) -> compiled.HTTPRo
     return _replace_matches(route, tuple(_with(m, source_namespace=namespace) for m in matches))
 
 
-def _consumer_fallthrough(namespace: str) -> compiled.HTTPRoute:
-    """Consumer routes replace the producer's for their namespace: what they do not
-    match is not found, as for any Gateway API parent."""
-    return compiled.HTTPRoute(
-        name="consumer-no-match",
-        match=(compiled.HTTPMatch(source_namespace=namespace),),
-        direct_response=compiled.DirectResponse(status=404),
-        origin=f"HTTPRoute/{namespace}/*",
-    )
+def _not_found(ports: set[int], source_namespace: str) -> list[compiled.HTTPRoute]:
+    """What a request for the ports routes are attached to gets when none of their
+    rules matched: 404, as for any Gateway API parent. For a consumer namespace, its
+    routes replace the producer's, so the 404 holds for its clients only."""
+    return [
+        compiled.HTTPRoute(
+            name="no-route-matched",
+            match=(compiled.HTTPMatch(source_namespace=source_namespace, **_port_condition(port)),),
+            direct_response=compiled.DirectResponse(status=404),
+            origin=f"HTTPRoute/{source_namespace or '*'}/*",
+        )
+        for port in sorted(ports)
+    ]
 
 
 def _route_entries(
@@ -309,7 +347,7 @@ def _http_conditions(match: HTTPRouteMatch, port: int) -> compiled.HTTPMatch:
         ),
         headers={h.name.lower(): _value_match(h) for h in match.headers},
         query_params={q.name: _value_match(q) for q in match.query_params},
-        port=port,
+        **_port_condition(port),
     )
 
 
@@ -442,7 +480,7 @@ def _grpc_rule(
         m = compiled.HTTPMatch(
             uri=_grpc_path(match),
             headers={h.name.lower(): _value_match(h) for h in match.headers},
-            port=port,
+            **_port_condition(port),
         )
         # the spec's GRPCRoute precedence: a method match, then more header matches
         kind = "Exact" if match.method is not None and match.method.type == "Exact" else "Other"
@@ -469,6 +507,14 @@ def _grpc_path(match: GRPCRouteMatch) -> compiled.StringMatch | None:
 
 
 # ---------------------------------------------------------------- shared
+
+
+def _port_condition(port: int) -> dict[str, Any]:
+    """A parentRef's `port` as match conditions. A Host without a port is a request
+    for the scheme's port (the client connected to 80), so port 80 is implicit."""
+    if port == 0:
+        return {}
+    return {"port": port, "port_implicit": port == HTTP_DEFAULT_PORT}
 
 
 def _value_match(m: HeaderMatch) -> compiled.StringMatch:

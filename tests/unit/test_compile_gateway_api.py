@@ -175,9 +175,7 @@ def test_url_rewrite_prefix_and_full_path(path: str, upstream: str) -> None:
 
 
 def test_consumer_route_replaces_producer_routes_for_its_namespace_only() -> None:
-    text = route(
-        "  - backendRefs: [{name: echo-v1, port: 80}]\n", name="producer"
-    ) + route(
+    text = route("  - backendRefs: [{name: echo-v1, port: 80}]\n", name="producer") + route(
         """\
   - matches: [{path: {type: PathPrefix, value: /api}}]
     backendRefs: [{name: echo-v2, namespace: mesh, port: 80}]
@@ -232,6 +230,11 @@ def test_kubernetes_services_select_instances_of_their_app() -> None:
         "k8s-reviews-v1": {"app": "reviews", "version": "v1"},
         "k8s-reviews-v2": {"app": "reviews", "version": "v2"},
     }
+    # a data plane that builds every host up front learns reviews-v1 from reviews
+    assert table.aliases == (
+        "reviews-v1.mesh.svc.cluster.local",
+        "reviews-v2.mesh.svc.cluster.local",
+    )
     [rule] = table.http
     assert [(d.destination.host, d.destination.subset, d.weight) for d in rule.route] == [
         ("reviews.mesh.svc.cluster.local", "k8s-reviews-v1", 90),
@@ -318,3 +321,51 @@ spec: {selector: {tier: web}, ports: [{port: 80}]}
     with pytest.raises(ResourceError) as caught:
         resources(text)
     assert caught.value.path == "spec.selector" and "app" in caught.value.message
+
+
+def test_only_consumer_routes_leave_other_clients_the_default_route() -> None:
+    text = route(
+        "  - backendRefs: [{name: echo-v2, namespace: mesh, port: 80}]\n",
+        name="consumer",
+        namespace="client",
+    )
+    assert pick(text, "/x", source_namespace="client")[1] == "echo-v2"  # type: ignore[index]
+    assert pick(text, "/x", source_namespace="mesh")[1] == "echo"  # type: ignore[index]
+
+
+@pytest.mark.parametrize(
+    ("parent_port", "authority", "matched"),
+    [
+        (80, "echo", True),  # no port in the Host: port 80
+        (80, "echo:80", True),
+        (80, "echo:8080", False),
+        (8080, "echo:8080", True),
+        (8080, "echo", False),
+    ],
+)
+def test_parent_port_is_the_port_the_client_asked_for(
+    parent_port: int, authority: str, matched: bool
+) -> None:
+    text = f"""
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: r, namespace: mesh}}
+spec:
+  parentRefs: [{{group: "", kind: Service, name: echo, port: {parent_port}}}]
+  rules: [{{matches: [{{path: {{type: Exact, value: /a}}}}], backendRefs: [{{name: echo-v1, port: 80}}]}}]
+"""
+    table = compile_route_table(resources(text), ECHO, 1)
+    port = int(authority.partition(":")[2] or 0)
+    routes = compile_routes(table)
+
+    def chosen(path: str) -> str:
+        attrs = RequestAttrs(method="GET", scheme="http", authority=authority, path=path, port=port)
+        found = select_route(routes, attrs)
+        assert found is not None
+        return found.route.name
+
+    if matched:
+        assert (chosen("/a"), chosen("/b")) == ("r.0", "no-route-matched")
+    else:
+        # another port than the route's: the service as if there were no route
+        assert (chosen("/a"), chosen("/b")) == ("default", "default")

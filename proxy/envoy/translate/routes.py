@@ -167,7 +167,7 @@ def route_match(m: HTTPMatch | None) -> Json:
     if m.authority is not None:
         headers.append(matchers.authority_matcher(m.authority))
     if m.port:
-        headers.append(matchers.port_matcher(m.port))
+        headers.append(matchers.port_matcher(m.port, implicit=m.port_implicit))
     for name, sm in m.headers.items():
         if name.lower() == "host":
             headers.append(matchers.authority_matcher(sm))
