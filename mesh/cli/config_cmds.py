@@ -40,6 +40,7 @@ from mesh.messages import (
     ResourceRef,
 )
 from mesh.resources import KINDS, ResourceError, resolve_kind
+from mesh.resources.kubernetes import is_workload, skip_notice
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -95,12 +96,18 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
 
 def _kind_label(kind: str) -> str:
     info = KINDS.get(kind)
-    group = info.group if info is not None else ""
+    group = info.group if info is not None else ""  # "" for Kubernetes' core group
     return f"{kind.lower()}.{group}" if group else kind.lower()
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
-    docs = read_documents(args.filename)
+    read = read_documents(args.filename)
+    # workload kinds (Deployment, ServiceAccount, ...) next to mesh resources in the
+    # files people have: skipped with how to run them, instead of refusing the file
+    skipped = [skip_notice(str(d.body.get("kind")), d.body) for d in read if is_workload(d.body)]
+    docs = [d for d in read if not is_workload(d.body)]
+    if not docs:
+        return _print_skipped(skipped, args.output, reply=None)
 
     async def run(bus: Bus) -> int:
         reply = await bus.request(
@@ -113,15 +120,26 @@ def cmd_apply(args: argparse.Namespace) -> int:
         if args.output == "json":
             data = _plain(reply)
             data["analysis"] = [m.as_dict() for m in messages]
+            data["skipped"] = skipped
             print(json.dumps(data, indent=2))
             return 0
         suffix = " (dry run)" if args.dry_run else ""
         for r in reply.results:
             print(f"{_kind_label(r.ref.kind)}/{r.ref.name} {r.action}{suffix}")
+        _print_skipped(skipped, args.output, reply)
         print_messages(messages)
         return 0
 
     return with_bus(run)(args)
+
+
+def _print_skipped(skipped: list[str], output: str, reply: ApplyReply | None) -> int:
+    if output == "json" and reply is None:
+        print(json.dumps({"results": [], "skipped": skipped}, indent=2))
+    elif output != "json":
+        for line in skipped:
+            print(line)
+    return 0
 
 
 async def _analyze_applied(
@@ -205,6 +223,8 @@ def cmd_delete(args: argparse.Namespace) -> int:
     refs: list[ResourceRef] = []
     if args.filename:
         for doc in read_documents(args.filename):
+            if is_workload(doc.body):
+                continue  # never applied (see cmd_apply)
             meta = doc.body.get("metadata") or {}
             refs.append(
                 ResourceRef(

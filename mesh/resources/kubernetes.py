@@ -12,6 +12,9 @@ services the registry keeps apart, and is refused. See docs/architecture.md
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from mesh.resources.errors import Issue, field, item
 from mesh.resources.networking import Model
 
@@ -55,7 +58,12 @@ def backing_service(spec: ServiceSpec) -> str:
     return spec.selector.get(APP_LABEL, "")
 
 
-def skip_notice(kind: str, body: dict[str, object]) -> str:
+def is_workload(body: Mapping[str, Any]) -> bool:
+    """A document describing how to run a workload (`meshctl apply` skips it)."""
+    return body.get("kind") in WORKLOAD_KINDS
+
+
+def skip_notice(kind: str, body: Mapping[str, Any]) -> str:
     """The line `meshctl apply` prints for a workload document it does not apply."""
     metadata = body.get("metadata")
     name = metadata.get("name", "?") if isinstance(metadata, dict) else "?"
@@ -69,11 +77,11 @@ def skip_notice(kind: str, body: dict[str, object]) -> str:
     return f"skipped {kind} {name}: {how}"
 
 
-def _app_label(body: dict[str, object]) -> str:
+def _app_label(body: Mapping[str, Any]) -> str:
     return _label(body, APP_LABEL)
 
 
-def _label(body: dict[str, object], name: str) -> str:
+def _label(body: Mapping[str, Any], name: str) -> str:
     """A label of the pod template (Deployment & co.) or of the object itself."""
     spec = body.get("spec")
     template = spec.get("template") if isinstance(spec, dict) else None
