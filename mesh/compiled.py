@@ -78,6 +78,9 @@ class Rewrite(msgspec.Struct, frozen=True, omit_defaults=True):
 
 class Redirect(msgspec.Struct, frozen=True, omit_defaults=True):
     uri: str | None = None
+    # replaces the prefix a `prefix` uri match matched, the rest of the path kept
+    # (Envoy's `prefix_rewrite`; the Gateway API's ReplacePrefixMatch)
+    prefix_rewrite: str | None = None
     authority: str | None = None
     port: int = 0
     scheme: str | None = None

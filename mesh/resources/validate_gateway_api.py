@@ -177,26 +177,18 @@ def _http_rule(rule: HTTPRouteRule, path: str, out: list[Issue]) -> None:
         message = "must not be set with a RequestRedirect filter"
         out.append(Issue(field(path, "backendRefs"), message))
     for f_index, f in enumerate(rule.filters):
-        if f.type == "URLRewrite" and f.url_rewrite is not None:
-            modifier = f.url_rewrite.path
-            if modifier is not None and modifier.type == "ReplacePrefixMatch":
-                prefixes = [
-                    m for m in rule.matches if m.path is None or m.path.type == "PathPrefix"
-                ]
-                if not rule.matches or len(prefixes) != len(rule.matches):
-                    out.append(
-                        Issue(
-                            field(item(filters_path, f_index), "urlRewrite.path"),
-                            "ReplacePrefixMatch needs every match to be a PathPrefix match",
-                        )
-                    )
-        if f.type == "RequestRedirect" and f.request_redirect is not None:
-            modifier = f.request_redirect.path
-            if modifier is not None and modifier.type == "ReplacePrefixMatch":
+        modifier, where = None, ""
+        if f.url_rewrite is not None:
+            modifier, where = f.url_rewrite.path, "urlRewrite.path"
+        elif f.request_redirect is not None:
+            modifier, where = f.request_redirect.path, "requestRedirect.path"
+        if modifier is not None and modifier.type == "ReplacePrefixMatch":
+            prefixes = [m for m in rule.matches if m.path is None or m.path.type == "PathPrefix"]
+            if len(prefixes) != len(rule.matches):
                 out.append(
                     Issue(
-                        field(item(filters_path, f_index), "requestRedirect.path.type"),
-                        "ReplacePrefixMatch in a redirect is not supported (use ReplaceFullPath)",
+                        field(item(filters_path, f_index), where),
+                        "ReplacePrefixMatch needs every match to be a PathPrefix match",
                     )
                 )
     _backends(rule.backend_refs, field(path, "backendRefs"), out)

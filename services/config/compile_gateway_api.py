@@ -286,19 +286,34 @@ def _http_rule(
 ) -> list[tuple[tuple[int, int, int, int, int], compiled.HTTPRoute]]:
     base = _http_action(rule, name, origin, namespace, services)
     rewrite = next((f.url_rewrite for f in rule.filters if f.url_rewrite is not None), None)
-    modifier = rewrite.path if rewrite is not None else None
+    redirect = next(
+        (f.request_redirect for f in rule.filters if f.request_redirect is not None), None
+    )
+    # validation: at most one of the two
+    modifier = (rewrite.path if rewrite is not None else None) or (
+        redirect.path if redirect is not None else None
+    )
     out = []
     for match in rule.matches or (HTTPRouteMatch(),):
         rest = _http_conditions(match, port)
-        for uri, path_rewrite in _path_matches(match, modifier):
+        for uri, new_path in _path_matches(match, modifier):
             m = _with(rest, uri=uri)
             route = base
-            if path_rewrite is not None or (rewrite is not None and rewrite.hostname):
+            if base.redirect is not None and new_path is not None:
+                # a prefix match replaces the prefix; any other replaces the path
+                by_prefix = uri is not None and uri.kind == "prefix"
+                route = msgspec.structs.replace(
+                    base,
+                    redirect=msgspec.structs.replace(
+                        base.redirect,
+                        uri=None if by_prefix else new_path,
+                        prefix_rewrite=new_path if by_prefix else None,
+                    ),
+                )
+            elif new_path is not None or (rewrite is not None and rewrite.hostname):
                 route = _with_rewrite(
                     base,
-                    compiled.Rewrite(
-                        uri=path_rewrite, authority=rewrite.hostname if rewrite else None
-                    ),
+                    compiled.Rewrite(uri=new_path, authority=rewrite.hostname if rewrite else None),
                 )
             out.append((_rank(match), _replace_matches(route, (m,))))
     return out
@@ -368,7 +383,7 @@ def _http_action(
         if f.request_redirect is not None:
             r = f.request_redirect
             redirect = compiled.Redirect(
-                uri=r.path.replace_full_path if r.path is not None else None,
+                # the path is set per match (`_http_rule`)
                 authority=r.hostname,
                 port=r.port or 0,
                 scheme=r.scheme,

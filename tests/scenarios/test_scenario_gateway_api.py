@@ -24,7 +24,6 @@ import grpc
 import pytest
 import pytest_asyncio
 
-from mesh.errors import MeshError
 from mesh.messages import DeleteReply, DeleteRequest, ResourceRef
 from mesh.resources import load_yaml
 from tests.grpc_support import EchoClient, EchoService
@@ -575,12 +574,15 @@ async def test_httproute_redirect_scheme(gamma: Gamma) -> None:
         )
 
 
-async def test_httproute_redirect_path_full(gamma: Gamma) -> None:
-    """The ReplaceFullPath half of the conformance case httproute-redirect-path."""
+async def test_httproute_redirect_path(gamma: Gamma) -> None:
+    rp = "path: {type: ReplacePrefixMatch, replacePrefixMatch: /replacement-prefix}"
     text = _redirects(
         "mesh-redirect-path",
         [
+            ("/original-prefix", rp),
             ("/full", "path: {type: ReplaceFullPath, replaceFullPath: /full-path-replacement}"),
+            ("/path-and-host", f"hostname: example.org, {rp}"),
+            ("/path-and-status", f"{rp}, statusCode: 301"),
             (
                 "/full-path-and-host",
                 "hostname: example.org, "
@@ -595,29 +597,19 @@ async def test_httproute_redirect_path_full(gamma: Gamma) -> None:
     )
     async with routes(gamma, text):
         await _expect_location(
+            gamma, "/original-prefix/lemon", 302, "http://echo/replacement-prefix/lemon"
+        )
+        await _expect_location(
             gamma, "/full/path/original", 302, "http://echo/full-path-replacement"
         )
+        await _expect_location(
+            gamma, "/path-and-host", 302, "http://example.org/replacement-prefix"
+        )
+        await _expect_location(gamma, "/path-and-status", 301, "http://echo/replacement-prefix")
         await _expect_location(
             gamma, "/full-path-and-host", 302, "http://example.org/replacement-full"
         )
         await _expect_location(gamma, "/full-path-and-status", 301, "http://echo/replacement-full")
-
-
-async def test_httproute_redirect_path_prefix_is_refused(gamma: Gamma) -> None:
-    """The ReplacePrefixMatch half of httproute-redirect-path is not supported: the
-    route is refused (nothing applied), naming the field."""
-    text = _redirects(
-        "mesh-redirect-prefix",
-        [
-            (
-                "/original-prefix",
-                "path: {type: ReplacePrefixMatch, replacePrefixMatch: /replacement-prefix}",
-            )
-        ],
-    )
-    with pytest.raises(MeshError) as refused:
-        await gamma.s.apply(text)
-    assert any("requestRedirect.path.type" in d for d in refused.value.details), refused.value
 
 
 @pytest.mark.parametrize(

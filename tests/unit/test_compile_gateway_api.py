@@ -8,7 +8,13 @@ import pytest
 
 from mesh.hosts import ServiceRef
 from mesh.resources import Resource, ResourceError, load_yaml, parse_resource
-from proxy.routing import RequestAttrs, compile_routes, rewrite_path, select_route
+from proxy.routing import (
+    RequestAttrs,
+    compile_routes,
+    redirect_location,
+    rewrite_path,
+    select_route,
+)
 from services.config.compile import compile_route_table, services_named
 
 ECHO = ServiceRef("mesh", "echo")
@@ -369,3 +375,33 @@ spec:
     else:
         # another port than the route's: the service as if there were no route
         assert (chosen("/a"), chosen("/b")) == ("default", "default")
+
+
+@pytest.mark.parametrize(
+    ("path", "location"),
+    [
+        ("/original-prefix/lemon?x=1", "http://echo/replacement-prefix/lemon?x=1"),
+        ("/original-prefix", "http://echo/replacement-prefix"),
+        ("/full/path/original", "http://echo/full-path-replacement"),
+    ],
+)
+def test_redirect_replaces_the_prefix_or_the_full_path(path: str, location: str) -> None:
+    text = route("""\
+  - matches: [{path: {type: PathPrefix, value: /original-prefix}}]
+    filters:
+    - type: RequestRedirect
+      requestRedirect: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /replacement-prefix}}
+  - matches: [{path: {type: PathPrefix, value: /full}}]
+    filters:
+    - type: RequestRedirect
+      requestRedirect: {path: {type: ReplaceFullPath, replaceFullPath: /full-path-replacement}}
+""")
+    table = compile_route_table(resources(text), ECHO, 1)
+    attrs = RequestAttrs(method="GET", scheme="http", authority="echo", path=path)
+    chosen = select_route(compile_routes(table), attrs)
+    assert chosen is not None and chosen.route.redirect is not None
+    # the Gateway API's default redirect status
+    assert redirect_location(chosen.route.redirect, "http", "echo", path, chosen.match) == (
+        302,
+        location,
+    )

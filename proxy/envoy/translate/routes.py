@@ -299,6 +299,8 @@ def _redirect(redirect: Redirect, where: str) -> Json:
     out: Json = {"responseCode": _REDIRECT_CODES[code]}
     if redirect.uri:
         out["pathRedirect"] = redirect.uri
+    if redirect.prefix_rewrite is not None:
+        out["prefixRewrite"] = redirect.prefix_rewrite
     if redirect.authority:
         out["hostRedirect"] = redirect.authority
     if redirect.port:
