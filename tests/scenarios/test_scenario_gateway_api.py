@@ -125,6 +125,13 @@ def backend(reply: Reply) -> str:
     return f"{doc['service']}-{doc['version']}"
 
 
+def joined(reply: Reply, name: str) -> str | None:
+    """Every value of request header `name` the backend received, comma-joined (HTTP's
+    combination of field lines); None when absent."""
+    values = [v for k, v in reply.json()["header_lines"] if k.lower() == name]
+    return ",".join(values) if values else None
+
+
 def seen(reply: Reply) -> dict[str, str]:
     """The request headers the backend received (lower-case names)."""
     return {k.lower(): v for k, v in reply.json()["headers"].items()}
@@ -378,6 +385,19 @@ HEADER_MODIFIER = http_route(
     - type: RequestHeaderModifier
       requestHeaderModifier: {remove: [X-Header-Remove]}
     backendRefs: [{name: echo-v1, port: 8080}]
+  - matches: [{path: {type: PathPrefix, value: /multiple}}]
+    filters:
+    - type: RequestHeaderModifier
+      requestHeaderModifier:
+        set:
+        - {name: X-Header-Set-1, value: header-set-1}
+        - {name: X-Header-Set-2, value: header-set-2}
+        add:
+        - {name: X-Header-Add-1, value: header-add-1}
+        - {name: X-Header-Add-2, value: header-add-2}
+        - {name: X-Header-Add-3, value: header-add-3}
+        remove: [X-Header-Remove-1, X-Header-Remove-2]
+    backendRefs: [{name: echo-v1, port: 8080}]
   - matches: [{path: {type: PathPrefix, value: /case-insensitivity}}]
     filters:
     - type: RequestHeaderModifier
@@ -404,12 +424,47 @@ async def test_httproute_request_header_modifier(gamma: Gamma) -> None:
         reply = await gamma.call("/remove", headers={"X-Header-Remove": "val"})
         assert backend(reply) == "echo-v1" and "x-header-remove" not in seen(reply), reply
         reply = await gamma.call(
-            "/case-insensitivity",
-            headers={"x-header-set": "original-val-set", "x-header-remove": "original"},
+            "/multiple",
+            headers={
+                "X-Header-Set-2": "set-val-2",
+                "X-Header-Add-2": "add-val-2",
+                "X-Header-Remove-2": "remove-val-2",
+                "Another-Header": "another-header-val",
+            },
         )
-        assert seen(reply)["x-header-set"] == "header-set", reply
-        assert seen(reply)["x-header-add"] == "header-add", reply
-        assert "x-header-remove" not in seen(reply), reply
+        assert {
+            name: joined(reply, name)
+            for name in (
+                "x-header-set-1",
+                "x-header-set-2",
+                "x-header-add-1",
+                "x-header-add-2",
+                "x-header-add-3",
+                "another-header",
+                "x-header-remove-1",
+                "x-header-remove-2",
+            )
+        } == {
+            "x-header-set-1": "header-set-1",
+            "x-header-set-2": "header-set-2",
+            "x-header-add-1": "header-add-1",
+            "x-header-add-2": "add-val-2,header-add-2",
+            "x-header-add-3": "header-add-3",
+            "another-header": "another-header-val",
+            "x-header-remove-1": None,
+            "x-header-remove-2": None,
+        }, reply
+        reply = await gamma.call(
+            "/case-insensitivity",
+            headers={
+                "x-header-set": "original-val-set",
+                "x-header-add": "original-val-add",
+                "x-header-remove": "original-val-remove",
+            },
+        )
+        assert joined(reply, "x-header-set") == "header-set", reply
+        assert joined(reply, "x-header-add") == "original-val-add,header-add", reply
+        assert joined(reply, "x-header-remove") is None, reply
 
 
 async def test_httproute_request_header_modifier_add_appends(gamma: Gamma) -> None:
@@ -677,6 +732,28 @@ async def test_mesh_frontend(gamma: Gamma) -> None:
         assert (backend(reply), reply.headers["x-header-set"]) == ("echo-v2", "set")
 
 
+async def test_mesh_frontend_hostname(gamma: Gamma) -> None:
+    """A request is routed by the Service it is sent to, not by a Host header naming
+    another one (the client's HTTP_PROXY request names the target in its URL)."""
+    text = http_route(
+        "mesh-frontend",
+        """\
+  - filters:
+    - type: ResponseHeaderModifier
+      responseHeaderModifier: {set: [{name: X-Header-Set, value: set}]}
+    backendRefs: [{name: echo-v2, port: 80}]
+""",
+        parent="name: echo-v2",
+    )
+    async with routes(gamma, text):
+        reply = await gamma.expect(
+            "/", lambda r: "x-header-set" in r.headers, host="echo-v2", headers={"Host": "echo-v1"}
+        )
+        assert (backend(reply), reply.headers["x-header-set"]) == ("echo-v2", "set")
+        reply = await gamma.call("/", host="echo-v1", headers={"Host": "echo-v2"})
+        assert backend(reply) == "echo-v1" and "x-header-set" not in reply.headers, reply
+
+
 async def test_mesh_consumer_route(gamma: Gamma) -> None:
     text = f"""
 apiVersion: gateway.networking.k8s.io/v1
@@ -796,6 +873,11 @@ async def test_grpcroute_request_header_modifier(gamma: Gamma) -> None:
     - type: RequestHeaderModifier
       requestHeaderModifier: {set: [{name: x-header-set, value: set-overwrites-values}]}
     backendRefs: [{name: grpc-echo-v1, port: 7070}]
+  - matches: [{headers: [{name: x-test-case, value: add}]}]
+    filters:
+    - type: RequestHeaderModifier
+      requestHeaderModifier: {add: [{name: x-header-add, value: add-appends-values}]}
+    backendRefs: [{name: grpc-echo-v1, port: 7070}]
   - matches: [{headers: [{name: x-test-case, value: remove}]}]
     filters:
     - type: RequestHeaderModifier
@@ -826,6 +908,8 @@ async def test_grpcroute_request_header_modifier(gamma: Gamma) -> None:
             )
             await _unary(client, **{"x-test-case": "set", "x-header-set": "client"})
             assert v1.seen_metadata[-1]["x-header-set"] == "set-overwrites-values"
+            await _unary(client, **{"x-test-case": "add"})
+            assert v1.seen_metadata[-1]["x-header-add"] == "add-appends-values"
             await _unary(client, **{"x-test-case": "remove", "x-header-remove": "gone"})
             assert "x-header-remove" not in v1.seen_metadata[-1]
     finally:
