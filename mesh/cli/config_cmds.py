@@ -171,6 +171,15 @@ def _summary(kind: str, body: dict[str, Any]) -> str:
     if kind == "Gateway":
         sel = ",".join(f"{k}={v}" for k, v in spec.get("selector", {}).items())
         return f"selector={sel}"
+    if kind in ("HTTPRoute", "GRPCRoute"):
+        parents = ",".join(
+            p.get("name", "") + (f":{p['port']}" if "port" in p else "")
+            for p in spec.get("parentRefs", [])
+        )
+        return f"parents={parents} rules={len(spec.get('rules') or [])}"
+    if kind == "Service":
+        sel = ",".join(f"{k}={v}" for k, v in spec.get("selector", {}).items())
+        return f"selector={sel}"
     labels = (spec.get("selector") or {}).get("matchLabels", {})
     sel = ",".join(f"{k}={v}" for k, v in labels.items())
     scope = f" selector={sel}" if sel else ""

@@ -164,6 +164,9 @@ async def test_apply_skips_workloads_and_get_shows_route_status(
             "Accepted": ("False", "NoMatchingParent"),
             "ResolvedRefs": ("False", "BackendNotFound"),
         }
+        assert await asyncio.to_thread(meshctl, [*flags, "get", "httproutes"]) == 0
+        table = capsys.readouterr().out
+        assert "parents=reviews:9080 rules=1" in table and "parents=nosuch rules=1" in table
         # delete -f of the same file skips the workloads too
         assert await asyncio.to_thread(meshctl, [*flags, "delete", "-f", str(bookinfo)]) == 0
         assert "service/reviews-v1 deleted" in capsys.readouterr().out
