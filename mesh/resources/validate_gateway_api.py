@@ -141,8 +141,9 @@ def _parents(
         out.append(
             Issue(
                 field(path, "hostnames"),
-                "hostnames with a Service parent is not supported: the route applies to "
-                "the Service's own host",
+                "hostnames with a Service parent is not supported: the mesh profile gives "
+                "it no meaning (GEP-1294), the route applies to the Service's own host; "
+                "match the Host header instead",
             )
         )
 
