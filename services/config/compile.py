@@ -42,12 +42,11 @@ from mesh.resources import (
     VirtualServiceSpec,
     parse_duration_ms,
 )
-from services.config.compile_gateway_api import (
-    gateway_api_routes,
+from services.config.compile_gateway_api import gateway_api_routes, services_named_by_gateway_api
+from services.config.compile_kubernetes import (
     kubernetes_aliases,
     kubernetes_default_route,
     kubernetes_subsets,
-    services_named_by_gateway_api,
 )
 from services.config.compile_resilience import (
     compile_connection_pool,

@@ -1,6 +1,5 @@
-"""Pure compiler of the Gateway API mesh profile (GAMMA) and Kubernetes Services into
-the same `RouteTable` rules as VirtualServices (docs/architecture.md "Gateway API
-routes", "Kubernetes Services").
+"""Pure compiler of the Gateway API mesh profile (GAMMA) into the same `RouteTable`
+rules as VirtualServices (docs/architecture.md §8).
 
 - An HTTPRoute / GRPCRoute whose parentRef is a mesh Service contributes rules to that
   service's RouteTable. A *producer* route (in the Service's namespace) applies to
@@ -14,9 +13,8 @@ routes", "Kubernetes Services").
   order (oldest route first), then rule and match order.
 - A PathPrefix matches whole path elements (`/v2` matches `/v2` and `/v2/x`, not
   `/v2x`): it compiles to an exact match and a prefix match on `<prefix>/`.
-- A backendRef to a Kubernetes Service resource whose selector narrows its backing
-  service (`reviews-v1`: app=reviews, version=v1) routes to the backing service's
-  synthetic subset `k8s-<name>`, added to the backing service's table.
+- A backendRef to a Kubernetes Service resource resolves as
+  `compile_kubernetes.resolve_backend` says.
 """
 
 from __future__ import annotations
@@ -28,7 +26,7 @@ from typing import Any, NamedTuple
 import msgspec
 
 from mesh import compiled
-from mesh.hosts import ServiceRef, canonical_host
+from mesh.hosts import ServiceRef
 from mesh.resources import Resource, parse_duration_ms
 from mesh.resources.gateway_api import (
     BackendRef,
@@ -47,18 +45,12 @@ from mesh.resources.gateway_api import (
     PathModifier,
     RequestMirror,
 )
-from mesh.resources.kubernetes import APP_LABEL, ServiceSpec, backing_service
+from mesh.resources.kubernetes import ServiceSpec, backing_service
 from mesh.resources.validate_gateway_api import is_service_parent
+from services.config.compile_kubernetes import k8s_services, resolve_backend
 
-__all__ = [
-    "gateway_api_routes",
-    "kubernetes_aliases",
-    "kubernetes_default_route",
-    "kubernetes_subsets",
-    "services_named_by_gateway_api",
-]
+__all__ = ["gateway_api_routes", "services_named_by_gateway_api"]
 
-K8S_SUBSET_PREFIX = "k8s-"
 HTTP_DEFAULT_PORT = 80
 # the Gateway API's answer when a rule has no backend that can take the request
 _NO_BACKEND = compiled.DirectResponse(status=500, body="no backend for this route")
@@ -72,76 +64,6 @@ class _Entry(NamedTuple):
     rank: tuple[int, int, int, int, int]
     position: int
     route: compiled.HTTPRoute
-
-
-# ---------------------------------------------------------------- Kubernetes Services
-
-
-def _k8s_services(resources: Sequence[Resource]) -> dict[ServiceRef, ServiceSpec]:
-    return {
-        ServiceRef(r.metadata.namespace, r.metadata.name): r.spec
-        for r in resources
-        if isinstance(r.spec, ServiceSpec)
-    }
-
-
-def _narrows(name: str, spec: ServiceSpec) -> bool:
-    """Whether the Service is anything but the whole registered service of its name."""
-    return dict(spec.selector) != {APP_LABEL: name}
-
-
-def resolve_backend(
-    services: dict[ServiceRef, ServiceSpec], name: str, namespace: str
-) -> tuple[str, str]:
-    """(canonical host, subset) a backend Service name stands for."""
-    spec = services.get(ServiceRef(namespace, name))
-    if spec is None or not _narrows(name, spec):
-        return canonical_host(name, namespace), ""
-    backing = ServiceRef(namespace, backing_service(spec))
-    return backing.fqdn, K8S_SUBSET_PREFIX + name
-
-
-def kubernetes_subsets(
-    resources: Sequence[Resource], service: ServiceRef, policy: compiled.TrafficPolicy
-) -> tuple[compiled.Subset, ...]:
-    """The synthetic subsets of `service` for the Kubernetes Services it backs."""
-    return tuple(
-        compiled.Subset(
-            name=K8S_SUBSET_PREFIX + ref.name, labels=dict(spec.selector), traffic_policy=policy
-        )
-        for ref, spec in sorted(_k8s_services(resources).items())
-        if ref.namespace == service.namespace
-        and backing_service(spec) == service.name
-        and _narrows(ref.name, spec)
-    )
-
-
-def kubernetes_aliases(resources: Sequence[Resource], service: ServiceRef) -> tuple[str, ...]:
-    """The hosts of the Kubernetes Services that narrow `service` (`reviews-v1`)."""
-    return tuple(
-        ref.fqdn
-        for ref, spec in sorted(_k8s_services(resources).items())
-        if ref.namespace == service.namespace
-        and backing_service(spec) == service.name
-        and _narrows(ref.name, spec)
-        and ref != service
-    )
-
-
-def kubernetes_default_route(
-    resources: Sequence[Resource], service: ServiceRef
-) -> compiled.HTTPRoute | None:
-    """A request for a narrowing Kubernetes Service's own host (`reviews-v1`) with no
-    rule of its own goes to the instances its selector picks."""
-    spec = _k8s_services(resources).get(service)
-    if spec is None or not _narrows(service.name, spec):
-        return None
-    host, subset = resolve_backend({service: spec}, service.name, service.namespace)
-    return compiled.HTTPRoute(
-        name=f"service/{service.name}",
-        route=(compiled.WeightedDestination(destination=compiled.Destination(host, subset)),),
-        origin=f"Service/{service.namespace}/{service.name}",
-    )
 
 
 # ---------------------------------------------------------------- discovery
@@ -182,7 +104,7 @@ def gateway_api_routes(
 ) -> tuple[compiled.HTTPRoute, ...]:
     """The rules HTTPRoutes and GRPCRoutes attached to `service` give its RouteTable,
     consumer routes first (see the module docstring). `resources` in creation order."""
-    services = _k8s_services(resources)
+    services = k8s_services(resources)
     by_namespace: dict[str, list[_Entry]] = {}
     ports_of: dict[str, set[int]] = {}
     for resource in resources:
