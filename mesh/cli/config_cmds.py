@@ -41,6 +41,7 @@ from mesh.messages import (
 )
 from mesh.resources import KINDS, ResourceError, resolve_kind
 from mesh.resources.kubernetes import is_workload, skip_notice
+from mesh.resources.registry import registry_kind
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -97,7 +98,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
 def _kind_label(kind: str) -> str:
     info = KINDS.get(kind)
     group = info.group if info is not None else ""  # "" for Kubernetes' core group
-    return f"{kind.lower()}.{group}" if group else kind.lower()
+    written = info.written_kind if info is not None else kind
+    return f"{written.lower()}.{group}" if group else written.lower()
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
@@ -237,7 +239,7 @@ def cmd_delete(args: argparse.Namespace) -> int:
             meta = doc.body.get("metadata") or {}
             refs.append(
                 ResourceRef(
-                    kind=str(doc.body.get("kind", "")),
+                    kind=registry_kind(str(doc.body.get("kind", "")), doc.body.get("apiVersion")),
                     namespace=str(meta.get("namespace") or "default"),
                     name=str(meta.get("name", "")),
                 )

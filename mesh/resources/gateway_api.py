@@ -9,6 +9,8 @@ missing path match is `PathPrefix /`, a missing weight is 1, a redirect is 302).
 
 from __future__ import annotations
 
+import msgspec
+
 from mesh.resources.networking import Model
 
 GATEWAY_API_GROUP = "gateway.networking.k8s.io"
@@ -177,3 +179,43 @@ class GRPCRouteSpec(Model, frozen=True):
     parent_refs: tuple[ParentReference, ...] = ()
     hostnames: tuple[str, ...] = ()
     rules: tuple[GRPCRouteRule, ...] = ()
+
+
+# ---------------------------------------------------------------- Gateway
+
+# the registry's name for the Gateway API's `Gateway` (Istio's `Gateway` has the plain
+# name): a registry name `<Kind>.<group>` is written `<Kind>` in documents
+GATEWAY_KIND = f"Gateway.{GATEWAY_API_GROUP}"
+# the classes `meshctl gateway` serves: Istio's, so Istio's files work, and ours
+GATEWAY_CLASSES = ("istio", "meshwork")
+# the label that binds a `meshctl gateway` to a Gateway (Istio's deployed gateways
+# carry it)
+GATEWAY_NAME_LABEL = "gateway.networking.k8s.io/gateway-name"
+
+
+class RouteNamespaces(Model, frozen=True):
+    # the spec's default: routes in the Gateway's namespace only
+    from_: str = msgspec.field(default="Same", name="from")
+
+
+class RouteGroupKind(Model, frozen=True):
+    kind: str
+    group: str = GATEWAY_API_GROUP
+
+
+class AllowedRoutes(Model, frozen=True):
+    namespaces: RouteNamespaces | None = None
+    kinds: tuple[RouteGroupKind, ...] = ()
+
+
+class Listener(Model, frozen=True):
+    name: str
+    port: int
+    protocol: str
+    hostname: str | None = None
+    allowed_routes: AllowedRoutes | None = None
+
+
+class GatewayAPIGatewaySpec(Model, frozen=True):
+    gateway_class_name: str = ""
+    listeners: tuple[Listener, ...] = ()

@@ -16,7 +16,7 @@ import yaml
 from mesh.resources.decode import decode_all, nearest
 from mesh.resources.errors import Issue, ResourceError, required, unsupported
 from mesh.resources.model import Metadata, Resource
-from mesh.resources.registry import KINDS, resolve_kind
+from mesh.resources.registry import KINDS, registry_kind, resolve_kind
 from mesh.resources.validate import validate_metadata
 
 _TOP_LEVEL = ("apiVersion", "kind", "metadata", "spec")
@@ -153,6 +153,8 @@ def _parse(body: Any, default_namespace: str) -> tuple[Resource | None, list[Iss
     kind = body.get("kind")
     if kind is None:
         return None, [*issues, required("kind")]
+    if isinstance(kind, str):
+        kind = registry_kind(kind, body.get("apiVersion"))
     if not isinstance(kind, str) or kind not in KINDS:
         return None, [*issues, Issue("kind", f"kind {kind} is not supported{_kind_hint(kind)}")]
     info = KINDS[kind]

@@ -12,7 +12,13 @@ from types import MappingProxyType
 from typing import Any, NamedTuple
 
 from mesh.resources.errors import Issue, ResourceError
-from mesh.resources.gateway_api import GATEWAY_API_GROUP, GRPCRouteSpec, HTTPRouteSpec
+from mesh.resources.gateway_api import (
+    GATEWAY_API_GROUP,
+    GATEWAY_KIND,
+    GatewayAPIGatewaySpec,
+    GRPCRouteSpec,
+    HTTPRouteSpec,
+)
 from mesh.resources.kubernetes import ServiceSpec, validate_service
 from mesh.resources.meshwork import MeshConfigSpec, RateLimitPolicySpec
 from mesh.resources.model import Metadata
@@ -27,7 +33,11 @@ from mesh.resources.validate import (
     validate_gateway,
     validate_virtual_service,
 )
-from mesh.resources.validate_gateway_api import validate_grpc_route, validate_http_route
+from mesh.resources.validate_gateway_api import (
+    validate_gateway_api_gateway,
+    validate_grpc_route,
+    validate_http_route,
+)
 from mesh.resources.validate_meshwork import validate_mesh_config, validate_rate_limit_policy
 from mesh.resources.validate_security import (
     validate_authorization_metadata,
@@ -59,6 +69,12 @@ class KindInfo(NamedTuple):
     validate: Callable[[Any, str], list[Issue]]
     # kind-specific checks of the metadata (annotations), on top of the shared ones
     validate_metadata: Callable[[Metadata, str], list[Issue]] | None = None
+
+    @property
+    def written_kind(self) -> str:
+        """The kind as documents write it: a registry name `<Kind>.<group>` (a kind whose
+        name another group's kind already has) is written `<Kind>`."""
+        return self.kind.split(".", 1)[0]
 
     @property
     def api_versions(self) -> tuple[str, ...]:
@@ -162,6 +178,15 @@ KINDS: Mapping[str, KindInfo] = _entries(
         validate=validate_grpc_route,
     ),
     KindInfo(
+        kind=GATEWAY_KIND,
+        plural="gateways",
+        short_names=(),
+        group=GATEWAY_API_GROUP,
+        versions=GATEWAY_API_VERSIONS,
+        spec_type=GatewayAPIGatewaySpec,
+        validate=validate_gateway_api_gateway,
+    ),
+    KindInfo(
         kind="Service",
         plural="services",
         short_names=("svc",),
@@ -176,8 +201,10 @@ KINDS: Mapping[str, KindInfo] = _entries(
 def _aliases() -> Mapping[str, str]:
     table: dict[str, str] = {}
     for info in KINDS.values():
-        for name in (info.kind.lower(), info.plural, *info.short_names):
-            table[name] = info.kind
+        qualified_only = info.written_kind != info.kind
+        for name in (info.written_kind.lower(), info.plural, *info.short_names):
+            if not qualified_only:  # a bare `gateway` stays Istio's
+                table[name] = info.kind
             # kubectl's fully qualified form: virtualservices.networking.istio.io
             if info.group:
                 table[f"{name}.{info.group}"] = info.kind
@@ -187,10 +214,23 @@ def _aliases() -> Mapping[str, str]:
 _ALIASES = _aliases()
 
 
+def registry_kind(kind: str, api_version: object) -> str:
+    """The registry name of a document's kind: `Gateway` of `gateway.networking.k8s.io/v1`
+    is `Gateway.gateway.networking.k8s.io`; any other kind is its own name."""
+    if isinstance(api_version, str) and "/" in api_version:
+        qualified = f"{kind}.{api_version.rsplit('/', 1)[0]}"
+        if qualified in KINDS:
+            return qualified
+    return kind
+
+
 def resolve_kind(name: str) -> str:
     """The canonical kind for a name as typed on a command line (`vs`, `Gateways`...)."""
     kind = _ALIASES.get(name.strip().lower())
     if kind is None:
-        known = ", ".join(f"{i.kind} ({', '.join(i.short_names)})" for i in KINDS.values())
+        known = ", ".join(
+            f"{i.kind} ({', '.join(i.short_names)})" if i.short_names else i.kind
+            for i in KINDS.values()
+        )
         raise ResourceError(f"unknown resource kind {name!r}; known kinds: {known}", source="")
     return kind

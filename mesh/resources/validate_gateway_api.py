@@ -15,7 +15,9 @@ from mesh.resources.durations import parse_duration_ms
 from mesh.resources.errors import Issue, field, item, required, unsupported
 from mesh.resources.gateway_api import (
     GATEWAY_API_GROUP,
+    GATEWAY_CLASSES,
     BackendRef,
+    GatewayAPIGatewaySpec,
     GRPCBackendRef,
     GRPCRouteFilter,
     GRPCRouteSpec,
@@ -55,6 +57,59 @@ _GRPC_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*")
 
 def is_service_parent(ref: ParentReference) -> bool:
     return ref.group in CORE_GROUPS and ref.kind == "Service"
+
+
+def is_gateway_parent(ref: ParentReference) -> bool:
+    return ref.group == GATEWAY_API_GROUP and ref.kind == "Gateway"
+
+
+LISTENER_PROTOCOLS = ("HTTP",)
+ROUTES_FROM = ("Same", "All")
+ROUTE_KINDS = ("HTTPRoute", "GRPCRoute")
+
+
+def validate_gateway_api_gateway(spec: GatewayAPIGatewaySpec, path: str = "spec") -> list[Issue]:
+    out: list[Issue] = []
+    class_path = field(path, "gatewayClassName")
+    if not spec.gateway_class_name:
+        out.append(required(class_path))
+    elif spec.gateway_class_name not in GATEWAY_CLASSES:
+        message = (
+            f"gatewayClassName {spec.gateway_class_name} is not served here "
+            f"(served: {', '.join(GATEWAY_CLASSES)})"
+        )
+        out.append(Issue(class_path, message))
+    listeners_path = field(path, "listeners")
+    if not spec.listeners:
+        out.append(Issue(listeners_path, "must list at least one listener"))
+    seen: set[str] = set()
+    for i, listener in enumerate(spec.listeners):
+        l_path = item(listeners_path, i)
+        _add(out, field(l_path, "name"), checks.dns_label(listener.name))
+        if listener.name in seen:
+            out.append(Issue(field(l_path, "name"), f"duplicate listener name {listener.name!r}"))
+        seen.add(listener.name)
+        _add(out, field(l_path, "port"), checks.port(listener.port))
+        if listener.protocol not in LISTENER_PROTOCOLS:
+            message = f"protocol {listener.protocol} is not supported (supported: HTTP)"
+            out.append(Issue(field(l_path, "protocol"), message))
+        if listener.hostname is not None:
+            _add(out, field(l_path, "hostname"), checks.host(listener.hostname))
+        allowed = listener.allowed_routes
+        if allowed is None:
+            continue
+        a_path = field(l_path, "allowedRoutes")
+        if allowed.namespaces is not None and allowed.namespaces.from_ not in ROUTES_FROM:
+            message = (
+                f"from {allowed.namespaces.from_} is not supported (supported: Same, All; "
+                "there are no Namespace objects to select)"
+            )
+            out.append(Issue(field(a_path, "namespaces.from"), message))
+        for j, kind in enumerate(allowed.kinds):
+            if kind.group != GATEWAY_API_GROUP or kind.kind not in ROUTE_KINDS:
+                message = f"must be HTTPRoute or GRPCRoute of {GATEWAY_API_GROUP}, got {kind.kind}"
+                out.append(Issue(item(field(a_path, "kinds"), j), message))
+    return out
 
 
 def validate_http_route(spec: HTTPRouteSpec, path: str = "spec") -> list[Issue]:
@@ -108,22 +163,14 @@ def _parents(
         out.append(Issue(parents_path, "must list at least one parent (a mesh Service)"))
     for i, ref in enumerate(parents):
         ref_path = item(parents_path, i)
-        if ref.group == GATEWAY_API_GROUP and ref.kind == "Gateway":
-            out.append(
-                Issue(
-                    ref_path,
-                    "a Gateway parent is not supported yet: attach the route to a mesh "
-                    'Service (group: "", kind: Service), or use an Istio Gateway and '
-                    "VirtualService for ingress",
-                )
-            )
-            continue
-        if not is_service_parent(ref):
+        gateway = is_gateway_parent(ref)
+        if not gateway and not is_service_parent(ref):
             out.append(
                 Issue(
                     field(ref_path, "kind"),
                     f"parent {ref.group or 'core'}/{ref.kind} is not supported "
-                    '(supported: group "", kind Service)',
+                    f'(supported: group "", kind Service; group {GATEWAY_API_GROUP}, '
+                    "kind Gateway)",
                 )
             )
             continue
@@ -134,10 +181,15 @@ def _parents(
         if ref.namespace:
             _add(out, field(ref_path, "namespace"), checks.dns_label(ref.namespace))
         if ref.section_name:
-            out.append(unsupported(field(ref_path, "sectionName")))
+            if gateway:
+                _add(out, field(ref_path, "sectionName"), checks.dns_label(ref.section_name))
+            else:
+                out.append(unsupported(field(ref_path, "sectionName")))
         if ref.port is not None:
             _add(out, field(ref_path, "port"), checks.port(ref.port))
-    if hostnames:
+    for i, host in enumerate(hostnames):
+        _add(out, item(field(path, "hostnames"), i), checks.host(host))
+    if hostnames and any(is_service_parent(ref) for ref in parents):
         out.append(
             Issue(
                 field(path, "hostnames"),

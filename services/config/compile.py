@@ -42,7 +42,11 @@ from mesh.resources import (
     VirtualServiceSpec,
     parse_duration_ms,
 )
-from services.config.compile_gateway_api import gateway_api_routes, services_named_by_gateway_api
+from services.config.compile_gateway_api import (
+    gateway_api_routes,
+    gateway_api_routing,
+    services_named_by_gateway_api,
+)
 from services.config.compile_kubernetes import (
     kubernetes_aliases,
     kubernetes_default_route,
@@ -256,6 +260,10 @@ def compile_gateway_config(
         rules = _http_routes(resource, spec, keep_for_gateway)
         if hosts and rules:
             virtual_hosts.setdefault(hosts, []).extend(rules)
+    # Gateway API Gateways (docs/architecture.md §8): after the Istio Gateways' hosts
+    api = gateway_api_routing(resources, namespace, labels)
+    selected.extend(api.names)
+    servers.extend(s for s in api.servers if s not in servers)
     return compiled.GatewayConfig(
         namespace=namespace,
         name=",".join(selected),
@@ -265,7 +273,8 @@ def compile_gateway_config(
         virtual_hosts=tuple(
             compiled.VirtualHost(hosts=hosts, http=tuple(rules))
             for hosts, rules in virtual_hosts.items()
-        ),
+        )
+        + tuple(api.virtual_hosts),
     )
 
 

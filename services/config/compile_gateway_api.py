@@ -20,16 +20,18 @@ rules as VirtualServices (docs/architecture.md §8).
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import msgspec
 
 from mesh import compiled
-from mesh.hosts import ServiceRef
+from mesh.hosts import ServiceRef, host_matches
 from mesh.resources import Resource, parse_duration_ms
 from mesh.resources.gateway_api import (
+    GATEWAY_NAME_LABEL,
     BackendRef,
+    GatewayAPIGatewaySpec,
     GRPCBackendRef,
     GRPCRouteFilter,
     GRPCRouteMatch,
@@ -41,15 +43,25 @@ from mesh.resources.gateway_api import (
     HTTPRouteMatch,
     HTTPRouteRule,
     HTTPRouteSpec,
+    Listener,
     MirrorBackendRef,
+    ParentReference,
     PathModifier,
     RequestMirror,
 )
 from mesh.resources.kubernetes import ServiceSpec, backing_service
-from mesh.resources.validate_gateway_api import is_service_parent
+from mesh.resources.validate_gateway_api import is_gateway_parent, is_service_parent
 from services.config.compile_kubernetes import k8s_services, resolve_backend
 
-__all__ = ["gateway_api_routes", "services_named_by_gateway_api"]
+__all__ = [
+    "GatewayAPIRouting",
+    "attached_listeners",
+    "gateway_api_routes",
+    "gateway_api_routing",
+    "names_gateway",
+    "route_hostnames",
+    "services_named_by_gateway_api",
+]
 
 HTTP_DEFAULT_PORT = 80
 # the Gateway API's answer when a rule has no backend that can take the request
@@ -490,3 +502,120 @@ def _replace_matches(
 
 def _with_rewrite(route: compiled.HTTPRoute, rewrite: compiled.Rewrite) -> compiled.HTTPRoute:
     return msgspec.structs.replace(route, rewrite=rewrite)
+
+
+# ---------------------------------------------------------------- Gateway API Gateways
+
+
+class GatewayAPIRouting(NamedTuple):
+    """What the Gateway API Gateways selecting one gateway proxy add to its config."""
+
+    names: list[str]
+    servers: list[compiled.GatewayServer]
+    virtual_hosts: list[compiled.VirtualHost]
+
+
+def selects(gateway: Resource, namespace: str, labels: Mapping[str, str]) -> bool:
+    """A Gateway API Gateway is served by the `meshctl gateway` proxies of its
+    namespace labelled `gateway.networking.k8s.io/gateway-name: <its name>` (the label
+    Istio gives the gateway it deploys for a Gateway)."""
+    return (
+        gateway.metadata.namespace == namespace
+        and labels.get(GATEWAY_NAME_LABEL) == gateway.metadata.name
+    )
+
+
+def attached_listeners(
+    gateway: Resource, route: Resource, ref: ParentReference
+) -> tuple[list[Listener], list[Listener]]:
+    """(listeners the parentRef names, those of them whose allowedRoutes admit the
+    route) for a parentRef that names `gateway`."""
+    spec = gateway.spec
+    assert isinstance(spec, GatewayAPIGatewaySpec)
+    named = [
+        listener
+        for listener in spec.listeners
+        if (not ref.section_name or ref.section_name == listener.name)
+        and (ref.port is None or ref.port == listener.port)
+    ]
+    kind = "HTTPRoute" if isinstance(route.spec, HTTPRouteSpec) else "GRPCRoute"
+    allowed = []
+    for listener in named:
+        rules = listener.allowed_routes
+        source = rules.namespaces.from_ if rules and rules.namespaces else "Same"
+        if source == "Same" and route.metadata.namespace != gateway.metadata.namespace:
+            continue
+        if rules and rules.kinds and kind not in {k.kind for k in rules.kinds}:
+            continue
+        allowed.append(listener)
+    return named, allowed
+
+
+def names_gateway(route: Resource, ref: ParentReference, gateway: Resource) -> bool:
+    return (
+        is_gateway_parent(ref)
+        and ref.name == gateway.metadata.name
+        and (ref.namespace or route.metadata.namespace) == gateway.metadata.namespace
+    )
+
+
+def gateway_api_routing(
+    resources: Sequence[Resource], namespace: str, labels: Mapping[str, str]
+) -> GatewayAPIRouting:
+    """Servers and virtual hosts of the Gateway API Gateways that select a gateway proxy
+    in `namespace` with `labels`: one virtual host per hostname, holding the rules of
+    every route attached to a listener with that hostname, in the Gateway API's order."""
+    services = k8s_services(resources)
+    names: list[str] = []
+    servers: list[compiled.GatewayServer] = []
+    by_host: dict[str, list[_Entry]] = {}
+    for gateway in resources:
+        if not isinstance(gateway.spec, GatewayAPIGatewaySpec):
+            continue
+        if not selects(gateway, namespace, labels):
+            continue
+        names.append(f"{gateway.metadata.namespace}/{gateway.metadata.name}")
+        for listener in gateway.spec.listeners:
+            server = compiled.GatewayServer(
+                port=listener.port, protocol=listener.protocol, hosts=(listener.hostname or "*",)
+            )
+            if server not in servers:
+                servers.append(server)
+        for route in resources:
+            spec = route.spec
+            if not isinstance(spec, HTTPRouteSpec | GRPCRouteSpec):
+                continue
+            hosts: list[str] = []
+            for ref in spec.parent_refs:
+                if names_gateway(route, ref, gateway):
+                    _named, allowed = attached_listeners(gateway, route, ref)
+                    for listener in allowed:
+                        hosts.extend(route_hostnames(spec.hostnames, listener.hostname))
+            if not hosts:
+                continue
+            entries = _route_entries(route, spec, 0, services, 0)
+            for host in dict.fromkeys(hosts):
+                bucket = by_host.setdefault(host, [])
+                bucket.extend(e._replace(position=len(bucket) + i) for i, e in enumerate(entries))
+    virtual_hosts = [
+        compiled.VirtualHost(hosts=(host,), http=tuple(_ordered(entries)))
+        for host, entries in by_host.items()
+    ]
+    return GatewayAPIRouting(names, servers, virtual_hosts)
+
+
+def route_hostnames(route_hosts: Sequence[str], listener_host: str | None) -> list[str]:
+    """The hostnames a route serves on a listener: the intersection of the two (a
+    listener without a hostname takes the route's; a route without any takes the
+    listener's; a wildcard on one side narrows to the other side's name)."""
+    if not route_hosts:
+        return [listener_host or "*"]
+    if listener_host is None:
+        return [h.lower() for h in route_hosts]
+    out = []
+    for host in (h.lower() for h in route_hosts):
+        if host_matches(listener_host.lower(), host):
+            out.append(host)
+        elif host_matches(host, listener_host.lower()):
+            out.append(listener_host.lower())
+    return out

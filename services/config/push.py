@@ -41,6 +41,7 @@ from mesh.resources import (
     VirtualServiceSpec,
 )
 from mesh.resources.gateway_api import GRPCRouteSpec, HTTPRouteSpec
+from mesh.resources.validate_gateway_api import is_gateway_parent
 from services.config.compile_gateway_api import services_named_by_gateway_api
 
 __all__ = ["PushScheduler", "PushScope", "scope_of_change"]
@@ -122,7 +123,10 @@ def _scope_of(resource: Resource, root_namespace: str) -> PushScope:
     if isinstance(spec, HTTPRouteSpec | GRPCRouteSpec):
         # its parents' tables; a Kubernetes Service (backends resolve through it) is
         # not listed here: any route may name it, so it recompiles everything
-        return PushScope(routes=frozenset(services_named_by_gateway_api([resource])))
+        return PushScope(
+            routes=frozenset(services_named_by_gateway_api([resource])),
+            gateways=any(is_gateway_parent(ref) for ref in spec.parent_refs),
+        )
     if isinstance(spec, PeerAuthenticationSpec):
         if namespace == root_namespace and spec.selector is None:
             return PushScope(inbound_all=True)  # mesh-wide

@@ -6,7 +6,9 @@ routes").
 conditions:
 - `Accepted`: True (reason `Accepted`) when the parent is a known Service and, if the
   parentRef names a port, the Service (as a Kubernetes Service resource) has it;
-  otherwise False, `NoMatchingParent`.
+  otherwise False, `NoMatchingParent`. For a Gateway parent: `NoMatchingParent` (no
+  such Gateway, or no listener with the sectionName/port), `NotAllowedByListeners`
+  (their allowedRoutes refuse the route), `NoMatchingListenerHostname`.
 - `ResolvedRefs`: True (`ResolvedRefs`) when every backendRef and mirror names a
   known Service; otherwise False, `BackendNotFound` naming the first one missing.
   (`InvalidKind` cannot occur: a backend of another kind is refused at apply.)
@@ -23,8 +25,19 @@ from typing import Any
 
 from mesh.hosts import ServiceRef
 from mesh.resources import Resource
-from mesh.resources.gateway_api import GRPCRouteSpec, HTTPRouteSpec, ParentReference
+from mesh.resources.gateway_api import (
+    GatewayAPIGatewaySpec,
+    GRPCRouteSpec,
+    HTTPRouteSpec,
+    ParentReference,
+)
 from mesh.resources.kubernetes import ServiceSpec
+from mesh.resources.validate_gateway_api import is_gateway_parent
+from services.config.compile_gateway_api import (
+    attached_listeners,
+    names_gateway,
+    route_hostnames,
+)
 
 __all__ = ["CONTROLLER_NAME", "route_status"]
 
@@ -44,16 +57,43 @@ def route_status(
             services[ServiceRef(r.metadata.namespace, r.metadata.name)] = r.spec
     known = set(services) | set(registered)
     resolved = _resolved_refs(spec, namespace, known)
+    gateways = [r for r in resources if isinstance(r.spec, GatewayAPIGatewaySpec)]
     parents = []
     for ref in spec.parent_refs:
+        if is_gateway_parent(ref):
+            accepted = _accepted_by_gateway(route, ref, gateways)
+        else:
+            accepted = _accepted(ref, namespace, services, known)
         parents.append(
             {
                 "parentRef": _parent_ref(ref),
                 "controllerName": CONTROLLER_NAME,
-                "conditions": [_accepted(ref, namespace, services, known), resolved],
+                "conditions": [accepted, resolved],
             }
         )
     return {"parents": parents}
+
+
+def _accepted_by_gateway(
+    route: Resource, ref: ParentReference, gateways: list[Resource]
+) -> dict[str, str]:
+    gateway = next((g for g in gateways if names_gateway(route, ref, g)), None)
+    where = f"{ref.namespace or route.metadata.namespace}/{ref.name}"
+    if gateway is None:
+        return _condition("Accepted", False, "NoMatchingParent", f"Gateway {where} not found")
+    named, allowed = attached_listeners(gateway, route, ref)
+    if not named:
+        message = f"no listener of Gateway {where} matches the sectionName/port"
+        return _condition("Accepted", False, "NoMatchingParent", message)
+    if not allowed:
+        message = f"the allowedRoutes of Gateway {where}'s listeners do not admit this route"
+        return _condition("Accepted", False, "NotAllowedByListeners", message)
+    spec = route.spec
+    assert isinstance(spec, HTTPRouteSpec | GRPCRouteSpec)
+    if not any(route_hostnames(spec.hostnames, listener.hostname) for listener in allowed):
+        message = f"no hostname of the route is served by Gateway {where}'s listeners"
+        return _condition("Accepted", False, "NoMatchingListenerHostname", message)
+    return _condition("Accepted", True, "Accepted", "Route was valid")
 
 
 def _accepted(

@@ -72,6 +72,23 @@ spec:
   - backendRefs: [{name: reviews-v9, port: 9080}]
 """
 
+GATEWAY = """
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: bookinfo-gateway}
+spec:
+  gatewayClassName: istio
+  listeners: [{name: http, port: 80, protocol: HTTP}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: from-elsewhere, namespace: other}
+spec:
+  parentRefs: [{name: bookinfo-gateway, namespace: default}]
+  rules:
+  - backendRefs: [{name: reviews-v1, namespace: default, port: 9080}]
+"""
+
 
 async def _register(mesh: MeshHarness, service: str, version: str) -> None:
     instance = Instance(
@@ -167,6 +184,31 @@ async def test_apply_skips_workloads_and_get_shows_route_status(
         assert await asyncio.to_thread(meshctl, [*flags, "get", "httproutes"]) == 0
         table = capsys.readouterr().out
         assert "parents=reviews:9080 rules=1" in table and "parents=nosuch rules=1" in table
+        # a Gateway API Gateway next to Istio's kinds, and a route its listener refuses
+        gateway = tmp_path / "gateway.yaml"
+        gateway.write_text(GATEWAY)
+        assert await asyncio.to_thread(meshctl, [*flags, "apply", "-f", str(gateway)]) == 0
+        out = capsys.readouterr().out
+        assert "gateway.gateway.networking.k8s.io/bookinfo-gateway created" in out, out
+        assert "httproute.gateway.networking.k8s.io/from-elsewhere created" in out, out
+        code = await asyncio.to_thread(
+            meshctl, [*flags, "get", "httproute", "from-elsewhere", "-n", "other", "-o", "yaml"]
+        )
+        assert code == 0
+        assert _conditions(_yaml_doc(capsys.readouterr().out)) == {
+            "Accepted": ("False", "NotAllowedByListeners"),
+            "ResolvedRefs": ("True", "ResolvedRefs"),
+        }
+        code = await asyncio.to_thread(
+            meshctl, [*flags, "get", "gateways.gateway.networking.k8s.io", "-o", "yaml"]
+        )
+        assert code == 0
+        listing = capsys.readouterr().out
+        assert "kind: Gateway" in listing and "gatewayClassName: istio" in listing, listing
+        assert await asyncio.to_thread(meshctl, [*flags, "delete", "-f", str(gateway)]) == 0
+        assert "gateway.gateway.networking.k8s.io/bookinfo-gateway deleted" in (
+            capsys.readouterr().out
+        )
         # delete -f of the same file skips the workloads too
         assert await asyncio.to_thread(meshctl, [*flags, "delete", "-f", str(bookinfo)]) == 0
         assert "service/reviews-v1 deleted" in capsys.readouterr().out

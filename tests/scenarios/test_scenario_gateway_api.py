@@ -914,3 +914,81 @@ async def test_grpcroute_request_header_modifier(gamma: Gamma) -> None:
             assert "x-header-remove" not in v1.seen_metadata[-1]
     finally:
         client.close()
+
+
+# ---------------------------------------------------------------- Gateway API Gateway
+
+
+async def test_gateway_api_gateway_serves_attached_routes(gamma: Gamma) -> None:
+    """A `Gateway` of class istio is served by the `meshctl gateway` labelled with its
+    name; HTTPRoutes attach to its listener by hostname; a route in another namespace
+    is refused by the listener's default allowedRoutes (Same)."""
+    from mesh.servers import free_port
+
+    port = free_port()
+    await gamma.s.sidecar(
+        "echo-gateway-istio",
+        "",
+        app=False,
+        gateway=True,
+        gateway_port=port,
+        namespace=NS,
+        labels={"gateway.networking.k8s.io/gateway-name": "echo-gateway"},
+    )
+    text = f"""
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {{name: echo-gateway, namespace: {NS}}}
+spec:
+  gatewayClassName: istio
+  listeners:
+  - {{name: http, port: 80, protocol: HTTP, hostname: "*.example.com"}}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: echo-ingress, namespace: {NS}}}
+spec:
+  parentRefs: [{{name: echo-gateway}}]
+  hostnames: [echo.example.com]
+  rules:
+  - matches: [{{path: {{type: PathPrefix, value: /v2}}}}]
+    backendRefs: [{{name: echo-v2, port: 8080}}]
+  - backendRefs: [{{name: echo-v1, port: 8080}}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: elsewhere, namespace: {CONSUMER_NS}}}
+spec:
+  parentRefs: [{{name: echo-gateway, namespace: {NS}}}]
+  hostnames: [other.example.com]
+  rules:
+  - backendRefs: [{{name: echo-v1, namespace: {NS}, port: 8080}}]
+"""
+    await gamma.s.apply(text)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        session = gamma.s.session
+        assert session is not None
+
+        async def answer(path: str, host: str) -> tuple[int, str]:
+            async with session.get(url + path, headers={"Host": host}) as r:
+                if r.status != 200:
+                    return r.status, ""
+                doc = await r.json()
+                return 200, f"{doc['service']}-{doc['version']}"
+
+        async def routed() -> bool:
+            return await answer("/v2/x", "echo.example.com") == (200, "echo-v2")
+
+        await eventually(routed, timeout=20, interval=0.1)
+        assert await answer("/", "echo.example.com") == (200, "echo-v1")
+        assert await answer("/v2example", "echo.example.com") == (200, "echo-v1")
+        # the other namespace's route is not allowed on the listener: no virtual host
+        assert (await answer("/", "other.example.com"))[0] == 404
+    finally:
+        for kind, name, ns in [
+            ("HTTPRoute", "elsewhere", CONSUMER_NS),
+            ("HTTPRoute", "echo-ingress", NS),
+            ("Gateway.gateway.networking.k8s.io", "echo-gateway", NS),
+        ]:
+            await gamma.s.delete(kind, name, ns)

@@ -276,9 +276,9 @@ spec:
     ("spec", "path", "message"),
     [
         (
-            "parentRefs: [{name: gw}]",
-            "spec.parentRefs[0]",
-            "a Gateway parent is not supported yet",
+            "parentRefs: [{kind: TLSRoute, name: gw}]",
+            "spec.parentRefs[0].kind",
+            "is not supported",
         ),
         (
             'parentRefs: [{group: "", kind: Service, name: e}]\n  rules: [{backendRefs: [{name: b}]}]',
@@ -405,3 +405,103 @@ def test_redirect_replaces_the_prefix_or_the_full_path(path: str, location: str)
         302,
         location,
     )
+
+
+GATEWAY = """
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: bookinfo-gateway, namespace: mesh}
+spec:
+  gatewayClassName: istio
+  listeners:
+  - {name: http, port: 80, protocol: HTTP, hostname: "*.example.com"}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: bookinfo, namespace: mesh}
+spec:
+  parentRefs: [{name: bookinfo-gateway}]
+  hostnames: [bookinfo.example.com, other.org]
+  rules:
+  - matches: [{path: {type: PathPrefix, value: /reviews}}]
+    backendRefs: [{name: reviews-v2, port: 9080}]
+  - backendRefs: [{name: productpage, port: 9080}]
+---
+"""
+
+
+def test_gateway_api_gateway_routes_on_the_gateway_labelled_with_its_name() -> None:
+    from proxy.routing import compile_gateway
+    from services.config.compile import compile_gateway_config
+
+    text = KUBE_SERVICES + GATEWAY
+    labels = {"gateway.networking.k8s.io/gateway-name": "bookinfo-gateway"}
+    config = compile_gateway_config(resources(text), "mesh", labels, 1)
+    assert config.name == "mesh/bookinfo-gateway"
+    # the route's hostnames narrowed to the listener's
+    assert [vh.hosts for vh in config.virtual_hosts] == [("bookinfo.example.com",)]
+    routes = compile_gateway(config)
+
+    def target(authority: str, path: str) -> str | None:
+        attrs = RequestAttrs(method="GET", scheme="http", authority=authority, path=path)
+        found = select_route(routes, attrs)
+        if found is None:
+            return None
+        d = found.route.route[0].destination
+        return d.host.split(".")[0] + (f"/{d.subset}" if d.subset else "")
+
+    assert target("bookinfo.example.com", "/reviews/1") == "reviews/k8s-reviews-v2"
+    assert target("bookinfo.example.com", "/productpage") == "productpage"
+    assert target("other.org", "/productpage") is None
+    # another gateway proxy, or one in another namespace, is not selected
+    assert compile_gateway_config(resources(text), "mesh", {}, 1).virtual_hosts == ()
+    assert compile_gateway_config(resources(text), "other", labels, 1).virtual_hosts == ()
+
+
+def test_gateway_api_gateway_round_trips_and_keeps_istio_gateway_apart() -> None:
+    from mesh.resources import to_dict
+
+    [gateway] = [r for r in resources(GATEWAY) if r.metadata.name == "bookinfo-gateway"]
+    assert gateway.kind == "Gateway.gateway.networking.k8s.io"
+    body = to_dict(gateway)
+    assert body["kind"] == "Gateway"
+    assert parse_resource(body, source="t", index=0) == gateway
+
+
+@pytest.mark.parametrize(
+    ("listener", "path", "message"),
+    [
+        ("{name: h, port: 443, protocol: HTTPS}", "spec.listeners[0].protocol", "HTTPS"),
+        (
+            "{name: h, port: 80, protocol: HTTP, allowedRoutes: {namespaces: {from: Selector}}}",
+            "spec.listeners[0].allowedRoutes.namespaces.from",
+            "Selector is not supported",
+        ),
+    ],
+)
+def test_gateway_api_gateway_refusals(listener: str, path: str, message: str) -> None:
+    text = f"""
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {{name: g}}
+spec:
+  gatewayClassName: istio
+  listeners: [{listener}]
+"""
+    with pytest.raises(ResourceError) as caught:
+        resources(text)
+    assert caught.value.path == path and message in caught.value.message, str(caught.value)
+
+
+def test_gateway_of_another_class_is_refused() -> None:
+    text = """
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: g}
+spec:
+  gatewayClassName: cilium
+  listeners: [{name: h, port: 80, protocol: HTTP}]
+"""
+    with pytest.raises(ResourceError) as caught:
+        resources(text)
+    assert caught.value.path == "spec.gatewayClassName" and "istio, meshwork" in str(caught.value)

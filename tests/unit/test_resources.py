@@ -971,7 +971,7 @@ def test_resolve_kind_rejects_unknown_names_listing_the_known_ones() -> None:
         "unknown resource kind 'serviceentries'; known kinds: VirtualService (vs), "
         "DestinationRule (dr), Gateway (gw), PeerAuthentication (pa), AuthorizationPolicy (ap), "
         "RequestAuthentication (ra), RateLimitPolicy (rlp), MeshConfig (mc), "
-        "HTTPRoute (hr), GRPCRoute (gr), Service (svc)"
+        "HTTPRoute (hr), GRPCRoute (gr), Gateway.gateway.networking.k8s.io, Service (svc)"
     )
 
 
@@ -987,8 +987,14 @@ def test_kind_registry_lists_names_and_versions() -> None:
         "MeshConfig": ("meshconfigs", ("mc",)),
         "HTTPRoute": ("httproutes", ("hr",)),
         "GRPCRoute": ("grpcroutes", ("gr",)),
+        "Gateway.gateway.networking.k8s.io": ("gateways", ()),
         "Service": ("services", ("svc",)),
     }
+    # Istio's Gateway keeps the bare names; the Gateway API's is named with its group
+    assert resolve_kind("gateways") == "Gateway"
+    assert resolve_kind("gateways.gateway.networking.k8s.io") == (
+        "Gateway.gateway.networking.k8s.io"
+    )
     # Kubernetes' core group has no group in its apiVersion
     assert KINDS["Service"].api_versions == ("v1",)
     assert KINDS["HTTPRoute"].api_versions == (
