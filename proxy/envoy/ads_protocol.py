@@ -266,6 +266,10 @@ class AdsStream:
         names = frozenset(request.resource_names)
         sub.wildcard = "*" in names or (type_url in WILDCARD_TYPES and not names)
         sub.names = names - {"*"}
+        if not sub.wildcard:
+            # Envoy drops what it no longer asks for: a name asked for again later (a
+            # cluster removed and added back) must be sent again, even unchanged
+            sub.sent = {name: value for name, value in sub.sent.items() if name in sub.names}
         if not first:
             if request.HasField("error_detail"):
                 self._record(
