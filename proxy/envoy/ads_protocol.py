@@ -19,7 +19,8 @@ Protocol rules followed (Envoy's xDS protocol document, "ACK/NACK and versioning
 - listeners and clusters are wildcard subscriptions (every resource, absence removes);
   routes, endpoints and secrets are asked for by name and answered with the named
   resources we have; the first request of a type on a stream (no nonce: a new Envoy, or
-  one reconnecting after the sidecar restarted) always gets the current snapshot;
+  one reconnecting after the sidecar restarted) always gets the current snapshot; a
+  name Envoy stops asking for is forgotten, so asking for it again gets it again;
 - make before break: a new snapshot is pushed clusters, endpoints, listeners, routes,
   secrets; a listener or cluster removed by it stays in the first listener/cluster
   response and goes in a second one sent after the routes, so nothing still referenced
