@@ -263,7 +263,8 @@ def _http_filters(filters: tuple[HTTPRouteFilter, ...], path: str, out: list[Iss
             message = f"filter type {f.type} is not supported ({', '.join(HTTP_FILTERS)})"
             out.append(Issue(field(f_path, "type"), message))
             continue
-        if f.type != "RequestMirror" and f.type in seen:
+        if f.type in seen:
+            # one mirror per rule is what both data planes carry (the spec allows more)
             out.append(Issue(field(f_path, "type"), f"{f.type} may appear only once per rule"))
         seen.add(f.type)
         _filter_config(f, f_path, config_name, out)
@@ -299,6 +300,7 @@ def _http_filters(filters: tuple[HTTPRouteFilter, ...], path: str, out: list[Iss
 
 
 def _grpc_filters(filters: tuple[GRPCRouteFilter, ...], path: str, out: list[Issue]) -> None:
+    seen: set[str] = set()
     for i, f in enumerate(filters):
         f_path = item(path, i)
         config_name = GRPC_FILTERS.get(f.type)
@@ -306,6 +308,9 @@ def _grpc_filters(filters: tuple[GRPCRouteFilter, ...], path: str, out: list[Iss
             message = f"filter type {f.type} is not supported ({', '.join(GRPC_FILTERS)})"
             out.append(Issue(field(f_path, "type"), message))
             continue
+        if f.type in seen:
+            out.append(Issue(field(f_path, "type"), f"{f.type} may appear only once per rule"))
+        seen.add(f.type)
         _filter_config(f, f_path, config_name, out)
         if f.request_header_modifier is not None:
             _modifier(f.request_header_modifier, field(f_path, "requestHeaderModifier"), out)

@@ -298,6 +298,13 @@ spec:
             "is not supported",
         ),
         (
+            'parentRefs: [{group: "", kind: Service, name: e}]\n'
+            "  rules: [{filters: [{type: RequestMirror, requestMirror: {backendRef: {name: m, port: 80}}},"
+            " {type: RequestMirror, requestMirror: {backendRef: {name: n, port: 80}}}]}]",
+            "spec.rules[0].filters[1].type",
+            "RequestMirror may appear only once per rule",
+        ),
+        (
             'parentRefs: [{group: "", kind: Service, name: e}]\n  hostnames: [a.example]',
             "spec.hostnames",
             "hostnames with a Service parent is not supported",
@@ -505,3 +512,20 @@ spec:
     with pytest.raises(ResourceError) as caught:
         resources(text)
     assert caught.value.path == "spec.gatewayClassName" and "istio, meshwork" in str(caught.value)
+
+
+def test_request_mirror_and_timeouts() -> None:
+    text = route("""\
+  - filters:
+    - type: RequestMirror
+      requestMirror:
+        backendRef: {name: echo-v2, port: 80}
+        fraction: {numerator: 1, denominator: 4}
+    backendRefs: [{name: echo-v1, port: 80}]
+    timeouts: {request: 2s, backendRequest: 500ms}
+""")
+    [rule] = compile_route_table(resources(text), ECHO, 1).http
+    assert rule.mirror is not None
+    assert (rule.mirror.host, rule.mirror.percentage) == ("echo-v2.mesh.svc.cluster.local", 25.0)
+    assert rule.timeout_ms == 2000
+    assert rule.retries is not None and rule.retries.per_try_timeout_ms == 500
