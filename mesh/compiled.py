@@ -41,6 +41,9 @@ class HTTPMatch(msgspec.Struct, frozen=True, omit_defaults=True):
     source_labels: dict[str, str] = {}
     source_namespace: str = ""
     port: int = 0
+    # True: a Host without a port also matches `port` (the Gateway API's parentRef
+    # port: a client sending to `http://echo` asked for the service's port 80)
+    port_implicit: bool = False
     # gateway names (canonical "<ns>/<name>") this match is limited to; empty = any
     gateways: tuple[str, ...] = ()
 
@@ -75,6 +78,9 @@ class Rewrite(msgspec.Struct, frozen=True, omit_defaults=True):
 
 class Redirect(msgspec.Struct, frozen=True, omit_defaults=True):
     uri: str | None = None
+    # replaces the prefix a `prefix` uri match matched, the rest of the path kept
+    # (Envoy's `prefix_rewrite`; the Gateway API's ReplacePrefixMatch)
+    prefix_rewrite: str | None = None
     authority: str | None = None
     port: int = 0
     scheme: str | None = None
@@ -325,6 +331,10 @@ class RouteTable(msgspec.Struct, frozen=True, omit_defaults=True, tag=True):
     # no rule matching, a connection goes to the service itself, as in Istio)
     tcp: tuple[L4Route, ...] = ()
     tls: tuple[L4Route, ...] = ()
+    # hosts of the Kubernetes Services that select a part of this service's instances
+    # (`reviews-v1` for `reviews`): data planes that build every host up front (Envoy)
+    # follow them, as they follow the services the registry lists
+    aliases: tuple[str, ...] = ()
 
 
 class GatewayServer(msgspec.Struct, frozen=True, omit_defaults=True):

@@ -231,7 +231,7 @@ class RouteHandler:
             return Outcome(dr.status)
         if route.redirect is not None:
             status, location = redirect_location(
-                route.redirect, req.scheme, attrs.authority, req.path
+                route.redirect, req.scheme, attrs.authority, req.path, match.match
             )
             await ex.respond(status, [("location", location)], b"")
             return Outcome(status)

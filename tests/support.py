@@ -210,6 +210,8 @@ class EchoApp:
                     "host": request.host,
                     "body_len": len(body),
                     "headers": dict(request.headers),
+                    # every field line as received (`headers` keeps one value per name)
+                    "header_lines": list(request.headers.items()),
                 }
             )
 

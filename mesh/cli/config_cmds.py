@@ -40,6 +40,8 @@ from mesh.messages import (
     ResourceRef,
 )
 from mesh.resources import KINDS, ResourceError, resolve_kind
+from mesh.resources.kubernetes import is_workload, skip_notice
+from mesh.resources.registry import registry_kind
 from mesh.status_pages import read_proxy_status
 
 
@@ -105,12 +107,19 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
 
 def _kind_label(kind: str) -> str:
     info = KINDS.get(kind)
-    group = info.group if info is not None else ""
-    return f"{kind.lower()}.{group}" if group else kind.lower()
+    group = info.group if info is not None else ""  # "" for Kubernetes' core group
+    written = info.written_kind if info is not None else kind
+    return f"{written.lower()}.{group}" if group else written.lower()
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
-    docs = with_namespace(read_documents(args.filename), args.namespace)
+    read = with_namespace(read_documents(args.filename), args.namespace)
+    # workload kinds (Deployment, ServiceAccount, ...) next to mesh resources in the
+    # files people have: skipped with how to run them, instead of refusing the file
+    skipped = [skip_notice(str(d.body.get("kind")), d.body) for d in read if is_workload(d.body)]
+    docs = [d for d in read if not is_workload(d.body)]
+    if not docs:
+        return _print_skipped(skipped, args.output, reply=None)
 
     async def run(bus: Bus) -> int:
         reply = await bus.request(
@@ -123,15 +132,27 @@ def cmd_apply(args: argparse.Namespace) -> int:
         if args.output in ("json", "yaml"):
             data = _plain(reply)
             data["analysis"] = [m.as_dict() for m in messages]
+            data["skipped"] = skipped
             emit(data, args.output, lambda: None)
             return 0
         suffix = " (dry run)" if args.dry_run else ""
         for r in reply.results:
             print(f"{_kind_label(r.ref.kind)}/{r.ref.name} {r.action}{suffix}")
+        _print_skipped(skipped, args.output, reply)
         print_messages(messages)
         return 0
 
     return with_bus(run)(args)
+
+
+def _print_skipped(skipped: list[str], output: str, reply: ApplyReply | None) -> int:
+    if output in ("json", "yaml"):
+        if reply is None:  # nothing else was sent: the document is the skips alone
+            emit({"results": [], "skipped": skipped}, output, lambda: None)
+    else:
+        for line in skipped:
+            print(line)
+    return 0
 
 
 async def _analyze_applied(
@@ -161,6 +182,15 @@ def _summary(kind: str, body: dict[str, Any]) -> str:
         subsets = ",".join(s.get("name", "") for s in spec.get("subsets", []))
         return f"host={spec.get('host', '')}" + (f" subsets={subsets}" if subsets else "")
     if kind == "Gateway":
+        sel = ",".join(f"{k}={v}" for k, v in spec.get("selector", {}).items())
+        return f"selector={sel}"
+    if kind in ("HTTPRoute", "GRPCRoute"):
+        parents = ",".join(
+            p.get("name", "") + (f":{p['port']}" if "port" in p else "")
+            for p in spec.get("parentRefs", [])
+        )
+        return f"parents={parents} rules={len(spec.get('rules') or [])}"
+    if kind == "Service":
         sel = ",".join(f"{k}={v}" for k, v in spec.get("selector", {}).items())
         return f"selector={sel}"
     labels = (spec.get("selector") or {}).get("matchLabels", {})
@@ -215,10 +245,12 @@ def cmd_delete(args: argparse.Namespace) -> int:
     refs: list[ResourceRef] = []
     if args.filename:
         for doc in with_namespace(read_documents(args.filename), args.namespace):
+            if is_workload(doc.body):
+                continue  # never applied (see cmd_apply)
             meta = doc.body.get("metadata") or {}
             refs.append(
                 ResourceRef(
-                    kind=str(doc.body.get("kind", "")),
+                    kind=registry_kind(str(doc.body.get("kind", "")), doc.body.get("apiVersion")),
                     namespace=str(meta.get("namespace") or "default"),
                     name=str(meta.get("name", "")),
                 )

@@ -16,7 +16,7 @@ import yaml
 from mesh.resources.decode import decode_all, nearest
 from mesh.resources.errors import Issue, ResourceError, required, unsupported
 from mesh.resources.model import Metadata, Resource
-from mesh.resources.registry import KINDS, resolve_kind
+from mesh.resources.registry import KINDS, registry_kind, resolve_kind
 from mesh.resources.validate import validate_metadata
 
 _TOP_LEVEL = ("apiVersion", "kind", "metadata", "spec")
@@ -153,6 +153,8 @@ def _parse(body: Any, default_namespace: str) -> tuple[Resource | None, list[Iss
     kind = body.get("kind")
     if kind is None:
         return None, [*issues, required("kind")]
+    if isinstance(kind, str):
+        kind = registry_kind(kind, body.get("apiVersion"))
     if not isinstance(kind, str) or kind not in KINDS:
         return None, [*issues, Issue("kind", f"kind {kind} is not supported{_kind_hint(kind)}")]
     info = KINDS[kind]
@@ -212,8 +214,8 @@ def _same_name_other_api(kind: str, api_version: object, ours: tuple[str, ...]) 
     version: say which resource it is, rather than suggesting a version change."""
     group = str(api_version).partition("/")[0]
     api = _OTHER_APIS.get(group)
-    if api is None:
-        return None
+    if api is None or any(v.partition("/")[0] == group for v in ours):
+        return None  # the kind is of that API: only its version is wrong
     return Issue(
         "apiVersion",
         f"kind {kind} of {api} ({api_version}) is not supported; this {kind} is "
@@ -228,6 +230,8 @@ def _kind_hint(kind: object) -> str:
         canonical = resolve_kind(kind)
     except ResourceError:
         canonical = nearest(kind, list(KINDS))  # a typo: VirtualServce
+        if canonical and kind.startswith(canonical):
+            canonical = ""  # another kind with a longer name (ServiceEntry), not a typo
     return f" (did you mean {canonical}?)" if canonical else ""
 
 

@@ -60,4 +60,6 @@ def to_dict(resource: Resource) -> dict[str, Any]:
     become lists and the result is safe for `yaml.safe_dump` as well as JSON.
     """
     result: dict[str, Any] = msgspec.json.decode(msgspec.json.encode(resource))
+    # a registry name `<Kind>.<group>` (registry.KindInfo.written_kind) is written `<Kind>`
+    result["kind"] = resource.kind.split(".", 1)[0]
     return result

@@ -12,6 +12,14 @@ from types import MappingProxyType
 from typing import Any, NamedTuple
 
 from mesh.resources.errors import Issue, ResourceError
+from mesh.resources.gateway_api import (
+    GATEWAY_API_GROUP,
+    GATEWAY_KIND,
+    GatewayAPIGatewaySpec,
+    GRPCRouteSpec,
+    HTTPRouteSpec,
+)
+from mesh.resources.kubernetes import ServiceSpec, validate_service
 from mesh.resources.meshwork import MeshConfigSpec, RateLimitPolicySpec
 from mesh.resources.model import Metadata
 from mesh.resources.networking import DestinationRuleSpec, GatewaySpec, VirtualServiceSpec
@@ -24,6 +32,11 @@ from mesh.resources.validate import (
     validate_destination_rule,
     validate_gateway,
     validate_virtual_service,
+)
+from mesh.resources.validate_gateway_api import (
+    validate_gateway_api_gateway,
+    validate_grpc_route,
+    validate_http_route,
 )
 from mesh.resources.validate_meshwork import validate_mesh_config, validate_rate_limit_policy
 from mesh.resources.validate_security import (
@@ -39,6 +52,9 @@ SECURITY_GROUP = "security.istio.io"
 SECURITY_VERSIONS = ("v1", "v1beta1")
 MESHWORK_GROUP = "meshwork.io"
 MESHWORK_VERSIONS = ("v1",)
+GATEWAY_API_VERSIONS = ("v1", "v1beta1")
+# Kubernetes' core group: its apiVersion is the bare version (`v1`)
+CORE_GROUP = ""
 
 
 class KindInfo(NamedTuple):
@@ -55,8 +71,14 @@ class KindInfo(NamedTuple):
     validate_metadata: Callable[[Metadata, str], list[Issue]] | None = None
 
     @property
+    def written_kind(self) -> str:
+        """The kind as documents write it: a registry name `<Kind>.<group>` (a kind whose
+        name another group's kind already has) is written `<Kind>`."""
+        return self.kind.split(".", 1)[0]
+
+    @property
     def api_versions(self) -> tuple[str, ...]:
-        return tuple(f"{self.group}/{v}" for v in self.versions)
+        return tuple(f"{self.group}/{v}" if self.group else v for v in self.versions)
 
 
 def _entries(*infos: KindInfo) -> Mapping[str, KindInfo]:
@@ -137,26 +159,78 @@ KINDS: Mapping[str, KindInfo] = _entries(
         spec_type=MeshConfigSpec,
         validate=validate_mesh_config,
     ),
+    KindInfo(
+        kind="HTTPRoute",
+        plural="httproutes",
+        short_names=("hr",),
+        group=GATEWAY_API_GROUP,
+        versions=GATEWAY_API_VERSIONS,
+        spec_type=HTTPRouteSpec,
+        validate=validate_http_route,
+    ),
+    KindInfo(
+        kind="GRPCRoute",
+        plural="grpcroutes",
+        short_names=("gr",),
+        group=GATEWAY_API_GROUP,
+        versions=GATEWAY_API_VERSIONS,
+        spec_type=GRPCRouteSpec,
+        validate=validate_grpc_route,
+    ),
+    KindInfo(
+        kind=GATEWAY_KIND,
+        plural="gateways",
+        short_names=(),
+        group=GATEWAY_API_GROUP,
+        versions=GATEWAY_API_VERSIONS,
+        spec_type=GatewayAPIGatewaySpec,
+        validate=validate_gateway_api_gateway,
+    ),
+    KindInfo(
+        kind="Service",
+        plural="services",
+        short_names=("svc",),
+        group=CORE_GROUP,
+        versions=("v1",),
+        spec_type=ServiceSpec,
+        validate=validate_service,
+    ),
 )
 
 
 def _aliases() -> Mapping[str, str]:
     table: dict[str, str] = {}
     for info in KINDS.values():
-        for name in (info.kind.lower(), info.plural, *info.short_names):
-            table[name] = info.kind
+        qualified_only = info.written_kind != info.kind
+        for name in (info.written_kind.lower(), info.plural, *info.short_names):
+            if not qualified_only:  # a bare `gateway` stays Istio's
+                table[name] = info.kind
             # kubectl's fully qualified form: virtualservices.networking.istio.io
-            table[f"{name}.{info.group}"] = info.kind
+            if info.group:
+                table[f"{name}.{info.group}"] = info.kind
     return MappingProxyType(table)
 
 
 _ALIASES = _aliases()
 
 
+def registry_kind(kind: str, api_version: object) -> str:
+    """The registry name of a document's kind: `Gateway` of `gateway.networking.k8s.io/v1`
+    is `Gateway.gateway.networking.k8s.io`; any other kind is its own name."""
+    if isinstance(api_version, str) and "/" in api_version:
+        qualified = f"{kind}.{api_version.rsplit('/', 1)[0]}"
+        if qualified in KINDS:
+            return qualified
+    return kind
+
+
 def resolve_kind(name: str) -> str:
     """The canonical kind for a name as typed on a command line (`vs`, `Gateways`...)."""
     kind = _ALIASES.get(name.strip().lower())
     if kind is None:
-        known = ", ".join(f"{i.kind} ({', '.join(i.short_names)})" for i in KINDS.values())
+        known = ", ".join(
+            f"{i.kind} ({', '.join(i.short_names)})" if i.short_names else i.kind
+            for i in KINDS.values()
+        )
         raise ResourceError(f"unknown resource kind {name!r}; known kinds: {known}", source="")
     return kind

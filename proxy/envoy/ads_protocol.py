@@ -19,7 +19,8 @@ Protocol rules followed (Envoy's xDS protocol document, "ACK/NACK and versioning
 - listeners and clusters are wildcard subscriptions (every resource, absence removes);
   routes, endpoints and secrets are asked for by name and answered with the named
   resources we have; the first request of a type on a stream (no nonce: a new Envoy, or
-  one reconnecting after the sidecar restarted) always gets the current snapshot;
+  one reconnecting after the sidecar restarted) always gets the current snapshot; a
+  name Envoy stops asking for is forgotten, so asking for it again gets it again;
 - make before break: a new snapshot is pushed clusters, endpoints, listeners, routes,
   secrets; a listener or cluster removed by it stays in the first listener/cluster
   response and goes in a second one sent after the routes, so nothing still referenced
@@ -266,6 +267,10 @@ class AdsStream:
         names = frozenset(request.resource_names)
         sub.wildcard = "*" in names or (type_url in WILDCARD_TYPES and not names)
         sub.names = names - {"*"}
+        if not sub.wildcard:
+            # Envoy drops what it no longer asks for: a name asked for again later (a
+            # cluster removed and added back) must be sent again, even unchanged
+            sub.sent = {name: value for name, value in sub.sent.items() if name in sub.names}
         if not first:
             if request.HasField("error_detail"):
                 self._record(

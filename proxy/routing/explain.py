@@ -65,7 +65,11 @@ def explain_condition(
 ) -> str:
     """The first condition of `compiled` that `req` fails, in `test`'s order, as a
     sentence; "" when every condition holds."""
-    if compiled.port and req.port != compiled.port:
+    if (
+        compiled.port
+        and req.port != compiled.port
+        and not (compiled.port_implicit and req.port == 0)
+    ):
         return f"port: request port {req.port or 'unset'} is not {compiled.port}"
     if compiled.gateways is not None and not _at_gateway(compiled.gateways, req.gateway):
         where = req.gateway or MESH_GATEWAY

@@ -69,6 +69,7 @@ class _CompiledMatch:
         "headers",
         "method",
         "port",
+        "port_implicit",
         "query",
         "scheme",
         "source_labels",
@@ -80,6 +81,7 @@ class _CompiledMatch:
 
     def __init__(self, m: HTTPMatch, field: str) -> None:
         self.port = m.port
+        self.port_implicit = m.port_implicit
         self.gateways = frozenset(m.gateways) if m.gateways else None
         self.source_namespace = m.source_namespace
         self.source_labels = tuple(m.source_labels.items())
@@ -106,7 +108,7 @@ class _CompiledMatch:
         )
 
     def test(self, req: RequestAttrs, uri: str, uri_lower: str, query: Mapping[str, str]) -> bool:
-        if self.port and req.port != self.port:
+        if self.port and req.port != self.port and not (self.port_implicit and req.port == 0):
             return False
         if self.gateways is not None and not _at_gateway(self.gateways, req.gateway):
             return False

@@ -107,7 +107,7 @@ def apply_response_header_ops(
 
 
 def redirect_location(
-    redirect: Redirect, scheme: str, authority: str, path: str
+    redirect: Redirect, scheme: str, authority: str, path: str, matched: HTTPMatch | None = None
 ) -> tuple[int, str]:
     """(status, Location) for a redirect rule, as Envoy builds it from Istio's fields.
 
@@ -116,6 +116,8 @@ def redirect_location(
     - `authority` replaces the whole authority; `port` replaces or adds the port.
     - `scheme` replaces the scheme; when it changes, a port that was only the old
       scheme's default (`:80` for http) is dropped, so http://a:80 -> https://a.
+    - `prefix_rewrite` replaces the prefix a `prefix` uri match matched (`matched`),
+      the rest of the path and the query string kept.
     - status is `redirect_code`, 301 by default.
     """
     new_scheme = redirect.scheme or scheme
@@ -129,7 +131,10 @@ def redirect_location(
                 host = authority_without_port(host)
     if redirect.port:
         host = f"{authority_without_port(host)}:{redirect.port}"
-    if redirect.uri:
+    prefix = matched.uri if matched is not None else None
+    if redirect.prefix_rewrite is not None and prefix is not None and prefix.kind == "prefix":
+        new_path = redirect.prefix_rewrite + path[len(prefix.value) :]
+    elif redirect.uri:
         if "?" in redirect.uri:
             new_path = redirect.uri
         else:

@@ -42,6 +42,16 @@ from mesh.resources import (
     VirtualServiceSpec,
     parse_duration_ms,
 )
+from services.config.compile_gateway_api import (
+    gateway_api_routes,
+    gateway_api_routing,
+    services_named_by_gateway_api,
+)
+from services.config.compile_kubernetes import (
+    kubernetes_aliases,
+    kubernetes_default_route,
+    kubernetes_subsets,
+)
 from services.config.compile_l4 import compile_l4_routes
 from services.config.compile_resilience import (
     compile_connection_pool,
@@ -91,7 +101,12 @@ def compile_route_table(
             tcp, tls = compile_l4_routes(resource, spec, _keep_for_mesh)
             tcp_rules.extend(tcp)
             tls_rules.extend(tls)
+    # Gateway API routes attached to the service come after its VirtualService rules
+    rules.extend(gateway_api_routes(resources, service))
+    if not rules and (k8s_route := kubernetes_default_route(resources, service)) is not None:
+        rules.append(k8s_route)
     subsets, traffic_policy = _destination_policy(resources, service)
+    subsets += kubernetes_subsets(resources, service, traffic_policy)
     return compiled.RouteTable(
         namespace=service.namespace,
         service=service.name,
@@ -103,6 +118,7 @@ def compile_route_table(
         has_virtual_service=bool(rules),
         tcp=tuple(tcp_rules),
         tls=tuple(tls_rules),
+        aliases=kubernetes_aliases(resources, service),
     )
 
 
@@ -258,6 +274,10 @@ def compile_gateway_config(
             tcp, tls = compile_l4_routes(resource, spec, keep_for_gateway)
             tcp_rules.extend(tcp)
             tls_rules.extend(tls)
+    # Gateway API Gateways (docs/architecture.md §8): after the Istio Gateways' hosts
+    api = gateway_api_routing(resources, namespace, labels)
+    selected.extend(api.names)
+    servers.extend(s for s in api.servers if s not in servers)
     return compiled.GatewayConfig(
         namespace=namespace,
         name=",".join(selected),
@@ -267,7 +287,8 @@ def compile_gateway_config(
         virtual_hosts=tuple(
             compiled.VirtualHost(hosts=hosts, http=tuple(rules))
             for hosts, rules in virtual_hosts.items()
-        ),
+        )
+        + tuple(api.virtual_hosts),
         tcp=tuple(tcp_rules),
         tls=tuple(tls_rules),
     )
@@ -318,7 +339,7 @@ def services_named(resources: Sequence[Resource]) -> set[ServiceRef]:
             hosts.append(canonical_host(spec.host, namespace))
     # service_of_host would read `*.prod.svc.cluster.local` as a service named `*`
     named = (service_of_host(h) for h in hosts if not h.startswith("*"))
-    return {ref for ref in named if ref is not None}
+    return {ref for ref in named if ref is not None} | services_named_by_gateway_api(resources)
 
 
 # ---------------------------------------------------------------- VirtualService rules

@@ -40,6 +40,9 @@ from mesh.resources import (
     Resource,
     VirtualServiceSpec,
 )
+from mesh.resources.gateway_api import GRPCRouteSpec, HTTPRouteSpec
+from mesh.resources.validate_gateway_api import is_gateway_parent
+from services.config.compile_gateway_api import services_named_by_gateway_api
 
 __all__ = ["PushScheduler", "PushScope", "scope_of_change"]
 
@@ -118,6 +121,13 @@ def _scope_of(resource: Resource, root_namespace: str) -> PushScope:
         return PushScope(routes=routes, route_patterns=patterns)
     if isinstance(spec, GatewaySpec):
         return PushScope(gateways=True)
+    if isinstance(spec, HTTPRouteSpec | GRPCRouteSpec):
+        # its parents' tables; a Kubernetes Service (backends resolve through it) is
+        # not listed here: any route may name it, so it recompiles everything
+        return PushScope(
+            routes=frozenset(services_named_by_gateway_api([resource])),
+            gateways=any(is_gateway_parent(ref) for ref in spec.parent_refs),
+        )
     if isinstance(spec, PeerAuthenticationSpec):
         if namespace == root_namespace and spec.selector is None:
             return PushScope(inbound_all=True)  # mesh-wide

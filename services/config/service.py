@@ -33,6 +33,8 @@ from mesh.messages import (
     ApplyRequest,
     DeleteReply,
     DeleteRequest,
+    EndpointsGetReply,
+    EndpointsGetRequest,
     FetchRequest,
     GetResourcesReply,
     GetResourcesRequest,
@@ -42,7 +44,14 @@ from mesh.messages import (
     ResourceRef,
     StoredResource,
 )
-from mesh.resources import Resource, ResourceError, parse_documents, resolve_kind, to_dict
+from mesh.resources import (
+    Resource,
+    ResourceError,
+    ResourceKey,
+    parse_documents,
+    resolve_kind,
+    to_dict,
+)
 from mesh.service import ControlPlaneService
 from mesh.signing import control_plane_signer
 from mesh.store import Delete, Put, WatchCompacted
@@ -50,6 +59,7 @@ from mesh.subjects import CONFIG_QUEUE, parse_service_subject
 from services.config.compile import compile_gateway_config, compile_route_table, services_named
 from services.config.compile_security import compile_inbound_policy
 from services.config.push import PushScheduler, PushScope
+from services.config.route_status import route_status
 from services.config.settings import ConfigSettings
 from services.config.snapshot import (
     ResourceSnapshot,
@@ -60,6 +70,8 @@ from services.config.snapshot import (
 from services.config.status import ProxyStatusTable
 
 MAX_DOCUMENTS = 500
+# kinds `get` shows with a computed `status` (services/config/route_status.py)
+ROUTE_KINDS = ("HTTPRoute", "GRPCRoute")
 # room left in a reply for its headers (signature) and framing
 REPLY_HEADROOM = 4096
 
@@ -323,7 +335,31 @@ class ConfigService(ControlPlaneService):
         if req.name and not out:
             kind = self._kind(req.kind) if req.kind else "resource"
             raise errors.NotFound(f"{kind} {req.namespace or 'default'}/{req.name} not found")
+        await self._add_route_status(out)
         return GetResourcesReply(revision=revision, resources=out)
+
+    async def _add_route_status(self, found: list[StoredResource]) -> None:
+        """Gateway API routes are shown with their `status`, computed now from the
+        resources in force and the services the registry knows."""
+        routes = [r for r in found if r.ref.kind in ROUTE_KINDS]
+        if not routes:
+            return
+        registered: set[ServiceRef] = set()
+        try:
+            reply = await self.bus.request(
+                self.bus.subjects.registry_get, EndpointsGetRequest(), EndpointsGetReply
+            )
+            registered = {ServiceRef(s.namespace, s.service) for s in reply.sets if s.endpoints}
+        except errors.MeshError as e:
+            # still answered: Services defined by resources are known without it
+            self.log.warning("config.status_registry_unavailable", error=str(e))
+        resources = self.snapshot.resources()
+        by_ref = {r.ref: r for r in resources}
+        for stored in routes:
+            ref = stored.ref
+            current = by_ref.get(ResourceKey(ref.kind, ref.namespace, ref.name))
+            if current is not None:
+                stored.body["status"] = route_status(current, resources, registered)
 
     async def fetch(self, req: FetchRequest) -> CompiledConfig:
         resources = self.snapshot.resources()

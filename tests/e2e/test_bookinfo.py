@@ -265,6 +265,31 @@ def test_canary_50_50_then_all_to_v3(demo: Demo, apply: Callable[..., None]) -> 
     wait_for(lambda: demo.versions(6) == ["v3"] * 6)
 
 
+def _served(demo: Demo, n: int, user: str = "") -> list[str]:
+    """The reviews versions of `n` pages; "error" for a page whose reviews call failed
+    (while a change reaches the proxies), so polling goes on."""
+    return [str(demo.page(user)["reviews"].get("version", "error")) for _ in range(n)]
+
+
+def test_gateway_api_request_routing(demo: Demo, apply: Callable[..., None]) -> None:
+    """istio.io "Request routing" with HTTPRoutes (examples/bookinfo/gateway-api)."""
+    apply("gateway-api/bookinfo-versions.yaml", "gateway-api/route-reviews-v1.yaml")
+    wait_for(lambda: _served(demo, 6) == ["v1"] * 6, timeout=60)
+    apply("gateway-api/route-reviews-test-v2.yaml")
+    wait_for(
+        lambda: _served(demo, 4, user="jason") == ["v2"] * 4 and _served(demo, 4) == ["v1"] * 4,
+        timeout=60,
+    )
+
+
+def test_gateway_api_traffic_shifting(demo: Demo, apply: Callable[..., None]) -> None:
+    """istio.io "Traffic shifting" with HTTPRoutes: 50/50 between v1 and v3, then v3."""
+    apply("gateway-api/bookinfo-versions.yaml", "gateway-api/route-reviews-50-v3.yaml")
+    wait_for(lambda: set(_served(demo, 16)) == {"v1", "v3"}, timeout=60)
+    apply("gateway-api/route-reviews-v3.yaml")
+    wait_for(lambda: _served(demo, 6) == ["v3"] * 6, timeout=60)
+
+
 DENY_RATINGS = """
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy

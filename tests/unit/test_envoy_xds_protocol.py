@@ -402,3 +402,23 @@ def test_a_changed_cluster_gets_its_endpoints_again_so_it_finishes_warming():
     other = "outbound|9080|v2|reviews"
     added = snapshot(**{**both.__dict__, "clusters": {**both.clusters, other: cluster(other)}})
     assert [r.type_url for r in stream.on_push(state.set_resources(added))] == [CLUSTER]
+
+
+def test_a_name_subscribed_again_after_it_was_dropped_is_sent_again():
+    """A cluster removed and then added back (a Kubernetes Service deleted and applied
+    again): Envoy drops the endpoints it unsubscribed from, so when it asks for the same
+    name again it must get them, byte-identical or not, or the new cluster never warms."""
+    state = AdsState()
+    state.set_resources(snapshot(endpoints={"a": endpoints("a"), "b": endpoints("b")}))
+    stream = AdsStream(state)
+    [eds] = stream.on_request(request(ENDPOINT, ("a", "b")))
+    assert sorted(names_of(eds)) == ["a", "b"]
+    # cluster "b" goes away: Envoy narrows its subscription (an ACK naming only "a")
+    assert stream.on_push(state.set_resources(snapshot(endpoints={"a": endpoints("a")}))) == []
+    assert ack(stream, eds, ("a",)) == []
+    # "b" comes back unchanged; Envoy subscribes to it again once its cluster is back
+    stream.on_push(
+        state.set_resources(snapshot(endpoints={"a": endpoints("a"), "b": endpoints("b")}))
+    )
+    [again] = ack(stream, eds, ("a", "b"))
+    assert sorted(names_of(again)) == ["a", "b"]

@@ -973,7 +973,8 @@ def test_resolve_kind_rejects_unknown_names_listing_the_known_ones() -> None:
     assert str(info.value) == (
         "unknown resource kind 'serviceentries'; known kinds: VirtualService (vs), "
         "DestinationRule (dr), Gateway (gw), PeerAuthentication (pa), AuthorizationPolicy (ap), "
-        "RequestAuthentication (ra), RateLimitPolicy (rlp), MeshConfig (mc)"
+        "RequestAuthentication (ra), RateLimitPolicy (rlp), MeshConfig (mc), "
+        "HTTPRoute (hr), GRPCRoute (gr), Gateway.gateway.networking.k8s.io, Service (svc)"
     )
 
 
@@ -987,7 +988,22 @@ def test_kind_registry_lists_names_and_versions() -> None:
         "RequestAuthentication": ("requestauthentications", ("ra",)),
         "RateLimitPolicy": ("ratelimitpolicies", ("rlp",)),
         "MeshConfig": ("meshconfigs", ("mc",)),
+        "HTTPRoute": ("httproutes", ("hr",)),
+        "GRPCRoute": ("grpcroutes", ("gr",)),
+        "Gateway.gateway.networking.k8s.io": ("gateways", ()),
+        "Service": ("services", ("svc",)),
     }
+    # Istio's Gateway keeps the bare names; the Gateway API's is named with its group
+    assert resolve_kind("gateways") == "Gateway"
+    assert resolve_kind("gateways.gateway.networking.k8s.io") == (
+        "Gateway.gateway.networking.k8s.io"
+    )
+    # Kubernetes' core group has no group in its apiVersion
+    assert KINDS["Service"].api_versions == ("v1",)
+    assert KINDS["HTTPRoute"].api_versions == (
+        "gateway.networking.k8s.io/v1",
+        "gateway.networking.k8s.io/v1beta1",
+    )
     assert KINDS["Gateway"].api_versions == (
         "networking.istio.io/v1",
         "networking.istio.io/v1beta1",

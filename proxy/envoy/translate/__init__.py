@@ -61,8 +61,15 @@ def referenced_hosts(node: ProxyNode, view: MeshView) -> set[str]:
     else:
         ctx = outbound.route_context(node, view)
         outbound.outbound_route_config(node, view, ctx)
+    aliases = {
+        alias
+        for table, _endpoints in view.destinations.values()
+        if table is not None
+        for alias in table.aliases
+    }
     return (
         {host for host, _ in ctx.referenced}
+        | aliases
         | ext_authz.provider_hosts(view.inbound, node.namespace)
         | tcp.l4_hosts(node, view)
     )

@@ -53,9 +53,14 @@ def authority_matcher(sm: StringMatch) -> Json:
     }
 
 
-def port_matcher(port: int) -> Json:
-    """A match's `port`: the port the Host names (none: no match), as the Python proxy
-    reads it from the authority."""
+def port_matcher(port: int, *, implicit: bool = False) -> Json:
+    """A match's `port`: the port the Host names (none: no match, unless `implicit`:
+    then a Host without a port matches too), as the Python proxy reads it from the
+    authority."""
+    if implicit:
+        # a host, or a bracketed IPv6 literal, then nothing or this port
+        regex = rf"(?:\[[^\]]*\]|[^:\[\]]*)(?::{port})?"
+        return {"name": ":authority", "stringMatch": {"safeRegex": {"regex": regex}}}
     return {"name": ":authority", "stringMatch": {"suffix": f":{port}"}}
 
 

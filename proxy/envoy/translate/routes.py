@@ -167,7 +167,7 @@ def route_match(m: HTTPMatch | None) -> Json:
     if m.authority is not None:
         headers.append(matchers.authority_matcher(m.authority))
     if m.port:
-        headers.append(matchers.port_matcher(m.port))
+        headers.append(matchers.port_matcher(m.port, implicit=m.port_implicit))
     for name, sm in m.headers.items():
         if name.lower() == "host":
             headers.append(matchers.authority_matcher(sm))
@@ -299,6 +299,8 @@ def _redirect(redirect: Redirect, where: str) -> Json:
     out: Json = {"responseCode": _REDIRECT_CODES[code]}
     if redirect.uri:
         out["pathRedirect"] = redirect.uri
+    if redirect.prefix_rewrite is not None:
+        out["prefixRewrite"] = redirect.prefix_rewrite
     if redirect.authority:
         out["hostRedirect"] = redirect.authority
     if redirect.port:
