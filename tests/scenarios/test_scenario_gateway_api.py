@@ -783,10 +783,6 @@ spec:
 def _grpc_client(g: Gamma) -> EchoClient:
     """h2c straight to the client sidecar's outbound listener, naming the service in
     :authority, as an app with the sidecar as its gRPC endpoint does."""
-    if g.s.dataplane == "envoy":
-        reason = "Meshwork on Envoy does not carry gRPC to apps yet (README, Envoy data plane)"
-        print(f"skipping: {reason}")
-        pytest.skip(reason)
     return EchoClient(
         f"127.0.0.1:{g.client.ports['outbound']}",
         options=[("grpc.default_authority", f"grpc-echo.{NS}:7070")],
