@@ -40,6 +40,7 @@ from proxy.routing import (
     resolve_subset,
     subset_endpoints,
 )
+from proxy.upstream_tls import origination_for
 
 log = get_logger("proxy.destinations")
 
@@ -71,6 +72,10 @@ class Destination:
     endpoints_status: SubscriptionStatus | None = None
     loaded: asyncio.Event = field(default_factory=asyncio.Event)
     error: str = ""
+    # a ServiceEntry host (`proxy.egress`): the host (SNI, telemetry) and the port
+    # asked for (its `portLevelSettings` apply); "" / 0 for a mesh service
+    host: str = ""
+    port: int = 0
 
     def balancer(self, subset_name: str, rand: random.Random) -> Balancer | None:
         """The balancer of a subset ("" = whole service); None when the subset is unknown."""
@@ -88,7 +93,7 @@ class Destination:
         if subset is None:
             return None
         eps = subset_endpoints(self.endpoints.endpoints if self.endpoints else [], subset.labels)
-        policy = subset.traffic_policy
+        policy = subset.traffic_policy.for_port(self.port) if self.port else subset.traffic_policy
         cluster = self.clusters.get(subset_name)
         previous = cluster.balancer if cluster is not None else None
         balancer = build_balancer(eps, policy.load_balancer, rand, previous)
@@ -96,6 +101,7 @@ class Destination:
             cluster = self.clusters[subset_name] = Cluster(self.ref, subset_name, policy, balancer)
         else:
             cluster.update(policy, balancer)
+        cluster.origination = origination_for(policy.tls, self.host or self.ref.fqdn)
         self.balancers[subset_name] = balancer
         return cluster
 
@@ -108,6 +114,11 @@ class DestinationCache:
         self.destinations: dict[ServiceRef, Destination] = {}
         self._loading: dict[ServiceRef, asyncio.Task[Destination]] = {}
         self._subscribed: set[ServiceRef] = set()
+        # ServiceEntry hosts and the outbound traffic policy (`proxy.egress`, which
+        # builds `Destination`s: imported here to keep the import graph acyclic)
+        from proxy.egress import MeshWideFollower
+
+        self.mesh_wide = MeshWideFollower(bus, on_change)
 
     # ------------------------------------------------------------ lookup
 
@@ -183,6 +194,10 @@ class DestinationCache:
 
     async def resync(self) -> None:
         """Fetch every followed destination again (after a reconnect, or periodically)."""
+        try:
+            await self.mesh_wide.resync()
+        except Exception as e:
+            log.debug("destinations.resync_failed", destination="meshwide", error=str(e))
         for dest in list(self.destinations.values()):
             try:
                 await self.refresh(dest)
@@ -250,7 +265,7 @@ class DestinationCache:
     # ------------------------------------------------------------ reporting
 
     def subscription_statuses(self) -> list[SubscriptionStatus]:
-        out = []
+        out = self.mesh_wide.statuses()
         for dest in self.destinations.values():
             if dest.route_status is not None:
                 out.append(dest.route_status)

@@ -25,7 +25,7 @@ from mesh.hosts import ServiceRef, canonical_host, service_of_host, strip_port
 from mesh.messages import Endpoint
 from proxy import attempts
 from proxy.destinations import Destination, DestinationCache
-from proxy.forward import Outcome, PoolSet, join_flags, local_reply
+from proxy.forward import Outcome, PoolSet, forward, join_flags, local_reply
 from proxy.http import (
     BodyStream,
     Exchange,
@@ -180,9 +180,7 @@ class RouteHandler:
 
         ref = self._service(authority)
         if ref is None or ref.name == "*":
-            return await local_reply(
-                ex, 502, "NR", f"unknown host {strip_port(authority)!r}: not a mesh service"
-            )
+            return await self._outside_registry(req, ex, attrs, seen, "not a mesh service")
         if seen is not None:
             seen.service = ref.fqdn
         try:
@@ -190,14 +188,56 @@ class RouteHandler:
         except errors.MeshError as e:
             return await local_reply(ex, 503, "UH", f"no configuration for {ref}: {e}")
         if not _exists(dest):
-            return await local_reply(
-                ex, 502, "NR", f"unknown host {strip_port(authority)!r}: no such service"
-            )
+            return await self._outside_registry(req, ex, attrs, seen, "no such service")
         assert dest.routes is not None
         match = dest.routes.select(attrs)
         if match is None:
             return await local_reply(ex, 404, "NR", f"no route matched {req.method} {req.path}")
         return await self._route(req, ex, attrs, match, seen)
+
+    async def _outside_registry(
+        self, req: Request, ex: Exchange, attrs: RequestAttrs, seen: Outcome | None, why: str
+    ) -> Outcome:
+        """A host the registry does not know: a ServiceEntry host is routed like a mesh
+        service; anything else is refused (REGISTRY_ONLY, 502 `NR`) or passed through
+        to the host and port asked for (ALLOW_ANY), as the mesh-wide table says."""
+        host = strip_port(attrs.authority)
+        try:
+            config = await self.cache.mesh_wide.current()
+        except errors.MeshError as e:
+            return await local_reply(ex, 503, "UH", f"no mesh-wide configuration: {e}")
+        dest = self.cache.mesh_wide.destination(host, attrs.port, self.caller.namespace)
+        if dest is None:
+            if config.outbound_traffic_policy == "ALLOW_ANY":
+                return await self._passthrough(req, ex, host, attrs.port or 80, seen)
+            return await local_reply(ex, 502, "NR", f"unknown host {host!r}: {why}")
+        if seen is not None:
+            seen.service = dest.host
+        assert dest.routes is not None
+        match = dest.routes.select(attrs)
+        if match is None:
+            return await local_reply(ex, 404, "NR", f"no route matched {req.method} {req.path}")
+        return await self._route(req, ex, attrs, match, seen)
+
+    async def _passthrough(
+        self, req: Request, ex: Exchange, host: str, port: int, seen: Outcome | None
+    ) -> Outcome:
+        """ALLOW_ANY: the request as the app sent it, to the host and port it named
+        (Istio's PassthroughCluster): no routing, no retries, plaintext."""
+        if seen is not None:
+            seen.service = host
+        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        headers = strip_hop_by_hop(req.headers, req.upgrade)
+        headers = append_forwarded_for(headers, req.peer[0] if req.peer else "")
+        return await forward(
+            ex,
+            req,
+            self.pools.get(address),
+            method=req.method,
+            path=req.path,
+            headers=headers,
+            upstream=address,
+        )
 
     async def _route(
         self,
@@ -225,12 +265,23 @@ class RouteHandler:
         except NoDestinationError as e:
             return await local_reply(ex, 503, "NC", str(e))
         target_ref = self._service(chosen.destination.host)
-        if target_ref is None:
-            return await local_reply(
-                ex, 502, "NR", f"route destination {chosen.destination.host} is not a mesh service"
+        external: Destination | None = None
+        if target_ref is None or target_ref.name == "*":
+            # a ServiceEntry host (`proxy.egress`), at the port the route names or,
+            # without one, the port the request was sent to
+            external = await self._external(
+                chosen.destination.host, chosen.destination.port or attrs.port
             )
+            if external is None:
+                return await local_reply(
+                    ex,
+                    502,
+                    "NR",
+                    f"route destination {chosen.destination.host} is not a mesh service "
+                    "or ServiceEntry host",
+                )
         if seen is not None:
-            seen.service = target_ref.fqdn
+            seen.service = external.host if external is not None else target_ref.fqdn  # type: ignore[union-attr]
         fault_flags = ""
         if route.fault is not None:
             fault = decide_fault(route.fault, self.rand.random(), self.rand.random())
@@ -239,14 +290,21 @@ class RouteHandler:
             fault_flags = ",".join(fault.flags)
             if fault.abort_status:
                 return await local_reply(ex, fault.abort_status, fault_flags, "fault filter abort")
-        try:
-            target = await self.cache.get(target_ref)
-        except errors.MeshError as e:
-            return await local_reply(ex, 503, "UH", f"no configuration for {target_ref}: {e}")
+        if external is not None:
+            target = external
+        else:
+            assert target_ref is not None
+            try:
+                target = await self.cache.get(target_ref)
+            except errors.MeshError as e:
+                return await local_reply(ex, 503, "UH", f"no configuration for {target_ref}: {e}")
         cluster = target.cluster(chosen.destination.subset, self.rand)
         if cluster is None:
             return await local_reply(
-                ex, 503, "NC", f"unknown subset {chosen.destination.subset!r} of {target_ref}"
+                ex,
+                503,
+                "NC",
+                f"unknown subset {chosen.destination.subset!r} of {target.host or target_ref}",
             )
         balancer = cluster.balancer
         peer_ip = req.peer[0] if req.peer else ""
@@ -267,7 +325,9 @@ class RouteHandler:
         out_headers.append(("host", authority))
         out_headers = append_forwarded_for(out_headers, peer_ip)
         out_headers, _request_id = ensure_request_id(out_headers)
-        if seen is not None and self.telemetry is not None:
+        if seen is not None and self.telemetry is not None and external is None:
+            # trace context and peer metadata go to mesh workloads only: a host
+            # outside the mesh gets the request as the app sent it
             out_headers = self.telemetry.client_headers(out_headers, seen)
         cookie = balancer.cookie_to_set(hash_ctx) if hash_ctx is not None else None
 
@@ -290,11 +350,11 @@ class RouteHandler:
             self._mirror(mirror, route, req.method, path, out_headers, authority, body)
 
         on_endpoint = None
-        if seen is not None and self.telemetry is not None:
-            telemetry, outcome = self.telemetry, seen
+        if seen is not None and self.telemetry is not None and target_ref is not None:
+            telemetry, outcome, workload_of = self.telemetry, seen, target_ref
 
             def on_endpoint(endpoint: Endpoint) -> None:
-                outcome.destination = telemetry.destination_of(target_ref, endpoint)
+                outcome.destination = telemetry.destination_of(workload_of, endpoint)
 
         result = await attempts.send(
             ex,
@@ -316,6 +376,14 @@ class RouteHandler:
         if fault_flags:
             result.flags = join_flags(fault_flags, result.flags)
         return result
+
+    async def _external(self, host: str, port: int) -> Destination | None:
+        """The ServiceEntry destination for a route's `host:port`, or None."""
+        try:
+            await self.cache.mesh_wide.current()
+        except errors.MeshError:
+            return None
+        return self.cache.mesh_wide.destination(strip_port(host), port or 80, self.caller.namespace)
 
     def _mirror(
         self,

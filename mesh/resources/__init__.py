@@ -29,6 +29,7 @@ from mesh.resources.meshwork import (
 )
 from mesh.resources.model import Metadata, Resource, ResourceKey, Spec, to_dict
 from mesh.resources.networking import (
+    ClientTLSSettings,
     ConnectionPoolSettings,
     ConsistentHashLB,
     Destination,
@@ -54,6 +55,7 @@ from mesh.resources.networking import (
     Percent,
     Port,
     PortSelector,
+    PortTrafficPolicy,
     Server,
     StringMatch,
     Subset,
@@ -79,6 +81,12 @@ from mesh.resources.security import (
     Source,
     WorkloadSelector,
 )
+from mesh.resources.service_entry import (
+    EntryWorkloadSelector,
+    ServiceEntrySpec,
+    ServicePort,
+    WorkloadEntry,
+)
 from mesh.resources.validate import MESH_GATEWAY
 
 __all__ = [
@@ -88,11 +96,13 @@ __all__ = [
     "AuthorizationPolicySpec",
     "ClaimToHeader",
     "ClientRefs",
+    "ClientTLSSettings",
     "Condition",
     "ConnectionPoolSettings",
     "ConsistentHashLB",
     "Destination",
     "DestinationRuleSpec",
+    "EntryWorkloadSelector",
     "ExtAuthzHttp",
     "ExtensionProvider",
     "FaultAbort",
@@ -125,6 +135,7 @@ __all__ = [
     "Percent",
     "Port",
     "PortSelector",
+    "PortTrafficPolicy",
     "RateLimitOverride",
     "RateLimitPolicySpec",
     "RequestAuthenticationSpec",
@@ -136,6 +147,8 @@ __all__ = [
     "RuleFrom",
     "RuleTo",
     "Server",
+    "ServiceEntrySpec",
+    "ServicePort",
     "Source",
     "SourcedDocument",
     "Spec",
@@ -144,6 +157,7 @@ __all__ = [
     "TCPSettings",
     "TrafficPolicy",
     "VirtualServiceSpec",
+    "WorkloadEntry",
     "WorkloadSelector",
     "load_yaml",
     "parse_documents",

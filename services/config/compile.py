@@ -36,6 +36,7 @@ from mesh.resources import (
     HTTPRoute,
     HTTPRouteDestination,
     LoadBalancerSettings,
+    PortTrafficPolicy,
     Resource,
     StringMatch,
     TrafficPolicy,
@@ -49,8 +50,14 @@ from services.config.compile_resilience import (
     compile_outlier_detection,
     compile_retries,
 )
+from services.config.compile_tls import compile_client_tls, with_port_levels
 
-__all__ = ["compile_gateway_config", "compile_route_table", "services_named"]
+__all__ = [
+    "compile_gateway_config",
+    "compile_host_table",
+    "compile_route_table",
+    "services_named",
+]
 
 # canonical match gateways -> the gateways to keep on the match, or None to drop it
 GatewayFilter = Callable[[tuple[str, ...]], tuple[str, ...] | None]
@@ -77,18 +84,25 @@ def compile_route_table(
     `resources` must be in creation order (oldest first): it decides rule order when
     several VirtualServices name the service, and which DestinationRule wins a tie.
     """
-    fqdn = service.fqdn
+    return compile_host_table(resources, service.fqdn, service.namespace, service.name, revision)
+
+
+def compile_host_table(
+    resources: Sequence[Resource], fqdn: str, namespace: str, name: str, revision: int
+) -> compiled.RouteTable:
+    """The route table of one canonical host: a mesh service's FQDN, or a ServiceEntry
+    host (then `name` is the host and `namespace` the ServiceEntry's)."""
     rules: list[compiled.HTTPRoute] = []
     for resource, spec in _virtual_services(resources):
-        namespace = resource.metadata.namespace
+        vs_namespace = resource.metadata.namespace
         if spec.gateways and MESH_GATEWAY not in spec.gateways:
             continue
-        if any(host_matches(canonical_host(h, namespace), fqdn) for h in spec.hosts):
+        if any(host_matches(canonical_host(h, vs_namespace), fqdn) for h in spec.hosts):
             rules.extend(_http_routes(resource, spec, _keep_for_mesh))
-    subsets, traffic_policy = _destination_policy(resources, service)
+    subsets, traffic_policy = _destination_policy(resources, fqdn, namespace)
     return compiled.RouteTable(
-        namespace=service.namespace,
-        service=service.name,
+        namespace=namespace,
+        service=name,
         host=fqdn,
         revision=revision,
         http=tuple(rules),
@@ -105,14 +119,14 @@ def _keep_for_mesh(gateways: tuple[str, ...]) -> tuple[str, ...] | None:
 
 
 def _destination_policy(
-    resources: Sequence[Resource], service: ServiceRef
+    resources: Sequence[Resource], fqdn: str, namespace: str
 ) -> tuple[tuple[compiled.Subset, ...], compiled.TrafficPolicy]:
-    """Subsets and policy from the one DestinationRule that applies to `service`.
+    """Subsets and policy from the one DestinationRule that applies to host `fqdn` of
+    `namespace`.
 
     Preference: a rule in the service's own namespace, then an exact host over a
     wildcard (longer wildcard first), then the oldest.
     """
-    fqdn = service.fqdn
     best: tuple[tuple[bool, bool, int, int], DestinationRuleSpec] | None = None
     for position, resource in enumerate(resources):
         spec = resource.spec
@@ -122,7 +136,7 @@ def _destination_policy(
         if not host_matches(pattern, fqdn):
             continue
         rank = (
-            resource.metadata.namespace != service.namespace,
+            resource.metadata.namespace != namespace,
             pattern != fqdn,
             -len(pattern),
             position,
@@ -149,7 +163,16 @@ def _traffic_policy(
 ) -> compiled.TrafficPolicy:
     if policy is None:
         return inherited
+    base = _policy_fields(policy, inherited)
+    return with_port_levels(policy, base, inherited.port_level, _policy_fields)
+
+
+def _policy_fields(
+    policy: TrafficPolicy | PortTrafficPolicy, inherited: compiled.TrafficPolicy
+) -> compiled.TrafficPolicy:
+    """The fields `policy` sets, over `inherited` (no port-level entries)."""
     return compiled.TrafficPolicy(
+        tls=inherited.tls if policy.tls is None else compile_client_tls(policy.tls),
         load_balancer=(
             inherited.load_balancer
             if policy.load_balancer is None
