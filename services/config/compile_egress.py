@@ -27,11 +27,11 @@ from mesh.compiled_mesh import (
     OutboundMode,
     Resolution,
 )
-from mesh.hosts import canonical_host
+from mesh.hosts import ServiceRef, canonical_host, service_of_host
 from mesh.resources import MeshConfigSpec, Resource, ServiceEntrySpec
 from services.config.compile import compile_host_table
 
-__all__ = ["compile_mesh_wide", "outbound_mode"]
+__all__ = ["compile_mesh_wide", "outbound_mode", "service_entry_refs"]
 
 
 def compile_mesh_wide(
@@ -55,6 +55,19 @@ def compile_mesh_wide(
         outbound_traffic_policy=outbound_mode(resources, root_namespace),
         services=tuple(services[h] for h in sorted(services)),
     )
+
+
+def service_entry_refs(resources: Sequence[Resource]) -> set[ServiceRef]:
+    """The ServiceEntry hosts inside the mesh domain, as services (a change to their
+    VirtualServices or DestinationRules changes the mesh-wide table too)."""
+    refs: set[ServiceRef] = set()
+    for resource in resources:
+        if isinstance(resource.spec, ServiceEntrySpec):
+            for host in resource.spec.hosts:
+                ref = service_of_host(canonical_host(host, resource.metadata.namespace))
+                if ref is not None:
+                    refs.add(ref)
+    return refs
 
 
 def outbound_mode(resources: Sequence[Resource], root_namespace: str) -> OutboundMode:

@@ -362,3 +362,25 @@ def test_a_mesh_wide_table_with_an_invalid_route_is_rejected_and_the_last_kept()
     assert follower.config is good
     assert follower.status is not None and follower.status.state == "NACK"
     assert follower.destination("api.example.test", 80, "default") is not None
+
+
+def test_push_scope_marks_the_mesh_wide_table_only_for_changes_that_can_touch_it() -> None:
+    from services.config.push import scope_of_change
+
+    entry = parse("ServiceEntry", SE)
+    assert scope_of_change(None, entry, "istio-system").mesh_wide
+    external_vs = parse(
+        "VirtualService",
+        {
+            "hosts": ["api.example.test"],
+            "http": [{"route": [{"destination": {"host": "api.example.test"}}]}],
+        },
+    )
+    assert scope_of_change(None, external_vs, "istio-system").mesh_wide
+    mesh_vs = parse(
+        "VirtualService",
+        {"hosts": ["reviews"], "http": [{"route": [{"destination": {"host": "reviews"}}]}]},
+    )
+    assert not scope_of_change(None, mesh_vs, "istio-system").mesh_wide
+    external_dr = parse("DestinationRule", {"host": "api.example.test"})
+    assert scope_of_change(external_dr, None, "istio-system").mesh_wide
