@@ -161,6 +161,11 @@ class EnvoyDataPlane:
             raise errors.Unavailable(f"the xDS server did not start: {e}") from None
         self._secrets = self._current_secrets()
         await self._follow_every_service()
+        try:
+            # ServiceEntry hosts and the outbound policy are in the first configuration
+            await ctx.destinations.mesh_wide.current()
+        except errors.MeshError as e:
+            log.warning("envoy.meshwide_unavailable", error=str(e))
         self._push()
         self._tasks.append(asyncio.create_task(self._push_loop(), name="envoy:push"))
         bootstrap = build_bootstrap(
@@ -388,7 +393,9 @@ class EnvoyDataPlane:
             # Gateway resource selecting nothing would give
             s = ctx.settings
             gateway = GatewayConfig(namespace=s.namespace, name=s.service, revision=0)
-        return mesh_view(ctx.destinations.destinations, policy, gateway)
+        return mesh_view(
+            ctx.destinations.destinations, policy, gateway, ctx.destinations.mesh_wide.config
+        )
 
     @staticmethod
     def _followed_revisions(ctx: DataPlaneContext) -> dict[str, int]:

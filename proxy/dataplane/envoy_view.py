@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from mesh.compiled import GatewayConfig, InboundPolicy
+from mesh.compiled_mesh import MeshWideConfig
 from mesh.hosts import ServiceRef
 from mesh.messages import EndpointSet, SubscriptionStatus
 from proxy.destinations import Destination
@@ -63,8 +64,10 @@ def mesh_view(
     destinations: Mapping[ServiceRef, Destination],
     inbound: InboundPolicy | None,
     gateway: GatewayConfig | None,
+    mesh_wide: MeshWideConfig | None = None,
 ) -> MeshView:
     return MeshView(
+        mesh_wide=mesh_wide,
         destinations={
             ref.fqdn: (dest.table, dest.endpoints)
             for ref, dest in sorted(destinations.items())

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from proxy.envoy.resources import XdsResources
 
-from . import ext_authz, gateway, inbound, outbound, tcp
+from . import egress, ext_authz, gateway, inbound, outbound, tcp
 from .model import MeshView, ProxyNode, TranslationError
 from .tls import tls_secrets
 
@@ -44,6 +44,7 @@ def translate(node: ProxyNode, view: MeshView) -> XdsResources:
     # CUSTOM policies' authorizers are mesh services too
     ctx.referenced.update((h, "") for h in ext_authz.provider_hosts(view.inbound, node.namespace))
     outbound.add_http_clusters(view, ctx, out)
+    egress.add_external_clusters(node, view, ctx, out)
     return out
 
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from mesh.compiled import GatewayConfig, InboundPolicy, RouteTable
+from mesh.compiled_mesh import MeshWideConfig
 from mesh.messages import EndpointSet
 from proxy.tcp import TcpUpstream
 
@@ -67,3 +68,5 @@ class MeshView:
     destinations: Mapping[str, tuple[RouteTable | None, EndpointSet | None]]
     inbound: InboundPolicy | None = None
     gateway: GatewayConfig | None = None
+    # ServiceEntry hosts and the outbound traffic policy (`translate.egress`)
+    mesh_wide: MeshWideConfig | None = None

@@ -10,26 +10,10 @@ from mesh.messages import EndpointSet
 from proxy.envoy.resources import XdsResources
 from proxy.telemetry import PEER_METADATA_HEADER, encode_peer_metadata, own_workload
 
-from . import clusters, listeners, routes
+from . import clusters, egress, listeners, routes
 from .model import MeshView, ProxyNode
 from .names import OUTBOUND_HTTP_LISTENER, OUTBOUND_HTTP_ROUTE, outbound_cluster, service_domains
 from .protos import Json, parse
-
-# A Host that names no known mesh service: the Python proxy's answer (502, flag NR)
-UNKNOWN_HOST: Json = {
-    "name": "unknown_host",
-    "domains": ["*"],
-    "routes": [
-        {
-            "name": "unknown_host",
-            "match": {"prefix": "/"},
-            "directResponse": {
-                "status": 502,
-                "body": {"inlineString": "unknown host: not a mesh service"},
-            },
-        }
-    ],
-}
 
 
 def exists(table: RouteTable | None, endpoints: EndpointSet | None) -> bool:
@@ -56,15 +40,18 @@ def peer_metadata_header(node: ProxyNode) -> Json:
 
 
 def route_context(node: ProxyNode, view: MeshView, gateway: str = "") -> routes.RouteContext:
+    tables = {fqdn: table for fqdn, (table, _) in view.destinations.items()}
+    # ServiceEntry hosts: their tables decide their subsets and policies (a mesh
+    # service of the same name wins)
+    for host, table in egress.external_tables(node, view).items():
+        tables.setdefault(host, table)
     return routes.RouteContext(
-        namespace=node.namespace,
-        labels=node.labels,
-        gateway=gateway,
-        tables={fqdn: table for fqdn, (table, _) in view.destinations.items()},
+        namespace=node.namespace, labels=node.labels, gateway=gateway, tables=tables
     )
 
 
 def outbound_route_config(node: ProxyNode, view: MeshView, ctx: routes.RouteContext) -> Json:
+    peer = peer_metadata_header(node)
     vhosts = []
     for fqdn in sorted(view.destinations):
         table, endpoints = view.destinations[fqdn]
@@ -77,13 +64,16 @@ def outbound_route_config(node: ProxyNode, view: MeshView, ctx: routes.RouteCont
                 "routes": routes.http_routes(
                     routes.table_routes(table, fqdn), ctx, f"RouteTable {fqdn}"
                 ),
+                # per mesh service: hosts outside the mesh never get it
+                "requestHeadersToAdd": [peer],
             }
         )
-    vhosts.append(UNKNOWN_HOST)
+    known = {v["name"] for v in vhosts}
+    vhosts.extend(v for v in egress.external_vhosts(node, view, ctx) if v["name"] not in known)
+    vhosts.append(egress.unknown_host_route(view))
     return {
         "name": OUTBOUND_HTTP_ROUTE,
         "virtualHosts": vhosts,
-        "requestHeadersToAdd": [peer_metadata_header(node)],
         "ignorePortInHostMatching": True,
         # a route naming an unknown subset is answered 503 (NC), as by the Python proxy
         "validateClusters": False,
@@ -98,7 +88,7 @@ def add_outbound(node: ProxyNode, view: MeshView, out: XdsResources) -> routes.R
     hcm = listeners.http_connection_manager(
         "outbound_http",
         route_config_name=OUTBOUND_HTTP_ROUTE,
-        http_filters=[listeners.fault_filter()],
+        http_filters=[listeners.fault_filter(), *egress.passthrough_filters(view)],
         access_log_name="outbound",
         access_log_cluster=node.access_log_cluster,
         tracing=listeners.tracing(node.tracing_cluster, node.service, node.trace_sampling),

@@ -9,6 +9,9 @@ from typing import Any
 # the descriptor pool for `ParseDict` to resolve it.
 import envoy.config.trace.v3.opentelemetry_pb2
 import envoy.extensions.access_loggers.grpc.v3.als_pb2
+import envoy.extensions.clusters.dynamic_forward_proxy.v3.cluster_pb2
+import envoy.extensions.common.dynamic_forward_proxy.v3.dns_cache_pb2
+import envoy.extensions.filters.http.dynamic_forward_proxy.v3.dynamic_forward_proxy_pb2
 import envoy.extensions.filters.http.ext_authz.v3.ext_authz_pb2
 import envoy.extensions.filters.http.fault.v3.fault_pb2
 import envoy.extensions.filters.http.header_to_metadata.v3.header_to_metadata_pb2
@@ -47,6 +50,8 @@ PREVIOUS_HOSTS = _PREFIX + "envoy.extensions.retry.host.previous_hosts.v3.Previo
 HTTP_GRPC_ACCESS_LOG = _PREFIX + "envoy.extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig"
 TCP_GRPC_ACCESS_LOG = _PREFIX + "envoy.extensions.access_loggers.grpc.v3.TcpGrpcAccessLogConfig"
 OPENTELEMETRY = _PREFIX + "envoy.config.trace.v3.OpenTelemetryConfig"
+DFP_FILTER = _PREFIX + "envoy.extensions.filters.http.dynamic_forward_proxy.v3.FilterConfig"
+DFP_CLUSTER = _PREFIX + "envoy.extensions.clusters.dynamic_forward_proxy.v3.ClusterConfig"
 
 # Envoy's name for the HTTP filters, used as keys of `typed_per_filter_config`
 FAULT_FILTER = "envoy.filters.http.fault"

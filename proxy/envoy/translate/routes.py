@@ -194,7 +194,8 @@ def _mesh_host(host: str, where: str) -> str:
 
 
 def _cluster_of(dest: Destination, ctx: RouteContext, where: str) -> str:
-    host = _mesh_host(dest.host, f"{where}.destination")
+    # a ServiceEntry host is in `ctx.tables` too (`translate.egress`)
+    host = dest.host if dest.host in ctx.tables else _mesh_host(dest.host, f"{where}.destination")
     ctx.referenced.add((host, dest.subset))
     return outbound_cluster(host, dest.subset)
 
