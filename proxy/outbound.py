@@ -51,7 +51,7 @@ from proxy.routing import (
     request_authority,
     rewrite_path,
 )
-from proxy.telemetry import SidecarTelemetry
+from proxy.telemetry import PEER_METADATA_HEADER, SidecarTelemetry
 
 
 class Admission(Protocol):
@@ -171,6 +171,9 @@ class RouteHandler:
             gateway=self.caller.gateway,
         )
         if self.gateway_mode:
+            # a gateway server's port is what a `port` match compares with; a Host
+            # without one arrived on the scheme's default port (80 for HTTP)
+            attrs = _with_default_port(attrs, req.scheme)
             if self.gateway_routes is None:
                 return await local_reply(ex, 503, "NC", "gateway has no configuration yet")
             match = self.gateway_routes.select(attrs)
@@ -202,6 +205,8 @@ class RouteHandler:
         service; anything else is refused (REGISTRY_ONLY, 502 `NR`) or passed through
         to the host and port asked for (ALLOW_ANY), as the mesh-wide table says."""
         host = strip_port(attrs.authority)
+        # a ServiceEntry port is what the Host names, else the scheme's default port
+        attrs = _with_default_port(attrs, req.scheme)
         try:
             config = await self.cache.mesh_wide.current()
         except errors.MeshError as e:
@@ -324,6 +329,9 @@ class RouteHandler:
         out_headers = [(n, v) for n, v in out_headers if n != "host"]
         out_headers.append(("host", authority))
         out_headers = append_forwarded_for(out_headers, peer_ip)
+        if external is not None:
+            # our peer metadata never leaves the mesh (a gateway passes on what it got)
+            out_headers = [(n, v) for n, v in out_headers if n != PEER_METADATA_HEADER]
         out_headers, _request_id = ensure_request_id(out_headers)
         if seen is not None and self.telemetry is not None and external is None:
             # trace context and peer metadata go to mesh workloads only: a host
@@ -414,6 +422,12 @@ _MAX_MEMO = 1024
 def _exists(dest: Destination) -> bool:
     known = dest.table is not None and (dest.table.exists or dest.table.has_virtual_service)
     return known or bool(dest.endpoints and dest.endpoints.endpoints)
+
+
+def _with_default_port(attrs: RequestAttrs, scheme: str) -> RequestAttrs:
+    if attrs.port:
+        return attrs
+    return attrs._replace(port=443 if scheme == "https" else 80)
 
 
 def _port_of(authority: str) -> int:

@@ -161,9 +161,17 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     gw.add_argument(
         "--port", type=int, required=True, help="plaintext listener for traffic entering the mesh"
     )
-    gw.add_argument("--name", default="ingressgateway", help="gateway workload name")
+    gw.add_argument("--name", default="", help="gateway workload name (default: ingressgateway)")
+    gw.add_argument(
+        "--egress",
+        action="store_true",
+        help="egress role (Istio's egress gateway): named istio-egressgateway in "
+        "istio-system unless --name/-n say otherwise, labels istio=egressgateway and "
+        "app=istio-egressgateway, reached by sidecars over mTLS",
+    )
     _common(gw)
-    gw.set_defaults(func=cmd_gateway)
+    # resolved in cmd_gateway: the egress role has its own default namespace
+    gw.set_defaults(func=cmd_gateway, namespace=None)
 
 
 def _check_ports(ports: list[tuple[str, int, str]]) -> None:
@@ -300,7 +308,15 @@ def cmd_sidecar(args: argparse.Namespace) -> int:
 
 def cmd_gateway(args: argparse.Namespace) -> int:
     logs.configure()
-    labels = {"istio": args.name, **args.labels}
+    if args.namespace is None:
+        default_ns = "istio-system" if args.egress else "default"
+        args.namespace = os.environ.get("MESH_NAMESPACE", default_ns)
+    if args.egress:
+        args.name = args.name or "istio-egressgateway"
+        labels = {"istio": "egressgateway", "app": "istio-egressgateway", **args.labels}
+    else:
+        args.name = args.name or "ingressgateway"
+        labels = {"istio": args.name, **args.labels}
     args.labels = labels
     settings = _settings(args, service=args.name, gateway=True, gateway_port=args.port)
     ports = [("--admin-port", args.admin_port, args.bind)]

@@ -57,6 +57,7 @@ def proxy_node(
         access_log_cluster=access_log_cluster,
         tracing_cluster=tracing_cluster,
         trace_sampling=s.trace_sampling,
+        egress_gateway=s.egress_gateway,
     )
 
 

@@ -23,6 +23,7 @@ HTTP-family port the entry declares, 80 when it declares none).
 
 from __future__ import annotations
 
+import dataclasses
 import ssl
 from collections.abc import Iterator
 
@@ -82,6 +83,8 @@ def external_tables(node: ProxyNode, view: MeshView) -> dict[str, RouteTable | N
 
 
 def external_vhosts(node: ProxyNode, view: MeshView, ctx: routes.RouteContext) -> list[Json]:
+    # a Host without a port asks for 80 (the same `referenced` set is filled)
+    ctx = dataclasses.replace(ctx, default_port=80)
     out = []
     for service in visible(node, view):
         out.append(

@@ -77,6 +77,12 @@ def _chains(
     return chains
 
 
+def permissive_chains(filters: list[Json], trust_domain: str) -> list[Json]:
+    """mTLS (a mesh client certificate required) or plaintext on one listener, the
+    same filters behind both (an egress gateway's listener)."""
+    return _chains("PERMISSIVE", {True: filters, False: filters}, trust_domain, tls.MESH_ALPN)
+
+
 def inbound_route_config(node: ProxyNode) -> Json:
     if node.app_port:
         action: Json = {"route": {"cluster": inbound_cluster(node.app_port), "timeout": "0s"}}

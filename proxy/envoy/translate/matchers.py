@@ -53,9 +53,15 @@ def authority_matcher(sm: StringMatch) -> Json:
     }
 
 
-def port_matcher(port: int) -> Json:
-    """A match's `port`: the port the Host names (none: no match), as the Python proxy
-    reads it from the authority."""
+def port_matcher(port: int, *, default: bool = False) -> Json:
+    """A match's `port`: the port the Host names, as the Python proxy reads it from the
+    authority; a Host without a port matches only when `port` is the default port
+    where the route applies (`default`: 80 at a gateway or for a ServiceEntry host)."""
+    if default:
+        return {
+            "name": ":authority",
+            "stringMatch": {"safeRegex": {"regex": rf"(\[[^\]]*\]|[^:\[]+)(:{port})?"}},
+        }
     return {"name": ":authority", "stringMatch": {"suffix": f":{port}"}}
 
 

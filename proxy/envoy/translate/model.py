@@ -58,6 +58,9 @@ class ProxyNode:
     trace_sampling: float = 1.0
     # CA bundle for RequestAuthentication `jwksUri` servers (https); "" = the system's
     jwks_ca_file: str = ""
+    # a gateway in the egress role: its listeners take mTLS (from mesh sidecars) as
+    # well as plaintext (docs/architecture.md §5.4)
+    egress_gateway: bool = False
 
 
 @dataclass(frozen=True)

@@ -43,10 +43,17 @@ def route_context(node: ProxyNode, view: MeshView, gateway: str = "") -> routes.
     tables = {fqdn: table for fqdn, (table, _) in view.destinations.items()}
     # ServiceEntry hosts: their tables decide their subsets and policies (a mesh
     # service of the same name wins)
-    for host, table in egress.external_tables(node, view).items():
+    external = egress.external_tables(node, view)
+    for host, table in external.items():
         tables.setdefault(host, table)
     return routes.RouteContext(
-        namespace=node.namespace, labels=node.labels, gateway=gateway, tables=tables
+        namespace=node.namespace,
+        labels=node.labels,
+        gateway=gateway,
+        tables=tables,
+        external_hosts=frozenset(h for h in external if h not in view.destinations),
+        # at a gateway, a Host without a port arrived on port 80 (`proxy.outbound`)
+        default_port=80 if gateway else 0,
     )
 
 

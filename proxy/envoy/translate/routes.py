@@ -29,6 +29,7 @@ from mesh.compiled import (
 )
 from mesh.hosts import service_of_host
 from proxy.routing.balancer import resolve_subset
+from proxy.telemetry.peer_metadata import PEER_METADATA_HEADER
 
 from . import matchers
 from .model import TranslationError
@@ -62,6 +63,10 @@ class RouteContext:
     tables: Mapping[str, RouteTable | None]
     # (fqdn, subset) of every cluster a route or mirror names
     referenced: set[tuple[str, str]] = field(default_factory=set)
+    # ServiceEntry hosts (`translate.egress`): requests to them leave the mesh
+    external_hosts: frozenset[str] = frozenset()
+    # the port a Host without one stands for in `port` matches (0: none)
+    default_port: int = 0
 
     def at_gateway(self, gateways: tuple[str, ...]) -> bool:
         if not self.gateway:
@@ -116,7 +121,7 @@ def http_routes(routes: tuple[HTTPRoute, ...], ctx: RouteContext, resource: str)
 
 
 def _route(route: HTTPRoute, m: HTTPMatch | None, ctx: RouteContext, where: str, name: str) -> Json:
-    out: Json = {"name": name, "match": route_match(m)}
+    out: Json = {"name": name, "match": route_match(m, ctx.default_port)}
     if route.direct_response is not None:
         dr = route.direct_response
         body: Json = {"status": dr.status}
@@ -140,12 +145,19 @@ def _route(route: HTTPRoute, m: HTTPMatch | None, ctx: RouteContext, where: str,
         return out
     out["route"] = _route_action(route, m, ctx, where)
     _header_ops(out, route.headers.request, route.headers.response)
+    if all(d.destination.host in ctx.external_hosts for d in route.route):
+        # our peer metadata never leaves the mesh (a gateway passes on what it got)
+        removals = out.setdefault("requestHeadersToRemove", [])
+        if PEER_METADATA_HEADER not in removals:
+            removals.append(PEER_METADATA_HEADER)
     if route.fault is not None:
         out["typedPerFilterConfig"] = {FAULT_FILTER: _fault(route.fault)}
     return out
 
 
-def route_match(m: HTTPMatch | None) -> Json:
+def route_match(m: HTTPMatch | None, default_port: int = 0) -> Json:
+    """`default_port`: the port a Host without one stands for (80 at a gateway and
+    for ServiceEntry hosts, as the Python proxy reads it; 0: none, no port match)."""
     out: Json = {}
     if m is None or m.uri is None:
         out["prefix"] = "/"
@@ -167,7 +179,7 @@ def route_match(m: HTTPMatch | None) -> Json:
     if m.authority is not None:
         headers.append(matchers.authority_matcher(m.authority))
     if m.port:
-        headers.append(matchers.port_matcher(m.port))
+        headers.append(matchers.port_matcher(m.port, default=m.port == default_port))
     for name, sm in m.headers.items():
         if name.lower() == "host":
             headers.append(matchers.authority_matcher(sm))
