@@ -306,18 +306,26 @@ def cmd_sidecar(args: argparse.Namespace) -> int:
     return _run(settings, app)
 
 
+def gateway_workload(
+    name: str, namespace: str | None, labels: dict[str, str], *, egress: bool
+) -> tuple[str, str, dict[str, str]]:
+    """(name, namespace, labels) of a gateway as `meshctl gateway` runs it: the egress
+    role is Istio's `istio-egressgateway` in `istio-system` with its labels, so the
+    egress-gateway task's selectors and hosts find it; flags given win."""
+    if namespace is None:
+        namespace = os.environ.get("MESH_NAMESPACE", "istio-system" if egress else "default")
+    if egress:
+        name = name or "istio-egressgateway"
+        return name, namespace, {"istio": "egressgateway", "app": "istio-egressgateway", **labels}
+    name = name or "ingressgateway"
+    return name, namespace, {"istio": name, **labels}
+
+
 def cmd_gateway(args: argparse.Namespace) -> int:
     logs.configure()
-    if args.namespace is None:
-        default_ns = "istio-system" if args.egress else "default"
-        args.namespace = os.environ.get("MESH_NAMESPACE", default_ns)
-    if args.egress:
-        args.name = args.name or "istio-egressgateway"
-        labels = {"istio": "egressgateway", "app": "istio-egressgateway", **args.labels}
-    else:
-        args.name = args.name or "ingressgateway"
-        labels = {"istio": args.name, **args.labels}
-    args.labels = labels
+    args.name, args.namespace, args.labels = gateway_workload(
+        args.name, args.namespace, args.labels, egress=args.egress
+    )
     settings = _settings(args, service=args.name, gateway=True, gateway_port=args.port)
     ports = [("--admin-port", args.admin_port, args.bind)]
     if not _envoy_left_running(settings):
