@@ -56,6 +56,9 @@ class ExternalService(msgspec.Struct, frozen=True, omit_defaults=True):
     endpoints: tuple[EntryEndpoint, ...] = ()
     # namespaces that see the host ("*": every one)
     export_to: tuple[str, ...] = ("*",)
+    # MESH_INTERNAL `workloadSelector`: the endpoints are the registered instances of
+    # the entry's namespace carrying these labels (reached over mTLS, like a service's)
+    workload_selector: dict[str, str] = {}
     # VirtualService rules and DestinationRule for the host (RouteTable.service = host)
     table: RouteTable | None = None
 

@@ -6,7 +6,9 @@ host the registry does not know, then followed; resynced with the destinations).
 `external_destination` (pure) turns one ServiceEntry host and the port asked for into
 a `proxy.destinations.Destination` the route handler uses like a mesh service's:
 
-- endpoints by `resolution`: STATIC, the ServiceEntry's endpoints; DNS and
+- endpoints: with a `workloadSelector` (MESH_INTERNAL), the registered instances of
+  the entry's namespace carrying its labels (the registry is followed from the first
+  such entry on); else by `resolution`: STATIC, the ServiceEntry's endpoints; DNS and
   DNS_ROUND_ROBIN, those endpoints or, without any, the host itself, resolved when a
   connection is made; NONE, the host and port asked for (Envoy's original
   destination); the port is the endpoint's own number for the port's name, else the
@@ -21,7 +23,7 @@ a `proxy.destinations.Destination` the route handler uses like a mesh service's:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from functools import reduce
 
 from mesh import errors
@@ -29,7 +31,14 @@ from mesh.bus import Bus
 from mesh.compiled_mesh import ExternalService, MeshWideConfig
 from mesh.hosts import ServiceRef, canonical_host, host_matches
 from mesh.logs import get_logger
-from mesh.messages import Endpoint, EndpointSet, FetchRequest, SubscriptionStatus
+from mesh.messages import (
+    Endpoint,
+    EndpointSet,
+    EndpointsGetReply,
+    EndpointsGetRequest,
+    FetchRequest,
+    SubscriptionStatus,
+)
 from proxy.destinations import Destination
 from proxy.routing import InvalidRouteConfig, compile_routes
 
@@ -38,7 +47,7 @@ log = get_logger("proxy.egress")
 MAX_WEIGHTED_ENTRIES = 1000
 _HTTP_DEFAULT_PORT = 80
 
-__all__ = ["MeshWideFollower", "external_destination", "find_service"]
+__all__ = ["MeshWideFollower", "external_destination", "find_service", "selected_instances"]
 
 
 class MeshWideFollower:
@@ -52,6 +61,9 @@ class MeshWideFollower:
         self.status: SubscriptionStatus | None = None
         self._subscribed = False
         self._destinations: dict[tuple[str, int], Destination] = {}
+        # every service's instances, followed once a ServiceEntry has a workloadSelector
+        self.instances: dict[tuple[str, str], EndpointSet] = {}
+        self._following_registry = False
 
     async def current(self) -> MeshWideConfig:
         """The table in force, fetched (and followed) on first use."""
@@ -62,7 +74,36 @@ class MeshWideFollower:
             await self.refresh()
         if self.config is None:
             raise errors.Unavailable("mesh-wide configuration unavailable")
+        if not self._following_registry and any(s.workload_selector for s in self.config.services):
+            await self._follow_registry()
         return self.config
+
+    async def _follow_registry(self) -> None:
+        """Every service's instances (a workloadSelector may select any of them in its
+        namespace): subscribed, then listed."""
+        bus = self.bus
+        self._following_registry = True
+        await bus.subscribe(bus.subjects.endpoints_all, EndpointSet, self._on_endpoints)
+        try:
+            reply = await bus.request(
+                bus.subjects.registry_get, EndpointsGetRequest(), EndpointsGetReply, timeout=2.0
+            )
+        except errors.MeshError as e:
+            log.warning("meshwide.registry_unavailable", error=str(e))
+            return
+        for endpoint_set in reply.sets:
+            self._apply_endpoints(endpoint_set)
+
+    async def _on_endpoints(self, endpoint_set: EndpointSet, _subject: str) -> None:
+        self._apply_endpoints(endpoint_set)
+
+    def _apply_endpoints(self, endpoint_set: EndpointSet) -> None:
+        key = (endpoint_set.namespace, endpoint_set.service)
+        current = self.instances.get(key)
+        if current is not None and current.revision >= endpoint_set.revision:
+            return
+        self.instances[key] = endpoint_set
+        self._destinations = {}  # rebuilt with the new instances on next use
 
     async def refresh(self) -> None:
         try:
@@ -123,7 +164,9 @@ class MeshWideFollower:
         key = (service.host if not service.host.startswith("*") else host, port)
         dest = self._destinations.get(key)
         if dest is None:
-            dest = external_destination(service, key[0], port, config.revision)
+            dest = external_destination(
+                service, key[0], port, config.revision, self.instances.values()
+            )
             if dest is None:
                 return None
             if len(self._destinations) >= 4096:
@@ -151,17 +194,24 @@ def find_service(config: MeshWideConfig, host: str, namespace: str) -> ExternalS
 
 
 def external_destination(
-    service: ExternalService, host: str, port: int, revision: int
+    service: ExternalService,
+    host: str,
+    port: int,
+    revision: int,
+    instances: Iterable[EndpointSet] = (),
 ) -> Destination | None:
     """A loaded `Destination` for `host:port` of `service` (pure); None when the
-    ServiceEntry declares ports and `port` is none of them."""
+    ServiceEntry declares ports and `port` is none of them. `instances`: the
+    registry's endpoint sets, where a `workloadSelector` finds its endpoints."""
     port = port or _HTTP_DEFAULT_PORT
     entry_port = next((p for p in service.ports if p.number == port), None)
     if service.ports and entry_port is None:
         return None
     target = entry_port.target_port if entry_port and entry_port.target_port else port
     endpoints: list[Endpoint] = []
-    if service.resolution == "NONE" or (
+    if service.workload_selector:
+        endpoints = selected_instances(service, instances)
+    elif service.resolution == "NONE" or (
         service.resolution in ("DNS", "DNS_ROUND_ROBIN") and not service.endpoints
     ):
         endpoints.append(_endpoint(host, target))
@@ -190,6 +240,21 @@ def external_destination(
     )
     dest.loaded.set()
     return dest
+
+
+def selected_instances(
+    service: ExternalService, instances: Iterable[EndpointSet]
+) -> list[Endpoint]:
+    """The registered instances of the entry's namespace its workloadSelector selects
+    (their sidecars' addresses and identities: reached over mTLS, as a service's)."""
+    selector = service.workload_selector
+    return [
+        endpoint
+        for endpoint_set in instances
+        if endpoint_set.namespace == service.namespace
+        for endpoint in endpoint_set.endpoints
+        if all(endpoint.labels.get(k) == v for k, v in selector.items())
+    ]
 
 
 def _endpoint(

@@ -127,5 +127,6 @@ def _service(
         addresses=tuple(spec.addresses),
         endpoints=endpoints,
         export_to=export_to,
+        workload_selector=dict(spec.workload_selector.labels) if spec.workload_selector else {},
         table=table,
     )

@@ -16,6 +16,7 @@ import pytest_asyncio
 
 from tests.egress_support import ExternalEcho, TestCA
 from tests.scenarios.helpers import Scenario, known_difference
+from tests.support import eventually
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -277,3 +278,53 @@ spec:
     await e.s.counted(e.client, 1, reporter="source", destination_service="localhost")
     await e.s.delete("MeshConfig", "mesh", "istio-system")
     await e.s.until(e.client, url, lambda r: r.status == 502, timeout=10)
+
+
+async def test_mesh_internal_entry_selects_registered_workloads(egress: Egress) -> None:
+    """A MESH_INTERNAL ServiceEntry with a workloadSelector: its host is served by the
+    mesh instances of its namespace carrying the labels (over mTLS), and a subset by
+    an instance label picks among them."""
+    e = egress
+    await e.s.sidecar("legacy-billing", "v1", labels={"tier": "billing"})
+    await e.s.sidecar("legacy-billing", "v2", labels={"tier": "billing"})
+    await e.s.apply("""
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: billing}
+spec:
+  hosts: [billing.internal.test]
+  location: MESH_INTERNAL
+  ports: [{number: 80, name: http, protocol: HTTP}]
+  resolution: STATIC
+  workloadSelector:
+    labels: {tier: billing}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: billing}
+spec:
+  host: billing.internal.test
+  subsets:
+  - {name: v2, labels: {version: v2}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: billing}
+spec:
+  hosts: [billing.internal.test]
+  http:
+  - match: [{headers: {x-billing: {exact: v2}}}]
+    route: [{destination: {host: billing.internal.test, subset: v2}}]
+  - route: [{destination: {host: billing.internal.test}}]
+""")
+    url = "http://billing.internal.test/"
+    await e.s.until(e.client, url, lambda r: r.status == 200, timeout=15)
+
+    async def both() -> bool:
+        seen = {(await e.s.call(e.client, url)).answered_by for _ in range(8)}
+        return seen == {"legacy-billing-v1", "legacy-billing-v2"}
+
+    await eventually(both, timeout=15, interval=0.2)
+    for _ in range(4):
+        reply = await e.s.call(e.client, url, headers={"x-billing": "v2"})
+        assert reply.answered_by == "legacy-billing-v2"

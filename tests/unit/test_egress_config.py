@@ -384,3 +384,55 @@ def test_push_scope_marks_the_mesh_wide_table_only_for_changes_that_can_touch_it
     assert not scope_of_change(None, mesh_vs, "istio-system").mesh_wide
     external_dr = parse("DestinationRule", {"host": "api.example.test"})
     assert scope_of_change(external_dr, None, "istio-system").mesh_wide
+
+
+def test_workload_selector_picks_instances_of_the_entry_namespace_by_label() -> None:
+    from mesh.messages import Endpoint, EndpointSet
+
+    entry = parse(
+        "ServiceEntry",
+        {
+            "hosts": ["billing.internal.test"],
+            "location": "MESH_INTERNAL",
+            "ports": [{"number": 80, "name": "http", "protocol": "HTTP"}],
+            "resolution": "STATIC",
+            "workloadSelector": {"labels": {"tier": "billing"}},
+        },
+        namespace="shop",
+    )
+    (svc,) = compile_mesh_wide([entry], "istio-system", 1).services
+    assert svc.workload_selector == {"tier": "billing"}
+
+    def instance(name: str, tier: str) -> Endpoint:
+        return Endpoint(
+            instance=name, address=f"10.0.0.{len(name)}:15006", labels={"tier": tier}, identity="id"
+        )
+
+    sets = [
+        EndpointSet(
+            namespace="shop",
+            service="billing",
+            revision=1,
+            endpoints=[instance("a", "billing"), instance("bb", "web")],
+        ),
+        EndpointSet(
+            namespace="other", service="billing", revision=1, endpoints=[instance("ccc", "billing")]
+        ),
+    ]
+    dest = external_destination(svc, svc.host, 80, 1, sets)
+    assert dest is not None and dest.endpoints is not None
+    # the sidecar's own address and identity: reached over the mesh's mTLS
+    assert [(e.instance, e.identity) for e in dest.endpoints.endpoints] == [("a", "id")]
+
+
+def test_workload_selector_needs_mesh_internal_and_labels() -> None:
+    error = refused(
+        "ServiceEntry",
+        {
+            "hosts": ["billing.internal.test"],
+            "location": "MESH_EXTERNAL",
+            "ports": [{"number": 80, "name": "http"}],
+            "workloadSelector": {"labels": {"tier": "billing"}},
+        },
+    )
+    assert (error.path, error.message) == ("spec.workloadSelector", "needs location MESH_INTERNAL")

@@ -32,6 +32,7 @@ from envoy.config.endpoint.v3 import endpoint_pb2
 
 from mesh.compiled import ClientTls, RouteTable, TrafficPolicy
 from mesh.compiled_mesh import EntryEndpoint, ExternalService
+from proxy.egress import selected_instances
 from proxy.envoy.resources import XdsResources
 
 from . import clusters, routes
@@ -162,9 +163,14 @@ def add_external_clusters(
                 labels = next(s.labels for s in service.table.subsets if s.name == subset)
             out.clusters.pop(name, None)
             out.endpoints.pop(name, None)
-            cluster, assignment = _cluster(
-                name, service, policy.for_port(port), labels, port, target
-            )
+            if service.workload_selector:
+                cluster, assignment = _selected_cluster(
+                    name, service, policy.for_port(port), labels, view
+                )
+            else:
+                cluster, assignment = _cluster(
+                    name, service, policy.for_port(port), labels, port, target
+                )
             out.clusters[name] = cluster
             if assignment is not None:
                 out.endpoints[name] = assignment
@@ -225,6 +231,30 @@ def _cluster(
 
 def _parse_cluster(body: Json) -> cluster_pb2.Cluster:
     return parse(cluster_pb2.Cluster, body)  # type: ignore[return-value]
+
+
+def _selected_cluster(
+    name: str,
+    service: ExternalService,
+    policy: TrafficPolicy,
+    labels: dict[str, str],
+    view: MeshView,
+) -> tuple[cluster_pb2.Cluster, endpoint_pb2.ClusterLoadAssignment]:
+    """A MESH_INTERNAL entry with a workloadSelector: the selected instances (every
+    service is followed by an Envoy sidecar), over the mesh's mTLS unless the
+    DestinationRule says otherwise."""
+    instances = [eps for _table, eps in view.destinations.values() if eps is not None]
+    selected = [
+        ep for ep in selected_instances(service, instances) if clusters.has_labels(ep, labels)
+    ]
+    lb = clusters.lb_endpoints(selected, lambda ep: ep.address, f"ClusterLoadAssignment {name}")
+    cluster = clusters.eds_cluster(name, policy, lb, http=True)
+    if policy.tls is not None and policy.tls.mode != "ISTIO_MUTUAL":
+        body = to_dict(cluster)
+        body.pop("transportSocketMatches", None)
+        body["transportSocket"] = transport_socket(policy.tls, service.host)
+        cluster = _parse_cluster(body)
+    return cluster, clusters.load_assignment(name, lb)
 
 
 def _lb_endpoint(address: str, port: int, entry: EntryEndpoint | None) -> Json:
