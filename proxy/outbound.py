@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -30,6 +31,7 @@ from proxy.http import (
     BodyStream,
     Exchange,
     Request,
+    UpstreamError,
     append_forwarded_for,
     ensure_request_id,
     header_map,
@@ -131,10 +133,14 @@ class RouteHandler:
         """CONNECT to a mesh service's host:port (what gRPC clients send when given the
         sidecar's `http_proxy`): answered 200, and the tunnelled connection is served
         by this listener as HTTP/1.1 or h2c, so each request in it is routed, retried,
-        authorized and counted like any other (not relayed as opaque bytes). Anything
-        else is answered 404 `NR`, as Envoy does without a `connect_matcher` route."""
+        authorized and counted like any other (not relayed as opaque bytes). A host
+        outside the registry: `_connect_outside`. Anything else is answered 404 `NR`,
+        as Envoy does without a `connect_matcher` route."""
         authority = req.authority
         ref = self._service(authority) if authority and not self.gateway_mode else None
+        if (ref is None or ref.name == "*") and authority and not self.gateway_mode:
+            if req.http_version == "1.1" and _port_of(authority):
+                return await self._connect_outside(req, ex)
         if ref is None or ref.name == "*" or req.http_version != "1.1" or not _port_of(authority):
             return await local_reply(ex, 404, "NR", "CONNECT is not routed")
         try:
@@ -142,9 +148,39 @@ class RouteHandler:
         except errors.MeshError as e:
             return await local_reply(ex, 503, "UH", f"no configuration for {ref}: {e}")
         if not _exists(dest):
-            return await local_reply(ex, 404, "NR", "CONNECT is not routed")
+            # a name the registry does not know: a ServiceEntry host or ALLOW_ANY may
+            return await self._connect_outside(req, ex)
         await ex.accept_connect()
         return Outcome(200, "", "", ref.fqdn)
+
+    async def _connect_outside(self, req: Request, ex: Exchange) -> Outcome:
+        """CONNECT to a host outside the registry (what an app sends for https:// given
+        the sidecar's proxy): a ServiceEntry host declaring that port, or any host
+        under ALLOW_ANY, gets an opaque tunnel to it (TLS passes through, as Istio's
+        sidecar passes it through); anything else 404 `NR`."""
+        host, port = strip_port(req.authority), _port_of(req.authority)
+        try:
+            config = await self.cache.mesh_wide.current()
+        except errors.MeshError as e:
+            return await local_reply(ex, 503, "UH", f"no mesh-wide configuration: {e}")
+        dest = self.cache.mesh_wide.destination(host, port, self.caller.namespace)
+        if dest is not None:
+            cluster = dest.cluster("", self.rand)
+            now = time.monotonic()
+            endpoint = cluster.choose(None, frozenset(), now) if cluster is not None else None
+            if endpoint is None:
+                return await local_reply(ex, 503, "UH", f"no healthy upstream for {host}")
+            address = endpoint.address
+        elif config.outbound_traffic_policy == "ALLOW_ANY":
+            address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        else:
+            return await local_reply(ex, 404, "NR", "CONNECT is not routed")
+        try:
+            upstream = await self.pools.get(address).open_connection()
+        except UpstreamError as e:
+            return await local_reply(ex, 503, "UF", f"upstream connect error: {e}")
+        await ex.relay_connect(upstream)
+        return Outcome(200, "", address, host)
 
     async def _handle(self, req: Request, ex: Exchange, seen: Outcome | None) -> Outcome:
         # path and authority were normalised and validated by the engine

@@ -6,11 +6,14 @@ labels, and the mesh-wide outbound traffic policy (REGISTRY_ONLY / ALLOW_ANY).""
 
 from __future__ import annotations
 
+import contextlib
+import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import pytest_asyncio
 
@@ -328,3 +331,70 @@ spec:
     for _ in range(4):
         reply = await e.s.call(e.client, url, headers={"x-billing": "v2"})
         assert reply.answered_by == "legacy-billing-v2"
+
+
+async def test_https_through_the_proxy_is_tunnelled_to_service_entry_hosts_and_allow_any(
+    egress: Egress, request: pytest.FixtureRequest, dataplane: str
+) -> None:
+    """An app asking for https:// through its sidecar sends CONNECT: a ServiceEntry
+    host declaring that port (and, under ALLOW_ANY, any host) gets an opaque tunnel,
+    the app's TLS reaching the server untouched; other hosts are refused."""
+    known_difference(
+        request,
+        dataplane,
+        "envoy",
+        "CONNECT to hosts outside the registry is not translated for Envoy yet (404)",
+    )
+    e = egress
+    secure = await ExternalEcho("secure", ca=e.ca, dns_names=["secure.example.test"]).start()
+    context = ssl.create_default_context(cafile=str(e.ca.ca_file))
+    proxy = f"http://127.0.0.1:{e.client.ports['outbound']}"
+    url = "https://secure.example.test/tls"
+    assert e.s.session is not None
+
+    async def get(target: str) -> int:
+        try:
+            async with e.s.session.get(target, proxy=proxy, ssl=context) as r:
+                body = await r.json()
+                assert body["scheme"] == "https" and body["server"] == "secure"
+                return r.status
+        except aiohttp.ClientHttpProxyError as err:
+            return err.status
+
+    try:
+        assert await get(url) == 404  # unknown: not tunnelled
+        await e.s.apply(f"""
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: secure}}
+spec:
+  hosts: [secure.example.test]
+  ports: [{{number: 443, name: https, protocol: HTTPS}}]
+  resolution: STATIC
+  endpoints: [{{address: 127.0.0.1, ports: {{https: {secure.port}}}}}]
+""")
+        await eventually(lambda: _is(get(url), 200), timeout=10, interval=0.2)
+        assert secure.snis[-1] == "secure.example.test"  # the app's own TLS
+        # ALLOW_ANY: any host and port, as named
+        direct = f"https://localhost:{secure.port}/tls"
+        localhost_context = ssl.create_default_context(cafile=str(e.ca.ca_file))
+        localhost_context.check_hostname = False
+        context = localhost_context
+        assert await get(direct) == 404
+        await e.s.apply("""
+apiVersion: meshwork.io/v1
+kind: MeshConfig
+metadata: {name: mesh, namespace: istio-system}
+spec:
+  outboundTrafficPolicy: {mode: ALLOW_ANY}
+""")
+        await eventually(lambda: _is(get(direct), 200), timeout=10, interval=0.2)
+    finally:
+        await e.s.delete("ServiceEntry", "secure")
+        with contextlib.suppress(AssertionError):
+            await e.s.delete("MeshConfig", "mesh", "istio-system")
+        await secure.close()
+
+
+async def _is(status: Any, expected: int) -> bool:
+    return bool(await status == expected)
