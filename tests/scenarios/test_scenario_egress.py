@@ -398,3 +398,39 @@ spec:
 
 async def _is(status: Any, expected: int) -> bool:
     return bool(await status == expected)
+
+
+async def test_destination_rule_tls_modes_between_sidecars(egress: Egress) -> None:
+    """ISTIO_MUTUAL (the default) reaches a mesh service over mTLS; DISABLE sends
+    plaintext, which a PERMISSIVE server takes (its telemetry says so)."""
+    e = egress
+    server = await e.s.sidecar("ledger")
+    url = "http://ledger:9080/"
+
+    def rule(mode: str) -> str:
+        return f"""
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: ledger}}
+spec:
+  host: ledger
+  trafficPolicy: {{tls: {{mode: {mode}}}}}
+"""
+
+    async def received(policy: str) -> float:
+        return await e.s.istio_requests(
+            server, reporter="destination", connection_security_policy=policy
+        )
+
+    await e.s.apply(rule("ISTIO_MUTUAL"))
+    await e.s.until(e.client, url, lambda r: r.status == 200)
+    await e.s.counted(server, 1, reporter="destination", connection_security_policy="mutual_tls")
+    plaintext_before = await received("none")
+    await e.s.apply(rule("DISABLE"))
+
+    async def arrives_in_plaintext() -> bool:
+        reply = await e.s.call(e.client, url)
+        assert reply.status == 200, reply
+        return await received("none") > plaintext_before
+
+    await eventually(arrives_in_plaintext, timeout=20, interval=0.3)

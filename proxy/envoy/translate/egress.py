@@ -248,13 +248,24 @@ def _selected_cluster(
         ep for ep in selected_instances(service, instances) if clusters.has_labels(ep, labels)
     ]
     lb = clusters.lb_endpoints(selected, lambda ep: ep.address, f"ClusterLoadAssignment {name}")
-    cluster = clusters.eds_cluster(name, policy, lb, http=True)
-    if policy.tls is not None and policy.tls.mode != "ISTIO_MUTUAL":
-        body = to_dict(cluster)
-        body.pop("transportSocketMatches", None)
-        body["transportSocket"] = transport_socket(policy.tls, service.host)
-        cluster = _parse_cluster(body)
+    cluster = with_upstream_tls(
+        clusters.eds_cluster(name, policy, lb, http=True), policy, service.host
+    )
     return cluster, clusters.load_assignment(name, lb)
+
+
+def with_upstream_tls(
+    cluster: cluster_pb2.Cluster, policy: TrafficPolicy, host: str
+) -> cluster_pb2.Cluster:
+    """A mesh cluster (mTLS per endpoint identity) under a DestinationRule `tls` other
+    than ISTIO_MUTUAL: that TLS (or plaintext, DISABLE) for every endpoint instead, as
+    the Python sidecar does (`proxy.upstream_tls`)."""
+    if policy.tls is None or policy.tls.mode == "ISTIO_MUTUAL":
+        return cluster
+    body = to_dict(cluster)
+    body.pop("transportSocketMatches", None)
+    body["transportSocket"] = transport_socket(policy.tls, host)
+    return _parse_cluster(body)
 
 
 def _lb_endpoint(address: str, port: int, entry: EntryEndpoint | None) -> Json:

@@ -132,5 +132,7 @@ def add_http_clusters(view: MeshView, ctx: routes.RouteContext, out: XdsResource
             if clusters.has_labels(ep, labels)
         ]
         lb = clusters.lb_endpoints(eps, lambda ep: ep.address, f"ClusterLoadAssignment {name}")
-        out.clusters[name] = clusters.eds_cluster(name, policy, lb, http=True)
+        out.clusters[name] = egress.with_upstream_tls(
+            clusters.eds_cluster(name, policy, lb, http=True), policy, fqdn
+        )
         out.endpoints[name] = clusters.load_assignment(name, lb)
