@@ -82,28 +82,41 @@ class Destination:
         cluster = self.cluster(subset_name, rand)
         return cluster.balancer if cluster is not None else None
 
-    def cluster(self, subset_name: str, rand: random.Random) -> Cluster | None:
+    def cluster(self, subset_name: str, rand: random.Random, port: int = 0) -> Cluster | None:
         """The cluster of a subset ("" = whole service), its balancer up to date with
-        the endpoints and policy in force; None when the subset is unknown."""
-        if subset_name in self.balancers:
-            return self.clusters[subset_name]
+        the endpoints and policy in force; None when the subset is unknown.
+
+        `port`: the port the caller asked for; when the DestinationRule has
+        `portLevelSettings` for it, that port gets a cluster of its own (`<subset>|<port>`,
+        as Envoy has one per port) under the port's policy."""
+        port = port or self.port
+        key = subset_name
+        if port and self.table is not None and _has_port_policy(self.table, subset_name, port):
+            key = f"{subset_name}|{port}"
+        if key in self.balancers:
+            return self.clusters[key]
         if self.table is None:
             return None
         subset = resolve_subset(self.table, subset_name)
         if subset is None:
             return None
         eps = subset_endpoints(self.endpoints.endpoints if self.endpoints else [], subset.labels)
-        policy = subset.traffic_policy.for_port(self.port) if self.port else subset.traffic_policy
-        cluster = self.clusters.get(subset_name)
+        policy = subset.traffic_policy.for_port(port) if port else subset.traffic_policy
+        cluster = self.clusters.get(key)
         previous = cluster.balancer if cluster is not None else None
         balancer = build_balancer(eps, policy.load_balancer, rand, previous)
         if cluster is None:
-            cluster = self.clusters[subset_name] = Cluster(self.ref, subset_name, policy, balancer)
+            cluster = self.clusters[key] = Cluster(self.ref, subset_name, policy, balancer)
         else:
             cluster.update(policy, balancer)
         cluster.origination = origination_for(policy.tls, self.host or self.ref.fqdn)
-        self.balancers[subset_name] = balancer
+        self.balancers[key] = balancer
         return cluster
+
+
+def _has_port_policy(table: RouteTable, subset_name: str, port: int) -> bool:
+    subset = resolve_subset(table, subset_name)
+    return subset is not None and any(p.port == port for p in subset.traffic_policy.port_level)
 
 
 class DestinationCache:
@@ -242,7 +255,8 @@ class DestinationCache:
         dest.table, dest.routes = table, routes
         dest.balancers = {}
         known = {"", *(s.name for s in table.subsets)}
-        dest.clusters = {k: c for k, c in dest.clusters.items() if k in known}
+        # `<subset>|<port>` clusters (portLevelSettings) go with their subset
+        dest.clusters = {k: c for k, c in dest.clusters.items() if k.partition("|")[0] in known}
         dest.route_status = SubscriptionStatus(subject=subject, revision=table.revision)
         log.info("config.applied", subject=subject, revision=table.revision)
         self.on_change()

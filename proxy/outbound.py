@@ -339,7 +339,10 @@ class RouteHandler:
                 target = await self.cache.get(target_ref)
             except errors.MeshError as e:
                 return await local_reply(ex, 503, "UH", f"no configuration for {target_ref}: {e}")
-        cluster = target.cluster(chosen.destination.subset, self.rand)
+        # the port the route names, else the one asked for (portLevelSettings)
+        cluster = target.cluster(
+            chosen.destination.subset, self.rand, chosen.destination.port or attrs.port
+        )
         if cluster is None:
             return await local_reply(
                 ex,
