@@ -45,6 +45,8 @@ from proxy.routing import InvalidRouteConfig, compile_routes
 log = get_logger("proxy.egress")
 
 MAX_WEIGHTED_ENTRIES = 1000
+# ServiceEntry port protocols the HTTP route tables serve (others are tunnelled)
+HTTP_PROTOCOLS = ("HTTP", "HTTP2", "GRPC")
 _HTTP_DEFAULT_PORT = 80
 
 __all__ = ["MeshWideFollower", "external_destination", "find_service", "selected_instances"]
@@ -173,6 +175,16 @@ class MeshWideFollower:
                 self._destinations.clear()
             self._destinations[key] = dest
         return dest
+
+    def tunnels(self, host: str, port: int, namespace: str) -> bool:
+        """Does a ServiceEntry visible in `namespace` take CONNECT to `host:port` (a
+        declared port whose protocol is not HTTP's: the app's TLS passes through)?"""
+        if self.config is None:
+            return False
+        service = find_service(self.config, canonical_host(host, namespace), namespace)
+        if service is None:
+            return False
+        return any(p.number == port and p.protocol not in HTTP_PROTOCOLS for p in service.ports)
 
     def statuses(self) -> list[SubscriptionStatus]:
         return [self.status] if self.status is not None else []

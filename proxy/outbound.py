@@ -155,15 +155,18 @@ class RouteHandler:
 
     async def _connect_outside(self, req: Request, ex: Exchange) -> Outcome:
         """CONNECT to a host outside the registry (what an app sends for https:// given
-        the sidecar's proxy): a ServiceEntry host declaring that port, or any host
-        under ALLOW_ANY, gets an opaque tunnel to it (TLS passes through, as Istio's
+        the sidecar's proxy): a ServiceEntry host declaring that port with a protocol
+        other than HTTP's (HTTPS, TLS, TCP...), or any host under ALLOW_ANY, gets an
+        opaque tunnel to it (TLS passes through, as Istio's
         sidecar passes it through); anything else 404 `NR`."""
         host, port = strip_port(req.authority), _port_of(req.authority)
         try:
             config = await self.cache.mesh_wide.current()
         except errors.MeshError as e:
             return await local_reply(ex, 503, "UH", f"no mesh-wide configuration: {e}")
-        dest = self.cache.mesh_wide.destination(host, port, self.caller.namespace)
+        dest = None
+        if self.cache.mesh_wide.tunnels(host, port, self.caller.namespace):
+            dest = self.cache.mesh_wide.destination(host, port, self.caller.namespace)
         if dest is not None:
             cluster = dest.cluster("", self.rand)
             now = time.monotonic()

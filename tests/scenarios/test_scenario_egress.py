@@ -339,12 +339,6 @@ async def test_https_through_the_proxy_is_tunnelled_to_service_entry_hosts_and_a
     """An app asking for https:// through its sidecar sends CONNECT: a ServiceEntry
     host declaring that port (and, under ALLOW_ANY, any host) gets an opaque tunnel,
     the app's TLS reaching the server untouched; other hosts are refused."""
-    known_difference(
-        request,
-        dataplane,
-        "envoy",
-        "CONNECT to hosts outside the registry is not translated for Envoy yet (404)",
-    )
     e = egress
     secure = await ExternalEcho("secure", ca=e.ca, dns_names=["secure.example.test"]).start()
     context = ssl.create_default_context(cafile=str(e.ca.ca_file))

@@ -712,7 +712,10 @@ def case_outbound_egress() -> tuple[ProxyNode, MeshView]:
                 namespace="default",
                 name="api",
                 resolution="STATIC",
-                ports=(EntryPort(number=80, name="http", target_port=443),),
+                ports=(
+                    EntryPort(number=80, name="http", target_port=443),
+                    EntryPort(number=443, name="https", protocol="HTTPS"),
+                ),
                 endpoints=(EntryEndpoint(address="10.0.5.1"),),
                 table=api_table,
             ),

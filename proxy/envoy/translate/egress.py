@@ -27,12 +27,13 @@ import dataclasses
 import ssl
 from collections.abc import Iterator
 
+import msgspec
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
 
 from mesh.compiled import ClientTls, RouteTable, TrafficPolicy
 from mesh.compiled_mesh import EntryEndpoint, ExternalService
-from proxy.egress import selected_instances
+from proxy.egress import HTTP_PROTOCOLS, selected_instances
 from proxy.envoy.resources import XdsResources
 
 from . import clusters, routes
@@ -51,7 +52,7 @@ from .protos import (
 )
 
 PASSTHROUGH_CLUSTER = "PassthroughCluster"
-_HTTP_PROTOCOLS = ("HTTP", "HTTP2", "GRPC")
+_HTTP_PROTOCOLS = HTTP_PROTOCOLS
 _DNS_CACHE: Json = {"name": "passthrough_dns", "dnsLookupFamily": "V4_PREFERRED"}
 # what SIMPLE verifies against when the DestinationRule names no CA file
 _PATHS = ssl.get_default_verify_paths()
@@ -88,11 +89,15 @@ def external_vhosts(node: ProxyNode, view: MeshView, ctx: routes.RouteContext) -
     ctx = dataclasses.replace(ctx, default_port=80)
     out = []
     for service in visible(node, view):
+        connect = [
+            _connect_route(outbound_cluster(service.host, "", p), p) for p in _tls_ports(service)
+        ]
         out.append(
             {
                 "name": service.host,
                 "domains": [service.host],
-                "routes": routes.http_routes(
+                "routes": connect
+                + routes.http_routes(
                     routes.table_routes(service.table, service.host),
                     ctx,
                     f"ServiceEntry {service.namespace}/{service.name} host {service.host}",
@@ -100,6 +105,36 @@ def external_vhosts(node: ProxyNode, view: MeshView, ctx: routes.RouteContext) -
             }
         )
     return out
+
+
+def _tls_ports(service: ExternalService) -> list[int]:
+    """The ports an app reaches through CONNECT (HTTPS, TLS, TCP...): tunnelled."""
+    return [p.number for p in service.ports if p.protocol not in _HTTP_PROTOCOLS]
+
+
+def _connect_route(cluster: str, port: int | None) -> Json:
+    """CONNECT host:port, terminated here: the tunnelled bytes go to `cluster` as
+    they are (the app's TLS passes through)."""
+    match: Json = {"connectMatcher": {}}
+    if port is not None:
+        match["headers"] = [{"name": ":authority", "stringMatch": {"suffix": f":{port}"}}]
+    return {
+        "name": f"connect:{port}" if port is not None else "connect",
+        "match": match,
+        "route": {
+            "cluster": cluster,
+            "timeout": "0s",
+            "upgradeConfigs": [{"upgradeType": "CONNECT", "connectConfig": {}}],
+        },
+    }
+
+
+def connect_upgrade(node: ProxyNode, view: MeshView) -> Json:
+    """The outbound HCM's CONNECT support, when some route takes CONNECT."""
+    allow_any = view.mesh_wide is not None and view.mesh_wide.outbound_traffic_policy == "ALLOW_ANY"
+    if allow_any or any(_tls_ports(s) for s in visible(node, view)):
+        return {"upgradeConfigs": [{"upgradeType": "CONNECT"}]}
+    return {}
 
 
 def unknown_host_route(view: MeshView) -> Json:
@@ -110,11 +145,12 @@ def unknown_host_route(view: MeshView) -> Json:
             "name": "unknown_host",
             "domains": ["*"],
             "routes": [
+                _connect_route(PASSTHROUGH_CLUSTER, None),
                 {
                     "name": "passthrough",
                     "match": {"prefix": "/"},
                     "route": {"cluster": PASSTHROUGH_CLUSTER, "timeout": "0s"},
-                }
+                },
             ],
         }
     return {
@@ -174,6 +210,18 @@ def add_external_clusters(
             out.clusters[name] = cluster
             if assignment is not None:
                 out.endpoints[name] = assignment
+        for tls_port in _tls_ports(service):
+            name = outbound_cluster(service.host, "", tls_port)
+            target = next(p.target_port or p.number for p in service.ports if p.number == tls_port)
+            # the port's policy but its `tls` (the tunnel carries the app's own TLS)
+            policy = ctx.policy_of(service.host, "") or TrafficPolicy()
+            tunnelled = msgspec.structs.replace(policy.for_port(tls_port), tls=None, port_level=())
+            cluster, assignment = _cluster(
+                name, service, tunnelled, {}, tls_port, target, http=False
+            )
+            out.clusters[name] = cluster
+            if assignment is not None:
+                out.endpoints[name] = assignment
     if view.mesh_wide is not None and view.mesh_wide.outbound_traffic_policy == "ALLOW_ANY":
         out.clusters[PASSTHROUGH_CLUSTER] = parse(  # type: ignore[assignment]
             cluster_pb2.Cluster,
@@ -204,6 +252,8 @@ def _cluster(
     labels: dict[str, str],
     port: int,
     target: int,
+    *,
+    http: bool = True,
 ) -> tuple[cluster_pb2.Cluster, endpoint_pb2.ClusterLoadAssignment | None]:
     port_name = next((p.name for p in service.ports if p.number == port), "")
     entries = [
@@ -211,8 +261,9 @@ def _cluster(
         for e in service.endpoints
         if e.weight > 0 and all(e.labels.get(k) == v for k, v in labels.items())
     ]
-    body = to_dict(clusters.eds_cluster(name, policy, [], http=True))
-    body["transportSocket"] = transport_socket(policy.tls, service.host)
+    body = to_dict(clusters.eds_cluster(name, policy, [], http=http))
+    # a tunnelled port carries the app's own TLS: never originate on it
+    body["transportSocket"] = transport_socket(policy.tls if http else None, service.host)
     if service.resolution == "STATIC":
         lb = [_lb_endpoint(e.address, e.ports.get(port_name, target), e) for e in entries]
         return _parse_cluster(body), clusters.load_assignment(name, lb)

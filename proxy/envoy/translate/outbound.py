@@ -100,7 +100,7 @@ def add_outbound(node: ProxyNode, view: MeshView, out: XdsResources) -> routes.R
         access_log_cluster=node.access_log_cluster,
         tracing=listeners.tracing(node.tracing_cluster, node.service, node.trace_sampling),
         # the Python proxy appends the app's address to x-forwarded-for
-        extra={"useRemoteAddress": True},
+        extra={"useRemoteAddress": True, **egress.connect_upgrade(node, view)},
     )
     out.listeners[OUTBOUND_HTTP_LISTENER] = listeners.listener(
         OUTBOUND_HTTP_LISTENER, node.outbound, [{"filters": [hcm]}], direction="OUTBOUND"
