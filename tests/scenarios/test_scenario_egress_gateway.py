@@ -102,3 +102,20 @@ async def test_istio_task_routes_through_the_egress_gateway(egress_gw: EgressGat
         reporter="source",
         destination_service="istio-egressgateway.istio-system.svc.cluster.local",
     )
+
+
+async def test_egress_gateway_takes_plaintext_from_outside_the_mesh(
+    egress_gw: EgressGateway,
+) -> None:
+    """The egress gateway's one port takes mTLS from sidecars and plaintext from a
+    caller without a mesh identity (as a PERMISSIVE listener)."""
+    e = egress_gw
+    await e.s.apply((EXAMPLES / "egress-gateway.yaml").read_text())
+    assert e.s.session is not None
+    port = e.gateway.settings.gateway_port
+
+    async def plain() -> bool:
+        async with e.s.session.get(f"http://127.0.0.1:{port}/direct", headers={"Host": API}) as r:
+            return r.status == 200 and (await r.json())["path"] == "/direct"
+
+    await eventually(plain, timeout=15, interval=0.3)
