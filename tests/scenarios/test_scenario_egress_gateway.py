@@ -15,7 +15,7 @@ import pytest
 import pytest_asyncio
 
 from mesh.servers import free_port
-from tests.egress_support import ExternalEcho
+from tests.egress_support import ExternalEcho, TestCA
 from tests.scenarios.helpers import Scenario
 from tests.support import eventually
 
@@ -31,11 +31,17 @@ class EgressGateway:
     client: Any
     gateway: Any
     server: ExternalEcho
+    https: ExternalEcho
+    ca: TestCA
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def egress_gw(scenario: Scenario) -> AsyncIterator[EgressGateway]:
+async def egress_gw(
+    scenario: Scenario, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[EgressGateway]:
     server = await ExternalEcho("api").start()
+    ca = TestCA(tmp_path_factory.mktemp("egress-gateway-ca"))
+    https = await ExternalEcho("api-tls", ca=ca, dns_names=[API]).start()
     client = await scenario.sidecar("sleep")
     gateway = await scenario.sidecar(
         "istio-egressgateway",
@@ -60,10 +66,11 @@ spec:
   - {{number: 443, name: https, protocol: HTTPS}}
   resolution: STATIC
   endpoints:
-  - {{address: 127.0.0.1, ports: {{http-port: {server.port}}}}}
+  - {{address: 127.0.0.1, ports: {{http-port: {server.port}, https: {https.port}}}}}
 """)
-    yield EgressGateway(scenario, client, gateway, server)
+    yield EgressGateway(scenario, client, gateway, server, https, ca)
     await server.close()
+    await https.close()
 
 
 async def gateway_count(e: EgressGateway) -> float:
@@ -119,3 +126,27 @@ async def test_egress_gateway_takes_plaintext_from_outside_the_mesh(
             return r.status == 200 and (await r.json())["path"] == "/direct"
 
     await eventually(plain, timeout=15, interval=0.3)
+
+
+async def test_istio_tls_origination_task_originates_at_the_egress_gateway(
+    egress_gw: EgressGateway,
+) -> None:
+    """examples/egress/egress-gateway-tls-origination.yaml (the CA file path set to the
+    test CA's): plain HTTP from the app, mTLS to the egress gateway, TLS from the
+    gateway to the external host's port 443."""
+    e = egress_gw
+    text = (EXAMPLES / "egress-gateway-tls-origination.yaml").read_text()
+    await e.s.apply(text.replace("/etc/meshwork/egress/api-ca.pem", str(e.ca.ca_file)))
+
+    async def originated() -> bool:
+        reply = await e.s.call(e.client, f"http://{API}/tls")
+        assert reply.status == 200, reply
+        return bool(reply.json()["scheme"] == "https")
+
+    await eventually(originated, timeout=20, interval=0.3)
+    assert e.https.snis[-1] == API
+    reply = await e.s.call(e.client, f"http://{API}/tls")
+    assert (reply.json()["server"], reply.json()["host"]) == ("api-tls", API)
+    # back to the plain task for the other tests
+    await e.s.delete("DestinationRule", "originate-tls-for-api-example-test")
+    await e.s.apply((EXAMPLES / "egress-gateway.yaml").read_text())

@@ -33,6 +33,7 @@ def test_every_example_file_is_accepted() -> None:
     names = sorted(p.name for p in EXAMPLES.glob("*.yaml"))
     assert names == [
         "allow-any.yaml",
+        "egress-gateway-tls-origination.yaml",
         "egress-gateway.yaml",
         "service-entry-tls-origination.yaml",
         "service-entry.yaml",

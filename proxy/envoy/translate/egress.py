@@ -52,6 +52,7 @@ from .protos import (
 )
 
 PASSTHROUGH_CLUSTER = "PassthroughCluster"
+TUNNEL_SUBSET = "~connect"
 _HTTP_PROTOCOLS = HTTP_PROTOCOLS
 _DNS_CACHE: Json = {"name": "passthrough_dns", "dnsLookupFamily": "V4_PREFERRED"}
 # what SIMPLE verifies against when the DestinationRule names no CA file
@@ -89,9 +90,7 @@ def external_vhosts(node: ProxyNode, view: MeshView, ctx: routes.RouteContext) -
     ctx = dataclasses.replace(ctx, default_port=80)
     out = []
     for service in visible(node, view):
-        connect = [
-            _connect_route(outbound_cluster(service.host, "", p), p) for p in _tls_ports(service)
-        ]
+        connect = [_connect_route(tunnel_cluster(service.host, p), p) for p in _tls_ports(service)]
         out.append(
             {
                 "name": service.host,
@@ -105,6 +104,13 @@ def external_vhosts(node: ProxyNode, view: MeshView, ctx: routes.RouteContext) -
             }
         )
     return out
+
+
+def tunnel_cluster(host: str, port: int) -> str:
+    """The TCP cluster CONNECT tunnels to `host:port` go to: Istio's name with a
+    subset slot no DestinationRule subset can have (`~connect`), apart from the HTTP
+    cluster a route naming that port has (which may originate TLS)."""
+    return outbound_cluster(host, TUNNEL_SUBSET, port)
 
 
 def _tls_ports(service: ExternalService) -> list[int]:
@@ -210,8 +216,28 @@ def add_external_clusters(
             out.clusters[name] = cluster
             if assignment is not None:
                 out.endpoints[name] = assignment
+        for host, subset, named_port in sorted(ctx.external_ports):
+            if host != service.host:
+                continue
+            policy = ctx.policy_of(host, subset)
+            if policy is None:
+                continue  # unknown subset: 503 NC
+            labels = {}
+            if subset and service.table is not None:
+                labels = next(s.labels for s in service.table.subsets if s.name == subset)
+            target = next(
+                (p.target_port or p.number for p in service.ports if p.number == named_port),
+                named_port,
+            )
+            name = outbound_cluster(host, subset, named_port)
+            cluster, assignment = _cluster(
+                name, service, policy.for_port(named_port), labels, named_port, target
+            )
+            out.clusters[name] = cluster
+            if assignment is not None:
+                out.endpoints[name] = assignment
         for tls_port in _tls_ports(service):
-            name = outbound_cluster(service.host, "", tls_port)
+            name = tunnel_cluster(service.host, tls_port)
             target = next(p.target_port or p.number for p in service.ports if p.number == tls_port)
             # the port's policy but its `tls` (the tunnel carries the app's own TLS)
             policy = ctx.policy_of(service.host, "") or TrafficPolicy()

@@ -67,6 +67,8 @@ class RouteContext:
     external_hosts: frozenset[str] = frozenset()
     # the port a Host without one stands for in `port` matches (0: none)
     default_port: int = 0
+    # (ServiceEntry host, subset, port) of every route naming a port of such a host
+    external_ports: set[tuple[str, str, int]] = field(default_factory=set)
 
     def at_gateway(self, gateways: tuple[str, ...]) -> bool:
         if not self.gateway:
@@ -208,6 +210,10 @@ def _mesh_host(host: str, where: str) -> str:
 def _cluster_of(dest: Destination, ctx: RouteContext, where: str) -> str:
     # a ServiceEntry host is in `ctx.tables` too (`translate.egress`)
     host = dest.host if dest.host in ctx.tables else _mesh_host(dest.host, f"{where}.destination")
+    if dest.port and host in ctx.external_hosts:
+        # a ServiceEntry port named by the route: a cluster of that port
+        ctx.external_ports.add((host, dest.subset, dest.port))
+        return outbound_cluster(host, dest.subset, dest.port)
     ctx.referenced.add((host, dest.subset))
     return outbound_cluster(host, dest.subset)
 
