@@ -157,8 +157,8 @@ class RouteHandler:
         """CONNECT to a host outside the registry (what an app sends for https:// given
         the sidecar's proxy): a ServiceEntry host declaring that port with a protocol
         other than HTTP's (HTTPS, TLS, TCP...), or any host under ALLOW_ANY, gets an
-        opaque tunnel to it (TLS passes through, as Istio's
-        sidecar passes it through); anything else 404 `NR`."""
+        opaque tunnel to it (the app's TLS passes through, as through Istio's
+        sidecar); anything else 404 `NR`."""
         host, port = strip_port(req.authority), _port_of(req.authority)
         try:
             config = await self.cache.mesh_wide.current()
@@ -325,7 +325,10 @@ class RouteHandler:
                     "or ServiceEntry host",
                 )
         if seen is not None:
-            seen.service = external.host if external is not None else target_ref.fqdn  # type: ignore[union-attr]
+            if external is not None:
+                seen.service = external.host
+            elif target_ref is not None:
+                seen.service = target_ref.fqdn
         fault_flags = ""
         if route.fault is not None:
             fault = decide_fault(route.fault, self.rand.random(), self.rand.random())

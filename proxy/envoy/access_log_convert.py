@@ -41,7 +41,7 @@ from mesh import identity
 from mesh.hosts import canonical_host, service_of_host, strip_port
 from mesh.messages import Endpoint, EndpointSet
 from mesh.telemetry import Span
-from proxy.envoy.translate.egress import PASSTHROUGH_CLUSTER
+from proxy.envoy.resources import PASSTHROUGH_CLUSTER
 from proxy.telemetry.peer_metadata import PEER_METADATA_HEADER, decode_peer_metadata
 from proxy.telemetry.records import UNKNOWN, RequestRecord, TcpRecord, Workload, workload_name
 from proxy.telemetry.tracing import TRACE_HEADERS, incoming_trace, new_span_id

@@ -34,7 +34,7 @@ from envoy.config.endpoint.v3 import endpoint_pb2
 from mesh.compiled import ClientTls, RouteTable, TrafficPolicy
 from mesh.compiled_mesh import EntryEndpoint, ExternalService
 from proxy.egress import HTTP_PROTOCOLS, selected_instances
-from proxy.envoy.resources import XdsResources
+from proxy.envoy.resources import PASSTHROUGH_CLUSTER, XdsResources
 
 from . import clusters, routes
 from . import tls as tls_sockets
@@ -51,7 +51,6 @@ from .protos import (
     typed,
 )
 
-PASSTHROUGH_CLUSTER = "PassthroughCluster"
 TUNNEL_SUBSET = "~connect"
 _HTTP_PROTOCOLS = HTTP_PROTOCOLS
 _DNS_CACHE: Json = {"name": "passthrough_dns", "dnsLookupFamily": "V4_PREFERRED"}
