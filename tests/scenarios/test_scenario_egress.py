@@ -435,13 +435,6 @@ async def test_port_level_tls_for_a_mesh_service(
 ) -> None:
     """`portLevelSettings` apply to the port the caller names: plaintext to
     `journal:9080`, the mesh's mTLS to `journal:8080` of the same service."""
-    known_difference(
-        request,
-        dataplane,
-        "envoy",
-        "portLevelSettings of mesh services are not translated for Envoy yet (one HTTP "
-        "cluster serves every port of a service)",
-    )
     e = egress
     server = await e.s.sidecar("journal")
     await e.s.apply("""

@@ -659,7 +659,7 @@ def case_outbound_egress() -> tuple[ProxyNode, MeshView]:
     """Istio's egress TLS-origination task (a STATIC ServiceEntry whose port 80 goes to
     443, SIMPLE TLS on that port with SNI and SANs), a DNS ServiceEntry with subsets by
     endpoint label, weights and TLS DISABLE, routed to one subset by a VirtualService,
-    and ALLOW_ANY for every other host."""
+    ALLOW_ANY for every other host, and a mesh service's portLevelSettings."""
     api_table = RouteTable(
         namespace="default",
         service="api.example.test",
@@ -750,8 +750,22 @@ def case_outbound_egress() -> tuple[ProxyNode, MeshView]:
             ),
         ),
     )
+    # a mesh service with portLevelSettings: requests naming :9080 get that port's
+    # cluster (plaintext), every other port the service's cluster (mTLS)
+    ratings_table = RouteTable(
+        namespace="default",
+        service="ratings",
+        host=RATINGS,
+        revision=3,
+        exists=True,
+        traffic_policy=TrafficPolicy(
+            port_level=(
+                PortPolicy(port=9080, traffic_policy=TrafficPolicy(tls=ClientTls(mode="DISABLE"))),
+            )
+        ),
+    )
     return sidecar(), MeshView(
-        destinations={RATINGS: (None, ratings_endpoints())}, mesh_wide=mesh_wide
+        destinations={RATINGS: (ratings_table, ratings_endpoints())}, mesh_wide=mesh_wide
     )
 
 

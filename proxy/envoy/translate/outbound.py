@@ -3,9 +3,12 @@ host per destination, and the clusters and endpoints every route names."""
 
 from __future__ import annotations
 
+import dataclasses
+
 from envoy.config.route.v3 import route_pb2
 
-from mesh.compiled import RouteTable
+from mesh.compiled import HTTPRoute, RouteTable
+from mesh.hosts import service_of_host
 from mesh.messages import EndpointSet
 from proxy.envoy.resources import XdsResources
 from proxy.telemetry import PEER_METADATA_HEADER, encode_peer_metadata, own_workload
@@ -64,13 +67,13 @@ def outbound_route_config(node: ProxyNode, view: MeshView, ctx: routes.RouteCont
         table, endpoints = view.destinations[fqdn]
         if not exists(table, endpoints):
             continue
+        rules = routes.table_routes(table, fqdn)
         vhosts.append(
             {
                 "name": fqdn,
                 "domains": service_domains(fqdn, node.namespace),
-                "routes": routes.http_routes(
-                    routes.table_routes(table, fqdn), ctx, f"RouteTable {fqdn}"
-                ),
+                "routes": _port_routes(rules, ctx, fqdn)
+                + routes.http_routes(rules, ctx, f"RouteTable {fqdn}"),
                 # per mesh service: hosts outside the mesh never get it
                 "requestHeadersToAdd": [peer],
             }
@@ -85,6 +88,29 @@ def outbound_route_config(node: ProxyNode, view: MeshView, ctx: routes.RouteCont
         # a route naming an unknown subset is answered 503 (NC), as by the Python proxy
         "validateClusters": False,
     }
+
+
+def _port_routes(rules: tuple[HTTPRoute, ...], ctx: routes.RouteContext, fqdn: str) -> list[Json]:
+    """For each port some mesh destination has `portLevelSettings` for: a copy of the
+    rules limited to requests naming that port, sending to that port's clusters (kept
+    only when one of them differs), ahead of the rules for every port. The Python
+    sidecar's per-port clusters (`Destination.cluster(..., port)`), in Envoy's terms."""
+    ports = sorted(
+        {
+            entry.port
+            for table in ctx.tables.values()
+            if table is not None and service_of_host(table.host) is not None
+            for policy in (table.traffic_policy, *(s.traffic_policy for s in table.subsets))
+            for entry in policy.port_level
+        }
+    )
+    out: list[Json] = []
+    for port in ports:
+        scoped = dataclasses.replace(ctx, route_port=port, port_cluster_uses=0)
+        copy = routes.http_routes(rules, scoped, f"RouteTable {fqdn} port {port}")
+        if scoped.port_cluster_uses:
+            out.extend(copy)
+    return out
 
 
 def add_outbound(node: ProxyNode, view: MeshView, out: XdsResources) -> routes.RouteContext:
@@ -117,6 +143,7 @@ def add_http_clusters(view: MeshView, ctx: routes.RouteContext, out: XdsResource
         if table is not None:
             wanted.update((fqdn, s.name) for s in table.subsets)
     wanted.update(ctx.referenced)
+    wanted.update((host, subset) for host, subset, _port in ctx.port_clusters)
     for fqdn, subset in sorted(wanted):
         policy = ctx.policy_of(fqdn, subset)
         if policy is None:
@@ -136,3 +163,15 @@ def add_http_clusters(view: MeshView, ctx: routes.RouteContext, out: XdsResource
             clusters.eds_cluster(name, policy, lb, http=True), policy, fqdn
         )
         out.endpoints[name] = clusters.load_assignment(name, lb)
+        for host, port_subset, port in sorted(ctx.port_clusters):
+            if (host, port_subset) != (fqdn, subset):
+                continue
+            port_name = outbound_cluster(fqdn, subset, port)
+            port_policy = policy.for_port(port)
+            port_lb = clusters.lb_endpoints(
+                eps, lambda ep: ep.address, f"ClusterLoadAssignment {port_name}"
+            )
+            out.clusters[port_name] = egress.with_upstream_tls(
+                clusters.eds_cluster(port_name, port_policy, port_lb, http=True), port_policy, fqdn
+            )
+            out.endpoints[port_name] = clusters.load_assignment(port_name, port_lb)

@@ -69,6 +69,17 @@ class RouteContext:
     default_port: int = 0
     # (ServiceEntry host, subset, port) of every route naming a port of such a host
     external_ports: set[tuple[str, str, int]] = field(default_factory=set)
+    # routes built for requests to this port only (a copy of a virtual host's routes
+    # for a port some destination has `portLevelSettings` for; 0: any port)
+    route_port: int = 0
+    # (mesh host, subset, port) of every route using a port's own cluster
+    port_clusters: set[tuple[str, str, int]] = field(default_factory=set)
+    # how many routes built with this context went to a port's own cluster
+    port_cluster_uses: int = 0
+
+    def has_port_policy(self, host: str, subset: str, port: int) -> bool:
+        policy = self.policy_of(host, subset)
+        return policy is not None and any(p.port == port for p in policy.port_level)
 
     def at_gateway(self, gateways: tuple[str, ...]) -> bool:
         if not self.gateway:
@@ -124,6 +135,11 @@ def http_routes(routes: tuple[HTTPRoute, ...], ctx: RouteContext, resource: str)
 
 def _route(route: HTTPRoute, m: HTTPMatch | None, ctx: RouteContext, where: str, name: str) -> Json:
     out: Json = {"name": name, "match": route_match(m, ctx.default_port)}
+    if ctx.route_port:
+        port_match = matchers.port_matcher(
+            ctx.route_port, default=ctx.route_port == ctx.default_port
+        )
+        out["match"].setdefault("headers", []).append(port_match)
     if route.direct_response is not None:
         dr = route.direct_response
         body: Json = {"status": dr.status}
@@ -214,6 +230,12 @@ def _cluster_of(dest: Destination, ctx: RouteContext, where: str) -> str:
         # a ServiceEntry port named by the route: a cluster of that port
         ctx.external_ports.add((host, dest.subset, dest.port))
         return outbound_cluster(host, dest.subset, dest.port)
+    port = dest.port or ctx.route_port
+    if port and ctx.has_port_policy(host, dest.subset, port):
+        # the port the route names, else the one asked for: its own policy
+        ctx.port_clusters.add((host, dest.subset, port))
+        ctx.port_cluster_uses += 1
+        return outbound_cluster(host, dest.subset, port)
     ctx.referenced.add((host, dest.subset))
     return outbound_cluster(host, dest.subset)
 
