@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from mesh.compiled import GatewayConfig, InboundPolicy
+from mesh.compiled_mesh import MeshWideConfig
 from mesh.hosts import ServiceRef
 from mesh.messages import EndpointSet, SubscriptionStatus
 from proxy.destinations import Destination
@@ -65,6 +66,7 @@ def proxy_node(
         trace_sampling=s.trace_sampling,
         app_host=s.app_host,
         capture=(ports.capture_host, ports.capture) if ports.capture else None,
+        egress_gateway=s.egress_gateway,
     )
 
 
@@ -74,10 +76,12 @@ def mesh_view(
     gateway: GatewayConfig | None,
     vips: Mapping[str, str] | None = None,
     discovered_jwks: Mapping[str, str] | None = None,
+    mesh_wide: MeshWideConfig | None = None,
 ) -> MeshView:
     return MeshView(
         vips=dict(vips or {}),
         discovered_jwks=dict(discovered_jwks or {}),
+        mesh_wide=mesh_wide,
         destinations={
             ref.fqdn: (dest.table, dest.endpoints)
             for ref, dest in sorted(destinations.items())

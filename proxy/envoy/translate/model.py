@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from mesh.compiled import GatewayConfig, InboundPolicy, RouteTable
+from mesh.compiled_mesh import MeshWideConfig
 from mesh.messages import EndpointSet
 from proxy.tcp import TcpUpstream
 
@@ -63,6 +64,9 @@ class ProxyNode:
     app_host: str = "127.0.0.1"
     # an intercepted app (docs/architecture.md §5.4): the capture listener's address
     capture: tuple[str, int] | None = None
+    # a gateway in the egress role: its listeners take mTLS (from mesh sidecars) as
+    # well as plaintext (docs/architecture.md §5.5)
+    egress_gateway: bool = False
 
 
 @dataclass(frozen=True)
@@ -79,3 +83,5 @@ class MeshView:
     # OIDC discovery done by the agent: an issuer's OpenID configuration URL
     # (`JwtRule.key_uri`) -> the `jwks_uri` it named
     discovered_jwks: Mapping[str, str] = field(default_factory=dict)
+    # ServiceEntry hosts and the outbound traffic policy (`translate.egress`)
+    mesh_wide: MeshWideConfig | None = None
