@@ -154,7 +154,7 @@ def build_commands(plan: NetworkPlan) -> list[list[str]]:
                 "eth0",
                 "netns",
                 h.netns,
-            ],  # fmt: skip
+            ],
             ["ip", "-n", sw, "link", "set", port, "master", "br0", "up"],
             ["ip", "-n", h.netns, "addr", "add", f"{h.address}/{bits}", "dev", "eth0"],
             ["ip", "-n", h.netns, "link", "set", "eth0", "up"],
