@@ -8,7 +8,6 @@ from __future__ import annotations
 import socket
 import ssl
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 

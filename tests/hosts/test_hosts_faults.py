@@ -1,0 +1,211 @@
+"""Network faults across hosts (issue 22), under steady traffic from client-0 (app1) to
+`echo` (echo-b on app1, echo-a and echo-c (v2) on app2). Each test cuts links with
+nftables, counts the requests sent and failed, measures the time to recover, heals,
+and records a row of the fault table (tests/hosts/results.py; set MESH_HOSTS_RESULTS
+to also write it to a file). One cluster for the module; every test leaves the
+network healed and the mesh converged for the next."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.hosts.cluster import CONTROL_HOSTS, SERVICE_PORTS, HostsMesh
+from tests.hosts.network import unavailable_reason
+from tests.hosts.results import FaultRow, record
+from tests.support import destination_rule_yaml, route_all_yaml, wait_for
+
+pytestmark = pytest.mark.timeout(300)
+SERVICES = list(SERVICE_PORTS)
+ROUTE_V1 = destination_rule_yaml("echo") + "---" + route_all_yaml("echo", "v1")
+ROUTE_V2 = destination_rule_yaml("echo") + "---" + route_all_yaml("echo", "v2")
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HostsMesh]:
+    reason = unavailable_reason()
+    if reason:
+        print(f"SKIP multi-host faults: {reason}")
+        pytest.skip(reason)
+    with HostsMesh.running(tmp_path_factory.mktemp("hostfaults")) as m:
+        m.sidecar("app2", "echo-a", "echo")
+        m.sidecar("app2", "echo-c", "echo", version="v2")
+        m.sidecar("app1", "echo-b", "echo")
+        m.sidecar("app1", "client-0", "client", app=False)
+        yield m
+
+
+@pytest.fixture(autouse=True)
+def healed(mesh: HostsMesh) -> Iterator[None]:
+    """Every test starts on a whole network with every route on v1, and leaves it whole."""
+    mesh.net.heal_all()
+    apply_until_acknowledged(mesh, "cp2", ROUTE_V1, "route-v1.yaml")
+    wait_for(lambda: all_synced(mesh), timeout=60, every=0.5)
+    yield
+    mesh.net.heal_all()
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def apply_until_acknowledged(
+    mesh: HostsMesh, host: str, text: str, name: str, timeout: float = 60
+) -> int:
+    """`meshctl apply` from `host` until it succeeds; returns how many attempts failed."""
+    failed = 0
+    deadline = time.monotonic() + timeout
+    while True:
+        done = mesh.apply(host, text, name)
+        if done.returncode == 0:
+            return failed
+        failed += 1
+        if time.monotonic() > deadline:
+            raise AssertionError(f"meshctl apply from {host} kept failing: {done.stderr}")
+        time.sleep(0.5)
+
+
+def proxy_rows(mesh: HostsMesh, host: str = "cp3") -> list[dict[str, Any]]:
+    return list(mesh.meshctl_json(host, "proxy-status"))
+
+
+def all_synced(mesh: HostsMesh, host: str = "cp3") -> bool:
+    rows = proxy_rows(mesh, host)
+    return {r["proxy"] for r in rows} >= set(mesh.sidecars) and all(
+        r.get("state") == "SYNCED" for r in rows
+    )
+
+
+def registered(mesh: HostsMesh, host: str = "cp3") -> set[str]:
+    doc = mesh.meshctl_json(host, "get", "endpoints")
+    return {e["instance"] for s in doc["services"] for e in s["endpoints"]}
+
+
+def leaders_by_service(mesh: HostsMesh) -> dict[str, list[str]]:
+    return {svc: mesh.leaders(svc) for svc in SERVICES}
+
+
+def etcd_keys_per_member(mesh: HostsMesh) -> list[dict[str, bytes]]:
+    """Every key under /mesh/ as each etcd member holds it (a serializable read of that
+    member only would need etcdctl; a linearizable read through one endpoint each is
+    what a client gets from it)."""
+    from mesh.store import Store
+
+    creds = mesh.dev.etcd_credentials
+
+    async def read(url: str) -> dict[str, bytes]:
+        store = Store([url], prefix="/mesh/", user=creds["user"], password=creds["password"])
+        try:
+            kvs, _rev = await store.get_prefix("/mesh/")
+            # leases and elections change on their own; the resources are what must agree
+            return {kv.key: kv.value for kv in kvs if "/election/" not in kv.key}
+        finally:
+            await store.close()
+
+    return [asyncio.run(read(url)) for url in mesh.dev.etcd_urls]
+
+
+# ---------------------------------------------------------------- 1. app host cut from the CP
+
+
+def test_app_host_cut_from_the_control_plane_keeps_serving_and_resyncs(mesh: HostsMesh) -> None:
+    """app1 (client-0, echo-b) loses cp1-cp3 but keeps app2: traffic flows on the last
+    good config; a route changed meanwhile reaches client-0 once the link is back."""
+    with mesh.load("client-0", "echo", rate=40) as load:
+        load.wait_sent(100)
+        mesh.net.cut("app1", CONTROL_HOSTS)
+        cut_for = 15.0  # past the registration TTL (10 s): echo-b and client-0 expire
+        t_cut = time.monotonic()
+        apply_until_acknowledged(mesh, "cp2", ROUTE_V2, "route-v2.yaml")
+        served_v1 = {k: load.served_by.get(k, 0) for k in ("echo-a", "echo-b")}
+        time.sleep(max(0.0, cut_for - (time.monotonic() - t_cut)))
+        # still on the last good config: v1 (echo-a across hosts, echo-b on app1)
+        assert load.served_by.get("echo-a", 0) > served_v1["echo-a"], load.served_by
+        assert load.served_by.get("echo-c", 0) == 0, load.served_by
+        sent_in_cut, _ = load.counts()
+        mesh.net.heal("app1", CONTROL_HOSTS)
+        t_heal = time.monotonic()
+        c_before = load.served_by.get("echo-c", 0)
+        wait_for(lambda: load.served_by.get("echo-c", 0) > c_before + 20, timeout=60)
+        config_s = time.monotonic() - t_heal
+        wait_for(lambda: {"echo-b", "client-0"} <= registered(mesh), timeout=60, every=0.5)
+        wait_for(lambda: all_synced(mesh), timeout=60, every=0.5)
+        recovery_s = time.monotonic() - t_heal
+        load.wait_sent(50)
+    assert load.failed == 0, load.failures[:10]
+    record(
+        FaultRow(
+            "1. app host cut from the control plane (15 s)",
+            load.sent,
+            load.failed,
+            recovery_s,
+            f"new route in force {config_s:.1f}s after heal; re-registered and SYNCED "
+            f"{recovery_s:.1f}s after; {sent_in_cut} sent by the end of the cut",
+        )
+    )
+
+
+# ---------------------------------------------------------------- 2. a CP host cut off
+
+
+def test_control_plane_host_cut_off_leaders_move_and_the_cut_off_stop_leading(
+    mesh: HostsMesh,
+) -> None:
+    """The cp host holding the most leaders is cut from every other host (the operator
+    still reaches its /healthz): every service gets a leader elsewhere, the cut-off
+    replicas stop saying they lead (fencing), and no acknowledged write is lost."""
+    before = leaders_by_service(mesh)
+    by_host = {h: sum(mesh.host_of_replica(r) == h for rs in before.values() for r in rs)
+               for h in CONTROL_HOSTS}  # fmt: skip
+    victim = max(CONTROL_HOSTS, key=lambda h: by_host[h])
+    others = [h for h in CONTROL_HOSTS if h != victim]
+    writes: list[str] = []
+    with mesh.load("client-0", "echo", rate=40) as load:
+        load.wait_sent(100)
+        mesh.net.cut(victim)
+        t_cut = time.monotonic()
+
+        def moved() -> bool:
+            now = leaders_by_service(mesh)
+            return all(
+                len(rs) == 1 and mesh.host_of_replica(rs[0]) != victim for rs in now.values()
+            )
+
+        wait_for(moved, timeout=60, every=0.25)
+        moved_s = time.monotonic() - t_cut
+        # acknowledged writes from the majority side while the victim is cut off
+        failed_attempts = 0
+        for i in range(3):
+            name = f"cut-{victim}-{i}"
+            text = destination_rule_yaml(name)
+            failed_attempts += apply_until_acknowledged(mesh, others[i % 2], text, f"{name}.yaml")
+            writes.append(name)
+        mesh.net.heal(victim)
+        t_heal = time.monotonic()
+        wait_for(lambda: mesh.meshctl(victim, "status").returncode == 0, timeout=90, every=1)
+        wait_for(lambda: all_synced(mesh, victim), timeout=60, every=0.5)
+        rejoin_s = time.monotonic() - t_heal
+        load.wait_sent(50)
+    assert load.failed == 0, load.failures[:10]
+    # every acknowledged write is there, on every etcd member (the victim's too)
+    members = etcd_keys_per_member(mesh)
+    for keys in members:
+        assert keys == members[0]
+        for name in writes:
+            assert any(name in k for k in keys), (name, sorted(keys))
+    # exactly one leader per service after healing
+    assert all(len(rs) == 1 for rs in leaders_by_service(mesh).values())
+    record(
+        FaultRow(
+            f"2. control-plane host {victim} cut off ({by_host[victim]} leaders)",
+            load.sent,
+            load.failed,
+            moved_s,
+            f"recovery = every leader elsewhere, none on {victim}; {len(writes)} writes "
+            f"acknowledged during the cut ({failed_attempts} attempts refused), all on every "
+            f"member; {victim} rejoined {rejoin_s:.1f}s after heal",
+        )
+    )
