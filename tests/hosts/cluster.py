@@ -282,3 +282,21 @@ class HostsMesh:
             for i in self.dev.replica_info
             if i.service == service and (self.health(i.replica) or {}).get("leader")
         ]
+
+    def requests_counted(self, source_app: str = "client", replica: str = "cp3-telemetry") -> int:
+        """istio_requests_total the `source_app` proxies reported, read from one
+        telemetry replica (any: the counts are shared through JetStream)."""
+        import urllib.request
+
+        info = next(i for i in self.dev.replica_info if i.replica == replica)
+        with urllib.request.urlopen(info.http + "/metrics", timeout=5) as r:
+            text = r.read().decode()
+        total = 0.0
+        for line in text.splitlines():
+            if (
+                line.startswith("istio_requests_total{")
+                and 'reporter="source"' in line
+                and f'source_app="{source_app}"' in line
+            ):
+                total += float(line.rsplit(" ", 1)[1])
+        return int(total)

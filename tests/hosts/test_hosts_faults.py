@@ -113,7 +113,9 @@ def etcd_keys_per_member(mesh: HostsMesh) -> list[dict[str, bytes]]:
 
 def test_app_host_cut_from_the_control_plane_keeps_serving_and_resyncs(mesh: HostsMesh) -> None:
     """app1 (client-0, echo-b) loses cp1-cp3 but keeps app2: traffic flows on the last
-    good config; a route changed meanwhile reaches client-0 once the link is back."""
+    good config; a route changed meanwhile reaches client-0 once the link is back, and
+    telemetry counts every request, those made while client-0 could not report too."""
+    counted_before = mesh.requests_counted()
     with mesh.load("client-0", "echo", rate=40) as load:
         load.wait_sent(100)
         mesh.net.cut("app1", CONTROL_HOSTS)
@@ -136,6 +138,7 @@ def test_app_host_cut_from_the_control_plane_keeps_serving_and_resyncs(mesh: Hos
         recovery_s = time.monotonic() - t_heal
         load.wait_sent(50)
     assert load.failed == 0, load.failures[:10]
+    wait_for(lambda: mesh.requests_counted() - counted_before == load.sent, timeout=60, every=1)
     record(
         FaultRow(
             "1. app host cut from the control plane (15 s)",
@@ -157,6 +160,7 @@ def test_control_plane_host_cut_off_leaders_move_and_the_cut_off_stop_leading(
     """The cp host holding the most leaders is cut from every other host (the operator
     still reaches its /healthz): every service gets a leader elsewhere, the cut-off
     replicas stop saying they lead (fencing), and no acknowledged write is lost."""
+    counted_before = mesh.requests_counted()
     before = leaders_by_service(mesh)
     by_host = {h: sum(mesh.host_of_replica(r) == h for rs in before.values() for r in rs)
                for h in CONTROL_HOSTS}  # fmt: skip
@@ -196,6 +200,7 @@ def test_control_plane_host_cut_off_leaders_move_and_the_cut_off_stop_leading(
         assert keys == members[0]
         for name in writes:
             assert any(name in k for k in keys), (name, sorted(keys))
+    wait_for(lambda: mesh.requests_counted() - counted_before == load.sent, timeout=60, every=1)
     # exactly one leader per service after healing
     assert all(len(rs) == 1 for rs in leaders_by_service(mesh).values())
     record(
@@ -207,5 +212,58 @@ def test_control_plane_host_cut_off_leaders_move_and_the_cut_off_stop_leading(
             f"recovery = every leader elsewhere, none on {victim}; {len(writes)} writes "
             f"acknowledged during the cut ({failed_attempts} attempts refused), all on every "
             f"member; {victim} rejoined {rejoin_s:.1f}s after heal",
+        )
+    )
+
+
+# ---------------------------------------------------------------- 3. minority / majority
+
+
+def test_minority_partition_refuses_writes_clearly_and_nothing_is_lost_or_doubled(
+    mesh: HostsMesh,
+) -> None:
+    """{cp1, app1} | {cp2, cp3, app2}: NATS and etcd lose quorum on cp1's side. A write
+    from the minority fails with a clear error; writes on the majority succeed; after
+    healing every etcd member holds the same keys, the minority's refused write is
+    absent, and telemetry counted every request exactly once."""
+    minority, majority = ["cp1", "app1"], ["cp2", "cp3", "app2"]
+    counted_before = mesh.requests_counted()
+    with mesh.load("client-0", "echo", rate=40) as load:
+        load.wait_sent(100)
+        for host in minority:
+            mesh.net.cut(host, majority)
+        t_cut = time.monotonic()
+        # a write on the minority side: refused, saying why, without a traceback
+        refused = mesh.apply("cp1", destination_rule_yaml("minority-write"), "minority.yaml")
+        refused_s = time.monotonic() - t_cut
+        apply_until_acknowledged(mesh, "cp2", destination_rule_yaml("majority-write"), "maj.yaml")
+        time.sleep(max(0.0, 20 - (time.monotonic() - t_cut)))
+        sent_cut, failed_cut = load.counts()
+        for host in minority:
+            mesh.net.heal(host, majority)
+        t_heal = time.monotonic()
+        wait_for(lambda: mesh.meshctl("cp1", "status").returncode == 0, timeout=90, every=1)
+        wait_for(lambda: all_synced(mesh, "cp1"), timeout=60, every=0.5)
+        recovery_s = time.monotonic() - t_heal
+        load.wait_sent(100)
+    assert refused.returncode != 0, refused.stdout
+    assert "Traceback" not in refused.stderr, refused.stderr
+    assert refused.stderr.strip(), "a refused write must say why"
+    members = etcd_keys_per_member(mesh)
+    for keys in members:
+        assert keys == members[0]
+    assert any("majority-write" in k for k in members[0])
+    assert not any("minority-write" in k for k in members[0]), "a refused write was applied"
+    wait_for(lambda: mesh.requests_counted() - counted_before == load.sent, timeout=60, every=1)
+    error = refused.stderr.strip().splitlines()[-1][:100].replace("|", "/")
+    record(
+        FaultRow(
+            "3. partition {cp1, app1} / {cp2, cp3, app2} (20 s)",
+            load.sent,
+            load.failed,
+            recovery_s,
+            f"{failed_cut} of {sent_cut} failed by the end of the cut (client on the minority "
+            f"side, two of three echo endpoints across it); minority write refused after "
+            f"{refused_s:.1f}s: `{error}`; same keys on every member; telemetry exact",
         )
     )

@@ -100,12 +100,12 @@ def test_requests_cross_hosts_over_mtls_and_telemetry_counts_each(mesh: HostsMes
                 tls.sendall(b"GET / HTTP/1.1\r\nHost: echo\r\n\r\n")
                 if not tls.recv(100):
                     raise ConnectionResetError("closed: no client certificate")
-    before = requests_counted(mesh)
+    before = mesh.requests_counted()
     with mesh.load("client-0", "echo", rate=40) as load:
         load.wait_sent(200)
     assert load.failed == 0, load.failures[:10]
     assert set(load.served_by) == {"echo-a", "echo-b"}, load.served_by
-    wait_for(lambda: requests_counted(mesh) - before == load.sent, timeout=30, every=0.5)
+    wait_for(lambda: mesh.requests_counted() - before == load.sent, timeout=30, every=0.5)
 
 
 def test_proxy_status_from_every_host_lists_every_proxy_synced(mesh: HostsMesh) -> None:
@@ -117,22 +117,3 @@ def test_proxy_status_from_every_host_lists_every_proxy_synced(mesh: HostsMesh) 
             return len(proxies) >= 3 and all(r.get("state") == "SYNCED" for r in rows)
 
         wait_for(synced, timeout=20, every=0.5)
-
-
-def requests_counted(mesh: HostsMesh, source_app: str = "client") -> int:
-    """istio_requests_total the client's proxy reported, read from the telemetry
-    replica on cp3 (any replica: the counts are shared through JetStream)."""
-    import urllib.request
-
-    info = next(i for i in mesh.dev.replica_info if i.replica == "cp3-telemetry")
-    with urllib.request.urlopen(info.http + "/metrics", timeout=5) as r:
-        text = r.read().decode()
-    total = 0.0
-    for line in text.splitlines():
-        if (
-            line.startswith("istio_requests_total{")
-            and 'reporter="source"' in line
-            and f'source_app="{source_app}"' in line
-        ):
-            total += float(line.rsplit(" ", 1)[1])
-    return int(total)
