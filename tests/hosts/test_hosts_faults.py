@@ -108,6 +108,22 @@ def etcd_keys_per_member(mesh: HostsMesh) -> list[dict[str, bytes]]:
     return [asyncio.run(read(url)) for url in mesh.dev.etcd_urls]
 
 
+def agreed_etcd_keys(mesh: HostsMesh, timeout: float = 60) -> dict[str, bytes]:
+    """The keys every etcd member holds, once each answers and all hold the same (a
+    member that was cut off answers after it caught up)."""
+    from mesh import errors
+
+    def agreed() -> dict[str, bytes] | None:
+        try:
+            members = etcd_keys_per_member(mesh)
+        except errors.StoreError as e:
+            raise AssertionError(f"a member does not answer yet: {e}") from None
+        assert all(m == members[0] for m in members), "members disagree"
+        return members[0] or None
+
+    return dict(wait_for(agreed, timeout=timeout, every=1))
+
+
 # ---------------------------------------------------------------- 1. app host cut from the CP
 
 
@@ -195,11 +211,9 @@ def test_control_plane_host_cut_off_leaders_move_and_the_cut_off_stop_leading(
         load.wait_sent(50)
     assert load.failed == 0, load.failures[:10]
     # every acknowledged write is there, on every etcd member (the victim's too)
-    members = etcd_keys_per_member(mesh)
-    for keys in members:
-        assert keys == members[0]
-        for name in writes:
-            assert any(name in k for k in keys), (name, sorted(keys))
+    keys = agreed_etcd_keys(mesh)
+    for name in writes:
+        assert any(name in k for k in keys), (name, sorted(keys))
     wait_for(lambda: mesh.requests_counted() - counted_before == load.sent, timeout=60, every=1)
     # exactly one leader per service after healing
     assert all(len(rs) == 1 for rs in leaders_by_service(mesh).values())
@@ -249,11 +263,9 @@ def test_minority_partition_refuses_writes_clearly_and_nothing_is_lost_or_double
     assert refused.returncode != 0, refused.stdout
     assert "Traceback" not in refused.stderr, refused.stderr
     assert refused.stderr.strip(), "a refused write must say why"
-    members = etcd_keys_per_member(mesh)
-    for keys in members:
-        assert keys == members[0]
-    assert any("majority-write" in k for k in members[0])
-    assert not any("minority-write" in k for k in members[0]), "a refused write was applied"
+    keys = agreed_etcd_keys(mesh)
+    assert any("majority-write" in k for k in keys)
+    assert not any("minority-write" in k for k in keys), "a refused write was applied"
     wait_for(lambda: mesh.requests_counted() - counted_before == load.sent, timeout=60, every=1)
     error = refused.stderr.strip().splitlines()[-1][:100].replace("|", "/")
     record(
