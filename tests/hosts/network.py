@@ -9,6 +9,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -19,11 +20,14 @@ from tests.hosts.plan import (
     HostFirewall,
     NetworkPlan,
     PlanError,
+    delay_commands,
+    link_namespace,
     link_rules,
     plan_network,
     run_of,
     stale_namespaces,
     teardown_commands,
+    undelay_commands,
 )
 from tests.hosts.plan import build_commands as _build_commands
 
@@ -94,6 +98,7 @@ class HostNetwork:
         self.plan: NetworkPlan = plan_network(run or str(os.getpid()), host_names)
         self.firewalls: dict[str, HostFirewall] = {h.name: HostFirewall() for h in self.plan.hosts}
         self.processes: list[ManagedProcess] = []
+        self.delayers: dict[str, ManagedProcess] = {}
 
     @classmethod
     @contextlib.contextmanager
@@ -118,8 +123,10 @@ class HostNetwork:
             with contextlib.suppress(Exception):
                 p.stop(timeout=5)
         self.processes.clear()
+        self.delayers.clear()
         present = set(list_namespaces())
-        mine = [n for n in self.plan.namespaces() if n in present]
+        links = [link_namespace(self.plan.run, h.name) for h in self.plan.hosts]
+        mine = [n for n in [*links, *self.plan.namespaces()] if n in present]
         for netns in mine:
             kill_namespace_processes(netns)
         for cmd in teardown_commands(self.plan.run, mine):
@@ -201,6 +208,41 @@ class HostNetwork:
         for h in self.plan.hosts:
             self.firewalls[h.name] = HostFirewall()
             self.apply_firewall(h.name)
+
+    def delay(self, host: str, ms: float, direction: Direction = "both") -> None:
+        """Delay every frame to and/or from `host` by `ms` (tests/hosts/delayer.py: a
+        user-space relay in a link namespace; this kernel has no netem)."""
+        if ms < 0 or direction not in ("egress", "ingress", "both"):
+            raise PlanError(f"delay needs ms >= 0 and a direction, got {ms}, {direction!r}")
+        self.undelay(host)
+        for cmd in delay_commands(self.plan, host):
+            _run(cmd)
+        egress = ms if direction in ("egress", "both") else 0
+        ingress = ms if direction in ("ingress", "both") else 0
+        link = link_namespace(self.plan.run, host)
+        log = Path(f"/tmp/mwh-{self.plan.run}-delayer-{host}.log")
+        log.unlink(missing_ok=True)
+        proc = ManagedProcess(
+            f"delayer-{host}",
+            ["ip", "netns", "exec", link, sys.executable, str(Path(__file__).with_name("delayer.py")),
+             f"v-{host}", "uplink", "--a-to-b-ms", str(egress), "--b-to-a-ms", str(ingress)],
+            log,
+        )  # fmt: skip
+        proc.start()
+        self.delayers[host] = proc
+        deadline = time.monotonic() + 10
+        while "delayer.ready" not in (log.read_text() if log.exists() else ""):
+            if not proc.alive() or time.monotonic() > deadline:
+                raise NetworkError(f"the delayer for {host} did not start:\n{proc.log_tail()}")
+            time.sleep(0.05)
+
+    def undelay(self, host: str) -> None:
+        proc = self.delayers.pop(host, None)
+        if proc is None:
+            return
+        proc.stop(timeout=5)
+        for cmd in undelay_commands(self.plan, host):
+            _run(cmd)
 
     def apply_firewall(self, host: str) -> None:
         _run(

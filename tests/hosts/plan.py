@@ -133,6 +133,7 @@ def build_commands(plan: NetworkPlan) -> list[list[str]]:
         ["ip", "link", "add", link, "type", "veth", "peer", "name", "op", "netns", sw],
         ["ip", "-n", sw, "link", "set", "op", "master", "br0", "up"],
         ["ip", "addr", "add", f"{plan.operator_address}/{bits}", "dev", link],
+        ["ip", "link", "set", link, "gso_max_segs", "1"],
         ["ip", "link", "set", link, "up"],
     ]
     for h in plan.hosts:
@@ -157,9 +158,57 @@ def build_commands(plan: NetworkPlan) -> list[list[str]]:
             ],
             ["ip", "-n", sw, "link", "set", port, "master", "br0", "up"],
             ["ip", "-n", h.netns, "addr", "add", f"{h.address}/{bits}", "dev", "eth0"],
+            # no frame above the MTU: the user-space delayer (delayer.py) relays frames
+            ["ip", "-n", h.netns, "link", "set", "eth0", "gso_max_segs", "1"],
             ["ip", "-n", h.netns, "link", "set", "eth0", "up"],
         ]
     return cmds
+
+
+def link_namespace(run: str, host: str) -> str:
+    """The namespace a delayed host's link runs through (delayer.py)."""
+    return namespace(run, f"dl{host}")
+
+
+def delay_commands(plan: NetworkPlan, host: str) -> list[list[str]]:
+    """Re-plug `host`'s switch port into a link namespace, joined to the bridge by a
+    new veth: the delayer relays frames between the two (`v-<host>` <-> `uplink`)."""
+    sw, link, port = plan.switch, link_namespace(plan.run, plan.host(host).name), f"v-{host}"
+    return [
+        ["ip", "netns", "add", link],
+        ["ip", "-n", sw, "link", "set", port, "netns", link],
+        [
+            "ip",
+            "-n",
+            sw,
+            "link",
+            "add",
+            f"l-{host}",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "uplink",
+            "netns",
+            link,
+        ],
+        ["ip", "-n", sw, "link", "set", f"l-{host}", "master", "br0", "up"],
+        ["ip", "-n", link, "link", "set", "dev", port, "promisc", "on"],
+        ["ip", "-n", link, "link", "set", "dev", port, "up"],
+        ["ip", "-n", link, "link", "set", "dev", "uplink", "gso_max_segs", "1"],
+        ["ip", "-n", link, "link", "set", "dev", port, "gso_max_segs", "1"],
+        ["ip", "-n", link, "link", "set", "dev", "uplink", "promisc", "on"],
+        ["ip", "-n", link, "link", "set", "dev", "uplink", "up"],
+    ]
+
+
+def undelay_commands(plan: NetworkPlan, host: str) -> list[list[str]]:
+    sw, link, port = plan.switch, link_namespace(plan.run, plan.host(host).name), f"v-{host}"
+    return [
+        ["ip", "-n", link, "link", "set", port, "netns", sw],
+        ["ip", "-n", sw, "link", "set", port, "master", "br0", "up"],
+        ["ip", "netns", "del", link],  # takes uplink, and so l-<host>, with it
+    ]
 
 
 def teardown_commands(run: str, namespaces: Iterable[str]) -> list[list[str]]:

@@ -98,3 +98,45 @@ def test_ruleset_replaces_the_table_whole_even_on_a_fresh_host() -> None:
 def test_bad_link_rules_are_refused(percent: int, direction: str) -> None:
     with pytest.raises(PlanError):
         link_rules(["10.0.0.2"], direction, percent)  # type: ignore[arg-type]
+
+
+def test_a_delayed_host_is_replugged_through_its_link_namespace_and_back() -> None:
+    from tests.hosts.plan import delay_commands, link_namespace, undelay_commands
+
+    plan = plan_network("9", ["cp1", "app2"])
+    link = link_namespace("9", "app2")
+    assert link == "mwh-9-dlapp2" and run_of(link) == "9"
+    on = [" ".join(c) for c in delay_commands(plan, "app2")]
+    assert on[0] == f"ip netns add {link}"
+    assert f"ip -n mwh-9-sw link set v-app2 netns {link}" in on
+    assert "ip -n mwh-9-sw link set l-app2 master br0 up" in on
+    off = [" ".join(c) for c in undelay_commands(plan, "app2")]
+    assert off == [
+        f"ip -n {link} link set v-app2 netns mwh-9-sw",
+        "ip -n mwh-9-sw link set v-app2 master br0 up",
+        f"ip netns del {link}",
+    ]
+
+
+def test_every_host_sends_frames_no_larger_than_the_mtu() -> None:
+    cmds = [" ".join(c) for c in build(plan_network("7", ["cp1"]))]
+    assert "ip -n mwh-7-cp1 link set eth0 gso_max_segs 1" in cmds
+
+
+def test_the_delayer_fills_in_tcp_checksums() -> None:
+    import struct
+
+    from tests.hosts.delayer import fix_checksums
+
+    ip_header = bytes.fromhex("450000280001000040060000") + bytes([10, 0, 0, 1, 10, 0, 0, 2])
+    tcp = struct.pack("!HHIIBBHHH", 1234, 80, 1, 0, 0x50, 0x02, 1024, 0, 0)
+    frame = b"\xff" * 12 + b"\x08\x00" + ip_header + tcp
+    fixed = fix_checksums(frame)
+    checksum = struct.unpack("!H", fixed[14 + 20 + 16 : 14 + 20 + 18])[0]
+    assert checksum != 0
+    # a correct checksum sums (with the pseudo header) to 0xFFFF
+    from tests.hosts.delayer import _fold, _sum16
+
+    pseudo = ip_header[12:20] + struct.pack("!BBH", 0, 6, len(tcp))
+    assert _fold(_sum16(pseudo) + _sum16(fixed[34:])) == 0
+    assert fix_checksums(b"\x00" * 20) == b"\x00" * 20  # not IPv4: unchanged
