@@ -8,6 +8,7 @@ network healed and the mesh converged for the next."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -279,3 +280,177 @@ def test_minority_partition_refuses_writes_clearly_and_nothing_is_lost_or_double
             f"{refused_s:.1f}s: `{error}`; same keys on every member; telemetry exact",
         )
     )
+
+
+# ---------------------------------------------------------------- 4. slow, lossy link
+
+SLOW_LINK_POLICY = """
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: echo}
+spec:
+  host: echo
+  trafficPolicy:
+    outlierDetection:
+      consecutive5xxErrors: 3
+      interval: 1s
+      baseEjectionTime: 5s
+      maxEjectionPercent: 100
+  subsets:
+  - {name: v1, labels: {version: v1}}
+  - {name: v2, labels: {version: v2}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: echo}
+spec:
+  hosts: [echo]
+  http:
+  - route:
+    - destination: {host: echo, subset: v1}
+    timeout: 8s
+    retries: {attempts: 3, perTryTimeout: 2.5s, retryOn: "5xx,connect-failure,reset"}
+"""
+
+
+def ejections(mesh: HostsMesh, client: str = "client-0") -> dict[str, int]:
+    """Times each echo endpoint was ejected, as the client's proxy tells (/clusters)."""
+    import urllib.request
+
+    with urllib.request.urlopen(mesh.sidecars[client].admin + "/clusters", timeout=5) as r:
+        data = json.loads(r.read())
+    out: dict[str, int] = {}
+    for c in data["clusters"]:
+        if c["destination"].endswith("/echo"):
+            for e in c["endpoints"]:
+                times = (e.get("outlier") or {}).get("times_ejected", 0)
+                out[e["instance"]] = max(out.get(e["instance"], 0), times)
+    return out
+
+
+def test_slow_lossy_app_host_link_requests_succeed_and_nothing_is_ejected(
+    mesh: HostsMesh,
+) -> None:
+    """100 ms each way and 5 % loss each way on app2's link (echo-a, echo-c): requests
+    to echo-a are slow but answered, within the route's retry policy; the outlier
+    detector (5xx-based) ejects nothing, since nothing answered with an error."""
+    apply_until_acknowledged(mesh, "cp2", SLOW_LINK_POLICY, "slow-link.yaml")
+    wait_for(lambda: all_synced(mesh), timeout=60, every=0.5)
+    counted_before = mesh.requests_counted()
+    with mesh.load("client-0", "echo", rate=40) as load:
+        load.wait_sent(80)
+        mesh.net.delay("app2", 100)
+        mesh.net.lossy("app2", 5)
+        t_fault = time.monotonic()
+        a_before = load.served_by.get("echo-a", 0)
+        time.sleep(20)
+        served_a = load.served_by.get("echo-a", 0) - a_before
+        sent_fault, failed_fault = load.counts()
+        mesh.net.undelay("app2")
+        mesh.net.heal("app2")
+        t_heal = time.monotonic()
+        a_now = load.served_by.get("echo-a", 0)
+        wait_for(lambda: load.served_by.get("echo-a", 0) > a_now + 40, timeout=30)
+        recovery_s = time.monotonic() - t_heal
+        load.wait_sent(50)
+    del t_fault
+    assert load.failed == 0, load.failures[:10]
+    assert served_a > 0, "echo-a, across the slow link, answered nothing"
+    ejected = {k: v for k, v in ejections(mesh).items() if v}
+    assert not ejected, f"ejected without a single error: {ejected}"
+    wait_for(lambda: mesh.requests_counted() - counted_before == load.sent, timeout=60, every=1)
+    record(
+        FaultRow(
+            "4. 100 ms delay + 5 % loss each way on app2's link (20 s)",
+            load.sent,
+            load.failed,
+            recovery_s,
+            f"echo-a (across the slow link) served {served_a} during the fault; "
+            f"{failed_fault} of {sent_fault} failed by its end; no ejection; recovery = "
+            "40 more answers from echo-a after healing",
+        )
+    )
+
+
+# ---------------------------------------------------------------- 5. rotation + partition
+
+
+def certificates(mesh: HostsMesh) -> dict[str, dict[str, Any]]:
+    import urllib.request
+
+    out = {}
+    for name, sc in mesh.sidecars.items():
+        with urllib.request.urlopen(sc.admin + "/certs", timeout=5) as r:
+            out[name] = json.loads(r.read())
+    return out
+
+
+def restart_ca_with(mesh: HostsMesh, *options: str) -> None:
+    """Restart every CA replica with extra `--set` options (one at a time)."""
+    from mesh.servers import http_ok
+
+    for info in [i for i in mesh.dev.replica_info if i.service == "ca"]:
+        proc = next(p for p in mesh.dev.processes if p.name == info.replica)
+        proc.stop(timeout=15)
+        for option in options:
+            proc.args += ["--set", option]
+        proc.start()
+        wait_for(lambda u=info.http: http_ok(u + "/readyz"), timeout=60)
+
+
+def test_partition_during_certificate_rotation_no_certificate_expires(mesh: HostsMesh) -> None:
+    """Workload certificates of 20 s; `meshctl ca rotate --all` while app1 is cut from
+    every control-plane host; 3 s later app1 reaches cp3 again (its CA is reachable
+    through cp3, not through cp1 or cp2). Every sidecar keeps a valid certificate all
+    along (those on app2 renewing every ~10 s), traffic does not notice, and the
+    rotation should reach the sidecars that were cut off when it was sent."""
+    from datetime import datetime
+
+    restart_ca_with(mesh, "workload-ttl=20s")
+    expired_seen: list[tuple[str, str]] = []
+    serials: dict[str, set[str]] = {n: set() for n in mesh.sidecars}
+    first = {n: c["serial"] for n, c in certificates(mesh).items()}
+    counted_before = mesh.requests_counted()
+    with mesh.load("client-0", "echo", rate=40) as load:
+        load.wait_sent(80)
+        mesh.net.cut("app1", CONTROL_HOSTS)
+        t_cut = time.monotonic()
+        rotated = mesh.meshctl("cp3", "ca", "rotate", "--all", "--reason", "hosts fault 5")
+        assert rotated.returncode == 0, rotated.stderr
+        time.sleep(3)
+        mesh.net.heal("app1", ["cp3"])
+        while time.monotonic() - t_cut < 35:
+            now = time.time()
+            for name, cert in certificates(mesh).items():
+                serials[name].add(cert["serial"])
+                not_after = datetime.fromisoformat(cert["not_after"].replace("Z", "+00:00"))
+                if cert["expired"] or not_after.timestamp() <= now:
+                    expired_seen.append((name, cert["not_after"]))
+            time.sleep(1)
+        mesh.net.heal("app1")
+        t_heal = time.monotonic()
+        wait_for(lambda: all_synced(mesh), timeout=60, every=0.5)
+        recovery_s = time.monotonic() - t_heal
+        load.wait_sent(50)
+    assert not expired_seen, expired_seen
+    assert load.failed == 0, load.failures[:10]
+    wait_for(lambda: mesh.requests_counted() - counted_before == load.sent, timeout=60, every=1)
+    renewed = {n: len(s - {first[n]}) for n, s in serials.items()}
+    app2 = [n for n, h in mesh.sidecar_host.items() if h == "app2"]
+    assert all(renewed[n] >= 2 for n in app2), renewed  # rotated, then renewed again
+    missed = sorted(n for n, count in renewed.items() if count == 0)
+    record(
+        FaultRow(
+            "5. `ca rotate --all` while app1 is cut from cp1-cp3, cp3 back after 3 s; "
+            "20 s certificates (35 s)",
+            load.sent,
+            load.failed,
+            recovery_s,
+            f"no certificate expired; new certificates per sidecar: {renewed}; "
+            f"never rotated: {', '.join(missed) or 'none'}",
+        )
+    )
+    if missed:
+        # a known bug, kept visible: the rotation notice is a plain NATS publish, and a
+        # sidecar that is disconnected when it is sent only resyncs the trust bundle
+        pytest.xfail(f"rotation notice lost for sidecars cut off when it was sent: {missed}")
