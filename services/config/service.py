@@ -67,6 +67,17 @@ R = TypeVar("R")
 # later (a replica cut off from etcd's quorum retrying until the partition heals),
 # a "refused" change then appearing from nowhere. Found by tests/hosts/ (fault 3).
 WRITE_DEADLINE_S = 8.0
+# what is kept back from the caller's deadline: the reply's way back
+REPLY_MARGIN_S = 1.0
+
+
+def write_budget_s(deadline_unix: float, now_unix: float) -> float:
+    """Seconds a write may take: WRITE_DEADLINE_S, and at most until REPLY_MARGIN_S
+    before the caller's deadline (none: 0). Zero or less: too late to start."""
+    if not deadline_unix:
+        return WRITE_DEADLINE_S
+    return min(WRITE_DEADLINE_S, deadline_unix - REPLY_MARGIN_S - now_unix)
+
 
 MAX_DOCUMENTS = 500
 # room left in a reply for its headers (signature) and framing
@@ -214,19 +225,33 @@ class ConfigService(ControlPlaneService):
     # ------------------------------------------------------------ requests
 
     async def apply(self, req: ApplyRequest) -> ApplyReply:
-        return await self._write_within_deadline("apply", lambda sent: self._apply(req, sent))
+        return await self._write_within_deadline(
+            "apply", req.deadline_unix, lambda sent: self._apply(req, sent)
+        )
 
     async def delete(self, req: DeleteRequest) -> DeleteReply:
-        return await self._write_within_deadline("delete", lambda sent: self._delete(req, sent))
+        return await self._write_within_deadline(
+            "delete", req.deadline_unix, lambda sent: self._delete(req, sent)
+        )
 
     async def _write_within_deadline(
-        self, what: str, write: Callable[[list[bool]], Awaitable[R]]
+        self, what: str, deadline_unix: float, write: Callable[[list[bool]], Awaitable[R]]
     ) -> R:
-        """Run `write` within WRITE_DEADLINE_S, or cancel it and say whether the change
-        may have reached etcd (`sent[0]`: the transaction was on its way)."""
+        """Run `write` within WRITE_DEADLINE_S and before the caller's own deadline
+        (`deadline_unix`, 0: none), or cancel it and say whether the change may have
+        reached etcd (`sent[0]`: the transaction was on its way). A request arriving
+        after its deadline is refused unread: its caller was told it failed."""
+        budget = write_budget_s(deadline_unix, time.time())
+        if budget <= 0:
+            self.requests.labels(what, "late").inc()
+            self.log.warning("config.write_arrived_late", operation=what, late_s=-budget)
+            raise errors.Unavailable(
+                f"{what}: the request arrived {-budget:.1f}s after its caller stopped "
+                "waiting; nothing was applied"
+            )
         sent = [False]
         try:
-            async with asyncio.timeout(WRITE_DEADLINE_S):
+            async with asyncio.timeout(budget):
                 return await write(sent)
         except TimeoutError:
             self.requests.labels(what, "unavailable").inc()
@@ -237,7 +262,7 @@ class ConfigService(ControlPlaneService):
             )
             self.log.warning("config.write_timed_out", operation=what, sent=sent[0])
             raise errors.Unavailable(
-                f"{what}: etcd did not answer within {WRITE_DEADLINE_S:g}s (no quorum "
+                f"{what}: etcd did not answer within {budget:.1f}s (no quorum "
                 f"reachable from this replica?); {outcome}"
             ) from None
 
