@@ -19,7 +19,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def main() -> int:
     TABLE.unlink(missing_ok=True)
-    env = dict(os.environ, MESH_HOSTS_RESULTS=str(TABLE), PYTHONPATH=str(ROOT))
+    env = dict(
+        os.environ, MESH_HOSTS_RESULTS=str(TABLE), MESH_HOSTS_FAULTS="1", PYTHONPATH=str(ROOT)
+    )
     done = subprocess.run(
         [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-s", "-rx",
          "tests/hosts/test_hosts_faults.py"],

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -26,8 +27,21 @@ ROUTE_V1 = destination_rule_yaml("echo") + "---" + route_all_yaml("echo", "v1")
 ROUTE_V2 = destination_rule_yaml("echo") + "---" + route_all_yaml("echo", "v2")
 
 
+# Opt-in for now: the suite takes 4-8 minutes on 2 cores (over the per-file budget of
+# `make test`) and two of its faults still fail intermittently (docs/architecture.md
+# §2.2, "Known gap"). `python -m bench.hosts_faults` sets it.
+OPT_IN = "MESH_HOSTS_FAULTS"
+
+
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HostsMesh]:
+    if not os.environ.get(OPT_IN):
+        reason = (
+            f"the multi-host fault suite runs with {OPT_IN}=1 (4-8 min; open intermittent "
+            "failures, docs/architecture.md §2.2) or `python -m bench.hosts_faults`"
+        )
+        print(f"SKIP multi-host faults: {reason}")
+        pytest.skip(reason)
     reason = unavailable_reason()
     if reason:
         print(f"SKIP multi-host faults: {reason}")
