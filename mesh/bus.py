@@ -37,6 +37,21 @@ from mesh.subjects import Subjects
 
 log = get_logger("bus")
 
+# A connection whose server stopped answering (a cut link: no RST, no FIN) is given up
+# after PING_INTERVAL_S * (MAX_OUTSTANDING_PINGS + 1) and nats-py moves to another
+# server. That must stay well under a registration's TTL (10 s by default): with 5 s
+# and 3 (20 s), sidecars on a NATS node cut off from its cluster missed their
+# heartbeats, were deregistered while healthy, and clients answered 503 "no healthy
+# upstream" (tests/hosts/ fault 2). Costs one PING/PONG a second per connection.
+PING_INTERVAL_S = 1
+MAX_OUTSTANDING_PINGS = 2
+
+
+def dead_connection_detected_within_s() -> float:
+    """The longest a cut-off connection goes unnoticed."""
+    return float(PING_INTERVAL_S * (MAX_OUTSTANDING_PINGS + 1))
+
+
 T = TypeVar("T", bound=msgspec.Struct)
 R = TypeVar("R", bound=msgspec.Struct)
 
@@ -158,8 +173,8 @@ class Bus:
                     reconnected_cb=on_reconnect,
                     error_cb=on_error,
                     closed_cb=on_closed,
-                    ping_interval=5,
-                    max_outstanding_pings=3,
+                    ping_interval=PING_INTERVAL_S,
+                    max_outstanding_pings=MAX_OUTSTANDING_PINGS,
                 )
             )
             waiters: set[asyncio.Future[Any]] = {connecting, refused}

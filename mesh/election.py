@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 from collections.abc import Awaitable, Callable, Sequence
 
 from mesh import errors
@@ -18,6 +19,24 @@ from mesh.logs import get_logger
 from mesh.store import Compare, Get, Op, Put, Store, TxnResult
 
 log = get_logger("election")
+
+# a candidate that cannot reach etcd tries again after this (doubling, jittered, capped)
+RETRY_FIRST_S = 0.2
+RETRY_MAX_S = 2.0
+
+
+def step_down_at(last_renewed: float, ttl: float, interval: float) -> float:
+    """When a leader whose lease was last renewed at `last_renewed` must stop acting:
+    etcd expires the lease at most `ttl` after it saw that renewal, which was before we
+    did, so one renewal interval earlier leaves a margin."""
+    return last_renewed + ttl - interval
+
+
+def retry_delay(failures: int, rng: random.Random | None = None) -> float:
+    """Backoff before the next attempt after `failures` consecutive ones (capped, with
+    jitter so that replicas cut off together do not retry in step)."""
+    base = min(RETRY_MAX_S, RETRY_FIRST_S * 2 ** max(0, failures - 1))
+    return base * (0.5 + (rng or random).random() / 2)
 
 
 class Election:
@@ -40,7 +59,28 @@ class Election:
         return kv.value.decode() if kv else None
 
     async def campaign(self) -> int:
-        """Block until this candidate leads; return the fencing token."""
+        """Block until this candidate leads; return the fencing token. etcd being
+        unreachable (a partition, a lost quorum) is waited out, not raised: a replica
+        must survive it and campaign again once etcd answers (docs/architecture.md §2)."""
+        failures = 0
+        while True:
+            try:
+                return await self._campaign_once()
+            except errors.StoreError as e:
+                failures += 1
+                self._lease = 0  # it may expire meanwhile: take a new one
+                delay = retry_delay(failures)
+                if failures == 1 or failures % 20 == 0:
+                    log.warning(
+                        "election.store_unavailable",
+                        election=self.name,
+                        candidate=self.candidate,
+                        failures=failures,
+                        error=str(e),
+                    )
+                await asyncio.sleep(delay)
+
+    async def _campaign_once(self) -> int:
         while True:
             if not self._lease:
                 self._lease = await self.store.grant_lease(self.ttl)
@@ -82,21 +122,32 @@ class Election:
             self._lease = 0
 
     async def hold(self) -> None:
-        """Keep the lease alive while leader; return when leadership is lost."""
+        """Keep the lease alive while leader; return when leadership is lost, or when
+        the lease may expire before we could renew it: each renewal is given only the
+        time left until then, so a leader cut off from etcd (whose client may wait
+        longer than the lease lives) stops acting before another replica can win."""
         interval = max(0.2, self.ttl / 3)
         loop = asyncio.get_running_loop()
         last_ok = loop.time()
         while self.token is not None:
             await asyncio.sleep(interval)
+            left = step_down_at(last_ok, self.ttl, interval) - loop.time()
             try:
-                await self.store.keepalive(self._lease)
+                if left <= 0:
+                    raise TimeoutError
+                async with asyncio.timeout(left):
+                    await self.store.keepalive(self._lease)
                 last_ok = loop.time()
             except errors.NotFound:
                 break
-            except errors.StoreError as e:
+            except (errors.StoreError, TimeoutError) as e:
                 # etcd unreachable: our lease may expire; stop acting as leader before it can
-                if loop.time() - last_ok >= self.ttl - interval:
-                    log.warning("election.unreachable", election=self.name, error=str(e))
+                if loop.time() >= step_down_at(last_ok, self.ttl, interval):
+                    log.warning(
+                        "election.unreachable",
+                        election=self.name,
+                        error=str(e) or "no answer before the lease could expire",
+                    )
                     break
         log.warning("election.lost", election=self.name, candidate=self.candidate, token=self.token)
         self.token = None

@@ -163,6 +163,10 @@ class ResourceRef(Struct, kw_only=True):
 class ApplyRequest(Struct, kw_only=True):
     documents: list[ResourceDocument]
     dry_run: bool = False
+    # Unix time after which the caller no longer waits (0: none): the config service
+    # refuses a request that reaches it later, e.g. held in a NATS route's TCP buffer
+    # through a partition and delivered once it heals (docs/architecture.md §2.2)
+    deadline_unix: float = 0.0
 
 
 class AppliedResource(Struct, kw_only=True):
@@ -177,6 +181,7 @@ class ApplyReply(Struct, kw_only=True):
 
 class DeleteRequest(Struct, kw_only=True):
     refs: list[ResourceRef]
+    deadline_unix: float = 0.0  # as ApplyRequest's
 
 
 class DeleteReply(Struct, kw_only=True):

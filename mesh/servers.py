@@ -239,6 +239,8 @@ class NatsServer(_ServerProcess):
     name: str = "nats-0"
     routes: list[str] = field(default_factory=list)
     config_file: Path | None = None
+    # a command prefix the server runs under, e.g. `ip netns exec <host>` (tests/hosts/)
+    launcher: list[str] = field(default_factory=list)
     process: ManagedProcess | None = None
 
     @property
@@ -250,6 +252,7 @@ class NatsServer(_ServerProcess):
         self.monitor_port = self.monitor_port or free_port()
         self.data_dir.mkdir(parents=True, exist_ok=True)
         args = [
+            *self.launcher,
             find_binary("nats-server"),
             "-a", self.host,
             "-p", str(self.port),
@@ -296,6 +299,8 @@ class EtcdServer(_ServerProcess):
     initial_cluster: str = ""
     cluster_state: str = "new"
     extra_args: list[str] = field(default_factory=list)
+    # a command prefix the server runs under, e.g. `ip netns exec <host>` (tests/hosts/)
+    launcher: list[str] = field(default_factory=list)
     process: ManagedProcess | None = None
 
     @property
@@ -314,6 +319,7 @@ class EtcdServer(_ServerProcess):
         self.assign_ports()
         self.data_dir.mkdir(parents=True, exist_ok=True)
         args = [
+            *self.launcher,
             find_binary("etcd"),
             "--name", self.name,
             "--data-dir", str(self.data_dir / self.name),

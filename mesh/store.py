@@ -164,6 +164,23 @@ def _endpoint(url: str) -> tuple[str, int]:
     return u.hostname or "127.0.0.1", u.port or 2379
 
 
+# what an etcd member answers (as gRPC status UNKNOWN, which aetcd does not map to a
+# connection error) when it cannot serve: cut off from its cluster's quorum it waits
+# for a leader until the request's deadline. Seen in tests/hosts/ partitions.
+_MEMBER_UNAVAILABLE = (
+    "context deadline exceeded",
+    "etcdserver: no leader",
+    "etcdserver: request timed out",
+    "etcdserver: leader changed",
+    "etcdserver: too many requests",
+)
+
+
+def member_unavailable(message: str) -> bool:
+    """Does etcd's error `message` say this member cannot serve now (so another might)?"""
+    return any(m in message for m in _MEMBER_UNAVAILABLE)
+
+
 class Store:
     """An etcd client bound to a key prefix, with failover across endpoints."""
 
@@ -256,6 +273,11 @@ class Store:
                     continue
                 raise errors.StoreError(f"etcd refused our credentials: {e}") from e
             except aex.ClientError as e:
+                if member_unavailable(str(e)):
+                    # this member cannot serve (no quorum on its side of a partition):
+                    # the next call goes to another one. Not retried here: a write that
+                    # timed out on the server may still commit, so it is not sent twice.
+                    await self._failover(client)
                 raise errors.StoreError(f"etcd request failed: {e}") from e
             except rpc.AioRpcError as e:
                 last = e

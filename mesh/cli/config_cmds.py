@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 import urllib.error
 import urllib.request
 from typing import Any
@@ -43,6 +44,10 @@ from mesh.resources import KINDS, ResourceError, resolve_kind
 from mesh.resources.kubernetes import is_workload, skip_notice
 from mesh.resources.registry import registry_kind
 from mesh.status_pages import read_proxy_status
+
+# how long `apply` and `delete` wait for the config service; the request carries the
+# deadline, and a request arriving after it is refused, never applied
+WRITE_TIMEOUT_S = 10.0
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -124,9 +129,13 @@ def cmd_apply(args: argparse.Namespace) -> int:
     async def run(bus: Bus) -> int:
         reply = await bus.request(
             bus.subjects.config_apply,
-            ApplyRequest(documents=docs, dry_run=args.dry_run),
+            ApplyRequest(
+                documents=docs,
+                dry_run=args.dry_run,
+                deadline_unix=time.time() + WRITE_TIMEOUT_S,
+            ),
             ApplyReply,
-            timeout=10,
+            timeout=WRITE_TIMEOUT_S,
         )
         messages = await _analyze_applied(bus, docs, reply)
         if args.output in ("json", "yaml"):
@@ -263,7 +272,10 @@ def cmd_delete(args: argparse.Namespace) -> int:
 
     async def run(bus: Bus) -> int:
         reply = await bus.request(
-            bus.subjects.config_delete, DeleteRequest(refs=refs), DeleteReply, timeout=10
+            bus.subjects.config_delete,
+            DeleteRequest(refs=refs, deadline_unix=time.time() + WRITE_TIMEOUT_S),
+            DeleteReply,
+            timeout=WRITE_TIMEOUT_S,
         )
         for r in reply.deleted:
             print(f"{_kind_label(r.kind)}/{r.name} deleted")

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import errno
 import importlib
+import ipaddress
 import os
 from typing import Any
 
@@ -50,7 +51,12 @@ def _common(p: argparse.ArgumentParser) -> None:
         help="namespace of the workload (default: MESH_NAMESPACE or default)",
     )
     p.add_argument("--labels", type=_labels, default={}, help="extra labels k=v,k=v")
-    p.add_argument("--bind", default="127.0.0.1", help="address of the inbound/gateway listener")
+    p.add_argument(
+        "--bind",
+        default="127.0.0.1",
+        help="address of the inbound/gateway listener; a sidecar registers it, so on several "
+        "hosts give this host's address (not 0.0.0.0)",
+    )
     p.add_argument(
         "--admin-port",
         type=int,
@@ -283,6 +289,22 @@ def _cluster_state_dir(args: argparse.Namespace) -> str:
     return str(state_dir(args).resolve())
 
 
+def registrable_bind(address: str) -> str | None:
+    """Why `--bind address` cannot be what the proxy registers (None: it can). The
+    bind address is the registered one, and other hosts dial it: a wildcard would send
+    them to their own loopback (docs/architecture.md §2.2)."""
+    try:
+        ip = ipaddress.ip_address(address.strip("[]"))
+    except ValueError:
+        return None  # a host name: registered as given
+    if ip.is_unspecified:
+        return (
+            f"--bind {address}: the bind address is the address this proxy registers, and "
+            f"other hosts cannot reach {address}; pass this host's address (e.g. the pod IP)"
+        )
+    return None
+
+
 def _settings(args: argparse.Namespace, **kw: Any) -> Any:
     settings_mod = importlib.import_module("proxy.settings")
     user, password = nats_credentials(args, role="sidecar")
@@ -319,6 +341,10 @@ def _settings(args: argparse.Namespace, **kw: Any) -> Any:
 
 def cmd_sidecar(args: argparse.Namespace) -> int:
     logs.configure()
+    # (a gateway may listen on every interface: clients outside the mesh reach it)
+    wrong = registrable_bind(args.bind)
+    if wrong:
+        raise CLIError(wrong)
     app = list(args.app)
     if app and app[0] == "--":
         app = app[1:]

@@ -19,7 +19,8 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from typing import Any, Literal
+from collections.abc import Awaitable, Callable
+from typing import Any, Literal, TypeVar
 
 import msgspec
 from prometheus_client import Counter, Gauge, Histogram
@@ -70,6 +71,25 @@ from services.config.snapshot import (
     resource_key,
 )
 from services.config.status import ProxyStatusTable
+
+R = TypeVar("R")
+
+# A write (apply/delete) must finish, or fail, before `meshctl` stops waiting for the
+# reply (10 s): a write still running after its caller was told it failed could land
+# later (a replica cut off from etcd's quorum retrying until the partition heals),
+# a "refused" change then appearing from nowhere. Found by tests/hosts/ (fault 3).
+WRITE_DEADLINE_S = 8.0
+# what is kept back from the caller's deadline: the reply's way back
+REPLY_MARGIN_S = 1.0
+
+
+def write_budget_s(deadline_unix: float, now_unix: float) -> float:
+    """Seconds a write may take: WRITE_DEADLINE_S, and at most until REPLY_MARGIN_S
+    before the caller's deadline (none: 0). Zero or less: too late to start."""
+    if not deadline_unix:
+        return WRITE_DEADLINE_S
+    return min(WRITE_DEADLINE_S, deadline_unix - REPLY_MARGIN_S - now_unix)
+
 
 MAX_DOCUMENTS = 500
 # kinds `get` shows with a computed `status` (services/config/route_status.py)
@@ -219,6 +239,48 @@ class ConfigService(ControlPlaneService):
     # ------------------------------------------------------------ requests
 
     async def apply(self, req: ApplyRequest) -> ApplyReply:
+        return await self._write_within_deadline(
+            "apply", req.deadline_unix, lambda sent: self._apply(req, sent)
+        )
+
+    async def delete(self, req: DeleteRequest) -> DeleteReply:
+        return await self._write_within_deadline(
+            "delete", req.deadline_unix, lambda sent: self._delete(req, sent)
+        )
+
+    async def _write_within_deadline(
+        self, what: str, deadline_unix: float, write: Callable[[list[bool]], Awaitable[R]]
+    ) -> R:
+        """Run `write` within WRITE_DEADLINE_S and before the caller's own deadline
+        (`deadline_unix`, 0: none), or cancel it and say whether the change may have
+        reached etcd (`sent[0]`: the transaction was on its way). A request arriving
+        after its deadline is refused unread: its caller was told it failed."""
+        budget = write_budget_s(deadline_unix, time.time())
+        if budget <= 0:
+            self.requests.labels(what, "late").inc()
+            self.log.warning("config.write_arrived_late", operation=what, late_s=-budget)
+            raise errors.Unavailable(
+                f"{what}: the request arrived {-budget:.1f}s after its caller stopped "
+                "waiting; nothing was applied"
+            )
+        sent = [False]
+        try:
+            async with asyncio.timeout(budget):
+                return await write(sent)
+        except TimeoutError:
+            self.requests.labels(what, "unavailable").inc()
+            outcome = (
+                "the transaction was sent but not confirmed: check with `meshctl get`"
+                if sent[0]
+                else "nothing was applied"
+            )
+            self.log.warning("config.write_timed_out", operation=what, sent=sent[0])
+            raise errors.Unavailable(
+                f"{what}: etcd did not answer within {budget:.1f}s (no quorum "
+                f"reachable from this replica?); {outcome}"
+            ) from None
+
+    async def _apply(self, req: ApplyRequest, sent: list[bool]) -> ApplyReply:
         if not req.documents:
             raise errors.BadRequest("no documents to apply")
         if len(req.documents) > MAX_DOCUMENTS:
@@ -264,6 +326,7 @@ class ConfigService(ControlPlaneService):
         if ops and not req.dry_run:
             # all-or-nothing: one transaction for the whole batch
             ops.append(Put(change_marker_key(self.store.prefix), b"{}"))
+            sent[0] = True
             revision = (await self.store.txn([], ops)).revision
             await self._caught_up(revision)
         self.requests.labels("apply", "ok").inc()
@@ -276,7 +339,7 @@ class ConfigService(ControlPlaneService):
         )
         return ApplyReply(revision=revision, results=results)
 
-    async def delete(self, req: DeleteRequest) -> DeleteReply:
+    async def _delete(self, req: DeleteRequest, sent: list[bool]) -> DeleteReply:
         deleted: list[ResourceRef] = []
         missing: list[ResourceRef] = []
         ops: list[Put | Delete] = []
@@ -292,6 +355,7 @@ class ConfigService(ControlPlaneService):
         revision = self.snapshot.revision
         if ops:
             ops.append(Put(change_marker_key(self.store.prefix), b"{}"))
+            sent[0] = True
             revision = (await self.store.txn([], ops)).revision
             await self._caught_up(revision)
         self.log.info(
