@@ -64,11 +64,13 @@ def plain(data: Any) -> Any:
     so that a key never comes and goes with its value; no `type` tag), dataclasses,
     tuples and sets become dicts and lists, keys in their order."""
     if isinstance(data, msgspec.Struct):
+        # asdict leaves a tagged struct's tag out; a field named `type` stays
         data = msgspec.structs.asdict(data)
     elif dataclasses.is_dataclass(data) and not isinstance(data, type):
         data = dataclasses.asdict(data)
     if isinstance(data, dict):
-        return {str(k): plain(v) for k, v in data.items() if k != "type"}
+        # a document's own `type` keys (Gateway API conditions) are data: kept
+        return {str(k): plain(v) for k, v in data.items()}
     if isinstance(data, list | tuple):
         return [plain(v) for v in data]
     if isinstance(data, set | frozenset):
