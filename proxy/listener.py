@@ -55,8 +55,12 @@ class MeshListener:
         mode: Callable[[], Mode],
         *,
         name: str = "inbound",
+        tls_protocol_factory: Callable[[ssl.SSLContext], asyncio.BaseProtocol] | None = None,
     ):
         self.protocol_factory = protocol_factory
+        # a protocol that runs the TLS handshake itself on the plain socket (the TCP
+        # relays, `proxy.tls_pipe`): given the context, it gets the socket as it came
+        self.tls_protocol_factory = tls_protocol_factory
         self.context = context
         self.mode = mode
         self.name = name
@@ -128,12 +132,16 @@ class MeshListener:
                 self.counts.failed += 1
                 conn.close()
                 return
-            await loop.connect_accepted_socket(
-                self.protocol_factory,
-                conn,
-                ssl=context,
-                ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S if context is not None else None,
-            )
+            if context is not None and self.tls_protocol_factory is not None:
+                tls_factory = self.tls_protocol_factory
+                await loop.connect_accepted_socket(lambda: tls_factory(context), conn)
+            else:
+                await loop.connect_accepted_socket(
+                    self.protocol_factory,
+                    conn,
+                    ssl=context,
+                    ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S if context is not None else None,
+                )
         except asyncio.CancelledError:
             conn.close()
             raise
