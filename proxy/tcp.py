@@ -59,7 +59,7 @@ from mesh.identity import requested_server_name
 from mesh.logs import get_logger
 from mesh.messages import Endpoint, EndpointSet
 from proxy.destinations import Destination, DestinationCache
-from proxy.listener import MeshListener
+from proxy.listener import HANDSHAKE_TIMEOUT_S, MeshListener
 from proxy.mtls import MeshTls
 from proxy.peer import peer_of
 from proxy.policy import Authorizer, ConnectionFacts, ShadowDecision
@@ -98,8 +98,6 @@ HIGH_WATER = 256 * 1024
 # Envoy's flag for a connection denied by RBAC (authorization policy)
 DENIED_FLAG = "RBAC"
 _LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends an RST
-# how long an mTLS handshake of a relayed connection may take (the HTTP listener's)
-HANDSHAKE_TIMEOUT_S = 10.0
 
 _UPSTREAM_FORM = "SERVICE[.NAMESPACE]:PORT=LOCALPORT"
 _HOST_CHARS = re.compile(r"[A-Za-z0-9.-]+")
