@@ -393,6 +393,7 @@ class _Side(asyncio.Protocol):
         tls_context: ssl.SSLContext | None = None,
         *,
         server_side: bool = False,
+        on_handshake: Callable[[bool], None] | None = None,
     ) -> None:
         self.conn = conn
         self.counted = counted  # bytes read on this side
@@ -409,6 +410,7 @@ class _Side(asyncio.Protocol):
         )
         self.handshaken: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._handshake_timer: asyncio.TimerHandle | None = None
+        self._on_handshake = on_handshake  # told the outcome (the listener counts it)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -452,6 +454,8 @@ class _Side(asyncio.Protocol):
         if self._handshake_timer is not None:
             self._handshake_timer.cancel()
         self.handshaken.set_result(None)
+        if self._on_handshake is not None:
+            self._on_handshake(True)
         if self.tls is not None and self.tls.ssl_object.server_side:
             self.conn.side_made(self)
 
@@ -460,6 +464,8 @@ class _Side(asyncio.Protocol):
             return
         self.handshaken.set_exception(error)
         self.handshaken.exception()  # retrieved: a connecting side awaits it, or nobody
+        if self._on_handshake is not None:
+            self._on_handshake(False)
         if self.tls is not None and self.tls.ssl_object.server_side:
             log.debug("tcp.handshake_failed", listener=self.conn.name, error=str(error))
         t = self.transport
@@ -623,13 +629,16 @@ class _Connection:
         counters: ListenerCounters,
         opener: Opener,
         tls_context: ssl.SSLContext | None = None,
+        on_handshake: Callable[[bool], None] | None = None,
     ) -> None:
         self.relays = relays
         self.name = name
         self.counters = counters
         self.opener = opener
         # `tls_context`: an mTLS client (another sidecar), handshake run by the side
-        self.downstream = _Side(self, counters.sent, tls_context, server_side=True)
+        self.downstream = _Side(
+            self, counters.sent, tls_context, server_side=True, on_handshake=on_handshake
+        )
         self.upstream: _Side | None = None
         self.connecting = False
         self.finished = False
@@ -800,8 +809,10 @@ class TcpRelays:
         def accept() -> asyncio.Protocol:
             return _Connection(self, name, counters, opener).downstream
 
-        def accept_tls(context: ssl.SSLContext) -> asyncio.Protocol:
-            return _Connection(self, name, counters, opener, context).downstream
+        def accept_tls(
+            context: ssl.SSLContext, on_handshake: Callable[[bool], None]
+        ) -> asyncio.Protocol:
+            return _Connection(self, name, counters, opener, context, on_handshake).downstream
 
         if app_port and self.inbound_mode is not None:
             mode, context = self.inbound_mode, self.inbound_context or (lambda: None)

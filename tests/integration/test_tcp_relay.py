@@ -10,6 +10,7 @@ import inspect
 import os
 import random
 import socket
+import ssl
 import struct
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -488,6 +489,18 @@ async def test_relay_between_sidecars_is_mtls_and_strict_refuses_plaintext(
                 await eventually(lambda: app.resets == resets + 1, timeout=10)
             finally:
                 writer.close()
+            # a TLS client without a mesh certificate fails the handshake, counted so
+            failed = listener.counts.failed
+            anonymous = ssl.create_default_context()
+            anonymous.check_hostname, anonymous.verify_mode = False, ssl.CERT_NONE
+            with contextlib.suppress(OSError, ssl.SSLError):
+                _r, w = await asyncio.open_connection(
+                    "127.0.0.1", relay_port, ssl=anonymous, server_hostname=""
+                )
+                w.write(b"ping")  # TLS 1.3: the refusal comes after the client's flight
+                await asyncio.wait_for(_r.read(), 10)
+                w.close()
+            await eventually(lambda: listener.counts.failed == failed + 1, timeout=10)
 
             await mesh.apply(
                 "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\n"
