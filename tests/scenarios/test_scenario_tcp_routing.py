@@ -312,5 +312,28 @@ async def test_tcp_between_envoy_and_python_sidecars_both_ways(env: Env) -> None
                 return metric_sum(text, "istio_tcp_connections_closed_total", labels) >= 1
 
             await eventually(counted, timeout=20, interval=0.2)
+
+        # authorization after the handshake, on the caller's certificate: each server
+        # denies the other data plane's caller and still serves its own
+        policy = """
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: deny-{app}}}
+spec:
+  selector: {{matchLabels: {{app: {app}}}}}
+  action: DENY
+  rules: [{{from: [{{source: {{principals: ["{principal}"]}}}}]}}]
+"""
+        for app, caller in (("tcp-peer", client), ("tcp-echo", peer_client)):
+            principal = caller.identity.spiffe_id.removeprefix("spiffe://")
+            await applied(
+                s.mesh, policy.format(app=app, principal=principal), peer_server, v1_server
+            )
+        for port in (to_peer, from_peer):
+            assert await tcp_exchange(port, payload) in (None, b""), port
+        assert await tcp_exchange(env.local, b"own") == b"own|one"  # this plane's sleep
     finally:
         peer_echo.close()
+        for app in ("tcp-peer", "tcp-echo"):
+            with contextlib.suppress(Exception):
+                await s.delete("AuthorizationPolicy", f"deny-{app}")
