@@ -55,8 +55,16 @@ class MeshListener:
         mode: Callable[[], Mode],
         *,
         name: str = "inbound",
+        tls_protocol_factory: Callable[
+            [ssl.SSLContext, Callable[[bool], None]], asyncio.BaseProtocol
+        ]
+        | None = None,
     ):
         self.protocol_factory = protocol_factory
+        # a protocol that runs the TLS handshake itself on the plain socket (the TCP
+        # relays, `proxy.tls_pipe`): given the context and a callback for the
+        # handshake's outcome (counted), it gets the socket as it came
+        self.tls_protocol_factory = tls_protocol_factory
         self.context = context
         self.mode = mode
         self.name = name
@@ -128,6 +136,12 @@ class MeshListener:
                 self.counts.failed += 1
                 conn.close()
                 return
+            if context is not None and self.tls_protocol_factory is not None:
+                tls_factory = self.tls_protocol_factory
+                await loop.connect_accepted_socket(
+                    lambda: tls_factory(context, self._handshake_done), conn
+                )
+                return  # counted when the protocol's handshake ends
             await loop.connect_accepted_socket(
                 self.protocol_factory,
                 conn,
@@ -146,6 +160,12 @@ class MeshListener:
             self.counts.tls += 1
         else:
             self.counts.plaintext += 1
+
+    def _handshake_done(self, ok: bool) -> None:
+        if ok:
+            self.counts.tls += 1
+        else:
+            self.counts.failed += 1
 
 
 async def _peek(loop: asyncio.AbstractEventLoop, conn: socket.socket) -> int | None:

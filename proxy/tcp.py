@@ -59,7 +59,7 @@ from mesh.identity import requested_server_name
 from mesh.logs import get_logger
 from mesh.messages import Endpoint, EndpointSet
 from proxy.destinations import Destination, DestinationCache
-from proxy.listener import MeshListener
+from proxy.listener import HANDSHAKE_TIMEOUT_S, MeshListener
 from proxy.mtls import MeshTls
 from proxy.peer import peer_of
 from proxy.policy import Authorizer, ConnectionFacts, ShadowDecision
@@ -77,6 +77,7 @@ from proxy.routing import (
 )
 from proxy.routing.sni import MORE
 from proxy.telemetry import SidecarTelemetry, TcpRecord, Workload, caller_workload
+from proxy.tls_pipe import TlsPipe
 
 log = get_logger("proxy.tcp")
 
@@ -97,10 +98,6 @@ HIGH_WATER = 256 * 1024
 # Envoy's flag for a connection denied by RBAC (authorization policy)
 DENIED_FLAG = "RBAC"
 _LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends an RST
-# relay-to-relay frames over mTLS: 4-byte big-endian payload length, then the payload;
-# length 0 is a FIN (half-close), which TLS transports cannot send themselves
-_FRAME = struct.Struct("!I")
-_MAX_FRAME = 1 << 20  # we send reads as they come (at most a few hundred KiB)
 
 _UPSTREAM_FORM = "SERVICE[.NAMESPACE]:PORT=LOCALPORT"
 _HOST_CHARS = re.compile(r"[A-Za-z0-9.-]+")
@@ -354,10 +351,9 @@ class TcpStats:
 # ---------------------------------------------------------------- relaying
 
 
-def _ssl_object(side: _Side) -> object | None:
+def _ssl_object(side: _Side) -> ssl.SSLObject | None:
     """The TLS object of a side's connection (None for plaintext)."""
-    t = side.transport
-    return t.get_extra_info("ssl_object") if t is not None else None
+    return side.tls.ssl_object if side.tls is not None else None
 
 
 def _local_ip(side: _Side) -> str:
@@ -381,9 +377,24 @@ class _Side(asyncio.Protocol):
     the upstream's `connection_made` and the link), what is read is held, up to
     `HIGH_WATER`, and reading pauses beyond that. Pausing in `connection_made` would be
     simpler but uvloop starts reading accepted sockets after that call regardless.
+
+    A side to another sidecar runs mTLS itself (`TlsPipe` on the plain socket, given
+    `tls_context`): the app's bytes inside TLS, nothing more, and a FIN as a
+    close_notify followed by a TCP FIN, as Envoy's tcp_proxy does (architecture §5.1,
+    "TCP between sidecars"). An accepted TLS side joins its connection once the
+    handshake is done (authorization needs the peer's certificate); a connecting one
+    resolves `handshaken`.
     """
 
-    def __init__(self, conn: _Connection, counted: Counter) -> None:
+    def __init__(
+        self,
+        conn: _Connection,
+        counted: Counter,
+        tls_context: ssl.SSLContext | None = None,
+        *,
+        server_side: bool = False,
+        on_handshake: Callable[[bool], None] | None = None,
+    ) -> None:
         self.conn = conn
         self.counted = counted  # bytes read on this side
         self.relayed = 0  # bytes read on this side and passed to the peer (telemetry)
@@ -394,48 +405,86 @@ class _Side(asyncio.Protocol):
         self.eof_in = False  # this socket sent us a FIN
         self.eof_out = False  # we sent this socket a FIN
         self.closed = False
-        # a TLS side (relay to relay, mTLS) carries frames: TLS transports cannot
-        # half-close, so a FIN travels as an empty frame (see `_FRAME`)
-        self.framed = False
-        self._rx = bytearray()
+        self.tls = (
+            TlsPipe(tls_context, server_side=server_side) if tls_context is not None else None
+        )
+        self.handshaken: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._handshake_timer: asyncio.TimerHandle | None = None
+        self._on_handshake = on_handshake  # told the outcome (the listener counts it)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
         self.transport.set_write_buffer_limits(high=HIGH_WATER)
-        self.framed = transport.get_extra_info("ssl_object") is not None
-        self.conn.side_made(self)
+        if self.tls is None:
+            self.conn.side_made(self)
+            return
+        self._handshake_timer = asyncio.get_running_loop().call_later(
+            HANDSHAKE_TIMEOUT_S, self._handshake_failed, TimeoutError("TLS handshake timed out")
+        )
+        if not self.tls.ssl_object.server_side:
+            self.tls.start()
+            self._flush()
 
     def data_received(self, data: bytes) -> None:
-        if not self.framed:
+        tls = self.tls
+        if tls is None:
             self._received(data)
             return
-        rx = self._rx
-        rx += data
-        offset = 0
-        while len(rx) - offset >= _FRAME.size:
-            (length,) = _FRAME.unpack_from(rx, offset)
-            if length == 0:  # the sender's FIN
-                offset += _FRAME.size
-                del rx[:offset]
-                if rx:  # nothing may follow a FIN
-                    self.conn.reset()
-                    return
-                self._eof()
-                return
-            if length > _MAX_FRAME:
+        if self.handshaken.done() and not tls.handshake_done:
+            return  # a failed handshake: the socket is being closed
+        try:
+            plain = tls.receive(data)
+        except ssl.SSLError as e:
+            self._flush()  # the alert, if any
+            if not tls.handshake_done:
+                self._handshake_failed(e)
+            else:
+                log.debug("tcp.tls_error", listener=self.conn.name, error=str(e))
                 self.conn.reset()
-                return
-            end = offset + _FRAME.size + length
-            if len(rx) < end:
-                break
-            self._received(bytes(rx[offset + _FRAME.size : end]))
-            offset = end
-        del rx[:offset]
+            return
+        self._flush()
+        if tls.handshake_done and not self.handshaken.done():
+            self._handshake_succeeded()
+        if plain:
+            self._received(plain)
+        if tls.peer_finished and not self.eof_in:
+            self._eof()
+
+    def _handshake_succeeded(self) -> None:
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+        self.handshaken.set_result(None)
+        if self._on_handshake is not None:
+            self._on_handshake(True)
+        if self.tls is not None and self.tls.ssl_object.server_side:
+            self.conn.side_made(self)
+
+    def _handshake_failed(self, error: Exception) -> None:
+        if self.handshaken.done():
+            return
+        self.handshaken.set_exception(error)
+        self.handshaken.exception()  # retrieved: a connecting side awaits it, or nobody
+        if self._on_handshake is not None:
+            self._on_handshake(False)
+        if self.tls is not None and self.tls.ssl_object.server_side:
+            log.debug("tcp.handshake_failed", listener=self.conn.name, error=str(error))
+        t = self.transport
+        if t is not None and not t.is_closing():
+            t.close()
+
+    def _flush(self) -> None:
+        t, tls = self.transport, self.tls
+        if t is None or tls is None or t.is_closing():
+            return
+        out = tls.outgoing()
+        if out:
+            t.write(out)
 
     def write(self, data: bytes) -> None:
         assert self.transport is not None
-        if self.framed:
-            self.transport.writelines((_FRAME.pack(len(data)), data))
+        if self.tls is not None:
+            self.tls.send(data)
+            self._flush()
         else:
             self.transport.write(data)
 
@@ -450,11 +499,15 @@ class _Side(asyncio.Protocol):
         self._forward(data)
 
     def eof_received(self) -> bool | None:
-        if self.framed:
-            if not self.eof_in:
-                # the TLS stream ended without our FIN frame: truncated, not finished
+        if self.tls is not None:
+            if not self.tls.handshake_done:
+                self._handshake_failed(ConnectionResetError("closed during the TLS handshake"))
+                return None
+            if not self.tls.peer_finished:
+                # the TLS stream ended without a close_notify: truncated, not finished
                 self.conn.reset()
-            return None
+                return None
+            return True  # the close_notify was the FIN: the other direction goes on
         self._eof()
         # keep the socket open: the other direction may still be sending
         return True
@@ -468,6 +521,12 @@ class _Side(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if self.tls is not None and not self.handshaken.done():
+            self._handshake_failed(exc or ConnectionResetError("closed during the TLS handshake"))
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+        if self.tls is not None and self.tls.ssl_object.server_side and not self.tls.handshake_done:
+            return  # never joined its connection: nothing was counted or relayed
         if self.peer is not None:
             self.peer.peer_lost(exc)
         self.conn.side_lost(self)
@@ -518,8 +577,11 @@ class _Side(asyncio.Protocol):
         if self.eof_out or t is None or t.is_closing():
             return
         self.eof_out = True
-        if self.framed:
-            t.write(_FRAME.pack(0))
+        if self.tls is not None:
+            # close_notify, then the TCP FIN (Envoy's TLS socket does both)
+            self.tls.finish()
+            self._flush()
+            t.write_eof()
             self._close_if_done()
         elif t.can_write_eof():
             t.write_eof()
@@ -561,13 +623,22 @@ class _Connection:
     """One accepted connection and the upstream connection opened for it."""
 
     def __init__(
-        self, relays: TcpRelays, name: str, counters: ListenerCounters, opener: Opener
+        self,
+        relays: TcpRelays,
+        name: str,
+        counters: ListenerCounters,
+        opener: Opener,
+        tls_context: ssl.SSLContext | None = None,
+        on_handshake: Callable[[bool], None] | None = None,
     ) -> None:
         self.relays = relays
         self.name = name
         self.counters = counters
         self.opener = opener
-        self.downstream = _Side(self, counters.sent)
+        # `tls_context`: an mTLS client (another sidecar), handshake run by the side
+        self.downstream = _Side(
+            self, counters.sent, tls_context, server_side=True, on_handshake=on_handshake
+        )
         self.upstream: _Side | None = None
         self.connecting = False
         self.finished = False
@@ -738,9 +809,16 @@ class TcpRelays:
         def accept() -> asyncio.Protocol:
             return _Connection(self, name, counters, opener).downstream
 
+        def accept_tls(
+            context: ssl.SSLContext, on_handshake: Callable[[bool], None]
+        ) -> asyncio.Protocol:
+            return _Connection(self, name, counters, opener, context, on_handshake).downstream
+
         if app_port and self.inbound_mode is not None:
             mode, context = self.inbound_mode, self.inbound_context or (lambda: None)
-            listener = MeshListener(accept, context, lambda: mode(app_port), name=name)
+            listener = MeshListener(
+                accept, context, lambda: mode(app_port), name=name, tls_protocol_factory=accept_tls
+            )
             bound = await listener.start(host, port)
             self._servers.append(listener)
         else:
@@ -1074,21 +1152,23 @@ class TcpRelays:
         try:
             if identity and self.tls is not None:
                 context = self.tls.client_context()
+            upstream: _Side | None = None
             async with asyncio.timeout(CONNECT_TIMEOUT_S):
-                transport, upstream = await loop.create_connection(
-                    lambda: _Side(conn, conn.counters.received),
-                    host,
-                    port,
-                    ssl=context,
-                    server_hostname="" if context is not None else None,
+                _transport, upstream = await loop.create_connection(
+                    lambda: _Side(conn, conn.counters.received, context), host, port
                 )
+                if context is not None:
+                    await upstream.handshaken
             if context is not None and self.tls is not None:
                 try:
-                    self.tls.verifier(identity)(transport.get_extra_info("ssl_object"))
+                    self.tls.verifier(identity)(_ssl_object(upstream))
                 except errors.MeshError:
                     upstream.reset()
                     raise
-        except (OSError, errors.MeshError) as e:  # refused, unreachable, TLS, identity
+        except (OSError, ssl.SSLError, TimeoutError, errors.MeshError) as e:
+            # refused, unreachable, TLS, identity, timed out
+            if upstream is not None:
+                upstream.reset()
             conn.counters.connect_failures.inc()
             log.debug(
                 "tcp.connect_failed",

@@ -44,6 +44,7 @@ from mesh.compiled import GatewayConfig
 from mesh.hosts import ServiceRef, service_of_host
 from mesh.logs import get_logger
 from mesh.messages import EndpointSet, EndpointsGetReply, EndpointsGetRequest, SubscriptionStatus
+from mesh.port_owner import describe_holder
 from proxy.admin import AdminRoute
 from proxy.dataplane import Addresses, Background, DataPlaneContext
 from proxy.dataplane.envoy_host import accepts, choose_ports, instance_state_dir
@@ -51,6 +52,8 @@ from proxy.dataplane.envoy_view import (
     ApplyTracker,
     EnvoyPorts,
     mesh_view,
+    port_flag,
+    ports_in_use,
     proxy_node,
     view_endpoints,
 )
@@ -576,14 +579,26 @@ class EnvoyDataPlane:
 
     async def _first_config(self, wanted: list[tuple[str, int]]) -> None:
         while not self._envoy_took_config.is_set():
-            if self._tracker.rejection:
-                raise errors.Unavailable(
-                    f"Envoy refused its first configuration: {self._tracker.rejection}"
-                )
+            rejection = self._tracker.rejection
+            if rejection:
+                self._raise_ports_in_use(rejection)
+                raise errors.Unavailable(f"Envoy refused its first configuration: {rejection}")
             await asyncio.sleep(LISTEN_POLL_S)
         for host, port in wanted:
             while not await accepts(host, port):
                 await asyncio.sleep(LISTEN_POLL_S)
+
+    def _raise_ports_in_use(self, rejection: str) -> None:
+        """A listener Envoy could not bind because its port is taken: said as the
+        Python data plane and `meshctl` say it (flag, port, holder)."""
+        taken = ports_in_use(rejection)
+        if not taken or self._ports is None:
+            return
+        ports = self._ports
+        said = [
+            f"{port_flag(ports, port)} {port} is in use{describe_holder(port)}" for _, port in taken
+        ]
+        raise errors.Unavailable("; ".join(said))
 
     async def _active_requests(self) -> int:
         text = await self._admin("GET", "/stats?filter=downstream_rq_active$")

@@ -5,6 +5,7 @@ has answered a push (`ApplyTracker`). No I/O: tested with tables of inputs."""
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -31,6 +32,27 @@ class EnvoyPorts:
     # an intercepted app: the capture listener (docs/architecture.md §5.4)
     capture_host: str = ""
     capture: int = 0
+
+
+# Envoy's NACK of a listener it could not bind: "cannot bind '127.0.0.1:8080': Address
+# already in use" (listeners bind without SO_REUSEPORT, architecture §5.2)
+_BIND_IN_USE = re.compile(r"cannot bind '\[?([^']*?)\]?:(\d+)': Address already in use")
+
+
+def ports_in_use(rejection: str) -> list[tuple[str, int]]:
+    """(host, port) of each listener Envoy's `rejection` says it could not bind because
+    another socket holds the port, in order, without repeats."""
+    found = [(host, int(port)) for host, port in _BIND_IN_USE.findall(rejection)]
+    return list(dict.fromkeys(found))
+
+
+def port_flag(ports: EnvoyPorts, port: int) -> str:
+    """The `meshctl` flag that chose `port` for Envoy ("port" for a port the config
+    chose: a Gateway server's, a TCP relay's)."""
+    named = {ports.gateway: "--port", ports.inbound: "--inbound-port"}
+    named[ports.outbound] = "--outbound-port"
+    named.pop(0, None)
+    return named.get(port, "port")
 
 
 def proxy_node(

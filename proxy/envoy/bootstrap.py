@@ -92,6 +92,13 @@ INTERNAL_LISTENERS: dict[str, Any] = {
 }
 
 
+# Node metadata naming how this sidecar's listeners bind (architecture §5.2, "Listener
+# sockets"). It is part of the bootstrap, hence of the digest that decides adoption: an
+# Envoy left running by a sidecar whose listeners used SO_REUSEPORT has another digest
+# and is replaced, since Envoy refuses to change reuse port on a listener update.
+LISTENER_SOCKETS = ("meshwork.listener_sockets", "exclusive")
+
+
 def build_bootstrap(options: BootstrapOptions) -> dict[str, Any]:
     ads_source = {"ads": {}, "resource_api_version": "V3"}
     clusters = [_grpc_pipe_cluster(XDS_CLUSTER, options.xds_socket)]
@@ -107,7 +114,7 @@ def build_bootstrap(options: BootstrapOptions) -> dict[str, Any]:
         "node": {
             "id": options.node_id,
             "cluster": options.cluster,
-            "metadata": dict(options.metadata),
+            "metadata": dict((LISTENER_SOCKETS, *options.metadata)),
         },
         "dynamic_resources": {
             "ads_config": {

@@ -483,6 +483,47 @@ async def test_a_listener_envoy_refuses_at_start_ends_the_sidecar_with_envoys_re
         taken.close()
 
 
+async def test_a_second_envoy_gateway_on_a_port_an_envoy_holds_fails_clearly(
+    nats_server, etcd_server, prefix, capsys
+) -> None:
+    """Issue 14: Envoy's listeners used SO_REUSEPORT, so a second Envoy bound the same
+    port and the two shared its connections. Now the second start fails, naming the
+    flag, the port and the Envoy holding it, and the first keeps the port."""
+    from proxy.settings import SidecarSettings
+    from proxy.sidecar import Sidecar
+
+    async with MeshHarness(nats_server.url, etcd_server.url, prefix) as mesh:
+        port = free_port()
+        first = await mesh.sidecar(
+            "ingressgateway", "", app=False, gateway=True, gateway_port=port, dataplane="envoy"
+        )
+        holder = first.dataplane.info()["pid"]
+        second = Sidecar(
+            SidecarSettings(
+                service="ingressgateway",
+                instance="ingressgateway-second",
+                app_port=1,
+                nats=[nats_server.url],
+                prefix=prefix,
+                gateway=True,
+                gateway_port=port,
+                token=await mesh.token("ingressgateway", "default"),
+                dataplane="envoy",
+            )
+        )
+        assert await asyncio.wait_for(second.run(), 60) == 1
+        assert not second.ready and second.dataplane.info()["pid"] is None
+        assert "Address already in use" in second.dataplane.info()["rejection"]
+        assert first.ready and first.dataplane.info()["pid"] == holder
+        captured = capsys.readouterr()
+        said = [
+            line
+            for line in (captured.out + captured.err).splitlines()
+            if "sidecar.start_failed" in line
+        ]
+        assert said and f"--port {port} is in use by pid {holder} (" in said[-1], said
+
+
 async def test_envoy_keeps_serving_when_the_sidecar_process_dies_and_is_adopted_again(
     nats_server, etcd_server, prefix, tmp_path
 ) -> None:

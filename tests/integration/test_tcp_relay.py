@@ -10,6 +10,7 @@ import inspect
 import os
 import random
 import socket
+import ssl
 import struct
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -470,6 +471,36 @@ async def test_relay_between_sidecars_is_mtls_and_strict_refuses_plaintext(
             assert listener.counts.tls >= 1
             assert listener.counts.plaintext == 0
             relay_port = server.dataplane.tcp.ports[f"tcp-inbound:{app.port}"]
+
+            # between sidecars the app's bytes travel as plain TLS data, as Envoy's
+            # tcp_proxy sends them (architecture §5.1): any TLS client with a mesh
+            # certificate is echoed byte for byte, no framing of ours around them
+            context = client.dataplane.tcp.tls.client_context()
+            reader, writer = await asyncio.open_connection(
+                "127.0.0.1", relay_port, ssl=context, server_hostname=""
+            )
+            try:
+                writer.write(b"ping")
+                assert await asyncio.wait_for(reader.readexactly(4), 10) == b"ping"
+                # a FIN without a close_notify is a cut stream: the app is reset, not
+                # told the upload ended
+                resets = app.resets
+                writer.transport.get_extra_info("socket").shutdown(socket.SHUT_WR)
+                await eventually(lambda: app.resets == resets + 1, timeout=10)
+            finally:
+                writer.close()
+            # a TLS client without a mesh certificate fails the handshake, counted so
+            failed = listener.counts.failed
+            anonymous = ssl.create_default_context()
+            anonymous.check_hostname, anonymous.verify_mode = False, ssl.CERT_NONE
+            with contextlib.suppress(OSError, ssl.SSLError):
+                _r, w = await asyncio.open_connection(
+                    "127.0.0.1", relay_port, ssl=anonymous, server_hostname=""
+                )
+                w.write(b"ping")  # TLS 1.3: the refusal comes after the client's flight
+                await asyncio.wait_for(_r.read(), 10)
+                w.close()
+            await eventually(lambda: listener.counts.failed == failed + 1, timeout=10)
 
             await mesh.apply(
                 "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\n"

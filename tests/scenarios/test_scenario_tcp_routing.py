@@ -20,7 +20,8 @@ import pytest_asyncio
 
 from mesh.cli.sidecar_cmds import gateway_labels
 from mesh.servers import free_port
-from tests.scenarios.helpers import Scenario, TcpEcho, tcp_exchange
+from tests.envoy_support import _have_envoy
+from tests.scenarios.helpers import Scenario, TcpEcho, metric_sum, tcp_exchange
 from tests.support import applied, destination_rule_yaml, eventually
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -254,3 +255,90 @@ spec:
         assert await exchange(env.local, hello) == hello + b"|two"
         assert await exchange(env.local, other) == other + b"|one"
         assert await exchange(env.local, b"plain") == b"plain|one"
+
+
+# ---------------------------------------------------------------- mixed data planes
+
+
+async def test_tcp_between_envoy_and_python_sidecars_both_ways(env: Env) -> None:
+    """Issue 14: a mesh running both data planes. This data plane's relay reaches the
+    other's TCP listener and the reverse: the app's bytes inside mTLS, nothing more,
+    a client's half-close passed on as a FIN (the echo answers only after it), and the
+    serving side names the caller's identity in its `istio_tcp_*` metrics."""
+    s = env.s
+    other = "envoy" if s.dataplane == "python" else "python"
+    if other == "envoy" and not _have_envoy():
+        pytest.skip("envoy binary missing: the mixed leg needs both data planes")
+    peer_echo = await TcpEcho("peer").start()
+    to_peer, from_peer = free_port(), free_port()
+    try:
+        peer_server = await s.sidecar(
+            "tcp-peer", app=False, tcp_ports=[peer_echo.port], dataplane=other
+        )
+        # this data plane -> the other's listener
+        client = await s.sidecar(
+            "sleep-mixed", tcp_upstreams=[f"tcp-peer:{peer_echo.port}={to_peer}"]
+        )
+        # the other data plane -> this one's (tcp-echo v1 and v2 serve on this data plane)
+        peer_client = await s.sidecar(
+            "sleep-peer", tcp_upstreams=[f"tcp-echo:{env.v1.port}={from_peer}"], dataplane=other
+        )
+        payload = bytes(range(256)) * 1024  # several TLS records each way
+
+        async def answered(port: int, name: bytes) -> bool:
+            return await tcp_exchange(port, payload) == payload + b"|" + name
+
+        await eventually(lambda: answered(to_peer, b"peer"), timeout=30, interval=0.2)
+        await eventually(lambda: answered(from_peer, b"one"), timeout=30, interval=0.2)
+        for _ in range(3):
+            assert await answered(to_peer, b"peer")
+            assert await answered(from_peer, b"one")
+
+        # the serving sidecars know who called, from the mTLS peer certificate
+        v1_server = next(
+            sc
+            for sc in s.mesh.sidecars
+            if sc.settings.service == "tcp-echo" and sc.settings.version == "v1"
+        )
+        for server, caller in ((peer_server, client), (v1_server, peer_client)):
+            labels = {
+                "reporter": "destination",
+                "source_principal": caller.identity.spiffe_id,
+                "source_workload": f"{caller.settings.service}-{caller.settings.version}",
+            }
+
+            async def counted(server: Any = server, labels: dict[str, str] = labels) -> bool:
+                text = await s.admin(server, "/stats/prometheus")
+                return metric_sum(text, "istio_tcp_connections_closed_total", labels) >= 1
+
+            await eventually(counted, timeout=20, interval=0.2)
+
+        # authorization after the handshake, on the caller's certificate: each server
+        # denies the other data plane's caller, one at a time (the other path still
+        # served shows the denial is the policy's)
+        policy = """
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: deny-{app}}}
+spec:
+  selector: {{matchLabels: {{app: {app}}}}}
+  action: DENY
+  rules: [{{from: [{{source: {{principals: ["{principal}"]}}}}]}}]
+"""
+        steps = (
+            ("tcp-peer", client, to_peer, from_peer),
+            ("tcp-echo", peer_client, from_peer, None),
+        )
+        for app, caller, denied, still_served in steps:
+            principal = caller.identity.spiffe_id.removeprefix("spiffe://")
+            await applied(
+                s.mesh, policy.format(app=app, principal=principal), peer_server, v1_server
+            )
+            assert await tcp_exchange(denied, payload) in (None, b""), app
+            if still_served is not None:
+                assert await answered(still_served, b"one"), app
+    finally:
+        peer_echo.close()
+        for app in ("tcp-peer", "tcp-echo"):
+            with contextlib.suppress(Exception):
+                await s.delete("AuthorizationPolicy", f"deny-{app}")

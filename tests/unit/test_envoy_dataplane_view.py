@@ -9,6 +9,8 @@ from proxy.dataplane.envoy_view import (
     ApplyTracker,
     EnvoyPorts,
     mesh_view,
+    port_flag,
+    ports_in_use,
     proxy_node,
     view_endpoints,
 )
@@ -109,3 +111,25 @@ def test_access_logs_name_endpoints_from_the_view_envoy_was_configured_from() ->
     assert view_endpoints(view, "reviews.default.svc.cluster.local") is known.endpoints
     assert view_endpoints(view, "ratings.default.svc.cluster.local") is None
     assert view_endpoints(None, "reviews.default.svc.cluster.local") is None  # nothing pushed
+
+
+def test_ports_envoy_could_not_bind_are_read_from_its_rejection() -> None:
+    rejection = (
+        "LDS: Error adding/updating listener(s) gateway-http-8080: cannot bind "
+        "'127.0.0.1:8080': Address already in use\n, inbound: cannot bind '[::1]:15006': "
+        "Address already in use\n, gateway-http-8080: cannot bind '127.0.0.1:8080': "
+        "Address already in use"
+    )
+    assert ports_in_use(rejection) == [("127.0.0.1", 8080), ("::1", 15006)]
+    assert ports_in_use("LDS: cannot bind '127.0.0.1:80': Permission denied") == []
+    assert ports_in_use("") == []
+
+
+def test_a_port_envoy_could_not_bind_is_named_by_the_flag_that_chose_it() -> None:
+    gateway = EnvoyPorts(admin=15000, gateway=8080)
+    assert port_flag(gateway, 8080) == "--port"
+    assert port_flag(gateway, 9443) == "port"  # a Gateway server's port
+    sidecar = EnvoyPorts(admin=15000, inbound=15006, outbound=15001)
+    assert port_flag(sidecar, 15006) == "--inbound-port"
+    assert port_flag(sidecar, 15001) == "--outbound-port"
+    assert port_flag(sidecar, 0) == "port"

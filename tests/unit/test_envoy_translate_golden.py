@@ -839,3 +839,17 @@ def test_golden(case: str) -> None:
         path.write_text(got)
     assert path.exists(), f"{path} missing: run with UPDATE_GOLDEN=1 and review it"
     assert got == path.read_text(), f"{case}: translation differs from {path} (UPDATE_GOLDEN=1)"
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_socket_listeners_bind_without_reuse_port(case: str) -> None:
+    """Envoy sets SO_REUSEPORT unless told not to: two Envoys would then share a port
+    silently (issue 14). Every listener with a socket address says no; the internal
+    tunnel listener has no socket."""
+    node, view = CASES[case]()
+    listeners = translate(node, view).listeners
+    sockets = {name: m for name, m in listeners.items() if m.address.HasField("socket_address")}
+    assert sockets, f"{case}: no socket listener translated"
+    for name, message in sockets.items():
+        assert message.HasField("enable_reuse_port"), f"{case}: {name} leaves reuse port default"
+        assert message.enable_reuse_port.value is False, f"{case}: {name} reuses ports"

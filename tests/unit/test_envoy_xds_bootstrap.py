@@ -13,6 +13,7 @@ from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2  # noqa
 from google.protobuf import json_format
 
 from proxy.envoy.bootstrap import (
+    LISTENER_SOCKETS,
     XDS_CLUSTER,
     BootstrapOptions,
     bootstrap_digest,
@@ -87,3 +88,16 @@ def test_digest_identifies_the_bootstrap():
     assert bootstrap_digest(build_bootstrap(options())) != bootstrap_digest(
         build_bootstrap(options(admin_port=15001))
     )
+
+
+def test_the_bootstrap_says_its_listeners_bind_without_reuse_port():
+    """An Envoy left running by a sidecar from before listeners stopped using
+    SO_REUSEPORT must not be adopted (Envoy NACKs a change of reuse port on update):
+    the bootstrap, whose digest decides adoption, names the listener socket kind."""
+    key, value = LISTENER_SOCKETS
+    message = as_message(build_bootstrap(options(metadata=(("extra", "kept"),))))
+    assert message.node.metadata[key] == value
+    assert message.node.metadata["extra"] == "kept"
+    earlier = build_bootstrap(options())
+    del earlier["node"]["metadata"][key]  # what a sidecar before this change wrote
+    assert bootstrap_digest(earlier) != bootstrap_digest(build_bootstrap(options()))

@@ -109,6 +109,7 @@ def add_capture(node: ProxyNode, view: MeshView, out: XdsResources) -> None:
         ],
         "defaultFilterChain": {"filters": [refused]},
         "trafficDirection": "OUTBOUND",
+        **listeners.NO_REUSE_PORT,
     }
     out.listeners[CAPTURE_LISTENER] = parse(listener_pb2.Listener, body)  # type: ignore[assignment]
     out.clusters[BLACKHOLE_CLUSTER] = blackhole_cluster()

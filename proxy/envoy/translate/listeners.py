@@ -31,6 +31,14 @@ def address(host: str, port: int) -> Json:
     return {"socketAddress": {"address": host, "portValue": port}}
 
 
+# Every socket listener binds without SO_REUSEPORT (Envoy's default sets it): a port
+# another process holds (another Envoy included) then fails the bind, as on the Python
+# data plane, instead of two listeners silently sharing connections. Envoy's workers
+# share the one socket (duplicated), and an in-place update of a listener keeps it
+# (architecture §5.2, "Listener sockets").
+NO_REUSE_PORT: Json = {"enableReusePort": False}
+
+
 def router_filter() -> Json:
     return {"name": "envoy.filters.http.router", "typedConfig": typed(ROUTER)}
 
@@ -221,7 +229,12 @@ def listener(
     the spans its HCM opens: server or client). `continue_after_filter_timeout`: a
     connection the listener filters could not inspect in time (a server-first
     protocol) goes on to the chains instead of being closed."""
-    body: Json = {"name": name, "address": address(*bind), "filterChains": filter_chains}
+    body: Json = {
+        "name": name,
+        "address": address(*bind),
+        "filterChains": filter_chains,
+        **NO_REUSE_PORT,
+    }
     if listener_filters:
         body["listenerFilters"] = list(listener_filters)
     if continue_after_filter_timeout:
