@@ -663,7 +663,9 @@ def case_outbound_intercepted() -> tuple[ProxyNode, MeshView]:
     """An intercepted app (docs/architecture.md §5.4): the capture listener on the host
     side of the app's veth (original destination; a service's virtual IP and TCP port
     to its TCP listeners; HTTP detected to the outbound routes; anything else to
-    BlackHoleCluster), the app reached at its namespace address."""
+    BlackHoleCluster), the app reached at its namespace address; raw addresses of
+    the instances: their TCP listener relayed to that instance, HTTP to the inbound
+    listener routed by the instance's service; no HTTP detection on opaque ports."""
     redis = EndpointSet(
         namespace="cache",
         service="redis",
@@ -678,7 +680,9 @@ def case_outbound_intercepted() -> tuple[ProxyNode, MeshView]:
             )
         ],
     )
-    return sidecar(capture=("100.127.0.1", 15001), app_host="100.127.0.2"), MeshView(
+    # `--opaque-ports`: no HTTP detection on 3306
+    node = sidecar(capture=("100.127.0.1", 15001), app_host="100.127.0.2", opaque_ports=(3306,))
+    return node, MeshView(
         destinations={RATINGS: (None, ratings_endpoints()), REDIS: (None, redis)},
         # ratings has no TCP port: no chain of its own (its HTTP goes by Host)
         vips={REDIS: "240.240.3.4", RATINGS: "240.240.3.5"},

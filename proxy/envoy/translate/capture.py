@@ -4,25 +4,46 @@ where the interception rules redirect the app's outbound TCP, as Istio's
 
 Listener filters: `original_dst` (the connection's local address becomes the original
 destination, from `SO_ORIGINAL_DST`) and `http_inspector` (HTTP/1.x or h2c prior
-knowledge), bounded by the same detection timeout as the Python capture listener.
-A connection to a service's virtual IP on one of its TCP ports (a filter chain per
-virtual IP and port, matched before the protocol) is relayed to the service's TCP
-listeners (`outbound|<port>||<fqdn>`, as `--tcp-upstream`); other HTTP goes to the
-outbound HTTP route configuration (`outbound_http`, routed by Host or `:authority`,
-exactly as the HTTP_PROXY listener); anything else is refused (REGISTRY_ONLY:
-`BlackHoleCluster`, Istio's name). Not yet on Envoy: raw-IP HTTP to an instance,
-ALLOW_ANY passthrough (§5.3).
+knowledge), bounded by the same detection timeout as the Python capture listener and
+disabled on the `--opaque-ports` (Istio's `filter_disabled` on the ports it knows are
+not HTTP), so a server-first protocol there is relayed at once. The listener's stat
+prefix is its name: its `downstream_pre_cx_timeout` counts detection timeouts.
+
+Filter chains, as `targets.decide` on the Python data plane:
+- a service's virtual IP on one of its TCP ports (a chain per virtual IP and port,
+  matched before the protocol) is relayed to the service's TCP listeners
+  (`outbound|<port>||<fqdn>`, as `--tcp-upstream`);
+- an instance's TCP listener by its raw address (a chain per address) is relayed over
+  mTLS to that listener only (`capture_endpoint|<address>|<fqdn>`, checking the
+  instance's identity);
+- HTTP to an instance's inbound listener by its raw address goes to the outbound routes
+  with the Host set to the instance's service when it is an IP literal (a Lua filter;
+  the Python router does the same for a Host naming no mesh service), so it is routed
+  by that service's route table, not pinned to the instance;
+- other HTTP goes to the outbound HTTP route configuration (`outbound_http`, by Host or
+  `:authority`, exactly as the HTTP_PROXY listener);
+- anything else is refused (REGISTRY_ONLY: `BlackHoleCluster`, Istio's name).
+Envoy picks the most specific destination port first and never falls back to a less
+specific port, so every port with chains of its own also gets the plain HTTP chain.
+Not yet on Envoy: ALLOW_ANY passthrough (§5.3).
 """
 
 from __future__ import annotations
 
+import functools
+import ipaddress
+from collections.abc import Iterator
+
+import envoy.extensions.filters.http.lua.v3.lua_pb2  # noqa: F401  (the Lua filter's Any)
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.listener.v3 import listener_pb2
 
+from mesh.compiled import TrafficPolicy
+from mesh.messages import Endpoint
 from proxy.envoy.resources import XdsResources
 from proxy.intercept.detect import DETECT_TIMEOUT_S
 
-from . import listeners, tcp
+from . import clusters, listeners, tcp
 from .model import MeshView, ProxyNode
 from .names import OUTBOUND_HTTP_ROUTE
 from .protos import HTTP_INSPECTOR, ORIGINAL_DST, Json, parse, typed
@@ -30,6 +51,7 @@ from .protos import HTTP_INSPECTOR, ORIGINAL_DST, Json, parse, typed
 CAPTURE_LISTENER = "virtual_outbound"
 BLACKHOLE_CLUSTER = "BlackHoleCluster"
 HTTP_PROTOCOLS = ["http/1.0", "http/1.1", "h2c"]
+LUA = "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua"
 
 
 def blackhole_cluster() -> cluster_pb2.Cluster:
@@ -43,6 +65,32 @@ def blackhole_cluster() -> cluster_pb2.Cluster:
             "loadAssignment": {"clusterName": BLACKHOLE_CLUSTER},
         },
     )
+
+
+def _host_port(address: str) -> tuple[str, int] | None:
+    """An `IP:PORT` address split, None when it is not one (never an error here: the
+    clusters' own checks name a bad endpoint address)."""
+    host, sep, port = address.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    if not sep or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
+        return None
+    return host, int(port)
+
+
+def _prefix(ip: str) -> Json:
+    return {"addressPrefix": ip, "prefixLen": ipaddress.ip_address(ip).max_prefixlen}
+
+
+def _instances(view: MeshView) -> Iterator[tuple[str, Endpoint]]:
+    """(fqdn, instance) for every instance of the services followed."""
+    for fqdn, (_table, endpoint_set) in sorted(view.destinations.items()):
+        for ep in endpoint_set.endpoints if endpoint_set is not None else []:
+            if ep.status != "starting":
+                yield fqdn, ep
 
 
 def tcp_chains(node: ProxyNode, view: MeshView, out: XdsResources) -> list[Json]:
@@ -62,10 +110,7 @@ def tcp_chains(node: ProxyNode, view: MeshView, out: XdsResources) -> list[Json]
             chains.append(
                 {
                     "name": f"capture_tcp|{port}|{fqdn}",
-                    "filterChainMatch": {
-                        "destinationPort": port,
-                        "prefixRanges": [{"addressPrefix": vip, "prefixLen": 32}],
-                    },
+                    "filterChainMatch": {"destinationPort": port, "prefixRanges": [_prefix(vip)]},
                     "filters": [
                         listeners.tcp_proxy(
                             f"capture_tcp_{port}_{fqdn}",
@@ -79,34 +124,172 @@ def tcp_chains(node: ProxyNode, view: MeshView, out: XdsResources) -> list[Json]
     return chains
 
 
-def add_capture(node: ProxyNode, view: MeshView, out: XdsResources) -> None:
-    assert node.capture is not None
-    hcm = listeners.http_connection_manager(
-        "capture_http",
+def _relay_of(app_port: str, ep: Endpoint) -> str:
+    return ep.tcp_listeners[app_port]
+
+
+def endpoint_cluster_name(fqdn: str, address: str) -> str:
+    return f"capture_endpoint|{address}|{fqdn}"
+
+
+def endpoint_tcp_chains(
+    node: ProxyNode, view: MeshView, out: XdsResources, taken: set[tuple[str, int]]
+) -> list[Json]:
+    """A chain per raw address of an instance's TCP listener: relayed over mTLS to that
+    listener alone (the instance's sidecar authorizes it), as the Python capture's
+    RELAY_ENDPOINT. `taken`: (ip, port) pairs already matched (virtual IPs)."""
+    chains: list[Json] = []
+    for fqdn, ep in _instances(view):
+        for app_port, relay in sorted(ep.tcp_listeners.items()):
+            split = _host_port(relay)
+            if split is None or split in taken:
+                continue
+            taken.add(split)
+            name = endpoint_cluster_name(fqdn, relay)
+            lb = clusters.lb_endpoints([ep], functools.partial(_relay_of, app_port), name)
+            out.clusters[name] = clusters.eds_cluster(name, TrafficPolicy(), lb, http=False)
+            out.endpoints[name] = clusters.load_assignment(name, lb)
+            chains.append(
+                {
+                    "name": f"capture_endpoint_tcp|{relay}|{fqdn}",
+                    "filterChainMatch": {
+                        "destinationPort": split[1],
+                        "prefixRanges": [_prefix(split[0])],
+                    },
+                    "filters": [
+                        listeners.tcp_proxy(
+                            f"capture_endpoint_{relay}_{fqdn}",
+                            name,
+                            "outbound_tcp",
+                            node.access_log_cluster,
+                        )
+                    ],
+                }
+            )
+    return chains
+
+
+# a Host that is an IP literal (with or without a port) names no mesh service: the
+# request is for the service of the instance it was sent to (the Python capture's
+# `_http_for`); anything else keeps its Host and is routed by it
+HOST_OF_INSTANCE_LUA = """
+function envoy_on_request(handle)
+  local authority = handle:headers():get(":authority") or ""
+  local name = string.gsub(authority, ":%d+$", "")
+  if string.match(name, "^%d+%.%d+%.%d+%.%d+$") or string.match(name, "^%[[%x:.]+%]$") then
+    handle:headers():replace(":authority", "{fqdn}")
+    handle:clearRouteCache()
+  end
+end
+"""
+
+
+def _http_manager(node: ProxyNode, stat_prefix: str, service_fqdn: str = "") -> Json:
+    filters: list[Json] = []
+    if service_fqdn:
+        code = HOST_OF_INSTANCE_LUA.replace("{fqdn}", service_fqdn)
+        filters.append(
+            {
+                "name": "envoy.filters.http.lua",
+                "typedConfig": typed(LUA, {"defaultSourceCode": {"inlineString": code}}),
+            }
+        )
+    filters.append(listeners.fault_filter())
+    return listeners.http_connection_manager(
+        stat_prefix,
         route_config_name=OUTBOUND_HTTP_ROUTE,
-        http_filters=[listeners.fault_filter()],
+        http_filters=filters,
         access_log_name="outbound",
         access_log_cluster=node.access_log_cluster,
         tracing=listeners.tracing(node.tracing_cluster, node.service, node.trace_sampling),
         extra={"useRemoteAddress": True},
     )
+
+
+def endpoint_http_chains(
+    node: ProxyNode, view: MeshView, taken: set[tuple[str, int]]
+) -> list[Json]:
+    """A chain per raw address of an instance's inbound listener, for HTTP: the Host
+    becomes the instance's service where it is an IP literal, then the outbound routes."""
+    chains: list[Json] = []
+    for fqdn, ep in _instances(view):
+        split = _host_port(ep.address)
+        if split is None or split in taken:
+            continue
+        taken.add(split)
+        chains.append(
+            {
+                "name": f"capture_endpoint_http|{ep.address}|{fqdn}",
+                "filterChainMatch": {
+                    "destinationPort": split[1],
+                    "prefixRanges": [_prefix(split[0])],
+                    "applicationProtocols": HTTP_PROTOCOLS,
+                },
+                "filters": [_http_manager(node, "capture_http", fqdn)],
+            }
+        )
+    return chains
+
+
+def inspector_filter(opaque_ports: tuple[int, ...]) -> Json:
+    """`http_inspector`, disabled on the opaque ports (they go straight to the TCP chains)."""
+    body: Json = {
+        "name": "envoy.filters.listener.http_inspector",
+        "typedConfig": typed(HTTP_INSPECTOR),
+    }
+    rules = [
+        {"destinationPortRange": {"start": port, "end": port + 1}}
+        for port in sorted(set(opaque_ports))
+    ]
+    if len(rules) == 1:
+        body["filterDisabled"] = rules[0]
+    elif rules:
+        body["filterDisabled"] = {"orMatch": {"rules": rules}}
+    return body
+
+
+def add_capture(node: ProxyNode, view: MeshView, out: XdsResources) -> None:
+    assert node.capture is not None
+    http_chain: Json = {
+        "filterChainMatch": {"applicationProtocols": HTTP_PROTOCOLS},
+        "filters": [_http_manager(node, "capture_http")],
+    }
     refused = listeners.tcp_proxy(
         "capture_blackhole", BLACKHOLE_CLUSTER, "outbound_tcp", node.access_log_cluster
     )
+    vip_chains = tcp_chains(node, view, out)
+    taken = {
+        (str(m["prefixRanges"][0]["addressPrefix"]), int(m["destinationPort"]))  # type: ignore[index]
+        for m in (c["filterChainMatch"] for c in vip_chains)
+    }
+    specific = [
+        *vip_chains,
+        *endpoint_tcp_chains(node, view, out, taken),
+        *endpoint_http_chains(node, view, taken),
+    ]
+    # Envoy does not fall back to a less specific port: HTTP to another address on a
+    # port some chain names still reaches the outbound routes
+    ports = sorted({int(c["filterChainMatch"]["destinationPort"]) for c in specific})  # type: ignore[index]
+    per_port_http = [
+        {
+            "name": f"capture_http|{port}",
+            "filterChainMatch": {"destinationPort": port, "applicationProtocols": HTTP_PROTOCOLS},
+            "filters": http_chain["filters"],
+        }
+        for port in ports
+    ]
     body: Json = {
         "name": CAPTURE_LISTENER,
+        "statPrefix": CAPTURE_LISTENER,
         "address": listeners.address(*node.capture),
         "listenerFilters": [
             {"name": "envoy.filters.listener.original_dst", "typedConfig": typed(ORIGINAL_DST)},
-            {"name": "envoy.filters.listener.http_inspector", "typedConfig": typed(HTTP_INSPECTOR)},
+            inspector_filter(node.opaque_ports),
         ],
         "listenerFiltersTimeout": f"{DETECT_TIMEOUT_S}s",
         # a silent client (a server-first protocol) is not HTTP: the default chain
         "continueOnListenerFiltersTimeout": True,
-        "filterChains": [
-            *tcp_chains(node, view, out),
-            {"filterChainMatch": {"applicationProtocols": HTTP_PROTOCOLS}, "filters": [hcm]},
-        ],
+        "filterChains": [*specific, *per_port_http, http_chain],
         "defaultFilterChain": {"filters": [refused]},
         "trafficDirection": "OUTBOUND",
     }
