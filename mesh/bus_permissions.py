@@ -12,7 +12,8 @@ random passwords in `cluster.json`); `deploy/` carries the same blocks for produ
   heartbeat/get`, `config.fetch`, `proxy.status`, `ca.sign`, `ca.bundle.get` and
   `telemetry.>` (JetStream publish: a request whose ack comes to the inbox); subscribe
   only to endpoint events (`registry.endpoints.>`), route/inbound/gateway config
-  (`config.route.>`, `config.inbound.>`, `config.gateway.>`), `ca.bundle`, `ca.rotate.>`
+  (`config.route.>`, `config.inbound.>`, `config.gateway.>`), the mesh-wide config
+  (`config.meshwide`), `ca.bundle`, `ca.rotate.>`
   and its own inbox.
 
 A sidecar can never publish config (`config.route/inbound/gateway`), endpoint events,
@@ -81,6 +82,7 @@ def role_permissions(role: str, prefix: str) -> Permissions:
                 f"{p}.config.route.>",
                 f"{p}.config.inbound.>",
                 f"{p}.config.gateway.>",
+                f"{p}.config.meshwide",
                 f"{p}.registry.endpoints.>",
                 f"{p}.ca.bundle",
                 f"{p}.ca.rotate.>",
@@ -92,6 +94,7 @@ def role_permissions(role: str, prefix: str) -> Permissions:
                 f"{p}.config.route.>",
                 f"{p}.config.inbound.>",
                 f"{p}.config.gateway.>",
+                f"{p}.config.meshwide",
                 f"{p}.ca.bundle",
                 f"{p}.ca.rotate.>",
                 f"{p}.proxy.status.request",

@@ -264,11 +264,52 @@ class OutlierDetection(msgspec.Struct, frozen=True, omit_defaults=True):
     min_health_percent: int = 0
 
 
+UpstreamTlsMode = Literal["DISABLE", "SIMPLE", "MUTUAL", "ISTIO_MUTUAL"]
+
+
+class ClientTls(msgspec.Struct, frozen=True, omit_defaults=True):
+    """DestinationRule `tls`: how the client proxy secures its upstream connections.
+
+    ISTIO_MUTUAL is the mesh's own mTLS (workload certificate, the endpoint's
+    registered SPIFFE identity verified); DISABLE sends plaintext; SIMPLE originates
+    TLS verifying the server against `ca_certificates` (a file; empty: the system
+    CAs) unless `insecure_skip_verify`; MUTUAL also presents `client_certificate` /
+    `private_key` (files). `sni` empty: the destination host. `subject_alt_names`
+    empty: the server certificate must name the SNI host (when verified)."""
+
+    mode: UpstreamTlsMode
+    client_certificate: str = ""
+    private_key: str = ""
+    ca_certificates: str = ""
+    subject_alt_names: tuple[str, ...] = ()
+    sni: str = ""
+    insecure_skip_verify: bool = False
+
+
+class PortPolicy(msgspec.Struct, frozen=True, omit_defaults=True):
+    """`portLevelSettings[]`: the policy for traffic to one port of the destination
+    (the port the caller asked for), already merged over the level it belongs to."""
+
+    port: int
+    traffic_policy: TrafficPolicy
+
+
 class TrafficPolicy(msgspec.Struct, frozen=True, omit_defaults=True):
     load_balancer: LoadBalancer = LoadBalancer()
     # None: not configured (Istio defaults: no limits; outlier detection off)
     connection_pool: ConnectionPool | None = None
     outlier_detection: OutlierDetection | None = None
+    # None: not configured (mesh destinations: ISTIO_MUTUAL when the endpoint has an
+    # identity; ServiceEntry hosts: plaintext)
+    tls: ClientTls | None = None
+    port_level: tuple[PortPolicy, ...] = ()
+
+    def for_port(self, port: int) -> TrafficPolicy:
+        """The policy for traffic to `port` (0: unknown, the policy itself)."""
+        for entry in self.port_level:
+            if entry.port == port:
+                return entry.traffic_policy
+        return self
 
 
 class Subset(msgspec.Struct, frozen=True, omit_defaults=True):

@@ -206,9 +206,10 @@ class FetchRequest(Struct, kw_only=True):
     """Ask for the current compiled config of one destination or one gateway.
 
     `route` -> `RouteTable` of destination `name`; `gateway` -> `GatewayConfig`;
-    `inbound` -> `InboundPolicy` the server sidecars of service `name` enforce."""
+    `inbound` -> `InboundPolicy` the server sidecars of service `name` enforce;
+    `meshwide` -> `MeshWideConfig` (namespace and name ignored)."""
 
-    kind: Literal["route", "gateway", "inbound"] = "route"
+    kind: Literal["route", "gateway", "inbound", "meshwide"] = "route"
     namespace: str
     name: str  # service name, or gateway proxy's workload name
     # labels of the requesting proxy (gateway selection)

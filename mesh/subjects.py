@@ -95,6 +95,11 @@ class Subjects:
     def gateway_all(self) -> str:
         return f"{self.prefix}.config.gateway.>"
 
+    @property
+    def config_mesh_wide(self) -> str:
+        """`MeshWideConfig`: outbound traffic policy and ServiceEntry hosts, for every proxy."""
+        return f"{self.prefix}.config.meshwide"
+
     def inbound(self, namespace: str, service: str) -> str:
         return f"{self.prefix}.config.inbound.{_token(namespace)}.{_token(service)}"
 

@@ -150,7 +150,9 @@ async def send(
                 on_endpoint(endpoint)
             instance = endpoint.instance
             balancer = cluster.balancer
-            pool = pools.get(endpoint.address, endpoint.identity, cluster.pool_options)
+            pool = pools.get(
+                endpoint.address, endpoint.identity, cluster.pool_options, cluster.origination
+            )
             resp: UpstreamResponse | None = None
             failure: Failure | None = None
             flag = error = ""

@@ -27,6 +27,7 @@ from mesh.messages import Endpoint
 from proxy.http.pool import ConnectionLimit
 from proxy.resilience import CircuitBreaker, LocalOrigin, OutlierDetector
 from proxy.routing import Balancer, HashContext
+from proxy.upstream_tls import Origination
 
 _NOTHING: frozenset[str] = frozenset()
 # sweeps run late after a quiet spell are caught up one interval at a time, at most
@@ -61,6 +62,7 @@ class Cluster:
         "counters",
         "detector",
         "name",
+        "origination",
         "policy",
         "pool_options",
         "ref",
@@ -76,6 +78,9 @@ class Cluster:
         self.breaker = CircuitBreaker(policy.connection_pool)
         self.detector: OutlierDetector | None = None
         self.pool_options: PoolOptions | None = None
+        # DestinationRule `tls` other than ISTIO_MUTUAL (set by the destination, which
+        # knows the host): how this cluster's connections are secured instead
+        self.origination: Origination | None = None
         # what this sidecar did for the cluster, for /clusters
         self.counters = {"retries": 0, "retries_exhausted": 0, "overflows": 0, "timeouts": 0}
         self._ejected = _NOTHING

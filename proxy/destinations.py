@@ -40,6 +40,7 @@ from proxy.routing import (
     resolve_subset,
     subset_endpoints,
 )
+from proxy.upstream_tls import origination_for
 
 log = get_logger("proxy.destinations")
 
@@ -71,33 +72,51 @@ class Destination:
     endpoints_status: SubscriptionStatus | None = None
     loaded: asyncio.Event = field(default_factory=asyncio.Event)
     error: str = ""
+    # a ServiceEntry host (`proxy.egress`): the host (SNI, telemetry) and the port
+    # asked for (its `portLevelSettings` apply); "" / 0 for a mesh service
+    host: str = ""
+    port: int = 0
 
     def balancer(self, subset_name: str, rand: random.Random) -> Balancer | None:
         """The balancer of a subset ("" = whole service); None when the subset is unknown."""
         cluster = self.cluster(subset_name, rand)
         return cluster.balancer if cluster is not None else None
 
-    def cluster(self, subset_name: str, rand: random.Random) -> Cluster | None:
+    def cluster(self, subset_name: str, rand: random.Random, port: int = 0) -> Cluster | None:
         """The cluster of a subset ("" = whole service), its balancer up to date with
-        the endpoints and policy in force; None when the subset is unknown."""
-        if subset_name in self.balancers:
-            return self.clusters[subset_name]
+        the endpoints and policy in force; None when the subset is unknown.
+
+        `port`: the port the caller asked for; when the DestinationRule has
+        `portLevelSettings` for it, that port gets a cluster of its own (`<subset>|<port>`,
+        as Envoy has one per port) under the port's policy."""
+        port = port or self.port
+        key = subset_name
+        if port and self.table is not None and _has_port_policy(self.table, subset_name, port):
+            key = f"{subset_name}|{port}"
+        if key in self.balancers:
+            return self.clusters[key]
         if self.table is None:
             return None
         subset = resolve_subset(self.table, subset_name)
         if subset is None:
             return None
         eps = subset_endpoints(self.endpoints.endpoints if self.endpoints else [], subset.labels)
-        policy = subset.traffic_policy
-        cluster = self.clusters.get(subset_name)
+        policy = subset.traffic_policy.for_port(port) if port else subset.traffic_policy
+        cluster = self.clusters.get(key)
         previous = cluster.balancer if cluster is not None else None
         balancer = build_balancer(eps, policy.load_balancer, rand, previous)
         if cluster is None:
-            cluster = self.clusters[subset_name] = Cluster(self.ref, subset_name, policy, balancer)
+            cluster = self.clusters[key] = Cluster(self.ref, subset_name, policy, balancer)
         else:
             cluster.update(policy, balancer)
-        self.balancers[subset_name] = balancer
+        cluster.origination = origination_for(policy.tls, self.host or self.ref.fqdn)
+        self.balancers[key] = balancer
         return cluster
+
+
+def _has_port_policy(table: RouteTable, subset_name: str, port: int) -> bool:
+    subset = resolve_subset(table, subset_name)
+    return subset is not None and any(p.port == port for p in subset.traffic_policy.port_level)
 
 
 class DestinationCache:
@@ -108,6 +127,11 @@ class DestinationCache:
         self.destinations: dict[ServiceRef, Destination] = {}
         self._loading: dict[ServiceRef, asyncio.Task[Destination]] = {}
         self._subscribed: set[ServiceRef] = set()
+        # ServiceEntry hosts and the outbound traffic policy (`proxy.egress`, which
+        # builds `Destination`s: imported here to keep the import graph acyclic)
+        from proxy.egress import MeshWideFollower
+
+        self.mesh_wide = MeshWideFollower(bus, on_change)
 
     # ------------------------------------------------------------ lookup
 
@@ -183,6 +207,10 @@ class DestinationCache:
 
     async def resync(self) -> None:
         """Fetch every followed destination again (after a reconnect, or periodically)."""
+        try:
+            await self.mesh_wide.resync()
+        except Exception as e:
+            log.debug("destinations.resync_failed", destination="meshwide", error=str(e))
         for dest in list(self.destinations.values()):
             try:
                 await self.refresh(dest)
@@ -227,7 +255,8 @@ class DestinationCache:
         dest.table, dest.routes = table, routes
         dest.balancers = {}
         known = {"", *(s.name for s in table.subsets)}
-        dest.clusters = {k: c for k, c in dest.clusters.items() if k in known}
+        # `<subset>|<port>` clusters (portLevelSettings) go with their subset
+        dest.clusters = {k: c for k, c in dest.clusters.items() if k.partition("|")[0] in known}
         dest.route_status = SubscriptionStatus(subject=subject, revision=table.revision)
         log.info("config.applied", subject=subject, revision=table.revision)
         self.on_change()
@@ -250,7 +279,7 @@ class DestinationCache:
     # ------------------------------------------------------------ reporting
 
     def subscription_statuses(self) -> list[SubscriptionStatus]:
-        out = []
+        out = self.mesh_wide.statuses()
         for dest in self.destinations.values():
             if dest.route_status is not None:
                 out.append(dest.route_status)

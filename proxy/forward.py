@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from proxy.clusters import PoolOptions
     from proxy.policy import ShadowDecision
     from proxy.telemetry import SpanContext, Workload
+    from proxy.upstream_tls import Origination
 
 FLAGS_HEADER = "x-mesh-response-flags"
 
@@ -146,16 +147,26 @@ class PoolSet:
         self.limits = limits
         self.tls = tls
         self.h2c = h2c
-        self.pools: dict[tuple[str, str, str], UpstreamPool] = {}
-        self._options: dict[tuple[str, str, str], PoolOptions] = {}
+        self.pools: dict[tuple[str, str, str, Origination | None], UpstreamPool] = {}
+        self._options: dict[tuple[str, str, str, Origination | None], PoolOptions] = {}
 
     def get(
-        self, address: str, identity: str = "", options: PoolOptions | None = None
+        self,
+        address: str,
+        identity: str = "",
+        options: PoolOptions | None = None,
+        origination: Origination | None = None,
     ) -> UpstreamPool:
-        key = (address, identity, options.owner if options is not None else "")
+        """The pool for one endpoint. `origination` (a DestinationRule `tls` other than
+        ISTIO_MUTUAL) replaces the mesh's mTLS: plaintext for DISABLE, else the TLS it
+        describes (`proxy.upstream_tls`)."""
+        key = (address, identity, options.owner if options is not None else "", origination)
         pool = self.pools.get(key)
         if pool is None:
-            pool = self._new_pool(address, identity, limited=options is not None)
+            if origination is not None:
+                pool = self._originating_pool(address, origination)
+            else:
+                pool = self._new_pool(address, identity, limited=options is not None)
             self.pools[key] = pool
         if options is not None and self._options.get(key) is not options:
             self._options[key] = options
@@ -167,6 +178,20 @@ class PoolSet:
                 connection_limit=options.limit,
             )
         return pool
+
+    def _originating_pool(self, address: str, origination: Origination) -> UpstreamPool:
+        host, _, port = address.rpartition(":")
+        host = host.strip("[]")
+        if origination.plaintext:
+            return UpstreamPool(host, int(port), limits=self.limits)
+        return UpstreamPool(
+            host,
+            int(port),
+            limits=self.limits,
+            ssl=origination.context,
+            server_hostname=origination.server_name,
+            verify_peer=origination.verify_peer,
+        )
 
     def _new_pool(self, address: str, identity: str, *, limited: bool = False) -> UpstreamPool:
         host, _, port = address.rpartition(":")

@@ -133,7 +133,9 @@ class Mirrors:
         if not breaker.try_acquire_request():
             return "dropped"
         try:
-            pool = self.pools.get(endpoint.address, endpoint.identity, cluster.pool_options)
+            pool = self.pools.get(
+                endpoint.address, endpoint.identity, cluster.pool_options, cluster.origination
+            )
             resp = await pool.request(method, path, headers, body)
             try:
                 async for _ in resp.body:

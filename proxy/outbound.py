@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
@@ -25,11 +26,12 @@ from mesh.hosts import ServiceRef, canonical_host, service_of_host, strip_port
 from mesh.messages import Endpoint
 from proxy import attempts
 from proxy.destinations import Destination, DestinationCache
-from proxy.forward import Outcome, PoolSet, join_flags, local_reply
+from proxy.forward import Outcome, PoolSet, forward, join_flags, local_reply
 from proxy.http import (
     BodyStream,
     Exchange,
     Request,
+    UpstreamError,
     append_forwarded_for,
     ensure_request_id,
     header_map,
@@ -51,7 +53,7 @@ from proxy.routing import (
     request_authority,
     rewrite_path,
 )
-from proxy.telemetry import SidecarTelemetry
+from proxy.telemetry import PEER_METADATA_HEADER, SidecarTelemetry
 
 
 class Admitted(NamedTuple):
@@ -142,10 +144,14 @@ class RouteHandler:
         """CONNECT to a mesh service's host:port (what gRPC clients send when given the
         sidecar's `http_proxy`): answered 200, and the tunnelled connection is served
         by this listener as HTTP/1.1 or h2c, so each request in it is routed, retried,
-        authorized and counted like any other (not relayed as opaque bytes). Anything
-        else is answered 404 `NR`, as Envoy does without a `connect_matcher` route."""
+        authorized and counted like any other (not relayed as opaque bytes). A host
+        outside the registry: `_connect_outside`. Anything else is answered 404 `NR`,
+        as Envoy does without a `connect_matcher` route."""
         authority = req.authority
         ref = self._service(authority) if authority and not self.gateway_mode else None
+        if (ref is None or ref.name == "*") and authority and not self.gateway_mode:
+            if req.http_version == "1.1" and _port_of(authority):
+                return await self._connect_outside(req, ex)
         if ref is None or ref.name == "*" or req.http_version != "1.1" or not _port_of(authority):
             return await local_reply(ex, 404, "NR", "CONNECT is not routed")
         try:
@@ -153,9 +159,42 @@ class RouteHandler:
         except errors.MeshError as e:
             return await local_reply(ex, 503, "UH", f"no configuration for {ref}: {e}")
         if not _exists(dest):
-            return await local_reply(ex, 404, "NR", "CONNECT is not routed")
+            # a name the registry does not know: a ServiceEntry host or ALLOW_ANY may
+            return await self._connect_outside(req, ex)
         await ex.accept_connect()
         return Outcome(200, "", "", ref.fqdn)
+
+    async def _connect_outside(self, req: Request, ex: Exchange) -> Outcome:
+        """CONNECT to a host outside the registry (what an app sends for https:// given
+        the sidecar's proxy): a ServiceEntry host declaring that port with a protocol
+        other than HTTP's (HTTPS, TLS, TCP...), or any host under ALLOW_ANY, gets an
+        opaque tunnel to it (the app's TLS passes through, as through Istio's
+        sidecar); anything else 404 `NR`."""
+        host, port = strip_port(req.authority), _port_of(req.authority)
+        try:
+            config = await self.cache.mesh_wide.current()
+        except errors.MeshError as e:
+            return await local_reply(ex, 503, "UH", f"no mesh-wide configuration: {e}")
+        dest = None
+        if self.cache.mesh_wide.tunnels(host, port, self.caller.namespace):
+            dest = self.cache.mesh_wide.destination(host, port, self.caller.namespace)
+        if dest is not None:
+            cluster = dest.cluster("", self.rand)
+            now = time.monotonic()
+            endpoint = cluster.choose(None, frozenset(), now) if cluster is not None else None
+            if endpoint is None:
+                return await local_reply(ex, 503, "UH", f"no healthy upstream for {host}")
+            address = endpoint.address
+        elif config.outbound_traffic_policy == "ALLOW_ANY":
+            address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        else:
+            return await local_reply(ex, 404, "NR", "CONNECT is not routed")
+        try:
+            upstream = await self.pools.get(address).open_connection()
+        except UpstreamError as e:
+            return await local_reply(ex, 503, "UF", f"upstream connect error: {e}")
+        await ex.relay_connect(upstream)
+        return Outcome(200, "", address, host)
 
     async def _handle(self, req: Request, ex: Exchange, seen: Outcome | None) -> Outcome:
         # path and authority were normalised and validated by the engine
@@ -185,6 +224,9 @@ class RouteHandler:
             gateway=self.caller.gateway,
         )
         if self.gateway_mode:
+            # a gateway server's port is what a `port` match compares with; a Host
+            # without one arrived on the scheme's default port (80 for HTTP)
+            attrs = _with_default_port(attrs, req.scheme)
             if self.gateway_routes is None:
                 return await local_reply(ex, 503, "NC", "gateway has no configuration yet")
             match = self.gateway_routes.select(attrs)
@@ -194,9 +236,7 @@ class RouteHandler:
 
         ref = self._service(authority)
         if ref is None or ref.name == "*":
-            return await local_reply(
-                ex, 502, "NR", f"unknown host {strip_port(authority)!r}: not a mesh service"
-            )
+            return await self._outside_registry(req, ex, attrs, seen, "not a mesh service")
         if seen is not None:
             seen.service = ref.fqdn
         try:
@@ -204,14 +244,58 @@ class RouteHandler:
         except errors.MeshError as e:
             return await local_reply(ex, 503, "UH", f"no configuration for {ref}: {e}")
         if not _exists(dest):
-            return await local_reply(
-                ex, 502, "NR", f"unknown host {strip_port(authority)!r}: no such service"
-            )
+            return await self._outside_registry(req, ex, attrs, seen, "no such service")
         assert dest.routes is not None
         match = dest.routes.select(attrs)
         if match is None:
             return await local_reply(ex, 404, "NR", f"no route matched {req.method} {req.path}")
         return await self._route(req, ex, attrs, match, seen)
+
+    async def _outside_registry(
+        self, req: Request, ex: Exchange, attrs: RequestAttrs, seen: Outcome | None, why: str
+    ) -> Outcome:
+        """A host the registry does not know: a ServiceEntry host is routed like a mesh
+        service; anything else is refused (REGISTRY_ONLY, 502 `NR`) or passed through
+        to the host and port asked for (ALLOW_ANY), as the mesh-wide table says."""
+        host = strip_port(attrs.authority)
+        # a ServiceEntry port is what the Host names, else the scheme's default port
+        attrs = _with_default_port(attrs, req.scheme)
+        try:
+            config = await self.cache.mesh_wide.current()
+        except errors.MeshError as e:
+            return await local_reply(ex, 503, "UH", f"no mesh-wide configuration: {e}")
+        dest = self.cache.mesh_wide.destination(host, attrs.port, self.caller.namespace)
+        if dest is None:
+            if config.outbound_traffic_policy == "ALLOW_ANY":
+                return await self._passthrough(req, ex, host, attrs.port or 80, seen)
+            return await local_reply(ex, 502, "NR", f"unknown host {host!r}: {why}")
+        if seen is not None:
+            seen.service = dest.host
+        assert dest.routes is not None
+        match = dest.routes.select(attrs)
+        if match is None:
+            return await local_reply(ex, 404, "NR", f"no route matched {req.method} {req.path}")
+        return await self._route(req, ex, attrs, match, seen)
+
+    async def _passthrough(
+        self, req: Request, ex: Exchange, host: str, port: int, seen: Outcome | None
+    ) -> Outcome:
+        """ALLOW_ANY: the request as the app sent it, to the host and port it named
+        (Istio's PassthroughCluster): no routing, no retries, plaintext."""
+        if seen is not None:
+            seen.service = host
+        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        headers = strip_hop_by_hop(req.headers, req.upgrade)
+        headers = append_forwarded_for(headers, req.peer[0] if req.peer else "")
+        return await forward(
+            ex,
+            req,
+            self.pools.get(address),
+            method=req.method,
+            path=req.path,
+            headers=headers,
+            upstream=address,
+        )
 
     async def _route(
         self,
@@ -240,12 +324,26 @@ class RouteHandler:
         except NoDestinationError as e:
             return await local_reply(ex, 503, "NC", str(e))
         target_ref = self._service(chosen.destination.host)
-        if target_ref is None:
-            return await local_reply(
-                ex, 502, "NR", f"route destination {chosen.destination.host} is not a mesh service"
+        external: Destination | None = None
+        if target_ref is None or target_ref.name == "*":
+            # a ServiceEntry host (`proxy.egress`), at the port the route names or,
+            # without one, the port the request was sent to
+            external = await self._external(
+                chosen.destination.host, chosen.destination.port or attrs.port
             )
+            if external is None:
+                return await local_reply(
+                    ex,
+                    502,
+                    "NR",
+                    f"route destination {chosen.destination.host} is not a mesh service "
+                    "or ServiceEntry host",
+                )
         if seen is not None:
-            seen.service = target_ref.fqdn
+            if external is not None:
+                seen.service = external.host
+            elif target_ref is not None:
+                seen.service = target_ref.fqdn
         fault_flags = ""
         if route.fault is not None:
             fault = decide_fault(route.fault, self.rand.random(), self.rand.random())
@@ -260,14 +358,24 @@ class RouteHandler:
                     "fault filter abort",
                     grpc_status=fault.abort_grpc_status,
                 )
-        try:
-            target = await self.cache.get(target_ref)
-        except errors.MeshError as e:
-            return await local_reply(ex, 503, "UH", f"no configuration for {target_ref}: {e}")
-        cluster = target.cluster(chosen.destination.subset, self.rand)
+        if external is not None:
+            target = external
+        else:
+            assert target_ref is not None
+            try:
+                target = await self.cache.get(target_ref)
+            except errors.MeshError as e:
+                return await local_reply(ex, 503, "UH", f"no configuration for {target_ref}: {e}")
+        # the port the route names, else the one asked for (portLevelSettings)
+        cluster = target.cluster(
+            chosen.destination.subset, self.rand, chosen.destination.port or attrs.port
+        )
         if cluster is None:
             return await local_reply(
-                ex, 503, "NC", f"unknown subset {chosen.destination.subset!r} of {target_ref}"
+                ex,
+                503,
+                "NC",
+                f"unknown subset {chosen.destination.subset!r} of {target.host or target_ref}",
             )
         balancer = cluster.balancer
         peer_ip = req.peer[0] if req.peer else ""
@@ -287,8 +395,13 @@ class RouteHandler:
         out_headers = [(n, v) for n, v in out_headers if n != "host"]
         out_headers.append(("host", authority))
         out_headers = append_forwarded_for(out_headers, peer_ip)
+        if external is not None:
+            # our peer metadata never leaves the mesh (a gateway passes on what it got)
+            out_headers = [(n, v) for n, v in out_headers if n != PEER_METADATA_HEADER]
         out_headers, _request_id = ensure_request_id(out_headers)
-        if seen is not None and self.telemetry is not None:
+        if seen is not None and self.telemetry is not None and external is None:
+            # trace context and peer metadata go to mesh workloads only: a host
+            # outside the mesh gets the request as the app sent it
             out_headers = self.telemetry.client_headers(out_headers, seen)
         cookie = balancer.cookie_to_set(hash_ctx) if hash_ctx is not None else None
 
@@ -312,11 +425,11 @@ class RouteHandler:
             self._mirror(mirror, route, req.method, path, out_headers, authority, body)
 
         on_endpoint = None
-        if seen is not None and self.telemetry is not None:
-            telemetry, outcome = self.telemetry, seen
+        if seen is not None and self.telemetry is not None and target_ref is not None:
+            telemetry, outcome, workload_of = self.telemetry, seen, target_ref
 
             def on_endpoint(endpoint: Endpoint) -> None:
-                outcome.destination = telemetry.destination_of(target_ref, endpoint)
+                outcome.destination = telemetry.destination_of(workload_of, endpoint)
 
         result = await attempts.send(
             ex,
@@ -338,6 +451,14 @@ class RouteHandler:
         if fault_flags:
             result.flags = join_flags(fault_flags, result.flags)
         return result
+
+    async def _external(self, host: str, port: int) -> Destination | None:
+        """The ServiceEntry destination for a route's `host:port`, or None."""
+        try:
+            await self.cache.mesh_wide.current()
+        except errors.MeshError:
+            return None
+        return self.cache.mesh_wide.destination(strip_port(host), port or 80, self.caller.namespace)
 
     def _mirror(
         self,
@@ -368,6 +489,12 @@ _MAX_MEMO = 1024
 def _exists(dest: Destination) -> bool:
     known = dest.table is not None and (dest.table.exists or dest.table.has_virtual_service)
     return known or bool(dest.endpoints and dest.endpoints.endpoints)
+
+
+def _with_default_port(attrs: RequestAttrs, scheme: str) -> RequestAttrs:
+    if attrs.port:
+        return attrs
+    return attrs._replace(port=443 if scheme == "https" else 80)
 
 
 def _port_of(authority: str) -> int:

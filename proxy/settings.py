@@ -99,6 +99,13 @@ class SidecarSettings:
             )
 
     @property
+    def egress_gateway(self) -> bool:
+        """A gateway in the egress role (Istio's `istio: egressgateway` label, which
+        `meshctl gateway --egress` sets): mesh sidecars reach it over mTLS, so its
+        listener takes mTLS as well as plaintext (docs/architecture.md §5.5)."""
+        return self.gateway and self.labels.get("istio") == "egressgateway"
+
+    @property
     def app_speaks_h2(self) -> bool:
         return self.app_protocol in ("http2", "grpc")
 

@@ -211,9 +211,17 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     gw.add_argument(
         "--port", type=int, required=True, help="plaintext listener for traffic entering the mesh"
     )
-    gw.add_argument("--name", default="ingressgateway", help="gateway workload name")
+    gw.add_argument("--name", default="", help="gateway workload name (default: ingressgateway)")
+    gw.add_argument(
+        "--egress",
+        action="store_true",
+        help="egress role (Istio's egress gateway): named istio-egressgateway in "
+        "istio-system unless --name/-n say otherwise, labels istio=egressgateway and "
+        "app=istio-egressgateway, reached by sidecars over mTLS",
+    )
     _common(gw)
-    gw.set_defaults(func=cmd_gateway)
+    # resolved in cmd_gateway: the egress role has its own default namespace
+    gw.set_defaults(func=cmd_gateway, namespace=None)
 
 
 def _check_ports(ports: list[tuple[str, int, str]]) -> None:
@@ -416,9 +424,26 @@ def gateway_labels(name: str, labels: dict[str, str]) -> dict[str, str]:
     return {"istio": short, "app": f"istio-{short}", **labels}
 
 
+def gateway_workload(
+    name: str, namespace: str | None, labels: dict[str, str], *, egress: bool
+) -> tuple[str, str, dict[str, str]]:
+    """(name, namespace, labels) of a gateway as `meshctl gateway` runs it: the egress
+    role is Istio's `istio-egressgateway` in `istio-system` with its labels, so the
+    egress-gateway task's selectors and hosts find it; flags given win."""
+    if namespace is None:
+        namespace = os.environ.get("MESH_NAMESPACE", "istio-system" if egress else "default")
+    if egress:  # the role's labels whatever the name: Istio's task selects on them
+        name = name or "istio-egressgateway"
+        return name, namespace, gateway_labels("istio-egressgateway", labels)
+    name = name or "ingressgateway"
+    return name, namespace, gateway_labels(name, labels)
+
+
 def cmd_gateway(args: argparse.Namespace) -> int:
     logs.configure()
-    args.labels = gateway_labels(args.name, args.labels)
+    args.name, args.namespace, args.labels = gateway_workload(
+        args.name, args.namespace, args.labels, egress=args.egress
+    )
     settings = _settings(args, service=args.name, gateway=True, gateway_port=args.port)
     ports = [("--admin-port", args.admin_port, args.bind)]
     if not _envoy_left_running(settings):

@@ -30,6 +30,7 @@ from mesh.resources.meshwork import (
 )
 from mesh.resources.model import Metadata, Resource, ResourceKey, Spec, to_dict
 from mesh.resources.networking import (
+    ClientTLSSettings,
     ConnectionPoolSettings,
     ConsistentHashLB,
     Destination,
@@ -55,6 +56,7 @@ from mesh.resources.networking import (
     Percent,
     Port,
     PortSelector,
+    PortTrafficPolicy,
     Server,
     StringMatch,
     Subset,
@@ -81,6 +83,12 @@ from mesh.resources.security import (
     Source,
     WorkloadSelector,
 )
+from mesh.resources.service_entry import (
+    EntryWorkloadSelector,
+    ServiceEntrySpec,
+    ServicePort,
+    WorkloadEntry,
+)
 from mesh.resources.validate import MESH_GATEWAY
 
 __all__ = [
@@ -90,11 +98,13 @@ __all__ = [
     "AuthorizationPolicySpec",
     "ClaimToHeader",
     "ClientRefs",
+    "ClientTLSSettings",
     "Condition",
     "ConnectionPoolSettings",
     "ConsistentHashLB",
     "Destination",
     "DestinationRuleSpec",
+    "EntryWorkloadSelector",
     "ExtAuthzGrpc",
     "ExtAuthzHttp",
     "ExtensionProvider",
@@ -129,6 +139,7 @@ __all__ = [
     "PolicyTargetReference",
     "Port",
     "PortSelector",
+    "PortTrafficPolicy",
     "RateLimitOverride",
     "RateLimitPolicySpec",
     "RequestAuthenticationSpec",
@@ -140,6 +151,8 @@ __all__ = [
     "RuleFrom",
     "RuleTo",
     "Server",
+    "ServiceEntrySpec",
+    "ServicePort",
     "Source",
     "SourcedDocument",
     "Spec",
@@ -148,6 +161,7 @@ __all__ = [
     "TCPSettings",
     "TrafficPolicy",
     "VirtualServiceSpec",
+    "WorkloadEntry",
     "WorkloadSelector",
     "load_yaml",
     "parse_documents",

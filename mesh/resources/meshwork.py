@@ -126,10 +126,19 @@ class ProxyDefaults(Model, frozen=True):
     gateway_topology: GatewayTopology | None = None
 
 
+class OutboundTrafficPolicy(Model, frozen=True):
+    """Istio's `meshConfig.outboundTrafficPolicy`: what a sidecar does with a request
+    for a host neither the registry nor a ServiceEntry knows. REGISTRY_ONLY (the
+    default): 502 `NR`; ALLOW_ANY: forwarded to the host and port asked for."""
+
+    # None is refused in validation
+    mode: str | None = None
+
+
 class MeshConfigSpec(Model, frozen=True):
     """The mesh-wide settings Istio keeps in its meshConfig, as a resource: those in
     the root namespace apply (`extensionProviders`, named by CUSTOM policies;
-    `defaultConfig.gatewayTopology.numTrustedProxies`)."""
+    `defaultConfig.gatewayTopology.numTrustedProxies`; `outboundTrafficPolicy`)."""
 
     extension_providers: tuple[ExtensionProvider, ...] = ()
     default_config: ProxyDefaults | None = None
@@ -138,6 +147,7 @@ class MeshConfigSpec(Model, frozen=True):
     # the same workload in all of them (Istio's trust domain migration)
     trust_domain: str = ""
     trust_domain_aliases: tuple[str, ...] = ()
+    outbound_traffic_policy: OutboundTrafficPolicy | None = None
 
 
 # ---------------------------------------------------------------- RateLimitPolicy

@@ -9,6 +9,7 @@ import msgspec
 from mesh.resources.meshwork import RateLimitPolicySpec
 from mesh.resources.networking import DestinationRuleSpec, GatewaySpec, Model, VirtualServiceSpec
 from mesh.resources.security import AuthorizationPolicySpec, PeerAuthenticationSpec
+from mesh.resources.service_entry import ServiceEntrySpec
 
 # the typed spec of every registered kind; extend together with `registry.KINDS`
 Spec = (
@@ -18,6 +19,7 @@ Spec = (
     | PeerAuthenticationSpec
     | AuthorizationPolicySpec
     | RateLimitPolicySpec
+    | ServiceEntrySpec
 )
 
 

@@ -284,10 +284,40 @@ class OutlierDetection(Model, frozen=True):
     min_health_percent: int | None = None
 
 
+class ClientTLSSettings(Model, frozen=True):
+    """Istio `ClientTLSSettings` (`trafficPolicy.tls`): how this proxy's upstream
+    connections are secured. Certificates come from files on the proxy's host;
+    `credentialName` (a Kubernetes secret) is refused in validation."""
+
+    # DISABLE | SIMPLE | MUTUAL | ISTIO_MUTUAL; None is refused in validation
+    mode: str | None = None
+    client_certificate: str = ""
+    private_key: str = ""
+    ca_certificates: str = ""
+    credential_name: str = ""
+    subject_alt_names: tuple[str, ...] = ()
+    sni: str = ""
+    # None = false (verify the server); Istio's BoolValue
+    insecure_skip_verify: bool | None = None
+
+
+class PortTrafficPolicy(Model, frozen=True):
+    """`trafficPolicy.portLevelSettings[]`: the fields set here replace the
+    destination-level ones for traffic to `port.number`."""
+
+    port: PortSelector | None = None
+    load_balancer: LoadBalancerSettings | None = None
+    connection_pool: ConnectionPoolSettings | None = None
+    outlier_detection: OutlierDetection | None = None
+    tls: ClientTLSSettings | None = None
+
+
 class TrafficPolicy(Model, frozen=True):
     load_balancer: LoadBalancerSettings | None = None
     connection_pool: ConnectionPoolSettings | None = None
     outlier_detection: OutlierDetection | None = None
+    tls: ClientTLSSettings | None = None
+    port_level_settings: tuple[PortTrafficPolicy, ...] = ()
 
 
 class Subset(Model, frozen=True):

@@ -2,7 +2,7 @@
 
 Each entry names the kind as users type it (`VirtualService`, `virtualservices`,
 `vs`), the apiVersions accepted for it, its typed spec and its semantic validator.
-Kinds not listed (ServiceEntry, Sidecar, ...) are rejected at apply time.
+Kinds not listed (Sidecar, WorkloadEntry, ...) are rejected at apply time.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from mesh.resources.security import (
     PeerAuthenticationSpec,
     RequestAuthenticationSpec,
 )
+from mesh.resources.service_entry import ServiceEntrySpec, validate_service_entry
 from mesh.resources.validate import (
     validate_destination_rule,
     validate_gateway,
@@ -112,6 +113,15 @@ KINDS: Mapping[str, KindInfo] = _entries(
         versions=NETWORKING_VERSIONS,
         spec_type=GatewaySpec,
         validate=validate_gateway,
+    ),
+    KindInfo(
+        kind="ServiceEntry",
+        plural="serviceentries",
+        short_names=("se",),
+        group=NETWORKING_GROUP,
+        versions=NETWORKING_VERSIONS,
+        spec_type=ServiceEntrySpec,
+        validate=validate_service_entry,
     ),
     KindInfo(
         kind="PeerAuthentication",

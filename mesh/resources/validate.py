@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping
 
 from mesh.resources import checks
 from mesh.resources.durations import parse_duration_ms
-from mesh.resources.errors import Issue, field, item, key, unsupported
+from mesh.resources.errors import Issue, field, item, key, required, unsupported
 from mesh.resources.model import Metadata
 from mesh.resources.networking import (
     DestinationRuleSpec,
@@ -35,6 +35,7 @@ from mesh.resources.validate_resilience import (
     validate_route_resilience,
     validate_traffic_policy_resilience,
 )
+from mesh.resources.validate_tls import validate_client_tls
 
 MESH_GATEWAY = "mesh"
 LB_SIMPLE = ("ROUND_ROBIN", "LEAST_REQUEST", "LEAST_CONN", "RANDOM")
@@ -272,6 +273,28 @@ def _traffic_policy(policy: TrafficPolicy, path: str, out: list[Issue]) -> None:
     if policy.load_balancer is not None:
         _load_balancer(policy.load_balancer, field(path, "loadBalancer"), out)
     validate_traffic_policy_resilience(policy.connection_pool, policy.outlier_detection, path, out)
+    if policy.tls is not None:
+        validate_client_tls(policy.tls, field(path, "tls"), out)
+    seen_ports: dict[int, int] = {}
+    for i, port_policy in enumerate(policy.port_level_settings):
+        p_path = item(field(path, "portLevelSettings"), i)
+        if port_policy.port is None:
+            out.append(required(field(p_path, "port")))
+        else:
+            number = port_policy.port.number
+            n_path = field(p_path, "port.number")
+            _add(out, n_path, checks.port(number))
+            if number in seen_ports:
+                message = f"duplicate port {number}, see portLevelSettings[{seen_ports[number]}]"
+                out.append(Issue(n_path, message))
+            seen_ports.setdefault(number, i)
+        if port_policy.load_balancer is not None:
+            _load_balancer(port_policy.load_balancer, field(p_path, "loadBalancer"), out)
+        validate_traffic_policy_resilience(
+            port_policy.connection_pool, port_policy.outlier_detection, p_path, out
+        )
+        if port_policy.tls is not None:
+            validate_client_tls(port_policy.tls, field(p_path, "tls"), out)
 
 
 def _load_balancer(lb: LoadBalancerSettings, path: str, out: list[Issue]) -> None:

@@ -117,8 +117,20 @@ def _principal(value: str) -> str | None:
     return None
 
 
+OUTBOUND_MODES = ("REGISTRY_ONLY", "ALLOW_ANY")
+
+
 def validate_mesh_config(spec: MeshConfigSpec, path: str = "spec") -> list[Issue]:
     out: list[Issue] = []
+    if spec.outbound_traffic_policy is not None:
+        mode = spec.outbound_traffic_policy.mode
+        mode_path = field(path, "outboundTrafficPolicy.mode")
+        if mode is None:
+            out.append(required(mode_path))
+        elif mode not in OUTBOUND_MODES:
+            out.append(
+                Issue(mode_path, f"must be one of {', '.join(OUTBOUND_MODES)}, got {mode!r}")
+            )
     topology = spec.default_config.gateway_topology if spec.default_config else None
     if topology is not None and topology.num_trusted_proxies is not None:
         hops = topology.num_trusted_proxies

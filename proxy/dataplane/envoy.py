@@ -170,6 +170,11 @@ class EnvoyDataPlane:
         self._secrets = self._current_secrets()
         self._oidc = OidcDiscovery(s.jwks_ca_file, self._wake.set)
         await self._follow_every_service()
+        try:
+            # ServiceEntry hosts and the outbound policy are in the first configuration
+            await ctx.destinations.mesh_wide.current()
+        except errors.MeshError as e:
+            log.warning("envoy.meshwide_unavailable", error=str(e))
         self._push()
         self._tasks.append(asyncio.create_task(self._push_loop(), name="envoy:push"))
         bootstrap = build_bootstrap(
@@ -407,7 +412,14 @@ class EnvoyDataPlane:
         if self._oidc is not None and self._node is not None:
             self._oidc.want(discovery_uris(jwt_authn.selected(policy, self._node.labels)))
             discovered = dict(self._oidc.resolved)
-        return mesh_view(ctx.destinations.destinations, policy, gateway, self._vips, discovered)
+        return mesh_view(
+            ctx.destinations.destinations,
+            policy,
+            gateway,
+            self._vips,
+            discovered,
+            ctx.destinations.mesh_wide.config,
+        )
 
     @staticmethod
     def _followed_revisions(ctx: DataPlaneContext) -> dict[str, int]:

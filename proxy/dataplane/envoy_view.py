@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from mesh.compiled import GatewayConfig, InboundPolicy
+from mesh.compiled_mesh import MeshWideConfig
 from mesh.hosts import ServiceRef
 from mesh.messages import EndpointSet, SubscriptionStatus
 from proxy.destinations import Destination
@@ -66,6 +67,7 @@ def proxy_node(
         app_host=s.app_host,
         capture=(ports.capture_host, ports.capture) if ports.capture else None,
         opaque_ports=tuple(sorted(s.capture.opaque_ports)) if ports.capture else (),
+        egress_gateway=s.egress_gateway,
     )
 
 
@@ -75,10 +77,12 @@ def mesh_view(
     gateway: GatewayConfig | None,
     vips: Mapping[str, str] | None = None,
     discovered_jwks: Mapping[str, str] | None = None,
+    mesh_wide: MeshWideConfig | None = None,
 ) -> MeshView:
     return MeshView(
         vips=dict(vips or {}),
         discovered_jwks=dict(discovered_jwks or {}),
+        mesh_wide=mesh_wide,
         destinations={
             ref.fqdn: (dest.table, dest.endpoints)
             for ref, dest in sorted(destinations.items())

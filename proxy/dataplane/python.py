@@ -102,9 +102,11 @@ class PythonDataPlane:
             ctx.gateway.attach(routes)
             if policy is not None:
                 routes.admission = GatewayAdmission(policy, ctx.stats, s.gateway_port)
-            service_port = await self._listen(
-                "gateway", self._counted("gateway", routes.handle), s.gateway_port, s.bind_host
-            )
+            handler = self._counted("gateway", routes.handle)
+            if s.egress_gateway and identity is not None:
+                service_port = await self._listen_egress_gateway(ctx, handler)
+            else:
+                service_port = await self._listen("gateway", handler, s.gateway_port, s.bind_host)
         else:
             assert policy is not None
             inbound = InboundHandler(s, self.app_pools, policy, ctx.stats)
@@ -237,6 +239,23 @@ class PythonDataPlane:
         )
         self._ports["capture"] = await capture.start(ctx.capture.host, ctx.capture.port)
         self._captures.append(capture)
+
+    async def _listen_egress_gateway(self, ctx: DataPlaneContext, handler: Handler) -> int:
+        """An egress gateway's listener: mTLS from mesh sidecars (which reach it as a
+        mesh service with an identity), plaintext from anyone else, on one port."""
+        s = ctx.settings
+        identity = ctx.identity
+        assert identity is not None
+        listener = MeshListener(
+            lambda: HttpServerProtocol(handler, self.limits),
+            context=lambda: identity.inbound_context(),
+            mode=lambda: "PERMISSIVE",
+            name="gateway",
+        )
+        port = await listener.start(s.bind_host, s.gateway_port)
+        self._listeners.append(listener)
+        self._ports["gateway"] = port
+        return port
 
     # ------------------------------------------------------------ handlers
 

@@ -38,9 +38,10 @@ from envoy.config.core.v3 import address_pb2, base_pb2
 from envoy.data.accesslog.v3 import accesslog_pb2
 
 from mesh import identity
-from mesh.hosts import ServiceRef, canonical_host, service_of_host
+from mesh.hosts import ServiceRef, canonical_host, service_of_host, strip_port
 from mesh.messages import Endpoint, EndpointSet
 from mesh.telemetry import Span
+from proxy.envoy.resources import PASSTHROUGH_CLUSTER
 from proxy.telemetry.datapath import caller_workload
 from proxy.telemetry.peer_metadata import PEER_METADATA_HEADER, decode_peer_metadata
 from proxy.telemetry.records import UNKNOWN, RequestRecord, TcpRecord, Workload, workload_name
@@ -315,6 +316,9 @@ class AccessLogConverter:
         authority = request.authority
         if reporter == "source":
             service = cluster_service(common.upstream_cluster) or self._service_of(authority)
+            if common.upstream_cluster == PASSTHROUGH_CLUSTER:
+                # ALLOW_ANY: the host asked for, as the Python sidecar records it
+                service = strip_port(authority).lower()
             source = self.local.workload
             upstream = socket_address(common.upstream_remote_address)
             destination = self.destination(service, upstream)

@@ -17,6 +17,8 @@ SECRET = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
 # trust bundle (every root in force) peers are verified against
 WORKLOAD_CERT = "default"
 TRUST_BUNDLE = "ROOTCA"
+# the cluster ALLOW_ANY sends unknown hosts to (Istio's name; `translate.egress`)
+PASSTHROUGH_CLUSTER = "PassthroughCluster"
 
 
 @dataclass(frozen=True)

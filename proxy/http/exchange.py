@@ -7,7 +7,7 @@ from collections.abc import AsyncIterable
 from typing import Protocol
 
 from .body import BodyStream
-from .client import UpstreamResponse
+from .client import UpstreamConnection, UpstreamResponse
 from .exchange_state import ExchangeState, check_local_status, discard_body, grpc_status_of
 from .flow import ReadGate, WriteGate
 from .headers import HOP_BY_HOP, accepts_trailers, connection_tokens, get_header
@@ -195,6 +195,29 @@ class Exchange(ExchangeState):
         downstream = self._downstream
         upstream = response._connection
         downstream.transport.write(head)
+        tunnel = self._tunnel = Tunnel(
+            downstream.transport, downstream.read_gate, upstream.transport, upstream.read_gate
+        )
+        try:
+            downstream.start_tunnel(tunnel)
+            upstream.start_tunnel(tunnel)
+            await tunnel.wait_closed()
+        finally:
+            tunnel.close()
+            self.response_bytes = tunnel.bytes_down
+        self._finish()
+
+    async def relay_connect(self, upstream: UpstreamConnection) -> None:
+        """Answer a CONNECT with 200 and relay the tunnelled bytes, opaque, to and from
+        `upstream` (a fresh connection to the host the CONNECT named) until one side
+        closes: TLS from the app reaches that host untouched."""
+        if self._request.method != "CONNECT":
+            upstream.abort()
+            raise ValueError("relay_connect() answers a CONNECT request")
+        self._begin(200)
+        self._closing = True
+        downstream = self._downstream
+        downstream.transport.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
         tunnel = self._tunnel = Tunnel(
             downstream.transport, downstream.read_gate, upstream.transport, upstream.read_gate
         )

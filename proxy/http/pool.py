@@ -301,6 +301,11 @@ class UpstreamPool:
                     self._slotted[connection] = limit
         return connection
 
+    async def open_connection(self) -> UpstreamConnection:
+        """A new connection of this pool's kind that no request will share (a CONNECT
+        tunnel's upstream); it is forgotten when it closes."""
+        return await self._open()
+
     async def _open(self) -> UpstreamConnection:
         if self._closed:
             raise UpstreamConnectError("upstream pool is closed")

@@ -36,6 +36,7 @@ from mesh.resources import (
     HTTPRoute,
     HTTPRouteDestination,
     LoadBalancerSettings,
+    PortTrafficPolicy,
     Resource,
     StringMatch,
     TrafficPolicy,
@@ -60,8 +61,14 @@ from services.config.compile_resilience import (
     compile_outlier_detection,
     compile_retries,
 )
+from services.config.compile_tls import compile_client_tls, with_port_levels
 
-__all__ = ["compile_gateway_config", "compile_route_table", "services_named"]
+__all__ = [
+    "compile_gateway_config",
+    "compile_host_table",
+    "compile_route_table",
+    "services_named",
+]
 
 # canonical match gateways -> the gateways to keep on the match, or None to drop it
 GatewayFilter = Callable[[tuple[str, ...]], tuple[str, ...] | None]
@@ -88,28 +95,42 @@ def compile_route_table(
     `resources` must be in creation order (oldest first): it decides rule order when
     several VirtualServices name the service, and which DestinationRule wins a tie.
     """
-    fqdn = service.fqdn
+    return compile_host_table(resources, service.fqdn, service.namespace, service.name, revision)
+
+
+def compile_host_table(
+    resources: Sequence[Resource], fqdn: str, namespace: str, name: str, revision: int
+) -> compiled.RouteTable:
+    """The route table of one canonical host: a mesh service's FQDN, or a ServiceEntry
+    host (then `name` is the host and `namespace` the ServiceEntry's)."""
     rules: list[compiled.HTTPRoute] = []
     tcp_rules: list[compiled.L4Route] = []
     tls_rules: list[compiled.L4Route] = []
     for resource, spec in _virtual_services(resources):
-        namespace = resource.metadata.namespace
+        vs_namespace = resource.metadata.namespace
         if spec.gateways and MESH_GATEWAY not in spec.gateways:
             continue
-        if any(host_matches(canonical_host(h, namespace), fqdn) for h in spec.hosts):
+        if any(host_matches(canonical_host(h, vs_namespace), fqdn) for h in spec.hosts):
             rules.extend(_http_routes(resource, spec, _keep_for_mesh))
             tcp, tls = compile_l4_routes(resource, spec, _keep_for_mesh)
             tcp_rules.extend(tcp)
             tls_rules.extend(tls)
-    # Gateway API routes attached to the service come after its VirtualService rules
-    rules.extend(gateway_api_routes(resources, service))
-    if not rules and (k8s_route := kubernetes_default_route(resources, service)) is not None:
-        rules.append(k8s_route)
-    subsets, traffic_policy = _destination_policy(resources, service)
-    subsets += kubernetes_subsets(resources, service, traffic_policy)
+    # a mesh service (not a ServiceEntry host): Gateway API routes and Kubernetes
+    # Services name it (docs/architecture.md §8)
+    service: ServiceRef | None = ServiceRef(namespace, name)
+    if service is not None and service.fqdn != fqdn:
+        service = None
+    if service is not None:
+        # Gateway API routes attached to the service come after its VirtualService rules
+        rules.extend(gateway_api_routes(resources, service))
+        if not rules and (k8s := kubernetes_default_route(resources, service)) is not None:
+            rules.append(k8s)
+    subsets, traffic_policy = _destination_policy(resources, fqdn, namespace)
+    if service is not None:
+        subsets += kubernetes_subsets(resources, service, traffic_policy)
     return compiled.RouteTable(
-        namespace=service.namespace,
-        service=service.name,
+        namespace=namespace,
+        service=name,
         host=fqdn,
         revision=revision,
         http=tuple(rules),
@@ -118,7 +139,7 @@ def compile_route_table(
         has_virtual_service=bool(rules),
         tcp=tuple(tcp_rules),
         tls=tuple(tls_rules),
-        aliases=kubernetes_aliases(resources, service),
+        aliases=kubernetes_aliases(resources, service) if service is not None else (),
     )
 
 
@@ -129,14 +150,14 @@ def _keep_for_mesh(gateways: tuple[str, ...]) -> tuple[str, ...] | None:
 
 
 def _destination_policy(
-    resources: Sequence[Resource], service: ServiceRef
+    resources: Sequence[Resource], fqdn: str, namespace: str
 ) -> tuple[tuple[compiled.Subset, ...], compiled.TrafficPolicy]:
-    """Subsets and policy from the one DestinationRule that applies to `service`.
+    """Subsets and policy from the one DestinationRule that applies to host `fqdn` of
+    `namespace`.
 
     Preference: a rule in the service's own namespace, then an exact host over a
     wildcard (longer wildcard first), then the oldest.
     """
-    fqdn = service.fqdn
     best: tuple[tuple[bool, bool, int, int], DestinationRuleSpec] | None = None
     for position, resource in enumerate(resources):
         spec = resource.spec
@@ -146,7 +167,7 @@ def _destination_policy(
         if not host_matches(pattern, fqdn):
             continue
         rank = (
-            resource.metadata.namespace != service.namespace,
+            resource.metadata.namespace != namespace,
             pattern != fqdn,
             -len(pattern),
             position,
@@ -173,7 +194,16 @@ def _traffic_policy(
 ) -> compiled.TrafficPolicy:
     if policy is None:
         return inherited
+    base = _policy_fields(policy, inherited)
+    return with_port_levels(policy, base, inherited.port_level, _policy_fields)
+
+
+def _policy_fields(
+    policy: TrafficPolicy | PortTrafficPolicy, inherited: compiled.TrafficPolicy
+) -> compiled.TrafficPolicy:
+    """The fields `policy` sets, over `inherited` (no port-level entries)."""
     return compiled.TrafficPolicy(
+        tls=inherited.tls if policy.tls is None else compile_client_tls(policy.tls),
         load_balancer=(
             inherited.load_balancer
             if policy.load_balancer is None

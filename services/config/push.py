@@ -12,6 +12,8 @@ count, so hosts a change removes are recompiled too):
   gateway configs when it is bound to a Gateway;
 - DestinationRule: the route table of its host;
 - Gateway: gateway configs only;
+- ServiceEntry, and a VirtualService or DestinationRule naming a host outside the
+  mesh domain or a wildcard: the mesh-wide table (`mesh.config.meshwide`);
 - PeerAuthentication, AuthorizationPolicy, RateLimitPolicy: the inbound policies of
   the services of its namespace, or of every namespace for a root-namespace policy
   (a root-namespace PeerAuthentication with a selector only reaches root-namespace
@@ -38,6 +40,7 @@ from mesh.resources import (
     PeerAuthenticationSpec,
     RateLimitPolicySpec,
     Resource,
+    ServiceEntrySpec,
     VirtualServiceSpec,
 )
 from mesh.resources.gateway_api import GRPCRouteSpec, HTTPRouteSpec
@@ -57,6 +60,8 @@ class PushScope:
     gateways: bool = False
     inbound_namespaces: frozenset[str] = frozenset()
     inbound_all: bool = False
+    # the mesh-wide table (ServiceEntry hosts and the policies naming them)
+    mesh_wide: bool = False
 
     @property
     def empty(self) -> bool:
@@ -71,6 +76,7 @@ class PushScope:
             gateways=self.gateways or other.gateways,
             inbound_namespaces=self.inbound_namespaces | other.inbound_namespaces,
             inbound_all=self.inbound_all or other.inbound_all,
+            mesh_wide=self.mesh_wide or other.mesh_wide,
         )
 
     def routes_among(self, known: Iterable[ServiceRef]) -> set[ServiceRef]:
@@ -115,10 +121,18 @@ def _scope_of(resource: Resource, root_namespace: str) -> PushScope:
         hosts += [canonical_host(h, namespace) for h in spec.l4_destination_hosts()]
         routes, patterns = _split_hosts(hosts)
         bound_to_gateway = any(g != MESH_GATEWAY for g in spec.gateways)
-        return PushScope(routes=routes, route_patterns=patterns, gateways=bound_to_gateway)
+        return PushScope(
+            routes=routes,
+            route_patterns=patterns,
+            gateways=bound_to_gateway,
+            mesh_wide=_outside_mesh(hosts),
+        )
     if isinstance(spec, DestinationRuleSpec):
-        routes, patterns = _split_hosts([canonical_host(spec.host, namespace)])
-        return PushScope(routes=routes, route_patterns=patterns)
+        host = canonical_host(spec.host, namespace)
+        routes, patterns = _split_hosts([host])
+        return PushScope(routes=routes, route_patterns=patterns, mesh_wide=_outside_mesh([host]))
+    if isinstance(spec, ServiceEntrySpec):
+        return PushScope(mesh_wide=True)
     if isinstance(spec, GatewaySpec):
         return PushScope(gateways=True)
     if isinstance(spec, HTTPRouteSpec | GRPCRouteSpec):
@@ -137,6 +151,13 @@ def _scope_of(resource: Resource, root_namespace: str) -> PushScope:
             return PushScope(inbound_all=True)
         return PushScope(inbound_namespaces=frozenset({namespace}))
     return FULL  # a kind this module does not know: recompile everything rather than miss
+
+
+def _outside_mesh(hosts: Iterable[str]) -> bool:
+    """Some host may be a ServiceEntry's: outside the mesh domain, or a wildcard. (A
+    ServiceEntry host inside the mesh domain is caught by the leader, which compares
+    the scope's routes with the ServiceEntry hosts.)"""
+    return any(h.startswith("*") or service_of_host(h) is None for h in hosts)
 
 
 def _split_hosts(hosts: Iterable[str]) -> tuple[frozenset[ServiceRef], frozenset[str]]:

@@ -26,6 +26,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from mesh import errors
 from mesh.compiled import GatewayConfig, InboundPolicy, RouteTable
+from mesh.compiled_mesh import MeshWideConfig
 from mesh.hosts import ServiceRef
 from mesh.messages import (
     AppliedResource,
@@ -57,6 +58,7 @@ from mesh.signing import control_plane_signer
 from mesh.store import Delete, Put, WatchCompacted
 from mesh.subjects import CONFIG_QUEUE, parse_service_subject
 from services.config.compile import compile_gateway_config, compile_route_table, services_named
+from services.config.compile_egress import compile_mesh_wide, service_entry_refs
 from services.config.compile_security import compile_inbound_policy
 from services.config.push import PushScheduler, PushScope
 from services.config.route_status import route_status
@@ -76,7 +78,7 @@ ROUTE_KINDS = ("HTTPRoute", "GRPCRoute")
 REPLY_HEADROOM = 4096
 
 
-CompiledConfig = RouteTable | GatewayConfig | InboundPolicy
+CompiledConfig = RouteTable | GatewayConfig | InboundPolicy | MeshWideConfig
 
 
 def _content(table: msgspec.Struct) -> bytes:
@@ -367,6 +369,10 @@ class ConfigService(ControlPlaneService):
             return compile_gateway_config(
                 resources, req.namespace, req.labels, self.snapshot.revision
             )
+        if req.kind == "meshwide":
+            return compile_mesh_wide(
+                resources, self.settings.root_namespace, self.snapshot.revision
+            )
         ref = ServiceRef(req.namespace, req.name)
         if req.kind == "inbound":
             return self._inbound_policy(resources, ref, self.snapshot.revision)
@@ -488,6 +494,16 @@ class ConfigService(ControlPlaneService):
             policy = self._inbound_policy(resources, ref, revision, created)
             compiled["inbound"] += 1
             pushed += await self._publish_if_changed(subject, policy)
+        # one mesh-wide table for every proxy (ServiceEntry hosts, outbound policy)
+        if (
+            scope.full
+            or scope.mesh_wide
+            or subjects.config_mesh_wide not in self.published
+            or not scope.routes.isdisjoint(service_entry_refs(resources))
+        ):
+            mesh_wide = compile_mesh_wide(resources, self.settings.root_namespace, revision)
+            compiled["meshwide"] = 1
+            pushed += await self._publish_if_changed(subjects.config_mesh_wide, mesh_wide)
         for kind, count in compiled.items():
             self.tables_compiled.labels(kind).inc(count)
         self.tables_compiled_last.set(sum(compiled.values()))

@@ -166,10 +166,10 @@ async def test_multi_document_apply_is_all_or_nothing(config_bus) -> None:
 
 async def test_unsupported_kind_rejected(config_bus) -> None:
     bus, _svc = config_bus
-    text = "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: x}\nspec: {hosts: [a.com]}\n"
+    text = "apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {name: x}\nspec: {address: 10.0.0.1}\n"
     with pytest.raises(errors.RemoteError) as e:
         await apply(bus, text)
-    assert "kind ServiceEntry is not supported" in "\n".join(e.value.details)
+    assert "kind WorkloadEntry is not supported" in "\n".join(e.value.details)
 
 
 async def test_delete_returns_to_default_route(config_bus) -> None:

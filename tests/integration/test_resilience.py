@@ -438,7 +438,7 @@ async def test_route_timeout(mesh: MeshHarness) -> None:
         # between sidecars a pool is HTTP/2 + HTTP/1.1 (`h1` holds the limited pool)
         pools = [
             getattr(p, "h1", p)
-            for (_, _, owner), p in client.pools.pools.items()
+            for (_, _, owner, _), p in client.pools.pools.items()
             if owner == "default/reviews"
         ]
         assert pools and all(p._connect_timeout == 0.25 and p._idle_timeout == 30 for p in pools)

@@ -3,9 +3,9 @@ data planes: Istio's authz-custom task with its sample ext-authz gRPC server
 reimplemented on a real grpcio server (allow when `x-ext-authz: allow`), plus
 timeout, statusOnError, failOpen and includeRequestBodyInCheck.
 
-httpbin and sleep run on the scenario's data plane; the authorizer is a grpcio server
-behind a Python sidecar (`app_protocol="grpc"`, reached over mTLS and HTTP/2 like any
-mesh gRPC service)."""
+Every sidecar, the authorizer's included, runs on the scenario's data plane; the
+authorizer is a grpcio server behind its sidecar (`app_protocol="grpc"`, reached over
+mTLS and HTTP/2 like any mesh gRPC service)."""
 
 from __future__ import annotations
 
@@ -139,9 +139,7 @@ class Env:
 async def env(scenario: Scenario) -> AsyncIterator[Env]:
     authz = SampleGrpcExtAuthz().start()
     try:
-        await scenario.sidecar(
-            "ext-authz", app=False, app_port=authz.port, app_protocol="grpc", dataplane="python"
-        )
+        await scenario.sidecar("ext-authz", app=False, app_port=authz.port, app_protocol="grpc")
         httpbin = await scenario.sidecar("httpbin")
         sleep = await scenario.sidecar("sleep")
         await scenario.apply(mesh_config())

@@ -17,6 +17,7 @@ from mesh.compiled import (
     AuthzPolicy,
     AuthzRule,
     ClaimHeader,
+    ClientTls,
     Condition,
     ConnectionPool,
     ConsistentHash,
@@ -41,6 +42,7 @@ from mesh.compiled import (
     Operation,
     OutlierDetection,
     PeerAuthn,
+    PortPolicy,
     RateLimit,
     RateLimitOverride,
     Redirect,
@@ -55,6 +57,7 @@ from mesh.compiled import (
     VirtualHost,
     WeightedDestination,
 )
+from mesh.compiled_mesh import EntryEndpoint, EntryPort, ExternalService, MeshWideConfig
 from mesh.hosts import ServiceRef
 from mesh.messages import Endpoint, EndpointSet
 from proxy.envoy.resources import XdsResources
@@ -689,7 +692,122 @@ def case_outbound_intercepted() -> tuple[ProxyNode, MeshView]:
     )
 
 
+def case_outbound_egress() -> tuple[ProxyNode, MeshView]:
+    """Istio's egress TLS-origination task (a STATIC ServiceEntry whose port 80 goes to
+    443, SIMPLE TLS on that port with SNI and SANs), a DNS ServiceEntry with subsets by
+    endpoint label, weights and TLS DISABLE, routed to one subset by a VirtualService,
+    ALLOW_ANY for every other host, and a mesh service's portLevelSettings."""
+    api_table = RouteTable(
+        namespace="default",
+        service="api.example.test",
+        host="api.example.test",
+        revision=3,
+        traffic_policy=TrafficPolicy(
+            port_level=(
+                PortPolicy(
+                    port=80,
+                    traffic_policy=TrafficPolicy(
+                        tls=ClientTls(
+                            mode="SIMPLE",
+                            ca_certificates="/etc/ssl/certs/ca-certificates.crt",
+                            sni="api.example.test",
+                            subject_alt_names=("api.example.test",),
+                        )
+                    ),
+                ),
+            )
+        ),
+    )
+    legacy_table = RouteTable(
+        namespace="default",
+        service="legacy.example.test",
+        host="legacy.example.test",
+        revision=3,
+        has_virtual_service=True,
+        http=(
+            HTTPRoute(
+                timeout_ms=5000,
+                route=(
+                    WeightedDestination(
+                        destination=Destination(host="legacy.example.test", subset="v2")
+                    ),
+                ),
+            ),
+        ),
+        traffic_policy=TrafficPolicy(tls=ClientTls(mode="DISABLE")),
+        subsets=(
+            Subset(name="v1", labels={"version": "v1"}),
+            Subset(name="v2", labels={"version": "v2"}),
+        ),
+    )
+    mesh_wide = MeshWideConfig(
+        revision=3,
+        outbound_traffic_policy="ALLOW_ANY",
+        services=(
+            ExternalService(
+                host="api.example.test",
+                namespace="default",
+                name="api",
+                resolution="STATIC",
+                ports=(
+                    EntryPort(number=80, name="http", target_port=443),
+                    EntryPort(number=443, name="https", protocol="HTTPS"),
+                ),
+                endpoints=(EntryEndpoint(address="10.0.5.1"),),
+                table=api_table,
+            ),
+            ExternalService(
+                host="legacy.example.test",
+                namespace="default",
+                name="legacy",
+                resolution="DNS",
+                ports=(EntryPort(number=8080, name="http"),),
+                endpoints=(
+                    EntryEndpoint(address="legacy-a.example.test", labels={"version": "v1"}),
+                    EntryEndpoint(
+                        address="legacy-b.example.test",
+                        labels={"version": "v2"},
+                        ports={"http": 9080},
+                        weight=3,
+                    ),
+                ),
+                table=legacy_table,
+            ),
+            ExternalService(
+                host="hidden.example.test",
+                namespace="other",
+                name="hidden",
+                export_to=("other",),
+                table=RouteTable(
+                    namespace="other",
+                    service="hidden.example.test",
+                    host="hidden.example.test",
+                    revision=3,
+                ),
+            ),
+        ),
+    )
+    # a mesh service with portLevelSettings: requests naming :9080 get that port's
+    # cluster (plaintext), every other port the service's cluster (mTLS)
+    ratings_table = RouteTable(
+        namespace="default",
+        service="ratings",
+        host=RATINGS,
+        revision=3,
+        exists=True,
+        traffic_policy=TrafficPolicy(
+            port_level=(
+                PortPolicy(port=9080, traffic_policy=TrafficPolicy(tls=ClientTls(mode="DISABLE"))),
+            )
+        ),
+    )
+    return sidecar(), MeshView(
+        destinations={RATINGS: (ratings_table, ratings_endpoints())}, mesh_wide=mesh_wide
+    )
+
+
 CASES: dict[str, Callable[[], tuple[ProxyNode, MeshView]]] = {
+    "outbound_egress": case_outbound_egress,
     "outbound_default": case_outbound_default,
     "outbound_routing": case_outbound_routing,
     "outbound_intercepted": case_outbound_intercepted,

@@ -457,11 +457,11 @@ UNSUPPORTED_FIELDS = [
         "spec.trafficPolicy.outlierDetection.consecutiveErrors",
     ),
     (dr(trafficPolicy={"retryBudget": {}}), "spec.trafficPolicy.retryBudget"),
-    (dr(trafficPolicy={"tls": {"mode": "DISABLE"}}), "spec.trafficPolicy.tls"),
+    (dr(trafficPolicy={"tunnel": {}}), "spec.trafficPolicy.tunnel"),
     (lb(localityLbSetting={}), "spec.trafficPolicy.loadBalancer.localityLbSetting"),
     (
-        dr(subsets=[{"name": "v1", "trafficPolicy": {"tls": {}}}]),
-        "spec.subsets[0].trafficPolicy.tls",
+        dr(subsets=[{"name": "v1", "trafficPolicy": {"tls": {"mode": "SIMPLE", "caCrl": "/c"}}}]),
+        "spec.subsets[0].trafficPolicy.tls.caCrl",
     ),
     (dr(workloadSelector={}), "spec.workloadSelector"),
     (gw(tls={"mode": "PASSTHROUGH", "credentialName": "c"}), "spec.servers[0].tls.credentialName"),
@@ -480,7 +480,7 @@ def test_unsupported_field_is_rejected_with_its_path(body: dict[str, Any], path:
     assert str(error).startswith(f"t.yaml: document 3: {path} is not supported")
 
 
-@pytest.mark.parametrize("kind", ["ServiceEntry", "EnvoyFilter", "Pod"])
+@pytest.mark.parametrize("kind", ["WorkloadEntry", "EnvoyFilter", "Pod"])
 def test_unsupported_kind_is_rejected(kind: str) -> None:
     body = {
         "apiVersion": "security.istio.io/v1",
@@ -969,12 +969,13 @@ def test_resolve_kind_accepts_kubectl_style_names(name: str, kind: str) -> None:
 
 def test_resolve_kind_rejects_unknown_names_listing_the_known_ones() -> None:
     with pytest.raises(ResourceError) as info:
-        resolve_kind("serviceentries")
+        resolve_kind("workloadentries")
     assert str(info.value) == (
-        "unknown resource kind 'serviceentries'; known kinds: VirtualService (vs), "
-        "DestinationRule (dr), Gateway (gw), PeerAuthentication (pa), AuthorizationPolicy (ap), "
-        "RequestAuthentication (ra), RateLimitPolicy (rlp), MeshConfig (mc), "
-        "HTTPRoute (hr), GRPCRoute (gr), Gateway.gateway.networking.k8s.io, Service (svc)"
+        "unknown resource kind 'workloadentries'; known kinds: VirtualService (vs), "
+        "DestinationRule (dr), Gateway (gw), ServiceEntry (se), PeerAuthentication (pa), "
+        "AuthorizationPolicy (ap), RequestAuthentication (ra), RateLimitPolicy (rlp), "
+        "MeshConfig (mc), HTTPRoute (hr), GRPCRoute (gr), Gateway.gateway.networking.k8s.io, "
+        "Service (svc)"
     )
 
 
@@ -983,6 +984,7 @@ def test_kind_registry_lists_names_and_versions() -> None:
         "VirtualService": ("virtualservices", ("vs",)),
         "DestinationRule": ("destinationrules", ("dr",)),
         "Gateway": ("gateways", ("gw",)),
+        "ServiceEntry": ("serviceentries", ("se",)),
         "PeerAuthentication": ("peerauthentications", ("pa",)),
         "AuthorizationPolicy": ("authorizationpolicies", ("ap",)),
         "RequestAuthentication": ("requestauthentications", ("ra",)),

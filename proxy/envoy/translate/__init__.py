@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from proxy.envoy.resources import XdsResources
 
-from . import capture, ext_authz, gateway, inbound, outbound, tcp
+from . import capture, egress, ext_authz, gateway, inbound, outbound, tcp
 from .model import MeshView, ProxyNode, TranslationError
 from .tls import tls_secrets
 
@@ -48,6 +48,7 @@ def translate(node: ProxyNode, view: MeshView) -> XdsResources:
     ctx.referenced.update((h, "") for h in ext_authz.provider_hosts(view.inbound, node.namespace))
     outbound.add_http_clusters(view, ctx, out)
     ext_authz.add_grpc_clusters(view, node.namespace, out)
+    egress.add_external_clusters(node, view, ctx, out)
     return out
 
 

@@ -96,6 +96,9 @@ def add_gateway(
             )
     route_config = gateway_route_config(config, ctx)
     route_config["requestHeadersToAdd"] = [peer_metadata_header(node)]
+    # a route's own header operations apply last, so a route leaving the mesh can
+    # remove the peer metadata added here (`routes._route`)
+    route_config["mostSpecificHeaderMutationsWins"] = True
     out.routes[GATEWAY_ROUTE] = parse(route_pb2.RouteConfiguration, route_config)
     # RequestAuthentication and AuthorizationPolicy selecting the gateway (its own
     # service's inbound policy, as the Python gateway follows it), before routing
@@ -130,6 +133,17 @@ def add_gateway(
             },
         )
         # the gateway reports as a source (client spans), as the Python gateway does
-        out.listeners[name] = listeners.listener(
-            name, (address, port), [{"filters": [hcm]}], direction="OUTBOUND"
-        )
+        if node.egress_gateway:
+            # mesh sidecars reach an egress gateway over mTLS, anyone else in plaintext
+            chains = inbound.permissive_chains([hcm], node.trust_domain)
+            out.listeners[name] = listeners.listener(
+                name,
+                (address, port),
+                chains,
+                listener_filters=[listeners.tls_inspector()],
+                direction="OUTBOUND",
+            )
+        else:
+            out.listeners[name] = listeners.listener(
+                name, (address, port), [{"filters": [hcm]}], direction="OUTBOUND"
+            )

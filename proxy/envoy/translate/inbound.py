@@ -75,6 +75,12 @@ def _chains(
     return chains
 
 
+def permissive_chains(filters: list[Json], trust_domain: str) -> list[Json]:
+    """mTLS (a mesh client certificate required) or plaintext on one listener, the
+    same filters behind both (an egress gateway's listener)."""
+    return _chains("PERMISSIVE", {True: filters, False: filters}, trust_domain, tls.MESH_ALPN)
+
+
 def inbound_route_config(node: ProxyNode, per_filter: Json | None = None) -> Json:
     """`per_filter`: the virtual host's `typedPerFilterConfig` (the RBAC rules in
     force, `rbac_route`)."""

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from mesh.compiled import GatewayConfig, InboundPolicy, RouteTable
+from mesh.compiled_mesh import MeshWideConfig
 from mesh.messages import EndpointSet
 from proxy.tcp import TcpUpstream
 
@@ -66,6 +67,9 @@ class ProxyNode:
     # `--opaque-ports`: destination ports the capture listener relays as TCP without
     # waiting for protocol detection (server-first protocols)
     opaque_ports: tuple[int, ...] = ()
+    # a gateway in the egress role: its listeners take mTLS (from mesh sidecars) as
+    # well as plaintext (docs/architecture.md §5.5)
+    egress_gateway: bool = False
 
 
 @dataclass(frozen=True)
@@ -82,3 +86,5 @@ class MeshView:
     # OIDC discovery done by the agent: an issuer's OpenID configuration URL
     # (`JwtRule.key_uri`) -> the `jwks_uri` it named
     discovered_jwks: Mapping[str, str] = field(default_factory=dict)
+    # ServiceEntry hosts and the outbound traffic policy (`translate.egress`)
+    mesh_wide: MeshWideConfig | None = None

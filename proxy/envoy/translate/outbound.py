@@ -3,33 +3,20 @@ host per destination, and the clusters and endpoints every route names."""
 
 from __future__ import annotations
 
+import dataclasses
+
 from envoy.config.route.v3 import route_pb2
 
-from mesh.compiled import RouteTable
+from mesh.compiled import HTTPRoute, RouteTable
+from mesh.hosts import service_of_host
 from mesh.messages import EndpointSet
 from proxy.envoy.resources import XdsResources
 from proxy.telemetry import PEER_METADATA_HEADER, encode_peer_metadata, own_workload
 
-from . import clusters, connect, listeners, routes
+from . import clusters, connect, egress, listeners, routes
 from .model import MeshView, ProxyNode
 from .names import OUTBOUND_HTTP_LISTENER, OUTBOUND_HTTP_ROUTE, outbound_cluster, service_domains
 from .protos import Json, parse
-
-# A Host that names no known mesh service: the Python proxy's answer (502, flag NR)
-UNKNOWN_HOST: Json = {
-    "name": "unknown_host",
-    "domains": ["*"],
-    "routes": [
-        {
-            "name": "unknown_host",
-            "match": {"prefix": "/"},
-            "directResponse": {
-                "status": 502,
-                "body": {"inlineString": "unknown host: not a mesh service"},
-            },
-        }
-    ],
-}
 
 
 def exists(table: RouteTable | None, endpoints: EndpointSet | None) -> bool:
@@ -56,41 +43,77 @@ def peer_metadata_header(node: ProxyNode) -> Json:
 
 
 def route_context(node: ProxyNode, view: MeshView, gateway: str = "") -> routes.RouteContext:
+    tables = {fqdn: table for fqdn, (table, _) in view.destinations.items()}
+    # ServiceEntry hosts: their tables decide their subsets and policies (a mesh
+    # service of the same name wins)
+    external = egress.external_tables(node, view)
+    for host, table in external.items():
+        tables.setdefault(host, table)
     return routes.RouteContext(
         namespace=node.namespace,
         labels=node.labels,
         gateway=gateway,
-        tables={fqdn: table for fqdn, (table, _) in view.destinations.items()},
+        tables=tables,
+        external_hosts=frozenset(h for h in external if h not in view.destinations),
+        # at a gateway, a Host without a port arrived on port 80 (`proxy.outbound`)
+        default_port=80 if gateway else 0,
     )
 
 
 def outbound_route_config(node: ProxyNode, view: MeshView, ctx: routes.RouteContext) -> Json:
+    peer = peer_metadata_header(node)
     vhosts = []
     for fqdn in sorted(view.destinations):
         table, endpoints = view.destinations[fqdn]
         if not exists(table, endpoints):
             continue
+        rules = routes.table_routes(table, fqdn)
         vhosts.append(
             {
                 "name": fqdn,
                 "domains": service_domains(fqdn, node.namespace),
                 "routes": [
                     connect.CONNECT_ROUTE,
-                    *routes.http_routes(
-                        routes.table_routes(table, fqdn), ctx, f"RouteTable {fqdn}"
-                    ),
+                    *_port_routes(rules, ctx, fqdn),
+                    *routes.http_routes(rules, ctx, f"RouteTable {fqdn}"),
                 ],
+                # per mesh service: hosts outside the mesh never get it
+                "requestHeadersToAdd": [peer],
             }
         )
-    vhosts.append(UNKNOWN_HOST)
+    known = {v["name"] for v in vhosts}
+    vhosts.extend(v for v in egress.external_vhosts(node, view, ctx) if v["name"] not in known)
+    vhosts.append(egress.unknown_host_route(view))
     return {
         "name": OUTBOUND_HTTP_ROUTE,
         "virtualHosts": vhosts,
-        "requestHeadersToAdd": [peer_metadata_header(node)],
         "ignorePortInHostMatching": True,
         # a route naming an unknown subset is answered 503 (NC), as by the Python proxy
         "validateClusters": False,
     }
+
+
+def _port_routes(rules: tuple[HTTPRoute, ...], ctx: routes.RouteContext, fqdn: str) -> list[Json]:
+    """For each port some mesh destination has `portLevelSettings` for: a copy of the
+    rules limited to requests naming that port, sending to that port's clusters (kept
+    only when one of them differs), ahead of the rules for every port. The Python
+    sidecar's per-port clusters (`Destination.cluster(..., port)`), in Envoy's terms."""
+    ports = sorted(
+        {
+            entry.port
+            for table in ctx.tables.values()
+            if table is not None and service_of_host(table.host) is not None
+            for policy in (table.traffic_policy, *(s.traffic_policy for s in table.subsets))
+            for entry in policy.port_level
+        }
+    )
+    out: list[Json] = []
+    for port in ports:
+        scoped = dataclasses.replace(ctx, route_port=port, port_cluster_uses=0)
+        copy = routes.http_routes(rules, scoped, f"RouteTable {fqdn} port {port}")
+        if scoped.port_cluster_uses:
+            out.extend(copy)
+    return out
 
 
 def add_outbound(node: ProxyNode, view: MeshView, out: XdsResources) -> routes.RouteContext:
@@ -103,14 +126,16 @@ def add_outbound(node: ProxyNode, view: MeshView, out: XdsResources) -> routes.R
         return listeners.http_connection_manager(
             prefix,
             route_config_name=OUTBOUND_HTTP_ROUTE,
-            http_filters=[listeners.fault_filter()],
+            http_filters=[listeners.fault_filter(), *egress.passthrough_filters(view)],
             access_log_name="outbound",
             access_log_cluster=node.access_log_cluster,
             tracing=listeners.tracing(node.tracing_cluster, node.service, node.trace_sampling),
             extra=extra,
         )
 
-    # the Python proxy appends the app's address to x-forwarded-for
+    # the Python proxy appends the app's address to x-forwarded-for; CONNECT is accepted
+    # for every host (a mesh service's route terminates it, `connect`; a ServiceEntry
+    # host's TLS port or ALLOW_ANY tunnels it, `egress`)
     outbound = connect.accepting_connect(hcm("outbound_http", {"useRemoteAddress": True}))
     out.listeners[OUTBOUND_HTTP_LISTENER] = listeners.listener(
         OUTBOUND_HTTP_LISTENER, node.outbound, [{"filters": [outbound]}], direction="OUTBOUND"
@@ -130,6 +155,7 @@ def add_http_clusters(view: MeshView, ctx: routes.RouteContext, out: XdsResource
         if table is not None:
             wanted.update((fqdn, s.name) for s in table.subsets)
     wanted.update(ctx.referenced)
+    wanted.update((host, subset) for host, subset, _port in ctx.port_clusters)
     for fqdn, subset in sorted(wanted):
         policy = ctx.policy_of(fqdn, subset)
         if policy is None:
@@ -145,5 +171,19 @@ def add_http_clusters(view: MeshView, ctx: routes.RouteContext, out: XdsResource
             if clusters.has_labels(ep, labels)
         ]
         lb = clusters.lb_endpoints(eps, lambda ep: ep.address, f"ClusterLoadAssignment {name}")
-        out.clusters[name] = clusters.eds_cluster(name, policy, lb, http=True)
+        out.clusters[name] = egress.with_upstream_tls(
+            clusters.eds_cluster(name, policy, lb, http=True), policy, fqdn
+        )
         out.endpoints[name] = clusters.load_assignment(name, lb)
+        for host, port_subset, port in sorted(ctx.port_clusters):
+            if (host, port_subset) != (fqdn, subset):
+                continue
+            port_name = outbound_cluster(fqdn, subset, port)
+            port_policy = policy.for_port(port)
+            port_lb = clusters.lb_endpoints(
+                eps, lambda ep: ep.address, f"ClusterLoadAssignment {port_name}"
+            )
+            out.clusters[port_name] = egress.with_upstream_tls(
+                clusters.eds_cluster(port_name, port_policy, port_lb, http=True), port_policy, fqdn
+            )
+            out.endpoints[port_name] = clusters.load_assignment(port_name, port_lb)

@@ -9,6 +9,9 @@ from typing import Any
 # the descriptor pool for `ParseDict` to resolve it.
 import envoy.config.trace.v3.opentelemetry_pb2
 import envoy.extensions.access_loggers.grpc.v3.als_pb2
+import envoy.extensions.clusters.dynamic_forward_proxy.v3.cluster_pb2
+import envoy.extensions.common.dynamic_forward_proxy.v3.dns_cache_pb2
+import envoy.extensions.filters.http.dynamic_forward_proxy.v3.dynamic_forward_proxy_pb2
 import envoy.extensions.filters.http.ext_authz.v3.ext_authz_pb2
 import envoy.extensions.filters.http.fault.v3.fault_pb2
 import envoy.extensions.filters.http.header_to_metadata.v3.header_to_metadata_pb2
@@ -59,6 +62,8 @@ _SAMPLERS = _PREFIX + "envoy.extensions.tracers.opentelemetry.samplers.v3."
 UUID_REQUEST_ID = _PREFIX + "envoy.extensions.request_id.uuid.v3.UuidRequestIdConfig"
 PARENT_BASED_SAMPLER = _SAMPLERS + "ParentBasedSamplerConfig"
 TRACE_ID_RATIO_SAMPLER = _SAMPLERS + "TraceIdRatioBasedSamplerConfig"
+DFP_FILTER = _PREFIX + "envoy.extensions.filters.http.dynamic_forward_proxy.v3.FilterConfig"
+DFP_CLUSTER = _PREFIX + "envoy.extensions.clusters.dynamic_forward_proxy.v3.ClusterConfig"
 
 # Envoy's name for the HTTP filters, used as keys of `typed_per_filter_config`
 FAULT_FILTER = "envoy.filters.http.fault"

@@ -29,6 +29,7 @@ from mesh.compiled import (
 )
 from mesh.hosts import service_of_host
 from proxy.routing.balancer import resolve_subset
+from proxy.telemetry.peer_metadata import PEER_METADATA_HEADER
 
 from . import matchers
 from .model import TranslationError
@@ -62,6 +63,23 @@ class RouteContext:
     tables: Mapping[str, RouteTable | None]
     # (fqdn, subset) of every cluster a route or mirror names
     referenced: set[tuple[str, str]] = field(default_factory=set)
+    # ServiceEntry hosts (`translate.egress`): requests to them leave the mesh
+    external_hosts: frozenset[str] = frozenset()
+    # the port a Host without one stands for in `port` matches (0: none)
+    default_port: int = 0
+    # (ServiceEntry host, subset, port) of every route naming a port of such a host
+    external_ports: set[tuple[str, str, int]] = field(default_factory=set)
+    # routes built for requests to this port only (a copy of a virtual host's routes
+    # for a port some destination has `portLevelSettings` for; 0: any port)
+    route_port: int = 0
+    # (mesh host, subset, port) of every route using a port's own cluster
+    port_clusters: set[tuple[str, str, int]] = field(default_factory=set)
+    # how many routes built with this context went to a port's own cluster
+    port_cluster_uses: int = 0
+
+    def has_port_policy(self, host: str, subset: str, port: int) -> bool:
+        policy = self.policy_of(host, subset)
+        return policy is not None and any(p.port == port for p in policy.port_level)
 
     def at_gateway(self, gateways: tuple[str, ...]) -> bool:
         if not self.gateway:
@@ -116,7 +134,12 @@ def http_routes(routes: tuple[HTTPRoute, ...], ctx: RouteContext, resource: str)
 
 
 def _route(route: HTTPRoute, m: HTTPMatch | None, ctx: RouteContext, where: str, name: str) -> Json:
-    out: Json = {"name": name, "match": route_match(m)}
+    out: Json = {"name": name, "match": route_match(m, ctx.default_port)}
+    if ctx.route_port:
+        port_match = matchers.port_matcher(
+            ctx.route_port, implicit=ctx.route_port == ctx.default_port
+        )
+        out["match"].setdefault("headers", []).append(port_match)
     if route.direct_response is not None:
         dr = route.direct_response
         body: Json = {"status": dr.status}
@@ -140,12 +163,19 @@ def _route(route: HTTPRoute, m: HTTPMatch | None, ctx: RouteContext, where: str,
         return out
     out["route"] = _route_action(route, m, ctx, where)
     _header_ops(out, route.headers.request, route.headers.response)
+    if all(d.destination.host in ctx.external_hosts for d in route.route):
+        # our peer metadata never leaves the mesh (a gateway passes on what it got)
+        removals = out.setdefault("requestHeadersToRemove", [])
+        if PEER_METADATA_HEADER not in removals:
+            removals.append(PEER_METADATA_HEADER)
     if route.fault is not None:
         out["typedPerFilterConfig"] = {FAULT_FILTER: _fault(route.fault)}
     return out
 
 
-def route_match(m: HTTPMatch | None) -> Json:
+def route_match(m: HTTPMatch | None, default_port: int = 0) -> Json:
+    """`default_port`: the port a Host without one stands for (80 at a gateway and
+    for ServiceEntry hosts, as the Python proxy reads it; 0: none, no port match)."""
     out: Json = {}
     if m is None or m.uri is None:
         out["prefix"] = "/"
@@ -167,7 +197,9 @@ def route_match(m: HTTPMatch | None) -> Json:
     if m.authority is not None:
         headers.append(matchers.authority_matcher(m.authority))
     if m.port:
-        headers.append(matchers.port_matcher(m.port, implicit=m.port_implicit))
+        headers.append(
+            matchers.port_matcher(m.port, implicit=m.port_implicit or m.port == default_port)
+        )
     for name, sm in m.headers.items():
         if name.lower() == "host":
             headers.append(matchers.authority_matcher(sm))
@@ -194,7 +226,18 @@ def _mesh_host(host: str, where: str) -> str:
 
 
 def _cluster_of(dest: Destination, ctx: RouteContext, where: str) -> str:
-    host = _mesh_host(dest.host, f"{where}.destination")
+    # a ServiceEntry host is in `ctx.tables` too (`translate.egress`)
+    host = dest.host if dest.host in ctx.tables else _mesh_host(dest.host, f"{where}.destination")
+    if dest.port and host in ctx.external_hosts:
+        # a ServiceEntry port named by the route: a cluster of that port
+        ctx.external_ports.add((host, dest.subset, dest.port))
+        return outbound_cluster(host, dest.subset, dest.port)
+    port = dest.port or ctx.route_port
+    if port and ctx.has_port_policy(host, dest.subset, port):
+        # the port the route names, else the one asked for: its own policy
+        ctx.port_clusters.add((host, dest.subset, port))
+        ctx.port_cluster_uses += 1
+        return outbound_cluster(host, dest.subset, port)
     ctx.referenced.add((host, dest.subset))
     return outbound_cluster(host, dest.subset)
 

@@ -1,0 +1,373 @@
+"""ServiceEntry hosts, DestinationRule upstream TLS and the outbound traffic policy on
+Envoy (docs/architecture.md §5.5), as the Python sidecar does them (`proxy.egress`,
+`proxy.upstream_tls`).
+
+- each ServiceEntry host exported to the proxy's namespace gets a virtual host on the
+  outbound route configuration, its routes from its compiled table;
+- its clusters (`outbound|0|<subset>|<host>`, one per subset the routes name) go to
+  the ServiceEntry's HTTP port: STATIC endpoints as EDS with their weights, DNS /
+  DNS_ROUND_ROBIN as STRICT_DNS / LOGICAL_DNS (the endpoints' names, else the host),
+  NONE as STRICT_DNS of the host itself; the port's `portLevelSettings` apply;
+- a DestinationRule `tls` other than ISTIO_MUTUAL becomes the cluster's transport
+  socket: plaintext (DISABLE) or an UpstreamTlsContext with the SNI, the CA file
+  (the system's when none), the client certificate files (MUTUAL) and the SANs to
+  match (`subjectAltNames`, else the SNI host);
+- ALLOW_ANY: hosts nobody knows go to `PassthroughCluster`, Envoy's dynamic forward
+  proxy (the host and port of the request's authority); REGISTRY_ONLY keeps the
+  502 direct response.
+
+Wildcard ServiceEntry hosts are not translated (the Python sidecar serves them; the
+route configuration ignores ports, so one HTTP port per host is served: the first
+HTTP-family port the entry declares, 80 when it declares none).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ssl
+from collections.abc import Iterator
+
+import msgspec
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.endpoint.v3 import endpoint_pb2
+
+from mesh.compiled import ClientTls, RouteTable, TrafficPolicy
+from mesh.compiled_mesh import EntryEndpoint, ExternalService
+from proxy.egress import HTTP_PROTOCOLS, selected_instances
+from proxy.envoy.resources import PASSTHROUGH_CLUSTER, XdsResources
+
+from . import clusters, routes
+from . import tls as tls_sockets
+from .model import MeshView, ProxyNode
+from .names import outbound_cluster
+from .protos import (
+    DFP_CLUSTER,
+    DFP_FILTER,
+    UPSTREAM_TLS,
+    Json,
+    duration,
+    parse,
+    to_dict,
+    typed,
+)
+
+TUNNEL_SUBSET = "~connect"
+_HTTP_PROTOCOLS = HTTP_PROTOCOLS
+_DNS_CACHE: Json = {"name": "passthrough_dns", "dnsLookupFamily": "V4_PREFERRED"}
+# what SIMPLE verifies against when the DestinationRule names no CA file
+_PATHS = ssl.get_default_verify_paths()
+SYSTEM_CA_FILE = _PATHS.cafile or _PATHS.openssl_cafile
+
+__all__ = [
+    "PASSTHROUGH_CLUSTER",
+    "add_external_clusters",
+    "external_tables",
+    "external_vhosts",
+    "passthrough_filters",
+    "unknown_host_route",
+]
+
+
+def visible(node: ProxyNode, view: MeshView) -> Iterator[ExternalService]:
+    """The ServiceEntry hosts this proxy routes (exported to its namespace, not
+    wildcards, with a table)."""
+    if view.mesh_wide is None:
+        return
+    for service in view.mesh_wide.services:
+        if service.host.startswith("*") or service.table is None:
+            continue
+        if "*" in service.export_to or node.namespace in service.export_to:
+            yield service
+
+
+def external_tables(node: ProxyNode, view: MeshView) -> dict[str, RouteTable | None]:
+    return {s.host: s.table for s in visible(node, view)}
+
+
+def external_vhosts(node: ProxyNode, view: MeshView, ctx: routes.RouteContext) -> list[Json]:
+    # a Host without a port asks for 80 (the same `referenced` set is filled)
+    ctx = dataclasses.replace(ctx, default_port=80)
+    out = []
+    for service in visible(node, view):
+        connect = [_connect_route(tunnel_cluster(service.host, p), p) for p in _tls_ports(service)]
+        out.append(
+            {
+                "name": service.host,
+                "domains": [service.host],
+                "routes": connect
+                + routes.http_routes(
+                    routes.table_routes(service.table, service.host),
+                    ctx,
+                    f"ServiceEntry {service.namespace}/{service.name} host {service.host}",
+                ),
+            }
+        )
+    return out
+
+
+def tunnel_cluster(host: str, port: int) -> str:
+    """The TCP cluster CONNECT tunnels to `host:port` go to: Istio's name with a
+    subset slot no DestinationRule subset can have (`~connect`), apart from the HTTP
+    cluster a route naming that port has (which may originate TLS)."""
+    return outbound_cluster(host, TUNNEL_SUBSET, port)
+
+
+def _tls_ports(service: ExternalService) -> list[int]:
+    """The ports an app reaches through CONNECT (HTTPS, TLS, TCP...): tunnelled."""
+    return [p.number for p in service.ports if p.protocol not in _HTTP_PROTOCOLS]
+
+
+def _connect_route(cluster: str, port: int | None) -> Json:
+    """CONNECT host:port, terminated here: the tunnelled bytes go to `cluster` as
+    they are (the app's TLS passes through)."""
+    match: Json = {"connectMatcher": {}}
+    if port is not None:
+        match["headers"] = [{"name": ":authority", "stringMatch": {"suffix": f":{port}"}}]
+    return {
+        "name": f"connect:{port}" if port is not None else "connect",
+        "match": match,
+        "route": {
+            "cluster": cluster,
+            "timeout": "0s",
+            "upgradeConfigs": [{"upgradeType": "CONNECT", "connectConfig": {}}],
+        },
+    }
+
+
+def unknown_host_route(view: MeshView) -> Json:
+    """The virtual host for every other Host: 502 under REGISTRY_ONLY, the passthrough
+    under ALLOW_ANY."""
+    if view.mesh_wide is not None and view.mesh_wide.outbound_traffic_policy == "ALLOW_ANY":
+        return {
+            "name": "unknown_host",
+            "domains": ["*"],
+            "routes": [
+                _connect_route(PASSTHROUGH_CLUSTER, None),
+                {
+                    "name": "passthrough",
+                    "match": {"prefix": "/"},
+                    "route": {"cluster": PASSTHROUGH_CLUSTER, "timeout": "0s"},
+                },
+            ],
+        }
+    return {
+        "name": "unknown_host",
+        "domains": ["*"],
+        "routes": [
+            {
+                "name": "unknown_host",
+                "match": {"prefix": "/"},
+                "directResponse": {
+                    "status": 502,
+                    "body": {"inlineString": "unknown host: not a mesh service"},
+                },
+            }
+        ],
+    }
+
+
+def passthrough_filters(view: MeshView) -> list[Json]:
+    """The dynamic forward proxy filter the passthrough cluster needs (ALLOW_ANY)."""
+    if view.mesh_wide is None or view.mesh_wide.outbound_traffic_policy != "ALLOW_ANY":
+        return []
+    return [
+        {
+            "name": "envoy.filters.http.dynamic_forward_proxy",
+            "typedConfig": typed(DFP_FILTER, {"dnsCacheConfig": _DNS_CACHE}),
+        }
+    ]
+
+
+def add_external_clusters(
+    node: ProxyNode, view: MeshView, ctx: routes.RouteContext, out: XdsResources
+) -> None:
+    """The clusters of every ServiceEntry host (replacing the plain EDS clusters the
+    mesh-service pass made for the same names) and the passthrough cluster."""
+    for service in visible(node, view):
+        port, target = _http_port(service)
+        subsets = {""} | {subset for host, subset in ctx.referenced if host == service.host}
+        for subset in sorted(subsets):
+            policy = ctx.policy_of(service.host, subset)
+            if policy is None:
+                continue  # unknown subset: 503 NC, as for mesh services
+            name = outbound_cluster(service.host, subset)
+            labels: dict[str, str] = {}
+            if subset and service.table is not None:
+                labels = next(s.labels for s in service.table.subsets if s.name == subset)
+            out.clusters.pop(name, None)
+            out.endpoints.pop(name, None)
+            if service.workload_selector:
+                cluster, assignment = _selected_cluster(
+                    name, service, policy.for_port(port), labels, view
+                )
+            else:
+                cluster, assignment = _cluster(
+                    name, service, policy.for_port(port), labels, port, target
+                )
+            out.clusters[name] = cluster
+            if assignment is not None:
+                out.endpoints[name] = assignment
+        for host, subset, named_port in sorted(ctx.external_ports):
+            if host != service.host:
+                continue
+            policy = ctx.policy_of(host, subset)
+            if policy is None:
+                continue  # unknown subset: 503 NC
+            labels = {}
+            if subset and service.table is not None:
+                labels = next(s.labels for s in service.table.subsets if s.name == subset)
+            target = next(
+                (p.target_port or p.number for p in service.ports if p.number == named_port),
+                named_port,
+            )
+            name = outbound_cluster(host, subset, named_port)
+            cluster, assignment = _cluster(
+                name, service, policy.for_port(named_port), labels, named_port, target
+            )
+            out.clusters[name] = cluster
+            if assignment is not None:
+                out.endpoints[name] = assignment
+        for tls_port in _tls_ports(service):
+            name = tunnel_cluster(service.host, tls_port)
+            target = next(p.target_port or p.number for p in service.ports if p.number == tls_port)
+            # the port's policy but its `tls` (the tunnel carries the app's own TLS)
+            policy = ctx.policy_of(service.host, "") or TrafficPolicy()
+            tunnelled = msgspec.structs.replace(policy.for_port(tls_port), tls=None, port_level=())
+            cluster, assignment = _cluster(
+                name, service, tunnelled, {}, tls_port, target, http=False
+            )
+            out.clusters[name] = cluster
+            if assignment is not None:
+                out.endpoints[name] = assignment
+    if view.mesh_wide is not None and view.mesh_wide.outbound_traffic_policy == "ALLOW_ANY":
+        out.clusters[PASSTHROUGH_CLUSTER] = parse(  # type: ignore[assignment]
+            cluster_pb2.Cluster,
+            {
+                "name": PASSTHROUGH_CLUSTER,
+                "connectTimeout": duration(clusters.DEFAULT_CONNECT_TIMEOUT_MS),
+                "lbPolicy": "CLUSTER_PROVIDED",
+                "clusterType": {
+                    "name": "envoy.clusters.dynamic_forward_proxy",
+                    "typedConfig": typed(DFP_CLUSTER, {"dnsCacheConfig": _DNS_CACHE}),
+                },
+            },
+        )
+
+
+def _http_port(service: ExternalService) -> tuple[int, int]:
+    """(port, target port) of the one HTTP port the route configuration serves."""
+    for port in service.ports:
+        if port.protocol in _HTTP_PROTOCOLS:
+            return port.number, port.target_port or port.number
+    return 80, 80
+
+
+def _cluster(
+    name: str,
+    service: ExternalService,
+    policy: TrafficPolicy,
+    labels: dict[str, str],
+    port: int,
+    target: int,
+    *,
+    http: bool = True,
+) -> tuple[cluster_pb2.Cluster, endpoint_pb2.ClusterLoadAssignment | None]:
+    port_name = next((p.name for p in service.ports if p.number == port), "")
+    entries = [
+        e
+        for e in service.endpoints
+        if e.weight > 0 and all(e.labels.get(k) == v for k, v in labels.items())
+    ]
+    body = to_dict(clusters.eds_cluster(name, policy, [], http=http))
+    # a tunnelled port carries the app's own TLS: never originate on it
+    body["transportSocket"] = transport_socket(policy.tls if http else None, service.host)
+    if service.resolution == "STATIC":
+        lb = [_lb_endpoint(e.address, e.ports.get(port_name, target), e) for e in entries]
+        return _parse_cluster(body), clusters.load_assignment(name, lb)
+    body.pop("edsClusterConfig", None)
+    body["type"] = "LOGICAL_DNS" if service.resolution == "DNS_ROUND_ROBIN" else "STRICT_DNS"
+    body["dnsLookupFamily"] = "V4_PREFERRED"
+    if service.resolution == "NONE" or not entries:
+        lb = [_lb_endpoint(service.host, target, None)]
+    else:
+        lb = [_lb_endpoint(e.address, e.ports.get(port_name, target), e) for e in entries]
+    if service.resolution == "DNS_ROUND_ROBIN":
+        lb = lb[:1]  # LOGICAL_DNS takes one name
+    body["loadAssignment"] = {"clusterName": name, "endpoints": [{"lbEndpoints": lb}]}
+    return _parse_cluster(body), None
+
+
+def _parse_cluster(body: Json) -> cluster_pb2.Cluster:
+    return parse(cluster_pb2.Cluster, body)  # type: ignore[return-value]
+
+
+def _selected_cluster(
+    name: str,
+    service: ExternalService,
+    policy: TrafficPolicy,
+    labels: dict[str, str],
+    view: MeshView,
+) -> tuple[cluster_pb2.Cluster, endpoint_pb2.ClusterLoadAssignment]:
+    """A MESH_INTERNAL entry with a workloadSelector: the selected instances (every
+    service is followed by an Envoy sidecar), over the mesh's mTLS unless the
+    DestinationRule says otherwise."""
+    instances = [eps for _table, eps in view.destinations.values() if eps is not None]
+    selected = [
+        ep for ep in selected_instances(service, instances) if clusters.has_labels(ep, labels)
+    ]
+    lb = clusters.lb_endpoints(selected, lambda ep: ep.address, f"ClusterLoadAssignment {name}")
+    cluster = with_upstream_tls(
+        clusters.eds_cluster(name, policy, lb, http=True), policy, service.host
+    )
+    return cluster, clusters.load_assignment(name, lb)
+
+
+def with_upstream_tls(
+    cluster: cluster_pb2.Cluster, policy: TrafficPolicy, host: str
+) -> cluster_pb2.Cluster:
+    """A mesh cluster (mTLS per endpoint identity) under a DestinationRule `tls` other
+    than ISTIO_MUTUAL: that TLS (or plaintext, DISABLE) for every endpoint instead, as
+    the Python sidecar does (`proxy.upstream_tls`)."""
+    if policy.tls is None or policy.tls.mode == "ISTIO_MUTUAL":
+        return cluster
+    body = to_dict(cluster)
+    body.pop("transportSocketMatches", None)
+    body["transportSocket"] = transport_socket(policy.tls, host)
+    return _parse_cluster(body)
+
+
+def _lb_endpoint(address: str, port: int, entry: EntryEndpoint | None) -> Json:
+    lb: Json = {"endpoint": {"address": {"socketAddress": {"address": address, "portValue": port}}}}
+    if entry is not None:
+        lb["loadBalancingWeight"] = entry.weight
+    return lb
+
+
+def transport_socket(tls: ClientTls | None, host: str) -> Json:
+    """Plaintext without `tls` (a ServiceEntry host has no mesh identity), for DISABLE
+    and ISTIO_MUTUAL (no identity to check); else the TLS the DestinationRule asks for."""
+    if tls is None or tls.mode in ("DISABLE", "ISTIO_MUTUAL"):
+        return tls_sockets.raw_buffer()
+    server_name = tls.sni or host
+    common: Json = {"alpnProtocols": ["http/1.1"]}
+    if tls.mode == "MUTUAL":
+        common["tlsCertificates"] = [
+            {
+                "certificateChain": {"filename": tls.client_certificate},
+                "privateKey": {"filename": tls.private_key},
+            }
+        ]
+    if not tls.insecure_skip_verify:
+        names = tls.subject_alt_names or (server_name,)
+        common["validationContext"] = {
+            "trustedCa": {"filename": tls.ca_certificates or SYSTEM_CA_FILE},
+            "matchTypedSubjectAltNames": [
+                {"sanType": san_type, "matcher": {"exact": name}}
+                for name in names
+                for san_type in ("DNS", "URI")
+            ],
+        }
+    return {
+        "name": "envoy.transport_sockets.tls",
+        "typedConfig": typed(UPSTREAM_TLS, {"sni": server_name, "commonTlsContext": common}),
+    }

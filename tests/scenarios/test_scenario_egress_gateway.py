@@ -1,0 +1,152 @@
+"""Istio's egress-gateway task on both data planes, with the YAML of
+`examples/egress/egress-gateway.yaml` as written: a sidecar's request for an external
+host goes to the egress gateway (mTLS), which sends it on to the host. The external
+host is a local HTTP server; the only change to the task is the ServiceEntry, which
+resolves the host to that server (STATIC) where the task uses DNS."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+
+from mesh.servers import free_port
+from tests.egress_support import ExternalEcho, TestCA
+from tests.scenarios.helpers import Scenario
+from tests.support import eventually
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "egress"
+API = "api.example.test"
+
+
+@dataclass
+class EgressGateway:
+    s: Scenario
+    client: Any
+    gateway: Any
+    server: ExternalEcho
+    https: ExternalEcho
+    ca: TestCA
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def egress_gw(
+    scenario: Scenario, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[EgressGateway]:
+    server = await ExternalEcho("api").start()
+    ca = TestCA(tmp_path_factory.mktemp("egress-gateway-ca"))
+    https = await ExternalEcho("api-tls", ca=ca, dns_names=[API]).start()
+    client = await scenario.sidecar("sleep")
+    gateway = await scenario.sidecar(
+        "istio-egressgateway",
+        "",
+        app=False,
+        gateway=True,
+        gateway_port=free_port(),
+        namespace="istio-system",
+        # what `meshctl gateway --egress` gives it
+        labels={"istio": "egressgateway", "app": "istio-egressgateway"},
+    )
+    # the task's ServiceEntry (examples/egress/service-entry.yaml), resolved to the
+    # local server instead of through DNS
+    await scenario.apply(f"""
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: api}}
+spec:
+  hosts: [{API}]
+  ports:
+  - {{number: 80, name: http-port, protocol: HTTP}}
+  - {{number: 443, name: https, protocol: HTTPS}}
+  resolution: STATIC
+  endpoints:
+  - {{address: 127.0.0.1, ports: {{http-port: {server.port}, https: {https.port}}}}}
+""")
+    yield EgressGateway(scenario, client, gateway, server, https, ca)
+    await server.close()
+    await https.close()
+
+
+async def gateway_count(e: EgressGateway) -> float:
+    return await e.s.istio_requests(e.gateway, destination_service=API)
+
+
+async def test_service_entry_alone_is_reached_from_the_sidecar(egress_gw: EgressGateway) -> None:
+    e = egress_gw
+    reply = await e.s.until(e.client, f"http://{API}/politics", lambda r: r.status == 200)
+    assert reply.json()["server"] == "api"
+    assert await gateway_count(e) == 0
+
+
+async def test_istio_task_routes_through_the_egress_gateway(egress_gw: EgressGateway) -> None:
+    e = egress_gw
+    await e.s.apply((EXAMPLES / "egress-gateway.yaml").read_text())
+
+    async def through_gateway() -> bool:
+        reply = await e.s.call(e.client, f"http://{API}/politics")
+        assert reply.status == 200, reply
+        return await gateway_count(e) > 0
+
+    # the gateway counts what it forwards to the external host, once the routes apply
+    await eventually(through_gateway, timeout=20, interval=0.3)
+    before = await gateway_count(e)
+    reply = await e.s.call(e.client, f"http://{API}/politics")
+    seen = reply.json()
+    assert (reply.status, seen["path"], seen["host"]) == (200, "/politics", API)
+    # no mesh metadata reaches the external host, from the sidecar or the gateway
+    assert not any(h.startswith("x-meshwork") for h in seen["headers"])
+    await e.s.counted(e.gateway, before + 1, reporter="source", destination_service=API)
+    # and the sidecar counts its requests as going to the gateway
+    await e.s.counted(
+        e.client,
+        1,
+        reporter="source",
+        destination_service="istio-egressgateway.istio-system.svc.cluster.local",
+    )
+
+
+async def test_egress_gateway_takes_plaintext_from_outside_the_mesh(
+    egress_gw: EgressGateway,
+) -> None:
+    """The egress gateway's one port takes mTLS from sidecars and plaintext from a
+    caller without a mesh identity (as a PERMISSIVE listener)."""
+    e = egress_gw
+    await e.s.apply((EXAMPLES / "egress-gateway.yaml").read_text())
+    assert e.s.session is not None
+    port = e.gateway.settings.gateway_port
+
+    async def plain() -> bool:
+        async with e.s.session.get(f"http://127.0.0.1:{port}/direct", headers={"Host": API}) as r:
+            return r.status == 200 and (await r.json())["path"] == "/direct"
+
+    await eventually(plain, timeout=15, interval=0.3)
+
+
+async def test_istio_tls_origination_task_originates_at_the_egress_gateway(
+    egress_gw: EgressGateway,
+) -> None:
+    """examples/egress/egress-gateway-tls-origination.yaml (the CA file path set to the
+    test CA's): plain HTTP from the app, mTLS to the egress gateway, TLS from the
+    gateway to the external host's port 443."""
+    e = egress_gw
+    text = (EXAMPLES / "egress-gateway-tls-origination.yaml").read_text()
+    await e.s.apply(text.replace("/etc/meshwork/egress/api-ca.pem", str(e.ca.ca_file)))
+
+    async def originated() -> bool:
+        reply = await e.s.call(e.client, f"http://{API}/tls")
+        assert reply.status == 200, reply
+        return bool(reply.json()["scheme"] == "https")
+
+    await eventually(originated, timeout=20, interval=0.3)
+    assert e.https.snis[-1] == API
+    reply = await e.s.call(e.client, f"http://{API}/tls")
+    assert (reply.json()["server"], reply.json()["host"]) == ("api-tls", API)
+    # back to the plain task for the other tests
+    await e.s.delete("DestinationRule", "originate-tls-for-api-example-test")
+    await e.s.apply((EXAMPLES / "egress-gateway.yaml").read_text())
