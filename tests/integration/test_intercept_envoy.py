@@ -17,7 +17,13 @@ from mesh.messages import EndpointsGetReply, EndpointsGetRequest
 from tests.envoy_support import requires_envoy
 from tests.integration.test_envoy_dataplane import admin_get
 from tests.integration.test_intercept_http import curl
-from tests.integration.test_intercept_tcp import BANNER, HELO_REPLY, BannerServer, banner_client
+from tests.integration.test_intercept_tcp import (
+    BANNER,
+    HELO_REPLY,
+    BannerServer,
+    banner_client,
+    check_outbound_traffic_policy,
+)
 from tests.intercept_support import (
     gone,
     host_address,
@@ -166,3 +172,15 @@ async def _served_by_name(ns: str) -> bool:
         ns, "curl", "-sS", "--noproxy", "*", "-m", "5", "http://reviews:9080/ready"
     )
     return code == 0 and '"path": "/ready"' in out
+
+
+async def test_envoy_capture_follows_the_outbound_traffic_policy(
+    nats_server, etcd_server, prefix, state
+) -> None:
+    outside = await BannerServer("0.0.0.0").start()
+    try:
+        async with MeshHarness(nats_server.url, etcd_server.url, prefix) as mesh:
+            client = await intercepted_client(mesh, dataplane="envoy")
+            await check_outbound_traffic_policy(mesh, client, outside)
+    finally:
+        outside.close()

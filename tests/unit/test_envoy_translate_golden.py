@@ -5,6 +5,7 @@ tests/integration/test_envoy_translate_validate.py, where Envoy validates each o
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Callable
@@ -843,3 +844,27 @@ def test_golden(case: str) -> None:
         path.write_text(got)
     assert path.exists(), f"{path} missing: run with UPDATE_GOLDEN=1 and review it"
     assert got == path.read_text(), f"{case}: translation differs from {path} (UPDATE_GOLDEN=1)"
+
+
+def test_capture_unknown_destinations_follow_the_outbound_traffic_policy() -> None:
+    """REGISTRY_ONLY (the default, and while no mesh-wide config is known): the capture
+    listener's default chain goes to BlackHoleCluster; ALLOW_ANY: to the original
+    destination (an ORIGINAL_DST cluster), as the Python capture's PASSTHROUGH."""
+    node, view = case_outbound_intercepted()
+
+    def default_cluster(view: MeshView) -> tuple[str, dict[str, Any]]:
+        out = resources_json(translate(node, view))
+        chain = out["listeners"]["virtual_outbound"]["defaultFilterChain"]
+        cluster = chain["filters"][0]["typedConfig"]["cluster"]
+        return cluster, out["clusters"]
+
+    assert default_cluster(view)[0] == "BlackHoleCluster"
+    for policy in ("REGISTRY_ONLY", "ALLOW_ANY"):
+        wide = MeshWideConfig(revision=1, outbound_traffic_policy=policy)  # type: ignore[arg-type]
+        cluster, clusters = default_cluster(dataclasses.replace(view, mesh_wide=wide))
+        if policy == "REGISTRY_ONLY":
+            assert cluster == "BlackHoleCluster" and "OriginalDstPassthrough" not in clusters
+        else:
+            assert cluster == "OriginalDstPassthrough"
+            assert clusters[cluster]["type"] == "ORIGINAL_DST"
+            assert clusters[cluster]["lbPolicy"] == "CLUSTER_PROVIDED"

@@ -22,10 +22,13 @@ Filter chains, as `targets.decide` on the Python data plane:
   by that service's route table, not pinned to the instance;
 - other HTTP goes to the outbound HTTP route configuration (`outbound_http`, by Host or
   `:authority`, exactly as the HTTP_PROXY listener);
-- anything else is refused (REGISTRY_ONLY: `BlackHoleCluster`, Istio's name).
+- anything else follows the mesh-wide outbound traffic policy: refused under
+  REGISTRY_ONLY (`BlackHoleCluster`, Istio's name), relayed to the original
+  destination under ALLOW_ANY (`OriginalDstPassthrough`, an ORIGINAL_DST cluster:
+  Istio's `PassthroughCluster`, a name the HTTP_PROXY listener's dynamic forward proxy
+  cluster already takes here, docs/architecture.md §5.5).
 Envoy picks the most specific destination port first and never falls back to a less
 specific port, so every port with chains of its own also gets the plain HTTP chain.
-Not yet on Envoy: ALLOW_ANY passthrough (§5.3).
 """
 
 from __future__ import annotations
@@ -46,10 +49,11 @@ from proxy.intercept.detect import DETECT_TIMEOUT_S
 from . import clusters, listeners, tcp
 from .model import MeshView, ProxyNode
 from .names import OUTBOUND_HTTP_ROUTE
-from .protos import HTTP_INSPECTOR, ORIGINAL_DST, Json, parse, typed
+from .protos import HTTP_INSPECTOR, ORIGINAL_DST, Json, duration, parse, typed
 
 CAPTURE_LISTENER = "virtual_outbound"
 BLACKHOLE_CLUSTER = "BlackHoleCluster"
+ORIGINAL_DST_PASSTHROUGH = "OriginalDstPassthrough"
 HTTP_PROTOCOLS = ["http/1.0", "http/1.1", "h2c"]
 LUA = "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua"
 
@@ -65,6 +69,24 @@ def blackhole_cluster() -> cluster_pb2.Cluster:
             "loadAssignment": {"clusterName": BLACKHOLE_CLUSTER},
         },
     )
+
+
+def original_dst_cluster() -> cluster_pb2.Cluster:
+    """Connections to the address they were sent to (the capture listener's
+    `original_dst` listener filter recovered it): ALLOW_ANY's passthrough."""
+    return parse(  # type: ignore[return-value]
+        cluster_pb2.Cluster,
+        {
+            "name": ORIGINAL_DST_PASSTHROUGH,
+            "type": "ORIGINAL_DST",
+            "lbPolicy": "CLUSTER_PROVIDED",
+            "connectTimeout": duration(clusters.DEFAULT_CONNECT_TIMEOUT_MS),
+        },
+    )
+
+
+def allows_any(view: MeshView) -> bool:
+    return view.mesh_wide is not None and view.mesh_wide.outbound_traffic_policy == "ALLOW_ANY"
 
 
 def _host_port(address: str) -> tuple[str, int] | None:
@@ -254,9 +276,15 @@ def add_capture(node: ProxyNode, view: MeshView, out: XdsResources) -> None:
         "filterChainMatch": {"applicationProtocols": HTTP_PROTOCOLS},
         "filters": [_http_manager(node, "capture_http")],
     }
-    refused = listeners.tcp_proxy(
-        "capture_blackhole", BLACKHOLE_CLUSTER, "outbound_tcp", node.access_log_cluster
-    )
+    if allows_any(view):
+        unknown = listeners.tcp_proxy(
+            "capture_passthrough", ORIGINAL_DST_PASSTHROUGH, "outbound_tcp", node.access_log_cluster
+        )
+        out.clusters[ORIGINAL_DST_PASSTHROUGH] = original_dst_cluster()
+    else:
+        unknown = listeners.tcp_proxy(
+            "capture_blackhole", BLACKHOLE_CLUSTER, "outbound_tcp", node.access_log_cluster
+        )
     vip_chains = tcp_chains(node, view, out)
     taken = {
         (str(m["prefixRanges"][0]["addressPrefix"]), int(m["destinationPort"]))  # type: ignore[index]
@@ -290,7 +318,7 @@ def add_capture(node: ProxyNode, view: MeshView, out: XdsResources) -> None:
         # a silent client (a server-first protocol) is not HTTP: the default chain
         "continueOnListenerFiltersTimeout": True,
         "filterChains": [*specific, *per_port_http, http_chain],
-        "defaultFilterChain": {"filters": [refused]},
+        "defaultFilterChain": {"filters": [unknown]},
         "trafficDirection": "OUTBOUND",
     }
     out.listeners[CAPTURE_LISTENER] = parse(listener_pb2.Listener, body)  # type: ignore[assignment]
