@@ -16,12 +16,12 @@ Filter chains, as `targets.decide` on the Python data plane:
 - an instance's TCP listener by its raw address (a chain per address) is relayed over
   mTLS to that listener only (`capture_endpoint|<address>|<fqdn>`, checking the
   instance's identity);
-- HTTP to an instance's inbound listener by its raw address goes to the outbound routes
-  with the Host set to the instance's service when it is an IP literal (a Lua filter;
-  the Python router does the same for a Host naming no mesh service), so it is routed
-  by that service's route table, not pinned to the instance;
-- other HTTP goes to the outbound HTTP route configuration (`outbound_http`, by Host or
-  `:authority`, exactly as the HTTP_PROXY listener);
+- HTTP goes to the outbound HTTP route configuration (`outbound_http`, by Host or
+  `:authority`, exactly as the HTTP_PROXY listener); a request sent to an instance's
+  inbound address with an IP literal as Host first gets the instance's service as
+  its Host (one Lua filter with a table of the instances' addresses; the Python router
+  does the same for a Host naming no mesh service), so it is routed by that service's
+  route table, not pinned to the instance;
 - anything else follows the mesh-wide outbound traffic policy: refused under
   REGISTRY_ONLY (`BlackHoleCluster`, Istio's name), relayed to the original
   destination under ALLOW_ANY (`OriginalDstPassthrough`, an ORIGINAL_DST cluster:
@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import json
 from collections.abc import Iterator
 
 import envoy.extensions.filters.http.lua.v3.lua_pb2  # noqa: F401  (the Lua filter's Any)
@@ -191,34 +192,60 @@ def endpoint_tcp_chains(
     return chains
 
 
-# a Host that is an IP literal (with or without a port) names no mesh service: the
-# request is for the service of the instance it was sent to (the Python capture's
-# `_http_for`); anything else keeps its Host and is routed by it
+# a Host that is an IP literal (with or without a port) names no mesh service: a
+# request sent to an instance's inbound address is for that instance's service (the
+# Python capture's `_http_for`); anything else keeps its Host and is routed by it.
+# `downstreamLocalAddress` is the original destination (`original_dst`).
 HOST_OF_INSTANCE_LUA = """
+local services = {%s}
 function envoy_on_request(handle)
   local authority = handle:headers():get(":authority") or ""
-  local name = string.gsub(authority, ":%d+$", "")
-  if string.match(name, "^%d+%.%d+%.%d+%.%d+$") or string.match(name, "^%[[%x:.]+%]$") then
-    handle:headers():replace(":authority", "{fqdn}")
-    handle:clearRouteCache()
+  local name = string.gsub(authority, ":%%d+$", "")
+  local ipv4 = string.match(name, "^%%d+%%.%%d+%%.%%d+%%.%%d+$")
+  if ipv4 or string.match(name, "^%%[[%%x:.]+%%]$") then
+    local service = services[handle:streamInfo():downstreamLocalAddress()]
+    if service ~= nil then
+      handle:headers():replace(":authority", service)
+      handle:clearRouteCache()
+    end
   end
 end
 """
 
 
-def _http_manager(node: ProxyNode, stat_prefix: str, service_fqdn: str = "") -> Json:
+def instance_services(view: MeshView) -> dict[str, str]:
+    """The inbound address of every instance followed (as Envoy prints a local
+    address: `ip:port`, `[ip]:port`) -> its service's name."""
+    found: dict[str, str] = {}
+    for fqdn, ep in _instances(view):
+        split = _host_port(ep.address)
+        if split is None:
+            continue
+        ip, port = split
+        key = f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+        found.setdefault(key, fqdn)
+    return found
+
+
+def _http_manager(node: ProxyNode, view: MeshView) -> Json:
+    services = instance_services(view)
     filters: list[Json] = []
-    if service_fqdn:
-        code = HOST_OF_INSTANCE_LUA.replace("{fqdn}", service_fqdn)
+    if services:
+        # keys are IP addresses, values service names: json.dumps quotes both as Lua
+        table = ", ".join(
+            f"[{json.dumps(k)}] = {json.dumps(v)}" for k, v in sorted(services.items())
+        )
         filters.append(
             {
                 "name": "envoy.filters.http.lua",
-                "typedConfig": typed(LUA, {"defaultSourceCode": {"inlineString": code}}),
+                "typedConfig": typed(
+                    LUA, {"defaultSourceCode": {"inlineString": HOST_OF_INSTANCE_LUA % table}}
+                ),
             }
         )
     filters.append(listeners.fault_filter())
     return listeners.http_connection_manager(
-        stat_prefix,
+        "capture_http",
         route_config_name=OUTBOUND_HTTP_ROUTE,
         http_filters=filters,
         access_log_name="outbound",
@@ -226,31 +253,6 @@ def _http_manager(node: ProxyNode, stat_prefix: str, service_fqdn: str = "") -> 
         tracing=listeners.tracing(node.tracing_cluster, node.service, node.trace_sampling),
         extra={"useRemoteAddress": True},
     )
-
-
-def endpoint_http_chains(
-    node: ProxyNode, view: MeshView, taken: set[tuple[str, int]]
-) -> list[Json]:
-    """A chain per raw address of an instance's inbound listener, for HTTP: the Host
-    becomes the instance's service where it is an IP literal, then the outbound routes."""
-    chains: list[Json] = []
-    for fqdn, ep in _instances(view):
-        split = _host_port(ep.address)
-        if split is None or split in taken:
-            continue
-        taken.add(split)
-        chains.append(
-            {
-                "name": f"capture_endpoint_http|{ep.address}|{fqdn}",
-                "filterChainMatch": {
-                    "destinationPort": split[1],
-                    "prefixRanges": [_prefix(split[0])],
-                    "applicationProtocols": HTTP_PROTOCOLS,
-                },
-                "filters": [_http_manager(node, "capture_http", fqdn)],
-            }
-        )
-    return chains
 
 
 def inspector_filter(opaque_ports: tuple[int, ...]) -> Json:
@@ -274,7 +276,7 @@ def add_capture(node: ProxyNode, view: MeshView, out: XdsResources) -> None:
     assert node.capture is not None
     http_chain: Json = {
         "filterChainMatch": {"applicationProtocols": HTTP_PROTOCOLS},
-        "filters": [_http_manager(node, "capture_http")],
+        "filters": [_http_manager(node, view)],
     }
     if allows_any(view):
         unknown = listeners.tcp_proxy(
@@ -290,11 +292,7 @@ def add_capture(node: ProxyNode, view: MeshView, out: XdsResources) -> None:
         (str(m["prefixRanges"][0]["addressPrefix"]), int(m["destinationPort"]))  # type: ignore[index]
         for m in (c["filterChainMatch"] for c in vip_chains)
     }
-    specific = [
-        *vip_chains,
-        *endpoint_tcp_chains(node, view, out, taken),
-        *endpoint_http_chains(node, view, taken),
-    ]
+    specific = [*vip_chains, *endpoint_tcp_chains(node, view, out, taken)]
     # Envoy does not fall back to a less specific port: HTTP to another address on a
     # port some chain names still reaches the outbound routes
     ports = sorted({int(c["filterChainMatch"]["destinationPort"]) for c in specific})  # type: ignore[index]
