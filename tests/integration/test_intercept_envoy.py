@@ -4,7 +4,8 @@ rules and DNS as the Python one, Envoy's capture listener (`original_dst` +
 its TCP listeners; any other connection that is not HTTP is refused (BlackHoleCluster,
 REGISTRY_ONLY); `--opaque-ports` without detection, the detection-timeout metric, and
 raw addresses of instances (their TCP listeners relayed to them, HTTP to their inbound
-listener routed by their service). Real Envoy, sidecars, control plane, nftables."""
+listener routed by their service); unknown destinations refused under REGISTRY_ONLY
+and passed through to the original destination once MeshConfig says ALLOW_ANY. Real Envoy, sidecars, control plane, nftables."""
 
 from __future__ import annotations
 

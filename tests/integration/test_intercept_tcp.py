@@ -3,7 +3,7 @@ control plane, namespace and nftables: a server-first protocol on a port declare
 opaque is relayed at once (no detection wait), on another port after the detection
 timeout (counted); excluded destinations are not captured; a grpcio client with
 `grpc.enable_http_proxy=0` is captured as h2c and routed; the sidecar's own traffic
-is never captured."""
+is never captured; unknown destinations follow MeshConfig's outbound traffic policy."""
 
 from __future__ import annotations
 
