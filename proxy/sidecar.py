@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import time
 from pathlib import Path
@@ -44,6 +45,7 @@ from proxy.http import Limits
 from proxy.identity_client import ConfigTrust, IdentityRefused, WorkloadIdentity
 from proxy.inbound_policy import InboundPolicyFollower
 from proxy.intercept.agent import Interception
+from proxy.intercept.targets import policy_of
 from proxy.registration import Registration
 from proxy.settings import SidecarSettings
 from proxy.stats import ProxyStats
@@ -179,6 +181,16 @@ class Sidecar:
         elif s.capture_port:
             self.interception = Interception(s, self.bus, self.stats)
             capture = await self.interception.setup_pod(started)
+        if capture is not None:
+            # unknown destinations follow the mesh-wide outbound traffic policy
+            mesh_wide = self.cache.mesh_wide
+            capture = dataclasses.replace(
+                capture, outbound_policy=lambda: policy_of(mesh_wide.config)
+            )
+            try:
+                await mesh_wide.current()  # fetched and followed from here on
+            except errors.MeshError as e:
+                log.warning("sidecar.meshwide_unavailable", error=str(e))
         started.push_async_callback(self.dataplane.stop)
         addresses = await self.dataplane.start(
             DataPlaneContext(

@@ -51,6 +51,7 @@ from proxy.dataplane.envoy_host import accepts, choose_ports, instance_state_dir
 from proxy.dataplane.envoy_view import (
     ApplyTracker,
     EnvoyPorts,
+    capture_detection_timeouts,
     mesh_view,
     port_flag,
     ports_in_use,
@@ -633,6 +634,7 @@ class EnvoyDataPlane:
                 assert self._ctx is not None
                 # Envoy's series, then ours (istio_* from the access logs, config trust)
                 ours = generate_latest(self._ctx.stats.registry).decode()
+                ours += capture_detection_timeouts(body)
                 return web.Response(text=body + ours, content_type="text/plain")
             if path == "/config_dump":
                 # Envoy's dump, and what the sidecar knows about its Envoy

@@ -88,6 +88,7 @@ def proxy_node(
         trace_sampling=s.trace_sampling,
         app_host=s.app_host,
         capture=(ports.capture_host, ports.capture) if ports.capture else None,
+        opaque_ports=tuple(sorted(s.capture.opaque_ports)) if ports.capture else (),
         egress_gateway=s.egress_gateway,
     )
 
@@ -171,3 +172,28 @@ class ApplyTracker:
             else:
                 out.append(SubscriptionStatus(subject=sub.subject, revision=applied))
         return out
+
+
+CAPTURE_DETECTION_TIMEOUTS = "meshwork_proxy_capture_detection_timeouts_total"
+# Envoy's Prometheus series for `listener.virtual_outbound.downstream_pre_cx_timeout`
+# (the capture listener's stat prefix is its name, extracted as the address tag)
+ENVOY_CAPTURE_PRE_CX_TIMEOUT = (
+    'envoy_listener_downstream_pre_cx_timeout{envoy_listener_address="virtual_outbound"}'
+)
+
+
+def capture_detection_timeouts(envoy_prometheus: str) -> str:
+    """The Python capture listener's detection-timeout counter, from Envoy's own stats
+    (docs/architecture.md §5.4): the capture listener's listener filters (the HTTP
+    inspector) timing out. "" when Envoy has no capture listener."""
+    for line in envoy_prometheus.splitlines():
+        series, _, value = line.rpartition(" ")
+        if series == ENVOY_CAPTURE_PRE_CX_TIMEOUT:
+            count = int(float(value))
+            return (
+                f"# HELP {CAPTURE_DETECTION_TIMEOUTS} Captured connections whose protocol "
+                "detection timed out (then relayed as TCP)\n"
+                f"# TYPE {CAPTURE_DETECTION_TIMEOUTS} counter\n"
+                f"{CAPTURE_DETECTION_TIMEOUTS} {count}\n"
+            )
+    return ""

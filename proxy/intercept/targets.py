@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from mesh import errors
+from mesh.compiled_mesh import MeshWideConfig
 from mesh.hosts import ServiceRef
 from mesh.logs import get_logger
 from mesh.messages import Endpoint, EndpointsGetReply, EndpointsGetRequest
@@ -29,14 +30,14 @@ __all__ = [
     "CaptureTargets",
     "Target",
     "decide",
+    "policy_of",
 ]
 
 log = get_logger("proxy.intercept.targets")
 
 REGISTRY_ONLY = "REGISTRY_ONLY"
 ALLOW_ANY = "ALLOW_ANY"
-# until the mesh-wide config carries `outbound_traffic_policy` (ServiceEntry work), the
-# capture listener is constructed with this
+# while the mesh-wide config (`MeshWideConfig.outbound_traffic_policy`) is unknown
 DEFAULT_OUTBOUND_POLICY = REGISTRY_ONLY
 # how long the registry's instance addresses are reused for raw-IP lookups
 ADDRESSES_TTL_S = 2.0
@@ -83,6 +84,12 @@ def decide(target: Target, protocol: Detected, policy: str) -> Action:
         # a raw-IP non-HTTP connection to an instance's HTTP listener: nothing to relay to
         return Action.REFUSE
     return Action.RELAY_SERVICE
+
+
+def policy_of(config: MeshWideConfig | None) -> str:
+    """The outbound traffic policy in force: the mesh-wide config's, REGISTRY_ONLY while
+    none has been received (refusing is the safe side)."""
+    return config.outbound_traffic_policy if config is not None else DEFAULT_OUTBOUND_POLICY
 
 
 def target_of_endpoints(

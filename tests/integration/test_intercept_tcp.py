@@ -3,7 +3,7 @@ control plane, namespace and nftables: a server-first protocol on a port declare
 opaque is relayed at once (no detection wait), on another port after the detection
 timeout (counted); excluded destinations are not captured; a grpcio client with
 `grpc.enable_http_proxy=0` is captured as h2c and routed; the sidecar's own traffic
-is never captured."""
+is never captured; unknown destinations follow MeshConfig's outbound traffic policy."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from tests.intercept_support import (
     python_in,
     skip_without_interception,
 )
-from tests.support import MeshHarness
+from tests.support import MeshHarness, eventually
 
 pytestmark = pytest.mark.usefixtures("interception")
 
@@ -173,29 +173,45 @@ async def test_server_first_tcp_exclusions_and_grpc(nats_server, etcd_server, pr
         grpc_app.stop()
 
 
-async def test_allow_any_passes_unknown_destinations_through(
-    nats_server, etcd_server, prefix, monkeypatch
-) -> None:
-    """ALLOW_ANY (the mesh-wide outbound traffic policy, once the config carries it):
-    a destination the mesh does not know is relayed as it is, from the host side."""
-    from proxy.intercept import targets
+ALLOW_ANY_YAML = """
+apiVersion: meshwork.io/v1
+kind: MeshConfig
+metadata: {name: mesh, namespace: istio-system}
+spec:
+  outboundTrafficPolicy: {mode: ALLOW_ANY}
+"""
 
-    monkeypatch.setattr(targets, "DEFAULT_OUTBOUND_POLICY", targets.ALLOW_ANY)
+
+async def check_outbound_traffic_policy(mesh: Any, client: Any, outside: BannerServer) -> None:
+    """A destination the mesh does not know: refused under REGISTRY_ONLY (the default),
+    relayed as it is, from the host side, once MeshConfig says ALLOW_ANY."""
+    ns = namespace_of(client)
+    _code, out = await python_in(ns, banner_client(host_address(), outside.port))
+    assert repr(BANNER) not in out and not outside.peers, out
+    await mesh.apply(ALLOW_ANY_YAML)
+
+    async def passed() -> bool:
+        code, out = await python_in(ns, banner_client(host_address(), outside.port))
+        return code == 0 and repr(BANNER) in out
+
+    await eventually(passed, timeout=20)
+    # relayed by the sidecar: the server's peer is a host address, not the app's
+    assert outside.peers and outside.peers[-1] != client.interception.addresses.app_ip
+
+
+async def test_allow_any_passes_unknown_destinations_through(
+    nats_server, etcd_server, prefix
+) -> None:
     outside = await BannerServer("0.0.0.0").start()
     try:
         async with MeshHarness(nats_server.url, etcd_server.url, prefix) as mesh:
             client = await intercepted_client(mesh)
-            ns = namespace_of(client)
-            code, out = await python_in(ns, banner_client(host_address(), outside.port))
-            assert code == 0, out
-            assert repr(BANNER) in out
-            # relayed by the sidecar: the server's peer is a host address, not the app's
-            assert outside.peers and outside.peers[0] != client.interception.addresses.app_ip
+            await check_outbound_traffic_policy(mesh, client, outside)
             passed = metric(
                 client,
                 "meshwork_proxy_capture_connections_total",
                 {"protocol": "tcp", "action": "passthrough"},
             )
-            assert passed == 1
+            assert passed >= 1
     finally:
         outside.close()

@@ -8,6 +8,7 @@ from mesh.messages import EndpointSet, SubscriptionStatus
 from proxy.dataplane.envoy_view import (
     ApplyTracker,
     EnvoyPorts,
+    capture_detection_timeouts,
     mesh_view,
     port_flag,
     ports_in_use,
@@ -15,6 +16,7 @@ from proxy.dataplane.envoy_view import (
     view_endpoints,
 )
 from proxy.destinations import Destination
+from proxy.intercept.rules import InterceptSettings
 from proxy.settings import SidecarSettings
 
 ROUTE = "mesh.config.route.default.reviews"
@@ -133,3 +135,32 @@ def test_a_port_envoy_could_not_bind_is_named_by_the_flag_that_chose_it() -> Non
     assert port_flag(sidecar, 15006) == "--inbound-port"
     assert port_flag(sidecar, 15001) == "--outbound-port"
     assert port_flag(sidecar, 0) == "port"
+
+
+ENVOY_STATS = """# TYPE envoy_listener_downstream_pre_cx_timeout counter
+envoy_listener_downstream_pre_cx_timeout{envoy_listener_address="127.0.0.1_16160"} 7
+envoy_listener_downstream_pre_cx_timeout{envoy_listener_address="virtual_outbound"} 3
+"""
+
+
+def test_capture_detection_timeouts_come_from_the_capture_listeners_stat() -> None:
+    text = capture_detection_timeouts(ENVOY_STATS)
+    lines = text.splitlines()
+    assert "# TYPE meshwork_proxy_capture_detection_timeouts_total counter" in lines
+    # the capture listener's counter only, not another listener's
+    assert lines[-1] == "meshwork_proxy_capture_detection_timeouts_total 3"
+    # no capture listener (not intercepted): no series
+    assert capture_detection_timeouts(ENVOY_STATS.replace("virtual_outbound", "x")) == ""
+
+
+def test_proxy_node_carries_the_opaque_ports_of_an_intercepted_app() -> None:
+    settings = SidecarSettings(
+        service="productpage",
+        app_port=9080,
+        intercept=True,
+        capture=InterceptSettings(opaque_ports=(3306, 25)),
+    )
+    node = proxy_node(settings, EnvoyPorts(admin=1, capture_host="100.127.0.1", capture=15001))
+    assert node.capture == ("100.127.0.1", 15001) and node.opaque_ports == (25, 3306)
+    # without a capture listener there is nothing to skip detection on
+    assert proxy_node(settings, EnvoyPorts(admin=1)).opaque_ports == ()

@@ -5,6 +5,7 @@ tests/integration/test_envoy_translate_validate.py, where Envoy validates each o
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Callable
@@ -666,7 +667,9 @@ def case_outbound_intercepted() -> tuple[ProxyNode, MeshView]:
     """An intercepted app (docs/architecture.md §5.4): the capture listener on the host
     side of the app's veth (original destination; a service's virtual IP and TCP port
     to its TCP listeners; HTTP detected to the outbound routes; anything else to
-    BlackHoleCluster), the app reached at its namespace address."""
+    BlackHoleCluster), the app reached at its namespace address; raw addresses of
+    the instances: their TCP listener relayed to that instance, HTTP to the inbound
+    listener routed by the instance's service; no HTTP detection on opaque ports."""
     redis = EndpointSet(
         namespace="cache",
         service="redis",
@@ -681,7 +684,9 @@ def case_outbound_intercepted() -> tuple[ProxyNode, MeshView]:
             )
         ],
     )
-    return sidecar(capture=("100.127.0.1", 15001), app_host="100.127.0.2"), MeshView(
+    # `--opaque-ports`: no HTTP detection on 3306
+    node = sidecar(capture=("100.127.0.1", 15001), app_host="100.127.0.2", opaque_ports=(3306,))
+    return node, MeshView(
         destinations={RATINGS: (None, ratings_endpoints()), REDIS: (None, redis)},
         # ratings has no TCP port: no chain of its own (its HTTP goes by Host)
         vips={REDIS: "240.240.3.4", RATINGS: "240.240.3.5"},
@@ -853,3 +858,27 @@ def test_socket_listeners_bind_without_reuse_port(case: str) -> None:
     for name, message in sockets.items():
         assert message.HasField("enable_reuse_port"), f"{case}: {name} leaves reuse port default"
         assert message.enable_reuse_port.value is False, f"{case}: {name} reuses ports"
+
+
+def test_capture_unknown_destinations_follow_the_outbound_traffic_policy() -> None:
+    """REGISTRY_ONLY (the default, and while no mesh-wide config is known): the capture
+    listener's default chain goes to BlackHoleCluster; ALLOW_ANY: to the original
+    destination (an ORIGINAL_DST cluster), as the Python capture's PASSTHROUGH."""
+    node, view = case_outbound_intercepted()
+
+    def default_cluster(view: MeshView) -> tuple[str, dict[str, Any]]:
+        out = resources_json(translate(node, view))
+        chain = out["listeners"]["virtual_outbound"]["defaultFilterChain"]
+        cluster = chain["filters"][0]["typedConfig"]["cluster"]
+        return cluster, out["clusters"]
+
+    assert default_cluster(view)[0] == "BlackHoleCluster"
+    for policy in ("REGISTRY_ONLY", "ALLOW_ANY"):
+        wide = MeshWideConfig(revision=1, outbound_traffic_policy=policy)  # type: ignore[arg-type]
+        cluster, clusters = default_cluster(dataclasses.replace(view, mesh_wide=wide))
+        if policy == "REGISTRY_ONLY":
+            assert cluster == "BlackHoleCluster" and "OriginalDstPassthrough" not in clusters
+        else:
+            assert cluster == "OriginalDstPassthrough"
+            assert clusters[cluster]["type"] == "ORIGINAL_DST"
+            assert clusters[cluster]["lbPolicy"] == "CLUSTER_PROVIDED"

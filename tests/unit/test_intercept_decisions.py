@@ -153,3 +153,12 @@ def test_vip_candidates_are_stable_usable_pool_addresses() -> None:
     assert VIP_POOL.network_address not in addresses
     assert len(set(addresses)) == 5
     assert next(candidates(ServiceRef("default", "ratings"))) != str(addresses[0])
+
+
+def test_the_outbound_policy_is_the_mesh_wide_configs() -> None:
+    from mesh.compiled_mesh import MeshWideConfig
+    from proxy.intercept.targets import policy_of
+
+    assert policy_of(None) == REGISTRY_ONLY  # none received yet: refuse
+    assert policy_of(MeshWideConfig(revision=3)) == REGISTRY_ONLY
+    assert policy_of(MeshWideConfig(revision=4, outbound_traffic_policy="ALLOW_ANY")) == ALLOW_ANY

@@ -64,6 +64,9 @@ class ProxyNode:
     app_host: str = "127.0.0.1"
     # an intercepted app (docs/architecture.md §5.4): the capture listener's address
     capture: tuple[str, int] | None = None
+    # `--opaque-ports`: destination ports the capture listener relays as TCP without
+    # waiting for protocol detection (server-first protocols)
+    opaque_ports: tuple[int, ...] = ()
     # a gateway in the egress role: its listeners take mTLS (from mesh sidecars) as
     # well as plaintext (docs/architecture.md §5.5)
     egress_gateway: bool = False
