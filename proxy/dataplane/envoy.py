@@ -8,10 +8,15 @@ Envoy's ACK/NACK becomes the proxy-status report (`envoy_view.ApplyTracker`); a 
 Envoy refuses, or one the translator cannot make, is reported as NACK and the last
 good configuration keeps serving.
 
-Destinations: Envoy cannot ask for a destination on first request the way the Python
-proxy does (on-demand discovery is not done yet), so this data plane follows every
-service the registry knows (`registry.get` for all, then every new endpoint set on
-`registry.endpoints.>`) and every host the routes name.
+Destinations: by default this data plane follows every service the registry knows
+(`registry.get` for all, then every new endpoint set on `registry.endpoints.>`) and
+every host the routes name. With `--envoy-on-demand` (a sidecar, not a gateway) it
+follows only what the app asks for, as the Python proxy does: the outbound route
+configuration has no virtual hosts, Envoy's `on_demand` filter asks VHDS (a delta
+stream) for `outbound_http/<host>` and holds the request; the agent follows that
+destination, pushes its clusters and endpoints (state of the world), and once Envoy
+has ACKed them answers with the virtual host (or "absent": 404 `NR`). A followed
+destination's changes are pushed like any other; destinations are never forgotten.
 
 Telemetry: Envoy's gRPC access logs come to the sidecar's access-log service
 (`proxy.envoy.access_log_service`, converted by `access_log_convert`) and become the same
@@ -30,18 +35,19 @@ import contextlib
 import json
 import shutil
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 from aiohttp import web
 from cryptography.hazmat.primitives import serialization
+from google.protobuf.message import Message
 from prometheus_client import generate_latest
 
 from mesh import errors
 from mesh.compiled import GatewayConfig
-from mesh.hosts import ServiceRef, service_of_host
+from mesh.hosts import ServiceRef, canonical_host, service_of_host
 from mesh.logs import get_logger
 from mesh.messages import EndpointSet, EndpointsGetReply, EndpointsGetRequest, SubscriptionStatus
 from proxy.admin import AdminRoute
@@ -52,6 +58,8 @@ from proxy.dataplane.envoy_view import (
     EnvoyPorts,
     mesh_view,
     proxy_node,
+    vhds_answer,
+    vhds_host,
     view_endpoints,
 )
 from proxy.dataplane.python import sidecar_telemetry
@@ -67,7 +75,7 @@ from proxy.envoy.process import (
     EnvoyProcess,
     find_running_envoy,
 )
-from proxy.envoy.resources import CLUSTER, LISTENER, XdsResources
+from proxy.envoy.resources import CLUSTER, ENDPOINT, LISTENER, VIRTUAL_HOST, XdsResources
 from proxy.envoy.trace_service import SpanIngest, TraceServer
 from proxy.envoy.translate import (
     MeshView,
@@ -77,6 +85,7 @@ from proxy.envoy.translate import (
     tls_secrets,
     translate,
 )
+from proxy.envoy.translate.names import OUTBOUND_HTTP_ROUTE
 from proxy.envoy.xds_server import ApplyState, TypeStatus, XdsError, XdsServer
 from proxy.telemetry import SidecarTelemetry, TelemetryPublisher
 
@@ -130,6 +139,11 @@ class EnvoyDataPlane:
         self._publisher: asyncio.Task[None] | None = None
         # the view the last push was translated from: the endpoints Envoy may choose
         self._mesh_view: MeshView | None = None
+        # on demand: every VHDS name Envoy asked for -> the FQDN its Host names ("" for
+        # no mesh service), and the task that serves the virtual hosts once Envoy has
+        # the clusters they route to
+        self._vhds_requested: dict[str, str] = {}
+        self._vhds_task: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------ lifecycle
 
@@ -154,13 +168,18 @@ class EnvoyDataPlane:
             ACCESS_LOG_CLUSTER if self._als else "",
             TRACING_CLUSTER if self._traces else "",
         )
-        self._xds = XdsServer(self._dir / "xds.sock", on_status=self._on_xds_status)
+        self._xds = XdsServer(
+            self._dir / "xds.sock",
+            on_status=self._on_xds_status,
+            on_delta_wanted=self._on_vhosts_wanted,
+        )
         try:
             await self._xds.start()
         except XdsError as e:
             raise errors.Unavailable(f"the xDS server did not start: {e}") from None
         self._secrets = self._current_secrets()
-        await self._follow_every_service()
+        if not self._node.on_demand:
+            await self._follow_every_service()
         self._push()
         self._tasks.append(asyncio.create_task(self._push_loop(), name="envoy:push"))
         bootstrap = build_bootstrap(
@@ -244,9 +263,10 @@ class EnvoyDataPlane:
         `drain()`, or stopping after a failed start) has sent every buffered entry once
         none arrived for `LOGS_QUIET_S`; then Envoy stops, then the access-log service
         (finishing what it received), then the publisher's final flush."""
-        for task in self._tasks:
+        tasks = [*self._tasks, *([self._vhds_task] if self._vhds_task else [])]
+        for task in tasks:
             task.cancel()
-        for task in self._tasks:
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         receivers = [r for r in (self._als, self._traces) if r is not None]
@@ -319,6 +339,9 @@ class EnvoyDataPlane:
             except errors.MeshError as e:
                 # the last good configuration keeps serving; the next change retries
                 log.error("envoy.push_failed", error=str(e))
+            except Exception:
+                # a bug must not end the loop that serves every later change
+                log.exception("envoy.push_crashed")
 
     def _push(self) -> None:
         """Translate the followers' state and serve it; a translation error is a
@@ -351,6 +374,69 @@ class EnvoyDataPlane:
             self._tracker = self._tracker.rejected(followed, f"xDS snapshot: {e}")
         self.pushes += 1
         self._on_xds_status(None)
+        if node.on_demand:
+            self._serve_vhosts(resources.virtual_hosts)
+
+    # ------------------------------------------------------------ on demand (VHDS)
+
+    def _on_vhosts_wanted(self, type_url: str, names: set[str]) -> None:
+        """Envoy asked for virtual hosts we have not answered: follow their
+        destinations, then push (which answers them)."""
+        if type_url != VIRTUAL_HOST or self._ctx is None:
+            return
+        new = {n for n in names if n not in self._vhds_requested}
+        if new:
+            task = asyncio.create_task(self._resolve_vhosts(new), name="envoy:vhds-resolve")
+            self._tasks.append(task)
+            task.add_done_callback(self._tasks_done)
+
+    def _tasks_done(self, task: asyncio.Task[None]) -> None:
+        with contextlib.suppress(ValueError):
+            self._tasks.remove(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("envoy.vhds_resolve_failed", error=str(task.exception()))
+
+    async def _resolve_vhosts(self, names: set[str]) -> None:
+        ctx = self._ctx
+        assert ctx is not None
+        wanted: dict[str, ServiceRef | None] = {}
+        for name in names:
+            fqdn = canonical_host(vhds_host(name), ctx.settings.namespace)
+            wanted[name] = service_of_host(fqdn)
+        refs = {ref for ref in wanted.values() if ref is not None}
+        await self._follow(refs)
+        for name, ref in wanted.items():
+            # a destination not published (yet) is absent: Envoy answers 404 NR
+            self._vhds_requested[name] = ref.fqdn if ref in self._following else ""
+        log.info(
+            "envoy.vhds_requested",
+            hosts=sorted(vhds_host(n) for n in names),
+            following=len(self._following),
+        )
+        self._wake.set()
+
+    def _serve_vhosts(self, virtual_hosts: Mapping[str, Message]) -> None:
+        """Serve the virtual hosts once Envoy has ACKed the clusters and endpoints of
+        this push, so a request resumed by the answer finds its cluster warm."""
+        xds = self._xds
+        assert xds is not None
+        resources, absent = vhds_answer(virtual_hosts, self._vhds_requested)
+        if self._vhds_task is not None:
+            self._vhds_task.cancel()
+
+        async def serve() -> None:
+            try:
+                await xds.wait_until(
+                    lambda _s: xds.applied(CLUSTER, ENDPOINT), FIRST_CONFIG_TIMEOUT_S
+                )
+            except TimeoutError as e:
+                # a refused or lost CDS/EDS push: the routes still go out (503 NC)
+                log.warning("envoy.vhds_clusters_not_applied", error=str(e))
+            xds.set_delta_resources(
+                VIRTUAL_HOST, resources, absent, opening=[f"{OUTBOUND_HTTP_ROUTE}/"]
+            )
+
+        self._vhds_task = asyncio.create_task(serve(), name="envoy:vhds-serve")
 
     def _envoy_exited(self, exit: EnvoyExit) -> None:
         log.warning("envoy.restarting", pid=exit.pid, code=exit.returncode, restarts=exit.restarts)

@@ -8,10 +8,13 @@ import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from google.protobuf.message import Message
+
 from mesh.compiled import GatewayConfig, InboundPolicy
 from mesh.hosts import ServiceRef
 from mesh.messages import EndpointSet, SubscriptionStatus
 from proxy.destinations import Destination
+from proxy.envoy.delta_protocol import DeltaResource, delta_resource
 from proxy.envoy.translate import MeshView, ProxyNode
 from proxy.settings import SidecarSettings
 from proxy.tcp import parse_tcp_upstream
@@ -57,6 +60,7 @@ def proxy_node(
         access_log_cluster=access_log_cluster,
         tracing_cluster=tracing_cluster,
         trace_sampling=s.trace_sampling,
+        on_demand=s.envoy_on_demand and not gateway,
     )
 
 
@@ -74,6 +78,33 @@ def mesh_view(
         inbound=inbound,
         gateway=gateway,
     )
+
+
+def vhds_host(requested: str) -> str:
+    """The Host of a VHDS name, `<route configuration>/<host>` (matched from the
+    right: a host has no slash, a route configuration name may)."""
+    return requested.rpartition("/")[2]
+
+
+def vhds_answer(
+    virtual_hosts: Mapping[str, Message],
+    requested: Mapping[str, str],
+) -> tuple[list[DeltaResource], set[str]]:
+    """The virtual hosts to serve over VHDS and the requested names that have none.
+    `requested`: every VHDS name asked for -> the FQDN its Host resolves to ("" when it
+    names no mesh service). A virtual host is named by its FQDN and carries the names
+    that asked for it as aliases; a name whose FQDN has no virtual host is absent.
+    Virtual hosts are named `<route configuration>/<fqdn>`."""
+    aliases: dict[str, set[str]] = {name: set() for name in virtual_hosts}
+    by_fqdn = {vhds_host(name): name for name in virtual_hosts}
+    absent: set[str] = set()
+    for name, fqdn in requested.items():
+        if fqdn in by_fqdn:
+            aliases[by_fqdn[fqdn]].add(name)
+        else:
+            absent.add(name)
+    resources = [delta_resource(virtual_hosts[n], aliases[n]) for n in sorted(virtual_hosts)]
+    return resources, absent
 
 
 def view_endpoints(view: MeshView | None, fqdn: str) -> EndpointSet | None:

@@ -3,17 +3,18 @@ host per destination, and the clusters and endpoints every route names."""
 
 from __future__ import annotations
 
-from envoy.config.route.v3 import route_pb2
+from envoy.config.route.v3 import route_components_pb2, route_pb2
 
 from mesh.compiled import RouteTable
 from mesh.messages import EndpointSet
+from proxy.envoy.bootstrap import XDS_CLUSTER
 from proxy.envoy.resources import XdsResources
 from proxy.telemetry import PEER_METADATA_HEADER, encode_peer_metadata, own_workload
 
 from . import clusters, connect, listeners, routes
 from .model import MeshView, ProxyNode
 from .names import OUTBOUND_HTTP_LISTENER, OUTBOUND_HTTP_ROUTE, outbound_cluster, service_domains
-from .protos import Json, parse
+from .protos import ON_DEMAND, Json, parse
 
 # A Host that names no known mesh service: the Python proxy's answer (502, flag NR)
 UNKNOWN_HOST: Json = {
@@ -29,6 +30,24 @@ UNKNOWN_HOST: Json = {
             },
         }
     ],
+}
+
+
+# VHDS needs delta xDS: its own stream to the sidecar's xDS server (the ADS stream
+# stays state of the world); the bootstrap's cluster `xds-grpc` reaches that server
+VHDS_SOURCE: Json = {
+    "apiConfigSource": {
+        "apiType": "DELTA_GRPC",
+        "transportApiVersion": "V3",
+        "grpcServices": [{"envoyGrpc": {"clusterName": XDS_CLUSTER}}],
+    },
+    "resourceApiVersion": "V3",
+}
+# asks VHDS for the virtual host of a Host the route configuration lacks, holding the
+# request until the answer (before the router)
+ON_DEMAND_FILTER: Json = {
+    "name": "envoy.filters.http.on_demand",
+    "typedConfig": {"@type": ON_DEMAND},
 }
 
 
@@ -65,6 +84,25 @@ def route_context(node: ProxyNode, view: MeshView, gateway: str = "") -> routes.
 
 
 def outbound_route_config(node: ProxyNode, view: MeshView, ctx: routes.RouteContext) -> Json:
+    vhosts = outbound_virtual_hosts(node, view, ctx)
+    config: Json = {
+        "name": OUTBOUND_HTTP_ROUTE,
+        "requestHeadersToAdd": [peer_metadata_header(node)],
+        "ignorePortInHostMatching": True,
+        # a route naming an unknown subset is answered 503 (NC), as by the Python proxy
+        "validateClusters": False,
+    }
+    if node.on_demand:
+        # every virtual host comes over VHDS when a request names its host; no
+        # catch-all (it would match every host, so Envoy would never ask)
+        config["vhds"] = {"configSource": VHDS_SOURCE}
+    else:
+        config["virtualHosts"] = [*vhosts, UNKNOWN_HOST]
+    return config
+
+
+def outbound_virtual_hosts(node: ProxyNode, view: MeshView, ctx: routes.RouteContext) -> list[Json]:
+    """A virtual host per known destination (named by its FQDN)."""
     vhosts = []
     for fqdn in sorted(view.destinations):
         table, endpoints = view.destinations[fqdn]
@@ -82,28 +120,29 @@ def outbound_route_config(node: ProxyNode, view: MeshView, ctx: routes.RouteCont
                 ],
             }
         )
-    vhosts.append(UNKNOWN_HOST)
-    return {
-        "name": OUTBOUND_HTTP_ROUTE,
-        "virtualHosts": vhosts,
-        "requestHeadersToAdd": [peer_metadata_header(node)],
-        "ignorePortInHostMatching": True,
-        # a route naming an unknown subset is answered 503 (NC), as by the Python proxy
-        "validateClusters": False,
-    }
+    return vhosts
 
 
 def add_outbound(node: ProxyNode, view: MeshView, out: XdsResources) -> routes.RouteContext:
     ctx = route_context(node, view)
     config = outbound_route_config(node, view, ctx)
     out.routes[OUTBOUND_HTTP_ROUTE] = parse(route_pb2.RouteConfiguration, config)
+    if node.on_demand:
+        for vhost in outbound_virtual_hosts(node, view, ctx):
+            # VHDS resources live in their route configuration's namespace
+            name = f"{OUTBOUND_HTTP_ROUTE}/{vhost['name']}"
+            vhost = {**vhost, "name": name}
+            out.virtual_hosts[name] = parse(route_components_pb2.VirtualHost, vhost)
     assert node.outbound is not None
 
     def hcm(prefix: str, extra: Json) -> Json:
         return listeners.http_connection_manager(
             prefix,
             route_config_name=OUTBOUND_HTTP_ROUTE,
-            http_filters=[listeners.fault_filter()],
+            http_filters=[
+                *([ON_DEMAND_FILTER] if node.on_demand else []),
+                listeners.fault_filter(),
+            ],
             access_log_name="outbound",
             access_log_cluster=node.access_log_cluster,
             tracing=listeners.tracing(node.tracing_cluster, node.service, node.trace_sampling),
