@@ -180,6 +180,8 @@ class EnvoyDataPlane:
         self._secrets = self._current_secrets()
         if not self._node.on_demand:
             await self._follow_every_service()
+        else:
+            await self._follow_referenced()
         self._push()
         self._tasks.append(asyncio.create_task(self._push_loop(), name="envoy:push"))
         bootstrap = build_bootstrap(
@@ -384,11 +386,17 @@ class EnvoyDataPlane:
         destinations, then push (which answers them)."""
         if type_url != VIRTUAL_HOST or self._ctx is None:
             return
-        new = {n for n in names if n not in self._vhds_requested}
+        # new names, and names answered absent that Envoy asks for again (a destination
+        # published since then is found now)
+        new = {n for n in names if not self._vhds_requested.get(n)}
         if new:
             task = asyncio.create_task(self._resolve_vhosts(new), name="envoy:vhds-resolve")
             self._tasks.append(task)
             task.add_done_callback(self._tasks_done)
+        if new != names:
+            # a followed destination asked again: answered by the next push, from what
+            # its follower knows now
+            self._wake.set()
 
     def _tasks_done(self, task: asyncio.Task[None]) -> None:
         with contextlib.suppress(ValueError):
@@ -571,8 +579,9 @@ class EnvoyDataPlane:
             self._wake.set()
 
     async def _follow_referenced(self) -> None:
-        """Hosts the routes name (a VirtualService sending to another service) that are
-        not followed yet: followed, then pushed again."""
+        """Hosts the routes name (a VirtualService sending to another service) and the
+        services of the TCP relays that are not followed yet: followed, then pushed
+        again."""
         ctx, node = self._ctx, self._node
         assert ctx is not None and node is not None
         try:
@@ -580,9 +589,14 @@ class EnvoyDataPlane:
         except TranslationError:
             return
         refs = {ref for host in hosts if (ref := service_of_host(host)) is not None}
+        # TCP relays ask for nothing (no Host): on demand, their services are followed
+        # from the start (one not published yet is tried again on the next push)
+        refs |= {upstream.service for upstream in node.tcp_upstreams}
         if refs - self._following:
+            before = len(self._following)
             await self._follow(refs - self._following)
-            self._wake.set()
+            if len(self._following) != before:  # else a push would only retry, in a loop
+                self._wake.set()
 
     async def _follow(self, refs: Iterable[ServiceRef]) -> None:
         """Fetch and subscribe to each destination, a bounded number at a time (a mesh

@@ -21,9 +21,11 @@ Protocol rules followed (Envoy's xDS protocol document, "Incremental xDS"):
 - a response carries only what changed for the stream: added or updated resources
   (version = content digest) and `removed_resources` (a subscribed resource the server
   no longer has), a unique nonce and the server's `system_version_info`;
-- a name the server resolved as not existing is answered once: for VHDS as a
-  resource with that name as its alias and no body (Envoy resumes the held request,
-  which gets 404 `NR`), for other types in `removed_resources`;
+- a name the server resolved as not existing is answered: for VHDS as a resource
+  with that name as its alias and no body (Envoy resumes the held request, which gets
+  404 `NR`), for other types in `removed_resources`. Envoy subscribes to such a name
+  again on the next request for that host: it is then unresolved until the caller
+  sets the type again (it may exist by now), and answered from that state;
 - a request with a nonce and no `error_detail` ACKs that response; with `error_detail`
   it NACKs it: Envoy keeps what it had, we record its message and do not resend the
   refused versions until they change (resending would loop);
@@ -97,6 +99,8 @@ class DeltaState:
         self.types: dict[str, TypeResources] = {}
         self._versions = itertools.count(1)
         self.system_version = ""
+        # bumped by every `set`, changed or not: names re-asked before it are answered
+        self.generation = 0
 
     def set(
         self,
@@ -105,7 +109,10 @@ class DeltaState:
         absent: Iterable[str] = (),
         opening: Iterable[str] = (),
     ) -> bool:
-        """Make these the type's resources; whether anything changed."""
+        """Make these the type's resources; whether anything changed. Streams must be
+        told (`DeltaStream.on_change`) even when nothing changed: a name re-asked
+        meanwhile waits for this answer."""
+        self.generation += 1
         new = TypeResources({r.name: r for r in resources}, frozenset(absent), frozenset(opening))
         if self.types.get(type_url) == new:
             return False
@@ -128,6 +135,8 @@ class _Subscription:
     # nonce -> the resource versions that response carried (until ACKed or NACKed)
     in_flight: dict[str, dict[str, str]] = field(default_factory=dict)
     answered_first: bool = False
+    # names answered absent and subscribed again -> the state generation then
+    recheck: dict[str, int] = field(default_factory=dict)
 
 
 class DeltaStream:
@@ -150,7 +159,14 @@ class DeltaStream:
         held = self.state.types.get(type_url, TypeResources())
         if sub is None:
             return set()
-        return {n for n in sub.names if n not in held.absent and held.resolve(n) is None}
+        return {
+            n
+            for n in sub.names
+            if held.resolve(n) is None and (n not in held.absent or self._rechecking(sub, n))
+        }
+
+    def _rechecking(self, sub: _Subscription, name: str) -> bool:
+        return sub.recheck.get(name) == self.state.generation
 
     def on_request(
         self, request: discovery_pb2.DeltaDiscoveryRequest
@@ -175,8 +191,12 @@ class DeltaStream:
         for name in request.resource_names_subscribe:
             if name == WILDCARD:
                 sub.wildcard = True
-            else:
-                sub.names.add(name)
+                continue
+            if sub.answered.get(name) == ABSENT:
+                # asked again (a new request for that host): look again
+                del sub.answered[name]
+                sub.recheck[name] = self.state.generation
+            sub.names.add(name)
         for name in request.resource_names_unsubscribe:
             if name == WILDCARD:
                 sub.wildcard = False
@@ -226,8 +246,13 @@ class DeltaStream:
                 if sub.answered.get(requested) != resource.version:
                     sub.answered[requested] = resource.version
                     sub.has.pop(resource.name, None)  # resend: this alias waits for it
-            elif requested in held.absent and sub.answered.get(requested) != ABSENT:
+            elif (
+                requested in held.absent
+                and sub.answered.get(requested) != ABSENT
+                and not self._rechecking(sub, requested)
+            ):
                 sub.answered[requested] = ABSENT
+                sub.recheck.pop(requested, None)
                 if type_url in ABSENT_AS_EMPTY_RESOURCE:
                     added[requested] = discovery_pb2.Resource(name=requested, aliases=[requested])
                 elif requested in sub.has:

@@ -188,8 +188,7 @@ class XdsServer:
         exist (answered as such); `opening`: names answered as not existing in each
         stream's first response (`delta_protocol.TypeResources.opening`). Each stream is
         sent what changed for it."""
-        if not self._delta.set(type_url, resources, absent, opening):
-            return
+        self._delta.set(type_url, resources, absent, opening)
         for connection in list(self._delta_connections):
             connection.send(connection.stream.on_change([type_url]))
 

@@ -79,6 +79,19 @@ async def test_on_demand_envoy_holds_only_what_its_app_called(
         # a host that is no mesh service: no virtual host, Envoy answers 404 NR
         status, _, _ = await call(client, "http://nosuch.default.svc.cluster.local/")
         assert status == 404
+        # asked again (Envoy subscribes again): answered again, not left waiting
+        status, _, _ = await call(client, "http://nosuch.default.svc.cluster.local/")
+        assert status == 404
+        # a host that is published after Envoy was told it does not exist
+        status, _, _ = await call(client, "http://details/")
+        assert status == 404
+        await mesh.sidecar("details", dataplane="envoy")
+
+        async def details_found() -> bool:
+            status, _, _ = await call(client, "http://details/")
+            return status == 200
+
+        await eventually(details_found, timeout=20, interval=0.2)
 
         # a routing change for a followed destination reaches Envoy
         await mesh.apply(FAULT_REVIEWS)

@@ -211,3 +211,25 @@ def test_named_cluster_that_does_not_exist_is_removed() -> None:
 def test_resource_without_a_name_is_refused() -> None:
     with pytest.raises(XdsError, match="without a name"):
         delta_resource(route_components_pb2.VirtualHost())
+
+
+def test_absent_name_asked_again_waits_for_the_next_set_and_may_exist_by_then() -> None:
+    state, stream = vhds_stream()
+    nosuch = "outbound_http/later"
+    stream.on_request(request(subscribe=(nosuch,)))
+    state.set(VIRTUAL_HOST, [], absent=[nosuch], opening=OPENING)
+    [absent] = stream.on_change()
+    stream.on_request(request(nonce=absent.nonce))
+    # Envoy asks again (a new request for that host): not answered from the old state
+    assert stream.on_request(request(subscribe=(nosuch,))) == []
+    assert stream.unresolved(VIRTUAL_HOST) == {nosuch}
+    # the caller looked again and still found nothing: answered absent again
+    state.set(VIRTUAL_HOST, [], absent=[nosuch], opening=OPENING)
+    [again] = stream.on_change()
+    assert summary(again) == {"added": {nosuch: ([nosuch], False)}, "removed": []}
+    assert stream.unresolved(VIRTUAL_HOST) == set()
+    # asked once more, and this time it exists
+    stream.on_request(request(subscribe=(nosuch,)))
+    state.set(VIRTUAL_HOST, [with_aliases(vhost(RATINGS), nosuch)], opening=OPENING)
+    [found] = stream.on_change()
+    assert summary(found)["added"] == {RATINGS: ([nosuch], True)}
