@@ -47,7 +47,7 @@ from prometheus_client import generate_latest
 
 from mesh import errors
 from mesh.compiled import GatewayConfig
-from mesh.hosts import ServiceRef, canonical_host, service_of_host
+from mesh.hosts import ServiceRef, service_of_host
 from mesh.logs import get_logger
 from mesh.messages import EndpointSet, EndpointsGetReply, EndpointsGetRequest, SubscriptionStatus
 from proxy.admin import AdminRoute
@@ -59,6 +59,7 @@ from proxy.dataplane.envoy_view import (
     mesh_view,
     proxy_node,
     vhds_answer,
+    vhds_fqdn,
     vhds_host,
     view_endpoints,
 )
@@ -388,7 +389,7 @@ class EnvoyDataPlane:
             return
         # new names, and names answered absent that Envoy asks for again (a destination
         # published since then is found now)
-        new = {n for n in names if not self._vhds_requested.get(n)}
+        new = {n for n in names if not self._is_followed(self._vhds_requested.get(n))}
         if new:
             task = asyncio.create_task(self._resolve_vhosts(new), name="envoy:vhds-resolve")
             self._tasks.append(task)
@@ -397,6 +398,14 @@ class EnvoyDataPlane:
             # a followed destination asked again: answered by the next push, from what
             # its follower knows now
             self._wake.set()
+
+    def _is_followed(self, fqdn: str | None) -> bool:
+        """Whether a requested Host's destination is followed (one that is no mesh
+        service has nothing to follow); None: never asked."""
+        if not fqdn:
+            return False
+        ref = service_of_host(fqdn)
+        return ref is None or ref in self._following
 
     def _tasks_done(self, task: asyncio.Task[None]) -> None:
         with contextlib.suppress(ValueError):
@@ -407,15 +416,11 @@ class EnvoyDataPlane:
     async def _resolve_vhosts(self, names: set[str]) -> None:
         ctx = self._ctx
         assert ctx is not None
-        wanted: dict[str, ServiceRef | None] = {}
-        for name in names:
-            fqdn = canonical_host(vhds_host(name), ctx.settings.namespace)
-            wanted[name] = service_of_host(fqdn)
-        refs = {ref for ref in wanted.values() if ref is not None}
-        await self._follow(refs)
-        for name, ref in wanted.items():
-            # a destination not published (yet) is absent: Envoy answers 404 NR
-            self._vhds_requested[name] = ref.fqdn if ref in self._following else ""
+        fqdns = {name: vhds_fqdn(name, ctx.settings.namespace) for name in names}
+        await self._follow({ref for fqdn in fqdns.values() if (ref := service_of_host(fqdn))})
+        # a Host that names no known service is answered 502 `unknown host`
+        # (`vhds_answer`) until its service appears
+        self._vhds_requested.update(fqdns)
         log.info(
             "envoy.vhds_requested",
             hosts=sorted(vhds_host(n) for n in names),

@@ -1,7 +1,7 @@
 """Envoy on demand (`--envoy-on-demand`, VHDS over delta xDS): a sidecar whose mesh has
 many services holds only the destinations its app called, a service registered after
 the sidecar started works on its first request, a routing change for a followed
-destination reaches Envoy, and an unknown host gets 404 NR. Real NATS, etcd, control
+destination reaches Envoy, and an unknown host gets 502 as from the Python proxy. Real NATS, etcd, control
 plane and Envoy processes."""
 
 from __future__ import annotations
@@ -76,15 +76,15 @@ async def test_on_demand_envoy_holds_only_what_its_app_called(
         status, body, _ = await call(client, "http://ratings.default.svc.cluster.local/")
         assert status == 200, body
 
-        # a host that is no mesh service: no virtual host, Envoy answers 404 NR
-        status, _, _ = await call(client, "http://nosuch.default.svc.cluster.local/")
-        assert status == 404
+        # a host that is no mesh service: 502 as from the Python proxy
+        status, body, _ = await call(client, "http://nosuch.default.svc.cluster.local/")
+        assert status == 502 and "unknown host" in body, body
         # asked again (Envoy subscribes again): answered again, not left waiting
         status, _, _ = await call(client, "http://nosuch.default.svc.cluster.local/")
-        assert status == 404
+        assert status == 502
         # a host that is published after Envoy was told it does not exist
         status, _, _ = await call(client, "http://details/")
-        assert status == 404
+        assert status == 502
         await mesh.sidecar("details", dataplane="envoy")
 
         async def details_found() -> bool:

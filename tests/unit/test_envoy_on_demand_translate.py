@@ -4,7 +4,9 @@ virtual host is served by name, and requested hosts map to them as aliases."""
 
 from __future__ import annotations
 
-from proxy.dataplane.envoy_view import vhds_answer, vhds_host
+from envoy.config.route.v3 import route_components_pb2
+
+from proxy.dataplane.envoy_view import vhds_answer, vhds_fqdn, vhds_host
 from proxy.envoy.resources import XdsResources
 from proxy.envoy.translate import MeshView, translate
 from proxy.envoy.translate.protos import to_dict
@@ -56,11 +58,13 @@ def test_default_translation_is_unchanged_by_the_option() -> None:
 
 def test_vhds_answer_maps_requested_hosts_to_virtual_hosts_as_aliases() -> None:
     out = translate(sidecar(on_demand=True), VIEW)
+    details = "details.default.svc.cluster.local"
     requested = {
         "outbound_http/reviews:9080": REVIEWS,
         "outbound_http/reviews.default.svc.cluster.local": REVIEWS,
-        "outbound_http/nosuch": "",
-        "outbound_http/details": "details.default.svc.cluster.local",  # not followed
+        "outbound_http/details:9080": details,  # no such service (yet)
+        "outbound_http/details.default": details,
+        "outbound_http/*.example.com": "",
     }
     resources, absent = vhds_answer(out.virtual_hosts, requested)
     by_name = {r.name: r for r in resources}
@@ -69,7 +73,21 @@ def test_vhds_answer_maps_requested_hosts_to_virtual_hosts_as_aliases() -> None:
         "outbound_http/reviews.default.svc.cluster.local",
     }
     assert by_name[f"outbound_http/{RATINGS}"].aliases == frozenset()
-    assert absent == {"outbound_http/nosuch", "outbound_http/details"}
+    # an unknown host gets the Python proxy's answer, 502, under the service's name
+    unknown = by_name[f"outbound_http/{details}"]
+    assert unknown.aliases == {"outbound_http/details:9080", "outbound_http/details.default"}
+    vhost = route_components_pb2.VirtualHost.FromString(unknown.value)
+    assert sorted(vhost.domains) == ["details", "details.default"]
+    assert vhost.routes[0].direct_response.status == 502
+    assert absent == {"outbound_http/*.example.com"}
+
+
+def test_vhds_fqdn_resolves_hosts_as_the_python_proxy_does() -> None:
+    assert vhds_fqdn("outbound_http/reviews:9080", "default") == REVIEWS
+    assert vhds_fqdn("outbound_http/Reviews.Default", "other") == REVIEWS
+    assert vhds_fqdn("outbound_http/api.example.com", "default") == "api.example.com"
+    assert vhds_fqdn("outbound_http/*", "default") == ""
+    assert vhds_fqdn("outbound_http/", "default") == ""
 
 
 def test_vhds_host_is_read_from_the_right() -> None:

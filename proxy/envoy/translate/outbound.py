@@ -51,6 +51,13 @@ ON_DEMAND_FILTER: Json = {
 }
 
 
+def unknown_host_vhost(name: str, domains: list[str]) -> route_components_pb2.VirtualHost:
+    """On demand: the virtual host `name` (`<route configuration>/<fqdn>`) answering
+    hosts that name no known mesh service as `UNKNOWN_HOST` does (502)."""
+    vhost = {**UNKNOWN_HOST, "name": name, "domains": domains}
+    return parse(route_components_pb2.VirtualHost, vhost)
+
+
 def exists(table: RouteTable | None, endpoints: EndpointSet | None) -> bool:
     """Does the mesh know this destination (`proxy.outbound._exists`)?"""
     known = table is not None and (table.exists or table.has_virtual_service)
