@@ -15,8 +15,10 @@ follows only what the app asks for, as the Python proxy does: the outbound route
 configuration has no virtual hosts, Envoy's `on_demand` filter asks VHDS (a delta
 stream) for `outbound_http/<host>` and holds the request; the agent follows that
 destination, pushes its clusters and endpoints (state of the world), and once Envoy
-has ACKed them answers with the virtual host (or "absent": 404 `NR`). A followed
-destination's changes are pushed like any other; destinations are never forgotten.
+has ACKed them answers with the virtual host (a Host naming no known service: one
+answering 502 `unknown host`, as the Python proxy does). A followed destination's
+changes are pushed like any other; destinations are never forgotten (architecture
+§5.2).
 
 Telemetry: Envoy's gRPC access logs come to the sidecar's access-log service
 (`proxy.envoy.access_log_service`, converted by `access_log_convert`) and become the same

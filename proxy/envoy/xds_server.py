@@ -1,9 +1,11 @@
 """The ADS server the sidecar runs for its Envoy: gRPC on a Unix socket private to the
 sidecar, serving listeners, routes, clusters, endpoints and SDS secrets on one
-aggregated stream (state of the world).
+aggregated stream (state of the world), and the virtual hosts Envoy asks for on demand
+on delta streams (VHDS's `DeltaVirtualHosts`, or `DeltaAggregatedResources`).
 
 The decisions (what to answer, ACK/NACK bookkeeping, push order) are in
-`proxy.envoy.ads_protocol`; this module moves messages between them and gRPC.
+`proxy.envoy.ads_protocol` and `proxy.envoy.delta_protocol`; this module moves messages
+between them and gRPC.
 
     async with XdsServer(socket_path, on_status=report) as xds:
         xds.set_resources(snapshot)          # pushes what changed to every Envoy
