@@ -58,6 +58,9 @@ class SidecarSettings:
     # which data plane carries the traffic (proxy.dataplane): our Python listeners or
     # an Envoy process configured over xDS
     dataplane: str = "python"
+    # Envoy data plane only: learn destinations on demand (VHDS, the first request
+    # naming a host) instead of following every service (architecture §5.2); opt-in
+    envoy_on_demand: bool = False
     # CA bundle (PEM) that RequestAuthentication `jwksUri` servers are verified
     # against; empty: the system's CAs
     jwks_ca_file: str = field(default_factory=lambda: os.environ.get("MESH_JWKS_CA_FILE", ""))

@@ -110,6 +110,13 @@ def _common(p: argparse.ArgumentParser) -> None:
         "Envoy process this sidecar configures over xDS (needs mTLS)",
     )
     p.add_argument(
+        "--envoy-on-demand",
+        action="store_true",
+        default=os.environ.get("MESH_ENVOY_ON_DEMAND", "") == "1",
+        help="with --dataplane envoy: give Envoy a destination when a request first names "
+        "it (VHDS) instead of every service in the registry (opt-in; or MESH_ENVOY_ON_DEMAND=1)",
+    )
+    p.add_argument(
         "--jwks-ca-file",
         default=os.environ.get("MESH_JWKS_CA_FILE", ""),
         help="CA bundle (PEM) for RequestAuthentication jwksUri servers (default: the system's)",
@@ -333,6 +340,7 @@ def _settings(args: argparse.Namespace, **kw: Any) -> Any:
         trace_sampling=args.trace_sampling,
         config_signatures=not args.no_config_signatures,
         dataplane=args.dataplane,
+        envoy_on_demand=args.envoy_on_demand,
         jwks_ca_file=args.jwks_ca_file,
         cluster_state_dir=_cluster_state_dir(args),
         **kw,

@@ -8,10 +8,17 @@ Envoy's ACK/NACK becomes the proxy-status report (`envoy_view.ApplyTracker`); a 
 Envoy refuses, or one the translator cannot make, is reported as NACK and the last
 good configuration keeps serving.
 
-Destinations: Envoy cannot ask for a destination on first request the way the Python
-proxy does (on-demand discovery is not done yet), so this data plane follows every
-service the registry knows (`registry.get` for all, then every new endpoint set on
-`registry.endpoints.>`) and every host the routes name.
+Destinations: by default this data plane follows every service the registry knows
+(`registry.get` for all, then every new endpoint set on `registry.endpoints.>`) and
+every host the routes name. With `--envoy-on-demand` (a sidecar, not a gateway) it
+follows only what the app asks for, as the Python proxy does: the outbound route
+configuration has no virtual hosts, Envoy's `on_demand` filter asks VHDS (a delta
+stream) for `outbound_http/<host>` and holds the request; the agent follows that
+destination, pushes its clusters and endpoints (state of the world), and once Envoy
+has ACKed them answers with the virtual host (a Host naming no known service: one
+answering 502 `unknown host`, as the Python proxy does). A followed destination's
+changes are pushed like any other; destinations are never forgotten (architecture
+§5.2).
 
 Telemetry: Envoy's gRPC access logs come to the sidecar's access-log service
 (`proxy.envoy.access_log_service`, converted by `access_log_convert`) and become the same
@@ -30,13 +37,14 @@ import contextlib
 import json
 import shutil
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 from aiohttp import web
 from cryptography.hazmat.primitives import serialization
+from google.protobuf.message import Message
 from prometheus_client import generate_latest
 
 from mesh import errors
@@ -56,6 +64,9 @@ from proxy.dataplane.envoy_view import (
     port_flag,
     ports_in_use,
     proxy_node,
+    vhds_answer,
+    vhds_fqdn,
+    vhds_host,
     view_endpoints,
 )
 from proxy.dataplane.python import sidecar_telemetry
@@ -71,7 +82,7 @@ from proxy.envoy.process import (
     EnvoyProcess,
     find_running_envoy,
 )
-from proxy.envoy.resources import CLUSTER, LISTENER, XdsResources
+from proxy.envoy.resources import CLUSTER, ENDPOINT, LISTENER, VIRTUAL_HOST, XdsResources
 from proxy.envoy.trace_service import SpanIngest, TraceServer
 from proxy.envoy.translate import (
     MeshView,
@@ -83,6 +94,7 @@ from proxy.envoy.translate import (
     translate,
 )
 from proxy.envoy.translate.jwt_authn import discovery_uris
+from proxy.envoy.translate.names import OUTBOUND_HTTP_ROUTE
 from proxy.envoy.xds_server import ApplyState, TypeStatus, XdsError, XdsServer
 from proxy.jwks_fetch import OidcDiscovery
 from proxy.telemetry import SidecarTelemetry, TelemetryPublisher
@@ -141,6 +153,11 @@ class EnvoyDataPlane:
         self._mesh_view: MeshView | None = None
         # OIDC discovery for RequestAuthentication rules with only an issuer
         self._oidc: OidcDiscovery | None = None
+        # on demand: every VHDS name Envoy asked for -> the FQDN its Host names ("" for
+        # no mesh service), and the task that serves the virtual hosts once Envoy has
+        # the clusters they route to
+        self._vhds_requested: dict[str, str] = {}
+        self._vhds_task: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------ lifecycle
 
@@ -165,14 +182,21 @@ class EnvoyDataPlane:
             ACCESS_LOG_CLUSTER if self._als else "",
             TRACING_CLUSTER if self._traces else "",
         )
-        self._xds = XdsServer(self._dir / "xds.sock", on_status=self._on_xds_status)
+        self._xds = XdsServer(
+            self._dir / "xds.sock",
+            on_status=self._on_xds_status,
+            on_delta_wanted=self._on_vhosts_wanted,
+        )
         try:
             await self._xds.start()
         except XdsError as e:
             raise errors.Unavailable(f"the xDS server did not start: {e}") from None
         self._secrets = self._current_secrets()
         self._oidc = OidcDiscovery(s.jwks_ca_file, self._wake.set)
-        await self._follow_every_service()
+        if not self._node.on_demand:
+            await self._follow_every_service()
+        else:
+            await self._follow_referenced()
         try:
             # ServiceEntry hosts and the outbound policy are in the first configuration
             await ctx.destinations.mesh_wide.current()
@@ -263,9 +287,10 @@ class EnvoyDataPlane:
         `drain()`, or stopping after a failed start) has sent every buffered entry once
         none arrived for `LOGS_QUIET_S`; then Envoy stops, then the access-log service
         (finishing what it received), then the publisher's final flush."""
-        for task in self._tasks:
+        tasks = [*self._tasks, *([self._vhds_task] if self._vhds_task else [])]
+        for task in tasks:
             task.cancel()
-        for task in self._tasks:
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         if self._oidc is not None:
@@ -342,6 +367,9 @@ class EnvoyDataPlane:
             except errors.MeshError as e:
                 # the last good configuration keeps serving; the next change retries
                 log.error("envoy.push_failed", error=str(e))
+            except Exception:
+                # a bug must not end the loop that serves every later change
+                log.exception("envoy.push_crashed")
 
     def _push(self) -> None:
         """Translate the followers' state and serve it; a translation error is a
@@ -374,6 +402,79 @@ class EnvoyDataPlane:
             self._tracker = self._tracker.rejected(followed, f"xDS snapshot: {e}")
         self.pushes += 1
         self._on_xds_status(None)
+        if node.on_demand:
+            self._serve_vhosts(resources.virtual_hosts)
+
+    # ------------------------------------------------------------ on demand (VHDS)
+
+    def _on_vhosts_wanted(self, type_url: str, names: set[str]) -> None:
+        """Envoy asked for virtual hosts we have not answered: follow their
+        destinations, then push (which answers them)."""
+        if type_url != VIRTUAL_HOST or self._ctx is None:
+            return
+        # new names, and names answered absent that Envoy asks for again (a destination
+        # published since then is found now)
+        new = {n for n in names if not self._is_followed(self._vhds_requested.get(n))}
+        if new:
+            task = asyncio.create_task(self._resolve_vhosts(new), name="envoy:vhds-resolve")
+            self._tasks.append(task)
+            task.add_done_callback(self._tasks_done)
+        if new != names:
+            # a followed destination asked again: answered by the next push, from what
+            # its follower knows now
+            self._wake.set()
+
+    def _is_followed(self, fqdn: str | None) -> bool:
+        """Whether a requested Host's destination is followed (one that is no mesh
+        service has nothing to follow); None: never asked."""
+        if not fqdn:
+            return False
+        ref = service_of_host(fqdn)
+        return ref is None or ref in self._following
+
+    def _tasks_done(self, task: asyncio.Task[None]) -> None:
+        with contextlib.suppress(ValueError):
+            self._tasks.remove(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("envoy.vhds_resolve_failed", error=str(task.exception()))
+
+    async def _resolve_vhosts(self, names: set[str]) -> None:
+        ctx = self._ctx
+        assert ctx is not None
+        fqdns = {name: vhds_fqdn(name, ctx.settings.namespace) for name in names}
+        await self._follow({ref for fqdn in fqdns.values() if (ref := service_of_host(fqdn))})
+        # a Host that names no known service is answered 502 `unknown host`
+        # (`vhds_answer`) until its service appears
+        self._vhds_requested.update(fqdns)
+        log.info(
+            "envoy.vhds_requested",
+            hosts=sorted(vhds_host(n) for n in names),
+            following=len(self._following),
+        )
+        self._wake.set()
+
+    def _serve_vhosts(self, virtual_hosts: Mapping[str, Message]) -> None:
+        """Serve the virtual hosts once Envoy has ACKed the clusters and endpoints of
+        this push, so a request resumed by the answer finds its cluster warm."""
+        xds = self._xds
+        assert xds is not None
+        resources, absent = vhds_answer(virtual_hosts, self._vhds_requested)
+        if self._vhds_task is not None:
+            self._vhds_task.cancel()
+
+        async def serve() -> None:
+            try:
+                await xds.wait_until(
+                    lambda _s: xds.applied(CLUSTER, ENDPOINT), FIRST_CONFIG_TIMEOUT_S
+                )
+            except TimeoutError as e:
+                # a refused or lost CDS/EDS push: the routes still go out (503 NC)
+                log.warning("envoy.vhds_clusters_not_applied", error=str(e))
+            xds.set_delta_resources(
+                VIRTUAL_HOST, resources, absent, opening=[f"{OUTBOUND_HTTP_ROUTE}/"]
+            )
+
+        self._vhds_task = asyncio.create_task(serve(), name="envoy:vhds-serve")
 
     def _envoy_exited(self, exit: EnvoyExit) -> None:
         log.warning("envoy.restarting", pid=exit.pid, code=exit.returncode, restarts=exit.restarts)
@@ -519,8 +620,9 @@ class EnvoyDataPlane:
             self._wake.set()
 
     async def _follow_referenced(self) -> None:
-        """Hosts the routes name (a VirtualService sending to another service) that are
-        not followed yet: followed, then pushed again."""
+        """Hosts the routes name (a VirtualService sending to another service) and the
+        services of the TCP relays that are not followed yet: followed, then pushed
+        again."""
         ctx, node = self._ctx, self._node
         assert ctx is not None and node is not None
         try:
@@ -528,9 +630,14 @@ class EnvoyDataPlane:
         except TranslationError:
             return
         refs = {ref for host in hosts if (ref := service_of_host(host)) is not None}
+        # TCP relays ask for nothing (no Host): on demand, their services are followed
+        # from the start (one not published yet is tried again on the next push)
+        refs |= {upstream.service for upstream in node.tcp_upstreams}
         if refs - self._following:
+            before = len(self._following)
             await self._follow(refs - self._following)
-            self._wake.set()
+            if len(self._following) != before:  # else a push would only retry, in a loop
+                self._wake.set()
 
     async def _follow(self, refs: Iterable[ServiceRef]) -> None:
         """Fetch and subscribe to each destination, a bounded number at a time (a mesh

@@ -9,12 +9,16 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from google.protobuf.message import Message
+
 from mesh.compiled import GatewayConfig, InboundPolicy
 from mesh.compiled_mesh import MeshWideConfig
-from mesh.hosts import ServiceRef
+from mesh.hosts import ServiceRef, canonical_host, strip_port
 from mesh.messages import EndpointSet, SubscriptionStatus
 from proxy.destinations import Destination
+from proxy.envoy.delta_protocol import DeltaResource, delta_resource
 from proxy.envoy.translate import MeshView, ProxyNode
+from proxy.envoy.translate.outbound import unknown_host_vhost
 from proxy.settings import SidecarSettings
 from proxy.tcp import parse_tcp_upstream
 
@@ -90,6 +94,7 @@ def proxy_node(
         capture=(ports.capture_host, ports.capture) if ports.capture else None,
         opaque_ports=tuple(sorted(s.capture.opaque_ports)) if ports.capture else (),
         egress_gateway=s.egress_gateway,
+        on_demand=s.envoy_on_demand and not gateway,
     )
 
 
@@ -113,6 +118,52 @@ def mesh_view(
         inbound=inbound,
         gateway=gateway,
     )
+
+
+def vhds_host(requested: str) -> str:
+    """The Host of a VHDS name, `<route configuration>/<host>` (matched from the
+    right: a host has no slash, a route configuration name may)."""
+    return requested.rpartition("/")[2]
+
+
+def vhds_answer(
+    virtual_hosts: Mapping[str, Message],
+    requested: Mapping[str, str],
+) -> tuple[list[DeltaResource], set[str]]:
+    """The virtual hosts to serve over VHDS and the requested names that get none.
+    `requested`: every VHDS name asked for -> the FQDN its Host resolves to
+    (`mesh.hosts.canonical_host`; "" for a Host no virtual host may match: empty or
+    with a `*`). Virtual hosts are named `<route configuration>/<fqdn>` and carry the
+    names that asked for them as aliases. A Host whose FQDN has no virtual host (no
+    such mesh service) gets one answering 502 `unknown host`, as the route
+    configuration's catch-all does when not on demand and as the Python proxy does;
+    named like the service's, it is replaced if the service appears."""
+    served: dict[str, Message] = dict(virtual_hosts)
+    aliases: dict[str, set[str]] = {name: set() for name in virtual_hosts}
+    unknown: dict[str, set[str]] = {}  # vhost name -> the Hosts (no port) it answers
+    absent: set[str] = set()
+    for name, fqdn in requested.items():
+        vhost_name = f"{name.rpartition('/')[0]}/{fqdn}"
+        if not fqdn:
+            absent.add(name)
+            continue
+        if vhost_name not in virtual_hosts:
+            unknown.setdefault(vhost_name, set()).add(strip_port(vhds_host(name)).lower())
+        aliases.setdefault(vhost_name, set()).add(name)
+    for vhost_name, hosts in unknown.items():
+        served[vhost_name] = unknown_host_vhost(vhost_name, sorted(hosts))
+    resources = [delta_resource(served[n], aliases[n]) for n in sorted(served)]
+    return resources, absent
+
+
+def vhds_fqdn(requested: str, namespace: str) -> str:
+    """The FQDN a VHDS name's Host stands for, as the Python proxy resolves it; "" for
+    a Host that no virtual host may be made for (empty, or a `*` that would match
+    every other host)."""
+    host = strip_port(vhds_host(requested)).strip().lower()
+    if not host or "*" in host:
+        return ""
+    return canonical_host(host, namespace)
 
 
 def view_endpoints(view: MeshView | None, fqdn: str) -> EndpointSet | None:

@@ -12,6 +12,8 @@ ROUTE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
 CLUSTER = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 ENDPOINT = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
 SECRET = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
+# virtual hosts Envoy asks for on demand (VHDS, delta xDS; architecture §5.2)
+VIRTUAL_HOST = "type.googleapis.com/envoy.config.route.v3.VirtualHost"
 
 # SDS secret names, as Istio names them: the workload's certificate and key, and the
 # trust bundle (every root in force) peers are verified against
@@ -32,6 +34,10 @@ class XdsResources:
     clusters: dict[str, Message] = field(default_factory=dict)
     endpoints: dict[str, Message] = field(default_factory=dict)
     secrets: dict[str, Message] = field(default_factory=dict)
+    # on demand (`ProxyNode.on_demand`): the outbound virtual hosts by name, served
+    # over VHDS to the Envoy that asks for them; not part of the state-of-the-world
+    # snapshot (`by_type`)
+    virtual_hosts: dict[str, Message] = field(default_factory=dict)
 
     def by_type(self) -> dict[str, dict[str, Message]]:
         return {

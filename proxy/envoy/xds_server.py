@@ -1,9 +1,11 @@
 """The ADS server the sidecar runs for its Envoy: gRPC on a Unix socket private to the
 sidecar, serving listeners, routes, clusters, endpoints and SDS secrets on one
-aggregated stream (state of the world).
+aggregated stream (state of the world), and the virtual hosts Envoy asks for on demand
+on delta streams (VHDS's `DeltaVirtualHosts`, or `DeltaAggregatedResources`).
 
 The decisions (what to answer, ACK/NACK bookkeeping, push order) are in
-`proxy.envoy.ads_protocol`; this module moves messages between them and gRPC.
+`proxy.envoy.ads_protocol` and `proxy.envoy.delta_protocol`; this module moves messages
+between them and gRPC.
 
     async with XdsServer(socket_path, on_status=report) as xds:
         xds.set_resources(snapshot)          # pushes what changed to every Envoy
@@ -15,11 +17,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from pathlib import Path
 
 import grpc
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+from envoy.service.route.v3 import rds_pb2_grpc
 
 from mesh.logs import get_logger
 from proxy.envoy.ads_protocol import (
@@ -30,12 +33,15 @@ from proxy.envoy.ads_protocol import (
     TypeStatus,
     XdsError,
 )
+from proxy.envoy.delta_protocol import DeltaResource, DeltaState, DeltaStream
 from proxy.envoy.private_grpc import PrivateSocketError, start_private_server
 from proxy.envoy.resources import XdsResources
 
 log = get_logger("proxy.envoy.xds")
 
 StatusCallback = Callable[[TypeStatus], None]
+# (type URL, names a delta stream asked for that the server cannot resolve yet)
+DeltaWantedCallback = Callable[[str, set[str]], None]
 
 __all__ = ["ApplyState", "StatusCallback", "TypeStatus", "XdsError", "XdsServer"]
 
@@ -64,18 +70,56 @@ class _AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         await self._server._serve_stream(request_iterator, context)
 
     async def DeltaAggregatedResources(
-        self, request_iterator: AsyncIterator[object], context: grpc.aio.ServicerContext
+        self,
+        request_iterator: AsyncIterator[discovery_pb2.DeltaDiscoveryRequest],
+        context: grpc.aio.ServicerContext,
     ) -> None:
-        # the bootstrap asks for state of the world (GRPC); delta is not served
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "delta xDS is not served")
+        # what the delta state holds (the virtual hosts); everything else is served
+        # state of the world on StreamAggregatedResources
+        await self._server._serve_delta_stream(request_iterator, context)
+
+
+class _VhdsServicer(rds_pb2_grpc.VirtualHostDiscoveryServiceServicer):
+    """VHDS on its own delta stream (`RouteConfiguration.vhds` names an
+    `api_config_source` of type DELTA_GRPC)."""
+
+    def __init__(self, server: XdsServer):
+        self._server = server
+
+    async def DeltaVirtualHosts(
+        self,
+        request_iterator: AsyncIterator[discovery_pb2.DeltaDiscoveryRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> None:
+        await self._server._serve_delta_stream(request_iterator, context)
+
+
+class _DeltaConnection:
+    def __init__(self, stream: DeltaStream):
+        self.stream = stream
+        self.outbox: asyncio.Queue[discovery_pb2.DeltaDiscoveryResponse | None] = asyncio.Queue()
+
+    def send(self, responses: list[discovery_pb2.DeltaDiscoveryResponse]) -> None:
+        for response in responses:
+            self.outbox.put_nowait(response)
 
 
 class XdsServer:
     """ADS over `socket_path` (created 0600, removed on stop)."""
 
-    def __init__(self, socket_path: Path | str, *, on_status: StatusCallback | None = None):
+    def __init__(
+        self,
+        socket_path: Path | str,
+        *,
+        on_status: StatusCallback | None = None,
+        on_delta_wanted: DeltaWantedCallback | None = None,
+    ):
         self.socket_path = Path(socket_path)
         self._state = AdsState()
+        self._delta = DeltaState()
+        self._delta_connections: set[_DeltaConnection] = set()
+        # told of names a delta stream subscribed to that the state cannot resolve yet
+        self._on_delta_wanted = on_delta_wanted
         self._callbacks: list[StatusCallback] = [on_status] if on_status else []
         self._connections: set[_Connection] = set()
         self._stream_ids = itertools.count(1)
@@ -88,6 +132,9 @@ class XdsServer:
         def add_services(server: grpc.aio.Server) -> None:
             ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(
                 _AdsServicer(self), server
+            )
+            rds_pb2_grpc.add_VirtualHostDiscoveryServiceServicer_to_server(
+                _VhdsServicer(self), server
             )
 
         try:
@@ -130,6 +177,37 @@ class XdsServer:
         for connection in list(self._connections):
             connection.send(connection.stream.on_push(steps))
             self._publish(connection.stream)
+
+    def set_delta_resources(
+        self,
+        type_url: str,
+        resources: Iterable[DeltaResource],
+        absent: Iterable[str] = (),
+        opening: Iterable[str] = (),
+    ) -> None:
+        """Serve these resources of `type_url` on the delta streams (complete: one left
+        out is removed from the Envoys that have it); `absent`: names known not to
+        exist (answered as such); `opening`: names answered as not existing in each
+        stream's first response (`delta_protocol.TypeResources.opening`). Each stream is
+        sent what changed for it."""
+        self._delta.set(type_url, resources, absent, opening)
+        for connection in list(self._delta_connections):
+            connection.send(connection.stream.on_change([type_url]))
+
+    def delta_wanted(self, type_url: str) -> set[str]:
+        """Names some delta stream subscribed to that are neither served nor absent."""
+        out: set[str] = set()
+        for connection in self._delta_connections:
+            out |= connection.stream.unresolved(type_url)
+        return out
+
+    def delta_nacks(self) -> dict[str, str]:
+        """Per type: Envoy's last refusal of a delta response, on any stream."""
+        return {
+            type_url: nack.message
+            for connection in self._delta_connections
+            for type_url, nack in connection.stream.last_nack.items()
+        }
 
     def status(self) -> dict[str, TypeStatus]:
         """Per type URL: the version sent, the version ACKed, the last NACK."""
@@ -192,6 +270,62 @@ class XdsServer:
                     log.exception("xds.status_callback_failed", type=status.short_name)
         if changes:
             self._changed.set()
+
+    async def _serve_delta_stream(
+        self,
+        requests: AsyncIterator[discovery_pb2.DeltaDiscoveryRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> None:
+        connection = _DeltaConnection(DeltaStream(self._delta, next(self._stream_ids)))
+        stream = connection.stream
+        self._delta_connections.add(connection)
+        log.info("xds.delta_stream_opened", stream=stream.stream_id)
+
+        async def read() -> None:
+            try:
+                async for request in requests:
+                    responses = stream.on_request(request)
+                    log.debug(
+                        "xds.delta_request",
+                        stream=stream.stream_id,
+                        type=request.type_url,
+                        subscribe=list(request.resource_names_subscribe),
+                        unsubscribe=list(request.resource_names_unsubscribe),
+                        nonce=request.response_nonce,
+                        responses=len(responses),
+                    )
+                    connection.send(responses)
+                    if request.HasField("error_detail"):
+                        log.warning(
+                            "xds.delta_nack",
+                            type=request.type_url,
+                            error=request.error_detail.message,
+                            node=stream.node_id,
+                        )
+                    wanted = stream.unresolved(request.type_url)
+                    if wanted and self._on_delta_wanted is not None:
+                        try:
+                            self._on_delta_wanted(request.type_url, wanted)
+                        except Exception:
+                            log.exception("xds.delta_wanted_callback_failed")
+            finally:
+                connection.outbox.put_nowait(None)
+
+        async def write() -> None:
+            while (response := await connection.outbox.get()) is not None:
+                await context.write(response)
+
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                tasks.create_task(read(), name=f"xds-delta-read-{stream.stream_id}")
+                tasks.create_task(write(), name=f"xds-delta-write-{stream.stream_id}")
+        except* (grpc.aio.AioRpcError, grpc.aio.UsageError, ConnectionError) as errors:
+            log.info(
+                "xds.delta_stream_broken", stream=stream.stream_id, error=str(errors.exceptions[0])
+            )
+        finally:
+            self._delta_connections.discard(connection)
+            log.info("xds.delta_stream_closed", stream=stream.stream_id, node=stream.node_id)
 
     async def _serve_stream(
         self,

@@ -426,7 +426,7 @@ async def test_every_stream_gets_the_snapshot_and_pushes_until_it_closes():
     import grpc
     from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 
-    from proxy.envoy.resources import CLUSTER
+    from proxy.envoy.resources import CLUSTER, VIRTUAL_HOST
 
     base = Path(tempfile.mkdtemp(prefix="xds-", dir="/tmp"))
     xds = XdsServer(base / "xds.sock")
@@ -459,10 +459,20 @@ async def test_every_stream_gets_the_snapshot_and_pushes_until_it_closes():
             calls[0].cancel()
             await eventually(lambda: xds.connected == 1)
 
+            # delta xDS is served too (on-demand virtual hosts, architecture §5.2)
+            name = "outbound_http/nosuch"
+            xds.set_delta_resources(VIRTUAL_HOST, [], absent=[name])
             delta = stub.DeltaAggregatedResources()
-            with pytest.raises(grpc.aio.AioRpcError) as raised:
-                await delta.read()
-            assert raised.value.code() == grpc.StatusCode.UNIMPLEMENTED
+            await delta.write(
+                discovery_pb2.DeltaDiscoveryRequest(
+                    type_url=VIRTUAL_HOST, resource_names_subscribe=[name]
+                )
+            )
+            answer = await delta.read()
+            assert [
+                (r.name, list(r.aliases), r.HasField("resource")) for r in answer.resources
+            ] == [(name, [name], False)]
+            delta.cancel()
     finally:
         await xds.stop()
         shutil.rmtree(base, ignore_errors=True)

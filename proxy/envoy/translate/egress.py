@@ -134,10 +134,11 @@ def _connect_route(cluster: str, port: int | None) -> Json:
     }
 
 
-def unknown_host_route(view: MeshView) -> Json:
-    """The virtual host for every other Host: 502 under REGISTRY_ONLY, the passthrough
-    under ALLOW_ANY."""
-    if view.mesh_wide is not None and view.mesh_wide.outbound_traffic_policy == "ALLOW_ANY":
+def unknown_host_route(view: MeshView | None) -> Json:
+    """The virtual host for every other Host: 502 under REGISTRY_ONLY (or with no view),
+    the passthrough under ALLOW_ANY."""
+    wide = view.mesh_wide if view is not None else None
+    if wide is not None and wide.outbound_traffic_policy == "ALLOW_ANY":
         return {
             "name": "unknown_host",
             "domains": ["*"],

@@ -58,6 +58,9 @@ class ProxyNode:
     trace_sampling: float = 1.0
     # the app speaks HTTP/2 cleartext (`--app-protocol grpc|http2`), else HTTP/1.1
     app_h2c: bool = False
+    # outbound virtual hosts on demand (VHDS): the route configuration lists none, each
+    # comes in `XdsResources.virtual_hosts` and is served when Envoy asks for its host
+    on_demand: bool = False
     # CA bundle for RequestAuthentication `jwksUri` servers (https); "" = the system's
     jwks_ca_file: str = ""
     # where the app listens (its namespace's address when intercepted)

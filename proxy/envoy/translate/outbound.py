@@ -5,18 +5,45 @@ from __future__ import annotations
 
 import dataclasses
 
-from envoy.config.route.v3 import route_pb2
+from envoy.config.route.v3 import route_components_pb2, route_pb2
 
 from mesh.compiled import HTTPRoute, RouteTable
 from mesh.hosts import service_of_host
 from mesh.messages import EndpointSet
+from proxy.envoy.bootstrap import XDS_CLUSTER
 from proxy.envoy.resources import XdsResources
 from proxy.telemetry import PEER_METADATA_HEADER, encode_peer_metadata, own_workload
 
 from . import clusters, connect, egress, listeners, routes
 from .model import MeshView, ProxyNode
 from .names import OUTBOUND_HTTP_LISTENER, OUTBOUND_HTTP_ROUTE, outbound_cluster, service_domains
-from .protos import Json, parse
+from .protos import ON_DEMAND, Json, parse
+
+
+# VHDS needs delta xDS: its own stream to the sidecar's xDS server (the ADS stream
+# stays state of the world); the bootstrap's cluster `xds-grpc` reaches that server
+VHDS_SOURCE: Json = {
+    "apiConfigSource": {
+        "apiType": "DELTA_GRPC",
+        "transportApiVersion": "V3",
+        "grpcServices": [{"envoyGrpc": {"clusterName": XDS_CLUSTER}}],
+    },
+    "resourceApiVersion": "V3",
+}
+# asks VHDS for the virtual host of a Host the route configuration lacks, holding the
+# request until the answer (before the router)
+ON_DEMAND_FILTER: Json = {
+    "name": "envoy.filters.http.on_demand",
+    "typedConfig": {"@type": ON_DEMAND},
+}
+
+
+def unknown_host_vhost(name: str, domains: list[str]) -> route_components_pb2.VirtualHost:
+    """On demand: the virtual host `name` (`<route configuration>/<fqdn>`) answering
+    hosts that name no known mesh service as the catch-all does under REGISTRY_ONLY
+    (502; on demand does not pass unknown hosts through under ALLOW_ANY yet, §5.3)."""
+    vhost = {**egress.unknown_host_route(None), "name": name, "domains": domains}
+    return parse(route_components_pb2.VirtualHost, vhost)
 
 
 def exists(table: RouteTable | None, endpoints: EndpointSet | None) -> bool:
@@ -61,6 +88,25 @@ def route_context(node: ProxyNode, view: MeshView, gateway: str = "") -> routes.
 
 
 def outbound_route_config(node: ProxyNode, view: MeshView, ctx: routes.RouteContext) -> Json:
+    vhosts = outbound_virtual_hosts(node, view, ctx)
+    config: Json = {
+        "name": OUTBOUND_HTTP_ROUTE,
+        "ignorePortInHostMatching": True,
+        # a route naming an unknown subset is answered 503 (NC), as by the Python proxy
+        "validateClusters": False,
+    }
+    if node.on_demand:
+        # every virtual host comes over VHDS when a request names its host; no
+        # catch-all (it would match every host, so Envoy would never ask)
+        config["vhds"] = {"configSource": VHDS_SOURCE}
+    else:
+        config["virtualHosts"] = [*vhosts, egress.unknown_host_route(view)]
+    return config
+
+
+def outbound_virtual_hosts(node: ProxyNode, view: MeshView, ctx: routes.RouteContext) -> list[Json]:
+    """A virtual host per known destination (named by its FQDN), then the ServiceEntry
+    hosts' (§5.5)."""
     peer = peer_metadata_header(node)
     vhosts = []
     for fqdn in sorted(view.destinations):
@@ -83,14 +129,7 @@ def outbound_route_config(node: ProxyNode, view: MeshView, ctx: routes.RouteCont
         )
     known = {v["name"] for v in vhosts}
     vhosts.extend(v for v in egress.external_vhosts(node, view, ctx) if v["name"] not in known)
-    vhosts.append(egress.unknown_host_route(view))
-    return {
-        "name": OUTBOUND_HTTP_ROUTE,
-        "virtualHosts": vhosts,
-        "ignorePortInHostMatching": True,
-        # a route naming an unknown subset is answered 503 (NC), as by the Python proxy
-        "validateClusters": False,
-    }
+    return vhosts
 
 
 def _port_routes(rules: tuple[HTTPRoute, ...], ctx: routes.RouteContext, fqdn: str) -> list[Json]:
@@ -120,13 +159,23 @@ def add_outbound(node: ProxyNode, view: MeshView, out: XdsResources) -> routes.R
     ctx = route_context(node, view)
     config = outbound_route_config(node, view, ctx)
     out.routes[OUTBOUND_HTTP_ROUTE] = parse(route_pb2.RouteConfiguration, config)
+    if node.on_demand:
+        for vhost in outbound_virtual_hosts(node, view, ctx):
+            # VHDS resources live in their route configuration's namespace
+            name = f"{OUTBOUND_HTTP_ROUTE}/{vhost['name']}"
+            vhost = {**vhost, "name": name}
+            out.virtual_hosts[name] = parse(route_components_pb2.VirtualHost, vhost)
     assert node.outbound is not None
 
     def hcm(prefix: str, extra: Json) -> Json:
         return listeners.http_connection_manager(
             prefix,
             route_config_name=OUTBOUND_HTTP_ROUTE,
-            http_filters=[listeners.fault_filter(), *egress.passthrough_filters(view)],
+            http_filters=[
+                *([ON_DEMAND_FILTER] if node.on_demand else []),
+                listeners.fault_filter(),
+                *egress.passthrough_filters(view),
+            ],
             access_log_name="outbound",
             access_log_cluster=node.access_log_cluster,
             tracing=listeners.tracing(node.tracing_cluster, node.service, node.trace_sampling),

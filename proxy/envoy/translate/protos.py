@@ -17,6 +17,7 @@ import envoy.extensions.filters.http.fault.v3.fault_pb2
 import envoy.extensions.filters.http.header_to_metadata.v3.header_to_metadata_pb2
 import envoy.extensions.filters.http.jwt_authn.v3.config_pb2
 import envoy.extensions.filters.http.local_ratelimit.v3.local_rate_limit_pb2
+import envoy.extensions.filters.http.on_demand.v3.on_demand_pb2
 import envoy.extensions.filters.http.rbac.v3.rbac_pb2
 import envoy.extensions.filters.http.router.v3.router_pb2
 import envoy.extensions.filters.listener.http_inspector.v3.http_inspector_pb2
@@ -42,6 +43,7 @@ _PREFIX = "type.googleapis.com/"
 HCM = _PREFIX + "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 ROUTER = _PREFIX + "envoy.extensions.filters.http.router.v3.Router"
 FAULT = _PREFIX + "envoy.extensions.filters.http.fault.v3.HTTPFault"
+ON_DEMAND = _PREFIX + "envoy.extensions.filters.http.on_demand.v3.OnDemand"
 HTTP_RBAC = _PREFIX + "envoy.extensions.filters.http.rbac.v3.RBAC"
 HTTP_RBAC_PER_ROUTE = _PREFIX + "envoy.extensions.filters.http.rbac.v3.RBACPerRoute"
 NETWORK_RBAC = _PREFIX + "envoy.extensions.filters.network.rbac.v3.RBAC"
