@@ -9,8 +9,9 @@ random passwords in `cluster.json`); `deploy/` carries the same blocks for produ
   acks and flow control (`$JS.>`) and the telemetry KV (`$KV.>`), and reply to any
   request it received (`allow_responses`); subscribe `<p>.>` and `_INBOX.>`.
 - `sidecar` (sidecars and gateways): publish only `registry.register/deregister/
-  heartbeat/get`, `config.fetch`, `proxy.status`, `ca.sign`, `ca.bundle.get` and
-  `telemetry.>` (JetStream publish: a request whose ack comes to the inbox); subscribe
+  heartbeat/get/vip`, `config.fetch`, `proxy.status`, `ca.sign`, `ca.bundle.get`,
+  `ca.rotations.get` and `telemetry.>` (JetStream publish: a request whose ack comes
+  to the inbox); subscribe
   only to endpoint events (`registry.endpoints.>`), route/inbound/gateway config
   (`config.route.>`, `config.inbound.>`, `config.gateway.>`), the mesh-wide config
   (`config.meshwide`), `ca.bundle`, `ca.rotate.>`
@@ -75,6 +76,7 @@ def role_permissions(role: str, prefix: str) -> Permissions:
                 f"{p}.proxy.status",
                 f"{p}.ca.sign",
                 f"{p}.ca.bundle.get",
+                f"{p}.ca.rotations.get",
                 # JetStream publish is a request on the subject; the ack comes to the inbox
                 f"{p}.telemetry.>",
             ),

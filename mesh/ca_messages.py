@@ -13,13 +13,14 @@ current key (`proof`), never the key.
 | `<p>.ca.bundle.get`       | request (queue)  | BundleGetRequest -> TrustBundle                |
 | `<p>.ca.rotate.all`       | publish          | RotateNotice                                   |
 | `<p>.ca.rotate.<ns>.<sa>` | publish          | RotateNotice                                   |
+| `<p>.ca.rotations.get`    | request (queue)  | RotationsRequest -> RotationsReply             |
 | `<p>.ca.token.create`     | request (queue)  | TokenCreateRequest -> TokenCreateReply         |
 | `<p>.ca.status`           | request (queue)  | CAStatusRequest -> CAStatusReply               |
 | `<p>.ca.rotate_root`      | request (leader) | RotateRootRequest -> RotateRootReply           |
 | `<p>.ca.rotate_workloads` | request (queue)  | RotateWorkloadsRequest -> RotateWorkloadsReply |
 
-The bundle (published and answered), rotation notices and sign replies carry a
-`Mesh-Signature` header by the control plane's key (`mesh.signing`).
+The bundle (published and answered), rotation notices, sign replies and rotations
+replies carry a `Mesh-Signature` header by the control plane's key (`mesh.signing`).
 """
 
 from __future__ import annotations
@@ -126,6 +127,9 @@ class SignReply(Struct, kw_only=True):
     not_before: float
     not_after: float
     bundle: TrustBundle
+    # when the CA signed it (its clock, Unix seconds; NotBefore is backdated): the
+    # sidecar sends it back in `RotationsRequest` (0 from an older CA)
+    issued_at: float = 0.0
 
 
 class RotateNotice(Struct, kw_only=True):
@@ -135,6 +139,35 @@ class RotateNotice(Struct, kw_only=True):
     reason: str = ""
     min_revision: int = 0
     spread_s: float = 0.0
+
+
+class RotationRecord(Struct, kw_only=True):
+    """A workload rotation as the CA keeps it (`/mesh/ca/rotations/...`, docs/architecture.md
+    §4), so that a sidecar that missed the `RotateNotice` learns of it when it reconnects.
+    `target` is the SPIFFE ID it applies to, or "all"."""
+
+    target: str
+    requested_at: float  # the CA's clock, Unix seconds
+    reason: str = ""
+    min_revision: int = 0
+    spread_s: float = 0.0
+
+    def notice(self) -> RotateNotice:
+        return RotateNotice(
+            reason=self.reason, min_revision=self.min_revision, spread_s=self.spread_s
+        )
+
+
+class RotationsRequest(Struct, kw_only=True):
+    """The rotations that require the certificate of `identity` issued at `issued_at`
+    (the CA's clock, `SignReply.issued_at`) to be renewed."""
+
+    identity: str
+    issued_at: float
+
+
+class RotationsReply(Struct, kw_only=True):
+    notices: list[RotationRecord] = []  # oldest first; empty: nothing to renew for
 
 
 # ---------------------------------------------------------------- tokens

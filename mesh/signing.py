@@ -160,10 +160,11 @@ class SignedSubjects:
     """Where the control plane signs and proxies verify (docs/architecture.md §3).
 
     Published: route, inbound and gateway config, endpoint sets, the trust bundle and
-    rotation notices. Replies: to `config.fetch`, `registry.get`, `registry.vip`, `ca.bundle.get`
-    (the same states) and `ca.sign` (it carries the bundle). The replies to `ca.sign`
-    and `ca.bundle.get` are a proxy's bootstrap: accepted unsigned until it trusts a
-    key, since they are where the key comes from."""
+    rotation notices. Replies: to `config.fetch`, `registry.get`, `registry.vip`,
+    `ca.bundle.get` (the same states), `ca.sign` (it carries the bundle) and
+    `ca.rotations.get` (stored rotations). The replies to `ca.sign` and
+    `ca.bundle.get` are a proxy's bootstrap: accepted unsigned until it trusts a key,
+    since they are where the key comes from."""
 
     prefix: str = "mesh"
 
@@ -196,6 +197,7 @@ class SignedSubjects:
             f"{p}.registry.vip": "vip",
             f"{p}.ca.bundle.get": "bundle",
             f"{p}.ca.sign": "certificate",
+            f"{p}.ca.rotations.get": "rotations",
         }.get(request_subject)
 
     def bootstrap(self, request_subject: str) -> bool:

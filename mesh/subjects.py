@@ -127,6 +127,12 @@ class Subjects:
     def ca_bundle_get(self) -> str:
         return f"{self.prefix}.ca.bundle.get"
 
+    @property
+    def ca_rotations_get(self) -> str:
+        """The stored workload rotations a sidecar's certificate has missed (asked at
+        start and after every reconnect)."""
+        return f"{self.prefix}.ca.rotations.get"
+
     def ca_rotate(self, namespace: str, service_account: str) -> str:
         return f"{self.prefix}.ca.rotate.{_token(namespace)}.{_token(service_account)}"
 

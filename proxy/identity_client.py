@@ -49,7 +49,15 @@ from prometheus_client import CollectorRegistry, Counter
 
 from mesh import errors, identity
 from mesh.bus import Bus
-from mesh.ca_messages import BundleGetRequest, RotateNotice, SignReply, SignRequest, TrustBundle
+from mesh.ca_messages import (
+    BundleGetRequest,
+    RotateNotice,
+    RotationsReply,
+    RotationsRequest,
+    SignReply,
+    SignRequest,
+    TrustBundle,
+)
 from mesh.logs import get_logger
 from mesh.signing import TrustedKeys
 
@@ -124,6 +132,8 @@ class IdentitySnapshot:
     not_after: float
     serial: str
     renew_at: float
+    # when the CA signed it, by the CA's clock (what `ca.rotations.get` compares with)
+    issued_at: float
 
     @property
     def principal(self) -> str:
@@ -182,6 +192,10 @@ class WorkloadIdentity:
         self._snapshot: IdentitySnapshot | None = None
         self._next_attempt: float | None = None  # a forced renewal or a retry, before renew_at
         self._min_revision = 0
+        # when to ask the CA for rotations missed while disconnected (None: no need;
+        # set on reconnect, cleared by an answer or a new certificate, retried on failure)
+        self._rotations_check_at: float | None = None
+        self._rotations_check_failures = 0
         self._wake = asyncio.Event()
         self._subs: list[Any] = []
         self._inbound: ssl.SSLContext | None = None
@@ -284,15 +298,21 @@ class WorkloadIdentity:
                 await asyncio.sleep(delay)
 
     async def run(self) -> None:
-        """Renew forever (until cancelled): when due, when told to, and on failure retry."""
+        """Renew forever (until cancelled): when due, when told to, and on failure retry;
+        after a reconnect, first ask the CA for rotations missed while disconnected."""
         attempt = 0
         while True:
-            due = self.next_renewal()
             now = self._clock()
+            check_at = self._rotations_check_at
+            if check_at is not None and check_at <= now:
+                await self._catch_up_rotations()
+                continue
+            due = self.next_renewal()
             if due is None or due > now:
+                wake_at = min((t for t in (due, check_at) if t is not None), default=None)
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(None if due is None else due - now):
+                    async with asyncio.timeout(None if wake_at is None else wake_at - now):
                         await self._wake.wait()
                 continue
             try:
@@ -412,12 +432,24 @@ class WorkloadIdentity:
         not_after = leaf.not_valid_after_utc.timestamp()
         # NotBefore is backdated for clock skew: count the lifetime from when we got it
         renew_at = renewal_due_at(max(not_before, now), not_after, self._rand())
+        # a CA that does not say when it signed: NotBefore is backdated by a known amount
+        issued_at = reply.issued_at or not_before + identity.WORKLOAD_BACKDATE.total_seconds()
         self._snapshot = self._snapshot_of(
-            chain, key, bundle, not_before, not_after, identity.serial_hex(leaf), renew_at
+            chain,
+            key,
+            bundle,
+            not_before,
+            not_after,
+            identity.serial_hex(leaf),
+            renew_at,
+            issued_at,
         )
         if self._on_bundle_change is not None:
             self._on_bundle_change(bundle)
         self._next_attempt = None
+        # issued now: no rotation requested before it can concern it
+        self._rotations_check_at = None
+        self._rotations_check_failures = 0
         self.last_error = ""
         self.failures = 0
         self._wake.set()
@@ -439,6 +471,7 @@ class WorkloadIdentity:
         not_after: float,
         serial: str,
         renew_at: float,
+        issued_at: float,
     ) -> IdentitySnapshot:
         roots = "".join(bundle.roots)
         return IdentitySnapshot(
@@ -452,6 +485,7 @@ class WorkloadIdentity:
             not_after=not_after,
             serial=serial,
             renew_at=renew_at,
+            issued_at=issued_at,
         )
 
     # ------------------------------------------------------------ bundle and rotation events
@@ -476,6 +510,7 @@ class WorkloadIdentity:
                 snap.not_after,
                 snap.serial,
                 snap.renew_at,
+                snap.issued_at,
             )
             log.info("identity.bundle_updated", revision=bundle.revision, roots=len(bundle.roots))
             if self._on_bundle_change is not None:
@@ -500,8 +535,60 @@ class WorkloadIdentity:
         self.renew_soon(notice.spread_s, f"{notice.reason or 'rotate'} ({subject})")
 
     async def _on_reconnect(self) -> None:
-        if not self._closed:
-            await self._resync_bundle()
+        if self._closed:
+            return
+        await self._resync_bundle()
+        if self._snapshot is not None:
+            # run() asks (and retries while the CA cannot be reached, e.g. its NATS
+            # node has not reconnected yet), so other reconnect listeners do not wait
+            self._rotations_check_at = self._clock()
+            self._rotations_check_failures = 0
+            self._wake.set()
+
+    async def _catch_up_rotations(self) -> None:
+        """Rotation notices are plain publishes: one sent while this sidecar was
+        disconnected never arrives. Ask the CA for the stored rotations that require
+        the current certificate to be renewed, and renew as if notified."""
+        snap = self._snapshot
+        if snap is None:
+            self._rotations_check_at = None
+            return
+        try:
+            reply = await self.bus.request(
+                self.bus.subjects.ca_rotations_get,
+                RotationsRequest(identity=self.spiffe_id, issued_at=snap.issued_at),
+                RotationsReply,
+                timeout=self._timeout,
+            )
+        except errors.MeshError as e:
+            self._rotations_check_failures += 1
+            delay = retry_delay(self._rotations_check_failures, self._rand())
+            if self._rotations_check_at is not None:  # not cleared by a new certificate
+                self._rotations_check_at = self._clock() + delay
+            log.warning(
+                "identity.rotations_check_failed",
+                identity=self.spiffe_id,
+                error=e.message,
+                retry_in=round(delay, 2),
+            )
+            return
+        self._rotations_check_at = None
+        self._rotations_check_failures = 0
+        if not reply.notices or self._snapshot is not snap:
+            return  # nothing missed, or renewed meanwhile
+        latest = reply.notices[-1]
+        notice = RotateNotice(
+            reason=latest.reason,
+            min_revision=max(r.min_revision for r in reply.notices),
+            spread_s=latest.spread_s,
+        )
+        log.info(
+            "identity.rotation_missed",
+            identity=self.spiffe_id,
+            missed=len(reply.notices),
+            reason=latest.reason,
+        )
+        await self._on_rotate(notice, "missed while disconnected")
 
     async def _resync_bundle(self) -> None:
         try:

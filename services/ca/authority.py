@@ -41,6 +41,7 @@ class Authority:
             not_before=cert.not_valid_before_utc.timestamp(),
             not_after=cert.not_valid_after_utc.timestamp(),
             bundle=self.bundle,
+            issued_at=now.timestamp(),
         )
 
 

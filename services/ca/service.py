@@ -31,6 +31,9 @@ from mesh.ca_messages import (
     RotateRootRequest,
     RotateWorkloadsReply,
     RotateWorkloadsRequest,
+    RotationRecord,
+    RotationsReply,
+    RotationsRequest,
     SigningKey,
     SignReply,
     SignRequest,
@@ -42,7 +45,7 @@ from mesh.service import ControlPlaneService, ServiceConfig
 from mesh.signing import control_plane_signer
 from mesh.store import Compare, Put, WatchCompacted
 from mesh.subjects import CA_QUEUE
-from services.ca import tokens
+from services.ca import rotations, tokens
 from services.ca.authority import Authority, open_authority
 from services.ca.authorize import SignRefused, check_csr, check_renewal, check_token
 from services.ca.sealing import UnsealError, seal_key
@@ -117,6 +120,10 @@ class CAService(ControlPlaneService):
     def _state_key(self) -> str:
         return self.store.key("ca", "state")
 
+    @property
+    def _rotations_prefix(self) -> str:
+        return self.store.key("ca", "rotations") + "/"
+
     def _token_key(self, token: str) -> str:
         return self.store.key("tokens", tokens.token_hash(token))
 
@@ -135,6 +142,7 @@ class CAService(ControlPlaneService):
             (cs.token_create, TokenCreateRequest, self.token_create),
             (cs.status, CAStatusRequest, self.status),
             (cs.rotate_workloads, RotateWorkloadsRequest, self.rotate_workloads),
+            (s.ca_rotations_get, RotationsRequest, self.rotations_get),
         ]
         for subject, request_type, handler in handlers:
             await self.bus.serve(subject, request_type, handler, queue=CA_QUEUE, concurrency=32)
@@ -341,16 +349,54 @@ class CAService(ControlPlaneService):
             uri = identity.spiffe_id(self.settings.trust_domain, req.namespace, req.service_account)
             subject = s.ca_rotate(req.namespace, req.service_account)
         else:
-            uri, subject = "all", s.ca_rotate_all
+            uri, subject = rotations.ALL, s.ca_rotate_all
         revision = self.authority.revision if self.authority else 0
-        notice = RotateNotice(
+        now = time.time()
+        record = RotationRecord(
+            target=uri,
+            requested_at=now,
             reason=req.reason or "requested",
             min_revision=revision,
             spread_s=self.settings.rotate_spread_s,
         )
-        await self.bus.publish(subject, notice)
-        self.log.warning("ca.workloads_rotated", identity=uri, reason=notice.reason)
+        # stored first: a sidecar that misses the publish (disconnected) asks for it
+        # when it reconnects (`ca.rotations.get`); a failed write fails the request
+        await self.store.put(
+            self._rotations_prefix + rotations.record_name(now), rotations.encode_record(record)
+        )
+        await self.bus.publish(subject, record.notice())
+        self.log.warning("ca.workloads_rotated", identity=uri, reason=record.reason)
+        await self._drop_expired_rotations(now)
         return RotateWorkloadsReply(subject=subject)
+
+    async def _stored_rotations(self) -> list[tuple[str, RotationRecord | None]]:
+        kvs, _revision = await self.store.get_prefix(self._rotations_prefix)
+        return [(kv.key, rotations.decode_record(kv.value)) for kv in kvs]
+
+    async def _drop_expired_rotations(self, now: float) -> None:
+        """Keep the history bounded; a failure only delays it to the next rotation."""
+        try:
+            stale = rotations.expired_keys(
+                await self._stored_rotations(), now, self.settings.workload_ttl.total_seconds()
+            )
+            for key in stale:
+                await self.store.delete(key)
+        except errors.StoreError as e:
+            self.log.warning("ca.rotations_prune_failed", error=e.message)
+            return
+        if stale:
+            self.log.info("ca.rotations_dropped", count=len(stale))
+
+    async def rotations_get(self, req: RotationsRequest) -> RotationsReply:
+        uri = identity.parse_spiffe_id(req.identity).uri
+        records = [r for _key, r in await self._stored_rotations() if r is not None]
+        notices = rotations.notices_for(records, uri, req.issued_at)
+        self.requests.labels("rotations_get", "ok").inc()
+        if notices:
+            self.log.info(
+                "ca.rotations_missed", identity=uri, count=len(notices), reason=notices[-1].reason
+            )
+        return RotationsReply(notices=notices)
 
     # ------------------------------------------------------------ leader
 

@@ -280,6 +280,28 @@ async def test_a_sidecar_with_sidecar_credentials_does_everything_it_needs(
                 return info.state.messages > 0
 
             await eventually(stored, timeout=10)
+            # a reconnected sidecar asks for the rotations it missed: allowed, and answered
+            # signed (the sidecar's bus drops unsigned replies there)
+            from mesh.ca_messages import (
+                RotateWorkloadsReply,
+                RotateWorkloadsRequest,
+                RotationsReply,
+                RotationsRequest,
+            )
+
+            await admin.request(
+                CASubjects(prefix).rotate_workloads,
+                RotateWorkloadsRequest(namespace="default", service_account="nobody", reason="t"),
+                RotateWorkloadsReply,
+            )
+            missed = await client.bus.request(
+                client.bus.subjects.ca_rotations_get,
+                RotationsRequest(
+                    identity="spiffe://cluster.local/ns/default/sa/nobody", issued_at=0.0
+                ),
+                RotationsReply,
+            )
+            assert [n.reason for n in missed.notices] == ["t"]
             # nothing genuine was dropped (a bundle published while a sidecar was starting,
             # before it trusted a key, may have been: it gets the bundle with its certificate)
             for sc in sidecars:

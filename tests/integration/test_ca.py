@@ -549,6 +549,61 @@ async def test_admin_rotation_makes_workloads_renew(
             await ratings.close()
 
 
+async def test_a_sidecar_disconnected_during_a_workload_rotation_renews_on_reconnect(
+    own_nats, nats_server, etcd_server, prefix, tmp_path
+) -> None:
+    """`ca rotate` while the sidecar's NATS server is down: the notice is published
+    where the sidecar is not. Its server comes back before any CA replica does there:
+    the sidecar's question (`ca.rotations.get`) finds no CA, is retried, and once a
+    replica is back it learns of the stored rotation and renews (issue 22)."""
+    options = {"rotate-spread": "200ms"}
+    async with ca_running(nats_server, etcd_server, prefix, tmp_path, **options) as (_ca, admin):
+        bus = await Bus.connect([own_nats.url], name="sidecar", prefix=prefix)
+        reviews = ratings = None
+        tasks: list[asyncio.Task[None]] = []
+        try:
+            async with running(
+                ca_service(own_nats, etcd_server, prefix, tmp_path, "ca-near", **options)
+            ):
+                reviews = await sidecar_identity(bus, "reviews")
+                ratings = await sidecar_identity(bus, "ratings")
+                tasks = [asyncio.create_task(i.run()) for i in (reviews, ratings)]
+                before = {i.spiffe_id: i.current().serial for i in (reviews, ratings)}
+                own_nats.stop()
+                await eventually(lambda: not bus.nc.is_connected, timeout=10)
+            reply = await admin.request(
+                CASubjects.of(admin.subjects).rotate_workloads,
+                RotateWorkloadsRequest(
+                    namespace="default", service_account="reviews", reason="key leak"
+                ),
+                RotateWorkloadsReply,
+            )
+            assert reply.subject == admin.subjects.ca_rotate("default", "reviews")
+            await asyncio.to_thread(own_nats.restart)
+            # reconnected, asked, and no CA answered yet (white box: the retry counter)
+            await eventually(lambda: reviews._rotations_check_failures > 0, timeout=30)
+            assert reviews.current().serial == before[REVIEWS]
+            async with running(
+                ca_service(own_nats, etcd_server, prefix, tmp_path, "ca-near-2", **options)
+            ):
+                await eventually(lambda: reviews.current().serial != before[REVIEWS], timeout=30)
+                # the rotation named reviews only: ratings, reconnected too, keeps its
+                # certificate once it has had its answer
+                await eventually(lambda: ratings._rotations_check_at is None, timeout=30)
+                renewed = reviews.current().serial
+                await asyncio.sleep(0.5)
+                assert ratings.current().serial == before[RATINGS]
+                assert reviews.current().serial == renewed  # renewed once
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            for ident in (reviews, ratings):
+                if ident is not None:
+                    await ident.close()
+            await bus.close()
+
+
 async def test_external_intermediate_ca_serves_its_chain(
     nats_server, etcd_server, prefix, tmp_path
 ) -> None:

@@ -159,6 +159,9 @@ def test_replies_that_are_signed_and_the_bootstrap_ones() -> None:
     assert s.reply_kind("p1.registry.get") == "endpoints"
     assert s.reply_kind("p1.ca.bundle.get") == "bundle"
     assert s.reply_kind("p1.ca.sign") == "certificate"
+    # a forged "nothing to renew" would keep a rotated-away certificate in use
+    assert s.reply_kind("p1.ca.rotations.get") == "rotations"
+    assert not s.bootstrap("p1.ca.rotations.get")
     for unsigned in ("p1.registry.register", "p1.registry.heartbeat", "p1.config.apply"):
         assert s.reply_kind(unsigned) is None
     assert s.bootstrap("p1.ca.sign") and s.bootstrap("p1.ca.bundle.get")
