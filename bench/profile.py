@@ -46,7 +46,7 @@ def frame_name(frame: str) -> str:
 
 
 # the frames every sample shares (process start, event loop): uninformative as "total"
-ROOTS = ("<frozen runpy>", "mesh/cli/main.py", "mesh/cli/sidecar_cmds.py", "uvloop/__init__.py")
+ROOTS = ("<frozen runpy>", "meshctl/main.py", "meshctl/sidecar_cmds.py", "uvloop/__init__.py")
 
 
 def top_functions(collapsed: str, limit: int = 15) -> dict[str, list[tuple[str, float]]]:

@@ -387,7 +387,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             port = free_port()
             proc = ManagedProcess(
                 svc,
-                [sys.executable, "-m", "mesh.cli.main", "serve", svc, "--nats", nats.url,
+                [sys.executable, "-m", "meshctl.main", "serve", svc, "--nats", nats.url,
                  "--etcd", etcd.url, "--http-port", str(port), *extra],
                 work / f"{svc}.log",
             )  # fmt: skip

@@ -75,7 +75,7 @@ async def run(sizes: list[int], rounds: int) -> dict[str, Any]:
     port = free_port()
     config = ManagedProcess(
         "config",
-        [sys.executable, "-m", "mesh.cli.main", "serve", "config", "--nats", nats.url,
+        [sys.executable, "-m", "meshctl.main", "serve", "config", "--nats", nats.url,
          "--etcd", etcd.url, "--http-port", str(port)],
         work / "config.log",
     )  # fmt: skip

@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         url = f"http://127.0.0.1:{port}"
         proc = ManagedProcess(
             "telemetry",
-            [sys.executable, "-m", "mesh.cli.main", "serve", "telemetry", "--nats", nats.url,
+            [sys.executable, "-m", "meshctl.main", "serve", "telemetry", "--nats", nats.url,
              "--etcd", etcd.url, "--http-port", str(port)],
             work / "telemetry.log",
         )  # fmt: skip

@@ -155,7 +155,7 @@ class ServiceProcess:
         self.replica = replica
         self.port = free_port()
         args = [
-            sys.executable, "-m", "mesh.cli.main", "serve", name,
+            sys.executable, "-m", "meshctl.main", "serve", name,
             "--nats", nats_url, "--etcd", etcd_url, "--prefix", prefix,
             "--http-port", str(self.port), "--replica", replica, "--election-ttl", "2", *extra,
         ]  # fmt: skip

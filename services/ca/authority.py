@@ -14,6 +14,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from mesh import identity
 from mesh.ca_messages import SigningKey, SignReply, TrustBundle
+from services.ca import issuing
 from services.ca.sealing import unseal_key
 from services.ca.settings import CASettings
 from services.ca.state import CAState, bundle_of, signing_root
@@ -27,13 +28,13 @@ class Authority:
     bundle: TrustBundle
     # None: this replica cannot sign with the current signing root (e.g. an external
     # root it has no file for); it refuses with 503 until the state changes
-    issuer: identity.Issuer | None = field(repr=False)
+    issuer: issuing.Issuer | None = field(repr=False)
 
     def sign(
         self, public_key: ec.EllipticCurvePublicKey, uri: str, now: dt.datetime, ttl: dt.timedelta
     ) -> SignReply:
         assert self.issuer is not None
-        cert = identity.sign_workload(public_key, uri, self.issuer, now, ttl)
+        cert = issuing.sign_workload(public_key, uri, self.issuer, now, ttl)
         return SignReply(
             chain=identity.chain_pem([cert, *self.issuer.chain]).decode(),
             identity=uri,
@@ -55,7 +56,7 @@ def open_authority(
     `signing_keys`: the control plane's message-signing keys, for the bundle."""
     roots = tuple(x509.load_pem_x509_certificate(r.cert.encode()) for r in state.roots)
     signer = signing_root(state)
-    issuer: identity.Issuer | None = None
+    issuer: issuing.Issuer | None = None
     if settings.external is not None:
         if identity.fingerprint(settings.external.root) == signer.fingerprint:
             issuer = settings.external.issuer
@@ -65,7 +66,7 @@ def open_authority(
         and state.trust_domain == settings.trust_domain
     ):
         key = unseal_key(settings.kek, signer.sealed_key, signer.fingerprint)
-        issuer = identity.Issuer(cert=roots[-1], key=key)
+        issuer = issuing.Issuer(cert=roots[-1], key=key)
     return Authority(
         state=state,
         revision=revision,

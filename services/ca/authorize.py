@@ -15,6 +15,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from mesh import errors, identity
+from services.ca import issuing
 from services.ca.state import iso
 from services.ca.tokens import TokenRecord
 
@@ -34,8 +35,8 @@ class CheckedCSR:
 
 def check_csr(csr_pem: str, trust_domain: str) -> CheckedCSR:
     try:
-        csr = identity.load_csr(csr_pem)
-        uri = identity.csr_identity(csr, trust_domain)
+        csr = issuing.load_csr(csr_pem)
+        uri = issuing.csr_identity(csr, trust_domain)
     except identity.IdentityError as e:
         raise SignRefused(e.reason, e.message, code=400) from None
     public_key = csr.public_key()
@@ -95,6 +96,6 @@ def check_renewal(
             "bad_proof", "renewal: the proof of possession of the current key is missing"
         )
     try:
-        identity.check_renewal_proof(certs[0], csr_pem.encode(), proof)
+        issuing.check_renewal_proof(certs[0], csr_pem.encode(), proof)
     except identity.VerificationError as e:
         raise SignRefused("bad_proof", f"renewal: {e.message}") from None

@@ -45,7 +45,7 @@ from mesh.service import ControlPlaneService, ServiceConfig
 from mesh.signing import control_plane_signer
 from mesh.store import Compare, Put, WatchCompacted
 from mesh.subjects import CA_QUEUE
-from services.ca import rotations, tokens
+from services.ca import issuing, rotations, tokens
 from services.ca.authority import Authority, open_authority
 from services.ca.authorize import SignRefused, check_csr, check_renewal, check_token
 from services.ca.sealing import UnsealError, seal_key
@@ -497,7 +497,7 @@ class CAService(ControlPlaneService):
             return stored_root(settings.external.root, b"", now)
         assert settings.kek is not None  # load_settings requires it without an external CA
         key = identity.generate_key()
-        cert = identity.create_root(
+        cert = issuing.create_root(
             key, settings.trust_domain, dt.datetime.fromtimestamp(now, dt.UTC), settings.root_ttl
         )
         return stored_root(cert, seal_key(settings.kek, key, identity.fingerprint(cert)), now)

@@ -26,6 +26,7 @@ from cryptography import x509
 
 from mesh import identity
 from mesh.resources.durations import parse_duration_ms
+from services.ca import issuing
 from services.ca.sealing import KeyEncryptionKey
 
 KEK_ENV = "MESH_CA_KEK"
@@ -52,7 +53,7 @@ class CAConfigError(ValueError):
 class ExternalCA:
     """A root or intermediate plugged in from files."""
 
-    issuer: identity.Issuer
+    issuer: issuing.Issuer
     root: x509.Certificate  # the self-signed end of the file's chain
 
 
@@ -126,11 +127,11 @@ def load_external(cert_path: str, key_path: str, now: dt.datetime) -> ExternalCA
     try:
         certs = identity.load_certs(_read(cert_path, "ca-cert"))
         key = identity.load_private_key(_read(key_path, "ca-key"))
-        identity.check_issuer(certs[0], key)
+        issuing.check_issuer(certs[0], key)
     except identity.IdentityError as e:
         raise CAConfigError(f"ca-cert/ca-key: {e.message}") from None
     root = certs[-1]
-    if not identity.is_self_signed(root):
+    if not issuing.is_self_signed(root):
         raise CAConfigError(
             f"ca-cert: {cert_path} must hold the signing certificate followed by its chain up "
             "to the self-signed root; the last certificate is not self-signed"
@@ -138,12 +139,12 @@ def load_external(cert_path: str, key_path: str, now: dt.datetime) -> ExternalCA
     if certs[0].not_valid_after_utc <= now:
         raise CAConfigError(f"ca-cert: the CA certificate in {cert_path} has expired")
     try:
-        identity.verify_ca_chain(certs, now)
+        issuing.verify_ca_chain(certs, now)
     except identity.VerificationError as e:
         raise CAConfigError(f"ca-cert: {e.message}") from None
     # served after every leaf: the issuer and its intermediates, never the root
-    chain = tuple(c for c in certs if not identity.is_self_signed(c))
-    return ExternalCA(issuer=identity.Issuer(cert=certs[0], key=key, chain=chain), root=root)
+    chain = tuple(c for c in certs if not issuing.is_self_signed(c))
+    return ExternalCA(issuer=issuing.Issuer(cert=certs[0], key=key, chain=chain), root=root)
 
 
 def load_settings(

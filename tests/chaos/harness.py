@@ -20,12 +20,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mesh.devcluster import DevCluster
 from mesh.servers import EtcdServer, ManagedProcess, NatsServer, free_port, http_ok
-from mesh.serverstatus import etcd_member, nats_node
+from meshctl.devcluster import DevCluster
+from meshctl.serverstatus import etcd_member, nats_node
 from tests.support import wait_for
 
-MESHCTL = [sys.executable, "-m", "mesh.cli.main"]
+MESHCTL = [sys.executable, "-m", "meshctl.main"]
 ECHO_APP = Path(__file__).with_name("echo_app.py")
 
 

@@ -25,7 +25,7 @@ from mesh.servers import free_port, pid_alive
 from tests.intercept_support import skip_without_interception
 from tests.support import wait_for
 
-MESHCTL = [sys.executable, "-m", "mesh.cli.main"]
+MESHCTL = [sys.executable, "-m", "meshctl.main"]
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "bookinfo"
 # urllib without the user's HTTP_PROXY: the tests talk to the ingress and sidecars directly
 DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))

@@ -17,7 +17,7 @@ import pytest
 
 from mesh.servers import free_port, pid_alive
 
-MESHCTL = [sys.executable, "-m", "mesh.cli.main"]
+MESHCTL = [sys.executable, "-m", "meshctl.main"]
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -15,7 +15,7 @@ import pytest
 
 from mesh.servers import pid_alive
 
-MESHCTL = [sys.executable, "-m", "mesh.cli.main"]
+MESHCTL = [sys.executable, "-m", "meshctl.main"]
 
 pytestmark = pytest.mark.timeout(240)
 

@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives import serialization
 from mesh.servers import free_port, pid_alive
 from tests.support import destination_rule_yaml, route_all_yaml
 
-MESHCTL = [sys.executable, "-m", "mesh.cli.main"]
+MESHCTL = [sys.executable, "-m", "meshctl.main"]
 
 APP = textwrap.dedent(
     """

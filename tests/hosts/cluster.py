@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mesh.devcluster import DevCluster, ReplicaInfo
 from mesh.servers import EtcdServer, ManagedProcess, NatsServer, ServerError, http_ok
+from meshctl.devcluster import DevCluster, ReplicaInfo
 from tests.chaos.harness import ECHO_APP, MESHCTL, Load, Sidecar
 from tests.hosts.network import HostNetwork
 from tests.support import wait_for
@@ -114,7 +114,7 @@ class HostsDevCluster(DevCluster):
             for service in self.services:
                 replica = f"{host}-{service}"
                 args = [
-                    sys.executable, "-m", "mesh.cli.main", "serve", service,
+                    sys.executable, "-m", "meshctl.main", "serve", service,
                     "--election-ttl", str(self.election_ttl),
                     *self.service_args(service),
                 ]  # fmt: skip

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from mesh.cli.main import main as meshctl
 from mesh.messages import Instance, RegisterReply, RegisterRequest
+from meshctl.main import main as meshctl
 from tests.support import MeshHarness, destination_rule_yaml, route_all_yaml
 
 pytestmark = pytest.mark.asyncio

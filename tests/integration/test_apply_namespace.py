@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from mesh.cli.main import main as meshctl
+from meshctl.main import main as meshctl
 from tests.support import MeshHarness
 
 pytestmark = pytest.mark.asyncio

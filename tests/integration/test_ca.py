@@ -38,10 +38,10 @@ from mesh.ca_messages import (
     TokenCreateRequest,
     TrustBundle,
 )
-from mesh.cli import ca_cmds
 from mesh.store import Store
+from meshctl import ca_cmds
 from proxy.identity_client import WorkloadIdentity
-from services.ca import CAService, sealing, state, tokens
+from services.ca import CAService, issuing, sealing, state, tokens
 from tests.support import ServiceProcess, eventually, running, service_config
 
 TD = "cluster.local"
@@ -389,7 +389,7 @@ async def test_without_a_kek_the_ca_refuses_to_start(nats_server, etcd_server, p
         [
             sys.executable,
             "-m",
-            "mesh.cli.main",
+            "meshctl.main",
             "serve",
             "ca",
             "--nats",
@@ -465,11 +465,11 @@ def foreign_context(uri: str, server: bool, roots_pem: str):
     """A certificate for a valid SPIFFE ID, from a CA the mesh does not trust."""
     now = dt.datetime.now(dt.UTC)
     root_key = identity.generate_key()
-    root = identity.Issuer(
-        cert=identity.create_root(root_key, TD, now, dt.timedelta(days=1)), key=root_key
+    root = issuing.Issuer(
+        cert=issuing.create_root(root_key, TD, now, dt.timedelta(days=1)), key=root_key
     )
     key = identity.generate_key()
-    cert = identity.sign_workload(key.public_key(), uri, root, now, dt.timedelta(hours=1))
+    cert = issuing.sign_workload(key.public_key(), uri, root, now, dt.timedelta(hours=1))
     make = identity.server_context if server else identity.client_context
     return make(identity.cert_pem(cert), key, roots_pem)
 
@@ -609,7 +609,7 @@ async def test_external_intermediate_ca_serves_its_chain(
 ) -> None:
     now = dt.datetime.now(dt.UTC)
     root_key, inter_key = identity.generate_key(), identity.generate_key()
-    root = identity.create_root(root_key, "corp.example", now, dt.timedelta(days=365))
+    root = issuing.create_root(root_key, "corp.example", now, dt.timedelta(days=365))
     inter = (
         x509.CertificateBuilder()
         .subject_name(
@@ -850,7 +850,7 @@ def test_two_replicas_create_one_root_and_meshctl(
         pem = run_cli(capsys, nats_server.url, prefix, "ca", "bundle")
         done = openssl_verify(tmp_path, pem, leaf.chain)
         assert done.returncode == 0, done.stderr
-        # -o yaml|json: the same roots, described (mesh/cli/output.py)
+        # -o yaml|json: the same roots, described (meshctl/output.py)
         described = yaml.safe_load(
             run_cli(capsys, nats_server.url, prefix, "ca", "bundle", "-o", "yaml")
         )

@@ -12,7 +12,6 @@ from typing import Any
 import pytest
 import yaml
 
-from mesh.cli.main import main as meshctl
 from mesh.messages import (
     Instance,
     ProxyStatus,
@@ -20,6 +19,7 @@ from mesh.messages import (
     RegisterRequest,
     SubscriptionStatus,
 )
+from meshctl.main import main as meshctl
 from tests.support import MeshHarness, destination_rule_yaml, eventually
 
 pytestmark = pytest.mark.asyncio

@@ -541,7 +541,7 @@ async def test_envoy_keeps_serving_when_the_sidecar_process_dies_and_is_adopted_
         outbound_port, admin_port = free_port(), free_port()
         instance = f"productpage-{prefix}"
         args = [
-            sys.executable, "-m", "mesh.cli.main", "--nats", nats_server.url, "--prefix", prefix,
+            sys.executable, "-m", "meshctl.main", "--nats", nats_server.url, "--prefix", prefix,
             "sidecar", "--dataplane", "envoy", "--service", "productpage",
             "--instance", instance, "--app-port", str(free_port()),
             "--outbound-port", str(outbound_port), "--admin-port", str(admin_port),

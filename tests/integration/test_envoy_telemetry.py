@@ -42,6 +42,7 @@ from proxy.envoy.access_log_convert import AccessLogConverter, LocalProxy, peer_
 from proxy.envoy.access_log_service import AccessLogIngest, AccessLogServer, AccessLogServerError
 from proxy.envoy.translate.access_log import http_access_log, tcp_access_log
 from proxy.telemetry import TelemetryPublisher, TelemetryRecorder, own_workload
+from services.ca import issuing
 from services.telemetry import TelemetryService
 from tests.envoy_support import envoy_binary
 from tests.support import eventually, running, service_config
@@ -76,12 +77,12 @@ class Pki:
 def make_pki(directory: Path) -> Pki:
     now = dt.datetime.now(dt.UTC)
     root_key = identity.generate_key()
-    root = identity.create_root(root_key, TD, now, dt.timedelta(days=1))
-    issuer = identity.Issuer(cert=root, key=root_key)
+    root = issuing.create_root(root_key, TD, now, dt.timedelta(days=1))
+    issuer = issuing.Issuer(cert=root, key=root_key)
 
     def workload(spiffe: str) -> tuple[str, str]:
         key = identity.generate_key()
-        cert = identity.sign_workload(key.public_key(), spiffe, issuer, now, dt.timedelta(hours=1))
+        cert = issuing.sign_workload(key.public_key(), spiffe, issuer, now, dt.timedelta(hours=1))
         return identity.cert_pem(cert).decode(), identity.private_key_pem(key).decode()
 
     cert, key = workload(PRODUCTPAGE_ID)

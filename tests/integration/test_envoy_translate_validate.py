@@ -44,6 +44,7 @@ from mesh.servers import free_port
 from proxy.envoy.bootstrap import INTERNAL_LISTENERS
 from proxy.envoy.translate import MeshView, ProxyNode, tls_secrets, translate
 from proxy.envoy.translate.protos import to_dict
+from services.ca import issuing
 from tests.envoy_support import envoy_binary, http_get, serve_http, static_envoy
 from tests.unit.test_envoy_translate_golden import CASES, TD, resources_json
 
@@ -51,12 +52,12 @@ from tests.unit.test_envoy_translate_golden import CASES, TD, resources_json
 def _pem_secrets() -> list[dict[str, Any]]:
     now = dt.datetime.now(dt.UTC)
     root_key = identity.generate_key()
-    root = identity.create_root(root_key, TD, now, dt.timedelta(days=1))
+    root = issuing.create_root(root_key, TD, now, dt.timedelta(days=1))
     key = identity.generate_key()
-    cert = identity.sign_workload(
+    cert = issuing.sign_workload(
         key.public_key(),
         identity.spiffe_id(TD, "default", "productpage"),
-        identity.Issuer(cert=root, key=root_key),
+        issuing.Issuer(cert=root, key=root_key),
         now,
         dt.timedelta(hours=1),
     )

@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 import yaml
 
-from mesh.cli.main import main as meshctl
 from mesh.messages import Instance, RegisterReply, RegisterRequest
+from meshctl.main import main as meshctl
 from tests.support import MeshHarness
 
 pytestmark = pytest.mark.asyncio

@@ -20,7 +20,7 @@ import grpc
 import pytest
 import yaml
 
-from mesh.cli.telemetry_cmds import grpc_cell
+from meshctl.telemetry_cmds import grpc_cell
 from proxy.app_process import app_env
 from services.telemetry import TelemetryService
 from tests.grpc_support import EchoClient, EchoService, http1_unary

@@ -41,7 +41,7 @@ async def killed_sidecar(mesh: MeshHarness, state: Path) -> tuple[str, int]:
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MESH_INTERCEPT_STATE_DIR": str(state)}
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "mesh.cli.main", "sidecar",
+        sys.executable, "-m", "meshctl.main", "sidecar",
         "--service", "web", "--app-port", str(port),
         "--nats", mesh.nats_url, "--prefix", mesh.prefix,
         "--token", await mesh.token("web"), "--intercept",
@@ -98,7 +98,7 @@ async def test_meshctl_down_removes_what_killed_sidecars_left(
         namespace, app = await killed_sidecar(mesh, state)
         env = {**os.environ, "PYTHONPATH": str(ROOT), "MESH_INTERCEPT_STATE_DIR": str(state)}
         down = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "mesh.cli.main", "--state-dir", str(tmp_path / "none"), "down",
+            sys.executable, "-m", "meshctl.main", "--state-dir", str(tmp_path / "none"), "down",
             env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
         )  # fmt: skip
         out, _ = await down.communicate()

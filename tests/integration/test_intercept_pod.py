@@ -21,7 +21,7 @@ from tests.intercept_support import in_namespace, intercept_state_dir, skip_with
 from tests.support import MeshHarness, eventually, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
-MESHCTL = [sys.executable, "-m", "mesh.cli.main"]
+MESHCTL = [sys.executable, "-m", "meshctl.main"]
 PROXY_GID = 1337
 
 

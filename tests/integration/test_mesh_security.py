@@ -37,6 +37,7 @@ from mesh.messages import (
     ResourceRef,
 )
 from proxy.http import Limits
+from services.ca import issuing
 from tests.support import MeshHarness, eventually
 
 TD = "cluster.local"
@@ -177,11 +178,11 @@ def foreign_certificate(uri: str, roots_pem: str, *, server: bool) -> ssl.SSLCon
     (it trusts the mesh's roots itself, so only the other side can refuse)."""
     now = dt.datetime.now(dt.UTC)
     root_key = identity.generate_key()
-    root = identity.Issuer(
-        cert=identity.create_root(root_key, TD, now, dt.timedelta(days=1)), key=root_key
+    root = issuing.Issuer(
+        cert=issuing.create_root(root_key, TD, now, dt.timedelta(days=1)), key=root_key
     )
     key = identity.generate_key()
-    cert = identity.sign_workload(key.public_key(), uri, root, now, dt.timedelta(hours=1))
+    cert = issuing.sign_workload(key.public_key(), uri, root, now, dt.timedelta(hours=1))
     make = identity.server_context if server else identity.client_context
     return make(identity.cert_pem(cert), key, roots_pem)
 

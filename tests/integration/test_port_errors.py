@@ -19,7 +19,7 @@ from mesh.servers import free_port
 from proxy.settings import SidecarSettings
 from proxy.sidecar import Sidecar
 
-MESHCTL = [sys.executable, "-m", "mesh.cli.main"]
+MESHCTL = [sys.executable, "-m", "meshctl.main"]
 NO_NATS = "nats://127.0.0.1:1"  # never reached: the ports are checked first
 
 

@@ -13,8 +13,8 @@ import pytest
 
 from mesh import errors
 from mesh.bus import Bus
-from mesh.cli.main import main as meshctl
 from mesh.messages import ProxyStatus, ProxyStatusReply, ProxyStatusRequest, SubscriptionStatus
+from meshctl.main import main as meshctl
 from services.config import ConfigService
 from services.telemetry.lookups import BusLookups
 from tests.support import eventually, running, service_config

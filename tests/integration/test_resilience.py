@@ -113,7 +113,7 @@ async def meshctl(mesh: MeshHarness, *args: str) -> str:
     """Run `meshctl` against the harness's NATS (a subprocess: the sidecars it asks
     live in this event loop, which must keep running meanwhile)."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "mesh.cli.main", "--nats", mesh.nats_url, "--prefix", mesh.prefix,
+        sys.executable, "-m", "meshctl.main", "--nats", mesh.nats_url, "--prefix", mesh.prefix,
         *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     out, err = await asyncio.wait_for(proc.communicate(), 60)

@@ -28,7 +28,6 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from mesh.cli.sidecar_cmds import gateway_labels
 from mesh.hosts import ServiceRef
 from mesh.messages import (
     DeleteReply,
@@ -39,6 +38,7 @@ from mesh.messages import (
     ResourceRef,
 )
 from mesh.servers import free_port
+from meshctl.sidecar_cmds import gateway_labels
 from proxy.destinations import DestinationCache
 from proxy.stats import ProxyStats
 from proxy.tcp import TcpRelays, TcpUpstream

@@ -20,10 +20,10 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from mesh.bus import Bus
-from mesh.cli import telemetry_cmds
 from mesh.servers import NatsServer
 from mesh.service import ControlPlaneService
 from mesh.telemetry import MSG_ID_HEADER, new_reporter_id, stream_name
+from meshctl import telemetry_cmds
 from proxy.telemetry import (
     RequestRecord,
     Sampler,
@@ -432,7 +432,7 @@ async def test_trace_across_three_services_and_access_records(
         assert '"productpage-v1.default" -> "reviews-v2.default"' in out
         out = await meshctl(capsys, "top", "--count", "1", "--telemetry", base)
         assert "productpage-v1.default" in out and "SUCCESS" in out
-        # -o json|yaml on each: the same document either way (mesh/cli/output.py)
+        # -o json|yaml on each: the same document either way (meshctl/output.py)
         for argv in (["trace", a_client.trace_id], ["stat"], ["graph"]):
             doc = json.loads(await meshctl(capsys, *argv, "-o", "json", "--telemetry", base))
             assert (

@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
-from mesh.cli.sidecar_cmds import gateway_labels
 from mesh.servers import free_port
+from meshctl.sidecar_cmds import gateway_labels
 from tests.envoy_support import _have_envoy
 from tests.scenarios.helpers import Scenario, TcpEcho, metric_sum, tcp_exchange
 from tests.support import applied, destination_rule_yaml, eventually

@@ -1,13 +1,13 @@
-"""`mesh.analysis`: each analyzer on small tables of resources and instances, in the
+"""`meshctl.analysis`: each analyzer on small tables of resources and instances, in the
 spirit of Istio's analyzer testdata (one misconfiguration per case)."""
 
 from __future__ import annotations
 
 import pytest
 
-from mesh.analysis import analyze, build_context, overlay, parse_files
 from mesh.messages import Endpoint, EndpointSet, ResourceDocument
 from mesh.resources import Resource, load_yaml, parse_resource
+from meshctl.analysis import analyze, build_context, overlay, parse_files
 
 
 def _resources(text: str) -> list[Resource]:

@@ -10,7 +10,7 @@ import pytest
 from cryptography import x509
 
 from mesh import identity
-from services.ca import authorize, sealing, state, tokens
+from services.ca import authorize, issuing, sealing, state, tokens
 from services.ca.settings import CAConfigError, load_settings, parse_kek
 
 KEK = bytes(range(32))
@@ -21,13 +21,13 @@ TD = "cluster.local"
 REVIEWS = "spiffe://cluster.local/ns/default/sa/reviews"
 
 
-def new_root(now: float = T, lifetime_days: int = 3650) -> tuple[state.StoredRoot, identity.Issuer]:
+def new_root(now: float = T, lifetime_days: int = 3650) -> tuple[state.StoredRoot, issuing.Issuer]:
     key = identity.generate_key()
-    cert = identity.create_root(
+    cert = issuing.create_root(
         key, TD, dt.datetime.fromtimestamp(now, dt.UTC), dt.timedelta(days=lifetime_days)
     )
     sealed = sealing.seal_key(SEALER, key, identity.fingerprint(cert))
-    return state.stored_root(cert, sealed, now), identity.Issuer(cert=cert, key=key)
+    return state.stored_root(cert, sealed, now), issuing.Issuer(cert=cert, key=key)
 
 
 # ---------------------------------------------------------------- settings
@@ -259,7 +259,7 @@ def test_renewal_checks() -> None:
     csr, _ = csr_for()
     checked = authorize.check_csr(csr, TD)
     cur_key = identity.generate_key()
-    cur = identity.sign_workload(cur_key.public_key(), REVIEWS, root, NOW, dt.timedelta(hours=1))
+    cur = issuing.sign_workload(cur_key.public_key(), REVIEWS, root, NOW, dt.timedelta(hours=1))
     chain = identity.cert_pem(cur).decode()
     proof = identity.renewal_proof(cur_key, csr.encode())
     authorize.check_renewal(chain, proof, csr, checked.identity, [root.cert], NOW)

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from mesh.cli import analyze_cmd, ca_cmds, explain_cmd, resources, telemetry_cmds
-from mesh.cli.common import find_state_dir, state_dir
-from mesh.cli.config_cmds import PROXY_STATUS_HEADERS, proxy_status_rows, sync_state
-from mesh.cli.main import build_parser, hoist_global_flags
 from mesh.messages import ProxyStatusEntry
+from meshctl import analyze_cmd, ca_cmds, explain_cmd, resources, telemetry_cmds
+from meshctl.common import find_state_dir, state_dir
+from meshctl.config_cmds import PROXY_STATUS_HEADERS, proxy_status_rows, sync_state
+from meshctl.main import build_parser, hoist_global_flags
 
 
 def _parse(*argv: str) -> argparse.Namespace:
@@ -73,8 +73,8 @@ def test_without_a_cluster_above_the_state_dir_is_dot_mesh(
 
 
 # commands whose parsers live in these modules; serve, sidecar and gateway are defined
-# in mesh/cli/serve.py and mesh/cli/sidecar_cmds.py (owned elsewhere this round)
-# (mesh/cli/resources.py adds config_cmds' commands: apply, delete, proxy-status, ...)
+# in meshctl/serve.py and meshctl/sidecar_cmds.py (owned elsewhere this round)
+# (meshctl/resources.py adds config_cmds' commands: apply, delete, proxy-status, ...)
 OWN_MODULES = (resources, telemetry_cmds, ca_cmds, analyze_cmd, explain_cmd)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mesh.cli.main import main
+from meshctl.main import main
 
 
 def test_an_unknown_data_plane_is_refused_by_name(capsys: pytest.CaptureFixture[str]) -> None:
@@ -34,7 +34,7 @@ def test_up_takes_a_data_plane_only_for_the_demo(
 def test_every_sidecar_and_gateway_flag_has_help() -> None:
     import argparse
 
-    from mesh.cli import sidecar_cmds
+    from meshctl import sidecar_cmds
 
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers()

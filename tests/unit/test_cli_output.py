@@ -1,4 +1,4 @@
-"""`-o table|json|yaml` on every read command (mesh/cli/output.py): one flag, one
+"""`-o table|json|yaml` on every read command (meshctl/output.py): one flag, one
 renderer; json and yaml print the same document; an unknown format is exit 2 with
 an error naming it and the formats there are."""
 
@@ -12,9 +12,9 @@ from dataclasses import dataclass
 import pytest
 import yaml
 
-from mesh.cli.main import build_parser, main
-from mesh.cli.output import add_output_flag, emit, emit_record, plain, render
 from mesh.messages import ProxyStatusEntry
+from meshctl.main import build_parser, main
+from meshctl.output import add_output_flag, emit, emit_record, plain, render
 
 # every command that reads and prints, with the arguments it needs to parse
 READ_COMMANDS = [

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from mesh import servers
-from mesh.devcluster import _load_ports
+from meshctl.devcluster import _load_ports
 from services.config.snapshot import ResourceSnapshot, change_marker_key, resource_key
 
 PREFIX = "/mesh/"

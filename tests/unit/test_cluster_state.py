@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mesh.cluster_state import describe_kept, purge, resource_kinds
+from meshctl.cluster_state import describe_kept, purge, resource_kinds
 
 
 def test_resources_are_counted_by_kind_without_the_change_marker() -> None:

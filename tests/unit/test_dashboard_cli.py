@@ -8,10 +8,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from mesh.cli import cluster
-from mesh.cli.common import CLIError
-from mesh.cli.main import build_parser
 from mesh.servers import free_port
+from meshctl import cluster
+from meshctl.common import CLIError
+from meshctl.main import build_parser
 
 
 def meshctl(*argv: str) -> int:
@@ -69,7 +69,7 @@ def test_up_prints_the_dashboard_url(capsys, tmp_path) -> None:
 
 
 def test_serve_takes_the_otlp_collector_as_flags() -> None:
-    from mesh.cli.main import build_parser
+    from meshctl.main import build_parser
 
     args = build_parser().parse_args(
         [

@@ -23,8 +23,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from mesh.cli.main import build_parser
 from mesh.servers import find_binary
+from meshctl.main import build_parser
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -160,7 +160,11 @@ def _expand(arg: str, env: dict[str, str]) -> str:
 def meshctl_env_names() -> set[str]:
     """Every MESH_* variable the code reads."""
     names: set[str] = set()
-    for path in [*(ROOT / "mesh").rglob("*.py"), *(ROOT / "services").rglob("*.py")]:
+    for path in [
+        *(ROOT / "mesh").rglob("*.py"),
+        *(ROOT / "meshctl").rglob("*.py"),
+        *(ROOT / "services").rglob("*.py"),
+    ]:
         names.update(re.findall(r"\"(MESH_[A-Z_]+)\"", path.read_text()))
     return names
 

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from mesh import compiled
-from mesh.cli.main import build_parser
-from mesh.cli.sidecar_cmds import gateway_workload
 from mesh.messages import ResourceDocument
 from mesh.resources import Resource, load_yaml, parse_documents
+from meshctl.main import build_parser
+from meshctl.sidecar_cmds import gateway_workload
 from services.config.compile import compile_gateway_config
 from services.config.compile_egress import compile_mesh_wide
 

@@ -5,14 +5,6 @@ from __future__ import annotations
 
 import pytest
 
-from mesh.cli.simulate import (
-    Caller,
-    explain_destination,
-    explain_outbound,
-    final_refusal,
-    parse_request,
-    refused_share,
-)
 from mesh.compiled import (
     AuthzPolicy,
     AuthzRule,
@@ -31,6 +23,14 @@ from mesh.compiled import (
     WeightedDestination,
 )
 from mesh.messages import Endpoint, EndpointSet
+from meshctl.simulate import (
+    Caller,
+    explain_destination,
+    explain_outbound,
+    final_refusal,
+    parse_request,
+    refused_share,
+)
 from proxy.policy import RequestFacts
 from proxy.policy.explain import explain_authorization, explain_mtls
 from proxy.routing import RequestAttrs, compile_routes, select_route
@@ -474,8 +474,8 @@ def test_parse_request_rejects_bad_input_naming_it(
 
 
 def test_from_resolves_instances_services_and_unregistered_names() -> None:
-    from mesh.cli.common import CLIError
-    from mesh.cli.explain_cmd import resolve_caller
+    from meshctl.common import CLIError
+    from meshctl.explain_cmd import resolve_caller
 
     pages = EndpointSet(
         namespace="default",
@@ -513,7 +513,7 @@ def test_from_resolves_instances_services_and_unregistered_names() -> None:
 
 
 def test_health_comes_from_the_caller_sidecar_s_clusters() -> None:
-    from mesh.cli.explain_cmd import attach_health
+    from meshctl.explain_cmd import attach_health
 
     route, _ = _simulate(["end-user: jason"])
     clusters = {

@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from mesh import errors, identity
-from mesh.identity import IdentityError, Issuer, VerificationError
+from mesh.identity import IdentityError, VerificationError
 from proxy.identity_client import (
     EXPIRED_RETRY_CAP_S,
     RETRY_CAP_S,
@@ -23,7 +23,8 @@ from proxy.identity_client import (
     resolve_token,
     retry_delay,
 )
-from services.ca import tokens
+from services.ca import issuing, tokens
+from services.ca.issuing import Issuer
 
 NOW = dt.datetime(2026, 5, 1, 12, 0, tzinfo=dt.UTC)
 TD = "cluster.local"
@@ -35,7 +36,7 @@ def make_root(
     now: dt.datetime = NOW - dt.timedelta(days=30), lifetime: dt.timedelta = dt.timedelta(days=3650)
 ) -> Issuer:
     key = identity.generate_key()
-    return Issuer(cert=identity.create_root(key, TD, now, lifetime), key=key)
+    return Issuer(cert=issuing.create_root(key, TD, now, lifetime), key=key)
 
 
 def issue(
@@ -46,10 +47,10 @@ def issue(
 ):
     key = identity.generate_key()
     csr = identity.create_csr(key, uri)
-    assert identity.csr_identity(csr, TD) == uri
+    assert issuing.csr_identity(csr, TD) == uri
     pub = csr.public_key()
     assert isinstance(pub, ec.EllipticCurvePublicKey)
-    return identity.sign_workload(pub, uri, issuer, now, ttl), key
+    return issuing.sign_workload(pub, uri, issuer, now, ttl), key
 
 
 def raw_csr(key, sans: list[x509.GeneralName] | None) -> x509.CertificateSigningRequest:
@@ -104,12 +105,12 @@ def test_non_canonical_spiffe_ids_are_rejected(uri: str) -> None:
 
 def test_csr_has_exactly_one_uri_san_and_empty_subject() -> None:
     key = identity.generate_key()
-    csr = identity.load_csr(identity.csr_pem(identity.create_csr(key, REVIEWS)))
+    csr = issuing.load_csr(identity.csr_pem(identity.create_csr(key, REVIEWS)))
     san = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName)
     assert san.critical
     assert list(san.value) == [x509.UniformResourceIdentifier(REVIEWS)]
     assert len(csr.subject) == 0
-    assert identity.csr_identity(csr, TD) == REVIEWS
+    assert issuing.csr_identity(csr, TD) == REVIEWS
 
 
 @pytest.mark.parametrize(
@@ -142,7 +143,7 @@ def test_csr_has_exactly_one_uri_san_and_empty_subject() -> None:
 def test_csr_san_rules(sans: list[x509.GeneralName] | None, reason: str) -> None:
     csr = raw_csr(identity.generate_key(), sans)
     with pytest.raises(IdentityError) as e:
-        identity.csr_identity(csr, TD)
+        issuing.csr_identity(csr, TD)
     assert e.value.reason == reason
 
 
@@ -151,7 +152,7 @@ def test_csr_key_must_be_p256() -> None:
         ec.generate_private_key(ec.SECP384R1()), [x509.UniformResourceIdentifier(REVIEWS)]
     )
     with pytest.raises(IdentityError) as e:
-        identity.csr_identity(csr, TD)
+        issuing.csr_identity(csr, TD)
     assert e.value.reason == "bad_key"
 
 
@@ -165,7 +166,7 @@ def test_csr_with_broken_signature_is_rejected() -> None:
     der[at + 6] = ord("z")  # same length: the structure parses, the signature does not verify
     csr = x509.load_der_x509_csr(bytes(der))
     with pytest.raises(IdentityError) as e:
-        identity.csr_identity(csr, TD)
+        issuing.csr_identity(csr, TD)
     assert e.value.reason == "bad_csr_signature"
 
 
@@ -179,7 +180,7 @@ def test_csr_with_broken_signature_is_rejected() -> None:
 )
 def test_malformed_csr(pem: str) -> None:
     with pytest.raises(IdentityError) as e:
-        identity.load_csr(pem)
+        issuing.load_csr(pem)
     assert e.value.reason == "malformed_csr"
 
 
@@ -212,7 +213,7 @@ def test_leaf_never_outlives_its_issuer() -> None:
 def test_sign_workload_refuses_non_p256_keys() -> None:
     pub = ec.generate_private_key(ec.SECP384R1()).public_key()
     with pytest.raises(IdentityError):
-        identity.sign_workload(pub, REVIEWS, make_root(), NOW, dt.timedelta(hours=1))  # type: ignore[arg-type]
+        issuing.sign_workload(pub, REVIEWS, make_root(), NOW, dt.timedelta(hours=1))  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------- chain verification
@@ -247,7 +248,7 @@ def test_verify_chain_through_an_intermediate() -> None:
     root = make_root()
     inter_key = identity.generate_key()
     # an intermediate CA: a root-shaped certificate re-signed by the root
-    template = identity.create_root(inter_key, TD, NOW, dt.timedelta(days=365))
+    template = issuing.create_root(inter_key, TD, NOW, dt.timedelta(days=365))
     inter = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "intermediate")]))
@@ -269,7 +270,7 @@ def test_verify_chain_through_an_intermediate() -> None:
         )
         .sign(root.key, hashes.SHA256())
     )
-    identity.verify_ca_chain([inter, root.cert], NOW)
+    issuing.verify_ca_chain([inter, root.cert], NOW)
     cert, _ = issue(Issuer(cert=inter, key=inter_key, chain=(inter,)))
     assert identity.verify_chain(cert, [inter], [root.cert], NOW) == REVIEWS
     with pytest.raises(VerificationError):
@@ -305,17 +306,15 @@ def test_renewal_proof_binds_current_key_to_the_new_csr() -> None:
     cert, key = issue(root)
     csr = identity.csr_pem(identity.create_csr(identity.generate_key(), REVIEWS))
     proof = identity.renewal_proof(key, csr)
-    identity.check_renewal_proof(cert, csr, proof)
+    issuing.check_renewal_proof(cert, csr, proof)
     with pytest.raises(VerificationError):
-        identity.check_renewal_proof(cert, csr + b"x", proof)  # another CSR
+        issuing.check_renewal_proof(cert, csr + b"x", proof)  # another CSR
     with pytest.raises(VerificationError):
-        identity.check_renewal_proof(
-            cert, csr, identity.renewal_proof(identity.generate_key(), csr)
-        )
+        issuing.check_renewal_proof(cert, csr, identity.renewal_proof(identity.generate_key(), csr))
     # a signature over the bare CSR (without the context prefix) is not a proof
     bare = key.sign(csr, ec.ECDSA(hashes.SHA256()))
     with pytest.raises(VerificationError):
-        identity.check_renewal_proof(cert, csr, bare)
+        issuing.check_renewal_proof(cert, csr, bare)
 
 
 # ---------------------------------------------------------------- mTLS contexts (in memory)

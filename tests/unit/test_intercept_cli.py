@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from mesh.cli.main import main
+from meshctl.main import main
 from proxy.intercept.rules import InterceptSettings, PodSettings, pod_ruleset
 
 SIDECAR = ["--nats", "nats://127.0.0.1:1", "sidecar", "--no-mtls", "--service", "a"]

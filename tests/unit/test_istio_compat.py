@@ -11,10 +11,10 @@ import pytest
 
 from mesh import __version__
 from mesh import telemetry as wire
-from mesh.cli.sidecar_cmds import gateway_labels
 from mesh.hosts import ServiceRef
 from mesh.messages import Endpoint
 from mesh.resources import Resource, ResourceError, parse_resource
+from meshctl.sidecar_cmds import gateway_labels
 from proxy.settings import SidecarSettings
 from proxy.stats import ProxyStats
 from proxy.telemetry import (

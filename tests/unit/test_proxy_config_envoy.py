@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mesh.cli.envoy_views import endpoint_rows, is_envoy_clusters, is_envoy_dump, route_rows
+from meshctl.envoy_views import endpoint_rows, is_envoy_clusters, is_envoy_dump, route_rows
 
 DUMP = {
     "configs": [

@@ -8,8 +8,8 @@ import json
 import os
 from pathlib import Path
 
-from mesh.cli.sidecar_cmds import _cluster_state_dir
 from mesh.proxy_records import ProxyRecord, RecordedProcess, recorded_proxies, start_ticks
+from meshctl.sidecar_cmds import _cluster_state_dir
 
 
 def _cluster(tmp_path: Path) -> Path:

@@ -8,7 +8,7 @@ import argparse
 import re
 from pathlib import Path
 
-from mesh.cli.main import GLOBAL_FLAGS, build_parser
+from meshctl.main import GLOBAL_FLAGS, build_parser
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 

@@ -9,10 +9,10 @@ import random
 
 import pytest
 
-from mesh.cli.config_cmds import _outlier_state
 from mesh.compiled import ConnectionPool, LoadBalancer, OutlierDetection, TrafficPolicy
 from mesh.hosts import ServiceRef
 from mesh.messages import Endpoint
+from meshctl.config_cmds import _outlier_state
 from proxy.clusters import Cluster
 from proxy.forward import join_flags
 from proxy.resilience import LocalOrigin, Threshold

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from mesh.cli.sidecar_cmds import registrable_bind
+from meshctl.sidecar_cmds import registrable_bind
 
 
 @pytest.mark.parametrize("address", ["0.0.0.0", "::", "[::]"])
@@ -24,7 +24,7 @@ def test_a_host_address_or_name_is_registered_as_given(address: str) -> None:
 
 
 def test_meshctl_sidecar_refuses_a_wildcard_bind_before_starting() -> None:
-    args = [sys.executable, "-m", "mesh.cli.main", "--nats", "nats://127.0.0.1:9", "sidecar"]
+    args = [sys.executable, "-m", "meshctl.main", "--nats", "nats://127.0.0.1:9", "sidecar"]
     args += ["--service", "x", "--app-port", "8080", "--bind", "0.0.0.0", "--no-mtls"]
     done = subprocess.run(args, capture_output=True, text=True, timeout=60)
     assert done.returncode != 0

@@ -11,11 +11,11 @@ from typing import Any
 
 import pytest
 
-from mesh.analysis import analyze, build_context
 from mesh.compiled import Destination, GatewayServer, L4Match, L4Route, WeightedDestination
 from mesh.hosts import ServiceRef
 from mesh.messages import Endpoint, EndpointSet
 from mesh.resources import Resource, ResourceError, load_yaml, parse_resource
+from meshctl.analysis import analyze, build_context
 from proxy.routing import ConnectionAttrs, NoDestinationError, select_l4_route
 from proxy.tcp import TcpBalancers, TcpTarget, client_hello_sni, route_target, tcp_target
 from services.config.compile import compile_gateway_config, compile_route_table, services_named

@@ -16,8 +16,6 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from mesh import telemetry as wire
-from mesh.cli import telemetry_cmds
-from mesh.cli.common import CLIError
 from mesh.errors import BadRequest
 from mesh.hosts import ServiceRef
 from mesh.messages import Endpoint
@@ -31,6 +29,8 @@ from mesh.telemetry import (
     bucket_index,
     histogram_quantile,
 )
+from meshctl import telemetry_cmds
+from meshctl.common import CLIError
 from proxy.forward import Outcome
 from proxy.http import BodyStream, Request
 from proxy.telemetry import (

@@ -271,7 +271,7 @@ def test_no_series_no_export() -> None:
 def test_serve_refuses_an_unknown_otlp_protocol_from_the_environment_without_a_traceback(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from mesh.cli.main import main
+    from meshctl.main import main
 
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "thrift")
     code = main(

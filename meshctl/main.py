@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from mesh import __version__, logs
-from mesh.cli import (
+from meshctl import (
     analyze_cmd,
     ca_cmds,
     cluster,
@@ -21,8 +21,8 @@ from mesh.cli import (
     sidecar_cmds,
     telemetry_cmds,
 )
-from mesh.cli.common import CLIError
-from mesh.cli.output import add_output_flag, emit
+from meshctl.common import CLIError
+from meshctl.output import add_output_flag, emit
 
 COMMAND_MODULES = [
     cluster,

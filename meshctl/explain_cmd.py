@@ -1,6 +1,6 @@
 """`meshctl explain`: simulate one request through the mesh and say what happens, and why.
 
-The I/O shell of `mesh.cli.simulate`: it resolves the caller in the registry, fetches
+The I/O shell of `meshctl.simulate`: it resolves the caller in the registry, fetches
 the compiled config the proxies hold (`config.fetch` for the destination's RouteTable
 and each target's RouteTable and InboundPolicy, `registry.get` for endpoints, as
 proxy/destinations.py and proxy/inbound_policy.py do), optionally reads the caller
@@ -22,9 +22,19 @@ from typing import Any
 
 from mesh import errors
 from mesh.bus import Bus
-from mesh.cli.common import CLIError, with_bus
-from mesh.cli.output import add_output_flag, emit
-from mesh.cli.simulate import (
+from mesh.compiled import InboundPolicy, RouteTable
+from mesh.hosts import ServiceRef, service_of_host
+from mesh.identity import principal as principal_of
+from mesh.messages import (
+    Endpoint,
+    EndpointSet,
+    EndpointsGetReply,
+    EndpointsGetRequest,
+    FetchRequest,
+)
+from meshctl.common import CLIError, with_bus
+from meshctl.output import add_output_flag, emit
+from meshctl.simulate import (
     Caller,
     DestinationVerdict,
     RouteVerdict,
@@ -35,16 +45,6 @@ from mesh.cli.simulate import (
     parse_request,
     refused_share,
     target_service,
-)
-from mesh.compiled import InboundPolicy, RouteTable
-from mesh.hosts import ServiceRef, service_of_host
-from mesh.identity import principal as principal_of
-from mesh.messages import (
-    Endpoint,
-    EndpointSet,
-    EndpointsGetReply,
-    EndpointsGetRequest,
-    FetchRequest,
 )
 
 EXIT_REFUSED = 3

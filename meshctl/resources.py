@@ -6,10 +6,10 @@ import argparse
 from typing import Any
 
 from mesh.bus import Bus
-from mesh.cli import config_cmds
-from mesh.cli.common import CLIError, with_bus
-from mesh.cli.output import add_output_flag, emit, plain, print_table
 from mesh.messages import EndpointsGetReply, EndpointsGetRequest
+from meshctl import config_cmds
+from meshctl.common import CLIError, with_bus
+from meshctl.output import add_output_flag, emit, plain, print_table
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

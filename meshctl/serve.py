@@ -9,9 +9,9 @@ import importlib
 import os
 
 from mesh import errors, logs
-from mesh.cli.common import CLIError
 from mesh.port_owner import port_in_use
 from mesh.service import ControlPlaneService, ServiceConfig
+from meshctl.common import CLIError
 
 # registry of implementations, imported by name so the core imports no component
 SERVICES = {

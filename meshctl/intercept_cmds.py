@@ -5,9 +5,8 @@ does before a pod's sidecar (`meshctl sidecar --capture-port ...`) and app start
 from __future__ import annotations
 
 import argparse
-import importlib
 
-from mesh.cli.common import CLIError
+from meshctl.common import CLIError
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -43,8 +42,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
 
 
 def cmd_intercept_init(args: argparse.Namespace) -> int:
-    rules = importlib.import_module("proxy.intercept.rules")
-    netns = importlib.import_module("proxy.intercept.netns")
+    from proxy.intercept import netns, rules
+
     try:
         if args.remove:
             ruleset = rules.delete_table(rules.POD_TABLE)

@@ -5,13 +5,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import errno
-import importlib
 import ipaddress
 import os
 from typing import Any
 
 from mesh import logs
-from mesh.cli.common import (
+from mesh.port_owner import port_in_use
+from meshctl.common import (
     CLIError,
     nats_credentials,
     nats_urls,
@@ -19,7 +19,6 @@ from mesh.cli.common import (
     read_cluster,
     state_dir,
 )
-from mesh.port_owner import port_in_use
 from proxy.settings import DATAPLANES
 
 
@@ -246,7 +245,8 @@ def _check_ports(ports: list[tuple[str, int, str]]) -> None:
 
 
 def _run(settings: Any, app: list[str]) -> int:
-    proxy = importlib.import_module("proxy.sidecar")
+    from proxy import sidecar as proxy
+
     sidecar = proxy.Sidecar(settings, app)
     try:
         try:
@@ -266,8 +266,9 @@ def _bootstrap_token(args: argparse.Namespace, service_account: str) -> str:
     """--token, --token-file or MESH_TOKEN; else, next to a cluster started by
     `meshctl up` (its cluster.json), mint one from that cluster's CA: the local
     development path, so `meshctl sidecar ...` works with no extra step."""
-    identity_client = importlib.import_module("proxy.identity_client")
-    errors = importlib.import_module("mesh.errors")
+    from mesh import errors
+    from proxy import identity_client
+
     try:
         token = str(identity_client.resolve_token(args.token, args.token_file, os.environ))
     except errors.MeshError as e:
@@ -279,7 +280,8 @@ def _bootstrap_token(args: argparse.Namespace, service_account: str) -> str:
             "no bootstrap token: pass --token, --token-file or MESH_TOKEN "
             "(`meshctl token create -n NAMESPACE --sa SERVICE_ACCOUNT`), or --no-mtls"
         )
-    ca_cmds = importlib.import_module("mesh.cli.ca_cmds")
+    from meshctl import ca_cmds
+
     return str(ca_cmds.mint_token(args, args.namespace, service_account, wait=True))
 
 
@@ -313,7 +315,8 @@ def registrable_bind(address: str) -> str | None:
 
 
 def _settings(args: argparse.Namespace, **kw: Any) -> Any:
-    settings_mod = importlib.import_module("proxy.settings")
+    from proxy import settings as settings_mod
+
     user, password = nats_credentials(args, role="sidecar")
     mtls = not args.no_mtls
     if args.dataplane == "envoy" and not mtls:
@@ -358,7 +361,8 @@ def cmd_sidecar(args: argparse.Namespace) -> int:
         app = app[1:]
     if not 0 < args.app_port < 65536:
         raise CLIError(f"--app-port must be in 1..65535, got {args.app_port}")
-    tcp = importlib.import_module("proxy.tcp")
+    from proxy import tcp
+
     for spec in args.tcp_upstream:
         try:
             tcp.parse_tcp_upstream(spec, args.namespace)
@@ -398,7 +402,8 @@ def cmd_sidecar(args: argparse.Namespace) -> int:
 
 def _intercept_settings(args: argparse.Namespace, app: list[str]) -> Any:
     """The capture settings; with --intercept, a clear error where it cannot work."""
-    rules = importlib.import_module("proxy.intercept.rules")
+    from proxy.intercept import rules
+
     flags = {
         "--exclude-outbound-cidrs": args.exclude_outbound_cidrs,
         "--exclude-ports": args.exclude_ports,
@@ -433,7 +438,8 @@ def _intercept_settings(args: argparse.Namespace, app: list[str]) -> Any:
         return rules.InterceptSettings()
     if not app:
         raise CLIError("--intercept needs the app's command: meshctl sidecar ... -- APP")
-    netns = importlib.import_module("proxy.intercept.netns")
+    from proxy.intercept import netns
+
     try:
         netns.require_net_admin()
         return rules.InterceptSettings(
@@ -491,6 +497,7 @@ def _envoy_left_running(settings: Any) -> bool:
     adopts it, listening ports included, so those are not "in use" by someone else."""
     if settings.dataplane != "envoy":
         return False
-    envoy_host = importlib.import_module("proxy.dataplane.envoy_host")
-    process = importlib.import_module("proxy.envoy.process")
+    from proxy.dataplane import envoy_host
+    from proxy.envoy import process
+
     return process.find_running_envoy(envoy_host.instance_state_dir(settings)) is not None

@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mesh import cluster_state
 from mesh.bus_permissions import ROLES, authorization_conf
 from mesh.port_owner import port_in_use
 from mesh.proxy_records import stop_recorded_proxies
@@ -47,6 +46,7 @@ from mesh.servers import (
     wait_tcp,
     write_private,
 )
+from meshctl import cluster_state
 
 CLUSTER_FILE = "cluster.json"
 ETCD_AUTH_FILE = "etcd-auth.json"
@@ -326,7 +326,7 @@ class DevCluster:
                 replica = f"{service}-{i}"
                 port = free_port()
                 args = [
-                    sys.executable, "-m", "mesh.cli.main", "serve", service,
+                    sys.executable, "-m", "meshctl.main", "serve", service,
                     "--nats", ",".join(self.nats_urls),
                     "--etcd", ",".join(self.etcd_urls),
                     "--prefix", self.prefix,
@@ -395,7 +395,7 @@ class DevCluster:
             self.report(f"  background load: {demo.load_rps:g} requests/s on /productpage")
 
     def _meshctl(self) -> list[str]:
-        return [sys.executable, "-m", "mesh.cli.main", "--state-dir", str(self.state_dir.resolve())]
+        return [sys.executable, "-m", "meshctl.main", "--state-dir", str(self.state_dir.resolve())]
 
     def _apply(self, files: list[Path]) -> None:
         args = [*self._meshctl(), "apply"]
@@ -764,4 +764,5 @@ def _is_meshctl(pid: int) -> bool:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
     except OSError:
         return False
+    # `mesh.cli`: a cluster started before the CLI moved to meshctl/
     return b"meshctl" in cmdline or b"mesh.cli" in cmdline

@@ -9,10 +9,7 @@ import sys
 from collections.abc import Iterable, Sequence
 from typing import TextIO
 
-from mesh.analysis import Message, ResourceName, analyze, build_context, overlay, parse_files
 from mesh.bus import Bus
-from mesh.cli.common import read_documents, with_bus
-from mesh.cli.output import add_output_flag, emit, print_table
 from mesh.messages import (
     EndpointsGetReply,
     EndpointsGetRequest,
@@ -21,6 +18,9 @@ from mesh.messages import (
     ResourceDocument,
 )
 from mesh.resources import Resource, ResourceError, parse_resource
+from meshctl.analysis import Message, ResourceName, analyze, build_context, overlay, parse_files
+from meshctl.common import read_documents, with_bus
+from meshctl.output import add_output_flag, emit, print_table
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

@@ -26,7 +26,9 @@ from mesh.ca_messages import (
     TokenCreateRequest,
     TrustBundle,
 )
-from mesh.cli.common import (
+from mesh.identity import fingerprint
+from mesh.resources.durations import parse_duration_ms
+from meshctl.common import (
     CLIError,
     add_output_flag,
     connect_bus,
@@ -35,9 +37,7 @@ from mesh.cli.common import (
     progress,
     with_bus,
 )
-from mesh.cli.output import plain
-from mesh.identity import fingerprint
-from mesh.resources.durations import parse_duration_ms
+from meshctl.output import plain
 
 # a root rotation waits for the new root to settle in every sidecar's bundle
 ROTATE_TIMEOUT_S = 60.0
@@ -117,7 +117,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     cert.set_defaults(func=lambda args: with_bus(lambda bus: cert_show(bus, args))(args))
 
 
-add_parser = add_parsers  # the name `mesh.cli.main.COMMAND_MODULES` calls
+add_parser = add_parsers  # the name `meshctl.main.COMMAND_MODULES` calls
 
 
 def _seconds(text: str, flag: str) -> float:
@@ -273,7 +273,7 @@ async def ca_rotate(bus: Bus, args: argparse.Namespace) -> int:
 
 
 async def cert_show(bus: Bus, args: argparse.Namespace) -> int:
-    from mesh.cli.config_cmds import admin_url, http_json
+    from meshctl.config_cmds import admin_url, http_json
 
     admin = args.admin or await admin_url(bus, args.proxy)
     data = http_json(f"{admin}/certs", allow_status=(404,))

@@ -13,9 +13,9 @@ from typing import Any
 
 from mesh import errors
 from mesh.bus import Bus
-from mesh.cli.output import add_output_flag, emit, print_table
 from mesh.messages import ResourceDocument
 from mesh.resources import ResourceError, load_yaml
+from meshctl.output import add_output_flag, emit, print_table
 
 DEFAULT_STATE_DIR = ".mesh"
 YAML_SUFFIXES = (".yaml", ".yml", ".json")
@@ -125,7 +125,7 @@ def run_async(coro: Awaitable[int]) -> int:
 
 
 # ---------------------------------------------------------------- output
-# (printing lives in mesh/cli/output.py; these names stay importable from here)
+# (printing lives in meshctl/output.py; these names stay importable from here)
 
 
 def progress(message: str) -> None:

@@ -20,8 +20,8 @@ import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
-from mesh.cli.common import CLIError, read_cluster
-from mesh.cli.output import add_output_flag, emit, emit_record, print_table
+from meshctl.common import CLIError, read_cluster
+from meshctl.output import add_output_flag, emit, emit_record, print_table
 
 HTTP_TIMEOUT = 5.0
 
@@ -82,7 +82,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     graph.set_defaults(func=cmd_graph)
 
 
-add_parser = add_parsers  # the name `mesh.cli.main` calls on command modules
+add_parser = add_parsers  # the name `meshctl.main` calls on command modules
 
 
 def _common(p: argparse.ArgumentParser) -> None:

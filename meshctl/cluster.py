@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import signal
 import sys
@@ -11,8 +10,10 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from mesh import cluster_state, devcluster, serverstatus
-from mesh.cli.common import (
+from mesh.port_owner import port_in_use
+from mesh.servers import ServerError
+from meshctl import cluster_state, devcluster, serverstatus
+from meshctl.common import (
     CLIError,
     add_output_flag,
     emit,
@@ -21,10 +22,8 @@ from mesh.cli.common import (
     read_cluster,
     state_dir,
 )
-from mesh.cli.foreground import StopRequested, StopSignals, run_tolerant, tolerant
-from mesh.cli.serve import available_services
-from mesh.port_owner import port_in_use
-from mesh.servers import ServerError
+from meshctl.foreground import StopRequested, StopSignals, run_tolerant, tolerant
+from meshctl.serve import available_services
 from proxy.settings import DATAPLANES
 
 
@@ -95,7 +94,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
 
 def _check_intercept() -> None:
     """Said before anything starts, rather than by every demo sidecar failing."""
-    netns = importlib.import_module("proxy.intercept.netns")
+    from proxy.intercept import netns
+
     try:
         netns.require_net_admin()
     except netns.InterceptError as e:
@@ -228,7 +228,8 @@ def cmd_down(args: argparse.Namespace) -> int:
 def _remove_stale_interception(say: Any) -> None:
     """Namespaces and rules of intercepted sidecars that had to be killed (they clean
     up after themselves when they stop; docs/architecture.md §5.4)."""
-    netns = importlib.import_module("proxy.intercept.netns")
+    from proxy.intercept import netns
+
     try:
         netns.require_net_admin()
     except netns.InterceptError:

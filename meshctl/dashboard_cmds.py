@@ -8,9 +8,9 @@ import urllib.error
 import urllib.request
 import webbrowser
 
-from mesh.cli.common import CLIError
-from mesh.cli.output import add_output_flag, emit
-from mesh.cli.telemetry_cmds import HTTP_TIMEOUT, telemetry_url
+from meshctl.common import CLIError
+from meshctl.output import add_output_flag, emit
+from meshctl.telemetry_cmds import HTTP_TIMEOUT, telemetry_url
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

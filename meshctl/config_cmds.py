@@ -12,20 +12,7 @@ from typing import Any
 
 import msgspec
 
-from mesh.analysis import Message, ResourceName, parse_files
 from mesh.bus import Bus
-from mesh.cli import envoy_views
-from mesh.cli.analyze_cmd import print_messages, run_analysis
-from mesh.cli.common import (
-    CLIError,
-    add_output_flag,
-    emit,
-    print_table,
-    read_documents,
-    with_bus,
-    with_namespace,
-)
-from mesh.cli.output import plain
 from mesh.errors import MeshError
 from mesh.messages import (
     ApplyReply,
@@ -44,6 +31,19 @@ from mesh.resources import KINDS, ResourceError, resolve_kind
 from mesh.resources.kubernetes import is_workload, skip_notice
 from mesh.resources.registry import registry_kind
 from mesh.status_pages import read_proxy_status
+from meshctl import envoy_views
+from meshctl.analysis import Message, ResourceName, parse_files
+from meshctl.analyze_cmd import print_messages, run_analysis
+from meshctl.common import (
+    CLIError,
+    add_output_flag,
+    emit,
+    print_table,
+    read_documents,
+    with_bus,
+    with_namespace,
+)
+from meshctl.output import plain
 
 # how long `apply` and `delete` wait for the config service; the request carries the
 # deadline, and a request arriving after it is refused, never applied
