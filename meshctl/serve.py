@@ -5,44 +5,56 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib
 import os
+from collections.abc import Callable
 
 from mesh import errors, logs
 from mesh.port_owner import port_in_use
 from mesh.service import ControlPlaneService, ServiceConfig
 from meshctl.common import CLIError
 
-# registry of implementations, imported by name so the core imports no component
-SERVICES = {
-    "registry": "services.registry:RegistryService",
-    "config": "services.config:ConfigService",
-    "ca": "services.ca:CAService",
-    "telemetry": "services.telemetry:TelemetryService",
+
+def _registry() -> type[ControlPlaneService]:
+    from services.registry import RegistryService
+
+    return RegistryService
+
+
+def _config() -> type[ControlPlaneService]:
+    from services.config import ConfigService
+
+    return ConfigService
+
+
+def _ca() -> type[ControlPlaneService]:
+    from services.ca import CAService
+
+    return CAService
+
+
+def _telemetry() -> type[ControlPlaneService]:
+    from services.telemetry import TelemetryService
+
+    return TelemetryService
+
+
+# each service is imported only by the command that runs it: importing all four would
+# slow every `meshctl` command (the CLI is the composition root: docs/architecture.md §1)
+SERVICES: dict[str, Callable[[], type[ControlPlaneService]]] = {
+    "registry": _registry,
+    "config": _config,
+    "ca": _ca,
+    "telemetry": _telemetry,
 }
 
 
 def service_class(name: str) -> type[ControlPlaneService]:
-    module_name, _, attr = SERVICES[name].partition(":")
-    try:
-        module = importlib.import_module(module_name)
-        return getattr(module, attr)  # type: ignore[no-any-return]
-    except (ImportError, AttributeError) as e:
-        raise SystemExit(
-            f"meshctl serve: service {name!r} is not available in this build: {e}"
-        ) from None
+    return SERVICES[name]()
 
 
 def available_services() -> list[str]:
-    out = []
-    for name, target in SERVICES.items():
-        module_name, _, attr = target.partition(":")
-        try:
-            if hasattr(importlib.import_module(module_name), attr):
-                out.append(name)
-        except ImportError:
-            pass
-    return out
+    """The control-plane services `meshctl serve` runs, in no particular order."""
+    return list(SERVICES)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
