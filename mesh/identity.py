@@ -37,6 +37,10 @@ from cryptography.x509.verification import VerificationError as _X509Verificatio
 
 from mesh import errors
 
+# a workload certificate's NotBefore is this far before the CA signed it (clock skew
+# between CA and peers); the CA applies it, a proxy reads it to date an issue
+WORKLOAD_BACKDATE = dt.timedelta(minutes=2)
+
 DEFAULT_TRUST_DOMAIN = "cluster.local"
 # a renewal proves possession of the current key by signing this followed by the new CSR
 RENEWAL_PROOF_CONTEXT = b"meshwork/ca/renew/v1\n"

@@ -60,7 +60,6 @@ from mesh.ca_messages import (
 )
 from mesh.logs import get_logger
 from mesh.signing import TrustedKeys
-from services.ca import issuing
 
 log = get_logger("proxy.identity")
 
@@ -434,7 +433,7 @@ class WorkloadIdentity:
         # NotBefore is backdated for clock skew: count the lifetime from when we got it
         renew_at = renewal_due_at(max(not_before, now), not_after, self._rand())
         # a CA that does not say when it signed: NotBefore is backdated by a known amount
-        issued_at = reply.issued_at or not_before + issuing.WORKLOAD_BACKDATE.total_seconds()
+        issued_at = reply.issued_at or not_before + identity.WORKLOAD_BACKDATE.total_seconds()
         self._snapshot = self._snapshot_of(
             chain,
             key,

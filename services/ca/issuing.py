@@ -19,6 +19,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from mesh.identity import (
     RENEWAL_PROOF_CONTEXT,
+    WORKLOAD_BACKDATE,
     IdentityError,
     PrivateKey,
     VerificationError,
@@ -27,7 +28,6 @@ from mesh.identity import (
     single_uri_san,
 )
 
-WORKLOAD_BACKDATE = dt.timedelta(minutes=2)  # tolerates clock skew between CA and peers
 ROOT_BACKDATE = dt.timedelta(hours=1)
 
 

@@ -19,7 +19,6 @@ from .model import MeshView, ProxyNode
 from .names import OUTBOUND_HTTP_LISTENER, OUTBOUND_HTTP_ROUTE, outbound_cluster, service_domains
 from .protos import ON_DEMAND, Json, parse
 
-
 # VHDS needs delta xDS: its own stream to the sidecar's xDS server (the ADS stream
 # stays state of the world); the bootstrap's cluster `xds-grpc` reaches that server
 VHDS_SOURCE: Json = {
