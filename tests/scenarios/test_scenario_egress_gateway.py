@@ -6,17 +6,19 @@ resolves the host to that server (STATIC) where the task uses DNS."""
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import pytest_asyncio
 
 from mesh.servers import free_port
 from tests.egress_support import ExternalEcho, TestCA
-from tests.scenarios.helpers import Scenario
+from tests.scenarios.helpers import Scenario, known_difference, metric_sum
 from tests.support import eventually
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -150,3 +152,63 @@ async def test_istio_tls_origination_task_originates_at_the_egress_gateway(
     # back to the plain task for the other tests
     await e.s.delete("DestinationRule", "originate-tls-for-api-example-test")
     await e.s.apply((EXAMPLES / "egress-gateway.yaml").read_text())
+
+
+def _https_task_yaml() -> str:
+    """examples/egress/egress-gateway-https.yaml without its ServiceEntry: the fixture's
+    entry (STATIC, to the local HTTPS server) stands in for it, declaring 443 too."""
+    docs = (EXAMPLES / "egress-gateway-https.yaml").read_text().split("\n---\n")
+    kept = [d for d in docs if "kind: ServiceEntry" not in d]
+    assert len(kept) == len(docs) - 1
+    return "\n---\n".join(kept)
+
+
+async def test_istio_https_task_passes_the_apps_tls_through_the_egress_gateway(
+    egress_gw: EgressGateway, request: pytest.FixtureRequest, dataplane: str
+) -> None:
+    """Istio's "Egress gateway for HTTPS traffic" (examples/egress/egress-gateway-https.yaml):
+    the app sends TLS itself (CONNECT through its sidecar), the sidecar routes it by SNI
+    to the egress gateway's TLS PASSTHROUGH server on 443, which routes it by SNI to
+    the external host; the app's TLS session ends at that host, whose certificate the
+    app verifies."""
+    known_difference(
+        request,
+        dataplane,
+        "envoy",
+        "Envoy: CONNECT to a ServiceEntry host goes straight to the host; its `tls` rules "
+        "(to the egress gateway) are not translated for tunnels yet",
+    )
+    e = egress_gw
+    await e.s.apply(_https_task_yaml())
+    context = ssl.create_default_context(cafile=str(e.ca.ca_file))
+    proxy = f"http://127.0.0.1:{e.client.ports['outbound']}"
+    labels = {"reporter": "source", "destination_service": API}
+
+    async def gateway_connections() -> float:
+        text = await e.s.admin(e.gateway, "/stats/prometheus")
+        return metric_sum(text, "istio_tcp_connections_opened_total", labels)
+
+    async def fetch(path: str) -> tuple[int, Any]:
+        # a connection of its own per request: each is one relayed TCP connection
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"https://{API}{path}", proxy=proxy, ssl=context) as r,
+        ):
+            return r.status, await r.json()
+
+    async def through_gateway() -> bool:
+        status, body = await fetch("/politics")
+        assert (status, body["server"], body["scheme"]) == (200, "api-tls", "https")
+        return await gateway_connections() > 0
+
+    try:
+        # the gateway's TLS server listener opens and registers, then routes apply
+        await eventually(through_gateway, timeout=20, interval=0.3)
+        assert e.https.snis[-1] == API  # the app's own ClientHello reached the host
+        before = await gateway_connections()
+        status, body = await fetch("/again")
+        assert (status, body["path"], body["host"]) == (200, "/again", API)
+        assert await gateway_connections() == before + 1
+    finally:
+        # back to the plain task (same names) for the other tests
+        await e.s.apply((EXAMPLES / "egress-gateway.yaml").read_text())
