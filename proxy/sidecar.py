@@ -379,6 +379,8 @@ class Sidecar:
         await asyncio.gather(asyncio.sleep(min(DRAIN_ANNOUNCE_S, s.drain_timeout)), drained)
         if self.app is not None:
             await self.app.stop(max(1.0, deadline - time.monotonic()))
+        if self._reregistering is not None:
+            self._reregistering.cancel()
         await registration.deregister()
         await self.reporter.goodbye()
         log.info("sidecar.stopped", instance=s.instance, dataplane=self.dataplane.info())
@@ -411,6 +413,8 @@ class Sidecar:
         )
 
         async def register() -> None:
+            if self.draining:
+                return  # leaving: never registered again after the deregistration
             try:
                 await registration.register()
             except errors.MeshError as e:
