@@ -188,11 +188,16 @@ async def test_istio_https_task_passes_the_apps_tls_through_the_egress_gateway(
         text = await e.s.admin(e.gateway, "/stats/prometheus")
         return metric_sum(text, "istio_tcp_connections_opened_total", labels)
 
-    async def fetch(path: str) -> tuple[int, Any]:
+    async def fetch(path: str, sni: str = API) -> tuple[int, Any]:
         # a connection of its own per request: each is one relayed TCP connection
+        tls = context
+        if sni != API:
+            # the server's certificate is still verified, its name not (it is API's)
+            tls = ssl.create_default_context(cafile=str(e.ca.ca_file))
+            tls.check_hostname = False
         async with (
             aiohttp.ClientSession() as session,
-            session.get(f"https://{API}{path}", proxy=proxy, ssl=context) as r,
+            session.get(f"https://{API}{path}", proxy=proxy, ssl=tls, server_hostname=sni) as r,
         ):
             return r.status, await r.json()
 
@@ -208,6 +213,11 @@ async def test_istio_https_task_passes_the_apps_tls_through_the_egress_gateway(
         before = await gateway_connections()
         status, body = await fetch("/again")
         assert (status, body["path"], body["host"]) == (200, "/again", API)
+        assert await gateway_connections() == before + 1
+        # a ClientHello naming another host matches no `tls` rule: the entry itself
+        # (Istio's default route), not through the gateway
+        status, body = await fetch("/direct", sni="other.example.test")
+        assert (status, body["path"], e.https.snis[-1]) == (200, "/direct", "other.example.test")
         assert await gateway_connections() == before + 1
     finally:
         # back to the plain task (same names) for the other tests
