@@ -60,7 +60,9 @@ def route_context(node: ProxyNode, view: MeshView, gateway: str = "") -> routes.
     )
 
 
-def outbound_route_config(node: ProxyNode, view: MeshView, ctx: routes.RouteContext) -> Json:
+def outbound_route_config(
+    node: ProxyNode, view: MeshView, ctx: routes.RouteContext, out: XdsResources | None = None
+) -> Json:
     peer = peer_metadata_header(node)
     vhosts = []
     for fqdn in sorted(view.destinations):
@@ -82,7 +84,8 @@ def outbound_route_config(node: ProxyNode, view: MeshView, ctx: routes.RouteCont
             }
         )
     known = {v["name"] for v in vhosts}
-    vhosts.extend(v for v in egress.external_vhosts(node, view, ctx) if v["name"] not in known)
+    external = egress.external_vhosts(node, view, ctx, out or XdsResources())
+    vhosts.extend(v for v in external if v["name"] not in known)
     vhosts.append(egress.unknown_host_route(view))
     return {
         "name": OUTBOUND_HTTP_ROUTE,
@@ -118,7 +121,7 @@ def _port_routes(rules: tuple[HTTPRoute, ...], ctx: routes.RouteContext, fqdn: s
 
 def add_outbound(node: ProxyNode, view: MeshView, out: XdsResources) -> routes.RouteContext:
     ctx = route_context(node, view)
-    config = outbound_route_config(node, view, ctx)
+    config = outbound_route_config(node, view, ctx, out)
     out.routes[OUTBOUND_HTTP_ROUTE] = parse(route_pb2.RouteConfiguration, config)
     assert node.outbound is not None
 
