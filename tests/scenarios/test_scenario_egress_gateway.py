@@ -7,6 +7,7 @@ resolves the host to that server (STATIC) where the task uses DNS."""
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -164,6 +165,22 @@ def _https_task_yaml() -> str:
     return "\n---\n".join(kept)
 
 
+def _need_port_443() -> None:
+    """The task's Gateway server listens on 443 as written (the gateway binds
+    127.0.0.1:443): skipped, with the reason printed, where that needs a privilege
+    this process lacks."""
+    with socket.socket() as probe:
+        try:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(("127.0.0.1", 443))
+        except PermissionError as e:
+            reason = f"binding 127.0.0.1:443 (the task's gateway port) is not permitted: {e}"
+            print(f"skipping: {reason}")
+            pytest.skip(reason)
+        except OSError:
+            pass  # in use (e.g. our gateway's listener): permitted
+
+
 class HttpsTask:
     """The HTTPS task applied, and an app's https:// requests through its sidecar."""
 
@@ -219,6 +236,7 @@ async def test_istio_https_task_passes_the_apps_tls_through_the_egress_gateway(
     to the egress gateway's TLS PASSTHROUGH server on 443 (no mTLS on that hop, as the
     task's DestinationRule sets none), which routes it by SNI to the external host; the
     app's TLS session ends at that host, whose certificate the app verifies."""
+    _need_port_443()
     e = egress_gw
     await e.s.apply(_https_task_yaml())
     task = HttpsTask(e)
@@ -247,6 +265,7 @@ async def test_https_task_another_sni_takes_the_hosts_default_route(
         "Envoy routes a CONNECT by its host (it does not read the SNI inside the "
         "tunnel): a ClientHello naming another host goes to the gateway, which closes it",
     )
+    _need_port_443()
     e = egress_gw
     await e.s.apply(_https_task_yaml())
     task = HttpsTask(e)
