@@ -51,6 +51,9 @@ class Instance(Struct, kw_only=True):
     tcp_ports: list[int] = []
     # app TCP port (as a string) -> host:port of the sidecar's TCP relay for it
     tcp_listeners: dict[str, str] = {}
+    # ports of `tcp_listeners` that take the client's bytes as sent, no mTLS: a
+    # gateway's TCP / TLS PASSTHROUGH servers (docs/architecture.md §5.5)
+    plain_tcp_ports: list[int] = []
     admin: str = ""  # http://host:port of the sidecar admin listener
     status: InstanceStatus = "healthy"
 
@@ -100,6 +103,7 @@ class Endpoint(Struct, kw_only=True):
     version: str = ""
     tcp_ports: list[int] = []
     tcp_listeners: dict[str, str] = {}
+    plain_tcp_ports: list[int] = []  # as Instance.plain_tcp_ports
     status: InstanceStatus = "healthy"
     admin: str = ""
 

@@ -17,11 +17,12 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NamedTuple, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 from mesh import errors
-from mesh.compiled import HTTPRoute, Mirror
+from mesh.compiled import HTTPRoute, L4Route, Mirror
 from mesh.hosts import ServiceRef, canonical_host, service_of_host, strip_port
 from mesh.messages import Endpoint
 from proxy import attempts
@@ -54,6 +55,9 @@ from proxy.routing import (
     rewrite_path,
 )
 from proxy.telemetry import PEER_METADATA_HEADER, SidecarTelemetry
+
+if TYPE_CHECKING:
+    from proxy.tcp import TcpRelays
 
 
 class Admitted(NamedTuple):
@@ -105,6 +109,9 @@ class RouteHandler:
         # gateway mode: RequestAuthentication and AuthorizationPolicy before routing
         self.admission: Admission | None = None
         self.mirrors = Mirrors(cache, pools, self.rand)
+        # the data plane's TCP relays: a CONNECT to a ServiceEntry host whose
+        # VirtualService has `tls` / `tcp` rules is handed to them (routed by SNI)
+        self.tcp_relays: TcpRelays | None = None
         # host as sent -> mesh service; a handful of distinct hosts per proxy, so a
         # small memo spares canonicalising strings on every request
         self._services: dict[str, ServiceRef | None] = {}
@@ -185,6 +192,11 @@ class RouteHandler:
             if endpoint is None:
                 return await local_reply(ex, 503, "UH", f"no healthy upstream for {host}")
             address = endpoint.address
+            table, relays = dest.table, self.tcp_relays
+            if table is not None and (table.tls or table.tcp) and relays is not None:
+                return await self._connect_routed(
+                    ex, relays, table.tls, table.tcp, host, port, address
+                )
         elif config.outbound_traffic_policy == "ALLOW_ANY":
             address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         else:
@@ -194,6 +206,27 @@ class RouteHandler:
         except UpstreamError as e:
             return await local_reply(ex, 503, "UF", f"upstream connect error: {e}")
         await ex.relay_connect(upstream)
+        return Outcome(200, "", address, host)
+
+    async def _connect_routed(
+        self,
+        ex: Exchange,
+        relays: TcpRelays,
+        tls: Sequence[L4Route],
+        tcp: Sequence[L4Route],
+        host: str,
+        port: int,
+        address: str,
+    ) -> Outcome:
+        """CONNECT to a ServiceEntry host whose VirtualService has `tls` / `tcp` rules
+        (Istio's egress gateway for HTTPS): answered 200, and the tunnel becomes a
+        relayed TCP connection routed as a sidecar's relay routes one, by the SNI of
+        the app's ClientHello then the `tcp` rules; no rule matching: to `address`,
+        the entry's endpoint already chosen. The app's TLS passes through untouched."""
+        name, _sep, port_text = address.rpartition(":")
+        fallback = relays.address_opener(name.strip("[]"), int(port_text))
+        opener = relays.entry_opener(tls, tcp, port, fallback)
+        await ex.accept_connect(relays.tunnel_protocol(f"connect:{host}:{port}", opener))
         return Outcome(200, "", address, host)
 
     async def _handle(self, req: Request, ex: Exchange, seen: Outcome | None) -> Outcome:

@@ -26,6 +26,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from mesh import errors
 from mesh.bus import Bus
 from mesh.bus_permissions import sidecar_inbox
@@ -87,6 +89,12 @@ class Sidecar:
         self.inbound_policy: InboundPolicyFollower | None = None
         self.record: ProxyRecord | None = None
         self.interception: Interception | None = None
+        # a gateway's TCP / TLS server listeners (server port -> host:port), registered
+        # with the instance so that sidecars' TCP routes reach them
+        self._gateway_tcp_listeners: dict[str, str] = {}
+        self._app_tcp_listeners: dict[str, str] = {}
+        self._registration: Registration | None = None
+        self._reregistering: asyncio.Task[None] | None = None
 
     @property
     def pools(self) -> Any:
@@ -204,6 +212,7 @@ class Sidecar:
                 identity=self.identity,
                 status_changed=self.reporter.changed,
                 capture=capture,
+                tcp_listeners_changed=self._tcp_listeners_changed,
             )
         )
         self.ports.update(addresses.listeners)
@@ -212,7 +221,9 @@ class Sidecar:
         if self.record is not None and s.dataplane == "envoy":
             # Envoy outlives a killed sidecar: `meshctl down` must find it
             self.record.add("envoy", self.dataplane.info().get("pid"))
+        self._app_tcp_listeners = dict(addresses.tcp_listeners)
         registration = Registration(self.bus, self._instance(addresses), ttl=s.register_ttl)
+        self._registration = registration
         await registration.listen_for_resync()
         await self._stop.unless_stopped(registration.register_until_done())
         self.ready = True
@@ -305,7 +316,8 @@ class Sidecar:
             service_account=s.service_account,
             identity=s.identity if s.mtls else "",
             tcp_ports=s.tcp_ports,
-            tcp_listeners=addresses.tcp_listeners,
+            tcp_listeners={**self._app_tcp_listeners, **self._gateway_tcp_listeners},
+            plain_tcp_ports=sorted(int(port) for port in self._gateway_tcp_listeners),
             admin=f"http://{s.bind_host}:{self.ports['admin']}",
             # an app we start gets traffic once it listens (see healthy_when_listening)
             status="starting" if self.app is not None else "healthy",
@@ -367,6 +379,8 @@ class Sidecar:
         await asyncio.gather(asyncio.sleep(min(DRAIN_ANNOUNCE_S, s.drain_timeout)), drained)
         if self.app is not None:
             await self.app.stop(max(1.0, deadline - time.monotonic()))
+        if self._reregistering is not None:
+            self._reregistering.cancel()
         await registration.deregister()
         await self.reporter.goodbye()
         log.info("sidecar.stopped", instance=s.instance, dataplane=self.dataplane.info())
@@ -383,6 +397,41 @@ class Sidecar:
     def _config_changed(self) -> None:
         self.reporter.changed()
         self.dataplane.config_changed()
+
+    def _tcp_listeners_changed(self, listeners: dict[str, str]) -> None:
+        """A gateway opened or closed TCP / TLS server listeners: the instance is
+        registered again with them (a failed attempt is logged; the next change or a
+        re-registration after a lapsed lease carries them)."""
+        self._gateway_tcp_listeners = dict(listeners)
+        registration = self._registration
+        if registration is None:
+            return  # registered later, with them (`_instance`)
+        registration.instance = msgspec.structs.replace(
+            registration.instance,
+            tcp_listeners={**self._app_tcp_listeners, **listeners},
+            plain_tcp_ports=sorted(int(port) for port in listeners),
+        )
+
+        async def register() -> None:
+            if self.draining:
+                return  # leaving: never registered again after the deregistration
+            try:
+                await registration.register()
+            except errors.MeshError as e:
+                log.warning("sidecar.reregister_failed", error=str(e))
+
+        if self._reregistering is None or self._reregistering.done():
+            self._reregistering = asyncio.create_task(register(), name="sidecar:reregister")
+        else:
+            # one in flight may carry the previous listeners: register again after it
+            previous = self._reregistering
+
+            async def after() -> None:
+                with contextlib.suppress(Exception):
+                    await previous
+                await register()
+
+            self._reregistering = asyncio.create_task(after(), name="sidecar:reregister")
 
     def _identity_changed(self, bundle: TrustBundle) -> None:
         """A certificate or trust bundle was installed (called by WorkloadIdentity)."""

@@ -53,7 +53,7 @@ from typing import cast
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from mesh import errors
-from mesh.compiled import GatewayConfig
+from mesh.compiled import GatewayConfig, L4Route
 from mesh.hosts import ServiceRef, canonical_host, service_of_host
 from mesh.identity import requested_server_name
 from mesh.logs import get_logger
@@ -70,8 +70,10 @@ from proxy.routing import (
     RoundRobinBalancer,
     TcpTarget,
     client_hello_sni,
+    pick_l4_destination,
     resolve_subset,
     route_target,
+    select_l4_route,
     subset_endpoints,
     tcp_target,
 )
@@ -801,6 +803,11 @@ class TcpRelays:
             assert isinstance(opened, asyncio.Server)
             self._gateway_listeners[(port, protocol)] = opened
 
+    def gateway_listeners(self, bind_host: str) -> dict[str, str]:
+        """The gateway's open TCP / TLS server listeners: server port (as a string) ->
+        host:port, as registered (`Instance.tcp_listeners`)."""
+        return {str(port): listener_address(bind_host, port) for port, _ in self._gateway_listeners}
+
     async def _listen(
         self, name: str, host: str, port: int, opener: Opener, *, app_port: int = 0
     ) -> int:
@@ -1042,18 +1049,122 @@ class TcpRelays:
             sni=sni,
         )
         routes = config.tls if protocol == "TLS" else config.tcp
-        try:
-            target = route_target(routes, attrs, self.rand.random())
-        except NoDestinationError as e:
-            target, problem = None, str(e)
-        else:
-            problem = "no rule matches"
-        if target is None:
-            log.info("tcp.no_route", listener=conn.name, sni=sni, error=problem)
+        return await self._open_routed(conn, routes, attrs, None)
+
+    def tunnel_protocol(self, name: str, opener: Opener) -> asyncio.Protocol:
+        """The protocol that takes a CONNECT tunnel over (`Exchange.accept_connect`):
+        its bytes are relayed as an accepted connection of listener `name`, to where
+        `opener` connects it."""
+        return _Connection(self, name, self.stats.listener(name), opener).downstream
+
+    def entry_opener(
+        self,
+        routes_tls: Sequence[L4Route],
+        routes_tcp: Sequence[L4Route],
+        port: int,
+        fallback: Opener,
+    ) -> Opener:
+        """Routes a tunnelled connection to a ServiceEntry host's `port` by that host's
+        `tls` rules (on the ClientHello's SNI) then `tcp` rules, as a sidecar's relay
+        routes one to a mesh service; no rule matching: `fallback` (the host itself,
+        Istio's default route)."""
+
+        async def opener(conn: _Connection) -> bool:
+            sni = await self._client_hello_sni(conn) if routes_tls else ""
+            attrs = ConnectionAttrs(
+                port=port,
+                destination_ip=_local_ip(conn.downstream),
+                source_labels=self.source_labels,
+                source_namespace=self.source_namespace,
+                sni=sni,
+            )
+            routes = [*(routes_tls if sni else ()), *routes_tcp]
+            return await self._open_routed(conn, routes, attrs, fallback)
+
+        return opener
+
+    async def _open_routed(
+        self,
+        conn: _Connection,
+        routes: Sequence[L4Route],
+        attrs: ConnectionAttrs,
+        fallback: Opener | None,
+    ) -> bool:
+        """Connect by the first of `routes` matching `attrs`: to a mesh service (its
+        TCP listeners) or to a ServiceEntry host (an endpoint of the entry, the bytes
+        as they are). No rule matching: `fallback`, or closed with flag NR."""
+        route = select_l4_route(routes, attrs)
+        if route is None:
+            if fallback is not None:
+                return await fallback(conn)
+            log.info("tcp.no_route", listener=conn.name, sni=attrs.sni, error="no rule matches")
             if self.telemetry is not None:
                 self._telemetry_decided(conn, self.telemetry.tcp_outbound(None, None, "NR"))
             return False
-        return await self._connect_target(conn, target, None)
+        try:
+            chosen = pick_l4_destination(route, self.rand.random()).destination
+        except NoDestinationError as e:
+            log.info("tcp.no_route", listener=conn.name, sni=attrs.sni, error=str(e))
+            if self.telemetry is not None:
+                self._telemetry_decided(conn, self.telemetry.tcp_outbound(None, None, "NR"))
+            return False
+        port = chosen.port or attrs.port
+        ref = service_of_host(chosen.host)
+        if ref is not None:
+            target = TcpTarget(ref, chosen.subset, port, route.origin)
+            return await self._connect_target(conn, target, None)
+        return await self._open_external(conn, chosen.host, chosen.subset, port, route.origin)
+
+    async def _open_external(
+        self, conn: _Connection, host: str, subset: str, port: int, origin: str
+    ) -> bool:
+        """Connect to an endpoint of the ServiceEntry host `host` serving `port`, with
+        no TLS of ours (the client's bytes reach it as sent)."""
+        mesh_wide = self.cache.mesh_wide
+        try:
+            await mesh_wide.current()
+        except errors.MeshError as e:
+            log.warning("tcp.no_destination", listener=conn.name, host=host, error=str(e))
+            if self.telemetry is not None:
+                self._telemetry_decided(conn, self.telemetry.tcp_outbound(None, None, "UH"))
+            return False
+        dest = mesh_wide.destination(host, port, self.source_namespace)
+        cluster = dest.cluster(subset, self.rand, port) if dest is not None else None
+        if dest is None or cluster is None:
+            log.warning(
+                "tcp.no_route",
+                listener=conn.name,
+                host=host,
+                port=port,
+                rule=origin,
+                error="not a service or ServiceEntry host (or subset) with that port",
+            )
+            if self.telemetry is not None:
+                self._telemetry_decided(conn, self.telemetry.tcp_outbound(None, None, "NR"))
+            return False
+        tried: set[str] = set()
+        for _ in range(CONNECT_ATTEMPTS):
+            now = time.monotonic()
+            endpoint = cluster.choose(None, frozenset(tried), now)
+            if endpoint is None:
+                break
+            tried.add(endpoint.instance)
+            address, _sep, port_text = endpoint.address.rpartition(":")
+            address = address.removeprefix("[").removesuffix("]")
+            if not port_text.isdigit():
+                log.warning("tcp.bad_endpoint", listener=conn.name, host=host)
+                continue
+            if await self._open(conn, address, int(port_text), host):
+                if self.telemetry is not None:
+                    # destination_service: the host, as for HTTP to a ServiceEntry host
+                    record = self.telemetry.tcp_outbound(None, None)
+                    record = record._replace(destination_service=host)
+                    self._telemetry_decided(conn, record)
+                return True
+        log.warning("tcp.no_upstream", listener=conn.name, host=host, port=port, tried=len(tried))
+        if self.telemetry is not None:
+            self._telemetry_decided(conn, self.telemetry.tcp_outbound(None, None, "UF"))
+        return False
 
     async def _client_hello_sni(self, conn: _Connection) -> str:
         """The SNI of the ClientHello the client sends first ("" without one, or when
@@ -1123,7 +1234,10 @@ class TcpRelays:
                 log.warning("tcp.bad_endpoint", listener=conn.name, error=str(e))
                 self.balancers.failed(ref, port, endpoint.instance, time.monotonic())
                 continue
-            if await self._open(conn, host, relay_port, endpoint.instance, endpoint.identity):
+            # a gateway's TCP / TLS server takes the bytes as sent (Istio's PASSTHROUGH)
+            plain = port in endpoint.plain_tcp_ports
+            identity = "" if plain else endpoint.identity
+            if await self._open(conn, host, relay_port, endpoint.instance, identity):
                 self.balancers.connected(ref, port, endpoint.instance)
                 if self.telemetry is not None:
                     self._telemetry_decided(conn, self.telemetry.tcp_outbound(ref, endpoint))

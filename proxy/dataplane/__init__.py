@@ -63,6 +63,9 @@ class DataPlaneContext:
     # an intercepted app (`--intercept`): where the capture listener binds and how it
     # maps original destinations; None otherwise
     capture: CaptureContext | None = None
+    # a gateway's TCP / TLS server listeners changed (server port -> host:port): the
+    # agent registers them with the instance, as `Addresses.tcp_listeners`
+    tcp_listeners_changed: Callable[[dict[str, str]], None] | None = None
 
 
 @dataclass(frozen=True)

@@ -95,8 +95,10 @@ from proxy.envoy.translate import (
 )
 from proxy.envoy.translate.jwt_authn import discovery_uris
 from proxy.envoy.translate.names import OUTBOUND_HTTP_ROUTE
+from proxy.envoy.translate.tcp import L4_GATEWAY_PROTOCOLS
 from proxy.envoy.xds_server import ApplyState, TypeStatus, XdsError, XdsServer
 from proxy.jwks_fetch import OidcDiscovery
+from proxy.tcp import listener_address
 from proxy.telemetry import SidecarTelemetry, TelemetryPublisher
 
 log = get_logger("proxy.dataplane.envoy")
@@ -145,6 +147,8 @@ class EnvoyDataPlane:
         self._vips: dict[str, str] = {}
         self._session: aiohttp.ClientSession | None = None
         self.pushes = 0
+        # a gateway's TCP / TLS server listeners as last registered (port -> host:port)
+        self._l4_registered: dict[str, str] = {}
         self.telemetry: SidecarTelemetry | None = None
         self._als: AccessLogServer | None = None
         self._traces: TraceServer | None = None
@@ -388,6 +392,7 @@ class EnvoyDataPlane:
         else:
             self._resources = resources
             self._tracker = self._tracker.translated(followed)
+            self._register_gateway_l4(ctx, view)
         snapshot = XdsResources(
             listeners=resources.listeners,
             routes=resources.routes,
@@ -475,6 +480,22 @@ class EnvoyDataPlane:
             )
 
         self._vhds_task = asyncio.create_task(serve(), name="envoy:vhds-serve")
+
+    def _register_gateway_l4(self, ctx: DataPlaneContext, view: MeshView) -> None:
+        """A gateway's TCP / TLS servers listen on `<--bind>:<server port>`
+        (`translate.tcp.add_gateway_l4`): registered with the instance, so sidecars'
+        `tls` / `tcp` routes reach them (docs/architecture.md §5.5)."""
+        if view.gateway is None or ctx.tcp_listeners_changed is None:
+            return
+        bind = ctx.settings.bind_host
+        listeners = {
+            str(server.port): listener_address(bind, server.port)
+            for server in view.gateway.servers
+            if server.protocol.upper() in L4_GATEWAY_PROTOCOLS
+        }
+        if listeners != self._l4_registered:
+            self._l4_registered = listeners
+            ctx.tcp_listeners_changed(listeners)
 
     def _envoy_exited(self, exit: EnvoyExit) -> None:
         log.warning("envoy.restarting", pid=exit.pid, code=exit.returncode, restarts=exit.restarts)

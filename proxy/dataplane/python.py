@@ -98,6 +98,9 @@ class PythonDataPlane:
             upstreams = [parse_tcp_upstream(spec, s.namespace) for spec in s.tcp_upstreams]
             await self.tcp.start_outbound(upstreams)
         self._ports.update(self.tcp.ports)
+        # CONNECT to a ServiceEntry host with `tls` / `tcp` rules: relayed and routed
+        # as a TCP connection
+        routes.tcp_relays = self.tcp
         if ctx.gateway is not None:
             ctx.gateway.attach(routes)
             if policy is not None:
@@ -144,9 +147,15 @@ class PythonDataPlane:
         gateway's config, reconciled after every change."""
         ctx, tcp = self._ctx, self.tcp
         assert ctx is not None and ctx.gateway is not None and tcp is not None
+        registered: dict[str, str] = {}
         while True:
             self._gateway_changed.clear()
             await tcp.sync_gateway(ctx.settings.bind_host, ctx.gateway.config)
+            listeners = tcp.gateway_listeners(ctx.settings.bind_host)
+            if listeners != registered and ctx.tcp_listeners_changed is not None:
+                # sidecars' `tls` / `tcp` routes to this gateway reach these listeners
+                ctx.tcp_listeners_changed(listeners)
+                registered = listeners
             await self._gateway_changed.wait()
 
     def config_changed(self) -> None:

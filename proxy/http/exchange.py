@@ -41,7 +41,7 @@ class Downstream(Protocol):
     def write_gate(self) -> WriteGate: ...
     def will_close(self, request: Request) -> bool: ...
     def start_tunnel(self, tunnel: Tunnel) -> None: ...
-    def serve_tunnelled(self) -> None: ...
+    def serve_tunnelled(self, protocol: asyncio.Protocol | None = None) -> None: ...
 
 
 class Exchange(ExchangeState):
@@ -230,16 +230,17 @@ class Exchange(ExchangeState):
             self.response_bytes = tunnel.bytes_down
         self._finish()
 
-    async def accept_connect(self) -> None:
+    async def accept_connect(self, protocol: asyncio.Protocol | None = None) -> None:
         """Answer a CONNECT with 200 and serve what the client sends through it as a
         new HTTP/1.1 or h2c connection on this listener (its requests routed one by
-        one, like any other); this exchange ends here."""
+        one, like any other), or hand the connection to `protocol` (a TCP relay that
+        routes the tunnelled bytes itself); this exchange ends here."""
         if self._request.method != "CONNECT":
             raise ValueError("accept_connect() answers a CONNECT request")
         self._begin(200)
         self._closing = True
         self._downstream.transport.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
-        self._downstream.serve_tunnelled()
+        self._downstream.serve_tunnelled(protocol)
         self._finish()
 
     # -- internals -------------------------------------------------------------------------

@@ -225,10 +225,11 @@ class HttpServerProtocol(asyncio.Protocol):
         if self._closed or self._client_eof:
             tunnel.close()
 
-    def serve_tunnelled(self) -> None:
+    def serve_tunnelled(self, protocol: asyncio.Protocol | None = None) -> None:
         """After a CONNECT answered 200: the bytes that follow are a new HTTP
         connection (HTTP/1.1 or h2c) served by this listener's handler, on a protocol
-        of its own that takes the transport over."""
+        of its own that takes the transport over; or, given `protocol`, that protocol
+        takes the transport (and the bytes already read) over, e.g. a TCP relay."""
         held, self._held = self._held, []
         self._held_bytes = 0
         self._mode = _HANDED_OFF
@@ -239,7 +240,7 @@ class HttpServerProtocol(asyncio.Protocol):
             self._connections.discard(self)
         transport = self.transport
         self.read_gate.release_all()
-        inner = HttpServerProtocol(
+        inner = protocol or HttpServerProtocol(
             self._handler, self._limits, self._connections, self._normalization
         )
         transport.set_protocol(inner)

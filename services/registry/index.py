@@ -39,6 +39,7 @@ def endpoint_of(inst: Instance) -> Endpoint:
         version=inst.version,
         tcp_ports=inst.tcp_ports,
         tcp_listeners=inst.tcp_listeners,
+        plain_tcp_ports=inst.plain_tcp_ports,
         status=inst.status,
         admin=inst.admin,
     )

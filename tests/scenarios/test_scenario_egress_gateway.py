@@ -6,17 +6,21 @@ resolves the host to that server (STATIC) where the task uses DNS."""
 
 from __future__ import annotations
 
+import asyncio
+import socket
+import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import pytest_asyncio
 
 from mesh.servers import free_port
 from tests.egress_support import ExternalEcho, TestCA
-from tests.scenarios.helpers import Scenario
+from tests.scenarios.helpers import Scenario, known_difference, metric_sum
 from tests.support import eventually
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -150,3 +154,129 @@ async def test_istio_tls_origination_task_originates_at_the_egress_gateway(
     # back to the plain task for the other tests
     await e.s.delete("DestinationRule", "originate-tls-for-api-example-test")
     await e.s.apply((EXAMPLES / "egress-gateway.yaml").read_text())
+
+
+def _https_task_yaml() -> str:
+    """examples/egress/egress-gateway-https.yaml without its ServiceEntry: the fixture's
+    entry (STATIC, to the local HTTPS server) stands in for it, declaring 443 too."""
+    docs = (EXAMPLES / "egress-gateway-https.yaml").read_text().split("\n---\n")
+    kept = [d for d in docs if "kind: ServiceEntry" not in d]
+    assert len(kept) == len(docs) - 1
+    return "\n---\n".join(kept)
+
+
+def _need_port_443() -> None:
+    """The task's Gateway server listens on 443 as written (the gateway binds
+    127.0.0.1:443): skipped, with the reason printed, where that needs a privilege
+    this process lacks."""
+    with socket.socket() as probe:
+        try:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(("127.0.0.1", 443))
+        except PermissionError as e:
+            reason = f"binding 127.0.0.1:443 (the task's gateway port) is not permitted: {e}"
+            print(f"skipping: {reason}")
+            pytest.skip(reason)
+        except OSError:
+            pass  # in use (e.g. our gateway's listener): permitted
+
+
+class HttpsTask:
+    """The HTTPS task applied, and an app's https:// requests through its sidecar."""
+
+    def __init__(self, e: EgressGateway) -> None:
+        self.e = e
+        self.proxy = f"http://127.0.0.1:{e.client.ports['outbound']}"
+
+    async def gateway_connections(self) -> float:
+        text = await self.e.s.admin(self.e.gateway, "/stats/prometheus")
+        labels = {"reporter": "source", "destination_service": API}
+        return metric_sum(text, "istio_tcp_connections_opened_total", labels)
+
+    async def fetch(self, path: str, sni: str = API) -> tuple[int, Any]:
+        """GET https://API/path on a connection of its own (one relayed TCP connection),
+        the ClientHello naming `sni`; the server's certificate is always verified, its
+        name only when `sni` is API (the certificate is API's)."""
+        tls = ssl.create_default_context(cafile=str(self.e.ca.ca_file))
+        tls.check_hostname = sni == API
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(
+                f"https://{API}{path}", proxy=self.proxy, ssl=tls, server_hostname=sni
+            ) as r,
+        ):
+            return r.status, await r.json()
+
+    async def through_gateway(self) -> float:
+        """Once the routes apply (the gateway's TLS server listening and registered): a
+        request counted by the gateway; returns the gateway's count before it."""
+
+        async def counted() -> bool:
+            status, body = await self.fetch("/politics")
+            assert (status, body["server"], body["scheme"]) == (200, "api-tls", "https")
+            return await self.gateway_connections() > 0
+
+        await eventually(counted, timeout=20, interval=0.3)
+        # Envoy reports a connection when it closes: wait for the count to settle
+        return await self.settled()
+
+    async def settled(self) -> float:
+        last = -1.0
+        while (now := await self.gateway_connections()) != last:
+            last = now
+            await asyncio.sleep(1.0)
+        return now
+
+
+async def test_istio_https_task_passes_the_apps_tls_through_the_egress_gateway(
+    egress_gw: EgressGateway,
+) -> None:
+    """Istio's "Egress gateway for HTTPS traffic" (examples/egress/egress-gateway-https.yaml):
+    the app sends TLS itself (CONNECT through its sidecar), the sidecar routes it by SNI
+    to the egress gateway's TLS PASSTHROUGH server on 443 (no mTLS on that hop, as the
+    task's DestinationRule sets none), which routes it by SNI to the external host; the
+    app's TLS session ends at that host, whose certificate the app verifies."""
+    _need_port_443()
+    e = egress_gw
+    await e.s.apply(_https_task_yaml())
+    task = HttpsTask(e)
+    try:
+        before = await task.through_gateway()
+        assert e.https.snis[-1] == API  # the app's own ClientHello reached the host
+        status, body = await task.fetch("/again")
+        assert (status, body["path"], body["host"], body["scheme"]) == (200, "/again", API, "https")
+        await eventually(
+            lambda: _at_least(task.gateway_connections(), before + 1), timeout=15, interval=0.3
+        )
+    finally:
+        # back to the plain task (same names) for the other tests
+        await e.s.apply((EXAMPLES / "egress-gateway.yaml").read_text())
+
+
+async def test_https_task_another_sni_takes_the_hosts_default_route(
+    egress_gw: EgressGateway, request: pytest.FixtureRequest, dataplane: str
+) -> None:
+    """A ClientHello naming a host no `tls` rule lists goes to the entry itself (Istio's
+    default route), not through the gateway."""
+    known_difference(
+        request,
+        dataplane,
+        "envoy",
+        "Envoy routes a CONNECT by its host (it does not read the SNI inside the "
+        "tunnel): a ClientHello naming another host goes to the gateway, which closes it",
+    )
+    _need_port_443()
+    e = egress_gw
+    await e.s.apply(_https_task_yaml())
+    task = HttpsTask(e)
+    try:
+        before = await task.through_gateway()
+        status, body = await task.fetch("/direct", sni="other.example.test")
+        assert (status, body["path"], e.https.snis[-1]) == (200, "/direct", "other.example.test")
+        assert await task.settled() == before
+    finally:
+        await e.s.apply((EXAMPLES / "egress-gateway.yaml").read_text())
+
+
+async def _at_least(value: Any, wanted: float) -> bool:
+    return bool(await value >= wanted)

@@ -33,6 +33,7 @@ def test_every_example_file_is_accepted() -> None:
     names = sorted(p.name for p in EXAMPLES.glob("*.yaml"))
     assert names == [
         "allow-any.yaml",
+        "egress-gateway-https.yaml",
         "egress-gateway-tls-origination.yaml",
         "egress-gateway.yaml",
         "service-entry-tls-origination.yaml",
@@ -74,6 +75,38 @@ def test_egress_gateway_example_routes_mesh_to_gateway_and_gateway_to_host() -> 
     (mesh_rule,) = service.table.http
     assert mesh_rule.route[0].destination == compiled.Destination(
         host="istio-egressgateway.istio-system.svc.cluster.local", subset="api", port=80
+    )
+
+
+def test_egress_gateway_https_example_routes_by_sni_mesh_to_gateway_and_gateway_to_host() -> None:
+    """Istio's "Egress gateway for HTTPS traffic": a TLS PASSTHROUGH server on 443 at
+    the gateway, `tls` rules by SNI from the mesh to the gateway's subset and from the
+    gateway to the host's port 443."""
+    resources = load("egress-gateway-https.yaml")
+    _name, namespace, labels = gateway_workload("", None, {}, egress=True)
+    gateway = compile_gateway_config(resources, namespace, labels, 1)
+    assert gateway.servers == (
+        compiled.GatewayServer(port=443, protocol="TLS", hosts=("api.example.test",)),
+    )
+    (at_gateway,) = gateway.tls
+    (match,) = at_gateway.match
+    assert (match.port, match.sni_hosts, match.gateways) == (
+        443,
+        ("api.example.test",),
+        ("default/istio-egressgateway",),
+    )
+    assert at_gateway.route[0].destination == compiled.Destination(
+        host="api.example.test", port=443
+    )
+    config = compile_mesh_wide(resources, "istio-system", 1)
+    (service,) = config.services
+    assert [(p.number, p.protocol) for p in service.ports] == [(443, "TLS")]
+    assert service.table is not None
+    (in_mesh,) = service.table.tls
+    (match,) = in_mesh.match
+    assert (match.port, match.sni_hosts, match.gateways) == (443, ("api.example.test",), ("mesh",))
+    assert in_mesh.route[0].destination == compiled.Destination(
+        host="istio-egressgateway.istio-system.svc.cluster.local", subset="api", port=443
     )
 
 

@@ -212,3 +212,52 @@ def test_sidecar_tls_rules_are_server_name_chains_before_the_tcp_ones() -> None:
     assert by_sni["filterChainMatch"] == {"serverNames": ["a.example.com"]}
     assert proxy_of(by_sni)["cluster"] == f"outbound|9000|v2|{FQDN}"
     assert proxy_of(default)["cluster"] == f"outbound|9000||{FQDN}"
+
+
+def test_connect_rule_takes_the_tls_rule_covering_the_connect_host_else_tcp() -> None:
+    """A CONNECT to a ServiceEntry host on Envoy: the first `tls` rule holding here
+    whose SNI hosts cover the CONNECT host, else the first `tcp` rule, else none."""
+    from proxy.envoy.translate.tcp import connect_rule
+
+    other = L4Route(
+        match=(L4Match(port=443, gateways=("mesh",), sni_hosts=("other.example.test",)),),
+        route=(to("v1", 100),),
+        origin="other",
+    )
+    covering = L4Route(
+        match=(L4Match(port=443, gateways=("mesh",), sni_hosts=("*.example.test",)),),
+        route=(to("v2", 100),),
+        origin="covering",
+    )
+    at_gateway = L4Route(
+        match=(L4Match(port=443, gateways=("default/gw",), sni_hosts=("api.example.test",)),),
+        route=(to("v1", 100),),
+        origin="gateway",
+    )
+    fallback = L4Route(match=(L4Match(port=443),), route=(to("v1", 100),), origin="tcp")
+    node = sidecar()
+    routes = msgspec.structs.replace(table(fallback), tls=(at_gateway, other, covering))
+    assert connect_rule(routes, node, 443, "api.example.test") == covering
+    assert connect_rule(routes, node, 443, "api.other.test") == fallback
+    assert connect_rule(routes, node, 8443, "api.example.test") is None
+
+
+def test_tcp_cluster_to_a_gateway_tls_server_has_no_mtls() -> None:
+    """A gateway's TCP / TLS server port (`plain_tcp_ports`) takes the bytes as sent:
+    its endpoint carries no identity metadata, so no mTLS socket matches it."""
+    plain = msgspec.structs.replace(
+        echo_endpoints(),
+        endpoints=[
+            msgspec.structs.replace(ep, plain_tcp_ports=[9000]) for ep in echo_endpoints().endpoints
+        ],
+    )
+    node = sidecar(tcp_upstreams=(TcpUpstream(ECHO, 9000, 19000),))
+    name = f"outbound|9000||{FQDN}"
+
+    def identified(endpoints: EndpointSet) -> list[bool]:
+        out = translate(node, MeshView(destinations={FQDN: (table(), endpoints)}))
+        lbs = to_dict(out.endpoints[name])["endpoints"][0]["lbEndpoints"]
+        return ["metadata" in lb for lb in lbs]
+
+    assert identified(echo_endpoints()) == [True, True]
+    assert identified(plain) == [False, False]

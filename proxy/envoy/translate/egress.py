@@ -84,12 +84,23 @@ def external_tables(node: ProxyNode, view: MeshView) -> dict[str, RouteTable | N
     return {s.host: s.table for s in visible(node, view)}
 
 
-def external_vhosts(node: ProxyNode, view: MeshView, ctx: routes.RouteContext) -> list[Json]:
+def external_vhosts(
+    node: ProxyNode, view: MeshView, ctx: routes.RouteContext, resources: XdsResources
+) -> list[Json]:
+    """`resources` receives the TCP clusters of mesh services a CONNECT route sends to
+    (a `tls` / `tcp` rule of the host, e.g. to the egress gateway)."""
     # a Host without a port asks for 80 (the same `referenced` set is filled)
     ctx = dataclasses.replace(ctx, default_port=80)
     out = []
     for service in visible(node, view):
-        connect = [_connect_route(tunnel_cluster(service.host, p), p) for p in _tls_ports(service)]
+        connect = [
+            _connect_route(
+                tunnel_cluster(service.host, p),
+                p,
+                routed_connect(node, view, service, p, resources),
+            )
+            for p in _tls_ports(service)
+        ]
         out.append(
             {
                 "name": service.host,
@@ -117,21 +128,74 @@ def _tls_ports(service: ExternalService) -> list[int]:
     return [p.number for p in service.ports if p.protocol not in _HTTP_PROTOCOLS]
 
 
-def _connect_route(cluster: str, port: int | None) -> Json:
-    """CONNECT host:port, terminated here: the tunnelled bytes go to `cluster` as
-    they are (the app's TLS passes through)."""
+def _connect_route(
+    cluster: str, port: int | None, weighted: list[tuple[str, int]] | None = None
+) -> Json:
+    """CONNECT host:port, terminated here: the tunnelled bytes go to `cluster` (or
+    the `weighted` clusters a rule of the host chose) as they are (the app's TLS
+    passes through)."""
     match: Json = {"connectMatcher": {}}
     if port is not None:
         match["headers"] = [{"name": ":authority", "stringMatch": {"suffix": f":{port}"}}]
+    route: Json = {
+        "timeout": "0s",
+        "upgradeConfigs": [{"upgradeType": "CONNECT", "connectConfig": {}}],
+    }
+    if weighted and len(weighted) == 1:
+        route["cluster"] = weighted[0][0]
+    elif weighted:
+        route["weightedClusters"] = {
+            "clusters": [{"name": name, "weight": weight} for name, weight in weighted]
+        }
+    else:
+        route["cluster"] = cluster
     return {
         "name": f"connect:{port}" if port is not None else "connect",
         "match": match,
-        "route": {
-            "cluster": cluster,
-            "timeout": "0s",
-            "upgradeConfigs": [{"upgradeType": "CONNECT", "connectConfig": {}}],
-        },
+        "route": route,
     }
+
+
+def routed_connect(
+    node: ProxyNode,
+    view: MeshView,
+    service: ExternalService,
+    port: int,
+    resources: XdsResources,
+) -> list[tuple[str, int]] | None:
+    """Where a CONNECT to `service.host:port` goes when the host's VirtualService has
+    `tls` / `tcp` rules for this sidecar: the first `tls` rule whose SNI hosts cover
+    the CONNECT host (the name the app's ClientHello carries; Envoy decides before
+    the tunnel's bytes arrive), else the first applicable `tcp` rule. Weighted
+    (cluster, weight) pairs: mesh services' TCP clusters, or tunnel clusters of
+    ServiceEntry hosts; None: no rule, the host itself."""
+    from . import tcp  # tcp imports this module
+
+    table = service.table
+    if table is None:
+        return None
+    chosen = tcp.connect_rule(table, node, port, service.host)
+    if chosen is None:
+        return None
+    targets: list[tuple[str, int]] = []
+    for weighted in chosen.route:
+        if weighted.weight <= 0 and len(chosen.route) > 1:
+            continue
+        d = weighted.destination
+        name = tcp.l4_cluster(node, view, resources, d.host, d.subset, d.port or port)
+        if name is None:
+            return None  # not a destination this proxy can reach: the host itself
+        targets.append((name, weighted.weight or 1))
+    return targets or None
+
+
+def tunnel_target(node: ProxyNode, view: MeshView, host: str, port: int) -> str | None:
+    """The tunnel cluster of ServiceEntry host `host` for `port` (a declared port of
+    a non-HTTP protocol), or None when no entry visible here declares it."""
+    for service in visible(node, view):
+        if service.host == host and port in _tls_ports(service):
+            return tunnel_cluster(host, port)
+    return None
 
 
 def unknown_host_route(view: MeshView | None) -> Json:

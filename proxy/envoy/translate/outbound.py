@@ -86,8 +86,10 @@ def route_context(node: ProxyNode, view: MeshView, gateway: str = "") -> routes.
     )
 
 
-def outbound_route_config(node: ProxyNode, view: MeshView, ctx: routes.RouteContext) -> Json:
-    vhosts = outbound_virtual_hosts(node, view, ctx)
+def outbound_route_config(
+    node: ProxyNode, view: MeshView, ctx: routes.RouteContext, out: XdsResources | None = None
+) -> Json:
+    vhosts = outbound_virtual_hosts(node, view, ctx, out)
     config: Json = {
         "name": OUTBOUND_HTTP_ROUTE,
         "ignorePortInHostMatching": True,
@@ -103,7 +105,9 @@ def outbound_route_config(node: ProxyNode, view: MeshView, ctx: routes.RouteCont
     return config
 
 
-def outbound_virtual_hosts(node: ProxyNode, view: MeshView, ctx: routes.RouteContext) -> list[Json]:
+def outbound_virtual_hosts(
+    node: ProxyNode, view: MeshView, ctx: routes.RouteContext, out: XdsResources | None = None
+) -> list[Json]:
     """A virtual host per known destination (named by its FQDN), then the ServiceEntry
     hosts' (§5.5)."""
     peer = peer_metadata_header(node)
@@ -127,7 +131,8 @@ def outbound_virtual_hosts(node: ProxyNode, view: MeshView, ctx: routes.RouteCon
             }
         )
     known = {v["name"] for v in vhosts}
-    vhosts.extend(v for v in egress.external_vhosts(node, view, ctx) if v["name"] not in known)
+    external = egress.external_vhosts(node, view, ctx, out or XdsResources())
+    vhosts.extend(v for v in external if v["name"] not in known)
     return vhosts
 
 
@@ -156,10 +161,10 @@ def _port_routes(rules: tuple[HTTPRoute, ...], ctx: routes.RouteContext, fqdn: s
 
 def add_outbound(node: ProxyNode, view: MeshView, out: XdsResources) -> routes.RouteContext:
     ctx = route_context(node, view)
-    config = outbound_route_config(node, view, ctx)
+    config = outbound_route_config(node, view, ctx, out)
     out.routes[OUTBOUND_HTTP_ROUTE] = parse(route_pb2.RouteConfiguration, config)
     if node.on_demand:
-        for vhost in outbound_virtual_hosts(node, view, ctx):
+        for vhost in outbound_virtual_hosts(node, view, ctx, out):
             # VHDS resources live in their route configuration's namespace
             name = f"{OUTBOUND_HTTP_ROUTE}/{vhost['name']}"
             vhost = {**vhost, "name": name}

@@ -26,13 +26,13 @@ from collections.abc import Iterator, Mapping
 import msgspec
 
 from mesh.compiled import L4Match, L4Route, RouteTable, TrafficPolicy
-from mesh.hosts import service_of_host
+from mesh.hosts import host_matches, service_of_host
 from mesh.messages import Endpoint
 from proxy.envoy.resources import XdsResources
 from proxy.routing import subset_endpoints
 from proxy.routing.match import _at_gateway
 
-from . import clusters, listeners, rbac
+from . import clusters, egress, listeners, rbac
 from .model import MeshView, ProxyNode, TranslationError
 from .names import gateway_listener, outbound_cluster, outbound_tcp_listener
 
@@ -210,6 +210,13 @@ def l4_hosts(node: ProxyNode, view: MeshView) -> set[str]:
     if node.role == "gateway" and gw is not None:
         for route in (*gw.tcp, *gw.tls):
             hosts.update(d.destination.host for d in route.route)
+    if node.role != "gateway":
+        # CONNECT routes of ServiceEntry hosts by their `tls` / `tcp` rules
+        for service in egress.visible(node, view):
+            if service.table is None:
+                continue
+            for route in (*service.table.tls, *service.table.tcp):
+                hosts.update(d.destination.host for d in route.route)
     for upstream in node.tcp_upstreams:
         table, _ = view.destinations.get(upstream.service.fqdn, (None, None))
         for route, _subnets in _applicable(
@@ -283,12 +290,15 @@ def _tcp_proxy(
     targets: list[tuple[str, int]] = []
     for weighted in route.route:
         d = weighted.destination
-        if service_of_host(d.host) is None:
-            raise TranslationError(
-                route.origin, "tcp[].route[].destination.host", d.host, "not a mesh service"
-            )
         if weighted.weight > 0 or len(route.route) == 1:
-            name = _cluster(view, out, d.host, d.subset, d.port or port)
+            name = l4_cluster(node, view, out, d.host, d.subset, d.port or port)
+            if name is None:
+                raise TranslationError(
+                    route.origin,
+                    "tcp[].route[].destination.host",
+                    d.host,
+                    "not a mesh service or a ServiceEntry host declaring that port",
+                )
             targets.append((name, weighted.weight))
     if not targets:
         raise TranslationError(route.origin, "tcp[].route[].weight", 0, "no positive weight")
@@ -299,6 +309,32 @@ def _tcp_proxy(
         node.access_log_cluster,
         weighted=targets if len(targets) > 1 else (),
     )
+
+
+def l4_cluster(
+    node: ProxyNode, view: MeshView, out: XdsResources, host: str, subset: str, port: int
+) -> str | None:
+    """The cluster an L4 rule's destination names: a mesh service's TCP listeners,
+    or a ServiceEntry host's tunnel cluster (bytes as sent); None when neither."""
+    if service_of_host(host) is not None:
+        return _cluster(view, out, host, subset, port)
+    return egress.tunnel_target(node, view, host, port)
+
+
+def connect_rule(table: RouteTable, node: ProxyNode, port: int, host: str) -> L4Route | None:
+    """The rule a CONNECT to `host:port` takes on this sidecar: the first `tls` rule
+    with a match holding here whose SNI hosts cover `host`, else the first `tcp` rule
+    applicable to any destination address."""
+    for route in table.tls:
+        for m in route.match:
+            plain = msgspec.structs.replace(m, sni_hosts=())
+            covered = any(host_matches(pattern, host) for pattern in m.sni_hosts)
+            if covered and not m.destination_subnets and _holds_here(plain, node, port):
+                return route
+    for route, subnets in _applicable(table.tcp, node, port):
+        if not subnets:
+            return route
+    return None
 
 
 def _cluster(view: MeshView, out: XdsResources, fqdn: str, subset: str, port: int) -> str:
@@ -318,6 +354,10 @@ def _cluster(view: MeshView, out: XdsResources, fqdn: str, subset: str, port: in
     if subset:
         labels = _subset_labels(table, subset)
         eps = subset_endpoints(eps, labels) if labels is not None else []
+    # a gateway's TCP / TLS server takes the bytes as sent: no mTLS to it
+    eps = [
+        msgspec.structs.replace(ep, identity="") if port in ep.plain_tcp_ports else ep for ep in eps
+    ]
     lb = clusters.lb_endpoints(eps, functools.partial(_relay, key), f"ClusterLoadAssignment {name}")
     # the Python relay balances round robin and applies no DestinationRule policy
     out.clusters[name] = clusters.eds_cluster(name, TrafficPolicy(), lb, http=False)
