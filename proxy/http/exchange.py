@@ -191,21 +191,7 @@ class Exchange(ExchangeState):
             response.close()
             raise
         self._begin(101)
-        self._closing = True
-        downstream = self._downstream
-        upstream = response._connection
-        downstream.transport.write(head)
-        tunnel = self._tunnel = Tunnel(
-            downstream.transport, downstream.read_gate, upstream.transport, upstream.read_gate
-        )
-        try:
-            downstream.start_tunnel(tunnel)
-            upstream.start_tunnel(tunnel)
-            await tunnel.wait_closed()
-        finally:
-            tunnel.close()
-            self.response_bytes = tunnel.bytes_down
-        self._finish()
+        await self._relay(head, response._connection)
 
     async def relay_connect(self, upstream: UpstreamConnection) -> None:
         """Answer a CONNECT with 200 and relay the tunnelled bytes, opaque, to and from
@@ -215,9 +201,13 @@ class Exchange(ExchangeState):
             upstream.abort()
             raise ValueError("relay_connect() answers a CONNECT request")
         self._begin(200)
+        await self._relay(b"HTTP/1.1 200 Connection established\r\n\r\n", upstream)
+
+    async def _relay(self, head: bytes, upstream: UpstreamConnection) -> None:
+        """Send the answer's `head`, then relay bytes both ways until one side closes."""
         self._closing = True
         downstream = self._downstream
-        downstream.transport.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        downstream.transport.write(head)
         tunnel = self._tunnel = Tunnel(
             downstream.transport, downstream.read_gate, upstream.transport, upstream.read_gate
         )
