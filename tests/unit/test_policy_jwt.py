@@ -104,6 +104,7 @@ def test_each_algorithm_validates_and_names_the_principal(alg: str) -> None:
         (KEY.token(), {"jwks": jwks(SigningKey("ES256", "k1"))}, NOW,
          "Jwks doesn't have key to match kid or alg from Jwt"),
     ],
+    ids=lambda v: "now" if isinstance(v, float) else None,  # one collection per xdist worker
 )  # fmt: skip
 def test_validation_table(token: str, rule_fields: dict[str, Any], now: float, error: str) -> None:
     verdict = authn(bearer(token), "/", rule(**rule_fields), now=now)
