@@ -34,21 +34,17 @@ from typing import NamedTuple
 from mesh.compiled import HTTPRoute, RetryPolicy
 from mesh.messages import Endpoint
 from proxy.clusters import Cluster
-from proxy.forward import Outcome, PoolSet, join_flags, local_reply, relay
+from proxy.forward import Outcome, PoolSet, local_reply, relay
 from proxy.http import (
     BodyStream,
     Exchange,
-    UpstreamConnectError,
     UpstreamError,
-    UpstreamResetError,
     UpstreamResponse,
     get_header,
 )
-from proxy.http.pool import PoolOverflowError
 from proxy.resilience import (
     REPLAY_LIMIT_BYTES,
     Failure,
-    LocalOrigin,
     RetryConditions,
     RetryVerdict,
     attempt_timeout_ms,
@@ -58,16 +54,13 @@ from proxy.resilience import (
     retry_on,
 )
 from proxy.resilience import Outcome as AttemptResult
+from proxy.response_flags import ResponseFlag, join_flags
 from proxy.routing import HashContext
+from proxy.upstream_failure import TIMED_OUT, UpstreamFailure, upstream_failure
 
 ResponseHeaders = Callable[[list[tuple[str, str]]], list[tuple[str, str]]]
 
 _NOTHING: frozenset[str] = frozenset()
-_LOCAL_ORIGIN = {
-    Failure.CONNECT_FAILURE: LocalOrigin.CONNECT_FAILED,
-    Failure.RESET: LocalOrigin.RESET,
-    Failure.TIMEOUT: LocalOrigin.TIMEOUT,
-}
 
 
 class Request(NamedTuple):
@@ -112,7 +105,10 @@ async def send(
     if not breaker.try_acquire_request():
         cluster.counters["overflows"] += 1
         return await local_reply(
-            ex, 503, "UO", f"upstream overflow: too many requests in flight to {cluster.name}"
+            ex,
+            503,
+            ResponseFlag.UPSTREAM_OVERFLOW,
+            f"upstream overflow: too many requests in flight to {cluster.name}",
         )
     # One coroutine for the whole request, and no retry bookkeeping until a first
     # attempt fails: a request without resilience settings costs little more than
@@ -135,7 +131,9 @@ async def send(
                 limit_ms = attempt_timeout_ms(per_try_ms, route_ms, elapsed_ms)
                 if limit_ms is not None and limit_ms <= 0:
                     cluster.counters["timeouts"] += 1
-                    return await local_reply(ex, 504, "UT", "upstream request timeout")
+                    return await local_reply(
+                        ex, TIMED_OUT.status, TIMED_OUT.flag, TIMED_OUT.details
+                    )
                 # a timeout is the route's when what is left of it is the tighter bound
                 route_bound = bool(route_ms) and (
                     not per_try_ms or route_ms - elapsed_ms <= per_try_ms
@@ -145,7 +143,12 @@ async def send(
             )
             endpoint = cluster.choose(hash_ctx, exclude, now)
             if endpoint is None:
-                return await local_reply(ex, 503, "UH", f"no healthy upstream for {cluster.name}")
+                return await local_reply(
+                    ex,
+                    503,
+                    ResponseFlag.NO_HEALTHY_UPSTREAM,
+                    f"no healthy upstream for {cluster.name}",
+                )
             if on_endpoint is not None:
                 on_endpoint(endpoint)
             instance = endpoint.instance
@@ -154,8 +157,7 @@ async def send(
                 endpoint.address, endpoint.identity, cluster.pool_options, cluster.origination
             )
             resp: UpstreamResponse | None = None
-            failure: Failure | None = None
-            flag = error = ""
+            failed: UpstreamFailure | None = None
             balancer.on_request_start(instance)
             try:
                 if limit_ms is None:
@@ -165,20 +167,13 @@ async def send(
                         resp = await pool.request(
                             request.method, request.path, request.headers, body
                         )
-            except TimeoutError:
-                failure, flag, error = Failure.TIMEOUT, "UT", "upstream request timeout"
-            except PoolOverflowError as e:
-                balancer.on_request_end(instance)
-                cluster.counters["overflows"] += 1
-                return await local_reply(ex, 503, "UO", f"upstream overflow: {e}")
-            except UpstreamConnectError as e:
-                failure, flag, error = (
-                    Failure.CONNECT_FAILURE, "UF", f"upstream connect error: {e}"
-                )  # fmt: skip
-            except UpstreamResetError as e:
-                failure, flag, error = Failure.RESET, "UC", f"upstream connection closed: {e}"
-            except UpstreamError as e:
-                failure, flag, error = Failure.RESET, "UPE", f"upstream protocol error: {e}"
+            except (TimeoutError, UpstreamError) as e:
+                failed = upstream_failure(e)
+                assert failed is not None  # every UpstreamError and TimeoutError is one
+                if failed.failure is Failure.OVERFLOW:
+                    balancer.on_request_end(instance)
+                    cluster.counters["overflows"] += 1
+                    return await local_reply(ex, failed.status, failed.flag, failed.details)
             except BaseException:
                 balancer.on_request_end(instance)
                 raise
@@ -206,15 +201,17 @@ async def send(
                         replayable=_replayable(body),
                     )
             else:
-                assert failure is not None
+                assert failed is not None
                 balancer.on_request_end(instance)
-                cluster.report(instance, _LOCAL_ORIGIN[failure], time.monotonic())
-                if failure is Failure.TIMEOUT and route_bound:
+                origin = failed.local_origin
+                if origin is not None:
+                    cluster.report(instance, origin, time.monotonic())
+                if failed.failure is Failure.TIMEOUT and route_bound:
                     cluster.counters["timeouts"] += 1
-                    return await local_reply(ex, 504, "UT", error)
+                    return await local_reply(ex, failed.status, failed.flag, failed.details)
                 verdict = decide_retry(
                     conditions,
-                    AttemptResult.failed(failure),
+                    AttemptResult.failed(failed.failure),
                     retries_done=retries,
                     attempts=policy.attempts,
                     replayable=_replayable(body),
@@ -237,12 +234,13 @@ async def send(
                     await asyncio.sleep(wait_ms / 1000)
                     now = time.monotonic()
                 continue
-            exhausted = "URX" if verdict is RetryVerdict.EXHAUSTED else ""
+            exhausted = verdict.flag
             if exhausted:
                 cluster.counters["retries_exhausted"] += 1
             if resp is None:
-                status = 504 if failure is Failure.TIMEOUT else 502 if flag == "UPE" else 503
-                outcome = await local_reply(ex, status, join_flags(flag, exhausted), error)
+                assert failed is not None
+                flags = join_flags(failed.flag, exhausted)
+                outcome = await local_reply(ex, failed.status, flags, failed.details)
                 outcome.upstream = endpoint.address  # the endpoint the last attempt went to
                 return outcome
             try:

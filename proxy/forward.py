@@ -20,15 +20,14 @@ from proxy.http import (
     Exchange,
     Limits,
     Request,
-    UpstreamConnectError,
     UpstreamError,
     UpstreamPool,
-    UpstreamResetError,
     UpstreamResponse,
 )
 from proxy.http.h2.client import H2UpstreamPool
 from proxy.http.h2.pool import NegotiatingPool
 from proxy.http.local_reply import grpc_local_reply, is_grpc
+from proxy.upstream_failure import upstream_failure
 
 if TYPE_CHECKING:
     from proxy.clusters import PoolOptions
@@ -40,25 +39,6 @@ FLAGS_HEADER = "x-mesh-response-flags"
 
 # hop-by-hop handling happens in the engine; these are what a proxy adds or rewrites
 _SERVER = ("server", "meshwork")
-
-# Envoy's order of response flags (its ResponseFlag enum), for joined flags
-_FLAG_ORDER = {
-    flag: i
-    for i, flag in enumerate(
-        ("LH", "UH", "UT", "LR", "UR", "UF", "UC", "UO", "NR", "DI", "FI", "RL", "UAEX",
-         "RLSE", "DC", "URX", "SI", "IH", "DPE", "UMSDR", "RFCF", "NFCF", "DT", "UPE", "NC",
-         "OM", "DF", "DO", "DR", "RBAC")
-    )
-}  # fmt: skip
-
-
-def join_flags(*flags: str) -> str:
-    """Response flags as Envoy prints them: comma-joined, each once, in Envoy's order
-    ("" when there are none). Arguments may themselves be joined flags."""
-    found = {f for flag in flags if flag for f in flag.split(",")}
-    if len(found) <= 1:
-        return next(iter(found), "")
-    return ",".join(sorted(found, key=lambda f: _FLAG_ORDER.get(f, len(_FLAG_ORDER))))
 
 
 @dataclass(slots=True)
@@ -245,14 +225,10 @@ async def forward(
                 resp = await pool.request(method, path, headers, req.body)
         else:
             resp = await pool.request(method, path, headers, req.body)
-    except TimeoutError:
-        return await local_reply(ex, 504, "UT", "upstream request timeout")
-    except UpstreamConnectError as e:
-        return await local_reply(ex, 503, "UF", f"upstream connect error: {e}")
-    except UpstreamResetError as e:
-        return await local_reply(ex, 503, "UC", f"upstream connection closed: {e}")
-    except UpstreamError as e:
-        return await local_reply(ex, 502, "UPE", f"upstream protocol error: {e}")
+    except (TimeoutError, UpstreamError) as e:
+        failure = upstream_failure(e)
+        assert failure is not None  # every UpstreamError and TimeoutError is one
+        return await local_reply(ex, failure.status, failure.flag, failure.details)
     await relay(ex, resp, response_headers)
     return Outcome(resp.status, "", upstream)
 

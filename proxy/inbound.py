@@ -22,17 +22,18 @@ from proxy.policy import AuthIdentity, Decision, RequestFacts, original_client
 from proxy.policy.ext_authz import with_upstream_headers
 from proxy.request_authn import reply_unauthenticated
 from proxy.resilience import ratelimit_headers
+from proxy.response_flags import ResponseFlag
 from proxy.settings import SidecarSettings
 from proxy.stats import ProxyStats
 
 XFCC = "x-forwarded-client-cert"
 # Envoy's flag for "no route": a CONNECT request has no path to route (Envoy answers
 # 404 to a CONNECT without a `connect_matcher` route), and no listener tunnels CONNECT
-NO_ROUTE_FLAG = "NR"
+NO_ROUTE_FLAG = ResponseFlag.NO_ROUTE_FOUND
 # Envoy's flag for a request denied by RBAC (authorization policy)
-DENIED_FLAG = "RBAC"
+DENIED_FLAG = ResponseFlag.RBAC_ACCESS_DENIED
 # Envoy's flag for a request refused by a (local) rate limit
-RATE_LIMITED_FLAG = "RL"
+RATE_LIMITED_FLAG = ResponseFlag.RATE_LIMITED
 
 
 class InboundHandler:
@@ -51,7 +52,9 @@ class InboundHandler:
 
     async def handle(self, req: Request, ex: Exchange) -> Outcome:
         if self.settings.app_port == 0:
-            return await local_reply(ex, 503, "UH", "this sidecar has no app port")
+            return await local_reply(
+                ex, 503, ResponseFlag.NO_HEALTHY_UPSTREAM, "this sidecar has no app port"
+            )
         if req.method == "CONNECT":
             return await local_reply(ex, 404, NO_ROUTE_FLAG, "CONNECT is not routed")
         peer = peer_of(req.ssl_object)

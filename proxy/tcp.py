@@ -63,6 +63,7 @@ from proxy.listener import HANDSHAKE_TIMEOUT_S, MeshListener
 from proxy.mtls import MeshTls
 from proxy.peer import peer_of
 from proxy.policy import Authorizer, ConnectionFacts, ShadowDecision
+from proxy.response_flags import ResponseFlag
 from proxy.routing import (
     Balancer,
     ConnectionAttrs,
@@ -98,7 +99,7 @@ AVOID_AFTER_FAILURE_S = 10.0
 # Per-socket write buffer above which the other side stops being read.
 HIGH_WATER = 256 * 1024
 # Envoy's flag for a connection denied by RBAC (authorization policy)
-DENIED_FLAG = "RBAC"
+DENIED_FLAG = ResponseFlag.RBAC_ACCESS_DENIED
 _LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends an RST
 
 _UPSTREAM_FORM = "SERVICE[.NAMESPACE]:PORT=LOCALPORT"
@@ -912,7 +913,10 @@ class TcpRelays:
         linked = await self._open(conn, self.app_host, app_port, "app")
         ssl_object = _ssl_object(conn.downstream)
         self._telemetry_decided(
-            conn, self.telemetry.tcp_inbound(ssl_object, "-" if linked else "UF", caller)
+            conn,
+            self.telemetry.tcp_inbound(
+                ssl_object, "-" if linked else ResponseFlag.UPSTREAM_CONNECTION_FAILURE, caller
+            ),
         )
         return linked
 
@@ -997,7 +1001,9 @@ class TcpRelays:
         except errors.MeshError as e:
             log.warning("tcp.no_destination", listener=conn.name, service=str(ref), error=str(e))
             if self.telemetry is not None:
-                self._telemetry_decided(conn, self.telemetry.tcp_outbound(ref, None, "UH"))
+                self._telemetry_decided(
+                    conn, self.telemetry.tcp_outbound(ref, None, ResponseFlag.NO_HEALTHY_UPSTREAM)
+                )
             return False
         attrs = ConnectionAttrs(
             port=upstream.port,
@@ -1021,7 +1027,9 @@ class TcpRelays:
         except NoDestinationError as e:
             log.warning("tcp.no_route", listener=conn.name, service=str(ref), error=str(e))
             if self.telemetry is not None:
-                self._telemetry_decided(conn, self.telemetry.tcp_outbound(ref, None, "NR"))
+                self._telemetry_decided(
+                    conn, self.telemetry.tcp_outbound(ref, None, ResponseFlag.NO_ROUTE_FOUND)
+                )
             return False
         return await self._connect_target(conn, target, dest if target.service == ref else None)
 
@@ -1099,14 +1107,18 @@ class TcpRelays:
                 return await fallback(conn)
             log.info("tcp.no_route", listener=conn.name, sni=attrs.sni, error="no rule matches")
             if self.telemetry is not None:
-                self._telemetry_decided(conn, self.telemetry.tcp_outbound(None, None, "NR"))
+                self._telemetry_decided(
+                    conn, self.telemetry.tcp_outbound(None, None, ResponseFlag.NO_ROUTE_FOUND)
+                )
             return False
         try:
             chosen = pick_l4_destination(route, self.rand.random()).destination
         except NoDestinationError as e:
             log.info("tcp.no_route", listener=conn.name, sni=attrs.sni, error=str(e))
             if self.telemetry is not None:
-                self._telemetry_decided(conn, self.telemetry.tcp_outbound(None, None, "NR"))
+                self._telemetry_decided(
+                    conn, self.telemetry.tcp_outbound(None, None, ResponseFlag.NO_ROUTE_FOUND)
+                )
             return False
         port = chosen.port or attrs.port
         ref = service_of_host(chosen.host)
@@ -1126,7 +1138,9 @@ class TcpRelays:
         except errors.MeshError as e:
             log.warning("tcp.no_destination", listener=conn.name, host=host, error=str(e))
             if self.telemetry is not None:
-                self._telemetry_decided(conn, self.telemetry.tcp_outbound(None, None, "UH"))
+                self._telemetry_decided(
+                    conn, self.telemetry.tcp_outbound(None, None, ResponseFlag.NO_HEALTHY_UPSTREAM)
+                )
             return False
         dest = mesh_wide.destination(host, port, self.source_namespace)
         cluster = dest.cluster(subset, self.rand, port) if dest is not None else None
@@ -1140,7 +1154,9 @@ class TcpRelays:
                 error="not a service or ServiceEntry host (or subset) with that port",
             )
             if self.telemetry is not None:
-                self._telemetry_decided(conn, self.telemetry.tcp_outbound(None, None, "NR"))
+                self._telemetry_decided(
+                    conn, self.telemetry.tcp_outbound(None, None, ResponseFlag.NO_ROUTE_FOUND)
+                )
             return False
         tried: set[str] = set()
         for _ in range(CONNECT_ATTEMPTS):
@@ -1163,7 +1179,10 @@ class TcpRelays:
                 return True
         log.warning("tcp.no_upstream", listener=conn.name, host=host, port=port, tried=len(tried))
         if self.telemetry is not None:
-            self._telemetry_decided(conn, self.telemetry.tcp_outbound(None, None, "UF"))
+            self._telemetry_decided(
+                conn,
+                self.telemetry.tcp_outbound(None, None, ResponseFlag.UPSTREAM_CONNECTION_FAILURE),
+            )
         return False
 
     async def _client_hello_sni(self, conn: _Connection) -> str:
@@ -1195,7 +1214,9 @@ class TcpRelays:
         except errors.MeshError as e:
             log.warning("tcp.no_destination", listener=conn.name, service=str(ref), error=str(e))
             if self.telemetry is not None:
-                self._telemetry_decided(conn, self.telemetry.tcp_outbound(ref, None, "UH"))
+                self._telemetry_decided(
+                    conn, self.telemetry.tcp_outbound(ref, None, ResponseFlag.NO_HEALTHY_UPSTREAM)
+                )
             return False
         labels: Mapping[str, str] = {}
         if target.subset:
@@ -1210,7 +1231,9 @@ class TcpRelays:
                     rule=target.origin,
                 )
                 if self.telemetry is not None:
-                    self._telemetry_decided(conn, self.telemetry.tcp_outbound(ref, None, "NC"))
+                    self._telemetry_decided(
+                        conn, self.telemetry.tcp_outbound(ref, None, ResponseFlag.NO_CLUSTER_FOUND)
+                    )
                 return False
             labels = subset.labels
         tried: set[str] = set()
@@ -1252,7 +1275,10 @@ class TcpRelays:
             tried=sorted(tried),
         )
         if self.telemetry is not None:
-            self._telemetry_decided(conn, self.telemetry.tcp_outbound(ref, None, "UF"))
+            self._telemetry_decided(
+                conn,
+                self.telemetry.tcp_outbound(ref, None, ResponseFlag.UPSTREAM_CONNECTION_FAILURE),
+            )
         return False
 
     async def _open(
