@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, cast
 
 from proxy.http import (
+    BodyStream,
     Exchange,
     Limits,
     Request,
@@ -27,7 +28,7 @@ from proxy.http import (
 from proxy.http.h2.client import H2UpstreamPool
 from proxy.http.h2.pool import NegotiatingPool
 from proxy.http.local_reply import grpc_local_reply, is_grpc
-from proxy.upstream_failure import upstream_failure
+from proxy.upstream_failure import UpstreamFailure, upstream_failure
 
 if TYPE_CHECKING:
     from proxy.clusters import PoolOptions
@@ -36,6 +37,9 @@ if TYPE_CHECKING:
     from proxy.upstream_tls import Origination
 
 FLAGS_HEADER = "x-mesh-response-flags"
+
+# rewrites the upstream response's headers before they are relayed
+ResponseHeaders = Callable[[list[tuple[str, str]]], list[tuple[str, str]]]
 
 # hop-by-hop handling happens in the engine; these are what a proxy adds or rewrites
 _SERVER = ("server", "meshwork")
@@ -215,28 +219,43 @@ async def forward(
     path: str,
     headers: list[tuple[str, str]],
     timeout_ms: int = 0,
-    response_headers: Callable[[list[tuple[str, str]]], list[tuple[str, str]]] | None = None,
+    response_headers: ResponseHeaders | None = None,
     upstream: str = "",
 ) -> Outcome:
-    """Send one request upstream and relay the response (or a tunnel after 101)."""
+    """Send one request to `pool`, no cluster around it (ALLOW_ANY's passthrough), and
+    relay the response (or a tunnel after 101)."""
+    answer = await request_pool(pool, method, path, headers, req.body, timeout_ms or None)
+    if isinstance(answer, UpstreamFailure):
+        return await local_reply(ex, answer.status, answer.flag, answer.details)
+    await relay(ex, answer, response_headers)
+    return Outcome(answer.status, "", upstream)
+
+
+async def request_pool(
+    pool: UpstreamPool,
+    method: str,
+    path: str,
+    headers: list[tuple[str, str]],
+    body: bytes | BodyStream,
+    timeout_ms: float | None = None,
+) -> UpstreamResponse | UpstreamFailure:
+    """Send a request on `pool` and wait for the response head (at most `timeout_ms`);
+    a failure is mapped once, here (`proxy.upstream_failure`)."""
     try:
-        if timeout_ms:
-            async with asyncio.timeout(timeout_ms / 1000):
-                resp = await pool.request(method, path, headers, req.body)
-        else:
-            resp = await pool.request(method, path, headers, req.body)
+        if timeout_ms is None:
+            return await pool.request(method, path, headers, body)
+        async with asyncio.timeout(timeout_ms / 1000):
+            return await pool.request(method, path, headers, body)
     except (TimeoutError, UpstreamError) as e:
         failure = upstream_failure(e)
         assert failure is not None  # every UpstreamError and TimeoutError is one
-        return await local_reply(ex, failure.status, failure.flag, failure.details)
-    await relay(ex, resp, response_headers)
-    return Outcome(resp.status, "", upstream)
+        return failure
 
 
 async def relay(
     ex: Exchange,
     resp: UpstreamResponse,
-    response_headers: Callable[[list[tuple[str, str]]], list[tuple[str, str]]] | None = None,
+    response_headers: ResponseHeaders | None = None,
 ) -> None:
     """Stream an upstream response (or a tunnel after 101) to the client."""
     if response_headers is not None:

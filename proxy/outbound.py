@@ -25,7 +25,7 @@ from mesh import errors
 from mesh.compiled import HTTPRoute, L4Route, Mirror
 from mesh.hosts import ServiceRef, canonical_host, service_of_host, strip_port
 from mesh.messages import Endpoint
-from proxy import attempts
+from proxy import attempts, cluster_send
 from proxy.destinations import Destination, DestinationCache
 from proxy.forward import Outcome, PoolSet, forward, local_reply
 from proxy.http import (
@@ -494,7 +494,7 @@ class RouteHandler:
 
         result = await attempts.send(
             ex,
-            attempts.Request(
+            cluster_send.Request(
                 req.method,
                 path,
                 out_headers,

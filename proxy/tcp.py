@@ -58,6 +58,7 @@ from mesh.hosts import ServiceRef, canonical_host, service_of_host
 from mesh.identity import requested_server_name
 from mesh.logs import get_logger
 from mesh.messages import Endpoint, EndpointSet
+from proxy import cluster_send
 from proxy.destinations import Destination, DestinationCache
 from proxy.listener import HANDSHAKE_TIMEOUT_S, MeshListener
 from proxy.mtls import MeshTls
@@ -1159,18 +1160,20 @@ class TcpRelays:
                 )
             return False
         tried: set[str] = set()
-        for _ in range(CONNECT_ATTEMPTS):
-            now = time.monotonic()
-            endpoint = cluster.choose(None, frozenset(tried), now)
-            if endpoint is None:
-                break
-            tried.add(endpoint.instance)
+
+        async def open_endpoint(endpoint: Endpoint) -> bool:
             address, _sep, port_text = endpoint.address.rpartition(":")
-            address = address.removeprefix("[").removesuffix("]")
             if not port_text.isdigit():
                 log.warning("tcp.bad_endpoint", listener=conn.name, host=host)
-                continue
-            if await self._open(conn, address, int(port_text), host):
+                return False
+            address = address.removeprefix("[").removesuffix("]")
+            return await self._open(conn, address, int(port_text), host)
+
+        for _ in range(CONNECT_ATTEMPTS):
+            attempt = await cluster_send.connect(cluster, open_endpoint, tried)
+            if attempt is None:
+                break
+            if attempt.connected:
                 if self.telemetry is not None:
                     # destination_service: the host, as for HTTP to a ServiceEntry host
                     record = self.telemetry.tcp_outbound(None, None)
