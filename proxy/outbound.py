@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 from mesh import errors
-from mesh.compiled import HTTPRoute, L4Route, Mirror
+from mesh.compiled import HeaderOps, HTTPRoute, L4Route, Mirror, WeightedDestination
 from mesh.hosts import ServiceRef, canonical_host, service_of_host, strip_port
 from mesh.messages import Endpoint
 from proxy import attempts, cluster_send
@@ -34,7 +34,6 @@ from proxy.http import (
     Request,
     UpstreamError,
     append_forwarded_for,
-    ensure_request_id,
     header_map,
     strip_hop_by_hop,
 )
@@ -55,6 +54,7 @@ from proxy.routing import (
     request_authority,
     rewrite_path,
 )
+from proxy.routing.upstream_headers import HeaderEdit, upstream_request_headers
 from proxy.telemetry import PEER_METADATA_HEADER, SidecarTelemetry
 
 if TYPE_CHECKING:
@@ -451,15 +451,15 @@ class RouteHandler:
 
         path = rewrite_path(route, match.match, req.path)
         authority = request_authority(route, chosen, attrs.authority)
-        out_headers = strip_hop_by_hop(req.headers, req.upgrade)
-        out_headers = apply_request_header_ops(out_headers, route, chosen)
-        out_headers = [(n, v) for n, v in out_headers if n != "host"]
-        out_headers.append(("host", authority))
-        out_headers = append_forwarded_for(out_headers, peer_ip)
-        if external is not None:
+        out_headers, _request_id = upstream_request_headers(
+            req.headers,
+            upgrade=req.upgrade,
+            authority=authority,
+            client_ip=peer_ip,
+            edit=_header_edit(route, chosen),
             # our peer metadata never leaves the mesh (a gateway passes on what it got)
-            out_headers = [(n, v) for n, v in out_headers if n != PEER_METADATA_HEADER]
-        out_headers, _request_id = ensure_request_id(out_headers)
+            drop=_PEER_METADATA if external is not None else _NOTHING,
+        )
         if seen is not None and self.telemetry is not None and external is None:
             # trace context and peer metadata go to mesh workloads only: a host
             # outside the mesh gets the request as the app sent it
@@ -545,6 +545,19 @@ class RouteHandler:
 
 _UNRESOLVED = object()
 _MAX_MEMO = 1024
+_NOTHING: frozenset[str] = frozenset()
+_PEER_METADATA = frozenset({PEER_METADATA_HEADER})
+
+
+def _header_edit(route: HTTPRoute, chosen: WeightedDestination) -> HeaderEdit | None:
+    """The route's and destination's request header operations; None without any."""
+    if _no_ops(route.headers.request) and _no_ops(chosen.headers.request):
+        return None
+    return lambda headers: apply_request_header_ops(headers, route, chosen)
+
+
+def _no_ops(ops: HeaderOps) -> bool:
+    return not (ops.set or ops.add or ops.remove)
 
 
 def _exists(dest: Destination) -> bool:
