@@ -1,5 +1,8 @@
-"""The one forwarding step every listener shares: send a request to an upstream pool,
-stream the answer back, and turn upstream failures into Envoy-style local replies.
+"""What every listener shares around an upstream request: the pools (`PoolSet`),
+sending on a pool with the one failure mapping (`request_pool`), relaying the answer
+(`relay`) and Envoy-style local replies (`local_reply`). Sending to a cluster is
+`proxy.cluster_send`'s; `forward` is a request to a pool with no cluster around it
+(ALLOW_ANY's passthrough).
 
 Local replies carry `x-mesh-response-flags`, so a 503 always says why (UH no healthy
 upstream, UF connect failure, UC upstream closed, UT timeout, NR no route, NC no such
