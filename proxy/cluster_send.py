@@ -8,8 +8,9 @@ attempt's timeout, turn a failure into an `UpstreamFailure` (the one mapping,
 admission by the circuit breaker (`admit`) is the caller's, since it spans every
 attempt of a request: `proxy.attempts` (outbound and gateway, with retries),
 `exchange` (inbound: the app as a cluster of one endpoint), `proxy.mirroring` (the
-copy). `connect` is the same for a TCP connection (`proxy.tcp`): endpoint choice and
-the outlier detector's connect outcome, around the relay's own connect.
+copy). `connect` is the connect loop of a TCP connection (`proxy.tcp`): an
+`EndpointChoice` chooses and learns each connect's outcome (`ClusterEndpoints`: a
+cluster's balancer and outlier detector), around the relay's own connect.
 
 The balancer counts the attempt as active (least-request) until `Attempt.finished`:
 at once when it failed, after the response was relayed otherwise.
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 from mesh.messages import Endpoint
 from proxy.clusters import Cluster
@@ -158,26 +159,52 @@ async def exchange(
         breaker.release_request()
 
 
-class Connected(NamedTuple):
-    """One TCP connect attempt: to `endpoint`, and whether it connected."""
+class EndpointChoice(Protocol):
+    """Where a TCP connection's connect attempts go, and what they learn."""
 
-    endpoint: Endpoint
-    connected: bool
+    def choose(self, tried: frozenset[str]) -> Endpoint | None:
+        """The next endpoint to try (avoiding `tried` as the policy says); None: none."""
+        ...
+
+    def connected(self, endpoint: Endpoint, ok: bool) -> None:
+        """A connect attempt to `endpoint` succeeded (`ok`) or failed."""
+        ...
+
+
+class ClusterEndpoints:
+    """A cluster's endpoint choice for TCP connections: its balancer (ejected endpoints
+    skipped, tried ones avoided while others remain), connect outcomes fed to its
+    outlier detector."""
+
+    __slots__ = ("cluster",)
+
+    def __init__(self, cluster: Cluster) -> None:
+        self.cluster = cluster
+
+    def choose(self, tried: frozenset[str]) -> Endpoint | None:
+        return self.cluster.choose(None, tried, time.monotonic())
+
+    def connected(self, endpoint: Endpoint, ok: bool) -> None:
+        origin = LocalOrigin.CONNECT_SUCCESS if ok else LocalOrigin.CONNECT_FAILED
+        self.cluster.report(endpoint.instance, origin, time.monotonic())
 
 
 async def connect(
-    cluster: Cluster,
+    endpoints: EndpointChoice,
     open_endpoint: Callable[[Endpoint], Awaitable[bool]],
-    tried: set[str],
-) -> Connected | None:
-    """One connect attempt of a TCP connection to an endpoint of `cluster`,
-    preferring one not in `tried` (which it joins): `open_endpoint` connects and says
-    whether it did, and the outcome feeds the outlier detector. None: no endpoint."""
-    endpoint = cluster.choose(None, frozenset(tried), time.monotonic())
-    if endpoint is None:
-        return None
-    tried.add(endpoint.instance)
-    connected = await open_endpoint(endpoint)
-    origin = LocalOrigin.CONNECT_SUCCESS if connected else LocalOrigin.CONNECT_FAILED
-    cluster.report(endpoint.instance, origin, time.monotonic())
-    return Connected(endpoint, connected)
+    attempts: int,
+) -> tuple[Endpoint | None, set[str]]:
+    """Connect a TCP connection to one of `endpoints`, up to `attempts` connect
+    attempts (`open_endpoint` connects and says whether it did). The endpoint
+    connected to (None: none did) and the instances tried."""
+    tried: set[str] = set()
+    for _ in range(attempts):
+        endpoint = endpoints.choose(frozenset(tried))
+        if endpoint is None:
+            break
+        tried.add(endpoint.instance)
+        ok = await open_endpoint(endpoint)
+        endpoints.connected(endpoint, ok)
+        if ok:
+            return endpoint, tried
+    return None, tried

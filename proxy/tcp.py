@@ -271,6 +271,42 @@ class TcpBalancers:
         return frozenset(failed)
 
 
+class _ServiceEndpoints:
+    """A mesh service's endpoints for one relayed connection (`cluster_send.connect`):
+    chosen per attempt by `TcpBalancers` from the destination's endpoints as they are
+    then (they may change while a connect is pending), each outcome noted there."""
+
+    __slots__ = ("_balancers", "_dest", "_labels", "_port", "_ref", "_subset")
+
+    def __init__(
+        self,
+        balancers: TcpBalancers,
+        dest: Destination,
+        ref: ServiceRef,
+        port: int,
+        subset: str,
+        labels: Mapping[str, str],
+    ) -> None:
+        self._balancers = balancers
+        self._dest = dest
+        self._ref = ref
+        self._port = port
+        self._subset = subset
+        self._labels = labels
+
+    def choose(self, tried: frozenset[str]) -> Endpoint | None:
+        return self._balancers.choose(
+            self._ref, self._dest.endpoints, self._port, tried, time.monotonic(), self._subset,
+            self._labels,
+        )  # fmt: skip
+
+    def connected(self, endpoint: Endpoint, ok: bool) -> None:
+        if ok:
+            self._balancers.connected(self._ref, self._port, endpoint.instance)
+        else:
+            self._balancers.failed(self._ref, self._port, endpoint.instance, time.monotonic())
+
+
 # ---------------------------------------------------------------- stats
 
 
@@ -1159,7 +1195,6 @@ class TcpRelays:
                     conn, self.telemetry.tcp_outbound(None, None, ResponseFlag.NO_ROUTE_FOUND)
                 )
             return False
-        tried: set[str] = set()
 
         async def open_endpoint(endpoint: Endpoint) -> bool:
             address, _sep, port_text = endpoint.address.rpartition(":")
@@ -1169,17 +1204,15 @@ class TcpRelays:
             address = address.removeprefix("[").removesuffix("]")
             return await self._open(conn, address, int(port_text), host)
 
-        for _ in range(CONNECT_ATTEMPTS):
-            attempt = await cluster_send.connect(cluster, open_endpoint, tried)
-            if attempt is None:
-                break
-            if attempt.connected:
-                if self.telemetry is not None:
-                    # destination_service: the host, as for HTTP to a ServiceEntry host
-                    record = self.telemetry.tcp_outbound(None, None)
-                    record = record._replace(destination_service=host)
-                    self._telemetry_decided(conn, record)
-                return True
+        endpoints = cluster_send.ClusterEndpoints(cluster)
+        chosen, tried = await cluster_send.connect(endpoints, open_endpoint, CONNECT_ATTEMPTS)
+        if chosen is not None:
+            if self.telemetry is not None:
+                # destination_service: the host, as for HTTP to a ServiceEntry host
+                record = self.telemetry.tcp_outbound(None, None)
+                record = record._replace(destination_service=host)
+                self._telemetry_decided(conn, record)
+            return True
         log.warning("tcp.no_upstream", listener=conn.name, host=host, port=port, tried=len(tried))
         if self.telemetry is not None:
             self._telemetry_decided(
@@ -1239,36 +1272,24 @@ class TcpRelays:
                     )
                 return False
             labels = subset.labels
-        tried: set[str] = set()
-        for _ in range(CONNECT_ATTEMPTS):
-            # chosen per attempt: the endpoints may have changed while a connect was pending
-            endpoint = self.balancers.choose(
-                ref,
-                dest.endpoints,
-                port,
-                frozenset(tried),
-                time.monotonic(),
-                target.subset,
-                labels,
-            )
-            if endpoint is None:
-                break
-            tried.add(endpoint.instance)
+        endpoints = _ServiceEndpoints(self.balancers, dest, ref, port, target.subset, labels)
+
+        async def open_endpoint(endpoint: Endpoint) -> bool:
             try:
                 host, relay_port = relay_address(endpoint, port)
             except ValueError as e:
                 log.warning("tcp.bad_endpoint", listener=conn.name, error=str(e))
-                self.balancers.failed(ref, port, endpoint.instance, time.monotonic())
-                continue
+                return False
             # a gateway's TCP / TLS server takes the bytes as sent (Istio's PASSTHROUGH)
             plain = port in endpoint.plain_tcp_ports
             identity = "" if plain else endpoint.identity
-            if await self._open(conn, host, relay_port, endpoint.instance, identity):
-                self.balancers.connected(ref, port, endpoint.instance)
-                if self.telemetry is not None:
-                    self._telemetry_decided(conn, self.telemetry.tcp_outbound(ref, endpoint))
-                return True
-            self.balancers.failed(ref, port, endpoint.instance, time.monotonic())
+            return await self._open(conn, host, relay_port, endpoint.instance, identity)
+
+        chosen, tried = await cluster_send.connect(endpoints, open_endpoint, CONNECT_ATTEMPTS)
+        if chosen is not None:
+            if self.telemetry is not None:
+                self._telemetry_decided(conn, self.telemetry.tcp_outbound(ref, chosen))
+            return True
         log.warning(
             "tcp.no_upstream",
             listener=conn.name,

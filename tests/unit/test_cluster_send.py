@@ -153,16 +153,25 @@ async def test_connect_tries_other_endpoints_and_feeds_the_detector() -> None:
         opened.append(endpoint.instance)
         return endpoint.instance == "b"
 
-    tried: set[str] = set()
-    results = []
-    for _ in range(3):
-        result = await cluster_send.connect(c, open_endpoint, tried)
-        results.append(None if result is None else result.connected)
-        if result is not None and result.connected:
-            break
-    assert set(opened) == {"a", "b"} and results[-1] is True
-    assert tried == set(opened)
-    # a connect failure is the endpoint's: twice and it is out
-    await cluster_send.connect(c, open_endpoint, {"b"})
-    assert "a" in c.ejected(time.monotonic())
-    assert await cluster_send.connect(cluster((), detect=False), open_endpoint, set()) is None
+    endpoints = cluster_send.ClusterEndpoints(c)
+    chosen, tried = await cluster_send.connect(endpoints, open_endpoint, attempts=3)
+    assert chosen is not None and chosen.instance == "b"
+    assert tried == set(opened) and opened[-1] == "b" and len(opened) <= 2
+    # a connect failure is the endpoint's: "a" failing twice is ejected
+    while opened.count("a") < 2:
+        await cluster_send.connect(endpoints, open_endpoint, attempts=1)
+    assert c.ejected(time.monotonic()) == {"a"}
+
+
+async def test_connect_gives_up_after_its_attempts() -> None:
+    opened: list[str] = []
+
+    async def refused(endpoint: Endpoint) -> bool:
+        opened.append(endpoint.instance)
+        return False
+
+    endpoints = cluster_send.ClusterEndpoints(cluster(("a", "b", "c", "d"), detect=False))
+    chosen, tried = await cluster_send.connect(endpoints, refused, attempts=3)
+    assert chosen is None and len(opened) == 3 and tried == set(opened)  # three different
+    nobody = cluster_send.ClusterEndpoints(cluster((), detect=False))
+    assert await cluster_send.connect(nobody, refused, attempts=3) == (None, set())
