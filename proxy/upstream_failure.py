@@ -1,8 +1,10 @@
 """The one mapping from an upstream failure (an exception raised while sending a
 request to, or connecting to, an upstream) to what the proxy makes of it: the retry
 condition it counts as, the outlier detector's local-origin result, and the local
-reply (status, Envoy response flag, details). Pure; every upstream path uses it
-(`proxy.cluster_send`, `proxy.tcp`), so one failure is flagged alike everywhere.
+reply (status, Envoy response flag, details). Pure; applied in one place,
+`proxy.forward.request_pool`, which every HTTP request to an upstream goes through
+(`proxy.cluster_send`, and ALLOW_ANY's `forward`), so one failure is flagged alike
+everywhere.
 
 | raised                   | failure         | flag | status | outlier result  |
 |--------------------------|-----------------|------|--------|-----------------|
@@ -13,8 +15,7 @@ reply (status, Envoy response flag, details). Pure; every upstream path uses it
 | other `UpstreamError`    | RESET           | UPE  | 502    | RESET           |
 
 Anything else is not an upstream failure and propagates (`upstream_failure` returns
-None). A raw connect that fails (the TCP relay's: refused, unreachable, TLS, the
-peer's identity) is `connect_failure`.
+None).
 """
 
 from __future__ import annotations
@@ -62,7 +63,12 @@ def upstream_failure(error: BaseException) -> UpstreamFailure | None:
             Failure.OVERFLOW, ResponseFlag.UPSTREAM_OVERFLOW, 503, f"upstream overflow: {error}"
         )
     if isinstance(error, UpstreamConnectError):
-        return connect_failure(error)
+        return UpstreamFailure(
+            Failure.CONNECT_FAILURE,
+            ResponseFlag.UPSTREAM_CONNECTION_FAILURE,
+            503,
+            f"upstream connect error: {error}",
+        )
     if isinstance(error, UpstreamResetError):
         return UpstreamFailure(
             Failure.RESET,
@@ -78,13 +84,3 @@ def upstream_failure(error: BaseException) -> UpstreamFailure | None:
             f"upstream protocol error: {error}",
         )
     return None
-
-
-def connect_failure(error: BaseException | str) -> UpstreamFailure:
-    """A connection that could not be opened (503 `UF`)."""
-    return UpstreamFailure(
-        Failure.CONNECT_FAILURE,
-        ResponseFlag.UPSTREAM_CONNECTION_FAILURE,
-        503,
-        f"upstream connect error: {error}",
-    )

@@ -17,7 +17,7 @@ from proxy.http.pool import PoolOverflowError
 from proxy.resilience import Failure, FaultDecision, LocalOrigin, RetryVerdict
 from proxy.resilience.ratelimit import RateDecision
 from proxy.response_flags import _FLAG_ORDER, ResponseFlag, join_flags
-from proxy.upstream_failure import connect_failure, upstream_failure
+from proxy.upstream_failure import upstream_failure
 
 ENVOY_CODES = (
     "LH UH UT LR UR UF UC UO NR DI FI RL UAEX RLSE DC URX SI IH DPE UMSDR RFCF NFCF DT UPE "
@@ -95,5 +95,3 @@ def test_one_mapping_from_upstream_failures(
 def test_what_is_no_upstream_failure_propagates() -> None:
     assert upstream_failure(ValueError("a bug")) is None
     assert upstream_failure(asyncio.CancelledError()) is None
-    # a raw connect (the TCP relay's) that failed
-    assert connect_failure(ConnectionRefusedError("refused")).flag == "UF"
