@@ -44,11 +44,13 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 from cryptography.hazmat.primitives import serialization
+from envoy.config.route.v3 import route_components_pb2
 from google.protobuf.message import Message
 from prometheus_client import generate_latest
 
 from mesh import errors
 from mesh.compiled import GatewayConfig
+from mesh.compiled_mesh import ExternalService
 from mesh.hosts import ServiceRef, service_of_host
 from mesh.logs import get_logger
 from mesh.messages import EndpointSet, EndpointsGetReply, EndpointsGetRequest, SubscriptionStatus
@@ -64,6 +66,8 @@ from proxy.dataplane.envoy_view import (
     port_flag,
     ports_in_use,
     proxy_node,
+    selected_by,
+    selecting_entries,
     vhds_answer,
     vhds_fqdn,
     vhds_host,
@@ -162,6 +166,11 @@ class EnvoyDataPlane:
         # the clusters they route to
         self._vhds_requested: dict[str, str] = {}
         self._vhds_task: asyncio.Task[None] | None = None
+        # on demand: the ServiceEntries whose workloadSelector picks registered
+        # instances (their services are followed), and whether the registry's endpoint
+        # events are watched for them
+        self._selecting: tuple[ExternalService, ...] = ()
+        self._registry_watched = False
 
     # ------------------------------------------------------------ lifecycle
 
@@ -197,15 +206,15 @@ class EnvoyDataPlane:
             raise errors.Unavailable(f"the xDS server did not start: {e}") from None
         self._secrets = self._current_secrets()
         self._oidc = OidcDiscovery(s.jwks_ca_file, self._wake.set)
-        if not self._node.on_demand:
-            await self._follow_every_service()
-        else:
-            await self._follow_referenced()
         try:
             # ServiceEntry hosts and the outbound policy are in the first configuration
             await ctx.destinations.mesh_wide.current()
         except errors.MeshError as e:
             log.warning("envoy.meshwide_unavailable", error=str(e))
+        if not self._node.on_demand:
+            await self._follow_every_service()
+        else:
+            await self._follow_referenced()
         self._push()
         self._tasks.append(asyncio.create_task(self._push_loop(), name="envoy:push"))
         bootstrap = build_bootstrap(
@@ -408,7 +417,7 @@ class EnvoyDataPlane:
         self.pushes += 1
         self._on_xds_status(None)
         if node.on_demand:
-            self._serve_vhosts(resources.virtual_hosts)
+            self._serve_vhosts(resources.virtual_hosts, resources.unknown_host)
 
     # ------------------------------------------------------------ on demand (VHDS)
 
@@ -458,12 +467,16 @@ class EnvoyDataPlane:
         )
         self._wake.set()
 
-    def _serve_vhosts(self, virtual_hosts: Mapping[str, Message]) -> None:
+    def _serve_vhosts(
+        self,
+        virtual_hosts: Mapping[str, Message],
+        unknown_host: route_components_pb2.VirtualHost | None,
+    ) -> None:
         """Serve the virtual hosts once Envoy has ACKed the clusters and endpoints of
         this push, so a request resumed by the answer finds its cluster warm."""
         xds = self._xds
         assert xds is not None
-        resources, absent = vhds_answer(virtual_hosts, self._vhds_requested)
+        resources, absent = vhds_answer(virtual_hosts, self._vhds_requested, unknown_host)
         if self._vhds_task is not None:
             self._vhds_task.cancel()
 
@@ -610,13 +623,39 @@ class EnvoyDataPlane:
 
     async def _follow_every_service(self) -> None:
         """Every service the registry knows now, and every one that appears later."""
+        await self._watch_registry()
+        await self._list_services()
+
+    async def _watch_registry(self) -> None:
         ctx = self._ctx
         assert ctx is not None
+        if self._registry_watched:
+            return
+        self._registry_watched = True
         bus = ctx.bus
         await bus.subscribe(bus.subjects.endpoints_all, EndpointSet, self._on_any_endpoints)
         # services that appeared while the bus was away are listed again on reconnect
         bus.on_reconnect(self._list_services)
-        await self._list_services()
+
+    def _wants(self, endpoint_set: EndpointSet) -> bool:
+        """Is this registered service followed before any request names it? Every one
+        by default; on demand, those a workloadSelector ServiceEntry selects from."""
+        node = self._node
+        return node is None or not node.on_demand or selected_by(self._selecting, endpoint_set)
+
+    async def _follow_selected(self) -> None:
+        """On demand: a ServiceEntry with a workloadSelector has the registered
+        instances it selects as endpoints (§5.5), so their services are followed from
+        when such an entry appears (listed, then from the registry's endpoint events)."""
+        ctx = self._ctx
+        assert ctx is not None
+        entries = selecting_entries(ctx.settings.namespace, ctx.destinations.mesh_wide.config)
+        if entries == self._selecting:
+            return
+        self._selecting = entries
+        if entries:
+            await self._watch_registry()
+            await self._list_services()
 
     async def _list_services(self) -> None:
         ctx = self._ctx
@@ -630,13 +669,15 @@ class EnvoyDataPlane:
             log.warning("envoy.registry_list_failed", error=str(e))
             return
         before = len(self._following)
-        await self._follow(ServiceRef(eps.namespace, eps.service) for eps in reply.sets)
+        await self._follow(
+            ServiceRef(eps.namespace, eps.service) for eps in reply.sets if self._wants(eps)
+        )
         if len(self._following) != before:
             self._wake.set()
 
     async def _on_any_endpoints(self, eps: EndpointSet, _subject: str) -> None:
         ref = ServiceRef(eps.namespace, eps.service)
-        if ref not in self._following:
+        if ref not in self._following and self._wants(eps):
             await self._follow([ref])
             self._wake.set()
 
@@ -646,6 +687,8 @@ class EnvoyDataPlane:
         again."""
         ctx, node = self._ctx, self._node
         assert ctx is not None and node is not None
+        if node.on_demand:
+            await self._follow_selected()
         try:
             hosts = referenced_hosts(node, self._view(ctx))
         except TranslationError:
