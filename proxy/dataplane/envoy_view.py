@@ -95,7 +95,10 @@ def proxy_node(
         capture=(ports.capture_host, ports.capture) if ports.capture else None,
         opaque_ports=tuple(sorted(s.capture.opaque_ports)) if ports.capture else (),
         egress_gateway=s.egress_gateway,
-        on_demand=s.envoy_on_demand and not gateway,
+        # a gateway's routes name its destinations; an intercepting sidecar's capture
+        # listener relays TCP by virtual IP or instance address (no Host to ask by),
+        # so it needs every service's from the start (§5.2, §5.4)
+        on_demand=s.envoy_on_demand and not gateway and not ports.capture,
     )
 
 

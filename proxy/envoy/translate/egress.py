@@ -14,7 +14,8 @@ Envoy (docs/architecture.md §5.5), as the Python sidecar does them (`proxy.egre
   match (`subjectAltNames`, else the SNI host);
 - ALLOW_ANY: hosts nobody knows go to `PassthroughCluster`, Envoy's dynamic forward
   proxy (the host and port of the request's authority); REGISTRY_ONLY keeps the
-  502 direct response.
+  502 direct response (`unknown_host_vhost`: the catch-all, or on demand the model
+  of each unknown Host's virtual host).
 
 Wildcard ServiceEntry hosts are not translated (the Python sidecar serves them; the
 route configuration ignores ports, so one HTTP port per host is served: the first
@@ -381,9 +382,10 @@ def _selected_cluster(
     labels: dict[str, str],
     view: MeshView,
 ) -> tuple[cluster_pb2.Cluster, endpoint_pb2.ClusterLoadAssignment]:
-    """A MESH_INTERNAL entry with a workloadSelector: the selected instances (every
-    service is followed by an Envoy sidecar), over the mesh's mTLS unless the
-    DestinationRule says otherwise."""
+    """A MESH_INTERNAL entry with a workloadSelector: the selected instances (the
+    agent follows their services: every service, or on demand those the entry selects
+    from, architecture §5.2), over the mesh's mTLS unless the DestinationRule says
+    otherwise."""
     instances = [eps for _table, eps in view.destinations.values() if eps is not None]
     selected = [
         ep for ep in selected_instances(service, instances) if clusters.has_labels(ep, labels)
