@@ -10,7 +10,7 @@ import h2.connection
 import h2.events
 import hpack
 import pytest
-from hyperframe.frame import ContinuationFrame, HeadersFrame, PingFrame, RstStreamFrame
+from hyperframe.frame import ContinuationFrame, Frame, HeadersFrame, PingFrame, RstStreamFrame
 
 from proxy.http.h2 import (
     ConnectionFailed,
@@ -266,3 +266,65 @@ def test_limits_are_validated() -> None:
         H2Limits(max_concurrent_streams=0)
     with pytest.raises(ValueError, match="max_frame_size"):
         H2Limits(max_frame_size=1000)
+
+
+def header_blocks(data: bytes) -> list[bytes]:
+    """The HPACK blocks of the HEADERS frames in `data`."""
+    blocks, view = [], memoryview(data)
+    while view:
+        frame, length = Frame.parse_frame_header(view[:9])
+        frame.parse_body(view[9 : 9 + length])
+        if isinstance(frame, HeadersFrame):
+            blocks.append(frame.data)
+        view = view[9 + length :]
+    return blocks
+
+
+def test_sent_fields_are_normalised_in_one_pass_and_credentials_never_indexed() -> None:
+    """What h2's outbound normalization did (off, for speed): lower-case names,
+    stripped values, connection-specific fields dropped, `te` only as trailers, and
+    credentials sent as never-indexed literals (HPACK's CRIME defence); no Huffman."""
+    server, peer = handshake()
+    stream = peer.get_next_available_stream_id()
+    peer.send_headers(stream, REQUEST, end_stream=True)
+    pump(server, peer)
+    server.send_head(
+        stream,
+        [
+            (":status", "200"),
+            ("X-Upper", " padded "),
+            ("connection", "close"),
+            ("transfer-encoding", "chunked"),
+            ("te", "gzip"),
+            ("authorization", "Bearer secret-token"),
+            ("cookie", "short=1"),
+            ("cookie", "a-long-cookie=0123456789abcdef"),
+        ],
+        end_stream=True,
+    )
+    data = server.data_to_send()
+    (block,) = header_blocks(data)
+    fields = hpack.Decoder().decode(block, raw=True)
+    assert [tuple(f) for f in fields] == [
+        (b":status", b"200"),
+        (b"x-upper", b"padded"),
+        (b"authorization", b"Bearer secret-token"),
+        (b"cookie", b"short=1"),
+        (b"cookie", b"a-long-cookie=0123456789abcdef"),
+    ]
+    never = [f[0] for f in fields if isinstance(f, hpack.NeverIndexedHeaderTuple)]
+    assert never == [b"authorization", b"cookie"]  # the short cookie only
+    assert b"padded" in block and b"Bearer secret-token" in block  # literals, no Huffman
+    events = peer.receive_data(data)  # a strict peer accepts the block
+    assert any(isinstance(e, h2.events.ResponseReceived) for e in events)
+
+
+def test_request_te_trailers_is_kept_for_grpc() -> None:
+    client = H2Connection(client=True)
+    server = H2Connection(client=False)
+    client.initiate()
+    server.initiate()
+    client.open_stream([*REQUEST, ("te", "Trailers")], end_stream=True)
+    events = server.receive(client.data_to_send(), 0.0)
+    head = next(e for e in events if isinstance(e, RequestHead))
+    assert ("te", "Trailers") in head.headers  # kept (any case), as h2 accepts it
