@@ -328,3 +328,55 @@ def test_request_te_trailers_is_kept_for_grpc() -> None:
     events = server.receive(client.data_to_send(), 0.0)
     head = next(e for e in events if isinstance(e, RequestHead))
     assert ("te", "Trailers") in head.headers  # kept (any case), as h2 accepts it
+
+
+def frame_kinds(data: bytes) -> list[tuple[str, int, bool]]:
+    """(frame type, payload length, END_STREAM) of every frame in `data`."""
+    kinds, view = [], memoryview(data)
+    while view:
+        frame, length = Frame.parse_frame_header(view[:9])
+        frame.parse_body(view[9 : 9 + length])
+        kinds.append((type(frame).__name__, length, "END_STREAM" in frame.flags))
+        view = view[9 + length :]
+    return kinds
+
+
+def test_the_rest_of_a_body_ends_the_stream_in_its_last_data_frame() -> None:
+    """`send_last`: no empty DATA frame to end the stream (one frame less per unary
+    call each way), and it still waits for the peer's window."""
+    server, peer = handshake()
+    peer.send_headers(1, REQUEST, end_stream=True)
+    pump(server, peer)
+    server.data_to_send()
+    server.send_head(1, [(":status", "200")], end_stream=False)
+    server.send_last(1, [b"a" * 10, b"b" * 5])
+    assert frame_kinds(server.data_to_send()) == [
+        ("HeadersFrame", 1, False),
+        ("DataFrame", 10, False),
+        ("DataFrame", 5, True),
+    ]
+    peer.send_headers(3, REQUEST, end_stream=True)
+    pump(server, peer)
+    server.send_head(3, [(":status", "200")], end_stream=False)
+    server.send_last(3, [b"y" * 70_000])
+    first = server.data_to_send()
+    assert not any(end for _, _, end in frame_kinds(first))  # the window holds the rest
+    sent = sum(n for kind, n, _ in frame_kinds(first) if kind == "DataFrame")
+    peer.receive_data(first)
+    peer.acknowledge_received_data(sent, 3)
+    pump(server, peer)
+    assert frame_kinds(server.data_to_send())[-1] == ("DataFrame", 70_000 - sent, True)
+    with pytest.raises(StreamGone):
+        server.send_data(3, b"late")
+
+
+def test_the_rest_of_a_body_with_trailers_ends_with_them() -> None:
+    server, peer = handshake()
+    peer.send_headers(1, REQUEST, end_stream=True)
+    pump(server, peer)
+    server.data_to_send()
+    server.send_head(1, [(":status", "200")], end_stream=False)
+    server.send_last(1, [b"msg"], [("grpc-status", "0")])
+    kinds = frame_kinds(server.data_to_send())
+    assert [k[0] for k in kinds] == ["HeadersFrame", "DataFrame", "HeadersFrame"]
+    assert [k[2] for k in kinds] == [False, False, True]

@@ -265,9 +265,7 @@ class H2UpstreamConnection(asyncio.Protocol):
             if isinstance(body, BodyStream):
                 if body.complete and not body.failed and body.buffered <= STREAM_SEND_BUFFER:
                     # all here already: queued now, sent as the upstream's window allows
-                    for chunk in body.take_ready():
-                        self._h2.send_data(stream_id, chunk)
-                    self._h2.end_stream(stream_id, body.trailers)
+                    self._h2.send_last(stream_id, body.take_ready(), body.trailers)
                 else:
                     stream.sender = self.loop.create_task(
                         self._send_body(stream, body), name=f"h2-upstream-body-{stream_id}"

@@ -346,6 +346,22 @@ class H2Connection:
             pending.buffered += len(data)
             self._flush(stream_id, pending)
 
+    def send_last(
+        self, stream_id: int, chunks: list[bytes], trailers: Headers | None = None
+    ) -> None:
+        """The rest of the body and the end of the stream at once: the last DATA frame
+        carries END_STREAM (no empty DATA frame after it) unless trailers follow."""
+        pending = self._outbound.get(stream_id)
+        if pending is None or pending.end:
+            raise StreamGone(stream_id)
+        for data in chunks:
+            if data:
+                pending.chunks.append(data)
+                pending.buffered += len(data)
+        pending.end = True
+        pending.trailers = trailers or None
+        self._flush(stream_id, pending)
+
     def end_stream(self, stream_id: int, trailers: Headers | None = None) -> None:
         """End our side of the stream, with trailers if any, after the queued data."""
         pending = self._outbound.get(stream_id)
@@ -403,6 +419,10 @@ class H2Connection:
                     chunks[0] = chunk[window:]
                     chunk = chunk[:window]
                 pending.buffered -= len(chunk)
+                if not chunks and pending.end and not pending.trailers:
+                    del self._outbound[stream_id]
+                    h2c.send_data(stream_id, chunk, end_stream=True)
+                    return
                 h2c.send_data(stream_id, chunk)
             if pending.end:
                 del self._outbound[stream_id]
