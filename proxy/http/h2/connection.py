@@ -25,7 +25,10 @@ What this layer adds to `h2`:
   counted per `flood_window_s`; beyond `max_peer_resets` the connection ends with
   GOAWAY ENHANCE_YOUR_CALM. PING and SETTINGS frames are counted the same way
   (`max_control_frames`): their acknowledgements would otherwise queue without bound
-  for a peer that never reads.
+  for a peer that never reads. So are frames that carry nothing a request needs in
+  bulk: PRIORITY frames of their own (CVE-2019-9513; the priority a HEADERS frame
+  carries is not counted) and DATA frames that are empty and do not end their stream
+  (CVE-2019-9518).
 - **Graceful drain**: `drain()` sends GOAWAY(NO_ERROR) naming the last stream that
   will be served; streams the peer opens afterwards are refused (REFUSED_STREAM, safe
   for it to retry), the ones already open finish.
@@ -155,6 +158,8 @@ class H2Connection:
         self._resets = _FloodCounter(limits.max_peer_resets, limits.flood_window_s)
         self._control = _FloodCounter(limits.max_control_frames, limits.flood_window_s)
         self._goaway_sent_last: int | None = None
+        # the priority a request's HEADERS frame carried (h2 reports it as an event too)
+        self._head_priority: h2.events.PriorityUpdated | None = None
         self.failed: ConnectionFailed | None = None
         self.goaway_received: GoAway | None = None
 
@@ -235,12 +240,15 @@ class H2Connection:
                 self._acknowledge(flow - len(data), stream_id)
                 flow = len(data)
             end = event.stream_ended is not None
+            if not data and not flow and not end and self._control.hit(now):
+                return self._fail(ENHANCE_YOUR_CALM, "too many empty DATA frames")
             return Data(stream_id, data, flow, end)
         if isinstance(event, h2e.RequestReceived):
             stream_id = event.stream_id or 0
             if self._goaway_sent_last is not None and stream_id > self._goaway_sent_last:
                 self._h2.reset_stream(stream_id, REFUSED_STREAM)
                 return None
+            self._head_priority = event.priority_updated
             return RequestHead(stream_id, _decode(event.headers), event.stream_ended is not None)
         if isinstance(event, h2e.ResponseReceived):
             headers = _decode(event.headers)
@@ -267,11 +275,15 @@ class H2Connection:
             if isinstance(event, h2e.RemoteSettingsChanged):
                 return SendWindowOpened(0)  # the initial window may have grown
             return None
+        if isinstance(event, h2e.PriorityUpdated):
+            if event is not self._head_priority and self._control.hit(now):
+                return self._fail(ENHANCE_YOUR_CALM, "too many PRIORITY frames")
+            return None
         if isinstance(event, h2e.ConnectionTerminated):
             gone = GoAway(int(event.last_stream_id or 0), int(event.error_code or 0))
             self.goaway_received = gone
             return gone
-        # SettingsAcknowledged, PingAckReceived, PriorityUpdated,
+        # SettingsAcknowledged, PingAckReceived,
         # InformationalResponseReceived (1xx: the final head follows), ...
         return None
 
