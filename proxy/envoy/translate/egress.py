@@ -24,6 +24,7 @@ HTTP-family port the entry declares, 80 when it declares none).
 from __future__ import annotations
 
 import dataclasses
+import re
 import ssl
 from collections.abc import Iterator
 
@@ -198,15 +199,51 @@ def tunnel_target(node: ProxyNode, view: MeshView, host: str, port: int) -> str 
     return None
 
 
-def unknown_host_route(view: MeshView | None) -> Json:
+def own_listener_routes(node: ProxyNode | None) -> list[Json]:
+    """ALLOW_ANY: a Host naming this proxy's own outbound or capture listener (by a
+    loopback name or address, the unspecified one, or the capture listener's address)
+    is answered 508, CONNECT or not, as by the Python sidecar (`proxy/own_listeners.py`):
+    the passthrough would bring it back to the same listener, round after round."""
+    if node is None:
+        return []
+    listeners = (node.outbound, node.capture)
+    ports = sorted({address[1] for address in listeners if address is not None and address[1]})
+    if not ports:
+        return []
+    hosts = [r"localhost", r"127(\.[0-9]{1,3}){3}", r"0\.0\.0\.0", r"\[::1?\]"]
+    hosts.append(r"\[::ffff:127(\.[0-9]{1,3}){3}\]")
+    if node.capture is not None:
+        hosts.append(re.escape(node.capture[0]))
+    regex = rf"(?i)^({'|'.join(hosts)})\.?:({'|'.join(str(p) for p in ports)})$"
+    header = [{"name": ":authority", "stringMatch": {"safeRegex": {"regex": regex}}}]
+    refused = {
+        "status": 508,
+        "body": {"inlineString": "passthrough to this sidecar refused"},
+    }
+    return [
+        {
+            "name": "own_listener_connect",
+            "match": {"connectMatcher": {}, "headers": header},
+            "directResponse": refused,
+        },
+        {
+            "name": "own_listener",
+            "match": {"prefix": "/", "headers": header},
+            "directResponse": refused,
+        },
+    ]
+
+
+def unknown_host_route(view: MeshView | None, node: ProxyNode | None = None) -> Json:
     """The virtual host for every other Host: 502 under REGISTRY_ONLY (or with no view),
-    the passthrough under ALLOW_ANY."""
+    the passthrough under ALLOW_ANY (never to `node`'s own listeners)."""
     wide = view.mesh_wide if view is not None else None
     if wide is not None and wide.outbound_traffic_policy == "ALLOW_ANY":
         return {
             "name": "unknown_host",
             "domains": ["*"],
             "routes": [
+                *own_listener_routes(node),
                 _connect_route(PASSTHROUGH_CLUSTER, None),
                 {
                     "name": "passthrough",

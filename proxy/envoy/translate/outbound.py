@@ -101,7 +101,7 @@ def outbound_route_config(
         # catch-all (it would match every host, so Envoy would never ask)
         config["vhds"] = {"configSource": VHDS_SOURCE}
     else:
-        config["virtualHosts"] = [*vhosts, egress.unknown_host_route(view)]
+        config["virtualHosts"] = [*vhosts, egress.unknown_host_route(view, node)]
     return config
 
 

@@ -1,0 +1,304 @@
+"""Adversarial inputs to the listeners added last round, on both data planes: h2c from
+the app to the outbound listener (smuggling heads and path tricks aimed at an
+AuthorizationPolicy on the server, h2 -> h1 downgrade to the app) and the ALLOW_ANY
+passthrough of the outbound listener (§5.5), which must never loop back into the
+sidecar's own listeners. What a user notices: the denied path never reaches the app,
+a malformed request never does either, and the sidecar keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import h2.config
+import h2.connection
+import h2.events
+import h2.exceptions
+import pytest
+import pytest_asyncio
+
+from tests.scenarios.helpers import Scenario, absolute, known_difference
+from tests.support import eventually
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+REVIEWS = "reviews.default:9080"
+
+DENY_ADMIN = """
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-admin, namespace: default}
+spec:
+  selector: {matchLabels: {app: reviews}}
+  action: DENY
+  rules:
+  - to:
+    - operation: {paths: ["/admin", "/admin/*"]}
+  - to:
+    - operation: {methods: ["DELETE"]}
+"""
+
+ALLOW_ANY = """
+apiVersion: meshwork.io/v1
+kind: MeshConfig
+metadata: {name: mesh, namespace: istio-system}
+spec:
+  outboundTrafficPolicy: {mode: ALLOW_ANY}
+"""
+
+
+@dataclass
+class Env:
+    s: Scenario
+    server: Any
+    client: Any
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def env(scenario: Scenario) -> Env:
+    server = await scenario.sidecar("reviews")
+    client = await scenario.sidecar("productpage")
+    await scenario.apply(DENY_ADMIN)
+    e = Env(scenario, server, client)
+    await scenario.until(client, f"http://{REVIEWS}/admin", lambda r: r.status == 403)
+    return e
+
+
+@dataclass
+class H2Reply:
+    status: int | None  # None: no response (stream or connection refused)
+    body: bytes
+    ended_by: str  # "", "reset", "goaway", "closed"
+
+
+async def h2c(
+    port: int, headers: list[tuple[str, str]], data: bytes | None = None, timeout: float = 10
+) -> H2Reply:
+    """One request over h2c prior knowledge, sent exactly as given (the client's own
+    checks are off, as a hostile app's would be)."""
+    config = h2.config.H2Configuration(
+        client_side=True, validate_outbound_headers=False, normalize_outbound_headers=False
+    )
+    conn = h2.connection.H2Connection(config)
+    conn.initiate_connection()
+    conn.send_headers(1, headers, end_stream=data is None)
+    if data is not None:
+        conn.send_data(1, data, end_stream=True)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    status: int | None = None
+    body = b""
+    ended_by = "closed"
+    try:
+        writer.write(conn.data_to_send())
+        async with asyncio.timeout(timeout):
+            while True:
+                chunk = await reader.read(65536)
+                if not chunk:
+                    break
+                done = False
+                for event in conn.receive_data(chunk):
+                    if isinstance(event, h2.events.ResponseReceived):
+                        status = int(dict(event.headers)[b":status"])
+                    elif isinstance(event, h2.events.DataReceived):
+                        body += event.data
+                        conn.acknowledge_received_data(event.flow_controlled_length, 1)
+                    elif isinstance(event, h2.events.StreamEnded):
+                        ended_by, done = "", True
+                    elif isinstance(event, h2.events.StreamReset):
+                        ended_by, done = "reset", True
+                    elif isinstance(event, h2.events.ConnectionTerminated):
+                        ended_by, done = "goaway", True
+                writer.write(conn.data_to_send())
+                if done:
+                    break
+    except (ConnectionError, h2.exceptions.ProtocolError):
+        ended_by = "closed"
+    finally:
+        writer.close()
+        with contextlib.suppress(Exception):
+            await writer.wait_closed()
+    return H2Reply(status, body, ended_by)
+
+
+def head(path: str, authority: str = REVIEWS, method: str = "GET") -> list[tuple[str, str]]:
+    return [(":method", method), (":scheme", "http"), (":authority", authority), (":path", path)]
+
+
+async def test_h2c_from_the_app_gets_no_spelling_of_a_denied_path_past_authorization(
+    env: Env,
+) -> None:
+    port = env.client.ports["outbound"]
+    ok = await h2c(port, head("/public"))
+    assert ok.status == 200, ok
+    before = env.server.echo.requests
+    tricks = [
+        "/admin",
+        "/public/../admin",
+        "/public/%2e%2e/admin",
+        "/%61dmin",
+        "//admin",
+        "/./admin/",
+        "/public%2f..%2fadmin",
+        "/public%5c..%5cadmin",
+        "/public\\..\\admin",
+        "/admin HTTP/1.1",
+        "/admin\tx",
+        "/public#/../../admin",
+        f"http://{REVIEWS}/admin",
+    ]
+    passed = []
+    for path in tricks:
+        reply = await h2c(port, head(path))
+        if not (reply.status is None or reply.status >= 400):
+            passed.append((path, reply.status, reply.body[:100]))
+        assert b"Traceback" not in reply.body
+    assert passed == []
+    for authority in (
+        "REVIEWS.default:9080",
+        "reviews.default.svc.cluster.local:9080",
+        "reviews.default.svc.cluster.local.:9080",
+        "reviews.default.:9080",
+    ):
+        reply = await h2c(port, head("/admin", authority))
+        assert reply.status == 403, (authority, reply)
+    reply = await h2c(port, head("/admin", method="delete"))  # a DENY on DELETE holds
+    assert reply.status != 200, reply
+    assert env.server.echo.requests == before
+    # `;` is an ordinary character to Envoy (§5.3): forwarded exactly as authorized
+    reply = await h2c(port, head("/admin;x"))
+    if env.s.dataplane == "python":
+        assert reply.status == 400, reply
+    else:
+        assert reply.status == 200 and json.loads(reply.body)["path"] == "/admin;x", reply
+
+
+async def test_paths_apps_read_as_a_denied_one_are_refused(
+    env: Env, request: pytest.FixtureRequest, dataplane: str
+) -> None:
+    """Spellings some apps serve as /admin (IIS and Windows drop a trailing dot or
+    space, lenient decoders accept overlong UTF-8): refused by §6's defaults."""
+    known_difference(
+        request,
+        dataplane,
+        "envoy",
+        "Envoy forwards /admin., /admin%20 and overlong UTF-8 escapes unchanged (200): "
+        "no Envoy setting refuses them, so an app reading them as /admin is reached",
+    )
+    port = env.client.ports["outbound"]
+    before = env.server.echo.requests
+    for path in ("/admin.", "/admin%20", "/public/%c0%ae%c0%ae/admin", "/%c1%a1dmin"):
+        reply = await h2c(port, head(path))
+        assert reply.status == 400, (path, reply)
+    assert env.server.echo.requests == before
+
+
+async def test_h2c_smuggling_heads_never_reach_the_app(env: Env) -> None:
+    """Heads the h2 -> h1 downgrade could turn into a second request, or into fields
+    the app reads as framing: refused, never answered 2xx, and nothing smuggled after
+    a declared length ever becomes a request at the app."""
+    port = env.client.ports["outbound"]
+    before = env.server.echo.requests
+    smuggled = b"GET /admin HTTP/1.1\r\nHost: reviews\r\nX-Smuggled: 1\r\n\r\n"
+    post = head("/smuggle", method="POST")
+    length_cases = [
+        ([*post, ("content-length", "3")], b"0123456789" + smuggled),
+        ([*post, ("content-length", "400")], b"short"),
+        ([*post, ("transfer-encoding", "chunked")], b"0\r\n\r\n" + smuggled),
+    ]
+    head_cases: list[tuple[list[tuple[str, str]], bytes | None]] = [
+        ([*post, ("content-length", "5")], None),
+        ([*head("/smuggle"), ("connection", "keep-alive")], None),
+        ([*head("/smuggle"), ("upgrade", "h2c")], None),
+        ([*head("/smuggle"), ("te", "chunked")], None),
+        ([*head("/smuggle"), ("x-a", "v\r\nx-injected: 1")], None),
+        ([*head("/smuggle"), ("x-a", "v\x01")], None),
+        ([*head("/smuggle"), (":path", "/admin")], None),
+        (
+            [
+                (":method", "CONNECT"),
+                (":protocol", "websocket"),
+                (":scheme", "http"),
+                (":authority", REVIEWS),
+                (":path", "/admin"),
+            ],
+            None,
+        ),
+    ]
+    # at once: Envoy closes a connection it refuses after its delayed-close second
+    replies = await asyncio.gather(*(h2c(port, h, d) for h, d in head_cases))
+    for (headers, _), reply in zip(head_cases, replies, strict=True):
+        assert reply.status is None or reply.status >= 400, (headers[4:], reply)
+        assert b"Traceback" not in reply.body
+    assert env.server.echo.requests == before
+    replies = await asyncio.gather(*(h2c(port, h, d) for h, d in length_cases))
+    for (headers, _), reply in zip(length_cases, replies, strict=True):
+        # Envoy streams the head on before the body disagrees with it, then resets
+        # both sides: the app may see the start of that request, never a second one
+        assert reply.status is None or reply.status >= 400, (headers[4:], reply)
+    assert not any("X-Smuggled" in seen for seen in env.server.echo.seen_headers)
+    # Host differing from :authority: refused (Python), or routed and forwarded by
+    # :authority (Envoy, RFC 9113 §8.3.1): never to the Host's service
+    other = await h2c(port, [*head("/smuggle"), ("host", "ratings.default:9080")])
+    assert (
+        other.status is None or other.status >= 400 or (json.loads(other.body)["host"] == REVIEWS)
+    ), other
+    ok = await h2c(port, [*post, ("content-length", "4")], b"body")
+    assert ok.status == 200, ok
+    assert json.loads(ok.body)["body_len"] == 4
+
+
+async def test_allow_any_passthrough_never_loops_into_the_sidecar(env: Env) -> None:
+    """ALLOW_ANY forwards an unknown Host to the host and port it names; naming the
+    sidecar's own outbound listener must not send the request round again (each hop
+    holding two connections until the process runs out of them)."""
+    s = env.s
+    port = env.client.ports["outbound"]
+    await s.apply(ALLOW_ANY)
+    try:
+        unknown = f"http://localhost:{env.server.echo.port}/through"
+        await s.until(env.client, unknown, lambda r: r.status == 200, timeout=15)
+        for own in (f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}"):
+            started = time.monotonic()
+            reply = await s.raw(port, absolute(own, "/loop"))
+            took = time.monotonic() - started
+            assert reply is None or reply.status >= 400, (own, reply)
+            assert took < 5, (own, took)
+        # the sidecar still serves at once
+        ok = await s.call(env.client, f"http://{REVIEWS}/after")
+        assert ok.status == 200
+    finally:
+        await s.delete("MeshConfig", "mesh", "istio-system")
+
+
+async def test_connect_under_allow_any_never_tunnels_into_the_sidecar(env: Env) -> None:
+    s = env.s
+    port = env.client.ports["outbound"]
+    await s.apply(ALLOW_ANY)
+    try:
+        unknown = f"http://localhost:{env.server.echo.port}/through"
+        await s.until(env.client, unknown, lambda r: r.status == 200, timeout=15)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            # a CONNECT to the listener itself, then inside it the same again: each
+            # accepted tunnel would be one more hop the sidecar carries for nothing
+            writer.write(
+                f"CONNECT 127.0.0.1:{port} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode()
+            )
+            async with asyncio.timeout(5):
+                line = await reader.readline()
+        finally:
+            writer.close()
+        assert not line.startswith(b"HTTP/1.1 200"), line
+
+        async def serving() -> bool:
+            reply = await s.call(env.client, f"http://{REVIEWS}/after")
+            return reply.status == 200
+
+        await eventually(serving, timeout=5)
+    finally:
+        await s.delete("MeshConfig", "mesh", "istio-system")
