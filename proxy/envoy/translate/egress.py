@@ -24,7 +24,6 @@ HTTP-family port the entry declares, 80 when it declares none).
 from __future__ import annotations
 
 import dataclasses
-import re
 import ssl
 from collections.abc import Iterator
 
@@ -199,6 +198,13 @@ def tunnel_target(node: ProxyNode, view: MeshView, host: str, port: int) -> str 
     return None
 
 
+# loopback names and addresses, and the unspecified one, then the port: one short
+# regex per port (Envoy refuses a regex whose RE2 program is over 100 instructions)
+_LOOPBACK_AUTHORITY = (
+    r"(?i)(localhost|127\.[0-9.]+|0\.0\.0\.0|\[::1?\]|\[::ffff:127\.[0-9.]+\])\.?:"
+)
+
+
 def own_listener_routes(node: ProxyNode | None) -> list[Json]:
     """ALLOW_ANY: a Host naming this proxy's own outbound or capture listener (by a
     loopback name or address, the unspecified one, or the capture listener's address)
@@ -208,30 +214,35 @@ def own_listener_routes(node: ProxyNode | None) -> list[Json]:
         return []
     listeners = (node.outbound, node.capture)
     ports = sorted({address[1] for address in listeners if address is not None and address[1]})
-    if not ports:
-        return []
-    hosts = [r"localhost", r"127(\.[0-9]{1,3}){3}", r"0\.0\.0\.0", r"\[::1?\]"]
-    hosts.append(r"\[::ffff:127(\.[0-9]{1,3}){3}\]")
-    if node.capture is not None:
-        hosts.append(re.escape(node.capture[0]))
-    regex = rf"(?i)^({'|'.join(hosts)})\.?:({'|'.join(str(p) for p in ports)})$"
-    header = [{"name": ":authority", "stringMatch": {"safeRegex": {"regex": regex}}}]
+    matchers: list[tuple[str, Json]] = []
+    for port in ports:
+        loopback = {"safeRegex": {"regex": f"{_LOOPBACK_AUTHORITY}{port}"}}
+        matchers.append((f"{port}", loopback))
+        if node.capture is not None:
+            exact = {"exact": f"{node.capture[0]}:{port}", "ignoreCase": True}
+            matchers.append((f"capture:{port}", exact))
     refused = {
         "status": 508,
         "body": {"inlineString": "passthrough to this sidecar refused"},
     }
-    return [
-        {
-            "name": "own_listener_connect",
-            "match": {"connectMatcher": {}, "headers": header},
-            "directResponse": refused,
-        },
-        {
-            "name": "own_listener",
-            "match": {"prefix": "/", "headers": header},
-            "directResponse": refused,
-        },
-    ]
+    routes: list[Json] = []
+    for name, string_match in matchers:
+        header = [{"name": ":authority", "stringMatch": string_match}]
+        routes.append(
+            {
+                "name": f"own_listener_connect|{name}",
+                "match": {"connectMatcher": {}, "headers": header},
+                "directResponse": refused,
+            }
+        )
+        routes.append(
+            {
+                "name": f"own_listener|{name}",
+                "match": {"prefix": "/", "headers": header},
+                "directResponse": refused,
+            }
+        )
+    return routes
 
 
 def unknown_host_route(view: MeshView | None, node: ProxyNode | None = None) -> Json:
