@@ -302,3 +302,117 @@ async def test_connect_under_allow_any_never_tunnels_into_the_sidecar(env: Env) 
         await eventually(serving, timeout=5)
     finally:
         await s.delete("MeshConfig", "mesh", "istio-system")
+
+
+MALFORMED_RESPONSES = {
+    "CL and TE": b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n"
+    b"2\r\nok\r\n0\r\n\r\n",
+    "two lengths": b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok",
+    "obs-fold": b"HTTP/1.1 200 OK\r\nX-A: a\r\n b\r\nContent-Length: 2\r\n\r\nok",
+    "NUL in a value": b"HTTP/1.1 200 OK\r\nX-A: s3cr3t\x00b\r\nContent-Length: 2\r\n\r\nok",
+    "status out of range": b"HTTP/1.1 2000 OK\r\nContent-Length: 2\r\n\r\nok",
+    "not HTTP": b"\x00\x01garbage\r\n\r\n",
+    "space in a name": b"HTTP/1.1 200 OK\r\nX A: b\r\nContent-Length: 2\r\n\r\nok",
+    "bad chunk size": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nok\r\n0\r\n\r\n",
+    "unsolicited 101": b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+    b"Connection: upgrade\r\n\r\nGET /admin HTTP/1.1\r\n\r\n",
+}
+UNSOLICITED_101 = "unsolicited 101"
+
+
+class MalformedUpstream:
+    """Answers every request with the response named by its path (`/<name>`)."""
+
+    def __init__(self) -> None:
+        self.port = 0
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> MalformedUpstream:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(Exception):
+            head = await reader.readuntil(b"\r\n\r\n")
+            name = head.split(b" ", 2)[1].decode().rsplit("/", 1)[-1]
+            writer.write(MALFORMED_RESPONSES.get(name.replace("%20", " "), b""))
+            await writer.drain()
+            await asyncio.sleep(0.2)
+        writer.close()
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+
+async def test_malformed_upstream_responses_through_the_passthrough(env: Env) -> None:
+    """ALLOW_ANY's passthrough (§5.5) to a server answering what no HTTP server
+    should: an error for the client (HTTP/1.1 and h2c), never the malformed message
+    relayed, a traceback or a header value; the sidecar keeps serving."""
+    s = env.s
+    port = env.client.ports["outbound"]
+    upstream = await MalformedUpstream().start()
+    await s.apply(ALLOW_ANY)
+    try:
+        unknown = f"http://localhost:{env.server.echo.port}/through"
+        await s.until(env.client, unknown, lambda r: r.status == 200, timeout=15)
+        authority = f"localhost:{upstream.port}"
+        for name in MALFORMED_RESPONSES:
+            if name == UNSOLICITED_101:
+                continue  # test_unsolicited_101_is_not_relayed
+            path = "/" + name.replace(" ", "%20")
+            reply = await s.raw(port, absolute(authority, path))
+            if name == "obs-fold" and reply is not None and reply.status == 200:
+                # RFC 9112 §5.2 lets a proxy replace obs-fold with spaces (Envoy)
+                assert reply.headers["x-a"] == "a b", reply
+            elif name == "bad chunk size" and reply is not None and reply.status == 200:
+                # the head had gone when the body broke: the client sees it cut short
+                assert not reply.body.endswith(b"0\r\n\r\n"), reply
+            else:
+                assert reply is None or reply.status >= 500, (name, reply)
+            if reply is not None:
+                assert b"Traceback" not in reply.body and b"s3cr3t" not in reply.body, name
+            h2reply = await h2c(port, head(path, authority))
+            assert (
+                h2reply.status is None
+                or h2reply.status >= 500
+                or h2reply.ended_by  # reset: the body broke after the head
+                or (name == "obs-fold" and h2reply.body == b"ok")
+            ), (name, h2reply)
+            assert b"Traceback" not in h2reply.body and b"s3cr3t" not in h2reply.body, name
+        ok = await s.call(env.client, f"http://{REVIEWS}/after")
+        assert ok.status == 200
+    finally:
+        upstream.close()
+        await s.delete("MeshConfig", "mesh", "istio-system")
+
+
+async def test_unsolicited_101_is_not_relayed(
+    env: Env, request: pytest.FixtureRequest, dataplane: str
+) -> None:
+    """An upstream switching protocols on a request that asked for no upgrade: the
+    bytes after it are not HTTP the client asked for; 502 (UPE), as the Python
+    client does."""
+    known_difference(
+        request,
+        dataplane,
+        "envoy",
+        "Envoy relays an unsolicited 101 head to the HTTP/1.1 client (then closes, "
+        "without the bytes after it) where Python answers 502 UPE",
+    )
+    s = env.s
+    upstream = await MalformedUpstream().start()
+    await s.apply(ALLOW_ANY)
+    try:
+        unknown = f"http://localhost:{env.server.echo.port}/through"
+        await s.until(env.client, unknown, lambda r: r.status == 200, timeout=15)
+        path = "/" + UNSOLICITED_101.replace(" ", "%20")
+        reply = await s.raw(
+            env.client.ports["outbound"], absolute(f"localhost:{upstream.port}", path)
+        )
+        assert reply is not None and reply.status == 502, reply
+        assert b"/admin" not in reply.body
+    finally:
+        upstream.close()
+        await s.delete("MeshConfig", "mesh", "istio-system")
