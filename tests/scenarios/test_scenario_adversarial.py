@@ -416,3 +416,36 @@ async def test_unsolicited_101_is_not_relayed(
     finally:
         upstream.close()
         await s.delete("MeshConfig", "mesh", "istio-system")
+
+
+SMUGGLED = "GET /admin HTTP/1.1\r\nHost: reviews.default:9080\r\nX-Smuggled: 1\r\n\r\n"
+H1_SMUGGLING = {
+    "CL.TE": "Content-Length: 6\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n" + SMUGGLED,
+    "TE.CL": "Transfer-Encoding: chunked\r\nContent-Length: 4\r\n\r\n5c\r\n" + SMUGGLED + "0\r\n\r\n",
+    "TE obs-fold": "Transfer-Encoding:\r\n chunked\r\nContent-Length: 4\r\n\r\n0\r\n\r\n" + SMUGGLED,
+    "TE not last": "Transfer-Encoding: chunked, identity\r\n\r\n0\r\n\r\n" + SMUGGLED,
+    "TE xchunked": "Transfer-Encoding: xchunked\r\nContent-Length: 4\r\n\r\n0\r\n\r\n" + SMUGGLED,
+    "space before colon": "Transfer-Encoding : chunked\r\nContent-Length: 4\r\n\r\n0\r\n\r\n"
+    + SMUGGLED,
+    "two lengths": "Content-Length: 0\r\nContent-Length: 5\r\n\r\n" + SMUGGLED,
+    "signed length": "Content-Length: +5\r\n\r\nhello" + SMUGGLED,
+    "bare LF": "Transfer-Encoding: chunked\nContent-Length: 4\r\n\r\n0\r\n\r\n" + SMUGGLED,
+}  # fmt: skip
+
+
+async def test_http1_smuggling_to_the_outbound_listener_never_reaches_the_app(env: Env) -> None:
+    """Every CL/TE disagreement an HTTP/1.1 front and back end have read differently:
+    refused, and the request hidden in the body never reaches the app."""
+    port = env.client.ports["outbound"]
+    before = env.server.echo.requests
+    heads = {
+        name: f"POST http://{REVIEWS}/public HTTP/1.1\r\nHost: {REVIEWS}\r\n{rest}".encode()
+        for name, rest in H1_SMUGGLING.items()
+    }
+    # at once: Envoy closes a connection it refuses after its delayed-close second
+    replies = await asyncio.gather(*(env.s.raw(port, head) for head in heads.values()))
+    for name, reply in zip(heads, replies, strict=True):
+        assert reply is None or reply.status in (400, 501), (name, reply)  # 501: Envoy, TE
+    await asyncio.sleep(0.2)
+    assert not any("X-Smuggled" in seen for seen in env.server.echo.seen_headers)
+    assert env.server.echo.requests == before
