@@ -23,7 +23,7 @@ import pytest
 import pytest_asyncio
 
 from tests.scenarios.helpers import Scenario, absolute, known_difference
-from tests.support import eventually
+from tests.support import eventually, replace_app
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -449,3 +449,67 @@ async def test_http1_smuggling_to_the_outbound_listener_never_reaches_the_app(en
     await asyncio.sleep(0.2)
     assert not any("X-Smuggled" in seen for seen in env.server.echo.seen_headers)
     assert env.server.echo.requests == before
+
+
+class H2cUpgradingApp:
+    """An app that switches to h2c when asked (`Upgrade: h2c`, RFC 7540 §3.2) and
+    then records every byte sent in the tunnel: whatever arrives there passed no
+    sidecar authorization (h2c smuggling)."""
+
+    def __init__(self) -> None:
+        self.port = 0
+        self.upgrades = 0
+        self.tunnelled = b""
+        self._server: asyncio.Server | None = None
+
+    async def start(self, port: int) -> None:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", port)
+        self.port = port
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(Exception):
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                if b"\nupgrade: h2c" in head.lower():
+                    self.upgrades += 1
+                    writer.write(
+                        b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n"
+                        b"Upgrade: h2c\r\n\r\n"
+                    )
+                    await writer.drain()
+                    while chunk := await reader.read(65536):
+                        self.tunnelled += chunk
+                    break
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                await writer.drain()
+        writer.close()
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+
+
+async def test_h2c_upgrade_never_opens_a_tunnel_past_authorization(env: Env) -> None:
+    """`Upgrade: h2c` on a request the policy allows: an app that accepted it would
+    serve every later request in the tunnel unseen by the server's sidecar (h2c
+    smuggling). The upgrade is not passed on (Envoy strips it too)."""
+    s = env.s
+    details = await s.sidecar("details")
+    app = await replace_app(s.mesh, details, H2cUpgradingApp())
+    await s.until(env.client, "http://details.default:9080/", lambda r: r.status == 200)
+    request = (
+        "GET /public HTTP/1.1\r\nHost: details.default:9080\r\nConnection: Upgrade, "
+        "HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n"
+        "GET /admin HTTP/1.1\r\nHost: details.default:9080\r\n\r\n"
+    )
+    reader, writer = await asyncio.open_connection("127.0.0.1", env.client.ports["outbound"])
+    try:
+        writer.write(request.encode())
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(2):
+                while await reader.read(65536):
+                    pass
+    finally:
+        writer.close()
+    assert app.upgrades == 0
+    assert b"/admin" not in app.tunnelled
