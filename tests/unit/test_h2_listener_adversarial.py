@@ -478,3 +478,24 @@ async def test_handler_failure_is_a_generic_500_with_no_traceback_or_header_valu
     text = captured_logs.getvalue()
     assert SECRET not in text
     assert any(json.loads(line).get("event") == "h2.handler_error" for line in text.splitlines())
+
+
+@pytest.mark.parametrize(
+    "trailers",
+    [[("x-t", f"{SECRET}\x01")], [("x(t", SECRET)]],
+    ids=["control character", "name not a token"],
+)
+async def test_malformed_request_trailers_fail_the_body(
+    trailers: list[tuple[str, str]], captured_logs: io.StringIO
+) -> None:
+    listener = Listener()
+    post = [(":method", "POST"), (":scheme", "http"), (":authority", "reviews:9080")]
+    listener.client.send_headers(1, [*post, (":path", "/")])
+    listener.client.send_data(1, b"body")
+    listener.client.send_headers(1, trailers, end_stream=True)
+    listener.send()
+    status, _, got = await listener.answer()
+    assert status is None
+    assert any(isinstance(e, h2.events.StreamReset) and e.error_code == PROTOCOL_ERROR for e in got)
+    assert all(seen.body is None for seen in listener.seen)
+    assert SECRET not in captured_logs.getvalue()

@@ -16,7 +16,8 @@ HTTP/1.1 parser accepts no other, and policies match methods case-sensitively). 
 `h2` library already refuses connection-specific fields, `te` other than
 `trailers`, a Host differing from `:authority`, and a body longer or shorter than its
 content-length (the connection ends); a head ending its stream while it declares a
-non-zero content-length is a 400 here.
+non-zero content-length is a 400 here. Request trailers breaking the same field rules
+reset the stream, and the handler's body read fails.
 
 The connection is chosen by `HttpServerProtocol` (ALPN `h2`, or the client preface
 on plaintext), which hands its transport over (`switch_to`).
@@ -38,7 +39,7 @@ from ..limits import Limits
 from ..request import Request
 from ..target import OVERRIDE_HEADERS, InvalidTarget, Normalization, normalize_request_target
 from ..wire import RequestTarget
-from .connection import CANCEL, INTERNAL_ERROR, NO_ERROR, H2Connection, H2Limits
+from .connection import CANCEL, INTERNAL_ERROR, NO_ERROR, PROTOCOL_ERROR, H2Connection, H2Limits
 from .events import (
     ConnectionFailed,
     Data,
@@ -67,6 +68,14 @@ _FIELD_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9a-z]+")
 _FIELD_VALUE_BAD = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 _METHOD = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Z]+")
 _PSEUDO = frozenset((":method", ":scheme", ":authority", ":path"))
+
+
+def _malformed_fields(fields: list[tuple[str, str]]) -> bool:
+    """A name that is not a token or a value with a control character but HTAB."""
+    return any(
+        _FIELD_NAME.fullmatch(name) is None or _FIELD_VALUE_BAD.search(value) is not None
+        for name, value in fields
+    )
 
 
 class MalformedHead(ValueError):
@@ -163,7 +172,13 @@ class H2ServerProtocol(asyncio.Protocol):
             elif isinstance(event, Trailers):
                 stream = self._streams.get(event.stream_id)
                 if stream is not None:
-                    stream.body.trailers = event.headers
+                    if _malformed_fields(event.headers):
+                        # what the head would have been refused for: the body fails
+                        # before anything ends it upstream
+                        stream.body.set_exception(DownstreamError("malformed trailers"))
+                        self._h2.reset(event.stream_id, PROTOCOL_ERROR)
+                    else:
+                        stream.body.trailers = event.headers
             elif isinstance(event, StreamReset):
                 self._on_reset(event.stream_id)
             elif isinstance(event, SendWindowOpened):
