@@ -20,7 +20,13 @@ import h2.events
 import hpack
 import pytest
 import structlog
-from hyperframe.frame import DataFrame, HeadersFrame, PriorityFrame, SettingsFrame
+from hyperframe.frame import (
+    DataFrame,
+    HeadersFrame,
+    PriorityFrame,
+    SettingsFrame,
+    WindowUpdateFrame,
+)
 
 from mesh import logs
 from proxy.http import Exchange, Limits, Request
@@ -499,3 +505,38 @@ async def test_malformed_request_trailers_fail_the_body(
     assert any(isinstance(e, h2.events.StreamReset) and e.error_code == PROTOCOL_ERROR for e in got)
     assert all(seen.body is None for seen in listener.seen)
     assert SECRET not in captured_logs.getvalue()
+
+
+async def test_window_update_flood_ends_the_connection() -> None:
+    """WINDOW_UPDATE frames with no DATA sent to justify them: each makes the server
+    look at every stream waiting for window (Envoy allows 10 per DATA frame sent)."""
+    listener = Listener()
+    raw = b"".join(WindowUpdateFrame(0, window_increment=1).serialize() for _ in range(40))
+    listener.send_raw(raw)
+    _, _, got = await listener.answer()
+    assert goaway(got) == ENHANCE_YOUR_CALM
+
+
+async def test_window_updates_for_a_large_download_are_fine() -> None:
+    async def large(req: Request, ex: Exchange) -> None:
+        await ex.respond(200, [("content-type", "application/octet-stream")], b"x" * 1_000_000)
+
+    listener = Listener()
+    listener.protocol._handler = large
+    listener.client.send_headers(1, [*GET, (":path", "/big")], end_stream=True)
+    listener.send()
+    received, ended = 0, False
+    for _ in range(200):
+        await asyncio.sleep(0)
+        for event in listener.events():
+            if isinstance(event, h2.events.DataReceived):
+                received += len(event.data)
+                # a client acknowledging every frame twice (stream and connection)
+                listener.client.acknowledge_received_data(event.flow_controlled_length, 1)
+                listener.client.increment_flow_control_window(1)
+            ended = ended or isinstance(event, h2.events.StreamEnded)
+            assert not isinstance(event, h2.events.ConnectionTerminated)
+        listener.send()
+        if ended:
+            break
+    assert ended and received == 1_000_000

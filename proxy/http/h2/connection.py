@@ -28,7 +28,8 @@ What this layer adds to `h2`:
   for a peer that never reads. So are frames that carry nothing a request needs in
   bulk: PRIORITY frames of their own (CVE-2019-9513; the priority a HEADERS frame
   carries is not counted) and DATA frames that are empty and do not end their stream
-  (CVE-2019-9518).
+  (CVE-2019-9518). A server accepts at most `max_window_updates_per_data_frame`
+  WINDOW_UPDATE frames per DATA frame it sent (plus a few), as Envoy does.
 - **Graceful drain**: `drain()` sends GOAWAY(NO_ERROR) naming the last stream that
   will be served; streams the peer opens afterwards are refused (REFUSED_STREAM, safe
   for it to retry), the ones already open finish.
@@ -89,6 +90,10 @@ class H2Limits:
     flood_window_s: float = 10.0
     max_peer_resets: int = 200
     max_control_frames: int = 2000
+    # WINDOW_UPDATE frames allowed per DATA frame we sent (Envoy's
+    # max_inbound_window_update_frames_per_data_frame_sent): each one makes us walk
+    # every stream with queued data, so a flood of them is CPU for nothing
+    max_window_updates_per_data_frame: int = 10
 
     def __post_init__(self) -> None:
         for name in self.__dataclass_fields__:
@@ -158,6 +163,8 @@ class H2Connection:
         self._resets = _FloodCounter(limits.max_peer_resets, limits.flood_window_s)
         self._control = _FloodCounter(limits.max_control_frames, limits.flood_window_s)
         self._goaway_sent_last: int | None = None
+        self._window_updates = 0
+        self._data_frames_sent = 0
         # the priority a request's HEADERS frame carried (h2 reports it as an event too)
         self._head_priority: h2.events.PriorityUpdated | None = None
         self.failed: ConnectionFailed | None = None
@@ -268,6 +275,12 @@ class H2Connection:
                 return self._fail(ENHANCE_YOUR_CALM, "too many streams reset by the peer")
             return StreamReset(stream_id, int(event.error_code or 0), remote)
         if isinstance(event, h2e.WindowUpdated):
+            self._window_updates += 1
+            allowed = 1 + self.limits.max_window_updates_per_data_frame * (
+                self._data_frames_sent + 1
+            )
+            if not self.client and self._window_updates > allowed:
+                return self._fail(ENHANCE_YOUR_CALM, "too many WINDOW_UPDATE frames")
             return SendWindowOpened(event.stream_id or 0)
         if isinstance(event, h2e.RemoteSettingsChanged | h2e.PingReceived):
             if self._control.hit(now):
@@ -390,6 +403,7 @@ class H2Connection:
                     chunk = chunk[:window]
                 pending.buffered -= len(chunk)
                 h2c.send_data(stream_id, chunk)
+                self._data_frames_sent += 1
             if pending.end:
                 del self._outbound[stream_id]
                 if pending.trailers:
