@@ -12,7 +12,7 @@ from mesh.hosts import host_matches
 from proxy.routing.sni import client_hello_sni
 
 
-def _server_name_ext(*names: bytes) -> bytes:
+def server_name_ext(*names: bytes) -> bytes:
     entries = b"".join(b"\x00" + struct.pack("!H", len(n)) + n for n in names)
     return struct.pack("!HH", 0, len(entries) + 2) + struct.pack("!H", len(entries)) + entries
 
@@ -48,23 +48,23 @@ def client_hello(*extensions: bytes) -> bytes:
     ],
 )
 def test_server_names(name: bytes, expected: str) -> None:
-    assert client_hello_sni(client_hello(_server_name_ext(name))) == expected
+    assert client_hello_sni(client_hello(server_name_ext(name))) == expected
 
 
 def test_a_name_that_is_no_dns_name_is_not_covered_by_a_wildcard_rule() -> None:
-    sni = client_hello_sni(client_hello(_server_name_ext(b".example.com")))
+    sni = client_hello_sni(client_hello(server_name_ext(b".example.com")))
     assert not (sni and host_matches("*.example.com", sni))
 
 
 def test_two_names_or_two_extensions_are_no_sni() -> None:
-    two_names = client_hello(_server_name_ext(b"a.example.com", b"b.example.com"))
+    two_names = client_hello(server_name_ext(b"a.example.com", b"b.example.com"))
     assert client_hello_sni(two_names) == ""
-    two_exts = client_hello(_server_name_ext(b"a.example.com"), _server_name_ext(b"b.example.com"))
+    two_exts = client_hello(server_name_ext(b"a.example.com"), server_name_ext(b"b.example.com"))
     assert client_hello_sni(two_exts) == ""
 
 
 def test_lengths_that_lie_never_raise() -> None:
-    good = client_hello(_server_name_ext(b"api.example.com"))
+    good = client_hello(server_name_ext(b"api.example.com"))
     # every truncation of the body inside a complete-looking record, and lengths
     # claiming more than there is
     for cut in range(6, len(good)):
