@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple, Protocol
 
@@ -38,6 +38,7 @@ from proxy.http import (
     strip_hop_by_hop,
 )
 from proxy.mirroring import MIRROR_TIMEOUT_S, Mirrors
+from proxy.own_listeners import names_own_listener
 from proxy.resilience import decide_fault, should_mirror
 from proxy.response_flags import ResponseFlag, join_flags
 from proxy.routing import (
@@ -113,6 +114,8 @@ class RouteHandler:
         # the data plane's TCP relays: a CONNECT to a ServiceEntry host whose
         # VirtualService has `tls` / `tcp` rules is handed to them (routed by SNI)
         self.tcp_relays: TcpRelays | None = None
+        # this data plane's listener ports: ALLOW_ANY never passes through to them
+        self.own_ports: Collection[int] = ()
         # host as sent -> mesh service; a handful of distinct hosts per proxy, so a
         # small memo spares canonicalising strings on every request
         self._services: dict[str, ServiceRef | None] = {}
@@ -205,6 +208,8 @@ class RouteHandler:
                     ex, relays, table.tls, table.tcp, host, port, address
                 )
         elif config.outbound_traffic_policy == "ALLOW_ANY":
+            if await names_own_listener(host, port, self.own_ports):
+                return await local_reply(ex, 508, "", "passthrough to this sidecar refused")
             address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         else:
             return await local_reply(ex, 404, ResponseFlag.NO_ROUTE_FOUND, "CONNECT is not routed")
@@ -340,6 +345,9 @@ class RouteHandler:
         (Istio's PassthroughCluster): no routing, no retries, plaintext."""
         if seen is not None:
             seen.service = host
+        if await names_own_listener(host, port, self.own_ports):
+            # it would come back to this listener, and go round again
+            return await local_reply(ex, 508, "", "passthrough to this sidecar refused")
         address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         headers = strip_hop_by_hop(req.headers, req.upgrade)
         headers = append_forwarded_for(headers, req.peer[0] if req.peer else "")

@@ -102,6 +102,7 @@ class PythonDataPlane:
         # CONNECT to a ServiceEntry host with `tls` / `tcp` rules: relayed and routed
         # as a TCP connection
         routes.tcp_relays = self.tcp
+        routes.own_ports = self._ports.values()  # a live view: listeners opened below too
         if ctx.gateway is not None:
             ctx.gateway.attach(routes)
             if policy is not None:

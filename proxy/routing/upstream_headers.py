@@ -28,6 +28,7 @@ from proxy.http.headers import (
     Headers,
     hop_by_hop_names,
     strip_hop_by_hop,
+    without_h2c,
 )
 
 HeaderEdit = Callable[[Headers], Headers]
@@ -46,6 +47,7 @@ def upstream_request_headers(
 ) -> tuple[Headers, str]:
     """The request's headers as they go upstream, and its request id (steps above;
     `edit` is step 2, None when the route has no request header operations)."""
+    upgrade = without_h2c(upgrade)  # never passed on (architecture §6, h2c smuggling)
     if edit is not None:
         headers = edit(strip_hop_by_hop(headers, upgrade))
         skip = drop | {_HOST}

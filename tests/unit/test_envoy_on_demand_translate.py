@@ -131,7 +131,11 @@ def test_allow_any_passes_unknown_hosts_through_on_demand() -> None:
     vhost = served(resources, "outbound_http/unknown.example.test")
     assert vhost["domains"] == ["unknown.example.test"]
     assert vhost["routes"] == catch_all["routes"]
-    assert [r["route"]["cluster"] for r in vhost["routes"]] == ["PassthroughCluster"] * 2
+    # ahead of the passthrough, the Hosts naming the sidecar's own listeners get 508
+    own = [r for r in vhost["routes"] if r["name"].startswith("own_listener")]
+    assert own and all(r["directResponse"]["status"] == 508 for r in own)
+    passed = [r for r in vhost["routes"] if r not in own]
+    assert [r["route"]["cluster"] for r in passed] == ["PassthroughCluster"] * 2
     assert "envoy.filters.http.dynamic_forward_proxy" in outbound_filters(out)
     assert "PassthroughCluster" in out.clusters
 

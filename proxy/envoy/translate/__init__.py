@@ -41,7 +41,7 @@ def translate(node: ProxyNode, view: MeshView) -> XdsResources:
         if node.outbound is not None:
             ctx = outbound.add_outbound(node, view, out)
             if node.on_demand:
-                out = dataclasses.replace(out, unknown_host=outbound.unknown_host_model(view))
+                out = dataclasses.replace(out, unknown_host=outbound.unknown_host_model(node, view))
             if node.capture is not None:
                 capture.add_capture(node, view, out)
         if node.inbound is not None:

@@ -204,18 +204,68 @@ def tunnel_target(node: ProxyNode, view: MeshView, host: str, port: int) -> str 
     return None
 
 
-def unknown_host_vhost(view: MeshView) -> Json:
+# loopback names and addresses, and the unspecified one, then the port: one short
+# regex per port (Envoy refuses a regex whose RE2 program is over 100 instructions)
+_LOOPBACK_AUTHORITY = (
+    r"(?i)(localhost|127\.[0-9.]+|0\.0\.0\.0|\[::1?\]|\[::ffff:127\.[0-9.]+\])\.?:"
+)
+
+
+def own_listener_routes(node: ProxyNode | None) -> list[Json]:
+    """ALLOW_ANY: a Host naming this proxy's own outbound or capture listener (by a
+    loopback name or address, the unspecified one, or the capture listener's address)
+    is answered 508, CONNECT or not, as by the Python sidecar (`proxy/own_listeners.py`):
+    the passthrough would bring it back to the same listener, round after round."""
+    if node is None:
+        return []
+    listeners = (node.outbound, node.capture)
+    ports = sorted({address[1] for address in listeners if address is not None and address[1]})
+    matchers: list[tuple[str, Json]] = []
+    for port in ports:
+        loopback = {"safeRegex": {"regex": f"{_LOOPBACK_AUTHORITY}{port}"}}
+        matchers.append((f"{port}", loopback))
+        if node.capture is not None:
+            exact = {"exact": f"{node.capture[0]}:{port}", "ignoreCase": True}
+            matchers.append((f"capture:{port}", exact))
+    refused = {
+        "status": 508,
+        "body": {"inlineString": "passthrough to this sidecar refused"},
+    }
+    routes: list[Json] = []
+    for name, string_match in matchers:
+        header = [{"name": ":authority", "stringMatch": string_match}]
+        routes.append(
+            {
+                "name": f"own_listener_connect|{name}",
+                "match": {"connectMatcher": {}, "headers": header},
+                "directResponse": refused,
+            }
+        )
+        routes.append(
+            {
+                "name": f"own_listener|{name}",
+                "match": {"prefix": "/", "headers": header},
+                "directResponse": refused,
+            }
+        )
+    return routes
+
+
+def unknown_host_vhost(view: MeshView, node: ProxyNode | None = None) -> Json:
     """The virtual host of every Host that names no mesh service and no ServiceEntry
     host: the route configuration's catch-all (`*`), or on demand the model the agent
     names after each such Host (`envoy_view.vhds_answer`). Under REGISTRY_ONLY 502
     `unknown host` (CONNECT matches no route: 404 `NR`); under ALLOW_ANY
-    `PassthroughCluster`, CONNECT tunnelled as asked (§5.5)."""
-    return {"name": UNKNOWN_HOST, "domains": ["*"], "routes": _unknown_host_routes(view)}
+    `PassthroughCluster`, CONNECT tunnelled as asked (§5.5), never to `node`'s own
+    listeners (`own_listener_routes`)."""
+    routes = _unknown_host_routes(view, node)
+    return {"name": UNKNOWN_HOST, "domains": ["*"], "routes": routes}
 
 
-def _unknown_host_routes(view: MeshView) -> list[Json]:
+def _unknown_host_routes(view: MeshView, node: ProxyNode | None) -> list[Json]:
     if allows_any(view):
         return [
+            *own_listener_routes(node),
             _connect_route(PASSTHROUGH_CLUSTER, None),
             {
                 "name": "passthrough",

@@ -97,7 +97,8 @@ def http_connection_manager(
     extra: Json | None = None,
 ) -> Json:
     """An HCM normalising paths the way the Python sidecar does (RFC 3986 dot
-    segments, merged slashes, encoded slashes rejected) and accepting absolute-form
+    segments, merged slashes, encoded slashes rejected, a trailing Host dot stripped)
+    and accepting absolute-form
     requests (the app's HTTP_PROXY). Routes come over RDS (ADS) by name, or inline."""
     body: Json = {
         "statPrefix": stat_prefix,
@@ -109,6 +110,9 @@ def http_connection_manager(
         "normalizePath": True,
         "mergeSlashes": True,
         "pathWithEscapedSlashesAction": "REJECT_REQUEST",
+        # `reviews.default.` is `reviews.default` to routing and authorization, and is
+        # forwarded without the dot, as by the Python engine (architecture §6)
+        "stripTrailingHostDot": True,
         # the Python proxies relay upgraded connections (WebSocket) too
         "upgradeConfigs": [{"upgradeType": "websocket"}],
         "httpFilters": [*http_filters, router_filter()],

@@ -93,7 +93,7 @@ def outbound_route_config(
         # catch-all (it would match every host, so Envoy would never ask)
         config["vhds"] = {"configSource": VHDS_SOURCE}
     else:
-        config["virtualHosts"] = [*vhosts, egress.unknown_host_vhost(view)]
+        config["virtualHosts"] = [*vhosts, egress.unknown_host_vhost(view, node)]
     return config
 
 
@@ -151,11 +151,11 @@ def _port_routes(rules: tuple[HTTPRoute, ...], ctx: routes.RouteContext, fqdn: s
     return out
 
 
-def unknown_host_model(view: MeshView) -> route_components_pb2.VirtualHost:
+def unknown_host_model(node: ProxyNode, view: MeshView) -> route_components_pb2.VirtualHost:
     """On demand: the virtual host the agent serves, under each unknown Host's own
     name and domains, for a Host naming nothing known (`egress.unknown_host_vhost`:
     502, or ALLOW_ANY's passthrough), as the catch-all answers it otherwise."""
-    vhost = {**egress.unknown_host_vhost(view), "name": f"{OUTBOUND_HTTP_ROUTE}/"}
+    vhost = {**egress.unknown_host_vhost(view, node), "name": f"{OUTBOUND_HTTP_ROUTE}/"}
     return parse(route_components_pb2.VirtualHost, vhost)  # type: ignore[return-value]
 
 

@@ -25,7 +25,11 @@ What this layer adds to `h2`:
   counted per `flood_window_s`; beyond `max_peer_resets` the connection ends with
   GOAWAY ENHANCE_YOUR_CALM. PING and SETTINGS frames are counted the same way
   (`max_control_frames`): their acknowledgements would otherwise queue without bound
-  for a peer that never reads.
+  for a peer that never reads. So are frames that carry nothing a request needs in
+  bulk: PRIORITY frames of their own (CVE-2019-9513; the priority a HEADERS frame
+  carries is not counted) and DATA frames that are empty and do not end their stream
+  (CVE-2019-9518). A server accepts at most `max_window_updates_per_data_frame`
+  WINDOW_UPDATE frames per DATA frame it sent (plus a few), as Envoy does.
 - **Graceful drain**: `drain()` sends GOAWAY(NO_ERROR) naming the last stream that
   will be served; streams the peer opens afterwards are refused (REFUSED_STREAM, safe
   for it to retry), the ones already open finish.
@@ -105,6 +109,10 @@ class H2Limits:
     flood_window_s: float = 10.0
     max_peer_resets: int = 200
     max_control_frames: int = 2000
+    # WINDOW_UPDATE frames allowed per DATA frame we sent (Envoy's
+    # max_inbound_window_update_frames_per_data_frame_sent): each one makes us walk
+    # every stream with queued data, so a flood of them is CPU for nothing
+    max_window_updates_per_data_frame: int = 10
 
     def __post_init__(self) -> None:
         for name in self.__dataclass_fields__:
@@ -181,6 +189,10 @@ class H2Connection:
         self._resets = _FloodCounter(limits.max_peer_resets, limits.flood_window_s)
         self._control = _FloodCounter(limits.max_control_frames, limits.flood_window_s)
         self._goaway_sent_last: int | None = None
+        self._window_updates = 0
+        self._data_frames_sent = 0
+        # the priority a request's HEADERS frame carried (h2 reports it as an event too)
+        self._head_priority: h2.events.PriorityUpdated | None = None
         self.failed: ConnectionFailed | None = None
         self.goaway_received: GoAway | None = None
 
@@ -261,12 +273,15 @@ class H2Connection:
                 self._acknowledge(flow - len(data), stream_id)
                 flow = len(data)
             end = event.stream_ended is not None
+            if not data and not flow and not end and self._control.hit(now):
+                return self._fail(ENHANCE_YOUR_CALM, "too many empty DATA frames")
             return Data(stream_id, data, flow, end)
         if isinstance(event, h2e.RequestReceived):
             stream_id = event.stream_id or 0
             if self._goaway_sent_last is not None and stream_id > self._goaway_sent_last:
                 self._h2.reset_stream(stream_id, REFUSED_STREAM)
                 return None
+            self._head_priority = event.priority_updated
             return RequestHead(stream_id, _decode(event.headers), event.stream_ended is not None)
         if isinstance(event, h2e.ResponseReceived):
             headers = _decode(event.headers)
@@ -286,6 +301,12 @@ class H2Connection:
                 return self._fail(ENHANCE_YOUR_CALM, "too many streams reset by the peer")
             return StreamReset(stream_id, int(event.error_code or 0), remote)
         if isinstance(event, h2e.WindowUpdated):
+            self._window_updates += 1
+            allowed = 1 + self.limits.max_window_updates_per_data_frame * (
+                self._data_frames_sent + 1
+            )
+            if not self.client and self._window_updates > allowed:
+                return self._fail(ENHANCE_YOUR_CALM, "too many WINDOW_UPDATE frames")
             return SendWindowOpened(event.stream_id or 0)
         if isinstance(event, h2e.RemoteSettingsChanged | h2e.PingReceived):
             if self._control.hit(now):
@@ -293,11 +314,15 @@ class H2Connection:
             if isinstance(event, h2e.RemoteSettingsChanged):
                 return SendWindowOpened(0)  # the initial window may have grown
             return None
+        if isinstance(event, h2e.PriorityUpdated):
+            if event is not self._head_priority and self._control.hit(now):
+                return self._fail(ENHANCE_YOUR_CALM, "too many PRIORITY frames")
+            return None
         if isinstance(event, h2e.ConnectionTerminated):
             gone = GoAway(int(event.last_stream_id or 0), int(event.error_code or 0))
             self.goaway_received = gone
             return gone
-        # SettingsAcknowledged, PingAckReceived, PriorityUpdated,
+        # SettingsAcknowledged, PingAckReceived,
         # InformationalResponseReceived (1xx: the final head follows), ...
         return None
 
@@ -424,6 +449,7 @@ class H2Connection:
                     h2c.send_data(stream_id, chunk, end_stream=True)
                     return
                 h2c.send_data(stream_id, chunk)
+                self._data_frames_sent += 1
             if pending.end:
                 del self._outbound[stream_id]
                 if pending.trailers:
