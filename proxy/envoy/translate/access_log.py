@@ -24,6 +24,12 @@ TELEMETRY_REQUEST_HEADERS = (
 # a gRPC answer's status: in the trailers, or in the headers of a trailers-only answer
 # (Envoy's own local replies to gRPC requests)
 GRPC_STATUS_HEADERS = ("grpc-status",)
+# Envoy buffers entries and sends them when the buffer holds this much or when the
+# flush interval (1 s, Envoy's default, which the agent's drain relies on) has passed.
+# Envoy's default buffer, 16 KiB, is some 25 entries: under load the agent then takes
+# dozens of gRPC messages a second per logger; 256 KiB makes it a few (docs/architecture.md §7).
+BUFFER_SIZE_BYTES = 256 * 1024
+BUFFER_FLUSH_INTERVAL = "1s"
 
 
 def _common(log_name: str, cluster: str) -> Json:
@@ -31,6 +37,8 @@ def _common(log_name: str, cluster: str) -> Json:
         "logName": log_name,
         "transportApiVersion": "V3",
         "grpcService": {"envoyGrpc": {"clusterName": cluster}},
+        "bufferSizeBytes": BUFFER_SIZE_BYTES,
+        "bufferFlushInterval": BUFFER_FLUSH_INTERVAL,
     }
 
 
