@@ -48,6 +48,7 @@ from proxy.envoy.resources import XdsResources
 from proxy.intercept.detect import DETECT_TIMEOUT_S
 
 from . import clusters, listeners, tcp
+from .egress import allows_any
 from .model import MeshView, ProxyNode
 from .names import OUTBOUND_HTTP_ROUTE
 from .protos import HTTP_INSPECTOR, ORIGINAL_DST, Json, duration, parse, typed
@@ -84,10 +85,6 @@ def original_dst_cluster() -> cluster_pb2.Cluster:
             "connectTimeout": duration(clusters.DEFAULT_CONNECT_TIMEOUT_MS),
         },
     )
-
-
-def allows_any(view: MeshView) -> bool:
-    return view.mesh_wide is not None and view.mesh_wide.outbound_traffic_policy == "ALLOW_ANY"
 
 
 def _host_port(address: str) -> tuple[str, int] | None:

@@ -7,6 +7,8 @@ from collections.abc import Sequence
 
 from envoy.config.listener.v3 import listener_pb2
 
+from proxy.response_flags import ResponseFlag
+
 from . import access_log
 from .protos import (
     ADS,
@@ -53,13 +55,14 @@ def fault_filter() -> Json:
 # 504 would say UNAVAILABLE. Envoy keeps a grpc-status a mapper set on its trailers-only
 # local reply; every other local reply keeps Envoy's HTTP-to-gRPC mapping, which is
 # the Python proxy's.
+_UPSTREAM_TIMEOUT = ResponseFlag.UPSTREAM_REQUEST_TIMEOUT.value
 GRPC_LOCAL_REPLIES: Json = {
     "mappers": [
         {
             "filter": {
                 "andFilter": {
                     "filters": [
-                        {"responseFlagFilter": {"flags": ["UT"]}},
+                        {"responseFlagFilter": {"flags": [_UPSTREAM_TIMEOUT]}},
                         {
                             "headerFilter": {
                                 "header": {

@@ -1,11 +1,13 @@
 """The downstream HTTP/2 shell: an asyncio Protocol around a server `H2Connection`.
 
 `data_received` feeds the connection and acts on its events; every write goes through
-`_flush`. Each stream becomes the same `Request` (a BodyStream for its body) the
-HTTP/1 engine builds, normalised by the same `normalize_request_target`, and runs the
-listener's handler with an `H2Exchange` (same interface as `Exchange`), one task per
-stream. A stream the client resets cancels its handler, and with it the upstream
-exchange (flag DC), as a closed HTTP/1 connection does.
+`_flush`, which writes once at the end of the event loop's turn: what every stream
+and the acknowledgements of what was read queued in that turn leave in one write (over
+TLS one record, one syscall) instead of one per frame. Each stream becomes the same
+`Request` (a BodyStream for its body) the HTTP/1 engine builds, normalised by the same
+`normalize_request_target`, and runs the listener's handler with an `H2Exchange` (same
+interface as `Exchange`), one task per stream. A stream the client resets cancels its
+handler, and with it the upstream exchange (flag DC), as a closed HTTP/1 connection does.
 
 The connection is chosen by `HttpServerProtocol` (ALPN `h2`, or the client preface
 on plaintext), which hands its transport over (`switch_to`).
@@ -92,6 +94,7 @@ class H2ServerProtocol(asyncio.Protocol):
         self._local: tuple[str, int] = ("", 0)
         self._ssl_object = None
         self._closed = False
+        self._flush_scheduled = False
         self._idle_timer: asyncio.TimerHandle | None = None
 
     # -- lifecycle used by ConnectionSet -------------------------------------------------
@@ -414,6 +417,13 @@ class H2ServerProtocol(asyncio.Protocol):
     # -- output and closing --------------------------------------------------------------
 
     def _flush(self) -> None:
+        """Write what is queued once this turn of the event loop is over."""
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._write_queued)
+
+    def _write_queued(self) -> None:
+        self._flush_scheduled = False
         data = self._h2.data_to_send()
         transport = self._transport
         if data and transport is not None and not transport.is_closing():
@@ -422,6 +432,7 @@ class H2ServerProtocol(asyncio.Protocol):
     def _close(self) -> None:
         transport = self._transport
         if transport is not None and not transport.is_closing():
+            self._write_queued()  # a GOAWAY, the last answers
             transport.close()
 
     def _arm_idle_timer(self) -> None:
