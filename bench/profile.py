@@ -5,11 +5,14 @@ stack). Without `--native`, time in C (uvloop's event loop and its TLS, the ssl
 module, syscalls) is charged to the Python frame that called it: `Runner.run` self
 time is the event loop's own work.
 
-    python -m bench.profile [--seconds 10] [--native]
+    python -m bench.profile [--seconds 10] [--native] [--dataplane envoy]
 
 Writes, per sidecar (`client`, `app`): bench/results/profile-<side>.txt, py-spy's
 collapsed stacks (open it in https://www.speedscope.app or feed it to flamegraph.pl),
-and bench/results/profile.json with the top functions.
+and bench/results/profile.json with the top functions. `--dataplane envoy` profiles
+the two agents of a Meshwork-on-Envoy pair instead (`bench.mesh_envoy`; Envoy carries
+the traffic, the agents serve xDS and take its access logs and spans):
+profile-envoy-agent-<side>.txt and profile_envoy_agents.json.
 """
 
 from __future__ import annotations
@@ -22,11 +25,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+from bench import mesh_envoy
 from bench.common import RESULTS, print_rows, temp_dir, write_result
 from bench.dataplane import Cluster
 from bench.loadgen import LoadGen
 from bench.nginx import start_upstream
-from bench.procstat import can_pin, pin
+from bench.procstat import can_pin, cpu_seconds, pin
 from bench.vs_envoy import start_our_pair
 
 
@@ -79,6 +83,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     ap.add_argument("--seconds", type=int, default=10)
     ap.add_argument("--connections", type=int, default=16)
     ap.add_argument("--native", action="store_true", help="C frames too (uvloop, ssl)")
+    ap.add_argument("--dataplane", choices=("python", "envoy"), default="python")
     args = ap.parse_args(argv)
     py_spy = find_py_spy()
     if py_spy is None:
@@ -87,18 +92,29 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     pinning = can_pin()
     load = LoadGen("auto", 0 if pinning else None)
     cluster = Cluster(temp_dir(), ("registry", "config", "telemetry", "ca"))
+    envoys: list[int] = []
+    on_envoy: mesh_envoy.MeshEnvoyPair | None = None
     try:
         kind, app_port, upstream = start_upstream(cluster.work, core=0 if pinning else None)
         cluster.procs.append(upstream)
-        ours = start_our_pair(cluster, app_port)
+        if args.dataplane == "envoy":
+            on_envoy = mesh_envoy.start_pair(cluster, app_port, service="app", client="client")
+            envoys = on_envoy.envoy_pids
+            url, host = f"http://127.0.0.1:{on_envoy.outbound}/", on_envoy.host
+            profiled, pinned = on_envoy.agent_pids, on_envoy.pids
+            prefix, name = "profile-envoy-agent-", "profile_envoy_agents"
+        else:
+            ours = start_our_pair(cluster, app_port)
+            url, host, profiled, pinned = ours.url, ours.host, ours.pids, ours.pids
+            prefix, name = "profile-", "profile"
         if pinning:
-            for pid in ours.pids:
+            for pid in pinned:
                 pin(pid, 1)
-        load.max_throughput(ours.url, seconds=1, connections=args.connections, host=ours.host)
+        load.max_throughput(url, seconds=1, connections=args.connections, host=host)
         RESULTS.mkdir(parents=True, exist_ok=True)
         spies = {}
-        for side, pid in zip(("app", "client"), ours.pids, strict=True):
-            out = RESULTS / f"profile-{side}.txt"
+        for side, pid in zip(("app", "client"), profiled, strict=True):
+            out = RESULTS / f"{prefix}{side}.txt"
             cmd = [py_spy, "record", "--pid", str(pid), "--duration", str(args.seconds)]
             cmd += ["--rate", "200", "--format", "raw", "--nonblocking", "-o", str(out)]
             cmd += ["--native"] if args.native else []
@@ -106,28 +122,35 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
                 out,
                 subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE),
             )
+        before = cpu_seconds(profiled), cpu_seconds(envoys)
         row = load.max_throughput(
-            ours.url, seconds=args.seconds + 1, connections=args.connections, host=ours.host
+            url, seconds=args.seconds + 1, connections=args.connections, host=host
         )
         result: dict[str, object] = {"upstream": kind, "loadgen": load.names, "rps": row["rps"]}
+        result["dataplane"] = args.dataplane
+        if envoys:
+            agents, envoy = cpu_seconds(profiled) - before[0], cpu_seconds(envoys) - before[1]
+            result["agent_cpu_s"], result["envoy_cpu_s"] = round(agents, 2), round(envoy, 2)
         for side, (out, proc) in spies.items():
             _, err = proc.communicate(timeout=args.seconds + 60)
             if proc.returncode != 0 or not out.exists():
                 raise SystemExit(f"py-spy failed on the {side} sidecar: {err.decode()[-500:]}")
             result[side] = top_functions(out.read_text())
-        write_result("profile", result)
+        write_result(name, result)
         for side in ("client", "app"):
             top: dict[str, list[tuple[str, float]]] = result[side]  # type: ignore[assignment]
             rows = [(f"self  {f}", f"{pct}%") for f, pct in top["self"][:12]]
             rows += [(f"total {f}", f"{pct}%") for f, pct in top["total"][:12]]
             print_rows(
-                f"py-spy, {side} sidecar, wrk flat out ({row['rps']:.0f} req/s); "
-                f"stacks in bench/results/profile-{side}.txt",
+                f"py-spy, {side} {'agent' if envoys else 'sidecar'}, wrk flat out "
+                f"({row['rps']:.0f} req/s); stacks in bench/results/{prefix}{side}.txt",
                 rows,
             )
         return result
     finally:
         cluster.stop()
+        if on_envoy is not None:
+            on_envoy.stop_envoys()
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ from typing import Any, Literal, NamedTuple
 
 from envoy.config.core.v3 import address_pb2, base_pb2
 from envoy.data.accesslog.v3 import accesslog_pb2
+from google.protobuf import struct_pb2
 
 from mesh import identity
 from mesh.hosts import ServiceRef, canonical_host, service_of_host, strip_port
@@ -157,19 +158,26 @@ def no_endpoints(fqdn: str) -> EndpointSet | None:
     return None
 
 
+# field name -> (Envoy's order, short code)
+_FLAG_BY_FIELD: Mapping[str, tuple[int, str]] = {
+    field: (i, code) for i, (field, code) in enumerate(RESPONSE_FLAG_CODES)
+}
+
+
 def response_flags(flags: accesslog_pb2.ResponseFlags, details: str = "") -> str:
     """Envoy's `%RESPONSE_FLAGS%` for `flags` ("-" for none); `details` (response code
-    details, or connection termination details for TCP) adds `RBAC` for a denial."""
-    codes = [code for field, code in RESPONSE_FLAG_CODES if _flag_set(flags, field)]
-    if details.startswith(_RBAC_DENIED):
+    details, or connection termination details for TCP) adds `RBAC` for a denial.
+
+    Reads only the fields Envoy set (`ListFields`: a true flag, or the
+    `unauthorized_details` message), one C call for the usual entry with none."""
+    found = flags.ListFields()
+    denied = details.startswith(_RBAC_DENIED)
+    if not found and not denied:
+        return "-"
+    codes = [code for _, code in sorted(_FLAG_BY_FIELD[f.name] for f, _ in found)]
+    if denied:
         codes.append(RBAC_FLAG)
     return ",".join(codes) if codes else "-"
-
-
-def _flag_set(flags: accesslog_pb2.ResponseFlags, field: str) -> bool:
-    if field == "unauthorized_details":
-        return flags.HasField(field)
-    return bool(getattr(flags, field))
 
 
 def cluster_service(cluster: str) -> str:
@@ -226,23 +234,25 @@ def _method(value: int) -> str:
     return str(base_pb2.RequestMethod.Name(value))
 
 
-def _peer_metadata(common: accesslog_pb2.AccessLogCommon, headers: Mapping[str, str]) -> str:
+FilterMetadata = Mapping[str, struct_pb2.Struct]
+
+
+def _peer_metadata(meta: FilterMetadata | None, headers: Mapping[str, str]) -> str:
     """The caller's `x-meshwork-peer` value: from the dynamic metadata
-    `peer_metadata_filter` wrote, else from the logged request headers."""
-    meta = common.metadata.filter_metadata
-    if PEER_METADATA_NAMESPACE in meta:
+    `peer_metadata_filter` wrote (`meta`: the entry's filter metadata, None when it has
+    none), else from the logged request headers."""
+    if meta is not None and PEER_METADATA_NAMESPACE in meta:
         value = meta[PEER_METADATA_NAMESPACE].fields.get(PEER_METADATA_KEY)
         if value is not None and value.string_value:
             return str(value.string_value)
     return headers.get(PEER_METADATA_HEADER, "")
 
 
-def _dry_run(common: accesslog_pb2.AccessLogCommon) -> tuple[str, str]:
+def _dry_run(meta: FilterMetadata | None) -> tuple[str, str]:
     """What dry-run (shadow) RBAC rules decided, from the RBAC filter's dynamic
     metadata (`<prefix>shadow_engine_result`, `<prefix>shadow_effective_policy_id`):
     ("allowed"|"denied"|"", "ns/name"). A denial by any shadow engine wins."""
-    meta = common.metadata.filter_metadata
-    if _RBAC_METADATA not in meta:
+    if meta is None or _RBAC_METADATA not in meta:
         return "", ""
     result = policy = ""
     for key, value in meta[_RBAC_METADATA].fields.items():
@@ -254,6 +264,16 @@ def _dry_run(common: accesslog_pb2.AccessLogCommon) -> tuple[str, str]:
             # the translator names rules `ns/name[i]`
             policy = value.string_value.split("[", 1)[0]
     return result, policy
+
+
+def _grpc_status(response: accesslog_pb2.HTTPResponseProperties) -> str:
+    """`grpc-status` from the logged trailers, else from the headers of a trailers-only
+    answer ("" for none)."""
+    trailers, heads = response.response_trailers, response.response_headers
+    found = trailers.get(GRPC_STATUS) if len(trailers) else None
+    if not found and len(heads):
+        found = heads.get(GRPC_STATUS)
+    return found or ""
 
 
 class HttpConversion(NamedTuple):
@@ -302,6 +322,7 @@ class AccessLogConverter:
         self._rng = rng
         self._destinations: dict[tuple[str, str], tuple[EndpointSet, Workload]] = {}
         self._callers: dict[tuple[str, str], Workload] = {}
+        self._spiffe_ids: dict[bytes, str] = {}
         self._open_tcp: dict[str, tuple[int, int]] = {}
 
     # ------------------------------------------------------------ HTTP
@@ -312,37 +333,37 @@ class AccessLogConverter:
             raise AccessLogError(
                 f"HTTP access log {log_name!r}: not one of {sorted(HTTP_LOG_REPORTERS)}"
             )
+        # every field is read once: each read of a protobuf field builds a Python object
         common, request, response = entry.common_properties, entry.request, entry.response
-        headers = request.request_headers
+        headers = dict(request.request_headers)
         authority = request.authority
+        upstream_host = socket_address(common.upstream_remote_address)
+        meta = common.metadata.filter_metadata if common.HasField("metadata") else None
         if reporter == "source":
-            service = cluster_service(common.upstream_cluster) or self._service_of(authority)
-            if common.upstream_cluster == PASSTHROUGH_CLUSTER:
+            cluster = common.upstream_cluster
+            service = cluster_service(cluster) or self._service_of(authority)
+            if cluster == PASSTHROUGH_CLUSTER:
                 # ALLOW_ANY: the host asked for, as the Python sidecar records it
                 service = strip_port(authority).lower()
             source = self.local.workload
-            upstream = socket_address(common.upstream_remote_address)
-            destination = self.destination(service, upstream)
+            destination = self.destination(service, upstream_host)
             policy = UNKNOWN
         else:
             service = self.local.service_host
-            spiffe = (
-                peer_spiffe_id(common.tls_properties) if common.HasField("tls_properties") else ""
-            )
-            source = self.caller(_peer_metadata(common, headers), spiffe)
+            spiffe = self._peer_spiffe_id(common)
+            source = self.caller(_peer_metadata(meta, headers), spiffe)
             destination = self.local.workload
             policy = "mutual_tls" if spiffe else "none"
         status = response.response_code.value if response.HasField("response_code") else 0
         flags = response_flags(common.response_flags, response.response_code_details)
-        found = {name: value for name, value in headers.items() if name in TRACE_HEADERS}
-        trace = incoming_trace(found)
-        duration_ms = _duration_ms(common)
-        start_ns = _ns(common.start_time.seconds, common.start_time.nanos)
-        dry_result, dry_policy = _dry_run(common)
-        upstream_host = socket_address(common.upstream_remote_address)
-        grpc_status = response.response_trailers.get(GRPC_STATUS) or response.response_headers.get(
-            GRPC_STATUS, ""
+        trace = incoming_trace(
+            {name: value for name, value in headers.items() if name in TRACE_HEADERS}
         )
+        duration_ms = _duration_ms(common)
+        start = common.start_time
+        start_ns = _ns(start.seconds, start.nanos)
+        dry_result, dry_policy = _dry_run(meta)
+        grpc_status = _grpc_status(response)
         record = RequestRecord(
             reporter=reporter,
             source=source,
@@ -370,6 +391,23 @@ class AccessLogConverter:
         if trace.sampled and trace.trace_id and trace.span_id:
             span = self._span(record, trace.span_id, start_ns, duration_ms)
         return HttpConversion(record, span)
+
+    def _peer_spiffe_id(self, common: accesslog_pb2.AccessLogCommon) -> str:
+        """`peer_spiffe_id` of the entry's peer certificate, memoised on the
+        certificate's logged properties (the same few callers, request after request)."""
+        if not common.HasField("tls_properties"):
+            return ""
+        tls = common.tls_properties
+        if not tls.HasField("peer_certificate_properties"):
+            return ""
+        key = tls.peer_certificate_properties.SerializeToString()
+        found = self._spiffe_ids.get(key)
+        if found is None:
+            found = peer_spiffe_id(tls)
+            if len(self._spiffe_ids) >= _MAX_MEMO:
+                self._spiffe_ids.clear()
+            self._spiffe_ids[key] = found
+        return found
 
     def _span(
         self, record: RequestRecord, parent_span_id: str, start_ns: int, duration_ms: float
@@ -425,9 +463,7 @@ class AccessLogConverter:
                 flags,
             )
         else:
-            spiffe = (
-                peer_spiffe_id(common.tls_properties) if common.HasField("tls_properties") else ""
-            )
+            spiffe = self._peer_spiffe_id(common)
             record = TcpRecord(
                 "destination",
                 self.tcp_caller(spiffe, common.downstream_remote_address),

@@ -160,6 +160,15 @@ def test_response_flags_join_in_envoys_order(
     assert response_flags(flags, details) == expected
 
 
+def test_external_authorization_denial_joins_in_envoys_order() -> None:
+    """`unauthorized_details` is a message, not a bool: set, it prints UAEX in its
+    place among the other flags."""
+    flags = accesslog_pb2.ResponseFlags(rate_limited=True, downstream_remote_reset=True)
+    flags.unauthorized_details.reason = accesslog_pb2.ResponseFlags.Unauthorized.EXTERNAL_SERVICE
+    assert response_flags(flags) == "RL,UAEX,DR"
+    assert response_flags(accesslog_pb2.ResponseFlags(rate_limited=False)) == "-"
+
+
 def test_cluster_names() -> None:
     assert cluster_service(f"outbound|0|v1|{RATINGS}") == RATINGS
     assert cluster_service(f"outbound|5432||{RATINGS}") == RATINGS
@@ -285,6 +294,23 @@ def test_inbound_caller_from_certificate_and_metadata_header() -> None:
     assert record.destination_service == REVIEWS
     assert record.security_policy == "mutual_tls"
     assert record.upstream_host == "127.0.0.1:9080"
+
+
+def test_inbound_callers_stay_apart_when_their_identity_is_remembered() -> None:
+    """One converter, callers taking turns: each entry is named by its own
+    certificate (the SPIFFE ID is memoised per logged certificate)."""
+    convert = converter()
+    for uris, principal, policy in [
+        ((PRODUCTPAGE_ID,), PRODUCTPAGE_ID, "mutual_tls"),
+        ((RATINGS_ID,), RATINGS_ID, "mutual_tls"),
+        ((), "unknown", "none"),
+        (("https://example.com/x",), "unknown", "none"),
+        ((PRODUCTPAGE_ID,), PRODUCTPAGE_ID, "mutual_tls"),
+        ((RATINGS_ID,), RATINGS_ID, "mutual_tls"),
+    ]:
+        tls = {"tls_properties": peer_tls(*uris)} if uris else {}
+        record, _ = convert.http("inbound", http_entry(authority="reviews", **tls))
+        assert (record.source.principal, record.security_policy) == (principal, policy)
 
 
 def test_inbound_plaintext_caller() -> None:
