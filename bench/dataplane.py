@@ -34,7 +34,14 @@ import urllib.request
 from pathlib import Path
 
 from bench.common import median, print_rows, run_wrk, temp_dir, write_result
-from mesh.servers import EtcdServer, ManagedProcess, NatsServer, free_port, http_ok
+from mesh.servers import (
+    EtcdServer,
+    ManagedProcess,
+    NatsServer,
+    free_port,
+    http_ok,
+    stop_together,
+)
 
 PY = sys.executable
 
@@ -61,10 +68,14 @@ class Cluster:
         self.nats = NatsServer(work / "nats").start()
         self.etcd = EtcdServer(work / "etcd").start()
         self.procs: list[ManagedProcess] = []
+        self.services: list[ManagedProcess] = []
         self.http: dict[str, str] = {}
         try:
+            # started together, then waited for: their start-ups overlap
             for svc in services:
-                self.serve(svc)
+                self.serve(svc, wait=False)
+            for svc in services:
+                self.wait_ready(svc)
         except BaseException:
             self.stop()
             raise
@@ -73,7 +84,7 @@ class Cluster:
     def common(self) -> list[str]:
         return ["--nats", self.nats.url]
 
-    def serve(self, svc: str) -> None:
+    def serve(self, svc: str, *, wait: bool = True) -> None:
         port = free_port()
         extra: list[str] = []
         if svc == "ca":
@@ -89,7 +100,12 @@ class Cluster:
                 self.work,
             )
         )  # fmt: skip
+        self.services.append(self.procs[-1])
         self.http[svc] = f"http://127.0.0.1:{port}"
+        if wait:
+            self.wait_ready(svc)
+
+    def wait_ready(self, svc: str) -> None:
         wait_until(lambda: http_ok(f"{self.http[svc]}/readyz"), f"{svc} ready")
 
     def token(self, service_account: str) -> str:
@@ -119,8 +135,11 @@ class Cluster:
         return next(p for p in self.procs if p.name == name)
 
     def stop(self) -> None:
-        for p in reversed(self.procs):
-            p.stop(timeout=5)
+        """Sidecars and apps first (a sidecar deregisters while the control plane is
+        up), then the control plane, then etcd and nats-server; the processes of each
+        group stop at once, so their drains overlap instead of adding up."""
+        stop_together([p for p in self.procs if p not in self.services], timeout=5)
+        stop_together(self.services, timeout=5)
         self.etcd.stop()
         self.nats.stop()
 

@@ -205,6 +205,32 @@ class ManagedProcess:
             return ""
 
 
+def stop_together(procs: list[ManagedProcess], timeout: float) -> None:
+    """SIGTERM to all at once (each drains in parallel), SIGKILL to what is left after
+    `timeout`; then clear each one's process group, so an app whose sidecar had to be
+    killed does not outlive it (every ManagedProcess leads its own group)."""
+    for p in procs:
+        if p.alive() and p.proc is not None:
+            p.proc.terminate()
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        if p.proc is None:
+            continue
+        try:
+            p.proc.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+        kill_group(p.proc.pid)
+
+
+def kill_group(pgid: int) -> None:
+    """SIGKILL every process left in the group `pgid` (gone already: nothing to do)."""
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
 class _ServerProcess(abc.ABC):
     """Stop, kill and restart, shared by the server wrappers."""
 

@@ -40,9 +40,11 @@ from mesh.servers import (
     enable_etcd_auth,
     free_port,
     http_ok,
+    kill_group,
     pid_alive,
     port_free,
     stop_pid,
+    stop_together,
     wait_tcp,
     write_private,
 )
@@ -597,8 +599,11 @@ class DevCluster:
         stop_together([d.proc for d in self.demo_processes], timeout=15)
         # what a killed demo sidecar left behind (its Envoy runs in its own session)
         stop_recorded_proxies(self.state_dir, self.report, timeout=5)
-        for proc in reversed(self.processes):
-            proc.stop(timeout=10)
+        # as `down` does (`_stages`): services in the reverse of their start order, the
+        # replicas of one service together (their drains overlap instead of adding up)
+        for service in reversed(self.services):
+            replicas = {i.replica for i in self.replica_info if i.service == service}
+            stop_together([p for p in self.processes if p.name in replicas], timeout=10)
         for etcd in self.etcd:
             etcd.stop()
         for nats in self.nats:
@@ -646,31 +651,6 @@ def _load_ports(path: Path, n: int) -> dict[str, list[dict[str, int]]]:
         ],
         "etcd": [{"client_port": free_port(), "peer_port": free_port()} for _ in range(n)],
     }
-
-
-def stop_together(procs: list[ManagedProcess], timeout: float) -> None:
-    """SIGTERM to all at once (each drains in parallel), SIGKILL to what is left after
-    `timeout`; then clear each one's process group, so an app whose sidecar had to be
-    killed does not outlive it (every ManagedProcess leads its own group)."""
-    for p in procs:
-        if p.alive() and p.proc is not None:
-            p.proc.terminate()
-    deadline = time.monotonic() + timeout
-    for p in procs:
-        if p.proc is None:
-            continue
-        try:
-            p.proc.wait(max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            p.kill()
-        _kill_group(p.proc.pid)
-
-
-def _kill_group(pgid: int) -> None:
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def _stages(doc: dict[str, Any]) -> list[list[dict[str, Any]]]:
@@ -747,7 +727,7 @@ def down(state_dir: Path, report: Callable[[str], None]) -> int:
             ok = stop_pid(pid, timeout=1) if pid_alive(pid) else True
             if entry.get("group"):
                 # it led its own process group (a sidecar and its app): clear the group
-                _kill_group(pid)
+                kill_group(pid)
             report(
                 f"  stopped {entry['name']} (pid {pid})"
                 if ok
