@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -10,8 +11,13 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
+import urllib.request
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+
+from mesh.servers import ManagedProcess, free_port
 
 # MESH_BENCH_RESULTS sends results elsewhere (the smoke test does, to keep the real ones)
 RESULTS = Path(os.environ.get("MESH_BENCH_RESULTS") or Path(__file__).parent / "results")
@@ -104,3 +110,46 @@ def print_rows(title: str, rows: list[tuple[str, str]]) -> None:
 
 def temp_dir() -> Path:
     return Path(tempfile.mkdtemp(prefix="meshbench-"))
+
+
+def serve(work: Path, svc: str, nats_url: str, etcd_url: str) -> tuple[ManagedProcess, int]:
+    """`meshctl serve <svc>` started (not yet ready), one replica on `nats_url` and
+    `etcd_url` (the CA with a key-encryption key in `work`): its process and HTTP port."""
+    port = free_port()
+    extra: list[str] = []
+    if svc == "ca":
+        kek = work / "ca-kek"
+        kek.write_text("11" * 32 + "\n")
+        kek.chmod(0o600)
+        extra = ["--set", f"kek-file={kek}"]
+    proc = ManagedProcess(
+        svc,
+        [sys.executable, "-m", "meshctl.main", "serve", svc, "--nats", nats_url,
+         "--etcd", etcd_url, "--http-port", str(port), *extra],
+        work / f"{svc}.log",
+    )  # fmt: skip
+    proc.start()
+    return proc, port
+
+
+def _leads(port: int) -> bool:
+    """The service on `port` is ready and, if it elects a leader, leads (it runs alone:
+    its election is won); its /healthz says."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as r:
+            health = json.loads(r.read())
+    except (OSError, ValueError):
+        return False
+    return bool(health.get("ready")) and health.get("leader") is not False
+
+
+async def until_leading(ports: Iterable[int], timeout: float = 60.0) -> None:
+    """Wait until every service on `ports` is ready and leads (what a fixed wait for the
+    elections to settle stood for)."""
+    deadline = time.monotonic() + timeout
+    waiting = list(ports)
+    while waiting:
+        waiting = [port for port in waiting if not _leads(port)]
+        if waiting and time.monotonic() > deadline:
+            raise RuntimeError(f"services on ports {waiting} not leading after {timeout}s")
+        await asyncio.sleep(0.05)

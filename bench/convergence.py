@@ -28,7 +28,15 @@ import subprocess
 import sys
 import time
 
-from bench.common import median, percentile, print_rows, temp_dir, write_result
+from bench.common import (
+    median,
+    percentile,
+    print_rows,
+    serve,
+    temp_dir,
+    until_leading,
+    write_result,
+)
 from bench.simproxy import Fleet, Target
 from mesh import logs
 from mesh.bus import Bus
@@ -47,7 +55,7 @@ from mesh.messages import (
     ResourceDocument,
 )
 from mesh.resources import load_yaml
-from mesh.servers import EtcdServer, ManagedProcess, NatsServer, free_port, http_ok
+from mesh.servers import EtcdServer, NatsServer
 from mesh.status_pages import read_proxy_status
 from proxy.settings import SidecarSettings
 from proxy.sidecar import Sidecar
@@ -327,37 +335,14 @@ async def run(
     nats = NatsServer(work / "nats").start()
     etcd = EtcdServer(work / "etcd").start()
     procs = []
-    kek = work / "ca-kek"
-    kek.write_text("11" * 32 + "\n")
-    kek.chmod(0o600)
     try:
-        for svc in ("ca", "registry", "config"):
-            extra = ["--set", f"kek-file={kek}"] if svc == "ca" else []
-            port = free_port()
-            p = ManagedProcess(
-                svc,
-                [
-                    sys.executable,
-                    "-m",
-                    "meshctl.main",
-                    "serve",
-                    svc,
-                    "--nats",
-                    nats.url,
-                    "--etcd",
-                    etcd.url,
-                    "--http-port",
-                    str(port),
-                    *extra,
-                ],
-                work / f"{svc}.log",
-            )
-            p.start()
+        ports = []
+        for svc in ("ca", "registry", "config"):  # started together
+            p, port = serve(work, svc, nats.url, etcd.url)
             procs.append(p)
-            while not http_ok(f"http://127.0.0.1:{port}/readyz"):
-                await asyncio.sleep(0.05)
+            ports.append(port)
+        await until_leading(ports)
         bus = await Bus.connect([nats.url], name="bench")
-        await asyncio.sleep(2.5)  # elections settle
         results = [await convergence(bus, nats.url, n, repeats) for n in proxies]
         simulated_results = [await simulated(bus, nats.url, n, repeats, connections) for n in sims]
         reg = await registry_latency(bus, samples)

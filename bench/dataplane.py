@@ -33,7 +33,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from bench.common import median, print_rows, run_wrk, temp_dir, write_result
+from bench.common import median, print_rows, run_wrk, serve, temp_dir, write_result
 from mesh.bus import Bus
 from mesh.ca_messages import CASubjects, TokenCreateReply, TokenCreateRequest
 from mesh.servers import (
@@ -87,21 +87,8 @@ class Cluster:
         return ["--nats", self.nats.url]
 
     def serve(self, svc: str, *, wait: bool = True) -> None:
-        port = free_port()
-        extra: list[str] = []
-        if svc == "ca":
-            kek = self.work / "ca-kek"
-            kek.write_text("11" * 32 + "\n")
-            kek.chmod(0o600)
-            extra = ["--set", f"kek-file={kek}"]
-        self.procs.append(
-            start(
-                svc,
-                [PY, "-m", "meshctl.main", "serve", svc, *self.common, "--etcd", self.etcd.url,
-                 "--http-port", str(port), *extra],
-                self.work,
-            )
-        )  # fmt: skip
+        proc, port = serve(self.work, svc, self.nats.url, self.etcd.url)
+        self.procs.append(proc)
         self.services.append(self.procs[-1])
         self.http[svc] = f"http://127.0.0.1:{port}"
         if wait:

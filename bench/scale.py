@@ -30,7 +30,7 @@ import time
 import urllib.request
 from typing import Any
 
-from bench.common import percentile, print_rows, temp_dir, write_result
+from bench.common import percentile, print_rows, serve, temp_dir, until_leading, write_result
 from bench.convergence import all_synced, vs_docs
 from bench.procstat import cpu_seconds, rss_mib
 from bench.simproxy import SERVICES
@@ -48,7 +48,7 @@ from mesh.messages import (
     RegisterReply,
     RegisterRequest,
 )
-from mesh.servers import EtcdServer, ManagedProcess, NatsServer, free_port, http_ok
+from mesh.servers import EtcdServer, ManagedProcess, NatsServer
 
 DEST = ("default", "reviews")
 
@@ -376,26 +376,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     work = temp_dir()
     nats = NatsServer(work / "nats").start()
     etcd = EtcdServer(work / "etcd").start()
-    kek = work / "ca-kek"
-    kek.write_text("11" * 32 + "\n")
-    kek.chmod(0o600)
     procs: dict[str, ManagedProcess] = {}
     ports: dict[str, int] = {}
     try:
-        for svc in ("ca", "registry", "config"):
-            extra = ["--set", f"kek-file={kek}"] if svc == "ca" else []
-            port = free_port()
-            proc = ManagedProcess(
-                svc,
-                [sys.executable, "-m", "meshctl.main", "serve", svc, "--nats", nats.url,
-                 "--etcd", etcd.url, "--http-port", str(port), *extra],
-                work / f"{svc}.log",
-            )  # fmt: skip
-            proc.start()
-            procs[svc] = proc
-            ports[svc] = port
-            while not http_ok(f"http://127.0.0.1:{port}/readyz"):
-                await asyncio.sleep(0.05)
+        for svc in ("ca", "registry", "config"):  # started together
+            procs[svc], ports[svc] = serve(work, svc, nats.url, etcd.url)
+        await until_leading(ports.values())
         assert etcd.process is not None
         cp = {
             "config_pid": procs["config"].pid,
@@ -406,7 +392,6 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "nats": nats,
         }
         bus = await Bus.connect([nats.url], name="bench-scale")
-        await asyncio.sleep(2.5)  # elections settle
         await register(bus, "reviews-base", 19999)
         sizes: list[dict[str, Any]] = []
         for serial, n in enumerate(args.sizes):
