@@ -109,12 +109,17 @@ async def eventually(
         await asyncio.sleep(interval)
 
 
+# how often a harness looks at an in-process flag (a service's or a sidecar's `ready`):
+# a look costs nothing, and each of the ~150 harnesses waits on a few such flags
+FLAG_POLL_S = 0.01
+
+
 @contextlib.asynccontextmanager
 async def running(service: ControlPlaneService) -> AsyncIterator[ControlPlaneService]:
     """Run a control-plane service in this event loop until the block ends."""
     task = asyncio.create_task(service.run(), name=f"test:{service.name}")
     try:
-        await eventually(lambda: service.ready or task.done(), timeout=20)
+        await eventually(lambda: service.ready or task.done(), timeout=20, interval=FLAG_POLL_S)
         if task.done():
             task.result()
         yield service
@@ -230,7 +235,7 @@ class EchoApp:
 
 
 # the sidecars' drain when the harness stops them all at its exit
-EXIT_DRAIN_S = 0.2
+EXIT_DRAIN_S = 0.0
 
 
 class MeshHarness:
@@ -290,7 +295,10 @@ class MeshHarness:
             service_config(self.nats_url, self.etcd_url, self.prefix, replica, **options)
         )
         await self.stack.enter_async_context(running(ca))
-        await eventually(lambda: ca.authority is not None and ca.authority.issuer is not None)
+        await eventually(
+            lambda: ca.authority is not None and ca.authority.issuer is not None,
+            interval=FLAG_POLL_S,
+        )
         self.ca = ca
         return ca
 
@@ -309,7 +317,7 @@ class MeshHarness:
     async def __aexit__(self, *exc: object) -> None:
         for sc in self.sidecars:
             # the test is over: no request in flight and no client left to tell that
-            # this instance drains, so the announcement need not wait its usual second
+            # this instance drains, so it stops without waiting for that to spread
             sc.settings.drain_timeout = min(sc.settings.drain_timeout, EXIT_DRAIN_S)
             sc.stop()
         for t in self.tasks:
@@ -358,7 +366,7 @@ class MeshHarness:
         sc.echo = echo
         self.sidecars.append(sc)
         self.tasks.append(asyncio.create_task(sc.run(), name=f"sidecar:{s.instance}"))
-        await eventually(lambda: sc.ready, timeout=15)
+        await eventually(lambda: sc.ready, timeout=15, interval=FLAG_POLL_S)
         return sc
 
     async def apply(self, text: str, source: str = "test.yaml") -> Any:
