@@ -18,11 +18,9 @@ from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 from .body import BodyInterrupted, BodyStream
 from .errors import UpstreamProtocolError, UpstreamResetError
 from .flow import ReadGate, WriteGate
+from .h1.encode import CRLF, LAST_CHUNK, chunk_size_line
 from .limits import Limits
 from .wire import (
-    CRLF,
-    LAST_CHUNK,
-    chunk_size_line,
     no_body_status,
     parse_content_length,
     response_is_chunked,

@@ -10,21 +10,11 @@ from .body import BodyStream
 from .client import UpstreamConnection, UpstreamResponse
 from .exchange_state import ExchangeState, check_local_status, discard_body, grpc_status_of
 from .flow import ReadGate, WriteGate
+from .h1.encode import CRLF, LAST_CHUNK, chunk_size_line, encode_head, last_chunk, status_line
 from .headers import HOP_BY_HOP, accepts_trailers, connection_tokens, get_header
 from .request import Request
 from .tunnel import Tunnel
-from .wire import (
-    CRLF,
-    LAST_CHUNK,
-    Framing,
-    chunk_size_line,
-    encode_fields,
-    last_chunk,
-    no_body_status,
-    parse_content_length,
-    response_framing,
-    status_line,
-)
+from .wire import Framing, no_body_status, parse_content_length, response_framing
 
 # The engine owns framing and connection management of every response it writes.
 _SKIP_FIELDS: frozenset[str] = HOP_BY_HOP | {"content-length"}
@@ -186,7 +176,7 @@ class Exchange(ExchangeState):
         skip = HOP_BY_HOP | nominated if nominated else HOP_BY_HOP
         try:
             self._check_unanswered()
-            head = status_line(101) + encode_fields(response.headers, skip, extra)
+            head = encode_head(status_line(101), response.headers, skip, extra)
         except BaseException:
             response.close()
             raise
@@ -259,7 +249,7 @@ class Exchange(ExchangeState):
             extra += "connection: close\r\n"
         elif self._request.http_version == "1.0":
             extra += "connection: keep-alive\r\n"
-        head = status_line(status, reason) + encode_fields(headers, skip, extra)
+        head = encode_head(status_line(status, reason), headers, skip, extra)
         self._closing = closing
         return head
 

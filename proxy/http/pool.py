@@ -21,13 +21,9 @@ from typing import Protocol
 from .body import BodyStream
 from .client import StaleConnectionError, UpstreamConnection, UpstreamResponse
 from .errors import UpstreamConnectError, UpstreamError, UpstreamResetError
+from .h1.client import encode_request_head
+from .h1.events import RequestHead
 from .limits import Limits
-from .wire import encode_lines, request_line
-
-# Framing is the pool's job: it follows the body it is given, not the caller's headers.
-_FRAMING_FIELDS = frozenset({"content-length", "transfer-encoding"})
-# Methods whose empty body is still worth announcing (RFC 9110 §8.6).
-_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
 
 class PoolOverflowError(UpstreamError):
@@ -206,34 +202,11 @@ class UpstreamPool:
         headers: list[tuple[str, str]],
         body: BodyStream | bytes | None,
     ) -> tuple[bytes, bool]:
-        lines: list[str] = []
-        has_host = False
-        upgrade_header = False
-        connection_upgrade = False
-        for name, value in headers:
-            lowered = name.lower()
-            if lowered in _FRAMING_FIELDS:
-                continue
-            if lowered == "host":
-                has_host = True
-            elif lowered == "upgrade":
-                upgrade_header = True
-            elif lowered == "connection" and "upgrade" in value.lower():
-                connection_upgrade = True
-            lines.append(f"{name}: {value}\r\n")
-        extra = "" if has_host else f"host: {self._authority}\r\n"
         if isinstance(body, BodyStream):
             length = body.length
         else:
             length = len(body) if body else 0
-        if length is None:
-            extra += "transfer-encoding: chunked\r\n"
-        elif length or method in _BODY_METHODS:
-            extra += f"content-length: {length}\r\n"
-        upgrade = upgrade_header and connection_upgrade
-        if upgrade and length != 0:
-            raise ValueError("an upgrade request cannot carry a body")
-        return request_line(method, path).encode("ascii") + encode_lines(lines, extra), upgrade
+        return encode_request_head(RequestHead(method, path, headers, length), self._authority)
 
     def _take_idle(self) -> UpstreamConnection | None:
         idle = self._idle

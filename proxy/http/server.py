@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import Awaitable, Callable
-from http import HTTPStatus
 from typing import TYPE_CHECKING, NoReturn, cast
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
@@ -38,6 +37,7 @@ from .body import BodyStream
 from .errors import DownstreamError, UpstreamError
 from .exchange import Exchange
 from .flow import ReadGate, WriteGate
+from .h1.encode import CONTINUE_100, error_response
 from .h2.connection import PREFACE
 from .limits import Limits
 from .request import Request
@@ -49,7 +49,7 @@ from .target import (
     normalize_request_target,
 )
 from .tunnel import Tunnel
-from .wire import CONTINUE_100, check_request_head, status_line
+from .wire import check_request_head
 
 if TYPE_CHECKING:
     from .listen import ConnectionSet
@@ -93,19 +93,7 @@ _NAME_CACHE_MAX = 512
 _METHODS: dict[bytes, str] = {}
 
 
-def _error_response(status: int, reason: str = "") -> bytes:
-    """A complete error answer; `reason` is our own text (never request data)."""
-    phrase = HTTPStatus(status).phrase
-    text = (f"{phrase}: {reason}\n" if reason else f"{phrase}\n").encode("ascii")
-    fields = (
-        "content-type: text/plain; charset=utf-8\r\n"
-        f"content-length: {len(text)}\r\n"
-        "connection: close\r\n\r\n"
-    )
-    return status_line(status) + fields.encode("ascii") + text
-
-
-_ERROR_RESPONSES = {status: _error_response(status) for status in (400, 408, 431, 500, 502)}
+_ERROR_RESPONSES = {status: error_response(status) for status in (400, 408, 431, 500, 502)}
 
 
 class _Rejection:
@@ -685,7 +673,7 @@ class HttpServerProtocol(asyncio.Protocol):
         if self._transport is None or self._transport.is_closing():
             return
         self._transport.write(
-            _error_response(status, reason) if reason else _ERROR_RESPONSES[status]
+            error_response(status, reason) if reason else _ERROR_RESPONSES[status]
         )
         self._close(linger=True)
 

@@ -12,8 +12,8 @@ import pytest
 from proxy.http import Exchange, Request
 from proxy.http.body import BodyStream
 from proxy.http.flow import WriteGate
+from proxy.http.h1.encode import LAST_CHUNK, last_chunk
 from proxy.http.headers import accepts_trailers
-from proxy.http.wire import LAST_CHUNK, last_chunk
 
 GRPC_TRAILERS = [("grpc-status", "0"), ("grpc-message", ""), ("x-served-by", "app")]
 
