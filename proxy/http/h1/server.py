@@ -303,14 +303,11 @@ class ServerConnection:
         Raises ValueError for an event that does not fit (no request to answer, a body
         longer than announced, a field that would corrupt the head)."""
         if isinstance(event, Data):
-            writer = self._writer
-            if writer is None:
-                raise ValueError("response body before its head")
-            return writer.data(event.data)
+            return self.send_data(event.data)
         if isinstance(event, ResponseHead):
             return self._send_head(event)
         if isinstance(event, EndOfMessage):
-            return self._send_end(event.trailers)
+            return self.send_end(event.trailers)
         if isinstance(event, InformationalResponse):
             request = self._answering()
             if event.status == 100 and not event.headers:
@@ -319,6 +316,29 @@ class ServerConnection:
                 raise ValueError(f"{event.status} is not an informational status")
             return encode_head(status_line(event.status, event.reason), event.headers, HOP_BY_HOP)
         raise ValueError(f"a server does not send {type(event).__name__}")
+
+    def send_data(self, data: bytes) -> bytes:
+        """`send(Data(data))` without the event (the body's hot path)."""
+        writer = self._writer
+        if writer is None:
+            raise ValueError("response body before its head")
+        return writer.data(data)
+
+    def send_end(self, trailers: Headers | None = None) -> bytes:
+        """`send(EndOfMessage(trailers))` without the event."""
+        writer = self._writer
+        if writer is None:
+            raise ValueError("end of a response before its head")
+        end = writer.end(trailers)
+        self._writer = None
+        self._unanswered.popleft()
+        return end
+
+    @property
+    def sending_body(self) -> bool:
+        """The response head sent last announced a body (not HEAD, 204, 304)."""
+        writer = self._writer
+        return writer is not None and writer.framing is not Framing.NONE
 
     def _answering(self) -> RequestHead:
         if not self._unanswered:
@@ -386,15 +406,6 @@ class ServerConnection:
             framing is Framing.CHUNKED and accepts_trailers(request.headers),
         )
         return head
-
-    def _send_end(self, trailers: Headers | None) -> bytes:
-        writer = self._writer
-        if writer is None:
-            raise ValueError("end of a response before its head")
-        end = writer.end(trailers)
-        self._writer = None
-        self._unanswered.popleft()
-        return end
 
     def _switch(self) -> None:
         """The answer turned the connection into a tunnel: nothing more is HTTP."""
