@@ -21,7 +21,6 @@ from typing import Protocol
 from .body import BodyStream
 from .client import StaleConnectionError, UpstreamConnection, UpstreamResponse
 from .errors import UpstreamConnectError, UpstreamError, UpstreamResetError
-from .h1.client import encode_request_head
 from .h1.events import RequestHead
 from .limits import Limits
 
@@ -120,23 +119,26 @@ class UpstreamPool:
             raise UpstreamConnectError("upstream pool is closed")
         if callable(self._ssl):
             self._tls_context()  # refuses when no client certificate is in force
-        head, upgrade = self._encode_head(method, path, headers, body)
-        head_request = method == "HEAD"
+        if isinstance(body, BodyStream):
+            length = body.length
+        else:
+            length = len(body) if body else 0
+        head = RequestHead(method, path, headers, length)
         connection = self._take_idle()
         fresh = False
         if connection is None:
             connection, fresh = await self._obtain()
         if fresh:
-            return await connection.exchange(head, body, head_request=head_request, upgrade=upgrade)
+            return await connection.exchange(head, body)
         try:
-            return await connection.exchange(head, body, head_request=head_request, upgrade=upgrade)
+            return await connection.exchange(head, body)
         except StaleConnectionError:
             # The upstream closed the idle connection as we reused it. Retrying is safe
             # only when the request can be sent again exactly.
             if isinstance(body, BodyStream) and not (body.complete and body.bytes_received == 0):
                 raise UpstreamResetError("pooled connection closed by upstream") from None
         connection, _ = await self._obtain()
-        return await connection.exchange(head, body, head_request=head_request, upgrade=upgrade)
+        return await connection.exchange(head, body)
 
     def configure(
         self,
@@ -194,19 +196,6 @@ class UpstreamPool:
         self._wake_waiters(all_of_them=True)
 
     # -- connections -----------------------------------------------------------------------
-
-    def _encode_head(
-        self,
-        method: str,
-        path: str,
-        headers: list[tuple[str, str]],
-        body: BodyStream | bytes | None,
-    ) -> tuple[bytes, bool]:
-        if isinstance(body, BodyStream):
-            length = body.length
-        else:
-            length = len(body) if body else 0
-        return encode_request_head(RequestHead(method, path, headers, length), self._authority)
 
     def _take_idle(self) -> UpstreamConnection | None:
         idle = self._idle
@@ -288,7 +277,7 @@ class UpstreamPool:
         try:
             async with asyncio.timeout(self._connect_timeout):
                 transport, connection = await loop.create_connection(
-                    lambda: UpstreamConnection(self, limits),
+                    lambda: UpstreamConnection(self, limits, self._authority),
                     self.host,
                     self.port,
                     ssl=context,

@@ -132,6 +132,13 @@ class ClientConnection:
     def in_body(self) -> bool:
         return self._in_body
 
+    @property
+    def idle(self) -> bool:
+        """No exchange under way, and the connection may start one."""
+        if self._broken or self._switched or not self.keep_alive:
+            return False
+        return not self._in_exchange or self.exchange_done
+
     # -- sending -------------------------------------------------------------------------
 
     def send(self, event: Event) -> bytes:
@@ -139,21 +146,29 @@ class ClientConnection:
         `Data` and ends with `EndOfMessage`. Raises ValueError for an event that does not
         fit, before changing anything."""
         if isinstance(event, Data):
-            writer = self._writer
-            if writer is None:
-                raise ValueError("request body outside a request")
-            return writer.data(event.data)
+            return self.send_data(event.data)
         if isinstance(event, RequestHead):
             return self._send_head(event)
         if isinstance(event, EndOfMessage):
-            writer = self._writer
-            if writer is None:
-                raise ValueError("end of a request outside a request")
-            end = writer.end(event.trailers)
-            self._writer = None
-            self.request_done = True
-            return end
+            return self.send_end(event.trailers)
         raise ValueError(f"a client does not send {type(event).__name__}")
+
+    def send_data(self, data: bytes) -> bytes:
+        """`send(Data(data))` without the event (the body's hot path)."""
+        writer = self._writer
+        if writer is None:
+            raise ValueError("request body outside a request")
+        return writer.data(data)
+
+    def send_end(self, trailers: Headers | None = None) -> bytes:
+        """`send(EndOfMessage(trailers))` without the event."""
+        writer = self._writer
+        if writer is None:
+            raise ValueError("end of a request outside a request")
+        end = writer.end(trailers)
+        self._writer = None
+        self.request_done = True
+        return end
 
     def _send_head(self, head: RequestHead) -> bytes:
         if self._in_exchange and not self.exchange_done:
