@@ -289,7 +289,9 @@ class UpstreamConnection(asyncio.Protocol):
             if framed:
                 parts.append(framed)
         if body.complete and not body.failed:
-            parts.append(self._h1.send_end())
+            end = self._h1.send_end()
+            if end:
+                parts.append(end)
             transport.writelines(parts)
             return True
         transport.writelines(parts)

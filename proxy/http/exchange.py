@@ -237,7 +237,9 @@ class Exchange(ExchangeState):
         transport = self._downstream.transport
         self.response_bytes = sent
         if body.complete and not body.failed:
-            parts.append(self._downstream.h1.send_end(body.trailers))
+            end = self._downstream.h1.send_end(body.trailers)
+            if end:
+                parts.append(end)
             transport.writelines(parts)
             return
         transport.writelines(parts)

@@ -30,13 +30,13 @@ from .events import (
     ResponseHead,
     TunnelBytes,
 )
-from .outgoing import BodyWriter
+from .outgoing import BodySender
 from .server import ServerConnection
 
 __all__ = [
     "CONTINUE_100",
     "LAST_CHUNK",
-    "BodyWriter",
+    "BodySender",
     "ClientConnection",
     "ConnectionClosed",
     "Data",

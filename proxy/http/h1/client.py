@@ -13,9 +13,10 @@ from __future__ import annotations
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 
 from ..limits import Limits
-from ..wire import Framing, no_body_status, parse_content_length, response_is_chunked
-from .encode import REQUEST_SKIP, encode_head, request_line
+from ..wire import no_body_status, parse_content_length, response_is_chunked
+from .encode import REQUEST_SKIP, join_head, request_line
 from .events import (
+    END_OF_MESSAGE,
     ConnectionClosed,
     Data,
     EndOfMessage,
@@ -27,7 +28,7 @@ from .events import (
     ResponseHead,
     TunnelBytes,
 )
-from .outgoing import BodyWriter
+from .outgoing import CHUNKED, LENGTH, NO_MESSAGE, BodySender
 
 # 1xx heads accepted before the final response (Envoy drops repeats; nobody sends many).
 MAX_INTERIM_RESPONSES = 16
@@ -57,17 +58,21 @@ def encode_request_head(head: RequestHead, default_authority: str) -> tuple[byte
     Framing follows `head.content_length` (None: chunked), not the caller's fields;
     Host is added (`default_authority`) when absent. Raises ValueError for a head that
     cannot be sent as it is."""
+    lines: list[str] = []
     has_host = False
     upgrade_field = False
     connection_upgrade = False
     for name, value in head.headers:
         lowered = name.lower()
+        if lowered in REQUEST_SKIP:
+            continue
         if lowered == "host":
             has_host = True
         elif lowered == "upgrade":
             upgrade_field = True
         elif lowered == "connection" and "upgrade" in value.lower():
             connection_upgrade = True
+        lines.append(f"{name}: {value}\r\n")
     extra = "" if has_host else f"host: {default_authority}\r\n"
     length = head.content_length
     if length is None:
@@ -77,11 +82,10 @@ def encode_request_head(head: RequestHead, default_authority: str) -> tuple[byte
     upgrade = upgrade_field and connection_upgrade
     if upgrade and length != 0:
         raise ValueError("an upgrade request cannot carry a body")
-    start = request_line(head.method, head.target)
-    return encode_head(start, head.headers, REQUEST_SKIP, extra), upgrade
+    return join_head(request_line(head.method, head.target), lines, extra), upgrade
 
 
-class ClientConnection:
+class ClientConnection(BodySender):
     """One upstream connection's HTTP/1.1 state, both directions."""
 
     def __init__(self, limits: Limits, default_authority: str = "") -> None:
@@ -89,7 +93,6 @@ class ClientConnection:
         self._default_authority = default_authority
         self._parser = HttpResponseParser(self)
         self._events: list[Event] = []
-        self._writer: BodyWriter | None = None
         self._in_exchange = False
         self._head_request = False
         self._upgrade_requested = False
@@ -153,22 +156,8 @@ class ClientConnection:
             return self.send_end(event.trailers)
         raise ValueError(f"a client does not send {type(event).__name__}")
 
-    def send_data(self, data: bytes) -> bytes:
-        """`send(Data(data))` without the event (the body's hot path)."""
-        writer = self._writer
-        if writer is None:
-            raise ValueError("request body outside a request")
-        return writer.data(data)
-
-    def send_end(self, trailers: Headers | None = None) -> bytes:
-        """`send(EndOfMessage(trailers))` without the event."""
-        writer = self._writer
-        if writer is None:
-            raise ValueError("end of a request outside a request")
-        end = writer.end(trailers)
-        self._writer = None
+    def _body_sent(self) -> None:
         self.request_done = True
-        return end
 
     def _send_head(self, head: RequestHead) -> bytes:
         if self._in_exchange and not self.exchange_done:
@@ -189,9 +178,9 @@ class ClientConnection:
         self._quiet_bytes = 0
         length = head.content_length
         if length is None:
-            self._writer = BodyWriter(Framing.CHUNKED)
+            self._start_body(CHUNKED, 0)
         else:
-            self._writer = BodyWriter(Framing.LENGTH, length)
+            self._start_body(LENGTH, length)
         return wire
 
     def _replace_parser_needed(self) -> bool:
@@ -202,7 +191,7 @@ class ClientConnection:
     def abandon_request(self) -> None:
         """The request body will not be finished (the response came first and refused
         it): the connection is not reusable."""
-        self._writer = None
+        self._framing = NO_MESSAGE
         self.request_done = True
         self._broken = True
 
@@ -252,7 +241,7 @@ class ClientConnection:
             self._in_body = False
             if response.content_length is None and not response.chunked:
                 self.response_done = True  # a body delimited by the close (HTTP/1.0 style)
-                return [EndOfMessage()]
+                return [END_OF_MESSAGE]
             self._broken = True
             return [ProtocolError(502, "upstream closed the connection mid-body", True)]
         return [ConnectionClosed()]
@@ -367,7 +356,7 @@ class ClientConnection:
             self.response_done = True
         elif no_body:
             self.response_done = True
-            events.append(EndOfMessage())
+            events.append(END_OF_MESSAGE)
         else:
             self._in_body = True
 
@@ -387,5 +376,9 @@ class ClientConnection:
             return  # end of an interim response, of the 101 head, or of a bodiless one
         self._in_body = False
         self.response_done = True
-        trailers, self._trailers = self._trailers, None
-        self._events.append(EndOfMessage(trailers))
+        trailers = self._trailers
+        if trailers is None:
+            self._events.append(END_OF_MESSAGE)
+        else:
+            self._trailers = None
+            self._events.append(EndOfMessage(trailers))

@@ -12,7 +12,7 @@ import re
 from collections.abc import Iterable, Set
 from http import HTTPStatus
 
-from ..headers import HOP_BY_HOP, connection_tokens
+from ..headers import HOP_BY_HOP
 
 CRLF = b"\r\n"
 LAST_CHUNK = b"0\r\n\r\n"
@@ -87,7 +87,14 @@ def encode_head(
     would smuggle in a field of its own), a name that is not a token, a character
     outside latin-1.
     """
-    lines = [f"{n}: {v}\r\n" for n, v in headers if n.lower() not in skip]
+    return join_head(
+        start_line, [f"{n}: {v}\r\n" for n, v in headers if n.lower() not in skip], extra
+    )
+
+
+def join_head(start_line: bytes, lines: list[str], extra: str = "") -> bytes:
+    """`encode_head` for field lines already formatted (`name: value\r\n`, one field
+    each) by a caller that had to look at every field anyway; validated the same way."""
     block = "".join(lines)
     if _FIELD_BLOCK_RE.fullmatch(block) is None or block.count("\n") != len(lines):
         raise ValueError("header field with an invalid name or value")
@@ -105,8 +112,17 @@ def encode_fields(headers: Iterable[tuple[str, str]], skip: Set[str], extra: str
 def response_skip(headers: list[tuple[str, str]]) -> frozenset[str]:
     """Fields a response relayed by the engine loses: framing, hop-by-hop, and those its
     own `Connection` field nominates."""
-    nominated = connection_tokens(headers)
-    return RESPONSE_SKIP | nominated if nominated else RESPONSE_SKIP
+    nominated: set[str] | None = None
+    for name, value in headers:
+        # engine-made lists are lower-case already: the cheap test first
+        if name == "connection" or (len(name) == 10 and name.lower() == "connection"):
+            if nominated is None:
+                nominated = set()
+            nominated.update(t.strip().lower() for t in value.split(","))
+    if not nominated:
+        return RESPONSE_SKIP
+    nominated.discard("")
+    return RESPONSE_SKIP | nominated
 
 
 def chunk_size_line(size: int) -> bytes:

@@ -92,6 +92,10 @@ class EndOfMessage:
     trailers: Headers | None = None
 
 
+# The end of a message without trailers, shared: events are read, never changed.
+END_OF_MESSAGE = EndOfMessage()
+
+
 @dataclass(slots=True, eq=False)
 class TunnelBytes:
     """Bytes after an upgrade or CONNECT head: not HTTP, to be relayed as they are."""

@@ -31,7 +31,7 @@ from ..target import (
     Normalization,
     normalize_request_target,
 )
-from ..wire import Framing, check_request_head, no_body_status
+from ..wire import check_request_head
 from .encode import (
     CONNECT_ESTABLISHED,
     CONTINUE_100,
@@ -41,6 +41,7 @@ from .encode import (
     status_line,
 )
 from .events import (
+    END_OF_MESSAGE,
     Data,
     EndOfMessage,
     Event,
@@ -51,7 +52,7 @@ from .events import (
     ResponseHead,
     TunnelBytes,
 )
-from .outgoing import BodyWriter
+from .outgoing import CHUNKED, CLOSE, LENGTH, NO_BODY, NO_MESSAGE, BodySender
 
 # Header names the request parser acts on, mapped to small codes.
 _CONTENT_LENGTH, _TRANSFER_ENCODING, _HOST, _UPGRADE, _EXPECT, _OVERRIDE = 1, 2, 3, 4, 5, 6
@@ -73,7 +74,7 @@ class _Rejected(Exception):
     """Raised from a parser callback to stop parsing; the status is on the connection."""
 
 
-class ServerConnection:
+class ServerConnection(BodySender):
     """One client connection's HTTP/1.1 state, both directions."""
 
     def __init__(
@@ -92,7 +93,6 @@ class ServerConnection:
         self._reject_reason = ""
         # requests handed out and not yet answered completely, oldest first
         self._unanswered: deque[RequestHead] = deque()
-        self._writer: BodyWriter | None = None
         self.keep_alive = True  # False once an answer said `Connection: close`
         self._reset_head()
 
@@ -287,8 +287,12 @@ class ServerConnection:
     def on_message_complete(self) -> None:
         self._progress = True
         self._in_body = False
-        trailers, self._trailers = self._trailers, None
-        self._events.append(EndOfMessage(trailers))
+        trailers = self._trailers
+        if trailers is None:
+            self._events.append(END_OF_MESSAGE)
+        else:
+            self._trailers = None
+            self._events.append(EndOfMessage(trailers))
 
     def _reject(self, status: int, reason: str = "") -> NoReturn:
         self._reject_status = status
@@ -302,14 +306,16 @@ class ServerConnection:
 
         Raises ValueError for an event that does not fit (no request to answer, a body
         longer than announced, a field that would corrupt the head)."""
-        if isinstance(event, Data):
-            return self.send_data(event.data)
         if isinstance(event, ResponseHead):
             return self._send_head(event)
+        if isinstance(event, Data):
+            return self.send_data(event.data)
         if isinstance(event, EndOfMessage):
             return self.send_end(event.trailers)
         if isinstance(event, InformationalResponse):
-            request = self._answering()
+            if not self._unanswered:
+                raise ValueError("no request to answer")
+            request = self._unanswered[0]
             if event.status == 100 and not event.headers:
                 return CONTINUE_100 if request.http_version == "1.1" else b""
             if not 100 <= event.status < 200 or event.status == 101:
@@ -317,37 +323,14 @@ class ServerConnection:
             return encode_head(status_line(event.status, event.reason), event.headers, HOP_BY_HOP)
         raise ValueError(f"a server does not send {type(event).__name__}")
 
-    def send_data(self, data: bytes) -> bytes:
-        """`send(Data(data))` without the event (the body's hot path)."""
-        writer = self._writer
-        if writer is None:
-            raise ValueError("response body before its head")
-        return writer.data(data)
-
-    def send_end(self, trailers: Headers | None = None) -> bytes:
-        """`send(EndOfMessage(trailers))` without the event."""
-        writer = self._writer
-        if writer is None:
-            raise ValueError("end of a response before its head")
-        end = writer.end(trailers)
-        self._writer = None
+    def _body_sent(self) -> None:
         self._unanswered.popleft()
-        return end
-
-    @property
-    def sending_body(self) -> bool:
-        """The response head sent last announced a body (not HEAD, 204, 304)."""
-        writer = self._writer
-        return writer is not None and writer.framing is not Framing.NONE
-
-    def _answering(self) -> RequestHead:
-        if not self._unanswered:
-            raise ValueError("no request to answer")
-        return self._unanswered[0]
 
     def _send_head(self, response: ResponseHead) -> bytes:
-        request = self._answering()
-        if self._writer is not None:
+        if not self._unanswered:
+            raise ValueError("no request to answer")
+        request = self._unanswered[0]
+        if self._framing != NO_MESSAGE:
             raise ValueError("this request was already answered")
         status = response.status
         headers = response.headers
@@ -365,34 +348,30 @@ class ServerConnection:
             return head
         if status < 200 or status > 999:
             raise ValueError(f"{status} is not a final status")
-        if request.method == "CONNECT" and status < 300:
+        method = request.method
+        if method == "CONNECT" and status < 300:
             head = encode_head(CONNECT_ESTABLISHED, headers, response_skip(headers))
             self._switch()
             return head
         length = response.content_length
-        head_request = request.method == "HEAD"
         http11 = request.http_version == "1.1"
-        announce: int | None = length
-        if head_request or no_body_status(status):
-            framing = Framing.NONE
-            if status == 204 or status < 200:
-                announce = None  # HEAD and 304 may announce what a GET would get
-        elif length is not None:
-            framing = Framing.LENGTH
-        else:
-            framing = Framing.CHUNKED if http11 else Framing.CLOSE
-        closing = (
-            not response.keep_alive
-            or not request.keep_alive
-            or framing is Framing.CLOSE
-            or not self.keep_alive
-        )
         extra = ""
-        if announce is not None:
-            extra = f"content-length: {announce}\r\n"
-        elif framing is Framing.CHUNKED:
+        if method == "HEAD" or status < 200 or status == 204 or status == 304:
+            framing = NO_BODY
+            # HEAD and 304 may announce what a GET would get
+            if length is not None and status != 204:
+                extra = f"content-length: {length}\r\n"
+        elif length is not None:
+            framing = LENGTH
+            extra = f"content-length: {length}\r\n"
+        elif http11:
+            framing = CHUNKED
             extra = "transfer-encoding: chunked\r\n"
-        if closing:
+        else:
+            framing = CLOSE
+        if not (response.keep_alive and request.keep_alive and self.keep_alive) or (
+            framing == CLOSE
+        ):
             extra += "connection: close\r\n"
             self.keep_alive = False
         elif not http11:
@@ -400,11 +379,10 @@ class ServerConnection:
         head = encode_head(
             status_line(status, response.reason), headers, response_skip(headers), extra
         )
-        self._writer = BodyWriter(
-            framing,
-            length if framing is Framing.LENGTH else None,
-            framing is Framing.CHUNKED and accepts_trailers(request.headers),
-        )
+        if framing == LENGTH:
+            self._start_body(LENGTH, length or 0)
+        else:
+            self._start_body(framing, 0, framing == CHUNKED and accepts_trailers(request.headers))
         return head
 
     def _switch(self) -> None:
