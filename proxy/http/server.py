@@ -1,18 +1,20 @@
-"""The downstream side: an asyncio Protocol parsing requests with httptools (llhttp).
+"""The downstream side: an asyncio shell over the sans-IO `h1.ServerConnection`.
 
-One task per connection runs the handler loop; the protocol callbacks parse, queue
-requests (pipelining) and feed body streams. Malformed requests never reach the
-handler: they are answered 400/431/408 with `Connection: close` and the connection
-is closed. A client that ends its stream before its answer has left (HTTP/1.1 has no
-half-close): its handler task is cancelled, and with it the upstream exchange.
+The connection (httptools/llhttp inside) turns bytes into events and holds every
+HTTP/1.1 rule; this Protocol moves bytes, queues the requests it is handed
+(pipelining), feeds body streams, owns the timers and runs one handler task per
+connection. Malformed requests never reach the handler: they are answered
+400/431/408 with `Connection: close` and the connection is closed. A client that ends
+its stream before its answer has left (HTTP/1.1 has no half-close): its handler task
+is cancelled, and with it the upstream exchange.
 
 Protocol choice: a connection whose TLS handshake chose ALPN `h2`, or a plaintext one
 whose first bytes are the HTTP/2 client preface (h2c prior knowledge), is handed to the
 HTTP/2 shell (`proxy.http.h2.server`) before any byte is parsed here; every listener
 built on this protocol (outbound, inbound, gateway) serves both.
 
-Every request head is normalised here, once, before any handler sees it
-(`proxy.http.target`): `Request.path` and `Request.authority` are what the listeners
+Every request head is normalised once, by the connection, before any handler sees
+it (`proxy.http.target`): `Request.path` and `Request.authority` are what the listeners
 route, authorize and forward, and the Host field is rewritten to the authority (an
 absolute-form URI's authority replaces Host, RFC 9112 §3.2.2). An invalid path or
 Host is answered 400 with a short reason naming what is wrong.
@@ -108,7 +110,8 @@ class HttpServerProtocol(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._read_gate: ReadGate | None = None
         self._write_gate = WriteGate()
-        self._h1 = ServerConnection(limits, normalization)
+        # the sans-IO HTTP/1.1 connection (a plain attribute: read on every response)
+        self.h1 = self._h1 = ServerConnection(limits, normalization)
         self._mode = _HTTP
         self._queue: deque[Request | _Rejection] = deque()
         self._pipeline_paused = False
@@ -150,10 +153,6 @@ class HttpServerProtocol(asyncio.Protocol):
     @property
     def write_gate(self) -> WriteGate:
         return self._write_gate
-
-    @property
-    def h1(self) -> ServerConnection:
-        return self._h1
 
     def will_close(self, request: Request) -> bool:
         """Whether the connection must close after answering `request`."""

@@ -60,6 +60,33 @@ def test_a_get_becomes_a_head_and_its_end() -> None:
     assert head.keep_alive and head.content_length is None and not head.chunked
 
 
+def test_the_authority_of_a_repeated_host_is_the_same_normal_form() -> None:
+    host = b"Host: Svc.NS.:80\r\n\r\n"
+    conn = server()
+    events = conn.receive_data(
+        b"GET /a HTTP/1.1\r\n" + host + b"GET /b/./c HTTP/1.1\r\n" + host
+        + b"OPTIONS * HTTP/1.1\r\n" + host + b"GET http://other:1/d HTTP/1.1\r\n" + host
+    )  # fmt: skip
+    heads = [e for e in events if isinstance(e, RequestHead)]
+    assert [(h.authority, h.path) for h in heads] == [
+        ("svc.ns:80", "/a"),
+        ("svc.ns:80", "/b/c"),
+        ("svc.ns:80", "*"),
+        ("other:1", "/d"),
+    ]
+    assert all(h.headers == [("host", h.authority)] for h in heads)
+    # a different Host is normalised (and refused) on its own
+    events = conn.receive_data(b"GET / HTTP/1.1\r\nHost: bad host\r\n\r\n")
+    assert one_error(events).status == 400
+    # a CONNECT names its authority in the target, whatever the Host
+    conn = server()
+    events = conn.receive_data(
+        b"GET / HTTP/1.1\r\n" + host + b"CONNECT db:5432 HTTP/1.1\r\n" + host
+    )
+    heads = [e for e in events if isinstance(e, RequestHead)]
+    assert [h.authority for h in heads] == ["svc.ns:80", "db:5432"]
+
+
 def test_bytes_split_anywhere_give_the_same_events() -> None:
     wire = b"POST /u HTTP/1.1\r\nHost: s\r\nContent-Length: 5\r\n\r\nhello"
     conn = server()

@@ -148,10 +148,10 @@ class ClientConnection(BodySender):
         """The bytes of `event`: a `RequestHead` starts an exchange; its body follows as
         `Data` and ends with `EndOfMessage`. Raises ValueError for an event that does not
         fit, before changing anything."""
-        if isinstance(event, Data):
-            return self.send_data(event.data)
         if isinstance(event, RequestHead):
             return self._send_head(event)
+        if isinstance(event, Data):
+            return self.send_data(event.data)
         if isinstance(event, EndOfMessage):
             return self.send_end(event.trailers)
         raise ValueError(f"a client does not send {type(event).__name__}")

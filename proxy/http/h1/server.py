@@ -29,9 +29,10 @@ from ..target import (
     OVERRIDE_HEADERS,
     InvalidTarget,
     Normalization,
+    normalize_path,
     normalize_request_target,
 )
-from ..wire import check_request_head
+from ..wire import RequestTarget, check_request_head
 from .encode import (
     CONNECT_ESTABLISHED,
     CONTINUE_100,
@@ -86,6 +87,7 @@ class ServerConnection(BodySender):
         self._events: list[Event] = []
         self._failed = False
         self._switched = False  # an upgrade/CONNECT head was parsed: bytes are tunnelled
+        self.parsing = True  # requests are still parsed (no error, no tunnel)
         self._in_body = False  # a handed-out request's body is still being parsed
         self._quiet_bytes = 0
         self._progress = False
@@ -94,6 +96,8 @@ class ServerConnection(BodySender):
         # requests handed out and not yet answered completely, oldest first
         self._unanswered: deque[RequestHead] = deque()
         self.keep_alive = True  # False once an answer said `Connection: close`
+        self._memo_host: str | None = None  # the last Host value and its normal form
+        self._memo_authority = ""
         self._reset_head()
 
     def _reset_head(self) -> None:
@@ -110,11 +114,6 @@ class ServerConnection(BodySender):
         self._trailers: Headers | None = None
 
     # -- state ---------------------------------------------------------------------------
-
-    @property
-    def parsing(self) -> bool:
-        """Requests are still parsed (no error, no tunnel)."""
-        return not (self._failed or self._switched)
 
     @property
     def in_body(self) -> bool:
@@ -135,6 +134,7 @@ class ServerConnection(BodySender):
             self._parser.feed_data(data)
         except HttpParserUpgrade as upgrade:
             self._switched = True
+            self.parsing = False
             rest = data[upgrade.args[0] :]
             if rest:
                 events.append(TunnelBytes(rest))
@@ -157,6 +157,7 @@ class ServerConnection(BodySender):
         what to answer; `in_body` when the broken request was already handed out."""
         error = ProtocolError(status, reason, self._in_body)
         self._failed = True
+        self.parsing = False
         self._in_body = False
         self.in_head = False
         return error
@@ -249,8 +250,27 @@ class ServerConnection(BodySender):
         hosts = self._hosts
         host = hosts[0] if hosts else None
         rules = self._normalization
+        target = head.target
         try:
-            target = normalize_request_target(method, head.target, host, rules)
+            if (
+                host is not None
+                and host == self._memo_host
+                and not target.absolute_form
+                and method != "CONNECT"
+            ):
+                # A keep-alive client names the same Host again and again: its
+                # normalised authority is remembered (a pure function of the value).
+                path = target.path
+                if path != "*":
+                    path = normalize_path(path, rules)
+                authority = self._memo_authority
+                if path is not target.path or authority is not target.authority:
+                    target = RequestTarget(False, target.scheme, authority, path)
+            else:
+                target = normalize_request_target(method, target, host, rules)
+                if host is not None and not target.absolute_form and method != "CONNECT":
+                    self._memo_host = host
+                    self._memo_authority = target.authority
         except InvalidTarget as error:
             self._reject(400, str(error))
         headers = self._headers
@@ -388,6 +408,7 @@ class ServerConnection(BodySender):
     def _switch(self) -> None:
         """The answer turned the connection into a tunnel: nothing more is HTTP."""
         self._switched = True
+        self.parsing = False
         self._unanswered.clear()
         self.keep_alive = False
 
