@@ -276,7 +276,7 @@ class UpstreamConnection(asyncio.Protocol):
                 future.exception()  # already reported through the raised error
             self.abort()
             raise
-        if self._head_future is future and h1.exchange_done:
+        if self._head_future is future and h1.request_done and h1.response_done:
             self._maybe_release()  # a complete answer that arrived while we were sending
         return response
 
@@ -354,7 +354,9 @@ class UpstreamConnection(asyncio.Protocol):
 
     def _maybe_release(self) -> None:
         h1 = self._h1
-        if not h1.exchange_done or self._head_future is None or self._upgraded:
+        if not (h1.request_done and h1.response_done) or self._head_future is None:
+            return
+        if self._upgraded:
             return  # an upgraded connection belongs to its tunnel until it closes
         reusable = h1.reusable and not self._dead and self.usable
         self._head_future = None

@@ -129,7 +129,7 @@ class ClientConnection(BodySender):
     @property
     def reusable(self) -> bool:
         """The exchange is over and the connection may carry another."""
-        return self.exchange_done and self.keep_alive and not self._broken
+        return self.request_done and self.response_done and self.keep_alive and not self._broken
 
     @property
     def in_body(self) -> bool:
@@ -165,7 +165,9 @@ class ClientConnection(BodySender):
         if self._broken or self._switched or not self.keep_alive:
             raise ValueError("connection cannot carry another request")
         wire, upgrade = encode_request_head(head, self._default_authority)
-        if self._in_exchange and self._replace_parser_needed():
+        if self._head_request:
+            # llhttp cannot be told a response answered HEAD: it would wait for the
+            # body the head announced. A fresh parser takes the next response.
             self._parser = HttpResponseParser(self)
         self._in_exchange = True
         self._head_request = head.method == "HEAD"
@@ -177,16 +179,11 @@ class ClientConnection(BodySender):
         self._interim = 0
         self._quiet_bytes = 0
         length = head.content_length
-        if length is None:
-            self._start_body(CHUNKED, 0)
-        else:
-            self._start_body(LENGTH, length)
+        # `_start_body`, inlined: this runs for every request
+        self._framing = CHUNKED if length is None else LENGTH
+        self._remaining = length or 0
+        self.sending_body = True
         return wire
-
-    def _replace_parser_needed(self) -> bool:
-        # llhttp cannot be told a response answered HEAD: it would wait for the body
-        # the head announced. A fresh parser takes the next response.
-        return self._head_request
 
     def abandon_request(self) -> None:
         """The request body will not be finished (the response came first and refused
