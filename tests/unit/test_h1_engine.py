@@ -126,6 +126,19 @@ def test_chunked_body_with_trailers() -> None:
     assert isinstance(end, EndOfMessage) and end.trailers == [("x-checksum", "9")]
 
 
+MALFORMED_AFTER_A_GOOD_REQUEST = [
+    b"POST / HTTP/1.1\r\nHost: s\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
+    b"POST / HTTP/1.1\r\nHost: s\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\nabc",
+    b"POST / HTTP/1.1\r\nHost: s\r\nContent-Length: 99999999999999999999\r\n\r\n",
+    b"POST / HTTP/1.1\r\nHost: s\r\nTransfer-Encoding: gzip\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: s\r\nHost: s\r\n\r\n",
+    b"GET /a#f HTTP/1.1\r\nHost: s\r\n\r\n",
+    b"GET /a;p=1 HTTP/1.1\r\nHost: s\r\n\r\n",
+    b"GET /a%2Fb HTTP/1.1\r\nHost: s\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: s\r\nConnection: upgrade\r\nUpgrade: ws\r\nContent-Length: 1\r\n\r\na",
+]
+
+
 @pytest.mark.parametrize(
     ("wire", "status"),
     [
@@ -181,6 +194,17 @@ def test_malformed_requests_never_become_heads(wire: bytes, status: int) -> None
     assert not conn.parsing
     # nothing more is parsed, even a valid request
     assert conn.receive_data(b"GET / HTTP/1.1\r\nHost: s\r\n\r\n") == []
+
+
+@pytest.mark.parametrize("case", MALFORMED_AFTER_A_GOOD_REQUEST)
+def test_a_request_after_a_good_one_on_the_same_host_is_checked_as_strictly(case: bytes) -> None:
+    # the second request of a keep-alive connection takes the engine's fast path
+    conn = server()
+    good = conn.receive_data(b"GET / HTTP/1.1\r\nHost: s\r\n\r\n")
+    assert kinds(good) == ["RequestHead", "EndOfMessage"]
+    events = conn.receive_data(case)
+    assert not any(isinstance(e, RequestHead) for e in events)
+    assert one_error(events).status == 400
 
 
 def test_a_head_that_never_ends_is_stopped_at_the_header_budget() -> None:

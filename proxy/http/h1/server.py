@@ -32,7 +32,7 @@ from ..target import (
     normalize_path,
     normalize_request_target,
 )
-from ..wire import RequestTarget, check_request_head
+from ..wire import check_request_head, parse_content_length
 from .encode import (
     CONNECT_ESTABLISHED,
     CONTINUE_100,
@@ -235,63 +235,81 @@ class ServerConnection(BodySender):
             method = _METHODS[raw_method] = raw_method.decode("ascii")
         target_text = self._url.decode("latin-1")
         upgrading = parser.should_upgrade()
-        try:
-            head = check_request_head(
-                version,
-                method,
-                target_text,
-                self._content_lengths,
-                self._transfer_encodings,
-                self._hosts,
-                upgrading,
-            )
-        except ValueError:
-            self._reject(400)
         hosts = self._hosts
-        host = hosts[0] if hosts else None
         rules = self._normalization
-        target = head.target
+        content_lengths = self._content_lengths
+        content_length: int | None = None
+        chunked = False
         try:
             if (
-                host is not None
-                and host == self._memo_host
-                and not target.absolute_form
-                and method != "CONNECT"
+                hosts is not None
+                and len(hosts) == 1
+                and hosts[0] == self._memo_host
+                and target_text[:1] == "/"
+                and self._transfer_encodings is None
+                and (content_lengths is None or len(content_lengths) == 1)
+                and (version == "1.1" or version == "1.0")
+                and "#" not in target_text
             ):
-                # A keep-alive client names the same Host again and again: its
-                # normalised authority is remembered (a pure function of the value).
-                path = target.path
-                if path != "*":
-                    path = normalize_path(path, rules)
+                # The common case, a keep-alive client's next origin-form request
+                # naming the same Host, without Transfer-Encoding: of
+                # `check_request_head`'s rules only the Content-Length's value and an
+                # upgrade's body are left to check, and the Host's normal form is
+                # remembered (a pure function of the value). Anything else takes the
+                # general path below.
+                if content_lengths is not None:
+                    try:
+                        content_length = parse_content_length(content_lengths[0])
+                    except ValueError:
+                        self._reject(400)
+                    if upgrading and content_length:
+                        self._reject(400)
+                host: str | None = hosts[0]
+                absolute_form, scheme = False, "http"
                 authority = self._memo_authority
-                if path is not target.path or authority is not target.authority:
-                    target = RequestTarget(False, target.scheme, authority, path)
+                path = normalize_path(target_text, rules)
             else:
-                target = normalize_request_target(method, target, host, rules)
-                if host is not None and not target.absolute_form and method != "CONNECT":
+                try:
+                    head = check_request_head(
+                        version,
+                        method,
+                        target_text,
+                        content_lengths,
+                        self._transfer_encodings,
+                        hosts,
+                        upgrading,
+                    )
+                except ValueError:
+                    self._reject(400)
+                content_length, chunked = head.content_length, head.chunked
+                host = hosts[0] if hosts else None
+                target = normalize_request_target(method, head.target, host, rules)
+                absolute_form, scheme = target.absolute_form, target.scheme
+                authority, path = target.authority, target.path
+                if host is not None and not absolute_form and method != "CONNECT":
                     self._memo_host = host
-                    self._memo_authority = target.authority
+                    self._memo_authority = authority
         except InvalidTarget as error:
             self._reject(400, str(error))
         headers = self._headers
-        if target.authority != (host or ""):
-            headers = _with_host(headers, target.authority)
+        if authority != (host or ""):
+            headers = _with_host(headers, authority)
         if self._override_headers and rules.drop_override_headers:
             headers = [(n, v) for n, v in headers if n not in OVERRIDE_HEADERS]
         request = RequestHead(
             method,
             target_text,
             headers,
-            head.content_length,
-            head.chunked,
+            content_length,
+            chunked,
             version,
             parser.should_keep_alive(),
             self._upgrade if upgrading and method != "CONNECT" else None,
             self._expect_continue and version == "1.1",
-            target.absolute_form,
-            target.scheme,
-            target.authority,
-            target.path,
+            absolute_form,
+            scheme,
+            authority,
+            path,
         )
         self._in_body = True
         self._unanswered.append(request)
