@@ -160,7 +160,7 @@ class ClientConnection(BodySender):
         self.request_done = True
 
     def _send_head(self, head: RequestHead) -> bytes:
-        if self._in_exchange and not self.exchange_done:
+        if self._in_exchange and not (self.request_done and self.response_done):
             raise ValueError("one exchange at a time")
         if self._broken or self._switched or not self.keep_alive:
             raise ValueError("connection cannot carry another request")
@@ -334,9 +334,10 @@ class ClientConnection(BodySender):
                 content_length = parse_content_length(self._content_lengths[0])
             except ValueError as error:
                 raise _BadResponse(str(error)) from None
-        tokens = {t.strip() for t in self._connection_tokens.split(",")}
         no_body = self._head_request or no_body_status(status)
         delimited_by_close = not no_body and not chunked and content_length is None
+        connection = self._connection_tokens
+        tokens = {t.strip() for t in connection.split(",")} if connection else ()
         if version == "1.1":
             keep_alive = "close" not in tokens
         else:
