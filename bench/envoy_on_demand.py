@@ -82,7 +82,7 @@ def one_client(cluster: Cluster, on_demand: bool, tag: str) -> dict[str, Any]:
     outbound = free_port()
     args = ["--service", "productpage", "--app-port", "9", "--outbound-port", str(outbound),
             "--instance", f"productpage-{tag}", "--dataplane", "envoy", *DRAIN,
-            *(["--envoy-on-demand"] if on_demand else [])]  # fmt: skip
+            "--envoy-on-demand" if on_demand else "--no-envoy-on-demand"]  # fmt: skip
     token = cluster.token("productpage")
     admin_port = free_port()
     t0 = time.perf_counter()  # the agent's start, not the token's creation

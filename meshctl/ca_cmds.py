@@ -117,7 +117,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     cert.set_defaults(func=lambda args: with_bus(lambda bus: cert_show(bus, args))(args))
 
 
-add_parser = add_parsers  # the name `meshctl.main.COMMAND_MODULES` calls
+add_parser = add_parsers  # the name `meshctl.main.command_modules()` callers use
 
 
 def _seconds(text: str, flag: str) -> float:

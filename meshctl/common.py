@@ -14,7 +14,6 @@ from typing import Any
 from mesh import errors
 from mesh.bus import Bus
 from mesh.messages import ResourceDocument
-from mesh.resources import ResourceError, load_yaml
 from meshctl.output import add_output_flag, emit, print_table
 
 DEFAULT_STATE_DIR = ".mesh"
@@ -161,6 +160,10 @@ def with_namespace(docs: list[ResourceDocument], namespace: str) -> list[Resourc
 
 
 def read_documents(paths: list[str]) -> list[ResourceDocument]:
+    # imported here: the resource model and YAML are for the commands that read files,
+    # and proxies (which import this module) never do
+    from mesh.resources import ResourceError, load_yaml
+
     files: list[tuple[str, str]] = []
     for p in paths:
         if p == "-":

@@ -7,41 +7,53 @@ import contextlib
 import os
 import sys
 from collections.abc import Sequence
+from types import ModuleType
 
 from mesh import __version__, logs
-from meshctl import (
-    analyze_cmd,
-    ca_cmds,
-    cluster,
-    dashboard_cmds,
-    explain_cmd,
-    intercept_cmds,
-    resources,
-    serve,
-    sidecar_cmds,
-    telemetry_cmds,
-)
+from meshctl import sidecar_cmds
 from meshctl.common import CLIError
 from meshctl.output import add_output_flag, emit
 
-COMMAND_MODULES = [
-    cluster,
-    serve,
-    resources,
-    analyze_cmd,
-    explain_cmd,
-    telemetry_cmds,
-    ca_cmds,
-    dashboard_cmds,
-    intercept_cmds,
-]
+# The proxies' commands: their processes build a parser of these alone (`main`), so
+# that a sidecar does not keep the other commands' imports resident (the etcd client
+# and grpc, aiohttp's server, the analyzers: ~10 MiB per sidecar, docs/architecture.md
+# §5.1).
+PROXY_COMMANDS = frozenset({"sidecar", "gateway"})
+
+
+def command_modules() -> list[ModuleType]:
+    """Every other group of commands (each module has `add_parser(sub)`)."""
+    from meshctl import (
+        analyze_cmd,
+        ca_cmds,
+        cluster,
+        dashboard_cmds,
+        explain_cmd,
+        intercept_cmds,
+        resources,
+        serve,
+        telemetry_cmds,
+    )
+
+    return [
+        cluster,
+        serve,
+        resources,
+        analyze_cmd,
+        explain_cmd,
+        telemetry_cmds,
+        ca_cmds,
+        dashboard_cmds,
+        intercept_cmds,
+    ]
 
 
 # flags of meshctl itself, accepted before or after the command (kubectl's convention)
 GLOBAL_FLAGS = ("--state-dir", "--nats", "--prefix")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(*, proxy_only: bool = False) -> argparse.ArgumentParser:
+    """The CLI's parser; `proxy_only`: the proxies' commands alone (`PROXY_COMMANDS`)."""
     parser = argparse.ArgumentParser(
         prog="meshctl",
         description="Meshwork service mesh CLI. Global flags (--state-dir, --nats, --prefix) "
@@ -60,10 +72,23 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("version", help="print the version")
     add_output_flag(v)
     v.set_defaults(func=cmd_version)
-    for module in COMMAND_MODULES:
-        module.add_parser(sub)
+    if not proxy_only:
+        for module in command_modules():
+            module.add_parser(sub)
     sidecar_cmds.add_parsers(sub)
     return parser
+
+
+def command_of(argv: Sequence[str]) -> str | None:
+    """The command word of `argv`: its first word that is no global flag nor its value."""
+    position = 0
+    while position < len(argv):
+        token = argv[position]
+        if not token.startswith("-"):
+            return token
+        name = token.split("=", 1)[0]
+        position += 2 if name in GLOBAL_FLAGS and "=" not in token else 1
+    return None
 
 
 def cmd_version(args: argparse.Namespace) -> int:
@@ -127,8 +152,9 @@ def hoist_global_flags(parser: argparse.ArgumentParser, argv: Sequence[str]) -> 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(hoist_global_flags(parser, sys.argv[1:] if argv is None else argv))
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(proxy_only=command_of(argv) in PROXY_COMMANDS)
+    args = parser.parse_args(hoist_global_flags(parser, argv))
     if args.command != "serve" and args.command not in ("sidecar", "gateway"):
         logs.configure(level="warning")
     if not getattr(args, "func", None):

@@ -21,7 +21,6 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TextIO
 
 import msgspec
-import yaml
 
 FORMATS = ("table", "json", "yaml")
 
@@ -86,6 +85,8 @@ def render(data: Any, output: str) -> str:
     if output == "json":
         return json.dumps(doc, indent=2)
     if output == "yaml":
+        import yaml  # only here: proxies import this module and never print YAML
+
         return yaml.safe_dump(doc, sort_keys=False, default_flow_style=False).rstrip()
     raise ValueError(f"render: {output!r} is not a document format")
 

@@ -110,10 +110,12 @@ def _common(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--envoy-on-demand",
-        action="store_true",
-        default=os.environ.get("MESH_ENVOY_ON_DEMAND", "") == "1",
+        action=argparse.BooleanOptionalAction,
+        default=os.environ.get("MESH_ENVOY_ON_DEMAND", "1") != "0",
         help="with --dataplane envoy: give Envoy a destination when a request first names "
-        "it (VHDS) instead of every service in the registry (opt-in; or MESH_ENVOY_ON_DEMAND=1)",
+        "it (VHDS), the default; --no-envoy-on-demand (or MESH_ENVOY_ON_DEMAND=0) gives "
+        "it every service in the registry from the start (a gateway follows the hosts its "
+        "routes name, an intercepting sidecar every service, either way)",
     )
     p.add_argument(
         "--jwks-ca-file",

@@ -21,6 +21,10 @@ Semantics (Envoy's router as Istio configures it):
 
 Timeouts cover the wait for the response head; once it is relayed, the body streams
 at the pace of both ends (as the existing route `timeout` always did here).
+
+Each attempt is `proxy.cluster_send.send` (endpoint, pool, request, outlier feed, the
+one failure mapping); the retry bookkeeping is `proxy.resilience.RetryState`'s. This
+module admits the request, waits and relays.
 """
 
 from __future__ import annotations
@@ -29,56 +33,29 @@ import asyncio
 import random
 import time
 from collections.abc import Callable
-from typing import NamedTuple
 
 from mesh.compiled import HTTPRoute, RetryPolicy
 from mesh.messages import Endpoint
+from proxy import cluster_send
+from proxy.cluster_send import Request, no_healthy_upstream, overflow
 from proxy.clusters import Cluster
-from proxy.forward import Outcome, PoolSet, join_flags, local_reply, relay
-from proxy.http import (
-    BodyStream,
-    Exchange,
-    UpstreamConnectError,
-    UpstreamError,
-    UpstreamResetError,
-    UpstreamResponse,
-    get_header,
-)
-from proxy.http.pool import PoolOverflowError
+from proxy.forward import Outcome, PoolSet, ResponseHeaders, local_reply, relay
+from proxy.http import BodyStream, Exchange, UpstreamResponse, get_header
 from proxy.resilience import (
     REPLAY_LIMIT_BYTES,
     Failure,
-    LocalOrigin,
     RetryConditions,
+    RetryState,
     RetryVerdict,
-    attempt_timeout_ms,
-    backoff_ms,
-    decide_retry,
     default_policy,
     retry_on,
 )
 from proxy.resilience import Outcome as AttemptResult
+from proxy.response_flags import join_flags
 from proxy.routing import HashContext
+from proxy.upstream_failure import TIMED_OUT
 
-ResponseHeaders = Callable[[list[tuple[str, str]]], list[tuple[str, str]]]
-
-_NOTHING: frozenset[str] = frozenset()
-_LOCAL_ORIGIN = {
-    Failure.CONNECT_FAILURE: LocalOrigin.CONNECT_FAILED,
-    Failure.RESET: LocalOrigin.RESET,
-    Failure.TIMEOUT: LocalOrigin.TIMEOUT,
-}
-
-
-class Request(NamedTuple):
-    """What goes upstream, the same for every attempt."""
-
-    method: str
-    path: str
-    headers: list[tuple[str, str]]
-    body: bytes | BodyStream
-    # the downstream request is gRPC (then `grpc-status` decides gRPC retry conditions)
-    grpc: bool = False
+__all__ = ["Request", "buffered_body", "send"]
 
 
 async def buffered_body(body: BodyStream) -> bytes | BodyStream:
@@ -111,145 +88,74 @@ async def send(
     breaker = cluster.breaker
     if not breaker.try_acquire_request():
         cluster.counters["overflows"] += 1
-        return await local_reply(
-            ex, 503, "UO", f"upstream overflow: too many requests in flight to {cluster.name}"
-        )
-    # One coroutine for the whole request, and no retry bookkeeping until a first
-    # attempt fails: a request without resilience settings costs little more than
-    # a plain forward.
+        refused = overflow(cluster)
+        return await local_reply(ex, refused.status, refused.flag, refused.details)
     policy = route.retries or _DEFAULT_POLICY
-    conditions = _conditions(policy)
-    route_ms = route.timeout_ms
-    per_try_ms = policy.per_try_timeout_ms
-    started = now = time.monotonic()
+    state = RetryState(policy, _conditions(policy), route.timeout_ms, time.monotonic())
     body = request.body
-    tried: set[str] | None = None
-    retries = 0
     holding_retry = False
     try:
         while True:
-            limit_ms: float | None = None
-            route_bound = False
-            if route_ms or per_try_ms:
-                elapsed_ms = (now - started) * 1000
-                limit_ms = attempt_timeout_ms(per_try_ms, route_ms, elapsed_ms)
-                if limit_ms is not None and limit_ms <= 0:
-                    cluster.counters["timeouts"] += 1
-                    return await local_reply(ex, 504, "UT", "upstream request timeout")
-                # a timeout is the route's when what is left of it is the tighter bound
-                route_bound = bool(route_ms) and (
-                    not per_try_ms or route_ms - elapsed_ms <= per_try_ms
-                )
-            exclude = (
-                frozenset(tried) if tried is not None and policy.ignore_previous_hosts else _NOTHING
+            plan = state.plan(time.monotonic())
+            if plan is None:  # the route's time is up
+                cluster.counters["timeouts"] += 1
+                return await local_reply(ex, TIMED_OUT.status, TIMED_OUT.flag, TIMED_OUT.details)
+            attempt = await cluster_send.send(
+                cluster,
+                pools,
+                request,
+                hash_ctx=hash_ctx,
+                exclude=plan.exclude,
+                timeout_ms=plan.timeout_ms,
+                on_endpoint=on_endpoint,
             )
-            endpoint = cluster.choose(hash_ctx, exclude, now)
-            if endpoint is None:
-                return await local_reply(ex, 503, "UH", f"no healthy upstream for {cluster.name}")
-            if on_endpoint is not None:
-                on_endpoint(endpoint)
-            instance = endpoint.instance
-            balancer = cluster.balancer
-            pool = pools.get(
-                endpoint.address, endpoint.identity, cluster.pool_options, cluster.origination
-            )
-            resp: UpstreamResponse | None = None
-            failure: Failure | None = None
-            flag = error = ""
-            balancer.on_request_start(instance)
-            try:
-                if limit_ms is None:
-                    resp = await pool.request(request.method, request.path, request.headers, body)
-                else:
-                    async with asyncio.timeout(limit_ms / 1000):
-                        resp = await pool.request(
-                            request.method, request.path, request.headers, body
-                        )
-            except TimeoutError:
-                failure, flag, error = Failure.TIMEOUT, "UT", "upstream request timeout"
-            except PoolOverflowError as e:
-                balancer.on_request_end(instance)
-                cluster.counters["overflows"] += 1
-                return await local_reply(ex, 503, "UO", f"upstream overflow: {e}")
-            except UpstreamConnectError as e:
-                failure, flag, error = (
-                    Failure.CONNECT_FAILURE, "UF", f"upstream connect error: {e}"
-                )  # fmt: skip
-            except UpstreamResetError as e:
-                failure, flag, error = Failure.RESET, "UC", f"upstream connection closed: {e}"
-            except UpstreamError as e:
-                failure, flag, error = Failure.RESET, "UPE", f"upstream protocol error: {e}"
-            except BaseException:
-                balancer.on_request_end(instance)
-                raise
             if holding_retry:
                 # the retry this attempt was is over
                 breaker.release_retry()
                 holding_retry = False
+            if attempt is None:
+                return await local_reply(ex, *no_healthy_upstream(cluster))
+            resp, failed = attempt.response, attempt.failure
             verdict = RetryVerdict.FINAL
             if resp is not None:
-                status = resp.status
-                if cluster.detector is not None:
-                    cluster.report(instance, status, time.monotonic())
-                if (
-                    status >= 400
-                    or status in conditions.status_codes
-                    or request.grpc
-                    or conditions.envoy_ratelimited
-                ):
-                    result = _result_of(resp, request.grpc, conditions.envoy_ratelimited)
-                    verdict = decide_retry(
-                        conditions,
-                        result,
-                        retries_done=retries,
-                        attempts=policy.attempts,
-                        replayable=_replayable(body),
-                    )
+                if state.needs_judging(resp.status, grpc=request.grpc):
+                    result = _result_of(resp, request.grpc, state.conditions.envoy_ratelimited)
+                    verdict = state.judge(result, replayable=_replayable(body))
             else:
-                assert failure is not None
-                balancer.on_request_end(instance)
-                cluster.report(instance, _LOCAL_ORIGIN[failure], time.monotonic())
-                if failure is Failure.TIMEOUT and route_bound:
+                assert failed is not None
+                if failed.failure is Failure.OVERFLOW:  # never retried
+                    return await local_reply(ex, failed.status, failed.flag, failed.details)
+                if failed.failure is Failure.TIMEOUT and plan.route_bound:
                     cluster.counters["timeouts"] += 1
-                    return await local_reply(ex, 504, "UT", error)
-                verdict = decide_retry(
-                    conditions,
-                    AttemptResult.failed(failure),
-                    retries_done=retries,
-                    attempts=policy.attempts,
-                    replayable=_replayable(body),
+                    return await local_reply(ex, failed.status, failed.flag, failed.details)
+                verdict = state.judge(
+                    AttemptResult.failed(failed.failure), replayable=_replayable(body)
                 )
             if verdict is RetryVerdict.RETRY and breaker.try_acquire_retry():
                 holding_retry = True
                 if resp is not None:
                     resp.close()
-                    balancer.on_request_end(instance)
-                retries += 1
+                    attempt.finished()
                 cluster.counters["retries"] += 1
-                if tried is None:
-                    tried = set()
-                tried.add(instance)
                 now = time.monotonic()
-                wait_ms = backoff_ms(retries, rand.random(), policy.backoff_base_ms)
-                if route_ms:
-                    wait_ms = min(wait_ms, route_ms - (now - started) * 1000)
+                wait_ms = state.retried(attempt.endpoint.instance, now, rand.random())
                 if wait_ms > 0:
                     await asyncio.sleep(wait_ms / 1000)
-                    now = time.monotonic()
                 continue
-            exhausted = "URX" if verdict is RetryVerdict.EXHAUSTED else ""
+            exhausted = verdict.flag
             if exhausted:
                 cluster.counters["retries_exhausted"] += 1
             if resp is None:
-                status = 504 if failure is Failure.TIMEOUT else 502 if flag == "UPE" else 503
-                outcome = await local_reply(ex, status, join_flags(flag, exhausted), error)
-                outcome.upstream = endpoint.address  # the endpoint the last attempt went to
+                assert failed is not None
+                flags = join_flags(failed.flag, exhausted)
+                outcome = await local_reply(ex, failed.status, flags, failed.details)
+                outcome.upstream = attempt.endpoint.address  # where the last attempt went
                 return outcome
             try:
                 await relay(ex, resp, response_headers)
             finally:
-                balancer.on_request_end(instance)
-            return Outcome(resp.status, exhausted, endpoint.address)
+                attempt.finished()
+            return Outcome(resp.status, exhausted, attempt.endpoint.address)
     finally:
         if holding_retry:
             breaker.release_retry()

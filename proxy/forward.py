@@ -1,5 +1,8 @@
-"""The one forwarding step every listener shares: send a request to an upstream pool,
-stream the answer back, and turn upstream failures into Envoy-style local replies.
+"""What every listener shares around an upstream request: the pools (`PoolSet`),
+sending on a pool with the one failure mapping (`request_pool`), relaying the answer
+(`relay`) and Envoy-style local replies (`local_reply`). Sending to a cluster is
+`proxy.cluster_send`'s; `forward` is a request to a pool with no cluster around it
+(ALLOW_ANY's passthrough).
 
 Local replies carry `x-mesh-response-flags`, so a 503 always says why (UH no healthy
 upstream, UF connect failure, UC upstream closed, UT timeout, NR no route, NC no such
@@ -17,18 +20,18 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, cast
 
 from proxy.http import (
+    BodyStream,
     Exchange,
     Limits,
     Request,
-    UpstreamConnectError,
     UpstreamError,
     UpstreamPool,
-    UpstreamResetError,
     UpstreamResponse,
 )
 from proxy.http.h2.client import H2UpstreamPool
 from proxy.http.h2.pool import NegotiatingPool
 from proxy.http.local_reply import grpc_local_reply, is_grpc
+from proxy.upstream_failure import UpstreamFailure, upstream_failure
 
 if TYPE_CHECKING:
     from proxy.clusters import PoolOptions
@@ -38,27 +41,11 @@ if TYPE_CHECKING:
 
 FLAGS_HEADER = "x-mesh-response-flags"
 
+# rewrites the upstream response's headers before they are relayed
+ResponseHeaders = Callable[[list[tuple[str, str]]], list[tuple[str, str]]]
+
 # hop-by-hop handling happens in the engine; these are what a proxy adds or rewrites
 _SERVER = ("server", "meshwork")
-
-# Envoy's order of response flags (its ResponseFlag enum), for joined flags
-_FLAG_ORDER = {
-    flag: i
-    for i, flag in enumerate(
-        ("LH", "UH", "UT", "LR", "UR", "UF", "UC", "UO", "NR", "DI", "FI", "RL", "UAEX",
-         "RLSE", "DC", "URX", "SI", "IH", "DPE", "UMSDR", "RFCF", "NFCF", "DT", "UPE", "NC",
-         "OM", "DF", "DO", "DR", "RBAC")
-    )
-}  # fmt: skip
-
-
-def join_flags(*flags: str) -> str:
-    """Response flags as Envoy prints them: comma-joined, each once, in Envoy's order
-    ("" when there are none). Arguments may themselves be joined flags."""
-    found = {f for flag in flags if flag for f in flag.split(",")}
-    if len(found) <= 1:
-        return next(iter(found), "")
-    return ",".join(sorted(found, key=lambda f: _FLAG_ORDER.get(f, len(_FLAG_ORDER))))
 
 
 @dataclass(slots=True)
@@ -235,32 +222,43 @@ async def forward(
     path: str,
     headers: list[tuple[str, str]],
     timeout_ms: int = 0,
-    response_headers: Callable[[list[tuple[str, str]]], list[tuple[str, str]]] | None = None,
+    response_headers: ResponseHeaders | None = None,
     upstream: str = "",
 ) -> Outcome:
-    """Send one request upstream and relay the response (or a tunnel after 101)."""
+    """Send one request to `pool`, no cluster around it (ALLOW_ANY's passthrough), and
+    relay the response (or a tunnel after 101)."""
+    answer = await request_pool(pool, method, path, headers, req.body, timeout_ms or None)
+    if isinstance(answer, UpstreamFailure):
+        return await local_reply(ex, answer.status, answer.flag, answer.details)
+    await relay(ex, answer, response_headers)
+    return Outcome(answer.status, "", upstream)
+
+
+async def request_pool(
+    pool: UpstreamPool,
+    method: str,
+    path: str,
+    headers: list[tuple[str, str]],
+    body: bytes | BodyStream,
+    timeout_ms: float | None = None,
+) -> UpstreamResponse | UpstreamFailure:
+    """Send a request on `pool` and wait for the response head (at most `timeout_ms`);
+    a failure is mapped once, here (`proxy.upstream_failure`)."""
     try:
-        if timeout_ms:
-            async with asyncio.timeout(timeout_ms / 1000):
-                resp = await pool.request(method, path, headers, req.body)
-        else:
-            resp = await pool.request(method, path, headers, req.body)
-    except TimeoutError:
-        return await local_reply(ex, 504, "UT", "upstream request timeout")
-    except UpstreamConnectError as e:
-        return await local_reply(ex, 503, "UF", f"upstream connect error: {e}")
-    except UpstreamResetError as e:
-        return await local_reply(ex, 503, "UC", f"upstream connection closed: {e}")
-    except UpstreamError as e:
-        return await local_reply(ex, 502, "UPE", f"upstream protocol error: {e}")
-    await relay(ex, resp, response_headers)
-    return Outcome(resp.status, "", upstream)
+        if timeout_ms is None:
+            return await pool.request(method, path, headers, body)
+        async with asyncio.timeout(timeout_ms / 1000):
+            return await pool.request(method, path, headers, body)
+    except (TimeoutError, UpstreamError) as e:
+        failure = upstream_failure(e)
+        assert failure is not None  # every UpstreamError and TimeoutError is one
+        return failure
 
 
 async def relay(
     ex: Exchange,
     resp: UpstreamResponse,
-    response_headers: Callable[[list[tuple[str, str]]], list[tuple[str, str]]] | None = None,
+    response_headers: ResponseHeaders | None = None,
 ) -> None:
     """Stream an upstream response (or a tunnel after 101) to the client."""
     if response_headers is not None:

@@ -21,9 +21,10 @@ from proxy.outbound import ADMITTED, Admitted
 from proxy.policy import RequestFacts, original_client
 from proxy.policy.ext_authz import with_upstream_headers
 from proxy.request_authn import reply_unauthenticated
+from proxy.response_flags import ResponseFlag
 from proxy.stats import ProxyStats
 
-DENIED_FLAG = "RBAC"
+DENIED_FLAG = ResponseFlag.RBAC_ACCESS_DENIED
 
 
 class GatewayAdmission:

@@ -9,12 +9,18 @@ replaced by the one the handshake proved.
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Callable
 
+from mesh.compiled import TrafficPolicy
+from mesh.hosts import ServiceRef
 from mesh.identity import requested_server_name
+from mesh.messages import Endpoint
+from proxy import cluster_send
+from proxy.clusters import Cluster
 from proxy.ext_authz import check_custom
-from proxy.forward import Outcome, PoolSet, forward, local_reply
+from proxy.forward import Outcome, PoolSet, local_reply
 from proxy.http import Exchange, Request, ensure_request_id, header_map, strip_hop_by_hop
 from proxy.inbound_policy import InboundPolicyFollower
 from proxy.peer import Peer, peer_of
@@ -22,17 +28,19 @@ from proxy.policy import AuthIdentity, Decision, RequestFacts, original_client
 from proxy.policy.ext_authz import with_upstream_headers
 from proxy.request_authn import reply_unauthenticated
 from proxy.resilience import ratelimit_headers
+from proxy.response_flags import ResponseFlag
+from proxy.routing import RoundRobinBalancer
 from proxy.settings import SidecarSettings
 from proxy.stats import ProxyStats
 
 XFCC = "x-forwarded-client-cert"
 # Envoy's flag for "no route": a CONNECT request has no path to route (Envoy answers
 # 404 to a CONNECT without a `connect_matcher` route), and no listener tunnels CONNECT
-NO_ROUTE_FLAG = "NR"
+NO_ROUTE_FLAG = ResponseFlag.NO_ROUTE_FOUND
 # Envoy's flag for a request denied by RBAC (authorization policy)
-DENIED_FLAG = "RBAC"
+DENIED_FLAG = ResponseFlag.RBAC_ACCESS_DENIED
 # Envoy's flag for a request refused by a (local) rate limit
-RATE_LIMITED_FLAG = "RL"
+RATE_LIMITED_FLAG = ResponseFlag.RATE_LIMITED
 
 
 class InboundHandler:
@@ -48,10 +56,13 @@ class InboundHandler:
         self.policy = policy
         self.stats = stats
         self.app_address = f"{settings.app_host}:{settings.app_port}"
+        self.app_cluster = app_cluster(settings.namespace, settings.service, self.app_address)
 
     async def handle(self, req: Request, ex: Exchange) -> Outcome:
         if self.settings.app_port == 0:
-            return await local_reply(ex, 503, "UH", "this sidecar has no app port")
+            return await local_reply(
+                ex, 503, ResponseFlag.NO_HEALTHY_UPSTREAM, "this sidecar has no app port"
+            )
         if req.method == "CONNECT":
             return await local_reply(ex, 404, NO_ROUTE_FLAG, "CONNECT is not routed")
         peer = peer_of(req.ssl_object)
@@ -123,14 +134,11 @@ class InboundHandler:
             headers.append(("host", req.authority))
         if peer.mtls:
             headers.append((XFCC, f"By={self.settings.identity};URI={peer.spiffe_id}"))
-        outcome = await forward(
+        outcome = await cluster_send.exchange(
             ex,
-            req,
-            self.app_pools.get(self.app_address),
-            method=req.method,
-            path=path,
-            headers=headers,
-            upstream=self.app_address,
+            self.app_cluster,
+            self.app_pools,
+            cluster_send.Request(req.method, path, headers, req.body),
             response_headers=_adding((limited_headers or []) + allowed_headers),
         )
         outcome.authz_shadow = shadow
@@ -168,6 +176,16 @@ class InboundHandler:
         if decision.shadow is not None:
             self.stats.count_dry_run("http", decision.shadow)
         return decision
+
+
+def app_cluster(namespace: str, service: str, address: str) -> Cluster:
+    """The app as a cluster of one endpoint (Envoy's `inbound|<port>||` cluster): no
+    DestinationRule applies to it, so its breaker has Istio's unlimited defaults and
+    there is no outlier detection; requests reach it through the same upstream path as
+    any other cluster's (`proxy.cluster_send`)."""
+    endpoint = Endpoint(instance=address, address=address)
+    balancer = RoundRobinBalancer([endpoint], random.Random(0))
+    return Cluster(ServiceRef(namespace, service), "", TrafficPolicy(), balancer)
 
 
 def _adding(

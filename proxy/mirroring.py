@@ -2,8 +2,10 @@
 fire and forget.
 
 The copy leaves with its authority suffixed `-shadow` (`reviews-shadow:9080`), goes
-to an endpoint of the mirror's cluster (its circuit breaker counts it), and its
-response is read and discarded. The primary request never waits for it and never
+to an endpoint of the mirror's cluster through the one upstream path
+(`proxy.cluster_send`: its circuit breaker counts it, its balancer and outlier
+detector see it, as Envoy's shadow requests are its cluster's), and its response is
+read and discarded. The primary request never waits for it and never
 sees how it went: the copy runs in its own task, owned by `Mirrors`, bounded in time
 (the route's `timeout`, else `MIRROR_TIMEOUT_S`) and in number (`MAX_IN_FLIGHT`;
 beyond, copies are dropped and counted). Only bodies the primary could hold in
@@ -16,12 +18,12 @@ from __future__ import annotations
 
 import asyncio
 import random
-import time
 from typing import Any
 
 from mesh import errors
 from mesh.hosts import ServiceRef
 from mesh.logs import get_logger
+from proxy import cluster_send
 from proxy.destinations import DestinationCache
 from proxy.forward import PoolSet
 from proxy.http import UpstreamError
@@ -126,22 +128,22 @@ class Mirrors:
         cluster = dest.cluster(subset, self.rand)
         if cluster is None:
             return "failed"
-        endpoint = cluster.choose(None, frozenset(), time.monotonic())
-        if endpoint is None:
-            return "failed"
         breaker = cluster.breaker
         if not breaker.try_acquire_request():
             return "dropped"
         try:
-            pool = self.pools.get(
-                endpoint.address, endpoint.identity, cluster.pool_options, cluster.origination
+            attempt = await cluster_send.send(
+                cluster, self.pools, cluster_send.Request(method, path, headers, body)
             )
-            resp = await pool.request(method, path, headers, body)
+            if attempt is None or attempt.response is None:
+                return "failed"  # no endpoint, or no response (`attempt.failure`)
+            resp = attempt.response
             try:
                 async for _ in resp.body:
                     pass
             finally:
                 resp.close()
+                attempt.finished()
         finally:
             breaker.release_request()
         return "sent"

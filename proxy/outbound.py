@@ -17,29 +17,30 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 from mesh import errors
-from mesh.compiled import HTTPRoute, L4Route, Mirror
+from mesh.compiled import HeaderOps, HTTPRoute, L4Route, Mirror, WeightedDestination
 from mesh.hosts import ServiceRef, canonical_host, service_of_host, strip_port
 from mesh.messages import Endpoint
-from proxy import attempts
+from proxy import attempts, cluster_send
 from proxy.destinations import Destination, DestinationCache
-from proxy.forward import Outcome, PoolSet, forward, join_flags, local_reply
+from proxy.forward import Outcome, PoolSet, forward, local_reply
 from proxy.http import (
     BodyStream,
     Exchange,
     Request,
     UpstreamError,
     append_forwarded_for,
-    ensure_request_id,
     header_map,
     strip_hop_by_hop,
 )
 from proxy.mirroring import MIRROR_TIMEOUT_S, Mirrors
+from proxy.own_listeners import names_own_listener
 from proxy.resilience import decide_fault, should_mirror
+from proxy.response_flags import ResponseFlag, join_flags
 from proxy.routing import (
     CompiledRoutes,
     HashContext,
@@ -54,6 +55,7 @@ from proxy.routing import (
     request_authority,
     rewrite_path,
 )
+from proxy.routing.upstream_headers import HeaderEdit, upstream_request_headers
 from proxy.telemetry import PEER_METADATA_HEADER, SidecarTelemetry
 
 if TYPE_CHECKING:
@@ -112,6 +114,8 @@ class RouteHandler:
         # the data plane's TCP relays: a CONNECT to a ServiceEntry host whose
         # VirtualService has `tls` / `tcp` rules is handed to them (routed by SNI)
         self.tcp_relays: TcpRelays | None = None
+        # this data plane's listener ports: ALLOW_ANY never passes through to them
+        self.own_ports: Collection[int] = ()
         # host as sent -> mesh service; a handful of distinct hosts per proxy, so a
         # small memo spares canonicalising strings on every request
         self._services: dict[str, ServiceRef | None] = {}
@@ -137,7 +141,7 @@ class RouteHandler:
             return await self._handle(req, ex, None)
         # what routing learns on the way; recorded as is (status 0, flags DC) when the
         # handler ends by an exception, e.g. the client went away
-        seen = Outcome(0, "DC")
+        seen = Outcome(0, ResponseFlag.DOWNSTREAM_CONNECTION_TERMINATION)
         try:
             result = await self._handle(req, ex, seen)
         except BaseException:
@@ -160,11 +164,13 @@ class RouteHandler:
             if req.http_version == "1.1" and _port_of(authority):
                 return await self._connect_outside(req, ex)
         if ref is None or ref.name == "*" or req.http_version != "1.1" or not _port_of(authority):
-            return await local_reply(ex, 404, "NR", "CONNECT is not routed")
+            return await local_reply(ex, 404, ResponseFlag.NO_ROUTE_FOUND, "CONNECT is not routed")
         try:
             dest = await self.cache.get(ref)
         except errors.MeshError as e:
-            return await local_reply(ex, 503, "UH", f"no configuration for {ref}: {e}")
+            return await local_reply(
+                ex, 503, ResponseFlag.NO_HEALTHY_UPSTREAM, f"no configuration for {ref}: {e}"
+            )
         if not _exists(dest):
             # a name the registry does not know: a ServiceEntry host or ALLOW_ANY may
             return await self._connect_outside(req, ex)
@@ -181,7 +187,9 @@ class RouteHandler:
         try:
             config = await self.cache.mesh_wide.current()
         except errors.MeshError as e:
-            return await local_reply(ex, 503, "UH", f"no mesh-wide configuration: {e}")
+            return await local_reply(
+                ex, 503, ResponseFlag.NO_HEALTHY_UPSTREAM, f"no mesh-wide configuration: {e}"
+            )
         dest = None
         if self.cache.mesh_wide.tunnels(host, port, self.caller.namespace):
             dest = self.cache.mesh_wide.destination(host, port, self.caller.namespace)
@@ -190,7 +198,9 @@ class RouteHandler:
             now = time.monotonic()
             endpoint = cluster.choose(None, frozenset(), now) if cluster is not None else None
             if endpoint is None:
-                return await local_reply(ex, 503, "UH", f"no healthy upstream for {host}")
+                return await local_reply(
+                    ex, 503, ResponseFlag.NO_HEALTHY_UPSTREAM, f"no healthy upstream for {host}"
+                )
             address = endpoint.address
             table, relays = dest.table, self.tcp_relays
             if table is not None and (table.tls or table.tcp) and relays is not None:
@@ -198,13 +208,17 @@ class RouteHandler:
                     ex, relays, table.tls, table.tcp, host, port, address
                 )
         elif config.outbound_traffic_policy == "ALLOW_ANY":
+            if await names_own_listener(host, port, self.own_ports):
+                return await local_reply(ex, 508, "", "passthrough to this sidecar refused")
             address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         else:
-            return await local_reply(ex, 404, "NR", "CONNECT is not routed")
+            return await local_reply(ex, 404, ResponseFlag.NO_ROUTE_FOUND, "CONNECT is not routed")
         try:
             upstream = await self.pools.get(address).open_connection()
         except UpstreamError as e:
-            return await local_reply(ex, 503, "UF", f"upstream connect error: {e}")
+            return await local_reply(
+                ex, 503, ResponseFlag.UPSTREAM_CONNECTION_FAILURE, f"upstream connect error: {e}"
+            )
         await ex.relay_connect(upstream)
         return Outcome(200, "", address, host)
 
@@ -261,10 +275,14 @@ class RouteHandler:
             # without one arrived on the scheme's default port (80 for HTTP)
             attrs = _with_default_port(attrs, req.scheme)
             if self.gateway_routes is None:
-                return await local_reply(ex, 503, "NC", "gateway has no configuration yet")
+                return await local_reply(
+                    ex, 503, ResponseFlag.NO_CLUSTER_FOUND, "gateway has no configuration yet"
+                )
             match = self.gateway_routes.select(attrs)
             if match is None:
-                return await local_reply(ex, 404, "NR", f"no route for {authority}{req.path}")
+                return await local_reply(
+                    ex, 404, ResponseFlag.NO_ROUTE_FOUND, f"no route for {authority}{req.path}"
+                )
             return await self._route(req, ex, attrs, match, seen, client_headers)
 
         ref = self._service(authority)
@@ -275,13 +293,17 @@ class RouteHandler:
         try:
             dest = await self.cache.get(ref)
         except errors.MeshError as e:
-            return await local_reply(ex, 503, "UH", f"no configuration for {ref}: {e}")
+            return await local_reply(
+                ex, 503, ResponseFlag.NO_HEALTHY_UPSTREAM, f"no configuration for {ref}: {e}"
+            )
         if not _exists(dest):
             return await self._outside_registry(req, ex, attrs, seen, "no such service")
         assert dest.routes is not None
         match = dest.routes.select(attrs)
         if match is None:
-            return await local_reply(ex, 404, "NR", f"no route matched {req.method} {req.path}")
+            return await local_reply(
+                ex, 404, ResponseFlag.NO_ROUTE_FOUND, f"no route matched {req.method} {req.path}"
+            )
         return await self._route(req, ex, attrs, match, seen)
 
     async def _outside_registry(
@@ -296,18 +318,24 @@ class RouteHandler:
         try:
             config = await self.cache.mesh_wide.current()
         except errors.MeshError as e:
-            return await local_reply(ex, 503, "UH", f"no mesh-wide configuration: {e}")
+            return await local_reply(
+                ex, 503, ResponseFlag.NO_HEALTHY_UPSTREAM, f"no mesh-wide configuration: {e}"
+            )
         dest = self.cache.mesh_wide.destination(host, attrs.port, self.caller.namespace)
         if dest is None:
             if config.outbound_traffic_policy == "ALLOW_ANY":
                 return await self._passthrough(req, ex, host, attrs.port or 80, seen)
-            return await local_reply(ex, 502, "NR", f"unknown host {host!r}: {why}")
+            return await local_reply(
+                ex, 502, ResponseFlag.NO_ROUTE_FOUND, f"unknown host {host!r}: {why}"
+            )
         if seen is not None:
             seen.service = dest.host
         assert dest.routes is not None
         match = dest.routes.select(attrs)
         if match is None:
-            return await local_reply(ex, 404, "NR", f"no route matched {req.method} {req.path}")
+            return await local_reply(
+                ex, 404, ResponseFlag.NO_ROUTE_FOUND, f"no route matched {req.method} {req.path}"
+            )
         return await self._route(req, ex, attrs, match, seen)
 
     async def _passthrough(
@@ -317,6 +345,9 @@ class RouteHandler:
         (Istio's PassthroughCluster): no routing, no retries, plaintext."""
         if seen is not None:
             seen.service = host
+        if await names_own_listener(host, port, self.own_ports):
+            # it would come back to this listener, and go round again
+            return await local_reply(ex, 508, "", "passthrough to this sidecar refused")
         address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         headers = strip_hop_by_hop(req.headers, req.upgrade)
         headers = append_forwarded_for(headers, req.peer[0] if req.peer else "")
@@ -355,7 +386,7 @@ class RouteHandler:
         try:
             chosen = pick_destination(route, self.rand.random())
         except NoDestinationError as e:
-            return await local_reply(ex, 503, "NC", str(e))
+            return await local_reply(ex, 503, ResponseFlag.NO_CLUSTER_FOUND, str(e))
         target_ref = self._service(chosen.destination.host)
         external: Destination | None = None
         if target_ref is None or target_ref.name == "*":
@@ -368,7 +399,7 @@ class RouteHandler:
                 return await local_reply(
                     ex,
                     502,
-                    "NR",
+                    ResponseFlag.NO_ROUTE_FOUND,
                     f"route destination {chosen.destination.host} is not a mesh service "
                     "or ServiceEntry host",
                 )
@@ -398,7 +429,12 @@ class RouteHandler:
             try:
                 target = await self.cache.get(target_ref)
             except errors.MeshError as e:
-                return await local_reply(ex, 503, "UH", f"no configuration for {target_ref}: {e}")
+                return await local_reply(
+                    ex,
+                    503,
+                    ResponseFlag.NO_HEALTHY_UPSTREAM,
+                    f"no configuration for {target_ref}: {e}",
+                )
         # the port the route names, else the one asked for (portLevelSettings)
         cluster = target.cluster(
             chosen.destination.subset, self.rand, chosen.destination.port or attrs.port
@@ -407,7 +443,7 @@ class RouteHandler:
             return await local_reply(
                 ex,
                 503,
-                "NC",
+                ResponseFlag.NO_CLUSTER_FOUND,
                 f"unknown subset {chosen.destination.subset!r} of {target.host or target_ref}",
             )
         balancer = cluster.balancer
@@ -423,15 +459,15 @@ class RouteHandler:
 
         path = rewrite_path(route, match.match, req.path)
         authority = request_authority(route, chosen, attrs.authority)
-        out_headers = strip_hop_by_hop(req.headers, req.upgrade)
-        out_headers = apply_request_header_ops(out_headers, route, chosen)
-        out_headers = [(n, v) for n, v in out_headers if n != "host"]
-        out_headers.append(("host", authority))
-        out_headers = append_forwarded_for(out_headers, peer_ip)
-        if external is not None:
+        out_headers, _request_id = upstream_request_headers(
+            req.headers,
+            upgrade=req.upgrade,
+            authority=authority,
+            client_ip=peer_ip,
+            edit=_header_edit(route, chosen),
             # our peer metadata never leaves the mesh (a gateway passes on what it got)
-            out_headers = [(n, v) for n, v in out_headers if n != PEER_METADATA_HEADER]
-        out_headers, _request_id = ensure_request_id(out_headers)
+            drop=_PEER_METADATA if external is not None else _NOTHING,
+        )
         if seen is not None and self.telemetry is not None and external is None:
             # trace context and peer metadata go to mesh workloads only: a host
             # outside the mesh gets the request as the app sent it
@@ -466,7 +502,7 @@ class RouteHandler:
 
         result = await attempts.send(
             ex,
-            attempts.Request(
+            cluster_send.Request(
                 req.method,
                 path,
                 out_headers,
@@ -517,6 +553,19 @@ class RouteHandler:
 
 _UNRESOLVED = object()
 _MAX_MEMO = 1024
+_NOTHING: frozenset[str] = frozenset()
+_PEER_METADATA = frozenset({PEER_METADATA_HEADER})
+
+
+def _header_edit(route: HTTPRoute, chosen: WeightedDestination) -> HeaderEdit | None:
+    """The route's and destination's request header operations; None without any."""
+    if _no_ops(route.headers.request) and _no_ops(chosen.headers.request):
+        return None
+    return lambda headers: apply_request_header_ops(headers, route, chosen)
+
+
+def _no_ops(ops: HeaderOps) -> bool:
+    return not (ops.set or ops.add or ops.remove)
 
 
 def _exists(dest: Destination) -> bool:

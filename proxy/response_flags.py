@@ -3,8 +3,12 @@ name. The values are Envoy's short codes, so a flag is written, joined, compared
 recorded exactly as the string it replaces (`ResponseFlag.UPSTREAM_OVERFLOW == "UO"`).
 
 Declared in Envoy's order (its `CoreResponseFlag` enum), the order in which joined
-flags are printed (`proxy.forward.join_flags`). `RBAC_ACCESS_DENIED` is Meshwork's:
-an authorization denial, which Envoy reports in its response code details instead.
+flags are printed (`join_flags`). `RBAC_ACCESS_DENIED` is Meshwork's: an
+authorization denial, which Envoy reports in its response code details instead.
+
+Every module of `proxy` that produces or compares a flag names it here; the one
+mapping from an upstream failure to its flag, status and details is
+`proxy.upstream_failure.upstream_failure`.
 """
 
 from __future__ import annotations
@@ -44,3 +48,16 @@ class ResponseFlag(enum.StrEnum):
     DOWNSTREAM_REMOTE_RESET = "DR"
     UNCONDITIONAL_DROP_OVERLOAD = "UDO"
     RBAC_ACCESS_DENIED = "RBAC"
+
+
+# a flag's rank in Envoy's order, for joined flags
+_FLAG_ORDER: dict[str, int] = {flag.value: rank for rank, flag in enumerate(ResponseFlag)}
+
+
+def join_flags(*flags: str) -> str:
+    """Response flags as Envoy prints them: comma-joined, each once, in Envoy's order
+    ("" when there are none). Arguments may themselves be joined flags."""
+    found = {f for flag in flags if flag for f in flag.split(",")}
+    if len(found) <= 1:
+        return next(iter(found), "")
+    return ",".join(sorted(found, key=lambda f: _FLAG_ORDER.get(f, len(_FLAG_ORDER))))

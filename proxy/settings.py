@@ -59,8 +59,10 @@ class SidecarSettings:
     # an Envoy process configured over xDS
     dataplane: str = "python"
     # Envoy data plane only: learn destinations on demand (VHDS, the first request
-    # naming a host) instead of following every service (architecture §5.2); opt-in
-    envoy_on_demand: bool = False
+    # naming a host) instead of following every service (architecture §5.2); the
+    # default for sidecars (`--no-envoy-on-demand` turns it off); a gateway and an
+    # intercepting sidecar follow what they need from the start either way
+    envoy_on_demand: bool = True
     # CA bundle (PEM) that RequestAuthentication `jwksUri` servers are verified
     # against; empty: the system's CAs
     jwks_ca_file: str = field(default_factory=lambda: os.environ.get("MESH_JWKS_CA_FILE", ""))

@@ -40,7 +40,6 @@ from mesh.proxy_records import ProxyRecord
 from proxy.admin import AdminServer
 from proxy.app_process import ManagedApp, app_env, healthy_when_listening
 from proxy.dataplane import Addresses, DataPlane, DataPlaneContext, make_dataplane
-from proxy.dataplane.envoy_host import instance_state_dir
 from proxy.destinations import DestinationCache
 from proxy.gateway import GatewayFollower
 from proxy.http import Limits
@@ -242,6 +241,10 @@ class Sidecar:
         started.callback(self.record.remove)
         self.record.add(kind, os.getpid())
         if s.dataplane == "envoy":
+            # imported here: it brings the Envoy translation and its protos, which a
+            # Python data plane never uses (resident memory, docs/architecture.md §5.1)
+            from proxy.dataplane.envoy_host import instance_state_dir
+
             self.record.set(envoy_dir=str(instance_state_dir(s)))
 
     async def _follow_config(self) -> None:

@@ -58,11 +58,13 @@ from mesh.hosts import ServiceRef, canonical_host, service_of_host
 from mesh.identity import requested_server_name
 from mesh.logs import get_logger
 from mesh.messages import Endpoint, EndpointSet
+from proxy import cluster_send
 from proxy.destinations import Destination, DestinationCache
 from proxy.listener import HANDSHAKE_TIMEOUT_S, MeshListener
 from proxy.mtls import MeshTls
 from proxy.peer import peer_of
 from proxy.policy import Authorizer, ConnectionFacts, ShadowDecision
+from proxy.response_flags import ResponseFlag
 from proxy.routing import (
     Balancer,
     ConnectionAttrs,
@@ -98,7 +100,7 @@ AVOID_AFTER_FAILURE_S = 10.0
 # Per-socket write buffer above which the other side stops being read.
 HIGH_WATER = 256 * 1024
 # Envoy's flag for a connection denied by RBAC (authorization policy)
-DENIED_FLAG = "RBAC"
+DENIED_FLAG = ResponseFlag.RBAC_ACCESS_DENIED
 _LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends an RST
 
 _UPSTREAM_FORM = "SERVICE[.NAMESPACE]:PORT=LOCALPORT"
@@ -267,6 +269,42 @@ class TcpBalancers:
         for instance in [i for i, until in failed.items() if until <= now]:
             del failed[instance]
         return frozenset(failed)
+
+
+class _ServiceEndpoints:
+    """A mesh service's endpoints for one relayed connection (`cluster_send.connect`):
+    chosen per attempt by `TcpBalancers` from the destination's endpoints as they are
+    then (they may change while a connect is pending), each outcome noted there."""
+
+    __slots__ = ("_balancers", "_dest", "_labels", "_port", "_ref", "_subset")
+
+    def __init__(
+        self,
+        balancers: TcpBalancers,
+        dest: Destination,
+        ref: ServiceRef,
+        port: int,
+        subset: str,
+        labels: Mapping[str, str],
+    ) -> None:
+        self._balancers = balancers
+        self._dest = dest
+        self._ref = ref
+        self._port = port
+        self._subset = subset
+        self._labels = labels
+
+    def choose(self, tried: frozenset[str]) -> Endpoint | None:
+        return self._balancers.choose(
+            self._ref, self._dest.endpoints, self._port, tried, time.monotonic(), self._subset,
+            self._labels,
+        )  # fmt: skip
+
+    def connected(self, endpoint: Endpoint, ok: bool) -> None:
+        if ok:
+            self._balancers.connected(self._ref, self._port, endpoint.instance)
+        else:
+            self._balancers.failed(self._ref, self._port, endpoint.instance, time.monotonic())
 
 
 # ---------------------------------------------------------------- stats
@@ -912,7 +950,10 @@ class TcpRelays:
         linked = await self._open(conn, self.app_host, app_port, "app")
         ssl_object = _ssl_object(conn.downstream)
         self._telemetry_decided(
-            conn, self.telemetry.tcp_inbound(ssl_object, "-" if linked else "UF", caller)
+            conn,
+            self.telemetry.tcp_inbound(
+                ssl_object, "-" if linked else ResponseFlag.UPSTREAM_CONNECTION_FAILURE, caller
+            ),
         )
         return linked
 
@@ -997,7 +1038,9 @@ class TcpRelays:
         except errors.MeshError as e:
             log.warning("tcp.no_destination", listener=conn.name, service=str(ref), error=str(e))
             if self.telemetry is not None:
-                self._telemetry_decided(conn, self.telemetry.tcp_outbound(ref, None, "UH"))
+                self._telemetry_decided(
+                    conn, self.telemetry.tcp_outbound(ref, None, ResponseFlag.NO_HEALTHY_UPSTREAM)
+                )
             return False
         attrs = ConnectionAttrs(
             port=upstream.port,
@@ -1021,7 +1064,9 @@ class TcpRelays:
         except NoDestinationError as e:
             log.warning("tcp.no_route", listener=conn.name, service=str(ref), error=str(e))
             if self.telemetry is not None:
-                self._telemetry_decided(conn, self.telemetry.tcp_outbound(ref, None, "NR"))
+                self._telemetry_decided(
+                    conn, self.telemetry.tcp_outbound(ref, None, ResponseFlag.NO_ROUTE_FOUND)
+                )
             return False
         return await self._connect_target(conn, target, dest if target.service == ref else None)
 
@@ -1099,14 +1144,18 @@ class TcpRelays:
                 return await fallback(conn)
             log.info("tcp.no_route", listener=conn.name, sni=attrs.sni, error="no rule matches")
             if self.telemetry is not None:
-                self._telemetry_decided(conn, self.telemetry.tcp_outbound(None, None, "NR"))
+                self._telemetry_decided(
+                    conn, self.telemetry.tcp_outbound(None, None, ResponseFlag.NO_ROUTE_FOUND)
+                )
             return False
         try:
             chosen = pick_l4_destination(route, self.rand.random()).destination
         except NoDestinationError as e:
             log.info("tcp.no_route", listener=conn.name, sni=attrs.sni, error=str(e))
             if self.telemetry is not None:
-                self._telemetry_decided(conn, self.telemetry.tcp_outbound(None, None, "NR"))
+                self._telemetry_decided(
+                    conn, self.telemetry.tcp_outbound(None, None, ResponseFlag.NO_ROUTE_FOUND)
+                )
             return False
         port = chosen.port or attrs.port
         ref = service_of_host(chosen.host)
@@ -1126,7 +1175,9 @@ class TcpRelays:
         except errors.MeshError as e:
             log.warning("tcp.no_destination", listener=conn.name, host=host, error=str(e))
             if self.telemetry is not None:
-                self._telemetry_decided(conn, self.telemetry.tcp_outbound(None, None, "UH"))
+                self._telemetry_decided(
+                    conn, self.telemetry.tcp_outbound(None, None, ResponseFlag.NO_HEALTHY_UPSTREAM)
+                )
             return False
         dest = mesh_wide.destination(host, port, self.source_namespace)
         cluster = dest.cluster(subset, self.rand, port) if dest is not None else None
@@ -1140,30 +1191,34 @@ class TcpRelays:
                 error="not a service or ServiceEntry host (or subset) with that port",
             )
             if self.telemetry is not None:
-                self._telemetry_decided(conn, self.telemetry.tcp_outbound(None, None, "NR"))
+                self._telemetry_decided(
+                    conn, self.telemetry.tcp_outbound(None, None, ResponseFlag.NO_ROUTE_FOUND)
+                )
             return False
-        tried: set[str] = set()
-        for _ in range(CONNECT_ATTEMPTS):
-            now = time.monotonic()
-            endpoint = cluster.choose(None, frozenset(tried), now)
-            if endpoint is None:
-                break
-            tried.add(endpoint.instance)
+
+        async def open_endpoint(endpoint: Endpoint) -> bool:
             address, _sep, port_text = endpoint.address.rpartition(":")
-            address = address.removeprefix("[").removesuffix("]")
             if not port_text.isdigit():
                 log.warning("tcp.bad_endpoint", listener=conn.name, host=host)
-                continue
-            if await self._open(conn, address, int(port_text), host):
-                if self.telemetry is not None:
-                    # destination_service: the host, as for HTTP to a ServiceEntry host
-                    record = self.telemetry.tcp_outbound(None, None)
-                    record = record._replace(destination_service=host)
-                    self._telemetry_decided(conn, record)
-                return True
+                return False
+            address = address.removeprefix("[").removesuffix("]")
+            return await self._open(conn, address, int(port_text), host)
+
+        endpoints = cluster_send.ClusterEndpoints(cluster)
+        chosen, tried = await cluster_send.connect(endpoints, open_endpoint, CONNECT_ATTEMPTS)
+        if chosen is not None:
+            if self.telemetry is not None:
+                # destination_service: the host, as for HTTP to a ServiceEntry host
+                record = self.telemetry.tcp_outbound(None, None)
+                record = record._replace(destination_service=host)
+                self._telemetry_decided(conn, record)
+            return True
         log.warning("tcp.no_upstream", listener=conn.name, host=host, port=port, tried=len(tried))
         if self.telemetry is not None:
-            self._telemetry_decided(conn, self.telemetry.tcp_outbound(None, None, "UF"))
+            self._telemetry_decided(
+                conn,
+                self.telemetry.tcp_outbound(None, None, ResponseFlag.UPSTREAM_CONNECTION_FAILURE),
+            )
         return False
 
     async def _client_hello_sni(self, conn: _Connection) -> str:
@@ -1195,7 +1250,9 @@ class TcpRelays:
         except errors.MeshError as e:
             log.warning("tcp.no_destination", listener=conn.name, service=str(ref), error=str(e))
             if self.telemetry is not None:
-                self._telemetry_decided(conn, self.telemetry.tcp_outbound(ref, None, "UH"))
+                self._telemetry_decided(
+                    conn, self.telemetry.tcp_outbound(ref, None, ResponseFlag.NO_HEALTHY_UPSTREAM)
+                )
             return False
         labels: Mapping[str, str] = {}
         if target.subset:
@@ -1210,39 +1267,29 @@ class TcpRelays:
                     rule=target.origin,
                 )
                 if self.telemetry is not None:
-                    self._telemetry_decided(conn, self.telemetry.tcp_outbound(ref, None, "NC"))
+                    self._telemetry_decided(
+                        conn, self.telemetry.tcp_outbound(ref, None, ResponseFlag.NO_CLUSTER_FOUND)
+                    )
                 return False
             labels = subset.labels
-        tried: set[str] = set()
-        for _ in range(CONNECT_ATTEMPTS):
-            # chosen per attempt: the endpoints may have changed while a connect was pending
-            endpoint = self.balancers.choose(
-                ref,
-                dest.endpoints,
-                port,
-                frozenset(tried),
-                time.monotonic(),
-                target.subset,
-                labels,
-            )
-            if endpoint is None:
-                break
-            tried.add(endpoint.instance)
+        endpoints = _ServiceEndpoints(self.balancers, dest, ref, port, target.subset, labels)
+
+        async def open_endpoint(endpoint: Endpoint) -> bool:
             try:
                 host, relay_port = relay_address(endpoint, port)
             except ValueError as e:
                 log.warning("tcp.bad_endpoint", listener=conn.name, error=str(e))
-                self.balancers.failed(ref, port, endpoint.instance, time.monotonic())
-                continue
+                return False
             # a gateway's TCP / TLS server takes the bytes as sent (Istio's PASSTHROUGH)
             plain = port in endpoint.plain_tcp_ports
             identity = "" if plain else endpoint.identity
-            if await self._open(conn, host, relay_port, endpoint.instance, identity):
-                self.balancers.connected(ref, port, endpoint.instance)
-                if self.telemetry is not None:
-                    self._telemetry_decided(conn, self.telemetry.tcp_outbound(ref, endpoint))
-                return True
-            self.balancers.failed(ref, port, endpoint.instance, time.monotonic())
+            return await self._open(conn, host, relay_port, endpoint.instance, identity)
+
+        chosen, tried = await cluster_send.connect(endpoints, open_endpoint, CONNECT_ATTEMPTS)
+        if chosen is not None:
+            if self.telemetry is not None:
+                self._telemetry_decided(conn, self.telemetry.tcp_outbound(ref, chosen))
+            return True
         log.warning(
             "tcp.no_upstream",
             listener=conn.name,
@@ -1252,7 +1299,10 @@ class TcpRelays:
             tried=sorted(tried),
         )
         if self.telemetry is not None:
-            self._telemetry_decided(conn, self.telemetry.tcp_outbound(ref, None, "UF"))
+            self._telemetry_decided(
+                conn,
+                self.telemetry.tcp_outbound(ref, None, ResponseFlag.UPSTREAM_CONNECTION_FAILURE),
+            )
         return False
 
     async def _open(

@@ -336,9 +336,10 @@ class MeshHarness:
         # MESH_TEST_DATAPLANE=envoy runs a suite's certificate-holding sidecars on Envoy
         if settings["mtls"]:
             settings.setdefault("dataplane", os.environ.get("MESH_TEST_DATAPLANE", "python"))
-        # MESH_TEST_ENVOY_ON_DEMAND=1 runs the Envoy sidecars with `--envoy-on-demand`
+        # Envoy sidecars learn destinations on demand (the default);
+        # MESH_TEST_ENVOY_ON_DEMAND=0 runs them with `--no-envoy-on-demand`
         if settings.get("dataplane") == "envoy" and not settings.get("gateway"):
-            on_demand = os.environ.get("MESH_TEST_ENVOY_ON_DEMAND", "") == "1"
+            on_demand = os.environ.get("MESH_TEST_ENVOY_ON_DEMAND", "1") != "0"
             settings.setdefault("envoy_on_demand", on_demand)
         if settings["mtls"] and "token" not in settings:
             settings["token"] = await self.token(

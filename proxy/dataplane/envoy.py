@@ -8,17 +8,18 @@ Envoy's ACK/NACK becomes the proxy-status report (`envoy_view.ApplyTracker`); a 
 Envoy refuses, or one the translator cannot make, is reported as NACK and the last
 good configuration keeps serving.
 
-Destinations: by default this data plane follows every service the registry knows
-(`registry.get` for all, then every new endpoint set on `registry.endpoints.>`) and
-every host the routes name. With `--envoy-on-demand` (a sidecar, not a gateway) it
-follows only what the app asks for, as the Python proxy does: the outbound route
+Destinations: a sidecar's Envoy learns them on demand (the default, not a gateway and
+not an intercepting sidecar), as the Python proxy does: the outbound route
 configuration has no virtual hosts, Envoy's `on_demand` filter asks VHDS (a delta
 stream) for `outbound_http/<host>` and holds the request; the agent follows that
 destination, pushes its clusters and endpoints (state of the world), and once Envoy
-has ACKed them answers with the virtual host (a Host naming no known service: one
-answering 502 `unknown host`, as the Python proxy does). A followed destination's
-changes are pushed like any other; destinations are never forgotten (architecture
-§5.2).
+has ACKed them answers with the virtual host (a mesh service's or a ServiceEntry
+host's; a Host naming nothing known gets the translation's unknown-host routes: 502
+`unknown host`, or the ALLOW_ANY passthrough). A followed destination's changes are
+pushed like any other; destinations are never forgotten. With `--no-envoy-on-demand`
+(and on a gateway or an intercepting sidecar) it follows every service the registry
+knows (`registry.get` for all, then every new endpoint set on `registry.endpoints.>`)
+and every host the routes name (architecture §5.2).
 
 Telemetry: Envoy's gRPC access logs come to the sidecar's access-log service
 (`proxy.envoy.access_log_service`, converted by `access_log_convert`) and become the same
@@ -44,11 +45,13 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 from cryptography.hazmat.primitives import serialization
+from envoy.config.route.v3 import route_components_pb2
 from google.protobuf.message import Message
 from prometheus_client import generate_latest
 
 from mesh import errors
 from mesh.compiled import GatewayConfig
+from mesh.compiled_mesh import ExternalService
 from mesh.hosts import ServiceRef, service_of_host
 from mesh.logs import get_logger
 from mesh.messages import EndpointSet, EndpointsGetReply, EndpointsGetRequest, SubscriptionStatus
@@ -64,6 +67,8 @@ from proxy.dataplane.envoy_view import (
     port_flag,
     ports_in_use,
     proxy_node,
+    selected_by,
+    selecting_entries,
     vhds_answer,
     vhds_fqdn,
     vhds_host,
@@ -112,6 +117,8 @@ DRAIN_POLL_S = 0.1
 ADMIN_TIMEOUT_S = 5.0
 # destinations fetched at once while following every service
 FOLLOW_CONCURRENCY = 32
+# how many hops of "a route sends to another host" are followed at once
+REFERENCE_DEPTH = 8
 # the bootstrap's cluster for the sidecar's access-log service
 ACCESS_LOG_CLUSTER = "meshwork-access-log"
 # the bootstrap's cluster for the sidecar's OTLP trace receiver (Envoy's tracer)
@@ -162,6 +169,16 @@ class EnvoyDataPlane:
         # the clusters they route to
         self._vhds_requested: dict[str, str] = {}
         self._vhds_task: asyncio.Task[None] | None = None
+        # on demand: the ServiceEntries whose workloadSelector picks registered
+        # instances (their services are followed), and whether the registry's endpoint
+        # events are watched for them
+        self._selecting: tuple[ExternalService, ...] = ()
+        self._registry_watched = False
+        # on demand, with inbound TCP listeners: every registered service's endpoints,
+        # to name the caller of an inbound TCP connection (its certificate names its
+        # service account; TCP carries no peer metadata) as the Python relay does by
+        # fetching it; kept in the agent only, never pushed to Envoy
+        self._registered: dict[ServiceRef, EndpointSet] = {}
 
     # ------------------------------------------------------------ lifecycle
 
@@ -197,15 +214,18 @@ class EnvoyDataPlane:
             raise errors.Unavailable(f"the xDS server did not start: {e}") from None
         self._secrets = self._current_secrets()
         self._oidc = OidcDiscovery(s.jwks_ca_file, self._wake.set)
-        if not self._node.on_demand:
-            await self._follow_every_service()
-        else:
-            await self._follow_referenced()
         try:
             # ServiceEntry hosts and the outbound policy are in the first configuration
             await ctx.destinations.mesh_wide.current()
         except errors.MeshError as e:
             log.warning("envoy.meshwide_unavailable", error=str(e))
+        if not self._node.on_demand:
+            await self._follow_every_service()
+        else:
+            if self._indexes_callers():
+                await self._watch_registry()
+                await self._list_services()
+            await self._follow_referenced()
         self._push()
         self._tasks.append(asyncio.create_task(self._push_loop(), name="envoy:push"))
         bootstrap = build_bootstrap(
@@ -408,7 +428,7 @@ class EnvoyDataPlane:
         self.pushes += 1
         self._on_xds_status(None)
         if node.on_demand:
-            self._serve_vhosts(resources.virtual_hosts)
+            self._serve_vhosts(resources.virtual_hosts, resources.unknown_host)
 
     # ------------------------------------------------------------ on demand (VHDS)
 
@@ -441,15 +461,18 @@ class EnvoyDataPlane:
         with contextlib.suppress(ValueError):
             self._tasks.remove(task)
         if not task.cancelled() and task.exception() is not None:
-            log.error("envoy.vhds_resolve_failed", error=str(task.exception()))
+            log.error("envoy.follow_failed", task=task.get_name(), error=str(task.exception()))
 
     async def _resolve_vhosts(self, names: set[str]) -> None:
         ctx = self._ctx
         assert ctx is not None
         fqdns = {name: vhds_fqdn(name, ctx.settings.namespace) for name in names}
         await self._follow({ref for fqdn in fqdns.values() if (ref := service_of_host(fqdn))})
-        # a Host that names no known service is answered 502 `unknown host`
-        # (`vhds_answer`) until its service appears
+        # the hosts their routes send to, followed before the answer: the first request
+        # must find their clusters' endpoints (503 otherwise)
+        await self._follow_referenced()
+        # a Host that names nothing known gets the unknown-host answer (`vhds_answer`)
+        # until its service appears
         self._vhds_requested.update(fqdns)
         log.info(
             "envoy.vhds_requested",
@@ -458,12 +481,16 @@ class EnvoyDataPlane:
         )
         self._wake.set()
 
-    def _serve_vhosts(self, virtual_hosts: Mapping[str, Message]) -> None:
+    def _serve_vhosts(
+        self,
+        virtual_hosts: Mapping[str, Message],
+        unknown_host: route_components_pb2.VirtualHost | None,
+    ) -> None:
         """Serve the virtual hosts once Envoy has ACKed the clusters and endpoints of
         this push, so a request resumed by the answer finds its cluster warm."""
         xds = self._xds
         assert xds is not None
-        resources, absent = vhds_answer(virtual_hosts, self._vhds_requested)
+        resources, absent = vhds_answer(virtual_hosts, self._vhds_requested, unknown_host)
         if self._vhds_task is not None:
             self._vhds_task.cancel()
 
@@ -604,19 +631,62 @@ class EnvoyDataPlane:
         self._publisher = asyncio.create_task(publisher.run(), name="envoy:telemetry")
 
     def _endpoints_of(self, fqdn: str) -> EndpointSet | None:
-        return view_endpoints(self._mesh_view, fqdn)
+        """The registered endpoints of `fqdn` (the converter names an upstream or a
+        TCP caller by them): those Envoy was configured with, else, on demand, the
+        registry's index of callers (`_registered`)."""
+        found = view_endpoints(self._mesh_view, fqdn)
+        if found is None and (ref := service_of_host(fqdn)) is not None:
+            found = self._registered.get(ref)
+        return found
 
     # ------------------------------------------------------------ destinations
 
     async def _follow_every_service(self) -> None:
         """Every service the registry knows now, and every one that appears later."""
+        await self._watch_registry()
+        await self._list_services()
+
+    async def _watch_registry(self) -> None:
         ctx = self._ctx
         assert ctx is not None
+        if self._registry_watched:
+            return
+        self._registry_watched = True
         bus = ctx.bus
         await bus.subscribe(bus.subjects.endpoints_all, EndpointSet, self._on_any_endpoints)
         # services that appeared while the bus was away are listed again on reconnect
         bus.on_reconnect(self._list_services)
-        await self._list_services()
+
+    def _indexes_callers(self) -> bool:
+        """On demand, a sidecar with inbound TCP listeners keeps `_registered`."""
+        node = self._node
+        return node is not None and node.on_demand and bool(node.tcp_inbound)
+
+    def _registered_now(self, endpoint_set: EndpointSet) -> None:
+        ref = ServiceRef(endpoint_set.namespace, endpoint_set.service)
+        current = self._registered.get(ref)
+        if current is None or current.revision < endpoint_set.revision:
+            self._registered[ref] = endpoint_set
+
+    def _wants(self, endpoint_set: EndpointSet) -> bool:
+        """Is this registered service followed before any request names it? Every one
+        by default; on demand, those a workloadSelector ServiceEntry selects from."""
+        node = self._node
+        return node is None or not node.on_demand or selected_by(self._selecting, endpoint_set)
+
+    async def _follow_selected(self) -> None:
+        """On demand: a ServiceEntry with a workloadSelector has the registered
+        instances it selects as endpoints (§5.5), so their services are followed from
+        when such an entry appears (listed, then from the registry's endpoint events)."""
+        ctx = self._ctx
+        assert ctx is not None
+        entries = selecting_entries(ctx.settings.namespace, ctx.destinations.mesh_wide.config)
+        if entries == self._selecting:
+            return
+        self._selecting = entries
+        if entries:
+            await self._watch_registry()
+            await self._list_services()
 
     async def _list_services(self) -> None:
         ctx = self._ctx
@@ -629,36 +699,50 @@ class EnvoyDataPlane:
         except errors.MeshError as e:
             log.warning("envoy.registry_list_failed", error=str(e))
             return
+        if self._indexes_callers():
+            for eps in reply.sets:
+                self._registered_now(eps)
         before = len(self._following)
-        await self._follow(ServiceRef(eps.namespace, eps.service) for eps in reply.sets)
+        await self._follow(
+            ServiceRef(eps.namespace, eps.service) for eps in reply.sets if self._wants(eps)
+        )
         if len(self._following) != before:
             self._wake.set()
 
     async def _on_any_endpoints(self, eps: EndpointSet, _subject: str) -> None:
+        if self._indexes_callers():
+            self._registered_now(eps)
         ref = ServiceRef(eps.namespace, eps.service)
-        if ref not in self._following:
+        if ref not in self._following and self._wants(eps):
             await self._follow([ref])
             self._wake.set()
 
     async def _follow_referenced(self) -> None:
-        """Hosts the routes name (a VirtualService sending to another service) and the
-        services of the TCP relays that are not followed yet: followed, then pushed
-        again."""
+        """Hosts the routes name (a VirtualService sending to another service, a
+        Kubernetes Service's instances) and the services of the TCP relays that are
+        not followed yet: followed, and theirs in turn (up to `REFERENCE_DEPTH`
+        hops), then pushed again."""
         ctx, node = self._ctx, self._node
         assert ctx is not None and node is not None
-        try:
-            hosts = referenced_hosts(node, self._view(ctx))
-        except TranslationError:
-            return
-        refs = {ref for host in hosts if (ref := service_of_host(host)) is not None}
-        # TCP relays ask for nothing (no Host): on demand, their services are followed
-        # from the start (one not published yet is tried again on the next push)
-        refs |= {upstream.service for upstream in node.tcp_upstreams}
-        if refs - self._following:
-            before = len(self._following)
+        if node.on_demand:
+            await self._follow_selected()
+        before = len(self._following)
+        for _ in range(REFERENCE_DEPTH):
+            try:
+                hosts = referenced_hosts(node, self._view(ctx))
+            except TranslationError:
+                break
+            refs = {ref for host in hosts if (ref := service_of_host(host)) is not None}
+            # TCP relays ask for nothing (no Host): on demand, their services are
+            # followed from the start (one not published yet is tried again on the
+            # next push)
+            refs |= {upstream.service for upstream in node.tcp_upstreams}
+            found = len(self._following)
             await self._follow(refs - self._following)
-            if len(self._following) != before:  # else a push would only retry, in a loop
-                self._wake.set()
+            if len(self._following) == found:
+                break
+        if len(self._following) != before:  # else a push would only retry, in a loop
+            self._wake.set()
 
     async def _follow(self, refs: Iterable[ServiceRef]) -> None:
         """Fetch and subscribe to each destination, a bounded number at a time (a mesh

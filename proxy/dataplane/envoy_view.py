@@ -9,16 +9,17 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from envoy.config.route.v3 import route_components_pb2
 from google.protobuf.message import Message
 
 from mesh.compiled import GatewayConfig, InboundPolicy
-from mesh.compiled_mesh import MeshWideConfig
+from mesh.compiled_mesh import ExternalService, MeshWideConfig
 from mesh.hosts import ServiceRef, canonical_host, strip_port
 from mesh.messages import EndpointSet, SubscriptionStatus
 from proxy.destinations import Destination
+from proxy.egress import selected_instances
 from proxy.envoy.delta_protocol import DeltaResource, delta_resource
 from proxy.envoy.translate import MeshView, ProxyNode
-from proxy.envoy.translate.outbound import unknown_host_vhost
 from proxy.settings import SidecarSettings
 from proxy.tcp import parse_tcp_upstream
 
@@ -94,7 +95,10 @@ def proxy_node(
         capture=(ports.capture_host, ports.capture) if ports.capture else None,
         opaque_ports=tuple(sorted(s.capture.opaque_ports)) if ports.capture else (),
         egress_gateway=s.egress_gateway,
-        on_demand=s.envoy_on_demand and not gateway,
+        # a gateway's routes name its destinations; an intercepting sidecar's capture
+        # listener relays TCP by virtual IP or instance address (no Host to ask by),
+        # so it needs every service's from the start (§5.2, §5.4)
+        on_demand=s.envoy_on_demand and not gateway and not ports.capture,
     )
 
 
@@ -129,31 +133,47 @@ def vhds_host(requested: str) -> str:
 def vhds_answer(
     virtual_hosts: Mapping[str, Message],
     requested: Mapping[str, str],
+    unknown_host: route_components_pb2.VirtualHost | None,
 ) -> tuple[list[DeltaResource], set[str]]:
     """The virtual hosts to serve over VHDS and the requested names that get none.
     `requested`: every VHDS name asked for -> the FQDN its Host resolves to
     (`mesh.hosts.canonical_host`; "" for a Host no virtual host may match: empty or
-    with a `*`). Virtual hosts are named `<route configuration>/<fqdn>` and carry the
-    names that asked for them as aliases. A Host whose FQDN has no virtual host (no
-    such mesh service) gets one answering 502 `unknown host`, as the route
-    configuration's catch-all does when not on demand and as the Python proxy does;
-    named like the service's, it is replaced if the service appears."""
+    with a `*`). Virtual hosts are named `<route configuration>/<fqdn>` (a mesh
+    service's, or a ServiceEntry host's) and carry the names that asked for them as
+    aliases. A Host whose FQDN has no virtual host gets a copy of `unknown_host` (the
+    translation's `XdsResources.unknown_host`: 502 `unknown host`, or the ALLOW_ANY
+    passthrough, as the catch-all answers when not on demand and as the Python proxy
+    does), named like the service's, so it is replaced if the service or a
+    ServiceEntry for the host appears; with no model such a Host is answered absent."""
     served: dict[str, Message] = dict(virtual_hosts)
     aliases: dict[str, set[str]] = {name: set() for name in virtual_hosts}
     unknown: dict[str, set[str]] = {}  # vhost name -> the Hosts (no port) it answers
     absent: set[str] = set()
     for name, fqdn in requested.items():
         vhost_name = f"{name.rpartition('/')[0]}/{fqdn}"
-        if not fqdn:
+        if not fqdn or (vhost_name not in virtual_hosts and unknown_host is None):
             absent.add(name)
             continue
         if vhost_name not in virtual_hosts:
             unknown.setdefault(vhost_name, set()).add(strip_port(vhds_host(name)).lower())
         aliases.setdefault(vhost_name, set()).add(name)
     for vhost_name, hosts in unknown.items():
-        served[vhost_name] = unknown_host_vhost(vhost_name, sorted(hosts))
+        assert unknown_host is not None
+        served[vhost_name] = named_like(unknown_host, vhost_name, sorted(hosts))
     resources = [delta_resource(served[n], aliases[n]) for n in sorted(served)]
     return resources, absent
+
+
+def named_like(
+    model: route_components_pb2.VirtualHost, name: str, domains: list[str]
+) -> route_components_pb2.VirtualHost:
+    """A copy of virtual host `model` under `name`, answering exactly `domains`."""
+    vhost = route_components_pb2.VirtualHost()
+    vhost.CopyFrom(model)
+    vhost.name = name
+    del vhost.domains[:]
+    vhost.domains.extend(domains)
+    return vhost
 
 
 def vhds_fqdn(requested: str, namespace: str) -> str:
@@ -164,6 +184,26 @@ def vhds_fqdn(requested: str, namespace: str) -> str:
     if not host or "*" in host:
         return ""
     return canonical_host(host, namespace)
+
+
+def selecting_entries(
+    namespace: str, mesh_wide: MeshWideConfig | None
+) -> tuple[ExternalService, ...]:
+    """The ServiceEntries visible in `namespace` whose `workloadSelector` makes
+    registered instances their endpoints (MESH_INTERNAL, §5.5): on demand, the services
+    of those instances are followed, as the Python sidecar follows the registry."""
+    if mesh_wide is None:
+        return ()
+    return tuple(
+        s
+        for s in mesh_wide.services
+        if s.workload_selector and ("*" in s.export_to or namespace in s.export_to)
+    )
+
+
+def selected_by(entries: tuple[ExternalService, ...], endpoint_set: EndpointSet) -> bool:
+    """Does one of `entries` select an instance of this service?"""
+    return any(selected_instances(entry, [endpoint_set]) for entry in entries)
 
 
 def view_endpoints(view: MeshView | None, fqdn: str) -> EndpointSet | None:

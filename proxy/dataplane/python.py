@@ -23,6 +23,7 @@ from proxy.intercept.capture import CaptureListener
 from proxy.listener import MeshListener
 from proxy.mtls import MeshTls
 from proxy.outbound import Caller, RouteHandler
+from proxy.response_flags import ResponseFlag
 from proxy.stats import ProxyStats
 from proxy.tcp import TcpRelays, parse_tcp_upstream
 from proxy.telemetry import (
@@ -101,6 +102,7 @@ class PythonDataPlane:
         # CONNECT to a ServiceEntry host with `tls` / `tcp` rules: relayed and routed
         # as a TCP connection
         routes.tcp_relays = self.tcp
+        routes.own_ports = self._ports.values()  # a live view: listeners opened below too
         if ctx.gateway is not None:
             ctx.gateway.attach(routes)
             if policy is not None:
@@ -291,7 +293,7 @@ class PythonDataPlane:
                 if outcome is not None:
                     stats.count(listener, outcome.status, outcome.flags)
                 else:
-                    stats.count(listener, 0, "DC")
+                    stats.count(listener, 0, ResponseFlag.DOWNSTREAM_CONNECTION_TERMINATION)
 
         return handler
 
@@ -319,7 +321,7 @@ class PythonDataPlane:
                 if outcome is not None:
                     stats.count(listener, outcome.status, outcome.flags)
                 else:
-                    stats.count(listener, 0, "DC")
+                    stats.count(listener, 0, ResponseFlag.DOWNSTREAM_CONNECTION_TERMINATION)
                 if seen is not None:
                     telemetry.inbound_done(req, ex, outcome, seen)
 

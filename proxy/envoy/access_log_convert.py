@@ -42,6 +42,7 @@ from mesh.hosts import ServiceRef, canonical_host, service_of_host, strip_port
 from mesh.messages import Endpoint, EndpointSet
 from mesh.telemetry import Span
 from proxy.envoy.resources import PASSTHROUGH_CLUSTER
+from proxy.response_flags import ResponseFlag
 from proxy.telemetry.datapath import caller_workload
 from proxy.telemetry.peer_metadata import PEER_METADATA_HEADER, decode_peer_metadata
 from proxy.telemetry.records import UNKNOWN, RequestRecord, TcpRecord, Workload, workload_name
@@ -62,38 +63,38 @@ TCP_LOG_REPORTERS: Mapping[str, Reporter] = {
 
 # `ResponseFlags` fields and Envoy's short codes, in Envoy's order (its CoreResponseFlag
 # enum, the order `%RESPONSE_FLAGS%` joins them in). `unauthorized_details` is UAEX.
-RESPONSE_FLAG_CODES: tuple[tuple[str, str], ...] = (
-    ("failed_local_healthcheck", "LH"),
-    ("no_healthy_upstream", "UH"),
-    ("upstream_request_timeout", "UT"),
-    ("local_reset", "LR"),
-    ("upstream_remote_reset", "UR"),
-    ("upstream_connection_failure", "UF"),
-    ("upstream_connection_termination", "UC"),
-    ("upstream_overflow", "UO"),
-    ("no_route_found", "NR"),
-    ("delay_injected", "DI"),
-    ("fault_injected", "FI"),
-    ("rate_limited", "RL"),
-    ("unauthorized_details", "UAEX"),
-    ("rate_limit_service_error", "RLSE"),
-    ("downstream_connection_termination", "DC"),
-    ("upstream_retry_limit_exceeded", "URX"),
-    ("stream_idle_timeout", "SI"),
-    ("invalid_envoy_request_headers", "IH"),
-    ("downstream_protocol_error", "DPE"),
-    ("upstream_max_stream_duration_reached", "UMSDR"),
-    ("response_from_cache_filter", "RFCF"),
-    ("no_filter_config_found", "NFCF"),
-    ("duration_timeout", "DT"),
-    ("upstream_protocol_error", "UPE"),
-    ("no_cluster_found", "NC"),
-    ("overload_manager", "OM"),
-    ("dns_resolution_failure", "DF"),
-    ("downstream_remote_reset", "DR"),
+RESPONSE_FLAG_CODES: tuple[tuple[str, ResponseFlag], ...] = (
+    ("failed_local_healthcheck", ResponseFlag.FAILED_LOCAL_HEALTH_CHECK),
+    ("no_healthy_upstream", ResponseFlag.NO_HEALTHY_UPSTREAM),
+    ("upstream_request_timeout", ResponseFlag.UPSTREAM_REQUEST_TIMEOUT),
+    ("local_reset", ResponseFlag.LOCAL_RESET),
+    ("upstream_remote_reset", ResponseFlag.UPSTREAM_REMOTE_RESET),
+    ("upstream_connection_failure", ResponseFlag.UPSTREAM_CONNECTION_FAILURE),
+    ("upstream_connection_termination", ResponseFlag.UPSTREAM_CONNECTION_TERMINATION),
+    ("upstream_overflow", ResponseFlag.UPSTREAM_OVERFLOW),
+    ("no_route_found", ResponseFlag.NO_ROUTE_FOUND),
+    ("delay_injected", ResponseFlag.DELAY_INJECTED),
+    ("fault_injected", ResponseFlag.FAULT_INJECTED),
+    ("rate_limited", ResponseFlag.RATE_LIMITED),
+    ("unauthorized_details", ResponseFlag.UNAUTHORIZED_EXTERNAL_SERVICE),
+    ("rate_limit_service_error", ResponseFlag.RATE_LIMIT_SERVICE_ERROR),
+    ("downstream_connection_termination", ResponseFlag.DOWNSTREAM_CONNECTION_TERMINATION),
+    ("upstream_retry_limit_exceeded", ResponseFlag.UPSTREAM_RETRY_LIMIT_EXCEEDED),
+    ("stream_idle_timeout", ResponseFlag.STREAM_IDLE_TIMEOUT),
+    ("invalid_envoy_request_headers", ResponseFlag.INVALID_ENVOY_REQUEST_HEADERS),
+    ("downstream_protocol_error", ResponseFlag.DOWNSTREAM_PROTOCOL_ERROR),
+    ("upstream_max_stream_duration_reached", ResponseFlag.UPSTREAM_MAX_STREAM_DURATION_REACHED),
+    ("response_from_cache_filter", ResponseFlag.RESPONSE_FROM_CACHE_FILTER),
+    ("no_filter_config_found", ResponseFlag.NO_FILTER_CONFIG_FOUND),
+    ("duration_timeout", ResponseFlag.DURATION_TIMEOUT),
+    ("upstream_protocol_error", ResponseFlag.UPSTREAM_PROTOCOL_ERROR),
+    ("no_cluster_found", ResponseFlag.NO_CLUSTER_FOUND),
+    ("overload_manager", ResponseFlag.OVERLOAD_MANAGER),
+    ("dns_resolution_failure", ResponseFlag.DNS_RESOLUTION_FAILED),
+    ("downstream_remote_reset", ResponseFlag.DOWNSTREAM_REMOTE_RESET),
 )
 # what the Python proxies flag an authorization denial with (proxy.inbound, proxy.tcp)
-RBAC_FLAG = "RBAC"
+RBAC_FLAG = ResponseFlag.RBAC_ACCESS_DENIED
 # Envoy's response code details / connection termination details of an RBAC denial
 _RBAC_DENIED = "rbac_access_denied"
 _RBAC_METADATA = "envoy.filters.http.rbac"

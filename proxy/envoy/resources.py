@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from envoy.config.route.v3 import route_components_pb2
 from google.protobuf.message import Message
 
 LISTENER = "type.googleapis.com/envoy.config.listener.v3.Listener"
@@ -38,6 +39,12 @@ class XdsResources:
     # over VHDS to the Envoy that asks for them; not part of the state-of-the-world
     # snapshot (`by_type`)
     virtual_hosts: dict[str, Message] = field(default_factory=dict)
+    # on demand: what a Host naming nothing known gets (502 `unknown host`, or the
+    # ALLOW_ANY passthrough), the model of the virtual host served under that Host's
+    # name (`proxy.dataplane.envoy_view.vhds_answer`); never served as it is (its
+    # domain `*` would stop Envoy asking). Not on demand it is the catch-all of the
+    # outbound route configuration, and this is None
+    unknown_host: route_components_pb2.VirtualHost | None = None
 
     def by_type(self) -> dict[str, dict[str, Message]]:
         return {

@@ -85,9 +85,21 @@ def strip_hop_by_hop(headers: Iterable[tuple[str, str]], upgrade: str | None = N
     headers = list(headers)
     drop = hop_by_hop_names(headers)
     kept = [(name, value) for name, value in headers if name.lower() not in drop]
+    upgrade = without_h2c(upgrade)
     if upgrade:
         kept += [("connection", "upgrade"), ("upgrade", upgrade)]
     return kept
+
+
+def without_h2c(upgrade: str | None) -> str | None:
+    """The Upgrade protocols to pass on, less `h2c` (RFC 7540 §3.2): an app switching
+    to h2c would serve every later request of the connection unseen by the sidecars
+    (h2c smuggling past per-request authorization); Envoy strips it too. None when
+    nothing is left (the request then goes on as a plain one)."""
+    if not upgrade or "h2c" not in upgrade.lower():
+        return upgrade
+    kept = [p.strip() for p in upgrade.split(",") if p.strip() and p.strip().lower() != "h2c"]
+    return ", ".join(kept) or None
 
 
 def append_forwarded_for(headers: Iterable[tuple[str, str]], client_ip: str) -> Headers:

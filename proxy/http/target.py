@@ -9,9 +9,12 @@ refused raises `InvalidTarget` (a ValueError), which the engine answers with 400
 Paths (`normalize_path`), in this order:
 
 1. the query (from the first `?`) is split off and re-appended untouched;
-2. refused: a path not starting with `/`, a fragment (`#`), a raw backslash, NUL or
-   non-ASCII character, a malformed escape (`%zz`, a trailing `%`), an encoded slash,
-   backslash or NUL (`%2F`, `%5C`, `%00`): Envoy refuses these by default too, and
+2. refused: a path not starting with `/`, a fragment (`#`), a raw backslash, NUL,
+   space, control or non-ASCII character anywhere in the target (the query too: an
+   HTTP/2 `:path` carries them verbatim, and an HTTP/1.1 request line cannot, so they
+   would otherwise pass routing and authorization and fail only at the upstream
+   encoder; Envoy refuses them as well), a malformed escape (`%zz`, a trailing `%`),
+   an encoded slash, backslash or NUL (`%2F`, `%5C`, `%00`): Envoy refuses these by default too, and
    there is no meaning the router, the policy and the app would all agree on;
 3. percent-escapes of unreserved characters (ALPHA DIGIT `-._~`) are decoded and the
    hex of every other escape is upper-cased (`%2e` -> `.`, `%3a` -> `%3A`);
@@ -60,6 +63,7 @@ engine rewrites the forwarded Host field to the authority.
 from __future__ import annotations
 
 import ipaddress
+import re
 from dataclasses import dataclass
 from typing import Literal
 
@@ -69,6 +73,8 @@ _HEX = frozenset("0123456789abcdefABCDEF")
 _UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 _LABEL_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-_")
 _MAX_HOST_LENGTH = 255
+# what may appear in a request target: visible ASCII only (RFC 9112 §3.2 / RFC 3986)
+_NOT_TARGET_CHAR = re.compile(r"[^\x21-\x7e]")
 
 OVERRIDE_HEADERS = frozenset(
     (
@@ -204,6 +210,7 @@ def normalize_path(target: str, rules: Normalization = DEFAULT_NORMALIZATION) ->
         and target.find("/.", 0, end) < 0
         and target.find("\\", 0, end) < 0
         and target.find("\x00", 0, end) < 0
+        and _NOT_TARGET_CHAR.search(target) is None
         and "#" not in target
         and (rules.path_parameters == "keep" or target.find(";", 0, end) < 0)
         and not (
@@ -216,7 +223,10 @@ def normalize_path(target: str, rules: Normalization = DEFAULT_NORMALIZATION) ->
         # Clients never send fragments; Envoy refuses them rather than guess where the
         # path ends.
         raise InvalidTarget("fragment ('#') in request target")
-    return _normalize_slow(target[:end], rules) + target[end:]
+    path = _normalize_slow(target[:end], rules)
+    if _NOT_TARGET_CHAR.search(target, end) is not None:
+        raise InvalidTarget("space, control or non-ASCII character in the query")
+    return path + target[end:]
 
 
 def _normalize_slow(path: str, rules: Normalization) -> str:
@@ -228,6 +238,8 @@ def _normalize_slow(path: str, rules: Normalization) -> str:
         raise InvalidTarget("NUL character in request path")
     if not path.isascii():
         raise InvalidTarget("non-ASCII character in request path (percent-encode it)")
+    if _NOT_TARGET_CHAR.search(path) is not None:
+        raise InvalidTarget("space or control character in request path (percent-encode it)")
     if ";" in path and rules.path_parameters == "reject":
         raise InvalidTarget("path parameter (';') in request path")
     if "%" in path:

@@ -24,14 +24,17 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
-from typing import NamedTuple
-
-from envoy.config.core.v3 import base_pb2
-from envoy.service.auth.v3 import external_auth_pb2
-from google.protobuf.message import DecodeError
+from typing import TYPE_CHECKING, NamedTuple
 
 from mesh.compiled import ExtAuthzProvider
 from proxy.policy.ext_authz import CheckResult
+
+if TYPE_CHECKING:
+    from envoy.config.core.v3 import base_pb2
+
+# The Envoy and protobuf modules are imported by the functions that need them: only
+# sidecars with a gRPC authorizer pay for them (a few MiB of resident memory, and
+# docs/architecture.md §5.1 keeps the Python sidecar's memory below Envoy's).
 
 CHECK_PATH = "/envoy.service.auth.v3.Authorization/Check"
 GRPC_OK = 0
@@ -71,6 +74,8 @@ class GrpcCheckResult(NamedTuple):
 
 def check_request(provider: ExtAuthzProvider, facts: CheckFacts) -> bytes:
     """The serialized CheckRequest for `facts`."""
+    from envoy.service.auth.v3 import external_auth_pb2
+
     message = external_auth_pb2.CheckRequest()
     attributes = message.attributes
     _address(attributes.source.address, facts.source)
@@ -158,6 +163,9 @@ def call_status(
 
 def check_response(provider: ExtAuthzProvider, message: bytes) -> GrpcCheckResult:
     """What a CheckResponse decides."""
+    from envoy.service.auth.v3 import external_auth_pb2
+    from google.protobuf.message import DecodeError
+
     answer = external_auth_pb2.CheckResponse()
     try:
         answer.ParseFromString(message)

@@ -35,9 +35,7 @@ import urllib.parse
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal, NamedTuple
 
-import jwt as pyjwt
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
-from jwt.exceptions import InvalidTokenError, PyJWTError
 
 from mesh.compiled import InboundPolicy, JwtRule, RequestAuthn
 
@@ -105,6 +103,9 @@ def parse_jwks(document: str | bytes) -> KeySet:
     if not isinstance(entries, list):
         raise ValueError("not a JSON Web Key Set (no 'keys' list)")
     keys: list[tuple[str, Any]] = []
+    import jwt as pyjwt  # only where a RequestAuthentication is in force (resident memory)
+    from jwt.exceptions import PyJWTError
+
     for entry in entries:
         if not isinstance(entry, dict) or entry.get("use", "sig") != "sig":
             continue
@@ -294,6 +295,9 @@ class Authenticator:
                 claims = seen[1]
                 problem = _check_times(claims, now) or _check_audience(claims, rule.audiences)
                 return problem or _identity(claims)
+        import jwt as pyjwt  # as in parse_jwks
+        from jwt.exceptions import InvalidTokenError
+
         try:
             header = pyjwt.get_unverified_header(token)
             claims = pyjwt.decode(token, options={"verify_signature": False})

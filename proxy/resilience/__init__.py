@@ -8,7 +8,8 @@ The asyncio data path owns the objects and carries out what they decide:
   `mirror_authority` (fire-and-forget copy), then attempts under
   `attempt_timeout_ms`, each classified as an `Outcome` and judged by `decide_retry`
   with the conditions of `retry_on(route.retries or default_policy())`, waiting
-  `backoff_ms` between attempts, replaying the body only when `can_replay`;
+  `backoff_ms` between attempts, replaying the body only when `can_replay`: one
+  `RetryState` per request holds that bookkeeping;
 - per destination (+ subset): a `CircuitBreaker` (overflow: 503 `UO`; retries also
   bounded by the `RetryBudget`) and, when the DestinationRule sets
   `outlierDetection`, an `OutlierDetector` fed with every result and ticked every
@@ -30,10 +31,12 @@ from .ratelimit import (
 )
 from .retry import (
     REPLAY_LIMIT_BYTES,
+    AttemptPlan,
     Failure,
     Outcome,
     RetryBudget,
     RetryConditions,
+    RetryState,
     RetryVerdict,
     attempt_timeout_ms,
     backoff_ms,
@@ -49,6 +52,7 @@ __all__ = [
     "NO_FAULT",
     "REPLAY_LIMIT_BYTES",
     "UNLIMITED",
+    "AttemptPlan",
     "CircuitBreaker",
     "EndpointHealth",
     "Failure",
@@ -60,6 +64,7 @@ __all__ = [
     "RateDecision",
     "RetryBudget",
     "RetryConditions",
+    "RetryState",
     "RetryVerdict",
     "Threshold",
     "TokenBucket",

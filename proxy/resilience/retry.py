@@ -1,9 +1,13 @@
 """Retry decisions with Envoy's semantics, as Istio configures them. Pure, no I/O.
 
-The data path classifies each attempt's result as an `Outcome`, asks `decide_retry`
-whether to try again (and which flag to report when it does not), reserves a retry
-with the destination's `CircuitBreaker.try_acquire_retry` (the retry budget), sleeps
-`backoff_ms` and picks another endpoint when the policy's `ignore_previous_hosts`.
+The data path keeps one `RetryState` per request, a small state machine over
+attempt outcomes: `plan` says how long the next attempt may take (per-try timeout cut
+to what is left of the route's) and which endpoints to avoid; `judge` classifies an
+attempt's `Outcome` against the policy's conditions (`decide_retry`: retry, final,
+attempts exhausted (flag URX), or the body cannot be replayed); on RETRY the data path
+reserves a retry with the destination's `CircuitBreaker.try_acquire_retry` (the retry
+budget, state shared by every request to the cluster, so not the state machine's),
+and `retried` counts it, remembers the endpoint and says how long to back off.
 
 Conditions follow Envoy's router (`x-envoy-retry-on` / `x-envoy-retry-grpc-on`):
 - `5xx`: any 5xx response, and any attempt that got no response (connect failure,
@@ -188,6 +192,96 @@ def decide_retry(
     if not replayable:
         return RetryVerdict.NOT_REPLAYABLE
     return RetryVerdict.RETRY
+
+
+class AttemptPlan(NamedTuple):
+    """What the next attempt of a request may do."""
+
+    # how long it may wait for the response head; None: no limit
+    timeout_ms: float | None
+    # its timeout would be the route's: it ends the request (504 UT), never retried
+    route_bound: bool
+    # endpoints to avoid (the ones tried, with `ignore_previous_hosts`)
+    exclude: frozenset[str]
+
+
+_NOTHING: frozenset[str] = frozenset()
+
+
+class RetryState:
+    """One request's attempts under a retry policy and the route's `timeout`: a state
+    machine over outcomes, fed the clock (`now`, monotonic seconds) and the jitter
+    draw (`rand` in [0, 1)). The route's timeout covers every attempt and backoff.
+
+        state = RetryState(policy, retry_on(policy), route.timeout_ms, now)
+        plan = state.plan(now)          # None: the route's time is up (504 UT)
+        ... attempt under plan.timeout_ms, avoiding plan.exclude ...
+        verdict = state.judge(outcome, replayable=...)
+        if verdict is RETRY and <the budget grants a retry>:
+            wait_ms = state.retried(endpoint, now, rand)
+    """
+
+    __slots__ = ("conditions", "policy", "retries", "route_ms", "started", "tried")
+
+    def __init__(
+        self,
+        policy: RetryPolicy,
+        conditions: RetryConditions,
+        route_timeout_ms: int,
+        started: float,
+    ) -> None:
+        self.policy = policy
+        self.conditions = conditions
+        self.route_ms = route_timeout_ms
+        self.started = started
+        self.retries = 0
+        self.tried: frozenset[str] = _NOTHING
+
+    def plan(self, now: float) -> AttemptPlan | None:
+        """The next attempt's bounds; None when the route's timeout has passed."""
+        per_try_ms = self.policy.per_try_timeout_ms
+        route_ms = self.route_ms
+        exclude = self.tried if self.policy.ignore_previous_hosts else _NOTHING
+        if not (route_ms or per_try_ms):
+            return AttemptPlan(None, False, exclude)
+        elapsed_ms = (now - self.started) * 1000
+        limit_ms = attempt_timeout_ms(per_try_ms, route_ms, elapsed_ms)
+        if limit_ms is not None and limit_ms <= 0:
+            return None
+        # a timeout is the route's when what is left of it is the tighter bound
+        route_bound = bool(route_ms) and (not per_try_ms or route_ms - elapsed_ms <= per_try_ms)
+        return AttemptPlan(limit_ms, route_bound, exclude)
+
+    def judge(self, outcome: Outcome, *, replayable: bool = True) -> RetryVerdict:
+        """What to do after an attempt that ended with `outcome`."""
+        return decide_retry(
+            self.conditions,
+            outcome,
+            retries_done=self.retries,
+            attempts=self.policy.attempts,
+            replayable=replayable,
+        )
+
+    def retried(self, endpoint: str, now: float, rand: float) -> float:
+        """A retry was granted after an attempt to `endpoint`: milliseconds to wait
+        before it (jittered backoff, cut to what is left of the route's timeout)."""
+        self.retries += 1
+        self.tried = self.tried | {endpoint}
+        wait_ms = backoff_ms(self.retries, rand, self.policy.backoff_base_ms)
+        if self.route_ms:
+            wait_ms = min(wait_ms, self.route_ms - (now - self.started) * 1000)
+        return wait_ms
+
+    def needs_judging(self, status: int, *, grpc: bool) -> bool:
+        """Whether a response with `status` could be retried at all (a cheap test
+        before reading its headers: most answers are final)."""
+        conditions = self.conditions
+        return (
+            status >= 400
+            or status in conditions.status_codes
+            or grpc
+            or conditions.envoy_ratelimited
+        )
 
 
 def backoff_ms(

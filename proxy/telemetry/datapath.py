@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from mesh.hosts import ServiceRef
 from mesh.logs import get_logger
 from proxy.peer import Peer, peer_of
+from proxy.response_flags import ResponseFlag
 
 from .peer_metadata import PEER_METADATA_HEADER, decode_peer_metadata, encode_peer_metadata
 from .recorder import TelemetryRecorder
@@ -341,8 +342,9 @@ class SidecarTelemetry:
         policy: str,
     ) -> None:
         dry_run_result = dry_run_policy = ""
+        flags: str
         if outcome is None:
-            status, flags, upstream = 0, "DC", ""
+            status, flags, upstream = 0, ResponseFlag.DOWNSTREAM_CONNECTION_TERMINATION, ""
         else:
             status, flags, upstream = outcome.status, outcome.flags or "-", outcome.upstream
             shadow = outcome.authz_shadow

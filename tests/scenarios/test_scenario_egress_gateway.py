@@ -280,3 +280,57 @@ async def test_https_task_another_sni_takes_the_hosts_default_route(
 
 async def _at_least(value: Any, wanted: float) -> bool:
     return bool(await value >= wanted)
+
+
+EGRESS_DENY = f"""
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: egress-deny-admin, namespace: istio-system}}
+spec:
+  selector: {{matchLabels: {{istio: egressgateway}}}}
+  action: DENY
+  rules:
+  - to:
+    - operation: {{hosts: ["{API}"], paths: ["/admin", "/admin/*"]}}
+"""
+
+
+async def test_host_and_path_tricks_get_no_denied_request_through_the_egress_gateway(
+    egress_gw: EgressGateway,
+) -> None:
+    """A DENY at the egress gateway on the external host's /admin: no spelling of the
+    Host (case, trailing dot, port) or of the path reaches the external server, from
+    a plaintext caller outside the mesh."""
+    e = egress_gw
+    await e.s.apply((EXAMPLES / "egress-gateway.yaml").read_text())
+    await e.s.apply(EGRESS_DENY)
+    port = e.gateway.settings.gateway_port
+
+    def get(path: str, host: str) -> bytes:
+        return f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode()
+
+    async def denied() -> bool:
+        reply = await e.s.raw(port, get("/admin", API))
+        return reply is not None and reply.status == 403
+
+    try:
+        await eventually(denied, timeout=20, interval=0.3)
+        before = e.server.requests
+        tricks = [
+            get("/admin", API.upper()),
+            get("/admin", f"{API}."),
+            get("/admin", f"{API}:80"),
+            get("/admin", f"{API.upper()}.:80"),
+            get("/public/../admin", API),
+            get("/%61dmin/x", API),
+            get("//admin", API),
+            get("/admin%2fx", API),
+            get(f"http://{API}/admin", "other.example"),
+        ]
+        # at once: Envoy closes a connection it refused after its delayed-close second
+        replies = await asyncio.gather(*(e.s.raw(port, trick) for trick in tricks))
+        for trick, reply in zip(tricks, replies, strict=True):
+            assert reply is None or reply.status in (400, 403, 404), (trick, reply)
+        assert e.server.requests == before
+    finally:
+        await e.s.delete("AuthorizationPolicy", "egress-deny-admin", "istio-system")

@@ -23,6 +23,8 @@ from meshctl.sidecar_cmds import gateway_labels
 from tests.envoy_support import _have_envoy
 from tests.scenarios.helpers import Scenario, TcpEcho, metric_sum, tcp_exchange
 from tests.support import applied, destination_rule_yaml, eventually
+from tests.unit.test_sni_adversarial import client_hello as forged_hello
+from tests.unit.test_sni_adversarial import server_name_ext
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -225,6 +227,19 @@ async def test_gateway_tcp_server_and_tls_passthrough_by_sni(env: Env) -> None:
     # no rule for this SNI: closed, nothing reaches an app
     assert await exchange(tls_port, client_hello("c.example.com")) in (None, b"")
     assert env.v1.received + env.v2.received == received
+    # forged server names (tests/unit/test_sni_adversarial.py): a NUL, two names: no
+    # SNI, so no rule
+    for forged in (
+        forged_hello(server_name_ext(b"x.b.example.com\x00.a.example.com")),
+        forged_hello(server_name_ext(b"c.example.com", b"x.b.example.com")),
+    ):
+        assert await exchange(tls_port, forged) in (None, b""), forged
+    assert env.v1.received + env.v2.received == received
+    # an empty first label: no DNS name (Python: no SNI, closed); Envoy's wildcard
+    # lookup covers it by suffix, so it reaches that rule's destination, never another
+    empty_label = forged_hello(server_name_ext(b".b.example.com"))
+    reply = await exchange(tls_port, empty_label)
+    assert reply in (None, b"") if s.dataplane == "python" else reply == empty_label + b"|two"
 
 
 async def test_sidecar_tls_rules_route_by_sni_and_other_traffic_by_tcp_rules(env: Env) -> None:

@@ -43,3 +43,17 @@ def test_every_sidecar_and_gateway_flag_has_help() -> None:
         for action in command._actions:
             if action.option_strings and action.dest != "help":
                 assert action.help, f"meshctl {name} {action.option_strings[0]} has no help"
+
+
+def test_envoy_on_demand_is_the_default_and_can_be_turned_off(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from meshctl.main import build_parser
+
+    base = ["sidecar", "--dataplane", "envoy", "--service", "a", "--app-port", "1"]
+    monkeypatch.delenv("MESH_ENVOY_ON_DEMAND", raising=False)
+    assert build_parser().parse_args(base).envoy_on_demand is True
+    assert build_parser().parse_args([*base, "--no-envoy-on-demand"]).envoy_on_demand is False
+    monkeypatch.setenv("MESH_ENVOY_ON_DEMAND", "0")
+    assert build_parser().parse_args(base).envoy_on_demand is False
+    assert build_parser().parse_args([*base, "--envoy-on-demand"]).envoy_on_demand is True

@@ -3,8 +3,9 @@ and the proxy-status entries once Envoy answered a push."""
 
 from __future__ import annotations
 
+from mesh.compiled_mesh import ExternalService, MeshWideConfig
 from mesh.hosts import ServiceRef
-from mesh.messages import EndpointSet, SubscriptionStatus
+from mesh.messages import Endpoint, EndpointSet, SubscriptionStatus
 from proxy.dataplane.envoy_view import (
     ApplyTracker,
     EnvoyPorts,
@@ -13,6 +14,8 @@ from proxy.dataplane.envoy_view import (
     port_flag,
     ports_in_use,
     proxy_node,
+    selected_by,
+    selecting_entries,
     view_endpoints,
 )
 from proxy.destinations import Destination
@@ -164,3 +167,50 @@ def test_proxy_node_carries_the_opaque_ports_of_an_intercepted_app() -> None:
     assert node.capture == ("100.127.0.1", 15001) and node.opaque_ports == (25, 3306)
     # without a capture listener there is nothing to skip detection on
     assert proxy_node(settings, EnvoyPorts(admin=1)).opaque_ports == ()
+
+
+def test_on_demand_is_a_plain_sidecars_default() -> None:
+    """On demand unless turned off; never for a gateway (its routes name its hosts) or
+    an intercepting sidecar (captured TCP has no Host to ask by)."""
+    ports = EnvoyPorts(admin=1, inbound=2, outbound=3)
+    plain = SidecarSettings(service="productpage", app_port=9080)
+    assert proxy_node(plain, ports).on_demand is True
+    off = SidecarSettings(service="productpage", app_port=9080, envoy_on_demand=False)
+    assert proxy_node(off, ports).on_demand is False
+    gw = SidecarSettings(service="ingressgateway", gateway=True, gateway_port=8080)
+    assert proxy_node(gw, EnvoyPorts(admin=1, gateway=8080)).on_demand is False
+    intercepted = SidecarSettings(service="productpage", app_port=9080, intercept=True)
+    capture = EnvoyPorts(admin=1, inbound=2, outbound=3, capture_host="100.127.0.1", capture=4)
+    assert proxy_node(intercepted, capture).on_demand is False
+
+
+def test_workload_selector_entries_name_the_services_followed_on_demand() -> None:
+    """A ServiceEntry selecting registered instances (exported here) makes the
+    services of the instances it selects followed; other entries and services not."""
+    billing = ExternalService(
+        host="billing.internal.test",
+        namespace="default",
+        name="billing",
+        workload_selector={"tier": "billing"},
+    )
+    elsewhere = ExternalService(
+        host="hidden.internal.test",
+        namespace="other",
+        name="hidden",
+        export_to=("other",),
+        workload_selector={"tier": "billing"},
+    )
+    plain = ExternalService(host="api.example.test", namespace="default", name="api")
+    wide = MeshWideConfig(revision=1, services=(billing, elsewhere, plain))
+    entries = selecting_entries("default", wide)
+    assert entries == (billing,)
+    assert selecting_entries("default", None) == ()
+
+    def instances(namespace: str, service: str, **labels: str) -> EndpointSet:
+        ep = Endpoint(instance=f"{service}-0", address="127.0.0.1:1", labels=labels)
+        return EndpointSet(namespace=namespace, service=service, revision=1, endpoints=[ep])
+
+    assert selected_by(entries, instances("default", "legacy-billing", tier="billing"))
+    assert not selected_by(entries, instances("default", "reviews", tier="web"))
+    # the entry's namespace only, as the Python sidecar selects
+    assert not selected_by(entries, instances("other", "legacy-billing", tier="billing"))

@@ -10,7 +10,7 @@ import h2.connection
 import h2.events
 import hpack
 import pytest
-from hyperframe.frame import ContinuationFrame, HeadersFrame, PingFrame, RstStreamFrame
+from hyperframe.frame import ContinuationFrame, Frame, HeadersFrame, PingFrame, RstStreamFrame
 
 from proxy.http.h2 import (
     ConnectionFailed,
@@ -266,3 +266,117 @@ def test_limits_are_validated() -> None:
         H2Limits(max_concurrent_streams=0)
     with pytest.raises(ValueError, match="max_frame_size"):
         H2Limits(max_frame_size=1000)
+
+
+def header_blocks(data: bytes) -> list[bytes]:
+    """The HPACK blocks of the HEADERS frames in `data`."""
+    blocks, view = [], memoryview(data)
+    while view:
+        frame, length = Frame.parse_frame_header(view[:9])
+        frame.parse_body(view[9 : 9 + length])
+        if isinstance(frame, HeadersFrame):
+            blocks.append(frame.data)
+        view = view[9 + length :]
+    return blocks
+
+
+def test_sent_fields_are_normalised_in_one_pass_and_credentials_never_indexed() -> None:
+    """What h2's outbound normalization did (off, for speed): lower-case names,
+    stripped values, connection-specific fields dropped, `te` only as trailers, and
+    credentials sent as never-indexed literals (HPACK's CRIME defence); no Huffman."""
+    server, peer = handshake()
+    stream = peer.get_next_available_stream_id()
+    peer.send_headers(stream, REQUEST, end_stream=True)
+    pump(server, peer)
+    server.send_head(
+        stream,
+        [
+            (":status", "200"),
+            ("X-Upper", " padded "),
+            ("connection", "close"),
+            ("transfer-encoding", "chunked"),
+            ("te", "gzip"),
+            ("authorization", "Bearer secret-token"),
+            ("cookie", "short=1"),
+            ("cookie", "a-long-cookie=0123456789abcdef"),
+        ],
+        end_stream=True,
+    )
+    data = server.data_to_send()
+    (block,) = header_blocks(data)
+    fields = hpack.Decoder().decode(block, raw=True)
+    assert [tuple(f) for f in fields] == [
+        (b":status", b"200"),
+        (b"x-upper", b"padded"),
+        (b"authorization", b"Bearer secret-token"),
+        (b"cookie", b"short=1"),
+        (b"cookie", b"a-long-cookie=0123456789abcdef"),
+    ]
+    never = [f[0] for f in fields if isinstance(f, hpack.NeverIndexedHeaderTuple)]
+    assert never == [b"authorization", b"cookie"]  # the short cookie only
+    assert b"padded" in block and b"Bearer secret-token" in block  # literals, no Huffman
+    events = peer.receive_data(data)  # a strict peer accepts the block
+    assert any(isinstance(e, h2.events.ResponseReceived) for e in events)
+
+
+def test_request_te_trailers_is_kept_for_grpc() -> None:
+    client = H2Connection(client=True)
+    server = H2Connection(client=False)
+    client.initiate()
+    server.initiate()
+    client.open_stream([*REQUEST, ("te", "Trailers")], end_stream=True)
+    events = server.receive(client.data_to_send(), 0.0)
+    head = next(e for e in events if isinstance(e, RequestHead))
+    assert ("te", "Trailers") in head.headers  # kept (any case), as h2 accepts it
+
+
+def frame_kinds(data: bytes) -> list[tuple[str, int, bool]]:
+    """(frame type, payload length, END_STREAM) of every frame in `data`."""
+    kinds, view = [], memoryview(data)
+    while view:
+        frame, length = Frame.parse_frame_header(view[:9])
+        frame.parse_body(view[9 : 9 + length])
+        kinds.append((type(frame).__name__, length, "END_STREAM" in frame.flags))
+        view = view[9 + length :]
+    return kinds
+
+
+def test_the_rest_of_a_body_ends_the_stream_in_its_last_data_frame() -> None:
+    """`send_last`: no empty DATA frame to end the stream (one frame less per unary
+    call each way), and it still waits for the peer's window."""
+    server, peer = handshake()
+    peer.send_headers(1, REQUEST, end_stream=True)
+    pump(server, peer)
+    server.data_to_send()
+    server.send_head(1, [(":status", "200")], end_stream=False)
+    server.send_last(1, [b"a" * 10, b"b" * 5])
+    assert frame_kinds(server.data_to_send()) == [
+        ("HeadersFrame", 1, False),
+        ("DataFrame", 10, False),
+        ("DataFrame", 5, True),
+    ]
+    peer.send_headers(3, REQUEST, end_stream=True)
+    pump(server, peer)
+    server.send_head(3, [(":status", "200")], end_stream=False)
+    server.send_last(3, [b"y" * 70_000])
+    first = server.data_to_send()
+    assert not any(end for _, _, end in frame_kinds(first))  # the window holds the rest
+    sent = sum(n for kind, n, _ in frame_kinds(first) if kind == "DataFrame")
+    peer.receive_data(first)
+    peer.acknowledge_received_data(sent, 3)
+    pump(server, peer)
+    assert frame_kinds(server.data_to_send())[-1] == ("DataFrame", 70_000 - sent, True)
+    with pytest.raises(StreamGone):
+        server.send_data(3, b"late")
+
+
+def test_the_rest_of_a_body_with_trailers_ends_with_them() -> None:
+    server, peer = handshake()
+    peer.send_headers(1, REQUEST, end_stream=True)
+    pump(server, peer)
+    server.data_to_send()
+    server.send_head(1, [(":status", "200")], end_stream=False)
+    server.send_last(1, [b"msg"], [("grpc-status", "0")])
+    kinds = frame_kinds(server.data_to_send())
+    assert [k[0] for k in kinds] == ["HeadersFrame", "DataFrame", "HeadersFrame"]
+    assert [k[2] for k in kinds] == [False, False, True]

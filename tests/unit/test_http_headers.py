@@ -15,7 +15,7 @@ from proxy.http import (
     strip_hop_by_hop,
 )
 from proxy.http.h1.encode import encode_fields, request_line, status_line
-from proxy.http.headers import connection_tokens
+from proxy.http.headers import connection_tokens, without_h2c
 from proxy.http.wire import (
     Framing,
     check_request_head,
@@ -411,3 +411,19 @@ def test_limits_defaults() -> None:
 def test_limits_refuse_non_positive_values(field: str, value: object) -> None:
     with pytest.raises(ValueError, match=field):
         Limits(**{field: value})  # type: ignore[arg-type]
+
+
+def test_h2c_is_never_an_upgrade_passed_on() -> None:
+    """h2c smuggling: an app switching to h2c would serve the rest of the connection
+    unseen by the sidecars' per-request authorization."""
+
+    assert without_h2c("h2c") is None
+    assert without_h2c("H2C") is None
+    assert without_h2c("websocket, h2c") == "websocket"
+    assert without_h2c("websocket") == "websocket"
+    assert without_h2c(None) is None
+    kept = strip_hop_by_hop(
+        [("connection", "Upgrade, HTTP2-Settings"), ("upgrade", "h2c"), ("http2-settings", "x")],
+        "h2c",
+    )
+    assert kept == []

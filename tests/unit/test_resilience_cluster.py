@@ -14,8 +14,8 @@ from mesh.hosts import ServiceRef
 from mesh.messages import Endpoint
 from meshctl.config_cmds import _outlier_state
 from proxy.clusters import Cluster
-from proxy.forward import join_flags
 from proxy.resilience import LocalOrigin, Threshold
+from proxy.response_flags import join_flags
 from proxy.routing import build_balancer
 
 REF = ServiceRef("default", "reviews")

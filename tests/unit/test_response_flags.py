@@ -4,13 +4,20 @@ values."""
 
 from __future__ import annotations
 
-import msgspec
+import asyncio
 
-from proxy.forward import _FLAG_ORDER, join_flags
+import msgspec
+import pytest
+
+from proxy.http import UpstreamConnectError, UpstreamProtocolError, UpstreamResetError
+from proxy.http.client import StaleConnectionError
+from proxy.http.h2.client import H2NotNegotiated
 from proxy.http.local_reply import DEADLINE_EXCEEDED, grpc_status_for
-from proxy.resilience import FaultDecision, RetryVerdict
+from proxy.http.pool import PoolOverflowError
+from proxy.resilience import Failure, FaultDecision, LocalOrigin, RetryVerdict
 from proxy.resilience.ratelimit import RateDecision
-from proxy.response_flags import ResponseFlag
+from proxy.response_flags import _FLAG_ORDER, ResponseFlag, join_flags
+from proxy.upstream_failure import upstream_failure
 
 ENVOY_CODES = (
     "LH UH UT LR UR UF UC UO NR DI FI RL UAEX RLSE DC URX SI IH DPE UMSDR RFCF NFCF DT UPE "
@@ -37,3 +44,54 @@ def test_producers_keep_their_values() -> None:
     assert RetryVerdict.EXHAUSTED.flag == "URX"
     assert RateDecision(allowed=False).flag == "RL"
     assert grpc_status_for(504, "UT,URX") == DEADLINE_EXCEEDED
+
+
+@pytest.mark.parametrize(
+    ("error", "failure", "flag", "status", "details", "origin"),
+    [
+        (TimeoutError(), Failure.TIMEOUT, "UT", 504, "upstream request timeout", LocalOrigin.TIMEOUT),
+        (
+            PoolOverflowError("queue full"),
+            Failure.OVERFLOW, "UO", 503, "upstream overflow: queue full", None,
+        ),
+        (
+            UpstreamConnectError("refused"),
+            Failure.CONNECT_FAILURE, "UF", 503, "upstream connect error: refused",
+            LocalOrigin.CONNECT_FAILED,
+        ),
+        (
+            H2NotNegotiated("no h2"),
+            Failure.CONNECT_FAILURE, "UF", 503, "upstream connect error: no h2",
+            LocalOrigin.CONNECT_FAILED,
+        ),
+        (
+            UpstreamResetError("eof"),
+            Failure.RESET, "UC", 503, "upstream connection closed: eof", LocalOrigin.RESET,
+        ),
+        (
+            StaleConnectionError("stale"),
+            Failure.RESET, "UC", 503, "upstream connection closed: stale", LocalOrigin.RESET,
+        ),
+        (
+            UpstreamProtocolError("bad head"),
+            Failure.RESET, "UPE", 502, "upstream protocol error: bad head", LocalOrigin.RESET,
+        ),
+    ],
+)  # fmt: skip
+def test_one_mapping_from_upstream_failures(
+    error: BaseException,
+    failure: Failure,
+    flag: str,
+    status: int,
+    details: str,
+    origin: LocalOrigin | None,
+) -> None:
+    found = upstream_failure(error)
+    assert found == (failure, flag, status, details)
+    assert isinstance(found.flag, ResponseFlag)
+    assert found.local_origin is origin
+
+
+def test_what_is_no_upstream_failure_propagates() -> None:
+    assert upstream_failure(ValueError("a bug")) is None
+    assert upstream_failure(asyncio.CancelledError()) is None

@@ -11,6 +11,8 @@ field and value: an ignored policy would be a security hole.
 
 from __future__ import annotations
 
+import dataclasses
+
 from proxy.envoy.resources import XdsResources
 
 from . import capture, egress, ext_authz, gateway, inbound, outbound, tcp
@@ -38,6 +40,8 @@ def translate(node: ProxyNode, view: MeshView) -> XdsResources:
         ctx = outbound.route_context(node, view)
         if node.outbound is not None:
             ctx = outbound.add_outbound(node, view, out)
+            if node.on_demand:
+                out = dataclasses.replace(out, unknown_host=outbound.unknown_host_model(node, view))
             if node.capture is not None:
                 capture.add_capture(node, view, out)
         if node.inbound is not None:

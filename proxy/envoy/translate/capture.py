@@ -26,7 +26,9 @@ Filter chains, as `targets.decide` on the Python data plane:
   REGISTRY_ONLY (`BlackHoleCluster`, Istio's name), relayed to the original
   destination under ALLOW_ANY (`OriginalDstPassthrough`, an ORIGINAL_DST cluster:
   Istio's `PassthroughCluster`, a name the HTTP_PROXY listener's dynamic forward proxy
-  cluster already takes here, docs/architecture.md §5.5).
+  cluster already takes here, docs/architecture.md §5.5);
+- a connection to the capture listener's own address (not redirected) is closed
+  (`capture_self`, to `BlackHoleCluster`): passed through, it would come back here.
 Envoy picks the most specific destination port first and never falls back to a less
 specific port, so every port with chains of its own also gets the plain HTTP chain.
 """
@@ -48,6 +50,7 @@ from proxy.envoy.resources import XdsResources
 from proxy.intercept.detect import DETECT_TIMEOUT_S
 
 from . import clusters, listeners, tcp
+from .egress import allows_any
 from .model import MeshView, ProxyNode
 from .names import OUTBOUND_HTTP_ROUTE
 from .protos import HTTP_INSPECTOR, ORIGINAL_DST, Json, duration, parse, typed
@@ -84,10 +87,6 @@ def original_dst_cluster() -> cluster_pb2.Cluster:
             "connectTimeout": duration(clusters.DEFAULT_CONNECT_TIMEOUT_MS),
         },
     )
-
-
-def allows_any(view: MeshView) -> bool:
-    return view.mesh_wide is not None and view.mesh_wide.outbound_traffic_policy == "ALLOW_ANY"
 
 
 def _host_port(address: str) -> tuple[str, int] | None:
@@ -304,6 +303,19 @@ def add_capture(node: ProxyNode, view: MeshView, out: XdsResources) -> None:
         }
         for port in ports
     ]
+    # a connection whose original destination is this listener itself was not
+    # redirected: relayed (ALLOW_ANY) or routed by a Host naming it, it would come back
+    # here, round after round (the Python listener resets it, `capture._dispatch`)
+    own_host, own_port = node.capture
+    to_itself = {
+        "name": "capture_self",
+        "filterChainMatch": {"destinationPort": own_port, "prefixRanges": [_prefix(own_host)]},
+        "filters": [
+            listeners.tcp_proxy(
+                "capture_self", BLACKHOLE_CLUSTER, "outbound_tcp", node.access_log_cluster
+            )
+        ],
+    }
     body: Json = {
         "name": CAPTURE_LISTENER,
         "statPrefix": CAPTURE_LISTENER,
@@ -315,7 +327,7 @@ def add_capture(node: ProxyNode, view: MeshView, out: XdsResources) -> None:
         "listenerFiltersTimeout": f"{DETECT_TIMEOUT_S}s",
         # a silent client (a server-first protocol) is not HTTP: the default chain
         "continueOnListenerFiltersTimeout": True,
-        "filterChains": [*specific, *per_port_http, http_chain],
+        "filterChains": [to_itself, *specific, *per_port_http, http_chain],
         "defaultFilterChain": {"filters": [unknown]},
         "trafficDirection": "OUTBOUND",
         **listeners.NO_REUSE_PORT,

@@ -14,7 +14,8 @@ Envoy (docs/architecture.md §5.5), as the Python sidecar does them (`proxy.egre
   match (`subjectAltNames`, else the SNI host);
 - ALLOW_ANY: hosts nobody knows go to `PassthroughCluster`, Envoy's dynamic forward
   proxy (the host and port of the request's authority); REGISTRY_ONLY keeps the
-  502 direct response.
+  502 direct response (`unknown_host_vhost`: the catch-all, or on demand the model
+  of each unknown Host's virtual host).
 
 Wildcard ServiceEntry hosts are not translated (the Python sidecar serves them; the
 route configuration ignores ports, so one HTTP port per host is served: the first
@@ -39,7 +40,7 @@ from proxy.envoy.resources import PASSTHROUGH_CLUSTER, XdsResources
 from . import clusters, routes
 from . import tls as tls_sockets
 from .model import MeshView, ProxyNode
-from .names import outbound_cluster
+from .names import outbound_cluster, service_domains
 from .protos import (
     DFP_CLUSTER,
     DFP_FILTER,
@@ -52,6 +53,8 @@ from .protos import (
 )
 
 TUNNEL_SUBSET = "~connect"
+# the virtual host of Hosts nobody knows (`unknown_host_vhost`)
+UNKNOWN_HOST = "unknown_host"
 _HTTP_PROTOCOLS = HTTP_PROTOCOLS
 _DNS_CACHE: Json = {"name": "passthrough_dns", "dnsLookupFamily": "V4_PREFERRED"}
 # what SIMPLE verifies against when the DestinationRule names no CA file
@@ -61,10 +64,11 @@ SYSTEM_CA_FILE = _PATHS.cafile or _PATHS.openssl_cafile
 __all__ = [
     "PASSTHROUGH_CLUSTER",
     "add_external_clusters",
+    "allows_any",
     "external_tables",
     "external_vhosts",
     "passthrough_filters",
-    "unknown_host_route",
+    "unknown_host_vhost",
 ]
 
 
@@ -104,7 +108,9 @@ def external_vhosts(
         out.append(
             {
                 "name": service.host,
-                "domains": [service.host],
+                # a host in the mesh domain answers to its short names too, as the
+                # Python sidecar resolves them (`canonical_host`)
+                "domains": service_domains(service.host, node.namespace),
                 "routes": connect
                 + routes.http_routes(
                     routes.table_routes(service.table, service.host),
@@ -198,42 +204,95 @@ def tunnel_target(node: ProxyNode, view: MeshView, host: str, port: int) -> str 
     return None
 
 
-def unknown_host_route(view: MeshView | None) -> Json:
-    """The virtual host for every other Host: 502 under REGISTRY_ONLY (or with no view),
-    the passthrough under ALLOW_ANY."""
-    wide = view.mesh_wide if view is not None else None
-    if wide is not None and wide.outbound_traffic_policy == "ALLOW_ANY":
-        return {
-            "name": "unknown_host",
-            "domains": ["*"],
-            "routes": [
-                _connect_route(PASSTHROUGH_CLUSTER, None),
-                {
-                    "name": "passthrough",
-                    "match": {"prefix": "/"},
-                    "route": {"cluster": PASSTHROUGH_CLUSTER, "timeout": "0s"},
-                },
-            ],
-        }
-    return {
-        "name": "unknown_host",
-        "domains": ["*"],
-        "routes": [
-            {
-                "name": "unknown_host",
-                "match": {"prefix": "/"},
-                "directResponse": {
-                    "status": 502,
-                    "body": {"inlineString": "unknown host: not a mesh service"},
-                },
-            }
-        ],
+# loopback names and addresses, and the unspecified one, then the port: one short
+# regex per port (Envoy refuses a regex whose RE2 program is over 100 instructions)
+_LOOPBACK_AUTHORITY = (
+    r"(?i)(localhost|127\.[0-9.]+|0\.0\.0\.0|\[::1?\]|\[::ffff:127\.[0-9.]+\])\.?:"
+)
+
+
+def own_listener_routes(node: ProxyNode | None) -> list[Json]:
+    """ALLOW_ANY: a Host naming this proxy's own outbound or capture listener (by a
+    loopback name or address, the unspecified one, or the capture listener's address)
+    is answered 508, CONNECT or not, as by the Python sidecar (`proxy/own_listeners.py`):
+    the passthrough would bring it back to the same listener, round after round."""
+    if node is None:
+        return []
+    listeners = (node.outbound, node.capture)
+    ports = sorted({address[1] for address in listeners if address is not None and address[1]})
+    matchers: list[tuple[str, Json]] = []
+    for port in ports:
+        loopback = {"safeRegex": {"regex": f"{_LOOPBACK_AUTHORITY}{port}"}}
+        matchers.append((f"{port}", loopback))
+        if node.capture is not None:
+            exact = {"exact": f"{node.capture[0]}:{port}", "ignoreCase": True}
+            matchers.append((f"capture:{port}", exact))
+    refused = {
+        "status": 508,
+        "body": {"inlineString": "passthrough to this sidecar refused"},
     }
+    routes: list[Json] = []
+    for name, string_match in matchers:
+        header = [{"name": ":authority", "stringMatch": string_match}]
+        routes.append(
+            {
+                "name": f"own_listener_connect|{name}",
+                "match": {"connectMatcher": {}, "headers": header},
+                "directResponse": refused,
+            }
+        )
+        routes.append(
+            {
+                "name": f"own_listener|{name}",
+                "match": {"prefix": "/", "headers": header},
+                "directResponse": refused,
+            }
+        )
+    return routes
+
+
+def unknown_host_vhost(view: MeshView, node: ProxyNode | None = None) -> Json:
+    """The virtual host of every Host that names no mesh service and no ServiceEntry
+    host: the route configuration's catch-all (`*`), or on demand the model the agent
+    names after each such Host (`envoy_view.vhds_answer`). Under REGISTRY_ONLY 502
+    `unknown host` (CONNECT matches no route: 404 `NR`); under ALLOW_ANY
+    `PassthroughCluster`, CONNECT tunnelled as asked (§5.5), never to `node`'s own
+    listeners (`own_listener_routes`)."""
+    routes = _unknown_host_routes(view, node)
+    return {"name": UNKNOWN_HOST, "domains": ["*"], "routes": routes}
+
+
+def _unknown_host_routes(view: MeshView, node: ProxyNode | None) -> list[Json]:
+    if allows_any(view):
+        return [
+            *own_listener_routes(node),
+            _connect_route(PASSTHROUGH_CLUSTER, None),
+            {
+                "name": "passthrough",
+                "match": {"prefix": "/"},
+                "route": {"cluster": PASSTHROUGH_CLUSTER, "timeout": "0s"},
+            },
+        ]
+    return [
+        {
+            "name": UNKNOWN_HOST,
+            "match": {"prefix": "/"},
+            "directResponse": {
+                "status": 502,
+                "body": {"inlineString": "unknown host: not a mesh service"},
+            },
+        }
+    ]
+
+
+def allows_any(view: MeshView) -> bool:
+    """The mesh-wide outbound traffic policy is ALLOW_ANY (REGISTRY_ONLY by default)."""
+    return view.mesh_wide is not None and view.mesh_wide.outbound_traffic_policy == "ALLOW_ANY"
 
 
 def passthrough_filters(view: MeshView) -> list[Json]:
     """The dynamic forward proxy filter the passthrough cluster needs (ALLOW_ANY)."""
-    if view.mesh_wide is None or view.mesh_wide.outbound_traffic_policy != "ALLOW_ANY":
+    if not allows_any(view):
         return []
     return [
         {
@@ -304,7 +363,7 @@ def add_external_clusters(
             out.clusters[name] = cluster
             if assignment is not None:
                 out.endpoints[name] = assignment
-    if view.mesh_wide is not None and view.mesh_wide.outbound_traffic_policy == "ALLOW_ANY":
+    if allows_any(view):
         out.clusters[PASSTHROUGH_CLUSTER] = parse(  # type: ignore[assignment]
             cluster_pb2.Cluster,
             {
@@ -373,9 +432,10 @@ def _selected_cluster(
     labels: dict[str, str],
     view: MeshView,
 ) -> tuple[cluster_pb2.Cluster, endpoint_pb2.ClusterLoadAssignment]:
-    """A MESH_INTERNAL entry with a workloadSelector: the selected instances (every
-    service is followed by an Envoy sidecar), over the mesh's mTLS unless the
-    DestinationRule says otherwise."""
+    """A MESH_INTERNAL entry with a workloadSelector: the selected instances (the
+    agent follows their services: every service, or on demand those the entry selects
+    from, architecture §5.2), over the mesh's mTLS unless the DestinationRule says
+    otherwise."""
     instances = [eps for _table, eps in view.destinations.values() if eps is not None]
     selected = [
         ep for ep in selected_instances(service, instances) if clusters.has_labels(ep, labels)

@@ -60,9 +60,13 @@ def gateway_route_config(config: GatewayConfig, ctx: routes.RouteContext) -> Jso
             {
                 "name": f"{i}:{vh.hosts[0] if vh.hosts else ''}",
                 "domains": domains,
-                "routes": routes.http_routes(
-                    vh.http, ctx, f"GatewayConfig {config.name}.virtual_hosts[{i}]"
-                ),
+                "routes": [
+                    # what the Python gateway refuses before routing (architecture §6)
+                    *inbound.refused_path_routes(),
+                    *routes.http_routes(
+                        vh.http, ctx, f"GatewayConfig {config.name}.virtual_hosts[{i}]"
+                    ),
+                ],
             }
         )
     return {

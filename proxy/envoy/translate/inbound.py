@@ -81,6 +81,28 @@ def permissive_chains(filters: list[Json], trust_domain: str) -> list[Json]:
     return _chains("PERMISSIVE", {True: filters, False: filters}, trust_domain, tls.MESH_ALPN)
 
 
+# Paths the Python engine refuses (architecture §6, `proxy/http/target.py`) that Envoy's
+# normaliser keeps: a segment ending in "." or an encoded space (Windows and IIS serve
+# `/admin.` as `/admin`), and overlong UTF-8 escapes (`%C0%AE` is "." to a lenient
+# decoder). Route regexes see the path without its query; each stays far below RE2's
+# program-size limit of 100.
+REFUSED_PATHS = (
+    ("segment_ending_in_dot_or_space", r".*(\.|%20)(/.*)?"),
+    ("overlong_utf8", r".*%([cC][01]|[eE]0%[89]|[fF]0%8).*"),
+)
+
+
+def refused_path_routes() -> list[Json]:
+    return [
+        {
+            "name": f"refused_path|{name}",
+            "match": {"safeRegex": {"regex": regex}},
+            "directResponse": {"status": 400, "body": {"inlineString": "Bad Request\n"}},
+        }
+        for name, regex in REFUSED_PATHS
+    ]
+
+
 def inbound_route_config(node: ProxyNode, per_filter: Json | None = None) -> Json:
     """`per_filter`: the virtual host's `typedPerFilterConfig` (the RBAC rules in
     force, `rbac_route`)."""
@@ -96,7 +118,7 @@ def inbound_route_config(node: ProxyNode, per_filter: Json | None = None) -> Jso
     vhost: Json = {
         "name": "inbound",
         "domains": ["*"],
-        "routes": [{"name": "app", "match": {"prefix": "/"}, **action}],
+        "routes": [*refused_path_routes(), {"name": "app", "match": {"prefix": "/"}, **action}],
     }
     if per_filter:
         vhost["typedPerFilterConfig"] = per_filter

@@ -7,6 +7,8 @@ from collections.abc import Sequence
 
 from envoy.config.listener.v3 import listener_pb2
 
+from proxy.response_flags import ResponseFlag
+
 from . import access_log
 from .protos import (
     ADS,
@@ -53,13 +55,14 @@ def fault_filter() -> Json:
 # 504 would say UNAVAILABLE. Envoy keeps a grpc-status a mapper set on its trailers-only
 # local reply; every other local reply keeps Envoy's HTTP-to-gRPC mapping, which is
 # the Python proxy's.
+_UPSTREAM_TIMEOUT = ResponseFlag.UPSTREAM_REQUEST_TIMEOUT.value
 GRPC_LOCAL_REPLIES: Json = {
     "mappers": [
         {
             "filter": {
                 "andFilter": {
                     "filters": [
-                        {"responseFlagFilter": {"flags": ["UT"]}},
+                        {"responseFlagFilter": {"flags": [_UPSTREAM_TIMEOUT]}},
                         {
                             "headerFilter": {
                                 "header": {
@@ -94,7 +97,8 @@ def http_connection_manager(
     extra: Json | None = None,
 ) -> Json:
     """An HCM normalising paths the way the Python sidecar does (RFC 3986 dot
-    segments, merged slashes, encoded slashes rejected) and accepting absolute-form
+    segments, merged slashes, encoded slashes rejected, a trailing Host dot stripped)
+    and accepting absolute-form
     requests (the app's HTTP_PROXY). Routes come over RDS (ADS) by name, or inline."""
     body: Json = {
         "statPrefix": stat_prefix,
@@ -106,6 +110,9 @@ def http_connection_manager(
         "normalizePath": True,
         "mergeSlashes": True,
         "pathWithEscapedSlashesAction": "REJECT_REQUEST",
+        # `reviews.default.` is `reviews.default` to routing and authorization, and is
+        # forwarded without the dot, as by the Python engine (architecture §6)
+        "stripTrailingHostDot": True,
         # the Python proxies relay upgraded connections (WebSocket) too
         "upgradeConfigs": [{"upgradeType": "websocket"}],
         "httpFilters": [*http_filters, router_filter()],

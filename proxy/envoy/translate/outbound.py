@@ -37,14 +37,6 @@ ON_DEMAND_FILTER: Json = {
 }
 
 
-def unknown_host_vhost(name: str, domains: list[str]) -> route_components_pb2.VirtualHost:
-    """On demand: the virtual host `name` (`<route configuration>/<fqdn>`) answering
-    hosts that name no known mesh service as the catch-all does under REGISTRY_ONLY
-    (502; on demand does not pass unknown hosts through under ALLOW_ANY yet, §5.3)."""
-    vhost = {**egress.unknown_host_route(None), "name": name, "domains": domains}
-    return parse(route_components_pb2.VirtualHost, vhost)
-
-
 def exists(table: RouteTable | None, endpoints: EndpointSet | None) -> bool:
     """Does the mesh know this destination (`proxy.outbound._exists`)?"""
     known = table is not None and (table.exists or table.has_virtual_service)
@@ -101,7 +93,7 @@ def outbound_route_config(
         # catch-all (it would match every host, so Envoy would never ask)
         config["vhds"] = {"configSource": VHDS_SOURCE}
     else:
-        config["virtualHosts"] = [*vhosts, egress.unknown_host_route(view)]
+        config["virtualHosts"] = [*vhosts, egress.unknown_host_vhost(view, node)]
     return config
 
 
@@ -157,6 +149,14 @@ def _port_routes(rules: tuple[HTTPRoute, ...], ctx: routes.RouteContext, fqdn: s
         if scoped.port_cluster_uses:
             out.extend(copy)
     return out
+
+
+def unknown_host_model(node: ProxyNode, view: MeshView) -> route_components_pb2.VirtualHost:
+    """On demand: the virtual host the agent serves, under each unknown Host's own
+    name and domains, for a Host naming nothing known (`egress.unknown_host_vhost`:
+    502, or ALLOW_ANY's passthrough), as the catch-all answers it otherwise."""
+    vhost = {**egress.unknown_host_vhost(view, node), "name": f"{OUTBOUND_HTTP_ROUTE}/"}
+    return parse(route_components_pb2.VirtualHost, vhost)  # type: ignore[return-value]
 
 
 def add_outbound(node: ProxyNode, view: MeshView, out: XdsResources) -> routes.RouteContext:

@@ -12,6 +12,11 @@ retry.
 
 Over TLS the connection must negotiate ALPN `h2`; a peer that does not raises
 `H2NotNegotiated` (the caller falls back to HTTP/1.1).
+
+Writes are coalesced as on the server side (`H2ServerProtocol._flush`): one write per
+turn of the event loop for all the streams of a connection. A request body that has
+fully arrived when the request starts (a unary gRPC call, most small POSTs) is queued
+at once with the head, with no task of its own.
 """
 
 from __future__ import annotations
@@ -111,6 +116,7 @@ class H2UpstreamConnection(asyncio.Protocol):
         self._streams: dict[int, _Stream] = {}
         self._write_paused = False
         self._closed = False
+        self._flush_scheduled = False
         self.context: ssl_module.SSLContext | None = None  # what it was made with
         self.info = ConnectionInfo(("", 0), ("", 0), None)
 
@@ -140,6 +146,7 @@ class H2UpstreamConnection(asyncio.Protocol):
 
     def close(self) -> None:
         if self._transport is not None:
+            self._write_queued()  # a GOAWAY, resets
             self._transport.close()
 
     # -- asyncio.Protocol ------------------------------------------------------------------
@@ -256,9 +263,13 @@ class H2UpstreamConnection(asyncio.Protocol):
             self._idle_timer = None
         if not empty:
             if isinstance(body, BodyStream):
-                stream.sender = self.loop.create_task(
-                    self._send_body(stream, body), name=f"h2-upstream-body-{stream_id}"
-                )
+                if body.complete and not body.failed and body.buffered <= STREAM_SEND_BUFFER:
+                    # all here already: queued now, sent as the upstream's window allows
+                    self._h2.send_last(stream_id, body.take_ready(), body.trailers)
+                else:
+                    stream.sender = self.loop.create_task(
+                        self._send_body(stream, body), name=f"h2-upstream-body-{stream_id}"
+                    )
             else:
                 self._h2.send_data(stream_id, body or b"")
                 self._h2.end_stream(stream_id)
@@ -399,6 +410,13 @@ class H2UpstreamConnection(asyncio.Protocol):
                     waiter.set_result(None)
 
     def _flush(self) -> None:
+        """Write what is queued once this turn of the event loop is over."""
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self._write_queued)
+
+    def _write_queued(self) -> None:
+        self._flush_scheduled = False
         data = self._h2.data_to_send()
         transport = self._transport
         if data and transport is not None and not transport.is_closing():

@@ -25,13 +25,28 @@ What this layer adds to `h2`:
   counted per `flood_window_s`; beyond `max_peer_resets` the connection ends with
   GOAWAY ENHANCE_YOUR_CALM. PING and SETTINGS frames are counted the same way
   (`max_control_frames`): their acknowledgements would otherwise queue without bound
-  for a peer that never reads.
+  for a peer that never reads. So are frames that carry nothing a request needs in
+  bulk: PRIORITY frames of their own (CVE-2019-9513; the priority a HEADERS frame
+  carries is not counted) and DATA frames that are empty and do not end their stream
+  (CVE-2019-9518). A server accepts at most `max_window_updates_per_data_frame`
+  WINDOW_UPDATE frames per DATA frame it sent (plus a few), as Envoy does.
 - **Graceful drain**: `drain()` sends GOAWAY(NO_ERROR) naming the last stream that
   will be served; streams the peer opens afterwards are refused (REFUSED_STREAM, safe
   for it to retry), the ones already open finish.
 
 h2's errors are mapped here, once: a protocol error ends the connection with GOAWAY
 and a `ConnectionFailed` event, never an exception out of `receive`.
+
+Cost (the Python data plane spends about half its CPU per gRPC call in h2 and hpack):
+what we receive is validated by h2 in full (it comes from anybody); what we send is
+built here from fields already validated on the way in, so h2's outbound
+normalization and validation (several generator passes per field) are replaced by one
+pass in `_encode` that does what they did for us: names lower-cased, surrounding
+whitespace stripped, connection-specific fields dropped, `authorization`,
+`proxy-authorization` and short `cookie` fields never indexed (HPACK's CRIME
+defence, as h2 and nghttp2 do). Header blocks are sent without Huffman coding
+(`_LiteralEncoder`): a few more bytes per new value, less CPU for us and for a peer
+that decodes them.
 """
 
 from __future__ import annotations
@@ -45,6 +60,7 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
+import hpack
 from hyperframe.frame import GoAwayFrame
 
 from .events import (
@@ -73,6 +89,13 @@ INTERNAL_ERROR = int(h2.errors.ErrorCodes.INTERNAL_ERROR)
 _DEFAULT_WINDOW = 65_535
 
 
+class _LiteralEncoder(hpack.Encoder):
+    """HPACK without Huffman coding of literals (h2 cannot be told otherwise)."""
+
+    def encode(self, headers: object, huffman: bool = False) -> bytes:
+        return super().encode(headers, huffman=False)  # type: ignore[arg-type]
+
+
 @dataclass(frozen=True, slots=True)
 class H2Limits:
     """Bounds of one HTTP/2 connection (the defaults are Envoy's where it has one)."""
@@ -86,6 +109,10 @@ class H2Limits:
     flood_window_s: float = 10.0
     max_peer_resets: int = 200
     max_control_frames: int = 2000
+    # WINDOW_UPDATE frames allowed per DATA frame we sent (Envoy's
+    # max_inbound_window_update_frames_per_data_frame_sent): each one makes us walk
+    # every stream with queued data, so a flood of them is CPU for nothing
+    max_window_updates_per_data_frame: int = 10
 
     def __post_init__(self) -> None:
         for name in self.__dataclass_fields__:
@@ -133,9 +160,16 @@ class H2Connection:
         self.client = client
         self.limits = limits = limits or H2Limits()
         config = h2.config.H2Configuration(
-            client_side=client, header_encoding=None, validate_inbound_headers=True
+            client_side=client,
+            header_encoding=None,
+            validate_inbound_headers=True,
+            # `_encode` does what these did (see the module's docstring)
+            normalize_outbound_headers=False,
+            validate_outbound_headers=False,
         )
         self._h2 = h2.connection.H2Connection(config=config)
+        # before any SETTINGS: h2 applies the peer's table size to this encoder
+        self._h2.encoder = _LiteralEncoder()
         settings: dict[h2.settings.SettingCodes, int] = {
             h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: limits.max_concurrent_streams,
             h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: limits.max_header_list_size,
@@ -155,6 +189,10 @@ class H2Connection:
         self._resets = _FloodCounter(limits.max_peer_resets, limits.flood_window_s)
         self._control = _FloodCounter(limits.max_control_frames, limits.flood_window_s)
         self._goaway_sent_last: int | None = None
+        self._window_updates = 0
+        self._data_frames_sent = 0
+        # the priority a request's HEADERS frame carried (h2 reports it as an event too)
+        self._head_priority: h2.events.PriorityUpdated | None = None
         self.failed: ConnectionFailed | None = None
         self.goaway_received: GoAway | None = None
 
@@ -235,12 +273,15 @@ class H2Connection:
                 self._acknowledge(flow - len(data), stream_id)
                 flow = len(data)
             end = event.stream_ended is not None
+            if not data and not flow and not end and self._control.hit(now):
+                return self._fail(ENHANCE_YOUR_CALM, "too many empty DATA frames")
             return Data(stream_id, data, flow, end)
         if isinstance(event, h2e.RequestReceived):
             stream_id = event.stream_id or 0
             if self._goaway_sent_last is not None and stream_id > self._goaway_sent_last:
                 self._h2.reset_stream(stream_id, REFUSED_STREAM)
                 return None
+            self._head_priority = event.priority_updated
             return RequestHead(stream_id, _decode(event.headers), event.stream_ended is not None)
         if isinstance(event, h2e.ResponseReceived):
             headers = _decode(event.headers)
@@ -260,6 +301,12 @@ class H2Connection:
                 return self._fail(ENHANCE_YOUR_CALM, "too many streams reset by the peer")
             return StreamReset(stream_id, int(event.error_code or 0), remote)
         if isinstance(event, h2e.WindowUpdated):
+            self._window_updates += 1
+            allowed = 1 + self.limits.max_window_updates_per_data_frame * (
+                self._data_frames_sent + 1
+            )
+            if not self.client and self._window_updates > allowed:
+                return self._fail(ENHANCE_YOUR_CALM, "too many WINDOW_UPDATE frames")
             return SendWindowOpened(event.stream_id or 0)
         if isinstance(event, h2e.RemoteSettingsChanged | h2e.PingReceived):
             if self._control.hit(now):
@@ -267,11 +314,15 @@ class H2Connection:
             if isinstance(event, h2e.RemoteSettingsChanged):
                 return SendWindowOpened(0)  # the initial window may have grown
             return None
+        if isinstance(event, h2e.PriorityUpdated):
+            if event is not self._head_priority and self._control.hit(now):
+                return self._fail(ENHANCE_YOUR_CALM, "too many PRIORITY frames")
+            return None
         if isinstance(event, h2e.ConnectionTerminated):
             gone = GoAway(int(event.last_stream_id or 0), int(event.error_code or 0))
             self.goaway_received = gone
             return gone
-        # SettingsAcknowledged, PingAckReceived, PriorityUpdated,
+        # SettingsAcknowledged, PingAckReceived,
         # InformationalResponseReceived (1xx: the final head follows), ...
         return None
 
@@ -319,6 +370,22 @@ class H2Connection:
             pending.chunks.append(data)
             pending.buffered += len(data)
             self._flush(stream_id, pending)
+
+    def send_last(
+        self, stream_id: int, chunks: list[bytes], trailers: Headers | None = None
+    ) -> None:
+        """The rest of the body and the end of the stream at once: the last DATA frame
+        carries END_STREAM (no empty DATA frame after it) unless trailers follow."""
+        pending = self._outbound.get(stream_id)
+        if pending is None or pending.end:
+            raise StreamGone(stream_id)
+        for data in chunks:
+            if data:
+                pending.chunks.append(data)
+                pending.buffered += len(data)
+        pending.end = True
+        pending.trailers = trailers or None
+        self._flush(stream_id, pending)
 
     def end_stream(self, stream_id: int, trailers: Headers | None = None) -> None:
         """End our side of the stream, with trailers if any, after the queued data."""
@@ -377,7 +444,12 @@ class H2Connection:
                     chunks[0] = chunk[window:]
                     chunk = chunk[:window]
                 pending.buffered -= len(chunk)
+                if not chunks and pending.end and not pending.trailers:
+                    del self._outbound[stream_id]
+                    h2c.send_data(stream_id, chunk, end_stream=True)
+                    return
                 h2c.send_data(stream_id, chunk)
+                self._data_frames_sent += 1
             if pending.end:
                 del self._outbound[stream_id]
                 if pending.trailers:
@@ -409,8 +481,27 @@ def _decode(headers: object) -> Headers:
     return out
 
 
+# RFC 9113 §8.2.2: never sent over HTTP/2 (h2's normalization dropped them too)
+_CONNECTION_SPECIFIC = frozenset(
+    {b"connection", b"proxy-connection", b"keep-alive", b"transfer-encoding", b"upgrade"}
+)
+_NEVER_INDEXED = frozenset({b"authorization", b"proxy-authorization"})
+
+
 def _encode(headers: Headers) -> list[tuple[bytes, bytes]]:
-    return [(n.encode("latin-1"), v.encode("latin-1")) for n, v in headers]
+    """Fields as h2 sends them: lower-case names, stripped values, no connection-specific
+    fields (`te` only as "trailers"), credentials kept out of the HPACK tables."""
+    out: list[tuple[bytes, bytes]] = []
+    for n, v in headers:
+        name = n.strip().lower().encode("latin-1")
+        value = v.strip().encode("latin-1")
+        if name in _CONNECTION_SPECIFIC or (name == b"te" and value.lower() != b"trailers"):
+            continue
+        if name in _NEVER_INDEXED or (name == b"cookie" and len(value) < 20):
+            out.append(hpack.NeverIndexedHeaderTuple(name, value))
+        else:
+            out.append((name, value))
+    return out
 
 
 def _status_of(headers: Headers) -> int:

@@ -110,6 +110,13 @@ class H2Exchange(ExchangeState):
             elif body.complete and not body.failed and not body.buffered and not body.trailers:
                 connection.send_head(self._stream_id, fields, end_stream=True)
                 self._protocol.flush()
+            elif body.complete and not body.failed:
+                # all of it arrived already (a unary gRPC answer): head, body and end
+                # in as few frames as the windows allow, no waiting per chunk
+                connection.send_head(self._stream_id, fields, end_stream=False)
+                ready = body.take_ready()
+                self.response_bytes += sum(len(chunk) for chunk in ready)
+                self._end(body.trailers, ready)
             else:
                 connection.send_head(self._stream_id, fields, end_stream=False)
                 self._protocol.flush()
@@ -178,11 +185,12 @@ class H2Exchange(ExchangeState):
             self.response_bytes += len(chunk)
             protocol.flush()
 
-    def _end(self, trailers: list[tuple[str, str]] | None) -> None:
+    def _end(self, trailers: list[tuple[str, str]] | None, last: list[bytes] | None = None) -> None:
+        """End the stream after `last` (the rest of the body), with `trailers` if any."""
         if trailers:
             trailers = [(n.lower(), v) for n, v in trailers if n.lower() not in _SKIP_FIELDS]
             status = grpc_status_of(trailers)
             if status:
                 self.grpc_status = status
-        self._protocol.connection.end_stream(self._stream_id, trailers or None)
+        self._protocol.connection.send_last(self._stream_id, last or [], trailers or None)
         self._protocol.flush()

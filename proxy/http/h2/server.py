@@ -1,11 +1,25 @@
 """The downstream HTTP/2 shell: an asyncio Protocol around a server `H2Connection`.
 
 `data_received` feeds the connection and acts on its events; every write goes through
-`_flush`. Each stream becomes the same `Request` (a BodyStream for its body) the
-HTTP/1 engine builds, normalised by the same `normalize_request_target`, and runs the
-listener's handler with an `H2Exchange` (same interface as `Exchange`), one task per
-stream. A stream the client resets cancels its handler, and with it the upstream
-exchange (flag DC), as a closed HTTP/1 connection does.
+`_flush`, which writes once at the end of the event loop's turn: what every stream
+and the acknowledgements of what was read queued in that turn leave in one write (over
+TLS one record, one syscall) instead of one per frame. Each stream becomes the same
+`Request` (a BodyStream for its body) the HTTP/1 engine builds, normalised by the same
+`normalize_request_target`, and runs the listener's handler with an `H2Exchange` (same
+interface as `Exchange`), one task per stream. A stream the client resets cancels its
+handler, and with it the upstream exchange (flag DC), as a closed HTTP/1 connection does.
+
+A stream's head is refused with 400 before any handler sees it when it could not be
+carried to an HTTP/1.1 upstream as authorized (docs/architecture.md §6): a field name
+that is not a token, a value with a control character other than HTAB, a pseudo-header
+other than `:method`, `:scheme`, `:authority`, `:path` (so no extended CONNECT's
+`:protocol`, which we never enable), a method that is not an upper-case token (the
+HTTP/1.1 parser accepts no other, and policies match methods case-sensitively). The
+`h2` library already refuses connection-specific fields, `te` other than
+`trailers`, a Host differing from `:authority`, and a body longer or shorter than its
+content-length (the connection ends); a head ending its stream while it declares a
+non-zero content-length is a 400 here. Request trailers breaking the same field rules
+reset the stream, and the handler's body read fails.
 
 The connection is chosen by `HttpServerProtocol` (ALPN `h2`, or the client preface
 on plaintext), which hands its transport over (`switch_to`).
@@ -14,6 +28,7 @@ on plaintext), which hands its transport over (`switch_to`).
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, cast
 
@@ -26,7 +41,7 @@ from ..limits import Limits
 from ..request import Request
 from ..target import OVERRIDE_HEADERS, InvalidTarget, Normalization, normalize_request_target
 from ..wire import RequestTarget
-from .connection import CANCEL, INTERNAL_ERROR, NO_ERROR, H2Connection, H2Limits
+from .connection import CANCEL, INTERNAL_ERROR, NO_ERROR, PROTOCOL_ERROR, H2Connection, H2Limits
 from .events import (
     ConnectionFailed,
     Data,
@@ -47,6 +62,27 @@ Handler = Callable[[Request, "Exchange"], Awaitable[None]]
 
 log = get_logger("proxy.http.h2")
 _error_logs = LogRateLimiter()
+
+# RFC 9110 §5.1 token (names arrive lower-cased: h2 refuses upper-case ones)
+_FIELD_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9a-z]+")
+# RFC 9110 §5.5: no control character but HTAB (CR, LF and NUL would split an HTTP/1.1
+# head; h2 refuses those three, not the others)
+_FIELD_VALUE_BAD = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+_METHOD = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Z]+")
+_PSEUDO = frozenset((":method", ":scheme", ":authority", ":path"))
+
+
+def _malformed_fields(fields: list[tuple[str, str]]) -> bool:
+    """A name that is not a token or a value with a control character but HTAB."""
+    return any(
+        _FIELD_NAME.fullmatch(name) is None or _FIELD_VALUE_BAD.search(value) is not None
+        for name, value in fields
+    )
+
+
+class MalformedHead(ValueError):
+    """A stream's head that is answered 400; the message names the rule, not the value."""
+
 
 # queued response bytes per stream before its writer waits for the client's window
 STREAM_SEND_BUFFER = 64 * 1024
@@ -92,6 +128,7 @@ class H2ServerProtocol(asyncio.Protocol):
         self._local: tuple[str, int] = ("", 0)
         self._ssl_object = None
         self._closed = False
+        self._flush_scheduled = False
         self._idle_timer: asyncio.TimerHandle | None = None
 
     # -- lifecycle used by ConnectionSet -------------------------------------------------
@@ -138,7 +175,13 @@ class H2ServerProtocol(asyncio.Protocol):
             elif isinstance(event, Trailers):
                 stream = self._streams.get(event.stream_id)
                 if stream is not None:
-                    stream.body.trailers = event.headers
+                    if _malformed_fields(event.headers):
+                        # what the head would have been refused for: the body fails
+                        # before anything ends it upstream
+                        stream.body.set_exception(DownstreamError("malformed trailers"))
+                        self._h2.reset(event.stream_id, PROTOCOL_ERROR)
+                    else:
+                        stream.body.trailers = event.headers
             elif isinstance(event, StreamReset):
                 self._on_reset(event.stream_id)
             elif isinstance(event, SendWindowOpened):
@@ -208,7 +251,7 @@ class H2ServerProtocol(asyncio.Protocol):
         stream_id = head.stream_id
         try:
             request = self._build_request(head)
-        except InvalidTarget as error:
+        except (InvalidTarget, MalformedHead) as error:
             self._local_error(stream_id, 400, str(error))
             return
         except ValueError:
@@ -233,6 +276,8 @@ class H2ServerProtocol(asyncio.Protocol):
         override = False
         for name, value in head.headers:
             if name[0] == ":":
+                if name not in _PSEUDO:
+                    raise MalformedHead("unknown pseudo-header field")
                 if name == ":method":
                     method = value
                 elif name == ":scheme":
@@ -242,6 +287,10 @@ class H2ServerProtocol(asyncio.Protocol):
                 elif name == ":authority":
                     authority = value
                 continue
+            if _FIELD_NAME.fullmatch(name) is None:
+                raise MalformedHead("header field name is not a token")
+            if _FIELD_VALUE_BAD.search(value) is not None:
+                raise MalformedHead("control character in a header field value")
             if name == "host":
                 if host is not None:
                     raise InvalidTarget("several Host fields")
@@ -259,6 +308,11 @@ class H2ServerProtocol(asyncio.Protocol):
             elif name in OVERRIDE_HEADERS:
                 override = True
             headers.append((name, value))
+        if _METHOD.fullmatch(method) is None:
+            raise MalformedHead("method must be an upper-case token")
+        if head.end_stream and content_length:
+            # RFC 9113 §8.1.1: malformed; h2 checks a length only against DATA received
+            raise MalformedHead("content-length does not match the body")
         if cookies:
             headers.append(("cookie", "; ".join(cookies)))
         if len(headers) > self._limits.max_header_count:
@@ -414,6 +468,13 @@ class H2ServerProtocol(asyncio.Protocol):
     # -- output and closing --------------------------------------------------------------
 
     def _flush(self) -> None:
+        """Write what is queued once this turn of the event loop is over."""
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._write_queued)
+
+    def _write_queued(self) -> None:
+        self._flush_scheduled = False
         data = self._h2.data_to_send()
         transport = self._transport
         if data and transport is not None and not transport.is_closing():
@@ -422,6 +483,7 @@ class H2ServerProtocol(asyncio.Protocol):
     def _close(self) -> None:
         transport = self._transport
         if transport is not None and not transport.is_closing():
+            self._write_queued()  # a GOAWAY, the last answers
             transport.close()
 
     def _arm_idle_timer(self) -> None:
