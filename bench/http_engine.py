@@ -7,7 +7,9 @@ Three processes: a minimal keep-alive upstream (httptools on uvloop, 1 KiB answe
 the engine with a forwarding handler (strip hop-by-hop, X-Forwarded-For, pool.request,
 exchange.forward), and the load generator: wrk when installed, otherwise a built-in
 asyncio keep-alive client. Each case alternates direct / engine `--repeats` times and
-reports medians. Nothing is written to disk.
+reports medians, with the CPU time each process spent per request (from /proc, Linux
+only): on a shared machine req/s swing with the other load, CPU per request much less.
+Nothing is written to disk.
 """
 
 from __future__ import annotations
@@ -196,8 +198,17 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of process `pid` so far (0.0 where /proc is missing)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 @contextlib.contextmanager
-def _process(role: str, port: int, upstream_port: int, loop: str) -> Iterator[None]:
+def _process(role: str, port: int, upstream_port: int, loop: str) -> Iterator[int]:
     root = Path(__file__).resolve().parent.parent
     env = {**os.environ, "PYTHONPATH": str(root)}
     args = [sys.executable, "-m", "bench.http_engine", "--role", role, "--port", str(port)]
@@ -207,7 +218,7 @@ def _process(role: str, port: int, upstream_port: int, loop: str) -> Iterator[No
         assert proc.stdout is not None
         if proc.stdout.readline().strip() != "ready":
             raise SystemExit(f"{role} failed to start")
-        yield
+        yield proc.pid
     finally:
         proc.terminate()
         proc.wait(10)
@@ -239,14 +250,28 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
 
     upstream_port, engine_port = _free_port(), _free_port()
     results: dict[str, dict[str, float]] = {}
-    with _process("upstream", upstream_port, 0, "uvloop"):
-        with _process("engine", engine_port, upstream_port, args.loop):
+
+    def cpu_per_request(pid: int, port: int, post: bool) -> tuple[Measurement, float]:
+        before = _cpu_seconds(pid)
+        measurement = measure(port, post)
+        requests = measurement.rps * args.seconds
+        return measurement, (_cpu_seconds(pid) - before) / max(requests, 1.0) * 1e6
+
+    with _process("upstream", upstream_port, 0, "uvloop") as upstream_pid:
+        with _process("engine", engine_port, upstream_port, args.loop) as engine_pid:
             for case, post in (("GET 1 KiB answer", False), ("POST 16 KiB body", True)):
                 runs: dict[str, list[Measurement]] = {"direct": [], "engine": []}
+                # CPU us per request: the upstream's when called directly, the engine's
+                cpu: dict[str, list[float]] = {"direct": [], "engine": []}
                 measure(engine_port, post)  # warm-up: pooled connections, caches
                 for _ in range(args.repeats):
-                    runs["direct"].append(measure(upstream_port, post))
-                    runs["engine"].append(measure(engine_port, post))
+                    for name, pid, port in (
+                        ("direct", upstream_pid, upstream_port),
+                        ("engine", engine_pid, engine_port),
+                    ):
+                        measurement, cpu_us = cpu_per_request(pid, port, post)
+                        runs[name].append(measurement)
+                        cpu[name].append(cpu_us)
                 row: dict[str, float] = {}
                 for name, measurements in runs.items():
                     row[f"{name}_rps"] = round(statistics.median(m.rps for m in measurements))
@@ -257,6 +282,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
                         statistics.median(m.p99_ms for m in measurements), 3
                     )
                     row[f"{name}_errors"] = sum(m.errors for m in measurements)
+                    row[f"{name}_cpu_us"] = round(statistics.median(cpu[name]), 1)
                 row["engine_over_direct"] = round(row["engine_rps"] / row["direct_rps"], 3)
                 results[case] = row
 
@@ -265,13 +291,14 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         f"\nproxy.http engine ({args.loop}) vs direct; {client}, {args.connections} connections, "
         f"{args.seconds}s x {args.repeats} (medians), CPUs: {os.cpu_count()}"
     )
-    print(f"  {'case':<18} {'':>8} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}")
+    header = f"{'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7} {'CPU us/req':>11}"
+    print(f"  {'case':<18} {'':>8} {header}")
     for case, row in results.items():
         for name in ("direct", "engine"):
             print(
                 f"  {case if name == 'direct' else '':<18} {name:>8} {row[f'{name}_rps']:>9.0f} "
                 f"{row[f'{name}_p50_ms']:>8.3f} {row[f'{name}_p99_ms']:>8.3f} "
-                f"{row[f'{name}_errors']:>7.0f}"
+                f"{row[f'{name}_errors']:>7.0f} {row[f'{name}_cpu_us']:>11.1f}"
             )
         print(f"  {'':<18} {'ratio':>8} {row['engine_over_direct']:>9.3f}")
     return results

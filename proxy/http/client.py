@@ -1,9 +1,10 @@
 """One upstream HTTP/1.1 connection: sends a request, parses the response.
 
-`UpstreamConnection` is the asyncio Protocol; `UpstreamPool` (pool.py) owns the
-connections and decides reuse. Requests are never pipelined upstream: one exchange at
-a time per connection, so any byte arriving outside an exchange means the connection is
-broken.
+`UpstreamConnection` is the asyncio shell over the sans-IO `h1.ClientConnection`,
+which holds the protocol's state and rules (framing, caps, 1xx, HEAD, upgrades);
+`UpstreamPool` (pool.py) owns the connections and decides reuse. Requests are never
+pipelined upstream: one exchange at a time per connection, so any byte arriving
+outside an exchange means the connection is broken.
 """
 
 from __future__ import annotations
@@ -13,39 +14,26 @@ import ssl
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, cast
 
-from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
-
 from .body import BodyInterrupted, BodyStream
 from .errors import UpstreamProtocolError, UpstreamResetError
 from .flow import ReadGate, WriteGate
-from .limits import Limits
-from .wire import (
-    CRLF,
-    LAST_CHUNK,
-    chunk_size_line,
-    no_body_status,
-    parse_content_length,
-    response_is_chunked,
+from .h1.client import ClientConnection
+from .h1.encode import TRAILER_SKIP
+from .h1.events import (
+    Data,
+    EndOfMessage,
+    ProtocolError,
+    RequestHead,
+    ResponseHead,
+    TunnelBytes,
 )
+from .limits import Limits
+from .wire import no_body_status
 
 if TYPE_CHECKING:
     from .tunnel import Tunnel
 
 _HELD = object()  # read-pause owner: too many bytes held before a tunnel starts
-
-# 1xx heads accepted before the final response (Envoy drops repeats; nobody sends many).
-_MAX_INTERIM_RESPONSES = 16
-
-_NAME_CACHE: dict[bytes, str] = {}
-_NAME_CACHE_MAX = 512
-
-# Header names the response parser acts on, mapped to small codes.
-_CONTENT_LENGTH, _TRANSFER_ENCODING, _CONNECTION = 1, 2, 3
-_SPECIAL = {
-    "content-length": _CONTENT_LENGTH,
-    "transfer-encoding": _TRANSFER_ENCODING,
-    "connection": _CONNECTION,
-}
 
 
 class StaleConnectionError(UpstreamResetError):
@@ -122,12 +110,12 @@ class UpstreamResponse:
 class UpstreamConnection(asyncio.Protocol):
     """An HTTP/1.1 client connection, one exchange at a time."""
 
-    def __init__(self, pool: _PoolHooks, limits: Limits) -> None:
+    def __init__(self, pool: _PoolHooks, limits: Limits, authority: str = "") -> None:
         self._pool = pool
         self._limits = limits
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
-        self._parser = HttpResponseParser(self)
+        self._h1 = ClientConnection(limits, authority)
         self._read_gate: ReadGate | None = None
         self._write_gate = WriteGate()
         self.info = ConnectionInfo(("", 0), ("", 0), None)
@@ -139,33 +127,12 @@ class UpstreamConnection(asyncio.Protocol):
         self._held: list[bytes] = []  # bytes after a 101 head, until the tunnel starts
         self._held_bytes = 0
         self._body_task: asyncio.Task[None] | None = None
-        self._reset_exchange()
-
-    def _reset_exchange(self) -> None:
         self._head_future: asyncio.Future[UpstreamResponse] | None = None
         self._response: UpstreamResponse | None = None
         self._body: BodyStream | None = None
         self._sending: BodyStream | None = None
         self._head_request = False
-        self._upgrade_requested = False
         self._upgraded = False
-        self._request_sent = False
-        self._response_done = False
-        self._keep_alive = False
-        self._replace_parser = False
-        self._got_bytes = False
-        self._interim = 0
-        self._reset_head()
-
-    def _reset_head(self) -> None:
-        self._reason = b""
-        self._headers: list[tuple[str, str]] = []
-        self._header_bytes = 0
-        self._content_lengths: list[str] | None = None
-        self._transfer_encodings: list[str] | None = None
-        self._connection_tokens = ""
-        self._in_head = False
-        self._quiet_bytes = 0
 
     # -- state the pool reads ------------------------------------------------------------
 
@@ -203,35 +170,28 @@ class UpstreamConnection(asyncio.Protocol):
         if self._upgraded:
             self._hold(data)
             return
-        if self._head_future is None or self._response_done:
-            # Bytes nobody asked for: the connection's framing can no longer be trusted.
-            self.abort()
-            return
-        self._got_bytes = True
-        self._progress = False
-        try:
-            self._parser.feed_data(data)
-        except HttpParserUpgrade as upgrade:
-            self._hold(data[upgrade.args[0] :])
-            return
-        except HttpParserError as error:
-            cause = error.__context__
-            if isinstance(cause, UpstreamProtocolError):
-                self._protocol_error(str(cause))
-            else:
-                self._protocol_error(f"malformed response: {error}")
-            return
-        if self._progress:
-            self._quiet_bytes = 0
-        else:
-            # A head or trailer that never ends: bound what httptools accumulates.
-            self._quiet_bytes += len(data)
-            if self._quiet_bytes > self._limits.max_header_bytes:
-                self._protocol_error("response head too large")
+        h1 = self._h1
+        for event in h1.receive_data(data):
+            kind = type(event)
+            if kind is Data:
+                body = self._body
+                if body is not None:
+                    body.feed(event.data)  # type: ignore[union-attr]
+            elif kind is ResponseHead:
+                self._on_response(event)  # type: ignore[arg-type]
+            elif kind is EndOfMessage:
+                body = self._body
+                if body is not None:
+                    trailers = event.trailers  # type: ignore[union-attr]
+                    if trailers:
+                        body.trailers = [t for t in trailers if t[0] not in TRAILER_SKIP]
+                    body.feed_eof()
+            elif kind is TunnelBytes:
+                self._hold(event.data)  # type: ignore[union-attr]
+            elif kind is ProtocolError:
+                self._protocol_error(event.reason)  # type: ignore[union-attr]
                 return
-        if self._response_done:
-            if self._replace_parser:
-                self._parser = HttpResponseParser(self)
+        if h1.response_done:
             self._maybe_release()
 
     def eof_received(self) -> bool:
@@ -246,7 +206,7 @@ class UpstreamConnection(asyncio.Protocol):
             self._tunnel.close()
         future = self._head_future
         if future is not None and not future.done():
-            if not self._got_bytes and self._exchanges > 1:
+            if not self._h1.response_started and self._exchanges > 1:
                 future.set_exception(StaleConnectionError("pooled connection closed by upstream"))
             else:
                 future.set_exception(
@@ -254,9 +214,9 @@ class UpstreamConnection(asyncio.Protocol):
                 )
         body = self._body
         if body is not None and not body.complete:
-            if exc is None and body.length is None and not body.chunked:
+            ended = exc is None and any(type(e) is EndOfMessage for e in self._h1.receive_eof())
+            if ended:
                 body.feed_eof()  # a body delimited by the close (HTTP/1.0 style)
-                self._response_done = True
             else:
                 body.set_exception(UpstreamResetError("upstream closed the connection mid-body"))
         if self._body_task is not None and not self._body_task.done():
@@ -279,27 +239,34 @@ class UpstreamConnection(asyncio.Protocol):
     # -- one exchange ----------------------------------------------------------------------
 
     async def exchange(
-        self, head: bytes, body: BodyStream | bytes | None, *, head_request: bool, upgrade: bool
+        self, head: RequestHead, body: BodyStream | bytes | None
     ) -> UpstreamResponse:
-        """Send a request (head already encoded) and return once the response head is in."""
+        """Send a request and return once the response head is in.
+
+        The body is framed as `head.content_length` says (None: chunked). A head that
+        cannot be sent raises ValueError before any byte leaves, and the connection goes
+        back to the pool."""
         transport = self._transport
         if transport is None or not self.usable:
             raise StaleConnectionError("connection already closed")
-        self._reset_exchange()
+        h1 = self._h1
+        try:
+            wire = h1.send(head)
+        except ValueError:
+            self._pool._release(self, self._h1.idle)  # nothing was sent
+            raise
         self._exchanges += 1
-        self._head_request = head_request
-        self._upgrade_requested = upgrade
+        self._response = None
+        self._body = None
+        self._head_request = head.method == "HEAD"
         future = self._head_future = self._loop.create_future()
         try:
             if isinstance(body, BodyStream):
-                fully_sent = await self._send_body(transport, head, body)
-                if not fully_sent:
+                if not await self._send_body(transport, wire, body):
                     self._early_response(body)
-                else:
-                    self._request_sent = True
             else:
-                transport.writelines((head, body) if body else (head,))
-                self._request_sent = True
+                transport.writelines((wire, h1.send_data(body)) if body else (wire,))
+                h1.send_end()
             response = await future
         except BaseException:
             # Cancelled, or the request body failed: the upstream holds a partial request.
@@ -309,37 +276,37 @@ class UpstreamConnection(asyncio.Protocol):
                 future.exception()  # already reported through the raised error
             self.abort()
             raise
-        if self._head_future is future and self._response_done:
+        if self._head_future is future and h1.request_done and h1.response_done:
             self._maybe_release()  # a complete answer that arrived while we were sending
         return response
 
-    async def _send_body(self, transport: asyncio.Transport, head: bytes, body: BodyStream) -> bool:
+    async def _send_body(self, transport: asyncio.Transport, wire: bytes, body: BodyStream) -> bool:
         """Stream `body`; False when the final response head arrived first."""
-        chunked = body.length is None
-        ready = body.take_ready()
-        parts = [head]
-        for chunk in ready:
-            if chunked:
-                parts += (chunk_size_line(len(chunk)), chunk, CRLF)
-            else:
-                parts.append(chunk)
+        send_data = self._h1.send_data
+        parts = [wire]
+        for chunk in body.take_ready():
+            framed = send_data(chunk)
+            if framed:
+                parts.append(framed)
         if body.complete and not body.failed:
-            if chunked:
-                parts.append(LAST_CHUNK)
+            end = self._h1.send_end()
+            if end:
+                parts.append(end)
             transport.writelines(parts)
             return True
         transport.writelines(parts)
         self._sending = body
         try:
-            return await self._stream_rest(transport, body, chunked, interruptible=True)
+            return await self._stream_rest(transport, body, interruptible=True)
         finally:
             self._sending = None
 
     async def _stream_rest(
-        self, transport: asyncio.Transport, body: BodyStream, chunked: bool, *, interruptible: bool
+        self, transport: asyncio.Transport, body: BodyStream, *, interruptible: bool
     ) -> bool:
         gate = self._write_gate
         write = transport.write
+        send_data = self._h1.send_data
         while True:
             if gate.paused:
                 await gate.wait()
@@ -351,14 +318,12 @@ class UpstreamConnection(asyncio.Protocol):
                 return False
             if chunk is None:
                 break
-            if not chunk:
-                continue
-            if chunked:
-                transport.writelines((chunk_size_line(len(chunk)), chunk, CRLF))
-            else:
-                write(chunk)
-        if chunked:
-            write(LAST_CHUNK)
+            framed = send_data(chunk)
+            if framed:
+                write(framed)
+        end = self._h1.send_end()
+        if end:
+            write(end)
         return True
 
     def _early_response(self, body: BodyStream) -> None:
@@ -368,39 +333,38 @@ class UpstreamConnection(asyncio.Protocol):
         self._dead = True  # the request/response boundary is no longer clean
         if response.status >= 400:
             # The upstream refused the request; sending the rest would be wasted.
-            self._request_sent = True
+            self._h1.abandon_request()
             return
         # A success while still uploading is full-duplex streaming (e.g. an echo): keep
         # sending, in the one place where a direct await cannot serve both directions.
-        chunked = body.length is None
         transport = self._transport
         self._body_task = self._loop.create_task(
-            self._finish_body(transport, body, chunked), name=f"upstream-body-{self.info.peer}"
+            self._finish_body(transport, body), name=f"upstream-body-{self.info.peer}"
         )
 
-    async def _finish_body(
-        self, transport: asyncio.Transport, body: BodyStream, chunked: bool
-    ) -> None:
+    async def _finish_body(self, transport: asyncio.Transport, body: BodyStream) -> None:
         try:
-            await self._stream_rest(transport, body, chunked, interruptible=False)
+            await self._stream_rest(transport, body, interruptible=False)
         except Exception:
             # The client's body failed or the upstream went away: the response cannot
             # complete correctly either.
             self.abort()
             return
-        self._request_sent = True
         self._maybe_release()
 
     def _maybe_release(self) -> None:
-        if not (self._response_done and self._request_sent) or self._head_future is None:
+        h1 = self._h1
+        if not (h1.request_done and h1.response_done) or self._head_future is None:
             return
-        reusable = self._keep_alive and not self._dead and self.usable
+        if self._upgraded:
+            return  # an upgraded connection belongs to its tunnel until it closes
+        reusable = h1.reusable and not self._dead and self.usable
         self._head_future = None
         self._pool._release(self, reusable)
 
     def discard(self, response: UpstreamResponse) -> None:
         """The handler is done with `response`, whether or not it read the body."""
-        if self._response is response and not (self._response_done and self._request_sent):
+        if self._response is response and not self._h1.exchange_done:
             self.abort()
 
     def _protocol_error(self, message: str) -> None:
@@ -411,6 +375,40 @@ class UpstreamConnection(asyncio.Protocol):
         elif self._body is not None and not self._body.complete:
             self._body.set_exception(error)
         self.abort()
+
+    def _on_response(self, head: ResponseHead) -> None:
+        status = head.status
+        if status == 101:
+            body = BodyStream.empty()
+            self._upgraded = True
+            self._dead = True
+        elif self._head_request or no_body_status(status):
+            body = BodyStream.empty()
+        else:
+            body = self._body = BodyStream(
+                length=head.content_length,
+                chunked=head.chunked,
+                gate=self._read_gate,
+                high_water=self._limits.max_body_buffer,
+            )
+        response = UpstreamResponse(
+            status,
+            head.reason,
+            head.headers,
+            body,
+            head.http_version,
+            head.content_length,
+            head.chunked,
+            head.keep_alive,
+            self,
+        )
+        self._response = response
+        if self._sending is not None:
+            self._sending.interrupt()
+            self._write_gate.wake()
+        future = self._head_future
+        if future is not None and not future.done():
+            future.set_result(response)
 
     # -- tunnel ----------------------------------------------------------------------------
 
@@ -444,140 +442,3 @@ class UpstreamConnection(asyncio.Protocol):
     def transport(self) -> asyncio.Transport:
         assert self._transport is not None
         return self._transport
-
-    # -- httptools callbacks ---------------------------------------------------------------
-
-    def on_message_begin(self) -> None:
-        if self._response is not None and not self._upgraded:
-            # A second final response to one request.
-            raise UpstreamProtocolError("unsolicited response")
-        self._reset_head()
-        self._in_head = True
-
-    def on_status(self, reason: bytes) -> None:
-        self._reason += reason
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        if not self._in_head:
-            return  # trailers are not relayed
-        self._header_bytes += len(name) + len(value) + 4
-        headers = self._headers
-        if len(headers) >= self._limits.max_header_count:
-            raise UpstreamProtocolError("too many response header fields")
-        if self._header_bytes > self._limits.max_header_bytes:
-            raise UpstreamProtocolError("response head too large")
-        lowered = _NAME_CACHE.get(name)
-        if lowered is None:
-            lowered = name.decode("latin-1").lower()
-            if len(_NAME_CACHE) < _NAME_CACHE_MAX:
-                _NAME_CACHE[name] = lowered
-        text = value.decode("latin-1").strip(" \t")
-        headers.append((lowered, text))
-        special = _SPECIAL.get(lowered)
-        if special is not None:
-            if special == _CONTENT_LENGTH:
-                if self._content_lengths is None:
-                    self._content_lengths = []
-                self._content_lengths.append(text)
-            elif special == _TRANSFER_ENCODING:
-                if self._transfer_encodings is None:
-                    self._transfer_encodings = []
-                self._transfer_encodings.append(text)
-            else:
-                self._connection_tokens += "," + text.lower()
-
-    def on_headers_complete(self) -> None:
-        self._progress = True
-        self._in_head = False
-        parser = self._parser
-        status = parser.get_status_code()
-        if not 100 <= status <= 599:
-            # llhttp takes any three digits; below 100 would pass for interim and leave
-            # the exchange waiting forever.
-            raise UpstreamProtocolError(f"response status {status} outside 100-599")
-        if status < 200 and status != 101:
-            # interim (100 Continue, 103 Early Hints): wait for the final one, but not
-            # through an endless stream of them
-            self._interim += 1
-            if self._interim > _MAX_INTERIM_RESPONSES:
-                raise UpstreamProtocolError("too many interim responses")
-            return
-        version = parser.get_http_version()
-        if version != "1.1" and version != "1.0":
-            raise UpstreamProtocolError(f"unsupported HTTP version {version}")
-        if status == 101 and not (self._upgrade_requested and parser.should_upgrade()):
-            raise UpstreamProtocolError("101 Switching Protocols without an upgrade request")
-        content_length: int | None = None
-        chunked = False
-        if self._transfer_encodings is not None:
-            chunked = response_is_chunked(self._transfer_encodings)
-        elif self._content_lengths is not None:
-            if len(self._content_lengths) != 1:
-                raise UpstreamProtocolError("several Content-Length fields")
-            try:
-                content_length = parse_content_length(self._content_lengths[0])
-            except ValueError as error:
-                raise UpstreamProtocolError(str(error)) from None
-        tokens = {t.strip() for t in self._connection_tokens.split(",")}
-        no_body = self._head_request or no_body_status(status)
-        delimited_by_close = not no_body and not chunked and content_length is None
-        if version == "1.1":
-            keep_alive = "close" not in tokens
-        else:
-            keep_alive = "keep-alive" in tokens
-        self._keep_alive = keep_alive and not delimited_by_close
-        if no_body:
-            body = BodyStream.empty()
-        else:
-            body = self._body = BodyStream(
-                length=content_length,
-                chunked=chunked,
-                gate=self._read_gate,
-                high_water=self._limits.max_body_buffer,
-            )
-        response = UpstreamResponse(
-            status,
-            self._reason.decode("latin-1"),
-            self._headers,
-            body,
-            version,
-            content_length,
-            chunked,
-            self._keep_alive,
-            self,
-        )
-        self._response = response
-        if self._sending is not None:
-            self._sending.interrupt()
-            self._write_gate.wake()
-        if status == 101:
-            self._upgraded = True
-            self._dead = True
-        elif no_body:
-            self._response_done = True
-            # llhttp cannot be told a response answers HEAD: it would wait for the
-            # announced body. A fresh parser takes the next response.
-            self._replace_parser = self._head_request
-        future = self._head_future
-        if future is not None and not future.done():
-            future.set_result(response)
-
-    def on_body(self, data: bytes) -> None:
-        self._progress = True
-        body = self._body
-        if body is None or self._response_done:
-            self._dead = True  # bytes after a HEAD/204/304 head
-            return
-        body.feed(data)
-
-    def on_chunk_header(self) -> None:
-        self._progress = True
-
-    def on_message_complete(self) -> None:
-        self._progress = True
-        if self._response is None or self._upgraded:
-            return  # end of an interim response, or of the 101 head
-        body = self._body
-        if body is not None:
-            body.feed_eof()
-        self._response_done = True

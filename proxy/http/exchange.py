@@ -10,24 +10,12 @@ from .body import BodyStream
 from .client import UpstreamConnection, UpstreamResponse
 from .exchange_state import ExchangeState, check_local_status, discard_body, grpc_status_of
 from .flow import ReadGate, WriteGate
-from .headers import HOP_BY_HOP, accepts_trailers, connection_tokens, get_header
+from .h1.events import ResponseHead
+from .h1.server import ServerConnection
+from .headers import get_header
 from .request import Request
 from .tunnel import Tunnel
-from .wire import (
-    CRLF,
-    LAST_CHUNK,
-    Framing,
-    chunk_size_line,
-    encode_fields,
-    last_chunk,
-    no_body_status,
-    parse_content_length,
-    response_framing,
-    status_line,
-)
-
-# The engine owns framing and connection management of every response it writes.
-_SKIP_FIELDS: frozenset[str] = HOP_BY_HOP | {"content-length"}
+from .wire import no_body_status, parse_content_length
 
 
 class Downstream(Protocol):
@@ -39,6 +27,8 @@ class Downstream(Protocol):
     def read_gate(self) -> ReadGate: ...
     @property
     def write_gate(self) -> WriteGate: ...
+    @property
+    def h1(self) -> ServerConnection: ...
     def will_close(self, request: Request) -> bool: ...
     def start_tunnel(self, tunnel: Tunnel) -> None: ...
     def serve_tunnelled(self, protocol: asyncio.Protocol | None = None) -> None: ...
@@ -99,38 +89,32 @@ class Exchange(ExchangeState):
         """
         check_local_status(status)
         self.grpc_status = grpc_status_of(headers)
-        head_request = self._request.method == "HEAD"
+        h1 = self._downstream.h1
         transport = self._downstream.transport
         if isinstance(body, bytes | bytearray | memoryview):
             length = len(body)
-            if head_request or no_body_status(status):
-                framing = Framing.NONE
-                announce = length if head_request and not no_body_status(status) else None
-            else:
-                framing = Framing.LENGTH
-                announce = length
-            head = self._encode_head(status, headers, _SKIP_FIELDS, framing, announce)
+            head = self._send_head(status, headers, None if no_body_status(status) else length)
             self._begin(status)
-            if framing is Framing.LENGTH and length:
-                transport.writelines((head, body))
+            if length and h1.sending_body:
+                transport.writelines((head, h1.send_data(bytes(body))))
                 self.response_bytes = length
             else:
                 transport.write(head)
+            h1.send_end()
             self._finish()
             return
         declared_text = get_header(headers, "content-length")
         declared = parse_content_length(declared_text) if declared_text is not None else None
-        framing = response_framing(
-            status, head_request, declared, self._request.http_version == "1.1"
-        )
-        announce = declared if framing is not Framing.NONE or head_request else None
-        head = self._encode_head(status, headers, _SKIP_FIELDS, framing, announce)
+        head = self._send_head(status, headers, declared)
         self._begin(status)
         transport.write(head)
-        if framing is Framing.NONE:
+        if not h1.sending_body:
             await discard_body(body)
         else:
-            await self._stream(body, framing, declared)
+            await self._stream(body)
+        tail = h1.send_end()
+        if tail:
+            transport.write(tail)
         self._finish()
 
     async def forward(self, response: UpstreamResponse) -> None:
@@ -144,28 +128,18 @@ class Exchange(ExchangeState):
             status = response.status
             if status < 200:
                 raise ValueError("a 101 response is answered with tunnel()")
-            request = self._request
-            head_request = request.method == "HEAD"
-            length = response.content_length
-            framing = response_framing(status, head_request, length, request.http_version == "1.1")
-            if framing is Framing.NONE:
-                # HEAD and 304 may announce the length a GET would get; 204 must not.
-                announce = length if status != 204 else None
-            else:
-                announce = length
-            nominated = connection_tokens(response.headers)
-            skip = _SKIP_FIELDS | nominated if nominated else _SKIP_FIELDS
-            head = self._encode_head(
-                status, response.headers, skip, framing, announce, response.reason
+            head = self._send_head(
+                status, response.headers, response.content_length, response.reason
             )
             self._begin(status)
             self.grpc_status = grpc_status_of(response.headers)
-            transport = self._downstream.transport
-            if framing is Framing.NONE:
-                transport.write(head)
+            h1 = self._downstream.h1
+            if not h1.sending_body:
+                self._downstream.transport.write(head)
+                h1.send_end()
                 response.close()  # a body the client must not get (HEAD sent upstream as GET)
             else:
-                await self._forward_body(head, response.body, framing)
+                await self._forward_body(head, response.body)
                 trailed = grpc_status_of(response.body.trailers)
                 if trailed:
                     self.grpc_status = trailed
@@ -180,13 +154,9 @@ class Exchange(ExchangeState):
         if response.status != 101 or request.upgrade is None:
             response.close()
             raise ValueError("tunnel() needs a 101 answer to an upgrade request")
-        upgrade = get_header(response.headers, "upgrade") or request.upgrade
-        extra = f"connection: upgrade\r\nupgrade: {upgrade}\r\n"
-        nominated = connection_tokens(response.headers)
-        skip = HOP_BY_HOP | nominated if nominated else HOP_BY_HOP
         try:
             self._check_unanswered()
-            head = status_line(101) + encode_fields(response.headers, skip, extra)
+            head = self._downstream.h1.send(ResponseHead(101, response.headers))
         except BaseException:
             response.close()
             raise
@@ -200,8 +170,10 @@ class Exchange(ExchangeState):
         if self._request.method != "CONNECT":
             upstream.abort()
             raise ValueError("relay_connect() answers a CONNECT request")
+        self._check_unanswered()
+        head = self._downstream.h1.send(ResponseHead(200, []))
         self._begin(200)
-        await self._relay(b"HTTP/1.1 200 Connection established\r\n\r\n", upstream)
+        await self._relay(head, upstream)
 
     async def _relay(self, head: bytes, upstream: UpstreamConnection) -> None:
         """Send the answer's `head`, then relay bytes both ways until one side closes."""
@@ -227,100 +199,68 @@ class Exchange(ExchangeState):
         routes the tunnelled bytes itself); this exchange ends here."""
         if self._request.method != "CONNECT":
             raise ValueError("accept_connect() answers a CONNECT request")
+        self._check_unanswered()
+        head = self._downstream.h1.send(ResponseHead(200, []))
         self._begin(200)
         self._closing = True
-        self._downstream.transport.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        self._downstream.transport.write(head)
         self._downstream.serve_tunnelled(protocol)
         self._finish()
 
     # -- internals -------------------------------------------------------------------------
 
-    def _encode_head(
+    def _send_head(
         self,
         status: int,
         headers: list[tuple[str, str]],
-        skip: frozenset[str],
-        framing: Framing,
-        announce: int | None,
+        content_length: int | None,
         reason: str = "",
     ) -> bytes:
+        """The response head, framed by the connection (`proxy.http.h1`)."""
         self._check_unanswered()
-        closing = (
-            self.close_after
-            or framing is Framing.CLOSE
-            or self._downstream.will_close(self._request)
-        )
-        extra = ""
-        if announce is not None:
-            extra = f"content-length: {announce}\r\n"
-        elif framing is Framing.CHUNKED:
-            extra = "transfer-encoding: chunked\r\n"
-        if closing:
-            extra += "connection: close\r\n"
-        elif self._request.http_version == "1.0":
-            extra += "connection: keep-alive\r\n"
-        head = status_line(status, reason) + encode_fields(headers, skip, extra)
-        self._closing = closing
+        downstream = self._downstream
+        keep_alive = not (self.close_after or downstream.will_close(self._request))
+        h1 = downstream.h1
+        head = h1.send(ResponseHead(status, headers, reason, content_length, keep_alive=keep_alive))
+        self._closing = not h1.keep_alive
         return head
 
-    async def _forward_body(self, head: bytes, body: BodyStream, framing: Framing) -> None:
+    async def _forward_body(self, head: bytes, body: BodyStream) -> None:
         # Coalesce the head with whatever body is already here: a small response
         # leaves in one write.
-        chunked = framing is Framing.CHUNKED
+        send_data = self._downstream.h1.send_data
         parts = [head]
         sent = 0
         for chunk in body.take_ready():
             sent += len(chunk)
-            if chunked:
-                parts += (chunk_size_line(len(chunk)), chunk, CRLF)
-            else:
-                parts.append(chunk)
+            parts.append(send_data(chunk))
         transport = self._downstream.transport
+        self.response_bytes = sent
         if body.complete and not body.failed:
-            if chunked:
-                parts.append(self._end_of_chunks(body))
+            end = self._downstream.h1.send_end(body.trailers)
+            if end:
+                parts.append(end)
             transport.writelines(parts)
-            self.response_bytes = sent
             return
         transport.writelines(parts)
-        self.response_bytes = sent
-        await self._stream(body, framing, None, trailers_of=body)
+        await self._stream(body)
+        tail = self._downstream.h1.send_end(body.trailers)
+        if tail:
+            transport.write(tail)
 
-    def _end_of_chunks(self, body: BodyStream) -> bytes:
-        """The last chunk, with the body's trailers when the client asked for them."""
-        trailers = body.trailers
-        if trailers and accepts_trailers(self._request.headers):
-            return last_chunk(trailers)
-        return LAST_CHUNK
-
-    async def _stream(
-        self,
-        chunks: AsyncIterable[bytes],
-        framing: Framing,
-        declared: int | None,
-        *,
-        trailers_of: BodyStream | None = None,
-    ) -> None:
+    async def _stream(self, chunks: AsyncIterable[bytes]) -> None:
+        """Write body chunks as the connection frames them, waiting while the client's
+        socket is full."""
         transport = self._downstream.transport
         gate = self._downstream.write_gate
-        if framing is Framing.CHUNKED:
-            async for chunk in chunks:
-                if not chunk:
-                    continue  # an empty chunk would end the chunked body
-                transport.writelines((chunk_size_line(len(chunk)), chunk, CRLF))
-                self.response_bytes += len(chunk)
-                if gate.paused:
-                    await gate.wait()
-            transport.write(LAST_CHUNK if trailers_of is None else self._end_of_chunks(trailers_of))
-            return
+        send_data = self._downstream.h1.send_data
         write = transport.write
+        for_sent = self.response_bytes
         async for chunk in chunks:
-            sent = self.response_bytes + len(chunk)
-            if declared is not None and sent > declared:
-                raise ValueError("response body longer than its Content-Length")
-            write(chunk)
-            self.response_bytes = sent
+            framed = send_data(chunk)
+            if framed:
+                write(framed)
+                for_sent += len(chunk)
+                self.response_bytes = for_sent
             if gate.paused:
                 await gate.wait()
-        if declared is not None and self.response_bytes != declared:
-            raise ValueError("response body shorter than its Content-Length")

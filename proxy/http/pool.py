@@ -21,13 +21,8 @@ from typing import Protocol
 from .body import BodyStream
 from .client import StaleConnectionError, UpstreamConnection, UpstreamResponse
 from .errors import UpstreamConnectError, UpstreamError, UpstreamResetError
+from .h1.events import RequestHead
 from .limits import Limits
-from .wire import encode_lines, request_line
-
-# Framing is the pool's job: it follows the body it is given, not the caller's headers.
-_FRAMING_FIELDS = frozenset({"content-length", "transfer-encoding"})
-# Methods whose empty body is still worth announcing (RFC 9110 §8.6).
-_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
 
 class PoolOverflowError(UpstreamError):
@@ -124,23 +119,26 @@ class UpstreamPool:
             raise UpstreamConnectError("upstream pool is closed")
         if callable(self._ssl):
             self._tls_context()  # refuses when no client certificate is in force
-        head, upgrade = self._encode_head(method, path, headers, body)
-        head_request = method == "HEAD"
+        if isinstance(body, BodyStream):
+            length = body.length
+        else:
+            length = len(body) if body else 0
+        head = RequestHead(method, path, headers, length)
         connection = self._take_idle()
         fresh = False
         if connection is None:
             connection, fresh = await self._obtain()
         if fresh:
-            return await connection.exchange(head, body, head_request=head_request, upgrade=upgrade)
+            return await connection.exchange(head, body)
         try:
-            return await connection.exchange(head, body, head_request=head_request, upgrade=upgrade)
+            return await connection.exchange(head, body)
         except StaleConnectionError:
             # The upstream closed the idle connection as we reused it. Retrying is safe
             # only when the request can be sent again exactly.
             if isinstance(body, BodyStream) and not (body.complete and body.bytes_received == 0):
                 raise UpstreamResetError("pooled connection closed by upstream") from None
         connection, _ = await self._obtain()
-        return await connection.exchange(head, body, head_request=head_request, upgrade=upgrade)
+        return await connection.exchange(head, body)
 
     def configure(
         self,
@@ -198,42 +196,6 @@ class UpstreamPool:
         self._wake_waiters(all_of_them=True)
 
     # -- connections -----------------------------------------------------------------------
-
-    def _encode_head(
-        self,
-        method: str,
-        path: str,
-        headers: list[tuple[str, str]],
-        body: BodyStream | bytes | None,
-    ) -> tuple[bytes, bool]:
-        lines: list[str] = []
-        has_host = False
-        upgrade_header = False
-        connection_upgrade = False
-        for name, value in headers:
-            lowered = name.lower()
-            if lowered in _FRAMING_FIELDS:
-                continue
-            if lowered == "host":
-                has_host = True
-            elif lowered == "upgrade":
-                upgrade_header = True
-            elif lowered == "connection" and "upgrade" in value.lower():
-                connection_upgrade = True
-            lines.append(f"{name}: {value}\r\n")
-        extra = "" if has_host else f"host: {self._authority}\r\n"
-        if isinstance(body, BodyStream):
-            length = body.length
-        else:
-            length = len(body) if body else 0
-        if length is None:
-            extra += "transfer-encoding: chunked\r\n"
-        elif length or method in _BODY_METHODS:
-            extra += f"content-length: {length}\r\n"
-        upgrade = upgrade_header and connection_upgrade
-        if upgrade and length != 0:
-            raise ValueError("an upgrade request cannot carry a body")
-        return request_line(method, path).encode("ascii") + encode_lines(lines, extra), upgrade
 
     def _take_idle(self) -> UpstreamConnection | None:
         idle = self._idle
@@ -315,7 +277,7 @@ class UpstreamPool:
         try:
             async with asyncio.timeout(self._connect_timeout):
                 transport, connection = await loop.create_connection(
-                    lambda: UpstreamConnection(self, limits),
+                    lambda: UpstreamConnection(self, limits, self._authority),
                     self.host,
                     self.port,
                     ssl=context,

@@ -1,18 +1,20 @@
-"""The downstream side: an asyncio Protocol parsing requests with httptools (llhttp).
+"""The downstream side: an asyncio shell over the sans-IO `h1.ServerConnection`.
 
-One task per connection runs the handler loop; the protocol callbacks parse, queue
-requests (pipelining) and feed body streams. Malformed requests never reach the
-handler: they are answered 400/431/408 with `Connection: close` and the connection
-is closed. A client that ends its stream before its answer has left (HTTP/1.1 has no
-half-close): its handler task is cancelled, and with it the upstream exchange.
+The connection (httptools/llhttp inside) turns bytes into events and holds every
+HTTP/1.1 rule; this Protocol moves bytes, queues the requests it is handed
+(pipelining), feeds body streams, owns the timers and runs one handler task per
+connection. Malformed requests never reach the handler: they are answered
+400/431/408 with `Connection: close` and the connection is closed. A client that ends
+its stream before its answer has left (HTTP/1.1 has no half-close): its handler task
+is cancelled, and with it the upstream exchange.
 
 Protocol choice: a connection whose TLS handshake chose ALPN `h2`, or a plaintext one
 whose first bytes are the HTTP/2 client preface (h2c prior knowledge), is handed to the
 HTTP/2 shell (`proxy.http.h2.server`) before any byte is parsed here; every listener
 built on this protocol (outbound, inbound, gateway) serves both.
 
-Every request head is normalised here, once, before any handler sees it
-(`proxy.http.target`): `Request.path` and `Request.authority` are what the listeners
+Every request head is normalised once, by the connection, before any handler sees
+it (`proxy.http.target`): `Request.path` and `Request.authority` are what the listeners
 route, authorize and forward, and the Host field is rewritten to the authority (an
 absolute-form URI's authority replaces Host, RFC 9112 §3.2.2). An invalid path or
 Host is answered 400 with a short reason naming what is wrong.
@@ -27,10 +29,7 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import Awaitable, Callable
-from http import HTTPStatus
-from typing import TYPE_CHECKING, NoReturn, cast
-
-from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
+from typing import TYPE_CHECKING, cast
 
 from mesh.logs import LogRateLimiter, exception_fields, get_logger
 
@@ -38,18 +37,21 @@ from .body import BodyStream
 from .errors import DownstreamError, UpstreamError
 from .exchange import Exchange
 from .flow import ReadGate, WriteGate
+from .h1.encode import error_response
+from .h1.events import (
+    Data,
+    EndOfMessage,
+    InformationalResponse,
+    ProtocolError,
+    RequestHead,
+    TunnelBytes,
+)
+from .h1.server import ServerConnection
 from .h2.connection import PREFACE
 from .limits import Limits
 from .request import Request
-from .target import (
-    DEFAULT_NORMALIZATION,
-    OVERRIDE_HEADERS,
-    InvalidTarget,
-    Normalization,
-    normalize_request_target,
-)
+from .target import DEFAULT_NORMALIZATION, Normalization
 from .tunnel import Tunnel
-from .wire import CONTINUE_100, check_request_head, status_line
 
 if TYPE_CHECKING:
     from .listen import ConnectionSet
@@ -72,40 +74,12 @@ _HANDED_OFF = 5  # a CONNECT was accepted: the transport belongs to a new protoc
 # answer instead of a reset caused by unread bytes.
 _LINGER_SECONDS = 2.0
 
-# Header names the request parser acts on, mapped to small codes.
-_CONTENT_LENGTH, _TRANSFER_ENCODING, _HOST, _UPGRADE, _EXPECT, _OVERRIDE = 1, 2, 3, 4, 5, 6
-_SPECIAL = {
-    "content-length": _CONTENT_LENGTH,
-    "transfer-encoding": _TRANSFER_ENCODING,
-    "host": _HOST,
-    "upgrade": _UPGRADE,
-    "expect": _EXPECT,
-    **dict.fromkeys(OVERRIDE_HEADERS, _OVERRIDE),
-}
-
 # Owners of read pauses, besides body streams and tunnels.
 _PIPELINE = object()  # too many parsed requests waiting for the handler
 _HELD = object()  # too many bytes held after an upgrade request
 _FAILED_OWNER = object()  # nothing more will be parsed
 
-_NAME_CACHE: dict[bytes, str] = {}
-_NAME_CACHE_MAX = 512
-_METHODS: dict[bytes, str] = {}
-
-
-def _error_response(status: int, reason: str = "") -> bytes:
-    """A complete error answer; `reason` is our own text (never request data)."""
-    phrase = HTTPStatus(status).phrase
-    text = (f"{phrase}: {reason}\n" if reason else f"{phrase}\n").encode("ascii")
-    fields = (
-        "content-type: text/plain; charset=utf-8\r\n"
-        f"content-length: {len(text)}\r\n"
-        "connection: close\r\n\r\n"
-    )
-    return status_line(status) + fields.encode("ascii") + text
-
-
-_ERROR_RESPONSES = {status: _error_response(status) for status in (400, 408, 431, 500, 502)}
+_ERROR_RESPONSES = {status: error_response(status) for status in (400, 408, 431, 500, 502)}
 
 
 class _Rejection:
@@ -116,10 +90,6 @@ class _Rejection:
     def __init__(self, status: int, reason: str = "") -> None:
         self.status = status
         self.reason = reason
-
-
-class _Rejected(Exception):
-    """Raised from a parser callback to stop parsing; the status is on the protocol."""
 
 
 class HttpServerProtocol(asyncio.Protocol):
@@ -140,7 +110,8 @@ class HttpServerProtocol(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._read_gate: ReadGate | None = None
         self._write_gate = WriteGate()
-        self._parser = HttpRequestParser(self)
+        # the sans-IO HTTP/1.1 connection (a plain attribute: read on every response)
+        self.h1 = self._h1 = ServerConnection(limits, normalization)
         self._mode = _HTTP
         self._queue: deque[Request | _Rejection] = deque()
         self._pipeline_paused = False
@@ -157,10 +128,6 @@ class HttpServerProtocol(asyncio.Protocol):
         self._closed = False
         self._client_eof = False
         self._draining = False
-        self._reject_status = 400
-        self._reject_reason = ""
-        self._progress = False
-        self._quiet_bytes = 0
         self._timer: asyncio.TimerHandle | None = None
         self._linger: asyncio.TimerHandle | None = None
         self._timer_period = min(limits.header_timeout, limits.idle_timeout)
@@ -170,20 +137,6 @@ class HttpServerProtocol(asyncio.Protocol):
         self._last_read = now
         self._head_started: float | None = now  # a new connection must send a head
         self._idle_since: float | None = None
-        self._reset_head()
-
-    def _reset_head(self) -> None:
-        self._in_head = False
-        self._url = b""
-        self._headers: list[tuple[str, str]] = []
-        self._head_bytes = 0
-        self._content_lengths: list[str] | None = None
-        self._transfer_encodings: list[str] | None = None
-        self._hosts: list[str] | None = None
-        self._upgrade: str | None = None
-        self._expect_continue = False
-        self._override_headers = False
-        self._trailer_count = 0
 
     # -- what Exchange uses ----------------------------------------------------------------
 
@@ -253,7 +206,7 @@ class HttpServerProtocol(asyncio.Protocol):
     def close_when_idle(self) -> None:
         """Graceful shutdown: close now if idle, else after the current response."""
         self._draining = True
-        if self._active is None and not self._queue and not self._in_head:
+        if self._active is None and not self._queue and not self._h1.in_head:
             self._close()
 
     def abort(self) -> None:
@@ -288,25 +241,34 @@ class HttpServerProtocol(asyncio.Protocol):
         if self._mode != _HTTP:
             self._data_outside_http(data)
             return
-        self._last_read = self._loop.time()
-        self._progress = False
-        try:
-            self._parser.feed_data(data)
-        except HttpParserUpgrade as upgrade:
-            self._mode = _UPGRADED
-            self._hold(data[upgrade.args[0] :])
-            return
-        except HttpParserError:
-            self._fail(self._reject_status, head_reason=self._reject_reason)
-            return
-        if self._progress:
-            self._quiet_bytes = 0
-        else:
-            # A head (or chunk extension, or trailer) that never ends: httptools buffers
-            # it whole, so stop once it exceeds the header budget.
-            self._quiet_bytes += len(data)
-            if self._quiet_bytes > self._limits.max_header_bytes:
-                self._fail(431 if self._in_head else 400)
+        now = self._last_read = self._loop.time()
+        h1 = self._h1
+        for event in h1.receive_data(data):
+            if type(event) is Data:
+                current = self._current
+                if current is not None:
+                    current.body.feed(event.data)
+            elif type(event) is RequestHead:
+                self._head_started = None
+                self._idle_since = None
+                self._on_request(event)
+            elif type(event) is EndOfMessage:
+                current = self._current
+                if current is not None:
+                    current.body.feed_eof()
+                    self._current = None
+            elif type(event) is TunnelBytes:
+                self._mode = _UPGRADED
+                self._hold(event.data)
+            elif type(event) is ProtocolError:
+                self._on_protocol_error(event)
+                return
+        if h1.in_head:
+            if self._head_started is None:
+                self._head_started = now
+                self._idle_since = None
+        elif self._mode == _HTTP and not h1.parsing:
+            self._mode = _UPGRADED  # an upgrade or CONNECT head, nothing after it yet
 
     def eof_received(self) -> bool:
         if self._tunnel is not None:
@@ -393,108 +355,11 @@ class HttpServerProtocol(asyncio.Protocol):
         if data:
             protocol.data_received(data)
 
-    # -- httptools callbacks -----------------------------------------------------------------
+    # -- parsing outcomes --------------------------------------------------------------------
 
-    def on_message_begin(self) -> None:
-        self._reset_head()
-        self._in_head = True
-        if self._head_started is None:
-            self._head_started = self._last_read
-        self._idle_since = None
-
-    def on_url(self, url: bytes) -> None:
-        self._url += url
-        self._head_bytes += len(url)
-        if self._head_bytes > self._limits.max_header_bytes:
-            self._reject(431)
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        if not self._in_head:
-            self._on_trailer(name, value)
-            return
-        self._head_bytes += len(name) + len(value) + 4
-        headers = self._headers
-        limits = self._limits
-        if len(headers) >= limits.max_header_count or self._head_bytes > limits.max_header_bytes:
-            self._reject(431)
-        lowered = _NAME_CACHE.get(name)
-        if lowered is None:
-            lowered = name.decode("latin-1").lower()
-            if len(_NAME_CACHE) < _NAME_CACHE_MAX:
-                _NAME_CACHE[name] = lowered
-        # llhttp drops leading whitespace but keeps trailing; the value excludes both.
-        text = value.decode("latin-1").strip(" \t")
-        headers.append((lowered, text))
-        special = _SPECIAL.get(lowered)
-        if special is None:
-            return
-        if special == _CONTENT_LENGTH:
-            if self._content_lengths is None:
-                self._content_lengths = []
-            self._content_lengths.append(text)
-        elif special == _TRANSFER_ENCODING:
-            if self._transfer_encodings is None:
-                self._transfer_encodings = []
-            self._transfer_encodings.append(text)
-        elif special == _HOST:
-            if self._hosts is None:
-                self._hosts = []
-            self._hosts.append(text)
-        elif special == _UPGRADE:
-            self._upgrade = text
-        elif special == _OVERRIDE:
-            self._override_headers = True
-        elif text.lower() == "100-continue":
-            self._expect_continue = True
-
-    def _on_trailer(self, name: bytes, value: bytes) -> None:
-        # Trailers are not relayed, but they still count against the head budget.
-        self._trailer_count += 1
-        self._head_bytes += len(name) + len(value) + 4
-        limits = self._limits
-        if (
-            self._trailer_count > limits.max_header_count
-            or self._head_bytes > limits.max_header_bytes
-        ):
-            self._reject(431)
-
-    def on_headers_complete(self) -> None:
-        self._progress = True
-        self._in_head = False
-        self._head_started = None
-        parser = self._parser
-        version = parser.get_http_version()
-        raw_method = parser.get_method()
-        method = _METHODS.get(raw_method)
-        if method is None:
-            method = _METHODS[raw_method] = raw_method.decode("ascii")
-        target_text = self._url.decode("latin-1")
-        upgrading = parser.should_upgrade()
-        try:
-            head = check_request_head(
-                version,
-                method,
-                target_text,
-                self._content_lengths,
-                self._transfer_encodings,
-                self._hosts,
-                upgrading,
-            )
-        except ValueError:
-            self._reject(400)
-        hosts = self._hosts
-        host = hosts[0] if hosts else None
-        rules = self._normalization
-        try:
-            target = normalize_request_target(method, head.target, host, rules)
-        except InvalidTarget as error:
-            self._reject(400, str(error))
-        headers = self._headers
-        if target.authority != (host or ""):
-            headers = _with_host(headers, target.authority)
-        if self._override_headers and rules.drop_override_headers:
-            headers = [(n, v) for n, v in headers if n not in OVERRIDE_HEADERS]
-        content_length, chunked = head.content_length, head.chunked
+    def _on_request(self, head: RequestHead) -> None:
+        chunked = head.chunked
+        content_length = head.content_length
         if chunked or content_length:
             body = BodyStream(
                 length=content_length,
@@ -505,16 +370,16 @@ class HttpServerProtocol(asyncio.Protocol):
         else:
             body = BodyStream.empty()
         request = Request(
-            method,
-            target_text,
-            target.absolute_form,
-            target.scheme,
-            target.authority,
-            target.path,
-            headers,
-            version,
-            parser.should_keep_alive(),
-            self._upgrade if upgrading and method != "CONNECT" else None,
+            head.method,
+            head.target,
+            head.absolute_form,
+            head.scheme,
+            head.authority,
+            head.path,
+            head.headers,
+            head.http_version,
+            head.keep_alive,
+            head.upgrade,
             self._peer,
             self._local,
             self._ssl_object,
@@ -522,33 +387,19 @@ class HttpServerProtocol(asyncio.Protocol):
             chunked,
             body,
         )
-        if self._expect_continue and version == "1.1" and not body.complete:
+        if head.expect_continue and not body.complete:
             body.on_first_wait(lambda: self._send_continue(request))
         self._current = request
         self._dispatch(request)
 
-    def on_body(self, data: bytes) -> None:
-        self._progress = True
-        current = self._current
-        if current is not None:
-            current.body.feed(data)
+    def _on_protocol_error(
+        self, error: ProtocolError, body_reason: str = "malformed request body"
+    ) -> None:
+        """The request stream is broken: answer `error.status` in order, then close.
 
-    def on_chunk_header(self) -> None:
-        self._progress = True
-
-    def on_message_complete(self) -> None:
-        self._progress = True
-        current = self._current
-        if current is not None:
-            current.body.feed_eof()
-            self._current = None
-
-    def _reject(self, status: int, reason: str = "") -> NoReturn:
-        self._reject_status = status
-        self._reject_reason = reason
-        raise _Rejected
-
-    # -- parsing outcomes --------------------------------------------------------------------
+        `error.reason` is told to the client when the broken part is a request head;
+        a request whose body broke fails with `body_reason`."""
+        self._fail(error.status, body_reason, error.reason)
 
     def _dispatch(self, request: Request) -> None:
         queue = self._queue
@@ -576,7 +427,6 @@ class HttpServerProtocol(asyncio.Protocol):
         `head_reason` is told to the client when the broken part is a request head."""
         self._mode = _FAILED
         self.read_gate.pause(_FAILED_OWNER)
-        self._in_head = False
         self._head_started = None
         current, self._current = self._current, None
         if current is not None and self._queue and self._queue[-1] is current:
@@ -616,7 +466,7 @@ class HttpServerProtocol(asyncio.Protocol):
             and not active.responded
             and self._mode == _HTTP
         ):
-            self.transport.write(CONTINUE_100)
+            self.transport.write(self._h1.send(InformationalResponse(100)))
 
     # -- the handler loop --------------------------------------------------------------------
 
@@ -685,7 +535,7 @@ class HttpServerProtocol(asyncio.Protocol):
         if self._transport is None or self._transport.is_closing():
             return
         self._transport.write(
-            _error_response(status, reason) if reason else _ERROR_RESPONSES[status]
+            error_response(status, reason) if reason else _ERROR_RESPONSES[status]
         )
         self._close(linger=True)
 
@@ -717,8 +567,8 @@ class HttpServerProtocol(asyncio.Protocol):
         if self._mode == _HTTP and self._head_started is not None:
             deadline = self._head_started + limits.header_timeout
             if now >= deadline:
-                if self._in_head:
-                    self._fail(408)
+                if self._h1.in_head:
+                    self._on_protocol_error(self._h1.fail(408))
                 else:
                     self._close()  # not a byte of a request: nothing to answer
                 return
@@ -733,19 +583,10 @@ class HttpServerProtocol(asyncio.Protocol):
         if current is not None and not self.read_gate.paused:
             deadline = self._last_read + limits.idle_timeout
             if now >= deadline:
-                self._fail(408, "request body stalled")
+                self._on_protocol_error(self._h1.fail(408), "request body stalled")
                 return
             next_check = min(next_check, deadline)
         self._timer = self._loop.call_at(next_check, self._on_timer)
-
-
-def _with_host(headers: list[tuple[str, str]], authority: str) -> list[tuple[str, str]]:
-    """`headers` with the Host field's value replaced by `authority` (added when there
-    was none); the head has at most one Host field by now."""
-    out = [(n, authority) if n == "host" else (n, v) for n, v in headers]
-    if authority and not any(n == "host" for n, _ in headers):
-        out.append(("host", authority))
-    return out
 
 
 def _log_unhandled(event: str, error: BaseException, **fields: object) -> None:

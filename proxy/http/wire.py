@@ -1,33 +1,14 @@
-"""HTTP/1.1 wire encoding and framing rules, as pure functions (no I/O, no state)."""
+"""HTTP/1.1 framing rules, as pure functions (no I/O, no state); encoding lives in
+`proxy.http.h1.encode`."""
 
 from __future__ import annotations
 
 import enum
-import re
-from collections.abc import Iterable, Set
+from collections.abc import Iterable
 from dataclasses import dataclass
-from http import HTTPStatus
 
 # Go and nginx keep lengths in a signed 64-bit integer; a larger value is an attack.
 MAX_CONTENT_LENGTH = 2**63 - 1
-
-CRLF = b"\r\n"
-LAST_CHUNK = b"0\r\n\r\n"
-CONTINUE_100 = b"HTTP/1.1 100 Continue\r\n\r\n"
-
-_STATUS_LINES: dict[int, bytes] = {
-    status.value: f"HTTP/1.1 {status.value} {status.phrase}\r\n".encode("ascii")
-    for status in HTTPStatus
-}
-
-_TOKEN = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
-_TOKEN_RE = re.compile(_TOKEN)
-# A whole encoded field block: token names, values without CR, LF, NUL or other controls
-# (HTAB and obs-text allowed, RFC 9110 §5.5). One regex pass per head is cheaper than
-# checking every field separately.
-_FIELD_BLOCK_RE = re.compile(rf"(?:{_TOKEN}: [^\x00-\x08\x0a-\x1f\x7f]*\r\n)*")
-_TARGET_RE = re.compile(r"[\x21-\x7e]+")
-_REASON_RE = re.compile(r"[\t \x21-\x7e\x80-\xff]*")
 
 
 class Framing(enum.Enum):
@@ -47,79 +28,6 @@ class RequestTarget:
     scheme: str
     authority: str
     path: str
-
-
-def status_line(status: int, reason: str = "") -> bytes:
-    """`HTTP/1.1 <status> <phrase>\\r\\n`, precomputed for registered statuses."""
-    line = _STATUS_LINES.get(status)
-    if line is not None:
-        return line
-    if not 100 <= status <= 999:
-        raise ValueError(f"invalid status code {status}")
-    if _REASON_RE.fullmatch(reason) is None:
-        reason = ""
-    return f"HTTP/1.1 {status} {reason}\r\n".encode("latin-1")
-
-
-def request_line(method: str, target: str) -> str:
-    """`<method> <target> HTTP/1.1\\r\\n`, refusing anything that could split the line."""
-    if _TOKEN_RE.fullmatch(method) is None:
-        raise ValueError(f"invalid method {method!r}")
-    if _TARGET_RE.fullmatch(target) is None:
-        raise ValueError(f"invalid request-target {target!r}")
-    return f"{method} {target} HTTP/1.1\r\n"
-
-
-def encode_fields(headers: Iterable[tuple[str, str]], skip: Set[str], extra: str = "") -> bytes:
-    """The field block (ending with the empty line) of `headers` minus names in `skip`.
-
-    `extra` holds formatted `name: value\r\n` lines the engine adds itself (framing,
-    connection); they are trusted and not re-validated.
-    """
-    return encode_lines([f"{n}: {v}\r\n" for n, v in headers if n.lower() not in skip], extra)
-
-
-def encode_lines(lines: list[str], extra: str = "") -> bytes:
-    """Join formatted field lines (one field each) plus `extra` into a field block.
-
-    Raises ValueError on a field that would corrupt the message: CR, LF or NUL in a
-    value (a CRLF inside a value would smuggle in a field of its own), a name that is
-    not a token, a character outside latin-1.
-    """
-    block = "".join(lines)
-    if _FIELD_BLOCK_RE.fullmatch(block) is None or block.count("\n") != len(lines):
-        raise ValueError("header field with an invalid name or value")
-    return (block + extra + "\r\n").encode("latin-1")
-
-
-def chunk_size_line(size: int) -> bytes:
-    return b"%x\r\n" % size
-
-
-# Fields never sent as trailers: hop-by-hop ones and those that frame or route the
-# message (RFC 9110 §6.5.1), which a recipient must not learn after the body.
-TRAILER_SKIP: frozenset[str] = frozenset(
-    {
-        "connection",
-        "content-length",
-        "host",
-        "keep-alive",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-    }
-)
-
-
-def last_chunk(trailers: Iterable[tuple[str, str]] | None) -> bytes:
-    """The end of a chunked body: the zero-size chunk, trailer fields (RFC 9112 §7.1.2)
-    without those in `TRAILER_SKIP`, the empty line. Raises ValueError as
-    `encode_fields` does."""
-    if not trailers:
-        return LAST_CHUNK
-    return b"0\r\n" + encode_fields(trailers, TRAILER_SKIP)
 
 
 def no_body_status(status: int) -> bool:

@@ -674,6 +674,28 @@ async def test_close_delimited_upstream_to_http10_client_is_delimited_by_close()
     assert body == b"delimited by close"
 
 
+async def _trailing_upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await read_head(reader)
+    writer.write(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: grpc-status\r\n\r\n"
+        b"2\r\nok\r\n0\r\ngrpc-status: 0\r\nHost: elsewhere\r\n\r\n"
+    )
+    await writer.drain()
+
+
+@pytest.mark.parametrize(("te", "trailer"), [(b"TE: trailers\r\n", True), (b"", False)])
+async def test_upstream_trailers_reach_a_client_that_asked_for_them(
+    te: bytes, trailer: bool
+) -> None:
+    request = b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n" + te + b"\r\n"
+    async with running_raw_upstream(_trailing_upstream) as port, running_engine(port) as engine:
+        data = await exchange_raw(engine.port, request)
+    _, _, body = data.partition(b"\r\n\r\n")
+    # framing fields never travel as trailers
+    expected = b"0\r\ngrpc-status: 0\r\n\r\n" if trailer else b"0\r\n\r\n"
+    assert body == b"2\r\nok\r\n" + expected
+
+
 async def test_http10_keep_alive_client_gets_keep_alive(engine: Engine) -> None:
     reader, writer = await asyncio.open_connection(LOCAL, engine.port)
     for tag in ("one", "two"):

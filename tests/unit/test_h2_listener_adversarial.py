@@ -30,10 +30,10 @@ from hyperframe.frame import (
 
 from mesh import logs
 from proxy.http import Exchange, Limits, Request
+from proxy.http.h1.encode import encode_head, request_line
 from proxy.http.h2.connection import ENHANCE_YOUR_CALM, PROTOCOL_ERROR, H2Limits
 from proxy.http.h2.server import H2ServerProtocol
 from proxy.http.target import Normalization
-from proxy.http.wire import encode_fields, request_line
 
 SECRET = "s3cr3t-header-value"
 GET = [(":method", "GET"), (":scheme", "http"), (":authority", "reviews:9080")]
@@ -173,9 +173,7 @@ def assert_downgrades_as_authorized(seen: Seen) -> None:
     """What the handler got is what an HTTP/1.1 upstream receives: one request line and
     the same fields, nothing that could split the head (the upstream encoder's own
     checks are the oracle)."""
-    line = request_line(seen.method, seen.path)
-    block = encode_fields(seen.headers, frozenset())
-    head = line.encode("latin-1") + block
+    head = encode_head(request_line(seen.method, seen.path), seen.headers, frozenset())
     assert head.count(b"\r\n") == 1 + len(seen.headers) + 1
     assert sum(1 for n, _ in seen.headers if n == "host") == 1
     assert dict(seen.headers)["host"] == seen.authority

@@ -9,11 +9,12 @@ from typing import Any
 
 import pytest
 
-from proxy.http import Exchange, Request
+from proxy.http import Exchange, Limits, Request
 from proxy.http.body import BodyStream
 from proxy.http.flow import WriteGate
+from proxy.http.h1.encode import LAST_CHUNK, last_chunk
+from proxy.http.h1.server import ServerConnection
 from proxy.http.headers import accepts_trailers
-from proxy.http.wire import LAST_CHUNK, last_chunk
 
 GRPC_TRAILERS = [("grpc-status", "0"), ("grpc-message", ""), ("x-served-by", "app")]
 
@@ -34,10 +35,19 @@ class RecordingTransport:
 
 
 class Downstream:
-    def __init__(self) -> None:
+    """The client connection: `request` arrives as bytes on a sans-IO HTTP/1.1 server
+    connection, which frames the answer."""
+
+    def __init__(self, request: Request) -> None:
         self.transport = RecordingTransport()
         self.write_gate = WriteGate()
         self.read_gate = None
+        self.h1 = ServerConnection(Limits())
+        fields = [("host", request.authority)] + [h for h in request.headers if h[0] != "host"]
+        wire = f"{request.method} {request.target} HTTP/{request.http_version}\r\n"
+        wire += "".join(f"{n}: {v}\r\n" for n, v in fields) + "content-length: 0\r\n\r\n"
+        events = self.h1.receive_data(wire.encode("latin-1"))
+        assert [type(e).__name__ for e in events] == ["RequestHead", "EndOfMessage"]
 
     def will_close(self, request: Request) -> bool:
         return False
@@ -83,8 +93,9 @@ async def transcript(
 ) -> tuple[bytes, Exchange]:
     """What the client receives; `late` chunks (and the end) arrive after forwarding
     started, so the streaming path writes the last chunk."""
-    downstream = Downstream()
-    ex = Exchange(downstream, request(request_headers, version))  # type: ignore[arg-type]
+    req = request(request_headers, version)
+    downstream = Downstream(req)
+    ex = Exchange(downstream, req)  # type: ignore[arg-type]
     answer = UpstreamAnswer(body, [("content-type", "application/grpc")])
     task = asyncio.ensure_future(ex.forward(answer))  # type: ignore[arg-type]
     if late is not None:

@@ -14,18 +14,16 @@ from proxy.http import (
     get_header,
     strip_hop_by_hop,
 )
+from proxy.http.h1.encode import encode_fields, request_line, status_line
 from proxy.http.headers import connection_tokens, without_h2c
 from proxy.http.wire import (
     Framing,
     check_request_head,
-    encode_fields,
     parse_content_length,
     parse_request_target,
     request_is_chunked,
-    request_line,
     response_framing,
     response_is_chunked,
-    status_line,
 )
 
 # -- hop-by-hop --------------------------------------------------------------------------
@@ -391,7 +389,7 @@ def test_request_line_refuses_splitting(method: str, target: str) -> None:
 
 
 def test_request_line() -> None:
-    assert request_line("GET", "/a?b=c") == "GET /a?b=c HTTP/1.1\r\n"
+    assert request_line("GET", "/a?b=c") == b"GET /a?b=c HTTP/1.1\r\n"
 
 
 # -- limits -----------------------------------------------------------------------------------
