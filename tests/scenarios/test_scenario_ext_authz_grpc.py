@@ -150,7 +150,14 @@ async def env(scenario: Scenario) -> AsyncIterator[Env]:
 
 
 async def test_grpc_authorizer_allows_and_denies(env: Env) -> None:
-    denied = await env.until("/headers", 403, **{"x-ext-authz": "deny"})
+    # the authorizer's own denial, not the 403 of a check that could not reach it yet
+    # (the provider's cluster arrives with the policy, an instant after it)
+    denied = await env.s.until(
+        env.sleep,
+        URL + "/headers",
+        lambda r: r.status == 403 and CHECK_RESULT in r.headers,
+        headers={"x-ext-authz": "deny"},
+    )
     assert denied.body.startswith(b"denied by ext_authz for not found header")
     assert denied.headers[CHECK_RESULT] == "denied"
     app = env.httpbin.echo
