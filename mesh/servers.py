@@ -229,6 +229,23 @@ class _ServerProcess(abc.ABC):
         self.wait_ready(timeout)
 
 
+# How fast nats-server notices a dead peer (docs/architecture.md §2.2): it pings every
+# connection, routes to the other servers included, that sent nothing for this long,
+# and closes one after NATS_PING_MAX unanswered pings. nats-server's default (2 min,
+# 2 pings) leaves a route to a server cut off by a partition "up" for 4-6 minutes,
+# during which the queue subscribers behind it (a registry replica, a config
+# replica) keep being picked for requests that are then lost.
+NATS_PING_INTERVAL_S = 1
+NATS_PING_MAX = 2
+
+
+def nats_liveness_conf(
+    ping_interval_s: int = NATS_PING_INTERVAL_S, ping_max: int = NATS_PING_MAX
+) -> str:
+    """nats-server config lines for dead-peer detection (deploy/ carries the same)."""
+    return f'ping_interval: "{ping_interval_s}s"\nping_max: {ping_max}\n'
+
+
 @dataclass
 class NatsServer(_ServerProcess):
     data_dir: Path
@@ -270,13 +287,24 @@ class NatsServer(_ServerProcess):
             ]
             if self.routes:
                 args += ["--routes", ",".join(self.routes)]
-        if self.config_file:
-            args += ["-c", str(self.config_file)]
+        args += ["-c", str(self._write_config())]
         self.process = ManagedProcess(self.name, args, self.data_dir / f"{self.name}.log")
         self.process.start()
         if wait:
             self.wait_ready(timeout)
         return self
+
+    def _write_config(self) -> Path:
+        """`server.conf` in the data directory: the liveness settings, and the given
+        `config_file` (users, permissions) included (nats-server resolves an include
+        relative to the including file)."""
+        conf = self.data_dir / "server.conf"
+        text = nats_liveness_conf()
+        if self.config_file:
+            included = os.path.relpath(Path(self.config_file).resolve(), self.data_dir.resolve())
+            text += f'include "{included}"\n'
+        conf.write_text(text)
+        return conf
 
     def wait_ready(self, timeout: float = 15.0) -> None:
         deadline = time.monotonic() + timeout

@@ -217,11 +217,6 @@ class DestinationCache:
             except Exception as e:
                 log.debug("destinations.resync_failed", destination=str(dest.ref), error=str(e))
 
-    async def resync_forever(self) -> None:
-        while True:
-            await asyncio.sleep(RESYNC_S * self.rand.uniform(0.8, 1.2))
-            await self.resync()
-
     # ------------------------------------------------------------ updates
 
     async def _on_route(self, table: RouteTable, _subject: str) -> None:
