@@ -229,21 +229,21 @@ class _ServerProcess(abc.ABC):
         self.wait_ready(timeout)
 
 
-# How fast nats-server notices a dead peer (docs/architecture.md §2.2): it pings every
-# connection, routes to the other servers included, that sent nothing for this long,
-# and closes one after NATS_PING_MAX unanswered pings. nats-server's default (2 min,
-# 2 pings) leaves a route to a server cut off by a partition "up" for 4-6 minutes,
-# during which the queue subscribers behind it (a registry replica, a config
-# replica) keep being picked for requests that are then lost.
-NATS_PING_INTERVAL_S = 1
-NATS_PING_MAX = 2
+# How fast nats-server notices a dead route to another server of its cluster
+# (docs/architecture.md §2.2): it pings a route that sent nothing for this long, and
+# closes it after NATS_ROUTE_PING_MAX unanswered pings. With the defaults (2 min, 2
+# pings) a route to a server cut off by a partition stays "up" until a write to it
+# blocks for the 10 s write deadline, or longer while idle, and the queue subscribers
+# behind it (a registry replica, a config replica) keep being picked for requests
+# that are then lost. Clients keep nats-server's default: they ping on their own
+# (mesh.bus), and a client stalled for a few seconds is not cut off by the server.
+NATS_ROUTE_PING_INTERVAL_S = 1
+NATS_ROUTE_PING_MAX = 2
 
 
-def nats_liveness_conf(
-    ping_interval_s: int = NATS_PING_INTERVAL_S, ping_max: int = NATS_PING_MAX
-) -> str:
-    """nats-server config lines for dead-peer detection (deploy/ carries the same)."""
-    return f'ping_interval: "{ping_interval_s}s"\nping_max: {ping_max}\n'
+def nats_route_liveness_conf() -> str:
+    """The nats-server `cluster` settings for dead-route detection (deploy/ has them)."""
+    return f'  ping_interval: "{NATS_ROUTE_PING_INTERVAL_S}s"\n  ping_max: {NATS_ROUTE_PING_MAX}\n'
 
 
 @dataclass
@@ -295,11 +295,12 @@ class NatsServer(_ServerProcess):
         return self
 
     def _write_config(self) -> Path:
-        """`server.conf` in the data directory: the liveness settings, and the given
+        """`server.conf` in the data directory: in a cluster, the routes' liveness
+        settings (the rest of the cluster comes from the command line), and the given
         `config_file` (users, permissions) included (nats-server resolves an include
         relative to the including file)."""
         conf = self.data_dir / "server.conf"
-        text = nats_liveness_conf()
+        text = f"cluster {{\n{nats_route_liveness_conf()}}}\n" if self.cluster_port else ""
         if self.config_file:
             included = os.path.relpath(Path(self.config_file).resolve(), self.data_dir.resolve())
             text += f'include "{included}"\n'

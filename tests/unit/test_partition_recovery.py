@@ -7,7 +7,7 @@ found by the multi-host fault suite (tests/hosts/):
   for an outage of the whole registry;
 - the config leader publishes again what a proxy's status shows it missed (a publish
   lost with a NATS route cut by a partition, the proxy's own connection intact);
-- nats-server notices a dead route within a registration's TTL.
+- nats-server notices a dead route (to another server) within a registration's TTL.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import dataclasses
 import pytest
 
 from mesh.messages import ProxyStatus, SubscriptionStatus
-from mesh.servers import NATS_PING_INTERVAL_S, NATS_PING_MAX, nats_liveness_conf
+from mesh.servers import NATS_ROUTE_PING_INTERVAL_S, NATS_ROUTE_PING_MAX, nats_route_liveness_conf
 from proxy.registration import (
     HEARTBEAT_RETRY_S,
     heartbeat_delay,
@@ -60,9 +60,9 @@ def test_the_registry_liveness_key_outlives_a_leader_handover(election_ttl: int)
 
 
 def test_nats_notices_a_dead_route_well_within_a_registration_ttl() -> None:
-    detected_within = NATS_PING_INTERVAL_S * (NATS_PING_MAX + 1)
+    detected_within = NATS_ROUTE_PING_INTERVAL_S * (NATS_ROUTE_PING_MAX + 1)
     assert detected_within + heartbeat_interval(DEFAULT_TTL) < DEFAULT_TTL
-    assert nats_liveness_conf() == f'ping_interval: "{NATS_PING_INTERVAL_S}s"\nping_max: 2\n'
+    assert nats_route_liveness_conf() == '  ping_interval: "1s"\n  ping_max: 2\n'
 
 
 def report(**revisions: int) -> ProxyStatus:
