@@ -21,6 +21,7 @@ import os
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -200,8 +201,10 @@ class HostsMesh:
                 dev.start()
                 yield mesh
             finally:
-                for sc in mesh.sidecars.values():
-                    sc.proc.stop(timeout=15)
+                # all at once: each drains for up to its --drain-timeout
+                with ThreadPoolExecutor(max(1, len(mesh.sidecars))) as pool:
+                    for sc in mesh.sidecars.values():
+                        pool.submit(sc.proc.stop, 15)
                 for proc in dev.processes:
                     if proc.alive():
                         proc.resume()

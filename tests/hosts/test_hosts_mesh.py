@@ -7,28 +7,20 @@ from __future__ import annotations
 
 import socket
 import ssl
-from collections.abc import Iterator
 
 import pytest
 
 from tests.hosts.cluster import ALL_HOSTS, HostsMesh
-from tests.hosts.network import unavailable_reason
-from tests.support import wait_for
+from tests.support import destination_rule_yaml, route_all_yaml, wait_for
 
 pytestmark = pytest.mark.timeout(300)
+ROUTE_V1 = destination_rule_yaml("echo") + "---" + route_all_yaml("echo", "v1")
 
 
-@pytest.fixture(scope="module")
-def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HostsMesh]:
-    reason = unavailable_reason()
-    if reason:
-        print(f"SKIP multi-host: {reason}")
-        pytest.skip(reason)
-    with HostsMesh.running(tmp_path_factory.mktemp("hosts")) as m:
-        m.sidecar("app2", "echo-a", "echo")
-        m.sidecar("app1", "echo-b", "echo")
-        m.sidecar("app1", "client-0", "client", app=False)
-        yield m
+@pytest.fixture
+def mesh(hosts_mesh: HostsMesh) -> HostsMesh:
+    """The directory's one mesh (tests/hosts/conftest.py)."""
+    return hosts_mesh
 
 
 def test_status_from_every_host_sees_three_nats_nodes_etcd_members_and_all_replicas(
@@ -57,8 +49,8 @@ def test_sidecars_register_their_hosts_address(mesh: HostsMesh) -> None:
         }
 
     expected = {
-        "echo-a": f"{mesh.net.address('app2')}:{mesh.sidecars['echo-a'].inbound}",
-        "echo-b": f"{mesh.net.address('app1')}:{mesh.sidecars['echo-b'].inbound}",
+        name: f"{mesh.net.address(mesh.sidecar_host[name])}:{mesh.sidecars[name].inbound}"
+        for name in ("echo-a", "echo-b", "echo-c")
     }
     wait_for(lambda: endpoints() == expected, timeout=20)
 
@@ -88,6 +80,9 @@ def test_requests_cross_hosts_over_mtls_and_telemetry_counts_each(mesh: HostsMes
     # mutual TLS only, so what the client's sidecar gets through went over mTLS
     done = mesh.apply("cp1", STRICT_MTLS, "strict.yaml")
     assert done.returncode == 0, done.stderr
+    # every request to v1: echo-a across hosts, echo-b on the client's host
+    done = mesh.apply("cp1", ROUTE_V1, "route-v1.yaml")
+    assert done.returncode == 0, done.stderr
     echo_a = mesh.sidecars["echo-a"]
     app2 = mesh.net.address("app2")
     wait_for(lambda: not plaintext_answer(app2, echo_a.inbound).startswith(b"HTTP/1.1 200"))
@@ -100,6 +95,11 @@ def test_requests_cross_hosts_over_mtls_and_telemetry_counts_each(mesh: HostsMes
                 tls.sendall(b"GET / HTTP/1.1\r\nHost: echo\r\n\r\n")
                 if not tls.recv(100):
                     raise ConnectionResetError("closed: no client certificate")
+    wait_for(
+        lambda: all(r.get("state") == "SYNCED" for r in mesh.meshctl_json("cp3", "proxy-status")),
+        timeout=30,
+        every=0.5,
+    )
     before = mesh.requests_counted()
     with mesh.load("client-0", "echo", rate=40) as load:
         load.wait_sent(200)
@@ -114,6 +114,6 @@ def test_proxy_status_from_every_host_lists_every_proxy_synced(mesh: HostsMesh) 
         def synced(h: str = host) -> bool:
             rows = mesh.meshctl_json(h, "proxy-status")
             proxies = {r["proxy"] for r in rows}
-            return len(proxies) >= 3 and all(r.get("state") == "SYNCED" for r in rows)
+            return proxies >= set(mesh.sidecars) and all(r.get("state") == "SYNCED" for r in rows)
 
         wait_for(synced, timeout=20, every=0.5)
