@@ -182,7 +182,6 @@ def test_control_plane_host_cut_off_leaders_move_and_the_cut_off_stop_leading(
                for h in CONTROL_HOSTS}  # fmt: skip
     victim = max(CONTROL_HOSTS, key=lambda h: by_host[h])
     others = [h for h in CONTROL_HOSTS if h != victim]
-    writes: list[str] = []
     with mesh.load("client-0", "echo", rate=40) as load:
         load.wait_sent(100)
         mesh.net.cut(victim)
@@ -197,12 +196,16 @@ def test_control_plane_host_cut_off_leaders_move_and_the_cut_off_stop_leading(
         wait_for(moved, timeout=60, every=0.25)
         moved_s = time.monotonic() - t_cut
         # acknowledged writes from the majority side while the victim is cut off
-        failed_attempts = 0
-        for i in range(3):
-            name = f"cut-{victim}-{i}"
-            text = destination_rule_yaml(name)
-            failed_attempts += apply_until_acknowledged(mesh, others[i % 2], text, f"{name}.yaml")
-            writes.append(name)
+        # from both majority hosts at once (each `meshctl apply` is a process start)
+        writes = [f"cut-{victim}-{i}" for i in range(3)]
+        with ThreadPoolExecutor(len(writes)) as pool:
+            refused_attempts = pool.map(
+                lambda i: apply_until_acknowledged(
+                    mesh, others[i % 2], destination_rule_yaml(writes[i]), f"{writes[i]}.yaml"
+                ),
+                range(len(writes)),
+            )
+            failed_attempts = sum(refused_attempts)
         mesh.net.heal(victim)
         t_heal = time.monotonic()
         wait_for(lambda: mesh.meshctl(victim, "status").returncode == 0, timeout=90, every=1)

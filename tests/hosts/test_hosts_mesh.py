@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import socket
 import ssl
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -26,7 +27,7 @@ def mesh(hosts_mesh: HostsMesh) -> HostsMesh:
 def test_status_from_every_host_sees_three_nats_nodes_etcd_members_and_all_replicas(
     mesh: HostsMesh,
 ) -> None:
-    for host in ALL_HOSTS:
+    def whole(host: str) -> bool:
         status = mesh.meshctl_json(host, "status")
         assert [n["healthy"] for n in status["nats_nodes"]] == [True] * 3, (host, status)
         assert [m["healthy"] for m in status["etcd_members"]] == [True] * 3, (host, status)
@@ -36,6 +37,11 @@ def test_status_from_every_host_sees_three_nats_nodes_etcd_members_and_all_repli
         assert len(replicas) == 12 and all(r["healthy"] for r in replicas), (host, replicas)
         for svc, rs in status["services"].items():
             assert sum(r["leader"] for r in rs) == 1, (host, svc, rs)
+        return True
+
+    # every host at once (the faults ran before: a leader may still be settling)
+    with ThreadPoolExecutor(len(ALL_HOSTS)) as pool:
+        list(pool.map(lambda h: wait_for(lambda: whole(h), timeout=30, every=1), ALL_HOSTS))
 
 
 def test_sidecars_register_their_hosts_address(mesh: HostsMesh) -> None:
@@ -109,11 +115,10 @@ def test_requests_cross_hosts_over_mtls_and_telemetry_counts_each(mesh: HostsMes
 
 
 def test_proxy_status_from_every_host_lists_every_proxy_synced(mesh: HostsMesh) -> None:
-    for host in ALL_HOSTS:
+    def synced(host: str) -> bool:
+        rows = mesh.meshctl_json(host, "proxy-status")
+        proxies = {r["proxy"] for r in rows}
+        return proxies >= set(mesh.sidecars) and all(r.get("state") == "SYNCED" for r in rows)
 
-        def synced(h: str = host) -> bool:
-            rows = mesh.meshctl_json(h, "proxy-status")
-            proxies = {r["proxy"] for r in rows}
-            return proxies >= set(mesh.sidecars) and all(r.get("state") == "SYNCED" for r in rows)
-
-        wait_for(synced, timeout=20, every=0.5)
+    with ThreadPoolExecutor(len(ALL_HOSTS)) as pool:
+        list(pool.map(lambda h: wait_for(lambda: synced(h), timeout=20, every=0.5), ALL_HOSTS))
