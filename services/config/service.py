@@ -122,6 +122,7 @@ class ConfigService(ControlPlaneService):
         # leader state: subject -> (revision, content) of the last publish, that publish
         # (to send it again to proxies that missed it) and when it and a re-publish went
         self.published: dict[str, tuple[int, bytes]] = {}
+        self.published_revisions: dict[str, int] = {}
         self.published_tables: dict[str, CompiledConfig] = {}
         self.published_at: dict[str, float] = {}
         self.republished_at: dict[str, float] = {}
@@ -251,8 +252,9 @@ class ConfigService(ControlPlaneService):
         """Publish again what `report` shows its proxy missed (`missed_subjects`):
         proxies that have it ignore a revision they already hold."""
         now = self.clock()
-        latest = {subject: rev for subject, (rev, _) in self.published.items()}
-        for subject in missed_subjects(report, latest, self.published_at, now, self.republished_at):
+        for subject in missed_subjects(
+            report, self.published_revisions, self.published_at, now, self.republished_at
+        ):
             table = self.published_tables.get(subject)
             if table is None:
                 continue
@@ -497,6 +499,7 @@ class ConfigService(ControlPlaneService):
 
     async def leader_work(self, token: int) -> None:
         self.published.clear()
+        self.published_revisions.clear()
         self.published_tables.clear()
         self.published_at.clear()
         self.republished_at.clear()
@@ -619,6 +622,7 @@ class ConfigService(ControlPlaneService):
         table = msgspec.structs.replace(table, prev_revision=previous[0] if previous else 0)
         await self.bus.publish(subject, table)
         self.published[subject] = (table.revision, content)
+        self.published_revisions[subject] = table.revision
         self.published_tables[subject] = table
         self.published_at[subject] = self.clock()
         return 1
@@ -626,7 +630,7 @@ class ConfigService(ControlPlaneService):
     async def proxy_status(self, req: ProxyStatusRequest) -> ProxyStatusReply:
         if req.offset < 0 or req.limit < 0:
             raise errors.BadRequest("offset and limit must be 0 or more", field="limit")
-        latest = {subject: rev for subject, (rev, _) in self.published.items()}
+        latest = self.published_revisions
         after = (req.after_proxy, req.after_subject) if req.after_proxy else None
         rows, total = self.status.page(
             latest, time.monotonic(), req.subject, offset=req.offset, limit=req.limit, after=after
