@@ -30,6 +30,14 @@ def run_block(title: str, command: str, wall_s: float, load: str, outcome: str, 
     )
 
 
+def commit() -> str:
+    """The checked-out commit (short), or "" outside a git work tree."""
+    done = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+    )
+    return done.stdout.strip() if done.returncode == 0 else ""
+
+
 def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         rows = Path(tmp) / "rows.md"
@@ -45,8 +53,10 @@ def main() -> int:
         load = " ".join(f"{x:.1f}" for x in os.getloadavg())
         outcome = "passed" if done.returncode == 0 else f"pytest exit {done.returncode}"
         table = rows.read_text() if rows.exists() else "(no fault rows: skipped or failed early)\n"
-        block = run_block(time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), COMMAND, wall_s,
-                          load, outcome, table)  # fmt: skip
+        title = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        if commit():
+            title += f", commit {commit()}"
+        block = run_block(title, COMMAND, wall_s, load, outcome, table)
     TABLE.parent.mkdir(parents=True, exist_ok=True)
     with TABLE.open("a") as f:
         f.write(block)
