@@ -216,9 +216,17 @@ class HostsMesh:
         return self.dev.replica_host[replica]
 
     def sidecar(
-        self, host: str, name: str, service: str, *, version: str = "v1", app: bool = True
+        self,
+        host: str,
+        name: str,
+        service: str,
+        *,
+        version: str = "v1",
+        app: bool = True,
+        wait: bool = True,
     ) -> Sidecar:
-        """`meshctl sidecar --bind <host address>` on `host`; ports per slot on the host."""
+        """`meshctl sidecar --bind <host address>` on `host`; ports per slot on the host.
+        With `wait=False` it returns once started (`wait_ready` waits for several)."""
         slot = sum(1 for h in self.sidecar_host.values() if h == host)
         base = 15000 + 10 * slot
         admin, inbound, outbound, app_port = base, base + 1, base + 2, base + 3
@@ -240,8 +248,13 @@ class HostsMesh:
         sc = Sidecar(name, service, proc, f"http://{address}:{admin}", inbound, outbound)
         self.sidecars[name] = sc
         self.sidecar_host[name] = host
-        wait_for(sc.ready, timeout=45)
+        if wait:
+            wait_for(sc.ready, timeout=45)
         return sc
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        """Until every sidecar is ready (started with `wait=False`, side by side)."""
+        wait_for(lambda: all(sc.ready() for sc in self.sidecars.values()), timeout=timeout)
 
     def load(self, client: str, host_header: str, rate: float = 40.0) -> HostLoad:
         sc = self.sidecars[client]

@@ -22,8 +22,9 @@ def hosts_mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HostsMesh]:
         print(f"SKIP multi-host: {reason}")
         pytest.skip(reason)
     with HostsMesh.running(tmp_path_factory.mktemp("hosts")) as m:
-        m.sidecar("app2", "echo-a", "echo")
-        m.sidecar("app2", "echo-c", "echo", version="v2")
-        m.sidecar("app1", "echo-b", "echo")
-        m.sidecar("app1", "client-0", "client", app=False)
+        m.sidecar("app2", "echo-a", "echo", wait=False)
+        m.sidecar("app2", "echo-c", "echo", version="v2", wait=False)
+        m.sidecar("app1", "echo-b", "echo", wait=False)
+        m.sidecar("app1", "client-0", "client", app=False, wait=False)
+        m.wait_ready()
         yield m
