@@ -41,7 +41,7 @@ from proxy.admin import AdminServer
 from proxy.app_process import ManagedApp, app_env, healthy_when_listening
 from proxy.dataplane import Addresses, DataPlane, DataPlaneContext, make_dataplane
 from proxy.dataplane.envoy_host import instance_state_dir
-from proxy.destinations import RESYNC_S, DestinationCache
+from proxy.destinations import DestinationCache
 from proxy.gateway import GatewayFollower
 from proxy.http import Limits
 from proxy.identity_client import ConfigTrust, IdentityRefused, WorkloadIdentity
@@ -331,7 +331,7 @@ class Sidecar:
             work = [
                 ("heartbeat", registration.heartbeat_forever),
                 ("status", self.reporter.run),
-                ("resync", self._resync_forever),
+                ("resync", lambda: self.cache.resync_forever(self._resync)),
                 *self.dataplane.background(),
             ]
             if self.identity is not None:
@@ -445,14 +445,6 @@ class Sidecar:
             if follower is not None:
                 out.extend(follower.statuses())
         return self.dataplane.statuses(out)
-
-    async def _resync_forever(self) -> None:
-        """Every follower fetches again now and then (destinations.RESYNC_S), not only
-        after a reconnect: a publish lost with a NATS route that a partition cut, while
-        this sidecar's own connection survived, is caught up (docs/architecture.md §2.2)."""
-        while True:
-            await asyncio.sleep(RESYNC_S * self.cache.rand.uniform(0.8, 1.2))
-            await self._resync()
 
     async def _resync(self) -> None:
         await self.cache.resync()
