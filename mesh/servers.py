@@ -255,6 +255,23 @@ class _ServerProcess(abc.ABC):
         self.wait_ready(timeout)
 
 
+# How fast nats-server notices a dead route to another server of its cluster
+# (docs/architecture.md §2.2): it pings a route that sent nothing for this long, and
+# closes it after NATS_ROUTE_PING_MAX unanswered pings. With the defaults (2 min, 2
+# pings) a route to a server cut off by a partition stays "up" until a write to it
+# blocks for the 10 s write deadline, or longer while idle, and the queue subscribers
+# behind it (a registry replica, a config replica) keep being picked for requests
+# that are then lost. Clients keep nats-server's default: they ping on their own
+# (mesh.bus), and a client stalled for a few seconds is not cut off by the server.
+NATS_ROUTE_PING_INTERVAL_S = 1
+NATS_ROUTE_PING_MAX = 2
+
+
+def nats_route_liveness_conf() -> str:
+    """The nats-server `cluster` settings for dead-route detection (deploy/ has them)."""
+    return f'  ping_interval: "{NATS_ROUTE_PING_INTERVAL_S}s"\n  ping_max: {NATS_ROUTE_PING_MAX}\n'
+
+
 @dataclass
 class NatsServer(_ServerProcess):
     data_dir: Path
@@ -296,13 +313,25 @@ class NatsServer(_ServerProcess):
             ]
             if self.routes:
                 args += ["--routes", ",".join(self.routes)]
-        if self.config_file:
-            args += ["-c", str(self.config_file)]
+        args += ["-c", str(self._write_config())]
         self.process = ManagedProcess(self.name, args, self.data_dir / f"{self.name}.log")
         self.process.start()
         if wait:
             self.wait_ready(timeout)
         return self
+
+    def _write_config(self) -> Path:
+        """`server.conf` in the data directory: in a cluster, the routes' liveness
+        settings (the rest of the cluster comes from the command line), and the given
+        `config_file` (users, permissions) included (nats-server resolves an include
+        relative to the including file)."""
+        conf = self.data_dir / "server.conf"
+        text = f"cluster {{\n{nats_route_liveness_conf()}}}\n" if self.cluster_port else ""
+        if self.config_file:
+            included = os.path.relpath(Path(self.config_file).resolve(), self.data_dir.resolve())
+            text += f'include "{included}"\n'
+        conf.write_text(text)
+        return conf
 
     def wait_ready(self, timeout: float = 15.0) -> None:
         deadline = time.monotonic() + timeout

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -217,10 +217,14 @@ class DestinationCache:
             except Exception as e:
                 log.debug("destinations.resync_failed", destination=str(dest.ref), error=str(e))
 
-    async def resync_forever(self) -> None:
+    async def resync_forever(self, resync: Callable[[], Awaitable[None]] | None = None) -> None:
+        """`resync` (default: this cache's own) every RESYNC_S, jittered. The sidecar
+        passes its own, which fetches every follower again, not only after a reconnect:
+        a publish lost with a NATS route that a partition cut, while the sidecar's own
+        connection survived, is caught up (docs/architecture.md §2.2)."""
         while True:
             await asyncio.sleep(RESYNC_S * self.rand.uniform(0.8, 1.2))
-            await self.resync()
+            await (resync or self.resync)()
 
     # ------------------------------------------------------------ updates
 

@@ -334,7 +334,7 @@ class Sidecar:
             work = [
                 ("heartbeat", registration.heartbeat_forever),
                 ("status", self.reporter.run),
-                ("resync", self.cache.resync_forever),
+                ("resync", lambda: self.cache.resync_forever(self._resync)),
                 *self.dataplane.background(),
             ]
             if self.identity is not None:

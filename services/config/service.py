@@ -70,7 +70,7 @@ from services.config.snapshot import (
     parse_resource_key,
     resource_key,
 )
-from services.config.status import ProxyStatusTable
+from services.config.status import ProxyStatusTable, missed_subjects
 
 R = TypeVar("R")
 
@@ -119,8 +119,13 @@ class ConfigService(ControlPlaneService):
         self.pushes = PushScheduler(self.settings.push_debounce, self.settings.root_namespace)
         self.leading = False
         self.status = ProxyStatusTable()
-        # leader state: subject -> (revision, content) of the last publish
+        # leader state: subject -> (revision, content) of the last publish, that publish
+        # (to send it again to proxies that missed it) and when it and a re-publish went
         self.published: dict[str, tuple[int, bytes]] = {}
+        self.published_revisions: dict[str, int] = {}
+        self.published_tables: dict[str, CompiledConfig] = {}
+        self.published_at: dict[str, float] = {}
+        self.republished_at: dict[str, float] = {}
         self.push_latency = Histogram(
             "mesh_config_push_latency_seconds",
             "From the oldest change a push holds to the end of its publishing",
@@ -146,6 +151,11 @@ class ConfigService(ControlPlaneService):
         self.subjects_published = Counter(
             "mesh_config_subjects_published_total",
             "Compiled configs published (content changed or first publish)",
+            registry=self.registry,
+        )
+        self.subjects_republished = Counter(
+            "mesh_config_subjects_republished_total",
+            "Compiled configs published again because a proxy's status showed it missed them",
             registry=self.registry,
         )
 
@@ -235,6 +245,25 @@ class ConfigService(ControlPlaneService):
             # was never published: make sure the leader tracks it
             self.pushes.subjects_appeared(self.clock(), gateways=report.kind == "gateway")
             self._wake()
+        if self.leading:
+            await self._republish_missed(report)
+
+    async def _republish_missed(self, report: ProxyStatus) -> None:
+        """Publish again what `report` shows its proxy missed (`missed_subjects`):
+        proxies that have it ignore a revision they already hold."""
+        now = self.clock()
+        for subject in missed_subjects(
+            report, self.published_revisions, self.published_at, now, self.republished_at
+        ):
+            table = self.published_tables.get(subject)
+            if table is None:
+                continue
+            self.republished_at[subject] = now
+            await self.bus.publish(subject, table)
+            self.subjects_republished.inc()
+            self.log.info(
+                "config.republished", subject=subject, revision=table.revision, proxy=report.proxy
+            )
 
     # ------------------------------------------------------------ requests
 
@@ -470,6 +499,10 @@ class ConfigService(ControlPlaneService):
 
     async def leader_work(self, token: int) -> None:
         self.published.clear()
+        self.published_revisions.clear()
+        self.published_tables.clear()
+        self.published_at.clear()
+        self.republished_at.clear()
         sub = await self.bus.serve(
             self.bus.subjects.config_proxy_status, ProxyStatusRequest, self.proxy_status
         )
@@ -589,12 +622,15 @@ class ConfigService(ControlPlaneService):
         table = msgspec.structs.replace(table, prev_revision=previous[0] if previous else 0)
         await self.bus.publish(subject, table)
         self.published[subject] = (table.revision, content)
+        self.published_revisions[subject] = table.revision
+        self.published_tables[subject] = table
+        self.published_at[subject] = self.clock()
         return 1
 
     async def proxy_status(self, req: ProxyStatusRequest) -> ProxyStatusReply:
         if req.offset < 0 or req.limit < 0:
             raise errors.BadRequest("offset and limit must be 0 or more", field="limit")
-        latest = {subject: rev for subject, (rev, _) in self.published.items()}
+        latest = self.published_revisions
         after = (req.after_proxy, req.after_subject) if req.after_proxy else None
         rows, total = self.status.page(
             latest, time.monotonic(), req.subject, offset=req.offset, limit=req.limit, after=after

@@ -12,6 +12,38 @@ K = TypeVar("K")
 
 # a proxy that has not reported for this long is gone
 EXPIRE_S = 35.0
+# a report arriving this long after a publish, still behind it: the proxy missed it
+MISSED_AFTER_S = 2.0
+# a subject is published again for proxies that missed it at most this often
+REPUBLISH_EVERY_S = 5.0
+
+
+def missed_subjects(
+    report: ProxyStatus,
+    latest: dict[str, int],
+    published_at: dict[str, float],
+    now: float,
+    republished_at: dict[str, float],
+) -> list[str]:
+    """Subjects `report` (received `now`) shows behind the leader's last publish,
+    although that publish went out MISSED_AFTER_S or more before: the proxy missed it
+    (lost with a NATS route that a partition cut; its own connection survived, so it
+    has no reconnect to resync on). A rejected revision is not missed, and a subject
+    published again less than REPUBLISH_EVERY_S ago is not due again
+    (docs/architecture.md §2.2)."""
+    out = []
+    for sub in report.subscriptions:
+        want = latest.get(sub.subject)
+        if want is None or sub.revision >= want:
+            continue
+        if sub.state == "NACK" and sub.rejected_revision >= want:
+            continue
+        if now - published_at.get(sub.subject, now) < MISSED_AFTER_S:
+            continue
+        if now - republished_at.get(sub.subject, -REPUBLISH_EVERY_S) < REPUBLISH_EVERY_S:
+            continue
+        out.append(sub.subject)
+    return out
 
 
 @dataclass

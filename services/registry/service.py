@@ -50,8 +50,20 @@ MAX_TTL = 300
 # follows the service a decode, a signature check and a recompile.
 PUBLISH_QUIET_S = 0.025
 PUBLISH_MAX_DELAY_S = 0.200
-# the leader's liveness key: gone this long without a leader, leases may have lapsed
-ALIVE_TTL_S = 3
+# The leader's liveness key (`registry-alive`): found gone by a new leader, the registry
+# had no leader for this long. Instances' leases are renewed by any replica, leader or
+# not, so a leader handover alone lapses none; the key only has to outlive the longest
+# handover (the deposed leader's election lease running out, then a campaign), else
+# every handover after a leader is cut off was taken for an outage of the whole
+# registry (docs/architecture.md §2.2): twice the election TTL, and at least this.
+ALIVE_TTL_MIN_S = 3
+
+
+def alive_ttl_s(election_ttl: int) -> int:
+    """TTL of `registry-alive`: longer than a leader handover (see ALIVE_TTL_MIN_S)."""
+    return max(ALIVE_TTL_MIN_S, 2 * election_ttl)
+
+
 # after such an outage: sidecars answer the resync within RESYNC_SPREAD_S (proxy side)
 RESYNC_GRACE_S = 3.0
 
@@ -233,23 +245,25 @@ class RegistryService(ControlPlaneService):
                     self.log.warning("registry.watch_compacted", revision=e.compacted_revision)
 
     async def _mark_alive(self, tg: asyncio.TaskGroup) -> bool:
-        """Keep `registry-alive` (leased, ALIVE_TTL_S) while leading. True when the
+        """Keep `registry-alive` (leased, `alive_ttl_s`) while leading. True when the
         registry has led before (`registry-seen`) but nobody kept that key alive: no
-        leader for long enough that instances' leases may have lapsed unrenewed."""
+        leader for longer than a handover takes, so the registry was down (every
+        replica) and instances' leases may have lapsed unrenewed."""
+        ttl = alive_ttl_s(self.config.election_ttl)
         alive, seen = self.store.key("registry-alive"), self.store.key("registry-seen")
         outage = await self.store.get(seen) is not None and await self.store.get(alive) is None
-        lease = await self.store.grant_lease(ALIVE_TTL_S)
+        lease = await self.store.grant_lease(ttl)
         await self.store.put(alive, self.config.replica.encode(), lease=lease)
         await self.store.put(seen, b"1")
 
         async def keep() -> None:
             nonlocal lease
             while True:
-                await asyncio.sleep(ALIVE_TTL_S / 3)
+                await asyncio.sleep(ttl / 3)
                 try:
                     await self.store.keepalive(lease)
                 except errors.NotFound:
-                    lease = await self.store.grant_lease(ALIVE_TTL_S)
+                    lease = await self.store.grant_lease(ttl)
                     await self.store.put(alive, self.config.replica.encode(), lease=lease)
 
         tg.create_task(keep(), name="registry:alive")

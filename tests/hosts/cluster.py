@@ -21,6 +21,7 @@ import os
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -200,8 +201,10 @@ class HostsMesh:
                 dev.start()
                 yield mesh
             finally:
-                for sc in mesh.sidecars.values():
-                    sc.proc.stop(timeout=15)
+                # all at once: each drains for up to its --drain-timeout
+                with ThreadPoolExecutor(max(1, len(mesh.sidecars))) as pool:
+                    for sc in mesh.sidecars.values():
+                        pool.submit(sc.proc.stop, 15)
                 for proc in dev.processes:
                     if proc.alive():
                         proc.resume()
@@ -213,9 +216,17 @@ class HostsMesh:
         return self.dev.replica_host[replica]
 
     def sidecar(
-        self, host: str, name: str, service: str, *, version: str = "v1", app: bool = True
+        self,
+        host: str,
+        name: str,
+        service: str,
+        *,
+        version: str = "v1",
+        app: bool = True,
+        wait: bool = True,
     ) -> Sidecar:
-        """`meshctl sidecar --bind <host address>` on `host`; ports per slot on the host."""
+        """`meshctl sidecar --bind <host address>` on `host`; ports per slot on the host.
+        With `wait=False` it returns once started (`wait_ready` waits for several)."""
         slot = sum(1 for h in self.sidecar_host.values() if h == host)
         base = 15000 + 10 * slot
         admin, inbound, outbound, app_port = base, base + 1, base + 2, base + 3
@@ -237,8 +248,13 @@ class HostsMesh:
         sc = Sidecar(name, service, proc, f"http://{address}:{admin}", inbound, outbound)
         self.sidecars[name] = sc
         self.sidecar_host[name] = host
-        wait_for(sc.ready, timeout=45)
+        if wait:
+            wait_for(sc.ready, timeout=45)
         return sc
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        """Until every sidecar is ready (started with `wait=False`, side by side)."""
+        wait_for(lambda: all(sc.ready() for sc in self.sidecars.values()), timeout=timeout)
 
     def load(self, client: str, host_header: str, rate: float = 40.0) -> HostLoad:
         sc = self.sidecars[client]

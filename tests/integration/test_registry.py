@@ -23,6 +23,7 @@ from mesh.messages import (
     RegisterRequest,
 )
 from services.registry import RegistryService
+from services.registry.service import alive_ttl_s
 from tests.support import ServiceProcess, eventually, running, service_config
 
 
@@ -249,8 +250,9 @@ async def test_after_an_outage_longer_than_the_leases_no_live_instance_is_droppe
         async with running(RegistryService(cfg)):
             await old.register()
             await eventually(lambda: watcher.latest_instances() == {"reviews-v1-0"})
-        # every registry gone: the lease (2 s) and the leader's liveness key (3 s) lapse
-        await asyncio.sleep(4.5)
+        # every registry gone: the lease (2 s) and the leader's liveness key (twice the
+        # election TTL: longer than a handover) lapse
+        await asyncio.sleep(alive_ttl_s(cfg.election_ttl) + 1.5)
         old.ttl = 10  # what it registers with next: outlives the registry's grace
         watcher.sets.clear()
         async with running(RegistryService(cfg)):

@@ -235,6 +235,18 @@ def test_nats_config_is_accepted_by_nats_server(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr + done.stdout
 
 
+def test_deployed_nats_detects_a_dead_route_as_fast_as_meshctl_up() -> None:
+    """The Kubernetes NATS config's cluster block carries the route liveness settings
+    `meshctl up` (and the multi-host suite) runs nats-server with (§2.2)."""
+    from mesh.servers import nats_route_liveness_conf
+
+    docs = {key(d): d for d in build(K8S)}
+    conf = docs[("ConfigMap", "meshwork", "nats-config")]["data"]["nats.conf"]
+    cluster = conf.split("cluster {", 1)[1].split("\n    }", 1)[0]
+    for line in nats_route_liveness_conf().splitlines():
+        assert line.strip() in cluster, line
+
+
 def test_example_sidecar_arguments_are_meshctl_sidecar_flags() -> None:
     docs = build(K8S / "example")
     deployment = next(d for d in docs if d["kind"] == "Deployment")
