@@ -140,6 +140,8 @@ class _TcpSeries:
         self.sent = [0, 0, 0, 0]
 
 
+# pre-aggregated histogram counts (`record_series`): per bucket (one past the bounds), sum
+BucketCounts = tuple[list[int], float]
 # what tells a request's series apart, taken in one C call per request
 _series_key: Callable[[RequestRecord], tuple[object, ...]] = itemgetter(
     *(
@@ -267,6 +269,48 @@ class TelemetryRecorder(Collector):
             h.sum += n
         if logged:
             self._access.extend(pending if logged == len(pending) else pending[:logged])
+
+    def record_series(
+        self,
+        r: RequestRecord,
+        requests: int,
+        duration: BucketCounts,
+        request_size: BucketCounts,
+        response_size: BucketCounts,
+    ) -> None:
+        """Requests counted elsewhere (Envoy's stats access logger, docs/architecture.md
+        §7), added to the series `r` names (its labels only: its duration and sizes
+        are not read). Each `BucketCounts` is (per-bucket counts in this recorder's
+        buckets, the last one past them; their sum). No access record."""
+        key = _series_key(r)
+        s = self._http.get(key)
+        if s is None:
+            s = self._new_http_series(r, key)
+            if s is None:
+                return
+        s.requests += requests
+        for h, (counts, total) in (
+            (s.duration, duration),
+            (s.request_size, request_size),
+            (s.response_size, response_size),
+        ):
+            if len(counts) != len(h.counts):
+                raise ValueError(f"{len(counts)} bucket counts for {len(h.counts)} buckets")
+            h.counts = [a + b for a, b in zip(h.counts, counts, strict=True)]
+            h.sum += total
+
+    def record_access(self, r: RequestRecord) -> None:
+        """The access record of a request whose metrics are counted elsewhere
+        (`record_series`): buffered like `record_request`'s, never counted."""
+        if not self.access_log:
+            return
+        if not self._access_room:
+            self.dropped["access"] += 1
+            return
+        if not r.start_ns:  # the last field
+            r = RequestRecord._make((*r[:-1], self._clock_ns() - int(r.duration_ms * 1e6)))
+        self._access_room -= 1
+        self._access.append(r)
 
     def _new_http_series(self, r: RequestRecord, key: tuple[object, ...]) -> _HttpSeries | None:
         if len(self._http) + len(self._tcp) >= self.max_series:
