@@ -92,7 +92,8 @@ _BYTES_LIST = [float(b) for b in _BYTES]
 
 class _Hist:
     """A histogram with what was already sent, so a flush takes the difference. Its
-    count is its series' request count (one observation per request)."""
+    count is the number of observations in its buckets: its series' request count
+    (one observation per request), once Envoy's late histograms (stats mode) are in."""
 
     __slots__ = ("counts", "sent_counts", "sent_sum", "sum")
 
@@ -102,16 +103,15 @@ class _Hist:
         self.sent_counts = [0] * (buckets + 1)
         self.sent_sum = 0.0
 
-    def delta(
-        self, name: str, labels: dict[str, str], bounds: list[float], count: int
-    ) -> HistogramDelta:
+    def delta(self, name: str, labels: dict[str, str], bounds: list[float]) -> HistogramDelta:
+        counts = [a - b for a, b in zip(self.counts, self.sent_counts, strict=True)]
         d = HistogramDelta(
             name=name,
             labels=labels,
             bounds=bounds,
-            counts=[a - b for a, b in zip(self.counts, self.sent_counts, strict=True)],
+            counts=counts,
             sum=self.sum - self.sent_sum,
-            count=count,
+            count=sum(counts),
         )
         self.sent_counts = list(self.counts)
         self.sent_sum = self.sum
@@ -119,10 +119,20 @@ class _Hist:
 
 
 class _HttpSeries:
-    __slots__ = ("duration", "labels", "request_size", "requests", "response_size", "sent_requests")
+    __slots__ = (
+        "duration",
+        "histograms_added",
+        "labels",
+        "request_size",
+        "requests",
+        "response_size",
+        "sent_requests",
+    )
 
     def __init__(self, labels: dict[str, str]):
         self.labels = labels
+        # `record_series` added observations (which may come after their requests)
+        self.histograms_added = False
         self.requests = 0
         self.sent_requests = 0
         self.duration = _Hist(len(_DUR))
@@ -298,6 +308,7 @@ class TelemetryRecorder(Collector):
                 raise ValueError(f"{len(counts)} bucket counts for {len(h.counts)} buckets")
             h.counts = [a + b for a, b in zip(h.counts, counts, strict=True)]
             h.sum += total
+        s.histograms_added = True
 
     def record_access(self, r: RequestRecord) -> None:
         """The access record of a request whose metrics are counted elsewhere
@@ -411,16 +422,18 @@ class TelemetryRecorder(Collector):
         self.fold()
         series: list[SeriesDelta] = []
         for s in self._http.values():
-            if s.requests == s.sent_requests:
+            if s.requests == s.sent_requests and not s.histograms_added:
                 continue
             if limit and len(series) >= limit:
                 return series
             n = s.requests - s.sent_requests
             s.sent_requests = s.requests
-            series.append(CounterDelta(name=wire.REQUESTS_TOTAL, labels=s.labels, value=n))
-            series.append(s.duration.delta(wire.REQUEST_DURATION_MS, s.labels, _DUR_LIST, n))
-            series.append(s.request_size.delta(wire.REQUEST_BYTES, s.labels, _BYTES_LIST, n))
-            series.append(s.response_size.delta(wire.RESPONSE_BYTES, s.labels, _BYTES_LIST, n))
+            s.histograms_added = False
+            if n:
+                series.append(CounterDelta(name=wire.REQUESTS_TOTAL, labels=s.labels, value=n))
+            series.append(s.duration.delta(wire.REQUEST_DURATION_MS, s.labels, _DUR_LIST))
+            series.append(s.request_size.delta(wire.REQUEST_BYTES, s.labels, _BYTES_LIST))
+            series.append(s.response_size.delta(wire.RESPONSE_BYTES, s.labels, _BYTES_LIST))
         for t in self._tcp.values():
             if t.now == t.sent:
                 continue
@@ -517,7 +530,7 @@ class TelemetryRecorder(Collector):
                         bounds=bounds,
                         counts=h.counts,
                         sum=h.sum,
-                        count=s.requests,
+                        count=sum(h.counts),
                     )
                 )
         for t in self._tcp.values():
