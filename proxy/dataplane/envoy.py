@@ -868,6 +868,8 @@ class EnvoyDataPlane:
                 self._stats.on_stats(text)
         except StatsError as e:
             log.error("envoy.request_stats_unreadable", error=str(e))
+        except Exception as e:  # a bug: the next read tries again; its type, no values
+            log.error("envoy.request_stats_failed", error=type(e).__name__)
 
     async def _active_requests(self) -> int:
         text = await self._admin("GET", "/stats?filter=downstream_rq_active$")

@@ -130,7 +130,10 @@ def parse_request_stats(text: str) -> dict[SeriesKey, SeriesSnapshot]:
         name, _, part = metric.rpartition("_")
         h = series.histograms.setdefault(name, Histogram())
         if part == "bucket":
-            h.bounds.append(math.inf if le == "+Inf" else float(le))
+            try:
+                h.bounds.append(math.inf if le == "+Inf" else float(le))
+            except ValueError:
+                raise StatsError(f"line {number}: {metric} le is not a number") from None
             h.cumulative.append(int(value))
         elif part == "sum":
             h.sum = value

@@ -24,6 +24,7 @@ from proxy.envoy.stats_convert import (
     Histogram,
     RequestStatsDeltas,
     SeriesKey,
+    StatsError,
     StatsIngest,
     parse_request_stats,
     rebucket,
@@ -145,6 +146,19 @@ def test_parse_unescapes_label_values_and_skips_other_lines() -> None:
         ]
     }
     assert next(iter(snap.values())).requests == 4
+
+
+@pytest.mark.parametrize(
+    ("line", "error"),
+    [
+        ('envoy_meshwork_inbound_duration_bucket{response_code="200"} 1', "without an le label"),
+        ('envoy_meshwork_inbound_duration_bucket{le="x"} 1', "le is not a number"),
+        ('envoy_meshwork_inbound_requests{response_code="200"} NaNs', "is not a number"),
+    ],
+)
+def test_unreadable_lines_are_refused_naming_the_line(line: str, error: str) -> None:
+    with pytest.raises(StatsError, match=f"line 2: .*{error}"):
+        parse_request_stats("# TYPE x counter\n" + line + "\n")
 
 
 # ------------------------------------------------------------------ Istio series
