@@ -293,6 +293,25 @@ def test_inbound_caller_from_certificate_san_and_rbac_denial() -> None:
     assert series_record(converter(), two).security_policy == "none"
 
 
+def test_gateway_listener_reports_as_source() -> None:
+    key = SeriesKey(
+        "gateway",
+        (
+            ("upstream_cluster", f"outbound|0||{REVIEWS}"),
+            ("upstream_host", "127.0.0.1:19914"),
+            ("authority", "shop.example.com"),
+            ("response_code", "200"),
+            ("response_flags", "-"),
+        ),
+    )
+    r = series_record(converter(), key)
+    assert (r.reporter, r.destination_service, r.destination.name) == (
+        "source",
+        REVIEWS,
+        "reviews-v2",
+    )
+
+
 def test_unknown_listener_is_counted_as_failed_not_recorded() -> None:
     rec = recorder()
     ingest = StatsIngest(converter(), rec)
