@@ -65,7 +65,7 @@ _BOUNDS: Mapping[str, tuple[float, ...]] = {
 _METRICS = "|".join(
     [REQUESTS_STAT, *(f"{h}_{part}" for h in HISTOGRAMS for part in ("bucket", "sum", "count"))]
 )
-_LINE = re.compile(rf"^envoy_{STATS_PREFIX}_([a-z0-9]+)_({_METRICS})\{{(.*)\}} (\S+)$")
+_NAME = re.compile(rf"^envoy_{STATS_PREFIX}_([a-z0-9]+)_({_METRICS})$")
 _LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
 _UNESCAPE = re.compile(r"\\(.)")
 _RBAC_DENIED = "rbac_access_denied"
@@ -102,33 +102,74 @@ def _unescape(value: str) -> str:
     return _UNESCAPE.sub(lambda m: "\n" if m.group(1) == "n" else m.group(1), value)
 
 
+_METRIC_NAMES: dict[str, tuple[str, str] | None] = {}
+_LABEL_SETS: dict[str, tuple[tuple[str, str], ...]] = {}
+_MAX_MEMO = 65_536
+
+
+def _metric(name: str) -> tuple[str, str] | None:
+    """`envoy_meshwork_<log>_<metric>` -> (log name, metric); None for another stat."""
+    found = _METRIC_NAMES.get(name, ())
+    if found == ():
+        m = _NAME.match(name)
+        found = (m.group(1), m.group(2)) if m else None
+        if len(_METRIC_NAMES) < _MAX_MEMO:
+            _METRIC_NAMES[name] = found
+    return found  # type: ignore[return-value]
+
+
+def _labels(text: str) -> tuple[tuple[str, str], ...]:
+    """`k="v",...` -> ((k, v), ...); memoised: the same label sets come every read."""
+    found = _LABEL_SETS.get(text)
+    if found is None:
+        found = tuple((k, _unescape(v)) for k, v in _LABEL.findall(text))
+        if len(_LABEL_SETS) >= _MAX_MEMO:
+            _LABEL_SETS.clear()
+        _LABEL_SETS[text] = found
+    return found
+
+
 def parse_request_stats(text: str) -> dict[SeriesKey, SeriesSnapshot]:
     """The stats access logger's series in Envoy's Prometheus text, keyed by listener
-    and tags; other lines (comments, other stats) are skipped."""
+    and tags; other lines (comments, other stats) are skipped. Costs a few string
+    splits and dict lookups per line (the label sets and names are memoised)."""
     found: dict[SeriesKey, SeriesSnapshot] = {}
+    prefix = f"envoy_{STATS_PREFIX}_"
     for number, line in enumerate(text.splitlines(), 1):
-        if not line.startswith(f"envoy_{STATS_PREFIX}_"):
+        if not line.startswith(prefix):
             continue
-        m = _LINE.match(line)
-        if m is None:
+        name, brace, rest = line.partition("{")
+        labels, close, raw = rest.rpartition("} ")
+        parsed = _metric(name) if brace and close else None
+        if parsed is None:
             continue
-        log_name, metric, labels, raw = m.groups()
-        pairs = [(k, _unescape(v)) for k, v in _LABEL.findall(labels)]
+        log_name, metric = parsed
         try:
             value = float(raw)
         except ValueError:
             raise StatsError(f"line {number}: {metric} value is not a number") from None
         le = ""
         if metric.endswith("_bucket"):
-            if not pairs or pairs[-1][0] != "le":
+            # Envoy puts `le` last: the series' tags are the label text before it
+            tags, sep, le_text = labels.rpartition(',le="')
+            if not sep and labels.startswith('le="'):
+                tags, sep, le_text = "", 'le="', labels[4:]
+            if not sep or not le_text.endswith('"'):
                 raise StatsError(f"line {number}: {metric} without an le label")
-            le = pairs.pop()[1]
-        series = found.setdefault(SeriesKey(log_name, tuple(pairs)), SeriesSnapshot())
+            le = le_text[:-1]
+            pairs = _labels(tags)
+        else:
+            pairs = _labels(labels)
+        series = found.get((log_name, pairs))  # type: ignore[call-overload]
+        if series is None:
+            series = found[SeriesKey(log_name, pairs)] = SeriesSnapshot()
         if metric == REQUESTS_STAT:
             series.requests = int(value)
             continue
-        name, _, part = metric.rpartition("_")
-        h = series.histograms.setdefault(name, Histogram())
+        hist, _, part = metric.rpartition("_")
+        h = series.histograms.get(hist)
+        if h is None:
+            h = series.histograms[hist] = Histogram()
         if part == "bucket":
             try:
                 h.bounds.append(math.inf if le == "+Inf" else float(le))
