@@ -7,6 +7,9 @@
 - mesh_envoy, "Meshwork on Envoy": client -> Envoy -> mTLS -> Envoy -> app, each Envoy
   started and configured over xDS by a sidecar agent run with `--dataplane envoy`
   (`bench.mesh_envoy`), against the static Envoy pair;
+- mesh_envoy_stats (`--mesh-envoy-stats`): Meshwork on Envoy again, its agents run
+  with `--envoy-telemetry stats` (Envoy counts the requests, the agents read its
+  counters each second; docs/architecture.md §7), measured in the same rotation;
 - gRPC (unary and server streaming) through direct, ours, the static Envoy pair set up
   for HTTP/2 and Meshwork on Envoy (`bench.vs_envoy_grpc`).
 
@@ -32,7 +35,7 @@ say so).
 
     python -m bench.vs_envoy [--seconds 5] [--repeats 3] [--rate 1000] [--connections 4,16]
         [--grpc-seconds S] [--grpc-concurrency 16] [--stream-concurrency 4] [--no-grpc]
-        [--no-mesh-envoy]
+        [--no-mesh-envoy] [--mesh-envoy-stats]
 
 Goals for Meshwork on Envoy (issue 14), checked in `goals_mesh_envoy`: requests/s per
 core >= 0.95x the static pair's, added p99 <= 1.05x, memory <= 1.3x, agent CPU < 3 %.
@@ -148,11 +151,14 @@ def ratios(
 
 
 def mesh_envoy_goals(
-    fig: dict[str, dict[str, dict[str, float]]], r: dict[str, object], conns: list[int]
+    fig: dict[str, dict[str, dict[str, float]]],
+    r: dict[str, object],
+    conns: list[int],
+    name: str = "mesh_envoy",
 ) -> dict[str, dict[str, object]]:
     """Issue 14's goals for Meshwork on Envoy against the static pair: value, goal, met."""
     top = f"fixed_rate_c{max(conns)}"
-    me = fig["mesh_envoy"]
+    me = fig[name]
 
     def goal(value: object, text: str, ok: bool) -> dict[str, object]:
         return {"value": value, "goal": text, "met": ok if value is not None else None}
@@ -220,7 +226,11 @@ def title(r: dict[str, object]) -> str:
 
 def table(r: dict[str, Any], conns: list[int]) -> list[tuple[str, str]]:
     rows: list[tuple[str, str]] = []
-    names = [n for n in ("direct", "ours", "envoy", "mesh_envoy") if "max" in r.get(n, {})]
+    names = [
+        n
+        for n in ("direct", "ours", "envoy", "mesh_envoy", "mesh_envoy_stats")
+        if "max" in r.get(n, {})
+    ]
     for c in conns:
         for n in names:
             f = r[n][f"fixed_rate_c{c}"]
@@ -247,11 +257,10 @@ def table(r: dict[str, Any], conns: list[int]) -> list[tuple[str, str]]:
         rows.append((f"max req/s, {n}", f"{m['rps']:.0f}{extra}"))
     for k, v in (r.get("ratios_ours_over_envoy") or {}).items():
         rows.append((f"ratio ours/envoy: {k}", str(v)))
-    for k, g in (r.get("goals_mesh_envoy") or {}).items():
-        verdict = "met" if g["met"] else "NOT met" if g["met"] is False else "n/a"
-        rows.append(
-            (f"Meshwork on Envoy / envoy: {k}", f"{g['value']} (goal {g['goal']}: {verdict})")
-        )
+    for leg, label in (("", "Meshwork on Envoy"), ("_stats", "Meshwork on Envoy, stats mode")):
+        for k, g in (r.get(f"goals_mesh_envoy{leg}") or {}).items():
+            verdict = "met" if g["met"] else "NOT met" if g["met"] is False else "n/a"
+            rows.append((f"{label} / envoy: {k}", f"{g['value']} (goal {g['goal']}: {verdict})"))
     grpc = r.get("grpc") or {}
     for n in ("direct", "ours", "envoy", "mesh_envoy"):
         g = grpc.get(n)
@@ -282,6 +291,11 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     ap.add_argument("--upstream", choices=("auto", "nginx", "python"), default="auto")
     ap.add_argument("--no-envoy", action="store_true")
     ap.add_argument("--no-mesh-envoy", action="store_true", help="leave out Meshwork on Envoy")
+    ap.add_argument(
+        "--mesh-envoy-stats",
+        action="store_true",
+        help="also Meshwork on Envoy with --envoy-telemetry stats (Envoy counts requests)",
+    )
     ap.add_argument("--no-grpc", action="store_true", help="leave out the gRPC figures")
     ap.add_argument(
         "--mesh-envoy-no-telemetry",
@@ -312,6 +326,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     cluster = Cluster(temp_dir(), ("registry", "config", "telemetry", "ca"))
     envoy: EnvoyPair | None = None
     on_envoy: mesh_envoy.MeshEnvoyPair | None = None
+    on_envoy_stats: mesh_envoy.MeshEnvoyPair | None = None
     pair_certs: tuple[CertFiles, CertFiles] | None = None
     try:
         work = cluster.work
@@ -337,11 +352,21 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
                 "mesh_envoy", f"http://127.0.0.1:{on_envoy.outbound}/", on_envoy.host,
                 on_envoy.pids, on_envoy.agent_pids,
             )  # fmt: skip
+        if not mesh_skipped and args.mesh_envoy_stats:
+            on_envoy_stats = mesh_envoy.start_pair(
+                cluster, app_port, service="app-s", client="client-s",
+                extra=("--envoy-telemetry", "stats"),
+            )  # fmt: skip
+            paths["mesh_envoy_stats"] = Path(
+                "mesh_envoy_stats", f"http://127.0.0.1:{on_envoy_stats.outbound}/",
+                on_envoy_stats.host, on_envoy_stats.pids, on_envoy_stats.agent_pids,
+            )  # fmt: skip
         if proxy_core is not None:
             for pid in ours.pids:
                 pin(pid, proxy_core)
-            if on_envoy is not None:
-                on_envoy.pin(proxy_core)
+            for pair in (on_envoy, on_envoy_stats):
+                if pair is not None:
+                    pair.pin(proxy_core)
 
         # warm up (connection pools, TLS sessions, code paths), then idle memory
         for p in paths.values():
@@ -379,6 +404,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
             "loadgen": load.names,
             "envoy_version": "skipped: " + skipped if skipped else envoy_version(envoy_bin),
             "mesh_envoy_telemetry": not args.mesh_envoy_no_telemetry,
+            "mesh_envoy_stats": args.mesh_envoy_stats,
             **figures,
         }
         if "envoy" in figures:
@@ -389,6 +415,15 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
             result["goals_mesh_envoy"] = mesh_envoy_goals(figures, r, conns)  # type: ignore[arg-type]
         else:
             result["mesh_envoy"] = {"skipped": mesh_skipped}
+        if "mesh_envoy_stats" in figures and "envoy" in figures:
+            r = ratios(figures, conns, "mesh_envoy_stats")  # type: ignore[arg-type]
+            result["ratios_mesh_envoy_stats_over_envoy"] = r
+            result["goals_mesh_envoy_stats"] = mesh_envoy_goals(
+                figures,  # type: ignore[arg-type]
+                r,
+                conns,
+                "mesh_envoy_stats",
+            )
         if not args.no_grpc:
             result["grpc"] = vs_envoy_grpc.run(
                 vs_envoy_grpc.GrpcSetup(
@@ -408,8 +443,9 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         if envoy is not None:
             envoy.stop()
         cluster.stop()
-        if on_envoy is not None:
-            on_envoy.stop_envoys()
+        for pair in (on_envoy, on_envoy_stats):
+            if pair is not None:
+                pair.stop_envoys()
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ from proxy.intercept.rules import InterceptSettings
 # the data planes a sidecar can drive (proxy.dataplane)
 DATAPLANES = ("python", "envoy")
 APP_PROTOCOLS = ("http", "http2", "grpc")
+# how an Envoy data plane counts requests (docs/architecture.md §7)
+ENVOY_TELEMETRY_MODES = ("access-log", "stats")
 
 
 @dataclass
@@ -50,6 +52,12 @@ class SidecarSettings:
     # what it costs);
     # percentage of new traces sampled (an incoming sampling decision wins)
     telemetry: bool = True
+    # Envoy data plane: `access-log` (every request through the gRPC access log) or
+    # `stats` (Envoy counts, the agent reads its counters; access records sampled);
+    # `--envoy-telemetry`, MESH_ENVOY_TELEMETRY
+    envoy_telemetry: str = field(
+        default_factory=lambda: os.environ.get("MESH_ENVOY_TELEMETRY", "access-log")
+    )
     trace_sampling: float = 1.0
     nats_password: str | None = None
     # verify the control plane's signature on config, endpoints and the trust bundle
@@ -85,6 +93,11 @@ class SidecarSettings:
         if self.dataplane not in DATAPLANES:
             raise ValueError(
                 f"dataplane must be one of {', '.join(DATAPLANES)}, got {self.dataplane!r}"
+            )
+        if self.envoy_telemetry not in ENVOY_TELEMETRY_MODES:
+            raise ValueError(
+                f"envoy_telemetry must be one of {', '.join(ENVOY_TELEMETRY_MODES)}, "
+                f"got {self.envoy_telemetry!r}"
             )
         if self.app_protocol not in APP_PROTOCOLS:
             raise ValueError(

@@ -88,6 +88,12 @@ from proxy.envoy.process import (
     find_running_envoy,
 )
 from proxy.envoy.resources import CLUSTER, ENDPOINT, LISTENER, VIRTUAL_HOST, XdsResources
+from proxy.envoy.stats_convert import (
+    ADMIN_STATS_PATH,
+    StatsError,
+    StatsIngest,
+    parse_request_stats,
+)
 from proxy.envoy.trace_service import SpanIngest, TraceServer
 from proxy.envoy.translate import (
     MeshView,
@@ -132,6 +138,11 @@ ENVOY_TRACER = True
 # (Envoy flushes its buffer every second), and the most the sidecar waits for that
 LOGS_QUIET_S = 1.5
 LOGS_QUIET_TIMEOUT_S = 10.0
+# `--envoy-telemetry stats` (docs/architecture.md §7): how often the agent reads
+# Envoy's request counters, and how long it waits before its last read on stopping
+# (Envoy merges histograms just after the read that flushes them)
+STATS_READ_S = 1.0
+STATS_MERGE_S = 0.2
 
 
 class EnvoyDataPlane:
@@ -158,6 +169,8 @@ class EnvoyDataPlane:
         self._l4_registered: dict[str, str] = {}
         self.telemetry: SidecarTelemetry | None = None
         self._als: AccessLogServer | None = None
+        # stats mode: what turns Envoy's request counters into the recorder's series
+        self._stats: StatsIngest | None = None
         self._traces: TraceServer | None = None
         self._publisher: asyncio.Task[None] | None = None
         # the view the last push was translated from: the endpoints Envoy may choose
@@ -236,6 +249,7 @@ class EnvoyDataPlane:
                 admin_port=ports.admin,
                 access_log_cluster=ACCESS_LOG_CLUSTER if self._als else "",
                 access_log_socket=self._als.socket_path if self._als else None,
+                request_stats=self._stats is not None,
                 tracing_cluster=TRACING_CLUSTER if self._traces else "",
                 tracing_socket=self._traces.socket_path if self._traces else None,
             )
@@ -258,6 +272,13 @@ class EnvoyDataPlane:
         except EnvoyError as e:
             raise errors.Unavailable(f"Envoy did not start: {e}") from None
         await self._until_listening(ports)
+        if self._stats is not None:
+            if left is not None:
+                # an adopted Envoy's counters were reported by the sidecar before
+                await self._read_request_stats(baseline=True)
+            self._tasks.append(
+                asyncio.create_task(self._request_stats_loop(), name="envoy:request-stats")
+            )
         listeners = {"envoy-admin": ports.admin}
         if s.gateway:
             listeners["gateway"] = ports.gateway
@@ -324,6 +345,11 @@ class EnvoyDataPlane:
             last = lambda: max(r.last_message_at for r in receivers)  # noqa: E731
             if not await wait_quiet(last, LOGS_QUIET_S, LOGS_QUIET_TIMEOUT_S):
                 log.warning("envoy.telemetry_not_quiet", timeout_s=LOGS_QUIET_TIMEOUT_S)
+        if self._stats is not None and self._envoy is not None and self._envoy.pid is not None:
+            # what Envoy counted since the last read, then its histograms once merged
+            await self._read_request_stats()
+            await asyncio.sleep(STATS_MERGE_S)
+            await self._read_request_stats()
         if self._envoy is not None:
             await self._envoy.stop(drain=False)
         if self._xds is not None:
@@ -365,6 +391,7 @@ class EnvoyDataPlane:
             },
             "rejection": self._tracker.rejection,
             "access_log": vars(self._als.counts) if self._als is not None else {},
+            "request_stats": vars(self._stats.counts) if self._stats is not None else {},
             "spans": vars(self._traces.counts) if self._traces is not None else {},
         }
 
@@ -610,9 +637,15 @@ class EnvoyDataPlane:
             ),
             endpoints=self._endpoints_of,
         )
+        stats_mode = s.envoy_telemetry == "stats"
+        if stats_mode:
+            self._stats = StatsIngest(converter, telemetry.recorder)
         self._als = AccessLogServer(
             self._dir / "als.sock",
-            AccessLogIngest(converter, telemetry.recorder, spans=not ENVOY_TRACER),
+            # stats mode: Envoy counts the requests, the log gives access records only
+            AccessLogIngest(
+                converter, telemetry.recorder, spans=not ENVOY_TRACER, metrics=not stats_mode
+            ),
         )
         if ENVOY_TRACER:
             self._traces = TraceServer(
@@ -812,6 +845,31 @@ class EnvoyDataPlane:
             f"{port_flag(ports, port)} {port} is in use{describe_holder(port)}" for _, port in taken
         ]
         raise errors.Unavailable("; ".join(said))
+
+    async def _request_stats_loop(self) -> None:
+        while True:
+            await asyncio.sleep(STATS_READ_S)
+            await self._read_request_stats()
+
+    async def _read_request_stats(self, *, baseline: bool = False) -> None:
+        """One read of Envoy's request counters into the recorder (`StatsIngest`); with
+        `baseline`, only remembered (what an adopted Envoy counted was reported)."""
+        assert self._stats is not None
+        try:
+            text = await self._admin("GET", ADMIN_STATS_PATH)
+        except (aiohttp.ClientError, TimeoutError) as e:
+            # Envoy restarting: its counters start again from zero, read next time
+            log.warning("envoy.request_stats_unavailable", error=type(e).__name__)
+            return
+        try:
+            if baseline:
+                self._stats.deltas.update(parse_request_stats(text))
+            else:
+                self._stats.on_stats(text)
+        except StatsError as e:
+            log.error("envoy.request_stats_unreadable", error=str(e))
+        except Exception as e:  # a bug: the next read tries again; its type, no values
+            log.error("envoy.request_stats_failed", error=type(e).__name__)
 
     async def _active_requests(self) -> int:
         text = await self._admin("GET", "/stats?filter=downstream_rq_active$")

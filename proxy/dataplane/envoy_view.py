@@ -89,6 +89,7 @@ def proxy_node(
         # data plane's fetcher does (it was not passed before: Envoy used the system CAs)
         jwks_ca_file=s.jwks_ca_file,
         access_log_cluster=access_log_cluster,
+        telemetry_mode="stats" if s.envoy_telemetry == "stats" else "access-log",
         tracing_cluster=tracing_cluster,
         trace_sampling=s.trace_sampling,
         app_host=s.app_host,

@@ -341,7 +341,7 @@ class AccessLogConverter:
         meta = common.metadata.filter_metadata if common.HasField("metadata") else None
         if reporter == "source":
             cluster = common.upstream_cluster
-            service = cluster_service(cluster) or self._service_of(authority)
+            service = cluster_service(cluster) or self.service_of(authority)
             if cluster == PASSTHROUGH_CLUSTER:
                 # ALLOW_ANY: the host asked for, as the Python sidecar records it
                 service = strip_port(authority).lower()
@@ -562,7 +562,7 @@ class AccessLogConverter:
             return found
         return named._replace(principal=found.principal, namespace=found.namespace)
 
-    def _service_of(self, authority: str) -> str:
+    def service_of(self, authority: str) -> str:
         """The mesh service a request's authority names ("" outside the mesh)."""
         if not authority:
             return ""

@@ -54,13 +54,22 @@ class AccessLogIngest:
     stream's state is the log name it was given, kept by the caller and passed back."""
 
     def __init__(
-        self, converter: AccessLogConverter, recorder: TelemetryRecorder, *, spans: bool = True
+        self,
+        converter: AccessLogConverter,
+        recorder: TelemetryRecorder,
+        *,
+        spans: bool = True,
+        metrics: bool = True,
     ):
         """`spans`: record a span for each sampled request's hop; off while Envoy's own
-        tracer reports the spans (each hop would be recorded twice)."""
+        tracer reports the spans (each hop would be recorded twice). `metrics`: count
+        each HTTP entry; off in the stats telemetry mode, where Envoy counts every
+        request and the log carries only sampled or failed ones, each an access record
+        (docs/architecture.md §7). TCP entries are counted either way."""
         self.converter = converter
         self.recorder = recorder
         self.spans = spans
+        self.metrics = metrics
         self.counts = IngestCounts()
 
     def on_message(self, log_name: str, message: als_pb2.StreamAccessLogsMessage) -> str:
@@ -76,7 +85,10 @@ class AccessLogIngest:
             except Exception as e:
                 self._failed(log_name, e)
                 continue
-            recorder.record_request(http.record)
+            if self.metrics:
+                recorder.record_request(http.record)
+            else:
+                recorder.record_access(http.record)
             if http.span is not None and self.spans:
                 recorder.record_span(http.span)
             self.counts.http += 1

@@ -17,6 +17,8 @@ from typing import Any
 # bootstrap into its proto (the tests, `meshctl proxy-config`)
 import envoy.extensions.bootstrap.internal_listener.v3.internal_listener_pb2  # noqa: F401
 
+from mesh.telemetry import BYTES_BUCKETS, DURATION_BUCKETS_MS
+
 XDS_CLUSTER = "xds-grpc"
 _HTTP2_OPTIONS = {
     "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
@@ -48,6 +50,10 @@ class BootstrapOptions:
     xds_retry_base_ms: int = 250
     xds_retry_max_ms: int = 5_000
     metadata: tuple[tuple[str, str], ...] = ()
+    # `--envoy-telemetry stats` (docs/architecture.md §7): Envoy's request histograms
+    # take Istio's buckets, and are merged when the agent reads them (one consistent
+    # snapshot of counters and histograms per read, no flush timer)
+    request_stats: bool = False
 
     def __post_init__(self) -> None:
         if not self.node_id:
@@ -99,6 +105,23 @@ INTERNAL_LISTENERS: dict[str, Any] = {
 LISTENER_SOCKETS = ("meshwork.listener_sockets", "exclusive")
 
 
+def request_stats_config() -> dict[str, Any]:
+    """`stats_config` giving the stats access logger's histograms Istio's buckets
+    (`mesh.telemetry`): durations in ms, sizes in bytes."""
+    return {
+        "histogram_bucket_settings": [
+            {
+                "match": {"safe_regex": {"regex": r"^meshwork\.\w+\.duration(\..*)?$"}},
+                "buckets": list(DURATION_BUCKETS_MS),
+            },
+            {
+                "match": {"safe_regex": {"regex": r"^meshwork\.\w+\.\w+_bytes(\..*)?$"}},
+                "buckets": list(BYTES_BUCKETS),
+            },
+        ]
+    }
+
+
 def build_bootstrap(options: BootstrapOptions) -> dict[str, Any]:
     ads_source = {"ads": {}, "resource_api_version": "V3"}
     clusters = [_grpc_pipe_cluster(XDS_CLUSTER, options.xds_socket)]
@@ -110,7 +133,11 @@ def build_bootstrap(options: BootstrapOptions) -> dict[str, Any]:
         static_runtime["tracing.opentelemetry.flush_interval_ms"] = (
             options.tracing_flush_interval_ms
         )
+    extra: dict[str, Any] = {}
+    if options.request_stats:
+        extra = {"stats_config": request_stats_config(), "stats_flush_on_admin": True}
     return {
+        **extra,
         "node": {
             "id": options.node_id,
             "cluster": options.cluster,

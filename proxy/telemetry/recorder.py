@@ -92,7 +92,8 @@ _BYTES_LIST = [float(b) for b in _BYTES]
 
 class _Hist:
     """A histogram with what was already sent, so a flush takes the difference. Its
-    count is its series' request count (one observation per request)."""
+    count is the number of observations in its buckets: its series' request count
+    (one observation per request), once Envoy's late histograms (stats mode) are in."""
 
     __slots__ = ("counts", "sent_counts", "sent_sum", "sum")
 
@@ -102,16 +103,15 @@ class _Hist:
         self.sent_counts = [0] * (buckets + 1)
         self.sent_sum = 0.0
 
-    def delta(
-        self, name: str, labels: dict[str, str], bounds: list[float], count: int
-    ) -> HistogramDelta:
+    def delta(self, name: str, labels: dict[str, str], bounds: list[float]) -> HistogramDelta:
+        counts = [a - b for a, b in zip(self.counts, self.sent_counts, strict=True)]
         d = HistogramDelta(
             name=name,
             labels=labels,
             bounds=bounds,
-            counts=[a - b for a, b in zip(self.counts, self.sent_counts, strict=True)],
+            counts=counts,
             sum=self.sum - self.sent_sum,
-            count=count,
+            count=sum(counts),
         )
         self.sent_counts = list(self.counts)
         self.sent_sum = self.sum
@@ -119,10 +119,20 @@ class _Hist:
 
 
 class _HttpSeries:
-    __slots__ = ("duration", "labels", "request_size", "requests", "response_size", "sent_requests")
+    __slots__ = (
+        "duration",
+        "histograms_added",
+        "labels",
+        "request_size",
+        "requests",
+        "response_size",
+        "sent_requests",
+    )
 
     def __init__(self, labels: dict[str, str]):
         self.labels = labels
+        # `record_series` added observations (which may come after their requests)
+        self.histograms_added = False
         self.requests = 0
         self.sent_requests = 0
         self.duration = _Hist(len(_DUR))
@@ -140,6 +150,8 @@ class _TcpSeries:
         self.sent = [0, 0, 0, 0]
 
 
+# pre-aggregated histogram counts (`record_series`): per bucket (one past the bounds), sum
+BucketCounts = tuple[list[int], float]
 # what tells a request's series apart, taken in one C call per request
 _series_key: Callable[[RequestRecord], tuple[object, ...]] = itemgetter(
     *(
@@ -268,6 +280,49 @@ class TelemetryRecorder(Collector):
         if logged:
             self._access.extend(pending if logged == len(pending) else pending[:logged])
 
+    def record_series(
+        self,
+        r: RequestRecord,
+        requests: int,
+        duration: BucketCounts,
+        request_size: BucketCounts,
+        response_size: BucketCounts,
+    ) -> None:
+        """Requests counted elsewhere (Envoy's stats access logger, docs/architecture.md
+        §7), added to the series `r` names (its labels only: its duration and sizes
+        are not read). Each `BucketCounts` is (per-bucket counts in this recorder's
+        buckets, the last one past them; their sum). No access record."""
+        key = _series_key(r)
+        s = self._http.get(key)
+        if s is None:
+            s = self._new_http_series(r, key)
+            if s is None:
+                return
+        s.requests += requests
+        for h, (counts, total) in (
+            (s.duration, duration),
+            (s.request_size, request_size),
+            (s.response_size, response_size),
+        ):
+            if len(counts) != len(h.counts):
+                raise ValueError(f"{len(counts)} bucket counts for {len(h.counts)} buckets")
+            h.counts = [a + b for a, b in zip(h.counts, counts, strict=True)]
+            h.sum += total
+        s.histograms_added = True
+
+    def record_access(self, r: RequestRecord) -> None:
+        """The access record of a request whose metrics are counted elsewhere
+        (`record_series`): buffered like `record_request`'s, never counted."""
+        if not self.access_log:
+            return
+        if not self._access_room:
+            self.dropped["access"] += 1
+            return
+        if not r.start_ns:  # the last field
+            r = RequestRecord._make((*r[:-1], self._clock_ns() - int(r.duration_ms * 1e6)))
+        self._access_room -= 1
+        self._access.append(r)
+
     def _new_http_series(self, r: RequestRecord, key: tuple[object, ...]) -> _HttpSeries | None:
         if len(self._http) + len(self._tcp) >= self.max_series:
             self.dropped["series"] += 1
@@ -367,16 +422,18 @@ class TelemetryRecorder(Collector):
         self.fold()
         series: list[SeriesDelta] = []
         for s in self._http.values():
-            if s.requests == s.sent_requests:
+            if s.requests == s.sent_requests and not s.histograms_added:
                 continue
             if limit and len(series) >= limit:
                 return series
             n = s.requests - s.sent_requests
             s.sent_requests = s.requests
-            series.append(CounterDelta(name=wire.REQUESTS_TOTAL, labels=s.labels, value=n))
-            series.append(s.duration.delta(wire.REQUEST_DURATION_MS, s.labels, _DUR_LIST, n))
-            series.append(s.request_size.delta(wire.REQUEST_BYTES, s.labels, _BYTES_LIST, n))
-            series.append(s.response_size.delta(wire.RESPONSE_BYTES, s.labels, _BYTES_LIST, n))
+            s.histograms_added = False
+            if n:
+                series.append(CounterDelta(name=wire.REQUESTS_TOTAL, labels=s.labels, value=n))
+            series.append(s.duration.delta(wire.REQUEST_DURATION_MS, s.labels, _DUR_LIST))
+            series.append(s.request_size.delta(wire.REQUEST_BYTES, s.labels, _BYTES_LIST))
+            series.append(s.response_size.delta(wire.RESPONSE_BYTES, s.labels, _BYTES_LIST))
         for t in self._tcp.values():
             if t.now == t.sent:
                 continue
@@ -473,7 +530,7 @@ class TelemetryRecorder(Collector):
                         bounds=bounds,
                         counts=h.counts,
                         sum=h.sum,
-                        count=s.requests,
+                        count=sum(h.counts),
                     )
                 )
         for t in self._tcp.values():

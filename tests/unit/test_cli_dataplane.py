@@ -57,3 +57,25 @@ def test_envoy_on_demand_is_the_default_and_can_be_turned_off(
     monkeypatch.setenv("MESH_ENVOY_ON_DEMAND", "0")
     assert build_parser().parse_args(base).envoy_on_demand is False
     assert build_parser().parse_args([*base, "--envoy-on-demand"]).envoy_on_demand is True
+
+
+def test_envoy_telemetry_defaults_to_the_access_log_and_takes_stats(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from meshctl.main import build_parser
+
+    monkeypatch.delenv("MESH_ENVOY_TELEMETRY", raising=False)
+    for command in (
+        ["sidecar", "--service", "a", "--app-port", "1"],
+        ["gateway", "--port", "8080"],
+    ):
+        base = [*command, "--dataplane", "envoy"]
+        assert build_parser().parse_args(base).envoy_telemetry == "access-log"
+        assert build_parser().parse_args([*base, "--envoy-telemetry", "stats"]).envoy_telemetry == (
+            "stats"
+        )
+    monkeypatch.setenv("MESH_ENVOY_TELEMETRY", "stats")
+    assert build_parser().parse_args(["gateway", "--port", "1"]).envoy_telemetry == "stats"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["gateway", "--port", "1", "--envoy-telemetry", "statsd"])
+    assert "invalid choice: 'statsd'" in capsys.readouterr().err

@@ -441,6 +441,14 @@ def case_inbound_strict() -> tuple[ProxyNode, MeshView]:
     )
 
 
+def case_stats_telemetry() -> tuple[ProxyNode, MeshView]:
+    """`--envoy-telemetry stats` (docs/architecture.md §7): `inbound_strict`'s sidecar
+    with Envoy's stats access logger on every HCM and the gRPC log filtered to
+    failed, flagged and sampled requests (TCP listeners log as before)."""
+    node, view = case_inbound_strict()
+    return dataclasses.replace(node, telemetry_mode="stats"), view
+
+
 def case_inbound_permissive_no_app() -> tuple[ProxyNode, MeshView]:
     """No inbound policy at all (PERMISSIVE, no authorization) and no app port."""
     return sidecar(app_port=0, outbound=None), MeshView(destinations={})
@@ -818,6 +826,7 @@ CASES: dict[str, Callable[[], tuple[ProxyNode, MeshView]]] = {
     "inbound_jwt": case_inbound_jwt,
     "inbound_ext_authz": case_inbound_ext_authz,
     "inbound_grpc_app": case_inbound_grpc_app,
+    "stats_telemetry": case_stats_telemetry,
 }
 
 

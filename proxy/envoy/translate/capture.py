@@ -249,6 +249,7 @@ def _http_manager(node: ProxyNode, view: MeshView) -> Json:
         http_filters=filters,
         access_log_name="outbound",
         access_log_cluster=node.access_log_cluster,
+        telemetry_mode=node.telemetry_mode,
         tracing=listeners.tracing(node.tracing_cluster, node.service, node.trace_sampling),
         extra={"useRemoteAddress": True},
     )

@@ -49,8 +49,17 @@ def accepting_connect(hcm: Json) -> Json:
     body = dict(hcm["typedConfig"])
     body["upgradeConfigs"] = [*body.get("upgradeConfigs", []), CONNECT_UPGRADE]
     if "accessLog" in body:
-        body["accessLog"] = [{**log, "filter": NOT_CONNECT} for log in body["accessLog"]]
+        body["accessLog"] = [_not_connect(log) for log in body["accessLog"]]
     return {**hcm, "typedConfig": body}
+
+
+def _not_connect(log: Json) -> Json:
+    """`log` skipping CONNECT, and still applying its own filter (the stats mode's
+    sampled-or-failed filter on the gRPC log, docs/architecture.md §7)."""
+    own = log.get("filter")
+    if own is None:
+        return {**log, "filter": NOT_CONNECT}
+    return {**log, "filter": {"andFilter": {"filters": [NOT_CONNECT, own]}}}
 
 
 def tunnel_listener(hcm: Json) -> listener_pb2.Listener:

@@ -130,6 +130,7 @@ def add_gateway(
             http_filters=[*jwt_filters, *rbac_filters, listeners.fault_filter()],
             access_log_name="gateway",
             access_log_cluster=node.access_log_cluster,
+            telemetry_mode=node.telemetry_mode,
             tracing=listeners.tracing(node.tracing_cluster, node.service, node.trace_sampling),
             extra={
                 "useRemoteAddress": True,

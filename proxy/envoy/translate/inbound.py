@@ -163,6 +163,7 @@ def add_inbound_http(node: ProxyNode, view: MeshView, out: XdsResources) -> None
                 http_filters=http_filters,
                 access_log_name="inbound",
                 access_log_cluster=node.access_log_cluster,
+                telemetry_mode=node.telemetry_mode,
                 tracing=listeners.tracing(
                     node.tracing_cluster,
                     node.service,

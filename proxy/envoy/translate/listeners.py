@@ -93,6 +93,7 @@ def http_connection_manager(
     http_filters: Sequence[Json] = (),
     access_log_name: str,
     access_log_cluster: str,
+    telemetry_mode: access_log.TelemetryMode = "access-log",
     tracing: Json | None = None,
     extra: Json | None = None,
 ) -> Json:
@@ -122,7 +123,7 @@ def http_connection_manager(
         body["routeConfig"] = route_config
     else:
         body["rds"] = {"configSource": ADS, "routeConfigName": route_config_name}
-    logs = access_log.http_access_log(access_log_name, access_log_cluster)
+    logs = access_log.http_access_log(access_log_name, access_log_cluster, telemetry_mode)
     if logs:
         body["accessLog"] = logs
     if tracing:

@@ -13,6 +13,8 @@ from mesh.compiled_mesh import MeshWideConfig
 from mesh.messages import EndpointSet
 from proxy.tcp import TcpUpstream
 
+from .access_log import TelemetryMode
+
 
 class TranslationError(Exception):
     """Compiled configuration the translator cannot express in Envoy: never dropped
@@ -51,6 +53,9 @@ class ProxyNode:
     gateway_listeners: tuple[tuple[str, int], ...] = ()
     # when set, HTTP and TCP access logs go to this gRPC cluster (defined by the bootstrap)
     access_log_cluster: str = ""
+    # `--envoy-telemetry` (docs/architecture.md §7): `stats` adds Envoy's stats access
+    # logger to every HCM and keeps only sampled or failed requests in the gRPC log
+    telemetry_mode: TelemetryMode = "access-log"
     # when set, every HCM traces with Envoy's OpenTelemetry tracer, exporting to this
     # gRPC cluster (defined by the bootstrap), and starts a trace for this percentage
     # of the requests that arrive without a sampling decision

@@ -182,6 +182,7 @@ def add_outbound(node: ProxyNode, view: MeshView, out: XdsResources) -> routes.R
             ],
             access_log_name="outbound",
             access_log_cluster=node.access_log_cluster,
+            telemetry_mode=node.telemetry_mode,
             tracing=listeners.tracing(node.tracing_cluster, node.service, node.trace_sampling),
             extra=extra,
         )

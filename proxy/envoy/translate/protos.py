@@ -9,6 +9,7 @@ from typing import Any
 # the descriptor pool for `ParseDict` to resolve it.
 import envoy.config.trace.v3.opentelemetry_pb2
 import envoy.extensions.access_loggers.grpc.v3.als_pb2
+import envoy.extensions.access_loggers.stats.v3.stats_pb2
 import envoy.extensions.clusters.dynamic_forward_proxy.v3.cluster_pb2
 import envoy.extensions.common.dynamic_forward_proxy.v3.dns_cache_pb2
 import envoy.extensions.filters.http.dynamic_forward_proxy.v3.dynamic_forward_proxy_pb2
@@ -59,6 +60,7 @@ HTTP_PROTOCOL_OPTIONS = _PREFIX + "envoy.extensions.upstreams.http.v3.HttpProtoc
 PREVIOUS_HOSTS = _PREFIX + "envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"
 HTTP_GRPC_ACCESS_LOG = _PREFIX + "envoy.extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig"
 TCP_GRPC_ACCESS_LOG = _PREFIX + "envoy.extensions.access_loggers.grpc.v3.TcpGrpcAccessLogConfig"
+STATS_ACCESS_LOG = _PREFIX + "envoy.extensions.access_loggers.stats.v3.Config"
 OPENTELEMETRY = _PREFIX + "envoy.config.trace.v3.OpenTelemetryConfig"
 _SAMPLERS = _PREFIX + "envoy.extensions.tracers.opentelemetry.samplers.v3."
 UUID_REQUEST_ID = _PREFIX + "envoy.extensions.request_id.uuid.v3.UuidRequestIdConfig"
