@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from mesh.store import Store
@@ -70,7 +71,15 @@ def count_resources(
         finally:
             await store.close()
 
-    return resource_kinds(asyncio.run(keys()), f"/{prefix}/")
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:  # the CLI: no loop of its own yet
+        return resource_kinds(asyncio.run(keys()), f"/{prefix}/")
+    # called from inside an event loop (a test or program embedding DevCluster): a
+    # loop of its own on another thread, never a coroutine left unawaited
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        found = pool.submit(lambda: asyncio.run(keys())).result()
+    return resource_kinds(found, f"/{prefix}/")
 
 
 def describe_kept(kinds: Counter[str], state_dir: Path) -> str:
