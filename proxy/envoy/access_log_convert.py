@@ -201,7 +201,13 @@ def socket_address(address: address_pb2.Address) -> str:
 def peer_spiffe_id(tls: accesslog_pb2.TLSProperties) -> str:
     """The SPIFFE ID of the peer's certificate: its one URI SAN, if that is a workload
     SPIFFE ID ("" otherwise: treated as no identity, as `proxy.peer` does)."""
-    uris = [san.uri for san in tls.peer_certificate_properties.subject_alt_name if san.uri]
+    return one_spiffe_id(
+        [san.uri for san in tls.peer_certificate_properties.subject_alt_name if san.uri]
+    )
+
+
+def one_spiffe_id(uris: list[str]) -> str:
+    """The one URI SAN of a certificate if it is a workload SPIFFE ID, else ""."""
     if len(uris) != 1:
         return ""
     try:

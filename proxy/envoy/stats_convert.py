@@ -32,7 +32,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from mesh import identity
 from mesh.hosts import strip_port
 from mesh.telemetry import BYTES_BUCKETS, DURATION_BUCKETS_MS
 from proxy.envoy.access_log_convert import (
@@ -41,6 +40,7 @@ from proxy.envoy.access_log_convert import (
     AccessLogConverter,
     AccessLogError,
     cluster_service,
+    one_spiffe_id,
 )
 from proxy.envoy.resources import PASSTHROUGH_CLUSTER
 from proxy.envoy.translate.access_log import (
@@ -294,14 +294,7 @@ def series_record(converter: AccessLogConverter, key: SeriesKey) -> RequestRecor
 def _one_spiffe_id(sans: str) -> str:
     """`%DOWNSTREAM_PEER_URI_SAN%` (comma-joined URI SANs) -> the peer's SPIFFE ID, as
     `access_log_convert.peer_spiffe_id` reads a logged certificate."""
-    uris = [u for u in sans.split(",") if u]
-    if len(uris) != 1:
-        return ""
-    try:
-        identity.parse_spiffe_id(uris[0])
-    except identity.IdentityError:
-        return ""
-    return uris[0]
+    return one_spiffe_id([u for u in sans.split(",") if u])
 
 
 @dataclass
