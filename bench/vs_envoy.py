@@ -229,7 +229,7 @@ def table(r: dict[str, Any], conns: list[int]) -> list[tuple[str, str]]:
     names = [
         n
         for n in ("direct", "ours", "envoy", "mesh_envoy", "mesh_envoy_stats")
-        if "max" in r.get(n, {})
+        if isinstance(r.get(n), dict) and "max" in r[n]
     ]
     for c in conns:
         for n in names:
