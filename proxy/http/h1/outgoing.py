@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 from .encode import LAST_CHUNK, last_chunk
 from .events import Headers
 
@@ -13,7 +15,7 @@ CHUNKED = 2  # Transfer-Encoding: chunked
 CLOSE = 3  # delimited by the connection's close (responses to HTTP/1.0 only)
 
 
-class BodySender:
+class BodySender(ABC):
     """The body half of `send`, shared by both roles.
 
     Content-Length bodies are checked against the announced length (ValueError when
@@ -33,8 +35,10 @@ class BodySender:
         self._trailers_allowed = trailers_allowed
         self.sending_body = framing != NO_BODY
 
+    @abstractmethod
     def _body_sent(self) -> None:
-        raise NotImplementedError
+        """The body ended: each role moves its own state (ServerConnection,
+        ClientConnection)."""
 
     def send_data(self, data: bytes) -> bytes:
         """`send(Data(data))` without the event (the body's hot path): `data` framed,
