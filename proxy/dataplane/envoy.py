@@ -63,6 +63,7 @@ from proxy.dataplane.envoy_view import (
     ApplyTracker,
     EnvoyPorts,
     capture_detection_timeouts,
+    destinations_of_clusters,
     mesh_view,
     port_flag,
     ports_in_use,
@@ -238,6 +239,10 @@ class EnvoyDataPlane:
             if self._indexes_callers():
                 await self._watch_registry()
                 await self._list_services()
+            if left is not None:
+                # what the app called through the Envoy we adopt: followed before the
+                # first push, which would otherwise take its clusters away (503 NC)
+                await self._follow(await self._adopted_destinations())
             await self._follow_referenced()
         self._push()
         self._tasks.append(asyncio.create_task(self._push_loop(), name="envoy:push"))
@@ -870,6 +875,17 @@ class EnvoyDataPlane:
             log.error("envoy.request_stats_unreadable", error=str(e))
         except Exception as e:  # a bug: the next read tries again; its type, no values
             log.error("envoy.request_stats_failed", error=type(e).__name__)
+
+    async def _adopted_destinations(self) -> set[ServiceRef]:
+        """The mesh services an adopted Envoy has clusters for (none if its admin does
+        not answer: they are then asked for again on demand)."""
+        try:
+            text = await self._admin("GET", "/clusters?format=json")
+            names = [c.get("name", "") for c in json.loads(text).get("cluster_statuses", [])]
+        except (aiohttp.ClientError, TimeoutError, ValueError, AttributeError) as e:
+            log.warning("envoy.adopted_clusters_unavailable", error=type(e).__name__)
+            return set()
+        return destinations_of_clusters(names)
 
     async def _active_requests(self) -> int:
         text = await self._admin("GET", "/stats?filter=downstream_rq_active$")

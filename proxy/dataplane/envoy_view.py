@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from envoy.config.route.v3 import route_components_pb2
@@ -14,10 +14,11 @@ from google.protobuf.message import Message
 
 from mesh.compiled import GatewayConfig, InboundPolicy
 from mesh.compiled_mesh import ExternalService, MeshWideConfig
-from mesh.hosts import ServiceRef, canonical_host, strip_port
+from mesh.hosts import ServiceRef, canonical_host, service_of_host, strip_port
 from mesh.messages import EndpointSet, SubscriptionStatus
 from proxy.destinations import Destination
 from proxy.egress import selected_instances
+from proxy.envoy.access_log_convert import cluster_service
 from proxy.envoy.delta_protocol import DeltaResource, delta_resource
 from proxy.envoy.translate import MeshView, ProxyNode
 from proxy.settings import SidecarSettings
@@ -289,3 +290,9 @@ def capture_detection_timeouts(envoy_prometheus: str) -> str:
                 f"{CAPTURE_DETECTION_TIMEOUTS} {count}\n"
             )
     return ""
+
+
+def destinations_of_clusters(names: Iterable[str]) -> set[ServiceRef]:
+    """The mesh services behind Istio-named clusters (`outbound|<port>|<subset>|<fqdn>`);
+    other clusters (inbound, private, egress hosts) name none."""
+    return {ref for name in names if (ref := service_of_host(cluster_service(name)))}

@@ -26,6 +26,9 @@ Protocol rules followed (Envoy's xDS protocol document, "Incremental xDS"):
   404 `NR`), for other types in `removed_resources`. Envoy subscribes to such a name
   again on the next request for that host: it is then unresolved until the caller
   sets the type again (it may exist by now), and answered from that state;
+- a resource the Envoy has and the server does not is removed only once no subscribed
+  name waits for an answer (after a sidecar restart the new server learns the names
+  again first: removing them meanwhile would fail the held requests);
 - a request with a nonce and no `error_detail` ACKs that response; with `error_detail`
   it NACKs it: Envoy keeps what it had, we record its message and do not resend the
   refused versions until they change (resending would loop);
@@ -270,12 +273,19 @@ class DeltaStream:
                 aliases=sorted(aliases),
                 resource=any_pb2.Any(type_url=type_url, value=resource.value),
             )
+        opening = held.opening if not sub.answered_first and type_url in NAMED_ONLY else set()
+        # while a subscribed name is unresolved, what the Envoy has may be its answer (a
+        # reconnected Envoy lists it in `initial_resource_versions` before the server
+        # knows it again): removed only once every subscribed name is resolved
+        resolving = bool(self.unresolved(type_url))
         for name in sorted(sub.has):
-            if name not in held.resources and name not in added:
+            if name in held.resources or name in added or name in opening:
+                continue
+            if not resolving:
                 removed.append(name)  # the server no longer has it
-        if not sub.answered_first and type_url in NAMED_ONLY:
-            for name in sorted(held.opening - added.keys()):
-                added[name] = discovery_pb2.Resource(name=name, aliases=[name])
+        for name in sorted(opening - added.keys()):
+            added[name] = discovery_pb2.Resource(name=name, aliases=[name])
+            sub.has.pop(name, None)  # a name with no body: nothing the Envoy keeps
         if not added and not removed and sub.answered_first:
             return []
         sub.answered_first = True

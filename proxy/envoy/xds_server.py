@@ -291,6 +291,7 @@ class XdsServer:
                         type=request.type_url,
                         subscribe=list(request.resource_names_subscribe),
                         unsubscribe=list(request.resource_names_unsubscribe),
+                        initial=sorted(request.initial_resource_versions),
                         nonce=request.response_nonce,
                         responses=len(responses),
                     )

@@ -581,10 +581,13 @@ async def test_envoy_keeps_serving_when_the_sidecar_process_dies_and_is_adopted_
             second.start()
             await eventually(lambda: envoy_pid(), timeout=30, interval=0.2)
             assert await envoy_pid() == pid  # adopted, not restarted
-            assert await via_outbound()
+            for _ in range(5):
+                # the new sidecar's first push keeps the destinations the app called
+                assert await via_outbound()
         finally:
             first.kill()
-            second.stop()
+            # in a thread: the registry the sidecar deregisters from runs on this loop
+            await asyncio.to_thread(second.stop)
         # a clean stop stops the adopted Envoy too
         await eventually(lambda: not _pid_alive(pid), timeout=15)
 

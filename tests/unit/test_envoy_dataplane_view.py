@@ -10,6 +10,7 @@ from proxy.dataplane.envoy_view import (
     ApplyTracker,
     EnvoyPorts,
     capture_detection_timeouts,
+    destinations_of_clusters,
     mesh_view,
     port_flag,
     ports_in_use,
@@ -214,3 +215,18 @@ def test_workload_selector_entries_name_the_services_followed_on_demand() -> Non
     assert not selected_by(entries, instances("default", "reviews", tier="web"))
     # the entry's namespace only, as the Python sidecar selects
     assert not selected_by(entries, instances("other", "legacy-billing", tier="billing"))
+
+
+def test_an_adopted_envoys_clusters_name_the_destinations_to_follow_again() -> None:
+    names = [
+        "outbound|9080||reviews.default.svc.cluster.local",
+        "outbound|9080|v2|reviews.default.svc.cluster.local",
+        "outbound|9080||ratings.shop.svc.cluster.local",
+        "outbound|443||api.example.com",  # a ServiceEntry host: no mesh service
+        "inbound|9080||",
+        "xds-grpc",
+    ]
+    assert destinations_of_clusters(names) == {
+        ServiceRef("default", "reviews"),
+        ServiceRef("shop", "ratings"),
+    }

@@ -233,3 +233,43 @@ def test_absent_name_asked_again_waits_for_the_next_set_and_may_exist_by_then() 
     state.set(VIRTUAL_HOST, [with_aliases(vhost(RATINGS), nosuch)], opening=OPENING)
     [found] = stream.on_change()
     assert summary(found)["added"] == {RATINGS: ([nosuch], True)}
+
+
+def test_reconnected_envoy_keeps_its_vhosts_until_the_new_server_has_answered() -> None:
+    """A sidecar restarted next to a running Envoy: the new server knows no vhost yet.
+    The vhost the Envoy lists is not removed while its alias waits for an answer, and
+    the opening name is answered once, not both added and removed (Envoy refuses a
+    response naming a resource in both)."""
+    state = DeltaState()
+    state.set(VIRTUAL_HOST, [], opening=OPENING)
+    stream = DeltaStream(state, stream_id=2)
+    alias = "outbound_http/reviews:9080"
+    [first] = stream.on_request(
+        # what Envoy 1.40 sends (seen in a sidecar's debug log): the wildcard, the
+        # alias its held request waits for, and what it has, the opening name included
+        request(subscribe=("*", alias), initial={REVIEWS: vhost(REVIEWS).version, OPENING[0]: ""})
+    )
+    assert summary(first) == {
+        "added": {"outbound_http/": (["outbound_http/"], False)},
+        "removed": [],
+    }
+    assert stream.unresolved(VIRTUAL_HOST) == {alias}
+    assert stream.on_request(request(nonce=first.nonce)) == []
+    # the agent found the destination again: same vhost, same version, nothing to send
+    # but the alias it now answers
+    state.set(VIRTUAL_HOST, [with_aliases(vhost(REVIEWS), alias)], opening=OPENING)
+    [answer] = stream.on_change()
+    assert summary(answer) == {"added": {REVIEWS: ([alias], True)}, "removed": []}
+
+
+def test_a_vhost_the_reconnected_envoy_has_is_removed_once_nothing_waits() -> None:
+    state = DeltaState()
+    state.set(VIRTUAL_HOST, [], opening=OPENING)
+    stream = DeltaStream(state, stream_id=2)
+    [first] = stream.on_request(
+        request(subscribe=("*",), initial={RATINGS: vhost(RATINGS).version})
+    )
+    assert summary(first) == {
+        "added": {"outbound_http/": (["outbound_http/"], False)},
+        "removed": [RATINGS],
+    }
