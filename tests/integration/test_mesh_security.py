@@ -425,15 +425,6 @@ async def test_foreign_ca_client_and_wrong_server_identity_are_refused(
 # ---------------------------------------------------------------- 3. renewal under traffic
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason=(
-        "open race (1 of 3 whole-suite runs on 2026-12-07, 0 of 3 alone): one request "
-        "answered 503 UC during renewal; the server sidecar's HTTP/2 connection was "
-        "already closed when it sent the response head (h2: SEND_HEADERS in state "
-        "CLOSED). Still runs and passes when the race does not hit; see the closing note."
-    ),
-)
 async def test_short_lived_certificates_renew_under_traffic_without_failures(
     nats_server, etcd_server, prefix
 ) -> None:

@@ -380,3 +380,24 @@ def test_the_rest_of_a_body_with_trailers_ends_with_them() -> None:
     kinds = frame_kinds(server.data_to_send())
     assert [k[0] for k in kinds] == ["HeadersFrame", "DataFrame", "HeadersFrame"]
     assert [k[2] for k in kinds] == [False, False, True]
+
+
+def test_many_one_frame_responses_acknowledged_do_not_trip_the_window_update_guard() -> None:
+    """A sidecar-to-sidecar connection carries thousands of small answers, each one DATA
+    frame ending its stream, each acknowledged by the client (a connection
+    WINDOW_UPDATE). The guard counts those last frames too: before, it counted none and
+    cut the connection after a few hundred answers (a 503 UC mid-request)."""
+    server, peer = handshake()
+    for i in range(400):
+        stream_id = 1 + 2 * i
+        peer.send_headers(stream_id, REQUEST, end_stream=True)
+        pump(server, peer)
+        server.send_head(stream_id, [(":status", "200")], end_stream=False)
+        server.send_last(stream_id, [b"ok"])
+        for event in peer.receive_data(server.data_to_send()):
+            if isinstance(event, h2.events.DataReceived):
+                # a client that acknowledges every frame at once (the stream has
+                # ended: the connection's window only)
+                peer.increment_flow_control_window(event.flow_controlled_length)
+        events = pump(server, peer)
+        assert not any(isinstance(e, ConnectionFailed) for e in events), i

@@ -444,12 +444,15 @@ class H2Connection:
                     chunks[0] = chunk[window:]
                     chunk = chunk[:window]
                 pending.buffered -= len(chunk)
+                # every DATA frame counts, the last one too: the WINDOW_UPDATE flood
+                # guard allows so many per frame sent (a body of one frame is the
+                # common case; not counting it cut long-lived connections)
+                self._data_frames_sent += 1
                 if not chunks and pending.end and not pending.trailers:
                     del self._outbound[stream_id]
                     h2c.send_data(stream_id, chunk, end_stream=True)
                     return
                 h2c.send_data(stream_id, chunk)
-                self._data_frames_sent += 1
             if pending.end:
                 del self._outbound[stream_id]
                 if pending.trailers:
