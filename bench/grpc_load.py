@@ -83,21 +83,25 @@ async def unary_load(
         await call(PAYLOAD, timeout=10)  # connected, routed
         lat: list[float] = []
         errors = 0
+        first_error = ""
         started = time.perf_counter()
         deadline = started + seconds
 
         async def worker() -> None:
-            nonlocal errors
+            nonlocal errors, first_error
             while (t0 := time.perf_counter()) < deadline:
                 try:
                     await call(PAYLOAD, timeout=10)
-                except grpc.aio.AioRpcError:
+                except grpc.aio.AioRpcError as e:
                     errors += 1
+                    first_error = first_error or f"{e.code().name}: {e.details()}"
                     continue
                 lat.append(time.perf_counter() - t0)
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         elapsed = time.perf_counter() - started
+    if first_error:  # a figure with errors says what they were
+        print(f"unary load: {errors} calls failed, the first with {first_error}", file=sys.stderr)
     ms = [x * 1000 for x in lat]
     return {
         "rps": len(lat) / elapsed,
@@ -158,6 +162,9 @@ def run_load(
     if out.returncode != 0:
         reason = out.stderr.strip().splitlines()[-1:] or [f"exit code {out.returncode}"]
         raise RuntimeError(f"gRPC {kind} load on {target} failed: {reason[0][:300]}")
+    for line in out.stderr.splitlines():
+        if line.startswith("unary load:"):  # what the failed calls failed with
+            print(f"  {target}: {line}", file=sys.stderr)
     return json.loads(out.stdout)  # type: ignore[no-any-return]
 
 

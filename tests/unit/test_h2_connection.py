@@ -401,3 +401,18 @@ def test_many_one_frame_responses_acknowledged_do_not_trip_the_window_update_gua
                 peer.increment_flow_control_window(event.flow_controlled_length)
         events = pump(server, peer)
         assert not any(isinstance(e, ConnectionFailed) for e in events), i
+
+
+def test_a_grpc_client_opening_each_new_streams_window_is_no_flood() -> None:
+    """grpcio raises the window of each stream it opens (a WINDOW_UPDATE right after
+    the HEADERS, before any answer): 16 calls in flight is 16 updates with no DATA sent
+    yet. Envoy's bound counts the streams the peer opened for that."""
+    server, peer = handshake()
+    for i in range(16):
+        stream_id = 1 + 2 * i
+        peer.send_headers(stream_id, REQUEST, end_stream=False)
+        peer.increment_flow_control_window(4 * 1024 * 1024, stream_id)
+        peer.send_data(stream_id, b"\x00\x00\x00\x00\x01x", end_stream=True)
+    events = pump(server, peer)
+    assert not any(isinstance(e, ConnectionFailed) for e in events)
+    assert sum(isinstance(e, RequestHead) for e in events) == 16

@@ -28,8 +28,9 @@ What this layer adds to `h2`:
   for a peer that never reads. So are frames that carry nothing a request needs in
   bulk: PRIORITY frames of their own (CVE-2019-9513; the priority a HEADERS frame
   carries is not counted) and DATA frames that are empty and do not end their stream
-  (CVE-2019-9518). A server accepts at most `max_window_updates_per_data_frame`
-  WINDOW_UPDATE frames per DATA frame it sent (plus a few), as Envoy does.
+  (CVE-2019-9518). A server accepts at most 5 + 2 × (streams the peer opened +
+  `max_window_updates_per_data_frame` × DATA frames it sent) WINDOW_UPDATE frames,
+  Envoy's bound: a gRPC client opens each new stream's window before any answer.
 - **Graceful drain**: `drain()` sends GOAWAY(NO_ERROR) naming the last stream that
   will be served; streams the peer opens afterwards are refused (REFUSED_STREAM, safe
   for it to retry), the ones already open finish.
@@ -191,6 +192,7 @@ class H2Connection:
         self._goaway_sent_last: int | None = None
         self._window_updates = 0
         self._data_frames_sent = 0
+        self._peer_streams_opened = 0
         # the priority a request's HEADERS frame carried (h2 reports it as an event too)
         self._head_priority: h2.events.PriorityUpdated | None = None
         self.failed: ConnectionFailed | None = None
@@ -282,6 +284,7 @@ class H2Connection:
                 self._h2.reset_stream(stream_id, REFUSED_STREAM)
                 return None
             self._head_priority = event.priority_updated
+            self._peer_streams_opened += 1
             return RequestHead(stream_id, _decode(event.headers), event.stream_ended is not None)
         if isinstance(event, h2e.ResponseReceived):
             headers = _decode(event.headers)
@@ -302,8 +305,11 @@ class H2Connection:
             return StreamReset(stream_id, int(event.error_code or 0), remote)
         if isinstance(event, h2e.WindowUpdated):
             self._window_updates += 1
-            allowed = 1 + self.limits.max_window_updates_per_data_frame * (
-                self._data_frames_sent + 1
+            # Envoy's bound (protocol_constraints.cc): a client may open each stream's
+            # window (gRPC does, before any answer) and acknowledge each DATA frame
+            allowed = 5 + 2 * (
+                self._peer_streams_opened
+                + self.limits.max_window_updates_per_data_frame * self._data_frames_sent
             )
             if not self.client and self._window_updates > allowed:
                 return self._fail(ENHANCE_YOUR_CALM, "too many WINDOW_UPDATE frames")
