@@ -28,8 +28,8 @@ What this layer adds to `h2`:
   for a peer that never reads. So are frames that carry nothing a request needs in
   bulk: PRIORITY frames of their own (CVE-2019-9513; the priority a HEADERS frame
   carries is not counted) and DATA frames that are empty and do not end their stream
-  (CVE-2019-9518). A server accepts at most 5 + 2 × (streams the peer opened +
-  `max_window_updates_per_data_frame` × DATA frames it sent) WINDOW_UPDATE frames,
+  (CVE-2019-9518). A server accepts at most 5 + 2 * (streams the peer opened +
+  `max_window_updates_per_data_frame` * DATA frames it sent) WINDOW_UPDATE frames,
   Envoy's bound: a gRPC client opens each new stream's window before any answer.
 - **Graceful drain**: `drain()` sends GOAWAY(NO_ERROR) naming the last stream that
   will be served; streams the peer opens afterwards are refused (REFUSED_STREAM, safe
