@@ -185,7 +185,9 @@ class ClusterEndpoints:
         return self.cluster.choose(None, tried, time.monotonic())
 
     def connected(self, endpoint: Endpoint, ok: bool) -> None:
-        origin = LocalOrigin.CONNECT_SUCCESS if ok else LocalOrigin.CONNECT_FAILED
+        # the connect is the connection's whole outcome (Envoy's tcp_proxy reports
+        # LocalOriginConnectSuccessFinal): a success resets the consecutive counters
+        origin = LocalOrigin.CONNECT_SUCCESS_FINAL if ok else LocalOrigin.CONNECT_FAILED
         self.cluster.report(endpoint.instance, origin, time.monotonic())
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,10 +20,11 @@ import msgspec
 
 from mesh import errors
 from mesh.bus import Bus
-from mesh.compiled import RouteTable
+from mesh.compiled import RouteTable, TrafficPolicy
 from mesh.hosts import ServiceRef
 from mesh.logs import get_logger
 from mesh.messages import (
+    Endpoint,
     EndpointSet,
     EndpointsGetReply,
     EndpointsGetRequest,
@@ -112,6 +113,53 @@ class Destination:
         cluster.origination = origination_for(policy.tls, self.host or self.ref.fqdn)
         self.balancers[key] = balancer
         return cluster
+
+    def tcp_cluster(self, subset_name: str, rand: random.Random, port: int) -> Cluster | None:
+        """The cluster a TCP relay to `port` of a subset ("" = whole service) sends to,
+        up to date; None when the subset is unknown (Envoy's `outbound|<port>|<subset>|
+        <fqdn>` TCP cluster, architecture §5.1 "TCP routing").
+
+        Its endpoints are the subset's instances with a TCP listener for `port`
+        (`tcp_endpoints`), its policy the subset's for that port (`portLevelSettings`
+        included); it is kept under `<subset>|tcp:<port>` next to the HTTP clusters,
+        so breaker counts and ejections outlive endpoint and config changes the same way."""
+        key = f"{subset_name}|tcp:{port}"
+        if key in self.balancers:
+            return self.clusters[key]
+        if self.table is None:
+            if subset_name:
+                return None
+            # no route table (yet): the whole service under the default policy
+            labels: dict[str, str] = {}
+            policy = TrafficPolicy()
+        else:
+            subset = resolve_subset(self.table, subset_name)
+            if subset is None:
+                return None
+            labels = dict(subset.labels)
+            policy = subset.traffic_policy.for_port(port)
+        eps = tcp_endpoints(self.endpoints.endpoints if self.endpoints else [], port, labels)
+        cluster = self.clusters.get(key)
+        previous = cluster.balancer if cluster is not None else None
+        balancer = build_balancer(eps, policy.load_balancer, rand, previous)
+        if cluster is None:
+            cluster = Cluster(self.ref, subset_name, policy, balancer)
+            cluster.name = f"{cluster.name}|tcp:{port}"
+            self.clusters[key] = cluster
+        else:
+            cluster.update(policy, balancer)
+        self.balancers[key] = balancer
+        return cluster
+
+
+def tcp_endpoints(
+    endpoints: Iterable[Endpoint], port: int, labels: Mapping[str, str] | None = None
+) -> list[Endpoint]:
+    """The endpoints with a TCP listener for `port` (and every one of the subset's
+    `labels`); draining ones are left out unless all of those are draining (as for
+    HTTP subsets)."""
+    key = str(port)
+    return subset_endpoints([ep for ep in endpoints if key in ep.tcp_listeners], labels or {})
 
 
 def _has_port_policy(table: RouteTable, subset_name: str, port: int) -> bool:

@@ -6,18 +6,21 @@ registers where these listeners are (`Instance.tcp_listeners`: app port -> host:
 
 Outbound: for each `--tcp-upstream SERVICE[.NAMESPACE]:PORT=LOCALPORT`, a listener on
 127.0.0.1:LOCALPORT relaying each accepted connection to the listener that one endpoint
-of SERVICE registered for PORT: round robin over the serving endpoints that declare
-PORT (draining ones only when all are draining); when a connect fails, the next
-endpoint is tried, up to `CONNECT_ATTEMPTS` in all, else the client is reset. The
-endpoints come from the `DestinationCache`, which follows them live.
+of SERVICE registered for PORT, chosen by the TCP cluster of (service, subset, port)
+(`Destination.tcp_cluster`, `ServiceClusterEndpoints`: the DestinationRule's load
+balancer, outlier detection and `tcp.maxConnections`, architecture §5.1 "The upstream
+path"); when a connect fails, another endpoint is tried, up to `CONNECT_ATTEMPTS` in
+all, else the client is reset. The endpoints come from the `DestinationCache`, which
+follows them live.
 
 A relayed connection is two protocols writing into each other: full duplex; a FIN from
 one side is passed on as a FIN to the other (half-close) and the sockets close once
 both directions are finished; reading from one side pauses while the other side's
 write buffer is over `HIGH_WATER`; an error on either side resets both.
 
-Endpoint choice (`tcp_endpoints`, `relay_address`, `TcpBalancers`) and upstream parsing
-(`parse_tcp_upstream`) are pure; `TcpRelays` does the I/O.
+Endpoint addresses (`tcp_endpoints`, `relay_address`) and upstream parsing
+(`parse_tcp_upstream`) are pure, endpoint choice is the cluster's; `TcpRelays` does
+the I/O.
 
 With telemetry, each relayed connection is counted in Istio's `istio_tcp_*` metrics
 (reporter "destination" on inbound relays, "source" on outbound ones): opened once
@@ -45,7 +48,7 @@ import socket
 import ssl
 import struct
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import cast
@@ -57,9 +60,10 @@ from mesh.compiled import GatewayConfig, L4Route
 from mesh.hosts import ServiceRef, canonical_host, service_of_host
 from mesh.identity import requested_server_name
 from mesh.logs import get_logger
-from mesh.messages import Endpoint, EndpointSet
+from mesh.messages import Endpoint
 from proxy import cluster_send
-from proxy.destinations import Destination, DestinationCache
+from proxy.clusters import Cluster
+from proxy.destinations import Destination, DestinationCache, tcp_endpoints
 from proxy.listener import HANDSHAKE_TIMEOUT_S, MeshListener
 from proxy.mtls import MeshTls
 from proxy.peer import peer_of
@@ -68,15 +72,13 @@ from proxy.response_flags import ResponseFlag
 from proxy.routing import (
     Balancer,
     ConnectionAttrs,
+    HashContext,
     NoDestinationError,
-    RoundRobinBalancer,
     TcpTarget,
     client_hello_sni,
     pick_l4_destination,
-    resolve_subset,
     route_target,
     select_l4_route,
-    subset_endpoints,
     tcp_target,
 )
 from proxy.routing.sni import MORE
@@ -95,8 +97,6 @@ CALLER_LOOKUP_S = 1.0
 TLS_INSPECT_TIMEOUT_S = 15.0
 # the gateway server protocols the relays serve (HTTP ones are the gateway listener's)
 L4_GATEWAY_PROTOCOLS = ("TCP", "TLS")
-# How long an endpoint that failed a connect is tried only after the others.
-AVOID_AFTER_FAILURE_S = 10.0
 # Per-socket write buffer above which the other side stops being read.
 HIGH_WATER = 256 * 1024
 # Envoy's flag for a connection denied by RBAC (authorization policy)
@@ -158,16 +158,6 @@ def parse_tcp_upstream(text: str, default_namespace: str) -> TcpUpstream:
     )
 
 
-def tcp_endpoints(
-    endpoints: Iterable[Endpoint], port: int, labels: Mapping[str, str] | None = None
-) -> list[Endpoint]:
-    """The endpoints with a TCP listener for `port` (and every one of the subset's
-    `labels`); draining ones are left out unless all of those are draining (as for
-    HTTP subsets)."""
-    key = str(port)
-    return subset_endpoints([ep for ep in endpoints if key in ep.tcp_listeners], labels or {})
-
-
 def relay_address(endpoint: Endpoint, port: int) -> tuple[str, int]:
     """Host and port of the TCP listener `endpoint` registered for `port`.
 
@@ -190,121 +180,47 @@ def listener_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-class TcpBalancers:
-    """Endpoint choice per (destination, port): round robin, skipping what this
-    connection already tried and, while others remain, what recently refused.
-
-    Without the second rule, round robin would send every other new connection to a
-    dead endpoint first (and, when its connects time out rather than being refused,
-    make each of them wait `CONNECT_TIMEOUT_S`) until the registry drops it.
-
-    A balancer is kept while the destination's endpoint set is the same object and
-    rebuilt when the cache swaps in a new one. `now` is a monotonic time in seconds.
-    """
-
-    def __init__(self, rand: random.Random, avoid_s: float = AVOID_AFTER_FAILURE_S) -> None:
-        self._rand = rand
-        self._avoid_s = avoid_s
-        # (destination, subset, port) -> (the endpoint set and labels it was built from, balancer)
-        self._built: dict[
-            tuple[ServiceRef, str, int],
-            tuple[EndpointSet | None, Mapping[str, str], Balancer],
-        ] = {}
-        # (destination, port) -> instance -> when to stop avoiding it
-        self._failed: dict[tuple[ServiceRef, int], dict[str, float]] = {}
-
-    def balancer(
-        self,
-        ref: ServiceRef,
-        endpoints: EndpointSet | None,
-        port: int,
-        subset: str = "",
-        labels: Mapping[str, str] | None = None,
-    ) -> Balancer:
-        """Round robin over `ref`'s endpoints for `port` in `subset` (its `labels`)."""
-        key = (ref, subset, port)
-        wanted = labels or {}
-        built = self._built.get(key)
-        if built is not None and built[0] is endpoints and built[1] == wanted:
-            return built[2]
-        balancer = RoundRobinBalancer(
-            tcp_endpoints(endpoints.endpoints if endpoints else (), port, wanted), self._rand
-        )
-        self._built[key] = (endpoints, wanted, balancer)
-        return balancer
-
-    def choose(
-        self,
-        ref: ServiceRef,
-        endpoints: EndpointSet | None,
-        port: int,
-        tried: frozenset[str],
-        now: float,
-        subset: str = "",
-        labels: Mapping[str, str] | None = None,
-    ) -> Endpoint | None:
-        """The endpoint for the next connect attempt; None when every one was tried."""
-        balancer = self.balancer(ref, endpoints, port, subset, labels)
-        exclude = tried | self._avoided(ref, port, now)
-        if all(ep.instance in exclude for ep in balancer.endpoints):
-            exclude = tried  # a recently failed endpoint is better than none
-        endpoint = balancer.choose(exclude=exclude)
-        # the balancer repeats an excluded endpoint only when nothing else is left
-        if endpoint is None or endpoint.instance in exclude:
-            return None
-        return endpoint
-
-    def failed(self, ref: ServiceRef, port: int, instance: str, now: float) -> None:
-        self._failed.setdefault((ref, port), {})[instance] = now + self._avoid_s
-
-    def connected(self, ref: ServiceRef, port: int, instance: str) -> None:
-        failed = self._failed.get((ref, port))
-        if failed is not None:
-            failed.pop(instance, None)
-
-    def _avoided(self, ref: ServiceRef, port: int, now: float) -> frozenset[str]:
-        failed = self._failed.get((ref, port))
-        if not failed:
-            return frozenset()
-        for instance in [i for i, until in failed.items() if until <= now]:
-            del failed[instance]
-        return frozenset(failed)
-
-
-class _ServiceEndpoints:
+class ServiceClusterEndpoints:
     """A mesh service's endpoints for one relayed connection (`cluster_send.connect`):
-    chosen per attempt by `TcpBalancers` from the destination's endpoints as they are
-    then (they may change while a connect is pending), each outcome noted there."""
+    the TCP cluster of (service, subset, port) (`Destination.tcp_cluster`), looked up
+    again per attempt so that endpoints changed while a connect was pending are seen;
+    its balancer chooses (ejected endpoints skipped, tried ones avoided while others
+    remain; a consistent hash keys on the client's IP, as Envoy's tcp_proxy
+    `hash_policy: source_ip` that Istio sets for `useSourceIp`), connect outcomes go to
+    its outlier detector (`cluster_send.ClusterEndpoints`)."""
 
-    __slots__ = ("_balancers", "_dest", "_labels", "_port", "_ref", "_subset")
+    __slots__ = ("_dest", "_hash", "_port", "_rand", "_subset", "cluster")
 
     def __init__(
         self,
-        balancers: TcpBalancers,
         dest: Destination,
-        ref: ServiceRef,
-        port: int,
+        cluster: Cluster,
         subset: str,
-        labels: Mapping[str, str],
+        port: int,
+        rand: random.Random,
+        source_ip: str,
     ) -> None:
-        self._balancers = balancers
         self._dest = dest
-        self._ref = ref
-        self._port = port
         self._subset = subset
-        self._labels = labels
+        self._port = port
+        self._rand = rand
+        self._hash = HashContext(source_ip=source_ip)
+        self.cluster = cluster
 
     def choose(self, tried: frozenset[str]) -> Endpoint | None:
-        return self._balancers.choose(
-            self._ref, self._dest.endpoints, self._port, tried, time.monotonic(), self._subset,
-            self._labels,
-        )  # fmt: skip
+        cluster = self._dest.tcp_cluster(self._subset, self._rand, self._port) or self.cluster
+        self.cluster = cluster
+        return cluster.choose(self._hash, tried, time.monotonic())
 
     def connected(self, endpoint: Endpoint, ok: bool) -> None:
-        if ok:
-            self._balancers.connected(self._ref, self._port, endpoint.instance)
-        else:
-            self._balancers.failed(self._ref, self._port, endpoint.instance, time.monotonic())
+        cluster_send.ClusterEndpoints(self.cluster).connected(endpoint, ok)
+
+
+def _relay_ended(cluster: Cluster, balancer: Balancer, instance: str) -> None:
+    """A relayed connection to `instance` of `cluster` finished: its breaker slot
+    (`tcp.maxConnections`) and its least-request count are given back."""
+    cluster.breaker.release_connection()
+    balancer.on_request_end(instance)
 
 
 # ---------------------------------------------------------------- stats
@@ -688,6 +604,8 @@ class _Connection:
         # set when the downstream sent more before the link (or its FIN): for an
         # opener that routes on the first bytes (SNI)
         self.held_more = asyncio.Event()
+        # what the opener holds for this connection's life (a cluster's breaker slot)
+        self.on_finished: Callable[[], None] | None = None
 
     def unreported_bytes(self) -> tuple[int, int]:
         """(request direction, response direction) bytes relayed since last asked."""
@@ -733,6 +651,8 @@ class _Connection:
         if self.upstream is not None and not self.upstream.closed:
             return
         self.finished = True
+        if self.on_finished is not None:
+            self.on_finished()
         self.counters.closed.inc()
         self.counters.active.dec()
         self.relays._finished(self)
@@ -779,7 +699,6 @@ class TcpRelays:
         self.telemetry = telemetry
         self.stats = TcpStats(stats_registry)
         self.rand = rand or random.Random()
-        self.balancers = TcpBalancers(self.rand)
         self.app_host = app_host
         self.ports: dict[str, int] = {}  # listener name -> bound port
         self._servers: list[asyncio.Server | MeshListener] = []
@@ -1254,25 +1173,34 @@ class TcpRelays:
                     conn, self.telemetry.tcp_outbound(ref, None, ResponseFlag.NO_HEALTHY_UPSTREAM)
                 )
             return False
-        labels: Mapping[str, str] = {}
-        if target.subset:
-            subset = resolve_subset(dest.table, target.subset) if dest.table else None
-            if subset is None:
-                # Envoy has no such cluster: the connection is closed, flag NC
-                log.warning(
-                    "tcp.unknown_subset",
-                    listener=conn.name,
-                    service=str(ref),
-                    subset=target.subset,
-                    rule=target.origin,
+        cluster = dest.tcp_cluster(target.subset, self.rand, port)
+        if cluster is None:
+            # an unknown subset: Envoy has no such cluster, the connection is closed, flag NC
+            log.warning(
+                "tcp.unknown_subset",
+                listener=conn.name,
+                service=str(ref),
+                subset=target.subset,
+                rule=target.origin,
+            )
+            if self.telemetry is not None:
+                self._telemetry_decided(
+                    conn, self.telemetry.tcp_outbound(ref, None, ResponseFlag.NO_CLUSTER_FOUND)
                 )
-                if self.telemetry is not None:
-                    self._telemetry_decided(
-                        conn, self.telemetry.tcp_outbound(ref, None, ResponseFlag.NO_CLUSTER_FOUND)
-                    )
-                return False
-            labels = subset.labels
-        endpoints = _ServiceEndpoints(self.balancers, dest, ref, port, target.subset, labels)
+            return False
+        if not cluster.breaker.try_acquire_connection():
+            # `tcp.maxConnections` relayed connections are open: closed at once, flag UO
+            # (Envoy's tcp_proxy counts upstream_cx_overflow and closes the downstream)
+            cluster.counters["overflows"] += 1
+            log.info("tcp.overflow", listener=conn.name, cluster=cluster.name)
+            if self.telemetry is not None:
+                self._telemetry_decided(
+                    conn, self.telemetry.tcp_outbound(ref, None, ResponseFlag.UPSTREAM_OVERFLOW)
+                )
+            return False
+        endpoints = ServiceClusterEndpoints(
+            dest, cluster, target.subset, port, self.rand, _peer_ip(conn.downstream)
+        )
 
         async def open_endpoint(endpoint: Endpoint) -> bool:
             try:
@@ -1283,13 +1211,27 @@ class TcpRelays:
             # a gateway's TCP / TLS server takes the bytes as sent (Istio's PASSTHROUGH)
             plain = port in endpoint.plain_tcp_ports
             identity = "" if plain else endpoint.identity
-            return await self._open(conn, host, relay_port, endpoint.instance, identity)
+            # the cluster's `connectionPool.tcp.connectTimeout` when it has one
+            options = endpoints.cluster.pool_options
+            timeout_s = options.connect_timeout_s if options is not None else CONNECT_TIMEOUT_S
+            return await self._open(
+                conn, host, relay_port, endpoint.instance, identity, connect_timeout_s=timeout_s
+            )
 
-        chosen, tried = await cluster_send.connect(endpoints, open_endpoint, CONNECT_ATTEMPTS)
+        try:
+            chosen, tried = await cluster_send.connect(endpoints, open_endpoint, CONNECT_ATTEMPTS)
+        except BaseException:
+            cluster.breaker.release_connection()
+            raise
         if chosen is not None:
+            # held until the relayed connection ends (`_Connection.on_finished`)
+            balancer = endpoints.cluster.balancer
+            balancer.on_request_start(chosen.instance)
+            conn.on_finished = partial(_relay_ended, cluster, balancer, chosen.instance)
             if self.telemetry is not None:
                 self._telemetry_decided(conn, self.telemetry.tcp_outbound(ref, chosen))
             return True
+        cluster.breaker.release_connection()
         log.warning(
             "tcp.no_upstream",
             listener=conn.name,
@@ -1299,14 +1241,24 @@ class TcpRelays:
             tried=sorted(tried),
         )
         if self.telemetry is not None:
-            self._telemetry_decided(
-                conn,
-                self.telemetry.tcp_outbound(ref, None, ResponseFlag.UPSTREAM_CONNECTION_FAILURE),
+            # nothing to try (no endpoint, or all ejected): UH, as Envoy's tcp_proxy
+            flag = (
+                ResponseFlag.UPSTREAM_CONNECTION_FAILURE
+                if tried
+                else ResponseFlag.NO_HEALTHY_UPSTREAM
             )
+            self._telemetry_decided(conn, self.telemetry.tcp_outbound(ref, None, flag))
         return False
 
     async def _open(
-        self, conn: _Connection, host: str, port: int, target: str, identity: str = ""
+        self,
+        conn: _Connection,
+        host: str,
+        port: int,
+        target: str,
+        identity: str = "",
+        *,
+        connect_timeout_s: float = CONNECT_TIMEOUT_S,
     ) -> bool:
         """Connect to host:port and link it to `conn`; False when the connect failed.
         With an `identity` (an endpoint with a sidecar) the connection is mTLS and the
@@ -1317,7 +1269,7 @@ class TcpRelays:
             if identity and self.tls is not None:
                 context = self.tls.client_context()
             upstream: _Side | None = None
-            async with asyncio.timeout(CONNECT_TIMEOUT_S):
+            async with asyncio.timeout(connect_timeout_s):
                 _transport, upstream = await loop.create_connection(
                     lambda: _Side(conn, conn.counters.received, context), host, port
                 )
@@ -1408,7 +1360,7 @@ __all__ = [
     "HIGH_WATER",
     "ListenerCounters",
     "Opener",
-    "TcpBalancers",
+    "ServiceClusterEndpoints",
     "TcpRelays",
     "TcpStats",
     "TcpTarget",

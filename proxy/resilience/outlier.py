@@ -52,6 +52,10 @@ class LocalOrigin(enum.StrEnum):
     RESET = "reset"
     TIMEOUT = "timeout"
     CONNECT_SUCCESS = "connect-success"
+    # a connect that is the whole outcome (a relayed TCP connection: no response
+    # follows), Envoy's LocalOriginConnectSuccessFinal: counted as a 200 when errors
+    # are not split
+    CONNECT_SUCCESS_FINAL = "connect-success-final"
 
 
 # how each local-origin result counts when errors are not split (Envoy resultToHttpCode)
@@ -124,7 +128,7 @@ class OutlierDetector:
                 return self._local_origin(endpoint, monitor, result, now)
             if result is LocalOrigin.CONNECT_SUCCESS:
                 return False
-            result = _AS_STATUS[result]
+            result = 200 if result is LocalOrigin.CONNECT_SUCCESS_FINAL else _AS_STATUS[result]
         elif config.split_external_local_origin_errors:
             # a response means the connection worked (Envoy reports connect success
             # for every request that got a connection)
@@ -197,7 +201,7 @@ class OutlierDetector:
     def _local_origin(
         self, endpoint: str, monitor: _Monitor, result: LocalOrigin, now: float
     ) -> bool:
-        if result is LocalOrigin.CONNECT_SUCCESS:
+        if result is LocalOrigin.CONNECT_SUCCESS or result is LocalOrigin.CONNECT_SUCCESS_FINAL:
             monitor.consecutive_local = 0
             return False
         monitor.consecutive_local += 1

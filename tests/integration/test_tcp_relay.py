@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from mesh.compiled import OutlierDetection, RouteTable, TrafficPolicy
 from mesh.hosts import ServiceRef
 from mesh.messages import (
     DeregisterReply,
@@ -352,9 +353,25 @@ async def test_refused_endpoint_is_skipped(tcp: TcpMesh) -> None:
     # registered, but nothing listens there any more (a crashed sidecar's stale record)
     await tcp.register("redis-dead", {str(PORT): f"127.0.0.1:{free_port()}"})
     await tcp.until_client_sees({"redis-a": "healthy", "redis-dead": "healthy"})
+    # a connection whose first connect is refused goes on to the next endpoint
     assert await spread(tcp.port, 10) == Counter({"redis-a": 10})
-    # once refused, the dead one is tried only after the others: at most one failed connect
-    assert tcp.client_metric("meshwork_proxy_tcp_upstream_connect_failures_total") <= 1
+    failed = tcp.client_metric("meshwork_proxy_tcp_upstream_connect_failures_total")
+    # without outlier detection round robin keeps trying the dead one (as Envoy does)
+    assert failed >= 1
+    # with it (the DestinationRule's, on the TCP cluster) one refused connect ejects it
+    dest = await tcp.cache.get(SERVICE)
+    detection = OutlierDetection(consecutive_5xx_errors=1, max_ejection_percent=100)
+    assert tcp.cache.apply_route(
+        RouteTable(
+            namespace=SERVICE.namespace,
+            service=SERVICE.name,
+            host=SERVICE.fqdn,
+            revision=(dest.table.revision if dest.table else 0) + 1000,
+            traffic_policy=TrafficPolicy(outlier_detection=detection),
+        )
+    )
+    assert await spread(tcp.port, 10) == Counter({"redis-a": 10})
+    assert tcp.client_metric("meshwork_proxy_tcp_upstream_connect_failures_total") <= failed + 1
 
 
 async def test_client_closed_when_no_endpoint_accepts(tcp: TcpMesh) -> None:

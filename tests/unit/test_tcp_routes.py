@@ -13,11 +13,10 @@ import pytest
 
 from mesh.compiled import Destination, GatewayServer, L4Match, L4Route, WeightedDestination
 from mesh.hosts import ServiceRef
-from mesh.messages import Endpoint, EndpointSet
 from mesh.resources import Resource, ResourceError, load_yaml, parse_resource
 from meshctl.analysis import analyze, build_context
 from proxy.routing import ConnectionAttrs, NoDestinationError, select_l4_route
-from proxy.tcp import TcpBalancers, TcpTarget, client_hello_sni, route_target, tcp_target
+from proxy.tcp import TcpTarget, client_hello_sni, route_target, tcp_target
 from services.config.compile import compile_gateway_config, compile_route_table, services_named
 from tests.unit.test_analysis import BOOKINFO, DR_REVIEWS
 from tests.unit.test_analysis import _resources as analysis_resources
@@ -263,29 +262,6 @@ def test_a_destination_outside_the_mesh_is_no_route() -> None:
     outside = L4Route(route=(WeightedDestination(Destination("db.example.com"), weight=100),))
     with pytest.raises(NoDestinationError, match=r"db\.example\.com is not a mesh service"):
         tcp_target([outside], TCP_ECHO, ConnectionAttrs(9000), 0.1)
-
-
-def test_balancer_per_subset_only_picks_that_subsets_endpoints() -> None:
-    def ep(name: str, version: str) -> Endpoint:
-        return Endpoint(
-            instance=name, address=f"{name}:1", version=version, tcp_listeners={"9000": "h:1"}
-        )
-
-    eps = EndpointSet(
-        namespace="default",
-        service="tcp-echo",
-        revision=1,
-        endpoints=[ep("one", "v1"), ep("two", "v2"), ep("uno", "v1")],
-    )
-    balancers = TcpBalancers(random.Random(1))
-    picked = {
-        e.instance
-        for _ in range(6)
-        if (e := balancers.choose(TCP_ECHO, eps, 9000, frozenset(), 0.0, "v1", {"version": "v1"}))
-    }
-    assert picked == {"one", "uno"}
-    v2 = balancers.choose(TCP_ECHO, eps, 9000, frozenset(), 0.0, "v2", {"version": "v2"})
-    assert v2 is not None and v2.instance == "two"
 
 
 # ---------------------------------------------------------------- gateway servers

@@ -1,16 +1,13 @@
-"""The TCP relay's pure core (proxy.tcp): `--tcp-upstream` parsing and endpoint choice."""
+"""The TCP relay's pure core (proxy.tcp): `--tcp-upstream` parsing and endpoint
+addresses (endpoint choice is the cluster's: tests/unit/test_tcp_cluster.py)."""
 
 from __future__ import annotations
-
-import random
-from collections import Counter
 
 import pytest
 
 from mesh.hosts import ServiceRef
-from mesh.messages import Endpoint, EndpointSet
+from mesh.messages import Endpoint
 from proxy.tcp import (
-    TcpBalancers,
     TcpUpstream,
     listener_address,
     parse_tcp_upstream,
@@ -148,87 +145,3 @@ def test_relay_address_of_undeclared_port() -> None:
 def test_listener_address_brackets_ipv6() -> None:
     assert listener_address("127.0.0.1", 5) == "127.0.0.1:5"
     assert listener_address("::1", 5) == "[::1]:5"
-
-
-# ---------------------------------------------------------------- balancers
-
-REF = ServiceRef("default", "redis")
-
-
-def endpoint_set(revision: int, *eps: Endpoint) -> EndpointSet:
-    return EndpointSet(namespace="default", service="redis", revision=revision, endpoints=list(eps))
-
-
-def choices(
-    balancers: TcpBalancers, eps: EndpointSet | None, n: int, now: float = 0.0
-) -> list[str]:
-    out = []
-    for _ in range(n):
-        ep = balancers.choose(REF, eps, 6379, frozenset(), now)
-        out.append(ep.instance if ep else "-")
-    return out
-
-
-def test_round_robin_over_endpoints_declaring_the_port() -> None:
-    eps = endpoint_set(
-        1, endpoint("a", p6379="h:1"), endpoint("b", p6379="h:2"), endpoint("c", p5432="h:3")
-    )
-    assert Counter(choices(TcpBalancers(random.Random(3)), eps, 10)) == Counter({"a": 5, "b": 5})
-
-
-def test_balancer_kept_for_the_same_set_and_rebuilt_for_a_new_one() -> None:
-    balancers = TcpBalancers(random.Random(3))
-    first = endpoint_set(1, endpoint("a", p6379="h:1"), endpoint("b", p6379="h:2"))
-    balancer = balancers.balancer(REF, first, 6379)
-    assert balancers.balancer(REF, first, 6379) is balancer
-    # per port: the same set gives another balancer for another port
-    assert list(balancers.balancer(REF, first, 5432).endpoints) == []
-    # the cache swapped in a new set: b is gone
-    second = endpoint_set(2, endpoint("a", p6379="h:1"))
-    assert balancers.balancer(REF, second, 6379) is not balancer
-    assert choices(balancers, second, 3) == ["a", "a", "a"]
-
-
-def test_no_endpoints_chooses_none() -> None:
-    balancers = TcpBalancers(random.Random(3))
-    assert choices(balancers, None, 1) == ["-"]
-    assert choices(balancers, endpoint_set(1), 1) == ["-"]
-
-
-def test_tried_endpoints_are_not_chosen_again() -> None:
-    eps = endpoint_set(1, endpoint("a", p6379="h:1"), endpoint("b", p6379="h:2"))
-    balancers = TcpBalancers(random.Random(3))
-    first = balancers.choose(REF, eps, 6379, frozenset(), 0.0)
-    assert first is not None
-    second = balancers.choose(REF, eps, 6379, frozenset({first.instance}), 0.0)
-    assert second is not None and second.instance != first.instance
-    # everything tried: give up rather than connect to a refusing endpoint again
-    assert balancers.choose(REF, eps, 6379, frozenset({"a", "b"}), 0.0) is None
-
-
-def test_failed_endpoint_avoided_while_others_remain_then_retried() -> None:
-    eps = endpoint_set(
-        1, endpoint("a", p6379="h:1"), endpoint("b", p6379="h:2"), endpoint("c", p6379="h:3")
-    )
-    balancers = TcpBalancers(random.Random(3), avoid_s=10.0)
-    balancers.failed(REF, 6379, "b", now=100.0)
-    assert set(choices(balancers, eps, 6, now=105.0)) == {"a", "c"}
-    # only for this port
-    assert balancers.choose(REF, eps, 5432, frozenset(), 105.0) is None
-    # the avoided one is still better than nothing
-    last_resort = balancers.choose(REF, eps, 6379, frozenset({"a", "c"}), 105.0)
-    assert last_resort is not None and last_resort.instance == "b"
-    # the avoidance expires...
-    assert set(choices(balancers, eps, 6, now=110.0)) == {"a", "b", "c"}
-    # ...and a successful connect ends it early
-    balancers.failed(REF, 6379, "c", now=200.0)
-    balancers.connected(REF, 6379, "c")
-    assert set(choices(balancers, eps, 6, now=201.0)) == {"a", "b", "c"}
-
-
-def test_all_failed_recently_still_tries_them() -> None:
-    eps = endpoint_set(1, endpoint("a", p6379="h:1"), endpoint("b", p6379="h:2"))
-    balancers = TcpBalancers(random.Random(3))
-    balancers.failed(REF, 6379, "a", now=0.0)
-    balancers.failed(REF, 6379, "b", now=0.0)
-    assert set(choices(balancers, eps, 4, now=1.0)) == {"a", "b"}
