@@ -1,6 +1,7 @@
 """The admin listener: `/ready`, `/stats/prometheus`, `/config_dump`, `/clusters`, `/certs`.
 
-`/clusters` lists, per destination and subset (one Envoy cluster each), the endpoints
+`/clusters` lists, per destination and subset (one Envoy cluster each; and per TCP
+port its relays used, `tcp_port`), the endpoints
 in rotation with, when the DestinationRule sets `outlierDetection`, each one's
 ejection state (`outlier`: ejected, until when, how often), and the cluster's circuit
 breaker thresholds, counts and overflows, retry budget and retry/timeout counters.
@@ -107,9 +108,18 @@ class AdminServer:
         now = time.monotonic()
         for ref, dest in sorted(cache.destinations.items()):
             eps = dest.endpoints.endpoints if dest.endpoints else []
-            subsets = [""] + [s.name for s in (dest.table.subsets if dest.table else ())]
-            for subset in subsets:
-                cluster = dest.cluster(subset, cache.rand)
+            subsets: list[tuple[str, int]] = [("", 0)] + [
+                (s.name, 0) for s in (dest.table.subsets if dest.table else ())
+            ]
+            # the TCP clusters relays have used (`<subset>|tcp:<port>`)
+            for key in sorted(k for k in dest.clusters if "|tcp:" in k):
+                name, _sep, port_text = key.partition("|tcp:")
+                subsets.append((name, int(port_text)))
+            for subset, tcp_port in subsets:
+                if tcp_port:
+                    cluster = dest.tcp_cluster(subset, cache.rand, tcp_port)
+                else:
+                    cluster = dest.cluster(subset, cache.rand)
                 balancer = cluster.balancer if cluster is not None else None
                 members = (
                     {e.instance for e in balancer.endpoints} if balancer is not None else set()
@@ -121,6 +131,8 @@ class AdminServer:
                     {
                         "destination": str(ref),
                         "subset": subset,
+                        # a TCP relay's cluster: the port its relays connect to
+                        **({"tcp_port": tcp_port} if tcp_port else {}),
                         "load_balancer": type(balancer).__name__ if balancer else None,
                         **state,
                         "endpoints": [

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -21,7 +22,13 @@ import pytest
 import pytest_asyncio
 
 from mesh.servers import free_port
-from tests.scenarios.helpers import Scenario, TcpEcho, known_difference, tcp_exchange
+from tests.scenarios.helpers import (
+    Scenario,
+    TcpEcho,
+    known_difference,
+    metric_sum,
+    tcp_exchange,
+)
 from tests.support import applied, eventually
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -125,11 +132,31 @@ async def test_max_connections(env: Env, request: pytest.FixtureRequest) -> None
     finally:
         writer.close()
 
+    refused = 1  # the second; and any third closed before the first's slot is free
+
     async def accepted_again() -> bool:
+        nonlocal refused
         reply = await tcp_exchange(env.local, b"third")
-        return reply is not None and reply.startswith(b"third|")
+        if reply is not None and reply.startswith(b"third|"):
+            return True
+        refused += 1
+        return False
 
     await eventually(accepted_again, timeout=5, interval=0.1)
+
+    # the refused one is counted, flag UO, as other TCP failures are
+    async def counted() -> bool:
+        text = await env.s.admin(env.client, "/stats/prometheus")
+        labels = {"reporter": "source", "response_flags": "UO"}
+        return metric_sum(text, "istio_tcp_connections_closed_total", labels) == refused
+
+    await eventually(counted, timeout=10, interval=0.2)
+    if env.s.dataplane == "python":  # our /clusters lists the relay's TCP cluster
+        listed = json.loads(await env.s.admin(env.client, "/clusters"))["clusters"]
+        (tcp,) = [c for c in listed if c.get("tcp_port") == env.port]
+        assert tcp["destination"] == "default/tcp-pool"
+        assert tcp["circuit_breakers"]["max_connections"]["limit"] == 1
+        assert tcp["circuit_breakers"]["max_connections"]["overflows"] == refused
 
 
 async def test_outlier_detection_ejects_an_endpoint_whose_connects_fail(
