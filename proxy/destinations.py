@@ -117,7 +117,7 @@ class Destination:
     def tcp_cluster(self, subset_name: str, rand: random.Random, port: int) -> Cluster | None:
         """The cluster a TCP relay to `port` of a subset ("" = whole service) sends to,
         up to date; None when the subset is unknown (Envoy's `outbound|<port>|<subset>|
-        <fqdn>` TCP cluster, architecture §5.1 "TCP routing").
+        <fqdn>` TCP cluster, architecture §5.1 "The upstream path").
 
         Its endpoints are the subset's instances with a TCP listener for `port`
         (`tcp_endpoints`), its policy the subset's for that port (`portLevelSettings`
