@@ -25,18 +25,12 @@ from mesh.servers import free_port
 from tests.scenarios.helpers import (
     Scenario,
     TcpEcho,
-    known_difference,
     metric_sum,
     tcp_exchange,
 )
 from tests.support import applied, eventually
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
-
-ENVOY_GAP = (
-    "Envoy's TCP clusters are translated without the DestinationRule "
-    "(proxy/envoy/translate/tcp.py _cluster: TrafficPolicy()), architecture §5.3"
-)
 
 
 class HostEcho(TcpEcho):
@@ -122,8 +116,7 @@ async def env(scenario: Scenario) -> Any:
         b_app.close()
 
 
-async def test_consistent_hash_on_source_ip(env: Env, request: pytest.FixtureRequest) -> None:
-    known_difference(request, env.s.dataplane, "envoy", ENVOY_GAP)
+async def test_consistent_hash_on_source_ip(env: Env) -> None:
     await env.apply("{loadBalancer: {consistentHash: {useSourceIp: true}}}")
     # every connection comes from 127.0.0.1: one endpoint takes them all
     assert len(await env.served_by(10)) == 1
@@ -131,8 +124,7 @@ async def test_consistent_hash_on_source_ip(env: Env, request: pytest.FixtureReq
     assert set(await env.served_by(4)) == {"a", "b"}
 
 
-async def test_max_connections(env: Env, request: pytest.FixtureRequest) -> None:
-    known_difference(request, env.s.dataplane, "envoy", ENVOY_GAP)
+async def test_max_connections(env: Env) -> None:
     await env.apply("{connectionPool: {tcp: {maxConnections: 1}}}")
     reader, writer = await asyncio.open_connection("127.0.0.1", env.local)
     try:
@@ -171,10 +163,7 @@ async def test_max_connections(env: Env, request: pytest.FixtureRequest) -> None
         assert tcp["circuit_breakers"]["max_connections"]["overflows"] == refused
 
 
-async def test_outlier_detection_ejects_an_endpoint_whose_connects_fail(
-    env: Env, request: pytest.FixtureRequest
-) -> None:
-    known_difference(request, env.s.dataplane, "envoy", ENVOY_GAP)
+async def test_outlier_detection_ejects_an_endpoint_whose_connects_fail(env: Env) -> None:
     await env.apply(
         "{outlierDetection: {consecutive5xxErrors: 1, interval: 60s, "
         "baseEjectionTime: 120s, maxEjectionPercent: 100}}"

@@ -261,3 +261,34 @@ def test_tcp_cluster_to_a_gateway_tls_server_has_no_mtls() -> None:
 
     assert identified(echo_endpoints()) == [True, True]
     assert identified(plain) == [False, False]
+
+
+def test_tcp_cluster_takes_the_destination_rule_for_its_port() -> None:
+    """As the Python relay's TCP cluster (architecture §5.1): the subset's policy for
+    the port; `consistentHash.useSourceIp` is the tcp_proxy's hash on the client."""
+    from mesh.compiled import (
+        ConnectionPool,
+        ConsistentHash,
+        LoadBalancer,
+        OutlierDetection,
+        TrafficPolicy,
+    )
+
+    policy = TrafficPolicy(
+        load_balancer=LoadBalancer(consistent_hash=ConsistentHash(use_source_ip=True)),
+        connection_pool=ConnectionPool(max_connections=1, connect_timeout_ms=250),
+        outlier_detection=OutlierDetection(consecutive_5xx_errors=1),
+    )
+    node = sidecar(tcp_upstreams=(TcpUpstream(ECHO, 9000, 19000),))
+    hashed = msgspec.structs.replace(table(), traffic_policy=policy)
+    out = translate(node, MeshView(destinations={FQDN: (hashed, echo_endpoints())}))
+    cluster = to_dict(out.clusters[f"outbound|9000||{FQDN}"])
+    assert cluster["lbPolicy"] == "RING_HASH"
+    assert cluster["circuitBreakers"]["thresholds"][0]["maxConnections"] == 1
+    assert cluster["connectTimeout"] == "0.250s"
+    assert cluster["outlierDetection"]["consecutive5xx"] == 1
+    (chain,) = to_dict(out.listeners[LISTENER])["filterChains"]
+    assert proxy_of(chain)["hashPolicy"] == [{"sourceIp": {}}]
+    # without the hash key: no hash policy on the relay
+    _out, (plain,) = chains()
+    assert "hashPolicy" not in proxy_of(plain)

@@ -139,6 +139,7 @@ def tcp_chains(node: ProxyNode, view: MeshView, out: XdsResources) -> list[Json]
                             cluster,
                             "outbound_tcp",
                             node.access_log_cluster,
+                            hash_source_ip=tcp.hashes_source_ip(view, fqdn, "", port),
                         )
                     ],
                 }

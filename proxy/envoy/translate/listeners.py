@@ -206,10 +206,15 @@ def tcp_proxy(
     log_cluster: str,
     *,
     weighted: Sequence[tuple[str, int]] = (),
+    hash_source_ip: bool = False,
 ) -> Json:
     """To `cluster`, or with `weighted` (cluster, weight) pairs to one of them per
-    connection (`weighted_clusters`, VirtualService `tcp` weights)."""
+    connection (`weighted_clusters`, VirtualService `tcp` weights). `hash_source_ip`:
+    the cluster's consistent hash keys on the client's address (a DestinationRule's
+    `consistentHash.useSourceIp`, the only key a TCP connection has, as in Istio)."""
     body: Json = {"statPrefix": stat_prefix}
+    if hash_source_ip:
+        body["hashPolicy"] = [{"sourceIp": {}}]
     if weighted:
         body["weightedClusters"] = {"clusters": [{"name": n, "weight": w} for n, w in weighted]}
     else:

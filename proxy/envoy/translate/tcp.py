@@ -29,7 +29,7 @@ from mesh.compiled import L4Match, L4Route, RouteTable, TrafficPolicy
 from mesh.hosts import host_matches, service_of_host
 from mesh.messages import Endpoint
 from proxy.envoy.resources import XdsResources
-from proxy.routing import subset_endpoints
+from proxy.routing import resolve_subset, subset_endpoints
 from proxy.routing.match import _at_gateway
 
 from . import clusters, egress, listeners, rbac
@@ -44,6 +44,13 @@ def add_tcp_cluster(view: MeshView, fqdn: str, port: int, out: XdsResources) -> 
     """`outbound|<port>||<fqdn>`: the TCP listeners the service's instances registered
     for `port` (the capture listener's chains for a virtual IP); returns its name."""
     return _cluster(view, out, fqdn, "", port)
+
+
+def hashes_source_ip(view: MeshView, fqdn: str, subset: str, port: int) -> bool:
+    """Whether relays to this TCP cluster hash on the client's address."""
+    policy = _policy(view.destinations.get(fqdn, (None, None))[0], subset, port)
+    hashing = policy.load_balancer.consistent_hash if policy is not None else None
+    return hashing is not None and hashing.use_source_ip
 
 
 def add_outbound_tcp(node: ProxyNode, view: MeshView, out: XdsResources) -> None:
@@ -87,7 +94,11 @@ def add_outbound_tcp(node: ProxyNode, view: MeshView, out: XdsResources) -> None
                 {
                     "filters": [
                         listeners.tcp_proxy(
-                            listener, cluster, "outbound_tcp", node.access_log_cluster
+                            listener,
+                            cluster,
+                            "outbound_tcp",
+                            node.access_log_cluster,
+                            hash_source_ip=hashes_source_ip(view, fqdn, "", port),
                         )
                     ]
                 }
@@ -288,6 +299,7 @@ def _tcp_proxy(
     port: int,
 ) -> Json:
     targets: list[tuple[str, int]] = []
+    hash_source_ip = False
     for weighted in route.route:
         d = weighted.destination
         if weighted.weight > 0 or len(route.route) == 1:
@@ -300,6 +312,8 @@ def _tcp_proxy(
                     "not a mesh service or a ServiceEntry host declaring that port",
                 )
             targets.append((name, weighted.weight))
+            if service_of_host(d.host) is not None:
+                hash_source_ip |= hashes_source_ip(view, d.host, d.subset, d.port or port)
     if not targets:
         raise TranslationError(route.origin, "tcp[].route[].weight", 0, "no positive weight")
     return listeners.tcp_proxy(
@@ -308,6 +322,7 @@ def _tcp_proxy(
         "outbound_tcp",
         node.access_log_cluster,
         weighted=targets if len(targets) > 1 else (),
+        hash_source_ip=hash_source_ip,
     )
 
 
@@ -354,15 +369,25 @@ def _cluster(view: MeshView, out: XdsResources, fqdn: str, subset: str, port: in
     if subset:
         labels = _subset_labels(table, subset)
         eps = subset_endpoints(eps, labels) if labels is not None else []
+    policy = _policy(table, subset, port)
     # a gateway's TCP / TLS server takes the bytes as sent: no mTLS to it
     eps = [
         msgspec.structs.replace(ep, identity="") if port in ep.plain_tcp_ports else ep for ep in eps
     ]
     lb = clusters.lb_endpoints(eps, functools.partial(_relay, key), f"ClusterLoadAssignment {name}")
-    # the Python relay balances round robin and applies no DestinationRule policy
-    out.clusters[name] = clusters.eds_cluster(name, TrafficPolicy(), lb, http=False)
+    # the subset's policy for the port, as the Python relay's TCP cluster (§5.1)
+    out.clusters[name] = clusters.eds_cluster(name, policy or TrafficPolicy(), lb, http=False)
     out.endpoints[name] = clusters.load_assignment(name, lb)
     return name
+
+
+def _policy(table: RouteTable | None, subset: str, port: int) -> TrafficPolicy | None:
+    """The DestinationRule policy of a TCP cluster: the subset's (merged), for the port
+    (`portLevelSettings`); None for an unknown subset."""
+    if table is None:
+        return None if subset else TrafficPolicy()
+    resolved = resolve_subset(table, subset)
+    return resolved.traffic_policy.for_port(port) if resolved is not None else None
 
 
 def _subset_labels(table: RouteTable | None, subset: str) -> dict[str, str] | None:
