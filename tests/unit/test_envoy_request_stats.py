@@ -417,8 +417,9 @@ def test_bootstrap_gives_istio_buckets_only_in_stats_mode(tmp_path: Path) -> Non
 
 
 def test_setting_rejects_an_unknown_mode(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert SidecarSettings(service="a").envoy_telemetry == "access-log"
-    monkeypatch.setenv("MESH_ENVOY_TELEMETRY", "stats")
+    monkeypatch.delenv("MESH_ENVOY_TELEMETRY", raising=False)
     assert SidecarSettings(service="a").envoy_telemetry == "stats"
+    monkeypatch.setenv("MESH_ENVOY_TELEMETRY", "access-log")
+    assert SidecarSettings(service="a").envoy_telemetry == "access-log"
     with pytest.raises(ValueError, match="envoy_telemetry must be one of access-log, stats"):
         SidecarSettings(service="a", envoy_telemetry="statsd")
