@@ -6,13 +6,17 @@ module, syscalls) is charged to the Python frame that called it: `Runner.run` se
 time is the event loop's own work.
 
     python -m bench.profile [--seconds 10] [--native] [--dataplane envoy]
+        [--envoy-telemetry access-log|stats] [--rate R]
 
 Writes, per sidecar (`client`, `app`): bench/results/profile-<side>.txt, py-spy's
 collapsed stacks (open it in https://www.speedscope.app or feed it to flamegraph.pl),
 and bench/results/profile.json with the top functions. `--dataplane envoy` profiles
 the two agents of a Meshwork-on-Envoy pair instead (`bench.mesh_envoy`; Envoy carries
 the traffic, the agents serve xDS and take its access logs and spans):
-profile-envoy-agent-<side>.txt and profile_envoy_agents.json.
+profile-envoy-agent-<side>.txt and profile_envoy_agents.json. `--envoy-telemetry`
+picks the agents' telemetry mode (docs/architecture.md §7; default: the agents'
+default), `--rate R` drives the pair at R requests/s (hey) instead of flat out, where
+an agent's fixed per-second work shows (stats mode).
 """
 
 from __future__ import annotations
@@ -84,6 +88,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     ap.add_argument("--connections", type=int, default=16)
     ap.add_argument("--native", action="store_true", help="C frames too (uvloop, ssl)")
     ap.add_argument("--dataplane", choices=("python", "envoy"), default="python")
+    ap.add_argument("--envoy-telemetry", choices=("access-log", "stats"), default=None)
+    ap.add_argument("--rate", type=float, default=0, help="requests/s; 0 = flat out (wrk)")
     args = ap.parse_args(argv)
     py_spy = find_py_spy()
     if py_spy is None:
@@ -98,7 +104,10 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         kind, app_port, upstream = start_upstream(cluster.work, core=0 if pinning else None)
         cluster.procs.append(upstream)
         if args.dataplane == "envoy":
-            on_envoy = mesh_envoy.start_pair(cluster, app_port, service="app", client="client")
+            extra = ("--envoy-telemetry", args.envoy_telemetry) if args.envoy_telemetry else ()
+            on_envoy = mesh_envoy.start_pair(
+                cluster, app_port, service="app", client="client", extra=extra
+            )
             envoys = on_envoy.envoy_pids
             url, host = f"http://127.0.0.1:{on_envoy.outbound}/", on_envoy.host
             profiled, pinned = on_envoy.agent_pids, on_envoy.pids
@@ -123,26 +132,40 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
                 subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE),
             )
         before = cpu_seconds(profiled), cpu_seconds(envoys)
-        row = load.max_throughput(
-            url, seconds=args.seconds + 1, connections=args.connections, host=host
-        )
+        if args.rate:
+            row = load.fixed_rate(
+                url,
+                seconds=args.seconds + 1,
+                connections=args.connections,
+                rate=args.rate,
+                host=host,
+            )
+        else:
+            row = load.max_throughput(
+                url, seconds=args.seconds + 1, connections=args.connections, host=host
+            )
         result: dict[str, object] = {"upstream": kind, "loadgen": load.names, "rps": row["rps"]}
         result["dataplane"] = args.dataplane
+        result["rate"] = args.rate or "flat out"
+        if args.envoy_telemetry:
+            result["envoy_telemetry"] = args.envoy_telemetry
         if envoys:
             agents, envoy = cpu_seconds(profiled) - before[0], cpu_seconds(envoys) - before[1]
             result["agent_cpu_s"], result["envoy_cpu_s"] = round(agents, 2), round(envoy, 2)
+            result["agent_cpu_pct_of_envoy"] = round(100 * agents / envoy, 1) if envoy else None
         for side, (out, proc) in spies.items():
             _, err = proc.communicate(timeout=args.seconds + 60)
             if proc.returncode != 0 or not out.exists():
                 raise SystemExit(f"py-spy failed on the {side} sidecar: {err.decode()[-500:]}")
             result[side] = top_functions(out.read_text())
         write_result(name, result)
+        driven = f"{args.rate:g} req/s" if args.rate else "wrk flat out"
         for side in ("client", "app"):
             top: dict[str, list[tuple[str, float]]] = result[side]  # type: ignore[assignment]
             rows = [(f"self  {f}", f"{pct}%") for f, pct in top["self"][:12]]
             rows += [(f"total {f}", f"{pct}%") for f, pct in top["total"][:12]]
             print_rows(
-                f"py-spy, {side} {'agent' if envoys else 'sidecar'}, wrk flat out "
+                f"py-spy, {side} {'agent' if envoys else 'sidecar'}, {driven} "
                 f"({row['rps']:.0f} req/s); stacks in bench/results/{prefix}{side}.txt",
                 rows,
             )

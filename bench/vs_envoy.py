@@ -6,10 +6,12 @@
 - envoy: client -> client Envoy -> mTLS -> server Envoy -> app (`bench.envoy`);
 - mesh_envoy, "Meshwork on Envoy": client -> Envoy -> mTLS -> Envoy -> app, each Envoy
   started and configured over xDS by a sidecar agent run with `--dataplane envoy`
-  (`bench.mesh_envoy`), against the static Envoy pair;
-- mesh_envoy_stats (`--mesh-envoy-stats`): Meshwork on Envoy again, its agents run
-  with `--envoy-telemetry stats` (Envoy counts the requests, the agents read its
-  counters each second; docs/architecture.md §7), measured in the same rotation;
+  (`bench.mesh_envoy`), against the static Envoy pair (its agents in the default
+  `--envoy-telemetry stats`: Envoy counts the requests, the agents read its counters
+  each second; docs/architecture.md §7);
+- mesh_envoy_access_log (`--mesh-envoy-access-log`): Meshwork on Envoy again, its
+  agents run with `--envoy-telemetry access-log` (every request streamed to them over
+  Envoy's gRPC access log), measured in the same rotation;
 - gRPC (unary and server streaming) through direct, ours, the static Envoy pair set up
   for HTTP/2 and Meshwork on Envoy (`bench.vs_envoy_grpc`).
 
@@ -35,7 +37,7 @@ say so).
 
     python -m bench.vs_envoy [--seconds 5] [--repeats 3] [--rate 1000] [--connections 4,16]
         [--grpc-seconds S] [--grpc-concurrency 16] [--stream-concurrency 4] [--no-grpc]
-        [--no-mesh-envoy] [--mesh-envoy-stats]
+        [--no-mesh-envoy] [--mesh-envoy-access-log]
 
 Goals for Meshwork on Envoy (issue 14), checked in `goals_mesh_envoy`: requests/s per
 core >= 0.95x the static pair's, added p99 <= 1.05x, memory <= 1.3x, agent CPU < 3 %.
@@ -228,7 +230,7 @@ def table(r: dict[str, Any], conns: list[int]) -> list[tuple[str, str]]:
     rows: list[tuple[str, str]] = []
     names = [
         n
-        for n in ("direct", "ours", "envoy", "mesh_envoy", "mesh_envoy_stats")
+        for n in ("direct", "ours", "envoy", "mesh_envoy", "mesh_envoy_access_log")
         if isinstance(r.get(n), dict) and "max" in r[n]
     ]
     for c in conns:
@@ -257,7 +259,8 @@ def table(r: dict[str, Any], conns: list[int]) -> list[tuple[str, str]]:
         rows.append((f"max req/s, {n}", f"{m['rps']:.0f}{extra}"))
     for k, v in (r.get("ratios_ours_over_envoy") or {}).items():
         rows.append((f"ratio ours/envoy: {k}", str(v)))
-    for leg, label in (("", "Meshwork on Envoy"), ("_stats", "Meshwork on Envoy, stats mode")):
+    legs = (("", "Meshwork on Envoy"), ("_access_log", "Meshwork on Envoy, access-log mode"))
+    for leg, label in legs:
         for k, g in (r.get(f"goals_mesh_envoy{leg}") or {}).items():
             verdict = "met" if g["met"] else "NOT met" if g["met"] is False else "n/a"
             rows.append((f"{label} / envoy: {k}", f"{g['value']} (goal {g['goal']}: {verdict})"))
@@ -292,9 +295,10 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     ap.add_argument("--no-envoy", action="store_true")
     ap.add_argument("--no-mesh-envoy", action="store_true", help="leave out Meshwork on Envoy")
     ap.add_argument(
-        "--mesh-envoy-stats",
+        "--mesh-envoy-access-log",
         action="store_true",
-        help="also Meshwork on Envoy with --envoy-telemetry stats (Envoy counts requests)",
+        help="also Meshwork on Envoy with --envoy-telemetry access-log (every request "
+        "streamed to the agents; the default is stats, Envoy counts requests)",
     )
     ap.add_argument("--no-grpc", action="store_true", help="leave out the gRPC figures")
     ap.add_argument(
@@ -326,7 +330,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     cluster = Cluster(temp_dir(), ("registry", "config", "telemetry", "ca"))
     envoy: EnvoyPair | None = None
     on_envoy: mesh_envoy.MeshEnvoyPair | None = None
-    on_envoy_stats: mesh_envoy.MeshEnvoyPair | None = None
+    on_envoy_access_log: mesh_envoy.MeshEnvoyPair | None = None
     pair_certs: tuple[CertFiles, CertFiles] | None = None
     try:
         work = cluster.work
@@ -352,19 +356,19 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
                 "mesh_envoy", f"http://127.0.0.1:{on_envoy.outbound}/", on_envoy.host,
                 on_envoy.pids, on_envoy.agent_pids,
             )  # fmt: skip
-        if not mesh_skipped and args.mesh_envoy_stats:
-            on_envoy_stats = mesh_envoy.start_pair(
-                cluster, app_port, service="app-s", client="client-s",
-                extra=("--envoy-telemetry", "stats"),
+        if not mesh_skipped and args.mesh_envoy_access_log:
+            on_envoy_access_log = mesh_envoy.start_pair(
+                cluster, app_port, service="app-a", client="client-a",
+                extra=("--envoy-telemetry", "access-log"),
             )  # fmt: skip
-            paths["mesh_envoy_stats"] = Path(
-                "mesh_envoy_stats", f"http://127.0.0.1:{on_envoy_stats.outbound}/",
-                on_envoy_stats.host, on_envoy_stats.pids, on_envoy_stats.agent_pids,
+            paths["mesh_envoy_access_log"] = Path(
+                "mesh_envoy_access_log", f"http://127.0.0.1:{on_envoy_access_log.outbound}/",
+                on_envoy_access_log.host, on_envoy_access_log.pids, on_envoy_access_log.agent_pids,
             )  # fmt: skip
         if proxy_core is not None:
             for pid in ours.pids:
                 pin(pid, proxy_core)
-            for pair in (on_envoy, on_envoy_stats):
+            for pair in (on_envoy, on_envoy_access_log):
                 if pair is not None:
                     pair.pin(proxy_core)
 
@@ -404,7 +408,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
             "loadgen": load.names,
             "envoy_version": "skipped: " + skipped if skipped else envoy_version(envoy_bin),
             "mesh_envoy_telemetry": not args.mesh_envoy_no_telemetry,
-            "mesh_envoy_stats": args.mesh_envoy_stats,
+            "mesh_envoy_access_log": args.mesh_envoy_access_log,
             **figures,
         }
         if "envoy" in figures:
@@ -415,14 +419,14 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
             result["goals_mesh_envoy"] = mesh_envoy_goals(figures, r, conns)  # type: ignore[arg-type]
         else:
             result["mesh_envoy"] = {"skipped": mesh_skipped}
-        if "mesh_envoy_stats" in figures and "envoy" in figures:
-            r = ratios(figures, conns, "mesh_envoy_stats")  # type: ignore[arg-type]
-            result["ratios_mesh_envoy_stats_over_envoy"] = r
-            result["goals_mesh_envoy_stats"] = mesh_envoy_goals(
+        if "mesh_envoy_access_log" in figures and "envoy" in figures:
+            r = ratios(figures, conns, "mesh_envoy_access_log")  # type: ignore[arg-type]
+            result["ratios_mesh_envoy_access_log_over_envoy"] = r
+            result["goals_mesh_envoy_access_log"] = mesh_envoy_goals(
                 figures,  # type: ignore[arg-type]
                 r,
                 conns,
-                "mesh_envoy_stats",
+                "mesh_envoy_access_log",
             )
         if not args.no_grpc:
             result["grpc"] = vs_envoy_grpc.run(
@@ -443,7 +447,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         if envoy is not None:
             envoy.stop()
         cluster.stop()
-        for pair in (on_envoy, on_envoy_stats):
+        for pair in (on_envoy, on_envoy_access_log):
             if pair is not None:
                 pair.stop_envoys()
 

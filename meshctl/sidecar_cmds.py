@@ -120,12 +120,12 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--envoy-telemetry",
         choices=ENVOY_TELEMETRY_MODES,
-        default=os.environ.get("MESH_ENVOY_TELEMETRY", "access-log"),
-        help="with --dataplane envoy: how request metrics are counted: access-log (the "
-        "default, or MESH_ENVOY_TELEMETRY) sends every request to this process over "
-        "Envoy's gRPC access log; stats has Envoy count them (this process reads its "
-        "counters each second, far less CPU) and log only 4xx/5xx, flagged and 1%% of "
-        "the other requests as access records",
+        default=os.environ.get("MESH_ENVOY_TELEMETRY", "stats"),
+        help="with --dataplane envoy: how request metrics are counted: stats (the "
+        "default, or MESH_ENVOY_TELEMETRY) has Envoy count them (this process reads its "
+        "counters each second) and logs only 4xx/5xx, flagged and 1%% of the other "
+        "requests as access records; access-log sends every request to this process "
+        "over Envoy's gRPC access log (an access record for each, several times the CPU)",
     )
     p.add_argument(
         "--jwks-ca-file",

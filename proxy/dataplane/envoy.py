@@ -172,6 +172,11 @@ class EnvoyDataPlane:
         self._als: AccessLogServer | None = None
         # stats mode: what turns Envoy's request counters into the recorder's series
         self._stats: StatsIngest | None = None
+        # set once Envoy listens: the publisher's `collect` reads the counters
+        self._stats_reading = False
+        # one read at a time: a read's counters must not reach the deltas after a
+        # later read's (a counter that went down reads as an Envoy restart)
+        self._stats_lock = asyncio.Lock()
         self._traces: TraceServer | None = None
         self._publisher: asyncio.Task[None] | None = None
         # the view the last push was translated from: the endpoints Envoy may choose
@@ -281,9 +286,8 @@ class EnvoyDataPlane:
             if left is not None:
                 # an adopted Envoy's counters were reported by the sidecar before
                 await self._read_request_stats(baseline=True)
-            self._tasks.append(
-                asyncio.create_task(self._request_stats_loop(), name="envoy:request-stats")
-            )
+            # from now on the publisher reads them before each flush
+            self._stats_reading = True
         listeners = {"envoy-admin": ports.admin}
         if s.gateway:
             listeners["gateway"] = ports.gateway
@@ -337,6 +341,7 @@ class EnvoyDataPlane:
         `drain()`, or stopping after a failed start) has sent every buffered entry once
         none arrived for `LOGS_QUIET_S`; then Envoy stops, then the access-log service
         (finishing what it received), then the publisher's final flush."""
+        self._stats_reading = False  # the reads below are the last ones
         tasks = [*self._tasks, *([self._vhds_task] if self._vhds_task else [])]
         for task in tasks:
             task.cancel()
@@ -665,7 +670,12 @@ class EnvoyDataPlane:
                 await server.start()
             except PrivateSocketError as e:
                 raise errors.Unavailable(f"the {server.what} did not start: {e}") from None
-        publisher = TelemetryPublisher(telemetry.recorder, ctx.bus)
+        publisher = TelemetryPublisher(
+            telemetry.recorder,
+            ctx.bus,
+            interval=STATS_READ_S,
+            collect=self._collect_request_stats if stats_mode else None,
+        )
         self._publisher = asyncio.create_task(publisher.run(), name="envoy:telemetry")
 
     def _endpoints_of(self, fqdn: str) -> EndpointSet | None:
@@ -851,14 +861,20 @@ class EnvoyDataPlane:
         ]
         raise errors.Unavailable("; ".join(said))
 
-    async def _request_stats_loop(self) -> None:
-        while True:
-            await asyncio.sleep(STATS_READ_S)
+    async def _collect_request_stats(self) -> None:
+        """The publisher's `collect`: a read of Envoy's request counters just before
+        each flush, once Envoy listens and until the sidecar stops."""
+        if self._stats_reading:
             await self._read_request_stats()
 
     async def _read_request_stats(self, *, baseline: bool = False) -> None:
         """One read of Envoy's request counters into the recorder (`StatsIngest`); with
         `baseline`, only remembered (what an adopted Envoy counted was reported)."""
+        assert self._stats is not None
+        async with self._stats_lock:
+            await self._read_request_stats_locked(baseline)
+
+    async def _read_request_stats_locked(self, baseline: bool) -> None:
         assert self._stats is not None
         try:
             text = await self._admin("GET", ADMIN_STATS_PATH)

@@ -300,6 +300,7 @@ def _one_spiffe_id(sans: str) -> str:
 @dataclass
 class StatsCounts:
     reads: int = 0
+    unchanged: int = 0  # reads whose text was the previous read's (not parsed)
     series: int = 0  # series deltas added to the recorder
     failed: int = 0  # series that could not be named (an unknown listener)
 
@@ -312,11 +313,18 @@ class StatsIngest:
         self.recorder = recorder
         self.deltas = RequestStatsDeltas()
         self.counts = StatsCounts()
+        self._last_text = ""
 
     def on_stats(self, text: str) -> list[SeriesDelta]:
-        """Add what changed since the previous read; returns it (for tests and logs)."""
-        deltas = self.deltas.update(parse_request_stats(text))
+        """Add what changed since the previous read; returns it (for tests and logs).
+        A text equal to the previous read's (an idle sidecar's every second) adds
+        nothing and is not parsed again."""
         self.counts.reads += 1
+        if text == self._last_text:
+            self.counts.unchanged += 1
+            return []
+        deltas = self.deltas.update(parse_request_stats(text))
+        self._last_text = text
         for d in deltas:
             # named again each time (the converter memoises): an endpoint registered
             # since the last read names the destination from now on

@@ -59,7 +59,7 @@ def test_envoy_on_demand_is_the_default_and_can_be_turned_off(
     assert build_parser().parse_args([*base, "--envoy-on-demand"]).envoy_on_demand is True
 
 
-def test_envoy_telemetry_defaults_to_the_access_log_and_takes_stats(
+def test_envoy_telemetry_defaults_to_stats_and_takes_the_access_log(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from meshctl.main import build_parser
@@ -70,12 +70,11 @@ def test_envoy_telemetry_defaults_to_the_access_log_and_takes_stats(
         ["gateway", "--port", "8080"],
     ):
         base = [*command, "--dataplane", "envoy"]
-        assert build_parser().parse_args(base).envoy_telemetry == "access-log"
-        assert build_parser().parse_args([*base, "--envoy-telemetry", "stats"]).envoy_telemetry == (
-            "stats"
-        )
-    monkeypatch.setenv("MESH_ENVOY_TELEMETRY", "stats")
-    assert build_parser().parse_args(["gateway", "--port", "1"]).envoy_telemetry == "stats"
+        assert build_parser().parse_args(base).envoy_telemetry == "stats"
+        chosen = build_parser().parse_args([*base, "--envoy-telemetry", "access-log"])
+        assert chosen.envoy_telemetry == "access-log"
+    monkeypatch.setenv("MESH_ENVOY_TELEMETRY", "access-log")
+    assert build_parser().parse_args(["gateway", "--port", "1"]).envoy_telemetry == "access-log"
     with pytest.raises(SystemExit):
         build_parser().parse_args(["gateway", "--port", "1", "--envoy-telemetry", "statsd"])
     assert "invalid choice: 'statsd'" in capsys.readouterr().err

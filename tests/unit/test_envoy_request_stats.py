@@ -345,6 +345,20 @@ def test_golden_read_twice_adds_nothing() -> None:
     assert rec.metric_deltas() == []
 
 
+def test_a_read_equal_to_the_previous_one_is_not_parsed_again() -> None:
+    """An idle sidecar's Envoy answers the same text every second: nothing to add,
+    and the agent does not parse it (docs/architecture.md §7)."""
+    rec = recorder()
+    ingest = StatsIngest(converter(), rec)
+    assert [d.requests for d in ingest.on_stats(_text(5))] == [5]
+    assert ingest.on_stats(_text(5)) == []
+    assert (ingest.counts.reads, ingest.counts.unchanged) == (2, 1)
+    assert [d.requests for d in ingest.on_stats(_text(8))] == [3]
+    assert (ingest.counts.reads, ingest.counts.unchanged) == (3, 1)
+    [series] = [s for s in rec.metric_deltas() if s.name == "istio_requests_total"]
+    assert series.value == 8
+
+
 def test_rebucket_other_bounds_takes_the_count_below_each_bound() -> None:
     h = Histogram(bounds=[1.0, 3.0, 100.0, float("inf")], cumulative=[2, 5, 7, 8], sum=0.0)
     # bounds 2 and 50: at 2 the count at 1 (2), at 50 the count at 3 (5); then the rest
@@ -403,8 +417,9 @@ def test_bootstrap_gives_istio_buckets_only_in_stats_mode(tmp_path: Path) -> Non
 
 
 def test_setting_rejects_an_unknown_mode(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert SidecarSettings(service="a").envoy_telemetry == "access-log"
-    monkeypatch.setenv("MESH_ENVOY_TELEMETRY", "stats")
+    monkeypatch.delenv("MESH_ENVOY_TELEMETRY", raising=False)
     assert SidecarSettings(service="a").envoy_telemetry == "stats"
+    monkeypatch.setenv("MESH_ENVOY_TELEMETRY", "access-log")
+    assert SidecarSettings(service="a").envoy_telemetry == "access-log"
     with pytest.raises(ValueError, match="envoy_telemetry must be one of access-log, stats"):
         SidecarSettings(service="a", envoy_telemetry="statsd")

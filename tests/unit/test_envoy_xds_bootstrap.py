@@ -66,6 +66,20 @@ def test_access_log_service_gets_its_own_pipe_cluster():
     )
 
 
+def test_the_tracer_exports_on_its_interval_not_every_five_spans():
+    """Envoy's OpenTelemetry tracer exports when a worker holds `min_flush_spans`
+    (Envoy's default 5) or on its timer: the static runtime raises the first, so at a
+    few sampled requests a second the agent takes one export per interval
+    (docs/architecture.md §7), and says nothing of tracing without a receiver."""
+    traced = options(tracing_cluster="otel", tracing_socket=Path("/run/traces.sock"))
+    [static, _admin] = as_message(build_bootstrap(traced)).layered_runtime.layers
+    fields = static.static_layer.fields
+    assert fields["tracing.opentelemetry.flush_interval_ms"].number_value == 1_000
+    assert fields["tracing.opentelemetry.min_flush_spans"].number_value == 256
+    untraced = as_message(build_bootstrap(options())).layered_runtime.layers[0]
+    assert not untraced.static_layer.fields
+
+
 @pytest.mark.parametrize(
     ("overrides", "error"),
     [
@@ -74,6 +88,7 @@ def test_access_log_service_gets_its_own_pipe_cluster():
         ({"admin_port": 0}, "admin_port 0 is not a TCP port"),
         ({"access_log_cluster": "als"}, "go together"),
         ({"max_downstream_connections": 0}, "max_downstream_connections"),
+        ({"tracing_min_flush_spans": 0}, "tracing_min_flush_spans must be positive"),
     ],
 )
 def test_bad_options_are_refused_naming_the_field(overrides: dict, error: str):

@@ -54,7 +54,9 @@ class ProxyNode:
     # when set, HTTP and TCP access logs go to this gRPC cluster (defined by the bootstrap)
     access_log_cluster: str = ""
     # `--envoy-telemetry` (docs/architecture.md §7): `stats` adds Envoy's stats access
-    # logger to every HCM and keeps only sampled or failed requests in the gRPC log
+    # logger to every HCM and keeps only sampled or failed requests in the gRPC log.
+    # The sidecar passes its setting (`stats` unless `access-log` is chosen); this
+    # pure model's own default is the plain gRPC log, the golden cases' base
     telemetry_mode: TelemetryMode = "access-log"
     # when set, every HCM traces with Envoy's OpenTelemetry tracer, exporting to this
     # gRPC cluster (defined by the bootstrap), and starts a trace for this percentage
