@@ -466,15 +466,32 @@ class Bus:
         task = asyncio.create_task(consumer(), name=f"{self.name}:sub:{subject}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        await self.nc.flush()
+        try:
+            await self.nc.flush()
+        except BaseException:
+            # the caller never gets `sub` to unsubscribe: do not leave it behind (a
+            # reconnect would subscribe it again)
+            await self.unsubscribe(sub)
+            raise
         return sub
 
     async def unsubscribe(self, sub: Any) -> None:
-        """Stop one subscription; its running handlers finish."""
+        """Stop one subscription for good, whatever the connection is doing: the client
+        forgets it at once, so no reconnect subscribes it again, and tells the server
+        when connected. Handlers already running finish; messages queued behind them
+        are dropped (a requester retries or times out).
+
+        Not nats-py's `drain()`: that forgets the subscription only after a PING/PONG
+        round trip, and a reconnect drops the PONG it waits for. The drain then fails
+        and the reconnect subscribes again what was meant to be gone: a config leader
+        deposed while its connection was cut kept a `config.proxystatus` subscription,
+        and once it led again its two subscriptions got no reply through (the server's
+        `allow_responses` refuses both replies to a request one connection received
+        twice) - docs/architecture.md §2.2."""
         if sub in self._subs:
             self._subs.remove(sub)
         with contextlib.suppress(Exception):
-            await sub.drain()
+            await sub.unsubscribe()
 
     async def unsubscribe_all(self) -> None:
         """Stop taking new messages; handlers already running finish."""
