@@ -93,6 +93,7 @@ class Bus:
         self._reconnect_listeners: list[Callable[[], Awaitable[None]]] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self._subs: list[Any] = []
+        self._served: list[Any] = []  # the subscriptions of `serve`, also in _subs
         self._decoders: dict[Any, msgspec.msgpack.Decoder[Any]] = {}
         self._signed = SignedSubjects(subjects.prefix)
         self._signer: Signer | None = None
@@ -369,7 +370,14 @@ class Bus:
         (pass it to `unsubscribe` to stop). Up to `concurrency` handlers run at once;
         requests beyond `max_pending`
         queued are dropped by the client (the caller times out and retries elsewhere).
+
+        A subject served outside a queue group is served once per bus: two such
+        subscriptions of one connection each receive every request, and nats-server
+        (`allow_responses`) then refuses both replies, so the requester gets none.
+        Serving it again before `unsubscribe` raises Conflict instead.
         """
+        if not queue and any(s.subject == subject and not s.queue for s in self._served):
+            raise errors.Conflict(f"{self.name} already serves {subject}")
         dec = self._decoder(request_type)
         signed_replies = self._signed.reply_kind(subject) is not None
 
@@ -401,7 +409,7 @@ class Bus:
                 with contextlib.suppress(Exception):
                     await self.nc.publish(msg.reply, data, headers=headers)
 
-        return self._consume(subject, queue, handle, concurrency, max_pending)
+        return self._consume(subject, queue, handle, concurrency, max_pending, served=True)
 
     def subscribe(
         self,
@@ -441,9 +449,13 @@ class Bus:
         handle: Callable[[Msg], Awaitable[None]],
         concurrency: int,
         max_pending: int,
+        *,
+        served: bool = False,
     ) -> Any:
         sub = await self.nc.subscribe(subject, queue=queue, pending_msgs_limit=max_pending)
         self._subs.append(sub)
+        if served:
+            self._served.append(sub)
 
         async def consumer() -> None:
             if concurrency <= 1:
@@ -490,6 +502,8 @@ class Bus:
         twice) - docs/architecture.md §2.2."""
         if sub in self._subs:
             self._subs.remove(sub)
+        if sub in self._served:
+            self._served.remove(sub)
         with contextlib.suppress(Exception):
             await sub.unsubscribe()
 
@@ -499,6 +513,7 @@ class Bus:
             with contextlib.suppress(Exception):
                 await sub.drain()
         self._subs.clear()
+        self._served.clear()
 
     # ------------------------------------------------------------ JetStream
 

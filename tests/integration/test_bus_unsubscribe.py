@@ -125,3 +125,31 @@ async def test_a_subscription_the_server_did_not_confirm_is_not_left_behind(
     finally:
         await control.close()
         await admin.close()
+
+
+async def test_a_subject_served_outside_a_queue_group_is_served_once_per_connection(
+    auth_nats: tuple[NatsServer, dict[str, tuple[str, str]]], prefix: str
+) -> None:
+    """Serving it twice is refused (two subscriptions would get no reply through);
+    after `unsubscribe` it may be served again; queue groups are not concerned."""
+    server, creds = auth_nats
+    subject = f"{prefix}.config.proxystatus"
+    control = await Bus.connect([server.url], name="control", prefix=prefix,
+                                user=creds["control"][0], password=creds["control"][1])  # fmt: skip
+    admin = await Bus.connect([server.url], name="admin", prefix=prefix,
+                              user=creds["admin"][0], password=creds["admin"][1])  # fmt: skip
+    try:
+        sub = await control.serve(subject, ProxyStatusRequest, answer)
+        with pytest.raises(errors.Conflict, match=f"already serves {subject}"):
+            await control.serve(subject, ProxyStatusRequest, answer)
+        assert (await admin.request(subject, ProxyStatusRequest(), ProxyStatusReply)).total == 7
+        await control.unsubscribe(sub)
+        await control.serve(subject, ProxyStatusRequest, answer)
+        assert (await admin.request(subject, ProxyStatusRequest(), ProxyStatusReply)).total == 7
+        queued = f"{prefix}.config.get"
+        await control.serve(queued, ProxyStatusRequest, answer, queue="q")
+        await control.serve(queued, ProxyStatusRequest, answer, queue="q")
+        assert (await admin.request(queued, ProxyStatusRequest(), ProxyStatusReply)).total == 7
+    finally:
+        await control.close()
+        await admin.close()
