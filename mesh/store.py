@@ -204,6 +204,17 @@ def _retrieve(task: asyncio.Future[Any]) -> None:
         task.exception()  # a failed cancel or close of a client being given up is not news
 
 
+def interrupted_by_channel_close() -> bool:
+    """Is the CancelledError being handled one nobody asked this task for? grpc.aio
+    raises CancelledError in every call in flight on a channel that is closed, and one
+    Store's client is shared by all its callers: a failover by one (a watch
+    interrupted) cut the others' calls. Let through as a cancellation, it ended the
+    election loop of a registry replica silently, its task merely "cancelled": no
+    replica led for minutes (tests/hosts/ faults 2-3, docs/architecture.md §2.2)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() == 0
+
+
 def member_unavailable(message: str) -> bool:
     """Does etcd's error `message` say this member cannot serve now (so another might)?"""
     return any(m in message for m in _MEMBER_UNAVAILABLE)
@@ -310,6 +321,17 @@ class Store:
             except rpc.AioRpcError as e:
                 last = e
                 await self._failover(client)
+            except asyncio.CancelledError:
+                if not interrupted_by_channel_close():
+                    raise
+                # another caller's failover closed this client under our call
+                last = errors.StoreError("its connection was closed (failover)")
+                await self._failover(client)
+                if attempt + 1 < attempts:
+                    continue
+                raise errors.StoreError(
+                    "etcd request interrupted: its connection was closed (failover)"
+                ) from None
         raise errors.StoreError(f"etcd unavailable: {last}")
 
     async def close(self) -> None:
@@ -472,6 +494,17 @@ class Store:
                 # the iterator ended without error: the stream was shut down; re-create it
             except aex.RevisionCompactedError as e:
                 raise WatchCompacted(e.compacted_revision) from e
+            except asyncio.CancelledError:
+                if not interrupted_by_channel_close():
+                    raise
+                backoff += 1
+                log.warning(
+                    "store.watch_interrupted", prefix=prefix, resume_from=resume_from,
+                    error="its connection was closed (failover)",
+                )  # fmt: skip
+                if client is not None:
+                    await self._failover(client)
+                await asyncio.sleep(min(2.0, 0.05 * 2**backoff) * random.uniform(0.5, 1.0))
             except (aex.ClientError, rpc.AioRpcError, errors.StoreError) as e:
                 backoff += 1
                 log.warning(
