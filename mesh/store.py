@@ -178,10 +178,12 @@ _MEMBER_UNAVAILABLE = (
 
 # aetcd's watcher can wait forever: creating a watch and cancelling one both take its
 # lock and put on a bounded request queue, and a stream frozen by a partition frees
-# neither (every election candidate and a deposed registry leader hung there in
-# tests/hosts/ faults 2-3, so no registry replica led for minutes). A watch's creation
-# gets the client's timeout and one second; its cancellation and a client's close get
-# these; past them the client is given up (docs/architecture.md §2.2).
+# neither. An election candidate cancels a watch every TTL (its wait for a vacancy)
+# and a deposed leader's work cancels its own, both after their deadline has fired:
+# nothing would end such a wait. (Found reading aetcd while chasing tests/hosts/
+# faults 2-3, whose stuck registry election had another cause: `_call`.) A watch's
+# creation gets the client's timeout and one second; its cancellation and a client's
+# close get these; past them the client is given up (docs/architecture.md §2.2).
 WATCH_CANCEL_S = 2.0
 CLIENT_CLOSE_S = 2.0
 

@@ -1,9 +1,9 @@
 """Store.watch_prefix never waits forever on aetcd's watcher (docs/architecture.md
 §2.2): creating and cancelling a watch both wait on its lock and a bounded request
-queue, which a stream frozen by a partition never frees. In tests/hosts/ (faults 2
-and 3) every registry candidate, and the deposed registry leader, hung in a watch's
-cleanup after their own timeout had fired: no registry replica led for minutes.
-Fakes of the aetcd client stand for the wedged watcher."""
+queue, which a stream frozen by a partition never frees, and an election candidate
+cancels a watch every TTL after its own deadline fired (found reading aetcd while
+chasing tests/hosts/ faults 2-3; not seen to hang there). Fakes of the aetcd client
+stand for the wedged watcher."""
 
 from __future__ import annotations
 
