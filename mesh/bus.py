@@ -479,6 +479,11 @@ class Bus:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         try:
+            # Twice: nats-py writes flush's PING straight to the socket, ahead of the
+            # SUB still in its pending buffer, so the first PONG may come back before
+            # the server has the subscription; its flusher runs while that PING is in
+            # flight, so the second PING leaves after the SUB.
+            await self.nc.flush()
             await self.nc.flush()
         except BaseException:
             # the caller never gets `sub` to unsubscribe: do not leave it behind (a
