@@ -17,7 +17,14 @@ import dataclasses
 import pytest
 
 from mesh.messages import ProxyStatus, SubscriptionStatus
-from mesh.servers import NATS_ROUTE_PING_INTERVAL_S, NATS_ROUTE_PING_MAX, nats_route_liveness_conf
+from mesh.servers import (
+    NATS_CLIENT_PING_INTERVAL_S,
+    NATS_CLIENT_PING_MAX,
+    NATS_ROUTE_PING_INTERVAL_S,
+    NATS_ROUTE_PING_MAX,
+    nats_client_liveness_conf,
+    nats_route_liveness_conf,
+)
 from proxy.registration import (
     HEARTBEAT_RETRY_S,
     heartbeat_delay,
@@ -63,6 +70,19 @@ def test_nats_notices_a_dead_route_well_within_a_registration_ttl() -> None:
     detected_within = NATS_ROUTE_PING_INTERVAL_S * (NATS_ROUTE_PING_MAX + 1)
     assert detected_within + heartbeat_interval(DEFAULT_TTL) < DEFAULT_TTL
     assert nats_route_liveness_conf() == '  ping_interval: "1s"\n  ping_max: 2\n'
+
+
+def test_nats_drops_a_cut_off_clients_connection_within_a_meshctl_request() -> None:
+    """Its queue subscriptions swallow the requests they are picked for until then
+    (tests/hosts/ fault 2); a client stalled a few seconds is not cut (longer than
+    its own dead-connection detection, mesh.bus)."""
+    from mesh import bus
+
+    dropped_within = NATS_CLIENT_PING_INTERVAL_S * (NATS_CLIENT_PING_MAX + 1)
+    meshctl_request_timeout = 10.0
+    assert dropped_within < meshctl_request_timeout
+    assert dropped_within > bus.dead_connection_detected_within_s()
+    assert nats_client_liveness_conf() == 'ping_interval: "3s"\nping_max: 2\n'
 
 
 def report(**revisions: int) -> ProxyStatus:
