@@ -264,15 +264,17 @@ class _ServerProcess(abc.ABC):
 # that are then lost.
 NATS_ROUTE_PING_INTERVAL_S = 1
 NATS_ROUTE_PING_MAX = 2
-# The same for client connections, slower (a client stalled a few seconds on a loaded
-# host must not be cut off): a client cut off by a partition reconnects elsewhere
-# within 3 s on its own (mesh.bus pings), but the server it left keeps the old
-# connection, and its queue subscriptions, until it notices: with the defaults (2 min,
-# 2 pings) a config replica of the cut-off host stayed a local member of the
-# `config.apply` queue group on a majority server for minutes and the requests it was
-# picked for got no reply (tests/hosts/ fault 2: `meshctl apply` failing for 60 s).
-# Closed after at most NATS_CLIENT_PING_INTERVAL_S * (NATS_CLIENT_PING_MAX + 1).
-NATS_CLIENT_PING_INTERVAL_S = 3
+# The same for client connections, slower: a client cut off by a partition reconnects
+# elsewhere within 3 s on its own (mesh.bus pings), but the server it left keeps the
+# old connection, and its queue subscriptions, until it notices: with the defaults
+# (2 min, 2 pings) a config replica of the cut-off host stayed a local member of the
+# `config.apply` queue group on a majority server for minutes, and the requests it
+# was picked for got no reply (tests/hosts/ fault 2: `meshctl apply` failing for
+# 60 s). Not faster: a process frozen past its election lease must keep its
+# connection, so that what it refuses on waking (a fenced write) reaches the caller
+# (tests/chaos/test_store_faults.py: frozen ~6 s; with 3 s pings it was cut off). A
+# dead client is dropped between INTERVAL * MAX and INTERVAL * (MAX + 1): 10-15 s.
+NATS_CLIENT_PING_INTERVAL_S = 5
 NATS_CLIENT_PING_MAX = 2
 
 
