@@ -93,6 +93,7 @@ class Bus:
         self._reconnect_listeners: list[Callable[[], Awaitable[None]]] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self._subs: list[Any] = []
+        self._served: list[Any] = []  # the subscriptions of `serve`, also in _subs
         self._decoders: dict[Any, msgspec.msgpack.Decoder[Any]] = {}
         self._signed = SignedSubjects(subjects.prefix)
         self._signer: Signer | None = None
@@ -369,7 +370,14 @@ class Bus:
         (pass it to `unsubscribe` to stop). Up to `concurrency` handlers run at once;
         requests beyond `max_pending`
         queued are dropped by the client (the caller times out and retries elsewhere).
+
+        A subject served outside a queue group is served once per bus: two such
+        subscriptions of one connection each receive every request, and nats-server
+        (`allow_responses`) then refuses both replies, so the requester gets none.
+        Serving it again before `unsubscribe` raises Conflict instead.
         """
+        if not queue and any(s.subject == subject and not s.queue for s in self._served):
+            raise errors.Conflict(f"{self.name} already serves {subject}")
         dec = self._decoder(request_type)
         signed_replies = self._signed.reply_kind(subject) is not None
 
@@ -401,7 +409,7 @@ class Bus:
                 with contextlib.suppress(Exception):
                     await self.nc.publish(msg.reply, data, headers=headers)
 
-        return self._consume(subject, queue, handle, concurrency, max_pending)
+        return self._consume(subject, queue, handle, concurrency, max_pending, served=True)
 
     def subscribe(
         self,
@@ -441,9 +449,13 @@ class Bus:
         handle: Callable[[Msg], Awaitable[None]],
         concurrency: int,
         max_pending: int,
+        *,
+        served: bool = False,
     ) -> Any:
         sub = await self.nc.subscribe(subject, queue=queue, pending_msgs_limit=max_pending)
         self._subs.append(sub)
+        if served:
+            self._served.append(sub)
 
         async def consumer() -> None:
             if concurrency <= 1:
@@ -466,15 +478,39 @@ class Bus:
         task = asyncio.create_task(consumer(), name=f"{self.name}:sub:{subject}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        await self.nc.flush()
+        try:
+            # Twice: nats-py writes flush's PING straight to the socket, ahead of the
+            # SUB still in its pending buffer, so the first PONG may come back before
+            # the server has the subscription; its flusher runs while that PING is in
+            # flight, so the second PING leaves after the SUB.
+            await self.nc.flush()
+            await self.nc.flush()
+        except BaseException:
+            # the caller never gets `sub` to unsubscribe: do not leave it behind (a
+            # reconnect would subscribe it again)
+            await self.unsubscribe(sub)
+            raise
         return sub
 
     async def unsubscribe(self, sub: Any) -> None:
-        """Stop one subscription; its running handlers finish."""
+        """Stop one subscription for good, whatever the connection is doing: the client
+        forgets it at once, so no reconnect subscribes it again, and tells the server
+        when connected. Handlers already running finish; messages queued behind them
+        are dropped (a requester retries or times out).
+
+        Not nats-py's `drain()`: that forgets the subscription only after a PING/PONG
+        round trip, and a reconnect drops the PONG it waits for. The drain then fails
+        and the reconnect subscribes again what was meant to be gone: a config leader
+        deposed while its connection was cut kept a `config.proxystatus` subscription,
+        and once it led again its two subscriptions got no reply through (the server's
+        `allow_responses` refuses both replies to a request one connection received
+        twice) - docs/architecture.md §2.2."""
         if sub in self._subs:
             self._subs.remove(sub)
+        if sub in self._served:
+            self._served.remove(sub)
         with contextlib.suppress(Exception):
-            await sub.drain()
+            await sub.unsubscribe()
 
     async def unsubscribe_all(self) -> None:
         """Stop taking new messages; handlers already running finish."""
@@ -482,6 +518,7 @@ class Bus:
             with contextlib.suppress(Exception):
                 await sub.drain()
         self._subs.clear()
+        self._served.clear()
 
     # ------------------------------------------------------------ JetStream
 

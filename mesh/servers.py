@@ -261,15 +261,31 @@ class _ServerProcess(abc.ABC):
 # pings) a route to a server cut off by a partition stays "up" until a write to it
 # blocks for the 10 s write deadline, or longer while idle, and the queue subscribers
 # behind it (a registry replica, a config replica) keep being picked for requests
-# that are then lost. Clients keep nats-server's default: they ping on their own
-# (mesh.bus), and a client stalled for a few seconds is not cut off by the server.
+# that are then lost.
 NATS_ROUTE_PING_INTERVAL_S = 1
 NATS_ROUTE_PING_MAX = 2
+# The same for client connections, slower: a client cut off by a partition reconnects
+# elsewhere within 3 s on its own (mesh.bus pings), but the server it left keeps the
+# old connection, and its queue subscriptions, until it notices: with the defaults
+# (2 min, 2 pings) a config replica of the cut-off host stayed a local member of the
+# `config.apply` queue group on a majority server for minutes, and the requests it
+# was picked for got no reply (tests/hosts/ fault 2: `meshctl apply` failing for
+# 60 s). Not faster: a process frozen past its election lease must keep its
+# connection, so that what it refuses on waking (a fenced write) reaches the caller
+# (tests/chaos/test_store_faults.py: frozen ~6 s; with 3 s pings it was cut off). A
+# dead client is dropped between INTERVAL * MAX and INTERVAL * (MAX + 1): 10-15 s.
+NATS_CLIENT_PING_INTERVAL_S = 5
+NATS_CLIENT_PING_MAX = 2
 
 
 def nats_route_liveness_conf() -> str:
     """The nats-server `cluster` settings for dead-route detection (deploy/ has them)."""
     return f'  ping_interval: "{NATS_ROUTE_PING_INTERVAL_S}s"\n  ping_max: {NATS_ROUTE_PING_MAX}\n'
+
+
+def nats_client_liveness_conf() -> str:
+    """The nats-server top-level settings for dead-client detection (deploy/ has them)."""
+    return f'ping_interval: "{NATS_CLIENT_PING_INTERVAL_S}s"\nping_max: {NATS_CLIENT_PING_MAX}\n'
 
 
 @dataclass
@@ -321,12 +337,13 @@ class NatsServer(_ServerProcess):
         return self
 
     def _write_config(self) -> Path:
-        """`server.conf` in the data directory: in a cluster, the routes' liveness
-        settings (the rest of the cluster comes from the command line), and the given
-        `config_file` (users, permissions) included (nats-server resolves an include
-        relative to the including file)."""
+        """`server.conf` in the data directory: the clients' liveness settings, in a
+        cluster the routes' (the rest of the cluster comes from the command line),
+        and the given `config_file` (users, permissions) included (nats-server
+        resolves an include relative to the including file)."""
         conf = self.data_dir / "server.conf"
-        text = f"cluster {{\n{nats_route_liveness_conf()}}}\n" if self.cluster_port else ""
+        text = nats_client_liveness_conf()
+        text += f"cluster {{\n{nats_route_liveness_conf()}}}\n" if self.cluster_port else ""
         if self.config_file:
             included = os.path.relpath(Path(self.config_file).resolve(), self.data_dir.resolve())
             text += f'include "{included}"\n'

@@ -176,6 +176,47 @@ _MEMBER_UNAVAILABLE = (
 )
 
 
+# aetcd's watcher can wait forever: creating a watch and cancelling one both take its
+# lock and put on a bounded request queue, and a stream frozen by a partition frees
+# neither. An election candidate cancels a watch every TTL (its wait for a vacancy)
+# and a deposed leader's work cancels its own, both after their deadline has fired:
+# nothing would end such a wait. (Found reading aetcd while chasing tests/hosts/
+# faults 2-3, whose stuck registry election had another cause: `_call`.) A watch's
+# creation gets the client's timeout and one second; its cancellation and a client's
+# close get these; past them the client is given up (docs/architecture.md §2.2).
+WATCH_CANCEL_S = 2.0
+CLIENT_CLOSE_S = 2.0
+
+
+async def _bounded(step: Any, timeout: float) -> bool:
+    """Run `step` (an awaitable) for at most `timeout`; False if it had to be left
+    behind (cancelled, not waited for: what it waits on may never answer)."""
+    task = asyncio.ensure_future(step)
+    done, _ = await asyncio.wait({task}, timeout=timeout)
+    if not done:
+        task.cancel()
+        task.add_done_callback(_retrieve)
+        return False
+    _retrieve(task)
+    return True
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()  # a failed cancel or close of a client being given up is not news
+
+
+def interrupted_by_channel_close() -> bool:
+    """Is the CancelledError being handled one nobody asked this task for? grpc.aio
+    raises CancelledError in every call in flight on a channel that is closed, and one
+    Store's client is shared by all its callers: a failover by one (a watch
+    interrupted) cut the others' calls. Let through as a cancellation, it ended the
+    election loop of a registry replica silently, its task merely "cancelled": no
+    replica led for minutes (tests/hosts/ faults 2-3, docs/architecture.md §2.2)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() == 0
+
+
 def member_unavailable(message: str) -> bool:
     """Does etcd's error `message` say this member cannot serve now (so another might)?"""
     return any(m in message for m in _MEMBER_UNAVAILABLE)
@@ -248,8 +289,8 @@ class Store:
                 return
             self._client = None
             self._index = (self._index + 1) % len(self.endpoints)
-        with contextlib.suppress(Exception):
-            await failed.close()
+        if not await _bounded(failed.close(), CLIENT_CLOSE_S):
+            log.warning("store.close_abandoned", timeout_s=CLIENT_CLOSE_S)
 
     async def _call(self, fn: Any, *, retries: int | None = None) -> Any:
         """Run `fn(client)`; on a connection failure, move to the next endpoint and retry."""
@@ -282,13 +323,23 @@ class Store:
             except rpc.AioRpcError as e:
                 last = e
                 await self._failover(client)
+            except asyncio.CancelledError:
+                if not interrupted_by_channel_close():
+                    raise
+                # another caller's failover closed this client under our call
+                last = errors.StoreError("its connection was closed (failover)")
+                await self._failover(client)
+                if attempt + 1 < attempts:
+                    continue
+                raise errors.StoreError(
+                    "etcd request interrupted: its connection was closed (failover)"
+                ) from None
         raise errors.StoreError(f"etcd unavailable: {last}")
 
     async def close(self) -> None:
         client, self._client = self._client, None
         if client is not None:
-            with contextlib.suppress(Exception):
-                await client.close()
+            await _bounded(client.close(), CLIENT_CLOSE_S)
 
     # ------------------------------------------------------------ key-value
 
@@ -407,7 +458,15 @@ class Store:
             client: aetcd.Client | None = None
             try:
                 client = await self._connected_client()
-                watch = await client.watch_prefix(prefix.encode(), start_revision=resume_from)
+                try:
+                    async with asyncio.timeout(self._timeout + 1):
+                        watch = await client.watch_prefix(
+                            prefix.encode(), start_revision=resume_from
+                        )
+                except TimeoutError:
+                    raise errors.StoreError(
+                        f"etcd did not create a watch within {self._timeout + 1:g}s"
+                    ) from None
                 backoff = 0
                 try:
                     async for ev in watch:
@@ -428,11 +487,26 @@ class Store:
                             lease=ev.kv.lease,
                         )
                 finally:
-                    with contextlib.suppress(Exception):
-                        await watch.cancel()
+                    # bounded, also when cancelled: the caller's timeout fired already
+                    if not await _bounded(watch.cancel(), WATCH_CANCEL_S):
+                        log.warning(
+                            "store.watch_cancel_abandoned", prefix=prefix, timeout_s=WATCH_CANCEL_S
+                        )
+                        await self._failover(client)
                 # the iterator ended without error: the stream was shut down; re-create it
             except aex.RevisionCompactedError as e:
                 raise WatchCompacted(e.compacted_revision) from e
+            except asyncio.CancelledError:
+                if not interrupted_by_channel_close():
+                    raise
+                backoff += 1
+                log.warning(
+                    "store.watch_interrupted", prefix=prefix, resume_from=resume_from,
+                    error="its connection was closed (failover)",
+                )  # fmt: skip
+                if client is not None:
+                    await self._failover(client)
+                await asyncio.sleep(min(2.0, 0.05 * 2**backoff) * random.uniform(0.5, 1.0))
             except (aex.ClientError, rpc.AioRpcError, errors.StoreError) as e:
                 backoff += 1
                 log.warning(

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -34,24 +33,9 @@ SLOW_LINK_S = 10.0  # fault 4: 400 requests, a quarter across the slow link
 ROTATION_WINDOW_S = 25.0  # fault 5: past the first certificates' 20 s
 
 
-# Opt-in: in one of twelve whole-directory runs the partition fault (3) left no config
-# replica answering `mesh.config.proxystatus` for minutes after healing, failing every
-# test after it (docs/architecture.md §2.2, "Known gap"); `python -m bench.hosts_faults`
-# sets it.
-OPT_IN = "MESH_HOSTS_FAULTS"
-
-
 @pytest.fixture
 def mesh(hosts_mesh: HostsMesh) -> HostsMesh:
     """The directory's one mesh (tests/hosts/conftest.py)."""
-    if not os.environ.get(OPT_IN):
-        reason = (
-            f"the multi-host fault suite runs with {OPT_IN}=1 or `python -m "
-            "bench.hosts_faults` (an open intermittent failure after fault 3, "
-            "docs/architecture.md §2.2)"
-        )
-        print(f"SKIP multi-host faults: {reason}")
-        pytest.skip(reason)
     return hosts_mesh
 
 

@@ -17,7 +17,14 @@ import dataclasses
 import pytest
 
 from mesh.messages import ProxyStatus, SubscriptionStatus
-from mesh.servers import NATS_ROUTE_PING_INTERVAL_S, NATS_ROUTE_PING_MAX, nats_route_liveness_conf
+from mesh.servers import (
+    NATS_CLIENT_PING_INTERVAL_S,
+    NATS_CLIENT_PING_MAX,
+    NATS_ROUTE_PING_INTERVAL_S,
+    NATS_ROUTE_PING_MAX,
+    nats_client_liveness_conf,
+    nats_route_liveness_conf,
+)
 from proxy.registration import (
     HEARTBEAT_RETRY_S,
     heartbeat_delay,
@@ -63,6 +70,21 @@ def test_nats_notices_a_dead_route_well_within_a_registration_ttl() -> None:
     detected_within = NATS_ROUTE_PING_INTERVAL_S * (NATS_ROUTE_PING_MAX + 1)
     assert detected_within + heartbeat_interval(DEFAULT_TTL) < DEFAULT_TTL
     assert nats_route_liveness_conf() == '  ping_interval: "1s"\n  ping_max: 2\n'
+
+
+def test_nats_drops_a_cut_off_clients_connection_soon_but_not_a_frozen_leaders() -> None:
+    """A dead client's queue subscriptions swallow the requests they are picked for
+    until the server drops it (tests/hosts/ fault 2): within 15 s, one or two of
+    `meshctl`'s 10 s attempts. A process frozen past its election lease (5 s by
+    default) keeps its connection twice that long, so its refusals still arrive."""
+    from mesh.service import ServiceConfig
+
+    election_ttl = ServiceConfig(nats=[], etcd=[]).election_ttl
+    dropped_at_most = NATS_CLIENT_PING_INTERVAL_S * (NATS_CLIENT_PING_MAX + 1)
+    kept_at_least = NATS_CLIENT_PING_INTERVAL_S * NATS_CLIENT_PING_MAX
+    assert dropped_at_most <= 15
+    assert kept_at_least >= 2 * election_ttl
+    assert nats_client_liveness_conf() == 'ping_interval: "5s"\nping_max: 2\n'
 
 
 def report(**revisions: int) -> ProxyStatus:
