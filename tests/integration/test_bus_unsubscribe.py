@@ -47,6 +47,14 @@ async def until(check: Callable[[], bool], timeout: float) -> None:
         await asyncio.sleep(0.02)
 
 
+async def connect_as(
+    server: NatsServer, creds: dict[str, tuple[str, str]], role: str, prefix: str
+) -> Bus:
+    """A bus connection with `role`'s credentials, named after the role."""
+    user, password = creds[role]
+    return await Bus.connect([server.url], name=role, prefix=prefix, user=user, password=password)
+
+
 async def answer(_req: ProxyStatusRequest) -> ProxyStatusReply:
     return ProxyStatusReply(entries=[], total=7)
 
@@ -56,10 +64,8 @@ async def test_a_subscription_stopped_as_its_connection_is_lost_stays_stopped_af
 ) -> None:
     server, creds = auth_nats
     subject = f"{prefix}.config.proxystatus"
-    control = await Bus.connect([server.url], name="control", prefix=prefix,
-                                user=creds["control"][0], password=creds["control"][1])  # fmt: skip
-    admin = await Bus.connect([server.url], name="admin", prefix=prefix,
-                              user=creds["admin"][0], password=creds["admin"][1])  # fmt: skip
+    control = await connect_as(server, creds, "control", prefix)
+    admin = await connect_as(server, creds, "admin", prefix)
     try:
         sub = await control.serve(subject, ProxyStatusRequest, answer)
         reply = await admin.request(subject, ProxyStatusRequest(), ProxyStatusReply)
@@ -102,10 +108,8 @@ async def test_a_subscription_the_server_did_not_confirm_is_not_left_behind(
     it times out); the caller never got the subscription to stop, so none may remain."""
     server, creds = auth_nats
     subject = f"{prefix}.config.proxystatus"
-    control = await Bus.connect([server.url], name="control", prefix=prefix,
-                                user=creds["control"][0], password=creds["control"][1])  # fmt: skip
-    admin = await Bus.connect([server.url], name="admin", prefix=prefix,
-                              user=creds["admin"][0], password=creds["admin"][1])  # fmt: skip
+    control = await connect_as(server, creds, "control", prefix)
+    admin = await connect_as(server, creds, "admin", prefix)
     try:
         flush = control.nc.flush
 
@@ -134,10 +138,8 @@ async def test_a_subject_served_outside_a_queue_group_is_served_once_per_connect
     after `unsubscribe` it may be served again; queue groups are not concerned."""
     server, creds = auth_nats
     subject = f"{prefix}.config.proxystatus"
-    control = await Bus.connect([server.url], name="control", prefix=prefix,
-                                user=creds["control"][0], password=creds["control"][1])  # fmt: skip
-    admin = await Bus.connect([server.url], name="admin", prefix=prefix,
-                              user=creds["admin"][0], password=creds["admin"][1])  # fmt: skip
+    control = await connect_as(server, creds, "control", prefix)
+    admin = await connect_as(server, creds, "admin", prefix)
     try:
         sub = await control.serve(subject, ProxyStatusRequest, answer)
         with pytest.raises(errors.Conflict, match=f"already serves {subject}"):
