@@ -103,15 +103,8 @@ class Destination:
             return None
         eps = subset_endpoints(self.endpoints.endpoints if self.endpoints else [], subset.labels)
         policy = subset.traffic_policy.for_port(port) if port else subset.traffic_policy
-        cluster = self.clusters.get(key)
-        previous = cluster.balancer if cluster is not None else None
-        balancer = build_balancer(eps, policy.load_balancer, rand, previous)
-        if cluster is None:
-            cluster = self.clusters[key] = Cluster(self.ref, subset_name, policy, balancer)
-        else:
-            cluster.update(policy, balancer)
+        cluster = self._kept_cluster(key, subset_name, policy, eps, rand)
         cluster.origination = origination_for(policy.tls, self.host or self.ref.fqdn)
-        self.balancers[key] = balancer
         return cluster
 
     def tcp_cluster(self, subset_name: str, rand: random.Random, port: int) -> Cluster | None:
@@ -139,13 +132,25 @@ class Destination:
             labels = dict(subset.labels)
             policy = subset.traffic_policy.for_port(port)
         eps = tcp_endpoints(self.endpoints.endpoints if self.endpoints else [], port, labels)
+        return self._kept_cluster(key, subset_name, policy, eps, rand, name_suffix=f"|tcp:{port}")
+
+    def _kept_cluster(
+        self,
+        key: str,
+        subset_name: str,
+        policy: TrafficPolicy,
+        eps: list[Endpoint],
+        rand: random.Random,
+        name_suffix: str = "",
+    ) -> Cluster:
+        """The cluster kept under `key`, created or given this policy and a balancer
+        over `eps` (built from the previous one, so its state carries over)."""
         cluster = self.clusters.get(key)
         previous = cluster.balancer if cluster is not None else None
         balancer = build_balancer(eps, policy.load_balancer, rand, previous)
         if cluster is None:
-            cluster = Cluster(self.ref, subset_name, policy, balancer)
-            cluster.name = f"{cluster.name}|tcp:{port}"
-            self.clusters[key] = cluster
+            cluster = self.clusters[key] = Cluster(self.ref, subset_name, policy, balancer)
+            cluster.name += name_suffix
         else:
             cluster.update(policy, balancer)
         self.balancers[key] = balancer
